@@ -1,0 +1,34 @@
+//! Gate for tests that need root.
+//!
+//! Run through `cargo xtask test` (CI), such a test fails when not root, so a
+//! missing privilege can never pass silently; run through a plain
+//! `cargo test` as a normal user it is skipped with a message.
+
+/// Set by `cargo xtask test`.
+pub const REQUIRE_ROOT_ENV: &str = "OBSERVER_REQUIRE_ROOT_TESTS";
+
+pub fn is_root() -> bool {
+    nix_free_geteuid() == 0
+}
+
+fn nix_free_geteuid() -> u32 {
+    unsafe extern "C" {
+        fn geteuid() -> u32;
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { geteuid() }
+}
+
+/// Returns true when the calling test may proceed; false when it should
+/// return early (skipped). Panics when root is required but missing.
+#[must_use]
+pub fn root_or_skip(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    if std::env::var_os(REQUIRE_ROOT_ENV).is_some() {
+        panic!("{test} needs root (eBPF, network namespaces) and {REQUIRE_ROOT_ENV} is set");
+    }
+    eprintln!("skipped {test}: needs root; run `sudo cargo xtask test`");
+    false
+}

@@ -1,0 +1,104 @@
+//! Connection events sent from the tracepoint programs to user space
+//! through the `CONN_EVENTS` ring buffer.
+//!
+//! Addresses are normalised to the watched endpoint's point of view:
+//! `endpoint` is always the watched address, `peer` the other side, whichever
+//! socket (the pod's or a local client's) the kernel reported.
+
+/// What happened to a connection of a watched endpoint.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnEventKind {
+    /// The endpoint accepted a new inbound connection (SYN_RECV -> ESTABLISHED).
+    Accepted = 1,
+    /// A socket on this host connected to the endpoint (SYN_SENT -> ESTABLISHED).
+    Connected = 2,
+    /// An established connection of the endpoint left ESTABLISHED; see [`CloseHow`].
+    Closed = 3,
+    /// The endpoint sent a RST (connection refused, aborted close, ...).
+    ResetSent = 4,
+    /// A socket on this host received a RST from the endpoint.
+    ResetReceived = 5,
+}
+
+impl ConnEventKind {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Accepted),
+            2 => Some(Self::Connected),
+            3 => Some(Self::Closed),
+            4 => Some(Self::ResetSent),
+            5 => Some(Self::ResetReceived),
+            _ => None,
+        }
+    }
+}
+
+/// How an established connection ended, seen from the socket that changed state.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseHow {
+    /// Not a close event.
+    None = 0,
+    /// The endpoint sent FIN first (graceful close by the server).
+    EndpointFin = 1,
+    /// The peer sent FIN first (graceful close by the client).
+    PeerFin = 2,
+    /// ESTABLISHED -> CLOSE directly: a RST was sent or received.
+    Reset = 3,
+}
+
+impl CloseHow {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::None),
+            1 => Some(Self::EndpointFin),
+            2 => Some(Self::PeerFin),
+            3 => Some(Self::Reset),
+            _ => None,
+        }
+    }
+}
+
+/// Linux TCP states as the tracepoints report them (include/net/tcp_states.h).
+pub mod tcp_state {
+    pub const ESTABLISHED: i32 = 1;
+    pub const SYN_SENT: i32 = 2;
+    pub const SYN_RECV: i32 = 3;
+    pub const FIN_WAIT1: i32 = 4;
+    pub const CLOSE: i32 = 7;
+    pub const CLOSE_WAIT: i32 = 8;
+}
+
+/// `sk_rst_reason` value meaning the tracepoint format has no reason field.
+pub const RESET_REASON_UNKNOWN: u32 = u32::MAX;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnEvent {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ktime_ns: u64,
+    /// The watched address (IPv4-mapped for IPv4).
+    pub endpoint_addr: [u8; 16],
+    /// The other side of the connection.
+    pub peer_addr: [u8; 16],
+    /// Host byte order.
+    pub endpoint_port: u16,
+    /// Host byte order.
+    pub peer_port: u16,
+    /// A [`ConnEventKind`].
+    pub kind: u8,
+    /// A [`CloseHow`], for [`ConnEventKind::Closed`].
+    pub close_how: u8,
+    /// TCP state before the transition (or the socket state for resets; 0 if none).
+    pub old_state: u8,
+    /// TCP state after the transition.
+    pub new_state: u8,
+    /// `enum sk_rst_reason` for [`ConnEventKind::ResetSent`], else
+    /// [`RESET_REASON_UNKNOWN`].
+    pub reason: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ConnEvent {}

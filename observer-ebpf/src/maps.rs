@@ -1,0 +1,48 @@
+//! Maps and read-only globals shared by the programs. Names are the contract
+//! with observer-agent's loader.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+use observer_common::{
+    Stat, TracepointLayout, WatchKey,
+    stats::STATS_LEN,
+    watch::{MAX_WATCHED, WatchFlags},
+};
+
+/// Overwritten by the agent at load time with offsets read from tracefs.
+#[unsafe(no_mangle)]
+pub static LAYOUT: TracepointLayout = TracepointLayout::DEFAULT;
+
+#[map]
+pub static WATCHED: HashMap<WatchKey, WatchFlags> = HashMap::with_max_entries(MAX_WATCHED, 0);
+
+#[map]
+pub static CONN_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+
+/// Reads one field of [`LAYOUT`]. Volatile so the compiler cannot fold the
+/// compile-time default into the code; the verifier still sees the frozen
+/// value the agent wrote and prunes what it makes dead.
+macro_rules! layout {
+    ($field:ident) => {
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!($crate::maps::LAYOUT.$field)) }
+    };
+}
+pub(crate) use layout;
+
+#[inline(always)]
+pub fn is_watched(addr: &[u8; 16]) -> bool {
+    let key = WatchKey { addr: *addr };
+    unsafe { WATCHED.get(&key).is_some() }
+}
+
+#[inline(always)]
+pub fn count(stat: Stat) {
+    if let Some(slot) = STATS.get_ptr_mut(stat as u32) {
+        unsafe { *slot += 1 };
+    }
+}

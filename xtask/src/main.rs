@@ -1,0 +1,35 @@
+//! `cargo xtask`: the project's tasks, runnable on a fresh machine.
+
+mod build;
+mod cmd;
+mod setup;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Project tasks for the endpoint-propagation observer")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing to build and test (Debian packages, nightly
+    /// rust-src, bpf-linker). Idempotent; needs root for apt.
+    Setup(setup::SetupArgs),
+    /// Build the eBPF programs and every binary of the workspace.
+    Build(build::BuildArgs),
+    /// Run every test of the workspace, including the root-only kernel tests.
+    Test(test::TestArgs),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup(args) => setup::run(&args),
+        Task::Build(args) => build::run(&args),
+        Task::Test(args) => test::run(&args),
+    }
+}
