@@ -1,0 +1,5 @@
+//! The node agent, as a library so its parts can be tested on their own and
+//! driven by the lab. Data flows kernel -> sources -> [`observation`] ->
+//! output (standalone `observe`) or report (to the aggregator, `run`).
+
+pub mod observation;
