@@ -1,1 +1,8 @@
-//! Placeholder: filled by the aggregator/protocol work.
+//! The agent <-> aggregator protocol, generated from
+//! `proto/prestop/observer/v1/observer.proto`. Each protocol version is its
+//! own module so a v2 can be served next to v1.
+
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("prestop.observer.v1");
+}
