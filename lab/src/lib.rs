@@ -2,5 +2,6 @@
 //! rule layouts, workloads and clients. Used by the root-only tests and by
 //! `cargo xtask lab`; never by production code.
 
+pub mod kubeproxy;
 pub mod netns;
 pub mod root;

@@ -1,0 +1,277 @@
+//! iptables modes: kube-proxy's `iptables-restore --noflush` input
+//! (pkg/proxy/iptables/proxier.go, full sync) and the jumps it ensures from
+//! the built-in chains.
+
+use std::{collections::HashSet, fmt::Write as _};
+
+use super::{
+    Backend, ServicePort,
+    names::{iptables_endpoint_chain, iptables_service_chain},
+};
+
+const MASQ_MARK: &str = "0x4000";
+
+const FILTER_CHAINS: [&str; 5] = [
+    "KUBE-SERVICES",
+    "KUBE-EXTERNAL-SERVICES",
+    "KUBE-FORWARD",
+    "KUBE-NODEPORTS",
+    "KUBE-PROXY-FIREWALL",
+];
+const NAT_CHAINS: [&str; 4] = [
+    "KUBE-SERVICES",
+    "KUBE-NODEPORTS",
+    "KUBE-POSTROUTING",
+    "KUBE-MARK-MASQ",
+];
+
+/// kube-proxy's iptablesJumpChains, as `iptables` arguments with `-I`.
+pub fn jump_rules() -> Vec<Vec<&'static str>> {
+    vec![
+        vec![
+            "-t",
+            "filter",
+            "-I",
+            "INPUT",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW",
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes load balancer firewall",
+            "-j",
+            "KUBE-PROXY-FIREWALL",
+        ],
+        vec![
+            "-t",
+            "filter",
+            "-I",
+            "INPUT",
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes health check service ports",
+            "-j",
+            "KUBE-NODEPORTS",
+        ],
+        vec![
+            "-t",
+            "filter",
+            "-I",
+            "INPUT",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW",
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes externally-visible service portals",
+            "-j",
+            "KUBE-EXTERNAL-SERVICES",
+        ],
+        vec![
+            "-t",
+            "filter",
+            "-I",
+            "FORWARD",
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes forwarding rules",
+            "-j",
+            "KUBE-FORWARD",
+        ],
+        vec![
+            "-t",
+            "filter",
+            "-I",
+            "OUTPUT",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW",
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes service portals",
+            "-j",
+            "KUBE-SERVICES",
+        ],
+        vec![
+            "-t",
+            "nat",
+            "-I",
+            "OUTPUT",
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes service portals",
+            "-j",
+            "KUBE-SERVICES",
+        ],
+        vec![
+            "-t",
+            "nat",
+            "-I",
+            "PREROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes service portals",
+            "-j",
+            "KUBE-SERVICES",
+        ],
+        vec![
+            "-t",
+            "nat",
+            "-I",
+            "POSTROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes postrouting rules",
+            "-j",
+            "KUBE-POSTROUTING",
+        ],
+    ]
+}
+
+pub struct Sync {
+    pub input: String,
+    pub active: HashSet<String>,
+}
+
+/// The restore input of one full sync; `existing` are the KUBE-SVC/KUBE-SEP
+/// chains the last sync used (those no longer used are deleted, as
+/// kube-proxy's iptables mode does, in the same transaction).
+pub fn restore_input(services: &[(ServicePort, Vec<Backend>)], existing: &HashSet<String>) -> Sync {
+    let mut filter_rules = String::new();
+    let mut nat_chains = String::new();
+    let mut nat_rules = String::new();
+    let mut active = HashSet::new();
+
+    let _ = writeln!(
+        filter_rules,
+        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"
+    );
+    let _ = writeln!(
+        filter_rules,
+        "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT"
+    );
+    let _ = writeln!(
+        filter_rules,
+        "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+    );
+    let _ = writeln!(
+        nat_rules,
+        "-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN"
+    );
+    let _ = writeln!(
+        nat_rules,
+        "-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}"
+    );
+    let _ = writeln!(
+        nat_rules,
+        "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"
+    );
+    let _ = writeln!(nat_rules, "-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}");
+
+    for (svc, backends) in services {
+        let name = svc.port_name_string();
+        if backends.is_empty() {
+            let _ = writeln!(
+                filter_rules,
+                "-A KUBE-SERVICES -m comment --comment \"{name} has no endpoints\" -m tcp -p tcp -d {} --dport {} -j REJECT",
+                svc.cluster_ip, svc.port
+            );
+            continue;
+        }
+        let svc_chain = iptables_service_chain(svc);
+        let _ = writeln!(nat_chains, ":{svc_chain} - [0:0]");
+        active.insert(svc_chain.clone());
+        let _ = writeln!(
+            nat_rules,
+            "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m tcp -p tcp -d {} --dport {} -j {svc_chain}",
+            svc.cluster_ip, svc.port
+        );
+        let n = backends.len();
+        for (i, backend) in backends.iter().enumerate() {
+            let ep_chain = iptables_endpoint_chain(svc, backend);
+            let _ = writeln!(nat_chains, ":{ep_chain} - [0:0]");
+            active.insert(ep_chain.clone());
+            let probability = if i + 1 < n {
+                format!(
+                    "-m statistic --mode random --probability {:.10} ",
+                    1.0 / (n - i) as f64
+                )
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                nat_rules,
+                "-A {svc_chain} -m comment --comment \"{name} -> {}:{}\" {probability}-j {ep_chain}",
+                backend.ip, backend.port
+            );
+            let _ = writeln!(
+                nat_rules,
+                "-A {ep_chain} -m comment --comment {name} -s {} -j KUBE-MARK-MASQ",
+                backend.ip
+            );
+            let _ = writeln!(
+                nat_rules,
+                "-A {ep_chain} -m comment --comment {name} -m tcp -p tcp -j DNAT --to-destination {}:{}",
+                backend.ip, backend.port
+            );
+        }
+    }
+    let _ = writeln!(
+        nat_rules,
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
+    );
+    let mut stale: Vec<&String> = existing.difference(&active).collect();
+    stale.sort();
+    for chain in stale {
+        let _ = writeln!(nat_chains, ":{chain} - [0:0]");
+        let _ = writeln!(nat_rules, "-X {chain}");
+    }
+
+    let mut input = String::from("*filter\n");
+    for chain in FILTER_CHAINS {
+        let _ = writeln!(input, ":{chain} - [0:0]");
+    }
+    input.push_str(&filter_rules);
+    input.push_str("COMMIT\n*nat\n");
+    for chain in NAT_CHAINS {
+        let _ = writeln!(input, ":{chain} - [0:0]");
+    }
+    input.push_str(&nat_chains);
+    input.push_str(&nat_rules);
+    input.push_str("COMMIT\n");
+    Sync { input, active }
+}
+
+/// Flushes and deletes every chain kube-proxy owns (the jumps into them must
+/// be gone first).
+pub fn cleanup_input(service_chains: &HashSet<String>) -> String {
+    let mut input = String::from("*filter\n");
+    for chain in FILTER_CHAINS {
+        let _ = writeln!(input, ":{chain} - [0:0]");
+    }
+    for chain in FILTER_CHAINS {
+        let _ = writeln!(input, "-X {chain}");
+    }
+    input.push_str("COMMIT\n*nat\n");
+    let mut nat: Vec<&str> = NAT_CHAINS.to_vec();
+    nat.extend(service_chains.iter().map(String::as_str));
+    for chain in &nat {
+        let _ = writeln!(input, ":{chain} - [0:0]");
+    }
+    for chain in &nat {
+        let _ = writeln!(input, "-X {chain}");
+    }
+    input.push_str("COMMIT\n");
+    input
+}
