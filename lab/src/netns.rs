@@ -185,7 +185,17 @@ pub fn link(
     let a_if = format!("v{}a{id}", std::process::id() % 100_000);
     let b_if = format!("v{}b{id}", std::process::id() % 100_000);
     check(Command::new("ip").args([
-        "link", "add", &a_if, "netns", a.name(), "type", "veth", "peer", "name", &b_if, "netns",
+        "link",
+        "add",
+        &a_if,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &b_if,
+        "netns",
         b.name(),
     ]))?;
     a.ip(&["addr", "add", &format!("{a_addr}/{prefix}"), "dev", &a_if])?;

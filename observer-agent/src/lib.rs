@@ -2,4 +2,8 @@
 //! driven by the lab. Data flows kernel -> sources -> [`observation`] ->
 //! output (standalone `observe`) or report (to the aggregator, `run`).
 
+pub mod clock;
+pub mod commands;
+pub mod kernel;
 pub mod observation;
+pub mod output;

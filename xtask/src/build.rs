@@ -18,7 +18,13 @@ pub struct BuildArgs {
 pub fn run(args: &BuildArgs) -> Result<()> {
     ensure_setup()?;
     let mut cargo = Command::new(env!("CARGO"));
-    cargo.current_dir(cmd::workspace_root()).args(["build", "--workspace", "--exclude", "observer-ebpf", "--bins"]);
+    cargo.current_dir(cmd::workspace_root()).args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "observer-ebpf",
+        "--bins",
+    ]);
     if args.release {
         cargo.arg("--release");
     }

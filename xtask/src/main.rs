@@ -9,7 +9,10 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Project tasks for the endpoint-propagation observer")]
+#[command(
+    name = "cargo xtask",
+    about = "Project tasks for the endpoint-propagation observer"
+)]
 struct Cli {
     #[command(subcommand)]
     task: Task,

@@ -70,7 +70,9 @@ pub fn missing() -> Vec<Missing> {
 fn apt_installed(pkg: &str, probe: Option<&str>) -> bool {
     match probe {
         Some(path) if path.starts_with('/') => Path::new(path).exists(),
-        Some(command) => cmd::succeeds(Command::new("sh").args(["-c", &format!("command -v {command}")])),
+        Some(command) => {
+            cmd::succeeds(Command::new("sh").args(["-c", &format!("command -v {command}")]))
+        }
         None => cmd::output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
             .map(|s| s.contains("install ok installed"))
             .unwrap_or(false),
@@ -78,25 +80,34 @@ fn apt_installed(pkg: &str, probe: Option<&str>) -> bool {
 }
 
 fn rust_src_installed() -> bool {
-    let Ok(sysroot) = cmd::output(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--print", "sysroot"]))
+    let Ok(sysroot) =
+        cmd::output(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--print", "sysroot"]))
     else {
         return false;
     };
-    Path::new(&sysroot).join("lib/rustlib/src/rust/library/core/Cargo.toml").exists()
+    Path::new(&sysroot)
+        .join("lib/rustlib/src/rust/library/core/Cargo.toml")
+        .exists()
 }
 
 pub fn run(args: &SetupArgs) -> Result<()> {
     let started = Instant::now();
     let missing = missing();
     if missing.is_empty() {
-        eprintln!("setup: nothing missing ({:.1}s)", started.elapsed().as_secs_f64());
+        eprintln!(
+            "setup: nothing missing ({:.1}s)",
+            started.elapsed().as_secs_f64()
+        );
         return Ok(());
     }
     if args.check {
         for m in &missing {
             eprintln!("setup: missing {m:?}");
         }
-        bail!("setup --check: {} item(s) missing; run `cargo xtask setup`", missing.len());
+        bail!(
+            "setup --check: {} item(s) missing; run `cargo xtask setup`",
+            missing.len()
+        );
     }
     for m in &missing {
         let step = Instant::now();
@@ -111,7 +122,10 @@ pub fn run(args: &SetupArgs) -> Result<()> {
             ]))?,
             Missing::BpfLinker => install_bpf_linker()?,
         }
-        eprintln!("setup: installed {m:?} in {:.1}s", step.elapsed().as_secs_f64());
+        eprintln!(
+            "setup: installed {m:?} in {:.1}s",
+            step.elapsed().as_secs_f64()
+        );
     }
     eprintln!("setup: done in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
@@ -119,7 +133,9 @@ pub fn run(args: &SetupArgs) -> Result<()> {
 
 fn install_apt(pkgs: &[&str]) -> Result<()> {
     if !is_root() {
-        bail!("installing Debian packages {pkgs:?} needs root: run `sudo cargo xtask setup` or install them by hand");
+        bail!(
+            "installing Debian packages {pkgs:?} needs root: run `sudo cargo xtask setup` or install them by hand"
+        );
     }
     cmd::run(Command::new("apt-get").args(["update", "-qq"]))?;
     cmd::run(

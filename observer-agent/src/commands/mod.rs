@@ -1,0 +1,4 @@
+//! The agent's subcommands.
+
+pub mod observe;
+pub mod probe;

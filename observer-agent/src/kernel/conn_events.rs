@@ -1,0 +1,262 @@
+//! Connection events from the `CONN_EVENTS` ring buffer, decoded into
+//! [`Observation`]s with wall-clock times.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+};
+
+use aya::maps::{MapData, RingBuf};
+use observer_common::{CloseHow, ConnEvent, ConnEventKind, conn::RESET_REASON_UNKNOWN};
+use thiserror::Error;
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+
+use crate::{
+    clock::WallClock,
+    observation::{CloseKind, ConnObservation, Observation},
+};
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("connection event of {got} bytes, expected {expected}")]
+    Size { got: usize, expected: usize },
+    #[error("unknown connection event kind {0}")]
+    Kind(u8),
+    #[error("unknown close kind {0}")]
+    Close(u8),
+}
+
+/// Turns raw ring buffer records into observations.
+pub struct ConnDecoder {
+    clock: WallClock,
+    reset_reasons: HashMap<u32, String>,
+}
+
+impl ConnDecoder {
+    pub fn new(clock: WallClock, reset_reasons: HashMap<u32, String>) -> Self {
+        ConnDecoder {
+            clock,
+            reset_reasons,
+        }
+    }
+
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<Observation, DecodeError> {
+        let expected = std::mem::size_of::<ConnEvent>();
+        if bytes.len() < expected {
+            return Err(DecodeError::Size {
+                got: bytes.len(),
+                expected,
+            });
+        }
+        // SAFETY: ConnEvent is plain old data and `bytes` holds at least one;
+        // ring buffer records are only 8-byte aligned, hence unaligned.
+        let event: ConnEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let kind = ConnEventKind::from_u8(event.kind).ok_or(DecodeError::Kind(event.kind))?;
+        let close =
+            match CloseHow::from_u8(event.close_how).ok_or(DecodeError::Close(event.close_how))? {
+                CloseHow::None => None,
+                CloseHow::EndpointFin => Some(CloseKind::EndpointFin),
+                CloseHow::PeerFin => Some(CloseKind::PeerFin),
+                CloseHow::Reset => Some(CloseKind::Reset),
+            };
+        let reason = (kind == ConnEventKind::ResetSent && event.reason != RESET_REASON_UNKNOWN)
+            .then(|| {
+                self.reset_reasons
+                    .get(&event.reason)
+                    .cloned()
+                    .unwrap_or_else(|| format!("reason_{}", event.reason))
+            });
+        let conn = ConnObservation {
+            src: SocketAddr::new(ip_from_key(event.peer_addr), event.peer_port),
+            dst: SocketAddr::new(ip_from_key(event.endpoint_addr), event.endpoint_port),
+            time_unix_nano: self.clock.to_unix_nanos(event.ktime_ns),
+            close,
+            reason,
+            old_state: tcp_state_name(event.old_state),
+            new_state: tcp_state_name(event.new_state),
+        };
+        Ok(match kind {
+            ConnEventKind::Accepted => Observation::Accepted(conn),
+            ConnEventKind::Connected => Observation::Connected(conn),
+            ConnEventKind::Closed => Observation::Closed(conn),
+            ConnEventKind::ResetSent => Observation::ResetSent(conn),
+            ConnEventKind::ResetReceived => Observation::ResetReceived(conn),
+        })
+    }
+}
+
+/// IPv4-mapped addresses become IPv4.
+pub fn ip_from_key(addr: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(addr);
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+}
+
+/// Names from include/net/tcp_states.h; 0 means "no state" (a reset sent
+/// without a socket).
+pub fn tcp_state_name(state: u8) -> Option<&'static str> {
+    Some(match state {
+        1 => "established",
+        2 => "syn_sent",
+        3 => "syn_recv",
+        4 => "fin_wait1",
+        5 => "fin_wait2",
+        6 => "time_wait",
+        7 => "close",
+        8 => "close_wait",
+        9 => "last_ack",
+        10 => "listen",
+        11 => "closing",
+        12 => "new_syn_recv",
+        _ => return None,
+    })
+}
+
+/// Reads the ring buffer until `tx` closes, sending every decoded event.
+/// Undecodable records are logged and counted, never fatal.
+pub async fn forward(
+    ring: RingBuf<MapData>,
+    mut decoder: ConnDecoder,
+    tx: mpsc::Sender<Observation>,
+) -> std::io::Result<()> {
+    // SAFETY: the RingBuf owns its map fd and keeps it open until dropped,
+    // which happens only with the AsyncFd.
+    let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    let mut undecodable: u64 = 0;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        while let Some(record) = ring.next() {
+            match decoder.decode(&record) {
+                Ok(observation) => {
+                    if tx.send(observation).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Err(e) => {
+                    undecodable += 1;
+                    tracing::warn!(error = %e, undecodable, "dropped an undecodable connection event");
+                }
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use observer_common::WatchKey;
+
+    use super::*;
+
+    fn raw(event: &ConnEvent) -> Vec<u8> {
+        // SAFETY: ConnEvent is repr(C) plain old data.
+        unsafe {
+            std::slice::from_raw_parts(
+                (event as *const ConnEvent).cast::<u8>(),
+                std::mem::size_of::<ConnEvent>(),
+            )
+        }
+        .to_vec()
+    }
+
+    fn event(kind: ConnEventKind, close: CloseHow, reason: u32) -> ConnEvent {
+        ConnEvent {
+            ktime_ns: 1_000,
+            endpoint_addr: WatchKey::from_v4([10, 0, 0, 1]).addr,
+            peer_addr: WatchKey::from_v4([10, 0, 0, 2]).addr,
+            endpoint_port: 8080,
+            peer_port: 40000,
+            kind: kind as u8,
+            close_how: close as u8,
+            old_state: 1,
+            new_state: 7,
+            reason,
+            _pad: 0,
+        }
+    }
+
+    fn decoder() -> ConnDecoder {
+        ConnDecoder::new(
+            WallClock::new(),
+            HashMap::from([(1, "no_socket".to_owned())]),
+        )
+    }
+
+    #[test]
+    fn decodes_a_refused_connection() {
+        let obs = decoder()
+            .decode(&raw(&event(ConnEventKind::ResetSent, CloseHow::None, 1)))
+            .unwrap();
+        let Observation::ResetSent(conn) = obs else {
+            panic!("wrong kind: {obs:?}")
+        };
+        assert_eq!(conn.dst, "10.0.0.1:8080".parse().unwrap());
+        assert_eq!(conn.src, "10.0.0.2:40000".parse().unwrap());
+        assert_eq!(conn.reason.as_deref(), Some("no_socket"));
+        let json = serde_json::to_value(Observation::ResetSent(conn)).unwrap();
+        assert_eq!(json["kind"], "reset_sent");
+        assert_eq!(json["dst"], "10.0.0.1:8080");
+        assert_eq!(json["reason"], "no_socket");
+        assert!(json["time_unix_nano"].as_u64().unwrap() > 1_600_000_000_000_000_000);
+    }
+
+    #[test]
+    fn unknown_reason_values_keep_their_number() {
+        let obs = decoder()
+            .decode(&raw(&event(ConnEventKind::ResetSent, CloseHow::None, 99)))
+            .unwrap();
+        let Observation::ResetSent(conn) = obs else {
+            panic!()
+        };
+        assert_eq!(conn.reason.as_deref(), Some("reason_99"));
+    }
+
+    #[test]
+    fn close_kinds_and_states() {
+        let obs = decoder()
+            .decode(&raw(&event(
+                ConnEventKind::Closed,
+                CloseHow::Reset,
+                RESET_REASON_UNKNOWN,
+            )))
+            .unwrap();
+        let Observation::Closed(conn) = obs else {
+            panic!()
+        };
+        assert_eq!(conn.close, Some(CloseKind::Reset));
+        assert_eq!(conn.reason, None);
+        assert_eq!(
+            (conn.old_state, conn.new_state),
+            (Some("established"), Some("close"))
+        );
+    }
+
+    #[test]
+    fn rejects_short_and_unknown_records() {
+        let mut d = decoder();
+        assert_eq!(
+            d.decode(&[0u8; 8]),
+            Err(DecodeError::Size {
+                got: 8,
+                expected: 56
+            })
+        );
+        let mut bad = event(ConnEventKind::Accepted, CloseHow::None, 0);
+        bad.kind = 42;
+        assert_eq!(d.decode(&raw(&bad)), Err(DecodeError::Kind(42)));
+        bad.kind = ConnEventKind::Closed as u8;
+        bad.close_how = 9;
+        assert_eq!(d.decode(&raw(&bad)), Err(DecodeError::Close(9)));
+    }
+
+    #[test]
+    fn ipv6_and_mapped_addresses() {
+        assert_eq!(
+            ip_from_key(WatchKey::from_v4([1, 2, 3, 4]).addr),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        let v6: Ipv6Addr = "fd00::1".parse().unwrap();
+        assert_eq!(ip_from_key(v6.octets()), IpAddr::V6(v6));
+    }
+}

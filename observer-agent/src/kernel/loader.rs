@@ -1,0 +1,314 @@
+//! Loads the embedded eBPF object, attaches what this kernel supports and
+//! owns the maps user space talks to.
+
+use std::net::IpAddr;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{ProgramError, TracePoint},
+};
+use observer_common::{
+    Stat, TracepointLayout, WatchKey,
+    watch::{MAX_WATCHED, WatchFlags},
+};
+use thiserror::Error;
+
+use super::tracefs::{self, CONN_TRACEPOINTS, EventFormat, Tracefs, TracefsError};
+
+/// The eBPF object built by build.rs (aya-build) from observer-ebpf.
+static OBSERVER_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
+
+#[derive(Debug, Error)]
+pub enum KernelError {
+    #[error(transparent)]
+    Tracefs(#[from] TracefsError),
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no {kind} named {name}")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("the watched-address map is full ({capacity} entries): {ip} is not watched")]
+    WatchMapFull { capacity: u32, ip: IpAddr },
+    #[error("no connection tracepoint could be attached: {0}")]
+    NoHook(String),
+}
+
+/// Whether one hook works on this kernel, and why not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookStatus {
+    /// e.g. `tracepoint/sock/inet_sock_set_state`.
+    pub name: String,
+    pub attached: bool,
+    /// Why it failed, or what it is attached to.
+    pub detail: String,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    /// Emit an aya-log debug line per event from the kernel (debugging only).
+    pub log_events: bool,
+}
+
+/// Counters kept by the programs, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub emitted: u64,
+    pub lost: u64,
+    pub filtered: u64,
+}
+
+/// The loaded programs and their maps. Dropping it detaches everything.
+pub struct Kernel {
+    ebpf: Ebpf,
+    watched: HashMap<MapData, WatchKey, WatchFlags>,
+    stats: PerCpuArray<MapData, u64>,
+    conn_events: Option<RingBuf<MapData>>,
+    hooks: Vec<HookStatus>,
+    reset_reasons: std::collections::HashMap<u32, String>,
+}
+
+impl Kernel {
+    pub fn load(options: LoadOptions) -> Result<Self, KernelError> {
+        raise_memlock_limit();
+        let tracefs = Tracefs::find_or_mount()?;
+        let formats: Vec<Result<EventFormat, TracefsError>> = CONN_TRACEPOINTS
+            .iter()
+            .map(|(category, name, _)| tracefs.format(category, name))
+            .collect();
+        let mut layout = layout_from(&formats)?;
+        layout.log_events = u8::from(options.log_events);
+        let reset_reasons = formats[1]
+            .as_ref()
+            .map(|f| f.symbols("reason"))
+            .unwrap_or_default();
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("LAYOUT", &layout, true)
+            .load(OBSERVER_OBJECT)
+            .map_err(KernelError::Load)?;
+        if options.log_events {
+            start_kernel_log(&mut ebpf);
+        }
+
+        let mut hooks = Vec::new();
+        for ((category, name, program), format) in CONN_TRACEPOINTS.iter().zip(&formats) {
+            let status = match format {
+                Err(e) => HookStatus {
+                    name: format!("tracepoint/{category}/{name}"),
+                    attached: false,
+                    detail: e.to_string(),
+                },
+                Ok(_) => attach_tracepoint(&mut ebpf, program, category, name),
+            };
+            if status.attached {
+                tracing::debug!(hook = %status.name, "attached");
+            } else {
+                tracing::warn!(hook = %status.name, reason = %status.detail, "hook unavailable; its events will be missing");
+            }
+            hooks.push(status);
+        }
+        if !hooks.iter().any(|h| h.attached) {
+            let reasons: Vec<String> = hooks
+                .iter()
+                .map(|h| format!("{}: {}", h.name, h.detail))
+                .collect();
+            return Err(KernelError::NoHook(reasons.join("; ")));
+        }
+
+        let watched = HashMap::try_from(take_map(&mut ebpf, "WATCHED")?).map_err(|source| {
+            KernelError::Map {
+                name: "WATCHED",
+                source,
+            }
+        })?;
+        let stats = PerCpuArray::try_from(take_map(&mut ebpf, "STATS")?).map_err(|source| {
+            KernelError::Map {
+                name: "STATS",
+                source,
+            }
+        })?;
+        let conn_events =
+            RingBuf::try_from(take_map(&mut ebpf, "CONN_EVENTS")?).map_err(|source| {
+                KernelError::Map {
+                    name: "CONN_EVENTS",
+                    source,
+                }
+            })?;
+        Ok(Kernel {
+            ebpf,
+            watched,
+            stats,
+            conn_events: Some(conn_events),
+            hooks,
+            reset_reasons,
+        })
+    }
+
+    /// Hooks tried at load, attached or not.
+    pub fn hooks(&self) -> &[HookStatus] {
+        &self.hooks
+    }
+
+    /// The kernel's names of `sk_rst_reason` values, from tracefs.
+    pub fn reset_reasons(&self) -> &std::collections::HashMap<u32, String> {
+        &self.reset_reasons
+    }
+
+    /// The loaded object, for sources that attach programs of their own.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// The connection event ring buffer; there is one reader, so it is handed out once.
+    pub fn take_conn_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.conn_events.take()
+    }
+
+    pub fn watch_ip(&mut self, ip: IpAddr) -> Result<(), KernelError> {
+        match self.watched.insert(watch_key(ip), 1, 0) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                Err(KernelError::WatchMapFull {
+                    capacity: MAX_WATCHED,
+                    ip,
+                })
+            }
+            Err(source) => Err(KernelError::Map {
+                name: "WATCHED",
+                source,
+            }),
+        }
+    }
+
+    /// Stops watching `ip`; unwatching an address that is not watched is not an error.
+    pub fn unwatch_ip(&mut self, ip: IpAddr) -> Result<(), KernelError> {
+        match self.watched.remove(&watch_key(ip)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(source) => Err(KernelError::Map {
+                name: "WATCHED",
+                source,
+            }),
+        }
+    }
+
+    pub fn stats(&self) -> Result<Stats, KernelError> {
+        let read = |stat: Stat| -> Result<u64, KernelError> {
+            let values = self
+                .stats
+                .get(&(stat as u32), 0)
+                .map_err(|source| KernelError::Map {
+                    name: "STATS",
+                    source,
+                })?;
+            Ok(values.iter().copied().fold(0u64, u64::wrapping_add))
+        };
+        Ok(Stats {
+            emitted: read(Stat::Emitted)?,
+            lost: read(Stat::Lost)?,
+            filtered: read(Stat::Filtered)?,
+        })
+    }
+}
+
+pub fn watch_key(ip: IpAddr) -> WatchKey {
+    match ip {
+        IpAddr::V4(v4) => WatchKey::from_v4(v4.octets()),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or_else(
+            || WatchKey::from_v6(v6.octets()),
+            |v4| WatchKey::from_v4(v4.octets()),
+        ),
+    }
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, KernelError> {
+    ebpf.take_map(name)
+        .ok_or(KernelError::Missing { kind: "map", name })
+}
+
+/// set_state is required; a missing reset tracepoint only loses its events.
+fn layout_from(
+    formats: &[Result<EventFormat, TracefsError>],
+) -> Result<TracepointLayout, KernelError> {
+    let set_state = formats[0]
+        .as_ref()
+        .map_err(|e| KernelError::NoHook(e.to_string()))?;
+    Ok(tracefs::conn_layout(
+        set_state,
+        formats[1].as_ref().ok(),
+        formats[2].as_ref().ok(),
+    )?)
+}
+
+fn attach_tracepoint(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> HookStatus {
+    let hook = format!("tracepoint/{category}/{name}");
+    let result = (|| -> Result<(), String> {
+        let prog: &mut TracePoint = ebpf
+            .program_mut(program)
+            .ok_or_else(|| format!("program {program} missing from the object"))?
+            .try_into()
+            .map_err(|e: ProgramError| e.to_string())?;
+        prog.load().map_err(|e| format!("rejected at load: {e}"))?;
+        prog.attach(category, name)
+            .map_err(|e| format!("attach failed: {e}"))?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => HookStatus {
+            name: hook,
+            attached: true,
+            detail: format!("program {program}"),
+        },
+        Err(detail) => HookStatus {
+            name: hook,
+            attached: false,
+            detail,
+        },
+    }
+}
+
+/// Forwards aya-log records from the programs to the agent's log (debug level).
+fn start_kernel_log(ebpf: &mut Ebpf) {
+    match aya_log::EbpfLogger::init(ebpf) {
+        // SAFETY: the logger owns the log ring buffer's fd until dropped, which
+        // happens only with the AsyncFd.
+        Ok(logger) => match unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        } {
+            Ok(mut fd) => {
+                tokio::spawn(async move {
+                    while let Ok(mut guard) = fd.readable_mut().await {
+                        guard.get_inner_mut().flush();
+                        guard.clear_ready();
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot poll the eBPF log buffer"),
+        },
+        Err(e) => tracing::warn!(error = %e, "eBPF logging unavailable"),
+    }
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use
+/// memory cgroups and ignore it.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
+    }
+}

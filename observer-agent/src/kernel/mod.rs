@@ -1,0 +1,9 @@
+//! The kernel side of the agent: loading the eBPF object, the map of watched
+//! addresses, and the destination-side connection events.
+
+pub mod conn_events;
+pub mod loader;
+pub mod probe;
+pub mod tracefs;
+
+pub use loader::{HookStatus, Kernel, KernelError, LoadOptions, Stats};
