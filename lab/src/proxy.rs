@@ -1,0 +1,287 @@
+//! One node's kube-proxy: follows the Service's endpoints, selects backends
+//! the way kube-proxy does, and programs them through [`Rules`] after an
+//! injected delay. The moments the rules really changed are recorded: the
+//! ground truth the observer's measurements are compared with.
+
+use std::{
+    collections::HashSet,
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde::Serialize;
+use tokio::{sync::watch, task::JoinHandle, time::Instant};
+
+use crate::{
+    delay::{DelayDistribution, Rng},
+    kubeproxy::{Applied, Backend, KubeProxyError, Mode, Rules, ServicePort},
+};
+
+/// One endpoint of an EndpointSlice, with its conditions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub pod: String,
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+/// The desired state the controllers follow: every Service with its endpoints.
+pub type Services = Vec<(ServicePort, Vec<Endpoint>)>;
+
+/// kube-proxy's choice: ready endpoints; when none is ready, the serving
+/// ones that are terminating (so a Service whose pods are all terminating
+/// keeps working while they drain).
+pub fn select(endpoints: &[Endpoint]) -> Vec<Backend> {
+    let ready: Vec<Backend> = endpoints
+        .iter()
+        .filter(|e| e.ready)
+        .map(|e| Backend {
+            ip: e.ip,
+            port: e.port,
+        })
+        .collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    endpoints
+        .iter()
+        .filter(|e| e.serving && e.terminating)
+        .map(|e| Backend {
+            ip: e.ip,
+            port: e.port,
+        })
+        .collect()
+}
+
+/// A backend entering or leaving one node's rules, when that was committed.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuleChange {
+    pub node: String,
+    pub mode: String,
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub removed: bool,
+    /// When the controller saw the endpoint change that caused it.
+    pub seen_unix_nano: u64,
+    /// The delay drawn for that change.
+    pub injected_delay_ms: f64,
+    pub applied_started_unix_nano: u64,
+    pub applied_finished_unix_nano: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub node: String,
+    /// `ip netns` name of the node.
+    pub netns: String,
+    pub mode: Mode,
+    pub delay: DelayDistribution,
+    pub seed: u64,
+}
+
+/// A running controller; [`Proxy::stop`] removes its rules.
+pub struct Proxy {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), KubeProxyError>>,
+    changes: Arc<Mutex<Vec<RuleChange>>>,
+}
+
+fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+type Selected = HashSet<(ServicePort, Backend)>;
+
+fn selected(services: &Services) -> Selected {
+    services
+        .iter()
+        .flat_map(|(svc, eps)| select(eps).into_iter().map(move |b| (svc.clone(), b)))
+        .collect()
+}
+
+fn desired(services: &Services) -> Vec<(ServicePort, Vec<Backend>)> {
+    services
+        .iter()
+        .map(|(svc, eps)| (svc.clone(), select(eps)))
+        .collect()
+}
+
+impl Proxy {
+    /// Programs the current state at once (a node's initial sync), then
+    /// follows `services`, each change applied after its own drawn delay.
+    pub async fn start(
+        config: ProxyConfig,
+        mut services: watch::Receiver<Services>,
+    ) -> Result<Self, KubeProxyError> {
+        let mut rules = Rules::new(Some(config.netns.clone()), config.mode);
+        let initial = services.borrow_and_update().clone();
+        let (rules_back, result) = tokio::task::spawn_blocking(move || {
+            let r = rules.sync(&desired(&initial));
+            (rules, r)
+        })
+        .await
+        .expect("sync thread panicked");
+        rules = rules_back;
+        result?;
+        let programmed = selected(&services.borrow());
+        let changes = Arc::new(Mutex::new(Vec::new()));
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(follow(
+            config,
+            rules,
+            programmed,
+            services,
+            stop_rx,
+            changes.clone(),
+        ));
+        Ok(Proxy {
+            stop,
+            task,
+            changes,
+        })
+    }
+
+    /// Rule changes committed so far.
+    pub fn changes(&self) -> Vec<RuleChange> {
+        self.changes.lock().expect("changes lock").clone()
+    }
+
+    /// Stops following and removes the node's rules.
+    pub async fn stop(self) -> Result<Vec<RuleChange>, KubeProxyError> {
+        let _ = self.stop.send(true);
+        self.task.await.expect("proxy task panicked")?;
+        Ok(self.changes.lock().expect("changes lock").clone())
+    }
+}
+
+/// A change waiting for its injected delay.
+struct Pending {
+    due: Instant,
+    seen_unix_nano: u64,
+    delay: Duration,
+}
+
+async fn follow(
+    config: ProxyConfig,
+    mut rules: Rules,
+    mut programmed: Selected,
+    mut services: watch::Receiver<Services>,
+    mut stop: watch::Receiver<bool>,
+    changes: Arc<Mutex<Vec<RuleChange>>>,
+) -> Result<(), KubeProxyError> {
+    let mut rng = Rng::new(config.seed);
+    let mut pending: Vec<Pending> = Vec::new();
+    loop {
+        let next_due = pending.iter().map(|p| p.due).min();
+        tokio::select! {
+            changed = services.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let delay = config.delay.sample(&mut rng);
+                pending.push(Pending { due: Instant::now() + delay, seen_unix_nano: unix_nanos(), delay });
+            }
+            _ = async { tokio::time::sleep_until(next_due.expect("guarded")).await }, if next_due.is_some() => {
+                let now = Instant::now();
+                // Like kube-proxy, a sync always writes the latest state; the
+                // change whose delay just ran out is credited with what moved.
+                let (due, waiting): (Vec<Pending>, Vec<Pending>) = pending.into_iter().partition(|p| p.due <= now);
+                pending = waiting;
+                let cause = due.into_iter().min_by_key(|p| p.seen_unix_nano).expect("one is due");
+                let state = services.borrow().clone();
+                let next = selected(&state);
+                if next == programmed {
+                    continue;
+                }
+                let (rules_back, result) = tokio::task::spawn_blocking(move || {
+                    let r = rules.sync(&desired(&state));
+                    (rules, r)
+                })
+                .await
+                .expect("sync thread panicked");
+                rules = rules_back;
+                let applied = result?;
+                record(&config, &programmed, &next, &cause, applied, &changes);
+                programmed = next;
+            }
+            // A stop (the only value ever sent) or the handle dropped.
+            _ = stop.changed() => break,
+        }
+    }
+    tokio::task::spawn_blocking(move || rules.cleanup())
+        .await
+        .expect("cleanup thread panicked")
+}
+
+fn record(
+    config: &ProxyConfig,
+    before: &Selected,
+    after: &Selected,
+    cause: &Pending,
+    applied: Applied,
+    changes: &Mutex<Vec<RuleChange>>,
+) {
+    let change = |(_, b): &(ServicePort, Backend), removed| RuleChange {
+        node: config.node.clone(),
+        mode: config.mode.to_string(),
+        ip: b.ip,
+        port: b.port,
+        removed,
+        seen_unix_nano: cause.seen_unix_nano,
+        injected_delay_ms: cause.delay.as_secs_f64() * 1000.0,
+        applied_started_unix_nano: applied.started_unix_nano,
+        applied_finished_unix_nano: applied.finished_unix_nano,
+    };
+    let mut changes = changes.lock().expect("changes lock");
+    changes.extend(before.difference(after).map(|s| change(s, true)));
+    changes.extend(after.difference(before).map(|s| change(s, false)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(last: u8, ready: bool, serving: bool, terminating: bool) -> Endpoint {
+        Endpoint {
+            pod: format!("p{last}"),
+            ip: Ipv4Addr::new(10, 244, 0, last),
+            port: 8080,
+            ready,
+            serving,
+            terminating,
+        }
+    }
+
+    fn ips(backends: Vec<Backend>) -> Vec<u8> {
+        backends.into_iter().map(|b| b.ip.octets()[3]).collect()
+    }
+
+    #[test]
+    fn selects_ready_endpoints_only_while_any_is_ready() {
+        let eps = [
+            ep(2, true, true, false),
+            ep(3, false, true, true),
+            ep(4, false, false, false),
+        ];
+        assert_eq!(ips(select(&eps)), [2]);
+    }
+
+    #[test]
+    fn falls_back_to_serving_terminating_when_all_terminate() {
+        let eps = [
+            ep(2, false, true, true),
+            ep(3, false, false, true),
+            ep(4, false, true, false),
+        ];
+        assert_eq!(ips(select(&eps)), [2]);
+        assert!(select(&[]).is_empty());
+    }
+}

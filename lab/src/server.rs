@@ -1,0 +1,121 @@
+//! The pod workload: an HTTP/1.1 keep-alive server whose shutdown either
+//! follows Kubernetes' contract or ignores it.
+//!
+//! Graceful (on SIGTERM): stop accepting; every keep-alive connection
+//! answers its next request with `Connection: close` and closes, and one
+//! that stays idle for the drain timeout is closed; in-flight requests
+//! finish; the process exits when no connection is left. Answering the next
+//! request with `Connection: close` instead of closing an idle connection at
+//! once avoids the race where the client sends on a connection the server
+//! is closing.
+//!
+//! Ignoring SIGTERM (the common bad case): keeps accepting and serving
+//! until SIGKILL, so the kernel cuts every keep-alive connection at kill
+//! time and the requests on them fail.
+
+use std::time::Duration;
+
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+};
+
+use crate::http::{self, Next, Reader};
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShutdownMode {
+    /// Stop accepting, close keep-alive connections gracefully, finish in-flight, exit.
+    Graceful,
+    /// Ignore SIGTERM; die only by SIGKILL with keep-alive connections open.
+    IgnoreSigterm,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Returned as the body of every response, so clients see which backend answered.
+    pub name: String,
+    pub mode: ShutdownMode,
+    /// How long a graceful shutdown waits for an idle connection's next request.
+    pub drain_timeout: Duration,
+}
+
+/// Serves on `listener` until `terminate` reports true (graceful mode) and
+/// every connection is done. In `IgnoreSigterm` mode it never returns.
+pub async fn serve(
+    listener: TcpListener,
+    config: ServerConfig,
+    mut terminate: watch::Receiver<bool>,
+) {
+    // Each connection task holds a sender; `recv` returns None once all ended.
+    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+    let ignore = config.mode == ShutdownMode::IgnoreSigterm;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let config = config.clone();
+                let stop = stop_rx.clone();
+                let alive = alive_tx.clone();
+                tokio::spawn(async move {
+                    connection(stream, &config, stop).await;
+                    drop(alive);
+                });
+            }
+            changed = terminate.changed(), if !ignore => {
+                if changed.is_err() || *terminate.borrow() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(alive_tx);
+    alive_rx.recv().await;
+}
+
+async fn connection(mut stream: TcpStream, config: &ServerConfig, mut stop: watch::Receiver<bool>) {
+    let _ = stream.set_nodelay(true);
+    let mut reader = Reader::default();
+    loop {
+        let stopping = *stop.borrow();
+        let next = if stopping && !reader.has_pending() {
+            match tokio::time::timeout(config.drain_timeout, reader.next(&mut stream, true)).await {
+                Ok(next) => next,
+                Err(_) => return,
+            }
+        } else {
+            tokio::select! {
+                next = reader.next(&mut stream, true) => next,
+                // Re-enter the loop to apply the drain timeout to this wait.
+                _ = stop.changed(), if !stopping => continue,
+            }
+        };
+        let Ok(Next::Message(head, _body)) = next else {
+            return;
+        };
+        if let Some(ms) = head
+            .second
+            .strip_prefix("/sleep/")
+            .and_then(|ms| ms.parse().ok())
+        {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        let close = head.close || *stop.borrow();
+        let body = format!("{}\n", config.name);
+        if stream
+            .write_all(&http::response(200, "OK", &body, close))
+            .await
+            .is_err()
+            || close
+        {
+            let _ = stream.shutdown().await;
+            return;
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! Pod processes and the kubelet's part of a deletion: preStop delay,
+//! SIGTERM, SIGKILL when the grace period ends.
+
+use std::{
+    net::SocketAddrV4,
+    path::Path,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use thiserror::Error;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+use crate::{netns::NetNs, server::ShutdownMode};
+
+/// How long a server may take to print that it listens.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum WorkloadError {
+    #[error("starting the pod server {binary}: {source}")]
+    Spawn {
+        binary: String,
+        source: std::io::Error,
+    },
+    #[error("pod server {0} did not report listening within {START_TIMEOUT:?}")]
+    NotReady(String),
+}
+
+/// A running pod server.
+#[derive(Debug)]
+pub struct PodProcess {
+    pub name: String,
+    pub addr: SocketAddrV4,
+    child: Child,
+}
+
+/// How a pod's process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Ending {
+    /// Exited by itself after SIGTERM.
+    Exited,
+    /// Still running when the grace period ended.
+    Killed,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Termination {
+    pub ending: Ending,
+    pub sigterm_at: Instant,
+    pub ended_at: Instant,
+}
+
+fn signal(child: &Child, sig: i32) {
+    if let Some(pid) = child.id() {
+        // SAFETY: plain kill(2) on a child we own and have not reaped.
+        unsafe { libc::kill(pid as i32, sig) };
+    }
+}
+
+impl PodProcess {
+    /// Starts `binary` (lab-pod-server) in `ns`, listening on `addr`, and
+    /// waits until it accepts connections.
+    pub async fn start(
+        binary: &Path,
+        ns: &NetNs,
+        name: &str,
+        addr: SocketAddrV4,
+        mode: ShutdownMode,
+    ) -> Result<Self, WorkloadError> {
+        let mut cmd: Command = ns.command(&binary.to_string_lossy()).into();
+        let mode = match mode {
+            ShutdownMode::Graceful => "graceful",
+            ShutdownMode::IgnoreSigterm => "ignore-sigterm",
+        };
+        cmd.args([
+            "--listen",
+            &addr.to_string(),
+            "--name",
+            name,
+            "--mode",
+            mode,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true);
+        let spawn_err = |source| WorkloadError::Spawn {
+            binary: binary.display().to_string(),
+            source,
+        };
+        // `ip netns exec` execs the program, so the child is the server itself.
+        let mut child = cmd.spawn().map_err(spawn_err)?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut line = String::new();
+        let ready =
+            tokio::time::timeout(START_TIMEOUT, BufReader::new(stdout).read_line(&mut line)).await;
+        if !matches!(ready, Ok(Ok(n)) if n > 0 && line.starts_with("listening")) {
+            return Err(WorkloadError::NotReady(name.to_owned()));
+        }
+        Ok(PodProcess {
+            name: name.to_owned(),
+            addr,
+            child,
+        })
+    }
+
+    /// The kubelet's termination of a deleted pod: the preStop sleep, then
+    /// SIGTERM, then SIGKILL once `grace` (counted from now, preStop
+    /// included, as Kubernetes counts it) has passed.
+    pub async fn terminate(mut self, pre_stop: Duration, grace: Duration) -> Termination {
+        let start = tokio::time::Instant::now();
+        let deadline = start + grace;
+        tokio::time::sleep_until((start + pre_stop).min(deadline)).await;
+        let sigterm_at = Instant::now();
+        signal(&self.child, libc::SIGTERM);
+        let ending = match tokio::time::timeout_at(deadline, self.child.wait()).await {
+            Ok(_) => Ending::Exited,
+            Err(_) => {
+                signal(&self.child, libc::SIGKILL);
+                let _ = self.child.wait().await;
+                Ending::Killed
+            }
+        };
+        Termination {
+            ending,
+            sigterm_at,
+            ended_at: Instant::now(),
+        }
+    }
+}
