@@ -152,12 +152,17 @@ impl Client {
         Client { stop, thread }
     }
 
-    /// Stops sending (requests in flight finish) and returns the counts.
+    /// Stops sending now (requests in flight finish) and returns the counts.
     pub fn finish(self) -> io::Result<ClientReport> {
         let _ = self.stop.send(true);
-        self.thread
-            .join()
-            .map_err(|_| io::Error::other("client thread panicked"))?
+        self.wait()
+    }
+
+    /// Waits until the configured duration has passed and returns the counts.
+    pub fn wait(self) -> io::Result<ClientReport> {
+        let result = self.thread.join();
+        drop(self.stop);
+        result.map_err(|_| io::Error::other("client thread panicked"))?
     }
 }
 
