@@ -2,6 +2,13 @@
 //! rule layouts, workloads and clients. Used by the root-only tests and by
 //! `cargo xtask lab`; never by production code.
 
+pub use lab_netns::{netns, root};
+
+pub mod client;
+pub mod delay;
+pub mod http;
 pub mod kubeproxy;
-pub mod netns;
-pub mod root;
+pub mod proxy;
+pub mod server;
+pub mod topology;
+pub mod workload;

@@ -1,1 +1,309 @@
-fn main() {}
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+use prestop_check::check::{self, HookStyle, LowConfidence, Options, Problem, Severity};
+use prestop_check::exit::{self, Exit};
+use prestop_check::recommendation::{HttpSource, Resolver};
+use prestop_check::report::{self, Failure, Format, Report};
+use prestop_check::source::{self, SourceFile};
+use prestop_check::workload::Inventory;
+use prestop_check::{fix, textfile, yaml};
+
+/// Fails a pipeline when a workload's preStop delay is shorter than the
+/// endpoint-propagation delay measured in the cluster.
+///
+/// Reads Kubernetes manifests (files, directories, stdin; multi-document
+/// YAML such as `helm template` or `kustomize build` output), finds every
+/// container a Service routes to, reads its preStop delay and
+/// terminationGracePeriodSeconds, and compares them with the aggregator's
+/// recommendation for that Service (falling back to its namespace, then
+/// the whole cluster).
+#[derive(Debug, Parser)]
+#[command(name = "prestop-check", version, after_help = exit::HELP)]
+struct Cli {
+    /// Manifest files or directories (searched for *.yaml, *.yml, *.json);
+    /// `-` or none reads stdin.
+    paths: Vec<PathBuf>,
+
+    /// Base URL of the aggregator's HTTP API, e.g.
+    /// http://prestop-aggregator.prestop-system.svc:8080
+    #[arg(long, env = "PRESTOP_AGGREGATOR_URL")]
+    aggregator: Option<String>,
+
+    /// Pass with a warning when the aggregator cannot be reached; the local
+    /// checks (grace period, unknown hooks) still run.
+    #[arg(long, env = "PRESTOP_OFFLINE_OK")]
+    offline_ok: bool,
+
+    /// Namespace of objects whose manifests name none.
+    #[arg(
+        long,
+        short = 'n',
+        env = "PRESTOP_NAMESPACE",
+        default_value = "default"
+    )]
+    namespace: String,
+
+    /// Seconds the app itself needs after SIGTERM to finish in-flight work;
+    /// the grace period must hold preStop plus this.
+    #[arg(long, env = "PRESTOP_DRAIN_SECONDS", default_value_t = 0.0)]
+    drain_seconds: f64,
+
+    /// Quantile of propagation latency to cover (aggregator default: 0.99).
+    #[arg(long, env = "PRESTOP_QUANTILE")]
+    quantile: Option<f64>,
+
+    /// Confidence of the upper bound (aggregator default: 0.95).
+    #[arg(long, env = "PRESTOP_CONFIDENCE")]
+    confidence: Option<f64>,
+
+    /// What a low-confidence recommendation (too few samples) means.
+    #[arg(
+        long,
+        value_enum,
+        env = "PRESTOP_LOW_CONFIDENCE",
+        default_value = "warn"
+    )]
+    low_confidence: LowConfidence,
+
+    /// Treat a preStop hook of unknown duration as an error, not a warning.
+    #[arg(long, env = "PRESTOP_FAIL_ON_UNKNOWN")]
+    fail_on_unknown: bool,
+
+    #[arg(long, value_enum, env = "PRESTOP_FORMAT", default_value = "human")]
+    format: Format,
+
+    /// Rewrite the manifest files in place (not stdin), changing only the
+    /// affected values and lines.
+    #[arg(long)]
+    fix: bool,
+
+    /// Hook form that --fix inserts and patches show.
+    #[arg(long, value_enum, env = "PRESTOP_HOOK_STYLE", default_value = "sleep")]
+    hook_style: HookStyle,
+
+    /// Also write the configured preStop of each routed container in the
+    /// Prometheus text format (for node-exporter's textfile collector).
+    #[arg(long, env = "PRESTOP_METRICS_FILE")]
+    metrics_file: Option<PathBuf>,
+
+    /// Timeout of each aggregator request, in seconds.
+    #[arg(long, env = "PRESTOP_TIMEOUT_SECONDS", default_value_t = 10.0)]
+    timeout_seconds: f64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(exit) => ExitCode::from(exit.code()),
+        Err(e) => {
+            eprintln!("prestop-check: {e:#}");
+            ExitCode::from(Exit::Usage.code())
+        }
+    }
+}
+
+fn print(
+    format: Format,
+    exit: Exit,
+    failures: &[Failure],
+    outcome: Option<&check::Outcome>,
+) -> Exit {
+    let (findings, checked) =
+        outcome.map_or((&[][..], &[][..]), |o| (&o.findings[..], &o.checked[..]));
+    let report = Report {
+        exit_code: exit.code(),
+        failures,
+        findings,
+        checked,
+    };
+    print!("{}", report::render(format, &report));
+    exit
+}
+
+fn failure(
+    severity: Severity,
+    file: Option<String>,
+    line: Option<usize>,
+    message: String,
+) -> Failure {
+    Failure {
+        severity,
+        file,
+        line,
+        message,
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<Exit> {
+    if cli.fix && (cli.paths.is_empty() || cli.paths.iter().any(|p| p.as_os_str() == "-")) {
+        anyhow::bail!("--fix rewrites files and cannot be used with stdin");
+    }
+    if cli.aggregator.is_none() && !cli.offline_ok {
+        anyhow::bail!(
+            "--aggregator URL (or PRESTOP_AGGREGATOR_URL) is required unless --offline-ok"
+        );
+    }
+    let files = match source::read_inputs(&cli.paths) {
+        Ok(files) => files,
+        Err(e) => {
+            let f = failure(Severity::Error, None, None, e.to_string());
+            return Ok(print(cli.format, Exit::Unparsable, &[f], None));
+        }
+    };
+    let names: Vec<String> = files.iter().map(SourceFile::display).collect();
+    let (docs, parse_errors) = source::parse_all(&files);
+    let (inventory, invalid) = Inventory::collect(&docs, &cli.namespace);
+    let mut failures: Vec<Failure> = parse_errors
+        .iter()
+        .map(|e| {
+            failure(
+                Severity::Error,
+                Some(names[e.file].clone()),
+                Some(e.error.line),
+                format!("unparsable YAML: {}", e.error),
+            )
+        })
+        .chain(invalid.iter().map(|e| {
+            failure(
+                Severity::Error,
+                Some(names[e.file].clone()),
+                Some(e.line),
+                format!("invalid {}: {}", e.kind, e.message),
+            )
+        }))
+        .collect();
+    if !failures.is_empty() {
+        return Ok(print(cli.format, Exit::Unparsable, &failures, None));
+    }
+
+    let opts = Options {
+        drain_seconds: cli.drain_seconds,
+        low_confidence: cli.low_confidence,
+        fail_on_unknown: cli.fail_on_unknown,
+        hook_style: cli.hook_style,
+    };
+    let http = cli.aggregator.as_deref().map(|url| {
+        HttpSource::new(
+            url,
+            cli.quantile,
+            cli.confidence,
+            Duration::from_secs_f64(cli.timeout_seconds),
+        )
+    });
+    let mut resolver = http.as_ref().map(|h| Resolver::new(h));
+    let mut outcome = match check::run(&inventory, &names, resolver.as_mut(), &opts) {
+        Ok(outcome) => outcome,
+        Err(e) if cli.offline_ok => {
+            failures.push(failure(
+                Severity::Warning,
+                None,
+                None,
+                format!("{e}; only local checks ran (--offline-ok)"),
+            ));
+            check::run(&inventory, &names, None, &opts).context("local checks")?
+        }
+        Err(e) => {
+            let f = failure(Severity::Error, None, None, e.to_string());
+            return Ok(print(cli.format, Exit::AggregatorUnreachable, &[f], None));
+        }
+    };
+    if cli.aggregator.is_none() {
+        failures.push(failure(
+            Severity::Warning,
+            None,
+            None,
+            "no --aggregator given; only local checks ran".into(),
+        ));
+    }
+
+    if cli.fix {
+        apply_fixes(
+            &files,
+            &inventory,
+            &mut outcome,
+            cli.hook_style,
+            &mut failures,
+        )?;
+    }
+    if let Some(path) = &cli.metrics_file {
+        std::fs::write(path, textfile::render(&outcome.checked))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+
+    let open_errors = |low: bool| {
+        outcome.findings.iter().any(|f| {
+            f.severity == Severity::Error
+                && !f.fixed
+                && low == matches!(f.problem, Problem::LowConfidence | Problem::NoMeasurements)
+        })
+    };
+    let exit = if open_errors(false) {
+        Exit::Findings
+    } else if open_errors(true) {
+        Exit::LowConfidence
+    } else {
+        Exit::Ok
+    };
+    Ok(print(cli.format, exit, &failures, Some(&outcome)))
+}
+
+/// Edits each file once with all its workloads' changes, and writes it only
+/// if the result still parses.
+fn apply_fixes(
+    files: &[SourceFile],
+    inventory: &Inventory,
+    outcome: &mut check::Outcome,
+    style: HookStyle,
+    failures: &mut Vec<Failure>,
+) -> anyhow::Result<()> {
+    let mut per_file: BTreeMap<usize, (Vec<fix::Edit>, Vec<String>)> = BTreeMap::new();
+    for change in &outcome.changes {
+        let w = &inventory.workloads[change.workload];
+        let file = &files[w.file];
+        match fix::edits(&file.text, w, change, style) {
+            Ok(edits) => {
+                let entry = per_file.entry(w.file).or_default();
+                entry.0.extend(edits);
+                entry.1.push(w.object());
+            }
+            Err(e) => failures.push(failure(
+                Severity::Warning,
+                Some(file.display()),
+                Some(w.line),
+                format!("cannot fix: {e}"),
+            )),
+        }
+    }
+    for (index, (edits, objects)) in per_file {
+        let file = &files[index];
+        let text = fix::apply(&file.text, edits);
+        if let Err(e) = yaml::parse_stream(&text) {
+            failures.push(failure(
+                Severity::Warning,
+                Some(file.display()),
+                Some(e.line),
+                format!("cannot fix: the edited file would not parse ({e}); left unchanged"),
+            ));
+            continue;
+        }
+        let Some(path) = &file.path else { continue };
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        for f in outcome.findings.iter_mut().filter(|f| {
+            f.file_index == index
+                && objects.contains(&f.object)
+                && matches!(
+                    f.problem,
+                    Problem::PreStopBelowRecommendation | Problem::GracePeriodTooShort
+                )
+        }) {
+            f.fixed = true;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,379 @@
+//! Compares each routed container's preStop delay and grace period with the
+//! recommendation, producing findings and the changes that would fix them.
+
+use serde::Serialize;
+
+use crate::hook::{Hook, fmt_secs};
+use crate::recommendation::{QueryError, Recommendation, Resolver};
+use crate::workload::{Inventory, Workload};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LowConfidence {
+    /// Treat low-confidence recommendations like any other.
+    Ignore,
+    /// Report shortfalls against them as warnings (exit 0).
+    Warn,
+    /// Fail with exit code 5 whenever one is used or no samples exist.
+    Fail,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HookStyle {
+    /// `lifecycle.preStop.sleep.seconds` (Kubernetes 1.30 and later).
+    Sleep,
+    /// `exec: command: ["sleep", "N"]` for older clusters; needs a `sleep`
+    /// binary in the image.
+    Exec,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub drain_seconds: f64,
+    pub low_confidence: LowConfidence,
+    pub fail_on_unknown: bool,
+    pub hook_style: HookStyle,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Problem {
+    PreStopBelowRecommendation,
+    GracePeriodTooShort,
+    UnknownPreStop,
+    LowConfidence,
+    NoMeasurements,
+    KeepAlive,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Finding {
+    pub severity: Severity,
+    pub problem: Problem,
+    /// Index into the input files.
+    #[serde(skip)]
+    pub file_index: usize,
+    pub file: String,
+    pub line: usize,
+    pub object: String,
+    pub container: Option<String>,
+    pub message: String,
+    pub has: Option<String>,
+    pub recommended: Option<String>,
+    pub why: Option<String>,
+    pub patch: Option<String>,
+    pub fixed: bool,
+}
+
+/// What `--fix` would change in one workload.
+#[derive(Debug, Clone, Default)]
+pub struct Change {
+    pub workload: usize,
+    /// Container name and the preStop seconds it needs.
+    pub pre_stop: Vec<(String, i64)>,
+    pub grace_seconds: Option<i64>,
+}
+
+/// One routed container as checked, for the JSON report and metrics file.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Checked {
+    pub file: String,
+    pub line: usize,
+    pub namespace: String,
+    pub kind: String,
+    pub workload: String,
+    pub container: String,
+    pub services: Vec<String>,
+    pub pre_stop_seconds: Option<f64>,
+    pub pre_stop: String,
+    pub termination_grace_period_seconds: i64,
+    pub recommendation: Option<Recommendation>,
+}
+
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub findings: Vec<Finding>,
+    pub checked: Vec<Checked>,
+    pub changes: Vec<Change>,
+}
+
+/// `resolver` is `None` when the aggregator is unreachable and
+/// `--offline-ok` allows local checks only.
+pub fn run(
+    inventory: &Inventory,
+    files: &[String],
+    mut resolver: Option<&mut Resolver<'_>>,
+    opts: &Options,
+) -> Result<Outcome, QueryError> {
+    let mut out = Outcome::default();
+    for (index, w) in inventory.workloads.iter().enumerate() {
+        let services = inventory.services_for(w);
+        if services.is_empty() {
+            continue;
+        }
+        let mut recs = Vec::new();
+        if let Some(resolver) = resolver.as_deref_mut() {
+            for svc in &services {
+                recs.extend(resolver.resolve(&svc.namespace, &svc.name)?);
+            }
+        }
+        // Several Services may route to one workload; the longest
+        // recommendation binds.
+        let binding = recs
+            .iter()
+            .max_by_key(|r| r.pre_stop_seconds.unwrap_or(-1))
+            .cloned();
+        let mut containers: Vec<&str> = Vec::new();
+        for svc in &services {
+            for c in svc.serving_containers(&w.pod_spec) {
+                if !containers.contains(&c.name.as_str()) {
+                    containers.push(&c.name);
+                }
+            }
+        }
+        let service_names: Vec<String> = services
+            .iter()
+            .map(|s| format!("{}/{}", s.namespace, s.name))
+            .collect();
+        let eval = Evaluation {
+            w,
+            file: &files[w.file],
+            rec: binding.as_ref(),
+            opts,
+        };
+        eval.workload_findings(resolver.is_some(), &mut out.findings);
+        let mut change = Change {
+            workload: index,
+            ..Default::default()
+        };
+        for name in containers {
+            let Some(c) = w.pod_spec.containers.iter().find(|c| c.name == name) else {
+                continue;
+            };
+            let hook = Hook::of(c);
+            eval.container_findings(name, &hook, &mut out.findings, &mut change);
+            out.checked.push(Checked {
+                file: eval.file.clone(),
+                line: eval.container_line(name),
+                namespace: w.namespace.clone(),
+                kind: w.kind.clone(),
+                workload: w.name.clone(),
+                container: name.to_string(),
+                services: service_names.clone(),
+                pre_stop_seconds: hook.seconds(),
+                pre_stop: hook.describe(),
+                termination_grace_period_seconds: w.grace_seconds(),
+                recommendation: binding.clone(),
+            });
+        }
+        if !change.pre_stop.is_empty() || change.grace_seconds.is_some() {
+            let patch = crate::fix::patch_text(w, &change, opts.hook_style);
+            for f in out.findings.iter_mut().filter(|f| {
+                f.file_index == w.file
+                    && f.object == w.object()
+                    && matches!(
+                        f.problem,
+                        Problem::PreStopBelowRecommendation | Problem::GracePeriodTooShort
+                    )
+            }) {
+                f.patch = Some(patch.clone());
+            }
+            out.changes.push(change);
+        }
+    }
+    Ok(out)
+}
+
+struct Evaluation<'a> {
+    w: &'a Workload,
+    file: &'a String,
+    rec: Option<&'a Recommendation>,
+    opts: &'a Options,
+}
+
+impl Evaluation<'_> {
+    fn finding(
+        &self,
+        severity: Severity,
+        problem: Problem,
+        line: usize,
+        message: String,
+    ) -> Finding {
+        Finding {
+            severity,
+            problem,
+            file_index: self.w.file,
+            file: self.file.clone(),
+            line,
+            object: self.w.object(),
+            container: None,
+            message,
+            has: None,
+            recommended: None,
+            why: None,
+            patch: None,
+            fixed: false,
+        }
+    }
+
+    fn container_line(&self, name: &str) -> usize {
+        self.w
+            .container_node(name)
+            .and_then(|c| c.entry("name"))
+            .map_or(self.w.line, |(k, _)| k.span.line)
+    }
+
+    fn grace_line(&self) -> usize {
+        self.w
+            .pod_spec_node()
+            .and_then(|s| s.entry("terminationGracePeriodSeconds"))
+            .map_or(self.w.line, |(k, _)| k.span.line)
+    }
+
+    fn low_confidence_severity(&self) -> Severity {
+        if self.opts.low_confidence == LowConfidence::Fail {
+            Severity::Error
+        } else {
+            Severity::Warning
+        }
+    }
+
+    fn workload_findings(&self, online: bool, out: &mut Vec<Finding>) {
+        if !online {
+            return;
+        }
+        let Some(rec) = self.rec.filter(|r| r.pre_stop_seconds.is_some()) else {
+            let reason = self
+                .rec
+                .map_or("the aggregator knows no deletions yet".into(), |r| {
+                    r.reason.clone()
+                });
+            out.push(self.finding(
+                self.low_confidence_severity(),
+                Problem::NoMeasurements,
+                self.w.line,
+                format!("no propagation measurements to compare with: {reason}"),
+            ));
+            return;
+        };
+        if rec.low_confidence && self.opts.low_confidence != LowConfidence::Ignore {
+            let mut f = self.finding(
+                self.low_confidence_severity(),
+                Problem::LowConfidence,
+                self.w.line,
+                format!(
+                    "the recommendation of {}s is low confidence ({} samples, {} needed)",
+                    rec.pre_stop_seconds.unwrap_or_default(),
+                    rec.samples,
+                    rec.samples_needed
+                ),
+            );
+            f.why = Some(rec.why());
+            out.push(f);
+        }
+        if let Some(advice) = &rec.keep_alive.finding {
+            let mut f = self.finding(
+                Severity::Warning,
+                Problem::KeepAlive,
+                self.w.line,
+                format!(
+                    "{} keep-alive connections were aborted at shutdown: {advice}",
+                    rec.keep_alive.aborted_connections
+                ),
+            );
+            f.why = Some(rec.why());
+            out.push(f);
+        }
+    }
+
+    fn container_findings(
+        &self,
+        name: &str,
+        hook: &Hook,
+        out: &mut Vec<Finding>,
+        change: &mut Change,
+    ) {
+        let line = self.container_line(name);
+        let Some(delay) = hook.seconds() else {
+            let severity = if self.opts.fail_on_unknown {
+                Severity::Error
+            } else {
+                Severity::Warning
+            };
+            let mut f = self.finding(
+                severity,
+                Problem::UnknownPreStop,
+                line,
+                format!(
+                    "cannot tell how long the preStop hook delays SIGTERM: {}",
+                    hook.describe()
+                ),
+            );
+            f.container = Some(name.to_string());
+            f.has = Some(hook.describe());
+            out.push(f);
+            return;
+        };
+        let grace = self.w.grace_seconds();
+        let drain = self.opts.drain_seconds;
+        let mut needed_delay = delay;
+        if let Some(rec) = self.rec
+            && let Some(recommended) = rec.pre_stop_seconds
+            && delay < recommended as f64
+        {
+            let severity = if rec.low_confidence && self.opts.low_confidence == LowConfidence::Warn
+            {
+                Severity::Warning
+            } else {
+                Severity::Error
+            };
+            let mut f = self.finding(
+                severity,
+                Problem::PreStopBelowRecommendation,
+                line,
+                format!(
+                    "{} is shorter than the measured endpoint propagation: {recommended}s recommended",
+                    hook.describe()
+                ),
+            );
+            f.container = Some(name.to_string());
+            f.has = Some(hook.describe());
+            f.recommended = Some(format!("preStop sleep {recommended}s"));
+            f.why = Some(rec.why());
+            if severity == Severity::Error {
+                needed_delay = recommended as f64;
+                change.pre_stop.push((name.to_string(), recommended));
+            }
+            out.push(f);
+        }
+        let needed_grace = (needed_delay + drain).ceil() as i64;
+        if (grace as f64) < delay + drain {
+            let mut f = self.finding(
+                Severity::Error,
+                Problem::GracePeriodTooShort,
+                self.grace_line(),
+                format!(
+                    "terminationGracePeriodSeconds {grace} cannot hold the {}s preStop plus {}s drain; \
+                     the app is killed mid-drain",
+                    fmt_secs(delay),
+                    fmt_secs(drain)
+                ),
+            );
+            f.container = Some(name.to_string());
+            f.has = Some(format!("terminationGracePeriodSeconds: {grace}"));
+            f.recommended = Some(format!("terminationGracePeriodSeconds: {needed_grace}"));
+            out.push(f);
+        }
+        if (grace as f64) < needed_delay + drain {
+            change.grace_seconds = Some(change.grace_seconds.unwrap_or(0).max(needed_grace));
+        }
+    }
+}

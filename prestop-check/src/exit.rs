@@ -1,0 +1,34 @@
+//! Exit codes; each condition a pipeline may want to treat differently has
+//! its own. Documented in docs/ci-check.md and `--help`.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Exit {
+    Ok = 0,
+    /// A preStop delay below the recommendation, or a grace period too short.
+    Findings = 1,
+    /// Bad flags or arguments (clap's own code).
+    Usage = 2,
+    /// A manifest could not be read, parsed or deserialised.
+    Unparsable = 3,
+    /// The aggregator could not be reached or answered an error.
+    AggregatorUnreachable = 4,
+    /// Only low-confidence (or no) recommendations, with
+    /// `--low-confidence fail`.
+    LowConfidence = 5,
+}
+
+impl Exit {
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+pub const HELP: &str = "Exit codes:
+  0  no findings (warnings may have been printed)
+  1  findings: a preStop delay below the recommendation, or a grace period
+     that cannot hold preStop plus --drain-seconds
+  2  usage error
+  3  a manifest could not be read or parsed (file and line are printed)
+  4  the aggregator was unreachable or answered an error (--offline-ok: warn, 0)
+  5  a recommendation was low confidence or had no samples, with
+     --low-confidence fail";

@@ -1,0 +1,304 @@
+//! `--fix` and the ready patches: surgical edits of the manifest text at the
+//! located nodes, so comments, key order, quoting and layout survive.
+
+use crate::check::{Change, HookStyle};
+use crate::hook::Hook;
+use crate::workload::Workload;
+use crate::yaml::Node;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edit {
+    pub start: usize,
+    pub end: usize,
+    pub text: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FixError {
+    #[error("{object} container {container}: {reason}; apply the patch by hand")]
+    Container {
+        object: String,
+        container: String,
+        reason: String,
+    },
+    #[error("{object}: {reason}; apply the patch by hand")]
+    Workload { object: String, reason: String },
+}
+
+/// A strategic-merge patch in YAML, for `kubectl patch` or a Kustomize
+/// patch file; containers merge by name.
+pub fn patch_text(w: &Workload, change: &Change, style: HookStyle) -> String {
+    let mut out = String::new();
+    let mut indent = 0;
+    for key in w.pod_spec_path {
+        out += &format!("{:indent$}{key}:\n", "");
+        indent += 2;
+    }
+    if let Some(grace) = change.grace_seconds {
+        out += &format!("{:indent$}terminationGracePeriodSeconds: {grace}\n", "");
+    }
+    if !change.pre_stop.is_empty() {
+        out += &format!("{:indent$}containers:\n", "");
+        for (name, seconds) in &change.pre_stop {
+            out += &format!("{:indent$}- name: {name}\n", "");
+            out += &lifecycle_block(indent + 2, *seconds, style);
+        }
+    }
+    out
+}
+
+fn lifecycle_block(indent: usize, seconds: i64, style: HookStyle) -> String {
+    format!(
+        "{:indent$}lifecycle:\n{}",
+        "",
+        pre_stop_block(indent + 2, seconds, style)
+    )
+}
+
+fn pre_stop_block(indent: usize, seconds: i64, style: HookStyle) -> String {
+    let i = indent;
+    match style {
+        HookStyle::Sleep => format!(
+            "{:i$}preStop:\n{:i$}  sleep:\n{:i$}    seconds: {seconds}\n",
+            "", "", ""
+        ),
+        HookStyle::Exec => format!(
+            "{:i$}preStop:\n{:i$}  exec:\n{:i$}    command: [\"sleep\", \"{seconds}\"]\n",
+            "", "", ""
+        ),
+    }
+}
+
+/// The edits for one workload's change against its file's `text`.
+pub fn edits(
+    text: &str,
+    w: &Workload,
+    change: &Change,
+    style: HookStyle,
+) -> Result<Vec<Edit>, FixError> {
+    let mut out = Vec::new();
+    for (name, seconds) in &change.pre_stop {
+        let fail = |reason: &str| FixError::Container {
+            object: w.object(),
+            container: name.clone(),
+            reason: reason.to_string(),
+        };
+        let node = w
+            .container_node(name)
+            .ok_or_else(|| fail("container not found"))?;
+        let typed = w
+            .pod_spec
+            .containers
+            .iter()
+            .find(|c| &c.name == name)
+            .ok_or_else(|| fail("container not found"))?;
+        out.push(
+            container_edit(text, node, &Hook::of(typed), *seconds, style).map_err(|r| fail(&r))?,
+        );
+    }
+    if let Some(grace) = change.grace_seconds {
+        let fail = |reason: &str| FixError::Workload {
+            object: w.object(),
+            reason: reason.to_string(),
+        };
+        let spec = w.pod_spec_node().ok_or_else(|| fail("no pod spec"))?;
+        if spec.is_flow(text) {
+            return Err(fail("the pod spec is written in flow style"));
+        }
+        if let Some(value) = spec.get("terminationGracePeriodSeconds") {
+            out.push(replace_scalar(text, value, &grace.to_string()));
+        } else {
+            let (key, _) = spec
+                .entry("containers")
+                .ok_or_else(|| fail("no containers"))?;
+            out.push(insert_line_before(
+                key,
+                format!(
+                    "{:i$}terminationGracePeriodSeconds: {grace}\n",
+                    "",
+                    i = key.span.col
+                ),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn container_edit(
+    text: &str,
+    node: &Node,
+    hook: &Hook,
+    seconds: i64,
+    style: HookStyle,
+) -> Result<Edit, String> {
+    if node.is_flow(text) {
+        return Err("the container is written in flow style".into());
+    }
+    let pre_stop = node.path(&["lifecycle", "preStop"]);
+    match hook {
+        Hook::NativeSleep(_) => {
+            let value = pre_stop
+                .and_then(|p| p.path(&["sleep", "seconds"]))
+                .ok_or("sleep.seconds not found")?;
+            Ok(replace_scalar(text, value, &seconds.to_string()))
+        }
+        Hook::ExecSleep { editable: true, .. } => {
+            let command = pre_stop
+                .and_then(|p| p.path(&["exec", "command"]))
+                .ok_or("exec.command not found")?;
+            exec_edit(text, command, seconds)
+        }
+        Hook::ExecSleep { .. } => Err("the exec hook sleeps more than once".into()),
+        Hook::Unknown(why) => Err(why.clone()),
+        Hook::None => {
+            if let Some(lifecycle) = node.get("lifecycle") {
+                let (first, _) = lifecycle
+                    .entries()
+                    .first()
+                    .filter(|_| !lifecycle.is_flow(text))
+                    .ok_or("lifecycle is empty or in flow style")?;
+                return Ok(insert_line_before(
+                    first,
+                    pre_stop_block(first.span.col, seconds, style),
+                ));
+            }
+            let (key, value) = node.entry("name").ok_or("container without a name")?;
+            Ok(insert_after_line_of(
+                text,
+                value,
+                lifecycle_block(key.span.col, seconds, style),
+            ))
+        }
+    }
+}
+
+/// Rewrites the one literal sleep duration inside the command, whichever
+/// form it has (argument list or shell script).
+fn exec_edit(text: &str, command: &Node, seconds: i64) -> Result<Edit, String> {
+    let items = command.items();
+    let sleep_at = items.iter().position(|i| {
+        i.as_str()
+            .is_some_and(|s| s.rsplit('/').next() == Some("sleep"))
+    });
+    if let Some(at) = sleep_at {
+        let [arg] = &items[at + 1..] else {
+            return Err("sleep has several arguments".into());
+        };
+        return Ok(replace_scalar(text, arg, &seconds.to_string()));
+    }
+    let script = items.last().ok_or("empty command")?;
+    let source = &text[script.span.start..script.span.end];
+    let (start, end) = sleep_argument(source).ok_or("cannot locate the sleep argument")?;
+    Ok(Edit {
+        start: script.span.start + start,
+        end: script.span.start + end,
+        text: seconds.to_string(),
+    })
+}
+
+/// Byte range of the duration after the only `sleep` word in a script.
+fn sleep_argument(source: &str) -> Option<(usize, usize)> {
+    let mut found = source.match_indices("sleep").filter(|(i, _)| {
+        let before = source[..*i].chars().next_back();
+        before.is_none_or(|c| c.is_whitespace() || matches!(c, '/' | ';' | '&' | '"' | '\''))
+    });
+    let (at, _) = found.next()?;
+    if found.next().is_some() {
+        return None;
+    }
+    let rest = &source[at + "sleep".len()..];
+    let skip = rest.len() - rest.trim_start_matches([' ', '\t', '"', '\'']).len();
+    let arg = &rest[skip..];
+    let len = arg
+        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | 's' | 'm' | 'h' | 'd')))
+        .unwrap_or(arg.len());
+    (len > 0).then(|| {
+        let start = at + "sleep".len() + skip;
+        (start, start + len)
+    })
+}
+
+/// Keeps the scalar's quoting style.
+fn replace_scalar(text: &str, node: &Node, value: &str) -> Edit {
+    let source = &text[node.span.start..node.span.end];
+    let replacement = match source.chars().next() {
+        Some(q @ ('"' | '\'')) => format!("{q}{value}{q}"),
+        _ => value.to_string(),
+    };
+    Edit {
+        start: node.span.start,
+        end: node.span.end,
+        text: replacement,
+    }
+}
+
+/// Block-style keys are preceded on their line by spaces only.
+fn insert_line_before(key: &Node, text: String) -> Edit {
+    let start = key.span.start - key.span.col;
+    Edit {
+        start,
+        end: start,
+        text,
+    }
+}
+
+fn insert_after_line_of(text: &str, node: &Node, insert: String) -> Edit {
+    let start = text[node.span.end..]
+        .find('\n')
+        .map_or(text.len(), |i| node.span.end + i + 1);
+    let insert = if start == text.len() && !text.ends_with('\n') {
+        format!("\n{insert}")
+    } else {
+        insert
+    };
+    Edit {
+        start,
+        end: start,
+        text: insert,
+    }
+}
+
+/// Applies non-overlapping edits, last first so earlier offsets hold.
+pub fn apply(text: &str, mut edits: Vec<Edit>) -> String {
+    edits.sort_by_key(|e| std::cmp::Reverse(e.start));
+    let mut out = text.to_string();
+    for e in edits {
+        out.replace_range(e.start..e.end, &e.text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_single_sleep_argument_in_scripts() {
+        let s = "\"sleep 5 && nginx -s quit\"";
+        assert_eq!(sleep_argument(s).map(|(a, b)| &s[a..b]), Some("5"));
+        let s = "|\n  echo bye; /bin/sleep '12s'\n";
+        assert_eq!(sleep_argument(s).map(|(a, b)| &s[a..b]), Some("12s"));
+        assert_eq!(sleep_argument("sleep 1; sleep 2"), None);
+    }
+
+    #[test]
+    fn edits_apply_back_to_front() {
+        let text = "a: 1\nb: 2\n";
+        let out = apply(
+            text,
+            vec![
+                Edit {
+                    start: 3,
+                    end: 4,
+                    text: "10".into(),
+                },
+                Edit {
+                    start: 8,
+                    end: 9,
+                    text: "20".into(),
+                },
+            ],
+        );
+        assert_eq!(out, "a: 10\nb: 20\n");
+    }
+}

@@ -1,0 +1,230 @@
+//! What a container's preStop hook does before kubelet sends SIGTERM.
+//!
+//! Only delays that can be read with certainty count; anything else is
+//! `Unknown` (never zero), because a hook we misread as zero would produce a
+//! false alarm and one we misread as long would hide a real problem.
+
+use k8s_openapi::api::core::v1::Container;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Hook {
+    /// No preStop hook: SIGTERM comes at once.
+    None,
+    /// `lifecycle.preStop.sleep.seconds`.
+    NativeSleep(i64),
+    /// An exec hook that sleeps; `editable` when a single literal sleep
+    /// argument can be rewritten by `--fix`.
+    ExecSleep {
+        seconds: f64,
+        editable: bool,
+    },
+    Unknown(String),
+}
+
+impl Hook {
+    pub fn of(container: &Container) -> Hook {
+        let Some(handler) = container
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+        else {
+            return Hook::None;
+        };
+        if let Some(sleep) = &handler.sleep {
+            return Hook::NativeSleep(sleep.seconds);
+        }
+        if let Some(exec) = &handler.exec {
+            let command = exec.command.as_deref().unwrap_or_default();
+            return match exec_delay(command) {
+                Ok((seconds, sleeps)) => Hook::ExecSleep {
+                    seconds,
+                    editable: sleeps == 1,
+                },
+                Err(why) => Hook::Unknown(why),
+            };
+        }
+        if handler.http_get.is_some() {
+            return Hook::Unknown("httpGet hook: its duration is whatever the handler does".into());
+        }
+        Hook::Unknown("preStop handler of an unsupported type".into())
+    }
+
+    /// Seconds before SIGTERM, when known.
+    pub fn seconds(&self) -> Option<f64> {
+        match self {
+            Hook::None => Some(0.0),
+            Hook::NativeSleep(s) => Some(*s as f64),
+            Hook::ExecSleep { seconds, .. } => Some(*seconds),
+            Hook::Unknown(_) => None,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Hook::None => "no preStop hook".into(),
+            Hook::NativeSleep(s) => format!("preStop sleep {s}s"),
+            Hook::ExecSleep { seconds, .. } => {
+                format!("preStop exec sleep {}s", fmt_secs(*seconds))
+            }
+            Hook::Unknown(why) => format!("preStop of unknown duration ({why})"),
+        }
+    }
+}
+
+pub fn fmt_secs(s: f64) -> String {
+    if s.fract() == 0.0 {
+        format!("{s:.0}")
+    } else {
+        format!("{s}")
+    }
+}
+
+const SHELLS: &[&str] = &["sh", "bash", "ash", "dash", "ksh", "zsh"];
+/// Commands that cannot stop the app, so they may run before the sleep.
+const HARMLESS: &[&str] = &["echo", "printf", "true", ":", "date", "logger"];
+
+fn basename(s: &str) -> &str {
+    s.rsplit('/').next().unwrap_or(s)
+}
+
+/// Total sleep seconds and number of sleep commands.
+fn exec_delay(command: &[String]) -> Result<(f64, usize), String> {
+    let Some(program) = command.first() else {
+        return Err("exec hook without a command".into());
+    };
+    let name = basename(program);
+    if name == "sleep" {
+        return sleep_args(command[1..].iter().map(String::as_str)).map(|s| (s, 1));
+    }
+    if name == "busybox" {
+        return exec_delay(&command[1..]);
+    }
+    if SHELLS.contains(&name) {
+        let mut args = command[1..].iter();
+        for arg in args.by_ref() {
+            if !arg.starts_with('-') {
+                return Err(format!("{name} runs a script file `{arg}`"));
+            }
+            if arg.len() > 1 && !arg.starts_with("--") && arg.contains('c') {
+                let script = args
+                    .next()
+                    .ok_or_else(|| format!("{name} -c without a script"))?;
+                return script_delay(script);
+            }
+        }
+        return Err(format!("{name} without -c"));
+    }
+    Err(format!("exec hook runs `{program}`, not a sleep"))
+}
+
+fn script_delay(script: &str) -> Result<(f64, usize), String> {
+    let control = ["||", "|", "&", "`", "$(", "(", ")", "{", "}"];
+    let flattened = script.replace("&&", "\n");
+    if let Some(c) = control.iter().find(|c| flattened.contains(*c)) {
+        return Err(format!("shell script uses `{c}`"));
+    }
+    let mut total = 0.0;
+    let mut sleeps = 0;
+    for command in flattened.split(['\n', ';']) {
+        let command = command.split('#').next().unwrap_or_default();
+        let mut words = command.split_whitespace().peekable();
+        if words.peek() == Some(&"exec") {
+            words.next();
+        }
+        let Some(first) = words.next() else { continue };
+        let keyword = ["if", "then", "while", "for", "until", "do", "case", "trap"];
+        if keyword.contains(&first) {
+            return Err(format!("shell script uses `{first}`"));
+        }
+        if basename(first) == "sleep" {
+            total += sleep_args(words.map(|w| w.trim_matches(['"', '\''])))?;
+            sleeps += 1;
+        } else if sleeps == 0 && !HARMLESS.contains(&first) {
+            return Err(format!(
+                "`{first}` runs before the sleep and may stop the app early"
+            ));
+        }
+    }
+    if sleeps == 0 {
+        return Err("shell script without a sleep".into());
+    }
+    Ok((total, sleeps))
+}
+
+/// GNU and busybox `sleep` add up several arguments, each with an optional
+/// s/m/h/d suffix.
+fn sleep_args<'a>(args: impl Iterator<Item = &'a str>) -> Result<f64, String> {
+    let mut total = 0.0;
+    let mut any = false;
+    for arg in args {
+        let (number, unit) = match arg.char_indices().last() {
+            Some((i, 's')) => (&arg[..i], 1.0),
+            Some((i, 'm')) => (&arg[..i], 60.0),
+            Some((i, 'h')) => (&arg[..i], 3600.0),
+            Some((i, 'd')) => (&arg[..i], 86400.0),
+            _ => (arg, 1.0),
+        };
+        let value: f64 = number
+            .parse()
+            .ok()
+            .filter(|v: &f64| v.is_finite() && *v >= 0.0)
+            .ok_or_else(|| format!("sleep argument `{arg}` is not a literal duration"))?;
+        total += value * unit;
+        any = true;
+    }
+    if !any {
+        return Err("sleep without an argument".into());
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exec(cmd: &[&str]) -> Result<(f64, usize), String> {
+        exec_delay(&cmd.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn recognises_common_sleep_forms() {
+        assert_eq!(exec(&["sleep", "5"]), Ok((5.0, 1)));
+        assert_eq!(exec(&["/bin/sleep", "5s"]), Ok((5.0, 1)));
+        assert_eq!(exec(&["/usr/bin/sleep", "1m"]), Ok((60.0, 1)));
+        assert_eq!(exec(&["sleep", "1", "2.5"]), Ok((3.5, 1)));
+        assert_eq!(exec(&["busybox", "sleep", "3"]), Ok((3.0, 1)));
+        assert_eq!(exec(&["sh", "-c", "sleep 5"]), Ok((5.0, 1)));
+        assert_eq!(
+            exec(&["/bin/bash", "-ec", "sleep 7 && nginx -s quit"]),
+            Ok((7.0, 1))
+        );
+        assert_eq!(
+            exec(&["sh", "-c", "echo draining; sleep '4'\nkill 1"]),
+            Ok((4.0, 1))
+        );
+        assert_eq!(exec(&["sh", "-c", "sleep 2; sleep 3"]), Ok((5.0, 2)));
+        assert_eq!(
+            exec(&["sh", "-c", "exec sleep 9 # wait for kube-proxy"]),
+            Ok((9.0, 1))
+        );
+    }
+
+    #[test]
+    fn anything_else_is_unknown_not_zero() {
+        for cmd in [
+            &["sleep", "$(DELAY)"][..],
+            &["sleep", "infinity"],
+            &["sleep"],
+            &["nginx", "-s", "quit"],
+            &["sh", "/drain.sh"],
+            &["sh", "-c", "nginx -s quit; sleep 5"],
+            &["sh", "-c", "sleep 5 || true"],
+            &["sh", "-c", "while true; do sleep 1; done"],
+            &["sh", "-c", "sleep $DELAY"],
+            &["sh", "-c", "echo hi"],
+            &[],
+        ] {
+            assert!(exec(cmd).is_err(), "{cmd:?} should be unknown");
+        }
+    }
+}

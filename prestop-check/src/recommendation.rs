@@ -1,0 +1,335 @@
+//! The aggregator's recommendation API (docs/api.md) and the fallback from
+//! a Service's own measurements to broader scopes.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Scope {
+    pub cluster: String,
+    pub namespace: Option<String>,
+    pub service: Option<String>,
+}
+
+impl Scope {
+    pub fn describe(&self) -> String {
+        match (&self.namespace, &self.service) {
+            (Some(ns), Some(svc)) => format!("service {ns}/{svc}"),
+            (Some(ns), None) => format!("namespace {ns}"),
+            _ => "the whole cluster".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct KeepAlive {
+    pub aborted_connections: u64,
+    pub finding: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Recommendation {
+    pub scope: Scope,
+    /// `None` when there are no samples at all.
+    pub pre_stop_seconds: Option<i64>,
+    pub quantile: f64,
+    pub confidence: f64,
+    pub margin_seconds: f64,
+    pub samples: u64,
+    pub samples_needed: u64,
+    pub window_seconds: u64,
+    pub observed_p50_seconds: Option<f64>,
+    pub observed_p99_seconds: Option<f64>,
+    pub observed_max_seconds: Option<f64>,
+    pub low_confidence: bool,
+    pub reason: String,
+    pub keep_alive: KeepAlive,
+}
+
+impl Recommendation {
+    /// One line a reviewer can check: where the number comes from.
+    pub fn why(&self) -> String {
+        let mut s = format!(
+            "p{} at {}% confidence over {} deletions of {}",
+            self.quantile * 100.0,
+            self.confidence * 100.0,
+            self.samples,
+            self.scope.describe()
+        );
+        if self.window_seconds > 0 {
+            s += &format!(" in the last {}", fmt_window(self.window_seconds));
+        }
+        if let (Some(p50), Some(p99), Some(max)) = (
+            self.observed_p50_seconds,
+            self.observed_p99_seconds,
+            self.observed_max_seconds,
+        ) {
+            s += &format!(" (observed p50 {p50:.2}s, p99 {p99:.2}s, max {max:.2}s)");
+        }
+        if self.margin_seconds > 0.0 {
+            s += &format!(", margin {}s", self.margin_seconds);
+        }
+        if self.low_confidence {
+            s += &format!(
+                "; LOW CONFIDENCE: {} more samples needed",
+                self.samples_needed.saturating_sub(self.samples)
+            );
+        }
+        s
+    }
+}
+
+fn fmt_window(seconds: u64) -> String {
+    match seconds {
+        s if s % 86400 == 0 => format!("{}d", s / 86400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s => format!("{s}s"),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("aggregator unreachable at {url}: {message}")]
+    Unreachable { url: String, message: String },
+    #[error("aggregator at {url} answered {status}: {body}")]
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("aggregator at {url} sent an unreadable answer: {message}")]
+    Body { url: String, message: String },
+}
+
+/// Asks one scope; `Ok(None)` when the aggregator knows nothing of it.
+pub trait Source {
+    fn query(
+        &self,
+        namespace: Option<&str>,
+        service: Option<&str>,
+    ) -> Result<Option<Recommendation>, QueryError>;
+}
+
+pub struct HttpSource {
+    base: String,
+    quantile: Option<f64>,
+    confidence: Option<f64>,
+    agent: ureq::Agent,
+}
+
+impl HttpSource {
+    pub fn new(
+        base: &str,
+        quantile: Option<f64>,
+        confidence: Option<f64>,
+        timeout: Duration,
+    ) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            quantile,
+            confidence,
+            agent,
+        }
+    }
+}
+
+impl Source for HttpSource {
+    fn query(
+        &self,
+        namespace: Option<&str>,
+        service: Option<&str>,
+    ) -> Result<Option<Recommendation>, QueryError> {
+        let url = format!("{}/v1/recommendations", self.base);
+        let mut request = self.agent.get(&url);
+        let params = [
+            ("namespace", namespace.map(str::to_string)),
+            ("service", service.map(str::to_string)),
+            ("quantile", self.quantile.map(|q| q.to_string())),
+            ("confidence", self.confidence.map(|c| c.to_string())),
+        ];
+        for (k, v) in params {
+            if let Some(v) = v {
+                request = request.query(k, v);
+            }
+        }
+        let mut response = request.call().map_err(|e| QueryError::Unreachable {
+            url: url.clone(),
+            message: e.to_string(),
+        })?;
+        let status = response.status().as_u16();
+        let body = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| QueryError::Body {
+                url: url.clone(),
+                message: e.to_string(),
+            })?;
+        match status {
+            200 => serde_json::from_str(&body)
+                .map(Some)
+                .map_err(|e| QueryError::Body {
+                    url,
+                    message: e.to_string(),
+                }),
+            404 => Ok(None),
+            _ => Err(QueryError::Status { url, status, body }),
+        }
+    }
+}
+
+/// Per-service lookups with caching, falling back from the Service to its
+/// namespace to the cluster: propagation latency is mostly a property of
+/// the nodes, so a broader measured scope is a sound stand-in for a Service
+/// with few deletions of its own.
+pub struct Resolver<'s> {
+    source: &'s dyn Source,
+    cache: HashMap<(Option<String>, Option<String>), Option<Recommendation>>,
+}
+
+impl<'s> Resolver<'s> {
+    pub fn new(source: &'s dyn Source) -> Self {
+        Self {
+            source,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// The first confident recommendation among the scopes, else the first
+    /// one with a number (low confidence), else the narrowest answer (no
+    /// samples at all).
+    pub fn resolve(
+        &mut self,
+        namespace: &str,
+        service: &str,
+    ) -> Result<Option<Recommendation>, QueryError> {
+        let scopes = [
+            (Some(namespace), Some(service)),
+            (Some(namespace), None),
+            (None, None),
+        ];
+        let mut answers = Vec::new();
+        for (ns, svc) in scopes {
+            let rec = self.cached(ns, svc)?;
+            if let Some(r) = &rec
+                && r.pre_stop_seconds.is_some()
+                && !r.low_confidence
+            {
+                return Ok(rec);
+            }
+            answers.extend(rec);
+        }
+        let with_number = answers.iter().position(|r| r.pre_stop_seconds.is_some());
+        Ok(match with_number {
+            Some(i) => Some(answers.swap_remove(i)),
+            None => answers.into_iter().next(),
+        })
+    }
+
+    fn cached(
+        &mut self,
+        ns: Option<&str>,
+        svc: Option<&str>,
+    ) -> Result<Option<Recommendation>, QueryError> {
+        let key = (ns.map(str::to_string), svc.map(str::to_string));
+        if let Some(hit) = self.cache.get(&key) {
+            return Ok(hit.clone());
+        }
+        let rec = self.source.query(ns, svc)?;
+        self.cache.insert(key, rec.clone());
+        Ok(rec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed(Vec<Recommendation>);
+
+    impl Source for Fixed {
+        fn query(
+            &self,
+            ns: Option<&str>,
+            svc: Option<&str>,
+        ) -> Result<Option<Recommendation>, QueryError> {
+            Ok(self
+                .0
+                .iter()
+                .find(|r| r.scope.namespace.as_deref() == ns && r.scope.service.as_deref() == svc)
+                .cloned())
+        }
+    }
+
+    fn rec(ns: Option<&str>, svc: Option<&str>, secs: Option<i64>, low: bool) -> Recommendation {
+        Recommendation {
+            scope: Scope {
+                cluster: "c".into(),
+                namespace: ns.map(Into::into),
+                service: svc.map(Into::into),
+            },
+            pre_stop_seconds: secs,
+            low_confidence: low,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn confident_service_scope_wins() {
+        let src = Fixed(vec![
+            rec(Some("a"), Some("s"), Some(4), false),
+            rec(None, None, Some(9), false),
+        ]);
+        let r = Resolver::new(&src).resolve("a", "s").unwrap().unwrap();
+        assert_eq!(r.pre_stop_seconds, Some(4));
+    }
+
+    #[test]
+    fn falls_back_to_confident_cluster_scope() {
+        let src = Fixed(vec![
+            rec(Some("a"), Some("s"), Some(2), true),
+            rec(None, None, Some(6), false),
+        ]);
+        let r = Resolver::new(&src).resolve("a", "s").unwrap().unwrap();
+        assert_eq!(r.scope.namespace, None);
+        assert_eq!(r.pre_stop_seconds, Some(6));
+    }
+
+    #[test]
+    fn low_confidence_number_beats_no_samples() {
+        let src = Fixed(vec![
+            rec(Some("a"), Some("s"), None, true),
+            rec(None, None, Some(3), true),
+        ]);
+        let r = Resolver::new(&src).resolve("a", "s").unwrap().unwrap();
+        assert_eq!((r.pre_stop_seconds, r.low_confidence), (Some(3), true));
+    }
+
+    #[test]
+    fn parses_the_api_document() {
+        let json = r#"{"scope":{"cluster":"prod","namespace":"shop","service":"web"},
+            "preStopSeconds":7,"quantile":0.99,"confidence":0.95,"marginSeconds":1,
+            "samples":412,"samplesNeeded":299,"windowSeconds":604800,
+            "observedP50Seconds":1.2,"observedP99Seconds":5.8,"observedMaxSeconds":6.3,
+            "lowConfidence":false,"reason":"ok",
+            "lifecycle":{"preStop":{"sleep":{"seconds":7}}},
+            "keepAlive":{"abortedConnections":0,"finding":null}}"#;
+        let r: Recommendation = serde_json::from_str(json).unwrap();
+        assert_eq!(r.pre_stop_seconds, Some(7));
+        assert!(
+            r.why()
+                .contains("412 deletions of service shop/web in the last 7d"),
+            "{}",
+            r.why()
+        );
+    }
+}
