@@ -1,3 +1,3 @@
 fn main() -> anyhow::Result<()> {
-    anyhow::bail!("the aggregator is not implemented yet")
+    anyhow::bail!("the aggregator binary is wired up in a later step")
 }

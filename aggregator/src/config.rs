@@ -1,0 +1,43 @@
+//! Recommendation and correlation settings shared by the HTTP API, the
+//! correlator and the binary's flags.
+
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Reported as `scope.cluster`.
+    pub cluster_name: String,
+    /// Default quantile of full-propagation latency to cover.
+    pub quantile: f64,
+    /// Default confidence of the upper bound on that quantile.
+    pub confidence: f64,
+    /// Added to the bound before rounding up.
+    pub margin_seconds: f64,
+    /// Measurements older than this are neither used nor kept.
+    pub retention: Duration,
+    /// A deletion whose nodes have not all reported by then is finished as
+    /// incomplete, listing the missing nodes.
+    pub completion_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            cluster_name: "default".into(),
+            quantile: 0.99,
+            confidence: 0.95,
+            margin_seconds: 1.0,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            completion_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Checks a quantile or confidence parameter: strictly between 0 and 1.
+pub fn check_probability(name: &str, v: f64) -> Result<f64, String> {
+    if v.is_finite() && v > 0.0 && v < 1.0 {
+        Ok(v)
+    } else {
+        Err(format!("{name} must be strictly between 0 and 1, got {v}"))
+    }
+}

@@ -1,0 +1,15 @@
+//! The aggregator: watches Kubernetes for pod deletions, tells the agents
+//! which endpoints to watch, correlates their reports into per-deletion
+//! propagation measurements, stores them and recommends a preStop delay.
+//!
+//! Data flow: [`kube_watch`] -> [`correlate`] <- [`grpc`] (agent reports);
+//! finished deletions -> [`store`] -> [`recommend`] -> [`http`].
+
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod model;
+pub mod openapi;
+pub mod recommend;
+pub mod stats;
+pub mod store;

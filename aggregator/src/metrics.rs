@@ -1,0 +1,180 @@
+//! Prometheus metrics. Names and labels are a contract with the dashboards
+//! and alerts in deploy/; labels stay bounded (node, namespace, service,
+//! mode), never pod names.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeNamespaceMode {
+    pub node: String,
+    pub namespace: String,
+    pub mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeNamespace {
+    pub node: String,
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabel {
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabel {
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceService {
+    pub namespace: String,
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceOutcome {
+    pub namespace: String,
+    pub outcome: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// 5 ms .. ~82 s, doubling: propagation ranges from sub-second (small
+/// clusters) to tens of seconds (large ones, slow proxies).
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 15))
+}
+
+/// 1 ms .. ~16 s: report lag is normally the batching interval.
+fn lag_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub propagation_latency: HistogramFamily<NodeNamespaceMode>,
+    pub control_plane_latency: HistogramFamily<NamespaceLabel>,
+    pub late_connections: Family<NodeNamespace, Counter>,
+    pub refused_connections: Family<NodeNamespace, Counter>,
+    pub keepalive_aborted: Family<NodeNamespace, Counter>,
+    pub agents_connected: Gauge,
+    pub agent_events_lost: Family<NodeLabel, Counter>,
+    pub report_lag: Histogram,
+    pub store_deletions: Gauge,
+    pub recommendation_seconds: Family<NamespaceService, Gauge<f64, AtomicU64>>,
+    pub recommendation_samples: Family<NamespaceService, Gauge>,
+    pub deletions: Family<NamespaceOutcome, Counter>,
+    pub nodes_missing: Family<NodeLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Self {
+            propagation_latency: Family::new_with_constructor(latency_histogram),
+            control_plane_latency: Family::new_with_constructor(latency_histogram),
+            late_connections: Family::default(),
+            refused_connections: Family::default(),
+            keepalive_aborted: Family::default(),
+            agents_connected: Gauge::default(),
+            agent_events_lost: Family::default(),
+            report_lag: lag_histogram(),
+            store_deletions: Gauge::default(),
+            recommendation_seconds: Family::default(),
+            recommendation_samples: Family::default(),
+            deletions: Family::default(),
+            nodes_missing: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "prestop_propagation_latency_seconds",
+            "Per-node endpoint propagation latency of a pod deletion: max(T_rules, T_last) - T0",
+            m.propagation_latency.clone(),
+        );
+        registry.register(
+            "prestop_control_plane_latency_seconds",
+            "From deletion start until the EndpointSlice showed the endpoint terminating",
+            m.control_plane_latency.clone(),
+        );
+        // prometheus-client appends _total to counters.
+        registry.register(
+            "prestop_late_connections",
+            "New connections routed to an endpoint after its deletion started",
+            m.late_connections.clone(),
+        );
+        registry.register(
+            "prestop_refused_connections",
+            "Connections refused or reset because the deleted endpoint no longer listened",
+            m.refused_connections.clone(),
+        );
+        registry.register(
+            "prestop_keepalive_aborted_connections",
+            "Established connections reset by a deleted endpoint at shutdown",
+            m.keepalive_aborted.clone(),
+        );
+        registry.register(
+            "prestop_agents_connected",
+            "Agents with an open endpoint subscription",
+            m.agents_connected.clone(),
+        );
+        registry.register(
+            "prestop_agent_events_lost",
+            "Kernel events agents reported lost (ring buffer full)",
+            m.agent_events_lost.clone(),
+        );
+        registry.register(
+            "prestop_report_lag_seconds",
+            "From an agent sending a report until the aggregator processed it (clock-corrected)",
+            m.report_lag.clone(),
+        );
+        registry.register(
+            "prestop_store_deletions",
+            "Deletions held in the store",
+            m.store_deletions.clone(),
+        );
+        registry.register(
+            "prestop_recommendation_seconds",
+            "Current recommended preStop delay (namespace=\"\", service=\"\" is cluster-wide)",
+            m.recommendation_seconds.clone(),
+        );
+        registry.register(
+            "prestop_recommendation_samples",
+            "Complete deletions behind the current recommendation",
+            m.recommendation_samples.clone(),
+        );
+        registry.register(
+            "prestop_deletions",
+            "Finished deletions by outcome (incomplete: some node never reported)",
+            m.deletions.clone(),
+        );
+        registry.register(
+            "prestop_nodes_missing",
+            "Times a node had not reported when a deletion timed out",
+            m.nodes_missing.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("encoding metrics into a String");
+        out
+    }
+}
