@@ -4,7 +4,7 @@
 //! ground truth the observer's measurements are compared with.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::Ipv4Addr,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -114,30 +114,37 @@ fn desired(services: &Services) -> Vec<(ServicePort, Vec<Backend>)> {
         .collect()
 }
 
+/// An endpoint's identity: its Service and pod.
+type Key = (ServicePort, String);
+
+fn by_key(services: &Services) -> HashMap<Key, Endpoint> {
+    services
+        .iter()
+        .flat_map(|(svc, eps)| {
+            eps.iter()
+                .map(move |e| ((svc.clone(), e.pod.clone()), e.clone()))
+        })
+        .collect()
+}
+
 impl Proxy {
     /// Programs the current state at once (a node's initial sync), then
-    /// follows `services`, each change applied after its own drawn delay.
+    /// follows `services`: every endpoint change reaches this node's rules
+    /// after its own drawn delay.
     pub async fn start(
         config: ProxyConfig,
         mut services: watch::Receiver<Services>,
     ) -> Result<Self, KubeProxyError> {
-        let mut rules = Rules::new(Some(config.netns.clone()), config.mode);
         let initial = services.borrow_and_update().clone();
-        let (rules_back, result) = tokio::task::spawn_blocking(move || {
-            let r = rules.sync(&desired(&initial));
-            (rules, r)
-        })
-        .await
-        .expect("sync thread panicked");
-        rules = rules_back;
+        let rules = Rules::new(Some(config.netns.clone()), config.mode);
+        let (rules, result) = sync(rules, &initial).await;
         result?;
-        let programmed = selected(&services.borrow());
         let changes = Arc::new(Mutex::new(Vec::new()));
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(follow(
             config,
             rules,
-            programmed,
+            initial,
             services,
             stop_rx,
             changes.clone(),
@@ -162,23 +169,82 @@ impl Proxy {
     }
 }
 
-/// A change waiting for its injected delay.
+async fn sync(mut rules: Rules, view: &Services) -> (Rules, Result<Applied, KubeProxyError>) {
+    let desired = desired(view);
+    tokio::task::spawn_blocking(move || {
+        let result = rules.sync(&desired);
+        (rules, result)
+    })
+    .await
+    .expect("sync thread panicked")
+}
+
+/// One endpoint change waiting for its injected delay.
 struct Pending {
     due: Instant,
     seen_unix_nano: u64,
     delay: Duration,
+    key: Key,
+    /// The endpoint's address (before or after the change).
+    ip: Ipv4Addr,
+    /// None: the endpoint left the slice.
+    endpoint: Option<Endpoint>,
+}
+
+/// The endpoints as this node's proxy knows them: the published state with
+/// every change held back until its delay ran out.
+struct View {
+    /// Services in published order (a Service with no endpoint still gets
+    /// its rules), with the endpoints applied so far.
+    services: Services,
+}
+
+impl View {
+    fn apply(&mut self, change: &Pending) {
+        let Some((_, eps)) = self
+            .services
+            .iter_mut()
+            .find(|(svc, _)| *svc == change.key.0)
+        else {
+            return;
+        };
+        eps.retain(|e| e.pod != change.key.1);
+        if let Some(endpoint) = &change.endpoint {
+            eps.push(endpoint.clone());
+        }
+    }
+
+    /// Takes the Service list of `published`, keeping known endpoints.
+    fn adopt_services(&mut self, published: &Services) {
+        let mut services: Services = published
+            .iter()
+            .map(|(svc, _)| (svc.clone(), Vec::new()))
+            .collect();
+        for (svc, eps) in &mut services {
+            if let Some((_, known)) = self.services.iter().find(|(s, _)| s == svc) {
+                eps.clone_from(known);
+            }
+        }
+        self.services = services;
+    }
 }
 
 async fn follow(
     config: ProxyConfig,
     mut rules: Rules,
-    mut programmed: Selected,
+    initial: Services,
     mut services: watch::Receiver<Services>,
     mut stop: watch::Receiver<bool>,
     changes: Arc<Mutex<Vec<RuleChange>>>,
 ) -> Result<(), KubeProxyError> {
     let mut rng = Rng::new(config.seed);
+    let mut seen = by_key(&initial);
+    let mut programmed = selected(&initial);
+    let mut view = View { services: initial };
     let mut pending: Vec<Pending> = Vec::new();
+    // Changes to one endpoint apply in order even when a later one drew a
+    // shorter delay.
+    let mut last_due: HashMap<Key, Instant> = HashMap::new();
     loop {
         let next_due = pending.iter().map(|p| p.due).min();
         tokio::select! {
@@ -186,30 +252,38 @@ async fn follow(
                 if changed.is_err() {
                     break;
                 }
-                let delay = config.delay.sample(&mut rng);
-                pending.push(Pending { due: Instant::now() + delay, seen_unix_nano: unix_nanos(), delay });
+                let published = services.borrow_and_update().clone();
+                view.adopt_services(&published);
+                let now_published = by_key(&published);
+                let keys: HashSet<&Key> = seen.keys().chain(now_published.keys()).collect();
+                let (now, seen_unix_nano) = (Instant::now(), unix_nanos());
+                for key in keys {
+                    let (before, endpoint) = (seen.get(key), now_published.get(key));
+                    let Some(ip) = endpoint.or(before).map(|e| e.ip).filter(|_| before != endpoint) else {
+                        continue;
+                    };
+                    let delay = config.delay.sample(&mut rng);
+                    let due = last_due.get(key).map_or(now + delay, |d| (*d).max(now + delay));
+                    last_due.insert(key.clone(), due);
+                    pending.push(Pending { due, seen_unix_nano, delay, key: key.clone(), ip, endpoint: endpoint.cloned() });
+                }
+                seen = now_published;
             }
             _ = async { tokio::time::sleep_until(next_due.expect("guarded")).await }, if next_due.is_some() => {
                 let now = Instant::now();
-                // Like kube-proxy, a sync always writes the latest state; the
-                // change whose delay just ran out is credited with what moved.
-                let (due, waiting): (Vec<Pending>, Vec<Pending>) = pending.into_iter().partition(|p| p.due <= now);
+                let (mut due, waiting): (Vec<Pending>, Vec<Pending>) = pending.into_iter().partition(|p| p.due <= now);
                 pending = waiting;
-                let cause = due.into_iter().min_by_key(|p| p.seen_unix_nano).expect("one is due");
-                let state = services.borrow().clone();
-                let next = selected(&state);
+                due.sort_by_key(|p| p.due);
+                for change in &due {
+                    view.apply(change);
+                }
+                let next = selected(&view.services);
                 if next == programmed {
                     continue;
                 }
-                let (rules_back, result) = tokio::task::spawn_blocking(move || {
-                    let r = rules.sync(&desired(&state));
-                    (rules, r)
-                })
-                .await
-                .expect("sync thread panicked");
+                let (rules_back, result) = sync(rules, &view.services).await;
                 rules = rules_back;
-                let applied = result?;
-                record(&config, &programmed, &next, &cause, applied, &changes);
+                record(&config, &programmed, &next, &due, result?, &changes);
                 programmed = next;
             }
             // A stop (the only value ever sent) or the handle dropped.
@@ -225,20 +299,28 @@ fn record(
     config: &ProxyConfig,
     before: &Selected,
     after: &Selected,
-    cause: &Pending,
+    causes: &[Pending],
     applied: Applied,
     changes: &Mutex<Vec<RuleChange>>,
 ) {
-    let change = |(_, b): &(ServicePort, Backend), removed| RuleChange {
-        node: config.node.clone(),
-        mode: config.mode.to_string(),
-        ip: b.ip,
-        port: b.port,
-        removed,
-        seen_unix_nano: cause.seen_unix_nano,
-        injected_delay_ms: cause.delay.as_secs_f64() * 1000.0,
-        applied_started_unix_nano: applied.started_unix_nano,
-        applied_finished_unix_nano: applied.finished_unix_nano,
+    let change = |(svc, b): &(ServicePort, Backend), removed| {
+        // The change to this backend's endpoint that was just applied.
+        let cause = causes
+            .iter()
+            .rev()
+            .find(|p| p.key.0 == *svc && p.ip == b.ip)
+            .unwrap_or(&causes[0]);
+        RuleChange {
+            node: config.node.clone(),
+            mode: config.mode.to_string(),
+            ip: b.ip,
+            port: b.port,
+            removed,
+            seen_unix_nano: cause.seen_unix_nano,
+            injected_delay_ms: cause.delay.as_secs_f64() * 1000.0,
+            applied_started_unix_nano: applied.started_unix_nano,
+            applied_finished_unix_nano: applied.finished_unix_nano,
+        }
     };
     let mut changes = changes.lock().expect("changes lock");
     changes.extend(before.difference(after).map(|s| change(s, true)));

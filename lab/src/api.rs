@@ -1,0 +1,114 @@
+//! The lab's control plane state: the Service's pods and EndpointSlice
+//! endpoints, changed the way the Kubernetes API and the EndpointSlice
+//! controller change them, and published to every node's proxy.
+
+use std::{
+    net::Ipv4Addr,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use tokio::sync::watch;
+
+use crate::{
+    kubeproxy::ServicePort,
+    proxy::{Endpoint, Services},
+};
+
+pub const NAMESPACE: &str = "default";
+pub const SERVICE: &str = "web";
+pub const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub const SERVICE_PORT: u16 = 80;
+pub const POD_PORT: u16 = 8080;
+
+pub fn service_port() -> ServicePort {
+    ServicePort {
+        namespace: NAMESPACE.into(),
+        name: SERVICE.into(),
+        port_name: "http".into(),
+        cluster_ip: SERVICE_IP,
+        port: SERVICE_PORT,
+    }
+}
+
+pub fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// A pod as the API knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRecord {
+    pub name: String,
+    pub uid: String,
+    pub ip: Ipv4Addr,
+    pub node: String,
+    /// Set when the deletion was requested.
+    pub deletion_requested_unix_nano: Option<u64>,
+}
+
+/// The Service's endpoints as its EndpointSlice shows them, published to the
+/// proxies on every change.
+pub struct ControlPlane {
+    endpoints: Vec<Endpoint>,
+    publish: watch::Sender<Services>,
+}
+
+impl ControlPlane {
+    pub fn new() -> Self {
+        let (publish, _) = watch::channel(vec![(service_port(), Vec::new())]);
+        ControlPlane {
+            endpoints: Vec::new(),
+            publish,
+        }
+    }
+
+    /// What a node's proxy follows.
+    pub fn subscribe(&self) -> watch::Receiver<Services> {
+        self.publish.subscribe()
+    }
+
+    fn publish(&self) {
+        self.publish
+            .send_replace(vec![(service_port(), self.endpoints.clone())]);
+    }
+
+    /// A new pod passed its readiness probe: the endpoint controller adds
+    /// it as ready.
+    pub fn pod_ready(&mut self, pod: &PodRecord) {
+        self.endpoints.retain(|e| e.pod != pod.name);
+        self.endpoints.push(Endpoint {
+            pod: pod.name.clone(),
+            ip: pod.ip,
+            port: POD_PORT,
+            ready: true,
+            serving: true,
+            terminating: false,
+        });
+        self.publish();
+    }
+
+    /// The pod's deletion was requested: its endpoint turns not ready and
+    /// terminating, still serving until its process stops.
+    pub fn pod_terminating(&mut self, pod: &str) {
+        for e in self.endpoints.iter_mut().filter(|e| e.pod == pod) {
+            e.ready = false;
+            e.serving = true;
+            e.terminating = true;
+        }
+        self.publish();
+    }
+
+    /// The pod is gone: its endpoint leaves the slice.
+    pub fn pod_removed(&mut self, pod: &str) {
+        self.endpoints.retain(|e| e.pod != pod);
+        self.publish();
+    }
+}
+
+impl Default for ControlPlane {
+    fn default() -> Self {
+        Self::new()
+    }
+}

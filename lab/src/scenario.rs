@@ -1,0 +1,383 @@
+//! A running lab: nodes with their proxies, the Service's pods, and rolling
+//! updates driven through the control plane while clients on every node
+//! send traffic to the Service VIP.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::{
+    api::{self, ControlPlane, PodRecord},
+    client::{Client, ClientConfig, ClientKind, ClientReport},
+    delay::DelayDistribution,
+    kubeproxy::{KubeProxyError, Mode},
+    proxy::{Proxy, ProxyConfig, RuleChange},
+    server::ShutdownMode,
+    topology::{Cluster, PodNet, TopologyError},
+    workload::{Ending, PodProcess, WorkloadError},
+};
+
+#[derive(Debug, Error)]
+pub enum LabError {
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
+    #[error(transparent)]
+    KubeProxy(#[from] KubeProxyError),
+    #[error("client: {0}")]
+    Client(std::io::Error),
+    #[error("{0}")]
+    Timeout(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct LabConfig {
+    pub nodes: usize,
+    /// Replicas of the Service.
+    pub pods: usize,
+    /// Dataplane modes, assigned to nodes in turn.
+    pub modes: Vec<Mode>,
+    pub delay: DelayDistribution,
+    pub seed: u64,
+    /// The `lab-pod-server` binary.
+    pub pod_server: PathBuf,
+    /// How every pod's server shuts down.
+    pub server_mode: ShutdownMode,
+}
+
+#[derive(Debug, Clone)]
+pub struct RolloutConfig {
+    /// Pods deleted (and replaced) in this rollout.
+    pub deletions: usize,
+    /// Time between two deletions.
+    pub spacing: Duration,
+    pub pre_stop: Duration,
+    /// terminationGracePeriodSeconds (counts the preStop time too).
+    pub grace: Duration,
+    /// Requests per second of each client (two per node: one opening a
+    /// connection per request, one keep-alive).
+    pub rate: f64,
+    pub keep_alive_connections: usize,
+}
+
+/// A node of the lab as reported.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    pub name: String,
+    pub mode: String,
+    pub ip: Ipv4Addr,
+    pub pod_cidr: String,
+}
+
+/// One pod deletion of a rollout and what each node's proxy did about it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeletionTruth {
+    pub pod: String,
+    pub uid: String,
+    pub ip: Ipv4Addr,
+    pub host_node: String,
+    pub requested_unix_nano: u64,
+    pub ending: Option<Ending>,
+    /// The rule removal on each node (ground truth), in node order.
+    pub removals: Vec<RuleChange>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutResult {
+    pub pre_stop_seconds: f64,
+    pub server_mode: ShutdownMode,
+    pub deletions: Vec<DeletionTruth>,
+    pub new_connection: ClientReport,
+    pub keep_alive: ClientReport,
+    pub seconds: f64,
+}
+
+impl RolloutResult {
+    pub fn requests(&self) -> u64 {
+        self.new_connection.requests + self.keep_alive.requests
+    }
+
+    pub fn failed(&self) -> u64 {
+        self.new_connection.failed_total() + self.keep_alive.failed_total()
+    }
+}
+
+struct Pod {
+    record: PodRecord,
+    net: PodNet,
+    process: PodProcess,
+}
+
+pub struct Lab {
+    pub cluster: Cluster,
+    config: LabConfig,
+    control: Arc<Mutex<ControlPlane>>,
+    proxies: Vec<Proxy>,
+    modes: Vec<Mode>,
+    pods: Vec<Pod>,
+    next_pod: usize,
+}
+
+/// How long after its delay ran out a proxy may take to commit a change.
+const APPLY_SLACK: Duration = Duration::from_secs(5);
+
+impl Lab {
+    /// Builds the network, starts a proxy per node and the Service's pods,
+    /// and waits until every node routes to all of them.
+    pub async fn start(config: LabConfig) -> Result<Self, LabError> {
+        let cluster = Cluster::create(config.nodes)?;
+        let control = Arc::new(Mutex::new(ControlPlane::new()));
+        let modes: Vec<Mode> = (0..config.nodes)
+            .map(|i| config.modes[i % config.modes.len().max(1)])
+            .collect();
+        let mut proxies = Vec::new();
+        for (node, mode) in cluster.nodes.iter().zip(&modes) {
+            let proxy_config = ProxyConfig {
+                node: node.name.clone(),
+                netns: node.ns.name().to_owned(),
+                mode: *mode,
+                delay: config.delay,
+                seed: config
+                    .seed
+                    .wrapping_mul(1000)
+                    .wrapping_add(node.index as u64),
+            };
+            let subscription = control.lock().expect("control lock").subscribe();
+            proxies.push(Proxy::start(proxy_config, subscription).await?);
+        }
+        let mut lab = Lab {
+            cluster,
+            config,
+            control,
+            proxies,
+            modes,
+            pods: Vec::new(),
+            next_pod: 0,
+        };
+        for _ in 0..lab.config.pods {
+            let pod = lab.start_pod().await?;
+            lab.pods.push(pod);
+        }
+        let ips: Vec<Ipv4Addr> = lab.pods.iter().map(|p| p.record.ip).collect();
+        for ip in ips {
+            lab.wait_for_rule(ip, false).await?;
+        }
+        Ok(lab)
+    }
+
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        self.cluster
+            .nodes
+            .iter()
+            .zip(&self.modes)
+            .map(|(n, m)| NodeInfo {
+                name: n.name.clone(),
+                mode: m.to_string(),
+                ip: n.ip,
+                pod_cidr: n.pod_cidr_string(),
+            })
+            .collect()
+    }
+
+    pub fn modes(&self) -> &[Mode] {
+        &self.modes
+    }
+
+    async fn start_pod(&mut self) -> Result<Pod, LabError> {
+        let index = self.next_pod;
+        self.next_pod += 1;
+        let node = index % self.cluster.nodes.len();
+        let name = format!("{}-{index}", api::SERVICE);
+        let net = self.cluster.add_pod(node, &format!("p{index}"))?;
+        let process = PodProcess::start(
+            &self.config.pod_server,
+            &net.ns,
+            &name,
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, api::POD_PORT),
+            self.config.server_mode,
+        )
+        .await?;
+        let record = PodRecord {
+            uid: format!(
+                "{:08x}-0000-4000-8000-{index:012x}",
+                self.config.seed as u32
+            ),
+            name,
+            ip: net.ip,
+            node: self.cluster.nodes[node].name.clone(),
+            deletion_requested_unix_nano: None,
+        };
+        self.control
+            .lock()
+            .expect("control lock")
+            .pod_ready(&record);
+        Ok(Pod {
+            record,
+            net,
+            process,
+        })
+    }
+
+    /// Waits until every node has added (or removed) `ip` in its rules.
+    async fn wait_for_rule(
+        &self,
+        ip: Ipv4Addr,
+        removed: bool,
+    ) -> Result<Vec<RuleChange>, LabError> {
+        let deadline = Instant::now() + self.config.delay.max() + APPLY_SLACK;
+        loop {
+            let found: Vec<Option<RuleChange>> = self
+                .proxies
+                .iter()
+                .map(|p| {
+                    p.changes()
+                        .into_iter()
+                        .rev()
+                        .find(|c| c.ip == ip && c.removed == removed)
+                })
+                .collect();
+            if found.iter().all(Option::is_some) {
+                return Ok(found.into_iter().flatten().collect());
+            }
+            if Instant::now() > deadline {
+                return Err(LabError::Timeout(format!(
+                    "not every node {} {ip} in time",
+                    if removed { "removed" } else { "added" }
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn start_clients(&self, config: &RolloutConfig) -> Vec<(ClientKind, Client)> {
+        let target = SocketAddrV4::new(api::SERVICE_IP, api::SERVICE_PORT);
+        let mut clients = Vec::new();
+        for node in &self.cluster.nodes {
+            for (kind, concurrency) in [
+                (ClientKind::NewConnection, 16),
+                (ClientKind::KeepAlive, config.keep_alive_connections),
+            ] {
+                let client_config = ClientConfig {
+                    target,
+                    kind,
+                    rate: config.rate,
+                    // Bounded; the rollout stops the clients when it ends.
+                    duration: Duration::from_secs(600),
+                    concurrency,
+                    timeout: Duration::from_secs(2),
+                };
+                clients.push((kind, Client::start(Some(node.ns.path()), client_config)));
+            }
+        }
+        clients
+    }
+
+    /// A rolling update: `deletions` times, a replacement pod starts and
+    /// becomes ready, then the oldest pod is deleted (preStop, SIGTERM,
+    /// SIGKILL at the end of the grace period; its endpoint turns
+    /// terminating at once and leaves the slice when its process ended).
+    /// Returns when every node has removed every deleted pod.
+    pub async fn rollout(
+        &mut self,
+        config: &RolloutConfig,
+        mut progress: impl FnMut(&str),
+    ) -> Result<RolloutResult, LabError> {
+        let started = Instant::now();
+        let clients = self.start_clients(config);
+        // Let keep-alive connections spread over the pods first.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut terminations = Vec::new();
+        let mut deleted = Vec::new();
+        for step in 0..config.deletions.min(self.pods.len()) {
+            let node_of_old = self.pods[0].record.node.clone();
+            let replacement = self.start_pod().await?;
+            progress(&format!(
+                "step {}/{}: {} ready on {}; deleting {} on {node_of_old}",
+                step + 1,
+                config.deletions,
+                replacement.record.name,
+                replacement.record.node,
+                self.pods[0].record.name
+            ));
+            self.pods.push(replacement);
+            let Pod {
+                mut record,
+                net,
+                process,
+            } = self.pods.remove(0);
+            record.deletion_requested_unix_nano = Some(api::unix_nanos());
+            self.control
+                .lock()
+                .expect("control lock")
+                .pod_terminating(&record.name);
+            let control = self.control.clone();
+            let (pre_stop, grace, name) = (config.pre_stop, config.grace, record.name.clone());
+            terminations.push(tokio::spawn(async move {
+                let termination = process.terminate(pre_stop, grace).await;
+                control.lock().expect("control lock").pod_removed(&name);
+                termination.ending
+            }));
+            // The namespace (and so the pod IP) stays until the rollout
+            // ends, as a pod sandbox outlives its exited container.
+            deleted.push((record, net));
+            tokio::time::sleep(config.spacing).await;
+        }
+        let mut endings = Vec::new();
+        for t in terminations {
+            endings.push(t.await.ok());
+        }
+        let mut deletions = Vec::new();
+        for ((record, _), ending) in deleted.iter().zip(endings) {
+            let removals = self.wait_for_rule(record.ip, true).await?;
+            deletions.push(DeletionTruth {
+                pod: record.name.clone(),
+                uid: record.uid.clone(),
+                ip: record.ip,
+                host_node: record.node.clone(),
+                requested_unix_nano: record.deletion_requested_unix_nano.unwrap_or_default(),
+                ending,
+                removals,
+            });
+        }
+        // Traffic continues a moment after the last removal, so a late
+        // failure would still be counted.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut new_connection = ClientReport::default();
+        let mut keep_alive = ClientReport::default();
+        for (kind, client) in clients {
+            let report = client.finish().map_err(LabError::Client)?;
+            match kind {
+                ClientKind::NewConnection => new_connection.merge(&report),
+                ClientKind::KeepAlive => keep_alive.merge(&report),
+            }
+        }
+        drop(deleted);
+        Ok(RolloutResult {
+            pre_stop_seconds: config.pre_stop.as_secs_f64(),
+            server_mode: self.config.server_mode,
+            deletions,
+            new_connection,
+            keep_alive,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Stops the proxies (removing their rules) and the pods; the network
+    /// goes when the lab is dropped.
+    pub async fn shutdown(self) -> Result<(), LabError> {
+        for proxy in self.proxies {
+            proxy.stop().await?;
+        }
+        Ok(())
+    }
+}
