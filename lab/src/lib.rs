@@ -4,11 +4,13 @@
 
 pub use lab_netns::{netns, root};
 
+pub mod api;
 pub mod client;
 pub mod delay;
 pub mod http;
 pub mod kubeproxy;
 pub mod proxy;
+pub mod scenario;
 pub mod server;
 pub mod topology;
 pub mod workload;
