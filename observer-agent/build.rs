@@ -8,7 +8,8 @@ use std::{path::Path, process::Command};
 use anyhow::{Context as _, anyhow, bail};
 use aya_build::{Package, Toolchain};
 
-const SETUP_HINT: &str = "run `cargo xtask setup` (installs nightly rust-src and bpf-linker), then build again";
+const SETUP_HINT: &str =
+    "run `cargo xtask setup` (installs nightly rust-src and bpf-linker), then build again";
 
 fn main() -> anyhow::Result<()> {
     check_toolchain()?;

@@ -16,6 +16,10 @@ pub enum TcpSendResetAddrs {
     V6Fields = 1,
 }
 
+/// Largest tracepoint record the programs copy; longer records are rejected
+/// by the agent at start-up.
+pub const RECORD_MAX: u16 = 128;
+
 /// Offset value meaning "field not present on this kernel".
 pub const ABSENT: u16 = u16::MAX;
 
@@ -42,6 +46,11 @@ pub struct TracepointLayout {
     pub recv_reset_dport: u16,
     pub recv_reset_saddr_v6: u16,
     pub recv_reset_daddr_v6: u16,
+    /// Record sizes: each program copies its record to the stack with one
+    /// helper call, then reads fields from there.
+    pub set_state_size: u16,
+    pub send_reset_size: u16,
+    pub recv_reset_size: u16,
     /// A [`TcpSendResetAddrs`].
     pub send_reset_addrs: u8,
     /// Non-zero: emit an aya-log debug line per event (off by default: the
@@ -70,6 +79,9 @@ impl TracepointLayout {
         recv_reset_dport: 18,
         recv_reset_saddr_v6: 30,
         recv_reset_daddr_v6: 46,
+        set_state_size: 72,
+        send_reset_size: 88,
+        recv_reset_size: 72,
         send_reset_addrs: TcpSendResetAddrs::Sockaddr as u8,
         log_events: 0,
     };

@@ -10,7 +10,10 @@ use observer_common::{
     layout::ABSENT,
 };
 
-use crate::maps::{CONN_EVENTS, count, is_watched, layout};
+use crate::{
+    maps::{CONN_EVENTS, count, is_watched, layout},
+    record::Record,
+};
 
 const IPPROTO_TCP: u16 = 6;
 const AF_INET: u16 = 2;
@@ -34,18 +37,14 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[inline(always)]
-fn read<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i64> {
-    unsafe { ctx.read_at::<T>(offset as usize) }.map_err(|e| e as i64)
-}
-
 fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
-    let protocol: u16 = read(ctx, layout!(set_state_protocol))?;
+    let rec = Record::load(ctx, layout!(set_state_size))?;
+    let protocol: u16 = rec.get(layout!(set_state_protocol))?;
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let old: i32 = read(ctx, layout!(set_state_oldstate))?;
-    let new: i32 = read(ctx, layout!(set_state_newstate))?;
+    let old: i32 = rec.get(layout!(set_state_oldstate))?;
+    let new: i32 = rec.get(layout!(set_state_newstate))?;
 
     // Decide from the states alone (cheap) whether this transition can matter,
     // before any map lookup.
@@ -58,10 +57,10 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         _ => return Ok(()),
     };
 
-    let local: [u8; 16] = read(ctx, layout!(set_state_saddr_v6))?;
-    let remote: [u8; 16] = read(ctx, layout!(set_state_daddr_v6))?;
-    let local_port: u16 = read(ctx, layout!(set_state_sport))?;
-    let remote_port: u16 = read(ctx, layout!(set_state_dport))?;
+    let local: [u8; 16] = rec.get(layout!(set_state_saddr_v6))?;
+    let remote: [u8; 16] = rec.get(layout!(set_state_daddr_v6))?;
+    let local_port: u16 = rec.get(layout!(set_state_sport))?;
+    let remote_port: u16 = rec.get(layout!(set_state_dport))?;
 
     let local_is_endpoint = if check_local && is_watched(&local) {
         true
@@ -110,39 +109,40 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
 /// Reads an address and port stored as `sockaddr_in`/`sockaddr_in6`, and
 /// returns the address in IPv4-mapped form.
 #[inline(always)]
-fn read_sockaddr(ctx: &TracePointContext, offset: u16) -> Result<([u8; 16], u16), i64> {
-    let family: u16 = read(ctx, offset)?;
-    let port = u16::from_be(read::<u16>(ctx, offset + 2)?);
+fn read_sockaddr(rec: &Record, offset: u16) -> Result<([u8; 16], u16), i64> {
+    let family: u16 = rec.get(offset)?;
+    let port = u16::from_be(rec.get::<u16>(offset + 2)?);
     let addr = match family {
         AF_INET => {
-            let v4: [u8; 4] = read(ctx, offset + 4)?;
+            let v4: [u8; 4] = rec.get(offset + 4)?;
             observer_common::WatchKey::from_v4(v4).addr
         }
-        AF_INET6 => read(ctx, offset + 8)?,
+        AF_INET6 => rec.get(offset + 8)?,
         _ => return Err(0),
     };
     Ok((addr, port))
 }
 
 fn try_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
+    let rec = Record::load(ctx, layout!(send_reset_size))?;
     // The RST's sender is the tracepoint's `saddr`: for a reset sent without a
     // socket (nothing listening: "connection refused") the kernel fills it
     // from the offending packet's destination.
     let ((sender, sender_port), (receiver, receiver_port)) =
         if layout!(send_reset_addrs) == TcpSendResetAddrs::Sockaddr as u8 {
             (
-                read_sockaddr(ctx, layout!(send_reset_saddr))?,
-                read_sockaddr(ctx, layout!(send_reset_daddr))?,
+                read_sockaddr(&rec, layout!(send_reset_saddr))?,
+                read_sockaddr(&rec, layout!(send_reset_daddr))?,
             )
         } else {
             (
                 (
-                    read::<[u8; 16]>(ctx, layout!(send_reset_saddr))?,
-                    read::<u16>(ctx, layout!(send_reset_sport))?,
+                    rec.get::<[u8; 16]>(layout!(send_reset_saddr))?,
+                    rec.get::<u16>(layout!(send_reset_sport))?,
                 ),
                 (
-                    read::<[u8; 16]>(ctx, layout!(send_reset_daddr))?,
-                    read::<u16>(ctx, layout!(send_reset_dport))?,
+                    rec.get::<[u8; 16]>(layout!(send_reset_daddr))?,
+                    rec.get::<u16>(layout!(send_reset_dport))?,
                 ),
             )
         };
@@ -150,12 +150,12 @@ fn try_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
         count(Stat::Filtered);
         return Ok(());
     }
-    let state: i32 = read(ctx, layout!(send_reset_state))?;
+    let state: i32 = rec.get(layout!(send_reset_state))?;
     let reason_offset = layout!(send_reset_reason);
     let reason = if reason_offset == ABSENT {
         RESET_REASON_UNKNOWN
     } else {
-        read::<u32>(ctx, reason_offset)?
+        rec.get::<u32>(reason_offset)?
     };
     emit(
         ctx,
@@ -177,14 +177,15 @@ fn try_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
 }
 
 fn try_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
-    let remote: [u8; 16] = read(ctx, layout!(recv_reset_daddr_v6))?;
+    let rec = Record::load(ctx, layout!(recv_reset_size))?;
+    let remote: [u8; 16] = rec.get(layout!(recv_reset_daddr_v6))?;
     if !is_watched(&remote) {
         count(Stat::Filtered);
         return Ok(());
     }
-    let local: [u8; 16] = read(ctx, layout!(recv_reset_saddr_v6))?;
-    let local_port: u16 = read(ctx, layout!(recv_reset_sport))?;
-    let remote_port: u16 = read(ctx, layout!(recv_reset_dport))?;
+    let local: [u8; 16] = rec.get(layout!(recv_reset_saddr_v6))?;
+    let local_port: u16 = rec.get(layout!(recv_reset_sport))?;
+    let remote_port: u16 = rec.get(layout!(recv_reset_dport))?;
     emit(
         ctx,
         ConnEvent {

@@ -3,6 +3,7 @@
 
 mod conn;
 mod maps;
+mod record;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -163,6 +163,11 @@ impl Kernel {
         &self.reset_reasons
     }
 
+    /// The loaded object, for program statistics.
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
     /// The loaded object, for sources that attach programs of their own.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf

@@ -7,7 +7,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use observer_common::{TcpSendResetAddrs, TracepointLayout, layout::ABSENT};
+use observer_common::{
+    TcpSendResetAddrs, TracepointLayout,
+    layout::{ABSENT, RECORD_MAX},
+};
 use thiserror::Error;
 
 const MOUNT_POINTS: &[&str] = &["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
@@ -25,6 +28,8 @@ pub enum TracefsError {
     },
     #[error("tracepoint {event} has no field {field} on this kernel")]
     MissingField { event: String, field: &'static str },
+    #[error("tracepoint {event}: its record is {size} bytes, more than the {max} the programs copy")]
+    RecordTooLarge { event: String, size: usize, max: u16 },
     #[error(
         "tracepoint {event}: field {field} has offset {offset}, beyond what the programs can address"
     )]
@@ -175,6 +180,19 @@ impl EventFormat {
         }
     }
 
+    /// Size of the record: the end of its last field.
+    fn record_size(&self) -> Result<u16, TracefsError> {
+        let size = self.fields.values().map(|f| f.offset + f.size).max().unwrap_or(0);
+        u16::try_from(size)
+            .ok()
+            .filter(|s| *s <= RECORD_MAX)
+            .ok_or_else(|| TracefsError::RecordTooLarge {
+                event: self.event.clone(),
+                size,
+                max: RECORD_MAX,
+            })
+    }
+
     /// The value names of `__print_symbolic(REC->field, { 0, "NAME" }, ...)` in
     /// the print format, e.g. the kernel's `sk_rst_reason` names.
     pub fn symbols(&self, field: &str) -> HashMap<u32, String> {
@@ -224,9 +242,11 @@ pub fn conn_layout(
         set_state_protocol: set_state.offset("protocol")?,
         set_state_saddr_v6: set_state.offset("saddr_v6")?,
         set_state_daddr_v6: set_state.offset("daddr_v6")?,
+        set_state_size: set_state.record_size()?,
         ..TracepointLayout::DEFAULT
     };
     if let Some(f) = send_reset {
+        layout.send_reset_size = f.record_size()?;
         layout.send_reset_state = f.offset("state")?;
         layout.send_reset_reason = f.optional_offset("reason")?;
         // Since 6.10 the addresses are a sockaddr_in/sockaddr_in6 each.
@@ -245,6 +265,7 @@ pub fn conn_layout(
         }
     }
     if let Some(f) = receive_reset {
+        layout.recv_reset_size = f.record_size()?;
         layout.recv_reset_sport = f.offset("sport")?;
         layout.recv_reset_dport = f.offset("dport")?;
         layout.recv_reset_saddr_v6 = f.offset("saddr_v6")?;
@@ -353,6 +374,7 @@ format:
         assert_eq!(layout.send_reset_reason, ABSENT);
         assert_eq!(layout.send_reset_saddr, 40);
         assert_eq!(layout.send_reset_sport, 28);
+        assert_eq!(layout.send_reset_size, 72);
     }
 
     #[test]

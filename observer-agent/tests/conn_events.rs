@@ -1,0 +1,293 @@
+//! Root-only: the destination-side tracepoints against real TCP traffic
+//! between network namespaces, through the real `observer-agent observe`.
+//!
+//! Each test has its own namespaces, addresses and agent, so they run in
+//! parallel; tracepoints are global, so every assertion is about the test's
+//! own addresses.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use lab_netns::{
+    netns::{NetNs, link},
+    root::root_or_skip,
+};
+use serde_json::Value;
+
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running `observer-agent observe --output json`.
+struct Observer {
+    child: Child,
+    lines: mpsc::Receiver<Value>,
+    seen: Vec<Value>,
+}
+
+impl Observer {
+    fn start(watch: &[IpAddr]) -> Self {
+        let ips: Vec<String> = watch.iter().map(ToString::to_string).collect();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_observer-agent"))
+            .args(["observe", "--output", "json", "--duration", "120", "--watch-ip"])
+            .arg(ips.join(","))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start observer-agent");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let value: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                if tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        let started = lines.recv_timeout(START_TIMEOUT).expect("agent printed its started line");
+        assert_eq!(started["kind"], "started", "first line: {started}");
+        for hook in started["hooks"].as_array().expect("hooks") {
+            assert_eq!(hook["attached"], true, "hook not attached: {hook}");
+        }
+        Observer {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits until an event matching `pred` arrives; returns it.
+    fn expect(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(found) = self.seen.iter().find(|v| pred(v)) {
+            return found.clone();
+        }
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if pred(&v) {
+                        return v;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("no {what} event within {EVENT_TIMEOUT:?}; saw {:#?}", self.seen);
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A server namespace and a client namespace on one veth link.
+struct Pair {
+    server: NetNs,
+    client: NetNs,
+    server_ip: IpAddr,
+    client_ip: IpAddr,
+}
+
+fn pair(subnet: u8) -> Pair {
+    lab_netns::netns::reap_stale();
+    let server = NetNs::create("srv").expect("server netns");
+    let client = NetNs::create("cli").expect("client netns");
+    let server_ip = format!("10.201.{subnet}.1").parse().unwrap();
+    let client_ip = format!("10.201.{subnet}.2").parse().unwrap();
+    link(&server, server_ip, &client, client_ip, 24).expect("veth link");
+    Pair {
+        server,
+        client,
+        server_ip: IpAddr::V4(server_ip),
+        client_ip: IpAddr::V4(client_ip),
+    }
+}
+
+impl Pair {
+    fn listen(&self, ip: IpAddr) -> TcpListener {
+        self.server
+            .run(move || TcpListener::bind(SocketAddr::new(ip, 0)))
+            .expect("enter server netns")
+            .expect("bind")
+    }
+
+    fn connect(&self, to: SocketAddr) -> std::io::Result<TcpStream> {
+        self.client
+            .run(move || TcpStream::connect_timeout(&to, Duration::from_secs(3)))
+            .expect("enter client netns")
+    }
+}
+
+fn is(v: &Value, kind: &str) -> bool {
+    v["kind"] == kind
+}
+
+fn addr(v: &Value, field: &str) -> SocketAddr {
+    v[field]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{field} is not ip:port in {v}"))
+}
+
+#[test]
+fn refused_connection_reports_reset_with_reason() {
+    if !root_or_skip("refused_connection_reports_reset_with_reason") {
+        return;
+    }
+    let p = pair(1);
+    let mut obs = Observer::start(&[p.server_ip]);
+    let target = SocketAddr::new(p.server_ip, 9);
+    let err = p.connect(target).expect_err("nothing listens on port 9");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+
+    let sent = obs.expect("reset_sent", |v| is(v, "reset_sent") && addr(v, "dst") == target);
+    assert_eq!(addr(&sent, "src").ip(), p.client_ip);
+    assert_eq!(sent["reason"], "no_socket");
+    assert!(sent["time_unix_nano"].as_u64().unwrap() > 0);
+    let received = obs.expect("reset_received", |v| is(v, "reset_received") && addr(v, "dst") == target);
+    assert_eq!(addr(&received, "src"), addr(&sent, "src"));
+}
+
+#[test]
+fn established_connection_reports_accepted_and_connected() {
+    if !root_or_skip("established_connection_reports_accepted_and_connected") {
+        return;
+    }
+    let p = pair(2);
+    let mut obs = Observer::start(&[p.server_ip]);
+    let listener = p.listen(p.server_ip);
+    let server_addr = listener.local_addr().unwrap();
+    let client = p.connect(server_addr).expect("connect");
+    let (_accepted, peer) = listener.accept().unwrap();
+    assert_eq!(peer, client.local_addr().unwrap());
+
+    let accepted = obs.expect("accepted", |v| is(v, "accepted") && addr(v, "dst") == server_addr);
+    assert_eq!(addr(&accepted, "src"), peer);
+    assert_eq!(accepted["old_state"], "syn_recv");
+    let connected = obs.expect("connected", |v| is(v, "connected") && addr(v, "dst") == server_addr);
+    assert_eq!(addr(&connected, "src"), peer);
+}
+
+#[test]
+fn graceful_close_by_the_endpoint_reports_endpoint_fin() {
+    if !root_or_skip("graceful_close_by_the_endpoint_reports_endpoint_fin") {
+        return;
+    }
+    let p = pair(3);
+    let mut obs = Observer::start(&[p.server_ip]);
+    let listener = p.listen(p.server_ip);
+    let server_addr = listener.local_addr().unwrap();
+    let mut client = p.connect(server_addr).expect("connect");
+    let (server_side, peer) = listener.accept().unwrap();
+    server_side.shutdown(Shutdown::Write).unwrap();
+    let mut buf = Vec::new();
+    client.read_to_end(&mut buf).expect("client sees FIN");
+
+    let closed = |v: &Value, new_state: &str| {
+        is(v, "closed") && addr(v, "src") == peer && addr(v, "dst") == server_addr && v["new_state"] == new_state
+    };
+    // The pod's socket closes first; the client's socket sees the FIN.
+    let by_server = obs.expect("closed (server socket)", |v| closed(v, "fin_wait1"));
+    assert_eq!(by_server["close"], "endpoint_fin");
+    let by_client = obs.expect("closed (client socket)", |v| closed(v, "close_wait"));
+    assert_eq!(by_client["close"], "endpoint_fin");
+}
+
+#[test]
+fn abortive_close_reports_reset_and_its_reason() {
+    if !root_or_skip("abortive_close_reports_reset_and_its_reason") {
+        return;
+    }
+    let p = pair(4);
+    let mut obs = Observer::start(&[p.server_ip]);
+    let listener = p.listen(p.server_ip);
+    let server_addr = listener.local_addr().unwrap();
+    let mut client = p.connect(server_addr).expect("connect");
+    let (server_side, peer) = listener.accept().unwrap();
+    // Closing with unread data aborts the connection with a RST (RFC 2525).
+    client.write_all(b"unread request").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(server_side);
+    let mut buf = [0u8; 16];
+    let err = client.read(&mut buf).expect_err("client sees the reset");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+
+    let reset = obs.expect("reset_sent", |v| is(v, "reset_sent") && addr(v, "dst") == server_addr);
+    assert_eq!(addr(&reset, "src"), peer);
+    assert_eq!(reset["reason"], "tcp_abort_on_close");
+    let closed = obs.expect("closed", |v| {
+        is(v, "closed") && addr(v, "dst") == server_addr && v["old_state"] == "established"
+    });
+    assert_eq!(closed["close"], "reset");
+    obs.expect("reset_received", |v| is(v, "reset_received") && addr(v, "dst") == server_addr);
+}
+
+#[test]
+fn traffic_to_unwatched_addresses_produces_no_event() {
+    if !root_or_skip("traffic_to_unwatched_addresses_produces_no_event") {
+        return;
+    }
+    let p = pair(5);
+    let unwatched: IpAddr = "10.201.5.3".parse().unwrap();
+    p.server.ip(&["addr", "add", "10.201.5.3/32", "dev", "lo"]).unwrap();
+    let mut obs = Observer::start(&[p.server_ip]);
+
+    // Every kind of event, but to the unwatched address.
+    let listener = p.listen(unwatched);
+    let to_unwatched = listener.local_addr().unwrap();
+    for _ in 0..20 {
+        let c = p.connect(to_unwatched).expect("connect");
+        let (s, _) = listener.accept().unwrap();
+        drop(s);
+        drop(c);
+    }
+    assert!(p.connect(SocketAddr::new(unwatched, 9)).is_err());
+
+    // A marker to the watched address: once it is seen, earlier events
+    // would have been delivered before it.
+    let marker = SocketAddr::new(p.server_ip, 9);
+    assert!(p.connect(marker).is_err());
+    obs.expect("marker reset_sent", |v| is(v, "reset_sent") && addr(v, "dst") == marker);
+    let leaked: Vec<&Value> = obs
+        .seen
+        .iter()
+        .filter(|v| {
+            ["src", "dst"].iter().any(|f| v[*f].as_str().is_some_and(|s| s.starts_with("10.201.5.3:")))
+        })
+        .collect();
+    assert!(leaked.is_empty(), "events for an unwatched address: {leaked:#?}");
+}
+
+#[test]
+fn ipv6_endpoints_are_observed() {
+    if !root_or_skip("ipv6_endpoints_are_observed") {
+        return;
+    }
+    let p = pair(6);
+    let server_ip: IpAddr = "fd00:201:6::1".parse().unwrap();
+    let client_ip: IpAddr = "fd00:201:6::2".parse().unwrap();
+    let dev = |ns: &NetNs| -> String {
+        let out = ns.ip(&["-o", "link", "show", "type", "veth"]).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split(':').nth(1).unwrap().trim().split('@').next().unwrap().to_owned()
+    };
+    let (sdev, cdev) = (dev(&p.server), dev(&p.client));
+    p.server.ip(&["addr", "add", "fd00:201:6::1/64", "dev", &sdev, "nodad"]).unwrap();
+    p.client.ip(&["addr", "add", "fd00:201:6::2/64", "dev", &cdev, "nodad"]).unwrap();
+    let mut obs = Observer::start(&[server_ip]);
+
+    let target = SocketAddr::new(server_ip, 9);
+    assert!(p.connect(target).is_err());
+    let sent = obs.expect("reset_sent", |v| is(v, "reset_sent") && addr(v, "dst") == target);
+    assert_eq!(addr(&sent, "src").ip(), client_ip);
+    assert_eq!(sent["reason"], "no_socket");
+}
