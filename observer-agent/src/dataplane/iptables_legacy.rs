@@ -1,0 +1,262 @@
+//! iptables-legacy: the kernel sends no notifications for legacy xtables
+//! tables, so the `nat` table is re-read (IPT_SO_GET_ENTRIES) when a writer
+//! releases the xtables lock (`/run/xtables.lock`, taken by every
+//! iptables-legacy command and by kube-proxy's iptables-restore), watched
+//! with inotify, and once a second for writers that skip the lock.
+//!
+//! Precision: a change is timed at the lock's release; it happened while the
+//! writer held the lock, so `precision_ns` is the time from the lock's
+//! opening to its release (typically a few ms for iptables-restore). Changes
+//! found by the periodic re-read carry the period as precision.
+
+use std::{
+    collections::HashSet,
+    ffi::CString,
+    io,
+    net::{SocketAddr, SocketAddrV4},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use tracing::{debug, info, warn};
+
+use super::{
+    DataplaneError, Shared,
+    ipt_entries::{self, NF_INET_NUMHOOKS},
+    unix_nanos,
+};
+use crate::observation::{Detector, Observation, RulesChange};
+
+const IPT_SO_GET_INFO: i32 = 64;
+const IPT_SO_GET_ENTRIES: i32 = 65;
+const TABLE: &str = "nat";
+/// sizeof(struct ipt_getinfo) and of the ipt_get_entries header.
+const GETINFO_LEN: usize = 84;
+const GET_ENTRIES_HEADER: usize = 40;
+const PERIOD: Duration = Duration::from_secs(1);
+const POLL_MS: i32 = 100;
+
+fn lock_path() -> String {
+    std::env::var("XTABLES_LOCKFILE").unwrap_or_else(|_| "/run/xtables.lock".to_owned())
+}
+
+/// Whether legacy tables exist in this thread's network namespace. Reading a table
+/// that does not exist would make the kernel create it, so the detector only
+/// reads `nat` once this lists it.
+pub fn tables_present() -> bool {
+    nat_present()
+}
+
+fn nat_present() -> bool {
+    std::fs::read_to_string("/proc/thread-self/net/ip_tables_names")
+        .map(|names| names.lines().any(|l| l == TABLE))
+        .unwrap_or(false)
+}
+
+pub struct Watcher {
+    sock: OwnedFd,
+    inotify: Option<OwnedFd>,
+    targets: HashSet<SocketAddrV4>,
+}
+
+impl Watcher {
+    /// Opens the socket (in the current network namespace) and the lock watch.
+    pub fn open() -> Result<Self, DataplaneError> {
+        // SAFETY: plain socket(2); ownership taken right away.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_RAW,
+            )
+        };
+        if fd < 0 {
+            return Err(DataplaneError::Legacy(io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh descriptor owned by nobody else.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let inotify = match watch_lock() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                warn!(error = %e, path = lock_path(), "cannot watch the xtables lock; iptables-legacy changes are found by a re-read every second only");
+                None
+            }
+        };
+        let mut watcher = Watcher {
+            sock,
+            inotify,
+            targets: HashSet::new(),
+        };
+        watcher.targets = watcher.read().unwrap_or_default();
+        Ok(watcher)
+    }
+
+    /// Reachable DNAT targets of the legacy nat table (empty when it does not exist).
+    fn read(&self) -> Result<HashSet<SocketAddrV4>, DataplaneError> {
+        if !nat_present() {
+            return Ok(HashSet::new());
+        }
+        let mut info = [0u8; GETINFO_LEN];
+        info[..TABLE.len()].copy_from_slice(TABLE.as_bytes());
+        self.getsockopt(IPT_SO_GET_INFO, &mut info)?;
+        let word = |i: usize| {
+            u32::from_ne_bytes(info[32 + i * 4..36 + i * 4].try_into().unwrap_or_default())
+        };
+        let valid_hooks = word(0);
+        let hook_entry: [u32; NF_INET_NUMHOOKS] = std::array::from_fn(|h| word(1 + h));
+        let underflow: [u32; NF_INET_NUMHOOKS] = std::array::from_fn(|h| word(6 + h));
+        let size = word(12) as usize;
+        let mut entries = vec![0u8; GET_ENTRIES_HEADER + size];
+        entries[..TABLE.len()].copy_from_slice(TABLE.as_bytes());
+        entries[32..36].copy_from_slice(&(size as u32).to_ne_bytes());
+        self.getsockopt(IPT_SO_GET_ENTRIES, &mut entries)?;
+        Ok(ipt_entries::reachable_dnat(
+            &entries[GET_ENTRIES_HEADER..],
+            valid_hooks,
+            &hook_entry,
+            &underflow,
+        )?)
+    }
+
+    fn getsockopt(&self, name: i32, buf: &mut [u8]) -> Result<(), DataplaneError> {
+        let mut len = buf.len() as libc::socklen_t;
+        // SAFETY: buf is valid for len bytes; the kernel writes at most len.
+        let ret = unsafe {
+            libc::getsockopt(
+                self.sock.as_raw_fd(),
+                libc::IPPROTO_IP,
+                name,
+                buf.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if ret < 0 {
+            return Err(DataplaneError::Legacy(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Waits up to POLL_MS for lock activity; returns the open->close window
+    /// when a writer released the lock.
+    fn wait_lock(&self, opened: &mut Option<Instant>) -> Option<Duration> {
+        let Some(inotify) = &self.inotify else {
+            std::thread::sleep(Duration::from_millis(POLL_MS as u64));
+            return None;
+        };
+        let mut pfd = libc::pollfd {
+            fd: inotify.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, POLL_MS) } <= 0 {
+            return None;
+        }
+        let mut buf = [0u8; 4096];
+        // SAFETY: buf is valid for its length.
+        let n = unsafe { libc::read(inotify.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let mut released = None;
+        let mut at = 0usize;
+        while n > 0 && at + 16 <= n as usize {
+            let mask = u32::from_ne_bytes(buf[at + 4..at + 8].try_into().unwrap_or_default());
+            let name_len =
+                u32::from_ne_bytes(buf[at + 12..at + 16].try_into().unwrap_or_default()) as usize;
+            if mask & libc::IN_OPEN != 0 {
+                opened.get_or_insert_with(Instant::now);
+            }
+            if mask & (libc::IN_CLOSE_WRITE | libc::IN_CLOSE_NOWRITE) != 0 {
+                released = Some(opened.take().map_or(Duration::ZERO, |t| t.elapsed()));
+            }
+            at += 16 + name_len;
+        }
+        released
+    }
+
+    pub fn run(mut self, shared: &Shared) {
+        let mut last_read = Instant::now();
+        let mut opened = None;
+        let mut nat_seen = nat_present();
+        if nat_seen {
+            info!("iptables-legacy nat table present; watching it");
+        }
+        while !shared.stop.load(Ordering::Relaxed) {
+            let (precision, time) = match self.wait_lock(&mut opened) {
+                Some(window) => (window.as_nanos() as u64, unix_nanos()),
+                None if last_read.elapsed() >= PERIOD => (PERIOD.as_nanos() as u64, unix_nanos()),
+                None => continue,
+            };
+            last_read = Instant::now();
+            let now = match self.read() {
+                Ok(t) => t,
+                Err(e) => {
+                    debug!(error = %e, "reading the legacy nat table failed");
+                    continue;
+                }
+            };
+            if !nat_seen && nat_present() {
+                nat_seen = true;
+                info!("iptables-legacy nat table appeared; watching it");
+            }
+            let watched = shared.watched();
+            for endpoint in watched {
+                let SocketAddr::V4(v4) = endpoint else {
+                    continue;
+                };
+                let (was, is) = (self.targets.contains(&v4), now.contains(&v4));
+                if was == is {
+                    continue;
+                }
+                let change = RulesChange {
+                    endpoint,
+                    detector: Detector::IptablesLegacy,
+                    time_unix_nano: time,
+                    precision_ns: precision,
+                };
+                info!(%endpoint, added = is, "dataplane change (iptables-legacy)");
+                let obs = if is {
+                    Observation::RulesAdded(change)
+                } else {
+                    Observation::RulesRemoved(change)
+                };
+                if shared.tx.blocking_send(obs).is_err() {
+                    shared.stop.store(true, Ordering::Relaxed);
+                }
+            }
+            self.targets = now;
+        }
+    }
+}
+
+fn watch_lock() -> io::Result<OwnedFd> {
+    let path = lock_path();
+    // iptables itself creates the lock file this way (O_CREAT, 0600).
+    let cpath =
+        CString::new(path.clone()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: cpath is a valid C string.
+    let fd = unsafe { libc::open(cpath.as_ptr(), libc::O_CREAT | libc::O_CLOEXEC, 0o600) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is ours; closed at once (an open of our own would be an event).
+    unsafe { libc::close(fd) };
+    // SAFETY: plain inotify_init1.
+    let ino = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+    if ino < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptor.
+    let ino = unsafe { OwnedFd::from_raw_fd(ino) };
+    // SAFETY: valid fd and C string.
+    let wd = unsafe {
+        libc::inotify_add_watch(
+            ino.as_raw_fd(),
+            cpath.as_ptr(),
+            libc::IN_OPEN | libc::IN_CLOSE_WRITE | libc::IN_CLOSE_NOWRITE,
+        )
+    };
+    if wd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ino)
+}

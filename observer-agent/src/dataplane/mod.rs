@@ -1,0 +1,177 @@
+//! Source-side dataplane detection (T_rules): when this node's dataplane
+//! stops (or starts) selecting a watched endpoint for new connections.
+//!
+//! One module per detector, all feeding [`Observation::RulesRemoved`] /
+//! [`Observation::RulesAdded`]:
+//! - [`nftables`]: nf_tables netlink notifications into a mirror of the
+//!   rulesets; covers kube-proxy's nftables mode and iptables-nft.
+//! - [`iptables_legacy`]: change-triggered re-read of the legacy xtables
+//!   tables, which send no notifications.
+//!
+//! "Selected" means reachable from a base chain through jumps, gotos and
+//! verdict maps down to a DNAT to the endpoint: kube-proxy unlinks an
+//! endpoint's chain from the service dispatch first and deletes it later.
+//! Another dataplane (IPVS, Cilium) is one more module with the same output.
+
+mod ipt_entries;
+mod iptables_legacy;
+mod mirror;
+mod netlink;
+mod nft_msg;
+mod nftables;
+mod xtables;
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use thiserror::Error;
+use tokio::sync::mpsc::Sender;
+use tracing::info;
+
+pub use mirror::Mirror;
+pub use netlink::DecodeError;
+pub use nft_msg::{NftEvent, RuleSummary, TableId, decode as decode_nft_message};
+pub use xtables::dnat_destination;
+
+use crate::observation::Observation;
+
+#[derive(Debug, Error)]
+pub enum DataplaneError {
+    #[error("netlink: {0}")]
+    Netlink(std::io::Error),
+    #[error("malformed netlink message: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("iptables-legacy: {0}")]
+    Legacy(std::io::Error),
+    #[error("starting a detector thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// State shared by the watch handle and the detector threads.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    watched: RwLock<HashSet<SocketAddr>>,
+    stop: AtomicBool,
+    tx: Sender<Observation>,
+}
+
+impl Shared {
+    fn watched(&self) -> HashSet<SocketAddr> {
+        self.watched.read().map(|w| w.clone()).unwrap_or_default()
+    }
+}
+
+/// Which dataplane layouts were found at start-up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Layouts {
+    /// Table `ip kube-proxy` (kube-proxy nftables mode).
+    pub nftables: bool,
+    /// Tables written by iptables-nft.
+    pub iptables_nft: bool,
+    /// Legacy xtables tables (`ip_tables_names` of this network namespace).
+    pub iptables_legacy: bool,
+}
+
+/// The running detectors of this agent, in the network namespace that was
+/// current when [`spawn`] ran. Dropping it stops them.
+#[derive(Debug)]
+pub struct DataplaneWatch {
+    shared: Arc<Shared>,
+    layouts: Layouts,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl DataplaneWatch {
+    /// Reports rule changes for `endpoint` from now on.
+    pub fn watch(&self, endpoint: SocketAddr) {
+        if let Ok(mut w) = self.shared.watched.write() {
+            w.insert(endpoint);
+        }
+    }
+
+    pub fn unwatch(&self, endpoint: SocketAddr) {
+        if let Ok(mut w) = self.shared.watched.write() {
+            w.remove(&endpoint);
+        }
+    }
+
+    pub fn layouts(&self) -> Layouts {
+        self.layouts
+    }
+}
+
+impl Drop for DataplaneWatch {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Starts the detectors in the current network namespace. The nf_tables
+/// detector always runs (kube-proxy may create its tables later); the
+/// iptables-legacy one runs when legacy tables exist or appear.
+pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> {
+    let shared = Arc::new(Shared {
+        watched: RwLock::new(HashSet::new()),
+        stop: AtomicBool::new(false),
+        tx,
+    });
+    // Subscribe before the dump so no change between the two is lost.
+    let sock = nftables::subscribe()?;
+    let mut mirror = Mirror::new();
+    nftables::load(&mut mirror)?;
+    let mut targets = nftables::Targets::default();
+    targets.update(&mirror, None, &HashSet::new());
+    let layouts = Layouts {
+        nftables: mirror
+            .tables()
+            .any(|t| t.family == 2 && t.name == "kube-proxy"),
+        iptables_nft: mirror.tables().any(|t| t.family == 2 && t.name == "nat"),
+        iptables_legacy: iptables_legacy::tables_present(),
+    };
+    let legacy = iptables_legacy::Watcher::open()?;
+    info!(
+        nftables = layouts.nftables,
+        iptables_nft = layouts.iptables_nft,
+        iptables_legacy = layouts.iptables_legacy,
+        "dataplane layouts found; nf_tables notifications and iptables-legacy re-reads active"
+    );
+
+    let mut threads = Vec::new();
+    let s = shared.clone();
+    threads.push(
+        std::thread::Builder::new()
+            .name("dataplane-nft".into())
+            .spawn(move || nftables::run(&s, sock, mirror, targets))
+            .map_err(DataplaneError::Thread)?,
+    );
+    let s = shared.clone();
+    threads.push(
+        std::thread::Builder::new()
+            .name("dataplane-legacy".into())
+            .spawn(move || legacy.run(&s))
+            .map_err(DataplaneError::Thread)?,
+    );
+    Ok(DataplaneWatch {
+        shared,
+        layouts,
+        threads,
+    })
+}
+
+pub(crate) fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}

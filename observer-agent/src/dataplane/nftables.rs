@@ -1,0 +1,306 @@
+//! Detector for every layout carried by nf_tables: kube-proxy's nftables
+//! mode (table `ip kube-proxy`) and iptables-nft (tables `ip nat`, ...).
+//!
+//! It dumps the rulesets once, then follows NFNLGRP_NFTABLES notifications
+//! into a [`Mirror`]. Each notification batch ends with NEWGEN (one
+//! committed transaction); only then are the touched tables re-evaluated,
+//! so the intermediate states inside a kube-proxy sync (flush chain, re-add
+//! rules) are never reported. The time of a change is the wall clock when
+//! the batch's NEWGEN reached user space.
+
+use std::{
+    collections::{HashMap, HashSet},
+    io,
+    net::{SocketAddr, SocketAddrV4},
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use tracing::{debug, info, warn};
+
+use super::{
+    DataplaneError, Shared,
+    mirror::Mirror,
+    netlink::{self, NETLINK_NETFILTER, NLM_F_DUMP, NLM_F_REQUEST, Request, Socket},
+    nft_msg::{self, NftEvent, TableId},
+    unix_nanos,
+};
+use crate::observation::{Detector, Observation, RulesChange};
+
+/// Receive buffer for notifications: a 10k-rule sync is a few MiB of messages.
+const RECV_BUFFER: i32 = 64 << 20;
+/// How often the loop looks at the stop flag while the ruleset is quiet.
+const POLL: Duration = Duration::from_millis(100);
+/// Upper bound of the delay between the commit and the notification's
+/// arrival in user space on an idle node (see docs/benchmarks.md, "Dataplane
+/// detection").
+pub const NETLINK_PRECISION_NS: u64 = 1_000_000;
+
+/// Tables iptables-nft creates; everything else is native nftables.
+fn detector_for(table: &TableId) -> Detector {
+    const NFPROTO_IPV4: u8 = 2;
+    let xtables = ["nat", "filter", "mangle", "raw", "security"];
+    if table.family == NFPROTO_IPV4 && xtables.contains(&table.name.as_str()) {
+        Detector::IptablesNft
+    } else {
+        Detector::Nftables
+    }
+}
+
+fn msg_type(msg: u16) -> u16 {
+    (nft_msg::NFNL_SUBSYS_NFTABLES << 8) | msg
+}
+
+/// Reads whole dump replies of one request into the mirror.
+fn dump(
+    sock: &Socket,
+    seq: &mut u32,
+    request: Request,
+    mirror: &mut Mirror,
+) -> Result<(), DataplaneError> {
+    sock.send(&request.finish())
+        .map_err(DataplaneError::Netlink)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = sock.recv(&mut buf).map_err(DataplaneError::Netlink)?;
+        for msg in netlink::messages(&buf[..n]) {
+            let msg = msg?;
+            match msg.kind {
+                netlink::NLMSG_DONE => {
+                    *seq += 1;
+                    return Ok(());
+                }
+                netlink::NLMSG_ERROR => {
+                    let errno = netlink::error_code(msg.payload)?;
+                    if errno == 0 {
+                        continue;
+                    }
+                    // ENOENT: nothing of that kind exists (for example a set
+                    // deleted since it was listed).
+                    if errno == libc::ENOENT {
+                        *seq += 1;
+                        return Ok(());
+                    }
+                    return Err(DataplaneError::Netlink(io::Error::from_raw_os_error(errno)));
+                }
+                kind => mirror.apply(nft_msg::decode(kind, msg.payload)?),
+            }
+        }
+    }
+}
+
+/// Loads the current rulesets of every family into `mirror`.
+pub fn load(mirror: &mut Mirror) -> Result<(), DataplaneError> {
+    let sock = Socket::open(NETLINK_NETFILTER).map_err(DataplaneError::Netlink)?;
+    let mut seq = 1;
+    mirror.clear();
+    for msg in [
+        nft_msg::NFT_MSG_GETTABLE,
+        nft_msg::NFT_MSG_GETCHAIN,
+        nft_msg::NFT_MSG_GETSET,
+        nft_msg::NFT_MSG_GETRULE,
+    ] {
+        let req = Request::new(msg_type(msg), NLM_F_REQUEST | NLM_F_DUMP, seq).nfgenmsg(0);
+        dump(&sock, &mut seq, req, mirror)?;
+    }
+    let tables: Vec<TableId> = mirror.tables().cloned().collect();
+    for table in tables {
+        for set in mirror.sets(&table) {
+            let req = Request::new(
+                msg_type(nft_msg::NFT_MSG_GETSETELEM),
+                NLM_F_REQUEST | NLM_F_DUMP,
+                seq,
+            )
+            .nfgenmsg(table.family)
+            .attr_str(nft_msg::NFTA_SET_ELEM_LIST_TABLE, &table.name)
+            .attr_str(nft_msg::NFTA_SET_ELEM_LIST_SET, &set);
+            dump(&sock, &mut seq, req, mirror)?;
+        }
+    }
+    Ok(())
+}
+
+/// Subscribes to nf_tables notifications in the current network namespace.
+pub fn subscribe() -> Result<Socket, DataplaneError> {
+    let sock = Socket::open(NETLINK_NETFILTER).map_err(DataplaneError::Netlink)?;
+    sock.join_group(nft_msg::NFNLGRP_NFTABLES)
+        .map_err(DataplaneError::Netlink)?;
+    if let Err(e) = sock.set_recv_buffer(RECV_BUFFER) {
+        warn!(error = %e, "could not grow the nf_tables notification buffer");
+    }
+    sock.set_recv_timeout(POLL)
+        .map_err(DataplaneError::Netlink)?;
+    Ok(sock)
+}
+
+/// Reachable DNAT targets per table, and what changed for watched endpoints.
+#[derive(Debug, Default)]
+pub struct Targets {
+    per_table: HashMap<TableId, HashSet<SocketAddrV4>>,
+}
+
+impl Targets {
+    fn holder(&self, endpoint: &SocketAddrV4) -> Option<&TableId> {
+        self.per_table
+            .iter()
+            .find(|(_, t)| t.contains(endpoint))
+            .map(|(id, _)| id)
+    }
+
+    /// Recomputes `tables` (None = all) and returns the watched endpoints
+    /// that stopped (false) or started (true) being a target, with the
+    /// detector of the table that changed.
+    pub fn update(
+        &mut self,
+        mirror: &Mirror,
+        tables: Option<&HashSet<TableId>>,
+        watched: &HashSet<SocketAddr>,
+    ) -> Vec<(SocketAddr, bool, Detector)> {
+        let before: Vec<(SocketAddr, Option<TableId>)> = watched
+            .iter()
+            .filter_map(|ep| match ep {
+                SocketAddr::V4(v4) => Some((*ep, self.holder(v4).cloned())),
+                SocketAddr::V6(_) => None,
+            })
+            .collect();
+        match tables {
+            Some(dirty) => {
+                for table in dirty {
+                    self.per_table
+                        .insert(table.clone(), mirror.reachable_dnat(table));
+                }
+            }
+            None => {
+                self.per_table = mirror
+                    .tables()
+                    .map(|t| (t.clone(), mirror.reachable_dnat(t)))
+                    .collect();
+            }
+        }
+        self.per_table.retain(|_, t| !t.is_empty());
+        let mut changes = Vec::new();
+        for (ep, was) in before {
+            let SocketAddr::V4(v4) = ep else { continue };
+            match (was, self.holder(&v4)) {
+                (Some(table), None) => changes.push((ep, false, detector_for(&table))),
+                (None, Some(table)) => changes.push((ep, true, detector_for(table))),
+                _ => {}
+            }
+        }
+        changes
+    }
+}
+
+fn table_of(event: &NftEvent) -> Option<&TableId> {
+    match event {
+        NftEvent::NewTable(t) | NftEvent::DelTable(t) => Some(t),
+        NftEvent::NewChain { table, .. }
+        | NftEvent::DelChain { table, .. }
+        | NftEvent::NewRule { table, .. }
+        | NftEvent::DelRule { table, .. }
+        | NftEvent::NewSet { table, .. }
+        | NftEvent::DelSet { table, .. }
+        | NftEvent::NewElems { table, .. }
+        | NftEvent::DelElems { table, .. } => Some(table),
+        NftEvent::NewGen { .. } | NftEvent::Ignored => None,
+    }
+}
+
+fn emit(
+    shared: &Shared,
+    changes: Vec<(SocketAddr, bool, Detector)>,
+    time_unix_nano: u64,
+    precision_ns: u64,
+) {
+    for (endpoint, added, detector) in changes {
+        let change = RulesChange {
+            endpoint,
+            detector,
+            time_unix_nano,
+            precision_ns,
+        };
+        info!(%endpoint, ?detector, added, "dataplane change");
+        let obs = if added {
+            Observation::RulesAdded(change)
+        } else {
+            Observation::RulesRemoved(change)
+        };
+        if shared.tx.blocking_send(obs).is_err() {
+            shared.stop.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The detector loop; returns when the watch is dropped or the receiver is gone.
+pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targets) {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut dirty: HashSet<TableId> = HashSet::new();
+    let mut last_seen = Instant::now();
+    while !shared.stop.load(Ordering::Relaxed) {
+        let n = match sock.recv(&mut buf) {
+            Ok(n) => n,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) => {
+                continue;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                // Notifications were lost: rebuild from a dump. The change
+                // happened at most since the last message that arrived.
+                warn!("nf_tables notifications overflowed; re-reading the rulesets");
+                let now = unix_nanos();
+                let precision = last_seen.elapsed().as_nanos() as u64;
+                if let Err(e) = load(&mut mirror) {
+                    warn!(error = %e, "re-reading the rulesets failed");
+                    continue;
+                }
+                dirty.clear();
+                let watched = shared.watched();
+                emit(
+                    shared,
+                    targets.update(&mirror, None, &watched),
+                    now,
+                    precision,
+                );
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "nf_tables notification socket failed; detector stops");
+                return;
+            }
+        };
+        let received = unix_nanos();
+        last_seen = Instant::now();
+        for msg in netlink::messages(&buf[..n]) {
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(error = %e, "malformed netlink datagram skipped");
+                    break;
+                }
+            };
+            let event = match nft_msg::decode(msg.kind, msg.payload) {
+                Ok(ev) => ev,
+                Err(e) => {
+                    warn!(error = %e, kind = msg.kind, "undecodable nf_tables message skipped");
+                    continue;
+                }
+            };
+            if let NftEvent::NewGen { id, process } = &event {
+                debug!(
+                    generation = id,
+                    process = process.as_deref().unwrap_or("?"),
+                    tables = dirty.len(),
+                    "commit"
+                );
+                let watched = shared.watched();
+                let changes = targets.update(&mirror, Some(&dirty), &watched);
+                dirty.clear();
+                emit(shared, changes, received, NETLINK_PRECISION_NS);
+                continue;
+            }
+            if let Some(table) = table_of(&event) {
+                dirty.insert(table.clone());
+            }
+            mirror.apply(event);
+        }
+    }
+}

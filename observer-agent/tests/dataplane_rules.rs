@@ -1,0 +1,222 @@
+//! Root-only: kube-proxy-shaped rules in a network namespace, in each
+//! kube-proxy mode, changed the way kube-proxy changes them; the dataplane
+//! detectors must report exactly the removals and additions of the watched
+//! endpoints, on time.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use lab::{
+    kubeproxy::{Applied, Backend, Mode, Rules, ServicePort},
+    netns::NetNs,
+    root::root_or_skip,
+};
+use observer_agent::{
+    dataplane::{self, DataplaneWatch},
+    observation::{Detector, Observation, RulesChange},
+};
+use tokio::sync::mpsc::{Receiver, channel};
+
+fn service(name: &str, vip_last: u8) -> ServicePort {
+    ServicePort {
+        namespace: "ns1".into(),
+        name: name.into(),
+        port_name: "http".into(),
+        cluster_ip: Ipv4Addr::new(172, 30, 0, vip_last),
+        port: 80,
+    }
+}
+
+fn backend(last: u8) -> Backend {
+    Backend {
+        ip: Ipv4Addr::new(10, 180, 0, last),
+        port: 8080,
+    }
+}
+
+fn addr(b: Backend) -> SocketAddr {
+    SocketAddr::from((b.ip, b.port))
+}
+
+fn detector(mode: Mode) -> Detector {
+    match mode {
+        Mode::Nftables => Detector::Nftables,
+        Mode::IptablesNft => Detector::IptablesNft,
+        Mode::IptablesLegacy => Detector::IptablesLegacy,
+    }
+}
+
+/// Everything observed within `window`.
+async fn drain(rx: &mut Receiver<Observation>, window: Duration) -> Vec<Observation> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + window;
+    while let Ok(Some(obs)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        out.push(obs);
+    }
+    out
+}
+
+/// Waits for the next rules event (at most `limit`).
+async fn next_change(rx: &mut Receiver<Observation>, limit: Duration) -> Observation {
+    tokio::time::timeout(limit, rx.recv())
+        .await
+        .expect("no dataplane event in time")
+        .expect("channel open")
+}
+
+/// The change must be timed inside the transaction, or at most `slack_ns`
+/// after it finished.
+fn assert_timely(change: &RulesChange, applied: Applied, slack_ns: u64) {
+    assert!(
+        change.time_unix_nano >= applied.started_unix_nano
+            && change.time_unix_nano <= applied.finished_unix_nano + slack_ns,
+        "change at {} outside [{}, {} + {slack_ns}] ({:?})",
+        change.time_unix_nano,
+        applied.started_unix_nano,
+        applied.finished_unix_nano,
+        change
+    );
+}
+
+fn start(ns: &NetNs) -> (DataplaneWatch, Receiver<Observation>) {
+    let (tx, rx) = channel(64);
+    let watch = ns
+        .run(move || dataplane::spawn(tx))
+        .expect("enter netns")
+        .expect("dataplane watch starts");
+    (watch, rx)
+}
+
+async fn removal_addition_and_unrelated_changes(mode: Mode, slack_ns: u64) {
+    let ns = NetNs::create("dp").unwrap();
+    let mut rules = Rules::new(Some(ns.name().to_owned()), mode);
+    let svc = service("web", 10);
+    let other = service("other", 11);
+    let (b1, b2, b3) = (backend(1), backend(2), backend(3));
+    rules.sync(&[(svc.clone(), vec![b1, b2, b3])]).unwrap();
+
+    let (watch, mut rx) = start(&ns);
+    watch.watch(addr(b1));
+    watch.watch(addr(b2));
+
+    // A change that touches other services only is not a removal.
+    rules
+        .sync(&[
+            (svc.clone(), vec![b1, b2, b3]),
+            (other.clone(), vec![backend(9)]),
+        ])
+        .unwrap();
+    let quiet = drain(&mut rx, Duration::from_millis(300)).await;
+    assert!(
+        quiet.is_empty(),
+        "{mode}: unrelated change reported: {quiet:?}"
+    );
+
+    // Endpoint 2 goes (kube-proxy unlinks its chain, deletes it later).
+    let applied = rules
+        .sync(&[
+            (svc.clone(), vec![b1, b3]),
+            (other.clone(), vec![backend(9)]),
+        ])
+        .unwrap();
+    let Observation::RulesRemoved(change) = next_change(&mut rx, Duration::from_secs(3)).await
+    else {
+        panic!("{mode}: expected rules_removed");
+    };
+    assert_eq!(change.endpoint, addr(b2), "{mode}");
+    assert_eq!(change.detector, detector(mode));
+    assert_timely(&change, applied, slack_ns);
+    let rest = drain(&mut rx, Duration::from_millis(200)).await;
+    assert!(rest.is_empty(), "{mode}: extra events {rest:?}");
+
+    // kube-proxy's later sync deletes the stale chain: nothing to report.
+    std::thread::sleep(Duration::from_millis(1100));
+    rules
+        .sync(&[
+            (svc.clone(), vec![b1, b3]),
+            (other.clone(), vec![backend(9)]),
+        ])
+        .unwrap();
+    let quiet = drain(&mut rx, Duration::from_millis(300)).await;
+    assert!(
+        quiet.is_empty(),
+        "{mode}: stale chain deletion reported: {quiet:?}"
+    );
+
+    // Endpoint 2 comes back.
+    let applied = rules
+        .sync(&[
+            (svc.clone(), vec![b1, b2, b3]),
+            (other.clone(), vec![backend(9)]),
+        ])
+        .unwrap();
+    let Observation::RulesAdded(change) = next_change(&mut rx, Duration::from_secs(3)).await else {
+        panic!("{mode}: expected rules_added");
+    };
+    assert_eq!(change.endpoint, addr(b2));
+    assert_timely(&change, applied, slack_ns);
+
+    // Everything goes at once (kube-proxy cleanup: table deletion / chain removal).
+    rules.cleanup().unwrap();
+    let mut removed: Vec<SocketAddr> = drain(&mut rx, Duration::from_millis(1500))
+        .await
+        .into_iter()
+        .map(|o| match o {
+            Observation::RulesRemoved(c) => c.endpoint,
+            other => panic!("{mode}: unexpected {other:?}"),
+        })
+        .collect();
+    removed.sort();
+    assert_eq!(removed, vec![addr(b1), addr(b2)], "{mode}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nftables_mode_removal_addition_unrelated_and_table_deletion() {
+    if !root_or_skip("nftables_mode_removal_addition_unrelated_and_table_deletion") {
+        return;
+    }
+    removal_addition_and_unrelated_changes(Mode::Nftables, 5_000_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iptables_nft_mode_removal_addition_unrelated_and_cleanup() {
+    if !root_or_skip("iptables_nft_mode_removal_addition_unrelated_and_cleanup") {
+        return;
+    }
+    removal_addition_and_unrelated_changes(Mode::IptablesNft, 5_000_000).await;
+}
+
+/// Legacy bound: the change is timed at the xtables lock's release, so within
+/// the transaction window plus the inotify wake-up (asserted: 20 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iptables_legacy_mode_removal_addition_unrelated_and_cleanup() {
+    if !root_or_skip("iptables_legacy_mode_removal_addition_unrelated_and_cleanup") {
+        return;
+    }
+    removal_addition_and_unrelated_changes(Mode::IptablesLegacy, 20_000_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nft_flush_ruleset_is_a_removal() {
+    if !root_or_skip("nft_flush_ruleset_is_a_removal") {
+        return;
+    }
+    for mode in [Mode::Nftables, Mode::IptablesNft] {
+        let ns = NetNs::create("dpflush").unwrap();
+        let mut rules = Rules::new(Some(ns.name().to_owned()), mode);
+        rules
+            .sync(&[(service("web", 20), vec![backend(5), backend(6)])])
+            .unwrap();
+        let (watch, mut rx) = start(&ns);
+        watch.watch(addr(backend(5)));
+        ns.sh("nft flush ruleset").unwrap();
+        let Observation::RulesRemoved(change) = next_change(&mut rx, Duration::from_secs(3)).await
+        else {
+            panic!("{mode}: expected rules_removed");
+        };
+        assert_eq!(change.endpoint, addr(backend(5)));
+        assert_eq!(change.detector, detector(mode));
+    }
+}
