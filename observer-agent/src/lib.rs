@@ -4,6 +4,7 @@
 
 pub mod clock;
 pub mod commands;
+pub mod dataplane;
 pub mod kernel;
 pub mod observation;
 pub mod output;
