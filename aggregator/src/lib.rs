@@ -6,9 +6,12 @@
 //! finished deletions -> [`store`] -> [`recommend`] -> [`http`].
 
 pub mod config;
+pub mod correlate;
+pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod nodes;
 pub mod openapi;
 pub mod recommend;
 pub mod stats;

@@ -1,0 +1,741 @@
+//! Correlation: joins the deletions seen in Kubernetes with what every
+//! node's agent observed, and finishes each deletion into a
+//! [`DeletionRecord`] once every expected node has reported (and the pod is
+//! gone) or the completion timeout passed.
+//!
+//! All state sits behind one mutex held only for in-memory work; store
+//! writes and metric updates of finished deletions happen outside it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::broadcast;
+
+use crate::config::Settings;
+use crate::metrics::{
+    Metrics, NamespaceLabel, NamespaceOutcome, NodeLabel, NodeNamespace, NodeNamespaceMode,
+};
+use crate::model::{DeletionRecord, NodeMeasurement, UnixNanos};
+use crate::nodes::{NodeIndex, NodeInfo};
+use crate::store::Store;
+
+const NANOS: f64 = 1e9;
+
+/// An endpoint agents must watch: one pod whose deletion started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub pod_uid: String,
+    pub namespace: String,
+    pub pod_name: String,
+    pub services: Vec<String>,
+    pub ip: IpAddr,
+    pub ports: Vec<u16>,
+    /// T0 used for latencies (see [`DeletionStart::t0`]).
+    pub deletion_start_unix_nanos: UnixNanos,
+    pub grace_period_seconds: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchChange {
+    Add(Endpoint),
+    Remove(Endpoint),
+}
+
+/// A pod deletion as the Kubernetes watcher saw it.
+#[derive(Clone, Debug)]
+pub struct DeletionStart {
+    pub pod_uid: String,
+    pub namespace: String,
+    pub pod_name: String,
+    pub services: Vec<String>,
+    pub ip: IpAddr,
+    pub ports: Vec<u16>,
+    pub host_node: Option<String>,
+    /// When the aggregator received the watch event that showed the deletion;
+    /// `None` when the deletion was already under way when the aggregator
+    /// (re)listed, so the receipt time says nothing about the start.
+    pub received_unix_nanos: Option<UnixNanos>,
+    /// deletionTimestamp - deletionGracePeriodSeconds (whole seconds).
+    pub api_start_unix_nanos: Option<UnixNanos>,
+    pub grace_period_seconds: Option<i64>,
+    /// When an EndpointSlice first showed the endpoint terminating, if that
+    /// was seen before the pod's own update.
+    pub terminating_unix_nanos: Option<UnixNanos>,
+}
+
+impl DeletionStart {
+    /// The sharper receipt time when there is one, else the API's
+    /// whole-second start.
+    pub fn t0(&self) -> Option<UnixNanos> {
+        self.received_unix_nanos.or(self.api_start_unix_nanos)
+    }
+}
+
+/// Dataplane mode that produced a rules change (a metric label value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Nftables,
+    IptablesNft,
+    IptablesLegacy,
+    Unknown,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Nftables => "nftables",
+            Self::IptablesNft => "iptables_nft",
+            Self::IptablesLegacy => "iptables_legacy",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// A validated observation: `endpoint` is the watched IP, `peer` the other
+/// side where it matters, times already on the agent's wall clock.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Obs {
+    pub kind: ObsKind,
+    pub endpoint: IpAddr,
+    pub peer: Option<IpAddr>,
+    pub time_unix_nanos: UnixNanos,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObsKind {
+    /// Destination side: the endpoint accepted a connection from `peer`.
+    Accepted,
+    /// Source side: a socket on the reporting node connected to the endpoint.
+    Connected,
+    /// Destination side: an established connection ended; `reset` when the
+    /// endpoint aborted it.
+    Closed {
+        reset: bool,
+    },
+    /// Destination side: the endpoint sent a RST; `refused` when no socket
+    /// listened any more.
+    ResetSent {
+        refused: bool,
+    },
+    ResetReceived,
+    RulesRemoved(Mode),
+    RulesAdded,
+    /// Source side: the reporting node routed a new flow to the endpoint.
+    NewFlow,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentCounters {
+    pub events_lost: u64,
+    pub events_filtered: u64,
+    pub observations_dropped: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockEstimate {
+    pub offset_ns: i64,
+    pub uncertainty_ns: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub agent_id: String,
+    pub sequence: u64,
+    pub observations: Vec<Obs>,
+    pub counters: AgentCounters,
+    pub clock: Option<ClockEstimate>,
+    pub sent_unix_nanos: UnixNanos,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    pub agent_id: String,
+    pub node_name: String,
+    pub kernel_release: String,
+    pub capabilities: Vec<(String, bool, String)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReportOutcome {
+    pub acknowledged_sequence: u64,
+    pub duplicate: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CorrelateError {
+    #[error("unknown agent {0:?}: register first")]
+    UnknownAgent(String),
+}
+
+struct Agent {
+    node: String,
+    registration: Registration,
+    last_sequence: u64,
+    clock: Option<ClockEstimate>,
+    counters: AgentCounters,
+    subscriptions: usize,
+}
+
+#[derive(Default)]
+struct NodeAcc {
+    rules_removed: Option<(UnixNanos, Mode)>,
+    last_connection: Option<UnixNanos>,
+    late: u64,
+    refused: u64,
+    aborted: u64,
+    clock_uncertainty_ns: Option<u64>,
+}
+
+struct Pending {
+    start: DeletionStart,
+    endpoint: Endpoint,
+    t0: UnixNanos,
+    /// Aggregator time the tracking began (the timeout runs from here).
+    tracked_since: UnixNanos,
+    terminating: Option<UnixNanos>,
+    expected: BTreeSet<String>,
+    nodes: BTreeMap<String, NodeAcc>,
+    pod_gone: bool,
+}
+
+impl Pending {
+    fn all_reported(&self) -> bool {
+        self.expected
+            .iter()
+            .all(|n| self.nodes.get(n).is_some_and(|a| a.rules_removed.is_some()))
+    }
+}
+
+#[derive(Default)]
+struct State {
+    agents: HashMap<String, Agent>,
+    pending: HashMap<String, Pending>,
+    by_ip: HashMap<IpAddr, Vec<String>>,
+    nodes: NodeIndex,
+}
+
+impl State {
+    /// Nodes with at least one live endpoint subscription.
+    fn live_nodes(&self) -> BTreeSet<String> {
+        self.agents
+            .values()
+            .filter(|a| a.subscriptions > 0)
+            .map(|a| a.node.clone())
+            .collect()
+    }
+
+    fn connected_agents(&self) -> i64 {
+        self.agents.values().filter(|a| a.subscriptions > 0).count() as i64
+    }
+}
+
+/// A live endpoint subscription: the current set, then changes. Dropping it
+/// marks the agent's subscription closed.
+pub struct Subscription {
+    snapshot: Vec<Endpoint>,
+    changes: broadcast::Receiver<WatchChange>,
+    guard: SubscriptionGuard,
+}
+
+/// The subscriber fell more than the broadcast buffer behind; it must
+/// subscribe again to get a fresh snapshot.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("endpoint subscriber fell {0} changes behind")]
+pub struct Lagged(pub u64);
+
+impl Subscription {
+    /// Adds for the snapshot, then every change; ends with [`Lagged`] if the
+    /// subscriber falls too far behind. Holds the subscription open while
+    /// the stream lives.
+    pub fn into_stream(self) -> impl futures::Stream<Item = Result<WatchChange, Lagged>> + Send {
+        use futures::StreamExt;
+        use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
+        let guard = self.guard;
+        let snapshot =
+            futures::stream::iter(self.snapshot.into_iter().map(|e| Ok(WatchChange::Add(e))));
+        let changes = BroadcastStream::new(self.changes).map(move |r| {
+            let _hold = &guard;
+            r.map_err(|BroadcastStreamRecvError::Lagged(n)| Lagged(n))
+        });
+        // Stop after the first error: the receiver skipped changes.
+        let mut failed = false;
+        snapshot.chain(changes).take_while(move |r| {
+            let pass = !failed;
+            failed |= r.is_err();
+            futures::future::ready(pass)
+        })
+    }
+}
+
+struct SubscriptionGuard {
+    correlator: Arc<Correlator>,
+    agent_id: String,
+}
+
+impl Drop for SubscriptionGuard {
+    fn drop(&mut self) {
+        let mut st = self.correlator.state();
+        if let Some(a) = st.agents.get_mut(&self.agent_id) {
+            a.subscriptions = a.subscriptions.saturating_sub(1);
+        }
+        self.correlator
+            .metrics
+            .agents_connected
+            .set(st.connected_agents());
+    }
+}
+
+pub struct Correlator {
+    settings: Arc<Settings>,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    state: Mutex<State>,
+    changes: broadcast::Sender<WatchChange>,
+}
+
+/// Broadcast buffer per subscriber; a subscriber that falls further behind
+/// is disconnected and resubscribes (getting a fresh snapshot).
+const CHANGE_BUFFER: usize = 4096;
+
+impl Correlator {
+    pub fn new(settings: Arc<Settings>, store: Arc<Store>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            store,
+            metrics,
+            state: Mutex::new(State::default()),
+            changes: broadcast::channel(CHANGE_BUFFER).0,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers (or re-registers) an agent; returns the highest report
+    /// sequence already received from this agent id.
+    pub fn register(&self, reg: Registration) -> u64 {
+        let mut st = self.state();
+        let agent = st
+            .agents
+            .entry(reg.agent_id.clone())
+            .or_insert_with(|| Agent {
+                node: reg.node_name.clone(),
+                registration: reg.clone(),
+                last_sequence: 0,
+                clock: None,
+                counters: AgentCounters::default(),
+                subscriptions: 0,
+            });
+        agent.node = reg.node_name.clone();
+        agent.registration = reg;
+        agent.last_sequence
+    }
+
+    /// Kernel and capabilities an agent registered with.
+    pub fn registration(&self, agent_id: &str) -> Option<Registration> {
+        self.state()
+            .agents
+            .get(agent_id)
+            .map(|a| a.registration.clone())
+    }
+
+    pub fn subscribe(self: &Arc<Self>, agent_id: &str) -> Result<Subscription, CorrelateError> {
+        let mut st = self.state();
+        let agent = st
+            .agents
+            .get_mut(agent_id)
+            .ok_or_else(|| CorrelateError::UnknownAgent(agent_id.into()))?;
+        agent.subscriptions += 1;
+        // Snapshot and receiver under the same lock: no change falls between.
+        let changes = self.changes.subscribe();
+        let snapshot = st.pending.values().map(|p| p.endpoint.clone()).collect();
+        self.metrics.agents_connected.set(st.connected_agents());
+        Ok(Subscription {
+            snapshot,
+            changes,
+            guard: SubscriptionGuard {
+                correlator: Arc::clone(self),
+                agent_id: agent_id.into(),
+            },
+        })
+    }
+
+    pub fn set_node(&self, name: String, info: NodeInfo) {
+        self.state().nodes.set(name, info);
+    }
+
+    pub fn remove_node(&self, name: &str) {
+        self.state().nodes.remove(name);
+    }
+
+    /// Starts tracking a deletion. Idempotent: a deletion already tracked or
+    /// already stored is ignored (relists deliver the same pod again).
+    pub fn deletion_started(&self, d: DeletionStart, now: UnixNanos) {
+        let Some(t0) = d.t0() else {
+            tracing::warn!(pod = %d.pod_name, "deletion without any start time ignored");
+            return;
+        };
+        {
+            let st = self.state();
+            if st.pending.contains_key(&d.pod_uid) {
+                return;
+            }
+        }
+        match self.store.deletion(&d.pod_uid) {
+            Ok(Some(_)) => return,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "store lookup failed; tracking the deletion anyway")
+            }
+        }
+        let mut st = self.state();
+        if st.pending.contains_key(&d.pod_uid) {
+            return;
+        }
+        let expected = st.live_nodes();
+        let endpoint = Endpoint {
+            pod_uid: d.pod_uid.clone(),
+            namespace: d.namespace.clone(),
+            pod_name: d.pod_name.clone(),
+            services: d.services.clone(),
+            ip: d.ip,
+            ports: d.ports.clone(),
+            deletion_start_unix_nanos: t0,
+            grace_period_seconds: d.grace_period_seconds,
+        };
+        tracing::info!(
+            namespace = %d.namespace, pod = %d.pod_name, ip = %d.ip,
+            expected_nodes = expected.len(), "deletion started"
+        );
+        st.by_ip.entry(d.ip).or_default().push(d.pod_uid.clone());
+        st.pending.insert(
+            d.pod_uid.clone(),
+            Pending {
+                terminating: d.terminating_unix_nanos,
+                start: d,
+                endpoint: endpoint.clone(),
+                t0,
+                tracked_since: now,
+                expected,
+                nodes: BTreeMap::new(),
+                pod_gone: false,
+            },
+        );
+        // No receivers is fine: no agent is connected.
+        let _ = self.changes.send(WatchChange::Add(endpoint));
+    }
+
+    /// An EndpointSlice showed the endpoint terminating / not ready.
+    pub fn endpoint_terminating(&self, pod_uid: &str, at: UnixNanos) {
+        if let Some(p) = self.state().pending.get_mut(pod_uid) {
+            p.terminating.get_or_insert(at);
+        }
+    }
+
+    /// The pod object is gone: nothing can connect to it any more.
+    pub fn pod_gone(&self, pod_uid: &str, now: UnixNanos) {
+        let done = {
+            let mut st = self.state();
+            match st.pending.get_mut(pod_uid) {
+                Some(p) => {
+                    p.pod_gone = true;
+                    p.all_reported()
+                }
+                None => false,
+            }
+        };
+        if done {
+            self.finish(&[pod_uid.to_string()], now);
+        }
+    }
+
+    /// Applies a batch of observations. A sequence at or below the last one
+    /// seen from this agent is acknowledged and ignored.
+    pub fn report(&self, batch: Batch, now: UnixNanos) -> Result<ReportOutcome, CorrelateError> {
+        let mut st = self.state();
+        let st = &mut *st;
+        let agent = st
+            .agents
+            .get_mut(&batch.agent_id)
+            .ok_or_else(|| CorrelateError::UnknownAgent(batch.agent_id.clone()))?;
+        if batch.sequence <= agent.last_sequence {
+            return Ok(ReportOutcome {
+                acknowledged_sequence: agent.last_sequence,
+                duplicate: true,
+            });
+        }
+        agent.last_sequence = batch.sequence;
+        if let Some(c) = batch.clock {
+            agent.clock = Some(c);
+        }
+        let node = agent.node.clone();
+        let lost = batch
+            .counters
+            .events_lost
+            .saturating_sub(agent.counters.events_lost);
+        if lost > 0 {
+            self.metrics
+                .agent_events_lost
+                .get_or_create(&NodeLabel { node: node.clone() })
+                .inc_by(lost);
+        }
+        agent.counters = batch.counters;
+        let clock = agent.clock.unwrap_or_default();
+        let lag = (now - (batch.sent_unix_nanos + clock.offset_ns)) as f64 / NANOS;
+        self.metrics.report_lag.observe(lag.max(0.0));
+
+        for obs in &batch.observations {
+            let Some(uids) = st.by_ip.get(&obs.endpoint) else {
+                continue;
+            };
+            let t = obs.time_unix_nanos + clock.offset_ns;
+            let peer_node = obs
+                .peer
+                .and_then(|ip| st.nodes.node_of(ip))
+                .map(str::to_owned);
+            for uid in uids {
+                let Some(p) = st.pending.get_mut(uid) else {
+                    continue;
+                };
+                apply(
+                    p,
+                    &node,
+                    peer_node.as_deref(),
+                    obs.kind,
+                    t,
+                    clock.uncertainty_ns,
+                );
+            }
+        }
+        Ok(ReportOutcome {
+            acknowledged_sequence: batch.sequence,
+            duplicate: false,
+        })
+    }
+
+    /// Finishes deletions whose nodes all reported and whose pod is gone, and
+    /// those past the completion timeout. Call periodically.
+    pub fn tick(&self, now: UnixNanos) {
+        let timeout = self.settings.completion_timeout.as_nanos() as i64;
+        let due: Vec<String> = self
+            .state()
+            .pending
+            .iter()
+            .filter(|(_, p)| (p.pod_gone && p.all_reported()) || now - p.tracked_since >= timeout)
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        if !due.is_empty() {
+            self.finish(&due, now);
+        }
+    }
+
+    /// Deletions currently tracked.
+    pub fn pending(&self) -> usize {
+        self.state().pending.len()
+    }
+
+    fn finish(&self, uids: &[String], now: UnixNanos) {
+        let mut finished = Vec::new();
+        {
+            let mut st = self.state();
+            for uid in uids {
+                let Some(p) = st.pending.remove(uid) else {
+                    continue;
+                };
+                if let Some(v) = st.by_ip.get_mut(&p.endpoint.ip) {
+                    v.retain(|u| u != uid);
+                    if v.is_empty() {
+                        st.by_ip.remove(&p.endpoint.ip);
+                    }
+                }
+                let _ = self.changes.send(WatchChange::Remove(p.endpoint.clone()));
+                finished.push(p);
+            }
+        }
+        for p in finished {
+            let rec = record(p, now);
+            self.observe(&rec);
+            if let Err(e) = self.store.record_deletion(&rec) {
+                tracing::error!(error = %e, pod = %rec.pod_name, "storing a finished deletion failed");
+            }
+            tracing::info!(
+                namespace = %rec.namespace, pod = %rec.pod_name, complete = rec.complete,
+                propagation_seconds = ?rec.propagation_seconds, missing = ?rec.missing_nodes,
+                "deletion finished"
+            );
+        }
+    }
+
+    fn observe(&self, rec: &DeletionRecord) {
+        let m = &self.metrics;
+        let ns = &rec.namespace;
+        for n in &rec.nodes {
+            let nn = NodeNamespace {
+                node: n.node.clone(),
+                namespace: ns.clone(),
+            };
+            if let Some(l) = n.latency_seconds {
+                m.propagation_latency
+                    .get_or_create(&NodeNamespaceMode {
+                        node: n.node.clone(),
+                        namespace: ns.clone(),
+                        mode: n.mode.clone().unwrap_or_else(|| "unknown".into()),
+                    })
+                    .observe(l);
+            }
+            for (family, v) in [
+                (&m.late_connections, n.late_connections),
+                (&m.refused_connections, n.refused_connections),
+                (&m.keepalive_aborted, n.aborted_connections),
+            ] {
+                if v > 0 {
+                    family.get_or_create(&nn).inc_by(v);
+                }
+            }
+        }
+        if let Some(c) = rec.control_plane_seconds {
+            m.control_plane_latency
+                .get_or_create(&NamespaceLabel {
+                    namespace: ns.clone(),
+                })
+                .observe(c);
+        }
+        m.deletions
+            .get_or_create(&NamespaceOutcome {
+                namespace: ns.clone(),
+                outcome: if rec.complete {
+                    "complete"
+                } else {
+                    "incomplete"
+                }
+                .into(),
+            })
+            .inc();
+        for node in &rec.missing_nodes {
+            m.nodes_missing
+                .get_or_create(&NodeLabel { node: node.clone() })
+                .inc();
+        }
+    }
+}
+
+/// Folds one observation into the deletion. `node` reported it; `peer_node`
+/// is where the other side of a connection lives (destination-side events
+/// are attributed to the source node).
+fn apply(
+    p: &mut Pending,
+    node: &str,
+    peer_node: Option<&str>,
+    kind: ObsKind,
+    t: UnixNanos,
+    uncertainty: u64,
+) {
+    let after_t0 = t >= p.t0;
+    let nodes = &mut p.nodes;
+    let source = peer_node.unwrap_or(UNATTRIBUTED);
+    match kind {
+        ObsKind::RulesRemoved(mode) => {
+            let a = node_acc(nodes, node, uncertainty);
+            if a.rules_removed.is_none_or(|(prev, _)| t >= prev) {
+                a.rules_removed = Some((t, mode));
+            }
+        }
+        ObsKind::RulesAdded => {
+            // The dataplane selects the endpoint again: an earlier removal was
+            // not the final one.
+            let a = node_acc(nodes, node, uncertainty);
+            if a.rules_removed.is_some_and(|(prev, _)| t >= prev) {
+                a.rules_removed = None;
+            }
+        }
+        ObsKind::NewFlow | ObsKind::Connected => {
+            let a = node_acc(nodes, node, uncertainty);
+            a.last_connection = a.last_connection.max(Some(t));
+        }
+        ObsKind::Accepted => {
+            let a = node_acc(nodes, source, uncertainty);
+            a.last_connection = a.last_connection.max(Some(t));
+            if after_t0 {
+                a.late += 1;
+            }
+        }
+        ObsKind::ResetSent { refused: true } => node_acc(nodes, source, uncertainty).refused += 1,
+        ObsKind::Closed { reset: true } => node_acc(nodes, source, uncertainty).aborted += 1,
+        ObsKind::Closed { reset: false }
+        | ObsKind::ResetSent { refused: false }
+        | ObsKind::ResetReceived => {}
+    }
+}
+
+fn node_acc<'a>(
+    nodes: &'a mut BTreeMap<String, NodeAcc>,
+    n: &str,
+    uncertainty: u64,
+) -> &'a mut NodeAcc {
+    let a = nodes.entry(n.to_owned()).or_default();
+    a.clock_uncertainty_ns.get_or_insert(uncertainty);
+    a
+}
+
+/// Pseudo node for connections whose source address matches no node.
+pub const UNATTRIBUTED: &str = "unattributed";
+
+fn record(p: Pending, now: UnixNanos) -> DeletionRecord {
+    let complete = !p.expected.is_empty() && p.all_reported();
+    let missing_nodes: Vec<String> = p
+        .expected
+        .iter()
+        .filter(|n| p.nodes.get(*n).is_none_or(|a| a.rules_removed.is_none()))
+        .cloned()
+        .collect();
+    let nodes: Vec<NodeMeasurement> = p
+        .nodes
+        .into_iter()
+        .map(|(node, a)| {
+            let rules = a.rules_removed.map(|(t, _)| t);
+            let latest = rules.max(a.last_connection);
+            NodeMeasurement {
+                latency_seconds: latest.map(|t| (t - p.t0) as f64 / NANOS),
+                mode: match a.rules_removed {
+                    Some((_, m)) => Some(m.as_str().into()),
+                    None if a.last_connection.is_some() => Some("traffic".into()),
+                    None => None,
+                },
+                node,
+                rules_removed_unix_nanos: rules,
+                last_connection_unix_nanos: a.last_connection,
+                clock_uncertainty_seconds: a.clock_uncertainty_ns.map(|u| u as f64 / NANOS),
+                late_connections: a.late,
+                refused_connections: a.refused,
+                aborted_connections: a.aborted,
+            }
+        })
+        .collect();
+    let propagation_seconds = complete
+        .then(|| {
+            nodes
+                .iter()
+                .filter_map(|n| n.latency_seconds)
+                .reduce(f64::max)
+        })
+        .flatten();
+    DeletionRecord {
+        pod_uid: p.start.pod_uid,
+        namespace: p.start.namespace,
+        pod_name: p.start.pod_name,
+        services: p.start.services,
+        pod_ip: p.start.ip.to_string(),
+        host_node: p.start.host_node,
+        deletion_start_unix_nanos: p.t0,
+        api_deletion_start_unix_nanos: p.start.api_start_unix_nanos,
+        grace_period_seconds: p.start.grace_period_seconds,
+        control_plane_seconds: p.terminating.map(|t| (t - p.t0) as f64 / NANOS),
+        complete,
+        propagation_seconds,
+        finished_unix_nanos: now,
+        nodes,
+        missing_nodes,
+    }
+}
