@@ -329,12 +329,14 @@ impl Evaluation<'_> {
             && let Some(recommended) = rec.pre_stop_seconds
             && delay < recommended as f64
         {
-            let severity = if rec.low_confidence && self.opts.low_confidence == LowConfidence::Warn
-            {
-                Severity::Warning
-            } else {
-                Severity::Error
-            };
+            // Under `fail` the low confidence itself is the error (exit 5);
+            // a shortfall against an untrustworthy number is only a warning.
+            let severity =
+                if rec.low_confidence && self.opts.low_confidence != LowConfidence::Ignore {
+                    Severity::Warning
+                } else {
+                    Severity::Error
+                };
             let mut f = self.finding(
                 severity,
                 Problem::PreStopBelowRecommendation,

@@ -1,0 +1,674 @@
+//! prestop-check as a pipeline runs it, against the real aggregator HTTP
+//! API on a loopback socket seeded with measurements.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+
+use aggregator::config::Settings;
+use aggregator::http::{self, HttpState};
+use aggregator::model::{DeletionRecord, NodeMeasurement};
+use aggregator::store::Store;
+
+struct Aggregator {
+    url: String,
+    _runtime: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+/// One complete deletion in `namespace`, routed by `service`, whose slowest
+/// node took `seconds`.
+fn deletion(i: usize, namespace: &str, service: &str, seconds: f64) -> DeletionRecord {
+    let now = http::now_unix_nanos();
+    DeletionRecord {
+        pod_uid: format!("{namespace}-{service}-{i}"),
+        namespace: namespace.into(),
+        pod_name: format!("{service}-{i}"),
+        services: vec![service.into()],
+        pod_ip: "10.0.0.1".into(),
+        host_node: Some("node-a".into()),
+        deletion_start_unix_nanos: now - 60_000_000_000,
+        api_deletion_start_unix_nanos: None,
+        grace_period_seconds: Some(30),
+        control_plane_seconds: Some(0.05),
+        complete: true,
+        propagation_seconds: Some(seconds),
+        finished_unix_nanos: now - 1_000_000_000,
+        nodes: vec![NodeMeasurement {
+            node: "node-a".into(),
+            latency_seconds: Some(seconds),
+            mode: Some("nftables".into()),
+            ..Default::default()
+        }],
+        missing_nodes: vec![],
+    }
+}
+
+fn start(records: &[DeletionRecord]) -> Aggregator {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("store.db")).unwrap();
+    for r in records {
+        store.record_deletion(r).unwrap();
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let settings = Settings {
+        cluster_name: "test".into(),
+        ..Settings::default()
+    };
+    runtime.spawn(http::serve(
+        listener,
+        HttpState::new(Arc::new(store), settings),
+    ));
+    Aggregator {
+        url,
+        _runtime: runtime,
+        _dir: dir,
+    }
+}
+
+/// 300 deletions in shop/web between 1.0 s and 3.99 s: enough for a
+/// confident p99 bound; and 5 in shop/db: too few on their own.
+fn seeded() -> Aggregator {
+    let mut records: Vec<_> = (0..300)
+        .map(|i| deletion(i, "shop", "web", 1.0 + i as f64 * 0.01))
+        .collect();
+    records.extend((0..5).map(|i| deletion(i, "shop", "db", 0.5)));
+    start(&records)
+}
+
+/// The aggregator's answer, read independently of the binary's client.
+fn recommendation(agg: &Aggregator, query: &str) -> serde_json::Value {
+    use std::io::Read;
+    let host = agg.url.strip_prefix("http://").unwrap();
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    write!(
+        s,
+        "GET /v1/recommendations?{query} HTTP/1.0\r\nHost: {host}\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap()
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn run(args: &[&str], dir: &Path, stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_prestop-check"))
+        .args(args)
+        .current_dir(dir)
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.unwrap_or_default().as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(o)))
+}
+
+/// The premise of the expectations below: the seeded measurements make the
+/// aggregator recommend 5 s for shop/web and for namespace shop.
+fn premise(agg: &Aggregator) {
+    let web = recommendation(agg, "namespace=shop&service=web");
+    assert_eq!(web["preStopSeconds"], 5, "{web}");
+    assert_eq!(web["lowConfidence"], false, "{web}");
+    let db = recommendation(agg, "namespace=shop&service=db");
+    assert_eq!(db["lowConfidence"], true, "{db}");
+    assert_eq!(recommendation(agg, "namespace=shop")["preStopSeconds"], 5);
+}
+
+#[test]
+fn every_workload_kind_and_hook_form_is_read_and_compared() {
+    let agg = seeded();
+    premise(&agg);
+    let out = run(
+        &["--aggregator", &agg.url, "--format", "json", "kinds"],
+        &fixtures(),
+        None,
+    );
+    assert_eq!(code(&out), 1, "{}", stdout(&out));
+    let report = json(&out);
+    let mut checked: Vec<(String, String, String, serde_json::Value)> = report["checked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["kind"].as_str().unwrap().to_string(),
+                c["workload"].as_str().unwrap().to_string(),
+                c["container"].as_str().unwrap().to_string(),
+                c["preStopSeconds"].clone(),
+            )
+        })
+        .collect();
+    checked.sort_by(|a, b| a.0.cmp(&b.0));
+    let expected = [
+        ("CronJob", "report", "job", 0.0),
+        ("DaemonSet", "edge", "proxy", 30.0),
+        ("Deployment", "web", "app", 2.0),
+        ("Pod", "debug", "app", 8.0),
+        ("ReplicaSet", "legacy", "app", 0.0),
+        ("ReplicationController", "old", "app", 12.0),
+        ("StatefulSet", "db", "postgres", 5.0),
+    ];
+    let got: Vec<(&str, &str, &str, f64)> = checked
+        .iter()
+        .map(|(k, w, c, s)| (k.as_str(), w.as_str(), c.as_str(), s.as_f64().unwrap()))
+        .collect();
+    // The log shipper serves no Service port and batch-worker has no
+    // Service: neither is checked.
+    assert_eq!(got, expected);
+
+    let errors: Vec<(String, u64, String)> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["severity"] == "error")
+        .map(|f| {
+            assert_eq!(f["problem"], "preStopBelowRecommendation");
+            (
+                f["file"].as_str().unwrap().to_string(),
+                f["line"].as_u64().unwrap(),
+                f["container"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            ("kinds/shop.yaml".to_string(), 17, "app".to_string()),
+            ("kinds/shop.yaml".to_string(), 87, "app".to_string()),
+            ("kinds/shop.yaml".to_string(), 145, "job".to_string()),
+        ]
+    );
+    // shop/db has too few samples of its own: the namespace scope answers.
+    let db = report["checked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["workload"] == "db")
+        .unwrap();
+    assert_eq!(
+        db["recommendation"]["scope"]["service"],
+        serde_json::Value::Null
+    );
+    assert_eq!(db["recommendation"]["scope"]["namespace"], "shop");
+}
+
+#[test]
+fn human_output_names_file_object_container_reason_and_patch() {
+    let agg = seeded();
+    let out = run(
+        &[
+            "--aggregator",
+            &agg.url,
+            "kinds/shop.yaml",
+            "kinds/services.yaml",
+        ],
+        &fixtures(),
+        None,
+    );
+    assert_eq!(code(&out), 1);
+    let text = stdout(&out);
+    let expected = "kinds/shop.yaml:17: error: Deployment shop/web container app: preStop sleep 2s is shorter \
+                    than the measured endpoint propagation: 5s recommended\n    has:         preStop sleep 2s\n    \
+                    recommended: preStop sleep 5s\n    why:         p99 at 95% confidence over 300 deletions of \
+                    service shop/web in the last 7d";
+    assert!(text.contains(expected), "{text}");
+    let patch = "    patch:\n      spec:\n        template:\n          spec:\n            containers:\n            \
+                 - name: app\n              lifecycle:\n                preStop:\n                  sleep:\n                    \
+                 seconds: 5\n";
+    assert!(text.contains(patch), "{text}");
+}
+
+#[test]
+fn github_format_emits_one_annotation_per_finding() {
+    let agg = seeded();
+    let out = run(
+        &["--aggregator", &agg.url, "--format", "github", "kinds"],
+        &fixtures(),
+        None,
+    );
+    assert_eq!(code(&out), 1);
+    let text = stdout(&out);
+    let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("::error ")).collect();
+    assert_eq!(errors.len(), 3, "{text}");
+    assert!(
+        errors[0].starts_with(
+            "::error file=kinds/shop.yaml,line=17,title=prestop-check%3A PreStopBelowRecommendation::\
+             Deployment shop/web container app: preStop sleep 2s"
+        ),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[0].contains("%0Apatch:%0Aspec:%0A  template:"),
+        "{}",
+        errors[0]
+    );
+}
+
+#[test]
+fn helm_template_output_on_stdin_with_drain_time() {
+    let agg = seeded();
+    let manifest = std::fs::read_to_string(fixtures().join("helm-template.yaml")).unwrap();
+    let out = run(
+        &[
+            "--aggregator",
+            &agg.url,
+            "--drain-seconds",
+            "8",
+            "--format",
+            "json",
+            "-",
+        ],
+        &fixtures(),
+        Some(&manifest),
+    );
+    assert_eq!(code(&out), 1, "{}", stdout(&out));
+    let report = json(&out);
+    let findings = report["findings"].as_array().unwrap();
+    let problems: Vec<(&str, u64)> = findings
+        .iter()
+        .map(|f| (f["problem"].as_str().unwrap(), f["line"].as_u64().unwrap()))
+        .collect();
+    // Namespace default has no samples of its own: the cluster answers (5 s).
+    // No preStop (a postStart only) and a 10 s grace period that cannot hold
+    // 0 s + 8 s drain... it can, but not the recommended 5 s + 8 s.
+    assert_eq!(problems, [("preStopBelowRecommendation", 41)]);
+    assert_eq!(findings[0]["file"], "<stdin>");
+    let patch = findings[0]["patch"].as_str().unwrap();
+    assert!(
+        patch.contains("terminationGracePeriodSeconds: 13\n"),
+        "{patch}"
+    );
+    assert_eq!(
+        report["checked"][0]["recommendation"]["scope"]["namespace"],
+        serde_json::Value::Null
+    );
+
+    let out = run(
+        &["--offline-ok", "--drain-seconds", "12", "-"],
+        &fixtures(),
+        Some(&manifest),
+    );
+    assert_eq!(code(&out), 1);
+    assert!(
+        stdout(&out).contains(
+            "<stdin>:39: error: Deployment default/api container api: terminationGracePeriodSeconds 10 cannot hold \
+             the 0s preStop plus 12s drain"
+        ),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn unknown_hooks_are_reported_never_taken_as_zero() {
+    let agg = seeded();
+    let out = run(
+        &[
+            "--aggregator",
+            &agg.url,
+            "--format",
+            "json",
+            "unknown-hooks.yaml",
+        ],
+        &fixtures(),
+        None,
+    );
+    assert_eq!(code(&out), 0, "{}", stdout(&out));
+    let report = json(&out);
+    let findings = report["findings"].as_array().unwrap();
+    assert_eq!(findings.len(), 3);
+    assert!(
+        findings
+            .iter()
+            .all(|f| f["problem"] == "unknownPreStop" && f["severity"] == "warning")
+    );
+    assert!(
+        report["checked"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["preStopSeconds"].is_null())
+    );
+
+    let out = run(
+        &[
+            "--aggregator",
+            &agg.url,
+            "--fail-on-unknown",
+            "unknown-hooks.yaml",
+        ],
+        &fixtures(),
+        None,
+    );
+    assert_eq!(code(&out), 1);
+}
+
+#[test]
+fn unreachable_aggregator_exits_4_unless_offline_ok() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let out = run(&["--aggregator", &url, "kinds"], &fixtures(), None);
+    assert_eq!(code(&out), 4);
+    assert!(
+        stdout(&out).contains("error: aggregator unreachable at"),
+        "{}",
+        stdout(&out)
+    );
+
+    let out = run(
+        &[
+            "--aggregator",
+            &url,
+            "--offline-ok",
+            "--format",
+            "github",
+            "kinds",
+        ],
+        &fixtures(),
+        None,
+    );
+    assert_eq!(code(&out), 0, "{}", stdout(&out));
+    assert!(
+        stdout(&out).starts_with("::warning title=prestop-check::aggregator unreachable"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn low_confidence_policy_decides_the_exit_code() {
+    let few: Vec<_> = (0..10).map(|i| deletion(i, "shop", "web", 3.0)).collect();
+    let agg = start(&few);
+    assert_eq!(recommendation(&agg, "")["lowConfidence"], true);
+    let args = |policy: &'static str| {
+        [
+            "--aggregator",
+            &agg.url,
+            "--low-confidence",
+            policy,
+            "kinds",
+        ]
+        .map(String::from)
+    };
+    let exit = |policy| {
+        let a = args(policy);
+        code(&run(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            &fixtures(),
+            None,
+        ))
+    };
+    assert_eq!(exit("warn"), 0);
+    assert_eq!(exit("fail"), 5);
+    assert_eq!(exit("ignore"), 1);
+}
+
+#[test]
+fn no_measurements_at_all_is_not_a_pass_under_fail() {
+    let agg = start(&[]);
+    let out = run(&["--aggregator", &agg.url, "kinds"], &fixtures(), None);
+    assert_eq!(code(&out), 0);
+    assert!(
+        stdout(&out).contains("no propagation measurements"),
+        "{}",
+        stdout(&out)
+    );
+    let out = run(
+        &[
+            "--aggregator",
+            &agg.url,
+            "--low-confidence",
+            "fail",
+            "kinds",
+        ],
+        &fixtures(),
+        None,
+    );
+    assert_eq!(code(&out), 5);
+}
+
+#[test]
+fn unparsable_manifests_exit_3_with_file_and_line() {
+    let out = run(&["--offline-ok", "bad"], &fixtures(), None);
+    assert_eq!(code(&out), 3);
+    let text = stdout(&out);
+    assert!(
+        text.contains("bad/syntax.yaml:7: error: unparsable YAML: line 7"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "bad/types.yaml:6: error: invalid Deployment: invalid type: string \"three\""
+        ),
+        "{text}"
+    );
+
+    let out = run(
+        &["--offline-ok", "--format", "github", "bad/syntax.yaml"],
+        &fixtures(),
+        None,
+    );
+    assert!(
+        stdout(&out).starts_with("::error file=bad/syntax.yaml,line=7,"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        code(&run(&["--offline-ok", "missing.yaml"], &fixtures(), None)),
+        3
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(
+        code(&run(&["--format", "xml", "kinds"], &fixtures(), None)),
+        2
+    );
+    assert_eq!(
+        code(&run(&["kinds"], &fixtures(), None)),
+        2,
+        "no aggregator and not offline"
+    );
+    assert_eq!(
+        code(&run(&["--offline-ok", "--fix", "-"], &fixtures(), Some(""))),
+        2
+    );
+}
+
+#[test]
+fn fix_edits_only_the_located_values_and_the_result_passes() {
+    let agg = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("kinds")).unwrap();
+    for f in [
+        "kinds/shop.yaml",
+        "kinds/services.yaml",
+        "helm-template.yaml",
+    ] {
+        std::fs::copy(fixtures().join(f), dir.path().join(f)).unwrap();
+    }
+    let out = run(
+        &[
+            "--aggregator",
+            &agg.url,
+            "--drain-seconds",
+            "3",
+            "--fix",
+            ".",
+        ],
+        dir.path(),
+        None,
+    );
+    assert_eq!(code(&out), 0, "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("kinds/shop.yaml:17: fixed: Deployment shop/web"),
+        "{}",
+        stdout(&out)
+    );
+
+    let before = std::fs::read_to_string(fixtures().join("kinds/shop.yaml")).unwrap();
+    let after = std::fs::read_to_string(dir.path().join("kinds/shop.yaml")).unwrap();
+    let changed: Vec<(&str, &str)> = diff(&before, &after);
+    assert_eq!(
+        changed,
+        [
+            ("              seconds: 2 # folklore", ""),
+            ("", "              seconds: 5 # folklore"),
+            ("", "      terminationGracePeriodSeconds: 33"), // DaemonSet: 30 s preStop + 3 s
+            ("", "        lifecycle:"), // ReplicaSet: inserted after `- name: app`
+            ("", "          preStop:"),
+            ("", "            sleep:"),
+            ("", "              seconds: 5"),
+            ("", "            lifecycle:"), // CronJob, deeper
+            ("", "              preStop:"),
+            ("", "                sleep:"),
+            ("", "                  seconds: 5"),
+        ]
+    );
+    let helm = std::fs::read_to_string(dir.path().join("helm-template.yaml")).unwrap();
+    assert!(
+        helm.contains(
+            "      terminationGracePeriodSeconds: 10\n      containers:\n        - name: api\n          image: \"api:1.0.0\"\n          ports:\n            - name: http\n              containerPort: 8080\n              protocol: TCP\n          lifecycle:\n            preStop:\n              sleep:\n                seconds: 5\n            postStart:\n"
+        ),
+        "{helm}"
+    );
+
+    let again = run(
+        &[
+            "--aggregator",
+            &agg.url,
+            "--drain-seconds",
+            "3",
+            "--format",
+            "json",
+            ".",
+        ],
+        dir.path(),
+        None,
+    );
+    assert_eq!(code(&again), 0, "{}", stdout(&again));
+    assert!(
+        json(&again)["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["severity"] != "error")
+    );
+}
+
+#[test]
+fn fix_rewrites_exec_sleeps_in_place() {
+    let agg = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  selector: {app: s}\n---\n\
+                    apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: s}\nspec:\n  selector: {matchLabels: {app: s}}\n  \
+                    template:\n    metadata: {labels: {app: s}}\n    spec:\n      containers:\n      - name: a\n        image: a\n        \
+                    lifecycle: {preStop: {exec: {command: ['/bin/sleep', '2s']}}}\n      - name: b\n        image: b\n        \
+                    lifecycle:\n          preStop:\n            exec:\n              command: [\"sh\", \"-c\", \"sleep 1 && kill 1\"]\n";
+    std::fs::write(dir.path().join("m.yaml"), manifest).unwrap();
+    let out = run(
+        &["--aggregator", &agg.url, "--fix", "m.yaml"],
+        dir.path(),
+        None,
+    );
+    assert_eq!(code(&out), 0, "{}", stdout(&out));
+    let after = std::fs::read_to_string(dir.path().join("m.yaml")).unwrap();
+    assert_eq!(
+        after,
+        manifest
+            .replace("['/bin/sleep', '2s']", "['/bin/sleep', '5']")
+            .replace("sleep 1 && kill 1", "sleep 5 && kill 1")
+    );
+}
+
+#[test]
+fn metrics_file_exports_configured_prestop_per_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("prestop.prom");
+    let out = run(
+        &[
+            "--offline-ok",
+            "--metrics-file",
+            path.to_str().unwrap(),
+            "kinds",
+            "unknown-hooks.yaml",
+        ],
+        &fixtures(),
+        None,
+    );
+    assert_eq!(code(&out), 0, "{}", stdout(&out));
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(
+        "prestop_check_configured_prestop_seconds{namespace=\"shop\",service=\"web\",workload=\"Deployment/web\",container=\"app\"} 2\n"
+    ), "{text}");
+    assert!(text.contains("prestop_check_termination_grace_period_seconds{namespace=\"shop\",workload=\"StatefulSet/db\"} 60\n"));
+    assert!(
+        !text.contains("mystery\",workload"),
+        "unknown hooks are not exported as a number: {text}"
+    );
+}
+
+/// Lines only in `before` as `(line, "")`, lines only in `after` as
+/// `("", line)`, in file order (longest-common-subsequence line diff).
+fn diff<'a>(before: &'a str, after: &'a str) -> Vec<(&'a str, &'a str)> {
+    let (b, a): (Vec<&str>, Vec<&str>) = (before.lines().collect(), after.lines().collect());
+    let mut lcs = vec![vec![0usize; a.len() + 1]; b.len() + 1];
+    for i in (0..b.len()).rev() {
+        for j in (0..a.len()).rev() {
+            lcs[i][j] = if b[i] == a[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < b.len() || j < a.len() {
+        if i < b.len() && j < a.len() && b[i] == a[j] {
+            i += 1;
+            j += 1;
+        } else if j < a.len() && (i == b.len() || lcs[i][j + 1] > lcs[i + 1][j]) {
+            out.push(("", a[j]));
+            j += 1;
+        } else {
+            out.push((b[i], ""));
+            i += 1;
+        }
+    }
+    out
+}
