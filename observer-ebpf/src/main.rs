@@ -2,6 +2,7 @@
 #![no_main]
 
 mod conn;
+mod flows;
 mod maps;
 mod record;
 

@@ -16,7 +16,7 @@
 mod ipt_entries;
 mod iptables_legacy;
 mod mirror;
-mod netlink;
+pub(crate) mod netlink;
 mod nft_msg;
 mod nftables;
 mod xtables;

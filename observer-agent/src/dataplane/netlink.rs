@@ -4,7 +4,7 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     time::Duration,
 };
 
@@ -213,6 +213,12 @@ impl Request {
 #[derive(Debug)]
 pub struct Socket {
     fd: OwnedFd,
+}
+
+impl AsFd for Socket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
 }
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {

@@ -1,0 +1,241 @@
+//! Typed decoding of ctnetlink new-conntrack events into the flow they
+//! describe: the original tuple (what the client chose) and the reply
+//! tuple's source (where NAT sent it).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::dataplane::netlink::{Attr, DecodeError, NFGENMSG_LEN, attrs};
+
+/// (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW.
+pub const CT_NEW: u16 = 1 << 8;
+
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_TIMESTAMP: u16 = 22;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_TUPLE_PROTO: u16 = 2;
+const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V4_DST: u16 = 2;
+const CTA_IP_V6_SRC: u16 = 3;
+const CTA_IP_V6_DST: u16 = 4;
+const CTA_PROTO_NUM: u16 = 1;
+const CTA_PROTO_SRC_PORT: u16 = 2;
+const CTA_PROTO_DST_PORT: u16 = 3;
+const CTA_TIMESTAMP_START: u16 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuple {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub protocol: u8,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtNew {
+    pub original: Tuple,
+    pub reply: Tuple,
+    /// Conntrack's own start time (wall clock, ns) when
+    /// net.netfilter.nf_conntrack_timestamp is on.
+    pub start_unix_nano: Option<u64>,
+}
+
+fn ip(attr: &Attr<'_>, what: &'static str) -> Result<IpAddr, DecodeError> {
+    match attr.value.len() {
+        4 => Ok(IpAddr::V4(Ipv4Addr::from(
+            <[u8; 4]>::try_from(attr.value).map_err(|_| DecodeError::BadLength { what, len: 4 })?,
+        ))),
+        16 => Ok(IpAddr::V6(Ipv6Addr::from(
+            <[u8; 16]>::try_from(attr.value)
+                .map_err(|_| DecodeError::BadLength { what, len: 16 })?,
+        ))),
+        len => Err(DecodeError::BadLength { what, len }),
+    }
+}
+
+fn port(attr: &Attr<'_>, what: &'static str) -> Result<u16, DecodeError> {
+    let b: [u8; 2] = attr.value.try_into().map_err(|_| DecodeError::BadLength {
+        what,
+        len: attr.value.len(),
+    })?;
+    Ok(u16::from_be_bytes(b))
+}
+
+fn tuple(nest: &Attr<'_>) -> Result<Tuple, DecodeError> {
+    let (mut src, mut dst, mut sport, mut dport, mut protocol) = (None, None, 0, 0, None);
+    for attr in nest.nested() {
+        let attr = attr?;
+        match attr.kind {
+            CTA_TUPLE_IP => {
+                for a in attr.nested() {
+                    let a = a?;
+                    match a.kind {
+                        CTA_IP_V4_SRC | CTA_IP_V6_SRC => src = Some(ip(&a, "tuple source")?),
+                        CTA_IP_V4_DST | CTA_IP_V6_DST => dst = Some(ip(&a, "tuple destination")?),
+                        _ => {}
+                    }
+                }
+            }
+            CTA_TUPLE_PROTO => {
+                for a in attr.nested() {
+                    let a = a?;
+                    match a.kind {
+                        CTA_PROTO_NUM => {
+                            protocol = Some(*a.value.first().ok_or(DecodeError::BadLength {
+                                what: "protocol number",
+                                len: 0,
+                            })?)
+                        }
+                        CTA_PROTO_SRC_PORT => sport = port(&a, "source port")?,
+                        CTA_PROTO_DST_PORT => dport = port(&a, "destination port")?,
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(Tuple {
+        src: SocketAddr::new(
+            src.ok_or(DecodeError::Missing {
+                what: "tuple source",
+            })?,
+            sport,
+        ),
+        dst: SocketAddr::new(
+            dst.ok_or(DecodeError::Missing {
+                what: "tuple destination",
+            })?,
+            dport,
+        ),
+        protocol: protocol.ok_or(DecodeError::Missing {
+            what: "tuple protocol",
+        })?,
+    })
+}
+
+/// Decodes the payload (after nlmsghdr) of a CT_NEW message.
+pub fn decode(payload: &[u8]) -> Result<CtNew, DecodeError> {
+    let body = payload.get(NFGENMSG_LEN..).ok_or(DecodeError::Truncated {
+        what: "nfgenmsg",
+        need: NFGENMSG_LEN,
+        have: payload.len(),
+    })?;
+    let (mut original, mut reply, mut start) = (None, None, None);
+    for attr in attrs(body) {
+        let attr = attr?;
+        match attr.kind {
+            CTA_TUPLE_ORIG => original = Some(tuple(&attr)?),
+            CTA_TUPLE_REPLY => reply = Some(tuple(&attr)?),
+            CTA_TIMESTAMP => {
+                for a in attr.nested() {
+                    let a = a?;
+                    if a.kind == CTA_TIMESTAMP_START {
+                        start = Some(a.be_u64("conntrack start")?);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(CtNew {
+        original: original.ok_or(DecodeError::Missing {
+            what: "original tuple",
+        })?,
+        reply: reply.ok_or(DecodeError::Missing {
+            what: "reply tuple",
+        })?,
+        start_unix_nano: start,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(value);
+        out.resize((out.len() + 3) & !3, 0);
+        out
+    }
+
+    fn tuple_attr(kind: u16, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+        let nested = 0x8000;
+        attr(
+            kind | nested,
+            &[
+                attr(
+                    CTA_TUPLE_IP | nested,
+                    &[attr(CTA_IP_V4_SRC, &src), attr(CTA_IP_V4_DST, &dst)].concat(),
+                ),
+                attr(
+                    CTA_TUPLE_PROTO | nested,
+                    &[
+                        attr(CTA_PROTO_NUM, &[6]),
+                        attr(CTA_PROTO_SRC_PORT, &sport.to_be_bytes()),
+                        attr(CTA_PROTO_DST_PORT, &dport.to_be_bytes()),
+                    ]
+                    .concat(),
+                ),
+            ]
+            .concat(),
+        )
+    }
+
+    /// A client 10.0.0.5:40000 to the VIP 172.30.0.10:80, DNATed to 10.180.0.2:8080.
+    pub(crate) fn event() -> Vec<u8> {
+        [
+            vec![2, 0, 0, 0],
+            tuple_attr(CTA_TUPLE_ORIG, [10, 0, 0, 5], 40000, [172, 30, 0, 10], 80),
+            tuple_attr(CTA_TUPLE_REPLY, [10, 180, 0, 2], 8080, [10, 0, 0, 5], 40000),
+            attr(
+                CTA_TIMESTAMP | 0x8000,
+                &attr(
+                    CTA_TIMESTAMP_START,
+                    &1_700_000_000_000_000_000u64.to_be_bytes(),
+                ),
+            ),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn decodes_a_dnat_flow() {
+        let ct = decode(&event()).unwrap();
+        assert_eq!(ct.original.src, "10.0.0.5:40000".parse().unwrap());
+        assert_eq!(ct.original.dst, "172.30.0.10:80".parse().unwrap());
+        assert_eq!(ct.reply.src, "10.180.0.2:8080".parse().unwrap());
+        assert_eq!(ct.original.protocol, 6);
+        assert_eq!(ct.start_unix_nano, Some(1_700_000_000_000_000_000));
+    }
+
+    #[test]
+    fn missing_reply_or_truncation_is_an_error() {
+        let ev = event();
+        assert!(decode(&ev[..40]).is_err());
+        assert!(matches!(
+            decode(&[2, 0, 0, 0]),
+            Err(DecodeError::Missing { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn corrupted_events_never_panic(at in 0usize..120, byte in any::<u8>(), cut in 0usize..120) {
+            let mut ev = event();
+            if at < ev.len() {
+                ev[at] = byte;
+            }
+            ev.truncate(cut);
+            let _ = decode(&ev);
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! New connections routed to watched endpoints (T_last): conntrack
+//! new-flow events (ctnetlink, NFNLGRP_CONNTRACK_NEW) whose reply source,
+//! the destination after NAT, is watched. The eBPF socket filter
+//! `ct_new_filter` on the ctnetlink socket drops every other event in the
+//! kernel, so the cost is per watched flow, not per flow of the node.
+
+mod ct_msg;
+
+use std::{
+    io,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use aya::{
+    Ebpf,
+    programs::{ProgramError, SocketFilter},
+};
+use thiserror::Error;
+use tokio::sync::mpsc::Sender;
+use tracing::{debug, warn};
+
+pub use ct_msg::{CtNew, Tuple, decode as decode_ct_new};
+
+use crate::{
+    dataplane::{
+        netlink::{self, NETLINK_NETFILTER, Socket},
+        unix_nanos,
+    },
+    observation::{NewFlow, Observation},
+};
+
+/// Name of the socket filter program in the eBPF object.
+pub const PROGRAM: &str = "ct_new_filter";
+const NFNLGRP_CONNTRACK_NEW: u32 = 1;
+const POLL: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Error)]
+pub enum FlowsError {
+    #[error("the eBPF object has no program {PROGRAM}")]
+    MissingProgram,
+    #[error("loading or attaching {PROGRAM}: {0}")]
+    Program(#[from] ProgramError),
+    #[error("ctnetlink socket: {0}")]
+    Socket(io::Error),
+    #[error("starting the flow thread: {0}")]
+    Thread(io::Error),
+}
+
+/// The running flow watch; dropping it stops the thread and closes the socket.
+#[derive(Debug)]
+pub struct FlowWatch {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for FlowWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Opens a ctnetlink socket in the current network namespace, attaches the
+/// filter (loading it if needed; it reads the `WATCHED` map of `ebpf`) and
+/// reports each new flow to a watched address.
+pub fn spawn(ebpf: &mut Ebpf, tx: Sender<Observation>) -> Result<FlowWatch, FlowsError> {
+    let program: &mut SocketFilter = ebpf
+        .program_mut(PROGRAM)
+        .ok_or(FlowsError::MissingProgram)?
+        .try_into()?;
+    if program.fd().is_err() {
+        program.load()?;
+    }
+    let sock = Socket::open(NETLINK_NETFILTER).map_err(FlowsError::Socket)?;
+    // Filter first, then subscribe: no unfiltered event is ever queued.
+    program.attach(&sock)?;
+    sock.join_group(NFNLGRP_CONNTRACK_NEW)
+        .map_err(FlowsError::Socket)?;
+    if let Err(e) = sock.set_recv_buffer(8 << 20) {
+        warn!(error = %e, "could not grow the conntrack event buffer");
+    }
+    sock.set_recv_timeout(POLL).map_err(FlowsError::Socket)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("flows".into())
+        .spawn(move || run(&sock, &flag, &tx))
+        .map_err(FlowsError::Thread)?;
+    Ok(FlowWatch {
+        stop,
+        thread: Some(thread),
+    })
+}
+
+fn run(sock: &Socket, stop: &AtomicBool, tx: &Sender<Observation>) {
+    let mut buf = vec![0u8; 64 << 10];
+    while !stop.load(Ordering::Relaxed) {
+        let n = match sock.recv(&mut buf) {
+            Ok(n) => n,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) => {
+                continue;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                warn!("conntrack events were lost (socket buffer overflow)");
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "ctnetlink socket failed; flow watch stops");
+                return;
+            }
+        };
+        let received = unix_nanos();
+        for msg in netlink::messages(&buf[..n]) {
+            let Ok(msg) = msg else { break };
+            if msg.kind != ct_msg::CT_NEW {
+                continue;
+            }
+            let ct = match ct_msg::decode(msg.payload) {
+                Ok(ct) => ct,
+                Err(e) => {
+                    debug!(error = %e, "undecodable conntrack event skipped");
+                    continue;
+                }
+            };
+            let flow = NewFlow {
+                src: ct.original.src,
+                dst: ct.reply.src,
+                original_dst: ct.original.dst,
+                time_unix_nano: ct.start_unix_nano.unwrap_or(received),
+            };
+            if tx.blocking_send(Observation::NewFlow(flow)).is_err() {
+                return;
+            }
+        }
+    }
+}
