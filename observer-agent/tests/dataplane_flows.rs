@@ -106,11 +106,7 @@ async fn drain(rx: &mut Receiver<Observation>, window: Duration) -> Vec<Observat
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn new_flows_to_a_removed_endpoint_stop_after_rules_removed() {
-    if !root_or_skip("new_flows_to_a_removed_endpoint_stop_after_rules_removed") {
-        return;
-    }
+async fn flows_stop_after_removal(mode: Mode, slack_ns: u64) {
     let ns = NetNs::create("dpflow").unwrap();
     let (b1, b2) = (backend(1), backend(2));
     // Backends are local addresses; the VIP is routed (to lo) so the OUTPUT
@@ -121,7 +117,7 @@ async fn new_flows_to_a_removed_endpoint_stop_after_rules_removed() {
     }
     ns.ip(&["route", "add", "172.30.0.0/16", "dev", "lo"])
         .unwrap();
-    let mut rules = Rules::new(Some(ns.name().to_owned()), Mode::Nftables);
+    let mut rules = Rules::new(Some(ns.name().to_owned()), mode);
     rules.sync(&[(service(), vec![b1, b2])]).unwrap();
     let _server = Server::start(&ns);
 
@@ -169,10 +165,40 @@ async fn new_flows_to_a_removed_endpoint_stop_after_rules_removed() {
             _ => None,
         })
         .expect("rules_removed reported");
-    assert!(removed_at <= applied.finished_unix_nano + 5_000_000);
+    assert!(
+        removed_at <= applied.finished_unix_nano + slack_ns,
+        "{mode}"
+    );
     let late: Vec<_> = after
         .iter()
         .filter(|o| matches!(o, Observation::NewFlow(f) if f.time_unix_nano > removed_at))
         .collect();
-    assert!(late.is_empty(), "new flows after the removal: {late:?}");
+    assert!(
+        late.is_empty(),
+        "{mode}: new flows after the removal: {late:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nftables_new_flows_stop_after_rules_removed() {
+    if !root_or_skip("nftables_new_flows_stop_after_rules_removed") {
+        return;
+    }
+    flows_stop_after_removal(Mode::Nftables, 5_000_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iptables_nft_new_flows_stop_after_rules_removed() {
+    if !root_or_skip("iptables_nft_new_flows_stop_after_rules_removed") {
+        return;
+    }
+    flows_stop_after_removal(Mode::IptablesNft, 5_000_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iptables_legacy_new_flows_stop_after_rules_removed() {
+    if !root_or_skip("iptables_legacy_new_flows_stop_after_rules_removed") {
+        return;
+    }
+    flows_stop_after_removal(Mode::IptablesLegacy, 20_000_000).await;
 }
