@@ -5,6 +5,7 @@
 pub mod clock;
 pub mod commands;
 pub mod dataplane;
+pub mod endpoint_record;
 pub mod flows;
 pub mod kernel;
 pub mod observation;
