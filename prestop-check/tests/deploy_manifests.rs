@@ -1,0 +1,459 @@
+//! Renders every Kustomize base and overlay in deploy/ with `kubectl
+//! kustomize`, deserialises every object into its Kubernetes type (a field
+//! the type does not know fails the round trip), and checks the security
+//! settings docs/deploy.md promises.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Namespace, PersistentVolumeClaim, PodSpec, Service, ServiceAccount,
+};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::scheduling::v1::PriorityClass;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// The base and every overlay: each is something a user may apply.
+fn targets() -> Vec<PathBuf> {
+    let mut out = vec![deploy_dir().join("base")];
+    let mut overlays: Vec<PathBuf> = std::fs::read_dir(deploy_dir().join("overlays"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    overlays.sort();
+    assert!(overlays.len() >= 3, "{overlays:?}");
+    out.extend(overlays);
+    out
+}
+
+fn render(dir: &Path) -> Vec<Value> {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("kubectl (with built-in kustomize) must be installed: cargo xtask setup");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    prestop_check::yaml::parse_stream(&text)
+        .unwrap()
+        .iter()
+        .map(|d| d.to_json())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Deserialises into `T` and back: a misspelt or misplaced field is dropped
+/// by the typed model and shows up as a difference.
+fn typed<T: DeserializeOwned + Serialize>(object: &Value) -> T {
+    let t: T = serde_json::from_value(object.clone()).unwrap_or_else(|e| panic!("{e}: {object:#}"));
+    let back = serde_json::to_value(&t).unwrap();
+    assert_eq!(
+        strip_empty(&back),
+        strip_empty(object),
+        "round trip changed the object"
+    );
+    t
+}
+
+fn strip_empty(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(_, v)| {
+                    !matches!(v, Value::Null) && v != &&Value::Object(Default::default())
+                })
+                .map(|(k, v)| (k.clone(), strip_empty(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(strip_empty).collect()),
+        v => v.clone(),
+    }
+}
+
+#[derive(Default)]
+struct Rendered {
+    daemonsets: Vec<DaemonSet>,
+    deployments: Vec<Deployment>,
+    services: Vec<Service>,
+    service_accounts: Vec<ServiceAccount>,
+    cluster_roles: Vec<ClusterRole>,
+    bindings: Vec<ClusterRoleBinding>,
+    claims: Vec<PersistentVolumeClaim>,
+    priority_classes: Vec<PriorityClass>,
+    service_monitors: Vec<Value>,
+}
+
+fn load(dir: &Path) -> Rendered {
+    let mut r = Rendered::default();
+    for object in render(dir) {
+        match object["kind"].as_str().unwrap() {
+            "Namespace" => drop(typed::<Namespace>(&object)),
+            "ConfigMap" => drop(typed::<ConfigMap>(&object)),
+            "DaemonSet" => r.daemonsets.push(typed(&object)),
+            "Deployment" => r.deployments.push(typed(&object)),
+            "Service" => r.services.push(typed(&object)),
+            "ServiceAccount" => r.service_accounts.push(typed(&object)),
+            "ClusterRole" => r.cluster_roles.push(typed(&object)),
+            "ClusterRoleBinding" => r.bindings.push(typed(&object)),
+            "PersistentVolumeClaim" => r.claims.push(typed(&object)),
+            "PriorityClass" => r.priority_classes.push(typed(&object)),
+            // A CRD of the Prometheus Operator: not in k8s-openapi.
+            "ServiceMonitor" => r.service_monitors.push(object),
+            other => panic!("{}: unexpected kind {other}", dir.display()),
+        }
+    }
+    r
+}
+
+fn only<'a, T>(items: &'a [T], what: &str) -> &'a T {
+    assert_eq!(items.len(), 1, "exactly one {what}");
+    &items[0]
+}
+
+fn pod_spec(spec: Option<&PodSpec>) -> &PodSpec {
+    spec.expect("pod spec")
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// Settings both containers share: nothing privileged, everything
+/// dropped, read-only root, limits and probes.
+fn check_hardened(c: &Container) -> BTreeSet<String> {
+    let sc = c.security_context.as_ref().expect("securityContext");
+    assert_ne!(sc.privileged, Some(true), "{}", c.name);
+    assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
+    assert_eq!(sc.read_only_root_filesystem, Some(true), "{}", c.name);
+    let caps = sc.capabilities.as_ref().expect("capabilities");
+    assert_eq!(
+        caps.drop.as_deref(),
+        Some(&["ALL".to_string()][..]),
+        "{}",
+        c.name
+    );
+    let resources = c.resources.as_ref().expect("resources");
+    for key in ["cpu", "memory"] {
+        assert!(
+            resources
+                .requests
+                .as_ref()
+                .is_some_and(|r| r.contains_key(key)),
+            "{} request {key}",
+            c.name
+        );
+        assert!(
+            resources
+                .limits
+                .as_ref()
+                .is_some_and(|r| r.contains_key(key)),
+            "{} limit {key}",
+            c.name
+        );
+    }
+    for (probe, path) in [
+        (&c.liveness_probe, "/healthz"),
+        (&c.readiness_probe, "/readyz"),
+    ] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("http probe");
+        assert_eq!(get.path.as_deref(), Some(path), "{}", c.name);
+    }
+    caps.add.clone().unwrap_or_default().into_iter().collect()
+}
+
+fn check_agent(r: &Rendered, expected_caps: &BTreeSet<String>) {
+    let ds = only(&r.daemonsets, "DaemonSet");
+    let spec = ds.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.update_strategy
+            .as_ref()
+            .and_then(|s| s.type_.as_deref()),
+        Some("RollingUpdate")
+    );
+    let pod = pod_spec(spec.template.spec.as_ref());
+    assert_eq!(pod.host_network, Some(true));
+    assert_ne!(pod.host_pid, Some(true), "hostPID is not needed");
+    assert_ne!(pod.host_ipc, Some(true));
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    let tolerates_control_plane = pod.tolerations.iter().flatten().any(|t| {
+        let key_ok = t.key.is_none() && t.operator.as_deref() == Some("Exists")
+            || t.key.as_deref() == Some("node-role.kubernetes.io/control-plane");
+        key_ok && t.effect.as_deref().is_none_or(|e| e == "NoSchedule")
+    });
+    assert!(tolerates_control_plane, "{:?}", pod.tolerations);
+    let class = pod.priority_class_name.as_deref().expect("priority class");
+    assert!(
+        r.priority_classes
+            .iter()
+            .any(|p| p.metadata.name.as_deref() == Some(class))
+    );
+
+    let [c] = &pod.containers[..] else {
+        panic!("one agent container")
+    };
+    assert_eq!(&check_hardened(c), expected_caps);
+    let args = c.args.clone().unwrap_or_default().join(" ");
+    assert!(
+        args.starts_with("run --aggregator http://prestop-aggregator.$(POD_NAMESPACE).svc:50051"),
+        "{args}"
+    );
+    assert!(
+        args.contains("--node-name $(NODE_NAME)") && args.contains("--health-addr 0.0.0.0:9464"),
+        "{args}"
+    );
+    let env: BTreeMap<&str, &str> = c
+        .env
+        .iter()
+        .flatten()
+        .map(|e| {
+            let field = e
+                .value_from
+                .as_ref()
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.as_str());
+            (e.name.as_str(), field.unwrap_or_default())
+        })
+        .collect();
+    assert_eq!(
+        env.get("NODE_NAME"),
+        Some(&"spec.nodeName"),
+        "node name from the downward API"
+    );
+    assert_eq!(env.get("POD_NAMESPACE"), Some(&"metadata.namespace"));
+    let health = c
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("health"))
+        .unwrap();
+    assert_eq!(health.container_port, 9464);
+
+    let host_paths: BTreeMap<String, String> = pod
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| {
+            v.host_path
+                .as_ref()
+                .map(|h| (v.name.clone(), h.path.clone()))
+        })
+        .collect();
+    assert_eq!(
+        host_paths,
+        BTreeMap::from([
+            ("btf".to_string(), "/sys/kernel/btf".to_string()),
+            ("tracefs".to_string(), "/sys/kernel/tracing".to_string()),
+        ])
+    );
+    for m in c.volume_mounts.iter().flatten() {
+        assert_eq!(
+            m.read_only,
+            Some(true),
+            "host mount {} must be read-only",
+            m.name
+        );
+    }
+}
+
+fn check_aggregator(r: &Rendered) {
+    let d = only(&r.deployments, "Deployment");
+    let spec = d.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(1), "one SQLite writer");
+    assert_eq!(
+        spec.strategy.as_ref().and_then(|s| s.type_.as_deref()),
+        Some("Recreate")
+    );
+    let pod = pod_spec(spec.template.spec.as_ref());
+    assert_eq!(
+        pod.security_context
+            .as_ref()
+            .and_then(|s| s.run_as_non_root),
+        Some(true)
+    );
+    let [c] = &pod.containers[..] else {
+        panic!("one aggregator container")
+    };
+    assert!(
+        check_hardened(c).is_empty(),
+        "the aggregator needs no capability"
+    );
+    let args = c.args.clone().unwrap_or_default().join(" ");
+    assert_eq!(
+        args,
+        "--grpc-addr 0.0.0.0:50051 --http-addr 0.0.0.0:8080 --store /var/lib/prestop-aggregator/store.db \
+         --cluster-name $(CLUSTER_NAME)"
+    );
+    let store = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/var/lib/prestop-aggregator")
+        .expect("store mount");
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == store.name)
+        .unwrap();
+    let claim = volume
+        .persistent_volume_claim
+        .as_ref()
+        .expect("store on a PVC");
+    assert!(
+        r.claims
+            .iter()
+            .any(|p| p.metadata.name.as_deref() == Some(claim.claim_name.as_str()))
+    );
+
+    let sa = pod
+        .service_account_name
+        .as_deref()
+        .expect("service account");
+    assert!(
+        r.service_accounts
+            .iter()
+            .any(|s| s.metadata.name.as_deref() == Some(sa))
+    );
+    let binding = only(&r.bindings, "ClusterRoleBinding");
+    let subject = only(binding.subjects.as_deref().unwrap(), "subject");
+    assert_eq!(
+        (subject.kind.as_str(), subject.name.as_str()),
+        ("ServiceAccount", sa)
+    );
+    assert_eq!(subject.namespace, d.metadata.namespace);
+
+    let role = only(&r.cluster_roles, "ClusterRole");
+    assert_eq!(binding.role_ref.name, role.metadata.name.clone().unwrap());
+    let mut grants = BTreeSet::new();
+    for rule in role.rules.iter().flatten() {
+        assert_eq!(
+            rule.verbs,
+            ["get", "list", "watch"],
+            "read-only verbs, exactly"
+        );
+        assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                grants.insert(format!("{group}/{resource}"));
+            }
+        }
+    }
+    assert_eq!(
+        grants,
+        set(&["/nodes", "/pods", "discovery.k8s.io/endpointslices"])
+    );
+
+    let svc = only(&r.services, "Service");
+    let labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    let selector = svc.spec.as_ref().unwrap().selector.clone().unwrap();
+    assert!(
+        selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        "Service selects the aggregator"
+    );
+    let ports: BTreeMap<String, i32> = svc
+        .spec
+        .as_ref()
+        .unwrap()
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone().unwrap(), p.port))
+        .collect();
+    assert_eq!(
+        ports,
+        BTreeMap::from([("grpc".into(), 50051), ("http".into(), 8080)])
+    );
+    for port in ["grpc", "http"] {
+        assert!(
+            c.ports
+                .iter()
+                .flatten()
+                .any(|p| p.name.as_deref() == Some(port)),
+            "container port {port}"
+        );
+    }
+
+    for sm in &r.service_monitors {
+        assert_eq!(sm["apiVersion"], "monitoring.coreos.com/v1");
+        assert_eq!(
+            sm["metadata"]["namespace"].as_str(),
+            d.metadata.namespace.as_deref()
+        );
+        let wanted = sm["spec"]["selector"]["matchLabels"].as_object().unwrap();
+        let svc_labels = svc.metadata.labels.clone().unwrap();
+        assert!(
+            wanted
+                .iter()
+                .all(|(k, v)| svc_labels.get(k).map(String::as_str) == v.as_str())
+        );
+        assert_eq!(sm["spec"]["endpoints"][0]["port"], "http");
+        assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
+    }
+}
+
+#[test]
+fn every_rendering_deserialises_and_is_least_privilege() {
+    for dir in targets() {
+        let name = dir.file_name().unwrap().to_str().unwrap().to_string();
+        let r = load(&dir);
+        let caps = match name.as_str() {
+            "kernel-before-5.8" => set(&["SYS_ADMIN", "SYS_RESOURCE", "NET_ADMIN"]),
+            "kernel-5.8-to-5.10" => set(&["BPF", "PERFMON", "NET_ADMIN", "SYS_RESOURCE"]),
+            _ => set(&["BPF", "PERFMON", "NET_ADMIN"]),
+        };
+        check_agent(&r, &caps);
+        check_aggregator(&r);
+        assert_eq!(
+            r.service_monitors.len(),
+            usize::from(name == "production"),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn a_capability_slipping_in_is_caught() {
+    // Kustomize only accepts relative resource paths: copy the base.
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    for entry in std::fs::read_dir(deploy_dir().join("base")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, base.join(path.file_name().unwrap())).unwrap();
+    }
+    let overlay = dir.path().join("overlay");
+    std::fs::create_dir(&overlay).unwrap();
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        "resources: [../base]\npatches:\n- target: {kind: DaemonSet}\n  patch: |-\n    - op: add\n      \
+         path: /spec/template/spec/containers/0/securityContext/capabilities/add/-\n      value: SYS_PTRACE\n",
+    )
+    .unwrap();
+    let r = load(&overlay);
+    let result =
+        std::panic::catch_unwind(|| check_agent(&r, &set(&["BPF", "PERFMON", "NET_ADMIN"])));
+    assert!(result.is_err());
+}
