@@ -4,7 +4,7 @@
 
 use std::{
     net::Ipv4Addr,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::sync::watch;
@@ -48,11 +48,25 @@ pub struct PodRecord {
     pub deletion_requested_unix_nano: Option<u64>,
 }
 
+/// Where the control plane's changes go besides the proxies: the
+/// Kubernetes API double the aggregator watches.
+pub trait ApiMirror: Send {
+    /// A pod was created, scheduled and became ready.
+    fn pod_ready(&mut self, pod: &PodRecord);
+    /// A pod's deletion was requested with this grace period.
+    fn pod_deleting(&mut self, pod: &PodRecord, grace: Duration);
+    /// The pod's containers ended; its object is gone.
+    fn pod_removed(&mut self, pod: &PodRecord);
+    /// The Service's EndpointSlice now lists these endpoints.
+    fn endpoints(&mut self, endpoints: &[Endpoint]);
+}
+
 /// The Service's endpoints as its EndpointSlice shows them, published to the
-/// proxies on every change.
+/// proxies (and the API mirror, when there is one) on every change.
 pub struct ControlPlane {
     endpoints: Vec<Endpoint>,
     publish: watch::Sender<Services>,
+    mirror: Option<Box<dyn ApiMirror>>,
 }
 
 impl ControlPlane {
@@ -61,7 +75,17 @@ impl ControlPlane {
         ControlPlane {
             endpoints: Vec::new(),
             publish,
+            mirror: None,
         }
+    }
+
+    /// Sends every later change to `mirror` as well.
+    pub fn set_mirror(&mut self, mut mirror: Box<dyn ApiMirror>, pods: &[PodRecord]) {
+        for pod in pods {
+            mirror.pod_ready(pod);
+        }
+        mirror.endpoints(&self.endpoints);
+        self.mirror = Some(mirror);
     }
 
     /// What a node's proxy follows.
@@ -69,7 +93,12 @@ impl ControlPlane {
         self.publish.subscribe()
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        // The API first: the EndpointSlice is written before any proxy can
+        // see it, as in a cluster.
+        if let Some(m) = &mut self.mirror {
+            m.endpoints(&self.endpoints);
+        }
         self.publish
             .send_replace(vec![(service_port(), self.endpoints.clone())]);
     }
@@ -77,6 +106,9 @@ impl ControlPlane {
     /// A new pod passed its readiness probe: the endpoint controller adds
     /// it as ready.
     pub fn pod_ready(&mut self, pod: &PodRecord) {
+        if let Some(m) = &mut self.mirror {
+            m.pod_ready(pod);
+        }
         self.endpoints.retain(|e| e.pod != pod.name);
         self.endpoints.push(Endpoint {
             pod: pod.name.clone(),
@@ -89,10 +121,14 @@ impl ControlPlane {
         self.publish();
     }
 
-    /// The pod's deletion was requested: its endpoint turns not ready and
-    /// terminating, still serving until its process stops.
-    pub fn pod_terminating(&mut self, pod: &str) {
-        for e in self.endpoints.iter_mut().filter(|e| e.pod == pod) {
+    /// The pod's deletion was requested: the pod gets its deletion
+    /// timestamp, then its endpoint turns not ready and terminating, still
+    /// serving until its process stops.
+    pub fn pod_terminating(&mut self, pod: &PodRecord, grace: Duration) {
+        if let Some(m) = &mut self.mirror {
+            m.pod_deleting(pod, grace);
+        }
+        for e in self.endpoints.iter_mut().filter(|e| e.pod == pod.name) {
             e.ready = false;
             e.serving = true;
             e.terminating = true;
@@ -100,10 +136,13 @@ impl ControlPlane {
         self.publish();
     }
 
-    /// The pod is gone: its endpoint leaves the slice.
-    pub fn pod_removed(&mut self, pod: &str) {
-        self.endpoints.retain(|e| e.pod != pod);
+    /// The pod is gone: its endpoint leaves the slice, its object the API.
+    pub fn pod_removed(&mut self, pod: &PodRecord) {
+        self.endpoints.retain(|e| e.pod != pod.name);
         self.publish();
+        if let Some(m) = &mut self.mirror {
+            m.pod_removed(pod);
+        }
     }
 }
 

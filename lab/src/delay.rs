@@ -49,6 +49,12 @@ impl Default for DelayDistribution {
     }
 }
 
+/// A duration flag: `250ms`, `1.5s`.
+pub fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+        .ok_or_else(|| format!("bad duration `{s}`: use a number with ms or s, e.g. 250ms, 1.5s"))
+}
+
 fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     if let Some(ms) = s.strip_suffix("ms") {

@@ -2,14 +2,19 @@
 //! rule layouts, workloads and clients. Used by the root-only tests and by
 //! `cargo xtask lab`; never by production code.
 
+pub use cli::LabArgs;
 pub use lab_netns::{netns, root};
 
 pub mod api;
+pub mod cli;
 pub mod client;
 pub mod delay;
 pub mod http;
+pub mod kube;
 pub mod kubeproxy;
+pub mod observer;
 pub mod proxy;
+pub mod report;
 pub mod scenario;
 pub mod server;
 pub mod topology;

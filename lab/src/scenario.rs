@@ -13,7 +13,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::{
-    api::{self, ControlPlane, PodRecord},
+    api::{self, ApiMirror, ControlPlane, PodRecord},
     client::{Client, ClientConfig, ClientKind, ClientReport},
     delay::DelayDistribution,
     kubeproxy::{KubeProxyError, Mode},
@@ -189,6 +189,15 @@ impl Lab {
             .collect()
     }
 
+    /// Sends the control plane's state and every later change to `mirror`.
+    pub fn mirror_to(&self, mirror: Box<dyn ApiMirror>) {
+        let pods: Vec<PodRecord> = self.pods.iter().map(|p| p.record.clone()).collect();
+        self.control
+            .lock()
+            .expect("control lock")
+            .set_mirror(mirror, &pods);
+    }
+
     pub fn modes(&self) -> &[Mode] {
         &self.modes
     }
@@ -319,12 +328,12 @@ impl Lab {
             self.control
                 .lock()
                 .expect("control lock")
-                .pod_terminating(&record.name);
+                .pod_terminating(&record, config.grace);
             let control = self.control.clone();
-            let (pre_stop, grace, name) = (config.pre_stop, config.grace, record.name.clone());
+            let (pre_stop, grace, gone) = (config.pre_stop, config.grace, record.clone());
             terminations.push(tokio::spawn(async move {
                 let termination = process.terminate(pre_stop, grace).await;
-                control.lock().expect("control lock").pod_removed(&name);
+                control.lock().expect("control lock").pod_removed(&gone);
                 termination.ending
             }));
             // The namespace (and so the pod IP) stays until the rollout

@@ -2,6 +2,7 @@
 
 mod build;
 mod cmd;
+mod lab;
 mod setup;
 mod test;
 
@@ -27,6 +28,10 @@ enum Task {
     Build(build::BuildArgs),
     /// Run every test of the workspace, including the root-only kernel tests.
     Test(test::TestArgs),
+    /// Run the lab: a cluster in network namespaces, a rolling update measured
+    /// by the real agents and aggregator, then repeated with preStop 0 and with
+    /// the recommended delay. Needs root. Writes target/lab/report.json.
+    Lab(Box<::lab::LabArgs>),
 }
 
 fn main() -> Result<()> {
@@ -34,5 +39,6 @@ fn main() -> Result<()> {
         Task::Setup(args) => setup::run(&args),
         Task::Build(args) => build::run(&args),
         Task::Test(args) => test::run(&args),
+        Task::Lab(args) => lab::run(&args),
     }
 }

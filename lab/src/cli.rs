@@ -1,0 +1,252 @@
+//! `cargo xtask lab`: build the lab, measure a rolling update with the real
+//! agents and aggregator, then repeat it without and with the recommended
+//! preStop delay, and report.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use crate::{
+    api,
+    delay::{DelayDistribution, parse_duration_arg},
+    kubeproxy::Mode,
+    netns,
+    observer::{Binaries, Observer},
+    report::{self, Report, RunReport},
+    scenario::{Lab, LabConfig, RolloutConfig, RolloutResult},
+    server::ShutdownMode,
+};
+
+/// The folklore delay, used as the comparison when the injected delays can
+/// exceed it (a preStop of 0 would make that comparison pointless).
+const FOLKLORE_SECONDS: u64 = 5;
+
+#[derive(Args, Debug, Clone)]
+pub struct LabArgs {
+    /// Nodes (network namespaces with their own kube-proxy rules and agent).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Replicas of the Service `default/web`.
+    #[arg(long, default_value_t = 4)]
+    pub pods: usize,
+    /// Pod deletions (each with a replacement) per rollout.
+    #[arg(long, default_value_t = 4)]
+    pub deletions: usize,
+    /// Injected per-node programming delay: MIN..MAX[,outliers=P@MIN..MAX].
+    #[arg(long, default_value_t = DelayDistribution::default())]
+    pub delay: DelayDistribution,
+    /// Dataplane modes, given to the nodes in turn.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "nftables,iptables-nft,iptables-legacy"
+    )]
+    pub modes: Vec<Mode>,
+    /// Requests per second of each client; every node runs one client that
+    /// opens a connection per request and one keep-alive client.
+    #[arg(long, default_value_t = 40.0)]
+    pub rate: f64,
+    /// How long a rollout spreads its deletions over (e.g. 6s).
+    #[arg(long, default_value = "6s", value_parser = parse_duration_arg)]
+    pub duration: Duration,
+    /// preStop delay of the first (measuring) rollout, seconds.
+    #[arg(long, default_value_t = FOLKLORE_SECONDS)]
+    pub measure_prestop: u64,
+    /// Grace period beyond the preStop delay, seconds.
+    #[arg(long, default_value_t = 2)]
+    pub grace_extra: u64,
+    /// How the pods' servers shut down.
+    #[arg(long, value_enum, default_value = "graceful")]
+    pub server: ShutdownMode,
+    /// Seed of the injected delays (same seed, same delays).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Where to write report.json (default: target/lab/report.json).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+/// Every binary the lab runs.
+#[derive(Debug, Clone)]
+pub struct LabBinaries {
+    pub pod_server: PathBuf,
+    pub observer: Binaries,
+}
+
+fn progress(started: Instant, msg: &str) {
+    eprintln!("[{:>6.1}s] {msg}", started.elapsed().as_secs_f64());
+}
+
+/// Runs the whole lab; tears everything down on return, on failure and on
+/// Ctrl-C.
+pub fn run(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> Result<Report> {
+    if !crate::root::is_root() {
+        bail!("the lab creates network namespaces and loads eBPF programs: run it as root");
+    }
+    if args.nodes == 0 || args.pods < 2 || args.deletions == 0 {
+        bail!("the lab needs at least 1 node, 2 pods and 1 deletion");
+    }
+    netns::reap_stale();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    runtime.block_on(async {
+        tokio::select! {
+            result = execute(args, binaries, report_path) => result,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted; the lab was torn down"),
+        }
+    })
+}
+
+fn rollout_config(args: &LabArgs, pre_stop_seconds: u64) -> RolloutConfig {
+    RolloutConfig {
+        deletions: args.deletions,
+        spacing: args.duration / args.deletions.max(1) as u32,
+        pre_stop: Duration::from_secs(pre_stop_seconds),
+        grace: Duration::from_secs(pre_stop_seconds + args.grace_extra),
+        rate: args.rate,
+        keep_alive_connections: 2,
+    }
+}
+
+async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> Result<Report> {
+    let started = Instant::now();
+    let dir = report_path
+        .parent()
+        .context("report path has no directory")?
+        .to_owned();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    progress(
+        started,
+        &format!(
+            "creating {} nodes ({}), {} pods; injected delay {}",
+            args.nodes,
+            args.modes
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            args.pods,
+            args.delay
+        ),
+    );
+    let mut lab = Lab::start(LabConfig {
+        nodes: args.nodes,
+        pods: args.pods,
+        modes: args.modes.clone(),
+        delay: args.delay,
+        seed: args.seed,
+        pod_server: binaries.pod_server.clone(),
+        server_mode: args.server,
+    })
+    .await?;
+    progress(
+        started,
+        "starting the API double, the aggregator and one agent per node",
+    );
+    let observer = Observer::start(&lab, &binaries.observer, &dir).await?;
+    progress(
+        started,
+        &format!("agents registered; logs in {}", dir.display()),
+    );
+
+    let mut runs: Vec<(String, RolloutResult)> = Vec::new();
+    let say = |msg: &str| progress(started, msg);
+
+    progress(
+        started,
+        &format!("rollout 1 (measuring), preStop {} s", args.measure_prestop),
+    );
+    let measured = lab
+        .rollout(&rollout_config(args, args.measure_prestop), say)
+        .await?;
+    runs.push(("measure".into(), measured));
+    observer.wait_complete(&runs[0].1.deletions).await?;
+    let recommendation = observer
+        .aggregator
+        .recommendation(api::NAMESPACE, api::SERVICE)
+        .await?;
+    let Some(recommended) = recommendation.pre_stop_seconds else {
+        bail!(
+            "the aggregator gave no recommendation: {}",
+            recommendation.reason
+        );
+    };
+    progress(
+        started,
+        &format!(
+            "recommendation: preStop {recommended} s from {} samples{}",
+            recommendation.samples,
+            if recommendation.low_confidence {
+                " (low confidence)"
+            } else {
+                ""
+            }
+        ),
+    );
+
+    let baseline = if args.delay.max() > Duration::from_secs(FOLKLORE_SECONDS) {
+        FOLKLORE_SECONDS
+    } else {
+        0
+    };
+    progress(
+        started,
+        &format!("rollout 2 (baseline), preStop {baseline} s"),
+    );
+    let run = lab.rollout(&rollout_config(args, baseline), say).await?;
+    runs.push(("baseline".into(), run));
+    progress(
+        started,
+        &format!("rollout 3 (recommended), preStop {recommended} s"),
+    );
+    let run = lab.rollout(&rollout_config(args, recommended), say).await?;
+    runs.push(("recommended".into(), run));
+
+    let all: Vec<_> = runs
+        .iter()
+        .flat_map(|(_, r)| r.deletions.iter().cloned())
+        .collect();
+    observer.wait_complete(&all).await?;
+    let records = observer
+        .aggregator
+        .deletions(api::NAMESPACE, api::SERVICE)
+        .await?;
+    let mut deletions = Vec::new();
+    for (name, run) in &runs {
+        for truth in &run.deletions {
+            let record = records.iter().find(|r| r.pod_uid == truth.uid);
+            deletions.push(report::deletion_report(name, truth, record));
+        }
+    }
+    let final_recommendation = observer
+        .aggregator
+        .recommendation(api::NAMESPACE, api::SERVICE)
+        .await?;
+    let report = Report {
+        nodes: lab.nodes(),
+        accuracy: report::accuracy(&deletions),
+        deletions,
+        recommendation: Some(recommendation),
+        runs: runs
+            .iter()
+            .map(|(name, r)| RunReport::new(name, r))
+            .collect(),
+    };
+    std::fs::write(report_path, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", report_path.display()))?;
+    println!("{}", report.text());
+    if let Some(f) = &final_recommendation.keep_alive.finding {
+        println!("Keep-alive finding after all rollouts: {f}");
+    }
+    println!("report: {}", report_path.display());
+    progress(started, "tearing down");
+    observer.shutdown().await;
+    lab.shutdown().await?;
+    Ok(report)
+}

@@ -1,0 +1,283 @@
+//! The lab's Kubernetes API: the API double, serving inside the
+//! control-plane namespace (where the aggregator watches it on loopback),
+//! holding the lab's Nodes, Pods and the Service's EndpointSlice, built the
+//! way kubelet, the scheduler and the EndpointSlice controller fill them in.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use apiserver_double::{ApiServerDouble, DoubleError, ServeError};
+use thiserror::Error;
+
+use k8s_openapi::{
+    api::{
+        core::v1::{
+            Container, Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus, ObjectReference,
+            Pod, PodCondition, PodIP, PodSpec, PodStatus,
+        },
+        discovery::v1::{
+            Endpoint as SliceEndpoint, EndpointConditions, EndpointPort, EndpointSlice,
+        },
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+use crate::{
+    api::{ApiMirror, NAMESPACE, POD_PORT, PodRecord, SERVICE},
+    netns::{self, NetNs},
+    proxy::Endpoint,
+    scenario::NodeInfo,
+};
+
+pub const SLICE_NAME: &str = "web-lab01";
+
+fn labels(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
+    Some(
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
+pub fn node_object(info: &NodeInfo) -> Node {
+    Node {
+        metadata: ObjectMeta {
+            name: Some(info.name.clone()),
+            labels: labels(&[("kubernetes.io/hostname", &info.name)]),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            pod_cidr: Some(info.pod_cidr.clone()),
+            pod_cidrs: Some(vec![info.pod_cidr.clone()]),
+            ..Default::default()
+        }),
+        status: Some(NodeStatus {
+            addresses: Some(vec![
+                NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: info.ip.to_string(),
+                },
+                NodeAddress {
+                    type_: "Hostname".into(),
+                    address: info.name.clone(),
+                },
+            ]),
+            conditions: Some(vec![NodeCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+    }
+}
+
+/// A scheduled, running, ready pod. Its deletion is the API double's
+/// business (`deletionTimestamp`, `deletionGracePeriodSeconds`).
+pub fn pod_object(record: &PodRecord, host_ip: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(record.name.clone()),
+            namespace: Some(NAMESPACE.into()),
+            uid: Some(record.uid.clone()),
+            labels: labels(&[("app", SERVICE)]),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(record.node.clone()),
+            containers: vec![Container {
+                name: "web".into(),
+                image: Some("lab-pod-server".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            host_ip: Some(host_ip.to_owned()),
+            pod_ip: Some(record.ip.to_string()),
+            pod_ips: Some(vec![PodIP {
+                ip: record.ip.to_string(),
+            }]),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The Service's EndpointSlice listing `endpoints` (`pods` gives each
+/// endpoint's pod for its node and target reference).
+pub fn endpoint_slice(endpoints: &[Endpoint], pods: &BTreeMap<String, PodRecord>) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(SLICE_NAME.into()),
+            namespace: Some(NAMESPACE.into()),
+            labels: labels(&[
+                ("kubernetes.io/service-name", SERVICE),
+                (
+                    "endpointslice.kubernetes.io/managed-by",
+                    "endpointslice-controller.k8s.io",
+                ),
+            ]),
+            ..Default::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: endpoints
+            .iter()
+            .map(|e| {
+                let pod = pods.get(&e.pod);
+                SliceEndpoint {
+                    addresses: vec![e.ip.to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(e.ready),
+                        serving: Some(e.serving),
+                        terminating: Some(e.terminating),
+                    }),
+                    node_name: pod.map(|p| p.node.clone()),
+                    target_ref: Some(ObjectReference {
+                        kind: Some("Pod".into()),
+                        name: Some(e.pod.clone()),
+                        namespace: Some(NAMESPACE.into()),
+                        uid: pod.map(|p| p.uid.clone()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }
+            })
+            .collect(),
+        ports: Some(vec![EndpointPort {
+            name: Some("http".into()),
+            port: Some(POD_PORT as i32),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum KubeError {
+    #[error("API double: {0}")]
+    Serve(#[from] ServeError),
+    #[error("API double: {0}")]
+    Double(#[from] DoubleError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The API double of a lab, with a kubeconfig for processes.
+pub struct ApiServer {
+    double: Arc<ApiServerDouble>,
+    kubeconfig: PathBuf,
+    host_ips: BTreeMap<String, String>,
+}
+
+impl ApiServer {
+    /// Serves on loopback inside `control_plane`, holding `nodes`; writes
+    /// the kubeconfig into `dir`.
+    pub async fn start(
+        control_plane: &NetNs,
+        dir: &Path,
+        nodes: &[NodeInfo],
+    ) -> Result<Self, KubeError> {
+        let runtime = tokio::runtime::Handle::current();
+        let path = control_plane.path();
+        // Bound on a thread inside the namespace, so the listening socket
+        // lives there; the server task itself runs on this runtime.
+        let double = std::thread::scope(|scope| {
+            scope
+                .spawn(move || -> Result<ApiServerDouble, KubeError> {
+                    netns::enter(&path)?;
+                    Ok(runtime.block_on(ApiServerDouble::start())?)
+                })
+                .join()
+                .expect("API double start thread panicked")
+        })?;
+        for info in nodes {
+            double.apply(&node_object(info))?;
+        }
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, double.kubeconfig_yaml())?;
+        Ok(ApiServer {
+            double: Arc::new(double),
+            kubeconfig,
+            host_ips: nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.ip.to_string()))
+                .collect(),
+        })
+    }
+
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    pub fn double(&self) -> &ApiServerDouble {
+        &self.double
+    }
+
+    /// Writes the lab's control-plane changes into this API.
+    pub fn mirror(&self) -> Box<dyn ApiMirror> {
+        Box::new(DoubleMirror {
+            double: self.double.clone(),
+            host_ips: self.host_ips.clone(),
+            pods: BTreeMap::new(),
+        })
+    }
+}
+
+struct DoubleMirror {
+    double: Arc<ApiServerDouble>,
+    host_ips: BTreeMap<String, String>,
+    pods: BTreeMap<String, PodRecord>,
+}
+
+impl DoubleMirror {
+    /// A failed write is a lab bug that would skew every measurement after
+    /// it: say so loudly, the run goes on and its report shows the gap.
+    fn check<T>(&self, what: &str, result: Result<T, DoubleError>) {
+        if let Err(e) = result {
+            eprintln!("lab: API double rejected {what}: {e}");
+        }
+    }
+}
+
+impl ApiMirror for DoubleMirror {
+    fn pod_ready(&mut self, pod: &PodRecord) {
+        let host_ip = self.host_ips.get(&pod.node).cloned().unwrap_or_default();
+        self.pods.insert(pod.name.clone(), pod.clone());
+        self.check("a pod", self.double.apply(&pod_object(pod, &host_ip)));
+    }
+
+    fn pod_deleting(&mut self, pod: &PodRecord, grace: Duration) {
+        self.check(
+            "a pod deletion",
+            self.double
+                .delete::<Pod>(NAMESPACE, &pod.name, grace.as_secs() as i64),
+        );
+    }
+
+    fn pod_removed(&mut self, pod: &PodRecord) {
+        // A zero grace period already removed the object.
+        if self.double.get::<Pod>(NAMESPACE, &pod.name).is_some() {
+            self.check(
+                "the end of a pod",
+                self.double.finish_deletion::<Pod>(NAMESPACE, &pod.name),
+            );
+        }
+        self.pods.remove(&pod.name);
+    }
+
+    fn endpoints(&mut self, endpoints: &[Endpoint]) {
+        let slice = endpoint_slice(endpoints, &self.pods);
+        self.check("the EndpointSlice", self.double.apply(&slice));
+    }
+}

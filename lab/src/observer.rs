@@ -1,0 +1,490 @@
+//! The system under test as processes: the real `aggregator` in the
+//! control-plane namespace and one real `observer-agent run` per node, and
+//! the aggregator's HTTP API as the lab reads it.
+//!
+//! The aggregator listens on the underlay address of the control plane, so
+//! agents reach it from their nodes the way a DaemonSet reaches a Service;
+//! the lab reads its HTTP API from a thread inside the control-plane
+//! namespace. Nothing listens in the host namespace.
+
+use std::{
+    fs::File,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use serde::Deserialize;
+use thiserror::Error;
+use tokio::{
+    io::AsyncWriteExt,
+    net::TcpStream,
+    process::{Child, Command},
+};
+
+use crate::{
+    http::{self, Next, Reader},
+    kube::ApiServer,
+    netns::{self, NetNs},
+    scenario::{DeletionTruth, Lab},
+    topology::{CONTROL_PLANE_IP, Node},
+};
+
+pub const GRPC_PORT: u16 = 50051;
+pub const HTTP_PORT: u16 = 8080;
+/// Agents' health endpoints, on each node's loopback.
+pub const AGENT_HEALTH_PORT: u16 = 9101;
+
+#[derive(Debug, Error)]
+pub enum ObserverError {
+    #[error("starting {what}: {source}")]
+    Spawn {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{what} exited: {status}; see {log}")]
+    Exited {
+        what: String,
+        status: std::process::ExitStatus,
+        log: String,
+    },
+    #[error("aggregator HTTP {path}: {reason}")]
+    Api { path: String, reason: String },
+    #[error("{0}")]
+    Timeout(String),
+}
+
+/// Paths of the binaries under test.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub aggregator: PathBuf,
+    pub agent: PathBuf,
+}
+
+/// A child process that is killed when dropped, with its output in a log
+/// file.
+#[derive(Debug)]
+struct Managed {
+    what: String,
+    log: PathBuf,
+    child: Child,
+}
+
+impl Managed {
+    fn spawn(what: String, mut cmd: Command, log: PathBuf) -> Result<Self, ObserverError> {
+        let spawn_err = |source| ObserverError::Spawn {
+            what: what.clone(),
+            source,
+        };
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(spawn_err)?;
+        let err = out.try_clone().map_err(spawn_err)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(spawn_err)?;
+        Ok(Managed { what, log, child })
+    }
+
+    /// Fails if the process has exited.
+    fn check(&mut self) -> Result<(), ObserverError> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Err(ObserverError::Exited {
+                what: self.what.clone(),
+                status,
+                log: self.log.display().to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// The aggregator process.
+#[derive(Debug)]
+pub struct Aggregator {
+    binary: PathBuf,
+    netns: PathBuf,
+    netns_name: String,
+    kubeconfig: PathBuf,
+    store: PathBuf,
+    log: PathBuf,
+    process: Option<Managed>,
+}
+
+impl Aggregator {
+    /// The agents' view of the aggregator.
+    pub fn grpc_url() -> String {
+        format!("http://{CONTROL_PLANE_IP}:{GRPC_PORT}")
+    }
+
+    /// Starts the aggregator in `control_plane`, watching the API described
+    /// by `kubeconfig`, keeping its store in `dir`.
+    pub async fn start(
+        binary: &Path,
+        control_plane: &NetNs,
+        kubeconfig: &Path,
+        dir: &Path,
+    ) -> Result<Self, ObserverError> {
+        let mut aggregator = Aggregator {
+            binary: binary.to_owned(),
+            netns: control_plane.path(),
+            netns_name: control_plane.name().to_owned(),
+            kubeconfig: kubeconfig.to_owned(),
+            store: dir.join("aggregator.sqlite"),
+            log: dir.join("aggregator.log"),
+            process: None,
+        };
+        aggregator.restart().await?;
+        Ok(aggregator)
+    }
+
+    /// Starts the process again (after [`Aggregator::kill`]) on the same
+    /// store, and waits until its HTTP API answers.
+    pub async fn restart(&mut self) -> Result<(), ObserverError> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns_name])
+            .arg(&self.binary)
+            .args([
+                "--grpc-addr",
+                &format!("{CONTROL_PLANE_IP}:{GRPC_PORT}"),
+                "--http-addr",
+                &format!("{CONTROL_PLANE_IP}:{HTTP_PORT}"),
+                "--cluster-name",
+                "lab",
+                "--store",
+            ])
+            .arg(&self.store)
+            .env("KUBECONFIG", &self.kubeconfig);
+        let mut process = Managed::spawn("aggregator".into(), cmd, self.log.clone())?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            process.check()?;
+            if self.get("/readyz").await.is_ok() {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(ObserverError::Timeout(format!(
+                    "aggregator not ready after 20 s; see {}",
+                    self.log.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.process = Some(process);
+        Ok(())
+    }
+
+    pub async fn kill(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill().await;
+        }
+    }
+
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// GET `path` from the HTTP API; the body of a 200 answer.
+    pub async fn get(&self, path: &str) -> Result<String, ObserverError> {
+        let netns = self.netns.clone();
+        let path = path.to_owned();
+        let addr = SocketAddrV4::new(CONTROL_PLANE_IP, HTTP_PORT);
+        // The API listens inside the control-plane namespace: ask from there.
+        tokio::task::spawn_blocking(move || {
+            let api_err = |reason: String| ObserverError::Api {
+                path: path.clone(),
+                reason,
+            };
+            netns::enter(&netns).map_err(|e| api_err(e.to_string()))?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| api_err(e.to_string()))?;
+            let exchange = tokio::time::timeout(Duration::from_secs(5), get_once(addr, &path));
+            match runtime.block_on(exchange) {
+                Ok(Ok((200, body))) => Ok(body),
+                Ok(Ok((status, body))) => Err(api_err(format!("status {status}: {body}"))),
+                Ok(Err(e)) => Err(api_err(e)),
+                Err(_) => Err(api_err("timed out".into())),
+            }
+        })
+        .await
+        .expect("API request thread panicked")
+    }
+
+    pub async fn recommendation(
+        &self,
+        namespace: &str,
+        service: &str,
+    ) -> Result<Recommendation, ObserverError> {
+        let path = format!("/v1/recommendations?namespace={namespace}&service={service}");
+        let body = self.get(&path).await?;
+        serde_json::from_str(&body).map_err(|e| ObserverError::Api {
+            path,
+            reason: format!("{e}: {body}"),
+        })
+    }
+
+    pub async fn deletions(
+        &self,
+        namespace: &str,
+        service: &str,
+    ) -> Result<Vec<DeletionRecord>, ObserverError> {
+        let path = format!("/v1/deletions?namespace={namespace}&service={service}&limit=1000");
+        let body = self.get(&path).await?;
+        let list: DeletionList = serde_json::from_str(&body).map_err(|e| ObserverError::Api {
+            path,
+            reason: format!("{e}: {body}"),
+        })?;
+        Ok(list.items)
+    }
+}
+
+async fn get_once(addr: SocketAddrV4, path: &str) -> Result<(u16, String), String> {
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    stream
+        .write_all(&http::get(&addr.to_string(), path, true))
+        .await
+        .map_err(|e| e.to_string())?;
+    match Reader::default().next(&mut stream, false).await {
+        Ok(Next::Message(head, body)) => Ok((
+            head.first.parse().unwrap_or(0),
+            String::from_utf8_lossy(&body).into_owned(),
+        )),
+        Ok(Next::Closed) => Err("closed without a response".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// One node's agent process.
+#[derive(Debug)]
+pub struct Agent {
+    pub node: String,
+    binary: PathBuf,
+    netns: PathBuf,
+    log: PathBuf,
+    process: Option<Managed>,
+}
+
+impl Agent {
+    /// Starts `observer-agent run` for `node`, inside its namespace.
+    pub fn start(binary: &Path, node: &Node, dir: &Path) -> Result<Self, ObserverError> {
+        let mut agent = Agent {
+            node: node.name.clone(),
+            binary: binary.to_owned(),
+            netns: node.ns.path(),
+            log: dir.join(format!("agent-{}.log", node.name)),
+            process: None,
+        };
+        agent.restart()?;
+        Ok(agent)
+    }
+
+    pub fn restart(&mut self) -> Result<(), ObserverError> {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--netns").arg(&self.netns).args([
+            "run",
+            "--aggregator",
+            &Aggregator::grpc_url(),
+            "--node-name",
+            &self.node,
+            "--health-addr",
+            &format!("127.0.0.1:{AGENT_HEALTH_PORT}"),
+        ]);
+        self.process = Some(Managed::spawn(
+            format!("agent on {}", self.node),
+            cmd,
+            self.log.clone(),
+        )?);
+        Ok(())
+    }
+
+    /// Fails if the agent process has exited.
+    pub fn check(&mut self) -> Result<(), ObserverError> {
+        match &mut self.process {
+            Some(p) => p.check(),
+            None => Ok(()),
+        }
+    }
+
+    pub async fn kill(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill().await;
+        }
+    }
+}
+
+/// `GET /v1/recommendations`, the fields the lab uses.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Recommendation {
+    pub pre_stop_seconds: Option<u64>,
+    pub samples: usize,
+    pub low_confidence: bool,
+    pub quantile: f64,
+    pub confidence: f64,
+    pub observed_max_seconds: Option<f64>,
+    #[serde(default)]
+    pub reason: String,
+    pub keep_alive: KeepAliveFinding,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeepAliveFinding {
+    pub aborted_connections: u64,
+    pub finding: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DeletionList {
+    items: Vec<DeletionRecord>,
+}
+
+/// `GET /v1/deletions` items, the fields the lab uses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeletionRecord {
+    pub pod_uid: String,
+    pub pod_name: String,
+    /// T0 by the aggregator's clock.
+    pub deletion_start_unix_nanos: i64,
+    pub complete: bool,
+    pub propagation_seconds: Option<f64>,
+    pub nodes: Vec<NodeMeasurement>,
+    #[serde(default)]
+    pub missing_nodes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeMeasurement {
+    pub node: String,
+    pub rules_removed_unix_nanos: Option<i64>,
+    pub latency_seconds: Option<f64>,
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub aborted_connections: u64,
+}
+
+/// The observer under test, running against the lab: API double,
+/// aggregator, agents.
+pub struct Observer {
+    pub aggregator: Aggregator,
+    pub agents: Vec<Agent>,
+    /// Serves the Kubernetes API the aggregator watches; lives as long as
+    /// the observer.
+    _api: ApiServer,
+}
+
+/// How long the aggregator may take to finish a deletion after the lab saw
+/// every node remove the pod: reports travel, agents batch.
+const COMPLETION_WAIT: Duration = Duration::from_secs(30);
+
+impl Observer {
+    /// Starts the API double (seeded with the lab's nodes, pods and
+    /// EndpointSlice), the aggregator and one agent per node, and waits
+    /// until every agent is connected.
+    pub async fn start(lab: &Lab, binaries: &Binaries, dir: &Path) -> Result<Self, ObserverError> {
+        let api = ApiServer::start(&lab.cluster.control_plane, dir, &lab.nodes())
+            .await
+            .map_err(|e| ObserverError::Api {
+                path: "API double".into(),
+                reason: e.to_string(),
+            })?;
+        lab.mirror_to(api.mirror());
+        let _ = std::fs::remove_file(dir.join("aggregator.sqlite"));
+        let aggregator = Aggregator::start(
+            &binaries.aggregator,
+            &lab.cluster.control_plane,
+            api.kubeconfig(),
+            dir,
+        )
+        .await?;
+        let mut agents = Vec::new();
+        for node in &lab.cluster.nodes {
+            agents.push(Agent::start(&binaries.agent, node, dir)?);
+        }
+        let observer = Observer {
+            aggregator,
+            agents,
+            _api: api,
+        };
+        observer.wait_connected(lab.cluster.nodes.len()).await?;
+        Ok(observer)
+    }
+
+    /// Agents the aggregator counts as connected (its metrics).
+    pub async fn connected_agents(&self) -> Result<u64, ObserverError> {
+        let metrics = self.aggregator.get("/metrics").await?;
+        Ok(metrics
+            .lines()
+            .filter(|l| l.starts_with("prestop_agents_connected"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64)
+    }
+
+    pub async fn wait_connected(&self, agents: usize) -> Result<(), ObserverError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.connected_agents().await.unwrap_or(0) >= agents as u64 {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(ObserverError::Timeout(format!(
+                    "{agents} agents did not all connect within 30 s; see the agent logs next to {}",
+                    self.aggregator.log().display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits until the aggregator has finished every one of `deletions`
+    /// (complete, or timed out with missing nodes).
+    pub async fn wait_complete(
+        &self,
+        deletions: &[DeletionTruth],
+    ) -> Result<Vec<DeletionRecord>, ObserverError> {
+        let deadline = tokio::time::Instant::now() + COMPLETION_WAIT;
+        loop {
+            let records = self
+                .aggregator
+                .deletions(crate::api::NAMESPACE, crate::api::SERVICE)
+                .await?;
+            let found: Vec<DeletionRecord> = deletions
+                .iter()
+                .filter_map(|d| records.iter().find(|r| r.pod_uid == d.uid).cloned())
+                .collect();
+            if found.len() == deletions.len() {
+                return Ok(found);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(ObserverError::Timeout(format!(
+                    "the aggregator finished {} of {} deletions within {COMPLETION_WAIT:?}",
+                    found.len(),
+                    deletions.len()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        for agent in &mut self.agents {
+            agent.kill().await;
+        }
+        self.aggregator.kill().await;
+    }
+}

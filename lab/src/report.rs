@@ -1,0 +1,280 @@
+//! The lab's results: measured against injected propagation per deletion
+//! and node, the recommendation, and the rollouts' request counts; as
+//! `report.json` and as text.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use serde::Serialize;
+
+use crate::{
+    client::ClientReport,
+    observer::{DeletionRecord, Recommendation},
+    scenario::{DeletionTruth, NodeInfo, RolloutResult},
+};
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub nodes: Vec<NodeInfo>,
+    pub deletions: Vec<DeletionReport>,
+    pub recommendation: Option<Recommendation>,
+    pub runs: Vec<RunReport>,
+    pub accuracy: Vec<ModeAccuracy>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeletionReport {
+    pub run: String,
+    pub pod: String,
+    pub host_node: String,
+    /// The aggregator finished the deletion with every node reporting.
+    pub complete: bool,
+    pub missing_nodes: Vec<String>,
+    pub per_node: Vec<PerNode>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PerNode {
+    pub node: String,
+    pub mode: String,
+    /// The aggregator's propagation latency for this node (from its T0).
+    pub measured_ms: Option<f64>,
+    /// When the node's rules really changed (end of the transaction),
+    /// from the same T0.
+    pub injected_ms: f64,
+    /// The delay drawn for the change (the rules changed this long after
+    /// the proxy saw the endpoint turn terminating).
+    pub drawn_delay_ms: f64,
+    pub error_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunReport {
+    pub name: String,
+    pub pre_stop_seconds: f64,
+    pub server_mode: String,
+    pub requests: u64,
+    pub failed: u64,
+    pub new_connection: ClientReport,
+    pub keep_alive: ClientReport,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModeAccuracy {
+    pub mode: String,
+    pub samples: usize,
+    pub missing: usize,
+    pub p50_abs_error_ms: f64,
+    pub p99_abs_error_ms: f64,
+    pub max_abs_error_ms: f64,
+}
+
+impl RunReport {
+    pub fn new(name: &str, run: &RolloutResult) -> Self {
+        RunReport {
+            name: name.to_owned(),
+            pre_stop_seconds: run.pre_stop_seconds,
+            server_mode: format!("{:?}", run.server_mode),
+            requests: run.requests(),
+            failed: run.failed(),
+            new_connection: run.new_connection.clone(),
+            keep_alive: run.keep_alive.clone(),
+            seconds: run.seconds,
+        }
+    }
+}
+
+/// Joins a deletion's ground truth with the aggregator's record of it
+/// (matched by pod UID; None when the aggregator has none).
+pub fn deletion_report(
+    run: &str,
+    truth: &DeletionTruth,
+    measured: Option<&DeletionRecord>,
+) -> DeletionReport {
+    // Both sides on the aggregator's T0 when there is one, so the error is
+    // the error of the per-node measurement alone.
+    let t0 = measured.map_or(truth.requested_unix_nano as i64, |m| {
+        m.deletion_start_unix_nanos
+    });
+    let per_node = truth
+        .removals
+        .iter()
+        .map(|r| {
+            let measured_ms = measured
+                .and_then(|m| m.nodes.iter().find(|n| n.node == r.node))
+                .and_then(|n| n.latency_seconds)
+                .map(|s| s * 1000.0);
+            let injected_ms = (r.applied_finished_unix_nano as i64 - t0) as f64 / 1e6;
+            PerNode {
+                node: r.node.clone(),
+                mode: r.mode.clone(),
+                measured_ms,
+                injected_ms,
+                drawn_delay_ms: r.injected_delay_ms,
+                error_ms: measured_ms.map(|m| m - injected_ms),
+            }
+        })
+        .collect();
+    DeletionReport {
+        run: run.to_owned(),
+        pod: truth.pod.clone(),
+        host_node: truth.host_node.clone(),
+        complete: measured.is_some_and(|m| m.complete),
+        missing_nodes: measured
+            .map(|m| m.missing_nodes.clone())
+            .unwrap_or_default(),
+        per_node,
+    }
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// |measured - injected| per dataplane mode.
+pub fn accuracy(deletions: &[DeletionReport]) -> Vec<ModeAccuracy> {
+    let mut by_mode: BTreeMap<&str, (Vec<f64>, usize)> = BTreeMap::new();
+    for n in deletions.iter().flat_map(|d| &d.per_node) {
+        let entry = by_mode.entry(&n.mode).or_default();
+        match n.error_ms {
+            Some(e) => entry.0.push(e.abs()),
+            None => entry.1 += 1,
+        }
+    }
+    by_mode
+        .into_iter()
+        .map(|(mode, (mut errors, missing))| {
+            errors.sort_by(f64::total_cmp);
+            ModeAccuracy {
+                mode: mode.to_owned(),
+                samples: errors.len(),
+                missing,
+                p50_abs_error_ms: quantile(&errors, 0.5),
+                p99_abs_error_ms: quantile(&errors, 0.99),
+                max_abs_error_ms: errors.last().copied().unwrap_or(f64::NAN),
+            }
+        })
+        .collect()
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "missing".to_owned(), |v| format!("{v:.1}"))
+}
+
+impl Report {
+    /// The human-readable summary `cargo xtask lab` prints.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "\nPer deletion and node (ms from the deletion's start, T0):"
+        );
+        let _ = writeln!(
+            out,
+            "  {:<10} {:<8} {:<8} {:<16} {:>10} {:>10} {:>9}",
+            "run", "pod", "node", "mode", "measured", "injected", "error"
+        );
+        for d in &self.deletions {
+            for n in &d.per_node {
+                let _ = writeln!(
+                    out,
+                    "  {:<10} {:<8} {:<8} {:<16} {:>10} {:>10.1} {:>9}",
+                    d.run,
+                    d.pod,
+                    n.node,
+                    n.mode,
+                    ms(n.measured_ms),
+                    n.injected_ms,
+                    ms(n.error_ms)
+                );
+            }
+        }
+        let _ = writeln!(out, "\nAccuracy |measured - injected| by mode:");
+        for a in &self.accuracy {
+            let _ = writeln!(
+                out,
+                "  {:<16} samples {:>3} (missing {}), p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                a.mode,
+                a.samples,
+                a.missing,
+                a.p50_abs_error_ms,
+                a.p99_abs_error_ms,
+                a.max_abs_error_ms
+            );
+        }
+        match &self.recommendation {
+            Some(r) => {
+                let _ = writeln!(
+                    out,
+                    "\nRecommendation (aggregator, p{} at {}% confidence): preStop {} s from {} samples{}; observed max {}",
+                    r.quantile * 100.0,
+                    r.confidence * 100.0,
+                    r.pre_stop_seconds
+                        .map_or_else(|| "none".into(), |s| s.to_string()),
+                    r.samples,
+                    if r.low_confidence {
+                        " (LOW CONFIDENCE: too few samples)"
+                    } else {
+                        ""
+                    },
+                    r.observed_max_seconds
+                        .map_or_else(|| "-".into(), |s| format!("{s:.3} s")),
+                );
+                if let Some(f) = &r.keep_alive.finding {
+                    let _ = writeln!(out, "  keep-alive: {f}");
+                }
+            }
+            None => {
+                let _ = writeln!(out, "\nRecommendation: none");
+            }
+        }
+        let _ = writeln!(out, "\nRollouts:");
+        for r in &self.runs {
+            let causes: Vec<String> = {
+                let mut all = r.new_connection.clone();
+                all.merge(&r.keep_alive);
+                all.failed
+                    .iter()
+                    .map(|(c, n)| format!("{c:?} {n}"))
+                    .collect()
+            };
+            let _ = writeln!(
+                out,
+                "  {:<12} preStop {:>4.1} s: {:>6} requests, {:>5} failed {}",
+                r.name,
+                r.pre_stop_seconds,
+                r.requests,
+                r.failed,
+                if causes.is_empty() {
+                    String::new()
+                } else {
+                    format!("({})", causes.join(", "))
+                }
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantile_uses_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&v, 0.5), 50.0);
+        assert_eq!(quantile(&v, 0.99), 99.0);
+        assert_eq!(quantile(&[3.0], 0.99), 3.0);
+        assert!(quantile(&[], 0.5).is_nan());
+    }
+}
