@@ -1,0 +1,264 @@
+//! Alert rules and dashboards: promtool accepts and unit-tests the rules,
+//! every dashboard query is PromQL that promtool parses, and every metric
+//! they name is one the aggregator (or `prestop-check --metrics-file`)
+//! actually exposes.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use prestop_check::textfile;
+use serde_json::Value;
+
+const HISTOGRAMS: &[&str] = &[
+    "prestop_propagation_latency_seconds",
+    "prestop_control_plane_latency_seconds",
+    "prestop_report_lag_seconds",
+];
+const OTHERS: &[&str] = &[
+    "prestop_late_connections_total",
+    "prestop_refused_connections_total",
+    "prestop_keepalive_aborted_connections_total",
+    "prestop_agents_connected",
+    "prestop_agent_events_lost_total",
+    "prestop_store_deletions",
+    "prestop_recommendation_seconds",
+    "prestop_recommendation_samples",
+    "prestop_deletions_total",
+    "prestop_nodes_missing_total",
+    textfile::PRE_STOP,
+    textfile::GRACE,
+];
+
+fn known_metrics() -> BTreeSet<String> {
+    let mut out: BTreeSet<String> = OTHERS.iter().map(|s| s.to_string()).collect();
+    for h in HISTOGRAMS {
+        for suffix in ["_bucket", "_count", "_sum"] {
+            out.insert(format!("{h}{suffix}"));
+        }
+    }
+    out
+}
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn promtool(args: &[&str]) -> (bool, String) {
+    let out = Command::new("promtool")
+        .args(args)
+        .output()
+        .expect("promtool (Debian package prometheus) must be installed: cargo xtask setup");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// Names of the form `prestop_…` (metrics) and `x:prestop_…:y` (recording
+/// rules) in a query.
+fn names(expr: &str) -> Vec<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|t| t.contains("prestop_"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn rules_file() -> PathBuf {
+    deploy().join("prometheus/prestop-rules.yaml")
+}
+
+fn rule_exprs() -> Vec<(Option<String>, String)> {
+    let text = std::fs::read_to_string(rules_file()).unwrap();
+    let doc = &prestop_check::yaml::parse_stream(&text).unwrap()[0];
+    let mut out = Vec::new();
+    for group in doc.get("groups").unwrap().items() {
+        for rule in group.get("rules").unwrap().items() {
+            let record = rule
+                .get("record")
+                .and_then(|r| r.as_str())
+                .map(str::to_string);
+            out.push((
+                record,
+                rule.get("expr").unwrap().as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn promtool_accepts_the_rules() {
+    let (ok, out) = promtool(&["check", "rules", rules_file().to_str().unwrap()]);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn alert_rules_pass_their_unit_tests() {
+    let tests = deploy().join("prometheus/tests/prestop-rules.test.yaml");
+    let (ok, out) = promtool(&["test", "rules", tests.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("SUCCESS"), "{out}");
+}
+
+#[test]
+fn rules_name_only_exposed_metrics() {
+    let known = known_metrics();
+    let recorded: BTreeSet<String> = rule_exprs().into_iter().filter_map(|(r, _)| r).collect();
+    for (_, expr) in rule_exprs() {
+        for name in names(&expr) {
+            assert!(
+                known.contains(&name) || recorded.contains(&name),
+                "unknown metric {name} in {expr}"
+            );
+        }
+    }
+}
+
+/// Grafana's built-in variables replaced by values PromQL accepts; the
+/// template variables are used inside `=~"…"` matchers.
+fn instantiate(expr: &str) -> String {
+    expr.replace("$__rate_interval", "5m")
+        .replace("$__interval", "1m")
+        .replace("$__range", "1h")
+        .replace("$cluster", ".*")
+        .replace("$namespace", ".*")
+        .replace("$node", ".*")
+}
+
+/// Every `expr` of every panel (rows nest panels) and the series selector
+/// inside each `label_values(selector, label)` variable query.
+fn dashboard_queries(dashboard: &Value) -> Vec<String> {
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr", Value::String(s)) => out.push(s.clone()),
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(&dashboard["panels"], &mut out);
+    for var in dashboard["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = var["query"]["query"].as_str() {
+            let inner = q
+                .strip_prefix("label_values(")
+                .and_then(|r| r.rsplit_once(','))
+                .map(|(s, _)| s);
+            out.push(
+                inner
+                    .unwrap_or_else(|| panic!("unexpected variable query {q}"))
+                    .to_string(),
+            );
+        }
+    }
+    out
+}
+
+/// promtool has no PromQL-only checker: each query becomes a recording rule
+/// in a temporary rule file.
+fn promtool_parses(exprs: &[String]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dashboard-queries.yaml");
+    let mut text = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, e) in exprs.iter().enumerate() {
+        text += &format!(
+            "      - record: dashboard:query_{i}\n        expr: {}\n",
+            serde_json::to_string(&instantiate(e)).unwrap()
+        );
+    }
+    std::fs::write(&path, text).unwrap();
+    promtool(&["check", "rules", path.to_str().unwrap()])
+}
+
+fn dashboards() -> Vec<(PathBuf, Value)> {
+    let mut out: Vec<(PathBuf, Value)> = std::fs::read_dir(deploy().join("grafana"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .map(|p| {
+            let v = serde_json::from_str(&std::fs::read_to_string(&p).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            (p, v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(!out.is_empty());
+    out
+}
+
+#[test]
+fn dashboard_queries_parse_and_name_only_exposed_metrics() {
+    let known = known_metrics();
+    for (path, dashboard) in dashboards() {
+        let queries = dashboard_queries(&dashboard);
+        assert!(
+            queries.len() >= 15,
+            "{}: {} queries",
+            path.display(),
+            queries.len()
+        );
+        let (ok, out) = promtool_parses(&queries);
+        assert!(ok, "{}: {out}", path.display());
+        for q in &queries {
+            for name in names(q) {
+                assert!(
+                    known.contains(&name),
+                    "{}: unknown metric {name} in {q}",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_query_check_rejects_bad_promql() {
+    let (ok, _) = promtool_parses(&["sum(rate(prestop_deletions_total[5m])".to_string()]);
+    assert!(!ok);
+}
+
+#[test]
+fn dashboards_are_provisionable_with_cluster_namespace_node_variables() {
+    for (path, d) in dashboards() {
+        let name = path.display();
+        assert!(
+            d["uid"].as_str().is_some_and(|u| !u.is_empty()),
+            "{name}: uid"
+        );
+        assert!(
+            d.get("id").is_none_or(Value::is_null),
+            "{name}: provisioned dashboards carry no id"
+        );
+        let vars: BTreeSet<&str> = d["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        for v in ["datasource", "cluster", "namespace", "node"] {
+            assert!(vars.contains(v), "{name}: variable {v}");
+        }
+        let mut ids = BTreeSet::new();
+        for p in d["panels"].as_array().unwrap() {
+            assert!(
+                ids.insert(p["id"].as_u64().unwrap()),
+                "{name}: duplicate panel id"
+            );
+            assert!(p["gridPos"]["w"].as_u64().is_some(), "{name}: gridPos");
+            if p["type"] != "row" {
+                assert!(!p["title"].as_str().unwrap().is_empty());
+                assert_eq!(
+                    p["datasource"]["uid"], "${datasource}",
+                    "{name}: {}",
+                    p["title"]
+                );
+            }
+        }
+    }
+}
