@@ -5,10 +5,12 @@
 //! Data flow: [`kube_watch`] -> [`correlate`] <- [`grpc`] (agent reports);
 //! finished deletions -> [`store`] -> [`recommend`] -> [`http`].
 
+pub mod app;
 pub mod config;
 pub mod correlate;
 pub mod grpc;
 pub mod http;
+pub mod kube_watch;
 pub mod metrics;
 pub mod model;
 pub mod nodes;

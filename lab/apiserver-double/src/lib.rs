@@ -108,6 +108,8 @@ pub(crate) enum Control {
     Bookmark(u64),
     /// Every open watch stream ends (the client reconnects).
     Disconnect,
+    /// Every open watch stream gets an ERROR 410 Expired and ends.
+    Expire,
 }
 
 impl Shared {
@@ -347,6 +349,14 @@ impl ApiServerDouble {
         let mut st = self.shared.state();
         st.compacted = st.rv;
         st.history.clear();
+    }
+
+    /// Compacts and sends every open watch an ERROR event with a 410 Expired
+    /// Status, as an API server does when its watch cache drops a
+    /// watcher's window: the client must relist.
+    pub fn expire_watches(&self) {
+        self.compact();
+        let _ = self.shared.events.send(Control::Expire);
     }
 
     /// Sends a BOOKMARK at the current resourceVersion to every watch that

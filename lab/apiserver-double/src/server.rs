@@ -200,6 +200,15 @@ fn bookmark(kind: &Kind, rv: u64) -> Bytes {
     )
 }
 
+fn expired(rv: u64, oldest: u64) -> Bytes {
+    let status = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("too old resource version: {rv} ({oldest})"),
+        "reason": "Expired", "code": 410
+    });
+    line("ERROR", &status)
+}
+
 fn watch(shared: Arc<Shared>, f: Filter, opts: WatchOpts) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(256);
     // Under one lock: subscribe, then take the backlog, so nothing falls
@@ -219,12 +228,7 @@ fn watch(shared: Arc<Shared>, f: Filter, opts: WatchOpts) -> Response {
             }
             s => match s.parse::<u64>() {
                 Ok(rv) if rv < st.compacted => {
-                    let gone = json!({
-                        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                        "message": format!("too old resource version: {rv} ({})", st.compacted),
-                        "reason": "Expired", "code": 410
-                    });
-                    backlog.push(line("ERROR", &gone));
+                    backlog.push(expired(rv, st.compacted));
                     u64::MAX
                 }
                 Ok(rv) => {
@@ -291,6 +295,10 @@ fn watch(shared: Arc<Shared>, f: Filter, opts: WatchOpts) -> Response {
                     bookmark(&f.kind, last_rv)
                 }
                 Ok(Control::Bookmark(_)) => continue,
+                Ok(Control::Expire) => {
+                    let _ = tx.send(Ok(expired(last_rv, last_rv + 1))).await;
+                    return;
+                }
                 // A disconnect, or this watcher fell behind the broadcast
                 // buffer: end the stream; the client resumes from its last
                 // resourceVersion.

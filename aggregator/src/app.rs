@@ -1,0 +1,168 @@
+//! Assembles the running service: gRPC for agents, HTTP for CI and
+//! Prometheus, the Kubernetes watchers and the periodic housekeeping
+//! (finishing timed-out deletions, retention, recommendation gauges).
+//! The binary and the end-to-end tests start it the same way.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Settings;
+use crate::correlate::Correlator;
+use crate::http::{self, HttpState, Readiness, now_unix_nanos};
+use crate::metrics::{Metrics, NamespaceService};
+use crate::store::{Scope, Store};
+use crate::{grpc, kube_watch};
+
+/// How often pending deletions are checked for completion or timeout.
+pub const TICK: Duration = Duration::from_millis(200);
+/// How often retention and the recommendation gauges run.
+pub const HOUSEKEEPING: Duration = Duration::from_secs(30);
+
+/// A running aggregator.
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub correlator: Arc<Correlator>,
+    pub http: HttpState,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Starts every part on the given listeners. Without a Kubernetes client
+/// (tests that feed the correlator directly) the service is ready at once.
+pub fn start(
+    settings: Settings,
+    store: Arc<Store>,
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
+    kube: Option<kube::Client>,
+) -> std::io::Result<Running> {
+    let grpc_addr = grpc_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+    let settings = Arc::new(settings);
+    let metrics = Arc::new(Metrics::new());
+    let correlator = Correlator::new(
+        Arc::clone(&settings),
+        Arc::clone(&store),
+        Arc::clone(&metrics),
+    );
+    let http_state = HttpState {
+        store,
+        settings,
+        metrics,
+        ready: Readiness::new(kube.is_none()),
+    };
+    let (shutdown, stop) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let (c, s) = (Arc::clone(&correlator), stop.clone());
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = grpc::serve(grpc_listener, c, s).await {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    }));
+
+    let (st, mut s) = (http_state.clone(), stop.clone());
+    tasks.push(tokio::spawn(async move {
+        let stop = async move {
+            let _ = s.wait_for(|v| *v).await;
+        };
+        if let Err(e) = http::serve_with_shutdown(http_listener, st, stop).await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    }));
+
+    if let Some(client) = kube {
+        let (c, ready, mut s) = (
+            Arc::clone(&correlator),
+            http_state.ready.clone(),
+            stop.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                () = kube_watch::run(client, c, ready) => {}
+                _ = s.wait_for(|v| *v) => {}
+            }
+        }));
+    }
+
+    let (c, st, mut s) = (Arc::clone(&correlator), http_state.clone(), stop);
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TICK);
+        let mut house = tokio::time::interval(HOUSEKEEPING);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => c.tick(now_unix_nanos()),
+                _ = house.tick() => housekeeping(&st),
+                _ = s.wait_for(|v| *v) => return,
+            }
+        }
+    }));
+
+    Ok(Running {
+        grpc_addr,
+        http_addr,
+        correlator,
+        http: http_state,
+        shutdown,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Stops every part and waits for them (open agent streams are ended).
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Retention and the recommendation gauges.
+pub fn housekeeping(st: &HttpState) {
+    let since = now_unix_nanos() - st.settings.retention.as_nanos() as i64;
+    match st.store.prune(since) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(deleted = n, "pruned deletions past retention"),
+        Err(e) => tracing::error!(error = %e, "pruning the store failed"),
+    }
+    if let Ok(n) = st.store.len() {
+        st.metrics.store_deletions.set(n as i64);
+    }
+    let scopes = match st.store.services(since) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "listing services failed");
+            return;
+        }
+    };
+    let m = &st.metrics;
+    m.recommendation_seconds.clear();
+    m.recommendation_samples.clear();
+    let all = std::iter::once((String::new(), String::new())).chain(scopes);
+    for (namespace, service) in all {
+        let scope = Scope {
+            namespace: (!namespace.is_empty()).then(|| namespace.clone()),
+            service: (!service.is_empty()).then(|| service.clone()),
+        };
+        let Ok(r) = http::recommendation(st, scope, st.settings.quantile, st.settings.confidence)
+        else {
+            continue;
+        };
+        let labels = NamespaceService { namespace, service };
+        if let Some(s) = r.pre_stop_seconds {
+            m.recommendation_seconds
+                .get_or_create(&labels)
+                .set(s as f64);
+        }
+        m.recommendation_samples
+            .get_or_create(&labels)
+            .set(r.samples as i64);
+    }
+}

@@ -1,0 +1,369 @@
+//! One set of cluster-wide watchers (Pods, EndpointSlices, Nodes) feeding
+//! the correlator. Runs as a single task over the merged event streams, so
+//! its indexes need no locking.
+//!
+//! Relists (after a 410 Gone or a restart) deliver every object again: the
+//! correlator ignores deletions it already tracks or stored, and objects
+//! missing from a relist are treated as deleted. Watch reconnects resume
+//! from the last resourceVersion (bookmarks keep it fresh), so nothing is
+//! missed or repeated.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, ResourceExt};
+
+use crate::correlate::{Correlator, DeletionStart};
+use crate::http::{Readiness, now_unix_nanos};
+use crate::model::UnixNanos;
+use crate::nodes::NodeInfo;
+
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+// Boxed: the objects are large and of very different sizes.
+enum Ev {
+    Pod(Box<Event<Pod>>),
+    Slice(Box<Event<EndpointSlice>>),
+    Node(Box<Event<Node>>),
+}
+
+/// Watches until the streams end (they retry with backoff, so: forever).
+/// Sets `ready` once all three watchers have listed.
+pub async fn run(client: Client, correlator: Arc<Correlator>, ready: Readiness) {
+    let cfg = watcher::Config::default();
+    let pods = watcher::watcher(Api::<Pod>::all(client.clone()), cfg.clone())
+        .default_backoff()
+        .filter_map(|r| logged("pods", r))
+        .map(|e| Ev::Pod(Box::new(e)));
+    let slices = watcher::watcher(Api::<EndpointSlice>::all(client.clone()), cfg.clone())
+        .default_backoff()
+        .filter_map(|r| logged("endpointslices", r))
+        .map(|e| Ev::Slice(Box::new(e)));
+    let nodes = watcher::watcher(Api::<Node>::all(client), cfg)
+        .default_backoff()
+        .filter_map(|r| logged("nodes", r))
+        .map(|e| Ev::Node(Box::new(e)));
+    let mut events = std::pin::pin!(stream::select(stream::select(pods, slices), nodes));
+    let mut w = Watch::new(correlator);
+    while let Some(ev) = events.next().await {
+        let now = now_unix_nanos();
+        match ev {
+            Ev::Pod(e) => w.pod_event(*e, now),
+            Ev::Slice(e) => w.slice_event(*e, now),
+            Ev::Node(e) => w.node_event(*e),
+        }
+        if w.synced == [true; 3] && !ready.get() {
+            tracing::info!("Kubernetes watchers synced");
+            ready.set(true);
+        }
+    }
+}
+
+/// Watch errors are retried by the backoff; here they are only logged.
+fn logged<T>(
+    kind: &'static str,
+    r: Result<T, watcher::Error>,
+) -> futures::future::Ready<Option<T>> {
+    futures::future::ready(
+        r.map_err(|e| tracing::warn!(kind, error = %e, "watch error; retrying"))
+            .ok(),
+    )
+}
+
+/// (service, ports) of a pod in one slice.
+type SliceEntry = (String, Vec<u16>);
+
+struct Watch {
+    correlator: Arc<Correlator>,
+    /// pod uid -> slice key -> (service, ports)
+    pod_slices: HashMap<String, BTreeMap<String, SliceEntry>>,
+    /// slice key -> pod uids it lists
+    slice_pods: HashMap<String, HashSet<String>>,
+    /// pod uid -> first time a slice showed it terminating / not ready
+    terminating: HashMap<String, UnixNanos>,
+    /// Pods being deleted: handed to the correlator (`started`) or waiting
+    /// for a slice to say which service they belong to.
+    deleting: HashMap<String, DeletionStart>,
+    started: HashSet<String>,
+    nodes: HashSet<String>,
+    /// Objects listed since the current Init, per watcher.
+    init_pods: HashSet<String>,
+    init_slices: HashSet<String>,
+    init_nodes: HashSet<String>,
+    /// pods, slices, nodes have listed at least once
+    synced: [bool; 3],
+}
+
+impl Watch {
+    fn new(correlator: Arc<Correlator>) -> Self {
+        Self {
+            correlator,
+            pod_slices: HashMap::new(),
+            slice_pods: HashMap::new(),
+            terminating: HashMap::new(),
+            deleting: HashMap::new(),
+            started: HashSet::new(),
+            nodes: HashSet::new(),
+            init_pods: HashSet::new(),
+            init_slices: HashSet::new(),
+            init_nodes: HashSet::new(),
+            synced: [false; 3],
+        }
+    }
+
+    fn pod_event(&mut self, e: Event<Pod>, now: UnixNanos) {
+        match e {
+            Event::Init => self.init_pods.clear(),
+            Event::InitApply(p) => {
+                self.init_pods.insert(p.uid().unwrap_or_default());
+                self.pod_seen(&p, None, now);
+            }
+            Event::Apply(p) => self.pod_seen(&p, Some(now), now),
+            Event::Delete(p) => self.pod_gone(&p.uid().unwrap_or_default(), now),
+            Event::InitDone => {
+                let gone: Vec<String> = self
+                    .deleting
+                    .keys()
+                    .filter(|u| !self.init_pods.contains(*u))
+                    .cloned()
+                    .collect();
+                for uid in gone {
+                    self.pod_gone(&uid, now);
+                }
+                self.synced[0] = true;
+            }
+        }
+    }
+
+    fn pod_seen(&mut self, p: &Pod, received: Option<UnixNanos>, now: UnixNanos) {
+        let Some(uid) = p.uid() else { return };
+        let Some(ts) = &p.metadata.deletion_timestamp else {
+            return;
+        };
+        if self.deleting.contains_key(&uid) {
+            return;
+        }
+        let spec = p.spec.as_ref();
+        // A host-network pod's IP is its node's: watching it would watch
+        // every connection of the node.
+        if spec.and_then(|s| s.host_network).unwrap_or(false) {
+            return;
+        }
+        let Some(ip) = p
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse::<IpAddr>().ok())
+        else {
+            return;
+        };
+        let grace = p.metadata.deletion_grace_period_seconds;
+        let deadline = ts.0.as_nanosecond() as i64;
+        let d = DeletionStart {
+            pod_uid: uid.clone(),
+            namespace: p.namespace().unwrap_or_default(),
+            pod_name: p.name_any(),
+            services: Vec::new(),
+            ip,
+            ports: Vec::new(),
+            host_node: spec.and_then(|s| s.node_name.clone()),
+            received_unix_nanos: received,
+            api_start_unix_nanos: Some(deadline - grace.unwrap_or(0) * 1_000_000_000),
+            grace_period_seconds: grace,
+            terminating_unix_nanos: None,
+        };
+        self.deleting.insert(uid.clone(), d);
+        self.try_start(&uid, now);
+    }
+
+    /// Hands a deleting pod to the correlator once a slice names its service.
+    fn try_start(&mut self, uid: &str, now: UnixNanos) {
+        if self.started.contains(uid) {
+            return;
+        }
+        let (Some(d), Some(slices)) = (self.deleting.get(uid), self.pod_slices.get(uid)) else {
+            return;
+        };
+        let mut d = d.clone();
+        let mut services: Vec<String> = slices.values().map(|(s, _)| s.clone()).collect();
+        services.sort();
+        services.dedup();
+        let mut ports: Vec<u16> = slices
+            .values()
+            .flat_map(|(_, p)| p.iter().copied())
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        d.services = services;
+        d.ports = ports;
+        d.terminating_unix_nanos = self.terminating.get(uid).copied();
+        self.started.insert(uid.to_string());
+        self.correlator.deletion_started(d, now);
+    }
+
+    fn pod_gone(&mut self, uid: &str, now: UnixNanos) {
+        self.deleting.remove(uid);
+        self.terminating.remove(uid);
+        if self.started.remove(uid) {
+            self.correlator.pod_gone(uid, now);
+        }
+    }
+
+    fn slice_event(&mut self, e: Event<EndpointSlice>, now: UnixNanos) {
+        match e {
+            Event::Init => self.init_slices.clear(),
+            Event::InitApply(s) => {
+                self.init_slices.insert(slice_key(&s));
+                self.slice_seen(&s, now);
+            }
+            Event::Apply(s) => self.slice_seen(&s, now),
+            Event::Delete(s) => self.slice_gone(&slice_key(&s), now),
+            Event::InitDone => {
+                let gone: Vec<String> = self
+                    .slice_pods
+                    .keys()
+                    .filter(|k| !self.init_slices.contains(*k))
+                    .cloned()
+                    .collect();
+                for k in gone {
+                    self.slice_gone(&k, now);
+                }
+                self.synced[1] = true;
+            }
+        }
+    }
+
+    fn slice_seen(&mut self, s: &EndpointSlice, now: UnixNanos) {
+        let key = slice_key(s);
+        let Some(service) = s.labels().get(SERVICE_NAME_LABEL).cloned() else {
+            return;
+        };
+        let ports: Vec<u16> = s
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| p.port.and_then(|p| u16::try_from(p).ok()))
+            .collect();
+        let mut listed = HashSet::new();
+        for ep in &s.endpoints {
+            let Some(uid) = ep
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| r.uid.clone())
+            else {
+                continue;
+            };
+            let c = ep.conditions.as_ref();
+            let leaving = c.and_then(|c| c.terminating).unwrap_or(false)
+                || c.and_then(|c| c.ready) == Some(false);
+            if leaving {
+                self.mark_terminating(&uid, now);
+            }
+            self.pod_slices
+                .entry(uid.clone())
+                .or_default()
+                .insert(key.clone(), (service.clone(), ports.clone()));
+            listed.insert(uid);
+        }
+        let before = self
+            .slice_pods
+            .insert(key.clone(), listed.clone())
+            .unwrap_or_default();
+        // Dropped from the slice: as final a sign of leaving as terminating.
+        for uid in before.difference(&listed) {
+            self.mark_terminating(uid, now);
+            self.unindex(uid, &key);
+        }
+        for uid in &listed {
+            if self.deleting.contains_key(uid) {
+                self.try_start(uid, now);
+            }
+        }
+    }
+
+    fn mark_terminating(&mut self, uid: &str, now: UnixNanos) {
+        if !self.terminating.contains_key(uid) {
+            self.terminating.insert(uid.to_string(), now);
+            self.correlator.endpoint_terminating(uid, now);
+        }
+    }
+
+    fn unindex(&mut self, uid: &str, key: &str) {
+        if let Some(m) = self.pod_slices.get_mut(uid) {
+            m.remove(key);
+            if m.is_empty() {
+                self.pod_slices.remove(uid);
+            }
+        }
+    }
+
+    fn slice_gone(&mut self, key: &str, now: UnixNanos) {
+        for uid in self.slice_pods.remove(key).unwrap_or_default() {
+            self.mark_terminating(&uid, now);
+            self.unindex(&uid, key);
+        }
+    }
+
+    fn node_event(&mut self, e: Event<Node>) {
+        match e {
+            Event::Init => self.init_nodes.clear(),
+            Event::InitApply(n) => {
+                self.init_nodes.insert(n.name_any());
+                self.node_seen(&n);
+            }
+            Event::Apply(n) => self.node_seen(&n),
+            Event::Delete(n) => {
+                self.nodes.remove(&n.name_any());
+                self.correlator.remove_node(&n.name_any());
+            }
+            Event::InitDone => {
+                let gone: Vec<String> = self.nodes.difference(&self.init_nodes).cloned().collect();
+                for n in gone {
+                    self.nodes.remove(&n);
+                    self.correlator.remove_node(&n);
+                }
+                self.synced[2] = true;
+            }
+        }
+    }
+
+    fn node_seen(&mut self, n: &Node) {
+        let name = n.name_any();
+        let addresses = n
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect();
+        let spec = n.spec.as_ref();
+        let pod_cidrs = spec
+            .and_then(|s| s.pod_cidrs.clone())
+            .or_else(|| spec.and_then(|s| s.pod_cidr.clone()).map(|c| vec![c]))
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|c| c.parse().ok())
+            .collect();
+        self.nodes.insert(name.clone());
+        self.correlator.set_node(
+            name,
+            NodeInfo {
+                addresses,
+                pod_cidrs,
+            },
+        );
+    }
+}
+
+fn slice_key(s: &EndpointSlice) -> String {
+    format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any())
+}

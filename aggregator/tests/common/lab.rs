@@ -1,0 +1,266 @@
+//! A small in-process cluster: the API server double, a real aggregator on
+//! real sockets, and simulated agents speaking gRPC.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aggregator::app::{self, Running};
+use aggregator::config::Settings;
+use aggregator::store::Store;
+use apiserver_double::ApiServerDouble;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{
+    Node, NodeAddress, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus,
+};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use kube::api::ObjectMeta;
+use observer_proto::v1 as pb;
+use observer_proto::v1::observer_client::ObserverClient;
+use tonic::transport::Channel;
+
+pub async fn start_aggregator(
+    settings: Settings,
+    store: &PathBuf,
+    double: Option<&ApiServerDouble>,
+) -> Running {
+    let store = Arc::new(Store::open(store).unwrap());
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let kube = double.map(|d| d.client().unwrap());
+    let running = app::start(settings, store, grpc, http, kube).unwrap();
+    wait_until("aggregator ready", || {
+        let r = running.http.ready.clone();
+        async move { r.get() }
+    })
+    .await;
+    running
+}
+
+/// Polls `cond` every 20 ms for up to 10 s.
+pub async fn wait_until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    for _ in 0..500 {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+pub fn node(name: &str, ip: &str, cidr: &str) -> Node {
+    Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            pod_cidr: Some(cidr.into()),
+            pod_cidrs: Some(vec![cidr.into()]),
+            ..Default::default()
+        }),
+        status: Some(NodeStatus {
+            addresses: Some(vec![NodeAddress {
+                address: ip.into(),
+                type_: "InternalIP".into(),
+            }]),
+            ..Default::default()
+        }),
+    }
+}
+
+pub fn pod(ns: &str, name: &str, ip: &str, node: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(node.into()),
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            pod_ip: Some(ip.into()),
+            ..Default::default()
+        }),
+    }
+}
+
+/// A slice of `svc` listing the given (pod, ready, terminating) endpoints.
+pub fn slice(ns: &str, svc: &str, eps: &[(&Pod, bool, bool)]) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("{svc}-abcde")),
+            namespace: Some(ns.into()),
+            labels: Some([("kubernetes.io/service-name".to_string(), svc.to_string())].into()),
+            ..Default::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: eps
+            .iter()
+            .map(|(p, ready, terminating)| Endpoint {
+                addresses: vec![p.status.as_ref().unwrap().pod_ip.clone().unwrap()],
+                conditions: Some(EndpointConditions {
+                    ready: Some(*ready),
+                    serving: Some(*ready || *terminating),
+                    terminating: Some(*terminating),
+                }),
+                node_name: p.spec.as_ref().unwrap().node_name.clone(),
+                target_ref: Some(ObjectReference {
+                    kind: Some("Pod".into()),
+                    name: p.metadata.name.clone(),
+                    namespace: p.metadata.namespace.clone(),
+                    uid: p.metadata.uid.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .collect(),
+        ports: Some(vec![EndpointPort {
+            port: Some(8080),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+    }
+}
+
+pub struct Agent {
+    pub id: String,
+    pub client: ObserverClient<Channel>,
+    pub watch: tonic::Streaming<pb::WatchEvent>,
+    pub seq: u64,
+}
+
+impl Agent {
+    pub async fn connect(grpc: SocketAddr, node: &str) -> Self {
+        let mut client = ObserverClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap();
+        let id = format!("{node}/test");
+        client
+            .register(pb::RegisterRequest {
+                agent_id: id.clone(),
+                node_name: node.into(),
+                kernel_release: "6.18.0".into(),
+                capabilities: vec![pb::Capability {
+                    name: "tracepoint".into(),
+                    available: true,
+                    detail: String::new(),
+                }],
+                agent_version: "test".into(),
+            })
+            .await
+            .unwrap();
+        let watch = client
+            .watch_endpoints(pb::WatchEndpointsRequest {
+                agent_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        Self {
+            id,
+            client,
+            watch,
+            seq: 0,
+        }
+    }
+
+    /// The next watch event, within 5 s.
+    pub async fn next_event(&mut self) -> pb::watch_event::Event {
+        tokio::time::timeout(Duration::from_secs(5), self.watch.next())
+            .await
+            .expect("no watch event within 5 s")
+            .expect("watch stream ended")
+            .expect("watch stream error")
+            .event
+            .expect("empty watch event")
+    }
+
+    pub async fn next_add(&mut self) -> pb::WatchedEndpoint {
+        match self.next_event().await {
+            pb::watch_event::Event::Add(e) => e,
+            e => panic!("expected an add, got {e:?}"),
+        }
+    }
+
+    /// Sends a new batch; returns (request, response) so a test can resend it.
+    pub async fn report(
+        &mut self,
+        observations: Vec<pb::Observation>,
+    ) -> (pb::ReportRequest, pb::ReportResponse) {
+        self.seq += 1;
+        let req = pb::ReportRequest {
+            agent_id: self.id.clone(),
+            sequence: self.seq,
+            observations,
+            counters: Some(pb::AgentCounters::default()),
+            clock: Some(pb::ClockEstimate {
+                offset_ns: 0,
+                uncertainty_ns: 50_000,
+            }),
+            sent_unix_nanos: aggregator::http::now_unix_nanos() as u64,
+        };
+        let resp = self.client.report(req.clone()).await.unwrap().into_inner();
+        (req, resp)
+    }
+}
+
+pub fn addr(ip: &str, port: u32) -> Option<pb::SocketAddress> {
+    Some(pb::SocketAddress {
+        ip: ip.into(),
+        port,
+    })
+}
+
+pub fn rules_removed(ip: &str, t: u64) -> pb::Observation {
+    pb::Observation {
+        kind: Some(pb::observation::Kind::RulesRemoved(pb::RulesChange {
+            endpoint: addr(ip, 8080),
+            detector: pb::Detector::Nftables as i32,
+            time_unix_nanos: t,
+            precision_ns: 1_000,
+        })),
+    }
+}
+
+pub fn accepted(src: &str, ip: &str, t: u64) -> pb::Observation {
+    pb::Observation {
+        kind: Some(pb::observation::Kind::Accepted(pb::ConnEvent {
+            src: addr(src, 40000),
+            dst: addr(ip, 8080),
+            time_unix_nanos: t,
+            ..Default::default()
+        })),
+    }
+}
+
+pub fn closed_reset(src: &str, ip: &str, t: u64) -> pb::Observation {
+    pb::Observation {
+        kind: Some(pb::observation::Kind::Closed(pb::ConnEvent {
+            src: addr(src, 40001),
+            dst: addr(ip, 8080),
+            time_unix_nanos: t,
+            close: pb::CloseKind::Reset as i32,
+            ..Default::default()
+        })),
+    }
+}
+
+pub fn new_flow(src: &str, ip: &str, t: u64) -> pb::Observation {
+    pb::Observation {
+        kind: Some(pb::observation::Kind::NewFlow(pb::NewFlow {
+            src: addr(src, 40002),
+            dst: addr(ip, 8080),
+            original_dst: addr("10.96.0.10", 80),
+            time_unix_nanos: t,
+        })),
+    }
+}

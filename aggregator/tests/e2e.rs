@@ -1,0 +1,305 @@
+//! End to end inside the process: API server double + real aggregator +
+//! agents simulated over real gRPC sockets.
+
+mod common;
+
+use std::time::Duration;
+
+use aggregator::config::Settings;
+use apiserver_double::ApiServerDouble;
+use common::lab::*;
+use common::{get, get_json};
+use k8s_openapi::api::core::v1::Pod;
+use observer_proto::v1 as pb;
+
+const S: u64 = 1_000_000_000;
+
+struct Cluster {
+    double: ApiServerDouble,
+    web1: Pod,
+}
+
+/// Two nodes; pod web-1 (10.244.0.5) on node-a behind service shop/web.
+async fn cluster() -> Cluster {
+    let double = ApiServerDouble::start().await.unwrap();
+    double
+        .create(&node("node-a", "192.168.0.1", "10.244.0.0/24"))
+        .unwrap();
+    double
+        .create(&node("node-b", "192.168.0.2", "10.244.1.0/24"))
+        .unwrap();
+    let web1 = double
+        .create(&pod("shop", "web-1", "10.244.0.5", "node-a"))
+        .unwrap();
+    double
+        .create(&slice("shop", "web", &[(&web1, true, false)]))
+        .unwrap();
+    Cluster { double, web1 }
+}
+
+fn settings() -> Settings {
+    Settings {
+        cluster_name: "lab".into(),
+        completion_timeout: Duration::from_secs(30),
+        ..Settings::default()
+    }
+}
+
+/// Deletes web-1 as Kubernetes does: the pod gets its deletionTimestamp and
+/// the EndpointSlice controller marks the endpoint terminating.
+fn start_deletion(c: &Cluster) {
+    c.double.delete::<Pod>("shop", "web-1", 30).unwrap();
+    c.double
+        .update(&slice("shop", "web", &[(&c.web1, false, true)]))
+        .unwrap();
+}
+
+#[tokio::test]
+async fn deletion_flows_to_recommendation_and_survives_restart() {
+    let c = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store.db");
+    let agg = start_aggregator(settings(), &store, Some(&c.double)).await;
+    let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
+    let mut b = Agent::connect(agg.grpc_addr, "node-b").await;
+
+    start_deletion(&c);
+    let ep = a.next_add().await;
+    assert_eq!(ep, b.next_add().await);
+    assert_eq!(ep.pod_uid, c.web1.metadata.uid.clone().unwrap());
+    assert_eq!(
+        (ep.namespace.as_str(), ep.pod_name.as_str(), ep.ip.as_str()),
+        ("shop", "web-1", "10.244.0.5")
+    );
+    assert_eq!(ep.services, ["web"]);
+    assert_eq!(ep.ports, [8080]);
+    assert_eq!(ep.grace_period_seconds, 30);
+    let t0 = ep.deletion_start_unix_nanos;
+
+    // node-a (hosts the pod): its rules go at +0.4 s; it accepted a
+    // connection from a pod on node-b at +0.1 s and reset a keep-alive
+    // connection from node-b at shutdown.
+    let (_, r) = a
+        .report(vec![
+            accepted("10.244.1.7", "10.244.0.5", t0 + S / 10),
+            rules_removed("10.244.0.5", t0 + 4 * S / 10),
+            closed_reset("10.244.1.8", "10.244.0.5", t0 + 2 * S),
+        ])
+        .await;
+    assert!(!r.duplicate);
+    // node-b: routed a new flow at +0.9 s, rules gone at +1.2 s. Its batch
+    // is delivered twice (a retry after a lost ack).
+    let (req, r) = b
+        .report(vec![
+            new_flow("10.244.1.7", "10.244.0.5", t0 + 9 * S / 10),
+            rules_removed("10.244.0.5", t0 + 12 * S / 10),
+        ])
+        .await;
+    assert!(!r.duplicate);
+    let again = b.client.report(req).await.unwrap().into_inner();
+    assert!(again.duplicate);
+    assert_eq!(again.acknowledged_sequence, 1);
+
+    // The kubelet finishes: the pod object goes, the deletion completes.
+    c.double.finish_deletion::<Pod>("shop", "web-1").unwrap();
+    assert!(
+        matches!(a.next_event().await, pb::watch_event::Event::Remove(e) if e.pod_uid == ep.pod_uid)
+    );
+
+    let http = agg.http_addr;
+    wait_until("deletion stored", || async move {
+        get_json(http, "/v1/deletions").await.1["items"]
+            .as_array()
+            .is_some_and(|i| !i.is_empty())
+    })
+    .await;
+    let (_, d) = get_json(http, "/v1/deletions?namespace=shop&service=web").await;
+    let d = &d["items"][0];
+    assert_eq!(d["complete"], true, "{d}");
+    assert_eq!(d["missingNodes"].as_array().unwrap().len(), 0);
+    assert!(
+        (d["propagationSeconds"].as_f64().unwrap() - 1.2).abs() < 1e-6,
+        "{d}"
+    );
+    assert_eq!(d["hostNode"], "node-a");
+    assert!(d["controlPlaneSeconds"].as_f64().is_some(), "{d}");
+    let node_b = d["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == "node-b")
+        .unwrap();
+    assert_eq!(
+        node_b["lateConnections"], 1,
+        "duplicate batch counted twice? {d}"
+    );
+    assert_eq!(node_b["abortedConnections"], 1);
+    assert_eq!(node_b["mode"], "nftables");
+    assert!((node_b["latencySeconds"].as_f64().unwrap() - 1.2).abs() < 1e-6);
+
+    let (status, r) = get_json(http, "/v1/recommendations?namespace=shop&service=web").await;
+    assert_eq!(status, 200);
+    assert_eq!(r["samples"], 1);
+    assert_eq!(r["preStopSeconds"], 3); // ceil(1.2 + 1 s margin)
+    assert_eq!(r["lowConfidence"], true);
+    assert_eq!(r["keepAlive"]["abortedConnections"], 1);
+    assert!(r["keepAlive"]["finding"].is_string());
+
+    let (_, m) = get(http, "/metrics").await;
+    for line in [
+        r#"prestop_propagation_latency_seconds_count{node="node-b",namespace="shop",mode="nftables"} 1"#,
+        r#"prestop_deletions_total{namespace="shop",outcome="complete"} 1"#,
+        r#"prestop_late_connections_total{node="node-b",namespace="shop"} 1"#,
+        r#"prestop_keepalive_aborted_connections_total{node="node-b",namespace="shop"} 1"#,
+        r#"prestop_control_plane_latency_seconds_count{namespace="shop"} 1"#,
+        "prestop_agents_connected 2",
+    ] {
+        assert!(m.contains(line), "missing {line}:\n{m}");
+    }
+    assert!(!m.contains("web-1"), "pod names must not be labels");
+
+    // Restart on the same store file: the history is still there.
+    drop((a, b));
+    agg.shutdown().await;
+    let agg = start_aggregator(settings(), &store, Some(&c.double)).await;
+    let (_, r) = get_json(
+        agg.http_addr,
+        "/v1/recommendations?namespace=shop&service=web",
+    )
+    .await;
+    assert_eq!(r["samples"], 1);
+    assert_eq!(r["preStopSeconds"], 3);
+    let (_, d) = get_json(agg.http_addr, "/v1/deletions").await;
+    assert_eq!(d["items"].as_array().unwrap().len(), 1);
+    agg.shutdown().await;
+}
+
+#[tokio::test]
+async fn agent_that_disconnects_mid_deletion_is_reported_missing() {
+    let c = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Settings {
+        completion_timeout: Duration::from_secs(1),
+        ..settings()
+    };
+    let agg = start_aggregator(s, &dir.path().join("store.db"), Some(&c.double)).await;
+    let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
+    let mut b = Agent::connect(agg.grpc_addr, "node-b").await;
+
+    start_deletion(&c);
+    let ep = a.next_add().await;
+    b.next_add().await;
+    drop(b); // node-b's agent goes away before reporting
+    a.report(vec![rules_removed(
+        "10.244.0.5",
+        ep.deletion_start_unix_nanos + S / 2,
+    )])
+    .await;
+    c.double.finish_deletion::<Pod>("shop", "web-1").unwrap();
+
+    let http = agg.http_addr;
+    wait_until("incomplete deletion stored", || async move {
+        get_json(http, "/v1/deletions?outcome=incomplete").await.1["items"]
+            .as_array()
+            .is_some_and(|i| !i.is_empty())
+    })
+    .await;
+    let (_, d) = get_json(http, "/v1/deletions").await;
+    let d = &d["items"][0];
+    assert_eq!(d["complete"], false);
+    assert_eq!(d["missingNodes"], serde_json::json!(["node-b"]));
+    assert_eq!(
+        d["propagationSeconds"],
+        serde_json::Value::Null,
+        "a missing node is never zero latency"
+    );
+    let (_, r) = get_json(http, "/v1/recommendations").await;
+    assert_eq!(r["samples"], 0);
+    assert_eq!(r["preStopSeconds"], serde_json::Value::Null);
+    let (_, m) = get(http, "/metrics").await;
+    assert!(
+        m.contains(r#"prestop_nodes_missing_total{node="node-b"} 1"#),
+        "{m}"
+    );
+    assert!(m.contains(r#"prestop_deletions_total{namespace="shop",outcome="incomplete"} 1"#));
+    agg.shutdown().await;
+}
+
+#[tokio::test]
+async fn watch_relist_410_bookmarks_and_reconnects_neither_lose_nor_duplicate() {
+    let double = ApiServerDouble::start().await.unwrap();
+    double
+        .create(&node("node-a", "192.168.0.1", "10.244.0.0/24"))
+        .unwrap();
+    let pods: Vec<Pod> = (1..=4)
+        .map(|i| {
+            double
+                .create(&pod(
+                    "shop",
+                    &format!("web-{i}"),
+                    &format!("10.244.0.{i}"),
+                    "node-a",
+                ))
+                .unwrap()
+        })
+        .collect();
+    let all = |state: &dyn Fn(usize) -> (bool, bool)| {
+        let eps: Vec<(&Pod, bool, bool)> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p, state(i).0, state(i).1))
+            .collect();
+        slice("shop", "web", &eps)
+    };
+    double.create(&all(&|_| (true, false))).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agg = start_aggregator(settings(), &dir.path().join("store.db"), Some(&double)).await;
+    let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
+    let watches = double.watch_requests();
+
+    // web-1: live.
+    double.delete::<Pod>("shop", "web-1", 30).unwrap();
+    assert_eq!(a.next_add().await.pod_name, "web-1");
+
+    // The watch cache expires every watcher (410): they relist, which
+    // delivers web-1 again (must not be re-added) and web-2, deleted
+    // meanwhile.
+    double.expire_watches();
+    double.delete::<Pod>("shop", "web-2", 30).unwrap();
+    assert_eq!(a.next_add().await.pod_name, "web-2");
+
+    // A dropped connection, then a bookmark: resume from the last version.
+    double.disconnect_watches();
+    double.bookmark();
+    double.delete::<Pod>("shop", "web-3", 30).unwrap();
+    assert_eq!(a.next_add().await.pod_name, "web-3");
+
+    // web-1 finishes while the watch is expired again: the relist no longer
+    // has it, which must count as gone (the deletion completes).
+    a.report(vec![rules_removed(
+        "10.244.0.1",
+        aggregator::http::now_unix_nanos() as u64,
+    )])
+    .await;
+    double.expire_watches();
+    double.finish_deletion::<Pod>("shop", "web-1").unwrap();
+    match a.next_event().await {
+        pb::watch_event::Event::Remove(e) => assert_eq!(e.pod_name, "web-1"),
+        e => panic!("expected web-1 removed, got {e:?}"),
+    }
+    double.delete::<Pod>("shop", "web-4", 30).unwrap();
+    assert_eq!(a.next_add().await.pod_name, "web-4");
+
+    // Nothing else arrives: no duplicate adds from the relists.
+    let extra = tokio::time::timeout(Duration::from_millis(700), a.next_event()).await;
+    assert!(extra.is_err(), "unexpected extra event {extra:?}");
+    assert!(
+        double.watch_requests() >= watches + 3,
+        "watchers did not reconnect"
+    );
+    let (_, d) = get_json(agg.http_addr, "/v1/deletions").await;
+    assert_eq!(d["items"][0]["podName"], "web-1");
+    assert_eq!(d["items"][0]["complete"], true);
+    assert_eq!(agg.correlator.pending(), 3);
+    agg.shutdown().await;
+}
