@@ -342,7 +342,7 @@ impl Evaluation<'_> {
                 Problem::PreStopBelowRecommendation,
                 line,
                 format!(
-                    "{} is shorter than the measured endpoint propagation: {recommended}s recommended",
+                    "{} is below the {recommended}s needed to outlast the measured endpoint propagation",
                     hook.describe()
                 ),
             );

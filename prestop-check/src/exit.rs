@@ -30,5 +30,5 @@ pub const HELP: &str = "Exit codes:
   2  usage error
   3  a manifest could not be read or parsed (file and line are printed)
   4  the aggregator was unreachable or answered an error (--offline-ok: warn, 0)
-  5  a recommendation was low confidence or had no samples, with
-     --low-confidence fail";
+  5  a recommendation used was low confidence or had no samples, with
+     --low-confidence fail (shortfalls against it are then warnings)";

@@ -61,7 +61,7 @@ impl Hook {
 
     pub fn describe(&self) -> String {
         match self {
-            Hook::None => "no preStop hook".into(),
+            Hook::None => "no preStop hook (0s)".into(),
             Hook::NativeSleep(s) => format!("preStop sleep {s}s"),
             Hook::ExecSleep { seconds, .. } => {
                 format!("preStop exec sleep {}s", fmt_secs(*seconds))

@@ -239,8 +239,8 @@ fn human_output_names_file_object_container_reason_and_patch() {
     );
     assert_eq!(code(&out), 1);
     let text = stdout(&out);
-    let expected = "kinds/shop.yaml:17: error: Deployment shop/web container app: preStop sleep 2s is shorter \
-                    than the measured endpoint propagation: 5s recommended\n    has:         preStop sleep 2s\n    \
+    let expected = "kinds/shop.yaml:17: error: Deployment shop/web container app: preStop sleep 2s is below the \
+                    5s needed to outlast the measured endpoint propagation\n    has:         preStop sleep 2s\n    \
                     recommended: preStop sleep 5s\n    why:         p99 at 95% confidence over 300 deletions of \
                     service shop/web in the last 7d";
     assert!(text.contains(expected), "{text}");
