@@ -1,0 +1,270 @@
+//! Correlation rules, driven through the correlator's own API.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aggregator::config::Settings;
+use aggregator::correlate::{Batch, Correlator, DeletionStart, Mode, Obs, ObsKind, Registration};
+use aggregator::metrics::Metrics;
+use aggregator::nodes::NodeInfo;
+use aggregator::store::Store;
+
+const S: i64 = 1_000_000_000;
+const T0: i64 = 1_700_000_000 * S;
+
+fn setup(timeout: Duration) -> (Arc<Correlator>, Arc<Store>) {
+    let store = Arc::new(Store::in_memory().unwrap());
+    let settings = Arc::new(Settings {
+        completion_timeout: timeout,
+        ..Settings::default()
+    });
+    let c = Correlator::new(settings, Arc::clone(&store), Arc::new(Metrics::new()));
+    c.set_node(
+        "b".into(),
+        NodeInfo {
+            addresses: vec![],
+            pod_cidrs: vec!["10.1.0.0/24".parse().unwrap()],
+        },
+    );
+    (c, store)
+}
+
+fn register(c: &Correlator, node: &str) {
+    c.register(Registration {
+        agent_id: node.into(),
+        node_name: node.into(),
+        kernel_release: String::new(),
+        capabilities: vec![],
+    });
+}
+
+fn start(uid: &str, ip: &str) -> DeletionStart {
+    DeletionStart {
+        pod_uid: uid.into(),
+        namespace: "ns".into(),
+        pod_name: format!("pod-{uid}"),
+        services: vec!["svc".into()],
+        ip: ip.parse().unwrap(),
+        ports: vec![80],
+        host_node: Some("a".into()),
+        received_unix_nanos: Some(T0),
+        api_start_unix_nanos: Some(T0 - S / 2),
+        grace_period_seconds: Some(30),
+        terminating_unix_nanos: None,
+    }
+}
+
+fn obs(kind: ObsKind, ip: &str, peer: Option<&str>, t: i64) -> Obs {
+    Obs {
+        kind,
+        endpoint: ip.parse().unwrap(),
+        peer: peer.map(|p| p.parse().unwrap()),
+        time_unix_nanos: t,
+    }
+}
+
+fn batch(agent: &str, seq: u64, observations: Vec<Obs>) -> Batch {
+    Batch {
+        agent_id: agent.into(),
+        sequence: seq,
+        observations,
+        counters: Default::default(),
+        clock: None,
+        sent_unix_nanos: T0,
+    }
+}
+
+#[test]
+fn latency_is_max_of_rules_and_last_connection_per_node() {
+    let (c, store) = setup(Duration::from_secs(60));
+    register(&c, "a");
+    register(&c, "b");
+    let _subs = (c.subscribe("a").unwrap(), c.subscribe("b").unwrap());
+    c.deletion_started(start("u1", "10.0.0.5"), T0);
+    // Rules removed at +1 s, then re-added, then removed for good at +2 s;
+    // a new flow routed by node a at +2.5 s is later still.
+    c.report(
+        batch(
+            "a",
+            1,
+            vec![
+                obs(
+                    ObsKind::RulesRemoved(Mode::IptablesNft),
+                    "10.0.0.5",
+                    None,
+                    T0 + S,
+                ),
+                obs(ObsKind::RulesAdded, "10.0.0.5", None, T0 + S + S / 2),
+            ],
+        ),
+        T0,
+    )
+    .unwrap();
+    c.report(
+        batch(
+            "a",
+            2,
+            vec![
+                obs(
+                    ObsKind::RulesRemoved(Mode::IptablesNft),
+                    "10.0.0.5",
+                    None,
+                    T0 + 2 * S,
+                ),
+                obs(
+                    ObsKind::NewFlow,
+                    "10.0.0.5",
+                    Some("10.0.0.9"),
+                    T0 + 5 * S / 2,
+                ),
+                // Another endpoint: ignored.
+                obs(
+                    ObsKind::RulesRemoved(Mode::IptablesNft),
+                    "10.0.0.6",
+                    None,
+                    T0 + 9 * S,
+                ),
+            ],
+        ),
+        T0,
+    )
+    .unwrap();
+    c.report(
+        batch(
+            "b",
+            1,
+            vec![
+                obs(
+                    ObsKind::RulesRemoved(Mode::Nftables),
+                    "10.0.0.5",
+                    None,
+                    T0 + S / 2,
+                ),
+                // Refused connection from a pod on node b, seen by the destination.
+                obs(
+                    ObsKind::ResetSent { refused: true },
+                    "10.0.0.5",
+                    Some("10.1.0.3"),
+                    T0 + 3 * S,
+                ),
+            ],
+        ),
+        T0,
+    )
+    .unwrap();
+    // All reported, but the pod is not gone yet: still pending.
+    c.tick(T0 + 3 * S);
+    assert_eq!(c.pending(), 1);
+    c.pod_gone("u1", T0 + 4 * S);
+    assert_eq!(c.pending(), 0);
+    let rec = store.deletion("u1").unwrap().unwrap();
+    assert!(rec.complete);
+    assert_eq!(rec.propagation_seconds, Some(2.5));
+    let a = rec.nodes.iter().find(|n| n.node == "a").unwrap();
+    assert_eq!(a.rules_removed_unix_nanos, Some(T0 + 2 * S));
+    assert_eq!(a.mode.as_deref(), Some("iptables_nft"));
+    assert_eq!(a.latency_seconds, Some(2.5));
+    let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
+    assert_eq!(b.latency_seconds, Some(0.5));
+    assert_eq!(b.refused_connections, 1);
+}
+
+#[test]
+fn clock_offset_corrects_agent_times() {
+    let (c, store) = setup(Duration::from_secs(60));
+    register(&c, "a");
+    let _s = c.subscribe("a").unwrap();
+    c.deletion_started(start("u1", "10.0.0.5"), T0);
+    let mut b = batch(
+        "a",
+        1,
+        vec![obs(
+            ObsKind::RulesRemoved(Mode::Nftables),
+            "10.0.0.5",
+            None,
+            T0 + S,
+        )],
+    );
+    // The agent's clock is 300 ms behind the aggregator's.
+    b.clock = Some(aggregator::correlate::ClockEstimate {
+        offset_ns: 300_000_000,
+        uncertainty_ns: 2_000_000,
+    });
+    c.report(b, T0).unwrap();
+    c.pod_gone("u1", T0 + 2 * S);
+    let rec = store.deletion("u1").unwrap().unwrap();
+    assert_eq!(rec.propagation_seconds, Some(1.3));
+    assert_eq!(rec.nodes[0].clock_uncertainty_seconds, Some(0.002));
+}
+
+#[test]
+fn timeout_lists_missing_nodes_and_gives_no_latency() {
+    let (c, store) = setup(Duration::from_secs(5));
+    register(&c, "a");
+    register(&c, "b");
+    let _subs = (c.subscribe("a").unwrap(), c.subscribe("b").unwrap());
+    c.deletion_started(start("u1", "10.0.0.5"), T0);
+    c.report(
+        batch(
+            "a",
+            1,
+            vec![obs(
+                ObsKind::RulesRemoved(Mode::Nftables),
+                "10.0.0.5",
+                None,
+                T0 + S,
+            )],
+        ),
+        T0,
+    )
+    .unwrap();
+    c.pod_gone("u1", T0 + S);
+    c.tick(T0 + 4 * S);
+    assert_eq!(c.pending(), 1, "finished before the timeout");
+    c.tick(T0 + 5 * S);
+    let rec = store.deletion("u1").unwrap().unwrap();
+    assert!(!rec.complete);
+    assert_eq!(rec.missing_nodes, ["b"]);
+    assert_eq!(rec.propagation_seconds, None);
+}
+
+#[test]
+fn repeated_starts_and_stored_deletions_are_not_tracked_twice() {
+    let (c, _store) = setup(Duration::from_secs(60));
+    register(&c, "a");
+    let sub = c.subscribe("a").unwrap();
+    c.deletion_started(start("u1", "10.0.0.5"), T0);
+    c.deletion_started(start("u1", "10.0.0.5"), T0 + S);
+    assert_eq!(c.pending(), 1);
+    c.report(
+        batch(
+            "a",
+            1,
+            vec![obs(
+                ObsKind::RulesRemoved(Mode::Nftables),
+                "10.0.0.5",
+                None,
+                T0 + S,
+            )],
+        ),
+        T0,
+    )
+    .unwrap();
+    c.pod_gone("u1", T0 + 2 * S);
+    // A relist after it finished delivers it again: already stored.
+    c.deletion_started(start("u1", "10.0.0.5"), T0 + 3 * S);
+    assert_eq!(c.pending(), 0);
+    // A duplicate batch changes nothing and says so.
+    let d = c.report(batch("a", 1, vec![]), T0).unwrap();
+    assert!(d.duplicate);
+    drop(sub);
+    assert!(c.report(batch("ghost", 1, vec![]), T0).is_err());
+}
+
+#[test]
+fn deletion_start_prefers_receipt_time() {
+    let mut d = start("u", "10.0.0.1");
+    assert_eq!(d.t0(), Some(T0));
+    d.received_unix_nanos = None;
+    assert_eq!(d.t0(), Some(T0 - S / 2));
+}

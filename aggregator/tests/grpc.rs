@@ -1,0 +1,147 @@
+//! The agent protocol's edges: validation, unknown agents, health, clock.
+
+mod common;
+
+use std::time::Duration;
+
+use aggregator::config::Settings;
+use common::lab::*;
+use observer_proto::v1 as pb;
+use tonic::Code;
+
+#[tokio::test]
+async fn malformed_reports_get_invalid_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = start_aggregator(Settings::default(), &dir.path().join("s.db"), None).await;
+    let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
+    let base = pb::ReportRequest {
+        agent_id: a.id.clone(),
+        sequence: 1,
+        ..Default::default()
+    };
+    let cases: Vec<(pb::ReportRequest, &str)> = vec![
+        (
+            pb::ReportRequest {
+                agent_id: String::new(),
+                ..base.clone()
+            },
+            "agent_id",
+        ),
+        (
+            pb::ReportRequest {
+                sequence: 0,
+                ..base.clone()
+            },
+            "sequence",
+        ),
+        (
+            pb::ReportRequest {
+                observations: vec![pb::Observation { kind: None }],
+                ..base.clone()
+            },
+            "observations[0]: kind",
+        ),
+        (
+            pb::ReportRequest {
+                observations: vec![rules_removed("not-an-ip", 1)],
+                ..base.clone()
+            },
+            "not an IP",
+        ),
+        (
+            pb::ReportRequest {
+                observations: vec![rules_removed("10.0.0.1", 0)],
+                ..base.clone()
+            },
+            "time_unix_nanos",
+        ),
+        (
+            pb::ReportRequest {
+                observations: vec![rules_removed("10.0.0.1", 1); 10_001],
+                ..base.clone()
+            },
+            "at most",
+        ),
+    ];
+    for (req, msg) in cases {
+        let err = a.client.report(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message().contains(msg),
+            "{msg:?} not in {:?}",
+            err.message()
+        );
+    }
+    // A rejected batch did not consume its sequence number.
+    let (_, ok) = a.report(vec![rules_removed("10.0.0.1", 1)]).await;
+    assert!(!ok.duplicate);
+    assert_eq!(ok.acknowledged_sequence, 1);
+
+    let unknown = pb::ReportRequest {
+        agent_id: "nobody".into(),
+        ..base
+    };
+    assert_eq!(
+        a.client.report(unknown).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    agg.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_clock_and_reregistration() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = start_aggregator(Settings::default(), &dir.path().join("s.db"), None).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", agg.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "prestop.observer.v1.Observer".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+
+    let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
+    let t1 = aggregator::http::now_unix_nanos() as u64;
+    let c = a
+        .client
+        .sync_clock(pb::ClockSyncRequest {
+            agent_id: a.id.clone(),
+            t1_unix_nanos: t1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let t4 = aggregator::http::now_unix_nanos() as u64;
+    assert!(t1 <= c.t2_unix_nanos && c.t2_unix_nanos <= c.t3_unix_nanos && c.t3_unix_nanos <= t4);
+
+    a.report(vec![]).await;
+    a.report(vec![]).await;
+    // Re-registering (after a reconnect) tells the agent what was received.
+    let r = a
+        .client
+        .register(pb::RegisterRequest {
+            agent_id: a.id.clone(),
+            node_name: "node-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.acknowledged_sequence, 2);
+    assert!(r.max_observations_per_report > 0);
+
+    // Shutdown ends open endpoint streams instead of hanging on them.
+    tokio::time::timeout(Duration::from_secs(5), agg.shutdown())
+        .await
+        .expect("shutdown hung");
+}
