@@ -1,6 +1,7 @@
 //! Compares each routed container's preStop delay and grace period with the
 //! recommendation, producing findings and the changes that would fix them.
 
+use k8s_openapi::api::core::v1::Container;
 use serde::Serialize;
 
 use crate::hook::{Hook, fmt_secs};
@@ -131,12 +132,13 @@ pub fn run(
             .iter()
             .max_by_key(|r| r.pre_stop_seconds.unwrap_or(-1))
             .cloned();
-        let mut containers: Vec<&str> = Vec::new();
-        for svc in &services {
-            for c in svc.serving_containers(&w.pod_spec) {
-                if !containers.contains(&c.name.as_str()) {
-                    containers.push(&c.name);
-                }
+        let mut containers: Vec<&Container> = Vec::new();
+        for c in services
+            .iter()
+            .flat_map(|s| s.serving_containers(&w.pod_spec))
+        {
+            if !containers.iter().any(|seen| seen.name == c.name) {
+                containers.push(c);
             }
         }
         let service_names: Vec<String> = services
@@ -154,10 +156,8 @@ pub fn run(
             workload: index,
             ..Default::default()
         };
-        for name in containers {
-            let Some(c) = w.pod_spec.containers.iter().find(|c| c.name == name) else {
-                continue;
-            };
+        for c in containers {
+            let name = c.name.as_str();
             let hook = Hook::of(c);
             eval.container_findings(name, &hook, &mut out.findings, &mut change);
             out.checked.push(Checked {
