@@ -78,7 +78,21 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
         .take_conn_events()
         .context("connection event ring buffer already taken")?;
     let decoder = conn_events::ConnDecoder::new(WallClock::new(), kernel.reset_reasons().clone());
-    let reader = tokio::spawn(conn_events::forward(ring, decoder, tx));
+    let reader = tokio::spawn(conn_events::forward(ring, decoder, tx.clone()));
+    // Source side: this node's dataplane rules and new flows towards the endpoints.
+    let _source_side = if args.watch_endpoint.is_empty() {
+        drop(tx);
+        None
+    } else {
+        let dataplane =
+            crate::dataplane::spawn(tx.clone()).context("starting the dataplane detectors")?;
+        for endpoint in &args.watch_endpoint {
+            dataplane.watch(*endpoint);
+        }
+        let flows = crate::flows::spawn(kernel.ebpf_mut(), tx)
+            .context("starting the conntrack new-flow watch")?;
+        Some((dataplane, flows))
+    };
 
     let mut printer = Printer::new(args.output, std::io::stdout().lock());
     let watched: Vec<String> = ips.iter().map(ToString::to_string).collect();

@@ -219,9 +219,7 @@ impl Watcher {
                 } else {
                     Observation::RulesRemoved(change)
                 };
-                if shared.tx.blocking_send(obs).is_err() {
-                    shared.stop.store(true, Ordering::Relaxed);
-                }
+                shared.send(obs);
             }
             self.targets = now;
         }

@@ -64,6 +64,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Sends without ever blocking a stop: waits while the channel is full,
+    /// gives up when the watch is dropped or the receiver is gone.
+    fn send(&self, obs: Observation) {
+        send_until_stopped(&self.tx, &self.stop, obs);
+    }
+
     fn watched(&self) -> HashSet<SocketAddr> {
         self.watched.read().map(|w| w.clone()).unwrap_or_default()
     }
@@ -167,6 +173,27 @@ pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> 
         layouts,
         threads,
     })
+}
+
+pub(crate) fn send_until_stopped(
+    tx: &Sender<Observation>,
+    stop: &AtomicBool,
+    mut obs: Observation,
+) {
+    use tokio::sync::mpsc::error::TrySendError;
+    while !stop.load(Ordering::Relaxed) {
+        match tx.try_send(obs) {
+            Ok(()) => return,
+            Err(TrySendError::Full(back)) => {
+                obs = back;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err(TrySendError::Closed(_)) => {
+                stop.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
 }
 
 pub(crate) fn unix_nanos() -> u64 {

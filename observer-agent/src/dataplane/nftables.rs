@@ -225,9 +225,7 @@ fn emit(
         } else {
             Observation::RulesRemoved(change)
         };
-        if shared.tx.blocking_send(obs).is_err() {
-            shared.stop.store(true, Ordering::Relaxed);
-        }
+        shared.send(obs);
     }
 }
 

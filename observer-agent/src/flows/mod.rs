@@ -29,7 +29,7 @@ pub use ct_msg::{CtNew, Tuple, decode as decode_ct_new};
 use crate::{
     dataplane::{
         netlink::{self, NETLINK_NETFILTER, Socket},
-        unix_nanos,
+        send_until_stopped, unix_nanos,
     },
     observation::{NewFlow, Observation},
 };
@@ -135,9 +135,7 @@ fn run(sock: &Socket, stop: &AtomicBool, tx: &Sender<Observation>) {
                 original_dst: ct.original.dst,
                 time_unix_nano: ct.start_unix_nano.unwrap_or(received),
             };
-            if tx.blocking_send(Observation::NewFlow(flow)).is_err() {
-                return;
-            }
+            send_until_stopped(tx, stop, Observation::NewFlow(flow));
         }
     }
 }
