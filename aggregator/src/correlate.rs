@@ -40,6 +40,8 @@ pub struct Endpoint {
 pub enum WatchChange {
     Add(Endpoint),
     Remove(Endpoint),
+    /// The snapshot of a new subscription is complete.
+    Synced,
 }
 
 /// A pod deletion as the Kubernetes watcher saw it.
@@ -194,7 +196,9 @@ struct Pending {
     /// Aggregator time the tracking began (the timeout runs from here).
     tracked_since: UnixNanos,
     terminating: Option<UnixNanos>,
-    expected: BTreeSet<String>,
+    /// Nodes with a live agent at T0 (shared between deletions: it changes
+    /// only when agents come and go).
+    expected: Arc<BTreeSet<String>>,
     nodes: BTreeMap<String, NodeAcc>,
     pod_gone: bool,
 }
@@ -213,16 +217,23 @@ struct State {
     pending: HashMap<String, Pending>,
     by_ip: HashMap<IpAddr, Vec<String>>,
     nodes: NodeIndex,
+    /// [`State::live_nodes`], until an agent subscribes or leaves.
+    live_cache: Option<Arc<BTreeSet<String>>>,
 }
 
 impl State {
     /// Nodes with at least one live endpoint subscription.
-    fn live_nodes(&self) -> BTreeSet<String> {
-        self.agents
-            .values()
-            .filter(|a| a.subscriptions > 0)
-            .map(|a| a.node.clone())
-            .collect()
+    fn live_nodes(&mut self) -> Arc<BTreeSet<String>> {
+        let agents = &self.agents;
+        Arc::clone(self.live_cache.get_or_insert_with(|| {
+            Arc::new(
+                agents
+                    .values()
+                    .filter(|a| a.subscriptions > 0)
+                    .map(|a| a.node.clone())
+                    .collect(),
+            )
+        }))
     }
 
     fn connected_agents(&self) -> i64 {
@@ -245,15 +256,19 @@ pub struct Subscription {
 pub struct Lagged(pub u64);
 
 impl Subscription {
-    /// Adds for the snapshot, then every change; ends with [`Lagged`] if the
+    /// Adds for the snapshot, `Synced`, then every change; ends with [`Lagged`] if the
     /// subscriber falls too far behind. Holds the subscription open while
     /// the stream lives.
     pub fn into_stream(self) -> impl futures::Stream<Item = Result<WatchChange, Lagged>> + Send {
         use futures::StreamExt;
         use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
         let guard = self.guard;
-        let snapshot =
-            futures::stream::iter(self.snapshot.into_iter().map(|e| Ok(WatchChange::Add(e))));
+        let snapshot = futures::stream::iter(
+            self.snapshot
+                .into_iter()
+                .map(|e| Ok(WatchChange::Add(e)))
+                .chain(std::iter::once(Ok(WatchChange::Synced))),
+        );
         let changes = BroadcastStream::new(self.changes).map(move |r| {
             let _hold = &guard;
             r.map_err(|BroadcastStreamRecvError::Lagged(n)| Lagged(n))
@@ -279,6 +294,7 @@ impl Drop for SubscriptionGuard {
         if let Some(a) = st.agents.get_mut(&self.agent_id) {
             a.subscriptions = a.subscriptions.saturating_sub(1);
         }
+        st.live_cache = None;
         self.correlator
             .metrics
             .agents_connected
@@ -330,7 +346,9 @@ impl Correlator {
             });
         agent.node = reg.node_name.clone();
         agent.registration = reg;
-        agent.last_sequence
+        let last = agent.last_sequence;
+        st.live_cache = None;
+        last
     }
 
     /// Kernel and capabilities an agent registered with.
@@ -348,6 +366,7 @@ impl Correlator {
             .get_mut(agent_id)
             .ok_or_else(|| CorrelateError::UnknownAgent(agent_id.into()))?;
         agent.subscriptions += 1;
+        st.live_cache = None;
         // Snapshot and receiver under the same lock: no change falls between.
         let changes = self.changes.subscribe();
         let snapshot = st.pending.values().map(|p| p.endpoint.clone()).collect();

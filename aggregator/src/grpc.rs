@@ -151,16 +151,12 @@ impl Observer for ObserverService {
 }
 
 fn watch_event(change: WatchChange) -> pb::WatchEvent {
-    let (add, ep) = match change {
-        WatchChange::Add(e) => (true, e),
-        WatchChange::Remove(e) => (false, e),
-    };
-    let ep = endpoint_to_proto(ep);
+    use pb::watch_event::Event;
     pb::WatchEvent {
-        event: Some(if add {
-            pb::watch_event::Event::Add(ep)
-        } else {
-            pb::watch_event::Event::Remove(ep)
+        event: Some(match change {
+            WatchChange::Add(e) => Event::Add(endpoint_to_proto(e)),
+            WatchChange::Remove(e) => Event::Remove(endpoint_to_proto(e)),
+            WatchChange::Synced => Event::Synced(pb::Synced {}),
         }),
     }
 }

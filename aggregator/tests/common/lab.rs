@@ -173,15 +173,20 @@ impl Agent {
         }
     }
 
-    /// The next watch event, within 5 s.
+    /// The next add or remove (skipping the snapshot marker), within 5 s.
     pub async fn next_event(&mut self) -> pb::watch_event::Event {
-        tokio::time::timeout(Duration::from_secs(5), self.watch.next())
-            .await
-            .expect("no watch event within 5 s")
-            .expect("watch stream ended")
-            .expect("watch stream error")
-            .event
-            .expect("empty watch event")
+        loop {
+            let e = tokio::time::timeout(Duration::from_secs(5), self.watch.next())
+                .await
+                .expect("no watch event within 5 s")
+                .expect("watch stream ended")
+                .expect("watch stream error")
+                .event
+                .expect("empty watch event");
+            if e != pb::watch_event::Event::Synced(pb::Synced {}) {
+                return e;
+            }
+        }
     }
 
     pub async fn next_add(&mut self) -> pb::WatchedEndpoint {

@@ -1,0 +1,372 @@
+//! Aggregator numbers for docs/benchmarks.md: `cargo bench -p aggregator`.
+//!
+//! - ingest: node-reports per second over real gRPC sockets from 500 and
+//!   5000 simulated agents (multiplexed over a few connections), each report
+//!   carrying observations for deletions in flight; and the correlator alone
+//!   (no gRPC) for comparison;
+//! - recommendation query latency (HTTP, p50/p99) idle and under that load,
+//!   with 10k deletions in the store;
+//! - resident memory with 5000 nodes, 10k stored deletions and deletions in
+//!   flight that every node reported on.
+//!
+//! BENCH_SECONDS (default 3) sets each load phase's length.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use aggregator::app;
+use aggregator::config::Settings;
+use aggregator::correlate::{Batch, DeletionStart, Mode, Obs, ObsKind, Registration};
+use aggregator::http::now_unix_nanos;
+use aggregator::model::{DeletionRecord, NodeMeasurement};
+use aggregator::nodes::NodeInfo;
+use aggregator::store::Store;
+use observer_proto::v1 as pb;
+use observer_proto::v1::observer_client::ObserverClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const CONNECTIONS: usize = 16;
+const TASKS_PER_CONNECTION: usize = 8;
+const IN_FLIGHT_DELETIONS: usize = 200;
+const OBSERVATIONS_PER_REPORT: usize = 4;
+
+fn main() {
+    // `cargo bench` passes --bench; ignore arguments.
+    let secs: u64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(Duration::from_secs(secs)));
+}
+
+fn pod_ip(i: usize) -> String {
+    format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256)
+}
+
+fn deletion_start(i: usize) -> DeletionStart {
+    DeletionStart {
+        pod_uid: format!("bench-{i}"),
+        namespace: "bench".into(),
+        pod_name: format!("pod-{i}"),
+        services: vec!["svc".into()],
+        ip: pod_ip(i).parse().unwrap(),
+        ports: vec![8080],
+        host_node: Some("node-0".into()),
+        received_unix_nanos: Some(now_unix_nanos()),
+        api_start_unix_nanos: None,
+        grace_period_seconds: Some(30),
+        terminating_unix_nanos: None,
+    }
+}
+
+fn stored(i: usize, now: i64) -> DeletionRecord {
+    DeletionRecord {
+        pod_uid: format!("stored-{i}"),
+        namespace: format!("ns-{}", i % 10),
+        pod_name: format!("pod-{i}"),
+        services: vec![format!("svc-{}", i % 50)],
+        pod_ip: pod_ip(i),
+        host_node: Some(format!("node-{}", i % 5000)),
+        deletion_start_unix_nanos: now - 10_000_000_000,
+        api_deletion_start_unix_nanos: None,
+        grace_period_seconds: Some(30),
+        control_plane_seconds: Some(0.02),
+        complete: true,
+        propagation_seconds: Some(0.2 + (i % 97) as f64 / 40.0),
+        finished_unix_nanos: now - i as i64,
+        nodes: (0..3)
+            .map(|n| NodeMeasurement {
+                node: format!("node-{n}"),
+                latency_seconds: Some(0.5),
+                mode: Some("nftables".into()),
+                ..Default::default()
+            })
+            .collect(),
+        missing_nodes: vec![],
+    }
+}
+
+fn report(agent: &str, seq: u64, k: usize) -> pb::ReportRequest {
+    let now = now_unix_nanos() as u64;
+    let ip = pod_ip(k % IN_FLIGHT_DELETIONS);
+    let addr = |ip: &str, port| {
+        Some(pb::SocketAddress {
+            ip: ip.into(),
+            port,
+        })
+    };
+    let observations = (0..OBSERVATIONS_PER_REPORT)
+        .map(|j| pb::Observation {
+            kind: Some(if j == 0 {
+                pb::observation::Kind::RulesRemoved(pb::RulesChange {
+                    endpoint: addr(&ip, 8080),
+                    detector: pb::Detector::Nftables as i32,
+                    time_unix_nanos: now,
+                    precision_ns: 1000,
+                })
+            } else {
+                pb::observation::Kind::NewFlow(pb::NewFlow {
+                    src: addr("10.1.0.7", 40000 + j as u32),
+                    dst: addr(&ip, 8080),
+                    original_dst: addr("10.96.0.1", 80),
+                    time_unix_nanos: now,
+                })
+            }),
+        })
+        .collect();
+    pb::ReportRequest {
+        agent_id: agent.into(),
+        sequence: seq,
+        observations,
+        counters: Some(pb::AgentCounters::default()),
+        clock: Some(pb::ClockEstimate {
+            offset_ns: 0,
+            uncertainty_ns: 10_000,
+        }),
+        sent_unix_nanos: now,
+    }
+}
+
+async fn run(phase: Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path().join("bench.db")).unwrap());
+    let now = now_unix_nanos();
+    let t = Instant::now();
+    for i in 0..10_000 {
+        store.record_deletion(&stored(i, now)).unwrap();
+    }
+    println!(
+        "store: 10000 deletions recorded in {:.2?} ({:.0}/s)",
+        t.elapsed(),
+        10_000.0 / t.elapsed().as_secs_f64()
+    );
+
+    let settings = Settings {
+        completion_timeout: Duration::from_secs(3600),
+        ..Settings::default()
+    };
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agg = app::start(settings, Arc::clone(&store), grpc, http, None).unwrap();
+    for i in 0..IN_FLIGHT_DELETIONS {
+        agg.correlator
+            .deletion_started(deletion_start(i), now_unix_nanos());
+    }
+    for n in 0..5000 {
+        agg.correlator.set_node(
+            format!("node-{n}"),
+            NodeInfo {
+                addresses: vec![format!("192.168.{}.{}", n / 256, n % 256).parse().unwrap()],
+                pod_cidrs: vec![],
+            },
+        );
+    }
+
+    let idle = query_latencies(agg.http_addr, phase / 2).await;
+    println!("query idle: {}", summary(&idle));
+
+    let channels: Vec<_> = {
+        let mut v = Vec::new();
+        for _ in 0..CONNECTIONS {
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", agg.grpc_addr))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            v.push(ObserverClient::new(ch));
+        }
+        v
+    };
+    for agents in [500usize, 5000] {
+        let ids: Vec<String> = (0..agents)
+            .map(|i| format!("node-{i}/bench-{agents}"))
+            .collect();
+        let t = Instant::now();
+        for (i, id) in ids.iter().enumerate() {
+            channels[i % CONNECTIONS]
+                .clone()
+                .register(pb::RegisterRequest {
+                    agent_id: id.clone(),
+                    node_name: format!("node-{i}"),
+                    kernel_release: "6.18".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        println!("{agents} agents: registered in {:.2?}", t.elapsed());
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let ids = Arc::new(ids);
+        let mut tasks = Vec::new();
+        let workers = CONNECTIONS * TASKS_PER_CONNECTION;
+        for w in 0..workers {
+            let mut client = channels[w % CONNECTIONS].clone();
+            let (stop, count, ids) = (Arc::clone(&stop), Arc::clone(&count), Arc::clone(&ids));
+            tasks.push(tokio::spawn(async move {
+                // Worker w owns agents w, w + workers, ...: sequences stay per agent.
+                let mine: Vec<usize> = (w..ids.len()).step_by(workers).collect();
+                let mut seq = vec![0u64; mine.len()];
+                let mut k = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let j = k % mine.len();
+                    seq[j] += 1;
+                    let r = client
+                        .report(report(&ids[mine[j]], seq[j], k))
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    assert!(!r.duplicate);
+                    count.fetch_add(1, Ordering::Relaxed);
+                    k += 1;
+                }
+            }));
+        }
+        let t = Instant::now();
+        let under_load = if agents == 5000 {
+            Some(query_latencies(agg.http_addr, phase).await)
+        } else {
+            tokio::time::sleep(phase).await;
+            None
+        };
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let n = count.load(Ordering::Relaxed);
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "ingest {agents} agents over gRPC: {n} reports in {secs:.2}s = {:.0} node-reports/s ({:.0} observations/s)",
+            n as f64 / secs,
+            (n as usize * OBSERVATIONS_PER_REPORT) as f64 / secs
+        );
+        if let Some(l) = under_load {
+            println!("query under {agents}-agent ingest load: {}", summary(&l));
+        }
+    }
+
+    // The correlator alone: the ceiling without gRPC and HTTP/2.
+    let c = &agg.correlator;
+    for i in 0..5000 {
+        c.register(Registration {
+            agent_id: format!("direct-{i}"),
+            node_name: format!("node-{i}"),
+            kernel_release: String::new(),
+            capabilities: vec![],
+        });
+    }
+    let t = Instant::now();
+    let mut n = 0u64;
+    while t.elapsed() < phase {
+        for i in 0..5000 {
+            let ip = pod_ip((n as usize + i) % IN_FLIGHT_DELETIONS)
+                .parse()
+                .unwrap();
+            let tn = now_unix_nanos();
+            let obs = (0..OBSERVATIONS_PER_REPORT)
+                .map(|j| Obs {
+                    kind: if j == 0 {
+                        ObsKind::RulesRemoved(Mode::Nftables)
+                    } else {
+                        ObsKind::NewFlow
+                    },
+                    endpoint: ip,
+                    peer: Some("10.1.0.7".parse().unwrap()),
+                    time_unix_nanos: tn,
+                })
+                .collect();
+            let b = Batch {
+                agent_id: format!("direct-{i}"),
+                sequence: n / 5000 + 1,
+                observations: obs,
+                counters: Default::default(),
+                clock: None,
+                sent_unix_nanos: tn,
+            };
+            c.report(b, tn).unwrap();
+        }
+        n += 5000;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "ingest 5000 agents, correlator only (no gRPC): {:.0} node-reports/s",
+        n as f64 / secs
+    );
+
+    // Memory: every one of 5000 nodes has reported on every deletion in flight.
+    println!(
+        "memory: 5000 nodes registered, {} stored deletions, {} deletions in flight x 5000 node reports: VmRSS {} (peak {})",
+        store.len().unwrap(),
+        c.pending(),
+        proc_status("VmRSS"),
+        proc_status("VmHWM"),
+    );
+    drop(channels);
+    agg.shutdown().await;
+}
+
+fn proc_status(key: &str) -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .map(|l| l[key.len() + 1..].trim().to_string())
+        .unwrap_or_default()
+}
+
+fn summary(l: &[Duration]) -> String {
+    let mut v = l.to_vec();
+    v.sort();
+    let p = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
+    format!(
+        "{} queries, p50 {:.3?}, p99 {:.3?}, max {:.3?}",
+        v.len(),
+        p(0.5),
+        p(0.99),
+        v[v.len() - 1]
+    )
+}
+
+/// Sequential recommendation queries on one keep-alive connection.
+async fn query_latencies(addr: SocketAddr, for_: Duration) -> Vec<Duration> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let req =
+        b"GET /v1/recommendations?namespace=ns-3&service=svc-3 HTTP/1.1\r\nHost: bench\r\n\r\n";
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    while start.elapsed() < for_ {
+        let t = Instant::now();
+        s.write_all(req).await.unwrap();
+        let mut have = 0;
+        loop {
+            let n = s.read(&mut buf[have..]).await.unwrap();
+            assert!(n > 0, "connection closed");
+            have += n;
+            let text = std::str::from_utf8(&buf[..have]).unwrap_or("");
+            if let Some(h) = text.find("\r\n\r\n") {
+                let len: usize = text[..h]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .expect("content-length");
+                if have >= h + 4 + len {
+                    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+                    break;
+                }
+            }
+        }
+        out.push(t.elapsed());
+    }
+    out
+}
