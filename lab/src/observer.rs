@@ -55,11 +55,14 @@ pub enum ObserverError {
     Timeout(String),
 }
 
-/// Paths of the binaries under test.
+/// The binaries under test and how the aggregator is run.
 #[derive(Debug, Clone)]
 pub struct Binaries {
     pub aggregator: PathBuf,
     pub agent: PathBuf,
+    /// The aggregator's `--completion-timeout`: how long it waits for a
+    /// node's report before it finishes a deletion with that node missing.
+    pub completion_timeout: Duration,
 }
 
 /// A child process that is killed when dropped, with its output in a log
@@ -114,6 +117,7 @@ impl Managed {
 #[derive(Debug)]
 pub struct Aggregator {
     binary: PathBuf,
+    completion_timeout: Duration,
     netns: PathBuf,
     netns_name: String,
     kubeconfig: PathBuf,
@@ -135,9 +139,11 @@ impl Aggregator {
         control_plane: &NetNs,
         kubeconfig: &Path,
         dir: &Path,
+        completion_timeout: Duration,
     ) -> Result<Self, ObserverError> {
         let mut aggregator = Aggregator {
             binary: binary.to_owned(),
+            completion_timeout,
             netns: control_plane.path(),
             netns_name: control_plane.name().to_owned(),
             kubeconfig: kubeconfig.to_owned(),
@@ -162,6 +168,8 @@ impl Aggregator {
                 &format!("{CONTROL_PLANE_IP}:{HTTP_PORT}"),
                 "--cluster-name",
                 "lab",
+                "--completion-timeout",
+                &format!("{}ms", self.completion_timeout.as_millis()),
                 "--store",
             ])
             .arg(&self.store)
@@ -383,20 +391,29 @@ pub struct NodeMeasurement {
 pub struct Observer {
     pub aggregator: Aggregator,
     pub agents: Vec<Agent>,
-    /// Serves the Kubernetes API the aggregator watches; lives as long as
-    /// the observer.
-    _api: ApiServer,
+    api: ApiServer,
 }
 
-/// How long the aggregator may take to finish a deletion after the lab saw
-/// every node remove the pod: reports travel, agents batch.
-const COMPLETION_WAIT: Duration = Duration::from_secs(30);
+/// How long past its completion timeout the aggregator may take to show a
+/// finished deletion.
+const COMPLETION_SLACK: Duration = Duration::from_secs(10);
 
 impl Observer {
     /// Starts the API double (seeded with the lab's nodes, pods and
     /// EndpointSlice), the aggregator and one agent per node, and waits
     /// until every agent is connected.
     pub async fn start(lab: &Lab, binaries: &Binaries, dir: &Path) -> Result<Self, ObserverError> {
+        let mut observer = Self::start_control_plane(lab, binaries, dir).await?;
+        observer.start_agents(lab, binaries, dir).await?;
+        Ok(observer)
+    }
+
+    /// The API double and the aggregator, no agent yet.
+    pub async fn start_control_plane(
+        lab: &Lab,
+        binaries: &Binaries,
+        dir: &Path,
+    ) -> Result<Self, ObserverError> {
         let api = ApiServer::start(&lab.cluster.control_plane, dir, &lab.nodes())
             .await
             .map_err(|e| ObserverError::Api {
@@ -410,19 +427,32 @@ impl Observer {
             &lab.cluster.control_plane,
             api.kubeconfig(),
             dir,
+            binaries.completion_timeout,
         )
         .await?;
-        let mut agents = Vec::new();
-        for node in &lab.cluster.nodes {
-            agents.push(Agent::start(&binaries.agent, node, dir)?);
-        }
-        let observer = Observer {
+        Ok(Observer {
             aggregator,
-            agents,
-            _api: api,
-        };
-        observer.wait_connected(lab.cluster.nodes.len()).await?;
-        Ok(observer)
+            agents: Vec::new(),
+            api,
+        })
+    }
+
+    /// One agent per node; waits until all are connected.
+    pub async fn start_agents(
+        &mut self,
+        lab: &Lab,
+        binaries: &Binaries,
+        dir: &Path,
+    ) -> Result<(), ObserverError> {
+        for node in &lab.cluster.nodes {
+            self.agents.push(Agent::start(&binaries.agent, node, dir)?);
+        }
+        self.wait_connected(lab.cluster.nodes.len()).await
+    }
+
+    /// The Kubernetes API the aggregator watches.
+    pub fn api(&self) -> &ApiServer {
+        &self.api
     }
 
     /// Agents the aggregator counts as connected (its metrics).
@@ -457,7 +487,8 @@ impl Observer {
         &self,
         deletions: &[DeletionTruth],
     ) -> Result<Vec<DeletionRecord>, ObserverError> {
-        let deadline = tokio::time::Instant::now() + COMPLETION_WAIT;
+        let wait = self.aggregator.completion_timeout + COMPLETION_SLACK;
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
             let records = self
                 .aggregator
@@ -472,7 +503,7 @@ impl Observer {
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(ObserverError::Timeout(format!(
-                    "the aggregator finished {} of {} deletions within {COMPLETION_WAIT:?}",
+                    "the aggregator finished {} of {} deletions within {wait:?}",
                     found.len(),
                     deletions.len()
                 )));

@@ -41,6 +41,7 @@ pub fn run(args: &lab::LabArgs) -> Result<()> {
         observer: lab::observer::Binaries {
             aggregator: bin.join("aggregator"),
             agent: bin.join("observer-agent"),
+            completion_timeout: std::time::Duration::from_secs(20),
         },
     };
     let report = args

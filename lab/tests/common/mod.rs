@@ -1,0 +1,63 @@
+//! What the end-to-end tests share: the binaries under test and lab presets.
+
+use std::{path::PathBuf, sync::Mutex, time::Duration};
+
+use lab::{
+    kubeproxy::Mode,
+    observer::Binaries,
+    scenario::{LabConfig, RolloutConfig},
+    server::ShutdownMode,
+};
+
+/// The end-to-end tests each run a whole cluster with agents: on two cores
+/// they run one at a time.
+pub static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn pod_server() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_lab-pod-server"))
+}
+
+/// The agent and aggregator binaries of this workspace, from the target
+/// directory of this test. `cargo test --workspace` (and so `cargo xtask
+/// test`) builds them; a nested cargo build here would wait forever on the
+/// lock of the running `cargo test`. When one is missing, starting it fails
+/// with its path: `cargo build --bins -p observer-agent -p aggregator`.
+pub fn binaries(completion_timeout: Duration) -> Binaries {
+    let dir = pod_server().parent().expect("target dir").to_owned();
+    Binaries {
+        aggregator: dir.join("aggregator"),
+        agent: dir.join("observer-agent"),
+        completion_timeout,
+    }
+}
+
+pub fn lab_config(delay: &str, server_mode: ShutdownMode, seed: u64) -> LabConfig {
+    LabConfig {
+        nodes: 3,
+        pods: 3,
+        modes: Mode::ALL.to_vec(),
+        delay: delay.parse().expect("delay spec"),
+        seed,
+        pod_server: pod_server(),
+        server_mode,
+    }
+}
+
+pub fn rollout(deletions: usize, pre_stop: Duration) -> RolloutConfig {
+    RolloutConfig {
+        deletions,
+        spacing: Duration::from_millis(1200),
+        pre_stop,
+        grace: pre_stop + Duration::from_secs(2),
+        rate: 40.0,
+        keep_alive_connections: 2,
+    }
+}
+
+/// A fresh directory for one test's logs, store and kubeconfig.
+pub fn work_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lab-e2e-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("work dir");
+    dir
+}
