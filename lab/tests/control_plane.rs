@@ -12,7 +12,7 @@ async fn aggregator_sees_lab_deletions_through_the_api_double() {
     if !lab::root::root_or_skip("aggregator_sees_lab_deletions_through_the_api_double") {
         return;
     }
-    let _serial = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = common::SERIAL.lock().await;
     let dir = common::work_dir("control-plane");
     let binaries = common::binaries(Duration::from_secs(3));
     let mut lab = Lab::start(common::lab_config("50ms..100ms", ShutdownMode::Graceful, 3))

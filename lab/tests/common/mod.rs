@@ -1,6 +1,6 @@
 //! What the end-to-end tests share: the binaries under test and lab presets.
 
-use std::{path::PathBuf, sync::Mutex, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use lab::{
     kubeproxy::Mode,
@@ -11,7 +11,7 @@ use lab::{
 
 /// The end-to-end tests each run a whole cluster with agents: on two cores
 /// they run one at a time.
-pub static SERIAL: Mutex<()> = Mutex::new(());
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 pub fn pod_server() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_lab-pod-server"))
