@@ -1,0 +1,329 @@
+//! End to end: the real agents (one per node, in its namespace) and the
+//! real aggregator measure rolling updates in the lab, against the injected
+//! truth.
+
+mod common;
+
+use std::time::Duration;
+
+use lab::{
+    observer::{DeletionRecord, Observer},
+    report::{self, DeletionReport},
+    scenario::{DeletionTruth, Lab, RolloutResult},
+    server::ShutdownMode,
+};
+
+/// |measured - injected| allowed for nodes whose rules change through
+/// nftables netlink notifications (nftables and iptables-nft modes).
+const NETLINK_BOUND_MS: f64 = 5.0;
+/// iptables-legacy sends no notification: the agent detects the change by
+/// re-reading the ruleset, so its precision is its re-read interval.
+const LEGACY_BOUND_MS: f64 = 100.0;
+
+fn joined(truths: &[DeletionTruth], records: &[DeletionRecord]) -> Vec<DeletionReport> {
+    truths
+        .iter()
+        .map(|t| report::deletion_report("e2e", t, records.iter().find(|r| r.pod_uid == t.uid)))
+        .collect()
+}
+
+fn log_run(name: &str, run: &RolloutResult) {
+    eprintln!(
+        "{name}: preStop {} s, {} requests, {} failed; new connections {:?}; keep-alive {:?}",
+        run.pre_stop_seconds,
+        run.requests(),
+        run.failed(),
+        run.new_connection.failed,
+        run.keep_alive.failed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measured_propagation_matches_injected_and_the_recommendation_loses_nothing() {
+    if !lab::root::root_or_skip(
+        "measured_propagation_matches_injected_and_the_recommendation_loses_nothing",
+    ) {
+        return;
+    }
+    let _serial = common::SERIAL.lock().await;
+    let dir = common::work_dir("accuracy");
+    let binaries = common::binaries(Duration::from_secs(10));
+    let mut lab = Lab::start(common::lab_config(
+        "100ms..700ms,outliers=0.25@1500ms..2500ms",
+        ShutdownMode::Graceful,
+        11,
+    ))
+    .await
+    .expect("lab");
+    let observer = Observer::start(&lab, &binaries, &dir)
+        .await
+        .expect("observer");
+
+    let measure = lab
+        .rollout(&common::rollout(3, Duration::from_secs(3)), |p| {
+            eprintln!("{p}")
+        })
+        .await
+        .expect("measuring rollout");
+    log_run("measure", &measure);
+    let records = observer
+        .wait_complete(&measure.deletions)
+        .await
+        .expect("measurements");
+    let deletions = joined(&measure.deletions, &records);
+    for d in &deletions {
+        assert!(
+            d.complete,
+            "{} incomplete, missing {:?}",
+            d.pod, d.missing_nodes
+        );
+        for n in &d.per_node {
+            let error = n
+                .error_ms
+                .unwrap_or_else(|| panic!("{} on {}: no measurement", d.pod, n.node));
+            let bound = if n.mode == "iptables-legacy" {
+                LEGACY_BOUND_MS
+            } else {
+                NETLINK_BOUND_MS
+            };
+            eprintln!(
+                "{} {} {}: measured {:?} injected {:.1} error {error:.2} ms",
+                d.pod, n.node, n.mode, n.measured_ms, n.injected_ms
+            );
+            assert!(
+                error.abs() <= bound,
+                "{} on {} ({}): measured {:?} ms, injected {:.1} ms",
+                d.pod,
+                n.node,
+                n.mode,
+                n.measured_ms,
+                n.injected_ms
+            );
+        }
+    }
+
+    let recommendation = observer
+        .aggregator
+        .recommendation(lab::api::NAMESPACE, lab::api::SERVICE)
+        .await
+        .expect("recommendation");
+    let pre_stop = recommendation
+        .pre_stop_seconds
+        .expect("a recommended preStop");
+    let worst_ms = deletions
+        .iter()
+        .flat_map(|d| &d.per_node)
+        .map(|n| n.injected_ms)
+        .fold(0.0, f64::max);
+    assert!(
+        pre_stop as f64 * 1000.0 >= worst_ms,
+        "preStop {pre_stop} s does not cover the slowest node ({worst_ms:.0} ms)"
+    );
+
+    let zero = lab
+        .rollout(&common::rollout(3, Duration::ZERO), |p| eprintln!("{p}"))
+        .await
+        .expect("rollout without preStop");
+    log_run("preStop 0", &zero);
+    assert!(zero.failed() > 0, "a rollout without preStop lost nothing");
+
+    let covered = lab
+        .rollout(&common::rollout(3, Duration::from_secs(pre_stop)), |p| {
+            eprintln!("{p}")
+        })
+        .await
+        .expect("rollout with the recommendation");
+    log_run("recommended", &covered);
+    assert!(covered.requests() > 500);
+    assert_eq!(covered.failed(), 0, "the recommended preStop lost requests");
+    observer.shutdown().await;
+    lab.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_server_without_graceful_close_loses_requests_and_is_reported() {
+    if !lab::root::root_or_skip(
+        "keep_alive_server_without_graceful_close_loses_requests_and_is_reported",
+    ) {
+        return;
+    }
+    let _serial = common::SERIAL.lock().await;
+    let dir = common::work_dir("keep-alive");
+    let binaries = common::binaries(Duration::from_secs(10));
+    let mut lab = Lab::start(common::lab_config(
+        "100ms..600ms",
+        ShutdownMode::IgnoreSigterm,
+        12,
+    ))
+    .await
+    .expect("lab");
+    let observer = Observer::start(&lab, &binaries, &dir)
+        .await
+        .expect("observer");
+    let first = lab
+        .rollout(&common::rollout(2, Duration::from_secs(2)), |p| {
+            eprintln!("{p}")
+        })
+        .await
+        .expect("rollout");
+    observer
+        .wait_complete(&first.deletions)
+        .await
+        .expect("measurements");
+    let pre_stop = observer
+        .aggregator
+        .recommendation(lab::api::NAMESPACE, lab::api::SERVICE)
+        .await
+        .expect("recommendation")
+        .pre_stop_seconds
+        .expect("a recommended preStop");
+
+    let run = lab
+        .rollout(&common::rollout(2, Duration::from_secs(pre_stop)), |p| {
+            eprintln!("{p}")
+        })
+        .await
+        .expect("rollout with the recommendation");
+    log_run("bad server, recommended preStop", &run);
+    assert_eq!(
+        run.new_connection.failed_total(),
+        0,
+        "new connections are covered by the preStop"
+    );
+    assert!(
+        run.keep_alive.failed_total() > 0,
+        "keep-alive requests must fail at the kill"
+    );
+    observer
+        .wait_complete(&run.deletions)
+        .await
+        .expect("measurements");
+    let recommendation = observer
+        .aggregator
+        .recommendation(lab::api::NAMESPACE, lab::api::SERVICE)
+        .await
+        .expect("recommendation");
+    assert!(
+        recommendation.keep_alive.aborted_connections > 0,
+        "{recommendation:?}"
+    );
+    assert!(
+        recommendation.keep_alive.finding.is_some(),
+        "{recommendation:?}"
+    );
+    observer.shutdown().await;
+    lab.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregator_restart_during_a_rollout_loses_no_measurement() {
+    if !lab::root::root_or_skip("aggregator_restart_during_a_rollout_loses_no_measurement") {
+        return;
+    }
+    let _serial = common::SERIAL.lock().await;
+    let dir = common::work_dir("aggregator-restart");
+    let binaries = common::binaries(Duration::from_secs(10));
+    let mut lab = Lab::start(common::lab_config(
+        "300ms..900ms",
+        ShutdownMode::Graceful,
+        13,
+    ))
+    .await
+    .expect("lab");
+    let mut observer = Observer::start(&lab, &binaries, &dir)
+        .await
+        .expect("observer");
+    let settings = common::rollout(3, Duration::from_secs(1));
+    let (run, restarted) = tokio::join!(lab.rollout(&settings, |p| eprintln!("{p}")), async {
+        // The first deletion happens about a second in; the aggregator is
+        // away while its rules change on every node.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        observer.aggregator.kill().await;
+        eprintln!("aggregator killed");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let restarted = observer.aggregator.restart().await;
+        eprintln!("aggregator restarted");
+        restarted
+    });
+    restarted.expect("aggregator restart");
+    let run = run.expect("rollout");
+    let records = observer
+        .wait_complete(&run.deletions)
+        .await
+        .expect("measurements");
+    for d in joined(&run.deletions, &records) {
+        assert!(
+            d.complete,
+            "{} incomplete after the restart: missing {:?}",
+            d.pod, d.missing_nodes
+        );
+        for n in &d.per_node {
+            assert!(n.measured_ms.is_some(), "{} on {} lost", d.pod, n.node);
+        }
+    }
+    observer.shutdown().await;
+    lab.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_agent_was_down_is_reported_missing_not_zero() {
+    if !lab::root::root_or_skip("a_node_whose_agent_was_down_is_reported_missing_not_zero") {
+        return;
+    }
+    let _serial = common::SERIAL.lock().await;
+    let dir = common::work_dir("agent-restart");
+    let binaries = common::binaries(Duration::from_secs(5));
+    let mut lab = Lab::start(common::lab_config(
+        "100ms..400ms",
+        ShutdownMode::Graceful,
+        14,
+    ))
+    .await
+    .expect("lab");
+    let mut observer = Observer::start(&lab, &binaries, &dir)
+        .await
+        .expect("observer");
+    let down = observer.agents[1].node.clone();
+    observer.agents[1].kill().await;
+    let missed = lab
+        .rollout(&common::rollout(1, Duration::from_secs(1)), |p| {
+            eprintln!("{p}")
+        })
+        .await
+        .expect("rollout");
+    let records = observer
+        .wait_complete(&missed.deletions)
+        .await
+        .expect("deletion finished");
+    let record = &records[0];
+    assert!(!record.complete, "{record:?}");
+    assert!(record.missing_nodes.contains(&down), "{record:?}");
+    assert!(
+        record.propagation_seconds.is_none(),
+        "a missing node must not yield a latency: {record:?}"
+    );
+    assert!(
+        record
+            .nodes
+            .iter()
+            .filter(|n| n.node == down)
+            .all(|n| n.latency_seconds.is_none()),
+        "{down} must not be measured (least of all as zero): {record:?}"
+    );
+
+    observer.agents[1].restart().expect("agent restart");
+    observer.wait_connected(3).await.expect("agent back");
+    let seen = lab
+        .rollout(&common::rollout(1, Duration::from_secs(1)), |p| {
+            eprintln!("{p}")
+        })
+        .await
+        .expect("rollout");
+    let records = observer
+        .wait_complete(&seen.deletions)
+        .await
+        .expect("deletion finished");
+    assert!(records[0].complete, "{:?}", records[0]);
+    observer.shutdown().await;
+    lab.shutdown().await.expect("shutdown");
+}
