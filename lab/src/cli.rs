@@ -167,6 +167,40 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
         .await?;
     runs.push(("measure".into(), measured));
     observer.wait_complete(&runs[0].1.deletions).await?;
+    let first = observer
+        .aggregator
+        .recommendation(api::NAMESPACE, api::SERVICE)
+        .await?;
+    progress(
+        started,
+        &format!(
+            "recommendation after rollout 1: preStop {} s from {} samples{}",
+            first
+                .pre_stop_seconds
+                .map_or_else(|| "none".into(), |s| s.to_string()),
+            first.samples,
+            if first.low_confidence {
+                " (low confidence)"
+            } else {
+                ""
+            }
+        ),
+    );
+
+    let baseline = if args.delay.max() > Duration::from_secs(FOLKLORE_SECONDS) {
+        FOLKLORE_SECONDS
+    } else {
+        0
+    };
+    progress(
+        started,
+        &format!("rollout 2 (baseline), preStop {baseline} s"),
+    );
+    let run = lab.rollout(&rollout_config(args, baseline), say).await?;
+    runs.push(("baseline".into(), run));
+    // The baseline's deletions are measured too: the recommendation used
+    // for the last rollout rests on both.
+    observer.wait_complete(&runs[1].1.deletions).await?;
     let recommendation = observer
         .aggregator
         .recommendation(api::NAMESPACE, api::SERVICE)
@@ -189,18 +223,6 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
             }
         ),
     );
-
-    let baseline = if args.delay.max() > Duration::from_secs(FOLKLORE_SECONDS) {
-        FOLKLORE_SECONDS
-    } else {
-        0
-    };
-    progress(
-        started,
-        &format!("rollout 2 (baseline), preStop {baseline} s"),
-    );
-    let run = lab.rollout(&rollout_config(args, baseline), say).await?;
-    runs.push(("baseline".into(), run));
     progress(
         started,
         &format!("rollout 3 (recommended), preStop {recommended} s"),

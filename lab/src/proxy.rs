@@ -255,7 +255,13 @@ async fn follow(
                 let published = services.borrow_and_update().clone();
                 view.adopt_services(&published);
                 let now_published = by_key(&published);
-                let keys: HashSet<&Key> = seen.keys().chain(now_published.keys()).collect();
+                // In a fixed order, so a seed gives the same delays to the
+                // same endpoints on every run.
+                let mut keys: Vec<&Key> = seen.keys().chain(now_published.keys()).collect();
+                keys.sort_by(|a, b| {
+                    (&a.0.namespace, &a.0.name, &a.0.port_name, &a.1).cmp(&(&b.0.namespace, &b.0.name, &b.0.port_name, &b.1))
+                });
+                keys.dedup();
                 let (now, seen_unix_nano) = (Instant::now(), unix_nanos());
                 for key in keys {
                     let (before, endpoint) = (seen.get(key), now_published.get(key));
