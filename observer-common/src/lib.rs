@@ -7,6 +7,7 @@
 
 pub mod conn;
 pub mod layout;
+pub mod ruleset;
 pub mod stats;
 pub mod watch;
 

@@ -5,6 +5,7 @@ mod conn;
 mod flows;
 mod maps;
 mod record;
+mod ruleset;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -7,7 +7,8 @@
 //! Precision: a change is timed at the lock's release; it happened while the
 //! writer held the lock, so `precision_ns` is the time from the lock's
 //! opening to its release (typically a few ms for iptables-restore). Changes
-//! found by the periodic re-read carry the period as precision.
+//! found by the periodic re-read carry the period as precision. Where the
+//! `xt_replace_table` kprobe is attached, its kernel time is used instead.
 
 use std::{
     collections::HashSet,
@@ -19,6 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use observer_common::ruleset::COMMIT_XTABLES;
 use tracing::{debug, info, warn};
 
 use super::{
@@ -181,7 +183,7 @@ impl Watcher {
             info!("iptables-legacy nat table present; watching it");
         }
         while !shared.stop.load(Ordering::Relaxed) {
-            let (precision, time) = match self.wait_lock(&mut opened) {
+            let (fallback_precision, received) = match self.wait_lock(&mut opened) {
                 Some(window) => (window.as_nanos() as u64, unix_nanos()),
                 None if last_read.elapsed() >= PERIOD => (PERIOD.as_nanos() as u64, unix_nanos()),
                 None => continue,
@@ -198,6 +200,11 @@ impl Watcher {
                 nat_seen = true;
                 info!("iptables-legacy nat table appeared; watching it");
             }
+            if now == self.targets {
+                continue;
+            }
+            let (time, precision) =
+                shared.change_time(COMMIT_XTABLES, received, fallback_precision);
             let watched = shared.watched();
             for endpoint in watched {
                 let SocketAddr::V4(v4) = endpoint else {

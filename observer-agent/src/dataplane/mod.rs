@@ -13,6 +13,7 @@
 //! endpoint's chain from the service dispatch first and deletes it later.
 //! Another dataplane (IPVS, Cilium) is one more module with the same output.
 
+pub mod commit_probe;
 mod ipt_entries;
 mod iptables_legacy;
 mod mirror;
@@ -25,7 +26,7 @@ use std::{
     collections::HashSet,
     net::SocketAddr,
     sync::{
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
@@ -36,6 +37,7 @@ use thiserror::Error;
 use tokio::sync::mpsc::Sender;
 use tracing::info;
 
+pub use commit_probe::{CommitProbe, CommitProbeSetup, ProbeStatus};
 pub use mirror::Mirror;
 pub use netlink::DecodeError;
 pub use nft_msg::{NftEvent, RuleSummary, TableId, decode as decode_nft_message};
@@ -53,12 +55,21 @@ pub enum DataplaneError {
     Legacy(std::io::Error),
     #[error("starting a detector thread: {0}")]
     Thread(std::io::Error),
+    #[error("the eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("the eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("eBPF program: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    #[error("eBPF map: {0}")]
+    Map(#[from] aya::maps::MapError),
 }
 
 /// State shared by the watch handle and the detector threads.
 #[derive(Debug)]
 pub(crate) struct Shared {
     watched: RwLock<HashSet<SocketAddr>>,
+    commit_probe: Mutex<Option<CommitProbe>>,
     stop: AtomicBool,
     tx: Sender<Observation>,
 }
@@ -68,6 +79,20 @@ impl Shared {
     /// gives up when the watch is dropped or the receiver is gone.
     fn send(&self, obs: Observation) {
         send_until_stopped(&self.tx, &self.stop, obs);
+    }
+
+    /// The change time and its precision: the commit's kernel time when the
+    /// probe saw it, else the time the detector learnt of it.
+    fn change_time(&self, slot: u32, received: u64, fallback_precision_ns: u64) -> (u64, u64) {
+        let probed = self
+            .commit_probe
+            .lock()
+            .ok()
+            .and_then(|mut p| p.as_mut().and_then(|p| p.commit_time(slot, received)));
+        match probed {
+            Some(t) => (t, received - t),
+            None => (received, fallback_precision_ns),
+        }
     }
 
     fn watched(&self) -> HashSet<SocketAddr> {
@@ -109,6 +134,13 @@ impl DataplaneWatch {
         }
     }
 
+    /// Times changes by the kernel's commit (see [`commit_probe::load`]).
+    pub fn use_commit_probe(&self, probe: CommitProbe) {
+        if let Ok(mut slot) = self.shared.commit_probe.lock() {
+            *slot = Some(probe);
+        }
+    }
+
     pub fn layouts(&self) -> Layouts {
         self.layouts
     }
@@ -129,6 +161,7 @@ impl Drop for DataplaneWatch {
 pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> {
     let shared = Arc::new(Shared {
         watched: RwLock::new(HashSet::new()),
+        commit_probe: Mutex::new(None),
         stop: AtomicBool::new(false),
         tx,
     });

@@ -16,6 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use observer_common::ruleset::COMMIT_NFTABLES;
 use tracing::{debug, info, warn};
 
 use super::{
@@ -292,7 +293,11 @@ pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targe
                 let watched = shared.watched();
                 let changes = targets.update(&mirror, Some(&dirty), &watched);
                 dirty.clear();
-                emit(shared, changes, received, NETLINK_PRECISION_NS);
+                if !changes.is_empty() {
+                    let (time, precision) =
+                        shared.change_time(COMMIT_NFTABLES, received, NETLINK_PRECISION_NS);
+                    emit(shared, changes, time, precision);
+                }
                 continue;
             }
             if let Some(table) = table_of(&event) {

@@ -1,0 +1,28 @@
+//! Root-only: the ruleset commit kprobes pass the verifier on this kernel;
+//! attaching them works where the kernel has kprobes and is otherwise
+//! reported per probe, not fatal.
+
+use std::path::Path;
+
+use lab::root::root_or_skip;
+use observer_agent::{
+    dataplane::commit_probe,
+    kernel::{Kernel, LoadOptions},
+};
+
+#[test]
+fn commit_probes_load_and_report_attach_failures() {
+    if !root_or_skip("commit_probes_load_and_report_attach_failures") {
+        return;
+    }
+    let mut kernel = Kernel::load(LoadOptions::default()).expect("eBPF loads");
+    let setup = commit_probe::load(kernel.ebpf_mut()).expect("probes pass the verifier");
+    let functions: Vec<&str> = setup.statuses.iter().map(|s| s.function).collect();
+    assert_eq!(functions, ["nf_tables_commit", "xt_replace_table"]);
+    let kprobes = Path::new("/sys/bus/event_source/devices/kprobe").exists();
+    for status in &setup.statuses {
+        assert_eq!(status.attached, kprobes, "{status:?}");
+        assert!(!status.detail.is_empty());
+    }
+    assert_eq!(setup.probe.is_some(), kprobes);
+}
