@@ -16,7 +16,7 @@ use crate::{
     kubeproxy::Mode,
     netns,
     observer::{Binaries, Observer},
-    report::{self, Report, RunReport},
+    report::{self, AgentCost, Report, RunReport},
     scenario::{Lab, LabConfig, RolloutConfig, RolloutResult},
     server::ShutdownMode,
 };
@@ -250,7 +250,17 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
         .aggregator
         .recommendation(api::NAMESPACE, api::SERVICE)
         .await?;
+    let connections = runs
+        .iter()
+        .map(|(_, r)| r.new_connection.connections + r.keep_alive.connections)
+        .sum();
+    let cpu = observer
+        .agents
+        .iter()
+        .filter_map(|a| Some((a.node.clone(), a.cpu_seconds()?)))
+        .collect();
     let report = Report {
+        agent_cost: AgentCost::new(cpu, connections),
         nodes: lab.nodes(),
         accuracy: report::accuracy(&deletions),
         deletions,

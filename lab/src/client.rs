@@ -96,6 +96,8 @@ pub struct ClientConfig {
 #[serde(rename_all = "camelCase")]
 pub struct ClientReport {
     pub requests: u64,
+    /// Connections attempted (each one a new flow the agents observe).
+    pub connections: u64,
     pub ok: u64,
     pub failed: BTreeMap<FailureCause, u64>,
     /// Successful responses per answering backend (the body is the pod name).
@@ -109,6 +111,7 @@ impl ClientReport {
 
     pub fn merge(&mut self, other: &ClientReport) {
         self.requests += other.requests;
+        self.connections += other.connections;
         self.ok += other.ok;
         for (cause, n) in &other.failed {
             *self.failed.entry(*cause).or_default() += n;
@@ -225,6 +228,7 @@ async fn new_connections(
     }
     let mut report = ClientReport::default();
     while let Some(outcome) = tasks.join_next().await {
+        report.connections += 1;
         report.record(outcome.map_err(io::Error::other)?);
     }
     Ok(report)
@@ -279,6 +283,9 @@ async fn keep_alive(
     let mut conn: Option<(TcpStream, Reader)> = None;
     let mut next = tokio::time::Instant::now();
     while Instant::now() < deadline && !*stop.borrow() {
+        if conn.is_none() {
+            report.connections += 1;
+        }
         let attempt = async {
             let (stream, reader) = match &mut conn {
                 Some(c) => c,

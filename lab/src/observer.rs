@@ -331,6 +331,20 @@ impl Agent {
             p.kill().await;
         }
     }
+
+    /// CPU time (user + system) the running agent process has used.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let pid = self.process.as_ref()?.child.id()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the parenthesised command name; utime and stime are
+        // fields 14 and 15 of the whole line.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: f64 =
+            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Some(ticks / per_second)
+    }
 }
 
 /// `GET /v1/recommendations`, the fields the lab uses.

@@ -20,6 +20,31 @@ pub struct Report {
     pub recommendation: Option<Recommendation>,
     pub runs: Vec<RunReport>,
     pub accuracy: Vec<ModeAccuracy>,
+    pub agent_cost: AgentCost,
+}
+
+/// What the agents cost during the lab's traffic.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentCost {
+    /// CPU seconds (user + system) of each node's agent since it started.
+    pub cpu_seconds: Vec<(String, f64)>,
+    /// TCP connections the lab's clients opened to the Service, all runs.
+    pub connections: u64,
+    /// Agent CPU summed over the nodes per 10k of those connections.
+    pub cpu_ms_per_10k_connections: Option<f64>,
+}
+
+impl AgentCost {
+    pub fn new(cpu_seconds: Vec<(String, f64)>, connections: u64) -> Self {
+        let total: f64 = cpu_seconds.iter().map(|(_, s)| s).sum();
+        AgentCost {
+            cpu_ms_per_10k_connections: (connections > 0)
+                .then(|| total * 1000.0 * 10_000.0 / connections as f64),
+            cpu_seconds,
+            connections,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -236,6 +261,18 @@ impl Report {
             None => {
                 let _ = writeln!(out, "\nRecommendation: none");
             }
+        }
+        if let Some(ms) = self.agent_cost.cpu_ms_per_10k_connections {
+            let _ = writeln!(
+                out,
+                "\nAgents: {:.2} s CPU in all for {} connections: {ms:.0} ms per 10k connections",
+                self.agent_cost
+                    .cpu_seconds
+                    .iter()
+                    .map(|(_, s)| s)
+                    .sum::<f64>(),
+                self.agent_cost.connections
+            );
         }
         let _ = writeln!(out, "\nRollouts:");
         for r in &self.runs {
