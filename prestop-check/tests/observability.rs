@@ -3,12 +3,14 @@
 //! they name is one the aggregator (or `prestop-check --metrics-file`)
 //! actually exposes.
 
+mod support;
+
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use prestop_check::textfile;
 use serde_json::Value;
+use support::{dashboard_queries, dashboards, deploy, instantiate, names, rule_exprs, rules_file};
 
 const HISTOGRAMS: &[&str] = &[
     "prestop_propagation_latency_seconds",
@@ -40,10 +42,6 @@ fn known_metrics() -> BTreeSet<String> {
     out
 }
 
-fn deploy() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
-
 fn promtool(args: &[&str]) -> (bool, String) {
     let out = Command::new("promtool")
         .args(args)
@@ -52,38 +50,6 @@ fn promtool(args: &[&str]) -> (bool, String) {
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
-}
-
-/// Names of the form `prestop_…` (metrics) and `x:prestop_…:y` (recording
-/// rules) in a query.
-fn names(expr: &str) -> Vec<String> {
-    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
-        .filter(|t| t.contains("prestop_"))
-        .map(str::to_string)
-        .collect()
-}
-
-fn rules_file() -> PathBuf {
-    deploy().join("prometheus/prestop-rules.yaml")
-}
-
-fn rule_exprs() -> Vec<(Option<String>, String)> {
-    let text = std::fs::read_to_string(rules_file()).unwrap();
-    let doc = &prestop_check::yaml::parse_stream(&text).unwrap()[0];
-    let mut out = Vec::new();
-    for group in doc.get("groups").unwrap().items() {
-        for rule in group.get("rules").unwrap().items() {
-            let record = rule
-                .get("record")
-                .and_then(|r| r.as_str())
-                .map(str::to_string);
-            out.push((
-                record,
-                rule.get("expr").unwrap().as_str().unwrap().to_string(),
-            ));
-        }
-    }
-    out
 }
 
 #[test]
@@ -114,52 +80,6 @@ fn rules_name_only_exposed_metrics() {
     }
 }
 
-/// Grafana's built-in variables replaced by values PromQL accepts; the
-/// template variables are used inside `=~"…"` matchers.
-fn instantiate(expr: &str) -> String {
-    expr.replace("$__rate_interval", "5m")
-        .replace("$__interval", "1m")
-        .replace("$__range", "1h")
-        .replace("$cluster", ".*")
-        .replace("$namespace", ".*")
-        .replace("$node", ".*")
-}
-
-/// Every `expr` of every panel (rows nest panels) and the series selector
-/// inside each `label_values(selector, label)` variable query.
-fn dashboard_queries(dashboard: &Value) -> Vec<String> {
-    fn walk(v: &Value, out: &mut Vec<String>) {
-        match v {
-            Value::Object(m) => {
-                for (k, v) in m {
-                    match (k.as_str(), v) {
-                        ("expr", Value::String(s)) => out.push(s.clone()),
-                        _ => walk(v, out),
-                    }
-                }
-            }
-            Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
-            _ => {}
-        }
-    }
-    let mut out = Vec::new();
-    walk(&dashboard["panels"], &mut out);
-    for var in dashboard["templating"]["list"].as_array().unwrap() {
-        if let Some(q) = var["query"]["query"].as_str() {
-            let inner = q
-                .strip_prefix("label_values(")
-                .and_then(|r| r.rsplit_once(','))
-                .map(|(s, _)| s);
-            out.push(
-                inner
-                    .unwrap_or_else(|| panic!("unexpected variable query {q}"))
-                    .to_string(),
-            );
-        }
-    }
-    out
-}
-
 /// promtool has no PromQL-only checker: each query becomes a recording rule
 /// in a temporary rule file.
 fn promtool_parses(exprs: &[String]) -> (bool, String) {
@@ -169,27 +89,11 @@ fn promtool_parses(exprs: &[String]) -> (bool, String) {
     for (i, e) in exprs.iter().enumerate() {
         text += &format!(
             "      - record: dashboard:query_{i}\n        expr: {}\n",
-            serde_json::to_string(&instantiate(e)).unwrap()
+            serde_json::to_string(&instantiate(e, "5m")).unwrap()
         );
     }
     std::fs::write(&path, text).unwrap();
     promtool(&["check", "rules", path.to_str().unwrap()])
-}
-
-fn dashboards() -> Vec<(PathBuf, Value)> {
-    let mut out: Vec<(PathBuf, Value)> = std::fs::read_dir(deploy().join("grafana"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .map(|p| {
-            let v = serde_json::from_str(&std::fs::read_to_string(&p).unwrap())
-                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            (p, v)
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    assert!(!out.is_empty());
-    out
 }
 
 #[test]
