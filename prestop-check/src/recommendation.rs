@@ -56,8 +56,8 @@ impl Recommendation {
     pub fn why(&self) -> String {
         let mut s = format!(
             "p{} at {}% confidence over {} deletions of {}",
-            self.quantile * 100.0,
-            self.confidence * 100.0,
+            percent(self.quantile),
+            percent(self.confidence),
             self.samples,
             self.scope.describe()
         );
@@ -82,6 +82,11 @@ impl Recommendation {
         }
         s
     }
+}
+
+/// 0.9 * 100.0 is 90.00000000000001 in binary floating point.
+fn percent(fraction: f64) -> f64 {
+    (fraction * 100.0 * 1e6).round() / 1e6
 }
 
 fn fmt_window(seconds: u64) -> String {
@@ -328,6 +333,16 @@ mod tests {
         assert!(
             r.why()
                 .contains("412 deletions of service shop/web in the last 7d"),
+            "{}",
+            r.why()
+        );
+        let r = Recommendation {
+            quantile: 0.9,
+            confidence: 0.999,
+            ..r
+        };
+        assert!(
+            r.why().starts_with("p90 at 99.9% confidence"),
             "{}",
             r.why()
         );
