@@ -271,6 +271,53 @@ pub fn apply(text: &str, mut edits: Vec<Edit>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::Document;
+    use crate::workload::Inventory;
+
+    fn workload(text: &str) -> Workload {
+        let docs: Vec<Document> = crate::yaml::parse_stream(text)
+            .unwrap()
+            .into_iter()
+            .map(|node| Document { file: 0, node })
+            .collect();
+        let (inventory, errors) = Inventory::collect(&docs, "default");
+        assert!(errors.is_empty());
+        inventory.workloads.into_iter().next().unwrap()
+    }
+
+    fn change(seconds: i64, grace: Option<i64>) -> Change {
+        Change {
+            workload: 0,
+            pre_stop: vec![("app".into(), seconds)],
+            grace_seconds: grace,
+        }
+    }
+
+    #[test]
+    fn inserts_an_exec_sleep_and_a_grace_period() {
+        let text = "kind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - name: app # main\n    image: a\n";
+        let w = workload(text);
+        let out = apply(
+            text,
+            edits(text, &w, &change(7, Some(12)), HookStyle::Exec).unwrap(),
+        );
+        assert_eq!(
+            out,
+            "kind: Pod\nmetadata: {name: p}\nspec:\n  terminationGracePeriodSeconds: 12\n  containers:\n  \
+             - name: app # main\n    lifecycle:\n      preStop:\n        exec:\n          \
+             command: [\"sleep\", \"7\"]\n    image: a\n"
+        );
+        assert!(
+            matches!(Hook::of(&workload(&out).pod_spec.containers[0]), Hook::ExecSleep { seconds, .. } if seconds == 7.0)
+        );
+    }
+
+    #[test]
+    fn flow_style_containers_are_left_alone() {
+        let text = "kind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: app, image: a}]\n";
+        let err = edits(text, &workload(text), &change(7, None), HookStyle::Sleep).unwrap_err();
+        assert!(err.to_string().contains("flow style"), "{err}");
+    }
 
     #[test]
     fn finds_the_single_sleep_argument_in_scripts() {
