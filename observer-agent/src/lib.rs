@@ -7,6 +7,7 @@ pub mod commands;
 pub mod dataplane;
 pub mod endpoint_record;
 pub mod flows;
+pub mod health;
 pub mod kernel;
 pub mod observation;
 pub mod output;

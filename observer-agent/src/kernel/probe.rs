@@ -10,7 +10,7 @@ use aya::{
 };
 use serde::Serialize;
 
-use super::{Kernel, LoadOptions, tracefs::Tracefs};
+use super::{HookStatus, Kernel, LoadOptions, tracefs::Tracefs};
 
 /// One row of the capability table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -41,6 +41,32 @@ impl Capability {
 /// Probes everything; loads and attaches the real programs to find out
 /// whether the hooks work (then detaches them again).
 pub fn probe() -> Vec<Capability> {
+    let mut table = probe_kernel();
+    match Kernel::load(LoadOptions::default()) {
+        Ok(kernel) => table.extend(hook_capabilities(kernel.hooks())),
+        Err(e) => table.push(Capability::new("ebpf/load", false, e.to_string(), true)),
+    }
+    table
+}
+
+/// The hooks of a loaded [`Kernel`] as capability rows.
+pub fn hook_capabilities(hooks: &[HookStatus]) -> Vec<Capability> {
+    hooks
+        .iter()
+        .map(|h| {
+            Capability::new(
+                h.name.clone(),
+                h.attached,
+                h.detail.clone(),
+                h.name.ends_with("inet_sock_set_state"),
+            )
+        })
+        .collect()
+}
+
+/// Program and map types, kernel files and tracefs, without loading the
+/// project's programs.
+pub fn probe_kernel() -> Vec<Capability> {
     let mut table = Vec::new();
     for (name, ty, required) in [
         ("program/tracepoint", ProgramType::TracePoint, true),
@@ -111,17 +137,6 @@ pub fn probe() -> Vec<Capability> {
         Ok(_) => Capability::new("tracefs", true, "mounted", true),
         Err(e) => Capability::new("tracefs", false, e.to_string(), true),
     });
-    match Kernel::load(LoadOptions::default()) {
-        Ok(kernel) => table.extend(kernel.hooks().iter().map(|h| {
-            Capability::new(
-                h.name.clone(),
-                h.attached,
-                h.detail.clone(),
-                h.name.ends_with("inet_sock_set_state"),
-            )
-        })),
-        Err(e) => table.push(Capability::new("ebpf/load", false, e.to_string(), true)),
-    }
     table
 }
 
