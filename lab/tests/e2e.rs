@@ -6,6 +6,8 @@ mod common;
 
 use std::time::Duration;
 
+use tokio::sync::mpsc;
+
 use lab::{
     observer::{DeletionRecord, Observer},
     report::{self, DeletionReport},
@@ -215,6 +217,16 @@ async fn keep_alive_server_without_graceful_close_loses_requests_and_is_reported
     lab.shutdown().await.expect("shutdown");
 }
 
+/// A progress callback that also signals each deletion as it is made.
+fn deletion_signal() -> (impl FnMut(&str), mpsc::UnboundedReceiver<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let progress = move |p: &str| {
+        eprintln!("{p}");
+        let _ = tx.send(());
+    };
+    (progress, rx)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aggregator_restart_during_a_rollout_loses_no_measurement() {
     if !lab::root::root_or_skip("aggregator_restart_during_a_rollout_loses_no_measurement") {
@@ -224,7 +236,7 @@ async fn aggregator_restart_during_a_rollout_loses_no_measurement() {
     let dir = common::work_dir("aggregator-restart");
     let binaries = common::binaries(Duration::from_secs(10));
     let mut lab = Lab::start(common::lab_config(
-        "300ms..900ms",
+        "400ms..900ms",
         ShutdownMode::Graceful,
         13,
     ))
@@ -233,11 +245,16 @@ async fn aggregator_restart_during_a_rollout_loses_no_measurement() {
     let mut observer = Observer::start(&lab, &binaries, &dir)
         .await
         .expect("observer");
-    let settings = common::rollout(3, Duration::from_secs(1));
-    let (run, restarted) = tokio::join!(lab.rollout(&settings, |p| eprintln!("{p}")), async {
-        // The first deletion happens about a second in; the aggregator is
-        // away while its rules change on every node.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A preStop long enough that the pod is still in the API when the
+    // aggregator returns.
+    let settings = common::rollout(1, Duration::from_secs(5));
+    let (progress, mut deleting) = deletion_signal();
+    let (run, restarted) = tokio::join!(lab.rollout(&settings, progress), async {
+        deleting.recv().await;
+        // The aggregator has seen the deletion and told the agents; it is
+        // away while every node's rules change, and the agents must keep
+        // their reports until it is back.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         observer.aggregator.kill().await;
         eprintln!("aggregator killed");
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -273,24 +290,24 @@ async fn a_node_whose_agent_was_down_is_reported_missing_not_zero() {
     let _serial = common::SERIAL.lock().await;
     let dir = common::work_dir("agent-restart");
     let binaries = common::binaries(Duration::from_secs(5));
-    let mut lab = Lab::start(common::lab_config(
-        "100ms..400ms",
-        ShutdownMode::Graceful,
-        14,
-    ))
-    .await
-    .expect("lab");
+    let mut lab = Lab::start(common::lab_config("1s..1500ms", ShutdownMode::Graceful, 14))
+        .await
+        .expect("lab");
     let mut observer = Observer::start(&lab, &binaries, &dir)
         .await
         .expect("observer");
     let down = observer.agents[1].node.clone();
-    observer.agents[1].kill().await;
-    let missed = lab
-        .rollout(&common::rollout(1, Duration::from_secs(1)), |p| {
-            eprintln!("{p}")
-        })
-        .await
-        .expect("rollout");
+    let (progress, mut deleting) = deletion_signal();
+    let settings = common::rollout(1, Duration::from_secs(1));
+    let (missed, ()) = tokio::join!(lab.rollout(&settings, progress), async {
+        deleting.recv().await;
+        // After T0 (so the aggregator expects this node), before the
+        // node's rules change (at least a second later).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        observer.agents[1].kill().await;
+        eprintln!("agent on {down} killed");
+    });
+    let missed = missed.expect("rollout");
     let records = observer
         .wait_complete(&missed.deletions)
         .await
