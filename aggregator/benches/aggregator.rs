@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 use aggregator::app;
 use aggregator::config::Settings;
 use aggregator::correlate::{Batch, DeletionStart, Mode, Obs, ObsKind, Registration};
-use aggregator::http::now_unix_nanos;
+use aggregator::http::{HttpState, now_unix_nanos};
 use aggregator::model::{DeletionRecord, NodeMeasurement};
 use aggregator::nodes::NodeInfo;
-use aggregator::store::Store;
+use aggregator::store::{Scope, Store};
 use observer_proto::v1 as pb;
 use observer_proto::v1::observer_client::ObserverClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -145,6 +145,23 @@ async fn run(phase: Duration) {
         "store: 10000 deletions recorded in {:.2?} ({:.0}/s)",
         t.elapsed(),
         10_000.0 / t.elapsed().as_secs_f64()
+    );
+
+    let direct = HttpState::new(Arc::clone(&store), Settings::default());
+    let mut calls = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        let scope = Scope {
+            namespace: Some("ns-3".into()),
+            service: Some("svc-3".into()),
+        };
+        let r = aggregator::http::recommendation(&direct, scope, 0.99, 0.95).unwrap();
+        assert_eq!(r.samples, 200);
+        calls.push(t.elapsed());
+    }
+    println!(
+        "recommendation in-process (store query + bound, 200 samples): {}",
+        summary(&calls)
     );
 
     let settings = Settings {

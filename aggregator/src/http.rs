@@ -86,7 +86,18 @@ pub fn router(state: HttpState) -> Router {
 
 /// Serves the HTTP API on `listener` until the task is dropped or fails.
 pub async fn serve(listener: TcpListener, state: HttpState) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).await
+    axum::serve(nodelay(listener), router(state)).await
+}
+
+/// Small JSON answers: without TCP_NODELAY a response split over two
+/// writes can wait for the client's delayed ACK.
+fn nodelay(listener: TcpListener) -> impl axum::serve::Listener<Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    })
 }
 
 /// Like [`serve`], stopping gracefully when `shutdown` completes.
@@ -95,7 +106,7 @@ pub async fn serve_with_shutdown(
     state: HttpState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    axum::serve(nodelay(listener), router(state))
         .with_graceful_shutdown(shutdown)
         .await
 }

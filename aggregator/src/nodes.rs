@@ -1,7 +1,7 @@
 //! Attributes source addresses to nodes: a node's own addresses and its pod
 //! CIDRs (from the Node objects) identify where a connection came from.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::str::FromStr;
 
@@ -29,6 +29,22 @@ impl FromStr for Cidr {
 }
 
 impl Cidr {
+    /// The address with the host bits cleared.
+    fn network(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        }
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
@@ -52,35 +68,73 @@ pub struct NodeInfo {
     pub pod_cidrs: Vec<Cidr>,
 }
 
-/// Node name -> addresses. Small (one entry per node) and read on every
-/// attributed connection event; a linear scan of CIDRs is fine at thousands
-/// of nodes because only connection events of watched endpoints get here.
+/// Node name -> addresses, indexed for lookups on every attributed
+/// connection event: exact addresses in one hash map, pod CIDRs in one hash
+/// map per prefix length (clusters use one or two lengths), so a lookup
+/// costs a few hash probes however many nodes there are.
 #[derive(Debug, Default)]
 pub struct NodeIndex {
     nodes: BTreeMap<String, NodeInfo>,
+    by_addr: HashMap<IpAddr, String>,
+    /// (prefix length, is IPv6) -> masked network -> node
+    by_cidr: BTreeMap<(u8, bool), HashMap<IpAddr, String>>,
 }
 
 impl NodeIndex {
     pub fn set(&mut self, name: String, info: NodeInfo) {
+        self.remove(&name);
+        for a in &info.addresses {
+            self.by_addr.insert(*a, name.clone());
+        }
+        for c in &info.pod_cidrs {
+            self.by_cidr
+                .entry((c.len, c.addr.is_ipv6()))
+                .or_default()
+                .insert(c.network(), name.clone());
+        }
         self.nodes.insert(name, info);
     }
 
     pub fn remove(&mut self, name: &str) {
-        self.nodes.remove(name);
+        let Some(old) = self.nodes.remove(name) else {
+            return;
+        };
+        for a in &old.addresses {
+            if self.by_addr.get(a).is_some_and(|n| n == name) {
+                self.by_addr.remove(a);
+            }
+        }
+        for c in &old.pod_cidrs {
+            let key = (c.len, c.addr.is_ipv6());
+            if let Some(m) = self.by_cidr.get_mut(&key) {
+                if m.get(&c.network()).is_some_and(|n| n == name) {
+                    m.remove(&c.network());
+                }
+                if m.is_empty() {
+                    self.by_cidr.remove(&key);
+                }
+            }
+        }
     }
 
     /// The node a source address belongs to: exact node address first, then
     /// the longest matching pod CIDR.
     pub fn node_of(&self, ip: IpAddr) -> Option<&str> {
-        if let Some((name, _)) = self.nodes.iter().find(|(_, n)| n.addresses.contains(&ip)) {
-            return Some(name);
+        if let Some(n) = self.by_addr.get(&ip) {
+            return Some(n);
         }
-        self.nodes
+        self.by_cidr
             .iter()
-            .flat_map(|(name, n)| n.pod_cidrs.iter().map(move |c| (name, c)))
-            .filter(|(_, c)| c.contains(ip))
-            .max_by_key(|(_, c)| c.len)
-            .map(|(name, _)| name.as_str())
+            .rev()
+            .filter(|((_, v6), _)| *v6 == ip.is_ipv6())
+            .find_map(|((len, _), nets)| {
+                let net = Cidr {
+                    addr: ip,
+                    len: *len,
+                }
+                .network();
+                nets.get(&net).map(String::as_str)
+            })
     }
 }
 
@@ -115,6 +169,17 @@ mod tests {
         assert_eq!(idx.node_of("8.8.8.8".parse().unwrap()), None);
         idx.remove("b");
         assert_eq!(idx.node_of("10.244.1.7".parse().unwrap()), Some("a"));
+        // Updating a node replaces its old addresses.
+        idx.set(
+            "a".into(),
+            NodeInfo {
+                addresses: vec!["192.168.0.99".parse().unwrap()],
+                pod_cidrs: vec![],
+            },
+        );
+        assert_eq!(idx.node_of("192.168.0.10".parse().unwrap()), None);
+        assert_eq!(idx.node_of("10.244.2.7".parse().unwrap()), None);
+        assert_eq!(idx.node_of("192.168.0.99".parse().unwrap()), Some("a"));
     }
 
     #[test]

@@ -272,19 +272,24 @@ impl Store {
     }
 }
 
+/// Each scope starts from the index that narrows it most: the service
+/// index, the (namespace, time) index, or the time index.
 fn scoped_query(select: &str, scope: &Scope, since: UnixNanos) -> (String, Vec<Value>) {
-    let mut sql = format!("{select} WHERE d.finished_unix_nanos >= ?");
-    let mut args: Vec<Value> = vec![since.into()];
-    if let Some(ns) = &scope.namespace {
-        sql.push_str(" AND d.namespace = ?");
-        args.push(ns.clone().into());
-        if let Some(svc) = &scope.service {
-            sql.push_str(
-                " AND EXISTS (SELECT 1 FROM deletion_services s WHERE s.pod_uid = d.pod_uid AND s.namespace = ? AND s.service = ?)",
-            );
-            args.push(ns.clone().into());
-            args.push(svc.clone().into());
-        }
+    match (&scope.namespace, &scope.service) {
+        (Some(ns), Some(svc)) => (
+            format!(
+                "{select} JOIN deletion_services s ON s.pod_uid = d.pod_uid
+                 WHERE s.namespace = ? AND s.service = ? AND d.finished_unix_nanos >= ?"
+            ),
+            vec![ns.clone().into(), svc.clone().into(), since.into()],
+        ),
+        (Some(ns), None) => (
+            format!("{select} WHERE d.namespace = ? AND d.finished_unix_nanos >= ?"),
+            vec![ns.clone().into(), since.into()],
+        ),
+        (None, _) => (
+            format!("{select} WHERE d.finished_unix_nanos >= ?"),
+            vec![since.into()],
+        ),
     }
-    (sql, args)
 }
