@@ -11,3 +11,4 @@ pub mod health;
 pub mod kernel;
 pub mod observation;
 pub mod output;
+pub mod report;

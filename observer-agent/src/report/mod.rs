@@ -1,0 +1,514 @@
+//! The agent's client of the aggregator (`prestop.observer.v1`): registers
+//! with the node's kernel and capability table, subscribes to the set of
+//! endpoints to watch (forwarded as [`WatchUpdate`]s), reports observations
+//! in numbered batches, and runs clock exchanges so the aggregator can
+//! correct this node's timestamps.
+//!
+//! While the aggregator is away, observations wait in a bounded buffer
+//! (overflow is dropped, counted and reported) and the client reconnects
+//! with exponential backoff. A batch keeps its sequence number until
+//! acknowledged, so a resend after a lost reply is not counted twice.
+
+mod buffer;
+pub mod clock;
+mod convert;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use observer_proto::v1 as pb;
+use observer_proto::v1::observer_client::ObserverClient;
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::kernel::probe::Capability;
+use crate::observation::{Observation, UnixNanos};
+use buffer::Buffer;
+
+/// Counters the kernel side keeps and the reporter forwards (cumulative).
+#[derive(Debug, Default)]
+pub struct KernelCounters {
+    /// Events the kernel could not hand over (ring buffer full).
+    pub events_lost: AtomicU64,
+    /// Events filtered out as not concerning a watched endpoint.
+    pub events_filtered: AtomicU64,
+}
+
+#[derive(Clone, Debug)]
+pub struct ReporterConfig {
+    /// gRPC URL of the aggregator, e.g. `http://prestop-aggregator:50051`.
+    pub aggregator: String,
+    pub node_name: String,
+    pub kernel_release: String,
+    /// The `observer-agent probe` table.
+    pub capabilities: Vec<Capability>,
+    /// Unique per agent process; batch sequence numbers are scoped to it.
+    pub agent_id: String,
+    /// Observations held at most while the aggregator is unreachable.
+    pub buffer_capacity: usize,
+    /// Observations per report at most (the aggregator may lower it).
+    pub batch_max: usize,
+    /// How often buffered observations are sent.
+    pub flush_interval: Duration,
+    /// Deadline of each call, and of connecting.
+    pub call_timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub counters: Arc<KernelCounters>,
+}
+
+impl ReporterConfig {
+    /// Defaults: 100k buffered observations, 1000 per batch, flush every
+    /// 200 ms, 10 s call deadline, backoff 100 ms doubling to 30 s.
+    pub fn new(aggregator: impl Into<String>, node_name: impl Into<String>) -> Self {
+        let node_name = node_name.into();
+        let nonce = now_unix_nanos() ^ u64::from(std::process::id()).rotate_left(32);
+        Self {
+            aggregator: aggregator.into(),
+            agent_id: format!("{node_name}/{nonce:016x}"),
+            node_name,
+            kernel_release: String::new(),
+            capabilities: Vec::new(),
+            buffer_capacity: 100_000,
+            batch_max: 1000,
+            flush_interval: Duration::from_millis(200),
+            call_timeout: Duration::from_secs(10),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+            counters: Arc::default(),
+        }
+    }
+}
+
+/// An endpoint of a pod being deleted, to be watched by the kernel side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchedEndpoint {
+    pub pod_uid: String,
+    pub namespace: String,
+    pub pod_name: String,
+    pub services: Vec<String>,
+    pub ip: IpAddr,
+    pub ports: Vec<u16>,
+    /// Deletion start (T0), aggregator clock.
+    pub deletion_start_unix_nanos: UnixNanos,
+    pub grace_period_seconds: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchUpdate {
+    Add(WatchedEndpoint),
+    Remove(WatchedEndpoint),
+}
+
+/// What a reporter did, returned when it stops.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Sessions that registered successfully.
+    pub sessions: u64,
+    pub batches_acknowledged: u64,
+    pub observations_dropped: u64,
+    /// Observations still buffered at shutdown (not delivered).
+    pub observations_unsent: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("invalid aggregator URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("the receiver of watch updates is gone")]
+    WatchReceiverClosed,
+}
+
+/// Why a session ended.
+enum End {
+    Shutdown,
+    Lost(String),
+}
+
+fn now_unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Runs until `shutdown` completes or the observation channel closes; then
+/// makes one last attempt to deliver what is buffered.
+pub async fn run(
+    cfg: ReporterConfig,
+    observations: mpsc::Receiver<Observation>,
+    watch_tx: mpsc::Sender<WatchUpdate>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<Summary, ReportError> {
+    let endpoint = Endpoint::from_shared(cfg.aggregator.clone())
+        .map_err(|e| ReportError::InvalidUrl {
+            url: cfg.aggregator.clone(),
+            reason: e.to_string(),
+        })?
+        .connect_timeout(cfg.call_timeout)
+        .timeout(cfg.call_timeout)
+        .tcp_keepalive(Some(Duration::from_secs(30)))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let mut r = Reporter {
+        buffer: Buffer::new(cfg.batch_max, cfg.buffer_capacity),
+        cfg,
+        rx: observations,
+        rx_open: true,
+        watch_tx,
+        watched: HashMap::new(),
+        clock: None,
+        summary: Summary::default(),
+        shutdown: Box::pin(shutdown),
+    };
+    let mut backoff = r.cfg.backoff_initial;
+    loop {
+        let (end, registered) = r.session(&endpoint).await?;
+        match end {
+            End::Shutdown => return Ok(r.finish(&endpoint).await),
+            End::Lost(why) => {
+                tracing::warn!(aggregator = %r.cfg.aggregator, reason = %why, retry_in = ?backoff,
+                    buffered = r.buffer.len(), "aggregator connection lost");
+            }
+        }
+        if registered {
+            backoff = r.cfg.backoff_initial;
+        }
+        // Jitter (50..150 %) so a fleet of agents does not reconnect in step.
+        let jitter = 0.5 + f64::from(now_unix_nanos() as u32 % 1000) / 1000.0;
+        if r.buffering(tokio::time::sleep(backoff.mul_f64(jitter)))
+            .await
+            .is_none()
+        {
+            return Ok(r.finish(&endpoint).await);
+        }
+        backoff = (backoff * 2).min(r.cfg.backoff_max);
+    }
+}
+
+struct Reporter<S> {
+    cfg: ReporterConfig,
+    rx: mpsc::Receiver<Observation>,
+    rx_open: bool,
+    watch_tx: mpsc::Sender<WatchUpdate>,
+    watched: HashMap<String, WatchedEndpoint>,
+    buffer: Buffer,
+    clock: Option<clock::Estimate>,
+    summary: Summary,
+    shutdown: Pin<Box<S>>,
+}
+
+impl<S: Future<Output = ()> + Send> Reporter<S> {
+    fn push(&mut self, o: &Observation) {
+        if !self.buffer.push(convert::observation(o), now_unix_nanos()) {
+            let d = self.buffer.dropped();
+            if d.is_power_of_two() {
+                tracing::warn!(
+                    dropped = d,
+                    capacity = self.cfg.buffer_capacity,
+                    "report buffer full: dropping observations"
+                );
+            }
+        }
+    }
+
+    /// Awaits `fut` while still taking observations into the buffer; `None`
+    /// when shutdown came first (or the observation channel closed).
+    async fn buffering<T>(&mut self, fut: impl Future<Output = T>) -> Option<T> {
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            tokio::select! {
+                biased;
+                () = self.shutdown.as_mut() => return None,
+                r = &mut fut => return Some(r),
+                o = self.rx.recv(), if self.rx_open => match o {
+                    Some(o) => self.push(&o),
+                    None => {
+                        self.rx_open = false;
+                        return None;
+                    }
+                },
+            }
+        }
+    }
+
+    /// One connection: register, subscribe, then report until something
+    /// fails. Returns how it ended and whether it got as far as registering.
+    async fn session(&mut self, endpoint: &Endpoint) -> Result<(End, bool), ReportError> {
+        macro_rules! step {
+            ($fut:expr, $what:literal) => {
+                match self.buffering($fut).await {
+                    None => return Ok((End::Shutdown, false)),
+                    Some(Err(e)) => {
+                        return Ok((End::Lost(format!(concat!($what, ": {}"), e)), false))
+                    }
+                    Some(Ok(v)) => v,
+                }
+            };
+        }
+        let channel = step!(endpoint.connect(), "connect");
+        let mut client = ObserverClient::new(channel);
+        let reg = step!(client.register(self.register_request()), "register").into_inner();
+        self.buffer.acknowledge(reg.acknowledged_sequence);
+        self.buffer
+            .limit_batch(reg.max_observations_per_report as usize);
+        let mut stream = step!(
+            client.watch_endpoints(pb::WatchEndpointsRequest {
+                agent_id: self.cfg.agent_id.clone()
+            }),
+            "subscribe"
+        )
+        .into_inner();
+        self.summary.sessions += 1;
+        tracing::info!(aggregator = %self.cfg.aggregator, agent_id = %self.cfg.agent_id, "connected to the aggregator");
+        let end = self
+            .connected(&mut client, &mut stream, reg.clock_sync_interval_seconds)
+            .await?;
+        Ok((end, true))
+    }
+
+    async fn connected(
+        &mut self,
+        client: &mut ObserverClient<Channel>,
+        stream: &mut tonic::Streaming<pb::WatchEvent>,
+        clock_interval_seconds: u32,
+    ) -> Result<End, ReportError> {
+        // Endpoints in the new subscription's snapshot, until `synced`.
+        let mut snapshot: Option<HashSet<String>> = Some(HashSet::new());
+        let mut flush = tokio::time::interval(self.cfg.flush_interval);
+        let mut clock = tokio::time::interval(Duration::from_secs(u64::from(
+            clock_interval_seconds.max(1),
+        )));
+        loop {
+            tokio::select! {
+                biased;
+                () = self.shutdown.as_mut() => return Ok(End::Shutdown),
+                ev = stream.message() => match ev {
+                    Ok(Some(ev)) => self.watch_event(ev, &mut snapshot).await?,
+                    Ok(None) => return Ok(End::Lost("endpoint stream ended".into())),
+                    Err(s) => return Ok(End::Lost(format!("endpoint stream: {s}"))),
+                },
+                _ = clock.tick() => {
+                    if let Err(s) = self.sync_clock(client).await {
+                        return Ok(End::Lost(format!("clock exchange: {s}")));
+                    }
+                }
+                o = self.rx.recv(), if self.rx_open => match o {
+                    Some(o) => self.push(&o),
+                    None => {
+                        self.rx_open = false;
+                        return Ok(End::Shutdown);
+                    }
+                },
+                _ = flush.tick() => {
+                    self.buffer.seal(now_unix_nanos());
+                    match self.send_buffered(client).await {
+                        Some(Ok(())) => {}
+                        Some(Err(why)) => return Ok(End::Lost(why)),
+                        None => return Ok(End::Shutdown),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn watch_event(
+        &mut self,
+        ev: pb::WatchEvent,
+        snapshot: &mut Option<HashSet<String>>,
+    ) -> Result<(), ReportError> {
+        use pb::watch_event::Event;
+        let update = match ev.event {
+            Some(Event::Add(e)) => {
+                let Some(e) = endpoint(e) else { return Ok(()) };
+                if let Some(s) = snapshot.as_mut() {
+                    s.insert(e.pod_uid.clone());
+                }
+                if self.watched.contains_key(&e.pod_uid) {
+                    return Ok(());
+                }
+                self.watched.insert(e.pod_uid.clone(), e.clone());
+                vec![WatchUpdate::Add(e)]
+            }
+            Some(Event::Remove(e)) => match self.watched.remove(&e.pod_uid) {
+                Some(e) => vec![WatchUpdate::Remove(e)],
+                None => return Ok(()),
+            },
+            Some(Event::Synced(_)) => {
+                // Watched before the reconnect, absent now: finished meanwhile.
+                let Some(current) = snapshot.take() else {
+                    return Ok(());
+                };
+                let gone: Vec<String> = self
+                    .watched
+                    .keys()
+                    .filter(|u| !current.contains(*u))
+                    .cloned()
+                    .collect();
+                gone.iter()
+                    .filter_map(|u| self.watched.remove(u))
+                    .map(WatchUpdate::Remove)
+                    .collect()
+            }
+            None => return Ok(()),
+        };
+        for u in update {
+            self.watch_tx
+                .send(u)
+                .await
+                .map_err(|_| ReportError::WatchReceiverClosed)?;
+        }
+        Ok(())
+    }
+
+    fn register_request(&self) -> pb::RegisterRequest {
+        pb::RegisterRequest {
+            agent_id: self.cfg.agent_id.clone(),
+            node_name: self.cfg.node_name.clone(),
+            kernel_release: self.cfg.kernel_release.clone(),
+            capabilities: self
+                .cfg
+                .capabilities
+                .iter()
+                .map(|c| pb::Capability {
+                    name: c.name.clone(),
+                    available: c.available,
+                    detail: c.detail.clone(),
+                })
+                .collect(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    async fn sync_clock(
+        &mut self,
+        client: &mut ObserverClient<Channel>,
+    ) -> Result<(), tonic::Status> {
+        let t1 = now_unix_nanos();
+        let r = client
+            .sync_clock(pb::ClockSyncRequest {
+                agent_id: self.cfg.agent_id.clone(),
+                t1_unix_nanos: t1,
+            })
+            .await?
+            .into_inner();
+        let t4 = now_unix_nanos();
+        let e = clock::estimate(t1, r.t2_unix_nanos, r.t3_unix_nanos, t4);
+        tracing::debug!(
+            offset_ns = e.offset_ns,
+            uncertainty_ns = e.uncertainty_ns,
+            "clock exchange"
+        );
+        self.clock = Some(e);
+        Ok(())
+    }
+
+    /// Sends every sealed batch in order. `Some(Err)` when the connection
+    /// should be dropped, `None` on shutdown.
+    async fn send_buffered(
+        &mut self,
+        client: &mut ObserverClient<Channel>,
+    ) -> Option<Result<(), String>> {
+        while let Some(req) = self.next_request() {
+            let sequence = req.sequence;
+            let mut c = client.clone();
+            match self.buffering(async move { c.report(req).await }).await? {
+                Ok(resp) => {
+                    let ack = resp.into_inner().acknowledged_sequence.max(sequence);
+                    self.buffer.acknowledge(ack);
+                    self.summary.batches_acknowledged += 1;
+                }
+                // The aggregator will never take this batch: drop it rather
+                // than block every later one behind it.
+                Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    tracing::error!(sequence, error = %s.message(), "aggregator rejected a report; dropping it");
+                    self.buffer.acknowledge(sequence);
+                }
+                Err(s) => return Some(Err(format!("report: {s}"))),
+            }
+        }
+        Some(Ok(()))
+    }
+
+    fn next_request(&self) -> Option<pb::ReportRequest> {
+        let b = self.buffer.front()?;
+        Some(pb::ReportRequest {
+            agent_id: self.cfg.agent_id.clone(),
+            sequence: b.sequence,
+            observations: b.observations.clone(),
+            counters: Some(pb::AgentCounters {
+                events_lost: self.cfg.counters.events_lost.load(Ordering::Relaxed),
+                events_filtered: self.cfg.counters.events_filtered.load(Ordering::Relaxed),
+                observations_dropped: self.buffer.dropped(),
+            }),
+            clock: self.clock.map(|c| pb::ClockEstimate {
+                offset_ns: c.offset_ns,
+                uncertainty_ns: c.uncertainty_ns,
+            }),
+            sent_unix_nanos: b.sealed_unix_nanos,
+        })
+    }
+
+    /// Last delivery attempt at shutdown, bounded by one call deadline.
+    async fn finish(mut self, endpoint: &Endpoint) -> Summary {
+        while let Ok(o) = self.rx.try_recv() {
+            self.push(&o);
+        }
+        self.buffer.seal(now_unix_nanos());
+        if !self.buffer.is_empty() {
+            let deadline = self.cfg.call_timeout;
+            let attempt = async {
+                let mut client =
+                    ObserverClient::new(endpoint.connect().await.map_err(|e| e.to_string())?);
+                client
+                    .register(self.register_request())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                while let Some(req) = self.next_request() {
+                    let seq = req.sequence;
+                    let ack = client.report(req).await.map_err(|e| e.to_string())?;
+                    self.buffer
+                        .acknowledge(ack.into_inner().acknowledged_sequence.max(seq));
+                    self.summary.batches_acknowledged += 1;
+                }
+                Ok::<(), String>(())
+            };
+            match tokio::time::timeout(deadline, attempt).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "final report delivery failed"),
+                Err(_) => tracing::warn!("final report delivery timed out"),
+            }
+        }
+        self.summary.observations_dropped = self.buffer.dropped();
+        self.summary.observations_unsent = self.buffer.len() as u64;
+        self.summary
+    }
+}
+
+fn endpoint(e: pb::WatchedEndpoint) -> Option<WatchedEndpoint> {
+    let ip = match e.ip.parse() {
+        Ok(ip) => ip,
+        Err(_) => {
+            tracing::warn!(ip = %e.ip, pod = %e.pod_name, "aggregator sent an endpoint with a bad IP; ignored");
+            return None;
+        }
+    };
+    Some(WatchedEndpoint {
+        pod_uid: e.pod_uid,
+        namespace: e.namespace,
+        pod_name: e.pod_name,
+        services: e.services,
+        ip,
+        ports: e
+            .ports
+            .into_iter()
+            .filter_map(|p| u16::try_from(p).ok())
+            .collect(),
+        deletion_start_unix_nanos: e.deletion_start_unix_nanos,
+        grace_period_seconds: e.grace_period_seconds,
+    })
+}
