@@ -204,10 +204,23 @@ struct Pending {
 }
 
 impl Pending {
-    fn all_reported(&self) -> bool {
-        self.expected
-            .iter()
-            .all(|n| self.nodes.get(n).is_some_and(|a| a.rules_removed.is_some()))
+    /// Nodes that must report: those live at T0 or, when none were (the
+    /// aggregator had just started and agents were still reconnecting),
+    /// those live now.
+    fn expected_nodes(&self, live: &Arc<BTreeSet<String>>) -> Arc<BTreeSet<String>> {
+        if self.expected.is_empty() {
+            Arc::clone(live)
+        } else {
+            Arc::clone(&self.expected)
+        }
+    }
+
+    fn all_reported(&self, live: &Arc<BTreeSet<String>>) -> bool {
+        let expected = self.expected_nodes(live);
+        !expected.is_empty()
+            && expected
+                .iter()
+                .all(|n| self.nodes.get(n).is_some_and(|a| a.rules_removed.is_some()))
     }
 }
 
@@ -457,10 +470,11 @@ impl Correlator {
     pub fn pod_gone(&self, pod_uid: &str, now: UnixNanos) {
         let done = {
             let mut st = self.state();
+            let live = st.live_nodes();
             match st.pending.get_mut(pod_uid) {
                 Some(p) => {
                     p.pod_gone = true;
-                    p.all_reported()
+                    p.all_reported(&live)
                 }
                 None => false,
             }
@@ -538,13 +552,17 @@ impl Correlator {
     /// those past the completion timeout. Call periodically.
     pub fn tick(&self, now: UnixNanos) {
         let timeout = self.settings.completion_timeout.as_nanos() as i64;
-        let due: Vec<String> = self
-            .state()
-            .pending
-            .iter()
-            .filter(|(_, p)| (p.pod_gone && p.all_reported()) || now - p.tracked_since >= timeout)
-            .map(|(uid, _)| uid.clone())
-            .collect();
+        let due: Vec<String> = {
+            let mut st = self.state();
+            let live = st.live_nodes();
+            st.pending
+                .iter()
+                .filter(|(_, p)| {
+                    (p.pod_gone && p.all_reported(&live)) || now - p.tracked_since >= timeout
+                })
+                .map(|(uid, _)| uid.clone())
+                .collect()
+        };
         if !due.is_empty() {
             self.finish(&due, now);
         }
@@ -559,10 +577,12 @@ impl Correlator {
         let mut finished = Vec::new();
         {
             let mut st = self.state();
+            let live = st.live_nodes();
             for uid in uids {
-                let Some(p) = st.pending.remove(uid) else {
+                let Some(mut p) = st.pending.remove(uid) else {
                     continue;
                 };
+                p.expected = p.expected_nodes(&live);
                 if let Some(v) = st.by_ip.get_mut(&p.endpoint.ip) {
                     v.retain(|u| u != uid);
                     if v.is_empty() {
@@ -702,7 +722,7 @@ fn node_acc<'a>(
 pub const UNATTRIBUTED: &str = "unattributed";
 
 fn record(p: Pending, now: UnixNanos) -> DeletionRecord {
-    let complete = !p.expected.is_empty() && p.all_reported();
+    let complete = p.all_reported(&p.expected);
     let missing_nodes: Vec<String> = p
         .expected
         .iter()

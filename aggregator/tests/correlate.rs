@@ -268,3 +268,51 @@ fn deletion_start_prefers_receipt_time() {
     d.received_unix_nanos = None;
     assert_eq!(d.t0(), Some(T0 - S / 2));
 }
+
+#[test]
+fn deletion_seen_before_any_agent_expects_the_agents_live_at_the_end() {
+    // The aggregator just restarted: the relist finds a deletion before the
+    // agents have reconnected.
+    let (c, store) = setup(Duration::from_secs(60));
+    c.deletion_started(start("u1", "10.0.0.5"), T0);
+    c.pod_gone("u1", T0 + S);
+    c.tick(T0 + S);
+    assert_eq!(c.pending(), 1, "finished with no agent at all");
+    register(&c, "a");
+    register(&c, "b");
+    let _subs = (c.subscribe("a").unwrap(), c.subscribe("b").unwrap());
+    c.report(
+        batch(
+            "a",
+            1,
+            vec![obs(
+                ObsKind::RulesRemoved(Mode::Nftables),
+                "10.0.0.5",
+                None,
+                T0 + S,
+            )],
+        ),
+        T0,
+    )
+    .unwrap();
+    c.tick(T0 + 2 * S);
+    assert_eq!(c.pending(), 1, "node b has not reported yet");
+    c.report(
+        batch(
+            "b",
+            1,
+            vec![obs(
+                ObsKind::RulesRemoved(Mode::Nftables),
+                "10.0.0.5",
+                None,
+                T0 + 2 * S,
+            )],
+        ),
+        T0,
+    )
+    .unwrap();
+    c.tick(T0 + 3 * S);
+    let rec = store.deletion("u1").unwrap().unwrap();
+    assert!(rec.complete);
+    assert_eq!(rec.propagation_seconds, Some(2.0));
+}
