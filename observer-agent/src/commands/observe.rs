@@ -89,6 +89,14 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
         for endpoint in &args.watch_endpoint {
             dataplane.watch(*endpoint);
         }
+        match crate::dataplane::commit_probe::load(kernel.ebpf_mut()) {
+            Ok(setup) => {
+                if let Some(probe) = setup.probe {
+                    dataplane.use_commit_probe(probe);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "ruleset commit probes not loaded"),
+        }
         let flows = crate::flows::spawn(kernel.ebpf_mut(), tx)
             .context("starting the conntrack new-flow watch")?;
         Some((dataplane, flows))

@@ -6,7 +6,8 @@
 //! committed transaction); only then are the touched tables re-evaluated,
 //! so the intermediate states inside a kube-proxy sync (flush chain, re-add
 //! rules) are never reported. The time of a change is the wall clock when
-//! the batch's NEWGEN reached user space.
+//! the batch's first notification reached user space (or the commit's kernel
+//! time when the commit kprobe is attached).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -32,9 +33,10 @@ use crate::observation::{Detector, Observation, RulesChange};
 const RECV_BUFFER: i32 = 64 << 20;
 /// How often the loop looks at the stop flag while the ruleset is quiet.
 const POLL: Duration = Duration::from_millis(100);
-/// Upper bound of the delay between the commit and the notification's
-/// arrival in user space on an idle node (see docs/benchmarks.md, "Dataplane
-/// detection").
+/// Assumed bound of the delay between a commit and the arrival of its first
+/// notification on a dedicated reader thread (the kernel queues them at
+/// commit); in docs/benchmarks.md every timestamp fell inside the writer's
+/// transaction.
 pub const NETLINK_PRECISION_NS: u64 = 1_000_000;
 
 /// Tables iptables-nft creates; everything else is native nftables.
@@ -235,6 +237,7 @@ pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targe
     let mut buf = vec![0u8; 1 << 20];
     let mut dirty: HashSet<TableId> = HashSet::new();
     let mut last_seen = Instant::now();
+    let mut batch_started: Option<u64> = None;
     while !shared.stop.load(Ordering::Relaxed) {
         let n = match sock.recv(&mut buf) {
             Ok(n) => n,
@@ -266,7 +269,10 @@ pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targe
                 return;
             }
         };
-        let received = unix_nanos();
+        // A commit queues all its notifications at once: the first datagram
+        // of a batch is the one closest to the commit, however long the
+        // batch takes to read.
+        let received = *batch_started.get_or_insert_with(unix_nanos);
         last_seen = Instant::now();
         for msg in netlink::messages(&buf[..n]) {
             let msg = match msg {
@@ -293,6 +299,7 @@ pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targe
                 let watched = shared.watched();
                 let changes = targets.update(&mirror, Some(&dirty), &watched);
                 dirty.clear();
+                batch_started = None;
                 if !changes.is_empty() {
                     let (time, precision) =
                         shared.change_time(COMMIT_NFTABLES, received, NETLINK_PRECISION_NS);
