@@ -18,4 +18,5 @@ pub mod report;
 pub mod scenario;
 pub mod server;
 pub mod topology;
+pub mod witness;
 pub mod workload;

@@ -6,6 +6,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::Ipv4Addr,
+    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -16,6 +17,7 @@ use tokio::{sync::watch, task::JoinHandle, time::Instant};
 use crate::{
     delay::{DelayDistribution, Rng},
     kubeproxy::{Applied, Backend, KubeProxyError, Mode, Rules, ServicePort},
+    witness::CommitWitness,
 };
 
 /// One endpoint of an EndpointSlice, with its conditions.
@@ -72,6 +74,18 @@ pub struct RuleChange {
     pub injected_delay_ms: f64,
     pub applied_started_unix_nano: u64,
     pub applied_finished_unix_nano: u64,
+    /// The kernel's commit of the change, for modes that announce commits
+    /// (nftables, iptables-nft); see [`crate::witness`].
+    pub committed_unix_nano: Option<u64>,
+}
+
+impl RuleChange {
+    /// The best known moment the rules changed: the kernel's commit, else
+    /// the end of the transaction.
+    pub fn truth_unix_nano(&self) -> u64 {
+        self.committed_unix_nano
+            .unwrap_or(self.applied_finished_unix_nano)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -237,6 +251,18 @@ async fn follow(
     mut stop: watch::Receiver<bool>,
     changes: Arc<Mutex<Vec<RuleChange>>>,
 ) -> Result<(), KubeProxyError> {
+    let witness = match config.mode {
+        Mode::Nftables | Mode::IptablesNft => {
+            let path = Path::new("/run/netns").join(&config.netns);
+            Some(
+                CommitWitness::start(&path).map_err(|source| KubeProxyError::Spawn {
+                    command: "nftables commit witness".into(),
+                    source,
+                })?,
+            )
+        }
+        Mode::IptablesLegacy => None,
+    };
     let mut rng = Rng::new(config.seed);
     let mut seen = by_key(&initial);
     let mut programmed = selected(&initial);
@@ -289,7 +315,12 @@ async fn follow(
                 }
                 let (rules_back, result) = sync(rules, &view.services).await;
                 rules = rules_back;
-                record(&config, &programmed, &next, &due, result?, &changes);
+                let applied = result?;
+                let committed = match &witness {
+                    Some(w) => commit_of(w, applied).await,
+                    None => None,
+                };
+                record(&config, &programmed, &next, &due, applied, committed, &changes);
                 programmed = next;
             }
             // A stop (the only value ever sent) or the handle dropped.
@@ -301,12 +332,27 @@ async fn follow(
         .expect("cleanup thread panicked")
 }
 
+/// The kernel commit inside the transaction `applied`, once the witness
+/// has received it (it may lag the writer by a moment).
+async fn commit_of(witness: &CommitWitness, applied: Applied) -> Option<u64> {
+    let deadline = Instant::now() + Duration::from_millis(200);
+    loop {
+        let commit =
+            witness.last_commit_between(applied.started_unix_nano, applied.finished_unix_nano);
+        if commit.is_some() || Instant::now() > deadline {
+            return commit;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 fn record(
     config: &ProxyConfig,
     before: &Selected,
     after: &Selected,
     causes: &[Pending],
     applied: Applied,
+    committed_unix_nano: Option<u64>,
     changes: &Mutex<Vec<RuleChange>>,
 ) {
     let change = |(svc, b): &(ServicePort, Backend), removed| {
@@ -326,6 +372,7 @@ fn record(
             injected_delay_ms: cause.delay.as_secs_f64() * 1000.0,
             applied_started_unix_nano: applied.started_unix_nano,
             applied_finished_unix_nano: applied.finished_unix_nano,
+            committed_unix_nano,
         }
     };
     let mut changes = changes.lock().expect("changes lock");

@@ -64,11 +64,16 @@ pub struct DeletionReport {
 pub struct PerNode {
     pub node: String,
     pub mode: String,
-    /// The aggregator's propagation latency for this node (from its T0).
+    /// The aggregator's propagation latency for this node (from its T0):
+    /// max(T_rules, T_last).
     pub measured_ms: Option<f64>,
-    /// When the node's rules really changed (end of the transaction),
-    /// from the same T0.
+    /// The aggregator's T_rules for this node alone (from its T0).
+    pub measured_rules_ms: Option<f64>,
+    /// When the node's rules really changed (the kernel's commit where the
+    /// mode announces it, else the end of the transaction), from the same T0.
     pub injected_ms: f64,
+    /// When the transaction started: the kernel committed in between.
+    pub injected_started_ms: f64,
     /// The delay drawn for the change (the rules changed this long after
     /// the proxy saw the endpoint turn terminating).
     pub drawn_delay_ms: f64,
@@ -130,16 +135,19 @@ pub fn deletion_report(
         .removals
         .iter()
         .map(|r| {
-            let measured_ms = measured
-                .and_then(|m| m.nodes.iter().find(|n| n.node == r.node))
-                .and_then(|n| n.latency_seconds)
-                .map(|s| s * 1000.0);
-            let injected_ms = (r.applied_finished_unix_nano as i64 - t0) as f64 / 1e6;
+            let node = measured.and_then(|m| m.nodes.iter().find(|n| n.node == r.node));
+            let measured_ms = node.and_then(|n| n.latency_seconds).map(|s| s * 1000.0);
+            let measured_rules_ms = node
+                .and_then(|n| n.rules_removed_unix_nanos)
+                .map(|t| (t - t0) as f64 / 1e6);
+            let injected_ms = (r.truth_unix_nano() as i64 - t0) as f64 / 1e6;
             PerNode {
                 node: r.node.clone(),
                 mode: r.mode.clone(),
                 measured_ms,
+                measured_rules_ms,
                 injected_ms,
+                injected_started_ms: (r.applied_started_unix_nano as i64 - t0) as f64 / 1e6,
                 drawn_delay_ms: r.injected_delay_ms,
                 error_ms: measured_ms.map(|m| m - injected_ms),
             }

@@ -311,3 +311,35 @@ async fn hey_load_generator_works_against_the_vip_from_a_node() {
     );
     proxy.stop().await.unwrap();
 }
+
+#[test]
+fn commit_witness_sees_nftables_and_iptables_nft_commits_but_not_legacy() {
+    if !lab::root::root_or_skip(
+        "commit_witness_sees_nftables_and_iptables_nft_commits_but_not_legacy",
+    ) {
+        return;
+    }
+    let ns = lab::netns::NetNs::create("witness").unwrap();
+    let witness = lab::witness::CommitWitness::start(&ns.path()).unwrap();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    };
+    for (script, announced) in [
+        ("nft add table ip lab", true),
+        ("iptables-nft -t nat -N LAB", true),
+        ("iptables-legacy -t nat -N LAB", false),
+    ] {
+        let before = now();
+        ns.sh(script).unwrap();
+        let after = now();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            witness.last_commit_between(before, after).is_some(),
+            announced,
+            "{script}"
+        );
+    }
+}

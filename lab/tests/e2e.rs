@@ -73,6 +73,24 @@ async fn measured_propagation_matches_injected_and_the_recommendation_loses_noth
         .await
         .expect("measurements");
     let deletions = joined(&measure.deletions, &records);
+    eprintln!("{records:#?}");
+    for d in &deletions {
+        for n in &d.per_node {
+            eprintln!(
+                "{} {} {}: measured {:?} (rules {:?}) injected {:.1} (transaction began {:.1}) ms",
+                d.pod,
+                n.node,
+                n.mode,
+                n.measured_ms,
+                n.measured_rules_ms,
+                n.injected_ms,
+                n.injected_started_ms
+            );
+        }
+    }
+    // Collected, not asserted at once, so one run shows every deviation and
+    // the rollouts below still run.
+    let mut inaccurate = Vec::new();
     for d in &deletions {
         assert!(
             d.complete,
@@ -88,19 +106,12 @@ async fn measured_propagation_matches_injected_and_the_recommendation_loses_noth
             } else {
                 NETLINK_BOUND_MS
             };
-            eprintln!(
-                "{} {} {}: measured {:?} injected {:.1} error {error:.2} ms",
-                d.pod, n.node, n.mode, n.measured_ms, n.injected_ms
-            );
-            assert!(
-                error.abs() <= bound,
-                "{} on {} ({}): measured {:?} ms, injected {:.1} ms",
-                d.pod,
-                n.node,
-                n.mode,
-                n.measured_ms,
-                n.injected_ms
-            );
+            if error.abs() > bound {
+                inaccurate.push(format!(
+                    "{} on {} ({}): measured {:?} ms (T_rules {:?}), injected {:.1} ms",
+                    d.pod, n.node, n.mode, n.measured_ms, n.measured_rules_ms, n.injected_ms
+                ));
+            }
         }
     }
 
@@ -138,6 +149,11 @@ async fn measured_propagation_matches_injected_and_the_recommendation_loses_noth
     log_run("recommended", &covered);
     assert!(covered.requests() > 500);
     assert_eq!(covered.failed(), 0, "the recommended preStop lost requests");
+    assert!(
+        inaccurate.is_empty(),
+        "measurements off the injected truth:\n{}",
+        inaccurate.join("\n")
+    );
     observer.shutdown().await;
     lab.shutdown().await.expect("shutdown");
 }

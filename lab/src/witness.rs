@@ -1,0 +1,248 @@
+//! The kernel's own account of when a node's nftables ruleset changed:
+//! every nf_tables commit (nft, iptables-nft) multicasts a NEWGEN message
+//! on NFNLGRP_NFTABLES, stamped by the kernel as it is queued. The lab uses
+//! it as the ground truth of a rule change, because the writing process
+//! (`nft -f`, `iptables-nft-restore`) keeps running for several
+//! milliseconds after its commit, which makes its exit time a loose bound.
+//! iptables-legacy commits send nothing; there the transaction's end is
+//! the truth.
+
+use std::{
+    io,
+    mem::size_of,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use crate::netns;
+
+const NETLINK_NETFILTER: i32 = 12;
+const NFNLGRP_NFTABLES: u32 = 7;
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWGEN: u16 = 15;
+/// Wall-clock times are kept this long (commits of a long lab run).
+const MAX_COMMITS: usize = 100_000;
+
+/// Records the time of every nf_tables commit in one network namespace.
+pub struct CommitWitness {
+    commits: Arc<Mutex<Vec<u64>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn now_unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn check(ret: i32) -> io::Result<i32> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// A NETLINK_NETFILTER socket subscribed to nftables events, with kernel
+/// receive timestamps and a short receive timeout (to notice a stop).
+fn subscribe() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket calls with valid, correctly sized arguments.
+    unsafe {
+        let fd = check(libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            NETLINK_NETFILTER,
+        ))?;
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_nl = std::mem::zeroed();
+        addr.nl_family = libc::AF_NETLINK as u16;
+        addr.nl_groups = 1 << (NFNLGRP_NFTABLES - 1);
+        check(libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_nl).cast(),
+            size_of::<libc::sockaddr_nl>() as u32,
+        ))?;
+        let on: i32 = 1;
+        check(libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&on as *const i32).cast(),
+            size_of::<i32>() as u32,
+        ))?;
+        let timeout = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        check(libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            size_of::<libc::timeval>() as u32,
+        ))?;
+        Ok(fd)
+    }
+}
+
+/// Receives one datagram: the kernel's timestamp (or now) and whether it
+/// holds a NEWGEN message. None on timeout.
+fn receive(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<(u64, bool)>> {
+    let mut control = [0u64; 16];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr points at live buffers of the stated lengths.
+    let (len, msg) = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = size_of::<[u64; 16]>();
+        let len = libc::recvmsg(fd.as_raw_fd(), &mut msg, 0);
+        (len, msg)
+    };
+    if len < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted => {
+                Ok(None)
+            }
+            // Events were lost (ENOBUFS): keep listening, a gap is visible
+            // in the results as a missing commit.
+            _ if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    let mut stamp = now_unix_nanos();
+    // SAFETY: walking the control messages the kernel wrote into `control`.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SO_TIMESTAMPNS {
+                let ts = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::timespec>());
+                stamp = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok(Some((stamp, contains_newgen(&buf[..len as usize]))))
+}
+
+/// Whether a netlink datagram carries an nftables NEWGEN message.
+fn contains_newgen(mut data: &[u8]) -> bool {
+    const HEADER: usize = 16;
+    while data.len() >= HEADER {
+        let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
+        let kind = u16::from_ne_bytes([data[4], data[5]]);
+        if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
+            return true;
+        }
+        if len < HEADER || len > data.len() {
+            return false;
+        }
+        data = &data[(len + 3) & !3..];
+    }
+    false
+}
+
+impl CommitWitness {
+    /// Starts listening inside the namespace at `netns`.
+    pub fn start(netns: &Path) -> io::Result<Self> {
+        let netns = netns.to_owned();
+        let commits = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let (commits, stop) = (commits.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let socket = netns::enter(&netns).and_then(|_| subscribe());
+                let socket = match socket {
+                    Ok(s) => {
+                        let _ = ready_tx.send(Ok(()));
+                        s
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let mut buf = vec![0u8; 64 * 1024];
+                while !stop.load(Ordering::Relaxed) {
+                    match receive(&socket, &mut buf) {
+                        Ok(Some((stamp, true))) => {
+                            let mut commits = commits.lock().expect("commits lock");
+                            if commits.len() < MAX_COMMITS {
+                                commits.push(stamp);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+            })
+        };
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("commit witness thread ended"))??;
+        Ok(CommitWitness {
+            commits,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The last commit seen between `from` and `to` (Unix ns).
+    pub fn last_commit_between(&self, from: u64, to: u64) -> Option<u64> {
+        self.commits
+            .lock()
+            .expect("commits lock")
+            .iter()
+            .rev()
+            .find(|t| (from..=to).contains(*t))
+            .copied()
+    }
+}
+
+impl Drop for CommitWitness {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(kind: u16, payload: usize) -> Vec<u8> {
+        let len = 16 + payload;
+        let mut m = (len as u32).to_ne_bytes().to_vec();
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.resize((len + 3) & !3, 0);
+        m
+    }
+
+    #[test]
+    fn finds_newgen_among_other_messages_and_survives_garbage() {
+        let newgen = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN;
+        let other = (NFNL_SUBSYS_NFTABLES << 8) | 6;
+        assert!(contains_newgen(
+            &[message(other, 5), message(newgen, 8)].concat()
+        ));
+        assert!(!contains_newgen(&message(other, 0)));
+        assert!(!contains_newgen(&[0xff; 40]));
+        assert!(!contains_newgen(&[1, 2, 3]));
+    }
+}
