@@ -291,7 +291,12 @@ async fn aggregator_restart_during_a_rollout_loses_no_measurement() {
             d.pod, d.missing_nodes
         );
         for n in &d.per_node {
-            assert!(n.measured_ms.is_some(), "{} on {} lost", d.pod, n.node);
+            assert!(
+                n.measured_ms.is_some(),
+                "{} on {} lost: {records:?}",
+                d.pod,
+                n.node
+            );
         }
     }
     observer.shutdown().await;
@@ -335,14 +340,18 @@ async fn a_node_whose_agent_was_down_is_reported_missing_not_zero() {
         record.propagation_seconds.is_none(),
         "a missing node must not yield a latency: {record:?}"
     );
-    assert!(
-        record
-            .nodes
-            .iter()
-            .filter(|n| n.node == down)
-            .all(|n| n.latency_seconds.is_none()),
-        "{down} must not be measured (least of all as zero): {record:?}"
-    );
+    // Other nodes' agents may still report traffic they saw from this node
+    // (its late connections), but never its rule change, and never zero.
+    for n in record.nodes.iter().filter(|n| n.node == down) {
+        assert!(
+            n.rules_removed_unix_nanos.is_none(),
+            "{down} was down: {record:?}"
+        );
+        assert!(
+            n.latency_seconds.is_none_or(|l| l > 0.0),
+            "{down} reported as zero: {record:?}"
+        );
+    }
 
     observer.agents[1].restart().expect("agent restart");
     observer.wait_connected(3).await.expect("agent back");
