@@ -220,3 +220,40 @@ async fn nft_flush_ruleset_is_a_removal() {
         assert_eq!(change.detector, detector(mode));
     }
 }
+
+/// kube-proxy may act before the agent learns that the pod terminates: the
+/// removal is reported, with its own time, when the endpoint gets watched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removal_before_watch_is_reported_on_watch() {
+    if !root_or_skip("removal_before_watch_is_reported_on_watch") {
+        return;
+    }
+    let ns = NetNs::create("dpearly").unwrap();
+    let mut rules = Rules::new(Some(ns.name().to_owned()), Mode::Nftables);
+    let svc = service("web", 30);
+    rules
+        .sync(&[(svc.clone(), vec![backend(1), backend(2)])])
+        .unwrap();
+    let (watch, mut rx) = start(&ns);
+    let applied = rules.sync(&[(svc.clone(), vec![backend(1)])]).unwrap();
+    let quiet = drain(&mut rx, Duration::from_millis(200)).await;
+    assert!(quiet.is_empty(), "unwatched endpoint reported: {quiet:?}");
+    watch.watch(addr(backend(2)));
+    let Observation::RulesRemoved(change) = next_change(&mut rx, Duration::from_secs(1)).await
+    else {
+        panic!("expected rules_removed");
+    };
+    assert_eq!(change.endpoint, addr(backend(2)));
+    assert_timely(&change, applied, 5_000_000);
+    // Still selected endpoints are not reported.
+    watch.watch(addr(backend(1)));
+    let quiet = drain(&mut rx, Duration::from_millis(200)).await;
+    assert!(quiet.is_empty(), "{quiet:?}");
+    // The agent only reads rules: no legacy xtables table appeared.
+    let names = ns.sh("cat /proc/net/ip_tables_names").unwrap();
+    assert!(
+        names.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&names.stdout)
+    );
+}

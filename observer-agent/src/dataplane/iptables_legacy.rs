@@ -24,11 +24,11 @@ use observer_common::ruleset::COMMIT_XTABLES;
 use tracing::{debug, info, warn};
 
 use super::{
-    DataplaneError, Shared,
+    Change, DataplaneError, Shared,
     ipt_entries::{self, NF_INET_NUMHOOKS},
     unix_nanos,
 };
-use crate::observation::{Detector, Observation, RulesChange};
+use crate::observation::Detector;
 
 const IPT_SO_GET_INFO: i32 = 64;
 const IPT_SO_GET_ENTRIES: i32 = 65;
@@ -205,29 +205,16 @@ impl Watcher {
             }
             let (time, precision) =
                 shared.change_time(COMMIT_XTABLES, received, fallback_precision);
-            let watched = shared.watched();
-            for endpoint in watched {
-                let SocketAddr::V4(v4) = endpoint else {
-                    continue;
-                };
-                let (was, is) = (self.targets.contains(&v4), now.contains(&v4));
-                if was == is {
-                    continue;
-                }
-                let change = RulesChange {
-                    endpoint,
+            let changes = self
+                .targets
+                .symmetric_difference(&now)
+                .map(|ep| Change {
+                    endpoint: SocketAddr::V4(*ep),
+                    added: now.contains(ep),
                     detector: Detector::IptablesLegacy,
-                    time_unix_nano: time,
-                    precision_ns: precision,
-                };
-                info!(%endpoint, added = is, "dataplane change (iptables-legacy)");
-                let obs = if is {
-                    Observation::RulesAdded(change)
-                } else {
-                    Observation::RulesRemoved(change)
-                };
-                shared.send(obs);
-            }
+                })
+                .collect();
+            shared.report(changes, time, precision);
             self.targets = now;
         }
     }

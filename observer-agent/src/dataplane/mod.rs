@@ -23,19 +23,19 @@ mod nftables;
 mod xtables;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{
         Arc, Mutex, RwLock,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use thiserror::Error;
 use tokio::sync::mpsc::Sender;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use commit_probe::{CommitProbe, CommitProbeSetup, ProbeStatus};
 pub use mirror::Mirror;
@@ -43,7 +43,7 @@ pub use netlink::DecodeError;
 pub use nft_msg::{NftEvent, RuleSummary, TableId, decode as decode_nft_message};
 pub use xtables::dnat_destination;
 
-use crate::observation::Observation;
+use crate::observation::{Detector, Observation, RulesChange};
 
 #[derive(Debug, Error)]
 pub enum DataplaneError {
@@ -65,10 +65,24 @@ pub enum DataplaneError {
     Map(#[from] aya::maps::MapError),
 }
 
+/// One endpoint's transition, found by a detector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Change {
+    endpoint: SocketAddr,
+    added: bool,
+    detector: Detector,
+}
+
+/// Removals are remembered this long for endpoints not (yet) watched: the
+/// node's kube-proxy may act before the agent learns the pod is terminating.
+const RECENT_REMOVALS: Duration = Duration::from_secs(15 * 60);
+
 /// State shared by the watch handle and the detector threads.
 #[derive(Debug)]
 pub(crate) struct Shared {
     watched: RwLock<HashSet<SocketAddr>>,
+    /// Endpoints no longer selected, with their removal.
+    recent_removals: Mutex<HashMap<SocketAddr, RulesChange>>,
     commit_probe: Mutex<Option<CommitProbe>>,
     stop: AtomicBool,
     tx: Sender<Observation>,
@@ -95,8 +109,41 @@ impl Shared {
         }
     }
 
-    fn watched(&self) -> HashSet<SocketAddr> {
-        self.watched.read().map(|w| w.clone()).unwrap_or_default()
+    /// Records every change and reports those of watched endpoints.
+    fn report(&self, changes: Vec<Change>, time_unix_nano: u64, precision_ns: u64) {
+        if changes.is_empty() {
+            return;
+        }
+        let watched = self.watched.read().map(|w| w.clone()).unwrap_or_default();
+        let mut reports = Vec::new();
+        if let Ok(mut recent) = self.recent_removals.lock() {
+            let horizon = time_unix_nano.saturating_sub(RECENT_REMOVALS.as_nanos() as u64);
+            recent.retain(|_, c| c.time_unix_nano >= horizon);
+            for change in changes {
+                let rules = RulesChange {
+                    endpoint: change.endpoint,
+                    detector: change.detector,
+                    time_unix_nano,
+                    precision_ns,
+                };
+                if change.added {
+                    recent.remove(&change.endpoint);
+                } else {
+                    recent.insert(change.endpoint, rules.clone());
+                }
+                if watched.contains(&change.endpoint) {
+                    info!(endpoint = %change.endpoint, detector = ?change.detector, added = change.added, "dataplane change");
+                    reports.push(if change.added {
+                        Observation::RulesAdded(rules)
+                    } else {
+                        Observation::RulesRemoved(rules)
+                    });
+                }
+            }
+        }
+        for obs in reports {
+            self.send(obs);
+        }
     }
 }
 
@@ -121,10 +168,27 @@ pub struct DataplaneWatch {
 }
 
 impl DataplaneWatch {
-    /// Reports rule changes for `endpoint` from now on.
+    /// Reports rule changes for `endpoint` from now on; if this node's rules
+    /// already stopped selecting it (in the last 15 minutes), reports that
+    /// removal, with its original time, right away.
     pub fn watch(&self, endpoint: SocketAddr) {
         if let Ok(mut w) = self.shared.watched.write() {
             w.insert(endpoint);
+        }
+        let earlier = self
+            .shared
+            .recent_removals
+            .lock()
+            .ok()
+            .and_then(|r| r.get(&endpoint).cloned());
+        if let Some(change) = earlier
+            && self
+                .shared
+                .tx
+                .try_send(Observation::RulesRemoved(change))
+                .is_err()
+        {
+            warn!(%endpoint, "observation channel full: earlier rules removal not reported");
         }
     }
 
@@ -161,6 +225,7 @@ impl Drop for DataplaneWatch {
 pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> {
     let shared = Arc::new(Shared {
         watched: RwLock::new(HashSet::new()),
+        recent_removals: Mutex::new(HashMap::new()),
         commit_probe: Mutex::new(None),
         stop: AtomicBool::new(false),
         tx,
@@ -170,7 +235,7 @@ pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> 
     let mut mirror = Mirror::new();
     nftables::load(&mut mirror)?;
     let mut targets = nftables::Targets::default();
-    targets.update(&mirror, None, &HashSet::new());
+    targets.update(&mirror, None);
     let layouts = Layouts {
         nftables: mirror
             .tables()

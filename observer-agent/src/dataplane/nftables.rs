@@ -18,16 +18,16 @@ use std::{
 };
 
 use observer_common::ruleset::COMMIT_NFTABLES;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::{
-    DataplaneError, Shared,
+    Change, DataplaneError, Shared,
     mirror::Mirror,
     netlink::{self, NETLINK_NETFILTER, NLM_F_DUMP, NLM_F_REQUEST, Request, Socket},
     nft_msg::{self, NftEvent, TableId},
     unix_nanos,
 };
-use crate::observation::{Detector, Observation, RulesChange};
+use crate::observation::Detector;
 
 /// Receive buffer for notifications: a 10k-rule sync is a few MiB of messages.
 const RECV_BUFFER: i32 = 64 << 20;
@@ -136,7 +136,7 @@ pub fn subscribe() -> Result<Socket, DataplaneError> {
     Ok(sock)
 }
 
-/// Reachable DNAT targets per table, and what changed for watched endpoints.
+/// Reachable DNAT targets per table.
 #[derive(Debug, Default)]
 pub struct Targets {
     per_table: HashMap<TableId, HashSet<SocketAddrV4>>,
@@ -150,43 +150,50 @@ impl Targets {
             .map(|(id, _)| id)
     }
 
-    /// Recomputes `tables` (None = all) and returns the watched endpoints
-    /// that stopped (false) or started (true) being a target, with the
-    /// detector of the table that changed.
-    pub fn update(
-        &mut self,
-        mirror: &Mirror,
-        tables: Option<&HashSet<TableId>>,
-        watched: &HashSet<SocketAddr>,
-    ) -> Vec<(SocketAddr, bool, Detector)> {
-        let before: Vec<(SocketAddr, Option<TableId>)> = watched
-            .iter()
-            .filter_map(|ep| match ep {
-                SocketAddr::V4(v4) => Some((*ep, self.holder(v4).cloned())),
-                SocketAddr::V6(_) => None,
-            })
-            .collect();
-        match tables {
-            Some(dirty) => {
-                for table in dirty {
-                    self.per_table
-                        .insert(table.clone(), mirror.reachable_dnat(table));
-                }
+    /// Recomputes `tables` (None = all) and returns every endpoint that
+    /// stopped (false) or started (true) being a target of any table, with
+    /// the detector of the table that changed.
+    pub fn update(&mut self, mirror: &Mirror, tables: Option<&HashSet<TableId>>) -> Vec<Change> {
+        let dirty: HashSet<TableId> = match tables {
+            Some(d) => d.clone(),
+            None => mirror
+                .tables()
+                .chain(self.per_table.keys())
+                .cloned()
+                .collect(),
+        };
+        let mut old_sets = HashMap::new();
+        let mut candidates: HashMap<SocketAddrV4, TableId> = HashMap::new();
+        for table in dirty {
+            let new = mirror.reachable_dnat(&table);
+            let old = self.per_table.remove(&table).unwrap_or_default();
+            for ep in old.symmetric_difference(&new) {
+                candidates.entry(*ep).or_insert_with(|| table.clone());
             }
-            None => {
-                self.per_table = mirror
-                    .tables()
-                    .map(|t| (t.clone(), mirror.reachable_dnat(t)))
-                    .collect();
+            if !new.is_empty() {
+                self.per_table.insert(table.clone(), new);
             }
+            old_sets.insert(table, old);
         }
-        self.per_table.retain(|_, t| !t.is_empty());
         let mut changes = Vec::new();
-        for (ep, was) in before {
-            let SocketAddr::V4(v4) = ep else { continue };
-            match (was, self.holder(&v4)) {
-                (Some(table), None) => changes.push((ep, false, detector_for(&table))),
-                (None, Some(table)) => changes.push((ep, true, detector_for(table))),
+        for (ep, table) in candidates {
+            let was_dirty = old_sets.values().any(|s| s.contains(&ep));
+            let was_clean = self
+                .per_table
+                .iter()
+                .any(|(id, s)| !old_sets.contains_key(id) && s.contains(&ep));
+            let was = was_dirty || was_clean;
+            match (was, self.holder(&ep)) {
+                (true, None) => changes.push(Change {
+                    endpoint: SocketAddr::V4(ep),
+                    added: false,
+                    detector: detector_for(&table),
+                }),
+                (false, Some(now)) => changes.push(Change {
+                    endpoint: SocketAddr::V4(ep),
+                    added: true,
+                    detector: detector_for(now),
+                }),
                 _ => {}
             }
         }
@@ -206,29 +213,6 @@ fn table_of(event: &NftEvent) -> Option<&TableId> {
         | NftEvent::NewElems { table, .. }
         | NftEvent::DelElems { table, .. } => Some(table),
         NftEvent::NewGen { .. } | NftEvent::Ignored => None,
-    }
-}
-
-fn emit(
-    shared: &Shared,
-    changes: Vec<(SocketAddr, bool, Detector)>,
-    time_unix_nano: u64,
-    precision_ns: u64,
-) {
-    for (endpoint, added, detector) in changes {
-        let change = RulesChange {
-            endpoint,
-            detector,
-            time_unix_nano,
-            precision_ns,
-        };
-        info!(%endpoint, ?detector, added, "dataplane change");
-        let obs = if added {
-            Observation::RulesAdded(change)
-        } else {
-            Observation::RulesRemoved(change)
-        };
-        shared.send(obs);
     }
 }
 
@@ -255,13 +239,7 @@ pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targe
                     continue;
                 }
                 dirty.clear();
-                let watched = shared.watched();
-                emit(
-                    shared,
-                    targets.update(&mirror, None, &watched),
-                    now,
-                    precision,
-                );
+                shared.report(targets.update(&mirror, None), now, precision);
                 continue;
             }
             Err(e) => {
@@ -296,14 +274,13 @@ pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targe
                     tables = dirty.len(),
                     "commit"
                 );
-                let watched = shared.watched();
-                let changes = targets.update(&mirror, Some(&dirty), &watched);
+                let changes = targets.update(&mirror, Some(&dirty));
                 dirty.clear();
                 batch_started = None;
                 if !changes.is_empty() {
                     let (time, precision) =
                         shared.change_time(COMMIT_NFTABLES, received, NETLINK_PRECISION_NS);
-                    emit(shared, changes, time, precision);
+                    shared.report(changes, time, precision);
                 }
                 continue;
             }

@@ -3,6 +3,11 @@
 //! the destination after NAT, is watched. The eBPF socket filter
 //! `ct_new_filter` on the ctnetlink socket drops every other event in the
 //! kernel, so the cost is per watched flow, not per flow of the node.
+//!
+//! Time of a flow: conntrack's own start timestamp when the event carries it
+//! (net.netfilter.nf_conntrack_timestamp=1; today's kernels put it in
+//! destroy events only), else the event's arrival: the kernel sends it when
+//! the flow's first packet is confirmed.
 
 mod ct_msg;
 
