@@ -200,13 +200,16 @@ async fn run(phase: Duration) {
         }
         v
     };
-    for agents in [500usize, 5000] {
+    // (agents, paced rate in reports/s or None for as fast as possible)
+    let phases = [(500usize, None), (5000, None), (5000, Some(5000.0))];
+    let mut seq_base = 0u64;
+    for (agents, pace) in phases {
         let ids: Vec<String> = (0..agents)
             .map(|i| format!("node-{i}/bench-{agents}"))
             .collect();
         let t = Instant::now();
         for (i, id) in ids.iter().enumerate() {
-            channels[i % CONNECTIONS]
+            let r = channels[i % CONNECTIONS]
                 .clone()
                 .register(pb::RegisterRequest {
                     agent_id: id.clone(),
@@ -215,7 +218,9 @@ async fn run(phase: Duration) {
                     ..Default::default()
                 })
                 .await
-                .unwrap();
+                .unwrap()
+                .into_inner();
+            seq_base = seq_base.max(r.acknowledged_sequence);
         }
         println!("{agents} agents: registered in {:.2?}", t.elapsed());
         let stop = Arc::new(AtomicBool::new(false));
@@ -227,11 +232,21 @@ async fn run(phase: Duration) {
             let mut client = channels[w % CONNECTIONS].clone();
             let (stop, count, ids) = (Arc::clone(&stop), Arc::clone(&count), Arc::clone(&ids));
             tasks.push(tokio::spawn(async move {
-                // Worker w owns agents w, w + workers, ...: sequences stay per agent.
+                // Worker w owns agents w, w + workers, ...: sequences stay
+                // per agent (and continue after earlier phases).
                 let mine: Vec<usize> = (w..ids.len()).step_by(workers).collect();
-                let mut seq = vec![0u64; mine.len()];
+                let mut seq = vec![seq_base; mine.len()];
+                let mut pacer = pace.map(|rate: f64| {
+                    let mut i =
+                        tokio::time::interval(Duration::from_secs_f64(workers as f64 / rate));
+                    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    i
+                });
                 let mut k = 0;
                 while !stop.load(Ordering::Relaxed) {
+                    if let Some(p) = pacer.as_mut() {
+                        p.tick().await;
+                    }
                     let j = k % mine.len();
                     seq[j] += 1;
                     let r = client
@@ -258,13 +273,16 @@ async fn run(phase: Duration) {
         }
         let n = count.load(Ordering::Relaxed);
         let secs = t.elapsed().as_secs_f64();
+        let how = pace.map_or("as fast as possible".to_string(), |r| {
+            format!("paced at {r:.0}/s")
+        });
         println!(
-            "ingest {agents} agents over gRPC: {n} reports in {secs:.2}s = {:.0} node-reports/s ({:.0} observations/s)",
+            "ingest {agents} agents over gRPC, {how}: {n} reports in {secs:.2}s = {:.0} node-reports/s ({:.0} observations/s)",
             n as f64 / secs,
             (n as usize * OBSERVATIONS_PER_REPORT) as f64 / secs
         );
         if let Some(l) = under_load {
-            println!("query under {agents}-agent ingest load: {}", summary(&l));
+            println!("query during that ingest: {}", summary(&l));
         }
     }
 

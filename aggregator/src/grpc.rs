@@ -1,7 +1,6 @@
 //! The agent-facing gRPC service (`prestop.observer.v1.Observer`): converts
 //! and validates protocol messages, then hands them to the [`Correlator`].
 
-use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -307,6 +306,3 @@ pub async fn serve(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
         .await
 }
-
-/// Boxed future type for callers that store the server task.
-pub type ServeFuture = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;

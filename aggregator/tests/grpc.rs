@@ -124,8 +124,37 @@ async fn health_clock_and_reregistration() {
     let t4 = aggregator::http::now_unix_nanos() as u64;
     assert!(t1 <= c.t2_unix_nanos && c.t2_unix_nanos <= c.t3_unix_nanos && c.t3_unix_nanos <= t4);
 
+    let reg = agg.correlator.registration(&a.id).unwrap();
+    assert_eq!(reg.kernel_release, "6.18.0");
+    assert_eq!(
+        reg.capabilities,
+        [("tracepoint".to_string(), true, String::new())]
+    );
+
     a.report(vec![]).await;
-    a.report(vec![]).await;
+    // Cumulative kernel counters become per-node counter increments.
+    let mut req = pb::ReportRequest {
+        agent_id: a.id.clone(),
+        sequence: 2,
+        counters: Some(pb::AgentCounters {
+            events_lost: 7,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    a.client.report(req.clone()).await.unwrap();
+    a.seq = 2;
+    req.sequence = 3;
+    req.counters = Some(pb::AgentCounters {
+        events_lost: 9,
+        ..Default::default()
+    });
+    a.client.report(req).await.unwrap();
+    let m = agg.http.metrics.encode();
+    assert!(
+        m.contains(r#"prestop_agent_events_lost_total{node="node-a"} 9"#),
+        "{m}"
+    );
     // Re-registering (after a reconnect) tells the agent what was received.
     let r = a
         .client
@@ -137,7 +166,7 @@ async fn health_clock_and_reregistration() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.acknowledged_sequence, 2);
+    assert_eq!(r.acknowledged_sequence, 3);
     assert!(r.max_observations_per_report > 0);
 
     // Shutdown ends open endpoint streams instead of hanging on them.
