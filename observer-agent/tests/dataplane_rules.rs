@@ -257,3 +257,62 @@ async fn removal_before_watch_is_reported_on_watch() {
         String::from_utf8_lossy(&names.stdout)
     );
 }
+
+/// kube-proxy's IPv6 table (`ip6 kube-proxy`) in the same layout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_table_removal() {
+    if !root_or_skip("ipv6_table_removal") {
+        return;
+    }
+    let ns = NetNs::create("dpv6").unwrap();
+    let t = "ip6 kube-proxy";
+    let (ep1, ep2) = (
+        "endpoint-AAAAAAAA-ns1/web/tcp/http__fd00..1/8080",
+        "endpoint-BBBBBBBB-ns1/web/tcp/http__fd00..2/8080",
+    );
+    let svc = "service-CCCCCCCC-ns1/web/tcp/http";
+    let setup = format!(
+        "add table {t}\n\
+         add chain {t} nat-output {{ type nat hook output priority -100 ; }}\n\
+         add chain {t} services\n\
+         add map {t} service-ips {{ type ipv6_addr . inet_proto . inet_service : verdict ; }}\n\
+         add rule {t} nat-output jump services\n\
+         add rule {t} services ip6 daddr . meta l4proto . th dport vmap @service-ips\n\
+         add chain {t} {svc}\n\
+         add chain {t} {ep1}\n\
+         add chain {t} {ep2}\n\
+         add rule {t} {ep1} meta l4proto tcp dnat to [fd00::1]:8080\n\
+         add rule {t} {ep2} meta l4proto tcp dnat to [fd00::2]:8080\n\
+         add rule {t} {svc} numgen random mod 2 vmap {{ 0 : goto {ep1} , 1 : goto {ep2} }}\n\
+         add element {t} service-ips {{ fd00:30::10 . tcp . 80 : goto {svc} }}\n"
+    );
+    let apply = |script: String| {
+        let mut child = ns
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success());
+    };
+    apply(setup);
+    let (watch, mut rx) = start(&ns);
+    let watched: SocketAddr = "[fd00::2]:8080".parse().unwrap();
+    watch.watch(watched);
+    apply(format!(
+        "flush chain {t} {svc}\nadd rule {t} {svc} numgen random mod 1 vmap {{ 0 : goto {ep1} }}\n"
+    ));
+    let Observation::RulesRemoved(change) = next_change(&mut rx, Duration::from_secs(3)).await
+    else {
+        panic!("expected rules_removed");
+    };
+    assert_eq!(change.endpoint, watched);
+    assert_eq!(change.detector, Detector::Nftables);
+}

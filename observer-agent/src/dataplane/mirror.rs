@@ -7,7 +7,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::SocketAddrV4,
+    net::SocketAddr,
 };
 
 use super::nft_msg::{NftEvent, RuleSummary, SetElem, TableId};
@@ -181,7 +181,7 @@ impl Mirror {
     /// DNAT destinations reachable from the table's base chains, following
     /// jumps, gotos and verdict-map elements. A chain unlinked from the
     /// dispatch is not reachable even while it still exists.
-    pub fn reachable_dnat(&self, table: &TableId) -> HashSet<SocketAddrV4> {
+    pub fn reachable_dnat(&self, table: &TableId) -> HashSet<SocketAddr> {
         let mut out = HashSet::new();
         let Some(t) = self.tables.get(table) else {
             return out;
@@ -244,8 +244,8 @@ mod tests {
         }
     }
 
-    fn ep(last: u8) -> SocketAddrV4 {
-        SocketAddrV4::new(Ipv4Addr::new(10, 180, 0, last), 80)
+    fn ep(last: u8) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::new(10, 180, 0, last), 80))
     }
 
     /// nat-output -> services -vmap@service-ips-> svc -vmap@__map0-> ep1/ep2.

@@ -3,7 +3,7 @@
 //! the jumps, verdict maps and DNAT targets of rules, and verdict map
 //! elements.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::{
     netlink::{Attr, DecodeError, NFGENMSG_LEN, attrs},
@@ -72,6 +72,7 @@ const NFT_JUMP: i32 = -3;
 const NFT_GOTO: i32 = -4;
 const NFT_NAT_DNAT: u32 = 1;
 const NFPROTO_IPV4: u32 = 2;
+const NFPROTO_IPV6: u32 = 10;
 
 /// A table: nfproto family and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -89,7 +90,7 @@ pub struct RuleSummary {
     /// Sets looked up as verdict maps (`vmap`).
     pub verdict_maps: Vec<String>,
     /// Destinations of `dnat` (native or the xtables DNAT target).
-    pub dnat: Vec<SocketAddrV4>,
+    pub dnat: Vec<SocketAddr>,
 }
 
 impl RuleSummary {
@@ -382,13 +383,23 @@ fn summarize(exprs: Attr<'_>) -> Result<RuleSummary, DecodeError> {
             "nat" => {
                 let kind = required(data, NFTA_NAT_TYPE, "nat type")?.be_u32("nat type")?;
                 let family = required(data, NFTA_NAT_FAMILY, "nat family")?.be_u32("nat family")?;
-                if kind != NFT_NAT_DNAT || family != NFPROTO_IPV4 {
+                if kind != NFT_NAT_DNAT {
                     continue;
                 }
                 let Some(addr_reg) = find(data, NFTA_NAT_REG_ADDR_MIN)? else {
                     continue;
                 };
-                let Some(addr) = regs.read::<4>(addr_reg.be_u32("nat addr reg")?) else {
+                let addr_reg = addr_reg.be_u32("nat addr reg")?;
+                let addr = match family {
+                    NFPROTO_IPV4 => regs
+                        .read::<4>(addr_reg)
+                        .map(|a| IpAddr::V4(Ipv4Addr::from(a))),
+                    NFPROTO_IPV6 => regs
+                        .read::<16>(addr_reg)
+                        .map(|a| IpAddr::V6(Ipv6Addr::from(a))),
+                    _ => None,
+                };
+                let Some(addr) = addr else {
                     continue;
                 };
                 let port = match find(data, NFTA_NAT_REG_PROTO_MIN)? {
@@ -398,9 +409,7 @@ fn summarize(exprs: Attr<'_>) -> Result<RuleSummary, DecodeError> {
                     None => Some(0),
                 };
                 if let Some(port) = port {
-                    summary
-                        .dnat
-                        .push(SocketAddrV4::new(Ipv4Addr::from(addr), port));
+                    summary.dnat.push(SocketAddr::new(addr, port));
                 }
             }
             "target" => {
@@ -410,7 +419,7 @@ fn summarize(exprs: Attr<'_>) -> Result<RuleSummary, DecodeError> {
                         required(data, NFTA_TARGET_REV, "target rev")?.be_u32("target rev")?;
                     let info = required(data, NFTA_TARGET_INFO, "target info")?;
                     if let Some(dst) = xtables::dnat_destination(rev, info.value)? {
-                        summary.dnat.push(dst);
+                        summary.dnat.push(SocketAddr::V4(dst));
                     }
                 }
             }
@@ -520,7 +529,7 @@ mod tests {
         assert_eq!(handle, 7);
         assert_eq!(
             summary.dnat,
-            vec![SocketAddrV4::new(Ipv4Addr::new(10, 180, 0, 1), 80)]
+            vec![SocketAddr::from((Ipv4Addr::new(10, 180, 0, 1), 80))]
         );
         assert_eq!(summary.jumps, vec!["mark-for-masquerade".to_owned()]);
     }

@@ -12,7 +12,7 @@
 use std::{
     collections::{HashMap, HashSet},
     io,
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     sync::atomic::Ordering,
     time::{Duration, Instant},
 };
@@ -139,11 +139,11 @@ pub fn subscribe() -> Result<Socket, DataplaneError> {
 /// Reachable DNAT targets per table.
 #[derive(Debug, Default)]
 pub struct Targets {
-    per_table: HashMap<TableId, HashSet<SocketAddrV4>>,
+    per_table: HashMap<TableId, HashSet<SocketAddr>>,
 }
 
 impl Targets {
-    fn holder(&self, endpoint: &SocketAddrV4) -> Option<&TableId> {
+    fn holder(&self, endpoint: &SocketAddr) -> Option<&TableId> {
         self.per_table
             .iter()
             .find(|(_, t)| t.contains(endpoint))
@@ -163,7 +163,7 @@ impl Targets {
                 .collect(),
         };
         let mut old_sets = HashMap::new();
-        let mut candidates: HashMap<SocketAddrV4, TableId> = HashMap::new();
+        let mut candidates: HashMap<SocketAddr, TableId> = HashMap::new();
         for table in dirty {
             let new = mirror.reachable_dnat(&table);
             let old = self.per_table.remove(&table).unwrap_or_default();
@@ -185,12 +185,12 @@ impl Targets {
             let was = was_dirty || was_clean;
             match (was, self.holder(&ep)) {
                 (true, None) => changes.push(Change {
-                    endpoint: SocketAddr::V4(ep),
+                    endpoint: ep,
                     added: false,
                     detector: detector_for(&table),
                 }),
                 (false, Some(now)) => changes.push(Change {
-                    endpoint: SocketAddr::V4(ep),
+                    endpoint: ep,
                     added: true,
                     detector: detector_for(now),
                 }),
