@@ -19,8 +19,9 @@ use lab::{
 /// nftables netlink notifications (nftables and iptables-nft modes).
 const NETLINK_BOUND_MS: f64 = 5.0;
 /// iptables-legacy sends no notification: the agent detects the change by
-/// re-reading the ruleset, so its precision is its re-read interval.
-const LEGACY_BOUND_MS: f64 = 100.0;
+/// other means; the truth is the end of the writer's transaction, which
+/// lands within ~1-4 ms of what the agent reports here.
+const LEGACY_BOUND_MS: f64 = 10.0;
 
 fn joined(truths: &[DeletionTruth], records: &[DeletionRecord]) -> Vec<DeletionReport> {
     truths
