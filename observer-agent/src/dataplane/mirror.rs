@@ -178,6 +178,23 @@ impl Mirror {
         }
     }
 
+    /// Drops anonymous sets (`__map0`, `__set1`, ...) no rule of the table
+    /// uses any more: the kernel destroys them with their last rule, whether
+    /// or not that is notified.
+    pub fn prune_anonymous_sets(&mut self, table: &TableId) {
+        let Some(t) = self.tables.get_mut(table) else {
+            return;
+        };
+        let used: HashSet<&str> = t
+            .chains
+            .values()
+            .flat_map(|c| c.rules.values())
+            .flat_map(|r| r.verdict_maps.iter().map(String::as_str))
+            .collect();
+        t.sets
+            .retain(|name, _| !name.starts_with("__") || used.contains(name.as_str()));
+    }
+
     /// DNAT destinations reachable from the table's base chains, following
     /// jumps, gotos and verdict-map elements. A chain unlinked from the
     /// dispatch is not reachable even while it still exists.
@@ -393,6 +410,21 @@ mod tests {
         let mut m = kube_proxy_like();
         m.apply(NftEvent::DelTable(table()));
         assert!(m.reachable_dnat(&table()).is_empty());
+    }
+
+    #[test]
+    fn unused_anonymous_sets_are_pruned() {
+        let mut m = kube_proxy_like();
+        m.apply(NftEvent::NewSet {
+            table: table(),
+            name: "__map9".into(),
+            handle: 9,
+        });
+        m.prune_anonymous_sets(&table());
+        let sets = m.sets(&table());
+        assert!(sets.contains(&"__map0".to_owned()), "{sets:?}");
+        assert!(sets.contains(&"service-ips".to_owned()), "{sets:?}");
+        assert!(!sets.contains(&"__map9".to_owned()), "{sets:?}");
     }
 
     #[test]

@@ -274,6 +274,9 @@ pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targe
                     tables = dirty.len(),
                     "commit"
                 );
+                for table in &dirty {
+                    mirror.prune_anonymous_sets(table);
+                }
                 let changes = targets.update(&mirror, Some(&dirty));
                 dirty.clear();
                 batch_started = None;
