@@ -200,10 +200,17 @@ async fn run(phase: Duration) {
         }
         v
     };
-    // (agents, paced rate in reports/s or None for as fast as possible)
-    let phases = [(500usize, None), (5000, None), (5000, Some(5000.0))];
+    // (agents, paced rate in reports/s or None for as fast as possible,
+    // streaming ReportStream instead of unary Report)
+    let phases = [
+        (500usize, None, false),
+        (5000, None, false),
+        (5000, Some(5000.0), false),
+        (500, None, true),
+        (5000, None, true),
+    ];
     let mut seq_base = 0u64;
-    for (agents, pace) in phases {
+    for (agents, pace, streaming) in phases {
         let ids: Vec<String> = (0..agents)
             .map(|i| format!("node-{i}/bench-{agents}"))
             .collect();
@@ -242,6 +249,10 @@ async fn run(phase: Duration) {
                     i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     i
                 });
+                if streaming {
+                    stream_reports(&mut client, &ids, &mine, seq, &stop, &count).await;
+                    return;
+                }
                 let mut k = 0;
                 while !stop.load(Ordering::Relaxed) {
                     if let Some(p) = pacer.as_mut() {
@@ -273,9 +284,11 @@ async fn run(phase: Duration) {
         }
         let n = count.load(Ordering::Relaxed);
         let secs = t.elapsed().as_secs_f64();
-        let how = pace.map_or("as fast as possible".to_string(), |r| {
-            format!("paced at {r:.0}/s")
-        });
+        let how = match (streaming, pace) {
+            (true, _) => "ReportStream, as fast as possible".to_string(),
+            (false, None) => "unary Report, as fast as possible".to_string(),
+            (false, Some(r)) => format!("unary Report, paced at {r:.0}/s"),
+        };
         println!(
             "ingest {agents} agents over gRPC, {how}: {n} reports in {secs:.2}s = {:.0} node-reports/s ({:.0} observations/s)",
             n as f64 / secs,
@@ -344,6 +357,41 @@ async fn run(phase: Duration) {
     );
     drop(channels);
     agg.shutdown().await;
+}
+
+/// One ReportStream per worker: reports are pipelined (up to the channel's
+/// capacity in flight) and acknowledged in order on the response stream.
+async fn stream_reports(
+    client: &mut ObserverClient<tonic::transport::Channel>,
+    ids: &Arc<Vec<String>>,
+    mine: &[usize],
+    mut seq: Vec<u64>,
+    stop: &Arc<AtomicBool>,
+    count: &Arc<AtomicU64>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(32);
+    let mut responses = client
+        .report_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let (ids, mine, stop) = (Arc::clone(ids), mine.to_vec(), Arc::clone(stop));
+    let producer = tokio::spawn(async move {
+        let mut k = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let j = k % mine.len();
+            seq[j] += 1;
+            if tx.send(report(&ids[mine[j]], seq[j], k)).await.is_err() {
+                return;
+            }
+            k += 1;
+        }
+    });
+    while let Some(r) = responses.message().await.unwrap() {
+        assert!(!r.duplicate);
+        count.fetch_add(1, Ordering::Relaxed);
+    }
+    producer.await.unwrap();
 }
 
 fn proc_status(key: &str) -> String {

@@ -64,6 +64,7 @@ fn require_agent_id(id: &str) -> Result<(), Status> {
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+type ReportStream = Pin<Box<dyn Stream<Item = Result<pb::ReportResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Observer for ObserverService {
@@ -134,6 +135,40 @@ impl Observer for ObserverService {
             acknowledged_sequence: out.acknowledged_sequence,
             duplicate: out.duplicate,
         }))
+    }
+
+    type ReportStreamStream = ReportStream;
+
+    async fn report_stream(
+        &self,
+        req: Request<tonic::Streaming<pb::ReportRequest>>,
+    ) -> Result<Response<ReportStream>, Status> {
+        let correlator = Arc::clone(&self.correlator);
+        let mut shutdown = self.shutdown.clone();
+        let stop = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        };
+        let mut failed = false;
+        let stream = req
+            .into_inner()
+            .map(move |r| {
+                let batch = batch_from_proto(r?).map_err(Status::invalid_argument)?;
+                let out = correlator
+                    .report(batch, now_unix_nanos())
+                    .map_err(unknown_agent)?;
+                Ok(pb::ReportResponse {
+                    acknowledged_sequence: out.acknowledged_sequence,
+                    duplicate: out.duplicate,
+                })
+            })
+            // The first error ends the stream: later batches are not applied.
+            .take_while(move |r: &Result<pb::ReportResponse, Status>| {
+                let pass = !failed;
+                failed |= r.is_err();
+                futures::future::ready(pass)
+            })
+            .take_until(stop);
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn sync_clock(

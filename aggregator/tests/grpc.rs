@@ -174,3 +174,53 @@ async fn health_clock_and_reregistration() {
         .await
         .expect("shutdown hung");
 }
+
+#[tokio::test]
+async fn report_stream_acknowledges_in_order_and_stops_at_a_bad_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = start_aggregator(Settings::default(), &dir.path().join("s.db"), None).await;
+    let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
+    let req = |seq: u64, obs: Vec<pb::Observation>| pb::ReportRequest {
+        agent_id: a.id.clone(),
+        sequence: seq,
+        observations: obs,
+        ..Default::default()
+    };
+    let batches = vec![
+        req(1, vec![rules_removed("10.0.0.1", 1)]),
+        req(2, vec![]),
+        req(1, vec![]),
+        req(3, vec![rules_removed("bad", 1)]),
+        req(4, vec![]),
+    ];
+    let mut responses = a
+        .client
+        .report_stream(futures::stream::iter(batches))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    let err = loop {
+        match responses.message().await {
+            Ok(Some(r)) => got.push((r.acknowledged_sequence, r.duplicate)),
+            Ok(None) => panic!("stream ended without the error"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(got, [(1, false), (2, false), (2, true)]);
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("observations[0]"), "{err:?}");
+    // Batch 4 came after the bad one and was not applied.
+    let r = a
+        .client
+        .register(pb::RegisterRequest {
+            agent_id: a.id.clone(),
+            node_name: "node-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.acknowledged_sequence, 2);
+    agg.shutdown().await;
+}
