@@ -9,7 +9,7 @@ use std::{
 
 use observer_common::{
     TcpSendResetAddrs, TracepointLayout,
-    layout::{ABSENT, RECORD_MAX},
+    layout::{ABSENT, DIRECT_RECV_RESET, DIRECT_SEND_RESET, DIRECT_SET_STATE, RECORD_MAX},
 };
 use thiserror::Error;
 
@@ -264,12 +264,62 @@ pub fn conn_layout(
             layout.send_reset_dport = f.offset("dport")?;
         }
     }
+    let d = TracepointLayout::DEFAULT;
+    if (
+        layout.set_state_oldstate,
+        layout.set_state_newstate,
+        layout.set_state_sport,
+        layout.set_state_dport,
+        layout.set_state_protocol,
+        layout.set_state_saddr_v6,
+        layout.set_state_daddr_v6,
+    ) == (
+        d.set_state_oldstate,
+        d.set_state_newstate,
+        d.set_state_sport,
+        d.set_state_dport,
+        d.set_state_protocol,
+        d.set_state_saddr_v6,
+        d.set_state_daddr_v6,
+    ) {
+        layout.direct |= DIRECT_SET_STATE;
+    }
+    if send_reset.is_some()
+        && (
+            layout.send_reset_addrs,
+            layout.send_reset_state,
+            layout.send_reset_reason,
+            layout.send_reset_saddr,
+            layout.send_reset_daddr,
+        ) == (
+            d.send_reset_addrs,
+            d.send_reset_state,
+            d.send_reset_reason,
+            d.send_reset_saddr,
+            d.send_reset_daddr,
+        )
+    {
+        layout.direct |= DIRECT_SEND_RESET;
+    }
     if let Some(f) = receive_reset {
         layout.recv_reset_size = f.record_size()?;
         layout.recv_reset_sport = f.offset("sport")?;
         layout.recv_reset_dport = f.offset("dport")?;
         layout.recv_reset_saddr_v6 = f.offset("saddr_v6")?;
         layout.recv_reset_daddr_v6 = f.offset("daddr_v6")?;
+        if (
+            layout.recv_reset_sport,
+            layout.recv_reset_dport,
+            layout.recv_reset_saddr_v6,
+            layout.recv_reset_daddr_v6,
+        ) == (
+            d.recv_reset_sport,
+            d.recv_reset_dport,
+            d.recv_reset_saddr_v6,
+            d.recv_reset_daddr_v6,
+        ) {
+            layout.direct |= DIRECT_RECV_RESET;
+        }
     }
     Ok(layout)
 }
@@ -363,8 +413,13 @@ format:
     }
 
     #[test]
-    fn layout_of_kernel_6_10_and_later_matches_the_default() {
-        assert_eq!(layout(SEND_RESET_610).unwrap(), TracepointLayout::DEFAULT);
+    fn layout_of_kernel_6_10_and_later_is_read_directly() {
+        let layout = layout(SEND_RESET_610).unwrap();
+        assert_eq!(layout.direct, DIRECT_SET_STATE | DIRECT_SEND_RESET | DIRECT_RECV_RESET);
+        assert_eq!(
+            TracepointLayout { direct: 0, ..layout },
+            TracepointLayout::DEFAULT
+        );
     }
 
     #[test]
@@ -375,6 +430,8 @@ format:
         assert_eq!(layout.send_reset_saddr, 40);
         assert_eq!(layout.send_reset_sport, 28);
         assert_eq!(layout.send_reset_size, 72);
+        // Only the reset record differs from the default: the others stay direct.
+        assert_eq!(layout.direct, DIRECT_SET_STATE | DIRECT_RECV_RESET);
     }
 
     #[test]
@@ -390,10 +447,9 @@ format:
     #[test]
     fn missing_reset_tracepoints_keep_default_offsets() {
         let set_state = EventFormat::parse("sock/inet_sock_set_state", SET_STATE);
-        assert_eq!(
-            conn_layout(&set_state, None, None).unwrap(),
-            TracepointLayout::DEFAULT
-        );
+        let layout = conn_layout(&set_state, None, None).unwrap();
+        assert_eq!(layout.direct, DIRECT_SET_STATE);
+        assert_eq!(TracepointLayout { direct: 0, ..layout }, TracepointLayout::DEFAULT);
     }
 
     #[test]
