@@ -2,7 +2,7 @@ use std::{io::IsTerminal, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use observer_agent::commands::{observe, probe};
+use observer_agent::commands::{observe, probe, run};
 use tracing_subscriber::EnvFilter;
 
 /// Node agent of the endpoint-propagation observer: watches, with eBPF, when
@@ -27,6 +27,8 @@ enum Command {
     Observe(observe::ObserveArgs),
     /// Print which kernel features and hooks work here; exit 1 if a required one is missing.
     Probe(probe::ProbeArgs),
+    /// DaemonSet mode: watch the endpoints the aggregator names and report to it.
+    Run(run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +61,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Observe(args) => runtime
             .block_on(observe::run(args))
+            .map(|()| ExitCode::SUCCESS),
+        Command::Run(args) => runtime
+            .block_on(run::run(args))
             .map(|()| ExitCode::SUCCESS),
         Command::Probe(args) => {
             let ok = runtime.block_on(async { probe::run(&args) })?;
