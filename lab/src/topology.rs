@@ -134,7 +134,15 @@ impl Cluster {
             return Err(TopologyError::NodeCount(nodes));
         }
         let switch = NetNs::create("switch")?;
-        switch.ip(&["link", "add", "br0", "type", "bridge"])?;
+        switch.ip(&[
+            "link",
+            "add",
+            "br0",
+            "address",
+            "02:00:0a:64:00:fe",
+            "type",
+            "bridge",
+        ])?;
         switch.ip(&["link", "set", "br0", "up"])?;
 
         let control_plane = NetNs::create("cp")?;
@@ -158,7 +166,18 @@ impl Cluster {
                 pod_cidr: pod_cidr(index),
                 next_pod: AtomicU32::new(2),
             };
-            node.ns.ip(&["link", "add", "cbr0", "type", "bridge"])?;
+            // A fixed address: a bridge otherwise takes the lowest address
+            // of its ports and changes it when that pod's veth goes, and
+            // the other pods' cached gateway address then goes nowhere.
+            node.ns.ip(&[
+                "link",
+                "add",
+                "cbr0",
+                "address",
+                &format!("02:00:0a:f4:{:02x}:01", index),
+                "type",
+                "bridge",
+            ])?;
             node.ns.ip(&[
                 "addr",
                 "add",
