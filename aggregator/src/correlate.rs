@@ -524,22 +524,29 @@ impl Correlator {
                 continue;
             };
             let t = obs.time_unix_nanos + clock.offset_ns;
-            let peer_node = obs
-                .peer
-                .and_then(|ip| st.nodes.node_of(ip))
-                .map(str::to_owned);
+            // Only destination-side events are attributed to the peer's node.
+            let peer_node = match obs.kind {
+                ObsKind::Accepted | ObsKind::ResetSent { .. } | ObsKind::Closed { .. } => {
+                    obs.peer.and_then(|ip| st.nodes.node_of(ip))
+                }
+                _ => None,
+            };
+            let peer_host = obs.peer.and_then(|ip| st.nodes.node_with_address(ip));
+            let connection = matches!(
+                obs.kind,
+                ObsKind::Accepted | ObsKind::Connected | ObsKind::NewFlow
+            );
             for uid in uids {
                 let Some(p) = st.pending.get_mut(uid) else {
                     continue;
                 };
-                apply(
-                    p,
-                    &node,
-                    peer_node.as_deref(),
-                    obs.kind,
-                    t,
-                    clock.uncertainty_ns,
-                );
+                // Connections from the pod's own node address are the
+                // kubelet's probes, not traffic the dataplane routed: they
+                // go on until the pod exits and would stretch T_last.
+                if connection && peer_host.is_some() && peer_host == p.start.host_node.as_deref() {
+                    continue;
+                }
+                apply(p, &node, peer_node, obs.kind, t, clock.uncertainty_ns);
             }
         }
         Ok(ReportOutcome {

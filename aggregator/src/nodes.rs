@@ -117,6 +117,11 @@ impl NodeIndex {
         }
     }
 
+    /// The node whose own (not pod) address `ip` is.
+    pub fn node_with_address(&self, ip: IpAddr) -> Option<&str> {
+        self.by_addr.get(&ip).map(String::as_str)
+    }
+
     /// The node a source address belongs to: exact node address first, then
     /// the longest matching pod CIDR.
     pub fn node_of(&self, ip: IpAddr) -> Option<&str> {

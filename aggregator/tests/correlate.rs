@@ -26,6 +26,13 @@ fn setup(timeout: Duration) -> (Arc<Correlator>, Arc<Store>) {
             pod_cidrs: vec!["10.1.0.0/24".parse().unwrap()],
         },
     );
+    c.set_node(
+        "a".into(),
+        NodeInfo {
+            addresses: vec!["192.168.0.1".parse().unwrap()],
+            pod_cidrs: vec!["10.0.0.0/24".parse().unwrap()],
+        },
+    );
     (c, store)
 }
 
@@ -315,4 +322,57 @@ fn deletion_seen_before_any_agent_expects_the_agents_live_at_the_end() {
     let rec = store.deletion("u1").unwrap().unwrap();
     assert!(rec.complete);
     assert_eq!(rec.propagation_seconds, Some(2.0));
+}
+
+#[test]
+fn kubelet_probes_from_the_host_node_do_not_count_as_traffic() {
+    let (c, store) = setup(Duration::from_secs(60));
+    register(&c, "a");
+    let _s = c.subscribe("a").unwrap();
+    // The pod runs on node a (192.168.0.1).
+    c.deletion_started(start("u1", "10.0.0.5"), T0);
+    c.report(
+        batch(
+            "a",
+            1,
+            vec![
+                obs(
+                    ObsKind::RulesRemoved(Mode::Nftables),
+                    "10.0.0.5",
+                    None,
+                    T0 + S,
+                ),
+                // Probes until the pod exits, seen both ways.
+                obs(
+                    ObsKind::Accepted,
+                    "10.0.0.5",
+                    Some("192.168.0.1"),
+                    T0 + 20 * S,
+                ),
+                obs(
+                    ObsKind::NewFlow,
+                    "10.0.0.5",
+                    Some("192.168.0.1"),
+                    T0 + 20 * S,
+                ),
+                obs(
+                    ObsKind::Connected,
+                    "10.0.0.5",
+                    Some("192.168.0.1"),
+                    T0 + 20 * S,
+                ),
+                // A real client on node b is still counted.
+                obs(ObsKind::Accepted, "10.0.0.5", Some("10.1.0.9"), T0 + 2 * S),
+            ],
+        ),
+        T0,
+    )
+    .unwrap();
+    c.pod_gone("u1", T0 + 21 * S);
+    let rec = store.deletion("u1").unwrap().unwrap();
+    assert_eq!(rec.propagation_seconds, Some(2.0), "{rec:#?}");
+    let a = rec.nodes.iter().find(|n| n.node == "a").unwrap();
+    assert_eq!((a.latency_seconds, a.late_connections), (Some(1.0), 0));
+    let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
+    assert_eq!(b.late_connections, 1);
 }
