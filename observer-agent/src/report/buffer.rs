@@ -68,6 +68,11 @@ impl Buffer {
         self.sealed.front()
     }
 
+    /// Sealed batches with a sequence above `sequence`, oldest first.
+    pub fn sealed_after(&self, sequence: u64) -> impl Iterator<Item = &Batch> {
+        self.sealed.iter().filter(move |b| b.sequence > sequence)
+    }
+
     /// Forgets every batch up to and including `sequence`.
     pub fn acknowledge(&mut self, sequence: u64) {
         while self.sealed.front().is_some_and(|b| b.sequence <= sequence) {
@@ -117,6 +122,8 @@ mod tests {
         let seqs: Vec<u64> = b.sealed.iter().map(|x| x.sequence).collect();
         assert_eq!(seqs, [1, 2, 3]);
         assert_eq!(b.len(), 5);
+        let after: Vec<u64> = b.sealed_after(1).map(|x| x.sequence).collect();
+        assert_eq!(after, [2, 3]);
         b.acknowledge(2);
         assert_eq!(b.front().unwrap().sequence, 3);
         assert_eq!(b.len(), 1);

@@ -124,6 +124,18 @@ pub enum ReportError {
     WatchReceiverClosed,
 }
 
+/// Reports sent on one stream at most before their acks (back-pressure
+/// beyond that waits for the next flush).
+const REPORTS_IN_FLIGHT: usize = 64;
+
+/// The report stream of one session.
+struct Reports {
+    tx: mpsc::Sender<pb::ReportRequest>,
+    acks: tonic::Streaming<pb::ReportResponse>,
+    /// Highest sequence put on this stream.
+    sent_upto: u64,
+}
+
 /// Why a session ended.
 enum End {
     Shutdown,
@@ -265,8 +277,24 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
         .into_inner();
         self.summary.sessions += 1;
         tracing::info!(aggregator = %self.cfg.aggregator, agent_id = %self.cfg.agent_id, "connected to the aggregator");
+        // Reports go on one stream per session; acks come back in order.
+        let (report_tx, report_rx) = mpsc::channel(REPORTS_IN_FLIGHT);
+        let acks = step!(
+            client.report_stream(tokio_stream::wrappers::ReceiverStream::new(report_rx)),
+            "open report stream"
+        )
+        .into_inner();
         let end = self
-            .connected(&mut client, &mut stream, reg.clock_sync_interval_seconds)
+            .connected(
+                &mut client,
+                &mut stream,
+                Reports {
+                    tx: report_tx,
+                    acks,
+                    sent_upto: 0,
+                },
+                reg.clock_sync_interval_seconds,
+            )
             .await?;
         Ok((end, true))
     }
@@ -275,6 +303,7 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
         &mut self,
         client: &mut ObserverClient<Channel>,
         stream: &mut tonic::Streaming<pb::WatchEvent>,
+        mut reports: Reports,
         clock_interval_seconds: u32,
     ) -> Result<End, ReportError> {
         // Endpoints in the new subscription's snapshot, until `synced`.
@@ -304,12 +333,28 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
                         return Ok(End::Shutdown);
                     }
                 },
+                ack = reports.acks.message() => match ack {
+                    Ok(Some(r)) => {
+                        self.buffer.acknowledge(r.acknowledged_sequence);
+                        self.summary.batches_acknowledged += 1;
+                    }
+                    Ok(None) => return Ok(End::Lost("report stream ended".into())),
+                    // The aggregator will never take the first unacknowledged
+                    // batch: drop it rather than block every later one behind
+                    // it; the rest is resent on the next session.
+                    Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                        if let Some(seq) = self.buffer.front().map(|b| b.sequence) {
+                            tracing::error!(sequence = seq, error = %s.message(), "aggregator rejected a report; dropping it");
+                            self.buffer.acknowledge(seq);
+                        }
+                        return Ok(End::Lost(format!("report stream: {s}")));
+                    }
+                    Err(s) => return Ok(End::Lost(format!("report stream: {s}"))),
+                },
                 _ = flush.tick() => {
                     self.buffer.seal(now_unix_nanos());
-                    match self.send_buffered(client).await {
-                        Some(Ok(())) => {}
-                        Some(Err(why)) => return Ok(End::Lost(why)),
-                        None => return Ok(End::Shutdown),
+                    if let Err(why) = self.send_new(&mut reports) {
+                        return Ok(End::Lost(why));
                     }
                 }
             }
@@ -407,36 +452,30 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
         Ok(())
     }
 
-    /// Sends every sealed batch in order. `Some(Err)` when the connection
-    /// should be dropped, `None` on shutdown.
-    async fn send_buffered(
-        &mut self,
-        client: &mut ObserverClient<Channel>,
-    ) -> Option<Result<(), String>> {
-        while let Some(req) = self.next_request() {
-            let sequence = req.sequence;
-            let mut c = client.clone();
-            match self.buffering(async move { c.report(req).await }).await? {
-                Ok(resp) => {
-                    let ack = resp.into_inner().acknowledged_sequence.max(sequence);
-                    self.buffer.acknowledge(ack);
-                    self.summary.batches_acknowledged += 1;
+    /// Puts the sealed batches not yet sent in this session on the report
+    /// stream, as far as it has room; the rest go at the next flush.
+    fn send_new(&mut self, reports: &mut Reports) -> Result<(), String> {
+        let pending: Vec<pb::ReportRequest> = self
+            .buffer
+            .sealed_after(reports.sent_upto)
+            .take(reports.tx.capacity())
+            .map(|b| self.request(b))
+            .collect();
+        for req in pending {
+            let seq = req.sequence;
+            match reports.tx.try_send(req) {
+                Ok(()) => reports.sent_upto = seq,
+                Err(mpsc::error::TrySendError::Full(_)) => break,
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    return Err("report stream closed".into());
                 }
-                // The aggregator will never take this batch: drop it rather
-                // than block every later one behind it.
-                Err(s) if s.code() == tonic::Code::InvalidArgument => {
-                    tracing::error!(sequence, error = %s.message(), "aggregator rejected a report; dropping it");
-                    self.buffer.acknowledge(sequence);
-                }
-                Err(s) => return Some(Err(format!("report: {s}"))),
             }
         }
-        Some(Ok(()))
+        Ok(())
     }
 
-    fn next_request(&self) -> Option<pb::ReportRequest> {
-        let b = self.buffer.front()?;
-        Some(pb::ReportRequest {
+    fn request(&self, b: &buffer::Batch) -> pb::ReportRequest {
+        pb::ReportRequest {
             agent_id: self.cfg.agent_id.clone(),
             sequence: b.sequence,
             observations: b.observations.clone(),
@@ -450,7 +489,11 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
                 uncertainty_ns: c.uncertainty_ns,
             }),
             sent_unix_nanos: b.sealed_unix_nanos,
-        })
+        }
+    }
+
+    fn next_request(&self) -> Option<pb::ReportRequest> {
+        self.buffer.front().map(|b| self.request(b))
     }
 
     /// Last delivery attempt at shutdown, bounded by one call deadline.
