@@ -197,3 +197,19 @@ async fn kube_watcher_relists_after_410_and_reconnects() {
     assert_eq!(relisted, ["p1", "p2", "p3"]);
     assert_eq!(d.watch_requests(), 3);
 }
+
+#[tokio::test]
+async fn generated_kubeconfig_reaches_the_double() {
+    let d = ApiServerDouble::start().await.unwrap();
+    d.create(&pod("a", "p1", "web")).unwrap();
+    let kc = kube::config::Kubeconfig::from_yaml(&d.kubeconfig_yaml()).unwrap();
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    let client = kube::Client::try_from(cfg).unwrap();
+    let pods: Api<Pod> = Api::all(client);
+    assert_eq!(
+        pods.list(&ListParams::default()).await.unwrap().items.len(),
+        1
+    );
+}
