@@ -47,13 +47,14 @@ struct Args {
     #[arg(long, env = "AGGREGATOR_CONFIDENCE", default_value_t = 0.95)]
     confidence: f64,
     /// Run without Kubernetes (no watchers; useful with a store only).
-    #[arg(long, env = "AGGREGATOR_NO_KUBE")]
+    #[arg(long, env = "AGGREGATOR_NO_KUBE", value_parser = clap::builder::BoolishValueParser::new())]
     no_kube: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
