@@ -435,7 +435,17 @@ impl Observer {
                 reason: e.to_string(),
             })?;
         lab.mirror_to(api.mirror());
-        let _ = std::fs::remove_file(dir.join("aggregator.sqlite"));
+        // A fresh store and logs per lab; restarts within it append.
+        let mut stale = vec![dir.join("aggregator.sqlite"), dir.join("aggregator.log")];
+        stale.extend(
+            lab.cluster
+                .nodes
+                .iter()
+                .map(|n| dir.join(format!("agent-{}.log", n.name))),
+        );
+        for file in stale {
+            let _ = std::fs::remove_file(file);
+        }
         let aggregator = Aggregator::start(
             &binaries.aggregator,
             &lab.cluster.control_plane,
