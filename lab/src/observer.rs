@@ -205,30 +205,19 @@ impl Aggregator {
 
     /// GET `path` from the HTTP API; the body of a 200 answer.
     pub async fn get(&self, path: &str) -> Result<String, ObserverError> {
-        let netns = self.netns.clone();
-        let path = path.to_owned();
-        let addr = SocketAddrV4::new(CONTROL_PLANE_IP, HTTP_PORT);
-        // The API listens inside the control-plane namespace: ask from there.
-        tokio::task::spawn_blocking(move || {
-            let api_err = |reason: String| ObserverError::Api {
-                path: path.clone(),
-                reason,
-            };
-            netns::enter(&netns).map_err(|e| api_err(e.to_string()))?;
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| api_err(e.to_string()))?;
-            let exchange = tokio::time::timeout(Duration::from_secs(5), get_once(addr, &path));
-            match runtime.block_on(exchange) {
-                Ok(Ok((200, body))) => Ok(body),
-                Ok(Ok((status, body))) => Err(api_err(format!("status {status}: {body}"))),
-                Ok(Err(e)) => Err(api_err(e)),
-                Err(_) => Err(api_err("timed out".into())),
-            }
-        })
-        .await
-        .expect("API request thread panicked")
+        let api_err = |reason: String| ObserverError::Api {
+            path: path.to_owned(),
+            reason,
+        };
+        let stream = connect_in(&self.netns, SocketAddrV4::new(CONTROL_PLANE_IP, HTTP_PORT))
+            .await
+            .map_err(|e| api_err(e.to_string()))?;
+        match tokio::time::timeout(Duration::from_secs(5), exchange(stream, path)).await {
+            Ok(Ok((200, body))) => Ok(body),
+            Ok(Ok((status, body))) => Err(api_err(format!("status {status}: {body}"))),
+            Ok(Err(e)) => Err(api_err(e)),
+            Err(_) => Err(api_err("timed out".into())),
+        }
     }
 
     pub async fn recommendation(
@@ -259,10 +248,32 @@ impl Aggregator {
     }
 }
 
-async fn get_once(addr: SocketAddrV4, path: &str) -> Result<(u16, String), String> {
-    let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+/// Connects to `addr` from inside the namespace at `netns`: the socket is
+/// made on a short-lived thread there (a pooled thread would stay in the
+/// namespace), then used from the caller's runtime.
+async fn connect_in(netns: &Path, addr: SocketAddrV4) -> std::io::Result<TcpStream> {
+    let netns = netns.to_owned();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let stream = netns::enter(&netns).and_then(|_| {
+            std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))
+        });
+        let _ = tx.send(stream);
+    });
+    let stream = rx
+        .await
+        .map_err(|_| std::io::Error::other("connect thread ended"))??;
+    stream.set_nonblocking(true)?;
+    TcpStream::from_std(stream)
+}
+
+async fn exchange(mut stream: TcpStream, path: &str) -> Result<(u16, String), String> {
+    let host = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     stream
-        .write_all(&http::get(&addr.to_string(), path, true))
+        .write_all(&http::get(&host, path, true))
         .await
         .map_err(|e| e.to_string())?;
     match Reader::default().next(&mut stream, false).await {
