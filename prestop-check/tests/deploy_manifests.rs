@@ -259,6 +259,7 @@ fn check_agent(r: &Rendered, expected_caps: &BTreeSet<String>) {
         BTreeMap::from([
             ("btf".to_string(), "/sys/kernel/btf".to_string()),
             ("tracefs".to_string(), "/sys/kernel/tracing".to_string()),
+            ("xtables-lock".to_string(), "/run/xtables.lock".to_string()),
         ])
     );
     for m in c.volume_mounts.iter().flatten() {
