@@ -183,7 +183,11 @@ struct Agent {
 struct NodeAcc {
     rules_removed: Option<(UnixNanos, Mode)>,
     last_connection: Option<UnixNanos>,
-    late: u64,
+    /// New flows after T0 seen by this node's own conntrack.
+    late_flows: u64,
+    /// Connections after T0 accepted by the pod and attributed to this node
+    /// by their source address (the destination node's view).
+    late_accepted: u64,
     refused: u64,
     aborted: u64,
     clock_uncertainty_ns: Option<u64>,
@@ -696,7 +700,16 @@ fn apply(
                 a.rules_removed = None;
             }
         }
-        ObsKind::NewFlow | ObsKind::Connected => {
+        // A direct connection to the pod IP from this node also shows up as
+        // a new flow: only flows count as late, so it is counted once.
+        ObsKind::NewFlow => {
+            let a = node_acc(nodes, node, uncertainty);
+            a.last_connection = a.last_connection.max(Some(t));
+            if after_t0 {
+                a.late_flows += 1;
+            }
+        }
+        ObsKind::Connected => {
             let a = node_acc(nodes, node, uncertainty);
             a.last_connection = a.last_connection.max(Some(t));
         }
@@ -704,7 +717,7 @@ fn apply(
             let a = node_acc(nodes, source, uncertainty);
             a.last_connection = a.last_connection.max(Some(t));
             if after_t0 {
-                a.late += 1;
+                a.late_accepted += 1;
             }
         }
         ObsKind::ResetSent { refused: true } => node_acc(nodes, source, uncertainty).refused += 1,
@@ -753,7 +766,9 @@ fn record(p: Pending, now: UnixNanos) -> DeletionRecord {
                 rules_removed_unix_nanos: rules,
                 last_connection_unix_nanos: a.last_connection,
                 clock_uncertainty_seconds: a.clock_uncertainty_ns.map(|u| u as f64 / NANOS),
-                late_connections: a.late,
+                // The same connection can be seen from both ends (the source
+                // node's conntrack, the pod's accept): take the larger view.
+                late_connections: a.late_flows.max(a.late_accepted),
                 refused_connections: a.refused,
                 aborted_connections: a.aborted,
             }

@@ -376,3 +376,57 @@ fn kubelet_probes_from_the_host_node_do_not_count_as_traffic() {
     let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
     assert_eq!(b.late_connections, 1);
 }
+
+#[test]
+fn late_connections_come_from_new_flows_and_accepts_without_double_counting() {
+    let (c, store) = setup(Duration::from_secs(60));
+    register(&c, "a");
+    register(&c, "b");
+    let _subs = (c.subscribe("a").unwrap(), c.subscribe("b").unwrap());
+    c.deletion_started(start("u1", "10.0.0.5"), T0);
+    // Node b's conntrack: one flow before T0, three after, then its rules go.
+    c.report(
+        batch(
+            "b",
+            1,
+            vec![
+                obs(ObsKind::NewFlow, "10.0.0.5", Some("10.1.0.9"), T0 - S),
+                obs(ObsKind::NewFlow, "10.0.0.5", Some("10.1.0.9"), T0 + S / 10),
+                obs(ObsKind::NewFlow, "10.0.0.5", Some("10.1.0.9"), T0 + S / 5),
+                obs(ObsKind::NewFlow, "10.0.0.5", Some("10.1.0.9"), T0 + S / 2),
+                obs(
+                    ObsKind::RulesRemoved(Mode::Nftables),
+                    "10.0.0.5",
+                    None,
+                    T0 + S,
+                ),
+            ],
+        ),
+        T0,
+    )
+    .unwrap();
+    // The pod's node accepted two of those same connections from b after T0.
+    c.report(
+        batch(
+            "a",
+            1,
+            vec![
+                obs(ObsKind::Accepted, "10.0.0.5", Some("10.1.0.9"), T0 + S / 5),
+                obs(ObsKind::Accepted, "10.0.0.5", Some("10.1.0.9"), T0 + S / 2),
+                obs(
+                    ObsKind::RulesRemoved(Mode::Nftables),
+                    "10.0.0.5",
+                    None,
+                    T0 + S / 3,
+                ),
+            ],
+        ),
+        T0,
+    )
+    .unwrap();
+    c.pod_gone("u1", T0 + 2 * S);
+    let rec = store.deletion("u1").unwrap().unwrap();
+    let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
+    assert_eq!(b.late_connections, 3, "{rec:#?}");
+    assert_eq!(b.latency_seconds, Some(1.0));
+}
