@@ -74,7 +74,6 @@ async fn measured_propagation_matches_injected_and_the_recommendation_loses_noth
         .await
         .expect("measurements");
     let deletions = joined(&measure.deletions, &records);
-    eprintln!("{records:#?}");
     for d in &deletions {
         for n in &d.per_node {
             eprintln!(
