@@ -34,7 +34,13 @@ fn main() -> anyhow::Result<()> {
     let client = NetNs::create("bcli")?;
     let watched: IpAddr = "10.209.0.1".parse()?;
     let unwatched: IpAddr = "10.209.0.3".parse()?;
-    link(&server, "10.209.0.1".parse()?, &client, "10.209.0.2".parse()?, 24)?;
+    link(
+        &server,
+        "10.209.0.1".parse()?,
+        &client,
+        "10.209.0.2".parse()?,
+        24,
+    )?;
     server.ip(&["addr", "add", "10.209.0.3/32", "dev", "lo"])?;
 
     let mut kernel = Kernel::load(LoadOptions::default())?;
@@ -43,7 +49,10 @@ fn main() -> anyhow::Result<()> {
     let draining = AtomicBool::new(true);
 
     println!("{connections} connections per storm (connect, accept, close both sides)");
-    println!("{:<22} {:>10} {:>14} {:>12}", "program", "target", "invocations", "ns/invocation");
+    println!(
+        "{:<22} {:>10} {:>14} {:>12}",
+        "program", "target", "invocations", "ns/invocation"
+    );
     std::thread::scope(|scope| -> anyhow::Result<()> {
         // Keep the ring buffer empty so emitting stays on its normal path.
         scope.spawn(|| {
@@ -69,7 +78,10 @@ fn main() -> anyhow::Result<()> {
         Ok(())
     })?;
     let stats = kernel.stats()?;
-    println!("events emitted {}, lost {}, filtered {}", stats.emitted, stats.lost, stats.filtered);
+    println!(
+        "events emitted {}, lost {}, filtered {}",
+        stats.emitted, stats.lost, stats.filtered
+    );
     Ok(())
 }
 

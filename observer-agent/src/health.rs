@@ -59,11 +59,23 @@ impl Health {
             kernel_events.clone(),
         );
         let observations = Family::<KindLabel, Counter>::default();
-        registry.register("observations", "Observations produced, by kind", observations.clone());
+        registry.register(
+            "observations",
+            "Observations produced, by kind",
+            observations.clone(),
+        );
         let hooks = Family::<HookLabel, Gauge>::default();
-        registry.register("hook_attached", "1 when the kernel hook is attached", hooks.clone());
+        registry.register(
+            "hook_attached",
+            "1 when the kernel hook is attached",
+            hooks.clone(),
+        );
         let watched = Gauge::default();
-        registry.register("watched_endpoints", "Endpoint addresses being watched", watched.clone());
+        registry.register(
+            "watched_endpoints",
+            "Endpoint addresses being watched",
+            watched.clone(),
+        );
         Arc::new(Health {
             registry,
             kernel_events,
@@ -81,12 +93,15 @@ impl Health {
     }
 
     pub fn beat(&self) {
-        self.heartbeat_mono_ns.store(monotonic_now_ns(), Ordering::Relaxed);
+        self.heartbeat_mono_ns
+            .store(monotonic_now_ns(), Ordering::Relaxed);
     }
 
     pub fn set_hook(&self, hook: &str, attached: bool) {
         self.hooks
-            .get_or_create(&HookLabel { hook: hook.to_owned() })
+            .get_or_create(&HookLabel {
+                hook: hook.to_owned(),
+            })
             .set(i64::from(attached));
     }
 
@@ -165,7 +180,10 @@ async fn metrics(State(h): State<Arc<Health>>) -> impl IntoResponse {
     match encode(&mut body, &h.registry) {
         Ok(()) => (
             StatusCode::OK,
-            [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             body,
         ),
         Err(e) => (
@@ -183,9 +201,11 @@ mod tests {
     async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         let status = out[9..12].parse().unwrap();
@@ -219,9 +239,17 @@ mod tests {
         health.set_hook("tracepoint/sock/inet_sock_set_state", true);
         let (status, body) = get(addr, "/metrics").await;
         assert_eq!(status, 200);
-        assert!(body.contains("prestop_agent_kernel_events_total{outcome=\"emitted\"} 12"), "{body}");
-        assert!(body.contains("prestop_agent_kernel_events_total{outcome=\"lost\"} 3"), "{body}");
-        assert!(body.contains("prestop_agent_hook_attached{hook=\"tracepoint/sock/inet_sock_set_state\"} 1"));
+        assert!(
+            body.contains("prestop_agent_kernel_events_total{outcome=\"emitted\"} 12"),
+            "{body}"
+        );
+        assert!(
+            body.contains("prestop_agent_kernel_events_total{outcome=\"lost\"} 3"),
+            "{body}"
+        );
+        assert!(body.contains(
+            "prestop_agent_hook_attached{hook=\"tracepoint/sock/inet_sock_set_state\"} 1"
+        ));
         assert_eq!(get(addr, "/nope").await.0, 404);
     }
 }

@@ -5,9 +5,9 @@
 pub mod clock;
 pub mod commands;
 pub mod dataplane;
-pub mod health;
 pub mod endpoint_record;
 pub mod flows;
+pub mod health;
 pub mod kernel;
 pub mod observation;
 pub mod output;

@@ -62,9 +62,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Observe(args) => runtime
             .block_on(observe::run(args))
             .map(|()| ExitCode::SUCCESS),
-        Command::Run(args) => runtime
-            .block_on(run::run(args))
-            .map(|()| ExitCode::SUCCESS),
+        Command::Run(args) => runtime.block_on(run::run(args)).map(|()| ExitCode::SUCCESS),
         Command::Probe(args) => {
             let ok = runtime.block_on(async { probe::run(&args) })?;
             Ok(if ok {

@@ -33,7 +33,14 @@ impl Observer {
     fn start(watch: &[IpAddr]) -> Self {
         let ips: Vec<String> = watch.iter().map(ToString::to_string).collect();
         let mut child = Command::new(env!("CARGO_BIN_EXE_observer-agent"))
-            .args(["observe", "--output", "json", "--duration", "120", "--watch-ip"])
+            .args([
+                "observe",
+                "--output",
+                "json",
+                "--duration",
+                "120",
+                "--watch-ip",
+            ])
             .arg(ips.join(","))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -43,13 +50,16 @@ impl Observer {
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let value: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                let value: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
                 if tx.send(value).is_err() {
                     break;
                 }
             }
         });
-        let started = lines.recv_timeout(START_TIMEOUT).expect("agent printed its started line");
+        let started = lines
+            .recv_timeout(START_TIMEOUT)
+            .expect("agent printed its started line");
         assert_eq!(started["kind"], "started", "first line: {started}");
         for hook in started["hooks"].as_array().expect("hooks") {
             assert_eq!(hook["attached"], true, "hook not attached: {hook}");
@@ -78,7 +88,10 @@ impl Observer {
                 Err(_) => break,
             }
         }
-        panic!("no {what} event within {EVENT_TIMEOUT:?}; saw {:#?}", self.seen);
+        panic!(
+            "no {what} event within {EVENT_TIMEOUT:?}; saw {:#?}",
+            self.seen
+        );
     }
 }
 
@@ -149,11 +162,15 @@ fn refused_connection_reports_reset_with_reason() {
     let err = p.connect(target).expect_err("nothing listens on port 9");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
 
-    let sent = obs.expect("reset_sent", |v| is(v, "reset_sent") && addr(v, "dst") == target);
+    let sent = obs.expect("reset_sent", |v| {
+        is(v, "reset_sent") && addr(v, "dst") == target
+    });
     assert_eq!(addr(&sent, "src").ip(), p.client_ip);
     assert_eq!(sent["reason"], "no_socket");
     assert!(sent["time_unix_nano"].as_u64().unwrap() > 0);
-    let received = obs.expect("reset_received", |v| is(v, "reset_received") && addr(v, "dst") == target);
+    let received = obs.expect("reset_received", |v| {
+        is(v, "reset_received") && addr(v, "dst") == target
+    });
     assert_eq!(addr(&received, "src"), addr(&sent, "src"));
 }
 
@@ -170,10 +187,14 @@ fn established_connection_reports_accepted_and_connected() {
     let (_accepted, peer) = listener.accept().unwrap();
     assert_eq!(peer, client.local_addr().unwrap());
 
-    let accepted = obs.expect("accepted", |v| is(v, "accepted") && addr(v, "dst") == server_addr);
+    let accepted = obs.expect("accepted", |v| {
+        is(v, "accepted") && addr(v, "dst") == server_addr
+    });
     assert_eq!(addr(&accepted, "src"), peer);
     assert_eq!(accepted["old_state"], "syn_recv");
-    let connected = obs.expect("connected", |v| is(v, "connected") && addr(v, "dst") == server_addr);
+    let connected = obs.expect("connected", |v| {
+        is(v, "connected") && addr(v, "dst") == server_addr
+    });
     assert_eq!(addr(&connected, "src"), peer);
 }
 
@@ -193,7 +214,10 @@ fn graceful_close_by_the_endpoint_reports_endpoint_fin() {
     client.read_to_end(&mut buf).expect("client sees FIN");
 
     let closed = |v: &Value, new_state: &str| {
-        is(v, "closed") && addr(v, "src") == peer && addr(v, "dst") == server_addr && v["new_state"] == new_state
+        is(v, "closed")
+            && addr(v, "src") == peer
+            && addr(v, "dst") == server_addr
+            && v["new_state"] == new_state
     };
     // The pod's socket closes first; the client's socket sees the FIN.
     let by_server = obs.expect("closed (server socket)", |v| closed(v, "fin_wait1"));
@@ -221,14 +245,18 @@ fn abortive_close_reports_reset_and_its_reason() {
     let err = client.read(&mut buf).expect_err("client sees the reset");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
 
-    let reset = obs.expect("reset_sent", |v| is(v, "reset_sent") && addr(v, "dst") == server_addr);
+    let reset = obs.expect("reset_sent", |v| {
+        is(v, "reset_sent") && addr(v, "dst") == server_addr
+    });
     assert_eq!(addr(&reset, "src"), peer);
     assert_eq!(reset["reason"], "tcp_abort_on_close");
     let closed = obs.expect("closed", |v| {
         is(v, "closed") && addr(v, "dst") == server_addr && v["old_state"] == "established"
     });
     assert_eq!(closed["close"], "reset");
-    obs.expect("reset_received", |v| is(v, "reset_received") && addr(v, "dst") == server_addr);
+    obs.expect("reset_received", |v| {
+        is(v, "reset_received") && addr(v, "dst") == server_addr
+    });
 }
 
 #[test]
@@ -238,7 +266,9 @@ fn traffic_to_unwatched_addresses_produces_no_event() {
     }
     let p = pair(5);
     let unwatched: IpAddr = "10.201.5.3".parse().unwrap();
-    p.server.ip(&["addr", "add", "10.201.5.3/32", "dev", "lo"]).unwrap();
+    p.server
+        .ip(&["addr", "add", "10.201.5.3/32", "dev", "lo"])
+        .unwrap();
     let mut obs = Observer::start(&[p.server_ip]);
 
     // Every kind of event, but to the unwatched address.
@@ -256,15 +286,22 @@ fn traffic_to_unwatched_addresses_produces_no_event() {
     // would have been delivered before it.
     let marker = SocketAddr::new(p.server_ip, 9);
     assert!(p.connect(marker).is_err());
-    obs.expect("marker reset_sent", |v| is(v, "reset_sent") && addr(v, "dst") == marker);
+    obs.expect("marker reset_sent", |v| {
+        is(v, "reset_sent") && addr(v, "dst") == marker
+    });
     let leaked: Vec<&Value> = obs
         .seen
         .iter()
         .filter(|v| {
-            ["src", "dst"].iter().any(|f| v[*f].as_str().is_some_and(|s| s.starts_with("10.201.5.3:")))
+            ["src", "dst"]
+                .iter()
+                .any(|f| v[*f].as_str().is_some_and(|s| s.starts_with("10.201.5.3:")))
         })
         .collect();
-    assert!(leaked.is_empty(), "events for an unwatched address: {leaked:#?}");
+    assert!(
+        leaked.is_empty(),
+        "events for an unwatched address: {leaked:#?}"
+    );
 }
 
 #[test]
@@ -278,16 +315,29 @@ fn ipv6_endpoints_are_observed() {
     let dev = |ns: &NetNs| -> String {
         let out = ns.ip(&["-o", "link", "show", "type", "veth"]).unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.split(':').nth(1).unwrap().trim().split('@').next().unwrap().to_owned()
+        text.split(':')
+            .nth(1)
+            .unwrap()
+            .trim()
+            .split('@')
+            .next()
+            .unwrap()
+            .to_owned()
     };
     let (sdev, cdev) = (dev(&p.server), dev(&p.client));
-    p.server.ip(&["addr", "add", "fd00:201:6::1/64", "dev", &sdev, "nodad"]).unwrap();
-    p.client.ip(&["addr", "add", "fd00:201:6::2/64", "dev", &cdev, "nodad"]).unwrap();
+    p.server
+        .ip(&["addr", "add", "fd00:201:6::1/64", "dev", &sdev, "nodad"])
+        .unwrap();
+    p.client
+        .ip(&["addr", "add", "fd00:201:6::2/64", "dev", &cdev, "nodad"])
+        .unwrap();
     let mut obs = Observer::start(&[server_ip]);
 
     let target = SocketAddr::new(server_ip, 9);
     assert!(p.connect(target).is_err());
-    let sent = obs.expect("reset_sent", |v| is(v, "reset_sent") && addr(v, "dst") == target);
+    let sent = obs.expect("reset_sent", |v| {
+        is(v, "reset_sent") && addr(v, "dst") == target
+    });
     assert_eq!(addr(&sent, "src").ip(), client_ip);
     assert_eq!(sent["reason"], "no_socket");
 }

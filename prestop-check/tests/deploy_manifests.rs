@@ -422,7 +422,9 @@ fn every_rendering_deserialises_and_is_least_privilege() {
         let r = load(&dir);
         let caps = match name.as_str() {
             "kernel-before-5.8" => set(&["SYS_ADMIN", "SYS_RESOURCE", "NET_ADMIN", "NET_RAW"]),
-            "kernel-5.8-to-5.10" => set(&["BPF", "PERFMON", "NET_ADMIN", "NET_RAW", "SYS_RESOURCE"]),
+            "kernel-5.8-to-5.10" => {
+                set(&["BPF", "PERFMON", "NET_ADMIN", "NET_RAW", "SYS_RESOURCE"])
+            }
             _ => set(&["BPF", "PERFMON", "NET_ADMIN", "NET_RAW"]),
         };
         check_agent(&r, &caps);
@@ -454,7 +456,8 @@ fn a_capability_slipping_in_is_caught() {
     )
     .unwrap();
     let r = load(&overlay);
-    let result =
-        std::panic::catch_unwind(|| check_agent(&r, &set(&["BPF", "PERFMON", "NET_ADMIN", "NET_RAW"])));
+    let result = std::panic::catch_unwind(|| {
+        check_agent(&r, &set(&["BPF", "PERFMON", "NET_ADMIN", "NET_RAW"]))
+    });
     assert!(result.is_err());
 }

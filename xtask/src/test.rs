@@ -31,7 +31,13 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let mut cargo = Command::new(env!("CARGO"));
     cargo
         .current_dir(cmd::workspace_root())
-        .args(["test", "--workspace", "--exclude", "observer-ebpf", "--no-fail-fast"])
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "observer-ebpf",
+            "--no-fail-fast",
+        ])
         .args(&args.cargo_args);
     if !args.no_root {
         cargo.env(REQUIRE_ROOT_ENV, "1");

@@ -183,7 +183,12 @@ impl Watched {
         self.by_pod.len()
     }
 
-    fn apply(&mut self, update: &WatchUpdate, kernel: &mut Kernel, dataplane: Option<&DataplaneWatch>) {
+    fn apply(
+        &mut self,
+        update: &WatchUpdate,
+        kernel: &mut Kernel,
+        dataplane: Option<&DataplaneWatch>,
+    ) {
         match update {
             WatchUpdate::Add(ep) => {
                 if self.by_pod.insert(ep.pod_uid.clone(), ep.clone()).is_some() {

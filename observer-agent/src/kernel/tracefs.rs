@@ -28,8 +28,14 @@ pub enum TracefsError {
     },
     #[error("tracepoint {event} has no field {field} on this kernel")]
     MissingField { event: String, field: &'static str },
-    #[error("tracepoint {event}: its record is {size} bytes, more than the {max} the programs copy")]
-    RecordTooLarge { event: String, size: usize, max: u16 },
+    #[error(
+        "tracepoint {event}: its record is {size} bytes, more than the {max} the programs copy"
+    )]
+    RecordTooLarge {
+        event: String,
+        size: usize,
+        max: u16,
+    },
     #[error(
         "tracepoint {event}: field {field} has offset {offset}, beyond what the programs can address"
     )]
@@ -182,7 +188,12 @@ impl EventFormat {
 
     /// Size of the record: the end of its last field.
     fn record_size(&self) -> Result<u16, TracefsError> {
-        let size = self.fields.values().map(|f| f.offset + f.size).max().unwrap_or(0);
+        let size = self
+            .fields
+            .values()
+            .map(|f| f.offset + f.size)
+            .max()
+            .unwrap_or(0);
         u16::try_from(size)
             .ok()
             .filter(|s| *s <= RECORD_MAX)
@@ -415,9 +426,15 @@ format:
     #[test]
     fn layout_of_kernel_6_10_and_later_is_read_directly() {
         let layout = layout(SEND_RESET_610).unwrap();
-        assert_eq!(layout.direct, DIRECT_SET_STATE | DIRECT_SEND_RESET | DIRECT_RECV_RESET);
         assert_eq!(
-            TracepointLayout { direct: 0, ..layout },
+            layout.direct,
+            DIRECT_SET_STATE | DIRECT_SEND_RESET | DIRECT_RECV_RESET
+        );
+        assert_eq!(
+            TracepointLayout {
+                direct: 0,
+                ..layout
+            },
             TracepointLayout::DEFAULT
         );
     }
@@ -449,7 +466,13 @@ format:
         let set_state = EventFormat::parse("sock/inet_sock_set_state", SET_STATE);
         let layout = conn_layout(&set_state, None, None).unwrap();
         assert_eq!(layout.direct, DIRECT_SET_STATE);
-        assert_eq!(TracepointLayout { direct: 0, ..layout }, TracepointLayout::DEFAULT);
+        assert_eq!(
+            TracepointLayout {
+                direct: 0,
+                ..layout
+            },
+            TracepointLayout::DEFAULT
+        );
     }
 
     #[test]
