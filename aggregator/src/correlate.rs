@@ -528,11 +528,14 @@ impl Correlator {
                 continue;
             };
             let t = obs.time_unix_nanos + clock.offset_ns;
-            // Only destination-side events are attributed to the peer's node.
+            // Destination-side events are attributed to the peer's node; a
+            // new flow's source tells whether this node routed it or only
+            // forwarded it.
             let peer_node = match obs.kind {
-                ObsKind::Accepted | ObsKind::ResetSent { .. } | ObsKind::Closed { .. } => {
-                    obs.peer.and_then(|ip| st.nodes.node_of(ip))
-                }
+                ObsKind::Accepted
+                | ObsKind::ResetSent { .. }
+                | ObsKind::Closed { .. }
+                | ObsKind::NewFlow => obs.peer.and_then(|ip| st.nodes.node_of(ip)),
                 _ => None,
             };
             let peer_host = obs.peer.and_then(|ip| st.nodes.node_with_address(ip));
@@ -702,6 +705,10 @@ fn apply(
         }
         // A direct connection to the pod IP from this node also shows up as
         // a new flow: only flows count as late, so it is counted once.
+        // The pod's node also sees, in its own conntrack, the flows other
+        // nodes route to the pod through it: those are the source node's
+        // evidence (its agent reports them), not this node's routing.
+        ObsKind::NewFlow if peer_node.is_some_and(|p| p != node) => {}
         ObsKind::NewFlow => {
             let a = node_acc(nodes, node, uncertainty);
             a.last_connection = a.last_connection.max(Some(t));

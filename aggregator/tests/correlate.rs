@@ -430,3 +430,54 @@ fn late_connections_come_from_new_flows_and_accepts_without_double_counting() {
     assert_eq!(b.late_connections, 3, "{rec:#?}");
     assert_eq!(b.latency_seconds, Some(1.0));
 }
+
+#[test]
+fn flows_passing_through_the_pods_node_are_not_its_routing() {
+    let (c, store) = setup(Duration::from_secs(60));
+    register(&c, "a");
+    register(&c, "b");
+    let _subs = (c.subscribe("a").unwrap(), c.subscribe("b").unwrap());
+    c.deletion_started(start("u1", "10.0.0.5"), T0);
+    c.report(
+        batch(
+            "b",
+            1,
+            vec![
+                obs(ObsKind::NewFlow, "10.0.0.5", Some("10.1.0.9"), T0 + 2 * S),
+                obs(
+                    ObsKind::RulesRemoved(Mode::Nftables),
+                    "10.0.0.5",
+                    None,
+                    T0 + 2 * S,
+                ),
+            ],
+        ),
+        T0,
+    )
+    .unwrap();
+    // Node a hosts the pod: its conntrack sees b's flow forwarded to the pod.
+    c.report(
+        batch(
+            "a",
+            1,
+            vec![
+                obs(
+                    ObsKind::RulesRemoved(Mode::Nftables),
+                    "10.0.0.5",
+                    None,
+                    T0 + S / 2,
+                ),
+                obs(ObsKind::NewFlow, "10.0.0.5", Some("10.1.0.9"), T0 + 2 * S),
+            ],
+        ),
+        T0,
+    )
+    .unwrap();
+    c.pod_gone("u1", T0 + 3 * S);
+    let rec = store.deletion("u1").unwrap().unwrap();
+    let a = rec.nodes.iter().find(|n| n.node == "a").unwrap();
+    assert_eq!(a.latency_seconds, Some(0.5), "{rec:#?}");
+    assert_eq!(a.late_connections, 0);
+    let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
+    assert_eq!((b.latency_seconds, b.late_connections), (Some(2.0), 1));
+}
