@@ -28,6 +28,19 @@ pub fn run(args: &TestArgs) -> Result<()> {
         );
     }
     ensure_setup()?;
+    // The end-to-end tests run the agent, the aggregator and the lab's pod
+    // server as processes from the test profile's target directory.
+    cmd::run(
+        Command::new(env!("CARGO"))
+            .current_dir(cmd::workspace_root())
+            .args([
+                "build",
+                "--workspace",
+                "--exclude",
+                "observer-ebpf",
+                "--bins",
+            ]),
+    )?;
     let mut cargo = Command::new(env!("CARGO"));
     cargo
         .current_dir(cmd::workspace_root())
