@@ -115,16 +115,38 @@ pub enum ObsKind {
     Closed {
         reset: bool,
     },
-    /// Destination side: the endpoint sent a RST; `refused` when no socket
-    /// listened any more.
+    /// Destination side: the endpoint sent a RST.
     ResetSent {
-        refused: bool,
+        cause: ResetCause,
     },
     ResetReceived,
     RulesRemoved(Mode),
     RulesAdded,
     /// Source side: the reporting node routed a new flow to the endpoint.
     NewFlow,
+}
+
+/// Why the endpoint sent a RST, from the kernel's reset reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetCause {
+    /// No socket listened any more: a refused connection.
+    Refused,
+    /// Data arrived on a connection the endpoint had already closed: the
+    /// keep-alive race (the client reused an idle connection the server
+    /// closed at shutdown).
+    DataAfterClose,
+    Other,
+}
+
+impl ResetCause {
+    /// From the kernel's `sk_rst_reason` name as the agent reports it.
+    pub fn from_reason(reason: &str) -> Self {
+        match reason.to_ascii_lowercase().as_str() {
+            "no_socket" => ResetCause::Refused,
+            "tcp_abort_on_data" => ResetCause::DataAfterClose,
+            _ => ResetCause::Other,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -727,10 +749,19 @@ fn apply(
                 a.late_accepted += 1;
             }
         }
-        ObsKind::ResetSent { refused: true } => node_acc(nodes, source, uncertainty).refused += 1,
+        ObsKind::ResetSent {
+            cause: ResetCause::Refused,
+        } => node_acc(nodes, source, uncertainty).refused += 1,
+        // A request on a keep-alive connection the pod closed: lost like an
+        // aborted one.
+        ObsKind::ResetSent {
+            cause: ResetCause::DataAfterClose,
+        } => node_acc(nodes, source, uncertainty).aborted += 1,
         ObsKind::Closed { reset: true } => node_acc(nodes, source, uncertainty).aborted += 1,
         ObsKind::Closed { reset: false }
-        | ObsKind::ResetSent { refused: false }
+        | ObsKind::ResetSent {
+            cause: ResetCause::Other,
+        }
         | ObsKind::ResetReceived => {}
     }
 }

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::correlate::{
     AgentCounters, Batch, ClockEstimate, CorrelateError, Correlator, Endpoint, Mode, Obs, ObsKind,
-    Registration, WatchChange,
+    Registration, ResetCause, WatchChange,
 };
 use crate::http::now_unix_nanos;
 
@@ -289,10 +289,12 @@ fn obs_from_proto(o: pb::Observation) -> Result<Obs, String> {
                 },
             )
         }
-        Kind::ResetSent(c) => {
-            let refused = c.reason.to_ascii_lowercase().contains("no_socket");
-            conn(c, ObsKind::ResetSent { refused })
-        }
+        Kind::ResetSent(c) => conn(
+            c,
+            ObsKind::ResetSent {
+                cause: ResetCause::from_reason(&c.reason),
+            },
+        ),
         Kind::ResetReceived(c) => conn(c, ObsKind::ResetReceived),
         Kind::RulesRemoved(r) => {
             let d = pb::Detector::try_from(r.detector)

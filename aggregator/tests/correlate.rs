@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aggregator::config::Settings;
-use aggregator::correlate::{Batch, Correlator, DeletionStart, Mode, Obs, ObsKind, Registration};
+use aggregator::correlate::{
+    Batch, Correlator, DeletionStart, Mode, Obs, ObsKind, Registration, ResetCause,
+};
 use aggregator::metrics::Metrics;
 use aggregator::nodes::NodeInfo;
 use aggregator::store::Store;
@@ -149,7 +151,9 @@ fn latency_is_max_of_rules_and_last_connection_per_node() {
                 ),
                 // Refused connection from a pod on node b, seen by the destination.
                 obs(
-                    ObsKind::ResetSent { refused: true },
+                    ObsKind::ResetSent {
+                        cause: ResetCause::Refused,
+                    },
                     "10.0.0.5",
                     Some("10.1.0.3"),
                     T0 + 3 * S,
@@ -480,4 +484,50 @@ fn flows_passing_through_the_pods_node_are_not_its_routing() {
     assert_eq!(a.late_connections, 0);
     let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
     assert_eq!((b.latency_seconds, b.late_connections), (Some(2.0), 1));
+}
+
+#[test]
+fn requests_on_connections_the_pod_closed_count_as_aborted() {
+    let (c, store) = setup(Duration::from_secs(60));
+    register(&c, "a");
+    let _s = c.subscribe("a").unwrap();
+    c.deletion_started(start("u1", "10.0.0.5"), T0);
+    let reset = |reason: &str, t: i64| {
+        obs(
+            ObsKind::ResetSent {
+                cause: ResetCause::from_reason(reason),
+            },
+            "10.0.0.5",
+            Some("10.0.0.9"),
+            t,
+        )
+    };
+    c.report(
+        batch(
+            "a",
+            1,
+            vec![
+                obs(
+                    ObsKind::RulesRemoved(Mode::Nftables),
+                    "10.0.0.5",
+                    None,
+                    T0 + S,
+                ),
+                reset("tcp_abort_on_data", T0 + 3 * S),
+                reset("tcp_abort_on_data", T0 + 3 * S),
+                reset("no_socket", T0 + 4 * S),
+                reset("tcp_state", T0 + 4 * S),
+            ],
+        ),
+        T0,
+    )
+    .unwrap();
+    c.pod_gone("u1", T0 + 5 * S);
+    let rec = store.deletion("u1").unwrap().unwrap();
+    let a = rec.nodes.iter().find(|n| n.node == "a").unwrap();
+    assert_eq!(
+        (a.aborted_connections, a.refused_connections),
+        (2, 1),
+        "{rec:#?}"
+    );
 }
