@@ -18,6 +18,10 @@ pub struct Settings {
     /// A deletion whose nodes have not all reported by then is finished as
     /// incomplete, listing the missing nodes.
     pub completion_timeout: Duration,
+    /// How long a deletion stays open after its pod is gone, so that what
+    /// happens at shutdown (requests on keep-alive connections the pod
+    /// closed, refused connections) is still attributed to it.
+    pub shutdown_linger: Duration,
 }
 
 impl Default for Settings {
@@ -29,6 +33,7 @@ impl Default for Settings {
             margin_seconds: 1.0,
             retention: Duration::from_secs(7 * 24 * 3600),
             completion_timeout: Duration::from_secs(120),
+            shutdown_linger: Duration::from_secs(3),
         }
     }
 }

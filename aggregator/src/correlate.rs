@@ -226,7 +226,8 @@ struct Pending {
     /// only when agents come and go).
     expected: Arc<BTreeSet<String>>,
     nodes: BTreeMap<String, NodeAcc>,
-    pod_gone: bool,
+    /// When the pod object disappeared.
+    pod_gone: Option<UnixNanos>,
 }
 
 impl Pending {
@@ -478,7 +479,7 @@ impl Correlator {
                 tracked_since: now,
                 expected,
                 nodes: BTreeMap::new(),
-                pod_gone: false,
+                pod_gone: None,
             },
         );
         // No receivers is fine: no agent is connected.
@@ -499,8 +500,8 @@ impl Correlator {
             let live = st.live_nodes();
             match st.pending.get_mut(pod_uid) {
                 Some(p) => {
-                    p.pod_gone = true;
-                    p.all_reported(&live)
+                    p.pod_gone.get_or_insert(now);
+                    self.settings.shutdown_linger.is_zero() && p.all_reported(&live)
                 }
                 None => false,
             }
@@ -588,13 +589,15 @@ impl Correlator {
     /// those past the completion timeout. Call periodically.
     pub fn tick(&self, now: UnixNanos) {
         let timeout = self.settings.completion_timeout.as_nanos() as i64;
+        let linger = self.settings.shutdown_linger.as_nanos() as i64;
         let due: Vec<String> = {
             let mut st = self.state();
             let live = st.live_nodes();
             st.pending
                 .iter()
                 .filter(|(_, p)| {
-                    (p.pod_gone && p.all_reported(&live)) || now - p.tracked_since >= timeout
+                    (p.pod_gone.is_some_and(|gone| now - gone >= linger) && p.all_reported(&live))
+                        || now - p.tracked_since >= timeout
                 })
                 .map(|(uid, _)| uid.clone())
                 .collect()

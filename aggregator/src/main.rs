@@ -37,6 +37,10 @@ struct Args {
     /// A deletion whose nodes have not all reported by then is finished as incomplete.
     #[arg(long, env = "AGGREGATOR_COMPLETION_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
     completion_timeout: Duration,
+    /// How long a deletion stays open after its pod is gone, to catch
+    /// requests lost at shutdown (keep-alive connections the pod closed).
+    #[arg(long, env = "AGGREGATOR_SHUTDOWN_LINGER", default_value = "3s", value_parser = humantime::parse_duration)]
+    shutdown_linger: Duration,
     /// Seconds added to the latency bound before rounding up.
     #[arg(long, env = "AGGREGATOR_MARGIN_SECONDS", default_value_t = 1.0)]
     margin_seconds: f64,
@@ -93,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
         margin_seconds: a.margin_seconds,
         retention: a.retention,
         completion_timeout: a.completion_timeout,
+        shutdown_linger: a.shutdown_linger,
     };
     let running = aggregator::app::start(settings, Arc::new(store), grpc, http, kube)?;
     tracing::info!(grpc = %running.grpc_addr, http = %running.http_addr, "aggregator started");

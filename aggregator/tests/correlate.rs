@@ -15,9 +15,14 @@ const S: i64 = 1_000_000_000;
 const T0: i64 = 1_700_000_000 * S;
 
 fn setup(timeout: Duration) -> (Arc<Correlator>, Arc<Store>) {
+    setup_with_linger(timeout, Duration::ZERO)
+}
+
+fn setup_with_linger(timeout: Duration, linger: Duration) -> (Arc<Correlator>, Arc<Store>) {
     let store = Arc::new(Store::in_memory().unwrap());
     let settings = Arc::new(Settings {
         completion_timeout: timeout,
+        shutdown_linger: linger,
         ..Settings::default()
     });
     let c = Correlator::new(settings, Arc::clone(&store), Arc::new(Metrics::new()));
@@ -530,4 +535,57 @@ fn requests_on_connections_the_pod_closed_count_as_aborted() {
         (2, 1),
         "{rec:#?}"
     );
+}
+
+#[test]
+fn a_deletion_stays_open_after_the_pod_is_gone_to_catch_shutdown_losses() {
+    let (c, store) = setup_with_linger(Duration::from_secs(60), Duration::from_secs(3));
+    register(&c, "a");
+    let _s = c.subscribe("a").unwrap();
+    c.deletion_started(start("u1", "10.0.0.5"), T0);
+    c.report(
+        batch(
+            "a",
+            1,
+            vec![obs(
+                ObsKind::RulesRemoved(Mode::Nftables),
+                "10.0.0.5",
+                None,
+                T0 + S,
+            )],
+        ),
+        T0 + S,
+    )
+    .unwrap();
+    c.pod_gone("u1", T0 + 10 * S);
+    c.tick(T0 + 11 * S);
+    assert!(
+        store.deletion("u1").unwrap().is_none(),
+        "finished inside the linger"
+    );
+    // A request on a keep-alive connection the pod closed, after it exited.
+    c.report(
+        batch(
+            "a",
+            2,
+            vec![obs(
+                ObsKind::ResetSent {
+                    cause: ResetCause::DataAfterClose,
+                },
+                "10.0.0.5",
+                Some("10.0.0.9"),
+                T0 + 12 * S,
+            )],
+        ),
+        T0 + 12 * S,
+    )
+    .unwrap();
+    c.tick(T0 + 13 * S);
+    let rec = store
+        .deletion("u1")
+        .unwrap()
+        .expect("finished after the linger");
+    assert!(rec.complete);
+    let a = rec.nodes.iter().find(|n| n.node == "a").unwrap();
+    assert_eq!(a.aborted_connections, 1);
 }
