@@ -259,9 +259,73 @@ struct State {
     nodes: NodeIndex,
     /// [`State::live_nodes`], until an agent subscribes or leaves.
     live_cache: Option<Arc<BTreeSet<String>>>,
+    orphans: std::collections::VecDeque<Orphan>,
 }
 
+/// Observations for endpoints no known deletion uses yet, kept at most
+/// [`ORPHAN_TTL`] and [`MAX_ORPHANS`].
+struct Orphan {
+    node: String,
+    obs: Obs,
+    clock: ClockEstimate,
+    received: UnixNanos,
+}
+
+const MAX_ORPHANS: usize = 100_000;
+const ORPHAN_TTL: UnixNanos = 60 * 1_000_000_000;
+
 impl State {
+    /// Folds one observation of `node` into the deletions of its endpoint.
+    fn fold(&mut self, node: &str, obs: &Obs, clock: ClockEstimate) {
+        let Some(uids) = self.by_ip.get(&obs.endpoint) else {
+            return;
+        };
+        let t = obs.time_unix_nanos + clock.offset_ns;
+        // Destination-side events are attributed to the peer's node; a
+        // new flow's source tells whether this node routed it or only
+        // forwarded it.
+        let peer_node = match obs.kind {
+            ObsKind::Accepted
+            | ObsKind::ResetSent { .. }
+            | ObsKind::Closed { .. }
+            | ObsKind::NewFlow => obs.peer.and_then(|ip| self.nodes.node_of(ip)),
+            _ => None,
+        };
+        let peer_host = obs.peer.and_then(|ip| self.nodes.node_with_address(ip));
+        let connection = matches!(
+            obs.kind,
+            ObsKind::Accepted | ObsKind::Connected | ObsKind::NewFlow
+        );
+        for uid in uids {
+            let Some(p) = self.pending.get_mut(uid) else {
+                continue;
+            };
+            // Connections from the pod's own node address are the
+            // kubelet's probes, not traffic the dataplane routed: they
+            // go on until the pod exits and would stretch T_last.
+            if connection && peer_host.is_some() && peer_host == p.start.host_node.as_deref() {
+                continue;
+            }
+            apply(p, node, peer_node, obs.kind, t, clock.uncertainty_ns);
+        }
+    }
+
+    /// Applies the kept observations of `ip` (a deletion of it just started)
+    /// and forgets those past their time.
+    fn replay_orphans(&mut self, ip: Option<IpAddr>, now: UnixNanos) {
+        let orphans = std::mem::take(&mut self.orphans);
+        for o in orphans {
+            if now - o.received > ORPHAN_TTL {
+                continue;
+            }
+            if Some(o.obs.endpoint) == ip {
+                self.fold(&o.node, &o.obs, o.clock);
+            } else {
+                self.orphans.push_back(o);
+            }
+        }
+    }
+
     /// Nodes with at least one live endpoint subscription.
     fn live_nodes(&mut self) -> Arc<BTreeSet<String>> {
         let agents = &self.agents;
@@ -482,6 +546,7 @@ impl Correlator {
                 pod_gone: None,
             },
         );
+        st.replay_orphans(Some(endpoint.ip), now);
         // No receivers is fine: no agent is connected.
         let _ = self.changes.send(WatchChange::Add(endpoint));
     }
@@ -546,37 +611,22 @@ impl Correlator {
         let lag = (now - (batch.sent_unix_nanos + clock.offset_ns)) as f64 / NANOS;
         self.metrics.report_lag.observe(lag.max(0.0));
 
-        for obs in &batch.observations {
-            let Some(uids) = st.by_ip.get(&obs.endpoint) else {
-                continue;
-            };
-            let t = obs.time_unix_nanos + clock.offset_ns;
-            // Destination-side events are attributed to the peer's node; a
-            // new flow's source tells whether this node routed it or only
-            // forwarded it.
-            let peer_node = match obs.kind {
-                ObsKind::Accepted
-                | ObsKind::ResetSent { .. }
-                | ObsKind::Closed { .. }
-                | ObsKind::NewFlow => obs.peer.and_then(|ip| st.nodes.node_of(ip)),
-                _ => None,
-            };
-            let peer_host = obs.peer.and_then(|ip| st.nodes.node_with_address(ip));
-            let connection = matches!(
-                obs.kind,
-                ObsKind::Accepted | ObsKind::Connected | ObsKind::NewFlow
-            );
-            for uid in uids {
-                let Some(p) = st.pending.get_mut(uid) else {
-                    continue;
-                };
-                // Connections from the pod's own node address are the
-                // kubelet's probes, not traffic the dataplane routed: they
-                // go on until the pod exits and would stretch T_last.
-                if connection && peer_host.is_some() && peer_host == p.start.host_node.as_deref() {
-                    continue;
+        for obs in batch.observations {
+            if st.by_ip.contains_key(&obs.endpoint) {
+                st.fold(&node, &obs, clock);
+            } else {
+                // The deletion may not be known yet (the aggregator has just
+                // restarted and not relisted the pod): keep the evidence
+                // until it is, for a while.
+                if st.orphans.len() >= MAX_ORPHANS {
+                    st.orphans.pop_front();
                 }
-                apply(p, &node, peer_node, obs.kind, t, clock.uncertainty_ns);
+                st.orphans.push_back(Orphan {
+                    node: node.clone(),
+                    obs,
+                    clock,
+                    received: now,
+                });
             }
         }
         Ok(ReportOutcome {
@@ -592,6 +642,7 @@ impl Correlator {
         let linger = self.settings.shutdown_linger.as_nanos() as i64;
         let due: Vec<String> = {
             let mut st = self.state();
+            st.replay_orphans(None, now);
             let live = st.live_nodes();
             st.pending
                 .iter()

@@ -589,3 +589,31 @@ fn a_deletion_stays_open_after_the_pod_is_gone_to_catch_shutdown_losses() {
     let a = rec.nodes.iter().find(|n| n.node == "a").unwrap();
     assert_eq!(a.aborted_connections, 1);
 }
+
+#[test]
+fn reports_that_arrive_before_the_deletion_is_known_are_kept() {
+    let (c, store) = setup(Duration::from_secs(60));
+    register(&c, "a");
+    let _s = c.subscribe("a").unwrap();
+    // After a restart, an agent resends what it buffered before the
+    // aggregator has relisted the pod.
+    c.report(
+        batch(
+            "a",
+            1,
+            vec![obs(
+                ObsKind::RulesRemoved(Mode::Nftables),
+                "10.0.0.5",
+                None,
+                T0 + S,
+            )],
+        ),
+        T0 + 2 * S,
+    )
+    .unwrap();
+    c.deletion_started(start("u1", "10.0.0.5"), T0 + 3 * S);
+    c.pod_gone("u1", T0 + 4 * S);
+    let rec = store.deletion("u1").unwrap().expect("finished");
+    assert!(rec.complete, "{rec:#?}");
+    assert_eq!(rec.propagation_seconds, Some(1.0));
+}
