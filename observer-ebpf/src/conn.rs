@@ -3,7 +3,11 @@
 //! connections of terminating endpoints reach user space.
 
 use aya_ebpf::{
-    EbpfContext, helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext,
+    EbpfContext,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::bpf_ktime_get_ns,
+    macros::tracepoint,
+    programs::TracePointContext,
 };
 use aya_log_ebpf::debug;
 use observer_common::{
@@ -12,11 +16,15 @@ use observer_common::{
 };
 
 use crate::{
-    maps::{CONN_EVENTS, count, is_watched, layout},
+    maps::{CONN_EVENTS, CONN_EVENTS_BYTES, count, is_watched, layout},
     record,
 };
 
 const IPPROTO_TCP: u16 = 6;
+
+/// Unread bytes in the ring buffer that wake the agent before its timer: a
+/// quarter of the ring.
+const WAKEUP_BYTES: u64 = CONN_EVENTS_BYTES as u64 / 4;
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
@@ -175,7 +183,15 @@ fn emit(ctx: &TracePointContext, event: ConnEvent) {
     match CONN_EVENTS.reserve::<ConnEvent>(0) {
         Some(mut slot) => {
             slot.write(event);
-            slot.submit(0);
+            // A wakeup per event (an irq_work and an epoll round trip) costs
+            // more than the rest of the program: the agent drains the ring
+            // on a short timer, and is woken early only when it fills up.
+            let flags = if CONN_EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            };
+            slot.submit(flags as u64);
             count(Stat::Emitted);
         }
         None => count(Stat::Lost),

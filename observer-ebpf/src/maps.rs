@@ -18,8 +18,10 @@ pub static LAYOUT: TracepointLayout = TracepointLayout::DEFAULT;
 #[map]
 pub static WATCHED: HashMap<WatchKey, WatchFlags> = HashMap::with_max_entries(MAX_WATCHED, 0);
 
+pub const CONN_EVENTS_BYTES: u32 = 256 * 1024;
+
 #[map]
-pub static CONN_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+pub static CONN_EVENTS: RingBuf = RingBuf::with_byte_size(CONN_EVENTS_BYTES, 0);
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
