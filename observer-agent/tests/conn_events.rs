@@ -341,3 +341,44 @@ fn ipv6_endpoints_are_observed() {
     assert_eq!(addr(&sent, "src").ip(), client_ip);
     assert_eq!(sent["reason"], "no_socket");
 }
+
+#[test]
+fn unwatching_the_last_address_stops_events_and_watching_again_restarts_them() {
+    if !root_or_skip("unwatching_the_last_address_stops_events_and_watching_again_restarts_them") {
+        return;
+    }
+    // Drives the kernel API directly: the programs skip everything while the
+    // watched set is empty, so the count the agent keeps must be right.
+    use observer_agent::kernel::{Kernel, LoadOptions};
+    let p = pair(7);
+    let mut kernel = Kernel::load(LoadOptions::default()).expect("load");
+    let refused = SocketAddr::new(p.server_ip, 9);
+    let emitted = |k: &Kernel| k.stats().expect("stats").emitted;
+
+    kernel.watch_ip(p.server_ip).unwrap();
+    kernel.watch_ip(p.server_ip).unwrap();
+    assert!(p.connect(refused).is_err());
+    let after_watch = emitted(&kernel);
+    assert!(
+        after_watch >= 2,
+        "reset_sent and reset_received expected, got {after_watch}"
+    );
+
+    // Watching twice made one entry: the first unwatch removes it, the second
+    // is a no-op that must not drive the count below zero.
+    kernel.unwatch_ip(p.server_ip).unwrap();
+    kernel.unwatch_ip(p.server_ip).unwrap();
+    assert!(p.connect(refused).is_err());
+    assert_eq!(
+        emitted(&kernel),
+        after_watch,
+        "events while nothing is watched"
+    );
+
+    kernel.watch_ip(p.server_ip).unwrap();
+    assert!(p.connect(refused).is_err());
+    assert!(
+        emitted(&kernel) >= after_watch + 2,
+        "no events after watching again"
+    );
+}

@@ -16,7 +16,7 @@ use observer_common::{
 };
 
 use crate::{
-    maps::{CONN_EVENTS, CONN_EVENTS_BYTES, count, is_watched, layout},
+    maps::{CONN_EVENTS, CONN_EVENTS_BYTES, count, is_watched, layout, nothing_watched},
     record,
 };
 
@@ -60,6 +60,9 @@ fn sides(old: i32, new: i32) -> (bool, bool) {
 }
 
 fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
+    if nothing_watched() {
+        return Ok(());
+    }
     let relevant = |protocol: u16, old: i32, new: i32| {
         let (local, remote) = sides(old, new);
         protocol == IPPROTO_TCP && (local || remote)
@@ -117,6 +120,9 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
 }
 
 fn try_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
+    if nothing_watched() {
+        return Ok(());
+    }
     // The RST's sender is the tracepoint's `saddr`: for a reset sent without a
     // socket (nothing listening: "connection refused") the kernel fills it
     // from the offending packet's destination.
@@ -145,6 +151,9 @@ fn try_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
 }
 
 fn try_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
+    if nothing_watched() {
+        return Ok(());
+    }
     let rec = record::receive_reset(ctx.as_ptr())?;
     if !is_watched(&rec.remote) {
         count(Stat::Filtered);

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use observer_common::{
     Stat, TracepointLayout, WatchKey,
@@ -17,6 +17,11 @@ pub static LAYOUT: TracepointLayout = TracepointLayout::DEFAULT;
 
 #[map]
 pub static WATCHED: HashMap<WatchKey, WatchFlags> = HashMap::with_max_entries(MAX_WATCHED, 0);
+
+/// Entries in `WATCHED`, kept by the agent. A node usually has no
+/// terminating pod: then every program returns before reading its record.
+#[map]
+pub static WATCHED_COUNT: Array<u32> = Array::with_max_entries(1, 0);
 
 pub const CONN_EVENTS_BYTES: u32 = 256 * 1024;
 
@@ -35,6 +40,11 @@ macro_rules! layout {
     };
 }
 pub(crate) use layout;
+
+#[inline(always)]
+pub fn nothing_watched() -> bool {
+    WATCHED_COUNT.get(0).is_none_or(|count| *count == 0)
+}
 
 #[inline(always)]
 pub fn is_watched(addr: &[u8; 16]) -> bool {

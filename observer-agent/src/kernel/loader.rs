@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{ProgramError, TracePoint},
 };
 use observer_common::{
@@ -70,6 +70,9 @@ pub struct Stats {
 pub struct Kernel {
     ebpf: Ebpf,
     watched: HashMap<MapData, WatchKey, WatchFlags>,
+    /// Mirrors the number of entries of `watched` into the programs.
+    watched_count: Array<MapData, u32>,
+    watched_len: u32,
     stats: PerCpuArray<MapData, u64>,
     conn_events: Option<RingBuf<MapData>>,
     hooks: Vec<HookStatus>,
@@ -130,6 +133,13 @@ impl Kernel {
                 source,
             }
         })?;
+        let watched_count =
+            Array::try_from(take_map(&mut ebpf, "WATCHED_COUNT")?).map_err(|source| {
+                KernelError::Map {
+                    name: "WATCHED_COUNT",
+                    source,
+                }
+            })?;
         let stats = PerCpuArray::try_from(take_map(&mut ebpf, "STATS")?).map_err(|source| {
             KernelError::Map {
                 name: "STATS",
@@ -146,6 +156,8 @@ impl Kernel {
         Ok(Kernel {
             ebpf,
             watched,
+            watched_count,
+            watched_len: 0,
             stats,
             conn_events: Some(conn_events),
             hooks,
@@ -179,7 +191,10 @@ impl Kernel {
     }
 
     pub fn watch_ip(&mut self, ip: IpAddr) -> Result<(), KernelError> {
-        match self.watched.insert(watch_key(ip), 1, 0) {
+        let key = watch_key(ip);
+        let new = self.watched.get(&key, 0).is_err();
+        match self.watched.insert(key, 1, 0) {
+            Ok(()) if new => self.set_watched_len(self.watched_len + 1),
             Ok(()) => Ok(()),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
                 Err(KernelError::WatchMapFull {
@@ -197,7 +212,8 @@ impl Kernel {
     /// Stops watching `ip`; unwatching an address that is not watched is not an error.
     pub fn unwatch_ip(&mut self, ip: IpAddr) -> Result<(), KernelError> {
         match self.watched.remove(&watch_key(ip)) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Ok(()) => self.set_watched_len(self.watched_len.saturating_sub(1)),
+            Err(MapError::KeyNotFound) => Ok(()),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
                 Ok(())
             }
@@ -206,6 +222,17 @@ impl Kernel {
                 source,
             }),
         }
+    }
+
+    fn set_watched_len(&mut self, len: u32) -> Result<(), KernelError> {
+        self.watched_count
+            .set(0, len, 0)
+            .map_err(|source| KernelError::Map {
+                name: "WATCHED_COUNT",
+                source,
+            })?;
+        self.watched_len = len;
+        Ok(())
     }
 
     pub fn stats(&self) -> Result<Stats, KernelError> {
