@@ -4,7 +4,7 @@
 //! the kernel); after the endpoint's removal no new flow reaches it.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -13,7 +13,7 @@ use std::{
 };
 
 use lab::{
-    kubeproxy::{Backend, Mode, Rules, ServicePort},
+    kubeproxy::{Mode, Rules},
     netns::{self, NetNs},
     root::root_or_skip,
 };
@@ -24,24 +24,9 @@ use observer_agent::{
 };
 use tokio::sync::mpsc::{Receiver, channel};
 
-const VIP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 10);
+mod fixture;
 
-fn backend(last: u8) -> Backend {
-    Backend {
-        ip: Ipv4Addr::new(10, 180, 0, last),
-        port: 8080,
-    }
-}
-
-fn service() -> ServicePort {
-    ServicePort {
-        namespace: "ns1".into(),
-        name: "web".into(),
-        port_name: "http".into(),
-        cluster_ip: VIP,
-        port: 80,
-    }
-}
+use fixture::{VIP, backend, service};
 
 /// Accepts and closes connections on :8080 inside the namespace until dropped.
 struct Server {

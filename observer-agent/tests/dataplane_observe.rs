@@ -4,37 +4,22 @@
 
 use std::{
     io::{BufRead, BufReader},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
 
 use lab::{
-    kubeproxy::{Backend, Mode, Rules, ServicePort},
+    kubeproxy::{Mode, Rules},
     netns::NetNs,
     root::root_or_skip,
 };
 use serde_json::Value;
 
-const VIP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 10);
+mod fixture;
 
-fn backend(last: u8) -> Backend {
-    Backend {
-        ip: Ipv4Addr::new(10, 180, 0, last),
-        port: 8080,
-    }
-}
-
-fn service() -> ServicePort {
-    ServicePort {
-        namespace: "ns1".into(),
-        name: "web".into(),
-        port_name: "http".into(),
-        cluster_ip: VIP,
-        port: 80,
-    }
-}
+use fixture::{VIP, backend, service};
 
 /// The next JSON line of `kind`, skipping others, within `limit`.
 fn next_of(lines: &mpsc::Receiver<Value>, kind: &str, limit: Duration) -> Value {
