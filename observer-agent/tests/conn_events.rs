@@ -382,3 +382,47 @@ fn unwatching_the_last_address_stops_events_and_watching_again_restarts_them() {
         "no events after watching again"
     );
 }
+
+#[test]
+fn the_prefilter_passes_only_what_the_watched_map_holds() {
+    if !root_or_skip("the_prefilter_passes_only_what_the_watched_map_holds") {
+        return;
+    }
+    use observer_agent::kernel::{Kernel, LoadOptions};
+    use observer_common::WatchKey;
+    let p = pair(8);
+    let IpAddr::V4(server) = p.server_ip else {
+        unreachable!("pair() is IPv4")
+    };
+    // An address that shares the server's bit in the kernel's prefilter:
+    // only the hash map can tell them apart.
+    let bit = WatchKey::from_v4(server.octets()).filter_bit();
+    let twin = (0..=u16::MAX)
+        .map(|n| std::net::Ipv4Addr::new(10, 250, (n >> 8) as u8, n as u8))
+        .find(|a| WatchKey::from_v4(a.octets()).filter_bit() == bit)
+        .expect("some address of 10.250.0.0/16 shares the bit");
+    p.server
+        .ip(&["addr", "add", &format!("{twin}/32"), "dev", "lo"])
+        .unwrap();
+    p.client
+        .ip(&["route", "add", "10.250.0.0/16", "via", &server.to_string()])
+        .unwrap();
+    let twin = IpAddr::V4(twin);
+
+    let mut kernel = Kernel::load(LoadOptions::default()).expect("load");
+    let stats = |k: &Kernel| k.stats().expect("stats");
+    kernel.watch_ip(p.server_ip).unwrap();
+    assert!(p.connect(SocketAddr::new(twin, 9)).is_err());
+    let s = stats(&kernel);
+    assert_eq!(s.emitted, 0, "events for an unwatched twin address");
+    assert!(s.filtered >= 1, "the twin's reset was not filtered: {s:?}");
+
+    // Unwatching the twin must leave the server's bit set.
+    kernel.watch_ip(twin).unwrap();
+    kernel.unwatch_ip(twin).unwrap();
+    assert!(p.connect(SocketAddr::new(p.server_ip, 9)).is_err());
+    assert!(
+        stats(&kernel).emitted >= 2,
+        "no events for the server after its twin was unwatched"
+    );
+}

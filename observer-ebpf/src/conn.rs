@@ -16,7 +16,7 @@ use observer_common::{
 };
 
 use crate::{
-    maps::{CONN_EVENTS, CONN_EVENTS_BYTES, count, is_watched, layout, nothing_watched},
+    maps::{CONN_EVENTS, CONN_EVENTS_BYTES, count, is_watched, layout, watch_filter},
     record,
 };
 
@@ -60,9 +60,9 @@ fn sides(old: i32, new: i32) -> (bool, bool) {
 }
 
 fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
-    if nothing_watched() {
+    let Some(filter) = watch_filter() else {
         return Ok(());
-    }
+    };
     let relevant = |protocol: u16, old: i32, new: i32| {
         let (local, remote) = sides(old, new);
         protocol == IPPROTO_TCP && (local || remote)
@@ -73,9 +73,9 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     let (old, new) = (rec.old, rec.new);
     let (check_local, check_remote) = sides(old, new);
 
-    let local_is_endpoint = if check_local && is_watched(&rec.local) {
+    let local_is_endpoint = if check_local && is_watched(filter, &rec.local) {
         true
-    } else if check_remote && is_watched(&rec.remote) {
+    } else if check_remote && is_watched(filter, &rec.remote) {
         false
     } else {
         count(Stat::Filtered);
@@ -120,14 +120,14 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
 }
 
 fn try_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
-    if nothing_watched() {
+    let Some(filter) = watch_filter() else {
         return Ok(());
-    }
+    };
     // The RST's sender is the tracepoint's `saddr`: for a reset sent without a
     // socket (nothing listening: "connection refused") the kernel fills it
     // from the offending packet's destination.
     let rec = record::send_reset(ctx.as_ptr())?;
-    if !is_watched(&rec.sender) {
+    if !is_watched(filter, &rec.sender) {
         count(Stat::Filtered);
         return Ok(());
     }
@@ -151,11 +151,11 @@ fn try_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
 }
 
 fn try_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
-    if nothing_watched() {
+    let Some(filter) = watch_filter() else {
         return Ok(());
-    }
+    };
     let rec = record::receive_reset(ctx.as_ptr())?;
-    if !is_watched(&rec.remote) {
+    if !is_watched(filter, &rec.remote) {
         count(Stat::Filtered);
         return Ok(());
     }

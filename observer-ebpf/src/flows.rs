@@ -10,7 +10,7 @@
 use aya_ebpf::{macros::socket_filter, programs::SkBuffContext};
 use observer_common::WatchKey;
 
-use crate::maps::is_watched;
+use crate::maps::{is_watched, watch_filter};
 
 const NLMSG_HDRLEN: usize = 16;
 const NFGENMSG_LEN: usize = 4;
@@ -39,6 +39,9 @@ fn attr_type(ctx: &SkBuffContext, off: usize) -> Result<u16, i64> {
 }
 
 fn reply_source_watched(ctx: &SkBuffContext) -> Result<bool, i64> {
+    let Some(filter) = watch_filter() else {
+        return Ok(false);
+    };
     let kind: u16 = ctx.load(4)?;
     if kind != CT_NEW {
         return Ok(false);
@@ -61,7 +64,7 @@ fn reply_source_watched(ctx: &SkBuffContext) -> Result<bool, i64> {
                 CTA_IP_V6_SRC => WatchKey::from_v6(ctx.load::<[u8; 16]>(value)?),
                 _ => return Ok(false),
             };
-            return Ok(is_watched(&key.addr));
+            return Ok(is_watched(filter, &key.addr));
         }
         off += (len + 3) & !3;
     }

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use observer_common::{
-    Stat, TracepointLayout, WatchKey,
+    Stat, TracepointLayout, WatchFilter, WatchKey,
     stats::STATS_LEN,
     watch::{MAX_WATCHED, WatchFlags},
 };
@@ -18,10 +18,9 @@ pub static LAYOUT: TracepointLayout = TracepointLayout::DEFAULT;
 #[map]
 pub static WATCHED: HashMap<WatchKey, WatchFlags> = HashMap::with_max_entries(MAX_WATCHED, 0);
 
-/// Entries in `WATCHED`, kept by the agent. A node usually has no
-/// terminating pod: then every program returns before reading its record.
+/// Count and prefilter of `WATCHED`, kept by the agent (one entry).
 #[map]
-pub static WATCHED_COUNT: Array<u32> = Array::with_max_entries(1, 0);
+pub static WATCH_FILTER: Array<WatchFilter> = Array::with_max_entries(1, 0);
 
 pub const CONN_EVENTS_BYTES: u32 = 256 * 1024;
 
@@ -41,15 +40,17 @@ macro_rules! layout {
 }
 pub(crate) use layout;
 
+/// The prefilter, or `None` while nothing is watched (the usual state of a
+/// node: then every program returns before reading its record).
 #[inline(always)]
-pub fn nothing_watched() -> bool {
-    WATCHED_COUNT.get(0).is_none_or(|count| *count == 0)
+pub fn watch_filter() -> Option<&'static WatchFilter> {
+    WATCH_FILTER.get(0).filter(|f| f.count != 0)
 }
 
 #[inline(always)]
-pub fn is_watched(addr: &[u8; 16]) -> bool {
+pub fn is_watched(filter: &WatchFilter, addr: &[u8; 16]) -> bool {
     let key = WatchKey { addr: *addr };
-    unsafe { WATCHED.get(&key).is_some() }
+    filter.may_contain(&key) && unsafe { WATCHED.get(&key).is_some() }
 }
 
 #[inline(always)]

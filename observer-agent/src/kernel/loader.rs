@@ -1,7 +1,7 @@
 //! Loads the embedded eBPF object, attaches what this kernel supports and
 //! owns the maps user space talks to.
 
-use std::net::IpAddr;
+use std::{collections::HashSet, net::IpAddr};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -9,7 +9,7 @@ use aya::{
     programs::{ProgramError, TracePoint},
 };
 use observer_common::{
-    Stat, TracepointLayout, WatchKey,
+    Stat, TracepointLayout, WatchFilter, WatchKey,
     watch::{MAX_WATCHED, WatchFlags},
 };
 use thiserror::Error;
@@ -70,9 +70,10 @@ pub struct Stats {
 pub struct Kernel {
     ebpf: Ebpf,
     watched: HashMap<MapData, WatchKey, WatchFlags>,
-    /// Mirrors the number of entries of `watched` into the programs.
-    watched_count: Array<MapData, u32>,
-    watched_len: u32,
+    /// Count and prefilter of `watched` for the programs.
+    watch_filter: Array<MapData, WatchFilter>,
+    /// The keys of `watched`, to rebuild the filter when one leaves.
+    watched_keys: HashSet<WatchKey>,
     stats: PerCpuArray<MapData, u64>,
     conn_events: Option<RingBuf<MapData>>,
     hooks: Vec<HookStatus>,
@@ -133,10 +134,10 @@ impl Kernel {
                 source,
             }
         })?;
-        let watched_count =
-            Array::try_from(take_map(&mut ebpf, "WATCHED_COUNT")?).map_err(|source| {
+        let watch_filter =
+            Array::try_from(take_map(&mut ebpf, "WATCH_FILTER")?).map_err(|source| {
                 KernelError::Map {
-                    name: "WATCHED_COUNT",
+                    name: "WATCH_FILTER",
                     source,
                 }
             })?;
@@ -156,8 +157,8 @@ impl Kernel {
         Ok(Kernel {
             ebpf,
             watched,
-            watched_count,
-            watched_len: 0,
+            watch_filter,
+            watched_keys: HashSet::new(),
             stats,
             conn_events: Some(conn_events),
             hooks,
@@ -192,28 +193,37 @@ impl Kernel {
 
     pub fn watch_ip(&mut self, ip: IpAddr) -> Result<(), KernelError> {
         let key = watch_key(ip);
-        let new = self.watched.get(&key, 0).is_err();
+        // Into the map before the filter: a program that passes the filter
+        // must find the address.
         match self.watched.insert(key, 1, 0) {
-            Ok(()) if new => self.set_watched_len(self.watched_len + 1),
-            Ok(()) => Ok(()),
+            Ok(()) => {}
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
-                Err(KernelError::WatchMapFull {
+                return Err(KernelError::WatchMapFull {
                     capacity: MAX_WATCHED,
                     ip,
-                })
+                });
             }
-            Err(source) => Err(KernelError::Map {
-                name: "WATCHED",
-                source,
-            }),
+            Err(source) => {
+                return Err(KernelError::Map {
+                    name: "WATCHED",
+                    source,
+                });
+            }
         }
+        if self.watched_keys.insert(key) {
+            self.write_filter()?;
+        }
+        Ok(())
     }
 
     /// Stops watching `ip`; unwatching an address that is not watched is not an error.
     pub fn unwatch_ip(&mut self, ip: IpAddr) -> Result<(), KernelError> {
-        match self.watched.remove(&watch_key(ip)) {
-            Ok(()) => self.set_watched_len(self.watched_len.saturating_sub(1)),
-            Err(MapError::KeyNotFound) => Ok(()),
+        let key = watch_key(ip);
+        if self.watched_keys.remove(&key) {
+            self.write_filter()?;
+        }
+        match self.watched.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
                 Ok(())
             }
@@ -224,15 +234,15 @@ impl Kernel {
         }
     }
 
-    fn set_watched_len(&mut self, len: u32) -> Result<(), KernelError> {
-        self.watched_count
-            .set(0, len, 0)
+    /// Rewrites the whole filter: a concurrent reader sees every bit that
+    /// stays set as set, since the bytes copied over it are the same.
+    fn write_filter(&mut self) -> Result<(), KernelError> {
+        self.watch_filter
+            .set(0, WatchFilter::of(&self.watched_keys), 0)
             .map_err(|source| KernelError::Map {
-                name: "WATCHED_COUNT",
+                name: "WATCH_FILTER",
                 source,
-            })?;
-        self.watched_len = len;
-        Ok(())
+            })
     }
 
     pub fn stats(&self) -> Result<Stats, KernelError> {
