@@ -67,10 +67,11 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         let (local, remote) = sides(old, new);
         protocol == IPPROTO_TCP && (local || remote)
     };
-    let Some(rec) = record::set_state(ctx.as_ptr(), relevant)? else {
-        return Ok(());
-    };
+    let rec = record::set_state(ctx.as_ptr(), relevant)?;
     let (old, new) = (rec.old, rec.new);
+    if !relevant(rec.protocol, old, new) {
+        return Ok(());
+    }
     let (check_local, check_remote) = sides(old, new);
 
     let local_is_endpoint = if check_local && is_watched(filter, &rec.local) {

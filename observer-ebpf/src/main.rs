@@ -1,5 +1,7 @@
 #![no_std]
 #![no_main]
+// Inline assembly for context loads at constant offsets (src/record.rs).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 mod conn;
 mod flows;

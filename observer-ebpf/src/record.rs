@@ -4,13 +4,10 @@
 //! the running kernel's layout is the compiled-in default (the agent checks
 //! tracefs and sets a `direct` bit), the fields are loaded straight from the
 //! context at constant offsets, as the verifier requires for context access
-//! (about 100 ns cheaper per invocation on the reference machine than a
-//! helper call). Otherwise the record is copied to the stack with one
-//! `bpf_probe_read_kernel` and read at the offsets the agent supplied.
-//!
-//! Each variant is its own non-inlined function: if LLVM could see both, it
-//! would merge their loads into one through a selected pointer, which the
-//! verifier rejects for the context ("dereference of modified ctx ptr").
+//! (far cheaper than a helper call per field). Otherwise the record is
+//! copied to the stack with one `bpf_probe_read_kernel` and read at the
+//! offsets the agent supplied; those variants stay out of line, off the
+//! common path.
 
 use core::ffi::c_void;
 
@@ -27,8 +24,12 @@ const D: TracepointLayout = TracepointLayout::DEFAULT;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
-/// `sock/inet_sock_set_state`.
+/// `sock/inet_sock_set_state`. Addresses and ports are zero unless the
+/// transition was relevant: an `Option` would leave them undefined on the
+/// other path, and LLVM then copies registers the verifier knows were never
+/// written ("!read_ok").
 pub struct SetState {
+    pub protocol: u16,
     pub old: i32,
     pub new: i32,
     pub local: [u8; 16],
@@ -56,13 +57,90 @@ pub struct ReceiveReset {
     pub remote_port: u16,
 }
 
-/// One context load at a constant offset. Not inlined: inside a larger
-/// function LLVM shares one base register between neighbouring loads
+/// One context load at a constant offset, written as the instruction
+/// itself. Left to LLVM, neighbouring loads share one base register
 /// (`ctx + 40`, then `+0`, `+8`), and the verifier rejects loads through a
-/// modified context pointer.
-#[inline(never)]
-fn at<T, const OFFSET: usize>(ctx: *mut c_void) -> T {
-    unsafe { core::ptr::read_volatile(ctx.cast::<u8>().add(OFFSET).cast::<T>()) }
+/// modified context pointer; a non-inlined function per load avoided that at
+/// the price of a call and a return each, which the kernel's return-stack
+/// mitigations (SRSO "safe RET" on this machine's CPUs) make expensive.
+macro_rules! ctx_load {
+    ($ctx:expr, u64, $offset:expr) => {
+        ctx_load!(@ $ctx, u64, "u64", $offset)
+    };
+    ($ctx:expr, u32, $offset:expr) => {
+        ctx_load!(@ $ctx, u32, "u32", $offset)
+    };
+    ($ctx:expr, u16, $offset:expr) => {
+        ctx_load!(@ $ctx, u16, "u16", $offset)
+    };
+    (@ $ctx:expr, $t:ty, $width:literal, $offset:expr) => {{
+        let value: u64;
+        unsafe {
+            core::arch::asm!(
+                concat!("{value} = *(", $width, " *)({ctx} + {offset})"),
+                value = out(reg) value,
+                ctx = in(reg) $ctx,
+                offset = const $offset,
+                options(readonly, nostack, preserves_flags),
+            );
+        }
+        value as $t
+    }};
+}
+
+/// 16 bytes at an 8-aligned constant offset.
+macro_rules! ctx_addr {
+    ($ctx:expr, $offset:expr) => {
+        addr([
+            ctx_load!($ctx, u64, $offset),
+            ctx_load!($ctx, u64, $offset + 8),
+        ])
+    };
+}
+
+/// 16 bytes at a 2-aligned constant offset.
+macro_rules! words {
+    ($ctx:expr, $offset:expr) => {
+        unsafe {
+            core::mem::transmute::<[u16; 8], [u8; 16]>([
+                ctx_load!($ctx, u16, $offset),
+                ctx_load!($ctx, u16, $offset + 2),
+                ctx_load!($ctx, u16, $offset + 4),
+                ctx_load!($ctx, u16, $offset + 6),
+                ctx_load!($ctx, u16, $offset + 8),
+                ctx_load!($ctx, u16, $offset + 10),
+                ctx_load!($ctx, u16, $offset + 12),
+                ctx_load!($ctx, u16, $offset + 14),
+            ])
+        }
+    };
+}
+
+/// A `sockaddr_in`/`sockaddr_in6` at a constant offset of the context.
+macro_rules! sockaddr_direct {
+    ($ctx:expr, $offset:expr) => {{
+        let family = ctx_load!($ctx, u16, $offset);
+        let port = u16::from_be(ctx_load!($ctx, u16, $offset + 2));
+        match family {
+            AF_INET => Ok((
+                WatchKey::from_v4(ctx_load!($ctx, u32, $offset + 4).to_ne_bytes()).addr,
+                port,
+            )),
+            // sin6_addr is only 4-byte aligned in the record.
+            AF_INET6 => Ok((
+                unsafe {
+                    core::mem::transmute::<[u32; 4], [u8; 16]>([
+                        ctx_load!($ctx, u32, $offset + 8),
+                        ctx_load!($ctx, u32, $offset + 12),
+                        ctx_load!($ctx, u32, $offset + 16),
+                        ctx_load!($ctx, u32, $offset + 20),
+                    ])
+                },
+                port,
+            )),
+            _ => Err(-1),
+        }
+    }};
 }
 
 #[inline(always)]
@@ -110,13 +188,13 @@ impl Copy {
     }
 }
 
-/// The record, if `relevant(protocol, old, new)`: the addresses are read
-/// only for transitions that can matter, most are not.
+/// The record; addresses are read only if `relevant(protocol, old, new)`:
+/// most transitions are not.
 #[inline(always)]
 pub fn set_state(
     ctx: *mut c_void,
     relevant: impl Fn(u16, i32, i32) -> bool,
-) -> Result<Option<SetState>, i64> {
+) -> Result<SetState, i64> {
     if layout!(direct) & DIRECT_SET_STATE != 0 {
         Ok(set_state_direct(ctx, relevant))
     } else {
@@ -124,47 +202,61 @@ pub fn set_state(
     }
 }
 
-#[inline(never)]
-fn set_state_direct(
-    ctx: *mut c_void,
-    relevant: impl Fn(u16, i32, i32) -> bool,
-) -> Option<SetState> {
-    let protocol = at::<_, { D.set_state_protocol as usize }>(ctx);
-    let old = at::<_, { D.set_state_oldstate as usize }>(ctx);
-    let new = at::<_, { D.set_state_newstate as usize }>(ctx);
+#[inline(always)]
+fn set_state_direct(ctx: *mut c_void, relevant: impl Fn(u16, i32, i32) -> bool) -> SetState {
+    let protocol = ctx_load!(ctx, u16, D.set_state_protocol as usize);
+    let old = ctx_load!(ctx, u32, D.set_state_oldstate as usize) as i32;
+    let new = ctx_load!(ctx, u32, D.set_state_newstate as usize) as i32;
     if !relevant(protocol, old, new) {
-        return None;
+        return SetState::transition(protocol, old, new);
     }
-    Some(SetState {
+    SetState {
+        protocol,
         old,
         new,
-        local: addr(at::<_, { D.set_state_saddr_v6 as usize }>(ctx)),
-        remote: addr(at::<_, { D.set_state_daddr_v6 as usize }>(ctx)),
-        local_port: at::<_, { D.set_state_sport as usize }>(ctx),
-        remote_port: at::<_, { D.set_state_dport as usize }>(ctx),
-    })
+        local: ctx_addr!(ctx, D.set_state_saddr_v6 as usize),
+        remote: ctx_addr!(ctx, D.set_state_daddr_v6 as usize),
+        local_port: ctx_load!(ctx, u16, D.set_state_sport as usize),
+        remote_port: ctx_load!(ctx, u16, D.set_state_dport as usize),
+    }
 }
 
 #[inline(never)]
 fn set_state_copied(
     ctx: *mut c_void,
     relevant: impl Fn(u16, i32, i32) -> bool,
-) -> Result<Option<SetState>, i64> {
+) -> Result<SetState, i64> {
     let r = Copy::load(ctx, layout!(set_state_size))?;
     let protocol = r.get(layout!(set_state_protocol))?;
     let old = r.get(layout!(set_state_oldstate))?;
     let new = r.get(layout!(set_state_newstate))?;
     if !relevant(protocol, old, new) {
-        return Ok(None);
+        return Ok(SetState::transition(protocol, old, new));
     }
-    Ok(Some(SetState {
+    Ok(SetState {
+        protocol,
         old,
         new,
         local: r.get(layout!(set_state_saddr_v6))?,
         remote: r.get(layout!(set_state_daddr_v6))?,
         local_port: r.get(layout!(set_state_sport))?,
         remote_port: r.get(layout!(set_state_dport))?,
-    }))
+    })
+}
+
+impl SetState {
+    #[inline(always)]
+    fn transition(protocol: u16, old: i32, new: i32) -> SetState {
+        SetState {
+            protocol,
+            old,
+            new,
+            local: [0; 16],
+            remote: [0; 16],
+            local_port: 0,
+            remote_port: 0,
+        }
+    }
 }
 
 #[inline(always)]
@@ -177,40 +269,18 @@ pub fn send_reset(ctx: *mut c_void) -> Result<SendReset, i64> {
 }
 
 /// The default layout stores both addresses as sockaddr_in/sockaddr_in6.
-#[inline(never)]
+#[inline(always)]
 fn send_reset_direct(ctx: *mut c_void) -> Result<SendReset, i64> {
-    const S: usize = D.send_reset_saddr as usize;
-    const R: usize = D.send_reset_daddr as usize;
-    let (sender, sender_port) = sockaddr_direct::<S, { S + 2 }, { S + 4 }, { S + 8 }>(ctx)?;
-    let (receiver, receiver_port) = sockaddr_direct::<R, { R + 2 }, { R + 4 }, { R + 8 }>(ctx)?;
+    let (sender, sender_port) = sockaddr_direct!(ctx, D.send_reset_saddr as usize)?;
+    let (receiver, receiver_port) = sockaddr_direct!(ctx, D.send_reset_daddr as usize)?;
     Ok(SendReset {
-        state: at::<_, { D.send_reset_state as usize }>(ctx),
-        reason: at::<_, { D.send_reset_reason as usize }>(ctx),
+        state: ctx_load!(ctx, u32, D.send_reset_state as usize) as i32,
+        reason: ctx_load!(ctx, u32, D.send_reset_reason as usize),
         sender,
         sender_port,
         receiver,
         receiver_port,
     })
-}
-
-#[inline(always)]
-fn sockaddr_direct<const FAMILY: usize, const PORT: usize, const V4: usize, const V6: usize>(
-    ctx: *mut c_void,
-) -> Result<([u8; 16], u16), i64> {
-    let family: u16 = at::<_, FAMILY>(ctx);
-    let port = u16::from_be(at::<u16, PORT>(ctx));
-    match family {
-        AF_INET => Ok((
-            WatchKey::from_v4(at::<u32, V4>(ctx).to_ne_bytes()).addr,
-            port,
-        )),
-        // sin6_addr is only 4-byte aligned in the record.
-        AF_INET6 => Ok((
-            unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(at::<_, V6>(ctx)) },
-            port,
-        )),
-        _ => Err(-1),
-    }
 }
 
 #[inline(never)]
@@ -260,14 +330,13 @@ pub fn receive_reset(ctx: *mut c_void) -> Result<ReceiveReset, i64> {
 
 /// The addresses are only 2-byte aligned in this record, and the verifier
 /// rejects misaligned context loads: read them in 16-bit words.
-#[inline(never)]
+#[inline(always)]
 fn receive_reset_direct(ctx: *mut c_void) -> ReceiveReset {
-    let words = |w: [u16; 8]| unsafe { core::mem::transmute::<[u16; 8], [u8; 16]>(w) };
     ReceiveReset {
-        local: words(at::<_, { D.recv_reset_saddr_v6 as usize }>(ctx)),
-        remote: words(at::<_, { D.recv_reset_daddr_v6 as usize }>(ctx)),
-        local_port: at::<_, { D.recv_reset_sport as usize }>(ctx),
-        remote_port: at::<_, { D.recv_reset_dport as usize }>(ctx),
+        local: words!(ctx, D.recv_reset_saddr_v6 as usize),
+        remote: words!(ctx, D.recv_reset_daddr_v6 as usize),
+        local_port: ctx_load!(ctx, u16, D.recv_reset_sport as usize),
+        remote_port: ctx_load!(ctx, u16, D.recv_reset_dport as usize),
     }
 }
 
