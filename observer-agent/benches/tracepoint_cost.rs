@@ -1,12 +1,15 @@
 //! Kernel cost of the destination-side programs per tracepoint invocation,
 //! from the kernel's own accounting (`kernel.bpf_stats_enabled`: run_time_ns
 //! / run_cnt per program), under a bounded loopback connection storm between
-//! two network namespaces: once to a watched address, once to an unwatched
-//! one. Needs root.
+//! two network namespaces: to a watched address and to an unwatched one,
+//! alternately for several rounds. The machine's other work only ever adds
+//! to a round's cost, so the median and the minimum of the rounds are
+//! printed per program and target. Needs root.
 //!
-//!     cargo bench -p observer-agent --bench tracepoint_cost [-- CONNECTIONS]
+//!     cargo bench -p observer-agent --bench tracepoint_cost [-- CONNECTIONS [ROUNDS]]
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -17,14 +20,18 @@ use lab_netns::netns::{NetNs, link};
 use observer_agent::kernel::{Kernel, LoadOptions, tracefs::CONN_TRACEPOINTS};
 
 const DEFAULT_CONNECTIONS: usize = 20_000;
+const DEFAULT_ROUNDS: usize = 5;
 /// Bound on each storm, whatever the connection count.
 const STORM_LIMIT: Duration = Duration::from_secs(120);
 
 fn main() -> anyhow::Result<()> {
-    let connections = std::env::args()
+    // cargo bench passes `--bench`; the numbers are ours.
+    let numbers: Vec<usize> = std::env::args()
         .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(DEFAULT_CONNECTIONS);
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let connections = numbers.first().copied().unwrap_or(DEFAULT_CONNECTIONS);
+    let rounds = numbers.get(1).copied().unwrap_or(DEFAULT_ROUNDS).max(1);
     if !lab_netns::root::is_root() {
         anyhow::bail!("tracepoint_cost needs root (eBPF, network namespaces)");
     }
@@ -48,11 +55,11 @@ fn main() -> anyhow::Result<()> {
     let mut ring = kernel.take_conn_events().expect("ring buffer");
     let draining = AtomicBool::new(true);
 
-    println!("{connections} connections per storm (connect, accept, close both sides)");
     println!(
-        "{:<22} {:>10} {:>14} {:>12}",
-        "program", "target", "invocations", "ns/invocation"
+        "{connections} connections per storm (connect, accept, close both sides), {rounds} rounds"
     );
+    // (program, target) -> ns per invocation of each round, and invocations.
+    let mut costs: BTreeMap<(&str, &str), (Vec<f64>, u64)> = BTreeMap::new();
     std::thread::scope(|scope| -> anyhow::Result<()> {
         // Keep the ring buffer empty so emitting stays on its normal path.
         scope.spawn(|| {
@@ -61,22 +68,47 @@ fn main() -> anyhow::Result<()> {
                 std::thread::sleep(Duration::from_millis(1));
             }
         });
-        for (label, ip) in [("watched", watched), ("unwatched", unwatched)] {
-            let before = run_stats(&kernel)?;
-            let made = storm(&server, &client, ip, connections)?;
-            let after = run_stats(&kernel)?;
-            for ((name, b), (_, a)) in before.iter().zip(&after) {
-                let count = a.1 - b.1;
-                let ns = (a.0 - b.0).as_nanos() as f64 / count.max(1) as f64;
-                println!("{name:<22} {label:>10} {count:>14} {ns:>12.1}");
+        let result = (|| -> anyhow::Result<()> {
+            for round in 1..=rounds {
+                for (label, ip) in [("watched", watched), ("unwatched", unwatched)] {
+                    let before = run_stats(&kernel)?;
+                    let made = storm(&server, &client, ip, connections)?;
+                    let after = run_stats(&kernel)?;
+                    for ((name, b), (_, a)) in before.iter().zip(&after) {
+                        let count = a.1 - b.1;
+                        if count == 0 {
+                            continue;
+                        }
+                        let ns = (a.0 - b.0).as_nanos() as f64 / count as f64;
+                        let entry = costs.entry((name, label)).or_default();
+                        entry.0.push(ns);
+                        entry.1 += count;
+                    }
+                    if made < connections {
+                        println!("  (storm stopped at its time bound after {made} connections)");
+                    }
+                }
+                eprintln!("round {round}/{rounds} done");
             }
-            if made < connections {
-                println!("  (storm stopped at its time bound after {made} connections)");
-            }
-        }
+            Ok(())
+        })();
         draining.store(false, Ordering::Relaxed);
-        Ok(())
+        result
     })?;
+    println!(
+        "{:<22} {:>10} {:>12} {:>10} {:>10}  per round",
+        "program", "target", "invocations", "median ns", "min ns"
+    );
+    for ((name, label), (mut ns, count)) in costs {
+        ns.sort_by(f64::total_cmp);
+        let rounds: Vec<String> = ns.iter().map(|n| format!("{n:.0}")).collect();
+        println!(
+            "{name:<22} {label:>10} {count:>12} {:>10.1} {:>10.1}  {}",
+            ns[ns.len() / 2],
+            ns[0],
+            rounds.join(" ")
+        );
+    }
     let stats = kernel.stats()?;
     println!(
         "events emitted {}, lost {}, filtered {}",
