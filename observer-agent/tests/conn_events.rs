@@ -384,8 +384,8 @@ fn unwatching_the_last_address_stops_events_and_watching_again_restarts_them() {
 }
 
 #[test]
-fn the_prefilter_passes_only_what_the_watched_map_holds() {
-    if !root_or_skip("the_prefilter_passes_only_what_the_watched_map_holds") {
+fn a_shared_slot_watches_exactly_the_addresses_in_the_map() {
+    if !root_or_skip("a_shared_slot_watches_exactly_the_addresses_in_the_map") {
         return;
     }
     use observer_agent::kernel::{Kernel, LoadOptions};
@@ -394,13 +394,13 @@ fn the_prefilter_passes_only_what_the_watched_map_holds() {
     let IpAddr::V4(server) = p.server_ip else {
         unreachable!("pair() is IPv4")
     };
-    // An address that shares the server's bit in the kernel's prefilter:
-    // only the hash map can tell them apart.
-    let bit = WatchKey::from_v4(server.octets()).filter_bit();
+    // An address that shares the server's slot in the kernel's table of
+    // watched addresses.
+    let slot = WatchKey::from_v4(server.octets()).slot();
     let twin = (0..=u16::MAX)
         .map(|n| std::net::Ipv4Addr::new(10, 250, (n >> 8) as u8, n as u8))
-        .find(|a| WatchKey::from_v4(a.octets()).filter_bit() == bit)
-        .expect("some address of 10.250.0.0/16 shares the bit");
+        .find(|a| WatchKey::from_v4(a.octets()).slot() == slot)
+        .expect("some address of 10.250.0.0/16 shares the slot");
     p.server
         .ip(&["addr", "add", &format!("{twin}/32"), "dev", "lo"])
         .unwrap();
@@ -417,12 +417,30 @@ fn the_prefilter_passes_only_what_the_watched_map_holds() {
     assert_eq!(s.emitted, 0, "events for an unwatched twin address");
     assert!(s.filtered >= 1, "the twin's reset was not filtered: {s:?}");
 
-    // Unwatching the twin must leave the server's bit set.
+    // Both in one slot: each is found, one of them through the hash map.
     kernel.watch_ip(twin).unwrap();
+    assert!(p.connect(SocketAddr::new(twin, 9)).is_err());
+    let with_twin = stats(&kernel).emitted;
+    assert!(with_twin >= 2, "no events for the watched twin");
+    assert!(p.connect(SocketAddr::new(p.server_ip, 9)).is_err());
+    let both = stats(&kernel).emitted;
+    assert!(
+        both >= with_twin + 2,
+        "no events for the server beside its twin"
+    );
+
+    // Unwatching the twin leaves the server alone in the slot, and the
+    // twin's slot entry is gone.
     kernel.unwatch_ip(twin).unwrap();
+    assert!(p.connect(SocketAddr::new(twin, 9)).is_err());
+    assert_eq!(
+        stats(&kernel).emitted,
+        both,
+        "events for the unwatched twin"
+    );
     assert!(p.connect(SocketAddr::new(p.server_ip, 9)).is_err());
     assert!(
-        stats(&kernel).emitted >= 2,
+        stats(&kernel).emitted >= both + 2,
         "no events for the server after its twin was unwatched"
     );
 }

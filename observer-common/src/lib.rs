@@ -14,4 +14,4 @@ pub mod watch;
 pub use conn::{CloseHow, ConnEvent, ConnEventKind};
 pub use layout::{TcpSendResetAddrs, TracepointLayout};
 pub use stats::Stat;
-pub use watch::{WatchFilter, WatchKey};
+pub use watch::{WatchFilter, WatchKey, WatchSlot};

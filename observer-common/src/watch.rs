@@ -15,15 +15,31 @@ pub struct WatchKey {
 /// user space rather than silently dropping a watch.
 pub const MAX_WATCHED: u32 = 16_384;
 
-/// Bits in [`WatchFilter::bits`]: with a few hundred watched addresses, one
-/// in a dozen unwatched addresses shares a bit and pays the hash lookup.
-pub const FILTER_BITS: u32 = 4096;
-const FILTER_WORDS: usize = (FILTER_BITS / 64) as usize;
+/// An address as the programs hold it: the 16 bytes of [`WatchKey::addr`]
+/// as two native-endian words, loaded as such from the tracepoint record.
+/// Kept in words on the kernel side, where bytes cost shifts and masks.
+pub type AddrWords = [u64; 2];
 
-/// Prefilter in front of the watched-address hash map, in a one-entry array
-/// map: an array lookup the verifier inlines and a bit test, where a hash
-/// lookup hashes 16 bytes and walks a bucket. Almost every connection a node
-/// makes is to an unwatched address, and most of them stop here.
+/// Index of an address in the table of [`WatchSlot`]s: Fibonacci hashing,
+/// whose top bits depend on every input bit, so addresses that differ only
+/// in their last octet (pods of one node) spread over the table. The first
+/// word is mixed before the second joins it, so that the same bit set in
+/// either word does not cancel out.
+#[inline(always)]
+pub fn slot_of([high, low]: AddrWords) -> u32 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    ((high.wrapping_mul(K) ^ low).wrapping_mul(K) >> (64 - WATCH_SLOT_COUNT.trailing_zeros())) as u32
+}
+
+/// Slots of the direct-mapped table of watched addresses, and bits of
+/// [`WatchFilter`].
+pub const WATCH_SLOT_COUNT: u32 = 4096;
+const FILTER_WORDS: usize = (WATCH_SLOT_COUNT / 64) as usize;
+
+/// Count of the watched addresses and one bit per non-empty [`WatchSlot`],
+/// in a one-entry array map: a single lookup, inlined by the verifier, tells
+/// the programs whether anything is watched and, for most unwatched
+/// addresses, that this one is not.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WatchFilter {
@@ -31,7 +47,6 @@ pub struct WatchFilter {
     /// return before reading their record.
     pub count: u32,
     pub _pad: u32,
-    /// Bit [`WatchKey::filter_bit`] set for every watched address.
     pub bits: [u64; FILTER_WORDS],
 }
 
@@ -46,20 +61,88 @@ impl WatchFilter {
     pub fn of<'a>(keys: impl IntoIterator<Item = &'a WatchKey>) -> WatchFilter {
         let mut filter = WatchFilter::EMPTY;
         for key in keys {
-            let bit = key.filter_bit();
-            filter.bits[(bit / 64) as usize] |= 1 << (bit % 64);
+            let slot = key.slot();
+            filter.bits[(slot / 64) as usize] |= 1 << (slot % 64);
             filter.count += 1;
         }
         filter
     }
 
-    /// False only when `key` is certainly not watched.
+    /// False when the address's slot is empty, so that it is not watched.
     #[inline(always)]
-    pub fn may_contain(&self, key: &WatchKey) -> bool {
-        let bit = key.filter_bit();
-        match self.bits.get((bit / 64) as usize) {
-            Some(word) => word & (1 << (bit % 64)) != 0,
+    pub fn may_contain(&self, words: AddrWords) -> bool {
+        let slot = slot_of(words);
+        match self.bits.get((slot / 64) as usize) {
+            Some(word) => word & (1 << (slot % 64)) != 0,
             None => true,
+        }
+    }
+}
+
+/// One slot of a direct-mapped table in front of the watched-address hash
+/// map, kept in an array map: the programs fetch an address's slot
+/// ([`WatchKey::slot`]) with an array lookup the verifier inlines and
+/// compare two words, where a hash lookup is a call that hashes 16 bytes and
+/// walks a bucket. Only addresses whose slot several watched addresses share
+/// go on to the hash map, which stays the authority.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WatchSlot {
+    /// A watched address ([`WatchKey::words`]) when `state` is not
+    /// [`SlotState::Empty`].
+    pub words: [u64; 2],
+    pub state: u32,
+    pub _pad: u32,
+}
+
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotState {
+    /// No watched address has this slot.
+    Empty = 0,
+    /// Exactly one watched address has this slot: the one stored.
+    One = 1,
+    /// Several do; the one stored is one of them.
+    Shared = 2,
+}
+
+/// What a slot says about an address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotVerdict {
+    Watched,
+    NotWatched,
+    /// The slot is shared and holds another address: ask the hash map.
+    AskMap,
+}
+
+impl WatchSlot {
+    /// The slot's content for the watched keys whose slot it is.
+    pub fn of<'a>(keys: impl IntoIterator<Item = &'a WatchKey>) -> WatchSlot {
+        let mut keys = keys.into_iter();
+        let Some(first) = keys.next() else {
+            return WatchSlot::default();
+        };
+        WatchSlot {
+            words: first.words(),
+            state: if keys.next().is_some() {
+                SlotState::Shared
+            } else {
+                SlotState::One
+            } as u32,
+            _pad: 0,
+        }
+    }
+
+    #[inline(always)]
+    pub fn verdict(&self, words: AddrWords) -> SlotVerdict {
+        if self.state == SlotState::Empty as u32 {
+            SlotVerdict::NotWatched
+        } else if self.words[0] == words[0] && self.words[1] == words[1] {
+            SlotVerdict::Watched
+        } else if self.state == SlotState::Shared as u32 {
+            SlotVerdict::AskMap
+        } else {
+            SlotVerdict::NotWatched
         }
     }
 }
@@ -70,6 +153,9 @@ pub type WatchFlags = u32;
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for WatchKey {}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for WatchSlot {}
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for WatchFilter {}
@@ -90,16 +176,22 @@ impl WatchKey {
         WatchKey { addr: octets }
     }
 
-    /// Fibonacci hashing of the two halves folded together: the top bits of
-    /// the product depend on every address bit, so addresses that differ only
-    /// in their last octet (pods of one node) spread over the filter.
+    /// The address as the programs hold it.
     #[inline(always)]
-    pub fn filter_bit(&self) -> u32 {
-        let a = &self.addr;
-        let high = u64::from_le_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
-        let low = u64::from_le_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]);
-        ((high ^ low).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - FILTER_BITS.trailing_zeros()))
-            as u32
+    pub fn words(&self) -> AddrWords {
+        unsafe { core::mem::transmute::<[u8; 16], AddrWords>(self.addr) }
+    }
+
+    #[inline(always)]
+    pub fn from_words(words: AddrWords) -> WatchKey {
+        WatchKey {
+            addr: unsafe { core::mem::transmute::<AddrWords, [u8; 16]>(words) },
+        }
+    }
+
+    /// Index of this address in the table of [`WatchSlot`]s.
+    pub fn slot(&self) -> u32 {
+        slot_of(self.words())
     }
 
     /// The IPv4 address when this key is IPv4-mapped.
@@ -126,53 +218,76 @@ mod tests {
     }
 
     #[test]
-    fn the_filter_contains_every_key_it_was_built_from() {
-        let keys: Vec<WatchKey> = (0..=255).map(|d| v4(10, 244, 3, d)).collect();
-        let filter = WatchFilter::of(&keys);
-        assert_eq!(filter.count, 256);
-        assert!(keys.iter().all(|k| filter.may_contain(k)));
+    fn a_slot_of_one_address_knows_exactly_that_address() {
+        let watched = v4(10, 244, 3, 7);
+        let slot = WatchSlot::of([&watched]);
+        assert_eq!(slot.verdict(watched.words()), SlotVerdict::Watched);
+        assert_eq!(slot.verdict(v4(10, 244, 3, 8).words()), SlotVerdict::NotWatched);
     }
 
     #[test]
-    fn an_empty_filter_rejects_every_address() {
-        let filter = WatchFilter::of(&[]);
-        assert_eq!(filter, WatchFilter::EMPTY);
-        assert!((0..=255).all(|d| !filter.may_contain(&v4(10, 244, 3, d))));
+    fn a_shared_slot_sends_the_other_addresses_to_the_map() {
+        let (a, b) = (v4(10, 244, 3, 7), v4(10, 244, 3, 8));
+        let slot = WatchSlot::of([&a, &b]);
+        assert_eq!(slot.state, SlotState::Shared as u32);
+        assert_eq!(slot.verdict(a.words()), SlotVerdict::Watched);
+        assert_eq!(slot.verdict(b.words()), SlotVerdict::AskMap);
     }
 
     #[test]
-    fn pods_of_one_node_spread_over_the_filter() {
-        let bits: BTreeSet<u32> = (0..=255).map(|d| v4(10, 244, 3, d).filter_bit()).collect();
-        assert!(
-            bits.len() > 240,
-            "256 addresses took only {} bits",
-            bits.len()
-        );
-        assert!(bits.iter().all(|b| *b < FILTER_BITS));
+    fn an_empty_slot_rejects_every_address_even_all_zeros() {
+        let slot = WatchSlot::of([]);
+        assert_eq!(slot, WatchSlot::default());
+        assert_eq!(slot.verdict(WatchKey::default().words()), SlotVerdict::NotWatched);
+        assert_eq!(slot.verdict(v4(10, 0, 0, 1).words()), SlotVerdict::NotWatched);
     }
 
     #[test]
-    fn a_few_watched_addresses_let_almost_every_other_address_through() {
+    fn the_filter_passes_every_watched_address_and_almost_no_other() {
         let watched: Vec<WatchKey> = (1..=20).map(|d| v4(10, 244, 7, d)).collect();
         let filter = WatchFilter::of(&watched);
+        assert_eq!(filter.count, 20);
+        assert!(watched.iter().all(|k| filter.may_contain(k.words())));
         let others = (0..=255u8).flat_map(|c| (0..=255u8).map(move |d| v4(10, 96, c, d)));
-        let passed = others.filter(|k| filter.may_contain(k)).count();
-        // 20 of 4096 bits set: about 0.5 % of random addresses pass.
+        let passed = others.filter(|k| filter.may_contain(k.words())).count();
+        // 20 of 4096 bits set: about 0.5 % of other addresses pass.
         assert!(
             passed < 65536 / 100,
             "{passed} of 65536 unwatched addresses passed"
         );
+        assert!((0..=255).all(|d| !WatchFilter::EMPTY.may_contain(v4(10, 244, 7, d).words())));
     }
 
     #[test]
-    fn ipv6_addresses_use_all_their_bytes() {
-        let mut a = [0u8; 16];
-        a[0] = 0xfd;
-        let mut b = a;
-        b[1] = 1;
-        assert_ne!(
-            WatchKey::from_v6(a).filter_bit(),
-            WatchKey::from_v6(b).filter_bit()
+    fn pods_of_one_node_spread_over_the_slots() {
+        let slots: BTreeSet<u32> = (0..=255).map(|d| v4(10, 244, 3, d).slot()).collect();
+        assert!(
+            slots.len() > 240,
+            "256 addresses took only {} slots",
+            slots.len()
         );
+        assert!(slots.iter().all(|s| *s < WATCH_SLOT_COUNT));
+    }
+
+    #[test]
+    fn words_are_the_same_bytes() {
+        let key = v4(10, 244, 3, 7);
+        assert_eq!(WatchKey::from_words(key.words()), key);
+        assert_eq!(key.words()[1].to_ne_bytes(), [0, 0, 0xff, 0xff, 10, 244, 3, 7]);
+    }
+
+    #[test]
+    fn every_byte_of_an_ipv6_address_moves_its_slot() {
+        let base = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let slots: Vec<u32> = (0..16)
+            .map(|i| {
+                let mut a = base;
+                a[i] ^= 0x10;
+                WatchKey::from_v6(a).slot()
+            })
+            .collect();
+        let distinct: BTreeSet<u32> = slots.iter().copied().collect();
+        assert!(distinct.len() >= 15, "slots {slots:?}");
+        assert!(!distinct.contains(&WatchKey::from_v6(base).slot()));
     }
 }

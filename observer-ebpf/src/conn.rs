@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use observer_common::{
-    CloseHow, ConnEvent, ConnEventKind, Stat,
+    CloseHow, ConnEvent, ConnEventKind, Stat, WatchKey,
     conn::{RESET_REASON_UNKNOWN, tcp_state},
 };
 
@@ -74,9 +74,9 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     }
     let (check_local, check_remote) = sides(old, new);
 
-    let local_is_endpoint = if check_local && is_watched(filter, &rec.local) {
+    let local_is_endpoint = if check_local && is_watched(filter, rec.local) {
         true
-    } else if check_remote && is_watched(filter, &rec.remote) {
+    } else if check_remote && is_watched(filter, rec.remote) {
         false
     } else {
         count(Stat::Filtered);
@@ -101,6 +101,10 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     } else {
         (rec.remote, rec.remote_port, rec.local, rec.local_port)
     };
+    let (endpoint_addr, peer_addr) = (
+        WatchKey::from_words(endpoint_addr).addr,
+        WatchKey::from_words(peer_addr).addr,
+    );
     emit(
         ctx,
         ConnEvent {
@@ -128,7 +132,7 @@ fn try_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
     // socket (nothing listening: "connection refused") the kernel fills it
     // from the offending packet's destination.
     let rec = record::send_reset(ctx.as_ptr())?;
-    if !is_watched(filter, &rec.sender) {
+    if !is_watched(filter, WatchKey { addr: rec.sender }.words()) {
         count(Stat::Filtered);
         return Ok(());
     }
@@ -156,7 +160,7 @@ fn try_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     };
     let rec = record::receive_reset(ctx.as_ptr())?;
-    if !is_watched(filter, &rec.remote) {
+    if !is_watched(filter, WatchKey { addr: rec.remote }.words()) {
         count(Stat::Filtered);
         return Ok(());
     }

@@ -64,7 +64,7 @@ fn reply_source_watched(ctx: &SkBuffContext) -> Result<bool, i64> {
                 CTA_IP_V6_SRC => WatchKey::from_v6(ctx.load::<[u8; 16]>(value)?),
                 _ => return Ok(false),
             };
-            return Ok(is_watched(filter, &key.addr));
+            return Ok(is_watched(filter, key.words()));
         }
         off += (len + 3) & !3;
     }

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use observer_common::{
-    Stat, TracepointLayout, WatchFilter, WatchKey,
+    Stat, TracepointLayout, WatchFilter, WatchKey, WatchSlot,
     stats::STATS_LEN,
-    watch::{MAX_WATCHED, WatchFlags},
+    watch::{AddrWords, MAX_WATCHED, SlotVerdict, WATCH_SLOT_COUNT, WatchFlags, slot_of},
 };
 
 /// Overwritten by the agent at load time with offsets read from tracefs.
@@ -18,9 +18,13 @@ pub static LAYOUT: TracepointLayout = TracepointLayout::DEFAULT;
 #[map]
 pub static WATCHED: HashMap<WatchKey, WatchFlags> = HashMap::with_max_entries(MAX_WATCHED, 0);
 
-/// Count and prefilter of `WATCHED`, kept by the agent (one entry).
+/// Count and occupied slots of `WATCHED`, kept by the agent (one entry).
 #[map]
 pub static WATCH_FILTER: Array<WatchFilter> = Array::with_max_entries(1, 0);
+
+/// Direct-mapped table in front of `WATCHED`, kept by the agent.
+#[map]
+pub static WATCH_SLOTS: Array<WatchSlot> = Array::with_max_entries(WATCH_SLOT_COUNT, 0);
 
 pub const CONN_EVENTS_BYTES: u32 = 256 * 1024;
 
@@ -40,7 +44,7 @@ macro_rules! layout {
 }
 pub(crate) use layout;
 
-/// The prefilter, or `None` while nothing is watched (the usual state of a
+/// The filter, or `None` while nothing is watched (the usual state of a
 /// node: then every program returns before reading its record).
 #[inline(always)]
 pub fn watch_filter() -> Option<&'static WatchFilter> {
@@ -48,9 +52,20 @@ pub fn watch_filter() -> Option<&'static WatchFilter> {
 }
 
 #[inline(always)]
-pub fn is_watched(filter: &WatchFilter, addr: &[u8; 16]) -> bool {
-    let key = WatchKey { addr: *addr };
-    filter.may_contain(&key) && unsafe { WATCHED.get(&key).is_some() }
+pub fn is_watched(filter: &WatchFilter, addr: AddrWords) -> bool {
+    if !filter.may_contain(addr) {
+        return false;
+    }
+    match WATCH_SLOTS
+        .get(slot_of(addr))
+        .map(|slot| slot.verdict(addr))
+    {
+        Some(SlotVerdict::Watched) => true,
+        Some(SlotVerdict::NotWatched) => false,
+        Some(SlotVerdict::AskMap) | None => unsafe {
+            WATCHED.get(&WatchKey::from_words(addr)).is_some()
+        },
+    }
 }
 
 #[inline(always)]

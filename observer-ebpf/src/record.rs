@@ -15,6 +15,7 @@ use aya_ebpf::helpers::generated::bpf_probe_read_kernel;
 use observer_common::{
     TcpSendResetAddrs, TracepointLayout, WatchKey,
     layout::{ABSENT, DIRECT_RECV_RESET, DIRECT_SEND_RESET, DIRECT_SET_STATE, RECORD_MAX},
+    watch::AddrWords,
 };
 
 use crate::maps::layout;
@@ -32,8 +33,8 @@ pub struct SetState {
     pub protocol: u16,
     pub old: i32,
     pub new: i32,
-    pub local: [u8; 16],
-    pub remote: [u8; 16],
+    pub local: AddrWords,
+    pub remote: AddrWords,
     pub local_port: u16,
     pub remote_port: u16,
 }
@@ -88,13 +89,13 @@ macro_rules! ctx_load {
     }};
 }
 
-/// 16 bytes at an 8-aligned constant offset.
+/// An address at an 8-aligned constant offset.
 macro_rules! ctx_addr {
     ($ctx:expr, $offset:expr) => {
-        addr([
+        [
             ctx_load!($ctx, u64, $offset),
             ctx_load!($ctx, u64, $offset + 8),
-        ])
+        ]
     };
 }
 
@@ -141,11 +142,6 @@ macro_rules! sockaddr_direct {
             _ => Err(-1),
         }
     }};
-}
-
-#[inline(always)]
-fn addr(words: [u64; 2]) -> [u8; 16] {
-    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) }
 }
 
 /// A record copied to the stack.
@@ -251,8 +247,8 @@ impl SetState {
             protocol,
             old,
             new,
-            local: [0; 16],
-            remote: [0; 16],
+            local: [0; 2],
+            remote: [0; 2],
             local_port: 0,
             remote_port: 0,
         }

@@ -9,7 +9,7 @@ use aya::{
     programs::{ProgramError, TracePoint},
 };
 use observer_common::{
-    Stat, TracepointLayout, WatchFilter, WatchKey,
+    Stat, TracepointLayout, WatchFilter, WatchKey, WatchSlot,
     watch::{MAX_WATCHED, WatchFlags},
 };
 use thiserror::Error;
@@ -70,9 +70,11 @@ pub struct Stats {
 pub struct Kernel {
     ebpf: Ebpf,
     watched: HashMap<MapData, WatchKey, WatchFlags>,
-    /// Count and prefilter of `watched` for the programs.
+    /// Count and occupied slots of `watched`, for the programs.
     watch_filter: Array<MapData, WatchFilter>,
-    /// The keys of `watched`, to rebuild the filter when one leaves.
+    /// The direct-mapped table in front of `watched`.
+    watch_slots: Array<MapData, WatchSlot>,
+    /// The keys of `watched`, to rebuild a slot when one of its keys leaves.
     watched_keys: HashSet<WatchKey>,
     stats: PerCpuArray<MapData, u64>,
     conn_events: Option<RingBuf<MapData>>,
@@ -141,6 +143,13 @@ impl Kernel {
                     source,
                 }
             })?;
+        let watch_slots =
+            Array::try_from(take_map(&mut ebpf, "WATCH_SLOTS")?).map_err(|source| {
+                KernelError::Map {
+                    name: "WATCH_SLOTS",
+                    source,
+                }
+            })?;
         let stats = PerCpuArray::try_from(take_map(&mut ebpf, "STATS")?).map_err(|source| {
             KernelError::Map {
                 name: "STATS",
@@ -158,6 +167,7 @@ impl Kernel {
             ebpf,
             watched,
             watch_filter,
+            watch_slots,
             watched_keys: HashSet::new(),
             stats,
             conn_events: Some(conn_events),
@@ -193,8 +203,8 @@ impl Kernel {
 
     pub fn watch_ip(&mut self, ip: IpAddr) -> Result<(), KernelError> {
         let key = watch_key(ip);
-        // Into the map before the filter: a program that passes the filter
-        // must find the address.
+        // Into the map before its slot: a program sent to the map by a
+        // shared slot must find the address there.
         match self.watched.insert(key, 1, 0) {
             Ok(()) => {}
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
@@ -211,6 +221,7 @@ impl Kernel {
             }
         }
         if self.watched_keys.insert(key) {
+            self.write_slot(key.slot())?;
             self.write_filter()?;
         }
         Ok(())
@@ -221,6 +232,7 @@ impl Kernel {
         let key = watch_key(ip);
         if self.watched_keys.remove(&key) {
             self.write_filter()?;
+            self.write_slot(key.slot())?;
         }
         match self.watched.remove(&key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
@@ -232,6 +244,20 @@ impl Kernel {
                 source,
             }),
         }
+    }
+
+    /// Rewrites one slot from the watched keys that have it. A concurrent
+    /// reader may see a slot half rewritten for the microseconds of the
+    /// copy: at worst it misses an address being watched or unwatched at
+    /// that very moment.
+    fn write_slot(&mut self, index: u32) -> Result<(), KernelError> {
+        let slot = WatchSlot::of(self.watched_keys.iter().filter(|k| k.slot() == index));
+        self.watch_slots
+            .set(index, slot, 0)
+            .map_err(|source| KernelError::Map {
+                name: "WATCH_SLOTS",
+                source,
+            })
     }
 
     /// Rewrites the whole filter: a concurrent reader sees every bit that
