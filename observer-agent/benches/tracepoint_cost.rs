@@ -6,7 +6,10 @@
 //! to a round's cost, so the median and the minimum of the rounds are
 //! printed per program and target. Needs root.
 //!
-//!     cargo bench -p observer-agent --bench tracepoint_cost [-- CONNECTIONS [ROUNDS]]
+//!     cargo bench -p observer-agent --bench tracepoint_cost [-- CONNECTIONS [ROUNDS [DRAIN_MS]]]
+//!
+//! DRAIN_MS is how often the ring buffer is read, by default the agent's own
+//! interval.
 
 use std::{
     collections::BTreeMap,
@@ -17,7 +20,9 @@ use std::{
 
 use aya::sys::{Stats, enable_stats};
 use lab_netns::netns::{NetNs, link};
-use observer_agent::kernel::{Kernel, LoadOptions, tracefs::CONN_TRACEPOINTS};
+use observer_agent::kernel::{
+    Kernel, LoadOptions, conn_events::DRAIN_INTERVAL, tracefs::CONN_TRACEPOINTS,
+};
 
 const DEFAULT_CONNECTIONS: usize = 20_000;
 const DEFAULT_ROUNDS: usize = 5;
@@ -32,6 +37,9 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let connections = numbers.first().copied().unwrap_or(DEFAULT_CONNECTIONS);
     let rounds = numbers.get(1).copied().unwrap_or(DEFAULT_ROUNDS).max(1);
+    let drain = numbers
+        .get(2)
+        .map_or(DRAIN_INTERVAL, |ms| Duration::from_millis(*ms as u64));
     if !lab_netns::root::is_root() {
         anyhow::bail!("tracepoint_cost needs root (eBPF, network namespaces)");
     }
@@ -56,16 +64,15 @@ fn main() -> anyhow::Result<()> {
     let draining = AtomicBool::new(true);
 
     println!(
-        "{connections} connections per storm (connect, accept, close both sides), {rounds} rounds"
+        "{connections} connections per storm (connect, accept, close both sides), {rounds} rounds, ring read every {drain:?}"
     );
     // (program, target) -> ns per invocation of each round, and invocations.
     let mut costs: BTreeMap<(&str, &str), (Vec<f64>, u64)> = BTreeMap::new();
     std::thread::scope(|scope| -> anyhow::Result<()> {
-        // Keep the ring buffer empty so emitting stays on its normal path.
         scope.spawn(|| {
             while draining.load(Ordering::Relaxed) {
                 while ring.next().is_some() {}
-                std::thread::sleep(Duration::from_millis(1));
+                std::thread::sleep(drain);
             }
         });
         let result = (|| -> anyhow::Result<()> {

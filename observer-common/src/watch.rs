@@ -28,7 +28,8 @@ pub type AddrWords = [u64; 2];
 #[inline(always)]
 pub fn slot_of([high, low]: AddrWords) -> u32 {
     const K: u64 = 0x9e37_79b9_7f4a_7c15;
-    ((high.wrapping_mul(K) ^ low).wrapping_mul(K) >> (64 - WATCH_SLOT_COUNT.trailing_zeros())) as u32
+    ((high.wrapping_mul(K) ^ low).wrapping_mul(K) >> (64 - WATCH_SLOT_COUNT.trailing_zeros()))
+        as u32
 }
 
 /// Slots of the direct-mapped table of watched addresses, and bits of
@@ -222,7 +223,10 @@ mod tests {
         let watched = v4(10, 244, 3, 7);
         let slot = WatchSlot::of([&watched]);
         assert_eq!(slot.verdict(watched.words()), SlotVerdict::Watched);
-        assert_eq!(slot.verdict(v4(10, 244, 3, 8).words()), SlotVerdict::NotWatched);
+        assert_eq!(
+            slot.verdict(v4(10, 244, 3, 8).words()),
+            SlotVerdict::NotWatched
+        );
     }
 
     #[test]
@@ -238,8 +242,14 @@ mod tests {
     fn an_empty_slot_rejects_every_address_even_all_zeros() {
         let slot = WatchSlot::of([]);
         assert_eq!(slot, WatchSlot::default());
-        assert_eq!(slot.verdict(WatchKey::default().words()), SlotVerdict::NotWatched);
-        assert_eq!(slot.verdict(v4(10, 0, 0, 1).words()), SlotVerdict::NotWatched);
+        assert_eq!(
+            slot.verdict(WatchKey::default().words()),
+            SlotVerdict::NotWatched
+        );
+        assert_eq!(
+            slot.verdict(v4(10, 0, 0, 1).words()),
+            SlotVerdict::NotWatched
+        );
     }
 
     #[test]
@@ -273,7 +283,10 @@ mod tests {
     fn words_are_the_same_bytes() {
         let key = v4(10, 244, 3, 7);
         assert_eq!(WatchKey::from_words(key.words()), key);
-        assert_eq!(key.words()[1].to_ne_bytes(), [0, 0, 0xff, 0xff, 10, 244, 3, 7]);
+        assert_eq!(
+            key.words()[1].to_ne_bytes(),
+            [0, 0, 0xff, 0xff, 10, 244, 3, 7]
+        );
     }
 
     #[test]

@@ -26,6 +26,11 @@ const IPPROTO_TCP: u16 = 6;
 /// quarter of the ring.
 const WAKEUP_BYTES: u64 = CONN_EVENTS_BYTES as u64 / 4;
 
+/// Events a CPU emits between two looks at the ring's fill level (a helper
+/// call): 16 events per CPU fit many times in the three quarters of the
+/// ring left above the wakeup mark.
+const FILL_CHECK_EVERY: u64 = 16;
+
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let _ = try_set_state(&ctx);
@@ -200,14 +205,18 @@ fn emit(ctx: &TracePointContext, event: ConnEvent) {
             // A wakeup per event (an irq_work and an epoll round trip) costs
             // more than the rest of the program: the agent drains the ring
             // on a short timer, and is woken early only when it fills up.
-            let flags = if CONN_EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+            let emitted = count(Stat::Emitted);
+            let flags = if emitted % FILL_CHECK_EVERY == 0
+                && CONN_EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES
+            {
                 BPF_RB_FORCE_WAKEUP
             } else {
                 BPF_RB_NO_WAKEUP
             };
             slot.submit(flags as u64);
-            count(Stat::Emitted);
         }
-        None => count(Stat::Lost),
+        None => {
+            count(Stat::Lost);
+        }
     }
 }

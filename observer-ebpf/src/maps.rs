@@ -69,8 +69,12 @@ pub fn is_watched(filter: &WatchFilter, addr: AddrWords) -> bool {
 }
 
 #[inline(always)]
-pub fn count(stat: Stat) {
-    if let Some(slot) = STATS.get_ptr_mut(stat as u32) {
-        unsafe { *slot += 1 };
+pub fn count(stat: Stat) -> u64 {
+    match STATS.get_ptr_mut(stat as u32) {
+        Some(slot) => unsafe {
+            *slot += 1;
+            *slot
+        },
+        None => 0,
     }
 }

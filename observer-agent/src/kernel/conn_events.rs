@@ -151,7 +151,7 @@ pub async fn forward(
 
 /// Longest time an event waits in the ring buffer before the agent reads it.
 /// Event times come from the kernel, so this delays reporting, not accuracy.
-const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
 #[cfg(test)]
 mod tests {
