@@ -227,6 +227,8 @@ async fn run(phase: Duration) {
                 .await
                 .unwrap()
                 .into_inner();
+            // Acknowledged is durable only (up to the last checkpoint):
+            // sequences continue from what the workers sent.
             seq_base = seq_base.max(r.acknowledged_sequence);
         }
         println!("{agents} agents: registered in {:.2?}", t.elapsed());
@@ -250,8 +252,7 @@ async fn run(phase: Duration) {
                     i
                 });
                 if streaming {
-                    stream_reports(&mut client, &ids, &mine, seq, &stop, &count).await;
-                    return;
+                    return stream_reports(&mut client, &ids, &mine, seq, &stop, &count).await;
                 }
                 let mut k = 0;
                 while !stop.load(Ordering::Relaxed) {
@@ -269,6 +270,7 @@ async fn run(phase: Duration) {
                     count.fetch_add(1, Ordering::Relaxed);
                     k += 1;
                 }
+                seq.into_iter().max().unwrap_or(0)
             }));
         }
         let t = Instant::now();
@@ -280,7 +282,7 @@ async fn run(phase: Duration) {
         };
         stop.store(true, Ordering::Relaxed);
         for t in tasks {
-            t.await.unwrap();
+            seq_base = seq_base.max(t.await.unwrap());
         }
         let n = count.load(Ordering::Relaxed);
         let secs = t.elapsed().as_secs_f64();
@@ -368,7 +370,7 @@ async fn stream_reports(
     mut seq: Vec<u64>,
     stop: &Arc<AtomicBool>,
     count: &Arc<AtomicU64>,
-) {
+) -> u64 {
     let (tx, rx) = tokio::sync::mpsc::channel(32);
     let mut responses = client
         .report_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -382,16 +384,17 @@ async fn stream_reports(
             let j = k % mine.len();
             seq[j] += 1;
             if tx.send(report(&ids[mine[j]], seq[j], k)).await.is_err() {
-                return;
+                break;
             }
             k += 1;
         }
+        seq.into_iter().max().unwrap_or(0)
     });
     while let Some(r) = responses.message().await.unwrap() {
         assert!(!r.duplicate);
         count.fetch_add(1, Ordering::Relaxed);
     }
-    producer.await.unwrap();
+    producer.await.unwrap()
 }
 
 fn proc_status(key: &str) -> String {
