@@ -24,11 +24,12 @@ pub const TICK: Duration = Duration::from_millis(200);
 /// How often retention and the recommendation gauges run.
 pub const HOUSEKEEPING: Duration = Duration::from_secs(30);
 
+/// Why [`start`] failed; the cause is the error's source.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("listener address: {0}")]
+    #[error("reading a listener's address")]
     Io(#[from] std::io::Error),
-    #[error("restoring the in-flight state from the store: {0}")]
+    #[error("restoring the in-flight state from the store")]
     Restore(#[from] StoreError),
 }
 
