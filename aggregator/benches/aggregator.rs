@@ -348,6 +348,13 @@ async fn run(phase: Duration) {
         "ingest 5000 agents, correlator only (no gRPC): {:.0} node-reports/s",
         n as f64 / secs
     );
+    // What the last second of that left for a checkpoint (the periodic one
+    // runs meanwhile, so this holds what changed since it).
+    let cp = c.checkpoint(now_unix_nanos()).unwrap();
+    println!(
+        "checkpoint after that ingest: {} node accumulators, {} agents; snapshot (state lock held) {:.2?}, write {:.2?}",
+        cp.node_accumulators, cp.agents, cp.snapshot, cp.write
+    );
 
     // Memory: every one of 5000 nodes has reported on every deletion in flight.
     println!(

@@ -180,7 +180,7 @@ pub async fn checkpoint(c: &Arc<Correlator>) {
     let c = Arc::clone(c);
     let r = tokio::task::spawn_blocking(move || c.checkpoint(now_unix_nanos())).await;
     match r {
-        Ok(Ok(stats)) => tracing::trace!(?stats, "checkpoint"),
+        Ok(Ok(stats)) => tracing::debug!(?stats, "checkpoint"),
         Ok(Err(e)) => tracing::error!(error = %e, "checkpoint failed; retrying at the next"),
         Err(e) => tracing::error!(error = %e, "checkpoint task failed"),
     }

@@ -210,12 +210,16 @@ pub struct ReportOutcome {
     pub duplicate: bool,
 }
 
-/// What one checkpoint wrote.
+/// What one checkpoint wrote, and how long it took.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CheckpointStats {
     pub deletions: usize,
     pub node_accumulators: usize,
     pub agents: usize,
+    /// Taking the snapshot (the state lock's hold).
+    pub snapshot: std::time::Duration,
+    /// Writing it (one transaction).
+    pub write: std::time::Duration,
 }
 
 /// What [`Correlator::restore`] brought back.
@@ -767,14 +771,21 @@ impl Correlator {
     /// marked for the next one.
     pub fn checkpoint(&self, now: UnixNanos) -> Result<CheckpointStats, StoreError> {
         let _persist = self.persist();
+        let started = std::time::Instant::now();
         let c = self.state().take_checkpoint(now);
+        let snapshot = started.elapsed();
         if c.is_empty() {
-            return Ok(CheckpointStats::default());
+            return Ok(CheckpointStats {
+                snapshot,
+                ..CheckpointStats::default()
+            });
         }
+        let started = std::time::Instant::now();
         if let Err(e) = self.store.checkpoint(&c) {
             self.state().untake_checkpoint(&c);
             return Err(e);
         }
+        let write = started.elapsed();
         let mut st = self.state();
         for r in &c.agents {
             if let Some(a) = st.agents.get_mut(&r.agent_id) {
@@ -790,6 +801,8 @@ impl Correlator {
             deletions: c.updated.len(),
             node_accumulators: c.nodes.iter().map(|n| n.nodes.len()).sum(),
             agents: c.agents.len(),
+            snapshot,
+            write,
         })
     }
 

@@ -13,7 +13,9 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{Connection, OptionalExtension, params, params_from_iter, types::Value};
+use rusqlite::{
+    Connection, OptionalExtension, TransactionBehavior, params, params_from_iter, types::Value,
+};
 
 use crate::model::{DeletionRecord, UnixNanos};
 
@@ -235,6 +237,27 @@ pub struct DeletionFilter {
 
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Writes of the in-flight state on a connection of their own: a
+    /// checkpoint can hold its transaction for a while, and queries keep
+    /// reading meanwhile (WAL). `None` in memory, where each connection
+    /// would be a database of its own.
+    writer: Option<Mutex<Connection>>,
+}
+
+/// A panic while holding the lock cannot leave SQLite inconsistent
+/// (transactions roll back), so a poisoned lock is still usable.
+fn lock(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Per-connection settings (WAL mode itself is kept by the file).
+fn configure(conn: &Connection) -> Result<(), StoreError> {
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Two connections write (serialised by the correlator; housekeeping
+    // may overlap): wait for the other rather than fail.
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    Ok(())
 }
 
 impl Store {
@@ -245,8 +268,7 @@ impl Store {
         // WAL + NORMAL: a crash loses at most the last transactions, never
         // corrupts, and writers do not block readers.
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
+        configure(&conn)?;
         let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         // 0: new file; 1: finished deletions only (the new tables are added).
         if !(0..=SCHEMA_VERSION).contains(&found) {
@@ -258,8 +280,16 @@ impl Store {
         }
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        let writer = if path.as_os_str() == ":memory:" {
+            None
+        } else {
+            let w = Connection::open(path)?;
+            configure(&w)?;
+            Some(Mutex::new(w))
+        };
         Ok(Self {
             conn: Mutex::new(conn),
+            writer,
         })
     }
 
@@ -269,9 +299,11 @@ impl Store {
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave SQLite inconsistent
-        // (transactions roll back), so a poisoned lock is still usable.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.conn)
+    }
+
+    fn writer(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.writer.as_ref().map_or_else(|| self.conn(), lock)
     }
 
     /// Records a finished deletion. Idempotent: recording the same pod UID
@@ -280,18 +312,14 @@ impl Store {
         let json = serde_json::to_string(rec)?;
         let aborted: u64 = rec.nodes.iter().map(|n| n.aborted_connections).sum();
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM deletions WHERE pod_uid = ?1", [&rec.pod_uid])?;
         // No longer in flight: in the same transaction, so a restart finds
         // the deletion either pending or finished, never both or neither.
-        tx.execute(
-            "DELETE FROM pending_nodes WHERE pod_uid = ?1",
-            [&rec.pod_uid],
-        )?;
-        tx.execute(
-            "DELETE FROM pending_deletions WHERE pod_uid = ?1",
-            [&rec.pod_uid],
-        )?;
+        tx.prepare_cached("DELETE FROM pending_nodes WHERE pod_uid = ?1")?
+            .execute([&rec.pod_uid])?;
+        tx.prepare_cached("DELETE FROM pending_deletions WHERE pod_uid = ?1")?
+            .execute([&rec.pod_uid])?;
         tx.execute(
             "INSERT INTO deletions (pod_uid, namespace, finished_unix_nanos, complete,
                 propagation_seconds, aborted_connections, record)
@@ -419,15 +447,15 @@ impl Store {
     /// Persists a deletion that just started. Ignored when the deletion is
     /// already pending or finished.
     pub fn insert_pending(&self, row: &PendingRow) -> Result<(), StoreError> {
-        let conn = self.conn();
+        let conn = self.writer();
         insert_pending(&conn, row)
     }
 
     /// Writes a checkpoint in one transaction. Rows of deletions that are no
     /// longer pending (finished meanwhile) are skipped.
     pub fn checkpoint(&self, c: &Checkpoint) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for row in &c.started {
             insert_pending(&tx, row)?;
         }
@@ -502,8 +530,8 @@ impl Store {
     /// The in-flight state as last persisted. Pending rows of deletions that
     /// are also recorded as finished are dropped (the record wins).
     pub fn in_flight(&self) -> Result<InFlight, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
             "DELETE FROM pending_deletions WHERE pod_uid IN (SELECT pod_uid FROM deletions)",
             [],
@@ -554,7 +582,7 @@ impl Store {
     /// Forgets agents not written since `before`; returns how many.
     pub fn prune_agents(&self, before: UnixNanos) -> Result<usize, StoreError> {
         Ok(self
-            .conn()
+            .writer()
             .execute("DELETE FROM agents WHERE seen_unix_nanos < ?1", [before])?)
     }
 
