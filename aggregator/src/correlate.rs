@@ -270,7 +270,7 @@ impl Agent {
 
 #[derive(Default)]
 struct NodeAcc {
-    /// Changed since the last checkpoint.
+    /// Changed since the last checkpoint (listed in `Pending::dirty_nodes`).
     dirty: bool,
     rules_removed: Option<(UnixNanos, Mode)>,
     last_connection: Option<UnixNanos>,
@@ -299,6 +299,9 @@ struct Pending {
     pod_gone: Option<UnixNanos>,
     /// Changed since the last checkpoint (listed in `State::dirty_pending`).
     dirty: bool,
+    /// Nodes whose accumulator changed since the last checkpoint (each once:
+    /// see `NodeAcc::dirty`), so a checkpoint does not scan every node.
+    dirty_nodes: Vec<String>,
     /// The start row is in the store (else the next checkpoint writes it).
     stored: bool,
 }
@@ -438,13 +441,12 @@ impl State {
                 terminating_unix_nanos: p.terminating,
                 pod_gone_unix_nanos: p.pod_gone,
             });
-            let nodes: Vec<NodeAccRow> = p
-                .nodes
-                .iter_mut()
-                .filter(|(_, a)| a.dirty)
-                .map(|(node, a)| {
+            let nodes: Vec<NodeAccRow> = std::mem::take(&mut p.dirty_nodes)
+                .into_iter()
+                .filter_map(|node| {
+                    let a = p.nodes.get_mut(&node)?;
                     a.dirty = false;
-                    acc_row(node, a)
+                    Some(acc_row(node, a))
                 })
                 .collect();
             if !nodes.is_empty() {
@@ -483,8 +485,11 @@ impl State {
                 continue;
             };
             for row in &n.nodes {
-                if let Some(a) = p.nodes.get_mut(&row.node) {
+                if let Some(a) = p.nodes.get_mut(&row.node)
+                    && !a.dirty
+                {
                     a.dirty = true;
+                    p.dirty_nodes.push(row.node.clone());
                 }
             }
         }
@@ -531,9 +536,9 @@ fn pending_row(p: &Pending) -> PendingRow {
     }
 }
 
-fn acc_row(node: &str, a: &NodeAcc) -> NodeAccRow {
+fn acc_row(node: String, a: &NodeAcc) -> NodeAccRow {
     NodeAccRow {
-        node: node.to_owned(),
+        node,
         rules_removed: a.rules_removed.map(|(t, m)| (t, m.as_str().to_owned())),
         last_connection_unix_nanos: a.last_connection,
         late_flows: a.late_flows,
@@ -611,6 +616,7 @@ fn restored_pending(
             nodes,
             pod_gone: row.pod_gone_unix_nanos,
             dirty: false,
+            dirty_nodes: Vec::new(),
             stored: true,
         },
         n,
@@ -949,6 +955,7 @@ impl Correlator {
             nodes: BTreeMap::new(),
             pod_gone: None,
             dirty: false,
+            dirty_nodes: Vec::new(),
             stored: true,
         };
         let row = pending_row(&p);
@@ -1186,7 +1193,7 @@ fn apply(
     uncertainty: u64,
 ) -> bool {
     let after_t0 = t >= p.t0;
-    let nodes = &mut p.nodes;
+    let nodes = &mut (&mut p.nodes, &mut p.dirty_nodes);
     let source = peer_node.unwrap_or(UNATTRIBUTED);
     match kind {
         ObsKind::RulesRemoved(mode) => {
@@ -1245,14 +1252,18 @@ fn apply(
     true
 }
 
+/// The node's accumulator, marked changed.
 fn node_acc<'a>(
-    nodes: &'a mut BTreeMap<String, NodeAcc>,
+    (nodes, dirty): &'a mut (&mut BTreeMap<String, NodeAcc>, &mut Vec<String>),
     n: &str,
     uncertainty: u64,
 ) -> &'a mut NodeAcc {
     let a = nodes.entry(n.to_owned()).or_default();
     a.clock_uncertainty_ns.get_or_insert(uncertainty);
-    a.dirty = true;
+    if !a.dirty {
+        a.dirty = true;
+        dirty.push(n.to_owned());
+    }
     a
 }
 
