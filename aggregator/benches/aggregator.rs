@@ -227,6 +227,8 @@ async fn run(phase: Duration) {
                 .await
                 .unwrap()
                 .into_inner();
+            // Acknowledged is durable only (up to the last checkpoint):
+            // sequences continue from what the workers sent.
             seq_base = seq_base.max(r.acknowledged_sequence);
         }
         println!("{agents} agents: registered in {:.2?}", t.elapsed());
@@ -250,8 +252,7 @@ async fn run(phase: Duration) {
                     i
                 });
                 if streaming {
-                    stream_reports(&mut client, &ids, &mine, seq, &stop, &count).await;
-                    return;
+                    return stream_reports(&mut client, &ids, &mine, seq, &stop, &count).await;
                 }
                 let mut k = 0;
                 while !stop.load(Ordering::Relaxed) {
@@ -269,6 +270,7 @@ async fn run(phase: Duration) {
                     count.fetch_add(1, Ordering::Relaxed);
                     k += 1;
                 }
+                seq.into_iter().max().unwrap_or(0)
             }));
         }
         let t = Instant::now();
@@ -280,7 +282,7 @@ async fn run(phase: Duration) {
         };
         stop.store(true, Ordering::Relaxed);
         for t in tasks {
-            t.await.unwrap();
+            seq_base = seq_base.max(t.await.unwrap());
         }
         let n = count.load(Ordering::Relaxed);
         let secs = t.elapsed().as_secs_f64();
@@ -346,6 +348,13 @@ async fn run(phase: Duration) {
         "ingest 5000 agents, correlator only (no gRPC): {:.0} node-reports/s",
         n as f64 / secs
     );
+    // What the last second of that left for a checkpoint (the periodic one
+    // runs meanwhile, so this holds what changed since it).
+    let cp = c.checkpoint(now_unix_nanos()).unwrap();
+    println!(
+        "checkpoint after that ingest: {} node accumulators, {} agents; snapshot (state lock held) {:.2?}, write {:.2?}",
+        cp.node_accumulators, cp.agents, cp.snapshot, cp.write
+    );
 
     // Memory: every one of 5000 nodes has reported on every deletion in flight.
     println!(
@@ -368,7 +377,7 @@ async fn stream_reports(
     mut seq: Vec<u64>,
     stop: &Arc<AtomicBool>,
     count: &Arc<AtomicU64>,
-) {
+) -> u64 {
     let (tx, rx) = tokio::sync::mpsc::channel(32);
     let mut responses = client
         .report_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -382,16 +391,17 @@ async fn stream_reports(
             let j = k % mine.len();
             seq[j] += 1;
             if tx.send(report(&ids[mine[j]], seq[j], k)).await.is_err() {
-                return;
+                break;
             }
             k += 1;
         }
+        seq.into_iter().max().unwrap_or(0)
     });
     while let Some(r) = responses.message().await.unwrap() {
         assert!(!r.duplicate);
         count.fetch_add(1, Ordering::Relaxed);
     }
-    producer.await.unwrap();
+    producer.await.unwrap()
 }
 
 fn proc_status(key: &str) -> String {

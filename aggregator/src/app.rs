@@ -1,7 +1,8 @@
 //! Assembles the running service: gRPC for agents, HTTP for CI and
 //! Prometheus, the Kubernetes watchers and the periodic housekeeping
-//! (finishing timed-out deletions, retention, recommendation gauges).
-//! The binary and the end-to-end tests start it the same way.
+//! (finishing timed-out deletions, checkpoints of the in-flight state,
+//! retention, recommendation gauges). The binary and the end-to-end tests
+//! start it the same way.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,13 +16,22 @@ use crate::config::Settings;
 use crate::correlate::Correlator;
 use crate::http::{self, HttpState, Readiness, now_unix_nanos};
 use crate::metrics::{Metrics, NamespaceService};
-use crate::store::{Scope, Store};
+use crate::store::{Scope, Store, StoreError};
 use crate::{grpc, kube_watch};
 
 /// How often pending deletions are checked for completion or timeout.
 pub const TICK: Duration = Duration::from_millis(200);
 /// How often retention and the recommendation gauges run.
 pub const HOUSEKEEPING: Duration = Duration::from_secs(30);
+
+/// Why [`start`] failed; the cause is the error's source.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("reading a listener's address")]
+    Io(#[from] std::io::Error),
+    #[error("restoring the in-flight state from the store")]
+    Restore(#[from] StoreError),
+}
 
 /// A running aggregator.
 pub struct Running {
@@ -35,13 +45,15 @@ pub struct Running {
 
 /// Starts every part on the given listeners. Without a Kubernetes client
 /// (tests that feed the correlator directly) the service is ready at once.
+/// The in-flight state of the previous run is restored from the store
+/// before anything is served.
 pub fn start(
     settings: Settings,
     store: Arc<Store>,
     grpc_listener: TcpListener,
     http_listener: TcpListener,
     kube: Option<kube::Client>,
-) -> std::io::Result<Running> {
+) -> Result<Running, StartError> {
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
     let settings = Arc::new(settings);
@@ -51,6 +63,15 @@ pub fn start(
         Arc::clone(&store),
         Arc::clone(&metrics),
     );
+    let restored = correlator.restore()?;
+    tracing::info!(
+        deletions = restored.deletions,
+        node_accumulators = restored.node_accumulators,
+        agents = restored.agents,
+        "restored the in-flight state"
+    );
+    // tokio's interval refuses zero.
+    let checkpoint_interval = settings.checkpoint_interval.max(Duration::from_millis(10));
     let http_state = HttpState {
         store,
         settings,
@@ -91,6 +112,22 @@ pub fn start(
         }));
     }
 
+    let (c, mut s) = (Arc::clone(&correlator), stop.clone());
+    tasks.push(tokio::spawn(async move {
+        let mut every = tokio::time::interval(checkpoint_interval);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await;
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                // The final checkpoint is `Running::shutdown`'s, after the
+                // servers stopped applying reports.
+                _ = s.wait_for(|v| *v) => return,
+            }
+            checkpoint(&c).await;
+        }
+    }));
+
     let (c, st, mut s) = (Arc::clone(&correlator), http_state.clone(), stop);
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(TICK);
@@ -98,7 +135,10 @@ pub fn start(
         loop {
             tokio::select! {
                 _ = tick.tick() => c.tick(now_unix_nanos()),
-                _ = house.tick() => housekeeping(&st),
+                _ = house.tick() => {
+                    housekeeping(&st);
+                    prune_agents(&c, &st.settings);
+                }
                 _ = s.wait_for(|v| *v) => return,
             }
         }
@@ -115,12 +155,44 @@ pub fn start(
 }
 
 impl Running {
-    /// Stops every part and waits for them (open agent streams are ended).
+    /// Stops every part and waits for them (open agent streams are ended),
+    /// then writes a final checkpoint.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
         }
+        checkpoint(&self.correlator).await;
+    }
+
+    /// Stops every task at once without the final checkpoint, as a crash
+    /// would (for tests). Connections already accepted may linger until
+    /// their clients drop them.
+    pub fn abort(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// One checkpoint of the in-flight state, on a blocking thread.
+pub async fn checkpoint(c: &Arc<Correlator>) {
+    let c = Arc::clone(c);
+    let r = tokio::task::spawn_blocking(move || c.checkpoint(now_unix_nanos())).await;
+    match r {
+        Ok(Ok(stats)) => tracing::debug!(?stats, "checkpoint"),
+        Ok(Err(e)) => tracing::error!(error = %e, "checkpoint failed; retrying at the next"),
+        Err(e) => tracing::error!(error = %e, "checkpoint task failed"),
+    }
+}
+
+/// Agents not heard from within the retention window are forgotten.
+fn prune_agents(c: &Correlator, settings: &Settings) {
+    let before = now_unix_nanos() - settings.retention.as_nanos() as i64;
+    match c.prune_agents(before) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(agents = n, "forgot agents not seen within retention"),
+        Err(e) => tracing::error!(error = %e, "pruning agents failed"),
     }
 }
 

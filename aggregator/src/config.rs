@@ -22,6 +22,11 @@ pub struct Settings {
     /// happens at shutdown (requests on keep-alive connections the pod
     /// closed, refused connections) is still attributed to it.
     pub shutdown_linger: Duration,
+    /// How often the in-flight state (node accumulators, agents' batch
+    /// sequences) is written to the store. Agents are acknowledged only up
+    /// to the last checkpoint, so they keep this long of batches more.
+    /// At least 10 ms.
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for Settings {
@@ -34,6 +39,7 @@ impl Default for Settings {
             retention: Duration::from_secs(7 * 24 * 3600),
             completion_timeout: Duration::from_secs(120),
             shutdown_linger: Duration::from_secs(3),
+            checkpoint_interval: Duration::from_secs(1),
         }
     }
 }

@@ -5,6 +5,14 @@
 //!
 //! All state sits behind one mutex held only for in-memory work; store
 //! writes and metric updates of finished deletions happen outside it.
+//!
+//! Persistence (so an aggregator restart loses nothing and counts nothing
+//! twice): a deletion is stored when it starts; per-node accumulators and
+//! each agent's last applied sequence change at report rate, so reports only
+//! mark them dirty and [`Correlator::checkpoint`] writes the dirty ones
+//! periodically in one transaction. Agents are acknowledged only up to the
+//! last checkpoint, so what a crash loses since then is resent by them and
+//! applied once against the restored state ([`Correlator::restore`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -18,7 +26,9 @@ use crate::metrics::{
 };
 use crate::model::{DeletionRecord, NodeMeasurement, UnixNanos};
 use crate::nodes::{NodeIndex, NodeInfo};
-use crate::store::Store;
+use crate::store::{
+    AgentRow, Checkpoint, NodeAccRow, PendingNodes, PendingRow, PendingUpdate, Store, StoreError,
+};
 
 const NANOS: f64 = 1e9;
 
@@ -91,6 +101,18 @@ impl Mode {
             Self::IptablesLegacy => "iptables_legacy",
             Self::Unknown => "unknown",
         }
+    }
+
+    /// The inverse of [`Mode::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Nftables,
+            Self::IptablesNft,
+            Self::IptablesLegacy,
+            Self::Unknown,
+        ]
+        .into_iter()
+        .find(|m| m.as_str() == s)
     }
 }
 
@@ -182,8 +204,30 @@ pub struct Registration {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReportOutcome {
+    /// The highest sequence of this agent covered by the last completed
+    /// checkpoint (durable): the agent may forget batches up to it.
     pub acknowledged_sequence: u64,
     pub duplicate: bool,
+}
+
+/// What one checkpoint wrote, and how long it took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckpointStats {
+    pub deletions: usize,
+    pub node_accumulators: usize,
+    pub agents: usize,
+    /// Taking the snapshot (the state lock's hold).
+    pub snapshot: std::time::Duration,
+    /// Writing it (one transaction).
+    pub write: std::time::Duration,
+}
+
+/// What [`Correlator::restore`] brought back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RestoreStats {
+    pub deletions: usize,
+    pub node_accumulators: usize,
+    pub agents: usize,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -195,14 +239,39 @@ pub enum CorrelateError {
 struct Agent {
     node: String,
     registration: Registration,
+    /// Highest sequence applied (dedupe).
     last_sequence: u64,
+    /// Highest sequence covered by a completed checkpoint (acknowledged).
+    durable_sequence: u64,
+    /// Changed since the last checkpoint (listed in `State::dirty_agents`).
+    dirty: bool,
+    /// Last registration or report, aggregator clock.
+    seen: UnixNanos,
     clock: Option<ClockEstimate>,
     counters: AgentCounters,
     subscriptions: usize,
 }
 
+impl Agent {
+    fn new(reg: Registration, now: UnixNanos) -> Self {
+        Self {
+            node: reg.node_name.clone(),
+            registration: reg,
+            last_sequence: 0,
+            durable_sequence: 0,
+            dirty: false,
+            seen: now,
+            clock: None,
+            counters: AgentCounters::default(),
+            subscriptions: 0,
+        }
+    }
+}
+
 #[derive(Default)]
 struct NodeAcc {
+    /// Changed since the last checkpoint (listed in `Pending::dirty_nodes`).
+    dirty: bool,
     rules_removed: Option<(UnixNanos, Mode)>,
     last_connection: Option<UnixNanos>,
     /// New flows after T0 seen by this node's own conntrack.
@@ -228,6 +297,13 @@ struct Pending {
     nodes: BTreeMap<String, NodeAcc>,
     /// When the pod object disappeared.
     pod_gone: Option<UnixNanos>,
+    /// Changed since the last checkpoint (listed in `State::dirty_pending`).
+    dirty: bool,
+    /// Nodes whose accumulator changed since the last checkpoint (each once:
+    /// see `NodeAcc::dirty`), so a checkpoint does not scan every node.
+    dirty_nodes: Vec<String>,
+    /// The start row is in the store (else the next checkpoint writes it).
+    stored: bool,
 }
 
 impl Pending {
@@ -260,6 +336,9 @@ struct State {
     /// [`State::live_nodes`], until an agent subscribes or leaves.
     live_cache: Option<Arc<BTreeSet<String>>>,
     orphans: std::collections::VecDeque<Orphan>,
+    /// Pending deletions and agents changed since the last checkpoint.
+    dirty_pending: Vec<String>,
+    dirty_agents: Vec<String>,
 }
 
 /// Observations for endpoints no known deletion uses yet, kept at most
@@ -306,7 +385,9 @@ impl State {
             if connection && peer_host.is_some() && peer_host == p.start.host_node.as_deref() {
                 continue;
             }
-            apply(p, node, peer_node, obs.kind, t, clock.uncertainty_ns);
+            if apply(p, node, peer_node, obs.kind, t, clock.uncertainty_ns) {
+                mark_pending(&mut self.dirty_pending, uid, p);
+            }
         }
     }
 
@@ -343,6 +424,203 @@ impl State {
     fn connected_agents(&self) -> i64 {
         self.agents.values().filter(|a| a.subscriptions > 0).count() as i64
     }
+
+    /// Takes the changes since the last checkpoint, clearing their marks.
+    fn take_checkpoint(&mut self, now: UnixNanos) -> Checkpoint {
+        let mut c = Checkpoint::default();
+        for uid in std::mem::take(&mut self.dirty_pending) {
+            let Some(p) = self.pending.get_mut(&uid) else {
+                continue;
+            };
+            p.dirty = false;
+            if !p.stored {
+                c.started.push(pending_row(p));
+            }
+            c.updated.push(PendingUpdate {
+                pod_uid: uid.clone(),
+                terminating_unix_nanos: p.terminating,
+                pod_gone_unix_nanos: p.pod_gone,
+            });
+            let nodes: Vec<NodeAccRow> = std::mem::take(&mut p.dirty_nodes)
+                .into_iter()
+                .filter_map(|node| {
+                    let a = p.nodes.get_mut(&node)?;
+                    a.dirty = false;
+                    Some(acc_row(node, a))
+                })
+                .collect();
+            if !nodes.is_empty() {
+                c.nodes.push(PendingNodes {
+                    pod_uid: uid,
+                    nodes,
+                });
+            }
+        }
+        for id in std::mem::take(&mut self.dirty_agents) {
+            let Some(a) = self.agents.get_mut(&id) else {
+                continue;
+            };
+            a.dirty = false;
+            c.agents.push(AgentRow {
+                agent_id: id,
+                node: a.node.clone(),
+                last_sequence: a.last_sequence,
+                clock: a.clock.map(|c| (c.offset_ns, c.uncertainty_ns)),
+                seen_unix_nanos: now,
+            });
+        }
+        c
+    }
+
+    /// A checkpoint failed: mark what it held dirty again.
+    fn untake_checkpoint(&mut self, c: &Checkpoint) {
+        for u in &c.updated {
+            let Some(p) = self.pending.get_mut(&u.pod_uid) else {
+                continue;
+            };
+            mark_pending(&mut self.dirty_pending, &u.pod_uid, p);
+        }
+        for n in &c.nodes {
+            let Some(p) = self.pending.get_mut(&n.pod_uid) else {
+                continue;
+            };
+            for row in &n.nodes {
+                if let Some(a) = p.nodes.get_mut(&row.node)
+                    && !a.dirty
+                {
+                    a.dirty = true;
+                    p.dirty_nodes.push(row.node.clone());
+                }
+            }
+        }
+        for r in &c.agents {
+            if let Some(a) = self.agents.get_mut(&r.agent_id) {
+                mark_agent(&mut self.dirty_agents, &r.agent_id, a);
+            }
+        }
+    }
+}
+
+fn mark_pending(list: &mut Vec<String>, uid: &str, p: &mut Pending) {
+    if !p.dirty {
+        p.dirty = true;
+        list.push(uid.to_owned());
+    }
+}
+
+fn mark_agent(list: &mut Vec<String>, id: &str, a: &mut Agent) {
+    if !a.dirty {
+        a.dirty = true;
+        list.push(id.to_owned());
+    }
+}
+
+fn pending_row(p: &Pending) -> PendingRow {
+    let d = &p.start;
+    PendingRow {
+        pod_uid: d.pod_uid.clone(),
+        namespace: d.namespace.clone(),
+        pod_name: d.pod_name.clone(),
+        services: d.services.clone(),
+        ip: d.ip,
+        ports: d.ports.clone(),
+        host_node: d.host_node.clone(),
+        received_unix_nanos: d.received_unix_nanos,
+        api_start_unix_nanos: d.api_start_unix_nanos,
+        grace_period_seconds: d.grace_period_seconds,
+        t0_unix_nanos: p.t0,
+        tracked_since_unix_nanos: p.tracked_since,
+        terminating_unix_nanos: p.terminating,
+        expected_nodes: p.expected.iter().cloned().collect(),
+        pod_gone_unix_nanos: p.pod_gone,
+    }
+}
+
+fn acc_row(node: String, a: &NodeAcc) -> NodeAccRow {
+    NodeAccRow {
+        node,
+        rules_removed: a.rules_removed.map(|(t, m)| (t, m.as_str().to_owned())),
+        last_connection_unix_nanos: a.last_connection,
+        late_flows: a.late_flows,
+        late_accepted: a.late_accepted,
+        refused: a.refused,
+        aborted: a.aborted,
+        clock_uncertainty_ns: a.clock_uncertainty_ns,
+    }
+}
+
+/// A persisted deletion back in memory (not dirty: it is what is stored).
+fn restored_pending(
+    row: PendingRow,
+    accs: Vec<NodeAccRow>,
+) -> Result<(Pending, usize), StoreError> {
+    let mut nodes = BTreeMap::new();
+    for a in accs {
+        let rules_removed = match a.rules_removed {
+            None => None,
+            Some((t, mode)) => Some((
+                t,
+                Mode::parse(&mode).ok_or_else(|| StoreError::Corrupt {
+                    table: "pending_nodes",
+                    key: format!("pod_uid {:?}, node {:?}", row.pod_uid, a.node),
+                    reason: format!("unknown rules_mode {mode:?}"),
+                })?,
+            )),
+        };
+        nodes.insert(
+            a.node,
+            NodeAcc {
+                dirty: false,
+                rules_removed,
+                last_connection: a.last_connection_unix_nanos,
+                late_flows: a.late_flows,
+                late_accepted: a.late_accepted,
+                refused: a.refused,
+                aborted: a.aborted,
+                clock_uncertainty_ns: a.clock_uncertainty_ns,
+            },
+        );
+    }
+    let start = DeletionStart {
+        pod_uid: row.pod_uid,
+        namespace: row.namespace,
+        pod_name: row.pod_name,
+        services: row.services,
+        ip: row.ip,
+        ports: row.ports,
+        host_node: row.host_node,
+        received_unix_nanos: row.received_unix_nanos,
+        api_start_unix_nanos: row.api_start_unix_nanos,
+        grace_period_seconds: row.grace_period_seconds,
+        terminating_unix_nanos: row.terminating_unix_nanos,
+    };
+    let endpoint = Endpoint {
+        pod_uid: start.pod_uid.clone(),
+        namespace: start.namespace.clone(),
+        pod_name: start.pod_name.clone(),
+        services: start.services.clone(),
+        ip: start.ip,
+        ports: start.ports.clone(),
+        deletion_start_unix_nanos: row.t0_unix_nanos,
+        grace_period_seconds: start.grace_period_seconds,
+    };
+    let n = nodes.len();
+    Ok((
+        Pending {
+            start,
+            endpoint,
+            t0: row.t0_unix_nanos,
+            tracked_since: row.tracked_since_unix_nanos,
+            terminating: row.terminating_unix_nanos,
+            expected: Arc::new(row.expected_nodes.into_iter().collect()),
+            nodes,
+            pod_gone: row.pod_gone_unix_nanos,
+            dirty: false,
+            dirty_nodes: Vec::new(),
+            stored: true,
+        },
+        n,
+    ))
 }
 
 /// A live endpoint subscription: the current set, then changes. Dropping it
@@ -412,6 +690,12 @@ pub struct Correlator {
     metrics: Arc<Metrics>,
     state: Mutex<State>,
     changes: broadcast::Sender<WatchChange>,
+    /// Serialises checkpoints with deletion starts and finishes, which also
+    /// write the store: a checkpoint never sees a deletion that is out of
+    /// memory but not yet recorded (it would acknowledge sequences whose
+    /// effect is in neither), nor writes accumulators before the start row.
+    /// Order: `persist`, then `state`, then the store's connection.
+    persist: Mutex<()>,
 }
 
 /// Broadcast buffer per subscriber; a subscriber that falls further behind
@@ -426,6 +710,7 @@ impl Correlator {
             metrics,
             state: Mutex::new(State::default()),
             changes: broadcast::channel(CHANGE_BUFFER).0,
+            persist: Mutex::new(()),
         })
     }
 
@@ -433,26 +718,131 @@ impl Correlator {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn persist(&self) -> MutexGuard<'_, ()> {
+        self.persist.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Loads the in-flight state of the last run (pending deletions with
+    /// their node accumulators, agents' sequences) from the store. Call once,
+    /// before serving agents and before the Kubernetes watchers start.
+    pub fn restore(&self) -> Result<RestoreStats, StoreError> {
+        let _persist = self.persist();
+        let saved = self.store.in_flight()?;
+        let mut stats = RestoreStats::default();
+        let mut pending = Vec::with_capacity(saved.pending.len());
+        for (row, accs) in saved.pending {
+            let (p, n) = restored_pending(row, accs)?;
+            stats.node_accumulators += n;
+            pending.push(p);
+        }
+        let mut st = self.state();
+        for p in pending {
+            let uid = p.start.pod_uid.clone();
+            if st.pending.contains_key(&uid) {
+                continue;
+            }
+            st.by_ip.entry(p.start.ip).or_default().push(uid.clone());
+            st.pending.insert(uid, p);
+            stats.deletions += 1;
+        }
+        for a in saved.agents {
+            let reg = Registration {
+                agent_id: a.agent_id.clone(),
+                node_name: a.node,
+                kernel_release: String::new(),
+                capabilities: Vec::new(),
+            };
+            let agent = st
+                .agents
+                .entry(a.agent_id)
+                .or_insert_with(|| Agent::new(reg, a.seen_unix_nanos));
+            agent.last_sequence = agent.last_sequence.max(a.last_sequence);
+            agent.durable_sequence = agent.durable_sequence.max(a.last_sequence);
+            if agent.clock.is_none() {
+                agent.clock = a.clock.map(|(offset_ns, uncertainty_ns)| ClockEstimate {
+                    offset_ns,
+                    uncertainty_ns,
+                });
+            }
+            stats.agents += 1;
+        }
+        st.live_cache = None;
+        Ok(stats)
+    }
+
+    /// Writes what changed since the last checkpoint (dirty node
+    /// accumulators, deletion updates, agents' last sequences) in one store
+    /// transaction, then acknowledges the agents' sequences it covered.
+    /// Blocking: run it on a blocking thread. On failure the changes stay
+    /// marked for the next one.
+    pub fn checkpoint(&self, now: UnixNanos) -> Result<CheckpointStats, StoreError> {
+        let _persist = self.persist();
+        let started = std::time::Instant::now();
+        let c = self.state().take_checkpoint(now);
+        let snapshot = started.elapsed();
+        if c.is_empty() {
+            return Ok(CheckpointStats {
+                snapshot,
+                ..CheckpointStats::default()
+            });
+        }
+        let started = std::time::Instant::now();
+        if let Err(e) = self.store.checkpoint(&c) {
+            self.state().untake_checkpoint(&c);
+            return Err(e);
+        }
+        let write = started.elapsed();
+        let mut st = self.state();
+        for r in &c.agents {
+            if let Some(a) = st.agents.get_mut(&r.agent_id) {
+                a.durable_sequence = a.durable_sequence.max(r.last_sequence);
+            }
+        }
+        for r in &c.started {
+            if let Some(p) = st.pending.get_mut(&r.pod_uid) {
+                p.stored = true;
+            }
+        }
+        Ok(CheckpointStats {
+            deletions: c.updated.len(),
+            node_accumulators: c.nodes.iter().map(|n| n.nodes.len()).sum(),
+            agents: c.agents.len(),
+            snapshot,
+            write,
+        })
+    }
+
+    /// Forgets agents without a live subscription not seen since `before`,
+    /// in memory and in the store; returns how many rows were deleted.
+    pub fn prune_agents(&self, before: UnixNanos) -> Result<usize, StoreError> {
+        {
+            let mut st = self.state();
+            st.agents
+                .retain(|_, a| a.subscriptions > 0 || a.dirty || a.seen >= before);
+        }
+        self.store.prune_agents(before)
+    }
+
+    /// Pod UIDs of the deletions being tracked.
+    pub fn pending_uids(&self) -> Vec<String> {
+        self.state().pending.keys().cloned().collect()
+    }
+
     /// Registers (or re-registers) an agent; returns the highest report
-    /// sequence already received from this agent id.
+    /// sequence of this agent id durably applied (covered by a checkpoint).
     pub fn register(&self, reg: Registration) -> u64 {
+        let now = crate::http::now_unix_nanos();
         let mut st = self.state();
         let agent = st
             .agents
             .entry(reg.agent_id.clone())
-            .or_insert_with(|| Agent {
-                node: reg.node_name.clone(),
-                registration: reg.clone(),
-                last_sequence: 0,
-                clock: None,
-                counters: AgentCounters::default(),
-                subscriptions: 0,
-            });
+            .or_insert_with(|| Agent::new(reg.clone(), now));
         agent.node = reg.node_name.clone();
         agent.registration = reg;
-        let last = agent.last_sequence;
+        agent.seen = now;
+        let acked = agent.durable_sequence;
         st.live_cache = None;
-        last
+        acked
     }
 
     /// Kernel and capabilities an agent registered with.
@@ -513,9 +903,31 @@ impl Correlator {
                 tracing::error!(error = %e, "store lookup failed; tracking the deletion anyway")
             }
         }
+        let _persist = self.persist();
+        let row = self.start_tracking(d, t0, now);
+        let Some(row) = row else { return };
+        if let Err(e) = self.store.insert_pending(&row) {
+            tracing::error!(error = %e, pod = %row.pod_name, "storing a started deletion failed; the next checkpoint retries");
+            let mut st = self.state();
+            let st = &mut *st;
+            if let Some(p) = st.pending.get_mut(&row.pod_uid) {
+                p.stored = false;
+                mark_pending(&mut st.dirty_pending, &row.pod_uid, p);
+            }
+        }
+    }
+
+    /// The in-memory part of [`Correlator::deletion_started`]: the row to
+    /// store, or `None` when the deletion is already tracked.
+    fn start_tracking(
+        &self,
+        d: DeletionStart,
+        t0: UnixNanos,
+        now: UnixNanos,
+    ) -> Option<PendingRow> {
         let mut st = self.state();
         if st.pending.contains_key(&d.pod_uid) {
-            return;
+            return None;
         }
         let expected = st.live_nodes();
         let endpoint = Endpoint {
@@ -533,28 +945,36 @@ impl Correlator {
             expected_nodes = expected.len(), "deletion started"
         );
         st.by_ip.entry(d.ip).or_default().push(d.pod_uid.clone());
-        st.pending.insert(
-            d.pod_uid.clone(),
-            Pending {
-                terminating: d.terminating_unix_nanos,
-                start: d,
-                endpoint: endpoint.clone(),
-                t0,
-                tracked_since: now,
-                expected,
-                nodes: BTreeMap::new(),
-                pod_gone: None,
-            },
-        );
+        let p = Pending {
+            terminating: d.terminating_unix_nanos,
+            start: d,
+            endpoint: endpoint.clone(),
+            t0,
+            tracked_since: now,
+            expected,
+            nodes: BTreeMap::new(),
+            pod_gone: None,
+            dirty: false,
+            dirty_nodes: Vec::new(),
+            stored: true,
+        };
+        let row = pending_row(&p);
+        st.pending.insert(row.pod_uid.clone(), p);
         st.replay_orphans(Some(endpoint.ip), now);
         // No receivers is fine: no agent is connected.
         let _ = self.changes.send(WatchChange::Add(endpoint));
+        Some(row)
     }
 
     /// An EndpointSlice showed the endpoint terminating / not ready.
     pub fn endpoint_terminating(&self, pod_uid: &str, at: UnixNanos) {
-        if let Some(p) = self.state().pending.get_mut(pod_uid) {
-            p.terminating.get_or_insert(at);
+        let mut st = self.state();
+        let st = &mut *st;
+        if let Some(p) = st.pending.get_mut(pod_uid)
+            && p.terminating.is_none()
+        {
+            p.terminating = Some(at);
+            mark_pending(&mut st.dirty_pending, pod_uid, p);
         }
     }
 
@@ -563,9 +983,13 @@ impl Correlator {
         let done = {
             let mut st = self.state();
             let live = st.live_nodes();
+            let st = &mut *st;
             match st.pending.get_mut(pod_uid) {
                 Some(p) => {
-                    p.pod_gone.get_or_insert(now);
+                    if p.pod_gone.is_none() {
+                        p.pod_gone = Some(now);
+                        mark_pending(&mut st.dirty_pending, pod_uid, p);
+                    }
                     self.settings.shutdown_linger.is_zero() && p.all_reported(&live)
                 }
                 None => false,
@@ -577,7 +1001,8 @@ impl Correlator {
     }
 
     /// Applies a batch of observations. A sequence at or below the last one
-    /// seen from this agent is acknowledged and ignored.
+    /// applied for this agent is ignored. Either way the reply acknowledges
+    /// only what the last checkpoint made durable.
     pub fn report(&self, batch: Batch, now: UnixNanos) -> Result<ReportOutcome, CorrelateError> {
         let mut st = self.state();
         let st = &mut *st;
@@ -585,13 +1010,16 @@ impl Correlator {
             .agents
             .get_mut(&batch.agent_id)
             .ok_or_else(|| CorrelateError::UnknownAgent(batch.agent_id.clone()))?;
+        agent.seen = now;
         if batch.sequence <= agent.last_sequence {
             return Ok(ReportOutcome {
-                acknowledged_sequence: agent.last_sequence,
+                acknowledged_sequence: agent.durable_sequence,
                 duplicate: true,
             });
         }
         agent.last_sequence = batch.sequence;
+        let acknowledged_sequence = agent.durable_sequence;
+        mark_agent(&mut st.dirty_agents, &batch.agent_id, agent);
         if let Some(c) = batch.clock {
             agent.clock = Some(c);
         }
@@ -630,7 +1058,7 @@ impl Correlator {
             }
         }
         Ok(ReportOutcome {
-            acknowledged_sequence: batch.sequence,
+            acknowledged_sequence,
             duplicate: false,
         })
     }
@@ -664,6 +1092,8 @@ impl Correlator {
     }
 
     fn finish(&self, uids: &[String], now: UnixNanos) {
+        // Held until the records are stored (see `Correlator::persist`).
+        let _persist = self.persist();
         let mut finished = Vec::new();
         {
             let mut st = self.state();
@@ -753,6 +1183,7 @@ impl Correlator {
 /// Folds one observation into the deletion. `node` reported it; `peer_node`
 /// is where the other side of a connection lives (destination-side events
 /// are attributed to the source node).
+/// Returns whether the deletion's accumulators changed.
 fn apply(
     p: &mut Pending,
     node: &str,
@@ -760,9 +1191,9 @@ fn apply(
     kind: ObsKind,
     t: UnixNanos,
     uncertainty: u64,
-) {
+) -> bool {
     let after_t0 = t >= p.t0;
-    let nodes = &mut p.nodes;
+    let nodes = &mut (&mut p.nodes, &mut p.dirty_nodes);
     let source = peer_node.unwrap_or(UNATTRIBUTED);
     match kind {
         ObsKind::RulesRemoved(mode) => {
@@ -784,7 +1215,7 @@ fn apply(
         // The pod's node also sees, in its own conntrack, the flows other
         // nodes route to the pod through it: those are the source node's
         // evidence (its agent reports them), not this node's routing.
-        ObsKind::NewFlow if peer_node.is_some_and(|p| p != node) => {}
+        ObsKind::NewFlow if peer_node.is_some_and(|p| p != node) => return false,
         ObsKind::NewFlow => {
             let a = node_acc(nodes, node, uncertainty);
             a.last_connection = a.last_connection.max(Some(t));
@@ -816,17 +1247,23 @@ fn apply(
         | ObsKind::ResetSent {
             cause: ResetCause::Other,
         }
-        | ObsKind::ResetReceived => {}
+        | ObsKind::ResetReceived => return false,
     }
+    true
 }
 
+/// The node's accumulator, marked changed.
 fn node_acc<'a>(
-    nodes: &'a mut BTreeMap<String, NodeAcc>,
+    (nodes, dirty): &'a mut (&mut BTreeMap<String, NodeAcc>, &mut Vec<String>),
     n: &str,
     uncertainty: u64,
 ) -> &'a mut NodeAcc {
     let a = nodes.entry(n.to_owned()).or_default();
     a.clock_uncertainty_ns.get_or_insert(uncertainty);
+    if !a.dirty {
+        a.dirty = true;
+        dirty.push(n.to_owned());
+    }
     a
 }
 

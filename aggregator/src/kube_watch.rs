@@ -127,12 +127,20 @@ impl Watch {
             Event::Apply(p) => self.pod_seen(&p, Some(now), now),
             Event::Delete(p) => self.pod_gone(&p.uid().unwrap_or_default(), now),
             Event::InitDone => {
-                let gone: Vec<String> = self
+                let mut gone: Vec<String> = self
                     .deleting
                     .keys()
                     .filter(|u| !self.init_pods.contains(*u))
                     .cloned()
                     .collect();
+                // Deletions restored from the store whose pod went while the
+                // aggregator was down: this watcher never saw them.
+                gone.extend(
+                    self.correlator
+                        .pending_uids()
+                        .into_iter()
+                        .filter(|u| !self.init_pods.contains(u) && !self.deleting.contains_key(u)),
+                );
                 for uid in gone {
                     self.pod_gone(&uid, now);
                 }
@@ -210,9 +218,10 @@ impl Watch {
     fn pod_gone(&mut self, uid: &str, now: UnixNanos) {
         self.deleting.remove(uid);
         self.terminating.remove(uid);
-        if self.started.remove(uid) {
-            self.correlator.pod_gone(uid, now);
-        }
+        self.started.remove(uid);
+        // Also when this watcher never started it: the deletion may have
+        // been restored from the store (a no-op for pods not tracked).
+        self.correlator.pod_gone(uid, now);
     }
 
     fn slice_event(&mut self, e: Event<EndpointSlice>, now: UnixNanos) {

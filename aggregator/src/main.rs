@@ -41,6 +41,12 @@ struct Args {
     /// requests lost at shutdown (keep-alive connections the pod closed).
     #[arg(long, env = "AGGREGATOR_SHUTDOWN_LINGER", default_value = "3s", value_parser = humantime::parse_duration)]
     shutdown_linger: Duration,
+    /// How often the in-flight state (per-node observations of deletions in
+    /// flight, agents' batch sequences) is checkpointed to the store; agents
+    /// are acknowledged up to the last checkpoint and resend the rest after
+    /// a crash.
+    #[arg(long, env = "AGGREGATOR_CHECKPOINT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    checkpoint_interval: Duration,
     /// Seconds added to the latency bound before rounding up.
     #[arg(long, env = "AGGREGATOR_MARGIN_SECONDS", default_value_t = 1.0)]
     margin_seconds: f64,
@@ -70,6 +76,10 @@ async fn main() -> anyhow::Result<()> {
         a.margin_seconds.is_finite() && a.margin_seconds >= 0.0,
         "--margin-seconds must be a non-negative number"
     );
+    anyhow::ensure!(
+        !a.checkpoint_interval.is_zero(),
+        "--checkpoint-interval must be positive"
+    );
     if let Some(dir) = a.store.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -98,8 +108,10 @@ async fn main() -> anyhow::Result<()> {
         retention: a.retention,
         completion_timeout: a.completion_timeout,
         shutdown_linger: a.shutdown_linger,
+        checkpoint_interval: a.checkpoint_interval,
     };
-    let running = aggregator::app::start(settings, Arc::new(store), grpc, http, kube)?;
+    let running = aggregator::app::start(settings, Arc::new(store), grpc, http, kube)
+        .with_context(|| format!("starting with store {}", a.store.display()))?;
     tracing::info!(grpc = %running.grpc_addr, http = %running.http_addr, "aggregator started");
     shutdown_signal().await?;
     tracing::info!("shutting down");

@@ -2,11 +2,20 @@
 //! pruned after the retention window. One row per deletion holds the whole
 //! record as JSON; the columns and side tables beside it exist only to select
 //! rows (by time, namespace, service, node, outcome) without parsing JSON.
+//!
+//! The correlator's in-flight state is kept here too, so a restart loses
+//! nothing and counts nothing twice: each deletion in flight
+//! (`pending_deletions`, written when it starts), its per-node accumulators
+//! (`pending_nodes`) and each agent's last applied batch sequence (`agents`),
+//! both written by periodic [`Store::checkpoint`]s.
 
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{Connection, OptionalExtension, params, params_from_iter, types::Value};
+use rusqlite::{
+    Connection, OptionalExtension, TransactionBehavior, params, params_from_iter, types::Value,
+};
 
 use crate::model::{DeletionRecord, UnixNanos};
 
@@ -22,9 +31,18 @@ pub enum StoreError {
         found: i64,
         expected: i64,
     },
+    /// A persisted row that cannot be read back (wrong type, bad value).
+    #[error("corrupt row in table {table} ({key}): {reason}")]
+    Corrupt {
+        table: &'static str,
+        /// The row's key, e.g. `pod_uid "abc"`.
+        key: String,
+        reason: String,
+    },
 }
 
-const SCHEMA_VERSION: i64 = 1;
+/// 2 added the in-flight tables; a version 1 file is upgraded in place.
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS deletions (
@@ -51,7 +69,137 @@ CREATE TABLE IF NOT EXISTS deletion_nodes (
     PRIMARY KEY (pod_uid, node)
 );
 CREATE INDEX IF NOT EXISTS deletion_nodes_node ON deletion_nodes(node);
+CREATE TABLE IF NOT EXISTS pending_deletions (
+    pod_uid TEXT PRIMARY KEY,
+    namespace TEXT NOT NULL,
+    pod_name TEXT NOT NULL,
+    services TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    ports TEXT NOT NULL,
+    host_node TEXT,
+    received_unix_nanos INTEGER,
+    api_start_unix_nanos INTEGER,
+    grace_period_seconds INTEGER,
+    t0_unix_nanos INTEGER NOT NULL,
+    tracked_since_unix_nanos INTEGER NOT NULL,
+    terminating_unix_nanos INTEGER,
+    expected_nodes TEXT NOT NULL,
+    pod_gone_unix_nanos INTEGER
+);
+CREATE TABLE IF NOT EXISTS pending_nodes (
+    pod_uid TEXT NOT NULL REFERENCES pending_deletions(pod_uid) ON DELETE CASCADE,
+    node TEXT NOT NULL,
+    rules_removed_unix_nanos INTEGER,
+    rules_mode TEXT,
+    last_connection_unix_nanos INTEGER,
+    late_flows INTEGER NOT NULL,
+    late_accepted INTEGER NOT NULL,
+    refused INTEGER NOT NULL,
+    aborted INTEGER NOT NULL,
+    clock_uncertainty_ns INTEGER,
+    PRIMARY KEY (pod_uid, node)
+);
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    last_sequence INTEGER NOT NULL,
+    clock_offset_ns INTEGER,
+    clock_uncertainty_ns INTEGER,
+    seen_unix_nanos INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS agents_seen ON agents(seen_unix_nanos);
 ";
+
+/// A deletion in flight as persisted: what the correlator needs to carry it
+/// on after a restart with the same T0.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingRow {
+    pub pod_uid: String,
+    pub namespace: String,
+    pub pod_name: String,
+    pub services: Vec<String>,
+    pub ip: IpAddr,
+    pub ports: Vec<u16>,
+    pub host_node: Option<String>,
+    pub received_unix_nanos: Option<UnixNanos>,
+    pub api_start_unix_nanos: Option<UnixNanos>,
+    pub grace_period_seconds: Option<i64>,
+    pub t0_unix_nanos: UnixNanos,
+    pub tracked_since_unix_nanos: UnixNanos,
+    pub terminating_unix_nanos: Option<UnixNanos>,
+    /// Nodes expected to report (empty: those live when it finishes).
+    pub expected_nodes: Vec<String>,
+    pub pod_gone_unix_nanos: Option<UnixNanos>,
+}
+
+/// The parts of a pending deletion that change after it started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingUpdate {
+    pub pod_uid: String,
+    pub terminating_unix_nanos: Option<UnixNanos>,
+    pub pod_gone_unix_nanos: Option<UnixNanos>,
+}
+
+/// What one node contributed so far to a deletion in flight.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeAccRow {
+    pub node: String,
+    /// Time and dataplane mode (`Mode::as_str`) of the rules removal.
+    pub rules_removed: Option<(UnixNanos, String)>,
+    pub last_connection_unix_nanos: Option<UnixNanos>,
+    pub late_flows: u64,
+    pub late_accepted: u64,
+    pub refused: u64,
+    pub aborted: u64,
+    pub clock_uncertainty_ns: Option<u64>,
+}
+
+/// Changed node accumulators of one deletion in flight.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PendingNodes {
+    pub pod_uid: String,
+    pub nodes: Vec<NodeAccRow>,
+}
+
+/// An agent's batch dedupe state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentRow {
+    pub agent_id: String,
+    pub node: String,
+    /// Highest batch sequence applied (stored bit for bit as an SQLite
+    /// integer: any u64 round-trips).
+    pub last_sequence: u64,
+    pub clock: Option<(i64, u64)>,
+    /// Aggregator time the row was last written.
+    pub seen_unix_nanos: UnixNanos,
+}
+
+/// What changed since the previous checkpoint, written in one transaction.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Deletions whose start row is not stored yet (its first write failed).
+    pub started: Vec<PendingRow>,
+    pub updated: Vec<PendingUpdate>,
+    pub nodes: Vec<PendingNodes>,
+    pub agents: Vec<AgentRow>,
+}
+
+impl Checkpoint {
+    pub fn is_empty(&self) -> bool {
+        self.started.is_empty()
+            && self.updated.is_empty()
+            && self.nodes.is_empty()
+            && self.agents.is_empty()
+    }
+}
+
+/// The in-flight state as last persisted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InFlight {
+    /// Each deletion with its node accumulators, by pod UID.
+    pub pending: Vec<(PendingRow, Vec<NodeAccRow>)>,
+    pub agents: Vec<AgentRow>,
+}
 
 /// Which deletions a recommendation draws on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -89,6 +237,27 @@ pub struct DeletionFilter {
 
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Writes of the in-flight state on a connection of their own: a
+    /// checkpoint can hold its transaction for a while, and queries keep
+    /// reading meanwhile (WAL). `None` in memory, where each connection
+    /// would be a database of its own.
+    writer: Option<Mutex<Connection>>,
+}
+
+/// A panic while holding the lock cannot leave SQLite inconsistent
+/// (transactions roll back), so a poisoned lock is still usable.
+fn lock(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Per-connection settings (WAL mode itself is kept by the file).
+fn configure(conn: &Connection) -> Result<(), StoreError> {
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Two connections write (serialised by the correlator; housekeeping
+    // may overlap): wait for the other rather than fail.
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    Ok(())
 }
 
 impl Store {
@@ -99,10 +268,10 @@ impl Store {
         // WAL + NORMAL: a crash loses at most the last transactions, never
         // corrupts, and writers do not block readers.
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
+        configure(&conn)?;
         let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if found != 0 && found != SCHEMA_VERSION {
+        // 0: new file; 1: finished deletions only (the new tables are added).
+        if !(0..=SCHEMA_VERSION).contains(&found) {
             return Err(StoreError::Schema {
                 path: path.display().to_string(),
                 found,
@@ -111,8 +280,16 @@ impl Store {
         }
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        let writer = if path.as_os_str() == ":memory:" {
+            None
+        } else {
+            let w = Connection::open(path)?;
+            configure(&w)?;
+            Some(Mutex::new(w))
+        };
         Ok(Self {
             conn: Mutex::new(conn),
+            writer,
         })
     }
 
@@ -122,9 +299,11 @@ impl Store {
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave SQLite inconsistent
-        // (transactions roll back), so a poisoned lock is still usable.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.conn)
+    }
+
+    fn writer(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.writer.as_ref().map_or_else(|| self.conn(), lock)
     }
 
     /// Records a finished deletion. Idempotent: recording the same pod UID
@@ -133,8 +312,14 @@ impl Store {
         let json = serde_json::to_string(rec)?;
         let aborted: u64 = rec.nodes.iter().map(|n| n.aborted_connections).sum();
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM deletions WHERE pod_uid = ?1", [&rec.pod_uid])?;
+        // No longer in flight: in the same transaction, so a restart finds
+        // the deletion either pending or finished, never both or neither.
+        tx.prepare_cached("DELETE FROM pending_nodes WHERE pod_uid = ?1")?
+            .execute([&rec.pod_uid])?;
+        tx.prepare_cached("DELETE FROM pending_deletions WHERE pod_uid = ?1")?
+            .execute([&rec.pod_uid])?;
         tx.execute(
             "INSERT INTO deletions (pod_uid, namespace, finished_unix_nanos, complete,
                 propagation_seconds, aborted_connections, record)
@@ -259,6 +444,148 @@ impl Store {
         )?)
     }
 
+    /// Persists a deletion that just started. Ignored when the deletion is
+    /// already pending or finished.
+    pub fn insert_pending(&self, row: &PendingRow) -> Result<(), StoreError> {
+        let conn = self.writer();
+        insert_pending(&conn, row)
+    }
+
+    /// Writes a checkpoint in one transaction. Rows of deletions that are no
+    /// longer pending (finished meanwhile) are skipped.
+    pub fn checkpoint(&self, c: &Checkpoint) -> Result<(), StoreError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for row in &c.started {
+            insert_pending(&tx, row)?;
+        }
+        {
+            let mut update = tx.prepare_cached(
+                "UPDATE pending_deletions SET terminating_unix_nanos = ?2, pod_gone_unix_nanos = ?3
+                 WHERE pod_uid = ?1",
+            )?;
+            for u in &c.updated {
+                update.execute(params![
+                    u.pod_uid,
+                    u.terminating_unix_nanos,
+                    u.pod_gone_unix_nanos
+                ])?;
+            }
+            let mut exists =
+                tx.prepare_cached("SELECT 1 FROM pending_deletions WHERE pod_uid = ?1")?;
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO pending_nodes (pod_uid, node, rules_removed_unix_nanos, rules_mode,
+                    last_connection_unix_nanos, late_flows, late_accepted, refused, aborted,
+                    clock_uncertainty_ns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT (pod_uid, node) DO UPDATE SET
+                    rules_removed_unix_nanos = excluded.rules_removed_unix_nanos,
+                    rules_mode = excluded.rules_mode,
+                    last_connection_unix_nanos = excluded.last_connection_unix_nanos,
+                    late_flows = excluded.late_flows,
+                    late_accepted = excluded.late_accepted,
+                    refused = excluded.refused,
+                    aborted = excluded.aborted,
+                    clock_uncertainty_ns = excluded.clock_uncertainty_ns",
+            )?;
+            for p in &c.nodes {
+                if !exists.exists([&p.pod_uid])? {
+                    continue;
+                }
+                for n in &p.nodes {
+                    upsert.execute(params![
+                        p.pod_uid,
+                        n.node,
+                        n.rules_removed.as_ref().map(|r| r.0),
+                        n.rules_removed.as_ref().map(|r| &r.1),
+                        n.last_connection_unix_nanos,
+                        count(n.late_flows),
+                        count(n.late_accepted),
+                        count(n.refused),
+                        count(n.aborted),
+                        n.clock_uncertainty_ns.map(count),
+                    ])?;
+                }
+            }
+            let mut agent = tx.prepare_cached(
+                "INSERT OR REPLACE INTO agents (agent_id, node, last_sequence, clock_offset_ns,
+                    clock_uncertainty_ns, seen_unix_nanos)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for a in &c.agents {
+                agent.execute(params![
+                    a.agent_id,
+                    a.node,
+                    a.last_sequence as i64,
+                    a.clock.map(|c| c.0),
+                    a.clock.map(|c| count(c.1)),
+                    a.seen_unix_nanos,
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The in-flight state as last persisted. Pending rows of deletions that
+    /// are also recorded as finished are dropped (the record wins).
+    pub fn in_flight(&self) -> Result<InFlight, StoreError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "DELETE FROM pending_deletions WHERE pod_uid IN (SELECT pod_uid FROM deletions)",
+            [],
+        )?;
+        let mut out = InFlight::default();
+        let mut index = std::collections::HashMap::new();
+        {
+            let mut stmt = tx.prepare(
+                "SELECT pod_uid, namespace, pod_name, services, ip, ports, host_node,
+                    received_unix_nanos, api_start_unix_nanos, grace_period_seconds,
+                    t0_unix_nanos, tracked_since_unix_nanos, terminating_unix_nanos,
+                    expected_nodes, pod_gone_unix_nanos
+                 FROM pending_deletions ORDER BY pod_uid",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let row = pending_row(r)?;
+                index.insert(row.pod_uid.clone(), out.pending.len());
+                out.pending.push((row, Vec::new()));
+            }
+            let mut stmt = tx.prepare(
+                "SELECT pod_uid, node, rules_removed_unix_nanos, rules_mode,
+                    last_connection_unix_nanos, late_flows, late_accepted, refused, aborted,
+                    clock_uncertainty_ns
+                 FROM pending_nodes ORDER BY pod_uid, node",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let (uid, acc) = node_row(r)?;
+                if let Some(&i) = index.get(&uid) {
+                    out.pending[i].1.push(acc);
+                }
+            }
+            let mut stmt = tx.prepare(
+                "SELECT agent_id, node, last_sequence, clock_offset_ns, clock_uncertainty_ns,
+                    seen_unix_nanos
+                 FROM agents ORDER BY agent_id",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                out.agents.push(agent_row(r)?);
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Forgets agents not written since `before`; returns how many.
+    pub fn prune_agents(&self, before: UnixNanos) -> Result<usize, StoreError> {
+        Ok(self
+            .writer()
+            .execute("DELETE FROM agents WHERE seen_unix_nanos < ?1", [before])?)
+    }
+
     /// Number of stored deletions.
     pub fn len(&self) -> Result<u64, StoreError> {
         let n: i64 = self
@@ -270,6 +597,161 @@ impl Store {
     pub fn is_empty(&self) -> Result<bool, StoreError> {
         Ok(self.len()? == 0)
     }
+}
+
+/// A count as an SQLite integer (saturating; counts never get near).
+fn count(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn insert_pending(conn: &Connection, row: &PendingRow) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO pending_deletions (pod_uid, namespace, pod_name, services, ip,
+            ports, host_node, received_unix_nanos, api_start_unix_nanos, grace_period_seconds,
+            t0_unix_nanos, tracked_since_unix_nanos, terminating_unix_nanos, expected_nodes,
+            pod_gone_unix_nanos)
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15
+         WHERE NOT EXISTS (SELECT 1 FROM deletions WHERE pod_uid = ?1)",
+    )?
+    .execute(params![
+        row.pod_uid,
+        row.namespace,
+        row.pod_name,
+        serde_json::to_string(&row.services)?,
+        row.ip.to_string(),
+        serde_json::to_string(&row.ports)?,
+        row.host_node,
+        row.received_unix_nanos,
+        row.api_start_unix_nanos,
+        row.grace_period_seconds,
+        row.t0_unix_nanos,
+        row.tracked_since_unix_nanos,
+        row.terminating_unix_nanos,
+        serde_json::to_string(&row.expected_nodes)?,
+        row.pod_gone_unix_nanos,
+    ])?;
+    Ok(())
+}
+
+/// Reads persisted rows, turning every failure into [`StoreError::Corrupt`]
+/// naming the table and the row.
+struct RowReader<'a, 'r> {
+    row: &'a rusqlite::Row<'r>,
+    table: &'static str,
+    key: String,
+}
+
+impl<'a, 'r> RowReader<'a, 'r> {
+    /// Keyed by the first column (a TEXT key).
+    fn new(row: &'a rusqlite::Row<'r>, table: &'static str, key: &str) -> Self {
+        let key = match row.get_ref(0) {
+            Ok(rusqlite::types::ValueRef::Text(t)) => {
+                format!("{key} {:?}", String::from_utf8_lossy(t))
+            }
+            Ok(v) => format!("{key} {v:?}"),
+            Err(e) => format!("{key} unreadable: {e}"),
+        };
+        Self { row, table, key }
+    }
+
+    fn corrupt(&self, reason: impl std::fmt::Display) -> StoreError {
+        StoreError::Corrupt {
+            table: self.table,
+            key: self.key.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn get<T: rusqlite::types::FromSql>(&self, i: usize) -> Result<T, StoreError> {
+        self.row.get(i).map_err(|e| self.corrupt(e))
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(&self, i: usize) -> Result<T, StoreError> {
+        let text: String = self.get(i)?;
+        serde_json::from_str(&text).map_err(|e| {
+            let column = self.row.as_ref().column_name(i).unwrap_or("?");
+            self.corrupt(format_args!("{column}: {e}"))
+        })
+    }
+
+    fn count(&self, i: usize) -> Result<u64, StoreError> {
+        let v: i64 = self.get(i)?;
+        u64::try_from(v).map_err(|_| {
+            let column = self.row.as_ref().column_name(i).unwrap_or("?");
+            self.corrupt(format_args!("{column}: negative count {v}"))
+        })
+    }
+
+    fn opt_count(&self, i: usize) -> Result<Option<u64>, StoreError> {
+        match self.get::<Option<i64>>(i)? {
+            None => Ok(None),
+            Some(_) => self.count(i).map(Some),
+        }
+    }
+}
+
+fn pending_row(r: &rusqlite::Row<'_>) -> Result<PendingRow, StoreError> {
+    let r = RowReader::new(r, "pending_deletions", "pod_uid");
+    let ip: String = r.get(4)?;
+    Ok(PendingRow {
+        pod_uid: r.get(0)?,
+        namespace: r.get(1)?,
+        pod_name: r.get(2)?,
+        services: r.json(3)?,
+        ip: ip
+            .parse()
+            .map_err(|_| r.corrupt(format_args!("ip {ip:?} is not an IP address")))?,
+        ports: r.json(5)?,
+        host_node: r.get(6)?,
+        received_unix_nanos: r.get(7)?,
+        api_start_unix_nanos: r.get(8)?,
+        grace_period_seconds: r.get(9)?,
+        t0_unix_nanos: r.get(10)?,
+        tracked_since_unix_nanos: r.get(11)?,
+        terminating_unix_nanos: r.get(12)?,
+        expected_nodes: r.json(13)?,
+        pod_gone_unix_nanos: r.get(14)?,
+    })
+}
+
+fn node_row(row: &rusqlite::Row<'_>) -> Result<(String, NodeAccRow), StoreError> {
+    let mut r = RowReader::new(row, "pending_nodes", "pod_uid");
+    let node: String = r.get(1)?;
+    r.key = format!("{}, node {node:?}", r.key);
+    let rules_removed = match (r.get::<Option<i64>>(2)?, r.get::<Option<String>>(3)?) {
+        (Some(t), Some(mode)) => Some((t, mode)),
+        (None, None) => None,
+        _ => return Err(r.corrupt("rules_removed_unix_nanos and rules_mode must both be set")),
+    };
+    Ok((
+        r.get(0)?,
+        NodeAccRow {
+            node,
+            rules_removed,
+            last_connection_unix_nanos: r.get(4)?,
+            late_flows: r.count(5)?,
+            late_accepted: r.count(6)?,
+            refused: r.count(7)?,
+            aborted: r.count(8)?,
+            clock_uncertainty_ns: r.opt_count(9)?,
+        },
+    ))
+}
+
+fn agent_row(r: &rusqlite::Row<'_>) -> Result<AgentRow, StoreError> {
+    let r = RowReader::new(r, "agents", "agent_id");
+    let clock = match (r.get::<Option<i64>>(3)?, r.opt_count(4)?) {
+        (Some(offset), Some(uncertainty)) => Some((offset, uncertainty)),
+        (None, None) => None,
+        _ => return Err(r.corrupt("clock_offset_ns and clock_uncertainty_ns must both be set")),
+    };
+    Ok(AgentRow {
+        agent_id: r.get(0)?,
+        node: r.get(1)?,
+        last_sequence: r.get::<i64>(2)? as u64,
+        clock,
+        seen_unix_nanos: r.get(5)?,
+    })
 }
 
 /// Each scope starts from the index that narrows it most: the service

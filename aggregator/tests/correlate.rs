@@ -617,3 +617,75 @@ fn reports_that_arrive_before_the_deletion_is_known_are_kept() {
     assert!(rec.complete, "{rec:#?}");
     assert_eq!(rec.propagation_seconds, Some(1.0));
 }
+
+#[test]
+fn checkpoints_persist_later_changes_and_a_restored_correlator_carries_on() {
+    let (c, store) = setup(Duration::from_secs(60));
+    register(&c, "a");
+    register(&c, "b");
+    let subs = (c.subscribe("a").unwrap(), c.subscribe("b").unwrap());
+    c.deletion_started(start("u1", "10.0.0.5"), T0);
+    let flow = |t| obs(ObsKind::NewFlow, "10.0.0.5", Some("10.1.0.9"), t);
+    let rules = |t| obs(ObsKind::RulesRemoved(Mode::Nftables), "10.0.0.5", None, t);
+    let ack = |seq, obs| c.report(batch("b", seq, obs), T0).unwrap();
+    // b's accumulator changes, is checkpointed, changes again, is
+    // checkpointed again, changes a third time and is not.
+    assert_eq!(ack(1, vec![flow(T0 + S / 10)]).acknowledged_sequence, 0);
+    let cp = c.checkpoint(T0 + S).unwrap();
+    assert_eq!((cp.node_accumulators, cp.agents), (1, 1));
+    assert_eq!(ack(2, vec![flow(T0 + S / 5)]).acknowledged_sequence, 1);
+    // Nothing changed since: an empty checkpoint.
+    c.checkpoint(T0 + S).unwrap();
+    assert_eq!(c.checkpoint(T0 + S).unwrap().node_accumulators, 0);
+    assert_eq!(ack(3, vec![flow(T0 + S / 2)]).acknowledged_sequence, 2);
+    assert!(ack(3, vec![flow(T0 + S / 2)]).duplicate);
+
+    // The process dies; a new correlator on the same store carries on.
+    drop(subs);
+    let settings = Arc::new(Settings {
+        completion_timeout: Duration::from_secs(60),
+        shutdown_linger: Duration::ZERO,
+        ..Settings::default()
+    });
+    let c = Correlator::new(settings, Arc::clone(&store), Arc::new(Metrics::new()));
+    let restored = c.restore().unwrap();
+    assert_eq!(
+        (
+            restored.deletions,
+            restored.agents,
+            restored.node_accumulators
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(c.pending(), 1);
+    register(&c, "a");
+    let b = Registration {
+        agent_id: "b".into(),
+        node_name: "b".into(),
+        kernel_release: String::new(),
+        capabilities: vec![],
+    };
+    assert_eq!(c.register(b), 2, "durable up to batch 2");
+    let _subs = (c.subscribe("a").unwrap(), c.subscribe("b").unwrap());
+    // b resends what was not acknowledged (3) and an old one (2).
+    assert!(
+        !c.report(batch("b", 3, vec![flow(T0 + S / 2)]), T0)
+            .unwrap()
+            .duplicate
+    );
+    assert!(
+        c.report(batch("b", 2, vec![flow(T0 + S / 5)]), T0)
+            .unwrap()
+            .duplicate
+    );
+    c.report(batch("b", 4, vec![rules(T0 + S)]), T0).unwrap();
+    c.report(batch("a", 1, vec![rules(T0 + S / 3)]), T0)
+        .unwrap();
+    c.pod_gone("u1", T0 + 2 * S);
+    let rec = store.deletion("u1").unwrap().expect("finished");
+    assert!(rec.complete, "{rec:#?}");
+    assert_eq!(rec.deletion_start_unix_nanos, T0);
+    let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
+    assert_eq!(b.late_connections, 3, "{rec:#?}");
+    assert!(store.in_flight().unwrap().pending.is_empty());
+}

@@ -96,9 +96,19 @@ async fn deletion_flows_to_recommendation_and_survives_restart() {
         ])
         .await;
     assert!(!r.duplicate);
-    let again = b.client.report(req).await.unwrap().into_inner();
+    let again = b.client.report(req.clone()).await.unwrap().into_inner();
     assert!(again.duplicate);
-    assert_eq!(again.acknowledged_sequence, 1);
+    // Acknowledged once the periodic checkpoint (1 s) made it durable.
+    let client = b.client.clone();
+    wait_until("batch acknowledged", || {
+        let (mut client, req) = (client.clone(), req.clone());
+        async move {
+            let r = client.report(req).await.unwrap().into_inner();
+            assert!(r.duplicate);
+            r.acknowledged_sequence == 1
+        }
+    })
+    .await;
 
     // The kubelet finishes: the pod object goes, the deletion completes.
     c.double.finish_deletion::<Pod>("shop", "web-1").unwrap();
@@ -301,5 +311,229 @@ async fn watch_relist_410_bookmarks_and_reconnects_neither_lose_nor_duplicate() 
     assert_eq!(d["items"][0]["podName"], "web-1");
     assert_eq!(d["items"][0]["complete"], true);
     assert_eq!(agg.correlator.pending(), 3);
+    agg.shutdown().await;
+}
+
+/// Checkpoints only when a test asks (or at a clean shutdown), so what is
+/// durable at a crash is known; no linger, so deletions finish at once.
+fn manual_checkpoints() -> Settings {
+    Settings {
+        checkpoint_interval: Duration::from_secs(3600),
+        shutdown_linger: Duration::ZERO,
+        ..settings()
+    }
+}
+
+fn checkpoint(agg: &aggregator::app::Running) {
+    agg.correlator
+        .checkpoint(aggregator::http::now_unix_nanos())
+        .unwrap();
+}
+
+/// The one finished deletion, once stored.
+async fn finished(http: std::net::SocketAddr) -> serde_json::Value {
+    wait_until("deletion stored", || async move {
+        get_json(http, "/v1/deletions").await.1["items"]
+            .as_array()
+            .is_some_and(|i| !i.is_empty())
+    })
+    .await;
+    let (_, d) = get_json(http, "/v1/deletions").await;
+    assert_eq!(d["items"].as_array().unwrap().len(), 1, "{d}");
+    d["items"][0].clone()
+}
+
+fn node_of<'a>(d: &'a serde_json::Value, node: &str) -> &'a serde_json::Value {
+    d["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == node)
+        .unwrap_or_else(|| panic!("no {node} in {d}"))
+}
+
+const IP: &str = "10.244.0.5";
+
+#[tokio::test]
+async fn restart_mid_deletion_keeps_t0_and_what_agents_reported() {
+    let c = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store.db");
+    let agg = start_aggregator(manual_checkpoints(), &store, Some(&c.double)).await;
+    let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
+    let mut b = Agent::connect(agg.grpc_addr, "node-b").await;
+    start_deletion(&c);
+    let ep = a.next_add().await;
+    assert_eq!(ep, b.next_add().await);
+    let t0 = ep.deletion_start_unix_nanos;
+    assert_ne!(
+        t0 % S,
+        0,
+        "T0 is the receipt time, not the API's whole second"
+    );
+
+    // node-a (hosts the pod): accepted a connection from a pod on node-b at
+    // +0.1 s, rules gone at +0.4 s, reset a keep-alive connection from
+    // node-b. node-b: routed a new flow at +0.9 s, rules not gone yet.
+    let (_, r) = a
+        .report(vec![
+            accepted("10.244.1.7", IP, t0 + S / 10),
+            rules_removed(IP, t0 + 4 * S / 10),
+            closed_reset("10.244.1.8", IP, t0 + 2 * S),
+        ])
+        .await;
+    assert_eq!(r.acknowledged_sequence, 0, "no checkpoint yet");
+    b.report(vec![new_flow("10.244.1.7", IP, t0 + 9 * S / 10)])
+        .await;
+
+    // A clean restart (its final checkpoint) on the same store file.
+    drop((a, b));
+    agg.shutdown().await;
+    let agg = start_aggregator(manual_checkpoints(), &store, Some(&c.double)).await;
+    assert_eq!(agg.correlator.pending(), 1, "the deletion is still pending");
+    let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
+    let mut b = Agent::connect(agg.grpc_addr, "node-b").await;
+    assert_eq!((a.acknowledged, b.acknowledged), (1, 1));
+    (a.seq, b.seq) = (a.acknowledged, b.acknowledged);
+    let again = a.next_add().await;
+    assert_eq!(again.deletion_start_unix_nanos, t0, "T0 changed");
+    assert_eq!(again, ep);
+
+    b.report(vec![rules_removed(IP, t0 + 12 * S / 10)]).await;
+    c.double.finish_deletion::<Pod>("shop", "web-1").unwrap();
+    let d = finished(agg.http_addr).await;
+    assert_eq!(d["deletionStartUnixNanos"], t0, "{d}");
+    assert_eq!(d["complete"], true, "{d}");
+    assert!(
+        (d["propagationSeconds"].as_f64().unwrap() - 1.2).abs() < 1e-6,
+        "{d}"
+    );
+    // Known only from before the restart.
+    assert_eq!(
+        node_of(&d, "node-a")["rulesRemovedUnixNanos"],
+        t0 + 4 * S / 10,
+        "{d}"
+    );
+    let nb = node_of(&d, "node-b");
+    assert_eq!(nb["lateConnections"], 1, "{d}");
+    assert_eq!(nb["abortedConnections"], 1, "{d}");
+    assert_eq!(nb["lastConnectionUnixNanos"], t0 + 9 * S / 10, "{d}");
+    agg.shutdown().await;
+}
+
+#[tokio::test]
+async fn batch_checkpointed_before_a_crash_and_resent_after_counts_once() {
+    let c = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store.db");
+    let agg = start_aggregator(manual_checkpoints(), &store, Some(&c.double)).await;
+    let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
+    let mut b = Agent::connect(agg.grpc_addr, "node-b").await;
+    start_deletion(&c);
+    let t0 = a.next_add().await.deletion_start_unix_nanos;
+    b.next_add().await;
+
+    let (flow, r) = b
+        .report(vec![new_flow("10.244.1.7", IP, t0 + 9 * S / 10)])
+        .await;
+    assert_eq!(r.acknowledged_sequence, 0);
+    checkpoint(&agg);
+    // The aggregator dies (no final checkpoint) before the agent got an ack.
+    drop((a, b));
+    agg.abort();
+
+    let agg = start_aggregator(manual_checkpoints(), &store, Some(&c.double)).await;
+    let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
+    let mut b = Agent::connect(agg.grpc_addr, "node-b").await;
+    assert_eq!(b.acknowledged, 1, "the checkpointed batch is acknowledged");
+    // Resent anyway (as after a lost ack): recognised.
+    let again = b.client.report(flow).await.unwrap().into_inner();
+    assert!(again.duplicate);
+    assert_eq!(again.acknowledged_sequence, 1);
+    (a.seq, b.seq) = (a.acknowledged, b.acknowledged);
+
+    a.report(vec![rules_removed(IP, t0 + 4 * S / 10)]).await;
+    b.report(vec![rules_removed(IP, t0 + 12 * S / 10)]).await;
+    c.double.finish_deletion::<Pod>("shop", "web-1").unwrap();
+    let d = finished(agg.http_addr).await;
+    assert_eq!(d["complete"], true, "{d}");
+    assert_eq!(node_of(&d, "node-b")["lateConnections"], 1, "doubled? {d}");
+    agg.shutdown().await;
+}
+
+#[tokio::test]
+async fn batch_applied_but_not_checkpointed_at_a_crash_is_resent_and_counts_once() {
+    let c = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store.db");
+    let agg = start_aggregator(manual_checkpoints(), &store, Some(&c.double)).await;
+    let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
+    let mut b = Agent::connect(agg.grpc_addr, "node-b").await;
+    start_deletion(&c);
+    let t0 = a.next_add().await.deletion_start_unix_nanos;
+    b.next_add().await;
+
+    // Batch 1 (a late flow at +0.9 s) is checkpointed; batch 2 (another at
+    // +1.0 s) is applied, but the aggregator dies before a checkpoint.
+    b.report(vec![new_flow("10.244.1.7", IP, t0 + 9 * S / 10)])
+        .await;
+    a.report(vec![rules_removed(IP, t0 + 4 * S / 10)]).await;
+    checkpoint(&agg);
+    let (second, r) = b.report(vec![new_flow("10.244.1.9", IP, t0 + S)]).await;
+    assert!(!r.duplicate);
+    assert_eq!(r.acknowledged_sequence, 1, "batch 2 is not durable");
+    drop((a, b));
+    agg.abort();
+
+    let agg = start_aggregator(manual_checkpoints(), &store, Some(&c.double)).await;
+    let mut b = Agent::connect(agg.grpc_addr, "node-b").await;
+    let _a = Agent::connect(agg.grpc_addr, "node-a").await;
+    assert_eq!(b.acknowledged, 1);
+    // The agent resends what was not acknowledged: applied once.
+    let r = b.client.report(second.clone()).await.unwrap().into_inner();
+    assert!(!r.duplicate, "batch 2 was lost with the crash: must apply");
+    let r = b.client.report(second).await.unwrap().into_inner();
+    assert!(r.duplicate);
+    b.seq = 2;
+    b.report(vec![rules_removed(IP, t0 + 12 * S / 10)]).await;
+    c.double.finish_deletion::<Pod>("shop", "web-1").unwrap();
+    let d = finished(agg.http_addr).await;
+    assert_eq!(d["complete"], true, "{d}");
+    let nb = node_of(&d, "node-b");
+    assert_eq!(nb["lateConnections"], 2, "batch 1 once, batch 2 once: {d}");
+    assert_eq!(nb["lastConnectionUnixNanos"], t0 + S, "{d}");
+    assert_eq!(
+        node_of(&d, "node-a")["rulesRemovedUnixNanos"],
+        t0 + 4 * S / 10
+    );
+    agg.shutdown().await;
+}
+
+#[tokio::test]
+async fn deletion_whose_pod_went_while_the_aggregator_was_down_finishes_after_restart() {
+    let c = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store.db");
+    let agg = start_aggregator(manual_checkpoints(), &store, Some(&c.double)).await;
+    let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
+    start_deletion(&c);
+    let t0 = a.next_add().await.deletion_start_unix_nanos;
+    a.report(vec![rules_removed(IP, t0 + 3 * S / 10)]).await;
+    drop(a);
+    agg.shutdown().await;
+
+    // The kubelet finishes while the aggregator is down: the relist no
+    // longer has the pod, which must count as gone.
+    c.double.finish_deletion::<Pod>("shop", "web-1").unwrap();
+    let agg = start_aggregator(manual_checkpoints(), &store, Some(&c.double)).await;
+    let _a = Agent::connect(agg.grpc_addr, "node-a").await;
+    let d = finished(agg.http_addr).await;
+    assert_eq!(d["complete"], true, "{d}");
+    assert_eq!(d["deletionStartUnixNanos"], t0, "{d}");
+    assert!(
+        (d["propagationSeconds"].as_f64().unwrap() - 0.3).abs() < 1e-6,
+        "{d}"
+    );
+    assert_eq!(agg.correlator.pending(), 0);
     agg.shutdown().await;
 }

@@ -4,15 +4,30 @@ mod common;
 
 use std::time::Duration;
 
+use aggregator::http::now_unix_nanos;
+
 use aggregator::config::Settings;
 use common::lab::*;
 use observer_proto::v1 as pb;
 use tonic::Code;
 
+/// Checkpoints only when a test asks (`checkpoint`), so acknowledgements
+/// are deterministic.
+fn manual_checkpoints() -> Settings {
+    Settings {
+        checkpoint_interval: Duration::from_secs(3600),
+        ..Settings::default()
+    }
+}
+
+fn checkpoint(agg: &aggregator::app::Running) {
+    agg.correlator.checkpoint(now_unix_nanos()).unwrap();
+}
+
 #[tokio::test]
 async fn malformed_reports_get_invalid_argument() {
     let dir = tempfile::tempdir().unwrap();
-    let agg = start_aggregator(Settings::default(), &dir.path().join("s.db"), None).await;
+    let agg = start_aggregator(manual_checkpoints(), &dir.path().join("s.db"), None).await;
     let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
     let base = pb::ReportRequest {
         agent_id: a.id.clone(),
@@ -73,9 +88,16 @@ async fn malformed_reports_get_invalid_argument() {
         );
     }
     // A rejected batch did not consume its sequence number.
-    let (_, ok) = a.report(vec![rules_removed("10.0.0.1", 1)]).await;
+    let (req, ok) = a.report(vec![rules_removed("10.0.0.1", 1)]).await;
     assert!(!ok.duplicate);
-    assert_eq!(ok.acknowledged_sequence, 1);
+    assert_eq!(
+        ok.acknowledged_sequence, 0,
+        "acknowledged before a checkpoint"
+    );
+    checkpoint(&agg);
+    let again = a.client.report(req).await.unwrap().into_inner();
+    assert!(again.duplicate);
+    assert_eq!(again.acknowledged_sequence, 1);
 
     let unknown = pb::ReportRequest {
         agent_id: "nobody".into(),
@@ -91,7 +113,7 @@ async fn malformed_reports_get_invalid_argument() {
 #[tokio::test]
 async fn health_clock_and_reregistration() {
     let dir = tempfile::tempdir().unwrap();
-    let agg = start_aggregator(Settings::default(), &dir.path().join("s.db"), None).await;
+    let agg = start_aggregator(manual_checkpoints(), &dir.path().join("s.db"), None).await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", agg.grpc_addr))
         .unwrap()
         .connect()
@@ -155,17 +177,17 @@ async fn health_clock_and_reregistration() {
         m.contains(r#"prestop_agent_events_lost_total{node="node-a"} 9"#),
         "{m}"
     );
-    // Re-registering (after a reconnect) tells the agent what was received.
-    let r = a
-        .client
-        .register(pb::RegisterRequest {
-            agent_id: a.id.clone(),
-            node_name: "node-a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    // Re-registering (after a reconnect) tells the agent what was durably
+    // received: nothing before a checkpoint, everything after.
+    let reregister = pb::RegisterRequest {
+        agent_id: a.id.clone(),
+        node_name: "node-a".into(),
+        ..Default::default()
+    };
+    let r = a.client.register(reregister.clone()).await.unwrap();
+    assert_eq!(r.into_inner().acknowledged_sequence, 0);
+    checkpoint(&agg);
+    let r = a.client.register(reregister).await.unwrap().into_inner();
     assert_eq!(r.acknowledged_sequence, 3);
     assert!(r.max_observations_per_report > 0);
 
@@ -178,7 +200,7 @@ async fn health_clock_and_reregistration() {
 #[tokio::test]
 async fn report_stream_acknowledges_in_order_and_stops_at_a_bad_batch() {
     let dir = tempfile::tempdir().unwrap();
-    let agg = start_aggregator(Settings::default(), &dir.path().join("s.db"), None).await;
+    let agg = start_aggregator(manual_checkpoints(), &dir.path().join("s.db"), None).await;
     let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
     let req = |seq: u64, obs: Vec<pb::Observation>| pb::ReportRequest {
         agent_id: a.id.clone(),
@@ -207,10 +229,13 @@ async fn report_stream_acknowledges_in_order_and_stops_at_a_bad_batch() {
             Err(e) => break e,
         }
     };
-    assert_eq!(got, [(1, false), (2, false), (2, true)]);
+    // Applied (the resent 1 is a duplicate) but not yet acknowledged: no
+    // checkpoint ran.
+    assert_eq!(got, [(0, false), (0, false), (0, true)]);
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("observations[0]"), "{err:?}");
     // Batch 4 came after the bad one and was not applied.
+    checkpoint(&agg);
     let r = a
         .client
         .register(pb::RegisterRequest {

@@ -118,3 +118,302 @@ fn prune_drops_old_rows_only() {
     };
     assert_eq!(store.samples(&svc, 0).unwrap().latencies, vec![2.0]);
 }
+
+mod in_flight {
+    use aggregator::store::{
+        AgentRow, Checkpoint, NodeAccRow, PendingNodes, PendingRow, PendingUpdate, Store,
+        StoreError,
+    };
+
+    use super::common::deletion;
+
+    fn pending(uid: &str) -> PendingRow {
+        PendingRow {
+            pod_uid: uid.into(),
+            namespace: "shop".into(),
+            pod_name: "web-1".into(),
+            services: vec!["web".into(), "web-canary".into()],
+            ip: "10.0.0.1".parse().unwrap(),
+            ports: vec![8080, 8443],
+            host_node: Some("node-a".into()),
+            received_unix_nanos: Some(1_700_000_000_123_456_789),
+            api_start_unix_nanos: Some(1_700_000_000_000_000_000),
+            grace_period_seconds: Some(30),
+            t0_unix_nanos: 1_700_000_000_123_456_789,
+            tracked_since_unix_nanos: 1_700_000_000_200_000_000,
+            terminating_unix_nanos: None,
+            expected_nodes: vec!["node-a".into(), "node-b".into()],
+            pod_gone_unix_nanos: None,
+        }
+    }
+
+    fn acc(node: &str, late: u64) -> NodeAccRow {
+        NodeAccRow {
+            node: node.into(),
+            rules_removed: Some((1_700_000_001_000_000_000, "nftables".into())),
+            last_connection_unix_nanos: Some(1_700_000_000_900_000_000),
+            late_flows: late,
+            late_accepted: 2,
+            refused: 3,
+            aborted: 4,
+            clock_uncertainty_ns: Some(50_000),
+        }
+    }
+
+    fn agent(id: &str, seq: u64) -> AgentRow {
+        AgentRow {
+            agent_id: id.into(),
+            node: "node-a".into(),
+            last_sequence: seq,
+            clock: Some((-1_500, 50_000)),
+            seen_unix_nanos: 1_700_000_002_000_000_000,
+        }
+    }
+
+    #[test]
+    fn pending_deletions_accumulators_and_agents_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        {
+            let store = Store::open(&path).unwrap();
+            store.insert_pending(&pending("u1")).unwrap();
+            // Inserting again (a relist) keeps the first start.
+            let mut again = pending("u1");
+            again.t0_unix_nanos += 1;
+            store.insert_pending(&again).unwrap();
+            store
+                .checkpoint(&Checkpoint {
+                    started: vec![PendingRow {
+                        terminating_unix_nanos: Some(7),
+                        ..pending("u2")
+                    }],
+                    updated: vec![PendingUpdate {
+                        pod_uid: "u1".into(),
+                        terminating_unix_nanos: Some(1_700_000_000_300_000_000),
+                        pod_gone_unix_nanos: Some(1_700_000_005_000_000_000),
+                    }],
+                    nodes: vec![
+                        PendingNodes {
+                            pod_uid: "u1".into(),
+                            nodes: vec![acc("node-a", 1), NodeAccRow::default()],
+                        },
+                        // Not pending (finished meanwhile): skipped.
+                        PendingNodes {
+                            pod_uid: "gone".into(),
+                            nodes: vec![acc("node-a", 1)],
+                        },
+                    ],
+                    agents: vec![agent("node-a/1", 41), agent("node-b/2", u64::MAX)],
+                })
+                .unwrap();
+            // A later checkpoint replaces an accumulator and a sequence.
+            store
+                .checkpoint(&Checkpoint {
+                    nodes: vec![PendingNodes {
+                        pod_uid: "u1".into(),
+                        nodes: vec![NodeAccRow {
+                            rules_removed: None,
+                            ..acc("node-a", 9)
+                        }],
+                    }],
+                    agents: vec![agent("node-a/1", 42)],
+                    ..Checkpoint::default()
+                })
+                .unwrap();
+        }
+        let got = Store::open(&path).unwrap().in_flight().unwrap();
+        let u1 = PendingRow {
+            terminating_unix_nanos: Some(1_700_000_000_300_000_000),
+            pod_gone_unix_nanos: Some(1_700_000_005_000_000_000),
+            ..pending("u1")
+        };
+        let u2 = PendingRow {
+            terminating_unix_nanos: Some(7),
+            ..pending("u2")
+        };
+        assert_eq!(
+            got.pending,
+            [
+                (
+                    u1,
+                    vec![
+                        NodeAccRow::default(),
+                        NodeAccRow {
+                            rules_removed: None,
+                            ..acc("node-a", 9)
+                        }
+                    ]
+                ),
+                (u2, vec![])
+            ]
+        );
+        assert_eq!(
+            got.agents,
+            [agent("node-a/1", 42), agent("node-b/2", u64::MAX)]
+        );
+    }
+
+    #[test]
+    fn recording_a_deletion_removes_its_pending_rows_in_the_same_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = Store::open(&path).unwrap();
+        let rec = deletion("shop", "web", "web-1", 1.5, 1_000);
+        store.insert_pending(&pending(&rec.pod_uid)).unwrap();
+        store.insert_pending(&pending("other")).unwrap();
+        store
+            .checkpoint(&Checkpoint {
+                nodes: vec![PendingNodes {
+                    pod_uid: rec.pod_uid.clone(),
+                    nodes: vec![acc("node-a", 1)],
+                }],
+                ..Checkpoint::default()
+            })
+            .unwrap();
+
+        // Make the record's last statement fail: nothing of it may stay,
+        // so the deletion is still pending.
+        let side = rusqlite::Connection::open(&path).unwrap();
+        side.execute_batch(
+            "CREATE TRIGGER fail BEFORE INSERT ON deletion_nodes BEGIN SELECT RAISE(ABORT, 'boom'); END;",
+        )
+        .unwrap();
+        assert!(store.record_deletion(&rec).is_err());
+        assert_eq!(store.deletion(&rec.pod_uid).unwrap(), None);
+        let got = store.in_flight().unwrap();
+        assert_eq!(got.pending.len(), 2);
+        assert_eq!(got.pending[1].0.pod_uid, rec.pod_uid);
+        assert_eq!(got.pending[1].1, [acc("node-a", 1)]);
+
+        side.execute_batch("DROP TRIGGER fail;").unwrap();
+        store.record_deletion(&rec).unwrap();
+        // Read the tables directly: `in_flight` would also drop them.
+        let rows = |table: &str| -> i64 {
+            side.query_row(
+                &format!("SELECT COUNT(*) FROM {table} WHERE pod_uid = ?1"),
+                [&rec.pod_uid],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        assert_eq!((rows("pending_deletions"), rows("pending_nodes")), (0, 0));
+        let got = store.in_flight().unwrap();
+        assert_eq!(got.pending.len(), 1);
+        assert_eq!(got.pending[0].0.pod_uid, "other");
+        // Once finished it is not pending again (a late start is ignored).
+        store.insert_pending(&pending(&rec.pod_uid)).unwrap();
+        assert_eq!(store.in_flight().unwrap().pending.len(), 1);
+    }
+
+    #[test]
+    fn corrupt_rows_are_an_error_naming_table_and_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = Store::open(&path).unwrap();
+        store.insert_pending(&pending("u1")).unwrap();
+        let side = rusqlite::Connection::open(&path).unwrap();
+        let cases = [
+            (
+                "UPDATE pending_deletions SET ip = 'not-an-ip'",
+                "pending_deletions",
+                "\"u1\"",
+                "not-an-ip",
+            ),
+            (
+                "UPDATE pending_deletions SET ip = '10.0.0.1', services = '{'",
+                "pending_deletions",
+                "\"u1\"",
+                "services",
+            ),
+            (
+                "UPDATE pending_deletions SET services = '[]', t0_unix_nanos = 'soon'",
+                "pending_deletions",
+                "\"u1\"",
+                "",
+            ),
+            (
+                "UPDATE pending_deletions SET t0_unix_nanos = 1;
+                 INSERT INTO pending_nodes VALUES ('u1', 'node-a', 5, NULL, NULL, 0, 0, 0, 0, NULL)",
+                "pending_nodes",
+                "node \"node-a\"",
+                "rules_mode",
+            ),
+            (
+                "UPDATE pending_nodes SET rules_removed_unix_nanos = NULL, late_flows = -1",
+                "pending_nodes",
+                "node \"node-a\"",
+                "negative",
+            ),
+            (
+                "DELETE FROM pending_nodes;
+                 INSERT INTO agents VALUES ('node-a/1', 'node-a', 'x', NULL, NULL, 0)",
+                "agents",
+                "\"node-a/1\"",
+                "",
+            ),
+        ];
+        for (sql, table, key, reason) in cases {
+            side.execute_batch(sql).unwrap();
+            match store.in_flight() {
+                Err(StoreError::Corrupt {
+                    table: t,
+                    key: k,
+                    reason: r,
+                }) => {
+                    assert_eq!(t, table, "{sql}");
+                    assert!(k.contains(key), "{k:?} lacks {key:?} ({sql})");
+                    assert!(r.contains(reason), "{r:?} lacks {reason:?} ({sql})");
+                }
+                other => panic!("{sql}: expected a corrupt row error, got {other:?}"),
+            }
+        }
+        let msg = store.in_flight().unwrap_err().to_string();
+        assert!(msg.contains("agents") && msg.contains("node-a/1"), "{msg}");
+    }
+
+    #[test]
+    fn version_1_files_gain_the_in_flight_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        {
+            Store::open(&path)
+                .unwrap()
+                .record_deletion(&deletion("shop", "web", "web-1", 1.5, 1_000))
+                .unwrap();
+            let side = rusqlite::Connection::open(&path).unwrap();
+            side.execute_batch(
+                "DROP TABLE pending_nodes; DROP TABLE pending_deletions; DROP TABLE agents;
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.len().unwrap(), 1);
+        store.insert_pending(&pending("u1")).unwrap();
+        assert_eq!(store.in_flight().unwrap().pending.len(), 1);
+        let side = rusqlite::Connection::open(&path).unwrap();
+        side.execute_batch("PRAGMA user_version = 3;").unwrap();
+        drop(store);
+        assert!(matches!(
+            Store::open(&path),
+            Err(StoreError::Schema { found: 3, .. })
+        ));
+    }
+
+    #[test]
+    fn agents_not_seen_within_the_window_are_pruned() {
+        let store = Store::in_memory().unwrap();
+        let old = AgentRow {
+            seen_unix_nanos: 100,
+            ..agent("old", 1)
+        };
+        store
+            .checkpoint(&Checkpoint {
+                agents: vec![old, agent("new", 2)],
+                ..Checkpoint::default()
+            })
+            .unwrap();
+        assert_eq!(store.prune_agents(1_000).unwrap(), 1);
+        assert_eq!(store.in_flight().unwrap().agents, [agent("new", 2)]);
+    }
+}

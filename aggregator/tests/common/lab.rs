@@ -136,6 +136,8 @@ pub struct Agent {
     pub client: ObserverClient<Channel>,
     pub watch: tonic::Streaming<pb::WatchEvent>,
     pub seq: u64,
+    /// What `Register` acknowledged (batches up to it need no resend).
+    pub acknowledged: u64,
 }
 
 impl Agent {
@@ -144,7 +146,7 @@ impl Agent {
             .await
             .unwrap();
         let id = format!("{node}/test");
-        client
+        let acknowledged = client
             .register(pb::RegisterRequest {
                 agent_id: id.clone(),
                 node_name: node.into(),
@@ -157,7 +159,9 @@ impl Agent {
                 agent_version: "test".into(),
             })
             .await
-            .unwrap();
+            .unwrap()
+            .into_inner()
+            .acknowledged_sequence;
         let watch = client
             .watch_endpoints(pb::WatchEndpointsRequest {
                 agent_id: id.clone(),
@@ -170,6 +174,7 @@ impl Agent {
             client,
             watch,
             seq: 0,
+            acknowledged,
         }
     }
 
