@@ -101,20 +101,19 @@ macro_rules! ctx_addr {
 
 /// 16 bytes at a 2-aligned constant offset.
 macro_rules! words {
-    ($ctx:expr, $offset:expr) => {
-        unsafe {
-            core::mem::transmute::<[u16; 8], [u8; 16]>([
-                ctx_load!($ctx, u16, $offset),
-                ctx_load!($ctx, u16, $offset + 2),
-                ctx_load!($ctx, u16, $offset + 4),
-                ctx_load!($ctx, u16, $offset + 6),
-                ctx_load!($ctx, u16, $offset + 8),
-                ctx_load!($ctx, u16, $offset + 10),
-                ctx_load!($ctx, u16, $offset + 12),
-                ctx_load!($ctx, u16, $offset + 14),
-            ])
-        }
-    };
+    ($ctx:expr, $offset:expr) => {{
+        let words: [u16; 8] = [
+            ctx_load!($ctx, u16, $offset),
+            ctx_load!($ctx, u16, $offset + 2),
+            ctx_load!($ctx, u16, $offset + 4),
+            ctx_load!($ctx, u16, $offset + 6),
+            ctx_load!($ctx, u16, $offset + 8),
+            ctx_load!($ctx, u16, $offset + 10),
+            ctx_load!($ctx, u16, $offset + 12),
+            ctx_load!($ctx, u16, $offset + 14),
+        ];
+        unsafe { core::mem::transmute::<[u16; 8], [u8; 16]>(words) }
+    }};
 }
 
 /// A `sockaddr_in`/`sockaddr_in6` at a constant offset of the context.
@@ -128,17 +127,18 @@ macro_rules! sockaddr_direct {
                 port,
             )),
             // sin6_addr is only 4-byte aligned in the record.
-            AF_INET6 => Ok((
-                unsafe {
-                    core::mem::transmute::<[u32; 4], [u8; 16]>([
-                        ctx_load!($ctx, u32, $offset + 8),
-                        ctx_load!($ctx, u32, $offset + 12),
-                        ctx_load!($ctx, u32, $offset + 16),
-                        ctx_load!($ctx, u32, $offset + 20),
-                    ])
-                },
-                port,
-            )),
+            AF_INET6 => {
+                let words: [u32; 4] = [
+                    ctx_load!($ctx, u32, $offset + 8),
+                    ctx_load!($ctx, u32, $offset + 12),
+                    ctx_load!($ctx, u32, $offset + 16),
+                    ctx_load!($ctx, u32, $offset + 20),
+                ];
+                Ok((
+                    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) },
+                    port,
+                ))
+            }
             _ => Err(-1),
         }
     }};
