@@ -5,7 +5,8 @@
 //!   carrying observations for deletions in flight; and the correlator alone
 //!   (no gRPC) for comparison;
 //! - recommendation query latency (HTTP, p50/p99) idle and under that load,
-//!   with 10k deletions in the store;
+//!   with 10k deletions in the store, the same question again and again (as
+//!   CI asks it; answered from the cache) and every time another one;
 //! - resident memory with 5000 nodes, 10k stored deletions and deletions in
 //!   flight that every node reported on.
 //!
@@ -25,9 +26,9 @@ use aggregator::nodes::NodeInfo;
 use aggregator::store::{Scope, Store};
 use observer_proto::v1 as pb;
 use observer_proto::v1::observer_client::ObserverClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CONNECTIONS: usize = 16;
+const QUERY_EVERY: Duration = Duration::from_millis(2);
 const TASKS_PER_CONNECTION: usize = 8;
 const IN_FLIGHT_DELETIONS: usize = 200;
 const OBSERVATIONS_PER_REPORT: usize = 4;
@@ -38,10 +39,9 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    // The aggregator's own runtime: its threads run under SCHED_IDLE, below
+    // the HTTP API's thread.
+    let rt = aggregator::app::runtime().unwrap();
     rt.block_on(run(Duration::from_secs(secs)));
 }
 
@@ -185,8 +185,13 @@ async fn run(phase: Duration) {
         );
     }
 
-    let idle = query_latencies(agg.http_addr, phase / 2).await;
+    let idle = query_latencies(agg.http_addr, phase / 2, false).await;
     println!("query idle: {}", summary(&idle));
+    let idle = query_latencies(agg.http_addr, phase / 2, true).await;
+    println!(
+        "query idle, every query another question: {}",
+        summary(&idle)
+    );
 
     let channels: Vec<_> = {
         let mut v = Vec::new();
@@ -275,7 +280,10 @@ async fn run(phase: Duration) {
         }
         let t = Instant::now();
         let under_load = if agents == 5000 {
-            Some(query_latencies(agg.http_addr, phase).await)
+            Some((
+                query_latencies(agg.http_addr, phase / 2, false).await,
+                query_latencies(agg.http_addr, phase / 2, true).await,
+            ))
         } else {
             tokio::time::sleep(phase).await;
             None
@@ -296,8 +304,12 @@ async fn run(phase: Duration) {
             n as f64 / secs,
             (n as usize * OBSERVATIONS_PER_REPORT) as f64 / secs
         );
-        if let Some(l) = under_load {
-            println!("query during that ingest: {}", summary(&l));
+        if let Some((same, distinct)) = under_load {
+            println!("query during that ingest: {}", summary(&same));
+            println!(
+                "query during that ingest, every query another question: {}",
+                summary(&distinct)
+            );
         }
     }
 
@@ -426,21 +438,43 @@ fn summary(l: &[Duration]) -> String {
     )
 }
 
-/// Sequential recommendation queries on one keep-alive connection.
-async fn query_latencies(addr: SocketAddr, for_: Duration) -> Vec<Duration> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+/// Sequential recommendation queries on one keep-alive connection, from a
+/// thread of its own at normal priority (spawned by `run`, which runs on the
+/// main thread), as CI asks from another machine: the runtime's threads,
+/// which also run the simulated agents, are under `SCHED_IDLE`.
+/// With `distinct`, every query asks another question (another confidence),
+/// so none is answered from the recommendation cache. Paced at one query per
+/// [`QUERY_EVERY`]: a closed loop would take a core from the ingest it
+/// measures against.
+async fn query_latencies(addr: SocketAddr, for_: Duration, distinct: bool) -> Vec<Duration> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(blocking_query_latencies(addr, for_, distinct));
+    });
+    rx.await.expect("query thread")
+}
+
+fn blocking_query_latencies(addr: SocketAddr, for_: Duration, distinct: bool) -> Vec<Duration> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_nodelay(true).unwrap();
-    let req =
-        b"GET /v1/recommendations?namespace=ns-3&service=svc-3 HTTP/1.1\r\nHost: bench\r\n\r\n";
     let start = Instant::now();
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     while start.elapsed() < for_ {
+        let confidence = if distinct {
+            format!("&confidence=0.5{:07}", out.len())
+        } else {
+            String::new()
+        };
+        let req = format!(
+            "GET /v1/recommendations?namespace=ns-3&service=svc-3{confidence} HTTP/1.1\r\nHost: bench\r\n\r\n"
+        );
         let t = Instant::now();
-        s.write_all(req).await.unwrap();
+        s.write_all(req.as_bytes()).unwrap();
         let mut have = 0;
         loop {
-            let n = s.read(&mut buf[have..]).await.unwrap();
+            let n = s.read(&mut buf[have..]).unwrap();
             assert!(n > 0, "connection closed");
             have += n;
             let text = std::str::from_utf8(&buf[..have]).unwrap_or("");
@@ -460,6 +494,9 @@ async fn query_latencies(addr: SocketAddr, for_: Duration) -> Vec<Duration> {
             }
         }
         out.push(t.elapsed());
+        if let Some(rest) = QUERY_EVERY.checked_sub(t.elapsed()) {
+            std::thread::sleep(rest);
+        }
     }
     out
 }

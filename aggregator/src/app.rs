@@ -77,6 +77,7 @@ pub fn start(
         settings,
         metrics,
         ready: Readiness::new(kube.is_none()),
+        recommendations: Arc::default(),
     };
     let (shutdown, stop) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -88,14 +89,19 @@ pub fn start(
         }
     }));
 
-    let (st, mut s) = (http_state.clone(), stop.clone());
+    let (st, s) = (http_state.clone(), stop.clone());
+    let http_listener = http_listener.into_std()?;
+    let (served, http_done) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("http-api".into())
+        .spawn(move || {
+            if let Err(e) = serve_http(http_listener, st, s) {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+            let _ = served.send(());
+        })?;
     tasks.push(tokio::spawn(async move {
-        let stop = async move {
-            let _ = s.wait_for(|v| *v).await;
-        };
-        if let Err(e) = http::serve_with_shutdown(http_listener, st, stop).await {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
+        let _ = http_done.await;
     }));
 
     if let Some(client) = kube {
@@ -169,10 +175,60 @@ impl Running {
     /// would (for tests). Connections already accepted may linger until
     /// their clients drop them.
     pub fn abort(self) {
+        // The HTTP API runs on a thread of its own, which only the signal stops.
+        let _ = self.shutdown.send(true);
         for t in &self.tasks {
             t.abort();
         }
     }
+}
+
+/// The runtime for everything but the HTTP API: its threads run under
+/// `SCHED_IDLE`, below the HTTP API's own thread (see [`start`]). A nice
+/// value is not enough: the kernel lets a running thread finish its slice
+/// (milliseconds) before a woken thread of a higher weight runs, but always
+/// preempts a `SCHED_IDLE` thread at once, so a CI query is served as soon
+/// as it arrives even while agent reports keep every core busy. Between
+/// processes nothing changes: the pod's cgroup keeps its share of the node;
+/// within the process, reports use every cycle the API leaves. Taking the
+/// policy needs no privilege.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(|| {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: plain syscall on the calling thread (pid 0).
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+                tracing::warn!(error = %std::io::Error::last_os_error(), "could not put a runtime thread under SCHED_IDLE");
+            }
+        })
+        .build()
+}
+
+/// The HTTP API on a current-thread runtime of its own thread: queries never
+/// queue behind report handlers in the main runtime. The thread inherits the
+/// priority of the thread that calls [`start`].
+fn serve_http(
+    listener: std::net::TcpListener,
+    state: HttpState,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    // SAFETY: plain syscall on the calling thread (pid 0).
+    if unsafe { libc::sched_getscheduler(0) } == libc::SCHED_IDLE {
+        tracing::warn!(
+            "the HTTP API thread runs under SCHED_IDLE: queries may wait behind agent reports"
+        );
+    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async move {
+            let listener = TcpListener::from_std(listener)?;
+            let stop = async move {
+                let _ = stop.wait_for(|v| *v).await;
+            };
+            http::serve_with_shutdown(listener, state, stop).await
+        })
 }
 
 /// One checkpoint of the in-flight state, on a blocking thread.
@@ -236,5 +292,27 @@ pub fn housekeeping(st: &HttpState) {
         m.recommendation_samples
             .get_or_create(&labels)
             .set(r.samples as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> i32 {
+        // SAFETY: plain syscall on the calling thread (pid 0).
+        unsafe { libc::sched_getscheduler(0) }
+    }
+
+    #[test]
+    fn runtime_threads_run_below_the_caller() {
+        let caller = policy();
+        assert_ne!(caller, libc::SCHED_IDLE);
+        let rt = runtime().unwrap();
+        let worker = rt.block_on(async { tokio::spawn(async { policy() }).await.unwrap() });
+        let blocking = rt.block_on(async { tokio::task::spawn_blocking(policy).await.unwrap() });
+        assert_eq!(worker, libc::SCHED_IDLE);
+        assert_eq!(blocking, libc::SCHED_IDLE);
+        assert_eq!(policy(), caller, "the calling thread kept its policy");
     }
 }

@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::model::UnixNanos;
 use crate::openapi;
 use crate::recommend::{self, Recommendation};
+use crate::recommendation_cache::RecommendationCache;
 use crate::store::{DeletionFilter, Outcome, Scope, Store, StoreError};
 
 /// Whether the service is ready for traffic (the binary clears it until the
@@ -46,6 +47,7 @@ pub struct HttpState {
     pub settings: Arc<Settings>,
     pub metrics: Arc<Metrics>,
     pub ready: Readiness,
+    pub recommendations: Arc<RecommendationCache>,
 }
 
 impl HttpState {
@@ -56,6 +58,7 @@ impl HttpState {
             settings: Arc::new(settings),
             metrics: Arc::new(Metrics::new()),
             ready: Readiness::new(true),
+            recommendations: Arc::default(),
         }
     }
 }
@@ -216,9 +219,14 @@ async fn recommendations(
     let confidence = p.number("confidence")?.unwrap_or(state.settings.confidence);
     check_probability("quantile", quantile).map_err(ApiError::bad_request)?;
     check_probability("confidence", confidence).map_err(ApiError::bad_request)?;
-    Ok(axum::Json(recommendation(
-        &state, scope, quantile, confidence,
-    )?))
+    let generation = state.store.generation();
+    let answer =
+        state
+            .recommendations
+            .get_or_compute(scope, quantile, confidence, generation, |scope| {
+                recommendation(&state, scope, quantile, confidence)
+            })?;
+    Ok(axum::Json(answer))
 }
 
 const MAX_DELETIONS: usize = 1000;

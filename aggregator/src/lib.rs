@@ -16,5 +16,6 @@ pub mod model;
 pub mod nodes;
 pub mod openapi;
 pub mod recommend;
+pub mod recommendation_cache;
 pub mod stats;
 pub mod store;

@@ -12,6 +12,7 @@
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rusqlite::{
     Connection, OptionalExtension, TransactionBehavior, params, params_from_iter, types::Value,
@@ -202,7 +203,7 @@ pub struct InFlight {
 }
 
 /// Which deletions a recommendation draws on.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Scope {
     pub namespace: Option<String>,
     /// Only with a namespace.
@@ -242,6 +243,13 @@ pub struct Store {
     /// reading meanwhile (WAL). `None` in memory, where each connection
     /// would be a database of its own.
     writer: Option<Mutex<Connection>>,
+    /// Read-only queries (the HTTP API's) on a connection of their own, so
+    /// that they never wait for the lock of a write in progress (WAL lets
+    /// them read meanwhile). `None` in memory.
+    reader: Option<Mutex<Connection>>,
+    /// Bumped after every change of the finished deletions, so that answers
+    /// computed from them can be reused until the next change.
+    generation: AtomicU64,
 }
 
 /// A panic while holding the lock cannot leave SQLite inconsistent
@@ -280,16 +288,19 @@ impl Store {
         }
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        let writer = if path.as_os_str() == ":memory:" {
-            None
-        } else {
-            let w = Connection::open(path)?;
-            configure(&w)?;
-            Some(Mutex::new(w))
+        let another = || -> Result<Option<Mutex<Connection>>, StoreError> {
+            if path.as_os_str() == ":memory:" {
+                return Ok(None);
+            }
+            let c = Connection::open(path)?;
+            configure(&c)?;
+            Ok(Some(Mutex::new(c)))
         };
         Ok(Self {
             conn: Mutex::new(conn),
-            writer,
+            writer: another()?,
+            reader: another()?,
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -304,6 +315,10 @@ impl Store {
 
     fn writer(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.writer.as_ref().map_or_else(|| self.conn(), lock)
+    }
+
+    fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.reader.as_ref().map_or_else(|| self.conn(), lock)
     }
 
     /// Records a finished deletion. Idempotent: recording the same pod UID
@@ -347,7 +362,13 @@ impl Store {
             )?;
         }
         tx.commit()?;
+        self.generation.fetch_add(1, Ordering::Release);
         Ok(())
+    }
+
+    /// Changes whenever the finished deletions change (a record, a prune).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Latencies of complete deletions in `scope` finished at or after `since`.
@@ -357,7 +378,7 @@ impl Store {
             scope,
             since,
         );
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare_cached(&sql)?;
         let mut rows = stmt.query(params_from_iter(args))?;
         let mut out = Samples::default();
@@ -401,7 +422,7 @@ impl Store {
         }
         sql.push_str(" ORDER BY d.finished_unix_nanos DESC LIMIT ?");
         args.push((filter.limit as i64).into());
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(params_from_iter(args), |r| r.get::<_, String>(0))?;
         let mut out = Vec::new();
@@ -413,7 +434,7 @@ impl Store {
 
     /// One deletion by pod UID.
     pub fn deletion(&self, pod_uid: &str) -> Result<Option<DeletionRecord>, StoreError> {
-        let conn = self.conn();
+        let conn = self.reader();
         let json: Option<String> = conn
             .query_row(
                 "SELECT record FROM deletions WHERE pod_uid = ?1",
@@ -426,7 +447,7 @@ impl Store {
 
     /// (namespace, service) pairs with deletions finished since `since`.
     pub fn services(&self, since: UnixNanos) -> Result<Vec<(String, String)>, StoreError> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare_cached(
             "SELECT DISTINCT s.namespace, s.service FROM deletion_services s
              JOIN deletions d ON d.pod_uid = s.pod_uid
@@ -438,10 +459,14 @@ impl Store {
 
     /// Deletes everything finished before `before`; returns how many.
     pub fn prune(&self, before: UnixNanos) -> Result<usize, StoreError> {
-        Ok(self.conn().execute(
+        let n = self.conn().execute(
             "DELETE FROM deletions WHERE finished_unix_nanos < ?1",
             [before],
-        )?)
+        )?;
+        if n > 0 {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
+        Ok(n)
     }
 
     /// Persists a deletion that just started. Ignored when the deletion is
@@ -589,7 +614,7 @@ impl Store {
     /// Number of stored deletions.
     pub fn len(&self) -> Result<u64, StoreError> {
         let n: i64 = self
-            .conn()
+            .reader()
             .query_row("SELECT COUNT(*) FROM deletions", [], |r| r.get(0))?;
         Ok(n as u64)
     }

@@ -67,6 +67,35 @@ async fn recommendation_over_a_real_socket() {
 }
 
 #[tokio::test]
+async fn a_recorded_or_pruned_deletion_shows_in_the_next_answer() {
+    let store = Arc::new(Store::in_memory().unwrap());
+    let now = now_unix_nanos();
+    let addr = start(Arc::clone(&store)).await;
+    let query = "/v1/recommendations?namespace=shop&service=web";
+    let (_, r) = get_json(addr, query).await;
+    assert_eq!(r["samples"], 0);
+
+    // Answers are reused between changes of the store, never across one.
+    store
+        .record_deletion(&deletion("shop", "web", "web-0", 1.5, now))
+        .unwrap();
+    let (_, r) = get_json(addr, query).await;
+    assert_eq!(r["samples"], 1, "a stale answer after a new deletion: {r}");
+    assert_eq!(r["observedMaxSeconds"], 1.5);
+    store
+        .record_deletion(&deletion("shop", "web", "web-1", 4.0, now + 1))
+        .unwrap();
+    let (_, r) = get_json(addr, query).await;
+    assert_eq!(r["samples"], 2, "{r}");
+    assert_eq!(r["observedMaxSeconds"], 4.0);
+
+    assert_eq!(store.prune(now + 1).unwrap(), 1);
+    let (_, r) = get_json(addr, query).await;
+    assert_eq!(r["samples"], 1, "a stale answer after pruning: {r}");
+    assert_eq!(r["observedMaxSeconds"], 4.0);
+}
+
+#[tokio::test]
 async fn bad_parameters_get_400_with_a_message() {
     let addr = start(Arc::new(Store::in_memory().unwrap())).await;
     for q in [
