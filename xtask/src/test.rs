@@ -28,6 +28,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
         );
     }
     ensure_setup()?;
+    warn_if_disk_low();
     // The end-to-end tests run the agent, the aggregator and the lab's pod
     // server as processes from the test profile's target directory.
     cmd::run(
@@ -56,4 +57,28 @@ pub fn run(args: &TestArgs) -> Result<()> {
         cargo.env(REQUIRE_ROOT_ENV, "1");
     }
     cmd::run(&mut cargo)
+}
+
+/// Space a full test build takes in the target directory (3.6 GiB measured
+/// from a fresh clone), with some room.
+const TEST_BUILD_BYTES: u64 = 5 << 30;
+
+/// Says so before the build fails half-way with "No space left on device".
+fn warn_if_disk_low() {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .filter(|d| d.exists())
+        .unwrap_or_else(cmd::workspace_root);
+    let Ok(fs) = nix::sys::statvfs::statvfs(&dir) else {
+        return;
+    };
+    let free = fs.blocks_available() * fs.fragment_size();
+    if free < TEST_BUILD_BYTES {
+        eprintln!(
+            "warning: {:.1} GiB free under {}; a full test build needs about {} GiB and may fail with \"No space left on device\"",
+            free as f64 / f64::from(1 << 30),
+            dir.display(),
+            TEST_BUILD_BYTES >> 30
+        );
+    }
 }
