@@ -73,7 +73,7 @@ impl Drop for FlowWatch {
 }
 
 /// Opens a ctnetlink socket in the current network namespace, attaches the
-/// filter (loading it if needed; it reads the `WATCHED` map of `ebpf`) and
+/// filter (loading it if needed; it reads the watched-address maps of `ebpf`) and
 /// reports each new flow to a watched address.
 pub fn spawn(ebpf: &mut Ebpf, tx: Sender<Observation>) -> Result<FlowWatch, FlowsError> {
     let program: &mut SocketFilter = ebpf
