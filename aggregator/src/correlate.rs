@@ -24,6 +24,7 @@ use crate::config::Settings;
 use crate::metrics::{
     Metrics, NamespaceLabel, NamespaceOutcome, NodeLabel, NodeNamespace, NodeNamespaceMode,
 };
+pub use crate::model::DeletionStart;
 use crate::model::{DeletionRecord, NodeMeasurement, UnixNanos};
 use crate::nodes::{NodeIndex, NodeInfo};
 use crate::store::{
@@ -52,36 +53,6 @@ pub enum WatchChange {
     Remove(Endpoint),
     /// The snapshot of a new subscription is complete.
     Synced,
-}
-
-/// A pod deletion as the Kubernetes watcher saw it.
-#[derive(Clone, Debug)]
-pub struct DeletionStart {
-    pub pod_uid: String,
-    pub namespace: String,
-    pub pod_name: String,
-    pub services: Vec<String>,
-    pub ip: IpAddr,
-    pub ports: Vec<u16>,
-    pub host_node: Option<String>,
-    /// When the aggregator received the watch event that showed the deletion;
-    /// `None` when the deletion was already under way when the aggregator
-    /// (re)listed, so the receipt time says nothing about the start.
-    pub received_unix_nanos: Option<UnixNanos>,
-    /// deletionTimestamp - deletionGracePeriodSeconds (whole seconds).
-    pub api_start_unix_nanos: Option<UnixNanos>,
-    pub grace_period_seconds: Option<i64>,
-    /// When an EndpointSlice first showed the endpoint terminating, if that
-    /// was seen before the pod's own update.
-    pub terminating_unix_nanos: Option<UnixNanos>,
-}
-
-impl DeletionStart {
-    /// The sharper receipt time when there is one, else the API's
-    /// whole-second start.
-    pub fn t0(&self) -> Option<UnixNanos> {
-        self.received_unix_nanos.or(self.api_start_unix_nanos)
-    }
 }
 
 /// Dataplane mode that produced a rules change (a metric label value).
@@ -516,21 +487,13 @@ fn mark_agent(list: &mut Vec<String>, id: &str, a: &mut Agent) {
 }
 
 fn pending_row(p: &Pending) -> PendingRow {
-    let d = &p.start;
     PendingRow {
-        pod_uid: d.pod_uid.clone(),
-        namespace: d.namespace.clone(),
-        pod_name: d.pod_name.clone(),
-        services: d.services.clone(),
-        ip: d.ip,
-        ports: d.ports.clone(),
-        host_node: d.host_node.clone(),
-        received_unix_nanos: d.received_unix_nanos,
-        api_start_unix_nanos: d.api_start_unix_nanos,
-        grace_period_seconds: d.grace_period_seconds,
+        start: DeletionStart {
+            terminating_unix_nanos: p.terminating,
+            ..p.start.clone()
+        },
         t0_unix_nanos: p.t0,
         tracked_since_unix_nanos: p.tracked_since,
-        terminating_unix_nanos: p.terminating,
         expected_nodes: p.expected.iter().cloned().collect(),
         pod_gone_unix_nanos: p.pod_gone,
     }
@@ -562,7 +525,7 @@ fn restored_pending(
                 t,
                 Mode::parse(&mode).ok_or_else(|| StoreError::Corrupt {
                     table: "pending_nodes",
-                    key: format!("pod_uid {:?}, node {:?}", row.pod_uid, a.node),
+                    key: format!("pod_uid {:?}, node {:?}", row.start.pod_uid, a.node),
                     reason: format!("unknown rules_mode {mode:?}"),
                 })?,
             )),
@@ -581,19 +544,8 @@ fn restored_pending(
             },
         );
     }
-    let start = DeletionStart {
-        pod_uid: row.pod_uid,
-        namespace: row.namespace,
-        pod_name: row.pod_name,
-        services: row.services,
-        ip: row.ip,
-        ports: row.ports,
-        host_node: row.host_node,
-        received_unix_nanos: row.received_unix_nanos,
-        api_start_unix_nanos: row.api_start_unix_nanos,
-        grace_period_seconds: row.grace_period_seconds,
-        terminating_unix_nanos: row.terminating_unix_nanos,
-    };
+    let start = row.start;
+    let terminating = start.terminating_unix_nanos;
     let endpoint = Endpoint {
         pod_uid: start.pod_uid.clone(),
         namespace: start.namespace.clone(),
@@ -611,7 +563,7 @@ fn restored_pending(
             endpoint,
             t0: row.t0_unix_nanos,
             tracked_since: row.tracked_since_unix_nanos,
-            terminating: row.terminating_unix_nanos,
+            terminating,
             expected: Arc::new(row.expected_nodes.into_iter().collect()),
             nodes,
             pod_gone: row.pod_gone_unix_nanos,
@@ -799,7 +751,7 @@ impl Correlator {
             }
         }
         for r in &c.started {
-            if let Some(p) = st.pending.get_mut(&r.pod_uid) {
+            if let Some(p) = st.pending.get_mut(&r.start.pod_uid) {
                 p.stored = true;
             }
         }
@@ -907,12 +859,12 @@ impl Correlator {
         let row = self.start_tracking(d, t0, now);
         let Some(row) = row else { return };
         if let Err(e) = self.store.insert_pending(&row) {
-            tracing::error!(error = %e, pod = %row.pod_name, "storing a started deletion failed; the next checkpoint retries");
+            tracing::error!(error = %e, pod = %row.start.pod_name, "storing a started deletion failed; the next checkpoint retries");
             let mut st = self.state();
             let st = &mut *st;
-            if let Some(p) = st.pending.get_mut(&row.pod_uid) {
+            if let Some(p) = st.pending.get_mut(&row.start.pod_uid) {
                 p.stored = false;
-                mark_pending(&mut st.dirty_pending, &row.pod_uid, p);
+                mark_pending(&mut st.dirty_pending, &row.start.pod_uid, p);
             }
         }
     }
@@ -959,7 +911,7 @@ impl Correlator {
             stored: true,
         };
         let row = pending_row(&p);
-        st.pending.insert(row.pod_uid.clone(), p);
+        st.pending.insert(row.start.pod_uid.clone(), p);
         st.replay_orphans(Some(endpoint.ip), now);
         // No receivers is fine: no agent is connected.
         let _ = self.changes.send(WatchChange::Add(endpoint));

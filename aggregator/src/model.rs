@@ -1,10 +1,43 @@
-//! The measurement of one pod deletion, as the correlator finishes it, the
-//! store keeps it and `GET /v1/deletions` shows it.
+//! A pod deletion as it starts (from the Kubernetes watcher) and its
+//! measurement as the correlator finishes it, the store keeps it and
+//! `GET /v1/deletions` shows it.
+
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
 /// Nanoseconds since the Unix epoch, by the aggregator's clock.
 pub type UnixNanos = i64;
+
+/// A pod deletion as the Kubernetes watcher saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeletionStart {
+    pub pod_uid: String,
+    pub namespace: String,
+    pub pod_name: String,
+    pub services: Vec<String>,
+    pub ip: IpAddr,
+    pub ports: Vec<u16>,
+    pub host_node: Option<String>,
+    /// When the aggregator received the watch event that showed the deletion;
+    /// `None` when the deletion was already under way when the aggregator
+    /// (re)listed, so the receipt time says nothing about the start.
+    pub received_unix_nanos: Option<UnixNanos>,
+    /// deletionTimestamp - deletionGracePeriodSeconds (whole seconds).
+    pub api_start_unix_nanos: Option<UnixNanos>,
+    pub grace_period_seconds: Option<i64>,
+    /// When an EndpointSlice first showed the endpoint terminating (as
+    /// stored for a deletion in flight: the latest known).
+    pub terminating_unix_nanos: Option<UnixNanos>,
+}
+
+impl DeletionStart {
+    /// The sharper receipt time when there is one, else the API's
+    /// whole-second start.
+    pub fn t0(&self) -> Option<UnixNanos> {
+        self.received_unix_nanos.or(self.api_start_unix_nanos)
+    }
+}
 
 /// One finished (complete or timed-out) pod deletion.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

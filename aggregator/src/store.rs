@@ -9,7 +9,6 @@
 //! (`pending_nodes`) and each agent's last applied batch sequence (`agents`),
 //! both written by periodic [`Store::checkpoint`]s.
 
-use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +17,7 @@ use rusqlite::{
     Connection, OptionalExtension, TransactionBehavior, params, params_from_iter, types::Value,
 };
 
-use crate::model::{DeletionRecord, UnixNanos};
+use crate::model::{DeletionRecord, DeletionStart, UnixNanos};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -115,19 +114,10 @@ CREATE INDEX IF NOT EXISTS agents_seen ON agents(seen_unix_nanos);
 /// on after a restart with the same T0.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PendingRow {
-    pub pod_uid: String,
-    pub namespace: String,
-    pub pod_name: String,
-    pub services: Vec<String>,
-    pub ip: IpAddr,
-    pub ports: Vec<u16>,
-    pub host_node: Option<String>,
-    pub received_unix_nanos: Option<UnixNanos>,
-    pub api_start_unix_nanos: Option<UnixNanos>,
-    pub grace_period_seconds: Option<i64>,
+    /// With the latest known `terminating_unix_nanos`.
+    pub start: DeletionStart,
     pub t0_unix_nanos: UnixNanos,
     pub tracked_since_unix_nanos: UnixNanos,
-    pub terminating_unix_nanos: Option<UnixNanos>,
     /// Nodes expected to report (empty: those live when it finishes).
     pub expected_nodes: Vec<String>,
     pub pod_gone_unix_nanos: Option<UnixNanos>,
@@ -574,7 +564,7 @@ impl Store {
             let mut rows = stmt.query([])?;
             while let Some(r) = rows.next()? {
                 let row = pending_row(r)?;
-                index.insert(row.pod_uid.clone(), out.pending.len());
+                index.insert(row.start.pod_uid.clone(), out.pending.len());
                 out.pending.push((row, Vec::new()));
             }
             let mut stmt = tx.prepare(
@@ -639,19 +629,19 @@ fn insert_pending(conn: &Connection, row: &PendingRow) -> Result<(), StoreError>
          WHERE NOT EXISTS (SELECT 1 FROM deletions WHERE pod_uid = ?1)",
     )?
     .execute(params![
-        row.pod_uid,
-        row.namespace,
-        row.pod_name,
-        serde_json::to_string(&row.services)?,
-        row.ip.to_string(),
-        serde_json::to_string(&row.ports)?,
-        row.host_node,
-        row.received_unix_nanos,
-        row.api_start_unix_nanos,
-        row.grace_period_seconds,
+        row.start.pod_uid,
+        row.start.namespace,
+        row.start.pod_name,
+        serde_json::to_string(&row.start.services)?,
+        row.start.ip.to_string(),
+        serde_json::to_string(&row.start.ports)?,
+        row.start.host_node,
+        row.start.received_unix_nanos,
+        row.start.api_start_unix_nanos,
+        row.start.grace_period_seconds,
         row.t0_unix_nanos,
         row.tracked_since_unix_nanos,
-        row.terminating_unix_nanos,
+        row.start.terminating_unix_nanos,
         serde_json::to_string(&row.expected_nodes)?,
         row.pod_gone_unix_nanos,
     ])?;
@@ -719,21 +709,23 @@ fn pending_row(r: &rusqlite::Row<'_>) -> Result<PendingRow, StoreError> {
     let r = RowReader::new(r, "pending_deletions", "pod_uid");
     let ip: String = r.get(4)?;
     Ok(PendingRow {
-        pod_uid: r.get(0)?,
-        namespace: r.get(1)?,
-        pod_name: r.get(2)?,
-        services: r.json(3)?,
-        ip: ip
-            .parse()
-            .map_err(|_| r.corrupt(format_args!("ip {ip:?} is not an IP address")))?,
-        ports: r.json(5)?,
-        host_node: r.get(6)?,
-        received_unix_nanos: r.get(7)?,
-        api_start_unix_nanos: r.get(8)?,
-        grace_period_seconds: r.get(9)?,
+        start: DeletionStart {
+            pod_uid: r.get(0)?,
+            namespace: r.get(1)?,
+            pod_name: r.get(2)?,
+            services: r.json(3)?,
+            ip: ip
+                .parse()
+                .map_err(|_| r.corrupt(format_args!("ip {ip:?} is not an IP address")))?,
+            ports: r.json(5)?,
+            host_node: r.get(6)?,
+            received_unix_nanos: r.get(7)?,
+            api_start_unix_nanos: r.get(8)?,
+            grace_period_seconds: r.get(9)?,
+            terminating_unix_nanos: r.get(12)?,
+        },
         t0_unix_nanos: r.get(10)?,
         tracked_since_unix_nanos: r.get(11)?,
-        terminating_unix_nanos: r.get(12)?,
         expected_nodes: r.json(13)?,
         pod_gone_unix_nanos: r.get(14)?,
     })

@@ -120,6 +120,7 @@ fn prune_drops_old_rows_only() {
 }
 
 mod in_flight {
+    use aggregator::model::DeletionStart;
     use aggregator::store::{
         AgentRow, Checkpoint, NodeAccRow, PendingNodes, PendingRow, PendingUpdate, Store,
         StoreError,
@@ -127,21 +128,28 @@ mod in_flight {
 
     use super::common::deletion;
 
+    fn terminating(mut row: PendingRow, at: i64) -> PendingRow {
+        row.start.terminating_unix_nanos = Some(at);
+        row
+    }
+
     fn pending(uid: &str) -> PendingRow {
         PendingRow {
-            pod_uid: uid.into(),
-            namespace: "shop".into(),
-            pod_name: "web-1".into(),
-            services: vec!["web".into(), "web-canary".into()],
-            ip: "10.0.0.1".parse().unwrap(),
-            ports: vec![8080, 8443],
-            host_node: Some("node-a".into()),
-            received_unix_nanos: Some(1_700_000_000_123_456_789),
-            api_start_unix_nanos: Some(1_700_000_000_000_000_000),
-            grace_period_seconds: Some(30),
+            start: DeletionStart {
+                pod_uid: uid.into(),
+                namespace: "shop".into(),
+                pod_name: "web-1".into(),
+                services: vec!["web".into(), "web-canary".into()],
+                ip: "10.0.0.1".parse().unwrap(),
+                ports: vec![8080, 8443],
+                host_node: Some("node-a".into()),
+                received_unix_nanos: Some(1_700_000_000_123_456_789),
+                api_start_unix_nanos: Some(1_700_000_000_000_000_000),
+                grace_period_seconds: Some(30),
+                terminating_unix_nanos: None,
+            },
             t0_unix_nanos: 1_700_000_000_123_456_789,
             tracked_since_unix_nanos: 1_700_000_000_200_000_000,
-            terminating_unix_nanos: None,
             expected_nodes: vec!["node-a".into(), "node-b".into()],
             pod_gone_unix_nanos: None,
         }
@@ -183,10 +191,7 @@ mod in_flight {
             store.insert_pending(&again).unwrap();
             store
                 .checkpoint(&Checkpoint {
-                    started: vec![PendingRow {
-                        terminating_unix_nanos: Some(7),
-                        ..pending("u2")
-                    }],
+                    started: vec![terminating(pending("u2"), 7)],
                     updated: vec![PendingUpdate {
                         pod_uid: "u1".into(),
                         terminating_unix_nanos: Some(1_700_000_000_300_000_000),
@@ -223,14 +228,10 @@ mod in_flight {
         }
         let got = Store::open(&path).unwrap().in_flight().unwrap();
         let u1 = PendingRow {
-            terminating_unix_nanos: Some(1_700_000_000_300_000_000),
             pod_gone_unix_nanos: Some(1_700_000_005_000_000_000),
-            ..pending("u1")
+            ..terminating(pending("u1"), 1_700_000_000_300_000_000)
         };
-        let u2 = PendingRow {
-            terminating_unix_nanos: Some(7),
-            ..pending("u2")
-        };
+        let u2 = terminating(pending("u2"), 7);
         assert_eq!(
             got.pending,
             [
@@ -282,7 +283,7 @@ mod in_flight {
         assert_eq!(store.deletion(&rec.pod_uid).unwrap(), None);
         let got = store.in_flight().unwrap();
         assert_eq!(got.pending.len(), 2);
-        assert_eq!(got.pending[1].0.pod_uid, rec.pod_uid);
+        assert_eq!(got.pending[1].0.start.pod_uid, rec.pod_uid);
         assert_eq!(got.pending[1].1, [acc("node-a", 1)]);
 
         side.execute_batch("DROP TRIGGER fail;").unwrap();
@@ -299,7 +300,7 @@ mod in_flight {
         assert_eq!((rows("pending_deletions"), rows("pending_nodes")), (0, 0));
         let got = store.in_flight().unwrap();
         assert_eq!(got.pending.len(), 1);
-        assert_eq!(got.pending[0].0.pod_uid, "other");
+        assert_eq!(got.pending[0].0.start.pod_uid, "other");
         // Once finished it is not pending again (a late start is ignored).
         store.insert_pending(&pending(&rec.pod_uid)).unwrap();
         assert_eq!(store.in_flight().unwrap().pending.len(), 1);
