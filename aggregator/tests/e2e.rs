@@ -354,17 +354,47 @@ fn node_of<'a>(d: &'a serde_json::Value, node: &str) -> &'a serde_json::Value {
 
 const IP: &str = "10.244.0.5";
 
-#[tokio::test]
-async fn restart_mid_deletion_keeps_t0_and_what_agents_reported() {
-    let c = cluster().await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store.db");
-    let agg = start_aggregator(manual_checkpoints(), &store, Some(&c.double)).await;
+/// A cluster and an aggregator store file that outlives the aggregator's
+/// restarts; checkpoints only when a test asks.
+struct Restartable {
+    c: Cluster,
+    _dir: tempfile::TempDir,
+    store: std::path::PathBuf,
+}
+
+impl Restartable {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Restartable {
+            c: cluster().await,
+            store: dir.path().join("store.db"),
+            _dir: dir,
+        }
+    }
+
+    async fn start(&self) -> aggregator::app::Running {
+        start_aggregator(manual_checkpoints(), &self.store, Some(&self.c.double)).await
+    }
+}
+
+/// Agents on node-a and node-b, both announced web-1's deletion.
+async fn two_agents_see_the_deletion(
+    r: &Restartable,
+    agg: &aggregator::app::Running,
+) -> (Agent, Agent, pb::WatchedEndpoint) {
     let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
     let mut b = Agent::connect(agg.grpc_addr, "node-b").await;
-    start_deletion(&c);
+    start_deletion(&r.c);
     let ep = a.next_add().await;
     assert_eq!(ep, b.next_add().await);
+    (a, b, ep)
+}
+
+#[tokio::test]
+async fn restart_mid_deletion_keeps_t0_and_what_agents_reported() {
+    let lab = Restartable::new().await;
+    let agg = lab.start().await;
+    let (mut a, mut b, ep) = two_agents_see_the_deletion(&lab, &agg).await;
     let t0 = ep.deletion_start_unix_nanos;
     assert_ne!(
         t0 % S,
@@ -389,7 +419,7 @@ async fn restart_mid_deletion_keeps_t0_and_what_agents_reported() {
     // A clean restart (its final checkpoint) on the same store file.
     drop((a, b));
     agg.shutdown().await;
-    let agg = start_aggregator(manual_checkpoints(), &store, Some(&c.double)).await;
+    let agg = lab.start().await;
     assert_eq!(agg.correlator.pending(), 1, "the deletion is still pending");
     let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
     let mut b = Agent::connect(agg.grpc_addr, "node-b").await;
@@ -400,7 +430,10 @@ async fn restart_mid_deletion_keeps_t0_and_what_agents_reported() {
     assert_eq!(again, ep);
 
     b.report(vec![rules_removed(IP, t0 + 12 * S / 10)]).await;
-    c.double.finish_deletion::<Pod>("shop", "web-1").unwrap();
+    lab.c
+        .double
+        .finish_deletion::<Pod>("shop", "web-1")
+        .unwrap();
     let d = finished(agg.http_addr).await;
     assert_eq!(d["deletionStartUnixNanos"], t0, "{d}");
     assert_eq!(d["complete"], true, "{d}");
@@ -423,15 +456,10 @@ async fn restart_mid_deletion_keeps_t0_and_what_agents_reported() {
 
 #[tokio::test]
 async fn batch_checkpointed_before_a_crash_and_resent_after_counts_once() {
-    let c = cluster().await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store.db");
-    let agg = start_aggregator(manual_checkpoints(), &store, Some(&c.double)).await;
-    let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
-    let mut b = Agent::connect(agg.grpc_addr, "node-b").await;
-    start_deletion(&c);
-    let t0 = a.next_add().await.deletion_start_unix_nanos;
-    b.next_add().await;
+    let lab = Restartable::new().await;
+    let agg = lab.start().await;
+    let (a, mut b, ep) = two_agents_see_the_deletion(&lab, &agg).await;
+    let t0 = ep.deletion_start_unix_nanos;
 
     let (flow, r) = b
         .report(vec![new_flow("10.244.1.7", IP, t0 + 9 * S / 10)])
@@ -442,7 +470,7 @@ async fn batch_checkpointed_before_a_crash_and_resent_after_counts_once() {
     drop((a, b));
     agg.abort();
 
-    let agg = start_aggregator(manual_checkpoints(), &store, Some(&c.double)).await;
+    let agg = lab.start().await;
     let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
     let mut b = Agent::connect(agg.grpc_addr, "node-b").await;
     assert_eq!(b.acknowledged, 1, "the checkpointed batch is acknowledged");
@@ -454,7 +482,10 @@ async fn batch_checkpointed_before_a_crash_and_resent_after_counts_once() {
 
     a.report(vec![rules_removed(IP, t0 + 4 * S / 10)]).await;
     b.report(vec![rules_removed(IP, t0 + 12 * S / 10)]).await;
-    c.double.finish_deletion::<Pod>("shop", "web-1").unwrap();
+    lab.c
+        .double
+        .finish_deletion::<Pod>("shop", "web-1")
+        .unwrap();
     let d = finished(agg.http_addr).await;
     assert_eq!(d["complete"], true, "{d}");
     assert_eq!(node_of(&d, "node-b")["lateConnections"], 1, "doubled? {d}");
@@ -463,15 +494,10 @@ async fn batch_checkpointed_before_a_crash_and_resent_after_counts_once() {
 
 #[tokio::test]
 async fn batch_applied_but_not_checkpointed_at_a_crash_is_resent_and_counts_once() {
-    let c = cluster().await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store.db");
-    let agg = start_aggregator(manual_checkpoints(), &store, Some(&c.double)).await;
-    let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
-    let mut b = Agent::connect(agg.grpc_addr, "node-b").await;
-    start_deletion(&c);
-    let t0 = a.next_add().await.deletion_start_unix_nanos;
-    b.next_add().await;
+    let lab = Restartable::new().await;
+    let agg = lab.start().await;
+    let (mut a, mut b, ep) = two_agents_see_the_deletion(&lab, &agg).await;
+    let t0 = ep.deletion_start_unix_nanos;
 
     // Batch 1 (a late flow at +0.9 s) is checkpointed; batch 2 (another at
     // +1.0 s) is applied, but the aggregator dies before a checkpoint.
@@ -485,7 +511,7 @@ async fn batch_applied_but_not_checkpointed_at_a_crash_is_resent_and_counts_once
     drop((a, b));
     agg.abort();
 
-    let agg = start_aggregator(manual_checkpoints(), &store, Some(&c.double)).await;
+    let agg = lab.start().await;
     let mut b = Agent::connect(agg.grpc_addr, "node-b").await;
     let _a = Agent::connect(agg.grpc_addr, "node-a").await;
     assert_eq!(b.acknowledged, 1);
@@ -496,7 +522,10 @@ async fn batch_applied_but_not_checkpointed_at_a_crash_is_resent_and_counts_once
     assert!(r.duplicate);
     b.seq = 2;
     b.report(vec![rules_removed(IP, t0 + 12 * S / 10)]).await;
-    c.double.finish_deletion::<Pod>("shop", "web-1").unwrap();
+    lab.c
+        .double
+        .finish_deletion::<Pod>("shop", "web-1")
+        .unwrap();
     let d = finished(agg.http_addr).await;
     assert_eq!(d["complete"], true, "{d}");
     let nb = node_of(&d, "node-b");
@@ -511,12 +540,10 @@ async fn batch_applied_but_not_checkpointed_at_a_crash_is_resent_and_counts_once
 
 #[tokio::test]
 async fn deletion_whose_pod_went_while_the_aggregator_was_down_finishes_after_restart() {
-    let c = cluster().await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store.db");
-    let agg = start_aggregator(manual_checkpoints(), &store, Some(&c.double)).await;
+    let lab = Restartable::new().await;
+    let agg = lab.start().await;
     let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
-    start_deletion(&c);
+    start_deletion(&lab.c);
     let t0 = a.next_add().await.deletion_start_unix_nanos;
     a.report(vec![rules_removed(IP, t0 + 3 * S / 10)]).await;
     drop(a);
@@ -524,8 +551,11 @@ async fn deletion_whose_pod_went_while_the_aggregator_was_down_finishes_after_re
 
     // The kubelet finishes while the aggregator is down: the relist no
     // longer has the pod, which must count as gone.
-    c.double.finish_deletion::<Pod>("shop", "web-1").unwrap();
-    let agg = start_aggregator(manual_checkpoints(), &store, Some(&c.double)).await;
+    lab.c
+        .double
+        .finish_deletion::<Pod>("shop", "web-1")
+        .unwrap();
+    let agg = lab.start().await;
     let _a = Agent::connect(agg.grpc_addr, "node-a").await;
     let d = finished(agg.http_addr).await;
     assert_eq!(d["complete"], true, "{d}");
