@@ -257,7 +257,6 @@ struct NodeAcc {
 
 struct Pending {
     start: DeletionStart,
-    endpoint: Endpoint,
     t0: UnixNanos,
     /// Aggregator time the tracking began (the timeout runs from here).
     tracked_since: UnixNanos,
@@ -278,6 +277,21 @@ struct Pending {
 }
 
 impl Pending {
+    /// What agents are told to watch.
+    fn endpoint(&self) -> Endpoint {
+        let d = &self.start;
+        Endpoint {
+            pod_uid: d.pod_uid.clone(),
+            namespace: d.namespace.clone(),
+            pod_name: d.pod_name.clone(),
+            services: d.services.clone(),
+            ip: d.ip,
+            ports: d.ports.clone(),
+            deletion_start_unix_nanos: self.t0,
+            grace_period_seconds: d.grace_period_seconds,
+        }
+    }
+
     /// Nodes that must report: those live at T0 or, when none were (the
     /// aggregator had just started and agents were still reconnecting),
     /// those live now.
@@ -546,21 +560,10 @@ fn restored_pending(
     }
     let start = row.start;
     let terminating = start.terminating_unix_nanos;
-    let endpoint = Endpoint {
-        pod_uid: start.pod_uid.clone(),
-        namespace: start.namespace.clone(),
-        pod_name: start.pod_name.clone(),
-        services: start.services.clone(),
-        ip: start.ip,
-        ports: start.ports.clone(),
-        deletion_start_unix_nanos: row.t0_unix_nanos,
-        grace_period_seconds: start.grace_period_seconds,
-    };
     let n = nodes.len();
     Ok((
         Pending {
             start,
-            endpoint,
             t0: row.t0_unix_nanos,
             tracked_since: row.tracked_since_unix_nanos,
             terminating,
@@ -815,7 +818,7 @@ impl Correlator {
         st.live_cache = None;
         // Snapshot and receiver under the same lock: no change falls between.
         let changes = self.changes.subscribe();
-        let snapshot = st.pending.values().map(|p| p.endpoint.clone()).collect();
+        let snapshot = st.pending.values().map(Pending::endpoint).collect();
         self.metrics.agents_connected.set(st.connected_agents());
         Ok(Subscription {
             snapshot,
@@ -882,16 +885,6 @@ impl Correlator {
             return None;
         }
         let expected = st.live_nodes();
-        let endpoint = Endpoint {
-            pod_uid: d.pod_uid.clone(),
-            namespace: d.namespace.clone(),
-            pod_name: d.pod_name.clone(),
-            services: d.services.clone(),
-            ip: d.ip,
-            ports: d.ports.clone(),
-            deletion_start_unix_nanos: t0,
-            grace_period_seconds: d.grace_period_seconds,
-        };
         tracing::info!(
             namespace = %d.namespace, pod = %d.pod_name, ip = %d.ip,
             expected_nodes = expected.len(), "deletion started"
@@ -900,7 +893,6 @@ impl Correlator {
         let p = Pending {
             terminating: d.terminating_unix_nanos,
             start: d,
-            endpoint: endpoint.clone(),
             t0,
             tracked_since: now,
             expected,
@@ -911,6 +903,7 @@ impl Correlator {
             stored: true,
         };
         let row = pending_row(&p);
+        let endpoint = p.endpoint();
         st.pending.insert(row.start.pod_uid.clone(), p);
         st.replay_orphans(Some(endpoint.ip), now);
         // No receivers is fine: no agent is connected.
@@ -1055,13 +1048,13 @@ impl Correlator {
                     continue;
                 };
                 p.expected = p.expected_nodes(&live);
-                if let Some(v) = st.by_ip.get_mut(&p.endpoint.ip) {
+                if let Some(v) = st.by_ip.get_mut(&p.start.ip) {
                     v.retain(|u| u != uid);
                     if v.is_empty() {
-                        st.by_ip.remove(&p.endpoint.ip);
+                        st.by_ip.remove(&p.start.ip);
                     }
                 }
-                let _ = self.changes.send(WatchChange::Remove(p.endpoint.clone()));
+                let _ = self.changes.send(WatchChange::Remove(p.endpoint()));
                 finished.push(p);
             }
         }
