@@ -53,13 +53,11 @@ pub fn watch_filter() -> Option<&'static WatchFilter> {
 
 #[inline(always)]
 pub fn is_watched(filter: &WatchFilter, addr: AddrWords) -> bool {
-    if !filter.may_contain(addr) {
+    let slot = slot_of(addr);
+    if !filter.slot_occupied(slot) {
         return false;
     }
-    match WATCH_SLOTS
-        .get(slot_of(addr))
-        .map(|slot| slot.verdict(addr))
-    {
+    match WATCH_SLOTS.get(slot).map(|s| s.verdict(addr)) {
         Some(SlotVerdict::Watched) => true,
         Some(SlotVerdict::NotWatched) => false,
         Some(SlotVerdict::AskMap) | None => unsafe {
