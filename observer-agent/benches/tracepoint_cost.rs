@@ -6,10 +6,11 @@
 //! to a round's cost, so the median and the minimum of the rounds are
 //! printed per program and target. Needs root.
 //!
-//!     cargo bench -p observer-agent --bench tracepoint_cost [-- CONNECTIONS [ROUNDS [DRAIN_MS]]]
+//!     cargo bench -p observer-agent --bench tracepoint_cost [-- CONNECTIONS [ROUNDS [DRAIN_MS]]] [unbatched]
 //!
-//! DRAIN_MS is how often the ring buffer is read, by default the agent's own
-//! interval.
+//! DRAIN_MS is how often the ring buffer is read (after flushing the CPUs'
+//! event batches), by default the agent's own interval. `unbatched` makes
+//! the programs write every event to the ring on its own, for comparison.
 
 use std::{
     collections::BTreeMap,
@@ -26,6 +27,8 @@ use observer_agent::kernel::{
 
 const DEFAULT_CONNECTIONS: usize = 20_000;
 const DEFAULT_ROUNDS: usize = 5;
+/// The row of every invocation of every program together.
+const ALL_PROGRAMS: &str = "(all three programs)";
 /// Bound on each storm, whatever the connection count.
 const STORM_LIMIT: Duration = Duration::from_secs(120);
 
@@ -40,6 +43,7 @@ fn main() -> anyhow::Result<()> {
     let drain = numbers
         .get(2)
         .map_or(DRAIN_INTERVAL, |ms| Duration::from_millis(*ms as u64));
+    let unbatched = std::env::args().any(|a| a == "unbatched");
     if !lab_netns::root::is_root() {
         anyhow::bail!("tracepoint_cost needs root (eBPF, network namespaces)");
     }
@@ -58,40 +62,73 @@ fn main() -> anyhow::Result<()> {
     )?;
     server.ip(&["addr", "add", "10.209.0.3/32", "dev", "lo"])?;
 
-    let mut kernel = Kernel::load(LoadOptions::default())?;
+    let mut kernel = Kernel::load(LoadOptions {
+        unbatched,
+        ..LoadOptions::default()
+    })?;
     kernel.watch_ip(watched)?;
     let mut ring = kernel.take_conn_events().expect("ring buffer");
     let draining = AtomicBool::new(true);
 
     println!(
-        "{connections} connections per storm (connect, accept, close both sides), {rounds} rounds, ring read every {drain:?}"
+        "{connections} connections per storm (connect, accept, close both sides), {rounds} rounds, ring read every {drain:?}, events {}",
+        if kernel.delivery().batched {
+            "batched per CPU"
+        } else {
+            "written one by one"
+        }
     );
     // (program, target) -> ns per invocation of each round, and invocations.
     let mut costs: BTreeMap<(&str, &str), (Vec<f64>, u64)> = BTreeMap::new();
     std::thread::scope(|scope| -> anyhow::Result<()> {
         scope.spawn(|| {
             while draining.load(Ordering::Relaxed) {
-                while ring.next().is_some() {}
+                if let Err(e) = ring.flush_batches() {
+                    eprintln!("flush failed: {e}");
+                }
+                while ring.next_record().is_some() {}
                 std::thread::sleep(drain);
             }
         });
         let result = (|| -> anyhow::Result<()> {
             for round in 1..=rounds {
-                for (label, ip) in [("watched", watched), ("unwatched", unwatched)] {
+                for (label, ip, refused) in [
+                    ("watched", watched, false),
+                    ("unwatched", unwatched, false),
+                    ("watched refused", watched, true),
+                    ("unwatched refused", unwatched, true),
+                ] {
                     let before = run_stats(&kernel)?;
-                    let made = storm(&server, &client, ip, connections)?;
+                    let made = if refused {
+                        refused_storm(&client, ip, connections / 4)?
+                    } else {
+                        storm(&server, &client, ip, connections)?
+                    };
                     let after = run_stats(&kernel)?;
+                    let (mut all_time, mut all_count) = (Duration::ZERO, 0);
                     for ((name, b), (_, a)) in before.iter().zip(&after) {
                         let count = a.1 - b.1;
                         if count == 0 {
                             continue;
                         }
+                        all_time += a.0 - b.0;
+                        all_count += count;
                         let ns = (a.0 - b.0).as_nanos() as f64 / count as f64;
                         let entry = costs.entry((name, label)).or_default();
                         entry.0.push(ns);
                         entry.1 += count;
                     }
-                    if made < connections {
+                    let entry = costs.entry((ALL_PROGRAMS, label)).or_default();
+                    entry
+                        .0
+                        .push(all_time.as_nanos() as f64 / all_count.max(1) as f64);
+                    entry.1 += all_count;
+                    let wanted = if refused {
+                        connections / 4
+                    } else {
+                        connections
+                    };
+                    if made < wanted {
                         println!("  (storm stopped at its time bound after {made} connections)");
                     }
                 }
@@ -103,14 +140,14 @@ fn main() -> anyhow::Result<()> {
         result
     })?;
     println!(
-        "{:<22} {:>10} {:>12} {:>10} {:>10}  per round",
+        "{:<22} {:>17} {:>12} {:>10} {:>10}  per round",
         "program", "target", "invocations", "median ns", "min ns"
     );
     for ((name, label), (mut ns, count)) in costs {
         ns.sort_by(f64::total_cmp);
         let rounds: Vec<String> = ns.iter().map(|n| format!("{n:.0}")).collect();
         println!(
-            "{name:<22} {label:>10} {count:>12} {:>10.1} {:>10.1}  {}",
+            "{name:<22} {label:>17} {count:>12} {:>10.1} {:>10.1}  {}",
             ns[ns.len() / 2],
             ns[0],
             rounds.join(" ")
@@ -171,4 +208,30 @@ fn storm(server: &NetNs, client: &NetNs, ip: IpAddr, count: usize) -> anyhow::Re
         acceptor.join().expect("acceptor");
         Ok(made)
     })
+}
+
+/// Connections from the client namespace to a port of `ip` where nothing
+/// listens: the server's kernel answers each SYN with a RST (the reset
+/// tracepoints fire once per connection). Returns how many were refused.
+fn refused_storm(client: &NetNs, ip: IpAddr, count: usize) -> anyhow::Result<usize> {
+    let closed = SocketAddr::new(ip, 9);
+    let deadline = Instant::now() + STORM_LIMIT;
+    client
+        .run(move || {
+            let mut refused = 0;
+            while refused < count && Instant::now() < deadline {
+                match TcpStream::connect(closed) {
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+                    Err(e) => return Err(e),
+                    Ok(_) => {
+                        return Err(std::io::Error::other(format!(
+                            "{closed} accepted a connection"
+                        )));
+                    }
+                }
+            }
+            Ok(refused)
+        })
+        .map_err(anyhow::Error::from)?
+        .map_err(anyhow::Error::from)
 }

@@ -444,3 +444,104 @@ fn a_shared_slot_watches_exactly_the_addresses_in_the_map() {
         "no events for the server after its twin was unwatched"
     );
 }
+
+/// Every event emitted reaches the reader exactly once, whether the
+/// programs queue events per CPU (read after a flush) or write each one.
+fn every_emitted_event_is_read_once(unbatched: bool, subnet: u8) {
+    use observer_agent::{
+        clock::WallClock,
+        kernel::{Kernel, LoadOptions, conn_events::ConnDecoder},
+        observation::Observation,
+    };
+    let p = pair(subnet);
+    let mut kernel = Kernel::load(LoadOptions {
+        unbatched,
+        ..LoadOptions::default()
+    })
+    .expect("load");
+    assert_eq!(
+        kernel.delivery().batched,
+        !unbatched,
+        "{:?}",
+        kernel.delivery()
+    );
+    kernel.watch_ip(p.server_ip).unwrap();
+    let mut ring = kernel.take_conn_events().expect("ring");
+    let mut decoder = ConnDecoder::new(WallClock::new(), Default::default());
+    let mut read = |ring: &mut observer_agent::kernel::conn_ring::ConnRing| {
+        let mut accepted = Vec::new();
+        let mut events = 0;
+        while let Some(record) = ring.next_record() {
+            for obs in decoder.decode_record(&record).expect("whole events") {
+                events += 1;
+                if let Observation::Accepted(c) = obs.expect("decodes") {
+                    accepted.push(c.src.port());
+                }
+            }
+        }
+        (events, accepted)
+    };
+
+    let listener = p.listen(p.server_ip);
+    let to = listener.local_addr().unwrap();
+    let mut ports = Vec::new();
+    for _ in 0..50 {
+        let client = p.connect(to).expect("connect");
+        ports.push(client.local_addr().unwrap().port());
+        let (server, _) = listener.accept().unwrap();
+        drop(client);
+        drop(server);
+    }
+    // Refused connections add two events each, until the total is not a
+    // whole number of batches: then some CPU's batch is partly filled.
+    let refused = SocketAddr::new(p.server_ip, 9);
+    let batch = observer_common::conn::CONN_BATCH_LEN as u64;
+    while kernel.stats().unwrap().emitted.is_multiple_of(batch) {
+        assert!(p.connect(refused).is_err());
+    }
+    // Connections close in the background of the kernel: wait until every
+    // socket has left ESTABLISHED (4 events per connection, then resets).
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    while kernel.stats().unwrap().emitted < 4 * 50 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let emitted = kernel.stats().unwrap().emitted;
+    assert!(emitted >= 4 * 50, "emitted {emitted}");
+
+    let (before_flush, mut accepted) = read(&mut ring);
+    if unbatched {
+        assert_eq!(
+            before_flush, emitted,
+            "one record per event, nothing held back"
+        );
+    } else {
+        assert!(
+            before_flush < emitted,
+            "{before_flush} of {emitted} events read before the flush: nothing was batched"
+        );
+        assert!(ring.flush_batches().expect("flush") >= 1);
+    }
+    let (after_flush, rest) = read(&mut ring);
+    assert_eq!(before_flush + after_flush, emitted, "events read once each");
+    assert_eq!(kernel.stats().unwrap().lost, 0);
+    accepted.extend(rest);
+    accepted.sort_unstable();
+    ports.sort_unstable();
+    assert_eq!(accepted, ports, "each accepted connection exactly once");
+}
+
+#[test]
+fn batched_delivery_reads_every_event_once_after_a_flush() {
+    if !root_or_skip("batched_delivery_reads_every_event_once_after_a_flush") {
+        return;
+    }
+    every_emitted_event_is_read_once(false, 9);
+}
+
+#[test]
+fn unbatched_delivery_reads_every_event_once() {
+    if !root_or_skip("unbatched_delivery_reads_every_event_once") {
+        return;
+    }
+    every_emitted_event_is_read_once(true, 10);
+}

@@ -102,3 +102,25 @@ pub struct ConnEvent {
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for ConnEvent {}
+
+/// Events a CPU queues before it hands them to the ring buffer as one
+/// record: a ring buffer reservation costs more than the rest of a program
+/// that emits, so a batch pays it once. A record of the ring is therefore 1
+/// to `CONN_BATCH_LEN` [`ConnEvent`]s back to back.
+pub const CONN_BATCH_LEN: usize = 16;
+
+/// Per-CPU state of the batch of queued events (`CONN_BATCH_STATE`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnBatchState {
+    /// Nonzero while a program of this CPU is changing the batch. Programs
+    /// on one CPU only nest (an interrupt runs to its end before the
+    /// interrupted program goes on), so a program that finds it set knows
+    /// the batch is in use below it and leaves the batch alone.
+    pub busy: u32,
+    /// Events queued in the batch.
+    pub len: u32,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ConnBatchState {}

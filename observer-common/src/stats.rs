@@ -3,9 +3,10 @@
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
-    /// Events written to the ring buffer.
+    /// Events sent towards user space: written to the ring buffer or queued
+    /// in a CPU's batch for it.
     Emitted = 0,
-    /// Events dropped because the ring buffer was full.
+    /// Emitted events dropped because the ring buffer was full.
     Lost = 1,
     /// Relevant transitions whose addresses were not watched.
     Filtered = 2,

@@ -47,14 +47,17 @@ pub struct WatchFilter {
     /// Watched addresses; zero (the usual state of a node) lets the programs
     /// return before reading their record.
     pub count: u32,
-    pub _pad: u32,
+    /// Nonzero when the agent empties the per-CPU event batches
+    /// (`CONN_BATCH`) on a timer: only then may the programs queue events
+    /// there instead of writing each to the ring buffer.
+    pub batched: u32,
     pub bits: [u64; FILTER_WORDS],
 }
 
 impl WatchFilter {
     pub const EMPTY: WatchFilter = WatchFilter {
         count: 0,
-        _pad: 0,
+        batched: 0,
         bits: [0; FILTER_WORDS],
     };
 

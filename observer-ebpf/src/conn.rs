@@ -4,32 +4,23 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::bpf_ktime_get_ns,
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::debug;
 use observer_common::{
-    CloseHow, ConnEvent, ConnEventKind, Stat, WatchKey,
+    CloseHow, ConnEvent, ConnEventKind, Stat, WatchFilter, WatchKey,
     conn::{RESET_REASON_UNKNOWN, tcp_state},
 };
 
 use crate::{
-    maps::{CONN_EVENTS, CONN_EVENTS_BYTES, count, is_watched, layout, watch_filter},
+    delivery,
+    maps::{count, is_watched, layout, watch_filter},
     record,
 };
 
 const IPPROTO_TCP: u16 = 6;
-
-/// Unread bytes in the ring buffer that wake the agent before its timer: a
-/// quarter of the ring.
-const WAKEUP_BYTES: u64 = CONN_EVENTS_BYTES as u64 / 4;
-
-/// Events a CPU emits between two looks at the ring's fill level (a helper
-/// call): 16 events per CPU fit many times in the three quarters of the
-/// ring left above the wakeup mark.
-const FILL_CHECK_EVERY: u64 = 16;
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
@@ -112,6 +103,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     );
     emit(
         ctx,
+        filter,
         ConnEvent {
             ktime_ns: unsafe { bpf_ktime_get_ns() },
             endpoint_addr,
@@ -143,6 +135,7 @@ fn try_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
     }
     emit(
         ctx,
+        filter,
         ConnEvent {
             ktime_ns: unsafe { bpf_ktime_get_ns() },
             endpoint_addr: rec.sender,
@@ -165,16 +158,17 @@ fn try_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     };
     let rec = record::receive_reset(ctx.as_ptr())?;
-    if !is_watched(filter, WatchKey { addr: rec.remote }.words()) {
+    if !is_watched(filter, rec.remote) {
         count(Stat::Filtered);
         return Ok(());
     }
     emit(
         ctx,
+        filter,
         ConnEvent {
             ktime_ns: unsafe { bpf_ktime_get_ns() },
-            endpoint_addr: rec.remote,
-            peer_addr: rec.local,
+            endpoint_addr: WatchKey::from_words(rec.remote).addr,
+            peer_addr: WatchKey::from_words(rec.local).addr,
             endpoint_port: rec.remote_port,
             peer_port: rec.local_port,
             kind: ConnEventKind::ResetReceived as u8,
@@ -189,7 +183,7 @@ fn try_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
 }
 
 #[inline(always)]
-fn emit(ctx: &TracePointContext, event: ConnEvent) {
+fn emit(ctx: &TracePointContext, filter: &WatchFilter, event: ConnEvent) {
     if layout!(log_events) != 0 {
         debug!(
             ctx,
@@ -199,24 +193,13 @@ fn emit(ctx: &TracePointContext, event: ConnEvent) {
             event.peer_port
         );
     }
-    match CONN_EVENTS.reserve::<ConnEvent>(0) {
-        Some(mut slot) => {
-            slot.write(event);
-            // A wakeup per event (an irq_work and an epoll round trip) costs
-            // more than the rest of the program: the agent drains the ring
-            // on a short timer, and is woken early only when it fills up.
-            let emitted = count(Stat::Emitted);
-            let flags = if emitted % FILL_CHECK_EVERY == 0
-                && CONN_EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES
-            {
-                BPF_RB_FORCE_WAKEUP
-            } else {
-                BPF_RB_NO_WAKEUP
-            };
-            slot.submit(flags as u64);
-        }
-        None => {
-            count(Stat::Lost);
-        }
-    }
+    delivery::send(filter, &event);
+}
+
+/// Never attached: the agent runs it on a CPU (`BPF_PROG_TEST_RUN`) to hand
+/// that CPU's queued events to the ring buffer before it reads the ring.
+#[raw_tracepoint]
+pub fn flush_conn_batch(_ctx: RawTracePointContext) -> i32 {
+    delivery::flush();
+    0
 }

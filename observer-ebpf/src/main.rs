@@ -4,6 +4,7 @@
 #![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 mod conn;
+mod delivery;
 mod flows;
 mod maps;
 mod record;

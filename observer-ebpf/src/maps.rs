@@ -6,7 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use observer_common::{
-    Stat, TracepointLayout, WatchFilter, WatchKey, WatchSlot,
+    ConnEvent, Stat, TracepointLayout, WatchFilter, WatchKey, WatchSlot,
+    conn::{CONN_BATCH_LEN, ConnBatchState},
     stats::STATS_LEN,
     watch::{AddrWords, MAX_WATCHED, SlotVerdict, WATCH_SLOT_COUNT, WatchFlags, slot_of},
 };
@@ -30,6 +31,16 @@ pub const CONN_EVENTS_BYTES: u32 = 256 * 1024;
 
 #[map]
 pub static CONN_EVENTS: RingBuf = RingBuf::with_byte_size(CONN_EVENTS_BYTES, 0);
+
+/// Each CPU's queued events (see `batch.rs`).
+#[map]
+pub static CONN_BATCH: PerCpuArray<[ConnEvent; CONN_BATCH_LEN]> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's batch length and busy mark, apart from the events so that the
+/// agent can tell which CPUs have queued events by reading a few bytes each.
+#[map]
+pub static CONN_BATCH_STATE: PerCpuArray<ConnBatchState> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
@@ -61,16 +72,21 @@ pub fn is_watched(filter: &WatchFilter, addr: AddrWords) -> bool {
         Some(SlotVerdict::Watched) => true,
         Some(SlotVerdict::NotWatched) => false,
         Some(SlotVerdict::AskMap) | None => unsafe {
-            WATCHED.get(&WatchKey::from_words(addr)).is_some()
+            WATCHED.get(WatchKey::from_words(addr)).is_some()
         },
     }
 }
 
 #[inline(always)]
 pub fn count(stat: Stat) -> u64 {
+    count_n(stat, 1)
+}
+
+#[inline(always)]
+pub fn count_n(stat: Stat, n: u64) -> u64 {
     match STATS.get_ptr_mut(stat as u32) {
         Some(slot) => unsafe {
-            *slot += 1;
+            *slot += n;
             *slot
         },
         None => 0,

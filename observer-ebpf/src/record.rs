@@ -52,8 +52,8 @@ pub struct SendReset {
 
 /// `tcp/tcp_receive_reset`.
 pub struct ReceiveReset {
-    pub local: [u8; 16],
-    pub remote: [u8; 16],
+    pub local: AddrWords,
+    pub remote: AddrWords,
     pub local_port: u16,
     pub remote_port: u16,
 }
@@ -99,20 +99,17 @@ macro_rules! ctx_addr {
     };
 }
 
-/// 16 bytes at a 2-aligned constant offset.
-macro_rules! words {
+/// 16 bytes at a constant offset 6 past a multiple of 8, as two words: each
+/// load must be aligned to its size, so the bytes come as 2 + 8 + 4 + 2
+/// (little-endian: earlier bytes are the low ones).
+macro_rules! words_6_past_8 {
     ($ctx:expr, $offset:expr) => {{
-        let words: [u16; 8] = [
-            ctx_load!($ctx, u16, $offset),
-            ctx_load!($ctx, u16, $offset + 2),
-            ctx_load!($ctx, u16, $offset + 4),
-            ctx_load!($ctx, u16, $offset + 6),
-            ctx_load!($ctx, u16, $offset + 8),
-            ctx_load!($ctx, u16, $offset + 10),
-            ctx_load!($ctx, u16, $offset + 12),
-            ctx_load!($ctx, u16, $offset + 14),
-        ];
-        unsafe { core::mem::transmute::<[u16; 8], [u8; 16]>(words) }
+        const _: () = assert!($offset % 8 == 6);
+        let head = ctx_load!($ctx, u16, $offset) as u64;
+        let middle = ctx_load!($ctx, u64, $offset + 2);
+        let next = ctx_load!($ctx, u32, $offset + 10) as u64;
+        let tail = ctx_load!($ctx, u16, $offset + 14) as u64;
+        [head | middle << 16, middle >> 48 | next << 16 | tail << 48]
     }};
 }
 
@@ -325,12 +322,12 @@ pub fn receive_reset(ctx: *mut c_void) -> Result<ReceiveReset, i64> {
 }
 
 /// The addresses are only 2-byte aligned in this record, and the verifier
-/// rejects misaligned context loads: read them in 16-bit words.
+/// rejects misaligned context loads.
 #[inline(always)]
 fn receive_reset_direct(ctx: *mut c_void) -> ReceiveReset {
     ReceiveReset {
-        local: words!(ctx, D.recv_reset_saddr_v6 as usize),
-        remote: words!(ctx, D.recv_reset_daddr_v6 as usize),
+        local: words_6_past_8!(ctx, D.recv_reset_saddr_v6 as usize),
+        remote: words_6_past_8!(ctx, D.recv_reset_daddr_v6 as usize),
         local_port: ctx_load!(ctx, u16, D.recv_reset_sport as usize),
         remote_port: ctx_load!(ctx, u16, D.recv_reset_dport as usize),
     }

@@ -60,6 +60,7 @@ const CHANNEL_CAPACITY: usize = 4096;
 pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
     let mut kernel = Kernel::load(LoadOptions {
         log_events: args.log_kernel_events,
+        ..LoadOptions::default()
     })
     .context("loading the eBPF programs")?;
 

@@ -60,6 +60,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut kernel = Kernel::load(LoadOptions {
         log_events: args.log_kernel_events,
+        ..LoadOptions::default()
     })
     .context("loading the eBPF programs")?;
     for hook in kernel.hooks() {
@@ -67,6 +68,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let mut capabilities = probe::probe_kernel();
     capabilities.extend(probe::hook_capabilities(kernel.hooks()));
+    capabilities.push(probe::delivery_capability(kernel.delivery()));
 
     let (obs_tx, mut obs_rx) = mpsc::channel::<Observation>(CHANNEL_CAPACITY);
     let ring = kernel

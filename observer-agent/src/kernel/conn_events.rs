@@ -6,11 +6,11 @@ use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
 };
 
-use aya::maps::{MapData, RingBuf};
 use observer_common::{CloseHow, ConnEvent, ConnEventKind, conn::RESET_REASON_UNKNOWN};
 use thiserror::Error;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
+use super::conn_ring::ConnRing;
 use crate::{
     clock::WallClock,
     observation::{CloseKind, ConnObservation, Observation},
@@ -20,6 +20,8 @@ use crate::{
 pub enum DecodeError {
     #[error("connection event of {got} bytes, expected {expected}")]
     Size { got: usize, expected: usize },
+    #[error("ring record of {got} bytes, not a whole number of {event}-byte events")]
+    Record { got: usize, event: usize },
     #[error("unknown connection event kind {0}")]
     Kind(u8),
     #[error("unknown close kind {0}")]
@@ -38,6 +40,21 @@ impl ConnDecoder {
             clock,
             reset_reasons,
         }
+    }
+
+    /// The events of one ring record (a CPU's batch, or a single event).
+    pub fn decode_record<'a>(
+        &'a mut self,
+        record: &'a [u8],
+    ) -> Result<impl Iterator<Item = Result<Observation, DecodeError>> + 'a, DecodeError> {
+        let event = std::mem::size_of::<ConnEvent>();
+        if record.is_empty() || !record.len().is_multiple_of(event) {
+            return Err(DecodeError::Record {
+                got: record.len(),
+                event,
+            });
+        }
+        Ok(record.chunks_exact(event).map(|e| self.decode(e)))
     }
 
     pub fn decode(&mut self, bytes: &[u8]) -> Result<Observation, DecodeError> {
@@ -112,17 +129,19 @@ pub fn tcp_state_name(state: u8) -> Option<&'static str> {
 }
 
 /// Reads the ring buffer until `tx` closes, sending every decoded event.
-/// Undecodable records are logged and counted, never fatal.
+/// Undecodable records and failed flushes are logged and counted, never
+/// fatal.
 pub async fn forward(
-    ring: RingBuf<MapData>,
+    ring: ConnRing,
     mut decoder: ConnDecoder,
     tx: mpsc::Sender<Observation>,
 ) -> std::io::Result<()> {
-    // SAFETY: the RingBuf owns its map fd and keeps it open until dropped,
+    // SAFETY: the ring owns its map fd and keeps it open until dropped,
     // which happens only with the AsyncFd.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)?;
     let mut undecodable: u64 = 0;
+    let mut failed_flushes: u64 = 0;
     // The programs wake this reader only when the ring fills up (a wakeup per
     // event would cost more than the event): drain it on a short timer too.
     let mut drain = tokio::time::interval(DRAIN_INTERVAL);
@@ -133,16 +152,28 @@ pub async fn forward(
             _ = drain.tick() => {}
         }
         let ring = fd.get_mut();
-        while let Some(record) = ring.next() {
-            match decoder.decode(&record) {
-                Ok(observation) => {
-                    if tx.send(observation).await.is_err() {
-                        return Ok(());
+        if let Err(e) = ring.flush_batches() {
+            // The events stay queued for the next flush.
+            failed_flushes += 1;
+            tracing::warn!(error = %e, failed_flushes, "could not flush the per-CPU event batches");
+        }
+        while let Some(record) = ring.next_record() {
+            let events: Vec<_> = match decoder.decode_record(&record) {
+                Ok(events) => events.collect(),
+                Err(e) => vec![Err(e)],
+            };
+            drop(record);
+            for event in events {
+                match event {
+                    Ok(observation) => {
+                        if tx.send(observation).await.is_err() {
+                            return Ok(());
+                        }
                     }
-                }
-                Err(e) => {
-                    undecodable += 1;
-                    tracing::warn!(error = %e, undecodable, "dropped an undecodable connection event");
+                    Err(e) => {
+                        undecodable += 1;
+                        tracing::warn!(error = %e, undecodable, "dropped an undecodable connection event");
+                    }
                 }
             }
         }
@@ -258,6 +289,49 @@ mod tests {
         bad.kind = ConnEventKind::Closed as u8;
         bad.close_how = 9;
         assert_eq!(d.decode(&raw(&bad)), Err(DecodeError::Close(9)));
+    }
+
+    #[test]
+    fn a_batch_record_holds_its_events_back_to_back() {
+        let mut d = decoder();
+        let mut record = raw(&event(ConnEventKind::Accepted, CloseHow::None, 0));
+        record.extend(raw(&event(ConnEventKind::Closed, CloseHow::PeerFin, 0)));
+        record.extend(raw(&event(ConnEventKind::ResetSent, CloseHow::None, 1)));
+        let kinds: Vec<&str> = d
+            .decode_record(&record)
+            .unwrap()
+            .map(|o| match o.unwrap() {
+                Observation::Accepted(_) => "accepted",
+                Observation::Closed(_) => "closed",
+                Observation::ResetSent(_) => "reset_sent",
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(kinds, ["accepted", "closed", "reset_sent"]);
+
+        // A bad event spoils only itself.
+        let mut bad = event(ConnEventKind::Accepted, CloseHow::None, 0);
+        bad.kind = 42;
+        record.extend(raw(&bad));
+        let results: Vec<_> = d.decode_record(&record).unwrap().collect();
+        assert_eq!(results.len(), 4);
+        assert!(results[..3].iter().all(Result::is_ok));
+        assert_eq!(results[3], Err(DecodeError::Kind(42)));
+    }
+
+    #[test]
+    fn records_that_are_not_whole_events_are_rejected() {
+        let mut d = decoder();
+        for len in [0, 55, 57, 111] {
+            assert_eq!(
+                d.decode_record(&vec![0u8; len]).err(),
+                Some(DecodeError::Record {
+                    got: len,
+                    event: 56
+                }),
+                "{len} bytes"
+            );
+        }
     }
 
     #[test]

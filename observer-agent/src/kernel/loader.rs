@@ -14,7 +14,10 @@ use observer_common::{
 };
 use thiserror::Error;
 
-use super::tracefs::{self, CONN_TRACEPOINTS, EventFormat, Tracefs, TracefsError};
+use super::{
+    conn_ring::{BatchFlush, ConnRing},
+    tracefs::{self, CONN_TRACEPOINTS, EventFormat, Tracefs, TracefsError},
+};
 
 /// The eBPF object built by build.rs (aya-build) from observer-ebpf.
 static OBSERVER_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
@@ -56,6 +59,18 @@ pub struct HookStatus {
 pub struct LoadOptions {
     /// Emit an aya-log debug line per event from the kernel (debugging only).
     pub log_events: bool,
+    /// Write every event to the ring buffer on its own instead of queuing
+    /// it in its CPU's batch (for comparisons; batching is cheaper).
+    pub unbatched: bool,
+}
+
+/// How connection events reach the ring buffer on this kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// Queued per CPU and flushed by the agent, or else one by one.
+    pub batched: bool,
+    /// Why not, when not.
+    pub detail: String,
 }
 
 /// Counters kept by the programs, summed over CPUs.
@@ -77,7 +92,8 @@ pub struct Kernel {
     /// The keys of `watched`, to rebuild a slot when one of its keys leaves.
     watched_keys: HashSet<WatchKey>,
     stats: PerCpuArray<MapData, u64>,
-    conn_events: Option<RingBuf<MapData>>,
+    conn_events: Option<ConnRing>,
+    delivery: Delivery,
     hooks: Vec<HookStatus>,
     reset_reasons: std::collections::HashMap<u32, String>,
 }
@@ -163,17 +179,50 @@ impl Kernel {
                     source,
                 }
             })?;
-        Ok(Kernel {
+        let batch_state =
+            PerCpuArray::try_from(take_map(&mut ebpf, "CONN_BATCH_STATE")?).map_err(|source| {
+                KernelError::Map {
+                    name: "CONN_BATCH_STATE",
+                    source,
+                }
+            })?;
+        let (batches, delivery) = if options.unbatched {
+            (None, Delivery::one_by_one("turned off by the caller"))
+        } else {
+            match BatchFlush::prepare(&mut ebpf, batch_state) {
+                Ok(flush) => (
+                    Some(flush),
+                    Delivery {
+                        batched: true,
+                        detail: "queued per CPU, flushed before every read".into(),
+                    },
+                ),
+                Err(reason) => {
+                    tracing::warn!(%reason, "connection events go to the ring buffer one by one, which costs more per event");
+                    (None, Delivery::one_by_one(&reason))
+                }
+            }
+        };
+        let mut kernel = Kernel {
             ebpf,
             watched,
             watch_filter,
             watch_slots,
             watched_keys: HashSet::new(),
             stats,
-            conn_events: Some(conn_events),
+            conn_events: Some(ConnRing::new(conn_events, batches)),
+            delivery,
             hooks,
             reset_reasons,
-        })
+        };
+        // The filter carries the delivery mode to the programs.
+        kernel.write_filter()?;
+        Ok(kernel)
+    }
+
+    /// How connection events reach the ring buffer.
+    pub fn delivery(&self) -> &Delivery {
+        &self.delivery
     }
 
     /// Hooks tried at load, attached or not.
@@ -197,7 +246,7 @@ impl Kernel {
     }
 
     /// The connection event ring buffer; there is one reader, so it is handed out once.
-    pub fn take_conn_events(&mut self) -> Option<RingBuf<MapData>> {
+    pub fn take_conn_events(&mut self) -> Option<ConnRing> {
         self.conn_events.take()
     }
 
@@ -263,8 +312,10 @@ impl Kernel {
     /// Rewrites the whole filter: a concurrent reader sees every bit that
     /// stays set as set, since the bytes copied over it are the same.
     fn write_filter(&mut self) -> Result<(), KernelError> {
+        let mut filter = WatchFilter::of(&self.watched_keys);
+        filter.batched = u32::from(self.delivery.batched);
         self.watch_filter
-            .set(0, WatchFilter::of(&self.watched_keys), 0)
+            .set(0, filter, 0)
             .map_err(|source| KernelError::Map {
                 name: "WATCH_FILTER",
                 source,
@@ -287,6 +338,15 @@ impl Kernel {
             lost: read(Stat::Lost)?,
             filtered: read(Stat::Filtered)?,
         })
+    }
+}
+
+impl Delivery {
+    fn one_by_one(why: &str) -> Self {
+        Delivery {
+            batched: false,
+            detail: format!("one ring record per event: {why}"),
+        }
     }
 }
 

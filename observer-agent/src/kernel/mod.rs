@@ -2,8 +2,9 @@
 //! addresses, and the destination-side connection events.
 
 pub mod conn_events;
+pub mod conn_ring;
 pub mod loader;
 pub mod probe;
 pub mod tracefs;
 
-pub use loader::{HookStatus, Kernel, KernelError, LoadOptions, Stats};
+pub use loader::{Delivery, HookStatus, Kernel, KernelError, LoadOptions, Stats};

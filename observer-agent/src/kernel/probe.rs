@@ -10,7 +10,7 @@ use aya::{
 };
 use serde::Serialize;
 
-use super::{HookStatus, Kernel, LoadOptions, tracefs::Tracefs};
+use super::{Delivery, HookStatus, Kernel, LoadOptions, tracefs::Tracefs};
 
 /// One row of the capability table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -43,7 +43,10 @@ impl Capability {
 pub fn probe() -> Vec<Capability> {
     let mut table = probe_kernel();
     match Kernel::load(LoadOptions::default()) {
-        Ok(kernel) => table.extend(hook_capabilities(kernel.hooks())),
+        Ok(kernel) => {
+            table.extend(hook_capabilities(kernel.hooks()));
+            table.push(delivery_capability(kernel.delivery()));
+        }
         Err(e) => table.push(Capability::new("ebpf/load", false, e.to_string(), true)),
     }
     table
@@ -62,6 +65,17 @@ pub fn hook_capabilities(hooks: &[HookStatus]) -> Vec<Capability> {
             )
         })
         .collect()
+}
+
+/// Whether events are batched per CPU: without it every event costs a ring
+/// buffer reservation (more kernel time per event), nothing is lost.
+pub fn delivery_capability(delivery: &Delivery) -> Capability {
+    Capability::new(
+        "delivery/per-cpu event batches",
+        delivery.batched,
+        delivery.detail.clone(),
+        false,
+    )
 }
 
 /// Program and map types, kernel files and tracefs, without loading the
