@@ -15,6 +15,7 @@ use tokio::{
 
 use crate::{
     clock::WallClock,
+    endpoint_record::EndpointRecords,
     kernel::{Kernel, LoadOptions, Stats, conn_events},
     output::{Format, Printer, now_unix_nanos},
 };
@@ -80,6 +81,9 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
         .context("connection event ring buffer already taken")?;
     let decoder = conn_events::ConnDecoder::new(WallClock::new(), kernel.reset_reasons().clone());
     let reader = tokio::spawn(conn_events::forward(ring, decoder, tx.clone()));
+    // No deletion is known here: flows from now on count as late.
+    let mut records = EndpointRecords::new();
+    let since = now_unix_nanos();
     // Source side: this node's dataplane rules and new flows towards the endpoints.
     let _source_side = if args.watch_endpoint.is_empty() {
         drop(tx);
@@ -88,7 +92,8 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
         let dataplane =
             crate::dataplane::spawn(tx.clone()).context("starting the dataplane detectors")?;
         for endpoint in &args.watch_endpoint {
-            dataplane.watch(*endpoint);
+            let presence = dataplane.watch(*endpoint);
+            records.watch(*endpoint, since, presence);
         }
         match crate::dataplane::commit_probe::load(kernel.ebpf_mut()) {
             Ok(setup) => {
@@ -122,6 +127,9 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
         tokio::select! {
             obs = rx.recv() => match obs {
                 Some(obs) => {
+                    if !records.observe(&obs) {
+                        continue;
+                    }
                     if let Err(e) = printer.observation(&obs) {
                         if e.kind() == std::io::ErrorKind::BrokenPipe {
                             break;
@@ -140,7 +148,12 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
     reader.abort();
     // Events already in the channel were observed: print them before the summary.
     while let Ok(obs) = rx.try_recv() {
-        printer.observation(&obs)?;
+        if records.observe(&obs) {
+            printer.observation(&obs)?;
+        }
+    }
+    for record in records.watched() {
+        printer.endpoint_record(&record)?;
     }
     let stats = kernel.stats()?;
     printer.stopped(now_unix_nanos(), stats)?;

@@ -80,8 +80,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // destination side still works without them.
     let dataplane = match dataplane::spawn(obs_tx.clone()) {
         Ok(watch) => {
-            // Exact kernel commit times where kprobes/fentry exist; the
-            // netlink path times changes otherwise.
+            // Exact kernel commit times where kprobes exist; the netlink
+            // path times changes otherwise.
             match dataplane::commit_probe::load(kernel.ebpf_mut()) {
                 Ok(setup) => {
                     if let Some(probe) = setup.probe {
@@ -128,6 +128,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             obs = obs_rx.recv() => match obs {
                 Some(obs) => {
+                    // Updates the endpoint's record; false: a flow to no watched endpoint.
+                    if !health.records().observe(&obs) {
+                        continue;
+                    }
                     health.observed(&obs);
                     if report_tx.send(obs).await.is_err() {
                         break;
@@ -137,7 +141,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             },
             update = watch_rx.recv() => match update {
                 Some(update) => {
-                    watched.apply(&update, &mut kernel, dataplane.as_ref());
+                    watched.apply(&update, &mut kernel, dataplane.as_ref(), &health);
                     health.set_watched(watched.len());
                 }
                 None => break,
@@ -190,6 +194,7 @@ impl Watched {
         update: &WatchUpdate,
         kernel: &mut Kernel,
         dataplane: Option<&DataplaneWatch>,
+        health: &Health,
     ) {
         match update {
             WatchUpdate::Add(ep) => {
@@ -203,10 +208,11 @@ impl Watched {
                 {
                     tracing::error!(error = %e, pod = %ep.pod_name, "cannot watch endpoint in the kernel");
                 }
-                if let Some(dp) = dataplane {
-                    for port in &ep.ports {
-                        dp.watch(SocketAddr::new(ep.ip, *port));
-                    }
+                for port in &ep.ports {
+                    let endpoint = SocketAddr::new(ep.ip, *port);
+                    let presence = dataplane.and_then(|dp| dp.watch(endpoint));
+                    let t0 = ep.deletion_start_unix_nanos;
+                    health.records().watch(endpoint, t0, presence);
                 }
                 tracing::info!(pod = %ep.pod_name, namespace = %ep.namespace, ip = %ep.ip, "watching terminating endpoint");
             }
@@ -223,9 +229,13 @@ impl Watched {
                         }
                     }
                 }
-                if let Some(dp) = dataplane {
-                    for port in &ep.ports {
-                        dp.unwatch(SocketAddr::new(ep.ip, *port));
+                for port in &ep.ports {
+                    let endpoint = SocketAddr::new(ep.ip, *port);
+                    if let Some(dp) = dataplane {
+                        dp.unwatch(endpoint);
+                    }
+                    if let Some(r) = health.records().unwatch(&endpoint) {
+                        tracing::info!(record = ?r, "endpoint record finished");
                     }
                 }
             }

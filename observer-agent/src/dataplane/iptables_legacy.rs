@@ -94,6 +94,11 @@ impl Watcher {
         Ok(watcher)
     }
 
+    /// The targets found by the last read.
+    pub fn targets(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.targets.iter().map(|ep| SocketAddr::V4(*ep))
+    }
+
     /// Reachable DNAT targets of the legacy nat table (empty when it does not exist).
     fn read(&self) -> Result<HashSet<SocketAddrV4>, DataplaneError> {
         if !nat_present() {

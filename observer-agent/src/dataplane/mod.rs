@@ -12,6 +12,12 @@
 //! verdict maps down to a DNAT to the endpoint: kube-proxy unlinks an
 //! endpoint's chain from the service dispatch first and deletes it later.
 //! Another dataplane (IPVS, Cilium) is one more module with the same output.
+//!
+//! The detectors also remember which endpoints are NAT targets and since
+//! when ([`RulesPresence`], the targets found at start-up included), so that
+//! an endpoint watched while already selected gets its "first seen in rules"
+//! without an invented `rules_added` event: [`DataplaneWatch::watch`] returns
+//! it.
 
 pub mod commit_probe;
 mod ipt_entries;
@@ -26,7 +32,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
@@ -43,7 +49,7 @@ pub use netlink::DecodeError;
 pub use nft_msg::{NftEvent, RuleSummary, TableId, decode as decode_nft_message};
 pub use xtables::dnat_destination;
 
-use crate::observation::{Detector, Observation, RulesChange};
+use crate::observation::{Detector, Observation, RulesChange, UnixNanos};
 
 #[derive(Debug, Error)]
 pub enum DataplaneError {
@@ -77,12 +83,80 @@ pub(crate) struct Change {
 /// node's kube-proxy may act before the agent learns the pod is terminating.
 const RECENT_REMOVALS: Duration = Duration::from_secs(15 * 60);
 
+/// What the detectors know of an endpoint's place in this node's rules when
+/// its watch starts. Not an event (nothing changed then): the caller fills
+/// the endpoint's record with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RulesPresence {
+    /// When the detectors first saw the endpoint as a NAT target: the time of
+    /// the change that added it, or the detectors' start-up when it already
+    /// was one then (see `at_start`).
+    pub first_seen_unix_nano: UnixNanos,
+    /// Already a target when the detectors started: the rules selected it
+    /// before `first_seen_unix_nano`, since when is unknown.
+    pub at_start: bool,
+    /// A NAT target now (false: removed, within the last 15 minutes; the
+    /// removal itself is reported as `rules_removed`).
+    pub selected: bool,
+}
+
+/// Watched endpoints and what the detectors know of every endpoint, under
+/// one lock: a watch and a report are ordered, so a change is either in what
+/// the watch reads or reported to it, never neither.
+#[derive(Debug, Default)]
+struct RulesState {
+    watched: HashSet<SocketAddr>,
+    /// Endpoints no longer selected, with their removal.
+    recent_removals: HashMap<SocketAddr, RulesChange>,
+    /// Endpoints selected now, and those in `recent_removals`.
+    presence: HashMap<SocketAddr, RulesPresence>,
+}
+
+impl RulesState {
+    /// Endpoints that were targets when the detectors started.
+    fn present_at_start(&mut self, endpoints: impl IntoIterator<Item = SocketAddr>, time: u64) {
+        for endpoint in endpoints {
+            self.presence.entry(endpoint).or_insert(RulesPresence {
+                first_seen_unix_nano: time,
+                at_start: true,
+                selected: true,
+            });
+        }
+    }
+
+    /// Forgets removals (and the presence of removed endpoints) before `horizon`.
+    fn forget_before(&mut self, horizon: u64) {
+        self.recent_removals
+            .retain(|_, c| c.time_unix_nano >= horizon);
+        let recent = &self.recent_removals;
+        self.presence
+            .retain(|ep, p| p.selected || recent.contains_key(ep));
+    }
+
+    fn apply(&mut self, change: &Change, rules: &RulesChange) {
+        if change.added {
+            self.recent_removals.remove(&change.endpoint);
+            self.presence
+                .entry(change.endpoint)
+                .or_insert(RulesPresence {
+                    first_seen_unix_nano: rules.time_unix_nano,
+                    at_start: false,
+                    selected: true,
+                })
+                .selected = true;
+        } else {
+            self.recent_removals.insert(change.endpoint, rules.clone());
+            if let Some(p) = self.presence.get_mut(&change.endpoint) {
+                p.selected = false;
+            }
+        }
+    }
+}
+
 /// State shared by the watch handle and the detector threads.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    watched: RwLock<HashSet<SocketAddr>>,
-    /// Endpoints no longer selected, with their removal.
-    recent_removals: Mutex<HashMap<SocketAddr, RulesChange>>,
+    rules: Mutex<RulesState>,
     commit_probe: Mutex<Option<CommitProbe>>,
     stop: AtomicBool,
     tx: Sender<Observation>,
@@ -114,11 +188,9 @@ impl Shared {
         if changes.is_empty() {
             return;
         }
-        let watched = self.watched.read().map(|w| w.clone()).unwrap_or_default();
         let mut reports = Vec::new();
-        if let Ok(mut recent) = self.recent_removals.lock() {
-            let horizon = time_unix_nano.saturating_sub(RECENT_REMOVALS.as_nanos() as u64);
-            recent.retain(|_, c| c.time_unix_nano >= horizon);
+        if let Ok(mut state) = self.rules.lock() {
+            state.forget_before(time_unix_nano.saturating_sub(RECENT_REMOVALS.as_nanos() as u64));
             for change in changes {
                 let rules = RulesChange {
                     endpoint: change.endpoint,
@@ -126,12 +198,8 @@ impl Shared {
                     time_unix_nano,
                     precision_ns,
                 };
-                if change.added {
-                    recent.remove(&change.endpoint);
-                } else {
-                    recent.insert(change.endpoint, rules.clone());
-                }
-                if watched.contains(&change.endpoint) {
+                state.apply(&change, &rules);
+                if state.watched.contains(&change.endpoint) {
                     info!(endpoint = %change.endpoint, detector = ?change.detector, added = change.added, "dataplane change");
                     reports.push(if change.added {
                         Observation::RulesAdded(rules)
@@ -141,6 +209,8 @@ impl Shared {
                 }
             }
         }
+        // Outside the lock: a full channel must not block a watch (the
+        // channel's reader is the one that watches).
         for obs in reports {
             self.send(obs);
         }
@@ -170,31 +240,30 @@ pub struct DataplaneWatch {
 impl DataplaneWatch {
     /// Reports rule changes for `endpoint` from now on; if this node's rules
     /// already stopped selecting it (in the last 15 minutes), reports that
-    /// removal, with its original time, right away.
-    pub fn watch(&self, endpoint: SocketAddr) {
-        if let Ok(mut w) = self.shared.watched.write() {
-            w.insert(endpoint);
-        }
-        let earlier = self
-            .shared
-            .recent_removals
-            .lock()
-            .ok()
-            .and_then(|r| r.get(&endpoint).cloned());
-        if let Some(change) = earlier
+    /// removal, with its original time, right away. Returns what the
+    /// detectors know of its presence in the rules (None: never seen as a
+    /// target), for the endpoint's record; that is no event.
+    pub fn watch(&self, endpoint: SocketAddr) -> Option<RulesPresence> {
+        let Ok(mut state) = self.shared.rules.lock() else {
+            return None;
+        };
+        state.watched.insert(endpoint);
+        // Sent under the lock, so before any later change of the endpoint.
+        if let Some(change) = state.recent_removals.get(&endpoint)
             && self
                 .shared
                 .tx
-                .try_send(Observation::RulesRemoved(change))
+                .try_send(Observation::RulesRemoved(change.clone()))
                 .is_err()
         {
             warn!(%endpoint, "observation channel full: earlier rules removal not reported");
         }
+        state.presence.get(&endpoint).copied()
     }
 
     pub fn unwatch(&self, endpoint: SocketAddr) {
-        if let Ok(mut w) = self.shared.watched.write() {
-            w.remove(&endpoint);
+        if let Ok(mut state) = self.shared.rules.lock() {
+            state.watched.remove(&endpoint);
         }
     }
 
@@ -224,8 +293,7 @@ impl Drop for DataplaneWatch {
 /// iptables-legacy one runs when legacy tables exist or appear.
 pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> {
     let shared = Arc::new(Shared {
-        watched: RwLock::new(HashSet::new()),
-        recent_removals: Mutex::new(HashMap::new()),
+        rules: Mutex::new(RulesState::default()),
         commit_probe: Mutex::new(None),
         stop: AtomicBool::new(false),
         tx,
@@ -235,7 +303,8 @@ pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> 
     let mut mirror = Mirror::new();
     nftables::load(&mut mirror)?;
     let mut targets = nftables::Targets::default();
-    targets.update(&mirror, None);
+    // Every target of the dump comes back as added: already selected at start.
+    let present = targets.update(&mirror, None);
     let layouts = Layouts {
         nftables: mirror
             .tables()
@@ -244,6 +313,10 @@ pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> 
         iptables_legacy: iptables_legacy::tables_present(),
     };
     let legacy = iptables_legacy::Watcher::open()?;
+    if let Ok(mut state) = shared.rules.lock() {
+        let endpoints = present.iter().map(|c| c.endpoint).chain(legacy.targets());
+        state.present_at_start(endpoints, unix_nanos());
+    }
     info!(
         nftables = layouts.nftables,
         iptables_nft = layouts.iptables_nft,
@@ -299,4 +372,111 @@ pub(crate) fn unix_nanos() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::mpsc::{Receiver, channel};
+
+    use super::*;
+
+    fn ep(last: u8) -> SocketAddr {
+        SocketAddr::from(([10, 180, 0, last], 8080))
+    }
+
+    fn watch() -> (DataplaneWatch, Receiver<Observation>) {
+        let (tx, rx) = channel(16);
+        let shared = Arc::new(Shared {
+            rules: Mutex::new(RulesState::default()),
+            commit_probe: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            tx,
+        });
+        let watch = DataplaneWatch {
+            shared,
+            layouts: Layouts::default(),
+            threads: Vec::new(),
+        };
+        (watch, rx)
+    }
+
+    fn change(last: u8, added: bool) -> Change {
+        Change {
+            endpoint: ep(last),
+            added,
+            detector: Detector::Nftables,
+        }
+    }
+
+    #[test]
+    fn a_target_at_start_is_present_without_an_event() {
+        let (watch, mut rx) = watch();
+        watch
+            .shared
+            .rules
+            .lock()
+            .unwrap()
+            .present_at_start([ep(1)], 100);
+        assert_eq!(
+            watch.watch(ep(1)),
+            Some(RulesPresence {
+                first_seen_unix_nano: 100,
+                at_start: true,
+                selected: true,
+            })
+        );
+        assert_eq!(watch.watch(ep(2)), None);
+        assert!(rx.try_recv().is_err(), "no event for a mere presence");
+        // A later change of the watched endpoint is an event.
+        watch.shared.report(vec![change(1, false)], 200, 1);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Observation::RulesRemoved(c)) if c.endpoint == ep(1) && c.time_unix_nano == 200
+        ));
+    }
+
+    #[test]
+    fn presence_follows_changes_of_unwatched_endpoints() {
+        let (watch, mut rx) = watch();
+        watch.shared.report(vec![change(1, true)], 100, 1);
+        watch.shared.report(vec![change(1, false)], 150, 1);
+        watch.shared.report(vec![change(1, true)], 160, 1);
+        assert!(rx.try_recv().is_err(), "unwatched: nothing reported");
+        assert_eq!(
+            watch.watch(ep(1)),
+            Some(RulesPresence {
+                first_seen_unix_nano: 100,
+                at_start: false,
+                selected: true,
+            })
+        );
+        assert!(
+            rx.try_recv().is_err(),
+            "selected again: no removal to report"
+        );
+
+        // Removed before its watch: the removal is reported, the presence
+        // says it was seen.
+        watch.shared.report(vec![change(2, true)], 300, 1);
+        watch.shared.report(vec![change(2, false)], 400, 1);
+        let presence = watch.watch(ep(2)).unwrap();
+        assert_eq!(presence.first_seen_unix_nano, 300);
+        assert!(!presence.selected);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Observation::RulesRemoved(c)) if c.endpoint == ep(2) && c.time_unix_nano == 400
+        ));
+    }
+
+    #[test]
+    fn removed_endpoints_are_forgotten_after_the_horizon() {
+        let (watch, _rx) = watch();
+        watch.shared.report(vec![change(1, true)], 100, 1);
+        watch.shared.report(vec![change(2, true)], 100, 1);
+        watch.shared.report(vec![change(1, false)], 200, 1);
+        let later = 200 + RECENT_REMOVALS.as_nanos() as u64 + 1;
+        watch.shared.report(vec![change(3, true)], later, 1);
+        assert_eq!(watch.watch(ep(1)), None);
+        assert!(watch.watch(ep(2)).unwrap().selected, "still selected: kept");
+    }
 }

@@ -216,12 +216,45 @@ fn table_of(event: &NftEvent) -> Option<&TableId> {
     }
 }
 
+/// The notifications of the commit being read: the tables they touched and
+/// when the first of them reached user space.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Batch {
+    dirty: HashSet<TableId>,
+    started: Option<u64>,
+}
+
+impl Batch {
+    /// A message of the batch (anything but NEWGEN), in a datagram that
+    /// arrived at `arrival`. A commit queues all its notifications at once:
+    /// the first one is the closest to the commit, however long the batch
+    /// takes to read.
+    fn message(&mut self, table: Option<&TableId>, arrival: u64) {
+        self.started.get_or_insert(arrival);
+        if let Some(table) = table {
+            self.dirty.insert(table.clone());
+        }
+    }
+
+    /// NEWGEN: the batch is complete. Hands over the touched tables and the
+    /// batch's time; the next message starts a new batch.
+    fn commit(&mut self) -> (HashSet<TableId>, Option<u64>) {
+        (std::mem::take(&mut self.dirty), self.started.take())
+    }
+
+    /// Notifications were lost: the batch being read never completes, and
+    /// its time must not be given to the next change.
+    fn lost(&mut self) {
+        self.dirty.clear();
+        self.started = None;
+    }
+}
+
 /// The detector loop; returns when the watch is dropped or the receiver is gone.
 pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targets) {
     let mut buf = vec![0u8; 1 << 20];
-    let mut dirty: HashSet<TableId> = HashSet::new();
+    let mut batch = Batch::default();
     let mut last_seen = Instant::now();
-    let mut batch_started: Option<u64> = None;
     while !shared.stop.load(Ordering::Relaxed) {
         let n = match sock.recv(&mut buf) {
             Ok(n) => n,
@@ -232,13 +265,13 @@ pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targe
                 // Notifications were lost: rebuild from a dump. The change
                 // happened at most since the last message that arrived.
                 warn!("nf_tables notifications overflowed; re-reading the rulesets");
+                batch.lost();
                 let now = unix_nanos();
                 let precision = last_seen.elapsed().as_nanos() as u64;
                 if let Err(e) = load(&mut mirror) {
                     warn!(error = %e, "re-reading the rulesets failed");
                     continue;
                 }
-                dirty.clear();
                 shared.report(targets.update(&mirror, None), now, precision);
                 continue;
             }
@@ -247,10 +280,7 @@ pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targe
                 return;
             }
         };
-        // A commit queues all its notifications at once: the first datagram
-        // of a batch is the one closest to the commit, however long the
-        // batch takes to read.
-        let received = *batch_started.get_or_insert_with(unix_nanos);
+        let arrival = unix_nanos();
         last_seen = Instant::now();
         for msg in netlink::messages(&buf[..n]) {
             let msg = match msg {
@@ -268,6 +298,7 @@ pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targe
                 }
             };
             if let NftEvent::NewGen { id, process } = &event {
+                let (dirty, started) = batch.commit();
                 debug!(
                     generation = id,
                     process = process.as_deref().unwrap_or("?"),
@@ -278,19 +309,55 @@ pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targe
                     mirror.prune_anonymous_sets(table);
                 }
                 let changes = targets.update(&mirror, Some(&dirty));
-                dirty.clear();
-                batch_started = None;
                 if !changes.is_empty() {
+                    let received = started.unwrap_or(arrival);
                     let (time, precision) =
                         shared.change_time(COMMIT_NFTABLES, received, NETLINK_PRECISION_NS);
                     shared.report(changes, time, precision);
                 }
                 continue;
             }
-            if let Some(table) = table_of(&event) {
-                dirty.insert(table.clone());
-            }
+            batch.message(table_of(&event), arrival);
             mirror.apply(event);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(name: &str) -> TableId {
+        TableId {
+            family: 2,
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn a_batch_is_timed_by_its_first_message() {
+        let mut batch = Batch::default();
+        batch.message(Some(&table("kube-proxy")), 10);
+        batch.message(None, 12);
+        batch.message(Some(&table("nat")), 15);
+        let (dirty, started) = batch.commit();
+        assert_eq!(started, Some(10));
+        assert_eq!(dirty, HashSet::from([table("kube-proxy"), table("nat")]));
+        assert_eq!(batch, Batch::default());
+        batch.message(Some(&table("nat")), 40);
+        assert_eq!(batch.commit().1, Some(40));
+    }
+
+    #[test]
+    fn lost_notifications_do_not_leave_a_stale_batch_time() {
+        let mut batch = Batch::default();
+        // A batch starts, then the socket overflows before its NEWGEN.
+        batch.message(Some(&table("kube-proxy")), 10);
+        batch.lost();
+        // The next commit after the re-read is timed by its own messages.
+        batch.message(Some(&table("nat")), 500);
+        let (dirty, started) = batch.commit();
+        assert_eq!(started, Some(500));
+        assert_eq!(dirty, HashSet::from([table("nat")]));
     }
 }

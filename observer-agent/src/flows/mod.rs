@@ -1,8 +1,12 @@
 //! New connections routed to watched endpoints (T_last): conntrack
 //! new-flow events (ctnetlink, NFNLGRP_CONNTRACK_NEW) whose reply source,
-//! the destination after NAT, is watched. The eBPF socket filter
+//! the destination after NAT, is a watched address. The eBPF socket filter
 //! `ct_new_filter` on the ctnetlink socket drops every other event in the
-//! kernel, so the cost is per watched flow, not per flow of the node.
+//! kernel, so the cost is per flow to a watched address, not per flow of the
+//! node. The filter knows addresses, not ports: this watch reports every
+//! flow to a watched address, and its consumers (`run`, `observe`) keep
+//! only those to a watched endpoint, IP and port
+//! ([`crate::endpoint_record::EndpointRecords::observe`]).
 //!
 //! Time of a flow: conntrack's own start timestamp when the event carries it
 //! (net.netfilter.nf_conntrack_timestamp=1; today's kernels put it in
@@ -74,7 +78,7 @@ impl Drop for FlowWatch {
 
 /// Opens a ctnetlink socket in the current network namespace, attaches the
 /// filter (loading it if needed; it reads the watched-address maps of `ebpf`) and
-/// reports each new flow to a watched address.
+/// reports each new flow to a watched address, whatever its port.
 pub fn spawn(ebpf: &mut Ebpf, tx: Sender<Observation>) -> Result<FlowWatch, FlowsError> {
     let program: &mut SocketFilter = ebpf
         .program_mut(PROGRAM)
