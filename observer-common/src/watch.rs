@@ -180,6 +180,14 @@ impl WatchKey {
         WatchKey { addr: octets }
     }
 
+    /// `from_v4(v4.to_ne_bytes()).words()` without going through bytes: the
+    /// eBPF programs build it from a 32-bit load in two instructions.
+    #[cfg(target_endian = "little")]
+    #[inline(always)]
+    pub const fn v4_words(v4: u32) -> AddrWords {
+        [0, 0xffff_0000 | (v4 as u64) << 32]
+    }
+
     /// The address as the programs hold it.
     #[inline(always)]
     pub fn words(&self) -> AddrWords {
@@ -280,6 +288,21 @@ mod tests {
             slots.len()
         );
         assert!(slots.iter().all(|s| *s < WATCH_SLOT_COUNT));
+    }
+
+    #[test]
+    fn v4_words_are_the_mapped_address() {
+        for octets in [
+            [10, 244, 3, 7],
+            [0, 0, 0, 0],
+            [255, 255, 255, 255],
+            [1, 2, 3, 4],
+        ] {
+            assert_eq!(
+                WatchKey::v4_words(u32::from_ne_bytes(octets)),
+                WatchKey::from_v4(octets).words()
+            );
+        }
     }
 
     #[test]

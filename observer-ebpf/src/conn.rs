@@ -129,7 +129,7 @@ fn try_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
     // socket (nothing listening: "connection refused") the kernel fills it
     // from the offending packet's destination.
     let rec = record::send_reset(ctx.as_ptr())?;
-    if !is_watched(filter, WatchKey { addr: rec.sender }.words()) {
+    if !is_watched(filter, rec.sender) {
         count(Stat::Filtered);
         return Ok(());
     }
@@ -138,8 +138,8 @@ fn try_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
         filter,
         ConnEvent {
             ktime_ns: unsafe { bpf_ktime_get_ns() },
-            endpoint_addr: rec.sender,
-            peer_addr: rec.receiver,
+            endpoint_addr: WatchKey::from_words(rec.sender).addr,
+            peer_addr: WatchKey::from_words(rec.receiver).addr,
             endpoint_port: rec.sender_port,
             peer_port: rec.receiver_port,
             kind: ConnEventKind::ResetSent as u8,

@@ -44,9 +44,9 @@ pub struct SendReset {
     pub state: i32,
     /// `u32::MAX` when the kernel does not report a reason.
     pub reason: u32,
-    pub sender: [u8; 16],
+    pub sender: AddrWords,
     pub sender_port: u16,
-    pub receiver: [u8; 16],
+    pub receiver: AddrWords,
     pub receiver_port: u16,
 }
 
@@ -119,23 +119,18 @@ macro_rules! sockaddr_direct {
         let family = ctx_load!($ctx, u16, $offset);
         let port = u16::from_be(ctx_load!($ctx, u16, $offset + 2));
         match family {
-            AF_INET => Ok((
-                WatchKey::from_v4(ctx_load!($ctx, u32, $offset + 4).to_ne_bytes()).addr,
+            AF_INET => Ok((WatchKey::v4_words(ctx_load!($ctx, u32, $offset + 4)), port)),
+            // sin6_addr is only 4-byte aligned in the record (little-endian:
+            // the earlier half is the low one).
+            AF_INET6 => Ok((
+                [
+                    ctx_load!($ctx, u32, $offset + 8) as u64
+                        | (ctx_load!($ctx, u32, $offset + 12) as u64) << 32,
+                    ctx_load!($ctx, u32, $offset + 16) as u64
+                        | (ctx_load!($ctx, u32, $offset + 20) as u64) << 32,
+                ],
                 port,
             )),
-            // sin6_addr is only 4-byte aligned in the record.
-            AF_INET6 => {
-                let words: [u32; 4] = [
-                    ctx_load!($ctx, u32, $offset + 8),
-                    ctx_load!($ctx, u32, $offset + 12),
-                    ctx_load!($ctx, u32, $offset + 16),
-                    ctx_load!($ctx, u32, $offset + 20),
-                ];
-                Ok((
-                    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) },
-                    port,
-                ))
-            }
             _ => Err(-1),
         }
     }};
@@ -170,11 +165,11 @@ impl Copy {
 
     /// An address and port stored as `sockaddr_in`/`sockaddr_in6`.
     #[inline(always)]
-    fn sockaddr(&self, offset: u16) -> Result<([u8; 16], u16), i64> {
+    fn sockaddr(&self, offset: u16) -> Result<(AddrWords, u16), i64> {
         let family: u16 = self.get(offset)?;
         let port = u16::from_be(self.get(offset + 2)?);
         match family {
-            AF_INET => Ok((WatchKey::from_v4(self.get(offset + 4)?).addr, port)),
+            AF_INET => Ok((WatchKey::v4_words(self.get(offset + 4)?), port)),
             AF_INET6 => Ok((self.get(offset + 8)?, port)),
             _ => Err(-1),
         }
