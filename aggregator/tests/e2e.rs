@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use aggregator::config::Settings;
 use apiserver_double::ApiServerDouble;
+use apiserver_double::objects::{endpoint_slice, pod};
 use common::lab::*;
 use common::{get, get_json};
 use k8s_openapi::api::core::v1::Pod;
@@ -32,7 +33,7 @@ async fn cluster() -> Cluster {
         .create(&pod("shop", "web-1", "10.244.0.5", "node-a"))
         .unwrap();
     double
-        .create(&slice("shop", "web", &[(&web1, true, false)]))
+        .create(&endpoint_slice("shop", "web", &[(&web1, true, false)]))
         .unwrap();
     Cluster { double, web1 }
 }
@@ -50,7 +51,7 @@ fn settings() -> Settings {
 fn start_deletion(c: &Cluster) {
     c.double.delete::<Pod>("shop", "web-1", 30).unwrap();
     c.double
-        .update(&slice("shop", "web", &[(&c.web1, false, true)]))
+        .update(&endpoint_slice("shop", "web", &[(&c.web1, false, true)]))
         .unwrap();
 }
 
@@ -259,7 +260,7 @@ async fn watch_relist_410_bookmarks_and_reconnects_neither_lose_nor_duplicate() 
             .enumerate()
             .map(|(i, p)| (p, state(i).0, state(i).1))
             .collect();
-        slice("shop", "web", &eps)
+        endpoint_slice("shop", "web", &eps)
     };
     double.create(&all(&|_| (true, false))).unwrap();
     let dir = tempfile::tempdir().unwrap();

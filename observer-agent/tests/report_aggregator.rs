@@ -9,63 +9,23 @@ use std::time::Duration;
 use aggregator::app::{self, Running};
 use aggregator::config::Settings;
 use aggregator::store::Store;
-use apiserver_double::ApiServerDouble;
-use k8s_openapi::api::core::v1::{ObjectReference, Pod, PodSpec, PodStatus};
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use apiserver_double::{ApiServerDouble, objects};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use observer_agent::observation::{Detector, Observation, RulesChange};
 use observer_agent::report::{self, ReporterConfig, Summary, WatchUpdate};
 use tokio::sync::{mpsc, oneshot};
 
 fn pod(name: &str, ip: &str) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some("shop".into()),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some("node-a".into()),
-            ..Default::default()
-        }),
-        status: Some(PodStatus {
-            pod_ip: Some(ip.into()),
-            ..Default::default()
-        }),
-    }
+    objects::pod("shop", name, ip, "node-a")
 }
 
 fn slice(pods: &[&Pod], terminating: bool) -> EndpointSlice {
-    EndpointSlice {
-        metadata: ObjectMeta {
-            name: Some("web-x1".into()),
-            namespace: Some("shop".into()),
-            labels: Some([("kubernetes.io/service-name".to_string(), "web".to_string())].into()),
-            ..Default::default()
-        },
-        address_type: "IPv4".into(),
-        endpoints: pods
-            .iter()
-            .map(|p| Endpoint {
-                addresses: vec![p.status.as_ref().unwrap().pod_ip.clone().unwrap()],
-                conditions: Some(EndpointConditions {
-                    ready: Some(!terminating),
-                    serving: Some(true),
-                    terminating: Some(terminating),
-                }),
-                target_ref: Some(ObjectReference {
-                    kind: Some("Pod".into()),
-                    uid: p.metadata.uid.clone(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .collect(),
-        ports: Some(vec![EndpointPort {
-            port: Some(8080),
-            ..Default::default()
-        }]),
-    }
+    let endpoints: Vec<_> = pods
+        .iter()
+        .map(|p| (*p, !terminating, terminating))
+        .collect();
+    objects::endpoint_slice("shop", "web", &endpoints)
 }
 
 async fn aggregator_on(addr: SocketAddr, store: &Path, double: &ApiServerDouble) -> Running {

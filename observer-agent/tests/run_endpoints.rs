@@ -16,14 +16,8 @@ use std::{
 };
 
 use aggregator::{app, config::Settings, store::Store};
-use apiserver_double::ApiServerDouble;
-use k8s_openapi::{
-    api::{
-        core::v1::{ObjectReference, Pod, PodSpec, PodStatus},
-        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
-    },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use apiserver_double::{ApiServerDouble, objects};
+use k8s_openapi::api::{core::v1::Pod, discovery::v1::EndpointSlice};
 use lab::{
     kubeproxy::{Mode, Rules},
     netns::NetNs,
@@ -39,51 +33,11 @@ const POD_IP: &str = "10.180.0.2";
 const ENDPOINT: &str = "10.180.0.2:8080";
 
 fn pod() -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some("web-2".into()),
-            namespace: Some("shop".into()),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some("node-a".into()),
-            ..Default::default()
-        }),
-        status: Some(PodStatus {
-            pod_ip: Some(POD_IP.into()),
-            ..Default::default()
-        }),
-    }
+    objects::pod("shop", "web-2", POD_IP, "node-a")
 }
 
 fn slice(pod: &Pod, terminating: bool) -> EndpointSlice {
-    EndpointSlice {
-        metadata: ObjectMeta {
-            name: Some("web-x1".into()),
-            namespace: Some("shop".into()),
-            labels: Some([("kubernetes.io/service-name".to_string(), "web".to_string())].into()),
-            ..Default::default()
-        },
-        address_type: "IPv4".into(),
-        endpoints: vec![Endpoint {
-            addresses: vec![POD_IP.into()],
-            conditions: Some(EndpointConditions {
-                ready: Some(!terminating),
-                serving: Some(true),
-                terminating: Some(terminating),
-            }),
-            target_ref: Some(ObjectReference {
-                kind: Some("Pod".into()),
-                uid: pod.metadata.uid.clone(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }],
-        ports: Some(vec![EndpointPort {
-            port: Some(8080),
-            ..Default::default()
-        }]),
-    }
+    objects::endpoint_slice("shop", "web", &[(pod, !terminating, terminating)])
 }
 
 /// `GET /endpoints` of the agent, from inside its namespace.

@@ -11,11 +11,7 @@ use aggregator::config::Settings;
 use aggregator::store::Store;
 use apiserver_double::ApiServerDouble;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::api::core::v1::{
-    Node, NodeAddress, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus,
-};
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeSpec, NodeStatus};
 use kube::api::ObjectMeta;
 use observer_proto::v1 as pb;
 use observer_proto::v1::observer_client::ObserverClient;
@@ -72,62 +68,6 @@ pub fn node(name: &str, ip: &str, cidr: &str) -> Node {
             }]),
             ..Default::default()
         }),
-    }
-}
-
-pub fn pod(ns: &str, name: &str, ip: &str, node: &str) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(ns.into()),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(node.into()),
-            ..Default::default()
-        }),
-        status: Some(PodStatus {
-            pod_ip: Some(ip.into()),
-            ..Default::default()
-        }),
-    }
-}
-
-/// A slice of `svc` listing the given (pod, ready, terminating) endpoints.
-pub fn slice(ns: &str, svc: &str, eps: &[(&Pod, bool, bool)]) -> EndpointSlice {
-    EndpointSlice {
-        metadata: ObjectMeta {
-            name: Some(format!("{svc}-abcde")),
-            namespace: Some(ns.into()),
-            labels: Some([("kubernetes.io/service-name".to_string(), svc.to_string())].into()),
-            ..Default::default()
-        },
-        address_type: "IPv4".into(),
-        endpoints: eps
-            .iter()
-            .map(|(p, ready, terminating)| Endpoint {
-                addresses: vec![p.status.as_ref().unwrap().pod_ip.clone().unwrap()],
-                conditions: Some(EndpointConditions {
-                    ready: Some(*ready),
-                    serving: Some(*ready || *terminating),
-                    terminating: Some(*terminating),
-                }),
-                node_name: p.spec.as_ref().unwrap().node_name.clone(),
-                target_ref: Some(ObjectReference {
-                    kind: Some("Pod".into()),
-                    name: p.metadata.name.clone(),
-                    namespace: p.metadata.namespace.clone(),
-                    uid: p.metadata.uid.clone(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .collect(),
-        ports: Some(vec![EndpointPort {
-            port: Some(8080),
-            protocol: Some("TCP".into()),
-            ..Default::default()
-        }]),
     }
 }
 

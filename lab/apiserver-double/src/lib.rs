@@ -14,6 +14,7 @@
 //! list paging (`limit` is ignored: every list is one page), set-based
 //! label selectors, `sendInitialEvents`.
 
+pub mod objects;
 mod selector;
 mod server;
 
