@@ -5,22 +5,18 @@
 
 use std::{
     io::{BufRead, BufReader},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use lab::{
-    kubeproxy::{Mode, Rules},
-    netns::NetNs,
-    root::root_or_skip,
-};
+use lab::root::root_or_skip;
 use serde_json::Value;
 
 mod fixture;
 
-use fixture::{VIP, backend, service};
+use fixture::{TwoBackendNode, VIP, backend, service, two_backend_node};
 
 fn unix_nanos() -> u64 {
     SystemTime::now()
@@ -63,21 +59,12 @@ fn observe_prints_rules_and_flow_events_for_watched_endpoints() {
     if !root_or_skip("observe_prints_rules_and_flow_events_for_watched_endpoints") {
         return;
     }
-    let ns = NetNs::create("dpcli").unwrap();
     let (b1, b2) = (backend(1), backend(2));
-    for b in [b1, b2] {
-        ns.ip(&["addr", "add", &format!("{}/32", b.ip), "dev", "lo"])
-            .unwrap();
-    }
-    ns.ip(&["route", "add", "172.30.0.0/16", "dev", "lo"])
-        .unwrap();
-    let mut rules = Rules::new(Some(ns.name().to_owned()), Mode::Nftables);
-    rules.sync(&[(service(), vec![b2])]).unwrap();
-    let listeners = ns
-        .run(|| {
-            [8080, 9090].map(|port| TcpListener::bind(("0.0.0.0", port)).expect("listener binds"))
-        })
-        .unwrap();
+    let TwoBackendNode {
+        ns,
+        mut rules,
+        listeners,
+    } = two_backend_node("dpcli");
 
     let before_start = unix_nanos();
     let mut child = Command::new(env!("CARGO_BIN_EXE_observer-agent"))

@@ -18,16 +18,12 @@ use std::{
 use aggregator::{app, config::Settings, store::Store};
 use apiserver_double::{ApiServerDouble, objects};
 use k8s_openapi::api::{core::v1::Pod, discovery::v1::EndpointSlice};
-use lab::{
-    kubeproxy::{Mode, Rules},
-    netns::NetNs,
-    root::root_or_skip,
-};
+use lab::{netns::NetNs, root::root_or_skip};
 use serde_json::Value;
 
 mod fixture;
 
-use fixture::{VIP, backend, service};
+use fixture::{TwoBackendNode, VIP, backend, service, two_backend_node};
 
 const POD_IP: &str = "10.180.0.2";
 const ENDPOINT: &str = "10.180.0.2:8080";
@@ -81,21 +77,12 @@ async fn run_serves_live_endpoint_records() {
     if !root_or_skip("run_serves_live_endpoint_records") {
         return;
     }
-    let ns = NetNs::create("dprun").unwrap();
-    let (b1, b2) = (backend(1), backend(2));
-    for b in [b1, b2] {
-        ns.ip(&["addr", "add", &format!("{}/32", b.ip), "dev", "lo"])
-            .unwrap();
-    }
-    ns.ip(&["route", "add", "172.30.0.0/16", "dev", "lo"])
-        .unwrap();
-    let mut rules = Rules::new(Some(ns.name().to_owned()), Mode::Nftables);
-    rules.sync(&[(service(), vec![b2])]).unwrap();
-    let listeners = ns
-        .run(|| {
-            [8080, 9090].map(|port| TcpListener::bind(("0.0.0.0", port)).expect("listener binds"))
-        })
-        .unwrap();
+    let b1 = backend(1);
+    let TwoBackendNode {
+        ns,
+        mut rules,
+        listeners,
+    } = two_backend_node("dprun");
 
     // The aggregator's gRPC socket lives in the node's namespace, where the
     // agent works; its HTTP API stays on the host.
