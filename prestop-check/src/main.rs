@@ -92,9 +92,24 @@ struct Cli {
     #[arg(long, env = "PRESTOP_METRICS_FILE")]
     metrics_file: Option<PathBuf>,
 
+    /// `cluster` label written on every --metrics-file series: the value
+    /// the aggregator's series carry in Prometheus (the ServiceMonitor's
+    /// `cluster` relabeling), for publishers that add none themselves
+    /// (node-exporter's textfile collector).
+    #[arg(long, env = "PRESTOP_CLUSTER", value_parser = non_empty)]
+    cluster: Option<String>,
+
     /// Timeout of each aggregator request, in seconds.
     #[arg(long, env = "PRESTOP_TIMEOUT_SECONDS", default_value_t = 10.0)]
     timeout_seconds: f64,
+}
+
+fn non_empty(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(s.to_string())
+    }
 }
 
 fn main() -> ExitCode {
@@ -235,7 +250,7 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
         );
     }
     if let Some(path) = &cli.metrics_file {
-        let text = textfile::render(&outcome.checked);
+        let text = textfile::render(&outcome.checked, cli.cluster.as_deref());
         if let Err(e) = std::fs::write(path, text) {
             write_failed = true;
             failures.push(failure(

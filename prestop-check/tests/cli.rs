@@ -653,6 +653,59 @@ fn metrics_file_exports_configured_prestop_per_service() {
         !text.contains("mystery\",workload"),
         "unknown hooks are not exported as a number: {text}"
     );
+    assert!(
+        !text.contains("cluster="),
+        "no cluster label unless asked: {text}"
+    );
+
+    // --cluster (or PRESTOP_CLUSTER) labels every series, for publishers
+    // that add no cluster label of their own.
+    let mut cmd = command(
+        &[
+            "--offline-ok",
+            "--metrics-file",
+            path.to_str().unwrap(),
+            "kinds",
+        ],
+        &fixtures(),
+    );
+    cmd.env("PRESTOP_CLUSTER", "prod-eu");
+    for out in [
+        run(
+            &[
+                "--offline-ok",
+                "--cluster",
+                "prod-eu",
+                "--metrics-file",
+                path.to_str().unwrap(),
+                "kinds",
+            ],
+            &fixtures(),
+            None,
+        ),
+        finish(cmd, None),
+    ] {
+        assert_eq!(code(&out), 0, "{}", stdout(&out));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(
+            "prestop_check_configured_prestop_seconds{cluster=\"prod-eu\",namespace=\"shop\",service=\"web\",workload=\"Deployment/web\",container=\"app\"} 2\n"
+        ), "{text}");
+        assert!(text.contains(
+            "prestop_check_termination_grace_period_seconds{cluster=\"prod-eu\",namespace=\"shop\",workload=\"StatefulSet/db\"} 60\n"
+        ), "{text}");
+        let series = text.lines().filter(|l| !l.starts_with('#'));
+        assert!(series.clone().count() > 5);
+        assert!(
+            series.clone().all(|l| l.contains("{cluster=\"prod-eu\",")),
+            "{text}"
+        );
+    }
+    let out = run(
+        &["--offline-ok", "--cluster", "", "kinds"],
+        &fixtures(),
+        None,
+    );
+    assert_eq!(code(&out), 2, "an empty cluster name is a usage error");
 }
 
 /// An HTTP server on a loopback socket that answers every request with
