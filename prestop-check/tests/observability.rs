@@ -166,3 +166,148 @@ fn dashboards_are_provisionable_with_cluster_namespace_node_variables() {
         }
     }
 }
+
+/// The queries of the panel titled `title`, by refId, with Grafana's
+/// variables set: every namespace, clusters matching `cluster`.
+fn panel_queries(title: &str, cluster: &str) -> Vec<(String, String)> {
+    let (_, d) = dashboards()
+        .into_iter()
+        .find(|(_, d)| {
+            d["panels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["title"] == title)
+        })
+        .unwrap_or_else(|| panic!("no panel {title}"));
+    let panel = d["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["title"] == title)
+        .unwrap()
+        .clone();
+    panel["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let expr = t["expr"].as_str().unwrap().replace("$cluster", cluster);
+            (
+                t["refId"].as_str().unwrap().to_string(),
+                instantiate(&expr, "5m"),
+            )
+        })
+        .collect()
+}
+
+/// Runs `promtool test rules` on one test group: `inputs` as input series,
+/// each `(expr, expected samples)` evaluated at 1m.
+fn promtool_expect(
+    inputs: &[(&str, &str)],
+    cases: &[(String, Vec<(&str, f64)>)],
+) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("panel.test.yaml");
+    let mut text = format!(
+        "rule_files: [{}]\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n",
+        serde_json::to_string(rules_file().to_str().unwrap()).unwrap()
+    );
+    for (series, values) in inputs {
+        text += &format!("      - series: '{series}'\n        values: '{values}'\n");
+    }
+    text += "    promql_expr_test:\n";
+    for (expr, samples) in cases {
+        text += &format!(
+            "      - expr: {}\n        eval_time: 1m\n        exp_samples:{}\n",
+            serde_json::to_string(expr).unwrap(),
+            if samples.is_empty() { " []" } else { "" }
+        );
+        for (labels, value) in samples {
+            text += &format!("          - labels: '{labels}'\n            value: {value}\n");
+        }
+    }
+    std::fs::write(&path, text).unwrap();
+    promtool(&["test", "rules", path.to_str().unwrap()])
+}
+
+/// "Recommended vs configured preStop per workload": evaluated by promtool
+/// on synthetic series, each query gives one row per workload container
+/// (Grafana merges the rows of A, B and C on their labels): its own
+/// configured preStop, its Service's recommendation and samples. A
+/// metrics file without a cluster label (node-exporter's textfile
+/// collector) still gets its Service's recommendation: the highest among
+/// the selected clusters.
+#[test]
+fn the_recommendation_panel_has_a_row_per_workload_container() {
+    const TITLE: &str = "Recommended vs configured preStop per workload";
+    let inputs = [
+        (
+            r#"prestop_recommendation_seconds{cluster="c",namespace="shop",service="web",job="prestop"}"#,
+            "5x2",
+        ),
+        (
+            r#"prestop_recommendation_samples{cluster="c",namespace="shop",service="web",job="prestop"}"#,
+            "300x2",
+        ),
+        (
+            r#"prestop_recommendation_seconds{cluster="d",namespace="shop",service="web",job="prestop"}"#,
+            "9x2",
+        ),
+        (
+            r#"prestop_recommendation_samples{cluster="d",namespace="shop",service="web",job="prestop"}"#,
+            "40x2",
+        ),
+        (
+            r#"prestop_check_configured_prestop_seconds{cluster="c",namespace="shop",service="web",workload="Deployment/web",container="app",job="pushgateway"}"#,
+            "2x2",
+        ),
+        (
+            r#"prestop_check_configured_prestop_seconds{namespace="shop",service="web",workload="Deployment/web-canary",container="app",job="node-exporter"}"#,
+            "6x2",
+        ),
+        (
+            r#"prestop_check_configured_prestop_seconds{cluster="c",namespace="shop",service="api",workload="StatefulSet/api",container="api",job="pushgateway"}"#,
+            "3x2",
+        ),
+    ];
+    let web =
+        r#"{cluster="c",namespace="shop",service="web",workload="Deployment/web",container="app"}"#;
+    let canary =
+        r#"{namespace="shop",service="web",workload="Deployment/web-canary",container="app"}"#;
+    let api = r#"{cluster="c",namespace="shop",service="api",workload="StatefulSet/api",container="api"}"#;
+    // All clusters: the unlabelled canary gets the higher of c and d.
+    let all = panel_queries(TITLE, ".*");
+    let expected = |q: &str| -> Vec<(&str, f64)> {
+        match q {
+            "A" => vec![(web, 5.0), (canary, 9.0)],
+            "B" => vec![(web, 2.0), (canary, 6.0), (api, 3.0)],
+            "C" => vec![(web, 300.0), (canary, 40.0)],
+            other => panic!("unexpected query {other}"),
+        }
+    };
+    let cases: Vec<(String, Vec<(&str, f64)>)> = all
+        .iter()
+        .map(|(id, e)| (e.clone(), expected(id)))
+        .collect();
+    assert_eq!(cases.len(), 3);
+    let (ok, out) = promtool_expect(&inputs, &cases);
+    assert!(ok, "{out}");
+
+    // Cluster c selected: d's series drop out, the unlabelled canary stays.
+    let only_c = panel_queries(TITLE, "c");
+    let expected_c = |q: &str| -> Vec<(&str, f64)> {
+        match q {
+            "A" => vec![(web, 5.0), (canary, 5.0)],
+            "B" => vec![(web, 2.0), (canary, 6.0), (api, 3.0)],
+            "C" => vec![(web, 300.0), (canary, 300.0)],
+            other => panic!("unexpected query {other}"),
+        }
+    };
+    let cases: Vec<(String, Vec<(&str, f64)>)> = only_c
+        .iter()
+        .map(|(id, e)| (e.clone(), expected_c(id)))
+        .collect();
+    let (ok, out) = promtool_expect(&inputs, &cases);
+    assert!(ok, "{out}");
+}
