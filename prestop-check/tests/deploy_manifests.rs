@@ -40,10 +40,14 @@ fn render(dir: &Path) -> Vec<Value> {
         .arg("kustomize")
         .arg(dir)
         .output()
-        .expect("kubectl (with built-in kustomize) must be installed: cargo xtask setup");
+        .expect(
+            "kubectl 1.21 or newer must be on PATH (its built-in kustomize renders deploy/); \
+             setup cannot install it: `cargo xtask setup --check` says how to get it",
+        );
     assert!(
         out.status.success(),
-        "kubectl kustomize {}: {}",
+        "kubectl kustomize {}: {}(kubectl older than 1.21 cannot render Kustomize components: \
+         `cargo xtask setup --check`)",
         dir.display(),
         String::from_utf8_lossy(&out.stderr)
     );
