@@ -535,7 +535,16 @@ fn prometheus_scrapes_the_aggregator_during_a_lab_rollout() {
             keep_alive_connections: 4,
         };
         phase.store(FIRST_ROLLOUT, Ordering::Relaxed);
+        let summary = |r: &lab::scenario::RolloutResult| {
+            eprintln!(
+                "rollout: {} requests, {} failed ({} on keep-alive connections)",
+                r.requests(),
+                r.failed(),
+                r.keep_alive.failed_total()
+            );
+        };
         let first = lab.rollout(&rollout, |m| eprintln!("{m}")).await.unwrap();
+        summary(&first);
         observer.wait_complete(&first.deletions).await.unwrap();
         phase.store(BETWEEN, Ordering::Relaxed);
         // The aggregator refreshes its recommendation gauges every 30 s.
@@ -547,6 +556,7 @@ fn prometheus_scrapes_the_aggregator_during_a_lab_rollout() {
 
         phase.store(SECOND_ROLLOUT, Ordering::Relaxed);
         let second = lab.rollout(&rollout, |m| eprintln!("{m}")).await.unwrap();
+        summary(&second);
         observer.wait_complete(&second.deletions).await.unwrap();
         // Until its measurements have been scraped (every second).
         tokio::time::sleep(Duration::from_secs(3)).await;
