@@ -15,6 +15,9 @@ pub enum Exit {
     /// Only low-confidence (or no) recommendations, with
     /// `--low-confidence fail`.
     LowConfidence = 5,
+    /// `--fix` could not write a manifest back, or `--metrics-file` could
+    /// not be written: the requested output is missing or incomplete.
+    WriteFailed = 6,
 }
 
 impl Exit {
@@ -31,4 +34,6 @@ pub const HELP: &str = "Exit codes:
   3  a manifest could not be read or parsed (file and line are printed)
   4  the aggregator was unreachable or answered an error (--offline-ok: warn, 0)
   5  a recommendation used was low confidence or had no samples, with
-     --low-confidence fail (shortfalls against it are then warnings)";
+     --low-confidence fail (shortfalls against it are then warnings)
+  6  a file could not be written: a manifest --fix rewrote, or the
+     --metrics-file (the path and the OS error are printed; wins over 1 and 5)";

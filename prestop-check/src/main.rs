@@ -92,9 +92,24 @@ struct Cli {
     #[arg(long, env = "PRESTOP_METRICS_FILE")]
     metrics_file: Option<PathBuf>,
 
+    /// `cluster` label written on every --metrics-file series: the value
+    /// the aggregator's series carry in Prometheus (the ServiceMonitor's
+    /// `cluster` relabeling), for publishers that add none themselves
+    /// (node-exporter's textfile collector).
+    #[arg(long, env = "PRESTOP_CLUSTER", value_parser = non_empty)]
+    cluster: Option<String>,
+
     /// Timeout of each aggregator request, in seconds.
     #[arg(long, env = "PRESTOP_TIMEOUT_SECONDS", default_value_t = 10.0)]
     timeout_seconds: f64,
+}
+
+fn non_empty(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(s.to_string())
+    }
 }
 
 fn main() -> ExitCode {
@@ -222,18 +237,29 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
         ));
     }
 
+    // Output that could not be written is reported, and the rest of the
+    // report still printed.
+    let mut write_failed = false;
     if cli.fix {
-        apply_fixes(
+        write_failed |= !apply_fixes(
             &files,
             &inventory,
             &mut outcome,
             cli.hook_style,
             &mut failures,
-        )?;
+        );
     }
     if let Some(path) = &cli.metrics_file {
-        std::fs::write(path, textfile::render(&outcome.checked))
-            .with_context(|| format!("writing {}", path.display()))?;
+        let text = textfile::render(&outcome.checked, cli.cluster.as_deref());
+        if let Err(e) = std::fs::write(path, text) {
+            write_failed = true;
+            failures.push(failure(
+                Severity::Error,
+                Some(path.display().to_string()),
+                None,
+                format!("cannot write the --metrics-file: {e}"),
+            ));
+        }
     }
 
     let open_errors = |low: bool| {
@@ -243,7 +269,9 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
                 && low == matches!(f.problem, Problem::LowConfidence | Problem::NoMeasurements)
         })
     };
-    let exit = if open_errors(false) {
+    let exit = if write_failed {
+        Exit::WriteFailed
+    } else if open_errors(false) {
         Exit::Findings
     } else if open_errors(true) {
         Exit::LowConfidence
@@ -254,14 +282,15 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
 }
 
 /// Edits each file once with all its workloads' changes, and writes it only
-/// if the result still parses.
+/// if the result still parses. False when a file could not be written.
 fn apply_fixes(
     files: &[SourceFile],
     inventory: &Inventory,
     outcome: &mut check::Outcome,
     style: HookStyle,
     failures: &mut Vec<Failure>,
-) -> anyhow::Result<()> {
+) -> bool {
+    let mut written = true;
     let mut per_file: BTreeMap<usize, (Vec<fix::Edit>, Vec<String>)> = BTreeMap::new();
     for change in &outcome.changes {
         let w = &inventory.workloads[change.workload];
@@ -293,7 +322,19 @@ fn apply_fixes(
             continue;
         }
         let Some(path) = &file.path else { continue };
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        if let Err(e) = std::fs::write(path, text) {
+            written = false;
+            failures.push(failure(
+                Severity::Error,
+                Some(file.display()),
+                None,
+                format!(
+                    "cannot write the fixed manifest: {e}; its findings stay open \
+                     (a write that failed midway can leave the file incomplete)"
+                ),
+            ));
+            continue;
+        }
         for f in outcome.findings.iter_mut().filter(|f| {
             f.file_index == index
                 && objects.contains(&f.object)
@@ -305,5 +346,5 @@ fn apply_fixes(
             f.fixed = true;
         }
     }
-    Ok(())
+    written
 }

@@ -14,8 +14,9 @@ pub enum Format {
     Github,
 }
 
-/// A problem that stops the check before any comparison: unparsable
-/// manifests, an unreachable aggregator.
+/// A problem outside the comparison itself: unparsable manifests, an
+/// unreachable aggregator (both stop the check before any comparison), a
+/// file that could not be written.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Failure {

@@ -17,9 +17,17 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// `cluster="…"` followed by a comma, or nothing.
+fn cluster_label(cluster: Option<&str>) -> String {
+    cluster.map_or(String::new(), |c| format!("cluster=\"{}\",", escape(c)))
+}
+
 /// Containers whose preStop is unknown are left out rather than exported
-/// as zero.
-pub fn render(checked: &[Checked]) -> String {
+/// as zero. `cluster`, when given, labels every series (the label the
+/// aggregator's series carry); without it, whoever publishes the file may
+/// add it, and the alert rules join without it (docs/dashboards.md).
+pub fn render(checked: &[Checked], cluster: Option<&str>) -> String {
+    let cluster = cluster_label(cluster);
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -34,7 +42,7 @@ pub fn render(checked: &[Checked]) -> String {
             let service = svc.split_once('/').map_or(svc.as_str(), |(_, s)| s);
             let _ = writeln!(
                 out,
-                "{PRE_STOP}{{namespace=\"{}\",service=\"{}\",workload=\"{}\",container=\"{}\"}} {seconds}",
+                "{PRE_STOP}{{{cluster}namespace=\"{}\",service=\"{}\",workload=\"{}\",container=\"{}\"}} {seconds}",
                 escape(&c.namespace),
                 escape(service),
                 escape(&format!("{}/{}", c.kind, c.workload)),
@@ -53,7 +61,7 @@ pub fn render(checked: &[Checked]) -> String {
         if seen.insert((c.namespace.clone(), workload.clone())) {
             let _ = writeln!(
                 out,
-                "{GRACE}{{namespace=\"{}\",workload=\"{}\"}} {}",
+                "{GRACE}{{{cluster}namespace=\"{}\",workload=\"{}\"}} {}",
                 escape(&c.namespace),
                 escape(&workload),
                 c.termination_grace_period_seconds

@@ -104,11 +104,18 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+fn command(args: &[&str], dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_prestop-check"));
+    cmd.args(args).current_dir(dir).env_clear();
+    cmd
+}
+
 fn run(args: &[&str], dir: &Path, stdin: Option<&str>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_prestop-check"))
-        .args(args)
-        .current_dir(dir)
-        .env_clear()
+    finish(command(args, dir), stdin)
+}
+
+fn finish(mut cmd: Command, stdin: Option<&str>) -> Output {
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -175,6 +182,9 @@ fn every_workload_kind_and_hook_form_is_read_and_compared() {
         ("CronJob", "report", "job", 0.0),
         ("DaemonSet", "edge", "proxy", 30.0),
         ("Deployment", "web", "app", 2.0),
+        // ["/bin/busybox", "sleep", "3"] and ["sleep", "1", "2.5"].
+        ("Job", "migrate", "migrate", 3.0),
+        ("Job", "reindex", "reindex", 3.5),
         ("Pod", "debug", "app", 8.0),
         ("ReplicaSet", "legacy", "app", 0.0),
         ("ReplicationController", "old", "app", 12.0),
@@ -208,6 +218,8 @@ fn every_workload_kind_and_hook_form_is_read_and_compared() {
             ("kinds/shop.yaml".to_string(), 17, "app".to_string()),
             ("kinds/shop.yaml".to_string(), 87, "app".to_string()),
             ("kinds/shop.yaml".to_string(), 145, "job".to_string()),
+            ("kinds/tasks.yaml".to_string(), 16, "migrate".to_string()),
+            ("kinds/tasks.yaml".to_string(), 36, "reindex".to_string()),
         ]
     );
     // shop/db has too few samples of its own: the namespace scope answers.
@@ -261,7 +273,7 @@ fn github_format_emits_one_annotation_per_finding() {
     assert_eq!(code(&out), 1);
     let text = stdout(&out);
     let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("::error ")).collect();
-    assert_eq!(errors.len(), 3, "{text}");
+    assert_eq!(errors.len(), 5, "{text}");
     assert!(
         errors[0].starts_with(
             "::error file=kinds/shop.yaml,line=17,title=prestop-check%3A PreStopBelowRecommendation::\
@@ -640,6 +652,298 @@ fn metrics_file_exports_configured_prestop_per_service() {
     assert!(
         !text.contains("mystery\",workload"),
         "unknown hooks are not exported as a number: {text}"
+    );
+    assert!(
+        !text.contains("cluster="),
+        "no cluster label unless asked: {text}"
+    );
+
+    // --cluster (or PRESTOP_CLUSTER) labels every series, for publishers
+    // that add no cluster label of their own.
+    let mut cmd = command(
+        &[
+            "--offline-ok",
+            "--metrics-file",
+            path.to_str().unwrap(),
+            "kinds",
+        ],
+        &fixtures(),
+    );
+    cmd.env("PRESTOP_CLUSTER", "prod-eu");
+    for out in [
+        run(
+            &[
+                "--offline-ok",
+                "--cluster",
+                "prod-eu",
+                "--metrics-file",
+                path.to_str().unwrap(),
+                "kinds",
+            ],
+            &fixtures(),
+            None,
+        ),
+        finish(cmd, None),
+    ] {
+        assert_eq!(code(&out), 0, "{}", stdout(&out));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(
+            "prestop_check_configured_prestop_seconds{cluster=\"prod-eu\",namespace=\"shop\",service=\"web\",workload=\"Deployment/web\",container=\"app\"} 2\n"
+        ), "{text}");
+        assert!(text.contains(
+            "prestop_check_termination_grace_period_seconds{cluster=\"prod-eu\",namespace=\"shop\",workload=\"StatefulSet/db\"} 60\n"
+        ), "{text}");
+        let series = text.lines().filter(|l| !l.starts_with('#'));
+        assert!(series.clone().count() > 5);
+        assert!(
+            series.clone().all(|l| l.contains("{cluster=\"prod-eu\",")),
+            "{text}"
+        );
+    }
+    let out = run(
+        &["--offline-ok", "--cluster", "", "kinds"],
+        &fixtures(),
+        None,
+    );
+    assert_eq!(code(&out), 2, "an empty cluster name is a usage error");
+}
+
+/// An HTTP server on a loopback socket that answers every request with
+/// `status`, as an ingress or proxy in front of a restarting aggregator
+/// does; returns its URL.
+fn answering(status: &'static str) -> String {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = "upstream connect error";
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+#[test]
+fn aggregator_answering_5xx_exits_4_unless_offline_ok() {
+    for status in ["500 Internal Server Error", "503 Service Unavailable"] {
+        let url = answering(status);
+        let out = run(&["--aggregator", &url, "kinds"], &fixtures(), None);
+        assert_eq!(code(&out), 4, "{status}: {}", stdout(&out));
+        let code_only = &status[..3];
+        assert!(
+            stdout(&out).contains(&format!(
+                "error: aggregator at {url}/v1/recommendations answered {code_only}: upstream connect error"
+            )),
+            "{}",
+            stdout(&out)
+        );
+        // Nothing was compared: no finding is printed.
+        assert!(
+            !stdout(&out).contains("kinds/shop.yaml:"),
+            "{}",
+            stdout(&out)
+        );
+
+        let out = run(
+            &["--aggregator", &url, "--offline-ok", "kinds"],
+            &fixtures(),
+            None,
+        );
+        assert_eq!(code(&out), 0, "{status}: {}", stdout(&out));
+        assert!(
+            stdout(&out).starts_with(&format!(
+                "warning: aggregator at {url}/v1/recommendations answered {code_only}"
+            )),
+            "{}",
+            stdout(&out)
+        );
+    }
+}
+
+#[test]
+fn jobs_with_busybox_and_multi_argument_sleeps_are_checked_and_fixed() {
+    let agg = seeded();
+    premise(&agg);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixtures().join("kinds/tasks.yaml"),
+        dir.path().join("tasks.yaml"),
+    )
+    .unwrap();
+    let out = run(
+        &["--aggregator", &agg.url, "--format", "json", "tasks.yaml"],
+        dir.path(),
+        None,
+    );
+    assert_eq!(code(&out), 1, "{}", stdout(&out));
+    let report = json(&out);
+    let checked: Vec<(&str, &str, f64, &str)> = report["checked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["kind"].as_str().unwrap(),
+                c["container"].as_str().unwrap(),
+                c["preStopSeconds"].as_f64().unwrap(),
+                c["recommendation"]["scope"]["namespace"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    // Service shop/batch has no measurements: namespace shop answers 5 s.
+    assert_eq!(
+        checked,
+        [
+            ("Job", "migrate", 3.0, "shop"),
+            ("Job", "reindex", 3.5, "shop")
+        ]
+    );
+
+    let before = std::fs::read_to_string(dir.path().join("tasks.yaml")).unwrap();
+    let out = run(
+        &["--aggregator", &agg.url, "--fix", "tasks.yaml"],
+        dir.path(),
+        None,
+    );
+    let text = stdout(&out);
+    // The busybox argument is rewritten; `sleep 1 2.5` has two arguments
+    // to choose from, so its patch is printed and its finding stays open.
+    assert_eq!(code(&out), 1, "{text}");
+    assert!(
+        text.contains("tasks.yaml:16: fixed: Job shop/migrate container migrate"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            ": warning: cannot fix: Job shop/reindex container reindex: sleep has several arguments"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "tasks.yaml:36: error: Job shop/reindex container reindex: preStop exec sleep 3.5s"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "    patch:\n      spec:\n        template:\n          spec:\n            containers:\n            \
+             - name: reindex\n"
+        ),
+        "{text}"
+    );
+    let after = std::fs::read_to_string(dir.path().join("tasks.yaml")).unwrap();
+    assert_eq!(
+        after,
+        before.replace(
+            r#"["/bin/busybox", "sleep", "3"]"#,
+            r#"["/bin/busybox", "sleep", "5"]"#
+        )
+    );
+}
+
+/// Whether this test process runs as root, whom file permissions do not stop.
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+#[test]
+fn unwritable_outputs_exit_6_naming_the_file() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let agg = seeded();
+    let dir = tempfile::tempdir().unwrap();
+
+    // A --metrics-file in a directory that does not exist (fails for root
+    // too). The findings are still reported, but 6 wins over 1.
+    let missing = dir.path().join("no-such-dir/prestop.prom");
+    let out = run(
+        &[
+            "--aggregator",
+            &agg.url,
+            "--metrics-file",
+            missing.to_str().unwrap(),
+            "kinds",
+        ],
+        &fixtures(),
+        None,
+    );
+    let text = stdout(&out);
+    assert_eq!(code(&out), 6, "{text}");
+    assert!(
+        text.starts_with(&format!(
+            "{}: error: cannot write the --metrics-file: No such file or directory",
+            missing.display()
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("kinds/shop.yaml:17: error: Deployment shop/web"),
+        "{text}"
+    );
+    let out = run(
+        &[
+            "--aggregator",
+            &agg.url,
+            "--format",
+            "json",
+            "--metrics-file",
+            missing.to_str().unwrap(),
+            "kinds",
+        ],
+        &fixtures(),
+        None,
+    );
+    assert_eq!(json(&out)["exitCode"], 6);
+
+    // --fix on a read-only manifest (run as nobody when the test is root).
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    std::fs::copy(fixtures().join("kinds/tasks.yaml"), work.join("tasks.yaml")).unwrap();
+    let before = std::fs::read_to_string(work.join("tasks.yaml")).unwrap();
+    for (path, mode) in [
+        (dir.path(), 0o755),
+        (&work, 0o755),
+        (&work.join("tasks.yaml"), 0o444),
+    ] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let mut cmd = command(&["--aggregator", &agg.url, "--fix", "tasks.yaml"], &work);
+    if is_root() {
+        cmd.uid(65534).gid(65534);
+    }
+    let out = finish(cmd, None);
+    let text = stdout(&out);
+    assert_eq!(code(&out), 6, "{text}");
+    assert!(
+        text.contains(
+            "tasks.yaml: error: cannot write the fixed manifest: Permission denied (os error 13); its findings stay open"
+        ),
+        "{text}"
+    );
+    // Not written, so not reported as fixed.
+    assert!(
+        text.contains("tasks.yaml:16: error: Job shop/migrate container migrate"),
+        "{text}"
+    );
+    assert!(!text.contains(": fixed:"), "{text}");
+    assert_eq!(
+        std::fs::read_to_string(work.join("tasks.yaml")).unwrap(),
+        before
     );
 }
 

@@ -9,10 +9,11 @@ use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Namespace, PersistentVolumeClaim, PodSpec, Service, ServiceAccount,
+    ConfigMap, Container, Namespace, PersistentVolumeClaim, PodSpec, Probe, Service, ServiceAccount,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::api::scheduling::v1::PriorityClass;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -39,10 +40,14 @@ fn render(dir: &Path) -> Vec<Value> {
         .arg("kustomize")
         .arg(dir)
         .output()
-        .expect("kubectl (with built-in kustomize) must be installed: cargo xtask setup");
+        .expect(
+            "kubectl 1.21 or newer must be on PATH (its built-in kustomize renders deploy/); \
+             setup cannot install it: `cargo xtask setup --check` says how to get it",
+        );
     assert!(
         out.status.success(),
-        "kubectl kustomize {}: {}",
+        "kubectl kustomize {}: {}(kubectl older than 1.21 cannot render Kustomize components: \
+         `cargo xtask setup --check`)",
         dir.display(),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -93,7 +98,9 @@ struct Rendered {
     bindings: Vec<ClusterRoleBinding>,
     claims: Vec<PersistentVolumeClaim>,
     priority_classes: Vec<PriorityClass>,
+    config_maps: Vec<ConfigMap>,
     service_monitors: Vec<Value>,
+    pod_monitors: Vec<Value>,
 }
 
 fn load(dir: &Path) -> Rendered {
@@ -101,7 +108,7 @@ fn load(dir: &Path) -> Rendered {
     for object in render(dir) {
         match object["kind"].as_str().unwrap() {
             "Namespace" => drop(typed::<Namespace>(&object)),
-            "ConfigMap" => drop(typed::<ConfigMap>(&object)),
+            "ConfigMap" => r.config_maps.push(typed(&object)),
             "DaemonSet" => r.daemonsets.push(typed(&object)),
             "Deployment" => r.deployments.push(typed(&object)),
             "Service" => r.services.push(typed(&object)),
@@ -110,8 +117,9 @@ fn load(dir: &Path) -> Rendered {
             "ClusterRoleBinding" => r.bindings.push(typed(&object)),
             "PersistentVolumeClaim" => r.claims.push(typed(&object)),
             "PriorityClass" => r.priority_classes.push(typed(&object)),
-            // A CRD of the Prometheus Operator: not in k8s-openapi.
+            // CRDs of the Prometheus Operator: not in k8s-openapi.
             "ServiceMonitor" => r.service_monitors.push(object),
+            "PodMonitor" => r.pod_monitors.push(object),
             other => panic!("{}: unexpected kind {other}", dir.display()),
         }
     }
@@ -208,6 +216,20 @@ fn check_agent(r: &Rendered, expected_caps: &BTreeSet<String>) {
         panic!("one agent container")
     };
     assert_eq!(&check_hardened(c), expected_caps);
+    // Loading the eBPF programs may take minutes on a big node, and the
+    // liveness endpoint fails until the main loop runs: a startup probe on
+    // readiness (programs loaded) holds liveness back meanwhile.
+    let startup = c.startup_probe.as_ref().expect("agent startup probe");
+    let get = startup.http_get.as_ref().expect("http startup probe");
+    assert_eq!(get.path.as_deref(), Some("/readyz"));
+    assert_eq!(get.port, IntOrString::String("health".into()));
+    let budget = |p: &Probe| p.period_seconds.unwrap_or(10) * p.failure_threshold.unwrap_or(3);
+    assert!(
+        budget(startup) >= 120,
+        "startup budget {}s is too short for a slow eBPF load",
+        budget(startup)
+    );
+    assert!(budget(startup) > budget(c.liveness_probe.as_ref().unwrap()));
     let args = c.args.clone().unwrap_or_default().join(" ");
     assert!(
         args.starts_with("run --aggregator http://prestop-aggregator.$(POD_NAMESPACE).svc:50051"),
@@ -415,6 +437,99 @@ fn check_aggregator(r: &Rendered) {
     }
 }
 
+/// The `cluster` label value a monitor's relabelings set.
+fn cluster_label(relabelings: &Value) -> Option<&str> {
+    relabelings
+        .as_array()?
+        .iter()
+        .find(|r| r["targetLabel"] == "cluster")?["replacement"]
+        .as_str()
+}
+
+/// The PodMonitor scrapes every agent's own /metrics: same namespace,
+/// selects the agent pods, names the container port the agent's
+/// --health-addr listens on, labels each series with its node and with
+/// the same cluster as the aggregator's ServiceMonitor and the aggregator's
+/// configured cluster name.
+fn check_monitoring(r: &Rendered) {
+    let ds = only(&r.daemonsets, "DaemonSet");
+    let sm = only(&r.service_monitors, "ServiceMonitor");
+    let pm = only(&r.pod_monitors, "PodMonitor");
+    assert_eq!(pm["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(
+        pm["metadata"]["namespace"].as_str(),
+        ds.metadata.namespace.as_deref()
+    );
+    let spec = ds.spec.as_ref().unwrap();
+    let pod_labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    let wanted = pm["spec"]["selector"]["matchLabels"].as_object().unwrap();
+    assert!(!wanted.is_empty());
+    assert!(
+        wanted
+            .iter()
+            .all(|(k, v)| pod_labels.get(k).map(String::as_str) == v.as_str()),
+        "PodMonitor selects the agent pods"
+    );
+    let [endpoint] = pm["spec"]["podMetricsEndpoints"]
+        .as_array()
+        .unwrap()
+        .as_slice()
+    else {
+        panic!("one PodMonitor endpoint")
+    };
+    // The agent's health server (observer-agent/src/health.rs) serves
+    // /metrics next to /healthz and /readyz on --health-addr.
+    assert_eq!(endpoint["path"], "/metrics");
+    let pod = pod_spec(spec.template.spec.as_ref());
+    let c = &pod.containers[0];
+    let args = c.args.clone().unwrap_or_default();
+    let health_port: i32 = args
+        .iter()
+        .skip_while(|a| *a != "--health-addr")
+        .nth(1)
+        .and_then(|a| a.rsplit_once(':'))
+        .and_then(|(_, p)| p.parse().ok())
+        .expect("--health-addr HOST:PORT");
+    let port_name = endpoint["port"].as_str().expect("PodMonitor port by name");
+    let port = c
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some(port_name))
+        .unwrap_or_else(|| panic!("agent container has no port {port_name}"));
+    assert_eq!(port.container_port, health_port);
+    let relabelings = &endpoint["relabelings"];
+    assert!(
+        relabelings.as_array().unwrap().iter().any(|r| {
+            r["targetLabel"] == "node"
+                && r["sourceLabels"] == serde_json::json!(["__meta_kubernetes_pod_node_name"])
+        }),
+        "node label from the pod's node: {relabelings}"
+    );
+    let cluster = cluster_label(relabelings).expect("PodMonitor cluster label");
+    assert_eq!(
+        Some(cluster),
+        cluster_label(&sm["spec"]["endpoints"][0]["relabelings"]),
+        "agents and aggregator carry the same cluster label"
+    );
+    let configured = r
+        .config_maps
+        .iter()
+        .find_map(|c| c.data.as_ref()?.get("cluster-name"))
+        .expect("cluster-name");
+    assert_eq!(
+        cluster, configured,
+        "the scrape's cluster label is the aggregator's --cluster-name (what prestop-check --cluster should be)"
+    );
+}
+
 #[test]
 fn every_rendering_deserialises_and_is_least_privilege() {
     for dir in targets() {
@@ -429,11 +544,12 @@ fn every_rendering_deserialises_and_is_least_privilege() {
         };
         check_agent(&r, &caps);
         check_aggregator(&r);
-        assert_eq!(
-            r.service_monitors.len(),
-            usize::from(name == "production"),
-            "{name}"
-        );
+        let monitored = name == "production";
+        assert_eq!(r.service_monitors.len(), usize::from(monitored), "{name}");
+        assert_eq!(r.pod_monitors.len(), usize::from(monitored), "{name}");
+        if monitored {
+            check_monitoring(&r);
+        }
     }
 }
 

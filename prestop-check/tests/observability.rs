@@ -1,6 +1,7 @@
 //! Alert rules and dashboards: promtool accepts and unit-tests the rules,
 //! every dashboard query is PromQL that promtool parses, and every metric
-//! they name is one the aggregator (or `prestop-check --metrics-file`)
+//! they name is one that the real aggregator's or agent's `/metrics` (both
+//! scraped over loopback sockets here) or `prestop-check --metrics-file`
 //! actually exposes.
 
 mod support;
@@ -12,34 +13,218 @@ use prestop_check::textfile;
 use serde_json::Value;
 use support::{dashboard_queries, dashboards, deploy, instantiate, names, rule_exprs, rules_file};
 
-const HISTOGRAMS: &[&str] = &[
-    "prestop_propagation_latency_seconds",
-    "prestop_control_plane_latency_seconds",
-    "prestop_report_lag_seconds",
-];
-const OTHERS: &[&str] = &[
-    "prestop_late_connections_total",
-    "prestop_refused_connections_total",
-    "prestop_keepalive_aborted_connections_total",
-    "prestop_agents_connected",
-    "prestop_agent_events_lost_total",
-    "prestop_store_deletions",
-    "prestop_recommendation_seconds",
-    "prestop_recommendation_samples",
-    "prestop_deletions_total",
-    "prestop_nodes_missing_total",
-    textfile::PRE_STOP,
-    textfile::GRACE,
-];
+/// A GET over a real loopback socket; the body.
+fn get_body(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    body.to_string()
+}
 
-fn known_metrics() -> BTreeSet<String> {
-    let mut out: BTreeSet<String> = OTHERS.iter().map(|s| s.to_string()).collect();
-    for h in HISTOGRAMS {
-        for suffix in ["_bucket", "_count", "_sum"] {
-            out.insert(format!("{h}{suffix}"));
+/// prometheus-client leaves label families out of a scrape until they have
+/// a member: give every one of the aggregator's a sample. The pattern lists
+/// every field, so a metric added to the registry must be added here too.
+fn populate_aggregator(m: &aggregator::metrics::Metrics) {
+    use aggregator::metrics::*;
+    let Metrics {
+        registry: _,
+        propagation_latency,
+        control_plane_latency,
+        late_connections,
+        refused_connections,
+        keepalive_aborted,
+        agents_connected,
+        agent_events_lost,
+        report_lag,
+        store_deletions,
+        recommendation_seconds,
+        recommendation_samples,
+        deletions,
+        nodes_missing,
+    } = m;
+    let (node, namespace) = ("n1".to_string(), "shop".to_string());
+    propagation_latency
+        .get_or_create(&NodeNamespaceMode {
+            node: node.clone(),
+            namespace: namespace.clone(),
+            mode: "nftables".into(),
+        })
+        .observe(1.0);
+    control_plane_latency
+        .get_or_create(&NamespaceLabel {
+            namespace: namespace.clone(),
+        })
+        .observe(0.1);
+    for family in [late_connections, refused_connections, keepalive_aborted] {
+        family
+            .get_or_create(&NodeNamespace {
+                node: node.clone(),
+                namespace: namespace.clone(),
+            })
+            .inc();
+    }
+    agents_connected.set(1);
+    agent_events_lost
+        .get_or_create(&NodeLabel { node: node.clone() })
+        .inc();
+    nodes_missing.get_or_create(&NodeLabel { node }).inc();
+    report_lag.observe(0.01);
+    store_deletions.set(1);
+    let scope = NamespaceService {
+        namespace: namespace.clone(),
+        service: "web".into(),
+    };
+    recommendation_seconds.get_or_create(&scope).set(5.0);
+    recommendation_samples.get_or_create(&scope).set(100);
+    deletions
+        .get_or_create(&NamespaceOutcome {
+            namespace,
+            outcome: "complete".into(),
+        })
+        .inc();
+}
+
+/// An agent's health state with a member in every label family (its
+/// fields are private; these are the calls the agent itself makes).
+fn populated_agent() -> std::sync::Arc<observer_agent::health::Health> {
+    use observer_agent::observation::{NewFlow, Observation};
+    let health = observer_agent::health::Health::new();
+    health.set_hook("sock/inet_sock_set_state", true);
+    health.set_watched(1);
+    health.kernel_stats(observer_agent::kernel::Stats::default());
+    let addr: std::net::SocketAddr = "10.0.0.1:80".parse().unwrap();
+    health.observed(&Observation::NewFlow(NewFlow {
+        src: addr,
+        dst: addr,
+        original_dst: addr,
+        time_unix_nano: 0,
+    }));
+    health
+}
+
+/// What the real aggregator's and a real agent's `/metrics` endpoints
+/// serve, scraped over loopback sockets: the aggregator's HTTP server on a
+/// fresh store, the agent's health server (no kernel needed).
+fn scrapes() -> Vec<(&'static str, String)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = aggregator::store::Store::open(dir.path().join("store.db")).unwrap();
+    let state = aggregator::http::HttpState::new(
+        std::sync::Arc::new(store),
+        aggregator::config::Settings::default(),
+    );
+    let (aggregator, agent) = runtime.block_on(async {
+        let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let b = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        (a, b)
+    });
+    let (aggregator_addr, agent_addr) = (
+        aggregator.local_addr().unwrap(),
+        agent.local_addr().unwrap(),
+    );
+    populate_aggregator(&state.metrics);
+    runtime.spawn(aggregator::http::serve(aggregator, state));
+    runtime.spawn(observer_agent::health::serve(agent, populated_agent()));
+    vec![
+        ("aggregator", get_body(aggregator_addr, "/metrics")),
+        ("agent", get_body(agent_addr, "/metrics")),
+        // No workload: the file still declares its metrics.
+        ("prestop-check --metrics-file", textfile::render(&[], None)),
+    ]
+}
+
+/// The series names a scrape of `exposition` yields, from its `# TYPE`
+/// lines: counters with `_total`, histograms as their `_bucket`, `_count`
+/// and `_sum` series. Families without samples yet are declared too.
+fn series_names(exposition: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for line in exposition.lines() {
+        let Some((name, kind)) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.split_once(' '))
+        else {
+            continue;
+        };
+        match kind.trim() {
+            "counter" => {
+                out.insert(format!("{}_total", name.trim_end_matches("_total")));
+            }
+            "histogram" => {
+                for suffix in ["_bucket", "_count", "_sum"] {
+                    out.insert(format!("{name}{suffix}"));
+                }
+            }
+            "gauge" | "untyped" | "unknown" => {
+                out.insert(name.to_string());
+            }
+            other => panic!("unexpected metric type {other} of {name}"),
         }
     }
     out
+}
+
+/// Every series name the aggregator, the agents and the metrics file
+/// expose, from their real registries: a renamed metric fails the checks
+/// below.
+fn known_metrics() -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (source, text) in scrapes() {
+        let names = series_names(&text);
+        assert!(
+            names.len() >= 2 && names.iter().all(|n| n.starts_with("prestop_")),
+            "{source}: {names:?}"
+        );
+        out.extend(names);
+    }
+    out
+}
+
+#[test]
+fn every_aggregator_metric_is_on_the_dashboard() {
+    let (_, text) = scrapes().remove(0);
+    let used: Vec<String> = dashboards()
+        .iter()
+        .flat_map(|(_, d)| dashboard_queries(d))
+        .flat_map(|q| names(&q))
+        .collect();
+    for line in text.lines() {
+        let Some((family, _)) = line.strip_prefix("# TYPE ").and_then(|r| r.split_once(' ')) else {
+            continue;
+        };
+        assert!(
+            used.iter().any(|u| u.starts_with(family)),
+            "the aggregator exposes {family} but no dashboard panel shows it"
+        );
+    }
+}
+
+#[test]
+fn the_scrapes_declare_what_the_dashboards_rely_on() {
+    let known = known_metrics();
+    // A sample of each source, so an empty or unparsed scrape cannot pass
+    // the name checks vacuously.
+    for name in [
+        "prestop_propagation_latency_seconds_bucket",
+        "prestop_late_connections_total",
+        "prestop_recommendation_seconds",
+        "prestop_agent_hook_attached",
+        "prestop_agent_kernel_events_total",
+        textfile::PRE_STOP,
+        textfile::GRACE,
+    ] {
+        assert!(known.contains(name), "{name} not in {known:?}");
+    }
 }
 
 fn promtool(args: &[&str]) -> (bool, String) {
@@ -165,4 +350,149 @@ fn dashboards_are_provisionable_with_cluster_namespace_node_variables() {
             }
         }
     }
+}
+
+/// The queries of the panel titled `title`, by refId, with Grafana's
+/// variables set: every namespace, clusters matching `cluster`.
+fn panel_queries(title: &str, cluster: &str) -> Vec<(String, String)> {
+    let (_, d) = dashboards()
+        .into_iter()
+        .find(|(_, d)| {
+            d["panels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["title"] == title)
+        })
+        .unwrap_or_else(|| panic!("no panel {title}"));
+    let panel = d["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["title"] == title)
+        .unwrap()
+        .clone();
+    panel["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let expr = t["expr"].as_str().unwrap().replace("$cluster", cluster);
+            (
+                t["refId"].as_str().unwrap().to_string(),
+                instantiate(&expr, "5m"),
+            )
+        })
+        .collect()
+}
+
+/// Runs `promtool test rules` on one test group: `inputs` as input series,
+/// each `(expr, expected samples)` evaluated at 1m.
+fn promtool_expect(
+    inputs: &[(&str, &str)],
+    cases: &[(String, Vec<(&str, f64)>)],
+) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("panel.test.yaml");
+    let mut text = format!(
+        "rule_files: [{}]\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n",
+        serde_json::to_string(rules_file().to_str().unwrap()).unwrap()
+    );
+    for (series, values) in inputs {
+        text += &format!("      - series: '{series}'\n        values: '{values}'\n");
+    }
+    text += "    promql_expr_test:\n";
+    for (expr, samples) in cases {
+        text += &format!(
+            "      - expr: {}\n        eval_time: 1m\n        exp_samples:{}\n",
+            serde_json::to_string(expr).unwrap(),
+            if samples.is_empty() { " []" } else { "" }
+        );
+        for (labels, value) in samples {
+            text += &format!("          - labels: '{labels}'\n            value: {value}\n");
+        }
+    }
+    std::fs::write(&path, text).unwrap();
+    promtool(&["test", "rules", path.to_str().unwrap()])
+}
+
+/// "Recommended vs configured preStop per workload": evaluated by promtool
+/// on synthetic series, each query gives one row per workload container
+/// (Grafana merges the rows of A, B and C on their labels): its own
+/// configured preStop, its Service's recommendation and samples. A
+/// metrics file without a cluster label (node-exporter's textfile
+/// collector) still gets its Service's recommendation: the highest among
+/// the selected clusters.
+#[test]
+fn the_recommendation_panel_has_a_row_per_workload_container() {
+    const TITLE: &str = "Recommended vs configured preStop per workload";
+    let inputs = [
+        (
+            r#"prestop_recommendation_seconds{cluster="c",namespace="shop",service="web",job="prestop"}"#,
+            "5x2",
+        ),
+        (
+            r#"prestop_recommendation_samples{cluster="c",namespace="shop",service="web",job="prestop"}"#,
+            "300x2",
+        ),
+        (
+            r#"prestop_recommendation_seconds{cluster="d",namespace="shop",service="web",job="prestop"}"#,
+            "9x2",
+        ),
+        (
+            r#"prestop_recommendation_samples{cluster="d",namespace="shop",service="web",job="prestop"}"#,
+            "40x2",
+        ),
+        (
+            r#"prestop_check_configured_prestop_seconds{cluster="c",namespace="shop",service="web",workload="Deployment/web",container="app",job="pushgateway"}"#,
+            "2x2",
+        ),
+        (
+            r#"prestop_check_configured_prestop_seconds{namespace="shop",service="web",workload="Deployment/web-canary",container="app",job="node-exporter"}"#,
+            "6x2",
+        ),
+        (
+            r#"prestop_check_configured_prestop_seconds{cluster="c",namespace="shop",service="api",workload="StatefulSet/api",container="api",job="pushgateway"}"#,
+            "3x2",
+        ),
+    ];
+    let web =
+        r#"{cluster="c",namespace="shop",service="web",workload="Deployment/web",container="app"}"#;
+    let canary =
+        r#"{namespace="shop",service="web",workload="Deployment/web-canary",container="app"}"#;
+    let api = r#"{cluster="c",namespace="shop",service="api",workload="StatefulSet/api",container="api"}"#;
+    // All clusters: the unlabelled canary gets the higher of c and d.
+    let all = panel_queries(TITLE, ".*");
+    let expected = |q: &str| -> Vec<(&str, f64)> {
+        match q {
+            "A" => vec![(web, 5.0), (canary, 9.0)],
+            "B" => vec![(web, 2.0), (canary, 6.0), (api, 3.0)],
+            "C" => vec![(web, 300.0), (canary, 40.0)],
+            other => panic!("unexpected query {other}"),
+        }
+    };
+    let cases: Vec<(String, Vec<(&str, f64)>)> = all
+        .iter()
+        .map(|(id, e)| (e.clone(), expected(id)))
+        .collect();
+    assert_eq!(cases.len(), 3);
+    let (ok, out) = promtool_expect(&inputs, &cases);
+    assert!(ok, "{out}");
+
+    // Cluster c selected: d's series drop out, the unlabelled canary stays.
+    let only_c = panel_queries(TITLE, "c");
+    let expected_c = |q: &str| -> Vec<(&str, f64)> {
+        match q {
+            "A" => vec![(web, 5.0), (canary, 5.0)],
+            "B" => vec![(web, 2.0), (canary, 6.0), (api, 3.0)],
+            "C" => vec![(web, 300.0), (canary, 300.0)],
+            other => panic!("unexpected query {other}"),
+        }
+    };
+    let cases: Vec<(String, Vec<(&str, f64)>)> = only_c
+        .iter()
+        .map(|(id, e)| (e.clone(), expected_c(id)))
+        .collect();
+    let (ok, out) = promtool_expect(&inputs, &cases);
+    assert!(ok, "{out}");
 }

@@ -29,6 +29,19 @@ const APT_PACKAGES: &[(&str, Option<&str>)] = &[
     ("hey", Some("hey")),
 ];
 
+/// kubectl renders deploy/ (`kubectl kustomize`) in prestop-check's
+/// deploy_manifests test; nothing else needs it. Setup cannot install it:
+/// Debian's kubernetes-client package is 1.20, whose built-in kustomize
+/// (v2) predates the components deploy/ uses (kubectl 1.21 brought
+/// kustomize v4), and there is no newer Debian package. It is checked and
+/// explained instead.
+const KUBECTL_MIN_MINOR: u32 = 21;
+const KUBECTL_HOWTO: &str = "It renders deploy/ (`kubectl kustomize`) for \
+    `cargo test -p prestop-check --test deploy_manifests`; nothing else needs it. Install \
+    kubectl 1.21 or newer yourself: https://kubernetes.io/docs/tasks/tools/ (the pkgs.k8s.io \
+    apt repository or the release binary; Google Cloud SDK images ship one). Debian's \
+    kubernetes-client package (1.20) is too old, so setup does not install it.";
+
 const NIGHTLY: &str = "nightly";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 
@@ -90,24 +103,79 @@ fn rust_src_installed() -> bool {
         .exists()
 }
 
+/// What is wrong with the `kubectl` on PATH, with what it is for and how to
+/// get it; `None` when it is recent enough.
+pub fn kubectl_problem() -> Option<String> {
+    kubectl_problem_with("kubectl")
+}
+
+fn kubectl_problem_with(program: &str) -> Option<String> {
+    let problem = match Command::new(program)
+        .args(["version", "--client", "-o", "json"])
+        .output()
+    {
+        Err(_) => "kubectl was not found on PATH".to_string(),
+        Ok(out) if !out.status.success() => {
+            format!("`{program} version --client` failed ({})", out.status)
+        }
+        Ok(out) => match client_minor(&String::from_utf8_lossy(&out.stdout)) {
+            Some(minor) if minor >= KUBECTL_MIN_MINOR => return None,
+            Some(minor) => format!(
+                "kubectl is 1.{minor}: its built-in kustomize cannot render deploy/'s components"
+            ),
+            None => format!("`{program} version --client` named no client version"),
+        },
+    };
+    Some(format!("{problem}. {KUBECTL_HOWTO}"))
+}
+
+/// The minor version in `kubectl version --client -o json` output
+/// (`"minor": "32"`, or `"32+"` on some vendors' builds).
+fn client_minor(json: &str) -> Option<u32> {
+    let client = &json[json.find("\"clientVersion\"")?..];
+    let rest = &client[client.find("\"minor\"")? + "\"minor\"".len()..];
+    let value = rest
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start()
+        .strip_prefix('"')?;
+    let digits: String = value.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
 pub fn run(args: &SetupArgs) -> Result<()> {
     let started = Instant::now();
     let missing = missing();
-    if missing.is_empty() {
-        eprintln!(
-            "setup: nothing missing ({:.1}s)",
-            started.elapsed().as_secs_f64()
-        );
-        return Ok(());
+    // Not installable here: reported, and counted by --check.
+    let kubectl = kubectl_problem();
+    if let Some(problem) = &kubectl {
+        eprintln!("setup: warning: {problem}");
     }
     if args.check {
         for m in &missing {
             eprintln!("setup: missing {m:?}");
         }
-        bail!(
-            "setup --check: {} item(s) missing; run `cargo xtask setup`",
-            missing.len()
+        if kubectl.is_some() {
+            eprintln!(
+                "setup: missing kubectl >= 1.{KUBECTL_MIN_MINOR} (install it yourself, see above)"
+            );
+        }
+        let count = missing.len() + usize::from(kubectl.is_some());
+        if count > 0 {
+            bail!("setup --check: {count} item(s) missing; run `cargo xtask setup`");
+        }
+    }
+    if missing.is_empty() {
+        eprintln!(
+            "setup: nothing {} ({:.1}s)",
+            if kubectl.is_some() {
+                "to install"
+            } else {
+                "missing"
+            },
+            started.elapsed().as_secs_f64()
         );
+        return Ok(());
     }
     for m in &missing {
         let step = Instant::now();
@@ -163,4 +231,71 @@ fn install_bpf_linker() -> Result<()> {
                 "llvm-22",
             ]),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_client_minor_version() {
+        let real = r#"{
+  "clientVersion": {
+    "major": "1",
+    "minor": "32",
+    "gitVersion": "v1.32.4-dispatcher"
+  },
+  "kustomizeVersion": "v5.5.0"
+}"#;
+        assert_eq!(client_minor(real), Some(32));
+        assert_eq!(
+            client_minor(r#"{"clientVersion":{"major":"1","minor":"20+"}}"#),
+            Some(20)
+        );
+        assert_eq!(client_minor(r#"{"serverVersion":{"minor":"30"}}"#), None);
+        assert_eq!(client_minor(""), None);
+    }
+
+    /// A stand-in `kubectl` printing `json` for `version --client -o json`.
+    fn fake_kubectl(name: &str, json: &str) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("xtask-{name}-{}", std::process::id()));
+        std::fs::write(&path, format!("#!/bin/sh\ncat <<'EOF'\n{json}\nEOF\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_missing_or_old_kubectl_is_explained() {
+        let missing = kubectl_problem_with("/nonexistent/kubectl").unwrap();
+        assert!(
+            missing.starts_with("kubectl was not found on PATH. "),
+            "{missing}"
+        );
+        for words in [
+            "kubectl kustomize",
+            "deploy_manifests",
+            "https://kubernetes.io/docs/tasks/tools/",
+            "kubernetes-client package (1.20) is too old",
+        ] {
+            assert!(missing.contains(words), "{words}: {missing}");
+        }
+
+        let old = fake_kubectl(
+            "kubectl-old",
+            r#"{"clientVersion":{"major":"1","minor":"20"}}"#,
+        );
+        let problem = kubectl_problem_with(old.to_str().unwrap()).unwrap();
+        assert!(
+            problem.starts_with("kubectl is 1.20: its built-in kustomize cannot render"),
+            "{problem}"
+        );
+        let new = fake_kubectl(
+            "kubectl-new",
+            r#"{"clientVersion":{"major":"1","minor":"32"}}"#,
+        );
+        assert_eq!(kubectl_problem_with(new.to_str().unwrap()), None);
+        let _ = std::fs::remove_file(old);
+        let _ = std::fs::remove_file(new);
+    }
 }
