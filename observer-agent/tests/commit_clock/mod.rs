@@ -7,14 +7,16 @@
 //!   netlink listener of its own on NFNLGRP_NFTABLES that records when each
 //!   commit's NEWGEN reaches it. Netlink datagrams carry no kernel
 //!   timestamp, so that is a receipt time: the witness thread runs under
-//!   SCHED_FIFO, so it is woken as the kernel queues the notification, not
-//!   when a busy machine gets round to it. The commit lies at most its
-//!   wake-up latency (microseconds) before the recorded time.
+//!   SCHED_FIFO, above the threads it times, so it is woken as the kernel
+//!   queues the notification, not when a busy machine gets round to it. The
+//!   commit lies at most its wake-up latency (microseconds) before the
+//!   recorded time.
 //! - iptables-legacy (no notifications): [`LegacyWitness`] re-reads the
-//!   legacy `nat` table (IPT_SO_GET_ENTRIES, counters zeroed) every 200 us,
-//!   also under SCHED_FIFO; a replacement lies between the start of the
-//!   last read that still saw the old table and the end of the first read
-//!   that saw the new one (about 0.3 ms wide).
+//!   legacy `nat` table (IPT_SO_GET_ENTRIES, counters zeroed; only the
+//!   header of tables over 256 KiB) every 200 us, also under SCHED_FIFO; a
+//!   replacement lies between the start of the last read that still saw the
+//!   old table and the end of the first read that saw the new one (about
+//!   0.3 ms wide).
 //!
 //! Shared by the dataplane test crates and the `dataplane` bench; each uses
 //! part of it.
@@ -22,11 +24,12 @@
 
 use std::{
     io,
+    mem::size_of,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::Path,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicI32, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -71,10 +74,30 @@ pub fn timed<T>(write: impl FnOnce() -> T) -> (T, Window) {
     )
 }
 
+/// SCHED_FIFO priority of what is timed (detector threads, traffic).
+const SUBJECT_PRIORITY: i32 = 10;
+/// SCHED_FIFO priority of the witnesses: above what they time, so that when
+/// a commit wakes both and a single core is free (the writer keeps its own
+/// while the kernel sends the notifications), the witness stamps first and
+/// goes back to sleep within microseconds instead of waiting behind the
+/// detector for the rest of the commit's notifications.
+const WITNESS_PRIORITY: i32 = 20;
+
 /// Puts the calling thread under SCHED_FIFO; threads it spawns inherit the
 /// policy (glibc's default PTHREAD_INHERIT_SCHED).
 pub fn realtime() -> io::Result<()> {
-    let param = libc::sched_param { sched_priority: 10 };
+    fifo(SUBJECT_PRIORITY)
+}
+
+/// [`realtime`] at the witnesses' higher priority.
+pub fn realtime_witness() -> io::Result<()> {
+    fifo(WITNESS_PRIORITY)
+}
+
+fn fifo(priority: i32) -> io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
     // SAFETY: pid 0 is the calling thread; param is valid.
     if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
         return Err(io::Error::last_os_error());
@@ -82,12 +105,50 @@ pub fn realtime() -> io::Result<()> {
     Ok(())
 }
 
+/// The CPU the witnesses are pinned to, if any (-1: none).
+static WITNESS_CPU: AtomicI32 = AtomicI32::new(-1);
+
+/// Pins the calling thread to `cpu`, or lets it run anywhere (None).
+/// Threads and processes it starts inherit the mask.
+pub fn pin(cpu: Option<usize>) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        match cpu {
+            Some(c) => libc::CPU_SET(c, &mut set),
+            None => (0..libc::CPU_SETSIZE as usize).for_each(|c| libc::CPU_SET(c, &mut set)),
+        }
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Pins witnesses started from now on to `cpu`. The kernel here is
+/// PREEMPT_NONE: a writer sending a large commit's notifications keeps its
+/// core for tens of milliseconds, and a SCHED_FIFO witness woken onto that
+/// core waits for it. With the writers kept on another core (the bench pins
+/// the thread that starts them), the witness's core is always free for it.
+pub fn pin_witnesses(cpu: usize) {
+    WITNESS_CPU.store(cpu as i32, Ordering::Relaxed);
+}
+
+/// Applies [`pin_witnesses`] to the calling thread.
+pub fn pin_witness_thread() -> io::Result<()> {
+    match WITNESS_CPU.load(Ordering::Relaxed) {
+        -1 => Ok(()),
+        cpu => pin(Some(cpu as usize)),
+    }
+}
+
 /// Starts `start` on a short-lived SCHED_FIFO thread so that the threads it
-/// spawns run under SCHED_FIFO.
+/// spawns run under SCHED_FIFO, at the witnesses' priority.
 fn spawn_realtime<T: Send>(start: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
     std::thread::scope(|s| {
         s.spawn(|| {
-            realtime()?;
+            pin_witness_thread()?;
+            realtime_witness()?;
             start()
         })
         .join()
@@ -218,6 +279,7 @@ const GET_ENTRIES_HEADER: usize = 40;
 const NEXT_OFFSET_AT: usize = 94;
 const COUNTERS_AT: usize = 104;
 const POLL: Duration = Duration::from_micros(200);
+const LARGE_TABLE: usize = 256 << 10;
 
 /// Records every replacement of the legacy `nat` table in one namespace.
 pub struct LegacyWitness {
@@ -274,6 +336,13 @@ fn read_nat(sock: &OwnedFd) -> Option<Vec<u8>> {
         if getsockopt(sock, IPT_SO_GET_ENTRIES, &mut entries).is_err() {
             continue;
         }
+        // Large tables (the bench's 5k endpoints): the header only, or the
+        // poller would keep a core busy copying megabytes and delay what it
+        // times. Entry count, size and hook offsets change with every
+        // endpoint added or removed; a same-size rewrite would go unseen.
+        if size > LARGE_TABLE {
+            return Some(info[32..84].to_vec());
+        }
         let mut at = GET_ENTRIES_HEADER;
         while at + COUNTERS_AT + 16 <= entries.len() {
             let next = u16::from_ne_bytes([
@@ -292,6 +361,21 @@ fn read_nat(sock: &OwnedFd) -> Option<Vec<u8>> {
         return Some(table);
     }
     None
+}
+
+/// Entries and bytes of the legacy nat table of the calling thread's
+/// network namespace (None when it does not exist).
+pub fn legacy_nat_size() -> Option<(u32, u32)> {
+    let names = std::fs::read_to_string("/proc/thread-self/net/ip_tables_names").ok()?;
+    if !names.lines().any(|l| l == "nat") {
+        return None;
+    }
+    let sock = raw_socket().ok()?;
+    let mut info = [0u8; GETINFO_LEN];
+    info[..3].copy_from_slice(b"nat");
+    getsockopt(&sock, IPT_SO_GET_INFO, &mut info).ok()?;
+    let word = |at: usize| u32::from_ne_bytes([info[at], info[at + 1], info[at + 2], info[at + 3]]);
+    Some((word(76), word(80)))
 }
 
 impl LegacyWitness {
