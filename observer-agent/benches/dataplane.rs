@@ -23,7 +23,7 @@
 //!    detector's decode -> mirror -> reachability code.
 //!
 //! Prints Markdown for docs/benchmarks.md. Environment: CHANGES (default
-//! 200), RESYNCS (default 6).
+//! 200; 0 skips part 1), RESYNCS (default 6; 0 skips part 2).
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
@@ -730,6 +730,9 @@ fn main() {
         for priority in [Priority::Normal, Priority::Fifo] {
             println!("{}", delay(mode, priority, changes));
         }
+    }
+    if resyncs == 0 {
+        return;
     }
     let mut start_rows = vec![];
     let mut resync_rows = vec![];

@@ -94,10 +94,10 @@ fn assert_timely(clock: &CommitClock, what: &str, change: &RulesChange, window: 
 ///
 /// The nf_tables detector times a change when the commit's first
 /// notification reaches its thread, so its error is that thread's wake-up
-/// delay. At normal priority on a machine whose cores are all busy that
-/// delay is the scheduler's (5-17 ms seen here with four builds sharing two
-/// cores; docs/benchmarks.md gives both figures); under SCHED_FIFO it is
-/// the detector's own. These tests hold the detector to the 5 ms bound.
+/// delay. At normal priority with every core busy that delay is the
+/// scheduler's (up to 24 ms seen here; docs/benchmarks.md gives both
+/// figures); under SCHED_FIFO it is the detector's own. These tests hold
+/// the detector to the 5 ms bound.
 fn start(ns: &NetNs) -> (DataplaneWatch, Receiver<Observation>) {
     let (tx, rx) = channel(64);
     let watch = ns
