@@ -1,7 +1,10 @@
 //! Root-only: kube-proxy-shaped rules in a network namespace, in each
 //! kube-proxy mode, changed the way kube-proxy changes them; the dataplane
 //! detectors must report exactly the removals and additions of the watched
-//! endpoints, on time.
+//! endpoints, on time: never before the write started, and within 5 ms of
+//! the commit an independent witness saw (nftables, iptables-nft), within
+//! the legacy bound of the table replacement a poller saw (iptables-legacy);
+//! see `commit_clock`.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -9,7 +12,7 @@ use std::{
 };
 
 use lab::{
-    kubeproxy::{Applied, Backend, Mode, Rules, ServicePort},
+    kubeproxy::{Backend, Mode, Rules, ServicePort},
     netns::NetNs,
     root::root_or_skip,
 };
@@ -18,6 +21,10 @@ use observer_agent::{
     observation::{Detector, Observation, RulesChange},
 };
 use tokio::sync::mpsc::{Receiver, channel};
+
+mod commit_clock;
+
+use commit_clock::{CommitClock, Window, timed};
 
 fn service(name: &str, vip_last: u8) -> ServicePort {
     ServicePort {
@@ -66,31 +73,46 @@ async fn next_change(rx: &mut Receiver<Observation>, limit: Duration) -> Observa
         .expect("channel open")
 }
 
-/// The change must be timed inside the transaction, or at most `slack_ns`
-/// after it finished.
-fn assert_timely(change: &RulesChange, applied: Applied, slack_ns: u64) {
-    assert!(
-        change.time_unix_nano >= applied.started_unix_nano
-            && change.time_unix_nano <= applied.finished_unix_nano + slack_ns,
-        "change at {} outside [{}, {} + {slack_ns}] ({:?})",
+/// Checks the change's time against the witnessed commit of the write in
+/// `window` and prints how far from it the change was reported.
+fn assert_timely(clock: &CommitClock, what: &str, change: &RulesChange, window: Window) {
+    let delta = clock.check(
+        what,
         change.time_unix_nano,
-        applied.started_unix_nano,
-        applied.finished_unix_nano,
-        change
+        change.precision_ns,
+        window.started,
+    );
+    eprintln!(
+        "{what}: reported {:+.3} ms from the commit; writer ran {:.3} ms; precision claimed {:.3} ms",
+        delta as f64 / 1e6,
+        (window.finished - window.started) as f64 / 1e6,
+        change.precision_ns as f64 / 1e6
     );
 }
 
+/// Starts the detectors in `ns`, their threads under SCHED_FIFO.
+///
+/// The nf_tables detector times a change when the commit's first
+/// notification reaches its thread, so its error is that thread's wake-up
+/// delay. At normal priority with every core busy that delay is the
+/// scheduler's (up to 24 ms seen here; docs/benchmarks.md gives both
+/// figures); under SCHED_FIFO it is the detector's own. These tests hold
+/// the detector to the 5 ms bound.
 fn start(ns: &NetNs) -> (DataplaneWatch, Receiver<Observation>) {
     let (tx, rx) = channel(64);
     let watch = ns
-        .run(move || dataplane::spawn(tx))
+        .run(move || {
+            commit_clock::realtime().expect("SCHED_FIFO (root)");
+            dataplane::spawn(tx)
+        })
         .expect("enter netns")
         .expect("dataplane watch starts");
     (watch, rx)
 }
 
-async fn removal_addition_and_unrelated_changes(mode: Mode, slack_ns: u64) {
+async fn removal_addition_and_unrelated_changes(mode: Mode) {
     let ns = NetNs::create("dp").unwrap();
+    let clock = CommitClock::start(&ns.path(), mode).expect("commit witness starts");
     let mut rules = Rules::new(Some(ns.name().to_owned()), mode);
     let svc = service("web", 10);
     let other = service("other", 11);
@@ -127,7 +149,7 @@ async fn removal_addition_and_unrelated_changes(mode: Mode, slack_ns: u64) {
     };
     assert_eq!(change.endpoint, addr(b2), "{mode}");
     assert_eq!(change.detector, detector(mode));
-    assert_timely(&change, applied, slack_ns);
+    assert_timely(&clock, &format!("{mode} removal"), &change, applied.into());
     let rest = drain(&mut rx, Duration::from_millis(200)).await;
     assert!(rest.is_empty(), "{mode}: extra events {rest:?}");
 
@@ -156,15 +178,18 @@ async fn removal_addition_and_unrelated_changes(mode: Mode, slack_ns: u64) {
         panic!("{mode}: expected rules_added");
     };
     assert_eq!(change.endpoint, addr(b2));
-    assert_timely(&change, applied, slack_ns);
+    assert_timely(&clock, &format!("{mode} addition"), &change, applied.into());
 
     // Everything goes at once (kube-proxy cleanup: table deletion / chain removal).
-    rules.cleanup().unwrap();
+    let ((), window) = timed(|| rules.cleanup().unwrap());
     let mut removed: Vec<SocketAddr> = drain(&mut rx, Duration::from_millis(1500))
         .await
         .into_iter()
         .map(|o| match o {
-            Observation::RulesRemoved(c) => c.endpoint,
+            Observation::RulesRemoved(c) => {
+                assert_timely(&clock, &format!("{mode} cleanup"), &c, window);
+                c.endpoint
+            }
             other => panic!("{mode}: unexpected {other:?}"),
         })
         .collect();
@@ -177,7 +202,7 @@ async fn nftables_mode_removal_addition_unrelated_and_table_deletion() {
     if !root_or_skip("nftables_mode_removal_addition_unrelated_and_table_deletion") {
         return;
     }
-    removal_addition_and_unrelated_changes(Mode::Nftables, 5_000_000).await;
+    removal_addition_and_unrelated_changes(Mode::Nftables).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,17 +210,17 @@ async fn iptables_nft_mode_removal_addition_unrelated_and_cleanup() {
     if !root_or_skip("iptables_nft_mode_removal_addition_unrelated_and_cleanup") {
         return;
     }
-    removal_addition_and_unrelated_changes(Mode::IptablesNft, 5_000_000).await;
+    removal_addition_and_unrelated_changes(Mode::IptablesNft).await;
 }
 
-/// Legacy bound: the change is timed at the xtables lock's release, so within
-/// the transaction window plus the inotify wake-up (asserted: 20 ms).
+/// Legacy: no notifications; the change is timed at the xtables lock's
+/// release, after the commit (bound: `commit_clock::LEGACY_BOUND_NS`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn iptables_legacy_mode_removal_addition_unrelated_and_cleanup() {
     if !root_or_skip("iptables_legacy_mode_removal_addition_unrelated_and_cleanup") {
         return;
     }
-    removal_addition_and_unrelated_changes(Mode::IptablesLegacy, 20_000_000).await;
+    removal_addition_and_unrelated_changes(Mode::IptablesLegacy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,15 +234,17 @@ async fn nft_flush_ruleset_is_a_removal() {
         rules
             .sync(&[(service("web", 20), vec![backend(5), backend(6)])])
             .unwrap();
+        let clock = CommitClock::start(&ns.path(), mode).expect("commit witness starts");
         let (watch, mut rx) = start(&ns);
         watch.watch(addr(backend(5)));
-        ns.sh("nft flush ruleset").unwrap();
+        let (_, window) = timed(|| ns.sh("nft flush ruleset").unwrap());
         let Observation::RulesRemoved(change) = next_change(&mut rx, Duration::from_secs(3)).await
         else {
             panic!("{mode}: expected rules_removed");
         };
         assert_eq!(change.endpoint, addr(backend(5)));
         assert_eq!(change.detector, detector(mode));
+        assert_timely(&clock, &format!("{mode} flush ruleset"), &change, window);
     }
 }
 
@@ -229,6 +256,7 @@ async fn removal_before_watch_is_reported_on_watch() {
         return;
     }
     let ns = NetNs::create("dpearly").unwrap();
+    let clock = CommitClock::start(&ns.path(), Mode::Nftables).expect("commit witness starts");
     let mut rules = Rules::new(Some(ns.name().to_owned()), Mode::Nftables);
     let svc = service("web", 30);
     rules
@@ -244,7 +272,7 @@ async fn removal_before_watch_is_reported_on_watch() {
         panic!("expected rules_removed");
     };
     assert_eq!(change.endpoint, addr(backend(2)));
-    assert_timely(&change, applied, 5_000_000);
+    assert_timely(&clock, "removal before watch", &change, applied.into());
     // Still selected endpoints are not reported.
     watch.watch(addr(backend(1)));
     let quiet = drain(&mut rx, Duration::from_millis(200)).await;
@@ -303,16 +331,20 @@ async fn ipv6_table_removal() {
         assert!(child.wait().unwrap().success());
     };
     apply(setup);
+    let clock = CommitClock::start(&ns.path(), Mode::Nftables).expect("commit witness starts");
     let (watch, mut rx) = start(&ns);
     let watched: SocketAddr = "[fd00::2]:8080".parse().unwrap();
     watch.watch(watched);
-    apply(format!(
-        "flush chain {t} {svc}\nadd rule {t} {svc} numgen random mod 1 vmap {{ 0 : goto {ep1} }}\n"
-    ));
+    let ((), window) = timed(|| {
+        apply(format!(
+            "flush chain {t} {svc}\nadd rule {t} {svc} numgen random mod 1 vmap {{ 0 : goto {ep1} }}\n"
+        ))
+    });
     let Observation::RulesRemoved(change) = next_change(&mut rx, Duration::from_secs(3)).await
     else {
         panic!("expected rules_removed");
     };
     assert_eq!(change.endpoint, watched);
     assert_eq!(change.detector, Detector::Nftables);
+    assert_timely(&clock, "ipv6 removal", &change, window);
 }
