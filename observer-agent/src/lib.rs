@@ -11,4 +11,5 @@ pub mod health;
 pub mod kernel;
 pub mod observation;
 pub mod output;
+pub mod realtime;
 pub mod report;

@@ -536,11 +536,22 @@ fn every_rendering_deserialises_and_is_least_privilege() {
         let name = dir.file_name().unwrap().to_str().unwrap().to_string();
         let r = load(&dir);
         let caps = match name.as_str() {
-            "kernel-before-5.8" => set(&["SYS_ADMIN", "SYS_RESOURCE", "NET_ADMIN", "NET_RAW"]),
-            "kernel-5.8-to-5.10" => {
-                set(&["BPF", "PERFMON", "NET_ADMIN", "NET_RAW", "SYS_RESOURCE"])
-            }
-            _ => set(&["BPF", "PERFMON", "NET_ADMIN", "NET_RAW"]),
+            "kernel-before-5.8" => set(&[
+                "SYS_ADMIN",
+                "SYS_RESOURCE",
+                "NET_ADMIN",
+                "NET_RAW",
+                "SYS_NICE",
+            ]),
+            "kernel-5.8-to-5.10" => set(&[
+                "BPF",
+                "PERFMON",
+                "NET_ADMIN",
+                "NET_RAW",
+                "SYS_NICE",
+                "SYS_RESOURCE",
+            ]),
+            _ => set(&["BPF", "PERFMON", "NET_ADMIN", "NET_RAW", "SYS_NICE"]),
         };
         check_agent(&r, &caps);
         check_aggregator(&r);
@@ -573,7 +584,10 @@ fn a_capability_slipping_in_is_caught() {
     .unwrap();
     let r = load(&overlay);
     let result = std::panic::catch_unwind(|| {
-        check_agent(&r, &set(&["BPF", "PERFMON", "NET_ADMIN", "NET_RAW"]))
+        check_agent(
+            &r,
+            &set(&["BPF", "PERFMON", "NET_ADMIN", "NET_RAW", "SYS_NICE"]),
+        )
     });
     assert!(result.is_err());
 }

@@ -18,6 +18,7 @@ use crate::{
     endpoint_record::EndpointRecords,
     kernel::{Kernel, LoadOptions, Stats, conn_events},
     output::{Format, Printer, now_unix_nanos},
+    realtime::{self, TimingPriority},
 };
 
 #[derive(Args, Debug)]
@@ -49,6 +50,12 @@ pub struct ObserveArgs {
     /// Log every kernel event through aya-log at debug level (slow; for debugging).
     #[arg(long, env = "OBSERVER_LOG_KERNEL_EVENTS")]
     pub log_kernel_events: bool,
+    /// SCHED_FIFO priority (1-99) of the threads that time dataplane
+    /// changes and new flows, so that a busy node does not delay their
+    /// times; 0 keeps the normal policy. Needs CAP_SYS_NICE; without it
+    /// they run at normal priority, with a warning.
+    #[arg(long, default_value_t = realtime::DEFAULT_TIMING_PRIORITY, value_parser = clap::value_parser!(u8).range(0..=99), env = "OBSERVER_TIMING_PRIORITY")]
+    pub timing_priority: u8,
     /// How often to check the kernel's counters for lost events, in seconds.
     #[arg(long, default_value_t = 5, env = "OBSERVER_STATS_INTERVAL")]
     pub stats_interval: u64,
@@ -89,8 +96,10 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
         drop(tx);
         None
     } else {
+        let timing = TimingPriority::from_level(args.timing_priority);
         let dataplane =
-            crate::dataplane::spawn(tx.clone()).context("starting the dataplane detectors")?;
+            realtime::spawn_inheriting(timing, "dataplane", || crate::dataplane::spawn(tx.clone()))
+                .context("starting the dataplane detectors")?;
         for endpoint in &args.watch_endpoint {
             let presence = dataplane.watch(*endpoint);
             records.watch(*endpoint, since, presence);
@@ -103,7 +112,8 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
             }
             Err(e) => tracing::warn!(error = %e, "ruleset commit probes not loaded"),
         }
-        let flows = crate::flows::spawn(kernel.ebpf_mut(), tx)
+        let ebpf = kernel.ebpf_mut();
+        let flows = realtime::spawn_inheriting(timing, "flows", || crate::flows::spawn(ebpf, tx))
             .context("starting the conntrack new-flow watch")?;
         Some((dataplane, flows))
     };

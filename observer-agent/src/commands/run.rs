@@ -23,6 +23,7 @@ use crate::{
     health::{self, Health},
     kernel::{Kernel, LoadOptions, conn_events, probe},
     observation::Observation,
+    realtime::{self, TimingPriority},
     report::{self, KernelCounters, ReporterConfig, WatchUpdate, WatchedEndpoint},
 };
 
@@ -47,6 +48,12 @@ pub struct RunArgs {
     /// Log every kernel event through aya-log at debug level (slow; for debugging).
     #[arg(long, env = "OBSERVER_LOG_KERNEL_EVENTS")]
     pub log_kernel_events: bool,
+    /// SCHED_FIFO priority (1-99) of the threads that time dataplane
+    /// changes and new flows, so that a busy node does not delay their
+    /// times; 0 keeps the normal policy. Needs CAP_SYS_NICE; without it
+    /// they run at normal priority, with a warning.
+    #[arg(long, default_value_t = realtime::DEFAULT_TIMING_PRIORITY, value_parser = clap::value_parser!(u8).range(0..=99), env = "OBSERVER_TIMING_PRIORITY")]
+    pub timing_priority: u8,
 }
 
 const CHANNEL_CAPACITY: usize = 4096;
@@ -78,7 +85,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let conn_reader = tokio::spawn(conn_events::forward(ring, decoder, obs_tx.clone()));
     // Source-side detectors degrade rather than stop the agent: the
     // destination side still works without them.
-    let dataplane = match dataplane::spawn(obs_tx.clone()) {
+    let timing = TimingPriority::from_level(args.timing_priority);
+    let dataplane = match realtime::spawn_inheriting(timing, "dataplane", || {
+        dataplane::spawn(obs_tx.clone())
+    }) {
         Ok(watch) => {
             // Exact kernel commit times where kprobes exist; the netlink
             // path times changes otherwise.
@@ -97,13 +107,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             None
         }
     };
-    let _flows: Option<FlowWatch> = match flows::spawn(kernel.ebpf_mut(), obs_tx.clone()) {
-        Ok(watch) => Some(watch),
-        Err(e) => {
-            tracing::error!(error = %e, "new-flow observation unavailable on this node");
-            None
-        }
-    };
+    let ebpf = kernel.ebpf_mut();
+    let _flows: Option<FlowWatch> =
+        match realtime::spawn_inheriting(timing, "flows", || flows::spawn(ebpf, obs_tx.clone())) {
+            Ok(watch) => Some(watch),
+            Err(e) => {
+                tracing::error!(error = %e, "new-flow observation unavailable on this node");
+                None
+            }
+        };
     drop(obs_tx);
 
     let counters = Arc::new(KernelCounters::default());

@@ -33,10 +33,12 @@ use crate::observation::Detector;
 const RECV_BUFFER: i32 = 64 << 20;
 /// How often the loop looks at the stop flag while the ruleset is quiet.
 const POLL: Duration = Duration::from_millis(100);
-/// Assumed bound of the delay between a commit and the arrival of its first
-/// notification on a dedicated reader thread (the kernel queues them at
-/// commit); in docs/benchmarks.md every timestamp fell inside the writer's
-/// transaction.
+/// Bound of the delay between a commit and its first notification reaching
+/// this detector's thread (the kernel queues them at commit) while that
+/// thread runs under SCHED_FIFO (`crate::realtime`, the agent's default):
+/// docs/benchmarks.md measured at most 1.5 ms with every core busy. At
+/// normal priority on a busy node the scheduler adds tens of milliseconds,
+/// which this does not cover.
 pub const NETLINK_PRECISION_NS: u64 = 1_000_000;
 
 /// Tables iptables-nft creates; everything else is native nftables.

@@ -74,14 +74,15 @@ pub fn timed<T>(write: impl FnOnce() -> T) -> (T, Window) {
     )
 }
 
-/// SCHED_FIFO priority of what is timed (detector threads, traffic).
-const SUBJECT_PRIORITY: i32 = 10;
+/// SCHED_FIFO priority of what is timed (detector threads, traffic): the
+/// agent's own default for its timing threads.
+const SUBJECT_PRIORITY: u8 = observer_agent::realtime::DEFAULT_TIMING_PRIORITY;
 /// SCHED_FIFO priority of the witnesses: above what they time, so that when
 /// a commit wakes both and a single core is free (the writer keeps its own
 /// while the kernel sends the notifications), the witness stamps first and
 /// goes back to sleep within microseconds instead of waiting behind the
 /// detector for the rest of the commit's notifications.
-const WITNESS_PRIORITY: i32 = 20;
+const WITNESS_PRIORITY: u8 = 20;
 
 /// Puts the calling thread under SCHED_FIFO; threads it spawns inherit the
 /// policy (glibc's default PTHREAD_INHERIT_SCHED).
@@ -94,15 +95,8 @@ pub fn realtime_witness() -> io::Result<()> {
     fifo(WITNESS_PRIORITY)
 }
 
-fn fifo(priority: i32) -> io::Result<()> {
-    let param = libc::sched_param {
-        sched_priority: priority,
-    };
-    // SAFETY: pid 0 is the calling thread; param is valid.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+fn fifo(priority: u8) -> io::Result<()> {
+    observer_agent::realtime::set_current_thread_fifo(priority)
 }
 
 /// The CPU the witnesses are pinned to, if any (-1: none).
