@@ -466,21 +466,6 @@ fn contains_newgen(mut data: &[u8]) -> bool {
     false
 }
 
-fn table_of(event: &NftEvent) -> Option<&TableId> {
-    match event {
-        NftEvent::NewTable(t) | NftEvent::DelTable(t) => Some(t),
-        NftEvent::NewChain { table, .. }
-        | NftEvent::DelChain { table, .. }
-        | NftEvent::NewRule { table, .. }
-        | NftEvent::DelRule { table, .. }
-        | NftEvent::NewSet { table, .. }
-        | NftEvent::DelSet { table, .. }
-        | NftEvent::NewElems { table, .. }
-        | NftEvent::DelElems { table, .. } => Some(table),
-        NftEvent::NewGen { .. } | NftEvent::Ignored => None,
-    }
-}
-
 /// Replays datagrams into `mirror` the way the nf_tables detector does
 /// (decode, apply; at each commit prune anonymous sets and recompute the
 /// reachable DNAT targets of the touched tables). Returns the messages
@@ -503,7 +488,7 @@ fn replay(mirror: &mut Mirror, datagrams: &[Datagram]) -> (usize, usize) {
                 targets = dirty.iter().map(|t| mirror.reachable_dnat(t).len()).sum();
                 dirty.clear();
             } else {
-                if let Some(t) = table_of(&event) {
+                if let Some(t) = event.table() {
                     dirty.insert(t.clone());
                 }
                 mirror.apply(event);

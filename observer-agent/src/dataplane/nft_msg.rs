@@ -160,6 +160,25 @@ pub enum NftEvent {
     Ignored,
 }
 
+impl NftEvent {
+    /// The table the event changes; None for a generation (commit) and
+    /// for what is ignored.
+    pub fn table(&self) -> Option<&TableId> {
+        match self {
+            NftEvent::NewTable(t) | NftEvent::DelTable(t) => Some(t),
+            NftEvent::NewChain { table, .. }
+            | NftEvent::DelChain { table, .. }
+            | NftEvent::NewRule { table, .. }
+            | NftEvent::DelRule { table, .. }
+            | NftEvent::NewSet { table, .. }
+            | NftEvent::DelSet { table, .. }
+            | NftEvent::NewElems { table, .. }
+            | NftEvent::DelElems { table, .. } => Some(table),
+            NftEvent::NewGen { .. } | NftEvent::Ignored => None,
+        }
+    }
+}
+
 fn find<'a>(buf: &'a [u8], kind: u16) -> Result<Option<Attr<'a>>, DecodeError> {
     for attr in attrs(buf) {
         let attr = attr?;

@@ -203,21 +203,6 @@ impl Targets {
     }
 }
 
-fn table_of(event: &NftEvent) -> Option<&TableId> {
-    match event {
-        NftEvent::NewTable(t) | NftEvent::DelTable(t) => Some(t),
-        NftEvent::NewChain { table, .. }
-        | NftEvent::DelChain { table, .. }
-        | NftEvent::NewRule { table, .. }
-        | NftEvent::DelRule { table, .. }
-        | NftEvent::NewSet { table, .. }
-        | NftEvent::DelSet { table, .. }
-        | NftEvent::NewElems { table, .. }
-        | NftEvent::DelElems { table, .. } => Some(table),
-        NftEvent::NewGen { .. } | NftEvent::Ignored => None,
-    }
-}
-
 /// The notifications of the commit being read: the tables they touched and
 /// when the first of them reached user space.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -319,7 +304,7 @@ pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targe
                 }
                 continue;
             }
-            batch.message(table_of(&event), arrival);
+            batch.message(event.table(), arrival);
             mirror.apply(event);
         }
     }
