@@ -3,6 +3,7 @@
 //! preStop delay, and report.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -77,7 +78,12 @@ pub struct LabArgs {
 pub struct LabBinaries {
     pub pod_server: PathBuf,
     pub observer: Binaries,
+    /// The profile they were built with (reported with the agent's CPU).
+    pub profile: String,
 }
+
+/// How long the agents' idle CPU is sampled before the first rollout.
+const IDLE_SAMPLE: Duration = Duration::from_secs(3);
 
 fn progress(started: Instant, msg: &str) {
     eprintln!("[{:>6.1}s] {msg}", started.elapsed().as_secs_f64());
@@ -157,6 +163,17 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
         &format!("agents registered; logs in {}", dir.display()),
     );
 
+    // The agents' CPU is counted while traffic runs: over each rollout
+    // (clients start with it and stop when it returns), never over their
+    // start-up; and once without traffic, for the floor.
+    let idle_before = observer.agent_cpu();
+    tokio::time::sleep(IDLE_SAMPLE).await;
+    let mut idle = BTreeMap::new();
+    report::add_cpu_delta(&mut idle, &idle_before, &observer.agent_cpu());
+    let idle_ms_per_second = (idle.len() == observer.agents.len())
+        .then(|| idle.values().sum::<f64>() * 1000.0 / IDLE_SAMPLE.as_secs_f64());
+    let mut traffic_cpu = BTreeMap::new();
+
     let mut runs: Vec<(String, RolloutResult)> = Vec::new();
     let say = |msg: &str| progress(started, msg);
 
@@ -164,9 +181,11 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
         started,
         &format!("rollout 1 (measuring), preStop {} s", args.measure_prestop),
     );
+    let before = observer.agent_cpu();
     let measured = lab
         .rollout(&rollout_config(args, args.measure_prestop), say)
         .await?;
+    report::add_cpu_delta(&mut traffic_cpu, &before, &observer.agent_cpu());
     runs.push(("measure".into(), measured));
     observer.wait_complete(&runs[0].1.deletions).await?;
     let first = observer
@@ -198,7 +217,9 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
         started,
         &format!("rollout 2 (baseline), preStop {baseline} s"),
     );
+    let before = observer.agent_cpu();
     let run = lab.rollout(&rollout_config(args, baseline), say).await?;
+    report::add_cpu_delta(&mut traffic_cpu, &before, &observer.agent_cpu());
     runs.push(("baseline".into(), run));
     // The baseline's deletions are measured too: the recommendation used
     // for the last rollout rests on both.
@@ -229,7 +250,9 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
         started,
         &format!("rollout 3 (recommended), preStop {recommended} s"),
     );
+    let before = observer.agent_cpu();
     let run = lab.rollout(&rollout_config(args, recommended), say).await?;
+    report::add_cpu_delta(&mut traffic_cpu, &before, &observer.agent_cpu());
     runs.push(("recommended".into(), run));
 
     let all: Vec<_> = runs
@@ -256,13 +279,15 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
         .iter()
         .map(|(_, r)| r.new_connection.connections + r.keep_alive.connections)
         .sum();
-    let cpu = observer
-        .agents
-        .iter()
-        .filter_map(|a| Some((a.node.clone(), a.cpu_seconds()?)))
-        .collect();
+    let traffic_seconds = runs.iter().map(|(_, r)| r.seconds).sum();
     let report = Report {
-        agent_cost: AgentCost::new(cpu, connections),
+        agent_cost: AgentCost::new(
+            &binaries.profile,
+            traffic_cpu,
+            traffic_seconds,
+            connections,
+            idle_ms_per_second,
+        ),
         nodes: lab.nodes(),
         accuracy: report::accuracy(&deletions),
         deletions,

@@ -43,6 +43,7 @@ pub fn run(args: &lab::LabArgs) -> Result<()> {
             agent: bin.join("observer-agent"),
             completion_timeout: std::time::Duration::from_secs(20),
         },
+        profile: "debug".into(),
     };
     let report = args
         .report
