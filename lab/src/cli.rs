@@ -82,6 +82,27 @@ pub struct LabBinaries {
     pub profile: String,
 }
 
+impl LabBinaries {
+    /// `aggregator`, `observer-agent` and `lab-pod-server` from one target
+    /// directory (e.g. target/debug).
+    pub fn in_dir(dir: &Path, profile: &str) -> Self {
+        LabBinaries {
+            pod_server: dir.join("lab-pod-server"),
+            observer: Binaries {
+                aggregator: dir.join("aggregator"),
+                agent: dir.join("observer-agent"),
+                completion_timeout: Duration::from_secs(20),
+            },
+            profile: profile.to_owned(),
+        }
+    }
+}
+
+/// The lab was stopped by SIGINT or SIGTERM (and torn down).
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted by {0}; the lab was torn down")]
+pub struct Interrupted(pub &'static str);
+
 /// How long the agents' idle CPU is sampled before the first rollout.
 const IDLE_SAMPLE: Duration = Duration::from_secs(3);
 
@@ -89,8 +110,10 @@ fn progress(started: Instant, msg: &str) {
     eprintln!("[{:>6.1}s] {msg}", started.elapsed().as_secs_f64());
 }
 
-/// Runs the whole lab; tears everything down on return, on failure and on
-/// Ctrl-C.
+/// Runs the whole lab; tears everything down on return, on failure, on
+/// Ctrl-C (SIGINT) and on SIGTERM: every namespace (with its rules and the
+/// processes inside), the agents, the aggregator and the pods. An
+/// interruption is an [`Interrupted`] error.
 pub fn run(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> Result<Report> {
     if !crate::root::is_root() {
         bail!("the lab creates network namespaces and loads eBPF programs: run it as root");
@@ -104,9 +127,17 @@ pub fn run(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> Result
         .build()
         .context("tokio runtime")?;
     runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        // Installed before anything is created, so no signal can end the
+        // process between creating a namespace and owning it.
+        let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        // The lab lives inside `execute`: when a signal wins, dropping that
+        // future drops the lab, the observer's processes and the clients.
         tokio::select! {
             result = execute(args, binaries, report_path) => result,
-            _ = tokio::signal::ctrl_c() => bail!("interrupted; the lab was torn down"),
+            _ = interrupt.recv() => Err(Interrupted("SIGINT").into()),
+            _ = terminate.recv() => Err(Interrupted("SIGTERM").into()),
         }
     })
 }
