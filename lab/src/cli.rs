@@ -71,6 +71,18 @@ pub struct LabArgs {
     /// Where to write report.json (default: target/lab/report.json).
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Keep the lab up this long (e.g. 60s) once pods and agents run,
+    /// before the rollouts, printing the Service VIP and a ready-to-paste
+    /// client command per node (`ip netns exec NODE hey ...`). Ctrl-C ends
+    /// the lab at any time.
+    #[arg(long, value_parser = parse_duration_arg)]
+    pub hold: Option<Duration>,
+    /// Run this shell command (`sh -c`) inside the first node's network
+    /// namespace once pods and agents run, before the rollouts, with
+    /// LAB_VIP, LAB_URL, LAB_NODE and LAB_NETNS set, e.g.
+    /// `--exec 'hey -n 500 $LAB_URL'`. The lab fails if it fails.
+    #[arg(long)]
+    pub exec: Option<String>,
 }
 
 /// Every binary the lab runs.
@@ -142,6 +154,46 @@ pub fn run(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> Result
     })
 }
 
+/// Prints how to reach the lab's Service from each node.
+fn print_access(lab: &Lab) {
+    let vip = format!("http://{}:{}/", api::SERVICE_IP, api::SERVICE_PORT);
+    println!(
+        "lab up: Service {}/{} at {vip} (ClusterIP {}), reachable from every node's namespace:",
+        api::NAMESPACE,
+        api::SERVICE,
+        api::SERVICE_IP
+    );
+    for (node, info) in lab.cluster.nodes.iter().zip(lab.nodes()) {
+        println!(
+            "  {} ({}): ip netns exec {} hey -z 5s {vip}",
+            node.name,
+            info.mode,
+            node.ns.name()
+        );
+    }
+}
+
+/// `--exec`: runs `command` with `sh -c` inside the first node's namespace.
+async fn exec_in_node(lab: &Lab, command: &str) -> Result<()> {
+    let node = lab.cluster.nodes.first().context("the lab has no node")?;
+    let vip = format!("http://{}:{}/", api::SERVICE_IP, api::SERVICE_PORT);
+    let status = tokio::process::Command::from(node.ns.command("sh"))
+        .args(["-c", command])
+        .env("LAB_VIP", api::SERVICE_IP.to_string())
+        .env("LAB_URL", &vip)
+        .env("LAB_NODE", &node.name)
+        .env("LAB_NETNS", node.ns.name())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status()
+        .await
+        .with_context(|| format!("starting `{command}` in {}", node.name))?;
+    if !status.success() {
+        bail!("--exec `{command}` in {} failed: {status}", node.name);
+    }
+    Ok(())
+}
+
 fn rollout_config(args: &LabArgs, pre_stop_seconds: u64) -> RolloutConfig {
     RolloutConfig {
         deletions: args.deletions,
@@ -193,6 +245,25 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
         started,
         &format!("agents registered; logs in {}", dir.display()),
     );
+
+    if let Some(hold) = args.hold {
+        print_access(&lab);
+        progress(
+            started,
+            &format!(
+                "holding the lab for {} s before the rollouts (Ctrl-C ends it)",
+                hold.as_secs_f64()
+            ),
+        );
+        tokio::time::sleep(hold).await;
+    }
+    if let Some(command) = &args.exec {
+        progress(
+            started,
+            &format!("--exec in {}: {command}", lab.cluster.nodes[0].name),
+        );
+        exec_in_node(&lab, command).await?;
+    }
 
     // The agents' CPU is counted while traffic runs: over each rollout
     // (clients start with it and stop when it returns), never over their
