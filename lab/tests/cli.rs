@@ -4,8 +4,6 @@
 //! client against the lab, and that nothing of the lab is left afterwards,
 //! whether it finished, was interrupted or failed.
 
-// Shared with the end-to-end tests; not every helper is used here.
-#[allow(dead_code)]
 mod common;
 
 use std::{
