@@ -3,6 +3,7 @@
 //! preStop delay, and report.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -70,6 +71,18 @@ pub struct LabArgs {
     /// Where to write report.json (default: target/lab/report.json).
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Keep the lab up this long (e.g. 60s) once pods and agents run,
+    /// before the rollouts, printing the Service VIP and a ready-to-paste
+    /// client command per node (`ip netns exec NODE hey ...`). Ctrl-C ends
+    /// the lab at any time.
+    #[arg(long, value_parser = parse_duration_arg)]
+    pub hold: Option<Duration>,
+    /// Run this shell command (`sh -c`) inside the first node's network
+    /// namespace once pods and agents run, before the rollouts, with
+    /// LAB_VIP, LAB_URL, LAB_NODE and LAB_NETNS set, e.g.
+    /// `--exec 'hey -n 500 $LAB_URL'`. The lab fails if it fails.
+    #[arg(long)]
+    pub exec: Option<String>,
 }
 
 /// Every binary the lab runs.
@@ -77,14 +90,42 @@ pub struct LabArgs {
 pub struct LabBinaries {
     pub pod_server: PathBuf,
     pub observer: Binaries,
+    /// The profile they were built with (reported with the agent's CPU).
+    pub profile: String,
 }
+
+impl LabBinaries {
+    /// `aggregator`, `observer-agent` and `lab-pod-server` from one target
+    /// directory (e.g. target/debug).
+    pub fn in_dir(dir: &Path, profile: &str) -> Self {
+        LabBinaries {
+            pod_server: dir.join("lab-pod-server"),
+            observer: Binaries {
+                aggregator: dir.join("aggregator"),
+                agent: dir.join("observer-agent"),
+                completion_timeout: Duration::from_secs(20),
+            },
+            profile: profile.to_owned(),
+        }
+    }
+}
+
+/// The lab was stopped by SIGINT or SIGTERM (and torn down).
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted by {0}; the lab was torn down")]
+pub struct Interrupted(pub &'static str);
+
+/// How long the agents' idle CPU is sampled before the first rollout.
+const IDLE_SAMPLE: Duration = Duration::from_secs(3);
 
 fn progress(started: Instant, msg: &str) {
     eprintln!("[{:>6.1}s] {msg}", started.elapsed().as_secs_f64());
 }
 
-/// Runs the whole lab; tears everything down on return, on failure and on
-/// Ctrl-C.
+/// Runs the whole lab; tears everything down on return, on failure, on
+/// Ctrl-C (SIGINT) and on SIGTERM: every namespace (with its rules and the
+/// processes inside), the agents, the aggregator and the pods. An
+/// interruption is an [`Interrupted`] error.
 pub fn run(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> Result<Report> {
     if !crate::root::is_root() {
         bail!("the lab creates network namespaces and loads eBPF programs: run it as root");
@@ -98,11 +139,59 @@ pub fn run(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> Result
         .build()
         .context("tokio runtime")?;
     runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        // Installed before anything is created, so no signal can end the
+        // process between creating a namespace and owning it.
+        let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        // The lab lives inside `execute`: when a signal wins, dropping that
+        // future drops the lab, the observer's processes and the clients.
         tokio::select! {
             result = execute(args, binaries, report_path) => result,
-            _ = tokio::signal::ctrl_c() => bail!("interrupted; the lab was torn down"),
+            _ = interrupt.recv() => Err(Interrupted("SIGINT").into()),
+            _ = terminate.recv() => Err(Interrupted("SIGTERM").into()),
         }
     })
+}
+
+/// Prints how to reach the lab's Service from each node.
+fn print_access(lab: &Lab) {
+    let vip = format!("http://{}:{}/", api::SERVICE_IP, api::SERVICE_PORT);
+    println!(
+        "lab up: Service {}/{} at {vip} (ClusterIP {}), reachable from every node's namespace:",
+        api::NAMESPACE,
+        api::SERVICE,
+        api::SERVICE_IP
+    );
+    for (node, info) in lab.cluster.nodes.iter().zip(lab.nodes()) {
+        println!(
+            "  {} ({}): ip netns exec {} hey -z 5s {vip}",
+            node.name,
+            info.mode,
+            node.ns.name()
+        );
+    }
+}
+
+/// `--exec`: runs `command` with `sh -c` inside the first node's namespace.
+async fn exec_in_node(lab: &Lab, command: &str) -> Result<()> {
+    let node = lab.cluster.nodes.first().context("the lab has no node")?;
+    let vip = format!("http://{}:{}/", api::SERVICE_IP, api::SERVICE_PORT);
+    let status = tokio::process::Command::from(node.ns.command("sh"))
+        .args(["-c", command])
+        .env("LAB_VIP", api::SERVICE_IP.to_string())
+        .env("LAB_URL", &vip)
+        .env("LAB_NODE", &node.name)
+        .env("LAB_NETNS", node.ns.name())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status()
+        .await
+        .with_context(|| format!("starting `{command}` in {}", node.name))?;
+    if !status.success() {
+        bail!("--exec `{command}` in {} failed: {status}", node.name);
+    }
+    Ok(())
 }
 
 fn rollout_config(args: &LabArgs, pre_stop_seconds: u64) -> RolloutConfig {
@@ -157,6 +246,36 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
         &format!("agents registered; logs in {}", dir.display()),
     );
 
+    if let Some(hold) = args.hold {
+        print_access(&lab);
+        progress(
+            started,
+            &format!(
+                "holding the lab for {} s before the rollouts (Ctrl-C ends it)",
+                hold.as_secs_f64()
+            ),
+        );
+        tokio::time::sleep(hold).await;
+    }
+    if let Some(command) = &args.exec {
+        progress(
+            started,
+            &format!("--exec in {}: {command}", lab.cluster.nodes[0].name),
+        );
+        exec_in_node(&lab, command).await?;
+    }
+
+    // The agents' CPU is counted while traffic runs: over each rollout
+    // (clients start with it and stop when it returns), never over their
+    // start-up; and once without traffic, for the floor.
+    let idle_before = observer.agent_cpu();
+    tokio::time::sleep(IDLE_SAMPLE).await;
+    let mut idle = BTreeMap::new();
+    report::add_cpu_delta(&mut idle, &idle_before, &observer.agent_cpu());
+    let idle_ms_per_second = (idle.len() == observer.agents.len())
+        .then(|| idle.values().sum::<f64>() * 1000.0 / IDLE_SAMPLE.as_secs_f64());
+    let mut traffic_cpu = BTreeMap::new();
+
     let mut runs: Vec<(String, RolloutResult)> = Vec::new();
     let say = |msg: &str| progress(started, msg);
 
@@ -164,9 +283,11 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
         started,
         &format!("rollout 1 (measuring), preStop {} s", args.measure_prestop),
     );
+    let before = observer.agent_cpu();
     let measured = lab
         .rollout(&rollout_config(args, args.measure_prestop), say)
         .await?;
+    report::add_cpu_delta(&mut traffic_cpu, &before, &observer.agent_cpu());
     runs.push(("measure".into(), measured));
     observer.wait_complete(&runs[0].1.deletions).await?;
     let first = observer
@@ -198,7 +319,9 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
         started,
         &format!("rollout 2 (baseline), preStop {baseline} s"),
     );
+    let before = observer.agent_cpu();
     let run = lab.rollout(&rollout_config(args, baseline), say).await?;
+    report::add_cpu_delta(&mut traffic_cpu, &before, &observer.agent_cpu());
     runs.push(("baseline".into(), run));
     // The baseline's deletions are measured too: the recommendation used
     // for the last rollout rests on both.
@@ -229,7 +352,9 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
         started,
         &format!("rollout 3 (recommended), preStop {recommended} s"),
     );
+    let before = observer.agent_cpu();
     let run = lab.rollout(&rollout_config(args, recommended), say).await?;
+    report::add_cpu_delta(&mut traffic_cpu, &before, &observer.agent_cpu());
     runs.push(("recommended".into(), run));
 
     let all: Vec<_> = runs
@@ -256,13 +381,15 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
         .iter()
         .map(|(_, r)| r.new_connection.connections + r.keep_alive.connections)
         .sum();
-    let cpu = observer
-        .agents
-        .iter()
-        .filter_map(|a| Some((a.node.clone(), a.cpu_seconds()?)))
-        .collect();
+    let traffic_seconds = runs.iter().map(|(_, r)| r.seconds).sum();
     let report = Report {
-        agent_cost: AgentCost::new(cpu, connections),
+        agent_cost: AgentCost::new(
+            &binaries.profile,
+            traffic_cpu,
+            traffic_seconds,
+            connections,
+            idle_ms_per_second,
+        ),
         nodes: lab.nodes(),
         accuracy: report::accuracy(&deletions),
         deletions,

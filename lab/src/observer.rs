@@ -343,6 +343,45 @@ impl Agent {
         }
     }
 
+    /// GET `path` from the agent's health endpoint (on its node's
+    /// loopback); the body of a 200 answer.
+    pub async fn get(&self, path: &str) -> Result<String, ObserverError> {
+        let api_err = |reason: String| ObserverError::Api {
+            path: format!("agent on {}: {path}", self.node),
+            reason,
+        };
+        let addr = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, AGENT_HEALTH_PORT);
+        let stream = connect_in(&self.netns, addr)
+            .await
+            .map_err(|e| api_err(e.to_string()))?;
+        match tokio::time::timeout(Duration::from_secs(5), exchange(stream, path)).await {
+            Ok(Ok((200, body))) => Ok(body),
+            Ok(Ok((status, body))) => Err(api_err(format!("status {status}: {body}"))),
+            Ok(Err(e)) => Err(api_err(e)),
+            Err(_) => Err(api_err("timed out".into())),
+        }
+    }
+
+    /// One sample of the agent's Prometheus metrics: the value of the line
+    /// starting with `series` (name and labels, e.g.
+    /// `prestop_agent_observations_total{kind="rules_removed"}`); 0 when the
+    /// series has no sample yet.
+    pub async fn metric(&self, series: &str) -> Result<f64, ObserverError> {
+        let metrics = self.get("/metrics").await?;
+        Ok(metrics
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                (name == series).then(|| value.parse::<f64>().ok())?
+            })
+            .unwrap_or(0.0))
+    }
+
+    /// The agent's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// CPU time (user + system) the running agent process has used.
     pub fn cpu_seconds(&self) -> Option<f64> {
         let pid = self.process.as_ref()?.child.id()?;
@@ -483,6 +522,14 @@ impl Observer {
             self.agents.push(Agent::start(&binaries.agent, node, dir)?);
         }
         self.wait_connected(lab.cluster.nodes.len()).await
+    }
+
+    /// CPU seconds each agent has used so far.
+    pub fn agent_cpu(&self) -> crate::report::CpuSample {
+        self.agents
+            .iter()
+            .map(|a| (a.node.clone(), a.cpu_seconds()))
+            .collect()
     }
 
     /// The Kubernetes API the aggregator watches.

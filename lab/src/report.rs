@@ -27,22 +27,58 @@ pub struct Report {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentCost {
-    /// CPU seconds (user + system) of each node's agent since it started.
-    pub cpu_seconds: Vec<(String, f64)>,
-    /// TCP connections the lab's clients opened to the Service, all runs.
+    /// Build profile of the agent binary (`debug` or `release`).
+    pub build_profile: String,
+    /// CPU seconds (user + system) of each node's agent while the rollouts
+    /// ran, summed over the rollouts: every second of client traffic is in
+    /// it; the agents' start-up and the pauses between rollouts are not.
+    pub cpu_seconds: BTreeMap<String, f64>,
+    /// Wall-clock seconds the rollouts (and so the traffic) lasted.
+    pub traffic_seconds: f64,
+    /// TCP connections the lab's clients opened to the Service during them.
     pub connections: u64,
     /// Agent CPU summed over the nodes per 10k of those connections.
     pub cpu_ms_per_10k_connections: Option<f64>,
+    /// The same, less the idle floor over the traffic's duration: what the
+    /// connections themselves cost.
+    pub cpu_ms_per_10k_connections_above_idle: Option<f64>,
+    /// The same agents with no traffic (measured before the first rollout):
+    /// CPU milliseconds per second, summed over the nodes. This floor is
+    /// part of the per-connection figure at the lab's modest rates.
+    pub idle_cpu_ms_per_second: Option<f64>,
+}
+
+/// CPU seconds of each agent at one moment (None: the process is gone).
+pub type CpuSample = Vec<(String, Option<f64>)>;
+
+/// Adds `after - before` per agent to `total` (agents present in both).
+pub fn add_cpu_delta(total: &mut BTreeMap<String, f64>, before: &CpuSample, after: &CpuSample) {
+    for ((node, b), (_, a)) in before.iter().zip(after) {
+        if let (Some(b), Some(a)) = (b, a) {
+            *total.entry(node.clone()).or_default() += (a - b).max(0.0);
+        }
+    }
 }
 
 impl AgentCost {
-    pub fn new(cpu_seconds: Vec<(String, f64)>, connections: u64) -> Self {
-        let total: f64 = cpu_seconds.iter().map(|(_, s)| s).sum();
+    pub fn new(
+        build_profile: &str,
+        cpu_seconds: BTreeMap<String, f64>,
+        traffic_seconds: f64,
+        connections: u64,
+        idle_cpu_ms_per_second: Option<f64>,
+    ) -> Self {
+        let total_ms = cpu_seconds.values().sum::<f64>() * 1000.0;
+        let per_10k = |ms: f64| (connections > 0).then(|| ms * 10_000.0 / connections as f64);
         AgentCost {
-            cpu_ms_per_10k_connections: (connections > 0)
-                .then(|| total * 1000.0 * 10_000.0 / connections as f64),
+            build_profile: build_profile.to_owned(),
+            cpu_ms_per_10k_connections: per_10k(total_ms),
+            cpu_ms_per_10k_connections_above_idle: idle_cpu_ms_per_second
+                .and_then(|idle| per_10k((total_ms - idle * traffic_seconds).max(0.0))),
             cpu_seconds,
+            traffic_seconds,
             connections,
+            idle_cpu_ms_per_second,
         }
     }
 }
@@ -213,14 +249,14 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "  {:<10} {:<8} {:<8} {:<16} {:>10} {:>10} {:>9}",
+            "  {:<11} {:<8} {:<8} {:<16} {:>10} {:>10} {:>9}",
             "run", "pod", "node", "mode", "measured", "injected", "error"
         );
         for d in &self.deletions {
             for n in &d.per_node {
                 let _ = writeln!(
                     out,
-                    "  {:<10} {:<8} {:<8} {:<16} {:>10} {:>10.1} {:>9}",
+                    "  {:<11} {:<8} {:<8} {:<16} {:>10} {:>10.1} {:>9}",
                     d.run,
                     d.pod,
                     n.node,
@@ -270,16 +306,24 @@ impl Report {
                 let _ = writeln!(out, "\nRecommendation: none");
             }
         }
-        if let Some(ms) = self.agent_cost.cpu_ms_per_10k_connections {
+        let cost = &self.agent_cost;
+        if let Some(ms) = cost.cpu_ms_per_10k_connections {
             let _ = writeln!(
                 out,
-                "\nAgents: {:.2} s CPU in all for {} connections: {ms:.0} ms per 10k connections",
-                self.agent_cost
-                    .cpu_seconds
-                    .iter()
-                    .map(|(_, s)| s)
-                    .sum::<f64>(),
-                self.agent_cost.connections
+                "\nAgents ({} build), during the rollouts' traffic ({:.0} s): {:.2} s CPU in all for {} connections: {ms:.0} ms per 10k connections{}",
+                cost.build_profile,
+                cost.traffic_seconds,
+                cost.cpu_seconds.values().sum::<f64>(),
+                cost.connections,
+                match (
+                    cost.idle_cpu_ms_per_second,
+                    cost.cpu_ms_per_10k_connections_above_idle
+                ) {
+                    (Some(idle), Some(above)) => format!(
+                        " ({above:.0} ms above the idle floor of {idle:.1} ms CPU per second)"
+                    ),
+                    _ => String::new(),
+                }
             );
         }
         let _ = writeln!(out, "\nRollouts:");

@@ -1,11 +1,17 @@
 //! The kernel's own account of when a node's nftables ruleset changed:
 //! every nf_tables commit (nft, iptables-nft) multicasts a NEWGEN message
-//! on NFNLGRP_NFTABLES, stamped by the kernel as it is queued. The lab uses
-//! it as the ground truth of a rule change, because the writing process
-//! (`nft -f`, `iptables-nft-restore`) keeps running for several
-//! milliseconds after its commit, which makes its exit time a loose bound.
-//! iptables-legacy commits send nothing; there the transaction's end is
-//! the truth.
+//! on NFNLGRP_NFTABLES as it commits. The lab uses it as the ground truth
+//! of a rule change, because the writing process (`nft -f`,
+//! `iptables-nft-restore`) keeps running for several milliseconds after its
+//! commit, which makes its exit time a loose bound. iptables-legacy commits
+//! send nothing; there the transaction's end is the truth.
+//!
+//! Netlink sockets carry no kernel receive timestamp (SO_TIMESTAMPNS gives
+//! no control message on them; checked on 6.18), so a commit's time is
+//! when this thread reads its NEWGEN. The thread runs under SCHED_FIFO so
+//! that read follows the commit within its wake-up latency even on a
+//! loaded machine; at normal priority it was seen tens of milliseconds
+//! late, which made a prompt observer look early.
 
 use std::{
     io,
@@ -93,7 +99,8 @@ fn subscribe() -> io::Result<OwnedFd> {
     }
 }
 
-/// Receives one datagram: the kernel's timestamp (or now) and whether it
+/// Receives one datagram: the kernel's timestamp where the socket has one
+/// (netlink has none so far: then the time of the read) and whether it
 /// holds a NEWGEN message. None on timeout.
 fn receive(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<(u64, bool)>> {
     let mut control = [0u64; 16];
@@ -138,6 +145,19 @@ fn receive(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<(u64, bool)>> {
     Ok(Some((stamp, contains_newgen(&buf[..len as usize]))))
 }
 
+/// Puts the calling thread under SCHED_FIFO (a low real-time priority:
+/// it only wakes for commits).
+fn make_realtime() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 10 };
+    // SAFETY: pthread_self is always valid; param is a valid sched_param.
+    let ret =
+        unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
+}
+
 /// Whether a netlink datagram carries an nftables NEWGEN message.
 fn contains_newgen(mut data: &[u8]) -> bool {
     const HEADER: usize = 16;
@@ -165,6 +185,12 @@ impl CommitWitness {
         let thread = {
             let (commits, stop) = (commits.clone(), stop.clone());
             std::thread::spawn(move || {
+                if let Err(e) = make_realtime() {
+                    eprintln!(
+                        "lab: the nftables commit witness runs without real-time priority ({e}); \
+                         its commit times may lag under load"
+                    );
+                }
                 let socket = netns::enter(&netns).and_then(|_| subscribe());
                 let socket = match socket {
                     Ok(s) => {

@@ -1,6 +1,7 @@
 //! The lab network and dataplane without the observer: routing between
 //! nodes and pods, a Service VIP programmed by delayed kube-proxy
-//! controllers in every mode, clients and a third-party load generator.
+//! controllers in every mode, clients. (A third-party load generator
+//! against a whole lab: tests/rollout.rs and tests/cli.rs.)
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -271,45 +272,6 @@ async fn failures_are_counted_by_cause() {
     let report = keep_alive.wait().unwrap();
     assert!(report.ok > 10, "{report:?}");
     assert!(report.failed_total() > 0, "{report:?}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hey_load_generator_works_against_the_vip_from_a_node() {
-    if !lab::root::root_or_skip("hey_load_generator_works_against_the_vip_from_a_node") {
-        return;
-    }
-    let cluster = Cluster::create(2).expect("cluster");
-    let (a, _pa) = start_pod(&cluster, 0, "web-0").await;
-    let (b, _pb) = start_pod(&cluster, 1, "web-1").await;
-    let (_tx, rx) = watch::channel(vec![(
-        service(),
-        vec![endpoint("web-0", &a, true), endpoint("web-1", &b, true)],
-    )]);
-    let proxy = Proxy::start(
-        ProxyConfig {
-            node: "node-0".into(),
-            netns: cluster.nodes[0].ns.name().to_owned(),
-            mode: Mode::Nftables,
-            delay: "0ms..0ms".parse().unwrap(),
-            seed: 1,
-        },
-        rx,
-    )
-    .await
-    .unwrap();
-    let out = cluster.nodes[0]
-        .ns
-        .command("hey")
-        .args(["-n", "400", "-c", "4", "-t", "5", &format!("http://{VIP}/")])
-        .output()
-        .expect("run hey (Debian package hey)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
-    assert!(
-        text.contains("[200]\t400 responses"),
-        "hey did not get 400 OKs:\n{text}"
-    );
-    proxy.stop().await.unwrap();
 }
 
 #[test]

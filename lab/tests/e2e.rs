@@ -15,16 +15,6 @@ use lab::{
     server::ShutdownMode,
 };
 
-/// |measured - injected| allowed for nodes whose rules change through
-/// nftables netlink notifications (nftables and iptables-nft modes).
-const NETLINK_BOUND_MS: f64 = 5.0;
-/// iptables-legacy announces nothing: the truth known outside the kernel is
-/// the writer's transaction (iptables-restore from start to exit), and the
-/// table is swapped somewhere inside it; on a loaded machine the writer
-/// exits tens of milliseconds after the swap. The measurement must fall
-/// inside that window, give or take this much for the clock conversion.
-const LEGACY_SLACK_MS: f64 = 2.0;
-
 fn joined(truths: &[DeletionTruth], records: &[DeletionRecord]) -> Vec<DeletionReport> {
     truths
         .iter()
@@ -99,38 +89,14 @@ async fn measured_propagation_matches_injected_and_the_recommendation_loses_noth
     }
     // Collected, not asserted at once, so one run shows every deviation and
     // the rollouts below still run.
-    let mut inaccurate = Vec::new();
     for d in &deletions {
         assert!(
             d.complete,
             "{} incomplete, missing {:?}",
             d.pod, d.missing_nodes
         );
-        for n in &d.per_node {
-            let error = n
-                .error_ms
-                .unwrap_or_else(|| panic!("{} on {}: no measurement", d.pod, n.node));
-            let outside = if n.mode == "iptables-legacy" {
-                let measured = n.injected_ms + error;
-                measured < n.injected_started_ms - LEGACY_SLACK_MS
-                    || measured > n.injected_ms + LEGACY_SLACK_MS
-            } else {
-                error.abs() > NETLINK_BOUND_MS
-            };
-            if outside {
-                inaccurate.push(format!(
-                    "{} on {} ({}): measured {:?} ms (T_rules {:?}), injected {:.1} ms (transaction began {:.1} ms)",
-                    d.pod,
-                    n.node,
-                    n.mode,
-                    n.measured_ms,
-                    n.measured_rules_ms,
-                    n.injected_ms,
-                    n.injected_started_ms
-                ));
-            }
-        }
     }
+    let inaccurate = common::inaccurate(&deletions);
 
     let recommendation = observer
         .aggregator
@@ -260,6 +226,53 @@ fn deletion_signal() -> (impl FnMut(&str), mpsc::UnboundedReceiver<()>) {
     (progress, rx)
 }
 
+/// An agent's count of endpoint addresses it watches (in its kernel maps).
+const WATCHED: &str = "prestop_agent_watched_endpoints";
+/// An agent's count of rule removals it observed for watched endpoints.
+const RULES_REMOVED: &str = "prestop_agent_observations_total{kind=\"rules_removed\"}";
+
+/// Polls every agent's `series` until each exceeds its value in `floor`.
+async fn wait_agents_above(
+    observer: &Observer,
+    series: &str,
+    floor: &[f64],
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let mut below = Vec::new();
+        for (agent, floor) in observer.agents.iter().zip(floor) {
+            let value = agent.metric(series).await.map_err(|e| e.to_string())?;
+            if value <= *floor {
+                below.push(format!("{} {value}", agent.node));
+            }
+        }
+        if below.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "{series} not above {floor:?} within {timeout:?}: {below:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn agents_metric(observer: &Observer, series: &str) -> Vec<f64> {
+    let mut values = Vec::new();
+    for agent in &observer.agents {
+        values.push(agent.metric(series).await.expect("agent metrics"));
+    }
+    values
+}
+
+/// When the aggregator went away and came back (wall clock, ns).
+struct Outage {
+    killed: u64,
+    restarting: u64,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aggregator_restart_during_a_rollout_loses_no_measurement() {
     if !lab::root::root_or_skip("aggregator_restart_during_a_rollout_loses_no_measurement") {
@@ -268,53 +281,133 @@ async fn aggregator_restart_during_a_rollout_loses_no_measurement() {
     let _serial = common::SERIAL.lock().await;
     let dir = common::work_dir("aggregator-restart");
     let binaries = common::binaries(Duration::from_secs(10));
-    let mut lab = Lab::start(common::lab_config(
-        "400ms..900ms",
-        ShutdownMode::Graceful,
-        13,
-    ))
-    .await
-    .expect("lab");
+    // Every node's rules change a second or more after the deletion: well
+    // after the agents were told to watch it and the aggregator was killed.
+    let mut lab = Lab::start(common::lab_config("1s..1500ms", ShutdownMode::Graceful, 13))
+        .await
+        .expect("lab");
     let mut observer = Observer::start(&lab, &binaries, &dir)
         .await
         .expect("observer");
+    let watched_before = agents_metric(&observer, WATCHED).await;
+    let removed_before = agents_metric(&observer, RULES_REMOVED).await;
     // A preStop long enough that the pod is still in the API when the
     // aggregator returns.
     let settings = common::rollout(1, Duration::from_secs(5));
     let (progress, mut deleting) = deletion_signal();
-    let (run, restarted) = tokio::join!(lab.rollout(&settings, progress), async {
+    let (run, outage) = tokio::join!(lab.rollout(&settings, progress), async {
+        // The signal comes just before the deletion; the kill waits for
+        // its effect: the aggregator took the deletion (and its T0) and
+        // every agent confirmed its subscription by watching the pod's
+        // address in its kernel maps.
         deleting.recv().await;
-        // The aggregator has seen the deletion and told the agents; it is
-        // away while every node's rules change, and the agents must keep
-        // their reports until it is back.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_agents_above(&observer, WATCHED, &watched_before, Duration::from_secs(5)).await?;
+        let killed = lab::api::unix_nanos();
         observer.aggregator.kill().await;
-        eprintln!("aggregator killed");
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let restarted = observer.aggregator.restart().await;
+        eprintln!("aggregator killed: every agent watches the deleted pod");
+        // Each agent observes its node's rule change while the aggregator
+        // is away: nowhere to send it but its buffer.
+        wait_agents_above(
+            &observer,
+            RULES_REMOVED,
+            &removed_before,
+            Duration::from_secs(5),
+        )
+        .await?;
+        eprintln!("every agent observed its node's rule change while the aggregator was down");
+        // Long enough for the agents' reconnect attempts to fail again.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let restarting = lab::api::unix_nanos();
+        observer
+            .aggregator
+            .restart()
+            .await
+            .map_err(|e| e.to_string())?;
         eprintln!("aggregator restarted");
-        restarted
+        Ok::<_, String>(Outage { killed, restarting })
     });
-    restarted.expect("aggregator restart");
+    let outage = outage.expect("aggregator outage");
     let run = run.expect("rollout");
+    let truth = &run.deletions[0];
+    // The set-up did what it claims: every node's rules changed while the
+    // aggregator was down.
+    for r in &truth.removals {
+        assert!(
+            r.applied_started_unix_nano > outage.killed && r.truth_unix_nano() < outage.restarting,
+            "{}: rules changed outside the outage: {r:?}",
+            r.node
+        );
+    }
+
     let records = observer
         .wait_complete(&run.deletions)
         .await
         .expect("measurements");
-    for d in joined(&run.deletions, &records) {
+    let record = &records[0];
+    // T0 survived the restart: the aggregator's receipt of the deletion,
+    // before the kill; not the deletionTimestamp's whole second, nor a
+    // receipt after the restart.
+    let t0 = record.deletion_start_unix_nanos as u64;
+    assert!(
+        t0 >= truth.requested_unix_nano && t0 < outage.killed,
+        "T0 {t0} not the original receipt (requested {}, killed {}): {record:?}",
+        truth.requested_unix_nano,
+        outage.killed
+    );
+    // Every node's measurement arrived, as accurate as without the outage.
+    let deletions = joined(&run.deletions, &records);
+    for d in &deletions {
         assert!(
             d.complete,
             "{} incomplete after the restart: missing {:?}",
             d.pod, d.missing_nodes
         );
         for n in &d.per_node {
+            eprintln!(
+                "{} {} {}: measured {:?} (rules {:?}) injected {:.1} (transaction began {:.1}) ms",
+                d.pod,
+                n.node,
+                n.mode,
+                n.measured_ms,
+                n.measured_rules_ms,
+                n.injected_ms,
+                n.injected_started_ms
+            );
             assert!(
-                n.measured_ms.is_some(),
-                "{} on {} lost: {records:?}",
+                n.measured_rules_ms.is_some(),
+                "{} on {}: no T_rules",
                 d.pod,
                 n.node
             );
         }
+    }
+    let inaccurate = common::inaccurate(&deletions);
+    assert!(
+        inaccurate.is_empty(),
+        "measurements off the injected truth after the restart:\n{}",
+        inaccurate.join("\n")
+    );
+    // The agents buffered and resent: they lost the aggregator, held
+    // observations meanwhile (their own count, logged at each failed
+    // reconnect), and their reports after reconnecting brought the rule
+    // changes observed during the outage (checked above against the truth).
+    for agent in &observer.agents {
+        let log = agent.log_text();
+        let buffered: Vec<u64> = log
+            .lines()
+            .filter(|l| l.contains("aggregator connection lost"))
+            .filter_map(|l| l.rsplit_once("buffered=")?.1.trim().parse().ok())
+            .collect();
+        assert!(
+            buffered.iter().any(|b| *b > 0),
+            "{}: no buffered observation while disconnected:\n{log}",
+            agent.node
+        );
+        assert!(
+            log.matches("connected to the aggregator").count() >= 2,
+            "{}: did not reconnect:\n{log}",
+            agent.node
+        );
     }
     observer.shutdown().await;
     lab.shutdown().await.expect("shutdown");

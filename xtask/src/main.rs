@@ -29,9 +29,10 @@ enum Task {
     /// Run every test of the workspace, including the root-only kernel tests.
     Test(test::TestArgs),
     /// Run the lab: a cluster in network namespaces, a rolling update measured
-    /// by the real agents and aggregator, then repeated with preStop 0 and with
-    /// the recommended delay. Needs root. Writes target/lab/report.json.
-    Lab(Box<::lab::LabArgs>),
+    /// by the real agents and aggregator, then repeated with preStop 0 (the
+    /// folklore 5 s when the injected delays can exceed it) and with the
+    /// recommended delay. Needs root. Writes target/lab/report.json.
+    Lab(Box<lab::XtaskLabArgs>),
 }
 
 fn main() -> Result<()> {

@@ -1,10 +1,13 @@
-//! What the end-to-end tests share: the binaries under test and lab presets.
+//! What the end-to-end tests share: the binaries under test, lab presets
+//! and the accuracy bounds. Each test crate uses a part of it.
+#![allow(dead_code)]
 
 use std::{path::PathBuf, time::Duration};
 
 use lab::{
     kubeproxy::Mode,
     observer::Binaries,
+    report::DeletionReport,
     scenario::{LabConfig, RolloutConfig},
     server::ShutdownMode,
 };
@@ -60,4 +63,46 @@ pub fn work_dir(test: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("work dir");
     dir
+}
+
+/// |measured - injected| allowed for nodes whose rules change through
+/// nftables netlink notifications (nftables and iptables-nft modes).
+pub const NETLINK_BOUND_MS: f64 = 5.0;
+/// iptables-legacy announces nothing: the truth known outside the kernel is
+/// the writer's transaction (iptables-restore from start to exit), and the
+/// table is swapped somewhere inside it; on a loaded machine the writer
+/// exits tens of milliseconds after the swap. The measurement must fall
+/// inside that window, give or take this much for the clock conversion.
+pub const LEGACY_SLACK_MS: f64 = 2.0;
+
+/// Every node of `deletions` whose measurement is missing or outside the
+/// bound of its mode, described.
+pub fn inaccurate(deletions: &[DeletionReport]) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in deletions {
+        for n in &d.per_node {
+            let outside = match n.error_ms {
+                None => true,
+                Some(error) if n.mode == "iptables-legacy" => {
+                    let measured = n.injected_ms + error;
+                    measured < n.injected_started_ms - LEGACY_SLACK_MS
+                        || measured > n.injected_ms + LEGACY_SLACK_MS
+                }
+                Some(error) => error.abs() > NETLINK_BOUND_MS,
+            };
+            if outside {
+                out.push(format!(
+                    "{} on {} ({}): measured {:?} ms (T_rules {:?}), injected {:.1} ms (transaction began {:.1} ms)",
+                    d.pod,
+                    n.node,
+                    n.mode,
+                    n.measured_ms,
+                    n.measured_rules_ms,
+                    n.injected_ms,
+                    n.injected_started_ms
+                ));
+            }
+        }
+    }
+    out
 }

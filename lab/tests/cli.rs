@@ -1,0 +1,500 @@
+//! The lab's command line, run the way `cargo xtask lab` runs it once the
+//! binaries are built (`lab-run --bin-dir target/<profile> ...`), with small
+//! parameters: the report it writes, the three-rollout story, a third-party
+//! client against the lab, and that nothing of the lab is left afterwards,
+//! whether it finished, was interrupted or failed.
+
+mod common;
+
+use std::{
+    fs,
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// Marks every process of one lab run (inherited by all its children) so
+/// leftovers can be found whatever their parent has become.
+const TAG_ENV: &str = "LAB_CLI_TEST_TAG";
+
+/// Small enough for a few tens of seconds per run; the delays stay under
+/// the folklore 5 s, so the baseline rollout runs with preStop 0.
+const SMALL: &[&str] = &[
+    "--nodes",
+    "3",
+    "--pods",
+    "3",
+    "--deletions",
+    "2",
+    "--delay",
+    "300ms..800ms",
+    "--duration",
+    "2s",
+    "--rate",
+    "40",
+    "--measure-prestop",
+    "2",
+    "--seed",
+    "7",
+];
+
+struct LabRun {
+    child: Child,
+    tag: String,
+    dir: PathBuf,
+}
+
+impl LabRun {
+    fn start(test: &str, extra: &[&str]) -> Self {
+        let dir = common::work_dir(test);
+        let tag = format!("{}-{test}", std::process::id());
+        let bin_dir = common::pod_server()
+            .parent()
+            .expect("target dir")
+            .to_owned();
+        let child = Command::new(env!("CARGO_BIN_EXE_lab-run"))
+            .arg("--bin-dir")
+            .arg(&bin_dir)
+            .args(SMALL)
+            .args(extra)
+            .arg("--report")
+            .arg(dir.join("report.json"))
+            .env(TAG_ENV, &tag)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(dir.join("stdout")).expect("stdout file"))
+            .stderr(fs::File::create(dir.join("stderr")).expect("stderr file"))
+            // Its own process group, as a shell job: a terminal's Ctrl-C
+            // goes to the whole group.
+            .process_group(0)
+            .spawn()
+            .expect("start lab-run");
+        LabRun { child, tag, dir }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn output(&self, stream: &str) -> String {
+        fs::read_to_string(self.dir.join(stream)).unwrap_or_default()
+    }
+
+    fn outputs(&self) -> String {
+        format!(
+            "--- stdout\n{}\n--- stderr\n{}",
+            self.output("stdout"),
+            self.output("stderr")
+        )
+    }
+
+    /// Waits until `stream` contains `needle`; panics (with the output) if
+    /// the process ends first or `timeout` passes.
+    fn wait_for(&mut self, stream: &str, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.output(stream).contains(needle) {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!(
+                    "lab-run ended ({status}) before printing `{needle}`\n{}",
+                    self.outputs()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no `{needle}` within {timeout:?}\n{}",
+                self.outputs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "lab-run still running after {timeout:?}\n{}",
+                    self.outputs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn report(&self) -> Value {
+        let text = fs::read_to_string(self.dir.join("report.json"))
+            .unwrap_or_else(|e| panic!("report.json: {e}\n{}", self.outputs()));
+        serde_json::from_str(&text).expect("report.json is JSON")
+    }
+}
+
+/// Live processes carrying `tag` in their environment: (pid, command).
+fn tagged_processes(tag: &str) -> Vec<(u32, String)> {
+    let needle = format!("{TAG_ENV}={tag}");
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        // Zombies and kernel threads have no environment to read.
+        let Ok(environ) = fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ.split(|b| *b == 0).any(|v| v == needle.as_bytes()) {
+            let cmd = fs::read(entry.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .unwrap_or_default();
+            found.push((pid, cmd));
+        }
+    }
+    found
+}
+
+/// The lab's rules, anywhere in the host's own netfilter: the Service VIP
+/// or kube-proxy's chains.
+fn host_lab_rules() -> Vec<String> {
+    let mut found = Vec::new();
+    for (program, args) in [
+        ("nft", &["list", "ruleset"][..]),
+        ("iptables-legacy-save", &[][..]),
+        ("iptables-nft-save", &[][..]),
+    ] {
+        let Ok(out) = Command::new(program).args(args).output() else {
+            continue;
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if line.contains(&lab::api::SERVICE_IP.to_string())
+                || line.contains("KUBE-")
+                || line.contains("kube-proxy")
+            {
+                found.push(format!("{program}: {line}"));
+            }
+        }
+    }
+    found
+}
+
+/// The namespaces lab run `pid` created (named after its process id).
+fn lab_namespaces(pid: i32) -> Vec<String> {
+    let prefix = format!("{}-{pid}-", lab::netns::PREFIX);
+    fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Asserts that nothing of the lab run `pid` (tagged `tag`) is left: no
+/// namespace named after it, no process of it, no lab rule in the host
+/// namespace (the nodes' rules lived in their namespaces), no link it
+/// created in the host namespace. Processes killed during the teardown may
+/// take a moment to be gone; they get a short grace.
+fn assert_nothing_left(pid: i32, tag: &str) {
+    let namespaces = lab_namespaces(pid);
+    assert!(namespaces.is_empty(), "namespaces left: {namespaces:?}");
+
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut processes = tagged_processes(tag);
+    while !processes.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        processes = tagged_processes(tag);
+    }
+    assert!(processes.is_empty(), "processes left: {processes:?}");
+
+    let rules = host_lab_rules();
+    assert!(
+        rules.is_empty(),
+        "lab rules in the host namespace: {rules:?}"
+    );
+
+    // Veth pairs are created in the host namespace under these temporary
+    // names before they move (see lab::topology and lab::netns::link).
+    let short = pid % 100_000;
+    let links = Command::new("ip")
+        .args(["-o", "link"])
+        .output()
+        .expect("ip link");
+    let links = String::from_utf8_lossy(&links.stdout);
+    let left: Vec<&str> = links
+        .lines()
+        .filter(|l| {
+            l.split(':').nth(1).is_some_and(|name| {
+                let name = name.trim();
+                name.starts_with(&format!("l{short}a"))
+                    || name.starts_with(&format!("l{short}b"))
+                    || name.starts_with(&format!("v{short}a"))
+                    || name.starts_with(&format!("v{short}b"))
+            })
+        })
+        .collect();
+    assert!(
+        left.is_empty(),
+        "links left in the host namespace: {left:?}"
+    );
+}
+
+fn field<'a>(v: &'a Value, name: &str, context: &str) -> &'a Value {
+    v.get(name)
+        .unwrap_or_else(|| panic!("{context} has no `{name}`: {v}"))
+}
+
+fn string(v: &Value, name: &str, context: &str) -> String {
+    field(v, name, context)
+        .as_str()
+        .unwrap_or_else(|| panic!("{context}.{name} is not a string: {v}"))
+        .to_owned()
+}
+
+fn number(v: &Value, name: &str, context: &str) -> f64 {
+    field(v, name, context)
+        .as_f64()
+        .unwrap_or_else(|| panic!("{context}.{name} is not a number: {v}"))
+}
+
+fn count(v: &Value, name: &str, context: &str) -> u64 {
+    field(v, name, context)
+        .as_u64()
+        .unwrap_or_else(|| panic!("{context}.{name} is not a count: {v}"))
+}
+
+fn array<'a>(v: &'a Value, name: &str, context: &str) -> &'a Vec<Value> {
+    field(v, name, context)
+        .as_array()
+        .unwrap_or_else(|| panic!("{context}.{name} is not an array: {v}"))
+}
+
+#[test]
+fn lab_run_reports_the_three_rollouts_and_leaves_nothing_behind() {
+    if !lab::root::root_or_skip("lab_run_reports_the_three_rollouts_and_leaves_nothing_behind") {
+        return;
+    }
+    let _serial = common::SERIAL.blocking_lock();
+    let test = "cli-report";
+    let hey_out = common::work_dir("cli-report-hey").join("hey.txt");
+    let exec = format!("hey -n 200 -c 4 -t 5 \"$LAB_URL\" > {}", hey_out.display());
+    let mut run = LabRun::start(test, &["--exec", &exec]);
+    let status = run.wait(Duration::from_secs(300));
+    assert!(status.success(), "lab-run: {status}\n{}", run.outputs());
+    eprintln!("{}", run.outputs());
+
+    // --exec ran `hey` inside a node against the Service VIP.
+    let hey = fs::read_to_string(&hey_out).expect("hey output");
+    assert!(
+        hey.contains("[200]\t200 responses"),
+        "hey through --exec:\n{hey}"
+    );
+
+    let report = run.report();
+    let nodes = array(&report, "nodes", "report");
+    assert_eq!(nodes.len(), 3, "{report}");
+    let mut node_names = Vec::new();
+    for n in nodes {
+        node_names.push(string(n, "name", "nodes[]"));
+        let mode = string(n, "mode", "nodes[]");
+        assert!(
+            ["nftables", "iptables-nft", "iptables-legacy"].contains(&mode.as_str()),
+            "{mode}"
+        );
+    }
+
+    let deletions = array(&report, "deletions", "report");
+    assert_eq!(
+        deletions.len(),
+        3 * 2,
+        "two deletions in each of three rollouts"
+    );
+    for d in deletions {
+        string(d, "pod", "deletions[]");
+        let per_node = array(d, "perNode", "deletions[]");
+        let covered: Vec<String> = per_node
+            .iter()
+            .map(|n| string(n, "node", "perNode[]"))
+            .collect();
+        assert_eq!(covered, node_names, "{d}");
+        for n in per_node {
+            let measured = number(n, "measuredMs", "perNode[]");
+            let injected = number(n, "injectedMs", "perNode[]");
+            assert!(
+                measured > 0.0 && injected > 0.0,
+                "a deletion takes time to propagate: {n}"
+            );
+        }
+    }
+
+    let recommendation = field(&report, "recommendation", "report");
+    let pre_stop = count(recommendation, "preStopSeconds", "recommendation");
+    let samples = count(recommendation, "samples", "recommendation");
+    assert!(
+        field(recommendation, "lowConfidence", "recommendation").is_boolean(),
+        "{recommendation}"
+    );
+    // The recommendation used for the third rollout rests on the first two.
+    assert_eq!(samples, 4, "{recommendation}");
+
+    let runs = array(&report, "runs", "report");
+    assert_eq!(runs.len(), 3, "{report}");
+    let pre_stops: Vec<f64> = runs
+        .iter()
+        .map(|r| number(r, "preStopSeconds", "runs[]"))
+        .collect();
+    let requests: Vec<u64> = runs
+        .iter()
+        .map(|r| count(r, "requests", "runs[]"))
+        .collect();
+    let failed: Vec<u64> = runs.iter().map(|r| count(r, "failed", "runs[]")).collect();
+    // Measuring with preStop 2 s, then preStop 0 (every injected delay is
+    // under the folklore 5 s), then the recommendation.
+    assert_eq!(pre_stops, [2.0, 0.0, pre_stop as f64], "{report}");
+    assert!(requests.iter().all(|r| *r > 300), "{requests:?}");
+    assert!(
+        failed[1] > 0,
+        "the baseline (preStop 0) lost nothing: {report}"
+    );
+    assert_eq!(
+        failed[2], 0,
+        "the recommended preStop lost requests: {report}"
+    );
+
+    // The agent CPU figure is over the rollouts' traffic.
+    let cost = field(&report, "agentCost", "report");
+    assert_eq!(string(cost, "buildProfile", "agentCost"), "debug");
+    assert!(number(cost, "trafficSeconds", "agentCost") > 5.0, "{cost}");
+    assert!(count(cost, "connections", "agentCost") > 300, "{cost}");
+    assert!(
+        number(cost, "cpuMsPer10kConnections", "agentCost") > 0.0,
+        "{cost}"
+    );
+
+    assert_nothing_left(run.pid(), &run.tag);
+}
+
+#[test]
+fn lab_run_interrupted_mid_rollout_tears_everything_down() {
+    if !lab::root::root_or_skip("lab_run_interrupted_mid_rollout_tears_everything_down") {
+        return;
+    }
+    let _serial = common::SERIAL.blocking_lock();
+    let mut run = LabRun::start("cli-interrupt", &[]);
+    // Mid-rollout: clients running on every node, a pod terminating.
+    run.wait_for("stderr", "step 1/", Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(300));
+    let tagged = tagged_processes(&run.tag);
+    assert!(
+        tagged.len() > 3 + 3,
+        "agents, aggregator and pods should run: {tagged:?}"
+    );
+    // Switch, control plane, 3 nodes, pods.
+    let namespaces = lab_namespaces(run.pid());
+    assert!(namespaces.len() > 5, "{namespaces:?}");
+    // SIGINT to lab-run alone (as `kill -INT`): everything else must be
+    // ended by the lab itself.
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(run.pid(), libc::SIGINT) }, 0);
+    let status = run.wait(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(130), "{status}\n{}", run.outputs());
+    assert!(run.output("stderr").contains("interrupted by SIGINT"));
+    assert!(!run.dir.join("report.json").exists());
+    assert_nothing_left(run.pid(), &run.tag);
+}
+
+#[test]
+fn lab_run_failing_mid_run_tears_everything_down() {
+    if !lab::root::root_or_skip("lab_run_failing_mid_run_tears_everything_down") {
+        return;
+    }
+    let _serial = common::SERIAL.blocking_lock();
+    let mut run = LabRun::start("cli-failure", &[]);
+    run.wait_for("stderr", "step 1/", Duration::from_secs(120));
+    // The injected failure: the aggregator dies, so the lab cannot read its
+    // measurements after the rollout.
+    let aggregator: Vec<u32> = tagged_processes(&run.tag)
+        .into_iter()
+        .filter(|(pid, _)| {
+            fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|exe| exe.file_name().is_some_and(|n| n == "aggregator"))
+        })
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(aggregator.len(), 1, "{:?}", tagged_processes(&run.tag));
+    // SAFETY: kill(2) on a process of our own child's lab.
+    assert_eq!(
+        unsafe { libc::kill(aggregator[0] as i32, libc::SIGKILL) },
+        0
+    );
+    let status = run.wait(Duration::from_secs(120));
+    assert_eq!(status.code(), Some(1), "{status}\n{}", run.outputs());
+    assert!(
+        run.output("stderr").contains("aggregator"),
+        "the failure names the aggregator\n{}",
+        run.outputs()
+    );
+    assert_nothing_left(run.pid(), &run.tag);
+}
+
+/// The `ip netns exec NODE hey -z 5s http://VIP/` lines `--hold` prints.
+fn hey_lines(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .filter_map(|l| Some(l.split_once("): ")?.1.trim().to_owned()))
+        .filter(|c| c.starts_with("ip netns exec ") && c.contains(" hey "))
+        .collect()
+}
+
+#[test]
+fn lab_run_hold_prints_hey_commands_that_work_against_the_lab() {
+    if !lab::root::root_or_skip("lab_run_hold_prints_hey_commands_that_work_against_the_lab") {
+        return;
+    }
+    let _serial = common::SERIAL.blocking_lock();
+    let mut run = LabRun::start("cli-hold", &["--hold", "120s"]);
+    run.wait_for("stderr", "holding the lab", Duration::from_secs(120));
+    let lines = hey_lines(&run.output("stdout"));
+    assert_eq!(lines.len(), 3, "one per node\n{}", run.outputs());
+    // Exactly the printed commands, from every node at once.
+    let heys: Vec<_> = lines
+        .iter()
+        .map(|line| {
+            Command::new("sh")
+                .args(["-c", line])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run the printed hey line")
+        })
+        .collect();
+    for (line, hey) in lines.iter().zip(heys) {
+        let out = hey.wait_with_output().expect("hey");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{line}: {text}");
+        let ok: u64 = text
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("[200]")?
+                    .trim()
+                    .strip_suffix(" responses")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0);
+        assert!(ok > 100, "{line}: too few OKs\n{text}");
+        assert!(!text.contains("Error distribution"), "{line}:\n{text}");
+    }
+    // Ctrl-C in a terminal: SIGINT to the whole process group.
+    // SAFETY: kill(2) on our own child's process group.
+    assert_eq!(unsafe { libc::kill(-run.pid(), libc::SIGINT) }, 0);
+    let status = run.wait(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(130), "{status}\n{}", run.outputs());
+    assert_nothing_left(run.pid(), &run.tag);
+}
