@@ -145,10 +145,11 @@ fn receive(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<(u64, bool)>> {
     Ok(Some((stamp, contains_newgen(&buf[..len as usize]))))
 }
 
-/// Puts the calling thread under SCHED_FIFO (a low real-time priority:
-/// it only wakes for commits).
+/// Puts the calling thread under SCHED_FIFO, above the agents' own timing
+/// threads (observer-agent's `--timing-priority`, 10 by default): a commit
+/// wakes both, and the truth must be read first. It only wakes for commits.
 fn make_realtime() -> io::Result<()> {
-    let param = libc::sched_param { sched_priority: 10 };
+    let param = libc::sched_param { sched_priority: 20 };
     // SAFETY: pthread_self is always valid; param is a valid sched_param.
     let ret =
         unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
