@@ -57,9 +57,14 @@ fn check(ret: i32) -> io::Result<i32> {
     }
 }
 
-/// A NETLINK_NETFILTER socket subscribed to nftables events, with kernel
-/// receive timestamps and a short receive timeout (to notice a stop).
-fn subscribe() -> io::Result<OwnedFd> {
+/// A NETLINK_NETFILTER socket subscribed to nftables events, asking for
+/// kernel receive timestamps (used where the kernel gives them), with a
+/// receive timeout (to notice a stop) and, if given, a receive buffer of
+/// that many bytes (past `net.core.rmem_max`: needs CAP_NET_ADMIN).
+pub fn nftables_listener(
+    receive_buffer: Option<i32>,
+    timeout: std::time::Duration,
+) -> io::Result<OwnedFd> {
     // SAFETY: plain socket calls with valid, correctly sized arguments.
     unsafe {
         let fd = check(libc::socket(
@@ -84,9 +89,18 @@ fn subscribe() -> io::Result<OwnedFd> {
             (&on as *const i32).cast(),
             size_of::<i32>() as u32,
         ))?;
+        if let Some(size) = receive_buffer {
+            check(libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const i32).cast(),
+                size_of::<i32>() as u32,
+            ))?;
+        }
         let timeout = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 200_000,
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_usec: timeout.subsec_micros() as libc::suseconds_t,
         };
         check(libc::setsockopt(
             fd.as_raw_fd(),
@@ -160,7 +174,7 @@ fn make_realtime() -> io::Result<()> {
 }
 
 /// Whether a netlink datagram carries an nftables NEWGEN message.
-fn contains_newgen(mut data: &[u8]) -> bool {
+pub fn contains_newgen(mut data: &[u8]) -> bool {
     const HEADER: usize = 16;
     while data.len() >= HEADER {
         let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
@@ -192,7 +206,8 @@ impl CommitWitness {
                          its commit times may lag under load"
                     );
                 }
-                let socket = netns::enter(&netns).and_then(|_| subscribe());
+                let socket = netns::enter(&netns)
+                    .and_then(|_| nftables_listener(None, std::time::Duration::from_millis(200)));
                 let socket = match socket {
                     Ok(s) => {
                         let _ = ready_tx.send(Ok(()));

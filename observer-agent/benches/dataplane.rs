@@ -29,9 +29,8 @@ use std::{
     alloc::{GlobalAlloc, Layout, System},
     collections::HashSet,
     io,
-    mem::size_of,
     net::{Ipv4Addr, SocketAddr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::AsRawFd,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -44,6 +43,7 @@ use lab::{
     kubeproxy::{Backend, Mode, Rules, ServicePort},
     netns::{self, NetNs},
     root::is_root,
+    witness::{contains_newgen, nftables_listener},
 };
 use observer_agent::{
     dataplane::{self, DataplaneWatch, Mirror, NftEvent, TableId, decode_nft_message},
@@ -311,55 +311,6 @@ struct Capture {
     thread: Option<JoinHandle<()>>,
 }
 
-fn check(ret: i32) -> io::Result<i32> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-fn subscribe() -> io::Result<OwnedFd> {
-    const NETLINK_NETFILTER: i32 = 12;
-    const NFNLGRP_NFTABLES: u32 = 7;
-    // SAFETY: plain socket calls with valid, correctly sized arguments.
-    unsafe {
-        let fd = OwnedFd::from_raw_fd(check(libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            NETLINK_NETFILTER,
-        ))?);
-        let mut sa: libc::sockaddr_nl = std::mem::zeroed();
-        sa.nl_family = libc::AF_NETLINK as u16;
-        sa.nl_groups = 1 << (NFNLGRP_NFTABLES - 1);
-        check(libc::bind(
-            fd.as_raw_fd(),
-            (&sa as *const libc::sockaddr_nl).cast(),
-            size_of::<libc::sockaddr_nl>() as u32,
-        ))?;
-        let size: i32 = 512 << 20;
-        check(libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&size as *const i32).cast(),
-            size_of::<i32>() as u32,
-        ))?;
-        let timeout = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 100_000,
-        };
-        check(libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&timeout as *const libc::timeval).cast(),
-            size_of::<libc::timeval>() as u32,
-        ))?;
-        Ok(fd)
-    }
-}
-
 impl Capture {
     fn start(ns: &NetNs) -> Self {
         let datagrams = Arc::new(Mutex::new(Vec::new()));
@@ -375,7 +326,8 @@ impl Capture {
                 netns::enter(&path).unwrap();
                 commit_clock::pin_witness_thread().unwrap();
                 commit_clock::realtime_witness().expect("SCHED_FIFO (root)");
-                let sock = subscribe().expect("nf_tables notifications");
+                let sock = nftables_listener(Some(512 << 20), Duration::from_millis(100))
+                    .expect("nf_tables notifications");
                 ready_tx.send(()).unwrap();
                 let mut buf = vec![0u8; 1 << 20];
                 while !stop.load(Ordering::Relaxed) {
@@ -450,20 +402,6 @@ fn drain_priority() {
         libc::sched_setscheduler(0, libc::SCHED_OTHER, &param);
         libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
     }
-}
-
-const NFT_MSG_NEWGEN: u16 = (10 << 8) | 15;
-
-/// Whether a datagram holds an nf_tables NEWGEN (the end of a commit).
-fn contains_newgen(mut data: &[u8]) -> bool {
-    while data.len() >= 16 {
-        let len = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as usize;
-        if u16::from_ne_bytes([data[4], data[5]]) == NFT_MSG_NEWGEN {
-            return true;
-        }
-        data = &data[((len + 3) & !3).clamp(16, data.len())..];
-    }
-    false
 }
 
 /// Replays datagrams into `mirror` the way the nf_tables detector does
