@@ -205,19 +205,8 @@ impl Aggregator {
 
     /// GET `path` from the HTTP API; the body of a 200 answer.
     pub async fn get(&self, path: &str) -> Result<String, ObserverError> {
-        let api_err = |reason: String| ObserverError::Api {
-            path: path.to_owned(),
-            reason,
-        };
-        let stream = connect_in(&self.netns, SocketAddrV4::new(CONTROL_PLANE_IP, HTTP_PORT))
-            .await
-            .map_err(|e| api_err(e.to_string()))?;
-        match tokio::time::timeout(Duration::from_secs(5), exchange(stream, path)).await {
-            Ok(Ok((200, body))) => Ok(body),
-            Ok(Ok((status, body))) => Err(api_err(format!("status {status}: {body}"))),
-            Ok(Err(e)) => Err(api_err(e)),
-            Err(_) => Err(api_err("timed out".into())),
-        }
+        let addr = SocketAddrV4::new(CONTROL_PLANE_IP, HTTP_PORT);
+        get_in(&self.netns, addr, path, path.to_owned()).await
     }
 
     pub async fn recommendation(
@@ -265,6 +254,29 @@ async fn connect_in(netns: &Path, addr: SocketAddrV4) -> std::io::Result<TcpStre
         .map_err(|_| std::io::Error::other("connect thread ended"))??;
     stream.set_nonblocking(true)?;
     TcpStream::from_std(stream)
+}
+
+/// GET `path` from `addr`, connecting from inside the namespace at `netns`;
+/// the body of a 200 answer. Errors name the request as `what`.
+async fn get_in(
+    netns: &Path,
+    addr: SocketAddrV4,
+    path: &str,
+    what: String,
+) -> Result<String, ObserverError> {
+    let api_err = |reason: String| ObserverError::Api {
+        path: what.clone(),
+        reason,
+    };
+    let stream = connect_in(netns, addr)
+        .await
+        .map_err(|e| api_err(e.to_string()))?;
+    match tokio::time::timeout(Duration::from_secs(5), exchange(stream, path)).await {
+        Ok(Ok((200, body))) => Ok(body),
+        Ok(Ok((status, body))) => Err(api_err(format!("status {status}: {body}"))),
+        Ok(Err(e)) => Err(api_err(e)),
+        Err(_) => Err(api_err("timed out".into())),
+    }
 }
 
 async fn exchange(mut stream: TcpStream, path: &str) -> Result<(u16, String), String> {
@@ -346,20 +358,14 @@ impl Agent {
     /// GET `path` from the agent's health endpoint (on its node's
     /// loopback); the body of a 200 answer.
     pub async fn get(&self, path: &str) -> Result<String, ObserverError> {
-        let api_err = |reason: String| ObserverError::Api {
-            path: format!("agent on {}: {path}", self.node),
-            reason,
-        };
         let addr = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, AGENT_HEALTH_PORT);
-        let stream = connect_in(&self.netns, addr)
-            .await
-            .map_err(|e| api_err(e.to_string()))?;
-        match tokio::time::timeout(Duration::from_secs(5), exchange(stream, path)).await {
-            Ok(Ok((200, body))) => Ok(body),
-            Ok(Ok((status, body))) => Err(api_err(format!("status {status}: {body}"))),
-            Ok(Err(e)) => Err(api_err(e)),
-            Err(_) => Err(api_err("timed out".into())),
-        }
+        get_in(
+            &self.netns,
+            addr,
+            path,
+            format!("agent on {}: {path}", self.node),
+        )
+        .await
     }
 
     /// One sample of the agent's Prometheus metrics: the value of the line

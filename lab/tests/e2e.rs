@@ -75,16 +75,7 @@ async fn measured_propagation_matches_injected_and_the_recommendation_loses_noth
     let deletions = joined(&measure.deletions, &records);
     for d in &deletions {
         for n in &d.per_node {
-            eprintln!(
-                "{} {} {}: measured {:?} (rules {:?}) injected {:.1} (transaction began {:.1}) ms",
-                d.pod,
-                n.node,
-                n.mode,
-                n.measured_ms,
-                n.measured_rules_ms,
-                n.injected_ms,
-                n.injected_started_ms
-            );
+            eprintln!("{}", common::describe(d, n));
         }
     }
     // Collected, not asserted at once, so one run shows every deviation and
@@ -363,16 +354,7 @@ async fn aggregator_restart_during_a_rollout_loses_no_measurement() {
             d.pod, d.missing_nodes
         );
         for n in &d.per_node {
-            eprintln!(
-                "{} {} {}: measured {:?} (rules {:?}) injected {:.1} (transaction began {:.1}) ms",
-                d.pod,
-                n.node,
-                n.mode,
-                n.measured_ms,
-                n.measured_rules_ms,
-                n.injected_ms,
-                n.injected_started_ms
-            );
+            eprintln!("{}", common::describe(d, n));
             assert!(
                 n.measured_rules_ms.is_some(),
                 "{} on {}: no T_rules",

@@ -7,7 +7,7 @@ use std::{path::PathBuf, time::Duration};
 use lab::{
     kubeproxy::Mode,
     observer::Binaries,
-    report::DeletionReport,
+    report::{DeletionReport, PerNode},
     scenario::{LabConfig, RolloutConfig},
     server::ShutdownMode,
 };
@@ -91,18 +91,23 @@ pub fn inaccurate(deletions: &[DeletionReport]) -> Vec<String> {
                 Some(error) => error.abs() > NETLINK_BOUND_MS,
             };
             if outside {
-                out.push(format!(
-                    "{} on {} ({}): measured {:?} ms (T_rules {:?}), injected {:.1} ms (transaction began {:.1} ms)",
-                    d.pod,
-                    n.node,
-                    n.mode,
-                    n.measured_ms,
-                    n.measured_rules_ms,
-                    n.injected_ms,
-                    n.injected_started_ms
-                ));
+                out.push(describe(d, n));
             }
         }
     }
     out
+}
+
+/// One node's measurement of one deletion against the injected truth.
+pub fn describe(d: &DeletionReport, n: &PerNode) -> String {
+    format!(
+        "{} on {} ({}): measured {:?} ms (T_rules {:?}), injected {:.1} ms (transaction began {:.1} ms)",
+        d.pod,
+        n.node,
+        n.mode,
+        n.measured_ms,
+        n.measured_rules_ms,
+        n.injected_ms,
+        n.injected_started_ms
+    )
 }
