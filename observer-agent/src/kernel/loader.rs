@@ -146,46 +146,12 @@ impl Kernel {
             return Err(KernelError::NoHook(reasons.join("; ")));
         }
 
-        let watched = HashMap::try_from(take_map(&mut ebpf, "WATCHED")?).map_err(|source| {
-            KernelError::Map {
-                name: "WATCHED",
-                source,
-            }
-        })?;
-        let watch_filter =
-            Array::try_from(take_map(&mut ebpf, "WATCH_FILTER")?).map_err(|source| {
-                KernelError::Map {
-                    name: "WATCH_FILTER",
-                    source,
-                }
-            })?;
-        let watch_slots =
-            Array::try_from(take_map(&mut ebpf, "WATCH_SLOTS")?).map_err(|source| {
-                KernelError::Map {
-                    name: "WATCH_SLOTS",
-                    source,
-                }
-            })?;
-        let stats = PerCpuArray::try_from(take_map(&mut ebpf, "STATS")?).map_err(|source| {
-            KernelError::Map {
-                name: "STATS",
-                source,
-            }
-        })?;
-        let conn_events =
-            RingBuf::try_from(take_map(&mut ebpf, "CONN_EVENTS")?).map_err(|source| {
-                KernelError::Map {
-                    name: "CONN_EVENTS",
-                    source,
-                }
-            })?;
-        let batch_state =
-            PerCpuArray::try_from(take_map(&mut ebpf, "CONN_BATCH_STATE")?).map_err(|source| {
-                KernelError::Map {
-                    name: "CONN_BATCH_STATE",
-                    source,
-                }
-            })?;
+        let watched: HashMap<_, _, _> = typed_map(&mut ebpf, "WATCHED")?;
+        let watch_filter: Array<_, _> = typed_map(&mut ebpf, "WATCH_FILTER")?;
+        let watch_slots: Array<_, _> = typed_map(&mut ebpf, "WATCH_SLOTS")?;
+        let stats: PerCpuArray<_, _> = typed_map(&mut ebpf, "STATS")?;
+        let conn_events: RingBuf<_> = typed_map(&mut ebpf, "CONN_EVENTS")?;
+        let batch_state: PerCpuArray<_, _> = typed_map(&mut ebpf, "CONN_BATCH_STATE")?;
         let (batches, delivery) = if options.unbatched {
             (None, Delivery::one_by_one("turned off by the caller"))
         } else {
@@ -360,9 +326,15 @@ pub fn watch_key(ip: IpAddr) -> WatchKey {
     }
 }
 
-fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, KernelError> {
-    ebpf.take_map(name)
-        .ok_or(KernelError::Missing { kind: "map", name })
+/// Takes map `name` out of the object as the type the loader uses it as.
+fn typed_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, KernelError>
+where
+    M: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(KernelError::Missing { kind: "map", name })?;
+    M::try_from(map).map_err(|source| KernelError::Map { name, source })
 }
 
 /// set_state is required; a missing reset tracepoint only loses its events.
