@@ -9,7 +9,8 @@ use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Namespace, PersistentVolumeClaim, PodSpec, Probe, Service, ServiceAccount,
+    ConfigMap, Container, Namespace, PersistentVolumeClaim, PodSpec, PodTemplateSpec, Probe,
+    Service, ServiceAccount,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::api::scheduling::v1::PriorityClass;
@@ -124,6 +125,11 @@ fn load(dir: &Path) -> Rendered {
         }
     }
     r
+}
+
+/// The labels a workload gives its pods.
+fn template_labels(template: &PodTemplateSpec) -> BTreeMap<String, String> {
+    template.metadata.as_ref().unwrap().labels.clone().unwrap()
 }
 
 fn only<'a, T>(items: &'a [T], what: &str) -> &'a T {
@@ -383,14 +389,7 @@ fn check_aggregator(r: &Rendered) {
     );
 
     let svc = only(&r.services, "Service");
-    let labels = spec
-        .template
-        .metadata
-        .as_ref()
-        .unwrap()
-        .labels
-        .clone()
-        .unwrap();
+    let labels = template_labels(&spec.template);
     let selector = svc.spec.as_ref().unwrap().selector.clone().unwrap();
     assert!(
         selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
@@ -461,14 +460,7 @@ fn check_monitoring(r: &Rendered) {
         ds.metadata.namespace.as_deref()
     );
     let spec = ds.spec.as_ref().unwrap();
-    let pod_labels = spec
-        .template
-        .metadata
-        .as_ref()
-        .unwrap()
-        .labels
-        .clone()
-        .unwrap();
+    let pod_labels = template_labels(&spec.template);
     let wanted = pm["spec"]["selector"]["matchLabels"].as_object().unwrap();
     assert!(!wanted.is_empty());
     assert!(
