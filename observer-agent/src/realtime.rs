@@ -65,17 +65,6 @@ pub fn spawn_inheriting<T: Send>(
     })
 }
 
-/// The calling thread's policy, for tests: (SCHED_* policy, priority).
-pub fn current_policy() -> io::Result<(i32, i32)> {
-    let mut param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is the calling thread; param is valid for writing.
-    let policy = unsafe { libc::sched_getscheduler(0) };
-    if policy < 0 || unsafe { libc::sched_getparam(0, &mut param) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((policy, param.sched_priority))
-}
-
 /// Puts the calling thread under SCHED_FIFO at `level`.
 pub fn set_current_thread_fifo(level: u8) -> io::Result<()> {
     let param = libc::sched_param {
@@ -91,6 +80,17 @@ pub fn set_current_thread_fifo(level: u8) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The calling thread's (SCHED_* policy, priority).
+    fn current_policy() -> io::Result<(i32, i32)> {
+        let mut param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: pid 0 is the calling thread; param is valid for writing.
+        let policy = unsafe { libc::sched_getscheduler(0) };
+        if policy < 0 || unsafe { libc::sched_getparam(0, &mut param) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((policy, param.sched_priority))
+    }
 
     #[test]
     fn spawned_threads_inherit_the_priority_and_the_caller_keeps_its_own() {

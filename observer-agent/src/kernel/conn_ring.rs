@@ -106,11 +106,6 @@ impl ConnRing {
     pub fn next_record(&mut self) -> Option<RingBufItem<'_>> {
         self.ring.next()
     }
-
-    /// Whether the programs queue events per CPU (else one record per event).
-    pub fn batched(&self) -> bool {
-        self.batches.is_some()
-    }
 }
 
 impl AsRawFd for ConnRing {
