@@ -88,6 +88,23 @@ impl Tracefs {
         self.root.join("events").join(category).join(name).is_dir()
     }
 
+    /// The tracepoint's id, which `perf_event_open` takes.
+    pub fn event_id(&self, category: &str, name: &str) -> Result<u64, TracefsError> {
+        let path = self
+            .root
+            .join("events")
+            .join(category)
+            .join(name)
+            .join("id");
+        let read = |path: &Path| -> std::io::Result<u64> {
+            std::fs::read_to_string(path)?
+                .trim()
+                .parse()
+                .map_err(std::io::Error::other)
+        };
+        read(&path).map_err(|source| TracefsError::Read { path, source })
+    }
+
     pub fn format(&self, category: &str, name: &str) -> Result<EventFormat, TracefsError> {
         let path = self
             .root

@@ -11,6 +11,10 @@
 //! DRAIN_MS is how often the ring buffer is read (after flushing the CPUs'
 //! event batches), by default the agent's own interval. `unbatched` makes
 //! the programs write every event to the ring on its own, for comparison.
+//!
+//! Beside each real program, on the same tracepoint, run an empty program
+//! and one that only reads the clock (`reference`): the "above floor"
+//! column is a program's cost minus the empty program's in the same round.
 
 use std::{
     collections::BTreeMap,
@@ -19,11 +23,16 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod reference;
+
 use aya::sys::{Stats, enable_stats};
 use lab_netns::netns::{NetNs, link};
 use observer_agent::kernel::{
-    Kernel, LoadOptions, conn_events::DRAIN_INTERVAL, tracefs::CONN_TRACEPOINTS,
+    Kernel, LoadOptions,
+    conn_events::DRAIN_INTERVAL,
+    tracefs::{CONN_TRACEPOINTS, Tracefs},
 };
+use reference::{Kind, Reference};
 
 const DEFAULT_CONNECTIONS: usize = 20_000;
 const DEFAULT_ROUNDS: usize = 5;
@@ -67,6 +76,13 @@ fn main() -> anyhow::Result<()> {
         ..LoadOptions::default()
     })?;
     kernel.watch_ip(watched)?;
+    let tracefs = Tracefs::find_or_mount()?;
+    let mut references = Vec::new();
+    for (category, name, program) in CONN_TRACEPOINTS {
+        for kind in Kind::ALL {
+            references.push(Reference::attach(&tracefs, kind, category, name, program)?);
+        }
+    }
     let mut ring = kernel.take_conn_events().expect("ring buffer");
     let draining = AtomicBool::new(true);
 
@@ -78,8 +94,7 @@ fn main() -> anyhow::Result<()> {
             "written one by one"
         }
     );
-    // (program, target) -> ns per invocation of each round, and invocations.
-    let mut costs: BTreeMap<(&str, &str), (Vec<f64>, u64)> = BTreeMap::new();
+    let mut costs: BTreeMap<(String, &str), Cost> = BTreeMap::new();
     std::thread::scope(|scope| -> anyhow::Result<()> {
         scope.spawn(|| {
             while draining.load(Ordering::Relaxed) {
@@ -98,31 +113,17 @@ fn main() -> anyhow::Result<()> {
                     ("watched refused", watched, true),
                     ("unwatched refused", unwatched, true),
                 ] {
-                    let before = run_stats(&kernel)?;
+                    let before = run_stats(&kernel, &references)?;
                     let made = if refused {
                         refused_storm(&client, ip, connections / 4)?
                     } else {
                         storm(&server, &client, ip, connections)?
                     };
-                    let after = run_stats(&kernel)?;
-                    let (mut all_time, mut all_count) = (Duration::ZERO, 0);
-                    for ((name, b), (_, a)) in before.iter().zip(&after) {
-                        let count = a.1 - b.1;
-                        if count == 0 {
-                            continue;
-                        }
-                        all_time += a.0 - b.0;
-                        all_count += count;
-                        let ns = (a.0 - b.0).as_nanos() as f64 / count as f64;
-                        let entry = costs.entry((name, label)).or_default();
-                        entry.0.push(ns);
-                        entry.1 += count;
+                    let after = run_stats(&kernel, &references)?;
+                    let round = Round::between(&before, &after);
+                    for (row, ns, count, floor) in round.rows() {
+                        costs.entry((row, label)).or_default().add(ns, count, floor);
                     }
-                    let entry = costs.entry((ALL_PROGRAMS, label)).or_default();
-                    entry
-                        .0
-                        .push(all_time.as_nanos() as f64 / all_count.max(1) as f64);
-                    entry.1 += all_count;
                     let wanted = if refused {
                         connections / 4
                     } else {
@@ -140,17 +141,14 @@ fn main() -> anyhow::Result<()> {
         result
     })?;
     println!(
-        "{:<22} {:>17} {:>12} {:>10} {:>10}  per round",
-        "program", "target", "invocations", "median ns", "min ns"
+        "{:<38} {:>17} {:>12} {:>10} {:>10} {:>12}  per round",
+        "program", "target", "invocations", "median ns", "min ns", "above floor"
     );
-    for ((name, label), (mut ns, count)) in costs {
-        ns.sort_by(f64::total_cmp);
-        let rounds: Vec<String> = ns.iter().map(|n| format!("{n:.0}")).collect();
+    for ((row, label), cost) in costs {
+        let (median, min, above, rounds) = cost.summary();
         println!(
-            "{name:<22} {label:>17} {count:>12} {:>10.1} {:>10.1}  {}",
-            ns[ns.len() / 2],
-            ns[0],
-            rounds.join(" ")
+            "{row:<38} {label:>17} {:>12} {median:>10.1} {min:>10.1} {above:>12}  {rounds}",
+            cost.count
         );
     }
     let stats = kernel.stats()?;
@@ -161,9 +159,18 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// (run_time, run_count) per connection program.
-fn run_stats(kernel: &Kernel) -> anyhow::Result<Vec<(&'static str, (Duration, u64))>> {
-    CONN_TRACEPOINTS
+/// Run time and count of one program so far.
+type Stat = (Duration, u64);
+
+/// Every program's stats at one moment: the real programs, then the
+/// references, each with the real program whose tracepoint it shares.
+struct Snapshot {
+    programs: Vec<(&'static str, Stat)>,
+    references: Vec<(&'static str, Kind, Stat)>,
+}
+
+fn run_stats(kernel: &Kernel, references: &[Reference]) -> anyhow::Result<Snapshot> {
+    let programs = CONN_TRACEPOINTS
         .iter()
         .map(|(_, _, program)| {
             let info = kernel
@@ -173,7 +180,112 @@ fn run_stats(kernel: &Kernel) -> anyhow::Result<Vec<(&'static str, (Duration, u6
                 .info()?;
             Ok((*program, (info.run_time(), info.run_count())))
         })
-        .collect()
+        .collect::<anyhow::Result<_>>()?;
+    let references = references
+        .iter()
+        .map(|r| Ok((r.program, r.kind, r.stats()?)))
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Snapshot {
+        programs,
+        references,
+    })
+}
+
+/// What each program cost during one storm.
+struct Round {
+    /// (row, time, invocations, the empty program's ns on the same tracepoints)
+    rows: Vec<(String, Duration, u64, Option<f64>)>,
+}
+
+impl Round {
+    fn between(before: &Snapshot, after: &Snapshot) -> Round {
+        let delta = |b: &Stat, a: &Stat| (a.0 - b.0, a.1 - b.1);
+        let floors: Vec<(&str, Stat)> = before
+            .references
+            .iter()
+            .zip(&after.references)
+            .filter(|((_, kind, _), _)| *kind == Kind::Floor)
+            .map(|((program, _, b), (_, _, a))| (*program, delta(b, a)))
+            .collect();
+        let floor_of = |program: &str| {
+            floors
+                .iter()
+                .find(|(p, _)| *p == program)
+                .map(|(_, stat)| *stat)
+        };
+        let ns = |(time, count): Stat| time.as_nanos() as f64 / count.max(1) as f64;
+        let mut rows = Vec::new();
+        let (mut all, mut all_floor) = ((Duration::ZERO, 0), (Duration::ZERO, 0));
+        for ((program, b), (_, a)) in before.programs.iter().zip(&after.programs) {
+            let (time, count) = delta(b, a);
+            let floor = floor_of(program).filter(|f| f.1 != 0);
+            if let Some(floor) = floor {
+                all_floor = (all_floor.0 + floor.0, all_floor.1 + floor.1);
+            }
+            all = (all.0 + time, all.1 + count);
+            rows.push((program.to_string(), time, count, floor.map(ns)));
+        }
+        rows.push((
+            ALL_PROGRAMS.to_string(),
+            all.0,
+            all.1,
+            (all_floor.1 != 0).then(|| ns(all_floor)),
+        ));
+        for ((program, kind, b), (_, _, a)) in before.references.iter().zip(&after.references) {
+            let (time, count) = delta(b, a);
+            let floor = floor_of(program).filter(|f| f.1 != 0).map(ns);
+            rows.push((format!("{program} {}", kind.label()), time, count, floor));
+        }
+        Round { rows }
+    }
+
+    /// (row, ns per invocation, invocations, floor ns) of the programs that ran.
+    fn rows(self) -> impl Iterator<Item = (String, f64, u64, Option<f64>)> {
+        self.rows
+            .into_iter()
+            .filter(|(_, _, count, _)| *count != 0)
+            .map(|(row, time, count, floor)| {
+                (row, time.as_nanos() as f64 / count as f64, count, floor)
+            })
+    }
+}
+
+/// One row's cost over the rounds.
+#[derive(Default)]
+struct Cost {
+    ns: Vec<f64>,
+    above_floor: Vec<f64>,
+    count: u64,
+}
+
+impl Cost {
+    fn add(&mut self, ns: f64, count: u64, floor: Option<f64>) {
+        self.ns.push(ns);
+        self.count += count;
+        if let Some(floor) = floor {
+            self.above_floor.push(ns - floor);
+        }
+    }
+
+    /// Median, minimum, median above the floor, and every round's ns.
+    fn summary(&self) -> (f64, f64, String, String) {
+        let sorted = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v
+        };
+        let ns = sorted(&self.ns);
+        let above = sorted(&self.above_floor);
+        let rounds: Vec<String> = ns.iter().map(|n| format!("{n:.0}")).collect();
+        (
+            ns[ns.len() / 2],
+            ns[0],
+            above
+                .get(above.len() / 2)
+                .map_or("-".into(), |a| format!("{a:.1}")),
+            rounds.join(" "),
+        )
+    }
 }
 
 /// Short connections from the client namespace to `ip`, accepted and closed
