@@ -13,13 +13,14 @@
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
-use observer_common::{ConnEvent, Stat, WatchFilter, conn::ConnBatchState};
+use observer_common::{
+    ConnEvent, Stat, WatchFilter,
+    conn::{CONN_EVENTS_WAKEUP_BYTES, ConnBatchState},
+};
 
-use crate::maps::{CONN_BATCH, CONN_BATCH_STATE, CONN_EVENTS, CONN_EVENTS_BYTES, count, count_n};
+use crate::maps::{CONN_BATCH, CONN_BATCH_STATE, CONN_EVENTS, count, count_n};
 
-/// Unread bytes in the ring buffer that wake the agent before its timer: a
-/// quarter of the ring.
-const WAKEUP_BYTES: u64 = CONN_EVENTS_BYTES as u64 / 4;
+const WAKEUP_BYTES: u64 = CONN_EVENTS_WAKEUP_BYTES as u64;
 
 /// Events a CPU writes one by one between two looks at the ring's fill
 /// level (a helper call): 16 events per CPU fit many times in the three
@@ -148,7 +149,9 @@ fn hand_over(events: &[ConnEvent]) {
 fn write_one(event: &ConnEvent) {
     match CONN_EVENTS.reserve::<ConnEvent>(0) {
         Some(mut slot) => {
-            slot.write(*event);
+            // Through the raw pointer: `MaybeUninit::write` compiled to a
+            // call of a byte-by-byte memmove, seven word copies here.
+            unsafe { slot.as_mut_ptr().write(*event) };
             // A wakeup per event (an irq_work and an epoll round trip) costs
             // more than the rest of the program: the agent drains the ring
             // on a short timer, and is woken early only when it fills up.

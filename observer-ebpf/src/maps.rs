@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use observer_common::{
     ConnEvent, Stat, TracepointLayout, WatchFilter, WatchKey, WatchSlot,
-    conn::{CONN_BATCH_LEN, ConnBatchState},
+    conn::{CONN_BATCH_LEN, CONN_EVENTS_MIN_BYTES, ConnBatchState},
     stats::STATS_LEN,
     watch::{AddrWords, MAX_WATCHED, SlotVerdict, WATCH_SLOT_COUNT, WatchFlags, slot_of},
 };
@@ -27,10 +27,9 @@ pub static WATCH_FILTER: Array<WatchFilter> = Array::with_max_entries(1, 0);
 #[map]
 pub static WATCH_SLOTS: Array<WatchSlot> = Array::with_max_entries(WATCH_SLOT_COUNT, 0);
 
-pub const CONN_EVENTS_BYTES: u32 = 256 * 1024;
-
+/// Resized by the agent to the machine's CPU count.
 #[map]
-pub static CONN_EVENTS: RingBuf = RingBuf::with_byte_size(CONN_EVENTS_BYTES, 0);
+pub static CONN_EVENTS: RingBuf = RingBuf::with_byte_size(CONN_EVENTS_MIN_BYTES, 0);
 
 /// Each CPU's queued events (see `batch.rs`).
 #[map]

@@ -10,6 +10,7 @@ use aya::{
 };
 use observer_common::{
     Stat, TracepointLayout, WatchFilter, WatchKey, WatchSlot,
+    conn::conn_ring_bytes,
     watch::{MAX_WATCHED, WatchFlags},
 };
 use thiserror::Error;
@@ -43,6 +44,8 @@ pub enum KernelError {
     WatchMapFull { capacity: u32, ip: IpAddr },
     #[error("no connection tracepoint could be attached: {0}")]
     NoHook(String),
+    #[error("reading the CPU count from {0} (the ring buffer is sized by it): {1}")]
+    Cpus(&'static str, #[source] std::io::Error),
 }
 
 /// Whether one hook works on this kernel, and why not.
@@ -113,8 +116,10 @@ impl Kernel {
             .map(|f| f.symbols("reason"))
             .unwrap_or_default();
 
+        let cpus = aya::util::nr_cpus().map_err(|(path, e)| KernelError::Cpus(path, e))?;
         let mut ebpf = EbpfLoader::new()
             .override_global("LAYOUT", &layout, true)
+            .map_max_entries("CONN_EVENTS", conn_ring_bytes(cpus))
             .load(OBSERVER_OBJECT)
             .map_err(KernelError::Load)?;
         if options.log_events {
