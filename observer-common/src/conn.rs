@@ -70,6 +70,107 @@ pub mod tcp_state {
     pub const CLOSE_WAIT: i32 = 8;
 }
 
+/// What a TCP state change can say about a watched endpoint, packed in a
+/// byte: which of the changing socket's two addresses can be the endpoint,
+/// the event's kind, and how a close happened for either choice. The
+/// program finds it with one load from [`TRANSITIONS`]; branching on the
+/// states instead let LLVM thread the program into a copy per state.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition(u8);
+
+impl Transition {
+    const LOCAL: u8 = 1;
+    const REMOTE: u8 = 2;
+    /// Every transition no event comes from.
+    pub const IGNORED: Transition = Transition(0);
+
+    pub const fn of(old: i32, new: i32) -> Transition {
+        use tcp_state::*;
+        const BOTH: u8 = Transition::LOCAL | Transition::REMOTE;
+        let (sides, kind, how_if_local, how_if_remote) = match (old, new) {
+            (SYN_RECV, ESTABLISHED) => (
+                Self::LOCAL,
+                ConnEventKind::Accepted,
+                CloseHow::None,
+                CloseHow::None,
+            ),
+            (SYN_SENT, ESTABLISHED) => (
+                Self::REMOTE,
+                ConnEventKind::Connected,
+                CloseHow::None,
+                CloseHow::None,
+            ),
+            // This socket sent FIN first.
+            (ESTABLISHED, FIN_WAIT1) => (
+                BOTH,
+                ConnEventKind::Closed,
+                CloseHow::EndpointFin,
+                CloseHow::PeerFin,
+            ),
+            // Its peer did.
+            (ESTABLISHED, CLOSE_WAIT) => (
+                BOTH,
+                ConnEventKind::Closed,
+                CloseHow::PeerFin,
+                CloseHow::EndpointFin,
+            ),
+            (ESTABLISHED, CLOSE) => (
+                BOTH,
+                ConnEventKind::Closed,
+                CloseHow::Reset,
+                CloseHow::Reset,
+            ),
+            _ => return Self::IGNORED,
+        };
+        Transition(
+            sides | (kind as u8) << 2 | (how_if_local as u8) << 4 | (how_if_remote as u8) << 6,
+        )
+    }
+
+    pub const fn matters(self) -> bool {
+        self.0 & (Self::LOCAL | Self::REMOTE) != 0
+    }
+
+    /// The changing socket's own address can be the endpoint.
+    pub const fn local_may_be_endpoint(self) -> bool {
+        self.0 & Self::LOCAL != 0
+    }
+
+    /// Its peer's address can be the endpoint.
+    pub const fn remote_may_be_endpoint(self) -> bool {
+        self.0 & Self::REMOTE != 0
+    }
+
+    /// A [`ConnEventKind`].
+    pub const fn kind(self) -> u8 {
+        (self.0 >> 2) & 3
+    }
+
+    /// A [`CloseHow`], given which address turned out to be the endpoint.
+    pub const fn close_how(self, local_is_endpoint: bool) -> u8 {
+        if local_is_endpoint {
+            (self.0 >> 4) & 3
+        } else {
+            self.0 >> 6
+        }
+    }
+}
+
+/// TCP states are below this (include/net/tcp_states.h has 13).
+pub const TCP_STATES: usize = 16;
+
+/// [`Transition::of`] every pair of states, at `old * TCP_STATES + new`.
+pub const TRANSITIONS: [Transition; TCP_STATES * TCP_STATES] = {
+    let mut table = [Transition::IGNORED; TCP_STATES * TCP_STATES];
+    let mut i = 0;
+    while i < table.len() {
+        table[i] = Transition::of((i / TCP_STATES) as i32, (i % TCP_STATES) as i32);
+        i += 1;
+    }
+    table
+};
+
 /// `sk_rst_reason` value meaning the tracepoint format has no reason field.
 pub const RESET_REASON_UNKNOWN: u32 = u32::MAX;
 
@@ -145,10 +246,39 @@ pub struct ConnBatchState {
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for ConnBatchState {}
 
-#[cfg(all(test, feature = "user"))]
+#[cfg(test)]
 mod tests {
     use super::*;
 
+    #[test]
+    fn transitions_name_the_possible_endpoint_the_kind_and_how_it_closed() {
+        use tcp_state::*;
+        let at = |old: i32, new: i32| TRANSITIONS[old as usize * TCP_STATES + new as usize];
+        let t = at(SYN_RECV, ESTABLISHED);
+        assert!(t.local_may_be_endpoint() && !t.remote_may_be_endpoint());
+        assert_eq!(t.kind(), ConnEventKind::Accepted as u8);
+        assert_eq!(t.close_how(true), CloseHow::None as u8);
+        let t = at(SYN_SENT, ESTABLISHED);
+        assert!(!t.local_may_be_endpoint() && t.remote_may_be_endpoint());
+        assert_eq!(t.kind(), ConnEventKind::Connected as u8);
+        for (new, if_local, if_remote) in [
+            (FIN_WAIT1, CloseHow::EndpointFin, CloseHow::PeerFin),
+            (CLOSE_WAIT, CloseHow::PeerFin, CloseHow::EndpointFin),
+            (CLOSE, CloseHow::Reset, CloseHow::Reset),
+        ] {
+            let t = at(ESTABLISHED, new);
+            assert!(t.local_may_be_endpoint() && t.remote_may_be_endpoint());
+            assert_eq!(t.kind(), ConnEventKind::Closed as u8);
+            assert_eq!(t.close_how(true), if_local as u8, "to {new}, local");
+            assert_eq!(t.close_how(false), if_remote as u8, "to {new}, remote");
+        }
+        let matter = TRANSITIONS.iter().filter(|t| t.matters()).count();
+        assert_eq!(matter, 5, "only the five transitions above make events");
+        assert!(!at(SYN_SENT, CLOSE).matters());
+        assert!(!at(FIN_WAIT1, CLOSE).matters());
+    }
+
+    #[cfg(feature = "user")]
     #[test]
     fn the_ring_holds_every_cpus_full_batch_four_times() {
         let batch = (CONN_BATCH_LEN * core::mem::size_of::<ConnEvent>()) as u32;

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use observer_common::{
     CloseHow, ConnEvent, ConnEventKind, Stat, WatchFilter, WatchKey,
-    conn::{RESET_REASON_UNKNOWN, tcp_state},
+    conn::{self, RESET_REASON_UNKNOWN, TCP_STATES, Transition},
 };
 
 use crate::{
@@ -40,56 +40,57 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Which side of a transition can be a watched endpoint: (local, remote).
-/// Decided from the states alone, before any address is read or looked up.
+/// Looked up, not computed: see [`Transition`].
+static TRANSITIONS: [Transition; TCP_STATES * TCP_STATES] = conn::TRANSITIONS;
+const _: () = assert!(TCP_STATES * TCP_STATES == 256);
+
 #[inline(always)]
-fn sides(old: i32, new: i32) -> (bool, bool) {
-    match (old, new) {
-        (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) => (true, false),
-        (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => (false, true),
-        (
-            tcp_state::ESTABLISHED,
-            tcp_state::FIN_WAIT1 | tcp_state::CLOSE_WAIT | tcp_state::CLOSE,
-        ) => (true, true),
-        _ => (false, false),
+fn transition(old: i32, new: i32) -> Transition {
+    let (old, new) = (old as u32 as u64, new as u32 as u64);
+    if old >= TCP_STATES as u64 || new >= TCP_STATES as u64 {
+        return Transition::IGNORED;
     }
+    let mut index = old * TCP_STATES as u64 + new;
+    // LLVM tests the bounds above on other copies of these registers than
+    // the one it indexes with, and the verifier then sees an unbounded
+    // index; a mask written as an instruction keeps it visibly in range.
+    unsafe {
+        core::arch::asm!(
+            "{index} &= 255",
+            index = inout(reg) index,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    TRANSITIONS
+        .get(index as usize)
+        .copied()
+        .unwrap_or(Transition::IGNORED)
 }
 
 fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     let Some(filter) = watch_filter() else {
         return Ok(());
     };
-    let relevant = |protocol: u16, old: i32, new: i32| {
-        let (local, remote) = sides(old, new);
-        protocol == IPPROTO_TCP && (local || remote)
+    let classify = |protocol: u16, old: i32, new: i32| {
+        if protocol == IPPROTO_TCP {
+            transition(old, new)
+        } else {
+            Transition::IGNORED
+        }
     };
-    let rec = record::set_state(ctx.as_ptr(), relevant)?;
-    let (old, new) = (rec.old, rec.new);
-    if !relevant(rec.protocol, old, new) {
+    let rec = record::set_state(ctx.as_ptr(), classify)?;
+    let t = rec.transition;
+    if !t.matters() {
         return Ok(());
     }
-    let (check_local, check_remote) = sides(old, new);
 
-    let local_is_endpoint = if check_local && is_watched(filter, rec.local) {
+    let local_is_endpoint = if t.local_may_be_endpoint() && is_watched(filter, rec.local) {
         true
-    } else if check_remote && is_watched(filter, rec.remote) {
+    } else if t.remote_may_be_endpoint() && is_watched(filter, rec.remote) {
         false
     } else {
         count(Stat::Filtered);
         return Ok(());
-    };
-
-    let (kind, close_how) = match new {
-        tcp_state::ESTABLISHED if old == tcp_state::SYN_RECV => {
-            (ConnEventKind::Accepted, CloseHow::None)
-        }
-        tcp_state::ESTABLISHED => (ConnEventKind::Connected, CloseHow::None),
-        tcp_state::CLOSE => (ConnEventKind::Closed, CloseHow::Reset),
-        // FIN_WAIT1: this socket closed first; CLOSE_WAIT: its peer did.
-        tcp_state::FIN_WAIT1 if local_is_endpoint => (ConnEventKind::Closed, CloseHow::EndpointFin),
-        tcp_state::FIN_WAIT1 => (ConnEventKind::Closed, CloseHow::PeerFin),
-        _ if local_is_endpoint => (ConnEventKind::Closed, CloseHow::PeerFin),
-        _ => (ConnEventKind::Closed, CloseHow::EndpointFin),
     };
 
     let (endpoint_addr, endpoint_port, peer_addr, peer_port) = if local_is_endpoint {
@@ -97,23 +98,19 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     } else {
         (rec.remote, rec.remote_port, rec.local, rec.local_port)
     };
-    let (endpoint_addr, peer_addr) = (
-        WatchKey::from_words(endpoint_addr).addr,
-        WatchKey::from_words(peer_addr).addr,
-    );
     emit(
         ctx,
         filter,
         ConnEvent {
             ktime_ns: unsafe { bpf_ktime_get_ns() },
-            endpoint_addr,
-            peer_addr,
+            endpoint_addr: WatchKey::from_words(endpoint_addr).addr,
+            peer_addr: WatchKey::from_words(peer_addr).addr,
             endpoint_port,
             peer_port,
-            kind: kind as u8,
-            close_how: close_how as u8,
-            old_state: old as u8,
-            new_state: new as u8,
+            kind: t.kind(),
+            close_how: t.close_how(local_is_endpoint),
+            old_state: rec.old as u8,
+            new_state: rec.new as u8,
             reason: RESET_REASON_UNKNOWN,
             _pad: 0,
         },

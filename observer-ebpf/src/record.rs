@@ -14,6 +14,7 @@ use core::ffi::c_void;
 use aya_ebpf::helpers::generated::bpf_probe_read_kernel;
 use observer_common::{
     TcpSendResetAddrs, TracepointLayout, WatchKey,
+    conn::Transition,
     layout::{ABSENT, DIRECT_RECV_RESET, DIRECT_SEND_RESET, DIRECT_SET_STATE, RECORD_MAX},
     watch::AddrWords,
 };
@@ -25,12 +26,13 @@ const D: TracepointLayout = TracepointLayout::DEFAULT;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
-/// `sock/inet_sock_set_state`. Addresses and ports are zero unless the
-/// transition was relevant: an `Option` would leave them undefined on the
-/// other path, and LLVM then copies registers the verifier knows were never
-/// written ("!read_ok").
+/// `sock/inet_sock_set_state`. Read from the context, addresses and ports
+/// are zero unless the transition matters: an `Option` would leave them
+/// undefined on the other path, and LLVM then copies registers the
+/// verifier knows were never written ("!read_ok").
 pub struct SetState {
-    pub protocol: u16,
+    /// What the caller's `classify` made of the protocol and states.
+    pub transition: Transition,
     pub old: i32,
     pub new: i32,
     pub local: AddrWords,
@@ -144,14 +146,20 @@ struct Copy {
 
 impl Copy {
     #[inline(always)]
-    fn load(ctx: *mut c_void, size: u16) -> Result<Copy, i64> {
-        let mut copy = Copy { bytes: [0u8; MAX] };
+    fn new() -> Copy {
+        Copy { bytes: [0u8; MAX] }
+    }
+
+    /// Filled in place: a record moved around by value can take several
+    /// copies of the stack.
+    #[inline(always)]
+    fn load(&mut self, ctx: *mut c_void, size: u16) -> Result<&Copy, i64> {
         let size = (size as u32).min(RECORD_MAX as u32);
-        let ret = unsafe { bpf_probe_read_kernel(copy.bytes.as_mut_ptr().cast(), size, ctx) };
+        let ret = unsafe { bpf_probe_read_kernel(self.bytes.as_mut_ptr().cast(), size, ctx) };
         if ret != 0 {
             return Err(ret);
         }
-        Ok(copy)
+        Ok(self)
     }
 
     #[inline(always)]
@@ -176,30 +184,33 @@ impl Copy {
     }
 }
 
-/// The record; addresses are read only if `relevant(protocol, old, new)`:
-/// most transitions are not.
+/// The record; addresses are read from the context only if
+/// `classify(protocol, old, new)` matters: most transitions do not.
 #[inline(always)]
 pub fn set_state(
     ctx: *mut c_void,
-    relevant: impl Fn(u16, i32, i32) -> bool,
+    classify: impl Fn(u16, i32, i32) -> Transition,
 ) -> Result<SetState, i64> {
     if layout!(direct) & DIRECT_SET_STATE != 0 {
-        Ok(set_state_direct(ctx, relevant))
+        Ok(set_state_direct(ctx, classify))
     } else {
-        set_state_copied(ctx, relevant)
+        let (protocol, mut rec) = set_state_copied(ctx)?;
+        rec.transition = classify(protocol, rec.old, rec.new);
+        Ok(rec)
     }
 }
 
 #[inline(always)]
-fn set_state_direct(ctx: *mut c_void, relevant: impl Fn(u16, i32, i32) -> bool) -> SetState {
+fn set_state_direct(ctx: *mut c_void, classify: impl Fn(u16, i32, i32) -> Transition) -> SetState {
     let protocol = ctx_load!(ctx, u16, D.set_state_protocol as usize);
     let old = ctx_load!(ctx, u32, D.set_state_oldstate as usize) as i32;
     let new = ctx_load!(ctx, u32, D.set_state_newstate as usize) as i32;
-    if !relevant(protocol, old, new) {
-        return SetState::transition(protocol, old, new);
+    let transition = classify(protocol, old, new);
+    if !transition.matters() {
+        return SetState::ignored(transition, old, new);
     }
     SetState {
-        protocol,
+        transition,
         old,
         new,
         local: ctx_addr!(ctx, D.set_state_saddr_v6 as usize),
@@ -209,34 +220,30 @@ fn set_state_direct(ctx: *mut c_void, relevant: impl Fn(u16, i32, i32) -> bool) 
     }
 }
 
+/// Reads the whole record: addresses cost nothing more once it is copied.
 #[inline(never)]
-fn set_state_copied(
-    ctx: *mut c_void,
-    relevant: impl Fn(u16, i32, i32) -> bool,
-) -> Result<SetState, i64> {
-    let r = Copy::load(ctx, layout!(set_state_size))?;
-    let protocol = r.get(layout!(set_state_protocol))?;
-    let old = r.get(layout!(set_state_oldstate))?;
-    let new = r.get(layout!(set_state_newstate))?;
-    if !relevant(protocol, old, new) {
-        return Ok(SetState::transition(protocol, old, new));
-    }
-    Ok(SetState {
-        protocol,
-        old,
-        new,
-        local: r.get(layout!(set_state_saddr_v6))?,
-        remote: r.get(layout!(set_state_daddr_v6))?,
-        local_port: r.get(layout!(set_state_sport))?,
-        remote_port: r.get(layout!(set_state_dport))?,
-    })
+fn set_state_copied(ctx: *mut c_void) -> Result<(u16, SetState), i64> {
+    let mut copy = Copy::new();
+    let r = copy.load(ctx, layout!(set_state_size))?;
+    Ok((
+        r.get(layout!(set_state_protocol))?,
+        SetState {
+            transition: Transition::IGNORED,
+            old: r.get(layout!(set_state_oldstate))?,
+            new: r.get(layout!(set_state_newstate))?,
+            local: r.get(layout!(set_state_saddr_v6))?,
+            remote: r.get(layout!(set_state_daddr_v6))?,
+            local_port: r.get(layout!(set_state_sport))?,
+            remote_port: r.get(layout!(set_state_dport))?,
+        },
+    ))
 }
 
 impl SetState {
     #[inline(always)]
-    fn transition(protocol: u16, old: i32, new: i32) -> SetState {
+    fn ignored(transition: Transition, old: i32, new: i32) -> SetState {
         SetState {
-            protocol,
+            transition,
             old,
             new,
             local: [0; 2],
@@ -273,7 +280,8 @@ fn send_reset_direct(ctx: *mut c_void) -> Result<SendReset, i64> {
 
 #[inline(never)]
 fn send_reset_copied(ctx: *mut c_void) -> Result<SendReset, i64> {
-    let r = Copy::load(ctx, layout!(send_reset_size))?;
+    let mut copy = Copy::new();
+    let r = copy.load(ctx, layout!(send_reset_size))?;
     let ((sender, sender_port), (receiver, receiver_port)) =
         if layout!(send_reset_addrs) == TcpSendResetAddrs::Sockaddr as u8 {
             (
@@ -330,7 +338,8 @@ fn receive_reset_direct(ctx: *mut c_void) -> ReceiveReset {
 
 #[inline(never)]
 fn receive_reset_copied(ctx: *mut c_void) -> Result<ReceiveReset, i64> {
-    let r = Copy::load(ctx, layout!(recv_reset_size))?;
+    let mut copy = Copy::new();
+    let r = copy.load(ctx, layout!(recv_reset_size))?;
     Ok(ReceiveReset {
         local: r.get(layout!(recv_reset_saddr_v6))?,
         remote: r.get(layout!(recv_reset_daddr_v6))?,
