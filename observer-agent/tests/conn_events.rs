@@ -545,3 +545,86 @@ fn unbatched_delivery_reads_every_event_once() {
     }
     every_emitted_event_is_read_once(true, 10);
 }
+
+/// Kernels whose record layout is not the compiled-in one (before 6.10)
+/// copy each record before reading it; forced here, the same traffic gives
+/// the same events.
+#[test]
+fn copied_records_give_the_same_events() {
+    use observer_agent::{
+        clock::WallClock,
+        kernel::{Kernel, LoadOptions, conn_events::ConnDecoder},
+        observation::{CloseKind, Observation},
+    };
+    if !root_or_skip("copied_records_give_the_same_events") {
+        return;
+    }
+    let p = pair(11);
+    let mut kernel = Kernel::load(LoadOptions {
+        copy_records: true,
+        ..LoadOptions::default()
+    })
+    .expect("load");
+    for hook in kernel.hooks() {
+        assert!(hook.attached, "{hook:?}");
+        assert!(hook.detail.contains("record copied"), "{hook:?}");
+    }
+    kernel.watch_ip(p.server_ip).unwrap();
+    let mut ring = kernel.take_conn_events().expect("ring");
+    let mut decoder = ConnDecoder::new(WallClock::new(), kernel.reset_reasons().clone());
+
+    let listener = p.listen(p.server_ip);
+    let server_addr = listener.local_addr().unwrap();
+    let mut client = p.connect(server_addr).expect("connect");
+    let client_addr = client.local_addr().unwrap();
+    let (server_side, _) = listener.accept().unwrap();
+    server_side.shutdown(Shutdown::Write).unwrap();
+    client
+        .read_to_end(&mut Vec::new())
+        .expect("client sees FIN");
+    let refused = SocketAddr::new(p.server_ip, 9);
+    assert!(p.connect(refused).is_err());
+
+    // accepted, connected, two closes, reset sent, reset received.
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    while kernel.stats().unwrap().emitted < 6 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ring.flush_batches().expect("flush");
+    let mut seen = Vec::new();
+    while let Some(record) = ring.next_record() {
+        for obs in decoder.decode_record(&record).expect("whole events") {
+            seen.push(obs.expect("decodes"));
+        }
+    }
+    let has = |what: &str, pred: &dyn Fn(&Observation) -> bool| {
+        assert!(seen.iter().any(pred), "no {what} in {seen:#?}");
+    };
+    let from_client = |c: &observer_agent::observation::ConnObservation| {
+        c.src == client_addr && c.dst == server_addr
+    };
+    has(
+        "accepted",
+        &|o| matches!(o, Observation::Accepted(c) if from_client(c)),
+    );
+    has(
+        "connected",
+        &|o| matches!(o, Observation::Connected(c) if from_client(c)),
+    );
+    let endpoint_fin = |o: &Observation, new_state: &str| {
+        matches!(o, Observation::Closed(c)
+            if from_client(c)
+                && c.close == Some(CloseKind::EndpointFin)
+                && c.new_state == Some(new_state))
+    };
+    has("server socket's close", &|o| endpoint_fin(o, "fin_wait1"));
+    has("client socket's close", &|o| endpoint_fin(o, "close_wait"));
+    has("reset sent", &|o| {
+        matches!(o, Observation::ResetSent(c)
+            if c.dst == refused && c.reason.as_deref() == Some("no_socket"))
+    });
+    has(
+        "reset received",
+        &|o| matches!(o, Observation::ResetReceived(c) if c.dst == refused),
+    );
+}

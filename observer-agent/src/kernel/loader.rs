@@ -11,6 +11,7 @@ use aya::{
 use observer_common::{
     Stat, TracepointLayout, WatchFilter, WatchKey, WatchSlot,
     conn::conn_ring_bytes,
+    layout::{DIRECT_RECV_RESET, DIRECT_SEND_RESET, DIRECT_SET_STATE},
     watch::{MAX_WATCHED, WatchFlags},
 };
 use thiserror::Error;
@@ -65,6 +66,10 @@ pub struct LoadOptions {
     /// Write every event to the ring buffer on its own instead of queuing
     /// it in its CPU's batch (for comparisons; batching is cheaper).
     pub unbatched: bool,
+    /// Copy every tracepoint record before reading it, as the programs do
+    /// on kernels whose record layout differs from the compiled-in one
+    /// (so that this path can be tested on any kernel).
+    pub copy_records: bool,
 }
 
 /// How connection events reach the ring buffer on this kernel.
@@ -111,6 +116,9 @@ impl Kernel {
             .collect();
         let mut layout = layout_from(&formats)?;
         layout.log_events = u8::from(options.log_events);
+        if options.copy_records {
+            layout.direct = 0;
+        }
         let reset_reasons = formats[1]
             .as_ref()
             .map(|f| f.symbols("reason"))
@@ -127,14 +135,18 @@ impl Kernel {
         }
 
         let mut hooks = Vec::new();
-        for ((category, name, program), format) in CONN_TRACEPOINTS.iter().zip(&formats) {
+        let direct_bits = [DIRECT_SET_STATE, DIRECT_SEND_RESET, DIRECT_RECV_RESET];
+        for (((category, name, program), format), direct_bit) in
+            CONN_TRACEPOINTS.iter().zip(&formats).zip(direct_bits)
+        {
+            let read_directly = layout.direct & direct_bit != 0;
             let status = match format {
                 Err(e) => HookStatus {
                     name: format!("tracepoint/{category}/{name}"),
                     attached: false,
                     detail: e.to_string(),
                 },
-                Ok(_) => attach_tracepoint(&mut ebpf, program, category, name),
+                Ok(_) => attach_tracepoint(&mut ebpf, program, category, name, read_directly),
             };
             if status.attached {
                 tracing::debug!(hook = %status.name, "attached");
@@ -356,7 +368,13 @@ fn layout_from(
     )?)
 }
 
-fn attach_tracepoint(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> HookStatus {
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    program: &str,
+    category: &str,
+    name: &str,
+    read_directly: bool,
+) -> HookStatus {
     let hook = format!("tracepoint/{category}/{name}");
     let result = (|| -> Result<(), String> {
         let prog: &mut TracePoint = ebpf
@@ -373,7 +391,13 @@ fn attach_tracepoint(ebpf: &mut Ebpf, program: &str, category: &str, name: &str)
         Ok(()) => HookStatus {
             name: hook,
             attached: true,
-            detail: format!("program {program}"),
+            detail: if read_directly {
+                format!("program {program}, record read in place")
+            } else {
+                format!(
+                    "program {program}, record copied first (its layout is not the compiled-in one)"
+                )
+            },
         },
         Err(detail) => HookStatus {
             name: hook,
