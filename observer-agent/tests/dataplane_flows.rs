@@ -43,8 +43,10 @@ const MAX_TRAFFIC: Duration = Duration::from_secs(6);
 /// removal's the receipt of the commit's first notification by the
 /// dataplane thread (both SCHED_FIFO here). A connection translated by the
 /// old rules just before the commit is confirmed, and reported, a few
-/// microseconds later: that, plus both wake-ups, is the slack.
-const FLOW_SLACK_NS: u64 = 1_000_000;
+/// microseconds later: that, plus the flow thread's wake-up (up to 1.6 ms
+/// measured with every core busy, the bound the netlink detector claims
+/// as its precision: 2 ms), is the slack.
+const FLOW_SLACK_NS: u64 = 2_000_000;
 /// The client's source address (not a backend's).
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 181, 0, 1);
 
