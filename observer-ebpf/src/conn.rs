@@ -12,6 +12,7 @@ use aya_log_ebpf::debug;
 use observer_common::{
     CloseHow, ConnEvent, ConnEventKind, Stat, WatchFilter, WatchKey,
     conn::{self, RESET_REASON_UNKNOWN, TCP_STATES, Transition},
+    watch::AddrWords,
 };
 
 use crate::{
@@ -93,26 +94,23 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     };
 
-    let (endpoint_addr, endpoint_port, peer_addr, peer_port) = if local_is_endpoint {
-        (rec.local, rec.local_port, rec.remote, rec.remote_port)
+    let (local, remote) = ((rec.local, rec.local_port), (rec.remote, rec.remote_port));
+    let (endpoint, peer) = if local_is_endpoint {
+        (local, remote)
     } else {
-        (rec.remote, rec.remote_port, rec.local, rec.local_port)
+        (remote, local)
     };
     emit(
         ctx,
         filter,
-        ConnEvent {
-            ktime_ns: unsafe { bpf_ktime_get_ns() },
-            endpoint_addr: WatchKey::from_words(endpoint_addr).addr,
-            peer_addr: WatchKey::from_words(peer_addr).addr,
-            endpoint_port,
-            peer_port,
+        endpoint,
+        peer,
+        Says {
             kind: t.kind(),
             close_how: t.close_how(local_is_endpoint),
             old_state: rec.old as u8,
             new_state: rec.new as u8,
             reason: RESET_REASON_UNKNOWN,
-            _pad: 0,
         },
     );
     Ok(())
@@ -133,18 +131,14 @@ fn try_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
     emit(
         ctx,
         filter,
-        ConnEvent {
-            ktime_ns: unsafe { bpf_ktime_get_ns() },
-            endpoint_addr: WatchKey::from_words(rec.sender).addr,
-            peer_addr: WatchKey::from_words(rec.receiver).addr,
-            endpoint_port: rec.sender_port,
-            peer_port: rec.receiver_port,
+        (rec.sender, rec.sender_port),
+        (rec.receiver, rec.receiver_port),
+        Says {
             kind: ConnEventKind::ResetSent as u8,
             close_how: CloseHow::None as u8,
             old_state: rec.state as u8,
             new_state: rec.state as u8,
             reason: rec.reason,
-            _pad: 0,
         },
     );
     Ok(())
@@ -162,25 +156,51 @@ fn try_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
     emit(
         ctx,
         filter,
-        ConnEvent {
-            ktime_ns: unsafe { bpf_ktime_get_ns() },
-            endpoint_addr: WatchKey::from_words(rec.remote).addr,
-            peer_addr: WatchKey::from_words(rec.local).addr,
-            endpoint_port: rec.remote_port,
-            peer_port: rec.local_port,
+        (rec.remote, rec.remote_port),
+        (rec.local, rec.local_port),
+        Says {
             kind: ConnEventKind::ResetReceived as u8,
             close_how: CloseHow::None as u8,
             old_state: 0,
             new_state: 0,
             reason: RESET_REASON_UNKNOWN,
-            _pad: 0,
         },
     );
     Ok(())
 }
 
+/// What an event says besides its two ends (see [`ConnEvent`]).
+struct Says {
+    kind: u8,
+    close_how: u8,
+    old_state: u8,
+    new_state: u8,
+    reason: u32,
+}
+
+/// Timestamps and sends an event between the watched `endpoint` and its
+/// `peer` (address words and port each).
 #[inline(always)]
-fn emit(ctx: &TracePointContext, filter: &WatchFilter, event: ConnEvent) {
+fn emit(
+    ctx: &TracePointContext,
+    filter: &WatchFilter,
+    endpoint: (AddrWords, u16),
+    peer: (AddrWords, u16),
+    says: Says,
+) {
+    let event = ConnEvent {
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        endpoint_addr: WatchKey::from_words(endpoint.0).addr,
+        peer_addr: WatchKey::from_words(peer.0).addr,
+        endpoint_port: endpoint.1,
+        peer_port: peer.1,
+        kind: says.kind,
+        close_how: says.close_how,
+        old_state: says.old_state,
+        new_state: says.new_state,
+        reason: says.reason,
+        _pad: 0,
+    };
     if layout!(log_events) != 0 {
         debug!(
             ctx,
