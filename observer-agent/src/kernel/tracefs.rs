@@ -84,18 +84,17 @@ impl Tracefs {
             })
     }
 
+    fn event_dir(&self, category: &str, name: &str) -> PathBuf {
+        self.root.join("events").join(category).join(name)
+    }
+
     pub fn event_exists(&self, category: &str, name: &str) -> bool {
-        self.root.join("events").join(category).join(name).is_dir()
+        self.event_dir(category, name).is_dir()
     }
 
     /// The tracepoint's id, which `perf_event_open` takes.
     pub fn event_id(&self, category: &str, name: &str) -> Result<u64, TracefsError> {
-        let path = self
-            .root
-            .join("events")
-            .join(category)
-            .join(name)
-            .join("id");
+        let path = self.event_dir(category, name).join("id");
         let read = |path: &Path| -> std::io::Result<u64> {
             std::fs::read_to_string(path)?
                 .trim()
@@ -106,12 +105,7 @@ impl Tracefs {
     }
 
     pub fn format(&self, category: &str, name: &str) -> Result<EventFormat, TracefsError> {
-        let path = self
-            .root
-            .join("events")
-            .join(category)
-            .join(name)
-            .join("format");
+        let path = self.event_dir(category, name).join("format");
         let text = std::fs::read_to_string(&path).map_err(|source| TracefsError::Read {
             path: path.clone(),
             source,
