@@ -121,7 +121,7 @@ fn main() -> anyhow::Result<()> {
                     };
                     let after = run_stats(&kernel, &references)?;
                     let round = Round::between(&before, &after);
-                    for (row, ns, count, floor) in round.rows() {
+                    for (row, ns, count, floor) in round.rows {
                         costs.entry((row, label)).or_default().add(ns, count, floor);
                     }
                     let wanted = if refused {
@@ -191,21 +191,24 @@ fn run_stats(kernel: &Kernel, references: &[Reference]) -> anyhow::Result<Snapsh
     })
 }
 
-/// What each program cost during one storm.
+/// What each program cost during one storm: (row, ns per invocation,
+/// invocations, the empty program's ns on the same tracepoints), for the
+/// programs that ran.
 struct Round {
-    /// (row, time, invocations, the empty program's ns on the same tracepoints)
-    rows: Vec<(String, Duration, u64, Option<f64>)>,
+    rows: Vec<(String, f64, u64, Option<f64>)>,
 }
 
 impl Round {
     fn between(before: &Snapshot, after: &Snapshot) -> Round {
         let delta = |b: &Stat, a: &Stat| (a.0 - b.0, a.1 - b.1);
+        let ns = |(time, count): Stat| time.as_nanos() as f64 / count as f64;
         let floors: Vec<(&str, Stat)> = before
             .references
             .iter()
             .zip(&after.references)
             .filter(|((_, kind, _), _)| *kind == Kind::Floor)
             .map(|((program, _, b), (_, _, a))| (*program, delta(b, a)))
+            .filter(|(_, stat)| stat.1 != 0)
             .collect();
         let floor_of = |program: &str| {
             floors
@@ -213,40 +216,35 @@ impl Round {
                 .find(|(p, _)| *p == program)
                 .map(|(_, stat)| *stat)
         };
-        let ns = |(time, count): Stat| time.as_nanos() as f64 / count.max(1) as f64;
         let mut rows = Vec::new();
+        let mut push = |row: String, stat: Stat, floor: Option<Stat>| {
+            if stat.1 != 0 {
+                rows.push((row, ns(stat), stat.1, floor.map(ns)));
+            }
+        };
         let (mut all, mut all_floor) = ((Duration::ZERO, 0), (Duration::ZERO, 0));
         for ((program, b), (_, a)) in before.programs.iter().zip(&after.programs) {
-            let (time, count) = delta(b, a);
-            let floor = floor_of(program).filter(|f| f.1 != 0);
+            let stat = delta(b, a);
+            let floor = floor_of(program);
             if let Some(floor) = floor {
                 all_floor = (all_floor.0 + floor.0, all_floor.1 + floor.1);
             }
-            all = (all.0 + time, all.1 + count);
-            rows.push((program.to_string(), time, count, floor.map(ns)));
+            all = (all.0 + stat.0, all.1 + stat.1);
+            push(program.to_string(), stat, floor);
         }
-        rows.push((
+        push(
             ALL_PROGRAMS.to_string(),
-            all.0,
-            all.1,
-            (all_floor.1 != 0).then(|| ns(all_floor)),
-        ));
+            all,
+            (all_floor.1 != 0).then_some(all_floor),
+        );
         for ((program, kind, b), (_, _, a)) in before.references.iter().zip(&after.references) {
-            let (time, count) = delta(b, a);
-            let floor = floor_of(program).filter(|f| f.1 != 0).map(ns);
-            rows.push((format!("{program} {}", kind.label()), time, count, floor));
+            push(
+                format!("{program} {}", kind.label()),
+                delta(b, a),
+                floor_of(program),
+            );
         }
         Round { rows }
-    }
-
-    /// (row, ns per invocation, invocations, floor ns) of the programs that ran.
-    fn rows(self) -> impl Iterator<Item = (String, f64, u64, Option<f64>)> {
-        self.rows
-            .into_iter()
-            .filter(|(_, _, count, _)| *count != 0)
-            .map(|(row, time, count, floor)| {
-                (row, time.as_nanos() as f64 / count as f64, count, floor)
-            })
     }
 }
 
