@@ -445,6 +445,20 @@ fn a_shared_slot_watches_exactly_the_addresses_in_the_map() {
     );
 }
 
+/// Every observation the ring holds now, decoded.
+fn drain(
+    ring: &mut observer_agent::kernel::conn_ring::ConnRing,
+    decoder: &mut observer_agent::kernel::conn_events::ConnDecoder,
+) -> Vec<observer_agent::observation::Observation> {
+    let mut seen = Vec::new();
+    while let Some(record) = ring.next_record() {
+        for obs in decoder.decode_record(&record).expect("whole events") {
+            seen.push(obs.expect("decodes"));
+        }
+    }
+    seen
+}
+
 /// Every event emitted reaches the reader exactly once, whether the
 /// programs queue events per CPU (read after a flush) or write each one.
 fn every_emitted_event_is_read_once(unbatched: bool, subnet: u8) {
@@ -469,17 +483,15 @@ fn every_emitted_event_is_read_once(unbatched: bool, subnet: u8) {
     let mut ring = kernel.take_conn_events().expect("ring");
     let mut decoder = ConnDecoder::new(WallClock::new(), Default::default());
     let mut read = |ring: &mut observer_agent::kernel::conn_ring::ConnRing| {
-        let mut accepted = Vec::new();
-        let mut events = 0;
-        while let Some(record) = ring.next_record() {
-            for obs in decoder.decode_record(&record).expect("whole events") {
-                events += 1;
-                if let Observation::Accepted(c) = obs.expect("decodes") {
-                    accepted.push(c.src.port());
-                }
-            }
-        }
-        (events, accepted)
+        let events = drain(ring, &mut decoder);
+        let accepted: Vec<u16> = events
+            .iter()
+            .filter_map(|obs| match obs {
+                Observation::Accepted(c) => Some(c.src.port()),
+                _ => None,
+            })
+            .collect();
+        (events.len() as u64, accepted)
     };
 
     let listener = p.listen(p.server_ip);
@@ -591,12 +603,7 @@ fn copied_records_give_the_same_events() {
         std::thread::sleep(Duration::from_millis(20));
     }
     ring.flush_batches().expect("flush");
-    let mut seen = Vec::new();
-    while let Some(record) = ring.next_record() {
-        for obs in decoder.decode_record(&record).expect("whole events") {
-            seen.push(obs.expect("decodes"));
-        }
-    }
+    let seen = drain(&mut ring, &mut decoder);
     let has = |what: &str, pred: &dyn Fn(&Observation) -> bool| {
         assert!(seen.iter().any(pred), "no {what} in {seen:#?}");
     };
