@@ -635,3 +635,119 @@ fn copied_records_give_the_same_events() {
         &|o| matches!(o, Observation::ResetReceived(c) if c.dst == refused),
     );
 }
+
+/// The wakeups of a reader blocked on the ring: edge-triggered epoll
+/// reports each wakeup of the ring's wait queue (once per wait, however
+/// many came since the last one).
+struct Wakeups(std::os::fd::OwnedFd);
+
+impl Wakeups {
+    fn of(ring: &impl std::os::fd::AsRawFd) -> Self {
+        use std::os::fd::FromRawFd;
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(
+            epoll >= 0,
+            "epoll_create1: {}",
+            std::io::Error::last_os_error()
+        );
+        let epoll = unsafe { std::os::fd::OwnedFd::from_raw_fd(epoll) };
+        let mut interest = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+            u64: 0,
+        };
+        let added = unsafe {
+            libc::epoll_ctl(
+                std::os::fd::AsRawFd::as_raw_fd(&epoll),
+                libc::EPOLL_CTL_ADD,
+                ring.as_raw_fd(),
+                &mut interest,
+            )
+        };
+        assert_eq!(added, 0, "epoll_ctl: {}", std::io::Error::last_os_error());
+        Wakeups(epoll)
+    }
+
+    /// Whether a wakeup came since the last call, waiting up to `timeout`.
+    fn came(&self, timeout: Duration) -> bool {
+        let mut ready = [libc::epoll_event { events: 0, u64: 0 }];
+        let n = unsafe {
+            libc::epoll_wait(
+                std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                ready.as_mut_ptr(),
+                1,
+                timeout.as_millis() as i32,
+            )
+        };
+        assert!(n >= 0, "epoll_wait: {}", std::io::Error::last_os_error());
+        n == 1
+    }
+}
+
+/// The programs wake a blocked reader when the unread bytes pass the mark,
+/// not with every event before it, and not again with every batch after it
+/// until the reader has read: each wakeup is an interrupt.
+#[test]
+fn a_blocked_reader_is_woken_once_when_unread_events_pass_the_mark() {
+    use observer_agent::kernel::{Kernel, LoadOptions};
+    use observer_common::{
+        ConnEvent,
+        conn::{CONN_BATCH_LEN, CONN_EVENTS_WAKEUP_BYTES},
+    };
+    if !root_or_skip("a_blocked_reader_is_woken_once_when_unread_events_pass_the_mark") {
+        return;
+    }
+    let p = pair(12);
+    let mut kernel = Kernel::load(LoadOptions::default()).expect("load");
+    assert!(kernel.delivery().batched, "{:?}", kernel.delivery());
+    kernel.watch_ip(p.server_ip).unwrap();
+    let mut ring = kernel.take_conn_events().expect("ring");
+    let wakeups = Wakeups::of(&ring);
+
+    // Each refused connection emits two events (reset sent, reset
+    // received). Events reach the ring a batch at a time, so the bytes in
+    // the ring lie between what was emitted and that less one batch per CPU.
+    let event = std::mem::size_of::<ConnEvent>() as u64;
+    let cpus = std::thread::available_parallelism().unwrap().get() as u64;
+    let one_batch_per_cpu = cpus * CONN_BATCH_LEN as u64 * event;
+    let mark = CONN_EVENTS_WAKEUP_BYTES as u64;
+    let refused = SocketAddr::new(p.server_ip, 9);
+    let emitted_bytes = || kernel.stats().expect("stats").emitted * event;
+    let refuse_until = |bytes: u64| {
+        while emitted_bytes() < bytes {
+            assert!(p.connect(refused).is_err());
+        }
+    };
+
+    // Ring record headers are 8 bytes per batch: 4 KiB below the mark
+    // leaves room for them.
+    refuse_until(mark - 4096);
+    assert!(
+        !wakeups.came(Duration::from_millis(200)),
+        "woken before the unread bytes reached the mark"
+    );
+    refuse_until(mark + one_batch_per_cpu);
+    assert!(
+        wakeups.came(Duration::from_secs(5)),
+        "not woken after the unread bytes passed the mark"
+    );
+    refuse_until(emitted_bytes() + 4 * one_batch_per_cpu);
+    assert!(
+        !wakeups.came(Duration::from_millis(200)),
+        "woken again by later batches before anything was read"
+    );
+
+    let mut records = 0;
+    while ring.next_record().is_some() {
+        records += 1;
+    }
+    assert!(
+        records as u64 * one_batch_per_cpu / cpus > mark,
+        "read {records} records"
+    );
+    refuse_until(emitted_bytes() + mark + one_batch_per_cpu);
+    assert!(
+        wakeups.came(Duration::from_secs(5)),
+        "not woken when the mark was passed again after a read"
+    );
+    assert_eq!(kernel.stats().unwrap().lost, 0);
+}

@@ -130,9 +130,18 @@ fn compiler_barrier() {
 }
 
 /// One ring record for the whole batch; a full ring loses all of it, counted.
+///
+/// Wakes the agent only with the record that takes the unread bytes past
+/// the mark: a wakeup is an interrupt to this CPU (irq_work), and waking
+/// again with every later batch until the agent had read cost each
+/// emitting invocation 20-100 ns more (docs/benchmarks.md). The agent's
+/// timer reads the ring anyway: a reader that misses the one wakeup loses
+/// no event, it reads them at its next tick.
 #[inline(always)]
 fn hand_over(events: &[ConnEvent]) {
-    let flags = if CONN_EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+    let unread = CONN_EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let bytes = core::mem::size_of_val(events) as u64;
+    let flags = if unread < WAKEUP_BYTES && unread + bytes >= WAKEUP_BYTES {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
@@ -155,6 +164,9 @@ fn write_one(event: &ConnEvent) {
             // A wakeup per event (an irq_work and an epoll round trip) costs
             // more than the rest of the program: the agent drains the ring
             // on a short timer, and is woken early only when it fills up.
+            // Looked at every 16th event, the fill level cannot show the
+            // moment it passes the mark (as `hand_over` does), so every look
+            // above it wakes.
             let emitted = count(Stat::Emitted);
             let flags = if emitted.is_multiple_of(FILL_CHECK_EVERY)
                 && CONN_EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES

@@ -142,8 +142,9 @@ pub async fn forward(
         .map_err(|e| e.into_parts().1)?;
     let mut undecodable: u64 = 0;
     let mut failed_flushes: u64 = 0;
-    // The programs wake this reader only when the ring fills up (a wakeup per
-    // event would cost more than the event): drain it on a short timer too.
+    // The programs wake this reader only when the unread bytes pass a mark
+    // (a wakeup per event would cost more than the event), once per pass:
+    // drain it on a short timer too.
     let mut drain = tokio::time::interval(DRAIN_INTERVAL);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
