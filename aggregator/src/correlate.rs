@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use observer_proto::Endpoint;
 use tokio::sync::broadcast;
 
 use crate::config::Settings;
@@ -32,20 +33,6 @@ use crate::store::{
 };
 
 const NANOS: f64 = 1e9;
-
-/// An endpoint agents must watch: one pod whose deletion started.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    pub pod_uid: String,
-    pub namespace: String,
-    pub pod_name: String,
-    pub services: Vec<String>,
-    pub ip: IpAddr,
-    pub ports: Vec<u16>,
-    /// T0 used for latencies (see [`DeletionStart::t0`]).
-    pub deletion_start_unix_nanos: UnixNanos,
-    pub grace_period_seconds: Option<i64>,
-}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WatchChange {
@@ -287,7 +274,8 @@ impl Pending {
             services: d.services.clone(),
             ip: d.ip,
             ports: d.ports.clone(),
-            deletion_start_unix_nanos: self.t0,
+            // Wall-clock times since 1970: never negative.
+            deletion_start_unix_nanos: self.t0.max(0) as u64,
             grace_period_seconds: d.grace_period_seconds,
         }
     }

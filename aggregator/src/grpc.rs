@@ -14,7 +14,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 use crate::correlate::{
-    AgentCounters, Batch, ClockEstimate, CorrelateError, Correlator, Endpoint, Mode, Obs, ObsKind,
+    AgentCounters, Batch, ClockEstimate, CorrelateError, Correlator, Mode, Obs, ObsKind,
     Registration, ResetCause, WatchChange,
 };
 use crate::http::now_unix_nanos;
@@ -188,23 +188,10 @@ fn watch_event(change: WatchChange) -> pb::WatchEvent {
     use pb::watch_event::Event;
     pb::WatchEvent {
         event: Some(match change {
-            WatchChange::Add(e) => Event::Add(endpoint_to_proto(e)),
-            WatchChange::Remove(e) => Event::Remove(endpoint_to_proto(e)),
+            WatchChange::Add(e) => Event::Add(e.into()),
+            WatchChange::Remove(e) => Event::Remove(e.into()),
             WatchChange::Synced => Event::Synced(pb::Synced {}),
         }),
-    }
-}
-
-pub fn endpoint_to_proto(e: Endpoint) -> pb::WatchedEndpoint {
-    pb::WatchedEndpoint {
-        pod_uid: e.pod_uid,
-        namespace: e.namespace,
-        pod_name: e.pod_name,
-        services: e.services,
-        ip: e.ip.to_string(),
-        ports: e.ports.into_iter().map(u32::from).collect(),
-        deletion_start_unix_nanos: e.deletion_start_unix_nanos.max(0) as u64,
-        grace_period_seconds: e.grace_period_seconds.unwrap_or(0),
     }
 }
 

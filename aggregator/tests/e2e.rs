@@ -74,7 +74,7 @@ async fn deletion_flows_to_recommendation_and_survives_restart() {
     );
     assert_eq!(ep.services, ["web"]);
     assert_eq!(ep.ports, [8080]);
-    assert_eq!(ep.grace_period_seconds, 30);
+    assert_eq!(ep.grace_period_seconds, Some(30));
     let t0 = ep.deletion_start_unix_nanos;
 
     // node-a (hosts the pod): its rules go at +0.4 s; it accepted a

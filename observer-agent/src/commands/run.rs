@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::Context;
 use clap::Args;
+use observer_proto::Endpoint;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{mpsc, oneshot},
@@ -24,7 +25,7 @@ use crate::{
     kernel::{Kernel, LoadOptions, conn_events, probe},
     observation::Observation,
     realtime::{self, TimingPriority},
-    report::{self, KernelCounters, ReporterConfig, WatchUpdate, WatchedEndpoint},
+    report::{self, KernelCounters, ReporterConfig, WatchUpdate},
 };
 
 #[derive(Args, Debug)]
@@ -192,7 +193,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 /// its endpoints is watched.
 #[derive(Default)]
 struct Watched {
-    by_pod: HashMap<String, WatchedEndpoint>,
+    by_pod: HashMap<String, Endpoint>,
     ip_refs: HashMap<IpAddr, usize>,
 }
 

@@ -15,19 +15,19 @@ mod convert;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use observer_proto::Endpoint;
 use observer_proto::v1 as pb;
 use observer_proto::v1::observer_client::ObserverClient;
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{self, Channel};
 
 use crate::kernel::probe::Capability;
-use crate::observation::{Observation, UnixNanos};
+use crate::observation::Observation;
 use buffer::Buffer;
 
 /// Counters the kernel side keeps and the reporter forwards (cumulative).
@@ -85,24 +85,10 @@ impl ReporterConfig {
     }
 }
 
-/// An endpoint of a pod being deleted, to be watched by the kernel side.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WatchedEndpoint {
-    pub pod_uid: String,
-    pub namespace: String,
-    pub pod_name: String,
-    pub services: Vec<String>,
-    pub ip: IpAddr,
-    pub ports: Vec<u16>,
-    /// Deletion start (T0), aggregator clock.
-    pub deletion_start_unix_nanos: UnixNanos,
-    pub grace_period_seconds: i64,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WatchUpdate {
-    Add(WatchedEndpoint),
-    Remove(WatchedEndpoint),
+    Add(Endpoint),
+    Remove(Endpoint),
 }
 
 /// What a reporter did, returned when it stops.
@@ -156,7 +142,7 @@ pub async fn run(
     watch_tx: mpsc::Sender<WatchUpdate>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<Summary, ReportError> {
-    let endpoint = Endpoint::from_shared(cfg.aggregator.clone())
+    let endpoint = transport::Endpoint::from_shared(cfg.aggregator.clone())
         .map_err(|e| ReportError::InvalidUrl {
             url: cfg.aggregator.clone(),
             reason: e.to_string(),
@@ -207,7 +193,7 @@ struct Reporter<S> {
     rx: mpsc::Receiver<Observation>,
     rx_open: bool,
     watch_tx: mpsc::Sender<WatchUpdate>,
-    watched: HashMap<String, WatchedEndpoint>,
+    watched: HashMap<String, Endpoint>,
     buffer: Buffer,
     clock: Option<clock::Estimate>,
     summary: Summary,
@@ -250,7 +236,10 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
 
     /// One connection: register, subscribe, then report until something
     /// fails. Returns how it ended and whether it got as far as registering.
-    async fn session(&mut self, endpoint: &Endpoint) -> Result<(End, bool), ReportError> {
+    async fn session(
+        &mut self,
+        endpoint: &transport::Endpoint,
+    ) -> Result<(End, bool), ReportError> {
         macro_rules! step {
             ($fut:expr, $what:literal) => {
                 match self.buffering($fut).await {
@@ -497,7 +486,7 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
     }
 
     /// Last delivery attempt at shutdown, bounded by one call deadline.
-    async fn finish(mut self, endpoint: &Endpoint) -> Summary {
+    async fn finish(mut self, endpoint: &transport::Endpoint) -> Summary {
         while let Ok(o) = self.rx.try_recv() {
             self.push(&o);
         }
@@ -532,26 +521,10 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
     }
 }
 
-fn endpoint(e: pb::WatchedEndpoint) -> Option<WatchedEndpoint> {
-    let ip = match e.ip.parse() {
-        Ok(ip) => ip,
-        Err(_) => {
-            tracing::warn!(ip = %e.ip, pod = %e.pod_name, "aggregator sent an endpoint with a bad IP; ignored");
-            return None;
-        }
-    };
-    Some(WatchedEndpoint {
-        pod_uid: e.pod_uid,
-        namespace: e.namespace,
-        pod_name: e.pod_name,
-        services: e.services,
-        ip,
-        ports: e
-            .ports
-            .into_iter()
-            .filter_map(|p| u16::try_from(p).ok())
-            .collect(),
-        deletion_start_unix_nanos: e.deletion_start_unix_nanos,
-        grace_period_seconds: e.grace_period_seconds,
-    })
+/// A wire endpoint the agent can watch, or `None` (logged) when it does not
+/// decode: one bad endpoint must not end the subscription of the others.
+fn endpoint(e: pb::WatchedEndpoint) -> Option<Endpoint> {
+    Endpoint::try_from(e)
+        .inspect_err(|e| tracing::warn!(error = %e, "aggregator sent an endpoint that does not decode; ignored"))
+        .ok()
 }
