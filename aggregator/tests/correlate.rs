@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use aggregator::config::Settings;
 use aggregator::correlate::{
-    Batch, Correlator, DeletionStart, Mode, Obs, ObsKind, Registration, ResetCause,
+    Batch, Correlator, DeletionStart, Mode, Obs, ObsKind, Registration, ReportOutcome, ResetCause,
+    Subscription,
 };
 use aggregator::metrics::Metrics;
 use aggregator::nodes::NodeInfo;
@@ -13,6 +14,10 @@ use aggregator::store::Store;
 
 const S: i64 = 1_000_000_000;
 const T0: i64 = 1_700_000_000 * S;
+/// The pod every test deletes (its node, a, hosts 10.0.0.0/24).
+const POD: &str = "10.0.0.5";
+/// A client pod on node b.
+const CLIENT: &str = "10.1.0.9";
 
 fn setup(timeout: Duration) -> (Arc<Correlator>, Arc<Store>) {
     setup_with_linger(timeout, Duration::ZERO)
@@ -20,12 +25,7 @@ fn setup(timeout: Duration) -> (Arc<Correlator>, Arc<Store>) {
 
 fn setup_with_linger(timeout: Duration, linger: Duration) -> (Arc<Correlator>, Arc<Store>) {
     let store = Arc::new(Store::in_memory().unwrap());
-    let settings = Arc::new(Settings {
-        completion_timeout: timeout,
-        shutdown_linger: linger,
-        ..Settings::default()
-    });
-    let c = Correlator::new(settings, Arc::clone(&store), Arc::new(Metrics::new()));
+    let c = correlator(&store, timeout, linger);
     c.set_node(
         "b".into(),
         NodeInfo {
@@ -43,13 +43,35 @@ fn setup_with_linger(timeout: Duration, linger: Duration) -> (Arc<Correlator>, A
     (c, store)
 }
 
-fn register(c: &Correlator, node: &str) {
+fn correlator(store: &Arc<Store>, timeout: Duration, linger: Duration) -> Arc<Correlator> {
+    let settings = Arc::new(Settings {
+        completion_timeout: timeout,
+        shutdown_linger: linger,
+        ..Settings::default()
+    });
+    Correlator::new(settings, Arc::clone(store), Arc::new(Metrics::new()))
+}
+
+/// Registers the agent of `node`; returns the last batch it has durable.
+fn register(c: &Correlator, node: &str) -> u64 {
     c.register(Registration {
         agent_id: node.into(),
         node_name: node.into(),
         kernel_release: String::new(),
         capabilities: vec![],
-    });
+    })
+}
+
+/// Registers and subscribes the agents of `nodes`: subscribed agents are
+/// the nodes a deletion starting now expects reports from.
+fn subscribed(c: &Arc<Correlator>, nodes: &[&str]) -> Vec<Subscription> {
+    nodes
+        .iter()
+        .map(|node| {
+            register(c, node);
+            c.subscribe(node).unwrap()
+        })
+        .collect()
 }
 
 fn start(uid: &str, ip: &str) -> DeletionStart {
@@ -77,6 +99,16 @@ fn obs(kind: ObsKind, ip: &str, peer: Option<&str>, t: i64) -> Obs {
     }
 }
 
+/// The node stopped routing to [`POD`] at `t`.
+fn rules_removed(mode: Mode, t: i64) -> Obs {
+    obs(ObsKind::RulesRemoved(mode), POD, None, t)
+}
+
+/// A connection between [`POD`] and `peer` at `t`.
+fn conn(kind: ObsKind, peer: &str, t: i64) -> Obs {
+    obs(kind, POD, Some(peer), t)
+}
+
 fn batch(agent: &str, seq: u64, observations: Vec<Obs>) -> Batch {
     Batch {
         agent_id: agent.into(),
@@ -88,86 +120,56 @@ fn batch(agent: &str, seq: u64, observations: Vec<Obs>) -> Batch {
     }
 }
 
+/// `agent`'s batch `seq`, received at T0.
+fn report(c: &Correlator, agent: &str, seq: u64, observations: Vec<Obs>) -> ReportOutcome {
+    c.report(batch(agent, seq, observations), T0).unwrap()
+}
+
 #[test]
 fn latency_is_max_of_rules_and_last_connection_per_node() {
     let (c, store) = setup(Duration::from_secs(60));
-    register(&c, "a");
-    register(&c, "b");
-    let _subs = (c.subscribe("a").unwrap(), c.subscribe("b").unwrap());
-    c.deletion_started(start("u1", "10.0.0.5"), T0);
+    let _subs = subscribed(&c, &["a", "b"]);
+    c.deletion_started(start("u1", POD), T0);
     // Rules removed at +1 s, then re-added, then removed for good at +2 s;
     // a new flow routed by node a at +2.5 s is later still.
-    c.report(
-        batch(
-            "a",
-            1,
-            vec![
-                obs(
-                    ObsKind::RulesRemoved(Mode::IptablesNft),
-                    "10.0.0.5",
-                    None,
-                    T0 + S,
-                ),
-                obs(ObsKind::RulesAdded, "10.0.0.5", None, T0 + S + S / 2),
-            ],
-        ),
-        T0,
-    )
-    .unwrap();
-    c.report(
-        batch(
-            "a",
-            2,
-            vec![
-                obs(
-                    ObsKind::RulesRemoved(Mode::IptablesNft),
-                    "10.0.0.5",
-                    None,
-                    T0 + 2 * S,
-                ),
-                obs(
-                    ObsKind::NewFlow,
-                    "10.0.0.5",
-                    Some("10.0.0.9"),
-                    T0 + 5 * S / 2,
-                ),
-                // Another endpoint: ignored.
-                obs(
-                    ObsKind::RulesRemoved(Mode::IptablesNft),
-                    "10.0.0.6",
-                    None,
-                    T0 + 9 * S,
-                ),
-            ],
-        ),
-        T0,
-    )
-    .unwrap();
-    c.report(
-        batch(
-            "b",
-            1,
-            vec![
-                obs(
-                    ObsKind::RulesRemoved(Mode::Nftables),
-                    "10.0.0.5",
-                    None,
-                    T0 + S / 2,
-                ),
-                // Refused connection from a pod on node b, seen by the destination.
-                obs(
-                    ObsKind::ResetSent {
-                        cause: ResetCause::Refused,
-                    },
-                    "10.0.0.5",
-                    Some("10.1.0.3"),
-                    T0 + 3 * S,
-                ),
-            ],
-        ),
-        T0,
-    )
-    .unwrap();
+    report(
+        &c,
+        "a",
+        1,
+        vec![
+            rules_removed(Mode::IptablesNft, T0 + S),
+            obs(ObsKind::RulesAdded, POD, None, T0 + S + S / 2),
+        ],
+    );
+    report(
+        &c,
+        "a",
+        2,
+        vec![
+            rules_removed(Mode::IptablesNft, T0 + 2 * S),
+            conn(ObsKind::NewFlow, "10.0.0.9", T0 + 5 * S / 2),
+            // Another endpoint: ignored.
+            obs(
+                ObsKind::RulesRemoved(Mode::IptablesNft),
+                "10.0.0.6",
+                None,
+                T0 + 9 * S,
+            ),
+        ],
+    );
+    let refused = ObsKind::ResetSent {
+        cause: ResetCause::Refused,
+    };
+    report(
+        &c,
+        "b",
+        1,
+        vec![
+            rules_removed(Mode::Nftables, T0 + S / 2),
+            // Refused connection from a pod on node b, seen by the destination.
+            conn(refused, "10.1.0.3", T0 + 3 * S),
+        ],
+    );
     // All reported, but the pod is not gone yet: still pending.
     c.tick(T0 + 3 * S);
     assert_eq!(c.pending(), 1);
@@ -188,19 +190,9 @@ fn latency_is_max_of_rules_and_last_connection_per_node() {
 #[test]
 fn clock_offset_corrects_agent_times() {
     let (c, store) = setup(Duration::from_secs(60));
-    register(&c, "a");
-    let _s = c.subscribe("a").unwrap();
-    c.deletion_started(start("u1", "10.0.0.5"), T0);
-    let mut b = batch(
-        "a",
-        1,
-        vec![obs(
-            ObsKind::RulesRemoved(Mode::Nftables),
-            "10.0.0.5",
-            None,
-            T0 + S,
-        )],
-    );
+    let _subs = subscribed(&c, &["a"]);
+    c.deletion_started(start("u1", POD), T0);
+    let mut b = batch("a", 1, vec![rules_removed(Mode::Nftables, T0 + S)]);
     // The agent's clock is 300 ms behind the aggregator's.
     b.clock = Some(aggregator::correlate::ClockEstimate {
         offset_ns: 300_000_000,
@@ -216,24 +208,9 @@ fn clock_offset_corrects_agent_times() {
 #[test]
 fn timeout_lists_missing_nodes_and_gives_no_latency() {
     let (c, store) = setup(Duration::from_secs(5));
-    register(&c, "a");
-    register(&c, "b");
-    let _subs = (c.subscribe("a").unwrap(), c.subscribe("b").unwrap());
-    c.deletion_started(start("u1", "10.0.0.5"), T0);
-    c.report(
-        batch(
-            "a",
-            1,
-            vec![obs(
-                ObsKind::RulesRemoved(Mode::Nftables),
-                "10.0.0.5",
-                None,
-                T0 + S,
-            )],
-        ),
-        T0,
-    )
-    .unwrap();
+    let _subs = subscribed(&c, &["a", "b"]);
+    c.deletion_started(start("u1", POD), T0);
+    report(&c, "a", 1, vec![rules_removed(Mode::Nftables, T0 + S)]);
     c.pod_gone("u1", T0 + S);
     c.tick(T0 + 4 * S);
     assert_eq!(c.pending(), 1, "finished before the timeout");
@@ -247,33 +224,18 @@ fn timeout_lists_missing_nodes_and_gives_no_latency() {
 #[test]
 fn repeated_starts_and_stored_deletions_are_not_tracked_twice() {
     let (c, _store) = setup(Duration::from_secs(60));
-    register(&c, "a");
-    let sub = c.subscribe("a").unwrap();
-    c.deletion_started(start("u1", "10.0.0.5"), T0);
-    c.deletion_started(start("u1", "10.0.0.5"), T0 + S);
+    let subs = subscribed(&c, &["a"]);
+    c.deletion_started(start("u1", POD), T0);
+    c.deletion_started(start("u1", POD), T0 + S);
     assert_eq!(c.pending(), 1);
-    c.report(
-        batch(
-            "a",
-            1,
-            vec![obs(
-                ObsKind::RulesRemoved(Mode::Nftables),
-                "10.0.0.5",
-                None,
-                T0 + S,
-            )],
-        ),
-        T0,
-    )
-    .unwrap();
+    report(&c, "a", 1, vec![rules_removed(Mode::Nftables, T0 + S)]);
     c.pod_gone("u1", T0 + 2 * S);
     // A relist after it finished delivers it again: already stored.
-    c.deletion_started(start("u1", "10.0.0.5"), T0 + 3 * S);
+    c.deletion_started(start("u1", POD), T0 + 3 * S);
     assert_eq!(c.pending(), 0);
     // A duplicate batch changes nothing and says so.
-    let d = c.report(batch("a", 1, vec![]), T0).unwrap();
-    assert!(d.duplicate);
-    drop(sub);
+    assert!(report(&c, "a", 1, vec![]).duplicate);
+    drop(subs);
     assert!(c.report(batch("ghost", 1, vec![]), T0).is_err());
 }
 
@@ -290,43 +252,15 @@ fn deletion_seen_before_any_agent_expects_the_agents_live_at_the_end() {
     // The aggregator just restarted: the relist finds a deletion before the
     // agents have reconnected.
     let (c, store) = setup(Duration::from_secs(60));
-    c.deletion_started(start("u1", "10.0.0.5"), T0);
+    c.deletion_started(start("u1", POD), T0);
     c.pod_gone("u1", T0 + S);
     c.tick(T0 + S);
     assert_eq!(c.pending(), 1, "finished with no agent at all");
-    register(&c, "a");
-    register(&c, "b");
-    let _subs = (c.subscribe("a").unwrap(), c.subscribe("b").unwrap());
-    c.report(
-        batch(
-            "a",
-            1,
-            vec![obs(
-                ObsKind::RulesRemoved(Mode::Nftables),
-                "10.0.0.5",
-                None,
-                T0 + S,
-            )],
-        ),
-        T0,
-    )
-    .unwrap();
+    let _subs = subscribed(&c, &["a", "b"]);
+    report(&c, "a", 1, vec![rules_removed(Mode::Nftables, T0 + S)]);
     c.tick(T0 + 2 * S);
     assert_eq!(c.pending(), 1, "node b has not reported yet");
-    c.report(
-        batch(
-            "b",
-            1,
-            vec![obs(
-                ObsKind::RulesRemoved(Mode::Nftables),
-                "10.0.0.5",
-                None,
-                T0 + 2 * S,
-            )],
-        ),
-        T0,
-    )
-    .unwrap();
+    report(&c, "b", 1, vec![rules_removed(Mode::Nftables, T0 + 2 * S)]);
     c.tick(T0 + 3 * S);
     let rec = store.deletion("u1").unwrap().unwrap();
     assert!(rec.complete);
@@ -336,47 +270,24 @@ fn deletion_seen_before_any_agent_expects_the_agents_live_at_the_end() {
 #[test]
 fn kubelet_probes_from_the_host_node_do_not_count_as_traffic() {
     let (c, store) = setup(Duration::from_secs(60));
-    register(&c, "a");
-    let _s = c.subscribe("a").unwrap();
+    let _subs = subscribed(&c, &["a"]);
     // The pod runs on node a (192.168.0.1).
-    c.deletion_started(start("u1", "10.0.0.5"), T0);
-    c.report(
-        batch(
-            "a",
-            1,
-            vec![
-                obs(
-                    ObsKind::RulesRemoved(Mode::Nftables),
-                    "10.0.0.5",
-                    None,
-                    T0 + S,
-                ),
-                // Probes until the pod exits, seen both ways.
-                obs(
-                    ObsKind::Accepted,
-                    "10.0.0.5",
-                    Some("192.168.0.1"),
-                    T0 + 20 * S,
-                ),
-                obs(
-                    ObsKind::NewFlow,
-                    "10.0.0.5",
-                    Some("192.168.0.1"),
-                    T0 + 20 * S,
-                ),
-                obs(
-                    ObsKind::Connected,
-                    "10.0.0.5",
-                    Some("192.168.0.1"),
-                    T0 + 20 * S,
-                ),
-                // A real client on node b is still counted.
-                obs(ObsKind::Accepted, "10.0.0.5", Some("10.1.0.9"), T0 + 2 * S),
-            ],
-        ),
-        T0,
-    )
-    .unwrap();
+    c.deletion_started(start("u1", POD), T0);
+    let kubelet = "192.168.0.1";
+    report(
+        &c,
+        "a",
+        1,
+        vec![
+            rules_removed(Mode::Nftables, T0 + S),
+            // Probes until the pod exits, seen both ways.
+            conn(ObsKind::Accepted, kubelet, T0 + 20 * S),
+            conn(ObsKind::NewFlow, kubelet, T0 + 20 * S),
+            conn(ObsKind::Connected, kubelet, T0 + 20 * S),
+            // A real client on node b is still counted.
+            conn(ObsKind::Accepted, CLIENT, T0 + 2 * S),
+        ],
+    );
     c.pod_gone("u1", T0 + 21 * S);
     let rec = store.deletion("u1").unwrap().unwrap();
     assert_eq!(rec.propagation_seconds, Some(2.0), "{rec:#?}");
@@ -389,50 +300,32 @@ fn kubelet_probes_from_the_host_node_do_not_count_as_traffic() {
 #[test]
 fn late_connections_come_from_new_flows_and_accepts_without_double_counting() {
     let (c, store) = setup(Duration::from_secs(60));
-    register(&c, "a");
-    register(&c, "b");
-    let _subs = (c.subscribe("a").unwrap(), c.subscribe("b").unwrap());
-    c.deletion_started(start("u1", "10.0.0.5"), T0);
+    let _subs = subscribed(&c, &["a", "b"]);
+    c.deletion_started(start("u1", POD), T0);
     // Node b's conntrack: one flow before T0, three after, then its rules go.
-    c.report(
-        batch(
-            "b",
-            1,
-            vec![
-                obs(ObsKind::NewFlow, "10.0.0.5", Some("10.1.0.9"), T0 - S),
-                obs(ObsKind::NewFlow, "10.0.0.5", Some("10.1.0.9"), T0 + S / 10),
-                obs(ObsKind::NewFlow, "10.0.0.5", Some("10.1.0.9"), T0 + S / 5),
-                obs(ObsKind::NewFlow, "10.0.0.5", Some("10.1.0.9"), T0 + S / 2),
-                obs(
-                    ObsKind::RulesRemoved(Mode::Nftables),
-                    "10.0.0.5",
-                    None,
-                    T0 + S,
-                ),
-            ],
-        ),
-        T0,
-    )
-    .unwrap();
+    report(
+        &c,
+        "b",
+        1,
+        vec![
+            conn(ObsKind::NewFlow, CLIENT, T0 - S),
+            conn(ObsKind::NewFlow, CLIENT, T0 + S / 10),
+            conn(ObsKind::NewFlow, CLIENT, T0 + S / 5),
+            conn(ObsKind::NewFlow, CLIENT, T0 + S / 2),
+            rules_removed(Mode::Nftables, T0 + S),
+        ],
+    );
     // The pod's node accepted two of those same connections from b after T0.
-    c.report(
-        batch(
-            "a",
-            1,
-            vec![
-                obs(ObsKind::Accepted, "10.0.0.5", Some("10.1.0.9"), T0 + S / 5),
-                obs(ObsKind::Accepted, "10.0.0.5", Some("10.1.0.9"), T0 + S / 2),
-                obs(
-                    ObsKind::RulesRemoved(Mode::Nftables),
-                    "10.0.0.5",
-                    None,
-                    T0 + S / 3,
-                ),
-            ],
-        ),
-        T0,
-    )
-    .unwrap();
+    report(
+        &c,
+        "a",
+        1,
+        vec![
+            conn(ObsKind::Accepted, CLIENT, T0 + S / 5),
+            conn(ObsKind::Accepted, CLIENT, T0 + S / 2),
+            rules_removed(Mode::Nftables, T0 + S / 3),
+        ],
+    );
     c.pod_gone("u1", T0 + 2 * S);
     let rec = store.deletion("u1").unwrap().unwrap();
     let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
@@ -443,45 +336,27 @@ fn late_connections_come_from_new_flows_and_accepts_without_double_counting() {
 #[test]
 fn flows_passing_through_the_pods_node_are_not_its_routing() {
     let (c, store) = setup(Duration::from_secs(60));
-    register(&c, "a");
-    register(&c, "b");
-    let _subs = (c.subscribe("a").unwrap(), c.subscribe("b").unwrap());
-    c.deletion_started(start("u1", "10.0.0.5"), T0);
-    c.report(
-        batch(
-            "b",
-            1,
-            vec![
-                obs(ObsKind::NewFlow, "10.0.0.5", Some("10.1.0.9"), T0 + 2 * S),
-                obs(
-                    ObsKind::RulesRemoved(Mode::Nftables),
-                    "10.0.0.5",
-                    None,
-                    T0 + 2 * S,
-                ),
-            ],
-        ),
-        T0,
-    )
-    .unwrap();
+    let _subs = subscribed(&c, &["a", "b"]);
+    c.deletion_started(start("u1", POD), T0);
+    report(
+        &c,
+        "b",
+        1,
+        vec![
+            conn(ObsKind::NewFlow, CLIENT, T0 + 2 * S),
+            rules_removed(Mode::Nftables, T0 + 2 * S),
+        ],
+    );
     // Node a hosts the pod: its conntrack sees b's flow forwarded to the pod.
-    c.report(
-        batch(
-            "a",
-            1,
-            vec![
-                obs(
-                    ObsKind::RulesRemoved(Mode::Nftables),
-                    "10.0.0.5",
-                    None,
-                    T0 + S / 2,
-                ),
-                obs(ObsKind::NewFlow, "10.0.0.5", Some("10.1.0.9"), T0 + 2 * S),
-            ],
-        ),
-        T0,
-    )
-    .unwrap();
+    report(
+        &c,
+        "a",
+        1,
+        vec![
+            rules_removed(Mode::Nftables, T0 + S / 2),
+            conn(ObsKind::NewFlow, CLIENT, T0 + 2 * S),
+        ],
+    );
     c.pod_gone("u1", T0 + 3 * S);
     let rec = store.deletion("u1").unwrap().unwrap();
     let a = rec.nodes.iter().find(|n| n.node == "a").unwrap();
@@ -494,39 +369,24 @@ fn flows_passing_through_the_pods_node_are_not_its_routing() {
 #[test]
 fn requests_on_connections_the_pod_closed_count_as_aborted() {
     let (c, store) = setup(Duration::from_secs(60));
-    register(&c, "a");
-    let _s = c.subscribe("a").unwrap();
-    c.deletion_started(start("u1", "10.0.0.5"), T0);
+    let _subs = subscribed(&c, &["a"]);
+    c.deletion_started(start("u1", POD), T0);
     let reset = |reason: &str, t: i64| {
-        obs(
-            ObsKind::ResetSent {
-                cause: ResetCause::from_reason(reason),
-            },
-            "10.0.0.5",
-            Some("10.0.0.9"),
-            t,
-        )
+        let cause = ResetCause::from_reason(reason);
+        conn(ObsKind::ResetSent { cause }, "10.0.0.9", t)
     };
-    c.report(
-        batch(
-            "a",
-            1,
-            vec![
-                obs(
-                    ObsKind::RulesRemoved(Mode::Nftables),
-                    "10.0.0.5",
-                    None,
-                    T0 + S,
-                ),
-                reset("tcp_abort_on_data", T0 + 3 * S),
-                reset("tcp_abort_on_data", T0 + 3 * S),
-                reset("no_socket", T0 + 4 * S),
-                reset("tcp_state", T0 + 4 * S),
-            ],
-        ),
-        T0,
-    )
-    .unwrap();
+    report(
+        &c,
+        "a",
+        1,
+        vec![
+            rules_removed(Mode::Nftables, T0 + S),
+            reset("tcp_abort_on_data", T0 + 3 * S),
+            reset("tcp_abort_on_data", T0 + 3 * S),
+            reset("no_socket", T0 + 4 * S),
+            reset("tcp_state", T0 + 4 * S),
+        ],
+    );
     c.pod_gone("u1", T0 + 5 * S);
     let rec = store.deletion("u1").unwrap().unwrap();
     let a = rec.nodes.iter().find(|n| n.node == "a").unwrap();
@@ -540,23 +400,10 @@ fn requests_on_connections_the_pod_closed_count_as_aborted() {
 #[test]
 fn a_deletion_stays_open_after_the_pod_is_gone_to_catch_shutdown_losses() {
     let (c, store) = setup_with_linger(Duration::from_secs(60), Duration::from_secs(3));
-    register(&c, "a");
-    let _s = c.subscribe("a").unwrap();
-    c.deletion_started(start("u1", "10.0.0.5"), T0);
-    c.report(
-        batch(
-            "a",
-            1,
-            vec![obs(
-                ObsKind::RulesRemoved(Mode::Nftables),
-                "10.0.0.5",
-                None,
-                T0 + S,
-            )],
-        ),
-        T0 + S,
-    )
-    .unwrap();
+    let _subs = subscribed(&c, &["a"]);
+    c.deletion_started(start("u1", POD), T0);
+    let rules = batch("a", 1, vec![rules_removed(Mode::Nftables, T0 + S)]);
+    c.report(rules, T0 + S).unwrap();
     c.pod_gone("u1", T0 + 10 * S);
     c.tick(T0 + 11 * S);
     assert!(
@@ -564,22 +411,9 @@ fn a_deletion_stays_open_after_the_pod_is_gone_to_catch_shutdown_losses() {
         "finished inside the linger"
     );
     // A request on a keep-alive connection the pod closed, after it exited.
-    c.report(
-        batch(
-            "a",
-            2,
-            vec![obs(
-                ObsKind::ResetSent {
-                    cause: ResetCause::DataAfterClose,
-                },
-                "10.0.0.5",
-                Some("10.0.0.9"),
-                T0 + 12 * S,
-            )],
-        ),
-        T0 + 12 * S,
-    )
-    .unwrap();
+    let cause = ResetCause::DataAfterClose;
+    let reset = conn(ObsKind::ResetSent { cause }, "10.0.0.9", T0 + 12 * S);
+    c.report(batch("a", 2, vec![reset]), T0 + 12 * S).unwrap();
     c.tick(T0 + 13 * S);
     let rec = store
         .deletion("u1")
@@ -593,25 +427,12 @@ fn a_deletion_stays_open_after_the_pod_is_gone_to_catch_shutdown_losses() {
 #[test]
 fn reports_that_arrive_before_the_deletion_is_known_are_kept() {
     let (c, store) = setup(Duration::from_secs(60));
-    register(&c, "a");
-    let _s = c.subscribe("a").unwrap();
+    let _subs = subscribed(&c, &["a"]);
     // After a restart, an agent resends what it buffered before the
     // aggregator has relisted the pod.
-    c.report(
-        batch(
-            "a",
-            1,
-            vec![obs(
-                ObsKind::RulesRemoved(Mode::Nftables),
-                "10.0.0.5",
-                None,
-                T0 + S,
-            )],
-        ),
-        T0 + 2 * S,
-    )
-    .unwrap();
-    c.deletion_started(start("u1", "10.0.0.5"), T0 + 3 * S);
+    let rules = batch("a", 1, vec![rules_removed(Mode::Nftables, T0 + S)]);
+    c.report(rules, T0 + 2 * S).unwrap();
+    c.deletion_started(start("u1", POD), T0 + 3 * S);
     c.pod_gone("u1", T0 + 4 * S);
     let rec = store.deletion("u1").unwrap().expect("finished");
     assert!(rec.complete, "{rec:#?}");
@@ -621,15 +442,13 @@ fn reports_that_arrive_before_the_deletion_is_known_are_kept() {
 #[test]
 fn checkpoints_persist_later_changes_and_a_restored_correlator_carries_on() {
     let (c, store) = setup(Duration::from_secs(60));
-    register(&c, "a");
-    register(&c, "b");
-    let subs = (c.subscribe("a").unwrap(), c.subscribe("b").unwrap());
-    c.deletion_started(start("u1", "10.0.0.5"), T0);
-    let flow = |t| obs(ObsKind::NewFlow, "10.0.0.5", Some("10.1.0.9"), t);
-    let rules = |t| obs(ObsKind::RulesRemoved(Mode::Nftables), "10.0.0.5", None, t);
-    let ack = |seq, obs| c.report(batch("b", seq, obs), T0).unwrap();
+    let subs = subscribed(&c, &["a", "b"]);
+    c.deletion_started(start("u1", POD), T0);
+    let flow = |t| conn(ObsKind::NewFlow, CLIENT, t);
+    let rules = |t| rules_removed(Mode::Nftables, t);
     // b's accumulator changes, is checkpointed, changes again, is
     // checkpointed again, changes a third time and is not.
+    let ack = |seq, obs| report(&c, "b", seq, obs);
     assert_eq!(ack(1, vec![flow(T0 + S / 10)]).acknowledged_sequence, 0);
     let cp = c.checkpoint(T0 + S).unwrap();
     assert_eq!((cp.node_accumulators, cp.agents), (1, 1));
@@ -642,12 +461,7 @@ fn checkpoints_persist_later_changes_and_a_restored_correlator_carries_on() {
 
     // The process dies; a new correlator on the same store carries on.
     drop(subs);
-    let settings = Arc::new(Settings {
-        completion_timeout: Duration::from_secs(60),
-        shutdown_linger: Duration::ZERO,
-        ..Settings::default()
-    });
-    let c = Correlator::new(settings, Arc::clone(&store), Arc::new(Metrics::new()));
+    let c = correlator(&store, Duration::from_secs(60), Duration::ZERO);
     let restored = c.restore().unwrap();
     assert_eq!(
         (
@@ -659,28 +473,13 @@ fn checkpoints_persist_later_changes_and_a_restored_correlator_carries_on() {
     );
     assert_eq!(c.pending(), 1);
     register(&c, "a");
-    let b = Registration {
-        agent_id: "b".into(),
-        node_name: "b".into(),
-        kernel_release: String::new(),
-        capabilities: vec![],
-    };
-    assert_eq!(c.register(b), 2, "durable up to batch 2");
+    assert_eq!(register(&c, "b"), 2, "durable up to batch 2");
     let _subs = (c.subscribe("a").unwrap(), c.subscribe("b").unwrap());
     // b resends what was not acknowledged (3) and an old one (2).
-    assert!(
-        !c.report(batch("b", 3, vec![flow(T0 + S / 2)]), T0)
-            .unwrap()
-            .duplicate
-    );
-    assert!(
-        c.report(batch("b", 2, vec![flow(T0 + S / 5)]), T0)
-            .unwrap()
-            .duplicate
-    );
-    c.report(batch("b", 4, vec![rules(T0 + S)]), T0).unwrap();
-    c.report(batch("a", 1, vec![rules(T0 + S / 3)]), T0)
-        .unwrap();
+    assert!(!report(&c, "b", 3, vec![flow(T0 + S / 2)]).duplicate);
+    assert!(report(&c, "b", 2, vec![flow(T0 + S / 5)]).duplicate);
+    report(&c, "b", 4, vec![rules(T0 + S)]);
+    report(&c, "a", 1, vec![rules(T0 + S / 3)]);
     c.pod_gone("u1", T0 + 2 * S);
     let rec = store.deletion("u1").unwrap().expect("finished");
     assert!(rec.complete, "{rec:#?}");
