@@ -55,18 +55,56 @@ fn start_deletion(c: &Cluster) {
         .unwrap();
 }
 
+/// The kubelet is done: the pod object goes.
+fn finish_deletion(c: &Cluster) {
+    c.double.finish_deletion::<Pod>("shop", "web-1").unwrap();
+}
+
+/// Agents on node-a and node-b, both announced web-1's deletion.
+async fn two_agents_see_the_deletion(
+    c: &Cluster,
+    agg: &aggregator::app::Running,
+) -> (Agent, Agent, pb::WatchedEndpoint) {
+    let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
+    let mut b = Agent::connect(agg.grpc_addr, "node-b").await;
+    start_deletion(c);
+    let ep = a.next_add().await;
+    assert_eq!(ep, b.next_add().await);
+    (a, b, ep)
+}
+
+/// The one finished deletion `list` (`/v1/deletions` and a query) shows,
+/// once stored.
+async fn finished(http: std::net::SocketAddr, list: &str) -> serde_json::Value {
+    wait_until("deletion stored", || async move {
+        get_json(http, list).await.1["items"]
+            .as_array()
+            .is_some_and(|i| !i.is_empty())
+    })
+    .await;
+    let (_, d) = get_json(http, list).await;
+    assert_eq!(d["items"].as_array().unwrap().len(), 1, "{d}");
+    d["items"][0].clone()
+}
+
+fn node_of<'a>(d: &'a serde_json::Value, node: &str) -> &'a serde_json::Value {
+    d["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == node)
+        .unwrap_or_else(|| panic!("no {node} in {d}"))
+}
+
+const IP: &str = "10.244.0.5";
+
 #[tokio::test]
 async fn deletion_flows_to_recommendation_and_survives_restart() {
     let c = cluster().await;
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store.db");
     let agg = start_aggregator(settings(), &store, Some(&c.double)).await;
-    let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
-    let mut b = Agent::connect(agg.grpc_addr, "node-b").await;
-
-    start_deletion(&c);
-    let ep = a.next_add().await;
-    assert_eq!(ep, b.next_add().await);
+    let (mut a, mut b, ep) = two_agents_see_the_deletion(&c, &agg).await;
     assert_eq!(ep.pod_uid, c.web1.metadata.uid.clone().unwrap());
     assert_eq!(
         (ep.namespace.as_str(), ep.pod_name.as_str(), ep.ip.as_str()),
@@ -112,20 +150,13 @@ async fn deletion_flows_to_recommendation_and_survives_restart() {
     .await;
 
     // The kubelet finishes: the pod object goes, the deletion completes.
-    c.double.finish_deletion::<Pod>("shop", "web-1").unwrap();
+    finish_deletion(&c);
     assert!(
         matches!(a.next_event().await, pb::watch_event::Event::Remove(e) if e.pod_uid == ep.pod_uid)
     );
 
     let http = agg.http_addr;
-    wait_until("deletion stored", || async move {
-        get_json(http, "/v1/deletions").await.1["items"]
-            .as_array()
-            .is_some_and(|i| !i.is_empty())
-    })
-    .await;
-    let (_, d) = get_json(http, "/v1/deletions?namespace=shop&service=web").await;
-    let d = &d["items"][0];
+    let d = &finished(http, "/v1/deletions?namespace=shop&service=web").await;
     assert_eq!(d["complete"], true, "{d}");
     assert_eq!(d["missingNodes"].as_array().unwrap().len(), 0);
     assert!(
@@ -134,12 +165,7 @@ async fn deletion_flows_to_recommendation_and_survives_restart() {
     );
     assert_eq!(d["hostNode"], "node-a");
     assert!(d["controlPlaneSeconds"].as_f64().is_some(), "{d}");
-    let node_b = d["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node"] == "node-b")
-        .unwrap();
+    let node_b = node_of(d, "node-b");
     assert_eq!(
         node_b["lateConnections"], 1,
         "duplicate batch counted twice? {d}"
@@ -194,29 +220,17 @@ async fn agent_that_disconnects_mid_deletion_is_reported_missing() {
         ..settings()
     };
     let agg = start_aggregator(s, &dir.path().join("store.db"), Some(&c.double)).await;
-    let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
-    let mut b = Agent::connect(agg.grpc_addr, "node-b").await;
-
-    start_deletion(&c);
-    let ep = a.next_add().await;
-    b.next_add().await;
+    let (mut a, b, ep) = two_agents_see_the_deletion(&c, &agg).await;
     drop(b); // node-b's agent goes away before reporting
     a.report(vec![rules_removed(
-        "10.244.0.5",
+        IP,
         ep.deletion_start_unix_nanos + S / 2,
     )])
     .await;
-    c.double.finish_deletion::<Pod>("shop", "web-1").unwrap();
+    finish_deletion(&c);
 
     let http = agg.http_addr;
-    wait_until("incomplete deletion stored", || async move {
-        get_json(http, "/v1/deletions?outcome=incomplete").await.1["items"]
-            .as_array()
-            .is_some_and(|i| !i.is_empty())
-    })
-    .await;
-    let (_, d) = get_json(http, "/v1/deletions").await;
-    let d = &d["items"][0];
+    let d = &finished(http, "/v1/deletions?outcome=incomplete").await;
     assert_eq!(d["complete"], false);
     assert_eq!(d["missingNodes"], serde_json::json!(["node-b"]));
     assert_eq!(
@@ -331,30 +345,6 @@ fn checkpoint(agg: &aggregator::app::Running) {
         .unwrap();
 }
 
-/// The one finished deletion, once stored.
-async fn finished(http: std::net::SocketAddr) -> serde_json::Value {
-    wait_until("deletion stored", || async move {
-        get_json(http, "/v1/deletions").await.1["items"]
-            .as_array()
-            .is_some_and(|i| !i.is_empty())
-    })
-    .await;
-    let (_, d) = get_json(http, "/v1/deletions").await;
-    assert_eq!(d["items"].as_array().unwrap().len(), 1, "{d}");
-    d["items"][0].clone()
-}
-
-fn node_of<'a>(d: &'a serde_json::Value, node: &str) -> &'a serde_json::Value {
-    d["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node"] == node)
-        .unwrap_or_else(|| panic!("no {node} in {d}"))
-}
-
-const IP: &str = "10.244.0.5";
-
 /// A cluster and an aggregator store file that outlives the aggregator's
 /// restarts; checkpoints only when a test asks.
 struct Restartable {
@@ -378,24 +368,11 @@ impl Restartable {
     }
 }
 
-/// Agents on node-a and node-b, both announced web-1's deletion.
-async fn two_agents_see_the_deletion(
-    r: &Restartable,
-    agg: &aggregator::app::Running,
-) -> (Agent, Agent, pb::WatchedEndpoint) {
-    let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
-    let mut b = Agent::connect(agg.grpc_addr, "node-b").await;
-    start_deletion(&r.c);
-    let ep = a.next_add().await;
-    assert_eq!(ep, b.next_add().await);
-    (a, b, ep)
-}
-
 #[tokio::test]
 async fn restart_mid_deletion_keeps_t0_and_what_agents_reported() {
     let lab = Restartable::new().await;
     let agg = lab.start().await;
-    let (mut a, mut b, ep) = two_agents_see_the_deletion(&lab, &agg).await;
+    let (mut a, mut b, ep) = two_agents_see_the_deletion(&lab.c, &agg).await;
     let t0 = ep.deletion_start_unix_nanos;
     assert_ne!(
         t0 % S,
@@ -431,11 +408,8 @@ async fn restart_mid_deletion_keeps_t0_and_what_agents_reported() {
     assert_eq!(again, ep);
 
     b.report(vec![rules_removed(IP, t0 + 12 * S / 10)]).await;
-    lab.c
-        .double
-        .finish_deletion::<Pod>("shop", "web-1")
-        .unwrap();
-    let d = finished(agg.http_addr).await;
+    finish_deletion(&lab.c);
+    let d = finished(agg.http_addr, "/v1/deletions").await;
     assert_eq!(d["deletionStartUnixNanos"], t0, "{d}");
     assert_eq!(d["complete"], true, "{d}");
     assert!(
@@ -459,7 +433,7 @@ async fn restart_mid_deletion_keeps_t0_and_what_agents_reported() {
 async fn batch_checkpointed_before_a_crash_and_resent_after_counts_once() {
     let lab = Restartable::new().await;
     let agg = lab.start().await;
-    let (a, mut b, ep) = two_agents_see_the_deletion(&lab, &agg).await;
+    let (a, mut b, ep) = two_agents_see_the_deletion(&lab.c, &agg).await;
     let t0 = ep.deletion_start_unix_nanos;
 
     let (flow, r) = b
@@ -483,11 +457,8 @@ async fn batch_checkpointed_before_a_crash_and_resent_after_counts_once() {
 
     a.report(vec![rules_removed(IP, t0 + 4 * S / 10)]).await;
     b.report(vec![rules_removed(IP, t0 + 12 * S / 10)]).await;
-    lab.c
-        .double
-        .finish_deletion::<Pod>("shop", "web-1")
-        .unwrap();
-    let d = finished(agg.http_addr).await;
+    finish_deletion(&lab.c);
+    let d = finished(agg.http_addr, "/v1/deletions").await;
     assert_eq!(d["complete"], true, "{d}");
     assert_eq!(node_of(&d, "node-b")["lateConnections"], 1, "doubled? {d}");
     agg.shutdown().await;
@@ -497,7 +468,7 @@ async fn batch_checkpointed_before_a_crash_and_resent_after_counts_once() {
 async fn batch_applied_but_not_checkpointed_at_a_crash_is_resent_and_counts_once() {
     let lab = Restartable::new().await;
     let agg = lab.start().await;
-    let (mut a, mut b, ep) = two_agents_see_the_deletion(&lab, &agg).await;
+    let (mut a, mut b, ep) = two_agents_see_the_deletion(&lab.c, &agg).await;
     let t0 = ep.deletion_start_unix_nanos;
 
     // Batch 1 (a late flow at +0.9 s) is checkpointed; batch 2 (another at
@@ -523,11 +494,8 @@ async fn batch_applied_but_not_checkpointed_at_a_crash_is_resent_and_counts_once
     assert!(r.duplicate);
     b.seq = 2;
     b.report(vec![rules_removed(IP, t0 + 12 * S / 10)]).await;
-    lab.c
-        .double
-        .finish_deletion::<Pod>("shop", "web-1")
-        .unwrap();
-    let d = finished(agg.http_addr).await;
+    finish_deletion(&lab.c);
+    let d = finished(agg.http_addr, "/v1/deletions").await;
     assert_eq!(d["complete"], true, "{d}");
     let nb = node_of(&d, "node-b");
     assert_eq!(nb["lateConnections"], 2, "batch 1 once, batch 2 once: {d}");
@@ -552,13 +520,10 @@ async fn deletion_whose_pod_went_while_the_aggregator_was_down_finishes_after_re
 
     // The kubelet finishes while the aggregator is down: the relist no
     // longer has the pod, which must count as gone.
-    lab.c
-        .double
-        .finish_deletion::<Pod>("shop", "web-1")
-        .unwrap();
+    finish_deletion(&lab.c);
     let agg = lab.start().await;
     let _a = Agent::connect(agg.grpc_addr, "node-a").await;
-    let d = finished(agg.http_addr).await;
+    let d = finished(agg.http_addr, "/v1/deletions").await;
     assert_eq!(d["complete"], true, "{d}");
     assert_eq!(d["deletionStartUnixNanos"], t0, "{d}");
     assert!(
