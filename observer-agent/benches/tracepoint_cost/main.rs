@@ -78,9 +78,9 @@ fn main() -> anyhow::Result<()> {
     kernel.watch_ip(watched)?;
     let tracefs = Tracefs::find_or_mount()?;
     let mut references = Vec::new();
-    for (category, name, program) in CONN_TRACEPOINTS {
+    for tp in CONN_TRACEPOINTS {
         for kind in Kind::ALL {
-            references.push(Reference::attach(&tracefs, kind, category, name, program)?);
+            references.push(Reference::attach(&tracefs, kind, tp)?);
         }
     }
     let mut ring = kernel.take_conn_events().expect("ring buffer");
@@ -172,13 +172,13 @@ struct Snapshot {
 fn run_stats(kernel: &Kernel, references: &[Reference]) -> anyhow::Result<Snapshot> {
     let programs = CONN_TRACEPOINTS
         .iter()
-        .map(|(_, _, program)| {
+        .map(|tp| {
             let info = kernel
                 .ebpf()
-                .program(program)
-                .ok_or_else(|| anyhow::anyhow!("no program {program}"))?
+                .program(tp.program)
+                .ok_or_else(|| anyhow::anyhow!("no program {}", tp.program))?
                 .info()?;
-            Ok((*program, (info.run_time(), info.run_count())))
+            Ok((tp.program, (info.run_time(), info.run_count())))
         })
         .collect::<anyhow::Result<_>>()?;
     let references = references

@@ -21,7 +21,7 @@ use aya_obj::generated::{
     PERF_EVENT_IOC_ENABLE, PERF_EVENT_IOC_SET_BPF, PERF_FLAG_FD_CLOEXEC, bpf_attr, bpf_cmd,
     bpf_insn, bpf_prog_info, bpf_prog_type, perf_event_attr, perf_type_id,
 };
-use observer_agent::kernel::tracefs::Tracefs;
+use observer_agent::kernel::tracefs::{ConnTracepoint, Tracefs};
 
 /// `BPF_FUNC_ktime_get_ns`.
 const KTIME_GET_NS: i32 = 5;
@@ -65,19 +65,14 @@ pub struct Reference {
 }
 
 impl Reference {
-    pub fn attach(
-        tracefs: &Tracefs,
-        kind: Kind,
-        category: &str,
-        name: &str,
-        program: &'static str,
-    ) -> anyhow::Result<Reference> {
+    pub fn attach(tracefs: &Tracefs, kind: Kind, tp: ConnTracepoint) -> anyhow::Result<Reference> {
         let prog = load(kind).with_context(|| format!("loading {}", kind.label()))?;
-        let id = tracefs.event_id(category, name)?;
-        let event = attach(&prog, id).with_context(|| format!("attaching to {category}/{name}"))?;
+        let id = tracefs.event_id(tp.category, tp.name)?;
+        let event = attach(&prog, id)
+            .with_context(|| format!("attaching to {}/{}", tp.category, tp.name))?;
         Ok(Reference {
             kind,
-            program,
+            program: tp.program,
             prog,
             _event: event,
         })

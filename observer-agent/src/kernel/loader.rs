@@ -9,16 +9,15 @@ use aya::{
     programs::{ProgramError, TracePoint},
 };
 use observer_common::{
-    Stat, TracepointLayout, WatchFilter, WatchKey, WatchSlot,
+    Stat, WatchFilter, WatchKey, WatchSlot,
     conn::conn_ring_bytes,
-    layout::{DIRECT_RECV_RESET, DIRECT_SEND_RESET, DIRECT_SET_STATE},
     watch::{MAX_WATCHED, WatchFlags},
 };
 use thiserror::Error;
 
 use super::{
     conn_ring::{BatchFlush, ConnRing},
-    tracefs::{self, CONN_TRACEPOINTS, EventFormat, Tracefs, TracefsError},
+    tracefs::{self, CONN_TRACEPOINTS, ConnTracepoint, Tracefs, TracefsError},
 };
 
 /// The eBPF object built by build.rs (aya-build) from observer-ebpf.
@@ -110,16 +109,21 @@ impl Kernel {
     pub fn load(options: LoadOptions) -> Result<Self, KernelError> {
         raise_memlock_limit();
         let tracefs = Tracefs::find_or_mount()?;
-        let formats: Vec<Result<EventFormat, TracefsError>> = CONN_TRACEPOINTS
-            .iter()
-            .map(|(category, name, _)| tracefs.format(category, name))
-            .collect();
-        let mut layout = layout_from(&formats)?;
+        let formats = CONN_TRACEPOINTS.map(|tp| tracefs.format(tp.category, tp.name));
+        let [set_state, send_reset, receive_reset] = &formats;
+        let set_state = set_state
+            .as_ref()
+            .map_err(|e| KernelError::NoHook(e.to_string()))?;
+        let mut layout = tracefs::conn_layout(
+            set_state,
+            send_reset.as_ref().ok(),
+            receive_reset.as_ref().ok(),
+        )?;
         layout.log_events = u8::from(options.log_events);
         if options.copy_records {
             layout.direct = 0;
         }
-        let reset_reasons = formats[1]
+        let reset_reasons = send_reset
             .as_ref()
             .map(|f| f.symbols("reason"))
             .unwrap_or_default();
@@ -135,18 +139,14 @@ impl Kernel {
         }
 
         let mut hooks = Vec::new();
-        let direct_bits = [DIRECT_SET_STATE, DIRECT_SEND_RESET, DIRECT_RECV_RESET];
-        for (((category, name, program), format), direct_bit) in
-            CONN_TRACEPOINTS.iter().zip(&formats).zip(direct_bits)
-        {
-            let read_directly = layout.direct & direct_bit != 0;
+        for (tp, format) in CONN_TRACEPOINTS.iter().zip(&formats) {
             let status = match format {
                 Err(e) => HookStatus {
-                    name: format!("tracepoint/{category}/{name}"),
+                    name: format!("tracepoint/{}/{}", tp.category, tp.name),
                     attached: false,
                     detail: e.to_string(),
                 },
-                Ok(_) => attach_tracepoint(&mut ebpf, program, category, name, read_directly),
+                Ok(_) => attach_tracepoint(&mut ebpf, tp, layout.direct & tp.direct_bit != 0),
             };
             if status.attached {
                 tracing::debug!(hook = %status.name, "attached");
@@ -355,26 +355,13 @@ where
 }
 
 /// set_state is required; a missing reset tracepoint only loses its events.
-fn layout_from(
-    formats: &[Result<EventFormat, TracefsError>],
-) -> Result<TracepointLayout, KernelError> {
-    let set_state = formats[0]
-        .as_ref()
-        .map_err(|e| KernelError::NoHook(e.to_string()))?;
-    Ok(tracefs::conn_layout(
-        set_state,
-        formats[1].as_ref().ok(),
-        formats[2].as_ref().ok(),
-    )?)
-}
-
-fn attach_tracepoint(
-    ebpf: &mut Ebpf,
-    program: &str,
-    category: &str,
-    name: &str,
-    read_directly: bool,
-) -> HookStatus {
+fn attach_tracepoint(ebpf: &mut Ebpf, tp: &ConnTracepoint, read_directly: bool) -> HookStatus {
+    let ConnTracepoint {
+        category,
+        name,
+        program,
+        ..
+    } = *tp;
     let hook = format!("tracepoint/{category}/{name}");
     let result = (|| -> Result<(), String> {
         let prog: &mut TracePoint = ebpf

@@ -241,11 +241,39 @@ impl EventFormat {
     }
 }
 
-/// Tracepoints the connection programs attach to, as (category, name, program).
-pub const CONN_TRACEPOINTS: [(&str, &str, &str); 3] = [
-    ("sock", "inet_sock_set_state", "inet_sock_set_state"),
-    ("tcp", "tcp_send_reset", "tcp_send_reset"),
-    ("tcp", "tcp_receive_reset", "tcp_receive_reset"),
+/// A tracepoint a connection program attaches to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnTracepoint {
+    pub category: &'static str,
+    pub name: &'static str,
+    /// The program's name in the eBPF object.
+    pub program: &'static str,
+    /// The program's bit in [`TracepointLayout::direct`], set when this
+    /// kernel's record layout is the one compiled in.
+    pub direct_bit: u8,
+}
+
+/// The tracepoints of the connection programs, in the order
+/// [`conn_layout`] takes their formats.
+pub const CONN_TRACEPOINTS: [ConnTracepoint; 3] = [
+    ConnTracepoint {
+        category: "sock",
+        name: "inet_sock_set_state",
+        program: "inet_sock_set_state",
+        direct_bit: DIRECT_SET_STATE,
+    },
+    ConnTracepoint {
+        category: "tcp",
+        name: "tcp_send_reset",
+        program: "tcp_send_reset",
+        direct_bit: DIRECT_SEND_RESET,
+    },
+    ConnTracepoint {
+        category: "tcp",
+        name: "tcp_receive_reset",
+        program: "tcp_receive_reset",
+        direct_bit: DIRECT_RECV_RESET,
+    },
 ];
 
 /// Builds the layout the programs read from the tracepoint formats. A reset
