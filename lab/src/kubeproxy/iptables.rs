@@ -25,118 +25,89 @@ const NAT_CHAINS: [&str; 4] = [
     "KUBE-MARK-MASQ",
 ];
 
+/// One of kube-proxy's iptablesJumpChains: a rule in a built-in chain that
+/// jumps to one of its own.
+struct Jump {
+    table: &'static str,
+    from: &'static str,
+    to: &'static str,
+    comment: &'static str,
+    /// Only for packets that start a connection (`--ctstate NEW`).
+    new_only: bool,
+}
+
+const JUMPS: [Jump; 8] = [
+    Jump {
+        table: "filter",
+        from: "INPUT",
+        to: "KUBE-PROXY-FIREWALL",
+        comment: "kubernetes load balancer firewall",
+        new_only: true,
+    },
+    Jump {
+        table: "filter",
+        from: "INPUT",
+        to: "KUBE-NODEPORTS",
+        comment: "kubernetes health check service ports",
+        new_only: false,
+    },
+    Jump {
+        table: "filter",
+        from: "INPUT",
+        to: "KUBE-EXTERNAL-SERVICES",
+        comment: "kubernetes externally-visible service portals",
+        new_only: true,
+    },
+    Jump {
+        table: "filter",
+        from: "FORWARD",
+        to: "KUBE-FORWARD",
+        comment: "kubernetes forwarding rules",
+        new_only: false,
+    },
+    Jump {
+        table: "filter",
+        from: "OUTPUT",
+        to: "KUBE-SERVICES",
+        comment: "kubernetes service portals",
+        new_only: true,
+    },
+    Jump {
+        table: "nat",
+        from: "OUTPUT",
+        to: "KUBE-SERVICES",
+        comment: "kubernetes service portals",
+        new_only: false,
+    },
+    Jump {
+        table: "nat",
+        from: "PREROUTING",
+        to: "KUBE-SERVICES",
+        comment: "kubernetes service portals",
+        new_only: false,
+    },
+    Jump {
+        table: "nat",
+        from: "POSTROUTING",
+        to: "KUBE-POSTROUTING",
+        comment: "kubernetes postrouting rules",
+        new_only: false,
+    },
+];
+
 /// kube-proxy's iptablesJumpChains, as `iptables` arguments with `-I`.
 pub fn jump_rules() -> Vec<Vec<&'static str>> {
-    vec![
-        vec![
-            "-t",
-            "filter",
-            "-I",
-            "INPUT",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes load balancer firewall",
-            "-j",
-            "KUBE-PROXY-FIREWALL",
-        ],
-        vec![
-            "-t",
-            "filter",
-            "-I",
-            "INPUT",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes health check service ports",
-            "-j",
-            "KUBE-NODEPORTS",
-        ],
-        vec![
-            "-t",
-            "filter",
-            "-I",
-            "INPUT",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes externally-visible service portals",
-            "-j",
-            "KUBE-EXTERNAL-SERVICES",
-        ],
-        vec![
-            "-t",
-            "filter",
-            "-I",
-            "FORWARD",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes forwarding rules",
-            "-j",
-            "KUBE-FORWARD",
-        ],
-        vec![
-            "-t",
-            "filter",
-            "-I",
-            "OUTPUT",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes service portals",
-            "-j",
-            "KUBE-SERVICES",
-        ],
-        vec![
-            "-t",
-            "nat",
-            "-I",
-            "OUTPUT",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes service portals",
-            "-j",
-            "KUBE-SERVICES",
-        ],
-        vec![
-            "-t",
-            "nat",
-            "-I",
-            "PREROUTING",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes service portals",
-            "-j",
-            "KUBE-SERVICES",
-        ],
-        vec![
-            "-t",
-            "nat",
-            "-I",
-            "POSTROUTING",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes postrouting rules",
-            "-j",
-            "KUBE-POSTROUTING",
-        ],
-    ]
+    JUMPS
+        .iter()
+        .map(|j| {
+            let mut args = vec!["-t", j.table, "-I", j.from];
+            if j.new_only {
+                args.extend(["-m", "conntrack", "--ctstate", "NEW"]);
+            }
+            args.extend(["-m", "comment", "--comment", j.comment, "-j", j.to]);
+            args
+        })
+        .collect()
 }
 
 pub struct Sync {
