@@ -1,5 +1,11 @@
 //! The aggregator's recommendation API (docs/api.md) and the fallback from
 //! a Service's own measurements to broader scopes.
+//!
+//! The JSON is read into this crate's own types, every field defaulted, not
+//! the aggregator's: a CI tool must read an aggregator a version ahead or
+//! behind, and must not build the aggregator (Kubernetes client, SQLite) to
+//! do it. tests/cli.rs reads the real aggregator's answers over HTTP, so
+//! the two cannot drift apart unnoticed.
 
 use std::collections::HashMap;
 use std::time::Duration;
