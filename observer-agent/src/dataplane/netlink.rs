@@ -188,11 +188,7 @@ impl Request {
     }
 
     pub fn attr(mut self, kind: u16, value: &[u8]) -> Self {
-        let len = 4 + value.len();
-        self.buf.extend_from_slice(&(len as u16).to_ne_bytes());
-        self.buf.extend_from_slice(&kind.to_ne_bytes());
-        self.buf.extend_from_slice(value);
-        self.buf.resize(align4(self.buf.len()), 0);
+        push_attr(&mut self.buf, kind, value);
         self
     }
 
@@ -207,6 +203,23 @@ impl Request {
         self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
         self.buf
     }
+}
+
+/// Appends one attribute, padded to 4 bytes.
+fn push_attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
+    let len = 4 + value.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(value);
+    buf.resize(align4(buf.len()), 0);
+}
+
+/// One attribute on its own, for tests that build what the kernel sends.
+#[cfg(test)]
+pub fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    push_attr(&mut buf, kind, value);
+    buf
 }
 
 /// A netlink socket bound in the network namespace of the thread that opened it.

@@ -451,16 +451,8 @@ fn summarize(exprs: Attr<'_>) -> Result<RuleSummary, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::netlink::attr;
     use proptest::prelude::*;
-
-    fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
-        out.extend_from_slice(&kind.to_ne_bytes());
-        out.extend_from_slice(value);
-        out.resize((out.len() + 3) & !3, 0);
-        out
-    }
 
     fn cstr(s: &str) -> Vec<u8> {
         let mut v = s.as_bytes().to_vec();

@@ -151,16 +151,8 @@ pub fn decode(payload: &[u8]) -> Result<CtNew, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::netlink::attr;
     use proptest::prelude::*;
-
-    fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
-        out.extend_from_slice(&kind.to_ne_bytes());
-        out.extend_from_slice(value);
-        out.resize((out.len() + 3) & !3, 0);
-        out
-    }
 
     fn tuple_attr(kind: u16, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
         let nested = 0x8000;
