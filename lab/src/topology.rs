@@ -18,7 +18,6 @@
 
 use std::{
     net::Ipv4Addr,
-    process::Command,
     sync::atomic::{AtomicU32, Ordering},
 };
 
@@ -90,30 +89,10 @@ pub struct Cluster {
     switch: NetNs,
 }
 
-static NEXT_LINK: AtomicU32 = AtomicU32::new(0);
-
 /// Creates a veth pair with one end in each namespace, renamed there to
 /// `a_name` and `b_name` (both ends are left down and unaddressed).
 fn veth(a: &NetNs, a_name: &str, b: &NetNs, b_name: &str) -> Result<(), NetnsError> {
-    let id = NEXT_LINK.fetch_add(1, Ordering::Relaxed);
-    // Temporary names must be unique in the host namespace, where the pair
-    // is created before it moves; `netns::link` uses a `v` prefix.
-    let pid = std::process::id() % 100_000;
-    let (ta, tb) = (format!("l{pid}a{id}"), format!("l{pid}b{id}"));
-    netns::check(Command::new("ip").args([
-        "link",
-        "add",
-        &ta,
-        "netns",
-        a.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &tb,
-        "netns",
-        b.name(),
-    ]))?;
+    let (ta, tb) = netns::veth_pair(a, b)?;
     a.ip(&["link", "set", &ta, "name", a_name])?;
     b.ip(&["link", "set", &tb, "name", b_name])?;
     Ok(())

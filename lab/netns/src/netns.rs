@@ -179,6 +179,17 @@ pub fn link(
     b_addr: Ipv4Addr,
     prefix: u8,
 ) -> Result<(String, String), NetnsError> {
+    let (a_if, b_if) = veth_pair(a, b)?;
+    a.ip(&["addr", "add", &format!("{a_addr}/{prefix}"), "dev", &a_if])?;
+    b.ip(&["addr", "add", &format!("{b_addr}/{prefix}"), "dev", &b_if])?;
+    a.ip(&["link", "set", &a_if, "up"])?;
+    b.ip(&["link", "set", &b_if, "up"])?;
+    Ok((a_if, b_if))
+}
+
+/// Creates a veth pair with one end in each namespace and returns the ends'
+/// names there; both are left down and unaddressed.
+pub fn veth_pair(a: &NetNs, b: &NetNs) -> Result<(String, String), NetnsError> {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     // Interface names are limited to 15 bytes and live in the namespace, but
     // are created in the caller's namespace first: keep them unique there.
@@ -198,9 +209,5 @@ pub fn link(
         "netns",
         b.name(),
     ]))?;
-    a.ip(&["addr", "add", &format!("{a_addr}/{prefix}"), "dev", &a_if])?;
-    b.ip(&["addr", "add", &format!("{b_addr}/{prefix}"), "dev", &b_if])?;
-    a.ip(&["link", "set", &a_if, "up"])?;
-    b.ip(&["link", "set", &b_if, "up"])?;
     Ok((a_if, b_if))
 }
