@@ -134,9 +134,9 @@ fn compiler_barrier() {
 /// Wakes the agent only with the record that takes the unread bytes past
 /// the mark: a wakeup is an interrupt to this CPU (irq_work), and waking
 /// again with every later batch until the agent had read cost each
-/// emitting invocation 20-100 ns more (docs/benchmarks.md). The agent's
-/// timer reads the ring anyway: a reader that misses the one wakeup loses
-/// no event, it reads them at its next tick.
+/// emitting invocation 8-88 ns more in the bench (docs/benchmarks.md).
+/// The agent's timer reads the ring anyway: a reader that misses the one
+/// wakeup loses no event, it reads them at its next tick.
 #[inline(always)]
 fn hand_over(events: &[ConnEvent]) {
     let unread = CONN_EVENTS.query(BPF_RB_AVAIL_DATA as u64);
