@@ -111,6 +111,7 @@ impl Kernel {
         let tracefs = Tracefs::find_or_mount()?;
         let formats = CONN_TRACEPOINTS.map(|tp| tracefs.format(tp.category, tp.name));
         let [set_state, send_reset, receive_reset] = &formats;
+        // set_state is required; a missing reset tracepoint only loses its events.
         let set_state = set_state
             .as_ref()
             .map_err(|e| KernelError::NoHook(e.to_string()))?;
@@ -354,7 +355,6 @@ where
     M::try_from(map).map_err(|source| KernelError::Map { name, source })
 }
 
-/// set_state is required; a missing reset tracepoint only loses its events.
 fn attach_tracepoint(ebpf: &mut Ebpf, tp: &ConnTracepoint, read_directly: bool) -> HookStatus {
     let ConnTracepoint {
         category,
