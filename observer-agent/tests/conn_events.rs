@@ -8,6 +8,7 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     process::{Child, Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
@@ -639,25 +640,24 @@ fn copied_records_give_the_same_events() {
 /// The wakeups of a reader blocked on the ring: edge-triggered epoll
 /// reports each wakeup of the ring's wait queue (once per wait, however
 /// many came since the last one).
-struct Wakeups(std::os::fd::OwnedFd);
+struct Wakeups(OwnedFd);
 
 impl Wakeups {
-    fn of(ring: &impl std::os::fd::AsRawFd) -> Self {
-        use std::os::fd::FromRawFd;
+    fn of(ring: &impl AsRawFd) -> Self {
         let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         assert!(
             epoll >= 0,
             "epoll_create1: {}",
             std::io::Error::last_os_error()
         );
-        let epoll = unsafe { std::os::fd::OwnedFd::from_raw_fd(epoll) };
+        let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
         let mut interest = libc::epoll_event {
             events: (libc::EPOLLIN | libc::EPOLLET) as u32,
             u64: 0,
         };
         let added = unsafe {
             libc::epoll_ctl(
-                std::os::fd::AsRawFd::as_raw_fd(&epoll),
+                epoll.as_raw_fd(),
                 libc::EPOLL_CTL_ADD,
                 ring.as_raw_fd(),
                 &mut interest,
@@ -672,7 +672,7 @@ impl Wakeups {
         let mut ready = [libc::epoll_event { events: 0, u64: 0 }];
         let n = unsafe {
             libc::epoll_wait(
-                std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                self.0.as_raw_fd(),
                 ready.as_mut_ptr(),
                 1,
                 timeout.as_millis() as i32,
