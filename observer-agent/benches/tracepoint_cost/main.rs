@@ -19,6 +19,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -40,6 +41,8 @@ const DEFAULT_ROUNDS: usize = 5;
 const ALL_PROGRAMS: &str = "(all three programs)";
 /// Bound on each storm, whatever the connection count.
 const STORM_LIMIT: Duration = Duration::from_secs(120);
+/// The kernel caps it at `net.core.somaxconn` (4096 by default).
+const ACCEPT_BACKLOG: i32 = 4096;
 
 fn main() -> anyhow::Result<()> {
     // cargo bench passes `--bench`; the numbers are ours.
@@ -290,6 +293,13 @@ impl Cost {
 /// in the server namespace. Returns how many were made.
 fn storm(server: &NetNs, client: &NetNs, ip: IpAddr, count: usize) -> anyhow::Result<usize> {
     let listener = server.run(move || TcpListener::bind(SocketAddr::new(ip, 0)))??;
+    // std listens with a backlog of 128. When the client connects faster
+    // than the acceptor accepts, a full queue drops SYNs: the storm stalls
+    // for each one's 1 s retry, and the listener answers the late segments
+    // with resets the storm is not about.
+    if unsafe { libc::listen(listener.as_raw_fd(), ACCEPT_BACKLOG) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
     let addr = listener.local_addr()?;
     let deadline = Instant::now() + STORM_LIMIT;
     std::thread::scope(|scope| {
