@@ -12,13 +12,15 @@
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
-use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
+use aya_ebpf::bindings::{
+    BPF_RB_AVAIL_DATA, BPF_RB_CONS_POS, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+};
 use observer_common::{
     ConnEvent, Stat, WatchFilter,
     conn::{CONN_EVENTS_WAKEUP_BYTES, ConnBatchState},
 };
 
-use crate::maps::{CONN_BATCH, CONN_BATCH_STATE, CONN_EVENTS, count, count_n};
+use crate::maps::{CONN_BATCH, CONN_BATCH_STATE, CONN_EVENTS, CONN_WOKEN_AT, count, count_n};
 
 const WAKEUP_BYTES: u64 = CONN_EVENTS_WAKEUP_BYTES as u64;
 
@@ -164,13 +166,8 @@ fn write_one(event: &ConnEvent) {
             // A wakeup per event (an irq_work and an epoll round trip) costs
             // more than the rest of the program: the agent drains the ring
             // on a short timer, and is woken early only when it fills up.
-            // Looked at every 16th event, the fill level cannot show the
-            // moment it passes the mark (as `hand_over` does), so every look
-            // above it wakes.
             let emitted = count(Stat::Emitted);
-            let flags = if emitted.is_multiple_of(FILL_CHECK_EVERY)
-                && CONN_EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES
-            {
+            let flags = if emitted.is_multiple_of(FILL_CHECK_EVERY) && past_mark_unwoken() {
                 BPF_RB_FORCE_WAKEUP
             } else {
                 BPF_RB_NO_WAKEUP
@@ -181,4 +178,28 @@ fn write_one(event: &ConnEvent) {
             count(Stat::Lost);
         }
     }
+}
+
+/// Whether the ring holds more than the mark and this CPU has not woken the
+/// agent since the agent last read. Looked at every 16th event, the fill
+/// level cannot show the moment it passes the mark (as `hand_over` sees
+/// it); remembering where the reader stood instead keeps each CPU to one
+/// wakeup per read, where waking at every look cost these programs
+/// hundreds of ns per event in a storm (docs/benchmarks.md).
+#[inline(always)]
+fn past_mark_unwoken() -> bool {
+    if CONN_EVENTS.query(BPF_RB_AVAIL_DATA as u64) < WAKEUP_BYTES {
+        return false;
+    }
+    let Some(woken_at) = CONN_WOKEN_AT.get_ptr_mut(0) else {
+        return true;
+    };
+    let read_to = CONN_EVENTS.query(BPF_RB_CONS_POS as u64) + 1;
+    unsafe {
+        if *woken_at == read_to {
+            return false;
+        }
+        *woken_at = read_to;
+    }
+    true
 }

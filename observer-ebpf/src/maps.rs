@@ -44,6 +44,11 @@ pub static CONN_BATCH_STATE: PerCpuArray<ConnBatchState> = PerCpuArray::with_max
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
 
+/// Events written one by one: each CPU's ring consumer position, plus one,
+/// when it last woke the agent (zero: never).
+#[map]
+pub static CONN_WOKEN_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Reads one field of [`LAYOUT`]. Volatile so the compiler cannot fold the
 /// compile-time default into the code; the verifier still sees the frozen
 /// value the agent wrote and prunes what it makes dead.
