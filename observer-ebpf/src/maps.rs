@@ -31,7 +31,7 @@ pub static WATCH_SLOTS: Array<WatchSlot> = Array::with_max_entries(WATCH_SLOT_CO
 #[map]
 pub static CONN_EVENTS: RingBuf = RingBuf::with_byte_size(CONN_EVENTS_MIN_BYTES, 0);
 
-/// Each CPU's queued events (see `batch.rs`).
+/// Each CPU's queued events (see `delivery.rs`).
 #[map]
 pub static CONN_BATCH: PerCpuArray<[ConnEvent; CONN_BATCH_LEN]> =
     PerCpuArray::with_max_entries(1, 0);
