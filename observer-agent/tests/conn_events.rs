@@ -460,14 +460,17 @@ fn drain(
     seen
 }
 
-/// Every event emitted reaches the reader exactly once, whether the
-/// programs queue events per CPU (read after a flush) or write each one.
-fn every_emitted_event_is_read_once(unbatched: bool, subnet: u8) {
-    use observer_agent::{
-        clock::WallClock,
-        kernel::{Kernel, LoadOptions, conn_events::ConnDecoder},
-        observation::Observation,
-    };
+/// A namespace pair and programs loaded with the given delivery, watching
+/// the server's address; the ring is handed out.
+fn watching_the_server(
+    unbatched: bool,
+    subnet: u8,
+) -> (
+    Pair,
+    observer_agent::kernel::Kernel,
+    observer_agent::kernel::conn_ring::ConnRing,
+) {
+    use observer_agent::kernel::{Kernel, LoadOptions};
     let p = pair(subnet);
     let mut kernel = Kernel::load(LoadOptions {
         unbatched,
@@ -481,7 +484,17 @@ fn every_emitted_event_is_read_once(unbatched: bool, subnet: u8) {
         kernel.delivery()
     );
     kernel.watch_ip(p.server_ip).unwrap();
-    let mut ring = kernel.take_conn_events().expect("ring");
+    let ring = kernel.take_conn_events().expect("ring");
+    (p, kernel, ring)
+}
+
+/// Every event emitted reaches the reader exactly once, whether the
+/// programs queue events per CPU (read after a flush) or write each one.
+fn every_emitted_event_is_read_once(unbatched: bool, subnet: u8) {
+    use observer_agent::{
+        clock::WallClock, kernel::conn_events::ConnDecoder, observation::Observation,
+    };
+    let (p, kernel, mut ring) = watching_the_server(unbatched, subnet);
     let mut decoder = ConnDecoder::new(WallClock::new(), Default::default());
     let mut read = |ring: &mut observer_agent::kernel::conn_ring::ConnRing| {
         let events = drain(ring, &mut decoder);
@@ -710,26 +723,12 @@ fn stay_on_this_cpu() {
 /// not with every event before it, and not again with every later event
 /// until the reader has read: each wakeup is an interrupt.
 fn a_blocked_reader_is_woken_once_per_pass_of_the_mark(unbatched: bool, subnet: u8) {
-    use observer_agent::kernel::{Kernel, LoadOptions};
     use observer_common::{
         ConnEvent,
         conn::{CONN_BATCH_LEN, CONN_EVENTS_WAKEUP_BYTES},
     };
     stay_on_this_cpu();
-    let p = pair(subnet);
-    let mut kernel = Kernel::load(LoadOptions {
-        unbatched,
-        ..LoadOptions::default()
-    })
-    .expect("load");
-    assert_eq!(
-        kernel.delivery().batched,
-        !unbatched,
-        "{:?}",
-        kernel.delivery()
-    );
-    kernel.watch_ip(p.server_ip).unwrap();
-    let mut ring = kernel.take_conn_events().expect("ring");
+    let (p, kernel, mut ring) = watching_the_server(unbatched, subnet);
     let wakeups = Wakeups::of(&ring);
 
     // Each refused connection emits two events (reset sent, reset
