@@ -1,0 +1,148 @@
+//! The real kubectl (on PATH) against the double: discovery, tables, JSON,
+//! describe, delete and its errors. The lab's root e2e test drives a whole
+//! deletion through it; this one pins the wire shapes kubectl needs.
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+
+use apiserver_double::{ApiServerDouble, DoubleError, PodDeleter, objects};
+use k8s_openapi::api::core::v1::Pod;
+
+struct Kubectl {
+    kubeconfig: PathBuf,
+    cache: PathBuf,
+}
+
+impl Kubectl {
+    fn new(d: &ApiServerDouble, test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("double-kubectl-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, d.kubeconfig_yaml()).unwrap();
+        Kubectl {
+            kubeconfig,
+            cache: dir.join("cache"),
+        }
+    }
+
+    async fn run(&self, args: &[&str]) -> Output {
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new("kubectl")
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .arg("--cache-dir")
+                .arg(&self.cache)
+                .args(args)
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("kubectl timed out")
+        .expect("kubectl runs (it must be on PATH)");
+        eprintln!(
+            "kubectl {}: {}\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    async fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args).await;
+        assert!(out.status.success(), "kubectl {args:?} failed");
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+/// Finishes every deletion after half a second, as a kubelet would once
+/// the pod's processes ended.
+struct Kubelet(Arc<ApiServerDouble>);
+
+impl PodDeleter for Kubelet {
+    fn delete_pod(&self, namespace: &str, name: &str, grace: i64) -> Result<(), DoubleError> {
+        self.0.delete::<Pod>(namespace, name, grace)?;
+        let (double, namespace, name) = (self.0.clone(), namespace.to_owned(), name.to_owned());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _ = double.finish_deletion::<Pod>(&namespace, &name);
+        });
+        Ok(())
+    }
+}
+
+fn running_pod(name: &str, ip: &str) -> Pod {
+    let mut p = objects::pod("default", name, ip, "node-1");
+    let spec = p.spec.as_mut().unwrap();
+    spec.termination_grace_period_seconds = Some(5);
+    spec.containers = vec![k8s_openapi::api::core::v1::Container {
+        name: "web".into(),
+        ..Default::default()
+    }];
+    p.status.as_mut().unwrap().phase = Some("Running".into());
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_gets_describes_and_deletes() {
+    let d = Arc::new(ApiServerDouble::start().await.unwrap());
+    d.serve_pod_deletions(Arc::new(Kubelet(d.clone())));
+    let web0 = d.create(&running_pod("web-0", "10.244.1.5")).unwrap();
+    d.create(&running_pod("web-1", "10.244.2.6")).unwrap();
+    d.create(&objects::endpoint_slice("default", "web", &[(&web0, true, false)]))
+        .unwrap();
+    let k = Kubectl::new(&d, "basics");
+
+    let table = k.ok(&["get", "pods", "-o", "wide"]).await;
+    let header = table.lines().next().unwrap();
+    for col in ["NAME", "READY", "STATUS", "RESTARTS", "AGE", "IP", "NODE"] {
+        assert!(header.contains(col), "{col} missing: {header}");
+    }
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("web-0") && l.contains("Running") && l.contains("10.244.1.5")),
+        "{table}"
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_str(&k.ok(&["get", "po", "-o", "json"]).await).unwrap();
+    let names: Vec<&str> = json["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(names, ["web-0", "web-1"]);
+    let yaml = k.ok(&["get", "endpointslices", "-o", "yaml"]).await;
+    assert!(yaml.contains("kind: EndpointSlice") && yaml.contains("10.244.1.5"), "{yaml}");
+    let slices = k.ok(&["get", "endpointslices"]).await;
+    assert!(slices.contains("web-abcde") && slices.contains("IPv4"), "{slices}");
+
+    let described = k.ok(&["describe", "pod", "web-0"]).await;
+    assert!(described.contains("Name:") && described.contains("web-0"), "{described}");
+    assert!(described.contains("10.244.1.5"), "{described}");
+
+    let deleted = k.ok(&["delete", "pod", "web-0", "--grace-period=3"]).await;
+    assert!(deleted.contains("pod \"web-0\" deleted"), "{deleted}");
+    assert!(d.get::<Pod>("default", "web-0").is_none());
+
+    let missing = k.run(&["get", "pod", "web-0"]).await;
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr)
+            .contains("Error from server (NotFound): pods \"web-0\" not found")
+    );
+    let label = k.run(&["label", "pod", "web-1", "x=y"]).await;
+    assert!(!label.status.success());
+    assert!(
+        String::from_utf8_lossy(&label.stderr).contains("Error from server (MethodNotAllowed)"),
+        "{}",
+        String::from_utf8_lossy(&label.stderr)
+    );
+}
