@@ -37,6 +37,25 @@ pub fn unix_nanos() -> u64 {
         .unwrap_or(0)
 }
 
+/// A pod spec's termination settings: `lifecycle.preStop.sleep.seconds`
+/// and `terminationGracePeriodSeconds` (which counts the preStop time).
+/// A deletion through the API runs them; a rollout brings its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodTermination {
+    pub pre_stop: Duration,
+    pub grace: Duration,
+}
+
+impl Default for PodTermination {
+    /// Kubernetes' defaults: no preStop hook, 30 s of grace.
+    fn default() -> Self {
+        PodTermination {
+            pre_stop: Duration::ZERO,
+            grace: Duration::from_secs(30),
+        }
+    }
+}
+
 /// A pod as the API knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodRecord {
@@ -44,6 +63,7 @@ pub struct PodRecord {
     pub uid: String,
     pub ip: Ipv4Addr,
     pub node: String,
+    pub termination: PodTermination,
     /// Set when the deletion was requested.
     pub deletion_requested_unix_nano: Option<u64>,
 }

@@ -11,6 +11,7 @@ pub mod client;
 pub mod delay;
 pub mod http;
 pub mod kube;
+pub mod kubelet;
 pub mod kubeproxy;
 pub mod observer;
 pub mod proxy;

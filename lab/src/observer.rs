@@ -132,6 +132,11 @@ impl Aggregator {
         format!("http://{CONTROL_PLANE_IP}:{GRPC_PORT}")
     }
 
+    /// Its HTTP API (recommendations, deletions), from any lab namespace.
+    pub fn http_url(&self) -> String {
+        format!("http://{CONTROL_PLANE_IP}:{HTTP_PORT}")
+    }
+
     /// Starts the aggregator in `control_plane`, watching the API described
     /// by `kubeconfig`, keeping its store in `dir`.
     pub async fn start(
@@ -491,6 +496,7 @@ impl Observer {
                 reason: e.to_string(),
             })?;
         lab.mirror_to(api.mirror());
+        api.serve_deletions(lab.kubelet());
         // A fresh store and logs per lab; restarts within it append.
         let mut stale = vec![dir.join("aggregator.sqlite"), dir.join("aggregator.log")];
         stale.extend(

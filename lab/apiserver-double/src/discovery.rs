@@ -153,7 +153,14 @@ impl Resource {
                 version: Some(self.version.into()),
                 kind: Some(self.kind.into()),
             }),
-            scope: Some(if self.namespaced { "Namespaced" } else { "Cluster" }.into()),
+            scope: Some(
+                if self.namespaced {
+                    "Namespaced"
+                } else {
+                    "Cluster"
+                }
+                .into(),
+            ),
             singular_resource: Some(self.singular.into()),
             verbs: Self::strings(self.verbs),
             short_names: Self::strings(self.short_names),
@@ -359,7 +366,10 @@ mod tests {
         assert_eq!(nodes.short_names.as_deref(), Some(&["no".to_string()][..]));
         assert!(!nodes.verbs.iter().any(|v| v == "delete"));
         let services = resource(&list, "services");
-        assert_eq!(services.short_names.as_deref(), Some(&["svc".to_string()][..]));
+        assert_eq!(
+            services.short_names.as_deref(),
+            Some(&["svc".to_string()][..])
+        );
         assert!(services.namespaced);
         assert!(resource_list("", "v2").is_none());
     }
@@ -397,7 +407,10 @@ mod tests {
         let core: APIGroupDiscoveryList = serde_json::from_value(v).unwrap();
         assert_eq!(core.items.len(), 1);
         let group = &core.items[0];
-        assert_eq!(group.metadata.as_ref().and_then(|m| m.name.as_deref()), None);
+        assert_eq!(
+            group.metadata.as_ref().and_then(|m| m.name.as_deref()),
+            None
+        );
         let v1 = &group.versions[0];
         assert_eq!(v1.version.as_deref(), Some("v1"));
         assert_eq!(v1.freshness.as_deref(), Some("Current"));
@@ -411,7 +424,11 @@ mod tests {
         assert_eq!(pods.short_names, ["po"]);
         let kind = pods.response_kind.as_ref().expect("responseKind");
         assert_eq!(
-            (kind.group.as_deref(), kind.version.as_deref(), kind.kind.as_deref()),
+            (
+                kind.group.as_deref(),
+                kind.version.as_deref(),
+                kind.kind.as_deref()
+            ),
             (Some(""), Some("v1"), Some("Pod"))
         );
         let nodes = v1
@@ -431,7 +448,10 @@ mod tests {
         let slices = &named.items[0].versions[0].resources[0];
         assert_eq!(slices.resource.as_deref(), Some("endpointslices"));
         assert_eq!(
-            slices.response_kind.as_ref().and_then(|k| k.group.as_deref()),
+            slices
+                .response_kind
+                .as_ref()
+                .and_then(|k| k.group.as_deref()),
             Some("discovery.k8s.io")
         );
     }

@@ -19,9 +19,9 @@
 //! 405 MethodNotAllowed), list paging (`limit` is ignored: every list is
 //! one page), set-based label selectors, `sendInitialEvents`, dry runs.
 
+mod deletion;
 pub mod discovery;
 pub mod objects;
-mod deletion;
 mod selector;
 mod server;
 mod status;
@@ -73,8 +73,12 @@ pub trait PodDeleter: Send + Sync {
     /// (already resolved from the request or the pod's
     /// `terminationGracePeriodSeconds`). [`DoubleError::NotFound`] when it
     /// runs no such pod.
-    fn delete_pod(&self, namespace: &str, name: &str, grace_seconds: i64)
-    -> Result<(), DoubleError>;
+    fn delete_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        grace_seconds: i64,
+    ) -> Result<(), DoubleError>;
 }
 
 /// Where a resource type lives in the API: the `api/v1` or

@@ -11,8 +11,17 @@ use crate::discovery::Resource;
 
 /// A failure `Status` with HTTP status `code`; `details` names the object
 /// (`name`, `group`, `kind` as the plural resource).
-pub fn failure(code: StatusCode, reason: &str, message: String, details: Option<Value>) -> Response {
-    (code, axum::Json(body(code.as_u16(), reason, message, details))).into_response()
+pub fn failure(
+    code: StatusCode,
+    reason: &str,
+    message: String,
+    details: Option<Value>,
+) -> Response {
+    (
+        code,
+        axum::Json(body(code.as_u16(), reason, message, details)),
+    )
+        .into_response()
 }
 
 pub fn body(code: u16, reason: &str, message: String, details: Option<Value>) -> Value {

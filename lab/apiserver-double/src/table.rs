@@ -79,14 +79,35 @@ fn columns(kind: &str) -> Vec<Column> {
     match kind {
         "Pod" => vec![
             NAME,
-            col("Ready", "The aggregate readiness state of this pod for accepting traffic."),
-            col("Status", "The aggregate status of the containers in this pod."),
-            col("Restarts", "The number of times the containers in this pod have been restarted and when the last container in this pod has restarted."),
+            col(
+                "Ready",
+                "The aggregate readiness state of this pod for accepting traffic.",
+            ),
+            col(
+                "Status",
+                "The aggregate status of the containers in this pod.",
+            ),
+            col(
+                "Restarts",
+                "The number of times the containers in this pod have been restarted and when the last container in this pod has restarted.",
+            ),
             AGE,
-            wide("IP", "IP address allocated to the pod. Routable at least within the cluster. Empty if not yet allocated."),
-            wide("Node", "NodeName is a request to schedule this pod onto a specific node."),
-            wide("Nominated Node", "nominatedNodeName is set only when this pod preempts other pods on the node."),
-            wide("Readiness Gates", "If specified, all readiness gates will be evaluated for pod readiness."),
+            wide(
+                "IP",
+                "IP address allocated to the pod. Routable at least within the cluster. Empty if not yet allocated.",
+            ),
+            wide(
+                "Node",
+                "NodeName is a request to schedule this pod onto a specific node.",
+            ),
+            wide(
+                "Nominated Node",
+                "nominatedNodeName is set only when this pod preempts other pods on the node.",
+            ),
+            wide(
+                "Readiness Gates",
+                "If specified, all readiness gates will be evaluated for pod readiness.",
+            ),
         ],
         "Node" => vec![
             NAME,
@@ -101,24 +122,48 @@ fn columns(kind: &str) -> Vec<Column> {
             NAME,
             col("Type", "type determines how the Service is exposed."),
             col("Cluster-IP", "clusterIP is the IP address of the service."),
-            col("External-IP", "List of IP addresses for which nodes in the cluster will also accept traffic for this service."),
-            col("Port(s)", "The list of ports that are exposed by this service."),
+            col(
+                "External-IP",
+                "List of IP addresses for which nodes in the cluster will also accept traffic for this service.",
+            ),
+            col(
+                "Port(s)",
+                "The list of ports that are exposed by this service.",
+            ),
             AGE,
-            wide("Selector", "Route service traffic to pods with label keys and values matching this selector."),
+            wide(
+                "Selector",
+                "Route service traffic to pods with label keys and values matching this selector.",
+            ),
         ],
         "EndpointSlice" => vec![
             NAME,
-            col("AddressType", "addressType specifies the type of address carried by this EndpointSlice."),
-            col("Ports", "ports specifies the list of network ports exposed by each endpoint in this slice."),
-            col("Endpoints", "endpoints is a list of unique endpoints in this slice."),
+            col(
+                "AddressType",
+                "addressType specifies the type of address carried by this EndpointSlice.",
+            ),
+            col(
+                "Ports",
+                "ports specifies the list of network ports exposed by each endpoint in this slice.",
+            ),
+            col(
+                "Endpoints",
+                "endpoints is a list of unique endpoints in this slice.",
+            ),
             AGE,
         ],
         "Event" => vec![
             col("Last Seen", "Time when this Event was last observed."),
             col("Type", "Type of this event (Normal, Warning)."),
-            col("Reason", "This should be a short, machine understandable string that gives the reason for the transition into the object's current status."),
+            col(
+                "Reason",
+                "This should be a short, machine understandable string that gives the reason for the transition into the object's current status.",
+            ),
             col("Object", "The object that this event is about."),
-            col("Message", "A human-readable description of the status of this operation."),
+            col(
+                "Message",
+                "A human-readable description of the status of this operation.",
+            ),
         ],
         _ => vec![NAME, AGE],
     }
@@ -307,7 +352,12 @@ fn slice_cells(e: &Value, now: i64) -> Vec<Value> {
         .filter_map(|ep| ep.pointer("/addresses/0").and_then(Value::as_str))
         .collect();
     // The API server's printer shows at most three, then "+ N more...".
-    let mut shown = addresses.iter().take(3).copied().collect::<Vec<_>>().join(",");
+    let mut shown = addresses
+        .iter()
+        .take(3)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(",");
     if addresses.len() > 3 {
         shown.push_str(&format!(" + {} more...", addresses.len() - 3));
     }

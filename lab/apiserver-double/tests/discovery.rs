@@ -30,7 +30,11 @@ fn check_discovery(d: &Discovery) {
         assert_eq!(ar.version, "v1");
         assert_eq!(caps.scope, scope, "{kind}");
         assert!(caps.supports_operation(verbs::WATCH), "{kind} watch");
-        assert_eq!(caps.supports_operation(verbs::DELETE), kind == "Pod", "{kind}");
+        assert_eq!(
+            caps.supports_operation(verbs::DELETE),
+            kind == "Pod",
+            "{kind}"
+        );
     }
 }
 
@@ -79,7 +83,9 @@ async fn delete_goes_to_the_deleter_with_the_resolved_grace() {
 
     // No grace in the request: the pod's terminationGracePeriodSeconds.
     let answer = pods.delete("a", &DeleteParams::default()).await.unwrap();
-    let pod = answer.left().expect("a graceful deletion answers the object");
+    let pod = answer
+        .left()
+        .expect("a graceful deletion answers the object");
     assert_eq!(pod.metadata.deletion_grace_period_seconds, Some(9));
     assert!(pod.metadata.deletion_timestamp.is_some());
     // A second, shorter deletion shortens the grace without the deleter.
@@ -112,7 +118,10 @@ async fn delete_goes_to_the_deleter_with_the_resolved_grace() {
         ]
     );
 
-    let err = pods.delete("gone", &DeleteParams::default()).await.unwrap_err();
+    let err = pods
+        .delete("gone", &DeleteParams::default())
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, kube::Error::Api(s) if s.code == 404 && s.reason == "NotFound" && s.message == "pods \"gone\" not found"),
         "{err}"
@@ -143,7 +152,10 @@ async fn unsupported_verbs_get_method_not_allowed() {
         "{err}"
     );
     let nodes: Api<Node> = Api::all(client.clone());
-    let err = nodes.delete("n1", &DeleteParams::default()).await.unwrap_err();
+    let err = nodes
+        .delete("n1", &DeleteParams::default())
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, kube::Error::Api(s) if s.code == 405 && s.message.contains("delete") && s.message.contains("nodes")),
         "{err}"

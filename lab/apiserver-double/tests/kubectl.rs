@@ -3,9 +3,12 @@
 //! deletion through it; this one pins the wire shapes kubectl needs.
 
 use std::path::PathBuf;
-use std::process::Output;
-use std::sync::Arc;
+use std::process::{Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
 
 use apiserver_double::{ApiServerDouble, DoubleError, PodDeleter, objects};
 use k8s_openapi::api::core::v1::Pod;
@@ -17,7 +20,8 @@ struct Kubectl {
 
 impl Kubectl {
     fn new(d: &ApiServerDouble, test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("double-kubectl-{}-{test}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("double-kubectl-{}-{test}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let kubeconfig = dir.join("kubeconfig");
@@ -28,21 +32,23 @@ impl Kubectl {
         }
     }
 
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("kubectl");
+        cmd.arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--cache-dir")
+            .arg(&self.cache)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    }
+
     async fn run(&self, args: &[&str]) -> Output {
-        let out = tokio::time::timeout(
-            Duration::from_secs(30),
-            tokio::process::Command::new("kubectl")
-                .arg("--kubeconfig")
-                .arg(&self.kubeconfig)
-                .arg("--cache-dir")
-                .arg(&self.cache)
-                .args(args)
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .expect("kubectl timed out")
-        .expect("kubectl runs (it must be on PATH)");
+        let out = tokio::time::timeout(Duration::from_secs(30), self.command(args).output())
+            .await
+            .expect("kubectl timed out")
+            .expect("kubectl runs (it must be on PATH)");
         eprintln!(
             "kubectl {}: {}\n{}{}",
             args.join(" "),
@@ -60,14 +66,19 @@ impl Kubectl {
     }
 }
 
-/// Finishes every deletion after half a second, as a kubelet would once
-/// the pod's processes ended.
-struct Kubelet(Arc<ApiServerDouble>);
+/// Records each deletion's grace period and finishes it after half a
+/// second, as a kubelet would once the pod's processes ended.
+struct Kubelet {
+    double: Arc<ApiServerDouble>,
+    graces: Mutex<Vec<i64>>,
+}
 
 impl PodDeleter for Kubelet {
     fn delete_pod(&self, namespace: &str, name: &str, grace: i64) -> Result<(), DoubleError> {
-        self.0.delete::<Pod>(namespace, name, grace)?;
-        let (double, namespace, name) = (self.0.clone(), namespace.to_owned(), name.to_owned());
+        self.graces.lock().unwrap().push(grace);
+        self.double.delete::<Pod>(namespace, name, grace)?;
+        let (double, namespace, name) =
+            (self.double.clone(), namespace.to_owned(), name.to_owned());
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let _ = double.finish_deletion::<Pod>(&namespace, &name);
@@ -91,11 +102,19 @@ fn running_pod(name: &str, ip: &str) -> Pod {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_gets_describes_and_deletes() {
     let d = Arc::new(ApiServerDouble::start().await.unwrap());
-    d.serve_pod_deletions(Arc::new(Kubelet(d.clone())));
+    let kubelet = Arc::new(Kubelet {
+        double: d.clone(),
+        graces: Mutex::new(Vec::new()),
+    });
+    d.serve_pod_deletions(kubelet.clone());
     let web0 = d.create(&running_pod("web-0", "10.244.1.5")).unwrap();
     d.create(&running_pod("web-1", "10.244.2.6")).unwrap();
-    d.create(&objects::endpoint_slice("default", "web", &[(&web0, true, false)]))
-        .unwrap();
+    d.create(&objects::endpoint_slice(
+        "default",
+        "web",
+        &[(&web0, true, false)],
+    ))
+    .unwrap();
     let k = Kubectl::new(&d, "basics");
 
     let table = k.ok(&["get", "pods", "-o", "wide"]).await;
@@ -120,17 +139,72 @@ async fn kubectl_gets_describes_and_deletes() {
         .collect();
     assert_eq!(names, ["web-0", "web-1"]);
     let yaml = k.ok(&["get", "endpointslices", "-o", "yaml"]).await;
-    assert!(yaml.contains("kind: EndpointSlice") && yaml.contains("10.244.1.5"), "{yaml}");
+    assert!(
+        yaml.contains("kind: EndpointSlice") && yaml.contains("10.244.1.5"),
+        "{yaml}"
+    );
     let slices = k.ok(&["get", "endpointslices"]).await;
-    assert!(slices.contains("web-abcde") && slices.contains("IPv4"), "{slices}");
+    assert!(
+        slices.contains("web-abcde") && slices.contains("IPv4"),
+        "{slices}"
+    );
+
+    // get -w on the slice sees the endpoint turn terminating.
+    let mut watch = k
+        .command(&[
+            "get",
+            "endpointslices",
+            "-w",
+            "-o",
+            "custom-columns=IP:.endpoints[*].addresses[0],TERMINATING:.endpoints[*].conditions.terminating",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let mut next_line = async || {
+        tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("kubectl get -w printed nothing for 10 s")
+            .unwrap()
+            .expect("kubectl get -w ended")
+    };
+    assert_eq!(
+        next_line().await.split_whitespace().collect::<Vec<_>>(),
+        ["IP", "TERMINATING"]
+    );
+    assert_eq!(
+        next_line().await.split_whitespace().collect::<Vec<_>>(),
+        ["10.244.1.5", "false"]
+    );
+    d.apply(&objects::endpoint_slice(
+        "default",
+        "web",
+        &[(&web0, false, true)],
+    ))
+    .unwrap();
+    assert_eq!(
+        next_line().await.split_whitespace().collect::<Vec<_>>(),
+        ["10.244.1.5", "true"]
+    );
+    drop(watch);
 
     let described = k.ok(&["describe", "pod", "web-0"]).await;
-    assert!(described.contains("Name:") && described.contains("web-0"), "{described}");
+    assert!(
+        described.contains("Name:") && described.contains("web-0"),
+        "{described}"
+    );
     assert!(described.contains("10.244.1.5"), "{described}");
 
     let deleted = k.ok(&["delete", "pod", "web-0", "--grace-period=3"]).await;
     assert!(deleted.contains("pod \"web-0\" deleted"), "{deleted}");
     assert!(d.get::<Pod>("default", "web-0").is_none());
+
+    d.create(&running_pod("web-2", "10.244.2.7")).unwrap();
+    k.ok(&["delete", "pod", "web-2", "--now"]).await;
+    k.ok(&["delete", "pod", "web-1"]).await;
+    // --grace-period, --now (1 s), none (the pod's 5 s).
+    assert_eq!(*kubelet.graces.lock().unwrap(), [3, 1, 5]);
 
     let missing = k.run(&["get", "pod", "web-0"]).await;
     assert!(!missing.status.success());
@@ -138,7 +212,8 @@ async fn kubectl_gets_describes_and_deletes() {
         String::from_utf8_lossy(&missing.stderr)
             .contains("Error from server (NotFound): pods \"web-0\" not found")
     );
-    let label = k.run(&["label", "pod", "web-1", "x=y"]).await;
+    d.create(&running_pod("web-3", "10.244.2.8")).unwrap();
+    let label = k.run(&["label", "pod", "web-3", "x=y"]).await;
     assert!(!label.status.success());
     assert!(
         String::from_utf8_lossy(&label.stderr).contains("Error from server (MethodNotAllowed)"),

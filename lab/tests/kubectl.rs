@@ -1,0 +1,304 @@
+//! The real kubectl drives the lab: it lists and describes the lab's pods,
+//! watches them and the EndpointSlice, and a pod it deletes goes the
+//! rollouts' way (preStop, SIGTERM, terminating endpoint, every node's
+//! proxy) and is measured by the agents and recorded by the aggregator.
+
+mod common;
+
+use std::{
+    path::PathBuf,
+    process::{Output, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    sync::mpsc,
+};
+
+use lab::{
+    api::{NAMESPACE, PodTermination, SERVICE},
+    observer::Observer,
+    scenario::{Lab, LabConfig},
+    server::ShutdownMode,
+};
+
+/// kubectl inside the control-plane namespace, where the API listens.
+struct Kubectl {
+    netns: String,
+    kubeconfig: PathBuf,
+    cache: PathBuf,
+}
+
+impl Kubectl {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns, "kubectl", "--kubeconfig"])
+            .arg(&self.kubeconfig)
+            .arg("--cache-dir")
+            .arg(&self.cache)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    async fn run(&self, args: &[&str]) -> Output {
+        let out = tokio::time::timeout(Duration::from_secs(60), self.command(args).output())
+            .await
+            .unwrap_or_else(|_| panic!("kubectl {args:?} timed out"))
+            .expect("kubectl runs (it must be on PATH)");
+        eprintln!(
+            "kubectl {}: {}\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    async fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args).await;
+        assert!(out.status.success(), "kubectl {args:?} failed");
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    /// A long-running kubectl (a watch) whose stdout lines arrive on the
+    /// channel; killed when the child is dropped.
+    fn stream(&self, args: &[&str]) -> (Child, mpsc::UnboundedReceiver<String>) {
+        let mut child = self
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("kubectl watch");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("watch: {line}");
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        (child, rx)
+    }
+}
+
+/// Lines from `rx` until one satisfies `found`, for at most `wait`.
+async fn wait_line(
+    rx: &mut mpsc::UnboundedReceiver<String>,
+    wait: Duration,
+    found: impl Fn(&str) -> bool,
+) -> Option<String> {
+    tokio::time::timeout(wait, async {
+        while let Some(line) = rx.recv().await {
+            if found(&line) {
+                return Some(line);
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Whether the endpoint `ip` is terminating in a line of the custom
+/// columns `IP,IP,...  BOOL,BOOL,...`.
+fn terminating(line: &str, ip: &str) -> Option<bool> {
+    let (ips, flags) = line.split_once(char::is_whitespace)?;
+    let i = ips.split(',').position(|a| a == ip)?;
+    flags.trim().split(',').nth(i)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_deletes_a_lab_pod_and_the_aggregator_measures_it() {
+    if !lab::root::root_or_skip("kubectl_deletes_a_lab_pod_and_the_aggregator_measures_it") {
+        return;
+    }
+    let _serial = common::SERIAL.lock().await;
+    let dir = common::work_dir("kubectl");
+    let completion = Duration::from_secs(5);
+    let binaries = common::binaries(completion);
+    let termination = PodTermination {
+        pre_stop: Duration::from_secs(1),
+        grace: Duration::from_secs(4),
+    };
+    let lab = Lab::start(LabConfig {
+        termination,
+        ..common::lab_config("100ms..400ms", ShutdownMode::Graceful, 5)
+    })
+    .await
+    .expect("lab");
+    let observer = Observer::start(&lab, &binaries, &dir)
+        .await
+        .expect("observer");
+    let kubectl = Kubectl {
+        netns: lab.cluster.control_plane.name().to_owned(),
+        kubeconfig: observer.api().kubeconfig().to_owned(),
+        cache: dir.join("kubectl-cache"),
+    };
+
+    // get -o json parses and lists exactly the lab's pods.
+    let list: Value = serde_json::from_str(&kubectl.ok(&["get", "pods", "-o", "json"]).await)
+        .expect("kubectl get pods -o json is JSON");
+    let mut listed: Vec<&str> = list["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|p| p["metadata"]["name"].as_str())
+        .collect();
+    listed.sort_unstable();
+    let records = lab.kubelet().records();
+    let mut running: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
+    running.sort_unstable();
+    assert_eq!(listed, running);
+    let victim = &records[0];
+
+    let wide = kubectl.ok(&["get", "pods", "-o", "wide"]).await;
+    assert!(
+        wide.lines().any(|l| l.starts_with(&victim.name)
+            && l.contains("1/1")
+            && l.contains("Running")
+            && l.contains(&victim.ip.to_string())
+            && l.contains(&victim.node)),
+        "{wide}"
+    );
+    let described = kubectl.ok(&["describe", "pod", &victim.name]).await;
+    for want in [victim.name.as_str(), &victim.ip.to_string(), &victim.node] {
+        assert!(
+            described.contains(want),
+            "describe lacks {want}:\n{described}"
+        );
+    }
+
+    let (_pods_watch, mut pod_lines) =
+        kubectl.stream(&["get", "pods", "-w", "--output-watch-events"]);
+    let (_slice_watch, mut slice_lines) = kubectl.stream(&[
+        "get",
+        "endpointslices",
+        "-w",
+        "-o",
+        "custom-columns=IP:.endpoints[*].addresses[0],TERMINATING:.endpoints[*].conditions.terminating",
+    ]);
+    let ip = victim.ip.to_string();
+    assert!(
+        wait_line(&mut pod_lines, Duration::from_secs(20), |l| l
+            .contains(&victim.name))
+        .await
+        .is_some(),
+        "get -w never listed {}",
+        victim.name
+    );
+    assert!(
+        wait_line(&mut slice_lines, Duration::from_secs(20), |l| {
+            terminating(l, &ip) == Some(false)
+        })
+        .await
+        .is_some(),
+        "the EndpointSlice watch never showed {ip} serving"
+    );
+
+    let deleted = kubectl
+        .ok(&["delete", "pod", &victim.name, "--grace-period=3"])
+        .await;
+    assert!(
+        deleted.contains(&format!("pod \"{}\" deleted", victim.name)),
+        "{deleted}"
+    );
+    // kubectl waits until the pod is gone: by then its endpoint was
+    // terminating and the kubelet ran the preStop and SIGTERM.
+    assert!(
+        !lab.kubelet()
+            .records()
+            .iter()
+            .any(|r| r.name == victim.name),
+        "{} still runs",
+        victim.name
+    );
+    assert!(
+        wait_line(&mut pod_lines, Duration::from_secs(10), |l| l
+            .starts_with("MODIFIED")
+            && l.contains(&victim.name)
+            && l.contains("Terminating"))
+        .await
+        .is_some(),
+        "get -w never showed {} Terminating",
+        victim.name
+    );
+    assert!(
+        wait_line(&mut pod_lines, Duration::from_secs(10), |l| l
+            .starts_with("DELETED")
+            && l.contains(&victim.name))
+        .await
+        .is_some(),
+        "get -w never showed {} deleted",
+        victim.name
+    );
+    assert!(
+        wait_line(&mut slice_lines, Duration::from_secs(10), |l| {
+            terminating(l, &ip) == Some(true)
+        })
+        .await
+        .is_some(),
+        "the EndpointSlice watch never showed {ip} terminating"
+    );
+
+    // Measured on every node and recorded within the completion time.
+    let deadline = tokio::time::Instant::now() + completion + Duration::from_secs(10);
+    let record = loop {
+        let records = observer
+            .aggregator
+            .deletions(NAMESPACE, SERVICE)
+            .await
+            .expect("deletions");
+        if let Some(r) = records.into_iter().find(|r| r.pod_uid == victim.uid) {
+            break r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the aggregator never recorded {}",
+            victim.name
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(record.pod_name, victim.name);
+    assert!(record.complete, "{record:?}");
+    assert!(record.missing_nodes.is_empty(), "{record:?}");
+    assert_eq!(record.nodes.len(), lab.cluster.nodes.len(), "{record:?}");
+    for node in &record.nodes {
+        let latency = node.latency_seconds.expect("a latency per node");
+        // The injected delay is 100..400 ms after the endpoint turned
+        // terminating.
+        assert!((0.05..2.0).contains(&latency), "{node:?}");
+    }
+
+    // Errors as the API server words them.
+    let missing = kubectl.run(&["get", "pod", &victim.name]).await;
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "Error from server (NotFound): pods \"{}\" not found",
+            victim.name
+        )),
+        "{stderr}"
+    );
+    let other = &records[1].name;
+    let label = kubectl.run(&["label", "pod", other, "tier=web"]).await;
+    assert!(!label.status.success());
+    let stderr = String::from_utf8_lossy(&label.stderr);
+    assert!(
+        stderr.contains("Error from server (MethodNotAllowed): patch is not supported"),
+        "{stderr}"
+    );
+
+    observer.shutdown().await;
+    lab.shutdown().await.expect("shutdown");
+}
