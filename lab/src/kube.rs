@@ -25,7 +25,11 @@ use k8s_openapi::{
             Endpoint as SliceEndpoint, EndpointConditions, EndpointPort, EndpointSlice,
         },
     },
-    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+    apimachinery::pkg::{
+        apis::meta::v1::{ObjectMeta, Time},
+        util::intstr::IntOrString,
+    },
+    jiff::Timestamp,
 };
 
 use crate::{
@@ -130,7 +134,10 @@ pub fn pod_object(record: &PodRecord, host_ip: &str) -> Pod {
                 ready: true,
                 started: Some(true),
                 state: Some(ContainerState {
-                    running: Some(ContainerStateRunning::default()),
+                    // Built when the pod turned ready: it has run since.
+                    running: Some(ContainerStateRunning {
+                        started_at: Some(Time(Timestamp::now())),
+                    }),
                     ..Default::default()
                 }),
                 ..Default::default()
