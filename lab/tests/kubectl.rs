@@ -5,18 +5,10 @@
 
 mod common;
 
-use std::{
-    path::PathBuf,
-    process::{Output, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
+use apiserver_double::kubectl::Kubectl;
 use serde_json::Value;
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-    sync::mpsc,
-};
 
 use lab::{
     api::{NAMESPACE, PodTermination, SERVICE},
@@ -24,90 +16,6 @@ use lab::{
     scenario::{Lab, LabConfig},
     server::ShutdownMode,
 };
-
-/// kubectl inside the control-plane namespace, where the API listens.
-struct Kubectl {
-    netns: String,
-    kubeconfig: PathBuf,
-    cache: PathBuf,
-}
-
-impl Kubectl {
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.netns, "kubectl", "--kubeconfig"])
-            .arg(&self.kubeconfig)
-            .arg("--cache-dir")
-            .arg(&self.cache)
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        cmd
-    }
-
-    async fn run(&self, args: &[&str]) -> Output {
-        let out = tokio::time::timeout(Duration::from_secs(60), self.command(args).output())
-            .await
-            .unwrap_or_else(|_| panic!("kubectl {args:?} timed out"))
-            .expect("kubectl runs (it must be on PATH)");
-        eprintln!(
-            "kubectl {}: {}\n{}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    async fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args).await;
-        assert!(out.status.success(), "kubectl {args:?} failed");
-        String::from_utf8(out.stdout).expect("utf-8")
-    }
-
-    /// A long-running kubectl (a watch) whose stdout lines arrive on the
-    /// channel; killed when the child is dropped.
-    fn stream(&self, args: &[&str]) -> (Child, mpsc::UnboundedReceiver<String>) {
-        let mut child = self
-            .command(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("kubectl watch");
-        let stdout = child.stdout.take().expect("piped");
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("watch: {line}");
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        (child, rx)
-    }
-}
-
-/// Lines from `rx` until one satisfies `found`, for at most `wait`.
-async fn wait_line(
-    rx: &mut mpsc::UnboundedReceiver<String>,
-    wait: Duration,
-    found: impl Fn(&str) -> bool,
-) -> Option<String> {
-    tokio::time::timeout(wait, async {
-        while let Some(line) = rx.recv().await {
-            if found(&line) {
-                return Some(line);
-            }
-        }
-        None
-    })
-    .await
-    .ok()
-    .flatten()
-}
 
 /// Whether the endpoint `ip` is terminating in a line of the custom
 /// columns `IP,IP,...  BOOL,BOOL,...`.
@@ -139,15 +47,21 @@ async fn kubectl_deletes_a_lab_pod_and_the_aggregator_measures_it() {
     let observer = Observer::start(&lab, &binaries, &dir)
         .await
         .expect("observer");
-    let kubectl = Kubectl {
-        netns: lab.cluster.control_plane.name().to_owned(),
-        kubeconfig: observer.api().kubeconfig().to_owned(),
-        cache: dir.join("kubectl-cache"),
-    };
+    // Where the API listens: inside the control-plane namespace.
+    let kubectl = Kubectl::new(
+        observer.api().kubeconfig().to_owned(),
+        dir.join("kubectl-cache"),
+    )
+    .in_netns(lab.cluster.control_plane.name());
 
     // get -o json parses and lists exactly the lab's pods.
-    let list: Value = serde_json::from_str(&kubectl.ok(&["get", "pods", "-o", "json"]).await)
-        .expect("kubectl get pods -o json is JSON");
+    let list: Value = serde_json::from_str(
+        &kubectl
+            .ok(&["get", "pods", "-o", "json"])
+            .await
+            .expect("kubectl"),
+    )
+    .expect("kubectl get pods -o json is JSON");
     let mut listed: Vec<&str> = list["items"]
         .as_array()
         .expect("items")
@@ -161,7 +75,10 @@ async fn kubectl_deletes_a_lab_pod_and_the_aggregator_measures_it() {
     assert_eq!(listed, running);
     let victim = &records[0];
 
-    let wide = kubectl.ok(&["get", "pods", "-o", "wide"]).await;
+    let wide = kubectl
+        .ok(&["get", "pods", "-o", "wide"])
+        .await
+        .expect("kubectl");
     assert!(
         wide.lines().any(|l| l.starts_with(&victim.name)
             && l.contains("1/1")
@@ -170,7 +87,10 @@ async fn kubectl_deletes_a_lab_pod_and_the_aggregator_measures_it() {
             && l.contains(&victim.node)),
         "{wide}"
     );
-    let described = kubectl.ok(&["describe", "pod", &victim.name]).await;
+    let described = kubectl
+        .ok(&["describe", "pod", &victim.name])
+        .await
+        .expect("kubectl");
     for want in [victim.name.as_str(), &victim.ip.to_string(), &victim.node] {
         assert!(
             described.contains(want),
@@ -178,36 +98,40 @@ async fn kubectl_deletes_a_lab_pod_and_the_aggregator_measures_it() {
         );
     }
 
-    let (_pods_watch, mut pod_lines) =
-        kubectl.stream(&["get", "pods", "-w", "--output-watch-events"]);
-    let (_slice_watch, mut slice_lines) = kubectl.stream(&[
+    let mut pod_lines = kubectl
+        .watch(&["get", "pods", "-w", "--output-watch-events"])
+        .expect("get pods -w");
+    let mut slice_lines = kubectl.watch(&[
         "get",
         "endpointslices",
         "-w",
         "-o",
         "custom-columns=IP:.endpoints[*].addresses[0],TERMINATING:.endpoints[*].conditions.terminating",
-    ]);
+    ])
+    .expect("get endpointslices -w");
     let ip = victim.ip.to_string();
     assert!(
-        wait_line(&mut pod_lines, Duration::from_secs(20), |l| l
-            .contains(&victim.name))
-        .await
-        .is_some(),
+        pod_lines
+            .until(Duration::from_secs(20), |l| l.contains(&victim.name))
+            .await
+            .is_some(),
         "get -w never listed {}",
         victim.name
     );
     assert!(
-        wait_line(&mut slice_lines, Duration::from_secs(20), |l| {
-            terminating(l, &ip) == Some(false)
-        })
-        .await
-        .is_some(),
+        slice_lines
+            .until(Duration::from_secs(20), |l| {
+                terminating(l, &ip) == Some(false)
+            })
+            .await
+            .is_some(),
         "the EndpointSlice watch never showed {ip} serving"
     );
 
     let deleted = kubectl
         .ok(&["delete", "pod", &victim.name, "--grace-period=3"])
-        .await;
+        .await
+        .expect("kubectl");
     assert!(
         deleted.contains(&format!("pod \"{}\" deleted", victim.name)),
         "{deleted}"
@@ -223,30 +147,31 @@ async fn kubectl_deletes_a_lab_pod_and_the_aggregator_measures_it() {
         victim.name
     );
     assert!(
-        wait_line(&mut pod_lines, Duration::from_secs(10), |l| l
-            .starts_with("MODIFIED")
-            && l.contains(&victim.name)
-            && l.contains("Terminating"))
-        .await
-        .is_some(),
+        pod_lines
+            .until(Duration::from_secs(10), |l| l.starts_with("MODIFIED")
+                && l.contains(&victim.name)
+                && l.contains("Terminating"))
+            .await
+            .is_some(),
         "get -w never showed {} Terminating",
         victim.name
     );
     assert!(
-        wait_line(&mut pod_lines, Duration::from_secs(10), |l| l
-            .starts_with("DELETED")
-            && l.contains(&victim.name))
-        .await
-        .is_some(),
+        pod_lines
+            .until(Duration::from_secs(10), |l| l.starts_with("DELETED")
+                && l.contains(&victim.name))
+            .await
+            .is_some(),
         "get -w never showed {} deleted",
         victim.name
     );
     assert!(
-        wait_line(&mut slice_lines, Duration::from_secs(10), |l| {
-            terminating(l, &ip) == Some(true)
-        })
-        .await
-        .is_some(),
+        slice_lines
+            .until(Duration::from_secs(10), |l| {
+                terminating(l, &ip) == Some(true)
+            })
+            .await
+            .is_some(),
         "the EndpointSlice watch never showed {ip} terminating"
     );
 
@@ -280,7 +205,10 @@ async fn kubectl_deletes_a_lab_pod_and_the_aggregator_measures_it() {
     }
 
     // Errors as the API server words them.
-    let missing = kubectl.run(&["get", "pod", &victim.name]).await;
+    let missing = kubectl
+        .run(&["get", "pod", &victim.name])
+        .await
+        .expect("kubectl");
     assert!(!missing.status.success());
     let stderr = String::from_utf8_lossy(&missing.stderr);
     assert!(
@@ -291,7 +219,10 @@ async fn kubectl_deletes_a_lab_pod_and_the_aggregator_measures_it() {
         "{stderr}"
     );
     let other = &records[1].name;
-    let label = kubectl.run(&["label", "pod", other, "tier=web"]).await;
+    let label = kubectl
+        .run(&["label", "pod", other, "tier=web"])
+        .await
+        .expect("kubectl");
     assert!(!label.status.success());
     let stderr = String::from_utf8_lossy(&label.stderr);
     assert!(

@@ -21,6 +21,7 @@
 
 mod deletion;
 pub mod discovery;
+pub mod kubectl;
 pub mod objects;
 mod selector;
 mod server;

@@ -2,68 +2,20 @@
 //! describe, delete and its errors. The lab's root e2e test drives a whole
 //! deletion through it; this one pins the wire shapes kubectl needs.
 
-use std::path::PathBuf;
-use std::process::{Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
-
+use apiserver_double::kubectl::Kubectl;
 use apiserver_double::{ApiServerDouble, DoubleError, PodDeleter, objects};
 use k8s_openapi::api::core::v1::Pod;
 
-struct Kubectl {
-    kubeconfig: PathBuf,
-    cache: PathBuf,
-}
-
-impl Kubectl {
-    fn new(d: &ApiServerDouble, test: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("double-kubectl-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let kubeconfig = dir.join("kubeconfig");
-        std::fs::write(&kubeconfig, d.kubeconfig_yaml()).unwrap();
-        Kubectl {
-            kubeconfig,
-            cache: dir.join("cache"),
-        }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("kubectl");
-        cmd.arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--cache-dir")
-            .arg(&self.cache)
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        cmd
-    }
-
-    async fn run(&self, args: &[&str]) -> Output {
-        let out = tokio::time::timeout(Duration::from_secs(30), self.command(args).output())
-            .await
-            .expect("kubectl timed out")
-            .expect("kubectl runs (it must be on PATH)");
-        eprintln!(
-            "kubectl {}: {}\n{}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    async fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args).await;
-        assert!(out.status.success(), "kubectl {args:?} failed");
-        String::from_utf8(out.stdout).unwrap()
-    }
+fn kubectl(d: &ApiServerDouble, test: &str) -> Kubectl {
+    let dir = std::env::temp_dir().join(format!("double-kubectl-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, d.kubeconfig_yaml()).unwrap();
+    Kubectl::new(kubeconfig, dir.join("cache"))
 }
 
 /// Records each deletion's grace period and finishes it after half a
@@ -115,9 +67,9 @@ async fn kubectl_gets_describes_and_deletes() {
         &[(&web0, true, false)],
     ))
     .unwrap();
-    let k = Kubectl::new(&d, "basics");
+    let k = kubectl(&d, "basics");
 
-    let table = k.ok(&["get", "pods", "-o", "wide"]).await;
+    let table = k.ok(&["get", "pods", "-o", "wide"]).await.unwrap();
     let header = table.lines().next().unwrap();
     for col in ["NAME", "READY", "STATUS", "RESTARTS", "AGE", "IP", "NODE"] {
         assert!(header.contains(col), "{col} missing: {header}");
@@ -130,7 +82,7 @@ async fn kubectl_gets_describes_and_deletes() {
     );
 
     let json: serde_json::Value =
-        serde_json::from_str(&k.ok(&["get", "po", "-o", "json"]).await).unwrap();
+        serde_json::from_str(&k.ok(&["get", "po", "-o", "json"]).await.unwrap()).unwrap();
     let names: Vec<&str> = json["items"]
         .as_array()
         .unwrap()
@@ -138,12 +90,15 @@ async fn kubectl_gets_describes_and_deletes() {
         .filter_map(|p| p["metadata"]["name"].as_str())
         .collect();
     assert_eq!(names, ["web-0", "web-1"]);
-    let yaml = k.ok(&["get", "endpointslices", "-o", "yaml"]).await;
+    let yaml = k
+        .ok(&["get", "endpointslices", "-o", "yaml"])
+        .await
+        .unwrap();
     assert!(
         yaml.contains("kind: EndpointSlice") && yaml.contains("10.244.1.5"),
         "{yaml}"
     );
-    let slices = k.ok(&["get", "endpointslices"]).await;
+    let slices = k.ok(&["get", "endpointslices"]).await.unwrap();
     assert!(
         slices.contains("web-abcde") && slices.contains("IPv4"),
         "{slices}"
@@ -151,69 +106,60 @@ async fn kubectl_gets_describes_and_deletes() {
 
     // get -w on the slice sees the endpoint turn terminating.
     let mut watch = k
-        .command(&[
+        .watch(&[
             "get",
             "endpointslices",
             "-w",
             "-o",
             "custom-columns=IP:.endpoints[*].addresses[0],TERMINATING:.endpoints[*].conditions.terminating",
         ])
-        .stdout(Stdio::piped())
-        .spawn()
         .unwrap();
-    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
-    let mut next_line = async || {
-        tokio::time::timeout(Duration::from_secs(10), lines.next_line())
-            .await
-            .expect("kubectl get -w printed nothing for 10 s")
-            .unwrap()
-            .expect("kubectl get -w ended")
+    let wait = Duration::from_secs(10);
+    let mut row = async || {
+        let line = watch.next_line(wait).await.expect("a line of get -w");
+        line.split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
     };
-    assert_eq!(
-        next_line().await.split_whitespace().collect::<Vec<_>>(),
-        ["IP", "TERMINATING"]
-    );
-    assert_eq!(
-        next_line().await.split_whitespace().collect::<Vec<_>>(),
-        ["10.244.1.5", "false"]
-    );
+    assert_eq!(row().await, ["IP", "TERMINATING"]);
+    assert_eq!(row().await, ["10.244.1.5", "false"]);
     d.apply(&objects::endpoint_slice(
         "default",
         "web",
         &[(&web0, false, true)],
     ))
     .unwrap();
-    assert_eq!(
-        next_line().await.split_whitespace().collect::<Vec<_>>(),
-        ["10.244.1.5", "true"]
-    );
+    assert_eq!(row().await, ["10.244.1.5", "true"]);
     drop(watch);
 
-    let described = k.ok(&["describe", "pod", "web-0"]).await;
+    let described = k.ok(&["describe", "pod", "web-0"]).await.unwrap();
     assert!(
         described.contains("Name:") && described.contains("web-0"),
         "{described}"
     );
     assert!(described.contains("10.244.1.5"), "{described}");
 
-    let deleted = k.ok(&["delete", "pod", "web-0", "--grace-period=3"]).await;
+    let deleted = k
+        .ok(&["delete", "pod", "web-0", "--grace-period=3"])
+        .await
+        .unwrap();
     assert!(deleted.contains("pod \"web-0\" deleted"), "{deleted}");
     assert!(d.get::<Pod>("default", "web-0").is_none());
 
     d.create(&running_pod("web-2", "10.244.2.7")).unwrap();
-    k.ok(&["delete", "pod", "web-2", "--now"]).await;
-    k.ok(&["delete", "pod", "web-1"]).await;
+    k.ok(&["delete", "pod", "web-2", "--now"]).await.unwrap();
+    k.ok(&["delete", "pod", "web-1"]).await.unwrap();
     // --grace-period, --now (1 s), none (the pod's 5 s).
     assert_eq!(*kubelet.graces.lock().unwrap(), [3, 1, 5]);
 
-    let missing = k.run(&["get", "pod", "web-0"]).await;
+    let missing = k.run(&["get", "pod", "web-0"]).await.unwrap();
     assert!(!missing.status.success());
     assert!(
         String::from_utf8_lossy(&missing.stderr)
             .contains("Error from server (NotFound): pods \"web-0\" not found")
     );
     d.create(&running_pod("web-3", "10.244.2.8")).unwrap();
-    let label = k.run(&["label", "pod", "web-3", "x=y"]).await;
+    let label = k.run(&["label", "pod", "web-3", "x=y"]).await.unwrap();
     assert!(!label.status.success());
     assert!(
         String::from_utf8_lossy(&label.stderr).contains("Error from server (MethodNotAllowed)"),
