@@ -132,7 +132,6 @@ impl ResetCause {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AgentCounters {
     pub events_lost: u64,
-    pub events_filtered: u64,
     pub observations_dropped: u64,
 }
 

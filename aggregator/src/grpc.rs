@@ -220,7 +220,6 @@ pub fn batch_from_proto(r: pb::ReportRequest) -> Result<Batch, String> {
         observations,
         counters: AgentCounters {
             events_lost: c.events_lost,
-            events_filtered: c.events_filtered,
             observations_dropped: c.observations_dropped,
         },
         clock: r.clock.map(|c| ClockEstimate {

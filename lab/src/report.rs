@@ -243,6 +243,16 @@ impl Report {
     /// The human-readable summary `cargo xtask lab` prints.
     pub fn text(&self) -> String {
         let mut out = String::new();
+        self.write_deletions(&mut out);
+        self.write_accuracy(&mut out);
+        self.write_recommendation(&mut out);
+        self.write_agent_cost(&mut out);
+        self.write_runs(&mut out);
+        out
+    }
+
+    /// Per deletion and node: measured against injected.
+    fn write_deletions(&self, out: &mut String) {
         let _ = writeln!(
             out,
             "\nPer deletion and node (ms from the deletion's start, T0):"
@@ -267,6 +277,10 @@ impl Report {
                 );
             }
         }
+    }
+
+    /// Accuracy per dataplane mode.
+    fn write_accuracy(&self, out: &mut String) {
         let _ = writeln!(out, "\nAccuracy |measured - injected| by mode:");
         for a in &self.accuracy {
             let _ = writeln!(
@@ -280,6 +294,10 @@ impl Report {
                 a.max_abs_error_ms
             );
         }
+    }
+
+    /// The aggregator's recommendation and its keep-alive finding.
+    fn write_recommendation(&self, out: &mut String) {
         match &self.recommendation {
             Some(r) => {
                 let _ = writeln!(
@@ -306,6 +324,10 @@ impl Report {
                 let _ = writeln!(out, "\nRecommendation: none");
             }
         }
+    }
+
+    /// The agents' CPU over the rollouts' traffic.
+    fn write_agent_cost(&self, out: &mut String) {
         let cost = &self.agent_cost;
         if let Some(ms) = cost.cpu_ms_per_10k_connections {
             let _ = writeln!(
@@ -326,6 +348,10 @@ impl Report {
                 }
             );
         }
+    }
+
+    /// Requests and failures per rollout.
+    fn write_runs(&self, out: &mut String) {
         let _ = writeln!(out, "\nRollouts:");
         for r in &self.runs {
             let causes: Vec<String> = {
@@ -350,10 +376,8 @@ impl Report {
                 }
             );
         }
-        out
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

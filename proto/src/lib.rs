@@ -1,11 +1,22 @@
 //! The agent <-> aggregator protocol, generated from
-//! `proto/prestop/observer/v1/observer.proto`. Each protocol version is its
-//! own module so a v2 can be served next to v1; [`Endpoint`] is the typed
-//! form both sides use of what agents are told to watch.
+//! `proto/prestop/observer/v1/observer.proto`, and the typed forms both
+//! sides use of its messages. Each protocol version is its own module so a
+//! v2 can be served next to v1; the typed forms ([`Endpoint`],
+//! [`Observation`], [`Report`], [`UnixNanos`]) convert to and from the wire
+//! in this crate only, with typed errors naming the bad field.
 
 mod endpoint;
+mod observation;
+mod report;
+mod time;
 
 pub use endpoint::{BadEndpoint, Endpoint};
+pub use observation::{
+    BadObservation, CloseKind, ConnEvent, Detector, NewFlow, Observation, ResetCause, RulesChange,
+    UnknownDetector,
+};
+pub use report::{AgentCounters, BadReport, ClockEstimate, Report};
+pub use time::UnixNanos;
 
 pub mod v1 {
     #![allow(clippy::all, clippy::pedantic)]

@@ -57,11 +57,3 @@ pub fn output(cmd: &mut Command) -> Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
-
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions; avoids a libc dependency.
-    unsafe extern "C" {
-        fn geteuid() -> u32;
-    }
-    unsafe { geteuid() == 0 }
-}

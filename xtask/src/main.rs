@@ -32,7 +32,7 @@ enum Task {
     /// by the real agents and aggregator, then repeated with preStop 0 (the
     /// folklore 5 s when the injected delays can exceed it) and with the
     /// recommended delay. Needs root. Writes target/lab/report.json.
-    Lab(Box<lab::XtaskLabArgs>),
+    Lab(lab::XtaskLabArgs),
 }
 
 fn main() -> Result<()> {

@@ -6,7 +6,9 @@ use std::{path::Path, process::Command, time::Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use crate::cmd::{self, is_root};
+use lab_netns::root::is_root;
+
+use crate::cmd;
 
 /// Debian packages the build, the tests and the lab use, with the command
 /// whose presence shows each is installed (`None`: look for the package).

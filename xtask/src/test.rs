@@ -6,10 +6,9 @@ use std::process::Command;
 use anyhow::{Result, bail};
 use clap::Args;
 
-use crate::{build::ensure_setup, cmd};
+use lab_netns::root::{REQUIRE_ROOT_ENV, is_root};
 
-/// Tests that need root read this and fail instead of skipping.
-pub const REQUIRE_ROOT_ENV: &str = "OBSERVER_REQUIRE_ROOT_TESTS";
+use crate::{build::ensure_setup, cmd};
 
 #[derive(Args, Default)]
 pub struct TestArgs {
@@ -22,7 +21,7 @@ pub struct TestArgs {
 }
 
 pub fn run(args: &TestArgs) -> Result<()> {
-    if !args.no_root && !cmd::is_root() {
+    if !args.no_root && !is_root() {
         bail!(
             "the kernel tests need root (eBPF load, network namespaces): run `sudo cargo xtask test`, or `cargo xtask test --no-root` to skip them"
         );

@@ -168,7 +168,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                             tracing::warn!(lost, total_lost = stats.lost, "ring buffer full: connection events lost");
                         }
                         counters.events_lost.store(stats.lost, Ordering::Relaxed);
-                        counters.events_filtered.store(stats.filtered, Ordering::Relaxed);
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot read kernel counters"),
                 }

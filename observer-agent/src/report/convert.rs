@@ -25,8 +25,6 @@ fn conn(c: &ConnObservation) -> pb::ConnEvent {
             Some(CloseKind::Reset) => pb::CloseKind::Reset,
         } as i32,
         reason: c.reason.clone().unwrap_or_default(),
-        old_state: c.old_state.unwrap_or_default().into(),
-        new_state: c.new_state.unwrap_or_default().into(),
     }
 }
 
@@ -90,7 +88,6 @@ mod tests {
         assert_eq!(e.dst.unwrap().ip, "10.0.0.2");
         assert_eq!(e.close, pb::CloseKind::Reset as i32);
         assert_eq!((e.time_unix_nanos, e.reason.as_str()), (7, "NOT_SPECIFIED"));
-        assert_eq!(e.old_state, "TCP_ESTABLISHED");
 
         let r = observation(&Observation::RulesRemoved(RulesChange {
             endpoint: "[fd00::1]:8080".parse().unwrap(),

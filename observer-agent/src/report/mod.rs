@@ -35,8 +35,6 @@ use buffer::Buffer;
 pub struct KernelCounters {
     /// Events the kernel could not hand over (ring buffer full).
     pub events_lost: AtomicU64,
-    /// Events filtered out as not concerning a watched endpoint.
-    pub events_filtered: AtomicU64,
 }
 
 #[derive(Clone, Debug)]
@@ -470,7 +468,6 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
             observations: b.observations.clone(),
             counters: Some(pb::AgentCounters {
                 events_lost: self.cfg.counters.events_lost.load(Ordering::Relaxed),
-                events_filtered: self.cfg.counters.events_filtered.load(Ordering::Relaxed),
                 observations_dropped: self.buffer.dropped(),
             }),
             clock: self.clock.map(|c| pb::ClockEstimate {
