@@ -173,6 +173,14 @@ fn str_at<'a>(v: &'a Value, ptr: &str) -> &'a str {
     v.pointer(ptr).and_then(Value::as_str).unwrap_or_default()
 }
 
+/// The elements of the array at `ptr`; none when it is absent.
+fn items<'a>(v: &'a Value, ptr: &str) -> impl Iterator<Item = &'a Value> {
+    v.pointer(ptr)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+}
+
 fn or_none(s: String) -> String {
     if s.is_empty() { "<none>".into() } else { s }
 }
@@ -210,21 +218,11 @@ fn age(v: &Value, ptr: &str, now: i64) -> String {
 }
 
 fn pod_cells(p: &Value, now: i64) -> Vec<Value> {
-    let containers = p
-        .pointer("/spec/containers")
-        .and_then(Value::as_array)
-        .map_or(0, Vec::len);
-    let statuses = p
-        .pointer("/status/containerStatuses")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let ready = statuses
-        .iter()
+    let containers = items(p, "/spec/containers").count();
+    let ready = items(p, "/status/containerStatuses")
         .filter(|s| s["ready"].as_bool() == Some(true))
         .count();
-    let restarts: i64 = statuses
-        .iter()
+    let restarts: i64 = items(p, "/status/containerStatuses")
         .filter_map(|s| s["restartCount"].as_i64())
         .sum();
     // As the API server's printer: a pod with a deletion timestamp is
@@ -251,13 +249,7 @@ fn pod_cells(p: &Value, now: i64) -> Vec<Value> {
 }
 
 fn node_cells(n: &Value, now: i64) -> Vec<Value> {
-    let conditions = n
-        .pointer("/status/conditions")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let ready = conditions
-        .iter()
+    let ready = items(n, "/status/conditions")
         .find(|c| c["type"] == "Ready")
         .map_or("Unknown", |c| {
             if c["status"] == "True" {
@@ -267,10 +259,7 @@ fn node_cells(n: &Value, now: i64) -> Vec<Value> {
             }
         });
     let addresses = |typ: &str| {
-        n.pointer("/status/addresses")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
+        items(n, "/status/addresses")
             .filter(|a| a["type"] == typ)
             .filter_map(|a| a["address"].as_str())
             .collect::<Vec<_>>()
@@ -295,11 +284,7 @@ fn node_cells(n: &Value, now: i64) -> Vec<Value> {
 }
 
 fn service_cells(s: &Value, now: i64) -> Vec<Value> {
-    let ports: Vec<String> = s
-        .pointer("/spec/ports")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+    let ports: Vec<String> = items(s, "/spec/ports")
         .map(|p| {
             let proto = p["protocol"].as_str().unwrap_or("TCP");
             match p["nodePort"].as_i64() {
@@ -315,11 +300,7 @@ fn service_cells(s: &Value, now: i64) -> Vec<Value> {
         .flatten()
         .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
         .collect();
-    let external: Vec<&str> = s
-        .pointer("/spec/externalIPs")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+    let external: Vec<&str> = items(s, "/spec/externalIPs")
         .filter_map(Value::as_str)
         .collect();
     vec![
@@ -338,17 +319,11 @@ fn service_cells(s: &Value, now: i64) -> Vec<Value> {
 }
 
 fn slice_cells(e: &Value, now: i64) -> Vec<Value> {
-    let ports: Vec<String> = e["ports"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let ports: Vec<String> = items(e, "/ports")
         .filter_map(|p| p["port"].as_i64())
         .map(|p| p.to_string())
         .collect();
-    let addresses: Vec<&str> = e["endpoints"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let addresses: Vec<&str> = items(e, "/endpoints")
         .filter_map(|ep| ep.pointer("/addresses/0").and_then(Value::as_str))
         .collect();
     // The API server's printer shows at most three, then "+ N more...".
