@@ -156,6 +156,14 @@ impl ControlPlane {
         self.publish();
     }
 
+    /// A second deletion shortened the pod's grace period: the API records
+    /// it (the endpoint is already terminating).
+    pub fn pod_deletion_shortened(&mut self, pod: &PodRecord, grace: Duration) {
+        if let Some(m) = &mut self.mirror {
+            m.pod_deleting(pod, grace);
+        }
+    }
+
     /// The pod is gone: its endpoint leaves the slice, its object the API.
     pub fn pod_removed(&mut self, pod: &PodRecord) {
         self.endpoints.retain(|e| e.pod != pod.name);

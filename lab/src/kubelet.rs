@@ -6,11 +6,12 @@
 //! end of the grace period, SIGKILL; then the endpoint and the pod go.
 
 use std::{
+    collections::HashMap,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
-use tokio::task::JoinHandle;
+use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
     api::{self, ControlPlane, PodRecord},
@@ -34,9 +35,16 @@ pub struct Deletion {
     pub ended: JoinHandle<Ending>,
 }
 
+/// A pod whose termination runs, and how to shorten its grace period.
+struct Terminating {
+    record: PodRecord,
+    grace: watch::Sender<Duration>,
+}
+
 pub struct Kubelet {
     control: Arc<Mutex<ControlPlane>>,
     running: Mutex<Vec<Pod>>,
+    terminating: Arc<Mutex<HashMap<String, Terminating>>>,
     /// Deletions asked through the API: nobody waits for them, so their
     /// sandboxes stay until the lab ends.
     api_deletions: Mutex<Vec<Deletion>>,
@@ -51,6 +59,7 @@ impl Kubelet {
         Kubelet {
             control,
             running: Mutex::new(Vec::new()),
+            terminating: Arc::default(),
             api_deletions: Mutex::new(Vec::new()),
         }
     }
@@ -70,6 +79,11 @@ impl Kubelet {
             .collect()
     }
 
+    /// The pods whose termination still runs.
+    pub fn terminating(&self) -> Vec<String> {
+        lock(&self.terminating).keys().cloned().collect()
+    }
+
     pub fn running(&self) -> usize {
         lock(&self.running).len()
     }
@@ -84,20 +98,39 @@ impl Kubelet {
         Some(self.terminate(pod, pre_stop, grace))
     }
 
-    /// Deletes the running pod `name` as the API asked: the pod's own
-    /// preStop delay, the request's grace period. The deletion is kept
-    /// until the lab ends. False when no such pod runs.
+    /// Deletes the pod `name` as the API asked: the pod's own preStop
+    /// delay, the request's grace period; the deletion is kept until the
+    /// lab ends. A pod already terminating gets the shorter of its grace
+    /// periods, as from a second `kubectl delete`. False when no such pod
+    /// runs or terminates.
     pub fn delete_by_api(&self, name: &str, grace: Duration) -> bool {
         let pod = {
             let mut running = lock(&self.running);
             match running.iter().position(|p| p.record.name == name) {
                 Some(i) => running.remove(i),
-                None => return false,
+                None => {
+                    drop(running);
+                    return self.shorten(name, grace);
+                }
             }
         };
         let pre_stop = pod.record.termination.pre_stop;
         let deletion = self.terminate(pod, pre_stop, grace);
         lock(&self.api_deletions).push(deletion);
+        true
+    }
+
+    /// A shorter grace period for a terminating pod: the API records it,
+    /// the kubelet kills sooner. A longer one changes nothing.
+    fn shorten(&self, name: &str, grace: Duration) -> bool {
+        let terminating = lock(&self.terminating);
+        let Some(t) = terminating.get(name) else {
+            return false;
+        };
+        if grace < *t.grace.borrow() {
+            t.grace.send_replace(grace);
+            lock(&self.control).pod_deletion_shortened(&t.record, grace);
+        }
         true
     }
 
@@ -108,11 +141,21 @@ impl Kubelet {
             process,
         } = pod;
         record.deletion_requested_unix_nano = Some(api::unix_nanos());
+        let (grace_tx, grace_rx) = watch::channel(grace);
+        lock(&self.terminating).insert(
+            record.name.clone(),
+            Terminating {
+                record: record.clone(),
+                grace: grace_tx,
+            },
+        );
         lock(&self.control).pod_terminating(&record, grace);
         let control = self.control.clone();
+        let terminating = self.terminating.clone();
         let gone = record.clone();
         let ended = tokio::spawn(async move {
-            let termination = process.terminate(pre_stop, grace).await;
+            let termination = process.terminate_shortened(pre_stop, grace_rx).await;
+            lock(&terminating).remove(&gone.name);
             lock(&control).pod_removed(&gone);
             termination.ending
         });

@@ -34,9 +34,10 @@ async fn kubectl_deletes_a_lab_pod_and_the_aggregator_measures_it() {
     let dir = common::work_dir("kubectl");
     let completion = Duration::from_secs(5);
     let binaries = common::binaries(completion);
+    // A preStop long enough that a forced deletion visibly cuts it short.
     let termination = PodTermination {
-        pre_stop: Duration::from_secs(1),
-        grace: Duration::from_secs(4),
+        pre_stop: Duration::from_secs(3),
+        grace: Duration::from_secs(5),
     };
     let lab = Lab::start(LabConfig {
         termination,
@@ -229,6 +230,28 @@ async fn kubectl_deletes_a_lab_pod_and_the_aggregator_measures_it() {
         stderr.contains("Error from server (MethodNotAllowed): patch is not supported"),
         "{stderr}"
     );
+
+    // A second, forced deletion cuts a running termination short: the
+    // kill comes at once, not after the 3 s preStop sleep.
+    let last = &records[2].name;
+    kubectl
+        .ok(&["delete", "pod", last, "--wait=false"])
+        .await
+        .expect("kubectl");
+    assert!(lab.kubelet().terminating().contains(last));
+    let forced = std::time::Instant::now();
+    kubectl
+        .ok(&["delete", "pod", last, "--grace-period=0", "--force"])
+        .await
+        .expect("kubectl");
+    while lab.kubelet().terminating().contains(last) {
+        assert!(
+            forced.elapsed() < Duration::from_millis(1500),
+            "{last} still terminating {:?} after a forced deletion",
+            forced.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     observer.shutdown().await;
     lab.shutdown().await.expect("shutdown");

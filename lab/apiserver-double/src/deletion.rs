@@ -1,8 +1,8 @@
 //! `DELETE` of one object over HTTP, with the API server's semantics for
 //! pods: the grace period comes from the request (`DeleteOptions` body or
 //! `gracePeriodSeconds` query) or the pod's `terminationGracePeriodSeconds`;
-//! preconditions are checked; a pod already terminating may only have its
-//! grace shortened; the rest is the [`crate::PodDeleter`]'s.
+//! preconditions are checked; the rest is the [`crate::PodDeleter`]'s (a
+//! pod already terminating may only have its grace shortened).
 
 use std::collections::HashMap;
 
@@ -97,12 +97,11 @@ pub fn delete(
         return status::conflict(resource, name, why);
     }
     let grace = grace_seconds(&opts, &before);
-    let terminating = before.pointer("/metadata/deletionTimestamp").is_some();
     // The deleter runs without the state lock: it writes the deletion back
     // through the double.
     let result = match shared.deleter() {
-        Some(deleter) if !terminating => deleter.delete_pod(namespace, name, grace),
-        _ => shared.delete(&kind, namespace, name, grace),
+        Some(deleter) => deleter.delete_pod(namespace, name, grace),
+        None => shared.delete(&kind, namespace, name, grace),
     };
     if let Err(e) = result {
         return status::internal(resource, name, &e);

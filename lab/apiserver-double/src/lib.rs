@@ -70,10 +70,12 @@ pub enum DoubleError {
 /// `deletionTimestamp` and `deletionGracePeriodSeconds`) and end it with
 /// [`ApiServerDouble::finish_deletion`] once the pod's processes ended.
 pub trait PodDeleter: Send + Sync {
-    /// Deletes the running pod `namespace/name` with this grace period
-    /// (already resolved from the request or the pod's
-    /// `terminationGracePeriodSeconds`). [`DoubleError::NotFound`] when it
-    /// runs no such pod.
+    /// Deletes the pod `namespace/name` with this grace period (already
+    /// resolved from the request or the pod's
+    /// `terminationGracePeriodSeconds`); for a pod already terminating, a
+    /// shorter grace period shortens its termination (a second `kubectl
+    /// delete`, `--now`). [`DoubleError::NotFound`] when it runs no such
+    /// pod.
     fn delete_pod(
         &self,
         namespace: &str,

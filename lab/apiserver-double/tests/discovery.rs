@@ -88,7 +88,7 @@ async fn delete_goes_to_the_deleter_with_the_resolved_grace() {
         .expect("a graceful deletion answers the object");
     assert_eq!(pod.metadata.deletion_grace_period_seconds, Some(9));
     assert!(pod.metadata.deletion_timestamp.is_some());
-    // A second, shorter deletion shortens the grace without the deleter.
+    // A second, shorter deletion: the deleter shortens the grace.
     pods.delete("a", &DeleteParams::default().grace_period(2))
         .await
         .unwrap();
@@ -114,6 +114,7 @@ async fn delete_goes_to_the_deleter_with_the_resolved_grace() {
         *recorder.calls.lock().unwrap(),
         [
             ("default".to_string(), "a".to_string(), 9),
+            ("default".to_string(), "a".to_string(), 2),
             ("default".to_string(), "b".to_string(), 4)
         ]
     );
