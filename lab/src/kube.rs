@@ -18,8 +18,8 @@ use k8s_openapi::{
         core::v1::{
             Container, ContainerState, ContainerStateRunning, ContainerStatus, Lifecycle,
             LifecycleHandler, Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus,
-            ObjectReference, Pod, PodCondition, PodIP, PodSpec, PodStatus, Service, ServicePort,
-            ServiceSpec, SleepAction,
+            NodeSystemInfo, ObjectReference, Pod, PodCondition, PodIP, PodSpec, PodStatus, Service,
+            ServicePort, ServiceSpec, SleepAction,
         },
         discovery::v1::{
             Endpoint as SliceEndpoint, EndpointConditions, EndpointPort, EndpointSlice,
@@ -79,6 +79,12 @@ pub fn node_object(info: &NodeInfo) -> Node {
                 status: "True".into(),
                 ..Default::default()
             }]),
+            node_info: Some(NodeSystemInfo {
+                kubelet_version: "v1.32.0-lab".into(),
+                operating_system: "linux".into(),
+                architecture: std::env::consts::ARCH.into(),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
     }

@@ -8,6 +8,10 @@ use std::time::Duration;
 use apiserver_double::kubectl::Kubectl;
 use apiserver_double::{ApiServerDouble, DoubleError, PodDeleter, objects};
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{
+    Node, NodeAddress, NodeCondition, NodeStatus, Service, ServicePort, ServiceSpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 fn kubectl(d: &ApiServerDouble, test: &str) -> Kubectl {
     let dir = std::env::temp_dir().join(format!("double-kubectl-{}-{test}", std::process::id()));
@@ -165,5 +169,100 @@ async fn kubectl_gets_describes_and_deletes() {
         String::from_utf8_lossy(&label.stderr).contains("Error from server (MethodNotAllowed)"),
         "{}",
         String::from_utf8_lossy(&label.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_lists_nodes_services_and_resource_types() {
+    let d = ApiServerDouble::start().await.unwrap();
+    d.create(&Node {
+        metadata: ObjectMeta {
+            name: Some("node-1".into()),
+            ..Default::default()
+        },
+        status: Some(NodeStatus {
+            addresses: Some(vec![NodeAddress {
+                type_: "InternalIP".into(),
+                address: "10.100.0.2".into(),
+            }]),
+            conditions: Some(vec![NodeCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .unwrap();
+    d.create(&Service {
+        metadata: ObjectMeta {
+            name: Some("web".into()),
+            namespace: Some("default".into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("10.96.0.10".into()),
+            selector: Some([("app".to_string(), "web".to_string())].into()),
+            ports: Some(vec![ServicePort {
+                port: 80,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    })
+    .unwrap();
+    d.create(&running_pod("web-0", "10.244.1.5")).unwrap();
+    let k = kubectl(&d, "kinds");
+
+    let nodes = k.ok(&["get", "no", "-o", "wide"]).await.unwrap();
+    let row: Vec<&str> = nodes.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[..3], ["node-1", "Ready", "<none>"], "{nodes}");
+    assert!(row.contains(&"10.100.0.2"), "{nodes}");
+
+    let services = k.ok(&["get", "svc", "-o", "wide"]).await.unwrap();
+    let row: Vec<&str> = services
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        row[..5],
+        ["web", "ClusterIP", "10.96.0.10", "<none>", "80/TCP"],
+        "{services}"
+    );
+    assert_eq!(row.last(), Some(&"app=web"), "{services}");
+
+    // `all` is the category of pods and services.
+    let all = k.ok(&["get", "all"]).await.unwrap();
+    assert!(
+        all.contains("pod/web-0") && all.contains("service/web"),
+        "{all}"
+    );
+
+    let kinds = k.ok(&["api-resources", "--no-headers"]).await.unwrap();
+    let names: Vec<&str> = kinds
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        names,
+        ["events", "nodes", "pods", "services", "endpointslices"],
+        "{kinds}"
+    );
+
+    // A resource the lab does not model: kubectl's own message.
+    let scale = k
+        .run(&["scale", "deployment", "web", "--replicas=2"])
+        .await
+        .unwrap();
+    assert!(!scale.status.success());
+    let stderr = String::from_utf8_lossy(&scale.stderr);
+    assert!(
+        stderr.contains("the server doesn't have a resource type \"deployment"),
+        "{stderr}"
     );
 }
