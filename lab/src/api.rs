@@ -28,6 +28,25 @@ pub fn service_port() -> ServicePort {
     }
 }
 
+/// A pod spec's termination settings: `lifecycle.preStop.sleep.seconds`
+/// and `terminationGracePeriodSeconds` (which counts the preStop time).
+/// A deletion through the API runs them; a rollout brings its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodTermination {
+    pub pre_stop: Duration,
+    pub grace: Duration,
+}
+
+impl Default for PodTermination {
+    /// Kubernetes' defaults: no preStop hook, 30 s of grace.
+    fn default() -> Self {
+        PodTermination {
+            pre_stop: Duration::ZERO,
+            grace: Duration::from_secs(30),
+        }
+    }
+}
+
 /// A pod as the API knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodRecord {
@@ -35,6 +54,7 @@ pub struct PodRecord {
     pub uid: String,
     pub ip: Ipv4Addr,
     pub node: String,
+    pub termination: PodTermination,
     /// Set when the deletion was requested.
     pub deletion_requested_unix_nano: Option<UnixNanos>,
 }
@@ -125,6 +145,14 @@ impl ControlPlane {
             e.terminating = true;
         }
         self.publish();
+    }
+
+    /// A second deletion shortened the pod's grace period: the API records
+    /// it (the endpoint is already terminating).
+    pub fn pod_deletion_shortened(&mut self, pod: &PodRecord, grace: Duration) {
+        if let Some(m) = &mut self.mirror {
+            m.pod_deleting(pod, grace);
+        }
     }
 
     /// The pod is gone: its endpoint leaves the slice, its object the API.

@@ -154,8 +154,9 @@ pub fn run(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> Result
     })
 }
 
-/// Prints how to reach the lab's Service from each node.
-fn print_access(lab: &Lab) {
+/// Prints how to reach the lab's Service from each node, and how to drive
+/// the lab with kubectl.
+fn print_access(lab: &Lab, observer: &Observer) {
     let vip = format!("http://{}:{}/", api::SERVICE_IP, api::SERVICE_PORT);
     println!(
         "lab up: Service {}/{} at {vip} (ClusterIP {}), reachable from every node's namespace:",
@@ -171,6 +172,20 @@ fn print_access(lab: &Lab) {
             node.ns.name()
         );
     }
+    let kubeconfig = observer.api().kubeconfig();
+    let kubeconfig = std::path::absolute(kubeconfig).unwrap_or_else(|_| kubeconfig.to_owned());
+    let cp = lab.cluster.control_plane.name();
+    println!(
+        "kubectl, against the lab's API in the control-plane namespace (get, describe, get -w, delete pod):"
+    );
+    println!(
+        "  ip netns exec {cp} kubectl --kubeconfig {} get pods -o wide",
+        kubeconfig.display()
+    );
+    println!(
+        "  pods deleted there go the rollouts' way (preStop, SIGTERM, EndpointSlice, every node's proxy) and are measured: ip netns exec {cp} curl -s {}/v1/deletions",
+        observer.aggregator.http_url()
+    );
 }
 
 /// `--exec`: runs `command` with `sh -c` inside the first node's namespace.
@@ -214,7 +229,7 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
         .to_owned();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let (mut lab, observer) = start(args, binaries, &dir, say).await?;
-    before_rollouts(args, &lab, say).await?;
+    before_rollouts(args, &lab, &observer, say).await?;
     let idle_ms_per_second = idle_cpu_ms_per_second(&observer).await;
     let mut rollouts = Rollouts::default();
 
@@ -302,6 +317,10 @@ async fn start(
         seed: args.seed,
         pod_server: binaries.pod_server.clone(),
         server_mode: args.server,
+        termination: api::PodTermination {
+            pre_stop: Duration::from_secs(args.measure_prestop),
+            grace: Duration::from_secs(args.measure_prestop + args.grace_extra),
+        },
     })
     .await?;
     say("starting the API double, the aggregator and one agent per node");
@@ -311,9 +330,14 @@ async fn start(
 }
 
 /// `--hold` and `--exec`: what the user asked to do with the lab up.
-async fn before_rollouts(args: &LabArgs, lab: &Lab, say: impl Fn(&str)) -> Result<()> {
+async fn before_rollouts(
+    args: &LabArgs,
+    lab: &Lab,
+    observer: &Observer,
+    say: impl Fn(&str),
+) -> Result<()> {
     if let Some(hold) = args.hold {
-        print_access(lab);
+        print_access(lab, observer);
         say(&format!(
             "holding the lab for {} s before the rollouts (Ctrl-C ends it)",
             hold.as_secs_f64()

@@ -6,28 +6,35 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Weak},
     time::Duration,
 };
 
-use apiserver_double::{ApiServerDouble, DoubleError, ServeError};
+use apiserver_double::{ApiServerDouble, DoubleError, PodDeleter, ServeError};
 use thiserror::Error;
 
 use k8s_openapi::{
     api::{
         core::v1::{
-            Container, Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus, ObjectReference,
-            Pod, PodCondition, PodIP, PodSpec, PodStatus,
+            Container, ContainerState, ContainerStateRunning, ContainerStatus, Lifecycle,
+            LifecycleHandler, Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus,
+            NodeSystemInfo, ObjectReference, Pod, PodCondition, PodIP, PodSpec, PodStatus, Service,
+            ServicePort, ServiceSpec, SleepAction,
         },
         discovery::v1::{
             Endpoint as SliceEndpoint, EndpointConditions, EndpointPort, EndpointSlice,
         },
     },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    apimachinery::pkg::{
+        apis::meta::v1::{ObjectMeta, Time},
+        util::intstr::IntOrString,
+    },
+    jiff::Timestamp,
 };
 
 use crate::{
-    api::{ApiMirror, NAMESPACE, POD_PORT, PodRecord, SERVICE},
+    api::{ApiMirror, NAMESPACE, POD_PORT, PodRecord, SERVICE, SERVICE_IP, SERVICE_PORT},
+    kubelet::Kubelet,
     netns::{self, NetNs},
     proxy::Endpoint,
     scenario::NodeInfo,
@@ -72,14 +79,22 @@ pub fn node_object(info: &NodeInfo) -> Node {
                 status: "True".into(),
                 ..Default::default()
             }]),
+            node_info: Some(NodeSystemInfo {
+                kubelet_version: "v1.32.0-lab".into(),
+                operating_system: "linux".into(),
+                architecture: std::env::consts::ARCH.into(),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
     }
 }
 
-/// A scheduled, running, ready pod. Its deletion is the API double's
-/// business (`deletionTimestamp`, `deletionGracePeriodSeconds`).
+/// A scheduled, running, ready pod, with its preStop sleep and grace
+/// period. Its deletion is the API double's business (`deletionTimestamp`,
+/// `deletionGracePeriodSeconds`).
 pub fn pod_object(record: &PodRecord, host_ip: &str) -> Pod {
+    let pre_stop = record.termination.pre_stop.as_secs();
     Pod {
         metadata: ObjectMeta {
             name: Some(record.name.clone()),
@@ -90,9 +105,19 @@ pub fn pod_object(record: &PodRecord, host_ip: &str) -> Pod {
         },
         spec: Some(PodSpec {
             node_name: Some(record.node.clone()),
+            termination_grace_period_seconds: Some(record.termination.grace.as_secs() as i64),
             containers: vec![Container {
                 name: "web".into(),
                 image: Some("lab-pod-server".into()),
+                lifecycle: (pre_stop > 0).then(|| Lifecycle {
+                    pre_stop: Some(LifecycleHandler {
+                        sleep: Some(SleepAction {
+                            seconds: pre_stop as i64,
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }],
             ..Default::default()
@@ -109,8 +134,49 @@ pub fn pod_object(record: &PodRecord, host_ip: &str) -> Pod {
                 status: "True".into(),
                 ..Default::default()
             }]),
+            container_statuses: Some(vec![ContainerStatus {
+                name: "web".into(),
+                image: "lab-pod-server".into(),
+                ready: true,
+                started: Some(true),
+                state: Some(ContainerState {
+                    // Built when the pod turned ready: it has run since.
+                    running: Some(ContainerStateRunning {
+                        started_at: Some(Time(Timestamp::now())),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
             ..Default::default()
         }),
+    }
+}
+
+/// The Service the lab's pods serve, as `kubectl get svc` shows it.
+pub fn service_object() -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(SERVICE.into()),
+            namespace: Some(NAMESPACE.into()),
+            labels: labels(&[("app", SERVICE)]),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            cluster_ip: Some(SERVICE_IP.to_string()),
+            cluster_ips: Some(vec![SERVICE_IP.to_string()]),
+            selector: labels(&[("app", SERVICE)]),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: SERVICE_PORT as i32,
+                target_port: Some(IntOrString::Int(POD_PORT as i32)),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
     }
 }
 
@@ -204,6 +270,7 @@ impl ApiServer {
         for info in nodes {
             double.apply(&node_object(info))?;
         }
+        double.apply(&service_object())?;
         let kubeconfig = dir.join("kubeconfig");
         std::fs::write(&kubeconfig, double.kubeconfig_yaml())?;
         Ok(ApiServer {
@@ -222,6 +289,14 @@ impl ApiServer {
 
     pub fn double(&self) -> &ApiServerDouble {
         &self.double
+    }
+
+    /// Hands every pod DELETE this API receives (kubectl's) to `kubelet`,
+    /// the path the lab's own rollouts take. The API holds it weakly: the
+    /// kubelet's pods go with the lab.
+    pub fn serve_deletions(&self, kubelet: &Arc<Kubelet>) {
+        self.double
+            .serve_pod_deletions(Arc::new(ApiDeletions(Arc::downgrade(kubelet))));
     }
 
     /// Writes the lab's control-plane changes into this API.
@@ -279,5 +354,30 @@ impl ApiMirror for DoubleMirror {
     fn endpoints(&mut self, endpoints: &[Endpoint]) {
         let slice = endpoint_slice(endpoints, &self.pods);
         self.check("the EndpointSlice", self.double.apply(&slice));
+    }
+}
+
+/// A pod DELETE through the API, carried out by the lab's kubelet.
+struct ApiDeletions(Weak<Kubelet>);
+
+impl PodDeleter for ApiDeletions {
+    fn delete_pod(&self, namespace: &str, name: &str, grace: i64) -> Result<(), DoubleError> {
+        let not_found = || DoubleError::NotFound {
+            kind: "Pod".into(),
+            key: format!("{namespace}/{name}"),
+        };
+        if namespace != NAMESPACE {
+            return Err(not_found());
+        }
+        let kubelet = self.0.upgrade().ok_or_else(|| DoubleError::Deletion {
+            namespace: namespace.into(),
+            name: name.into(),
+            reason: "the lab is shutting down".into(),
+        })?;
+        if kubelet.delete_by_api(name, Duration::from_secs(grace.max(0) as u64)) {
+            Ok(())
+        } else {
+            Err(not_found())
+        }
     }
 }

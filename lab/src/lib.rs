@@ -12,6 +12,7 @@ pub mod delay;
 pub mod http;
 pub mod http_client;
 pub mod kube;
+pub mod kubelet;
 pub mod kubeproxy;
 pub mod observer;
 pub mod proxy;

@@ -135,6 +135,11 @@ impl Aggregator {
         format!("http://{CONTROL_PLANE_IP}:{GRPC_PORT}")
     }
 
+    /// Its HTTP API (recommendations, deletions), from any lab namespace.
+    pub fn http_url(&self) -> String {
+        format!("http://{CONTROL_PLANE_IP}:{HTTP_PORT}")
+    }
+
     /// Starts the aggregator in `control_plane`, watching the API described
     /// by `kubeconfig`, keeping its store in `dir`.
     pub async fn start(
@@ -206,20 +211,15 @@ impl Aggregator {
         &self.log
     }
 
-    /// The aggregator's HTTP API root, as seen from the control plane.
-    pub fn http_url() -> String {
-        format!("http://{CONTROL_PLANE_IP}:{HTTP_PORT}")
-    }
-
     /// GET `path` from the HTTP API; the body of a 2xx answer.
     pub async fn get(&self, path: &str) -> Result<String, ObserverError> {
-        let url = format!("{}{path}", Self::http_url());
+        let url = format!("{}{path}", self.http_url());
         Ok(self.http.get_ok(&url).await?.text())
     }
 
     /// GET `path` from the HTTP API and decode its JSON.
     pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ObserverError> {
-        let url = format!("{}{path}", Self::http_url());
+        let url = format!("{}{path}", self.http_url());
         Ok(self.http.get_json(&url).await?)
     }
 
@@ -441,6 +441,7 @@ impl Observer {
                 reason: e.to_string(),
             })?;
         lab.mirror_to(api.mirror());
+        api.serve_deletions(lab.kubelet());
         // A fresh store and logs per lab; restarts within it append.
         let mut stale = vec![dir.join("aggregator.sqlite"), dir.join("aggregator.log")];
         stale.extend(

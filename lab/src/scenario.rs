@@ -14,13 +14,14 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::{
-    api::{self, ApiMirror, ControlPlane, PodRecord},
+    api::{self, ApiMirror, ControlPlane, PodRecord, PodTermination},
     client::{Client, ClientConfig, ClientKind, ClientReport},
     delay::DelayDistribution,
+    kubelet::{Kubelet, Pod},
     kubeproxy::{KubeProxyError, Mode},
     proxy::{Proxy, ProxyConfig, RuleChange},
     server::ShutdownMode,
-    topology::{Cluster, PodNet, TopologyError},
+    topology::{Cluster, TopologyError},
     workload::{Ending, PodProcess, WorkloadError},
 };
 
@@ -51,6 +52,9 @@ pub struct LabConfig {
     pub pod_server: PathBuf,
     /// How every pod's server shuts down.
     pub server_mode: ShutdownMode,
+    /// The pods' preStop delay and grace period, which a deletion through
+    /// the API (kubectl) runs.
+    pub termination: PodTermination,
 }
 
 #[derive(Debug, Clone)]
@@ -113,19 +117,13 @@ impl RolloutResult {
     }
 }
 
-struct Pod {
-    record: PodRecord,
-    net: PodNet,
-    process: PodProcess,
-}
-
 pub struct Lab {
     pub cluster: Cluster,
     config: LabConfig,
     control: Arc<Mutex<ControlPlane>>,
     proxies: Vec<Proxy>,
     modes: Vec<Mode>,
-    pods: Vec<Pod>,
+    kubelet: Arc<Kubelet>,
     next_pod: usize,
 }
 
@@ -159,18 +157,17 @@ impl Lab {
         let mut lab = Lab {
             cluster,
             config,
+            kubelet: Arc::new(Kubelet::new(control.clone())),
             control,
             proxies,
             modes,
-            pods: Vec::new(),
             next_pod: 0,
         };
         for _ in 0..lab.config.pods {
-            let pod = lab.start_pod().await?;
-            lab.pods.push(pod);
+            let pod = lab.start_pod(lab.config.termination).await?;
+            lab.kubelet.add(pod);
         }
-        let ips: Vec<Ipv4Addr> = lab.pods.iter().map(|p| p.record.ip).collect();
-        for ip in ips {
+        for ip in lab.kubelet.records().iter().map(|r| r.ip) {
             lab.wait_for_rule(ip, false).await?;
         }
         Ok(lab)
@@ -192,18 +189,23 @@ impl Lab {
 
     /// Sends the control plane's state and every later change to `mirror`.
     pub fn mirror_to(&self, mirror: Box<dyn ApiMirror>) {
-        let pods: Vec<PodRecord> = self.pods.iter().map(|p| p.record.clone()).collect();
         self.control
             .lock()
             .expect("control lock")
-            .set_mirror(mirror, &pods);
+            .set_mirror(mirror, &self.kubelet.records());
+    }
+
+    /// The running pods and their deletion, for the API's DELETE.
+    pub fn kubelet(&self) -> &Arc<Kubelet> {
+        &self.kubelet
     }
 
     pub fn modes(&self) -> &[Mode] {
         &self.modes
     }
 
-    async fn start_pod(&mut self) -> Result<Pod, LabError> {
+    /// Starts the next pod with this spec; [`Kubelet::add`] makes it ready.
+    async fn start_pod(&mut self, termination: PodTermination) -> Result<Pod, LabError> {
         let index = self.next_pod;
         self.next_pod += 1;
         let node = index % self.cluster.nodes.len();
@@ -225,12 +227,9 @@ impl Lab {
             name,
             ip: net.ip,
             node: self.cluster.nodes[node].name.clone(),
+            termination,
             deletion_requested_unix_nano: None,
         };
-        self.control
-            .lock()
-            .expect("control lock")
-            .pod_ready(&record);
         Ok(Pod {
             record,
             net,
@@ -308,38 +307,32 @@ impl Lab {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let mut terminations = Vec::new();
         let mut deleted = Vec::new();
-        for step in 0..config.deletions.min(self.pods.len()) {
-            let node_of_old = self.pods[0].record.node.clone();
-            let replacement = self.start_pod().await?;
+        // The rollout's pods carry its preStop delay and grace period.
+        let spec = PodTermination {
+            pre_stop: config.pre_stop,
+            grace: config.grace,
+        };
+        for step in 0..config.deletions.min(self.kubelet.running()) {
+            let replacement = self.start_pod(spec).await?;
+            let (name, node) = (
+                replacement.record.name.clone(),
+                replacement.record.node.clone(),
+            );
+            self.kubelet.add(replacement);
+            let Some(deletion) = self.kubelet.delete_oldest(config.pre_stop, config.grace) else {
+                break;
+            };
             progress(&format!(
-                "step {}/{}: {} ready on {}; deleting {} on {node_of_old}",
+                "step {}/{}: {name} ready on {node}; deleted {} on {}",
                 step + 1,
                 config.deletions,
-                replacement.record.name,
-                replacement.record.node,
-                self.pods[0].record.name
+                deletion.record.name,
+                deletion.record.node
             ));
-            self.pods.push(replacement);
-            let Pod {
-                mut record,
-                net,
-                process,
-            } = self.pods.remove(0);
-            record.deletion_requested_unix_nano = Some(UnixNanos::now());
-            self.control
-                .lock()
-                .expect("control lock")
-                .pod_terminating(&record, config.grace);
-            let control = self.control.clone();
-            let (pre_stop, grace, gone) = (config.pre_stop, config.grace, record.clone());
-            terminations.push(tokio::spawn(async move {
-                let termination = process.terminate(pre_stop, grace).await;
-                control.lock().expect("control lock").pod_removed(&gone);
-                termination.ending
-            }));
+            terminations.push(deletion.ended);
             // The namespace (and so the pod IP) stays until the rollout
             // ends, as a pod sandbox outlives its exited container.
-            deleted.push((record, net));
+            deleted.push((deletion.record, deletion.net));
             tokio::time::sleep(config.spacing).await;
         }
         let mut endings = Vec::new();

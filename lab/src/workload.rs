@@ -12,6 +12,7 @@ use thiserror::Error;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
+    sync::watch,
 };
 
 use crate::{netns::NetNs, server::ShutdownMode};
@@ -111,18 +112,41 @@ impl PodProcess {
     /// The kubelet's termination of a deleted pod: the preStop sleep, then
     /// SIGTERM, then SIGKILL once `grace` (counted from now, preStop
     /// included, as Kubernetes counts it) has passed.
-    pub async fn terminate(mut self, pre_stop: Duration, grace: Duration) -> Termination {
+    pub async fn terminate(self, pre_stop: Duration, grace: Duration) -> Termination {
+        self.terminate_shortened(pre_stop, watch::channel(grace).1)
+            .await
+    }
+
+    /// [`Self::terminate`] with a grace period that a second deletion may
+    /// shorten while it runs: as the kubelet, the kill then comes at the
+    /// earlier of the old deadline and now + the new grace.
+    pub async fn terminate_shortened(
+        mut self,
+        pre_stop: Duration,
+        mut grace: watch::Receiver<Duration>,
+    ) -> Termination {
         let start = tokio::time::Instant::now();
-        let deadline = start + grace;
-        tokio::time::sleep_until((start + pre_stop).min(deadline)).await;
+        let mut deadline = start + *grace.borrow_and_update();
+        fn shortened(grace: &mut watch::Receiver<Duration>, deadline: &mut tokio::time::Instant) {
+            *deadline = (*deadline).min(tokio::time::Instant::now() + *grace.borrow_and_update());
+        }
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until((start + pre_stop).min(deadline)) => break,
+                Ok(()) = grace.changed() => shortened(&mut grace, &mut deadline),
+            }
+        }
         let sigterm_at = Instant::now();
         signal(&self.child, libc::SIGTERM);
-        let ending = match tokio::time::timeout_at(deadline, self.child.wait()).await {
-            Ok(_) => Ending::Exited,
-            Err(_) => {
-                signal(&self.child, libc::SIGKILL);
-                let _ = self.child.wait().await;
-                Ending::Killed
+        let ending = loop {
+            tokio::select! {
+                _ = self.child.wait() => break Ending::Exited,
+                () = tokio::time::sleep_until(deadline) => {
+                    signal(&self.child, libc::SIGKILL);
+                    let _ = self.child.wait().await;
+                    break Ending::Killed;
+                }
+                Ok(()) = grace.changed() => shortened(&mut grace, &mut deadline),
             }
         };
         Termination {

@@ -450,6 +450,15 @@ fn hey_lines(stdout: &str) -> Vec<String> {
         .collect()
 }
 
+/// The printed `ip netns exec CP kubectl --kubeconfig ... get pods -o wide`.
+fn kubectl_line(stdout: &str) -> Option<String> {
+    stdout
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("ip netns exec ") && l.contains(" kubectl "))
+        .map(str::to_owned)
+}
+
 #[test]
 fn lab_run_hold_prints_hey_commands_that_work_against_the_lab() {
     if !lab::root::root_or_skip("lab_run_hold_prints_hey_commands_that_work_against_the_lab") {
@@ -491,6 +500,31 @@ fn lab_run_hold_prints_hey_commands_that_work_against_the_lab() {
         assert!(ok > 100, "{line}: too few OKs\n{text}");
         assert!(!text.contains("Error distribution"), "{line}:\n{text}");
     }
+    // The printed kubectl line lists the lab's pods as they run.
+    let stdout = run.output("stdout");
+    let line = kubectl_line(&stdout).unwrap_or_else(|| panic!("no kubectl line\n{stdout}"));
+    let out = Command::new("sh")
+        .args(["-c", &line])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the printed kubectl line");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{line}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("web-") && l.contains(" Running "))
+            .count(),
+        3,
+        "{line}:\n{text}"
+    );
+    assert!(
+        stdout.contains("/v1/deletions"),
+        "--hold does not say where kubectl's deletions are measured\n{stdout}"
+    );
     // Ctrl-C in a terminal: SIGINT to the whole process group.
     // SAFETY: kill(2) on our own child's process group.
     assert_eq!(unsafe { libc::kill(-run.pid(), libc::SIGINT) }, 0);

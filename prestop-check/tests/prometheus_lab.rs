@@ -484,6 +484,7 @@ fn prometheus_scrapes_the_aggregator_during_a_lab_rollout() {
             // Keep-alive connections die with SIGKILL: the aborted-connection
             // counters get data too.
             server_mode: ShutdownMode::IgnoreSigterm,
+            termination: Default::default(),
         })
         .await
         .unwrap();

@@ -10,13 +10,23 @@
 //! `deletionGracePeriodSeconds`, and the object stays until the "kubelet"
 //! ([`ApiServerDouble::finish_deletion`]) removes it.
 //!
-//! Not implemented (the aggregator does not use them): writes over HTTP,
-//! list paging (`limit` is ignored: every list is one page), set-based
-//! label selectors, `sendInitialEvents`.
+//! kubectl works against it too: discovery ([`discovery`]), server-side
+//! Tables ([`table`]), and `DELETE` of pods, carried out by a
+//! [`PodDeleter`] (the lab's kubelet) when one is set. Errors are `Status`
+//! objects with the API server's reasons and codes.
+//!
+//! Not implemented: other writes over HTTP (`POST`, `PUT`, `PATCH` answer
+//! 405 MethodNotAllowed), list paging (`limit` is ignored: every list is
+//! one page), set-based label selectors, `sendInitialEvents`, dry runs.
 
+mod deletion;
+pub mod discovery;
+pub mod kubectl;
 pub mod objects;
 mod selector;
 mod server;
+mod status;
+pub mod table;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -45,6 +55,33 @@ pub enum DoubleError {
     Json(#[from] serde_json::Error),
     #[error("kube config: {0}")]
     Kube(String),
+    /// A [`PodDeleter`] could not carry out a deletion.
+    #[error("deleting pod {namespace}/{name}: {reason}")]
+    Deletion {
+        namespace: String,
+        name: String,
+        reason: String,
+    },
+}
+
+/// Carries out a pod `DELETE` received over HTTP, as the kubelet and the
+/// EndpointSlice controller would: the lab's own deletion path. It must
+/// start the deletion through [`ApiServerDouble::delete`] (which sets
+/// `deletionTimestamp` and `deletionGracePeriodSeconds`) and end it with
+/// [`ApiServerDouble::finish_deletion`] once the pod's processes ended.
+pub trait PodDeleter: Send + Sync {
+    /// Deletes the pod `namespace/name` with this grace period (already
+    /// resolved from the request or the pod's
+    /// `terminationGracePeriodSeconds`); for a pod already terminating, a
+    /// shorter grace period shortens its termination (a second `kubectl
+    /// delete`, `--now`). [`DoubleError::NotFound`] when it runs no such
+    /// pod.
+    fn delete_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        grace_seconds: i64,
+    ) -> Result<(), DoubleError>;
 }
 
 /// Where a resource type lives in the API: the `api/v1` or
@@ -100,6 +137,7 @@ pub(crate) struct Shared {
     pub state: Mutex<State>,
     pub events: broadcast::Sender<Control>,
     pub watches: AtomicU64,
+    pub deleter: Mutex<Option<Arc<dyn PodDeleter>>>,
 }
 
 #[derive(Clone, Debug)]
@@ -116,6 +154,107 @@ pub(crate) enum Control {
 impl Shared {
     pub fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn deleter(&self) -> Option<Arc<dyn PodDeleter>> {
+        self.deleter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// See [`ApiServerDouble::delete`].
+    pub fn delete(
+        &self,
+        kind: &Kind,
+        namespace: &str,
+        name: &str,
+        grace_seconds: i64,
+    ) -> Result<(), DoubleError> {
+        if grace_seconds <= 0 {
+            return self.finish_deletion(kind, namespace, name);
+        }
+        let mut st = self.state();
+        let key = (kind.clone(), namespace.to_string(), name.to_string());
+        let mut v = st
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| DoubleError::NotFound {
+                kind: kind.kind.clone(),
+                key: format!("{namespace}/{name}"),
+            })?;
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs() as i64;
+        let existing = v["metadata"]["deletionGracePeriodSeconds"].as_i64();
+        if let Some(g) = existing {
+            if grace_seconds >= g {
+                return Ok(());
+            }
+            // The request time stays deletionTimestamp - old grace; the new
+            // deadline is request time + new grace.
+            let old_ts = v["metadata"]["deletionTimestamp"]
+                .as_str()
+                .unwrap_or_default();
+            let start = old_ts
+                .parse::<Timestamp>()
+                .map_or(now, |t| t.as_second() - g);
+            v["metadata"]["deletionTimestamp"] = timestamp_json(start + grace_seconds)?;
+        } else {
+            v["metadata"]["deletionTimestamp"] = timestamp_json(now + grace_seconds)?;
+        }
+        v["metadata"]["deletionGracePeriodSeconds"] = grace_seconds.into();
+        self.commit(&mut st, key, v, "MODIFIED");
+        Ok(())
+    }
+
+    /// See [`ApiServerDouble::finish_deletion`].
+    pub fn finish_deletion(
+        &self,
+        kind: &Kind,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(), DoubleError> {
+        let mut st = self.state();
+        let key = (kind.clone(), namespace.to_string(), name.to_string());
+        let v = st
+            .objects
+            .remove(&key)
+            .ok_or_else(|| DoubleError::NotFound {
+                kind: kind.kind.clone(),
+                key: format!("{namespace}/{name}"),
+            })?;
+        st.objects.insert(key.clone(), v.clone());
+        self.commit(&mut st, key.clone(), v, "DELETED");
+        st.objects.remove(&key);
+        Ok(())
+    }
+
+    /// Stores `v` at a new resourceVersion and tells the watchers.
+    pub fn commit(&self, st: &mut State, key: Key, mut v: Value, typ: &'static str) -> Value {
+        st.rv += 1;
+        let rv = st.rv;
+        v["apiVersion"] = key.0.api_version.clone().into();
+        v["kind"] = key.0.kind.clone().into();
+        v["metadata"]["resourceVersion"] = rv.to_string().into();
+        st.objects.insert(key.clone(), v.clone());
+        let ev = Event {
+            rv,
+            kind: key.0,
+            namespace: key.1,
+            typ,
+            object: v.clone(),
+        };
+        st.history.push_back(ev.clone());
+        while st.history.len() > st.history_limit {
+            if let Some(old) = st.history.pop_front() {
+                st.compacted = old.rv;
+            }
+        }
+        let _ = self.events.send(Control::Event(ev));
+        v
     }
 }
 
@@ -155,6 +294,7 @@ impl ApiServerDouble {
             }),
             events: broadcast::channel(16_384).0,
             watches: AtomicU64::new(0),
+            deleter: Mutex::new(None),
         });
         let (addr, task) = server::spawn(addr, Arc::clone(&shared)).await?;
         Ok(Self { shared, addr, task })
@@ -214,7 +354,7 @@ impl ApiServerDouble {
             v["metadata"]["uid"] = format!("00000000-0000-4000-8000-{:012}", st.uid_counter).into();
         }
         v["metadata"]["creationTimestamp"] = serde_json::to_value(now_time())?;
-        let v = self.commit(&mut st, key, v, "ADDED");
+        let v = self.shared.commit(&mut st, key, v, "ADDED");
         Ok(serde_json::from_value(v)?)
     }
 
@@ -242,7 +382,7 @@ impl ApiServerDouble {
                 v["metadata"][f] = x.clone();
             }
         }
-        let v = self.commit(&mut st, key, v, "MODIFIED");
+        let v = self.shared.commit(&mut st, key, v, "MODIFIED");
         Ok(serde_json::from_value(v)?)
     }
 
@@ -282,44 +422,8 @@ impl ApiServerDouble {
     where
         K: k8s_openapi::Resource,
     {
-        if grace_seconds <= 0 {
-            return self.finish_deletion::<K>(namespace, name);
-        }
-        let kind = Kind::of::<K>();
-        let mut st = self.shared.state();
-        let key = (kind.clone(), namespace.to_string(), name.to_string());
-        let mut v = st
-            .objects
-            .get(&key)
-            .cloned()
-            .ok_or_else(|| DoubleError::NotFound {
-                kind: kind.kind.clone(),
-                key: format!("{namespace}/{name}"),
-            })?;
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs() as i64;
-        let existing = v["metadata"]["deletionGracePeriodSeconds"].as_i64();
-        if let Some(g) = existing {
-            if grace_seconds >= g {
-                return Ok(());
-            }
-            // The request time stays deletionTimestamp - old grace; the new
-            // deadline is request time + new grace.
-            let old_ts = v["metadata"]["deletionTimestamp"]
-                .as_str()
-                .unwrap_or_default();
-            let start = old_ts
-                .parse::<Timestamp>()
-                .map_or(now, |t| t.as_second() - g);
-            v["metadata"]["deletionTimestamp"] = timestamp_json(start + grace_seconds)?;
-        } else {
-            v["metadata"]["deletionTimestamp"] = timestamp_json(now + grace_seconds)?;
-        }
-        v["metadata"]["deletionGracePeriodSeconds"] = grace_seconds.into();
-        self.commit(&mut st, key, v, "MODIFIED");
-        Ok(())
+        self.shared
+            .delete(&Kind::of::<K>(), namespace, name, grace_seconds)
     }
 
     /// Removes the object (the kubelet confirming a pod is gone, or a
@@ -328,20 +432,19 @@ impl ApiServerDouble {
     where
         K: k8s_openapi::Resource,
     {
-        let kind = Kind::of::<K>();
-        let mut st = self.shared.state();
-        let key = (kind.clone(), namespace.to_string(), name.to_string());
-        let v = st
-            .objects
-            .remove(&key)
-            .ok_or_else(|| DoubleError::NotFound {
-                kind: kind.kind.clone(),
-                key: format!("{namespace}/{name}"),
-            })?;
-        st.objects.insert(key.clone(), v.clone());
-        self.commit(&mut st, key.clone(), v, "DELETED");
-        st.objects.remove(&key);
-        Ok(())
+        self.shared
+            .finish_deletion(&Kind::of::<K>(), namespace, name)
+    }
+
+    /// Hands every pod `DELETE` received over HTTP to `deleter` from now
+    /// on. Without one, the double only marks the pod deleted, as an API
+    /// server with no kubelet would.
+    pub fn serve_pod_deletions(&self, deleter: Arc<dyn PodDeleter>) {
+        *self
+            .shared
+            .deleter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(deleter);
     }
 
     /// Forgets all history: a watch resuming from any earlier
@@ -376,31 +479,6 @@ impl ApiServerDouble {
     /// Number of watch requests served so far (to check reconnects).
     pub fn watch_requests(&self) -> u64 {
         self.shared.watches.load(Ordering::Relaxed)
-    }
-
-    /// Stores `v` at a new resourceVersion and tells the watchers.
-    fn commit(&self, st: &mut State, key: Key, mut v: Value, typ: &'static str) -> Value {
-        st.rv += 1;
-        let rv = st.rv;
-        v["apiVersion"] = key.0.api_version.clone().into();
-        v["kind"] = key.0.kind.clone().into();
-        v["metadata"]["resourceVersion"] = rv.to_string().into();
-        st.objects.insert(key.clone(), v.clone());
-        let ev = Event {
-            rv,
-            kind: key.0,
-            namespace: key.1,
-            typ,
-            object: v.clone(),
-        };
-        st.history.push_back(ev.clone());
-        while st.history.len() > st.history_limit {
-            if let Some(old) = st.history.pop_front() {
-                st.compacted = old.rv;
-            }
-        }
-        let _ = self.shared.events.send(Control::Event(ev));
-        v
     }
 }
 

@@ -1,5 +1,7 @@
-//! The HTTP side: GET list / get / watch on `/api/v1/...` and
-//! `/apis/<group>/<version>/...`, cluster-wide or per namespace.
+//! The HTTP side: discovery, GET (get, list, watch; as JSON or as a
+//! Table) and DELETE on `/api/v1/...` and `/apis/<group>/<version>/...`,
+//! cluster-wide or per namespace. Every other verb on a served resource is
+//! a 405 MethodNotAllowed `Status`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -11,17 +13,17 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::any;
 use bytes::Bytes;
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
+use crate::discovery::{self, Resource};
 use crate::selector::Selector;
-use crate::{Control, Event, Kind, Shared};
+use crate::table::{self, Include};
+use crate::{Control, Event, Kind, Shared, deletion, status};
 
 #[derive(Debug, thiserror::Error)]
 #[error("binding the API server double: {0}")]
@@ -34,7 +36,7 @@ pub(crate) async fn spawn(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let app = Router::new()
-        .route("/{*path}", get(handle))
+        .route("/{*path}", any(handle))
         .with_state(shared);
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -44,32 +46,14 @@ pub(crate) async fn spawn(
     Ok((addr, task))
 }
 
-fn known_kinds() -> [Kind; 4] {
-    [
-        Kind::of::<Pod>(),
-        Kind::of::<EndpointSlice>(),
-        Kind::of::<Node>(),
-        Kind::of::<Service>(),
-    ]
-}
-
-fn status(code: StatusCode, reason: &str, message: String) -> Response {
-    let body = json!({
-        "kind": "Status", "apiVersion": "v1", "metadata": {},
-        "status": "Failure", "message": message, "reason": reason, "code": code.as_u16()
-    });
-    (code, axum::Json(body)).into_response()
-}
-
 struct Target {
-    kind: Kind,
+    resource: &'static Resource,
     namespace: Option<String>,
     name: Option<String>,
 }
 
-fn parse_path(path: &str) -> Option<Target> {
-    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let (prefix, rest) = match segs.as_slice() {
+fn parse_path(segs: &[&str]) -> Option<Target> {
+    let (prefix, rest) = match segs {
         ["api", v, rest @ ..] => (format!("api/{v}"), rest),
         ["apis", g, v, rest @ ..] => (format!("apis/{g}/{v}"), rest),
         _ => return None,
@@ -81,59 +65,151 @@ fn parse_path(path: &str) -> Option<Target> {
         [plural, name] => (None, *plural, Some(*name)),
         _ => return None,
     };
-    let kind = known_kinds()
-        .into_iter()
-        .find(|k| k.prefix == prefix && k.plural == plural)?;
+    let resource = discovery::find(&prefix, plural)?;
+    // A cluster-scoped resource has no namespaced path, and a namespaced
+    // object is only reachable through its namespace.
+    if namespace.is_some() && !resource.namespaced
+        || name.is_some() && resource.namespaced && namespace.is_none()
+    {
+        return None;
+    }
     Some(Target {
-        kind,
+        resource,
         namespace: namespace.map(str::to_owned),
         name: name.map(str::to_owned),
     })
 }
 
+/// Whether the `Accept` header asks for aggregated discovery (v2).
+fn wants_aggregated(accept: &str) -> bool {
+    accept.split(',').any(|t| {
+        let params: Vec<&str> = t.split(';').map(str::trim).collect();
+        ["g=apidiscovery.k8s.io", "v=v2", "as=APIGroupDiscoveryList"]
+            .iter()
+            .all(|p| params.contains(p))
+    })
+}
+
+fn discovery_response(aggregated: bool, doc: Value) -> Response {
+    let content_type = if aggregated {
+        discovery::AGGREGATED_V2
+    } else {
+        "application/json"
+    };
+    ([(header::CONTENT_TYPE, content_type)], axum::Json(doc)).into_response()
+}
+
+/// Discovery and `/version`; `None` for any other path.
+fn serve_discovery(segs: &[&str], accept: &str, host: &str) -> Option<Response> {
+    let aggregated = wants_aggregated(accept);
+    let doc = match segs {
+        ["version"] => discovery::version(),
+        ["api"] if aggregated => discovery::core_aggregated(),
+        ["api"] => discovery::core_versions(host),
+        ["apis"] if aggregated => discovery::groups_aggregated(),
+        ["apis"] => discovery::group_list(),
+        ["api", v] => discovery::resource_list("", v).unwrap_or_default(),
+        ["apis", g, v] => discovery::resource_list(g, v).unwrap_or_default(),
+        _ => return None,
+    };
+    if doc.is_null() {
+        return Some(status::no_route());
+    }
+    let aggregated = aggregated && matches!(segs, ["api"] | ["apis"]);
+    Some(discovery_response(aggregated, doc))
+}
+
 async fn handle(
     State(shared): State<Arc<Shared>>,
+    method: Method,
+    headers: HeaderMap,
     Path(path): Path<String>,
     Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
 ) -> Response {
-    let Some(t) = parse_path(&path) else {
-        return status(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            format!("the server could not find the requested resource ({path})"),
-        );
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let header_str = |h| {
+        headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
     };
+    let accept = header_str(header::ACCEPT);
+    if let Some(answer) = serve_discovery(&segs, accept, header_str(header::HOST)) {
+        return if method == Method::GET {
+            answer
+        } else {
+            status::failure(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                format!("{method} is not supported on discovery documents"),
+                None,
+            )
+        };
+    }
+    let Some(t) = parse_path(&segs) else {
+        return status::no_route();
+    };
+    let watching = q.get("watch").is_some_and(|w| w == "true" || w == "1");
+    let verb = match (&method, &t.name) {
+        (&Method::GET, Some(_)) => "get",
+        (&Method::GET, None) if watching => "watch",
+        (&Method::GET, None) => "list",
+        (&Method::DELETE, Some(_)) => "delete",
+        (&Method::DELETE, None) => "deletecollection",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        _ => "",
+    };
+    if !t.resource.allows(verb) {
+        let verb = if verb.is_empty() {
+            method.as_str()
+        } else {
+            verb
+        };
+        return status::method_not_allowed(verb, t.resource);
+    }
+    let namespace = t.namespace.clone().unwrap_or_default();
+    if let (Some(name), "delete") = (&t.name, verb) {
+        return deletion::delete(&shared, t.resource, &namespace, name, &q, &body);
+    }
+    let table = if table::wants_table(accept) {
+        match Include::parse(q.get("includeObject").map(String::as_str)) {
+            Ok(i) => Some(i),
+            Err(e) => return status::bad_request(e),
+        }
+    } else {
+        None
+    };
+    let kind = t.resource.kind();
+    if let Some(name) = t.name {
+        let st = shared.state();
+        return match st.objects.get(&(kind.clone(), namespace, name.clone())) {
+            Some(v) => match table {
+                Some(include) => {
+                    axum::Json(table::table(&kind.kind, &[v], include, None, true)).into_response()
+                }
+                None => axum::Json(v.clone()).into_response(),
+            },
+            None => status::not_found(t.resource, &name),
+        };
+    }
     let labels = match Selector::parse(q.get("labelSelector").map_or("", String::as_str)) {
         Ok(s) => s,
-        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e),
+        Err(e) => return status::bad_request(e),
     };
     let fields = match Selector::parse(q.get("fieldSelector").map_or("", String::as_str)) {
         Ok(s) => s,
-        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e),
+        Err(e) => return status::bad_request(e),
     };
     let filter = Filter {
-        kind: t.kind.clone(),
+        kind,
         namespace: t.namespace.clone(),
         labels,
         fields,
     };
-    if let Some(name) = t.name {
-        let st = shared.state();
-        let key = (
-            t.kind.clone(),
-            t.namespace.clone().unwrap_or_default(),
-            name.clone(),
-        );
-        return match st.objects.get(&key) {
-            Some(v) => axum::Json(v.clone()).into_response(),
-            None => status(
-                StatusCode::NOT_FOUND,
-                "NotFound",
-                format!("{} \"{name}\" not found", t.kind.plural),
-            ),
-        };
-    }
-    if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+    if watching {
         shared.watches.fetch_add(1, Ordering::Relaxed);
         let opts = WatchOpts {
             from: q.get("resourceVersion").cloned().unwrap_or_default(),
@@ -142,10 +218,11 @@ async fn handle(
                 .get("timeoutSeconds")
                 .and_then(|s| s.parse().ok())
                 .map_or(Duration::from_secs(1800), Duration::from_secs),
+            table,
         };
         return watch(shared, filter, opts);
     }
-    list(&shared, &filter)
+    list(&shared, &filter, table)
 }
 
 struct Filter {
@@ -164,7 +241,7 @@ impl Filter {
     }
 }
 
-fn list(shared: &Shared, f: &Filter) -> Response {
+fn list(shared: &Shared, f: &Filter, table: Option<Include>) -> Response {
     let st = shared.state();
     let items: Vec<&Value> = st
         .objects
@@ -172,6 +249,16 @@ fn list(shared: &Shared, f: &Filter) -> Response {
         .filter(|((k, ns, _), v)| f.matches(k, ns, v))
         .map(|(_, v)| v)
         .collect();
+    if let Some(include) = table {
+        return axum::Json(table::table(
+            &f.kind.kind,
+            &items,
+            include,
+            Some(st.rv),
+            true,
+        ))
+        .into_response();
+    }
     axum::Json(json!({
         "kind": format!("{}List", f.kind.kind),
         "apiVersion": f.kind.api_version,
@@ -185,6 +272,28 @@ struct WatchOpts {
     from: String,
     bookmarks: bool,
     timeout: Duration,
+    table: Option<Include>,
+}
+
+/// Writes a watch's object events, as JSON objects or as one-row Tables
+/// (column definitions with the first only, as the API server does).
+struct Render {
+    kind: String,
+    table: Option<Include>,
+    first: bool,
+}
+
+impl Render {
+    fn event(&mut self, typ: &str, object: &Value) -> Bytes {
+        match self.table {
+            Some(include) => {
+                let t = table::table(&self.kind, &[object], include, None, self.first);
+                self.first = false;
+                line(typ, &t)
+            }
+            None => line(typ, object),
+        }
+    }
 }
 
 fn line(typ: &str, object: &Value) -> Bytes {
@@ -213,15 +322,20 @@ fn watch(shared: Arc<Shared>, f: Filter, opts: WatchOpts) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(256);
     // Under one lock: subscribe, then take the backlog, so nothing falls
     // between the two and nothing is sent twice.
-    let (mut live, backlog, mut last_rv) = {
+    let (mut live, backlog, mut last_rv, mut render) = {
         let st = shared.state();
         let live = shared.events.subscribe();
         let mut backlog = Vec::new();
+        let mut render = Render {
+            kind: f.kind.kind.clone(),
+            table: opts.table,
+            first: true,
+        };
         let last_rv = match opts.from.as_str() {
             "" | "0" => {
                 for ((k, ns, _), v) in &st.objects {
                     if f.matches(k, ns, v) {
-                        backlog.push(line("ADDED", v));
+                        backlog.push(render.event("ADDED", v));
                     }
                 }
                 st.rv
@@ -234,7 +348,7 @@ fn watch(shared: Arc<Shared>, f: Filter, opts: WatchOpts) -> Response {
                 Ok(rv) => {
                     for e in st.history.iter().filter(|e| e.rv > rv) {
                         if f.matches(&e.kind, &e.namespace, &e.object) {
-                            backlog.push(line(e.typ, &e.object));
+                            backlog.push(render.event(e.typ, &e.object));
                         }
                     }
                     st.rv.max(rv)
@@ -249,7 +363,7 @@ fn watch(shared: Arc<Shared>, f: Filter, opts: WatchOpts) -> Response {
                 }
             },
         };
-        (live, backlog, last_rv)
+        (live, backlog, last_rv, render)
     };
     tokio::spawn(async move {
         for b in backlog {
@@ -288,7 +402,7 @@ fn watch(shared: Arc<Shared>, f: Filter, opts: WatchOpts) -> Response {
                     if !f.matches(&kind, &namespace, &object) {
                         continue;
                     }
-                    line(typ, &object)
+                    render.event(typ, &object)
                 }
                 Ok(Control::Bookmark(rv)) if opts.bookmarks => {
                     last_rv = last_rv.max(rv);

@@ -43,6 +43,7 @@ pub fn lab_config(delay: &str, server_mode: ShutdownMode, seed: u64) -> LabConfi
         seed,
         pod_server: pod_server(),
         server_mode,
+        termination: Default::default(),
     }
 }
 
