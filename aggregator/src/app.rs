@@ -8,14 +8,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use observer_proto::UnixNanos;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Settings;
 use crate::correlate::Correlator;
-use crate::http::{self, HttpState, Readiness, now_unix_nanos};
+use crate::http::{self, HttpState};
 use crate::metrics::{Metrics, NamespaceService};
+use crate::readiness::Readiness;
+use crate::recommend::service::Recommender;
 use crate::store::{Scope, Store, StoreError};
 use crate::{grpc, kube_watch};
 
@@ -73,11 +76,11 @@ pub fn start(
     // tokio's interval refuses zero.
     let checkpoint_interval = settings.checkpoint_interval.max(Duration::from_millis(10));
     let http_state = HttpState {
+        recommender: Arc::new(Recommender::new(Arc::clone(&store), Arc::clone(&settings))),
         store,
         settings,
         metrics,
         ready: Readiness::new(kube.is_none()),
-        recommendations: Arc::default(),
     };
     let (shutdown, stop) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -140,7 +143,7 @@ pub fn start(
         let mut house = tokio::time::interval(HOUSEKEEPING);
         loop {
             tokio::select! {
-                _ = tick.tick() => c.tick(now_unix_nanos()),
+                _ = tick.tick() => c.tick(UnixNanos::now()),
                 _ = house.tick() => {
                     housekeeping(&st);
                     prune_agents(&c, &st.settings);
@@ -234,7 +237,7 @@ fn serve_http(
 /// One checkpoint of the in-flight state, on a blocking thread.
 pub async fn checkpoint(c: &Arc<Correlator>) {
     let c = Arc::clone(c);
-    let r = tokio::task::spawn_blocking(move || c.checkpoint(now_unix_nanos())).await;
+    let r = tokio::task::spawn_blocking(move || c.checkpoint(UnixNanos::now())).await;
     match r {
         Ok(Ok(stats)) => tracing::debug!(?stats, "checkpoint"),
         Ok(Err(e)) => tracing::error!(error = %e, "checkpoint failed; retrying at the next"),
@@ -244,7 +247,7 @@ pub async fn checkpoint(c: &Arc<Correlator>) {
 
 /// Agents not heard from within the retention window are forgotten.
 fn prune_agents(c: &Correlator, settings: &Settings) {
-    let before = now_unix_nanos() - settings.retention.as_nanos() as i64;
+    let before = UnixNanos::now() - settings.retention;
     match c.prune_agents(before) {
         Ok(0) => {}
         Ok(n) => tracing::info!(agents = n, "forgot agents not seen within retention"),
@@ -254,7 +257,8 @@ fn prune_agents(c: &Correlator, settings: &Settings) {
 
 /// Retention and the recommendation gauges.
 pub fn housekeeping(st: &HttpState) {
-    let since = now_unix_nanos() - st.settings.retention.as_nanos() as i64;
+    let now = UnixNanos::now();
+    let since = now - st.settings.retention;
     match st.store.prune(since) {
         Ok(0) => {}
         Ok(n) => tracing::info!(deleted = n, "pruned deletions past retention"),
@@ -279,8 +283,8 @@ pub fn housekeeping(st: &HttpState) {
             namespace: (!namespace.is_empty()).then(|| namespace.clone()),
             service: (!service.is_empty()).then(|| service.clone()),
         };
-        let Ok(r) = http::recommendation(st, scope, st.settings.quantile, st.settings.confidence)
-        else {
+        let (q, c) = (st.settings.quantile, st.settings.confidence);
+        let Ok(r) = st.recommender.compute(scope, q, c, now) else {
             continue;
         };
         let labels = NamespaceService { namespace, service };

@@ -15,7 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod nodes;
 pub mod openapi;
+pub mod readiness;
 pub mod recommend;
-pub mod recommendation_cache;
 pub mod stats;
 pub mod store;
