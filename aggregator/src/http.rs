@@ -37,10 +37,7 @@ impl HttpState {
     pub fn new(store: Arc<Store>, settings: Settings) -> Self {
         let settings = Arc::new(settings);
         Self {
-            recommender: Arc::new(Recommender::new(
-                Arc::clone(&store),
-                Arc::clone(&settings),
-            )),
+            recommender: Arc::new(Recommender::new(Arc::clone(&store), Arc::clone(&settings))),
             store,
             settings,
             metrics: Arc::new(Metrics::new()),

@@ -183,7 +183,9 @@ impl Watch {
             ports: Vec::new(),
             host_node: spec.and_then(|s| s.node_name.clone()),
             received_unix_nanos: received,
-            api_start_unix_nanos: Some(deadline - UnixNanos::from_seconds(grace.unwrap_or(0)).as_nanos()),
+            api_start_unix_nanos: Some(
+                deadline - UnixNanos::from_seconds(grace.unwrap_or(0)).as_nanos(),
+            ),
             grace_period_seconds: grace,
             terminating_unix_nanos: None,
         };

@@ -612,12 +612,10 @@ impl Store {
 
     /// Forgets agents not written since `before`; returns how many.
     pub fn prune_agents(&self, before: UnixNanos) -> Result<usize, StoreError> {
-        Ok(self
-            .writer()
-            .execute(
-                "DELETE FROM agents WHERE seen_unix_nanos < ?1",
-                [before.as_nanos()],
-            )?)
+        Ok(self.writer().execute(
+            "DELETE FROM agents WHERE seen_unix_nanos < ?1",
+            [before.as_nanos()],
+        )?)
     }
 
     /// Number of stored deletions.
@@ -816,7 +814,11 @@ fn scoped_query(select: &str, scope: &Scope, since: UnixNanos) -> (String, Vec<V
                 "{select} JOIN deletion_services s ON s.pod_uid = d.pod_uid
                  WHERE s.namespace = ? AND s.service = ? AND d.finished_unix_nanos >= ?"
             ),
-            vec![ns.clone().into(), svc.clone().into(), since.as_nanos().into()],
+            vec![
+                ns.clone().into(),
+                svc.clone().into(),
+                since.as_nanos().into(),
+            ],
         ),
         (Some(ns), None) => (
             format!("{select} WHERE d.namespace = ? AND d.finished_unix_nanos >= ?"),
