@@ -4,11 +4,11 @@
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
+use observer_proto::api::{DeletionRecord, Recommendation};
 use serde::Serialize;
 
 use crate::{
     client::ClientReport,
-    observer::{DeletionRecord, Recommendation},
     scenario::{DeletionTruth, NodeInfo, RolloutResult},
 };
 
@@ -165,7 +165,7 @@ pub fn deletion_report(
     // Both sides on the aggregator's T0 when there is one, so the error is
     // the error of the per-node measurement alone.
     let t0 = measured.map_or(truth.requested_unix_nano as i64, |m| {
-        m.deletion_start_unix_nanos
+        m.deletion_start_unix_nanos.as_nanos()
     });
     let per_node = truth
         .removals
@@ -175,7 +175,7 @@ pub fn deletion_report(
             let measured_ms = node.and_then(|n| n.latency_seconds).map(|s| s * 1000.0);
             let measured_rules_ms = node
                 .and_then(|n| n.rules_removed_unix_nanos)
-                .map(|t| (t - t0) as f64 / 1e6);
+                .map(|t| (t.as_nanos() - t0) as f64 / 1e6);
             let injected_ms = (r.truth_unix_nano() as i64 - t0) as f64 / 1e6;
             PerNode {
                 node: r.node.clone(),

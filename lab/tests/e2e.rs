@@ -6,10 +6,11 @@ mod common;
 
 use std::time::Duration;
 
+use observer_proto::api::DeletionRecord;
 use tokio::sync::mpsc;
 
 use lab::{
-    observer::{DeletionRecord, Observer},
+    observer::Observer,
     report::{self, DeletionReport},
     scenario::{DeletionTruth, Lab, LabConfig, RolloutResult},
     server::ShutdownMode,
@@ -338,7 +339,10 @@ async fn aggregator_restart_during_a_rollout_loses_no_measurement() {
     // T0 survived the restart: the aggregator's receipt of the deletion,
     // before the kill; not the deletionTimestamp's whole second, nor a
     // receipt after the restart.
-    let t0 = record.deletion_start_unix_nanos as u64;
+    let t0 = record
+        .deletion_start_unix_nanos
+        .to_wire()
+        .expect("T0 after 1970");
     assert!(
         t0 >= truth.requested_unix_nano && t0 < outage.killed,
         "T0 {t0} not the original receipt (requested {}, killed {}): {record:?}",
