@@ -73,8 +73,6 @@ pub fn start(
         agents = restored.agents,
         "restored the in-flight state"
     );
-    // tokio's interval refuses zero.
-    let checkpoint_interval = settings.checkpoint_interval.max(Duration::from_millis(10));
     let http_state = HttpState {
         recommender: Arc::new(Recommender::new(Arc::clone(&store), Arc::clone(&settings))),
         store,
@@ -83,36 +81,14 @@ pub fn start(
         ready: Readiness::new(kube.is_none()),
     };
     let (shutdown, stop) = watch::channel(false);
-    let mut tasks = Vec::new();
-
-    let (c, s) = (Arc::clone(&correlator), stop.clone());
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = grpc::serve(grpc_listener, c, s).await {
-            tracing::error!(error = %e, "gRPC server failed");
-        }
-    }));
-
-    let (st, s) = (http_state.clone(), stop.clone());
-    let http_listener = http_listener.into_std()?;
-    let (served, http_done) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("http-api".into())
-        .spawn(move || {
-            if let Err(e) = serve_http(http_listener, st, s) {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-            let _ = served.send(());
-        })?;
-    tasks.push(tokio::spawn(async move {
-        let _ = http_done.await;
-    }));
-
+    let mut tasks = vec![
+        spawn_grpc(grpc_listener, &correlator, stop.clone()),
+        spawn_http(http_listener, &http_state, stop.clone())?,
+        spawn_checkpoints(&correlator, &http_state.settings, stop.clone()),
+        spawn_ticks(&correlator, &http_state, stop.clone()),
+    ];
     if let Some(client) = kube {
-        let (c, ready, mut s) = (
-            Arc::clone(&correlator),
-            http_state.ready.clone(),
-            stop.clone(),
-        );
+        let (c, ready, mut s) = (Arc::clone(&correlator), http_state.ready.clone(), stop);
         tasks.push(tokio::spawn(async move {
             tokio::select! {
                 () = kube_watch::run(client, c, ready) => {}
@@ -121,9 +97,63 @@ pub fn start(
         }));
     }
 
-    let (c, mut s) = (Arc::clone(&correlator), stop.clone());
-    tasks.push(tokio::spawn(async move {
-        let mut every = tokio::time::interval(checkpoint_interval);
+    Ok(Running {
+        grpc_addr,
+        http_addr,
+        correlator,
+        http: http_state,
+        shutdown,
+        tasks,
+    })
+}
+
+fn spawn_grpc(
+    listener: TcpListener,
+    correlator: &Arc<Correlator>,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let c = Arc::clone(correlator);
+    tokio::spawn(async move {
+        if let Err(e) = grpc::serve(listener, c, stop).await {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    })
+}
+
+/// The HTTP API on a thread of its own (see [`serve_http`]); the task ends
+/// when the thread does.
+fn spawn_http(
+    listener: TcpListener,
+    state: &HttpState,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<JoinHandle<()>> {
+    let st = state.clone();
+    let listener = listener.into_std()?;
+    let (served, done) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("http-api".into())
+        .spawn(move || {
+            if let Err(e) = serve_http(listener, st, stop) {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+            let _ = served.send(());
+        })?;
+    Ok(tokio::spawn(async move {
+        let _ = done.await;
+    }))
+}
+
+/// Checkpoints of the in-flight state every `--checkpoint-interval`.
+fn spawn_checkpoints(
+    correlator: &Arc<Correlator>,
+    settings: &Settings,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let c = Arc::clone(correlator);
+    // tokio's interval refuses zero.
+    let interval = settings.checkpoint_interval.max(Duration::from_millis(10));
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(interval);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         every.tick().await;
         loop {
@@ -131,14 +161,21 @@ pub fn start(
                 _ = every.tick() => {}
                 // The final checkpoint is `Running::shutdown`'s, after the
                 // servers stopped applying reports.
-                _ = s.wait_for(|v| *v) => return,
+                _ = stop.wait_for(|v| *v) => return,
             }
             checkpoint(&c).await;
         }
-    }));
+    })
+}
 
-    let (c, st, mut s) = (Arc::clone(&correlator), http_state.clone(), stop);
-    tasks.push(tokio::spawn(async move {
+/// Finishing deletions every [`TICK`], housekeeping every [`HOUSEKEEPING`].
+fn spawn_ticks(
+    correlator: &Arc<Correlator>,
+    state: &HttpState,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let (c, st) = (Arc::clone(correlator), state.clone());
+    tokio::spawn(async move {
         let mut tick = tokio::time::interval(TICK);
         let mut house = tokio::time::interval(HOUSEKEEPING);
         loop {
@@ -148,18 +185,9 @@ pub fn start(
                     housekeeping(&st);
                     prune_agents(&c, &st.settings);
                 }
-                _ = s.wait_for(|v| *v) => return,
+                _ = stop.wait_for(|v| *v) => return,
             }
         }
-    }));
-
-    Ok(Running {
-        grpc_addr,
-        http_addr,
-        correlator,
-        http: http_state,
-        shutdown,
-        tasks,
     })
 }
 
