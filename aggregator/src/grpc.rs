@@ -199,7 +199,7 @@ fn watch_event(change: WatchChange) -> pb::WatchEvent {
     }
 }
 
-/// A report the aggregator refuses; names the field and its value.
+/// A request the aggregator refuses; names the field and its value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BadRequest {
     #[error("agent_id {0:?} is longer than {MAX_AGENT_ID} characters")]

@@ -37,6 +37,24 @@ impl DeletionStart {
     }
 }
 
+/// What one node contributed so far to a deletion in flight: folded from
+/// its observations, checkpointed as it is, finished into its
+/// `NodeMeasurement`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeAccumulator {
+    pub rules_removed: Option<RulesRemoval>,
+    /// T_last, on the aggregator's clock.
+    pub last_connection: Option<UnixNanos>,
+    /// New flows after T0 seen by this node's own conntrack.
+    pub late_flows: u64,
+    /// Connections after T0 accepted by the pod and attributed to this node
+    /// by their source address (the destination node's view).
+    pub late_accepted: u64,
+    pub refused: u64,
+    pub aborted: u64,
+    pub clock_uncertainty_ns: Option<u64>,
+}
+
 /// The last rules removal a node reported for a deletion's endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RulesRemoval {

@@ -20,7 +20,7 @@ use rusqlite::{
 use observer_proto::api::DeletionRecord;
 use observer_proto::{ClockEstimate, UnixNanos};
 
-use crate::model::{DeletionStart, RulesRemoval};
+use crate::model::{DeletionStart, NodeAccumulator, RulesRemoval};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -140,18 +140,12 @@ pub struct PendingUpdate {
     pub pod_gone_unix_nanos: Option<UnixNanos>,
 }
 
-/// What one node contributed so far to a deletion in flight.
+/// One node's accumulator of a deletion in flight (its rules removal
+/// stored with the detector's name, `Detector::as_str`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeAccRow {
     pub node: String,
-    /// Stored with the detector's name (`Detector::as_str`).
-    pub rules_removed: Option<RulesRemoval>,
-    pub last_connection_unix_nanos: Option<UnixNanos>,
-    pub late_flows: u64,
-    pub late_accepted: u64,
-    pub refused: u64,
-    pub aborted: u64,
-    pub clock_uncertainty_ns: Option<u64>,
+    pub acc: NodeAccumulator,
 }
 
 /// Changed node accumulators of one deletion in flight.
@@ -521,20 +515,20 @@ impl Store {
                 if !exists.exists([&p.pod_uid])? {
                     continue;
                 }
-                for n in &p.nodes {
-                    let rules = n.rules_removed.as_ref();
+                for NodeAccRow { node, acc: a } in &p.nodes {
+                    let rules = a.rules_removed.as_ref();
                     upsert.execute(params![
                         p.pod_uid,
-                        n.node,
+                        node,
                         rules.map(|r| r.time.as_nanos()),
                         rules.map(|r| r.detector.as_str()),
                         rules.and_then(|r| r.precision_ns).map(count),
-                        n.last_connection_unix_nanos.map(UnixNanos::as_nanos),
-                        count(n.late_flows),
-                        count(n.late_accepted),
-                        count(n.refused),
-                        count(n.aborted),
-                        n.clock_uncertainty_ns.map(count),
+                        a.last_connection.map(UnixNanos::as_nanos),
+                        count(a.late_flows),
+                        count(a.late_accepted),
+                        count(a.refused),
+                        count(a.aborted),
+                        a.clock_uncertainty_ns.map(count),
                     ])?;
                 }
             }
@@ -775,13 +769,15 @@ fn node_row(row: &rusqlite::Row<'_>) -> Result<(String, NodeAccRow), StoreError>
         r.get(0)?,
         NodeAccRow {
             node,
-            rules_removed,
-            last_connection_unix_nanos: r.opt_time(5)?,
-            late_flows: r.count(6)?,
-            late_accepted: r.count(7)?,
-            refused: r.count(8)?,
-            aborted: r.count(9)?,
-            clock_uncertainty_ns: r.opt_count(10)?,
+            acc: NodeAccumulator {
+                rules_removed,
+                last_connection: r.opt_time(5)?,
+                late_flows: r.count(6)?,
+                late_accepted: r.count(7)?,
+                refused: r.count(8)?,
+                aborted: r.count(9)?,
+                clock_uncertainty_ns: r.opt_count(10)?,
+            },
         },
     ))
 }

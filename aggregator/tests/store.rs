@@ -126,7 +126,7 @@ fn prune_drops_old_rows_only() {
 }
 
 mod in_flight {
-    use aggregator::model::{DeletionStart, RulesRemoval};
+    use aggregator::model::{DeletionStart, NodeAccumulator, RulesRemoval};
     use aggregator::store::{
         AgentRow, Checkpoint, NodeAccRow, PendingNodes, PendingRow, PendingUpdate, Store,
         StoreError,
@@ -167,18 +167,27 @@ mod in_flight {
     fn acc(node: &str, late: u64) -> NodeAccRow {
         NodeAccRow {
             node: node.into(),
-            rules_removed: Some(RulesRemoval {
-                time: t(1_700_000_001_000_000_000),
-                detector: Detector::IptablesLegacy,
-                precision_ns: Some(250_000_000),
-            }),
-            last_connection_unix_nanos: Some(t(1_700_000_000_900_000_000)),
-            late_flows: late,
-            late_accepted: 2,
-            refused: 3,
-            aborted: 4,
-            clock_uncertainty_ns: Some(50_000),
+            acc: NodeAccumulator {
+                rules_removed: Some(RulesRemoval {
+                    time: t(1_700_000_001_000_000_000),
+                    detector: Detector::IptablesLegacy,
+                    precision_ns: Some(250_000_000),
+                }),
+                last_connection: Some(t(1_700_000_000_900_000_000)),
+                late_flows: late,
+                late_accepted: 2,
+                refused: 3,
+                aborted: 4,
+                clock_uncertainty_ns: Some(50_000),
+            },
         }
+    }
+
+    /// `acc` after its rules came back.
+    fn re_added(node: &str, late: u64) -> NodeAccRow {
+        let mut row = acc(node, late);
+        row.acc.rules_removed = None;
+        row
     }
 
     fn agent(id: &str, seq: u64) -> AgentRow {
@@ -232,10 +241,7 @@ mod in_flight {
                 .checkpoint(&Checkpoint {
                     nodes: vec![PendingNodes {
                         pod_uid: "u1".into(),
-                        nodes: vec![NodeAccRow {
-                            rules_removed: None,
-                            ..acc("node-a", 9)
-                        }],
+                        nodes: vec![re_added("node-a", 9)],
                     }],
                     agents: vec![agent("node-a/1", 42)],
                     ..Checkpoint::default()
@@ -251,16 +257,7 @@ mod in_flight {
         assert_eq!(
             got.pending,
             [
-                (
-                    u1,
-                    vec![
-                        NodeAccRow::default(),
-                        NodeAccRow {
-                            rules_removed: None,
-                            ..acc("node-a", 9)
-                        }
-                    ]
-                ),
+                (u1, vec![NodeAccRow::default(), re_added("node-a", 9)]),
                 (u2, vec![])
             ]
         );
@@ -452,7 +449,7 @@ mod in_flight {
         let nodes = &got.pending[0].1;
         assert_eq!(nodes[0], acc("node-a", 1));
         // Checkpointed before the upgrade: the precision is unknown.
-        let old = nodes[1].rules_removed.unwrap();
+        let old = nodes[1].acc.rules_removed.unwrap();
         assert_eq!((old.detector, old.precision_ns), (Detector::Nftables, None));
     }
 

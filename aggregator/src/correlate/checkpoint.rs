@@ -3,12 +3,10 @@
 //! state and written in one store transaction, put back as dirty when the
 //! write fails, and the state rebuilt from the store after a restart.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use observer_proto::UnixNanos;
 
-use super::fold::NodeAcc;
 use super::state::{Agent, Pending, State, mark_agent, mark_pending};
 use super::{Correlator, Registration};
 use crate::model::DeletionStart;
@@ -149,11 +147,8 @@ impl State {
                 continue;
             };
             for row in &n.nodes {
-                if let Some(a) = p.nodes.get_mut(&row.node)
-                    && !a.dirty
-                {
-                    a.dirty = true;
-                    p.dirty_nodes.push(row.node.clone());
+                if p.nodes.contains_key(&row.node) {
+                    p.dirty_nodes.insert(row.node.clone());
                 }
             }
         }
@@ -184,9 +179,8 @@ fn take_dirty_nodes(p: &mut Pending) -> Vec<NodeAccRow> {
     std::mem::take(&mut p.dirty_nodes)
         .into_iter()
         .filter_map(|node| {
-            let a = p.nodes.get_mut(&node)?;
-            a.dirty = false;
-            Some(acc_row(node, a))
+            let acc = p.nodes.get(&node)?.clone();
+            Some(NodeAccRow { node, acc })
         })
         .collect()
 }
@@ -205,37 +199,9 @@ pub(super) fn pending_row(p: &Pending) -> PendingRow {
     }
 }
 
-fn acc_row(node: String, a: &NodeAcc) -> NodeAccRow {
-    NodeAccRow {
-        node,
-        rules_removed: a.rules_removed,
-        last_connection_unix_nanos: a.last_connection,
-        late_flows: a.late_flows,
-        late_accepted: a.late_accepted,
-        refused: a.refused,
-        aborted: a.aborted,
-        clock_uncertainty_ns: a.clock_uncertainty_ns,
-    }
-}
-
 /// A persisted deletion back in memory (not dirty: it is what is stored).
 fn restored_pending(row: PendingRow, accs: Vec<NodeAccRow>) -> Pending {
-    let nodes: BTreeMap<String, NodeAcc> = accs
-        .into_iter()
-        .map(|a| {
-            let acc = NodeAcc {
-                dirty: false,
-                rules_removed: a.rules_removed,
-                last_connection: a.last_connection_unix_nanos,
-                late_flows: a.late_flows,
-                late_accepted: a.late_accepted,
-                refused: a.refused,
-                aborted: a.aborted,
-                clock_uncertainty_ns: a.clock_uncertainty_ns,
-            };
-            (a.node, acc)
-        })
-        .collect();
+    let nodes = accs.into_iter().map(|r| (r.node, r.acc)).collect();
     let expected = Arc::new(row.expected_nodes.into_iter().collect());
     let mut p = Pending::new(
         row.start,

@@ -4,32 +4,15 @@
 //! times are put on the aggregator's clock first; each observation is
 //! attributed to the node whose routing it shows.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use observer_proto::{ClockEstimate, CloseKind, Observation, ResetCause, UnixNanos};
 
 use super::state::{Pending, State, mark_pending};
-use crate::model::RulesRemoval;
+use crate::model::{NodeAccumulator, RulesRemoval};
 
 /// Pseudo node for connections whose source address matches no node.
 pub const UNATTRIBUTED: &str = "unattributed";
-
-/// What one node contributed so far to a deletion in flight.
-#[derive(Default)]
-pub(super) struct NodeAcc {
-    /// Changed since the last checkpoint (listed in `Pending::dirty_nodes`).
-    pub dirty: bool,
-    pub rules_removed: Option<RulesRemoval>,
-    pub last_connection: Option<UnixNanos>,
-    /// New flows after T0 seen by this node's own conntrack.
-    pub late_flows: u64,
-    /// Connections after T0 accepted by the pod and attributed to this node
-    /// by their source address (the destination node's view).
-    pub late_accepted: u64,
-    pub refused: u64,
-    pub aborted: u64,
-    pub clock_uncertainty_ns: Option<u64>,
-}
 
 /// One observation as the fold sees it: on the aggregator's clock, with the
 /// node that reported it and the node its other side belongs to.
@@ -153,20 +136,19 @@ fn apply(p: &mut Pending, s: &Seen<'_>) -> bool {
 
 /// A deletion's node accumulators while one observation is folded in.
 struct Accumulators<'a> {
-    nodes: &'a mut BTreeMap<String, NodeAcc>,
-    dirty: &'a mut Vec<String>,
+    nodes: &'a mut BTreeMap<String, NodeAccumulator>,
+    dirty: &'a mut BTreeSet<String>,
     uncertainty_ns: u64,
 }
 
 impl Accumulators<'_> {
     /// The node's accumulator, marked changed.
-    fn of(&mut self, node: &str) -> &mut NodeAcc {
+    fn of(&mut self, node: &str) -> &mut NodeAccumulator {
+        if !self.dirty.contains(node) {
+            self.dirty.insert(node.to_owned());
+        }
         let a = self.nodes.entry(node.to_owned()).or_default();
         a.clock_uncertainty_ns.get_or_insert(self.uncertainty_ns);
-        if !a.dirty {
-            a.dirty = true;
-            self.dirty.push(node.to_owned());
-        }
         a
     }
 }

@@ -4,8 +4,8 @@
 use observer_proto::UnixNanos;
 use observer_proto::api::{DeletionRecord, Mode, NodeMeasurement};
 
-use super::fold::NodeAcc;
 use super::state::Pending;
+use crate::model::NodeAccumulator;
 
 const NANOS_PER_SECOND: f64 = 1e9;
 
@@ -53,7 +53,7 @@ pub(super) fn record(p: Pending, now: UnixNanos) -> DeletionRecord {
     }
 }
 
-fn measurement(node: String, a: &NodeAcc, t0: UnixNanos) -> NodeMeasurement {
+fn measurement(node: String, a: &NodeAccumulator, t0: UnixNanos) -> NodeMeasurement {
     let rules = a.rules_removed;
     let latest = rules.map(|r| r.time).max(a.last_connection);
     let seconds = |ns: u64| ns as f64 / NANOS_PER_SECOND;

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use observer_proto::{AgentCounters, ClockEstimate, Endpoint, Observation, UnixNanos};
 
 use super::Registration;
-use super::fold::NodeAcc;
-use crate::model::DeletionStart;
+use crate::model::{DeletionStart, NodeAccumulator};
 use crate::nodes::NodeIndex;
 
 pub(super) struct Agent {
@@ -54,14 +53,14 @@ pub(super) struct Pending {
     /// Nodes with a live agent at T0 (shared between deletions: it changes
     /// only when agents come and go).
     pub expected: Arc<BTreeSet<String>>,
-    pub nodes: BTreeMap<String, NodeAcc>,
+    pub nodes: BTreeMap<String, NodeAccumulator>,
     /// When the pod object disappeared.
     pub pod_gone: Option<UnixNanos>,
     /// Changed since the last checkpoint (listed in `State::dirty_pending`).
     pub dirty: bool,
-    /// Nodes whose accumulator changed since the last checkpoint (each once:
-    /// see `NodeAcc::dirty`), so a checkpoint does not scan every node.
-    pub dirty_nodes: Vec<String>,
+    /// Nodes whose accumulator changed since the last checkpoint, so a
+    /// checkpoint does not scan every node.
+    pub dirty_nodes: BTreeSet<String>,
     /// The start row is in the store (else the next checkpoint writes it).
     pub stored: bool,
 }
@@ -83,7 +82,7 @@ impl Pending {
             nodes: BTreeMap::new(),
             pod_gone: None,
             dirty: false,
-            dirty_nodes: Vec::new(),
+            dirty_nodes: BTreeSet::new(),
             stored: true,
         }
     }
