@@ -10,6 +10,7 @@ pub mod cli;
 pub mod client;
 pub mod delay;
 pub mod http;
+pub mod http_client;
 pub mod kube;
 pub mod kubeproxy;
 pub mod observer;

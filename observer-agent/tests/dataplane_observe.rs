@@ -3,6 +3,7 @@
 //! rules_added for kube-proxy's rules in that namespace, and the endpoint's
 //! record when it stops.
 
+use observer_proto::UnixNanos;
 use std::{
     io::{BufRead, BufReader},
     net::{SocketAddr, TcpStream},
@@ -134,7 +135,7 @@ fn observe_prints_rules_and_flow_events_for_watched_endpoints() {
     let removed = lines.next_of("rules_removed", Duration::from_secs(3));
     assert_eq!(removed["endpoint"], "10.180.0.2:8080");
     assert_eq!(removed["detector"], "nftables");
-    let t = removed["time_unix_nano"].as_u64().unwrap();
+    let t = time(&removed);
     assert!(t >= applied.started_unix_nano && t <= applied.finished_unix_nano + 5_000_000);
 
     rules.sync(&[(service(), vec![b1, b2])]).unwrap();
@@ -143,7 +144,7 @@ fn observe_prints_rules_and_flow_events_for_watched_endpoints() {
 
     let applied = rules.sync(&[(service(), vec![b1])]).unwrap();
     let removed = lines.next_of("rules_removed", Duration::from_secs(3));
-    let removed_at = removed["time_unix_nano"].as_u64().unwrap();
+    let removed_at = time(&removed);
     assert!(
         removed_at >= applied.started_unix_nano
             && removed_at <= applied.finished_unix_nano + 5_000_000
@@ -162,7 +163,7 @@ fn observe_prints_rules_and_flow_events_for_watched_endpoints() {
         "already a target when observe started: first seen at its start-up"
     );
     assert_eq!(record["in_rules_at_agent_start"], true);
-    assert_eq!(record["rules_removed_unix_nano"], removed_at);
+    assert_eq!(record["rules_removed_unix_nano"], removed_at.as_nanos());
     assert_eq!(record["rules_removed_detector"], "nftables");
     assert_eq!(record["late_flows"], 1);
     assert_eq!(record["last_new_flow_unix_nano"], flow_at);
@@ -194,4 +195,9 @@ fn observe_prints_rules_and_flow_events_for_watched_endpoints() {
         "one record per --watch-endpoint, none for --watch-ip"
     );
     drop(listeners);
+}
+
+/// An observation's time, from its JSON line.
+fn time(observation: &serde_json::Value) -> UnixNanos {
+    UnixNanos::from_nanos(observation["time_unix_nano"].as_i64().unwrap())
 }

@@ -181,7 +181,9 @@ async fn run_serves_live_endpoint_records() {
         v["watched"][0]["rules_removed_unix_nano"].is_u64()
     });
     let record = &v["watched"][0];
-    let removed = record["rules_removed_unix_nano"].as_u64().unwrap();
+    let removed =
+        observer_proto::UnixNanos::from_wire(record["rules_removed_unix_nano"].as_u64().unwrap())
+            .unwrap();
     assert!(
         removed >= applied.started_unix_nano && removed <= applied.finished_unix_nano + 5_000_000,
         "{record}"
@@ -198,7 +200,10 @@ async fn run_serves_live_endpoint_records() {
     let v = wait_endpoints(&ns, health, "finished record", |v| {
         v["watched"] == serde_json::json!([]) && v["finished"][0]["endpoint"] == ENDPOINT
     });
-    assert_eq!(v["finished"][0]["rules_removed_unix_nano"], removed);
+    assert_eq!(
+        v["finished"][0]["rules_removed_unix_nano"],
+        removed.as_nanos()
+    );
     assert_eq!(v["finished"][0]["late_flows"], 1);
 
     nix::sys::signal::kill(

@@ -22,6 +22,7 @@
 //! part of it.
 #![allow(dead_code)]
 
+use observer_proto::UnixNanos;
 use std::{
     io,
     mem::size_of,
@@ -55,8 +56,8 @@ pub struct Window {
 impl From<lab::kubeproxy::Applied> for Window {
     fn from(a: lab::kubeproxy::Applied) -> Self {
         Window {
-            started: a.started_unix_nano,
-            finished: a.finished_unix_nano,
+            started: a.started_unix_nano.to_wire().unwrap_or_default(),
+            finished: a.finished_unix_nano.to_wire().unwrap_or_default(),
         }
     }
 }
@@ -184,10 +185,15 @@ impl CommitClock {
         let deadline = std::time::Instant::now() + Duration::from_secs(1);
         loop {
             let found = match self {
-                CommitClock::Nft(w) => w.last_commit_between(from, until).map(|t| Commit {
-                    earliest: t,
-                    latest: t,
-                }),
+                CommitClock::Nft(w) => {
+                    let nanos = |t: u64| UnixNanos::from_wire(t).unwrap_or_default();
+                    let at = |t: UnixNanos| t.to_wire().unwrap_or_default();
+                    w.last_commit_between(nanos(from), nanos(until))
+                        .map(|t| Commit {
+                            earliest: at(t),
+                            latest: at(t),
+                        })
+                }
                 CommitClock::Legacy(w) => w.last_change_between(from, until),
             };
             // Recorded only once the witness read it: give it until `until`
