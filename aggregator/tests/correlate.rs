@@ -334,6 +334,11 @@ fn kubelet_probes_from_the_host_node_do_not_count_as_traffic() {
     assert_eq!((a.latency_seconds, a.late_connections), (Some(1.0), 0));
     let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
     assert_eq!(b.late_connections, 1);
+    // Only its connections were seen: no detector, no precision.
+    assert_eq!(
+        (b.mode, b.detector_precision_seconds),
+        (Some(Mode::Traffic), None)
+    );
 }
 
 #[test]
@@ -522,4 +527,30 @@ fn checkpoints_persist_later_changes_and_a_restored_correlator_carries_on() {
     let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
     assert_eq!(b.late_connections, 3, "{rec:#?}");
     assert!(store.in_flight().unwrap().pending.is_empty());
+}
+
+#[test]
+fn a_restored_rules_removal_keeps_its_detector_and_precision() {
+    let (c, store) = setup(Duration::from_secs(60));
+    let subs = subscribed(&c, &["a"]);
+    c.deletion_started(start("u1", POD), T0);
+    report(
+        &c,
+        "a",
+        1,
+        vec![rules_removed(Detector::IptablesLegacy, T0 + S)],
+    );
+    c.checkpoint(T0 + S).unwrap();
+
+    // The process dies; a new correlator finishes the deletion from the store.
+    drop(subs);
+    let c = correlator(&store, Duration::from_secs(60), Duration::ZERO);
+    c.restore().unwrap();
+    c.pod_gone("u1", T0 + 2 * S);
+    let rec = store.deletion("u1").unwrap().expect("finished");
+    assert!(rec.complete, "{rec:#?}");
+    let a = &rec.nodes[0];
+    assert_eq!(a.mode, Some(Mode::Rules(Detector::IptablesLegacy)));
+    assert_eq!(a.detector_precision_seconds, Some(0.001));
+    assert_eq!(a.latency_seconds, Some(1.0));
 }
