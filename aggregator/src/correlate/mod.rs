@@ -3,10 +3,10 @@
 //! [`DeletionRecord`] once every expected node has reported (and the pod is
 //! gone) or the completion timeout passed.
 //!
-//! By job: [`state`] holds agents and deletions in flight, [`fold`] folds
-//! observations into a deletion's node accumulators, [`checkpoint`]
-//! persists and restores them, [`subscriptions`] streams the endpoints to
-//! watch to the agents, [`record`] finishes a deletion. This module is the
+//! By job: `state` holds agents and deletions in flight, `fold` folds
+//! observations into a deletion's node accumulators, `checkpoint` persists
+//! and restores them, `subscriptions` streams the endpoints to watch to the
+//! agents, `record` finishes a deletion. This module is the
 //! facade the gRPC service and the Kubernetes watcher call, each call with
 //! the aggregator's time `now`.
 //!
