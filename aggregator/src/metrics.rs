@@ -104,78 +104,88 @@ impl Metrics {
             nodes_missing: Family::default(),
             registry: Registry::default(),
         };
+        m.register_deletion_metrics(&mut registry);
+        m.register_service_metrics(&mut registry);
+        Self { registry, ..m }
+    }
+
+    /// What finished deletions measure. prometheus-client appends _total
+    /// to counters.
+    fn register_deletion_metrics(&self, registry: &mut Registry) {
         registry.register(
             "prestop_propagation_latency_seconds",
             "Per-node endpoint propagation latency of a pod deletion: max(T_rules, T_last) - T0",
-            m.propagation_latency.clone(),
+            self.propagation_latency.clone(),
         );
         registry.register(
             "prestop_control_plane_latency_seconds",
             "From deletion start until the EndpointSlice showed the endpoint terminating",
-            m.control_plane_latency.clone(),
+            self.control_plane_latency.clone(),
         );
-        // prometheus-client appends _total to counters.
         registry.register(
             "prestop_late_connections",
             "New connections routed to an endpoint after its deletion started",
-            m.late_connections.clone(),
+            self.late_connections.clone(),
         );
         registry.register(
             "prestop_refused_connections",
             "Connections refused or reset because the deleted endpoint no longer listened",
-            m.refused_connections.clone(),
+            self.refused_connections.clone(),
         );
         registry.register(
             "prestop_keepalive_aborted_connections",
             "Established connections reset by a deleted endpoint at shutdown",
-            m.keepalive_aborted.clone(),
-        );
-        registry.register(
-            "prestop_agents_connected",
-            "Agents with an open endpoint subscription",
-            m.agents_connected.clone(),
-        );
-        registry.register(
-            "prestop_agent_events_lost",
-            "Kernel events agents reported lost (ring buffer full)",
-            m.agent_events_lost.clone(),
-        );
-        registry.register(
-            "prestop_agent_observations_dropped",
-            "Observations agents dropped while the aggregator was away (buffer full)",
-            m.agent_observations_dropped.clone(),
-        );
-        registry.register(
-            "prestop_report_lag_seconds",
-            "From an agent sending a report until the aggregator processed it (clock-corrected)",
-            m.report_lag.clone(),
-        );
-        registry.register(
-            "prestop_store_deletions",
-            "Deletions held in the store",
-            m.store_deletions.clone(),
-        );
-        registry.register(
-            "prestop_recommendation_seconds",
-            "Current recommended preStop delay (namespace=\"\", service=\"\" is cluster-wide)",
-            m.recommendation_seconds.clone(),
-        );
-        registry.register(
-            "prestop_recommendation_samples",
-            "Complete deletions behind the current recommendation",
-            m.recommendation_samples.clone(),
+            self.keepalive_aborted.clone(),
         );
         registry.register(
             "prestop_deletions",
             "Finished deletions by outcome (incomplete: some node never reported)",
-            m.deletions.clone(),
+            self.deletions.clone(),
         );
         registry.register(
             "prestop_nodes_missing",
             "Times a node had not reported when a deletion timed out",
-            m.nodes_missing.clone(),
+            self.nodes_missing.clone(),
         );
-        Self { registry, ..m }
+    }
+
+    /// The agents, the reports, the store and the recommendations.
+    fn register_service_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "prestop_agents_connected",
+            "Agents with an open endpoint subscription",
+            self.agents_connected.clone(),
+        );
+        registry.register(
+            "prestop_agent_events_lost",
+            "Kernel events agents reported lost (ring buffer full)",
+            self.agent_events_lost.clone(),
+        );
+        registry.register(
+            "prestop_agent_observations_dropped",
+            "Observations agents dropped while the aggregator was away (buffer full)",
+            self.agent_observations_dropped.clone(),
+        );
+        registry.register(
+            "prestop_report_lag_seconds",
+            "From an agent sending a report until the aggregator processed it (clock-corrected)",
+            self.report_lag.clone(),
+        );
+        registry.register(
+            "prestop_store_deletions",
+            "Deletions held in the store",
+            self.store_deletions.clone(),
+        );
+        registry.register(
+            "prestop_recommendation_seconds",
+            "Current recommended preStop delay (namespace=\"\", service=\"\" is cluster-wide)",
+            self.recommendation_seconds.clone(),
+        );
+        registry.register(
+            "prestop_recommendation_samples",
+            "Complete deletions behind the current recommendation",
+            self.recommendation_samples.clone(),
+        );
     }
 
     /// What a node's agent counted since its last report: the counters are
