@@ -19,14 +19,15 @@ use std::time::{Duration, Instant};
 
 use aggregator::app;
 use aggregator::config::Settings;
-use aggregator::correlate::{Batch, DeletionStart, Mode, Obs, ObsKind, Registration};
-use aggregator::http::{HttpState, now_unix_nanos};
-use aggregator::model::{DeletionRecord, NodeMeasurement};
+use aggregator::correlate::{DeletionStart, Registration};
+use aggregator::http::HttpState;
 use aggregator::nodes::NodeInfo;
 use aggregator::store::{Scope, Store};
 use lab::http_client::HttpClient;
+use observer_proto::api::{DeletionRecord, Mode, NodeMeasurement};
 use observer_proto::v1 as pb;
 use observer_proto::v1::observer_client::ObserverClient;
+use observer_proto::{Detector, NewFlow, Observation, Report, RulesChange, UnixNanos};
 
 const CONNECTIONS: usize = 16;
 const QUERY_EVERY: Duration = Duration::from_millis(2);
@@ -59,14 +60,14 @@ fn deletion_start(i: usize) -> DeletionStart {
         ip: pod_ip(i).parse().unwrap(),
         ports: vec![8080],
         host_node: Some("node-0".into()),
-        received_unix_nanos: Some(now_unix_nanos()),
+        received_unix_nanos: Some(UnixNanos::now()),
         api_start_unix_nanos: None,
         grace_period_seconds: Some(30),
         terminating_unix_nanos: None,
     }
 }
 
-fn stored(i: usize, now: i64) -> DeletionRecord {
+fn stored(i: usize, now: UnixNanos) -> DeletionRecord {
     DeletionRecord {
         pod_uid: format!("stored-{i}"),
         namespace: format!("ns-{}", i % 10),
@@ -80,12 +81,12 @@ fn stored(i: usize, now: i64) -> DeletionRecord {
         control_plane_seconds: Some(0.02),
         complete: true,
         propagation_seconds: Some(0.2 + (i % 97) as f64 / 40.0),
-        finished_unix_nanos: now - i as i64,
+        finished_unix_nanos: now - i64::try_from(i).unwrap(),
         nodes: (0..3)
             .map(|n| NodeMeasurement {
                 node: format!("node-{n}"),
                 latency_seconds: Some(0.5),
-                mode: Some("nftables".into()),
+                mode: Some(Mode::Rules(Detector::Nftables)),
                 ..Default::default()
             })
             .collect(),
@@ -93,51 +94,52 @@ fn stored(i: usize, now: i64) -> DeletionRecord {
     }
 }
 
-fn report(agent: &str, seq: u64, k: usize) -> pb::ReportRequest {
-    let now = now_unix_nanos() as u64;
-    let ip = pod_ip(k % IN_FLIGHT_DELETIONS);
-    let addr = |ip: &str, port| {
-        Some(pb::SocketAddress {
-            ip: ip.into(),
-            port,
-        })
-    };
-    let observations = (0..OBSERVATIONS_PER_REPORT)
-        .map(|j| pb::Observation {
-            kind: Some(if j == 0 {
-                pb::observation::Kind::RulesRemoved(pb::RulesChange {
-                    endpoint: addr(&ip, 8080),
-                    detector: pb::Detector::Nftables as i32,
-                    time_unix_nanos: now,
+/// One node's report on the endpoint of in-flight deletion `k`: its rules
+/// removal and new flows to it.
+fn observations(k: usize, now: UnixNanos) -> Vec<Observation> {
+    let ip = pod_ip(k % IN_FLIGHT_DELETIONS).parse().unwrap();
+    let endpoint = SocketAddr::new(ip, 8080);
+    (0..OBSERVATIONS_PER_REPORT)
+        .map(|j| {
+            if j == 0 {
+                Observation::RulesRemoved(RulesChange {
+                    endpoint,
+                    detector: Detector::Nftables,
+                    time: now,
                     precision_ns: 1000,
                 })
             } else {
-                pb::observation::Kind::NewFlow(pb::NewFlow {
-                    src: addr("10.1.0.7", 40000 + j as u32),
-                    dst: addr(&ip, 8080),
-                    original_dst: addr("10.96.0.1", 80),
-                    time_unix_nanos: now,
+                Observation::NewFlow(NewFlow {
+                    src: SocketAddr::new("10.1.0.7".parse().unwrap(), 40000 + j as u16),
+                    dst: endpoint,
+                    original_dst: "10.96.0.1:80".parse().unwrap(),
+                    time: now,
                 })
-            }),
+            }
         })
-        .collect();
-    pb::ReportRequest {
+        .collect()
+}
+
+fn report(agent: &str, seq: u64, k: usize) -> pb::ReportRequest {
+    let now = UnixNanos::now();
+    Report {
         agent_id: agent.into(),
         sequence: seq,
-        observations,
-        counters: Some(pb::AgentCounters::default()),
-        clock: Some(pb::ClockEstimate {
+        observations: observations(k, now),
+        counters: Default::default(),
+        clock: Some(observer_proto::ClockEstimate {
             offset_ns: 0,
             uncertainty_ns: 10_000,
         }),
-        sent_unix_nanos: now,
+        sent: now,
     }
+    .into()
 }
 
 async fn run(phase: Duration) {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path().join("bench.db")).unwrap());
-    let now = now_unix_nanos();
+    let now = UnixNanos::now();
     let t = Instant::now();
     for i in 0..10_000 {
         store.record_deletion(&stored(i, now)).unwrap();
@@ -149,6 +151,7 @@ async fn run(phase: Duration) {
     );
 
     let direct = HttpState::new(Arc::clone(&store), Settings::default());
+    let now = UnixNanos::now();
     let mut calls = Vec::new();
     for _ in 0..200 {
         let t = Instant::now();
@@ -156,7 +159,7 @@ async fn run(phase: Duration) {
             namespace: Some("ns-3".into()),
             service: Some("svc-3".into()),
         };
-        let r = aggregator::http::recommendation(&direct, scope, 0.99, 0.95).unwrap();
+        let r = direct.recommender.compute(scope, 0.99, 0.95, now).unwrap();
         assert_eq!(r.samples, 200);
         calls.push(t.elapsed());
     }
@@ -174,7 +177,7 @@ async fn run(phase: Duration) {
     let agg = app::start(settings, Arc::clone(&store), grpc, http, None).unwrap();
     for i in 0..IN_FLIGHT_DELETIONS {
         agg.correlator
-            .deletion_started(deletion_start(i), now_unix_nanos());
+            .deletion_started(deletion_start(i), UnixNanos::now());
     }
     for n in 0..5000 {
         agg.correlator.set_node(
@@ -317,40 +320,25 @@ async fn run(phase: Duration) {
     // The correlator alone: the ceiling without gRPC and HTTP/2.
     let c = &agg.correlator;
     for i in 0..5000 {
-        c.register(Registration {
+        let reg = Registration {
             agent_id: format!("direct-{i}"),
             node_name: format!("node-{i}"),
-            kernel_release: String::new(),
-            capabilities: vec![],
-        });
+            ..Registration::default()
+        };
+        c.register(reg, UnixNanos::now());
     }
     let t = Instant::now();
     let mut n = 0u64;
     while t.elapsed() < phase {
         for i in 0..5000 {
-            let ip = pod_ip((n as usize + i) % IN_FLIGHT_DELETIONS)
-                .parse()
-                .unwrap();
-            let tn = now_unix_nanos();
-            let obs = (0..OBSERVATIONS_PER_REPORT)
-                .map(|j| Obs {
-                    kind: if j == 0 {
-                        ObsKind::RulesRemoved(Mode::Nftables)
-                    } else {
-                        ObsKind::NewFlow
-                    },
-                    endpoint: ip,
-                    peer: Some("10.1.0.7".parse().unwrap()),
-                    time_unix_nanos: tn,
-                })
-                .collect();
-            let b = Batch {
+            let tn = UnixNanos::now();
+            let b = Report {
                 agent_id: format!("direct-{i}"),
                 sequence: n / 5000 + 1,
-                observations: obs,
+                observations: observations(n as usize + i, tn),
                 counters: Default::default(),
                 clock: None,
-                sent_unix_nanos: tn,
+                sent: tn,
             };
             c.report(b, tn).unwrap();
         }
@@ -363,7 +351,7 @@ async fn run(phase: Duration) {
     );
     // What the last second of that left for a checkpoint (the periodic one
     // runs meanwhile, so this holds what changed since it).
-    let cp = c.checkpoint(now_unix_nanos()).unwrap();
+    let cp = c.checkpoint(UnixNanos::now()).unwrap();
     println!(
         "checkpoint after that ingest: {} node accumulators, {} agents; snapshot (state lock held) {:.2?}, write {:.2?}",
         cp.node_accumulators, cp.agents, cp.snapshot, cp.write

@@ -8,14 +8,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use observer_proto::UnixNanos;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Settings;
 use crate::correlate::Correlator;
-use crate::http::{self, HttpState, Readiness, now_unix_nanos};
+use crate::http::{self, HttpState};
 use crate::metrics::{Metrics, NamespaceService};
+use crate::readiness::Readiness;
+use crate::recommend::service::Recommender;
 use crate::store::{Scope, Store, StoreError};
 use crate::{grpc, kube_watch};
 
@@ -70,46 +73,22 @@ pub fn start(
         agents = restored.agents,
         "restored the in-flight state"
     );
-    // tokio's interval refuses zero.
-    let checkpoint_interval = settings.checkpoint_interval.max(Duration::from_millis(10));
     let http_state = HttpState {
+        recommender: Arc::new(Recommender::new(Arc::clone(&store), Arc::clone(&settings))),
         store,
         settings,
         metrics,
         ready: Readiness::new(kube.is_none()),
-        recommendations: Arc::default(),
     };
     let (shutdown, stop) = watch::channel(false);
-    let mut tasks = Vec::new();
-
-    let (c, s) = (Arc::clone(&correlator), stop.clone());
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = grpc::serve(grpc_listener, c, s).await {
-            tracing::error!(error = %e, "gRPC server failed");
-        }
-    }));
-
-    let (st, s) = (http_state.clone(), stop.clone());
-    let http_listener = http_listener.into_std()?;
-    let (served, http_done) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("http-api".into())
-        .spawn(move || {
-            if let Err(e) = serve_http(http_listener, st, s) {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-            let _ = served.send(());
-        })?;
-    tasks.push(tokio::spawn(async move {
-        let _ = http_done.await;
-    }));
-
+    let mut tasks = vec![
+        spawn_grpc(grpc_listener, &correlator, stop.clone()),
+        spawn_http(http_listener, &http_state, stop.clone())?,
+        spawn_checkpoints(&correlator, &http_state.settings, stop.clone()),
+        spawn_ticks(&correlator, &http_state, stop.clone()),
+    ];
     if let Some(client) = kube {
-        let (c, ready, mut s) = (
-            Arc::clone(&correlator),
-            http_state.ready.clone(),
-            stop.clone(),
-        );
+        let (c, ready, mut s) = (Arc::clone(&correlator), http_state.ready.clone(), stop);
         tasks.push(tokio::spawn(async move {
             tokio::select! {
                 () = kube_watch::run(client, c, ready) => {}
@@ -118,38 +97,6 @@ pub fn start(
         }));
     }
 
-    let (c, mut s) = (Arc::clone(&correlator), stop.clone());
-    tasks.push(tokio::spawn(async move {
-        let mut every = tokio::time::interval(checkpoint_interval);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        every.tick().await;
-        loop {
-            tokio::select! {
-                _ = every.tick() => {}
-                // The final checkpoint is `Running::shutdown`'s, after the
-                // servers stopped applying reports.
-                _ = s.wait_for(|v| *v) => return,
-            }
-            checkpoint(&c).await;
-        }
-    }));
-
-    let (c, st, mut s) = (Arc::clone(&correlator), http_state.clone(), stop);
-    tasks.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(TICK);
-        let mut house = tokio::time::interval(HOUSEKEEPING);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => c.tick(now_unix_nanos()),
-                _ = house.tick() => {
-                    housekeeping(&st);
-                    prune_agents(&c, &st.settings);
-                }
-                _ = s.wait_for(|v| *v) => return,
-            }
-        }
-    }));
-
     Ok(Running {
         grpc_addr,
         http_addr,
@@ -157,6 +104,90 @@ pub fn start(
         http: http_state,
         shutdown,
         tasks,
+    })
+}
+
+fn spawn_grpc(
+    listener: TcpListener,
+    correlator: &Arc<Correlator>,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let c = Arc::clone(correlator);
+    tokio::spawn(async move {
+        if let Err(e) = grpc::serve(listener, c, stop).await {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    })
+}
+
+/// The HTTP API on a thread of its own (see [`serve_http`]); the task ends
+/// when the thread does.
+fn spawn_http(
+    listener: TcpListener,
+    state: &HttpState,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<JoinHandle<()>> {
+    let st = state.clone();
+    let listener = listener.into_std()?;
+    let (served, done) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("http-api".into())
+        .spawn(move || {
+            if let Err(e) = serve_http(listener, st, stop) {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+            let _ = served.send(());
+        })?;
+    Ok(tokio::spawn(async move {
+        let _ = done.await;
+    }))
+}
+
+/// Checkpoints of the in-flight state every `--checkpoint-interval`.
+fn spawn_checkpoints(
+    correlator: &Arc<Correlator>,
+    settings: &Settings,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let c = Arc::clone(correlator);
+    // tokio's interval refuses zero.
+    let interval = settings.checkpoint_interval.max(Duration::from_millis(10));
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(interval);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await;
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                // The final checkpoint is `Running::shutdown`'s, after the
+                // servers stopped applying reports.
+                _ = stop.wait_for(|v| *v) => return,
+            }
+            checkpoint(&c).await;
+        }
+    })
+}
+
+/// Finishing deletions every [`TICK`], housekeeping every [`HOUSEKEEPING`].
+fn spawn_ticks(
+    correlator: &Arc<Correlator>,
+    state: &HttpState,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let (c, st) = (Arc::clone(correlator), state.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TICK);
+        let mut house = tokio::time::interval(HOUSEKEEPING);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => c.tick(UnixNanos::now()),
+                _ = house.tick() => {
+                    housekeeping(&st);
+                    prune_agents(&c, &st.settings);
+                }
+                _ = stop.wait_for(|v| *v) => return,
+            }
+        }
     })
 }
 
@@ -234,7 +265,7 @@ fn serve_http(
 /// One checkpoint of the in-flight state, on a blocking thread.
 pub async fn checkpoint(c: &Arc<Correlator>) {
     let c = Arc::clone(c);
-    let r = tokio::task::spawn_blocking(move || c.checkpoint(now_unix_nanos())).await;
+    let r = tokio::task::spawn_blocking(move || c.checkpoint(UnixNanos::now())).await;
     match r {
         Ok(Ok(stats)) => tracing::debug!(?stats, "checkpoint"),
         Ok(Err(e)) => tracing::error!(error = %e, "checkpoint failed; retrying at the next"),
@@ -244,7 +275,7 @@ pub async fn checkpoint(c: &Arc<Correlator>) {
 
 /// Agents not heard from within the retention window are forgotten.
 fn prune_agents(c: &Correlator, settings: &Settings) {
-    let before = now_unix_nanos() - settings.retention.as_nanos() as i64;
+    let before = UnixNanos::now() - settings.retention;
     match c.prune_agents(before) {
         Ok(0) => {}
         Ok(n) => tracing::info!(agents = n, "forgot agents not seen within retention"),
@@ -254,7 +285,8 @@ fn prune_agents(c: &Correlator, settings: &Settings) {
 
 /// Retention and the recommendation gauges.
 pub fn housekeeping(st: &HttpState) {
-    let since = now_unix_nanos() - st.settings.retention.as_nanos() as i64;
+    let now = UnixNanos::now();
+    let since = now - st.settings.retention;
     match st.store.prune(since) {
         Ok(0) => {}
         Ok(n) => tracing::info!(deleted = n, "pruned deletions past retention"),
@@ -279,8 +311,8 @@ pub fn housekeeping(st: &HttpState) {
             namespace: (!namespace.is_empty()).then(|| namespace.clone()),
             service: (!service.is_empty()).then(|| service.clone()),
         };
-        let Ok(r) = http::recommendation(st, scope, st.settings.quantile, st.settings.confidence)
-        else {
+        let (q, c) = (st.settings.quantile, st.settings.confidence);
+        let Ok(r) = st.recommender.compute(scope, q, c, now) else {
             continue;
         };
         let labels = NamespaceService { namespace, service };

@@ -1,7 +1,6 @@
 //! The agent-facing gRPC service (`prestop.observer.v1.Observer`): converts
 //! and validates protocol messages, then hands them to the [`Correlator`].
 
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,16 +8,15 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use observer_proto::v1 as pb;
 use observer_proto::v1::observer_server::{Observer, ObserverServer};
+use observer_proto::{BadReport, Report, UnixNanos};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
-use crate::correlate::{
-    AgentCounters, Batch, ClockEstimate, CorrelateError, Correlator, Mode, Obs, ObsKind,
-    Registration, ResetCause, WatchChange,
-};
-use crate::http::now_unix_nanos;
+use crate::correlate::{CorrelateError, Correlator, Registration, WatchChange};
 
+/// Longest accepted agent id (a DNS name's length).
+pub const MAX_AGENT_ID: usize = 253;
 /// Largest number of observations accepted in one report.
 pub const MAX_OBSERVATIONS_PER_REPORT: u32 = 10_000;
 /// Largest accepted message (a full report is about 1 MiB).
@@ -54,11 +52,12 @@ fn unknown_agent(e: CorrelateError) -> Status {
     Status::not_found(e.to_string())
 }
 
-fn require_agent_id(id: &str) -> Result<(), Status> {
-    if id.is_empty() || id.len() > 253 {
-        return Err(Status::invalid_argument(
-            "agent_id must be 1 to 253 characters",
-        ));
+fn require_agent_id(id: &str) -> Result<(), BadRequest> {
+    if id.is_empty() {
+        return Err(BadRequest::NoAgentId);
+    }
+    if id.len() > MAX_AGENT_ID {
+        return Err(BadRequest::AgentIdTooLong(id.to_owned()));
     }
     Ok(())
 }
@@ -75,19 +74,24 @@ impl Observer for ObserverService {
         let r = req.into_inner();
         require_agent_id(&r.agent_id)?;
         if r.node_name.is_empty() {
-            return Err(Status::invalid_argument("node_name is required"));
+            return Err(BadRequest::NoNodeName.into());
         }
-        tracing::info!(agent = %r.agent_id, node = %r.node_name, kernel = %r.kernel_release, "agent registered");
-        let acknowledged_sequence = self.correlator.register(Registration {
+        tracing::info!(
+            agent = %r.agent_id, node = %r.node_name, kernel = %r.kernel_release,
+            version = %r.agent_version, "agent registered"
+        );
+        let registration = Registration {
             agent_id: r.agent_id,
             node_name: r.node_name,
             kernel_release: r.kernel_release,
+            agent_version: r.agent_version,
             capabilities: r
                 .capabilities
                 .into_iter()
                 .map(|c| (c.name, c.available, c.detail))
                 .collect(),
-        });
+        };
+        let acknowledged_sequence = self.correlator.register(registration, UnixNanos::now());
         Ok(Response::new(pb::RegisterResponse {
             acknowledged_sequence,
             max_observations_per_report: MAX_OBSERVATIONS_PER_REPORT,
@@ -126,10 +130,10 @@ impl Observer for ObserverService {
         &self,
         req: Request<pb::ReportRequest>,
     ) -> Result<Response<pb::ReportResponse>, Status> {
-        let batch = batch_from_proto(req.into_inner()).map_err(Status::invalid_argument)?;
+        let report = decode_report(req.into_inner())?;
         let out = self
             .correlator
-            .report(batch, now_unix_nanos())
+            .report(report, UnixNanos::now())
             .map_err(unknown_agent)?;
         Ok(Response::new(pb::ReportResponse {
             acknowledged_sequence: out.acknowledged_sequence,
@@ -152,9 +156,9 @@ impl Observer for ObserverService {
         let stream = req
             .into_inner()
             .map(move |r| {
-                let batch = batch_from_proto(r?).map_err(Status::invalid_argument)?;
+                let report = decode_report(r?)?;
                 let out = correlator
-                    .report(batch, now_unix_nanos())
+                    .report(report, UnixNanos::now())
                     .map_err(unknown_agent)?;
                 Ok(pb::ReportResponse {
                     acknowledged_sequence: out.acknowledged_sequence,
@@ -175,11 +179,11 @@ impl Observer for ObserverService {
         &self,
         req: Request<pb::ClockSyncRequest>,
     ) -> Result<Response<pb::ClockSyncResponse>, Status> {
-        let t2 = now_unix_nanos() as u64;
+        let t2 = UnixNanos::now();
         require_agent_id(&req.get_ref().agent_id)?;
         Ok(Response::new(pb::ClockSyncResponse {
-            t2_unix_nanos: t2,
-            t3_unix_nanos: now_unix_nanos() as u64,
+            t2_unix_nanos: t2.to_wire().unwrap_or_default(),
+            t3_unix_nanos: UnixNanos::now().to_wire().unwrap_or_default(),
         }))
     }
 }
@@ -195,112 +199,44 @@ fn watch_event(change: WatchChange) -> pb::WatchEvent {
     }
 }
 
-/// Validates a report; the error names the first bad field.
-pub fn batch_from_proto(r: pb::ReportRequest) -> Result<Batch, String> {
-    require_agent_id(&r.agent_id).map_err(|s| s.message().to_string())?;
-    if r.sequence == 0 {
-        return Err("sequence must start at 1".into());
+/// A request the aggregator refuses; names the field and its value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BadRequest {
+    #[error("agent_id {0:?} is longer than {MAX_AGENT_ID} characters")]
+    AgentIdTooLong(String),
+    #[error("agent_id is required")]
+    NoAgentId,
+    #[error("node_name is required")]
+    NoNodeName,
+    #[error(
+        "report {sequence} of agent {agent_id:?}: {count} observations; at most {MAX_OBSERVATIONS_PER_REPORT}"
+    )]
+    TooManyObservations {
+        agent_id: String,
+        sequence: u64,
+        count: usize,
+    },
+    #[error(transparent)]
+    Report(#[from] BadReport),
+}
+
+impl From<BadRequest> for Status {
+    fn from(e: BadRequest) -> Self {
+        Status::invalid_argument(e.to_string())
     }
+}
+
+/// Decodes a report and applies the aggregator's own limits to it.
+pub fn decode_report(r: pb::ReportRequest) -> Result<Report, BadRequest> {
+    require_agent_id(&r.agent_id)?;
     if r.observations.len() > MAX_OBSERVATIONS_PER_REPORT as usize {
-        return Err(format!(
-            "{} observations in one report; at most {MAX_OBSERVATIONS_PER_REPORT}",
-            r.observations.len()
-        ));
+        return Err(BadRequest::TooManyObservations {
+            agent_id: r.agent_id,
+            sequence: r.sequence,
+            count: r.observations.len(),
+        });
     }
-    let observations = r
-        .observations
-        .into_iter()
-        .enumerate()
-        .map(|(i, o)| obs_from_proto(o).map_err(|e| format!("observations[{i}]: {e}")))
-        .collect::<Result<_, _>>()?;
-    let c = r.counters.unwrap_or_default();
-    Ok(Batch {
-        agent_id: r.agent_id,
-        sequence: r.sequence,
-        observations,
-        counters: AgentCounters {
-            events_lost: c.events_lost,
-            observations_dropped: c.observations_dropped,
-        },
-        clock: r.clock.map(|c| ClockEstimate {
-            offset_ns: c.offset_ns,
-            uncertainty_ns: c.uncertainty_ns,
-        }),
-        sent_unix_nanos: time(r.sent_unix_nanos).unwrap_or_else(|_| now_unix_nanos()),
-    })
-}
-
-fn time(t: u64) -> Result<i64, String> {
-    if t == 0 {
-        return Err("time_unix_nanos is required".into());
-    }
-    i64::try_from(t).map_err(|_| format!("time_unix_nanos {t} out of range"))
-}
-
-fn ip(a: Option<&pb::SocketAddress>, field: &str) -> Result<IpAddr, String> {
-    let a = a.ok_or_else(|| format!("{field} is required"))?;
-    a.ip.parse()
-        .map_err(|_| format!("{field}.ip {:?} is not an IP address", a.ip))
-}
-
-fn obs_from_proto(o: pb::Observation) -> Result<Obs, String> {
-    use pb::observation::Kind;
-    let kind = o.kind.ok_or("kind is not set")?;
-    let conn = |c: &pb::ConnEvent, kind: ObsKind| -> Result<Obs, String> {
-        Ok(Obs {
-            kind,
-            endpoint: ip(c.dst.as_ref(), "dst")?,
-            peer: Some(ip(c.src.as_ref(), "src")?),
-            time_unix_nanos: time(c.time_unix_nanos)?,
-        })
-    };
-    let rules = |r: &pb::RulesChange, kind: ObsKind| -> Result<Obs, String> {
-        Ok(Obs {
-            kind,
-            endpoint: ip(r.endpoint.as_ref(), "endpoint")?,
-            peer: None,
-            time_unix_nanos: time(r.time_unix_nanos)?,
-        })
-    };
-    match &kind {
-        Kind::Accepted(c) => conn(c, ObsKind::Accepted),
-        Kind::Connected(c) => conn(c, ObsKind::Connected),
-        Kind::Closed(c) => {
-            let close = pb::CloseKind::try_from(c.close)
-                .map_err(|_| format!("close {} is not a CloseKind", c.close))?;
-            conn(
-                c,
-                ObsKind::Closed {
-                    reset: close == pb::CloseKind::Reset,
-                },
-            )
-        }
-        Kind::ResetSent(c) => conn(
-            c,
-            ObsKind::ResetSent {
-                cause: ResetCause::from_reason(&c.reason),
-            },
-        ),
-        Kind::ResetReceived(c) => conn(c, ObsKind::ResetReceived),
-        Kind::RulesRemoved(r) => {
-            let d = pb::Detector::try_from(r.detector)
-                .map_err(|_| format!("detector {} is not a Detector", r.detector))?;
-            let mode = match d {
-                pb::Detector::Nftables => Mode::Nftables,
-                pb::Detector::IptablesNft => Mode::IptablesNft,
-                pb::Detector::IptablesLegacy => Mode::IptablesLegacy,
-                pb::Detector::Unspecified => Mode::Unknown,
-            };
-            rules(r, ObsKind::RulesRemoved(mode))
-        }
-        Kind::RulesAdded(r) => rules(r, ObsKind::RulesAdded),
-        Kind::NewFlow(f) => Ok(Obs {
-            kind: ObsKind::NewFlow,
-            endpoint: ip(f.dst.as_ref(), "dst")?,
-            peer: Some(ip(f.src.as_ref(), "src")?),
-            time_unix_nanos: time(f.time_unix_nanos)?,
-        }),
-    }
+    Ok(Report::try_from(r)?)
 }
 
 /// Serves the agent protocol and gRPC health on `listener` until `shutdown`

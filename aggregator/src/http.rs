@@ -4,41 +4,23 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::SystemTime;
 
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use observer_proto::UnixNanos;
+use observer_proto::api::{DeletionList, Recommendation};
 use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::config::{Settings, check_probability};
 use crate::metrics::Metrics;
-use crate::model::UnixNanos;
 use crate::openapi;
-use crate::recommend::{self, Recommendation};
-use crate::recommendation_cache::RecommendationCache;
+use crate::readiness::Readiness;
+use crate::recommend::service::Recommender;
 use crate::store::{DeletionFilter, Outcome, Scope, Store, StoreError};
-
-/// Whether the service is ready for traffic (the binary clears it until the
-/// Kubernetes watchers have listed once).
-#[derive(Clone, Debug)]
-pub struct Readiness(Arc<AtomicBool>);
-
-impl Readiness {
-    pub fn new(ready: bool) -> Self {
-        Self(Arc::new(AtomicBool::new(ready)))
-    }
-    pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-}
 
 /// Everything the HTTP handlers read.
 #[derive(Clone)]
@@ -47,18 +29,19 @@ pub struct HttpState {
     pub settings: Arc<Settings>,
     pub metrics: Arc<Metrics>,
     pub ready: Readiness,
-    pub recommendations: Arc<RecommendationCache>,
+    pub recommender: Arc<Recommender>,
 }
 
 impl HttpState {
     /// State with fresh metrics, ready from the start.
     pub fn new(store: Arc<Store>, settings: Settings) -> Self {
+        let settings = Arc::new(settings);
         Self {
+            recommender: Arc::new(Recommender::new(Arc::clone(&store), Arc::clone(&settings))),
             store,
-            settings: Arc::new(settings),
+            settings,
             metrics: Arc::new(Metrics::new()),
             ready: Readiness::new(true),
-            recommendations: Arc::default(),
         }
     }
 }
@@ -137,12 +120,6 @@ impl IntoResponse for ApiError {
     }
 }
 
-pub fn now_unix_nanos() -> UnixNanos {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
-}
-
 /// Query parameters as given; unknown names are rejected so a typo
 /// (`namspace=`) does not silently widen the scope to the whole cluster.
 struct Params(HashMap<String, String>);
@@ -185,30 +162,6 @@ fn scope(p: &Params) -> Result<Scope, ApiError> {
     Ok(Scope { namespace, service })
 }
 
-/// Computes the recommendation for one scope with the given (or default)
-/// quantile and confidence; also used to refresh the recommendation gauges.
-pub fn recommendation(
-    state: &HttpState,
-    scope: Scope,
-    quantile: f64,
-    confidence: f64,
-) -> Result<Recommendation, StoreError> {
-    let s = &state.settings;
-    let since = now_unix_nanos() - s.retention.as_nanos() as i64;
-    let samples = state.store.samples(&scope, since)?;
-    Ok(recommend::recommend(
-        &recommend::Request {
-            cluster: s.cluster_name.clone(),
-            scope,
-            quantile,
-            confidence,
-            margin_seconds: s.margin_seconds,
-            window_seconds: s.retention.as_secs(),
-        },
-        &samples,
-    ))
-}
-
 async fn recommendations(
     State(state): State<HttpState>,
     Query(raw): Query<HashMap<String, String>>,
@@ -219,13 +172,9 @@ async fn recommendations(
     let confidence = p.number("confidence")?.unwrap_or(state.settings.confidence);
     check_probability("quantile", quantile).map_err(ApiError::bad_request)?;
     check_probability("confidence", confidence).map_err(ApiError::bad_request)?;
-    let generation = state.store.generation();
-    let answer =
-        state
-            .recommendations
-            .get_or_compute(scope, quantile, confidence, generation, |scope| {
-                recommendation(&state, scope, quantile, confidence)
-            })?;
+    let answer = state
+        .recommender
+        .answer(scope, quantile, confidence, UnixNanos::now())?;
     Ok(axum::Json(answer))
 }
 
@@ -265,7 +214,7 @@ async fn deletions(
     }
     let since = p
         .number::<u64>("sinceSeconds")?
-        .map(|s| now_unix_nanos() - (s as i64).saturating_mul(1_000_000_000));
+        .map(|s| UnixNanos::now() - std::time::Duration::from_secs(s));
     let items = state.store.deletions(&DeletionFilter {
         namespace: scope.namespace,
         service: scope.service,
@@ -274,7 +223,7 @@ async fn deletions(
         since,
         limit,
     })?;
-    Ok(axum::Json(json!({ "items": items })).into_response())
+    Ok(axum::Json(DeletionList { items }).into_response())
 }
 
 async fn readyz(State(state): State<HttpState>) -> Response {

@@ -19,10 +19,11 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
 
+use observer_proto::UnixNanos;
+
 use crate::correlate::{Correlator, DeletionStart};
-use crate::http::{Readiness, now_unix_nanos};
-use crate::model::UnixNanos;
 use crate::nodes::NodeInfo;
+use crate::readiness::Readiness;
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -52,7 +53,7 @@ pub async fn run(client: Client, correlator: Arc<Correlator>, ready: Readiness) 
     let mut events = std::pin::pin!(stream::select(stream::select(pods, slices), nodes));
     let mut w = Watch::new(correlator);
     while let Some(ev) = events.next().await {
-        let now = now_unix_nanos();
+        let now = UnixNanos::now();
         match ev {
             Ev::Pod(e) => w.pod_event(*e, now),
             Ev::Slice(e) => w.slice_event(*e, now),
@@ -172,7 +173,7 @@ impl Watch {
             return;
         };
         let grace = p.metadata.deletion_grace_period_seconds;
-        let deadline = ts.0.as_nanosecond() as i64;
+        let deadline = UnixNanos::from(std::time::SystemTime::from(ts.0));
         let d = DeletionStart {
             pod_uid: uid.clone(),
             namespace: p.namespace().unwrap_or_default(),
@@ -182,7 +183,9 @@ impl Watch {
             ports: Vec::new(),
             host_node: spec.and_then(|s| s.node_name.clone()),
             received_unix_nanos: received,
-            api_start_unix_nanos: Some(deadline - grace.unwrap_or(0) * 1_000_000_000),
+            api_start_unix_nanos: Some(
+                deadline - UnixNanos::from_seconds(grace.unwrap_or(0)).as_nanos(),
+            ),
             grace_period_seconds: grace,
             terminating_unix_nanos: None,
         };

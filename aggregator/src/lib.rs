@@ -2,8 +2,11 @@
 //! which endpoints to watch, correlates their reports into per-deletion
 //! propagation measurements, stores them and recommends a preStop delay.
 //!
-//! Data flow: [`kube_watch`] -> [`correlate`] <- [`grpc`] (agent reports);
-//! finished deletions -> [`store`] -> [`recommend`] -> [`http`].
+//! Data flow: [`kube_watch`] -> [`correlate`] <- [`grpc`] (agent reports,
+//! decoded into `observer_proto::Report`); finished deletions
+//! (`observer_proto::api::DeletionRecord`) -> [`store`] -> [`recommend`] ->
+//! [`http`]. Every time is an `observer_proto::UnixNanos` on the
+//! aggregator's clock.
 
 pub mod app;
 pub mod config;
@@ -15,7 +18,7 @@ pub mod metrics;
 pub mod model;
 pub mod nodes;
 pub mod openapi;
+pub mod readiness;
 pub mod recommend;
-pub mod recommendation_cache;
 pub mod stats;
 pub mod store;

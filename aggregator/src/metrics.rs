@@ -2,6 +2,8 @@
 //! and alerts in deploy/; labels stay bounded (node, namespace, service,
 //! mode), never pod names.
 
+use observer_proto::AgentCounters;
+use observer_proto::api::DeletionRecord;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -67,6 +69,7 @@ pub struct Metrics {
     pub keepalive_aborted: Family<NodeNamespace, Counter>,
     pub agents_connected: Gauge,
     pub agent_events_lost: Family<NodeLabel, Counter>,
+    pub agent_observations_dropped: Family<NodeLabel, Counter>,
     pub report_lag: Histogram,
     pub store_deletions: Gauge,
     pub recommendation_seconds: Family<NamespaceService, Gauge<f64, AtomicU64>>,
@@ -92,6 +95,7 @@ impl Metrics {
             keepalive_aborted: Family::default(),
             agents_connected: Gauge::default(),
             agent_events_lost: Family::default(),
+            agent_observations_dropped: Family::default(),
             report_lag: lag_histogram(),
             store_deletions: Gauge::default(),
             recommendation_seconds: Family::default(),
@@ -100,73 +104,161 @@ impl Metrics {
             nodes_missing: Family::default(),
             registry: Registry::default(),
         };
+        m.register_deletion_metrics(&mut registry);
+        m.register_service_metrics(&mut registry);
+        Self { registry, ..m }
+    }
+
+    /// What finished deletions measure. prometheus-client appends _total
+    /// to counters.
+    fn register_deletion_metrics(&self, registry: &mut Registry) {
         registry.register(
             "prestop_propagation_latency_seconds",
             "Per-node endpoint propagation latency of a pod deletion: max(T_rules, T_last) - T0",
-            m.propagation_latency.clone(),
+            self.propagation_latency.clone(),
         );
         registry.register(
             "prestop_control_plane_latency_seconds",
             "From deletion start until the EndpointSlice showed the endpoint terminating",
-            m.control_plane_latency.clone(),
+            self.control_plane_latency.clone(),
         );
-        // prometheus-client appends _total to counters.
         registry.register(
             "prestop_late_connections",
             "New connections routed to an endpoint after its deletion started",
-            m.late_connections.clone(),
+            self.late_connections.clone(),
         );
         registry.register(
             "prestop_refused_connections",
             "Connections refused or reset because the deleted endpoint no longer listened",
-            m.refused_connections.clone(),
+            self.refused_connections.clone(),
         );
         registry.register(
             "prestop_keepalive_aborted_connections",
             "Established connections reset by a deleted endpoint at shutdown",
-            m.keepalive_aborted.clone(),
-        );
-        registry.register(
-            "prestop_agents_connected",
-            "Agents with an open endpoint subscription",
-            m.agents_connected.clone(),
-        );
-        registry.register(
-            "prestop_agent_events_lost",
-            "Kernel events agents reported lost (ring buffer full)",
-            m.agent_events_lost.clone(),
-        );
-        registry.register(
-            "prestop_report_lag_seconds",
-            "From an agent sending a report until the aggregator processed it (clock-corrected)",
-            m.report_lag.clone(),
-        );
-        registry.register(
-            "prestop_store_deletions",
-            "Deletions held in the store",
-            m.store_deletions.clone(),
-        );
-        registry.register(
-            "prestop_recommendation_seconds",
-            "Current recommended preStop delay (namespace=\"\", service=\"\" is cluster-wide)",
-            m.recommendation_seconds.clone(),
-        );
-        registry.register(
-            "prestop_recommendation_samples",
-            "Complete deletions behind the current recommendation",
-            m.recommendation_samples.clone(),
+            self.keepalive_aborted.clone(),
         );
         registry.register(
             "prestop_deletions",
             "Finished deletions by outcome (incomplete: some node never reported)",
-            m.deletions.clone(),
+            self.deletions.clone(),
         );
         registry.register(
             "prestop_nodes_missing",
             "Times a node had not reported when a deletion timed out",
-            m.nodes_missing.clone(),
+            self.nodes_missing.clone(),
         );
-        Self { registry, ..m }
+    }
+
+    /// The agents, the reports, the store and the recommendations.
+    fn register_service_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "prestop_agents_connected",
+            "Agents with an open endpoint subscription",
+            self.agents_connected.clone(),
+        );
+        registry.register(
+            "prestop_agent_events_lost",
+            "Kernel events agents reported lost (ring buffer full)",
+            self.agent_events_lost.clone(),
+        );
+        registry.register(
+            "prestop_agent_observations_dropped",
+            "Observations agents dropped while the aggregator was away (buffer full)",
+            self.agent_observations_dropped.clone(),
+        );
+        registry.register(
+            "prestop_report_lag_seconds",
+            "From an agent sending a report until the aggregator processed it (clock-corrected)",
+            self.report_lag.clone(),
+        );
+        registry.register(
+            "prestop_store_deletions",
+            "Deletions held in the store",
+            self.store_deletions.clone(),
+        );
+        registry.register(
+            "prestop_recommendation_seconds",
+            "Current recommended preStop delay (namespace=\"\", service=\"\" is cluster-wide)",
+            self.recommendation_seconds.clone(),
+        );
+        registry.register(
+            "prestop_recommendation_samples",
+            "Complete deletions behind the current recommendation",
+            self.recommendation_samples.clone(),
+        );
+    }
+
+    /// What a node's agent counted since its last report: the counters are
+    /// cumulative per agent process, so only the growth is added.
+    pub fn agent_counters(&self, node: &str, before: AgentCounters, now: AgentCounters) {
+        let node = NodeLabel { node: node.into() };
+        for (family, before, now) in [
+            (&self.agent_events_lost, before.events_lost, now.events_lost),
+            (
+                &self.agent_observations_dropped,
+                before.observations_dropped,
+                now.observations_dropped,
+            ),
+        ] {
+            let grown = now.saturating_sub(before);
+            if grown > 0 {
+                family.get_or_create(&node).inc_by(grown);
+            }
+        }
+    }
+
+    /// Everything a finished deletion counts: per-node latencies and
+    /// connection losses, the control plane's latency, the outcome and the
+    /// nodes that never reported.
+    pub fn deletion_finished(&self, rec: &DeletionRecord) {
+        let ns = &rec.namespace;
+        for n in &rec.nodes {
+            if let Some(l) = n.latency_seconds {
+                self.propagation_latency
+                    .get_or_create(&NodeNamespaceMode {
+                        node: n.node.clone(),
+                        namespace: ns.clone(),
+                        mode: n.mode.map_or("unknown", |m| m.as_str()).into(),
+                    })
+                    .observe(l);
+            }
+            let nn = NodeNamespace {
+                node: n.node.clone(),
+                namespace: ns.clone(),
+            };
+            for (family, v) in [
+                (&self.late_connections, n.late_connections),
+                (&self.refused_connections, n.refused_connections),
+                (&self.keepalive_aborted, n.aborted_connections),
+            ] {
+                if v > 0 {
+                    family.get_or_create(&nn).inc_by(v);
+                }
+            }
+        }
+        if let Some(c) = rec.control_plane_seconds {
+            self.control_plane_latency
+                .get_or_create(&NamespaceLabel {
+                    namespace: ns.clone(),
+                })
+                .observe(c);
+        }
+        let outcome = if rec.complete {
+            "complete"
+        } else {
+            "incomplete"
+        };
+        self.deletions
+            .get_or_create(&NamespaceOutcome {
+                namespace: ns.clone(),
+                outcome: outcome.into(),
+            })
+            .inc();
+        for node in &rec.missing_nodes {
+            self.nodes_missing
+                .get_or_create(&NodeLabel { node: node.clone() })
+                .inc();
+        }
     }
 
     /// The text exposition format.

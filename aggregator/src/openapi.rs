@@ -4,6 +4,24 @@
 use serde_json::{Value, json};
 
 pub fn document() -> Value {
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "prestop aggregator",
+            "version": "1",
+            "description": "Measured endpoint-propagation latency and the preStop delay it calls for."
+        },
+        "paths": paths(),
+        "components": { "schemas": {
+            "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "string" } } },
+            "Recommendation": recommendation(),
+            "Deletion": deletion(),
+            "NodeMeasurement": node_measurement()
+        }}
+    })
+}
+
+fn paths() -> Value {
     let error = json!({ "$ref": "#/components/schemas/Error" });
     let bad_request = json!({
         "description": "Bad parameter",
@@ -12,120 +30,166 @@ pub fn document() -> Value {
     let text = |desc: &str| json!({ "description": desc, "content": { "text/plain": { "schema": { "type": "string" } } } });
     let param = |name: &str, ty: &str, desc: &str| json!({ "name": name, "in": "query", "required": false, "schema": { "type": ty }, "description": desc });
     json!({
-        "openapi": "3.0.3",
-        "info": {
-            "title": "prestop aggregator",
-            "version": "1",
-            "description": "Measured endpoint-propagation latency and the preStop delay it calls for."
-        },
-        "paths": {
-            "/v1/recommendations": { "get": {
-                "summary": "Recommended preStop delay for the cluster, a namespace or a service",
-                "parameters": [
-                    param("namespace", "string", "Namespace; absent means cluster-wide"),
-                    param("service", "string", "Service name; needs namespace"),
-                    param("quantile", "number", "Quantile of full-propagation latency to cover, in (0,1); default from --quantile"),
-                    param("confidence", "number", "Confidence of the upper bound, in (0,1); default from --confidence")
-                ],
-                "responses": {
-                    "200": { "description": "Recommendation", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Recommendation" } } } },
-                    "400": bad_request
-                }
-            }},
-            "/v1/deletions": { "get": {
-                "summary": "Recent finished deletions with per-node detail, newest first",
-                "parameters": [
-                    param("namespace", "string", "Only this namespace"),
-                    param("service", "string", "Only pods of this service; needs namespace"),
-                    param("node", "string", "Only deletions this node reported on (or was missing from)"),
-                    param("outcome", "string", "complete or incomplete"),
-                    param("sinceSeconds", "integer", "Only deletions finished in the last N seconds"),
-                    param("limit", "integer", "At most this many (1..1000, default 100)")
-                ],
-                "responses": {
-                    "200": { "description": "Deletions", "content": { "application/json": { "schema": {
-                        "type": "object", "required": ["items"],
-                        "properties": { "items": { "type": "array", "items": { "$ref": "#/components/schemas/Deletion" } } }
-                    } } } },
-                    "400": bad_request
-                }
-            }},
-            "/healthz": { "get": { "summary": "Liveness", "responses": { "200": text("Alive") } } },
-            "/readyz": { "get": { "summary": "Readiness: store reachable, Kubernetes watchers synced",
-                "responses": { "200": text("Ready"), "503": text("Not ready, with the reason") } } },
-            "/metrics": { "get": { "summary": "Prometheus metrics (OpenMetrics text)", "responses": { "200": text("Metrics") } } },
-            "/openapi.json": { "get": { "summary": "This document", "responses": { "200": { "description": "OpenAPI 3 document" } } } }
-        },
-        "components": { "schemas": {
-            "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "string" } } },
-            "Recommendation": {
-                "type": "object",
-                "required": ["scope", "preStopSeconds", "quantile", "confidence", "marginSeconds", "samples",
-                    "samplesNeeded", "windowSeconds", "observedP50Seconds", "observedP99Seconds",
-                    "observedMaxSeconds", "lowConfidence", "reason", "lifecycle", "keepAlive"],
-                "properties": {
-                    "scope": { "type": "object", "required": ["cluster", "namespace", "service"], "properties": {
-                        "cluster": { "type": "string" },
-                        "namespace": { "type": "string", "nullable": true },
-                        "service": { "type": "string", "nullable": true }
-                    }},
-                    "preStopSeconds": { "type": "integer", "nullable": true, "description": "null when there are no samples at all" },
-                    "quantile": { "type": "number" },
-                    "confidence": { "type": "number" },
-                    "marginSeconds": { "type": "number" },
-                    "samples": { "type": "integer", "description": "Complete deletions in the window" },
-                    "samplesNeeded": { "type": "integer", "description": "More samples needed for a full-confidence bound; 0 when enough" },
-                    "windowSeconds": { "type": "integer" },
-                    "observedP50Seconds": { "type": "number", "nullable": true },
-                    "observedP99Seconds": { "type": "number", "nullable": true },
-                    "observedMaxSeconds": { "type": "number", "nullable": true },
-                    "lowConfidence": { "type": "boolean" },
-                    "reason": { "type": "string" },
-                    "lifecycle": { "type": "object", "nullable": true, "properties": {
-                        "preStop": { "type": "object", "properties": {
-                            "sleep": { "type": "object", "properties": { "seconds": { "type": "integer" } } }
-                        }}
-                    }},
-                    "keepAlive": { "type": "object", "required": ["abortedConnections", "finding"], "properties": {
-                        "abortedConnections": { "type": "integer" },
-                        "finding": { "type": "string", "nullable": true }
-                    }}
-                }
-            },
-            "Deletion": {
-                "type": "object",
-                "properties": {
-                    "podUid": { "type": "string" },
-                    "namespace": { "type": "string" },
-                    "podName": { "type": "string" },
-                    "services": { "type": "array", "items": { "type": "string" } },
-                    "podIp": { "type": "string" },
-                    "hostNode": { "type": "string", "nullable": true },
-                    "deletionStartUnixNanos": { "type": "integer", "format": "int64" },
-                    "apiDeletionStartUnixNanos": { "type": "integer", "format": "int64", "nullable": true },
-                    "gracePeriodSeconds": { "type": "integer", "nullable": true },
-                    "controlPlaneSeconds": { "type": "number", "nullable": true },
-                    "complete": { "type": "boolean" },
-                    "propagationSeconds": { "type": "number", "nullable": true },
-                    "finishedUnixNanos": { "type": "integer", "format": "int64" },
-                    "nodes": { "type": "array", "items": { "$ref": "#/components/schemas/NodeMeasurement" } },
-                    "missingNodes": { "type": "array", "items": { "type": "string" } }
-                }
-            },
-            "NodeMeasurement": {
-                "type": "object",
-                "properties": {
-                    "node": { "type": "string" },
-                    "rulesRemovedUnixNanos": { "type": "integer", "format": "int64", "nullable": true },
-                    "lastConnectionUnixNanos": { "type": "integer", "format": "int64", "nullable": true },
-                    "latencySeconds": { "type": "number", "nullable": true },
-                    "mode": { "type": "string", "nullable": true },
-                    "clockUncertaintySeconds": { "type": "number", "nullable": true },
-                    "lateConnections": { "type": "integer" },
-                    "refusedConnections": { "type": "integer" },
-                    "abortedConnections": { "type": "integer" }
-                }
+        "/v1/recommendations": { "get": {
+            "summary": "Recommended preStop delay for the cluster, a namespace or a service",
+            "parameters": [
+                param("namespace", "string", "Namespace; absent means cluster-wide"),
+                param("service", "string", "Service name; needs namespace"),
+                param("quantile", "number", "Quantile of full-propagation latency to cover, in (0,1); default from --quantile"),
+                param("confidence", "number", "Confidence of the upper bound, in (0,1); default from --confidence")
+            ],
+            "responses": {
+                "200": { "description": "Recommendation", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Recommendation" } } } },
+                "400": bad_request
             }
-        }}
+        }},
+        "/v1/deletions": { "get": {
+            "summary": "Recent finished deletions with per-node detail, newest first",
+            "parameters": [
+                param("namespace", "string", "Only this namespace"),
+                param("service", "string", "Only pods of this service; needs namespace"),
+                param("node", "string", "Only deletions this node reported on (or was missing from)"),
+                param("outcome", "string", "complete or incomplete"),
+                param("sinceSeconds", "integer", "Only deletions finished in the last N seconds"),
+                param("limit", "integer", "At most this many (1..1000, default 100)")
+            ],
+            "responses": {
+                "200": { "description": "Deletions", "content": { "application/json": { "schema": {
+                    "type": "object", "required": ["items"],
+                    "properties": { "items": { "type": "array", "items": { "$ref": "#/components/schemas/Deletion" } } }
+                } } } },
+                "400": bad_request
+            }
+        }},
+        "/healthz": { "get": { "summary": "Liveness", "responses": { "200": text("Alive") } } },
+        "/readyz": { "get": { "summary": "Readiness: store reachable, Kubernetes watchers synced",
+            "responses": { "200": text("Ready"), "503": text("Not ready, with the reason") } } },
+        "/metrics": { "get": { "summary": "Prometheus metrics (OpenMetrics text)", "responses": { "200": text("Metrics") } } },
+        "/openapi.json": { "get": { "summary": "This document", "responses": { "200": { "description": "OpenAPI 3 document" } } } }
     })
+}
+
+/// `observer_proto::api::Recommendation`.
+fn recommendation() -> Value {
+    json!({
+        "type": "object",
+        "required": ["scope", "preStopSeconds", "quantile", "confidence", "marginSeconds", "samples",
+            "samplesNeeded", "windowSeconds", "observedP50Seconds", "observedP99Seconds",
+            "observedMaxSeconds", "lowConfidence", "reason", "lifecycle", "keepAlive"],
+        "properties": {
+            "scope": { "type": "object", "required": ["cluster", "namespace", "service"], "properties": {
+                "cluster": { "type": "string" },
+                "namespace": { "type": "string", "nullable": true },
+                "service": { "type": "string", "nullable": true }
+            }},
+            "preStopSeconds": { "type": "integer", "nullable": true, "description": "null when there are no samples at all" },
+            "quantile": { "type": "number" },
+            "confidence": { "type": "number" },
+            "marginSeconds": { "type": "number" },
+            "samples": { "type": "integer", "description": "Complete deletions in the window" },
+            "samplesNeeded": { "type": "integer", "description": "More samples needed for a full-confidence bound; 0 when enough" },
+            "windowSeconds": { "type": "integer" },
+            "observedP50Seconds": { "type": "number", "nullable": true },
+            "observedP99Seconds": { "type": "number", "nullable": true },
+            "observedMaxSeconds": { "type": "number", "nullable": true },
+            "lowConfidence": { "type": "boolean" },
+            "reason": { "type": "string" },
+            "lifecycle": { "type": "object", "nullable": true, "properties": {
+                "preStop": { "type": "object", "properties": {
+                    "sleep": { "type": "object", "properties": { "seconds": { "type": "integer" } } }
+                }}
+            }},
+            "keepAlive": { "type": "object", "required": ["abortedConnections", "finding"], "properties": {
+                "abortedConnections": { "type": "integer" },
+                "finding": { "type": "string", "nullable": true }
+            }}
+        }
+    })
+}
+
+/// `observer_proto::api::DeletionRecord`.
+fn deletion() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "podUid": { "type": "string" },
+            "namespace": { "type": "string" },
+            "podName": { "type": "string" },
+            "services": { "type": "array", "items": { "type": "string" } },
+            "podIp": { "type": "string" },
+            "hostNode": { "type": "string", "nullable": true },
+            "deletionStartUnixNanos": { "type": "integer", "format": "int64" },
+            "apiDeletionStartUnixNanos": { "type": "integer", "format": "int64", "nullable": true },
+            "gracePeriodSeconds": { "type": "integer", "nullable": true },
+            "controlPlaneSeconds": { "type": "number", "nullable": true },
+            "complete": { "type": "boolean" },
+            "propagationSeconds": { "type": "number", "nullable": true },
+            "finishedUnixNanos": { "type": "integer", "format": "int64" },
+            "nodes": { "type": "array", "items": { "$ref": "#/components/schemas/NodeMeasurement" } },
+            "missingNodes": { "type": "array", "items": { "type": "string" } }
+        }
+    })
+}
+
+/// `observer_proto::api::NodeMeasurement`.
+fn node_measurement() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "node": { "type": "string" },
+            "rulesRemovedUnixNanos": { "type": "integer", "format": "int64", "nullable": true },
+            "lastConnectionUnixNanos": { "type": "integer", "format": "int64", "nullable": true },
+            "latencySeconds": { "type": "number", "nullable": true },
+            "mode": { "type": "string", "nullable": true, "enum": ["nftables", "iptables_nft", "iptables_legacy", "traffic", null],
+                "description": "The detector that saw the rules removal, or traffic when only connections were seen" },
+            "detectorPrecisionSeconds": { "type": "number", "nullable": true,
+                "description": "Upper bound of the error of rulesRemovedUnixNanos as the node's detector timed it" },
+            "clockUncertaintySeconds": { "type": "number", "nullable": true },
+            "lateConnections": { "type": "integer" },
+            "refusedConnections": { "type": "integer" },
+            "abortedConnections": { "type": "integer" }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use observer_proto::api::{DeletionRecord, NodeMeasurement, Recommendation};
+    use serde::Serialize;
+
+    use super::*;
+
+    fn fields(v: impl Serialize) -> BTreeSet<String> {
+        serde_json::to_value(v)
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn documented(schema: &Value) -> BTreeSet<String> {
+        schema["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn the_schemas_list_every_field_the_answers_have() {
+        assert_eq!(
+            documented(&recommendation()),
+            fields(Recommendation::default())
+        );
+        assert_eq!(documented(&deletion()), fields(DeletionRecord::default()));
+        assert_eq!(
+            documented(&node_measurement()),
+            fields(NodeMeasurement::default())
+        );
+    }
 }

@@ -17,7 +17,10 @@ use rusqlite::{
     Connection, OptionalExtension, TransactionBehavior, params, params_from_iter, types::Value,
 };
 
-use crate::model::{DeletionRecord, DeletionStart, UnixNanos};
+use observer_proto::api::DeletionRecord;
+use observer_proto::{ClockEstimate, UnixNanos};
+
+use crate::model::{DeletionStart, NodeAccumulator, RulesRemoval};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -41,8 +44,13 @@ pub enum StoreError {
     },
 }
 
-/// 2 added the in-flight tables; a version 1 file is upgraded in place.
-const SCHEMA_VERSION: i64 = 2;
+/// 2 added the in-flight tables, 3 the detector's precision of a rules
+/// removal; older files are upgraded in place.
+const SCHEMA_VERSION: i64 = 3;
+
+/// What turns a version 2 file into a version 3 one (`SCHEMA` creates the
+/// tables of older files whole).
+const UPGRADE_FROM_2: &str = "ALTER TABLE pending_nodes ADD COLUMN rules_precision_ns INTEGER;";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS deletions (
@@ -91,6 +99,7 @@ CREATE TABLE IF NOT EXISTS pending_nodes (
     node TEXT NOT NULL,
     rules_removed_unix_nanos INTEGER,
     rules_mode TEXT,
+    rules_precision_ns INTEGER,
     last_connection_unix_nanos INTEGER,
     late_flows INTEGER NOT NULL,
     late_accepted INTEGER NOT NULL,
@@ -131,18 +140,12 @@ pub struct PendingUpdate {
     pub pod_gone_unix_nanos: Option<UnixNanos>,
 }
 
-/// What one node contributed so far to a deletion in flight.
+/// One node's accumulator of a deletion in flight (its rules removal
+/// stored with the detector's name, `Detector::as_str`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeAccRow {
     pub node: String,
-    /// Time and dataplane mode (`Mode::as_str`) of the rules removal.
-    pub rules_removed: Option<(UnixNanos, String)>,
-    pub last_connection_unix_nanos: Option<UnixNanos>,
-    pub late_flows: u64,
-    pub late_accepted: u64,
-    pub refused: u64,
-    pub aborted: u64,
-    pub clock_uncertainty_ns: Option<u64>,
+    pub acc: NodeAccumulator,
 }
 
 /// Changed node accumulators of one deletion in flight.
@@ -160,7 +163,7 @@ pub struct AgentRow {
     /// Highest batch sequence applied (stored bit for bit as an SQLite
     /// integer: any u64 round-trips).
     pub last_sequence: u64,
-    pub clock: Option<(i64, u64)>,
+    pub clock: Option<ClockEstimate>,
     /// Aggregator time the row was last written.
     pub seen_unix_nanos: UnixNanos,
 }
@@ -268,7 +271,8 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         configure(&conn)?;
         let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        // 0: new file; 1: finished deletions only (the new tables are added).
+        // 0: new file; 1: finished deletions only (the new tables are
+        // added); 2: without rules_precision_ns.
         if !(0..=SCHEMA_VERSION).contains(&found) {
             return Err(StoreError::Schema {
                 path: path.display().to_string(),
@@ -277,6 +281,9 @@ impl Store {
             });
         }
         conn.execute_batch(SCHEMA)?;
+        if found == 2 {
+            conn.execute_batch(UPGRADE_FROM_2)?;
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         let another = || -> Result<Option<Mutex<Connection>>, StoreError> {
             if path.as_os_str() == ":memory:" {
@@ -332,7 +339,7 @@ impl Store {
             params![
                 rec.pod_uid,
                 rec.namespace,
-                rec.finished_unix_nanos,
+                rec.finished_unix_nanos.as_nanos(),
                 rec.complete,
                 rec.propagation_seconds,
                 aborted as i64,
@@ -408,7 +415,7 @@ impl Store {
         }
         if let Some(since) = filter.since {
             sql.push_str(" AND d.finished_unix_nanos >= ?");
-            args.push(since.into());
+            args.push(since.as_nanos().into());
         }
         sql.push_str(" ORDER BY d.finished_unix_nanos DESC LIMIT ?");
         args.push((filter.limit as i64).into());
@@ -443,7 +450,7 @@ impl Store {
              JOIN deletions d ON d.pod_uid = s.pod_uid
              WHERE d.finished_unix_nanos >= ?1 ORDER BY 1, 2",
         )?;
-        let rows = stmt.query_map([since], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let rows = stmt.query_map([since.as_nanos()], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -451,7 +458,7 @@ impl Store {
     pub fn prune(&self, before: UnixNanos) -> Result<usize, StoreError> {
         let n = self.conn().execute(
             "DELETE FROM deletions WHERE finished_unix_nanos < ?1",
-            [before],
+            [before.as_nanos()],
         )?;
         if n > 0 {
             self.generation.fetch_add(1, Ordering::Release);
@@ -482,20 +489,21 @@ impl Store {
             for u in &c.updated {
                 update.execute(params![
                     u.pod_uid,
-                    u.terminating_unix_nanos,
-                    u.pod_gone_unix_nanos
+                    u.terminating_unix_nanos.map(UnixNanos::as_nanos),
+                    u.pod_gone_unix_nanos.map(UnixNanos::as_nanos)
                 ])?;
             }
             let mut exists =
                 tx.prepare_cached("SELECT 1 FROM pending_deletions WHERE pod_uid = ?1")?;
             let mut upsert = tx.prepare_cached(
                 "INSERT INTO pending_nodes (pod_uid, node, rules_removed_unix_nanos, rules_mode,
-                    last_connection_unix_nanos, late_flows, late_accepted, refused, aborted,
-                    clock_uncertainty_ns)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                    rules_precision_ns, last_connection_unix_nanos, late_flows, late_accepted,
+                    refused, aborted, clock_uncertainty_ns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                  ON CONFLICT (pod_uid, node) DO UPDATE SET
                     rules_removed_unix_nanos = excluded.rules_removed_unix_nanos,
                     rules_mode = excluded.rules_mode,
+                    rules_precision_ns = excluded.rules_precision_ns,
                     last_connection_unix_nanos = excluded.last_connection_unix_nanos,
                     late_flows = excluded.late_flows,
                     late_accepted = excluded.late_accepted,
@@ -507,18 +515,20 @@ impl Store {
                 if !exists.exists([&p.pod_uid])? {
                     continue;
                 }
-                for n in &p.nodes {
+                for NodeAccRow { node, acc: a } in &p.nodes {
+                    let rules = a.rules_removed.as_ref();
                     upsert.execute(params![
                         p.pod_uid,
-                        n.node,
-                        n.rules_removed.as_ref().map(|r| r.0),
-                        n.rules_removed.as_ref().map(|r| &r.1),
-                        n.last_connection_unix_nanos,
-                        count(n.late_flows),
-                        count(n.late_accepted),
-                        count(n.refused),
-                        count(n.aborted),
-                        n.clock_uncertainty_ns.map(count),
+                        node,
+                        rules.map(|r| r.time.as_nanos()),
+                        rules.map(|r| r.detector.as_str()),
+                        rules.and_then(|r| r.precision_ns).map(count),
+                        a.last_connection.map(UnixNanos::as_nanos),
+                        count(a.late_flows),
+                        count(a.late_accepted),
+                        count(a.refused),
+                        count(a.aborted),
+                        a.clock_uncertainty_ns.map(count),
                     ])?;
                 }
             }
@@ -532,9 +542,9 @@ impl Store {
                     a.agent_id,
                     a.node,
                     a.last_sequence as i64,
-                    a.clock.map(|c| c.0),
-                    a.clock.map(|c| count(c.1)),
-                    a.seen_unix_nanos,
+                    a.clock.map(|c| c.offset_ns),
+                    a.clock.map(|c| count(c.uncertainty_ns)),
+                    a.seen_unix_nanos.as_nanos(),
                 ])?;
             }
         }
@@ -568,7 +578,7 @@ impl Store {
                 out.pending.push((row, Vec::new()));
             }
             let mut stmt = tx.prepare(
-                "SELECT pod_uid, node, rules_removed_unix_nanos, rules_mode,
+                "SELECT pod_uid, node, rules_removed_unix_nanos, rules_mode, rules_precision_ns,
                     last_connection_unix_nanos, late_flows, late_accepted, refused, aborted,
                     clock_uncertainty_ns
                  FROM pending_nodes ORDER BY pod_uid, node",
@@ -596,9 +606,10 @@ impl Store {
 
     /// Forgets agents not written since `before`; returns how many.
     pub fn prune_agents(&self, before: UnixNanos) -> Result<usize, StoreError> {
-        Ok(self
-            .writer()
-            .execute("DELETE FROM agents WHERE seen_unix_nanos < ?1", [before])?)
+        Ok(self.writer().execute(
+            "DELETE FROM agents WHERE seen_unix_nanos < ?1",
+            [before.as_nanos()],
+        )?)
     }
 
     /// Number of stored deletions.
@@ -636,14 +647,14 @@ fn insert_pending(conn: &Connection, row: &PendingRow) -> Result<(), StoreError>
         row.start.ip.to_string(),
         serde_json::to_string(&row.start.ports)?,
         row.start.host_node,
-        row.start.received_unix_nanos,
-        row.start.api_start_unix_nanos,
+        row.start.received_unix_nanos.map(UnixNanos::as_nanos),
+        row.start.api_start_unix_nanos.map(UnixNanos::as_nanos),
         row.start.grace_period_seconds,
-        row.t0_unix_nanos,
-        row.tracked_since_unix_nanos,
-        row.start.terminating_unix_nanos,
+        row.t0_unix_nanos.as_nanos(),
+        row.tracked_since_unix_nanos.as_nanos(),
+        row.start.terminating_unix_nanos.map(UnixNanos::as_nanos),
         serde_json::to_string(&row.expected_nodes)?,
-        row.pod_gone_unix_nanos,
+        row.pod_gone_unix_nanos.map(UnixNanos::as_nanos),
     ])?;
     Ok(())
 }
@@ -703,6 +714,14 @@ impl<'a, 'r> RowReader<'a, 'r> {
             Some(_) => self.count(i).map(Some),
         }
     }
+
+    fn time(&self, i: usize) -> Result<UnixNanos, StoreError> {
+        self.get(i).map(UnixNanos::from_nanos)
+    }
+
+    fn opt_time(&self, i: usize) -> Result<Option<UnixNanos>, StoreError> {
+        Ok(self.get::<Option<i64>>(i)?.map(UnixNanos::from_nanos))
+    }
 }
 
 fn pending_row(r: &rusqlite::Row<'_>) -> Result<PendingRow, StoreError> {
@@ -719,15 +738,15 @@ fn pending_row(r: &rusqlite::Row<'_>) -> Result<PendingRow, StoreError> {
                 .map_err(|_| r.corrupt(format_args!("ip {ip:?} is not an IP address")))?,
             ports: r.json(5)?,
             host_node: r.get(6)?,
-            received_unix_nanos: r.get(7)?,
-            api_start_unix_nanos: r.get(8)?,
+            received_unix_nanos: r.opt_time(7)?,
+            api_start_unix_nanos: r.opt_time(8)?,
             grace_period_seconds: r.get(9)?,
-            terminating_unix_nanos: r.get(12)?,
+            terminating_unix_nanos: r.opt_time(12)?,
         },
-        t0_unix_nanos: r.get(10)?,
-        tracked_since_unix_nanos: r.get(11)?,
+        t0_unix_nanos: r.time(10)?,
+        tracked_since_unix_nanos: r.time(11)?,
         expected_nodes: r.json(13)?,
-        pod_gone_unix_nanos: r.get(14)?,
+        pod_gone_unix_nanos: r.opt_time(14)?,
     })
 }
 
@@ -735,8 +754,14 @@ fn node_row(row: &rusqlite::Row<'_>) -> Result<(String, NodeAccRow), StoreError>
     let mut r = RowReader::new(row, "pending_nodes", "pod_uid");
     let node: String = r.get(1)?;
     r.key = format!("{}, node {node:?}", r.key);
-    let rules_removed = match (r.get::<Option<i64>>(2)?, r.get::<Option<String>>(3)?) {
-        (Some(t), Some(mode)) => Some((t, mode)),
+    let rules_removed = match (r.opt_time(2)?, r.get::<Option<String>>(3)?) {
+        (Some(time), Some(detector)) => Some(RulesRemoval {
+            time,
+            detector: detector
+                .parse()
+                .map_err(|e| r.corrupt(format_args!("rules_mode: {e}")))?,
+            precision_ns: r.opt_count(4)?,
+        }),
         (None, None) => None,
         _ => return Err(r.corrupt("rules_removed_unix_nanos and rules_mode must both be set")),
     };
@@ -744,13 +769,15 @@ fn node_row(row: &rusqlite::Row<'_>) -> Result<(String, NodeAccRow), StoreError>
         r.get(0)?,
         NodeAccRow {
             node,
-            rules_removed,
-            last_connection_unix_nanos: r.get(4)?,
-            late_flows: r.count(5)?,
-            late_accepted: r.count(6)?,
-            refused: r.count(7)?,
-            aborted: r.count(8)?,
-            clock_uncertainty_ns: r.opt_count(9)?,
+            acc: NodeAccumulator {
+                rules_removed,
+                last_connection: r.opt_time(5)?,
+                late_flows: r.count(6)?,
+                late_accepted: r.count(7)?,
+                refused: r.count(8)?,
+                aborted: r.count(9)?,
+                clock_uncertainty_ns: r.opt_count(10)?,
+            },
         },
     ))
 }
@@ -758,7 +785,10 @@ fn node_row(row: &rusqlite::Row<'_>) -> Result<(String, NodeAccRow), StoreError>
 fn agent_row(r: &rusqlite::Row<'_>) -> Result<AgentRow, StoreError> {
     let r = RowReader::new(r, "agents", "agent_id");
     let clock = match (r.get::<Option<i64>>(3)?, r.opt_count(4)?) {
-        (Some(offset), Some(uncertainty)) => Some((offset, uncertainty)),
+        (Some(offset_ns), Some(uncertainty_ns)) => Some(ClockEstimate {
+            offset_ns,
+            uncertainty_ns,
+        }),
         (None, None) => None,
         _ => return Err(r.corrupt("clock_offset_ns and clock_uncertainty_ns must both be set")),
     };
@@ -767,7 +797,7 @@ fn agent_row(r: &rusqlite::Row<'_>) -> Result<AgentRow, StoreError> {
         node: r.get(1)?,
         last_sequence: r.get::<i64>(2)? as u64,
         clock,
-        seen_unix_nanos: r.get(5)?,
+        seen_unix_nanos: r.time(5)?,
     })
 }
 
@@ -780,15 +810,19 @@ fn scoped_query(select: &str, scope: &Scope, since: UnixNanos) -> (String, Vec<V
                 "{select} JOIN deletion_services s ON s.pod_uid = d.pod_uid
                  WHERE s.namespace = ? AND s.service = ? AND d.finished_unix_nanos >= ?"
             ),
-            vec![ns.clone().into(), svc.clone().into(), since.into()],
+            vec![
+                ns.clone().into(),
+                svc.clone().into(),
+                since.as_nanos().into(),
+            ],
         ),
         (Some(ns), None) => (
             format!("{select} WHERE d.namespace = ? AND d.finished_unix_nanos >= ?"),
-            vec![ns.clone().into(), since.into()],
+            vec![ns.clone().into(), since.as_nanos().into()],
         ),
         (None, _) => (
             format!("{select} WHERE d.finished_unix_nanos >= ?"),
-            vec![since.into()],
+            vec![since.as_nanos().into()],
         ),
     }
 }

@@ -1,19 +1,21 @@
 //! Correlation rules, driven through the correlator's own API.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use aggregator::config::Settings;
-use aggregator::correlate::{
-    Batch, Correlator, DeletionStart, Mode, Obs, ObsKind, Registration, ReportOutcome, ResetCause,
-    Subscription,
-};
+use aggregator::correlate::{Correlator, DeletionStart, Registration, ReportOutcome, Subscription};
 use aggregator::metrics::Metrics;
 use aggregator::nodes::NodeInfo;
 use aggregator::store::Store;
+use observer_proto::api::Mode;
+use observer_proto::{
+    ClockEstimate, ConnEvent, Detector, NewFlow, Observation, Report, RulesChange, UnixNanos,
+};
 
 const S: i64 = 1_000_000_000;
-const T0: i64 = 1_700_000_000 * S;
+const T0: UnixNanos = UnixNanos::from_nanos(1_700_000_000 * S);
 /// The pod every test deletes (its node, a, hosts 10.0.0.0/24).
 const POD: &str = "10.0.0.5";
 /// A client pod on node b.
@@ -54,12 +56,14 @@ fn correlator(store: &Arc<Store>, timeout: Duration, linger: Duration) -> Arc<Co
 
 /// Registers the agent of `node`; returns the last batch it has durable.
 fn register(c: &Correlator, node: &str) -> u64 {
-    c.register(Registration {
-        agent_id: node.into(),
-        node_name: node.into(),
-        kernel_release: String::new(),
-        capabilities: vec![],
-    })
+    c.register(
+        Registration {
+            agent_id: node.into(),
+            node_name: node.into(),
+            ..Registration::default()
+        },
+        T0,
+    )
 }
 
 /// Registers and subscribes the agents of `nodes`: subscribed agents are
@@ -90,38 +94,75 @@ fn start(uid: &str, ip: &str) -> DeletionStart {
     }
 }
 
-fn obs(kind: ObsKind, ip: &str, peer: Option<&str>, t: i64) -> Obs {
-    Obs {
-        kind,
-        endpoint: ip.parse().unwrap(),
-        peer: peer.map(|p| p.parse().unwrap()),
-        time_unix_nanos: t,
+fn at(ip: &str) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), 8080)
+}
+
+/// A connection event between [`POD`] and `peer` at `t`.
+fn conn(peer: &str, t: UnixNanos) -> ConnEvent {
+    ConnEvent {
+        src: at(peer),
+        dst: at(POD),
+        time: t,
+        close: None,
+        reason: None,
+    }
+}
+
+fn accepted(peer: &str, t: UnixNanos) -> Observation {
+    Observation::Accepted(conn(peer, t))
+}
+
+fn connected(peer: &str, t: UnixNanos) -> Observation {
+    Observation::Connected(conn(peer, t))
+}
+
+/// The endpoint sent a RST to `peer` for the kernel's `reason`.
+fn reset_sent(reason: &str, peer: &str, t: UnixNanos) -> Observation {
+    Observation::ResetSent(ConnEvent {
+        reason: Some(reason.into()),
+        ..conn(peer, t)
+    })
+}
+
+/// A new flow from `peer` to [`POD`] at `t`.
+fn new_flow(peer: &str, t: UnixNanos) -> Observation {
+    Observation::NewFlow(NewFlow {
+        src: at(peer),
+        dst: at(POD),
+        original_dst: at("10.96.0.1"),
+        time: t,
+    })
+}
+
+/// A rules change for `ip` at `t`, timed to within 1 ms.
+fn rules(ip: &str, detector: Detector, t: UnixNanos) -> RulesChange {
+    RulesChange {
+        endpoint: at(ip),
+        detector,
+        time: t,
+        precision_ns: 1_000_000,
     }
 }
 
 /// The node stopped routing to [`POD`] at `t`.
-fn rules_removed(mode: Mode, t: i64) -> Obs {
-    obs(ObsKind::RulesRemoved(mode), POD, None, t)
+fn rules_removed(detector: Detector, t: UnixNanos) -> Observation {
+    Observation::RulesRemoved(rules(POD, detector, t))
 }
 
-/// A connection between [`POD`] and `peer` at `t`.
-fn conn(kind: ObsKind, peer: &str, t: i64) -> Obs {
-    obs(kind, POD, Some(peer), t)
-}
-
-fn batch(agent: &str, seq: u64, observations: Vec<Obs>) -> Batch {
-    Batch {
+fn batch(agent: &str, seq: u64, observations: Vec<Observation>) -> Report {
+    Report {
         agent_id: agent.into(),
         sequence: seq,
         observations,
         counters: Default::default(),
         clock: None,
-        sent_unix_nanos: T0,
+        sent: T0,
     }
 }
 
 /// `agent`'s batch `seq`, received at T0.
-fn report(c: &Correlator, agent: &str, seq: u64, observations: Vec<Obs>) -> ReportOutcome {
+fn report(c: &Correlator, agent: &str, seq: u64, observations: Vec<Observation>) -> ReportOutcome {
     c.report(batch(agent, seq, observations), T0).unwrap()
 }
 
@@ -137,8 +178,8 @@ fn latency_is_max_of_rules_and_last_connection_per_node() {
         "a",
         1,
         vec![
-            rules_removed(Mode::IptablesNft, T0 + S),
-            obs(ObsKind::RulesAdded, POD, None, T0 + S + S / 2),
+            rules_removed(Detector::IptablesNft, T0 + S),
+            Observation::RulesAdded(rules(POD, Detector::IptablesNft, T0 + S + S / 2)),
         ],
     );
     report(
@@ -146,28 +187,20 @@ fn latency_is_max_of_rules_and_last_connection_per_node() {
         "a",
         2,
         vec![
-            rules_removed(Mode::IptablesNft, T0 + 2 * S),
-            conn(ObsKind::NewFlow, "10.0.0.9", T0 + 5 * S / 2),
+            rules_removed(Detector::IptablesNft, T0 + 2 * S),
+            new_flow("10.0.0.9", T0 + 5 * S / 2),
             // Another endpoint: ignored.
-            obs(
-                ObsKind::RulesRemoved(Mode::IptablesNft),
-                "10.0.0.6",
-                None,
-                T0 + 9 * S,
-            ),
+            Observation::RulesRemoved(rules("10.0.0.6", Detector::IptablesNft, T0 + 9 * S)),
         ],
     );
-    let refused = ObsKind::ResetSent {
-        cause: ResetCause::Refused,
-    };
     report(
         &c,
         "b",
         1,
         vec![
-            rules_removed(Mode::Nftables, T0 + S / 2),
+            rules_removed(Detector::Nftables, T0 + S / 2),
             // Refused connection from a pod on node b, seen by the destination.
-            conn(refused, "10.1.0.3", T0 + 3 * S),
+            reset_sent("NO_SOCKET", "10.1.0.3", T0 + 3 * S),
         ],
     );
     // All reported, but the pod is not gone yet: still pending.
@@ -180,7 +213,8 @@ fn latency_is_max_of_rules_and_last_connection_per_node() {
     assert_eq!(rec.propagation_seconds, Some(2.5));
     let a = rec.nodes.iter().find(|n| n.node == "a").unwrap();
     assert_eq!(a.rules_removed_unix_nanos, Some(T0 + 2 * S));
-    assert_eq!(a.mode.as_deref(), Some("iptables_nft"));
+    assert_eq!(a.mode, Some(Mode::Rules(Detector::IptablesNft)));
+    assert_eq!(a.detector_precision_seconds, Some(0.001));
     assert_eq!(a.latency_seconds, Some(2.5));
     let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
     assert_eq!(b.latency_seconds, Some(0.5));
@@ -192,9 +226,9 @@ fn clock_offset_corrects_agent_times() {
     let (c, store) = setup(Duration::from_secs(60));
     let _subs = subscribed(&c, &["a"]);
     c.deletion_started(start("u1", POD), T0);
-    let mut b = batch("a", 1, vec![rules_removed(Mode::Nftables, T0 + S)]);
+    let mut b = batch("a", 1, vec![rules_removed(Detector::Nftables, T0 + S)]);
     // The agent's clock is 300 ms behind the aggregator's.
-    b.clock = Some(aggregator::correlate::ClockEstimate {
+    b.clock = Some(ClockEstimate {
         offset_ns: 300_000_000,
         uncertainty_ns: 2_000_000,
     });
@@ -210,7 +244,7 @@ fn timeout_lists_missing_nodes_and_gives_no_latency() {
     let (c, store) = setup(Duration::from_secs(5));
     let _subs = subscribed(&c, &["a", "b"]);
     c.deletion_started(start("u1", POD), T0);
-    report(&c, "a", 1, vec![rules_removed(Mode::Nftables, T0 + S)]);
+    report(&c, "a", 1, vec![rules_removed(Detector::Nftables, T0 + S)]);
     c.pod_gone("u1", T0 + S);
     c.tick(T0 + 4 * S);
     assert_eq!(c.pending(), 1, "finished before the timeout");
@@ -228,7 +262,7 @@ fn repeated_starts_and_stored_deletions_are_not_tracked_twice() {
     c.deletion_started(start("u1", POD), T0);
     c.deletion_started(start("u1", POD), T0 + S);
     assert_eq!(c.pending(), 1);
-    report(&c, "a", 1, vec![rules_removed(Mode::Nftables, T0 + S)]);
+    report(&c, "a", 1, vec![rules_removed(Detector::Nftables, T0 + S)]);
     c.pod_gone("u1", T0 + 2 * S);
     // A relist after it finished delivers it again: already stored.
     c.deletion_started(start("u1", POD), T0 + 3 * S);
@@ -257,10 +291,15 @@ fn deletion_seen_before_any_agent_expects_the_agents_live_at_the_end() {
     c.tick(T0 + S);
     assert_eq!(c.pending(), 1, "finished with no agent at all");
     let _subs = subscribed(&c, &["a", "b"]);
-    report(&c, "a", 1, vec![rules_removed(Mode::Nftables, T0 + S)]);
+    report(&c, "a", 1, vec![rules_removed(Detector::Nftables, T0 + S)]);
     c.tick(T0 + 2 * S);
     assert_eq!(c.pending(), 1, "node b has not reported yet");
-    report(&c, "b", 1, vec![rules_removed(Mode::Nftables, T0 + 2 * S)]);
+    report(
+        &c,
+        "b",
+        1,
+        vec![rules_removed(Detector::Nftables, T0 + 2 * S)],
+    );
     c.tick(T0 + 3 * S);
     let rec = store.deletion("u1").unwrap().unwrap();
     assert!(rec.complete);
@@ -279,13 +318,13 @@ fn kubelet_probes_from_the_host_node_do_not_count_as_traffic() {
         "a",
         1,
         vec![
-            rules_removed(Mode::Nftables, T0 + S),
+            rules_removed(Detector::Nftables, T0 + S),
             // Probes until the pod exits, seen both ways.
-            conn(ObsKind::Accepted, kubelet, T0 + 20 * S),
-            conn(ObsKind::NewFlow, kubelet, T0 + 20 * S),
-            conn(ObsKind::Connected, kubelet, T0 + 20 * S),
+            accepted(kubelet, T0 + 20 * S),
+            new_flow(kubelet, T0 + 20 * S),
+            connected(kubelet, T0 + 20 * S),
             // A real client on node b is still counted.
-            conn(ObsKind::Accepted, CLIENT, T0 + 2 * S),
+            accepted(CLIENT, T0 + 2 * S),
         ],
     );
     c.pod_gone("u1", T0 + 21 * S);
@@ -295,6 +334,11 @@ fn kubelet_probes_from_the_host_node_do_not_count_as_traffic() {
     assert_eq!((a.latency_seconds, a.late_connections), (Some(1.0), 0));
     let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
     assert_eq!(b.late_connections, 1);
+    // Only its connections were seen: no detector, no precision.
+    assert_eq!(
+        (b.mode, b.detector_precision_seconds),
+        (Some(Mode::Traffic), None)
+    );
 }
 
 #[test]
@@ -308,11 +352,11 @@ fn late_connections_come_from_new_flows_and_accepts_without_double_counting() {
         "b",
         1,
         vec![
-            conn(ObsKind::NewFlow, CLIENT, T0 - S),
-            conn(ObsKind::NewFlow, CLIENT, T0 + S / 10),
-            conn(ObsKind::NewFlow, CLIENT, T0 + S / 5),
-            conn(ObsKind::NewFlow, CLIENT, T0 + S / 2),
-            rules_removed(Mode::Nftables, T0 + S),
+            new_flow(CLIENT, T0 - S),
+            new_flow(CLIENT, T0 + S / 10),
+            new_flow(CLIENT, T0 + S / 5),
+            new_flow(CLIENT, T0 + S / 2),
+            rules_removed(Detector::Nftables, T0 + S),
         ],
     );
     // The pod's node accepted two of those same connections from b after T0.
@@ -321,9 +365,9 @@ fn late_connections_come_from_new_flows_and_accepts_without_double_counting() {
         "a",
         1,
         vec![
-            conn(ObsKind::Accepted, CLIENT, T0 + S / 5),
-            conn(ObsKind::Accepted, CLIENT, T0 + S / 2),
-            rules_removed(Mode::Nftables, T0 + S / 3),
+            accepted(CLIENT, T0 + S / 5),
+            accepted(CLIENT, T0 + S / 2),
+            rules_removed(Detector::Nftables, T0 + S / 3),
         ],
     );
     c.pod_gone("u1", T0 + 2 * S);
@@ -343,8 +387,8 @@ fn flows_passing_through_the_pods_node_are_not_its_routing() {
         "b",
         1,
         vec![
-            conn(ObsKind::NewFlow, CLIENT, T0 + 2 * S),
-            rules_removed(Mode::Nftables, T0 + 2 * S),
+            new_flow(CLIENT, T0 + 2 * S),
+            rules_removed(Detector::Nftables, T0 + 2 * S),
         ],
     );
     // Node a hosts the pod: its conntrack sees b's flow forwarded to the pod.
@@ -353,8 +397,8 @@ fn flows_passing_through_the_pods_node_are_not_its_routing() {
         "a",
         1,
         vec![
-            rules_removed(Mode::Nftables, T0 + S / 2),
-            conn(ObsKind::NewFlow, CLIENT, T0 + 2 * S),
+            rules_removed(Detector::Nftables, T0 + S / 2),
+            new_flow(CLIENT, T0 + 2 * S),
         ],
     );
     c.pod_gone("u1", T0 + 3 * S);
@@ -371,16 +415,13 @@ fn requests_on_connections_the_pod_closed_count_as_aborted() {
     let (c, store) = setup(Duration::from_secs(60));
     let _subs = subscribed(&c, &["a"]);
     c.deletion_started(start("u1", POD), T0);
-    let reset = |reason: &str, t: i64| {
-        let cause = ResetCause::from_reason(reason);
-        conn(ObsKind::ResetSent { cause }, "10.0.0.9", t)
-    };
+    let reset = |reason: &str, t| reset_sent(reason, "10.0.0.9", t);
     report(
         &c,
         "a",
         1,
         vec![
-            rules_removed(Mode::Nftables, T0 + S),
+            rules_removed(Detector::Nftables, T0 + S),
             reset("tcp_abort_on_data", T0 + 3 * S),
             reset("tcp_abort_on_data", T0 + 3 * S),
             reset("no_socket", T0 + 4 * S),
@@ -402,7 +443,7 @@ fn a_deletion_stays_open_after_the_pod_is_gone_to_catch_shutdown_losses() {
     let (c, store) = setup_with_linger(Duration::from_secs(60), Duration::from_secs(3));
     let _subs = subscribed(&c, &["a"]);
     c.deletion_started(start("u1", POD), T0);
-    let rules = batch("a", 1, vec![rules_removed(Mode::Nftables, T0 + S)]);
+    let rules = batch("a", 1, vec![rules_removed(Detector::Nftables, T0 + S)]);
     c.report(rules, T0 + S).unwrap();
     c.pod_gone("u1", T0 + 10 * S);
     c.tick(T0 + 11 * S);
@@ -411,8 +452,7 @@ fn a_deletion_stays_open_after_the_pod_is_gone_to_catch_shutdown_losses() {
         "finished inside the linger"
     );
     // A request on a keep-alive connection the pod closed, after it exited.
-    let cause = ResetCause::DataAfterClose;
-    let reset = conn(ObsKind::ResetSent { cause }, "10.0.0.9", T0 + 12 * S);
+    let reset = reset_sent("TCP_ABORT_ON_DATA", "10.0.0.9", T0 + 12 * S);
     c.report(batch("a", 2, vec![reset]), T0 + 12 * S).unwrap();
     c.tick(T0 + 13 * S);
     let rec = store
@@ -430,7 +470,7 @@ fn reports_that_arrive_before_the_deletion_is_known_are_kept() {
     let _subs = subscribed(&c, &["a"]);
     // After a restart, an agent resends what it buffered before the
     // aggregator has relisted the pod.
-    let rules = batch("a", 1, vec![rules_removed(Mode::Nftables, T0 + S)]);
+    let rules = batch("a", 1, vec![rules_removed(Detector::Nftables, T0 + S)]);
     c.report(rules, T0 + 2 * S).unwrap();
     c.deletion_started(start("u1", POD), T0 + 3 * S);
     c.pod_gone("u1", T0 + 4 * S);
@@ -444,8 +484,8 @@ fn checkpoints_persist_later_changes_and_a_restored_correlator_carries_on() {
     let (c, store) = setup(Duration::from_secs(60));
     let subs = subscribed(&c, &["a", "b"]);
     c.deletion_started(start("u1", POD), T0);
-    let flow = |t| conn(ObsKind::NewFlow, CLIENT, t);
-    let rules = |t| rules_removed(Mode::Nftables, t);
+    let flow = |t| new_flow(CLIENT, t);
+    let rules = |t| rules_removed(Detector::Nftables, t);
     // b's accumulator changes, is checkpointed, changes again, is
     // checkpointed again, changes a third time and is not.
     let ack = |seq, obs| report(&c, "b", seq, obs);
@@ -487,4 +527,30 @@ fn checkpoints_persist_later_changes_and_a_restored_correlator_carries_on() {
     let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
     assert_eq!(b.late_connections, 3, "{rec:#?}");
     assert!(store.in_flight().unwrap().pending.is_empty());
+}
+
+#[test]
+fn a_restored_rules_removal_keeps_its_detector_and_precision() {
+    let (c, store) = setup(Duration::from_secs(60));
+    let subs = subscribed(&c, &["a"]);
+    c.deletion_started(start("u1", POD), T0);
+    report(
+        &c,
+        "a",
+        1,
+        vec![rules_removed(Detector::IptablesLegacy, T0 + S)],
+    );
+    c.checkpoint(T0 + S).unwrap();
+
+    // The process dies; a new correlator finishes the deletion from the store.
+    drop(subs);
+    let c = correlator(&store, Duration::from_secs(60), Duration::ZERO);
+    c.restore().unwrap();
+    c.pod_gone("u1", T0 + 2 * S);
+    let rec = store.deletion("u1").unwrap().expect("finished");
+    assert!(rec.complete, "{rec:#?}");
+    let a = &rec.nodes[0];
+    assert_eq!(a.mode, Some(Mode::Rules(Detector::IptablesLegacy)));
+    assert_eq!(a.detector_precision_seconds, Some(0.001));
+    assert_eq!(a.latency_seconds, Some(1.0));
 }

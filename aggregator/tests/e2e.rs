@@ -172,6 +172,8 @@ async fn deletion_flows_to_recommendation_and_survives_restart() {
     );
     assert_eq!(node_b["abortedConnections"], 1);
     assert_eq!(node_b["mode"], "nftables");
+    // The detector's precision (1 µs in the test agent's reports).
+    assert_eq!(node_b["detectorPrecisionSeconds"], 1e-6, "{d}");
     assert!((node_b["latencySeconds"].as_f64().unwrap() - 1.2).abs() < 1e-6);
 
     let (status, r) = get_json(http, "/v1/recommendations?namespace=shop&service=web").await;
@@ -301,11 +303,8 @@ async fn watch_relist_410_bookmarks_and_reconnects_neither_lose_nor_duplicate() 
 
     // web-1 finishes while the watch is expired again: the relist no longer
     // has it, which must count as gone (the deletion completes).
-    a.report(vec![rules_removed(
-        "10.244.0.1",
-        aggregator::http::now_unix_nanos() as u64,
-    )])
-    .await;
+    a.report(vec![rules_removed("10.244.0.1", now_on_the_wire())])
+        .await;
     double.expire_watches();
     double.finish_deletion::<Pod>("shop", "web-1").unwrap();
     match a.next_event().await {
@@ -341,7 +340,7 @@ fn manual_checkpoints() -> Settings {
 
 fn checkpoint(agg: &aggregator::app::Running) {
     agg.correlator
-        .checkpoint(aggregator::http::now_unix_nanos())
+        .checkpoint(observer_proto::UnixNanos::now())
         .unwrap();
 }
 

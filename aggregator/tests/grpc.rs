@@ -4,10 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use aggregator::http::now_unix_nanos;
-
 use aggregator::config::Settings;
 use common::lab::*;
+use observer_proto::UnixNanos;
 use observer_proto::v1 as pb;
 use tonic::Code;
 
@@ -21,7 +20,7 @@ fn manual_checkpoints() -> Settings {
 }
 
 fn checkpoint(agg: &aggregator::app::Running) {
-    agg.correlator.checkpoint(now_unix_nanos()).unwrap();
+    agg.correlator.checkpoint(UnixNanos::now()).unwrap();
 }
 
 #[tokio::test]
@@ -32,6 +31,7 @@ async fn malformed_reports_get_invalid_argument() {
     let base = pb::ReportRequest {
         agent_id: a.id.clone(),
         sequence: 1,
+        sent_unix_nanos: now_on_the_wire(),
         ..Default::default()
     };
     let cases: Vec<(pb::ReportRequest, &str)> = vec![
@@ -48,6 +48,20 @@ async fn malformed_reports_get_invalid_argument() {
                 ..base.clone()
             },
             "sequence",
+        ),
+        (
+            pb::ReportRequest {
+                agent_id: "a".repeat(254),
+                ..base.clone()
+            },
+            "longer than 253",
+        ),
+        (
+            pb::ReportRequest {
+                sent_unix_nanos: 0,
+                ..base.clone()
+            },
+            "sent_unix_nanos 0 is not a time",
         ),
         (
             pb::ReportRequest {
@@ -75,7 +89,7 @@ async fn malformed_reports_get_invalid_argument() {
                 observations: vec![rules_removed("10.0.0.1", 1); 10_001],
                 ..base.clone()
             },
-            "at most",
+            "10001 observations; at most 10000",
         ),
     ];
     for (req, msg) in cases {
@@ -133,7 +147,7 @@ async fn health_clock_and_reregistration() {
     );
 
     let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
-    let t1 = aggregator::http::now_unix_nanos() as u64;
+    let t1 = now_on_the_wire();
     let c = a
         .client
         .sync_clock(pb::ClockSyncRequest {
@@ -143,11 +157,12 @@ async fn health_clock_and_reregistration() {
         .await
         .unwrap()
         .into_inner();
-    let t4 = aggregator::http::now_unix_nanos() as u64;
+    let t4 = now_on_the_wire();
     assert!(t1 <= c.t2_unix_nanos && c.t2_unix_nanos <= c.t3_unix_nanos && c.t3_unix_nanos <= t4);
 
     let reg = agg.correlator.registration(&a.id).unwrap();
     assert_eq!(reg.kernel_release, "6.18.0");
+    assert_eq!(reg.agent_version, "test");
     assert_eq!(
         reg.capabilities,
         [("tracepoint".to_string(), true, String::new())]
@@ -160,8 +175,9 @@ async fn health_clock_and_reregistration() {
         sequence: 2,
         counters: Some(pb::AgentCounters {
             events_lost: 7,
-            ..Default::default()
+            observations_dropped: 3,
         }),
+        sent_unix_nanos: now_on_the_wire(),
         ..Default::default()
     };
     a.client.report(req.clone()).await.unwrap();
@@ -169,12 +185,16 @@ async fn health_clock_and_reregistration() {
     req.sequence = 3;
     req.counters = Some(pb::AgentCounters {
         events_lost: 9,
-        ..Default::default()
+        observations_dropped: 5,
     });
     a.client.report(req).await.unwrap();
     let m = agg.http.metrics.encode();
     assert!(
         m.contains(r#"prestop_agent_events_lost_total{node="node-a"} 9"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"prestop_agent_observations_dropped_total{node="node-a"} 5"#),
         "{m}"
     );
     // Re-registering (after a reconnect) tells the agent what was durably
@@ -206,6 +226,7 @@ async fn report_stream_acknowledges_in_order_and_stops_at_a_bad_batch() {
         agent_id: a.id.clone(),
         sequence: seq,
         observations: obs,
+        sent_unix_nanos: now_on_the_wire(),
         ..Default::default()
     };
     let batches = vec![

@@ -3,9 +3,10 @@ mod common;
 use std::sync::Arc;
 
 use aggregator::config::Settings;
-use aggregator::http::{self, HttpState, now_unix_nanos};
+use aggregator::http::{self, HttpState};
 use aggregator::store::Store;
 use common::{deletion, get, get_json};
+use observer_proto::UnixNanos;
 
 async fn start(store: Arc<Store>) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -24,7 +25,7 @@ async fn start(store: Arc<Store>) -> std::net::SocketAddr {
 #[tokio::test]
 async fn recommendation_over_a_real_socket() {
     let store = Arc::new(Store::in_memory().unwrap());
-    let now = now_unix_nanos();
+    let now = UnixNanos::now();
     for i in 0..10 {
         store
             .record_deletion(&deletion(
@@ -69,7 +70,7 @@ async fn recommendation_over_a_real_socket() {
 #[tokio::test]
 async fn a_recorded_or_pruned_deletion_shows_in_the_next_answer() {
     let store = Arc::new(Store::in_memory().unwrap());
-    let now = now_unix_nanos();
+    let now = UnixNanos::now();
     let addr = start(Arc::clone(&store)).await;
     let query = "/v1/recommendations?namespace=shop&service=web";
     let (_, r) = get_json(addr, query).await;
@@ -119,7 +120,7 @@ async fn bad_parameters_get_400_with_a_message() {
 #[tokio::test]
 async fn deletions_health_and_metrics() {
     let store = Arc::new(Store::in_memory().unwrap());
-    let now = now_unix_nanos();
+    let now = UnixNanos::now();
     store
         .record_deletion(&deletion("shop", "web", "web-1", 1.0, now - 1))
         .unwrap();

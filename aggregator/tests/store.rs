@@ -2,6 +2,12 @@ mod common;
 
 use aggregator::store::{DeletionFilter, Outcome, Scope, Store};
 use common::deletion;
+use observer_proto::UnixNanos;
+
+/// A time in nanoseconds.
+fn t(nanos: i64) -> UnixNanos {
+    UnixNanos::from_nanos(nanos)
+}
 
 #[test]
 fn records_survive_reopen_and_are_idempotent() {
@@ -10,59 +16,59 @@ fn records_survive_reopen_and_are_idempotent() {
     {
         let store = Store::open(&path).unwrap();
         store
-            .record_deletion(&deletion("shop", "web", "web-1", 1.5, 1_000))
+            .record_deletion(&deletion("shop", "web", "web-1", 1.5, t(1_000)))
             .unwrap();
         store
-            .record_deletion(&deletion("shop", "web", "web-1", 1.5, 1_000))
+            .record_deletion(&deletion("shop", "web", "web-1", 1.5, t(1_000)))
             .unwrap();
         store
-            .record_deletion(&deletion("shop", "api", "api-1", 0.5, 2_000))
+            .record_deletion(&deletion("shop", "api", "api-1", 0.5, t(2_000)))
             .unwrap();
         assert_eq!(store.len().unwrap(), 2);
     }
     let store = Store::open(&path).unwrap();
     assert_eq!(store.len().unwrap(), 2);
     let got = store.deletion("uid-shop-web-1").unwrap().unwrap();
-    assert_eq!(got, deletion("shop", "web", "web-1", 1.5, 1_000));
+    assert_eq!(got, deletion("shop", "web", "web-1", 1.5, t(1_000)));
 }
 
 #[test]
 fn samples_follow_scope_window_and_outcome() {
     let store = Store::in_memory().unwrap();
     store
-        .record_deletion(&deletion("a", "web", "w1", 1.0, 100))
+        .record_deletion(&deletion("a", "web", "w1", 1.0, t(100)))
         .unwrap();
     store
-        .record_deletion(&deletion("a", "web", "w2", 3.0, 200))
+        .record_deletion(&deletion("a", "web", "w2", 3.0, t(200)))
         .unwrap();
     store
-        .record_deletion(&deletion("a", "api", "p1", 2.0, 300))
+        .record_deletion(&deletion("a", "api", "p1", 2.0, t(300)))
         .unwrap();
     store
-        .record_deletion(&deletion("b", "web", "w1", 9.0, 400))
+        .record_deletion(&deletion("b", "web", "w1", 9.0, t(400)))
         .unwrap();
-    let mut incomplete = deletion("a", "web", "w3", 0.0, 500);
+    let mut incomplete = deletion("a", "web", "w3", 0.0, t(500));
     incomplete.complete = false;
     incomplete.propagation_seconds = None;
     incomplete.missing_nodes = vec!["node-z".into()];
     store.record_deletion(&incomplete).unwrap();
 
-    let all = store.samples(&Scope::default(), 0).unwrap();
+    let all = store.samples(&Scope::default(), t(0)).unwrap();
     assert_eq!(all.latencies, vec![1.0, 2.0, 3.0, 9.0]);
     let ns = Scope {
         namespace: Some("a".into()),
         service: None,
     };
     assert_eq!(
-        store.samples(&ns, 0).unwrap().latencies,
+        store.samples(&ns, t(0)).unwrap().latencies,
         vec![1.0, 2.0, 3.0]
     );
     let svc = Scope {
         namespace: Some("a".into()),
         service: Some("web".into()),
     };
-    assert_eq!(store.samples(&svc, 0).unwrap().latencies, vec![1.0, 3.0]);
-    assert_eq!(store.samples(&svc, 150).unwrap().latencies, vec![3.0]);
+    assert_eq!(store.samples(&svc, t(0)).unwrap().latencies, vec![1.0, 3.0]);
+    assert_eq!(store.samples(&svc, t(150)).unwrap().latencies, vec![3.0]);
 
     let f = DeletionFilter {
         outcome: Some(Outcome::Incomplete),
@@ -89,10 +95,10 @@ fn samples_follow_scope_window_and_outcome() {
             .iter()
             .map(|d| d.finished_unix_nanos)
             .collect::<Vec<_>>(),
-        vec![500, 400]
+        vec![t(500), t(400)]
     );
     assert_eq!(
-        store.services(0).unwrap(),
+        store.services(t(0)).unwrap(),
         vec![
             ("a".into(), "api".into()),
             ("a".into(), "web".into()),
@@ -105,31 +111,34 @@ fn samples_follow_scope_window_and_outcome() {
 fn prune_drops_old_rows_only() {
     let store = Store::in_memory().unwrap();
     store
-        .record_deletion(&deletion("a", "web", "old", 1.0, 100))
+        .record_deletion(&deletion("a", "web", "old", 1.0, t(100)))
         .unwrap();
     store
-        .record_deletion(&deletion("a", "web", "new", 2.0, 300))
+        .record_deletion(&deletion("a", "web", "new", 2.0, t(300)))
         .unwrap();
-    assert_eq!(store.prune(200).unwrap(), 1);
+    assert_eq!(store.prune(t(200)).unwrap(), 1);
     assert_eq!(store.len().unwrap(), 1);
     let svc = Scope {
         namespace: Some("a".into()),
         service: Some("web".into()),
     };
-    assert_eq!(store.samples(&svc, 0).unwrap().latencies, vec![2.0]);
+    assert_eq!(store.samples(&svc, t(0)).unwrap().latencies, vec![2.0]);
 }
 
 mod in_flight {
-    use aggregator::model::DeletionStart;
+    use aggregator::model::{DeletionStart, NodeAccumulator, RulesRemoval};
     use aggregator::store::{
         AgentRow, Checkpoint, NodeAccRow, PendingNodes, PendingRow, PendingUpdate, Store,
         StoreError,
     };
 
+    use observer_proto::{ClockEstimate, Detector};
+
     use super::common::deletion;
+    use super::t;
 
     fn terminating(mut row: PendingRow, at: i64) -> PendingRow {
-        row.start.terminating_unix_nanos = Some(at);
+        row.start.terminating_unix_nanos = Some(t(at));
         row
     }
 
@@ -143,13 +152,13 @@ mod in_flight {
                 ip: "10.0.0.1".parse().unwrap(),
                 ports: vec![8080, 8443],
                 host_node: Some("node-a".into()),
-                received_unix_nanos: Some(1_700_000_000_123_456_789),
-                api_start_unix_nanos: Some(1_700_000_000_000_000_000),
+                received_unix_nanos: Some(t(1_700_000_000_123_456_789)),
+                api_start_unix_nanos: Some(t(1_700_000_000_000_000_000)),
                 grace_period_seconds: Some(30),
                 terminating_unix_nanos: None,
             },
-            t0_unix_nanos: 1_700_000_000_123_456_789,
-            tracked_since_unix_nanos: 1_700_000_000_200_000_000,
+            t0_unix_nanos: t(1_700_000_000_123_456_789),
+            tracked_since_unix_nanos: t(1_700_000_000_200_000_000),
             expected_nodes: vec!["node-a".into(), "node-b".into()],
             pod_gone_unix_nanos: None,
         }
@@ -158,14 +167,27 @@ mod in_flight {
     fn acc(node: &str, late: u64) -> NodeAccRow {
         NodeAccRow {
             node: node.into(),
-            rules_removed: Some((1_700_000_001_000_000_000, "nftables".into())),
-            last_connection_unix_nanos: Some(1_700_000_000_900_000_000),
-            late_flows: late,
-            late_accepted: 2,
-            refused: 3,
-            aborted: 4,
-            clock_uncertainty_ns: Some(50_000),
+            acc: NodeAccumulator {
+                rules_removed: Some(RulesRemoval {
+                    time: t(1_700_000_001_000_000_000),
+                    detector: Detector::IptablesLegacy,
+                    precision_ns: Some(250_000_000),
+                }),
+                last_connection: Some(t(1_700_000_000_900_000_000)),
+                late_flows: late,
+                late_accepted: 2,
+                refused: 3,
+                aborted: 4,
+                clock_uncertainty_ns: Some(50_000),
+            },
         }
+    }
+
+    /// `acc` after its rules came back.
+    fn re_added(node: &str, late: u64) -> NodeAccRow {
+        let mut row = acc(node, late);
+        row.acc.rules_removed = None;
+        row
     }
 
     fn agent(id: &str, seq: u64) -> AgentRow {
@@ -173,8 +195,11 @@ mod in_flight {
             agent_id: id.into(),
             node: "node-a".into(),
             last_sequence: seq,
-            clock: Some((-1_500, 50_000)),
-            seen_unix_nanos: 1_700_000_002_000_000_000,
+            clock: Some(ClockEstimate {
+                offset_ns: -1_500,
+                uncertainty_ns: 50_000,
+            }),
+            seen_unix_nanos: t(1_700_000_002_000_000_000),
         }
     }
 
@@ -187,15 +212,15 @@ mod in_flight {
             store.insert_pending(&pending("u1")).unwrap();
             // Inserting again (a relist) keeps the first start.
             let mut again = pending("u1");
-            again.t0_unix_nanos += 1;
+            again.t0_unix_nanos = again.t0_unix_nanos + 1;
             store.insert_pending(&again).unwrap();
             store
                 .checkpoint(&Checkpoint {
                     started: vec![terminating(pending("u2"), 7)],
                     updated: vec![PendingUpdate {
                         pod_uid: "u1".into(),
-                        terminating_unix_nanos: Some(1_700_000_000_300_000_000),
-                        pod_gone_unix_nanos: Some(1_700_000_005_000_000_000),
+                        terminating_unix_nanos: Some(t(1_700_000_000_300_000_000)),
+                        pod_gone_unix_nanos: Some(t(1_700_000_005_000_000_000)),
                     }],
                     nodes: vec![
                         PendingNodes {
@@ -216,10 +241,7 @@ mod in_flight {
                 .checkpoint(&Checkpoint {
                     nodes: vec![PendingNodes {
                         pod_uid: "u1".into(),
-                        nodes: vec![NodeAccRow {
-                            rules_removed: None,
-                            ..acc("node-a", 9)
-                        }],
+                        nodes: vec![re_added("node-a", 9)],
                     }],
                     agents: vec![agent("node-a/1", 42)],
                     ..Checkpoint::default()
@@ -228,23 +250,14 @@ mod in_flight {
         }
         let got = Store::open(&path).unwrap().in_flight().unwrap();
         let u1 = PendingRow {
-            pod_gone_unix_nanos: Some(1_700_000_005_000_000_000),
+            pod_gone_unix_nanos: Some(t(1_700_000_005_000_000_000)),
             ..terminating(pending("u1"), 1_700_000_000_300_000_000)
         };
         let u2 = terminating(pending("u2"), 7);
         assert_eq!(
             got.pending,
             [
-                (
-                    u1,
-                    vec![
-                        NodeAccRow::default(),
-                        NodeAccRow {
-                            rules_removed: None,
-                            ..acc("node-a", 9)
-                        }
-                    ]
-                ),
+                (u1, vec![NodeAccRow::default(), re_added("node-a", 9)]),
                 (u2, vec![])
             ]
         );
@@ -259,7 +272,7 @@ mod in_flight {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.db");
         let store = Store::open(&path).unwrap();
-        let rec = deletion("shop", "web", "web-1", 1.5, 1_000);
+        let rec = deletion("shop", "web", "web-1", 1.5, t(1_000));
         store.insert_pending(&pending(&rec.pod_uid)).unwrap();
         store.insert_pending(&pending("other")).unwrap();
         store
@@ -334,13 +347,19 @@ mod in_flight {
             ),
             (
                 "UPDATE pending_deletions SET t0_unix_nanos = 1;
-                 INSERT INTO pending_nodes VALUES ('u1', 'node-a', 5, NULL, NULL, 0, 0, 0, 0, NULL)",
+                 INSERT INTO pending_nodes VALUES ('u1', 'node-a', 5, NULL, NULL, NULL, 0, 0, 0, 0, NULL)",
                 "pending_nodes",
                 "node \"node-a\"",
                 "rules_mode",
             ),
             (
-                "UPDATE pending_nodes SET rules_removed_unix_nanos = NULL, late_flows = -1",
+                "UPDATE pending_nodes SET rules_mode = 'ipvs'",
+                "pending_nodes",
+                "node \"node-a\"",
+                "rules_mode: unknown detector \"ipvs\"",
+            ),
+            (
+                "UPDATE pending_nodes SET rules_removed_unix_nanos = NULL, rules_mode = NULL, late_flows = -1",
                 "pending_nodes",
                 "node \"node-a\"",
                 "negative",
@@ -379,7 +398,7 @@ mod in_flight {
         {
             Store::open(&path)
                 .unwrap()
-                .record_deletion(&deletion("shop", "web", "web-1", 1.5, 1_000))
+                .record_deletion(&deletion("shop", "web", "web-1", 1.5, t(1_000)))
                 .unwrap();
             let side = rusqlite::Connection::open(&path).unwrap();
             side.execute_batch(
@@ -393,19 +412,52 @@ mod in_flight {
         store.insert_pending(&pending("u1")).unwrap();
         assert_eq!(store.in_flight().unwrap().pending.len(), 1);
         let side = rusqlite::Connection::open(&path).unwrap();
-        side.execute_batch("PRAGMA user_version = 3;").unwrap();
+        side.execute_batch("PRAGMA user_version = 4;").unwrap();
         drop(store);
         assert!(matches!(
             Store::open(&path),
-            Err(StoreError::Schema { found: 3, .. })
+            Err(StoreError::Schema { found: 4, .. })
         ));
+    }
+
+    #[test]
+    fn version_2_files_gain_the_detector_precision() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        {
+            let store = Store::open(&path).unwrap();
+            store.insert_pending(&pending("u1")).unwrap();
+            let side = rusqlite::Connection::open(&path).unwrap();
+            side.execute_batch(
+                "ALTER TABLE pending_nodes DROP COLUMN rules_precision_ns;
+                 INSERT INTO pending_nodes VALUES ('u1', 'node-b', 5, 'nftables', NULL, 0, 0, 0, 0, NULL);
+                 PRAGMA user_version = 2;",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        store
+            .checkpoint(&Checkpoint {
+                nodes: vec![PendingNodes {
+                    pod_uid: "u1".into(),
+                    nodes: vec![acc("node-a", 1)],
+                }],
+                ..Checkpoint::default()
+            })
+            .unwrap();
+        let got = store.in_flight().unwrap();
+        let nodes = &got.pending[0].1;
+        assert_eq!(nodes[0], acc("node-a", 1));
+        // Checkpointed before the upgrade: the precision is unknown.
+        let old = nodes[1].acc.rules_removed.unwrap();
+        assert_eq!((old.detector, old.precision_ns), (Detector::Nftables, None));
     }
 
     #[test]
     fn agents_not_seen_within_the_window_are_pruned() {
         let store = Store::in_memory().unwrap();
         let old = AgentRow {
-            seen_unix_nanos: 100,
+            seen_unix_nanos: t(100),
             ..agent("old", 1)
         };
         store
@@ -414,7 +466,7 @@ mod in_flight {
                 ..Checkpoint::default()
             })
             .unwrap();
-        assert_eq!(store.prune_agents(1_000).unwrap(), 1);
+        assert_eq!(store.prune_agents(t(1_000)).unwrap(), 1);
         assert_eq!(store.in_flight().unwrap().agents, [agent("new", 2)]);
     }
 }

@@ -10,13 +10,14 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use observer_proto::api::Recommendation;
 
 use crate::{
     api,
     delay::{DelayDistribution, parse_duration_arg},
     kubeproxy::Mode,
     netns,
-    observer::{Binaries, Observer, Recommendation},
+    observer::{Binaries, Observer},
     report::{self, AgentCost, Report, RunReport},
     scenario::{Lab, LabConfig, RolloutConfig, RolloutResult},
     server::ShutdownMode,

@@ -7,7 +7,6 @@
 //! the lab reads its HTTP API from a thread inside the control-plane
 //! namespace. Nothing listens in the host namespace.
 
-use observer_proto::UnixNanos;
 use std::{
     fs::File,
     path::{Path, PathBuf},
@@ -15,7 +14,8 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, de::DeserializeOwned};
+use observer_proto::api::{DeletionList, DeletionRecord, Recommendation};
+use serde::de::DeserializeOwned;
 use thiserror::Error;
 use tokio::process::{Child, Command};
 
@@ -351,59 +351,6 @@ impl Agent {
         let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         Some(ticks / per_second)
     }
-}
-
-/// `GET /v1/recommendations`, the fields the lab uses.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Recommendation {
-    pub pre_stop_seconds: Option<u64>,
-    pub samples: usize,
-    pub low_confidence: bool,
-    pub quantile: f64,
-    pub confidence: f64,
-    pub observed_max_seconds: Option<f64>,
-    #[serde(default)]
-    pub reason: String,
-    pub keep_alive: KeepAliveFinding,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct KeepAliveFinding {
-    pub aborted_connections: u64,
-    pub finding: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct DeletionList {
-    items: Vec<DeletionRecord>,
-}
-
-/// `GET /v1/deletions` items, the fields the lab uses.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DeletionRecord {
-    pub pod_uid: String,
-    pub pod_name: String,
-    /// T0 by the aggregator's clock.
-    pub deletion_start_unix_nanos: UnixNanos,
-    pub complete: bool,
-    pub propagation_seconds: Option<f64>,
-    pub nodes: Vec<NodeMeasurement>,
-    #[serde(default)]
-    pub missing_nodes: Vec<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct NodeMeasurement {
-    pub node: String,
-    pub rules_removed_unix_nanos: Option<UnixNanos>,
-    pub latency_seconds: Option<f64>,
-    pub mode: Option<String>,
-    #[serde(default)]
-    pub aborted_connections: u64,
 }
 
 /// The observer under test, running against the lab: API double,

@@ -5,11 +5,11 @@
 use observer_proto::UnixNanos;
 use std::{collections::BTreeMap, fmt::Write as _};
 
+use observer_proto::api::{DeletionRecord, Recommendation};
 use serde::Serialize;
 
 use crate::{
     client::ClientReport,
-    observer::{DeletionRecord, Recommendation},
     scenario::{DeletionTruth, NodeInfo, RolloutResult},
 };
 

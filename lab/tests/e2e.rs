@@ -7,10 +7,11 @@ mod common;
 use observer_proto::UnixNanos;
 use std::time::Duration;
 
+use observer_proto::api::DeletionRecord;
 use tokio::sync::mpsc;
 
 use lab::{
-    observer::{DeletionRecord, Observer},
+    observer::Observer,
     report::{self, DeletionReport},
     scenario::{DeletionTruth, Lab, LabConfig, RolloutResult},
     server::ShutdownMode,

@@ -3,8 +3,10 @@
 //! sides use of its messages. Each protocol version is its own module so a
 //! v2 can be served next to v1; the typed forms ([`Endpoint`],
 //! [`Observation`], [`Report`], [`UnixNanos`]) convert to and from the wire
-//! in this crate only, with typed errors naming the bad field.
+//! in this crate only, with typed errors naming the bad field. [`api`] holds
+//! the aggregator's HTTP answers, shared by their writer and readers.
 
+pub mod api;
 mod endpoint;
 mod observation;
 mod report;

@@ -9,7 +9,7 @@ use std::{
     str::FromStr,
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{UnixNanos, v1};
 
@@ -94,7 +94,7 @@ impl ResetCause {
 }
 
 /// The dataplane whose rules changed, as the agent's detector knows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Detector {
     /// nftables netlink notifications, kube-proxy nftables mode.

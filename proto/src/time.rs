@@ -89,6 +89,24 @@ impl Sub<i64> for UnixNanos {
     }
 }
 
+/// Later by a duration (a timeout, a window), saturating.
+impl Add<Duration> for UnixNanos {
+    type Output = Self;
+
+    fn add(self, d: Duration) -> Self {
+        self + i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+    }
+}
+
+/// Earlier by a duration (the start of a retention window), saturating.
+impl Sub<Duration> for UnixNanos {
+    type Output = Self;
+
+    fn sub(self, d: Duration) -> Self {
+        self - i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+    }
+}
+
 /// The signed distance between two times, in nanoseconds.
 impl Sub for UnixNanos {
     type Output = i64;
@@ -122,6 +140,9 @@ mod tests {
             UnixNanos::from_seconds(3).seconds_since(UnixNanos::from_seconds(1)),
             2.0
         );
+        assert_eq!(t + Duration::from_micros(1), UnixNanos::from_nanos(2_000));
+        assert_eq!(t - Duration::from_micros(2), UnixNanos::from_nanos(-1_000));
+        assert_eq!(t - Duration::MAX, UnixNanos::from_nanos(1_000 - i64::MAX));
     }
 
     #[test]

@@ -156,11 +156,16 @@ impl Agent {
                 offset_ns: 0,
                 uncertainty_ns: 50_000,
             }),
-            sent_unix_nanos: aggregator::http::now_unix_nanos() as u64,
+            sent_unix_nanos: now_on_the_wire(),
         };
         let resp = self.client.report(req.clone()).await.unwrap().into_inner();
         (req, resp)
     }
+}
+
+/// The wall clock now, as the protocol carries it.
+pub fn now_on_the_wire() -> u64 {
+    observer_proto::UnixNanos::now().to_wire().unwrap()
 }
 
 pub fn addr(ip: &str, port: u32) -> Option<pb::SocketAddress> {

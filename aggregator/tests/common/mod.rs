@@ -6,7 +6,8 @@ pub mod lab;
 use std::net::SocketAddr;
 
 use ::lab::http_client::HttpClient;
-use aggregator::model::{DeletionRecord, NodeMeasurement};
+use observer_proto::api::{DeletionRecord, Mode, NodeMeasurement};
+use observer_proto::{Detector, UnixNanos};
 
 /// GET `http://{addr}{path_and_query}` with the lab's HTTP client: (status, body).
 pub async fn get(addr: SocketAddr, path_and_query: &str) -> (u16, String) {
@@ -26,7 +27,13 @@ pub async fn get_json(addr: SocketAddr, path_and_query: &str) -> (u16, serde_jso
 }
 
 /// A complete deletion of `pod` in `ns`/`svc` whose slowest node took `latency` seconds.
-pub fn deletion(ns: &str, svc: &str, pod: &str, latency: f64, finished: i64) -> DeletionRecord {
+pub fn deletion(
+    ns: &str,
+    svc: &str,
+    pod: &str,
+    latency: f64,
+    finished: UnixNanos,
+) -> DeletionRecord {
     DeletionRecord {
         pod_uid: format!("uid-{ns}-{pod}"),
         namespace: ns.into(),
@@ -44,7 +51,7 @@ pub fn deletion(ns: &str, svc: &str, pod: &str, latency: f64, finished: i64) -> 
         nodes: vec![NodeMeasurement {
             node: "node-a".into(),
             latency_seconds: Some(latency),
-            mode: Some("nftables".into()),
+            mode: Some(Mode::Rules(Detector::Nftables)),
             ..Default::default()
         }],
         missing_nodes: vec![],

@@ -1,6 +1,11 @@
-//! Turns stored latencies into a preStop recommendation.
+//! Turns stored latencies into a preStop recommendation ([`recommend`]);
+//! [`service`] answers the API's questions with it, [`cache`] reuses its
+//! answers.
 
-use serde::Serialize;
+pub mod cache;
+pub mod service;
+
+use observer_proto::api::{KeepAlive, Lifecycle, PreStop, Recommendation, ScopeView, Sleep};
 
 use crate::stats;
 use crate::store::{Samples, Scope};
@@ -14,59 +19,6 @@ pub struct Request {
     pub confidence: f64,
     pub margin_seconds: f64,
     pub window_seconds: u64,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Recommendation {
-    pub scope: ScopeView,
-    /// None when there are no samples at all.
-    pub pre_stop_seconds: Option<u64>,
-    pub quantile: f64,
-    pub confidence: f64,
-    pub margin_seconds: f64,
-    pub samples: usize,
-    /// More complete deletions needed for a full-confidence bound; 0 when enough.
-    pub samples_needed: usize,
-    pub window_seconds: u64,
-    pub observed_p50_seconds: Option<f64>,
-    pub observed_p99_seconds: Option<f64>,
-    pub observed_max_seconds: Option<f64>,
-    pub low_confidence: bool,
-    pub reason: String,
-    pub lifecycle: Option<Lifecycle>,
-    pub keep_alive: KeepAlive,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct ScopeView {
-    pub cluster: String,
-    pub namespace: Option<String>,
-    pub service: Option<String>,
-}
-
-/// `{"preStop":{"sleep":{"seconds":N}}}`, ready to paste under a container.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Lifecycle {
-    pub pre_stop: PreStop,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct PreStop {
-    pub sleep: Sleep,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Sleep {
-    pub seconds: u64,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct KeepAlive {
-    pub aborted_connections: u64,
-    pub finding: Option<String>,
 }
 
 pub fn recommend(req: &Request, samples: &Samples) -> Recommendation {
@@ -115,8 +67,8 @@ pub fn recommend(req: &Request, samples: &Samples) -> Recommendation {
         quantile: req.quantile,
         confidence: req.confidence,
         margin_seconds: req.margin_seconds,
-        samples: n,
-        samples_needed: needed_total.saturating_sub(n),
+        samples: count(n),
+        samples_needed: count(needed_total.saturating_sub(n)),
         window_seconds: req.window_seconds,
         observed_p50_seconds: stats::nearest_rank(s, 0.5),
         observed_p99_seconds: stats::nearest_rank(s, 0.99),
@@ -137,6 +89,11 @@ pub fn recommend(req: &Request, samples: &Samples) -> Recommendation {
             }),
         },
     }
+}
+
+/// A count for the answer (saturating; counts never get near).
+fn count(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
 }
 
 /// 0.99 -> "99", 0.999 -> "99.9".

@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::recommend::Recommendation;
+use observer_proto::api::Recommendation;
+
 use crate::store::Scope;
 
 /// Longest an answer is reused while nothing was recorded: samples older

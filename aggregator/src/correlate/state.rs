@@ -1,0 +1,231 @@
+//! The correlator's in-memory state: agents, deletions in flight with their
+//! per-node accumulators, the index from endpoint IP to deletions, and what
+//! changed since the last checkpoint.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use observer_proto::{AgentCounters, ClockEstimate, Endpoint, Observation, UnixNanos};
+
+use super::Registration;
+use crate::model::{DeletionStart, NodeAccumulator};
+use crate::nodes::NodeIndex;
+
+pub(super) struct Agent {
+    pub node: String,
+    pub registration: Registration,
+    /// Highest sequence applied (dedupe).
+    pub last_sequence: u64,
+    /// Highest sequence covered by a completed checkpoint (acknowledged).
+    pub durable_sequence: u64,
+    /// Changed since the last checkpoint (listed in `State::dirty_agents`).
+    pub dirty: bool,
+    /// Last registration or report, aggregator clock.
+    pub seen: UnixNanos,
+    pub clock: Option<ClockEstimate>,
+    pub counters: AgentCounters,
+    pub subscriptions: usize,
+}
+
+impl Agent {
+    pub fn new(reg: Registration, now: UnixNanos) -> Self {
+        Self {
+            node: reg.node_name.clone(),
+            registration: reg,
+            last_sequence: 0,
+            durable_sequence: 0,
+            dirty: false,
+            seen: now,
+            clock: None,
+            counters: AgentCounters::default(),
+            subscriptions: 0,
+        }
+    }
+}
+
+pub(super) struct Pending {
+    pub start: DeletionStart,
+    pub t0: UnixNanos,
+    /// Aggregator time the tracking began (the timeout runs from here).
+    pub tracked_since: UnixNanos,
+    pub terminating: Option<UnixNanos>,
+    /// Nodes with a live agent at T0 (shared between deletions: it changes
+    /// only when agents come and go).
+    pub expected: Arc<BTreeSet<String>>,
+    pub nodes: BTreeMap<String, NodeAccumulator>,
+    /// When the pod object disappeared.
+    pub pod_gone: Option<UnixNanos>,
+    /// Changed since the last checkpoint (listed in `State::dirty_pending`).
+    pub dirty: bool,
+    /// Nodes whose accumulator changed since the last checkpoint, so a
+    /// checkpoint does not scan every node.
+    pub dirty_nodes: BTreeSet<String>,
+    /// The start row is in the store (else the next checkpoint writes it).
+    pub stored: bool,
+}
+
+impl Pending {
+    /// A deletion whose tracking starts `now`, stored as it starts.
+    pub fn new(
+        start: DeletionStart,
+        t0: UnixNanos,
+        now: UnixNanos,
+        expected: Arc<BTreeSet<String>>,
+    ) -> Self {
+        Self {
+            terminating: start.terminating_unix_nanos,
+            start,
+            t0,
+            tracked_since: now,
+            expected,
+            nodes: BTreeMap::new(),
+            pod_gone: None,
+            dirty: false,
+            dirty_nodes: BTreeSet::new(),
+            stored: true,
+        }
+    }
+
+    /// What agents are told to watch.
+    pub fn endpoint(&self) -> Endpoint {
+        let d = &self.start;
+        Endpoint {
+            pod_uid: d.pod_uid.clone(),
+            namespace: d.namespace.clone(),
+            pod_name: d.pod_name.clone(),
+            services: d.services.clone(),
+            ip: d.ip,
+            ports: d.ports.clone(),
+            // Wall-clock times since 1970: never before the epoch.
+            deletion_start_unix_nanos: self.t0.to_wire().unwrap_or_default(),
+            grace_period_seconds: d.grace_period_seconds,
+        }
+    }
+
+    /// Nodes that must report: those live at T0 or, when none were (the
+    /// aggregator had just started and agents were still reconnecting),
+    /// those live now.
+    pub fn expected_nodes(&self, live: &Arc<BTreeSet<String>>) -> Arc<BTreeSet<String>> {
+        if self.expected.is_empty() {
+            Arc::clone(live)
+        } else {
+            Arc::clone(&self.expected)
+        }
+    }
+
+    pub fn all_reported(&self, live: &Arc<BTreeSet<String>>) -> bool {
+        let expected = self.expected_nodes(live);
+        !expected.is_empty()
+            && expected
+                .iter()
+                .all(|n| self.nodes.get(n).is_some_and(|a| a.rules_removed.is_some()))
+    }
+}
+
+#[derive(Default)]
+pub(super) struct State {
+    pub agents: HashMap<String, Agent>,
+    pub pending: HashMap<String, Pending>,
+    pub by_ip: HashMap<IpAddr, Vec<String>>,
+    pub nodes: NodeIndex,
+    /// [`State::live_nodes`], until an agent subscribes or leaves.
+    pub live_cache: Option<Arc<BTreeSet<String>>>,
+    pub orphans: VecDeque<Orphan>,
+    /// Pending deletions and agents changed since the last checkpoint.
+    pub dirty_pending: Vec<String>,
+    pub dirty_agents: Vec<String>,
+}
+
+/// Observations for endpoints no known deletion uses yet, kept at most
+/// [`ORPHAN_TTL`] and [`MAX_ORPHANS`].
+pub(super) struct Orphan {
+    pub node: String,
+    pub obs: Observation,
+    pub clock: ClockEstimate,
+    pub received: UnixNanos,
+}
+
+const MAX_ORPHANS: usize = 100_000;
+const ORPHAN_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl State {
+    /// Folds `node`'s observation into the deletions of its endpoint, or
+    /// keeps it when no deletion of that endpoint is known yet (the
+    /// aggregator has just restarted and not relisted the pod) for a while.
+    pub fn observe(&mut self, node: &str, obs: Observation, clock: ClockEstimate, now: UnixNanos) {
+        if self.by_ip.contains_key(&obs.endpoint().ip()) {
+            self.fold(node, &obs, clock);
+            return;
+        }
+        if self.orphans.len() >= MAX_ORPHANS {
+            self.orphans.pop_front();
+        }
+        self.orphans.push_back(Orphan {
+            node: node.to_owned(),
+            obs,
+            clock,
+            received: now,
+        });
+    }
+
+    /// Applies the kept observations of `ip` (a deletion of it just started)
+    /// and forgets those past their time.
+    pub fn replay_orphans(&mut self, ip: Option<IpAddr>, now: UnixNanos) {
+        let orphans = std::mem::take(&mut self.orphans);
+        for o in orphans {
+            if o.received + ORPHAN_TTL < now {
+                continue;
+            }
+            if Some(o.obs.endpoint().ip()) == ip {
+                self.fold(&o.node, &o.obs, o.clock);
+            } else {
+                self.orphans.push_back(o);
+            }
+        }
+    }
+
+    /// Nodes with at least one live endpoint subscription.
+    pub fn live_nodes(&mut self) -> Arc<BTreeSet<String>> {
+        let agents = &self.agents;
+        Arc::clone(self.live_cache.get_or_insert_with(|| {
+            Arc::new(
+                agents
+                    .values()
+                    .filter(|a| a.subscriptions > 0)
+                    .map(|a| a.node.clone())
+                    .collect(),
+            )
+        }))
+    }
+
+    pub fn connected_agents(&self) -> i64 {
+        self.agents.values().filter(|a| a.subscriptions > 0).count() as i64
+    }
+
+    /// Stops tracking a deletion; `None` when it was not tracked.
+    pub fn untrack(&mut self, uid: &str) -> Option<Pending> {
+        let p = self.pending.remove(uid)?;
+        if let Some(v) = self.by_ip.get_mut(&p.start.ip) {
+            v.retain(|u| u != uid);
+            if v.is_empty() {
+                self.by_ip.remove(&p.start.ip);
+            }
+        }
+        Some(p)
+    }
+}
+
+pub(super) fn mark_pending(list: &mut Vec<String>, uid: &str, p: &mut Pending) {
+    if !p.dirty {
+        p.dirty = true;
+        list.push(uid.to_owned());
+    }
+}
+
+pub(super) fn mark_agent(list: &mut Vec<String>, id: &str, a: &mut Agent) {
+    if !a.dirty {
+        a.dirty = true;
+        list.push(id.to_owned());
+    }
+}

@@ -1,0 +1,239 @@
+//! The aggregator's HTTP answers (docs/api.md): what `GET
+//! /v1/recommendations` and `GET /v1/deletions` return, serialized by the
+//! aggregator and read by the lab and CI tools. Every struct defaults its
+//! missing fields so a reader copes with an aggregator a version ahead or
+//! behind; `null` is written for an absent value, as the API always has.
+
+use std::{fmt, str::FromStr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Detector, UnixNanos, UnknownDetector};
+
+/// `GET /v1/recommendations`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Recommendation {
+    pub scope: ScopeView,
+    /// `None` when there are no samples at all.
+    pub pre_stop_seconds: Option<u64>,
+    pub quantile: f64,
+    pub confidence: f64,
+    pub margin_seconds: f64,
+    pub samples: u64,
+    /// More complete deletions needed for a full-confidence bound; 0 when enough.
+    pub samples_needed: u64,
+    pub window_seconds: u64,
+    pub observed_p50_seconds: Option<f64>,
+    pub observed_p99_seconds: Option<f64>,
+    pub observed_max_seconds: Option<f64>,
+    pub low_confidence: bool,
+    pub reason: String,
+    pub lifecycle: Option<Lifecycle>,
+    pub keep_alive: KeepAlive,
+}
+
+/// The scope a recommendation answers for.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ScopeView {
+    pub cluster: String,
+    pub namespace: Option<String>,
+    pub service: Option<String>,
+}
+
+/// `{"preStop":{"sleep":{"seconds":N}}}`, ready to paste under a container.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Lifecycle {
+    pub pre_stop: PreStop,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PreStop {
+    pub sleep: Sleep,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Sleep {
+    pub seconds: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct KeepAlive {
+    pub aborted_connections: u64,
+    pub finding: Option<String>,
+}
+
+/// `GET /v1/deletions`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DeletionList {
+    pub items: Vec<DeletionRecord>,
+}
+
+/// One finished (complete or timed-out) pod deletion.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DeletionRecord {
+    pub pod_uid: String,
+    pub namespace: String,
+    pub pod_name: String,
+    /// Services whose EndpointSlices listed the pod.
+    pub services: Vec<String>,
+    pub pod_ip: String,
+    /// Node that hosted the pod, when known.
+    pub host_node: Option<String>,
+    /// T0: when the aggregator received the watch event that showed the
+    /// deletion (sharp; the latencies are measured from it).
+    pub deletion_start_unix_nanos: UnixNanos,
+    /// T0 as the API says: deletionTimestamp - deletionGracePeriodSeconds
+    /// (whole seconds).
+    pub api_deletion_start_unix_nanos: Option<UnixNanos>,
+    pub grace_period_seconds: Option<i64>,
+    /// When the endpoint first showed as terminating / not ready in an
+    /// EndpointSlice, minus T0.
+    pub control_plane_seconds: Option<f64>,
+    /// Every node expected at T0 reported.
+    pub complete: bool,
+    /// Full-propagation latency: the largest per-node latency. Only set when
+    /// complete; a missing node is never counted as zero.
+    pub propagation_seconds: Option<f64>,
+    pub finished_unix_nanos: UnixNanos,
+    pub nodes: Vec<NodeMeasurement>,
+    /// Nodes that were registered at T0 and had not reported at the timeout.
+    pub missing_nodes: Vec<String>,
+}
+
+/// What one node contributed to a deletion.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct NodeMeasurement {
+    pub node: String,
+    /// T_rules: when this node's dataplane stopped selecting the endpoint.
+    pub rules_removed_unix_nanos: Option<UnixNanos>,
+    /// T_last: the last new connection this node routed to the endpoint.
+    pub last_connection_unix_nanos: Option<UnixNanos>,
+    /// max(T_rules, T_last) - T0.
+    pub latency_seconds: Option<f64>,
+    /// What set T_rules, or that only connections were seen.
+    pub mode: Option<Mode>,
+    /// Upper bound of the error of T_rules as the node's detector timed it.
+    pub detector_precision_seconds: Option<f64>,
+    /// Clock uncertainty of this node's agent (half its round trip).
+    pub clock_uncertainty_seconds: Option<f64>,
+    /// New connections routed to the endpoint after T0.
+    pub late_connections: u64,
+    /// Connections refused or reset because the endpoint no longer listened.
+    pub refused_connections: u64,
+    /// Established connections the endpoint reset at shutdown.
+    pub aborted_connections: u64,
+}
+
+/// What a node's latency rests on: the rules removal its detector saw, or
+/// (`traffic`) only the connections it routed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "&'static str", try_from = "String")]
+pub enum Mode {
+    Rules(Detector),
+    Traffic,
+}
+
+impl Mode {
+    /// The name in JSON and metric labels: the detector's, or `traffic`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Rules(d) => d.as_str(),
+            Self::Traffic => "traffic",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<Mode> for &'static str {
+    fn from(m: Mode) -> Self {
+        m.as_str()
+    }
+}
+
+impl FromStr for Mode {
+    type Err = UnknownDetector;
+
+    fn from_str(s: &str) -> Result<Self, UnknownDetector> {
+        match s {
+            "traffic" => Ok(Self::Traffic),
+            _ => s.parse().map(Self::Rules),
+        }
+    }
+}
+
+impl TryFrom<String> for Mode {
+    type Error = UnknownDetector;
+
+    fn try_from(s: String) -> Result<Self, UnknownDetector> {
+        s.parse()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_are_the_names_the_dashboards_use() {
+        let names: Vec<_> = Detector::ALL
+            .map(Mode::Rules)
+            .into_iter()
+            .chain([Mode::Traffic])
+            .map(|m| serde_json::to_value(m).unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["nftables", "iptables_nft", "iptables_legacy", "traffic"]
+        );
+        for m in Detector::ALL
+            .map(Mode::Rules)
+            .into_iter()
+            .chain([Mode::Traffic])
+        {
+            assert_eq!(
+                serde_json::from_value::<Mode>(m.as_str().into()).unwrap(),
+                m
+            );
+        }
+        assert!(serde_json::from_str::<Mode>(r#""ipvs""#).is_err());
+    }
+
+    #[test]
+    fn an_answer_missing_fields_still_reads() {
+        let r: Recommendation =
+            serde_json::from_str(r#"{"preStopSeconds":4,"scope":{"cluster":"c"}}"#).unwrap();
+        assert_eq!(r.pre_stop_seconds, Some(4));
+        assert_eq!(r.scope.cluster, "c");
+        assert_eq!(r.keep_alive, KeepAlive::default());
+        let d: DeletionList = serde_json::from_str(
+            r#"{"items":[{"podUid":"u","nodes":[{"node":"a","mode":"traffic"}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(d.items[0].nodes[0].mode, Some(Mode::Traffic));
+        assert_eq!(d.items[0].nodes[0].detector_precision_seconds, None);
+    }
+
+    #[test]
+    fn absent_values_are_written_as_null() {
+        let v = serde_json::to_value(NodeMeasurement::default()).unwrap();
+        assert!(v["mode"].is_null());
+        assert!(v["detectorPrecisionSeconds"].is_null());
+        let v = serde_json::to_value(Recommendation::default()).unwrap();
+        assert!(v["preStopSeconds"].is_null());
+        assert!(v["lifecycle"].is_null());
+    }
+}
