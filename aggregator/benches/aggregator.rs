@@ -81,6 +81,7 @@ fn stored(i: usize, now: UnixNanos) -> DeletionRecord {
         control_plane_seconds: Some(0.02),
         complete: true,
         propagation_seconds: Some(0.2 + (i % 97) as f64 / 40.0),
+        propagation_upper_seconds: Some(0.2 + (i % 97) as f64 / 40.0),
         finished_unix_nanos: now - i64::try_from(i).unwrap(),
         nodes: (0..3)
             .map(|n| NodeMeasurement {
@@ -91,6 +92,7 @@ fn stored(i: usize, now: UnixNanos) -> DeletionRecord {
             })
             .collect(),
         missing_nodes: vec![],
+        ..Default::default()
     }
 }
 

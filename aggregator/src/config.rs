@@ -27,6 +27,20 @@ pub struct Settings {
     /// to the last checkpoint, so they keep this long of batches more.
     /// At least 10 ms.
     pub checkpoint_interval: Duration,
+    /// Below this share of expected node-deletions measured, a
+    /// recommendation is low-confidence.
+    pub min_coverage: f64,
+    /// How far agents' corrected times may err beyond their stated clock
+    /// uncertainty before an observation is refused as implausible.
+    pub clock_tolerance: Duration,
+    /// An agent whose clock offset exceeds this has its observations refused.
+    pub max_clock_offset: Duration,
+}
+
+impl Settings {
+    pub fn clock_tolerance_ns(&self) -> i64 {
+        i64::try_from(self.clock_tolerance.as_nanos()).unwrap_or(i64::MAX)
+    }
 }
 
 impl Default for Settings {
@@ -40,6 +54,9 @@ impl Default for Settings {
             completion_timeout: Duration::from_secs(120),
             shutdown_linger: Duration::from_secs(3),
             checkpoint_interval: Duration::from_secs(1),
+            min_coverage: 0.9,
+            clock_tolerance: Duration::from_secs(2),
+            max_clock_offset: Duration::from_secs(60),
         }
     }
 }

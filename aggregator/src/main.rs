@@ -34,7 +34,10 @@ struct Args {
     /// How long measurements are kept and used (e.g. 7d, 12h).
     #[arg(long, env = "AGGREGATOR_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     retention: Duration,
-    /// A deletion whose nodes have not all reported by then is finished as incomplete.
+    /// A deletion whose nodes have not all reported by then is finished: a
+    /// node whose agent was healthy and saw no removal is still routing
+    /// (the deletion ranks above every measured one in the bound), a node
+    /// without information is unknown (it lowers coverage).
     #[arg(long, env = "AGGREGATOR_COMPLETION_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
     completion_timeout: Duration,
     /// How long a deletion stays open after its pod is gone, to catch
@@ -56,6 +59,19 @@ struct Args {
     /// Default confidence of the upper bound on that quantile (0..1).
     #[arg(long, env = "AGGREGATOR_CONFIDENCE", default_value_t = 0.95)]
     confidence: f64,
+    /// Below this share of expected node-deletions measured (0..1), a
+    /// recommendation is low-confidence and says why.
+    #[arg(long, env = "AGGREGATOR_MIN_COVERAGE", default_value_t = 0.9)]
+    min_coverage: f64,
+    /// How far agents' clock-corrected times may err beyond their measured
+    /// uncertainty before an observation is refused as implausible (in the
+    /// future, or before its deletion's start minus the grace period).
+    #[arg(long, env = "AGGREGATOR_CLOCK_TOLERANCE", default_value = "2s", value_parser = humantime::parse_duration)]
+    clock_tolerance: Duration,
+    /// Agents whose clock offset from the aggregator exceeds this have their
+    /// observations refused (counted in prestop_observations_rejected_total).
+    #[arg(long, env = "AGGREGATOR_MAX_CLOCK_OFFSET", default_value = "60s", value_parser = humantime::parse_duration)]
+    max_clock_offset: Duration,
     /// Run without Kubernetes (no watchers; useful with a store only).
     #[arg(long, env = "AGGREGATOR_NO_KUBE", value_parser = clap::builder::BoolishValueParser::new())]
     no_kube: bool,
@@ -80,6 +96,11 @@ async fn run() -> anyhow::Result<()> {
     anyhow::ensure!(
         a.margin_seconds.is_finite() && a.margin_seconds >= 0.0,
         "--margin-seconds must be a non-negative number"
+    );
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&a.min_coverage),
+        "--min-coverage must be between 0 and 1, got {}",
+        a.min_coverage
     );
     anyhow::ensure!(
         !a.checkpoint_interval.is_zero(),
@@ -114,6 +135,9 @@ async fn run() -> anyhow::Result<()> {
         completion_timeout: a.completion_timeout,
         shutdown_linger: a.shutdown_linger,
         checkpoint_interval: a.checkpoint_interval,
+        min_coverage: a.min_coverage,
+        clock_tolerance: a.clock_tolerance,
+        max_clock_offset: a.max_clock_offset,
     };
     let running = aggregator::app::start(settings, Arc::new(store), grpc, http, kube)
         .with_context(|| format!("starting with store {}", a.store.display()))?;

@@ -3,7 +3,9 @@
 //! mode), never pod names.
 
 use observer_proto::AgentCounters;
-use observer_proto::api::DeletionRecord;
+
+use crate::correlate::Implausible;
+use observer_proto::api::{DeletionRecord, NodeClass};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -33,6 +35,11 @@ pub struct NamespaceLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeLabel {
     pub node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -76,6 +83,8 @@ pub struct Metrics {
     pub recommendation_samples: Family<NamespaceService, Gauge>,
     pub deletions: Family<NamespaceOutcome, Counter>,
     pub nodes_missing: Family<NodeLabel, Counter>,
+    pub nodes_still_routing: Family<NodeLabel, Counter>,
+    pub observations_rejected: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -102,6 +111,8 @@ impl Metrics {
             recommendation_samples: Family::default(),
             deletions: Family::default(),
             nodes_missing: Family::default(),
+            nodes_still_routing: Family::default(),
+            observations_rejected: Family::default(),
             registry: Registry::default(),
         };
         m.register_deletion_metrics(&mut registry);
@@ -139,13 +150,23 @@ impl Metrics {
         );
         registry.register(
             "prestop_deletions",
-            "Finished deletions by outcome (incomplete: some node never reported)",
+            "Finished deletions by outcome (censored: some node still routed to the pod at the completion timeout; incomplete: some node's routing is unknown)",
             self.deletions.clone(),
         );
         registry.register(
             "prestop_nodes_missing",
-            "Times a node had not reported when a deletion timed out",
+            "Times a node's routing to a deleted pod was unknown at the end (agent absent, restarted or losing events)",
             self.nodes_missing.clone(),
+        );
+        registry.register(
+            "prestop_nodes_still_routing",
+            "Times a node, its agent healthy, still routed to a deleted pod at the completion timeout",
+            self.nodes_still_routing.clone(),
+        );
+        registry.register(
+            "prestop_observations_rejected",
+            "Observations refused as implausible (reason: future, before_deletion, clock_offset)",
+            self.observations_rejected.clone(),
         );
     }
 
@@ -243,7 +264,9 @@ impl Metrics {
                 })
                 .observe(c);
         }
-        let outcome = if rec.complete {
+        let outcome = if rec.censored {
+            "censored"
+        } else if rec.complete {
             "complete"
         } else {
             "incomplete"
@@ -254,11 +277,27 @@ impl Metrics {
                 outcome: outcome.into(),
             })
             .inc();
-        for node in &rec.missing_nodes {
-            self.nodes_missing
-                .get_or_create(&NodeLabel { node: node.clone() })
+        for n in &rec.nodes {
+            let family = match n.class {
+                Some(NodeClass::StillRouting) => &self.nodes_still_routing,
+                Some(NodeClass::Unknown) => &self.nodes_missing,
+                Some(NodeClass::Measured) | None => continue,
+            };
+            family
+                .get_or_create(&NodeLabel {
+                    node: n.node.clone(),
+                })
                 .inc();
         }
+    }
+
+    /// Observations refused as implausible, by reason.
+    pub fn rejected(&self, reason: Implausible) {
+        self.observations_rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str().into(),
+            })
+            .inc();
     }
 
     /// The text exposition format.

@@ -16,7 +16,8 @@ pub fn document() -> Value {
             "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "string" } } },
             "Recommendation": recommendation(),
             "Deletion": deletion(),
-            "NodeMeasurement": node_measurement()
+            "NodeMeasurement": node_measurement(),
+            "Coverage": coverage()
         }}
     })
 }
@@ -75,7 +76,8 @@ fn recommendation() -> Value {
         "type": "object",
         "required": ["scope", "preStopSeconds", "quantile", "confidence", "marginSeconds", "samples",
             "samplesNeeded", "windowSeconds", "observedP50Seconds", "observedP99Seconds",
-            "observedMaxSeconds", "lowConfidence", "reason", "lifecycle", "keepAlive"],
+            "observedMaxSeconds", "lowConfidence", "atLeast", "censored", "coverage", "maxErrorSeconds",
+            "reason", "lifecycle", "keepAlive"],
         "properties": {
             "scope": { "type": "object", "required": ["cluster", "namespace", "service"], "properties": {
                 "cluster": { "type": "string" },
@@ -93,6 +95,10 @@ fn recommendation() -> Value {
             "observedP99Seconds": { "type": "number", "nullable": true },
             "observedMaxSeconds": { "type": "number", "nullable": true },
             "lowConfidence": { "type": "boolean" },
+            "atLeast": { "type": "boolean", "description": "Deletions still routed at the completion timeout rank above every measured one and set the answer: preStopSeconds is only what the delay must at least be" },
+            "censored": { "type": "integer", "description": "Deletions in the window with a node still routing at the completion timeout (counted in samples)" },
+            "coverage": { "$ref": "#/components/schemas/Coverage" },
+            "maxErrorSeconds": { "type": "number", "nullable": true, "description": "Largest error (clock, detector, T0 lag) added to a sample before the bound" },
             "reason": { "type": "string" },
             "lifecycle": { "type": "object", "nullable": true, "properties": {
                 "preStop": { "type": "object", "properties": {
@@ -123,7 +129,12 @@ fn deletion() -> Value {
             "gracePeriodSeconds": { "type": "integer", "nullable": true },
             "controlPlaneSeconds": { "type": "number", "nullable": true },
             "complete": { "type": "boolean" },
-            "propagationSeconds": { "type": "number", "nullable": true },
+            "propagationSeconds": { "type": "number", "nullable": true, "description": "Largest latency over the nodes; null when censored" },
+            "propagationUpperSeconds": { "type": "number", "nullable": true, "description": "Largest latency plus its error: what the bound uses" },
+            "censored": { "type": "boolean", "description": "A node was still routing at the completion timeout" },
+            "censoredAfterSeconds": { "type": "number", "nullable": true, "description": "When censored: the propagation exceeds this (finish - T0)" },
+            "t0LagBoundSeconds": { "type": "number", "nullable": true, "description": "Receipt of the deletion minus the API's whole-second start: bounds how late T0 is" },
+            "coverage": { "$ref": "#/components/schemas/Coverage" },
             "finishedUnixNanos": { "type": "integer", "format": "int64" },
             "nodes": { "type": "array", "items": { "$ref": "#/components/schemas/NodeMeasurement" } },
             "missingNodes": { "type": "array", "items": { "type": "string" } }
@@ -145,9 +156,26 @@ fn node_measurement() -> Value {
             "detectorPrecisionSeconds": { "type": "number", "nullable": true,
                 "description": "Upper bound of the error of rulesRemovedUnixNanos as the node's detector timed it" },
             "clockUncertaintySeconds": { "type": "number", "nullable": true },
+            "class": { "type": "string", "nullable": true, "enum": ["measured", "stillRouting", "unknown", null],
+                "description": "For an expected node: its removal was seen, it still routed at the timeout (agent healthy), or nothing is known (agent absent, restarted, losing events)" },
+            "errorSeconds": { "type": "number", "nullable": true, "description": "Clock uncertainty + detector precision + T0 lag bound, added to latencySeconds for the bound" },
             "lateConnections": { "type": "integer" },
             "refusedConnections": { "type": "integer" },
             "abortedConnections": { "type": "integer" }
+        }
+    })
+}
+
+/// `observer_proto::api::Coverage`.
+fn coverage() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "expected": { "type": "integer" },
+            "measured": { "type": "integer" },
+            "stillRouting": { "type": "integer" },
+            "unknown": { "type": "integer" },
+            "ratio": { "type": "number", "nullable": true, "description": "measured / expected" }
         }
     })
 }
@@ -156,7 +184,7 @@ fn node_measurement() -> Value {
 mod tests {
     use std::collections::BTreeSet;
 
-    use observer_proto::api::{DeletionRecord, NodeMeasurement, Recommendation};
+    use observer_proto::api::{Coverage, DeletionRecord, NodeMeasurement, Recommendation};
     use serde::Serialize;
 
     use super::*;
@@ -191,5 +219,6 @@ mod tests {
             documented(&node_measurement()),
             fields(NodeMeasurement::default())
         );
+        assert_eq!(documented(&coverage()), fields(Coverage::default()));
     }
 }

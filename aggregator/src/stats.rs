@@ -42,6 +42,32 @@ pub fn upper_bound(sorted: &[f64], quantile: f64, confidence: f64) -> Option<f64
     upper_bound_rank(sorted.len(), quantile, confidence).map(|k| sorted[k - 1])
 }
 
+/// The upper confidence bound when `censored` more samples are known only
+/// to exceed every value in `sorted` (right-censored: ranked as +infinity).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CensoredBound {
+    /// The bounding order statistic is a measured value.
+    Value(f64),
+    /// It falls among the censored samples: the quantile is not bounded by
+    /// anything measured.
+    Censored,
+    /// Too few samples for any order statistic to bound the quantile.
+    TooFew,
+}
+
+pub fn upper_bound_censored(
+    sorted: &[f64],
+    censored: usize,
+    quantile: f64,
+    confidence: f64,
+) -> CensoredBound {
+    match upper_bound_rank(sorted.len() + censored, quantile, confidence) {
+        None => CensoredBound::TooFew,
+        Some(k) if k <= sorted.len() => CensoredBound::Value(sorted[k - 1]),
+        Some(_) => CensoredBound::Censored,
+    }
+}
+
 /// Empirical quantile by nearest rank (the smallest sample with at least a
 /// fraction `p` of the samples at or below it). `sorted` must be ascending.
 pub fn nearest_rank(sorted: &[f64], p: f64) -> Option<f64> {
@@ -169,6 +195,35 @@ mod tests {
             let n = min_samples(q, conf);
             prop_assert!(upper_bound_rank(n, q, conf).is_some());
             prop_assert!(n == 1 || upper_bound_rank(n - 1, q, conf).is_none());
+        }
+    }
+
+    proptest! {
+        /// Against brute force: the censored samples as +infinity among the
+        /// measured ones, then the plain order statistic.
+        #[test]
+        fn censored_samples_rank_above_every_measured_one(
+            mut measured in proptest::collection::vec(0.0f64..100.0, 0..400),
+            censored in 0usize..40,
+            quantile in prop_oneof![Just(0.5), Just(0.9), Just(0.99)],
+            confidence in prop_oneof![Just(0.5), Just(0.9), Just(0.95)],
+        ) {
+            measured.sort_by(f64::total_cmp);
+            let mut all = measured.clone();
+            all.extend(std::iter::repeat_n(f64::INFINITY, censored));
+            let brute = upper_bound(&all, quantile, confidence);
+            let got = upper_bound_censored(&measured, censored, quantile, confidence);
+            match brute {
+                None => prop_assert_eq!(got, CensoredBound::TooFew),
+                Some(v) if v.is_infinite() => prop_assert_eq!(got, CensoredBound::Censored),
+                Some(v) => prop_assert_eq!(got, CensoredBound::Value(v)),
+            }
+            // Censoring never lowers the bound.
+            if let (CensoredBound::Value(with), Some(without)) =
+                (got, upper_bound(&measured, quantile, confidence))
+            {
+                prop_assert!(with >= without);
+            }
         }
     }
 }

@@ -17,7 +17,7 @@ use rusqlite::{
     Connection, OptionalExtension, TransactionBehavior, params, params_from_iter, types::Value,
 };
 
-use observer_proto::api::DeletionRecord;
+use observer_proto::api::{Coverage, DeletionRecord};
 use observer_proto::{ClockEstimate, UnixNanos};
 
 use crate::model::{DeletionStart, NodeAccumulator, RulesRemoval};
@@ -46,11 +46,23 @@ pub enum StoreError {
 
 /// 2 added the in-flight tables, 3 the detector's precision of a rules
 /// removal; older files are upgraded in place.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// What turns a version 2 file into a version 3 one (`SCHEMA` creates the
 /// tables of older files whole).
 const UPGRADE_FROM_2: &str = "ALTER TABLE pending_nodes ADD COLUMN rules_precision_ns INTEGER;";
+
+/// What turns a version 3 file into a version 4 one: what the bound needs
+/// of a finished deletion (older rows read as uncensored, their coverage
+/// unknown).
+const UPGRADE_FROM_3: &str = "
+ALTER TABLE deletions ADD COLUMN bound_seconds REAL;
+ALTER TABLE deletions ADD COLUMN censored_after_seconds REAL;
+ALTER TABLE deletions ADD COLUMN nodes_expected INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE deletions ADD COLUMN nodes_measured INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE deletions ADD COLUMN nodes_still_routing INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE deletions ADD COLUMN nodes_unknown INTEGER NOT NULL DEFAULT 0;
+";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS deletions (
@@ -60,7 +72,13 @@ CREATE TABLE IF NOT EXISTS deletions (
     complete INTEGER NOT NULL,
     propagation_seconds REAL,
     aborted_connections INTEGER NOT NULL,
-    record TEXT NOT NULL
+    record TEXT NOT NULL,
+    bound_seconds REAL,
+    censored_after_seconds REAL,
+    nodes_expected INTEGER NOT NULL DEFAULT 0,
+    nodes_measured INTEGER NOT NULL DEFAULT 0,
+    nodes_still_routing INTEGER NOT NULL DEFAULT 0,
+    nodes_unknown INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS deletions_finished ON deletions(finished_unix_nanos);
 CREATE INDEX IF NOT EXISTS deletions_namespace ON deletions(namespace, finished_unix_nanos);
@@ -206,8 +224,16 @@ pub struct Scope {
 /// What a recommendation needs from the store for one scope and window.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Samples {
-    /// Full-propagation latency of each complete deletion, ascending.
+    /// Upper end (latency plus its error) of the full propagation of each
+    /// deletion no node was still routing at its end, ascending.
     pub latencies: Vec<f64>,
+    /// Right-censored deletions: how long after T0 some node was still
+    /// routing when they finished, ascending. Each exceeds every latency.
+    pub censored: Vec<f64>,
+    /// Node-deletions by class over the same deletions.
+    pub coverage: Coverage,
+    /// The largest error added to a latency above.
+    pub max_error_seconds: Option<f64>,
     /// Keep-alive connections aborted at shutdown, over all deletions.
     pub aborted_connections: u64,
 }
@@ -284,6 +310,9 @@ impl Store {
         if found == 2 {
             conn.execute_batch(UPGRADE_FROM_2)?;
         }
+        if (2..=3).contains(&found) {
+            conn.execute_batch(UPGRADE_FROM_3)?;
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         let another = || -> Result<Option<Mutex<Connection>>, StoreError> {
             if path.as_os_str() == ":memory:" {
@@ -334,8 +363,10 @@ impl Store {
             .execute([&rec.pod_uid])?;
         tx.execute(
             "INSERT INTO deletions (pod_uid, namespace, finished_unix_nanos, complete,
-                propagation_seconds, aborted_connections, record)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                propagation_seconds, aborted_connections, record, bound_seconds,
+                censored_after_seconds, nodes_expected, nodes_measured,
+                nodes_still_routing, nodes_unknown)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 rec.pod_uid,
                 rec.namespace,
@@ -343,7 +374,13 @@ impl Store {
                 rec.complete,
                 rec.propagation_seconds,
                 aborted as i64,
-                json
+                json,
+                rec.propagation_upper_seconds,
+                rec.censored_after_seconds,
+                rec.coverage.expected as i64,
+                rec.coverage.measured as i64,
+                rec.coverage.still_routing as i64,
+                rec.coverage.unknown as i64,
             ],
         )?;
         for s in &rec.services {
@@ -370,8 +407,13 @@ impl Store {
 
     /// Latencies of complete deletions in `scope` finished at or after `since`.
     pub fn samples(&self, scope: &Scope, since: UnixNanos) -> Result<Samples, StoreError> {
+        // Rows of version 3 files have no bound: their propagation, which
+        // they only kept for complete deletions, is the best there is.
         let (sql, args) = scoped_query(
-            "SELECT d.propagation_seconds, d.aborted_connections FROM deletions d",
+            "SELECT COALESCE(d.bound_seconds, d.propagation_seconds), d.censored_after_seconds,
+                d.aborted_connections, d.nodes_expected, d.nodes_measured,
+                d.nodes_still_routing, d.nodes_unknown, d.propagation_seconds
+             FROM deletions d",
             scope,
             since,
         );
@@ -379,13 +421,31 @@ impl Store {
         let mut stmt = conn.prepare_cached(&sql)?;
         let mut rows = stmt.query(params_from_iter(args))?;
         let mut out = Samples::default();
+        let count = |v: i64| u64::try_from(v).unwrap_or(0);
         while let Some(row) = rows.next()? {
-            if let Some(l) = row.get::<_, Option<f64>>(0)? {
-                out.latencies.push(l);
+            match (row.get::<_, Option<f64>>(0)?, row.get::<_, Option<f64>>(1)?) {
+                (_, Some(after)) => out.censored.push(after),
+                (Some(bound), None) => {
+                    out.latencies.push(bound);
+                    if let Some(raw) = row.get::<_, Option<f64>>(7)? {
+                        let error = bound - raw;
+                        out.max_error_seconds =
+                            Some(out.max_error_seconds.map_or(error, |e| e.max(error)));
+                    }
+                }
+                (None, None) => {}
             }
-            out.aborted_connections += row.get::<_, i64>(1)? as u64;
+            out.aborted_connections += count(row.get(2)?);
+            out.coverage.merge(&Coverage {
+                expected: count(row.get(3)?),
+                measured: count(row.get(4)?),
+                still_routing: count(row.get(5)?),
+                unknown: count(row.get(6)?),
+                ratio: None,
+            });
         }
         out.latencies.sort_by(f64::total_cmp);
+        out.censored.sort_by(f64::total_cmp);
         Ok(out)
     }
 

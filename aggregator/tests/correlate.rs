@@ -9,7 +9,7 @@ use aggregator::correlate::{Correlator, DeletionStart, Registration, ReportOutco
 use aggregator::metrics::Metrics;
 use aggregator::nodes::NodeInfo;
 use aggregator::store::Store;
-use observer_proto::api::Mode;
+use observer_proto::api::{Mode, NodeClass};
 use observer_proto::{
     ClockEstimate, ConnEvent, Detector, NewFlow, Observation, Report, RulesChange, UnixNanos,
 };
@@ -161,9 +161,15 @@ fn batch(agent: &str, seq: u64, observations: Vec<Observation>) -> Report {
     }
 }
 
-/// `agent`'s batch `seq`, received at T0.
+/// `agent`'s batch `seq`, received right after its latest observation (at
+/// T0 at the earliest), as reports arrive after what they report.
 fn report(c: &Correlator, agent: &str, seq: u64, observations: Vec<Observation>) -> ReportOutcome {
-    c.report(batch(agent, seq, observations), T0).unwrap()
+    let now = observations
+        .iter()
+        .map(Observation::time)
+        .max()
+        .map_or(T0, |t| t.max(T0));
+    c.report(batch(agent, seq, observations), now).unwrap()
 }
 
 #[test]
@@ -210,14 +216,15 @@ fn latency_is_max_of_rules_and_last_connection_per_node() {
     assert_eq!(c.pending(), 0);
     let rec = store.deletion("u1").unwrap().unwrap();
     assert!(rec.complete);
-    assert_eq!(rec.propagation_seconds, Some(2.5));
+    // Node b's pod was refused at +3 s: b still routed to the pod then.
+    assert_eq!(rec.propagation_seconds, Some(3.0));
     let a = rec.nodes.iter().find(|n| n.node == "a").unwrap();
     assert_eq!(a.rules_removed_unix_nanos, Some(T0 + 2 * S));
     assert_eq!(a.mode, Some(Mode::Rules(Detector::IptablesNft)));
     assert_eq!(a.detector_precision_seconds, Some(0.001));
     assert_eq!(a.latency_seconds, Some(2.5));
     let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
-    assert_eq!(b.latency_seconds, Some(0.5));
+    assert_eq!(b.latency_seconds, Some(3.0));
     assert_eq!(b.refused_connections, 1);
 }
 
@@ -240,7 +247,7 @@ fn clock_offset_corrects_agent_times() {
 }
 
 #[test]
-fn timeout_lists_missing_nodes_and_gives_no_latency() {
+fn a_node_without_information_at_the_timeout_is_unknown_and_neither_shortens_nor_lengthens() {
     let (c, store) = setup(Duration::from_secs(5));
     let _subs = subscribed(&c, &["a", "b"]);
     c.deletion_started(start("u1", POD), T0);
@@ -250,9 +257,22 @@ fn timeout_lists_missing_nodes_and_gives_no_latency() {
     assert_eq!(c.pending(), 1, "finished before the timeout");
     c.tick(T0 + 5 * S);
     let rec = store.deletion("u1").unwrap().unwrap();
-    assert!(!rec.complete);
+    assert!(!rec.complete && !rec.censored, "{rec:#?}");
     assert_eq!(rec.missing_nodes, ["b"]);
-    assert_eq!(rec.propagation_seconds, None);
+    let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
+    assert_eq!(
+        (b.class, b.latency_seconds),
+        (Some(NodeClass::Unknown), None)
+    );
+    assert_eq!(rec.propagation_seconds, Some(1.0));
+    assert_eq!(
+        (
+            rec.coverage.expected,
+            rec.coverage.measured,
+            rec.coverage.unknown
+        ),
+        (2, 1, 1)
+    );
 }
 
 #[test]
@@ -553,4 +573,154 @@ fn a_restored_rules_removal_keeps_its_detector_and_precision() {
     assert_eq!(a.mode, Some(Mode::Rules(Detector::IptablesLegacy)));
     assert_eq!(a.detector_precision_seconds, Some(0.001));
     assert_eq!(a.latency_seconds, Some(1.0));
+}
+
+#[test]
+fn a_healthy_node_still_routing_at_the_timeout_censors_the_deletion() {
+    let (c, store) = setup(Duration::from_secs(5));
+    let _subs = subscribed(&c, &["a", "b"]);
+    c.deletion_started(start("u1", POD), T0);
+    report(&c, "a", 1, vec![rules_removed(Detector::Nftables, T0 + S)]);
+    // Node b's proxy never applies the removal: the pod keeps accepting
+    // connections from b's client pod.
+    report(
+        &c,
+        "a",
+        2,
+        vec![accepted(CLIENT, T0 + 2 * S), accepted(CLIENT, T0 + 4 * S)],
+    );
+    c.pod_gone("u1", T0 + 4 * S);
+    c.tick(T0 + 5 * S);
+    let rec = store.deletion("u1").unwrap().unwrap();
+    assert!(rec.censored && !rec.complete, "{rec:#?}");
+    assert_eq!(rec.censored_after_seconds, Some(5.0));
+    assert_eq!(rec.propagation_seconds, None);
+    let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
+    assert_eq!(b.class, Some(NodeClass::StillRouting));
+    assert_eq!(rec.coverage.still_routing, 1);
+    // The store hands it to the bound as censored, not as a latency.
+    let samples = store.samples(&Default::default(), T0 - 3600 * S).unwrap();
+    assert_eq!((samples.latencies.len(), samples.censored), (0, vec![5.0]));
+}
+
+#[test]
+fn an_agent_restarted_mid_deletion_leaves_its_node_unknown_not_zero() {
+    let (c, store) = setup(Duration::from_secs(5));
+    let _subs = subscribed(&c, &["a", "b"]);
+    c.deletion_started(start("u1", POD), T0);
+    report(&c, "a", 1, vec![rules_removed(Detector::Nftables, T0 + S)]);
+    report(&c, "a", 2, vec![accepted(CLIENT, T0 + 2 * S)]);
+    // b's agent restarts with a new identity: what it saw is gone.
+    c.register(
+        Registration {
+            agent_id: "b/restarted".into(),
+            node_name: "b".into(),
+            ..Registration::default()
+        },
+        T0 + 3 * S,
+    );
+    let _b_again = c.subscribe("b/restarted").unwrap();
+    c.pod_gone("u1", T0 + 4 * S);
+    c.tick(T0 + 5 * S);
+    let rec = store.deletion("u1").unwrap().unwrap();
+    let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
+    assert_eq!(b.class, Some(NodeClass::Unknown), "{rec:#?}");
+    assert!(!rec.censored);
+    // b's evidence still counts: it routed to the pod at +2 s.
+    assert_eq!(rec.propagation_seconds, Some(2.0));
+    assert_eq!(rec.coverage.unknown, 1);
+}
+
+#[test]
+fn lost_events_leave_the_node_unknown_for_the_deletions_in_flight() {
+    let (c, store) = setup(Duration::from_secs(5));
+    let _subs = subscribed(&c, &["a", "b"]);
+    c.deletion_started(start("u1", POD), T0);
+    report(&c, "a", 1, vec![rules_removed(Detector::Nftables, T0 + S)]);
+    report(&c, "a", 2, vec![accepted(CLIENT, T0 + 2 * S)]);
+    let mut lossy = batch("b", 1, vec![]);
+    lossy.counters.events_lost = 3;
+    c.report(lossy, T0 + 2 * S).unwrap();
+    c.tick(T0 + 5 * S);
+    let rec = store.deletion("u1").unwrap().unwrap();
+    let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
+    assert_eq!(b.class, Some(NodeClass::Unknown), "{rec:#?}");
+    assert!(!rec.censored);
+}
+
+#[test]
+fn implausible_times_are_refused_and_move_nothing() {
+    let store = Arc::new(Store::in_memory().unwrap());
+    let metrics = Arc::new(Metrics::new());
+    let c = Correlator::new(
+        Arc::new(Settings {
+            shutdown_linger: Duration::ZERO,
+            ..Settings::default()
+        }),
+        Arc::clone(&store),
+        Arc::clone(&metrics),
+    );
+    let _subs = subscribed(&c, &["a"]);
+    c.deletion_started(start("u1", POD), T0);
+    let metrics_before = metrics.encode();
+    // An hour in the future, and long before the deletion (grace 30 s).
+    c.report(
+        batch(
+            "a",
+            1,
+            vec![
+                rules_removed(Detector::Nftables, T0 + 3600 * S),
+                accepted(CLIENT, T0 - 120 * S),
+            ],
+        ),
+        T0 + S,
+    )
+    .unwrap();
+    // A clock 10 minutes off.
+    let mut off = batch("a", 2, vec![rules_removed(Detector::Nftables, T0 + S)]);
+    off.clock = Some(ClockEstimate {
+        offset_ns: 600 * S,
+        uncertainty_ns: 0,
+    });
+    c.report(off, T0 + S).unwrap();
+    let text = metrics.encode();
+    for reason in ["future", "before_deletion", "clock_offset"] {
+        let line = format!("prestop_observations_rejected_total{{reason=\"{reason}\"}} 1");
+        assert!(text.contains(&line), "{line} missing:\n{text}");
+    }
+    assert!(!metrics_before.contains("prestop_observations_rejected_total{"));
+    // The honest report after them is what counts.
+    let mut honest = batch("a", 3, vec![rules_removed(Detector::Nftables, T0 + 2 * S)]);
+    honest.clock = Some(ClockEstimate::default());
+    c.report(honest, T0 + 2 * S).unwrap();
+    c.pod_gone("u1", T0 + 3 * S);
+    let rec = store.deletion("u1").unwrap().unwrap();
+    assert_eq!(rec.propagation_seconds, Some(2.0), "{rec:#?}");
+}
+
+#[test]
+fn each_latency_carries_its_error_and_the_bound_uses_the_upper_end() {
+    let (c, store) = setup(Duration::from_secs(60));
+    let _subs = subscribed(&c, &["a"]);
+    // Received at T0; the API's whole-second start is half a second earlier.
+    c.deletion_started(start("u1", POD), T0);
+    let mut b = batch("a", 1, vec![rules_removed(Detector::Nftables, T0 + S)]);
+    b.clock = Some(ClockEstimate {
+        offset_ns: 0,
+        uncertainty_ns: 2_000_000,
+    });
+    c.report(b, T0 + S).unwrap();
+    c.pod_gone("u1", T0 + 2 * S);
+    let rec = store.deletion("u1").unwrap().unwrap();
+    assert_eq!(rec.t0_lag_bound_seconds, Some(0.5));
+    let a = &rec.nodes[0];
+    // Clock 2 ms + detector 1 ms + T0 lag 500 ms.
+    let error = a.error_seconds.unwrap();
+    assert!((error - 0.503).abs() < 1e-9, "{error}");
+    let upper = rec.propagation_upper_seconds.unwrap();
+    assert!((upper - 1.503).abs() < 1e-9, "{upper}");
+    assert_eq!(rec.propagation_seconds, Some(1.0));
+    let samples = store.samples(&Default::default(), T0 - 3600 * S).unwrap();
+    assert_eq!(samples.latencies.len(), 1);
+    assert!((samples.latencies[0] - 1.503).abs() < 1e-9, "{samples:?}");
 }

@@ -176,10 +176,23 @@ async fn deletion_flows_to_recommendation_and_survives_restart() {
     assert_eq!(node_b["detectorPrecisionSeconds"], 1e-6, "{d}");
     assert!((node_b["latencySeconds"].as_f64().unwrap() - 1.2).abs() < 1e-6);
 
+    // The bound uses the upper end: the latency plus the node's clock
+    // uncertainty, its detector's precision and how late T0 can be (the
+    // receipt minus the API's whole-second start).
+    let lag = d["t0LagBoundSeconds"].as_f64().unwrap();
+    assert!((0.0..1.5).contains(&lag), "{d}");
+    let error = node_b["errorSeconds"].as_f64().unwrap();
+    let clock = node_b["clockUncertaintySeconds"].as_f64().unwrap();
+    assert!((error - (lag + 1e-6 + clock)).abs() < 1e-6, "{d}");
+    let upper = d["propagationUpperSeconds"].as_f64().unwrap();
+    assert!((upper - (1.2 + error)).abs() < 1e-6, "{d}");
+    let expected = (upper + 1.0).ceil(); // 1 s margin
+
     let (status, r) = get_json(http, "/v1/recommendations?namespace=shop&service=web").await;
     assert_eq!(status, 200);
     assert_eq!(r["samples"], 1);
-    assert_eq!(r["preStopSeconds"], 3); // ceil(1.2 + 1 s margin)
+    assert_eq!(r["preStopSeconds"], expected, "{r}");
+    assert_eq!(r["coverage"]["measured"], 2, "{r}");
     assert_eq!(r["lowConfidence"], true);
     assert_eq!(r["keepAlive"]["abortedConnections"], 1);
     assert!(r["keepAlive"]["finding"].is_string());
@@ -207,14 +220,14 @@ async fn deletion_flows_to_recommendation_and_survives_restart() {
     )
     .await;
     assert_eq!(r["samples"], 1);
-    assert_eq!(r["preStopSeconds"], 3);
+    assert_eq!(r["preStopSeconds"], expected);
     let (_, d) = get_json(agg.http_addr, "/v1/deletions").await;
     assert_eq!(d["items"].as_array().unwrap().len(), 1);
     agg.shutdown().await;
 }
 
 #[tokio::test]
-async fn agent_that_disconnects_mid_deletion_is_reported_missing() {
+async fn agent_that_disconnects_mid_deletion_leaves_its_node_unknown() {
     let c = cluster().await;
     let dir = tempfile::tempdir().unwrap();
     let s = Settings {
@@ -235,14 +248,29 @@ async fn agent_that_disconnects_mid_deletion_is_reported_missing() {
     let d = &finished(http, "/v1/deletions?outcome=incomplete").await;
     assert_eq!(d["complete"], false);
     assert_eq!(d["missingNodes"], serde_json::json!(["node-b"]));
+    let node_b = node_of(d, "node-b");
+    assert_eq!(node_b["class"], "unknown", "{d}");
     assert_eq!(
-        d["propagationSeconds"],
+        node_b["latencySeconds"],
         serde_json::Value::Null,
-        "a missing node is never zero latency"
+        "an unknown node is never zero latency"
     );
+    // It neither shortens nor lengthens the deletion: node-a's latency
+    // stands, and the coverage says what is missing.
+    assert!(
+        (d["propagationSeconds"].as_f64().unwrap() - 0.5).abs() < 1e-6,
+        "{d}"
+    );
+    assert_eq!(d["censored"], false);
     let (_, r) = get_json(http, "/v1/recommendations").await;
-    assert_eq!(r["samples"], 0);
-    assert_eq!(r["preStopSeconds"], serde_json::Value::Null);
+    assert_eq!(r["samples"], 1);
+    assert_eq!(r["coverage"]["unknown"], 1, "{r}");
+    assert_eq!(r["coverage"]["ratio"], 0.5, "{r}");
+    assert_eq!(r["lowConfidence"], true);
+    assert!(
+        r["reason"].as_str().unwrap().contains("Coverage is low"),
+        "{r}"
+    );
     let (_, m) = get(http, "/metrics").await;
     assert!(
         m.contains(r#"prestop_nodes_missing_total{node="node-b"} 1"#),
@@ -530,5 +558,154 @@ async fn deletion_whose_pod_went_while_the_aggregator_was_down_finishes_after_re
         "{d}"
     );
     assert_eq!(agg.correlator.pending(), 0);
+    agg.shutdown().await;
+}
+
+/// Settings for tests whose agents report times ahead of the real clock
+/// (a test cannot wait for every second it simulates).
+fn simulated_seconds(completion_timeout: Duration) -> Settings {
+    Settings {
+        completion_timeout,
+        clock_tolerance: Duration::from_secs(30),
+        shutdown_linger: Duration::ZERO,
+        ..settings()
+    }
+}
+
+/// A pod on node-b that sends to web-1 directly (a client-side balancer).
+const BALANCER: &str = "10.244.1.9";
+
+#[tokio::test]
+async fn a_node_still_routing_at_the_timeout_makes_the_answer_at_least_never_smaller() {
+    let c = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let agg = start_aggregator(
+        simulated_seconds(Duration::from_secs(2)),
+        &dir.path().join("store.db"),
+        Some(&c.double),
+    )
+    .await;
+    let (mut a, _b, ep) = two_agents_see_the_deletion(&c, &agg).await;
+    let t0 = ep.deletion_start_unix_nanos;
+    // node-a stops routing at once; node-b's proxy never applies the
+    // removal: the pod keeps accepting its connections.
+    a.report(vec![
+        rules_removed(IP, t0 + S / 10),
+        accepted(BALANCER, IP, t0 + S / 2),
+        accepted(BALANCER, IP, t0 + 3 * S / 2),
+    ])
+    .await;
+    let http = agg.http_addr;
+    let d = &finished(http, "/v1/deletions").await;
+    assert_eq!(d["censored"], true, "{d}");
+    assert_eq!(node_of(d, "node-b")["class"], "stillRouting", "{d}");
+    assert_eq!(node_of(d, "node-a")["class"], "measured", "{d}");
+    let after = d["censoredAfterSeconds"].as_f64().unwrap();
+    assert!(after >= 2.0, "{d}");
+    let (_, r) = get_json(http, "/v1/recommendations?namespace=shop&service=web").await;
+    assert_eq!(r["atLeast"], true, "{r}");
+    assert_eq!(r["lowConfidence"], true, "{r}");
+    assert_eq!(r["censored"], 1, "{r}");
+    // Never below what the censored deletion proves (plus the margin).
+    assert!(
+        r["preStopSeconds"].as_f64().unwrap() >= (after + 1.0).ceil(),
+        "{r}"
+    );
+    assert!(
+        r["reason"].as_str().unwrap().contains("still routing"),
+        "{r}"
+    );
+    let (_, m) = get(http, "/metrics").await;
+    for line in [
+        r#"prestop_nodes_still_routing_total{node="node-b"} 1"#,
+        r#"prestop_deletions_total{namespace="shop",outcome="censored"} 1"#,
+    ] {
+        assert!(m.contains(line), "missing {line}:\n{m}");
+    }
+    agg.shutdown().await;
+}
+
+#[tokio::test]
+async fn refusals_alone_show_a_client_side_balancer_still_routing() {
+    let c = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let agg = start_aggregator(
+        simulated_seconds(Duration::from_secs(30)),
+        &dir.path().join("store.db"),
+        Some(&c.double),
+    )
+    .await;
+    let (mut a, mut b, ep) = two_agents_see_the_deletion(&c, &agg).await;
+    let t0 = ep.deletion_start_unix_nanos;
+    // preStop 0: both proxies stop at once and the app is gone, but the
+    // balancer refreshes its list only after 3 s: refused until then.
+    a.report(vec![
+        rules_removed(IP, t0 + S / 5),
+        refused(BALANCER, IP, t0 + S),
+        refused(BALANCER, IP, t0 + 2 * S),
+        refused(BALANCER, IP, t0 + 3 * S),
+    ])
+    .await;
+    b.report(vec![rules_removed(IP, t0 + S / 5)]).await;
+    finish_deletion(&c);
+    let d = &finished(agg.http_addr, "/v1/deletions").await;
+    let p = d["propagationSeconds"].as_f64().unwrap();
+    assert!(p >= 3.0, "refusals are routing evidence: {d}");
+    let node_b = node_of(d, "node-b");
+    assert_eq!(node_b["refusedConnections"], 3, "{d}");
+    assert!((node_b["latencySeconds"].as_f64().unwrap() - 3.0).abs() < 1e-6);
+    agg.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_forged_time_outside_the_plausible_window_is_refused() {
+    let c = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let agg = start_aggregator(settings(), &dir.path().join("store.db"), Some(&c.double)).await;
+    let (mut a, mut b, ep) = two_agents_see_the_deletion(&c, &agg).await;
+    let t0 = ep.deletion_start_unix_nanos;
+    // An hour after now: it would make the bound an hour long.
+    b.report(vec![rules_removed(IP, now_on_the_wire() + 3600 * S)])
+        .await;
+    a.report(vec![rules_removed(IP, t0 + S / 10)]).await;
+    b.report(vec![rules_removed(IP, t0 + S / 5)]).await;
+    finish_deletion(&c);
+    let d = &finished(agg.http_addr, "/v1/deletions").await;
+    let p = d["propagationSeconds"].as_f64().unwrap();
+    assert!(p < 1.0, "the forged removal counted: {d}");
+    let (_, m) = get(agg.http_addr, "/metrics").await;
+    assert!(
+        m.contains(r#"prestop_observations_rejected_total{reason="future"} 1"#),
+        "{m}"
+    );
+    agg.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_agent_restarted_mid_deletion_leaves_its_node_unknown() {
+    let c = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let agg = start_aggregator(
+        simulated_seconds(Duration::from_secs(2)),
+        &dir.path().join("store.db"),
+        Some(&c.double),
+    )
+    .await;
+    let (mut a, b, ep) = two_agents_see_the_deletion(&c, &agg).await;
+    let t0 = ep.deletion_start_unix_nanos;
+    a.report(vec![
+        rules_removed(IP, t0 + S / 10),
+        accepted(BALANCER, IP, t0 + S / 2),
+    ])
+    .await;
+    // node-b's agent is killed and comes back as a new process: what it
+    // had seen is gone.
+    drop(b);
+    let _b_again = Agent::connect_as(agg.grpc_addr, "node-b", "node-b/restarted").await;
+    let d = &finished(agg.http_addr, "/v1/deletions").await;
+    let node_b = node_of(d, "node-b");
+    assert_eq!(node_b["class"], "unknown", "{d}");
+    assert_eq!(d["censored"], false, "{d}");
+    assert_eq!(d["coverage"]["unknown"], 1, "{d}");
     agg.shutdown().await;
 }

@@ -42,6 +42,9 @@ fn populate_aggregator(m: &aggregator::metrics::Metrics) {
         recommendation_samples,
         deletions,
         nodes_missing,
+        nodes_still_routing,
+        observations_rejected,
+        agent_observations_dropped,
     } = m;
     let (node, namespace) = ("n1".to_string(), "shop".to_string());
     propagation_latency
@@ -68,7 +71,18 @@ fn populate_aggregator(m: &aggregator::metrics::Metrics) {
     agent_events_lost
         .get_or_create(&NodeLabel { node: node.clone() })
         .inc();
+    agent_observations_dropped
+        .get_or_create(&NodeLabel { node: node.clone() })
+        .inc();
+    nodes_still_routing
+        .get_or_create(&NodeLabel { node: node.clone() })
+        .inc();
     nodes_missing.get_or_create(&NodeLabel { node }).inc();
+    observations_rejected
+        .get_or_create(&ReasonLabel {
+            reason: "future".into(),
+        })
+        .inc();
     report_lag.observe(0.01);
     store_deletions.set(1);
     let scope = NamespaceService {

@@ -28,9 +28,81 @@ pub struct Recommendation {
     pub observed_p99_seconds: Option<f64>,
     pub observed_max_seconds: Option<f64>,
     pub low_confidence: bool,
+    /// The bound lies beyond what was measured: deletions still being
+    /// routed at the completion timeout rank above every measured one, and
+    /// `preStopSeconds` is only what the delay must be at least.
+    pub at_least: bool,
+    /// Deletions in the window with a node still routing at the timeout
+    /// (right-censored; counted in `samples`).
+    pub censored: u64,
+    /// Of the node-deletions expected in the window: how many were
+    /// measured, still routing at the timeout, or unknown (agent absent,
+    /// restarted, or losing events), and the measured share.
+    pub coverage: Coverage,
+    /// The largest error (clock offset, detector precision, T0 receipt lag)
+    /// added to a sample's latency before the bound, seconds.
+    pub max_error_seconds: Option<f64>,
     pub reason: String,
     pub lifecycle: Option<Lifecycle>,
     pub keep_alive: KeepAlive,
+}
+
+/// Node-deletions by class, and the measured share of those expected.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Coverage {
+    pub expected: u64,
+    pub measured: u64,
+    pub still_routing: u64,
+    pub unknown: u64,
+    /// `measured / expected`; `None` when nothing was expected.
+    pub ratio: Option<f64>,
+}
+
+impl Coverage {
+    /// Counts `class` once.
+    pub fn add(&mut self, class: NodeClass) {
+        self.expected += 1;
+        match class {
+            NodeClass::Measured => self.measured += 1,
+            NodeClass::StillRouting => self.still_routing += 1,
+            NodeClass::Unknown => self.unknown += 1,
+        }
+        self.ratio = Some(self.measured as f64 / self.expected as f64);
+    }
+
+    /// The sum of two counts.
+    pub fn merge(&mut self, other: &Coverage) {
+        self.expected += other.expected;
+        self.measured += other.measured;
+        self.still_routing += other.still_routing;
+        self.unknown += other.unknown;
+        self.ratio = (self.expected > 0).then(|| self.measured as f64 / self.expected as f64);
+    }
+}
+
+/// What is known of one expected node's routing at a deletion's end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NodeClass {
+    /// Its dataplane's removal was seen: the latency is known.
+    Measured,
+    /// Its agent was connected and lost nothing, and the endpoint was
+    /// still a target at the completion timeout: the latency exceeds it
+    /// (right-censored).
+    StillRouting,
+    /// No information: the agent was absent, restarted, or lost events.
+    Unknown,
+}
+
+impl NodeClass {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Measured => "measured",
+            Self::StillRouting => "stillRouting",
+            Self::Unknown => "unknown",
+        }
+    }
 }
 
 /// The scope a recommendation answers for.
@@ -102,6 +174,20 @@ pub struct DeletionRecord {
     /// Full-propagation latency: the largest per-node latency. Only set when
     /// complete; a missing node is never counted as zero.
     pub propagation_seconds: Option<f64>,
+    /// `propagationSeconds` plus the largest per-node error: the value the
+    /// recommendation's bound uses. Set whenever no node is still routing,
+    /// over the measured nodes.
+    pub propagation_upper_seconds: Option<f64>,
+    /// Some node was still routing at the completion timeout: the
+    /// propagation exceeds `censoredAfterSeconds` (timeout from T0).
+    pub censored: bool,
+    pub censored_after_seconds: Option<f64>,
+    /// Upper bound of how late the aggregator received the deletion: its
+    /// receipt minus the API's whole-second request time (the request
+    /// happened within the second after it). Part of every node's error.
+    pub t0_lag_bound_seconds: Option<f64>,
+    /// The expected nodes by class.
+    pub coverage: Coverage,
     pub finished_unix_nanos: UnixNanos,
     pub nodes: Vec<NodeMeasurement>,
     /// Nodes that were registered at T0 and had not reported at the timeout.
@@ -125,6 +211,13 @@ pub struct NodeMeasurement {
     pub detector_precision_seconds: Option<f64>,
     /// Clock uncertainty of this node's agent (half its round trip).
     pub clock_uncertainty_seconds: Option<f64>,
+    /// What is known of this node at the end: `None` for a source that was
+    /// not an expected node (an unattributed address).
+    pub class: Option<NodeClass>,
+    /// The latency's error on the safe side: clock uncertainty, detector
+    /// precision and the T0 lag bound; `latencySeconds + errorSeconds` is
+    /// what the bound uses.
+    pub error_seconds: Option<f64>,
     /// New connections routed to the endpoint after T0.
     pub late_connections: u64,
     /// Connections refused or reset because the endpoint no longer listened.

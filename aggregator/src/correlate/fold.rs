@@ -14,6 +14,58 @@ use crate::model::{NodeAccumulator, RulesRemoval};
 /// Pseudo node for connections whose source address matches no node.
 pub const UNATTRIBUTED: &str = "unattributed";
 
+/// Why an observation was refused before it could move a latency.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Implausible {
+    /// Later than the aggregator's now plus the clock tolerance and the
+    /// agent's clock uncertainty.
+    Future,
+    /// Earlier than its deletion's start minus the grace period and the
+    /// tolerance: no deletion of this endpoint was under way.
+    BeforeDeletion,
+    /// The agent's clock offset exceeds the limit: its times cannot be
+    /// trusted at all.
+    ClockOffset,
+}
+
+impl Implausible {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Future => "future",
+            Self::BeforeDeletion => "before_deletion",
+            Self::ClockOffset => "clock_offset",
+        }
+    }
+}
+
+/// The plausibility window of observation times.
+#[derive(Clone, Copy, Debug)]
+pub struct Plausibility {
+    /// Allowed error of agents' times beyond their stated uncertainty.
+    pub tolerance_ns: i64,
+    /// Largest clock offset an agent may have.
+    pub max_offset_ns: i64,
+}
+
+impl Plausibility {
+    /// Refusals that do not depend on the deletion.
+    pub fn check(
+        &self,
+        time: UnixNanos,
+        clock: ClockEstimate,
+        now: UnixNanos,
+    ) -> Result<(), Implausible> {
+        if clock.offset_ns.unsigned_abs() > self.max_offset_ns.unsigned_abs() {
+            return Err(Implausible::ClockOffset);
+        }
+        let slack = self.tolerance_ns + i64::try_from(clock.uncertainty_ns).unwrap_or(i64::MAX);
+        if time > now + slack {
+            return Err(Implausible::Future);
+        }
+        Ok(())
+    }
+}
+
 /// One observation as the fold sees it: on the aggregator's clock, with the
 /// node that reported it and the node its other side belongs to.
 struct Seen<'a> {
@@ -26,11 +78,16 @@ struct Seen<'a> {
 }
 
 impl State {
-    /// Folds one observation of `node` into the deletions of its endpoint.
-    pub(super) fn fold(&mut self, node: &str, obs: &Observation, clock: ClockEstimate) {
-        let Some(uids) = self.by_ip.get(&obs.endpoint().ip()) else {
-            return;
-        };
+    /// Folds one observation of `node` into the deletions of its endpoint;
+    /// says why when a deletion refused it as implausible.
+    pub(super) fn fold(
+        &mut self,
+        node: &str,
+        obs: &Observation,
+        clock: ClockEstimate,
+        tolerance_ns: i64,
+    ) -> Option<Implausible> {
+        let uids = self.by_ip.get(&obs.endpoint().ip())?;
         // Destination-side events are attributed to the peer's node; a
         // new flow's source tells whether this node routed it or only
         // forwarded it.
@@ -42,10 +99,12 @@ impl State {
             _ => None,
         };
         let peer_host = obs.peer().and_then(|ip| self.nodes.node_with_address(ip));
+        // Refusals prove routing as connections do (the source sent a new
+        // connection then), so they are filtered alike.
         let connection = matches!(
             obs,
             Observation::Accepted(_) | Observation::Connected(_) | Observation::NewFlow(_)
-        );
+        ) || matches!(obs, Observation::ResetSent(c) if c.reset_cause() == ResetCause::Refused);
         let seen = Seen {
             obs,
             time: clock.to_aggregator(obs.time()),
@@ -53,10 +112,16 @@ impl State {
             peer_node,
             uncertainty_ns: clock.uncertainty_ns,
         };
+        let mut refused = None;
         for uid in uids {
             let Some(p) = self.pending.get_mut(uid) else {
                 continue;
             };
+            let grace_ns = p.start.grace_period_seconds.unwrap_or(0).max(0) * 1_000_000_000;
+            if seen.time < p.t0 - grace_ns - tolerance_ns {
+                refused = Some(Implausible::BeforeDeletion);
+                continue;
+            }
             // Connections from the pod's own node address are the
             // kubelet's probes, not traffic the dataplane routed: they
             // go on until the pod exits and would stretch T_last.
@@ -67,6 +132,7 @@ impl State {
                 mark_pending(&mut self.dirty_pending, uid, p);
             }
         }
+        refused
     }
 }
 
@@ -120,7 +186,13 @@ fn apply(p: &mut Pending, s: &Seen<'_>) -> bool {
             a.late_accepted += u64::from(after_t0);
         }
         Observation::ResetSent(c) => match c.reset_cause() {
-            ResetCause::Refused => accs.of(source).refused += 1,
+            // The source still sent a new connection at `t`: as late as an
+            // accepted one for its last-routed time.
+            ResetCause::Refused => {
+                let a = accs.of(source);
+                a.refused += 1;
+                a.last_connection = a.last_connection.max(Some(t));
+            }
             // A request on a keep-alive connection the pod closed: lost like
             // an aborted one.
             ResetCause::DataAfterClose => accs.of(source).aborted += 1,

@@ -34,7 +34,7 @@ use observer_proto::{Report, UnixNanos};
 use tokio::sync::broadcast;
 
 pub use self::checkpoint::{CheckpointStats, RestoreStats};
-pub use self::fold::UNATTRIBUTED;
+pub use self::fold::{Implausible, Plausibility, UNATTRIBUTED};
 use self::state::{Agent, Pending, State, mark_agent, mark_pending};
 pub use self::subscriptions::{Lagged, Subscription, WatchChange};
 use crate::config::Settings;
@@ -122,6 +122,17 @@ impl Correlator {
     /// checkpoint).
     pub fn register(&self, reg: Registration, now: UnixNanos) -> u64 {
         let mut st = self.state();
+        // Another process for a node that had one: the old one's memory of
+        // what it saw since T0 is gone with it.
+        let restarted = !st.agents.contains_key(&reg.agent_id)
+            && st.agents.values().any(|a| a.node == reg.node_name);
+        if restarted {
+            tracing::warn!(
+                node = %reg.node_name, agent = %reg.agent_id,
+                "agent restarted: its node is unknown for the deletions in flight unless their removal is seen"
+            );
+            st.disrupt(&reg.node_name);
+        }
         let agent = st
             .agents
             .entry(reg.agent_id.clone())
@@ -204,7 +215,7 @@ impl Correlator {
         let row = checkpoint::pending_row(&p);
         let endpoint = p.endpoint();
         st.pending.insert(row.start.pod_uid.clone(), p);
-        st.replay_orphans(Some(endpoint.ip), now);
+        st.replay_orphans(Some(endpoint.ip), now, self.plausibility().tolerance_ns);
         // No receivers is fine: no agent is connected.
         let _ = self.changes.send(WatchChange::Add(endpoint));
         Some(row)
@@ -270,12 +281,27 @@ impl Correlator {
         let node = agent.node.clone();
         self.metrics
             .agent_counters(&node, agent.counters, report.counters);
+        let lost = report.counters.events_lost > agent.counters.events_lost
+            || report.counters.observations_dropped > agent.counters.observations_dropped;
         agent.counters = report.counters;
         let clock = agent.clock.unwrap_or_default();
         let lag = now.seconds_since(clock.to_aggregator(report.sent));
         self.metrics.report_lag.observe(lag.max(0.0));
+        if lost {
+            tracing::warn!(node = %node, "agent lost events or observations: its node is unknown for the deletions in flight unless their removal is seen");
+            st.disrupt(&node);
+        }
+        let plausible = self.plausibility();
         for obs in report.observations {
-            st.observe(&node, obs, clock, now);
+            let (kind, time) = (obs.kind_name(), obs.time());
+            if let Err(why) = st.observe(&node, obs, clock, now, plausible) {
+                self.metrics.rejected(why);
+                tracing::warn!(
+                    node = %node, agent = %report.agent_id, reason = why.as_str(), kind,
+                    time = %time, offset_ns = clock.offset_ns,
+                    "implausible observation refused"
+                );
+            }
         }
         Ok(ReportOutcome {
             acknowledged_sequence,
@@ -292,7 +318,7 @@ impl Correlator {
         );
         let due: Vec<String> = {
             let mut st = self.state();
-            st.replay_orphans(None, now);
+            st.replay_orphans(None, now, self.settings.clock_tolerance_ns());
             let live = st.live_nodes();
             st.pending
                 .iter()
@@ -305,6 +331,14 @@ impl Correlator {
         };
         if !due.is_empty() {
             self.finish(&due, now);
+        }
+    }
+
+    fn plausibility(&self) -> Plausibility {
+        Plausibility {
+            tolerance_ns: self.settings.clock_tolerance_ns(),
+            max_offset_ns: i64::try_from(self.settings.max_clock_offset.as_nanos())
+                .unwrap_or(i64::MAX),
         }
     }
 
@@ -329,8 +363,9 @@ impl Correlator {
                 finished.push(p);
             }
         }
+        let live = self.state().live_nodes();
         for p in finished {
-            self.recorded(record::record(p, now));
+            self.recorded(record::record(p, now, &live));
         }
     }
 

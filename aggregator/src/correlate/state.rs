@@ -9,6 +9,7 @@ use std::sync::Arc;
 use observer_proto::{AgentCounters, ClockEstimate, Endpoint, Observation, UnixNanos};
 
 use super::Registration;
+use super::fold::{Implausible, Plausibility};
 use crate::model::{DeletionStart, NodeAccumulator};
 use crate::nodes::NodeIndex;
 
@@ -63,6 +64,10 @@ pub(super) struct Pending {
     pub dirty_nodes: BTreeSet<String>,
     /// The start row is in the store (else the next checkpoint writes it).
     pub stored: bool,
+    /// Nodes whose evidence has a gap since T0 (agent restarted, events or
+    /// observations lost): unknown unless their removal was seen. Kept in
+    /// memory only: an aggregator restart forgets it (agents resend).
+    pub disrupted: BTreeSet<String>,
 }
 
 impl Pending {
@@ -84,6 +89,7 @@ impl Pending {
             dirty: false,
             dirty_nodes: BTreeSet::new(),
             stored: true,
+            disrupted: BTreeSet::new(),
         }
     }
 
@@ -153,10 +159,20 @@ impl State {
     /// Folds `node`'s observation into the deletions of its endpoint, or
     /// keeps it when no deletion of that endpoint is known yet (the
     /// aggregator has just restarted and not relisted the pod) for a while.
-    pub fn observe(&mut self, node: &str, obs: Observation, clock: ClockEstimate, now: UnixNanos) {
+    pub fn observe(
+        &mut self,
+        node: &str,
+        obs: Observation,
+        clock: ClockEstimate,
+        now: UnixNanos,
+        plausible: Plausibility,
+    ) -> Result<(), Implausible> {
+        plausible.check(clock.to_aggregator(obs.time()), clock, now)?;
         if self.by_ip.contains_key(&obs.endpoint().ip()) {
-            self.fold(node, &obs, clock);
-            return;
+            return match self.fold(node, &obs, clock, plausible.tolerance_ns) {
+                Some(why) => Err(why),
+                None => Ok(()),
+            };
         }
         if self.orphans.len() >= MAX_ORPHANS {
             self.orphans.pop_front();
@@ -167,18 +183,26 @@ impl State {
             clock,
             received: now,
         });
+        Ok(())
+    }
+
+    /// Marks `node`'s evidence as having a gap for every deletion in flight.
+    pub fn disrupt(&mut self, node: &str) {
+        for p in self.pending.values_mut() {
+            p.disrupted.insert(node.to_owned());
+        }
     }
 
     /// Applies the kept observations of `ip` (a deletion of it just started)
     /// and forgets those past their time.
-    pub fn replay_orphans(&mut self, ip: Option<IpAddr>, now: UnixNanos) {
+    pub fn replay_orphans(&mut self, ip: Option<IpAddr>, now: UnixNanos, tolerance_ns: i64) {
         let orphans = std::mem::take(&mut self.orphans);
         for o in orphans {
             if o.received + ORPHAN_TTL < now {
                 continue;
             }
             if Some(o.obs.endpoint().ip()) == ip {
-                self.fold(&o.node, &o.obs, o.clock);
+                self.fold(&o.node, &o.obs, o.clock, tolerance_ns);
             } else {
                 self.orphans.push_back(o);
             }

@@ -97,13 +97,14 @@ mod tests {
             confidence: 0.95,
             margin_seconds: 1.0,
             window_seconds: 3600,
+            min_coverage: 0.9,
         };
         let latencies = (1..=samples).map(|i| i as f64 / 10.0).collect();
         recommend(
             &request,
             &Samples {
                 latencies,
-                aborted_connections: 0,
+                ..Samples::default()
             },
         )
     }

@@ -5,9 +5,11 @@
 pub mod cache;
 pub mod service;
 
-use observer_proto::api::{KeepAlive, Lifecycle, PreStop, Recommendation, ScopeView, Sleep};
+use observer_proto::api::{
+    Coverage, KeepAlive, Lifecycle, PreStop, Recommendation, ScopeView, Sleep,
+};
 
-use crate::stats;
+use crate::stats::{self, CensoredBound};
 use crate::store::{Samples, Scope};
 
 /// Parameters of one recommendation.
@@ -19,42 +21,22 @@ pub struct Request {
     pub confidence: f64,
     pub margin_seconds: f64,
     pub window_seconds: u64,
+    /// Below this measured share of node-deletions, low-confidence.
+    pub min_coverage: f64,
 }
 
 pub fn recommend(req: &Request, samples: &Samples) -> Recommendation {
     let s = &samples.latencies;
-    let n = s.len();
+    let n = s.len() + samples.censored.len();
     let needed_total = stats::min_samples(req.quantile, req.confidence);
-    let bound = stats::upper_bound(s, req.quantile, req.confidence);
-    let max = s.last().copied();
     let q_pct = format_pct(req.quantile);
     let c_pct = format_pct(req.confidence);
-    let (base, low_confidence, reason) = match (bound, max) {
-        (Some(b), _) => (
-            Some(b),
-            false,
-            format!(
-                "{n} complete deletions: with {c_pct}% confidence, p{q_pct} full-propagation latency is at most {b:.3}s; {:.3}s margin added and rounded up.",
-                req.margin_seconds
-            ),
-        ),
-        (None, Some(m)) => (
-            Some(m),
-            true,
-            format!(
-                "Only {n} complete deletions, {} more needed to bound p{q_pct} with {c_pct}% confidence; using the largest observed latency {m:.3}s plus {:.3}s margin.",
-                needed_total - n,
-                req.margin_seconds
-            ),
-        ),
-        (None, None) => (
-            None,
-            true,
-            format!(
-                "No complete deletions measured in this scope yet; {needed_total} are needed to bound p{q_pct} with {c_pct}% confidence."
-            ),
-        ),
-    };
+    let (base, at_least, mut low_confidence, mut reason) = bound(req, samples, &q_pct, &c_pct);
+    if let Some(why) = low_coverage(req, &samples.coverage) {
+        low_confidence = true;
+        reason.push(' ');
+        reason.push_str(&why);
+    }
     let pre_stop_seconds = base.map(|b| (b + req.margin_seconds).max(0.0).ceil() as u64);
     let aborted = samples.aborted_connections;
     Recommendation {
@@ -72,8 +54,12 @@ pub fn recommend(req: &Request, samples: &Samples) -> Recommendation {
         window_seconds: req.window_seconds,
         observed_p50_seconds: stats::nearest_rank(s, 0.5),
         observed_p99_seconds: stats::nearest_rank(s, 0.99),
-        observed_max_seconds: max,
+        observed_max_seconds: s.last().copied(),
         low_confidence,
+        at_least,
+        censored: count(samples.censored.len()),
+        coverage: samples.coverage,
+        max_error_seconds: samples.max_error_seconds,
         reason,
         lifecycle: pre_stop_seconds.map(|seconds| Lifecycle {
             pre_stop: PreStop {
@@ -89,6 +75,85 @@ pub fn recommend(req: &Request, samples: &Samples) -> Recommendation {
             }),
         },
     }
+}
+
+/// The latency the delay must cover before the margin, whether it is only
+/// a lower bound ("at least"), whether it is low-confidence, and why.
+/// Censored deletions rank above every measured one: they can make the
+/// answer "at least", never smaller.
+fn bound(
+    req: &Request,
+    samples: &Samples,
+    q_pct: &str,
+    c_pct: &str,
+) -> (Option<f64>, bool, bool, String) {
+    let (s, censored) = (&samples.latencies, &samples.censored);
+    let n = s.len() + censored.len();
+    let needed_total = stats::min_samples(req.quantile, req.confidence);
+    // What censored deletions prove: propagation took longer than this.
+    let beyond = censored
+        .last()
+        .copied()
+        .map(|c| s.last().map_or(c, |m| m.max(c)));
+    match stats::upper_bound_censored(s, censored.len(), req.quantile, req.confidence) {
+        CensoredBound::Value(b) => (
+            Some(b),
+            false,
+            false,
+            format!(
+                "{n} deletions ({} still routing at the timeout): with {c_pct}% confidence, p{q_pct} full-propagation latency, errors included, is at most {b:.3}s; {:.3}s margin added and rounded up.",
+                censored.len(),
+                req.margin_seconds
+            ),
+        ),
+        CensoredBound::Censored | CensoredBound::TooFew if beyond.is_some() => {
+            let t = beyond.unwrap_or_default();
+            (
+                Some(t),
+                true,
+                true,
+                format!(
+                    "{} of {n} deletions had a node still routing to the pod when they finished, {t:.3}s after their start: p{q_pct} full-propagation latency is not bounded by what was measured, and the delay must be at least {t:.3}s plus the margin. Find the nodes that did not stop routing (prestop_nodes_still_routing_total, /v1/deletions).",
+                    censored.len()
+                ),
+            )
+        }
+        CensoredBound::Censored | CensoredBound::TooFew => match s.last() {
+            Some(&m) => (
+                Some(m),
+                false,
+                true,
+                format!(
+                    "Only {n} deletions, {} more needed to bound p{q_pct} with {c_pct}% confidence; using the largest observed latency, errors included, {m:.3}s plus {:.3}s margin.",
+                    needed_total - n,
+                    req.margin_seconds
+                ),
+            ),
+            None => (
+                None,
+                false,
+                true,
+                format!(
+                    "No deletions measured in this scope yet; {needed_total} are needed to bound p{q_pct} with {c_pct}% confidence."
+                ),
+            ),
+        },
+    }
+}
+
+/// Why the measured share of expected node-deletions is too low to trust.
+fn low_coverage(req: &Request, c: &Coverage) -> Option<String> {
+    let ratio = c.ratio?;
+    (ratio < req.min_coverage).then(|| {
+        format!(
+            "Coverage is low: {} of {} expected node-deletions measured ({:.0}%, below {:.0}%); {} unknown (agent absent, restarted or losing events): the bound may miss slow nodes.",
+            c.measured,
+            c.expected,
+            ratio * 100.0,
+            req.min_coverage * 100.0,
+            c.unknown
+        )
+    })
 }
 
 /// A count for the answer (saturating; counts never get near).
@@ -114,6 +179,7 @@ mod tests {
             confidence: 0.95,
             margin_seconds: 1.0,
             window_seconds: 60,
+            min_coverage: 0.9,
         }
     }
 
@@ -130,7 +196,7 @@ mod tests {
     fn few_samples_use_max_plus_margin() {
         let s = Samples {
             latencies: vec![0.5, 1.2, 2.3],
-            aborted_connections: 0,
+            ..Samples::default()
         };
         let r = recommend(&req(), &s);
         assert_eq!(r.pre_stop_seconds, Some(4)); // ceil(2.3 + 1)
@@ -147,6 +213,7 @@ mod tests {
         let s = Samples {
             latencies,
             aborted_connections: 3,
+            ..Samples::default()
         };
         let r = recommend(&req(), &s);
         assert!(!r.low_confidence);

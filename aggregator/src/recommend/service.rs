@@ -46,6 +46,7 @@ impl Recommender {
                 confidence,
                 margin_seconds: s.margin_seconds,
                 window_seconds: s.retention.as_secs(),
+                min_coverage: s.min_coverage,
             },
             &samples,
         ))

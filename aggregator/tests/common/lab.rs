@@ -82,10 +82,16 @@ pub struct Agent {
 
 impl Agent {
     pub async fn connect(grpc: SocketAddr, node: &str) -> Self {
+        Self::connect_as(grpc, node, &format!("{node}/test")).await
+    }
+
+    /// An agent process of `node` with its own `id` (a restarted agent
+    /// registers under a new one).
+    pub async fn connect_as(grpc: SocketAddr, node: &str, id: &str) -> Self {
         let mut client = ObserverClient::connect(format!("http://{grpc}"))
             .await
             .unwrap();
-        let id = format!("{node}/test");
+        let id = id.to_owned();
         let acknowledged = client
             .register(pb::RegisterRequest {
                 agent_id: id.clone(),
@@ -192,6 +198,19 @@ pub fn accepted(src: &str, ip: &str, t: u64) -> pb::Observation {
             src: addr(src, 40000),
             dst: addr(ip, 8080),
             time_unix_nanos: t,
+            ..Default::default()
+        })),
+    }
+}
+
+/// The pod refused a connection from `src` (no socket listened any more).
+pub fn refused(src: &str, ip: &str, t: u64) -> pb::Observation {
+    pb::Observation {
+        kind: Some(pb::observation::Kind::ResetSent(pb::ConnEvent {
+            src: addr(src, 40003),
+            dst: addr(ip, 8080),
+            time_unix_nanos: t,
+            reason: "NO_SOCKET".into(),
             ..Default::default()
         })),
     }

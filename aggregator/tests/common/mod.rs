@@ -6,7 +6,7 @@ pub mod lab;
 use std::net::SocketAddr;
 
 use ::lab::http_client::HttpClient;
-use observer_proto::api::{DeletionRecord, Mode, NodeMeasurement};
+use observer_proto::api::{Coverage, DeletionRecord, Mode, NodeClass, NodeMeasurement};
 use observer_proto::{Detector, UnixNanos};
 
 /// GET `http://{addr}{path_and_query}` with the lab's HTTP client: (status, body).
@@ -55,5 +55,15 @@ pub fn deletion(
             ..Default::default()
         }],
         missing_nodes: vec![],
+        propagation_upper_seconds: Some(latency),
+        coverage: one_node_measured(),
+        ..Default::default()
     }
+}
+
+/// One expected node, measured.
+pub fn one_node_measured() -> Coverage {
+    let mut c = Coverage::default();
+    c.add(NodeClass::Measured);
+    c
 }
