@@ -48,21 +48,41 @@ pub enum StoreError {
 /// removal; older files are upgraded in place.
 const SCHEMA_VERSION: i64 = 4;
 
-/// What turns a version 2 file into a version 3 one (`SCHEMA` creates the
-/// tables of older files whole).
-const UPGRADE_FROM_2: &str = "ALTER TABLE pending_nodes ADD COLUMN rules_precision_ns INTEGER;";
+/// Columns added since version 2 files: (table, column, declaration).
+/// `SCHEMA` creates the tables of older files whole; an upgrade adds what
+/// an existing table lacks (version 3: the detector's precision; version
+/// 4: what the bound needs of a finished deletion, older rows reading as
+/// uncensored with their coverage unknown).
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("pending_nodes", "rules_precision_ns", "INTEGER"),
+    ("deletions", "bound_seconds", "REAL"),
+    ("deletions", "censored_after_seconds", "REAL"),
+    ("deletions", "nodes_expected", "INTEGER NOT NULL DEFAULT 0"),
+    ("deletions", "nodes_measured", "INTEGER NOT NULL DEFAULT 0"),
+    (
+        "deletions",
+        "nodes_still_routing",
+        "INTEGER NOT NULL DEFAULT 0",
+    ),
+    ("deletions", "nodes_unknown", "INTEGER NOT NULL DEFAULT 0"),
+];
 
-/// What turns a version 3 file into a version 4 one: what the bound needs
-/// of a finished deletion (older rows read as uncensored, their coverage
-/// unknown).
-const UPGRADE_FROM_3: &str = "
-ALTER TABLE deletions ADD COLUMN bound_seconds REAL;
-ALTER TABLE deletions ADD COLUMN censored_after_seconds REAL;
-ALTER TABLE deletions ADD COLUMN nodes_expected INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE deletions ADD COLUMN nodes_measured INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE deletions ADD COLUMN nodes_still_routing INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE deletions ADD COLUMN nodes_unknown INTEGER NOT NULL DEFAULT 0;
-";
+/// Adds the [`ADDED_COLUMNS`] a table of an older file lacks.
+fn upgrade(conn: &Connection) -> Result<(), StoreError> {
+    for (table, column, declaration) in ADDED_COLUMNS {
+        let present: bool = conn.query_row(
+            &format!("SELECT COUNT(*) > 0 FROM pragma_table_info('{table}') WHERE name = ?1"),
+            [column],
+            |r| r.get(0),
+        )?;
+        if !present {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} {declaration};"
+            ))?;
+        }
+    }
+    Ok(())
+}
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS deletions (
@@ -298,7 +318,8 @@ impl Store {
         configure(&conn)?;
         let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         // 0: new file; 1: finished deletions only (the new tables are
-        // added); 2: without rules_precision_ns.
+        // added); 2: without rules_precision_ns; 3: without what the bound
+        // needs of a finished deletion.
         if !(0..=SCHEMA_VERSION).contains(&found) {
             return Err(StoreError::Schema {
                 path: path.display().to_string(),
@@ -307,12 +328,7 @@ impl Store {
             });
         }
         conn.execute_batch(SCHEMA)?;
-        if found == 2 {
-            conn.execute_batch(UPGRADE_FROM_2)?;
-        }
-        if (2..=3).contains(&found) {
-            conn.execute_batch(UPGRADE_FROM_3)?;
-        }
+        upgrade(&conn)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         let another = || -> Result<Option<Mutex<Connection>>, StoreError> {
             if path.as_os_str() == ":memory:" {

@@ -33,6 +33,42 @@ fn records_survive_reopen_and_are_idempotent() {
 }
 
 #[test]
+fn version_3_files_keep_their_deletions_as_uncensored_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    {
+        let store = Store::open(&path).unwrap();
+        store
+            .record_deletion(&deletion("shop", "web", "web-1", 1.5, t(1_000)))
+            .unwrap();
+        let side = rusqlite::Connection::open(&path).unwrap();
+        side.execute_batch(
+            "ALTER TABLE deletions DROP COLUMN bound_seconds;
+             ALTER TABLE deletions DROP COLUMN censored_after_seconds;
+             ALTER TABLE deletions DROP COLUMN nodes_expected;
+             ALTER TABLE deletions DROP COLUMN nodes_measured;
+             ALTER TABLE deletions DROP COLUMN nodes_still_routing;
+             ALTER TABLE deletions DROP COLUMN nodes_unknown;
+             PRAGMA user_version = 3;",
+        )
+        .unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let samples = store.samples(&Scope::default(), t(0)).unwrap();
+    // Its propagation is the sample; nothing censored, coverage unknown.
+    assert_eq!(samples.latencies, vec![1.5]);
+    assert!(samples.censored.is_empty());
+    assert_eq!(samples.coverage.expected, 0);
+    store
+        .record_deletion(&deletion("shop", "web", "web-2", 0.5, t(2_000)))
+        .unwrap();
+    assert_eq!(
+        store.samples(&Scope::default(), t(0)).unwrap().latencies,
+        vec![0.5, 1.5]
+    );
+}
+
+#[test]
 fn samples_follow_scope_window_and_outcome() {
     let store = Store::in_memory().unwrap();
     store
@@ -50,6 +86,7 @@ fn samples_follow_scope_window_and_outcome() {
     let mut incomplete = deletion("a", "web", "w3", 0.0, t(500));
     incomplete.complete = false;
     incomplete.propagation_seconds = None;
+    incomplete.propagation_upper_seconds = None;
     incomplete.missing_nodes = vec!["node-z".into()];
     store.record_deletion(&incomplete).unwrap();
 
@@ -412,11 +449,11 @@ mod in_flight {
         store.insert_pending(&pending("u1")).unwrap();
         assert_eq!(store.in_flight().unwrap().pending.len(), 1);
         let side = rusqlite::Connection::open(&path).unwrap();
-        side.execute_batch("PRAGMA user_version = 4;").unwrap();
+        side.execute_batch("PRAGMA user_version = 5;").unwrap();
         drop(store);
         assert!(matches!(
             Store::open(&path),
-            Err(StoreError::Schema { found: 4, .. })
+            Err(StoreError::Schema { found: 5, .. })
         ));
     }
 

@@ -99,7 +99,7 @@ async fn next_update(r: &mut Reporter) -> WatchUpdate {
         .expect("watch channel closed")
 }
 
-async fn wait_for_deletion(store: &Path, uid: &str) -> aggregator::model::DeletionRecord {
+async fn wait_for_deletion(store: &Path, uid: &str) -> observer_proto::api::DeletionRecord {
     for _ in 0..500 {
         if let Some(d) = Store::open(store).unwrap().deletion(uid).unwrap() {
             return d;
