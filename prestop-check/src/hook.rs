@@ -80,8 +80,14 @@ pub fn fmt_secs(s: f64) -> String {
 }
 
 const SHELLS: &[&str] = &["sh", "bash", "ash", "dash", "ksh", "zsh"];
-/// Commands that cannot stop the app, so they may run before the sleep.
-const HARMLESS: &[&str] = &["echo", "printf", "true", ":", "date", "logger"];
+/// Commands that cannot stop the app from accepting: the delay runs on
+/// through them.
+const HARMLESS: &[&str] = &[
+    "echo", "printf", "true", ":", "date", "logger", "rm", "touch", "sync",
+];
+/// Commands that stop or signal the app: the delay it experiences ends
+/// where they run, whatever sleeps follow.
+const STOPPERS: &[&str] = &["kill", "killall", "pkill", "killall5"];
 
 fn basename(s: &str) -> &str {
     s.rsplit('/').next().unwrap_or(s)
@@ -117,6 +123,35 @@ fn exec_delay(command: &[String]) -> Result<(f64, usize), String> {
     Err(format!("exec hook runs `{program}`, not a sleep"))
 }
 
+/// One command of a preStop script, as the app experiences it.
+enum Step {
+    Sleep(f64),
+    Harmless,
+    /// Stops the app from accepting, or may: a command this cannot read.
+    Stops(String),
+}
+
+fn step<'a>(first: &'a str, mut args: impl Iterator<Item = &'a str>) -> Result<Step, String> {
+    let name = basename(first);
+    let has = |words: &[&str], arg: Option<&str>| arg.is_some_and(|a| words.contains(&a));
+    Ok(match name {
+        "sleep" => Step::Sleep(sleep_args(args.map(|w| w.trim_matches(['"', '\''])))?),
+        _ if HARMLESS.contains(&name) => Step::Harmless,
+        // `nginx -s reload` re-reads the configuration and keeps accepting.
+        "nginx" if args.next() == Some("-s") && has(&["reload", "reopen"], args.next()) => {
+            Step::Harmless
+        }
+        _ if STOPPERS.contains(&name) => Step::Stops(format!("`{name}` signals the app")),
+        "nginx" | "apachectl" | "apache2ctl" | "httpd" => {
+            Step::Stops(format!("`{name}` may stop the server"))
+        }
+        _ => Step::Stops(format!("`{name}` cannot be read and may stop the app")),
+    })
+}
+
+/// The sleeps up to the first command that stops (or may stop) the app:
+/// `sleep 5 && kill -TERM 1 && sleep 30` delays SIGTERM by 35 s, but the
+/// app stops accepting after 5.
 fn script_delay(script: &str) -> Result<(f64, usize), String> {
     let control = ["||", "|", "&", "`", "$(", "(", ")", "{", "}"];
     let flattened = script.replace("&&", "\n");
@@ -136,13 +171,16 @@ fn script_delay(script: &str) -> Result<(f64, usize), String> {
         if keyword.contains(&first) {
             return Err(format!("shell script uses `{first}`"));
         }
-        if basename(first) == "sleep" {
-            total += sleep_args(words.map(|w| w.trim_matches(['"', '\''])))?;
-            sleeps += 1;
-        } else if sleeps == 0 && !HARMLESS.contains(&first) {
-            return Err(format!(
-                "`{first}` runs before the sleep and may stop the app early"
-            ));
+        match step(first, words)? {
+            Step::Sleep(seconds) => {
+                total += seconds;
+                sleeps += 1;
+            }
+            Step::Harmless => {}
+            Step::Stops(why) if sleeps == 0 => {
+                return Err(format!("{why} before any sleep"));
+            }
+            Step::Stops(_) => break,
         }
     }
     if sleeps == 0 {
@@ -203,9 +241,28 @@ mod tests {
             Ok((4.0, 1))
         );
         assert_eq!(exec(&["sh", "-c", "sleep 2; sleep 3"]), Ok((5.0, 2)));
+        assert_eq!(exec(&["sh", "-c", "rm /tmp/online && sleep 20"]), Ok((20.0, 1)));
         assert_eq!(
             exec(&["sh", "-c", "exec sleep 9 # wait for kube-proxy"]),
             Ok((9.0, 1))
+        );
+    }
+
+    #[test]
+    fn the_delay_ends_at_the_first_command_that_stops_the_app() {
+        assert_eq!(
+            exec(&["sh", "-c", "sleep 5 && kill -TERM 1 && sleep 30"]),
+            Ok((5.0, 1))
+        );
+        let nginx = "sleep 10 && nginx -s reload && sleep 1 && nginx -s quit && sleep 5";
+        assert_eq!(exec(&["sh", "-c", nginx]), Ok((11.0, 2)));
+        assert_eq!(
+            exec(&["sh", "-c", "sleep 3; apachectl graceful-stop; sleep 9"]),
+            Ok((3.0, 1))
+        );
+        assert_eq!(
+            exec(&["sh", "-c", "sleep 4\n/drain.sh\nsleep 60"]),
+            Ok((4.0, 1))
         );
     }
 
