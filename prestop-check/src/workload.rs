@@ -569,7 +569,8 @@ fn ignored_path(path: &serde_ignored::Path<'_>) -> Vec<Step> {
 /// Each place where the required field `path` (dotted; `x[]` means every
 /// item of list `x`) is absent, as a problem at its parent's line.
 fn missing(node: &Node, path: &str) -> Problems {
-    fn walk(node: &Node, steps: &[&str], shown: String, out: &mut Problems) {
+    /// `line`: where `node` starts for a reader (its key's line).
+    fn walk(node: &Node, line: usize, steps: &[&str], shown: String, out: &mut Problems) {
         let Some((first, rest)) = steps.split_first() else {
             return;
         };
@@ -582,24 +583,27 @@ fn missing(node: &Node, path: &str) -> Problems {
         } else {
             format!("{shown}.{key}")
         };
-        let Some(value) = node.get(key).filter(|v| !matches!(v.value, yaml::Value::Null)) else {
+        let Some((k, value)) = node
+            .entry(key)
+            .filter(|(_, v)| !matches!(v.value, yaml::Value::Null))
+        else {
             // Lists are optional unless the path ends at one; their items'
             // fields are required only where items exist.
             if !each {
-                out.push((node.span.line, format!("missing required field `{at}`")));
+                out.push((line, format!("missing required field `{at}`")));
             }
             return;
         };
         if each {
             for (i, item) in value.items().iter().enumerate() {
-                walk(item, rest, format!("{at}[{i}]"), out);
+                walk(item, item.span.line, rest, format!("{at}[{i}]"), out);
             }
         } else {
-            walk(value, rest, at, out);
+            walk(value, k.span.line, rest, at, out);
         }
     }
     let steps: Vec<&str> = path.split('.').collect();
     let mut out = Vec::new();
-    walk(node, &steps, String::new(), &mut out);
+    walk(node, node.span.line, &steps, String::new(), &mut out);
     out
 }
