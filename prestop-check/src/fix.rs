@@ -281,7 +281,10 @@ fn insert_after_line_of(text: &str, node: &Node, insert: String) -> Edit {
 pub fn apply(text: &str, mut edits: Vec<Edit>) -> Result<String, String> {
     edits.sort_by(|a, b| (a.start, a.end, &a.text).cmp(&(b.start, b.end, &b.text)));
     edits.dedup();
-    if let Some(pair) = edits.windows(2).find(|p| p[1].start < p[0].end || p[1].start == p[0].start) {
+    if let Some(pair) = edits
+        .windows(2)
+        .find(|p| p[1].start < p[0].end || p[1].start == p[0].start)
+    {
         let line = text[..pair[0].start].matches('\n').count() + 1;
         return Err(format!(
             "line {line} needs two different edits ({:?} and {:?}): it is shared through a \

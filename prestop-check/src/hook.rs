@@ -241,7 +241,10 @@ mod tests {
             Ok((4.0, 1))
         );
         assert_eq!(exec(&["sh", "-c", "sleep 2; sleep 3"]), Ok((5.0, 2)));
-        assert_eq!(exec(&["sh", "-c", "rm /tmp/online && sleep 20"]), Ok((20.0, 1)));
+        assert_eq!(
+            exec(&["sh", "-c", "rm /tmp/online && sleep 20"]),
+            Ok((20.0, 1))
+        );
         assert_eq!(
             exec(&["sh", "-c", "exec sleep 9 # wait for kube-proxy"]),
             Ok((9.0, 1))

@@ -125,7 +125,12 @@ fn base_url(s: &str) -> Result<String, String> {
         .strip_prefix("http://")
         .or_else(|| s.strip_prefix("https://"))
         .ok_or("must start with http:// or https://")?;
-    if rest.split(['/', '?', '#']).next().unwrap_or_default().is_empty() {
+    if rest
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or_default()
+        .is_empty()
+    {
         return Err("has no host".into());
     }
     Ok(s.to_string())
@@ -237,7 +242,12 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
         } else {
             Severity::Warning
         };
-        failures.push(failure(severity, Some(p.path().to_string()), None, p.to_string()));
+        failures.push(failure(
+            severity,
+            Some(p.path().to_string()),
+            None,
+            p.to_string(),
+        ));
     }
     for e in &invalid {
         unreadable = true;
@@ -349,7 +359,12 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
     } else {
         Exit::Ok
     };
-    Ok(print(cli.format, exit, &failures, Some((&outcome, &inventory))))
+    Ok(print(
+        cli.format,
+        exit,
+        &failures,
+        Some((&outcome, &inventory)),
+    ))
 }
 
 /// Why a run checked nothing, from what it did read.

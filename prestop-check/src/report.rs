@@ -46,7 +46,10 @@ fn skipped_kinds(r: &Report<'_>) -> Option<String> {
             .iter()
             .map(|(kind, n)| format!("{kind} ({n})"))
             .collect();
-        format!("not checked, kinds this check does not read: {}", kinds.join(", "))
+        format!(
+            "not checked, kinds this check does not read: {}",
+            kinds.join(", ")
+        )
     })
 }
 
@@ -193,7 +196,11 @@ fn github(r: &Report<'_>) -> String {
         );
     }
     if let Some(skipped) = skipped_kinds(r) {
-        let _ = writeln!(out, "::notice title=prestop-check::{}", escape_data(&skipped));
+        let _ = writeln!(
+            out,
+            "::notice title=prestop-check::{}",
+            escape_data(&skipped)
+        );
     }
     out
 }

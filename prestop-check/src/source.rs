@@ -139,10 +139,10 @@ impl Reader {
         let meta = match std::fs::metadata(path) {
             Ok(meta) => meta,
             Err(source) => {
-                return self
-                    .inputs
-                    .problems
-                    .push(InputProblem::Read { path: shown, source });
+                return self.inputs.problems.push(InputProblem::Read {
+                    path: shown,
+                    source,
+                });
             }
         };
         if meta.is_dir() {
@@ -150,10 +150,10 @@ impl Reader {
         } else if self.seen_files.insert((meta.dev(), meta.ino())) {
             match std::fs::read(path) {
                 Ok(bytes) => self.add(Some(path.to_path_buf()), shown, bytes),
-                Err(source) => self
-                    .inputs
-                    .problems
-                    .push(InputProblem::Read { path: shown, source }),
+                Err(source) => self.inputs.problems.push(InputProblem::Read {
+                    path: shown,
+                    source,
+                }),
             }
         }
     }
@@ -194,10 +194,10 @@ impl Reader {
         let mut entries = match entries {
             Ok(entries) => entries,
             Err(source) => {
-                return self
-                    .inputs
-                    .problems
-                    .push(InputProblem::Read { path: shown, source });
+                return self.inputs.problems.push(InputProblem::Read {
+                    path: shown,
+                    source,
+                });
             }
         };
         entries.sort();
@@ -221,11 +221,9 @@ impl Reader {
             message,
         };
         match Command::new("kubectl").arg("kustomize").arg(path).output() {
-            Ok(out) if out.status.success() => self.add(
-                None,
-                format!("{shown} (kubectl kustomize)"),
-                out.stdout,
-            ),
+            Ok(out) if out.status.success() => {
+                self.add(None, format!("{shown} (kubectl kustomize)"), out.stdout)
+            }
             Ok(out) => {
                 let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
                 self.inputs

@@ -120,6 +120,8 @@ pub struct Workload {
     pub namespace: String,
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// What the check reads of the pod spec: containers' names, ports and
+    /// lifecycle, and the grace period (see `slim`).
     pub pod_spec: PodSpec,
     pub pod_spec_path: &'static [&'static str],
     /// Line of each container's `name` key.
@@ -271,18 +273,20 @@ impl Inventory {
             }
             ("", "Service") => match service(node, ns) {
                 Ok(svc) => self.services.extend(svc),
-                Err(problems) => errors.extend(problems.into_iter().map(|(line, message)| {
-                    ManifestError {
+                Err(problems) => {
+                    errors.extend(problems.into_iter().map(|(line, message)| ManifestError {
                         file,
                         line,
                         message: format!("invalid Service: {message}"),
-                    }
-                })),
+                    }))
+                }
             },
             ("argoproj.io", "Rollout") if node.path(&["spec", "template"]).is_none() => {
                 // A Rollout with a workloadRef: its template is that of the
                 // Deployment it names, which is checked as itself.
-                self.skip(format!("{api_version} {kind} without a template (workloadRef)"));
+                self.skip(format!(
+                    "{api_version} {kind} without a template (workloadRef)"
+                ));
             }
             _ => match KINDS.iter().find(|k| k.group == group && k.kind == kind) {
                 Some(k) => match workload(k, node, ns) {
@@ -292,12 +296,10 @@ impl Inventory {
                         self.workloads.push(w);
                     }
                     Err(problems) => {
-                        errors.extend(problems.into_iter().map(|(line, message)| {
-                            ManifestError {
-                                file,
-                                line,
-                                message: format!("invalid {kind}: {message}"),
-                            }
+                        errors.extend(problems.into_iter().map(|(line, message)| ManifestError {
+                            file,
+                            line,
+                            message: format!("invalid {kind}: {message}"),
                         }))
                     }
                 },
@@ -377,11 +379,31 @@ fn workload(k: &Kind, node: &Node, ns: &str) -> Result<Workload, Problems> {
         namespace: meta.namespace.unwrap_or_else(|| ns.to_string()),
         name: meta.name.unwrap_or_default(),
         labels: labels.into_iter().collect(),
-        pod_spec,
+        pod_spec: slim(pod_spec),
         pod_spec_path: k.pod_spec,
         container_lines,
         grace_line,
     })
+}
+
+/// The fields the check reads. Workloads are kept until the report, and
+/// their env, volumes and the like would otherwise make memory grow with
+/// the input many times over.
+fn slim(spec: PodSpec) -> PodSpec {
+    PodSpec {
+        containers: spec
+            .containers
+            .into_iter()
+            .map(|c| Container {
+                name: c.name,
+                ports: c.ports,
+                lifecycle: c.lifecycle,
+                ..Default::default()
+            })
+            .collect(),
+        termination_grace_period_seconds: spec.termination_grace_period_seconds,
+        ..Default::default()
+    }
 }
 
 /// Deserialises the whole object into its Kubernetes type, so a malformed

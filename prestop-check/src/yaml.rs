@@ -304,6 +304,8 @@ fn merge(
 struct LineIndex<'t> {
     text: &'t str,
     starts: Vec<usize>,
+    /// Characters are bytes: the parser's character index is the offset.
+    ascii: bool,
 }
 
 impl<'t> LineIndex<'t> {
@@ -311,7 +313,11 @@ impl<'t> LineIndex<'t> {
         let starts = std::iter::once(0)
             .chain(text.match_indices('\n').map(|(i, _)| i + 1))
             .collect();
-        Self { text, starts }
+        Self {
+            text,
+            starts,
+            ascii: text.is_ascii(),
+        }
     }
 
     fn node(&self, start: Marker, end: Marker, value: Value) -> Node {
@@ -327,6 +333,9 @@ impl<'t> LineIndex<'t> {
     }
 
     fn byte_offset(&self, m: Marker) -> usize {
+        if self.ascii {
+            return m.index().min(self.text.len());
+        }
         let Some(&line_start) = self.starts.get(m.line().saturating_sub(1)) else {
             return self.text.len();
         };

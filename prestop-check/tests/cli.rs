@@ -3,9 +3,6 @@
 
 mod harness;
 
-use std::io::Write;
-use std::path::Path;
-
 use harness::*;
 
 #[test]

@@ -44,7 +44,11 @@ fn checked_seconds(report: &serde_json::Value) -> Vec<(String, serde_json::Value
         .iter()
         .map(|c| {
             (
-                format!("{}/{}", c["workload"].as_str().unwrap(), c["container"].as_str().unwrap()),
+                format!(
+                    "{}/{}",
+                    c["workload"].as_str().unwrap(),
+                    c["container"].as_str().unwrap()
+                ),
                 c["preStopSeconds"].clone(),
             )
         })
@@ -65,7 +69,11 @@ fn problems(report: &serde_json::Value, problem: &str) -> Vec<String> {
 fn a_404_or_any_other_error_status_is_never_no_data() {
     let agg = seeded();
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "m.yaml", &format!("{WEB_SERVICE}---\n{}", deployment("web", "")));
+    write(
+        dir.path(),
+        "m.yaml",
+        &format!("{WEB_SERVICE}---\n{}", deployment("web", "")),
+    );
     // The real aggregator under a wrong path prefix answers 404.
     let wrong = format!("{}/prestop", agg.url);
     let out = run(&["--aggregator", &wrong, "m.yaml"], dir.path(), None);
@@ -75,19 +83,34 @@ fn a_404_or_any_other_error_status_is_never_no_data() {
     let proxy = answering("404 Not Found");
     let out = run(&["--aggregator", &proxy, "m.yaml"], dir.path(), None);
     assert_eq!(code(&out), 4, "{}", stdout(&out));
-    assert!(!stdout(&out).contains("knows no deletions"), "{}", stdout(&out));
+    assert!(
+        !stdout(&out).contains("knows no deletions"),
+        "{}",
+        stdout(&out)
+    );
     // The aggregator's own "no measurements" answer is a 200.
     let empty = start(&[]);
-    let out = run(&["--aggregator", &empty.url, "--format", "json", "m.yaml"], dir.path(), None);
+    let out = run(
+        &["--aggregator", &empty.url, "--format", "json", "m.yaml"],
+        dir.path(),
+        None,
+    );
     assert_eq!(code(&out), 0, "{}", stdout(&out));
-    assert_eq!(problems(&json(&out), "noMeasurements"), ["Deployment shop/web"]);
+    assert_eq!(
+        problems(&json(&out), "noMeasurements"),
+        ["Deployment shop/web"]
+    );
 }
 
 #[test]
 fn usage_errors_exit_2_whatever_offline_ok_says() {
     let agg = seeded();
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "m.yaml", &format!("{WEB_SERVICE}---\n{}", deployment("web", "")));
+    write(
+        dir.path(),
+        "m.yaml",
+        &format!("{WEB_SERVICE}---\n{}", deployment("web", "")),
+    );
     let host = agg.url.strip_prefix("http://").unwrap();
     let cases: [&[&str]; 10] = [
         &["--aggregator", host],
@@ -105,11 +128,24 @@ fn usage_errors_exit_2_whatever_offline_ok_says() {
         let mut args = args.to_vec();
         args.extend(["--offline-ok", "m.yaml"]);
         let out = run(&args, dir.path(), None);
-        assert_eq!(code(&out), 2, "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            code(&out),
+            2,
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     // The same flags, valid, reach the aggregator.
     let out = run(
-        &["--aggregator", &agg.url, "--quantile", "0.99", "--timeout-seconds", "5", "m.yaml"],
+        &[
+            "--aggregator",
+            &agg.url,
+            "--quantile",
+            "0.99",
+            "--timeout-seconds",
+            "5",
+            "m.yaml",
+        ],
         dir.path(),
         None,
     );
@@ -120,7 +156,11 @@ fn usage_errors_exit_2_whatever_offline_ok_says() {
 fn a_run_that_checked_nothing_says_so_and_can_fail() {
     let agg = seeded();
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "only/config.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n");
+    write(
+        dir.path(),
+        "only/config.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n",
+    );
     write(dir.path(), "only/README.md", "# notes\n");
     for (args, stdin, mentions) in [
         (vec!["only"], None, "v1 ConfigMap (1)"),
@@ -136,21 +176,39 @@ fn a_run_that_checked_nothing_says_so_and_can_fail() {
         args.push("--fail-if-nothing-checked");
         let out = run(&args, dir.path(), stdin);
         assert_eq!(code(&out), 7, "{}", stdout(&out));
-        assert!(stdout(&out).contains("error: nothing was checked"), "{}", stdout(&out));
+        assert!(
+            stdout(&out).contains("error: nothing was checked"),
+            "{}",
+            stdout(&out)
+        );
     }
     assert!(
         stdout(&run(&["--aggregator", &agg.url, "only"], dir.path(), None))
             .contains("1 file(s) in the directories skipped"),
     );
     // Upper-case extensions are manifests too.
-    write(dir.path(), "upper/APP.YAML", &format!("{WEB_SERVICE}---\n{}", deployment("web", "")));
+    write(
+        dir.path(),
+        "upper/APP.YAML",
+        &format!("{WEB_SERVICE}---\n{}", deployment("web", "")),
+    );
     let out = run(
-        &["--aggregator", &agg.url, "--format", "json", "--fail-if-nothing-checked", "upper"],
+        &[
+            "--aggregator",
+            &agg.url,
+            "--format",
+            "json",
+            "--fail-if-nothing-checked",
+            "upper",
+        ],
         dir.path(),
         None,
     );
     assert_eq!(code(&out), 1, "{}", stdout(&out));
-    assert_eq!(checked_seconds(&json(&out)), [("web/app".to_string(), 0.0.into())]);
+    assert_eq!(
+        checked_seconds(&json(&out)),
+        [("web/app".to_string(), 0.0.into())]
+    );
 }
 
 #[test]
@@ -164,19 +222,41 @@ containers:\n      - name: app\n        image: a:1\n        lifecycle:\n        
     // A Rollout that borrows a Deployment's template is that Deployment's.
     let by_ref = "apiVersion: argoproj.io/v1alpha1\nkind: Rollout\nmetadata: {name: ref, namespace: shop}\n\
 spec:\n  workloadRef: {apiVersion: apps/v1, kind: Deployment, name: web}\n";
-    write(dir.path(), "m.yaml", &format!("{WEB_SERVICE}---\n{rollout}---\n{by_ref}"));
-    let out = run(&["--aggregator", &agg.url, "--format", "json", "m.yaml"], dir.path(), None);
+    write(
+        dir.path(),
+        "m.yaml",
+        &format!("{WEB_SERVICE}---\n{rollout}---\n{by_ref}"),
+    );
+    let out = run(
+        &["--aggregator", &agg.url, "--format", "json", "m.yaml"],
+        dir.path(),
+        None,
+    );
     assert_eq!(code(&out), 1, "{}", stdout(&out));
     let report = json(&out);
-    assert_eq!(checked_seconds(&report), [("web/app".to_string(), 2.0.into())]);
+    assert_eq!(
+        checked_seconds(&report),
+        [("web/app".to_string(), 2.0.into())]
+    );
     assert_eq!(report["checked"][0]["kind"], "Rollout");
-    assert_eq!(problems(&report, "preStopBelowRecommendation"), ["Rollout shop/web"]);
+    assert_eq!(
+        problems(&report, "preStopBelowRecommendation"),
+        ["Rollout shop/web"]
+    );
 
-    let out = run(&["--aggregator", &agg.url, "--fix", "m.yaml"], dir.path(), None);
+    let out = run(
+        &["--aggregator", &agg.url, "--fix", "m.yaml"],
+        dir.path(),
+        None,
+    );
     assert_eq!(code(&out), 0, "{}", stdout(&out));
     let after = std::fs::read_to_string(dir.path().join("m.yaml")).unwrap();
     assert!(after.contains("              seconds: 5\n"), "{after}");
-    let text = stdout(&run(&["--aggregator", &agg.url, "m.yaml"], dir.path(), None));
+    let text = stdout(&run(
+        &["--aggregator", &agg.url, "m.yaml"],
+        dir.path(),
+        None,
+    ));
     assert!(
         text.contains("argoproj.io/v1alpha1 Rollout without a template (workloadRef) (1)"),
         "{text}"
@@ -194,19 +274,41 @@ spec:\n  template:\n    spec:\n      containers:\n      - image: ghcr.io/knative
     write(
         dir.path(),
         "m.yaml",
-        &format!("{knative}---\n{old}---\n{WEB_SERVICE}---\n{}", deployment("web", "")),
+        &format!(
+            "{knative}---\n{old}---\n{WEB_SERVICE}---\n{}",
+            deployment("web", "")
+        ),
     );
-    let out = run(&["--aggregator", &agg.url, "--format", "json", "m.yaml"], dir.path(), None);
+    let out = run(
+        &["--aggregator", &agg.url, "--format", "json", "m.yaml"],
+        dir.path(),
+        None,
+    );
     assert_eq!(code(&out), 1, "{}", stdout(&out));
-    assert_eq!(checked_seconds(&json(&out)), [("web/app".to_string(), 0.0.into())]);
-    let out = run(&["--aggregator", &agg.url, "--format", "github", "m.yaml"], dir.path(), None);
+    assert_eq!(
+        checked_seconds(&json(&out)),
+        [("web/app".to_string(), 0.0.into())]
+    );
+    let out = run(
+        &["--aggregator", &agg.url, "--format", "github", "m.yaml"],
+        dir.path(),
+        None,
+    );
     let notice = stdout(&out)
         .lines()
         .find(|l| l.starts_with("::notice "))
         .unwrap_or_default()
         .to_string();
-    assert!(notice.contains("extensions/v1beta1 Deployment (1)"), "{}", stdout(&out));
-    assert!(notice.contains("serving.knative.dev/v1 Service (1)"), "{}", stdout(&out));
+    assert!(
+        notice.contains("extensions/v1beta1 Deployment (1)"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        notice.contains("serving.knative.dev/v1 Service (1)"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 #[test]
@@ -214,12 +316,25 @@ fn schema_mistakes_exit_3_at_their_line() {
     let agg = seeded();
     let dir = tempfile::tempdir().unwrap();
     let typo = deployment("typo", "").replace("      containers:", "      contaienrs:");
-    let no_selector = deployment("loose", "").replace("  selector: {matchLabels: {tier: web}}\n", "");
-    let nameless = deployment("nameless", "").replace("      - name: app\n        image", "      - image");
+    let no_selector =
+        deployment("loose", "").replace("  selector: {matchLabels: {tier: web}}\n", "");
+    let nameless =
+        deployment("nameless", "").replace("      - name: app\n        image", "      - image");
     write(dir.path(), "typo.yaml", &typo);
-    write(dir.path(), "more.yaml", &format!("{no_selector}---\n{nameless}"));
+    write(
+        dir.path(),
+        "more.yaml",
+        &format!("{no_selector}---\n{nameless}"),
+    );
     let out = run(
-        &["--aggregator", &agg.url, "--offline-ok", "--format", "github", "."],
+        &[
+            "--aggregator",
+            &agg.url,
+            "--offline-ok",
+            "--format",
+            "github",
+            ".",
+        ],
         dir.path(),
         None,
     );
@@ -257,10 +372,17 @@ fn a_delay_ends_at_the_first_command_that_can_stop_the_app() {
         deployment("nginx", &exec_hook(nginx)),
         deployment("killer", &exec_hook("sleep 5 && kill -TERM 1 && sleep 30")),
         deployment("marker", &exec_hook("rm /tmp/online && sleep 20")),
-        deployment("script", &exec_hook("touch /tmp/drain; sleep 15; /drain.sh; sleep 60")),
+        deployment(
+            "script",
+            &exec_hook("touch /tmp/drain; sleep 15; /drain.sh; sleep 60"),
+        ),
     ];
     write(dir.path(), "m.yaml", &docs.join("---\n"));
-    let out = run(&["--aggregator", &agg.url, "--format", "json", "m.yaml"], dir.path(), None);
+    let out = run(
+        &["--aggregator", &agg.url, "--format", "json", "m.yaml"],
+        dir.path(),
+        None,
+    );
     assert_eq!(code(&out), 1, "{}", stdout(&out));
     let report = json(&out);
     assert_eq!(
@@ -278,10 +400,22 @@ fn a_delay_ends_at_the_first_command_that_can_stop_the_app() {
     );
     assert!(problems(&report, "unknownPreStop").is_empty());
     // --fix changes the sleep before the kill, the one the app waits for.
-    let out = run(&["--aggregator", &agg.url, "--fix", "m.yaml"], dir.path(), None);
-    assert_eq!(code(&out), 1, "the nginx hook sleeps twice: {}", stdout(&out));
+    let out = run(
+        &["--aggregator", &agg.url, "--fix", "m.yaml"],
+        dir.path(),
+        None,
+    );
+    assert_eq!(
+        code(&out),
+        1,
+        "the nginx hook sleeps twice: {}",
+        stdout(&out)
+    );
     let after = std::fs::read_to_string(dir.path().join("m.yaml")).unwrap();
-    assert!(after.contains("sleep 14 && kill -TERM 1 && sleep 30"), "{after}");
+    assert!(
+        after.contains("sleep 14 && kill -TERM 1 && sleep 30"),
+        "{after}"
+    );
     assert!(after.contains(nginx), "{after}");
 }
 
@@ -289,18 +423,21 @@ fn a_delay_ends_at_the_first_command_that_can_stop_the_app() {
 fn anchors_and_merge_keys_are_read_and_a_shared_value_is_fixed_once() {
     let agg = seeded();
     let dir = tempfile::tempdir().unwrap();
-    let slow = "        lifecycle:\n          preStop:\n            sleep:\n              seconds: 15\n";
+    let slow =
+        "        lifecycle:\n          preStop:\n            sleep:\n              seconds: 15\n";
     let manifest = format!(
         "{WEB_SERVICE}---\napiVersion: v1\nkind: List\nitems:\n{}",
         [
-            deployment("slow", slow).replace("      - name: app\n", "      - &slow\n        name: app\n"),
+            deployment("slow", slow)
+                .replace("      - name: app\n", "      - &slow\n        name: app\n"),
             deployment("merged", "").replace(
                 "      - name: app\n        image: a:1\n",
                 "      - <<: *slow\n        image: b:1\n",
             ),
             deployment("fast", &exec_hook("sleep 2"))
                 .replace("      - name: app\n", "      - &fast\n        name: app\n"),
-            deployment("aliased", "").replace("      - name: app\n        image: a:1\n", "      - *fast\n"),
+            deployment("aliased", "")
+                .replace("      - name: app\n        image: a:1\n", "      - *fast\n"),
             deployment("fastmerged", "").replace(
                 "      - name: app\n        image: a:1\n",
                 "      - <<: *fast\n        image: c:1\n",
@@ -313,7 +450,11 @@ fn anchors_and_merge_keys_are_read_and_a_shared_value_is_fixed_once() {
             + "\n"
     );
     write(dir.path(), "m.yaml", &manifest);
-    let out = run(&["--aggregator", &agg.url, "--format", "json", "m.yaml"], dir.path(), None);
+    let out = run(
+        &["--aggregator", &agg.url, "--format", "json", "m.yaml"],
+        dir.path(),
+        None,
+    );
     assert_eq!(code(&out), 1, "{}", stdout(&out));
     assert_eq!(
         checked_seconds(&json(&out)),
@@ -325,7 +466,11 @@ fn anchors_and_merge_keys_are_read_and_a_shared_value_is_fixed_once() {
             ("fastmerged/app".to_string(), 2.0.into()),
         ]
     );
-    let out = run(&["--aggregator", &agg.url, "--fix", "m.yaml"], dir.path(), None);
+    let out = run(
+        &["--aggregator", &agg.url, "--fix", "m.yaml"],
+        dir.path(),
+        None,
+    );
     assert_eq!(code(&out), 0, "{}", stdout(&out));
     let after = std::fs::read_to_string(dir.path().join("m.yaml")).unwrap();
     assert_eq!(after, manifest.replace("sleep 2", "sleep 5"));
@@ -346,20 +491,45 @@ containers:\n  - name: app\n    image: a:1\n    ports: [{name: http, containerPo
              spec:\n  selector: {{tier: web}}\n  ports: [{{port: 80, targetPort: {target}}}]\n"
         )
     };
-    write(dir.path(), "metrics.yaml", &format!("{}---\n{pod}", service("metrics")));
+    write(
+        dir.path(),
+        "metrics.yaml",
+        &format!("{}---\n{pod}", service("metrics")),
+    );
     let before = std::fs::read_to_string(dir.path().join("metrics.yaml")).unwrap();
     let out = run(
-        &["--aggregator", &agg.url, "--format", "json", "--fix", "metrics.yaml"],
+        &[
+            "--aggregator",
+            &agg.url,
+            "--format",
+            "json",
+            "--fix",
+            "metrics.yaml",
+        ],
         dir.path(),
         None,
     );
     assert_eq!(code(&out), 0, "{}", stdout(&out));
     assert!(checked_seconds(&json(&out)).is_empty());
-    assert_eq!(std::fs::read_to_string(dir.path().join("metrics.yaml")).unwrap(), before);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("metrics.yaml")).unwrap(),
+        before
+    );
 
-    write(dir.path(), "http.yaml", &format!("{}---\n{pod}", service("http")));
-    let out = run(&["--aggregator", &agg.url, "--format", "json", "http.yaml"], dir.path(), None);
-    assert_eq!(checked_seconds(&json(&out)), [("p/app".to_string(), 0.0.into())]);
+    write(
+        dir.path(),
+        "http.yaml",
+        &format!("{}---\n{pod}", service("http")),
+    );
+    let out = run(
+        &["--aggregator", &agg.url, "--format", "json", "http.yaml"],
+        dir.path(),
+        None,
+    );
+    assert_eq!(
+        checked_seconds(&json(&out)),
+        [("p/app".to_string(), 0.0.into())]
+    );
 }
 
 #[test]
@@ -389,7 +559,11 @@ fn keep_alive_advice_shows_only_where_it_was_measured() {
         })
         .collect();
     write(dir.path(), "m.yaml", &docs.join("---\n"));
-    let out = run(&["--aggregator", &agg.url, "--format", "json", "m.yaml"], dir.path(), None);
+    let out = run(
+        &["--aggregator", &agg.url, "--format", "json", "m.yaml"],
+        dir.path(),
+        None,
+    );
     let report = json(&out);
     assert_eq!(checked_seconds(&report).len(), 3, "{report}");
     assert_eq!(problems(&report, "keepAlive"), ["Deployment shop/api"]);
@@ -404,19 +578,38 @@ fn low_confidence_prints_the_aggregators_samples_still_needed() {
         .unwrap();
     assert_eq!(needed, 259);
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "m.yaml", &format!("{WEB_SERVICE}---\n{}", deployment("web", "")));
-    let text = stdout(&run(&["--aggregator", &agg.url, "m.yaml"], dir.path(), None));
+    write(
+        dir.path(),
+        "m.yaml",
+        &format!("{WEB_SERVICE}---\n{}", deployment("web", "")),
+    );
+    let text = stdout(&run(
+        &["--aggregator", &agg.url, "m.yaml"],
+        dir.path(),
+        None,
+    ));
     assert!(text.contains("(40 samples, 259 more needed)"), "{text}");
-    assert!(text.contains("LOW CONFIDENCE: 259 more samples needed"), "{text}");
+    assert!(
+        text.contains("LOW CONFIDENCE: 259 more samples needed"),
+        "{text}"
+    );
 }
 
 #[test]
 fn a_symlink_loop_is_read_once_and_reported() {
     let agg = seeded();
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "k8s/m.yaml", &format!("{WEB_SERVICE}---\n{}", deployment("web", "")));
+    write(
+        dir.path(),
+        "k8s/m.yaml",
+        &format!("{WEB_SERVICE}---\n{}", deployment("web", "")),
+    );
     std::os::unix::fs::symlink(".", dir.path().join("k8s/loop")).unwrap();
-    let out = run(&["--aggregator", &agg.url, "--format", "json", "k8s"], dir.path(), None);
+    let out = run(
+        &["--aggregator", &agg.url, "--format", "json", "k8s"],
+        dir.path(),
+        None,
+    );
     assert_eq!(code(&out), 1, "{}", stdout(&out));
     let report = json(&out);
     assert_eq!(report["checked"].as_array().unwrap().len(), 1, "{report}");
@@ -425,7 +618,10 @@ fn a_symlink_loop_is_read_once_and_reported() {
     assert_eq!(failure["severity"], "warning");
     assert_eq!(failure["file"], "k8s/loop");
     assert!(
-        failure["message"].as_str().unwrap().contains("already read"),
+        failure["message"]
+            .as_str()
+            .unwrap()
+            .contains("already read"),
         "{failure}"
     );
 }
@@ -434,7 +630,11 @@ fn a_symlink_loop_is_read_once_and_reported() {
 fn charts_and_kustomize_trees_are_named_and_kustomize_can_be_rendered() {
     let agg = seeded();
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "chart/Chart.yaml", "apiVersion: v2\nname: web\nversion: 0.1.0\n");
+    write(
+        dir.path(),
+        "chart/Chart.yaml",
+        "apiVersion: v2\nname: web\nversion: 0.1.0\n",
+    );
     write(
         dir.path(),
         "chart/templates/deployment.yaml",
@@ -444,15 +644,30 @@ fn charts_and_kustomize_trees_are_named_and_kustomize_can_be_rendered() {
     assert_eq!(code(&out), 3, "{}", stdout(&out));
     let text = stdout(&out);
     assert_eq!(text.matches("error:").count(), 1, "{text}");
-    assert!(text.contains("chart: error: a Helm chart (Chart.yaml)"), "{text}");
+    assert!(
+        text.contains("chart: error: a Helm chart (Chart.yaml)"),
+        "{text}"
+    );
     assert!(text.contains("helm template"), "{text}");
     // Its templates given directly: the parse error says what they are.
-    let out = run(&["--aggregator", &agg.url, "chart/templates"], dir.path(), None);
+    let out = run(
+        &["--aggregator", &agg.url, "chart/templates"],
+        dir.path(),
+        None,
+    );
     assert_eq!(code(&out), 3);
-    assert!(stdout(&out).contains("an unrendered Helm template?"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("an unrendered Helm template?"),
+        "{}",
+        stdout(&out)
+    );
 
     // preStop only in the overlay's patch, as in most repositories.
-    write(dir.path(), "kust/base/kustomization.yaml", "resources: [web.yaml]\n");
+    write(
+        dir.path(),
+        "kust/base/kustomization.yaml",
+        "resources: [web.yaml]\n",
+    );
     write(
         dir.path(),
         "kust/base/web.yaml",
@@ -471,19 +686,40 @@ fn charts_and_kustomize_trees_are_named_and_kustomize_can_be_rendered() {
     );
     let out = run(&["--aggregator", &agg.url, "kust"], dir.path(), None);
     assert_eq!(code(&out), 3, "{}", stdout(&out));
-    assert!(stdout(&out).contains("kubectl kustomize kust/base"), "{}", stdout(&out));
-    assert!(stdout(&out).contains("kubectl kustomize kust/overlays/prod"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("kubectl kustomize kust/base"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("kubectl kustomize kust/overlays/prod"),
+        "{}",
+        stdout(&out)
+    );
 
     let mut cmd = command(
-        &["--aggregator", &agg.url, "--format", "json", "--kustomize", "kust/overlays/prod"],
+        &[
+            "--aggregator",
+            &agg.url,
+            "--format",
+            "json",
+            "--kustomize",
+            "kust/overlays/prod",
+        ],
         dir.path(),
     );
     cmd.env("PATH", std::env::var_os("PATH").unwrap());
     let out = finish(cmd, None);
     assert_eq!(code(&out), 0, "{}", stdout(&out));
     let report = json(&out);
-    assert_eq!(checked_seconds(&report), [("web/app".to_string(), 7.0.into())]);
-    assert_eq!(report["checked"][0]["file"], "kust/overlays/prod (kubectl kustomize)");
+    assert_eq!(
+        checked_seconds(&report),
+        [("web/app".to_string(), 7.0.into())]
+    );
+    assert_eq!(
+        report["checked"][0]["file"],
+        "kust/overlays/prod (kubectl kustomize)"
+    );
 }
 
 #[test]
@@ -492,11 +728,19 @@ fn fix_writes_lines_with_the_files_line_endings() {
     let dir = tempfile::tempdir().unwrap();
     let manifest = format!("{WEB_SERVICE}---\n{}", deployment("web", "")).replace('\n', "\r\n");
     write(dir.path(), "m.yaml", &manifest);
-    let out = run(&["--aggregator", &agg.url, "--fix", "m.yaml"], dir.path(), None);
+    let out = run(
+        &["--aggregator", &agg.url, "--fix", "m.yaml"],
+        dir.path(),
+        None,
+    );
     assert_eq!(code(&out), 0, "{}", stdout(&out));
     let after = std::fs::read_to_string(dir.path().join("m.yaml")).unwrap();
     assert!(after.contains("preStop:\r\n"), "{after:?}");
-    assert_eq!(after.matches('\n').count(), after.matches("\r\n").count(), "{after:?}");
+    assert_eq!(
+        after.matches('\n').count(),
+        after.matches("\r\n").count(),
+        "{after:?}"
+    );
     let out = run(&["--aggregator", &agg.url, "m.yaml"], dir.path(), None);
     assert_eq!(code(&out), 0, "{}", stdout(&out));
 }
@@ -505,10 +749,26 @@ fn fix_writes_lines_with_the_files_line_endings() {
 fn every_file_that_is_not_text_is_reported() {
     let agg = seeded();
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "k8s/good.yaml", &format!("{WEB_SERVICE}---\n{}", deployment("web", "")));
-    std::fs::write(dir.path().join("k8s/image.yaml"), b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR").unwrap();
-    std::fs::write(dir.path().join("k8s/latin1.yml"), b"kind: ConfigMap\ndata: {a: caf\xe9}\n").unwrap();
-    let out = run(&["--aggregator", &agg.url, "--format", "github", "k8s"], dir.path(), None);
+    write(
+        dir.path(),
+        "k8s/good.yaml",
+        &format!("{WEB_SERVICE}---\n{}", deployment("web", "")),
+    );
+    std::fs::write(
+        dir.path().join("k8s/image.yaml"),
+        b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("k8s/latin1.yml"),
+        b"kind: ConfigMap\ndata: {a: caf\xe9}\n",
+    )
+    .unwrap();
+    let out = run(
+        &["--aggregator", &agg.url, "--format", "github", "k8s"],
+        dir.path(),
+        None,
+    );
     assert_eq!(code(&out), 3, "{}", stdout(&out));
     let text = stdout(&out);
     assert!(
@@ -518,5 +778,54 @@ fn every_file_that_is_not_text_is_reported() {
     assert!(
         text.contains("::error file=k8s/latin1.yml,title=prestop-check::not a text manifest: not UTF-8 (byte offset 29)"),
         "{text}"
+    );
+}
+
+/// Peak resident memory of one run, in bytes, from the kernel's
+/// accounting of that child alone.
+// wait4 reaps the child, which `Child` cannot see.
+#[allow(clippy::zombie_processes)]
+fn peak_rss(mut cmd: std::process::Command) -> (i32, u64) {
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: rusage is plain data the kernel fills in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: waits for our own child; status and usage outlive the call.
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid, "{}", std::io::Error::last_os_error());
+    (libc::WEXITSTATUS(status), usage.ru_maxrss as u64 * 1024)
+}
+
+#[test]
+fn memory_stays_a_small_multiple_of_a_large_input() {
+    // 200 Deployments with large pod specs (as `helm template` of big
+    // charts produces), about 6 MB, in one file.
+    let env: String = (0..280)
+        .map(|i| {
+            format!(
+                "        - name: SETTING_{i}\n          value: \"configuration value number {i}\"\n"
+            )
+        })
+        .collect();
+    let mut text = WEB_SERVICE.to_string();
+    for n in 0..200 {
+        let with_env = deployment(&format!("web-{n}"), &format!("        env:\n{env}"));
+        text += &format!("---\n{with_env}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "big.yaml", &text);
+    let (code, peak) = peak_rss(command(&["--offline-ok", "big.yaml"], dir.path()));
+    assert_eq!(code, 0);
+    // The text itself, plus the binary's own baseline; a tree of every
+    // document, or their typed copies, would take several times the input.
+    let size = text.len() as u64;
+    assert!(
+        peak < 2 * size + 32 * 1024 * 1024,
+        "peak {peak} bytes for {size} bytes of input"
     );
 }

@@ -182,4 +182,3 @@ pub fn answering(status: &'static str) -> String {
     });
     url
 }
-
