@@ -31,6 +31,21 @@ fn deployment(name: &str, lifecycle: &str) -> String {
     )
 }
 
+/// WEB_SERVICE and a Deployment without preStop that it routes to.
+fn plain_web() -> String {
+    format!("{WEB_SERVICE}---\n{}", deployment("web", ""))
+}
+
+/// Runs the check against the aggregator at `url` with `args` in `dir`,
+/// and asserts its exit code.
+fn expect(wanted: i32, url: &str, dir: &Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["--aggregator", url];
+    all.extend(args);
+    let out = run(&all, dir, None);
+    assert_eq!(code(&out), wanted, "{args:?}: {}", stdout(&out));
+    out
+}
+
 fn exec_hook(script: &str) -> String {
     format!(
         "        lifecycle:\n          preStop:\n            exec:\n              command: [\"sh\", \"-c\", \"{script}\"]\n"
@@ -69,11 +84,7 @@ fn problems(report: &serde_json::Value, problem: &str) -> Vec<String> {
 fn a_404_or_any_other_error_status_is_never_no_data() {
     let agg = seeded();
     let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "m.yaml",
-        &format!("{WEB_SERVICE}---\n{}", deployment("web", "")),
-    );
+    write(dir.path(), "m.yaml", &plain_web());
     // The real aggregator under a wrong path prefix answers 404.
     let wrong = format!("{}/prestop", agg.url);
     let out = run(&["--aggregator", &wrong, "m.yaml"], dir.path(), None);
@@ -90,12 +101,7 @@ fn a_404_or_any_other_error_status_is_never_no_data() {
     );
     // The aggregator's own "no measurements" answer is a 200.
     let empty = start(&[]);
-    let out = run(
-        &["--aggregator", &empty.url, "--format", "json", "m.yaml"],
-        dir.path(),
-        None,
-    );
-    assert_eq!(code(&out), 0, "{}", stdout(&out));
+    let out = expect(0, &empty.url, dir.path(), &["--format", "json", "m.yaml"]);
     assert_eq!(
         problems(&json(&out), "noMeasurements"),
         ["Deployment shop/web"]
@@ -106,11 +112,7 @@ fn a_404_or_any_other_error_status_is_never_no_data() {
 fn usage_errors_exit_2_whatever_offline_ok_says() {
     let agg = seeded();
     let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "m.yaml",
-        &format!("{WEB_SERVICE}---\n{}", deployment("web", "")),
-    );
+    write(dir.path(), "m.yaml", &plain_web());
     let host = agg.url.strip_prefix("http://").unwrap();
     let cases: [&[&str]; 10] = [
         &["--aggregator", host],
@@ -187,11 +189,7 @@ fn a_run_that_checked_nothing_says_so_and_can_fail() {
             .contains("1 file(s) in the directories skipped"),
     );
     // Upper-case extensions are manifests too.
-    write(
-        dir.path(),
-        "upper/APP.YAML",
-        &format!("{WEB_SERVICE}---\n{}", deployment("web", "")),
-    );
+    write(dir.path(), "upper/APP.YAML", &plain_web());
     let out = run(
         &[
             "--aggregator",
@@ -227,12 +225,7 @@ spec:\n  workloadRef: {apiVersion: apps/v1, kind: Deployment, name: web}\n";
         "m.yaml",
         &format!("{WEB_SERVICE}---\n{rollout}---\n{by_ref}"),
     );
-    let out = run(
-        &["--aggregator", &agg.url, "--format", "json", "m.yaml"],
-        dir.path(),
-        None,
-    );
-    assert_eq!(code(&out), 1, "{}", stdout(&out));
+    let out = expect(1, &agg.url, dir.path(), &["--format", "json", "m.yaml"]);
     let report = json(&out);
     assert_eq!(
         checked_seconds(&report),
@@ -244,12 +237,7 @@ spec:\n  workloadRef: {apiVersion: apps/v1, kind: Deployment, name: web}\n";
         ["Rollout shop/web"]
     );
 
-    let out = run(
-        &["--aggregator", &agg.url, "--fix", "m.yaml"],
-        dir.path(),
-        None,
-    );
-    assert_eq!(code(&out), 0, "{}", stdout(&out));
+    let out = expect(0, &agg.url, dir.path(), &["--fix", "m.yaml"]);
     let after = std::fs::read_to_string(dir.path().join("m.yaml")).unwrap();
     assert!(after.contains("              seconds: 5\n"), "{after}");
     let text = stdout(&run(
@@ -279,12 +267,7 @@ spec:\n  template:\n    spec:\n      containers:\n      - image: ghcr.io/knative
             deployment("web", "")
         ),
     );
-    let out = run(
-        &["--aggregator", &agg.url, "--format", "json", "m.yaml"],
-        dir.path(),
-        None,
-    );
-    assert_eq!(code(&out), 1, "{}", stdout(&out));
+    let out = expect(1, &agg.url, dir.path(), &["--format", "json", "m.yaml"]);
     assert_eq!(
         checked_seconds(&json(&out)),
         [("web/app".to_string(), 0.0.into())]
@@ -378,12 +361,7 @@ fn a_delay_ends_at_the_first_command_that_can_stop_the_app() {
         ),
     ];
     write(dir.path(), "m.yaml", &docs.join("---\n"));
-    let out = run(
-        &["--aggregator", &agg.url, "--format", "json", "m.yaml"],
-        dir.path(),
-        None,
-    );
-    assert_eq!(code(&out), 1, "{}", stdout(&out));
+    let out = expect(1, &agg.url, dir.path(), &["--format", "json", "m.yaml"]);
     let report = json(&out);
     assert_eq!(
         checked_seconds(&report),
@@ -450,12 +428,7 @@ fn anchors_and_merge_keys_are_read_and_a_shared_value_is_fixed_once() {
             + "\n"
     );
     write(dir.path(), "m.yaml", &manifest);
-    let out = run(
-        &["--aggregator", &agg.url, "--format", "json", "m.yaml"],
-        dir.path(),
-        None,
-    );
-    assert_eq!(code(&out), 1, "{}", stdout(&out));
+    let out = expect(1, &agg.url, dir.path(), &["--format", "json", "m.yaml"]);
     assert_eq!(
         checked_seconds(&json(&out)),
         [
@@ -466,16 +439,10 @@ fn anchors_and_merge_keys_are_read_and_a_shared_value_is_fixed_once() {
             ("fastmerged/app".to_string(), 2.0.into()),
         ]
     );
-    let out = run(
-        &["--aggregator", &agg.url, "--fix", "m.yaml"],
-        dir.path(),
-        None,
-    );
-    assert_eq!(code(&out), 0, "{}", stdout(&out));
+    let out = expect(0, &agg.url, dir.path(), &["--fix", "m.yaml"]);
     let after = std::fs::read_to_string(dir.path().join("m.yaml")).unwrap();
     assert_eq!(after, manifest.replace("sleep 2", "sleep 5"));
-    let out = run(&["--aggregator", &agg.url, "m.yaml"], dir.path(), None);
-    assert_eq!(code(&out), 0, "{}", stdout(&out));
+    let out = expect(0, &agg.url, dir.path(), &["m.yaml"]);
 }
 
 #[test]
@@ -578,11 +545,7 @@ fn low_confidence_prints_the_aggregators_samples_still_needed() {
         .unwrap();
     assert_eq!(needed, 259);
     let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "m.yaml",
-        &format!("{WEB_SERVICE}---\n{}", deployment("web", "")),
-    );
+    write(dir.path(), "m.yaml", &plain_web());
     let text = stdout(&run(
         &["--aggregator", &agg.url, "m.yaml"],
         dir.path(),
@@ -599,18 +562,9 @@ fn low_confidence_prints_the_aggregators_samples_still_needed() {
 fn a_symlink_loop_is_read_once_and_reported() {
     let agg = seeded();
     let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "k8s/m.yaml",
-        &format!("{WEB_SERVICE}---\n{}", deployment("web", "")),
-    );
+    write(dir.path(), "k8s/m.yaml", &plain_web());
     std::os::unix::fs::symlink(".", dir.path().join("k8s/loop")).unwrap();
-    let out = run(
-        &["--aggregator", &agg.url, "--format", "json", "k8s"],
-        dir.path(),
-        None,
-    );
-    assert_eq!(code(&out), 1, "{}", stdout(&out));
+    let out = expect(1, &agg.url, dir.path(), &["--format", "json", "k8s"]);
     let report = json(&out);
     assert_eq!(report["checked"].as_array().unwrap().len(), 1, "{report}");
     assert_eq!(report["findings"].as_array().unwrap().len(), 1, "{report}");
@@ -640,8 +594,7 @@ fn charts_and_kustomize_trees_are_named_and_kustomize_can_be_rendered() {
         "chart/templates/deployment.yaml",
         "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {{ .Release.Name }}\n",
     );
-    let out = run(&["--aggregator", &agg.url, "chart"], dir.path(), None);
-    assert_eq!(code(&out), 3, "{}", stdout(&out));
+    let out = expect(3, &agg.url, dir.path(), &["chart"]);
     let text = stdout(&out);
     assert_eq!(text.matches("error:").count(), 1, "{text}");
     assert!(
@@ -668,11 +621,7 @@ fn charts_and_kustomize_trees_are_named_and_kustomize_can_be_rendered() {
         "kust/base/kustomization.yaml",
         "resources: [web.yaml]\n",
     );
-    write(
-        dir.path(),
-        "kust/base/web.yaml",
-        &format!("{WEB_SERVICE}---\n{}", deployment("web", "")),
-    );
+    write(dir.path(), "kust/base/web.yaml", &plain_web());
     write(
         dir.path(),
         "kust/overlays/prod/kustomization.yaml",
@@ -684,8 +633,7 @@ fn charts_and_kustomize_trees_are_named_and_kustomize_can_be_rendered() {
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\nspec:\n  template:\n    \
          spec:\n      containers:\n      - name: app\n        lifecycle: {preStop: {sleep: {seconds: 7}}}\n",
     );
-    let out = run(&["--aggregator", &agg.url, "kust"], dir.path(), None);
-    assert_eq!(code(&out), 3, "{}", stdout(&out));
+    let out = expect(3, &agg.url, dir.path(), &["kust"]);
     assert!(
         stdout(&out).contains("kubectl kustomize kust/base"),
         "{}",
@@ -728,12 +676,7 @@ fn fix_writes_lines_with_the_files_line_endings() {
     let dir = tempfile::tempdir().unwrap();
     let manifest = format!("{WEB_SERVICE}---\n{}", deployment("web", "")).replace('\n', "\r\n");
     write(dir.path(), "m.yaml", &manifest);
-    let out = run(
-        &["--aggregator", &agg.url, "--fix", "m.yaml"],
-        dir.path(),
-        None,
-    );
-    assert_eq!(code(&out), 0, "{}", stdout(&out));
+    let out = expect(0, &agg.url, dir.path(), &["--fix", "m.yaml"]);
     let after = std::fs::read_to_string(dir.path().join("m.yaml")).unwrap();
     assert!(after.contains("preStop:\r\n"), "{after:?}");
     assert_eq!(
@@ -741,19 +684,14 @@ fn fix_writes_lines_with_the_files_line_endings() {
         after.matches("\r\n").count(),
         "{after:?}"
     );
-    let out = run(&["--aggregator", &agg.url, "m.yaml"], dir.path(), None);
-    assert_eq!(code(&out), 0, "{}", stdout(&out));
+    let out = expect(0, &agg.url, dir.path(), &["m.yaml"]);
 }
 
 #[test]
 fn every_file_that_is_not_text_is_reported() {
     let agg = seeded();
     let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "k8s/good.yaml",
-        &format!("{WEB_SERVICE}---\n{}", deployment("web", "")),
-    );
+    write(dir.path(), "k8s/good.yaml", &plain_web());
     std::fs::write(
         dir.path().join("k8s/image.yaml"),
         b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR",
@@ -764,12 +702,7 @@ fn every_file_that_is_not_text_is_reported() {
         b"kind: ConfigMap\ndata: {a: caf\xe9}\n",
     )
     .unwrap();
-    let out = run(
-        &["--aggregator", &agg.url, "--format", "github", "k8s"],
-        dir.path(),
-        None,
-    );
-    assert_eq!(code(&out), 3, "{}", stdout(&out));
+    let out = expect(3, &agg.url, dir.path(), &["--format", "github", "k8s"]);
     let text = stdout(&out);
     assert!(
         text.contains("::error file=k8s/image.yaml,title=prestop-check::not a text manifest: binary data (a NUL byte at offset 8)"),
