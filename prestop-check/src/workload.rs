@@ -263,10 +263,11 @@ impl Inventory {
         let line = node
             .entry("kind")
             .map_or(node.span.line, |(k, _)| k.span.line);
-        self.objects += 1;
+        if (group, kind) != ("", "List") {
+            self.objects += 1;
+        }
         match (group, kind) {
             ("", "List") => {
-                self.objects -= 1;
                 for item in node.get("items").map(Node::items).unwrap_or_default() {
                     self.add(file, item, ns, errors);
                 }

@@ -460,6 +460,42 @@ mod tests {
     }
 
     #[test]
+    fn aliases_keep_the_anchors_positions_and_merge_keys_apply() {
+        let text = "a: &x\n  n: 1\n  m: 2\nb: *x\nc:\n  <<: *x\n  m: 3\n";
+        let doc = &parse_stream(text).unwrap()[0];
+        let n = |key: &str| doc.path(&[key, "n"]).unwrap().span;
+        // The alias and the merged entry are the anchor's own nodes: an edit
+        // lands once, in the anchor.
+        assert_eq!(n("b"), n("a"));
+        assert_eq!(n("c"), n("a"));
+        assert_eq!(
+            doc.to_json(),
+            serde_json::json!({"a": {"n": 1, "m": 2}, "b": {"n": 1, "m": 2}, "c": {"m": 3, "n": 1}})
+        );
+        let err = parse_stream("a: &x [1]\nb:\n  <<: *x\n").unwrap_err();
+        assert!(err.message.contains("merge key"), "{err}");
+    }
+
+    #[test]
+    fn alias_bombs_stop_at_the_budget() {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..8 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+            text += &format!("a{i}: &a{i} [{refs}]\n");
+        }
+        let err = parse_stream(&text).unwrap_err();
+        assert!(err.message.contains("aliases expand"), "{err}");
+    }
+
+    #[test]
+    fn documents_come_one_at_a_time_until_an_error() {
+        let mut docs = documents("a: 1\n---\nb: [\n---\nc: 3\n");
+        assert!(docs.next().unwrap().is_ok());
+        assert!(docs.next().unwrap().is_err());
+        assert!(docs.next().is_none());
+    }
+
+    #[test]
     fn json_view_keeps_types() {
         let docs = parse_stream("a: 1\nb: \"1\"\nc: [true, null]\n").unwrap();
         assert_eq!(
