@@ -237,7 +237,7 @@ spec:\n  workloadRef: {apiVersion: apps/v1, kind: Deployment, name: web}\n";
         ["Rollout shop/web"]
     );
 
-    let out = expect(0, &agg.url, dir.path(), &["--fix", "m.yaml"]);
+    expect(0, &agg.url, dir.path(), &["--fix", "m.yaml"]);
     let after = std::fs::read_to_string(dir.path().join("m.yaml")).unwrap();
     assert!(after.contains("              seconds: 5\n"), "{after}");
     let text = stdout(&run(
@@ -439,10 +439,10 @@ fn anchors_and_merge_keys_are_read_and_a_shared_value_is_fixed_once() {
             ("fastmerged/app".to_string(), 2.0.into()),
         ]
     );
-    let out = expect(0, &agg.url, dir.path(), &["--fix", "m.yaml"]);
+    expect(0, &agg.url, dir.path(), &["--fix", "m.yaml"]);
     let after = std::fs::read_to_string(dir.path().join("m.yaml")).unwrap();
     assert_eq!(after, manifest.replace("sleep 2", "sleep 5"));
-    let out = expect(0, &agg.url, dir.path(), &["m.yaml"]);
+    expect(0, &agg.url, dir.path(), &["m.yaml"]);
 }
 
 #[test]
@@ -676,7 +676,7 @@ fn fix_writes_lines_with_the_files_line_endings() {
     let dir = tempfile::tempdir().unwrap();
     let manifest = format!("{WEB_SERVICE}---\n{}", deployment("web", "")).replace('\n', "\r\n");
     write(dir.path(), "m.yaml", &manifest);
-    let out = expect(0, &agg.url, dir.path(), &["--fix", "m.yaml"]);
+    expect(0, &agg.url, dir.path(), &["--fix", "m.yaml"]);
     let after = std::fs::read_to_string(dir.path().join("m.yaml")).unwrap();
     assert!(after.contains("preStop:\r\n"), "{after:?}");
     assert_eq!(
@@ -684,7 +684,7 @@ fn fix_writes_lines_with_the_files_line_endings() {
         after.matches("\r\n").count(),
         "{after:?}"
     );
-    let out = expect(0, &agg.url, dir.path(), &["m.yaml"]);
+    expect(0, &agg.url, dir.path(), &["m.yaml"]);
 }
 
 #[test]
