@@ -13,10 +13,12 @@ pub enum Hook {
     /// `lifecycle.preStop.sleep.seconds`.
     NativeSleep(i64),
     /// An exec hook that sleeps; `editable` when a single literal sleep
-    /// argument can be rewritten by `--fix`.
+    /// argument can be rewritten by `--fix`; `until`, the command where the
+    /// app may stop accepting, when sleeps after it were not counted.
     ExecSleep {
         seconds: f64,
         editable: bool,
+        until: Option<String>,
     },
     Unknown(String),
 }
@@ -36,9 +38,14 @@ impl Hook {
         if let Some(exec) = &handler.exec {
             let command = exec.command.as_deref().unwrap_or_default();
             return match exec_delay(command) {
-                Ok((seconds, sleeps)) => Hook::ExecSleep {
+                Ok(Delay {
+                    seconds,
+                    sleeps,
+                    until,
+                }) => Hook::ExecSleep {
                     seconds,
                     editable: sleeps == 1,
+                    until,
                 },
                 Err(why) => Hook::Unknown(why),
             };
@@ -63,9 +70,19 @@ impl Hook {
         match self {
             Hook::None => "no preStop hook (0s)".into(),
             Hook::NativeSleep(s) => format!("preStop sleep {s}s"),
-            Hook::ExecSleep { seconds, .. } => {
-                format!("preStop exec sleep {}s", fmt_secs(*seconds))
-            }
+            Hook::ExecSleep {
+                seconds,
+                until: None,
+                ..
+            } => format!("preStop exec sleep {}s", fmt_secs(*seconds)),
+            Hook::ExecSleep {
+                seconds,
+                until: Some(why),
+                ..
+            } => format!(
+                "preStop exec sleep {}s, up to where {why} (later sleeps do not delay it)",
+                fmt_secs(*seconds)
+            ),
             Hook::Unknown(why) => format!("preStop of unknown duration ({why})"),
         }
     }
@@ -93,14 +110,27 @@ fn basename(s: &str) -> &str {
     s.rsplit('/').next().unwrap_or(s)
 }
 
-/// Total sleep seconds and number of sleep commands.
-fn exec_delay(command: &[String]) -> Result<(f64, usize), String> {
+/// How long an exec hook keeps the app accepting.
+#[derive(Debug, PartialEq)]
+struct Delay {
+    seconds: f64,
+    /// Sleep commands counted.
+    sleeps: usize,
+    /// Why counting stopped before the end of the script.
+    until: Option<String>,
+}
+
+fn exec_delay(command: &[String]) -> Result<Delay, String> {
     let Some(program) = command.first() else {
         return Err("exec hook without a command".into());
     };
     let name = basename(program);
     if name == "sleep" {
-        return sleep_args(command[1..].iter().map(String::as_str)).map(|s| (s, 1));
+        return sleep_args(command[1..].iter().map(String::as_str)).map(|seconds| Delay {
+            seconds,
+            sleeps: 1,
+            until: None,
+        });
     }
     if name == "busybox" {
         return exec_delay(&command[1..]);
@@ -152,7 +182,7 @@ fn step<'a>(first: &'a str, mut args: impl Iterator<Item = &'a str>) -> Result<S
 /// The sleeps up to the first command that stops (or may stop) the app:
 /// `sleep 5 && kill -TERM 1 && sleep 30` delays SIGTERM by 35 s, but the
 /// app stops accepting after 5.
-fn script_delay(script: &str) -> Result<(f64, usize), String> {
+fn script_delay(script: &str) -> Result<Delay, String> {
     let control = ["||", "|", "&", "`", "$(", "(", ")", "{", "}"];
     let flattened = script.replace("&&", "\n");
     if let Some(c) = control.iter().find(|c| flattened.contains(*c)) {
@@ -160,6 +190,7 @@ fn script_delay(script: &str) -> Result<(f64, usize), String> {
     }
     let mut total = 0.0;
     let mut sleeps = 0;
+    let mut until = None;
     for command in flattened.split(['\n', ';']) {
         let command = command.split('#').next().unwrap_or_default();
         let mut words = command.split_whitespace().peekable();
@@ -180,13 +211,20 @@ fn script_delay(script: &str) -> Result<(f64, usize), String> {
             Step::Stops(why) if sleeps == 0 => {
                 return Err(format!("{why} before any sleep"));
             }
-            Step::Stops(_) => break,
+            Step::Stops(why) => {
+                until = Some(why);
+                break;
+            }
         }
     }
     if sleeps == 0 {
         return Err("shell script without a sleep".into());
     }
-    Ok((total, sleeps))
+    Ok(Delay {
+        seconds: total,
+        sleeps,
+        until,
+    })
 }
 
 /// GNU and busybox `sleep` add up several arguments, each with an optional
@@ -222,6 +260,7 @@ mod tests {
 
     fn exec(cmd: &[&str]) -> Result<(f64, usize), String> {
         exec_delay(&cmd.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .map(|d| (d.seconds, d.sleeps))
     }
 
     #[test]
@@ -266,6 +305,19 @@ mod tests {
         assert_eq!(
             exec(&["sh", "-c", "sleep 4\n/drain.sh\nsleep 60"]),
             Ok((4.0, 1))
+        );
+    }
+
+    #[test]
+    fn a_delay_cut_short_says_where() {
+        let c: Container = serde_json::from_value(serde_json::json!({
+            "name": "app",
+            "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", "sleep 5; kill 1; sleep 30"]}}}
+        }))
+        .unwrap();
+        assert_eq!(
+            Hook::of(&c).describe(),
+            "preStop exec sleep 5s, up to where `kill` signals the app (later sleeps do not delay it)"
         );
     }
 
