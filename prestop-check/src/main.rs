@@ -252,7 +252,7 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
     for e in &invalid {
         unreadable = true;
         let mut message = e.message.clone();
-        if files[e.file].text.contains("{{") {
+        if templated_near(&files[e.file].text, e.line) {
             message += " (it contains `{{`: an unrendered Helm template? render it with `helm template` first)";
         }
         failures.push(failure(
@@ -365,6 +365,17 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
         &failures,
         Some((&outcome, &inventory)),
     ))
+}
+
+/// Whether the line of an error, or the one before (YAML reports some
+/// errors where the next token starts), holds a `{{ }}` template action.
+/// Rendered output may carry `{{` inside strings (alerting rules), so only
+/// the error's own place counts.
+fn templated_near(text: &str, line: usize) -> bool {
+    text.lines()
+        .skip(line.saturating_sub(2))
+        .take(2)
+        .any(|l| l.contains("{{"))
 }
 
 /// Why a run checked nothing, from what it did read.

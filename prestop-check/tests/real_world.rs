@@ -615,6 +615,16 @@ fn charts_and_kustomize_trees_are_named_and_kustomize_can_be_rendered() {
         stdout(&out)
     );
 
+    // Rendered output may hold `{{` in strings: a mistake elsewhere is not
+    // blamed on templating.
+    let rule = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: rules}\ndata:\n  \
+                summary: \"{{ $labels.pod }} restarts\"\n";
+    let typo = deployment("typo", "").replace("image: a:1", "imgae: a:1");
+    write(dir.path(), "rendered.yaml", &format!("{rule}---\n{typo}"));
+    let out = expect(3, &agg.url, dir.path(), &["rendered.yaml"]);
+    assert!(stdout(&out).contains("unknown field"), "{}", stdout(&out));
+    assert!(!stdout(&out).contains("Helm template?"), "{}", stdout(&out));
+
     // preStop only in the overlay's patch, as in most repositories.
     write(
         dir.path(),
