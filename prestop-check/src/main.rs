@@ -391,12 +391,10 @@ fn nothing_checked_message(inventory: &Inventory, files: usize, skipped_files: u
         ));
     }
     if !inventory.skipped.is_empty() {
-        let kinds: Vec<String> = inventory
-            .skipped
-            .iter()
-            .map(|(kind, n)| format!("{kind} ({n})"))
-            .collect();
-        parts.push(format!("kinds not read: {}", kinds.join(", ")));
+        parts.push(format!(
+            "kinds not read: {}",
+            report::kinds_list(&inventory.skipped)
+        ));
     }
     if skipped_files > 0 {
         parts.push(format!(

@@ -39,16 +39,19 @@ pub struct Report<'a> {
 }
 
 /// "v1 ConfigMap (2), serving.knative.dev/v1 Service (1)".
+pub fn kinds_list(skipped: &BTreeMap<String, usize>) -> String {
+    let kinds: Vec<String> = skipped
+        .iter()
+        .map(|(kind, n)| format!("{kind} ({n})"))
+        .collect();
+    kinds.join(", ")
+}
+
 fn skipped_kinds(r: &Report<'_>) -> Option<String> {
     (!r.skipped.is_empty()).then(|| {
-        let kinds: Vec<String> = r
-            .skipped
-            .iter()
-            .map(|(kind, n)| format!("{kind} ({n})"))
-            .collect();
         format!(
             "not checked, kinds this check does not read: {}",
-            kinds.join(", ")
+            kinds_list(r.skipped)
         )
     })
 }
