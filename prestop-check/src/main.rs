@@ -471,7 +471,15 @@ fn apply_fixes(
             ));
             continue;
         }
-        let Some(path) = &file.path else { continue };
+        let Some(path) = &file.path else {
+            failures.push(failure(
+                Severity::Warning,
+                Some(file.display()),
+                None,
+                "cannot fix rendered output: apply the patches to its sources".into(),
+            ));
+            continue;
+        };
         if let Err(e) = std::fs::write(path, text) {
             written = false;
             failures.push(failure(

@@ -678,6 +678,25 @@ fn charts_and_kustomize_trees_are_named_and_kustomize_can_be_rendered() {
         report["checked"][0]["file"],
         "kust/overlays/prod (kubectl kustomize)"
     );
+    // Rendered output has no file to write back.
+    let mut cmd = command(
+        &[
+            "--aggregator",
+            &agg.url,
+            "--kustomize",
+            "--fix",
+            "kust/base",
+        ],
+        dir.path(),
+    );
+    cmd.env("PATH", std::env::var_os("PATH").unwrap());
+    let out = finish(cmd, None);
+    assert_eq!(code(&out), 1, "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("kust/base (kubectl kustomize): warning: cannot fix rendered output"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 #[test]
