@@ -121,9 +121,17 @@ pub fn run(
             continue;
         }
         let mut recs = Vec::new();
+        // Keep-alive advice is about the connections of the scope it was
+        // measured in: only a Service's own answer carries it here.
+        let mut keep_alive = Vec::new();
         if let Some(resolver) = resolver.as_deref_mut() {
             for svc in &services {
                 recs.extend(resolver.resolve(&svc.namespace, &svc.name)?);
+                keep_alive.extend(
+                    resolver
+                        .own(&svc.namespace, &svc.name)?
+                        .filter(|r| r.keep_alive.finding.is_some()),
+                );
             }
         }
         // Several Services may route to one workload; the longest
@@ -151,7 +159,7 @@ pub fn run(
             rec: binding.as_ref(),
             opts,
         };
-        eval.workload_findings(resolver.is_some(), &mut out.findings);
+        eval.workload_findings(resolver.is_some(), &keep_alive, &mut out.findings);
         let mut change = Change {
             workload: index,
             ..Default::default()
@@ -162,7 +170,7 @@ pub fn run(
             eval.container_findings(name, &hook, &mut out.findings, &mut change);
             out.checked.push(Checked {
                 file: eval.file.clone(),
-                line: eval.container_line(name),
+                line: w.container_line(name),
                 namespace: w.namespace.clone(),
                 kind: w.kind.clone(),
                 workload: w.name.clone(),
@@ -224,20 +232,6 @@ impl Evaluation<'_> {
         }
     }
 
-    fn container_line(&self, name: &str) -> usize {
-        self.w
-            .container_node(name)
-            .and_then(|c| c.entry("name"))
-            .map_or(self.w.line, |(k, _)| k.span.line)
-    }
-
-    fn grace_line(&self) -> usize {
-        self.w
-            .pod_spec_node()
-            .and_then(|s| s.entry("terminationGracePeriodSeconds"))
-            .map_or(self.w.line, |(k, _)| k.span.line)
-    }
-
     fn low_confidence_severity(&self) -> Severity {
         if self.opts.low_confidence == LowConfidence::Fail {
             Severity::Error
@@ -246,7 +240,12 @@ impl Evaluation<'_> {
         }
     }
 
-    fn workload_findings(&self, online: bool, out: &mut Vec<Finding>) {
+    fn workload_findings(
+        &self,
+        online: bool,
+        keep_alive: &[Recommendation],
+        out: &mut Vec<Finding>,
+    ) {
         if !online {
             return;
         }
@@ -270,7 +269,7 @@ impl Evaluation<'_> {
                 Problem::LowConfidence,
                 self.w.line,
                 format!(
-                    "the recommendation of {}s is low confidence ({} samples, {} needed)",
+                    "the recommendation of {}s is low confidence ({} samples, {} more needed)",
                     rec.pre_stop_seconds.unwrap_or_default(),
                     rec.samples,
                     rec.samples_needed
@@ -279,17 +278,21 @@ impl Evaluation<'_> {
             f.why = Some(rec.why());
             out.push(f);
         }
-        if let Some(advice) = &rec.keep_alive.finding {
+        for own in keep_alive {
+            let Some(advice) = &own.keep_alive.finding else {
+                continue;
+            };
             let mut f = self.finding(
                 Severity::Warning,
                 Problem::KeepAlive,
                 self.w.line,
                 format!(
-                    "{} keep-alive connections were aborted at shutdown: {advice}",
-                    rec.keep_alive.aborted_connections
+                    "{} keep-alive connections of {} were aborted at shutdown: {advice}",
+                    own.keep_alive.aborted_connections,
+                    own.scope.describe()
                 ),
             );
-            f.why = Some(rec.why());
+            f.why = Some(own.why());
             out.push(f);
         }
     }
@@ -301,7 +304,7 @@ impl Evaluation<'_> {
         out: &mut Vec<Finding>,
         change: &mut Change,
     ) {
-        let line = self.container_line(name);
+        let line = self.w.container_line(name);
         let Some(delay) = hook.seconds() else {
             let severity = if self.opts.fail_on_unknown {
                 Severity::Error
@@ -361,7 +364,7 @@ impl Evaluation<'_> {
             let mut f = self.finding(
                 Severity::Error,
                 Problem::GracePeriodTooShort,
-                self.grace_line(),
+                self.w.grace_line(),
                 format!(
                     "terminationGracePeriodSeconds {grace} cannot hold the {}s preStop plus {}s drain; \
                      the app is killed mid-drain",

@@ -18,6 +18,8 @@ pub enum Exit {
     /// `--fix` could not write a manifest back, or `--metrics-file` could
     /// not be written: the requested output is missing or incomplete.
     WriteFailed = 6,
+    /// No routed container was found, with `--fail-if-nothing-checked`.
+    NothingChecked = 7,
 }
 
 impl Exit {
@@ -30,10 +32,12 @@ pub const HELP: &str = "Exit codes:
   0  no findings (warnings may have been printed)
   1  findings: a preStop delay below the recommendation, or a grace period
      that cannot hold preStop plus --drain-seconds
-  2  usage error
+  2  usage error (also with --offline-ok)
   3  a manifest could not be read or parsed (file and line are printed)
   4  the aggregator was unreachable or answered an error (--offline-ok: warn, 0)
   5  a recommendation used was low confidence or had no samples, with
      --low-confidence fail (shortfalls against it are then warnings)
   6  a file could not be written: a manifest --fix rewrote, or the
-     --metrics-file (the path and the OS error are printed; wins over 1 and 5)";
+     --metrics-file (the path and the OS error are printed; wins over 1 and 5)
+  7  nothing was checked (no container a Service routes to), with
+     --fail-if-nothing-checked (without it: a warning, exit 0)";

@@ -69,10 +69,12 @@ fn pre_stop_block(indent: usize, seconds: i64, style: HookStyle) -> String {
     }
 }
 
-/// The edits for one workload's change against its file's `text`.
+/// The edits for one workload's change against its file's `text`, where
+/// `object` is the workload's node.
 pub fn edits(
     text: &str,
     w: &Workload,
+    object: &Node,
     change: &Change,
     style: HookStyle,
 ) -> Result<Vec<Edit>, FixError> {
@@ -84,7 +86,7 @@ pub fn edits(
             reason: reason.to_string(),
         };
         let node = w
-            .container_node(name)
+            .container_node(object, name)
             .ok_or_else(|| fail("container not found"))?;
         let typed = w
             .pod_spec
@@ -101,7 +103,7 @@ pub fn edits(
             object: w.object(),
             reason: reason.to_string(),
         };
-        let spec = w.pod_spec_node().ok_or_else(|| fail("no pod spec"))?;
+        let spec = w.pod_spec_node(object).ok_or_else(|| fail("no pod spec"))?;
         if spec.is_flow(text) {
             return Err(fail("the pod spec is written in flow style"));
         }
@@ -196,16 +198,14 @@ fn exec_edit(text: &str, command: &Node, seconds: i64) -> Result<Edit, String> {
     })
 }
 
-/// Byte range of the duration after the only `sleep` word in a script.
+/// Byte range of the duration after the first `sleep` command in a
+/// script. The hook is editable when it counts one sleep, and the sleeps it
+/// counts come first (the delay ends at the first command that stops the
+/// app), so the first is the one to change.
 fn sleep_argument(source: &str) -> Option<(usize, usize)> {
-    let mut found = source.match_indices("sleep").filter(|(i, _)| {
-        let before = source[..*i].chars().next_back();
-        before.is_none_or(|c| c.is_whitespace() || matches!(c, '/' | ';' | '&' | '"' | '\''))
-    });
-    let (at, _) = found.next()?;
-    if found.next().is_some() {
-        return None;
-    }
+    let (at, _) = source
+        .match_indices("sleep")
+        .find(|(i, _)| starts_command(&source[..*i]))?;
     let rest = &source[at + "sleep".len()..];
     let skip = rest.len() - rest.trim_start_matches([' ', '\t', '"', '\'']).len();
     let arg = &rest[skip..];
@@ -216,6 +216,22 @@ fn sleep_argument(source: &str) -> Option<(usize, usize)> {
         let start = at + "sleep".len() + skip;
         (start, start + len)
     })
+}
+
+/// Whether a `sleep` after `before` is a command, not a word in one
+/// (`echo going to sleep`): only `exec` or a directory (`/bin/`) may stand
+/// between it and the previous separator or quote.
+fn starts_command(before: &str) -> bool {
+    let segment = before
+        .rsplit(['\n', ';', '&', '"', '\'', '|'])
+        .next()
+        .unwrap_or_default();
+    let attached = !segment.ends_with(char::is_whitespace);
+    match segment.split_whitespace().collect::<Vec<_>>()[..] {
+        [] | ["exec"] => true,
+        [dir] | ["exec", dir] => attached && dir.ends_with('/'),
+        _ => false,
+    }
 }
 
 /// Keeps the scalar's quoting style.
@@ -258,31 +274,56 @@ fn insert_after_line_of(text: &str, node: &Node, insert: String) -> Edit {
     }
 }
 
-/// Applies non-overlapping edits, last first so earlier offsets hold.
-pub fn apply(text: &str, mut edits: Vec<Edit>) -> String {
-    edits.sort_by_key(|e| std::cmp::Reverse(e.start));
-    let mut out = text.to_string();
-    for e in edits {
-        out.replace_range(e.start..e.end, &e.text);
+/// Applies the edits, last first so earlier offsets hold. A value shared
+/// through a YAML anchor is edited once however many workloads use it;
+/// different edits of one place are refused rather than stacked. Inserted
+/// lines take the file's line endings.
+pub fn apply(text: &str, mut edits: Vec<Edit>) -> Result<String, String> {
+    edits.sort_by(|a, b| (a.start, a.end, &a.text).cmp(&(b.start, b.end, &b.text)));
+    edits.dedup();
+    if let Some(pair) = edits
+        .windows(2)
+        .find(|p| p[1].start < p[0].end || p[1].start == p[0].start)
+    {
+        let line = text[..pair[0].start].matches('\n').count() + 1;
+        return Err(format!(
+            "line {line} needs two different edits ({:?} and {:?}): it is shared through a \
+             YAML anchor by workloads that need different values",
+            pair[0].text.trim(),
+            pair[1].text.trim()
+        ));
     }
-    out
+    let crlf = text.contains("\r\n");
+    let mut out = text.to_string();
+    for e in edits.into_iter().rev() {
+        let insert = if crlf {
+            e.text.replace('\n', "\r\n")
+        } else {
+            e.text
+        };
+        out.replace_range(e.start..e.end, &insert);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::Document;
+    use crate::source::SourceFile;
     use crate::workload::Inventory;
 
-    fn workload(text: &str) -> Workload {
-        let docs: Vec<Document> = crate::yaml::parse_stream(text)
-            .unwrap()
-            .into_iter()
-            .map(|node| Document { file: 0, node })
-            .collect();
-        let (inventory, errors) = Inventory::collect(&docs, "default");
-        assert!(errors.is_empty());
-        inventory.workloads.into_iter().next().unwrap()
+    /// The first workload of `text` and its node.
+    fn workload(text: &str) -> (Workload, Node) {
+        let file = SourceFile {
+            path: None,
+            name: "test".into(),
+            text: text.into(),
+        };
+        let (inventory, errors) = Inventory::collect(&[file], "default");
+        assert!(errors.is_empty(), "{errors:?}");
+        let w = inventory.workloads.into_iter().next().unwrap();
+        let node = crate::yaml::parse_stream(text).unwrap().remove(0);
+        (w, node)
     }
 
     fn change(seconds: i64, grace: Option<i64>) -> Change {
@@ -296,11 +337,12 @@ mod tests {
     #[test]
     fn inserts_an_exec_sleep_and_a_grace_period() {
         let text = "kind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - name: app # main\n    image: a\n";
-        let w = workload(text);
+        let (w, node) = workload(text);
         let out = apply(
             text,
-            edits(text, &w, &change(7, Some(12)), HookStyle::Exec).unwrap(),
-        );
+            edits(text, &w, &node, &change(7, Some(12)), HookStyle::Exec).unwrap(),
+        )
+        .unwrap();
         assert_eq!(
             out,
             "kind: Pod\nmetadata: {name: p}\nspec:\n  terminationGracePeriodSeconds: 12\n  containers:\n  \
@@ -308,24 +350,28 @@ mod tests {
              command: [\"sleep\", \"7\"]\n    image: a\n"
         );
         assert!(
-            matches!(Hook::of(&workload(&out).pod_spec.containers[0]), Hook::ExecSleep { seconds, .. } if seconds == 7.0)
+            matches!(Hook::of(&workload(&out).0.pod_spec.containers[0]), Hook::ExecSleep { seconds, .. } if seconds == 7.0)
         );
     }
 
     #[test]
     fn flow_style_containers_are_left_alone() {
         let text = "kind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: app, image: a}]\n";
-        let err = edits(text, &workload(text), &change(7, None), HookStyle::Sleep).unwrap_err();
+        let (w, node) = workload(text);
+        let err = edits(text, &w, &node, &change(7, None), HookStyle::Sleep).unwrap_err();
         assert!(err.to_string().contains("flow style"), "{err}");
     }
 
     #[test]
-    fn finds_the_single_sleep_argument_in_scripts() {
+    fn finds_the_first_sleep_command_in_scripts() {
         let s = "\"sleep 5 && nginx -s quit\"";
         assert_eq!(sleep_argument(s).map(|(a, b)| &s[a..b]), Some("5"));
         let s = "|\n  echo bye; /bin/sleep '12s'\n";
         assert_eq!(sleep_argument(s).map(|(a, b)| &s[a..b]), Some("12s"));
-        assert_eq!(sleep_argument("sleep 1; sleep 2"), None);
+        let s = "sleep 1; kill 1; sleep 2";
+        assert_eq!(sleep_argument(s).map(|(a, b)| &s[a..b]), Some("1"));
+        let s = "echo going to sleep; exec sleep 9";
+        assert_eq!(sleep_argument(s).map(|(a, b)| &s[a..b]), Some("9"));
     }
 
     #[test]
@@ -346,6 +392,34 @@ mod tests {
                 },
             ],
         );
-        assert_eq!(out, "a: 10\nb: 20\n");
+        assert_eq!(out.unwrap(), "a: 10\nb: 20\n");
+    }
+
+    #[test]
+    fn a_shared_place_is_edited_once_and_conflicts_are_refused() {
+        let edit = |text: &str| Edit {
+            start: 3,
+            end: 4,
+            text: text.into(),
+        };
+        assert_eq!(
+            apply("a: 1\n", vec![edit("9"), edit("9")]).unwrap(),
+            "a: 9\n"
+        );
+        let err = apply("a: 1\n", vec![edit("9"), edit("8")]).unwrap_err();
+        assert!(err.contains("YAML anchor"), "{err}");
+    }
+
+    #[test]
+    fn inserted_lines_take_crlf_endings() {
+        let edit = Edit {
+            start: 6,
+            end: 6,
+            text: "b:\n  c: 1\n".into(),
+        };
+        assert_eq!(
+            apply("a: 1\r\n", vec![edit]).unwrap(),
+            "a: 1\r\nb:\r\n  c: 1\r\n"
+        );
     }
 }

@@ -13,10 +13,12 @@ pub enum Hook {
     /// `lifecycle.preStop.sleep.seconds`.
     NativeSleep(i64),
     /// An exec hook that sleeps; `editable` when a single literal sleep
-    /// argument can be rewritten by `--fix`.
+    /// argument can be rewritten by `--fix`; `until`, the command where the
+    /// app may stop accepting, when sleeps after it were not counted.
     ExecSleep {
         seconds: f64,
         editable: bool,
+        until: Option<String>,
     },
     Unknown(String),
 }
@@ -36,9 +38,14 @@ impl Hook {
         if let Some(exec) = &handler.exec {
             let command = exec.command.as_deref().unwrap_or_default();
             return match exec_delay(command) {
-                Ok((seconds, sleeps)) => Hook::ExecSleep {
+                Ok(Delay {
+                    seconds,
+                    sleeps,
+                    until,
+                }) => Hook::ExecSleep {
                     seconds,
                     editable: sleeps == 1,
+                    until,
                 },
                 Err(why) => Hook::Unknown(why),
             };
@@ -63,9 +70,19 @@ impl Hook {
         match self {
             Hook::None => "no preStop hook (0s)".into(),
             Hook::NativeSleep(s) => format!("preStop sleep {s}s"),
-            Hook::ExecSleep { seconds, .. } => {
-                format!("preStop exec sleep {}s", fmt_secs(*seconds))
-            }
+            Hook::ExecSleep {
+                seconds,
+                until: None,
+                ..
+            } => format!("preStop exec sleep {}s", fmt_secs(*seconds)),
+            Hook::ExecSleep {
+                seconds,
+                until: Some(why),
+                ..
+            } => format!(
+                "preStop exec sleep {}s, up to where {why} (later sleeps do not delay it)",
+                fmt_secs(*seconds)
+            ),
             Hook::Unknown(why) => format!("preStop of unknown duration ({why})"),
         }
     }
@@ -80,21 +97,40 @@ pub fn fmt_secs(s: f64) -> String {
 }
 
 const SHELLS: &[&str] = &["sh", "bash", "ash", "dash", "ksh", "zsh"];
-/// Commands that cannot stop the app, so they may run before the sleep.
-const HARMLESS: &[&str] = &["echo", "printf", "true", ":", "date", "logger"];
+/// Commands that cannot stop the app from accepting: the delay runs on
+/// through them.
+const HARMLESS: &[&str] = &[
+    "echo", "printf", "true", ":", "date", "logger", "rm", "touch", "sync",
+];
+/// Commands that stop or signal the app: the delay it experiences ends
+/// where they run, whatever sleeps follow.
+const STOPPERS: &[&str] = &["kill", "killall", "pkill", "killall5"];
 
 fn basename(s: &str) -> &str {
     s.rsplit('/').next().unwrap_or(s)
 }
 
-/// Total sleep seconds and number of sleep commands.
-fn exec_delay(command: &[String]) -> Result<(f64, usize), String> {
+/// How long an exec hook keeps the app accepting.
+#[derive(Debug, PartialEq)]
+struct Delay {
+    seconds: f64,
+    /// Sleep commands counted.
+    sleeps: usize,
+    /// Why counting stopped before the end of the script.
+    until: Option<String>,
+}
+
+fn exec_delay(command: &[String]) -> Result<Delay, String> {
     let Some(program) = command.first() else {
         return Err("exec hook without a command".into());
     };
     let name = basename(program);
     if name == "sleep" {
-        return sleep_args(command[1..].iter().map(String::as_str)).map(|s| (s, 1));
+        return sleep_args(command[1..].iter().map(String::as_str)).map(|seconds| Delay {
+            seconds,
+            sleeps: 1,
+            until: None,
+        });
     }
     if name == "busybox" {
         return exec_delay(&command[1..]);
@@ -117,7 +153,36 @@ fn exec_delay(command: &[String]) -> Result<(f64, usize), String> {
     Err(format!("exec hook runs `{program}`, not a sleep"))
 }
 
-fn script_delay(script: &str) -> Result<(f64, usize), String> {
+/// One command of a preStop script, as the app experiences it.
+enum Step {
+    Sleep(f64),
+    Harmless,
+    /// Stops the app from accepting, or may: a command this cannot read.
+    Stops(String),
+}
+
+fn step<'a>(first: &'a str, mut args: impl Iterator<Item = &'a str>) -> Result<Step, String> {
+    let name = basename(first);
+    let has = |words: &[&str], arg: Option<&str>| arg.is_some_and(|a| words.contains(&a));
+    Ok(match name {
+        "sleep" => Step::Sleep(sleep_args(args.map(|w| w.trim_matches(['"', '\''])))?),
+        _ if HARMLESS.contains(&name) => Step::Harmless,
+        // `nginx -s reload` re-reads the configuration and keeps accepting.
+        "nginx" if args.next() == Some("-s") && has(&["reload", "reopen"], args.next()) => {
+            Step::Harmless
+        }
+        _ if STOPPERS.contains(&name) => Step::Stops(format!("`{name}` signals the app")),
+        "nginx" | "apachectl" | "apache2ctl" | "httpd" => {
+            Step::Stops(format!("`{name}` may stop the server"))
+        }
+        _ => Step::Stops(format!("`{name}` cannot be read and may stop the app")),
+    })
+}
+
+/// The sleeps up to the first command that stops (or may stop) the app:
+/// `sleep 5 && kill -TERM 1 && sleep 30` delays SIGTERM by 35 s, but the
+/// app stops accepting after 5.
+fn script_delay(script: &str) -> Result<Delay, String> {
     let control = ["||", "|", "&", "`", "$(", "(", ")", "{", "}"];
     let flattened = script.replace("&&", "\n");
     if let Some(c) = control.iter().find(|c| flattened.contains(*c)) {
@@ -125,6 +190,7 @@ fn script_delay(script: &str) -> Result<(f64, usize), String> {
     }
     let mut total = 0.0;
     let mut sleeps = 0;
+    let mut until = None;
     for command in flattened.split(['\n', ';']) {
         let command = command.split('#').next().unwrap_or_default();
         let mut words = command.split_whitespace().peekable();
@@ -136,19 +202,29 @@ fn script_delay(script: &str) -> Result<(f64, usize), String> {
         if keyword.contains(&first) {
             return Err(format!("shell script uses `{first}`"));
         }
-        if basename(first) == "sleep" {
-            total += sleep_args(words.map(|w| w.trim_matches(['"', '\''])))?;
-            sleeps += 1;
-        } else if sleeps == 0 && !HARMLESS.contains(&first) {
-            return Err(format!(
-                "`{first}` runs before the sleep and may stop the app early"
-            ));
+        match step(first, words)? {
+            Step::Sleep(seconds) => {
+                total += seconds;
+                sleeps += 1;
+            }
+            Step::Harmless => {}
+            Step::Stops(why) if sleeps == 0 => {
+                return Err(format!("{why} before any sleep"));
+            }
+            Step::Stops(why) => {
+                until = Some(why);
+                break;
+            }
         }
     }
     if sleeps == 0 {
         return Err("shell script without a sleep".into());
     }
-    Ok((total, sleeps))
+    Ok(Delay {
+        seconds: total,
+        sleeps,
+        until,
+    })
 }
 
 /// GNU and busybox `sleep` add up several arguments, each with an optional
@@ -184,6 +260,7 @@ mod tests {
 
     fn exec(cmd: &[&str]) -> Result<(f64, usize), String> {
         exec_delay(&cmd.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .map(|d| (d.seconds, d.sleeps))
     }
 
     #[test]
@@ -204,8 +281,43 @@ mod tests {
         );
         assert_eq!(exec(&["sh", "-c", "sleep 2; sleep 3"]), Ok((5.0, 2)));
         assert_eq!(
+            exec(&["sh", "-c", "rm /tmp/online && sleep 20"]),
+            Ok((20.0, 1))
+        );
+        assert_eq!(
             exec(&["sh", "-c", "exec sleep 9 # wait for kube-proxy"]),
             Ok((9.0, 1))
+        );
+    }
+
+    #[test]
+    fn the_delay_ends_at_the_first_command_that_stops_the_app() {
+        assert_eq!(
+            exec(&["sh", "-c", "sleep 5 && kill -TERM 1 && sleep 30"]),
+            Ok((5.0, 1))
+        );
+        let nginx = "sleep 10 && nginx -s reload && sleep 1 && nginx -s quit && sleep 5";
+        assert_eq!(exec(&["sh", "-c", nginx]), Ok((11.0, 2)));
+        assert_eq!(
+            exec(&["sh", "-c", "sleep 3; apachectl graceful-stop; sleep 9"]),
+            Ok((3.0, 1))
+        );
+        assert_eq!(
+            exec(&["sh", "-c", "sleep 4\n/drain.sh\nsleep 60"]),
+            Ok((4.0, 1))
+        );
+    }
+
+    #[test]
+    fn a_delay_cut_short_says_where() {
+        let c: Container = serde_json::from_value(serde_json::json!({
+            "name": "app",
+            "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", "sleep 5; kill 1; sleep 30"]}}}
+        }))
+        .unwrap();
+        assert_eq!(
+            Hook::of(&c).describe(),
+            "preStop exec sleep 5s, up to where `kill` signals the app (later sleeps do not delay it)"
         );
     }
 

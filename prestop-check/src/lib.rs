@@ -7,6 +7,7 @@ pub mod fix;
 pub mod hook;
 pub mod recommendation;
 pub mod report;
+pub mod rollout;
 pub mod source;
 pub mod textfile;
 pub mod workload;

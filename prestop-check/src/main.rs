@@ -10,15 +10,15 @@ use prestop_check::check::{self, HookStyle, LowConfidence, Options, Problem, Sev
 use prestop_check::exit::{self, Exit};
 use prestop_check::recommendation::{HttpSource, Resolver};
 use prestop_check::report::{self, Failure, Format, Report};
-use prestop_check::source::{self, SourceFile};
-use prestop_check::workload::Inventory;
+use prestop_check::source::{self, SourceFile, Walk};
+use prestop_check::workload::{self, Inventory};
 use prestop_check::{fix, textfile, yaml};
 
 /// Fails a pipeline when a workload's preStop delay is shorter than the
 /// endpoint-propagation delay measured in the cluster.
 ///
 /// Reads Kubernetes manifests (files, directories, stdin; multi-document
-/// YAML such as `helm template` or `kustomize build` output), finds every
+/// YAML such as `helm template` or `kubectl kustomize` output), finds every
 /// container a Service routes to, reads its preStop delay and
 /// terminationGracePeriodSeconds, and compares them with the aggregator's
 /// recommendation for that Service (falling back to its namespace, then
@@ -26,13 +26,14 @@ use prestop_check::{fix, textfile, yaml};
 #[derive(Debug, Parser)]
 #[command(name = "prestop-check", version, after_help = exit::HELP)]
 struct Cli {
-    /// Manifest files or directories (searched for *.yaml, *.yml, *.json);
-    /// `-` or none reads stdin.
+    /// Manifest files or directories (searched for *.yaml, *.yml, *.json
+    /// in any case); `-` or none reads stdin. Helm charts and Kustomize
+    /// directories must be rendered first (see --kustomize).
     paths: Vec<PathBuf>,
 
     /// Base URL of the aggregator's HTTP API, e.g.
     /// http://prestop-aggregator.prestop-system.svc:8080
-    #[arg(long, env = "PRESTOP_AGGREGATOR_URL")]
+    #[arg(long, env = "PRESTOP_AGGREGATOR_URL", value_parser = base_url)]
     aggregator: Option<String>,
 
     /// Pass with a warning when the aggregator cannot be reached; the local
@@ -51,15 +52,16 @@ struct Cli {
 
     /// Seconds the app itself needs after SIGTERM to finish in-flight work;
     /// the grace period must hold preStop plus this.
-    #[arg(long, env = "PRESTOP_DRAIN_SECONDS", default_value_t = 0.0)]
+    #[arg(long, env = "PRESTOP_DRAIN_SECONDS", default_value_t = 0.0, value_parser = seconds)]
     drain_seconds: f64,
 
-    /// Quantile of propagation latency to cover (aggregator default: 0.99).
-    #[arg(long, env = "PRESTOP_QUANTILE")]
+    /// Quantile of propagation latency to cover, in (0, 1) (aggregator
+    /// default: 0.99).
+    #[arg(long, env = "PRESTOP_QUANTILE", value_parser = fraction)]
     quantile: Option<f64>,
 
-    /// Confidence of the upper bound (aggregator default: 0.95).
-    #[arg(long, env = "PRESTOP_CONFIDENCE")]
+    /// Confidence of the upper bound, in (0, 1) (aggregator default: 0.95).
+    #[arg(long, env = "PRESTOP_CONFIDENCE", value_parser = fraction)]
     confidence: Option<f64>,
 
     /// What a low-confidence recommendation (too few samples) means.
@@ -74,6 +76,18 @@ struct Cli {
     /// Treat a preStop hook of unknown duration as an error, not a warning.
     #[arg(long, env = "PRESTOP_FAIL_ON_UNKNOWN")]
     fail_on_unknown: bool,
+
+    /// Exit 7 when no container a Service routes to was found (no
+    /// workload kind this reads, no Service selecting one, empty input);
+    /// without it that is a warning.
+    #[arg(long, env = "PRESTOP_FAIL_IF_NOTHING_CHECKED")]
+    fail_if_nothing_checked: bool,
+
+    /// Render Kustomize directories (a kustomization.yaml) with
+    /// `kubectl kustomize` and check the output; without it they are
+    /// reported as unreadable (exit 3). Rendered output cannot be --fix'ed.
+    #[arg(long, env = "PRESTOP_KUSTOMIZE")]
+    kustomize: bool,
 
     #[arg(long, value_enum, env = "PRESTOP_FORMAT", default_value = "human")]
     format: Format,
@@ -99,9 +113,52 @@ struct Cli {
     #[arg(long, env = "PRESTOP_CLUSTER", value_parser = non_empty)]
     cluster: Option<String>,
 
-    /// Timeout of each aggregator request, in seconds.
-    #[arg(long, env = "PRESTOP_TIMEOUT_SECONDS", default_value_t = 10.0)]
+    /// Timeout of each aggregator request, in seconds (at most a day).
+    #[arg(long, env = "PRESTOP_TIMEOUT_SECONDS", default_value_t = 10.0, value_parser = timeout)]
     timeout_seconds: f64,
+}
+
+/// An http(s) URL with a host: anything else would only fail later as
+/// "unreachable", which `--offline-ok` turns into a pass.
+fn base_url(s: &str) -> Result<String, String> {
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .ok_or("must start with http:// or https://")?;
+    if rest
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or_default()
+        .is_empty()
+    {
+        return Err("has no host".into());
+    }
+    Ok(s.to_string())
+}
+
+fn number(s: &str) -> Result<f64, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite())
+        .ok_or_else(|| format!("`{s}` is not a finite number"))
+}
+
+fn fraction(s: &str) -> Result<f64, String> {
+    Some(number(s)?)
+        .filter(|v| *v > 0.0 && *v < 1.0)
+        .ok_or_else(|| "must be strictly between 0 and 1".into())
+}
+
+fn seconds(s: &str) -> Result<f64, String> {
+    Some(number(s)?)
+        .filter(|v| *v >= 0.0)
+        .ok_or_else(|| "must not be negative".into())
+}
+
+fn timeout(s: &str) -> Result<f64, String> {
+    Some(number(s)?)
+        .filter(|v| *v > 0.0 && *v <= 86_400.0)
+        .ok_or_else(|| "must be above 0 and at most 86400".into())
 }
 
 fn non_empty(s: &str) -> Result<String, String> {
@@ -127,15 +184,18 @@ fn print(
     format: Format,
     exit: Exit,
     failures: &[Failure],
-    outcome: Option<&check::Outcome>,
+    outcome: Option<(&check::Outcome, &Inventory)>,
 ) -> Exit {
-    let (findings, checked) =
-        outcome.map_or((&[][..], &[][..]), |o| (&o.findings[..], &o.checked[..]));
+    let none = BTreeMap::new();
+    let (findings, checked, skipped) = outcome.map_or((&[][..], &[][..], &none), |(o, i)| {
+        (&o.findings[..], &o.checked[..], &i.skipped)
+    });
     let report = Report {
         exit_code: exit.code(),
         failures,
         findings,
         checked,
+        skipped,
     };
     print!("{}", report::render(format, &report));
     exit
@@ -164,36 +224,45 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
             "--aggregator URL (or PRESTOP_AGGREGATOR_URL) is required unless --offline-ok"
         );
     }
-    let files = match source::read_inputs(&cli.paths) {
-        Ok(files) => files,
-        Err(e) => {
-            let f = failure(Severity::Error, None, None, e.to_string());
-            return Ok(print(cli.format, Exit::Unparsable, &[f], None));
-        }
-    };
+    let inputs = source::read_inputs(
+        &cli.paths,
+        Walk {
+            kustomize: cli.kustomize,
+        },
+    );
+    let files = inputs.files;
     let names: Vec<String> = files.iter().map(SourceFile::display).collect();
-    let (docs, parse_errors) = source::parse_all(&files);
-    let (inventory, invalid) = Inventory::collect(&docs, &cli.namespace);
-    let mut failures: Vec<Failure> = parse_errors
-        .iter()
-        .map(|e| {
-            failure(
-                Severity::Error,
-                Some(names[e.file].clone()),
-                Some(e.error.line),
-                format!("unparsable YAML: {}", e.error),
-            )
-        })
-        .chain(invalid.iter().map(|e| {
-            failure(
-                Severity::Error,
-                Some(names[e.file].clone()),
-                Some(e.line),
-                format!("invalid {}: {}", e.kind, e.message),
-            )
-        }))
-        .collect();
-    if !failures.is_empty() {
+    let (inventory, invalid) = Inventory::collect(&files, &cli.namespace);
+    let mut unreadable = false;
+    let mut failures: Vec<Failure> = Vec::new();
+    for p in &inputs.problems {
+        let severity = if p.is_error() {
+            unreadable = true;
+            Severity::Error
+        } else {
+            Severity::Warning
+        };
+        failures.push(failure(
+            severity,
+            Some(p.path().to_string()),
+            None,
+            p.to_string(),
+        ));
+    }
+    for e in &invalid {
+        unreadable = true;
+        let mut message = e.message.clone();
+        if templated_near(&files[e.file].text, e.line) {
+            message += " (it contains `{{`: an unrendered Helm template? render it with `helm template` first)";
+        }
+        failures.push(failure(
+            Severity::Error,
+            Some(names[e.file].clone()),
+            Some(e.line),
+            message,
+        ));
+    }
+    if unreadable {
         return Ok(print(cli.format, Exit::Unparsable, &failures, None));
     }
 
@@ -236,6 +305,16 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
             "no --aggregator given; only local checks ran".into(),
         ));
     }
+    let nothing_checked = outcome.checked.is_empty();
+    if nothing_checked {
+        let severity = if cli.fail_if_nothing_checked {
+            Severity::Error
+        } else {
+            Severity::Warning
+        };
+        let message = nothing_checked_message(&inventory, files.len(), inputs.skipped);
+        failures.push(failure(severity, None, None, message));
+    }
 
     // Output that could not be written is reported, and the rest of the
     // report still printed.
@@ -275,10 +354,57 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
         Exit::Findings
     } else if open_errors(true) {
         Exit::LowConfidence
+    } else if nothing_checked && cli.fail_if_nothing_checked {
+        Exit::NothingChecked
     } else {
         Exit::Ok
     };
-    Ok(print(cli.format, exit, &failures, Some(&outcome)))
+    Ok(print(
+        cli.format,
+        exit,
+        &failures,
+        Some((&outcome, &inventory)),
+    ))
+}
+
+/// Whether the line of an error, or the one before (YAML reports some
+/// errors where the next token starts), holds a `{{ }}` template action.
+/// Rendered output may carry `{{` inside strings (alerting rules), so only
+/// the error's own place counts.
+fn templated_near(text: &str, line: usize) -> bool {
+    text.lines()
+        .skip(line.saturating_sub(2))
+        .take(2)
+        .any(|l| l.contains("{{"))
+}
+
+/// Why a run checked nothing, from what it did read.
+fn nothing_checked_message(inventory: &Inventory, files: usize, skipped_files: usize) -> String {
+    let mut parts = vec![format!(
+        "{files} input(s) read, {} object(s) in them",
+        inventory.objects
+    )];
+    if !inventory.workloads.is_empty() {
+        parts.push(format!(
+            "{} workload(s), none selected by a Service in these manifests through a port a container serves",
+            inventory.workloads.len()
+        ));
+    }
+    if !inventory.skipped.is_empty() {
+        parts.push(format!(
+            "kinds not read: {}",
+            report::kinds_list(&inventory.skipped)
+        ));
+    }
+    if skipped_files > 0 {
+        parts.push(format!(
+            "{skipped_files} file(s) in the directories skipped: not *.yaml, *.yml or *.json"
+        ));
+    }
+    format!(
+        "nothing was checked: no container that a Service routes to ({})",
+        parts.join("; ")
+    )
 }
 
 /// Edits each file once with all its workloads' changes, and writes it only
@@ -291,27 +417,51 @@ fn apply_fixes(
     failures: &mut Vec<Failure>,
 ) -> bool {
     let mut written = true;
-    let mut per_file: BTreeMap<usize, (Vec<fix::Edit>, Vec<String>)> = BTreeMap::new();
+    let mut per_file: BTreeMap<usize, Vec<&check::Change>> = BTreeMap::new();
     for change in &outcome.changes {
         let w = &inventory.workloads[change.workload];
-        let file = &files[w.file];
-        match fix::edits(&file.text, w, change, style) {
-            Ok(edits) => {
-                let entry = per_file.entry(w.file).or_default();
-                entry.0.extend(edits);
-                entry.1.push(w.object());
-            }
-            Err(e) => failures.push(failure(
-                Severity::Warning,
-                Some(file.display()),
-                Some(w.line),
-                format!("cannot fix: {e}"),
-            )),
-        }
+        per_file.entry(w.file).or_default().push(change);
     }
-    for (index, (edits, objects)) in per_file {
+    for (index, changes) in per_file {
         let file = &files[index];
-        let text = fix::apply(&file.text, edits);
+        // Workloads keep lines, not trees: the file is parsed again, once.
+        let Ok(docs) = yaml::parse_stream(&file.text) else {
+            continue;
+        };
+        let mut edits = Vec::new();
+        let mut objects = Vec::new();
+        for change in changes {
+            let w = &inventory.workloads[change.workload];
+            let result = workload::find_object(&docs, w.at)
+                .ok_or_else(|| format!("{} not found again in the file", w.object()))
+                .and_then(|node| {
+                    fix::edits(&file.text, w, node, change, style).map_err(|e| e.to_string())
+                });
+            match result {
+                Ok(e) => {
+                    edits.extend(e);
+                    objects.push(w.object());
+                }
+                Err(e) => failures.push(failure(
+                    Severity::Warning,
+                    Some(file.display()),
+                    Some(w.line),
+                    format!("cannot fix: {e}"),
+                )),
+            }
+        }
+        let text = match fix::apply(&file.text, edits) {
+            Ok(text) => text,
+            Err(e) => {
+                failures.push(failure(
+                    Severity::Warning,
+                    Some(file.display()),
+                    None,
+                    format!("cannot fix: {e}; left unchanged, apply the patches by hand"),
+                ));
+                continue;
+            }
+        };
         if let Err(e) = yaml::parse_stream(&text) {
             failures.push(failure(
                 Severity::Warning,
@@ -321,7 +471,15 @@ fn apply_fixes(
             ));
             continue;
         }
-        let Some(path) = &file.path else { continue };
+        let Some(path) = &file.path else {
+            failures.push(failure(
+                Severity::Warning,
+                Some(file.display()),
+                None,
+                "cannot fix rendered output: apply the patches to its sources".into(),
+            ));
+            continue;
+        };
         if let Err(e) = std::fs::write(path, text) {
             written = false;
             failures.push(failure(

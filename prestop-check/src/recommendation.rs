@@ -47,6 +47,8 @@ pub struct Recommendation {
     pub confidence: f64,
     pub margin_seconds: f64,
     pub samples: u64,
+    /// How many more complete deletions the aggregator needs for a
+    /// confident bound (not a total).
     pub samples_needed: u64,
     pub window_seconds: u64,
     pub observed_p50_seconds: Option<f64>,
@@ -83,7 +85,7 @@ impl Recommendation {
         if self.low_confidence {
             s += &format!(
                 "; LOW CONFIDENCE: {} more samples needed",
-                self.samples_needed.saturating_sub(self.samples)
+                self.samples_needed
             );
         }
         s
@@ -117,7 +119,7 @@ pub enum QueryError {
     Body { url: String, message: String },
 }
 
-/// Asks one scope; `Ok(None)` when the aggregator knows nothing of it.
+/// Asks one scope; `Ok(None)` when the source has no answer for it.
 pub trait Source {
     fn query(
         &self,
@@ -185,6 +187,9 @@ impl Source for HttpSource {
                 url: url.clone(),
                 message: e.to_string(),
             })?;
+        // The aggregator says "no measurements" with a 200 and a null
+        // `preStopSeconds`; any other status (a 404 from a wrong path or a
+        // proxy included) is an error, never "no data".
         match status {
             200 => serde_json::from_str(&body)
                 .map(Some)
@@ -192,7 +197,6 @@ impl Source for HttpSource {
                     url,
                     message: e.to_string(),
                 }),
-            404 => Ok(None),
             _ => Err(QueryError::Status { url, status, body }),
         }
     }
@@ -244,6 +248,15 @@ impl<'s> Resolver<'s> {
             Some(i) => Some(answers.swap_remove(i)),
             None => answers.into_iter().next(),
         })
+    }
+
+    /// The Service's own answer, whatever its confidence.
+    pub fn own(
+        &mut self,
+        namespace: &str,
+        service: &str,
+    ) -> Result<Option<Recommendation>, QueryError> {
+        self.cached(Some(namespace), Some(service))
     }
 
     fn cached(

@@ -1,5 +1,6 @@
 //! Output formats: human, JSON and GitHub Actions workflow commands.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use serde::Serialize;
@@ -33,6 +34,26 @@ pub struct Report<'a> {
     pub failures: &'a [Failure],
     pub findings: &'a [Finding],
     pub checked: &'a [Checked],
+    /// Objects of kinds this check does not read, by `apiVersion kind`.
+    pub skipped: &'a BTreeMap<String, usize>,
+}
+
+/// "v1 ConfigMap (2), serving.knative.dev/v1 Service (1)".
+pub fn kinds_list(skipped: &BTreeMap<String, usize>) -> String {
+    let kinds: Vec<String> = skipped
+        .iter()
+        .map(|(kind, n)| format!("{kind} ({n})"))
+        .collect();
+    kinds.join(", ")
+}
+
+fn skipped_kinds(r: &Report<'_>) -> Option<String> {
+    (!r.skipped.is_empty()).then(|| {
+        format!(
+            "not checked, kinds this check does not read: {}",
+            kinds_list(r.skipped)
+        )
+    })
 }
 
 pub fn render(format: Format, report: &Report<'_>) -> String {
@@ -103,6 +124,9 @@ fn human(r: &Report<'_>) -> String {
         .filter(|f| f.severity == Severity::Warning)
         .count();
     let fixed = r.findings.iter().filter(|f| f.fixed).count();
+    if let Some(skipped) = skipped_kinds(r) {
+        let _ = writeln!(out, "prestop-check: {skipped}");
+    }
     let _ = writeln!(
         out,
         "prestop-check: {} routed containers checked, {errors} errors, {warnings} warnings, {fixed} fixed (exit {})",
@@ -172,6 +196,13 @@ fn github(r: &Report<'_>) -> String {
             f.line,
             escape_property(&title),
             escape_data(&message)
+        );
+    }
+    if let Some(skipped) = skipped_kinds(r) {
+        let _ = writeln!(
+            out,
+            "::notice title=prestop-check::{}",
+            escape_data(&skipped)
         );
     }
     out

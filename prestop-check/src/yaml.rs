@@ -3,8 +3,17 @@
 //! Findings must point at a file and line, and `--fix` edits the text in
 //! place, so every node keeps where it came from; the typed Kubernetes view
 //! is derived from the same tree through JSON.
+//!
+//! Documents are built one at a time from the parser's events, so a large
+//! `helm template` output is never held as a tree all at once. Aliases are
+//! resolved to a copy of their anchor that keeps the anchor's positions (an
+//! edit of a shared value lands once, in the anchor), and merge keys
+//! (`<<: *defaults`) are applied, explicit keys winning.
 
-use saphyr::{LoadableYamlNode, MarkedYaml, Marker, Scalar, YamlData};
+use std::collections::HashMap;
+
+use saphyr::{Marker, Scalar};
+use saphyr_parser::{Event, Parser, ScalarStyle, StrInput};
 
 /// Byte range and 1-based line of a node in its source text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,7 +34,7 @@ pub enum Value {
     Str(String),
     Seq(Vec<Node>),
     Map(Vec<(Node, Node)>),
-    /// Aliases and values the parser could not resolve.
+    /// Scalars with a tag the core schema does not resolve.
     Other,
 }
 
@@ -43,49 +52,260 @@ pub struct SyntaxError {
     pub message: String,
 }
 
+impl SyntaxError {
+    fn at(m: Marker, message: impl Into<String>) -> Self {
+        Self {
+            line: m.line(),
+            col: m.col() + 1,
+            message: message.into(),
+        }
+    }
+}
+
 /// Parses a stream of `---`-separated documents; empty documents are kept
 /// as `Null` so callers can skip them.
 pub fn parse_stream(text: &str) -> Result<Vec<Node>, SyntaxError> {
-    let docs = MarkedYaml::load_from_str(text).map_err(|e| SyntaxError {
-        line: e.marker().line(),
-        col: e.marker().col() + 1,
-        message: e.info().to_string(),
-    })?;
-    let lines = LineIndex::new(text);
-    Ok(docs.iter().map(|d| convert(d, &lines)).collect())
+    documents(text).collect()
 }
 
-fn convert(node: &MarkedYaml<'_>, lines: &LineIndex<'_>) -> Node {
-    let value = match &node.data {
-        YamlData::Value(Scalar::Null) => Value::Null,
-        YamlData::Value(Scalar::Boolean(b)) => Value::Bool(*b),
-        YamlData::Value(Scalar::Integer(i)) => Value::Int(*i),
-        YamlData::Value(Scalar::FloatingPoint(f)) => Value::Float(f.into_inner()),
-        YamlData::Value(Scalar::String(s)) => Value::Str(s.to_string()),
-        YamlData::Sequence(items) => Value::Seq(items.iter().map(|i| convert(i, lines)).collect()),
-        YamlData::Mapping(entries) => Value::Map(
-            entries
-                .iter()
-                .map(|(k, v)| (convert(k, lines), convert(v, lines)))
-                .collect(),
-        ),
-        _ => Value::Other,
-    };
-    Node {
-        span: Span {
-            line: node.span.start.line(),
-            col: node.span.start.col(),
-            start: lines.byte_offset(node.span.start),
-            end: lines.byte_offset(node.span.end),
-        },
-        value,
+/// The documents of `text`, one at a time; iteration ends after an error.
+pub fn documents(text: &str) -> Documents<'_> {
+    Documents {
+        parser: Parser::new_from_str(text),
+        lines: LineIndex::new(text),
+        done: false,
     }
+}
+
+pub struct Documents<'t> {
+    parser: Parser<'t, StrInput<'t>>,
+    lines: LineIndex<'t>,
+    done: bool,
+}
+
+impl Iterator for Documents<'_> {
+    type Item = Result<Node, SyntaxError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let mut builder = Builder::default();
+        loop {
+            let event = match self.parser.next_event() {
+                Some(Ok(event)) => event,
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Some(Err(SyntaxError::at(*e.marker(), e.info())));
+                }
+                None => {
+                    self.done = true;
+                    return None;
+                }
+            };
+            match event {
+                (Event::StreamEnd, _) => {
+                    self.done = true;
+                    return None;
+                }
+                (Event::DocumentEnd, span) => {
+                    let null = || self.lines.node(span.start, span.start, Value::Null);
+                    return Some(Ok(builder.root.unwrap_or_else(null)));
+                }
+                (event, span) => {
+                    if let Err(e) = builder.on(event, span, &self.lines) {
+                        self.done = true;
+                        return Some(Err(e));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Nodes copied through aliases in one document, at most: enough for any
+/// manifest, and a stop to exponential alias bombs.
+const ALIAS_BUDGET: usize = 1_000_000;
+
+enum Frame {
+    Seq {
+        anchor: usize,
+        start: Marker,
+        items: Vec<Node>,
+    },
+    Map {
+        anchor: usize,
+        start: Marker,
+        entries: Vec<(Node, Node)>,
+        /// Values of `<<` keys, applied when the mapping ends.
+        merges: Vec<Node>,
+        /// The key waiting for its value, and whether it is a merge key.
+        key: Option<(Node, bool)>,
+    },
+}
+
+#[derive(Default)]
+struct Builder {
+    stack: Vec<Frame>,
+    anchors: HashMap<usize, Node>,
+    root: Option<Node>,
+    aliased: usize,
+}
+
+impl Builder {
+    fn on(
+        &mut self,
+        event: Event<'_>,
+        span: saphyr_parser::Span,
+        lines: &LineIndex<'_>,
+    ) -> Result<(), SyntaxError> {
+        match event {
+            Event::SequenceStart(anchor, _) => self.stack.push(Frame::Seq {
+                anchor,
+                start: span.start,
+                items: Vec::new(),
+            }),
+            Event::MappingStart(anchor, _) => self.stack.push(Frame::Map {
+                anchor,
+                start: span.start,
+                entries: Vec::new(),
+                merges: Vec::new(),
+                key: None,
+            }),
+            Event::SequenceEnd => {
+                let Some(Frame::Seq {
+                    anchor,
+                    start,
+                    items,
+                }) = self.stack.pop()
+                else {
+                    return Err(SyntaxError::at(span.start, "unbalanced sequence"));
+                };
+                let node = lines.node(start, span.start, Value::Seq(items));
+                self.complete(node, anchor, false, span.start)?;
+            }
+            Event::MappingEnd => {
+                let Some(Frame::Map {
+                    anchor,
+                    start,
+                    mut entries,
+                    merges,
+                    ..
+                }) = self.stack.pop()
+                else {
+                    return Err(SyntaxError::at(span.start, "unbalanced mapping"));
+                };
+                merge(&mut entries, merges, span.start)?;
+                let node = lines.node(start, span.start, Value::Map(entries));
+                self.complete(node, anchor, false, span.start)?;
+            }
+            Event::Scalar(text, style, anchor, tag) => {
+                let merge_key = style == ScalarStyle::Plain && tag.is_none() && text == "<<";
+                let value = match Scalar::parse_from_cow_and_metadata(text, style, tag.as_ref()) {
+                    Some(Scalar::Null) => Value::Null,
+                    Some(Scalar::Boolean(b)) => Value::Bool(b),
+                    Some(Scalar::Integer(i)) => Value::Int(i),
+                    Some(Scalar::FloatingPoint(f)) => Value::Float(f.into_inner()),
+                    Some(Scalar::String(s)) => Value::Str(s.into_owned()),
+                    None => Value::Other,
+                };
+                let node = lines.node(span.start, span.end, value);
+                self.complete(node, anchor, merge_key, span.start)?;
+            }
+            Event::Alias(id) => {
+                let node = self
+                    .anchors
+                    .get(&id)
+                    .cloned()
+                    .ok_or_else(|| SyntaxError::at(span.start, "alias of an unknown anchor"))?;
+                self.aliased += node.size();
+                if self.aliased > ALIAS_BUDGET {
+                    return Err(SyntaxError::at(
+                        span.start,
+                        format!("aliases expand to more than {ALIAS_BUDGET} nodes"),
+                    ));
+                }
+                self.complete(node, 0, false, span.start)?;
+            }
+            Event::DocumentStart(_) => self.anchors.clear(),
+            Event::StreamStart | Event::Nothing | Event::DocumentEnd | Event::StreamEnd => {}
+        }
+        Ok(())
+    }
+
+    /// Places a finished node into its parent (or as the document root).
+    fn complete(
+        &mut self,
+        node: Node,
+        anchor: usize,
+        merge_key: bool,
+        at: Marker,
+    ) -> Result<(), SyntaxError> {
+        if anchor > 0 {
+            self.anchors.insert(anchor, node.clone());
+        }
+        match self.stack.last_mut() {
+            None => self.root = Some(node),
+            Some(Frame::Seq { items, .. }) => items.push(node),
+            Some(Frame::Map {
+                entries,
+                merges,
+                key,
+                ..
+            }) => match key.take() {
+                None => *key = Some((node, merge_key)),
+                Some((_, true)) => merges.push(node),
+                Some((k, false)) => {
+                    if entries.iter().any(|(e, _)| e.same_key(&k)) {
+                        return Err(SyntaxError::at(
+                            at,
+                            format!("duplicate key `{}` in mapping", k.key_text()),
+                        ));
+                    }
+                    entries.push((k, node));
+                }
+            },
+        }
+        Ok(())
+    }
+}
+
+/// YAML merge keys: the merged mappings' entries the mapping does not set
+/// itself, earlier sources winning over later ones.
+fn merge(
+    entries: &mut Vec<(Node, Node)>,
+    sources: Vec<Node>,
+    at: Marker,
+) -> Result<(), SyntaxError> {
+    for source in sources {
+        let maps = match source.value {
+            Value::Map(_) => vec![source],
+            Value::Seq(items) => items,
+            _ => Vec::new(),
+        };
+        for map in maps {
+            let Value::Map(merged) = map.value else {
+                return Err(SyntaxError::at(
+                    at,
+                    "a merge key (`<<`) takes a mapping or a list of mappings",
+                ));
+            };
+            for (k, v) in merged {
+                if !entries.iter().any(|(e, _)| e.same_key(&k)) {
+                    entries.push((k, v));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The parser counts characters; edits need byte offsets.
 struct LineIndex<'t> {
     text: &'t str,
     starts: Vec<usize>,
+    /// Characters are bytes: the parser's character index is the offset.
+    ascii: bool,
 }
 
 impl<'t> LineIndex<'t> {
@@ -93,10 +313,29 @@ impl<'t> LineIndex<'t> {
         let starts = std::iter::once(0)
             .chain(text.match_indices('\n').map(|(i, _)| i + 1))
             .collect();
-        Self { text, starts }
+        Self {
+            text,
+            starts,
+            ascii: text.is_ascii(),
+        }
+    }
+
+    fn node(&self, start: Marker, end: Marker, value: Value) -> Node {
+        Node {
+            span: Span {
+                line: start.line(),
+                col: start.col(),
+                start: self.byte_offset(start),
+                end: self.byte_offset(end),
+            },
+            value,
+        }
     }
 
     fn byte_offset(&self, m: Marker) -> usize {
+        if self.ascii {
+            return m.index().min(self.text.len());
+        }
         let Some(&line_start) = self.starts.get(m.line().saturating_sub(1)) else {
             return self.text.len();
         };
@@ -172,6 +411,19 @@ impl Node {
         }
     }
 
+    fn same_key(&self, other: &Node) -> bool {
+        self.key_text() == other.key_text()
+    }
+
+    /// Nodes in this tree, for the alias budget.
+    fn size(&self) -> usize {
+        1 + match &self.value {
+            Value::Seq(items) => items.iter().map(Node::size).sum(),
+            Value::Map(entries) => entries.iter().map(|(k, v)| k.size() + v.size()).sum(),
+            _ => 0,
+        }
+    }
+
     fn key_text(&self) -> String {
         match &self.value {
             Value::Str(s) => s.clone(),
@@ -205,6 +457,42 @@ mod tests {
     fn syntax_error_has_line() {
         let err = parse_stream("kind: Pod\nspec:\n  a: [1, 2\n").unwrap_err();
         assert!(err.line >= 3, "{err}");
+    }
+
+    #[test]
+    fn aliases_keep_the_anchors_positions_and_merge_keys_apply() {
+        let text = "a: &x\n  n: 1\n  m: 2\nb: *x\nc:\n  <<: *x\n  m: 3\n";
+        let doc = &parse_stream(text).unwrap()[0];
+        let n = |key: &str| doc.path(&[key, "n"]).unwrap().span;
+        // The alias and the merged entry are the anchor's own nodes: an edit
+        // lands once, in the anchor.
+        assert_eq!(n("b"), n("a"));
+        assert_eq!(n("c"), n("a"));
+        assert_eq!(
+            doc.to_json(),
+            serde_json::json!({"a": {"n": 1, "m": 2}, "b": {"n": 1, "m": 2}, "c": {"m": 3, "n": 1}})
+        );
+        let err = parse_stream("a: &x [1]\nb:\n  <<: *x\n").unwrap_err();
+        assert!(err.message.contains("merge key"), "{err}");
+    }
+
+    #[test]
+    fn alias_bombs_stop_at_the_budget() {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..8 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+            text += &format!("a{i}: &a{i} [{refs}]\n");
+        }
+        let err = parse_stream(&text).unwrap_err();
+        assert!(err.message.contains("aliases expand"), "{err}");
+    }
+
+    #[test]
+    fn documents_come_one_at_a_time_until_an_error() {
+        let mut docs = documents("a: 1\n---\nb: [\n---\nc: 3\n");
+        assert!(docs.next().unwrap().is_ok());
+        assert!(docs.next().unwrap().is_err());
+        assert!(docs.next().is_none());
     }
 
     #[test]

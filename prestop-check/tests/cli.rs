@@ -1,157 +1,9 @@
 //! prestop-check as a pipeline runs it, against the real aggregator HTTP
 //! API on a loopback socket seeded with measurements.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
+mod harness;
 
-use aggregator::config::Settings;
-use aggregator::http::{self, HttpState};
-use aggregator::model::{DeletionRecord, NodeMeasurement};
-use aggregator::store::Store;
-
-struct Aggregator {
-    url: String,
-    _runtime: tokio::runtime::Runtime,
-    _dir: tempfile::TempDir,
-}
-
-/// One complete deletion in `namespace`, routed by `service`, whose slowest
-/// node took `seconds`.
-fn deletion(i: usize, namespace: &str, service: &str, seconds: f64) -> DeletionRecord {
-    let now = http::now_unix_nanos();
-    DeletionRecord {
-        pod_uid: format!("{namespace}-{service}-{i}"),
-        namespace: namespace.into(),
-        pod_name: format!("{service}-{i}"),
-        services: vec![service.into()],
-        pod_ip: "10.0.0.1".into(),
-        host_node: Some("node-a".into()),
-        deletion_start_unix_nanos: now - 60_000_000_000,
-        api_deletion_start_unix_nanos: None,
-        grace_period_seconds: Some(30),
-        control_plane_seconds: Some(0.05),
-        complete: true,
-        propagation_seconds: Some(seconds),
-        finished_unix_nanos: now - 1_000_000_000,
-        nodes: vec![NodeMeasurement {
-            node: "node-a".into(),
-            latency_seconds: Some(seconds),
-            mode: Some("nftables".into()),
-            ..Default::default()
-        }],
-        missing_nodes: vec![],
-    }
-}
-
-fn start(records: &[DeletionRecord]) -> Aggregator {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path().join("store.db")).unwrap();
-    for r in records {
-        store.record_deletion(r).unwrap();
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let settings = Settings {
-        cluster_name: "test".into(),
-        ..Settings::default()
-    };
-    runtime.spawn(http::serve(
-        listener,
-        HttpState::new(Arc::new(store), settings),
-    ));
-    Aggregator {
-        url,
-        _runtime: runtime,
-        _dir: dir,
-    }
-}
-
-/// 300 deletions in shop/web between 1.0 s and 3.99 s: enough for a
-/// confident p99 bound; and 5 in shop/db: too few on their own.
-fn seeded() -> Aggregator {
-    let mut records: Vec<_> = (0..300)
-        .map(|i| deletion(i, "shop", "web", 1.0 + i as f64 * 0.01))
-        .collect();
-    records.extend((0..5).map(|i| deletion(i, "shop", "db", 0.5)));
-    start(&records)
-}
-
-/// The aggregator's answer, read independently of the binary's client.
-fn recommendation(agg: &Aggregator, query: &str) -> serde_json::Value {
-    use std::io::Read;
-    let host = agg.url.strip_prefix("http://").unwrap();
-    let mut s = std::net::TcpStream::connect(host).unwrap();
-    write!(
-        s,
-        "GET /v1/recommendations?{query} HTTP/1.0\r\nHost: {host}\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap()
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn command(args: &[&str], dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_prestop-check"));
-    cmd.args(args).current_dir(dir).env_clear();
-    cmd
-}
-
-fn run(args: &[&str], dir: &Path, stdin: Option<&str>) -> Output {
-    finish(command(args, dir), stdin)
-}
-
-fn finish(mut cmd: Command, stdin: Option<&str>) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.unwrap_or_default().as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().unwrap()
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(o)))
-}
-
-/// The premise of the expectations below: the seeded measurements make the
-/// aggregator recommend 5 s for shop/web and for namespace shop.
-fn premise(agg: &Aggregator) {
-    let web = recommendation(agg, "namespace=shop&service=web");
-    assert_eq!(web["preStopSeconds"], 5, "{web}");
-    assert_eq!(web["lowConfidence"], false, "{web}");
-    let db = recommendation(agg, "namespace=shop&service=db");
-    assert_eq!(db["lowConfidence"], true, "{db}");
-    assert_eq!(recommendation(agg, "namespace=shop")["preStopSeconds"], 5);
-}
+use harness::*;
 
 #[test]
 fn every_workload_kind_and_hook_form_is_read_and_compared() {
@@ -484,7 +336,7 @@ fn unparsable_manifests_exit_3_with_file_and_line() {
     );
     assert!(
         text.contains(
-            "bad/types.yaml:6: error: invalid Deployment: invalid type: string \"three\""
+            "bad/types.yaml:9: error: invalid Deployment: spec.replicas: invalid type: string \"three\""
         ),
         "{text}"
     );
@@ -706,34 +558,6 @@ fn metrics_file_exports_configured_prestop_per_service() {
         None,
     );
     assert_eq!(code(&out), 2, "an empty cluster name is a usage error");
-}
-
-/// An HTTP server on a loopback socket that answers every request with
-/// `status`, as an ingress or proxy in front of a restarting aggregator
-/// does; returns its URL.
-fn answering(status: &'static str) -> String {
-    use std::io::Read;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for mut conn in listener.incoming().flatten() {
-            let mut request = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                match conn.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => request.extend_from_slice(&buf[..n]),
-                }
-            }
-            let body = "upstream connect error";
-            let _ = write!(
-                conn,
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    url
 }
 
 #[test]
