@@ -5,6 +5,7 @@
 mod common;
 
 use observer_proto::UnixNanos;
+use observer_proto::api::NodeClass;
 use std::time::Duration;
 
 use observer_proto::api::DeletionRecord;
@@ -398,8 +399,8 @@ async fn aggregator_restart_during_a_rollout_loses_no_measurement() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_whose_agent_was_down_is_reported_missing_not_zero() {
-    if !lab::root::root_or_skip("a_node_whose_agent_was_down_is_reported_missing_not_zero") {
+async fn a_node_whose_agent_was_down_is_unknown_not_zero() {
+    if !lab::root::root_or_skip("a_node_whose_agent_was_down_is_unknown_not_zero") {
         return;
     }
     let _serial = common::SERIAL.lock().await;
@@ -430,9 +431,15 @@ async fn a_node_whose_agent_was_down_is_reported_missing_not_zero() {
     let record = &records[0];
     assert!(!record.complete, "{record:?}");
     assert!(record.missing_nodes.contains(&down), "{record:?}");
-    assert!(
-        record.propagation_seconds.is_none(),
-        "a missing node must not yield a latency: {record:?}"
+    // Unknown, not still routing: the deletion is not censored, the other
+    // nodes' latencies stand, and the coverage says what is missing.
+    assert!(!record.censored, "{record:?}");
+    assert!(record.coverage.unknown >= 1, "{record:?}");
+    let down_node = record.nodes.iter().find(|n| n.node == down);
+    assert_eq!(
+        down_node.and_then(|n| n.class),
+        Some(NodeClass::Unknown),
+        "{record:?}"
     );
     // Other nodes' agents may still report traffic they saw from this node
     // (its late connections), but never its rule change, and never zero.

@@ -5,7 +5,7 @@ use k8s_openapi::api::core::v1::Container;
 use serde::Serialize;
 
 use crate::hook::{Hook, fmt_secs};
-use crate::recommendation::{QueryError, Recommendation, Resolver};
+use crate::recommendation::{self, QueryError, Recommendation, Resolver};
 use crate::workload::{Inventory, Workload};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -78,7 +78,7 @@ pub struct Finding {
 pub struct Change {
     pub workload: usize,
     /// Container name and the preStop seconds it needs.
-    pub pre_stop: Vec<(String, i64)>,
+    pub pre_stop: Vec<(String, u64)>,
     pub grace_seconds: Option<i64>,
 }
 
@@ -136,10 +136,7 @@ pub fn run(
         }
         // Several Services may route to one workload; the longest
         // recommendation binds.
-        let binding = recs
-            .iter()
-            .max_by_key(|r| r.pre_stop_seconds.unwrap_or(-1))
-            .cloned();
+        let binding = recs.iter().max_by_key(|r| r.pre_stop_seconds).cloned();
         let mut containers: Vec<&Container> = Vec::new();
         for c in services
             .iter()
@@ -275,7 +272,7 @@ impl Evaluation<'_> {
                     rec.samples_needed
                 ),
             );
-            f.why = Some(rec.why());
+            f.why = Some(recommendation::why(rec));
             out.push(f);
         }
         for own in keep_alive {
@@ -289,10 +286,10 @@ impl Evaluation<'_> {
                 format!(
                     "{} keep-alive connections of {} were aborted at shutdown: {advice}",
                     own.keep_alive.aborted_connections,
-                    own.scope.describe()
+                    recommendation::describe(&own.scope)
                 ),
             );
-            f.why = Some(own.why());
+            f.why = Some(recommendation::why(own));
             out.push(f);
         }
     }
@@ -352,7 +349,7 @@ impl Evaluation<'_> {
             f.container = Some(name.to_string());
             f.has = Some(hook.describe());
             f.recommended = Some(format!("preStop sleep {recommended}s"));
-            f.why = Some(rec.why());
+            f.why = Some(recommendation::why(rec));
             if severity == Severity::Error {
                 needed_delay = recommended as f64;
                 change.pre_stop.push((name.to_string(), recommended));

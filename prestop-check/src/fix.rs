@@ -47,7 +47,7 @@ pub fn patch_text(w: &Workload, change: &Change, style: HookStyle) -> String {
     out
 }
 
-fn lifecycle_block(indent: usize, seconds: i64, style: HookStyle) -> String {
+fn lifecycle_block(indent: usize, seconds: u64, style: HookStyle) -> String {
     format!(
         "{:indent$}lifecycle:\n{}",
         "",
@@ -55,7 +55,7 @@ fn lifecycle_block(indent: usize, seconds: i64, style: HookStyle) -> String {
     )
 }
 
-fn pre_stop_block(indent: usize, seconds: i64, style: HookStyle) -> String {
+fn pre_stop_block(indent: usize, seconds: u64, style: HookStyle) -> String {
     let i = indent;
     match style {
         HookStyle::Sleep => format!(
@@ -130,7 +130,7 @@ fn container_edit(
     text: &str,
     node: &Node,
     hook: &Hook,
-    seconds: i64,
+    seconds: u64,
     style: HookStyle,
 ) -> Result<Edit, String> {
     if node.is_flow(text) {
@@ -176,7 +176,7 @@ fn container_edit(
 
 /// Rewrites the one literal sleep duration inside the command, whichever
 /// form it has (argument list or shell script).
-fn exec_edit(text: &str, command: &Node, seconds: i64) -> Result<Edit, String> {
+fn exec_edit(text: &str, command: &Node, seconds: u64) -> Result<Edit, String> {
     let items = command.items();
     let sleep_at = items.iter().position(|i| {
         i.as_str()
@@ -326,7 +326,7 @@ mod tests {
         (w, node)
     }
 
-    fn change(seconds: i64, grace: Option<i64>) -> Change {
+    fn change(seconds: u64, grace: Option<i64>) -> Change {
         Change {
             workload: 0,
             pre_stop: vec![("app".into(), seconds)],

@@ -1,95 +1,57 @@
 //! The aggregator's recommendation API (docs/api.md) and the fallback from
 //! a Service's own measurements to broader scopes.
 //!
-//! The JSON is read into this crate's own types, every field defaulted, not
-//! the aggregator's: a CI tool must read an aggregator a version ahead or
-//! behind, and must not build the aggregator (Kubernetes client, SQLite) to
-//! do it. tests/cli.rs reads the real aggregator's answers over HTTP, so
-//! the two cannot drift apart unnoticed.
+//! The JSON is read into the types the aggregator writes it with
+//! (`observer_proto::api`): one declaration, every field defaulted so an
+//! aggregator a version ahead or behind still reads; the protocol crate
+//! builds no Kubernetes client and no SQLite. tests/cli.rs reads the real
+//! aggregator's answers over HTTP.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+pub use observer_proto::api::{KeepAlive, Recommendation, ScopeView as Scope};
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct Scope {
-    pub cluster: String,
-    pub namespace: Option<String>,
-    pub service: Option<String>,
-}
-
-impl Scope {
-    pub fn describe(&self) -> String {
-        match (&self.namespace, &self.service) {
-            (Some(ns), Some(svc)) => format!("service {ns}/{svc}"),
-            (Some(ns), None) => format!("namespace {ns}"),
-            _ => "the whole cluster".to_string(),
-        }
+/// What a scope is, in words.
+pub fn describe(scope: &Scope) -> String {
+    match (&scope.namespace, &scope.service) {
+        (Some(ns), Some(svc)) => format!("service {ns}/{svc}"),
+        (Some(ns), None) => format!("namespace {ns}"),
+        _ => "the whole cluster".to_string(),
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct KeepAlive {
-    pub aborted_connections: u64,
-    pub finding: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct Recommendation {
-    pub scope: Scope,
-    /// `None` when there are no samples at all.
-    pub pre_stop_seconds: Option<i64>,
-    pub quantile: f64,
-    pub confidence: f64,
-    pub margin_seconds: f64,
-    pub samples: u64,
-    /// How many more complete deletions the aggregator needs for a
-    /// confident bound (not a total).
-    pub samples_needed: u64,
-    pub window_seconds: u64,
-    pub observed_p50_seconds: Option<f64>,
-    pub observed_p99_seconds: Option<f64>,
-    pub observed_max_seconds: Option<f64>,
-    pub low_confidence: bool,
-    pub reason: String,
-    pub keep_alive: KeepAlive,
-}
-
-impl Recommendation {
-    /// One line a reviewer can check: where the number comes from.
-    pub fn why(&self) -> String {
-        let mut s = format!(
-            "p{} at {}% confidence over {} deletions of {}",
-            percent(self.quantile),
-            percent(self.confidence),
-            self.samples,
-            self.scope.describe()
+/// One line a reviewer can check: where the number comes from.
+pub fn why(r: &Recommendation) -> String {
+    let mut s = format!(
+        "p{} at {}% confidence over {} deletions of {}",
+        percent(r.quantile),
+        percent(r.confidence),
+        r.samples,
+        describe(&r.scope)
+    );
+    if r.window_seconds > 0 {
+        s += &format!(" in the last {}", fmt_window(r.window_seconds));
+    }
+    if let (Some(p50), Some(p99), Some(max)) = (
+        r.observed_p50_seconds,
+        r.observed_p99_seconds,
+        r.observed_max_seconds,
+    ) {
+        s += &format!(" (observed p50 {p50:.2}s, p99 {p99:.2}s, max {max:.2}s)");
+    }
+    if r.margin_seconds > 0.0 {
+        s += &format!(", margin {}s", r.margin_seconds);
+    }
+    if r.at_least {
+        s += &format!(
+            "; AT LEAST: {} deletions were still routed to when they timed out, so the delay must be at least this long",
+            r.censored
         );
-        if self.window_seconds > 0 {
-            s += &format!(" in the last {}", fmt_window(self.window_seconds));
-        }
-        if let (Some(p50), Some(p99), Some(max)) = (
-            self.observed_p50_seconds,
-            self.observed_p99_seconds,
-            self.observed_max_seconds,
-        ) {
-            s += &format!(" (observed p50 {p50:.2}s, p99 {p99:.2}s, max {max:.2}s)");
-        }
-        if self.margin_seconds > 0.0 {
-            s += &format!(", margin {}s", self.margin_seconds);
-        }
-        if self.low_confidence {
-            s += &format!(
-                "; LOW CONFIDENCE: {} more samples needed",
-                self.samples_needed
-            );
-        }
-        s
+    } else if r.low_confidence {
+        s += &format!("; LOW CONFIDENCE: {} more samples needed", r.samples_needed);
     }
+    s
 }
 
 /// 0.9 * 100.0 is 90.00000000000001 in binary floating point.
@@ -294,7 +256,7 @@ mod tests {
         }
     }
 
-    fn rec(ns: Option<&str>, svc: Option<&str>, secs: Option<i64>, low: bool) -> Recommendation {
+    fn rec(ns: Option<&str>, svc: Option<&str>, secs: Option<u64>, low: bool) -> Recommendation {
         Recommendation {
             scope: Scope {
                 cluster: "c".into(),
@@ -350,10 +312,9 @@ mod tests {
         let r: Recommendation = serde_json::from_str(json).unwrap();
         assert_eq!(r.pre_stop_seconds, Some(7));
         assert!(
-            r.why()
-                .contains("412 deletions of service shop/web in the last 7d"),
+            why(&r).contains("412 deletions of service shop/web in the last 7d"),
             "{}",
-            r.why()
+            why(&r)
         );
         let r = Recommendation {
             quantile: 0.9,
@@ -361,9 +322,9 @@ mod tests {
             ..r
         };
         assert!(
-            r.why().starts_with("p90 at 99.9% confidence"),
+            why(&r).starts_with("p90 at 99.9% confidence"),
             "{}",
-            r.why()
+            why(&r)
         );
     }
 }

@@ -46,14 +46,21 @@ const TEXTFILE_PORT: u16 = 9101;
 /// health endpoint listens on the node's own loopback).
 const AGENT_PORT_BASE: u16 = 9200;
 
-/// Counters that only a failing agent makes the aggregator create; their
-/// queries must be accepted but may be empty:
-/// - events lost: an agent's ring buffer overflowing (a 40 requests/s
-///   rollout does not come near it);
-/// - nodes missing: a node whose agent never reports a deletion.
+/// Counters that only a failing agent (or node) makes the aggregator
+/// create; their queries must be accepted but may be empty:
+/// - events lost, observations dropped: an agent's ring buffer or its
+///   report buffer overflowing (a 40 requests/s rollout does not come near);
+/// - nodes missing: a node whose agent never reports a deletion;
+/// - nodes still routing: a node whose proxy never applies a removal;
+/// - observations rejected: an agent reporting implausible times.
 const NEED_A_FAILING_AGENT: &[&str] = &[
     "prestop_agent_events_lost_total",
+    "prestop_agent_observations_dropped_total",
     "prestop_nodes_missing_total",
+    // A healthy node that keeps routing past the timeout, and implausible
+    // observations: neither happens in a healthy lab.
+    "prestop_nodes_still_routing_total",
+    "prestop_observations_rejected_total",
 ];
 
 /// Needs at least 20 per-node samples in the namespace over 6 h (the

@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use aggregator::config::Settings;
 use aggregator::http::{self, HttpState};
-use aggregator::model::{DeletionRecord, NodeMeasurement};
 use aggregator::store::Store;
+use observer_proto::api::{Coverage, DeletionRecord, Mode, NodeClass, NodeMeasurement};
+use observer_proto::{Detector, UnixNanos};
 
 pub struct Aggregator {
     pub url: String,
@@ -22,7 +23,9 @@ pub struct Aggregator {
 /// One complete deletion in `namespace`, routed by `service`, whose slowest
 /// node took `seconds`.
 pub fn deletion(i: usize, namespace: &str, service: &str, seconds: f64) -> DeletionRecord {
-    let now = http::now_unix_nanos();
+    let now = UnixNanos::now();
+    let mut coverage = Coverage::default();
+    coverage.add(NodeClass::Measured);
     DeletionRecord {
         pod_uid: format!("{namespace}-{service}-{i}"),
         namespace: namespace.into(),
@@ -36,14 +39,18 @@ pub fn deletion(i: usize, namespace: &str, service: &str, seconds: f64) -> Delet
         control_plane_seconds: Some(0.05),
         complete: true,
         propagation_seconds: Some(seconds),
+        propagation_upper_seconds: Some(seconds),
+        coverage,
         finished_unix_nanos: now - 1_000_000_000,
         nodes: vec![NodeMeasurement {
             node: "node-a".into(),
             latency_seconds: Some(seconds),
-            mode: Some("nftables".into()),
+            mode: Some(Mode::Rules(Detector::Nftables)),
+            class: Some(NodeClass::Measured),
             ..Default::default()
         }],
         missing_nodes: vec![],
+        ..Default::default()
     }
 }
 
