@@ -1,9 +1,9 @@
 //! prestop-check as a pipeline runs it, against the real aggregator HTTP
 //! API on a loopback socket seeded with measurements.
 
-mod harness;
+mod common;
 
-use harness::*;
+use common::cli::*;
 
 #[test]
 fn every_workload_kind_and_hook_form_is_read_and_compared() {

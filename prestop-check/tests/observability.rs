@@ -4,14 +4,16 @@
 //! scraped over loopback sockets here) or `prestop-check --metrics-file`
 //! actually exposes.
 
-mod support;
+mod common;
 
 use std::collections::BTreeSet;
 use std::process::Command;
 
+use common::deploy::{
+    dashboard_queries, dashboards, deploy, instantiate, names, rule_exprs, rules_file,
+};
 use prestop_check::textfile;
 use serde_json::Value;
-use support::{dashboard_queries, dashboards, deploy, instantiate, names, rule_exprs, rules_file};
 
 /// A GET over a real loopback socket; the body of a 2xx answer.
 fn get_body(addr: std::net::SocketAddr, path: &str) -> String {

@@ -18,7 +18,7 @@
 //! executable (`cargo test --workspace` builds them; or
 //! `cargo build --workspace --exclude observer-ebpf --bins`).
 
-mod support;
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::deploy::{dashboard_queries, dashboards, deploy, instantiate, names, rule_exprs};
 use lab::http_client::{HttpClient, HttpClientError};
 use lab::kubeproxy::Mode;
 use lab::netns::NetNs;
@@ -37,7 +38,6 @@ use lab::scenario::{Lab, LabConfig, RolloutConfig};
 use lab::server::ShutdownMode;
 use lab::topology::CONTROL_PLANE_IP;
 use serde_json::Value;
-use support::{dashboard_queries, dashboards, deploy, instantiate, names, rule_exprs};
 
 const NAME: &str = "prometheus_scrapes_the_aggregator_during_a_lab_rollout";
 const PROMETHEUS_PORT: u16 = 9090;
@@ -200,7 +200,7 @@ fn start_prometheus(ns: &ControlPlane, dir: &Path, agents: &[String]) -> Process
          - job_name: prestop-check\n  static_configs:\n\
          \x20 - targets: ['{CONTROL_PLANE_IP}:{TEXTFILE_PORT}']\n\
          - job_name: prestop-agent\n  metrics_path: {agent_path}\n  static_configs:\n",
-        rules = support::rules_file().canonicalize().unwrap(),
+        rules = common::deploy::rules_file().canonicalize().unwrap(),
         aggregator_path = monitor_path("servicemonitor.yaml", "endpoints"),
         agent_path = monitor_path("podmonitor.yaml", "podMetricsEndpoints"),
     );

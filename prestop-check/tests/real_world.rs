@@ -4,11 +4,11 @@
 //! trees, CRLF and binary files. Against the real aggregator on a loopback
 //! socket, or a test server for error statuses.
 
-mod harness;
+mod common;
 
 use std::path::Path;
 
-use harness::*;
+use common::cli::*;
 
 fn write(dir: &Path, name: &str, text: &str) {
     let path = dir.join(name);

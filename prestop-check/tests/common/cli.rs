@@ -1,7 +1,5 @@
 //! prestop-check as a pipeline runs it: the binary, and the real
 //! aggregator HTTP API on a loopback socket seeded with measurements.
-// Each test crate uses a part of it.
-#![allow(dead_code)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
