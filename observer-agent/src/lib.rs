@@ -9,6 +9,7 @@ pub mod endpoint_record;
 pub mod flows;
 pub mod health;
 pub mod kernel;
+pub mod netlink;
 pub mod observation;
 pub mod output;
 pub mod realtime;

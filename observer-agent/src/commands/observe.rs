@@ -104,10 +104,10 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
             let presence = dataplane.watch(*endpoint);
             records.watch(*endpoint, since, presence);
         }
-        match crate::dataplane::commit_probe::load(kernel.ebpf_mut()) {
+        match crate::dataplane::commit_kprobe::load(kernel.ebpf_mut()) {
             Ok(setup) => {
-                if let Some(probe) = setup.probe {
-                    dataplane.use_commit_probe(probe);
+                if let Some(probe) = setup.kprobe {
+                    dataplane.use_commit_kprobe(probe);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "ruleset commit probes not loaded"),

@@ -22,7 +22,7 @@ use crate::{
     dataplane::{self, DataplaneWatch},
     flows::{self, FlowWatch},
     health::{self, Health},
-    kernel::{Kernel, LoadOptions, conn_events, probe},
+    kernel::{Kernel, LoadOptions, capabilities, conn_events},
     observation::Observation,
     realtime::{self, TimingPriority},
     report::{self, KernelCounters, ReporterConfig, WatchUpdate},
@@ -74,9 +74,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     for hook in kernel.hooks() {
         health.set_hook(&hook.name, hook.attached);
     }
-    let mut capabilities = probe::probe_kernel();
-    capabilities.extend(probe::hook_capabilities(kernel.hooks()));
-    capabilities.push(probe::delivery_capability(kernel.delivery()));
+    let mut capabilities = capabilities::probe_kernel();
+    capabilities.extend(capabilities::hook_capabilities(kernel.hooks()));
+    capabilities.push(capabilities::delivery_capability(kernel.delivery()));
 
     let (obs_tx, mut obs_rx) = mpsc::channel::<Observation>(CHANNEL_CAPACITY);
     let ring = kernel
@@ -93,10 +93,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Ok(watch) => {
             // Exact kernel commit times where kprobes exist; the netlink
             // path times changes otherwise.
-            match dataplane::commit_probe::load(kernel.ebpf_mut()) {
+            match dataplane::commit_kprobe::load(kernel.ebpf_mut()) {
                 Ok(setup) => {
-                    if let Some(probe) = setup.probe {
-                        watch.use_commit_probe(probe);
+                    if let Some(probe) = setup.kprobe {
+                        watch.use_commit_kprobe(probe);
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "ruleset commit probes not loaded"),

@@ -19,11 +19,10 @@
 //! without an invented `rules_added` event: [`DataplaneWatch::watch`] returns
 //! it.
 
-pub mod commit_probe;
+pub mod commit_kprobe;
 mod ipt_entries;
 mod iptables_legacy;
 mod mirror;
-pub(crate) mod netlink;
 mod nft_msg;
 mod nftables;
 mod xtables;
@@ -43,12 +42,12 @@ use thiserror::Error;
 use tokio::sync::mpsc::Sender;
 use tracing::{info, warn};
 
-pub use commit_probe::{CommitProbe, CommitProbeSetup, ProbeStatus};
+pub use commit_kprobe::{CommitKprobe, CommitKprobeSetup, KprobeStatus};
 pub use mirror::Mirror;
-pub use netlink::DecodeError;
 pub use nft_msg::{NftEvent, RuleSummary, TableId, decode as decode_nft_message};
 pub use xtables::dnat_destination;
 
+use crate::netlink::NetlinkDecodeError;
 use crate::observation::{Detector, Observation, RulesChange, UnixNanos};
 
 #[derive(Debug, Error)]
@@ -56,7 +55,7 @@ pub enum DataplaneError {
     #[error("netlink: {0}")]
     Netlink(std::io::Error),
     #[error("malformed netlink message: {0}")]
-    Decode(#[from] DecodeError),
+    Decode(#[from] NetlinkDecodeError),
     #[error("iptables-legacy: {0}")]
     Legacy(std::io::Error),
     #[error("starting a detector thread: {0}")]
@@ -157,7 +156,7 @@ impl RulesState {
 #[derive(Debug)]
 pub(crate) struct Shared {
     rules: Mutex<RulesState>,
-    commit_probe: Mutex<Option<CommitProbe>>,
+    commit_kprobe: Mutex<Option<CommitKprobe>>,
     stop: AtomicBool,
     tx: Sender<Observation>,
 }
@@ -173,7 +172,7 @@ impl Shared {
     /// probe saw it, else the time the detector learnt of it.
     fn change_time(&self, slot: u32, received: u64, fallback_precision_ns: u64) -> (u64, u64) {
         let probed = self
-            .commit_probe
+            .commit_kprobe
             .lock()
             .ok()
             .and_then(|mut p| p.as_mut().and_then(|p| p.commit_time(slot, received)));
@@ -267,9 +266,9 @@ impl DataplaneWatch {
         }
     }
 
-    /// Times changes by the kernel's commit (see [`commit_probe::load`]).
-    pub fn use_commit_probe(&self, probe: CommitProbe) {
-        if let Ok(mut slot) = self.shared.commit_probe.lock() {
+    /// Times changes by the kernel's commit (see [`commit_kprobe::load`]).
+    pub fn use_commit_kprobe(&self, probe: CommitKprobe) {
+        if let Ok(mut slot) = self.shared.commit_kprobe.lock() {
             *slot = Some(probe);
         }
     }
@@ -294,7 +293,7 @@ impl Drop for DataplaneWatch {
 pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> {
     let shared = Arc::new(Shared {
         rules: Mutex::new(RulesState::default()),
-        commit_probe: Mutex::new(None),
+        commit_kprobe: Mutex::new(None),
         stop: AtomicBool::new(false),
         tx,
     });
@@ -388,7 +387,7 @@ mod tests {
         let (tx, rx) = channel(16);
         let shared = Arc::new(Shared {
             rules: Mutex::new(RulesState::default()),
-            commit_probe: Mutex::new(None),
+            commit_kprobe: Mutex::new(None),
             stop: AtomicBool::new(false),
             tx,
         });

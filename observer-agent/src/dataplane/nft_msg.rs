@@ -5,10 +5,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use super::{
-    netlink::{Attr, DecodeError, NFGENMSG_LEN, attrs},
-    xtables,
-};
+use super::xtables;
+use crate::netlink::{Attr, NFGENMSG_LEN, NetlinkDecodeError, attrs};
 
 pub const NFNL_SUBSYS_NFTABLES: u16 = 10;
 pub const NFNLGRP_NFTABLES: u32 = 7;
@@ -179,7 +177,7 @@ impl NftEvent {
     }
 }
 
-fn find<'a>(buf: &'a [u8], kind: u16) -> Result<Option<Attr<'a>>, DecodeError> {
+fn find<'a>(buf: &'a [u8], kind: u16) -> Result<Option<Attr<'a>>, NetlinkDecodeError> {
     for attr in attrs(buf) {
         let attr = attr?;
         if attr.kind == kind {
@@ -189,22 +187,26 @@ fn find<'a>(buf: &'a [u8], kind: u16) -> Result<Option<Attr<'a>>, DecodeError> {
     Ok(None)
 }
 
-fn required<'a>(buf: &'a [u8], kind: u16, what: &'static str) -> Result<Attr<'a>, DecodeError> {
-    find(buf, kind)?.ok_or(DecodeError::Missing { what })
+fn required<'a>(
+    buf: &'a [u8],
+    kind: u16,
+    what: &'static str,
+) -> Result<Attr<'a>, NetlinkDecodeError> {
+    find(buf, kind)?.ok_or(NetlinkDecodeError::Missing { what })
 }
 
-fn string(buf: &[u8], kind: u16, what: &'static str) -> Result<String, DecodeError> {
+fn string(buf: &[u8], kind: u16, what: &'static str) -> Result<String, NetlinkDecodeError> {
     Ok(required(buf, kind, what)?.str(what)?.to_owned())
 }
 
 /// Decodes one nf_tables message (`kind` is the netlink type with the
 /// subsystem in the high byte; `payload` starts with the nfgenmsg).
-pub fn decode(kind: u16, payload: &[u8]) -> Result<NftEvent, DecodeError> {
+pub fn decode(kind: u16, payload: &[u8]) -> Result<NftEvent, NetlinkDecodeError> {
     if kind >> 8 != NFNL_SUBSYS_NFTABLES {
         return Ok(NftEvent::Ignored);
     }
     if payload.len() < NFGENMSG_LEN {
-        return Err(DecodeError::Truncated {
+        return Err(NetlinkDecodeError::Truncated {
             what: "nfgenmsg",
             need: NFGENMSG_LEN,
             have: payload.len(),
@@ -212,7 +214,7 @@ pub fn decode(kind: u16, payload: &[u8]) -> Result<NftEvent, DecodeError> {
     }
     let family = payload[0];
     let body = &payload[NFGENMSG_LEN..];
-    let table = |attr, what| -> Result<TableId, DecodeError> {
+    let table = |attr, what| -> Result<TableId, NetlinkDecodeError> {
         Ok(TableId {
             family,
             name: string(body, attr, what)?,
@@ -294,7 +296,7 @@ pub fn decode(kind: u16, payload: &[u8]) -> Result<NftEvent, DecodeError> {
     })
 }
 
-fn set_elems(list: Attr<'_>) -> Result<Vec<SetElem>, DecodeError> {
+fn set_elems(list: Attr<'_>) -> Result<Vec<SetElem>, NetlinkDecodeError> {
     let mut out = Vec::new();
     for elem in list.nested() {
         let elem = elem?;
@@ -307,9 +309,10 @@ fn set_elems(list: Attr<'_>) -> Result<Vec<SetElem>, DecodeError> {
             let attr = attr?;
             match attr.kind {
                 NFTA_SET_ELEM_KEY | NFTA_SET_ELEM_KEY_END => {
-                    let value = find(attr.value, NFTA_DATA_VALUE)?.ok_or(DecodeError::Missing {
-                        what: "element key",
-                    })?;
+                    let value =
+                        find(attr.value, NFTA_DATA_VALUE)?.ok_or(NetlinkDecodeError::Missing {
+                            what: "element key",
+                        })?;
                     key.extend_from_slice(value.value);
                 }
                 NFTA_SET_ELEM_DATA => chain = verdict_chain(attr.value)?,
@@ -322,7 +325,7 @@ fn set_elems(list: Attr<'_>) -> Result<Vec<SetElem>, DecodeError> {
 }
 
 /// The chain of a `jump`/`goto` verdict in an nft_data attribute, if any.
-fn verdict_chain(data: &[u8]) -> Result<Option<String>, DecodeError> {
+fn verdict_chain(data: &[u8]) -> Result<Option<String>, NetlinkDecodeError> {
     let Some(verdict) = find(data, NFTA_DATA_VERDICT)? else {
         return Ok(None);
     };
@@ -364,7 +367,7 @@ impl Registers {
     }
 }
 
-fn summarize(exprs: Attr<'_>) -> Result<RuleSummary, DecodeError> {
+fn summarize(exprs: Attr<'_>) -> Result<RuleSummary, NetlinkDecodeError> {
     let mut summary = RuleSummary::default();
     let mut regs = Registers([0; 64]);
     for expr in exprs.nested() {
@@ -451,7 +454,7 @@ fn summarize(exprs: Attr<'_>) -> Result<RuleSummary, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::netlink::attr;
+    use crate::netlink::attr;
     use proptest::prelude::*;
 
     fn cstr(s: &str) -> Vec<u8> {
@@ -550,11 +553,11 @@ mod tests {
         let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE;
         assert!(matches!(
             decode(kind, &[2, 0]),
-            Err(DecodeError::Truncated { .. })
+            Err(NetlinkDecodeError::Truncated { .. })
         ));
         assert!(matches!(
             decode(kind, &[2, 0, 0, 0]),
-            Err(DecodeError::Missing { .. })
+            Err(NetlinkDecodeError::Missing { .. })
         ));
         let rule = dnat_rule();
         assert!(decode(kind, &rule[..rule.len() - 6]).is_err());

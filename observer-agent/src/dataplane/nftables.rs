@@ -23,11 +23,13 @@ use tracing::{debug, warn};
 use super::{
     Change, DataplaneError, Shared,
     mirror::Mirror,
-    netlink::{self, NETLINK_NETFILTER, NLM_F_DUMP, NLM_F_REQUEST, Request, Socket},
     nft_msg::{self, NftEvent, TableId},
     unix_nanos,
 };
-use crate::observation::Detector;
+use crate::{
+    netlink::{self, NETLINK_NETFILTER, NLM_F_DUMP, NLM_F_REQUEST, Request, Socket},
+    observation::Detector,
+};
 
 /// Receive buffer for notifications: a 10k-rule sync is a few MiB of messages.
 const RECV_BUFFER: i32 = 64 << 20;

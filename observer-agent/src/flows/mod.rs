@@ -36,10 +36,8 @@ use tracing::{debug, warn};
 pub use ct_msg::{CtNew, Tuple, decode as decode_ct_new};
 
 use crate::{
-    dataplane::{
-        netlink::{self, NETLINK_NETFILTER, Socket},
-        send_until_stopped, unix_nanos,
-    },
+    dataplane::{send_until_stopped, unix_nanos},
+    netlink::{self, NETLINK_NETFILTER, Socket},
     observation::{NewFlow, Observation},
 };
 

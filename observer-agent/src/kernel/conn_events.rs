@@ -17,7 +17,7 @@ use crate::{
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
-pub enum DecodeError {
+pub enum ConnEventDecodeError {
     #[error("connection event of {got} bytes, expected {expected}")]
     Size { got: usize, expected: usize },
     #[error("ring record of {got} bytes, not a whole number of {event}-byte events")]
@@ -46,10 +46,13 @@ impl ConnDecoder {
     pub fn decode_record<'a>(
         &'a mut self,
         record: &'a [u8],
-    ) -> Result<impl Iterator<Item = Result<Observation, DecodeError>> + 'a, DecodeError> {
+    ) -> Result<
+        impl Iterator<Item = Result<Observation, ConnEventDecodeError>> + 'a,
+        ConnEventDecodeError,
+    > {
         let event = std::mem::size_of::<ConnEvent>();
         if record.is_empty() || !record.len().is_multiple_of(event) {
-            return Err(DecodeError::Record {
+            return Err(ConnEventDecodeError::Record {
                 got: record.len(),
                 event,
             });
@@ -57,10 +60,10 @@ impl ConnDecoder {
         Ok(record.chunks_exact(event).map(|e| self.decode(e)))
     }
 
-    pub fn decode(&mut self, bytes: &[u8]) -> Result<Observation, DecodeError> {
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<Observation, ConnEventDecodeError> {
         let expected = std::mem::size_of::<ConnEvent>();
         if bytes.len() < expected {
-            return Err(DecodeError::Size {
+            return Err(ConnEventDecodeError::Size {
                 got: bytes.len(),
                 expected,
             });
@@ -68,14 +71,16 @@ impl ConnDecoder {
         // SAFETY: ConnEvent is plain old data and `bytes` holds at least one;
         // ring buffer records are only 8-byte aligned, hence unaligned.
         let event: ConnEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-        let kind = ConnEventKind::from_u8(event.kind).ok_or(DecodeError::Kind(event.kind))?;
-        let close =
-            match CloseHow::from_u8(event.close_how).ok_or(DecodeError::Close(event.close_how))? {
-                CloseHow::None => None,
-                CloseHow::EndpointFin => Some(CloseKind::EndpointFin),
-                CloseHow::PeerFin => Some(CloseKind::PeerFin),
-                CloseHow::Reset => Some(CloseKind::Reset),
-            };
+        let kind =
+            ConnEventKind::from_u8(event.kind).ok_or(ConnEventDecodeError::Kind(event.kind))?;
+        let close = match CloseHow::from_u8(event.close_how)
+            .ok_or(ConnEventDecodeError::Close(event.close_how))?
+        {
+            CloseHow::None => None,
+            CloseHow::EndpointFin => Some(CloseKind::EndpointFin),
+            CloseHow::PeerFin => Some(CloseKind::PeerFin),
+            CloseHow::Reset => Some(CloseKind::Reset),
+        };
         let reason = (kind == ConnEventKind::ResetSent && event.reason != RESET_REASON_UNKNOWN)
             .then(|| {
                 self.reset_reasons
@@ -279,17 +284,17 @@ mod tests {
         let mut d = decoder();
         assert_eq!(
             d.decode(&[0u8; 8]),
-            Err(DecodeError::Size {
+            Err(ConnEventDecodeError::Size {
                 got: 8,
                 expected: 56
             })
         );
         let mut bad = event(ConnEventKind::Accepted, CloseHow::None, 0);
         bad.kind = 42;
-        assert_eq!(d.decode(&raw(&bad)), Err(DecodeError::Kind(42)));
+        assert_eq!(d.decode(&raw(&bad)), Err(ConnEventDecodeError::Kind(42)));
         bad.kind = ConnEventKind::Closed as u8;
         bad.close_how = 9;
-        assert_eq!(d.decode(&raw(&bad)), Err(DecodeError::Close(9)));
+        assert_eq!(d.decode(&raw(&bad)), Err(ConnEventDecodeError::Close(9)));
     }
 
     #[test]
@@ -317,7 +322,7 @@ mod tests {
         let results: Vec<_> = d.decode_record(&record).unwrap().collect();
         assert_eq!(results.len(), 4);
         assert!(results[..3].iter().all(Result::is_ok));
-        assert_eq!(results[3], Err(DecodeError::Kind(42)));
+        assert_eq!(results[3], Err(ConnEventDecodeError::Kind(42)));
     }
 
     #[test]
@@ -326,7 +331,7 @@ mod tests {
         for len in [0, 55, 57, 111] {
             assert_eq!(
                 d.decode_record(&vec![0u8; len]).err(),
-                Some(DecodeError::Record {
+                Some(ConnEventDecodeError::Record {
                     got: len,
                     event: 56
                 }),

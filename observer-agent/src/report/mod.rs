@@ -26,7 +26,7 @@ use observer_proto::v1::observer_client::ObserverClient;
 use tokio::sync::mpsc;
 use tonic::transport::{self, Channel};
 
-use crate::kernel::probe::Capability;
+use crate::kernel::capabilities::Capability;
 use crate::observation::Observation;
 use buffer::Buffer;
 

@@ -26,29 +26,29 @@ const MAX_AGE_NS: u64 = 100_000_000;
 
 /// Whether one probe attached, and why not.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProbeStatus {
+pub struct KprobeStatus {
     pub program: &'static str,
     pub function: &'static str,
     pub attached: bool,
     pub detail: String,
 }
 
-pub struct CommitProbeSetup {
-    pub statuses: Vec<ProbeStatus>,
+pub struct CommitKprobeSetup {
+    pub statuses: Vec<KprobeStatus>,
     /// Present when at least one probe is attached.
-    pub probe: Option<CommitProbe>,
+    pub kprobe: Option<CommitKprobe>,
 }
 
 /// Reads the latest commit times written by the attached probes.
-pub struct CommitProbe {
+pub struct CommitKprobe {
     commits: Array<MapData, u64>,
     attached: [bool; 2],
     clock: WallClock,
 }
 
-impl std::fmt::Debug for CommitProbe {
+impl std::fmt::Debug for CommitKprobe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CommitProbe")
+        f.debug_struct("CommitKprobe")
             .field("attached", &self.attached)
             .finish_non_exhaustive()
     }
@@ -56,7 +56,7 @@ impl std::fmt::Debug for CommitProbe {
 
 /// Loads both probes (a verifier rejection is an error) and tries to attach
 /// them (a failure is reported in the statuses, not an error).
-pub fn load(ebpf: &mut Ebpf) -> Result<CommitProbeSetup, DataplaneError> {
+pub fn load(ebpf: &mut Ebpf) -> Result<CommitKprobeSetup, DataplaneError> {
     let mut statuses = Vec::new();
     let mut attached = [false; 2];
     for (program, function, slot) in PROBES {
@@ -71,7 +71,7 @@ pub fn load(ebpf: &mut Ebpf) -> Result<CommitProbeSetup, DataplaneError> {
             Ok(_) => {
                 attached[slot as usize] = true;
                 info!(program, function, "ruleset commit probe attached");
-                ProbeStatus {
+                KprobeStatus {
                     program,
                     function,
                     attached: true,
@@ -80,7 +80,7 @@ pub fn load(ebpf: &mut Ebpf) -> Result<CommitProbeSetup, DataplaneError> {
             }
             Err(e) => {
                 warn!(program, function, error = %e, "ruleset commit probe unavailable; changes are timed by their notification");
-                ProbeStatus {
+                KprobeStatus {
                     program,
                     function,
                     attached: false,
@@ -90,11 +90,11 @@ pub fn load(ebpf: &mut Ebpf) -> Result<CommitProbeSetup, DataplaneError> {
         };
         statuses.push(status);
     }
-    let probe = if attached.iter().any(|a| *a) {
+    let kprobe = if attached.iter().any(|a| *a) {
         let map = ebpf
             .take_map("RULESET_COMMITS")
             .ok_or(DataplaneError::MissingMap("RULESET_COMMITS"))?;
-        Some(CommitProbe {
+        Some(CommitKprobe {
             commits: Array::try_from(map)?,
             attached,
             clock: WallClock::new(),
@@ -102,10 +102,10 @@ pub fn load(ebpf: &mut Ebpf) -> Result<CommitProbeSetup, DataplaneError> {
     } else {
         None
     };
-    Ok(CommitProbeSetup { statuses, probe })
+    Ok(CommitKprobeSetup { statuses, kprobe })
 }
 
-impl CommitProbe {
+impl CommitKprobe {
     /// The wall-clock time of the latest commit of `slot` if it lies within
     /// the [`MAX_AGE_NS`] before `received` (when the detector learnt of it).
     pub fn commit_time(&mut self, slot: u32, received: UnixNanos) -> Option<UnixNanos> {
