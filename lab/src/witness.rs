@@ -159,11 +159,20 @@ fn receive(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<(u64, bool)>> {
     Ok(Some((stamp, contains_newgen(&buf[..len as usize]))))
 }
 
-/// Puts the calling thread under SCHED_FIFO, above the agents' own timing
-/// threads (observer-agent's `--timing-priority`, 10 by default): a commit
-/// wakes both, and the truth must be read first. It only wakes for commits.
-fn make_realtime() -> io::Result<()> {
-    let param = libc::sched_param { sched_priority: 20 };
+/// SCHED_FIFO priority of the witnesses: above the agents' own timing
+/// threads (observer-agent's `--timing-priority`, 10 by default), so that
+/// when a commit wakes both and a single core is free (the writer keeps its
+/// own while the kernel sends the notifications), the witness stamps first
+/// and goes back to sleep within microseconds instead of waiting behind the
+/// detector for the rest of the commit's notifications. It only wakes for
+/// commits.
+pub const WITNESS_PRIORITY: u8 = 20;
+
+/// Puts the calling thread under SCHED_FIFO at `priority`.
+pub fn set_fifo(priority: u8) -> io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: i32::from(priority),
+    };
     // SAFETY: pthread_self is always valid; param is a valid sched_param.
     let ret =
         unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
@@ -200,7 +209,7 @@ impl CommitWitness {
         let thread = {
             let (commits, stop) = (commits.clone(), stop.clone());
             std::thread::spawn(move || {
-                if let Err(e) = make_realtime() {
+                if let Err(e) = set_fifo(WITNESS_PRIORITY) {
                     eprintln!(
                         "lab: the nftables commit witness runs without real-time priority ({e}); \
                          its commit times may lag under load"

@@ -12,7 +12,9 @@ use observer_common::ruleset::{COMMIT_NFTABLES, COMMIT_XTABLES};
 use tracing::{info, warn};
 
 use super::DataplaneError;
-use crate::{clock::WallClock, observation::UnixNanos};
+use observer_proto::UnixNanos;
+
+use crate::{clock::WallClock, kernel};
 
 /// (program, kernel function, RULESET_COMMITS slot).
 const PROBES: [(&str, &str, u32); 2] = [
@@ -22,7 +24,7 @@ const PROBES: [(&str, &str, u32); 2] = [
 
 /// A commit this old before the notification is another one (the slots are
 /// shared by every network namespace).
-const MAX_AGE_NS: u64 = 100_000_000;
+const MAX_AGE_NS: i64 = 100_000_000;
 
 /// Whether one probe attached, and why not.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,10 +62,7 @@ pub fn load(ebpf: &mut Ebpf) -> Result<CommitKprobeSetup, DataplaneError> {
     let mut statuses = Vec::new();
     let mut attached = [false; 2];
     for (program, function, slot) in PROBES {
-        let prog: &mut KProbe = ebpf
-            .program_mut(program)
-            .ok_or(DataplaneError::MissingProgram(program))?
-            .try_into()?;
+        let prog: &mut KProbe = kernel::program_mut(ebpf, program)?.try_into()?;
         if prog.fd().is_err() {
             prog.load()?;
         }
@@ -91,9 +90,7 @@ pub fn load(ebpf: &mut Ebpf) -> Result<CommitKprobeSetup, DataplaneError> {
         statuses.push(status);
     }
     let kprobe = if attached.iter().any(|a| *a) {
-        let map = ebpf
-            .take_map("RULESET_COMMITS")
-            .ok_or(DataplaneError::MissingMap("RULESET_COMMITS"))?;
+        let map = kernel::take_map(ebpf, "RULESET_COMMITS")?;
         Some(CommitKprobe {
             commits: Array::try_from(map)?,
             attached,

@@ -4,6 +4,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use observer_proto::UnixNanos;
+
 use crate::netlink::{Attr, NFGENMSG_LEN, NetlinkDecodeError, attrs};
 
 /// (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW.
@@ -36,7 +38,7 @@ pub struct CtNew {
     pub reply: Tuple,
     /// Conntrack's own start time (wall clock, ns) when
     /// net.netfilter.nf_conntrack_timestamp is on.
-    pub start_unix_nano: Option<u64>,
+    pub start: Option<UnixNanos>,
 }
 
 fn ip(attr: &Attr<'_>, what: &'static str) -> Result<IpAddr, NetlinkDecodeError> {
@@ -137,7 +139,7 @@ pub fn decode(payload: &[u8]) -> Result<CtNew, NetlinkDecodeError> {
                 for a in attr.nested() {
                     let a = a?;
                     if a.kind == CTA_TIMESTAMP_START {
-                        start = Some(a.be_u64("conntrack start")?);
+                        start = UnixNanos::from_wire(a.be_u64("conntrack start")?);
                     }
                 }
             }
@@ -151,7 +153,7 @@ pub fn decode(payload: &[u8]) -> Result<CtNew, NetlinkDecodeError> {
         reply: reply.ok_or(NetlinkDecodeError::Missing {
             what: "reply tuple",
         })?,
-        start_unix_nano: start,
+        start,
     })
 }
 
@@ -208,7 +210,10 @@ mod tests {
         assert_eq!(ct.original.dst, "172.30.0.10:80".parse().unwrap());
         assert_eq!(ct.reply.src, "10.180.0.2:8080".parse().unwrap());
         assert_eq!(ct.original.protocol, 6);
-        assert_eq!(ct.start_unix_nano, Some(1_700_000_000_000_000_000));
+        assert_eq!(
+            ct.start,
+            Some(UnixNanos::from_nanos(1_700_000_000_000_000_000))
+        );
     }
 
     #[test]

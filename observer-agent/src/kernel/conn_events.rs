@@ -7,14 +7,12 @@ use std::{
 };
 
 use observer_common::{CloseHow, ConnEvent, ConnEventKind, conn::RESET_REASON_UNKNOWN};
+use observer_proto::{CloseKind, Observation};
 use thiserror::Error;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use super::conn_ring::ConnRing;
-use crate::{
-    clock::WallClock,
-    observation::{CloseKind, ConnObservation, Observation},
-};
+use crate::clock::WallClock;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConnEventDecodeError {
@@ -88,14 +86,12 @@ impl ConnDecoder {
                     .cloned()
                     .unwrap_or_else(|| format!("reason_{}", event.reason))
             });
-        let conn = ConnObservation {
+        let conn = observer_proto::ConnEvent {
             src: SocketAddr::new(ip_from_key(event.peer_addr), event.peer_port),
             dst: SocketAddr::new(ip_from_key(event.endpoint_addr), event.endpoint_port),
-            time_unix_nano: self.clock.to_unix_nanos(event.ktime_ns),
+            time: self.clock.to_unix_nanos(event.ktime_ns),
             close,
             reason,
-            old_state: tcp_state_name(event.old_state),
-            new_state: tcp_state_name(event.new_state),
         };
         Ok(match kind {
             ConnEventKind::Accepted => Observation::Accepted(conn),
@@ -111,26 +107,6 @@ impl ConnDecoder {
 pub fn ip_from_key(addr: [u8; 16]) -> IpAddr {
     let v6 = Ipv6Addr::from(addr);
     v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
-}
-
-/// Names from include/net/tcp_states.h; 0 means "no state" (a reset sent
-/// without a socket).
-pub fn tcp_state_name(state: u8) -> Option<&'static str> {
-    Some(match state {
-        1 => "established",
-        2 => "syn_sent",
-        3 => "syn_recv",
-        4 => "fin_wait1",
-        5 => "fin_wait2",
-        6 => "time_wait",
-        7 => "close",
-        8 => "close_wait",
-        9 => "last_ack",
-        10 => "listen",
-        11 => "closing",
-        12 => "new_syn_recv",
-        _ => return None,
-    })
 }
 
 /// Reads the ring buffer until `tx` closes, sending every decoded event.
@@ -260,7 +236,7 @@ mod tests {
     }
 
     #[test]
-    fn close_kinds_and_states() {
+    fn close_kinds() {
         let obs = decoder()
             .decode(&raw(&event(
                 ConnEventKind::Closed,
@@ -273,10 +249,6 @@ mod tests {
         };
         assert_eq!(conn.close, Some(CloseKind::Reset));
         assert_eq!(conn.reason, None);
-        assert_eq!(
-            (conn.old_state, conn.new_state),
-            (Some("established"), Some("close"))
-        );
     }
 
     #[test]

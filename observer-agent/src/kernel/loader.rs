@@ -29,11 +29,8 @@ pub enum KernelError {
     Tracefs(#[from] TracefsError),
     #[error("loading the eBPF object failed: {0}")]
     Load(#[source] aya::EbpfError),
-    #[error("the eBPF object has no {kind} named {name}")]
-    Missing {
-        kind: &'static str,
-        name: &'static str,
-    },
+    #[error(transparent)]
+    Missing(#[from] MissingInObject),
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -46,6 +43,33 @@ pub enum KernelError {
     NoHook(String),
     #[error("reading the CPU count from {0} (the ring buffer is sized by it): {1}")]
     Cpus(&'static str, #[source] std::io::Error),
+}
+
+/// A program or map the agent needs that the eBPF object does not have
+/// (an agent built against another object): the one error for it, which
+/// the kernel, dataplane and flows errors wrap.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("the eBPF object has no {kind} named {name}")]
+pub struct MissingInObject {
+    pub kind: &'static str,
+    pub name: &'static str,
+}
+
+/// Program `name` of the object, to be converted to its type by the caller.
+pub fn program_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::programs::Program, MissingInObject> {
+    ebpf.program_mut(name).ok_or(MissingInObject {
+        kind: "program",
+        name,
+    })
+}
+
+/// Takes map `name` out of the object (one owner per map).
+pub fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, MissingInObject> {
+    ebpf.take_map(name)
+        .ok_or(MissingInObject { kind: "map", name })
 }
 
 /// Whether one hook works on this kernel, and why not.
@@ -349,9 +373,7 @@ fn typed_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, KernelError>
 where
     M: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(KernelError::Missing { kind: "map", name })?;
+    let map = take_map(ebpf, name)?;
     M::try_from(map).map_err(|source| KernelError::Map { name, source })
 }
 
@@ -364,9 +386,8 @@ fn attach_tracepoint(ebpf: &mut Ebpf, tp: &ConnTracepoint, read_directly: bool) 
     } = *tp;
     let hook = format!("tracepoint/{category}/{name}");
     let result = (|| -> Result<(), String> {
-        let prog: &mut TracePoint = ebpf
-            .program_mut(program)
-            .ok_or_else(|| format!("program {program} missing from the object"))?
+        let prog: &mut TracePoint = program_mut(ebpf, program)
+            .map_err(|e| e.to_string())?
             .try_into()
             .map_err(|e: ProgramError| e.to_string())?;
         prog.load().map_err(|e| format!("rejected at load: {e}"))?;

@@ -7,4 +7,7 @@ pub mod conn_ring;
 pub mod loader;
 pub mod tracefs;
 
-pub use loader::{Delivery, HookStatus, Kernel, KernelError, LoadOptions, Stats};
+pub use loader::{
+    Delivery, HookStatus, Kernel, KernelError, LoadOptions, MissingInObject, Stats, program_mut,
+    take_map,
+};
