@@ -12,9 +12,11 @@ use std::{
 use anyhow::Context;
 use clap::Args;
 use observer_proto::Endpoint;
+use observer_proto::Observation;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{mpsc, oneshot},
+    task::JoinHandle,
 };
 
 use super::start::{self, CHANNEL_CAPACITY, SourceSide, Sources, StartOptions};
@@ -80,18 +82,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         health.set_hook(&hook.name, hook.attached);
     }
 
-    let counters = Arc::new(KernelCounters::default());
-    let mut cfg = ReporterConfig::new(args.aggregator.clone(), args.node_name.clone());
-    cfg.kernel_release = kernel_release();
-    cfg.capabilities = capability_table(&kernel);
-    cfg.buffer_capacity = args.buffer_capacity;
-    cfg.counters = counters.clone();
-    let (report_tx, report_rx) = mpsc::channel(CHANNEL_CAPACITY);
-    let (watch_tx, mut watch_rx) = mpsc::channel(1024);
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let reporter = tokio::spawn(report::run(cfg, report_rx, watch_tx, async {
-        let _ = stop_rx.await;
-    }));
+    let Reporter {
+        counters,
+        observations: report_tx,
+        mut watch_updates,
+        stop: stop_tx,
+        task: reporter,
+    } = start_reporter(&args, &kernel);
     health.set_ready(true);
     tracing::info!(node = %args.node_name, aggregator = %args.aggregator, "agent running");
 
@@ -113,7 +110,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 None => break,
             },
-            update = watch_rx.recv() => match update {
+            update = watch_updates.recv() => match update {
                 Some(update) => {
                     watched.apply(&update, &mut kernel, dataplane.as_ref());
                     health.set_watched(watched.len());
@@ -138,6 +135,37 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("reporter")?;
     tracing::info!(?summary, "agent stopped");
     Ok(())
+}
+
+/// The running client of the aggregator and its channels.
+struct Reporter {
+    counters: Arc<KernelCounters>,
+    observations: mpsc::Sender<Observation>,
+    watch_updates: mpsc::Receiver<WatchUpdate>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<report::Summary, report::ReportError>>,
+}
+
+fn start_reporter(args: &RunArgs, kernel: &Kernel) -> Reporter {
+    let counters = Arc::new(KernelCounters::default());
+    let mut cfg = ReporterConfig::new(args.aggregator.clone(), args.node_name.clone());
+    cfg.kernel_release = kernel_release();
+    cfg.capabilities = capability_table(kernel);
+    cfg.buffer_capacity = args.buffer_capacity;
+    cfg.counters = counters.clone();
+    let (observations, report_rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let (watch_tx, watch_updates) = mpsc::channel(1024);
+    let (stop, stop_rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(report::run(cfg, report_rx, watch_tx, async {
+        let _ = stop_rx.await;
+    }));
+    Reporter {
+        counters,
+        observations,
+        watch_updates,
+        stop,
+        task,
+    }
 }
 
 /// What `observer-agent probe` would print, with this run's hooks and

@@ -233,59 +233,16 @@ pub fn decode(kind: u16, payload: &[u8]) -> Result<NftEvent, NetlinkDecodeError>
             name: string(body, NFTA_CHAIN_NAME, "chain name")?,
         },
         NFT_MSG_NEWRULE | NFT_MSG_DELRULE => {
-            let table = table(NFTA_RULE_TABLE, "rule table")?;
-            let chain = string(body, NFTA_RULE_CHAIN, "rule chain")?;
-            let handle = required(body, NFTA_RULE_HANDLE, "rule handle")?.be_u64("rule handle")?;
-            if kind & 0xff == NFT_MSG_DELRULE {
-                NftEvent::DelRule {
-                    table,
-                    chain,
-                    handle,
-                }
-            } else {
-                let summary = match find(body, NFTA_RULE_EXPRESSIONS)? {
-                    Some(exprs) => summarize(exprs)?,
-                    None => RuleSummary::default(),
-                };
-                NftEvent::NewRule {
-                    table,
-                    chain,
-                    handle,
-                    summary,
-                }
-            }
+            rule(kind & 0xff, table(NFTA_RULE_TABLE, "rule table")?, body)?
         }
         NFT_MSG_NEWSET | NFT_MSG_DELSET => {
-            let table = table(NFTA_SET_TABLE, "set table")?;
-            let name = string(body, NFTA_SET_NAME, "set name")?;
-            let handle = required(body, NFTA_SET_HANDLE, "set handle")?.be_u64("set handle")?;
-            if kind & 0xff == NFT_MSG_NEWSET {
-                NftEvent::NewSet {
-                    table,
-                    name,
-                    handle,
-                }
-            } else {
-                NftEvent::DelSet {
-                    table,
-                    name,
-                    handle,
-                }
-            }
+            set(kind & 0xff, table(NFTA_SET_TABLE, "set table")?, body)?
         }
-        NFT_MSG_NEWSETELEM | NFT_MSG_DELSETELEM => {
-            let table = table(NFTA_SET_ELEM_LIST_TABLE, "element table")?;
-            let set = string(body, NFTA_SET_ELEM_LIST_SET, "element set")?;
-            let elems = match find(body, NFTA_SET_ELEM_LIST_ELEMENTS)? {
-                Some(list) => set_elems(list)?,
-                None => Vec::new(),
-            };
-            if kind & 0xff == NFT_MSG_NEWSETELEM {
-                NftEvent::NewElems { table, set, elems }
-            } else {
-                NftEvent::DelElems { table, set, elems }
-            }
-        }
+        NFT_MSG_NEWSETELEM | NFT_MSG_DELSETELEM => set_elements(
+            kind & 0xff,
+            table(NFTA_SET_ELEM_LIST_TABLE, "element table")?,
+            body,
+        )?,
         NFT_MSG_NEWGEN => NftEvent::NewGen {
             id: required(body, NFTA_GEN_ID, "generation id")?.be_u32("generation id")?,
             process: find(body, NFTA_GEN_PROC_NAME)?
@@ -293,6 +250,62 @@ pub fn decode(kind: u16, payload: &[u8]) -> Result<NftEvent, NetlinkDecodeError>
                 .transpose()?,
         },
         _ => NftEvent::Ignored,
+    })
+}
+
+/// NEWRULE (with its expressions' summary) or DELRULE of `table`.
+fn rule(msg: u16, table: TableId, body: &[u8]) -> Result<NftEvent, NetlinkDecodeError> {
+    let chain = string(body, NFTA_RULE_CHAIN, "rule chain")?;
+    let handle = required(body, NFTA_RULE_HANDLE, "rule handle")?.be_u64("rule handle")?;
+    if msg == NFT_MSG_DELRULE {
+        return Ok(NftEvent::DelRule {
+            table,
+            chain,
+            handle,
+        });
+    }
+    let summary = match find(body, NFTA_RULE_EXPRESSIONS)? {
+        Some(exprs) => summarize(exprs)?,
+        None => RuleSummary::default(),
+    };
+    Ok(NftEvent::NewRule {
+        table,
+        chain,
+        handle,
+        summary,
+    })
+}
+
+/// NEWSET or DELSET of `table`.
+fn set(msg: u16, table: TableId, body: &[u8]) -> Result<NftEvent, NetlinkDecodeError> {
+    let name = string(body, NFTA_SET_NAME, "set name")?;
+    let handle = required(body, NFTA_SET_HANDLE, "set handle")?.be_u64("set handle")?;
+    Ok(if msg == NFT_MSG_NEWSET {
+        NftEvent::NewSet {
+            table,
+            name,
+            handle,
+        }
+    } else {
+        NftEvent::DelSet {
+            table,
+            name,
+            handle,
+        }
+    })
+}
+
+/// NEWSETELEM or DELSETELEM of a set of `table`.
+fn set_elements(msg: u16, table: TableId, body: &[u8]) -> Result<NftEvent, NetlinkDecodeError> {
+    let set = string(body, NFTA_SET_ELEM_LIST_SET, "element set")?;
+    let elems = match find(body, NFTA_SET_ELEM_LIST_ELEMENTS)? {
+        Some(list) => set_elems(list)?,
+        None => Vec::new(),
+    };
+    Ok(if msg == NFT_MSG_NEWSETELEM {
+        NftEvent::NewElems { table, set, elems }
+    } else {
+        NftEvent::DelElems { table, set, elems }
     })
 }
 

@@ -10,7 +10,7 @@ use aya::{
 };
 use observer_common::{
     Stat, WatchFilter, WatchKey, WatchSlot,
-    conn::conn_ring_bytes,
+    conn::{ConnBatchState, conn_ring_bytes},
     watch::{MAX_WATCHED, WatchFlags},
 };
 use thiserror::Error;
@@ -163,30 +163,7 @@ impl Kernel {
             start_kernel_log(&mut ebpf);
         }
 
-        let mut hooks = Vec::new();
-        for (tp, format) in CONN_TRACEPOINTS.iter().zip(&formats) {
-            let status = match format {
-                Err(e) => HookStatus {
-                    name: format!("tracepoint/{}/{}", tp.category, tp.name),
-                    attached: false,
-                    detail: e.to_string(),
-                },
-                Ok(_) => attach_tracepoint(&mut ebpf, tp, layout.direct & tp.direct_bit != 0),
-            };
-            if status.attached {
-                tracing::debug!(hook = %status.name, "attached");
-            } else {
-                tracing::warn!(hook = %status.name, reason = %status.detail, "hook unavailable; its events will be missing");
-            }
-            hooks.push(status);
-        }
-        if !hooks.iter().any(|h| h.attached) {
-            let reasons: Vec<String> = hooks
-                .iter()
-                .map(|h| format!("{}: {}", h.name, h.detail))
-                .collect();
-            return Err(KernelError::NoHook(reasons.join("; ")));
-        }
+        let hooks = attach_tracepoints(&mut ebpf, &formats, layout.direct)?;
 
         let watched: HashMap<_, _, _> = typed_map(&mut ebpf, "WATCHED")?;
         let watch_filter: Array<_, _> = typed_map(&mut ebpf, "WATCH_FILTER")?;
@@ -197,19 +174,7 @@ impl Kernel {
         let (batches, delivery) = if options.unbatched {
             (None, Delivery::one_by_one("turned off by the caller"))
         } else {
-            match BatchFlush::prepare(&mut ebpf, batch_state) {
-                Ok(flush) => (
-                    Some(flush),
-                    Delivery {
-                        batched: true,
-                        detail: "queued per CPU, flushed before every read".into(),
-                    },
-                ),
-                Err(reason) => {
-                    tracing::warn!(%reason, "connection events go to the ring buffer one by one, which costs more per event");
-                    (None, Delivery::one_by_one(&reason))
-                }
-            }
+            prepare_batches(&mut ebpf, batch_state)
         };
         let mut kernel = Kernel {
             ebpf,
@@ -365,6 +330,62 @@ pub fn watch_key(ip: IpAddr) -> WatchKey {
             || WatchKey::from_v6(v6.octets()),
             |v4| WatchKey::from_v4(v4.octets()),
         ),
+    }
+}
+
+/// Attaches the connection tracepoints whose format tracefs gave; at least
+/// one must attach. `direct` has a bit per tracepoint whose record is read
+/// in place.
+fn attach_tracepoints(
+    ebpf: &mut Ebpf,
+    formats: &[Result<tracefs::EventFormat, TracefsError>],
+    direct: u8,
+) -> Result<Vec<HookStatus>, KernelError> {
+    let mut hooks = Vec::new();
+    for (tp, format) in CONN_TRACEPOINTS.iter().zip(formats) {
+        let status = match format {
+            Err(e) => HookStatus {
+                name: format!("tracepoint/{}/{}", tp.category, tp.name),
+                attached: false,
+                detail: e.to_string(),
+            },
+            Ok(_) => attach_tracepoint(ebpf, tp, direct & tp.direct_bit != 0),
+        };
+        if status.attached {
+            tracing::debug!(hook = %status.name, "attached");
+        } else {
+            tracing::warn!(hook = %status.name, reason = %status.detail, "hook unavailable; its events will be missing");
+        }
+        hooks.push(status);
+    }
+    if !hooks.iter().any(|h| h.attached) {
+        let reasons: Vec<String> = hooks
+            .iter()
+            .map(|h| format!("{}: {}", h.name, h.detail))
+            .collect();
+        return Err(KernelError::NoHook(reasons.join("; ")));
+    }
+    Ok(hooks)
+}
+
+/// Per-CPU batches where the flush program loads, else one event at a time
+/// (reported as the delivery's detail).
+fn prepare_batches(
+    ebpf: &mut Ebpf,
+    batch_state: PerCpuArray<MapData, ConnBatchState>,
+) -> (Option<BatchFlush>, Delivery) {
+    match BatchFlush::prepare(ebpf, batch_state) {
+        Ok(flush) => (
+            Some(flush),
+            Delivery {
+                batched: true,
+                detail: "queued per CPU, flushed before every read".into(),
+            },
+        ),
+        Err(reason) => {
+            tracing::warn!(%reason, "connection events go to the ring buffer one by one, which costs more per event");
+            (None, Delivery::one_by_one(&reason))
+        }
     }
 }
 
