@@ -29,7 +29,6 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicI32, Ordering},
     },
-    thread::JoinHandle,
     time::Duration,
 };
 
@@ -37,8 +36,7 @@ use observer_proto::UnixNanos;
 
 use crate::{
     kubeproxy::{Applied, Mode},
-    netns,
-    witness::{self, CommitWitness},
+    witness::{self, CommitWitness, Recorder},
 };
 
 /// Wall clock around a write: `started` before it, `finished` after the
@@ -276,8 +274,7 @@ const LARGE_TABLE: usize = 256 << 10;
 /// Records every replacement of the legacy `nat` table in one namespace.
 pub struct LegacyWitness {
     changes: Arc<Mutex<Vec<Commit>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _recorder: Recorder,
 }
 
 fn raw_socket() -> io::Result<OwnedFd> {
@@ -372,48 +369,29 @@ pub fn legacy_nat_size() -> Option<(u32, u32)> {
 
 impl LegacyWitness {
     pub fn start(netns: &Path) -> io::Result<Self> {
-        let netns = netns.to_owned();
         let changes = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = {
-            let (changes, stop) = (changes.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let sock = match netns::enter(&netns).and_then(|_| raw_socket()) {
-                    Ok(s) => {
-                        let _ = ready_tx.send(Ok(()));
-                        s
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let mut previous_start = UnixNanos::now();
-                let mut previous = read_nat(&sock);
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(POLL);
-                    let start = UnixNanos::now();
-                    let table = read_nat(&sock);
-                    let end = UnixNanos::now();
-                    if table != previous {
-                        changes.lock().expect("changes lock").push(Commit {
-                            earliest: previous_start,
-                            latest: end,
-                        });
-                        previous = table;
-                    }
-                    previous_start = start;
+        let recorded = changes.clone();
+        let record = move |sock: OwnedFd, stop: &AtomicBool| {
+            let mut previous_start = UnixNanos::now();
+            let mut previous = read_nat(&sock);
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(POLL);
+                let start = UnixNanos::now();
+                let table = read_nat(&sock);
+                let end = UnixNanos::now();
+                if table != previous {
+                    recorded.lock().expect("changes lock").push(Commit {
+                        earliest: previous_start,
+                        latest: end,
+                    });
+                    previous = table;
                 }
-            })
+                previous_start = start;
+            }
         };
-        ready_rx
-            .recv()
-            .map_err(|_| io::Error::other("legacy witness thread ended"))??;
         Ok(LegacyWitness {
             changes,
-            stop,
-            thread: Some(thread),
+            _recorder: Recorder::start(netns, "legacy witness", raw_socket, record)?,
         })
     }
 
@@ -426,14 +404,5 @@ impl LegacyWitness {
             .rev()
             .find(|c| c.latest >= from && c.earliest <= until)
             .copied()
-    }
-}
-
-impl Drop for LegacyWitness {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }

@@ -38,8 +38,57 @@ const MAX_COMMITS: usize = 100_000;
 /// Records the time of every nf_tables commit in one network namespace.
 pub struct CommitWitness {
     commits: Arc<Mutex<Vec<u64>>>,
+    _recorder: Recorder,
+}
+
+/// A thread that opens its source inside a network namespace and records
+/// from it until dropped: the witnesses' common shape.
+pub struct Recorder {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+}
+
+impl Recorder {
+    /// Runs `open` in a new thread inside the namespace at `netns`, then
+    /// `record` with what it opened until the recorder is dropped (the flag
+    /// it gets turns true). Returns once the source is open, or with the
+    /// error that kept it from opening.
+    pub fn start<S>(
+        netns: &Path,
+        what: &'static str,
+        open: impl FnOnce() -> io::Result<S> + Send + 'static,
+        record: impl FnOnce(S, &AtomicBool) + Send + 'static,
+    ) -> io::Result<Self> {
+        let netns = netns.to_owned();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || match netns::enter(&netns).and_then(|_| open()) {
+            Ok(source) => {
+                let _ = ready_tx.send(Ok(()));
+                record(source, &flag);
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+            }
+        });
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other(format!("{what} thread ended")))??;
+        Ok(Recorder {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn now_unix_nanos() -> u64 {
@@ -202,53 +251,35 @@ pub fn contains_newgen(mut data: &[u8]) -> bool {
 impl CommitWitness {
     /// Starts listening inside the namespace at `netns`.
     pub fn start(netns: &Path) -> io::Result<Self> {
-        let netns = netns.to_owned();
         let commits = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = {
-            let (commits, stop) = (commits.clone(), stop.clone());
-            std::thread::spawn(move || {
-                if let Err(e) = set_fifo(WITNESS_PRIORITY) {
-                    eprintln!(
-                        "lab: the nftables commit witness runs without real-time priority ({e}); \
-                         its commit times may lag under load"
-                    );
-                }
-                let socket = netns::enter(&netns)
-                    .and_then(|_| nftables_listener(None, std::time::Duration::from_millis(200)));
-                let socket = match socket {
-                    Ok(s) => {
-                        let _ = ready_tx.send(Ok(()));
-                        s
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let mut buf = vec![0u8; 64 * 1024];
-                while !stop.load(Ordering::Relaxed) {
-                    match receive(&socket, &mut buf) {
-                        Ok(Some((stamp, true))) => {
-                            let mut commits = commits.lock().expect("commits lock");
-                            if commits.len() < MAX_COMMITS {
-                                commits.push(stamp);
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(_) => return,
-                    }
-                }
-            })
+        let recorded = commits.clone();
+        let open = || {
+            if let Err(e) = set_fifo(WITNESS_PRIORITY) {
+                eprintln!(
+                    "lab: the nftables commit witness runs without real-time priority ({e}); \
+                     its commit times may lag under load"
+                );
+            }
+            nftables_listener(None, std::time::Duration::from_millis(200))
         };
-        ready_rx
-            .recv()
-            .map_err(|_| io::Error::other("commit witness thread ended"))??;
+        let record = move |socket: OwnedFd, stop: &AtomicBool| {
+            let mut buf = vec![0u8; 64 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                match receive(&socket, &mut buf) {
+                    Ok(Some((stamp, true))) => {
+                        let mut commits = recorded.lock().expect("commits lock");
+                        if commits.len() < MAX_COMMITS {
+                            commits.push(stamp);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        };
         Ok(CommitWitness {
             commits,
-            stop,
-            thread: Some(thread),
+            _recorder: Recorder::start(netns, "commit witness", open, record)?,
         })
     }
 
@@ -261,15 +292,6 @@ impl CommitWitness {
             .rev()
             .find(|t| (from..=to).contains(*t))
             .copied()
-    }
-}
-
-impl Drop for CommitWitness {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
