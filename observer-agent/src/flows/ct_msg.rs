@@ -55,17 +55,6 @@ fn ip(attr: &Attr<'_>, what: &'static str) -> Result<IpAddr, NetlinkDecodeError>
     }
 }
 
-fn port(attr: &Attr<'_>, what: &'static str) -> Result<u16, NetlinkDecodeError> {
-    let b: [u8; 2] = attr
-        .value
-        .try_into()
-        .map_err(|_| NetlinkDecodeError::BadLength {
-            what,
-            len: attr.value.len(),
-        })?;
-    Ok(u16::from_be_bytes(b))
-}
-
 fn tuple(nest: &Attr<'_>) -> Result<Tuple, NetlinkDecodeError> {
     let (mut src, mut dst, mut sport, mut dport, mut protocol) = (None, None, 0, 0, None);
     for attr in nest.nested() {
@@ -92,8 +81,8 @@ fn tuple(nest: &Attr<'_>) -> Result<Tuple, NetlinkDecodeError> {
                                     len: 0,
                                 })?)
                         }
-                        CTA_PROTO_SRC_PORT => sport = port(&a, "source port")?,
-                        CTA_PROTO_DST_PORT => dport = port(&a, "destination port")?,
+                        CTA_PROTO_SRC_PORT => sport = a.be_u16("source port")?,
+                        CTA_PROTO_DST_PORT => dport = a.be_u16("destination port")?,
                         _ => {}
                     }
                 }

@@ -103,26 +103,26 @@ pub struct Attr<'a> {
 }
 
 impl<'a> Attr<'a> {
-    pub fn be_u32(&self, what: &'static str) -> Result<u32, NetlinkDecodeError> {
-        let b: [u8; 4] = self
-            .value
+    /// The value as exactly `N` bytes.
+    fn array<const N: usize>(&self, what: &'static str) -> Result<[u8; N], NetlinkDecodeError> {
+        self.value
             .try_into()
             .map_err(|_| NetlinkDecodeError::BadLength {
                 what,
                 len: self.value.len(),
-            })?;
-        Ok(u32::from_be_bytes(b))
+            })
+    }
+
+    pub fn be_u16(&self, what: &'static str) -> Result<u16, NetlinkDecodeError> {
+        self.array(what).map(u16::from_be_bytes)
+    }
+
+    pub fn be_u32(&self, what: &'static str) -> Result<u32, NetlinkDecodeError> {
+        self.array(what).map(u32::from_be_bytes)
     }
 
     pub fn be_u64(&self, what: &'static str) -> Result<u64, NetlinkDecodeError> {
-        let b: [u8; 8] = self
-            .value
-            .try_into()
-            .map_err(|_| NetlinkDecodeError::BadLength {
-                what,
-                len: self.value.len(),
-            })?;
-        Ok(u64::from_be_bytes(b))
+        self.array(what).map(u64::from_be_bytes)
     }
 
     /// A NUL-terminated (or unterminated) string.
