@@ -380,6 +380,42 @@ impl Registers {
     }
 }
 
+/// The destination of a `nat` expression when it is a DNAT whose address
+/// (and port, if any) an earlier `immediate` loaded into its registers.
+fn dnat_destination(
+    data: &[u8],
+    regs: &Registers,
+) -> Result<Option<SocketAddr>, NetlinkDecodeError> {
+    let kind = required(data, NFTA_NAT_TYPE, "nat type")?.be_u32("nat type")?;
+    let family = required(data, NFTA_NAT_FAMILY, "nat family")?.be_u32("nat family")?;
+    if kind != NFT_NAT_DNAT {
+        return Ok(None);
+    }
+    let Some(addr_reg) = find(data, NFTA_NAT_REG_ADDR_MIN)? else {
+        return Ok(None);
+    };
+    let addr_reg = addr_reg.be_u32("nat addr reg")?;
+    let addr = match family {
+        NFPROTO_IPV4 => regs
+            .read::<4>(addr_reg)
+            .map(|a| IpAddr::V4(Ipv4Addr::from(a))),
+        NFPROTO_IPV6 => regs
+            .read::<16>(addr_reg)
+            .map(|a| IpAddr::V6(Ipv6Addr::from(a))),
+        _ => None,
+    };
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let port = match find(data, NFTA_NAT_REG_PROTO_MIN)? {
+        Some(r) => regs
+            .read::<2>(r.be_u32("nat proto reg")?)
+            .map(u16::from_be_bytes),
+        None => Some(0),
+    };
+    Ok(port.map(|port| SocketAddr::new(addr, port)))
+}
+
 fn summarize(exprs: Attr<'_>) -> Result<RuleSummary, NetlinkDecodeError> {
     let mut summary = RuleSummary::default();
     let mut regs = Registers([0; 64]);
@@ -416,35 +452,8 @@ fn summarize(exprs: Attr<'_>) -> Result<RuleSummary, NetlinkDecodeError> {
                 }
             }
             "nat" => {
-                let kind = required(data, NFTA_NAT_TYPE, "nat type")?.be_u32("nat type")?;
-                let family = required(data, NFTA_NAT_FAMILY, "nat family")?.be_u32("nat family")?;
-                if kind != NFT_NAT_DNAT {
-                    continue;
-                }
-                let Some(addr_reg) = find(data, NFTA_NAT_REG_ADDR_MIN)? else {
-                    continue;
-                };
-                let addr_reg = addr_reg.be_u32("nat addr reg")?;
-                let addr = match family {
-                    NFPROTO_IPV4 => regs
-                        .read::<4>(addr_reg)
-                        .map(|a| IpAddr::V4(Ipv4Addr::from(a))),
-                    NFPROTO_IPV6 => regs
-                        .read::<16>(addr_reg)
-                        .map(|a| IpAddr::V6(Ipv6Addr::from(a))),
-                    _ => None,
-                };
-                let Some(addr) = addr else {
-                    continue;
-                };
-                let port = match find(data, NFTA_NAT_REG_PROTO_MIN)? {
-                    Some(r) => regs
-                        .read::<2>(r.be_u32("nat proto reg")?)
-                        .map(u16::from_be_bytes),
-                    None => Some(0),
-                };
-                if let Some(port) = port {
-                    summary.dnat.push(SocketAddr::new(addr, port));
+                if let Some(dst) = dnat_destination(data, &regs)? {
+                    summary.dnat.push(dst);
                 }
             }
             "target" => {
