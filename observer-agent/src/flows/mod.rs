@@ -6,7 +6,7 @@
 //! node. The filter knows addresses, not ports: this watch reports every
 //! flow to a watched address, and its consumers (`run`, `observe`) keep
 //! only those to a watched endpoint, IP and port
-//! ([`crate::endpoint_record::EndpointRecords::observe`]).
+//! ([`crate::watched::WatchedSet::passes`]).
 //!
 //! Time of a flow: conntrack's own start timestamp when the event carries it
 //! (net.netfilter.nf_conntrack_timestamp=1; today's kernels put it in
