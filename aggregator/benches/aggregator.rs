@@ -24,6 +24,7 @@ use aggregator::http::{HttpState, now_unix_nanos};
 use aggregator::model::{DeletionRecord, NodeMeasurement};
 use aggregator::nodes::NodeInfo;
 use aggregator::store::{Scope, Store};
+use lab::http_client::HttpClient;
 use observer_proto::v1 as pb;
 use observer_proto::v1::observer_client::ObserverClient;
 
@@ -455,48 +456,31 @@ async fn query_latencies(addr: SocketAddr, for_: Duration, distinct: bool) -> Ve
 }
 
 fn blocking_query_latencies(addr: SocketAddr, for_: Duration, distinct: bool) -> Vec<Duration> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_nodelay(true).unwrap();
-    let start = Instant::now();
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    while start.elapsed() < for_ {
-        let confidence = if distinct {
-            format!("&confidence=0.5{:07}", out.len())
-        } else {
-            String::new()
-        };
-        let req = format!(
-            "GET /v1/recommendations?namespace=ns-3&service=svc-3{confidence} HTTP/1.1\r\nHost: bench\r\n\r\n"
-        );
-        let t = Instant::now();
-        s.write_all(req.as_bytes()).unwrap();
-        let mut have = 0;
-        loop {
-            let n = s.read(&mut buf[have..]).unwrap();
-            assert!(n > 0, "connection closed");
-            have += n;
-            let text = std::str::from_utf8(&buf[..have]).unwrap_or("");
-            if let Some(h) = text.find("\r\n\r\n") {
-                let len: usize = text[..h]
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap())
-                    })
-                    .expect("content-length");
-                if have >= h + 4 + len {
-                    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-                    break;
-                }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("query runtime");
+    runtime.block_on(async {
+        // One client, so every query after the first reuses its connection.
+        let client = HttpClient::default();
+        let start = Instant::now();
+        let mut out = Vec::new();
+        while start.elapsed() < for_ {
+            let confidence = if distinct {
+                format!("&confidence=0.5{:07}", out.len())
+            } else {
+                String::new()
+            };
+            let url = format!(
+                "http://{addr}/v1/recommendations?namespace=ns-3&service=svc-3{confidence}"
+            );
+            let t = Instant::now();
+            client.get_ok(&url).await.unwrap_or_else(|e| panic!("{e}"));
+            out.push(t.elapsed());
+            if let Some(rest) = QUERY_EVERY.checked_sub(t.elapsed()) {
+                tokio::time::sleep(rest).await;
             }
         }
-        out.push(t.elapsed());
-        if let Some(rest) = QUERY_EVERY.checked_sub(t.elapsed()) {
-            std::thread::sleep(rest);
-        }
-    }
-    out
+        out
+    })
 }

@@ -2,10 +2,8 @@
 //! endpoints, changed the way the Kubernetes API and the EndpointSlice
 //! controller change them, and published to every node's proxy.
 
-use std::{
-    net::Ipv4Addr,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use observer_proto::UnixNanos;
+use std::{net::Ipv4Addr, time::Duration};
 
 use tokio::sync::watch;
 
@@ -30,13 +28,6 @@ pub fn service_port() -> ServicePort {
     }
 }
 
-pub fn unix_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
 /// A pod as the API knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodRecord {
@@ -45,7 +36,7 @@ pub struct PodRecord {
     pub ip: Ipv4Addr,
     pub node: String,
     /// Set when the deletion was requested.
-    pub deletion_requested_unix_nano: Option<u64>,
+    pub deletion_requested_unix_nano: Option<UnixNanos>,
 }
 
 /// Where the control plane's changes go besides the proxies: the

@@ -16,7 +16,7 @@ use crate::{
     delay::{DelayDistribution, parse_duration_arg},
     kubeproxy::Mode,
     netns,
-    observer::{Binaries, Observer},
+    observer::{Binaries, Observer, Recommendation},
     report::{self, AgentCost, Report, RunReport},
     scenario::{Lab, LabConfig, RolloutConfig, RolloutResult},
     server::ShutdownMode,
@@ -207,26 +207,94 @@ fn rollout_config(args: &LabArgs, pre_stop_seconds: u64) -> RolloutConfig {
 
 async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> Result<Report> {
     let started = Instant::now();
+    let say = |msg: &str| progress(started, msg);
     let dir = report_path
         .parent()
         .context("report path has no directory")?
         .to_owned();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    progress(
-        started,
-        &format!(
-            "creating {} nodes ({}), {} pods; injected delay {}",
-            args.nodes,
-            args.modes
-                .iter()
-                .map(|m| m.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-            args.pods,
-            args.delay
-        ),
-    );
-    let mut lab = Lab::start(LabConfig {
+    let (mut lab, observer) = start(args, binaries, &dir, say).await?;
+    before_rollouts(args, &lab, say).await?;
+    let idle_ms_per_second = idle_cpu_ms_per_second(&observer).await;
+    let mut rollouts = Rollouts::default();
+
+    let measured = rollouts
+        .run(
+            &mut lab,
+            &observer,
+            args,
+            "measure",
+            args.measure_prestop,
+            say,
+        )
+        .await?;
+    observer.wait_complete(&measured.deletions).await?;
+    recommendation(&observer, "after rollout 1", say).await?;
+
+    let baseline = if args.delay.max() > Duration::from_secs(FOLKLORE_SECONDS) {
+        FOLKLORE_SECONDS
+    } else {
+        0
+    };
+    let run = rollouts
+        .run(&mut lab, &observer, args, "baseline", baseline, say)
+        .await?;
+    // The baseline's deletions are measured too: the recommendation used
+    // for the last rollout rests on both.
+    observer.wait_complete(&run.deletions).await?;
+    let recommendation = recommendation(&observer, "for rollout 3", say).await?;
+    let Some(recommended) = recommendation.pre_stop_seconds else {
+        bail!(
+            "the aggregator gave no recommendation: {}",
+            recommendation.reason
+        );
+    };
+    rollouts
+        .run(&mut lab, &observer, args, "recommended", recommended, say)
+        .await?;
+
+    let report = rollouts
+        .report(
+            &lab,
+            &observer,
+            binaries,
+            idle_ms_per_second,
+            recommendation,
+        )
+        .await?;
+    std::fs::write(report_path, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", report_path.display()))?;
+    println!("{}", report.text());
+    let last = observer
+        .aggregator
+        .recommendation(api::NAMESPACE, api::SERVICE)
+        .await?;
+    if let Some(f) = &last.keep_alive.finding {
+        println!("Keep-alive finding after all rollouts: {f}");
+    }
+    println!("report: {}", report_path.display());
+    say("tearing down");
+    observer.shutdown().await;
+    lab.shutdown().await?;
+    Ok(report)
+}
+
+/// Creates the cluster, then the API double, the aggregator and the agents.
+async fn start(
+    args: &LabArgs,
+    binaries: &LabBinaries,
+    dir: &Path,
+    say: impl Fn(&str),
+) -> Result<(Lab, Observer)> {
+    let modes: Vec<_> = args.modes.iter().map(|m| m.as_str()).collect();
+    say(&format!(
+        "creating {} nodes ({}), {} pods; injected delay {}",
+        args.nodes,
+        modes.join(", "),
+        args.pods,
+        args.delay
+    ));
+    let lab = Lab::start(LabConfig {
         nodes: args.nodes,
         pods: args.pods,
         modes: args.modes.clone(),
@@ -236,178 +304,150 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
         server_mode: args.server,
     })
     .await?;
-    progress(
-        started,
-        "starting the API double, the aggregator and one agent per node",
-    );
-    let observer = Observer::start(&lab, &binaries.observer, &dir).await?;
-    progress(
-        started,
-        &format!("agents registered; logs in {}", dir.display()),
-    );
+    say("starting the API double, the aggregator and one agent per node");
+    let observer = Observer::start(&lab, &binaries.observer, dir).await?;
+    say(&format!("agents registered; logs in {}", dir.display()));
+    Ok((lab, observer))
+}
 
+/// `--hold` and `--exec`: what the user asked to do with the lab up.
+async fn before_rollouts(args: &LabArgs, lab: &Lab, say: impl Fn(&str)) -> Result<()> {
     if let Some(hold) = args.hold {
-        print_access(&lab);
-        progress(
-            started,
-            &format!(
-                "holding the lab for {} s before the rollouts (Ctrl-C ends it)",
-                hold.as_secs_f64()
-            ),
-        );
+        print_access(lab);
+        say(&format!(
+            "holding the lab for {} s before the rollouts (Ctrl-C ends it)",
+            hold.as_secs_f64()
+        ));
         tokio::time::sleep(hold).await;
     }
     if let Some(command) = &args.exec {
-        progress(
-            started,
-            &format!("--exec in {}: {command}", lab.cluster.nodes[0].name),
-        );
-        exec_in_node(&lab, command).await?;
+        say(&format!(
+            "--exec in {}: {command}",
+            lab.cluster.nodes[0].name
+        ));
+        exec_in_node(lab, command).await?;
     }
+    Ok(())
+}
 
-    // The agents' CPU is counted while traffic runs: over each rollout
-    // (clients start with it and stop when it returns), never over their
-    // start-up; and once without traffic, for the floor.
-    let idle_before = observer.agent_cpu();
+/// The agents' CPU without traffic, ms per second: the floor the traffic's
+/// cost is read against. `None` when an agent's CPU could not be read.
+async fn idle_cpu_ms_per_second(observer: &Observer) -> Option<f64> {
+    let before = observer.agent_cpu();
     tokio::time::sleep(IDLE_SAMPLE).await;
     let mut idle = BTreeMap::new();
-    report::add_cpu_delta(&mut idle, &idle_before, &observer.agent_cpu());
-    let idle_ms_per_second = (idle.len() == observer.agents.len())
-        .then(|| idle.values().sum::<f64>() * 1000.0 / IDLE_SAMPLE.as_secs_f64());
-    let mut traffic_cpu = BTreeMap::new();
+    report::add_cpu_delta(&mut idle, &before, &observer.agent_cpu());
+    (idle.len() == observer.agents.len())
+        .then(|| idle.values().sum::<f64>() * 1000.0 / IDLE_SAMPLE.as_secs_f64())
+}
 
-    let mut runs: Vec<(String, RolloutResult)> = Vec::new();
-    let say = |msg: &str| progress(started, msg);
-
-    progress(
-        started,
-        &format!("rollout 1 (measuring), preStop {} s", args.measure_prestop),
-    );
-    let before = observer.agent_cpu();
-    let measured = lab
-        .rollout(&rollout_config(args, args.measure_prestop), say)
-        .await?;
-    report::add_cpu_delta(&mut traffic_cpu, &before, &observer.agent_cpu());
-    runs.push(("measure".into(), measured));
-    observer.wait_complete(&runs[0].1.deletions).await?;
-    let first = observer
+/// Asks the aggregator for the Service's recommendation and says what it is.
+async fn recommendation(
+    observer: &Observer,
+    when: &str,
+    say: impl Fn(&str),
+) -> Result<Recommendation> {
+    let r = observer
         .aggregator
         .recommendation(api::NAMESPACE, api::SERVICE)
         .await?;
-    progress(
-        started,
-        &format!(
-            "recommendation after rollout 1: preStop {} s from {} samples{}",
-            first
-                .pre_stop_seconds
-                .map_or_else(|| "none".into(), |s| s.to_string()),
-            first.samples,
-            if first.low_confidence {
-                " (low confidence)"
-            } else {
-                ""
-            }
-        ),
-    );
-
-    let baseline = if args.delay.max() > Duration::from_secs(FOLKLORE_SECONDS) {
-        FOLKLORE_SECONDS
-    } else {
-        0
-    };
-    progress(
-        started,
-        &format!("rollout 2 (baseline), preStop {baseline} s"),
-    );
-    let before = observer.agent_cpu();
-    let run = lab.rollout(&rollout_config(args, baseline), say).await?;
-    report::add_cpu_delta(&mut traffic_cpu, &before, &observer.agent_cpu());
-    runs.push(("baseline".into(), run));
-    // The baseline's deletions are measured too: the recommendation used
-    // for the last rollout rests on both.
-    observer.wait_complete(&runs[1].1.deletions).await?;
-    let recommendation = observer
-        .aggregator
-        .recommendation(api::NAMESPACE, api::SERVICE)
-        .await?;
-    let Some(recommended) = recommendation.pre_stop_seconds else {
-        bail!(
-            "the aggregator gave no recommendation: {}",
-            recommendation.reason
-        );
-    };
-    progress(
-        started,
-        &format!(
-            "recommendation: preStop {recommended} s from {} samples{}",
-            recommendation.samples,
-            if recommendation.low_confidence {
-                " (low confidence)"
-            } else {
-                ""
-            }
-        ),
-    );
-    progress(
-        started,
-        &format!("rollout 3 (recommended), preStop {recommended} s"),
-    );
-    let before = observer.agent_cpu();
-    let run = lab.rollout(&rollout_config(args, recommended), say).await?;
-    report::add_cpu_delta(&mut traffic_cpu, &before, &observer.agent_cpu());
-    runs.push(("recommended".into(), run));
-
-    let all: Vec<_> = runs
-        .iter()
-        .flat_map(|(_, r)| r.deletions.iter().cloned())
-        .collect();
-    observer.wait_complete(&all).await?;
-    let records = observer
-        .aggregator
-        .deletions(api::NAMESPACE, api::SERVICE)
-        .await?;
-    let mut deletions = Vec::new();
-    for (name, run) in &runs {
-        for truth in &run.deletions {
-            let record = records.iter().find(|r| r.pod_uid == truth.uid);
-            deletions.push(report::deletion_report(name, truth, record));
+    say(&format!(
+        "recommendation {when}: preStop {} from {} samples{}",
+        r.pre_stop_seconds
+            .map_or_else(|| "none".into(), |s| format!("{s} s")),
+        r.samples,
+        if r.low_confidence {
+            " (low confidence)"
+        } else {
+            ""
         }
+    ));
+    Ok(r)
+}
+
+/// The rollouts run so far, with the agents' CPU over their traffic.
+#[derive(Default)]
+struct Rollouts {
+    runs: Vec<(String, RolloutResult)>,
+    traffic_cpu: BTreeMap<String, f64>,
+}
+
+impl Rollouts {
+    /// One rolling update with `pre_stop_seconds`. The agents' CPU is
+    /// counted while its traffic runs (clients start with it and stop when
+    /// it returns), never over their start-up.
+    async fn run(
+        &mut self,
+        lab: &mut Lab,
+        observer: &Observer,
+        args: &LabArgs,
+        name: &str,
+        pre_stop_seconds: u64,
+        say: impl Fn(&str),
+    ) -> Result<&RolloutResult> {
+        say(&format!(
+            "rollout {} ({name}), preStop {pre_stop_seconds} s",
+            self.runs.len() + 1
+        ));
+        let before = observer.agent_cpu();
+        let result = lab
+            .rollout(&rollout_config(args, pre_stop_seconds), &say)
+            .await?;
+        report::add_cpu_delta(&mut self.traffic_cpu, &before, &observer.agent_cpu());
+        self.runs.push((name.to_owned(), result));
+        Ok(&self.runs[self.runs.len() - 1].1)
     }
-    let final_recommendation = observer
-        .aggregator
-        .recommendation(api::NAMESPACE, api::SERVICE)
-        .await?;
-    let connections = runs
-        .iter()
-        .map(|(_, r)| r.new_connection.connections + r.keep_alive.connections)
-        .sum();
-    let traffic_seconds = runs.iter().map(|(_, r)| r.seconds).sum();
-    let report = Report {
-        agent_cost: AgentCost::new(
-            &binaries.profile,
-            traffic_cpu,
-            traffic_seconds,
-            connections,
-            idle_ms_per_second,
-        ),
-        nodes: lab.nodes(),
-        accuracy: report::accuracy(&deletions),
-        deletions,
-        recommendation: Some(recommendation),
-        runs: runs
+
+    /// Waits for every deletion to be measured and joins the aggregator's
+    /// records with the lab's truth.
+    async fn report(
+        self,
+        lab: &Lab,
+        observer: &Observer,
+        binaries: &LabBinaries,
+        idle_ms_per_second: Option<f64>,
+        recommendation: Recommendation,
+    ) -> Result<Report> {
+        let all: Vec<_> = self
+            .runs
             .iter()
-            .map(|(name, r)| RunReport::new(name, r))
-            .collect(),
-    };
-    std::fs::write(report_path, serde_json::to_vec_pretty(&report)?)
-        .with_context(|| format!("writing {}", report_path.display()))?;
-    println!("{}", report.text());
-    if let Some(f) = &final_recommendation.keep_alive.finding {
-        println!("Keep-alive finding after all rollouts: {f}");
+            .flat_map(|(_, r)| r.deletions.iter().cloned())
+            .collect();
+        observer.wait_complete(&all).await?;
+        let records = observer
+            .aggregator
+            .deletions(api::NAMESPACE, api::SERVICE)
+            .await?;
+        let mut deletions = Vec::new();
+        for (name, run) in &self.runs {
+            for truth in &run.deletions {
+                let record = records.iter().find(|r| r.pod_uid == truth.uid);
+                deletions.push(report::deletion_report(name, truth, record));
+            }
+        }
+        let connections = self
+            .runs
+            .iter()
+            .map(|(_, r)| r.new_connection.connections + r.keep_alive.connections)
+            .sum();
+        let traffic_seconds = self.runs.iter().map(|(_, r)| r.seconds).sum();
+        Ok(Report {
+            agent_cost: AgentCost::new(
+                &binaries.profile,
+                self.traffic_cpu,
+                traffic_seconds,
+                connections,
+                idle_ms_per_second,
+            ),
+            nodes: lab.nodes(),
+            accuracy: report::accuracy(&deletions),
+            deletions,
+            recommendation: Some(recommendation),
+            runs: self
+                .runs
+                .iter()
+                .map(|(name, r)| RunReport::new(name, r))
+                .collect(),
+        })
     }
-    println!("report: {}", report_path.display());
-    progress(started, "tearing down");
-    observer.shutdown().await;
-    lab.shutdown().await?;
-    Ok(report)
 }

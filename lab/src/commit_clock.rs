@@ -49,10 +49,9 @@ pub struct Window {
 
 impl From<Applied> for Window {
     fn from(a: Applied) -> Self {
-        let time = |nanos| UnixNanos::from_wire(nanos).unwrap_or_default();
         Window {
-            started: time(a.started_unix_nano),
-            finished: time(a.finished_unix_nano),
+            started: a.started_unix_nano,
+            finished: a.finished_unix_nano,
         }
     }
 }
@@ -166,16 +165,12 @@ impl CommitClock {
     /// bound that is microseconds late.
     pub fn commit_between(&self, from: UnixNanos, until: UnixNanos) -> Option<Commit> {
         let deadline = std::time::Instant::now() + Duration::from_secs(1);
-        let wire = |t: UnixNanos| t.to_wire().unwrap_or_default();
         loop {
             let found = match self {
-                CommitClock::Nft(w) => w
-                    .last_commit_between(wire(from), wire(until))
-                    .and_then(UnixNanos::from_wire)
-                    .map(|t| Commit {
-                        earliest: t,
-                        latest: t,
-                    }),
+                CommitClock::Nft(w) => w.last_commit_between(from, until).map(|t| Commit {
+                    earliest: t,
+                    latest: t,
+                }),
                 CommitClock::Legacy(w) => w.last_change_between(from, until),
             };
             // Recorded only once the witness read it: give it until `until`

@@ -1,6 +1,11 @@
-//! The small part of HTTP/1.1 the lab speaks: bodiless requests, responses
-//! with `Content-Length`, persistent connections, `Connection: close`.
-//! Real clients (`hey`, `wrk`, `ab`, curl) work against it.
+//! The small part of HTTP/1.1 the pods' traffic speaks: bodiless
+//! requests, responses with `Content-Length`, persistent connections,
+//! `Connection: close`. Real clients (`hey`, `wrk`, `ab`, curl) work against
+//! it. It stays hand-written because the pods' server and the lab's traffic
+//! clients model shutdown byte by byte (when a keep-alive connection is
+//! closed, which request a reset hit, a refusal against a timeout); every
+//! other HTTP exchange of the lab, its tests and the benches goes through
+//! [`crate::http_client`].
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt};

@@ -11,6 +11,7 @@ pub mod client;
 pub mod commit_clock;
 pub mod delay;
 pub mod http;
+pub mod http_client;
 pub mod kube;
 pub mod kubeproxy;
 pub mod observer;

@@ -7,26 +7,22 @@
 //! the lab reads its HTTP API from a thread inside the control-plane
 //! namespace. Nothing listens in the host namespace.
 
+use observer_proto::UnixNanos;
 use std::{
     fs::File,
-    net::SocketAddrV4,
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, de::DeserializeOwned};
 use thiserror::Error;
-use tokio::{
-    io::AsyncWriteExt,
-    net::TcpStream,
-    process::{Child, Command},
-};
+use tokio::process::{Child, Command};
 
 use crate::{
-    http::{self, Next, Reader},
+    http_client::{HttpClient, HttpClientError},
     kube::ApiServer,
-    netns::{self, NetNs},
+    netns::NetNs,
     scenario::{DeletionTruth, Lab},
     topology::{CONTROL_PLANE_IP, Node},
 };
@@ -51,6 +47,13 @@ pub enum ObserverError {
     },
     #[error("aggregator HTTP {path}: {reason}")]
     Api { path: String, reason: String },
+    #[error("aggregator HTTP API: {0}")]
+    Http(#[from] HttpClientError),
+    #[error("agent on {node}: {source}")]
+    Agent {
+        node: String,
+        source: HttpClientError,
+    },
     #[error("{0}")]
     Timeout(String),
 }
@@ -118,7 +121,7 @@ impl Managed {
 pub struct Aggregator {
     binary: PathBuf,
     completion_timeout: Duration,
-    netns: PathBuf,
+    http: HttpClient,
     netns_name: String,
     kubeconfig: PathBuf,
     store: PathBuf,
@@ -144,7 +147,7 @@ impl Aggregator {
         let mut aggregator = Aggregator {
             binary: binary.to_owned(),
             completion_timeout,
-            netns: control_plane.path(),
+            http: HttpClient::in_netns(&control_plane.path()),
             netns_name: control_plane.name().to_owned(),
             kubeconfig: kubeconfig.to_owned(),
             store: dir.join("aggregator.sqlite"),
@@ -203,10 +206,21 @@ impl Aggregator {
         &self.log
     }
 
-    /// GET `path` from the HTTP API; the body of a 200 answer.
+    /// The aggregator's HTTP API root, as seen from the control plane.
+    pub fn http_url() -> String {
+        format!("http://{CONTROL_PLANE_IP}:{HTTP_PORT}")
+    }
+
+    /// GET `path` from the HTTP API; the body of a 2xx answer.
     pub async fn get(&self, path: &str) -> Result<String, ObserverError> {
-        let addr = SocketAddrV4::new(CONTROL_PLANE_IP, HTTP_PORT);
-        get_in(&self.netns, addr, path, path.to_owned()).await
+        let url = format!("{}{path}", Self::http_url());
+        Ok(self.http.get_ok(&url).await?.text())
+    }
+
+    /// GET `path` from the HTTP API and decode its JSON.
+    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ObserverError> {
+        let url = format!("{}{path}", Self::http_url());
+        Ok(self.http.get_json(&url).await?)
     }
 
     pub async fn recommendation(
@@ -214,12 +228,10 @@ impl Aggregator {
         namespace: &str,
         service: &str,
     ) -> Result<Recommendation, ObserverError> {
-        let path = format!("/v1/recommendations?namespace={namespace}&service={service}");
-        let body = self.get(&path).await?;
-        serde_json::from_str(&body).map_err(|e| ObserverError::Api {
-            path,
-            reason: format!("{e}: {body}"),
-        })
+        self.get_json(&format!(
+            "/v1/recommendations?namespace={namespace}&service={service}"
+        ))
+        .await
     }
 
     pub async fn deletions(
@@ -227,74 +239,12 @@ impl Aggregator {
         namespace: &str,
         service: &str,
     ) -> Result<Vec<DeletionRecord>, ObserverError> {
-        let path = format!("/v1/deletions?namespace={namespace}&service={service}&limit=1000");
-        let body = self.get(&path).await?;
-        let list: DeletionList = serde_json::from_str(&body).map_err(|e| ObserverError::Api {
-            path,
-            reason: format!("{e}: {body}"),
-        })?;
+        let list: DeletionList = self
+            .get_json(&format!(
+                "/v1/deletions?namespace={namespace}&service={service}&limit=1000"
+            ))
+            .await?;
         Ok(list.items)
-    }
-}
-
-/// Connects to `addr` from inside the namespace at `netns`: the socket is
-/// made on a short-lived thread there (a pooled thread would stay in the
-/// namespace), then used from the caller's runtime.
-async fn connect_in(netns: &Path, addr: SocketAddrV4) -> std::io::Result<TcpStream> {
-    let netns = netns.to_owned();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let stream = netns::enter(&netns).and_then(|_| {
-            std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))
-        });
-        let _ = tx.send(stream);
-    });
-    let stream = rx
-        .await
-        .map_err(|_| std::io::Error::other("connect thread ended"))??;
-    stream.set_nonblocking(true)?;
-    TcpStream::from_std(stream)
-}
-
-/// GET `path` from `addr`, connecting from inside the namespace at `netns`;
-/// the body of a 200 answer. Errors name the request as `what`.
-async fn get_in(
-    netns: &Path,
-    addr: SocketAddrV4,
-    path: &str,
-    what: String,
-) -> Result<String, ObserverError> {
-    let api_err = |reason: String| ObserverError::Api {
-        path: what.clone(),
-        reason,
-    };
-    let stream = connect_in(netns, addr)
-        .await
-        .map_err(|e| api_err(e.to_string()))?;
-    match tokio::time::timeout(Duration::from_secs(5), exchange(stream, path)).await {
-        Ok(Ok((200, body))) => Ok(body),
-        Ok(Ok((status, body))) => Err(api_err(format!("status {status}: {body}"))),
-        Ok(Err(e)) => Err(api_err(e)),
-        Err(_) => Err(api_err("timed out".into())),
-    }
-}
-
-async fn exchange(mut stream: TcpStream, path: &str) -> Result<(u16, String), String> {
-    let host = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    stream
-        .write_all(&http::get(&host, path, true))
-        .await
-        .map_err(|e| e.to_string())?;
-    match Reader::default().next(&mut stream, false).await {
-        Ok(Next::Message(head, body)) => Ok((
-            head.first.parse().unwrap_or(0),
-            String::from_utf8_lossy(&body).into_owned(),
-        )),
-        Ok(Next::Closed) => Err("closed without a response".into()),
-        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -304,6 +254,7 @@ pub struct Agent {
     pub node: String,
     binary: PathBuf,
     netns: PathBuf,
+    http: HttpClient,
     log: PathBuf,
     process: Option<Managed>,
 }
@@ -315,6 +266,7 @@ impl Agent {
             node: node.name.clone(),
             binary: binary.to_owned(),
             netns: node.ns.path(),
+            http: HttpClient::in_netns(&node.ns.path()),
             log: dir.join(format!("agent-{}.log", node.name)),
             process: None,
         };
@@ -358,14 +310,12 @@ impl Agent {
     /// GET `path` from the agent's health endpoint (on its node's
     /// loopback); the body of a 200 answer.
     pub async fn get(&self, path: &str) -> Result<String, ObserverError> {
-        let addr = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, AGENT_HEALTH_PORT);
-        get_in(
-            &self.netns,
-            addr,
-            path,
-            format!("agent on {}: {path}", self.node),
-        )
-        .await
+        let url = format!("http://127.0.0.1:{AGENT_HEALTH_PORT}{path}");
+        let answer = self.http.get_ok(&url).await;
+        answer.map(|r| r.text()).map_err(|e| ObserverError::Agent {
+            node: self.node.clone(),
+            source: e,
+        })
     }
 
     /// One sample of the agent's Prometheus metrics: the value of the line
@@ -437,7 +387,7 @@ pub struct DeletionRecord {
     pub pod_uid: String,
     pub pod_name: String,
     /// T0 by the aggregator's clock.
-    pub deletion_start_unix_nanos: i64,
+    pub deletion_start_unix_nanos: UnixNanos,
     pub complete: bool,
     pub propagation_seconds: Option<f64>,
     pub nodes: Vec<NodeMeasurement>,
@@ -449,7 +399,7 @@ pub struct DeletionRecord {
 #[serde(rename_all = "camelCase")]
 pub struct NodeMeasurement {
     pub node: String,
-    pub rules_removed_unix_nanos: Option<i64>,
+    pub rules_removed_unix_nanos: Option<UnixNanos>,
     pub latency_seconds: Option<f64>,
     pub mode: Option<String>,
     #[serde(default)]

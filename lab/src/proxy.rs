@@ -3,12 +3,13 @@
 //! injected delay. The moments the rules really changed are recorded: the
 //! ground truth the observer's measurements are compared with.
 
+use observer_proto::UnixNanos;
 use std::{
     collections::{HashMap, HashSet},
     net::Ipv4Addr,
     path::Path,
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use serde::Serialize;
@@ -69,20 +70,20 @@ pub struct RuleChange {
     pub port: u16,
     pub removed: bool,
     /// When the controller saw the endpoint change that caused it.
-    pub seen_unix_nano: u64,
+    pub seen_unix_nano: UnixNanos,
     /// The delay drawn for that change.
     pub injected_delay_ms: f64,
-    pub applied_started_unix_nano: u64,
-    pub applied_finished_unix_nano: u64,
+    pub applied_started_unix_nano: UnixNanos,
+    pub applied_finished_unix_nano: UnixNanos,
     /// The kernel's commit of the change, for modes that announce commits
     /// (nftables, iptables-nft); see [`crate::witness`].
-    pub committed_unix_nano: Option<u64>,
+    pub committed_unix_nano: Option<UnixNanos>,
 }
 
 impl RuleChange {
     /// The best known moment the rules changed: the kernel's commit, else
     /// the end of the transaction.
-    pub fn truth_unix_nano(&self) -> u64 {
+    pub fn truth_unix_nano(&self) -> UnixNanos {
         self.committed_unix_nano
             .unwrap_or(self.applied_finished_unix_nano)
     }
@@ -103,13 +104,6 @@ pub struct Proxy {
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), KubeProxyError>>,
     changes: Arc<Mutex<Vec<RuleChange>>>,
-}
-
-fn unix_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 type Selected = HashSet<(ServicePort, Backend)>;
@@ -196,7 +190,7 @@ async fn sync(mut rules: Rules, view: &Services) -> (Rules, Result<Applied, Kube
 /// One endpoint change waiting for its injected delay.
 struct Pending {
     due: Instant,
-    seen_unix_nano: u64,
+    seen_unix_nano: UnixNanos,
     delay: Duration,
     key: Key,
     /// The endpoint's address (before or after the change).
@@ -288,7 +282,7 @@ async fn follow(
                     (&a.0.namespace, &a.0.name, &a.0.port_name, &a.1).cmp(&(&b.0.namespace, &b.0.name, &b.0.port_name, &b.1))
                 });
                 keys.dedup();
-                let (now, seen_unix_nano) = (Instant::now(), unix_nanos());
+                let (now, seen_unix_nano) = (Instant::now(), UnixNanos::now());
                 for key in keys {
                     let (before, endpoint) = (seen.get(key), now_published.get(key));
                     let Some(ip) = endpoint.or(before).map(|e| e.ip).filter(|_| before != endpoint) else {
@@ -334,7 +328,7 @@ async fn follow(
 
 /// The kernel commit inside the transaction `applied`, once the witness
 /// has received it (it may lag the writer by a moment).
-async fn commit_of(witness: &CommitWitness, applied: Applied) -> Option<u64> {
+async fn commit_of(witness: &CommitWitness, applied: Applied) -> Option<UnixNanos> {
     let deadline = Instant::now() + Duration::from_millis(200);
     loop {
         let commit =
@@ -352,7 +346,7 @@ fn record(
     after: &Selected,
     causes: &[Pending],
     applied: Applied,
-    committed_unix_nano: Option<u64>,
+    committed_unix_nano: Option<UnixNanos>,
     changes: &Mutex<Vec<RuleChange>>,
 ) {
     let change = |(svc, b): &(ServicePort, Backend), removed| {

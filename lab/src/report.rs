@@ -2,6 +2,7 @@
 //! and node, the recommendation, and the rollouts' request counts; as
 //! `report.json` and as text.
 
+use observer_proto::UnixNanos;
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::Serialize;
@@ -164,9 +165,8 @@ pub fn deletion_report(
 ) -> DeletionReport {
     // Both sides on the aggregator's T0 when there is one, so the error is
     // the error of the per-node measurement alone.
-    let t0 = measured.map_or(truth.requested_unix_nano as i64, |m| {
-        m.deletion_start_unix_nanos
-    });
+    let t0 = measured.map_or(truth.requested_unix_nano, |m| m.deletion_start_unix_nanos);
+    let ms_since_t0 = |t: UnixNanos| (t - t0) as f64 / 1e6;
     let per_node = truth
         .removals
         .iter()
@@ -175,15 +175,15 @@ pub fn deletion_report(
             let measured_ms = node.and_then(|n| n.latency_seconds).map(|s| s * 1000.0);
             let measured_rules_ms = node
                 .and_then(|n| n.rules_removed_unix_nanos)
-                .map(|t| (t - t0) as f64 / 1e6);
-            let injected_ms = (r.truth_unix_nano() as i64 - t0) as f64 / 1e6;
+                .map(ms_since_t0);
+            let injected_ms = ms_since_t0(r.truth_unix_nano());
             PerNode {
                 node: r.node.clone(),
                 mode: r.mode.clone(),
                 measured_ms,
                 measured_rules_ms,
                 injected_ms,
-                injected_started_ms: (r.applied_started_unix_nano as i64 - t0) as f64 / 1e6,
+                injected_started_ms: ms_since_t0(r.applied_started_unix_nano),
                 drawn_delay_ms: r.injected_delay_ms,
                 error_ms: measured_ms.map(|m| m - injected_ms),
             }
@@ -243,6 +243,16 @@ impl Report {
     /// The human-readable summary `cargo xtask lab` prints.
     pub fn text(&self) -> String {
         let mut out = String::new();
+        self.write_deletions(&mut out);
+        self.write_accuracy(&mut out);
+        self.write_recommendation(&mut out);
+        self.write_agent_cost(&mut out);
+        self.write_runs(&mut out);
+        out
+    }
+
+    /// Per deletion and node: measured against injected.
+    fn write_deletions(&self, out: &mut String) {
         let _ = writeln!(
             out,
             "\nPer deletion and node (ms from the deletion's start, T0):"
@@ -267,6 +277,10 @@ impl Report {
                 );
             }
         }
+    }
+
+    /// Accuracy per dataplane mode.
+    fn write_accuracy(&self, out: &mut String) {
         let _ = writeln!(out, "\nAccuracy |measured - injected| by mode:");
         for a in &self.accuracy {
             let _ = writeln!(
@@ -280,6 +294,10 @@ impl Report {
                 a.max_abs_error_ms
             );
         }
+    }
+
+    /// The aggregator's recommendation and its keep-alive finding.
+    fn write_recommendation(&self, out: &mut String) {
         match &self.recommendation {
             Some(r) => {
                 let _ = writeln!(
@@ -306,6 +324,10 @@ impl Report {
                 let _ = writeln!(out, "\nRecommendation: none");
             }
         }
+    }
+
+    /// The agents' CPU over the rollouts' traffic.
+    fn write_agent_cost(&self, out: &mut String) {
         let cost = &self.agent_cost;
         if let Some(ms) = cost.cpu_ms_per_10k_connections {
             let _ = writeln!(
@@ -326,6 +348,10 @@ impl Report {
                 }
             );
         }
+    }
+
+    /// Requests and failures per rollout.
+    fn write_runs(&self, out: &mut String) {
         let _ = writeln!(out, "\nRollouts:");
         for r in &self.runs {
             let causes: Vec<String> = {
@@ -350,10 +376,8 @@ impl Report {
                 }
             );
         }
-        out
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

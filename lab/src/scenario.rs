@@ -2,6 +2,7 @@
 //! updates driven through the control plane while clients on every node
 //! send traffic to the Service VIP.
 
+use observer_proto::UnixNanos;
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
@@ -85,7 +86,7 @@ pub struct DeletionTruth {
     pub uid: String,
     pub ip: Ipv4Addr,
     pub host_node: String,
-    pub requested_unix_nano: u64,
+    pub requested_unix_nano: UnixNanos,
     pub ending: Option<Ending>,
     /// The rule removal on each node (ground truth), in node order.
     pub removals: Vec<RuleChange>,
@@ -324,7 +325,7 @@ impl Lab {
                 net,
                 process,
             } = self.pods.remove(0);
-            record.deletion_requested_unix_nano = Some(api::unix_nanos());
+            record.deletion_requested_unix_nano = Some(UnixNanos::now());
             self.control
                 .lock()
                 .expect("control lock")

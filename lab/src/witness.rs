@@ -13,6 +13,7 @@
 //! loaded machine; at normal priority it was seen tens of milliseconds
 //! late, which made a prompt observer look early.
 
+use observer_proto::UnixNanos;
 use std::{
     io,
     mem::size_of,
@@ -23,7 +24,6 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use crate::netns;
@@ -37,7 +37,7 @@ const MAX_COMMITS: usize = 100_000;
 
 /// Records the time of every nf_tables commit in one network namespace.
 pub struct CommitWitness {
-    commits: Arc<Mutex<Vec<u64>>>,
+    commits: Arc<Mutex<Vec<UnixNanos>>>,
     _recorder: Recorder,
 }
 
@@ -89,13 +89,6 @@ impl Drop for Recorder {
             let _ = t.join();
         }
     }
-}
-
-fn now_unix_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 fn check(ret: i32) -> io::Result<i32> {
@@ -165,7 +158,7 @@ pub fn nftables_listener(
 /// Receives one datagram: the kernel's timestamp where the socket has one
 /// (netlink has none so far: then the time of the read) and whether it
 /// holds a NEWGEN message. None on timeout.
-fn receive(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<(u64, bool)>> {
+fn receive(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<(UnixNanos, bool)>> {
     let mut control = [0u64; 16];
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -193,14 +186,14 @@ fn receive(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<(u64, bool)>> {
             _ => Err(e),
         };
     }
-    let mut stamp = now_unix_nanos();
+    let mut stamp = UnixNanos::now();
     // SAFETY: walking the control messages the kernel wrote into `control`.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SO_TIMESTAMPNS {
                 let ts = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::timespec>());
-                stamp = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+                stamp = UnixNanos::from_seconds(ts.tv_sec) + ts.tv_nsec;
             }
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
@@ -284,7 +277,7 @@ impl CommitWitness {
     }
 
     /// The last commit seen between `from` and `to` (Unix ns).
-    pub fn last_commit_between(&self, from: u64, to: u64) -> Option<u64> {
+    pub fn last_commit_between(&self, from: UnixNanos, to: UnixNanos) -> Option<UnixNanos> {
         self.commits
             .lock()
             .expect("commits lock")

@@ -3,6 +3,7 @@
 //! controllers in every mode, clients. (A third-party load generator
 //! against a whole lab: tests/rollout.rs and tests/cli.rs.)
 
+use observer_proto::UnixNanos;
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
@@ -171,10 +172,7 @@ async fn vip_follows_endpoint_changes_after_the_injected_delay_in_every_mode() {
         );
     }
 
-    let sent = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
+    let sent = UnixNanos::now();
     tx.send(endpoints(Some("web-1"))).unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     for (proxy, node) in proxies.iter().zip(&cluster.nodes) {
@@ -283,24 +281,18 @@ fn commit_witness_sees_nftables_and_iptables_nft_commits_but_not_legacy() {
     }
     let ns = lab::netns::NetNs::create("witness").unwrap();
     let witness = lab::witness::CommitWitness::start(&ns.path()).unwrap();
-    let now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-    };
     for (script, announced) in [
         ("nft add table ip lab", true),
         ("iptables-nft -t nat -N LAB", true),
         ("iptables-legacy -t nat -N LAB", false),
     ] {
-        let before = now();
+        let before = UnixNanos::now();
         ns.sh(script).unwrap();
-        let after = now();
+        let after = UnixNanos::now();
         // The witness thread records a commit when it reads the
         // notification (with the socket's receive timestamp where the kernel
         // gives one), which can take a while on a loaded machine.
-        const READ_SLACK_NS: u64 = 500_000_000;
+        const READ_SLACK_NS: i64 = 500_000_000;
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
         let seen = loop {
             let seen = witness

@@ -36,8 +36,7 @@ async fn aggregator_sees_lab_deletions_through_the_api_double() {
         assert_eq!(record.pod_name, truth.pod);
         // T0 is the aggregator's receipt of the watch event that showed the
         // deletion: a few milliseconds after the lab asked.
-        let lag_ms =
-            (record.deletion_start_unix_nanos - truth.requested_unix_nano as i64) as f64 / 1e6;
+        let lag_ms = (record.deletion_start_unix_nanos - truth.requested_unix_nano) as f64 / 1e6;
         assert!(
             (0.0..200.0).contains(&lag_ms),
             "{}: T0 {lag_ms} ms after the request",

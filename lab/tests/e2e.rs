@@ -4,6 +4,7 @@
 
 mod common;
 
+use observer_proto::UnixNanos;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -260,8 +261,8 @@ async fn agents_metric(observer: &Observer, series: &str) -> Vec<f64> {
 
 /// When the aggregator went away and came back (wall clock, ns).
 struct Outage {
-    killed: u64,
-    restarting: u64,
+    killed: UnixNanos,
+    restarting: UnixNanos,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,7 +294,7 @@ async fn aggregator_restart_during_a_rollout_loses_no_measurement() {
         // address in its kernel maps.
         deleting.recv().await;
         wait_agents_above(&observer, WATCHED, &watched_before, Duration::from_secs(5)).await?;
-        let killed = lab::api::unix_nanos();
+        let killed = UnixNanos::now();
         observer.aggregator.kill().await;
         eprintln!("aggregator killed: every agent watches the deleted pod");
         // Each agent observes its node's rule change while the aggregator
@@ -308,7 +309,7 @@ async fn aggregator_restart_during_a_rollout_loses_no_measurement() {
         eprintln!("every agent observed its node's rule change while the aggregator was down");
         // Long enough for the agents' reconnect attempts to fail again.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let restarting = lab::api::unix_nanos();
+        let restarting = UnixNanos::now();
         observer
             .aggregator
             .restart()
@@ -338,7 +339,7 @@ async fn aggregator_restart_during_a_rollout_loses_no_measurement() {
     // T0 survived the restart: the aggregator's receipt of the deletion,
     // before the kill; not the deletionTimestamp's whole second, nor a
     // receipt after the restart.
-    let t0 = record.deletion_start_unix_nanos as u64;
+    let t0 = record.deletion_start_unix_nanos;
     assert!(
         t0 >= truth.requested_unix_nano && t0 < outage.killed,
         "T0 {t0} not the original receipt (requested {}, killed {}): {record:?}",

@@ -7,7 +7,6 @@
 //! set and counted on its `/metrics`.
 
 use std::{
-    io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     process::{Command, Stdio},
     sync::Arc,
@@ -17,7 +16,7 @@ use std::{
 use aggregator::{app, config::Settings, store::Store};
 use apiserver_double::{ApiServerDouble, objects};
 use k8s_openapi::api::{core::v1::Pod, discovery::v1::EndpointSlice};
-use lab::{commit_clock::Window, netns::NetNs, root::root_or_skip};
+use lab::{commit_clock::Window, http_client::HttpClient, netns::NetNs, root::root_or_skip};
 use serde_json::Value;
 
 mod fixture;
@@ -34,33 +33,22 @@ fn slice(pod: &Pod, terminating: bool) -> EndpointSlice {
     objects::endpoint_slice("shop", "web", &[(pod, !terminating, terminating)])
 }
 
-/// `GET /metrics` of the agent, from inside its namespace.
-fn metrics(ns: &NetNs, health: SocketAddr) -> Option<String> {
-    ns.run(move || {
-        let mut s = TcpStream::connect_timeout(&health, Duration::from_secs(1)).ok()?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n")
-            .ok()?;
-        let mut response = String::new();
-        s.read_to_string(&mut response).ok()?;
-        let (head, body) = response.split_once("\r\n\r\n")?;
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        Some(body.to_owned())
-    })
-    .unwrap()
-}
-
-/// Polls the agent's `/metrics` until every line of `want` is in it.
-fn wait_metrics(ns: &NetNs, health: SocketAddr, want: &[&str]) -> String {
+/// Polls the agent's `/metrics` (from inside its namespace) until every
+/// line of `want` is in it.
+async fn wait_metrics(ns: &NetNs, health: SocketAddr, want: &[&str]) -> String {
+    let client = HttpClient::in_netns(&ns.path());
+    let url = format!("http://{health}/metrics");
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut last = None;
     while Instant::now() < deadline {
-        if let Some(body) = metrics(ns, health) {
+        if let Ok(response) = client.get_ok(&url).await {
+            let body = response.text();
             if want.iter().all(|line| body.lines().any(|l| l == *line)) {
                 return body;
             }
             last = Some(body);
         }
-        std::thread::sleep(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("{want:?}: not within 10 s; last /metrics: {last:?}");
 }
@@ -145,11 +133,11 @@ async fn run_reports_the_raw_observations_of_watched_endpoints() {
         1,
         "agent connected"
     );
-    wait_metrics(&ns, health, &["prestop_agent_watched_endpoints 0"]);
+    wait_metrics(&ns, health, &["prestop_agent_watched_endpoints 0"]).await;
 
     double.delete::<Pod>("shop", "web-2", 30).unwrap();
     double.update(&slice(&web2, true)).unwrap();
-    wait_metrics(&ns, health, &["prestop_agent_watched_endpoints 1"]);
+    wait_metrics(&ns, health, &["prestop_agent_watched_endpoints 1"]).await;
 
     // Late flows: through the VIP (to the watched endpoint) and directly to
     // another port of the pod's address (not watched: dropped by the agent).
@@ -167,14 +155,16 @@ async fn run_reports_the_raw_observations_of_watched_endpoints() {
             "prestop_agent_observations_total{kind=\"new_flow\"} 1",
             "prestop_agent_flows_not_watched_total 1",
         ],
-    );
+    )
+    .await;
 
     let applied = Window::from(rules.sync(&[(service(), vec![b1])]).unwrap());
     wait_metrics(
         &ns,
         health,
         &["prestop_agent_observations_total{kind=\"rules_removed\"} 1"],
-    );
+    )
+    .await;
 
     // The deletion completes: the aggregator folds what the agent reported.
     double.finish_deletion::<Pod>("shop", "web-2").unwrap();
@@ -207,7 +197,7 @@ async fn run_reports_the_raw_observations_of_watched_endpoints() {
     let last = time(&node["lastConnectionUnixNanos"]);
     assert!(last >= time(&d["deletionStartUnixNanos"]), "{d}");
     assert!(node["lateConnections"].as_u64() >= Some(1), "{d}");
-    wait_metrics(&ns, health, &["prestop_agent_watched_endpoints 0"]);
+    wait_metrics(&ns, health, &["prestop_agent_watched_endpoints 0"]).await;
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.0.id() as i32),

@@ -13,19 +13,13 @@ use prestop_check::textfile;
 use serde_json::Value;
 use support::{dashboard_queries, dashboards, deploy, instantiate, names, rule_exprs, rules_file};
 
-/// A GET over a real loopback socket; the body.
+/// A GET over a real loopback socket; the body of a 2xx answer.
 fn get_body(addr: std::net::SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    assert!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "{head}"
-    );
-    body.to_string()
+    let r = lab::http_client::HttpClient::default()
+        .get_blocking(&format!("http://{addr}{path}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status, 200, "GET {path}: {}", r.text());
+    r.text()
 }
 
 /// prometheus-client leaves label families out of a scrape until they have

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use lab::http_client::{HttpClient, HttpClientError};
 use lab::kubeproxy::Mode;
 use lab::netns::NetNs;
 use lab::observer::{AGENT_HEALTH_PORT, Binaries, HTTP_PORT, Observer};
@@ -146,27 +147,11 @@ impl ControlPlane {
     }
 }
 
-/// One HTTP/1.0 GET to `addr` from a new socket; the status and body.
-fn get_from(addr: SocketAddrV4, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, b)| b.to_string());
-    Ok((status, body))
-}
-
-/// One HTTP/1.0 GET from inside the control plane's namespace.
-fn get(ns: &ControlPlane, port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    ns.run(move || get_from(SocketAddrV4::new(CONTROL_PLANE_IP, port), path))
+/// One GET from inside the control plane's namespace: the status and body.
+fn get(ns: &ControlPlane, port: u16, path: &str) -> Result<(u16, String), HttpClientError> {
+    let r = HttpClient::in_netns(&ns.path)
+        .get_blocking(&format!("http://{CONTROL_PLANE_IP}:{port}{path}"))?;
+    Ok((r.status, r.text()))
 }
 
 fn url_encode(s: &str) -> String {

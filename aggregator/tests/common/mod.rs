@@ -4,49 +4,17 @@
 pub mod lab;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
+use ::lab::http_client::HttpClient;
 use aggregator::model::{DeletionRecord, NodeMeasurement};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A plain HTTP/1.1 GET (Connection: close): (status, body).
+/// GET `http://{addr}{path_and_query}` with the lab's HTTP client: (status, body).
 pub async fn get(addr: SocketAddr, path_and_query: &str) -> (u16, String) {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let req =
-            format!("GET {path_and_query} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.unwrap();
-        let text = String::from_utf8(buf).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-        let body = if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            dechunk(body)
-        } else {
-            body.to_string()
-        };
-        (status, body)
-    };
-    tokio::time::timeout(Duration::from_secs(10), fut)
+    let r = HttpClient::default()
+        .get(&format!("http://{addr}{path_and_query}"))
         .await
-        .expect("HTTP GET timed out")
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n").unwrap();
-        let size = usize::from_str_radix(size.trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.push_str(&rest[..size]);
-        body = &rest[size + 2..];
-    }
+        .unwrap_or_else(|e| panic!("{e}"));
+    (r.status, r.text())
 }
 
 pub async fn get_json(addr: SocketAddr, path_and_query: &str) -> (u16, serde_json::Value) {

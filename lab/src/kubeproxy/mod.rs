@@ -12,6 +12,7 @@ mod iptables;
 mod names;
 mod nft;
 
+use observer_proto::UnixNanos;
 use std::{
     collections::HashSet,
     fmt,
@@ -19,7 +20,7 @@ use std::{
     net::Ipv4Addr,
     process::{Command, Stdio},
     str::FromStr,
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::Instant,
 };
 
 use thiserror::Error;
@@ -91,8 +92,8 @@ pub struct Backend {
 /// and just after it finished; the kernel commit happened in between.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Applied {
-    pub started_unix_nano: u64,
-    pub finished_unix_nano: u64,
+    pub started_unix_nano: UnixNanos,
+    pub finished_unix_nano: UnixNanos,
 }
 
 #[derive(Debug, Error)]
@@ -242,11 +243,11 @@ impl Rules {
     }
 
     fn apply(&self, program: &str, args: &[&str], input: &str) -> Result<Applied, KubeProxyError> {
-        let started_unix_nano = unix_nanos();
+        let started_unix_nano = UnixNanos::now();
         self.run(program, args, input)?;
         Ok(Applied {
             started_unix_nano,
-            finished_unix_nano: unix_nanos(),
+            finished_unix_nano: UnixNanos::now(),
         })
     }
 
@@ -283,13 +284,6 @@ impl Rules {
         }
         Ok(())
     }
-}
-
-fn unix_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
