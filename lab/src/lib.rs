@@ -8,6 +8,7 @@ pub use lab_netns::{netns, root};
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod commit_clock;
 pub mod delay;
 pub mod http;
 pub mod http_client;

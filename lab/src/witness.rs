@@ -38,8 +38,57 @@ const MAX_COMMITS: usize = 100_000;
 /// Records the time of every nf_tables commit in one network namespace.
 pub struct CommitWitness {
     commits: Arc<Mutex<Vec<UnixNanos>>>,
+    _recorder: Recorder,
+}
+
+/// A thread that opens its source inside a network namespace and records
+/// from it until dropped: the witnesses' common shape.
+pub struct Recorder {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+}
+
+impl Recorder {
+    /// Runs `open` in a new thread inside the namespace at `netns`, then
+    /// `record` with what it opened until the recorder is dropped (the flag
+    /// it gets turns true). Returns once the source is open, or with the
+    /// error that kept it from opening.
+    pub fn start<S>(
+        netns: &Path,
+        what: &'static str,
+        open: impl FnOnce() -> io::Result<S> + Send + 'static,
+        record: impl FnOnce(S, &AtomicBool) + Send + 'static,
+    ) -> io::Result<Self> {
+        let netns = netns.to_owned();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || match netns::enter(&netns).and_then(|_| open()) {
+            Ok(source) => {
+                let _ = ready_tx.send(Ok(()));
+                record(source, &flag);
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+            }
+        });
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other(format!("{what} thread ended")))??;
+        Ok(Recorder {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn check(ret: i32) -> io::Result<i32> {
@@ -152,11 +201,20 @@ fn receive(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<(UnixNanos, bool)>
     Ok(Some((stamp, contains_newgen(&buf[..len as usize]))))
 }
 
-/// Puts the calling thread under SCHED_FIFO, above the agents' own timing
-/// threads (observer-agent's `--timing-priority`, 10 by default): a commit
-/// wakes both, and the truth must be read first. It only wakes for commits.
-fn make_realtime() -> io::Result<()> {
-    let param = libc::sched_param { sched_priority: 20 };
+/// SCHED_FIFO priority of the witnesses: above the agents' own timing
+/// threads (observer-agent's `--timing-priority`, 10 by default), so that
+/// when a commit wakes both and a single core is free (the writer keeps its
+/// own while the kernel sends the notifications), the witness stamps first
+/// and goes back to sleep within microseconds instead of waiting behind the
+/// detector for the rest of the commit's notifications. It only wakes for
+/// commits.
+pub const WITNESS_PRIORITY: u8 = 20;
+
+/// Puts the calling thread under SCHED_FIFO at `priority`.
+pub fn set_fifo(priority: u8) -> io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: i32::from(priority),
+    };
     // SAFETY: pthread_self is always valid; param is a valid sched_param.
     let ret =
         unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
@@ -186,53 +244,35 @@ pub fn contains_newgen(mut data: &[u8]) -> bool {
 impl CommitWitness {
     /// Starts listening inside the namespace at `netns`.
     pub fn start(netns: &Path) -> io::Result<Self> {
-        let netns = netns.to_owned();
         let commits = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = {
-            let (commits, stop) = (commits.clone(), stop.clone());
-            std::thread::spawn(move || {
-                if let Err(e) = make_realtime() {
-                    eprintln!(
-                        "lab: the nftables commit witness runs without real-time priority ({e}); \
-                         its commit times may lag under load"
-                    );
-                }
-                let socket = netns::enter(&netns)
-                    .and_then(|_| nftables_listener(None, std::time::Duration::from_millis(200)));
-                let socket = match socket {
-                    Ok(s) => {
-                        let _ = ready_tx.send(Ok(()));
-                        s
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let mut buf = vec![0u8; 64 * 1024];
-                while !stop.load(Ordering::Relaxed) {
-                    match receive(&socket, &mut buf) {
-                        Ok(Some((stamp, true))) => {
-                            let mut commits = commits.lock().expect("commits lock");
-                            if commits.len() < MAX_COMMITS {
-                                commits.push(stamp);
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(_) => return,
-                    }
-                }
-            })
+        let recorded = commits.clone();
+        let open = || {
+            if let Err(e) = set_fifo(WITNESS_PRIORITY) {
+                eprintln!(
+                    "lab: the nftables commit witness runs without real-time priority ({e}); \
+                     its commit times may lag under load"
+                );
+            }
+            nftables_listener(None, std::time::Duration::from_millis(200))
         };
-        ready_rx
-            .recv()
-            .map_err(|_| io::Error::other("commit witness thread ended"))??;
+        let record = move |socket: OwnedFd, stop: &AtomicBool| {
+            let mut buf = vec![0u8; 64 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                match receive(&socket, &mut buf) {
+                    Ok(Some((stamp, true))) => {
+                        let mut commits = recorded.lock().expect("commits lock");
+                        if commits.len() < MAX_COMMITS {
+                            commits.push(stamp);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        };
         Ok(CommitWitness {
             commits,
-            stop,
-            thread: Some(thread),
+            _recorder: Recorder::start(netns, "commit witness", open, record)?,
         })
     }
 
@@ -245,15 +285,6 @@ impl CommitWitness {
             .rev()
             .find(|t| (from..=to).contains(*t))
             .copied()
-    }
-}
-
-impl Drop for CommitWitness {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Dataplane detection numbers (root): `cargo bench -p observer-agent --bench dataplane`.
 //!
 //! The reference for "the rules changed" is an independent witness of the
-//! kernel commit (tests/commit_clock): lab's NFNLGRP_NFTABLES listener for
+//! kernel commit (`lab::commit_clock`): lab's NFNLGRP_NFTABLES listener for
 //! nftables and iptables-nft, a 200 us poller of the legacy nat table for
 //! iptables-legacy, both under SCHED_FIFO. Not the writer process's exit,
 //! which comes milliseconds after its commit.
@@ -40,6 +40,7 @@ use std::{
 };
 
 use lab::{
+    commit_clock::{self, CommitClock, Window},
     kubeproxy::{Backend, Mode, Rules, ServicePort},
     netns::{self, NetNs},
     root::is_root,
@@ -47,13 +48,9 @@ use lab::{
 };
 use observer_agent::{
     dataplane::{self, DataplaneWatch, Mirror, NftEvent, TableId, decode_nft_message},
-    observation::{Observation, RulesChange},
+    realtime::DEFAULT_TIMING_PRIORITY,
 };
-
-#[path = "../tests/commit_clock/mod.rs"]
-mod commit_clock;
-
-use commit_clock::{CommitClock, Window, now_unix_nanos};
+use observer_proto::{Observation, RulesChange, UnixNanos};
 
 /// Live heap bytes of the process.
 struct Counting;
@@ -144,6 +141,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx]
 }
 
+/// A time difference as a sample for the statistics.
+fn nanos(difference: i64) -> f64 {
+    difference as f64
+}
+
 fn ms(ns: f64) -> String {
     format!("{:.2}", ns / 1e6)
 }
@@ -179,7 +181,7 @@ impl Priority {
 
     fn apply(self) {
         if self == Priority::Fifo {
-            commit_clock::realtime().expect("SCHED_FIFO (root)");
+            commit_clock::realtime(DEFAULT_TIMING_PRIORITY).expect("SCHED_FIFO (root)");
         }
     }
 }
@@ -188,7 +190,7 @@ impl Priority {
 /// rules change as it comes out of the channel.
 struct Detector {
     watch: DataplaneWatch,
-    events: std::sync::mpsc::Receiver<(RulesChange, u64)>,
+    events: std::sync::mpsc::Receiver<(RulesChange, UnixNanos)>,
     consumer: Option<JoinHandle<()>>,
 }
 
@@ -208,7 +210,7 @@ impl Detector {
             commit_clock::pin(None).unwrap();
             priority.apply();
             while let Some(obs) = rx.blocking_recv() {
-                let arrived = now_unix_nanos();
+                let arrived = UnixNanos::now();
                 if let Observation::RulesRemoved(c) | Observation::RulesAdded(c) = obs {
                     let _ = events_tx.send((c, arrived));
                 }
@@ -221,7 +223,7 @@ impl Detector {
         }
     }
 
-    fn next(&self, limit: Duration) -> (RulesChange, u64) {
+    fn next(&self, limit: Duration) -> (RulesChange, UnixNanos) {
         self.events
             .recv_timeout(limit)
             .expect("no rules change in time")
@@ -238,8 +240,8 @@ impl Detector {
 /// The commit behind a change reported at `reported` for a write that
 /// started at `from`: the nearest witnessed commit (nf_tables: the
 /// witness's receipt; legacy: the latest the replacement can have been,
-/// with the witness interval's width).
-fn commit_of(clock: &CommitClock, from: u64, reported: u64) -> (u64, u64) {
+/// with the witness interval's width, ns).
+fn commit_of(clock: &CommitClock, from: UnixNanos, reported: UnixNanos) -> (UnixNanos, i64) {
     let c = clock
         .commit_between(from, reported + commit_clock::NFT_BOUND_NS)
         .expect("commit witnessed");
@@ -262,15 +264,15 @@ fn delay(mode: Mode, priority: Priority, changes: usize) -> String {
         let backends = if i % 2 == 0 { vec![b1] } else { vec![b1, b2] };
         let window: Window = rules.sync(&[(svc.clone(), backends)]).unwrap().into();
         let (change, arrived) = detector.next(Duration::from_secs(5));
-        let (commit, w) = commit_of(&clock, window.started, change.time_unix_nano);
-        to_consumer.push(arrived as f64 - commit as f64);
-        let error = change.time_unix_nano as f64 - commit as f64;
-        if error.abs() <= commit_clock::NFT_BOUND_NS as f64 {
+        let (commit, w) = commit_of(&clock, window.started, change.time);
+        to_consumer.push(nanos(arrived - commit));
+        let error = change.time - commit;
+        if error.abs() <= commit_clock::NFT_BOUND_NS {
             within_5ms += 1;
         }
-        stamp_error.push(error);
-        writer.push((window.finished - window.started) as f64);
-        width.push(w as f64);
+        stamp_error.push(nanos(error));
+        writer.push(nanos(window.finished - window.started));
+        width.push(nanos(w));
     }
     detector.stop();
     let abs_max = stamp_error.iter().fold(0f64, |m, e| m.max(e.abs()));
@@ -289,8 +291,8 @@ fn delay(mode: Mode, priority: Priority, changes: usize) -> String {
     )
 }
 
-/// A netlink datagram and when it was received (Unix ns).
-type Datagram = (u64, Vec<u8>);
+/// A netlink datagram and when it was received.
+type Datagram = (UnixNanos, Vec<u8>);
 
 /// Every NFNLGRP_NFTABLES datagram of a namespace with its receipt time,
 /// into a large buffer (a full resync is megabytes). The thread waits for a
@@ -335,7 +337,7 @@ impl Capture {
                     let n = unsafe {
                         libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
                     };
-                    let at = now_unix_nanos();
+                    let at = UnixNanos::now();
                     if n > 0 {
                         let data = buf[..n as usize].to_vec();
                         let ends = contains_newgen(&data);
@@ -557,7 +559,7 @@ fn scale(mode: Mode, resyncs: usize) -> (String, Vec<String>) {
                     // The commit that removed or added the endpoint is the
                     // resync's last (iptables-nft commits filter, then
                     // nat): its first notification's receipt.
-                    let mut commit = 0;
+                    let mut commit = UnixNanos::default();
                     for batch in all {
                         if batch[0].0 < window.started {
                             replay(mirror, &batch);
@@ -574,19 +576,19 @@ fn scale(mode: Mode, resyncs: usize) -> (String, Vec<String>) {
                 }
                 _ => {
                     let clock = clock.as_ref().unwrap();
-                    let (commit, width) = commit_of(clock, window.started, change.time_unix_nano);
+                    let (commit, width) = commit_of(clock, window.started, change.time);
                     (commit, width, None, 0, 0)
                 }
             };
             results.push(Resync {
-                processing: arrived as f64 - change.time_unix_nano as f64,
-                stamp: change.time_unix_nano as f64 - commit as f64,
-                to_consumer: arrived as f64 - commit as f64,
-                width: width as f64,
+                processing: nanos(arrived - change.time),
+                stamp: nanos(change.time - commit),
+                to_consumer: nanos(arrived - commit),
+                width: nanos(width),
                 replay: replay_ns,
                 messages,
                 bytes,
-                writer: (window.finished - window.started) as f64,
+                writer: nanos(window.finished - window.started),
             });
         }
         detector.stop();

@@ -12,8 +12,7 @@
 use std::time::Duration;
 
 use nix::time::{ClockId, clock_gettime};
-
-use crate::observation::UnixNanos;
+use observer_proto::UnixNanos;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Offset {
@@ -29,7 +28,7 @@ impl Offset {
     /// Converts a CLOCK_MONOTONIC timestamp into Unix nanoseconds.
     pub fn to_unix_nanos(&self, mono_ns: u64) -> UnixNanos {
         let wall = i128::from(mono_ns) + self.realtime_minus_monotonic_ns;
-        UnixNanos::try_from(wall.max(0)).unwrap_or(UnixNanos::MAX)
+        UnixNanos::from_nanos(i64::try_from(wall.max(0)).unwrap_or(i64::MAX))
     }
 
     /// Measures the offset, keeping the narrowest of `samples` brackets.
@@ -105,8 +104,6 @@ impl Default for WallClock {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{SystemTime, UNIX_EPOCH};
-
     use super::*;
 
     #[test]
@@ -114,18 +111,14 @@ mod tests {
         let o = Offset::from_bracket(1_000_000, 400, 1_000_200);
         assert_eq!(o.realtime_minus_monotonic_ns, 1_000_100 - 400);
         assert_eq!(o.error_ns, 101);
-        assert_eq!(o.to_unix_nanos(500), 1_000_200);
+        assert_eq!(o.to_unix_nanos(500), UnixNanos::from_nanos(1_000_200));
     }
 
     #[test]
     fn converted_monotonic_now_matches_system_time() {
         let offset = Offset::measure(5);
         let converted = offset.to_unix_nanos(monotonic_now_ns());
-        let system = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64;
-        let diff = converted.abs_diff(system);
+        let diff = (converted - UnixNanos::now()).unsigned_abs();
         // Two clock reads apart; far below the millisecond the project measures in.
         assert!(diff < 1_000_000, "conversion off by {diff} ns");
         assert!(
@@ -138,6 +131,6 @@ mod tests {
     #[test]
     fn negative_results_clamp_to_zero() {
         let o = Offset::from_bracket(0, 1_000, 0);
-        assert_eq!(o.to_unix_nanos(0), 0);
+        assert_eq!(o.to_unix_nanos(0), UnixNanos::from_nanos(0));
     }
 }

@@ -1,7 +1,6 @@
 //! The agent's health endpoint: `/healthz` (the main loop is turning),
-//! `/readyz` (programs loaded, sources started), `/metrics` (Prometheus
-//! text format) and `/endpoints` (the per-endpoint records, JSON: see
-//! [`crate::endpoint_record`]).
+//! `/readyz` (programs loaded, sources started) and `/metrics` (Prometheus
+//! text format).
 
 use std::{
     sync::{
@@ -11,17 +10,16 @@ use std::{
     time::Duration,
 };
 
-use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
-use crate::{
-    clock::monotonic_now_ns, endpoint_record::EndpointRecords, kernel::Stats,
-    observation::Observation,
-};
+use observer_proto::Observation;
+
+use crate::{clock::monotonic_now_ns, kernel::Stats, locks};
 
 /// The main loop must beat at least this often to count as alive.
 const LIVENESS_WINDOW: Duration = Duration::from_secs(30);
@@ -48,8 +46,9 @@ pub struct Health {
     observations: Family<KindLabel, Counter>,
     hooks: Family<HookLabel, Gauge>,
     watched: Gauge,
+    flows_not_watched: Counter,
+    poisoned_locks: Counter,
     last_kernel: std::sync::Mutex<Stats>,
-    records: std::sync::Mutex<EndpointRecords>,
     ready: AtomicBool,
     heartbeat_mono_ns: AtomicU64,
 }
@@ -81,24 +80,30 @@ impl Health {
             "Endpoint addresses being watched",
             watched.clone(),
         );
+        let flows_not_watched = Counter::default();
+        registry.register(
+            "flows_not_watched",
+            "New flows to a watched address but no watched endpoint (another port), dropped",
+            flows_not_watched.clone(),
+        );
+        let poisoned_locks = Counter::default();
+        registry.register(
+            "poisoned_locks",
+            "Locks found poisoned (a thread panicked holding them) and taken anyway; any is a bug",
+            poisoned_locks.clone(),
+        );
         Arc::new(Health {
             registry,
             kernel_events,
             observations,
             hooks,
             watched,
+            flows_not_watched,
+            poisoned_locks,
             last_kernel: std::sync::Mutex::new(Stats::default()),
-            records: std::sync::Mutex::new(EndpointRecords::new()),
             ready: AtomicBool::new(false),
             heartbeat_mono_ns: AtomicU64::new(monotonic_now_ns()),
         })
-    }
-
-    /// The per-endpoint records, kept by the main loop, served on `/endpoints`.
-    pub fn records(&self) -> std::sync::MutexGuard<'_, EndpointRecords> {
-        self.records
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -123,23 +128,19 @@ impl Health {
     }
 
     pub fn observed(&self, obs: &Observation) {
-        let kind = match obs {
-            Observation::Accepted(_) => "accepted",
-            Observation::Connected(_) => "connected",
-            Observation::Closed(_) => "closed",
-            Observation::ResetSent(_) => "reset_sent",
-            Observation::ResetReceived(_) => "reset_received",
-            Observation::RulesRemoved(_) => "rules_removed",
-            Observation::RulesAdded(_) => "rules_added",
-            Observation::NewFlow(_) => "new_flow",
-        };
+        let kind = obs.kind_name();
         self.observations.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// A new flow the watched set dropped (see [`crate::watched`]).
+    pub fn flow_not_watched(&self) {
+        self.flows_not_watched.inc();
     }
 
     /// Takes the kernel's absolute counters; returns how many events were
     /// lost since the previous call.
     pub fn kernel_stats(&self, now: Stats) -> u64 {
-        let mut last = self.last_kernel.lock().expect("stats lock");
+        let mut last = locks::lock(&self.last_kernel, "health kernel stats");
         for (outcome, before, after) in [
             ("emitted", last.emitted, now.emitted),
             ("lost", last.lost, now.lost),
@@ -165,7 +166,6 @@ pub fn router(health: Arc<Health>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/endpoints", get(endpoints))
         .with_state(health)
 }
 
@@ -189,11 +189,11 @@ async fn readyz(State(h): State<Arc<Health>>) -> impl IntoResponse {
     }
 }
 
-async fn endpoints(State(h): State<Arc<Health>>) -> impl IntoResponse {
-    Json(h.records().snapshot())
-}
-
 async fn metrics(State(h): State<Arc<Health>>) -> impl IntoResponse {
+    // The process-wide count (crate::locks), brought up to date per scrape.
+    let poisoned = locks::poisoned_total();
+    h.poisoned_locks
+        .inc_by(poisoned.saturating_sub(h.poisoned_locks.get()));
     let mut body = String::new();
     match encode(&mut body, &h.registry) {
         Ok(()) => (
@@ -231,7 +231,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn endpoints_over_a_real_socket() {
+    async fn health_over_a_real_socket() {
         let health = Health::new();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -268,80 +268,24 @@ mod tests {
         assert!(body.contains(
             "prestop_agent_hook_attached{hook=\"tracepoint/sock/inet_sock_set_state\"} 1"
         ));
-        assert_eq!(get(addr, "/nope").await.0, 404);
-    }
-
-    #[tokio::test]
-    async fn endpoint_records_over_a_real_socket() {
-        use crate::observation::{Detector, NewFlow, RulesChange};
-
-        let health = Health::new();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve(listener, health.clone()));
-        let body = |response: &str| -> serde_json::Value {
-            let (head, body) = response.split_once("\r\n\r\n").unwrap();
-            assert!(
-                head.to_ascii_lowercase()
-                    .contains("content-type: application/json"),
-                "{head}"
-            );
-            serde_json::from_str(body).unwrap()
-        };
-
-        let (status, response) = get(addr, "/endpoints").await;
-        assert_eq!(status, 200);
-        assert_eq!(
-            body(&response),
-            serde_json::json!({"watched": [], "finished": [], "flows_not_watched": 0})
+        health.flow_not_watched();
+        let (_, body) = get(addr, "/metrics").await;
+        assert!(
+            body.contains("prestop_agent_flows_not_watched_total 1"),
+            "{body}"
         );
-
-        let ep: std::net::SocketAddr = "10.180.0.2:8080".parse().unwrap();
-        let gone: std::net::SocketAddr = "10.180.0.3:8080".parse().unwrap();
-        {
-            let mut records = health.records();
-            records.watch(
-                ep,
-                1_000,
-                Some(crate::dataplane::RulesPresence {
-                    first_seen_unix_nano: 500,
-                    at_start: true,
-                    selected: true,
-                }),
-            );
-            records.watch(gone, 1_000, None);
-            records.observe(&Observation::RulesRemoved(RulesChange {
-                endpoint: ep,
-                detector: Detector::IptablesNft,
-                time_unix_nano: 2_000,
-                precision_ns: 1_000_000,
-            }));
-            for (dst, t) in [(ep, 2_500), ("10.180.0.2:9090".parse().unwrap(), 2_600)] {
-                records.observe(&Observation::NewFlow(NewFlow {
-                    src: "10.244.1.5:40000".parse().unwrap(),
-                    dst,
-                    original_dst: "172.30.0.10:80".parse().unwrap(),
-                    time_unix_nano: t,
-                }));
-            }
-            records.unwatch(&gone);
-        }
-        let (status, response) = get(addr, "/endpoints").await;
-        assert_eq!(status, 200);
-        let v = body(&response);
-        assert_eq!(v["flows_not_watched"], 1);
-        assert_eq!(v["finished"][0]["endpoint"], "10.180.0.3:8080");
-        let r = &v["watched"][0];
-        assert_eq!(v["watched"].as_array().unwrap().len(), 1);
-        assert_eq!(r["endpoint"], "10.180.0.2:8080");
-        assert_eq!(r["deletion_started_unix_nano"], 1_000);
-        assert_eq!(r["first_seen_in_rules_unix_nano"], 500);
-        assert_eq!(r["in_rules_at_agent_start"], true);
-        assert_eq!(r["rules_removed_unix_nano"], 2_000);
-        assert_eq!(r["rules_removed_detector"], "iptables_nft");
-        assert_eq!(r["last_new_flow_unix_nano"], 2_500);
-        assert_eq!(r["last_new_flow_src"], "10.244.1.5:40000");
-        assert_eq!(r["late_flows"], 1);
-        assert_eq!(r["late_sources"]["10.244.1.5"], 1);
+        assert!(
+            body.contains(&format!(
+                "prestop_agent_poisoned_locks_total {}",
+                locks::poisoned_total()
+            )),
+            "{body}"
+        );
+        assert_eq!(get(addr, "/nope").await.0, 404);
+        assert_eq!(
+            get(addr, "/endpoints").await.0,
+            404,
+            "health reports health"
+        );
     }
 }

@@ -3,17 +3,14 @@
 
 use std::{
     io::{self, Write},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::SystemTime,
 };
 
 use clap::ValueEnum;
+use observer_proto::{ConnEvent, Observation, RulesChange, UnixNanos};
 use serde::Serialize;
 
-use crate::{
-    endpoint_record::EndpointRecord,
-    kernel::{HookStatus, Stats},
-    observation::{ConnObservation, Observation, RulesChange, UnixNanos},
-};
+use crate::kernel::{HookStatus, Stats};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -96,22 +93,6 @@ impl<W: Write> Printer<W> {
         self.out.flush()
     }
 
-    /// One watched endpoint's record (printed when `observe` stops): JSON
-    /// `kind: endpoint_record` with the record's fields.
-    pub fn endpoint_record(&mut self, record: &EndpointRecord) -> io::Result<()> {
-        match self.format {
-            Format::Json => {
-                let mut line = serde_json::to_value(record).map_err(io::Error::other)?;
-                if let Some(fields) = line.as_object_mut() {
-                    fields.insert("kind".into(), "endpoint_record".into());
-                }
-                writeln!(self.out, "{line}")?;
-            }
-            Format::Human => writeln!(self.out, "{}", human_record(record))?,
-        }
-        self.out.flush()
-    }
-
     /// Last line: the kernel's counters.
     pub fn stopped(&mut self, now: UnixNanos, stats: Stats) -> io::Result<()> {
         match self.format {
@@ -139,13 +120,8 @@ impl<W: Write> Printer<W> {
 }
 
 fn human(obs: &Observation) -> String {
-    let conn = |kind: &str, c: &ConnObservation| {
-        let mut line = format!(
-            "{} {kind:<14} {} -> {}",
-            rfc3339(c.time_unix_nano),
-            c.src,
-            c.dst
-        );
+    let conn = |kind: &str, c: &ConnEvent| {
+        let mut line = format!("{} {kind:<14} {} -> {}", rfc3339(c.time), c.src, c.dst);
         if let Some(close) = c.close {
             line.push_str(&format!(" close={}", serde_plain(&close)));
         }
@@ -157,71 +133,28 @@ fn human(obs: &Observation) -> String {
     let rules = |kind: &str, r: &RulesChange| {
         format!(
             "{} {kind:<14} {} detector={} precision={}us",
-            rfc3339(r.time_unix_nano),
+            rfc3339(r.time),
             r.endpoint,
-            serde_plain(&r.detector),
+            r.detector,
             r.precision_ns / 1_000
         )
     };
+    let kind = obs.kind_name();
     match obs {
-        Observation::Accepted(c) => conn("accepted", c),
-        Observation::Connected(c) => conn("connected", c),
-        Observation::Closed(c) => conn("closed", c),
-        Observation::ResetSent(c) => conn("reset_sent", c),
-        Observation::ResetReceived(c) => conn("reset_received", c),
-        Observation::RulesRemoved(r) => rules("rules_removed", r),
-        Observation::RulesAdded(r) => rules("rules_added", r),
+        Observation::Accepted(c)
+        | Observation::Connected(c)
+        | Observation::Closed(c)
+        | Observation::ResetSent(c)
+        | Observation::ResetReceived(c) => conn(kind, c),
+        Observation::RulesRemoved(r) | Observation::RulesAdded(r) => rules(kind, r),
         Observation::NewFlow(f) => format!(
-            "{} {:<14} {} -> {} (to {})",
-            rfc3339(f.time_unix_nano),
-            "new_flow",
+            "{} {kind:<14} {} -> {} (to {})",
+            rfc3339(f.time),
             f.src,
             f.dst,
             f.original_dst
         ),
     }
-}
-
-fn human_record(r: &EndpointRecord) -> String {
-    let time = |t: Option<UnixNanos>| t.map_or_else(|| "-".to_owned(), rfc3339);
-    let mut line = format!(
-        "endpoint_record {} first_seen_in_rules={}{} rules_removed={}",
-        r.endpoint,
-        time(r.first_seen_in_rules_unix_nano),
-        if r.in_rules_at_agent_start {
-            " (already at agent start)"
-        } else {
-            ""
-        },
-        time(r.rules_removed_unix_nano),
-    );
-    if let (Some(detector), Some(precision)) =
-        (&r.rules_removed_detector, r.rules_removed_precision_ns)
-    {
-        line.push_str(&format!(
-            " ({} precision={}us)",
-            serde_plain(detector),
-            precision / 1_000
-        ));
-    }
-    line.push_str(&format!(
-        " late_flows={} since {} last_new_flow={}",
-        r.late_flows,
-        rfc3339(r.deletion_started_unix_nano),
-        time(r.last_new_flow_unix_nano),
-    ));
-    if let Some(src) = r.last_new_flow_src {
-        line.push_str(&format!(" from {src}"));
-    }
-    if !r.late_sources.is_empty() {
-        let sources: Vec<String> = r
-            .late_sources
-            .iter()
-            .map(|(ip, n)| format!("{ip}={n}"))
-            .collect();
-        line.push_str(&format!(" sources: {}", sources.join(",")));
-    }
-    line
 }
 
 /// A unit enum's serde name (`endpoint_fin`), for the human format.
@@ -232,31 +165,23 @@ fn serde_plain<T: Serialize>(value: &T) -> String {
         .unwrap_or_default()
 }
 
-pub fn rfc3339(unix_nanos: UnixNanos) -> String {
-    humantime::format_rfc3339_nanos(UNIX_EPOCH + Duration::from_nanos(unix_nanos)).to_string()
-}
-
-pub fn now_unix_nanos() -> UnixNanos {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as UnixNanos)
-        .unwrap_or(0)
+pub fn rfc3339(time: UnixNanos) -> String {
+    humantime::format_rfc3339_nanos(SystemTime::from(time)).to_string()
 }
 
 #[cfg(test)]
 mod tests {
+    use observer_proto::{CloseKind, Detector, NewFlow};
+
     use super::*;
-    use crate::observation::CloseKind;
 
     fn closed() -> Observation {
-        Observation::Closed(ConnObservation {
+        Observation::Closed(ConnEvent {
             src: "10.0.0.2:40000".parse().unwrap(),
             dst: "10.0.0.1:80".parse().unwrap(),
-            time_unix_nano: 1_700_000_000_123_456_789,
+            time: UnixNanos::from_nanos(1_700_000_000_123_456_789),
             close: Some(CloseKind::EndpointFin),
             reason: None,
-            old_state: Some("established"),
-            new_state: Some("fin_wait1"),
         })
     }
 
@@ -277,61 +202,6 @@ mod tests {
         assert!(v.get("reason").is_none());
     }
 
-    fn record() -> EndpointRecord {
-        use crate::{dataplane::RulesPresence, endpoint_record::EndpointRecords};
-        let ep = "10.180.0.2:8080".parse().unwrap();
-        let mut records = EndpointRecords::new();
-        let presence = RulesPresence {
-            first_seen_unix_nano: 1_700_000_000_000_000_000,
-            at_start: true,
-            selected: true,
-        };
-        records.watch(ep, 1_700_000_001_000_000_000, Some(presence));
-        records.observe(&Observation::NewFlow(crate::observation::NewFlow {
-            src: "10.244.1.5:40000".parse().unwrap(),
-            dst: ep,
-            original_dst: "172.30.0.10:80".parse().unwrap(),
-            time_unix_nano: 1_700_000_001_500_000_000,
-        }));
-        records.observe(&Observation::RulesRemoved(RulesChange {
-            endpoint: ep,
-            detector: crate::observation::Detector::Nftables,
-            time_unix_nano: 1_700_000_002_000_000_000,
-            precision_ns: 1_000_000,
-        }));
-        records.get(&ep).unwrap().clone()
-    }
-
-    #[test]
-    fn endpoint_records_print_as_one_line() {
-        let mut out = Vec::new();
-        Printer::new(Format::Json, &mut out)
-            .endpoint_record(&record())
-            .unwrap();
-        let text = String::from_utf8(out).unwrap();
-        assert_eq!(text.lines().count(), 1);
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(v["kind"], "endpoint_record");
-        assert_eq!(v["endpoint"], "10.180.0.2:8080");
-        assert_eq!(
-            v["first_seen_in_rules_unix_nano"],
-            1_700_000_000_000_000_000u64
-        );
-        assert_eq!(v["rules_removed_unix_nano"], 1_700_000_002_000_000_000u64);
-        assert_eq!(v["late_flows"], 1);
-
-        let mut out = Vec::new();
-        Printer::new(Format::Human, &mut out)
-            .endpoint_record(&record())
-            .unwrap();
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "endpoint_record 10.180.0.2:8080 first_seen_in_rules=2023-11-14T22:13:20.000000000Z (already at agent start) \
-             rules_removed=2023-11-14T22:13:22.000000000Z (nftables precision=1000us) late_flows=1 since 2023-11-14T22:13:21.000000000Z \
-             last_new_flow=2023-11-14T22:13:21.500000000Z from 10.244.1.5:40000 sources: 10.244.1.5=1\n"
-        );
-    }
-
     #[test]
     fn human_lines_read_well() {
         let mut out = Vec::new();
@@ -341,6 +211,30 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "2023-11-14T22:13:20.123456789Z closed         10.0.0.2:40000 -> 10.0.0.1:80 close=endpoint_fin\n"
+        );
+        let time = UnixNanos::from_nanos(1_700_000_002_000_000_000);
+        let mut out = Vec::new();
+        let mut printer = Printer::new(Format::Human, &mut out);
+        printer
+            .observation(&Observation::RulesRemoved(RulesChange {
+                endpoint: "10.180.0.2:8080".parse().unwrap(),
+                detector: Detector::IptablesNft,
+                time,
+                precision_ns: 1_500_000,
+            }))
+            .unwrap();
+        printer
+            .observation(&Observation::NewFlow(NewFlow {
+                src: "10.244.1.5:40000".parse().unwrap(),
+                dst: "10.180.0.2:8080".parse().unwrap(),
+                original_dst: "172.30.0.10:80".parse().unwrap(),
+                time,
+            }))
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "2023-11-14T22:13:22.000000000Z rules_removed  10.180.0.2:8080 detector=iptables_nft precision=1500us\n\
+             2023-11-14T22:13:22.000000000Z new_flow       10.244.1.5:40000 -> 10.180.0.2:8080 (to 172.30.0.10:80)\n"
         );
     }
 }

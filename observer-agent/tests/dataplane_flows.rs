@@ -17,6 +17,7 @@ use std::{
 };
 
 use lab::{
+    commit_clock::{self, CommitClock, Window},
     kubeproxy::{Mode, Rules},
     netns::{self, NetNs},
     root::root_or_skip,
@@ -24,14 +25,13 @@ use lab::{
 use observer_agent::{
     dataplane, flows,
     kernel::{Kernel, LoadOptions},
-    observation::{Detector, NewFlow, Observation},
+    realtime::DEFAULT_TIMING_PRIORITY,
 };
+use observer_proto::{Detector, NewFlow, Observation, UnixNanos};
 use tokio::sync::mpsc::{Receiver, channel};
 
-mod commit_clock;
 mod fixture;
 
-use commit_clock::{CommitClock, Window, now_unix_nanos};
 use fixture::{VIP, backend, service};
 
 /// Traffic bounds: one connection every 500 us, at most this many, for at
@@ -46,7 +46,7 @@ const MAX_TRAFFIC: Duration = Duration::from_secs(6);
 /// microseconds later: that, plus the flow thread's wake-up (up to 1.6 ms
 /// measured with every core busy, the bound the netlink detector claims
 /// as its precision: 2 ms), is the slack.
-const FLOW_SLACK_NS: u64 = 2_000_000;
+const FLOW_SLACK_NS: i64 = 2_000_000;
 /// The client's source address (not a backend's).
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 181, 0, 1);
 
@@ -65,7 +65,7 @@ impl Server {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             netns::enter(&path).unwrap();
-            commit_clock::realtime().expect("SCHED_FIFO (root)");
+            commit_clock::realtime(DEFAULT_TIMING_PRIORITY).expect("SCHED_FIFO (root)");
             let listener = TcpListener::bind("0.0.0.0:8080").unwrap();
             listener.set_nonblocking(true).unwrap();
             ready_tx.send(()).unwrap();
@@ -113,7 +113,7 @@ impl Drop for Server {
 /// client's address when it succeeded.
 #[derive(Clone, Copy, Debug)]
 struct Conn {
-    started: u64,
+    started: UnixNanos,
     local: Option<SocketAddr>,
 }
 
@@ -132,14 +132,14 @@ impl Traffic {
         let path = ns.path();
         let thread = std::thread::spawn(move || {
             netns::enter(&path).unwrap();
-            commit_clock::realtime().expect("SCHED_FIFO (root)");
+            commit_clock::realtime(DEFAULT_TIMING_PRIORITY).expect("SCHED_FIFO (root)");
             let began = Instant::now();
             let mut conns = Vec::new();
             while !flag.load(Ordering::Relaxed)
                 && conns.len() < MAX_CONNECTIONS
                 && began.elapsed() < MAX_TRAFFIC
             {
-                let started = now_unix_nanos();
+                let started = UnixNanos::now();
                 let local = TcpStream::connect_timeout(
                     &SocketAddr::from((VIP, 80)),
                     Duration::from_millis(500),
@@ -208,7 +208,7 @@ async fn flows_stop_after_removal(mode: Mode, detector: Detector) {
     // Both watchers' threads under SCHED_FIFO, as in dataplane_rules.
     let (_flows, watch) = ns
         .run(move || {
-            commit_clock::realtime().expect("SCHED_FIFO (root)");
+            commit_clock::realtime(DEFAULT_TIMING_PRIORITY).expect("SCHED_FIFO (root)");
             let flows = flows::spawn(ebpf, tx.clone()).expect("flow watch starts");
             let watch = dataplane::spawn(tx).expect("dataplane watch starts");
             (flows, watch)
@@ -242,7 +242,7 @@ async fn flows_stop_after_removal(mode: Mode, detector: Detector) {
     let removal = removals[0];
     assert_eq!(removal.endpoint, b2_addr);
     assert_eq!(removal.detector, detector);
-    let removed_at = removal.time_unix_nano;
+    let removed_at = removal.time;
     let from_commit = clock.check(
         &format!("{mode} removal under traffic"),
         removed_at,
@@ -295,32 +295,29 @@ async fn flows_stop_after_removal(mode: Mode, detector: Detector) {
     );
 
     // Before the removal: flows to the endpoint, up to shortly before it.
-    let before: Vec<&&NewFlow> = flows
-        .iter()
-        .filter(|f| f.time_unix_nano <= removed_at)
-        .collect();
+    let before: Vec<&&NewFlow> = flows.iter().filter(|f| f.time <= removed_at).collect();
     let last_before = before
         .iter()
-        .map(|f| f.time_unix_nano)
+        .map(|f| f.time)
         .max()
         .unwrap_or_else(|| panic!("{mode}: no new_flow to the endpoint before its removal"));
     let gap = removed_at - last_before;
     assert!(
         gap <= 50_000_000,
         "{mode}: the last flow to the endpoint came {} ms before the removal: traffic did not reach it up to the change",
-        ms(gap as i64)
+        ms(gap)
     );
 
     // After it: none, whatever the flow's timestamp; and every flow belongs
     // to a connection that started before the removal was detected.
     let late: Vec<_> = flows
         .iter()
-        .filter(|f| f.time_unix_nano > removed_at + FLOW_SLACK_NS)
+        .filter(|f| f.time > removed_at + FLOW_SLACK_NS)
         .collect();
     assert!(
         late.is_empty(),
         "{mode}: new flows more than {} ms after the removal: {late:?}",
-        ms(FLOW_SLACK_NS as i64)
+        ms(FLOW_SLACK_NS)
     );
     for f in &flows {
         let conn = by_addr
@@ -329,7 +326,7 @@ async fn flows_stop_after_removal(mode: Mode, detector: Detector) {
         assert!(
             conn.started <= removed_at,
             "{mode}: connection started {} ms after the detected removal reached the endpoint ({f:?})",
-            ms((conn.started - removed_at) as i64)
+            ms(conn.started - removed_at)
         );
     }
 
@@ -351,7 +348,7 @@ async fn flows_stop_after_removal(mode: Mode, detector: Detector) {
         assert!(
             conn.started <= removed_at,
             "{mode}: the server saw a connection to the removed endpoint started {} ms after the detected removal",
-            ms((conn.started - removed_at) as i64)
+            ms(conn.started - removed_at)
         );
     }
     assert_eq!(
@@ -359,17 +356,13 @@ async fn flows_stop_after_removal(mode: Mode, detector: Detector) {
         "{mode}: new_flow sources vs connections the server saw reach the endpoint"
     );
     assert_eq!(reported.len(), flows.len(), "{mode}: a flow reported twice");
-    let latest_flow = flows
-        .iter()
-        .map(|f| f.time_unix_nano as i64 - removed_at as i64)
-        .max()
-        .unwrap_or(0);
+    let latest_flow = flows.iter().map(|f| f.time - removed_at).max().unwrap_or(0);
     eprintln!(
         "{mode}: {} connections ({during} during the {:.1} ms transaction, {after} after the removal); {} new flows to the endpoint, the last {:.3} ms before the removal, latest flow time {:+.3} ms from it; removal {:+.3} ms from the commit",
         conns.len(),
-        ms((window.finished - window.started) as i64),
+        ms(window.finished - window.started),
         flows.len(),
-        ms(gap as i64),
+        ms(gap),
         ms(latest_flow),
         ms(from_commit)
     );

@@ -12,19 +12,17 @@ use std::{
 };
 
 use lab::{
+    commit_clock::{self, CommitClock, Window, timed},
     kubeproxy::{Backend, Mode, Rules, ServicePort},
     netns::NetNs,
     root::root_or_skip,
 };
 use observer_agent::{
     dataplane::{self, DataplaneWatch},
-    observation::{Detector, Observation, RulesChange},
+    realtime::DEFAULT_TIMING_PRIORITY,
 };
+use observer_proto::{Detector, Observation, RulesChange};
 use tokio::sync::mpsc::{Receiver, channel};
-
-mod commit_clock;
-
-use commit_clock::{CommitClock, Window, timed};
 
 fn service(name: &str, vip_last: u8) -> ServicePort {
     ServicePort {
@@ -76,16 +74,11 @@ async fn next_change(rx: &mut Receiver<Observation>, limit: Duration) -> Observa
 /// Checks the change's time against the witnessed commit of the write in
 /// `window` and prints how far from it the change was reported.
 fn assert_timely(clock: &CommitClock, what: &str, change: &RulesChange, window: Window) {
-    let delta = clock.check(
-        what,
-        change.time_unix_nano,
-        change.precision_ns,
-        window.started,
-    );
+    let delta = clock.check(what, change.time, change.precision_ns, window.started);
     eprintln!(
         "{what}: reported {:+.3} ms from the commit; writer ran {:.3} ms; precision claimed {:.3} ms",
         delta as f64 / 1e6,
-        (window.finished - window.started) as f64 / 1e6,
+        window.finished.seconds_since(window.started) * 1e3,
         change.precision_ns as f64 / 1e6
     );
 }
@@ -102,7 +95,7 @@ fn start(ns: &NetNs) -> (DataplaneWatch, Receiver<Observation>) {
     let (tx, rx) = channel(64);
     let watch = ns
         .run(move || {
-            commit_clock::realtime().expect("SCHED_FIFO (root)");
+            commit_clock::realtime(DEFAULT_TIMING_PRIORITY).expect("SCHED_FIFO (root)");
             dataplane::spawn(tx)
         })
         .expect("enter netns")

@@ -12,8 +12,8 @@ use aggregator::store::Store;
 use apiserver_double::{ApiServerDouble, objects};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use observer_agent::observation::{Detector, Observation, RulesChange};
 use observer_agent::report::{self, ReporterConfig, Summary, WatchUpdate};
+use observer_proto::{Detector, Observation, RulesChange, UnixNanos};
 use tokio::sync::{mpsc, oneshot};
 
 fn pod(name: &str, ip: &str) -> Pod {
@@ -56,13 +56,17 @@ fn free_addr() -> SocketAddr {
         .unwrap()
 }
 
-fn rules_removed(ip: &str, t: u64) -> Observation {
+fn rules_removed(ip: &str, time: UnixNanos) -> Observation {
     Observation::RulesRemoved(RulesChange {
         endpoint: format!("{ip}:8080").parse().unwrap(),
         detector: Detector::Nftables,
-        time_unix_nano: t,
+        time,
         precision_ns: 1000,
     })
+}
+
+fn deletion_start(ep: &observer_proto::Endpoint) -> UnixNanos {
+    UnixNanos::from_wire(ep.deletion_start_unix_nanos).expect("a deletion start before 2262")
 }
 
 struct Reporter {
@@ -140,7 +144,7 @@ async fn reports_a_deletion_end_to_end() {
     r.obs
         .send(rules_removed(
             "10.244.0.5",
-            ep.deletion_start_unix_nanos + 700_000_000,
+            deletion_start(&ep) + 700_000_000,
         ))
         .await
         .unwrap();
@@ -197,7 +201,7 @@ async fn buffers_while_the_aggregator_restarts_and_reconnects() {
 
     // The aggregator goes away; the agent observes meanwhile.
     agg.shutdown().await;
-    let t0 = added[0].deletion_start_unix_nanos;
+    let t0 = deletion_start(&added[0]);
     r.obs
         .send(rules_removed("10.244.0.5", t0 + 400_000_000))
         .await
@@ -249,7 +253,9 @@ async fn bounded_buffer_counts_drops_and_bad_url_is_an_error() {
     let (obs, obs_rx) = mpsc::channel(16);
     let (watch_tx, _watch) = mpsc::channel(1);
     for i in 0..5 {
-        obs.send(rules_removed("10.0.0.1", i + 1)).await.unwrap();
+        obs.send(rules_removed("10.0.0.1", UnixNanos::from_nanos(i + 1)))
+            .await
+            .unwrap();
     }
     drop(obs); // the agent stops: the reporter gives up after one last try
     let s = report::run(cfg, obs_rx, watch_tx, std::future::pending())

@@ -104,7 +104,7 @@ fn populate_aggregator(m: &aggregator::metrics::Metrics) {
 /// An agent's health state with a member in every label family (its
 /// fields are private; these are the calls the agent itself makes).
 fn populated_agent() -> std::sync::Arc<observer_agent::health::Health> {
-    use observer_agent::observation::{NewFlow, Observation};
+    use observer_proto::{NewFlow, Observation, UnixNanos};
     let health = observer_agent::health::Health::new();
     health.set_hook("sock/inet_sock_set_state", true);
     health.set_watched(1);
@@ -114,7 +114,7 @@ fn populated_agent() -> std::sync::Arc<observer_agent::health::Health> {
         src: addr,
         dst: addr,
         original_dst: addr,
-        time_unix_nano: 0,
+        time: UnixNanos::from_nanos(0),
     }));
     health
 }

@@ -1,5 +1,7 @@
-//! The agent's subcommands.
+//! The agent's subcommands, and the start-up sequence `run` and `observe`
+//! share.
 
 pub mod observe;
 pub mod probe;
 pub mod run;
+pub mod start;

@@ -8,17 +8,16 @@ use std::{
 
 use anyhow::Context;
 use clap::Args;
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::mpsc,
-};
+use tokio::signal::unix::{SignalKind, signal};
 
+use observer_proto::{Observation, UnixNanos};
+
+use super::start::{self, SourceSide, Sources, StartOptions};
 use crate::{
-    clock::WallClock,
-    endpoint_record::EndpointRecords,
-    kernel::{Kernel, LoadOptions, Stats, conn_events},
-    output::{Format, Printer, now_unix_nanos},
-    realtime::{self, TimingPriority},
+    kernel::{Kernel, Stats},
+    output::{Format, Printer},
+    realtime,
+    watched::WatchedSet,
 };
 
 #[derive(Args, Debug)]
@@ -61,67 +60,39 @@ pub struct ObserveArgs {
     pub stats_interval: u64,
 }
 
-/// Capacity of the channel from the sources to the printer: a burst beyond
-/// it backs up into the ring buffer, whose overflow the kernel counts.
-const CHANNEL_CAPACITY: usize = 4096;
-
 pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
-    let mut kernel = Kernel::load(LoadOptions {
-        log_events: args.log_kernel_events,
-        ..LoadOptions::default()
-    })
-    .context("loading the eBPF programs")?;
-
     let mut ips: Vec<IpAddr> = args.watch_ip.clone();
     ips.extend(args.watch_endpoint.iter().map(SocketAddr::ip));
     ips.sort();
     ips.dedup();
-    for ip in &ips {
-        kernel
-            .watch_ip(*ip)
-            .with_context(|| format!("watching {ip}"))?;
+    let mut watched = WatchedSet::new();
+    for endpoint in &args.watch_endpoint {
+        watched.watch(*endpoint);
     }
-
-    let (tx, mut rx) = mpsc::channel(CHANNEL_CAPACITY);
-    let ring = kernel
-        .take_conn_events()
-        .context("connection event ring buffer already taken")?;
-    let decoder = conn_events::ConnDecoder::new(WallClock::new(), kernel.reset_reasons().clone());
-    let reader = tokio::spawn(conn_events::forward(ring, decoder, tx.clone()));
-    // No deletion is known here: flows from now on count as late.
-    let mut records = EndpointRecords::new();
-    let since = now_unix_nanos();
     // Source side: this node's dataplane rules and new flows towards the endpoints.
-    let _source_side = if args.watch_endpoint.is_empty() {
-        drop(tx);
-        None
+    let source_side = if args.watch_endpoint.is_empty() {
+        SourceSide::Off
     } else {
-        let timing = TimingPriority::from_level(args.timing_priority);
-        let dataplane =
-            realtime::spawn_inheriting(timing, "dataplane", || crate::dataplane::spawn(tx.clone()))
-                .context("starting the dataplane detectors")?;
-        for endpoint in &args.watch_endpoint {
-            let presence = dataplane.watch(*endpoint);
-            records.watch(*endpoint, since, presence);
-        }
-        match crate::dataplane::commit_probe::load(kernel.ebpf_mut()) {
-            Ok(setup) => {
-                if let Some(probe) = setup.probe {
-                    dataplane.use_commit_probe(probe);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "ruleset commit probes not loaded"),
-        }
-        let ebpf = kernel.ebpf_mut();
-        let flows = realtime::spawn_inheriting(timing, "flows", || crate::flows::spawn(ebpf, tx))
-            .context("starting the conntrack new-flow watch")?;
-        Some((dataplane, flows))
+        SourceSide::Required
     };
+    let Sources {
+        kernel,
+        observations: mut rx,
+        conn_reader,
+        dataplane: _dataplane,
+        flows: _flows,
+    } = start::start(StartOptions {
+        log_kernel_events: args.log_kernel_events,
+        timing_priority: args.timing_priority,
+        source_side,
+        watch_ips: ips.clone(),
+        watch_endpoints: args.watch_endpoint.clone(),
+    })?;
 
     let mut printer = Printer::new(args.output, std::io::stdout().lock());
-    let watched: Vec<String> = ips.iter().map(ToString::to_string).collect();
-    printer.started(now_unix_nanos(), kernel.hooks(), &watched)?;
-    tracing::info!(watched = ?watched, "observing");
+    let names: Vec<String> = ips.iter().map(ToString::to_string).collect();
+    printer.started(UnixNanos::now(), kernel.hooks(), &names)?;
+    tracing::info!(watched = ?names, "observing");
 
     let deadline = async {
         match args.duration {
@@ -137,14 +108,8 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
         tokio::select! {
             obs = rx.recv() => match obs {
                 Some(obs) => {
-                    if !records.observe(&obs) {
-                        continue;
-                    }
-                    if let Err(e) = printer.observation(&obs) {
-                        if e.kind() == std::io::ErrorKind::BrokenPipe {
-                            break;
-                        }
-                        return Err(e).context("writing output");
+                    if !print(&mut printer, &mut watched, &obs)? {
+                        break;
                     }
                 }
                 None => break,
@@ -155,19 +120,33 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
         }
     }
-    reader.abort();
+    conn_reader.abort();
     // Events already in the channel were observed: print them before the summary.
     while let Ok(obs) = rx.try_recv() {
-        if records.observe(&obs) {
-            printer.observation(&obs)?;
+        if !print(&mut printer, &mut watched, &obs)? {
+            break;
         }
     }
-    for record in records.watched() {
-        printer.endpoint_record(&record)?;
-    }
     let stats = kernel.stats()?;
-    printer.stopped(now_unix_nanos(), stats)?;
+    printer.stopped(UnixNanos::now(), stats)?;
     Ok(())
+}
+
+/// Prints `obs` if the watched set passes it; false when the reader of the
+/// output is gone (a closed pipe ends `observe` quietly).
+fn print(
+    printer: &mut Printer<impl std::io::Write>,
+    watched: &mut WatchedSet,
+    obs: &Observation,
+) -> anyhow::Result<bool> {
+    if !watched.passes(obs) {
+        return Ok(true);
+    }
+    match printer.observation(obs) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e).context("writing output"),
+    }
 }
 
 /// Logs lost events as soon as the counter moves: a full ring buffer means

@@ -2,7 +2,7 @@
 
 use clap::Args;
 
-use crate::{kernel::probe, output::Format};
+use crate::{kernel::capabilities, output::Format};
 
 #[derive(Args, Debug)]
 pub struct ProbeArgs {
@@ -13,7 +13,7 @@ pub struct ProbeArgs {
 
 /// Prints the table; returns whether every required capability is there.
 pub fn run(args: &ProbeArgs) -> anyhow::Result<bool> {
-    let table = probe::probe();
+    let table = capabilities::probe();
     match args.output {
         Format::Json => println!("{}", serde_json::to_string_pretty(&table)?),
         Format::Human => {
@@ -27,5 +27,5 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<bool> {
             }
         }
     }
-    Ok(probe::all_required_available(&table))
+    Ok(capabilities::all_required_available(&table))
 }

@@ -12,20 +12,21 @@ use std::{
 use anyhow::Context;
 use clap::Args;
 use observer_proto::Endpoint;
+use observer_proto::Observation;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{mpsc, oneshot},
+    task::JoinHandle,
 };
 
+use super::start::{self, CHANNEL_CAPACITY, SourceSide, Sources, StartOptions};
 use crate::{
-    clock::WallClock,
-    dataplane::{self, DataplaneWatch},
-    flows::{self, FlowWatch},
+    dataplane::DataplaneWatch,
     health::{self, Health},
-    kernel::{Kernel, LoadOptions, conn_events, probe},
-    observation::Observation,
-    realtime::{self, TimingPriority},
+    kernel::{Kernel, capabilities},
+    realtime,
     report::{self, KernelCounters, ReporterConfig, WatchUpdate},
+    watched::WatchedSet,
 };
 
 #[derive(Args, Debug)]
@@ -57,8 +58,6 @@ pub struct RunArgs {
     pub timing_priority: u8,
 }
 
-const CHANNEL_CAPACITY: usize = 4096;
-
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let health = Health::new();
     let listener = tokio::net::TcpListener::bind(args.health_addr)
@@ -66,71 +65,30 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding the health endpoint on {}", args.health_addr))?;
     tokio::spawn(health::serve(listener, health.clone()));
 
-    let mut kernel = Kernel::load(LoadOptions {
-        log_events: args.log_kernel_events,
-        ..LoadOptions::default()
-    })
-    .context("loading the eBPF programs")?;
+    let Sources {
+        mut kernel,
+        observations: mut obs_rx,
+        conn_reader,
+        dataplane,
+        flows: _flows,
+    } = start::start(StartOptions {
+        log_kernel_events: args.log_kernel_events,
+        timing_priority: args.timing_priority,
+        source_side: SourceSide::Degraded,
+        watch_ips: Vec::new(),
+        watch_endpoints: Vec::new(),
+    })?;
     for hook in kernel.hooks() {
         health.set_hook(&hook.name, hook.attached);
     }
-    let mut capabilities = probe::probe_kernel();
-    capabilities.extend(probe::hook_capabilities(kernel.hooks()));
-    capabilities.push(probe::delivery_capability(kernel.delivery()));
 
-    let (obs_tx, mut obs_rx) = mpsc::channel::<Observation>(CHANNEL_CAPACITY);
-    let ring = kernel
-        .take_conn_events()
-        .context("connection event ring buffer already taken")?;
-    let decoder = conn_events::ConnDecoder::new(WallClock::new(), kernel.reset_reasons().clone());
-    let conn_reader = tokio::spawn(conn_events::forward(ring, decoder, obs_tx.clone()));
-    // Source-side detectors degrade rather than stop the agent: the
-    // destination side still works without them.
-    let timing = TimingPriority::from_level(args.timing_priority);
-    let dataplane = match realtime::spawn_inheriting(timing, "dataplane", || {
-        dataplane::spawn(obs_tx.clone())
-    }) {
-        Ok(watch) => {
-            // Exact kernel commit times where kprobes exist; the netlink
-            // path times changes otherwise.
-            match dataplane::commit_probe::load(kernel.ebpf_mut()) {
-                Ok(setup) => {
-                    if let Some(probe) = setup.probe {
-                        watch.use_commit_probe(probe);
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "ruleset commit probes not loaded"),
-            }
-            Some(watch)
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "dataplane rule detection unavailable on this node");
-            None
-        }
-    };
-    let ebpf = kernel.ebpf_mut();
-    let _flows: Option<FlowWatch> =
-        match realtime::spawn_inheriting(timing, "flows", || flows::spawn(ebpf, obs_tx.clone())) {
-            Ok(watch) => Some(watch),
-            Err(e) => {
-                tracing::error!(error = %e, "new-flow observation unavailable on this node");
-                None
-            }
-        };
-    drop(obs_tx);
-
-    let counters = Arc::new(KernelCounters::default());
-    let mut cfg = ReporterConfig::new(args.aggregator.clone(), args.node_name.clone());
-    cfg.kernel_release = kernel_release();
-    cfg.capabilities = capabilities;
-    cfg.buffer_capacity = args.buffer_capacity;
-    cfg.counters = counters.clone();
-    let (report_tx, report_rx) = mpsc::channel(CHANNEL_CAPACITY);
-    let (watch_tx, mut watch_rx) = mpsc::channel(1024);
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let reporter = tokio::spawn(report::run(cfg, report_rx, watch_tx, async {
-        let _ = stop_rx.await;
-    }));
+    let Reporter {
+        counters,
+        observations: report_tx,
+        mut watch_updates,
+        stop: stop_tx,
+        task: reporter,
+    } = start_reporter(&args, &kernel);
     health.set_ready(true);
     tracing::info!(node = %args.node_name, aggregator = %args.aggregator, "agent running");
 
@@ -141,8 +99,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             obs = obs_rx.recv() => match obs {
                 Some(obs) => {
-                    // Updates the endpoint's record; false: a flow to no watched endpoint.
-                    if !health.records().observe(&obs) {
+                    if !watched.endpoints.passes(&obs) {
+                        health.flow_not_watched();
                         continue;
                     }
                     health.observed(&obs);
@@ -152,25 +110,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 None => break,
             },
-            update = watch_rx.recv() => match update {
+            update = watch_updates.recv() => match update {
                 Some(update) => {
-                    watched.apply(&update, &mut kernel, dataplane.as_ref(), &health);
+                    watched.apply(&update, &mut kernel, dataplane.as_ref());
                     health.set_watched(watched.len());
                 }
                 None => break,
             },
             _ = tick.tick() => {
                 health.beat();
-                match kernel.stats() {
-                    Ok(stats) => {
-                        let lost = health.kernel_stats(stats);
-                        if lost > 0 {
-                            tracing::warn!(lost, total_lost = stats.lost, "ring buffer full: connection events lost");
-                        }
-                        counters.events_lost.store(stats.lost, Ordering::Relaxed);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot read kernel counters"),
-                }
+                read_kernel_counters(&kernel, &health, &counters);
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
@@ -188,12 +137,72 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The running client of the aggregator and its channels.
+struct Reporter {
+    counters: Arc<KernelCounters>,
+    observations: mpsc::Sender<Observation>,
+    watch_updates: mpsc::Receiver<WatchUpdate>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<report::Summary, report::ReportError>>,
+}
+
+fn start_reporter(args: &RunArgs, kernel: &Kernel) -> Reporter {
+    let counters = Arc::new(KernelCounters::default());
+    let mut cfg = ReporterConfig::new(args.aggregator.clone(), args.node_name.clone());
+    cfg.kernel_release = kernel_release();
+    cfg.capabilities = capability_table(kernel);
+    cfg.buffer_capacity = args.buffer_capacity;
+    cfg.counters = counters.clone();
+    let (observations, report_rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let (watch_tx, watch_updates) = mpsc::channel(1024);
+    let (stop, stop_rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(report::run(cfg, report_rx, watch_tx, async {
+        let _ = stop_rx.await;
+    }));
+    Reporter {
+        counters,
+        observations,
+        watch_updates,
+        stop,
+        task,
+    }
+}
+
+/// What `observer-agent probe` would print, with this run's hooks and
+/// delivery: registered with the aggregator.
+fn capability_table(kernel: &Kernel) -> Vec<capabilities::Capability> {
+    let mut table = capabilities::probe_kernel();
+    table.extend(capabilities::hook_capabilities(kernel.hooks()));
+    table.push(capabilities::delivery_capability(kernel.delivery()));
+    table
+}
+
+/// Moves the kernel's counters into the health metrics and the reports.
+fn read_kernel_counters(kernel: &Kernel, health: &Health, counters: &KernelCounters) {
+    match kernel.stats() {
+        Ok(stats) => {
+            let lost = health.kernel_stats(stats);
+            if lost > 0 {
+                tracing::warn!(
+                    lost,
+                    total_lost = stats.lost,
+                    "ring buffer full: connection events lost"
+                );
+            }
+            counters.events_lost.store(stats.lost, Ordering::Relaxed);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read kernel counters"),
+    }
+}
+
 /// The watched endpoints: an address stays in the kernel map while any of
-/// its endpoints is watched.
+/// its terminating pods is watched, an endpoint in the dataplane detectors
+/// and the [`WatchedSet`] while any of them names it.
 #[derive(Default)]
 struct Watched {
     by_pod: HashMap<String, Endpoint>,
     ip_refs: HashMap<IpAddr, usize>,
+    endpoints: WatchedSet,
 }
 
 impl Watched {
@@ -206,52 +215,57 @@ impl Watched {
         update: &WatchUpdate,
         kernel: &mut Kernel,
         dataplane: Option<&DataplaneWatch>,
-        health: &Health,
     ) {
         match update {
-            WatchUpdate::Add(ep) => {
-                if self.by_pod.insert(ep.pod_uid.clone(), ep.clone()).is_some() {
-                    return;
-                }
-                let refs = self.ip_refs.entry(ep.ip).or_default();
-                *refs += 1;
-                if *refs == 1
-                    && let Err(e) = kernel.watch_ip(ep.ip)
-                {
-                    tracing::error!(error = %e, pod = %ep.pod_name, "cannot watch endpoint in the kernel");
-                }
-                for port in &ep.ports {
-                    let endpoint = SocketAddr::new(ep.ip, *port);
-                    let presence = dataplane.and_then(|dp| dp.watch(endpoint));
-                    let t0 = ep.deletion_start_unix_nanos;
-                    health.records().watch(endpoint, t0, presence);
-                }
-                tracing::info!(pod = %ep.pod_name, namespace = %ep.namespace, ip = %ep.ip, "watching terminating endpoint");
+            WatchUpdate::Add(ep) => self.add(ep, kernel, dataplane),
+            WatchUpdate::Remove(ep) => self.remove(ep, kernel, dataplane),
+        }
+    }
+
+    fn add(&mut self, ep: &Endpoint, kernel: &mut Kernel, dataplane: Option<&DataplaneWatch>) {
+        if self.by_pod.insert(ep.pod_uid.clone(), ep.clone()).is_some() {
+            return;
+        }
+        let refs = self.ip_refs.entry(ep.ip).or_default();
+        *refs += 1;
+        if *refs == 1
+            && let Err(e) = kernel.watch_ip(ep.ip)
+        {
+            tracing::error!(error = %e, pod = %ep.pod_name, "cannot watch endpoint in the kernel");
+        }
+        for port in &ep.ports {
+            let endpoint = SocketAddr::new(ep.ip, *port);
+            if self.endpoints.watch(endpoint)
+                && let Some(dp) = dataplane
+            {
+                dp.watch(endpoint);
             }
-            WatchUpdate::Remove(ep) => {
-                let Some(ep) = self.by_pod.remove(&ep.pod_uid) else {
-                    return;
-                };
-                if let Some(refs) = self.ip_refs.get_mut(&ep.ip) {
-                    *refs -= 1;
-                    if *refs == 0 {
-                        self.ip_refs.remove(&ep.ip);
-                        if let Err(e) = kernel.unwatch_ip(ep.ip) {
-                            tracing::warn!(error = %e, ip = %ep.ip, "cannot unwatch endpoint in the kernel");
-                        }
-                    }
-                }
-                for port in &ep.ports {
-                    let endpoint = SocketAddr::new(ep.ip, *port);
-                    if let Some(dp) = dataplane {
-                        dp.unwatch(endpoint);
-                    }
-                    if let Some(r) = health.records().unwatch(&endpoint) {
-                        tracing::info!(record = ?r, "endpoint record finished");
-                    }
+        }
+        tracing::info!(pod = %ep.pod_name, namespace = %ep.namespace, ip = %ep.ip, "watching terminating endpoint");
+    }
+
+    fn remove(&mut self, ep: &Endpoint, kernel: &mut Kernel, dataplane: Option<&DataplaneWatch>) {
+        let Some(ep) = self.by_pod.remove(&ep.pod_uid) else {
+            return;
+        };
+        if let Some(refs) = self.ip_refs.get_mut(&ep.ip) {
+            *refs -= 1;
+            if *refs == 0 {
+                self.ip_refs.remove(&ep.ip);
+                if let Err(e) = kernel.unwatch_ip(ep.ip) {
+                    tracing::warn!(error = %e, ip = %ep.ip, "cannot unwatch endpoint in the kernel");
                 }
             }
         }
+        for port in &ep.ports {
+            let endpoint = SocketAddr::new(ep.ip, *port);
+            if self.endpoints.unwatch(endpoint)
+                && let Some(dp) = dataplane
+            {
+                dp.unwatch(endpoint);
+            }
+        }
+        tracing::info!(pod = %ep.pod_name, namespace = %ep.namespace, ip = %ep.ip, "endpoint no longer watched");
     }
 }
 

@@ -8,7 +8,8 @@ use std::{
     net::SocketAddrV4,
 };
 
-use super::{netlink::DecodeError, xtables};
+use super::xtables;
+use crate::netlink::NetlinkDecodeError;
 
 /// sizeof(struct ipt_entry).
 pub const IPT_ENTRY_LEN: usize = 112;
@@ -34,17 +35,17 @@ struct Entry {
     target: Target,
 }
 
-fn u16_at(b: &[u8], at: usize) -> Result<u16, DecodeError> {
+fn u16_at(b: &[u8], at: usize) -> Result<u16, NetlinkDecodeError> {
     b.get(at..at + 2)
         .map(|s| u16::from_ne_bytes([s[0], s[1]]))
-        .ok_or(DecodeError::Truncated {
+        .ok_or(NetlinkDecodeError::Truncated {
             what: "ipt_entry",
             need: at + 2,
             have: b.len(),
         })
 }
 
-fn parse(blob: &[u8]) -> Result<Vec<Entry>, DecodeError> {
+fn parse(blob: &[u8]) -> Result<Vec<Entry>, NetlinkDecodeError> {
     let mut entries = Vec::new();
     let mut at = 0usize;
     while at < blob.len() {
@@ -52,13 +53,13 @@ fn parse(blob: &[u8]) -> Result<Vec<Entry>, DecodeError> {
         let target_offset = u16_at(entry, TARGET_OFFSET_AT)? as usize;
         let next_offset = u16_at(entry, NEXT_OFFSET_AT)? as usize;
         if next_offset < IPT_ENTRY_LEN || next_offset > entry.len() {
-            return Err(DecodeError::BadLength {
+            return Err(NetlinkDecodeError::BadLength {
                 what: "ipt_entry next_offset",
                 len: next_offset,
             });
         }
         if target_offset < IPT_ENTRY_LEN || target_offset + TARGET_HEADER_LEN > next_offset {
-            return Err(DecodeError::BadLength {
+            return Err(NetlinkDecodeError::BadLength {
                 what: "ipt_entry target_offset",
                 len: target_offset,
             });
@@ -66,7 +67,7 @@ fn parse(blob: &[u8]) -> Result<Vec<Entry>, DecodeError> {
         let target = &entry[target_offset..next_offset];
         let target_size = (u16_at(target, 0)? as usize).min(target.len());
         if target_size < TARGET_HEADER_LEN {
-            return Err(DecodeError::BadLength {
+            return Err(NetlinkDecodeError::BadLength {
                 what: "xt_entry_target",
                 len: target_size,
             });
@@ -81,7 +82,7 @@ fn parse(blob: &[u8]) -> Result<Vec<Entry>, DecodeError> {
         let target = match &name_bytes[..name_end] {
             b"" => {
                 let verdict: [u8; 4] = data.get(0..4).and_then(|d| d.try_into().ok()).ok_or(
-                    DecodeError::Truncated {
+                    NetlinkDecodeError::Truncated {
                         what: "standard target",
                         need: 4,
                         have: data.len(),
@@ -112,7 +113,7 @@ pub fn reachable_dnat(
     valid_hooks: u32,
     hook_entry: &[u32; NF_INET_NUMHOOKS],
     underflow: &[u32; NF_INET_NUMHOOKS],
-) -> Result<HashSet<SocketAddrV4>, DecodeError> {
+) -> Result<HashSet<SocketAddrV4>, NetlinkDecodeError> {
     let entries = parse(blob)?;
     let index: HashMap<u32, usize> = entries
         .iter()

@@ -21,14 +21,13 @@ use std::{
 };
 
 use observer_common::ruleset::COMMIT_XTABLES;
+use observer_proto::{Detector, UnixNanos};
 use tracing::{debug, info, warn};
 
 use super::{
     Change, DataplaneError, Shared,
     ipt_entries::{self, NF_INET_NUMHOOKS},
-    unix_nanos,
 };
-use crate::observation::Detector;
 
 const IPT_SO_GET_INFO: i32 = 64;
 const IPT_SO_GET_ENTRIES: i32 = 65;
@@ -92,11 +91,6 @@ impl Watcher {
         };
         watcher.targets = watcher.read().unwrap_or_default();
         Ok(watcher)
-    }
-
-    /// The targets found by the last read.
-    pub fn targets(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.targets.iter().map(|ep| SocketAddr::V4(*ep))
     }
 
     /// Reachable DNAT targets of the legacy nat table (empty when it does not exist).
@@ -189,8 +183,10 @@ impl Watcher {
         }
         while !shared.stop.load(Ordering::Relaxed) {
             let (fallback_precision, received) = match self.wait_lock(&mut opened) {
-                Some(window) => (window.as_nanos() as u64, unix_nanos()),
-                None if last_read.elapsed() >= PERIOD => (PERIOD.as_nanos() as u64, unix_nanos()),
+                Some(window) => (window.as_nanos() as u64, UnixNanos::now()),
+                None if last_read.elapsed() >= PERIOD => {
+                    (PERIOD.as_nanos() as u64, UnixNanos::now())
+                }
                 None => continue,
             };
             last_read = Instant::now();

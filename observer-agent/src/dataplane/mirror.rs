@@ -122,20 +122,7 @@ impl Mirror {
                 table,
                 name,
                 handle,
-            } => {
-                let sets = &mut self.tables.entry(table).or_default().sets;
-                // Anonymous set names are reused within one transaction: a
-                // new handle under a known name is a new set.
-                if sets.get(&name).is_none_or(|s| s.handle != handle) {
-                    sets.insert(
-                        name,
-                        Set {
-                            handle,
-                            elems: HashMap::new(),
-                        },
-                    );
-                }
-            }
+            } => self.new_set(table, name, handle),
             NftEvent::DelSet {
                 table,
                 name,
@@ -147,34 +134,49 @@ impl Mirror {
                     t.sets.remove(&name);
                 }
             }
-            NftEvent::NewElems { table, set, elems } => {
-                let set = self
-                    .tables
-                    .entry(table)
-                    .or_default()
-                    .sets
-                    .entry(set)
-                    .or_default();
-                for SetElem { key, chain } in elems {
-                    set.elems.insert(key, chain);
-                }
-            }
-            NftEvent::DelElems { table, set, elems } => {
-                if let Some(s) = self
-                    .tables
-                    .get_mut(&table)
-                    .and_then(|t| t.sets.get_mut(&set))
-                {
-                    // A flush of the whole set carries no elements.
-                    if elems.is_empty() {
-                        s.elems.clear();
-                    }
-                    for elem in elems {
-                        s.elems.remove(&elem.key);
-                    }
-                }
-            }
+            NftEvent::NewElems { table, set, elems } => self.new_elems(table, set, elems),
+            NftEvent::DelElems { table, set, elems } => self.del_elems(&table, &set, elems),
             NftEvent::NewGen { .. } | NftEvent::Ignored => {}
+        }
+    }
+
+    fn new_set(&mut self, table: TableId, name: String, handle: u64) {
+        let sets = &mut self.tables.entry(table).or_default().sets;
+        // Anonymous set names are reused within one transaction: a new
+        // handle under a known name is a new set.
+        if sets.get(&name).is_none_or(|s| s.handle != handle) {
+            sets.insert(
+                name,
+                Set {
+                    handle,
+                    elems: HashMap::new(),
+                },
+            );
+        }
+    }
+
+    fn new_elems(&mut self, table: TableId, set: String, elems: Vec<SetElem>) {
+        let set = self
+            .tables
+            .entry(table)
+            .or_default()
+            .sets
+            .entry(set)
+            .or_default();
+        for SetElem { key, chain } in elems {
+            set.elems.insert(key, chain);
+        }
+    }
+
+    fn del_elems(&mut self, table: &TableId, set: &str, elems: Vec<SetElem>) {
+        if let Some(s) = self.tables.get_mut(table).and_then(|t| t.sets.get_mut(set)) {
+            // A flush of the whole set carries no elements.
+            if elems.is_empty() {
+                s.elems.clear();
+            }
+            for elem in elems {
+                s.elems.remove(&elem.key);
+            }
         }
     }
 

@@ -13,17 +13,13 @@
 //! endpoint's chain from the service dispatch first and deletes it later.
 //! Another dataplane (IPVS, Cilium) is one more module with the same output.
 //!
-//! The detectors also remember which endpoints are NAT targets and since
-//! when ([`RulesPresence`], the targets found at start-up included), so that
-//! an endpoint watched while already selected gets its "first seen in rules"
-//! without an invented `rules_added` event: [`DataplaneWatch::watch`] returns
-//! it.
+//! The detectors remember recent removals of endpoints not (yet) watched:
+//! [`DataplaneWatch::watch`] reports such a removal with its original time.
 
-pub mod commit_probe;
+pub mod commit_kprobe;
 mod ipt_entries;
 mod iptables_legacy;
 mod mirror;
-pub(crate) mod netlink;
 mod nft_msg;
 mod nftables;
 mod xtables;
@@ -36,35 +32,33 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
+use observer_proto::{Detector, Observation, RulesChange, UnixNanos};
 use thiserror::Error;
 use tokio::sync::mpsc::Sender;
 use tracing::{info, warn};
 
-pub use commit_probe::{CommitProbe, CommitProbeSetup, ProbeStatus};
+pub use commit_kprobe::{CommitKprobe, CommitKprobeSetup, KprobeStatus};
 pub use mirror::Mirror;
-pub use netlink::DecodeError;
 pub use nft_msg::{NftEvent, RuleSummary, TableId, decode as decode_nft_message};
 pub use xtables::dnat_destination;
 
-use crate::observation::{Detector, Observation, RulesChange, UnixNanos};
+use crate::{kernel::MissingInObject, locks::lock, netlink::NetlinkDecodeError};
 
 #[derive(Debug, Error)]
 pub enum DataplaneError {
     #[error("netlink: {0}")]
     Netlink(std::io::Error),
     #[error("malformed netlink message: {0}")]
-    Decode(#[from] DecodeError),
+    Decode(#[from] NetlinkDecodeError),
     #[error("iptables-legacy: {0}")]
     Legacy(std::io::Error),
     #[error("starting a detector thread: {0}")]
     Thread(std::io::Error),
-    #[error("the eBPF object has no program {0}")]
-    MissingProgram(&'static str),
-    #[error("the eBPF object has no map {0}")]
-    MissingMap(&'static str),
+    #[error(transparent)]
+    Missing(#[from] MissingInObject),
     #[error("eBPF program: {0}")]
     Program(#[from] aya::programs::ProgramError),
     #[error("eBPF map: {0}")]
@@ -81,74 +75,29 @@ pub(crate) struct Change {
 
 /// Removals are remembered this long for endpoints not (yet) watched: the
 /// node's kube-proxy may act before the agent learns the pod is terminating.
-const RECENT_REMOVALS: Duration = Duration::from_secs(15 * 60);
+const RECENT_REMOVALS_NS: i64 = 15 * 60 * 1_000_000_000;
 
-/// What the detectors know of an endpoint's place in this node's rules when
-/// its watch starts. Not an event (nothing changed then): the caller fills
-/// the endpoint's record with it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RulesPresence {
-    /// When the detectors first saw the endpoint as a NAT target: the time of
-    /// the change that added it, or the detectors' start-up when it already
-    /// was one then (see `at_start`).
-    pub first_seen_unix_nano: UnixNanos,
-    /// Already a target when the detectors started: the rules selected it
-    /// before `first_seen_unix_nano`, since when is unknown.
-    pub at_start: bool,
-    /// A NAT target now (false: removed, within the last 15 minutes; the
-    /// removal itself is reported as `rules_removed`).
-    pub selected: bool,
-}
-
-/// Watched endpoints and what the detectors know of every endpoint, under
-/// one lock: a watch and a report are ordered, so a change is either in what
+/// Watched endpoints and the recent removals of every endpoint, under one
+/// lock: a watch and a report are ordered, so a change is either in what
 /// the watch reads or reported to it, never neither.
 #[derive(Debug, Default)]
 struct RulesState {
     watched: HashSet<SocketAddr>,
     /// Endpoints no longer selected, with their removal.
     recent_removals: HashMap<SocketAddr, RulesChange>,
-    /// Endpoints selected now, and those in `recent_removals`.
-    presence: HashMap<SocketAddr, RulesPresence>,
 }
 
 impl RulesState {
-    /// Endpoints that were targets when the detectors started.
-    fn present_at_start(&mut self, endpoints: impl IntoIterator<Item = SocketAddr>, time: u64) {
-        for endpoint in endpoints {
-            self.presence.entry(endpoint).or_insert(RulesPresence {
-                first_seen_unix_nano: time,
-                at_start: true,
-                selected: true,
-            });
-        }
-    }
-
-    /// Forgets removals (and the presence of removed endpoints) before `horizon`.
-    fn forget_before(&mut self, horizon: u64) {
-        self.recent_removals
-            .retain(|_, c| c.time_unix_nano >= horizon);
-        let recent = &self.recent_removals;
-        self.presence
-            .retain(|ep, p| p.selected || recent.contains_key(ep));
+    /// Forgets removals before `horizon`.
+    fn forget_before(&mut self, horizon: UnixNanos) {
+        self.recent_removals.retain(|_, c| c.time >= horizon);
     }
 
     fn apply(&mut self, change: &Change, rules: &RulesChange) {
         if change.added {
             self.recent_removals.remove(&change.endpoint);
-            self.presence
-                .entry(change.endpoint)
-                .or_insert(RulesPresence {
-                    first_seen_unix_nano: rules.time_unix_nano,
-                    at_start: false,
-                    selected: true,
-                })
-                .selected = true;
         } else {
             self.recent_removals.insert(change.endpoint, rules.clone());
-            if let Some(p) = self.presence.get_mut(&change.endpoint) {
-                p.selected = false;
-            }
         }
     }
 }
@@ -157,7 +106,7 @@ impl RulesState {
 #[derive(Debug)]
 pub(crate) struct Shared {
     rules: Mutex<RulesState>,
-    commit_probe: Mutex<Option<CommitProbe>>,
+    commit_kprobe: Mutex<Option<CommitKprobe>>,
     stop: AtomicBool,
     tx: Sender<Observation>,
 }
@@ -171,31 +120,35 @@ impl Shared {
 
     /// The change time and its precision: the commit's kernel time when the
     /// probe saw it, else the time the detector learnt of it.
-    fn change_time(&self, slot: u32, received: u64, fallback_precision_ns: u64) -> (u64, u64) {
-        let probed = self
-            .commit_probe
-            .lock()
-            .ok()
-            .and_then(|mut p| p.as_mut().and_then(|p| p.commit_time(slot, received)));
+    fn change_time(
+        &self,
+        slot: u32,
+        received: UnixNanos,
+        fallback_precision_ns: u64,
+    ) -> (UnixNanos, u64) {
+        let probed = lock(&self.commit_kprobe, "dataplane commit kprobe")
+            .as_mut()
+            .and_then(|p| p.commit_time(slot, received));
         match probed {
-            Some(t) => (t, received - t),
+            Some(t) => (t, (received - t).unsigned_abs()),
             None => (received, fallback_precision_ns),
         }
     }
 
     /// Records every change and reports those of watched endpoints.
-    fn report(&self, changes: Vec<Change>, time_unix_nano: u64, precision_ns: u64) {
+    fn report(&self, changes: Vec<Change>, time: UnixNanos, precision_ns: u64) {
         if changes.is_empty() {
             return;
         }
         let mut reports = Vec::new();
-        if let Ok(mut state) = self.rules.lock() {
-            state.forget_before(time_unix_nano.saturating_sub(RECENT_REMOVALS.as_nanos() as u64));
+        {
+            let mut state = lock(&self.rules, "dataplane rules");
+            state.forget_before(time - RECENT_REMOVALS_NS);
             for change in changes {
                 let rules = RulesChange {
                     endpoint: change.endpoint,
                     detector: change.detector,
-                    time_unix_nano,
+                    time,
                     precision_ns,
                 };
                 state.apply(&change, &rules);
@@ -240,13 +193,9 @@ pub struct DataplaneWatch {
 impl DataplaneWatch {
     /// Reports rule changes for `endpoint` from now on; if this node's rules
     /// already stopped selecting it (in the last 15 minutes), reports that
-    /// removal, with its original time, right away. Returns what the
-    /// detectors know of its presence in the rules (None: never seen as a
-    /// target), for the endpoint's record; that is no event.
-    pub fn watch(&self, endpoint: SocketAddr) -> Option<RulesPresence> {
-        let Ok(mut state) = self.shared.rules.lock() else {
-            return None;
-        };
+    /// removal, with its original time, right away.
+    pub fn watch(&self, endpoint: SocketAddr) {
+        let mut state = lock(&self.shared.rules, "dataplane rules");
         state.watched.insert(endpoint);
         // Sent under the lock, so before any later change of the endpoint.
         if let Some(change) = state.recent_removals.get(&endpoint)
@@ -258,20 +207,17 @@ impl DataplaneWatch {
         {
             warn!(%endpoint, "observation channel full: earlier rules removal not reported");
         }
-        state.presence.get(&endpoint).copied()
     }
 
     pub fn unwatch(&self, endpoint: SocketAddr) {
-        if let Ok(mut state) = self.shared.rules.lock() {
-            state.watched.remove(&endpoint);
-        }
+        lock(&self.shared.rules, "dataplane rules")
+            .watched
+            .remove(&endpoint);
     }
 
-    /// Times changes by the kernel's commit (see [`commit_probe::load`]).
-    pub fn use_commit_probe(&self, probe: CommitProbe) {
-        if let Ok(mut slot) = self.shared.commit_probe.lock() {
-            *slot = Some(probe);
-        }
+    /// Times changes by the kernel's commit (see [`commit_kprobe::load`]).
+    pub fn use_commit_kprobe(&self, probe: CommitKprobe) {
+        *lock(&self.shared.commit_kprobe, "dataplane commit kprobe") = Some(probe);
     }
 
     pub fn layouts(&self) -> Layouts {
@@ -294,7 +240,7 @@ impl Drop for DataplaneWatch {
 pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> {
     let shared = Arc::new(Shared {
         rules: Mutex::new(RulesState::default()),
-        commit_probe: Mutex::new(None),
+        commit_kprobe: Mutex::new(None),
         stop: AtomicBool::new(false),
         tx,
     });
@@ -303,8 +249,9 @@ pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> 
     let mut mirror = Mirror::new();
     nftables::load(&mut mirror)?;
     let mut targets = nftables::Targets::default();
-    // Every target of the dump comes back as added: already selected at start.
-    let present = targets.update(&mirror, None);
+    // Every target of the dump comes back as added: already selected at
+    // start, which is no change.
+    targets.update(&mirror, None);
     let layouts = Layouts {
         nftables: mirror
             .tables()
@@ -313,10 +260,6 @@ pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> 
         iptables_legacy: iptables_legacy::tables_present(),
     };
     let legacy = iptables_legacy::Watcher::open()?;
-    if let Ok(mut state) = shared.rules.lock() {
-        let endpoints = present.iter().map(|c| c.endpoint).chain(legacy.targets());
-        state.present_at_start(endpoints, unix_nanos());
-    }
     info!(
         nftables = layouts.nftables,
         iptables_nft = layouts.iptables_nft,
@@ -357,7 +300,7 @@ pub(crate) fn send_until_stopped(
             Ok(()) => return,
             Err(TrySendError::Full(back)) => {
                 obs = back;
-                std::thread::sleep(std::time::Duration::from_millis(1));
+                std::thread::sleep(Duration::from_millis(1));
             }
             Err(TrySendError::Closed(_)) => {
                 stop.store(true, Ordering::Relaxed);
@@ -365,13 +308,6 @@ pub(crate) fn send_until_stopped(
             }
         }
     }
-}
-
-pub(crate) fn unix_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -388,7 +324,7 @@ mod tests {
         let (tx, rx) = channel(16);
         let shared = Arc::new(Shared {
             rules: Mutex::new(RulesState::default()),
-            commit_probe: Mutex::new(None),
+            commit_kprobe: Mutex::new(None),
             stop: AtomicBool::new(false),
             tx,
         });
@@ -408,75 +344,62 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_target_at_start_is_present_without_an_event() {
-        let (watch, mut rx) = watch();
-        watch
-            .shared
-            .rules
-            .lock()
-            .unwrap()
-            .present_at_start([ep(1)], 100);
-        assert_eq!(
-            watch.watch(ep(1)),
-            Some(RulesPresence {
-                first_seen_unix_nano: 100,
-                at_start: true,
-                selected: true,
-            })
-        );
-        assert_eq!(watch.watch(ep(2)), None);
-        assert!(rx.try_recv().is_err(), "no event for a mere presence");
-        // A later change of the watched endpoint is an event.
-        watch.shared.report(vec![change(1, false)], 200, 1);
-        assert!(matches!(
-            rx.try_recv(),
-            Ok(Observation::RulesRemoved(c)) if c.endpoint == ep(1) && c.time_unix_nano == 200
-        ));
+    fn t(nanos: i64) -> UnixNanos {
+        UnixNanos::from_nanos(nanos)
     }
 
     #[test]
-    fn presence_follows_changes_of_unwatched_endpoints() {
+    fn only_changes_of_watched_endpoints_are_reported() {
         let (watch, mut rx) = watch();
-        watch.shared.report(vec![change(1, true)], 100, 1);
-        watch.shared.report(vec![change(1, false)], 150, 1);
-        watch.shared.report(vec![change(1, true)], 160, 1);
+        watch.shared.report(vec![change(1, true)], t(100), 1);
         assert!(rx.try_recv().is_err(), "unwatched: nothing reported");
-        assert_eq!(
-            watch.watch(ep(1)),
-            Some(RulesPresence {
-                first_seen_unix_nano: 100,
-                at_start: false,
-                selected: true,
-            })
-        );
+        watch.watch(ep(1));
+        assert!(rx.try_recv().is_err(), "selected: no removal to report");
+        watch.shared.report(vec![change(1, false)], t(200), 1);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Observation::RulesRemoved(c)) if c.endpoint == ep(1) && c.time == t(200)
+        ));
+        watch.unwatch(ep(1));
+        watch.shared.report(vec![change(1, true)], t(300), 1);
+        assert!(rx.try_recv().is_err(), "unwatched again: nothing reported");
+    }
+
+    #[test]
+    fn a_removal_before_the_watch_is_reported_at_the_watch() {
+        let (watch, mut rx) = watch();
+        watch.shared.report(vec![change(1, true)], t(100), 1);
+        watch.shared.report(vec![change(1, false)], t(150), 1);
+        watch.shared.report(vec![change(1, true)], t(160), 1);
+        watch.watch(ep(1));
         assert!(
             rx.try_recv().is_err(),
             "selected again: no removal to report"
         );
 
-        // Removed before its watch: the removal is reported, the presence
-        // says it was seen.
-        watch.shared.report(vec![change(2, true)], 300, 1);
-        watch.shared.report(vec![change(2, false)], 400, 1);
-        let presence = watch.watch(ep(2)).unwrap();
-        assert_eq!(presence.first_seen_unix_nano, 300);
-        assert!(!presence.selected);
+        watch.shared.report(vec![change(2, true)], t(300), 1);
+        watch.shared.report(vec![change(2, false)], t(400), 1);
+        watch.watch(ep(2));
         assert!(matches!(
             rx.try_recv(),
-            Ok(Observation::RulesRemoved(c)) if c.endpoint == ep(2) && c.time_unix_nano == 400
+            Ok(Observation::RulesRemoved(c)) if c.endpoint == ep(2) && c.time == t(400)
         ));
     }
 
     #[test]
-    fn removed_endpoints_are_forgotten_after_the_horizon() {
-        let (watch, _rx) = watch();
-        watch.shared.report(vec![change(1, true)], 100, 1);
-        watch.shared.report(vec![change(2, true)], 100, 1);
-        watch.shared.report(vec![change(1, false)], 200, 1);
-        let later = 200 + RECENT_REMOVALS.as_nanos() as u64 + 1;
-        watch.shared.report(vec![change(3, true)], later, 1);
-        assert_eq!(watch.watch(ep(1)), None);
-        assert!(watch.watch(ep(2)).unwrap().selected, "still selected: kept");
+    fn removals_are_forgotten_after_the_horizon() {
+        let (watch, mut rx) = watch();
+        watch.shared.report(vec![change(1, false)], t(200), 1);
+        watch.shared.report(vec![change(2, false)], t(300), 1);
+        watch
+            .shared
+            .report(vec![change(3, true)], t(200 + RECENT_REMOVALS_NS + 1), 1);
+        watch.watch(ep(1));
+        assert!(rx.try_recv().is_err(), "beyond the horizon: forgotten");
+        watch.watch(ep(2));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Observation::RulesRemoved(c)) if c.endpoint == ep(2)
+        ));
     }
 }

@@ -5,10 +5,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use super::{
-    netlink::{Attr, DecodeError, NFGENMSG_LEN, attrs},
-    xtables,
-};
+use super::xtables;
+use crate::netlink::{Attr, NFGENMSG_LEN, NetlinkDecodeError, attrs};
 
 pub const NFNL_SUBSYS_NFTABLES: u16 = 10;
 pub const NFNLGRP_NFTABLES: u32 = 7;
@@ -179,7 +177,7 @@ impl NftEvent {
     }
 }
 
-fn find<'a>(buf: &'a [u8], kind: u16) -> Result<Option<Attr<'a>>, DecodeError> {
+fn find<'a>(buf: &'a [u8], kind: u16) -> Result<Option<Attr<'a>>, NetlinkDecodeError> {
     for attr in attrs(buf) {
         let attr = attr?;
         if attr.kind == kind {
@@ -189,22 +187,26 @@ fn find<'a>(buf: &'a [u8], kind: u16) -> Result<Option<Attr<'a>>, DecodeError> {
     Ok(None)
 }
 
-fn required<'a>(buf: &'a [u8], kind: u16, what: &'static str) -> Result<Attr<'a>, DecodeError> {
-    find(buf, kind)?.ok_or(DecodeError::Missing { what })
+fn required<'a>(
+    buf: &'a [u8],
+    kind: u16,
+    what: &'static str,
+) -> Result<Attr<'a>, NetlinkDecodeError> {
+    find(buf, kind)?.ok_or(NetlinkDecodeError::Missing { what })
 }
 
-fn string(buf: &[u8], kind: u16, what: &'static str) -> Result<String, DecodeError> {
+fn string(buf: &[u8], kind: u16, what: &'static str) -> Result<String, NetlinkDecodeError> {
     Ok(required(buf, kind, what)?.str(what)?.to_owned())
 }
 
 /// Decodes one nf_tables message (`kind` is the netlink type with the
 /// subsystem in the high byte; `payload` starts with the nfgenmsg).
-pub fn decode(kind: u16, payload: &[u8]) -> Result<NftEvent, DecodeError> {
+pub fn decode(kind: u16, payload: &[u8]) -> Result<NftEvent, NetlinkDecodeError> {
     if kind >> 8 != NFNL_SUBSYS_NFTABLES {
         return Ok(NftEvent::Ignored);
     }
     if payload.len() < NFGENMSG_LEN {
-        return Err(DecodeError::Truncated {
+        return Err(NetlinkDecodeError::Truncated {
             what: "nfgenmsg",
             need: NFGENMSG_LEN,
             have: payload.len(),
@@ -212,7 +214,7 @@ pub fn decode(kind: u16, payload: &[u8]) -> Result<NftEvent, DecodeError> {
     }
     let family = payload[0];
     let body = &payload[NFGENMSG_LEN..];
-    let table = |attr, what| -> Result<TableId, DecodeError> {
+    let table = |attr, what| -> Result<TableId, NetlinkDecodeError> {
         Ok(TableId {
             family,
             name: string(body, attr, what)?,
@@ -231,59 +233,16 @@ pub fn decode(kind: u16, payload: &[u8]) -> Result<NftEvent, DecodeError> {
             name: string(body, NFTA_CHAIN_NAME, "chain name")?,
         },
         NFT_MSG_NEWRULE | NFT_MSG_DELRULE => {
-            let table = table(NFTA_RULE_TABLE, "rule table")?;
-            let chain = string(body, NFTA_RULE_CHAIN, "rule chain")?;
-            let handle = required(body, NFTA_RULE_HANDLE, "rule handle")?.be_u64("rule handle")?;
-            if kind & 0xff == NFT_MSG_DELRULE {
-                NftEvent::DelRule {
-                    table,
-                    chain,
-                    handle,
-                }
-            } else {
-                let summary = match find(body, NFTA_RULE_EXPRESSIONS)? {
-                    Some(exprs) => summarize(exprs)?,
-                    None => RuleSummary::default(),
-                };
-                NftEvent::NewRule {
-                    table,
-                    chain,
-                    handle,
-                    summary,
-                }
-            }
+            rule(kind & 0xff, table(NFTA_RULE_TABLE, "rule table")?, body)?
         }
         NFT_MSG_NEWSET | NFT_MSG_DELSET => {
-            let table = table(NFTA_SET_TABLE, "set table")?;
-            let name = string(body, NFTA_SET_NAME, "set name")?;
-            let handle = required(body, NFTA_SET_HANDLE, "set handle")?.be_u64("set handle")?;
-            if kind & 0xff == NFT_MSG_NEWSET {
-                NftEvent::NewSet {
-                    table,
-                    name,
-                    handle,
-                }
-            } else {
-                NftEvent::DelSet {
-                    table,
-                    name,
-                    handle,
-                }
-            }
+            set(kind & 0xff, table(NFTA_SET_TABLE, "set table")?, body)?
         }
-        NFT_MSG_NEWSETELEM | NFT_MSG_DELSETELEM => {
-            let table = table(NFTA_SET_ELEM_LIST_TABLE, "element table")?;
-            let set = string(body, NFTA_SET_ELEM_LIST_SET, "element set")?;
-            let elems = match find(body, NFTA_SET_ELEM_LIST_ELEMENTS)? {
-                Some(list) => set_elems(list)?,
-                None => Vec::new(),
-            };
-            if kind & 0xff == NFT_MSG_NEWSETELEM {
-                NftEvent::NewElems { table, set, elems }
-            } else {
-                NftEvent::DelElems { table, set, elems }
-            }
-        }
+        NFT_MSG_NEWSETELEM | NFT_MSG_DELSETELEM => set_elements(
+            kind & 0xff,
+            table(NFTA_SET_ELEM_LIST_TABLE, "element table")?,
+            body,
+        )?,
         NFT_MSG_NEWGEN => NftEvent::NewGen {
             id: required(body, NFTA_GEN_ID, "generation id")?.be_u32("generation id")?,
             process: find(body, NFTA_GEN_PROC_NAME)?
@@ -294,7 +253,63 @@ pub fn decode(kind: u16, payload: &[u8]) -> Result<NftEvent, DecodeError> {
     })
 }
 
-fn set_elems(list: Attr<'_>) -> Result<Vec<SetElem>, DecodeError> {
+/// NEWRULE (with its expressions' summary) or DELRULE of `table`.
+fn rule(msg: u16, table: TableId, body: &[u8]) -> Result<NftEvent, NetlinkDecodeError> {
+    let chain = string(body, NFTA_RULE_CHAIN, "rule chain")?;
+    let handle = required(body, NFTA_RULE_HANDLE, "rule handle")?.be_u64("rule handle")?;
+    if msg == NFT_MSG_DELRULE {
+        return Ok(NftEvent::DelRule {
+            table,
+            chain,
+            handle,
+        });
+    }
+    let summary = match find(body, NFTA_RULE_EXPRESSIONS)? {
+        Some(exprs) => summarize(exprs)?,
+        None => RuleSummary::default(),
+    };
+    Ok(NftEvent::NewRule {
+        table,
+        chain,
+        handle,
+        summary,
+    })
+}
+
+/// NEWSET or DELSET of `table`.
+fn set(msg: u16, table: TableId, body: &[u8]) -> Result<NftEvent, NetlinkDecodeError> {
+    let name = string(body, NFTA_SET_NAME, "set name")?;
+    let handle = required(body, NFTA_SET_HANDLE, "set handle")?.be_u64("set handle")?;
+    Ok(if msg == NFT_MSG_NEWSET {
+        NftEvent::NewSet {
+            table,
+            name,
+            handle,
+        }
+    } else {
+        NftEvent::DelSet {
+            table,
+            name,
+            handle,
+        }
+    })
+}
+
+/// NEWSETELEM or DELSETELEM of a set of `table`.
+fn set_elements(msg: u16, table: TableId, body: &[u8]) -> Result<NftEvent, NetlinkDecodeError> {
+    let set = string(body, NFTA_SET_ELEM_LIST_SET, "element set")?;
+    let elems = match find(body, NFTA_SET_ELEM_LIST_ELEMENTS)? {
+        Some(list) => set_elems(list)?,
+        None => Vec::new(),
+    };
+    Ok(if msg == NFT_MSG_NEWSETELEM {
+        NftEvent::NewElems { table, set, elems }
+    } else {
+        NftEvent::DelElems { table, set, elems }
+    })
+}
+
+fn set_elems(list: Attr<'_>) -> Result<Vec<SetElem>, NetlinkDecodeError> {
     let mut out = Vec::new();
     for elem in list.nested() {
         let elem = elem?;
@@ -307,9 +322,10 @@ fn set_elems(list: Attr<'_>) -> Result<Vec<SetElem>, DecodeError> {
             let attr = attr?;
             match attr.kind {
                 NFTA_SET_ELEM_KEY | NFTA_SET_ELEM_KEY_END => {
-                    let value = find(attr.value, NFTA_DATA_VALUE)?.ok_or(DecodeError::Missing {
-                        what: "element key",
-                    })?;
+                    let value =
+                        find(attr.value, NFTA_DATA_VALUE)?.ok_or(NetlinkDecodeError::Missing {
+                            what: "element key",
+                        })?;
                     key.extend_from_slice(value.value);
                 }
                 NFTA_SET_ELEM_DATA => chain = verdict_chain(attr.value)?,
@@ -322,7 +338,7 @@ fn set_elems(list: Attr<'_>) -> Result<Vec<SetElem>, DecodeError> {
 }
 
 /// The chain of a `jump`/`goto` verdict in an nft_data attribute, if any.
-fn verdict_chain(data: &[u8]) -> Result<Option<String>, DecodeError> {
+fn verdict_chain(data: &[u8]) -> Result<Option<String>, NetlinkDecodeError> {
     let Some(verdict) = find(data, NFTA_DATA_VERDICT)? else {
         return Ok(None);
     };
@@ -364,7 +380,43 @@ impl Registers {
     }
 }
 
-fn summarize(exprs: Attr<'_>) -> Result<RuleSummary, DecodeError> {
+/// The destination of a `nat` expression when it is a DNAT whose address
+/// (and port, if any) an earlier `immediate` loaded into its registers.
+fn dnat_destination(
+    data: &[u8],
+    regs: &Registers,
+) -> Result<Option<SocketAddr>, NetlinkDecodeError> {
+    let kind = required(data, NFTA_NAT_TYPE, "nat type")?.be_u32("nat type")?;
+    let family = required(data, NFTA_NAT_FAMILY, "nat family")?.be_u32("nat family")?;
+    if kind != NFT_NAT_DNAT {
+        return Ok(None);
+    }
+    let Some(addr_reg) = find(data, NFTA_NAT_REG_ADDR_MIN)? else {
+        return Ok(None);
+    };
+    let addr_reg = addr_reg.be_u32("nat addr reg")?;
+    let addr = match family {
+        NFPROTO_IPV4 => regs
+            .read::<4>(addr_reg)
+            .map(|a| IpAddr::V4(Ipv4Addr::from(a))),
+        NFPROTO_IPV6 => regs
+            .read::<16>(addr_reg)
+            .map(|a| IpAddr::V6(Ipv6Addr::from(a))),
+        _ => None,
+    };
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let port = match find(data, NFTA_NAT_REG_PROTO_MIN)? {
+        Some(r) => regs
+            .read::<2>(r.be_u32("nat proto reg")?)
+            .map(u16::from_be_bytes),
+        None => Some(0),
+    };
+    Ok(port.map(|port| SocketAddr::new(addr, port)))
+}
+
+fn summarize(exprs: Attr<'_>) -> Result<RuleSummary, NetlinkDecodeError> {
     let mut summary = RuleSummary::default();
     let mut regs = Registers([0; 64]);
     for expr in exprs.nested() {
@@ -400,35 +452,8 @@ fn summarize(exprs: Attr<'_>) -> Result<RuleSummary, DecodeError> {
                 }
             }
             "nat" => {
-                let kind = required(data, NFTA_NAT_TYPE, "nat type")?.be_u32("nat type")?;
-                let family = required(data, NFTA_NAT_FAMILY, "nat family")?.be_u32("nat family")?;
-                if kind != NFT_NAT_DNAT {
-                    continue;
-                }
-                let Some(addr_reg) = find(data, NFTA_NAT_REG_ADDR_MIN)? else {
-                    continue;
-                };
-                let addr_reg = addr_reg.be_u32("nat addr reg")?;
-                let addr = match family {
-                    NFPROTO_IPV4 => regs
-                        .read::<4>(addr_reg)
-                        .map(|a| IpAddr::V4(Ipv4Addr::from(a))),
-                    NFPROTO_IPV6 => regs
-                        .read::<16>(addr_reg)
-                        .map(|a| IpAddr::V6(Ipv6Addr::from(a))),
-                    _ => None,
-                };
-                let Some(addr) = addr else {
-                    continue;
-                };
-                let port = match find(data, NFTA_NAT_REG_PROTO_MIN)? {
-                    Some(r) => regs
-                        .read::<2>(r.be_u32("nat proto reg")?)
-                        .map(u16::from_be_bytes),
-                    None => Some(0),
-                };
-                if let Some(port) = port {
-                    summary.dnat.push(SocketAddr::new(addr, port));
+                if let Some(dst) = dnat_destination(data, &regs)? {
+                    summary.dnat.push(dst);
                 }
             }
             "target" => {
@@ -451,7 +476,7 @@ fn summarize(exprs: Attr<'_>) -> Result<RuleSummary, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::netlink::attr;
+    use crate::netlink::attr;
     use proptest::prelude::*;
 
     fn cstr(s: &str) -> Vec<u8> {
@@ -550,11 +575,11 @@ mod tests {
         let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE;
         assert!(matches!(
             decode(kind, &[2, 0]),
-            Err(DecodeError::Truncated { .. })
+            Err(NetlinkDecodeError::Truncated { .. })
         ));
         assert!(matches!(
             decode(kind, &[2, 0, 0, 0]),
-            Err(DecodeError::Missing { .. })
+            Err(NetlinkDecodeError::Missing { .. })
         ));
         let rule = dnat_rule();
         assert!(decode(kind, &rule[..rule.len() - 6]).is_err());

@@ -18,16 +18,15 @@ use std::{
 };
 
 use observer_common::ruleset::COMMIT_NFTABLES;
+use observer_proto::{Detector, UnixNanos};
 use tracing::{debug, warn};
 
 use super::{
     Change, DataplaneError, Shared,
     mirror::Mirror,
-    netlink::{self, NETLINK_NETFILTER, NLM_F_DUMP, NLM_F_REQUEST, Request, Socket},
     nft_msg::{self, NftEvent, TableId},
-    unix_nanos,
 };
-use crate::observation::Detector;
+use crate::netlink::{self, NETLINK_NETFILTER, NLM_F_DUMP, NLM_F_REQUEST, Request, Socket};
 
 /// Receive buffer for notifications: a 10k-rule sync is a few MiB of messages.
 const RECV_BUFFER: i32 = 64 << 20;
@@ -209,7 +208,7 @@ impl Targets {
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Batch {
     dirty: HashSet<TableId>,
-    started: Option<u64>,
+    started: Option<UnixNanos>,
 }
 
 impl Batch {
@@ -217,7 +216,7 @@ impl Batch {
     /// arrived at `arrival`. A commit queues all its notifications at once:
     /// the first one is the closest to the commit, however long the batch
     /// takes to read.
-    fn message(&mut self, table: Option<&TableId>, arrival: u64) {
+    fn message(&mut self, table: Option<&TableId>, arrival: UnixNanos) {
         self.started.get_or_insert(arrival);
         if let Some(table) = table {
             self.dirty.insert(table.clone());
@@ -226,7 +225,7 @@ impl Batch {
 
     /// NEWGEN: the batch is complete. Hands over the touched tables and the
     /// batch's time; the next message starts a new batch.
-    fn commit(&mut self) -> (HashSet<TableId>, Option<u64>) {
+    fn commit(&mut self) -> (HashSet<TableId>, Option<UnixNanos>) {
         (std::mem::take(&mut self.dirty), self.started.take())
     }
 
@@ -254,7 +253,7 @@ pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targe
                 // happened at most since the last message that arrived.
                 warn!("nf_tables notifications overflowed; re-reading the rulesets");
                 batch.lost();
-                let now = unix_nanos();
+                let now = UnixNanos::now();
                 let precision = last_seen.elapsed().as_nanos() as u64;
                 if let Err(e) = load(&mut mirror) {
                     warn!(error = %e, "re-reading the rulesets failed");
@@ -268,7 +267,7 @@ pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targe
                 return;
             }
         };
-        let arrival = unix_nanos();
+        let arrival = UnixNanos::now();
         last_seen = Instant::now();
         for msg in netlink::messages(&buf[..n]) {
             let msg = match msg {
@@ -315,6 +314,10 @@ pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targe
 mod tests {
     use super::*;
 
+    fn t(nanos: i64) -> UnixNanos {
+        UnixNanos::from_nanos(nanos)
+    }
+
     fn table(name: &str) -> TableId {
         TableId {
             family: 2,
@@ -325,27 +328,27 @@ mod tests {
     #[test]
     fn a_batch_is_timed_by_its_first_message() {
         let mut batch = Batch::default();
-        batch.message(Some(&table("kube-proxy")), 10);
-        batch.message(None, 12);
-        batch.message(Some(&table("nat")), 15);
+        batch.message(Some(&table("kube-proxy")), t(10));
+        batch.message(None, t(12));
+        batch.message(Some(&table("nat")), t(15));
         let (dirty, started) = batch.commit();
-        assert_eq!(started, Some(10));
+        assert_eq!(started, Some(t(10)));
         assert_eq!(dirty, HashSet::from([table("kube-proxy"), table("nat")]));
         assert_eq!(batch, Batch::default());
-        batch.message(Some(&table("nat")), 40);
-        assert_eq!(batch.commit().1, Some(40));
+        batch.message(Some(&table("nat")), t(40));
+        assert_eq!(batch.commit().1, Some(t(40)));
     }
 
     #[test]
     fn lost_notifications_do_not_leave_a_stale_batch_time() {
         let mut batch = Batch::default();
         // A batch starts, then the socket overflows before its NEWGEN.
-        batch.message(Some(&table("kube-proxy")), 10);
+        batch.message(Some(&table("kube-proxy")), t(10));
         batch.lost();
         // The next commit after the re-read is timed by its own messages.
-        batch.message(Some(&table("nat")), 500);
+        batch.message(Some(&table("nat")), t(500));
         let (dirty, started) = batch.commit();
-        assert_eq!(started, Some(500));
+        assert_eq!(started, Some(t(500)));
         assert_eq!(dirty, HashSet::from([table("nat")]));
     }
 }

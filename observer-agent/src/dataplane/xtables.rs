@@ -6,15 +6,15 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use super::netlink::DecodeError;
+use crate::netlink::NetlinkDecodeError;
 
 const NF_NAT_RANGE_MAP_IPS: u32 = 1;
 const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
 
-fn field<const N: usize>(info: &[u8], at: usize) -> Result<[u8; N], DecodeError> {
+fn field<const N: usize>(info: &[u8], at: usize) -> Result<[u8; N], NetlinkDecodeError> {
     info.get(at..at + N)
         .and_then(|b| b.try_into().ok())
-        .ok_or(DecodeError::Truncated {
+        .ok_or(NetlinkDecodeError::Truncated {
             what: "DNAT target info",
             need: at + N,
             have: info.len(),
@@ -23,14 +23,14 @@ fn field<const N: usize>(info: &[u8], at: usize) -> Result<[u8; N], DecodeError>
 
 /// The `--to-destination` address and port (0 = unchanged) of a DNAT target,
 /// or None when it does not map addresses.
-pub fn dnat_destination(rev: u32, info: &[u8]) -> Result<Option<SocketAddrV4>, DecodeError> {
+pub fn dnat_destination(rev: u32, info: &[u8]) -> Result<Option<SocketAddrV4>, NetlinkDecodeError> {
     // Offsets of flags, min address, min port.
     let (flags_at, addr_at, port_at) = match rev {
         // rangesize (u32), then range[0]: flags, min_ip, max_ip, min, max.
         0 => {
             let rangesize = u32::from_ne_bytes(field(info, 0)?);
             if rangesize != 1 {
-                return Err(DecodeError::BadLength {
+                return Err(NetlinkDecodeError::BadLength {
                     what: "DNAT rangesize",
                     len: rangesize as usize,
                 });
@@ -40,7 +40,7 @@ pub fn dnat_destination(rev: u32, info: &[u8]) -> Result<Option<SocketAddrV4>, D
         // flags, min_addr[16], max_addr[16], min_proto, max_proto (, base_proto).
         1 | 2 => (0, 4, 36),
         _ => {
-            return Err(DecodeError::BadLength {
+            return Err(NetlinkDecodeError::BadLength {
                 what: "DNAT revision",
                 len: rev as usize,
             });

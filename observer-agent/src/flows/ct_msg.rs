@@ -4,7 +4,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::dataplane::netlink::{Attr, DecodeError, NFGENMSG_LEN, attrs};
+use observer_proto::UnixNanos;
+
+use crate::netlink::{Attr, NFGENMSG_LEN, NetlinkDecodeError, attrs};
 
 /// (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW.
 pub const CT_NEW: u16 = 1 << 8;
@@ -36,31 +38,24 @@ pub struct CtNew {
     pub reply: Tuple,
     /// Conntrack's own start time (wall clock, ns) when
     /// net.netfilter.nf_conntrack_timestamp is on.
-    pub start_unix_nano: Option<u64>,
+    pub start: Option<UnixNanos>,
 }
 
-fn ip(attr: &Attr<'_>, what: &'static str) -> Result<IpAddr, DecodeError> {
+fn ip(attr: &Attr<'_>, what: &'static str) -> Result<IpAddr, NetlinkDecodeError> {
     match attr.value.len() {
         4 => Ok(IpAddr::V4(Ipv4Addr::from(
-            <[u8; 4]>::try_from(attr.value).map_err(|_| DecodeError::BadLength { what, len: 4 })?,
+            <[u8; 4]>::try_from(attr.value)
+                .map_err(|_| NetlinkDecodeError::BadLength { what, len: 4 })?,
         ))),
         16 => Ok(IpAddr::V6(Ipv6Addr::from(
             <[u8; 16]>::try_from(attr.value)
-                .map_err(|_| DecodeError::BadLength { what, len: 16 })?,
+                .map_err(|_| NetlinkDecodeError::BadLength { what, len: 16 })?,
         ))),
-        len => Err(DecodeError::BadLength { what, len }),
+        len => Err(NetlinkDecodeError::BadLength { what, len }),
     }
 }
 
-fn port(attr: &Attr<'_>, what: &'static str) -> Result<u16, DecodeError> {
-    let b: [u8; 2] = attr.value.try_into().map_err(|_| DecodeError::BadLength {
-        what,
-        len: attr.value.len(),
-    })?;
-    Ok(u16::from_be_bytes(b))
-}
-
-fn tuple(nest: &Attr<'_>) -> Result<Tuple, DecodeError> {
+fn tuple(nest: &Attr<'_>) -> Result<Tuple, NetlinkDecodeError> {
     let (mut src, mut dst, mut sport, mut dport, mut protocol) = (None, None, 0, 0, None);
     for attr in nest.nested() {
         let attr = attr?;
@@ -80,13 +75,14 @@ fn tuple(nest: &Attr<'_>) -> Result<Tuple, DecodeError> {
                     let a = a?;
                     match a.kind {
                         CTA_PROTO_NUM => {
-                            protocol = Some(*a.value.first().ok_or(DecodeError::BadLength {
-                                what: "protocol number",
-                                len: 0,
-                            })?)
+                            protocol =
+                                Some(*a.value.first().ok_or(NetlinkDecodeError::BadLength {
+                                    what: "protocol number",
+                                    len: 0,
+                                })?)
                         }
-                        CTA_PROTO_SRC_PORT => sport = port(&a, "source port")?,
-                        CTA_PROTO_DST_PORT => dport = port(&a, "destination port")?,
+                        CTA_PROTO_SRC_PORT => sport = a.be_u16("source port")?,
+                        CTA_PROTO_DST_PORT => dport = a.be_u16("destination port")?,
                         _ => {}
                     }
                 }
@@ -96,30 +92,32 @@ fn tuple(nest: &Attr<'_>) -> Result<Tuple, DecodeError> {
     }
     Ok(Tuple {
         src: SocketAddr::new(
-            src.ok_or(DecodeError::Missing {
+            src.ok_or(NetlinkDecodeError::Missing {
                 what: "tuple source",
             })?,
             sport,
         ),
         dst: SocketAddr::new(
-            dst.ok_or(DecodeError::Missing {
+            dst.ok_or(NetlinkDecodeError::Missing {
                 what: "tuple destination",
             })?,
             dport,
         ),
-        protocol: protocol.ok_or(DecodeError::Missing {
+        protocol: protocol.ok_or(NetlinkDecodeError::Missing {
             what: "tuple protocol",
         })?,
     })
 }
 
 /// Decodes the payload (after nlmsghdr) of a CT_NEW message.
-pub fn decode(payload: &[u8]) -> Result<CtNew, DecodeError> {
-    let body = payload.get(NFGENMSG_LEN..).ok_or(DecodeError::Truncated {
-        what: "nfgenmsg",
-        need: NFGENMSG_LEN,
-        have: payload.len(),
-    })?;
+pub fn decode(payload: &[u8]) -> Result<CtNew, NetlinkDecodeError> {
+    let body = payload
+        .get(NFGENMSG_LEN..)
+        .ok_or(NetlinkDecodeError::Truncated {
+            what: "nfgenmsg",
+            need: NFGENMSG_LEN,
+            have: payload.len(),
+        })?;
     let (mut original, mut reply, mut start) = (None, None, None);
     for attr in attrs(body) {
         let attr = attr?;
@@ -130,7 +128,7 @@ pub fn decode(payload: &[u8]) -> Result<CtNew, DecodeError> {
                 for a in attr.nested() {
                     let a = a?;
                     if a.kind == CTA_TIMESTAMP_START {
-                        start = Some(a.be_u64("conntrack start")?);
+                        start = UnixNanos::from_wire(a.be_u64("conntrack start")?);
                     }
                 }
             }
@@ -138,20 +136,20 @@ pub fn decode(payload: &[u8]) -> Result<CtNew, DecodeError> {
         }
     }
     Ok(CtNew {
-        original: original.ok_or(DecodeError::Missing {
+        original: original.ok_or(NetlinkDecodeError::Missing {
             what: "original tuple",
         })?,
-        reply: reply.ok_or(DecodeError::Missing {
+        reply: reply.ok_or(NetlinkDecodeError::Missing {
             what: "reply tuple",
         })?,
-        start_unix_nano: start,
+        start,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::netlink::attr;
+    use crate::netlink::attr;
     use proptest::prelude::*;
 
     fn tuple_attr(kind: u16, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
@@ -201,7 +199,10 @@ mod tests {
         assert_eq!(ct.original.dst, "172.30.0.10:80".parse().unwrap());
         assert_eq!(ct.reply.src, "10.180.0.2:8080".parse().unwrap());
         assert_eq!(ct.original.protocol, 6);
-        assert_eq!(ct.start_unix_nano, Some(1_700_000_000_000_000_000));
+        assert_eq!(
+            ct.start,
+            Some(UnixNanos::from_nanos(1_700_000_000_000_000_000))
+        );
     }
 
     #[test]
@@ -210,7 +211,7 @@ mod tests {
         assert!(decode(&ev[..40]).is_err());
         assert!(matches!(
             decode(&[2, 0, 0, 0]),
-            Err(DecodeError::Missing { .. })
+            Err(NetlinkDecodeError::Missing { .. })
         ));
     }
 

@@ -6,7 +6,7 @@
 //! node. The filter knows addresses, not ports: this watch reports every
 //! flow to a watched address, and its consumers (`run`, `observe`) keep
 //! only those to a watched endpoint, IP and port
-//! ([`crate::endpoint_record::EndpointRecords::observe`]).
+//! ([`crate::watched::WatchedSet::passes`]).
 //!
 //! Time of a flow: conntrack's own start timestamp when the event carries it
 //! (net.netfilter.nf_conntrack_timestamp=1; today's kernels put it in
@@ -29,6 +29,7 @@ use aya::{
     Ebpf,
     programs::{ProgramError, SocketFilter},
 };
+use observer_proto::{NewFlow, Observation, UnixNanos};
 use thiserror::Error;
 use tokio::sync::mpsc::Sender;
 use tracing::{debug, warn};
@@ -36,11 +37,9 @@ use tracing::{debug, warn};
 pub use ct_msg::{CtNew, Tuple, decode as decode_ct_new};
 
 use crate::{
-    dataplane::{
-        netlink::{self, NETLINK_NETFILTER, Socket},
-        send_until_stopped, unix_nanos,
-    },
-    observation::{NewFlow, Observation},
+    dataplane::send_until_stopped,
+    kernel::{self, MissingInObject},
+    netlink::{self, NETLINK_NETFILTER, Socket},
 };
 
 /// Name of the socket filter program in the eBPF object.
@@ -50,8 +49,8 @@ const POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Error)]
 pub enum FlowsError {
-    #[error("the eBPF object has no program {PROGRAM}")]
-    MissingProgram,
+    #[error(transparent)]
+    Missing(#[from] MissingInObject),
     #[error("loading or attaching {PROGRAM}: {0}")]
     Program(#[from] ProgramError),
     #[error("ctnetlink socket: {0}")]
@@ -80,10 +79,7 @@ impl Drop for FlowWatch {
 /// filter (loading it if needed; it reads the watched-address maps of `ebpf`) and
 /// reports each new flow to a watched address, whatever its port.
 pub fn spawn(ebpf: &mut Ebpf, tx: Sender<Observation>) -> Result<FlowWatch, FlowsError> {
-    let program: &mut SocketFilter = ebpf
-        .program_mut(PROGRAM)
-        .ok_or(FlowsError::MissingProgram)?
-        .try_into()?;
+    let program: &mut SocketFilter = kernel::program_mut(ebpf, PROGRAM)?.try_into()?;
     if program.fd().is_err() {
         program.load()?;
     }
@@ -125,7 +121,7 @@ fn run(sock: &Socket, stop: &AtomicBool, tx: &Sender<Observation>) {
                 return;
             }
         };
-        let received = unix_nanos();
+        let received = UnixNanos::now();
         for msg in netlink::messages(&buf[..n]) {
             let Ok(msg) = msg else { break };
             if msg.kind != ct_msg::CT_NEW {
@@ -142,7 +138,7 @@ fn run(sock: &Socket, stop: &AtomicBool, tx: &Sender<Observation>) {
                 src: ct.original.src,
                 dst: ct.reply.src,
                 original_dst: ct.original.dst,
-                time_unix_nano: ct.start_unix_nano.unwrap_or(received),
+                time: ct.start.unwrap_or(received),
             };
             send_until_stopped(tx, stop, Observation::NewFlow(flow));
         }

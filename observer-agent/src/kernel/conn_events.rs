@@ -7,17 +7,15 @@ use std::{
 };
 
 use observer_common::{CloseHow, ConnEvent, ConnEventKind, conn::RESET_REASON_UNKNOWN};
+use observer_proto::{CloseKind, Observation};
 use thiserror::Error;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use super::conn_ring::ConnRing;
-use crate::{
-    clock::WallClock,
-    observation::{CloseKind, ConnObservation, Observation},
-};
+use crate::clock::WallClock;
 
 #[derive(Debug, Error, PartialEq, Eq)]
-pub enum DecodeError {
+pub enum ConnEventDecodeError {
     #[error("connection event of {got} bytes, expected {expected}")]
     Size { got: usize, expected: usize },
     #[error("ring record of {got} bytes, not a whole number of {event}-byte events")]
@@ -46,10 +44,13 @@ impl ConnDecoder {
     pub fn decode_record<'a>(
         &'a mut self,
         record: &'a [u8],
-    ) -> Result<impl Iterator<Item = Result<Observation, DecodeError>> + 'a, DecodeError> {
+    ) -> Result<
+        impl Iterator<Item = Result<Observation, ConnEventDecodeError>> + 'a,
+        ConnEventDecodeError,
+    > {
         let event = std::mem::size_of::<ConnEvent>();
         if record.is_empty() || !record.len().is_multiple_of(event) {
-            return Err(DecodeError::Record {
+            return Err(ConnEventDecodeError::Record {
                 got: record.len(),
                 event,
             });
@@ -57,10 +58,10 @@ impl ConnDecoder {
         Ok(record.chunks_exact(event).map(|e| self.decode(e)))
     }
 
-    pub fn decode(&mut self, bytes: &[u8]) -> Result<Observation, DecodeError> {
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<Observation, ConnEventDecodeError> {
         let expected = std::mem::size_of::<ConnEvent>();
         if bytes.len() < expected {
-            return Err(DecodeError::Size {
+            return Err(ConnEventDecodeError::Size {
                 got: bytes.len(),
                 expected,
             });
@@ -68,14 +69,16 @@ impl ConnDecoder {
         // SAFETY: ConnEvent is plain old data and `bytes` holds at least one;
         // ring buffer records are only 8-byte aligned, hence unaligned.
         let event: ConnEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-        let kind = ConnEventKind::from_u8(event.kind).ok_or(DecodeError::Kind(event.kind))?;
-        let close =
-            match CloseHow::from_u8(event.close_how).ok_or(DecodeError::Close(event.close_how))? {
-                CloseHow::None => None,
-                CloseHow::EndpointFin => Some(CloseKind::EndpointFin),
-                CloseHow::PeerFin => Some(CloseKind::PeerFin),
-                CloseHow::Reset => Some(CloseKind::Reset),
-            };
+        let kind =
+            ConnEventKind::from_u8(event.kind).ok_or(ConnEventDecodeError::Kind(event.kind))?;
+        let close = match CloseHow::from_u8(event.close_how)
+            .ok_or(ConnEventDecodeError::Close(event.close_how))?
+        {
+            CloseHow::None => None,
+            CloseHow::EndpointFin => Some(CloseKind::EndpointFin),
+            CloseHow::PeerFin => Some(CloseKind::PeerFin),
+            CloseHow::Reset => Some(CloseKind::Reset),
+        };
         let reason = (kind == ConnEventKind::ResetSent && event.reason != RESET_REASON_UNKNOWN)
             .then(|| {
                 self.reset_reasons
@@ -83,14 +86,12 @@ impl ConnDecoder {
                     .cloned()
                     .unwrap_or_else(|| format!("reason_{}", event.reason))
             });
-        let conn = ConnObservation {
+        let conn = observer_proto::ConnEvent {
             src: SocketAddr::new(ip_from_key(event.peer_addr), event.peer_port),
             dst: SocketAddr::new(ip_from_key(event.endpoint_addr), event.endpoint_port),
-            time_unix_nano: self.clock.to_unix_nanos(event.ktime_ns),
+            time: self.clock.to_unix_nanos(event.ktime_ns),
             close,
             reason,
-            old_state: tcp_state_name(event.old_state),
-            new_state: tcp_state_name(event.new_state),
         };
         Ok(match kind {
             ConnEventKind::Accepted => Observation::Accepted(conn),
@@ -106,26 +107,6 @@ impl ConnDecoder {
 pub fn ip_from_key(addr: [u8; 16]) -> IpAddr {
     let v6 = Ipv6Addr::from(addr);
     v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
-}
-
-/// Names from include/net/tcp_states.h; 0 means "no state" (a reset sent
-/// without a socket).
-pub fn tcp_state_name(state: u8) -> Option<&'static str> {
-    Some(match state {
-        1 => "established",
-        2 => "syn_sent",
-        3 => "syn_recv",
-        4 => "fin_wait1",
-        5 => "fin_wait2",
-        6 => "time_wait",
-        7 => "close",
-        8 => "close_wait",
-        9 => "last_ack",
-        10 => "listen",
-        11 => "closing",
-        12 => "new_syn_recv",
-        _ => return None,
-    })
 }
 
 /// Reads the ring buffer until `tx` closes, sending every decoded event.
@@ -255,7 +236,7 @@ mod tests {
     }
 
     #[test]
-    fn close_kinds_and_states() {
+    fn close_kinds() {
         let obs = decoder()
             .decode(&raw(&event(
                 ConnEventKind::Closed,
@@ -268,10 +249,6 @@ mod tests {
         };
         assert_eq!(conn.close, Some(CloseKind::Reset));
         assert_eq!(conn.reason, None);
-        assert_eq!(
-            (conn.old_state, conn.new_state),
-            (Some("established"), Some("close"))
-        );
     }
 
     #[test]
@@ -279,17 +256,17 @@ mod tests {
         let mut d = decoder();
         assert_eq!(
             d.decode(&[0u8; 8]),
-            Err(DecodeError::Size {
+            Err(ConnEventDecodeError::Size {
                 got: 8,
                 expected: 56
             })
         );
         let mut bad = event(ConnEventKind::Accepted, CloseHow::None, 0);
         bad.kind = 42;
-        assert_eq!(d.decode(&raw(&bad)), Err(DecodeError::Kind(42)));
+        assert_eq!(d.decode(&raw(&bad)), Err(ConnEventDecodeError::Kind(42)));
         bad.kind = ConnEventKind::Closed as u8;
         bad.close_how = 9;
-        assert_eq!(d.decode(&raw(&bad)), Err(DecodeError::Close(9)));
+        assert_eq!(d.decode(&raw(&bad)), Err(ConnEventDecodeError::Close(9)));
     }
 
     #[test]
@@ -317,7 +294,7 @@ mod tests {
         let results: Vec<_> = d.decode_record(&record).unwrap().collect();
         assert_eq!(results.len(), 4);
         assert!(results[..3].iter().all(Result::is_ok));
-        assert_eq!(results[3], Err(DecodeError::Kind(42)));
+        assert_eq!(results[3], Err(ConnEventDecodeError::Kind(42)));
     }
 
     #[test]
@@ -326,7 +303,7 @@ mod tests {
         for len in [0, 55, 57, 111] {
             assert_eq!(
                 d.decode_record(&vec![0u8; len]).err(),
-                Some(DecodeError::Record {
+                Some(ConnEventDecodeError::Record {
                     got: len,
                     event: 56
                 }),

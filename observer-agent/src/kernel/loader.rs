@@ -10,7 +10,7 @@ use aya::{
 };
 use observer_common::{
     Stat, WatchFilter, WatchKey, WatchSlot,
-    conn::conn_ring_bytes,
+    conn::{ConnBatchState, conn_ring_bytes},
     watch::{MAX_WATCHED, WatchFlags},
 };
 use thiserror::Error;
@@ -29,11 +29,8 @@ pub enum KernelError {
     Tracefs(#[from] TracefsError),
     #[error("loading the eBPF object failed: {0}")]
     Load(#[source] aya::EbpfError),
-    #[error("the eBPF object has no {kind} named {name}")]
-    Missing {
-        kind: &'static str,
-        name: &'static str,
-    },
+    #[error(transparent)]
+    Missing(#[from] MissingInObject),
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -46,6 +43,33 @@ pub enum KernelError {
     NoHook(String),
     #[error("reading the CPU count from {0} (the ring buffer is sized by it): {1}")]
     Cpus(&'static str, #[source] std::io::Error),
+}
+
+/// A program or map the agent needs that the eBPF object does not have
+/// (an agent built against another object): the one error for it, which
+/// the kernel, dataplane and flows errors wrap.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("the eBPF object has no {kind} named {name}")]
+pub struct MissingInObject {
+    pub kind: &'static str,
+    pub name: &'static str,
+}
+
+/// Program `name` of the object, to be converted to its type by the caller.
+pub fn program_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::programs::Program, MissingInObject> {
+    ebpf.program_mut(name).ok_or(MissingInObject {
+        kind: "program",
+        name,
+    })
+}
+
+/// Takes map `name` out of the object (one owner per map).
+pub fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, MissingInObject> {
+    ebpf.take_map(name)
+        .ok_or(MissingInObject { kind: "map", name })
 }
 
 /// Whether one hook works on this kernel, and why not.
@@ -139,30 +163,7 @@ impl Kernel {
             start_kernel_log(&mut ebpf);
         }
 
-        let mut hooks = Vec::new();
-        for (tp, format) in CONN_TRACEPOINTS.iter().zip(&formats) {
-            let status = match format {
-                Err(e) => HookStatus {
-                    name: format!("tracepoint/{}/{}", tp.category, tp.name),
-                    attached: false,
-                    detail: e.to_string(),
-                },
-                Ok(_) => attach_tracepoint(&mut ebpf, tp, layout.direct & tp.direct_bit != 0),
-            };
-            if status.attached {
-                tracing::debug!(hook = %status.name, "attached");
-            } else {
-                tracing::warn!(hook = %status.name, reason = %status.detail, "hook unavailable; its events will be missing");
-            }
-            hooks.push(status);
-        }
-        if !hooks.iter().any(|h| h.attached) {
-            let reasons: Vec<String> = hooks
-                .iter()
-                .map(|h| format!("{}: {}", h.name, h.detail))
-                .collect();
-            return Err(KernelError::NoHook(reasons.join("; ")));
-        }
+        let hooks = attach_tracepoints(&mut ebpf, &formats, layout.direct)?;
 
         let watched: HashMap<_, _, _> = typed_map(&mut ebpf, "WATCHED")?;
         let watch_filter: Array<_, _> = typed_map(&mut ebpf, "WATCH_FILTER")?;
@@ -173,19 +174,7 @@ impl Kernel {
         let (batches, delivery) = if options.unbatched {
             (None, Delivery::one_by_one("turned off by the caller"))
         } else {
-            match BatchFlush::prepare(&mut ebpf, batch_state) {
-                Ok(flush) => (
-                    Some(flush),
-                    Delivery {
-                        batched: true,
-                        detail: "queued per CPU, flushed before every read".into(),
-                    },
-                ),
-                Err(reason) => {
-                    tracing::warn!(%reason, "connection events go to the ring buffer one by one, which costs more per event");
-                    (None, Delivery::one_by_one(&reason))
-                }
-            }
+            prepare_batches(&mut ebpf, batch_state)
         };
         let mut kernel = Kernel {
             ebpf,
@@ -344,14 +333,68 @@ pub fn watch_key(ip: IpAddr) -> WatchKey {
     }
 }
 
+/// Attaches the connection tracepoints whose format tracefs gave; at least
+/// one must attach. `direct` has a bit per tracepoint whose record is read
+/// in place.
+fn attach_tracepoints(
+    ebpf: &mut Ebpf,
+    formats: &[Result<tracefs::EventFormat, TracefsError>],
+    direct: u8,
+) -> Result<Vec<HookStatus>, KernelError> {
+    let mut hooks = Vec::new();
+    for (tp, format) in CONN_TRACEPOINTS.iter().zip(formats) {
+        let status = match format {
+            Err(e) => HookStatus {
+                name: format!("tracepoint/{}/{}", tp.category, tp.name),
+                attached: false,
+                detail: e.to_string(),
+            },
+            Ok(_) => attach_tracepoint(ebpf, tp, direct & tp.direct_bit != 0),
+        };
+        if status.attached {
+            tracing::debug!(hook = %status.name, "attached");
+        } else {
+            tracing::warn!(hook = %status.name, reason = %status.detail, "hook unavailable; its events will be missing");
+        }
+        hooks.push(status);
+    }
+    if !hooks.iter().any(|h| h.attached) {
+        let reasons: Vec<String> = hooks
+            .iter()
+            .map(|h| format!("{}: {}", h.name, h.detail))
+            .collect();
+        return Err(KernelError::NoHook(reasons.join("; ")));
+    }
+    Ok(hooks)
+}
+
+/// Per-CPU batches where the flush program loads, else one event at a time
+/// (reported as the delivery's detail).
+fn prepare_batches(
+    ebpf: &mut Ebpf,
+    batch_state: PerCpuArray<MapData, ConnBatchState>,
+) -> (Option<BatchFlush>, Delivery) {
+    match BatchFlush::prepare(ebpf, batch_state) {
+        Ok(flush) => (
+            Some(flush),
+            Delivery {
+                batched: true,
+                detail: "queued per CPU, flushed before every read".into(),
+            },
+        ),
+        Err(reason) => {
+            tracing::warn!(%reason, "connection events go to the ring buffer one by one, which costs more per event");
+            (None, Delivery::one_by_one(&reason))
+        }
+    }
+}
+
 /// Takes map `name` out of the object as the type the loader uses it as.
 fn typed_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, KernelError>
 where
     M: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(KernelError::Missing { kind: "map", name })?;
+    let map = take_map(ebpf, name)?;
     M::try_from(map).map_err(|source| KernelError::Map { name, source })
 }
 
@@ -364,9 +407,8 @@ fn attach_tracepoint(ebpf: &mut Ebpf, tp: &ConnTracepoint, read_directly: bool) 
     } = *tp;
     let hook = format!("tracepoint/{category}/{name}");
     let result = (|| -> Result<(), String> {
-        let prog: &mut TracePoint = ebpf
-            .program_mut(program)
-            .ok_or_else(|| format!("program {program} missing from the object"))?
+        let prog: &mut TracePoint = program_mut(ebpf, program)
+            .map_err(|e| e.to_string())?
             .try_into()
             .map_err(|e: ProgramError| e.to_string())?;
         prog.load().map_err(|e| format!("rejected at load: {e}"))?;

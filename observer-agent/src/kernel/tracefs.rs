@@ -296,25 +296,46 @@ pub fn conn_layout(
         ..TracepointLayout::DEFAULT
     };
     if let Some(f) = send_reset {
-        layout.send_reset_size = f.record_size()?;
-        layout.send_reset_state = f.offset("state")?;
-        layout.send_reset_reason = f.optional_offset("reason")?;
-        // Since 6.10 the addresses are a sockaddr_in/sockaddr_in6 each.
-        if f.fields.get("saddr").is_some_and(|field| field.size >= 16) {
-            layout.send_reset_addrs = TcpSendResetAddrs::Sockaddr as u8;
-            layout.send_reset_saddr = f.offset("saddr")?;
-            layout.send_reset_daddr = f.offset("daddr")?;
-            layout.send_reset_sport = ABSENT;
-            layout.send_reset_dport = ABSENT;
-        } else {
-            layout.send_reset_addrs = TcpSendResetAddrs::V6Fields as u8;
-            layout.send_reset_saddr = f.offset("saddr_v6")?;
-            layout.send_reset_daddr = f.offset("daddr_v6")?;
-            layout.send_reset_sport = f.offset("sport")?;
-            layout.send_reset_dport = f.offset("dport")?;
-        }
+        read_send_reset(&mut layout, f)?;
     }
+    if let Some(f) = receive_reset {
+        layout.recv_reset_size = f.record_size()?;
+        layout.recv_reset_sport = f.offset("sport")?;
+        layout.recv_reset_dport = f.offset("dport")?;
+        layout.recv_reset_saddr_v6 = f.offset("saddr_v6")?;
+        layout.recv_reset_daddr_v6 = f.offset("daddr_v6")?;
+    }
+    layout.direct |= compiled_in_records(&layout, send_reset.is_some(), receive_reset.is_some());
+    Ok(layout)
+}
+
+/// The `tcp/tcp_send_reset` fields: since 6.10 the addresses are a
+/// sockaddr_in/sockaddr_in6 each, before that IPv6 fields and ports.
+fn read_send_reset(layout: &mut TracepointLayout, f: &EventFormat) -> Result<(), TracefsError> {
+    layout.send_reset_size = f.record_size()?;
+    layout.send_reset_state = f.offset("state")?;
+    layout.send_reset_reason = f.optional_offset("reason")?;
+    if f.fields.get("saddr").is_some_and(|field| field.size >= 16) {
+        layout.send_reset_addrs = TcpSendResetAddrs::Sockaddr as u8;
+        layout.send_reset_saddr = f.offset("saddr")?;
+        layout.send_reset_daddr = f.offset("daddr")?;
+        layout.send_reset_sport = ABSENT;
+        layout.send_reset_dport = ABSENT;
+    } else {
+        layout.send_reset_addrs = TcpSendResetAddrs::V6Fields as u8;
+        layout.send_reset_saddr = f.offset("saddr_v6")?;
+        layout.send_reset_daddr = f.offset("daddr_v6")?;
+        layout.send_reset_sport = f.offset("sport")?;
+        layout.send_reset_dport = f.offset("dport")?;
+    }
+    Ok(())
+}
+
+/// The `DIRECT_*` bits of the tracepoints (those present) whose fields sit
+/// where the programs were compiled to read them in place.
+fn compiled_in_records(layout: &TracepointLayout, send_reset: bool, receive_reset: bool) -> u8 {
     let d = TracepointLayout::DEFAULT;
+    let mut direct = 0;
     if (
         layout.set_state_oldstate,
         layout.set_state_newstate,
@@ -332,9 +353,9 @@ pub fn conn_layout(
         d.set_state_saddr_v6,
         d.set_state_daddr_v6,
     ) {
-        layout.direct |= DIRECT_SET_STATE;
+        direct |= DIRECT_SET_STATE;
     }
-    if send_reset.is_some()
+    if send_reset
         && (
             layout.send_reset_addrs,
             layout.send_reset_state,
@@ -349,15 +370,10 @@ pub fn conn_layout(
             d.send_reset_daddr,
         )
     {
-        layout.direct |= DIRECT_SEND_RESET;
+        direct |= DIRECT_SEND_RESET;
     }
-    if let Some(f) = receive_reset {
-        layout.recv_reset_size = f.record_size()?;
-        layout.recv_reset_sport = f.offset("sport")?;
-        layout.recv_reset_dport = f.offset("dport")?;
-        layout.recv_reset_saddr_v6 = f.offset("saddr_v6")?;
-        layout.recv_reset_daddr_v6 = f.offset("daddr_v6")?;
-        if (
+    if receive_reset
+        && (
             layout.recv_reset_sport,
             layout.recv_reset_dport,
             layout.recv_reset_saddr_v6,
@@ -367,11 +383,11 @@ pub fn conn_layout(
             d.recv_reset_dport,
             d.recv_reset_saddr_v6,
             d.recv_reset_daddr_v6,
-        ) {
-            layout.direct |= DIRECT_RECV_RESET;
-        }
+        )
+    {
+        direct |= DIRECT_RECV_RESET;
     }
-    Ok(layout)
+    direct
 }
 
 #[cfg(test)]

@@ -4,18 +4,18 @@
 
 use std::collections::VecDeque;
 
-use observer_proto::v1 as pb;
+use observer_proto::{Observation, UnixNanos};
 
 pub struct Batch {
     pub sequence: u64,
-    pub observations: Vec<pb::Observation>,
-    /// Agent wall clock when sealed (the report's `sent_unix_nanos`).
-    pub sealed_unix_nanos: u64,
+    pub observations: Vec<Observation>,
+    /// Agent wall clock when sealed (the report's `sent`).
+    pub sealed: UnixNanos,
 }
 
 pub struct Buffer {
     sealed: VecDeque<Batch>,
-    open: Vec<pb::Observation>,
+    open: Vec<Observation>,
     next_sequence: u64,
     batch_max: usize,
     capacity: usize,
@@ -37,7 +37,7 @@ impl Buffer {
     }
 
     /// Adds one observation; false (and counted) when the buffer is full.
-    pub fn push(&mut self, o: pb::Observation, now: u64) -> bool {
+    pub fn push(&mut self, o: Observation, now: UnixNanos) -> bool {
         if self.len >= self.capacity {
             self.dropped += 1;
             return false;
@@ -51,7 +51,7 @@ impl Buffer {
     }
 
     /// Turns the open observations into a numbered batch.
-    pub fn seal(&mut self, now: u64) {
+    pub fn seal(&mut self, now: UnixNanos) {
         if self.open.is_empty() {
             return;
         }
@@ -59,7 +59,7 @@ impl Buffer {
         self.sealed.push_back(Batch {
             sequence: self.next_sequence,
             observations,
-            sealed_unix_nanos: now,
+            sealed: now,
         });
         self.next_sequence += 1;
     }
@@ -108,17 +108,26 @@ impl Buffer {
 mod tests {
     use super::*;
 
-    fn o() -> pb::Observation {
-        pb::Observation::default()
+    fn o() -> Observation {
+        Observation::NewFlow(observer_proto::NewFlow {
+            src: "10.0.0.1:1".parse().unwrap(),
+            dst: "10.0.0.2:2".parse().unwrap(),
+            original_dst: "10.96.0.1:3".parse().unwrap(),
+            time: t(1),
+        })
+    }
+
+    fn t(nanos: i64) -> UnixNanos {
+        UnixNanos::from_nanos(nanos)
     }
 
     #[test]
     fn batches_keep_their_sequence_until_acknowledged() {
         let mut b = Buffer::new(2, 10);
         for _ in 0..5 {
-            assert!(b.push(o(), 1));
+            assert!(b.push(o(), t(1)));
         }
-        b.seal(2);
+        b.seal(t(2));
         let seqs: Vec<u64> = b.sealed.iter().map(|x| x.sequence).collect();
         assert_eq!(seqs, [1, 2, 3]);
         assert_eq!(b.len(), 5);
@@ -136,11 +145,11 @@ mod tests {
     fn full_buffer_drops_and_counts() {
         let mut b = Buffer::new(100, 3);
         for _ in 0..5 {
-            b.push(o(), 1);
+            b.push(o(), t(1));
         }
         assert_eq!((b.len(), b.dropped()), (3, 2));
-        b.seal(1);
+        b.seal(t(1));
         b.acknowledge(1);
-        assert!(b.push(o(), 1));
+        assert!(b.push(o(), t(1)));
     }
 }

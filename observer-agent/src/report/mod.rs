@@ -10,24 +10,21 @@
 //! acknowledged, so a resend after a lost reply is not counted twice.
 
 mod buffer;
-pub mod clock;
-mod convert;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use observer_proto::Endpoint;
 use observer_proto::v1 as pb;
 use observer_proto::v1::observer_client::ObserverClient;
+use observer_proto::{AgentCounters, ClockEstimate, Endpoint, Observation, Report, UnixNanos};
 use tokio::sync::mpsc;
 use tonic::transport::{self, Channel};
 
-use crate::kernel::probe::Capability;
-use crate::observation::Observation;
+use crate::kernel::capabilities::Capability;
 use buffer::Buffer;
 
 /// Counters the kernel side keeps and the reporter forwards (cumulative).
@@ -65,7 +62,7 @@ impl ReporterConfig {
     /// 200 ms, 10 s call deadline, backoff 100 ms doubling to 30 s.
     pub fn new(aggregator: impl Into<String>, node_name: impl Into<String>) -> Self {
         let node_name = node_name.into();
-        let nonce = now_unix_nanos() ^ u64::from(std::process::id()).rotate_left(32);
+        let nonce = UnixNanos::now().as_nanos() ^ i64::from(std::process::id()).rotate_left(32);
         Self {
             aggregator: aggregator.into(),
             agent_id: format!("{node_name}/{nonce:016x}"),
@@ -126,12 +123,6 @@ enum End {
     Lost(String),
 }
 
-fn now_unix_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
 /// Runs until `shutdown` completes or the observation channel closes; then
 /// makes one last attempt to deliver what is buffered.
 pub async fn run(
@@ -175,7 +166,8 @@ pub async fn run(
             backoff = r.cfg.backoff_initial;
         }
         // Jitter (50..150 %) so a fleet of agents does not reconnect in step.
-        let jitter = 0.5 + f64::from(now_unix_nanos() as u32 % 1000) / 1000.0;
+        let spread = u16::try_from(UnixNanos::now().as_nanos().rem_euclid(1000)).unwrap_or(0);
+        let jitter = 0.5 + f64::from(spread) / 1000.0;
         if r.buffering(tokio::time::sleep(backoff.mul_f64(jitter)))
             .await
             .is_none()
@@ -193,14 +185,14 @@ struct Reporter<S> {
     watch_tx: mpsc::Sender<WatchUpdate>,
     watched: HashMap<String, Endpoint>,
     buffer: Buffer,
-    clock: Option<clock::Estimate>,
+    clock: Option<ClockEstimate>,
     summary: Summary,
     shutdown: Pin<Box<S>>,
 }
 
 impl<S: Future<Output = ()> + Send> Reporter<S> {
-    fn push(&mut self, o: &Observation) {
-        if !self.buffer.push(convert::observation(o), now_unix_nanos()) {
+    fn push(&mut self, o: Observation) {
+        if !self.buffer.push(o, UnixNanos::now()) {
             let d = self.buffer.dropped();
             if d.is_power_of_two() {
                 tracing::warn!(
@@ -222,7 +214,7 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
                 () = self.shutdown.as_mut() => return None,
                 r = &mut fut => return Some(r),
                 o = self.rx.recv(), if self.rx_open => match o {
-                    Some(o) => self.push(&o),
+                    Some(o) => self.push(o),
                     None => {
                         self.rx_open = false;
                         return None;
@@ -314,7 +306,7 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
                     }
                 }
                 o = self.rx.recv(), if self.rx_open => match o {
-                    Some(o) => self.push(&o),
+                    Some(o) => self.push(o),
                     None => {
                         self.rx_open = false;
                         return Ok(End::Shutdown);
@@ -339,7 +331,7 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
                     Err(s) => return Ok(End::Lost(format!("report stream: {s}"))),
                 },
                 _ = flush.tick() => {
-                    self.buffer.seal(now_unix_nanos());
+                    self.buffer.seal(UnixNanos::now());
                     if let Err(why) = self.send_new(&mut reports) {
                         return Ok(End::Lost(why));
                     }
@@ -420,16 +412,26 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
         &mut self,
         client: &mut ObserverClient<Channel>,
     ) -> Result<(), tonic::Status> {
-        let t1 = now_unix_nanos();
+        let t1 = UnixNanos::now();
         let r = client
             .sync_clock(pb::ClockSyncRequest {
                 agent_id: self.cfg.agent_id.clone(),
-                t1_unix_nanos: t1,
+                t1_unix_nanos: t1.to_wire().unwrap_or_default(),
             })
             .await?
             .into_inner();
-        let t4 = now_unix_nanos();
-        let e = clock::estimate(t1, r.t2_unix_nanos, r.t3_unix_nanos, t4);
+        let t4 = UnixNanos::now();
+        let aggregator_time = |nanos: u64, field: &str| {
+            UnixNanos::from_wire(nanos).ok_or_else(|| {
+                tonic::Status::invalid_argument(format!("{field} {nanos} is beyond the year 2262"))
+            })
+        };
+        let e = ClockEstimate::from_exchange(
+            t1,
+            aggregator_time(r.t2_unix_nanos, "t2_unix_nanos")?,
+            aggregator_time(r.t3_unix_nanos, "t3_unix_nanos")?,
+            t4,
+        );
         tracing::debug!(
             offset_ns = e.offset_ns,
             uncertainty_ns = e.uncertainty_ns,
@@ -462,20 +464,17 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
     }
 
     fn request(&self, b: &buffer::Batch) -> pb::ReportRequest {
-        pb::ReportRequest {
+        pb::ReportRequest::from(Report {
             agent_id: self.cfg.agent_id.clone(),
             sequence: b.sequence,
             observations: b.observations.clone(),
-            counters: Some(pb::AgentCounters {
+            counters: AgentCounters {
                 events_lost: self.cfg.counters.events_lost.load(Ordering::Relaxed),
                 observations_dropped: self.buffer.dropped(),
-            }),
-            clock: self.clock.map(|c| pb::ClockEstimate {
-                offset_ns: c.offset_ns,
-                uncertainty_ns: c.uncertainty_ns,
-            }),
-            sent_unix_nanos: b.sealed_unix_nanos,
-        }
+            },
+            clock: self.clock,
+            sent: b.sealed,
+        })
     }
 
     fn next_request(&self) -> Option<pb::ReportRequest> {
@@ -485,9 +484,9 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
     /// Last delivery attempt at shutdown, bounded by one call deadline.
     async fn finish(mut self, endpoint: &transport::Endpoint) -> Summary {
         while let Ok(o) = self.rx.try_recv() {
-            self.push(&o);
+            self.push(o);
         }
-        self.buffer.seal(now_unix_nanos());
+        self.buffer.seal(UnixNanos::now());
         if !self.buffer.is_empty() {
             let deadline = self.cfg.call_timeout;
             let attempt = async {

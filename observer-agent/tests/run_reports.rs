@@ -1,14 +1,12 @@
 //! Root-only: `observer-agent run` in a namespace with kube-proxy-shaped
 //! rules, told by the real aggregator (fed by the Kubernetes API double) that
-//! a pod is terminating, keeps that endpoint's record live and serves it on
-//! its health server's `GET /endpoints`: first seen in rules (the endpoint
-//! already was a target when the agent started), late flows and their
-//! source, the rules removal, and the finished record once the aggregator
-//! ends the watch. A flow to another port of the pod's address is counted as
-//! not watched.
+//! a pod is terminating, reports the raw observations of that endpoint: the
+//! aggregator's record of the deletion holds this node's rules removal (its
+//! detector and time) and the late connection through the Service. A flow
+//! to another port of the pod's address is dropped by the agent's watched
+//! set and counted on its `/metrics`.
 
 use std::{
-    io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     process::{Command, Stdio},
     sync::Arc,
@@ -18,7 +16,7 @@ use std::{
 use aggregator::{app, config::Settings, store::Store};
 use apiserver_double::{ApiServerDouble, objects};
 use k8s_openapi::api::{core::v1::Pod, discovery::v1::EndpointSlice};
-use lab::{netns::NetNs, root::root_or_skip};
+use lab::{commit_clock::Window, http_client::HttpClient, netns::NetNs, root::root_or_skip};
 use serde_json::Value;
 
 mod fixture;
@@ -26,7 +24,6 @@ mod fixture;
 use fixture::{TwoBackendNode, VIP, backend, service, two_backend_node};
 
 const POD_IP: &str = "10.180.0.2";
-const ENDPOINT: &str = "10.180.0.2:8080";
 
 fn pod() -> Pod {
     objects::pod("shop", "web-2", POD_IP, "node-a")
@@ -36,45 +33,41 @@ fn slice(pod: &Pod, terminating: bool) -> EndpointSlice {
     objects::endpoint_slice("shop", "web", &[(pod, !terminating, terminating)])
 }
 
-/// `GET /endpoints` of the agent, from inside its namespace.
-fn endpoints(ns: &NetNs, health: SocketAddr) -> Option<Value> {
-    ns.run(move || {
-        let mut s = TcpStream::connect_timeout(&health, Duration::from_secs(1)).ok()?;
-        s.write_all(b"GET /endpoints HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n")
-            .ok()?;
-        let mut response = String::new();
-        s.read_to_string(&mut response).ok()?;
-        let (head, body) = response.split_once("\r\n\r\n")?;
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        serde_json::from_str(body).ok()
-    })
-    .unwrap()
-}
-
-/// Polls `GET /endpoints` until `done` holds for it.
-fn wait_endpoints(
-    ns: &NetNs,
-    health: SocketAddr,
-    what: &str,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
+/// Polls the agent's `/metrics` (from inside its namespace) until every
+/// line of `want` is in it.
+async fn wait_metrics(ns: &NetNs, health: SocketAddr, want: &[&str]) -> String {
+    let client = HttpClient::in_netns(&ns.path());
+    let url = format!("http://{health}/metrics");
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut last = None;
     while Instant::now() < deadline {
-        if let Some(v) = endpoints(ns, health) {
-            if done(&v) {
-                return v;
+        if let Ok(response) = client.get_ok(&url).await {
+            let body = response.text();
+            if want.iter().all(|line| body.lines().any(|l| l == *line)) {
+                return body;
             }
-            last = Some(v);
+            last = Some(body);
         }
-        std::thread::sleep(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("{what}: not within 10 s; last /endpoints: {last:?}");
+    panic!("{want:?}: not within 10 s; last /metrics: {last:?}");
+}
+
+/// The aggregator's record of the deletion of `uid`, once stored, in its
+/// JSON form (as `GET /v1/deletions` serves it).
+async fn wait_deletion(store: &Store, uid: &str) -> Value {
+    for _ in 0..500 {
+        if let Some(d) = store.deletion(uid).unwrap() {
+            return serde_json::to_value(d).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("deletion {uid} never stored");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_serves_live_endpoint_records() {
-    if !root_or_skip("run_serves_live_endpoint_records") {
+async fn run_reports_the_raw_observations_of_watched_endpoints() {
+    if !root_or_skip("run_reports_the_raw_observations_of_watched_endpoints") {
         return;
     }
     let b1 = backend(1);
@@ -105,14 +98,13 @@ async fn run_serves_live_endpoint_records() {
     let store = Arc::new(Store::open(dir.path().join("store.db")).unwrap());
     let agg = app::start(
         Settings::default(),
-        store,
+        store.clone(),
         tokio::net::TcpListener::from_std(grpc).unwrap(),
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
         Some(double.client().unwrap()),
     )
     .unwrap();
 
-    let before_start = unix_nanos();
     let agent = Command::new(env!("CARGO_BIN_EXE_observer-agent"))
         .arg("--netns")
         .arg(ns.path())
@@ -141,26 +133,14 @@ async fn run_serves_live_endpoint_records() {
         1,
         "agent connected"
     );
-    let nothing = endpoints(&ns, health).expect("/endpoints answers");
-    assert_eq!(nothing["watched"], serde_json::json!([]));
+    wait_metrics(&ns, health, &["prestop_agent_watched_endpoints 0"]).await;
 
     double.delete::<Pod>("shop", "web-2", 30).unwrap();
     double.update(&slice(&web2, true)).unwrap();
-    let v = wait_endpoints(&ns, health, "record of the terminating endpoint", |v| {
-        v["watched"][0]["endpoint"] == ENDPOINT
-    });
-    let record = &v["watched"][0];
-    let first_seen = record["first_seen_in_rules_unix_nano"]
-        .as_u64()
-        .expect("first seen in rules: a target when the agent started");
-    assert!(first_seen >= before_start, "{record}");
-    assert_eq!(record["in_rules_at_agent_start"], true, "{record}");
-    assert_eq!(record["rules_removed_unix_nano"], Value::Null);
-    let t0 = record["deletion_started_unix_nano"].as_u64().unwrap();
-    assert!(t0 > 0);
+    wait_metrics(&ns, health, &["prestop_agent_watched_endpoints 1"]).await;
 
     // Late flows: through the VIP (to the watched endpoint) and directly to
-    // another port of the pod's address (not watched).
+    // another port of the pod's address (not watched: dropped by the agent).
     let connect = |to: SocketAddr| {
         ns.run(move || TcpStream::connect_timeout(&to, Duration::from_secs(1)))
             .unwrap()
@@ -168,43 +148,56 @@ async fn run_serves_live_endpoint_records() {
     };
     connect(SocketAddr::from((VIP, 80)));
     connect("10.180.0.2:9090".parse().unwrap());
-    let v = wait_endpoints(&ns, health, "late flow and unwatched flow", |v| {
-        v["watched"][0]["late_flows"] == 1 && v["flows_not_watched"] == 1
-    });
-    let record = &v["watched"][0];
-    assert!(record["last_new_flow_unix_nano"].as_u64().unwrap() >= t0);
-    assert!(record["last_new_flow_src"].is_string(), "{record}");
-    assert_eq!(record["late_sources"].as_object().unwrap().len(), 1);
+    wait_metrics(
+        &ns,
+        health,
+        &[
+            "prestop_agent_observations_total{kind=\"new_flow\"} 1",
+            "prestop_agent_flows_not_watched_total 1",
+        ],
+    )
+    .await;
 
-    let applied = rules.sync(&[(service(), vec![b1])]).unwrap();
-    let v = wait_endpoints(&ns, health, "rules removal", |v| {
-        v["watched"][0]["rules_removed_unix_nano"].is_u64()
-    });
-    let record = &v["watched"][0];
-    let removed =
-        observer_proto::UnixNanos::from_wire(record["rules_removed_unix_nano"].as_u64().unwrap())
-            .unwrap();
-    assert!(
-        removed >= applied.started_unix_nano && removed <= applied.finished_unix_nano + 5_000_000,
-        "{record}"
-    );
-    assert_eq!(record["rules_removed_detector"], "nftables");
-    assert_eq!(
-        record["first_seen_in_rules_unix_nano"], first_seen,
-        "kept through the removal"
-    );
+    let applied = Window::from(rules.sync(&[(service(), vec![b1])]).unwrap());
+    wait_metrics(
+        &ns,
+        health,
+        &["prestop_agent_observations_total{kind=\"rules_removed\"} 1"],
+    )
+    .await;
 
-    // The deletion completes: the aggregator ends the watch, the record is
-    // kept among the finished ones.
+    // The deletion completes: the aggregator folds what the agent reported.
     double.finish_deletion::<Pod>("shop", "web-2").unwrap();
-    let v = wait_endpoints(&ns, health, "finished record", |v| {
-        v["watched"] == serde_json::json!([]) && v["finished"][0]["endpoint"] == ENDPOINT
-    });
-    assert_eq!(
-        v["finished"][0]["rules_removed_unix_nano"],
-        removed.as_nanos()
+    let uid = web2.metadata.uid.clone().unwrap();
+    let d = wait_deletion(&store, &uid).await;
+    let time = |v: &Value| {
+        v.as_i64()
+            .unwrap_or_else(|| panic!("a time, not {v}, in {d}"))
+    };
+    // This node's measurement (the connections' accepting side, attributed
+    // by source address, is another entry).
+    let node = d["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["node"] == "node-a")
+        .unwrap_or_else(|| panic!("no measurement of node-a in {d}"));
+    assert_eq!(node["mode"], "nftables", "{d}");
+    // Corrected by the agent's clock offset (same host: within its uncertainty).
+    let removed = time(&node["rulesRemovedUnixNanos"]);
+    let slack = 5_000_000;
+    let (started, finished) = (
+        applied.started.as_nanos() - slack,
+        applied.finished.as_nanos() + slack,
     );
-    assert_eq!(v["finished"][0]["late_flows"], 1);
+    assert!(
+        (started..=finished).contains(&removed),
+        "removal at {removed} outside the write [{started}, {finished}]: {d}"
+    );
+    let last = time(&node["lastConnectionUnixNanos"]);
+    assert!(last >= time(&d["deletionStartUnixNanos"]), "{d}");
+    assert!(node["lateConnections"].as_u64() >= Some(1), "{d}");
+    wait_metrics(&ns, health, &["prestop_agent_watched_endpoints 0"]).await;
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.0.id() as i32),
@@ -233,11 +226,4 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn unix_nanos() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
 }

@@ -25,7 +25,7 @@ pub const NLMSG_HDRLEN: usize = 16;
 pub const NFGENMSG_LEN: usize = 4;
 
 #[derive(Debug, Error, PartialEq, Eq)]
-pub enum DecodeError {
+pub enum NetlinkDecodeError {
     #[error("truncated {what}: need {need} bytes, have {have}")]
     Truncated {
         what: &'static str,
@@ -54,7 +54,7 @@ pub struct Message<'a> {
 }
 
 /// Iterates over the netlink messages in one datagram.
-pub fn messages(buf: &[u8]) -> impl Iterator<Item = Result<Message<'_>, DecodeError>> {
+pub fn messages(buf: &[u8]) -> impl Iterator<Item = Result<Message<'_>, NetlinkDecodeError>> {
     let mut rest = buf;
     std::iter::from_fn(move || {
         if rest.is_empty() {
@@ -63,7 +63,7 @@ pub fn messages(buf: &[u8]) -> impl Iterator<Item = Result<Message<'_>, DecodeEr
         if rest.len() < NLMSG_HDRLEN {
             let have = rest.len();
             rest = &[];
-            return Some(Err(DecodeError::Truncated {
+            return Some(Err(NetlinkDecodeError::Truncated {
                 what: "nlmsghdr",
                 need: NLMSG_HDRLEN,
                 have,
@@ -72,7 +72,7 @@ pub fn messages(buf: &[u8]) -> impl Iterator<Item = Result<Message<'_>, DecodeEr
         let len = u32::from_ne_bytes(rest[0..4].try_into().unwrap_or_default()) as usize;
         if len < NLMSG_HDRLEN || len > rest.len() {
             rest = &[];
-            return Some(Err(DecodeError::BadLength {
+            return Some(Err(NetlinkDecodeError::BadLength {
                 what: "nlmsghdr",
                 len,
             }));
@@ -87,8 +87,8 @@ pub fn messages(buf: &[u8]) -> impl Iterator<Item = Result<Message<'_>, DecodeEr
 }
 
 /// The errno of an NLMSG_ERROR payload (0 = ACK).
-pub fn error_code(payload: &[u8]) -> Result<i32, DecodeError> {
-    let bytes = payload.get(0..4).ok_or(DecodeError::Truncated {
+pub fn error_code(payload: &[u8]) -> Result<i32, NetlinkDecodeError> {
+    let bytes = payload.get(0..4).ok_or(NetlinkDecodeError::Truncated {
         what: "nlmsgerr",
         need: 4,
         have: payload.len(),
@@ -103,39 +103,45 @@ pub struct Attr<'a> {
 }
 
 impl<'a> Attr<'a> {
-    pub fn be_u32(&self, what: &'static str) -> Result<u32, DecodeError> {
-        let b: [u8; 4] = self.value.try_into().map_err(|_| DecodeError::BadLength {
-            what,
-            len: self.value.len(),
-        })?;
-        Ok(u32::from_be_bytes(b))
+    /// The value as exactly `N` bytes.
+    fn array<const N: usize>(&self, what: &'static str) -> Result<[u8; N], NetlinkDecodeError> {
+        self.value
+            .try_into()
+            .map_err(|_| NetlinkDecodeError::BadLength {
+                what,
+                len: self.value.len(),
+            })
     }
 
-    pub fn be_u64(&self, what: &'static str) -> Result<u64, DecodeError> {
-        let b: [u8; 8] = self.value.try_into().map_err(|_| DecodeError::BadLength {
-            what,
-            len: self.value.len(),
-        })?;
-        Ok(u64::from_be_bytes(b))
+    pub fn be_u16(&self, what: &'static str) -> Result<u16, NetlinkDecodeError> {
+        self.array(what).map(u16::from_be_bytes)
+    }
+
+    pub fn be_u32(&self, what: &'static str) -> Result<u32, NetlinkDecodeError> {
+        self.array(what).map(u32::from_be_bytes)
+    }
+
+    pub fn be_u64(&self, what: &'static str) -> Result<u64, NetlinkDecodeError> {
+        self.array(what).map(u64::from_be_bytes)
     }
 
     /// A NUL-terminated (or unterminated) string.
-    pub fn str(&self, what: &'static str) -> Result<&'a str, DecodeError> {
+    pub fn str(&self, what: &'static str) -> Result<&'a str, NetlinkDecodeError> {
         let end = self
             .value
             .iter()
             .position(|&b| b == 0)
             .unwrap_or(self.value.len());
-        std::str::from_utf8(&self.value[..end]).map_err(|_| DecodeError::NotUtf8 { what })
+        std::str::from_utf8(&self.value[..end]).map_err(|_| NetlinkDecodeError::NotUtf8 { what })
     }
 
-    pub fn nested(&self) -> impl Iterator<Item = Result<Attr<'a>, DecodeError>> + use<'a> {
+    pub fn nested(&self) -> impl Iterator<Item = Result<Attr<'a>, NetlinkDecodeError>> + use<'a> {
         attrs(self.value)
     }
 }
 
 /// Iterates over the attributes in `buf`.
-pub fn attrs(buf: &[u8]) -> impl Iterator<Item = Result<Attr<'_>, DecodeError>> {
+pub fn attrs(buf: &[u8]) -> impl Iterator<Item = Result<Attr<'_>, NetlinkDecodeError>> {
     let mut rest = buf;
     std::iter::from_fn(move || {
         if rest.is_empty() {
@@ -144,7 +150,7 @@ pub fn attrs(buf: &[u8]) -> impl Iterator<Item = Result<Attr<'_>, DecodeError>> 
         if rest.len() < 4 {
             let have = rest.len();
             rest = &[];
-            return Some(Err(DecodeError::Truncated {
+            return Some(Err(NetlinkDecodeError::Truncated {
                 what: "nlattr",
                 need: 4,
                 have,
@@ -153,7 +159,7 @@ pub fn attrs(buf: &[u8]) -> impl Iterator<Item = Result<Attr<'_>, DecodeError>> 
         let len = u16::from_ne_bytes([rest[0], rest[1]]) as usize;
         if len < 4 || len > rest.len() {
             rest = &[];
-            return Some(Err(DecodeError::BadLength {
+            return Some(Err(NetlinkDecodeError::BadLength {
                 what: "nlattr",
                 len,
             }));
@@ -357,15 +363,15 @@ mod tests {
     fn bad_lengths_are_errors() {
         assert!(matches!(
             messages(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).next(),
-            Some(Err(DecodeError::BadLength { .. }))
+            Some(Err(NetlinkDecodeError::BadLength { .. }))
         ));
         assert!(matches!(
             attrs(&[200, 0, 1, 0]).next(),
-            Some(Err(DecodeError::BadLength { .. }))
+            Some(Err(NetlinkDecodeError::BadLength { .. }))
         ));
         assert!(matches!(
             attrs(&[8, 0]).next(),
-            Some(Err(DecodeError::Truncated { .. }))
+            Some(Err(NetlinkDecodeError::Truncated { .. }))
         ));
     }
 

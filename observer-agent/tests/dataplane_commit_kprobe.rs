@@ -6,17 +6,17 @@ use std::path::Path;
 
 use lab::root::root_or_skip;
 use observer_agent::{
-    dataplane::commit_probe,
+    dataplane::commit_kprobe,
     kernel::{Kernel, LoadOptions},
 };
 
 #[test]
-fn commit_probes_load_and_report_attach_failures() {
-    if !root_or_skip("commit_probes_load_and_report_attach_failures") {
+fn commit_kprobes_load_and_report_attach_failures() {
+    if !root_or_skip("commit_kprobes_load_and_report_attach_failures") {
         return;
     }
     let mut kernel = Kernel::load(LoadOptions::default()).expect("eBPF loads");
-    let setup = commit_probe::load(kernel.ebpf_mut()).expect("probes pass the verifier");
+    let setup = commit_kprobe::load(kernel.ebpf_mut()).expect("probes pass the verifier");
     let functions: Vec<&str> = setup.statuses.iter().map(|s| s.function).collect();
     assert_eq!(functions, ["nf_tables_commit", "xt_replace_table"]);
     let kprobes = Path::new("/sys/bus/event_source/devices/kprobe").exists();
@@ -24,5 +24,5 @@ fn commit_probes_load_and_report_attach_failures() {
         assert_eq!(status.attached, kprobes, "{status:?}");
         assert!(!status.detail.is_empty());
     }
-    assert_eq!(setup.probe.is_some(), kprobes);
+    assert_eq!(setup.kprobe.is_some(), kprobes);
 }

@@ -3,7 +3,7 @@
 //! (`nft -f`, `iptables-restore`), which keeps running for milliseconds
 //! after its commit.
 //!
-//! - nf_tables (nftables mode, iptables-nft): lab's [`CommitWitness`], a
+//! - nf_tables (nftables mode, iptables-nft): the [`CommitWitness`], a
 //!   netlink listener of its own on NFNLGRP_NFTABLES that records when each
 //!   commit's NEWGEN reaches it. Netlink datagrams carry no kernel
 //!   timestamp, so that is a receipt time: the witness thread runs under
@@ -18,11 +18,8 @@
 //!   old table and the end of the first read that saw the new one (about
 //!   0.3 ms wide).
 //!
-//! Shared by the dataplane test crates and the `dataplane` bench; each uses
-//! part of it.
-#![allow(dead_code)]
+//! Used by observer-agent's dataplane tests and its `dataplane` bench.
 
-use observer_proto::UnixNanos;
 use std::{
     io,
     mem::size_of,
@@ -32,72 +29,57 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicI32, Ordering},
     },
-    thread::JoinHandle,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
-use lab::{kubeproxy::Mode, netns, witness::CommitWitness};
+use observer_proto::UnixNanos;
 
-pub fn now_unix_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
+use crate::{
+    kubeproxy::{Applied, Mode},
+    witness::{self, CommitWitness, Recorder},
+};
 
-/// Wall clock (Unix ns) around a write: `started` before it, `finished`
-/// after the writer returned. The commit lies in between.
+/// Wall clock around a write: `started` before it, `finished` after the
+/// writer returned. The commit lies in between.
 #[derive(Clone, Copy, Debug)]
 pub struct Window {
-    pub started: u64,
-    pub finished: u64,
+    pub started: UnixNanos,
+    pub finished: UnixNanos,
 }
 
-impl From<lab::kubeproxy::Applied> for Window {
-    fn from(a: lab::kubeproxy::Applied) -> Self {
+impl From<Applied> for Window {
+    fn from(a: Applied) -> Self {
         Window {
-            started: a.started_unix_nano.to_wire().unwrap_or_default(),
-            finished: a.finished_unix_nano.to_wire().unwrap_or_default(),
+            started: a.started_unix_nano,
+            finished: a.finished_unix_nano,
         }
     }
 }
 
 /// Runs `write` and returns its result with its window.
 pub fn timed<T>(write: impl FnOnce() -> T) -> (T, Window) {
-    let started = now_unix_nanos();
+    let started = UnixNanos::now();
     let out = write();
     (
         out,
         Window {
             started,
-            finished: now_unix_nanos(),
+            finished: UnixNanos::now(),
         },
     )
 }
 
-/// SCHED_FIFO priority of what is timed (detector threads, traffic): the
-/// agent's own default for its timing threads.
-const SUBJECT_PRIORITY: u8 = observer_agent::realtime::DEFAULT_TIMING_PRIORITY;
-/// SCHED_FIFO priority of the witnesses: above what they time, so that when
-/// a commit wakes both and a single core is free (the writer keeps its own
-/// while the kernel sends the notifications), the witness stamps first and
-/// goes back to sleep within microseconds instead of waiting behind the
-/// detector for the rest of the commit's notifications.
-const WITNESS_PRIORITY: u8 = 20;
-
-/// Puts the calling thread under SCHED_FIFO; threads it spawns inherit the
-/// policy (glibc's default PTHREAD_INHERIT_SCHED).
-pub fn realtime() -> io::Result<()> {
-    fifo(SUBJECT_PRIORITY)
+/// Puts the calling thread under SCHED_FIFO at `priority` (what is timed:
+/// detector threads, traffic; the agent's own default for its timing
+/// threads); threads it spawns inherit the policy (glibc's default
+/// PTHREAD_INHERIT_SCHED).
+pub fn realtime(priority: u8) -> io::Result<()> {
+    witness::set_fifo(priority)
 }
 
-/// [`realtime`] at the witnesses' higher priority.
+/// [`realtime`] at the witnesses' priority, above what they time.
 pub fn realtime_witness() -> io::Result<()> {
-    fifo(WITNESS_PRIORITY)
-}
-
-fn fifo(priority: u8) -> io::Result<()> {
-    observer_agent::realtime::set_current_thread_fifo(priority)
+    witness::set_fifo(witness::WITNESS_PRIORITY)
 }
 
 /// The CPU the witnesses are pinned to, if any (-1: none).
@@ -151,11 +133,11 @@ fn spawn_realtime<T: Send>(start: impl FnOnce() -> io::Result<T> + Send) -> io::
     })
 }
 
-/// Where a commit happened: `earliest <= commit <= latest` (Unix ns).
+/// Where a commit happened: `earliest <= commit <= latest`.
 #[derive(Clone, Copy, Debug)]
 pub struct Commit {
-    pub earliest: u64,
-    pub latest: u64,
+    pub earliest: UnixNanos,
+    pub latest: UnixNanos,
 }
 
 pub enum CommitClock {
@@ -181,24 +163,19 @@ impl CommitClock {
     /// at `until`, waiting up to a second (from now) for it to be recorded.
     /// nf_tables: `earliest` is `latest`, the witness's receipt, an upper
     /// bound that is microseconds late.
-    pub fn commit_between(&self, from: u64, until: u64) -> Option<Commit> {
+    pub fn commit_between(&self, from: UnixNanos, until: UnixNanos) -> Option<Commit> {
         let deadline = std::time::Instant::now() + Duration::from_secs(1);
         loop {
             let found = match self {
-                CommitClock::Nft(w) => {
-                    let nanos = |t: u64| UnixNanos::from_wire(t).unwrap_or_default();
-                    let at = |t: UnixNanos| t.to_wire().unwrap_or_default();
-                    w.last_commit_between(nanos(from), nanos(until))
-                        .map(|t| Commit {
-                            earliest: at(t),
-                            latest: at(t),
-                        })
-                }
+                CommitClock::Nft(w) => w.last_commit_between(from, until).map(|t| Commit {
+                    earliest: t,
+                    latest: t,
+                }),
                 CommitClock::Legacy(w) => w.last_change_between(from, until),
             };
             // Recorded only once the witness read it: give it until `until`
             // has passed (plus its wake-up), then answer.
-            let settled = now_unix_nanos() > until.saturating_add(20_000_000);
+            let settled = UnixNanos::now() > until + 20_000_000;
             if settled || std::time::Instant::now() >= deadline {
                 return found;
             }
@@ -209,14 +186,14 @@ impl CommitClock {
 
 /// The bound for the nf_tables detectors: a change is reported
 /// within 5 ms of its commit.
-pub const NFT_BOUND_NS: u64 = 5_000_000;
+pub const NFT_BOUND_NS: i64 = 5_000_000;
 /// iptables-legacy: the change is timed when the writer releases the xtables
 /// lock, after its commit (the writer's remaining work, its exit, the
 /// detector's inotify wake-up). docs/benchmarks.md measured at most 3.7 ms
 /// with the detector under SCHED_FIFO and every core busy (8.9 ms at normal
 /// priority); the writer itself runs at normal priority, so the bound leaves
 /// room for it being preempted between its commit and its exit.
-pub const LEGACY_BOUND_NS: u64 = 10_000_000;
+pub const LEGACY_BOUND_NS: i64 = 10_000_000;
 
 impl CommitClock {
     /// Checks the time a detector gave to a change made by a write that
@@ -225,15 +202,21 @@ impl CommitClock {
     /// change happened in [reported - precision, reported]) that covers the
     /// witnessed commit. Returns reported - commit (ns; for legacy, against
     /// the latest the commit can have been).
-    pub fn check(&self, what: &str, reported: u64, precision_ns: u64, from: u64) -> i64 {
+    pub fn check(
+        &self,
+        what: &str,
+        reported: UnixNanos,
+        precision_ns: u64,
+        from: UnixNanos,
+    ) -> i64 {
         assert!(
             reported >= from,
             "{what}: reported at {reported}, {} ms before the write started",
-            (from - reported) as f64 / 1e6
+            from.seconds_since(reported) * 1e3
         );
         let delta = self.check_bound(what, reported, from);
         assert!(
-            delta <= precision_ns as i64,
+            delta <= i64::try_from(precision_ns).unwrap_or(i64::MAX),
             "{what}: reported {} ms after the witnessed commit, claimed precision {} ms",
             delta as f64 / 1e6,
             precision_ns as f64 / 1e6
@@ -241,15 +224,15 @@ impl CommitClock {
         delta
     }
 
-    fn check_bound(&self, what: &str, reported: u64, from: u64) -> i64 {
+    fn check_bound(&self, what: &str, reported: UnixNanos, from: UnixNanos) -> i64 {
         match self {
             CommitClock::Nft(_) => {
                 let commit = self
                     .commit_between(from, reported + NFT_BOUND_NS)
                     .unwrap_or_else(|| panic!("{what}: no commit witnessed after the write started and before {reported} + 5 ms"));
-                let delta = reported as i64 - commit.latest as i64;
+                let delta = reported - commit.latest;
                 assert!(
-                    delta.unsigned_abs() <= NFT_BOUND_NS,
+                    delta.abs() <= NFT_BOUND_NS,
                     "{what}: reported {} ms from the witnessed commit (bound 5 ms)",
                     delta as f64 / 1e6
                 );
@@ -259,9 +242,9 @@ impl CommitClock {
                 let commit = self.commit_between(from, reported).unwrap_or_else(|| {
                     panic!("{what}: reported at {reported}, before any witnessed change of the nat table after the write started")
                 });
-                let delta = reported as i64 - commit.latest as i64;
+                let delta = reported - commit.latest;
                 assert!(
-                    delta <= LEGACY_BOUND_NS as i64,
+                    delta <= LEGACY_BOUND_NS,
                     "{what}: reported {} ms after the witnessed commit (legacy bound {} ms)",
                     delta as f64 / 1e6,
                     LEGACY_BOUND_NS / 1_000_000
@@ -286,8 +269,7 @@ const LARGE_TABLE: usize = 256 << 10;
 /// Records every replacement of the legacy `nat` table in one namespace.
 pub struct LegacyWitness {
     changes: Arc<Mutex<Vec<Commit>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _recorder: Recorder,
 }
 
 fn raw_socket() -> io::Result<OwnedFd> {
@@ -382,53 +364,34 @@ pub fn legacy_nat_size() -> Option<(u32, u32)> {
 
 impl LegacyWitness {
     pub fn start(netns: &Path) -> io::Result<Self> {
-        let netns = netns.to_owned();
         let changes = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = {
-            let (changes, stop) = (changes.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let sock = match netns::enter(&netns).and_then(|_| raw_socket()) {
-                    Ok(s) => {
-                        let _ = ready_tx.send(Ok(()));
-                        s
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let mut previous_start = now_unix_nanos();
-                let mut previous = read_nat(&sock);
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(POLL);
-                    let start = now_unix_nanos();
-                    let table = read_nat(&sock);
-                    let end = now_unix_nanos();
-                    if table != previous {
-                        changes.lock().expect("changes lock").push(Commit {
-                            earliest: previous_start,
-                            latest: end,
-                        });
-                        previous = table;
-                    }
-                    previous_start = start;
+        let recorded = changes.clone();
+        let record = move |sock: OwnedFd, stop: &AtomicBool| {
+            let mut previous_start = UnixNanos::now();
+            let mut previous = read_nat(&sock);
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(POLL);
+                let start = UnixNanos::now();
+                let table = read_nat(&sock);
+                let end = UnixNanos::now();
+                if table != previous {
+                    recorded.lock().expect("changes lock").push(Commit {
+                        earliest: previous_start,
+                        latest: end,
+                    });
+                    previous = table;
                 }
-            })
+                previous_start = start;
+            }
         };
-        ready_rx
-            .recv()
-            .map_err(|_| io::Error::other("legacy witness thread ended"))??;
         Ok(LegacyWitness {
             changes,
-            stop,
-            thread: Some(thread),
+            _recorder: Recorder::start(netns, "legacy witness", raw_socket, record)?,
         })
     }
 
     /// The last replacement that may have happened in [from, until].
-    pub fn last_change_between(&self, from: u64, until: u64) -> Option<Commit> {
+    pub fn last_change_between(&self, from: UnixNanos, until: UnixNanos) -> Option<Commit> {
         self.changes
             .lock()
             .expect("changes lock")
@@ -436,14 +399,5 @@ impl LegacyWitness {
             .rev()
             .find(|c| c.latest >= from && c.earliest <= until)
             .copied()
-    }
-}
-
-impl Drop for LegacyWitness {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }

@@ -12,7 +12,9 @@ use observer_common::ruleset::{COMMIT_NFTABLES, COMMIT_XTABLES};
 use tracing::{info, warn};
 
 use super::DataplaneError;
-use crate::{clock::WallClock, observation::UnixNanos};
+use observer_proto::UnixNanos;
+
+use crate::{clock::WallClock, kernel};
 
 /// (program, kernel function, RULESET_COMMITS slot).
 const PROBES: [(&str, &str, u32); 2] = [
@@ -22,33 +24,33 @@ const PROBES: [(&str, &str, u32); 2] = [
 
 /// A commit this old before the notification is another one (the slots are
 /// shared by every network namespace).
-const MAX_AGE_NS: u64 = 100_000_000;
+const MAX_AGE_NS: i64 = 100_000_000;
 
 /// Whether one probe attached, and why not.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProbeStatus {
+pub struct KprobeStatus {
     pub program: &'static str,
     pub function: &'static str,
     pub attached: bool,
     pub detail: String,
 }
 
-pub struct CommitProbeSetup {
-    pub statuses: Vec<ProbeStatus>,
+pub struct CommitKprobeSetup {
+    pub statuses: Vec<KprobeStatus>,
     /// Present when at least one probe is attached.
-    pub probe: Option<CommitProbe>,
+    pub kprobe: Option<CommitKprobe>,
 }
 
 /// Reads the latest commit times written by the attached probes.
-pub struct CommitProbe {
+pub struct CommitKprobe {
     commits: Array<MapData, u64>,
     attached: [bool; 2],
     clock: WallClock,
 }
 
-impl std::fmt::Debug for CommitProbe {
+impl std::fmt::Debug for CommitKprobe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CommitProbe")
+        f.debug_struct("CommitKprobe")
             .field("attached", &self.attached)
             .finish_non_exhaustive()
     }
@@ -56,14 +58,11 @@ impl std::fmt::Debug for CommitProbe {
 
 /// Loads both probes (a verifier rejection is an error) and tries to attach
 /// them (a failure is reported in the statuses, not an error).
-pub fn load(ebpf: &mut Ebpf) -> Result<CommitProbeSetup, DataplaneError> {
+pub fn load(ebpf: &mut Ebpf) -> Result<CommitKprobeSetup, DataplaneError> {
     let mut statuses = Vec::new();
     let mut attached = [false; 2];
     for (program, function, slot) in PROBES {
-        let prog: &mut KProbe = ebpf
-            .program_mut(program)
-            .ok_or(DataplaneError::MissingProgram(program))?
-            .try_into()?;
+        let prog: &mut KProbe = kernel::program_mut(ebpf, program)?.try_into()?;
         if prog.fd().is_err() {
             prog.load()?;
         }
@@ -71,7 +70,7 @@ pub fn load(ebpf: &mut Ebpf) -> Result<CommitProbeSetup, DataplaneError> {
             Ok(_) => {
                 attached[slot as usize] = true;
                 info!(program, function, "ruleset commit probe attached");
-                ProbeStatus {
+                KprobeStatus {
                     program,
                     function,
                     attached: true,
@@ -80,7 +79,7 @@ pub fn load(ebpf: &mut Ebpf) -> Result<CommitProbeSetup, DataplaneError> {
             }
             Err(e) => {
                 warn!(program, function, error = %e, "ruleset commit probe unavailable; changes are timed by their notification");
-                ProbeStatus {
+                KprobeStatus {
                     program,
                     function,
                     attached: false,
@@ -90,11 +89,9 @@ pub fn load(ebpf: &mut Ebpf) -> Result<CommitProbeSetup, DataplaneError> {
         };
         statuses.push(status);
     }
-    let probe = if attached.iter().any(|a| *a) {
-        let map = ebpf
-            .take_map("RULESET_COMMITS")
-            .ok_or(DataplaneError::MissingMap("RULESET_COMMITS"))?;
-        Some(CommitProbe {
+    let kprobe = if attached.iter().any(|a| *a) {
+        let map = kernel::take_map(ebpf, "RULESET_COMMITS")?;
+        Some(CommitKprobe {
             commits: Array::try_from(map)?,
             attached,
             clock: WallClock::new(),
@@ -102,10 +99,10 @@ pub fn load(ebpf: &mut Ebpf) -> Result<CommitProbeSetup, DataplaneError> {
     } else {
         None
     };
-    Ok(CommitProbeSetup { statuses, probe })
+    Ok(CommitKprobeSetup { statuses, kprobe })
 }
 
-impl CommitProbe {
+impl CommitKprobe {
     /// The wall-clock time of the latest commit of `slot` if it lies within
     /// the [`MAX_AGE_NS`] before `received` (when the detector learnt of it).
     pub fn commit_time(&mut self, slot: u32, received: UnixNanos) -> Option<UnixNanos> {
