@@ -9,10 +9,10 @@
 //! again when older than [`WallClock::REFRESH`]; the best (narrowest) of a few
 //! samples is kept each time.
 
-use std::time::Duration;
+use std::{collections::VecDeque, time::Duration};
 
 use nix::time::{ClockId, clock_gettime};
-use observer_proto::UnixNanos;
+use observer_proto::{ClockEstimate, UnixNanos};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Offset {
@@ -102,6 +102,42 @@ impl Default for WallClock {
     }
 }
 
+/// This agent's clock offset to the aggregator from its recent exchanges:
+/// the one with the narrowest round trip, its uncertainty widened by how
+/// far the two clocks may have drifted apart since (NTP's minimum filter).
+/// One exchange delayed on a loaded node, whose asymmetric round trip puts
+/// its offset off by up to half of it, no longer moves every timestamp.
+#[derive(Debug, Default)]
+pub struct ExchangeFilter {
+    recent: VecDeque<(UnixNanos, ClockEstimate)>,
+}
+
+impl ExchangeFilter {
+    /// Exchanges kept (at the aggregator's 30 s interval, four minutes).
+    const KEPT: usize = 8;
+    /// Drift allowed between two computer clocks, parts per million.
+    const DRIFT_PPM: u64 = 100;
+
+    /// Adds the exchange finished at `at` (agent clock); returns the best
+    /// estimate now.
+    pub fn add(&mut self, at: UnixNanos, e: ClockEstimate) -> ClockEstimate {
+        if self.recent.len() == Self::KEPT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((at, e));
+        self.recent
+            .iter()
+            .map(|&(t, e)| ClockEstimate {
+                offset_ns: e.offset_ns,
+                uncertainty_ns: e.uncertainty_ns.saturating_add(
+                    (at - t).unsigned_abs().saturating_mul(Self::DRIFT_PPM) / 1_000_000,
+                ),
+            })
+            .min_by_key(|e| e.uncertainty_ns)
+            .unwrap_or(e)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,5 +168,41 @@ mod tests {
     fn negative_results_clamp_to_zero() {
         let o = Offset::from_bracket(0, 1_000, 0);
         assert_eq!(o.to_unix_nanos(0), UnixNanos::from_nanos(0));
+    }
+
+    fn estimate(offset_ns: i64, uncertainty_ns: u64) -> ClockEstimate {
+        ClockEstimate {
+            offset_ns,
+            uncertainty_ns,
+        }
+    }
+
+    #[test]
+    fn a_delayed_exchange_does_not_replace_a_narrow_one() {
+        let mut f = ExchangeFilter::default();
+        let t = UnixNanos::from_seconds(1_000);
+        assert_eq!(f.add(t, estimate(10_000, 50_000)), estimate(10_000, 50_000));
+        // 30 s later a loaded node's exchange: 600 ms round trip, offset
+        // off by 300 ms. The narrow one stands, widened by 30 s of drift.
+        let best = f.add(t + 30_000_000_000, estimate(300_000_000, 300_000_000));
+        assert_eq!(best, estimate(10_000, 50_000 + 3_000_000));
+    }
+
+    #[test]
+    fn drift_lets_a_fresh_exchange_win_and_old_ones_leave() {
+        let mut f = ExchangeFilter::default();
+        let t = UnixNanos::from_seconds(1_000);
+        f.add(t, estimate(0, 1_000_000));
+        // Four minutes on, drift (24 ms) makes the old one wider than a
+        // fresh 5 ms exchange.
+        let best = f.add(t + 240_000_000_000, estimate(7, 5_000_000));
+        assert_eq!(best, estimate(7, 5_000_000));
+        // Only the last eight are kept: the narrow first one is gone.
+        let mut f = ExchangeFilter::default();
+        f.add(t, estimate(1, 1));
+        for i in 1..=8 {
+            f.add(t + i * 1_000, estimate(2, 900_000));
+        }
+        assert_eq!(f.add(t + 9_000, estimate(3, 950_000)).offset_ns, 2);
     }
 }

@@ -11,6 +11,7 @@
 
 mod buffer;
 
+use crate::clock::ExchangeFilter;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
@@ -149,6 +150,7 @@ pub async fn run(
         watch_tx,
         watched: HashMap::new(),
         clock: None,
+        exchanges: ExchangeFilter::default(),
         summary: Summary::default(),
         shutdown: Box::pin(shutdown),
     };
@@ -186,6 +188,7 @@ struct Reporter<S> {
     watched: HashMap<String, Endpoint>,
     buffer: Buffer,
     clock: Option<ClockEstimate>,
+    exchanges: ExchangeFilter,
     summary: Summary,
     shutdown: Pin<Box<S>>,
 }
@@ -437,7 +440,7 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
             uncertainty_ns = e.uncertainty_ns,
             "clock exchange"
         );
-        self.clock = Some(e);
+        self.clock = Some(self.exchanges.add(t4, e));
         Ok(())
     }
 
