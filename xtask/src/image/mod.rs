@@ -15,7 +15,10 @@ use std::{
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 
-use crate::{build::ensure_setup, cmd};
+use crate::{
+    build::{self, ensure_setup},
+    cmd,
+};
 
 /// Where the images are published (the release workflow pushes there and
 /// deploy/ names them).
@@ -32,8 +35,11 @@ pub struct Image {
     pub ca_certificates: bool,
     /// Runs as the unprivileged user of `rootfs::NONROOT_UID`.
     pub nonroot: bool,
-    /// Empty directories the program writes to by default.
-    pub data_dirs: &'static [&'static str],
+    /// The directory the program writes to by default, owned by its user:
+    /// prepared as `store/BASENAME` in the context, which the Containerfile
+    /// copies into the parent with `--chown` (a directory copied onto an
+    /// existing one keeps that one's owner).
+    pub store_dir: Option<&'static str>,
 }
 
 impl Image {
@@ -62,7 +68,7 @@ pub const IMAGES: [Image; 3] = [
         binary: "observer-agent",
         ca_certificates: false,
         nonroot: false,
-        data_dirs: &[],
+        store_dir: None,
     },
     Image {
         name: "prestop-aggregator",
@@ -70,7 +76,7 @@ pub const IMAGES: [Image; 3] = [
         binary: "aggregator",
         ca_certificates: true,
         nonroot: true,
-        data_dirs: &["var/lib/prestop-aggregator"],
+        store_dir: Some("/var/lib/prestop-aggregator"),
     },
     Image {
         name: "prestop-check",
@@ -78,7 +84,7 @@ pub const IMAGES: [Image; 3] = [
         binary: "prestop-check",
         ca_certificates: true,
         nonroot: true,
-        data_dirs: &[],
+        store_dir: None,
     },
 ];
 
@@ -138,7 +144,7 @@ pub fn build(args: &ImageArgs) -> Result<PathBuf> {
     for image in &IMAGES {
         let version = meta.version(image.package)?;
         let context = out.join("context").join(image.name);
-        rootfs::prepare(image, &bin_dir.join(image.binary), &context.join("rootfs"))?;
+        rootfs::prepare(image, &bin_dir.join(image.binary), &context)?;
         if !args.context_only {
             Buildah::new(&out).build(image, &version, &provenance, &context)?;
         }
@@ -147,19 +153,26 @@ pub fn build(args: &ImageArgs) -> Result<PathBuf> {
 }
 
 fn build_binaries(profile: Profile) -> Result<()> {
-    let mut cargo = Command::new(env!("CARGO"));
-    cargo.current_dir(cmd::workspace_root());
     match profile {
-        // The test run's binaries are plain `cargo build` ones; auditable
-        // builds wrap rustc and would rebuild them.
-        Profile::Debug => cargo.arg("build"),
-        Profile::Release => cargo.args(["auditable", "build", "--release"]),
-    };
-    cargo.args(["--locked", "--bins"]);
-    for image in &IMAGES {
-        cargo.args(["--package", image.package]);
+        // Exactly `cargo xtask build` (and the test run's build): the same
+        // packages, so the same features and nothing rebuilt. Not
+        // auditable: that wraps rustc and would rebuild them.
+        Profile::Debug => build::run(&build::BuildArgs::default()),
+        Profile::Release => {
+            let mut cargo = Command::new(env!("CARGO"));
+            cargo.current_dir(cmd::workspace_root()).args([
+                "auditable",
+                "build",
+                "--release",
+                "--locked",
+                "--bins",
+            ]);
+            for image in &IMAGES {
+                cargo.args(["--package", image.package]);
+            }
+            cmd::run(&mut cargo)
+        }
     }
-    cmd::run(&mut cargo)
 }
 
 /// What the images record about the checkout they were built from.

@@ -21,13 +21,15 @@ const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// same uid the Deployment's securityContext names.
 pub const NONROOT_UID: u32 = 65532;
 
-/// Lays out `rootfs` for `image` from its built `binary`; whatever was there
-/// before is removed.
-pub fn prepare(image: &Image, binary: &Path, rootfs: &Path) -> Result<()> {
-    if rootfs.exists() {
-        fs::remove_dir_all(rootfs)
-            .with_context(|| format!("removing the old context {}", rootfs.display()))?;
+/// Lays out the build context of `image` from its built `binary`:
+/// `rootfs/`, and `store/` when the image has a store directory; whatever
+/// was there before is removed.
+pub fn prepare(image: &Image, binary: &Path, context: &Path) -> Result<()> {
+    if context.exists() {
+        fs::remove_dir_all(context)
+            .with_context(|| format!("removing the old context {}", context.display()))?;
     }
+    let rootfs = &context.join("rootfs");
     copy_into(rootfs, binary, &image.binary_path())?;
     for lib in shared_objects(binary)? {
         copy_into(rootfs, &lib, &lib)?;
@@ -60,8 +62,13 @@ pub fn prepare(image: &Image, binary: &Path, rootfs: &Path) -> Result<()> {
     let tmp = rootfs.join("tmp");
     fs::create_dir_all(&tmp)?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777))?;
-    for dir in image.data_dirs {
-        fs::create_dir_all(rootfs.join(dir))?;
+    if let Some(dir) = image.store_dir {
+        let dir = Path::new(dir);
+        let name = dir.file_name().expect("a store directory has a name");
+        fs::create_dir_all(context.join("store").join(name))?;
+        // The parents exist before the `--chown` copy, so they stay root's.
+        let parent = dir.parent().expect("a store directory has a parent");
+        fs::create_dir_all(rootfs.join(parent.strip_prefix("/").unwrap_or(parent)))?;
     }
     Ok(())
 }

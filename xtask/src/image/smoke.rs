@@ -8,6 +8,7 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::OnceLock,
@@ -74,7 +75,34 @@ impl Bundle {
         .unwrap();
         let config = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap())
             .expect("umoci's config.json is JSON");
-        Self { dir, config }
+        let bundle = Self { dir, config };
+        bundle.assert_labels(name);
+        bundle
+    }
+
+    /// The OCI labels the Containerfile sets from the build's arguments
+    /// (umoci copies the image config's labels into the annotations).
+    fn assert_labels(&self, name: &str) {
+        let label = |key: &str| {
+            self.config["annotations"][format!("org.opencontainers.image.{key}")]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: no label {key}: {:#}", self.config))
+                .to_owned()
+        };
+        let head = cmd::output(
+            Command::new("git")
+                .current_dir(cmd::workspace_root())
+                .args(["rev-parse", "HEAD"]),
+        )
+        .unwrap();
+        assert_eq!(label("title"), name);
+        assert_eq!(label("version"), env!("CARGO_PKG_VERSION"));
+        assert_eq!(label("revision"), head);
+        assert_eq!(label("licenses"), env!("CARGO_PKG_LICENSE"));
+        assert_eq!(
+            label("source"),
+            "https://github.com/prestop-observer/prestop-observer"
+        );
     }
 
     fn rootfs(&self) -> PathBuf {
@@ -191,6 +219,15 @@ fn aggregator_image_serves_health_as_nonroot() {
     }
     let bundle = Bundle::unpack("prestop-aggregator");
     assert_eq!(bundle.user(), (NONROOT_UID.into(), NONROOT_UID.into()));
+    let owner = |dir: &str| {
+        let meta = std::fs::metadata(bundle.rootfs().join(dir)).unwrap();
+        (meta.uid(), meta.gid())
+    };
+    assert_eq!(
+        owner("var/lib/prestop-aggregator"),
+        (NONROOT_UID, NONROOT_UID)
+    );
+    assert_eq!(owner("var/lib"), (0, 0));
     let http = free_port();
     let grpc = free_port();
     // The default store path: the image makes it writable for its user.
@@ -227,6 +264,29 @@ fn prestop_check_image_answers_version_as_nonroot() {
     );
     let ca = bundle.rootfs().join("etc/ssl/certs/ca-certificates.crt");
     assert!(ca.metadata().unwrap().len() > 0, "{}", ca.display());
+}
+
+#[test]
+fn each_image_has_the_sbom_of_its_package() {
+    if !root_or_skip("each_image_has_the_sbom_of_its_package") {
+        return;
+    }
+    for image in &IMAGES {
+        let path = images().join(format!("{}.cdx.json", image.name));
+        let sbom: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(sbom["bomFormat"], "CycloneDX", "{}", path.display());
+        let component = &sbom["metadata"]["component"];
+        assert_eq!(component["name"], image.package, "{}", path.display());
+        assert_eq!(component["version"], env!("CARGO_PKG_VERSION"));
+        let crates = sbom["components"].as_array().unwrap();
+        // Every image's binary links tokio or clap at least; a real list.
+        assert!(
+            crates.iter().any(|c| c["name"] == "clap"),
+            "{}: {} components",
+            path.display(),
+            crates.len()
+        );
+    }
 }
 
 /// Kills the server when the test ends, passed or not.
