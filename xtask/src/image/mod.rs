@@ -202,12 +202,14 @@ impl Provenance {
 /// buildah with its own vfs store under the output directory: no daemon, no
 /// overlay mounts, nothing left in the user's image store.
 struct Buildah {
+    out: PathBuf,
     root: PathBuf,
 }
 
 impl Buildah {
     fn new(out: &Path) -> Self {
         Self {
+            out: out.to_owned(),
             root: out.join("buildah"),
         }
     }
@@ -245,11 +247,7 @@ impl Buildah {
                 .args(["--tag", &reference])
                 .arg(context),
         )?;
-        let archive = context
-            .parent()
-            .and_then(Path::parent)
-            .expect("contexts live in OUT/context/NAME")
-            .join(format!("{}.tar", image.name));
+        let archive = self.out.join(format!("{}.tar", image.name));
         // An existing archive would be appended to, not replaced.
         if archive.exists() {
             std::fs::remove_file(&archive)?;

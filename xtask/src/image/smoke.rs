@@ -19,7 +19,7 @@ use std::{
 use lab_netns::root::root_or_skip;
 use serde_json::Value;
 
-use super::{IMAGES, ImageArgs, Profile, build, rootfs::NONROOT_UID};
+use super::{IMAGES, ImageArgs, Metadata, Profile, build, rootfs::NONROOT_UID};
 use crate::cmd;
 
 /// The images, built once for all tests from the debug binaries the test
@@ -28,7 +28,10 @@ use crate::cmd;
 fn images() -> &'static Path {
     static OUT: OnceLock<PathBuf> = OnceLock::new();
     OUT.get_or_init(|| {
-        let out = cmd::workspace_root().join("target/images-smoke");
+        let out = Metadata::read()
+            .expect("cargo metadata")
+            .target_dir
+            .join("images-smoke");
         build(&ImageArgs {
             profile: Profile::Debug,
             out_dir: Some(out.clone()),
@@ -49,7 +52,6 @@ struct Bundle {
 impl Bundle {
     fn unpack(name: &str) -> Self {
         let out = images();
-        let image = IMAGES.iter().find(|i| i.name == name).unwrap();
         let layout = out.join("unpacked").join(format!("{name}-layout"));
         let dir = out.join("unpacked").join(name);
         for d in [&layout, &dir] {
@@ -59,7 +61,7 @@ impl Bundle {
         cmd::run(
             Command::new("tar")
                 .arg("-xf")
-                .arg(out.join(format!("{}.tar", image.name)))
+                .arg(out.join(format!("{name}.tar")))
                 .arg("-C")
                 .arg(&layout),
         )
