@@ -4,7 +4,7 @@
 //! target/lab/report.json. The lab's end-to-end tests run the same
 //! `lab-run`.
 
-use std::{ffi::OsString, os::unix::process::CommandExt, path::PathBuf, process::Command};
+use std::{ffi::OsString, os::unix::process::CommandExt, process::Command};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -18,12 +18,6 @@ pub struct XtaskLabArgs {
     pub release: bool,
     #[command(flatten)]
     pub lab: lab::LabArgs,
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cmd::workspace_root().join("target"))
 }
 
 /// The arguments after `lab` on xtask's command line, minus the flags
@@ -60,7 +54,7 @@ pub fn run(args: &XtaskLabArgs) -> Result<()> {
         build.arg("--release");
     }
     cmd::run(&mut build)?;
-    let bin = target_dir().join(profile);
+    let bin = cmd::target_dir().join(profile);
     let mut lab = Command::new(bin.join("lab-run"));
     lab.arg("--bin-dir")
         .arg(&bin)

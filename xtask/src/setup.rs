@@ -27,6 +27,11 @@ const APT_PACKAGES: &[(&str, Option<&str>)] = &[
     ("prometheus", Some("promtool")),
     // Third-party load generators usable against the lab.
     ("hey", Some("hey")),
+    // The kernel matrix (`cargo xtask test --kernel debian-6.1`): the
+    // emulator, the guest's init and modprobe/depmod for Debian's kernels.
+    ("qemu-system-x86", Some("qemu-system-x86_64")),
+    ("busybox-static", None),
+    ("kmod", None),
 ];
 
 /// kubectl renders deploy/ (`kubectl kustomize`) in prestop-check's

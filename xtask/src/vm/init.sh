@@ -1,0 +1,56 @@
+#!/bin/busybox sh
+# PID 1 of the test guest (xtask/src/vm/initramfs.rs). Loads the boot
+# modules, mounts the host's root read-only over 9p at /newroot with the
+# kernel filesystems the tests use, runs the script named by
+# xtask.script= in a chroot there, prints its exit code on a marker line
+# the host reads, and powers off. It stays in the initramfs itself so that
+# the kernel's module loader (which runs in PID 1's root) finds
+# /sbin/modprobe-guest.
+B=/bin/busybox
+$B mount -t proc proc /proc
+$B mount -t sysfs sys /sys
+$B mount -t devtmpfs dev /dev
+
+for word in $($B cat /proc/cmdline); do
+	case $word in
+	xtask.script=*) SCRIPT=${word#*=} ;;
+	xtask.modroot=*) MODROOT=${word#*=} ;;
+	esac
+done
+
+fail() {
+	echo "XTASK-VM-EXIT 125 $*"
+	$B poweroff -f
+}
+
+for m in /boot-modules/*.ko; do
+	$B insmod "$m" || fail "insmod $m"
+done
+$B mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /newroot \
+	|| fail "mounting the host's root over 9p"
+R=/newroot
+$B mount -t proc proc $R/proc
+$B mount -t sysfs sys $R/sys
+$B mount -t devtmpfs dev $R/dev
+$B mkdir -p $R/dev/pts $R/dev/shm
+$B mount -t devpts devpts $R/dev/pts
+$B mount -t tmpfs tmpfs $R/dev/shm
+$B mount -t tmpfs tmpfs $R/run
+$B mount -t tmpfs tmpfs $R/tmp
+$B mount -t tracefs tracefs $R/sys/kernel/tracing
+$B mount -t debugfs debugfs $R/sys/kernel/debug
+$B mount -t bpf bpf $R/sys/fs/bpf
+$B mount -t cgroup2 cgroup2 $R/sys/fs/cgroup
+$B ip link set lo up
+
+# Netfilter and the rest are modules here: the kernel's requests go to the
+# host's modprobe in the chroot, reading the extracted package.
+$B mkdir -p /sbin
+printf '#!/bin/busybox sh\nexec /bin/busybox chroot %s /sbin/modprobe -d %s "$@"\n' "$R" "$MODROOT" \
+	> /sbin/modprobe-guest
+$B chmod +x /sbin/modprobe-guest
+echo /sbin/modprobe-guest > /proc/sys/kernel/modprobe
+
+$B chroot $R /bin/sh "$SCRIPT"
+echo "XTASK-VM-EXIT $?"
+$B poweroff -f
