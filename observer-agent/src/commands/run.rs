@@ -76,7 +76,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let mut capabilities = probe::probe_kernel();
     capabilities.extend(probe::hook_capabilities(kernel.hooks()));
+    capabilities.push(probe::resets_without_socket_capability(kernel.layout()));
     capabilities.push(probe::delivery_capability(kernel.delivery()));
+    for c in capabilities.iter().filter(|c| !c.available) {
+        if c.required {
+            tracing::error!(capability = %c.name, reason = %c.detail, cost = c.cost, "required capability missing: the agent stays not ready");
+        } else {
+            tracing::warn!(capability = %c.name, reason = %c.detail, cost = c.cost, "capability missing");
+        }
+    }
+    // Readiness says whether this node is measured at all: a required
+    // capability missing keeps the pod not ready (`observer-agent probe`
+    // names it), while the agent still reports what it can.
+    let complete = probe::all_required_available(&capabilities);
 
     let (obs_tx, mut obs_rx) = mpsc::channel::<Observation>(CHANNEL_CAPACITY);
     let ring = kernel
@@ -131,7 +143,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let reporter = tokio::spawn(report::run(cfg, report_rx, watch_tx, async {
         let _ = stop_rx.await;
     }));
-    health.set_ready(true);
+    health.set_ready(complete);
     tracing::info!(node = %args.node_name, aggregator = %args.aggregator, "agent running");
 
     let mut watched = Watched::default();
