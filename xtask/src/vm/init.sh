@@ -5,7 +5,7 @@
 # xtask.script= in a chroot there, prints its exit code on a marker line
 # the host reads, and powers off. It stays in the initramfs itself so that
 # the kernel's module loader (which runs in PID 1's root) finds
-# /sbin/modprobe-guest.
+# /sbin/modprobe.
 B=/bin/busybox
 $B mount -t proc proc /proc
 $B mount -t sysfs sys /sys
@@ -43,13 +43,14 @@ $B mount -t bpf bpf $R/sys/fs/bpf
 $B mount -t cgroup2 cgroup2 $R/sys/fs/cgroup
 $B ip link set lo up
 
-# Netfilter and the rest are modules here: the kernel's requests go to the
-# host's modprobe in the chroot, reading the extracted package.
+# Netfilter and the rest are modules here. The kernel's requests run
+# /sbin/modprobe in this root: the host's modprobe in the chroot, reading
+# the extracted package. Programs in the chroot that run /sbin/modprobe
+# themselves (iptables-legacy) get the host's, with MODPROBE_OPTIONS.
 $B mkdir -p /sbin
 printf '#!/bin/busybox sh\nexec /bin/busybox chroot %s /sbin/modprobe -d %s "$@"\n' "$R" "$MODROOT" \
-	> /sbin/modprobe-guest
-$B chmod +x /sbin/modprobe-guest
-echo /sbin/modprobe-guest > /proc/sys/kernel/modprobe
+	> /sbin/modprobe
+$B chmod +x /sbin/modprobe
 
 $B chroot $R /bin/sh "$SCRIPT"
 echo "XTASK-VM-EXIT $?"
