@@ -45,7 +45,7 @@ impl Capability {
 
 /// The name of the row saying whether `tcp_send_reset` fires for resets
 /// sent without a socket.
-pub const RESETS_WITHOUT_SOCKET: &str = "tcp_send_reset without a socket (refused connections)";
+pub const RESETS_WITHOUT_SOCKET: &str = "tcp_send_reset/refused connections";
 
 const NOTHING_OBSERVED: &str =
     "nothing is observed on this node: no connection, refusal or reset of its pods is seen";
