@@ -60,7 +60,8 @@ pub struct TestArgs {
         default_values = ["host", "debian-6.1"]
     )]
     pub kernels: Vec<TestKernel>,
-    /// Extra arguments for `cargo test` (after `--`), for example a test name filter.
+    /// Extra arguments for the host's `cargo test` (after `--`), for example a
+    /// test name filter. The guest runs its fixed set (README "Kernels tested").
     #[arg(last = true)]
     pub cargo_args: Vec<String>,
 }

@@ -3,7 +3,7 @@
 //! script init.sh runs in the chroot to run them one by one.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
 };
 
@@ -122,17 +122,14 @@ fn executables(messages: &str) -> Result<Vec<Artifact>> {
 /// Marks each program's end on the console: `XTASK-VM-TEST <code> <name>`.
 const RESULT_MARKER: &str = "XTASK-VM-TEST ";
 
-/// The script init.sh runs in the chroot; `modroot` is the extracted
-/// kernel package (modprobe's `-d` for the tests' own modprobe calls).
-pub fn script(tests: &[GuestTest], modroot: &Path) -> String {
+/// The script init.sh runs in the chroot.
+pub fn script(tests: &[GuestTest]) -> String {
     let mut s = format!(
         "# Written by cargo xtask test (xtask/src/vm/guest.rs) for one guest run.\n\
          export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
          export HOME=/tmp {REQUIRE_ROOT_ENV}=1\n\
-         export MODPROBE_OPTIONS={}\n\
          echo \"guest kernel $(uname -r), $(nproc) CPUs\"\n\
-         failed=0\n",
-        quote(&format!("-d {}", modroot.display()))
+         failed=0\n"
     );
     for t in tests {
         let argv: Vec<String> = t.argv.iter().map(|a| quote(a)).collect();
@@ -196,7 +193,7 @@ mod tests {
         ];
         let out = Command::new("sh")
             .arg("-c")
-            .arg(script(&tests, Path::new("/nonexistent")))
+            .arg(script(&tests))
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(1));

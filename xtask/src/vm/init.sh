@@ -1,7 +1,7 @@
 #!/bin/busybox sh
 # PID 1 of the test guest (xtask/src/vm/initramfs.rs). Loads the boot
-# modules, mounts the host's root read-only over 9p at /newroot with the
-# kernel filesystems the tests use, runs the script named by
+# modules, mounts the host's root (read-only over 9p, under a tmpfs
+# overlay) at /newroot with the kernel filesystems the tests use, runs the script named by
 # xtask.script= in a chroot there, prints its exit code on a marker line
 # the host reads, and powers off. It stays in the initramfs itself so that
 # the kernel's module loader (which runs in PID 1's root) finds
@@ -26,8 +26,14 @@ fail() {
 for m in /boot-modules/*.ko; do
 	$B insmod "$m" || fail "insmod $m"
 done
-$B mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /newroot \
+$B mkdir -p /host /layer
+$B mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host \
 	|| fail "mounting the host's root over 9p"
+# Writes land in a tmpfs layer, never on the host (its share is read-only).
+$B mount -t tmpfs tmpfs /layer
+$B mkdir /layer/upper /layer/work
+$B mount -t overlay overlay -o lowerdir=/host,upperdir=/layer/upper,workdir=/layer/work /newroot \
+	|| fail "mounting an overlay on the host's root"
 R=/newroot
 $B mount -t proc proc $R/proc
 $B mount -t sysfs sys $R/sys
@@ -43,13 +49,14 @@ $B mount -t bpf bpf $R/sys/fs/bpf
 $B mount -t cgroup2 cgroup2 $R/sys/fs/cgroup
 $B ip link set lo up
 
-# Netfilter and the rest are modules here. The kernel's requests run
-# /sbin/modprobe in this root: the host's modprobe in the chroot, reading
-# the extracted package. Programs in the chroot that run /sbin/modprobe
-# themselves (iptables-legacy) get the host's, with MODPROBE_OPTIONS.
+# Netfilter and the rest are modules here: the package's modules directory
+# is mounted where modprobe looks in the chroot. The kernel's requests run
+# /sbin/modprobe in this root, which runs the chroot's.
+REL=$($B uname -r)
+$B mkdir -p $R/lib/modules/$REL
+$B mount -o bind "$R$MODROOT/lib/modules/$REL" $R/lib/modules/$REL || fail "mounting the modules of $REL"
 $B mkdir -p /sbin
-printf '#!/bin/busybox sh\nexec /bin/busybox chroot %s /sbin/modprobe -d %s "$@"\n' "$R" "$MODROOT" \
-	> /sbin/modprobe
+printf '#!/bin/busybox sh\nexec /bin/busybox chroot %s /sbin/modprobe "$@"\n' "$R" > /sbin/modprobe
 $B chmod +x /sbin/modprobe
 
 $B chroot $R /bin/sh "$SCRIPT"

@@ -35,7 +35,7 @@ pub fn run(kernel: &DebianKernel) -> Result<()> {
     let tree = kernel::fetch(kernel, &cache)?;
     let initramfs = initramfs::build(&tree)?;
     let script = tree.dir.join("guest-tests.sh");
-    fs::write(&script, guest::script(&tests, &tree.root))
+    fs::write(&script, guest::script(&tests))
         .with_context(|| format!("writing {}", script.display()))?;
     eprintln!(
         "{kernel}: booting {} ({}) under QEMU (TCG) to run {} test programs",

@@ -8,8 +8,9 @@ use std::collections::HashMap;
 use anyhow::{Context, Result, bail};
 
 /// What the guest needs before it can mount the host's root: the virtio
-/// PCI transport, 9p over virtio, and the 9p filesystem.
-pub const BOOT_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p"];
+/// PCI transport, 9p over virtio, the 9p filesystem, and overlayfs (a
+/// writable layer over the read-only share).
+pub const BOOT_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "overlay"];
 
 /// The module name of a path: the file name without `.ko` (and any
 /// compression suffix), `-` read as `_` as the kernel does.
@@ -82,7 +83,7 @@ pub fn is_builtin(modules_builtin: &str, name: &str) -> bool {
 mod tests {
     use super::*;
 
-    /// The virtio, 9p and neighbouring lines of Debian's 6.1.0-57-amd64
+    /// The virtio, 9p, overlay and neighbouring lines of Debian's 6.1.0-57-amd64
     /// (linux-image-6.1.0-57-amd64-unsigned 6.1.192-3), as depmod wrote them.
     const DEBIAN_6_1: &str = include_str!("testdata/modules.dep-6.1.0-57-amd64");
 
@@ -109,6 +110,7 @@ mod tests {
                 "kernel/fs/netfs/netfs.ko",
                 "kernel/fs/fscache/fscache.ko",
                 "kernel/fs/9p/9p.ko",
+                "kernel/fs/overlayfs/overlay.ko",
             ]
         );
         // Every line's dependencies come before it (what insmod needs).

@@ -24,7 +24,7 @@ pub struct Boot<'a> {
     pub initramfs: &'a Path,
     /// Run by init.sh in the chroot (a path on the host, seen by the guest).
     pub script: &'a Path,
-    /// The extracted package root for modprobe's `-d`.
+    /// The extracted package (its lib/modules/ is mounted in the guest).
     pub modroot: &'a Path,
     pub cpus: u32,
     pub memory_mib: u32,
