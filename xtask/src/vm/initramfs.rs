@@ -3,9 +3,13 @@
 //! unpacks). It holds nothing about the tests, so one archive per kernel
 //! serves every run; it is rewritten only when its content changes.
 
-use std::{fs, path::PathBuf};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use super::{kernel::KernelTree, modules};
 
@@ -38,11 +42,12 @@ pub fn build(kernel: &KernelTree) -> Result<PathBuf> {
     cpio.file("bin/busybox", 0o755, &busybox);
     cpio.file("init", 0o755, INIT.as_bytes());
     for (n, path) in order.iter().enumerate() {
-        let data = fs::read(modules_dir.join(path))
+        let data = module_bytes(&modules_dir.join(path))
             .with_context(|| format!("reading module {path} of {}", kernel.package))?;
         let file = path.rsplit('/').next().unwrap_or(path);
+        let stem = file.split(".ko").next().unwrap_or(file);
         // init.sh loads them in the glob's (lexical) order.
-        cpio.file(&format!("boot-modules/{n:02}-{file}"), 0o644, &data);
+        cpio.file(&format!("boot-modules/{n:02}-{stem}.ko"), 0o644, &data);
     }
     let archive = cpio.finish();
 
@@ -51,6 +56,25 @@ pub fn build(kernel: &KernelTree) -> Result<PathBuf> {
         fs::write(&out, &archive).with_context(|| format!("writing {}", out.display()))?;
     }
     Ok(out)
+}
+
+/// A module file, decompressed (6.12's are `.ko.xz`; busybox's insmod
+/// takes plain ones).
+fn module_bytes(path: &Path) -> Result<Vec<u8>> {
+    let tool = match path.extension().and_then(|e| e.to_str()) {
+        Some("xz") => "xz",
+        Some("zst") => "zstd",
+        _ => return fs::read(path).with_context(|| format!("reading {}", path.display())),
+    };
+    let out = Command::new(tool)
+        .arg("-dc")
+        .arg(path)
+        .output()
+        .with_context(|| format!("running {tool} -dc {}", path.display()))?;
+    if !out.status.success() {
+        bail!("{tool} -dc {} failed: {}", path.display(), out.status);
+    }
+    Ok(out.stdout)
 }
 
 /// A newc ("070701") cpio archive in memory.
@@ -115,7 +139,7 @@ impl Cpio {
 
 #[cfg(test)]
 mod tests {
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
 
     use super::*;
 
