@@ -28,10 +28,12 @@ const APT_PACKAGES: &[(&str, Option<&str>)] = &[
     // Third-party load generators usable against the lab.
     ("hey", Some("hey")),
     // The kernel matrix (`cargo xtask test --kernel debian-6.1`): the
-    // emulator, the guest's init and modprobe/depmod for Debian's kernels.
+    // emulator, the guest's init, modprobe/depmod, and xz for
+    // compressed modules (6.12's .ko.xz).
     ("qemu-system-x86", Some("qemu-system-x86_64")),
     ("busybox-static", None),
     ("kmod", None),
+    ("xz-utils", Some("xz")),
 ];
 
 /// kubectl renders deploy/ (`kubectl kustomize`) in prestop-check's
