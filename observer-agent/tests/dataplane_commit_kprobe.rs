@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use lab::root::root_or_skip;
+use lab_netns::netns::NetNs;
 use observer_agent::{
     dataplane::commit_kprobe,
     kernel::{Kernel, LoadOptions},
@@ -15,6 +16,12 @@ fn commit_kprobes_load_and_report_attach_failures() {
     if !root_or_skip("commit_kprobes_load_and_report_attach_failures") {
         return;
     }
+    // Where nf_tables and x_tables are modules (Debian's kernels), their
+    // functions exist once a dataplane used them: list both rulesets, as
+    // kube-proxy does, in a namespace of the test's own.
+    let ns = NetNs::create("commitprobe").expect("netns");
+    ns.sh("nft list tables && iptables-legacy -w -t nat -S >/dev/null")
+        .expect("nft and iptables-legacy list their rulesets");
     let mut kernel = Kernel::load(LoadOptions::default()).expect("eBPF loads");
     let setup = commit_kprobe::load(kernel.ebpf_mut()).expect("probes pass the verifier");
     let functions: Vec<&str> = setup.statuses.iter().map(|s| s.function).collect();

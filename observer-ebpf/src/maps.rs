@@ -1,6 +1,7 @@
 //! Maps and read-only globals shared by the programs. Names are the contract
 //! with observer-agent's loader.
 
+use crate::record::{COPY_SLOTS, RecordCopy};
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -48,6 +49,11 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0)
 /// when it last woke the agent (zero: never).
 #[map]
 pub static CONN_WOKEN_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's copies of tracepoint records read at the agent's offsets
+/// (see `record.rs`), one slot per tracepoint.
+#[map]
+pub static RECORD_COPY: PerCpuArray<RecordCopy> = PerCpuArray::with_max_entries(COPY_SLOTS, 0);
 
 /// Reads one field of [`LAYOUT`]. Volatile so the compiler cannot fold the
 /// compile-time default into the code; the verifier still sees the frozen

@@ -8,6 +8,11 @@
 //! copied to the stack with one `bpf_probe_read_kernel` and read at the
 //! offsets the agent supplied; those variants stay out of line, off the
 //! common path.
+//!
+//! The copy goes to this CPU's slot of `RECORD_COPY`, not to the stack:
+//! 6.1's verifier limits the stack of a program and its calls together to
+//! 512 bytes and rejected every copied variant with the copy on the stack
+//! ("combined stack size of 3 calls is 544"), while 6.18 accepted them.
 
 use core::ffi::c_void;
 
@@ -19,9 +24,14 @@ use observer_common::{
     watch::AddrWords,
 };
 
-use crate::maps::layout;
+use crate::maps::{RECORD_COPY, layout};
 
 const MAX: usize = RECORD_MAX as usize;
+/// `RECORD_COPY` slots.
+const COPY_SET_STATE: u32 = 0;
+const COPY_SEND_RESET: u32 = 1;
+const COPY_RECV_RESET: u32 = 2;
+pub const COPY_SLOTS: u32 = 3;
 const D: TracepointLayout = TracepointLayout::DEFAULT;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -61,7 +71,7 @@ pub struct ReceiveReset {
 }
 
 /// One context load at a constant offset, written as the instruction
-/// itself. Left to LLVM, neighbouring loads share one base register
+/// itself (also used for loads from a record's copy). Left to LLVM, neighbouring loads share one base register
 /// (`ctx + 40`, then `+0`, `+8`), and the verifier rejects loads through a
 /// modified context pointer; a non-inlined function per load avoided that at
 /// the price of a call and a return each, which the kernel's return-stack
@@ -138,37 +148,37 @@ macro_rules! sockaddr_direct {
     }};
 }
 
-/// A record copied to the stack.
+/// A copied record.
 #[repr(C, align(8))]
-struct Copy {
+pub struct RecordCopy {
     bytes: [u8; MAX],
 }
 
-impl Copy {
+impl RecordCopy {
+    /// Copies `size` bytes of the record into this CPU's slot `slot` (one
+    /// per tracepoint). Tracepoint programs do not nest on one CPU (the
+    /// kernel skips one that would run inside another), so a slot holds one
+    /// record at a time.
     #[inline(always)]
-    fn new() -> Copy {
-        Copy { bytes: [0u8; MAX] }
-    }
-
-    /// Filled in place: a record moved around by value can take several
-    /// copies of the stack.
-    #[inline(always)]
-    fn load(&mut self, ctx: *mut c_void, size: u16) -> Result<&Copy, i64> {
+    fn load(slot: u32, ctx: *mut c_void, size: u16) -> Result<&'static RecordCopy, i64> {
+        let copy = RECORD_COPY.get_ptr_mut(slot).ok_or(-1i64)?;
         let size = (size as u32).min(RECORD_MAX as u32);
-        let ret = unsafe { bpf_probe_read_kernel(self.bytes.as_mut_ptr().cast(), size, ctx) };
-        if ret != 0 {
-            return Err(ret);
+        unsafe {
+            let ret = bpf_probe_read_kernel((*copy).bytes.as_mut_ptr().cast(), size, ctx);
+            if ret != 0 {
+                return Err(ret);
+            }
+            Ok(&*copy)
         }
-        Ok(self)
     }
 
     #[inline(always)]
-    fn get<T>(&self, offset: u16) -> Result<T, i64> {
+    fn get<T: Field>(&self, offset: u16) -> Result<T, i64> {
         let offset = offset as usize;
-        if offset + core::mem::size_of::<T>() > MAX {
+        if offset + T::SIZE > MAX {
             return Err(-1);
         }
-        Ok(unsafe { core::ptr::read_unaligned(self.bytes.as_ptr().add(offset).cast::<T>()) })
+        Ok(unsafe { T::read(self.bytes.as_ptr().add(offset)) })
     }
 
     /// An address and port stored as `sockaddr_in`/`sockaddr_in6`.
@@ -181,6 +191,50 @@ impl Copy {
             AF_INET6 => Ok((self.get(offset + 8)?, port)),
             _ => Err(-1),
         }
+    }
+}
+
+/// A field of a copied record, read where the agent's offset says in one
+/// load per word. `read_unaligned` made LLVM (which assumes BPF needs
+/// aligned loads) load byte by byte and spill the bytes, which took the
+/// copied variants past 6.1's stack limit; the verifier allows unaligned
+/// loads from map values on the CPUs that do them (x86-64, arm64).
+trait Field: Sized {
+    const SIZE: usize;
+    /// # Safety
+    /// `p` points to `SIZE` readable bytes.
+    unsafe fn read(p: *const u8) -> Self;
+}
+
+impl Field for u16 {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    unsafe fn read(p: *const u8) -> Self {
+        ctx_load!(p, u16, 0)
+    }
+}
+
+impl Field for u32 {
+    const SIZE: usize = 4;
+    #[inline(always)]
+    unsafe fn read(p: *const u8) -> Self {
+        ctx_load!(p, u32, 0)
+    }
+}
+
+impl Field for i32 {
+    const SIZE: usize = 4;
+    #[inline(always)]
+    unsafe fn read(p: *const u8) -> Self {
+        ctx_load!(p, u32, 0) as i32
+    }
+}
+
+impl Field for AddrWords {
+    const SIZE: usize = 16;
+    #[inline(always)]
+    unsafe fn read(p: *const u8) -> Self {
+        [ctx_load!(p, u64, 0), ctx_load!(p, u64, 8)]
     }
 }
 
@@ -223,8 +277,7 @@ fn set_state_direct(ctx: *mut c_void, classify: impl Fn(u16, i32, i32) -> Transi
 /// Reads the whole record: addresses cost nothing more once it is copied.
 #[inline(never)]
 fn set_state_copied(ctx: *mut c_void) -> Result<(u16, SetState), i64> {
-    let mut copy = Copy::new();
-    let r = copy.load(ctx, layout!(set_state_size))?;
+    let r = RecordCopy::load(COPY_SET_STATE, ctx, layout!(set_state_size))?;
     Ok((
         r.get(layout!(set_state_protocol))?,
         SetState {
@@ -280,8 +333,7 @@ fn send_reset_direct(ctx: *mut c_void) -> Result<SendReset, i64> {
 
 #[inline(never)]
 fn send_reset_copied(ctx: *mut c_void) -> Result<SendReset, i64> {
-    let mut copy = Copy::new();
-    let r = copy.load(ctx, layout!(send_reset_size))?;
+    let r = RecordCopy::load(COPY_SEND_RESET, ctx, layout!(send_reset_size))?;
     let ((sender, sender_port), (receiver, receiver_port)) =
         if layout!(send_reset_addrs) == TcpSendResetAddrs::Sockaddr as u8 {
             (
@@ -338,8 +390,7 @@ fn receive_reset_direct(ctx: *mut c_void) -> ReceiveReset {
 
 #[inline(never)]
 fn receive_reset_copied(ctx: *mut c_void) -> Result<ReceiveReset, i64> {
-    let mut copy = Copy::new();
-    let r = copy.load(ctx, layout!(recv_reset_size))?;
+    let r = RecordCopy::load(COPY_RECV_RESET, ctx, layout!(recv_reset_size))?;
     Ok(ReceiveReset {
         local: r.get(layout!(recv_reset_saddr_v6))?,
         remote: r.get(layout!(recv_reset_daddr_v6))?,

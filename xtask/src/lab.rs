@@ -5,7 +5,7 @@
 //! xtask passes them through unread (`cargo xtask lab --help` shows them
 //! after the build). The lab's end-to-end tests run the same `lab-run`.
 
-use std::{ffi::OsString, os::unix::process::CommandExt, path::PathBuf, process::Command};
+use std::{ffi::OsString, os::unix::process::CommandExt, process::Command};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -21,12 +21,6 @@ pub struct XtaskLabArgs {
     /// The lab's own flags, passed to `lab-run` (`--help` lists them).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub lab: Vec<OsString>,
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cmd::workspace_root().join("target"))
 }
 
 /// Whether the user only asks for the lab's help: no root needed for that.
@@ -57,7 +51,7 @@ pub fn run(args: &XtaskLabArgs) -> Result<()> {
         build.arg("--release");
     }
     cmd::run(&mut build)?;
-    let bin = target_dir().join(profile);
+    let bin = cmd::target_dir().join(profile);
     let mut lab = Command::new(bin.join("lab-run"));
     lab.arg("--bin-dir")
         .arg(&bin)

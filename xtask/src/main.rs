@@ -8,6 +8,7 @@ mod image;
 mod lab;
 mod setup;
 mod test;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -29,7 +30,8 @@ enum Task {
     Setup(setup::SetupArgs),
     /// Build the eBPF programs and every binary of the workspace.
     Build(build::BuildArgs),
-    /// Run every test of the workspace, including the root-only kernel tests.
+    /// Run every test of the workspace, including the root-only kernel tests,
+    /// on the host kernel and, in QEMU guests, on other kernels (`--kernel`).
     Test(test::TestArgs),
     /// Run the lab: a cluster in network namespaces, a rolling update measured
     /// by the real agents and aggregator, then repeated with preStop 0 (the

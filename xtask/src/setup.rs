@@ -36,6 +36,13 @@ const APT_PACKAGES: &[(&str, Option<&str>)] = &[
     ("ca-certificates", None),
     // actionlint checks the workflows' `run:` scripts with it.
     ("shellcheck", Some("shellcheck")),
+    // The kernel matrix (`cargo xtask test --kernel debian-6.1`): the
+    // emulator, the guest's init, modprobe/depmod, and xz for
+    // compressed modules (6.12's .ko.xz).
+    ("qemu-system-x86", Some("qemu-system-x86_64")),
+    ("busybox-static", None),
+    ("kmod", None),
+    ("xz-utils", Some("xz")),
 ];
 
 /// PyPI tools the tests run, pinned, with the command each installs.

@@ -82,14 +82,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         health.set_hook(&hook.name, hook.attached);
     }
 
+    let table = capability_table(&kernel);
+    for c in table.iter().filter(|c| !c.available) {
+        if c.required {
+            tracing::error!(capability = %c.name, reason = %c.detail, cost = c.cost, "required capability missing: the agent stays not ready");
+        } else {
+            tracing::warn!(capability = %c.name, reason = %c.detail, cost = c.cost, "capability missing");
+        }
+    }
+    // Readiness says whether this node is measured at all: a required
+    // capability missing keeps the pod not ready (`observer-agent probe`
+    // names it), while the agent still reports what it can.
+    let complete = capabilities::all_required_available(&table);
     let Reporter {
         counters,
         observations: report_tx,
         mut watch_updates,
         stop: stop_tx,
         task: reporter,
-    } = start_reporter(&args, &kernel);
-    health.set_ready(true);
+    } = start_reporter(&args, table);
+    health.set_ready(complete);
     tracing::info!(node = %args.node_name, aggregator = %args.aggregator, "agent running");
 
     let mut watched = Watched::default();
@@ -146,11 +158,11 @@ struct Reporter {
     task: JoinHandle<Result<report::Summary, report::ReportError>>,
 }
 
-fn start_reporter(args: &RunArgs, kernel: &Kernel) -> Reporter {
+fn start_reporter(args: &RunArgs, capabilities: Vec<capabilities::Capability>) -> Reporter {
     let counters = Arc::new(KernelCounters::default());
     let mut cfg = ReporterConfig::new(args.aggregator.clone(), args.node_name.clone());
     cfg.kernel_release = kernel_release();
-    cfg.capabilities = capability_table(kernel);
+    cfg.capabilities = capabilities;
     cfg.buffer_capacity = args.buffer_capacity;
     cfg.counters = counters.clone();
     let (observations, report_rx) = mpsc::channel(CHANNEL_CAPACITY);
@@ -173,6 +185,9 @@ fn start_reporter(args: &RunArgs, kernel: &Kernel) -> Reporter {
 fn capability_table(kernel: &Kernel) -> Vec<capabilities::Capability> {
     let mut table = capabilities::probe_kernel();
     table.extend(capabilities::hook_capabilities(kernel.hooks()));
+    table.push(capabilities::resets_without_socket_capability(
+        kernel.layout(),
+    ));
     table.push(capabilities::delivery_capability(kernel.delivery()));
     table
 }

@@ -8,6 +8,7 @@ use aya::{
     programs::ProgramType,
     sys::{is_map_supported, is_program_supported},
 };
+use observer_common::{TcpSendResetAddrs, TracepointLayout};
 use serde::Serialize;
 
 use super::{Delivery, HookStatus, Kernel, LoadOptions, tracefs::Tracefs};
@@ -20,6 +21,8 @@ pub struct Capability {
     pub detail: String,
     /// The agent cannot observe the destination side without it.
     pub required: bool,
+    /// What the user loses on this node while it is missing.
+    pub cost: &'static str,
 }
 
 impl Capability {
@@ -29,12 +32,50 @@ impl Capability {
         detail: impl Into<String>,
         required: bool,
     ) -> Self {
+        let name = name.into();
         Capability {
-            name: name.into(),
+            cost: cost(&name),
+            name,
             available,
             detail: detail.into(),
             required,
         }
+    }
+}
+
+/// The name of the row saying whether `tcp_send_reset` fires for resets
+/// sent without a socket.
+pub const RESETS_WITHOUT_SOCKET: &str = "tcp_send_reset/refused connections";
+
+const NOTHING_OBSERVED: &str =
+    "nothing is observed on this node: no connection, refusal or reset of its pods is seen";
+
+/// What each capability's absence costs, by row name.
+fn cost(name: &str) -> &'static str {
+    match name {
+        "program/tracepoint" | "map/ringbuf" | "map/hash" | "map/percpu_array" | "tracefs"
+        | "ebpf/load" => NOTHING_OBSERVED,
+        "tracepoint/sock/inet_sock_set_state" => {
+            "connections to this node's pods are not seen (accepted, closed, keep-alive endings): the last connection each router sent is unknown"
+        }
+        "tracepoint/tcp/tcp_send_reset" => {
+            "resets sent by this node's pods are not seen, refused connections included: routers still sending to a stopped pod go unnoticed"
+        }
+        RESETS_WITHOUT_SOCKET => {
+            "refused connections to this node's pods (nothing listening any more) are not seen: routers still sending after the app stopped go unnoticed; resets sent by open sockets are"
+        }
+        "tracepoint/tcp/tcp_receive_reset" => "resets received by this node's pods are not seen",
+        "program/raw_tracepoint" | "delivery/per-cpu event batches" => {
+            "events are written one by one: more kernel time per event, none lost"
+        }
+        "program/socket_filter" => {
+            "new flows to watched pods are not seen from this node (source side of the last connection)"
+        }
+        "program/kprobe" | "pmu/kprobe" => {
+            "ruleset changes are timed by their netlink notification or re-read, not by the kernel's commit: times are up to a few ms late"
+        }
+        "sysctl/bpf_stats_enabled" => "the run time of the agent's eBPF programs is not reported",
+        _ => "nothing the agent uses today",
     }
 }
 
@@ -45,6 +86,7 @@ pub fn probe() -> Vec<Capability> {
     match Kernel::load(LoadOptions::default()) {
         Ok(kernel) => {
             table.extend(hook_capabilities(kernel.hooks()));
+            table.push(resets_without_socket_capability(kernel.layout()));
             table.push(delivery_capability(kernel.delivery()));
         }
         Err(e) => table.push(Capability::new("ebpf/load", false, e.to_string(), true)),
@@ -61,10 +103,33 @@ pub fn hook_capabilities(hooks: &[HookStatus]) -> Vec<Capability> {
                 h.name.clone(),
                 h.attached,
                 h.detail.clone(),
-                h.name.ends_with("inet_sock_set_state"),
+                REQUIRED_HOOKS.iter().any(|r| h.name.ends_with(r)),
             )
         })
         .collect()
+}
+
+/// The hooks without which a node's measurements lose their core evidence:
+/// the connections routed to a pod and the resets (refusals) it sent.
+const REQUIRED_HOOKS: [&str; 2] = ["inet_sock_set_state", "tcp_send_reset"];
+
+/// Whether this kernel's `tcp_send_reset` fires for resets sent without a
+/// socket, i.e. for refused connections. Kernels before 6.10 fire it only
+/// for resets sent by a socket; the record layout changed with that (its
+/// addresses became `sockaddr`s taken from the packet), so the layout tells
+/// which behaviour this kernel has. Not required: the rest still measures.
+pub fn resets_without_socket_capability(layout: &TracepointLayout) -> Capability {
+    let sockaddr = layout.send_reset_addrs == TcpSendResetAddrs::Sockaddr as u8;
+    Capability::new(
+        RESETS_WITHOUT_SOCKET,
+        sockaddr,
+        if sockaddr {
+            "the record's addresses come from the packet (kernel 6.10 or later)"
+        } else {
+            "the record's addresses come from the socket: kernels before 6.10 do not fire it without one"
+        },
+        false,
+    )
 }
 
 /// Whether events are batched per CPU: without it every event costs a ring
@@ -170,5 +235,10 @@ fn path_capability(name: &str, path: &str, what: &str, required: bool) -> Capabi
 
 /// True when every required capability is available.
 pub fn all_required_available(table: &[Capability]) -> bool {
-    table.iter().all(|c| c.available || !c.required)
+    missing_required(table).next().is_none()
+}
+
+/// The required capabilities that are missing.
+pub fn missing_required(table: &[Capability]) -> impl Iterator<Item = &Capability> {
+    table.iter().filter(|c| c.required && !c.available)
 }

@@ -9,7 +9,7 @@ use aya::{
     programs::{ProgramError, TracePoint},
 };
 use observer_common::{
-    Stat, WatchFilter, WatchKey, WatchSlot,
+    Stat, TracepointLayout, WatchFilter, WatchKey, WatchSlot,
     conn::{ConnBatchState, conn_ring_bytes},
     watch::{MAX_WATCHED, WatchFlags},
 };
@@ -127,6 +127,7 @@ pub struct Kernel {
     delivery: Delivery,
     hooks: Vec<HookStatus>,
     reset_reasons: std::collections::HashMap<u32, String>,
+    layout: TracepointLayout,
 }
 
 impl Kernel {
@@ -187,6 +188,7 @@ impl Kernel {
             delivery,
             hooks,
             reset_reasons,
+            layout,
         };
         // The filter carries the delivery mode to the programs.
         kernel.write_filter()?;
@@ -201,6 +203,12 @@ impl Kernel {
     /// Hooks tried at load, attached or not.
     pub fn hooks(&self) -> &[HookStatus] {
         &self.hooks
+    }
+
+    /// The record layout handed to the programs, read from this kernel's
+    /// tracepoint formats.
+    pub fn layout(&self) -> &TracepointLayout {
+        &self.layout
     }
 
     /// The kernel's names of `sk_rst_reason` values, from tracefs.
