@@ -30,9 +30,9 @@ use observer_agent::{
 use observer_proto::{Detector, NewFlow, Observation, UnixNanos};
 use tokio::sync::mpsc::{Receiver, channel};
 
-mod fixture;
+mod common;
 
-use fixture::{VIP, backend, service};
+use common::{VIP, backend, service};
 
 /// Traffic bounds: one connection every 500 us, at most this many, for at
 /// most this long.

@@ -15,9 +15,9 @@ use lab::{commit_clock::Window, root::root_or_skip};
 use observer_proto::UnixNanos;
 use serde_json::Value;
 
-mod fixture;
+mod common;
 
-use fixture::{TwoBackendNode, VIP, backend, service, two_backend_node};
+use common::{TwoBackendNode, VIP, backend, service, two_backend_node};
 
 /// A line's `time_unix_nano`.
 fn time(line: &Value) -> UnixNanos {

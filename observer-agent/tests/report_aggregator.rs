@@ -65,10 +65,6 @@ fn rules_removed(ip: &str, time: UnixNanos) -> Observation {
     })
 }
 
-fn deletion_start(ep: &observer_proto::Endpoint) -> UnixNanos {
-    UnixNanos::from_wire(ep.deletion_start_unix_nanos).expect("a deletion start before 2262")
-}
-
 struct Reporter {
     obs: mpsc::Sender<Observation>,
     watch: mpsc::Receiver<WatchUpdate>,
@@ -142,10 +138,7 @@ async fn reports_a_deletion_end_to_end() {
     assert_eq!(ep.ports, [8080]);
 
     r.obs
-        .send(rules_removed(
-            "10.244.0.5",
-            deletion_start(&ep) + 700_000_000,
-        ))
+        .send(rules_removed("10.244.0.5", ep.deletion_start + 700_000_000))
         .await
         .unwrap();
     double.finish_deletion::<Pod>("shop", "web-1").unwrap();
@@ -201,7 +194,7 @@ async fn buffers_while_the_aggregator_restarts_and_reconnects() {
 
     // The aggregator goes away; the agent observes meanwhile.
     agg.shutdown().await;
-    let t0 = deletion_start(&added[0]);
+    let t0 = added[0].deletion_start;
     r.obs
         .send(rules_removed("10.244.0.5", t0 + 400_000_000))
         .await

@@ -19,9 +19,9 @@ use k8s_openapi::api::{core::v1::Pod, discovery::v1::EndpointSlice};
 use lab::{commit_clock::Window, http_client::HttpClient, netns::NetNs, root::root_or_skip};
 use serde_json::Value;
 
-mod fixture;
+mod common;
 
-use fixture::{TwoBackendNode, VIP, backend, service, two_backend_node};
+use common::{TwoBackendNode, VIP, backend, service, two_backend_node};
 
 const POD_IP: &str = "10.180.0.2";
 

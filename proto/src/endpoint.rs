@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use crate::v1;
+use crate::{UnixNanos, v1};
 
 /// One pod whose deletion started, with the addresses agents must watch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,7 +17,7 @@ pub struct Endpoint {
     pub ip: IpAddr,
     pub ports: Vec<u16>,
     /// T0, the deletion's start, by the aggregator's clock.
-    pub deletion_start_unix_nanos: u64,
+    pub deletion_start: UnixNanos,
     pub grace_period_seconds: Option<i64>,
 }
 
@@ -39,7 +39,8 @@ impl From<Endpoint> for v1::WatchedEndpoint {
             services: e.services,
             ip: e.ip.to_string(),
             ports: e.ports.into_iter().map(u32::from).collect(),
-            deletion_start_unix_nanos: e.deletion_start_unix_nanos,
+            // Wall-clock times since 1970: never before the epoch.
+            deletion_start_unix_nanos: e.deletion_start.to_wire().unwrap_or_default(),
             grace_period_seconds: e.grace_period_seconds,
         }
     }
@@ -62,6 +63,13 @@ impl TryFrom<v1::WatchedEndpoint> for Endpoint {
             .iter()
             .map(|&p| u16::try_from(p).map_err(|_| bad(format!("port {p} is above 65535"))))
             .collect::<Result<_, _>>()?;
+        let deletion_start =
+            UnixNanos::from_wire(e.deletion_start_unix_nanos).ok_or_else(|| {
+                bad(format!(
+                    "deletion_start_unix_nanos {} is beyond the year 2262",
+                    e.deletion_start_unix_nanos
+                ))
+            })?;
         Ok(Endpoint {
             pod_uid: e.pod_uid,
             namespace: e.namespace,
@@ -69,7 +77,7 @@ impl TryFrom<v1::WatchedEndpoint> for Endpoint {
             services: e.services,
             ip,
             ports,
-            deletion_start_unix_nanos: e.deletion_start_unix_nanos,
+            deletion_start,
             grace_period_seconds: e.grace_period_seconds,
         })
     }
@@ -87,7 +95,7 @@ mod tests {
             services: vec!["web".into()],
             ip: "fd00::5".parse().unwrap(),
             ports: vec![80, 8443],
-            deletion_start_unix_nanos: 1_700_000_000_123_456_789,
+            deletion_start: UnixNanos::from_nanos(1_700_000_000_123_456_789),
             grace_period_seconds: Some(30),
         }
     }
@@ -125,6 +133,15 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "endpoint of pod shop/web-1: port 70000 is above 65535"
+        );
+        let err = Endpoint::try_from(v1::WatchedEndpoint {
+            deletion_start_unix_nanos: u64::MAX,
+            ..v1::WatchedEndpoint::from(endpoint())
+        })
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "endpoint of pod shop/web-1: deletion_start_unix_nanos 18446744073709551615 is beyond the year 2262"
         );
     }
 }

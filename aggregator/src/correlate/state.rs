@@ -103,8 +103,7 @@ impl Pending {
             services: d.services.clone(),
             ip: d.ip,
             ports: d.ports.clone(),
-            // Wall-clock times since 1970: never before the epoch.
-            deletion_start_unix_nanos: self.t0.to_wire().unwrap_or_default(),
+            deletion_start: self.t0,
             grace_period_seconds: d.grace_period_seconds,
         }
     }
