@@ -233,68 +233,20 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
     let files = inputs.files;
     let names: Vec<String> = files.iter().map(SourceFile::display).collect();
     let (inventory, invalid) = Inventory::collect(&files, &cli.namespace);
-    let mut unreadable = false;
-    let mut failures: Vec<Failure> = Vec::new();
-    for p in &inputs.problems {
-        let severity = if p.is_error() {
-            unreadable = true;
-            Severity::Error
-        } else {
-            Severity::Warning
-        };
-        failures.push(failure(
-            severity,
-            Some(p.path().to_string()),
-            None,
-            p.to_string(),
-        ));
-    }
-    for e in &invalid {
-        unreadable = true;
-        let mut message = e.message.clone();
-        if templated_near(&files[e.file].text, e.line) {
-            message += " (it contains `{{`: an unrendered Helm template? render it with `helm template` first)";
-        }
-        failures.push(failure(
-            Severity::Error,
-            Some(names[e.file].clone()),
-            Some(e.line),
-            message,
-        ));
-    }
+    let (mut failures, unreadable) = input_failures(&inputs.problems, &invalid, &files, &names);
     if unreadable {
         return Ok(print(cli.format, Exit::Unparsable, &failures, None));
     }
 
-    let opts = Options {
-        drain_seconds: cli.drain_seconds,
-        low_confidence: cli.low_confidence,
-        fail_on_unknown: cli.fail_on_unknown,
-        hook_style: cli.hook_style,
-    };
-    let http = cli.aggregator.as_deref().map(|url| {
-        HttpSource::new(
-            url,
-            cli.quantile,
-            cli.confidence,
-            Duration::from_secs_f64(cli.timeout_seconds),
-        )
-    });
-    let mut resolver = http.as_ref().map(|h| Resolver::new(h));
-    let mut outcome = match check::run(&inventory, &names, resolver.as_mut(), &opts) {
+    let mut outcome = match check_all(cli, &inventory, &names, &mut failures)? {
         Ok(outcome) => outcome,
-        Err(e) if cli.offline_ok => {
-            failures.push(failure(
-                Severity::Warning,
+        Err(unreachable) => {
+            return Ok(print(
+                cli.format,
+                Exit::AggregatorUnreachable,
+                &[unreachable],
                 None,
-                None,
-                format!("{e}; only local checks ran (--offline-ok)"),
             ));
-            check::run(&inventory, &names, None, &opts).context("local checks")?
-        }
-        Err(e) => {
-            let f = failure(Severity::Error, None, None, e.to_string());
-            return Ok(print(cli.format, Exit::AggregatorUnreachable, &[f], None));
         }
     };
     if cli.aggregator.is_none() {
@@ -316,17 +268,113 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
         failures.push(failure(severity, None, None, message));
     }
 
-    // Output that could not be written is reported, and the rest of the
-    // report still printed.
+    let write_failed = write_outputs(cli, &files, &inventory, &mut outcome, &mut failures);
+    let exit = exit_code(
+        &outcome,
+        write_failed,
+        nothing_checked && cli.fail_if_nothing_checked,
+    );
+    Ok(print(
+        cli.format,
+        exit,
+        &failures,
+        Some((&outcome, &inventory)),
+    ))
+}
+
+/// The inputs' problems and the manifests that do not parse, as failures;
+/// whether any of them makes the run unparsable.
+fn input_failures(
+    problems: &[source::InputProblem],
+    invalid: &[workload::ManifestError],
+    files: &[SourceFile],
+    names: &[String],
+) -> (Vec<Failure>, bool) {
+    let mut unreadable = false;
+    let mut failures = Vec::new();
+    for p in problems {
+        let severity = if p.is_error() {
+            unreadable = true;
+            Severity::Error
+        } else {
+            Severity::Warning
+        };
+        failures.push(failure(
+            severity,
+            Some(p.path().to_string()),
+            None,
+            p.to_string(),
+        ));
+    }
+    for e in invalid {
+        unreadable = true;
+        let mut message = e.message.clone();
+        if templated_near(&files[e.file].text, e.line) {
+            message += " (it contains `{{`: an unrendered Helm template? render it with `helm template` first)";
+        }
+        failures.push(failure(
+            Severity::Error,
+            Some(names[e.file].clone()),
+            Some(e.line),
+            message,
+        ));
+    }
+    (failures, unreadable)
+}
+
+/// The checks against the aggregator's recommendations, or the local ones
+/// alone with `--offline-ok` when it cannot be asked; `Ok(Err(failure))`
+/// when it cannot be asked and that is an error.
+fn check_all(
+    cli: &Cli,
+    inventory: &Inventory,
+    names: &[String],
+    failures: &mut Vec<Failure>,
+) -> anyhow::Result<Result<check::Outcome, Failure>> {
+    let opts = Options {
+        drain_seconds: cli.drain_seconds,
+        low_confidence: cli.low_confidence,
+        fail_on_unknown: cli.fail_on_unknown,
+        hook_style: cli.hook_style,
+    };
+    let http = cli.aggregator.as_deref().map(|url| {
+        HttpSource::new(
+            url,
+            cli.quantile,
+            cli.confidence,
+            Duration::from_secs_f64(cli.timeout_seconds),
+        )
+    });
+    let mut resolver = http.as_ref().map(|h| Resolver::new(h));
+    match check::run(inventory, names, resolver.as_mut(), &opts) {
+        Ok(outcome) => Ok(Ok(outcome)),
+        Err(e) if cli.offline_ok => {
+            failures.push(failure(
+                Severity::Warning,
+                None,
+                None,
+                format!("{e}; only local checks ran (--offline-ok)"),
+            ));
+            Ok(Ok(
+                check::run(inventory, names, None, &opts).context("local checks")?
+            ))
+        }
+        Err(e) => Ok(Err(failure(Severity::Error, None, None, e.to_string()))),
+    }
+}
+
+/// `--fix` and `--metrics-file`: output that could not be written is
+/// reported (and the rest of the report still printed); whether any was.
+fn write_outputs(
+    cli: &Cli,
+    files: &[SourceFile],
+    inventory: &Inventory,
+    outcome: &mut check::Outcome,
+    failures: &mut Vec<Failure>,
+) -> bool {
     let mut write_failed = false;
     if cli.fix {
-        write_failed |= !apply_fixes(
-            &files,
-            &inventory,
-            &mut outcome,
-            cli.hook_style,
-            &mut failures,
-        );
+        write_failed |= !apply_fixes(files, inventory, outcome, cli.hook_style, failures);
     }
     if let Some(path) = &cli.metrics_file {
         let text = textfile::render(&outcome.checked, cli.cluster.as_deref());
@@ -340,7 +388,12 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
             ));
         }
     }
+    write_failed
+}
 
+/// The exit code: what could not be written, then open findings, then
+/// low-confidence ones, then nothing checked when that is to fail.
+fn exit_code(outcome: &check::Outcome, write_failed: bool, fail_nothing_checked: bool) -> Exit {
     let open_errors = |low: bool| {
         outcome.findings.iter().any(|f| {
             f.severity == Severity::Error
@@ -348,23 +401,17 @@ fn run(cli: &Cli) -> anyhow::Result<Exit> {
                 && low == matches!(f.problem, Problem::LowConfidence | Problem::NoMeasurements)
         })
     };
-    let exit = if write_failed {
+    if write_failed {
         Exit::WriteFailed
     } else if open_errors(false) {
         Exit::Findings
     } else if open_errors(true) {
         Exit::LowConfidence
-    } else if nothing_checked && cli.fail_if_nothing_checked {
+    } else if fail_nothing_checked {
         Exit::NothingChecked
     } else {
         Exit::Ok
-    };
-    Ok(print(
-        cli.format,
-        exit,
-        &failures,
-        Some((&outcome, &inventory)),
-    ))
+    }
 }
 
 /// Whether the line of an error, or the one before (YAML reports some

@@ -83,17 +83,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     let table = capability_table(&kernel);
-    for c in table.iter().filter(|c| !c.available) {
-        if c.required {
-            tracing::error!(capability = %c.name, reason = %c.detail, cost = c.cost, "required capability missing: the agent stays not ready");
-        } else {
-            tracing::warn!(capability = %c.name, reason = %c.detail, cost = c.cost, "capability missing");
-        }
-    }
-    // Readiness says whether this node is measured at all: a required
-    // capability missing keeps the pod not ready (`observer-agent probe`
-    // names it), while the agent still reports what it can.
-    let complete = capabilities::all_required_available(&table);
+    let complete = log_missing_capabilities(&table);
     let Reporter {
         counters,
         observations: report_tx,
@@ -190,6 +180,21 @@ fn capability_table(kernel: &Kernel) -> Vec<capabilities::Capability> {
     ));
     table.push(capabilities::delivery_capability(kernel.delivery()));
     table
+}
+
+/// Logs each missing capability with what it costs; returns whether every
+/// required one is there. Readiness follows it: a required capability
+/// missing keeps the pod not ready (`observer-agent probe` names it), while
+/// the agent still reports what it can.
+fn log_missing_capabilities(table: &[capabilities::Capability]) -> bool {
+    for c in table.iter().filter(|c| !c.available) {
+        if c.required {
+            tracing::error!(capability = %c.name, reason = %c.detail, cost = c.cost, "required capability missing: the agent stays not ready");
+        } else {
+            tracing::warn!(capability = %c.name, reason = %c.detail, cost = c.cost, "capability missing");
+        }
+    }
+    capabilities::all_required_available(table)
 }
 
 /// Moves the kernel's counters into the health metrics and the reports.
