@@ -322,47 +322,15 @@ fn watch(shared: Arc<Shared>, f: Filter, opts: WatchOpts) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(256);
     // Under one lock: subscribe, then take the backlog, so nothing falls
     // between the two and nothing is sent twice.
-    let (mut live, backlog, mut last_rv, mut render) = {
+    let (live, backlog, last_rv, render) = {
         let st = shared.state();
         let live = shared.events.subscribe();
-        let mut backlog = Vec::new();
         let mut render = Render {
             kind: f.kind.kind.clone(),
             table: opts.table,
             first: true,
         };
-        let last_rv = match opts.from.as_str() {
-            "" | "0" => {
-                for ((k, ns, _), v) in &st.objects {
-                    if f.matches(k, ns, v) {
-                        backlog.push(render.event("ADDED", v));
-                    }
-                }
-                st.rv
-            }
-            s => match s.parse::<u64>() {
-                Ok(rv) if rv < st.compacted => {
-                    backlog.push(expired(rv, st.compacted));
-                    u64::MAX
-                }
-                Ok(rv) => {
-                    for e in st.history.iter().filter(|e| e.rv > rv) {
-                        if f.matches(&e.kind, &e.namespace, &e.object) {
-                            backlog.push(render.event(e.typ, &e.object));
-                        }
-                    }
-                    st.rv.max(rv)
-                }
-                Err(_) => {
-                    let bad = json!({
-                        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                        "message": format!("invalid resourceVersion {s:?}"), "reason": "BadRequest", "code": 400
-                    });
-                    backlog.push(line("ERROR", &bad));
-                    u64::MAX
-                }
-            },
-        };
+        let (backlog, last_rv) = backlog(&st, &f, &opts.from, &mut render);
         (live, backlog, last_rv, render)
     };
     tokio::spawn(async move {
@@ -371,57 +339,8 @@ fn watch(shared: Arc<Shared>, f: Filter, opts: WatchOpts) -> Response {
                 return;
             }
         }
-        if last_rv == u64::MAX {
-            return;
-        }
-        let deadline = tokio::time::sleep(opts.timeout);
-        tokio::pin!(deadline);
-        loop {
-            let msg = tokio::select! {
-                m = live.recv() => m,
-                () = &mut deadline => {
-                    if opts.bookmarks {
-                        let _ = tx.send(Ok(bookmark(&f.kind, last_rv))).await;
-                    }
-                    return;
-                }
-                () = tx.closed() => return,
-            };
-            let out = match msg {
-                Ok(Control::Event(Event {
-                    rv,
-                    kind,
-                    namespace,
-                    typ,
-                    object,
-                })) => {
-                    if rv <= last_rv {
-                        continue;
-                    }
-                    last_rv = rv;
-                    if !f.matches(&kind, &namespace, &object) {
-                        continue;
-                    }
-                    render.event(typ, &object)
-                }
-                Ok(Control::Bookmark(rv)) if opts.bookmarks => {
-                    last_rv = last_rv.max(rv);
-                    bookmark(&f.kind, last_rv)
-                }
-                Ok(Control::Bookmark(_)) => continue,
-                Ok(Control::Expire) => {
-                    let _ = tx.send(Ok(expired(last_rv, last_rv + 1))).await;
-                    return;
-                }
-                // A disconnect, or this watcher fell behind the broadcast
-                // buffer: end the stream; the client resumes from its last
-                // resourceVersion.
-                Ok(Control::Disconnect) | Err(broadcast::error::RecvError::Lagged(_)) => return,
-                Err(broadcast::error::RecvError::Closed) => return,
-            };
-            if tx.send(Ok(out)).await.is_err() {
-                return;
-            }
+        if last_rv != u64::MAX {
+            follow(&tx, live, last_rv, render, &f, &opts).await;
         }
     });
     Response::builder()
@@ -431,4 +350,106 @@ fn watch(shared: Arc<Shared>, f: Filter, opts: WatchOpts) -> Response {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         ))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// What a watch from `from` sees first (the current objects from "" or
+/// "0", the history after a resourceVersion, or the error that ends it),
+/// and the version it continues from (`u64::MAX`: it ends there).
+fn backlog(st: &crate::State, f: &Filter, from: &str, render: &mut Render) -> (Vec<Bytes>, u64) {
+    let mut backlog = Vec::new();
+    let last_rv = match from {
+        "" | "0" => {
+            for ((k, ns, _), v) in &st.objects {
+                if f.matches(k, ns, v) {
+                    backlog.push(render.event("ADDED", v));
+                }
+            }
+            st.rv
+        }
+        s => match s.parse::<u64>() {
+            Ok(rv) if rv < st.compacted => {
+                backlog.push(expired(rv, st.compacted));
+                u64::MAX
+            }
+            Ok(rv) => {
+                for e in st.history.iter().filter(|e| e.rv > rv) {
+                    if f.matches(&e.kind, &e.namespace, &e.object) {
+                        backlog.push(render.event(e.typ, &e.object));
+                    }
+                }
+                st.rv.max(rv)
+            }
+            Err(_) => {
+                let bad = json!({
+                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": format!("invalid resourceVersion {s:?}"), "reason": "BadRequest", "code": 400
+                });
+                backlog.push(line("ERROR", &bad));
+                u64::MAX
+            }
+        },
+    };
+    (backlog, last_rv)
+}
+
+/// Streams the live changes after `last_rv` until the watch's timeout (a
+/// bookmark then, when asked for), a disconnect, an expiry or the client
+/// going away.
+async fn follow(
+    tx: &mpsc::Sender<Result<Bytes, Infallible>>,
+    mut live: broadcast::Receiver<Control>,
+    mut last_rv: u64,
+    mut render: Render,
+    f: &Filter,
+    opts: &WatchOpts,
+) {
+    let deadline = tokio::time::sleep(opts.timeout);
+    tokio::pin!(deadline);
+    loop {
+        let msg = tokio::select! {
+            m = live.recv() => m,
+            () = &mut deadline => {
+                if opts.bookmarks {
+                    let _ = tx.send(Ok(bookmark(&f.kind, last_rv))).await;
+                }
+                return;
+            }
+            () = tx.closed() => return,
+        };
+        let out = match msg {
+            Ok(Control::Event(Event {
+                rv,
+                kind,
+                namespace,
+                typ,
+                object,
+            })) => {
+                if rv <= last_rv {
+                    continue;
+                }
+                last_rv = rv;
+                if !f.matches(&kind, &namespace, &object) {
+                    continue;
+                }
+                render.event(typ, &object)
+            }
+            Ok(Control::Bookmark(rv)) if opts.bookmarks => {
+                last_rv = last_rv.max(rv);
+                bookmark(&f.kind, last_rv)
+            }
+            Ok(Control::Bookmark(_)) => continue,
+            Ok(Control::Expire) => {
+                let _ = tx.send(Ok(expired(last_rv, last_rv + 1))).await;
+                return;
+            }
+            // A disconnect, or this watcher fell behind the broadcast
+            // buffer: end the stream; the client resumes from its last
+            // resourceVersion.
+            Ok(Control::Disconnect) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if tx.send(Ok(out)).await.is_err() {
+            return;
+        }
+    }
 }
