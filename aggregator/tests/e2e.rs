@@ -572,19 +572,29 @@ fn simulated_seconds(completion_timeout: Duration) -> Settings {
     }
 }
 
+/// The aggregator with [`simulated_seconds`] settings on a fresh store
+/// (kept while the directory lives).
+async fn simulated_aggregator(
+    c: &Cluster,
+    completion_timeout: Duration,
+) -> (aggregator::app::Running, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = start_aggregator(
+        simulated_seconds(completion_timeout),
+        &dir.path().join("store.db"),
+        Some(&c.double),
+    )
+    .await;
+    (agg, dir)
+}
+
 /// A pod on node-b that sends to web-1 directly (a client-side balancer).
 const BALANCER: &str = "10.244.1.9";
 
 #[tokio::test]
 async fn a_node_still_routing_at_the_timeout_makes_the_answer_at_least_never_smaller() {
     let c = cluster().await;
-    let dir = tempfile::tempdir().unwrap();
-    let agg = start_aggregator(
-        simulated_seconds(Duration::from_secs(2)),
-        &dir.path().join("store.db"),
-        Some(&c.double),
-    )
-    .await;
+    let (agg, _dir) = simulated_aggregator(&c, Duration::from_secs(2)).await;
     let (mut a, _b, ep) = two_agents_see_the_deletion(&c, &agg).await;
     let t0 = ep.deletion_start_unix_nanos;
     // node-a stops routing at once; node-b's proxy never applies the
@@ -628,13 +638,7 @@ async fn a_node_still_routing_at_the_timeout_makes_the_answer_at_least_never_sma
 #[tokio::test]
 async fn refusals_alone_show_a_client_side_balancer_still_routing() {
     let c = cluster().await;
-    let dir = tempfile::tempdir().unwrap();
-    let agg = start_aggregator(
-        simulated_seconds(Duration::from_secs(30)),
-        &dir.path().join("store.db"),
-        Some(&c.double),
-    )
-    .await;
+    let (agg, _dir) = simulated_aggregator(&c, Duration::from_secs(30)).await;
     let (mut a, mut b, ep) = two_agents_see_the_deletion(&c, &agg).await;
     let t0 = ep.deletion_start_unix_nanos;
     // preStop 0: both proxies stop at once and the app is gone, but the
@@ -684,13 +688,7 @@ async fn a_forged_time_outside_the_plausible_window_is_refused() {
 #[tokio::test]
 async fn an_agent_restarted_mid_deletion_leaves_its_node_unknown() {
     let c = cluster().await;
-    let dir = tempfile::tempdir().unwrap();
-    let agg = start_aggregator(
-        simulated_seconds(Duration::from_secs(2)),
-        &dir.path().join("store.db"),
-        Some(&c.double),
-    )
-    .await;
+    let (agg, _dir) = simulated_aggregator(&c, Duration::from_secs(2)).await;
     let (mut a, b, ep) = two_agents_see_the_deletion(&c, &agg).await;
     let t0 = ep.deletion_start_unix_nanos;
     a.report(vec![
