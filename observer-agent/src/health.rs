@@ -1,6 +1,8 @@
 //! The agent's health endpoint: `/healthz` (the main loop is turning),
-//! `/readyz` (programs loaded, sources started) and `/metrics` (Prometheus
-//! text format).
+//! `/startedz` (programs loaded, sources started: the startup probe's, so a
+//! node missing a required capability is not restarted in a loop),
+//! `/readyz` (started, and every required capability there) and `/metrics`
+//! (Prometheus text format).
 
 use std::{
     sync::{
@@ -49,6 +51,7 @@ pub struct Health {
     flows_not_watched: Counter,
     poisoned_locks: Counter,
     last_kernel: std::sync::Mutex<Stats>,
+    started: AtomicBool,
     ready: AtomicBool,
     heartbeat_mono_ns: AtomicU64,
 }
@@ -101,9 +104,15 @@ impl Health {
             flows_not_watched,
             poisoned_locks,
             last_kernel: std::sync::Mutex::new(Stats::default()),
+            started: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             heartbeat_mono_ns: AtomicU64::new(monotonic_now_ns()),
         })
+    }
+
+    /// Start-up is over: the programs are loaded and the sources run.
+    pub fn set_started(&self) {
+        self.started.store(true, Ordering::Relaxed);
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -164,6 +173,7 @@ impl Health {
 pub fn router(health: Arc<Health>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/startedz", get(startedz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(health)
@@ -178,6 +188,14 @@ async fn healthz(State(h): State<Arc<Health>>) -> impl IntoResponse {
         (StatusCode::OK, "ok\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "main loop stalled\n")
+    }
+}
+
+async fn startedz(State(h): State<Arc<Health>>) -> impl IntoResponse {
+    if h.started.load(Ordering::Relaxed) {
+        (StatusCode::OK, "started\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
     }
 }
 
@@ -217,17 +235,11 @@ mod tests {
     use super::*;
 
     async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        let status = out[9..12].parse().unwrap();
-        (status, out)
+        let r = lab::http_client::HttpClient::default()
+            .get(&format!("http://{addr}{path}"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        (r.status, r.text())
     }
 
     #[tokio::test]
@@ -238,6 +250,13 @@ mod tests {
         tokio::spawn(serve(listener, health.clone()));
 
         assert_eq!(get(addr, "/healthz").await.0, 200);
+        assert_eq!(get(addr, "/startedz").await.0, 503);
+        assert_eq!(get(addr, "/readyz").await.0, 503);
+        // Started without a required capability: not ready, but started,
+        // so the startup probe does not restart it.
+        health.set_started();
+        health.set_ready(false);
+        assert_eq!(get(addr, "/startedz").await.0, 200);
         assert_eq!(get(addr, "/readyz").await.0, 503);
         health.set_ready(true);
         assert_eq!(get(addr, "/readyz").await.0, 200);

@@ -224,10 +224,12 @@ fn check_agent(r: &Rendered, expected_caps: &BTreeSet<String>) {
     assert_eq!(&check_hardened(c), expected_caps);
     // Loading the eBPF programs may take minutes on a big node, and the
     // liveness endpoint fails until the main loop runs: a startup probe on
-    // readiness (programs loaded) holds liveness back meanwhile.
+    // /startedz (programs loaded) holds liveness back meanwhile, and, not
+    // being readiness, does not restart a node missing a required
+    // capability in a loop.
     let startup = c.startup_probe.as_ref().expect("agent startup probe");
     let get = startup.http_get.as_ref().expect("http startup probe");
-    assert_eq!(get.path.as_deref(), Some("/readyz"));
+    assert_eq!(get.path.as_deref(), Some("/startedz"));
     assert_eq!(get.port, IntOrString::String("health".into()));
     let budget = |p: &Probe| p.period_seconds.unwrap_or(10) * p.failure_threshold.unwrap_or(3);
     assert!(

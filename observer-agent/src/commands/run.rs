@@ -91,6 +91,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         stop: stop_tx,
         task: reporter,
     } = start_reporter(&args, table);
+    health.set_started();
     health.set_ready(complete);
     tracing::info!(node = %args.node_name, aggregator = %args.aggregator, "agent running");
 
