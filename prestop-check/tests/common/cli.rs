@@ -92,19 +92,14 @@ pub fn seeded() -> Aggregator {
     start(&records)
 }
 
-/// The aggregator's answer, read independently of the binary's client.
+/// The aggregator's answer, read independently of the binary's client
+/// (with the lab's).
 pub fn recommendation(agg: &Aggregator, query: &str) -> serde_json::Value {
-    use std::io::Read;
-    let host = agg.url.strip_prefix("http://").unwrap();
-    let mut s = std::net::TcpStream::connect(host).unwrap();
-    write!(
-        s,
-        "GET /v1/recommendations?{query} HTTP/1.0\r\nHost: {host}\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap()
+    let url = format!("{}/v1/recommendations?{query}", agg.url);
+    let r = lab::http_client::HttpClient::default()
+        .get_blocking(&url)
+        .unwrap_or_else(|e| panic!("{e}"));
+    serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.text()))
 }
 
 pub fn fixtures() -> PathBuf {
