@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -184,10 +184,7 @@ impl Shared {
                 kind: kind.kind.clone(),
                 key: format!("{namespace}/{name}"),
             })?;
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs() as i64;
+        let now = Timestamp::now().as_second();
         let existing = v["metadata"]["deletionGracePeriodSeconds"].as_i64();
         if let Some(g) = existing {
             if grace_seconds >= g {

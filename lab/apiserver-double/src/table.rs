@@ -3,8 +3,6 @@
 //! columns the real API server's printers give, including the `-o wide`
 //! ones (priority 1).
 
-use std::time::SystemTime;
-
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 
@@ -400,9 +398,7 @@ pub fn table(
     resource_version: Option<u64>,
     with_columns: bool,
 ) -> Value {
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = Timestamp::now().as_second();
     let columns: Vec<Value> = if with_columns {
         columns(kind)
             .iter()
