@@ -61,6 +61,51 @@ pub struct Node {
 }
 
 impl Node {
+    /// Node `index`: its namespace on the switch, the pods' bridge with its
+    /// gateway address, a default route to the control plane, forwarding.
+    fn create(index: usize, switch: &NetNs) -> Result<Self, TopologyError> {
+        let ns = NetNs::create(&format!("n{index}"))?;
+        let ip = node_ip(index);
+        attach_to_switch(switch, &format!("n{index}"), &ns, ip)?;
+        let node = Node {
+            name: format!("node-{index}"),
+            index,
+            ns,
+            ip,
+            pod_cidr: pod_cidr(index),
+            next_pod: AtomicU32::new(2),
+        };
+        // A fixed address: a bridge otherwise takes the lowest address
+        // of its ports and changes it when that pod's veth goes, and
+        // the other pods' cached gateway address then goes nowhere.
+        node.ns.ip(&[
+            "link",
+            "add",
+            "cbr0",
+            "address",
+            &format!("02:00:0a:f4:{:02x}:01", index),
+            "type",
+            "bridge",
+        ])?;
+        node.ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/{POD_PREFIX}", node.gateway()),
+            "dev",
+            "cbr0",
+        ])?;
+        node.ns.ip(&["link", "set", "cbr0", "up"])?;
+        node.ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &CONTROL_PLANE_IP.to_string(),
+        ])?;
+        node.ns.sh("echo 1 > /proc/sys/net/ipv4/ip_forward")?;
+        Ok(node)
+    }
+
     pub fn pod_cidr_string(&self) -> String {
         format!("{}/{POD_PREFIX}", self.pod_cidr)
     }
@@ -133,52 +178,18 @@ impl Cluster {
             switch,
         };
         for index in 0..nodes {
-            let name = format!("node-{index}");
-            let ns = NetNs::create(&format!("n{index}"))?;
-            let ip = node_ip(index);
-            attach_to_switch(&cluster.switch, &format!("n{index}"), &ns, ip)?;
-            let node = Node {
-                name,
-                index,
-                ns,
-                ip,
-                pod_cidr: pod_cidr(index),
-                next_pod: AtomicU32::new(2),
-            };
-            // A fixed address: a bridge otherwise takes the lowest address
-            // of its ports and changes it when that pod's veth goes, and
-            // the other pods' cached gateway address then goes nowhere.
-            node.ns.ip(&[
-                "link",
-                "add",
-                "cbr0",
-                "address",
-                &format!("02:00:0a:f4:{:02x}:01", index),
-                "type",
-                "bridge",
-            ])?;
-            node.ns.ip(&[
-                "addr",
-                "add",
-                &format!("{}/{POD_PREFIX}", node.gateway()),
-                "dev",
-                "cbr0",
-            ])?;
-            node.ns.ip(&["link", "set", "cbr0", "up"])?;
-            node.ns.ip(&[
-                "route",
-                "add",
-                "default",
-                "via",
-                &CONTROL_PLANE_IP.to_string(),
-            ])?;
-            node.ns.sh("echo 1 > /proc/sys/net/ipv4/ip_forward")?;
+            let node = Node::create(index, &cluster.switch)?;
             cluster.nodes.push(node);
         }
-        // Every node reaches every other node's pods through that node, and
-        // the control plane reaches all pods for completeness of the mesh.
-        for node in &cluster.nodes {
-            for other in cluster.nodes.iter().filter(|o| o.index != node.index) {
+        cluster.route_pods()?;
+        Ok(cluster)
+    }
+
+    /// Every node reaches every other node's pods through that node, and
+    /// the control plane reaches all pods for completeness of the mesh.
+    fn route_pods(&self) -> Result<(), TopologyError> {
+        for node in &self.nodes {
+            for other in self.nodes.iter().filter(|o| o.index != node.index) {
                 node.ns.ip(&[
                     "route",
                     "add",
@@ -187,7 +198,7 @@ impl Cluster {
                     &other.ip.to_string(),
                 ])?;
             }
-            cluster.control_plane.ip(&[
+            self.control_plane.ip(&[
                 "route",
                 "add",
                 &node.pod_cidr_string(),
@@ -195,7 +206,7 @@ impl Cluster {
                 &node.ip.to_string(),
             ])?;
         }
-        Ok(cluster)
+        Ok(())
     }
 
     pub fn node(&self, index: usize) -> Result<&Node, TopologyError> {
