@@ -351,7 +351,9 @@ impl Correlator {
         // Held until the records are stored (see `Correlator::persist`).
         let _persist = self.persist();
         let mut finished = Vec::new();
-        {
+        // The nodes live now: what the deletions expect when none were at
+        // T0, and whose agents are still there to classify them.
+        let live = {
             let mut st = self.state();
             let live = st.live_nodes();
             for uid in uids {
@@ -362,8 +364,8 @@ impl Correlator {
                 let _ = self.changes.send(WatchChange::Remove(p.endpoint()));
                 finished.push(p);
             }
-        }
-        let live = self.state().live_nodes();
+            live
+        };
         for p in finished {
             self.recorded(record::record(p, now, &live));
         }
