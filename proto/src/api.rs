@@ -43,8 +43,91 @@ pub struct Recommendation {
     /// added to a sample's latency before the bound, seconds.
     pub max_error_seconds: Option<f64>,
     pub reason: String,
+    /// The router whose latency set the value (the pod must outlive every
+    /// router that sent it new connections); `None` without samples.
+    pub limiting_router: Option<RouterRef>,
+    /// The measured latencies per router kind, over the same window.
+    pub by_router_kind: Vec<RouterKindSummary>,
     pub lifecycle: Option<Lifecycle>,
     pub keep_alive: KeepAlive,
+}
+
+/// What sent new connections to a pod.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum RouterKind {
+    /// A node's dataplane (kube-proxy or its replacement): the source is
+    /// the node or a pod on it, translated by the node's DNAT.
+    #[default]
+    Node,
+    /// A pod that connects to pod IPs itself: an ingress controller, a
+    /// client-side balancer. Named by namespace and owner.
+    Workload,
+    /// Neither a node nor a pod: a cloud load balancer, a client outside
+    /// the cluster.
+    External,
+}
+
+impl RouterKind {
+    pub const ALL: [Self; 3] = [Self::Node, Self::Workload, Self::External];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Node => "node",
+            Self::Workload => "workload",
+            Self::External => "external",
+        }
+    }
+}
+
+impl fmt::Display for RouterKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One router, as the API names it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RouterRef {
+    pub kind: RouterKind,
+    /// The node's name; `namespace/owner` for a workload; the source
+    /// address for an external router.
+    pub name: String,
+    /// The node the router runs on, when it runs on one.
+    pub node: Option<String>,
+}
+
+/// What one router contributed to a deletion.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RouterMeasurement {
+    #[serde(flatten)]
+    pub router: RouterRef,
+    /// The last new connection (accepted, refused or reset) it sent to the
+    /// pod after T0.
+    pub last_connection_unix_nanos: Option<UnixNanos>,
+    /// For a node: max(T_rules, T_last) - T0; for other routers: T_last - T0.
+    pub latency_seconds: Option<f64>,
+    /// The latency's error on the safe side.
+    pub error_seconds: Option<f64>,
+    pub class: Option<NodeClass>,
+    pub late_connections: u64,
+    pub refused_connections: u64,
+}
+
+/// Measured latencies of one router kind over a recommendation's window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RouterKindSummary {
+    pub kind: RouterKind,
+    /// Deletions in which a router of this kind was measured.
+    pub samples: u64,
+    pub observed_p50_seconds: Option<f64>,
+    pub observed_p99_seconds: Option<f64>,
+    pub observed_max_seconds: Option<f64>,
 }
 
 /// Node-deletions by class, and the measured share of those expected.
@@ -190,6 +273,11 @@ pub struct DeletionRecord {
     pub coverage: Coverage,
     pub finished_unix_nanos: UnixNanos,
     pub nodes: Vec<NodeMeasurement>,
+    /// Every router that sent the pod new connections after T0, and every
+    /// expected node.
+    pub routers: Vec<RouterMeasurement>,
+    /// The router with the largest latency (upper end), when any was measured.
+    pub limiting_router: Option<RouterRef>,
     /// Nodes that were registered at T0 and had not reported at the timeout.
     pub missing_nodes: Vec<String>,
 }
@@ -318,6 +406,32 @@ mod tests {
         .unwrap();
         assert_eq!(d.items[0].nodes[0].mode, Some(Mode::Traffic));
         assert_eq!(d.items[0].nodes[0].detector_precision_seconds, None);
+    }
+
+    #[test]
+    fn routers_flatten_their_name_into_the_measurement() {
+        let m = RouterMeasurement {
+            router: RouterRef {
+                kind: RouterKind::Workload,
+                name: "ingress/nginx".into(),
+                node: Some("node-1".into()),
+            },
+            latency_seconds: Some(2.5),
+            ..RouterMeasurement::default()
+        };
+        let v = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["kind"], "workload");
+        assert_eq!(v["name"], "ingress/nginx");
+        assert_eq!(v["node"], "node-1");
+        assert_eq!(serde_json::from_value::<RouterMeasurement>(v).unwrap(), m);
+        let kinds: Vec<_> = RouterKind::ALL
+            .iter()
+            .map(|k| serde_json::to_value(k).unwrap())
+            .collect();
+        assert_eq!(kinds, ["node", "workload", "external"]);
+        for k in RouterKind::ALL {
+            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
+        }
     }
 
     #[test]
