@@ -17,7 +17,10 @@ pub fn document() -> Value {
             "Recommendation": recommendation(),
             "Deletion": deletion(),
             "NodeMeasurement": node_measurement(),
-            "Coverage": coverage()
+            "Coverage": coverage(),
+            "Router": router(),
+            "RouterMeasurement": router_measurement(),
+            "RouterKindSummary": router_kind_summary()
         }}
     })
 }
@@ -77,7 +80,7 @@ fn recommendation() -> Value {
         "required": ["scope", "preStopSeconds", "quantile", "confidence", "marginSeconds", "samples",
             "samplesNeeded", "windowSeconds", "observedP50Seconds", "observedP99Seconds",
             "observedMaxSeconds", "lowConfidence", "atLeast", "censored", "coverage", "maxErrorSeconds",
-            "reason", "lifecycle", "keepAlive"],
+            "reason", "limitingRouter", "byRouterKind", "lifecycle", "keepAlive"],
         "properties": {
             "scope": { "type": "object", "required": ["cluster", "namespace", "service"], "properties": {
                 "cluster": { "type": "string" },
@@ -100,6 +103,9 @@ fn recommendation() -> Value {
             "coverage": { "$ref": "#/components/schemas/Coverage" },
             "maxErrorSeconds": { "type": "number", "nullable": true, "description": "Largest error (clock, detector, T0 lag) added to a sample before the bound" },
             "reason": { "type": "string" },
+            "limitingRouter": { "allOf": [{ "$ref": "#/components/schemas/Router" }], "nullable": true,
+                "description": "The router whose latency set the value" },
+            "byRouterKind": { "type": "array", "items": { "$ref": "#/components/schemas/RouterKindSummary" } },
             "lifecycle": { "type": "object", "nullable": true, "properties": {
                 "preStop": { "type": "object", "properties": {
                     "sleep": { "type": "object", "properties": { "seconds": { "type": "integer" } } }
@@ -137,6 +143,9 @@ fn deletion() -> Value {
             "coverage": { "$ref": "#/components/schemas/Coverage" },
             "finishedUnixNanos": { "type": "integer", "format": "int64" },
             "nodes": { "type": "array", "items": { "$ref": "#/components/schemas/NodeMeasurement" } },
+            "routers": { "type": "array", "items": { "$ref": "#/components/schemas/RouterMeasurement" },
+                "description": "Every router that sent the pod new connections after T0, and every expected node" },
+            "limitingRouter": { "allOf": [{ "$ref": "#/components/schemas/Router" }], "nullable": true },
             "missingNodes": { "type": "array", "items": { "type": "string" } }
         }
     })
@@ -180,11 +189,64 @@ fn coverage() -> Value {
     })
 }
 
+const ROUTER_KIND: &str = "node, workload (a pod connecting to pod IPs: ingress, client-side balancer) or external (neither a node nor a pod)";
+
+/// `observer_proto::api::RouterRef`.
+fn router() -> Value {
+    json!({
+        "type": "object",
+        "properties": router_properties()
+    })
+}
+
+fn router_properties() -> serde_json::Map<String, Value> {
+    let v = json!({
+        "kind": { "type": "string", "enum": ["node", "workload", "external"], "description": ROUTER_KIND },
+        "name": { "type": "string", "description": "The node; namespace/owner for a workload; the source address for an external router" },
+        "node": { "type": "string", "nullable": true, "description": "The node the router runs on" }
+    });
+    v.as_object().cloned().unwrap_or_default()
+}
+
+/// `observer_proto::api::RouterMeasurement`: a router's name flattened in.
+fn router_measurement() -> Value {
+    let mut properties = router_properties();
+    let more = json!({
+        "lastConnectionUnixNanos": { "type": "integer", "format": "int64", "nullable": true },
+        "latencySeconds": { "type": "number", "nullable": true },
+        "errorSeconds": { "type": "number", "nullable": true },
+        "class": { "type": "string", "nullable": true, "enum": ["measured", "stillRouting", "unknown", null] },
+        "lateConnections": { "type": "integer" },
+        "refusedConnections": { "type": "integer" }
+    });
+    if let Value::Object(more) = more {
+        properties.extend(more);
+    }
+    json!({ "type": "object", "properties": properties })
+}
+
+/// `observer_proto::api::RouterKindSummary`.
+fn router_kind_summary() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "kind": { "type": "string", "enum": ["node", "workload", "external"] },
+            "samples": { "type": "integer" },
+            "observedP50Seconds": { "type": "number", "nullable": true },
+            "observedP99Seconds": { "type": "number", "nullable": true },
+            "observedMaxSeconds": { "type": "number", "nullable": true }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
 
-    use observer_proto::api::{Coverage, DeletionRecord, NodeMeasurement, Recommendation};
+    use observer_proto::api::{
+        Coverage, DeletionRecord, NodeMeasurement, Recommendation, RouterKindSummary,
+        RouterMeasurement, RouterRef,
+    };
     use serde::Serialize;
 
     use super::*;
@@ -220,5 +282,14 @@ mod tests {
             fields(NodeMeasurement::default())
         );
         assert_eq!(documented(&coverage()), fields(Coverage::default()));
+        assert_eq!(documented(&router()), fields(RouterRef::default()));
+        assert_eq!(
+            documented(&router_measurement()),
+            fields(RouterMeasurement::default())
+        );
+        assert_eq!(
+            documented(&router_kind_summary()),
+            fields(RouterKindSummary::default())
+        );
     }
 }

@@ -67,6 +67,8 @@ pub(super) fn record(p: Pending, now: UnixNanos, live: &BTreeSet<String>) -> Del
         coverage,
         finished_unix_nanos: now,
         nodes,
+        routers: Vec::new(),
+        limiting_router: None,
         missing_nodes,
     }
 }

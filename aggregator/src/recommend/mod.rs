@@ -61,6 +61,8 @@ pub fn recommend(req: &Request, samples: &Samples) -> Recommendation {
         coverage: samples.coverage,
         max_error_seconds: samples.max_error_seconds,
         reason,
+        limiting_router: None,
+        by_router_kind: Vec::new(),
         lifecycle: pre_stop_seconds.map(|seconds| Lifecycle {
             pre_stop: PreStop {
                 sleep: Sleep { seconds },
