@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -26,6 +27,10 @@ use crate::nodes::NodeInfo;
 use crate::readiness::Readiness;
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// How long a pod's last slices are kept after it left them all, for its
+/// deletion event to arrive.
+const LEFT_SLICES_KEPT: Duration = Duration::from_secs(600);
 
 // Boxed: the objects are large and of very different sizes.
 enum Ev {
@@ -86,6 +91,10 @@ struct Watch {
     pod_slices: HashMap<String, BTreeMap<String, SliceEntry>>,
     /// slice key -> pod uids it lists
     slice_pods: HashMap<String, HashSet<String>>,
+    /// Pods no slice lists any more, with the slices that last did and
+    /// when: the slices' and the pods' watches are separate streams, so a
+    /// slice dropping a pod can arrive before the pod's deletion does.
+    left_slices: HashMap<String, (UnixNanos, BTreeMap<String, SliceEntry>)>,
     /// pod uid -> first time a slice showed it terminating / not ready
     terminating: HashMap<String, UnixNanos>,
     /// Pods being deleted: handed to the correlator (`started`) or waiting
@@ -107,6 +116,7 @@ impl Watch {
             correlator,
             pod_slices: HashMap::new(),
             slice_pods: HashMap::new(),
+            left_slices: HashMap::new(),
             terminating: HashMap::new(),
             deleting: HashMap::new(),
             started: HashSet::new(),
@@ -198,7 +208,11 @@ impl Watch {
         if self.started.contains(uid) {
             return;
         }
-        let (Some(d), Some(slices)) = (self.deleting.get(uid), self.pod_slices.get(uid)) else {
+        let slices = self
+            .pod_slices
+            .get(uid)
+            .or_else(|| self.left_slices.get(uid).map(|(_, s)| s));
+        let (Some(d), Some(slices)) = (self.deleting.get(uid), slices) else {
             return;
         };
         let mut d = d.clone();
@@ -222,6 +236,7 @@ impl Watch {
         self.deleting.remove(uid);
         self.terminating.remove(uid);
         self.started.remove(uid);
+        self.left_slices.remove(uid);
         // Also when this watcher never started it: the deletion may have
         // been restored from the store (a no-op for pods not tracked).
         self.correlator.pod_gone(uid, now);
@@ -291,8 +306,9 @@ impl Watch {
         // Dropped from the slice: as final a sign of leaving as terminating.
         for uid in before.difference(&listed) {
             self.mark_terminating(uid, now);
-            self.unindex(uid, &key);
+            self.unindex(uid, &key, now);
         }
+        self.forget_left(now);
         for uid in &listed {
             if self.deleting.contains_key(uid) {
                 self.try_start(uid, now);
@@ -307,19 +323,29 @@ impl Watch {
         }
     }
 
-    fn unindex(&mut self, uid: &str, key: &str) {
-        if let Some(m) = self.pod_slices.get_mut(uid) {
-            m.remove(key);
-            if m.is_empty() {
-                self.pod_slices.remove(uid);
-            }
+    fn unindex(&mut self, uid: &str, key: &str, now: UnixNanos) {
+        let Some(m) = self.pod_slices.get_mut(uid) else {
+            return;
+        };
+        let Some(entry) = m.remove(key) else { return };
+        if m.is_empty() {
+            self.pod_slices.remove(uid);
+            let last = BTreeMap::from([(key.to_string(), entry)]);
+            self.left_slices.insert(uid.to_string(), (now, last));
         }
+    }
+
+    /// Forgets pods that left every slice long ago: a pod deleted after
+    /// that is not one whose routing anybody still had to drop.
+    fn forget_left(&mut self, now: UnixNanos) {
+        let horizon = now - LEFT_SLICES_KEPT;
+        self.left_slices.retain(|_, (at, _)| *at >= horizon);
     }
 
     fn slice_gone(&mut self, key: &str, now: UnixNanos) {
         for uid in self.slice_pods.remove(key).unwrap_or_default() {
             self.mark_terminating(&uid, now);
-            self.unindex(&uid, key);
+            self.unindex(&uid, key, now);
         }
     }
 
@@ -378,4 +404,98 @@ impl Watch {
 
 fn slice_key(s: &EndpointSlice) -> String {
     format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any())
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{ObjectReference, PodSpec, PodStatus};
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+    use super::*;
+    use crate::config::Settings;
+    use crate::metrics::Metrics;
+    use crate::store::Store;
+
+    fn watch() -> (Watch, Arc<Correlator>) {
+        let store = Arc::new(Store::in_memory().unwrap());
+        let c = Correlator::new(
+            Arc::new(Settings::default()),
+            store,
+            Arc::new(Metrics::new()),
+        );
+        (Watch::new(Arc::clone(&c)), c)
+    }
+
+    fn slice(pods: &[&str]) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some("web-abc".into()),
+                namespace: Some("default".into()),
+                labels: Some([(SERVICE_NAME_LABEL.into(), "web".into())].into()),
+                ..ObjectMeta::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: pods
+                .iter()
+                .map(|uid| Endpoint {
+                    addresses: vec!["10.0.0.7".into()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(true),
+                        ..EndpointConditions::default()
+                    }),
+                    target_ref: Some(ObjectReference {
+                        kind: Some("Pod".into()),
+                        uid: Some((*uid).into()),
+                        ..ObjectReference::default()
+                    }),
+                    ..Endpoint::default()
+                })
+                .collect(),
+            ports: Some(vec![EndpointPort {
+                port: Some(8080),
+                ..EndpointPort::default()
+            }]),
+        }
+    }
+
+    fn deleted_pod(uid: &str) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("web-1".into()),
+                namespace: Some("default".into()),
+                uid: Some(uid.into()),
+                deletion_timestamp: Some(Time(std::time::SystemTime::now().try_into().unwrap())),
+                deletion_grace_period_seconds: Some(30),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PodSpec::default()),
+            status: Some(PodStatus {
+                pod_ip: Some("10.0.0.7".into()),
+                ..PodStatus::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_deletion_seen_after_its_slice_dropped_the_pod_still_starts() {
+        let (mut w, c) = watch();
+        let now = UnixNanos::now();
+        w.slice_event(Event::Apply(slice(&["u1"])), now);
+        w.slice_event(Event::Apply(slice(&[])), now);
+        assert!(c.pending_uids().is_empty());
+        w.pod_event(Event::Apply(deleted_pod("u1")), now);
+        assert_eq!(c.pending_uids(), ["u1"]);
+    }
+
+    #[test]
+    fn pods_that_left_their_slices_long_ago_are_forgotten() {
+        let (mut w, c) = watch();
+        let then = UnixNanos::now() - Duration::from_secs(3600);
+        w.slice_event(Event::Apply(slice(&["u1"])), then);
+        w.slice_event(Event::Apply(slice(&[])), then);
+        w.slice_event(Event::Apply(slice(&[])), UnixNanos::now());
+        w.pod_event(Event::Apply(deleted_pod("u1")), UnixNanos::now());
+        assert!(c.pending_uids().is_empty());
+    }
 }
