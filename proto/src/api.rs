@@ -118,6 +118,13 @@ pub struct RouterMeasurement {
     pub refused_connections: u64,
 }
 
+impl RouterMeasurement {
+    /// The latency plus its error: what the bound uses.
+    pub fn upper_seconds(&self) -> Option<f64> {
+        Some(self.latency_seconds? + self.error_seconds.unwrap_or(0.0))
+    }
+}
+
 /// Measured latencies of one router kind over a recommendation's window.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]

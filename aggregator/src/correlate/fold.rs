@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use observer_proto::{ClockEstimate, CloseKind, Observation, ResetCause, UnixNanos};
 
+use super::routers;
 use super::state::{Pending, State, mark_pending};
 use crate::model::{NodeAccumulator, RulesRemoval};
 
@@ -99,6 +100,7 @@ impl State {
             _ => None,
         };
         let peer_host = obs.peer().and_then(|ip| self.nodes.node_with_address(ip));
+        let router = routers::attribute(&mut self.pods, &self.nodes, node, peer_node, obs);
         // Refusals prove routing as connections do (the source sent a new
         // connection then), so they are filtered alike.
         let connection = matches!(
@@ -128,7 +130,11 @@ impl State {
             if connection && peer_host.is_some() && peer_host == p.start.host_node.as_deref() {
                 continue;
             }
-            if apply(p, &seen) {
+            if let Some(r) = &router {
+                routers::apply(&mut p.routers, r, seen.time, p.t0, seen.uncertainty_ns);
+                p.routers_dirty = true;
+            }
+            if apply(p, &seen) || router.is_some() {
                 mark_pending(&mut self.dirty_pending, uid, p);
             }
         }

@@ -1,13 +1,15 @@
 //! A finished deletion's accumulators turned into the [`DeletionRecord`]
 //! the store keeps and the API shows: every expected node classified
 //! (measured, still routing, unknown), each latency with its error on the
-//! safe side, and the deletion right-censored when a node still routed.
+//! safe side, and the deletion right-censored when a node still routed;
+//! every router with its latency, and the one that set the deletion's.
 
 use std::collections::BTreeSet;
 
 use observer_proto::UnixNanos;
 use observer_proto::api::{Coverage, DeletionRecord, Mode, NodeClass, NodeMeasurement};
 
+use super::routers;
 use super::state::Pending;
 use crate::model::{DeletionStart, NodeAccumulator};
 
@@ -46,6 +48,8 @@ pub(super) fn record(p: Pending, now: UnixNanos, live: &BTreeSet<String>) -> Del
     let propagation_seconds = latest(|n| n.latency_seconds);
     let propagation_upper_seconds =
         latest(|n| Some(n.latency_seconds? + n.error_seconds.unwrap_or(0.0)));
+    let routers = routers::measurements(&p.routers, &nodes, t0, lag_ns.unwrap_or(0));
+    let limiting_router = routers::limiting(&routers, censored);
     let start = p.start;
     DeletionRecord {
         pod_uid: start.pod_uid,
@@ -67,8 +71,8 @@ pub(super) fn record(p: Pending, now: UnixNanos, live: &BTreeSet<String>) -> Del
         coverage,
         finished_unix_nanos: now,
         nodes,
-        routers: Vec::new(),
-        limiting_router: None,
+        routers,
+        limiting_router,
         missing_nodes,
     }
 }
@@ -104,8 +108,13 @@ fn t0_lag_bound_ns(start: &DeletionStart) -> Option<i64> {
     Some((received - api).max(0))
 }
 
-fn seconds(ns: i64) -> f64 {
+pub(super) fn seconds(ns: i64) -> f64 {
     ns as f64 / NANOS_PER_SECOND
+}
+
+/// A count of nanoseconds as a signed time difference (saturating).
+pub(super) fn nanos(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 fn measurement(
@@ -117,7 +126,7 @@ fn measurement(
 ) -> NodeMeasurement {
     let rules = a.rules_removed;
     let latest = rules.map(|r| r.time).max(a.last_connection);
-    let ns = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let ns = nanos;
     // The detector's precision counts when the removal set the latency.
     let precision = rules
         .filter(|r| Some(r.time) == latest)

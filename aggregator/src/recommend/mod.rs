@@ -6,7 +6,8 @@ pub mod cache;
 pub mod service;
 
 use observer_proto::api::{
-    Coverage, KeepAlive, Lifecycle, PreStop, Recommendation, ScopeView, Sleep,
+    Coverage, KeepAlive, Lifecycle, PreStop, Recommendation, RouterKindSummary, RouterRef,
+    ScopeView, Sleep,
 };
 
 use crate::stats::{self, CensoredBound};
@@ -37,6 +38,9 @@ pub fn recommend(req: &Request, samples: &Samples) -> Recommendation {
         reason.push(' ');
         reason.push_str(&why);
     }
+    if req.scope.exclude_external {
+        reason.push_str(" External routers (no node, no pod) excluded.");
+    }
     let pre_stop_seconds = base.map(|b| (b + req.margin_seconds).max(0.0).ceil() as u64);
     let aborted = samples.aborted_connections;
     Recommendation {
@@ -61,8 +65,18 @@ pub fn recommend(req: &Request, samples: &Samples) -> Recommendation {
         coverage: samples.coverage,
         max_error_seconds: samples.max_error_seconds,
         reason,
-        limiting_router: None,
-        by_router_kind: Vec::new(),
+        limiting_router: limiting_router(req, samples, at_least),
+        by_router_kind: samples
+            .by_router_kind
+            .iter()
+            .map(|(kind, v)| RouterKindSummary {
+                kind: *kind,
+                samples: count(v.len()),
+                observed_p50_seconds: stats::nearest_rank(v, 0.5),
+                observed_p99_seconds: stats::nearest_rank(v, 0.99),
+                observed_max_seconds: v.last().copied(),
+            })
+            .collect(),
         lifecycle: pre_stop_seconds.map(|seconds| Lifecycle {
             pre_stop: PreStop {
                 sleep: Sleep { seconds },
@@ -140,6 +154,29 @@ fn bound(
                 ),
             ),
         },
+    }
+}
+
+/// The router of the deletion whose latency set the value: the censored
+/// one that proves "at least", the order statistic's, or the largest.
+fn limiting_router(req: &Request, samples: &Samples, at_least: bool) -> Option<RouterRef> {
+    let (s, censored) = (&samples.latencies, &samples.censored);
+    let of = |routers: &[Option<RouterRef>], i: usize| routers.get(i).cloned().flatten();
+    let last_measured = || of(&samples.limiting_routers, s.len().checked_sub(1)?);
+    if at_least {
+        let c = censored.len().checked_sub(1)?;
+        return if s.last().is_some_and(|m| *m > censored[c]) {
+            last_measured()
+        } else {
+            of(&samples.censored_limiting_routers, c)
+        };
+    }
+    match stats::upper_bound_censored(s, censored.len(), req.quantile, req.confidence) {
+        CensoredBound::Value(b) => {
+            let i = s.iter().position(|v| *v == b)?;
+            of(&samples.limiting_routers, i)
+        }
+        CensoredBound::Censored | CensoredBound::TooFew => last_measured(),
     }
 }
 
