@@ -441,6 +441,48 @@ mod tests {
         }
     }
 
+    fn class() -> impl proptest::strategy::Strategy<Value = NodeClass> {
+        proptest::prop_oneof![
+            proptest::strategy::Just(NodeClass::Measured),
+            proptest::strategy::Just(NodeClass::StillRouting),
+            proptest::strategy::Just(NodeClass::Unknown),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Counting node-deletions one by one, or per deletion and then
+        /// merging the deletions' counts, gives the same coverage; every
+        /// node-deletion is in exactly one class and the ratio is the
+        /// measured share.
+        #[test]
+        fn coverage_adds_up_however_it_is_counted(
+            deletions in proptest::collection::vec(proptest::collection::vec(class(), 0..8), 0..20),
+        ) {
+            let mut one_by_one = Coverage::default();
+            let mut merged = Coverage::default();
+            for classes in &deletions {
+                let mut per_deletion = Coverage::default();
+                for c in classes {
+                    one_by_one.add(*c);
+                    per_deletion.add(*c);
+                }
+                merged.merge(&per_deletion);
+            }
+            let all: Vec<NodeClass> = deletions.concat();
+            let of = |k| all.iter().filter(|c| **c == k).count() as u64;
+            let expected = Coverage {
+                expected: all.len() as u64,
+                measured: of(NodeClass::Measured),
+                still_routing: of(NodeClass::StillRouting),
+                unknown: of(NodeClass::Unknown),
+                ratio: (!all.is_empty())
+                    .then(|| of(NodeClass::Measured) as f64 / all.len() as f64),
+            };
+            proptest::prop_assert_eq!(one_by_one, expected);
+            proptest::prop_assert_eq!(merged, expected);
+        }
+    }
+
     #[test]
     fn absent_values_are_written_as_null() {
         let v = serde_json::to_value(NodeMeasurement::default()).unwrap();

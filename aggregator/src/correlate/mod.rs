@@ -38,6 +38,7 @@ use tokio::sync::broadcast;
 
 pub use self::checkpoint::{CheckpointStats, RestoreStats};
 pub use self::fold::{Implausible, Plausibility, UNATTRIBUTED};
+pub use self::routers::{MAX_TRAFFIC_ROUTERS, OTHER};
 use self::state::{Agent, Pending, State, mark_agent, mark_pending};
 pub use self::subscriptions::{Lagged, Subscription, WatchChange};
 use crate::config::Settings;
