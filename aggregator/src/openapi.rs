@@ -40,7 +40,8 @@ fn paths() -> Value {
                 param("namespace", "string", "Namespace; absent means cluster-wide"),
                 param("service", "string", "Service name; needs namespace"),
                 param("quantile", "number", "Quantile of full-propagation latency to cover, in (0,1); default from --quantile"),
-                param("confidence", "number", "Confidence of the upper bound, in (0,1); default from --confidence")
+                param("confidence", "number", "Confidence of the upper bound, in (0,1); default from --confidence"),
+                param("excludeExternal", "boolean", "true: each deletion's latency over its node and workload routers only, external routers (no node, no pod) left out; default false")
             ],
             "responses": {
                 "200": { "description": "Recommendation", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Recommendation" } } } },

@@ -11,6 +11,7 @@ use apiserver_double::objects::{endpoint_slice, pod};
 use common::lab::*;
 use common::{get, get_json};
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use observer_proto::v1 as pb;
 
 const S: u64 = 1_000_000_000;
@@ -705,5 +706,106 @@ async fn an_agent_restarted_mid_deletion_leaves_its_node_unknown() {
     assert_eq!(node_b["class"], "unknown", "{d}");
     assert_eq!(d["censored"], false, "{d}");
     assert_eq!(d["coverage"]["unknown"], 1, "{d}");
+    agg.shutdown().await;
+}
+
+/// An ingress controller's pod on node-b, as a Deployment's ReplicaSet
+/// names it.
+const INGRESS: &str = "10.244.1.20";
+/// A load balancer outside the cluster.
+const EXTERNAL: &str = "203.0.113.7";
+
+fn ingress_pod() -> Pod {
+    let mut p = pod("ingress", "nginx-7d9f8-x2x4q", INGRESS, "node-b");
+    p.metadata.labels = Some([("pod-template-hash".into(), "7d9f8".into())].into());
+    p.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: "apps/v1".into(),
+        kind: "ReplicaSet".into(),
+        name: "nginx-7d9f8".into(),
+        uid: "rs-uid".into(),
+        controller: Some(true),
+        ..OwnerReference::default()
+    }]);
+    p
+}
+
+#[tokio::test]
+async fn routers_are_named_and_external_ones_can_be_left_out() {
+    let c = cluster().await;
+    c.double.create(&ingress_pod()).unwrap();
+    let (agg, _dir) = simulated_aggregator(&c, Duration::from_secs(30)).await;
+    let ingress_ip: std::net::IpAddr = INGRESS.parse().unwrap();
+    wait_until("the ingress pod indexed from the Pod watch", || {
+        let pods = agg.correlator.indexed_pods();
+        async move { pods.iter().any(|(ip, _)| *ip == ingress_ip) }
+    })
+    .await;
+    let (mut a, mut b, ep) = two_agents_see_the_deletion(&c, &agg).await;
+    let t0 = ep.deletion_start_unix_nanos;
+    // Both proxies stop at once; the ingress goes on with its upstream
+    // list for 2 s, a cloud load balancer outside the cluster for 5 s.
+    b.report(vec![
+        rules_removed(IP, t0 + S / 5),
+        direct_flow(INGRESS, IP, t0 + S / 2),
+    ])
+    .await;
+    a.report(vec![
+        rules_removed(IP, t0 + S / 10),
+        accepted(INGRESS, IP, t0 + 2 * S),
+        refused(EXTERNAL, IP, t0 + 5 * S),
+    ])
+    .await;
+    finish_deletion(&c);
+    let http = agg.http_addr;
+    let d = &finished(http, "/v1/deletions").await;
+    let routers: Vec<(&str, &str)> = d["routers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["kind"].as_str().unwrap(), r["name"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        routers,
+        [
+            ("node", "node-a"),
+            ("node", "node-b"),
+            ("workload", "ingress/nginx"),
+            ("external", EXTERNAL)
+        ],
+        "{d}"
+    );
+    assert_eq!(d["limitingRouter"]["kind"], "external", "{d}");
+    let ingress = &d["routers"][2];
+    assert_eq!(ingress["node"], "node-b", "{d}");
+    assert!((ingress["latencySeconds"].as_f64().unwrap() - 2.0).abs() < 1e-6);
+
+    let all = "/v1/recommendations?namespace=shop&service=web";
+    let (_, r) = get_json(http, all).await;
+    assert_eq!(r["limitingRouter"]["name"], EXTERNAL, "{r}");
+    let kinds: Vec<&str> = r["byRouterKind"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["node", "workload", "external"], "{r}");
+    let (status, without) = get_json(http, &format!("{all}&excludeExternal=true")).await;
+    assert_eq!(status, 200, "{without}");
+    assert_eq!(
+        without["limitingRouter"]["name"], "ingress/nginx",
+        "{without}"
+    );
+    assert!(
+        without["preStopSeconds"].as_u64() < r["preStopSeconds"].as_u64(),
+        "{without} vs {r}"
+    );
+    let (_, m) = get(http, "/metrics").await;
+    for line in [
+        r#"prestop_router_latency_seconds_count{kind="workload",router="ingress/nginx"} 1"#,
+        r#"prestop_router_latency_seconds_count{kind="external",router="external"} 1"#,
+        r#"prestop_router_latency_seconds_count{kind="node",router="node-b"} 1"#,
+    ] {
+        assert!(m.contains(line), "missing {line}:\n{m}");
+    }
     agg.shutdown().await;
 }

@@ -238,3 +238,16 @@ pub fn new_flow(src: &str, ip: &str, t: u64) -> pb::Observation {
         })),
     }
 }
+
+/// A new flow from `src` to the pod address `ip` itself (no DNAT: a client
+/// that picked the pod IP, as an ingress controller does).
+pub fn direct_flow(src: &str, ip: &str, t: u64) -> pb::Observation {
+    pb::Observation {
+        kind: Some(pb::observation::Kind::NewFlow(pb::NewFlow {
+            src: addr(src, 40004),
+            dst: addr(ip, 8080),
+            original_dst: addr(ip, 8080),
+            time_unix_nanos: t,
+        })),
+    }
+}
