@@ -31,7 +31,8 @@ use buffer::Buffer;
 /// Counters the kernel side keeps and the reporter forwards (cumulative).
 #[derive(Debug, Default)]
 pub struct KernelCounters {
-    /// Events the kernel could not hand over (ring buffer full).
+    /// Events the kernel could not hand over (ring buffer full, conntrack
+    /// socket overflow).
     pub events_lost: AtomicU64,
 }
 
