@@ -55,6 +55,10 @@ pub struct NodeAccumulator {
     pub refused: u64,
     pub aborted: u64,
     pub clock_uncertainty_ns: Option<u64>,
+    /// The node's agent started after the deletion and its dataplane no
+    /// longer selected the endpoint: removed before that time, when is
+    /// unknown.
+    pub removed_before_start: Option<UnixNanos>,
 }
 
 /// The last rules removal a node reported for a deletion's endpoint.

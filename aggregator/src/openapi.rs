@@ -166,6 +166,8 @@ fn node_measurement() -> Value {
             "detectorPrecisionSeconds": { "type": "number", "nullable": true,
                 "description": "Upper bound of the error of rulesRemovedUnixNanos as the node's detector timed it" },
             "clockUncertaintySeconds": { "type": "number", "nullable": true },
+            "removedBeforeAgentStartUnixNanos": { "type": "integer", "format": "int64", "nullable": true,
+                "description": "Its agent started after the deletion and found the endpoint no longer selected then: removed before, when unknown (class unknown)" },
             "class": { "type": "string", "nullable": true, "enum": ["measured", "stillRouting", "unknown", null],
                 "description": "For an expected node: its removal was seen, it still routed at the timeout (agent healthy), or nothing is known (agent absent, restarted, losing events)" },
             "errorSeconds": { "type": "number", "nullable": true, "description": "Clock uncertainty + detector precision + T0 lag bound, added to latencySeconds for the bound" },

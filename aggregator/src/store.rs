@@ -45,8 +45,8 @@ pub enum StoreError {
 }
 
 /// 2 added the in-flight tables, 3 the detector's precision of a rules
-/// removal, 4 what the bound needs, 5 the routers; older files are
-/// upgraded in place.
+/// removal, 4 what the bound needs, 5 the routers and removals before an
+/// agent's start; older files are upgraded in place.
 const SCHEMA_VERSION: i64 = 5;
 
 /// Columns added since version 2 files: (table, column, declaration).
@@ -55,7 +55,7 @@ const SCHEMA_VERSION: i64 = 5;
 /// 4: what the bound needs of a finished deletion, older rows reading as
 /// uncensored with their coverage unknown; version 5: the routers, older
 /// rows having none, so that excluding external routers falls back to
-/// their whole bound).
+/// their whole bound, and a node's removal before its agent's start).
 const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("pending_nodes", "rules_precision_ns", "INTEGER"),
     ("deletions", "bound_seconds", "REAL"),
@@ -75,6 +75,11 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("deletions", "workload_router_seconds", "REAL"),
     ("deletions", "external_router_seconds", "REAL"),
     ("pending_deletions", "routers", "TEXT"),
+    (
+        "pending_nodes",
+        "removed_before_start_unix_nanos",
+        "INTEGER",
+    ),
 ];
 
 /// Adds the [`ADDED_COLUMNS`] a table of an older file lacks.
@@ -161,6 +166,7 @@ CREATE TABLE IF NOT EXISTS pending_nodes (
     refused INTEGER NOT NULL,
     aborted INTEGER NOT NULL,
     clock_uncertainty_ns INTEGER,
+    removed_before_start_unix_nanos INTEGER,
     PRIMARY KEY (pod_uid, node)
 );
 CREATE TABLE IF NOT EXISTS agents (
@@ -660,8 +666,8 @@ impl Store {
             let mut upsert = tx.prepare_cached(
                 "INSERT INTO pending_nodes (pod_uid, node, rules_removed_unix_nanos, rules_mode,
                     rules_precision_ns, last_connection_unix_nanos, late_flows, late_accepted,
-                    refused, aborted, clock_uncertainty_ns)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                    refused, aborted, clock_uncertainty_ns, removed_before_start_unix_nanos)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                  ON CONFLICT (pod_uid, node) DO UPDATE SET
                     rules_removed_unix_nanos = excluded.rules_removed_unix_nanos,
                     rules_mode = excluded.rules_mode,
@@ -671,7 +677,8 @@ impl Store {
                     late_accepted = excluded.late_accepted,
                     refused = excluded.refused,
                     aborted = excluded.aborted,
-                    clock_uncertainty_ns = excluded.clock_uncertainty_ns",
+                    clock_uncertainty_ns = excluded.clock_uncertainty_ns,
+                    removed_before_start_unix_nanos = excluded.removed_before_start_unix_nanos",
             )?;
             for p in &c.nodes {
                 if !exists.exists([&p.pod_uid])? {
@@ -691,6 +698,7 @@ impl Store {
                         count(a.refused),
                         count(a.aborted),
                         a.clock_uncertainty_ns.map(count),
+                        a.removed_before_start.map(UnixNanos::as_nanos),
                     ])?;
                 }
             }
@@ -742,7 +750,7 @@ impl Store {
             let mut stmt = tx.prepare(
                 "SELECT pod_uid, node, rules_removed_unix_nanos, rules_mode, rules_precision_ns,
                     last_connection_unix_nanos, late_flows, late_accepted, refused, aborted,
-                    clock_uncertainty_ns
+                    clock_uncertainty_ns, removed_before_start_unix_nanos
                  FROM pending_nodes ORDER BY pod_uid, node",
             )?;
             let mut rows = stmt.query([])?;
@@ -984,6 +992,7 @@ fn node_row(row: &rusqlite::Row<'_>) -> Result<(String, NodeAccRow), StoreError>
                 refused: r.count(8)?,
                 aborted: r.count(9)?,
                 clock_uncertainty_ns: r.opt_count(10)?,
+                removed_before_start: r.opt_time(11)?,
             },
         },
     ))

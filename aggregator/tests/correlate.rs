@@ -902,3 +902,39 @@ fn the_slowest_router_limits_and_past_the_cap_routers_are_other() {
     let other = router(&rec, RouterKind::External, OTHER);
     assert_eq!(other.late_connections, 300 - kept as u64);
 }
+
+#[test]
+fn a_removal_before_the_agents_start_leaves_the_node_unknown_not_still_routing() {
+    let (c, store) = setup(Duration::from_secs(5));
+    let _subs = subscribed(&c, &["a", "b"]);
+    c.deletion_started(start("u1", POD), T0);
+    report(&c, "a", 1, vec![rules_removed(Detector::Nftables, T0 + S)]);
+    // b's client was still routed to the pod at +2 s; then b's agent
+    // (started at +3 s, the aggregator not knowing it restarted) found the
+    // endpoint gone from its dataplane.
+    report(&c, "a", 2, vec![accepted(CLIENT, T0 + 2 * S)]);
+    report(
+        &c,
+        "b",
+        1,
+        vec![Observation::RemovedBeforeStart(rules(
+            POD,
+            Detector::Nftables,
+            T0 + 3 * S,
+        ))],
+    );
+    c.pod_gone("u1", T0 + 4 * S);
+    c.tick(T0 + 5 * S);
+    let rec = store.deletion("u1").unwrap().unwrap();
+    let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
+    assert_eq!(b.class, Some(NodeClass::Unknown), "{rec:#?}");
+    assert_eq!(b.removed_before_agent_start_unix_nanos, Some(T0 + 3 * S));
+    assert_eq!(
+        b.rules_removed_unix_nanos, None,
+        "no removal time is made up"
+    );
+    assert!(!rec.censored, "{rec:#?}");
+    assert_eq!(rec.coverage.unknown, 1);
+    // Its traffic evidence still counts.
+    assert_eq!(rec.propagation_seconds, Some(2.0));
+}

@@ -700,10 +700,23 @@ async fn an_agent_restarted_mid_deletion_leaves_its_node_unknown() {
     // node-b's agent is killed and comes back as a new process: what it
     // had seen is gone.
     drop(b);
-    let _b_again = Agent::connect_as(agg.grpc_addr, "node-b", "node-b/restarted").await;
+    let mut b_again = Agent::connect_as(agg.grpc_addr, "node-b", "node-b/restarted").await;
+    // It learns the watched set again and finds the endpoint gone from
+    // its dataplane: removed before its start, when is unknown.
+    assert_eq!(b_again.next_add().await, ep);
+    let started = now_on_the_wire();
+    b_again
+        .report(vec![removed_before_start(IP, started)])
+        .await;
     let d = &finished(agg.http_addr, "/v1/deletions").await;
     let node_b = node_of(d, "node-b");
     assert_eq!(node_b["class"], "unknown", "{d}");
+    assert_eq!(
+        node_b["removedBeforeAgentStartUnixNanos"].as_u64(),
+        Some(started),
+        "{d}"
+    );
+    assert!(node_b["rulesRemovedUnixNanos"].is_null(), "{d}");
     assert_eq!(d["censored"], false, "{d}");
     assert_eq!(d["coverage"]["unknown"], 1, "{d}");
     agg.shutdown().await;

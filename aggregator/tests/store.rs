@@ -342,6 +342,7 @@ mod in_flight {
                 refused: 3,
                 aborted: 4,
                 clock_uncertainty_ns: Some(50_000),
+                removed_before_start: Some(t(1_700_000_002_500_000_000)),
             },
         }
     }
@@ -512,7 +513,7 @@ mod in_flight {
             ),
             (
                 "UPDATE pending_deletions SET t0_unix_nanos = 1;
-                 INSERT INTO pending_nodes VALUES ('u1', 'node-a', 5, NULL, NULL, NULL, 0, 0, 0, 0, NULL)",
+                 INSERT INTO pending_nodes VALUES ('u1', 'node-a', 5, NULL, NULL, NULL, 0, 0, 0, 0, NULL, NULL)",
                 "pending_nodes",
                 "node \"node-a\"",
                 "rules_mode",
@@ -595,6 +596,7 @@ mod in_flight {
             let side = rusqlite::Connection::open(&path).unwrap();
             side.execute_batch(
                 "ALTER TABLE pending_nodes DROP COLUMN rules_precision_ns;
+                 ALTER TABLE pending_nodes DROP COLUMN removed_before_start_unix_nanos;
                  INSERT INTO pending_nodes VALUES ('u1', 'node-b', 5, 'nftables', NULL, 0, 0, 0, 0, NULL);
                  PRAGMA user_version = 2;",
             )

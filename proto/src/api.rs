@@ -306,6 +306,10 @@ pub struct NodeMeasurement {
     pub detector_precision_seconds: Option<f64>,
     /// Clock uncertainty of this node's agent (half its round trip).
     pub clock_uncertainty_seconds: Option<f64>,
+    /// Its agent started after the deletion and found the endpoint no
+    /// longer selected, at this time: removed before it, when is unknown
+    /// (the node is unknown, neither missing nor zero).
+    pub removed_before_agent_start_unix_nanos: Option<UnixNanos>,
     /// What is known of this node at the end: `None` for a source that was
     /// not an expected node (an unattributed address).
     pub class: Option<NodeClass>,

@@ -163,6 +163,10 @@ fn apply(p: &mut Pending, s: &Seen<'_>) -> bool {
                 });
             }
         }
+        Observation::RemovedBeforeStart(_) => {
+            let a = accs.of(s.node);
+            a.removed_before_start = a.removed_before_start.max(Some(t));
+        }
         Observation::RulesAdded(_) => {
             // The dataplane selects the endpoint again: an earlier removal was
             // not the final one.

@@ -80,7 +80,8 @@ pub(super) fn record(p: Pending, now: UnixNanos, live: &BTreeSet<String>) -> Del
 /// What is known of an expected node at the end. Still routing needs
 /// evidence: a new connection it routed to the pod after T0 with no
 /// removal since, from an agent that was connected and lost nothing.
-/// Without that evidence nothing says the pod was still its target.
+/// Without that evidence nothing says the pod was still its target. A
+/// removal before the agent's start is no timing: unknown.
 fn classify(
     node: &str,
     a: &NodeAccumulator,
@@ -90,7 +91,7 @@ fn classify(
 ) -> NodeClass {
     if a.rules_removed.is_some() {
         NodeClass::Measured
-    } else if !live.contains(node) || disrupted.contains(node) {
+    } else if !live.contains(node) || disrupted.contains(node) || a.removed_before_start.is_some() {
         NodeClass::Unknown
     } else if a.last_connection.is_some_and(|t| t >= t0) {
         NodeClass::StillRouting
@@ -145,6 +146,7 @@ fn measurement(
         },
         detector_precision_seconds: rules.and_then(|r| r.precision_ns).map(|p| seconds(ns(p))),
         clock_uncertainty_seconds: a.clock_uncertainty_ns.map(|u| seconds(ns(u))),
+        removed_before_agent_start_unix_nanos: a.removed_before_start,
         class,
         error_seconds: error_ns.map(seconds),
         // The same connection can be seen from both ends (the source

@@ -251,3 +251,16 @@ pub fn direct_flow(src: &str, ip: &str, t: u64) -> pb::Observation {
         })),
     }
 }
+
+/// A restarted agent found `ip` no longer in its dataplane at `t` (its
+/// first read) with the deletion already under way.
+pub fn removed_before_start(ip: &str, t: u64) -> pb::Observation {
+    pb::Observation {
+        kind: Some(pb::observation::Kind::RemovedBeforeStart(pb::RulesChange {
+            endpoint: addr(ip, 8080),
+            detector: pb::Detector::Nftables as i32,
+            time_unix_nanos: t,
+            precision_ns: 0,
+        })),
+    }
+}

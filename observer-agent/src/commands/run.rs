@@ -270,7 +270,7 @@ impl Watched {
             if self.endpoints.watch(endpoint)
                 && let Some(dp) = dataplane
             {
-                dp.watch(endpoint);
+                dp.watch_deleted(endpoint, ep.deletion_start);
             }
         }
         tracing::info!(pod = %ep.pod_name, namespace = %ep.namespace, ip = %ep.ip, "watching terminating endpoint");
