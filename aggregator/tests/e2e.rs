@@ -639,19 +639,35 @@ async fn a_node_still_routing_at_the_timeout_makes_the_answer_at_least_never_sma
 #[tokio::test]
 async fn refusals_alone_show_a_client_side_balancer_still_routing() {
     let c = cluster().await;
+    c.double
+        .create(&pod("shop", "balancer-0", BALANCER, "node-b"))
+        .unwrap();
     let (agg, _dir) = simulated_aggregator(&c, Duration::from_secs(30)).await;
+    let balancer_ip: std::net::IpAddr = BALANCER.parse().unwrap();
+    wait_until("the balancer pod indexed", || {
+        let pods = agg.correlator.indexed_pods();
+        async move { pods.iter().any(|(ip, _)| *ip == balancer_ip) }
+    })
+    .await;
     let (mut a, mut b, ep) = two_agents_see_the_deletion(&c, &agg).await;
     let t0 = ep.deletion_start_unix_nanos;
     // preStop 0: both proxies stop at once and the app is gone, but the
-    // balancer refreshes its list only after 3 s: refused until then.
+    // balancer refreshes its list only after 3 s: refused until then. Its
+    // node's conntrack saw its first attempt go to the pod IP directly;
+    // everything after is refusals the pod's node saw.
+    b.report(vec![
+        rules_removed(IP, t0 + S / 5),
+        direct_flow(BALANCER, IP, t0 + S / 10),
+    ])
+    .await;
     a.report(vec![
         rules_removed(IP, t0 + S / 5),
         refused(BALANCER, IP, t0 + S),
         refused(BALANCER, IP, t0 + 2 * S),
         refused(BALANCER, IP, t0 + 3 * S),
+        refused(EXTERNAL, IP, t0 + 3 * S),
     ])
     .await;
-    b.report(vec![rules_removed(IP, t0 + S / 5)]).await;
     finish_deletion(&c);
     let d = &finished(agg.http_addr, "/v1/deletions").await;
     let p = d["propagationSeconds"].as_f64().unwrap();
@@ -659,6 +675,32 @@ async fn refusals_alone_show_a_client_side_balancer_still_routing() {
     let node_b = node_of(d, "node-b");
     assert_eq!(node_b["refusedConnections"], 3, "{d}");
     assert!((node_b["latencySeconds"].as_f64().unwrap() - 3.0).abs() < 1e-6);
+    // The refusals are the balancer's, not node-b's proxy's.
+    let router = |kind: &str| {
+        d["routers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} router in {d}"))
+            .clone()
+    };
+    let balancer = router("workload");
+    assert_eq!(balancer["name"], "shop/balancer-0", "{d}");
+    assert_eq!(balancer["refusedConnections"], 3, "{d}");
+    assert!((balancer["latencySeconds"].as_f64().unwrap() - 3.0).abs() < 1e-6);
+    let external = router("external");
+    assert!((external["latencySeconds"].as_f64().unwrap() - 3.0).abs() < 1e-6);
+    let b_router = d["routers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "node" && r["name"] == "node-b")
+        .unwrap();
+    assert!(
+        b_router["latencySeconds"].as_f64().unwrap() < 1.0,
+        "node-b's proxy stopped at once: {d}"
+    );
     agg.shutdown().await;
 }
 
