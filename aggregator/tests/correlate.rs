@@ -624,13 +624,20 @@ fn a_healthy_node_still_routing_at_the_timeout_censors_the_deletion() {
     assert_eq!((samples.latencies.len(), samples.censored), (0, vec![5.0]));
 }
 
-#[test]
-fn an_agent_restarted_mid_deletion_leaves_its_node_unknown_not_zero() {
+/// A deletion (timeout 5 s) in which node a removed the pod at +1 s and
+/// node b's client pod was still routed to it at +2 s.
+fn b_routed_until_two_seconds() -> (Arc<Correlator>, Arc<Store>, Vec<Subscription>) {
     let (c, store) = setup(Duration::from_secs(5));
-    let _subs = subscribed(&c, &["a", "b"]);
+    let subs = subscribed(&c, &["a", "b"]);
     c.deletion_started(start("u1", POD), T0);
     report(&c, "a", 1, vec![rules_removed(Detector::Nftables, T0 + S)]);
     report(&c, "a", 2, vec![accepted(CLIENT, T0 + 2 * S)]);
+    (c, store, subs)
+}
+
+#[test]
+fn an_agent_restarted_mid_deletion_leaves_its_node_unknown_not_zero() {
+    let (c, store, _subs) = b_routed_until_two_seconds();
     // b's agent restarts with a new identity: what it saw is gone.
     c.register(
         Registration {
@@ -654,11 +661,7 @@ fn an_agent_restarted_mid_deletion_leaves_its_node_unknown_not_zero() {
 
 #[test]
 fn lost_events_leave_the_node_unknown_for_the_deletions_in_flight() {
-    let (c, store) = setup(Duration::from_secs(5));
-    let _subs = subscribed(&c, &["a", "b"]);
-    c.deletion_started(start("u1", POD), T0);
-    report(&c, "a", 1, vec![rules_removed(Detector::Nftables, T0 + S)]);
-    report(&c, "a", 2, vec![accepted(CLIENT, T0 + 2 * S)]);
+    let (c, store, _subs) = b_routed_until_two_seconds();
     let mut lossy = batch("b", 1, vec![]);
     lossy.counters.events_lost = 3;
     c.report(lossy, T0 + 2 * S).unwrap();
@@ -905,14 +908,9 @@ fn the_slowest_router_limits_and_past_the_cap_routers_are_other() {
 
 #[test]
 fn a_removal_before_the_agents_start_leaves_the_node_unknown_not_still_routing() {
-    let (c, store) = setup(Duration::from_secs(5));
-    let _subs = subscribed(&c, &["a", "b"]);
-    c.deletion_started(start("u1", POD), T0);
-    report(&c, "a", 1, vec![rules_removed(Detector::Nftables, T0 + S)]);
-    // b's client was still routed to the pod at +2 s; then b's agent
-    // (started at +3 s, the aggregator not knowing it restarted) found the
-    // endpoint gone from its dataplane.
-    report(&c, "a", 2, vec![accepted(CLIENT, T0 + 2 * S)]);
+    // b's agent (started at +3 s, the aggregator not knowing it
+    // restarted) found the endpoint gone from its dataplane.
+    let (c, store, _subs) = b_routed_until_two_seconds();
     report(
         &c,
         "b",

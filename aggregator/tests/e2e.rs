@@ -589,6 +589,34 @@ async fn simulated_aggregator(
     (agg, dir)
 }
 
+/// The aggregator with [`simulated_seconds`] settings, once its Pod watch
+/// indexed `source` (created in the double): connections from it are
+/// attributed to its workload.
+async fn aggregator_knowing(
+    c: &Cluster,
+    source: &Pod,
+) -> (aggregator::app::Running, tempfile::TempDir) {
+    let source = c.double.create(source).unwrap();
+    let (agg, dir) = simulated_aggregator(c, Duration::from_secs(30)).await;
+    let ip: std::net::IpAddr = source.status.unwrap().pod_ip.unwrap().parse().unwrap();
+    wait_until("the source pod indexed from the Pod watch", || {
+        let pods = agg.correlator.indexed_pods();
+        async move { pods.iter().any(|(i, _)| *i == ip) }
+    })
+    .await;
+    (agg, dir)
+}
+
+/// The router of `kind` named `name` in a deletion.
+fn router_of<'a>(d: &'a serde_json::Value, kind: &str, name: &str) -> &'a serde_json::Value {
+    d["routers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == kind && r["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} router {name} in {d}"))
+}
+
 /// A pod on node-b that sends to web-1 directly (a client-side balancer).
 const BALANCER: &str = "10.244.1.9";
 
@@ -639,16 +667,8 @@ async fn a_node_still_routing_at_the_timeout_makes_the_answer_at_least_never_sma
 #[tokio::test]
 async fn refusals_alone_show_a_client_side_balancer_still_routing() {
     let c = cluster().await;
-    c.double
-        .create(&pod("shop", "balancer-0", BALANCER, "node-b"))
-        .unwrap();
-    let (agg, _dir) = simulated_aggregator(&c, Duration::from_secs(30)).await;
-    let balancer_ip: std::net::IpAddr = BALANCER.parse().unwrap();
-    wait_until("the balancer pod indexed", || {
-        let pods = agg.correlator.indexed_pods();
-        async move { pods.iter().any(|(ip, _)| *ip == balancer_ip) }
-    })
-    .await;
+    let balancer = pod("shop", "balancer-0", BALANCER, "node-b");
+    let (agg, _dir) = aggregator_knowing(&c, &balancer).await;
     let (mut a, mut b, ep) = two_agents_see_the_deletion(&c, &agg).await;
     let t0 = ep.deletion_start_unix_nanos;
     // preStop 0: both proxies stop at once and the app is gone, but the
@@ -676,27 +696,12 @@ async fn refusals_alone_show_a_client_side_balancer_still_routing() {
     assert_eq!(node_b["refusedConnections"], 3, "{d}");
     assert!((node_b["latencySeconds"].as_f64().unwrap() - 3.0).abs() < 1e-6);
     // The refusals are the balancer's, not node-b's proxy's.
-    let router = |kind: &str| {
-        d["routers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["kind"] == kind)
-            .unwrap_or_else(|| panic!("no {kind} router in {d}"))
-            .clone()
-    };
-    let balancer = router("workload");
-    assert_eq!(balancer["name"], "shop/balancer-0", "{d}");
+    let balancer = router_of(d, "workload", "shop/balancer-0");
     assert_eq!(balancer["refusedConnections"], 3, "{d}");
     assert!((balancer["latencySeconds"].as_f64().unwrap() - 3.0).abs() < 1e-6);
-    let external = router("external");
+    let external = router_of(d, "external", EXTERNAL);
     assert!((external["latencySeconds"].as_f64().unwrap() - 3.0).abs() < 1e-6);
-    let b_router = d["routers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["kind"] == "node" && r["name"] == "node-b")
-        .unwrap();
+    let b_router = router_of(d, "node", "node-b");
     assert!(
         b_router["latencySeconds"].as_f64().unwrap() < 1.0,
         "node-b's proxy stopped at once: {d}"
@@ -787,14 +792,7 @@ fn ingress_pod() -> Pod {
 #[tokio::test]
 async fn routers_are_named_and_external_ones_can_be_left_out() {
     let c = cluster().await;
-    c.double.create(&ingress_pod()).unwrap();
-    let (agg, _dir) = simulated_aggregator(&c, Duration::from_secs(30)).await;
-    let ingress_ip: std::net::IpAddr = INGRESS.parse().unwrap();
-    wait_until("the ingress pod indexed from the Pod watch", || {
-        let pods = agg.correlator.indexed_pods();
-        async move { pods.iter().any(|(ip, _)| *ip == ingress_ip) }
-    })
-    .await;
+    let (agg, _dir) = aggregator_knowing(&c, &ingress_pod()).await;
     let (mut a, mut b, ep) = two_agents_see_the_deletion(&c, &agg).await;
     let t0 = ep.deletion_start_unix_nanos;
     // Both proxies stop at once; the ingress goes on with its upstream
@@ -830,7 +828,7 @@ async fn routers_are_named_and_external_ones_can_be_left_out() {
         "{d}"
     );
     assert_eq!(d["limitingRouter"]["kind"], "external", "{d}");
-    let ingress = &d["routers"][2];
+    let ingress = router_of(d, "workload", "ingress/nginx");
     assert_eq!(ingress["node"], "node-b", "{d}");
     assert!((ingress["latencySeconds"].as_f64().unwrap() - 2.0).abs() < 1e-6);
 

@@ -33,28 +33,32 @@ fn records_survive_reopen_and_are_idempotent() {
     assert_eq!(got, deletion("shop", "web", "web-1", 1.5, t(1_000)));
 }
 
+/// A store in `dir` holding `rec`, made an older file by `downgrade`
+/// (SQL), then reopened: upgraded.
+fn older_file(dir: &tempfile::TempDir, rec: &DeletionRecord, downgrade: &str) -> Store {
+    let path = dir.path().join("store.db");
+    Store::open(&path).unwrap().record_deletion(rec).unwrap();
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(downgrade)
+        .unwrap();
+    Store::open(&path).unwrap()
+}
+
 #[test]
 fn version_3_files_keep_their_deletions_as_uncensored_samples() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("store.db");
-    {
-        let store = Store::open(&path).unwrap();
-        store
-            .record_deletion(&deletion("shop", "web", "web-1", 1.5, t(1_000)))
-            .unwrap();
-        let side = rusqlite::Connection::open(&path).unwrap();
-        side.execute_batch(
-            "ALTER TABLE deletions DROP COLUMN bound_seconds;
-             ALTER TABLE deletions DROP COLUMN censored_after_seconds;
-             ALTER TABLE deletions DROP COLUMN nodes_expected;
-             ALTER TABLE deletions DROP COLUMN nodes_measured;
-             ALTER TABLE deletions DROP COLUMN nodes_still_routing;
-             ALTER TABLE deletions DROP COLUMN nodes_unknown;
-             PRAGMA user_version = 3;",
-        )
-        .unwrap();
-    }
-    let store = Store::open(&path).unwrap();
+    let store = older_file(
+        &dir,
+        &deletion("shop", "web", "web-1", 1.5, t(1_000)),
+        "ALTER TABLE deletions DROP COLUMN bound_seconds;
+         ALTER TABLE deletions DROP COLUMN censored_after_seconds;
+         ALTER TABLE deletions DROP COLUMN nodes_expected;
+         ALTER TABLE deletions DROP COLUMN nodes_measured;
+         ALTER TABLE deletions DROP COLUMN nodes_still_routing;
+         ALTER TABLE deletions DROP COLUMN nodes_unknown;
+         PRAGMA user_version = 3;",
+    );
     let samples = store.samples(&Scope::default(), t(0)).unwrap();
     // Its propagation is the sample; nothing censored, coverage unknown.
     assert_eq!(samples.latencies, vec![1.5]);
@@ -143,26 +147,19 @@ fn excluding_external_routers_bounds_over_nodes_and_workloads() {
 #[test]
 fn version_4_files_without_routers_keep_their_whole_bound() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("store.db");
-    {
-        let store = Store::open(&path).unwrap();
-        store
-            .record_deletion(&routed_deletion("w1", 1.0, 4.0, t(100)))
-            .unwrap();
-        let side = rusqlite::Connection::open(&path).unwrap();
-        side.execute_batch(
-            "ALTER TABLE deletions DROP COLUMN internal_bound_seconds;
-             ALTER TABLE deletions DROP COLUMN limiting_router;
-             ALTER TABLE deletions DROP COLUMN limiting_internal_router;
-             ALTER TABLE deletions DROP COLUMN node_router_seconds;
-             ALTER TABLE deletions DROP COLUMN workload_router_seconds;
-             ALTER TABLE deletions DROP COLUMN external_router_seconds;
-             ALTER TABLE pending_deletions DROP COLUMN routers;
-             PRAGMA user_version = 4;",
-        )
-        .unwrap();
-    }
-    let store = Store::open(&path).unwrap();
+    let store = older_file(
+        &dir,
+        &routed_deletion("w1", 1.0, 4.0, t(100)),
+        "ALTER TABLE deletions DROP COLUMN internal_bound_seconds;
+         ALTER TABLE deletions DROP COLUMN limiting_router;
+         ALTER TABLE deletions DROP COLUMN limiting_internal_router;
+         ALTER TABLE deletions DROP COLUMN node_router_seconds;
+         ALTER TABLE deletions DROP COLUMN workload_router_seconds;
+         ALTER TABLE deletions DROP COLUMN external_router_seconds;
+         ALTER TABLE pending_deletions DROP COLUMN routers;
+         ALTER TABLE pending_nodes DROP COLUMN removed_before_start_unix_nanos;
+         PRAGMA user_version = 4;",
+    );
     let internal = Scope {
         exclude_external: true,
         ..Scope::default()
