@@ -820,6 +820,8 @@ fn connections_are_attributed_to_node_workload_and_external_routers() {
             accepted(INGRESS, T0 + 3 * S),
             reset_sent("NO_SOCKET", EXTERNAL, T0 + 4 * S),
             accepted("192.168.0.1", T0 + 5 * S),
+            // Before T0: no router of the deletion.
+            accepted("198.51.100.1", T0 - S),
         ],
     );
     c.pod_gone("u1", T0 + 6 * S);

@@ -130,11 +130,11 @@ impl State {
             if connection && peer_host.is_some() && peer_host == p.start.host_node.as_deref() {
                 continue;
             }
-            if let Some(r) = &router {
-                routers::apply(&mut p.routers, r, seen.time, p.t0, seen.uncertainty_ns);
-                p.routers_dirty = true;
-            }
-            if apply(p, &seen) || router.is_some() {
+            let routed = router.as_ref().is_some_and(|r| {
+                routers::apply(&mut p.routers, r, seen.time, p.t0, seen.uncertainty_ns)
+            });
+            p.routers_dirty |= routed;
+            if apply(p, &seen) || routed {
                 mark_pending(&mut self.dirty_pending, uid, p);
             }
         }

@@ -136,24 +136,28 @@ fn arriving(pods: &PodIndex, nodes: &NodeIndex, src: IpAddr) -> RouterRef {
     }
 }
 
-/// Folds one attributed connection at `t` into a deletion's routers.
+/// Folds one attributed connection at `t` into a deletion's routers; one
+/// before T0 says nothing of routing after the deletion began.
 pub(super) fn apply(
     routers: &mut HashMap<RouterRef, RouterAccumulator>,
     a: &Attributed,
     t: UnixNanos,
     t0: UnixNanos,
     uncertainty_ns: u64,
-) {
-    let after = u64::from(t >= t0);
+) -> bool {
+    if t < t0 {
+        return false;
+    }
     let acc = accumulator(routers, &a.router);
     acc.last_connection = acc.last_connection.max(Some(t));
     acc.clock_uncertainty_ns = acc.clock_uncertainty_ns.max(uncertainty_ns);
     match a.evidence {
-        Evidence::Flow => acc.late_flows += after,
-        Evidence::Accepted => acc.late_accepted += after,
+        Evidence::Flow => acc.late_flows += 1,
+        Evidence::Accepted => acc.late_accepted += 1,
         Evidence::Refused => acc.refused += 1,
         Evidence::Connected => {}
     }
+    true
 }
 
 /// The router's accumulator; past the cap a new workload or external
