@@ -100,9 +100,54 @@ pub struct Metrics {
     pub nodes_missing: Family<NodeLabel, Counter>,
     pub nodes_still_routing: Family<NodeLabel, Counter>,
     pub observations_rejected: Family<ReasonLabel, Counter>,
-    pub router_latency: HistogramFamily<RouterLabel>,
+    pub router_latency: RouterLatency,
+}
+
+/// Latency per router, labelled by kind and a bounded name.
+pub struct RouterLatency {
+    family: HistogramFamily<RouterLabel>,
     /// Workload names in use as labels (at most [`MAX_WORKLOAD_LABELS`]).
-    workload_labels: Mutex<HashSet<String>>,
+    workloads: Mutex<HashSet<String>>,
+}
+
+impl RouterLatency {
+    pub fn observe(&self, router: &RouterRef, seconds: f64) {
+        self.family
+            .get_or_create(&self.label(router))
+            .observe(seconds);
+    }
+
+    /// The label of a router: a node by name, a workload by name while
+    /// fewer than [`MAX_WORKLOAD_LABELS`] are in use (else `other`), every
+    /// external router as `external` (addresses are unbounded).
+    fn label(&self, r: &RouterRef) -> RouterLabel {
+        let router = match r.kind {
+            RouterKind::Node => r.name.clone(),
+            RouterKind::External => "external".to_owned(),
+            RouterKind::Workload => {
+                let mut used = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
+                if used.contains(&r.name) || used.len() < MAX_WORKLOAD_LABELS {
+                    used.insert(r.name.clone());
+                    r.name.clone()
+                } else {
+                    "other".to_owned()
+                }
+            }
+        };
+        RouterLabel {
+            kind: r.kind.as_str().to_owned(),
+            router,
+        }
+    }
+}
+
+impl Default for RouterLatency {
+    fn default() -> Self {
+        Self {
+            family: Family::new_with_constructor(latency_histogram),
+            workloads: Mutex::default(),
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -131,8 +176,7 @@ impl Metrics {
             nodes_missing: Family::default(),
             nodes_still_routing: Family::default(),
             observations_rejected: Family::default(),
-            router_latency: Family::new_with_constructor(latency_histogram),
-            workload_labels: Mutex::default(),
+            router_latency: RouterLatency::default(),
             registry: Registry::default(),
         };
         m.register_deletion_metrics(&mut registry);
@@ -151,7 +195,7 @@ impl Metrics {
         registry.register(
             "prestop_router_latency_seconds",
             "Latency of each router of a pod deletion (kind: node, workload, external; router: the node, namespace/owner of a workload or other past the cap, external for every external router)",
-            self.router_latency.clone(),
+            self.router_latency.family.clone(),
         );
         registry.register(
             "prestop_control_plane_latency_seconds",
@@ -284,9 +328,7 @@ impl Metrics {
         }
         for r in &rec.routers {
             if let Some(l) = r.latency_seconds {
-                self.router_latency
-                    .get_or_create(&self.router_label(&r.router))
-                    .observe(l);
+                self.router_latency.observe(&r.router, l);
             }
         }
         if let Some(c) = rec.control_plane_seconds {
@@ -320,32 +362,6 @@ impl Metrics {
                     node: n.node.clone(),
                 })
                 .inc();
-        }
-    }
-
-    /// The label of a router: a node by name, a workload by name while
-    /// fewer than [`MAX_WORKLOAD_LABELS`] are in use (else `other`), every
-    /// external router as `external` (addresses are unbounded).
-    fn router_label(&self, r: &RouterRef) -> RouterLabel {
-        let router = match r.kind {
-            RouterKind::Node => r.name.clone(),
-            RouterKind::External => "external".to_owned(),
-            RouterKind::Workload => {
-                let mut used = self
-                    .workload_labels
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                if used.contains(&r.name) || used.len() < MAX_WORKLOAD_LABELS {
-                    used.insert(r.name.clone());
-                    r.name.clone()
-                } else {
-                    "other".to_owned()
-                }
-            }
-        };
-        RouterLabel {
-            kind: r.kind.as_str().to_owned(),
-            router,
         }
     }
 
