@@ -45,6 +45,8 @@ pub struct ReporterConfig {
     /// The `observer-agent probe` table.
     pub capabilities: Vec<Capability>,
     /// Unique per agent process; batch sequence numbers are scoped to it.
+    /// The node's identity across restarts is `node_name`; a new id shows
+    /// the aggregator that this process knows nothing of its predecessor's.
     pub agent_id: String,
     /// Observations held at most while the aggregator is unreachable.
     pub buffer_capacity: usize,
