@@ -160,6 +160,7 @@ async fn run(phase: Duration) {
         let scope = Scope {
             namespace: Some("ns-3".into()),
             service: Some("svc-3".into()),
+            ..Scope::default()
         };
         let r = direct.recommender.compute(scope, 0.99, 0.95, now).unwrap();
         assert_eq!(r.samples, 200);

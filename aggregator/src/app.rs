@@ -310,6 +310,7 @@ pub fn housekeeping(st: &HttpState) {
         let scope = Scope {
             namespace: (!namespace.is_empty()).then(|| namespace.clone()),
             service: (!service.is_empty()).then(|| service.clone()),
+            ..Scope::default()
         };
         let (q, c) = (st.settings.quantile, st.settings.confidence);
         let Ok(r) = st.recommender.compute(scope, q, c, now) else {

@@ -159,14 +159,36 @@ fn scope(p: &Params) -> Result<Scope, ApiError> {
             "service needs a namespace (services are namespaced)",
         ));
     }
-    Ok(Scope { namespace, service })
+    let exclude_external = match p.text("excludeExternal").as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(v) => {
+            return Err(ApiError::bad_request(format!(
+                "excludeExternal must be true or false, got {v:?}"
+            )));
+        }
+    };
+    Ok(Scope {
+        namespace,
+        service,
+        exclude_external,
+    })
 }
 
 async fn recommendations(
     State(state): State<HttpState>,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<axum::Json<Recommendation>, ApiError> {
-    let p = Params::new(raw, &["namespace", "service", "quantile", "confidence"])?;
+    let p = Params::new(
+        raw,
+        &[
+            "namespace",
+            "service",
+            "quantile",
+            "confidence",
+            "excludeExternal",
+        ],
+    )?;
     let scope = scope(&p)?;
     let quantile = p.number("quantile")?.unwrap_or(state.settings.quantile);
     let confidence = p.number("confidence")?.unwrap_or(state.settings.confidence);

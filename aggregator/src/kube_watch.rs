@@ -1,5 +1,6 @@
 //! One set of cluster-wide watchers (Pods, EndpointSlices, Nodes) feeding
-//! the correlator. Runs as a single task over the merged event streams, so
+//! the correlator: deletions, and the pod and node addresses connections
+//! are attributed by. Runs as a single task over the merged event streams, so
 //! its indexes need no locking.
 //!
 //! Relists (after a 410 Gone or a restart) deliver every object again: the
@@ -24,6 +25,7 @@ use observer_proto::UnixNanos;
 
 use crate::correlate::{Correlator, DeletionStart};
 use crate::nodes::NodeInfo;
+use crate::pods;
 use crate::readiness::Readiness;
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -133,11 +135,29 @@ impl Watch {
             Event::Init => self.init_pods.clear(),
             Event::InitApply(p) => {
                 self.init_pods.insert(p.uid().unwrap_or_default());
+                self.index_pod(&p);
                 self.pod_seen(&p, None, now);
             }
-            Event::Apply(p) => self.pod_seen(&p, Some(now), now),
-            Event::Delete(p) => self.pod_gone(&p.uid().unwrap_or_default(), now),
+            Event::Apply(p) => {
+                self.index_pod(&p);
+                self.pod_seen(&p, Some(now), now);
+            }
+            Event::Delete(p) => {
+                let uid = p.uid().unwrap_or_default();
+                if let Some((ips, _)) = pods::source_of(&p) {
+                    for ip in ips {
+                        self.correlator.remove_pod(ip, &uid);
+                    }
+                }
+                self.pod_gone(&uid, now);
+            }
             Event::InitDone => {
+                // Pods the relist no longer has lost their addresses.
+                for (ip, uid) in self.correlator.indexed_pods() {
+                    if !self.init_pods.contains(&uid) {
+                        self.correlator.remove_pod(ip, &uid);
+                    }
+                }
                 let mut gone: Vec<String> = self
                     .deleting
                     .keys()
@@ -157,6 +177,13 @@ impl Watch {
                 }
                 self.synced[0] = true;
             }
+        }
+    }
+
+    /// Connections from the pod are attributed by its addresses.
+    fn index_pod(&self, p: &Pod) {
+        if let Some((ips, source)) = pods::source_of(p) {
+            self.correlator.set_pod(&ips, source);
         }
     }
 

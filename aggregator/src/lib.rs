@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod model;
 pub mod nodes;
 pub mod openapi;
+pub mod pods;
 pub mod readiness;
 pub mod recommend;
 pub mod stats;

@@ -1,17 +1,20 @@
 //! Prometheus metrics. Names and labels are a contract with the dashboards
 //! and alerts in deploy/; labels stay bounded (node, namespace, service,
-//! mode), never pod names.
+//! mode, router kind, and at most [`MAX_WORKLOAD_LABELS`] workload names),
+//! never pod names or addresses.
 
 use observer_proto::AgentCounters;
 
 use crate::correlate::Implausible;
-use observer_proto::api::{DeletionRecord, NodeClass};
+use observer_proto::api::{DeletionRecord, NodeClass, RouterKind, RouterRef};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -20,6 +23,18 @@ pub struct NodeNamespaceMode {
     pub namespace: String,
     pub mode: String,
 }
+
+/// A router as a label: its kind and a bounded name (see
+/// [`Metrics::router_label`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouterLabel {
+    pub kind: String,
+    pub router: String,
+}
+
+/// Distinct workload names used as `router` labels; later ones are
+/// counted as `other`.
+pub const MAX_WORKLOAD_LABELS: usize = 50;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeNamespace {
@@ -85,6 +100,54 @@ pub struct Metrics {
     pub nodes_missing: Family<NodeLabel, Counter>,
     pub nodes_still_routing: Family<NodeLabel, Counter>,
     pub observations_rejected: Family<ReasonLabel, Counter>,
+    pub router_latency: RouterLatency,
+}
+
+/// Latency per router, labelled by kind and a bounded name.
+pub struct RouterLatency {
+    family: HistogramFamily<RouterLabel>,
+    /// Workload names in use as labels (at most [`MAX_WORKLOAD_LABELS`]).
+    workloads: Mutex<HashSet<String>>,
+}
+
+impl RouterLatency {
+    pub fn observe(&self, router: &RouterRef, seconds: f64) {
+        self.family
+            .get_or_create(&self.label(router))
+            .observe(seconds);
+    }
+
+    /// The label of a router: a node by name, a workload by name while
+    /// fewer than [`MAX_WORKLOAD_LABELS`] are in use (else `other`), every
+    /// external router as `external` (addresses are unbounded).
+    fn label(&self, r: &RouterRef) -> RouterLabel {
+        let router = match r.kind {
+            RouterKind::Node => r.name.clone(),
+            RouterKind::External => "external".to_owned(),
+            RouterKind::Workload => {
+                let mut used = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
+                if used.contains(&r.name) || used.len() < MAX_WORKLOAD_LABELS {
+                    used.insert(r.name.clone());
+                    r.name.clone()
+                } else {
+                    "other".to_owned()
+                }
+            }
+        };
+        RouterLabel {
+            kind: r.kind.as_str().to_owned(),
+            router,
+        }
+    }
+}
+
+impl Default for RouterLatency {
+    fn default() -> Self {
+        Self {
+            family: Family::new_with_constructor(latency_histogram),
+            workloads: Mutex::default(),
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -113,6 +176,7 @@ impl Metrics {
             nodes_missing: Family::default(),
             nodes_still_routing: Family::default(),
             observations_rejected: Family::default(),
+            router_latency: RouterLatency::default(),
             registry: Registry::default(),
         };
         m.register_deletion_metrics(&mut registry);
@@ -127,6 +191,11 @@ impl Metrics {
             "prestop_propagation_latency_seconds",
             "Per-node endpoint propagation latency of a pod deletion: max(T_rules, T_last) - T0",
             self.propagation_latency.clone(),
+        );
+        registry.register(
+            "prestop_router_latency_seconds",
+            "Latency of each router of a pod deletion (kind: node, workload, external; router: the node, namespace/owner of a workload or other past the cap, external for every external router)",
+            self.router_latency.family.clone(),
         );
         registry.register(
             "prestop_control_plane_latency_seconds",
@@ -255,6 +324,11 @@ impl Metrics {
                 if v > 0 {
                     family.get_or_create(&nn).inc_by(v);
                 }
+            }
+        }
+        for r in &rec.routers {
+            if let Some(l) = r.latency_seconds {
+                self.router_latency.observe(&r.router, l);
             }
         }
         if let Some(c) = rec.control_plane_seconds {

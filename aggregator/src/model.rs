@@ -5,7 +5,9 @@
 
 use std::net::IpAddr;
 
+use observer_proto::api::RouterRef;
 use observer_proto::{Detector, UnixNanos};
+use serde::{Deserialize, Serialize};
 
 /// A pod deletion as the Kubernetes watcher saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +55,10 @@ pub struct NodeAccumulator {
     pub refused: u64,
     pub aborted: u64,
     pub clock_uncertainty_ns: Option<u64>,
+    /// The node's agent started after the deletion and its dataplane no
+    /// longer selected the endpoint: removed before that time, when is
+    /// unknown.
+    pub removed_before_start: Option<UnixNanos>,
 }
 
 /// The last rules removal a node reported for a deletion's endpoint.
@@ -64,4 +70,22 @@ pub struct RulesRemoval {
     /// Upper bound of the error of `time` as the detector timed it; `None`
     /// only for a removal checkpointed before precisions were kept.
     pub precision_ns: Option<u64>,
+}
+
+/// What one router (see `correlate::routers`) sent a deletion's pod so
+/// far: new connections, accepted or refused. Checkpointed as JSON with
+/// its deletion.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RouterAccumulator {
+    pub router: RouterRef,
+    /// Its last new connection to the pod, on the aggregator's clock.
+    pub last_connection: Option<UnixNanos>,
+    /// New flows after T0 seen by its node's conntrack.
+    pub late_flows: u64,
+    /// Connections after T0 the pod accepted.
+    pub late_accepted: u64,
+    pub refused: u64,
+    /// The largest clock uncertainty of the agents that timed it.
+    pub clock_uncertainty_ns: u64,
 }

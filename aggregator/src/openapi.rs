@@ -40,7 +40,8 @@ fn paths() -> Value {
                 param("namespace", "string", "Namespace; absent means cluster-wide"),
                 param("service", "string", "Service name; needs namespace"),
                 param("quantile", "number", "Quantile of full-propagation latency to cover, in (0,1); default from --quantile"),
-                param("confidence", "number", "Confidence of the upper bound, in (0,1); default from --confidence")
+                param("confidence", "number", "Confidence of the upper bound, in (0,1); default from --confidence"),
+                param("excludeExternal", "boolean", "true: each deletion's latency over its node and workload routers only, external routers (no node, no pod) left out; default false")
             ],
             "responses": {
                 "200": { "description": "Recommendation", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Recommendation" } } } },
@@ -165,6 +166,8 @@ fn node_measurement() -> Value {
             "detectorPrecisionSeconds": { "type": "number", "nullable": true,
                 "description": "Upper bound of the error of rulesRemovedUnixNanos as the node's detector timed it" },
             "clockUncertaintySeconds": { "type": "number", "nullable": true },
+            "removedBeforeAgentStartUnixNanos": { "type": "integer", "format": "int64", "nullable": true,
+                "description": "Its agent started after the deletion and found the endpoint no longer selected then: removed before, when unknown (class unknown)" },
             "class": { "type": "string", "nullable": true, "enum": ["measured", "stillRouting", "unknown", null],
                 "description": "For an expected node: its removal was seen, it still routed at the timeout (agent healthy), or nothing is known (agent absent, restarted, losing events)" },
             "errorSeconds": { "type": "number", "nullable": true, "description": "Clock uncertainty + detector precision + T0 lag bound, added to latencySeconds for the bound" },

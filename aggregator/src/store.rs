@@ -17,10 +17,10 @@ use rusqlite::{
     Connection, OptionalExtension, TransactionBehavior, params, params_from_iter, types::Value,
 };
 
-use observer_proto::api::{Coverage, DeletionRecord};
+use observer_proto::api::{Coverage, DeletionRecord, RouterKind, RouterMeasurement, RouterRef};
 use observer_proto::{ClockEstimate, UnixNanos};
 
-use crate::model::{DeletionStart, NodeAccumulator, RulesRemoval};
+use crate::model::{DeletionStart, NodeAccumulator, RouterAccumulator, RulesRemoval};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -45,14 +45,17 @@ pub enum StoreError {
 }
 
 /// 2 added the in-flight tables, 3 the detector's precision of a rules
-/// removal; older files are upgraded in place.
-const SCHEMA_VERSION: i64 = 4;
+/// removal, 4 what the bound needs, 5 the routers and removals before an
+/// agent's start; older files are upgraded in place.
+const SCHEMA_VERSION: i64 = 5;
 
 /// Columns added since version 2 files: (table, column, declaration).
 /// `SCHEMA` creates the tables of older files whole; an upgrade adds what
 /// an existing table lacks (version 3: the detector's precision; version
 /// 4: what the bound needs of a finished deletion, older rows reading as
-/// uncensored with their coverage unknown).
+/// uncensored with their coverage unknown; version 5: the routers, older
+/// rows having none, so that excluding external routers falls back to
+/// their whole bound, and a node's removal before its agent's start).
 const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("pending_nodes", "rules_precision_ns", "INTEGER"),
     ("deletions", "bound_seconds", "REAL"),
@@ -65,6 +68,18 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
         "INTEGER NOT NULL DEFAULT 0",
     ),
     ("deletions", "nodes_unknown", "INTEGER NOT NULL DEFAULT 0"),
+    ("deletions", "internal_bound_seconds", "REAL"),
+    ("deletions", "limiting_router", "TEXT"),
+    ("deletions", "limiting_internal_router", "TEXT"),
+    ("deletions", "node_router_seconds", "REAL"),
+    ("deletions", "workload_router_seconds", "REAL"),
+    ("deletions", "external_router_seconds", "REAL"),
+    ("pending_deletions", "routers", "TEXT"),
+    (
+        "pending_nodes",
+        "removed_before_start_unix_nanos",
+        "INTEGER",
+    ),
 ];
 
 /// Adds the [`ADDED_COLUMNS`] a table of an older file lacks.
@@ -98,7 +113,13 @@ CREATE TABLE IF NOT EXISTS deletions (
     nodes_expected INTEGER NOT NULL DEFAULT 0,
     nodes_measured INTEGER NOT NULL DEFAULT 0,
     nodes_still_routing INTEGER NOT NULL DEFAULT 0,
-    nodes_unknown INTEGER NOT NULL DEFAULT 0
+    nodes_unknown INTEGER NOT NULL DEFAULT 0,
+    internal_bound_seconds REAL,
+    limiting_router TEXT,
+    limiting_internal_router TEXT,
+    node_router_seconds REAL,
+    workload_router_seconds REAL,
+    external_router_seconds REAL
 );
 CREATE INDEX IF NOT EXISTS deletions_finished ON deletions(finished_unix_nanos);
 CREATE INDEX IF NOT EXISTS deletions_namespace ON deletions(namespace, finished_unix_nanos);
@@ -130,7 +151,8 @@ CREATE TABLE IF NOT EXISTS pending_deletions (
     tracked_since_unix_nanos INTEGER NOT NULL,
     terminating_unix_nanos INTEGER,
     expected_nodes TEXT NOT NULL,
-    pod_gone_unix_nanos INTEGER
+    pod_gone_unix_nanos INTEGER,
+    routers TEXT
 );
 CREATE TABLE IF NOT EXISTS pending_nodes (
     pod_uid TEXT NOT NULL REFERENCES pending_deletions(pod_uid) ON DELETE CASCADE,
@@ -144,6 +166,7 @@ CREATE TABLE IF NOT EXISTS pending_nodes (
     refused INTEGER NOT NULL,
     aborted INTEGER NOT NULL,
     clock_uncertainty_ns INTEGER,
+    removed_before_start_unix_nanos INTEGER,
     PRIMARY KEY (pod_uid, node)
 );
 CREATE TABLE IF NOT EXISTS agents (
@@ -168,6 +191,8 @@ pub struct PendingRow {
     /// Nodes expected to report (empty: those live when it finishes).
     pub expected_nodes: Vec<String>,
     pub pod_gone_unix_nanos: Option<UnixNanos>,
+    /// What each router sent the pod so far.
+    pub routers: Vec<RouterAccumulator>,
 }
 
 /// The parts of a pending deletion that change after it started.
@@ -176,6 +201,8 @@ pub struct PendingUpdate {
     pub pod_uid: String,
     pub terminating_unix_nanos: Option<UnixNanos>,
     pub pod_gone_unix_nanos: Option<UnixNanos>,
+    /// The routers, when they changed.
+    pub routers: Option<Vec<RouterAccumulator>>,
 }
 
 /// One node's accumulator of a deletion in flight (its rules removal
@@ -233,12 +260,15 @@ pub struct InFlight {
     pub agents: Vec<AgentRow>,
 }
 
-/// Which deletions a recommendation draws on.
+/// Which deletions a recommendation draws on, and which of their routers.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Scope {
     pub namespace: Option<String>,
     /// Only with a namespace.
     pub service: Option<String>,
+    /// Each deletion's latency over its node and workload routers only
+    /// (external load balancers and clients left out).
+    pub exclude_external: bool,
 }
 
 /// What a recommendation needs from the store for one scope and window.
@@ -247,9 +277,16 @@ pub struct Samples {
     /// Upper end (latency plus its error) of the full propagation of each
     /// deletion no node was still routing at its end, ascending.
     pub latencies: Vec<f64>,
+    /// The router that set each latency (`None` for rows without routers).
+    pub limiting_routers: Vec<Option<RouterRef>>,
     /// Right-censored deletions: how long after T0 some node was still
     /// routing when they finished, ascending. Each exceeds every latency.
     pub censored: Vec<f64>,
+    /// A router still routing in each censored deletion.
+    pub censored_limiting_routers: Vec<Option<RouterRef>>,
+    /// Per router kind with any measured, each deletion's largest upper
+    /// latency of a router of that kind, ascending.
+    pub by_router_kind: Vec<(RouterKind, Vec<f64>)>,
     /// Node-deletions by class over the same deletions.
     pub coverage: Coverage,
     /// The largest error added to a latency above.
@@ -368,6 +405,7 @@ impl Store {
     pub fn record_deletion(&self, rec: &DeletionRecord) -> Result<(), StoreError> {
         let json = serde_json::to_string(rec)?;
         let aborted: u64 = rec.nodes.iter().map(|n| n.aborted_connections).sum();
+        let routers = RouterColumns::of(rec)?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM deletions WHERE pod_uid = ?1", [&rec.pod_uid])?;
@@ -381,8 +419,11 @@ impl Store {
             "INSERT INTO deletions (pod_uid, namespace, finished_unix_nanos, complete,
                 propagation_seconds, aborted_connections, record, bound_seconds,
                 censored_after_seconds, nodes_expected, nodes_measured,
-                nodes_still_routing, nodes_unknown)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                nodes_still_routing, nodes_unknown, internal_bound_seconds, limiting_router,
+                limiting_internal_router, node_router_seconds, workload_router_seconds,
+                external_router_seconds)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                ?17, ?18, ?19)",
             params![
                 rec.pod_uid,
                 rec.namespace,
@@ -397,6 +438,12 @@ impl Store {
                 rec.coverage.measured as i64,
                 rec.coverage.still_routing as i64,
                 rec.coverage.unknown as i64,
+                routers.internal_bound,
+                routers.limiting,
+                routers.limiting_internal,
+                routers.by_kind[0],
+                routers.by_kind[1],
+                routers.by_kind[2],
             ],
         )?;
         for s in &rec.services {
@@ -425,11 +472,30 @@ impl Store {
     pub fn samples(&self, scope: &Scope, since: UnixNanos) -> Result<Samples, StoreError> {
         // Rows of version 3 files have no bound: their propagation, which
         // they only kept for complete deletions, is the best there is.
+        // Rows without routers (version 4) keep their whole bound when
+        // external routers are excluded: never lower.
+        let (bound, limiting, external) = if scope.exclude_external {
+            (
+                "COALESCE(d.internal_bound_seconds, d.bound_seconds, d.propagation_seconds)",
+                "COALESCE(d.limiting_internal_router, d.limiting_router)",
+                "NULL",
+            )
+        } else {
+            (
+                "COALESCE(d.bound_seconds, d.propagation_seconds)",
+                "d.limiting_router",
+                "d.external_router_seconds",
+            )
+        };
         let (sql, args) = scoped_query(
-            "SELECT COALESCE(d.bound_seconds, d.propagation_seconds), d.censored_after_seconds,
-                d.aborted_connections, d.nodes_expected, d.nodes_measured,
-                d.nodes_still_routing, d.nodes_unknown, d.propagation_seconds
-             FROM deletions d",
+            &format!(
+                "SELECT {bound}, d.censored_after_seconds,
+                    d.aborted_connections, d.nodes_expected, d.nodes_measured,
+                    d.nodes_still_routing, d.nodes_unknown, d.propagation_seconds,
+                    COALESCE(d.bound_seconds, d.propagation_seconds), {limiting},
+                    d.node_router_seconds, d.workload_router_seconds, {external}
+                 FROM deletions d"
+            ),
             scope,
             since,
         );
@@ -437,19 +503,30 @@ impl Store {
         let mut stmt = conn.prepare_cached(&sql)?;
         let mut rows = stmt.query(params_from_iter(args))?;
         let mut out = Samples::default();
+        let (mut measured, mut censored) = (Vec::new(), Vec::new());
+        let mut by_kind: [Vec<f64>; 3] = Default::default();
         let count = |v: i64| u64::try_from(v).unwrap_or(0);
         while let Some(row) = rows.next()? {
+            let limiting = row
+                .get::<_, Option<String>>(9)?
+                .map(|j| serde_json::from_str::<RouterRef>(&j))
+                .transpose()?;
             match (row.get::<_, Option<f64>>(0)?, row.get::<_, Option<f64>>(1)?) {
-                (_, Some(after)) => out.censored.push(after),
+                (_, Some(after)) => censored.push((after, limiting)),
                 (Some(bound), None) => {
-                    out.latencies.push(bound);
-                    if let Some(raw) = row.get::<_, Option<f64>>(7)? {
-                        let error = bound - raw;
+                    measured.push((bound, limiting));
+                    if let (Some(raw), Some(whole)) =
+                        (row.get::<_, Option<f64>>(7)?, row.get::<_, Option<f64>>(8)?)
+                    {
+                        let error = whole - raw;
                         out.max_error_seconds =
                             Some(out.max_error_seconds.map_or(error, |e| e.max(error)));
                     }
                 }
                 (None, None) => {}
+            }
+            for (i, v) in by_kind.iter_mut().enumerate() {
+                v.extend(row.get::<_, Option<f64>>(10 + i)?);
             }
             out.aborted_connections += count(row.get(2)?);
             out.coverage.merge(&Coverage {
@@ -460,8 +537,18 @@ impl Store {
                 ratio: None,
             });
         }
-        out.latencies.sort_by(f64::total_cmp);
-        out.censored.sort_by(f64::total_cmp);
+        measured.sort_by(|a, b| a.0.total_cmp(&b.0));
+        censored.sort_by(|a, b| a.0.total_cmp(&b.0));
+        (out.latencies, out.limiting_routers) = measured.into_iter().unzip();
+        (out.censored, out.censored_limiting_routers) = censored.into_iter().unzip();
+        for v in &mut by_kind {
+            v.sort_by(f64::total_cmp);
+        }
+        out.by_router_kind = RouterKind::ALL
+            .into_iter()
+            .zip(by_kind)
+            .filter(|(_, v)| !v.is_empty())
+            .collect();
         Ok(out)
     }
 
@@ -562,20 +649,25 @@ impl Store {
                 "UPDATE pending_deletions SET terminating_unix_nanos = ?2, pod_gone_unix_nanos = ?3
                  WHERE pod_uid = ?1",
             )?;
+            let mut routers =
+                tx.prepare_cached("UPDATE pending_deletions SET routers = ?2 WHERE pod_uid = ?1")?;
             for u in &c.updated {
                 update.execute(params![
                     u.pod_uid,
                     u.terminating_unix_nanos.map(UnixNanos::as_nanos),
                     u.pod_gone_unix_nanos.map(UnixNanos::as_nanos)
                 ])?;
+                if let Some(r) = &u.routers {
+                    routers.execute(params![u.pod_uid, serde_json::to_string(r)?])?;
+                }
             }
             let mut exists =
                 tx.prepare_cached("SELECT 1 FROM pending_deletions WHERE pod_uid = ?1")?;
             let mut upsert = tx.prepare_cached(
                 "INSERT INTO pending_nodes (pod_uid, node, rules_removed_unix_nanos, rules_mode,
                     rules_precision_ns, last_connection_unix_nanos, late_flows, late_accepted,
-                    refused, aborted, clock_uncertainty_ns)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                    refused, aborted, clock_uncertainty_ns, removed_before_start_unix_nanos)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                  ON CONFLICT (pod_uid, node) DO UPDATE SET
                     rules_removed_unix_nanos = excluded.rules_removed_unix_nanos,
                     rules_mode = excluded.rules_mode,
@@ -585,7 +677,8 @@ impl Store {
                     late_accepted = excluded.late_accepted,
                     refused = excluded.refused,
                     aborted = excluded.aborted,
-                    clock_uncertainty_ns = excluded.clock_uncertainty_ns",
+                    clock_uncertainty_ns = excluded.clock_uncertainty_ns,
+                    removed_before_start_unix_nanos = excluded.removed_before_start_unix_nanos",
             )?;
             for p in &c.nodes {
                 if !exists.exists([&p.pod_uid])? {
@@ -605,6 +698,7 @@ impl Store {
                         count(a.refused),
                         count(a.aborted),
                         a.clock_uncertainty_ns.map(count),
+                        a.removed_before_start.map(UnixNanos::as_nanos),
                     ])?;
                 }
             }
@@ -644,7 +738,7 @@ impl Store {
                 "SELECT pod_uid, namespace, pod_name, services, ip, ports, host_node,
                     received_unix_nanos, api_start_unix_nanos, grace_period_seconds,
                     t0_unix_nanos, tracked_since_unix_nanos, terminating_unix_nanos,
-                    expected_nodes, pod_gone_unix_nanos
+                    expected_nodes, pod_gone_unix_nanos, routers
                  FROM pending_deletions ORDER BY pod_uid",
             )?;
             let mut rows = stmt.query([])?;
@@ -656,7 +750,7 @@ impl Store {
             let mut stmt = tx.prepare(
                 "SELECT pod_uid, node, rules_removed_unix_nanos, rules_mode, rules_precision_ns,
                     last_connection_unix_nanos, late_flows, late_accepted, refused, aborted,
-                    clock_uncertainty_ns
+                    clock_uncertainty_ns, removed_before_start_unix_nanos
                  FROM pending_nodes ORDER BY pod_uid, node",
             )?;
             let mut rows = stmt.query([])?;
@@ -701,6 +795,45 @@ impl Store {
     }
 }
 
+/// What a finished deletion's row keeps of its routers, to select samples
+/// without parsing records.
+struct RouterColumns {
+    /// The bound over node and workload routers: `None` when censored (the
+    /// censoring stands) or when none was measured.
+    internal_bound: Option<f64>,
+    /// JSON [`RouterRef`]s: the limiting router, and the limiting one of
+    /// the node and workload routers.
+    limiting: Option<String>,
+    limiting_internal: Option<String>,
+    /// The largest upper latency of each kind, in [`RouterKind::ALL`] order.
+    by_kind: [Option<f64>; 3],
+}
+
+impl RouterColumns {
+    fn of(rec: &DeletionRecord) -> Result<Self, serde_json::Error> {
+        let largest = |keep: &dyn Fn(&RouterMeasurement) -> bool| {
+            rec.routers
+                .iter()
+                .filter(|r| keep(r))
+                .filter_map(|r| Some((r.upper_seconds()?, r)))
+                .reduce(|a, b| if b.0 > a.0 { b } else { a })
+        };
+        let internal = largest(&|r| r.router.kind != RouterKind::External);
+        let limiting_internal = if rec.censored {
+            rec.limiting_router.clone()
+        } else {
+            internal.map(|(_, r)| r.router.clone())
+        };
+        let json = |r: Option<&RouterRef>| r.map(serde_json::to_string).transpose();
+        Ok(Self {
+            internal_bound: internal.filter(|_| !rec.censored).map(|(v, _)| v),
+            limiting: json(rec.limiting_router.as_ref())?,
+            limiting_internal: json(limiting_internal.as_ref())?,
+            by_kind: RouterKind::ALL.map(|k| largest(&|r| r.router.kind == k).map(|(v, _)| v)),
+        })
+    }
+}
+
 /// A count as an SQLite integer (saturating; counts never get near).
 fn count(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -711,8 +844,8 @@ fn insert_pending(conn: &Connection, row: &PendingRow) -> Result<(), StoreError>
         "INSERT OR IGNORE INTO pending_deletions (pod_uid, namespace, pod_name, services, ip,
             ports, host_node, received_unix_nanos, api_start_unix_nanos, grace_period_seconds,
             t0_unix_nanos, tracked_since_unix_nanos, terminating_unix_nanos, expected_nodes,
-            pod_gone_unix_nanos)
-         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15
+            pod_gone_unix_nanos, routers)
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16
          WHERE NOT EXISTS (SELECT 1 FROM deletions WHERE pod_uid = ?1)",
     )?
     .execute(params![
@@ -731,6 +864,7 @@ fn insert_pending(conn: &Connection, row: &PendingRow) -> Result<(), StoreError>
         row.start.terminating_unix_nanos.map(UnixNanos::as_nanos),
         serde_json::to_string(&row.expected_nodes)?,
         row.pod_gone_unix_nanos.map(UnixNanos::as_nanos),
+        serde_json::to_string(&row.routers)?,
     ])?;
     Ok(())
 }
@@ -823,6 +957,11 @@ fn pending_row(r: &rusqlite::Row<'_>) -> Result<PendingRow, StoreError> {
         tracked_since_unix_nanos: r.time(11)?,
         expected_nodes: r.json(13)?,
         pod_gone_unix_nanos: r.opt_time(14)?,
+        // Rows of version 4 files have none.
+        routers: match r.get::<Option<String>>(15)? {
+            Some(_) => r.json(15)?,
+            None => Vec::new(),
+        },
     })
 }
 
@@ -853,6 +992,7 @@ fn node_row(row: &rusqlite::Row<'_>) -> Result<(String, NodeAccRow), StoreError>
                 refused: r.count(8)?,
                 aborted: r.count(9)?,
                 clock_uncertainty_ns: r.opt_count(10)?,
+                removed_before_start: r.opt_time(11)?,
             },
         },
     ))

@@ -5,11 +5,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aggregator::config::Settings;
-use aggregator::correlate::{Correlator, DeletionStart, Registration, ReportOutcome, Subscription};
+use aggregator::correlate::{
+    Correlator, DeletionStart, MAX_TRAFFIC_ROUTERS, OTHER, Registration, ReportOutcome,
+    Subscription,
+};
 use aggregator::metrics::Metrics;
 use aggregator::nodes::NodeInfo;
+use aggregator::pods::PodSource;
 use aggregator::store::Store;
-use observer_proto::api::{Mode, NodeClass};
+use observer_proto::api::{
+    DeletionRecord, Mode, NodeClass, RouterKind, RouterMeasurement, RouterRef,
+};
 use observer_proto::{
     ClockEstimate, ConnEvent, Detector, NewFlow, Observation, Report, RulesChange, UnixNanos,
 };
@@ -546,6 +552,10 @@ fn checkpoints_persist_later_changes_and_a_restored_correlator_carries_on() {
     assert_eq!(rec.deletion_start_unix_nanos, T0);
     let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
     assert_eq!(b.late_connections, 3, "{rec:#?}");
+    // Node b's router kept what it routed before the restart too.
+    let b = router(&rec, RouterKind::Node, "b");
+    assert_eq!(b.late_connections, 3, "{rec:#?}");
+    assert_eq!(b.last_connection_unix_nanos, Some(T0 + S / 2));
     assert!(store.in_flight().unwrap().pending.is_empty());
 }
 
@@ -598,18 +608,36 @@ fn a_healthy_node_still_routing_at_the_timeout_censors_the_deletion() {
     let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
     assert_eq!(b.class, Some(NodeClass::StillRouting));
     assert_eq!(rec.coverage.still_routing, 1);
+    // The node still routing is what the pod had to outlive.
+    assert_eq!(
+        rec.limiting_router
+            .as_ref()
+            .map(|r| (r.kind, r.name.as_str())),
+        Some((RouterKind::Node, "b"))
+    );
+    assert_eq!(
+        router(&rec, RouterKind::Node, "b").class,
+        Some(NodeClass::StillRouting)
+    );
     // The store hands it to the bound as censored, not as a latency.
     let samples = store.samples(&Default::default(), T0 - 3600 * S).unwrap();
     assert_eq!((samples.latencies.len(), samples.censored), (0, vec![5.0]));
 }
 
-#[test]
-fn an_agent_restarted_mid_deletion_leaves_its_node_unknown_not_zero() {
+/// A deletion (timeout 5 s) in which node a removed the pod at +1 s and
+/// node b's client pod was still routed to it at +2 s.
+fn b_routed_until_two_seconds() -> (Arc<Correlator>, Arc<Store>, Vec<Subscription>) {
     let (c, store) = setup(Duration::from_secs(5));
-    let _subs = subscribed(&c, &["a", "b"]);
+    let subs = subscribed(&c, &["a", "b"]);
     c.deletion_started(start("u1", POD), T0);
     report(&c, "a", 1, vec![rules_removed(Detector::Nftables, T0 + S)]);
     report(&c, "a", 2, vec![accepted(CLIENT, T0 + 2 * S)]);
+    (c, store, subs)
+}
+
+#[test]
+fn an_agent_restarted_mid_deletion_leaves_its_node_unknown_not_zero() {
+    let (c, store, _subs) = b_routed_until_two_seconds();
     // b's agent restarts with a new identity: what it saw is gone.
     c.register(
         Registration {
@@ -633,11 +661,7 @@ fn an_agent_restarted_mid_deletion_leaves_its_node_unknown_not_zero() {
 
 #[test]
 fn lost_events_leave_the_node_unknown_for_the_deletions_in_flight() {
-    let (c, store) = setup(Duration::from_secs(5));
-    let _subs = subscribed(&c, &["a", "b"]);
-    c.deletion_started(start("u1", POD), T0);
-    report(&c, "a", 1, vec![rules_removed(Detector::Nftables, T0 + S)]);
-    report(&c, "a", 2, vec![accepted(CLIENT, T0 + 2 * S)]);
+    let (c, store, _subs) = b_routed_until_two_seconds();
     let mut lossy = batch("b", 1, vec![]);
     lossy.counters.events_lost = 3;
     c.report(lossy, T0 + 2 * S).unwrap();
@@ -723,4 +747,194 @@ fn each_latency_carries_its_error_and_the_bound_uses_the_upper_end() {
     let samples = store.samples(&Default::default(), T0 - 3600 * S).unwrap();
     assert_eq!(samples.latencies.len(), 1);
     assert!((samples.latencies[0] - 1.503).abs() < 1e-9, "{samples:?}");
+}
+
+/// The router of `kind` named `name` in a finished deletion.
+fn router<'a>(rec: &'a DeletionRecord, kind: RouterKind, name: &str) -> &'a RouterMeasurement {
+    rec.routers
+        .iter()
+        .find(|r| r.router.kind == kind && r.router.name == name)
+        .unwrap_or_else(|| panic!("no {kind} router {name} in {rec:#?}"))
+}
+
+/// An ingress controller pod on node b: it proxies to pod IPs directly.
+const INGRESS: &str = "10.1.0.20";
+/// A load balancer outside the cluster.
+const EXTERNAL: &str = "203.0.113.7";
+
+/// `c` knows [`INGRESS`] and [`CLIENT`] as pods on node b.
+fn index_pods(c: &Correlator) {
+    for (ip, uid, workload) in [
+        (INGRESS, "ingress-uid", "ingress/nginx"),
+        (CLIENT, "client-uid", "shop/client"),
+    ] {
+        c.set_pod(
+            &[ip.parse().unwrap()],
+            PodSource {
+                uid: uid.into(),
+                workload: workload.into(),
+                node: Some("b".into()),
+            },
+        );
+    }
+}
+
+/// A new flow from `peer` straight to [`POD`]'s address (no DNAT).
+fn direct_flow(peer: &str, t: UnixNanos) -> Observation {
+    Observation::NewFlow(NewFlow {
+        original_dst: at(POD),
+        ..match new_flow(peer, t) {
+            Observation::NewFlow(f) => f,
+            _ => unreachable!(),
+        }
+    })
+}
+
+#[test]
+fn connections_are_attributed_to_node_workload_and_external_routers() {
+    let (c, store) = setup(Duration::from_secs(60));
+    index_pods(&c);
+    let _subs = subscribed(&c, &["a", "b"]);
+    c.deletion_started(start("u1", POD), T0);
+    // Node b's conntrack: the client went through the ClusterIP (b's
+    // DNAT), the ingress straight to the pod IP.
+    report(
+        &c,
+        "b",
+        1,
+        vec![
+            rules_removed(Detector::Nftables, T0 + S / 2),
+            new_flow(CLIENT, T0 + S),
+            direct_flow(INGRESS, T0 + 2 * S),
+        ],
+    );
+    // The pod's node sees the same connections arrive, the ingress's
+    // later ones, a load balancer's refused one and the kubelet's probe.
+    report(
+        &c,
+        "a",
+        1,
+        vec![
+            rules_removed(Detector::Nftables, T0 + S / 5),
+            accepted(CLIENT, T0 + S),
+            accepted(INGRESS, T0 + 3 * S),
+            reset_sent("NO_SOCKET", EXTERNAL, T0 + 4 * S),
+            accepted("192.168.0.1", T0 + 5 * S),
+            // Before T0: no router of the deletion.
+            accepted("198.51.100.1", T0 - S),
+        ],
+    );
+    c.pod_gone("u1", T0 + 6 * S);
+    let rec = store.deletion("u1").unwrap().expect("finished");
+    let names: Vec<_> = rec
+        .routers
+        .iter()
+        .map(|r| {
+            (
+                r.router.kind,
+                r.router.name.as_str(),
+                r.router.node.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            (RouterKind::Node, "a", Some("a")),
+            (RouterKind::Node, "b", Some("b")),
+            (RouterKind::Workload, "ingress/nginx", Some("b")),
+            (RouterKind::External, EXTERNAL, None),
+        ]
+    );
+    let a = router(&rec, RouterKind::Node, "a");
+    assert_eq!(a.latency_seconds, Some(0.2), "rules only: {rec:#?}");
+    assert_eq!(a.class, Some(NodeClass::Measured));
+    // b's own routing ended with the client's flow, not the ingress's.
+    let b = router(&rec, RouterKind::Node, "b");
+    assert_eq!(b.latency_seconds, Some(1.0), "{rec:#?}");
+    assert_eq!(b.late_connections, 1);
+    let ingress = router(&rec, RouterKind::Workload, "ingress/nginx");
+    assert_eq!(ingress.latency_seconds, Some(3.0), "{rec:#?}");
+    assert_eq!(ingress.last_connection_unix_nanos, Some(T0 + 3 * S));
+    let external = router(&rec, RouterKind::External, EXTERNAL);
+    assert_eq!(external.latency_seconds, Some(4.0));
+    assert_eq!(external.refused_connections, 1);
+    assert!(external.error_seconds.unwrap() > 0.0, "T0 lag: {rec:#?}");
+    assert_eq!(
+        rec.limiting_router,
+        Some(RouterRef {
+            kind: RouterKind::External,
+            name: EXTERNAL.into(),
+            node: None,
+        })
+    );
+    // The deletion covers every router.
+    assert_eq!(rec.propagation_seconds, Some(4.0));
+}
+
+#[test]
+fn the_slowest_router_limits_and_past_the_cap_routers_are_other() {
+    let (c, store) = setup(Duration::from_secs(60));
+    index_pods(&c);
+    let _subs = subscribed(&c, &["a", "b"]);
+    c.deletion_started(start("u1", POD), T0);
+    report(&c, "b", 1, vec![direct_flow(INGRESS, T0 + S / 10)]);
+    report(&c, "b", 2, vec![rules_removed(Detector::Nftables, T0 + S)]);
+    // Many external clients, the last ones beyond the cap; then the ingress
+    // keeps sending longest.
+    let many: Vec<Observation> = (0..300)
+        .map(|i| accepted(&format!("198.51.{}.{}", i / 200, i % 200 + 1), T0 + S))
+        .chain([accepted(INGRESS, T0 + 7 * S / 2)])
+        .chain([rules_removed(Detector::Nftables, T0 + S / 2)])
+        .collect();
+    report(&c, "a", 1, many);
+    c.pod_gone("u1", T0 + 4 * S);
+    let rec = store.deletion("u1").unwrap().expect("finished");
+    let limiting = rec.limiting_router.clone().unwrap();
+    assert_eq!(
+        (limiting.kind, limiting.name.as_str()),
+        (RouterKind::Workload, "ingress/nginx"),
+        "{rec:#?}"
+    );
+    let external = rec
+        .routers
+        .iter()
+        .filter(|r| r.router.kind == RouterKind::External)
+        .count();
+    // The ingress is one of the traffic routers the cap counts.
+    let kept = MAX_TRAFFIC_ROUTERS - 1;
+    assert_eq!(external, kept + 1, "{external} external routers");
+    let other = router(&rec, RouterKind::External, OTHER);
+    assert_eq!(other.late_connections, 300 - kept as u64);
+}
+
+#[test]
+fn a_removal_before_the_agents_start_leaves_the_node_unknown_not_still_routing() {
+    // b's agent (started at +3 s, the aggregator not knowing it
+    // restarted) found the endpoint gone from its dataplane.
+    let (c, store, _subs) = b_routed_until_two_seconds();
+    report(
+        &c,
+        "b",
+        1,
+        vec![Observation::RemovedBeforeStart(rules(
+            POD,
+            Detector::Nftables,
+            T0 + 3 * S,
+        ))],
+    );
+    c.pod_gone("u1", T0 + 4 * S);
+    c.tick(T0 + 5 * S);
+    let rec = store.deletion("u1").unwrap().unwrap();
+    let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
+    assert_eq!(b.class, Some(NodeClass::Unknown), "{rec:#?}");
+    assert_eq!(b.removed_before_agent_start_unix_nanos, Some(T0 + 3 * S));
+    assert_eq!(
+        b.rules_removed_unix_nanos, None,
+        "no removal time is made up"
+    );
+    assert!(!rec.censored, "{rec:#?}");
+    assert_eq!(rec.coverage.unknown, 1);
+    // Its traffic evidence still counts.
+    assert_eq!(rec.propagation_seconds, Some(2.0));
 }

@@ -11,6 +11,7 @@ use apiserver_double::objects::{endpoint_slice, pod};
 use common::lab::*;
 use common::{get, get_json};
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use observer_proto::v1 as pb;
 
 const S: u64 = 1_000_000_000;
@@ -588,6 +589,34 @@ async fn simulated_aggregator(
     (agg, dir)
 }
 
+/// The aggregator with [`simulated_seconds`] settings, once its Pod watch
+/// indexed `source` (created in the double): connections from it are
+/// attributed to its workload.
+async fn aggregator_knowing(
+    c: &Cluster,
+    source: &Pod,
+) -> (aggregator::app::Running, tempfile::TempDir) {
+    let source = c.double.create(source).unwrap();
+    let (agg, dir) = simulated_aggregator(c, Duration::from_secs(30)).await;
+    let ip: std::net::IpAddr = source.status.unwrap().pod_ip.unwrap().parse().unwrap();
+    wait_until("the source pod indexed from the Pod watch", || {
+        let pods = agg.correlator.indexed_pods();
+        async move { pods.iter().any(|(i, _)| *i == ip) }
+    })
+    .await;
+    (agg, dir)
+}
+
+/// The router of `kind` named `name` in a deletion.
+fn router_of<'a>(d: &'a serde_json::Value, kind: &str, name: &str) -> &'a serde_json::Value {
+    d["routers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == kind && r["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} router {name} in {d}"))
+}
+
 /// A pod on node-b that sends to web-1 directly (a client-side balancer).
 const BALANCER: &str = "10.244.1.9";
 
@@ -638,19 +667,27 @@ async fn a_node_still_routing_at_the_timeout_makes_the_answer_at_least_never_sma
 #[tokio::test]
 async fn refusals_alone_show_a_client_side_balancer_still_routing() {
     let c = cluster().await;
-    let (agg, _dir) = simulated_aggregator(&c, Duration::from_secs(30)).await;
+    let balancer = pod("shop", "balancer-0", BALANCER, "node-b");
+    let (agg, _dir) = aggregator_knowing(&c, &balancer).await;
     let (mut a, mut b, ep) = two_agents_see_the_deletion(&c, &agg).await;
     let t0 = ep.deletion_start_unix_nanos;
     // preStop 0: both proxies stop at once and the app is gone, but the
-    // balancer refreshes its list only after 3 s: refused until then.
+    // balancer refreshes its list only after 3 s: refused until then. Its
+    // node's conntrack saw its first attempt go to the pod IP directly;
+    // everything after is refusals the pod's node saw.
+    b.report(vec![
+        rules_removed(IP, t0 + S / 5),
+        direct_flow(BALANCER, IP, t0 + S / 10),
+    ])
+    .await;
     a.report(vec![
         rules_removed(IP, t0 + S / 5),
         refused(BALANCER, IP, t0 + S),
         refused(BALANCER, IP, t0 + 2 * S),
         refused(BALANCER, IP, t0 + 3 * S),
+        refused(EXTERNAL, IP, t0 + 3 * S),
     ])
     .await;
-    b.report(vec![rules_removed(IP, t0 + S / 5)]).await;
     finish_deletion(&c);
     let d = &finished(agg.http_addr, "/v1/deletions").await;
     let p = d["propagationSeconds"].as_f64().unwrap();
@@ -658,6 +695,17 @@ async fn refusals_alone_show_a_client_side_balancer_still_routing() {
     let node_b = node_of(d, "node-b");
     assert_eq!(node_b["refusedConnections"], 3, "{d}");
     assert!((node_b["latencySeconds"].as_f64().unwrap() - 3.0).abs() < 1e-6);
+    // The refusals are the balancer's, not node-b's proxy's.
+    let balancer = router_of(d, "workload", "shop/balancer-0");
+    assert_eq!(balancer["refusedConnections"], 3, "{d}");
+    assert!((balancer["latencySeconds"].as_f64().unwrap() - 3.0).abs() < 1e-6);
+    let external = router_of(d, "external", EXTERNAL);
+    assert!((external["latencySeconds"].as_f64().unwrap() - 3.0).abs() < 1e-6);
+    let b_router = router_of(d, "node", "node-b");
+    assert!(
+        b_router["latencySeconds"].as_f64().unwrap() < 1.0,
+        "node-b's proxy stopped at once: {d}"
+    );
     agg.shutdown().await;
 }
 
@@ -699,11 +747,118 @@ async fn an_agent_restarted_mid_deletion_leaves_its_node_unknown() {
     // node-b's agent is killed and comes back as a new process: what it
     // had seen is gone.
     drop(b);
-    let _b_again = Agent::connect_as(agg.grpc_addr, "node-b", "node-b/restarted").await;
+    let mut b_again = Agent::connect_as(agg.grpc_addr, "node-b", "node-b/restarted").await;
+    // It learns the watched set again and finds the endpoint gone from
+    // its dataplane: removed before its start, when is unknown.
+    assert_eq!(b_again.next_add().await, ep);
+    let started = now_on_the_wire();
+    b_again
+        .report(vec![removed_before_start(IP, started)])
+        .await;
     let d = &finished(agg.http_addr, "/v1/deletions").await;
     let node_b = node_of(d, "node-b");
     assert_eq!(node_b["class"], "unknown", "{d}");
+    assert_eq!(
+        node_b["removedBeforeAgentStartUnixNanos"].as_u64(),
+        Some(started),
+        "{d}"
+    );
+    assert!(node_b["rulesRemovedUnixNanos"].is_null(), "{d}");
     assert_eq!(d["censored"], false, "{d}");
     assert_eq!(d["coverage"]["unknown"], 1, "{d}");
+    agg.shutdown().await;
+}
+
+/// An ingress controller's pod on node-b, as a Deployment's ReplicaSet
+/// names it.
+const INGRESS: &str = "10.244.1.20";
+/// A load balancer outside the cluster.
+const EXTERNAL: &str = "203.0.113.7";
+
+fn ingress_pod() -> Pod {
+    let mut p = pod("ingress", "nginx-7d9f8-x2x4q", INGRESS, "node-b");
+    p.metadata.labels = Some([("pod-template-hash".into(), "7d9f8".into())].into());
+    p.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: "apps/v1".into(),
+        kind: "ReplicaSet".into(),
+        name: "nginx-7d9f8".into(),
+        uid: "rs-uid".into(),
+        controller: Some(true),
+        ..OwnerReference::default()
+    }]);
+    p
+}
+
+#[tokio::test]
+async fn routers_are_named_and_external_ones_can_be_left_out() {
+    let c = cluster().await;
+    let (agg, _dir) = aggregator_knowing(&c, &ingress_pod()).await;
+    let (mut a, mut b, ep) = two_agents_see_the_deletion(&c, &agg).await;
+    let t0 = ep.deletion_start_unix_nanos;
+    // Both proxies stop at once; the ingress goes on with its upstream
+    // list for 2 s, a cloud load balancer outside the cluster for 5 s.
+    b.report(vec![
+        rules_removed(IP, t0 + S / 5),
+        direct_flow(INGRESS, IP, t0 + S / 2),
+    ])
+    .await;
+    a.report(vec![
+        rules_removed(IP, t0 + S / 10),
+        accepted(INGRESS, IP, t0 + 2 * S),
+        refused(EXTERNAL, IP, t0 + 5 * S),
+    ])
+    .await;
+    finish_deletion(&c);
+    let http = agg.http_addr;
+    let d = &finished(http, "/v1/deletions").await;
+    let routers: Vec<(&str, &str)> = d["routers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["kind"].as_str().unwrap(), r["name"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        routers,
+        [
+            ("node", "node-a"),
+            ("node", "node-b"),
+            ("workload", "ingress/nginx"),
+            ("external", EXTERNAL)
+        ],
+        "{d}"
+    );
+    assert_eq!(d["limitingRouter"]["kind"], "external", "{d}");
+    let ingress = router_of(d, "workload", "ingress/nginx");
+    assert_eq!(ingress["node"], "node-b", "{d}");
+    assert!((ingress["latencySeconds"].as_f64().unwrap() - 2.0).abs() < 1e-6);
+
+    let all = "/v1/recommendations?namespace=shop&service=web";
+    let (_, r) = get_json(http, all).await;
+    assert_eq!(r["limitingRouter"]["name"], EXTERNAL, "{r}");
+    let kinds: Vec<&str> = r["byRouterKind"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["node", "workload", "external"], "{r}");
+    let (status, without) = get_json(http, &format!("{all}&excludeExternal=true")).await;
+    assert_eq!(status, 200, "{without}");
+    assert_eq!(
+        without["limitingRouter"]["name"], "ingress/nginx",
+        "{without}"
+    );
+    assert!(
+        without["preStopSeconds"].as_u64() < r["preStopSeconds"].as_u64(),
+        "{without} vs {r}"
+    );
+    let (_, m) = get(http, "/metrics").await;
+    for line in [
+        r#"prestop_router_latency_seconds_count{kind="workload",router="ingress/nginx"} 1"#,
+        r#"prestop_router_latency_seconds_count{kind="external",router="external"} 1"#,
+        r#"prestop_router_latency_seconds_count{kind="node",router="node-b"} 1"#,
+    ] {
+        assert!(m.contains(line), "missing {line}:\n{m}");
+    }
     agg.shutdown().await;
 }

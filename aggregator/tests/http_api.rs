@@ -105,6 +105,8 @@ async fn bad_parameters_get_400_with_a_message() {
         "/v1/recommendations?confidence=0",
         "/v1/recommendations?service=web",
         "/v1/recommendations?namspace=typo",
+        "/v1/recommendations?excludeExternal=yes",
+        "/v1/deletions?excludeExternal=true",
         "/v1/deletions?outcome=maybe",
         "/v1/deletions?limit=0",
     ] {

@@ -3,6 +3,7 @@ mod common;
 use aggregator::store::{DeletionFilter, Outcome, Scope, Store};
 use common::deletion;
 use observer_proto::UnixNanos;
+use observer_proto::api::{DeletionRecord, NodeClass, RouterKind, RouterMeasurement, RouterRef};
 
 /// A time in nanoseconds.
 fn t(nanos: i64) -> UnixNanos {
@@ -32,28 +33,32 @@ fn records_survive_reopen_and_are_idempotent() {
     assert_eq!(got, deletion("shop", "web", "web-1", 1.5, t(1_000)));
 }
 
+/// A store in `dir` holding `rec`, made an older file by `downgrade`
+/// (SQL), then reopened: upgraded.
+fn older_file(dir: &tempfile::TempDir, rec: &DeletionRecord, downgrade: &str) -> Store {
+    let path = dir.path().join("store.db");
+    Store::open(&path).unwrap().record_deletion(rec).unwrap();
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(downgrade)
+        .unwrap();
+    Store::open(&path).unwrap()
+}
+
 #[test]
 fn version_3_files_keep_their_deletions_as_uncensored_samples() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("store.db");
-    {
-        let store = Store::open(&path).unwrap();
-        store
-            .record_deletion(&deletion("shop", "web", "web-1", 1.5, t(1_000)))
-            .unwrap();
-        let side = rusqlite::Connection::open(&path).unwrap();
-        side.execute_batch(
-            "ALTER TABLE deletions DROP COLUMN bound_seconds;
-             ALTER TABLE deletions DROP COLUMN censored_after_seconds;
-             ALTER TABLE deletions DROP COLUMN nodes_expected;
-             ALTER TABLE deletions DROP COLUMN nodes_measured;
-             ALTER TABLE deletions DROP COLUMN nodes_still_routing;
-             ALTER TABLE deletions DROP COLUMN nodes_unknown;
-             PRAGMA user_version = 3;",
-        )
-        .unwrap();
-    }
-    let store = Store::open(&path).unwrap();
+    let store = older_file(
+        &dir,
+        &deletion("shop", "web", "web-1", 1.5, t(1_000)),
+        "ALTER TABLE deletions DROP COLUMN bound_seconds;
+         ALTER TABLE deletions DROP COLUMN censored_after_seconds;
+         ALTER TABLE deletions DROP COLUMN nodes_expected;
+         ALTER TABLE deletions DROP COLUMN nodes_measured;
+         ALTER TABLE deletions DROP COLUMN nodes_still_routing;
+         ALTER TABLE deletions DROP COLUMN nodes_unknown;
+         PRAGMA user_version = 3;",
+    );
     let samples = store.samples(&Scope::default(), t(0)).unwrap();
     // Its propagation is the sample; nothing censored, coverage unknown.
     assert_eq!(samples.latencies, vec![1.5]);
@@ -66,6 +71,104 @@ fn version_3_files_keep_their_deletions_as_uncensored_samples() {
         store.samples(&Scope::default(), t(0)).unwrap().latencies,
         vec![0.5, 1.5]
     );
+}
+
+/// `deletion` with a node router and an external router (a cloud load
+/// balancer) that was slower.
+fn routed_deletion(pod: &str, node: f64, external: f64, finished: UnixNanos) -> DeletionRecord {
+    let router = |kind, name: &str, latency| RouterMeasurement {
+        router: RouterRef {
+            kind,
+            name: name.into(),
+            node: (kind == RouterKind::Node).then(|| name.into()),
+        },
+        latency_seconds: Some(latency),
+        error_seconds: Some(0.25),
+        class: Some(NodeClass::Measured),
+        ..RouterMeasurement::default()
+    };
+    let routers = vec![
+        router(RouterKind::Node, "node-a", node),
+        router(RouterKind::External, "203.0.113.7", external),
+    ];
+    DeletionRecord {
+        limiting_router: Some(routers[1].router.clone()),
+        propagation_upper_seconds: Some(external + 0.25),
+        routers,
+        ..deletion("shop", "web", pod, external, finished)
+    }
+}
+
+#[test]
+fn excluding_external_routers_bounds_over_nodes_and_workloads() {
+    let store = Store::in_memory().unwrap();
+    store
+        .record_deletion(&routed_deletion("w1", 1.0, 4.0, t(100)))
+        .unwrap();
+    store
+        .record_deletion(&routed_deletion("w2", 2.0, 3.0, t(200)))
+        .unwrap();
+    let all = store.samples(&Scope::default(), t(0)).unwrap();
+    assert_eq!(all.latencies, vec![3.25, 4.25]);
+    let external = RouterRef {
+        kind: RouterKind::External,
+        name: "203.0.113.7".into(),
+        node: None,
+    };
+    assert_eq!(
+        all.limiting_routers,
+        vec![Some(external.clone()), Some(external)]
+    );
+    assert_eq!(
+        all.by_router_kind,
+        vec![
+            (RouterKind::Node, vec![1.25, 2.25]),
+            (RouterKind::External, vec![3.25, 4.25])
+        ]
+    );
+    let internal = Scope {
+        exclude_external: true,
+        ..Scope::default()
+    };
+    let without = store.samples(&internal, t(0)).unwrap();
+    assert_eq!(without.latencies, vec![1.25, 2.25]);
+    assert_eq!(
+        without.limiting_routers[1]
+            .as_ref()
+            .map(|r| r.name.as_str()),
+        Some("node-a")
+    );
+    assert_eq!(
+        without.by_router_kind,
+        vec![(RouterKind::Node, vec![1.25, 2.25])]
+    );
+}
+
+#[test]
+fn version_4_files_without_routers_keep_their_whole_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = older_file(
+        &dir,
+        &routed_deletion("w1", 1.0, 4.0, t(100)),
+        "ALTER TABLE deletions DROP COLUMN internal_bound_seconds;
+         ALTER TABLE deletions DROP COLUMN limiting_router;
+         ALTER TABLE deletions DROP COLUMN limiting_internal_router;
+         ALTER TABLE deletions DROP COLUMN node_router_seconds;
+         ALTER TABLE deletions DROP COLUMN workload_router_seconds;
+         ALTER TABLE deletions DROP COLUMN external_router_seconds;
+         ALTER TABLE pending_deletions DROP COLUMN routers;
+         ALTER TABLE pending_nodes DROP COLUMN removed_before_start_unix_nanos;
+         PRAGMA user_version = 4;",
+    );
+    let internal = Scope {
+        exclude_external: true,
+        ..Scope::default()
+    };
+    // Nothing says which router was external: never lower than the whole.
+    let samples = store.samples(&internal, t(0)).unwrap();
+    assert_eq!(samples.latencies, vec![4.25]);
+    assert_eq!(samples.limiting_routers, vec![None]);
+    assert!(samples.by_router_kind.is_empty());
 }
 
 #[test]
@@ -94,7 +197,7 @@ fn samples_follow_scope_window_and_outcome() {
     assert_eq!(all.latencies, vec![1.0, 2.0, 3.0, 9.0]);
     let ns = Scope {
         namespace: Some("a".into()),
-        service: None,
+        ..Scope::default()
     };
     assert_eq!(
         store.samples(&ns, t(0)).unwrap().latencies,
@@ -103,6 +206,7 @@ fn samples_follow_scope_window_and_outcome() {
     let svc = Scope {
         namespace: Some("a".into()),
         service: Some("web".into()),
+        ..Scope::default()
     };
     assert_eq!(store.samples(&svc, t(0)).unwrap().latencies, vec![1.0, 3.0]);
     assert_eq!(store.samples(&svc, t(150)).unwrap().latencies, vec![3.0]);
@@ -158,17 +262,19 @@ fn prune_drops_old_rows_only() {
     let svc = Scope {
         namespace: Some("a".into()),
         service: Some("web".into()),
+        ..Scope::default()
     };
     assert_eq!(store.samples(&svc, t(0)).unwrap().latencies, vec![2.0]);
 }
 
 mod in_flight {
-    use aggregator::model::{DeletionStart, NodeAccumulator, RulesRemoval};
+    use aggregator::model::{DeletionStart, NodeAccumulator, RouterAccumulator, RulesRemoval};
     use aggregator::store::{
         AgentRow, Checkpoint, NodeAccRow, PendingNodes, PendingRow, PendingUpdate, Store,
         StoreError,
     };
 
+    use observer_proto::api::{RouterKind, RouterRef};
     use observer_proto::{ClockEstimate, Detector};
 
     use super::common::deletion;
@@ -198,7 +304,24 @@ mod in_flight {
             tracked_since_unix_nanos: t(1_700_000_000_200_000_000),
             expected_nodes: vec!["node-a".into(), "node-b".into()],
             pod_gone_unix_nanos: None,
+            routers: vec![],
         }
+    }
+
+    /// A workload that sent the pod connections.
+    fn routed() -> Vec<RouterAccumulator> {
+        vec![RouterAccumulator {
+            router: RouterRef {
+                kind: RouterKind::Workload,
+                name: "ingress/nginx".into(),
+                node: Some("node-b".into()),
+            },
+            last_connection: Some(t(1_700_000_003_000_000_000)),
+            late_flows: 5,
+            late_accepted: 4,
+            refused: 2,
+            clock_uncertainty_ns: 70_000,
+        }]
     }
 
     fn acc(node: &str, late: u64) -> NodeAccRow {
@@ -216,6 +339,7 @@ mod in_flight {
                 refused: 3,
                 aborted: 4,
                 clock_uncertainty_ns: Some(50_000),
+                removed_before_start: Some(t(1_700_000_002_500_000_000)),
             },
         }
     }
@@ -258,6 +382,7 @@ mod in_flight {
                         pod_uid: "u1".into(),
                         terminating_unix_nanos: Some(t(1_700_000_000_300_000_000)),
                         pod_gone_unix_nanos: Some(t(1_700_000_005_000_000_000)),
+                        routers: Some(routed()),
                     }],
                     nodes: vec![
                         PendingNodes {
@@ -288,6 +413,7 @@ mod in_flight {
         let got = Store::open(&path).unwrap().in_flight().unwrap();
         let u1 = PendingRow {
             pod_gone_unix_nanos: Some(t(1_700_000_005_000_000_000)),
+            routers: routed(),
             ..terminating(pending("u1"), 1_700_000_000_300_000_000)
         };
         let u2 = terminating(pending("u2"), 7);
@@ -384,7 +510,7 @@ mod in_flight {
             ),
             (
                 "UPDATE pending_deletions SET t0_unix_nanos = 1;
-                 INSERT INTO pending_nodes VALUES ('u1', 'node-a', 5, NULL, NULL, NULL, 0, 0, 0, 0, NULL)",
+                 INSERT INTO pending_nodes VALUES ('u1', 'node-a', 5, NULL, NULL, NULL, 0, 0, 0, 0, NULL, NULL)",
                 "pending_nodes",
                 "node \"node-a\"",
                 "rules_mode",
@@ -449,11 +575,11 @@ mod in_flight {
         store.insert_pending(&pending("u1")).unwrap();
         assert_eq!(store.in_flight().unwrap().pending.len(), 1);
         let side = rusqlite::Connection::open(&path).unwrap();
-        side.execute_batch("PRAGMA user_version = 5;").unwrap();
+        side.execute_batch("PRAGMA user_version = 6;").unwrap();
         drop(store);
         assert!(matches!(
             Store::open(&path),
-            Err(StoreError::Schema { found: 5, .. })
+            Err(StoreError::Schema { found: 6, .. })
         ));
     }
 
@@ -467,6 +593,7 @@ mod in_flight {
             let side = rusqlite::Connection::open(&path).unwrap();
             side.execute_batch(
                 "ALTER TABLE pending_nodes DROP COLUMN rules_precision_ns;
+                 ALTER TABLE pending_nodes DROP COLUMN removed_before_start_unix_nanos;
                  INSERT INTO pending_nodes VALUES ('u1', 'node-b', 5, 'nftables', NULL, 0, 0, 0, 0, NULL);
                  PRAGMA user_version = 2;",
             )

@@ -146,7 +146,9 @@ fn human(obs: &Observation) -> String {
         | Observation::Closed(c)
         | Observation::ResetSent(c)
         | Observation::ResetReceived(c) => conn(kind, c),
-        Observation::RulesRemoved(r) | Observation::RulesAdded(r) => rules(kind, r),
+        Observation::RulesRemoved(r)
+        | Observation::RulesAdded(r)
+        | Observation::RemovedBeforeStart(r) => rules(kind, r),
         Observation::NewFlow(f) => format!(
             "{} {kind:<14} {} -> {} (to {})",
             rfc3339(f.time),

@@ -21,7 +21,7 @@ use observer_agent::{
     dataplane::{self, DataplaneWatch},
     realtime::DEFAULT_TIMING_PRIORITY,
 };
-use observer_proto::{Detector, Observation, RulesChange};
+use observer_proto::{Detector, Observation, RulesChange, UnixNanos};
 use tokio::sync::mpsc::{Receiver, channel};
 
 fn service(name: &str, vip_last: u8) -> ServicePort {
@@ -277,6 +277,47 @@ async fn removal_before_watch_is_reported_on_watch() {
         "{}",
         String::from_utf8_lossy(&names.stdout)
     );
+}
+
+/// An agent (re)started after a deletion began, and after its node's
+/// kube-proxy already removed the endpoint: the first read of the
+/// dataplane shows it gone, so it is reported removed before the start,
+/// in every mode; an endpoint still selected, or whose deletion began
+/// after the start, is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_gone_at_the_agents_start_is_reported_removed_before_it() {
+    if !root_or_skip("an_endpoint_gone_at_the_agents_start_is_reported_removed_before_it") {
+        return;
+    }
+    for mode in [Mode::Nftables, Mode::IptablesNft, Mode::IptablesLegacy] {
+        let ns = NetNs::create("dpstart").unwrap();
+        let mut rules = Rules::new(Some(ns.name().to_owned()), mode);
+        let svc = service("web", 40);
+        rules
+            .sync(&[(svc.clone(), vec![backend(1), backend(2)])])
+            .unwrap();
+        let deletion_start = UnixNanos::now();
+        rules.sync(&[(svc.clone(), vec![backend(1)])]).unwrap();
+        let removed = UnixNanos::now();
+        let (watch, mut rx) = start(&ns);
+        let started = UnixNanos::now();
+        watch.watch_deleted(addr(backend(2)), deletion_start);
+        let Observation::RemovedBeforeStart(change) =
+            next_change(&mut rx, Duration::from_secs(1)).await
+        else {
+            panic!("{mode}: expected removed_before_start");
+        };
+        assert_eq!(change.endpoint, addr(backend(2)), "{mode}");
+        assert_eq!(change.detector, detector(mode), "{mode}");
+        assert!(
+            removed <= change.time && change.time <= started,
+            "{mode}: the first read's time, after the removal"
+        );
+        watch.watch_deleted(addr(backend(1)), deletion_start);
+        watch.watch_deleted(addr(backend(3)), started);
+        let quiet = drain(&mut rx, Duration::from_millis(200)).await;
+        assert!(quiet.is_empty(), "{mode}: {quiet:?}");
+    }
 }
 
 /// kube-proxy's IPv6 table (`ip6 kube-proxy`) in the same layout.

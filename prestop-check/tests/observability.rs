@@ -47,6 +47,7 @@ fn populate_aggregator(m: &aggregator::metrics::Metrics) {
         nodes_still_routing,
         observations_rejected,
         agent_observations_dropped,
+        router_latency,
     } = m;
     let (node, namespace) = ("n1".to_string(), "shop".to_string());
     propagation_latency
@@ -85,6 +86,14 @@ fn populate_aggregator(m: &aggregator::metrics::Metrics) {
             reason: "future".into(),
         })
         .inc();
+    router_latency.observe(
+        &observer_proto::api::RouterRef {
+            kind: observer_proto::api::RouterKind::Workload,
+            name: "ingress/nginx".into(),
+            node: None,
+        },
+        2.0,
+    );
     report_lag.observe(0.01);
     store_deletions.set(1);
     let scope = NamespaceService {

@@ -118,6 +118,13 @@ pub struct RouterMeasurement {
     pub refused_connections: u64,
 }
 
+impl RouterMeasurement {
+    /// The latency plus its error: what the bound uses.
+    pub fn upper_seconds(&self) -> Option<f64> {
+        Some(self.latency_seconds? + self.error_seconds.unwrap_or(0.0))
+    }
+}
+
 /// Measured latencies of one router kind over a recommendation's window.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
@@ -299,6 +306,10 @@ pub struct NodeMeasurement {
     pub detector_precision_seconds: Option<f64>,
     /// Clock uncertainty of this node's agent (half its round trip).
     pub clock_uncertainty_seconds: Option<f64>,
+    /// Its agent started after the deletion and found the endpoint no
+    /// longer selected, at this time: removed before it, when is unknown
+    /// (the node is unknown, neither missing nor zero).
+    pub removed_before_agent_start_unix_nanos: Option<UnixNanos>,
     /// What is known of this node at the end: `None` for a source that was
     /// not an expected node (an unattributed address).
     pub class: Option<NodeClass>,
@@ -431,6 +442,48 @@ mod tests {
         assert_eq!(kinds, ["node", "workload", "external"]);
         for k in RouterKind::ALL {
             assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
+        }
+    }
+
+    fn class() -> impl proptest::strategy::Strategy<Value = NodeClass> {
+        proptest::prop_oneof![
+            proptest::strategy::Just(NodeClass::Measured),
+            proptest::strategy::Just(NodeClass::StillRouting),
+            proptest::strategy::Just(NodeClass::Unknown),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Counting node-deletions one by one, or per deletion and then
+        /// merging the deletions' counts, gives the same coverage; every
+        /// node-deletion is in exactly one class and the ratio is the
+        /// measured share.
+        #[test]
+        fn coverage_adds_up_however_it_is_counted(
+            deletions in proptest::collection::vec(proptest::collection::vec(class(), 0..8), 0..20),
+        ) {
+            let mut one_by_one = Coverage::default();
+            let mut merged = Coverage::default();
+            for classes in &deletions {
+                let mut per_deletion = Coverage::default();
+                for c in classes {
+                    one_by_one.add(*c);
+                    per_deletion.add(*c);
+                }
+                merged.merge(&per_deletion);
+            }
+            let all: Vec<NodeClass> = deletions.concat();
+            let of = |k| all.iter().filter(|c| **c == k).count() as u64;
+            let expected = Coverage {
+                expected: all.len() as u64,
+                measured: of(NodeClass::Measured),
+                still_routing: of(NodeClass::StillRouting),
+                unknown: of(NodeClass::Unknown),
+                ratio: (!all.is_empty())
+                    .then(|| of(NodeClass::Measured) as f64 / all.len() as f64),
+            };
+            proptest::prop_assert_eq!(one_by_one, expected);
+            proptest::prop_assert_eq!(merged, expected);
         }
     }
 

@@ -32,6 +32,11 @@ pub enum Observation {
     RulesAdded(RulesChange),
     /// A new flow whose destination after NAT is the watched endpoint.
     NewFlow(NewFlow),
+    /// The endpoint's deletion started before the agent read the node's
+    /// dataplane (`time`), which did not select the endpoint then, and no
+    /// removal was seen: it was removed before the agent's start, when is
+    /// unknown.
+    RemovedBeforeStart(RulesChange),
 }
 
 /// A connection event, from the watched endpoint's point of view: `dst` is
@@ -171,7 +176,7 @@ impl Observation {
             | Self::Closed(c)
             | Self::ResetSent(c)
             | Self::ResetReceived(c) => c.time,
-            Self::RulesRemoved(r) | Self::RulesAdded(r) => r.time,
+            Self::RulesRemoved(r) | Self::RulesAdded(r) | Self::RemovedBeforeStart(r) => r.time,
             Self::NewFlow(f) => f.time,
         }
     }
@@ -184,7 +189,7 @@ impl Observation {
             | Self::Closed(c)
             | Self::ResetSent(c)
             | Self::ResetReceived(c) => c.dst,
-            Self::RulesRemoved(r) | Self::RulesAdded(r) => r.endpoint,
+            Self::RulesRemoved(r) | Self::RulesAdded(r) | Self::RemovedBeforeStart(r) => r.endpoint,
             Self::NewFlow(f) => f.dst,
         }
     }
@@ -197,7 +202,7 @@ impl Observation {
             | Self::Closed(c)
             | Self::ResetSent(c)
             | Self::ResetReceived(c) => Some(c.src.ip()),
-            Self::RulesRemoved(_) | Self::RulesAdded(_) => None,
+            Self::RulesRemoved(_) | Self::RulesAdded(_) | Self::RemovedBeforeStart(_) => None,
             Self::NewFlow(f) => Some(f.src.ip()),
         }
     }
@@ -213,6 +218,7 @@ impl Observation {
             Self::RulesRemoved(_) => "rules_removed",
             Self::RulesAdded(_) => "rules_added",
             Self::NewFlow(_) => "new_flow",
+            Self::RemovedBeforeStart(_) => "removed_before_start",
         }
     }
 }
@@ -386,6 +392,7 @@ impl From<Observation> for v1::Observation {
             Observation::RulesRemoved(r) => Kind::RulesRemoved(r.into()),
             Observation::RulesAdded(r) => Kind::RulesAdded(r.into()),
             Observation::NewFlow(f) => Kind::NewFlow(f.into()),
+            Observation::RemovedBeforeStart(r) => Kind::RemovedBeforeStart(r.into()),
         };
         v1::Observation { kind: Some(kind) }
     }
@@ -405,6 +412,7 @@ impl TryFrom<v1::Observation> for Observation {
             Kind::RulesRemoved(r) => Self::RulesRemoved(r.try_into()?),
             Kind::RulesAdded(r) => Self::RulesAdded(r.try_into()?),
             Kind::NewFlow(f) => Self::NewFlow(f.try_into()?),
+            Kind::RemovedBeforeStart(r) => Self::RemovedBeforeStart(r.try_into()?),
         })
     }
 }
@@ -441,6 +449,7 @@ mod tests {
             Observation::RulesRemoved(rules(Detector::Nftables)),
             Observation::RulesRemoved(rules(Detector::IptablesNft)),
             Observation::RulesAdded(rules(Detector::IptablesLegacy)),
+            Observation::RemovedBeforeStart(rules(Detector::Nftables)),
             Observation::NewFlow(NewFlow {
                 src: "10.0.0.1:1".parse().unwrap(),
                 dst: "10.0.0.2:2".parse().unwrap(),

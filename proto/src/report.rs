@@ -37,7 +37,8 @@ impl ClockEstimate {
 /// Cumulative since the agent process started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AgentCounters {
-    /// Kernel events lost before the agent read them (ring buffer full).
+    /// Kernel events lost before the agent read them (ring buffer full,
+    /// conntrack netlink socket overflow): a gap in the node's evidence.
     pub events_lost: u64,
     /// Observations the agent dropped while the aggregator was away.
     pub observations_dropped: u64,

@@ -9,7 +9,7 @@ use observer_proto::UnixNanos;
 
 use super::state::{Agent, Pending, State, mark_agent, mark_pending};
 use super::{Correlator, Registration};
-use crate::model::DeletionStart;
+use crate::model::{DeletionStart, RouterAccumulator};
 use crate::store::{AgentRow, Checkpoint, NodeAccRow, PendingNodes, PendingRow, StoreError};
 
 /// What one checkpoint wrote, and how long it took.
@@ -109,6 +109,7 @@ impl State {
                 pod_uid: uid.clone(),
                 terminating_unix_nanos: p.terminating,
                 pod_gone_unix_nanos: p.pod_gone,
+                routers: std::mem::take(&mut p.routers_dirty).then(|| routers_row(p)),
             });
             let nodes = take_dirty_nodes(p);
             if !nodes.is_empty() {
@@ -141,6 +142,7 @@ impl State {
                 continue;
             };
             mark_pending(&mut self.dirty_pending, &u.pod_uid, p);
+            p.routers_dirty |= u.routers.is_some();
         }
         for n in &c.nodes {
             let Some(p) = self.pending.get_mut(&n.pod_uid) else {
@@ -196,13 +198,32 @@ pub(super) fn pending_row(p: &Pending) -> PendingRow {
         tracked_since_unix_nanos: p.tracked_since,
         expected_nodes: p.expected.iter().cloned().collect(),
         pod_gone_unix_nanos: p.pod_gone,
+        routers: routers_row(p),
     }
+}
+
+/// The deletion's routers as stored, in a stable order.
+fn routers_row(p: &Pending) -> Vec<RouterAccumulator> {
+    let mut v: Vec<RouterAccumulator> = p.routers.values().cloned().collect();
+    v.sort_by(|a, b| {
+        (a.router.kind, &a.router.name, &a.router.node).cmp(&(
+            b.router.kind,
+            &b.router.name,
+            &b.router.node,
+        ))
+    });
+    v
 }
 
 /// A persisted deletion back in memory (not dirty: it is what is stored).
 fn restored_pending(row: PendingRow, accs: Vec<NodeAccRow>) -> Pending {
     let nodes = accs.into_iter().map(|r| (r.node, r.acc)).collect();
     let expected = Arc::new(row.expected_nodes.into_iter().collect());
+    let routers = row
+        .routers
+        .into_iter()
+        .map(|r| (r.router.clone(), r))
+        .collect();
     let mut p = Pending::new(
         row.start,
         row.t0_unix_nanos,
@@ -210,6 +231,7 @@ fn restored_pending(row: PendingRow, accs: Vec<NodeAccRow>) -> Pending {
         expected,
     );
     p.nodes = nodes;
+    p.routers = routers;
     p.pod_gone = row.pod_gone_unix_nanos;
     p
 }

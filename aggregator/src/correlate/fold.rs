@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use observer_proto::{ClockEstimate, CloseKind, Observation, ResetCause, UnixNanos};
 
+use super::routers;
 use super::state::{Pending, State, mark_pending};
 use crate::model::{NodeAccumulator, RulesRemoval};
 
@@ -99,6 +100,7 @@ impl State {
             _ => None,
         };
         let peer_host = obs.peer().and_then(|ip| self.nodes.node_with_address(ip));
+        let router = routers::attribute(&mut self.pods, &self.nodes, node, peer_node, obs);
         // Refusals prove routing as connections do (the source sent a new
         // connection then), so they are filtered alike.
         let connection = matches!(
@@ -128,7 +130,11 @@ impl State {
             if connection && peer_host.is_some() && peer_host == p.start.host_node.as_deref() {
                 continue;
             }
-            if apply(p, &seen) {
+            let routed = router.as_ref().is_some_and(|r| {
+                routers::apply(&mut p.routers, r, seen.time, p.t0, seen.uncertainty_ns)
+            });
+            p.routers_dirty |= routed;
+            if apply(p, &seen) || routed {
                 mark_pending(&mut self.dirty_pending, uid, p);
             }
         }
@@ -156,6 +162,10 @@ fn apply(p: &mut Pending, s: &Seen<'_>) -> bool {
                     precision_ns: Some(r.precision_ns),
                 });
             }
+        }
+        Observation::RemovedBeforeStart(_) => {
+            let a = accs.of(s.node);
+            a.removed_before_start = a.removed_before_start.max(Some(t));
         }
         Observation::RulesAdded(_) => {
             // The dataplane selects the endpoint again: an earlier removal was

@@ -6,7 +6,8 @@
 //! By job: `state` holds agents and deletions in flight, `fold` folds
 //! observations into a deletion's node accumulators, `checkpoint` persists
 //! and restores them, `subscriptions` streams the endpoints to watch to the
-//! agents, `record` finishes a deletion. This module is the
+//! agents, `record` finishes a deletion, `routers` names and times what
+//! sent the pod connections. This module is the
 //! facade the gRPC service and the Kubernetes watcher call, each call with
 //! the aggregator's time `now`.
 //!
@@ -24,9 +25,11 @@
 mod checkpoint;
 mod fold;
 mod record;
+mod routers;
 mod state;
 mod subscriptions;
 
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use observer_proto::api::DeletionRecord;
@@ -35,12 +38,14 @@ use tokio::sync::broadcast;
 
 pub use self::checkpoint::{CheckpointStats, RestoreStats};
 pub use self::fold::{Implausible, Plausibility, UNATTRIBUTED};
+pub use self::routers::{MAX_TRAFFIC_ROUTERS, OTHER};
 use self::state::{Agent, Pending, State, mark_agent, mark_pending};
 pub use self::subscriptions::{Lagged, Subscription, WatchChange};
 use crate::config::Settings;
 use crate::metrics::Metrics;
 pub use crate::model::DeletionStart;
 use crate::nodes::NodeInfo;
+use crate::pods::PodSource;
 use crate::store::{PendingRow, Store};
 
 /// What an agent registered with.
@@ -159,6 +164,26 @@ impl Correlator {
 
     pub fn remove_node(&self, name: &str) {
         self.state().nodes.remove(name);
+    }
+
+    /// Indexes a pod by its addresses, so connections from it are
+    /// attributed to its workload or its node.
+    pub fn set_pod(&self, ips: &[IpAddr], pod: PodSource) {
+        self.state().pods.set(ips, pod);
+    }
+
+    /// The pod `uid` no longer has `ip`.
+    pub fn remove_pod(&self, ip: IpAddr, uid: &str) {
+        self.state().pods.remove(ip, uid);
+    }
+
+    /// Addresses indexed and their pods' UIDs (to find what a relist lost).
+    pub fn indexed_pods(&self) -> Vec<(IpAddr, String)> {
+        self.state()
+            .pods
+            .uids()
+            .map(|(ip, uid)| (ip, uid.to_owned()))
+            .collect()
     }
 
     /// Starts tracking a deletion. Idempotent: a deletion already tracked or

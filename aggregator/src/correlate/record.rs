@@ -1,13 +1,15 @@
 //! A finished deletion's accumulators turned into the [`DeletionRecord`]
 //! the store keeps and the API shows: every expected node classified
 //! (measured, still routing, unknown), each latency with its error on the
-//! safe side, and the deletion right-censored when a node still routed.
+//! safe side, and the deletion right-censored when a node still routed;
+//! every router with its latency, and the one that set the deletion's.
 
 use std::collections::BTreeSet;
 
 use observer_proto::UnixNanos;
 use observer_proto::api::{Coverage, DeletionRecord, Mode, NodeClass, NodeMeasurement};
 
+use super::routers;
 use super::state::Pending;
 use crate::model::{DeletionStart, NodeAccumulator};
 
@@ -46,6 +48,8 @@ pub(super) fn record(p: Pending, now: UnixNanos, live: &BTreeSet<String>) -> Del
     let propagation_seconds = latest(|n| n.latency_seconds);
     let propagation_upper_seconds =
         latest(|n| Some(n.latency_seconds? + n.error_seconds.unwrap_or(0.0)));
+    let routers = routers::measurements(&p.routers, &nodes, t0, lag_ns.unwrap_or(0));
+    let limiting_router = routers::limiting(&routers, censored);
     let start = p.start;
     DeletionRecord {
         pod_uid: start.pod_uid,
@@ -67,8 +71,8 @@ pub(super) fn record(p: Pending, now: UnixNanos, live: &BTreeSet<String>) -> Del
         coverage,
         finished_unix_nanos: now,
         nodes,
-        routers: Vec::new(),
-        limiting_router: None,
+        routers,
+        limiting_router,
         missing_nodes,
     }
 }
@@ -76,7 +80,8 @@ pub(super) fn record(p: Pending, now: UnixNanos, live: &BTreeSet<String>) -> Del
 /// What is known of an expected node at the end. Still routing needs
 /// evidence: a new connection it routed to the pod after T0 with no
 /// removal since, from an agent that was connected and lost nothing.
-/// Without that evidence nothing says the pod was still its target.
+/// Without that evidence nothing says the pod was still its target. A
+/// removal before the agent's start is no timing: unknown.
 fn classify(
     node: &str,
     a: &NodeAccumulator,
@@ -86,7 +91,7 @@ fn classify(
 ) -> NodeClass {
     if a.rules_removed.is_some() {
         NodeClass::Measured
-    } else if !live.contains(node) || disrupted.contains(node) {
+    } else if !live.contains(node) || disrupted.contains(node) || a.removed_before_start.is_some() {
         NodeClass::Unknown
     } else if a.last_connection.is_some_and(|t| t >= t0) {
         NodeClass::StillRouting
@@ -104,8 +109,13 @@ fn t0_lag_bound_ns(start: &DeletionStart) -> Option<i64> {
     Some((received - api).max(0))
 }
 
-fn seconds(ns: i64) -> f64 {
+pub(super) fn seconds(ns: i64) -> f64 {
     ns as f64 / NANOS_PER_SECOND
+}
+
+/// A count of nanoseconds as a signed time difference (saturating).
+pub(super) fn nanos(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 fn measurement(
@@ -117,7 +127,7 @@ fn measurement(
 ) -> NodeMeasurement {
     let rules = a.rules_removed;
     let latest = rules.map(|r| r.time).max(a.last_connection);
-    let ns = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let ns = nanos;
     // The detector's precision counts when the removal set the latency.
     let precision = rules
         .filter(|r| Some(r.time) == latest)
@@ -136,6 +146,7 @@ fn measurement(
         },
         detector_precision_seconds: rules.and_then(|r| r.precision_ns).map(|p| seconds(ns(p))),
         clock_uncertainty_seconds: a.clock_uncertainty_ns.map(|u| seconds(ns(u))),
+        removed_before_agent_start_unix_nanos: a.removed_before_start,
         class,
         error_seconds: error_ns.map(seconds),
         // The same connection can be seen from both ends (the source

@@ -6,12 +6,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use observer_proto::api::RouterRef;
 use observer_proto::{AgentCounters, ClockEstimate, Endpoint, Observation, UnixNanos};
 
 use super::Registration;
 use super::fold::{Implausible, Plausibility};
-use crate::model::{DeletionStart, NodeAccumulator};
+use crate::model::{DeletionStart, NodeAccumulator, RouterAccumulator};
 use crate::nodes::NodeIndex;
+use crate::pods::PodIndex;
 
 pub(super) struct Agent {
     pub node: String,
@@ -55,6 +57,11 @@ pub(super) struct Pending {
     /// only when agents come and go).
     pub expected: Arc<BTreeSet<String>>,
     pub nodes: BTreeMap<String, NodeAccumulator>,
+    /// Every router that sent the pod new connections (see `routers`);
+    /// checkpointed whole with the deletion when it changed.
+    pub routers: HashMap<RouterRef, RouterAccumulator>,
+    /// `routers` changed since the last checkpoint.
+    pub routers_dirty: bool,
     /// When the pod object disappeared.
     pub pod_gone: Option<UnixNanos>,
     /// Changed since the last checkpoint (listed in `State::dirty_pending`).
@@ -85,6 +92,8 @@ impl Pending {
             tracked_since: now,
             expected,
             nodes: BTreeMap::new(),
+            routers: HashMap::new(),
+            routers_dirty: false,
             pod_gone: None,
             dirty: false,
             dirty_nodes: BTreeSet::new(),
@@ -134,6 +143,7 @@ pub(super) struct State {
     pub pending: HashMap<String, Pending>,
     pub by_ip: HashMap<IpAddr, Vec<String>>,
     pub nodes: NodeIndex,
+    pub pods: PodIndex,
     /// [`State::live_nodes`], until an agent subscribes or leaves.
     pub live_cache: Option<Arc<BTreeSet<String>>>,
     pub orphans: VecDeque<Orphan>,

@@ -6,7 +6,8 @@ pub mod cache;
 pub mod service;
 
 use observer_proto::api::{
-    Coverage, KeepAlive, Lifecycle, PreStop, Recommendation, ScopeView, Sleep,
+    Coverage, KeepAlive, Lifecycle, PreStop, Recommendation, RouterKindSummary, RouterRef,
+    ScopeView, Sleep,
 };
 
 use crate::stats::{self, CensoredBound};
@@ -37,6 +38,9 @@ pub fn recommend(req: &Request, samples: &Samples) -> Recommendation {
         reason.push(' ');
         reason.push_str(&why);
     }
+    if req.scope.exclude_external {
+        reason.push_str(" External routers (no node, no pod) excluded.");
+    }
     let pre_stop_seconds = base.map(|b| (b + req.margin_seconds).max(0.0).ceil() as u64);
     let aborted = samples.aborted_connections;
     Recommendation {
@@ -61,8 +65,18 @@ pub fn recommend(req: &Request, samples: &Samples) -> Recommendation {
         coverage: samples.coverage,
         max_error_seconds: samples.max_error_seconds,
         reason,
-        limiting_router: None,
-        by_router_kind: Vec::new(),
+        limiting_router: limiting_router(req, samples, at_least),
+        by_router_kind: samples
+            .by_router_kind
+            .iter()
+            .map(|(kind, v)| RouterKindSummary {
+                kind: *kind,
+                samples: count(v.len()),
+                observed_p50_seconds: stats::nearest_rank(v, 0.5),
+                observed_p99_seconds: stats::nearest_rank(v, 0.99),
+                observed_max_seconds: v.last().copied(),
+            })
+            .collect(),
         lifecycle: pre_stop_seconds.map(|seconds| Lifecycle {
             pre_stop: PreStop {
                 sleep: Sleep { seconds },
@@ -143,6 +157,29 @@ fn bound(
     }
 }
 
+/// The router of the deletion whose latency set the value: the censored
+/// one that proves "at least", the order statistic's, or the largest.
+fn limiting_router(req: &Request, samples: &Samples, at_least: bool) -> Option<RouterRef> {
+    let (s, censored) = (&samples.latencies, &samples.censored);
+    let of = |routers: &[Option<RouterRef>], i: usize| routers.get(i).cloned().flatten();
+    let last_measured = || of(&samples.limiting_routers, s.len().checked_sub(1)?);
+    if at_least {
+        let c = censored.len().checked_sub(1)?;
+        return if s.last().is_some_and(|m| *m > censored[c]) {
+            last_measured()
+        } else {
+            of(&samples.censored_limiting_routers, c)
+        };
+    }
+    match stats::upper_bound_censored(s, censored.len(), req.quantile, req.confidence) {
+        CensoredBound::Value(b) => {
+            let i = s.iter().position(|v| *v == b)?;
+            of(&samples.limiting_routers, i)
+        }
+        CensoredBound::Censored | CensoredBound::TooFew => last_measured(),
+    }
+}
+
 /// Why the measured share of expected node-deletions is too low to trust.
 fn low_coverage(req: &Request, c: &Coverage) -> Option<String> {
     let ratio = c.ratio?;
@@ -171,6 +208,8 @@ fn format_pct(p: f64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use observer_proto::api::RouterKind;
+
     use super::*;
 
     fn req() -> Request {
@@ -226,6 +265,97 @@ mod tests {
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["lifecycle"]["preStop"]["sleep"]["seconds"], 4);
         assert_eq!(json["keepAlive"]["abortedConnections"], 3);
+    }
+
+    fn named(kind: RouterKind, name: &str) -> Option<RouterRef> {
+        Some(RouterRef {
+            kind,
+            name: name.into(),
+            node: None,
+        })
+    }
+
+    #[test]
+    fn the_limiting_router_is_the_one_of_the_deletion_that_set_the_value() {
+        // 300 samples: p90 at 95% is an order statistic below the largest,
+        // set by node-x; the largest (an external router's) does not count.
+        let p90 = Request {
+            quantile: 0.9,
+            ..req()
+        };
+        let k = stats::upper_bound_rank(300, 0.9, 0.95).unwrap();
+        assert!(k < 300);
+        let latencies: Vec<f64> = (1..=300).map(|i| f64::from(i) / 100.0).collect();
+        let mut limiting_routers = vec![named(RouterKind::Node, "node-a"); 300];
+        limiting_routers[k - 1] = named(RouterKind::Node, "node-x");
+        limiting_routers[299] = named(RouterKind::External, "203.0.113.7");
+        let s = Samples {
+            latencies,
+            limiting_routers,
+            by_router_kind: vec![
+                (RouterKind::Node, vec![0.5, 1.0, 2.99]),
+                (RouterKind::Workload, vec![3.0]),
+            ],
+            ..Samples::default()
+        };
+        let r = recommend(&p90, &s);
+        assert_eq!(r.limiting_router, named(RouterKind::Node, "node-x"));
+        let kinds: Vec<_> = r
+            .by_router_kind
+            .iter()
+            .map(|k| {
+                (
+                    k.kind,
+                    k.samples,
+                    k.observed_p50_seconds,
+                    k.observed_max_seconds,
+                )
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (RouterKind::Node, 3, Some(1.0), Some(2.99)),
+                (RouterKind::Workload, 1, Some(3.0), Some(3.0))
+            ]
+        );
+        // Too few samples: the largest sets the value, so does its router.
+        let few = Samples {
+            latencies: vec![0.5, 2.0],
+            limiting_routers: vec![None, named(RouterKind::Workload, "ingress/nginx")],
+            ..Samples::default()
+        };
+        let r = recommend(&req(), &few);
+        assert_eq!(
+            r.limiting_router,
+            named(RouterKind::Workload, "ingress/nginx")
+        );
+    }
+
+    #[test]
+    fn a_censored_deletion_names_the_router_still_routing() {
+        let s = Samples {
+            latencies: vec![0.5, 1.0],
+            limiting_routers: vec![None, named(RouterKind::Node, "node-a")],
+            censored: vec![30.0],
+            censored_limiting_routers: vec![named(RouterKind::Node, "node-stuck")],
+            ..Samples::default()
+        };
+        let r = recommend(&req(), &s);
+        assert!(r.at_least);
+        assert_eq!(r.limiting_router, named(RouterKind::Node, "node-stuck"));
+        let excluded = Request {
+            scope: Scope {
+                exclude_external: true,
+                ..Scope::default()
+            },
+            ..req()
+        };
+        assert!(
+            recommend(&excluded, &s)
+                .reason
+                .contains("External routers (no node, no pod) excluded"),
+        );
     }
 
     #[test]

@@ -181,14 +181,21 @@ pub fn addr(ip: &str, port: u32) -> Option<pb::SocketAddress> {
     })
 }
 
+/// An nftables rules change of `ip`'s endpoint at `t`.
+fn rules_change(ip: &str, t: u64, precision_ns: u64) -> pb::RulesChange {
+    pb::RulesChange {
+        endpoint: addr(ip, 8080),
+        detector: pb::Detector::Nftables as i32,
+        time_unix_nanos: t,
+        precision_ns,
+    }
+}
+
 pub fn rules_removed(ip: &str, t: u64) -> pb::Observation {
     pb::Observation {
-        kind: Some(pb::observation::Kind::RulesRemoved(pb::RulesChange {
-            endpoint: addr(ip, 8080),
-            detector: pb::Detector::Nftables as i32,
-            time_unix_nanos: t,
-            precision_ns: 1_000,
-        })),
+        kind: Some(pb::observation::Kind::RulesRemoved(rules_change(
+            ip, t, 1_000,
+        ))),
     }
 }
 
@@ -236,5 +243,28 @@ pub fn new_flow(src: &str, ip: &str, t: u64) -> pb::Observation {
             original_dst: addr("10.96.0.10", 80),
             time_unix_nanos: t,
         })),
+    }
+}
+
+/// A new flow from `src` to the pod address `ip` itself (no DNAT: a client
+/// that picked the pod IP, as an ingress controller does).
+pub fn direct_flow(src: &str, ip: &str, t: u64) -> pb::Observation {
+    pb::Observation {
+        kind: Some(pb::observation::Kind::NewFlow(pb::NewFlow {
+            src: addr(src, 40004),
+            dst: addr(ip, 8080),
+            original_dst: addr(ip, 8080),
+            time_unix_nanos: t,
+        })),
+    }
+}
+
+/// A restarted agent found `ip` no longer in its dataplane at `t` (its
+/// first read) with the deletion already under way.
+pub fn removed_before_start(ip: &str, t: u64) -> pb::Observation {
+    pb::Observation {
+        kind: Some(pb::observation::Kind::RemovedBeforeStart(rules_change(
+            ip, t, 0,
+        ))),
     }
 }

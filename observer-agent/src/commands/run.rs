@@ -22,6 +22,7 @@ use tokio::{
 use super::start::{self, CHANNEL_CAPACITY, SourceSide, Sources, StartOptions};
 use crate::{
     dataplane::DataplaneWatch,
+    flows::FlowWatch,
     health::{self, Health},
     kernel::{Kernel, capabilities},
     realtime,
@@ -70,7 +71,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         observations: mut obs_rx,
         conn_reader,
         dataplane,
-        flows: _flows,
+        flows,
     } = start::start(StartOptions {
         log_kernel_events: args.log_kernel_events,
         timing_priority: args.timing_priority,
@@ -122,7 +123,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             },
             _ = tick.tick() => {
                 health.beat();
-                read_kernel_counters(&kernel, &health, &counters);
+                read_kernel_counters(&kernel, flows.as_ref(), &health, &counters);
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
@@ -198,8 +199,16 @@ fn log_missing_capabilities(table: &[capabilities::Capability]) -> bool {
     capabilities::all_required_available(table)
 }
 
-/// Moves the kernel's counters into the health metrics and the reports.
-fn read_kernel_counters(kernel: &Kernel, health: &Health, counters: &KernelCounters) {
+/// Moves the kernel's counters into the health metrics and the reports:
+/// the events lost are the ring buffer's and the conntrack socket's
+/// overflows, either of which leaves a gap in this node's evidence.
+fn read_kernel_counters(
+    kernel: &Kernel,
+    flows: Option<&FlowWatch>,
+    health: &Health,
+    counters: &KernelCounters,
+) {
+    let conntrack = flows.map_or(0, FlowWatch::overflows);
     match kernel.stats() {
         Ok(stats) => {
             let lost = health.kernel_stats(stats);
@@ -210,7 +219,9 @@ fn read_kernel_counters(kernel: &Kernel, health: &Health, counters: &KernelCount
                     "ring buffer full: connection events lost"
                 );
             }
-            counters.events_lost.store(stats.lost, Ordering::Relaxed);
+            counters
+                .events_lost
+                .store(stats.lost + conntrack, Ordering::Relaxed);
         }
         Err(e) => tracing::warn!(error = %e, "cannot read kernel counters"),
     }
@@ -259,7 +270,7 @@ impl Watched {
             if self.endpoints.watch(endpoint)
                 && let Some(dp) = dataplane
             {
-                dp.watch(endpoint);
+                dp.watch_deleted(endpoint, ep.deletion_start);
             }
         }
         tracing::info!(pod = %ep.pod_name, namespace = %ep.namespace, ip = %ep.ip, "watching terminating endpoint");

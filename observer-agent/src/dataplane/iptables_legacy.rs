@@ -93,6 +93,15 @@ impl Watcher {
         Ok(watcher)
     }
 
+    /// What the first read found selected, as additions.
+    pub fn selected(&self) -> impl Iterator<Item = Change> + '_ {
+        self.targets.iter().map(|ep| Change {
+            endpoint: SocketAddr::V4(*ep),
+            added: true,
+            detector: Detector::IptablesLegacy,
+        })
+    }
+
     /// Reachable DNAT targets of the legacy nat table (empty when it does not exist).
     fn read(&self) -> Result<HashSet<SocketAddrV4>, DataplaneError> {
         if !nat_present() {

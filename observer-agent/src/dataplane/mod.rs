@@ -15,6 +15,10 @@
 //!
 //! The detectors remember recent removals of endpoints not (yet) watched:
 //! [`DataplaneWatch::watch`] reports such a removal with its original time.
+//! They also know what the dataplane selects since they first read it: an
+//! endpoint whose deletion started before that read and that was no longer
+//! selected then was removed before the agent started
+//! ([`DataplaneWatch::watch_deleted`]).
 
 pub mod commit_kprobe;
 mod ipt_entries;
@@ -85,6 +89,11 @@ struct RulesState {
     watched: HashSet<SocketAddr>,
     /// Endpoints no longer selected, with their removal.
     recent_removals: HashMap<SocketAddr, RulesChange>,
+    /// Endpoints selected now, per (endpoint, seen by the legacy
+    /// detector): nf_tables and iptables-legacy select apart.
+    selected: HashMap<(SocketAddr, bool), Detector>,
+    /// When the detectors first read the dataplane.
+    read_at: Option<UnixNanos>,
 }
 
 impl RulesState {
@@ -94,11 +103,44 @@ impl RulesState {
     }
 
     fn apply(&mut self, change: &Change, rules: &RulesChange) {
+        self.select(change);
         if change.added {
             self.recent_removals.remove(&change.endpoint);
         } else {
             self.recent_removals.insert(change.endpoint, rules.clone());
         }
+    }
+
+    fn select(&mut self, change: &Change) {
+        let key = (change.endpoint, change.detector == Detector::IptablesLegacy);
+        if change.added {
+            self.selected.insert(key, change.detector);
+        } else {
+            self.selected.remove(&key);
+        }
+    }
+
+    /// The endpoint was removed before the dataplane was first read: its
+    /// deletion started before that read, it was not selected then nor
+    /// since, and no removal of it was seen. `None` too while the
+    /// dataplane selects nothing at all (no service rules to read here).
+    fn removed_before_start(
+        &self,
+        endpoint: SocketAddr,
+        deletion_start: UnixNanos,
+    ) -> Option<RulesChange> {
+        let read_at = self.read_at.filter(|r| deletion_start < *r)?;
+        let selected = |legacy| self.selected.contains_key(&(endpoint, legacy));
+        if selected(false) || selected(true) || self.recent_removals.contains_key(&endpoint) {
+            return None;
+        }
+        let detector = *self.selected.values().next()?;
+        Some(RulesChange {
+            endpoint,
+            detector,
+            time: read_at,
+            precision_ns: 0,
+        })
     }
 }
 
@@ -133,6 +175,16 @@ impl Shared {
             Some(t) => (t, (received - t).unsigned_abs()),
             None => (received, fallback_precision_ns),
         }
+    }
+
+    /// What the detectors found selected at their first read (`at`): the
+    /// state the dataplane started in, no change to report.
+    fn read_first(&self, selected: Vec<Change>, at: UnixNanos) {
+        let mut state = lock(&self.rules, "dataplane rules");
+        for change in &selected {
+            state.select(change);
+        }
+        state.read_at = Some(at);
     }
 
     /// Records every change and reports those of watched endpoints.
@@ -195,15 +247,30 @@ impl DataplaneWatch {
     /// already stopped selecting it (in the last 15 minutes), reports that
     /// removal, with its original time, right away.
     pub fn watch(&self, endpoint: SocketAddr) {
+        self.watch_from(endpoint, None);
+    }
+
+    /// [`Self::watch`] for an endpoint whose deletion started at
+    /// `deletion_start`: when that was before the detectors first read the
+    /// dataplane (this agent started after it) and the endpoint was no
+    /// longer selected then, reports
+    /// [`Observation::RemovedBeforeStart`]: removed, at an unknown time.
+    pub fn watch_deleted(&self, endpoint: SocketAddr, deletion_start: UnixNanos) {
+        self.watch_from(endpoint, Some(deletion_start));
+    }
+
+    fn watch_from(&self, endpoint: SocketAddr, deletion_start: Option<UnixNanos>) {
         let mut state = lock(&self.shared.rules, "dataplane rules");
         state.watched.insert(endpoint);
+        let earlier = match state.recent_removals.get(&endpoint) {
+            Some(change) => Some(Observation::RulesRemoved(change.clone())),
+            None => deletion_start
+                .and_then(|t0| state.removed_before_start(endpoint, t0))
+                .map(Observation::RemovedBeforeStart),
+        };
         // Sent under the lock, so before any later change of the endpoint.
-        if let Some(change) = state.recent_removals.get(&endpoint)
-            && self
-                .shared
-                .tx
-                .try_send(Observation::RulesRemoved(change.clone()))
-                .is_err()
+        if let Some(obs) = earlier
+            && self.shared.tx.try_send(obs).is_err()
         {
             warn!(%endpoint, "observation channel full: earlier rules removal not reported");
         }
@@ -251,7 +318,7 @@ pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> 
     let mut targets = nftables::Targets::default();
     // Every target of the dump comes back as added: already selected at
     // start, which is no change.
-    targets.update(&mirror, None);
+    let mut selected = targets.update(&mirror, None);
     let layouts = Layouts {
         nftables: mirror
             .tables()
@@ -260,6 +327,8 @@ pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> 
         iptables_legacy: iptables_legacy::tables_present(),
     };
     let legacy = iptables_legacy::Watcher::open()?;
+    selected.extend(legacy.selected());
+    shared.read_first(selected, UnixNanos::now());
     info!(
         nftables = layouts.nftables,
         iptables_nft = layouts.iptables_nft,
@@ -384,6 +453,45 @@ mod tests {
             rx.try_recv(),
             Ok(Observation::RulesRemoved(c)) if c.endpoint == ep(2) && c.time == t(400)
         ));
+    }
+
+    #[test]
+    fn an_endpoint_gone_before_the_first_read_was_removed_before_the_start() {
+        let (watch, mut rx) = watch();
+        // The agent (re)started at 1000 and found only endpoint 1 selected.
+        watch.shared.read_first(vec![change(1, true)], t(1000));
+        watch.watch_deleted(ep(2), t(500));
+        match rx.try_recv() {
+            Ok(Observation::RemovedBeforeStart(c)) => {
+                assert_eq!((c.endpoint, c.time), (ep(2), t(1000)));
+                assert_eq!(c.detector, Detector::Nftables);
+            }
+            other => panic!("expected removed_before_start, got {other:?}"),
+        }
+        watch.watch_deleted(ep(1), t(500));
+        assert!(rx.try_recv().is_err(), "still selected: nothing to report");
+        watch.watch_deleted(ep(3), t(2000));
+        assert!(
+            rx.try_recv().is_err(),
+            "deleted after the read: its removal will be seen"
+        );
+        watch.watch(ep(4));
+        assert!(rx.try_recv().is_err(), "no deletion start: nothing known");
+        // A removal seen since the start is reported as such, with its time.
+        watch.shared.report(vec![change(1, false)], t(1500), 1);
+        watch.watch_deleted(ep(1), t(500));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Observation::RulesRemoved(c)) if c.time == t(1500)
+        ));
+    }
+
+    #[test]
+    fn where_the_dataplane_selects_nothing_no_removal_is_inferred() {
+        let (watch, mut rx) = watch();
+        watch.shared.read_first(Vec::new(), t(1000));
+        watch.watch_deleted(ep(2), t(500));
+        assert!(rx.try_recv().is_err(), "no service rules here to read");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::{
     io,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::Duration,
@@ -64,6 +64,15 @@ pub enum FlowsError {
 pub struct FlowWatch {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    overflows: Arc<AtomicU64>,
+}
+
+impl FlowWatch {
+    /// Times the socket overflowed (ENOBUFS): conntrack events were lost,
+    /// so new flows of that moment are missing.
+    pub fn overflows(&self) -> u64 {
+        self.overflows.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for FlowWatch {
@@ -93,18 +102,20 @@ pub fn spawn(ebpf: &mut Ebpf, tx: Sender<Observation>) -> Result<FlowWatch, Flow
     }
     sock.set_recv_timeout(POLL).map_err(FlowsError::Socket)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
+    let overflows = Arc::new(AtomicU64::new(0));
+    let (flag, lost) = (stop.clone(), overflows.clone());
     let thread = std::thread::Builder::new()
         .name("flows".into())
-        .spawn(move || run(&sock, &flag, &tx))
+        .spawn(move || run(&sock, &flag, &lost, &tx))
         .map_err(FlowsError::Thread)?;
     Ok(FlowWatch {
         stop,
         thread: Some(thread),
+        overflows,
     })
 }
 
-fn run(sock: &Socket, stop: &AtomicBool, tx: &Sender<Observation>) {
+fn run(sock: &Socket, stop: &AtomicBool, overflows: &AtomicU64, tx: &Sender<Observation>) {
     let mut buf = vec![0u8; 64 << 10];
     while !stop.load(Ordering::Relaxed) {
         let n = match sock.recv(&mut buf) {
@@ -113,7 +124,11 @@ fn run(sock: &Socket, stop: &AtomicBool, tx: &Sender<Observation>) {
                 continue;
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                warn!("conntrack events were lost (socket buffer overflow)");
+                let n = overflows.fetch_add(1, Ordering::Relaxed) + 1;
+                warn!(
+                    overflows = n,
+                    "conntrack events were lost (socket buffer overflow): reported as lost events"
+                );
                 continue;
             }
             Err(e) => {

@@ -31,7 +31,8 @@ use buffer::Buffer;
 /// Counters the kernel side keeps and the reporter forwards (cumulative).
 #[derive(Debug, Default)]
 pub struct KernelCounters {
-    /// Events the kernel could not hand over (ring buffer full).
+    /// Events the kernel could not hand over (ring buffer full, conntrack
+    /// socket overflow).
     pub events_lost: AtomicU64,
 }
 
@@ -44,6 +45,8 @@ pub struct ReporterConfig {
     /// The `observer-agent probe` table.
     pub capabilities: Vec<Capability>,
     /// Unique per agent process; batch sequence numbers are scoped to it.
+    /// The node's identity across restarts is `node_name`; a new id shows
+    /// the aggregator that this process knows nothing of its predecessor's.
     pub agent_id: String,
     /// Observations held at most while the aggregator is unreachable.
     pub buffer_capacity: usize,
