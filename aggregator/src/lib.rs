@@ -14,6 +14,7 @@ pub mod correlate;
 pub mod grpc;
 pub mod http;
 pub mod kube_watch;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod nodes;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aggregator::config::{Settings, check_probability};
+use aggregator::limits::Limits;
 use aggregator::store::Store;
 use anyhow::Context;
 use clap::Parser;
@@ -75,6 +76,8 @@ struct Args {
     /// Run without Kubernetes (no watchers; useful with a store only).
     #[arg(long, env = "AGGREGATOR_NO_KUBE", value_parser = clap::builder::BoolishValueParser::new())]
     no_kube: bool,
+    #[command(flatten, next_help_heading = "Limits on agents")]
+    limits: Limits,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -138,6 +141,7 @@ async fn run() -> anyhow::Result<()> {
         min_coverage: a.min_coverage,
         clock_tolerance: a.clock_tolerance,
         max_clock_offset: a.max_clock_offset,
+        limits: a.limits,
     };
     let running = aggregator::app::start(settings, Arc::new(store), grpc, http, kube)
         .with_context(|| format!("starting with store {}", a.store.display()))?;
