@@ -23,3 +23,4 @@ pub mod readiness;
 pub mod recommend;
 pub mod stats;
 pub mod store;
+pub mod store_lock;

@@ -112,6 +112,8 @@ async fn run() -> anyhow::Result<()> {
     if let Some(dir) = a.store.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    // Held until the process exits.
+    let _lock = aggregator::store_lock::lock(&a.store)?;
     let store =
         Store::open(&a.store).with_context(|| format!("opening store {}", a.store.display()))?;
     let grpc = tokio::net::TcpListener::bind(&a.grpc_addr)
