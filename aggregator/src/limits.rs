@@ -69,7 +69,7 @@ impl Limits {
         max_agents: 10_000,
         registrations_per_second: nz(500),
         node_registrations_per_minute: nz(12),
-        reports_per_second: nz(20_000),
+        reports_per_second: nz(30_000),
         agent_reports_per_second: nz(20),
     };
 }
