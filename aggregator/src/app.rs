@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use crate::config::Settings;
 use crate::correlate::Correlator;
 use crate::http::{self, HttpState};
+use crate::limits::{Admission, Limits};
 use crate::metrics::{Metrics, NamespaceService};
 use crate::readiness::Readiness;
 use crate::recommend::service::Recommender;
@@ -66,6 +67,9 @@ pub fn start(
         Arc::clone(&store),
         Arc::clone(&metrics),
     );
+    if kube.is_some() {
+        correlator.use_node_list();
+    }
     let restored = correlator.restore()?;
     tracing::info!(
         deletions = restored.deletions,
@@ -82,7 +86,12 @@ pub fn start(
     };
     let (shutdown, stop) = watch::channel(false);
     let mut tasks = vec![
-        spawn_grpc(grpc_listener, &correlator, stop.clone()),
+        spawn_grpc(
+            grpc_listener,
+            &correlator,
+            &http_state.settings.limits,
+            stop.clone(),
+        ),
         spawn_http(http_listener, &http_state, stop.clone())?,
         spawn_checkpoints(&correlator, &http_state.settings, stop.clone()),
         spawn_ticks(&correlator, &http_state, stop.clone()),
@@ -110,11 +119,13 @@ pub fn start(
 fn spawn_grpc(
     listener: TcpListener,
     correlator: &Arc<Correlator>,
+    limits: &Limits,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let c = Arc::clone(correlator);
+    let admission = Arc::new(Admission::new(limits.clone()));
     tokio::spawn(async move {
-        if let Err(e) = grpc::serve(listener, c, stop).await {
+        if let Err(e) = grpc::serve(listener, c, admission, stop).await {
             tracing::error!(error = %e, "gRPC server failed");
         }
     })

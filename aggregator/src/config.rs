@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::limits::Limits;
+
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// Reported as `scope.cluster`.
@@ -35,6 +37,8 @@ pub struct Settings {
     pub clock_tolerance: Duration,
     /// An agent whose clock offset exceeds this has its observations refused.
     pub max_clock_offset: Duration,
+    /// What agents may make the aggregator hold or do.
+    pub limits: Limits,
 }
 
 impl Settings {
@@ -57,6 +61,7 @@ impl Default for Settings {
             min_coverage: 0.9,
             clock_tolerance: Duration::from_secs(2),
             max_clock_offset: Duration::from_secs(60),
+            limits: Limits::DEFAULT,
         }
     }
 }

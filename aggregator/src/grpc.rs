@@ -14,52 +14,61 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 use crate::correlate::{CorrelateError, Correlator, Registration, WatchChange};
+use crate::limits::{self, Admission, Refused};
 
-/// Longest accepted agent id (a DNS name's length).
-pub const MAX_AGENT_ID: usize = 253;
 /// Largest number of observations accepted in one report.
 pub const MAX_OBSERVATIONS_PER_REPORT: u32 = 10_000;
-/// Largest accepted message (a full report is about 1 MiB).
-pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// How often agents are asked to run a clock exchange.
 pub const CLOCK_SYNC_INTERVAL_SECONDS: u32 = 30;
+/// Concurrent HTTP/2 streams on one agent connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 /// Server-side deadline for unary calls (agents also set their own).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct ObserverService {
     correlator: Arc<Correlator>,
+    admission: Arc<Admission>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ObserverService {
     /// `shutdown` ends the open endpoint streams when it turns true, so a
     /// graceful server shutdown does not wait for them forever.
-    pub fn new(correlator: Arc<Correlator>, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+    pub fn new(
+        correlator: Arc<Correlator>,
+        admission: Arc<Admission>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         Self {
             correlator,
+            admission,
             shutdown,
         }
     }
 
     pub fn into_server(self) -> ObserverServer<Self> {
+        let max = self.admission.limits().grpc_max_message_bytes;
         ObserverServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
     }
 }
 
-fn unknown_agent(e: CorrelateError) -> Status {
-    Status::not_found(e.to_string())
+fn correlate_status(e: CorrelateError) -> Status {
+    match e {
+        CorrelateError::UnknownAgent(_) => Status::not_found(e.to_string()),
+        CorrelateError::TooManyAgents { .. } => Status::resource_exhausted(e.to_string()),
+        CorrelateError::Replaced { .. } | CorrelateError::UnlistedNode { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
+    }
 }
 
 fn require_agent_id(id: &str) -> Result<(), BadRequest> {
     if id.is_empty() {
         return Err(BadRequest::NoAgentId);
     }
-    if id.len() > MAX_AGENT_ID {
-        return Err(BadRequest::AgentIdTooLong(id.to_owned()));
-    }
-    Ok(())
+    Ok(limits::check_agent_id(id)?)
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
@@ -76,6 +85,8 @@ impl Observer for ObserverService {
         if r.node_name.is_empty() {
             return Err(BadRequest::NoNodeName.into());
         }
+        limits::check_registration(&r)?;
+        self.admission.registration(&r.node_name)?;
         tracing::info!(
             agent = %r.agent_id, node = %r.node_name, kernel = %r.kernel_release,
             version = %r.agent_version, "agent registered"
@@ -91,7 +102,10 @@ impl Observer for ObserverService {
                 .map(|c| (c.name, c.available, c.detail))
                 .collect(),
         };
-        let acknowledged_sequence = self.correlator.register(registration, UnixNanos::now());
+        let acknowledged_sequence = self
+            .correlator
+            .register(registration, UnixNanos::now())
+            .map_err(correlate_status)?;
         Ok(Response::new(pb::RegisterResponse {
             acknowledged_sequence,
             max_observations_per_report: MAX_OBSERVATIONS_PER_REPORT,
@@ -110,7 +124,7 @@ impl Observer for ObserverService {
         let sub = self
             .correlator
             .subscribe(&agent_id)
-            .map_err(unknown_agent)?;
+            .map_err(correlate_status)?;
         let mut shutdown = self.shutdown.clone();
         let stop = async move {
             // Ends on true or when the sender is gone.
@@ -130,11 +144,14 @@ impl Observer for ObserverService {
         &self,
         req: Request<pb::ReportRequest>,
     ) -> Result<Response<pb::ReportResponse>, Status> {
-        let report = decode_report(req.into_inner())?;
+        let req = req.into_inner();
+        require_agent_id(&req.agent_id)?;
+        self.admission.report(&req.agent_id)?;
+        let report = decode_report(req)?;
         let out = self
             .correlator
             .report(report, UnixNanos::now())
-            .map_err(unknown_agent)?;
+            .map_err(correlate_status)?;
         Ok(Response::new(pb::ReportResponse {
             acknowledged_sequence: out.acknowledged_sequence,
             duplicate: out.duplicate,
@@ -148,6 +165,7 @@ impl Observer for ObserverService {
         req: Request<tonic::Streaming<pb::ReportRequest>>,
     ) -> Result<Response<ReportStream>, Status> {
         let correlator = Arc::clone(&self.correlator);
+        let admission = Arc::clone(&self.admission);
         let mut shutdown = self.shutdown.clone();
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;
@@ -155,15 +173,21 @@ impl Observer for ObserverService {
         let mut failed = false;
         let stream = req
             .into_inner()
-            .map(move |r| {
-                let report = decode_report(r?)?;
-                let out = correlator
-                    .report(report, UnixNanos::now())
-                    .map_err(unknown_agent)?;
-                Ok(pb::ReportResponse {
-                    acknowledged_sequence: out.acknowledged_sequence,
-                    duplicate: out.duplicate,
-                })
+            .then(move |r| {
+                let (correlator, admission) = (Arc::clone(&correlator), Arc::clone(&admission));
+                async move {
+                    let r = r?;
+                    require_agent_id(&r.agent_id)?;
+                    admission.report_ready(&r.agent_id).await;
+                    let report = decode_report(r)?;
+                    let out = correlator
+                        .report(report, UnixNanos::now())
+                        .map_err(correlate_status)?;
+                    Ok(pb::ReportResponse {
+                        acknowledged_sequence: out.acknowledged_sequence,
+                        duplicate: out.duplicate,
+                    })
+                }
             })
             // The first error ends the stream: later batches are not applied.
             .take_while(move |r: &Result<pb::ReportResponse, Status>| {
@@ -202,8 +226,6 @@ fn watch_event(change: WatchChange) -> pb::WatchEvent {
 /// A request the aggregator refuses; names the field and its value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BadRequest {
-    #[error("agent_id {0:?} is longer than {MAX_AGENT_ID} characters")]
-    AgentIdTooLong(String),
     #[error("agent_id is required")]
     NoAgentId,
     #[error("node_name is required")]
@@ -218,11 +240,16 @@ pub enum BadRequest {
     },
     #[error(transparent)]
     Report(#[from] BadReport),
+    #[error(transparent)]
+    Limit(#[from] Refused),
 }
 
 impl From<BadRequest> for Status {
     fn from(e: BadRequest) -> Self {
-        Status::invalid_argument(e.to_string())
+        match e {
+            BadRequest::Limit(r) => r.into(),
+            e => Status::invalid_argument(e.to_string()),
+        }
     }
 }
 
@@ -244,6 +271,7 @@ pub fn decode_report(r: pb::ReportRequest) -> Result<Report, BadRequest> {
 pub async fn serve(
     listener: TcpListener,
     correlator: Arc<Correlator>,
+    admission: Arc<Admission>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -260,8 +288,10 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_keepalive(Some(Duration::from_secs(30)))
+        // An agent uses three streams at once; each may buffer a message.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(health_service)
-        .add_service(ObserverService::new(correlator, shutdown).into_server())
+        .add_service(ObserverService::new(correlator, admission, shutdown).into_server())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
         .await
 }

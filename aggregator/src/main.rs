@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aggregator::config::{Settings, check_probability};
+use aggregator::limits::Limits;
 use aggregator::store::Store;
 use anyhow::Context;
 use clap::Parser;
@@ -75,6 +76,8 @@ struct Args {
     /// Run without Kubernetes (no watchers; useful with a store only).
     #[arg(long, env = "AGGREGATOR_NO_KUBE", value_parser = clap::builder::BoolishValueParser::new())]
     no_kube: bool,
+    #[command(flatten, next_help_heading = "Limits on agents")]
+    limits: Limits,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -109,6 +112,8 @@ async fn run() -> anyhow::Result<()> {
     if let Some(dir) = a.store.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    // Held until the process exits.
+    let _lock = aggregator::store_lock::lock(&a.store)?;
     let store =
         Store::open(&a.store).with_context(|| format!("opening store {}", a.store.display()))?;
     let grpc = tokio::net::TcpListener::bind(&a.grpc_addr)
@@ -138,6 +143,7 @@ async fn run() -> anyhow::Result<()> {
         min_coverage: a.min_coverage,
         clock_tolerance: a.clock_tolerance,
         max_clock_offset: a.max_clock_offset,
+        limits: a.limits,
     };
     let running = aggregator::app::start(settings, Arc::new(store), grpc, http, kube)
         .with_context(|| format!("starting with store {}", a.store.display()))?;

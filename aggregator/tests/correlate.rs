@@ -70,6 +70,7 @@ fn register(c: &Correlator, node: &str) -> u64 {
         },
         T0,
     )
+    .unwrap()
 }
 
 /// Registers and subscribes the agents of `nodes`: subscribed agents are
@@ -646,7 +647,8 @@ fn an_agent_restarted_mid_deletion_leaves_its_node_unknown_not_zero() {
             ..Registration::default()
         },
         T0 + 3 * S,
-    );
+    )
+    .unwrap();
     let _b_again = c.subscribe("b/restarted").unwrap();
     c.pod_gone("u1", T0 + 4 * S);
     c.tick(T0 + 5 * S);

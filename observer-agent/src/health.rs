@@ -23,6 +23,19 @@ use observer_proto::Observation;
 
 use crate::{clock::monotonic_now_ns, kernel::Stats, locks};
 
+/// Port of the health endpoint when `--health-addr` is a bare IP.
+pub const DEFAULT_PORT: u16 = 9464;
+
+/// `--health-addr`: a socket address, or a bare IP on [`DEFAULT_PORT`] (so
+/// the downward API's pod IP works as is for IPv4 and IPv6).
+pub fn parse_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse().or_else(|_| {
+        s.parse::<std::net::IpAddr>()
+            .map(|ip| (ip, DEFAULT_PORT).into())
+            .map_err(|_| format!("{s:?} is neither IP:PORT, [IPv6]:PORT nor an IP address"))
+    })
+}
+
 /// The main loop must beat at least this often to count as alive.
 const LIVENESS_WINDOW: Duration = Duration::from_secs(30);
 
@@ -233,6 +246,17 @@ async fn metrics(State(h): State<Arc<Health>>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_addr_takes_a_socket_address_or_a_bare_ip() {
+        let ok = |s: &str| parse_addr(s).unwrap().to_string();
+        assert_eq!(ok("10.0.0.7"), "10.0.0.7:9464");
+        assert_eq!(ok("fd00::7"), "[fd00::7]:9464");
+        assert_eq!(ok("[fd00::7]:1234"), "[fd00::7]:1234");
+        assert_eq!(ok("127.0.0.1:1234"), "127.0.0.1:1234");
+        let e = parse_addr("node-a:9464").unwrap_err();
+        assert!(e.contains("\"node-a:9464\" is neither"), "{e}");
+    }
 
     async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         let r = lab::http_client::HttpClient::default()

@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PersistentVolumeClaim, PodSpec, PodTemplateSpec, Probe,
     Service, ServiceAccount,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::api::scheduling::v1::PriorityClass;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -102,6 +103,7 @@ struct Rendered {
     config_maps: Vec<ConfigMap>,
     service_monitors: Vec<Value>,
     pod_monitors: Vec<Value>,
+    network_policies: Vec<NetworkPolicy>,
 }
 
 fn load(dir: &Path) -> Rendered {
@@ -118,6 +120,7 @@ fn load(dir: &Path) -> Rendered {
             "ClusterRoleBinding" => r.bindings.push(typed(&object)),
             "PersistentVolumeClaim" => r.claims.push(typed(&object)),
             "PriorityClass" => r.priority_classes.push(typed(&object)),
+            "NetworkPolicy" => r.network_policies.push(typed(&object)),
             // CRDs of the Prometheus Operator: not in k8s-openapi.
             "ServiceMonitor" => r.service_monitors.push(object),
             "PodMonitor" => r.pod_monitors.push(object),
@@ -244,7 +247,7 @@ fn check_agent(r: &Rendered, expected_caps: &BTreeSet<String>) {
         "{args}"
     );
     assert!(
-        args.contains("--node-name $(NODE_NAME)") && args.contains("--health-addr 0.0.0.0:9464"),
+        args.contains("--node-name $(NODE_NAME)") && args.contains("--health-addr $(POD_IP)"),
         "{args}"
     );
     let env: BTreeMap<&str, &str> = c
@@ -266,6 +269,9 @@ fn check_agent(r: &Rendered, expected_caps: &BTreeSet<String>) {
         "node name from the downward API"
     );
     assert_eq!(env.get("POD_NAMESPACE"), Some(&"metadata.namespace"));
+    // Host network: the pod IP is the node's, where probes and Prometheus
+    // connect; the health server binds it, not every interface.
+    assert_eq!(env.get("POD_IP"), Some(&"status.podIP"));
     let health = c
         .ports
         .iter()
@@ -488,9 +494,9 @@ fn check_monitoring(r: &Rendered) {
         .iter()
         .skip_while(|a| *a != "--health-addr")
         .nth(1)
-        .and_then(|a| a.rsplit_once(':'))
-        .and_then(|(_, p)| p.parse().ok())
-        .expect("--health-addr HOST:PORT");
+        // A bare IP (the pod IP) listens on the agent's default port.
+        .and_then(|a| a.rsplit_once(':').map_or(Some(9464), |(_, p)| p.parse().ok()))
+        .expect("--health-addr HOST:PORT or IP");
     let port_name = endpoint["port"].as_str().expect("PodMonitor port by name");
     let port = c
         .ports
@@ -555,7 +561,58 @@ fn every_rendering_deserialises_and_is_least_privilege() {
         if monitored {
             check_monitoring(&r);
         }
+        let fenced = name == "network-policy";
+        assert_eq!(r.network_policies.len(), usize::from(fenced), "{name}");
+        if fenced {
+            check_network_policy(&r);
+        }
     }
+}
+
+/// The aggregator's NetworkPolicy selects its pods, in its namespace, and
+/// admits exactly its two named ports: gRPC from address blocks (agents
+/// use the host network), HTTP from namespaces.
+fn check_network_policy(r: &Rendered) {
+    let np = only(&r.network_policies, "NetworkPolicy");
+    let d = only(&r.deployments, "Deployment");
+    assert_eq!(np.metadata.namespace, d.metadata.namespace);
+    let spec = np.spec.as_ref().unwrap();
+    let labels = template_labels(&d.spec.as_ref().unwrap().template);
+    let wanted = spec.pod_selector.as_ref().unwrap().match_labels.clone();
+    assert!(
+        wanted
+            .iter()
+            .flatten()
+            .all(|(k, v)| labels.get(k) == Some(v)),
+        "the policy selects the aggregator: {wanted:?} vs {labels:?}"
+    );
+    assert_eq!(
+        spec.policy_types.as_deref(),
+        Some(&["Ingress".to_string()][..])
+    );
+    let rules = spec.ingress.as_deref().unwrap();
+    let port_of = |rule: &k8s_openapi::api::networking::v1::NetworkPolicyIngressRule| {
+        let [p] = rule.ports.as_deref().unwrap() else {
+            panic!("one port per rule")
+        };
+        p.port.clone()
+    };
+    let [grpc, http] = rules else {
+        panic!("two ingress rules")
+    };
+    assert_eq!(port_of(grpc), Some(IntOrString::String("grpc".into())));
+    assert!(
+        grpc.from.iter().flatten().all(|f| f.ip_block.is_some()),
+        "agents (host network) are admitted by address"
+    );
+    assert_eq!(port_of(http), Some(IntOrString::String("http".into())));
+    assert!(
+        http.from
+            .iter()
+            .flatten()
+            .all(|f| f.namespace_selector.is_some() && f.ip_block.is_none()),
+        "HTTP clients are admitted by namespace"
+    );
 }
 
 #[test]

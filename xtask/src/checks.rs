@@ -90,6 +90,12 @@ fn rendered_manifests_match_the_official_schemas() {
             passed >= 11,
             "{name}: only {passed} objects validated:\n{report}"
         );
+        if name == "network-policy" {
+            assert!(
+                report.contains("passed for resource networkpolicy/prestop-aggregator "),
+                "{name}: {report}"
+            );
+        }
     }
 }
 

@@ -40,7 +40,7 @@ pub use self::checkpoint::{CheckpointStats, RestoreStats};
 pub use self::fold::{Implausible, Plausibility, UNATTRIBUTED};
 pub use self::routers::{MAX_TRAFFIC_ROUTERS, OTHER};
 use self::state::{Agent, Pending, State, mark_agent, mark_pending};
-pub use self::subscriptions::{Lagged, Subscription, WatchChange};
+pub use self::subscriptions::{Subscription, SubscriptionEnded, WatchChange};
 use crate::config::Settings;
 use crate::metrics::Metrics;
 pub use crate::model::DeletionStart;
@@ -70,6 +70,12 @@ pub struct ReportOutcome {
 pub enum CorrelateError {
     #[error("unknown agent {0:?}: register first")]
     UnknownAgent(String),
+    #[error("agent {agent_id:?} of node {node:?} was replaced by a newer agent of its node")]
+    Replaced { agent_id: String, node: String },
+    #[error("{limit} agents registered (--max-agents): agent {agent_id:?} refused")]
+    TooManyAgents { agent_id: String, limit: usize },
+    #[error("node {node:?} of agent {agent_id:?} is not in the Node list: its reports are refused")]
+    UnlistedNode { agent_id: String, node: String },
 }
 
 pub struct Correlator {
@@ -113,6 +119,10 @@ impl Correlator {
             let mut st = self.state();
             st.agents
                 .retain(|_, a| a.subscriptions > 0 || a.dirty || a.seen >= before);
+            let st = &mut *st;
+            let agents = &st.agents;
+            st.replaced
+                .retain(|node, _| agents.values().any(|a| &a.node == node));
         }
         self.store.prune_agents(before)
     }
@@ -124,19 +134,44 @@ impl Correlator {
 
     /// Registers (or re-registers) an agent at `now`; returns the highest
     /// report sequence of this agent id durably applied (covered by a
-    /// checkpoint).
-    pub fn register(&self, reg: Registration, now: UnixNanos) -> u64 {
+    /// checkpoint). A node has one agent: a new agent id for a node
+    /// replaces the old one (a restarted agent, whose old connection may
+    /// linger), whose subscription ends and which may not come back.
+    pub fn register(&self, reg: Registration, now: UnixNanos) -> Result<u64, CorrelateError> {
         let mut st = self.state();
+        if st.replaced.get(&reg.node_name) == Some(&reg.agent_id) {
+            return Err(CorrelateError::Replaced {
+                agent_id: reg.agent_id,
+                node: reg.node_name,
+            });
+        }
+        let known = st.agents.contains_key(&reg.agent_id);
+        let older: Vec<String> = st
+            .agents
+            .iter()
+            .filter(|(id, a)| a.node == reg.node_name && **id != reg.agent_id)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let limit = self.settings.limits.max_agents;
+        if !known && older.is_empty() && st.agents.len() >= limit {
+            return Err(CorrelateError::TooManyAgents {
+                agent_id: reg.agent_id,
+                limit,
+            });
+        }
         // Another process for a node that had one: the old one's memory of
         // what it saw since T0 is gone with it.
-        let restarted = !st.agents.contains_key(&reg.agent_id)
-            && st.agents.values().any(|a| a.node == reg.node_name);
-        if restarted {
+        if !older.is_empty() {
             tracing::warn!(
-                node = %reg.node_name, agent = %reg.agent_id,
+                node = %reg.node_name, agent = %reg.agent_id, replaced = ?older,
                 "agent restarted: its node is unknown for the deletions in flight unless their removal is seen"
             );
             st.disrupt(&reg.node_name);
+        }
+        for id in older {
+            // Dropping the agent ends its subscription.
+            st.agents.remove(&id);
+            st.replaced.insert(reg.node_name.clone(), id);
         }
         let agent = st
             .agents
@@ -147,7 +182,16 @@ impl Correlator {
         agent.seen = now;
         let acked = agent.durable_sequence;
         st.live_cache = None;
-        acked
+        self.metrics.agents_connected.set(st.connected_agents());
+        Ok(acked)
+    }
+
+    /// From now on only nodes in the Node list ([`Correlator::set_node`])
+    /// count as expected, report, and name metric labels.
+    pub fn use_node_list(&self) {
+        let mut st = self.state();
+        st.node_list = true;
+        st.live_cache = None;
     }
 
     /// Kernel, version and capabilities an agent registered with.
@@ -159,11 +203,15 @@ impl Correlator {
     }
 
     pub fn set_node(&self, name: String, info: NodeInfo) {
-        self.state().nodes.set(name, info);
+        let mut st = self.state();
+        st.nodes.set(name, info);
+        st.live_cache = None;
     }
 
     pub fn remove_node(&self, name: &str) {
-        self.state().nodes.remove(name);
+        let mut st = self.state();
+        st.nodes.remove(name);
+        st.live_cache = None;
     }
 
     /// Indexes a pod by its addresses, so connections from it are
@@ -240,6 +288,7 @@ impl Correlator {
         let row = checkpoint::pending_row(&p);
         let endpoint = p.endpoint();
         st.pending.insert(row.start.pod_uid.clone(), p);
+        st.snapshot = None;
         st.replay_orphans(Some(endpoint.ip), now, self.plausibility().tolerance_ns);
         // No receivers is fine: no agent is connected.
         let _ = self.changes.send(WatchChange::Add(endpoint));
@@ -290,6 +339,13 @@ impl Correlator {
             .agents
             .get_mut(&report.agent_id)
             .ok_or_else(|| CorrelateError::UnknownAgent(report.agent_id.clone()))?;
+        // Checked before the sequence is taken: refused, nothing is kept.
+        if st.node_list && !st.nodes.contains(&agent.node) {
+            return Err(CorrelateError::UnlistedNode {
+                agent_id: report.agent_id,
+                node: agent.node.clone(),
+            });
+        }
         agent.seen = now;
         if report.sequence <= agent.last_sequence {
             return Ok(ReportOutcome {

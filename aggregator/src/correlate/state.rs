@@ -29,6 +29,10 @@ pub(super) struct Agent {
     pub clock: Option<ClockEstimate>,
     pub counters: AgentCounters,
     pub subscriptions: usize,
+    /// Generation of the agent's newest subscription: an older one ends
+    /// when it changes, every one when the agent is dropped (replaced by a
+    /// newer agent of its node), so an agent holds one live subscription.
+    pub generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Agent {
@@ -43,6 +47,7 @@ impl Agent {
             clock: None,
             counters: AgentCounters::default(),
             subscriptions: 0,
+            generation: tokio::sync::watch::Sender::new(0),
         }
     }
 }
@@ -144,8 +149,18 @@ pub(super) struct State {
     pub by_ip: HashMap<IpAddr, Vec<String>>,
     pub nodes: NodeIndex,
     pub pods: PodIndex,
-    /// [`State::live_nodes`], until an agent subscribes or leaves.
+    /// The Node list decides which nodes count ([`State::listed`]); false
+    /// without Kubernetes, where every registered node counts.
+    pub node_list: bool,
+    /// Per node, the agent id a newer agent of the node replaced: it may
+    /// not register again (it would take the node back from the new one).
+    pub replaced: HashMap<String, String>,
+    /// [`State::live_nodes`], until an agent subscribes or leaves or the
+    /// Node list changes.
     pub live_cache: Option<Arc<BTreeSet<String>>>,
+    /// The endpoints of the deletions in flight, shared by every new
+    /// subscription's snapshot until a deletion starts or finishes.
+    pub snapshot: Option<Arc<[Endpoint]>>,
     pub orphans: VecDeque<Orphan>,
     /// Pending deletions and agents changed since the last checkpoint.
     pub dirty_pending: Vec<String>,
@@ -218,18 +233,35 @@ impl State {
         }
     }
 
-    /// Nodes with at least one live endpoint subscription.
+    /// Whether `node` may count as expected, report and name a metric
+    /// label: it is in the Node list, or there is no Node list.
+    pub fn listed(&self, node: &str) -> bool {
+        !self.node_list || self.nodes.contains(node)
+    }
+
+    /// Listed nodes with at least one live endpoint subscription.
     pub fn live_nodes(&mut self) -> Arc<BTreeSet<String>> {
-        let agents = &self.agents;
-        Arc::clone(self.live_cache.get_or_insert_with(|| {
-            Arc::new(
-                agents
-                    .values()
-                    .filter(|a| a.subscriptions > 0)
-                    .map(|a| a.node.clone())
-                    .collect(),
-            )
-        }))
+        if let Some(live) = &self.live_cache {
+            return Arc::clone(live);
+        }
+        let live: Arc<BTreeSet<String>> = Arc::new(
+            self.agents
+                .values()
+                .filter(|a| a.subscriptions > 0 && self.listed(&a.node))
+                .map(|a| a.node.clone())
+                .collect(),
+        );
+        self.live_cache = Some(Arc::clone(&live));
+        live
+    }
+
+    /// The endpoints of the deletions in flight, built once per change.
+    pub fn snapshot(&mut self) -> Arc<[Endpoint]> {
+        let pending = &self.pending;
+        Arc::clone(
+            self.snapshot
+                .get_or_insert_with(|| pending.values().map(Pending::endpoint).collect()),
+        )
     }
 
     pub fn connected_agents(&self) -> i64 {
@@ -239,6 +271,7 @@ impl State {
     /// Stops tracking a deletion; `None` when it was not tracked.
     pub fn untrack(&mut self, uid: &str) -> Option<Pending> {
         let p = self.pending.remove(uid)?;
+        self.snapshot = None;
         if let Some(v) = self.by_ip.get_mut(&p.start.ip) {
             v.retain(|u| u != uid);
             if v.is_empty() {

@@ -5,9 +5,8 @@
 use std::sync::Arc;
 
 use observer_proto::Endpoint;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
-use super::state::Pending;
 use super::{CorrelateError, Correlator};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,38 +24,53 @@ pub(super) const CHANGE_BUFFER: usize = 4096;
 /// A live endpoint subscription: the current set, then changes. Dropping it
 /// marks the agent's subscription closed.
 pub struct Subscription {
-    snapshot: Vec<Endpoint>,
+    /// Shared with every subscription since the last change.
+    snapshot: Arc<[Endpoint]>,
     changes: broadcast::Receiver<WatchChange>,
+    /// The agent's subscription generation ([`super::state::Agent`]).
+    generation: watch::Receiver<u64>,
     guard: SubscriptionGuard,
 }
 
-/// The subscriber fell more than the broadcast buffer behind; it must
-/// subscribe again to get a fresh snapshot.
+/// Why a subscription ended early.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("endpoint subscriber fell {0} changes behind")]
-pub struct Lagged(pub u64);
+pub enum SubscriptionEnded {
+    /// The subscriber fell more than the broadcast buffer behind; it must
+    /// subscribe again to get a fresh snapshot.
+    #[error("endpoint subscriber fell {0} changes behind")]
+    Lagged(u64),
+    #[error("the agent subscribed again or was replaced by a newer agent of its node")]
+    Superseded,
+}
 
 impl Subscription {
-    /// Adds for the snapshot, `Synced`, then every change; ends with [`Lagged`] if the
-    /// subscriber falls too far behind. Holds the subscription open while
-    /// the stream lives.
-    pub fn into_stream(self) -> impl futures::Stream<Item = Result<WatchChange, Lagged>> + Send {
+    /// Adds for the snapshot, `Synced`, then every change; ends with
+    /// [`SubscriptionEnded`] if the subscriber falls too far behind or is
+    /// superseded. Holds the subscription open while the stream lives.
+    pub fn into_stream(
+        self,
+    ) -> impl futures::Stream<Item = Result<WatchChange, SubscriptionEnded>> + Send {
         use futures::StreamExt;
         use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
         let guard = self.guard;
-        let snapshot = futures::stream::iter(
-            self.snapshot
-                .into_iter()
-                .map(|e| Ok(WatchChange::Add(e)))
-                .chain(std::iter::once(Ok(WatchChange::Synced))),
-        );
+        let snapshot = self.snapshot;
+        let adds = (0..snapshot.len()).map(move |i| Ok(WatchChange::Add(snapshot[i].clone())));
+        let snapshot = futures::stream::iter(adds.chain(std::iter::once(Ok(WatchChange::Synced))));
         let changes = BroadcastStream::new(self.changes).map(move |r| {
             let _hold = &guard;
-            r.map_err(|BroadcastStreamRecvError::Lagged(n)| Lagged(n))
+            r.map_err(|BroadcastStreamRecvError::Lagged(n)| SubscriptionEnded::Lagged(n))
+        });
+        let mut generation = self.generation;
+        let mine = *generation.borrow_and_update();
+        // Ends when a newer subscription of the agent starts, or the agent
+        // (and with it the sender) is dropped.
+        let superseded = futures::stream::once(async move {
+            let _ = generation.wait_for(|g| *g != mine).await;
+            Err(SubscriptionEnded::Superseded)
         });
         // Stop after the first error: the receiver skipped changes.
         let mut failed = false;
-        snapshot.chain(changes).take_while(move |r| {
+        futures::stream::select(snapshot.chain(changes), superseded).take_while(move |r| {
             let pass = !failed;
             failed |= r.is_err();
             futures::future::ready(pass)
@@ -91,14 +105,17 @@ impl Correlator {
             .get_mut(agent_id)
             .ok_or_else(|| CorrelateError::UnknownAgent(agent_id.into()))?;
         agent.subscriptions += 1;
+        agent.generation.send_modify(|g| *g += 1);
+        let generation = agent.generation.subscribe();
         st.live_cache = None;
         // Snapshot and receiver under the same lock: no change falls between.
         let changes = self.changes.subscribe();
-        let snapshot = st.pending.values().map(Pending::endpoint).collect();
+        let snapshot = st.snapshot();
         self.metrics.agents_connected.set(st.connected_agents());
         Ok(Subscription {
             snapshot,
             changes,
+            generation,
             guard: SubscriptionGuard {
                 correlator: Arc::clone(self),
                 agent_id: agent_id.into(),

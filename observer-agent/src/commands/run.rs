@@ -38,8 +38,12 @@ pub struct RunArgs {
     /// This node's Kubernetes name (downward API `spec.nodeName`).
     #[arg(long, env = "OBSERVER_NODE_NAME")]
     pub node_name: String,
-    /// Address of /healthz, /readyz and /metrics.
-    #[arg(long, default_value = "0.0.0.0:9464", env = "OBSERVER_HEALTH_ADDR")]
+    /// Address of /healthz, /readyz and /metrics: IP:PORT, [IPv6]:PORT, or
+    /// a bare IP (port 9464). With the host network, the kubelet's probes
+    /// and Prometheus reach the pod IP (the node's), so the DaemonSet binds
+    /// `$(POD_IP)` from the downward API; the default keeps it off every
+    /// other interface.
+    #[arg(long, default_value = "127.0.0.1:9464", env = "OBSERVER_HEALTH_ADDR", value_parser = health::parse_addr)]
     pub health_addr: SocketAddr,
     /// Observations kept at most while the aggregator is unreachable; beyond
     /// that the oldest are dropped and counted.
