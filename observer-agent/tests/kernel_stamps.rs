@@ -320,3 +320,51 @@ async fn without_stamps_datagrams_are_timed_at_receipt_and_say_so() {
         assert!(f.time >= c.called, "receipt before the connect() call");
     }
 }
+
+/// Where the kernel has kprobes (not the reference machine: this test then
+/// only checks that it cannot attach them): the kprobe on
+/// `nf_tables_commit` fires as the commit starts, the stamp as its first
+/// notification is queued, so the stamp follows the kprobe within the
+/// precision the stamp claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_kprobes_exist_the_stamp_follows_the_commit_kprobe_within_its_precision() {
+    if !root_or_skip("where_kprobes_exist_the_stamp_follows_the_commit_kprobe_within_its_precision")
+    {
+        return;
+    }
+    let node = two_backend_node("stampkprobe");
+    let mut rules = node.rules;
+    let clock = CommitClock::start(&node.ns.path(), Mode::Nftables).expect("witness starts");
+    let mut kernel = Kernel::load(LoadOptions::default()).expect("eBPF loads");
+    let setup = dataplane::commit_kprobe::load(kernel.ebpf_mut()).expect("probes load");
+    let Some(mut kprobe) = setup.kprobe else {
+        assert!(
+            !std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists(),
+            "a kprobe PMU exists but the commit kprobes did not attach: {:?}",
+            setup.statuses
+        );
+        eprintln!("no kprobes on this kernel: nothing to compare");
+        return;
+    };
+    // The watch is timed by the stamps alone (no kprobe handed to it).
+    let (watch, mut rx, timing) = start_dataplane(&node.ns, &mut kernel, false);
+    assert_eq!(timing, Timing::KernelStamp);
+    watch.watch(SocketAddr::from((backend(2).ip, backend(2).port)));
+    for i in 0..CHANGES {
+        let (c, _, _) = change(&mut rules, &mut rx, &clock, i % 2 == 0).await;
+        let probed = kprobe
+            .commit_time(observer_common::ruleset::COMMIT_NFTABLES, c.time)
+            .expect("the kprobe saw the commit");
+        let after = c.time - probed;
+        eprintln!(
+            "change {i}: stamp {:+.3} ms after the commit kprobe",
+            ms(after)
+        );
+        assert!(
+            (0..=i64::try_from(c.precision_ns).unwrap()).contains(&after),
+            "change {i}: stamp {} ms after the kprobe, claimed precision {} ms",
+            ms(after),
+            ms(c.precision_ns as i64)
+        );
+    }
+}
