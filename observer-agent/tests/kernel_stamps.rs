@@ -26,7 +26,7 @@ use lab::{
 };
 use observer_agent::{
     dataplane::{self, DataplaneWatch, NETLINK_PRECISION_NS},
-    flows,
+    flows::{self, FlowWatch},
     kernel::{Kernel, LoadOptions},
     realtime::DEFAULT_TIMING_PRIORITY,
     stamps::{self, StampKind, Timing},
@@ -76,6 +76,19 @@ fn start_dataplane(
     let stamps = kernel.take_stamps(StampKind::Nftables);
     let timing = watch.use_kernel_stamps(kernel.ebpf_mut(), stamps);
     (watch, rx, timing)
+}
+
+/// Starts the flow watch in `ns` at normal priority, with `kernel`'s
+/// conntrack stamps if it has them.
+fn start_flows(ns: &NetNs, kernel: &mut Kernel) -> (FlowWatch, Receiver<Observation>) {
+    let (tx, rx) = channel(1024);
+    let stamps = kernel.take_stamps(StampKind::Conntrack);
+    let ebpf = kernel.ebpf_mut();
+    let watch = ns
+        .run(move || flows::spawn(ebpf, tx, stamps))
+        .unwrap()
+        .expect("flow watch starts");
+    (watch, rx)
 }
 
 /// One removal or re-addition of backend 2, its reported change and the
@@ -232,14 +245,7 @@ async fn new_flows_are_stamped_inside_connect_with_every_core_busy() {
     let node = two_backend_node("stampflow");
     let mut kernel = Kernel::load(LoadOptions::default()).expect("eBPF loads");
     kernel.watch_ip(backend(2).ip.into()).unwrap();
-    let (tx, mut rx) = channel(1024);
-    let stamps = kernel.take_stamps(StampKind::Conntrack);
-    let ebpf = kernel.ebpf_mut();
-    let watch = node
-        .ns
-        .run(move || flows::spawn(ebpf, tx, stamps))
-        .unwrap()
-        .expect("flow watch starts");
+    let (watch, mut rx) = start_flows(&node.ns, &mut kernel);
     assert_eq!(watch.timing(), &Timing::KernelStamp);
 
     let busy = BusyCores::start(2, BUSY_MAX);
@@ -304,14 +310,7 @@ async fn without_stamps_datagrams_are_timed_at_receipt_and_say_so() {
     clock.check("receipt-timed removal", c.time, c.precision_ns, started);
 
     kernel.watch_ip(backend(1).ip.into()).unwrap();
-    let (tx, mut rx) = channel(64);
-    let stamps = kernel.take_stamps(StampKind::Conntrack);
-    let ebpf = kernel.ebpf_mut();
-    let flow_watch = node
-        .ns
-        .run(move || flows::spawn(ebpf, tx, stamps))
-        .unwrap()
-        .expect("flow watch starts");
+    let (flow_watch, mut rx) = start_flows(&node.ns, &mut kernel);
     assert!(matches!(flow_watch.timing(), Timing::Receipt(_)));
     let conns = connect_all(&node.ns, 3);
     let flows = flows_of(&mut rx, &conns).await;
