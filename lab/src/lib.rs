@@ -6,6 +6,7 @@ pub use cli::LabArgs;
 pub use lab_netns::{netns, root};
 
 pub mod api;
+pub mod busy;
 pub mod cli;
 pub mod client;
 pub mod commit_clock;

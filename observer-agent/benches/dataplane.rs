@@ -22,14 +22,23 @@
 //!    the consumer, and a replay of the same notifications through the
 //!    detector's decode -> mirror -> reachability code.
 //!
+//! 3. New flows: the flow's time against the client's connect() call, timed
+//!    at receipt and by the kernel stamp of its conntrack event.
+//!
+//! Parts 1 and 2 run each nf_tables mode with the detector timing changes
+//! at receipt and by the kernel stamps of their notifications
+//! (`observer_agent::stamps`).
+//!
 //! Prints Markdown for docs/benchmarks.md. Environment: CHANGES (default
-//! 200; 0 skips part 1), RESYNCS (default 6; 0 skips part 2).
+//! 200; 0 skips part 1), RESYNCS (default 6; 0 skips part 2), FLOWS
+//! (default 1000; 0 skips part 3), BUSY (spinning threads per CPU for the
+//! whole run, default 0).
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
     collections::HashSet,
     io,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     sync::{
         Arc, Mutex,
@@ -40,6 +49,7 @@ use std::{
 };
 
 use lab::{
+    busy::BusyCores,
     commit_clock::{self, CommitClock, Window},
     kubeproxy::{Backend, Mode, Rules, ServicePort},
     netns::{self, NetNs},
@@ -48,7 +58,10 @@ use lab::{
 };
 use observer_agent::{
     dataplane::{self, DataplaneWatch, Mirror, NftEvent, TableId, decode_nft_message},
+    flows,
+    kernel::{Kernel, LoadOptions},
     realtime::DEFAULT_TIMING_PRIORITY,
+    stamps::{StampKind, Timing},
 };
 use observer_proto::{Observation, RulesChange, UnixNanos};
 
@@ -192,10 +205,37 @@ struct Detector {
     watch: DataplaneWatch,
     events: std::sync::mpsc::Receiver<(RulesChange, UnixNanos)>,
     consumer: Option<JoinHandle<()>>,
+    /// The stamp filter's object, while it is attached.
+    _kernel: Option<Kernel>,
+}
+
+/// How the detector times a change: at its receipt, or by the kernel
+/// stamp of its first notification (`observer_agent::stamps`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stamping {
+    Receipt,
+    Kernel,
+}
+
+impl Stamping {
+    fn label(self) -> &'static str {
+        match self {
+            Stamping::Receipt => "receipt",
+            Stamping::Kernel => "kernel stamp",
+        }
+    }
+
+    /// The timings that apply to `mode` (legacy sends no notifications).
+    fn of(mode: Mode) -> &'static [Stamping] {
+        match mode {
+            Mode::IptablesLegacy => &[Stamping::Receipt],
+            _ => &[Stamping::Receipt, Stamping::Kernel],
+        }
+    }
 }
 
 impl Detector {
-    fn start(ns: &NetNs, priority: Priority) -> Self {
+    fn start(ns: &NetNs, priority: Priority, stamping: Stamping) -> Self {
         let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
         let watch = ns
             .run(move || {
@@ -205,6 +245,13 @@ impl Detector {
             })
             .unwrap()
             .expect("dataplane watch starts");
+        let kernel = (stamping == Stamping::Kernel).then(|| {
+            let mut kernel = Kernel::load(LoadOptions::default()).expect("eBPF loads");
+            let stamps = kernel.take_stamps(StampKind::Nftables);
+            let timing = watch.use_kernel_stamps(kernel.ebpf_mut(), stamps);
+            assert_eq!(timing, Timing::KernelStamp);
+            kernel
+        });
         let (events_tx, events) = std::sync::mpsc::channel();
         let consumer = std::thread::spawn(move || {
             commit_clock::pin(None).unwrap();
@@ -220,6 +267,7 @@ impl Detector {
             watch,
             events,
             consumer: Some(consumer),
+            _kernel: kernel,
         }
     }
 
@@ -248,17 +296,17 @@ fn commit_of(clock: &CommitClock, from: UnixNanos, reported: UnixNanos) -> (Unix
     (c.latest, c.latest - c.earliest)
 }
 
-fn delay(mode: Mode, priority: Priority, changes: usize) -> String {
+fn delay(mode: Mode, priority: Priority, stamping: Stamping, changes: usize) -> String {
     let ns = NetNs::create("bench").unwrap();
     let clock = CommitClock::start(&ns.path(), mode).expect("commit witness");
     let mut rules = Rules::new(Some(ns.name().to_owned()), mode);
     let svc = service(0);
     let (b1, b2) = (backend(0, 0), backend(0, 1));
     rules.sync(&[(svc.clone(), vec![b1, b2])]).unwrap();
-    let detector = Detector::start(&ns, priority);
+    let detector = Detector::start(&ns, priority, stamping);
     detector.watch.watch(addr(b2));
-    let (mut to_consumer, mut stamp_error, mut writer, mut width) =
-        (vec![], vec![], vec![], vec![]);
+    let (mut to_consumer, mut stamp_error, mut writer, mut width, mut precision) =
+        (vec![], vec![], vec![], vec![], vec![]);
     let mut within_5ms = 0;
     for i in 0..changes {
         let backends = if i % 2 == 0 { vec![b1] } else { vec![b1, b2] };
@@ -271,18 +319,22 @@ fn delay(mode: Mode, priority: Priority, changes: usize) -> String {
             within_5ms += 1;
         }
         stamp_error.push(nanos(error));
+        precision.push(change.precision_ns as f64);
         writer.push(nanos(window.finished - window.started));
         width.push(nanos(w));
     }
     detector.stop();
-    let abs_max = stamp_error.iter().fold(0f64, |m, e| m.max(e.abs()));
+    let mut abs_error: Vec<f64> = stamp_error.iter().map(|e| e.abs()).collect();
     width.sort_by(f64::total_cmp);
+    precision.sort_by(f64::total_cmp);
     format!(
-        "| {mode} | {} | {changes} | {} | {} | {} | {within_5ms}/{changes} | {} | {} |",
+        "| {mode} | {} | {} | {changes} | {} | {} | {} | {} | {within_5ms}/{changes} | {} | {} |",
         priority.label(),
+        stamping.label(),
         summary(&mut to_consumer),
         summary(&mut stamp_error),
-        ms(abs_max),
+        summary(&mut abs_error),
+        ms(percentile(&precision, 0.5)),
         summary(&mut writer),
         match mode {
             Mode::IptablesLegacy => ms(percentile(&width, 0.5)),
@@ -520,14 +572,17 @@ fn scale(mode: Mode, resyncs: usize) -> (String, Vec<String>) {
     let mut rows = vec![];
     let mut start_row = String::new();
     let target = services[500].1[2];
-    for priority in [Priority::Normal, Priority::Fifo] {
+    let runs = [Priority::Normal, Priority::Fifo]
+        .into_iter()
+        .flat_map(|p| Stamping::of(mode).iter().map(move |s| (p, *s)));
+    for (priority, stamping) in runs {
         let before = live_bytes();
         let load_started = Instant::now();
-        let detector = Detector::start(&ns, priority);
+        let detector = Detector::start(&ns, priority, stamping);
         let load = load_started.elapsed();
         std::thread::sleep(Duration::from_millis(200));
         let detector_bytes = live_bytes().saturating_sub(before);
-        if priority == Priority::Normal {
+        if priority == Priority::Normal && stamping == Stamping::Receipt {
             start_row = format!(
                 "| {mode} | {size} | {:.0} | {:.0} | {mirror_bytes} | {} |",
                 initial_sync.as_secs_f64() * 1e3,
@@ -598,8 +653,9 @@ fn scale(mode: Mode, resyncs: usize) -> (String, Vec<String>) {
             format!("{} / {}", ms(percentile(&v, 0.5)), ms(*v.last().unwrap()))
         };
         rows.push(format!(
-            "| {mode} | {} | {resyncs} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {mode} | {} | {} | {resyncs} | {} | {} | {} | {} | {} | {} | {} |",
             priority.label(),
+            stamping.label(),
             col(&|r| r.writer),
             if nft {
                 format!(
@@ -624,6 +680,103 @@ fn scale(mode: Mode, resyncs: usize) -> (String, Vec<String>) {
     (start_row, rows)
 }
 
+/// New flows timed against the client's connect(): `connections`
+/// connections to a one-endpoint Service (nftables mode) from inside its
+/// namespace, 2 ms apart, the flow thread at normal priority. Returns the
+/// table row.
+fn new_flows(stamping: Stamping, connections: usize) -> String {
+    let ns = NetNs::create("benchflow").unwrap();
+    let b = backend(0, 0);
+    ns.ip(&["addr", "add", &format!("{}/32", b.ip), "dev", "lo"])
+        .unwrap();
+    ns.ip(&["route", "add", "172.30.0.0/16", "dev", "lo"])
+        .unwrap();
+    let svc = service(0);
+    let vip = SocketAddr::from((svc.cluster_ip, svc.port));
+    let mut rules = Rules::new(Some(ns.name().to_owned()), Mode::Nftables);
+    rules.sync(&[(svc, vec![b])]).unwrap();
+    let listener = ns
+        .run(move || TcpListener::bind(addr(b)).expect("listener binds"))
+        .unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acceptor = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if listener.accept().is_err() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        })
+    };
+    let mut kernel = Kernel::load(LoadOptions {
+        receipt_timing: stamping == Stamping::Receipt,
+        ..LoadOptions::default()
+    })
+    .expect("eBPF loads");
+    kernel.watch_ip(b.ip.into()).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(connections + 16);
+    let stamps = kernel.take_stamps(StampKind::Conntrack);
+    let ebpf = kernel.ebpf_mut();
+    let watch = ns
+        .run(move || {
+            commit_clock::pin(None).unwrap();
+            flows::spawn(ebpf, tx, stamps)
+        })
+        .unwrap()
+        .expect("flow watch starts");
+    let conns: Vec<(UnixNanos, SocketAddr)> = ns
+        .run(move || {
+            commit_clock::pin(None).unwrap();
+            (0..connections)
+                .map(|_| {
+                    let called = UnixNanos::now();
+                    let s = TcpStream::connect_timeout(&vip, Duration::from_secs(2))
+                        .expect("connects through the Service");
+                    std::thread::sleep(Duration::from_millis(2));
+                    (called, s.local_addr().unwrap())
+                })
+                .collect()
+        })
+        .unwrap();
+    let mut flow_at = std::collections::HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while flow_at.len() < conns.len() && Instant::now() < deadline {
+        match rx.try_recv() {
+            Ok(Observation::NewFlow(f)) => {
+                flow_at.insert(f.src, f.time);
+            }
+            Ok(_) => {}
+            Err(_) => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    drop(watch);
+    stop.store(true, Ordering::Relaxed);
+    acceptor.join().unwrap();
+    let mut after_connect: Vec<f64> = conns
+        .iter()
+        .filter_map(|(called, local)| flow_at.get(local).map(|t| nanos(*t - *called)))
+        .collect();
+    let missing = conns.len() - after_connect.len();
+    format!(
+        "| {} | {connections} | {} | {missing} |",
+        stamping.label(),
+        summary_us(&mut after_connect)
+    )
+}
+
+/// "p50 / p99 / max" in microseconds.
+fn summary_us(values: &mut [f64]) -> String {
+    values.sort_by(f64::total_cmp);
+    format!(
+        "{:.0} / {:.0} / {:.0}",
+        percentile(values, 0.5) / 1e3,
+        percentile(values, 0.99) / 1e3,
+        values.last().unwrap() / 1e3
+    )
+}
+
 fn main() {
     if !is_root() {
         eprintln!("the dataplane bench needs root (network namespaces, netfilter, SCHED_FIFO)");
@@ -634,6 +787,18 @@ fn main() {
     }
     let changes = env("CHANGES", 200);
     let resyncs = env("RESYNCS", 6);
+    let flows = env("FLOWS", 1000);
+    // BUSY=n: n spinning threads per CPU for the whole run.
+    let busy = match env("BUSY", 0) {
+        0 => None,
+        n => Some(BusyCores::start(n, Duration::from_secs(3600))),
+    };
+    if let Some(b) = &busy {
+        println!(
+            "Every core busy: {} spinning threads at normal priority.\n",
+            b.threads()
+        );
+    }
     // Writers (started from this thread) on CPU 0, witnesses on the last
     // CPU, the detector and its consumer anywhere (see commit_clock).
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -641,19 +806,34 @@ fn main() {
         commit_clock::pin(Some(0)).unwrap();
         commit_clock::pin_witnesses(cpus - 1);
     }
+    if flows > 0 {
+        println!(
+            "New flows, {flows} connections 2 ms apart to a one-endpoint Service (nftables mode), flow thread at normal priority (us, p50 / p99 / max):\n"
+        );
+        println!(
+            "| timing | connections | flow time - client's connect() call | flows not reported |"
+        );
+        println!("|---|---|---|---|");
+        for stamping in [Stamping::Receipt, Stamping::Kernel] {
+            println!("{}", new_flows(stamping, flows));
+        }
+        println!();
+    }
     println!(
         "Detection delay, {changes} alternating removals/additions of one endpoint of a 2-endpoint Service (ms, p50 / p99 / max; commit = independent witness):\n"
     );
     println!(
-        "| mode | detector threads | changes | commit -> event received by consumer | event timestamp - commit | max abs timestamp error | timestamps within 5 ms | writer process duration | witness interval (legacy, p50) |"
+        "| mode | detector threads | timing | changes | commit -> event received by consumer | event timestamp - commit | abs(event timestamp - commit) | claimed precision (p50) | timestamps within 5 ms | writer process duration | witness interval (legacy, p50) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for mode in Mode::ALL {
         if changes == 0 {
             break;
         }
         for priority in [Priority::Normal, Priority::Fifo] {
-            println!("{}", delay(mode, priority, changes));
+            for stamping in Stamping::of(mode) {
+                println!("{}", delay(mode, priority, *stamping, changes));
+            }
         }
     }
     if resyncs == 0 {
@@ -678,9 +858,9 @@ fn main() {
         "\nScale: one full kube-proxy resync removing or re-adding one endpoint, {resyncs} per mode and priority (ms, p50 / max)\n"
     );
     println!(
-        "| mode | detector threads | resyncs | writer process duration | notifications per resync | replay CPU time: decode + mirror + reachability | detector: event timestamp -> consumer | event timestamp - commit | commit -> consumer | witness interval (legacy) |"
+        "| mode | detector threads | timing | resyncs | writer process duration | notifications per resync | replay CPU time: decode + mirror + reachability | detector: event timestamp -> consumer | event timestamp - commit | commit -> consumer | witness interval (legacy) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for row in resync_rows {
         println!("{row}");
     }

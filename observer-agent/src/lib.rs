@@ -14,4 +14,5 @@ pub mod netlink;
 pub mod output;
 pub mod realtime;
 pub mod report;
+pub mod stamps;
 pub mod watched;

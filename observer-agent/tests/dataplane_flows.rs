@@ -26,6 +26,7 @@ use observer_agent::{
     dataplane, flows,
     kernel::{Kernel, LoadOptions},
     realtime::DEFAULT_TIMING_PRIORITY,
+    stamps::StampKind,
 };
 use observer_proto::{Detector, NewFlow, Observation, UnixNanos};
 use tokio::sync::mpsc::{Receiver, channel};
@@ -204,12 +205,13 @@ async fn flows_stop_after_removal(mode: Mode, detector: Detector) {
     let mut kernel = Kernel::load(LoadOptions::default()).expect("eBPF loads");
     kernel.watch_ip(b2.ip.into()).unwrap();
     let (tx, mut rx) = channel(8192);
+    let stamps = kernel.take_stamps(StampKind::Conntrack);
     let ebpf = kernel.ebpf_mut();
     // Both watchers' threads under SCHED_FIFO, as in dataplane_rules.
     let (_flows, watch) = ns
         .run(move || {
             commit_clock::realtime(DEFAULT_TIMING_PRIORITY).expect("SCHED_FIFO (root)");
-            let flows = flows::spawn(ebpf, tx.clone()).expect("flow watch starts");
+            let flows = flows::spawn(ebpf, tx.clone(), stamps).expect("flow watch starts");
             let watch = dataplane::spawn(tx).expect("dataplane watch starts");
             (flows, watch)
         })

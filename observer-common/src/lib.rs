@@ -8,6 +8,7 @@
 pub mod conn;
 pub mod layout;
 pub mod ruleset;
+pub mod stamp;
 pub mod stats;
 pub mod watch;
 

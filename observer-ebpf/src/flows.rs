@@ -6,11 +6,17 @@
 //! ctnetlink_conntrack_event writes, after nlmsghdr and nfgenmsg, the
 //! original tuple and then the reply tuple, each a nest whose first member is
 //! CTA_TUPLE_IP with the source address first.
+//!
+//! Each event it keeps is stamped (`stamp.rs`, ring `CT_STAMPS`): the
+//! kernel time the flow was confirmed.
 
 use aya_ebpf::{macros::socket_filter, programs::SkBuffContext};
 use observer_common::WatchKey;
 
-use crate::maps::{is_watched, watch_filter};
+use crate::{
+    maps::{is_watched, watch_filter},
+    stamp::{CT_STAMPS, stamp},
+};
 
 const NLMSG_HDRLEN: usize = 16;
 const NFGENMSG_LEN: usize = 4;
@@ -29,7 +35,10 @@ const MAX_ATTRS_BEFORE_REPLY: usize = 4;
 #[socket_filter]
 pub fn ct_new_filter(ctx: SkBuffContext) -> i64 {
     match reply_source_watched(&ctx) {
-        Ok(true) => i64::from(ctx.len()),
+        Ok(true) => {
+            stamp(&ctx, &CT_STAMPS);
+            i64::from(ctx.len())
+        }
         _ => 0,
     }
 }

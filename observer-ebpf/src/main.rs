@@ -9,6 +9,7 @@ mod flows;
 mod maps;
 mod record;
 mod ruleset;
+mod stamp;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -495,7 +495,10 @@ fn check_monitoring(r: &Rendered) {
         .skip_while(|a| *a != "--health-addr")
         .nth(1)
         // A bare IP (the pod IP) listens on the agent's default port.
-        .and_then(|a| a.rsplit_once(':').map_or(Some(9464), |(_, p)| p.parse().ok()))
+        .and_then(|a| {
+            a.rsplit_once(':')
+                .map_or(Some(9464), |(_, p)| p.parse().ok())
+        })
         .expect("--health-addr HOST:PORT or IP");
     let port_name = endpoint["port"].as_str().expect("PodMonitor port by name");
     let port = c

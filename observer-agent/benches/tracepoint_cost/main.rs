@@ -7,6 +7,9 @@
 //! printed per program and target. Needs root.
 //!
 //!     cargo bench -p observer-agent --bench tracepoint_cost [-- CONNECTIONS [ROUNDS [DRAIN_MS]]] [unbatched]
+//!     cargo bench -p observer-agent --bench tracepoint_cost -- agent [CONNECTIONS [ROUNDS]]
+//!
+//! `agent` runs the agent-off / agent-on comparison instead (`agent_cost.rs`).
 //!
 //! DRAIN_MS is how often the ring buffer is read (after flushing the CPUs'
 //! event batches), by default the agent's own interval. `unbatched` makes
@@ -24,6 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod agent_cost;
 mod reference;
 
 use aya::sys::{Stats, enable_stats};
@@ -73,6 +77,9 @@ fn main() -> anyhow::Result<()> {
         24,
     )?;
     server.ip(&["addr", "add", "10.209.0.3/32", "dev", "lo"])?;
+    if std::env::args().any(|a| a == "agent") {
+        return agent_cost::run(&server, &client, watched, connections, rounds);
+    }
 
     let mut kernel = Kernel::load(LoadOptions {
         unbatched,

@@ -16,6 +16,7 @@ use crate::{
     flows::{self, FlowWatch},
     kernel::{Kernel, LoadOptions, conn_events},
     realtime::{self, TimingPriority},
+    stamps::StampKind,
 };
 
 /// Capacity of the channel from the sources to the command's loop: a burst
@@ -79,8 +80,9 @@ pub fn start(options: StartOptions) -> anyhow::Result<Sources> {
     } else {
         let dataplane = start_dataplane(&mut kernel, timing, &tx, &options.watch_endpoints);
         let dataplane = degrade(policy, dataplane, "dataplane rule detection")?;
+        let stamps = kernel.take_stamps(StampKind::Conntrack);
         let ebpf = kernel.ebpf_mut();
-        let flows = realtime::spawn_inheriting(timing, "flows", || flows::spawn(ebpf, tx))
+        let flows = realtime::spawn_inheriting(timing, "flows", || flows::spawn(ebpf, tx, stamps))
             .context("starting the conntrack new-flow watch");
         let flows = degrade(policy, flows, "new-flow observation")?;
         (dataplane, flows)
@@ -95,8 +97,8 @@ pub fn start(options: StartOptions) -> anyhow::Result<Sources> {
 }
 
 /// The dataplane detectors, watching `endpoints`, timed by the ruleset
-/// commit kprobes where the kernel has kprobes (the netlink path times
-/// changes otherwise, so a kprobe failure is never fatal).
+/// commit kprobes where the kernel has kprobes, else by the kernel stamps
+/// of their notifications, else at receipt (neither failure is fatal).
 fn start_dataplane(
     kernel: &mut Kernel,
     timing: TimingPriority,
@@ -116,6 +118,8 @@ fn start_dataplane(
         }
         Err(e) => tracing::warn!(error = %e, "ruleset commit probes not loaded"),
     }
+    let stamps = kernel.take_stamps(StampKind::Nftables);
+    watch.use_kernel_stamps(kernel.ebpf_mut(), stamps);
     Ok(watch)
 }
 

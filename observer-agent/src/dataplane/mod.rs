@@ -13,6 +13,10 @@
 //! endpoint's chain from the service dispatch first and deletes it later.
 //! Another dataplane (IPVS, Cilium) is one more module with the same output.
 //!
+//! nf_tables changes are timed by the kernel stamps of their notifications
+//! where the socket filter attaches ([`DataplaneWatch::use_kernel_stamps`],
+//! [`crate::stamps`]), else at their receipt.
+//!
 //! The detectors remember recent removals of endpoints not (yet) watched:
 //! [`DataplaneWatch::watch`] reports such a removal with its original time.
 //! They also know what the dataplane selects since they first read it: an
@@ -47,9 +51,15 @@ use tracing::{info, warn};
 pub use commit_kprobe::{CommitKprobe, CommitKprobeSetup, KprobeStatus};
 pub use mirror::Mirror;
 pub use nft_msg::{NftEvent, RuleSummary, TableId, decode as decode_nft_message};
+pub use nftables::NETLINK_PRECISION_NS;
 pub use xtables::dnat_destination;
 
-use crate::{kernel::MissingInObject, locks::lock, netlink::NetlinkDecodeError};
+use crate::{
+    kernel::MissingInObject,
+    locks::lock,
+    netlink::{NetlinkDecodeError, Socket},
+    stamps::{self, StampKind, Stamps, Timing},
+};
 
 #[derive(Debug, Error)]
 pub enum DataplaneError {
@@ -149,11 +159,25 @@ impl RulesState {
 pub(crate) struct Shared {
     rules: Mutex<RulesState>,
     commit_kprobe: Mutex<Option<CommitKprobe>>,
+    /// The kernel stamps of the nf_tables notifications, or why not.
+    stamps: Mutex<Stamps>,
     stop: AtomicBool,
     tx: Sender<Observation>,
 }
 
 impl Shared {
+    fn new(tx: Sender<Observation>) -> Self {
+        Shared {
+            rules: Mutex::new(RulesState::default()),
+            commit_kprobe: Mutex::new(None),
+            stamps: Mutex::new(Stamps::Receipt(
+                "no stamps were handed to the detector".into(),
+            )),
+            stop: AtomicBool::new(false),
+            tx,
+        }
+    }
+
     /// Sends without ever blocking a stop: waits while the channel is full,
     /// gives up when the watch is dropped or the receiver is gone.
     fn send(&self, obs: Observation) {
@@ -238,6 +262,8 @@ pub struct Layouts {
 #[derive(Debug)]
 pub struct DataplaneWatch {
     shared: Arc<Shared>,
+    /// The nf_tables notification socket, for the stamp filter.
+    nft_socket: Option<Arc<Socket>>,
     layouts: Layouts,
     threads: Vec<JoinHandle<()>>,
 }
@@ -287,6 +313,36 @@ impl DataplaneWatch {
         *lock(&self.shared.commit_kprobe, "dataplane commit kprobe") = Some(probe);
     }
 
+    /// Times nf_tables changes by the kernel stamps of their notifications
+    /// (attaching their filter to the notification socket); where that
+    /// fails, they stay timed at receipt. Returns the timing in force.
+    pub fn use_kernel_stamps(&self, ebpf: &mut aya::Ebpf, stamps: Stamps) -> Timing {
+        let stamps = match (stamps, &self.nft_socket) {
+            (Stamps::Kernel(join), Some(sock)) => {
+                match stamps::attach_filter(ebpf, StampKind::Nftables, &**sock) {
+                    Ok(()) => Stamps::Kernel(join),
+                    Err(e) => Stamps::Receipt(e.to_string()),
+                }
+            }
+            (Stamps::Kernel(_), None) => Stamps::Receipt("no notification socket".into()),
+            (receipt, _) => receipt,
+        };
+        let timing = stamps.timing();
+        match &timing {
+            Timing::KernelStamp => info!("nf_tables changes are timed by the kernel"),
+            Timing::Receipt(why) => {
+                warn!(reason = %why, "nf_tables changes are timed when the detector reads them, not by the kernel")
+            }
+        }
+        *lock(&self.shared.stamps, "nf_tables stamps") = stamps;
+        timing
+    }
+
+    /// How nf_tables changes are timed.
+    pub fn timing(&self) -> Timing {
+        lock(&self.shared.stamps, "nf_tables stamps").timing()
+    }
+
     pub fn layouts(&self) -> Layouts {
         self.layouts
     }
@@ -305,14 +361,10 @@ impl Drop for DataplaneWatch {
 /// detector always runs (kube-proxy may create its tables later); the
 /// iptables-legacy one runs when legacy tables exist or appear.
 pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> {
-    let shared = Arc::new(Shared {
-        rules: Mutex::new(RulesState::default()),
-        commit_kprobe: Mutex::new(None),
-        stop: AtomicBool::new(false),
-        tx,
-    });
+    let shared = Arc::new(Shared::new(tx));
     // Subscribe before the dump so no change between the two is lost.
-    let sock = nftables::subscribe()?;
+    let sock = Arc::new(nftables::subscribe()?);
+    let nft_socket = Some(sock.clone());
     let mut mirror = Mirror::new();
     nftables::load(&mut mirror)?;
     let mut targets = nftables::Targets::default();
@@ -353,6 +405,7 @@ pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> 
     );
     Ok(DataplaneWatch {
         shared,
+        nft_socket,
         layouts,
         threads,
     })
@@ -391,14 +444,9 @@ mod tests {
 
     fn watch() -> (DataplaneWatch, Receiver<Observation>) {
         let (tx, rx) = channel(16);
-        let shared = Arc::new(Shared {
-            rules: Mutex::new(RulesState::default()),
-            commit_kprobe: Mutex::new(None),
-            stop: AtomicBool::new(false),
-            tx,
-        });
         let watch = DataplaneWatch {
-            shared,
+            shared: Arc::new(Shared::new(tx)),
+            nft_socket: None,
             layouts: Layouts::default(),
             threads: Vec::new(),
         };

@@ -5,15 +5,16 @@
 //! into a [`Mirror`]. Each notification batch ends with NEWGEN (one
 //! committed transaction); only then are the touched tables re-evaluated,
 //! so the intermediate states inside a kube-proxy sync (flush chain, re-add
-//! rules) are never reported. The time of a change is the wall clock when
-//! the batch's first notification reached user space (or the commit's kernel
-//! time when the commit kprobe is attached).
+//! rules) are never reported. The time of a change is the commit's kernel
+//! time when the commit kprobe is attached, else the kernel stamp of the
+//! batch's first notification datagram ([`crate::stamps`]), else the wall
+//! clock when that datagram reached user space.
 
 use std::{
     collections::{HashMap, HashSet},
     io,
     net::SocketAddr,
-    sync::atomic::Ordering,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -26,7 +27,11 @@ use super::{
     mirror::Mirror,
     nft_msg::{self, NftEvent, TableId},
 };
-use crate::netlink::{self, NETLINK_NETFILTER, NLM_F_DUMP, NLM_F_REQUEST, Request, Socket};
+use crate::{
+    locks::lock,
+    netlink::{self, NETLINK_NETFILTER, NLM_F_DUMP, NLM_F_REQUEST, Request, Socket},
+    stamps,
+};
 
 /// Receive buffer for notifications: a 10k-rule sync is a few MiB of messages.
 const RECV_BUFFER: i32 = 64 << 20;
@@ -203,12 +208,21 @@ impl Targets {
     }
 }
 
-/// The notifications of the commit being read: the tables they touched and
-/// when the first of them reached user space.
+/// When a datagram of notifications was queued (its kernel stamp) or else
+/// reached this thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Arrival {
+    time: UnixNanos,
+    kernel: bool,
+}
+
+/// The notifications of the commit being read: the tables they touched,
+/// when the first of them arrived, and how many there were.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Batch {
     dirty: HashSet<TableId>,
-    started: Option<UnixNanos>,
+    started: Option<Arrival>,
+    messages: u64,
 }
 
 impl Batch {
@@ -216,17 +230,27 @@ impl Batch {
     /// arrived at `arrival`. A commit queues all its notifications at once:
     /// the first one is the closest to the commit, however long the batch
     /// takes to read.
-    fn message(&mut self, table: Option<&TableId>, arrival: UnixNanos) {
+    fn message(&mut self, table: Option<&TableId>, arrival: Arrival) {
         self.started.get_or_insert(arrival);
+        self.messages += 1;
         if let Some(table) = table {
             self.dirty.insert(table.clone());
         }
     }
 
     /// NEWGEN: the batch is complete. Hands over the touched tables and the
-    /// batch's time; the next message starts a new batch.
-    fn commit(&mut self) -> (HashSet<TableId>, Option<UnixNanos>) {
-        (std::mem::take(&mut self.dirty), self.started.take())
+    /// batch's time with its precision; the next message starts a new batch.
+    fn commit(&mut self) -> (HashSet<TableId>, Option<(UnixNanos, u64)>) {
+        let messages = std::mem::take(&mut self.messages);
+        let time = self.started.take().map(|a| {
+            let precision = if a.kernel {
+                stamps::rules_precision_ns(messages)
+            } else {
+                NETLINK_PRECISION_NS
+            };
+            (a.time, precision)
+        });
+        (std::mem::take(&mut self.dirty), time)
     }
 
     /// Notifications were lost: the batch being read never completes, and
@@ -234,11 +258,12 @@ impl Batch {
     fn lost(&mut self) {
         self.dirty.clear();
         self.started = None;
+        self.messages = 0;
     }
 }
 
 /// The detector loop; returns when the watch is dropped or the receiver is gone.
-pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targets) {
+pub fn run(shared: &Shared, sock: Arc<Socket>, mut mirror: Mirror, mut targets: Targets) {
     let mut buf = vec![0u8; 1 << 20];
     let mut batch = Batch::default();
     let mut last_seen = Instant::now();
@@ -267,8 +292,15 @@ pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targe
                 return;
             }
         };
-        let arrival = UnixNanos::now();
+        let received = UnixNanos::now();
         last_seen = Instant::now();
+        let arrival = match lock(&shared.stamps, "nf_tables stamps").time_of(&buf[..n]) {
+            Some(time) => Arrival { time, kernel: true },
+            None => Arrival {
+                time: received,
+                kernel: false,
+            },
+        };
         for msg in netlink::messages(&buf[..n]) {
             let msg = match msg {
                 Ok(m) => m,
@@ -297,9 +329,9 @@ pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targe
                 }
                 let changes = targets.update(&mirror, Some(&dirty));
                 if !changes.is_empty() {
-                    let received = started.unwrap_or(arrival);
-                    let (time, precision) =
-                        shared.change_time(COMMIT_NFTABLES, received, NETLINK_PRECISION_NS);
+                    let (first, precision) =
+                        started.unwrap_or((arrival.time, NETLINK_PRECISION_NS));
+                    let (time, precision) = shared.change_time(COMMIT_NFTABLES, first, precision);
                     shared.report(changes, time, precision);
                 }
                 continue;
@@ -318,6 +350,13 @@ mod tests {
         UnixNanos::from_nanos(nanos)
     }
 
+    fn read_at(nanos: i64) -> Arrival {
+        Arrival {
+            time: t(nanos),
+            kernel: false,
+        }
+    }
+
     fn table(name: &str) -> TableId {
         TableId {
             family: 2,
@@ -328,27 +367,45 @@ mod tests {
     #[test]
     fn a_batch_is_timed_by_its_first_message() {
         let mut batch = Batch::default();
-        batch.message(Some(&table("kube-proxy")), t(10));
-        batch.message(None, t(12));
-        batch.message(Some(&table("nat")), t(15));
+        batch.message(Some(&table("kube-proxy")), read_at(10));
+        batch.message(None, read_at(12));
+        batch.message(Some(&table("nat")), read_at(15));
         let (dirty, started) = batch.commit();
-        assert_eq!(started, Some(t(10)));
+        assert_eq!(started, Some((t(10), NETLINK_PRECISION_NS)));
         assert_eq!(dirty, HashSet::from([table("kube-proxy"), table("nat")]));
         assert_eq!(batch, Batch::default());
-        batch.message(Some(&table("nat")), t(40));
-        assert_eq!(batch.commit().1, Some(t(40)));
+        batch.message(Some(&table("nat")), read_at(40));
+        assert_eq!(batch.commit().1, Some((t(40), NETLINK_PRECISION_NS)));
+    }
+
+    #[test]
+    fn a_kernel_stamped_batch_has_the_stamps_precision_for_its_size() {
+        let mut batch = Batch::default();
+        let stamped = Arrival {
+            time: t(7),
+            kernel: true,
+        };
+        batch.message(Some(&table("kube-proxy")), stamped);
+        // Later datagrams of the batch were not stamped (a full ring): the
+        // batch keeps the first one's time and method.
+        batch.message(None, read_at(30));
+        batch.message(None, read_at(31));
+        assert_eq!(
+            batch.commit().1,
+            Some((t(7), stamps::rules_precision_ns(3)))
+        );
     }
 
     #[test]
     fn lost_notifications_do_not_leave_a_stale_batch_time() {
         let mut batch = Batch::default();
         // A batch starts, then the socket overflows before its NEWGEN.
-        batch.message(Some(&table("kube-proxy")), t(10));
+        batch.message(Some(&table("kube-proxy")), read_at(10));
         batch.lost();
         // The next commit after the re-read is timed by its own messages.
-        batch.message(Some(&table("nat")), t(500));
+        batch.message(Some(&table("nat")), read_at(500));
         let (dirty, started) = batch.commit();
-        assert_eq!(started, Some(t(500)));
+        assert_eq!(started, Some((t(500), NETLINK_PRECISION_NS)));
         assert_eq!(dirty, HashSet::from([table("nat")]));
     }
 }

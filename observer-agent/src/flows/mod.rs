@@ -10,8 +10,9 @@
 //!
 //! Time of a flow: conntrack's own start timestamp when the event carries it
 //! (net.netfilter.nf_conntrack_timestamp=1; today's kernels put it in
-//! destroy events only), else the event's arrival: the kernel sends it when
-//! the flow's first packet is confirmed.
+//! destroy events only), else the kernel stamp `ct_new_filter` took as the
+//! event was queued, when the flow's first packet was confirmed
+//! ([`crate::stamps`]), else the event's arrival in this thread.
 
 mod ct_msg;
 
@@ -40,6 +41,7 @@ use crate::{
     dataplane::send_until_stopped,
     kernel::{self, MissingInObject},
     netlink::{self, NETLINK_NETFILTER, Socket},
+    stamps::{Stamps, Timing},
 };
 
 /// Name of the socket filter program in the eBPF object.
@@ -65,6 +67,7 @@ pub struct FlowWatch {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     overflows: Arc<AtomicU64>,
+    timing: Timing,
 }
 
 impl FlowWatch {
@@ -72,6 +75,11 @@ impl FlowWatch {
     /// so new flows of that moment are missing.
     pub fn overflows(&self) -> u64 {
         self.overflows.load(Ordering::Relaxed)
+    }
+
+    /// How new flows are timed.
+    pub fn timing(&self) -> &Timing {
+        &self.timing
     }
 }
 
@@ -86,8 +94,13 @@ impl Drop for FlowWatch {
 
 /// Opens a ctnetlink socket in the current network namespace, attaches the
 /// filter (loading it if needed; it reads the watched-address maps of `ebpf`) and
-/// reports each new flow to a watched address, whatever its port.
-pub fn spawn(ebpf: &mut Ebpf, tx: Sender<Observation>) -> Result<FlowWatch, FlowsError> {
+/// reports each new flow to a watched address, whatever its port, timed by
+/// `stamps` where it has them.
+pub fn spawn(
+    ebpf: &mut Ebpf,
+    tx: Sender<Observation>,
+    mut stamps: Stamps,
+) -> Result<FlowWatch, FlowsError> {
     let program: &mut SocketFilter = kernel::program_mut(ebpf, PROGRAM)?.try_into()?;
     if program.fd().is_err() {
         program.load()?;
@@ -101,21 +114,32 @@ pub fn spawn(ebpf: &mut Ebpf, tx: Sender<Observation>) -> Result<FlowWatch, Flow
         warn!(error = %e, "could not grow the conntrack event buffer");
     }
     sock.set_recv_timeout(POLL).map_err(FlowsError::Socket)?;
+    let timing = stamps.timing();
+    if let Timing::Receipt(why) = &timing {
+        warn!(reason = %why, "new flows are timed when this thread reads them, not by the kernel");
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let overflows = Arc::new(AtomicU64::new(0));
     let (flag, lost) = (stop.clone(), overflows.clone());
     let thread = std::thread::Builder::new()
         .name("flows".into())
-        .spawn(move || run(&sock, &flag, &lost, &tx))
+        .spawn(move || run(&sock, &flag, &lost, &tx, &mut stamps))
         .map_err(FlowsError::Thread)?;
     Ok(FlowWatch {
         stop,
         thread: Some(thread),
         overflows,
+        timing,
     })
 }
 
-fn run(sock: &Socket, stop: &AtomicBool, overflows: &AtomicU64, tx: &Sender<Observation>) {
+fn run(
+    sock: &Socket,
+    stop: &AtomicBool,
+    overflows: &AtomicU64,
+    tx: &Sender<Observation>,
+    stamps: &mut Stamps,
+) {
     let mut buf = vec![0u8; 64 << 10];
     while !stop.load(Ordering::Relaxed) {
         let n = match sock.recv(&mut buf) {
@@ -137,6 +161,8 @@ fn run(sock: &Socket, stop: &AtomicBool, overflows: &AtomicU64, tx: &Sender<Obse
             }
         };
         let received = UnixNanos::now();
+        // One event per datagram (ctnetlink_conntrack_event).
+        let queued = stamps.time_of(&buf[..n]);
         for msg in netlink::messages(&buf[..n]) {
             let Ok(msg) = msg else { break };
             if msg.kind != ct_msg::CT_NEW {
@@ -153,7 +179,7 @@ fn run(sock: &Socket, stop: &AtomicBool, overflows: &AtomicU64, tx: &Sender<Obse
                 src: ct.original.src,
                 dst: ct.reply.src,
                 original_dst: ct.original.dst,
-                time: ct.start.unwrap_or(received),
+                time: ct.start.or(queued).unwrap_or(received),
             };
             send_until_stopped(tx, stop, Observation::NewFlow(flow));
         }

@@ -12,6 +12,7 @@ use observer_common::{TcpSendResetAddrs, TracepointLayout};
 use serde::Serialize;
 
 use super::{Delivery, HookStatus, Kernel, LoadOptions, tracefs::Tracefs};
+use crate::stamps::{self, StampKind, Timing};
 
 /// One row of the capability table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -75,6 +76,12 @@ fn cost(name: &str) -> &'static str {
             "ruleset changes are timed by their netlink notification or re-read, not by the kernel's commit: times are up to a few ms late"
         }
         "sysctl/bpf_stats_enabled" => "the run time of the agent's eBPF programs is not reported",
+        "timing/nf_tables notifications" => {
+            "rule changes are timed when the agent's thread reads their notification, not by the kernel: up to 2 ms late under SCHED_FIFO, tens of ms at normal priority on a busy node"
+        }
+        "timing/conntrack new flows" => {
+            "new flows are timed when the agent's thread reads their event, not when the kernel confirmed them: milliseconds late on a busy node"
+        }
         _ => "nothing the agent uses today",
     }
 }
@@ -84,10 +91,11 @@ fn cost(name: &str) -> &'static str {
 pub fn probe() -> Vec<Capability> {
     let mut table = probe_kernel();
     match Kernel::load(LoadOptions::default()) {
-        Ok(kernel) => {
+        Ok(mut kernel) => {
             table.extend(hook_capabilities(kernel.hooks()));
             table.push(resets_without_socket_capability(kernel.layout()));
             table.push(delivery_capability(kernel.delivery()));
+            table.extend(timing_capabilities(&mut kernel));
         }
         Err(e) => table.push(Capability::new("ebpf/load", false, e.to_string(), true)),
     }
@@ -141,6 +149,23 @@ pub fn delivery_capability(delivery: &Delivery) -> Capability {
         delivery.detail.clone(),
         false,
     )
+}
+
+/// How the source side's netlink datagrams are timed: by the socket
+/// filters' kernel stamps, or at receipt (the row is missing).
+pub fn timing_capabilities(kernel: &mut Kernel) -> Vec<Capability> {
+    StampKind::ALL
+        .into_iter()
+        .map(|kind| {
+            let timing = stamps::probe(kernel, kind);
+            Capability::new(
+                format!("timing/{kind}"),
+                timing == Timing::KernelStamp,
+                timing.to_string(),
+                false,
+            )
+        })
+        .collect()
 }
 
 /// Program and map types, kernel files and tracefs, without loading the

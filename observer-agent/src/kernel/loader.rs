@@ -15,6 +15,8 @@ use observer_common::{
 };
 use thiserror::Error;
 
+use crate::stamps::{StampKind, StampRings, Stamps};
+
 use super::{
     conn_ring::{BatchFlush, ConnRing},
     tracefs::{self, CONN_TRACEPOINTS, ConnTracepoint, Tracefs, TracefsError},
@@ -93,6 +95,10 @@ pub struct LoadOptions {
     /// on kernels whose record layout differs from the compiled-in one
     /// (so that this path can be tested on any kernel).
     pub copy_records: bool,
+    /// Time netlink datagrams at their receipt instead of by the socket
+    /// filters' kernel stamps (so that the fallback can be tested on any
+    /// kernel).
+    pub receipt_timing: bool,
 }
 
 /// How connection events reach the ring buffer on this kernel.
@@ -128,6 +134,7 @@ pub struct Kernel {
     hooks: Vec<HookStatus>,
     reset_reasons: std::collections::HashMap<u32, String>,
     layout: TracepointLayout,
+    stamps: StampRings,
 }
 
 impl Kernel {
@@ -177,6 +184,11 @@ impl Kernel {
         } else {
             prepare_batches(&mut ebpf, batch_state)
         };
+        let stamps = if options.receipt_timing {
+            StampRings::off("turned off by the caller")
+        } else {
+            StampRings::take_from(&mut ebpf)
+        };
         let mut kernel = Kernel {
             ebpf,
             watched,
@@ -189,6 +201,7 @@ impl Kernel {
             hooks,
             reset_reasons,
             layout,
+            stamps,
         };
         // The filter carries the delivery mode to the programs.
         kernel.write_filter()?;
@@ -224,6 +237,17 @@ impl Kernel {
     /// The loaded object, for sources that attach programs of their own.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+
+    /// The kernel stamps of one socket's datagrams, each kind handed out
+    /// once; else why that socket is timed at receipt.
+    pub fn take_stamps(&mut self, kind: StampKind) -> Stamps {
+        self.stamps.take(kind)
+    }
+
+    /// Whether the stamps of `kind` are still here to be taken, or why not.
+    pub fn stamps_available(&self, kind: StampKind) -> Result<(), String> {
+        self.stamps.available(kind)
     }
 
     /// The connection event ring buffer; there is one reader, so it is handed out once.
