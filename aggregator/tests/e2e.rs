@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use aggregator::config::Settings;
 use apiserver_double::ApiServerDouble;
-use apiserver_double::objects::{endpoint_slice, pod};
+use apiserver_double::objects::{endpoint_slice, node, pod};
 use common::lab::*;
 use common::{get, get_json};
 use k8s_openapi::api::core::v1::Pod;

@@ -112,6 +112,9 @@ async fn wait_for_deletion(store: &Path, uid: &str) -> observer_proto::api::Dele
 #[tokio::test]
 async fn reports_a_deletion_end_to_end() {
     let double = ApiServerDouble::start().await.unwrap();
+    double
+        .create(&objects::node("node-a", "192.168.0.1", "10.244.0.0/24"))
+        .unwrap();
     let web1 = double.create(&pod("web-1", "10.244.0.5")).unwrap();
     double.create(&slice(&[&web1], false)).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -170,6 +173,9 @@ async fn reports_a_deletion_end_to_end() {
 #[tokio::test]
 async fn buffers_while_the_aggregator_restarts_and_reconnects() {
     let double = ApiServerDouble::start().await.unwrap();
+    double
+        .create(&objects::node("node-a", "192.168.0.1", "10.244.0.0/24"))
+        .unwrap();
     let web1 = double.create(&pod("web-1", "10.244.0.5")).unwrap();
     let web2 = double.create(&pod("web-2", "10.244.0.6")).unwrap();
     double.create(&slice(&[&web1, &web2], false)).unwrap();

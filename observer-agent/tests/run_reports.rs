@@ -80,6 +80,10 @@ async fn run_reports_the_raw_observations_of_watched_endpoints() {
     // The aggregator's gRPC socket lives in the node's namespace, where the
     // agent works; its HTTP API stays on the host.
     let double = ApiServerDouble::start().await.unwrap();
+    // Only nodes in the Node list report.
+    double
+        .create(&objects::node("node-a", "192.168.0.1", "10.244.0.0/24"))
+        .unwrap();
     let web2 = double.create(&pod()).unwrap();
     double.create(&slice(&web2, false)).unwrap();
     let (grpc, health) = ns

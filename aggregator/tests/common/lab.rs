@@ -11,8 +11,6 @@ use aggregator::config::Settings;
 use aggregator::store::Store;
 use apiserver_double::ApiServerDouble;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeSpec, NodeStatus};
-use kube::api::ObjectMeta;
 use observer_proto::v1 as pb;
 use observer_proto::v1::observer_client::ObserverClient;
 use tonic::transport::Channel;
@@ -48,27 +46,6 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("timed out waiting for {what}");
-}
-
-pub fn node(name: &str, ip: &str, cidr: &str) -> Node {
-    Node {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        spec: Some(NodeSpec {
-            pod_cidr: Some(cidr.into()),
-            pod_cidrs: Some(vec![cidr.into()]),
-            ..Default::default()
-        }),
-        status: Some(NodeStatus {
-            addresses: Some(vec![NodeAddress {
-                address: ip.into(),
-                type_: "InternalIP".into(),
-            }]),
-            ..Default::default()
-        }),
-    }
 }
 
 pub struct Agent {

@@ -1,10 +1,35 @@
-//! The Pods and EndpointSlices tests put into the double, shaped as the
-//! kubelet and the EndpointSlice controller write them (the fields the
+//! The Nodes, Pods and EndpointSlices tests put into the double, shaped as
+//! the kubelet and the EndpointSlice controller write them (the fields the
 //! aggregator reads).
 
-use k8s_openapi::api::core::v1::{ObjectReference, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{
+    Node, NodeAddress, NodeSpec, NodeStatus, ObjectReference, Pod, PodSpec, PodStatus,
+};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+/// A node with its InternalIP and pod CIDR: the aggregator's Node list
+/// (only listed nodes are expected to report, and may).
+pub fn node(name: &str, ip: &str, cidr: &str) -> Node {
+    Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            pod_cidr: Some(cidr.into()),
+            pod_cidrs: Some(vec![cidr.into()]),
+            ..Default::default()
+        }),
+        status: Some(NodeStatus {
+            addresses: Some(vec![NodeAddress {
+                address: ip.into(),
+                type_: "InternalIP".into(),
+            }]),
+            ..Default::default()
+        }),
+    }
+}
 
 /// A running pod with its IP, scheduled on `node`.
 pub fn pod(namespace: &str, name: &str, ip: &str, node: &str) -> Pod {
