@@ -247,6 +247,26 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// A host on the underlay that is no node (no proxy, no agent, no pod
+    /// CIDR): a load balancer outside the cluster sending to pod IPs, which
+    /// it reaches through each pod's node as a VPC routes them.
+    pub fn add_outside(&self, role: &str, ip: Ipv4Addr) -> Result<NetNs, TopologyError> {
+        let ns = NetNs::create(role)?;
+        attach_to_switch(&self.switch, role, &ns, ip)?;
+        for node in &self.nodes {
+            ns.ip(&[
+                "route",
+                "add",
+                &node.pod_cidr_string(),
+                "via",
+                &node.ip.to_string(),
+            ])?;
+        }
+        Ok(ns)
+    }
+}
+
 /// Plugs `ns` into the switch as `eth0` with `ip` on the underlay.
 fn attach_to_switch(
     switch: &NetNs,

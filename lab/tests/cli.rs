@@ -20,8 +20,9 @@ use serde_json::Value;
 /// leftovers can be found whatever their parent has become.
 const TAG_ENV: &str = "LAB_CLI_TEST_TAG";
 
-/// Small enough for a few tens of seconds per run; the delays stay under
-/// the folklore 5 s, so the baseline rollout runs with preStop 0.
+/// Small enough for a few tens of seconds per run; kube-proxy alone, with
+/// delays under the folklore 5 s, so the baseline rollout runs with
+/// preStop 0.
 const SMALL: &[&str] = &[
     "--nodes",
     "3",
@@ -39,6 +40,8 @@ const SMALL: &[&str] = &[
     "2",
     "--seed",
     "7",
+    "--routers",
+    "kube-proxy",
 ];
 
 struct LabRun {
