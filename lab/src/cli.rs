@@ -91,7 +91,11 @@ pub struct LabArgs {
     /// The ingress controller's delay from an endpoint turning not ready to
     /// `nginx -s reload` without it (same syntax as --delay). The default's
     /// outliers pass the folklore 5 s.
-    #[arg(long, env = "LAB_INGRESS_DELAY", default_value = "500ms..2500ms,outliers=0.35@5500ms..7s")]
+    #[arg(
+        long,
+        env = "LAB_INGRESS_DELAY",
+        default_value = "500ms..2500ms,outliers=0.35@5500ms..7s"
+    )]
     pub ingress_delay: DelayDistribution,
     /// The client-side balancer's refresh interval (e.g. 30s, Eureka's
     /// default): it drops a deleted pod up to this long after.

@@ -326,7 +326,10 @@ async fn keep_alive(
             let (stream, reader, target) = match &mut conn {
                 Some(c) => c,
                 None => {
-                    let target = config.target.pick(opened).ok_or(FailureCause::Unreachable)?;
+                    let target = config
+                        .target
+                        .pick(opened)
+                        .ok_or(FailureCause::Unreachable)?;
                     opened += 1;
                     let stream = TcpStream::connect(target)
                         .await

@@ -90,7 +90,8 @@ impl Nginx {
             dir: dir.to_owned(),
             child,
         };
-        nginx.wait_for_new_worker(&HashSet::new(), "no worker ran")
+        nginx
+            .wait_for_new_worker(&HashSet::new(), "no worker ran")
             .await?;
         Ok(nginx)
     }

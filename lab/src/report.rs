@@ -321,10 +321,7 @@ impl Report {
 
     /// Accuracy per dataplane mode.
     fn write_accuracy(&self, out: &mut String) {
-        let _ = writeln!(
-            out,
-            "\nAccuracy of T_rules |measured - injected| by mode:"
-        );
+        let _ = writeln!(out, "\nAccuracy of T_rules |measured - injected| by mode:");
         for a in &self.accuracy {
             let _ = writeln!(
                 out,

@@ -21,12 +21,9 @@ use lab::{
 fn joined(truths: &[DeletionTruth], records: &[DeletionRecord]) -> Vec<DeletionReport> {
     truths
         .iter()
-        .map(|t| report::deletion_report(
-                "e2e",
-                t,
-                records.iter().find(|r| r.pod_uid == t.uid),
-                &[],
-            ))
+        .map(|t| {
+            report::deletion_report("e2e", t, records.iter().find(|r| r.pod_uid == t.uid), &[])
+        })
         .collect()
 }
 

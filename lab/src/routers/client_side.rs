@@ -62,7 +62,12 @@ pub async fn start(
     let first: List<EndpointSlice> = http.get_json(&url).await?;
     let (targets, list) = backend_list();
     let mut known = ready(&first);
-    targets.send_replace(known.iter().map(|ip| SocketAddrV4::new(*ip, POD_PORT)).collect());
+    targets.send_replace(
+        known
+            .iter()
+            .map(|ip| SocketAddrV4::new(*ip, POD_PORT))
+            .collect(),
+    );
     let drops = Drops::default();
     let name = router.name.clone();
     let recorded = drops.clone();

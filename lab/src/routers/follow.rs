@@ -24,7 +24,10 @@ pub(super) fn ready(services: &Services) -> Vec<Backend> {
 
 /// Applies a backend list; returns when the router follows it.
 pub(super) trait Apply {
-    fn apply(&mut self, backends: &[Backend]) -> impl Future<Output = Result<UnixNanos, String>> + Send;
+    fn apply(
+        &mut self,
+        backends: &[Backend],
+    ) -> impl Future<Output = Result<UnixNanos, String>> + Send;
 }
 
 /// Follows `services` until it closes: the current list at once, then

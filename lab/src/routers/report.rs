@@ -266,9 +266,16 @@ pub struct FolkloreVerdict {
 /// Per router type, how the folklore `sleep 5` compares with what was
 /// measured.
 pub fn folklore(
-    deletions: &[crate::report::DeletionReport], folklore_s: u64) -> Vec<FolkloreVerdict> {
+    deletions: &[crate::report::DeletionReport],
+    folklore_s: u64,
+) -> Vec<FolkloreVerdict> {
     let mut max: BTreeMap<Choice, (f64, &'static str)> = BTreeMap::new();
-    fn take(max: &mut BTreeMap<Choice, (f64, &'static str)>, choice: Choice, ms: f64, source: &'static str) {
+    fn take(
+        max: &mut BTreeMap<Choice, (f64, &'static str)>,
+        choice: Choice,
+        ms: f64,
+        source: &'static str,
+    ) {
         let e = max.entry(choice).or_insert((ms, source));
         if ms > e.0 {
             *e = (ms, source);
@@ -301,11 +308,19 @@ pub fn folklore(
 }
 
 /// The printed comparison with the folklore delay.
-pub fn write_folklore(out: &mut String, verdicts: &[FolkloreVerdict], folklore_s: u64, pods: usize) {
+pub fn write_folklore(
+    out: &mut String,
+    verdicts: &[FolkloreVerdict],
+    folklore_s: u64,
+    pods: usize,
+) {
     if verdicts.is_empty() {
         return;
     }
-    let _ = writeln!(out, "\nFolklore preStop {folklore_s} s against the measurements:");
+    let _ = writeln!(
+        out,
+        "\nFolklore preStop {folklore_s} s against the measurements:"
+    );
     for v in verdicts {
         let verdict = match v.versus_folklore_seconds {
             d if d > 0 => format!("too short by {d} s: requests through it fail"),
