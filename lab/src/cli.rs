@@ -355,12 +355,32 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
         .await?;
     if let Some(f) = &last.keep_alive.finding {
         println!("Keep-alive finding after all rollouts: {f}");
+        if args.server == ShutdownMode::Nginx {
+            println!("{}", nginx_keep_alive_fix(&report, recommended));
+        }
     }
     println!("report: {}", report_path.display());
     say("tearing down");
     observer.shutdown().await;
     lab.shutdown().await?;
     Ok(report)
+}
+
+/// What the keep-alive finding means for nginx pods, with the lab's own
+/// count of requests it cost.
+fn nginx_keep_alive_fix(report: &Report, pre_stop: u64) -> String {
+    let lost: u64 = report
+        .runs
+        .last()
+        .map_or(0, |r| r.keep_alive.failed_total());
+    format!(
+        "nginx pods: SIGTERM is nginx's fast shutdown, which closes its keep-alive connections under the clients \
+         ({lost} keep-alive requests failed in the last rollout despite its preStop). Stop it gracefully at the end \
+         of the preStop instead, so idle connections close and answers in flight carry `Connection: close` before \
+         the kill:\n  lifecycle: {{preStop: {{exec: {{command: [\"sh\", \"-c\", \"sleep {pre_stop}; nginx -s quit; \
+         while pgrep -x nginx >/dev/null; do sleep 1; done\"]}}}}}}\n  \
+         (not measured here: the lab's kubelet runs sleep hooks only)"
+    )
 }
 
 /// Creates the cluster, then the API double, the aggregator and the agents.

@@ -100,6 +100,12 @@ impl Nginx {
         &self.dir
     }
 
+    /// The master process, for a caller that stops it by signals (a pod's
+    /// kubelet).
+    pub fn into_child(self) -> Child {
+        self.child
+    }
+
     /// The master's process id.
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
