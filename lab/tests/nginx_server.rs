@@ -1,0 +1,74 @@
+//! End to end with real nginx as the pods' server (seed 002's experiment):
+//! keep-alive clients against nginx with its default keepalive_timeout.
+//! A preStop covering every node keeps new connections whole, but
+//! SIGTERM, nginx's fast shutdown, cuts the keep-alive connections it
+//! holds: requests on them fail, and the aggregator reports the finding.
+
+mod common;
+
+use std::time::Duration;
+
+use lab::{observer::Observer, scenario::Lab, server::ShutdownMode};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_pods_cut_keep_alive_connections_at_sigterm_and_the_finding_says_so() {
+    if !lab::root::root_or_skip(
+        "nginx_pods_cut_keep_alive_connections_at_sigterm_and_the_finding_says_so",
+    ) {
+        return;
+    }
+    let _serial = common::SERIAL.lock().await;
+    let dir = common::work_dir("nginx-server");
+    let mut lab = Lab::start(common::lab_config("100ms..400ms", ShutdownMode::Nginx, 31))
+        .await
+        .expect("lab");
+    let observer = Observer::start(&lab, &common::binaries(Duration::from_secs(10)), &dir)
+        .await
+        .expect("observer");
+    let run = lab
+        .rollout(&common::rollout(3, Duration::from_secs(2)), |p| {
+            eprintln!("{p}")
+        })
+        .await
+        .expect("rollout");
+    eprintln!(
+        "new connections {:?}; keep-alive {:?}",
+        run.new_connection, run.keep_alive
+    );
+    // nginx answered: every backend seen is one of the pods.
+    assert!(run.keep_alive.ok > 100, "{:?}", run.keep_alive);
+    assert!(
+        run.keep_alive
+            .backends
+            .keys()
+            .all(|b| b.starts_with("web-"))
+    );
+    assert_eq!(
+        run.new_connection.failed_total(),
+        0,
+        "a 2 s preStop covers every node's 400 ms"
+    );
+    assert!(
+        run.keep_alive.failed_total() > 0,
+        "nginx's fast shutdown cut no keep-alive request"
+    );
+    observer
+        .wait_complete(&run.deletions)
+        .await
+        .expect("measurements");
+    let recommendation = observer
+        .aggregator
+        .recommendation(lab::api::NAMESPACE, lab::api::SERVICE)
+        .await
+        .expect("recommendation");
+    assert!(
+        recommendation.keep_alive.aborted_connections > 0,
+        "{recommendation:?}"
+    );
+    assert!(
+        recommendation.keep_alive.finding.is_some(),
+        "{recommendation:?}"
+    );
+    observer.shutdown().await;
+    lab.shutdown().await.expect("shutdown");
+}
