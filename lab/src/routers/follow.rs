@@ -63,7 +63,7 @@ pub(super) async fn follow(
                 for gone in current.iter().filter(|b| !now_ready.contains(b)) {
                     if pending.iter().all(|p| p.1 != *gone) {
                         let d = delay.sample(&mut rng);
-                        pending.push((Instant::now() + d, gone.clone(), d));
+                        pending.push((Instant::now() + d, *gone, d));
                     }
                 }
                 if !added.is_empty() {
