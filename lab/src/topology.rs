@@ -198,7 +198,14 @@ impl Cluster {
                     &other.ip.to_string(),
                 ])?;
             }
-            self.control_plane.ip(&[
+        }
+        Ok(self.route_to_pods(&self.control_plane)?)
+    }
+
+    /// `ns`, on the underlay, reaches every node's pods through that node.
+    fn route_to_pods(&self, ns: &NetNs) -> Result<(), NetnsError> {
+        for node in &self.nodes {
+            ns.ip(&[
                 "route",
                 "add",
                 &node.pod_cidr_string(),
@@ -254,15 +261,7 @@ impl Cluster {
     pub fn add_outside(&self, role: &str, ip: Ipv4Addr) -> Result<NetNs, TopologyError> {
         let ns = NetNs::create(role)?;
         attach_to_switch(&self.switch, role, &ns, ip)?;
-        for node in &self.nodes {
-            ns.ip(&[
-                "route",
-                "add",
-                &node.pod_cidr_string(),
-                "via",
-                &node.ip.to_string(),
-            ])?;
-        }
+        self.route_to_pods(&ns)?;
         Ok(ns)
     }
 }

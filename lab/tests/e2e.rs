@@ -195,19 +195,7 @@ async fn keep_alive_server_without_graceful_close_loses_requests_and_is_reported
         .wait_complete(&run.deletions)
         .await
         .expect("measurements");
-    let recommendation = observer
-        .aggregator
-        .recommendation(lab::api::NAMESPACE, lab::api::SERVICE)
-        .await
-        .expect("recommendation");
-    assert!(
-        recommendation.keep_alive.aborted_connections > 0,
-        "{recommendation:?}"
-    );
-    assert!(
-        recommendation.keep_alive.finding.is_some(),
-        "{recommendation:?}"
-    );
+    common::assert_keep_alive_finding(&observer).await;
     observer.shutdown().await;
     lab.shutdown().await.expect("shutdown");
 }

@@ -56,19 +56,7 @@ async fn nginx_pods_cut_keep_alive_connections_at_sigterm_and_the_finding_says_s
         .wait_complete(&run.deletions)
         .await
         .expect("measurements");
-    let recommendation = observer
-        .aggregator
-        .recommendation(lab::api::NAMESPACE, lab::api::SERVICE)
-        .await
-        .expect("recommendation");
-    assert!(
-        recommendation.keep_alive.aborted_connections > 0,
-        "{recommendation:?}"
-    );
-    assert!(
-        recommendation.keep_alive.finding.is_some(),
-        "{recommendation:?}"
-    );
+    common::assert_keep_alive_finding(&observer).await;
     observer.shutdown().await;
     lab.shutdown().await.expect("shutdown");
 }

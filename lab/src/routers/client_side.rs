@@ -38,6 +38,12 @@ fn ready(slices: &List<EndpointSlice>) -> BTreeSet<Ipv4Addr> {
         .collect()
 }
 
+fn addresses(ips: &BTreeSet<Ipv4Addr>) -> Vec<SocketAddrV4> {
+    ips.iter()
+        .map(|ip| SocketAddrV4::new(*ip, POD_PORT))
+        .collect()
+}
+
 /// Starts the balancer in a new pod on node `node`, registered in the API
 /// as `shop/checkout`, refreshing every `refresh`. It lists from the API
 /// double on the control plane's loopback (where the double listens); its
@@ -84,12 +90,7 @@ pub async fn start(
                 }
             };
             let now_ready = ready(&slices);
-            targets.send_replace(
-                now_ready
-                    .iter()
-                    .map(|ip| SocketAddrV4::new(*ip, POD_PORT))
-                    .collect(),
-            );
+            targets.send_replace(addresses(&now_ready));
             let at = UnixNanos::now();
             for gone in known.difference(&now_ready) {
                 recorded.push(RouterDrop {

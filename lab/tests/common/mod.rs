@@ -112,3 +112,21 @@ pub fn describe(d: &DeletionReport, n: &PerNode) -> String {
         n.injected_started_ms
     )
 }
+
+/// The aggregator's recommendation for the lab's Service, with a
+/// keep-alive finding and aborted connections behind it.
+pub async fn assert_keep_alive_finding(observer: &lab::observer::Observer) {
+    let recommendation = observer
+        .aggregator
+        .recommendation(lab::api::NAMESPACE, lab::api::SERVICE)
+        .await
+        .expect("recommendation");
+    assert!(
+        recommendation.keep_alive.aborted_connections > 0,
+        "{recommendation:?}"
+    );
+    assert!(
+        recommendation.keep_alive.finding.is_some(),
+        "{recommendation:?}"
+    );
+}
