@@ -43,10 +43,13 @@ pub fn start(
         node: None,
     };
     let (targets, list) = backend_list();
+    let services = lab.subscribe();
+    // Listed before its client can start, not when the task first runs.
+    targets.send_replace(addresses(&follow::ready(&services.borrow())));
     let drops = Drops::default();
     let task = Task(tokio::spawn(follow::follow(
         router.name.clone(),
-        lab.subscribe(),
+        services,
         delay,
         config.seed.wrapping_mul(7919).wrapping_add(3),
         drops.clone(),
