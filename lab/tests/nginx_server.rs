@@ -43,20 +43,9 @@ async fn nginx_pods_cut_keep_alive_connections_at_sigterm_and_the_finding_says_s
             .keys()
             .all(|b| b.starts_with("web-"))
     );
-    assert_eq!(
-        run.new_connection.failed_total(),
-        0,
-        "a 2 s preStop covers every node's 400 ms"
-    );
-    assert!(
-        run.keep_alive.failed_total() > 0,
-        "nginx's fast shutdown cut no keep-alive request"
-    );
-    observer
-        .wait_complete(&run.deletions)
-        .await
-        .expect("measurements");
-    common::assert_keep_alive_finding(&observer).await;
+    // A 2 s preStop covers every node's 400 ms; nginx's fast shutdown
+    // cuts its keep-alive connections.
+    common::assert_only_keep_alive_lost(&observer, &run).await;
     observer.shutdown().await;
     lab.shutdown().await.expect("shutdown");
 }
