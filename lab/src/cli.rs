@@ -201,6 +201,9 @@ pub fn run(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> Result
     if args.nodes == 0 || args.pods < 2 || args.deletions == 0 {
         bail!("the lab needs at least 1 node, 2 pods and 1 deletion");
     }
+    if args.routers.contains(&Choice::ClientSide) && args.client_side_refresh.is_zero() {
+        bail!("--client-side-refresh 0s: the client-side balancer needs an interval above 0");
+    }
     netns::reap_stale();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
