@@ -285,6 +285,7 @@ impl Report {
             self.folklore_seconds,
             self.rollout_pods,
         );
+        self.write_recommended_against_folklore(&mut out);
         self.write_recommendation(&mut out);
         self.write_agent_cost(&mut out);
         self.write_runs(&mut out);
@@ -364,6 +365,35 @@ impl Report {
                 let _ = writeln!(out, "\nRecommendation: none");
             }
         }
+    }
+
+    /// The recommendation's cost or saving against the folklore delay, and
+    /// what each rollout lost.
+    fn write_recommended_against_folklore(&self, out: &mut String) {
+        let Some(recommended) = self
+            .recommendation
+            .as_ref()
+            .and_then(|r| r.pre_stop_seconds)
+        else {
+            return;
+        };
+        let per_pod = recommended as i64 - self.folklore_seconds as i64;
+        // The folklore ran as the baseline when some router could exceed
+        // it; the recommendation ran last.
+        let folklore = self
+            .runs
+            .iter()
+            .find(|r| r.name == "baseline" && r.pre_stop_seconds == self.folklore_seconds as f64);
+        let _ = writeln!(
+            out,
+            "  recommended {recommended} s: {per_pod:+} s per pod against the folklore, {:+} s over a rollout of {} pods; lost requests: folklore {}, recommended {}",
+            per_pod * self.rollout_pods as i64,
+            self.rollout_pods,
+            folklore.map_or_else(|| "(not run)".into(), |r| r.failed.to_string()),
+            self.runs
+                .last()
+                .map_or_else(|| "-".into(), |r| r.failed.to_string()),
+        );
     }
 
     /// The agents' CPU over the rollouts' traffic.

@@ -227,6 +227,13 @@ pub fn write_accuracy(out: &mut String, accuracy: &[RouterAccuracy]) {
         out,
         "\nAccuracy |measured - injected| by router type (the aggregator's per-router measurements):"
     );
+    if accuracy.iter().all(|a| a.samples == 0) {
+        let _ = writeln!(
+            out,
+            "  none: the aggregator reported no per-router measurement (`routers` of /v1/deletions is empty)"
+        );
+        return;
+    }
     for a in accuracy {
         let _ = writeln!(
             out,
