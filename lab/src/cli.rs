@@ -430,7 +430,7 @@ async fn start(
         "routers: {}",
         args.routers
             .iter()
-            .map(|r| format!("{r:?}"))
+            .map(|r| r.to_string())
             .collect::<Vec<_>>()
             .join(", ")
     ));

@@ -435,7 +435,7 @@ impl Report {
             let by_type: Vec<String> = r
                 .failed_by_type
                 .iter()
-                .map(|(t, n)| format!("{t:?} {n}"))
+                .map(|(t, n)| format!("{t} {n}"))
                 .collect();
             let _ = writeln!(
                 out,

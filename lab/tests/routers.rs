@@ -299,4 +299,6 @@ fn router_types_are_named_as_the_flag_names_them() {
         })
         .collect();
     assert_eq!(names, ["kube-proxy", "ingress", "client-side", "external"]);
+    let shown: Vec<String> = Choice::ALL.iter().map(|c| c.to_string()).collect();
+    assert_eq!(shown, names);
 }

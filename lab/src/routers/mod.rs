@@ -58,6 +58,17 @@ pub enum Choice {
     External,
 }
 
+impl std::fmt::Display for Choice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Choice::KubeProxy => "kube-proxy",
+            Choice::Ingress => "ingress",
+            Choice::ClientSide => "client-side",
+            Choice::External => "external",
+        })
+    }
+}
+
 impl Choice {
     pub const ALL: [Choice; 4] = [
         Choice::KubeProxy,

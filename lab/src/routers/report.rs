@@ -238,7 +238,7 @@ pub fn write_accuracy(out: &mut String, accuracy: &[RouterAccuracy]) {
         let _ = writeln!(
             out,
             "  {:<12} samples {:>3} (missing {:>3}), p50 {} ms, p99 {} ms, max {} ms; bound {:.0}..{:.0} ms, outside {}",
-            format!("{:?}", a.choice),
+            a.choice.to_string(),
             a.samples,
             a.missing,
             opt_ms(a.p50_abs_error_ms),
@@ -342,7 +342,7 @@ pub fn write_folklore(
         let _ = writeln!(
             out,
             "  {:<12} measured max {:>7.0} ms ({}): {verdict}",
-            format!("{:?}", v.choice),
+            v.choice.to_string(),
             v.measured_max_ms,
             v.source
         );
