@@ -100,3 +100,48 @@ pub async fn start(
         _owned: Box::new((task, nginx, net)),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Real nginx accepts the configuration the controller writes, with
+    /// backends and with none (`cargo xtask setup` installs nginx).
+    #[test]
+    fn nginx_accepts_the_upstream_configuration() {
+        let dir = std::env::temp_dir().join(format!("lab-ingress-conf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let backends = [
+            Backend {
+                ip: "10.244.0.2".parse().unwrap(),
+                port: 8080,
+            },
+            Backend {
+                ip: "10.244.1.3".parse().unwrap(),
+                port: 8080,
+            },
+        ];
+        for list in [&backends[..], &[]] {
+            let conf = dir.join("nginx.conf");
+            std::fs::write(&conf, nginx::config(&dir, &http_block(list))).unwrap();
+            let out = std::process::Command::new("/usr/sbin/nginx")
+                .arg("-t")
+                .arg("-p")
+                .arg(&dir)
+                .arg("-c")
+                .arg(&conf)
+                .output()
+                .expect("nginx (cargo xtask setup installs it)");
+            assert!(
+                out.status.success(),
+                "{}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(&conf).unwrap()
+            );
+        }
+        let rendered = http_block(&backends);
+        assert!(rendered.contains("server 10.244.1.3:8080 max_fails=0;"));
+        assert!(rendered.contains("proxy_next_upstream off;"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -348,3 +348,44 @@ pub fn write_folklore(
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(choice: Choice, error_ms: Option<f64>) -> PerRouter {
+        PerRouter {
+            router: format!("{choice}"),
+            kind: RouterKind::Workload,
+            choice,
+            measured_ms: error_ms.map(|e| 1000.0 + e),
+            injected_ms: 1000.0,
+            error_ms,
+            uncertainty_ms: None,
+            class: None,
+        }
+    }
+
+    #[test]
+    fn traffic_timed_routers_may_be_early_by_one_gap_and_barely_late() {
+        // 16 backends at 40 requests/s: one connection per pod every 400 ms.
+        let gap = connection_gap_ms(16, 40.0);
+        assert_eq!(gap, 400.0);
+        assert_eq!(bound_ms(Choice::Ingress, gap), (-450.0, 50.0));
+        assert_eq!(bound_ms(Choice::KubeProxy, gap), (-50.0, 50.0));
+        let rows = [
+            row(Choice::Ingress, Some(-440.0)),
+            row(Choice::Ingress, Some(-460.0)),
+            row(Choice::Ingress, Some(60.0)),
+            row(Choice::Ingress, None),
+            row(Choice::KubeProxy, Some(-60.0)),
+        ];
+        let acc = accuracy(&rows, gap);
+        let ingress = acc.iter().find(|a| a.choice == Choice::Ingress).unwrap();
+        assert_eq!((ingress.samples, ingress.missing), (3, 1));
+        assert_eq!(ingress.outside_bound, 2);
+        assert_eq!(ingress.max_abs_error_ms, Some(460.0));
+        let kube_proxy = acc.iter().find(|a| a.choice == Choice::KubeProxy).unwrap();
+        assert_eq!(kube_proxy.outside_bound, 1);
+    }
+}
