@@ -13,7 +13,7 @@ use observer_proto::{
 use tokio::sync::watch;
 
 use super::{
-    Choice, Drops, Router, RouterError, RoutersConfig, Task, Traffic, addresses, backend_list,
+    Choice, Router, RouterError, RoutersConfig, Traffic, addresses, backend_list,
     follow::{self, Apply},
 };
 use crate::{delay::DelayDistribution, kubeproxy::Backend, scenario::Lab};
@@ -46,15 +46,13 @@ pub fn start(
     let services = lab.subscribe();
     // Listed before its client can start, not when the task first runs.
     targets.send_replace(addresses(&follow::ready(&services.borrow())));
-    let drops = Drops::default();
-    let task = Task(tokio::spawn(follow::follow(
-        router.name.clone(),
+    let (task, drops) = follow::spawn(
+        &router.name,
         services,
         delay,
         config.seed.wrapping_mul(7919).wrapping_add(3),
-        drops.clone(),
         Targets(targets),
-    )));
+    );
     Ok(Router {
         info: router,
         choice: Choice::External,

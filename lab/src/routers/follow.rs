@@ -10,7 +10,7 @@ use tokio::{sync::watch, time::Instant};
 
 use observer_proto::UnixNanos;
 
-use super::{Drops, RouterDrop};
+use super::{Drops, RouterDrop, Task};
 use crate::{
     delay::{DelayDistribution, Rng},
     kubeproxy::Backend,
@@ -30,10 +30,31 @@ pub(super) trait Apply {
     ) -> impl Future<Output = Result<UnixNanos, String>> + Send;
 }
 
+/// [`follow`] in a task of its own: the task (aborted when dropped) and
+/// the drops it records.
+pub(super) fn spawn(
+    router: &str,
+    services: watch::Receiver<Services>,
+    delay: DelayDistribution,
+    seed: u64,
+    applier: impl Apply + Send + 'static,
+) -> (Task, Drops) {
+    let drops = Drops::default();
+    let task = Task(tokio::spawn(follow(
+        router.to_owned(),
+        services,
+        delay,
+        seed,
+        drops.clone(),
+        applier,
+    )));
+    (task, drops)
+}
+
 /// Follows `services` until it closes: the current list at once, then
 /// every change. A failed apply is said on stderr with the router's name;
 /// the rollout waiting for the drop then fails with it.
-pub(super) async fn follow(
+async fn follow(
     router: String,
     mut services: watch::Receiver<Services>,
     delay: DelayDistribution,

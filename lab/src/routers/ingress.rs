@@ -9,7 +9,7 @@ use std::{net::SocketAddrV4, path::Path, sync::Arc};
 use observer_proto::UnixNanos;
 
 use super::{
-    Choice, Drops, Router, RouterError, RoutersConfig, Task, Traffic,
+    Choice, Router, RouterError, RoutersConfig, Traffic,
     follow::{self, Apply},
     workload,
 };
@@ -77,17 +77,15 @@ pub async fn start(
     let initial = nginx::config(&dir, &http_block(&follow::ready(&services.borrow())));
     let nginx = Arc::new(Nginx::start(&net.ns, &dir, &initial).await?);
     let router = workload(NAMESPACE, OWNER, &info.name);
-    let drops = Drops::default();
-    let task = Task(tokio::spawn(follow::follow(
-        router.name.clone(),
+    let (task, drops) = follow::spawn(
+        &router.name,
         services,
         delay,
         config.seed.wrapping_mul(7919).wrapping_add(1),
-        drops.clone(),
         Upstreams {
             nginx: nginx.clone(),
         },
-    )));
+    );
     Ok(Router {
         info: router,
         choice: Choice::Ingress,
