@@ -19,6 +19,7 @@ use crate::{
     netns,
     observer::{Binaries, Observer},
     report::{self, AgentCost, Report, RunReport},
+    routers::{self, Choice, Routers, RoutersConfig},
     scenario::{Lab, LabConfig, RolloutConfig, RolloutResult},
     server::ShutdownMode,
 };
@@ -26,6 +27,9 @@ use crate::{
 /// The folklore delay, used as the comparison when the injected delays can
 /// exceed it (a preStop of 0 would make that comparison pointless).
 const FOLKLORE_SECONDS: u64 = 5;
+/// The measuring rollout's default preStop: above the default routers'
+/// largest lag (the ingress's 7 s).
+const MEASURE_SECONDS: u64 = 10;
 
 #[derive(Args, Debug, Clone)]
 pub struct LabArgs {
@@ -57,8 +61,10 @@ pub struct LabArgs {
     /// How long a rollout spreads its deletions over (e.g. 6s).
     #[arg(long, default_value = "6s", value_parser = parse_duration_arg)]
     pub duration: Duration,
-    /// preStop delay of the first (measuring) rollout, seconds.
-    #[arg(long, default_value_t = FOLKLORE_SECONDS)]
+    /// preStop delay of the first (measuring) rollout, seconds. Longer
+    /// than every default router's lag, so each router's last connection
+    /// to a deleted pod is an accepted one.
+    #[arg(long, default_value_t = MEASURE_SECONDS)]
     pub measure_prestop: u64,
     /// Grace period beyond the preStop delay, seconds.
     #[arg(long, default_value_t = 2)]
@@ -69,6 +75,36 @@ pub struct LabArgs {
     /// Seed of the injected delays (same seed, same delays).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Routers that send to the Service's pods: `kube-proxy` (a client on
+    /// every node to the VIP), `ingress` (real nginx in a pod proxying to
+    /// pod IPs, its client on another node), `client-side` (a pod listing
+    /// the EndpointSlices on an interval and connecting to pod IPs),
+    /// `external` (a load balancer on the underlay outside every node).
+    #[arg(
+        long,
+        env = "LAB_ROUTERS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "kube-proxy,ingress,client-side,external"
+    )]
+    pub routers: Vec<Choice>,
+    /// The ingress controller's delay from an endpoint turning not ready to
+    /// `nginx -s reload` without it (same syntax as --delay). The default's
+    /// outliers pass the folklore 5 s.
+    #[arg(
+        long,
+        env = "LAB_INGRESS_DELAY",
+        default_value = "500ms..2500ms,outliers=0.35@5500ms..7s"
+    )]
+    pub ingress_delay: DelayDistribution,
+    /// The client-side balancer's refresh interval (e.g. 30s, Eureka's
+    /// default): it drops a deleted pod up to this long after.
+    #[arg(long, env = "LAB_CLIENT_SIDE_REFRESH", default_value = "3s", value_parser = parse_duration_arg)]
+    pub client_side_refresh: Duration,
+    /// The external load balancer's deregistration delay (same syntax as
+    /// --delay).
+    #[arg(long, env = "LAB_EXTERNAL_DELAY", default_value = "1s..4s")]
+    pub external_delay: DelayDistribution,
     /// Where to write report.json (default: target/lab/report.json).
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -84,6 +120,37 @@ pub struct LabArgs {
     /// `--exec 'hey -n 500 $LAB_URL'`. The lab fails if it fails.
     #[arg(long)]
     pub exec: Option<String>,
+}
+
+impl LabArgs {
+    /// The routers besides kube-proxy that `--routers` selects.
+    pub fn routers_config(&self) -> RoutersConfig {
+        let on = |c| self.routers.contains(&c);
+        RoutersConfig {
+            ingress: on(Choice::Ingress).then_some(self.ingress_delay),
+            client_side: on(Choice::ClientSide).then_some(self.client_side_refresh),
+            external: on(Choice::External).then_some(self.external_delay),
+            rate: self.rate,
+            seed: self.seed,
+        }
+    }
+
+    /// The longest any selected router can take to let go of a pod.
+    pub fn slowest_router(&self) -> Duration {
+        let c = self.routers_config();
+        [
+            self.routers
+                .contains(&Choice::KubeProxy)
+                .then(|| self.delay.max()),
+            c.ingress.map(|d| d.max()),
+            c.client_side,
+            c.external.map(|d| d.max()),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or_default()
+    }
 }
 
 /// Every binary the lab runs.
@@ -133,6 +200,9 @@ pub fn run(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> Result
     }
     if args.nodes == 0 || args.pods < 2 || args.deletions == 0 {
         bail!("the lab needs at least 1 node, 2 pods and 1 deletion");
+    }
+    if args.routers.contains(&Choice::ClientSide) && args.client_side_refresh.is_zero() {
+        bail!("--client-side-refresh 0s: the client-side balancer needs an interval above 0");
     }
     netns::reap_stale();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -247,7 +317,7 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
     observer.wait_complete(&measured.deletions).await?;
     recommendation(&observer, "after rollout 1", say).await?;
 
-    let baseline = if args.delay.max() > Duration::from_secs(FOLKLORE_SECONDS) {
+    let baseline = if args.slowest_router() > Duration::from_secs(FOLKLORE_SECONDS) {
         FOLKLORE_SECONDS
     } else {
         0
@@ -272,6 +342,7 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
     let report = rollouts
         .report(
             &lab,
+            args,
             &observer,
             binaries,
             idle_ms_per_second,
@@ -287,12 +358,32 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
         .await?;
     if let Some(f) = &last.keep_alive.finding {
         println!("Keep-alive finding after all rollouts: {f}");
+        if args.server == ShutdownMode::Nginx {
+            println!("{}", nginx_keep_alive_fix(&report, recommended));
+        }
     }
     println!("report: {}", report_path.display());
     say("tearing down");
     observer.shutdown().await;
     lab.shutdown().await?;
     Ok(report)
+}
+
+/// What the keep-alive finding means for nginx pods, with the lab's own
+/// count of requests it cost.
+fn nginx_keep_alive_fix(report: &Report, pre_stop: u64) -> String {
+    let lost: u64 = report
+        .runs
+        .last()
+        .map_or(0, |r| r.keep_alive.failed_total());
+    format!(
+        "nginx pods: SIGTERM is nginx's fast shutdown, which closes its keep-alive connections under the clients \
+         ({lost} keep-alive requests failed in the last rollout despite its preStop). Stop it gracefully at the end \
+         of the preStop instead, so idle connections close and answers in flight carry `Connection: close` before \
+         the kill:\n  lifecycle: {{preStop: {{exec: {{command: [\"sh\", \"-c\", \"sleep {pre_stop}; nginx -s quit; \
+         while pgrep -x nginx >/dev/null; do sleep 1; done\"]}}}}}}\n  \
+         (not measured here: the lab's kubelet runs sleep hooks only)"
+    )
 }
 
 /// Creates the cluster, then the API double, the aggregator and the agents.
@@ -327,6 +418,24 @@ async fn start(
     say("starting the API double, the aggregator and one agent per node");
     let observer = Observer::start(&lab, &binaries.observer, dir).await?;
     say(&format!("agents registered; logs in {}", dir.display()));
+    let routers = Routers::start(
+        &lab,
+        observer.api(),
+        &args.routers_config(),
+        args.routers.contains(&Choice::KubeProxy),
+        dir,
+    )
+    .await?;
+    say(&format!(
+        "routers: {}",
+        args.routers
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let mut lab = lab;
+    lab.set_routers(routers);
     Ok((lab, observer))
 }
 
@@ -428,6 +537,7 @@ impl Rollouts {
     async fn report(
         self,
         lab: &Lab,
+        args: &LabArgs,
         observer: &Observer,
         binaries: &LabBinaries,
         idle_ms_per_second: Option<f64>,
@@ -443,13 +553,18 @@ impl Rollouts {
             .aggregator
             .deletions(api::NAMESPACE, api::SERVICE)
             .await?;
+        let node_names: Vec<String> = lab.nodes().into_iter().map(|n| n.name).collect();
+        let routers = routers::report::infos(&node_names, lab.routers());
         let mut deletions = Vec::new();
         for (name, run) in &self.runs {
             for truth in &run.deletions {
                 let record = records.iter().find(|r| r.pod_uid == truth.uid);
-                deletions.push(report::deletion_report(name, truth, record));
+                deletions.push(report::deletion_report(name, truth, record, &routers));
             }
         }
+        // A router's list holds the ready pods and those it has not let go
+        // of yet: at most pods + deletions.
+        let gap_ms = routers::report::connection_gap_ms(args.pods + args.deletions, args.rate);
         let connections = self
             .runs
             .iter()
@@ -466,13 +581,21 @@ impl Rollouts {
             ),
             nodes: lab.nodes(),
             accuracy: report::accuracy(&deletions),
+            folklore: routers::report::folklore(&deletions, FOLKLORE_SECONDS),
+            folklore_seconds: FOLKLORE_SECONDS,
+            rollout_pods: args.deletions,
+            router_accuracy: routers::report::accuracy(
+                deletions.iter().flat_map(|d| &d.per_router),
+                gap_ms,
+            ),
             deletions,
             recommendation: Some(recommendation),
             runs: self
                 .runs
                 .iter()
-                .map(|(name, r)| RunReport::new(name, r))
+                .map(|(name, r)| RunReport::new(name, r, &routers))
                 .collect(),
+            routers,
         })
     }
 }

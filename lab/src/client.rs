@@ -80,9 +80,38 @@ pub enum ClientKind {
     KeepAlive,
 }
 
+/// Where a client sends.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// One address (a Service VIP, a pod, an ingress).
+    Fixed(SocketAddrV4),
+    /// Backends a router picks from in turn, as it currently knows them
+    /// (a client-side or external balancer sending to pod IPs directly).
+    RoundRobin(watch::Receiver<Vec<SocketAddrV4>>),
+}
+
+impl From<SocketAddrV4> for Target {
+    fn from(addr: SocketAddrV4) -> Self {
+        Target::Fixed(addr)
+    }
+}
+
+impl Target {
+    /// The address of request number `n`; None while the list is empty.
+    fn pick(&self, n: usize) -> Option<SocketAddrV4> {
+        match self {
+            Target::Fixed(addr) => Some(*addr),
+            Target::RoundRobin(list) => {
+                let list = list.borrow();
+                (!list.is_empty()).then(|| list[n % list.len()])
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    pub target: SocketAddrV4,
+    pub target: Target,
     pub kind: ClientKind,
     /// Requests per second over the whole client.
     pub rate: f64,
@@ -211,13 +240,19 @@ async fn new_connections(
     let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     let mut next = tokio::time::Instant::now();
+    let mut sent = 0;
     while Instant::now() < deadline && !*stop.borrow() {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
         };
         let config = config.clone();
+        let target = config.target.pick(sent);
+        sent += 1;
         tasks.spawn(async move {
-            let outcome = one_shot(&config).await;
+            let outcome = match target {
+                Some(target) => one_shot(&config, target).await,
+                None => Err(FailureCause::Unreachable),
+            };
             drop(slot);
             outcome
         });
@@ -234,13 +269,13 @@ async fn new_connections(
     Ok(report)
 }
 
-async fn one_shot(config: &ClientConfig) -> Result<String, FailureCause> {
+async fn one_shot(config: &ClientConfig, target: SocketAddrV4) -> Result<String, FailureCause> {
     let exchange = async {
-        let mut stream = TcpStream::connect(config.target)
+        let mut stream = TcpStream::connect(target)
             .await
             .map_err(|e| FailureCause::of_io(&e))?;
         let mut reader = Reader::default();
-        request(&mut stream, &mut reader, config, true)
+        request(&mut stream, &mut reader, target, true)
             .await
             .map(|(name, _)| name)
     };
@@ -253,10 +288,10 @@ async fn one_shot(config: &ClientConfig) -> Result<String, FailureCause> {
 async fn request(
     stream: &mut TcpStream,
     reader: &mut Reader,
-    config: &ClientConfig,
+    target: SocketAddrV4,
     close: bool,
 ) -> Result<(String, bool), FailureCause> {
-    let host = config.target.to_string();
+    let host = target.to_string();
     stream
         .write_all(&http::get(&host, "/", close))
         .await
@@ -280,23 +315,29 @@ async fn keep_alive(
 ) -> ClientReport {
     let every = interval(config.rate, config.concurrency);
     let mut report = ClientReport::default();
-    let mut conn: Option<(TcpStream, Reader)> = None;
+    let mut conn: Option<(TcpStream, Reader, SocketAddrV4)> = None;
     let mut next = tokio::time::Instant::now();
+    let mut opened = 0;
     while Instant::now() < deadline && !*stop.borrow() {
         if conn.is_none() {
             report.connections += 1;
         }
         let attempt = async {
-            let (stream, reader) = match &mut conn {
+            let (stream, reader, target) = match &mut conn {
                 Some(c) => c,
                 None => {
-                    let stream = TcpStream::connect(config.target)
+                    let target = config
+                        .target
+                        .pick(opened)
+                        .ok_or(FailureCause::Unreachable)?;
+                    opened += 1;
+                    let stream = TcpStream::connect(target)
                         .await
                         .map_err(|e| FailureCause::of_io(&e))?;
-                    conn.insert((stream, Reader::default()))
+                    conn.insert((stream, Reader::default(), target))
                 }
             };
-            request(stream, reader, &config, false).await
+            request(stream, reader, *target, false).await
         };
         let outcome = tokio::time::timeout(config.timeout, attempt)
             .await

@@ -43,7 +43,7 @@ impl DelayDistribution {
 
 impl Default for DelayDistribution {
     fn default() -> Self {
-        "20ms..400ms,outliers=0.15@2s..4s"
+        "20ms..400ms,outliers=0.15@1s..2s"
             .parse()
             .expect("valid default")
     }

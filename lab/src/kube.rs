@@ -26,7 +26,7 @@ use k8s_openapi::{
         },
     },
     apimachinery::pkg::{
-        apis::meta::v1::{ObjectMeta, Time},
+        apis::meta::v1::{ObjectMeta, OwnerReference, Time},
         util::intstr::IntOrString,
     },
     jiff::Timestamp,
@@ -146,6 +146,58 @@ pub fn pod_object(record: &PodRecord, host_ip: &str) -> Pod {
                     }),
                     ..Default::default()
                 }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+    }
+}
+
+/// A pod of another workload (a router: an ingress controller, a
+/// client-side balancer), running and ready on `node`, owned by the
+/// ReplicaSet `{owner}-{hash}` of the Deployment `owner`, as the
+/// aggregator sees any pod that sends to the Service's pods.
+pub fn workload_pod_object(
+    namespace: &str,
+    owner: &str,
+    node: &NodeInfo,
+    ip: std::net::Ipv4Addr,
+) -> Pod {
+    // A fixed pod-template-hash: one ReplicaSet per lab.
+    let hash = "6d4cf56db6";
+    let replica_set = format!("{owner}-{hash}");
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(format!("{replica_set}-lab01")),
+            namespace: Some(namespace.into()),
+            uid: Some(format!("00000000-0000-4000-9000-{:012x}", u32::from(ip))),
+            labels: labels(&[("app", owner), ("pod-template-hash", hash)]),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "apps/v1".into(),
+                kind: "ReplicaSet".into(),
+                name: replica_set,
+                uid: format!("00000000-0000-4000-a000-{:012x}", u32::from(ip)),
+                controller: Some(true),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(node.name.clone()),
+            containers: vec![Container {
+                name: owner.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            host_ip: Some(node.ip.to_string()),
+            pod_ip: Some(ip.to_string()),
+            pod_ips: Some(vec![PodIP { ip: ip.to_string() }]),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
                 ..Default::default()
             }]),
             ..Default::default()

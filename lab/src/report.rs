@@ -10,6 +10,10 @@ use serde::Serialize;
 
 use crate::{
     client::ClientReport,
+    routers::{
+        ByRouter, Choice,
+        report::{self as routers, PerRouter, RouterAccuracy, RouterInfo},
+    },
     scenario::{DeletionTruth, NodeInfo, RolloutResult},
 };
 
@@ -17,10 +21,20 @@ use crate::{
 #[serde(rename_all = "camelCase")]
 pub struct Report {
     pub nodes: Vec<NodeInfo>,
+    /// Every router that sent to the Service's pods.
+    pub routers: Vec<RouterInfo>,
     pub deletions: Vec<DeletionReport>,
     pub recommendation: Option<Recommendation>,
     pub runs: Vec<RunReport>,
+    /// T_rules against the rule commit, per dataplane mode.
     pub accuracy: Vec<ModeAccuracy>,
+    /// Each router's latency against when it really let go, per router type.
+    pub router_accuracy: Vec<RouterAccuracy>,
+    /// The folklore preStop against the measurements, per router type.
+    pub folklore: Vec<routers::FolkloreVerdict>,
+    pub folklore_seconds: u64,
+    /// Pods per rollout (what a wasted second per pod is multiplied by).
+    pub rollout_pods: usize,
     pub agent_cost: AgentCost,
 }
 
@@ -94,6 +108,7 @@ pub struct DeletionReport {
     pub complete: bool,
     pub missing_nodes: Vec<String>,
     pub per_node: Vec<PerNode>,
+    pub per_router: Vec<PerRouter>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -115,6 +130,9 @@ pub struct PerNode {
     /// the proxy saw the endpoint turn terminating).
     pub drawn_delay_ms: f64,
     pub error_ms: Option<f64>,
+    /// measuredRulesMs - injectedMs: the rules detector's error alone (a
+    /// node's latency also counts other routers' connections it forwards).
+    pub rules_error_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -127,6 +145,10 @@ pub struct RunReport {
     pub failed: u64,
     pub new_connection: ClientReport,
     pub keep_alive: ClientReport,
+    /// Requests by router (a node's name: its VIP clients).
+    pub by_router: ByRouter,
+    /// Failed requests by router type.
+    pub failed_by_type: BTreeMap<Choice, u64>,
     pub seconds: f64,
 }
 
@@ -142,7 +164,7 @@ pub struct ModeAccuracy {
 }
 
 impl RunReport {
-    pub fn new(name: &str, run: &RolloutResult) -> Self {
+    pub fn new(name: &str, run: &RolloutResult, routers: &[RouterInfo]) -> Self {
         RunReport {
             name: name.to_owned(),
             pre_stop_seconds: run.pre_stop_seconds,
@@ -151,17 +173,21 @@ impl RunReport {
             failed: run.failed(),
             new_connection: run.new_connection.clone(),
             keep_alive: run.keep_alive.clone(),
+            by_router: run.by_router.clone(),
+            failed_by_type: routers::failed_by_type(routers, &run.by_router),
             seconds: run.seconds,
         }
     }
 }
 
 /// Joins a deletion's ground truth with the aggregator's record of it
-/// (matched by pod UID; None when the aggregator has none).
+/// (matched by pod UID; None when the aggregator has none), per node and
+/// per router of `routers`.
 pub fn deletion_report(
     run: &str,
     truth: &DeletionTruth,
     measured: Option<&DeletionRecord>,
+    routers: &[RouterInfo],
 ) -> DeletionReport {
     // Both sides on the aggregator's T0 when there is one, so the error is
     // the error of the per-node measurement alone.
@@ -186,6 +212,7 @@ pub fn deletion_report(
                 injected_started_ms: ms_since_t0(r.applied_started_unix_nano),
                 drawn_delay_ms: r.injected_delay_ms,
                 error_ms: measured_ms.map(|m| m - injected_ms),
+                rules_error_ms: measured_rules_ms.map(|m| m - injected_ms),
             }
         })
         .collect();
@@ -198,7 +225,13 @@ pub fn deletion_report(
             .map(|m| m.missing_nodes.clone())
             .unwrap_or_default(),
         per_node,
+        per_router: routers::per_router(routers, truth, measured, t0),
     }
+}
+
+/// The nearest-rank quantile of `sorted`; None when it is empty.
+pub fn nearest_rank(sorted: &[f64], q: f64) -> Option<f64> {
+    Some(quantile(sorted, q)).filter(|v| !v.is_nan())
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -209,12 +242,12 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[rank - 1]
 }
 
-/// |measured - injected| per dataplane mode.
+/// |T_rules - rule commit| per dataplane mode.
 pub fn accuracy(deletions: &[DeletionReport]) -> Vec<ModeAccuracy> {
     let mut by_mode: BTreeMap<&str, (Vec<f64>, usize)> = BTreeMap::new();
     for n in deletions.iter().flat_map(|d| &d.per_node) {
         let entry = by_mode.entry(&n.mode).or_default();
-        match n.error_ms {
+        match n.rules_error_ms {
             Some(e) => entry.0.push(e.abs()),
             None => entry.1 += 1,
         }
@@ -245,6 +278,14 @@ impl Report {
         let mut out = String::new();
         self.write_deletions(&mut out);
         self.write_accuracy(&mut out);
+        routers::write_accuracy(&mut out, &self.router_accuracy);
+        routers::write_folklore(
+            &mut out,
+            &self.folklore,
+            self.folklore_seconds,
+            self.rollout_pods,
+        );
+        self.write_recommended_against_folklore(&mut out);
         self.write_recommendation(&mut out);
         self.write_agent_cost(&mut out);
         self.write_runs(&mut out);
@@ -281,7 +322,7 @@ impl Report {
 
     /// Accuracy per dataplane mode.
     fn write_accuracy(&self, out: &mut String) {
-        let _ = writeln!(out, "\nAccuracy |measured - injected| by mode:");
+        let _ = writeln!(out, "\nAccuracy of T_rules |measured - injected| by mode:");
         for a in &self.accuracy {
             let _ = writeln!(
                 out,
@@ -326,6 +367,35 @@ impl Report {
         }
     }
 
+    /// The recommendation's cost or saving against the folklore delay, and
+    /// what each rollout lost.
+    fn write_recommended_against_folklore(&self, out: &mut String) {
+        let Some(recommended) = self
+            .recommendation
+            .as_ref()
+            .and_then(|r| r.pre_stop_seconds)
+        else {
+            return;
+        };
+        let per_pod = recommended as i64 - self.folklore_seconds as i64;
+        // The folklore ran as the baseline when some router could exceed
+        // it; the recommendation ran last.
+        let folklore = self
+            .runs
+            .iter()
+            .find(|r| r.name == "baseline" && r.pre_stop_seconds == self.folklore_seconds as f64);
+        let _ = writeln!(
+            out,
+            "  recommended {recommended} s: {per_pod:+} s per pod against the folklore, {:+} s over a rollout of {} pods; lost requests: folklore {}, recommended {}",
+            per_pod * self.rollout_pods as i64,
+            self.rollout_pods,
+            folklore.map_or_else(|| "(not run)".into(), |r| r.failed.to_string()),
+            self.runs
+                .last()
+                .map_or_else(|| "-".into(), |r| r.failed.to_string()),
+        );
+    }
+
     /// The agents' CPU over the rollouts' traffic.
     fn write_agent_cost(&self, out: &mut String) {
         let cost = &self.agent_cost;
@@ -362,9 +432,14 @@ impl Report {
                     .map(|(c, n)| format!("{c:?} {n}"))
                     .collect()
             };
+            let by_type: Vec<String> = r
+                .failed_by_type
+                .iter()
+                .map(|(t, n)| format!("{t} {n}"))
+                .collect();
             let _ = writeln!(
                 out,
-                "  {:<12} preStop {:>4.1} s: {:>6} requests, {:>5} failed {}",
+                "  {:<12} preStop {:>4.1} s: {:>6} requests, {:>5} failed {}{}",
                 r.name,
                 r.pre_stop_seconds,
                 r.requests,
@@ -372,7 +447,12 @@ impl Report {
                 if causes.is_empty() {
                     String::new()
                 } else {
-                    format!("({})", causes.join(", "))
+                    format!("({}) ", causes.join(", "))
+                },
+                if by_type.is_empty() {
+                    String::new()
+                } else {
+                    format!("by router: {}", by_type.join(", "))
                 }
             );
         }

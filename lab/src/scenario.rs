@@ -19,7 +19,8 @@ use crate::{
     delay::DelayDistribution,
     kubelet::{Kubelet, Pod},
     kubeproxy::{KubeProxyError, Mode},
-    proxy::{Proxy, ProxyConfig, RuleChange},
+    proxy::{Proxy, ProxyConfig, RuleChange, Services},
+    routers::{ByRouter, RouterDrop, RouterError, Routers},
     server::ShutdownMode,
     topology::{Cluster, TopologyError},
     workload::{Ending, PodProcess, WorkloadError},
@@ -33,6 +34,8 @@ pub enum LabError {
     Workload(#[from] WorkloadError),
     #[error(transparent)]
     KubeProxy(#[from] KubeProxyError),
+    #[error(transparent)]
+    Router(#[from] RouterError),
     #[error("client: {0}")]
     Client(std::io::Error),
     #[error("{0}")]
@@ -94,6 +97,8 @@ pub struct DeletionTruth {
     pub ending: Option<Ending>,
     /// The rule removal on each node (ground truth), in node order.
     pub removals: Vec<RuleChange>,
+    /// When each other router dropped the pod (ground truth).
+    pub router_drops: Vec<RouterDrop>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -102,8 +107,13 @@ pub struct RolloutResult {
     pub pre_stop_seconds: f64,
     pub server_mode: ShutdownMode,
     pub deletions: Vec<DeletionTruth>,
+    /// Every client opening a connection per request: kube-proxy's VIP
+    /// clients and the other routers' clients.
     pub new_connection: ClientReport,
     pub keep_alive: ClientReport,
+    /// The same requests by router: a node's name for its VIP clients (both
+    /// kinds), a router's name for its client.
+    pub by_router: ByRouter,
     pub seconds: f64,
 }
 
@@ -125,6 +135,7 @@ pub struct Lab {
     modes: Vec<Mode>,
     kubelet: Arc<Kubelet>,
     next_pod: usize,
+    routers: Routers,
 }
 
 /// How long after its delay ran out a proxy may take to commit a change.
@@ -162,6 +173,7 @@ impl Lab {
             proxies,
             modes,
             next_pod: 0,
+            routers: Routers::kube_proxy_only(),
         };
         for _ in 0..lab.config.pods {
             let pod = lab.start_pod(lab.config.termination).await?;
@@ -202,6 +214,22 @@ impl Lab {
 
     pub fn modes(&self) -> &[Mode] {
         &self.modes
+    }
+
+    /// The Service's endpoints as the EndpointSlice publishes them, for a
+    /// router to follow.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Services> {
+        self.control.lock().expect("control lock").subscribe()
+    }
+
+    /// The routers the rollouts send through from now on (the lab starts
+    /// with kube-proxy's alone); the previous ones stop.
+    pub fn set_routers(&mut self, routers: Routers) {
+        self.routers = routers;
+    }
+
+    pub fn routers(&self) -> &Routers {
+        &self.routers
     }
 
     /// Starts the next pod with this spec; [`Kubelet::add`] makes it ready.
@@ -268,16 +296,27 @@ impl Lab {
         }
     }
 
-    fn start_clients(&self, config: &RolloutConfig) -> Vec<(ClientKind, Client)> {
+    /// Each client with the router it sends through and its kind.
+    fn start_clients(&self, config: &RolloutConfig) -> Vec<(String, ClientKind, Client)> {
         let target = SocketAddrV4::new(api::SERVICE_IP, api::SERVICE_PORT);
-        let mut clients = Vec::new();
-        for node in &self.cluster.nodes {
+        let mut clients: Vec<_> = self
+            .routers
+            .start_clients()
+            .into_iter()
+            .map(|(router, client)| (router, ClientKind::NewConnection, client))
+            .collect();
+        let vip_nodes = if self.routers.kube_proxy {
+            &self.cluster.nodes[..]
+        } else {
+            &[]
+        };
+        for node in vip_nodes {
             for (kind, concurrency) in [
                 (ClientKind::NewConnection, 16),
                 (ClientKind::KeepAlive, config.keep_alive_connections),
             ] {
                 let client_config = ClientConfig {
-                    target,
+                    target: target.into(),
                     kind,
                     rate: config.rate,
                     // Bounded; the rollout stops the clients when it ends.
@@ -285,7 +324,11 @@ impl Lab {
                     concurrency,
                     timeout: Duration::from_secs(2),
                 };
-                clients.push((kind, Client::start(Some(node.ns.path()), client_config)));
+                clients.push((
+                    node.name.clone(),
+                    kind,
+                    Client::start(Some(node.ns.path()), client_config),
+                ));
             }
         }
         clients
@@ -342,6 +385,7 @@ impl Lab {
         let mut deletions = Vec::new();
         for ((record, _), ending) in deleted.iter().zip(endings) {
             let removals = self.wait_for_rule(record.ip, true).await?;
+            let router_drops = self.routers.wait_dropped(record.ip).await?;
             deletions.push(DeletionTruth {
                 pod: record.name.clone(),
                 uid: record.uid.clone(),
@@ -350,6 +394,7 @@ impl Lab {
                 requested_unix_nano: record.deletion_requested_unix_nano.unwrap_or_default(),
                 ending,
                 removals,
+                router_drops,
             });
         }
         // Traffic continues a moment after the last removal, so a late
@@ -357,8 +402,10 @@ impl Lab {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut new_connection = ClientReport::default();
         let mut keep_alive = ClientReport::default();
-        for (kind, client) in clients {
+        let mut by_router = ByRouter::new();
+        for (router, kind, client) in clients {
             let report = client.finish().map_err(LabError::Client)?;
+            by_router.entry(router).or_default().merge(&report);
             match kind {
                 ClientKind::NewConnection => new_connection.merge(&report),
                 ClientKind::KeepAlive => keep_alive.merge(&report),
@@ -371,6 +418,7 @@ impl Lab {
             deletions,
             new_connection,
             keep_alive,
+            by_router,
             seconds: started.elapsed().as_secs_f64(),
         })
     }

@@ -32,6 +32,10 @@ pub enum ShutdownMode {
     Graceful,
     /// Ignore SIGTERM; die only by SIGKILL with keep-alive connections open.
     IgnoreSigterm,
+    /// The lab's pods run Debian's nginx instead (its default
+    /// `keepalive_timeout` of 75 s; SIGTERM is its fast shutdown, which
+    /// closes keep-alive connections at once). Not a mode of lab-pod-server.
+    Nginx,
 }
 
 #[derive(Debug, Clone)]

@@ -198,7 +198,14 @@ impl Cluster {
                     &other.ip.to_string(),
                 ])?;
             }
-            self.control_plane.ip(&[
+        }
+        Ok(self.route_to_pods(&self.control_plane)?)
+    }
+
+    /// `ns`, on the underlay, reaches every node's pods through that node.
+    fn route_to_pods(&self, ns: &NetNs) -> Result<(), NetnsError> {
+        for node in &self.nodes {
+            ns.ip(&[
                 "route",
                 "add",
                 &node.pod_cidr_string(),
@@ -244,6 +251,18 @@ impl Cluster {
             ip,
             node: index,
         })
+    }
+}
+
+impl Cluster {
+    /// A host on the underlay that is no node (no proxy, no agent, no pod
+    /// CIDR): a load balancer outside the cluster sending to pod IPs, which
+    /// it reaches through each pod's node as a VPC routes them.
+    pub fn add_outside(&self, role: &str, ip: Ipv4Addr) -> Result<NetNs, TopologyError> {
+        let ns = NetNs::create(role)?;
+        attach_to_switch(&self.switch, role, &ns, ip)?;
+        self.route_to_pods(&ns)?;
+        Ok(ns)
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::{
     net::SocketAddrV4,
-    path::Path,
+    path::{Path, PathBuf},
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -15,7 +15,11 @@ use tokio::{
     sync::watch,
 };
 
-use crate::{netns::NetNs, server::ShutdownMode};
+use crate::{
+    netns::NetNs,
+    nginx::{self, Nginx, NginxError},
+    server::ShutdownMode,
+};
 
 /// How long a server may take to print that it listens.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,6 +33,8 @@ pub enum WorkloadError {
     },
     #[error("pod server {0} did not report listening within {START_TIMEOUT:?}")]
     NotReady(String),
+    #[error(transparent)]
+    Nginx(#[from] NginxError),
 }
 
 /// A running pod server.
@@ -37,6 +43,25 @@ pub struct PodProcess {
     pub name: String,
     pub addr: SocketAddrV4,
     child: Child,
+    /// Files of the process (nginx's configuration, pid, log), removed
+    /// with it.
+    scratch: Option<PathBuf>,
+}
+
+impl Drop for PodProcess {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.scratch {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// An nginx pod's `http` block: every request answered with the pod's name,
+/// nginx's keep-alive defaults untouched.
+fn nginx_pod(name: &str, addr: SocketAddrV4) -> String {
+    format!(
+        "  server {{\n    listen {addr};\n    default_type text/plain;\n    location / {{ return 200 \"{name}\\n\"; }}\n  }}\n"
+    )
 }
 
 /// How a pod's process ended.
@@ -77,6 +102,18 @@ impl PodProcess {
         let mode = match mode {
             ShutdownMode::Graceful => "graceful",
             ShutdownMode::IgnoreSigterm => "ignore-sigterm",
+            ShutdownMode::Nginx => {
+                let dir = std::env::temp_dir()
+                    .join(format!("obslab-{}-nginx-{name}", std::process::id()));
+                let conf = nginx::config(&dir, &nginx_pod(name, addr));
+                let child = Nginx::start(ns, &dir, &conf).await?.into_child();
+                return Ok(PodProcess {
+                    name: name.to_owned(),
+                    addr,
+                    child,
+                    scratch: Some(dir),
+                });
+            }
         };
         cmd.args([
             "--listen",
@@ -106,6 +143,7 @@ impl PodProcess {
             name: name.to_owned(),
             addr,
             child,
+            scratch: None,
         })
     }
 

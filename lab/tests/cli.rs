@@ -20,8 +20,9 @@ use serde_json::Value;
 /// leftovers can be found whatever their parent has become.
 const TAG_ENV: &str = "LAB_CLI_TEST_TAG";
 
-/// Small enough for a few tens of seconds per run; the delays stay under
-/// the folklore 5 s, so the baseline rollout runs with preStop 0.
+/// Small enough for a few tens of seconds per run; kube-proxy alone, with
+/// delays under the folklore 5 s, so the baseline rollout runs with
+/// preStop 0.
 const SMALL: &[&str] = &[
     "--nodes",
     "3",
@@ -39,6 +40,8 @@ const SMALL: &[&str] = &[
     "2",
     "--seed",
     "7",
+    "--routers",
+    "kube-proxy",
 ];
 
 struct LabRun {
@@ -49,6 +52,12 @@ struct LabRun {
 
 impl LabRun {
     fn start(test: &str, extra: &[&str]) -> Self {
+        Self::start_with(test, SMALL, extra)
+    }
+
+    /// With `base` instead of [`SMALL`] (flags that take one value may be
+    /// given once only).
+    fn start_with(test: &str, base: &[&str], extra: &[&str]) -> Self {
         let dir = common::work_dir(test);
         let tag = format!("{}-{test}", std::process::id());
         let bin_dir = common::pod_server()
@@ -58,7 +67,7 @@ impl LabRun {
         let child = Command::new(env!("CARGO_BIN_EXE_lab-run"))
             .arg("--bin-dir")
             .arg(&bin_dir)
-            .args(SMALL)
+            .args(base)
             .args(extra)
             .arg("--report")
             .arg(dir.join("report.json"))
@@ -530,5 +539,122 @@ fn lab_run_hold_prints_hey_commands_that_work_against_the_lab() {
     assert_eq!(unsafe { libc::kill(-run.pid(), libc::SIGINT) }, 0);
     let status = run.wait(Duration::from_secs(60));
     assert_eq!(status.code(), Some(130), "{status}\n{}", run.outputs());
+    assert_nothing_left(run.pid(), &run.tag);
+}
+
+#[test]
+fn lab_run_with_every_router_reports_each_and_the_folklore_loses_through_the_slow_one() {
+    if !lab::root::root_or_skip(
+        "lab_run_with_every_router_reports_each_and_the_folklore_loses_through_the_slow_one",
+    ) {
+        return;
+    }
+    let _serial = common::SERIAL.blocking_lock();
+    // Appended to SMALL's kube-proxy: every router. The ingress reloads
+    // after the folklore 5 s, so the baseline uses it.
+    // SMALL (all its flags take one value) but for its measuring preStop,
+    // which must outlast the ingress.
+    let base: Vec<&str> = SMALL
+        .chunks(2)
+        .filter(|flag| flag[0] != "--measure-prestop")
+        .flatten()
+        .copied()
+        .collect();
+    let mut run = LabRun::start_with(
+        "cli-routers",
+        &base,
+        &[
+            "--routers",
+            "ingress,client-side,external",
+            "--ingress-delay",
+            "5500ms..6s",
+            "--client-side-refresh",
+            "1s",
+            "--external-delay",
+            "500ms..1s",
+            "--measure-prestop",
+            "7",
+        ],
+    );
+    let status = run.wait(Duration::from_secs(300));
+    assert!(status.success(), "lab-run: {status}\n{}", run.outputs());
+    eprintln!("{}", run.outputs());
+    let report = run.report();
+
+    let routers = array(&report, "routers", "report");
+    let described: Vec<(String, String)> = routers
+        .iter()
+        .map(|r| {
+            (
+                string(r, "type", "routers[]"),
+                string(r, "kind", "routers[]"),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String)> = [
+        ("kube-proxy", "node"),
+        ("kube-proxy", "node"),
+        ("kube-proxy", "node"),
+        ("ingress", "workload"),
+        ("client-side", "workload"),
+        ("external", "external"),
+    ]
+    .iter()
+    .map(|(t, k)| (t.to_string(), k.to_string()))
+    .collect();
+    assert_eq!(described, expected, "{report}");
+    let names: Vec<String> = routers
+        .iter()
+        .map(|r| string(r, "name", "routers[]"))
+        .collect();
+
+    for d in array(&report, "deletions", "report") {
+        let per_router = array(d, "perRouter", "deletions[]");
+        let covered: Vec<String> = per_router
+            .iter()
+            .map(|p| string(p, "router", "perRouter[]"))
+            .collect();
+        assert_eq!(covered, names, "{d}");
+        // From the aggregator's T0, its receipt of the deletion: a
+        // balancer refreshing right after the API changed the slice can
+        // drop the pod a moment before that.
+        for p in per_router {
+            assert!(number(p, "injectedMs", "perRouter[]") > -100.0, "{p}");
+        }
+    }
+
+    let runs = array(&report, "runs", "report");
+    let pre_stops: Vec<f64> = runs
+        .iter()
+        .map(|r| number(r, "preStopSeconds", "runs[]"))
+        .collect();
+    assert_eq!(pre_stops[..2], [7.0, 5.0], "{report}");
+    for r in runs {
+        let by_router = field(r, "byRouter", "runs[]");
+        for name in &names {
+            assert!(
+                count(field(by_router, name, "byRouter"), "requests", "byRouter") > 50,
+                "{name} carried too little traffic: {r}"
+            );
+        }
+    }
+    let ingress_failed = |r: &Value| {
+        count(
+            field(r, "failedByType", "runs[]"),
+            "ingress",
+            "failedByType",
+        )
+    };
+    assert!(
+        ingress_failed(&runs[1]) > 0,
+        "the folklore 5 s lost nothing through an ingress reloading after 5.5 s: {report}"
+    );
+    assert_eq!(count(&runs[2], "failed", "runs[]"), 0, "{report}");
+    let types: Vec<String> = array(&report, "routerAccuracy", "report")
+        .iter()
+        .map(|a| string(a, "type", "routerAccuracy[]"))
+        .collect();
+    assert_eq!(types, ["kube-proxy", "ingress", "client-side", "external"]);
+
     assert_nothing_left(run.pid(), &run.tag);
 }

@@ -73,7 +73,7 @@ fn client(
     Client::start(
         Some(cluster.nodes[node].ns.path()),
         ClientConfig {
-            target,
+            target: target.into(),
             kind,
             rate: 100.0,
             duration: Duration::from_secs(secs),
@@ -112,7 +112,7 @@ async fn pods_on_every_node_reach_each_other_through_the_underlay() {
     }
     // Pod to pod across nodes, from inside the pod namespace.
     let config = ClientConfig {
-        target: SocketAddrV4::new(b.ip, POD_PORT),
+        target: SocketAddrV4::new(b.ip, POD_PORT).into(),
         kind: ClientKind::KeepAlive,
         rate: 50.0,
         duration: Duration::from_millis(500),
@@ -237,7 +237,7 @@ async fn failures_are_counted_by_cause() {
     // An address nobody owns: no ARP answer, so timeout or unreachable.
     let nobody = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 200), POD_PORT);
     let mut config = ClientConfig {
-        target: nobody,
+        target: nobody.into(),
         kind: ClientKind::NewConnection,
         rate: 5.0,
         duration: Duration::from_millis(500),
@@ -257,7 +257,7 @@ async fn failures_are_counted_by_cause() {
     );
     // A keep-alive connection whose server dies: the next request fails.
     let (_net, pod) = start_pod(&cluster, 1, "dies").await;
-    config.target = SocketAddrV4::new(_net.ip, POD_PORT);
+    config.target = SocketAddrV4::new(_net.ip, POD_PORT).into();
     config.kind = ClientKind::KeepAlive;
     config.rate = 50.0;
     config.concurrency = 1;

@@ -4,7 +4,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
 use lab::server::{ServerConfig, ShutdownMode, serve};
 use tokio::{
@@ -34,6 +34,9 @@ struct Args {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if args.mode == ShutdownMode::Nginx {
+        bail!("--mode nginx: the lab runs nginx itself for its pods, not lab-pod-server");
+    }
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

@@ -112,3 +112,41 @@ pub fn describe(d: &DeletionReport, n: &PerNode) -> String {
         n.injected_started_ms
     )
 }
+
+/// A rollout whose preStop covered every node but whose server cut its
+/// keep-alive connections at shutdown: no new connection failed, some
+/// keep-alive requests did, and once the aggregator has the deletions its
+/// recommendation reports aborted connections with the keep-alive finding.
+pub async fn assert_only_keep_alive_lost(
+    observer: &lab::observer::Observer,
+    run: &lab::scenario::RolloutResult,
+) {
+    assert_eq!(
+        run.new_connection.failed_total(),
+        0,
+        "new connections are covered by the preStop: {:?}",
+        run.new_connection
+    );
+    assert!(
+        run.keep_alive.failed_total() > 0,
+        "keep-alive requests must fail at the server's shutdown: {:?}",
+        run.keep_alive
+    );
+    observer
+        .wait_complete(&run.deletions)
+        .await
+        .expect("measurements");
+    let recommendation = observer
+        .aggregator
+        .recommendation(lab::api::NAMESPACE, lab::api::SERVICE)
+        .await
+        .expect("recommendation");
+    assert!(
+        recommendation.keep_alive.aborted_connections > 0,
+        "{recommendation:?}"
+    );
+    assert!(
+        recommendation.keep_alive.finding.is_some(),
+        "{recommendation:?}"
+    );
+}
