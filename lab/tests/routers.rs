@@ -21,12 +21,6 @@ use lab::{
 };
 use observer_proto::api::DeletionRecord;
 
-/// Whether the aggregator of this build fills `/v1/deletions` items'
-/// `routers` (the `routers` branch does; this one returns them empty).
-/// While false the tests assert that they are empty, so the day they are
-/// not, this switch must be flipped and the accuracy assertions run.
-const AGGREGATOR_MEASURES_ROUTERS: bool = false;
-
 const PODS: usize = 4;
 const RATE: f64 = 40.0;
 
@@ -146,21 +140,14 @@ async fn check_measurements(lab: &Lab, observer: &Observer, run: &RolloutResult)
             p.router, p.choice, p.measured_ms, p.injected_ms
         );
     }
-    if AGGREGATOR_MEASURES_ROUTERS {
-        for p in &rows {
-            let error = p
-                .error_ms
-                .unwrap_or_else(|| panic!("no measurement: {p:?}"));
-            assert!(
-                (low..=high).contains(&error),
-                "{} off by {error:.1} ms, outside {low:.0}..{high:.0}: {p:?}",
-                p.router
-            );
-        }
-    } else {
+    for p in &rows {
+        let error = p
+            .error_ms
+            .unwrap_or_else(|| panic!("no measurement: {p:?}"));
         assert!(
-            records.iter().all(|r| r.routers.is_empty()),
-            "the aggregator reports routers now: set AGGREGATOR_MEASURES_ROUTERS"
+            (low..=high).contains(&error),
+            "{} off by {error:.1} ms, outside {low:.0}..{high:.0}: {p:?}",
+            p.router
         );
     }
     let pre_stop = observer
