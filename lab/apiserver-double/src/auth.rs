@@ -281,9 +281,8 @@ pub(crate) fn route(shared: &Shared, segs: &[&str], body: &[u8]) -> Option<Respo
     })
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
-    serde_json::from_slice(body)
-        .map_err(|e| status::bad_request(format!("the request body is not valid: {e}")))
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("the request body is not valid: {e}"))
 }
 
 fn invalid(kind: &str, message: String) -> Response {
@@ -298,7 +297,7 @@ fn invalid(kind: &str, message: String) -> Response {
 fn token_request(shared: &Shared, ns: &str, sa: &str, body: &[u8]) -> Response {
     let mut req: TokenRequest = match parse(body) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return status::bad_request(e),
     };
     let seconds = req
         .spec
@@ -389,7 +388,7 @@ fn unavailable() -> Response {
 fn token_review(shared: &Shared, body: &[u8]) -> Response {
     let mut review: TokenReview = match parse(body) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return status::bad_request(e),
     };
     {
         let mut auth = shared.auth();
@@ -415,7 +414,7 @@ fn token_review(shared: &Shared, body: &[u8]) -> Response {
 fn access_review(shared: &Shared, body: &[u8]) -> Response {
     let mut review: SubjectAccessReview = match parse(body) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return status::bad_request(e),
     };
     if shared.auth().unavailable {
         return unavailable();
