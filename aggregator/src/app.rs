@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::auth::Guards;
 use crate::config::Settings;
 use crate::correlate::Correlator;
 use crate::http::{self, HttpState};
@@ -34,6 +35,8 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error("restoring the in-flight state from the store")]
     Restore(#[from] StoreError),
+    #[error("setting up authentication")]
+    Auth(#[from] crate::auth::GuardError),
 }
 
 /// A running aggregator.
@@ -61,6 +64,12 @@ pub fn start(
     let http_addr = http_listener.local_addr()?;
     let settings = Arc::new(settings);
     let metrics = Arc::new(Metrics::new());
+    let guards = settings.auth.guards(kube.as_ref(), &metrics)?;
+    if guards.agents.is_none() {
+        tracing::warn!(
+            "authentication is OFF: any client may register as any node and read /v1/deletions"
+        );
+    }
     let correlator = Correlator::new(
         Arc::clone(&settings),
         Arc::clone(&store),
@@ -79,10 +88,11 @@ pub fn start(
         settings,
         metrics,
         ready: Readiness::new(kube.is_none()),
+        access: guards.http.clone(),
     };
     let (shutdown, stop) = watch::channel(false);
     let mut tasks = vec![
-        spawn_grpc(grpc_listener, &correlator, stop.clone()),
+        spawn_grpc(grpc_listener, &correlator, guards, stop.clone()),
         spawn_http(http_listener, &http_state, stop.clone())?,
         spawn_checkpoints(&correlator, &http_state.settings, stop.clone()),
         spawn_ticks(&correlator, &http_state, stop.clone()),
@@ -110,11 +120,12 @@ pub fn start(
 fn spawn_grpc(
     listener: TcpListener,
     correlator: &Arc<Correlator>,
+    guards: Guards,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let c = Arc::clone(correlator);
     tokio::spawn(async move {
-        if let Err(e) = grpc::serve(listener, c, stop).await {
+        if let Err(e) = grpc::serve(listener, c, guards, stop).await {
             tracing::error!(error = %e, "gRPC server failed");
         }
     })

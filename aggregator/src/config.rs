@@ -35,6 +35,8 @@ pub struct Settings {
     pub clock_tolerance: Duration,
     /// An agent whose clock offset exceeds this has its observations refused.
     pub max_clock_offset: Duration,
+    /// Tokens and TLS; none by default.
+    pub auth: crate::auth::AuthSettings,
 }
 
 impl Settings {
@@ -57,6 +59,7 @@ impl Default for Settings {
             min_coverage: 0.9,
             clock_tolerance: Duration::from_secs(2),
             max_clock_offset: Duration::from_secs(60),
+            auth: crate::auth::AuthSettings::default(),
         }
     }
 }

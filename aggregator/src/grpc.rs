@@ -1,5 +1,6 @@
-//! The agent-facing gRPC service (`prestop.observer.v1.Observer`): converts
-//! and validates protocol messages, then hands them to the [`Correlator`].
+//! The agent-facing gRPC service (`prestop.observer.v1.Observer`): checks
+//! who calls and which node it speaks for ([`AgentAuth`]), converts and
+//! validates protocol messages, then hands them to the [`Correlator`].
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,6 +14,8 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::Guards;
+use crate::auth::agent::{AgentAuth, Claim};
 use crate::correlate::{CorrelateError, Correlator, Registration, WatchChange};
 
 /// Longest accepted agent id (a DNS name's length).
@@ -28,16 +31,40 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct ObserverService {
     correlator: Arc<Correlator>,
+    /// `None`: every caller may speak for any node (`--insecure-no-auth`).
+    auth: Option<Arc<AgentAuth>>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ObserverService {
     /// `shutdown` ends the open endpoint streams when it turns true, so a
     /// graceful server shutdown does not wait for them forever.
-    pub fn new(correlator: Arc<Correlator>, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+    pub fn new(
+        correlator: Arc<Correlator>,
+        auth: Option<Arc<AgentAuth>>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         Self {
             correlator,
+            auth,
             shutdown,
+        }
+    }
+
+    /// Refuses the call unless its token speaks for what `claim` names;
+    /// nothing of a refused call reaches the correlator.
+    /// Returns the node the token speaks for (`None` without checks).
+    async fn authorize<T>(
+        &self,
+        req: &Request<T>,
+        claim: Claim<'_>,
+    ) -> Result<Option<String>, Status> {
+        match &self.auth {
+            Some(auth) => auth
+                .authorize(req.metadata(), &self.correlator, claim)
+                .await
+                .map(Some),
+            None => Ok(None),
         }
     }
 
@@ -71,11 +98,16 @@ impl Observer for ObserverService {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let r = req.into_inner();
-        require_agent_id(&r.agent_id)?;
-        if r.node_name.is_empty() {
+        require_agent_id(&req.get_ref().agent_id)?;
+        if req.get_ref().node_name.is_empty() {
             return Err(BadRequest::NoNodeName.into());
         }
+        let claim = Claim::Register {
+            agent_id: &req.get_ref().agent_id,
+            node: &req.get_ref().node_name,
+        };
+        self.authorize(&req, claim).await?;
+        let r = req.into_inner();
         tracing::info!(
             agent = %r.agent_id, node = %r.node_name, kernel = %r.kernel_release,
             version = %r.agent_version, "agent registered"
@@ -105,8 +137,10 @@ impl Observer for ObserverService {
         &self,
         req: Request<pb::WatchEndpointsRequest>,
     ) -> Result<Response<WatchStream>, Status> {
+        require_agent_id(&req.get_ref().agent_id)?;
+        self.authorize(&req, Claim::Agent(&req.get_ref().agent_id))
+            .await?;
         let agent_id = req.into_inner().agent_id;
-        require_agent_id(&agent_id)?;
         let sub = self
             .correlator
             .subscribe(&agent_id)
@@ -130,6 +164,8 @@ impl Observer for ObserverService {
         &self,
         req: Request<pb::ReportRequest>,
     ) -> Result<Response<pb::ReportResponse>, Status> {
+        self.authorize(&req, Claim::Agent(&req.get_ref().agent_id))
+            .await?;
         let report = decode_report(req.into_inner())?;
         let out = self
             .correlator
@@ -147,7 +183,11 @@ impl Observer for ObserverService {
         &self,
         req: Request<tonic::Streaming<pb::ReportRequest>>,
     ) -> Result<Response<ReportStream>, Status> {
+        // The stream's token is checked once, when it opens: the node it
+        // speaks for, then every batch's agent id against that node.
+        let owner = self.authorize(&req, Claim::AnyNode).await?;
         let correlator = Arc::clone(&self.correlator);
+        let checker = self.auth.clone();
         let mut shutdown = self.shutdown.clone();
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;
@@ -156,7 +196,11 @@ impl Observer for ObserverService {
         let stream = req
             .into_inner()
             .map(move |r| {
-                let report = decode_report(r?)?;
+                let r = r?;
+                if let (Some(a), Some(node)) = (&checker, &owner) {
+                    a.owns(&correlator, node, &r.agent_id)?;
+                }
+                let report = decode_report(r)?;
                 let out = correlator
                     .report(report, UnixNanos::now())
                     .map_err(unknown_agent)?;
@@ -181,6 +225,7 @@ impl Observer for ObserverService {
     ) -> Result<Response<pb::ClockSyncResponse>, Status> {
         let t2 = UnixNanos::now();
         require_agent_id(&req.get_ref().agent_id)?;
+        self.authorize(&req, Claim::AnyNode).await?;
         Ok(Response::new(pb::ClockSyncResponse {
             t2_unix_nanos: t2.to_wire().unwrap_or_default(),
             t3_unix_nanos: UnixNanos::now().to_wire().unwrap_or_default(),
@@ -240,10 +285,11 @@ pub fn decode_report(r: pb::ReportRequest) -> Result<Report, BadRequest> {
 }
 
 /// Serves the agent protocol and gRPC health on `listener` until `shutdown`
-/// turns true.
+/// turns true, with TLS and token checks as `guards` say.
 pub async fn serve(
     listener: TcpListener,
     correlator: Arc<Correlator>,
+    guards: Guards,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -254,14 +300,18 @@ pub async fn serve(
     let stop = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = guards.tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .timeout(CALL_TIMEOUT)
         // Detects vanished agents so their nodes stop being expected.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_keepalive(Some(Duration::from_secs(30)))
         .add_service(health_service)
-        .add_service(ObserverService::new(correlator, shutdown).into_server())
+        .add_service(ObserverService::new(correlator, guards.agents, shutdown).into_server())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
         .await
 }

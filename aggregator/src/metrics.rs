@@ -85,6 +85,8 @@ pub struct Metrics {
     pub nodes_missing: Family<NodeLabel, Counter>,
     pub nodes_still_routing: Family<NodeLabel, Counter>,
     pub observations_rejected: Family<ReasonLabel, Counter>,
+    pub token_reviews: Family<ReasonLabel, Counter>,
+    pub auth_refusals: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -113,10 +115,13 @@ impl Metrics {
             nodes_missing: Family::default(),
             nodes_still_routing: Family::default(),
             observations_rejected: Family::default(),
+            token_reviews: Family::default(),
+            auth_refusals: Family::default(),
             registry: Registry::default(),
         };
         m.register_deletion_metrics(&mut registry);
         m.register_service_metrics(&mut registry);
+        m.register_auth_metrics(&mut registry);
         Self { registry, ..m }
     }
 
@@ -167,6 +172,20 @@ impl Metrics {
             "prestop_observations_rejected",
             "Observations refused as implausible (reason: future, before_deletion, clock_offset)",
             self.observations_rejected.clone(),
+        );
+    }
+
+    /// Token reviews and refused callers (agents and HTTP readers).
+    fn register_auth_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "prestop_token_reviews",
+            "TokenReviews asked of the API server (reason: authenticated, rejected, unavailable)",
+            self.token_reviews.clone(),
+        );
+        registry.register(
+            "prestop_auth_refusals",
+            "Calls refused (reason: unauthenticated, forbidden, review_unavailable)",
+            self.auth_refusals.clone(),
         );
     }
 

@@ -117,6 +117,10 @@ impl NodeIndex {
         }
     }
 
+    pub fn contains(&self, name: &str) -> bool {
+        self.nodes.contains_key(name)
+    }
+
     /// The node whose own (not pod) address `ip` is.
     pub fn node_with_address(&self, ip: IpAddr) -> Option<&str> {
         self.by_addr.get(&ip).map(String::as_str)

@@ -20,6 +20,7 @@ pub mod proxy;
 pub mod report;
 pub mod scenario;
 pub mod server;
+pub mod tls;
 pub mod topology;
 pub mod witness;
 pub mod workload;
