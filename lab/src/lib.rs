@@ -12,6 +12,7 @@ pub mod commit_clock;
 pub mod delay;
 pub mod http;
 pub mod http_client;
+pub mod identity;
 pub mod kube;
 pub mod kubelet;
 pub mod kubeproxy;

@@ -17,22 +17,28 @@ pub enum TlsError {
     },
 }
 
-/// PEM files of one CA and the server certificate it signed.
+/// One CA and the server certificate it signed, PEM.
 #[derive(Clone, Debug)]
-pub struct LabTls {
-    /// The CA certificate agents and prestop-check verify against.
-    pub ca: PathBuf,
-    /// The server certificate (`tls.crt`) and its key (`tls.key`).
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// The CA certificate, PEM.
+pub struct LabCa {
+    /// What agents and prestop-check verify against.
     pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
 }
 
-impl LabTls {
+/// Where [`LabCa::write`] put the files.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    /// `tls.crt` and `tls.key`, as in a `kubernetes.io/tls` Secret.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl LabCa {
     /// A new CA and a server certificate for `names` (DNS names or IP
-    /// addresses), written under `dir`.
-    pub fn generate(dir: &Path, names: &[&str]) -> Result<Self, TlsError> {
+    /// addresses).
+    pub fn generate(names: &[&str]) -> Result<Self, TlsError> {
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -49,7 +55,15 @@ impl LabTls {
             .distinguished_name
             .push(DnType::CommonName, "prestop-aggregator");
         let cert_pem = params.signed_by(&key, &issuer)?.pem();
+        Ok(Self {
+            ca_pem,
+            cert_pem,
+            key_pem: key.serialize_pem(),
+        })
+    }
 
+    /// Writes `ca.crt`, `tls.crt` and `tls.key` under `dir`.
+    pub fn write(&self, dir: &Path) -> Result<TlsFiles, TlsError> {
         let write = |name: &str, body: &str| {
             let path = dir.join(name);
             std::fs::write(&path, body).map_err(|source| TlsError::Write {
@@ -58,11 +72,10 @@ impl LabTls {
             })?;
             Ok::<_, TlsError>(path)
         };
-        Ok(Self {
-            ca: write("ca.crt", &ca_pem)?,
-            cert: write("tls.crt", &cert_pem)?,
-            key: write("tls.key", &key.serialize_pem())?,
-            ca_pem,
+        Ok(TlsFiles {
+            ca: write("ca.crt", &self.ca_pem)?,
+            cert: write("tls.crt", &self.cert_pem)?,
+            key: write("tls.key", &self.key_pem)?,
         })
     }
 }
