@@ -96,7 +96,11 @@ struct AuthArgs {
     tls_key_file: Option<PathBuf>,
     /// Audience agents' and readers' tokens must be issued for (the
     /// projected token volume's `audience`); checked by TokenReview.
-    #[arg(long, env = "AGGREGATOR_TOKEN_AUDIENCE", default_value = "prestop-aggregator")]
+    #[arg(
+        long,
+        env = "AGGREGATOR_TOKEN_AUDIENCE",
+        default_value = "prestop-aggregator"
+    )]
     token_audience: String,
     /// The agents' ServiceAccount, NAMESPACE:NAME: only its tokens may
     /// register, and each only for the node of the pod it is bound to.

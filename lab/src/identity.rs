@@ -100,7 +100,10 @@ pub async fn agent_token(
 /// A token of `node`'s agent pod that has already expired (only the
 /// double's Rust API issues those).
 pub fn expired_agent_token(double: &ApiServerDouble, node: &str) -> Result<String, DoubleError> {
-    if double.get::<Pod>(NAMESPACE, &agent_pod_name(node)).is_none() {
+    if double
+        .get::<Pod>(NAMESPACE, &agent_pod_name(node))
+        .is_none()
+    {
         double.create(&agent_pod(node))?;
     }
     double.token(&apiserver_double::auth::TokenGrant {

@@ -142,10 +142,15 @@ impl HttpAccess {
             ..Default::default()
         };
         let timeout = self.reviewer.timeout();
-        let answer = tokio::time::timeout(timeout, self.sars.create(&PostParams::default(), &review))
-            .await
-            .map_err(|_| AuthError::Unavailable(format!("SubjectAccessReview: no answer within {timeout:?}")))?
-            .map_err(|e| AuthError::Unavailable(format!("SubjectAccessReview: {e}")))?;
+        let answer =
+            tokio::time::timeout(timeout, self.sars.create(&PostParams::default(), &review))
+                .await
+                .map_err(|_| {
+                    AuthError::Unavailable(format!(
+                        "SubjectAccessReview: no answer within {timeout:?}"
+                    ))
+                })?
+                .map_err(|e| AuthError::Unavailable(format!("SubjectAccessReview: {e}")))?;
         Ok(answer.status.is_some_and(|s| s.allowed))
     }
 }

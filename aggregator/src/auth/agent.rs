@@ -98,7 +98,12 @@ impl AgentAuth {
 
     /// Refuses a batch of a stream opened for `node` under another node's
     /// agent id.
-    pub fn owns(&self, correlator: &Correlator, node: &str, agent_id: &str) -> Result<(), tonic::Status> {
+    pub fn owns(
+        &self,
+        correlator: &Correlator,
+        node: &str,
+        agent_id: &str,
+    ) -> Result<(), tonic::Status> {
         let r = owned_by(correlator, agent_id, node);
         self.refused(r, Claim::Agent(agent_id))
     }
@@ -183,10 +188,7 @@ impl AgentAuth {
             .get_opt(&pod)
             .await
             .map_err(|e| {
-                AuthError::Unavailable(format!(
-                    "reading pod {}/{pod}: {e}",
-                    self.account.namespace
-                ))
+                AuthError::Unavailable(format!("reading pod {}/{pod}: {e}", self.account.namespace))
             })?
             .filter(|p| p.metadata.uid.as_deref() == Some(uid.as_str()))
             .ok_or_else(|| AuthError::Rejected(format!("the bound pod {pod} ({uid}) is gone")))?;

@@ -51,7 +51,9 @@ pub struct Guards {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuardError {
-    #[error("token checks need a Kubernetes client (TokenReview); run with Kubernetes or --insecure-no-auth")]
+    #[error(
+        "token checks need a Kubernetes client (TokenReview); run with Kubernetes or --insecure-no-auth"
+    )]
     NoKube,
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -99,7 +101,9 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 pub enum AuthError {
     #[error("no bearer token in the authorization metadata")]
     NoToken,
-    #[error("the authorization metadata is not \"Bearer <token>\" of at most {MAX_TOKEN_BYTES} bytes")]
+    #[error(
+        "the authorization metadata is not \"Bearer <token>\" of at most {MAX_TOKEN_BYTES} bytes"
+    )]
     Malformed,
     #[error("the token was refused by TokenReview: {0}")]
     Rejected(String),
