@@ -1,18 +1,24 @@
 //! observer_agent::report against the real aggregator over real sockets,
-//! with the Kubernetes API double as the cluster.
+//! with the Kubernetes API double as the cluster: TLS verified against the
+//! lab's CA, the agent's token from the double's TokenRequest in a file.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use aggregator::app::{self, Running};
+use aggregator::auth::tls::TlsFiles;
+use aggregator::auth::{AuthSettings, TokenSettings};
 use aggregator::config::Settings;
 use aggregator::store::Store;
 use apiserver_double::{ApiServerDouble, objects};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use observer_agent::report::{self, ReporterConfig, Summary, WatchUpdate};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use lab::identity;
+use lab::tls::LabCa;
+use observer_agent::report::{self, Credentials, ReporterConfig, Summary, WatchUpdate};
 use observer_proto::{Detector, Observation, RulesChange, UnixNanos};
 use tokio::sync::{mpsc, oneshot};
 
@@ -28,18 +34,79 @@ fn slice(pods: &[&Pod], terminating: bool) -> EndpointSlice {
     objects::endpoint_slice("shop", "web", &endpoints)
 }
 
-async fn aggregator_on(addr: SocketAddr, store: &Path, double: &ApiServerDouble) -> Running {
-    let store = Arc::new(Store::open(store).unwrap());
+/// The files of one test: the store, the TLS certificate, the agent's
+/// token and the CA it verifies with.
+struct Files {
+    dir: tempfile::TempDir,
+    tls: lab::tls::TlsFiles,
+}
+
+impl Files {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = LabCa::generate(&["localhost"])
+            .unwrap()
+            .write(dir.path())
+            .unwrap();
+        Self { dir, tls }
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.path().join("store.db")
+    }
+
+    fn token(&self) -> PathBuf {
+        self.dir.path().join("token")
+    }
+
+    /// node-a in the Node list, its agent pod, and a token of that pod in
+    /// the token file (what the kubelet's projected volume holds).
+    async fn node_a_token(&self, double: &ApiServerDouble) {
+        if double.get::<Node>("", "node-a").is_none() {
+            double.create(&node_a()).unwrap();
+        }
+        let token = identity::agent_token(double, "node-a", identity::AUDIENCE)
+            .await
+            .unwrap();
+        std::fs::write(self.token(), token).unwrap();
+    }
+}
+
+fn node_a() -> Node {
+    Node {
+        metadata: ObjectMeta {
+            name: Some("node-a".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+async fn aggregator_on(addr: SocketAddr, files: &Files, double: &ApiServerDouble) -> Running {
+    let store = Arc::new(Store::open(files.store()).unwrap());
     let grpc = tokio::net::TcpListener::bind(addr).await.unwrap();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let running = app::start(
-        Settings::default(),
-        store,
-        grpc,
-        http,
-        Some(double.client().unwrap()),
-    )
-    .unwrap();
+    let tls = files.tls.clone();
+    let agents = format!(
+        "{}:{}",
+        identity::NAMESPACE,
+        identity::AGENT_SERVICE_ACCOUNT
+    );
+    let settings = Settings {
+        auth: AuthSettings {
+            tokens: Some(TokenSettings::new(
+                identity::AUDIENCE,
+                agents.parse().unwrap(),
+                identity::NAMESPACE,
+            )),
+            tls: Some(TlsFiles {
+                cert: tls.cert,
+                key: tls.key,
+            }),
+        },
+        ..Settings::default()
+    };
+    let running = app::start(settings, store, grpc, http, Some(double.client().unwrap())).unwrap();
     for _ in 0..250 {
         if running.http.ready.get() {
             return running;
@@ -72,8 +139,12 @@ struct Reporter {
     task: tokio::task::JoinHandle<Result<Summary, report::ReportError>>,
 }
 
-fn start_reporter(addr: SocketAddr) -> Reporter {
-    let mut cfg = ReporterConfig::new(format!("http://{addr}"), "node-a");
+fn start_reporter(addr: SocketAddr, files: &Files) -> Reporter {
+    let mut cfg = ReporterConfig::new(format!("https://localhost:{}", addr.port()), "node-a");
+    cfg.credentials = Credentials {
+        token_file: Some(files.token()),
+        ca_file: Some(files.tls.ca.clone()),
+    };
     cfg.kernel_release = "6.18.0".into();
     cfg.flush_interval = Duration::from_millis(50);
     cfg.backoff_initial = Duration::from_millis(50);
@@ -114,11 +185,12 @@ async fn reports_a_deletion_end_to_end() {
     let double = ApiServerDouble::start().await.unwrap();
     let web1 = double.create(&pod("web-1", "10.244.0.5")).unwrap();
     double.create(&slice(&[&web1], false)).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store.db");
+    let files = Files::new();
+    files.node_a_token(&double).await;
+    let store = files.store();
     let addr = free_addr();
-    let agg = aggregator_on(addr, &store, &double).await;
-    let mut r = start_reporter(addr);
+    let agg = aggregator_on(addr, &files, &double).await;
+    let mut r = start_reporter(addr, &files);
     // Registered and subscribed once the aggregator counts the agent.
     for _ in 0..250 {
         if agg.http.metrics.agents_connected.get() == 1 {
@@ -173,14 +245,15 @@ async fn buffers_while_the_aggregator_restarts_and_reconnects() {
     let web1 = double.create(&pod("web-1", "10.244.0.5")).unwrap();
     let web2 = double.create(&pod("web-2", "10.244.0.6")).unwrap();
     double.create(&slice(&[&web1, &web2], false)).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store.db");
+    let files = Files::new();
+    files.node_a_token(&double).await;
+    let store = files.store();
     let addr = free_addr();
 
     // The agent starts first: nothing listens yet, it keeps retrying.
-    let mut r = start_reporter(addr);
+    let mut r = start_reporter(addr, &files);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let agg = aggregator_on(addr, &store, &double).await;
+    let agg = aggregator_on(addr, &files, &double).await;
     double.delete::<Pod>("shop", "web-1", 30).unwrap();
     double.delete::<Pod>("shop", "web-2", 30).unwrap();
     let mut added = Vec::new();
@@ -206,11 +279,17 @@ async fn buffers_while_the_aggregator_restarts_and_reconnects() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     // web-2 finishes while the aggregator is down.
     double.finish_deletion::<Pod>("shop", "web-2").unwrap();
+    // The agent pod is replaced meanwhile: its old token is void, the
+    // kubelet writes a token of the new pod, which the agent must read.
+    double
+        .finish_deletion::<Pod>(identity::NAMESPACE, &identity::agent_pod_name("node-a"))
+        .unwrap();
+    files.node_a_token(&double).await;
 
     // Back on the same port and store: the relist finds web-1 still
     // terminating; the agent re-registers, must not be told to add web-1
     // again, must be told web-2 is gone, and delivers its buffer.
-    let agg = aggregator_on(addr, &store, &double).await;
+    let agg = aggregator_on(addr, &files, &double).await;
     let WatchUpdate::Remove(gone) = next_update(&mut r).await else {
         panic!("expected remove of web-2")
     };

@@ -41,6 +41,24 @@ pub struct TokenSettings {
     pub protect_recommendations: bool,
 }
 
+impl TokenSettings {
+    /// Tokens for `audience`, agents running as `agents`, readers checked
+    /// in `namespace`; reviews cached 10 s, 5 s to answer,
+    /// `/v1/recommendations` open.
+    pub fn new(audience: &str, agents: ServiceAccount, namespace: &str) -> Self {
+        Self {
+            review: ReviewSettings {
+                audience: audience.into(),
+                timeout: Duration::from_secs(5),
+                cache: CacheSettings::default(),
+            },
+            agents,
+            namespace: namespace.into(),
+            protect_recommendations: false,
+        }
+    }
+}
+
 /// The checks [`AuthSettings`] ask for, built once at start.
 #[derive(Clone, Default)]
 pub struct Guards {

@@ -15,8 +15,7 @@ use std::time::Duration;
 
 use aggregator::app::{self, Running};
 use aggregator::auth::access::{API_GROUP, DELETIONS, RECOMMENDATIONS};
-use aggregator::auth::review::ReviewSettings;
-use aggregator::auth::{AuthSettings, CacheSettings, TokenSettings, tls};
+use aggregator::auth::{AuthSettings, TokenSettings, tls};
 use aggregator::config::Settings;
 use aggregator::store::Store;
 use apiserver_double::ApiServerDouble;
@@ -57,24 +56,18 @@ pub fn credentials(addr: SocketAddr) -> Option<Arc<Credentials>> {
 /// runs the aggregator.
 pub fn secured(settings: Settings, dir: &Path) -> Settings {
     let files = CA.write(dir).unwrap();
+    let agents = format!(
+        "{}:{}",
+        identity::NAMESPACE,
+        identity::AGENT_SERVICE_ACCOUNT
+    );
     Settings {
         auth: AuthSettings {
-            tokens: Some(TokenSettings {
-                review: ReviewSettings {
-                    audience: identity::AUDIENCE.into(),
-                    timeout: Duration::from_secs(2),
-                    cache: CacheSettings::default(),
-                },
-                agents: format!(
-                    "{}:{}",
-                    identity::NAMESPACE,
-                    identity::AGENT_SERVICE_ACCOUNT
-                )
-                .parse()
-                .unwrap(),
-                namespace: identity::NAMESPACE.into(),
-                protect_recommendations: false,
-            }),
+            tokens: Some(TokenSettings::new(
+                identity::AUDIENCE,
+                agents.parse().unwrap(),
+                identity::NAMESPACE,
+            )),
             tls: Some(tls::TlsFiles {
                 cert: files.cert,
                 key: files.key,
