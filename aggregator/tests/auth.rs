@@ -74,9 +74,8 @@ async fn callers_without_a_valid_token_of_the_agents_account_are_refused() {
     let expired = identity::expired_agent_token(&double, "node-a").unwrap();
     refused(&agg, "node-a", Some(&expired), Code::Unauthenticated).await;
     // A real token of the agent's pod, but for the API server's audience.
-    let wrong_audience = identity::agent_token(&double, "node-a", "https://kubernetes.default.svc")
-        .await
-        .unwrap();
+    let wrong_audience =
+        identity::agent_token(&double, "node-a", "https://kubernetes.default.svc").unwrap();
     refused(&agg, "node-a", Some(&wrong_audience), Code::Unauthenticated).await;
     // A valid token of another ServiceAccount (the CI reader).
     let reader = credentials(agg.grpc_addr).unwrap().reader.clone();
@@ -122,9 +121,7 @@ async fn a_token_speaks_only_for_its_own_node_and_a_node_in_the_node_list() {
 
     // An agent pod on a node the Node list does not have (a forged or
     // deleted node) gets a real token, and is still refused.
-    let ghost = identity::agent_token(&double, "ghost", AUDIENCE)
-        .await
-        .unwrap();
+    let ghost = identity::agent_token(&double, "ghost", AUDIENCE).unwrap();
     refused(&agg, "ghost", Some(&ghost), Code::PermissionDenied).await;
 
     // The honest agent of node-b registers.
@@ -224,9 +221,7 @@ async fn a_token_review_outage_refuses_everyone_and_reviews_are_cached() {
     assert_eq!(double.token_reviews(), before, "answered from the cache");
 
     // A token the aggregator has not reviewed yet, while reviews fail.
-    let fresh = identity::agent_token(&double, "node-b", AUDIENCE)
-        .await
-        .unwrap();
+    let fresh = identity::agent_token(&double, "node-b", AUDIENCE).unwrap();
     double.set_reviews_unavailable(true);
     refused(&agg, "node-b", Some(&fresh), Code::Unavailable).await;
     assert_eq!(refusals(&agg, "review_unavailable"), 1);

@@ -50,22 +50,34 @@ pub fn agent_pod(node: &str) -> Pod {
     }
 }
 
-/// Creates (or keeps) `node`'s agent pod and returns a token bound to it,
-/// for `audience`, from the double's `TokenRequest` over HTTP.
-pub async fn agent_token(
+/// Creates (or keeps) `node`'s agent pod and returns a token bound to it
+/// for `audience`, valid [`TOKEN_SECONDS`], as the kubelet's `TokenRequest`
+/// for a projected volume gets it (the double's issuing path; the lab's
+/// double listens inside the control-plane namespace, out of reach of an
+/// HTTP client in the host's).
+pub fn agent_token(
+    double: &ApiServerDouble,
+    node: &str,
+    audience: &str,
+) -> Result<String, DoubleError> {
+    token_of_agent_pod(
+        double,
+        node,
+        audience,
+        Duration::from_secs(TOKEN_SECONDS.unsigned_abs()),
+    )
+}
+
+/// `agent_token`, through the double's `TokenRequest` over HTTP.
+pub async fn agent_token_requested(
     double: &ApiServerDouble,
     node: &str,
     audience: &str,
 ) -> Result<String, IdentityError> {
-    let pod = match double.get::<Pod>(NAMESPACE, &agent_pod_name(node)) {
-        Some(p) => p,
-        None => double
-            .create(&agent_pod(node))
-            .map_err(|source| IdentityError::Pod {
-                node: node.into(),
-                source,
-            })?,
-    };
+    let pod = ensure_agent_pod(double, node).map_err(|source| IdentityError::Pod {
+        node: node.into(),
+        source,
+    })?;
     let client = double.client().map_err(|source| IdentityError::Pod {
         node: node.into(),
         source,
@@ -97,22 +109,33 @@ pub async fn agent_token(
         .ok_or_else(|| IdentityError::NoToken { node: node.into() })
 }
 
-/// A token of `node`'s agent pod that has already expired (only the
-/// double's Rust API issues those).
-pub fn expired_agent_token(double: &ApiServerDouble, node: &str) -> Result<String, DoubleError> {
-    if double
-        .get::<Pod>(NAMESPACE, &agent_pod_name(node))
-        .is_none()
-    {
-        double.create(&agent_pod(node))?;
+fn ensure_agent_pod(double: &ApiServerDouble, node: &str) -> Result<Pod, DoubleError> {
+    match double.get::<Pod>(NAMESPACE, &agent_pod_name(node)) {
+        Some(p) => Ok(p),
+        None => double.create(&agent_pod(node)),
     }
+}
+
+fn token_of_agent_pod(
+    double: &ApiServerDouble,
+    node: &str,
+    audience: &str,
+    valid_for: Duration,
+) -> Result<String, DoubleError> {
+    ensure_agent_pod(double, node)?;
     double.token(&apiserver_double::auth::TokenGrant {
         namespace: NAMESPACE,
         service_account: AGENT_SERVICE_ACCOUNT,
         pod: Some(&agent_pod_name(node)),
-        audiences: vec![AUDIENCE.into()],
-        valid_for: Duration::ZERO,
+        audiences: vec![audience.into()],
+        valid_for,
     })
+}
+
+/// A token of `node`'s agent pod that has already expired (only the
+/// double's Rust API issues those).
+pub fn expired_agent_token(double: &ApiServerDouble, node: &str) -> Result<String, DoubleError> {
+    token_of_agent_pod(double, node, AUDIENCE, Duration::ZERO)
 }
 
 /// The ServiceAccount of the lab's and tests' HTTP API reader (CI).

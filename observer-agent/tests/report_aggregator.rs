@@ -65,7 +65,7 @@ impl Files {
         if double.get::<Node>("", "node-a").is_none() {
             double.create(&node_a()).unwrap();
         }
-        let token = identity::agent_token(double, "node-a", identity::AUDIENCE)
+        let token = identity::agent_token_requested(double, "node-a", identity::AUDIENCE)
             .await
             .unwrap();
         std::fs::write(self.token(), token).unwrap();

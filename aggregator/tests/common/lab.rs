@@ -116,7 +116,7 @@ async fn mint(double: &ApiServerDouble) -> Credentials {
     let mut agents = HashMap::new();
     for n in nodes.list(&Default::default()).await.unwrap() {
         let name = n.metadata.name.unwrap();
-        let token = identity::agent_token(double, &name, identity::AUDIENCE)
+        let token = identity::agent_token_requested(double, &name, identity::AUDIENCE)
             .await
             .unwrap();
         agents.insert(name, token);
