@@ -331,15 +331,27 @@ fn check_agent_credentials(pod: &PodSpec, c: &Container) {
         .flatten()
         .find(|v| v.name == mount.name)
         .unwrap();
-    let sources = volume.projected.as_ref().unwrap().sources.as_deref().unwrap();
+    let sources = volume
+        .projected
+        .as_ref()
+        .unwrap()
+        .sources
+        .as_deref()
+        .unwrap();
     let token = sources
         .iter()
         .find_map(|s| s.service_account_token.as_ref())
         .expect("projected token");
     assert_eq!(token.audience.as_deref(), Some("prestop-aggregator"));
     assert!(token.expiration_seconds.is_some_and(|e| e <= 3600));
-    assert!(sources.iter().all(|s| s.secret.is_none()), "no Secret in the agents' volume");
-    let ca = sources.iter().find_map(|s| s.config_map.as_ref()).expect("CA");
+    assert!(
+        sources.iter().all(|s| s.secret.is_none()),
+        "no Secret in the agents' volume"
+    );
+    let ca = sources
+        .iter()
+        .find_map(|s| s.config_map.as_ref())
+        .expect("CA");
     assert_eq!(ca.name, "prestop-aggregator-ca");
 }
 
@@ -352,7 +364,11 @@ fn check_certificates(r: &Rendered, tls_secret: &str) {
         .find(|c| c["spec"]["secretName"] == tls_secret)
         .expect("a Certificate for the aggregator's Secret");
     let names = serving["spec"]["dnsNames"].as_array().unwrap();
-    assert!(names.iter().any(|n| n == "prestop-aggregator.prestop-system.svc"));
+    assert!(
+        names
+            .iter()
+            .any(|n| n == "prestop-aggregator.prestop-system.svc")
+    );
     let issuer = serving["spec"]["issuerRef"]["name"].as_str().unwrap();
     assert!(r.issuers.iter().any(|i| i["metadata"]["name"] == issuer));
 }
@@ -400,7 +416,10 @@ fn check_aggregator(r: &Rendered) {
     let reader = only(&r.roles, "Role");
     let rule = only(reader.rules.as_deref().unwrap(), "reader rule");
     assert_eq!(rule.verbs, ["get"]);
-    assert_eq!(rule.api_groups.as_deref(), Some(&["observer.prestop.dev".to_string()][..]));
+    assert_eq!(
+        rule.api_groups.as_deref(),
+        Some(&["observer.prestop.dev".to_string()][..])
+    );
     let store = c
         .volume_mounts
         .iter()
