@@ -75,8 +75,10 @@ const ACCESS_GROUP: &str = "observer.prestop.dev";
 #[derive(Clone, Debug)]
 pub struct Security {
     pub tls: crate::tls::TlsFiles,
-    /// A token allowed to read the HTTP API.
+    /// A token allowed to read the HTTP API, and the file holding it (for
+    /// curl in `--hold`).
     pub reader: String,
+    pub reader_file: PathBuf,
 }
 
 /// What an agent presents: its token file and the CA file.
@@ -447,16 +449,22 @@ impl Observer {
         for file in stale {
             let _ = std::fs::remove_file(file);
         }
+        let reader = identity::reader_token(
+            api.double(),
+            ACCESS_GROUP,
+            &["deletions", "recommendations"],
+        )
+        .map_err(|e| ObserverError::Credentials(e.to_string()))?;
+        let reader_file = dir.join("reader-token");
+        std::fs::write(&reader_file, &reader).map_err(|e| {
+            ObserverError::Credentials(format!("writing {}: {e}", reader_file.display()))
+        })?;
         let security = Security {
             tls: crate::tls::LabCa::generate(&[&CONTROL_PLANE_IP.to_string()])
                 .and_then(|ca| ca.write(dir))
                 .map_err(|e| ObserverError::Credentials(e.to_string()))?,
-            reader: identity::reader_token(
-                api.double(),
-                ACCESS_GROUP,
-                &["deletions", "recommendations"],
-            )
-            .map_err(|e| ObserverError::Credentials(e.to_string()))?,
+            reader,
+            reader_file,
         };
         let aggregator = Aggregator::start(
             &binaries.aggregator,
@@ -505,6 +513,11 @@ impl Observer {
             .iter()
             .map(|a| (a.node.clone(), a.cpu_seconds()))
             .collect()
+    }
+
+    /// The certificates and the reader's token of this run.
+    pub fn security(&self) -> &Security {
+        &self.security
     }
 
     /// The Kubernetes API the aggregator watches.
