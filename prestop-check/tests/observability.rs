@@ -47,6 +47,8 @@ fn populate_aggregator(m: &aggregator::metrics::Metrics) {
         nodes_still_routing,
         observations_rejected,
         agent_observations_dropped,
+        token_reviews,
+        auth_refusals,
     } = m;
     let (node, namespace) = ("n1".to_string(), "shop".to_string());
     propagation_latency
@@ -80,11 +82,17 @@ fn populate_aggregator(m: &aggregator::metrics::Metrics) {
         .get_or_create(&NodeLabel { node: node.clone() })
         .inc();
     nodes_missing.get_or_create(&NodeLabel { node }).inc();
-    observations_rejected
-        .get_or_create(&ReasonLabel {
-            reason: "future".into(),
-        })
-        .inc();
+    for (family, reason) in [
+        (observations_rejected, "future"),
+        (token_reviews, "authenticated"),
+        (auth_refusals, "forbidden"),
+    ] {
+        family
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .inc();
+    }
     report_lag.observe(0.01);
     store_deletions.set(1);
     let scope = NamespaceService {
