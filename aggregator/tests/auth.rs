@@ -8,8 +8,7 @@ mod common;
 use std::time::Duration;
 
 use aggregator::config::Settings;
-use apiserver_double::ApiServerDouble;
-use apiserver_double::objects::{endpoint_slice, pod};
+use apiserver_double::objects::endpoint_slice;
 use common::get;
 use common::lab::*;
 use k8s_openapi::api::core::v1::Pod;
@@ -19,22 +18,6 @@ use tonic::Code;
 
 const S: u64 = 1_000_000_000;
 const IP: &str = "10.244.0.5";
-
-/// node-a and node-b in the Node list; web-1 on node-a behind shop/web.
-async fn cluster() -> (ApiServerDouble, Pod) {
-    let double = ApiServerDouble::start().await.unwrap();
-    double
-        .create(&node("node-a", "192.168.0.1", "10.244.0.0/24"))
-        .unwrap();
-    double
-        .create(&node("node-b", "192.168.0.2", "10.244.1.0/24"))
-        .unwrap();
-    let web1 = double.create(&pod("shop", "web-1", IP, "node-a")).unwrap();
-    double
-        .create(&endpoint_slice("shop", "web", &[(&web1, true, false)]))
-        .unwrap();
-    (double, web1)
-}
 
 fn settings() -> Settings {
     Settings {
@@ -65,7 +48,7 @@ fn refusals(agg: &aggregator::app::Running, reason: &str) -> u64 {
 
 #[tokio::test]
 async fn callers_without_a_valid_token_of_the_agents_account_are_refused() {
-    let (double, _) = cluster().await;
+    let Cluster { double, .. } = cluster().await;
     let dir = tempfile::tempdir().unwrap();
     let agg = start_aggregator(settings(), &dir.path().join("s.db"), Some(&double)).await;
 
@@ -112,7 +95,7 @@ async fn callers_without_a_valid_token_of_the_agents_account_are_refused() {
 
 #[tokio::test]
 async fn a_token_speaks_only_for_its_own_node_and_a_node_in_the_node_list() {
-    let (double, _) = cluster().await;
+    let Cluster { double, .. } = cluster().await;
     let dir = tempfile::tempdir().unwrap();
     let agg = start_aggregator(settings(), &dir.path().join("s.db"), Some(&double)).await;
     let b_token = agent_token(agg.grpc_addr, "node-b").unwrap();
@@ -136,7 +119,7 @@ async fn a_token_speaks_only_for_its_own_node_and_a_node_in_the_node_list() {
 /// id, and node-a's latency is the honest one.
 #[tokio::test]
 async fn another_nodes_agent_cannot_report_rules_removed_for_it() {
-    let (double, web1) = cluster().await;
+    let Cluster { double, web1 } = cluster().await;
     let dir = tempfile::tempdir().unwrap();
     let agg = start_aggregator(settings(), &dir.path().join("s.db"), Some(&double)).await;
     let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
@@ -204,7 +187,7 @@ async fn another_nodes_agent_cannot_report_rules_removed_for_it() {
 
 #[tokio::test]
 async fn a_token_review_outage_refuses_everyone_and_reviews_are_cached() {
-    let (double, _) = cluster().await;
+    let Cluster { double, .. } = cluster().await;
     let dir = tempfile::tempdir().unwrap();
     let agg = start_aggregator(settings(), &dir.path().join("s.db"), Some(&double)).await;
     let a = Agent::connect(agg.grpc_addr, "node-a").await;
@@ -240,7 +223,7 @@ async fn a_token_review_outage_refuses_everyone_and_reviews_are_cached() {
 
 #[tokio::test]
 async fn deletions_need_a_reader_allowed_by_rbac_recommendations_stay_open() {
-    let (double, _) = cluster().await;
+    let Cluster { double, .. } = cluster().await;
     let dir = tempfile::tempdir().unwrap();
     let agg = start_aggregator(settings(), &dir.path().join("s.db"), Some(&double)).await;
     let url = |path: &str| format!("http://{}{path}", agg.http_addr);

@@ -12,7 +12,6 @@ use kube::api::{Api, PostParams};
 use super::cache::Cache;
 use super::review::{TokenReviewer, User};
 use super::{AuthError, bearer};
-use crate::metrics::ReasonLabel;
 
 /// The API group of the virtual resources RBAC grants on
 /// (`deletions`, `recommendations`): no such API is served; RBAC accepts
@@ -75,17 +74,10 @@ impl HttpAccess {
             resource: resource.into(),
             namespace: self.namespace.clone(),
         };
-        let permission = &permission;
-        let r = self.check(authorization, permission).await;
+        let r = self.check(authorization, &permission).await;
         if let Err(e) = &r {
             tracing::info!(resource = %permission.resource, error = %e, "HTTP API request refused");
-            self.reviewer
-                .metrics()
-                .auth_refusals
-                .get_or_create(&ReasonLabel {
-                    reason: e.reason().into(),
-                })
-                .inc();
+            self.reviewer.count_refusal(e);
         }
         r
     }

@@ -12,7 +12,6 @@ use super::cache::Cache;
 use super::review::{TokenReviewer, User};
 use super::{AuthError, CacheSettings, bearer};
 use crate::correlate::Correlator;
-use crate::metrics::ReasonLabel;
 
 pub const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 pub const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
@@ -111,13 +110,7 @@ impl AgentAuth {
     fn refused<T>(&self, r: Result<T, AuthError>, claim: Claim<'_>) -> Result<T, tonic::Status> {
         if let Err(e) = &r {
             tracing::warn!(?claim, error = %e, "agent call refused");
-            self.reviewer
-                .metrics()
-                .auth_refusals
-                .get_or_create(&ReasonLabel {
-                    reason: e.reason().into(),
-                })
-                .inc();
+            self.reviewer.count_refusal(e);
         }
         r.map_err(Into::into)
     }

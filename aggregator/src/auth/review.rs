@@ -49,8 +49,14 @@ impl TokenReviewer {
         self.settings.timeout
     }
 
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
+    /// Counts a refused caller by the refusal's reason.
+    pub fn count_refusal(&self, e: &AuthError) {
+        self.metrics
+            .auth_refusals
+            .get_or_create(&ReasonLabel {
+                reason: e.reason().into(),
+            })
+            .inc();
     }
 
     /// The user `token` authenticates, for this aggregator's audience.

@@ -19,8 +19,9 @@ use aggregator::auth::{AuthSettings, TokenSettings, tls};
 use aggregator::config::Settings;
 use aggregator::store::Store;
 use apiserver_double::ApiServerDouble;
+use apiserver_double::objects::{endpoint_slice, pod};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeSpec, NodeStatus};
+use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeSpec, NodeStatus, Pod};
 use kube::api::ObjectMeta;
 use lab::identity;
 use lab::tls::LabCa;
@@ -188,6 +189,29 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("timed out waiting for {what}");
+}
+
+pub struct Cluster {
+    pub double: ApiServerDouble,
+    pub web1: Pod,
+}
+
+/// Two nodes; pod web-1 (10.244.0.5) on node-a behind service shop/web.
+pub async fn cluster() -> Cluster {
+    let double = ApiServerDouble::start().await.unwrap();
+    double
+        .create(&node("node-a", "192.168.0.1", "10.244.0.0/24"))
+        .unwrap();
+    double
+        .create(&node("node-b", "192.168.0.2", "10.244.1.0/24"))
+        .unwrap();
+    let web1 = double
+        .create(&pod("shop", "web-1", "10.244.0.5", "node-a"))
+        .unwrap();
+    double
+        .create(&endpoint_slice("shop", "web", &[(&web1, true, false)]))
+        .unwrap();
+    Cluster { double, web1 }
 }
 
 pub fn node(name: &str, ip: &str, cidr: &str) -> Node {
