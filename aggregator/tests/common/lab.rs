@@ -144,7 +144,13 @@ pub type Client = ObserverClient<InterceptedService<Channel, Bearer>>;
 /// A gRPC client of the aggregator on `grpc`: over TLS (verified against
 /// [`CA`]) when it is secured, with `token` if any.
 pub async fn client(grpc: SocketAddr, token: Option<&str>) -> Client {
-    let channel = if credentials(grpc).is_some() {
+    let bearer = Bearer(token.map(|t| format!("Bearer {t}").parse().unwrap()));
+    ObserverClient::with_interceptor(channel(grpc).await, bearer)
+}
+
+/// A channel to the aggregator on `grpc`, over TLS when it is secured.
+pub async fn channel(grpc: SocketAddr) -> Channel {
+    if credentials(grpc).is_some() {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&CA.ca_pem))
             .domain_name("localhost");
@@ -161,9 +167,7 @@ pub async fn client(grpc: SocketAddr, token: Option<&str>) -> Client {
             .connect()
             .await
             .unwrap()
-    };
-    let bearer = Bearer(token.map(|t| format!("Bearer {t}").parse().unwrap()));
-    ObserverClient::with_interceptor(channel, bearer)
+    }
 }
 
 /// The token of `node`'s agent for the secured aggregator on `grpc`.
