@@ -3,24 +3,24 @@
 //! lab's CA, the agent's token from the double's TokenRequest in a file.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use aggregator::app::{self, Running};
-use aggregator::auth::tls::TlsFiles;
-use aggregator::auth::{AuthSettings, TokenSettings};
 use aggregator::config::Settings;
 use aggregator::store::Store;
 use apiserver_double::{ApiServerDouble, objects};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use lab::identity;
-use lab::tls::LabCa;
 use observer_agent::report::{self, Credentials, ReporterConfig, Summary, WatchUpdate};
 use observer_proto::{Detector, Observation, RulesChange, UnixNanos};
 use tokio::sync::{mpsc, oneshot};
+
+mod common;
+
+use common::secured::{Files, secured};
 
 fn pod(name: &str, ip: &str) -> Pod {
     objects::pod("shop", name, ip, "node-a")
@@ -34,78 +34,11 @@ fn slice(pods: &[&Pod], terminating: bool) -> EndpointSlice {
     objects::endpoint_slice("shop", "web", &endpoints)
 }
 
-/// The files of one test: the store, the TLS certificate, the agent's
-/// token and the CA it verifies with.
-struct Files {
-    dir: tempfile::TempDir,
-    tls: lab::tls::TlsFiles,
-}
-
-impl Files {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let tls = LabCa::generate(&["localhost"])
-            .unwrap()
-            .write(dir.path())
-            .unwrap();
-        Self { dir, tls }
-    }
-
-    fn store(&self) -> PathBuf {
-        self.dir.path().join("store.db")
-    }
-
-    fn token(&self) -> PathBuf {
-        self.dir.path().join("token")
-    }
-
-    /// node-a in the Node list, its agent pod, and a token of that pod in
-    /// the token file (what the kubelet's projected volume holds).
-    async fn node_a_token(&self, double: &ApiServerDouble) {
-        if double.get::<Node>("", "node-a").is_none() {
-            double.create(&node_a()).unwrap();
-        }
-        let token = identity::agent_token_requested(double, "node-a", identity::AUDIENCE)
-            .await
-            .unwrap();
-        std::fs::write(self.token(), token).unwrap();
-    }
-}
-
-fn node_a() -> Node {
-    Node {
-        metadata: ObjectMeta {
-            name: Some("node-a".into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-}
-
 async fn aggregator_on(addr: SocketAddr, files: &Files, double: &ApiServerDouble) -> Running {
     let store = Arc::new(Store::open(files.store()).unwrap());
     let grpc = tokio::net::TcpListener::bind(addr).await.unwrap();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let tls = files.tls.clone();
-    let agents = format!(
-        "{}:{}",
-        identity::NAMESPACE,
-        identity::AGENT_SERVICE_ACCOUNT
-    );
-    let settings = Settings {
-        auth: AuthSettings {
-            tokens: Some(TokenSettings::new(
-                identity::AUDIENCE,
-                agents.parse().unwrap(),
-                identity::NAMESPACE,
-            )),
-            tls: Some(TlsFiles {
-                cert: tls.cert,
-                key: tls.key,
-            }),
-        },
-        ..Settings::default()
-    };
+    let settings = secured(Settings::default(), files);
     let running = app::start(settings, store, grpc, http, Some(double.client().unwrap())).unwrap();
     for _ in 0..250 {
         if running.http.ready.get() {
