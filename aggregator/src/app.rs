@@ -64,7 +64,10 @@ pub fn start(
     let http_addr = http_listener.local_addr()?;
     let settings = Arc::new(settings);
     let metrics = Arc::new(Metrics::new());
-    let guards = settings.auth.guards(kube.as_ref(), &metrics)?;
+    let ready = Readiness::new(kube.is_none());
+    let guards = settings
+        .auth
+        .guards(kube.as_ref(), &metrics, ready.clone())?;
     if guards.agents.is_none() {
         tracing::warn!(
             "authentication is OFF: any client may register as any node and read /v1/deletions"
@@ -87,7 +90,7 @@ pub fn start(
         store,
         settings,
         metrics,
-        ready: Readiness::new(kube.is_none()),
+        ready,
         access: guards.http.clone(),
     };
     let (shutdown, stop) = watch::channel(false);

@@ -184,7 +184,7 @@ impl Metrics {
         );
         registry.register(
             "prestop_auth_refusals",
-            "Calls refused (reason: unauthenticated, forbidden, review_unavailable)",
+            "Calls refused (reason: unauthenticated, forbidden, review_unavailable, starting)",
             self.auth_refusals.clone(),
         );
     }

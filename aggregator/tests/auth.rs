@@ -215,6 +215,12 @@ async fn a_token_review_outage_refuses_everyone_and_reviews_are_cached() {
     );
     // The outage was not cached: the same token works once reviews do.
     double.set_reviews_unavailable(false);
+    // Before the Node list is read (a restart), agents are told to retry,
+    // not refused as speaking for an unknown node.
+    agg.http.ready.set(false);
+    refused(&agg, "node-b", Some(&fresh), Code::Unavailable).await;
+    assert_eq!(refusals(&agg, "starting"), 1);
+    agg.http.ready.set(true);
     Agent::try_connect(agg.grpc_addr, "node-b", "node-b/test", Some(&fresh))
         .await
         .unwrap();

@@ -12,6 +12,7 @@ use super::cache::Cache;
 use super::review::{TokenReviewer, User};
 use super::{AuthError, CacheSettings, bearer};
 use crate::correlate::Correlator;
+use crate::readiness::Readiness;
 
 pub const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 pub const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
@@ -65,6 +66,10 @@ pub struct AgentAuth {
     /// Token -> node, for tokens whose review named no node (clusters
     /// before 1.30): the bound pod's `spec.nodeName`, read once per TTL.
     pod_nodes: Cache<String>,
+    /// Until the Node list is read, no node is known: agents are asked to
+    /// retry (`UNAVAILABLE`) rather than refused as speaking for an unknown
+    /// node.
+    nodes_synced: Readiness,
 }
 
 impl AgentAuth {
@@ -73,8 +78,10 @@ impl AgentAuth {
         account: ServiceAccount,
         client: kube::Client,
         cache: CacheSettings,
+        nodes_synced: Readiness,
     ) -> Self {
         Self {
+            nodes_synced,
             pods: Api::namespaced(client, &account.namespace),
             username: account.username(),
             account,
@@ -132,6 +139,9 @@ impl AgentAuth {
             });
         }
         let bound = self.node_of(token, &user).await?;
+        if !self.nodes_synced.get() {
+            return Err(AuthError::NodesNotSynced);
+        }
         if !correlator.knows_node(&bound) {
             return Err(AuthError::UnknownNode(bound));
         }

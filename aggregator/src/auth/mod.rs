@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 use access::HttpAccess;
 use agent::{AgentAuth, ServiceAccount};
 use review::{ReviewSettings, TokenReviewer};
@@ -78,10 +79,13 @@ pub enum GuardError {
 }
 
 impl AuthSettings {
+    /// `nodes_synced` turns true once the Node list has been read: until
+    /// then no agent's node can be checked.
     pub fn guards(
         &self,
         kube: Option<&kube::Client>,
         metrics: &Arc<Metrics>,
+        nodes_synced: Readiness,
     ) -> Result<Guards, GuardError> {
         let tls = self.tls.as_ref().map(TlsFiles::server_config).transpose()?;
         let Some(t) = &self.tokens else {
@@ -102,6 +106,7 @@ impl AuthSettings {
                 t.agents.clone(),
                 client.clone(),
                 t.review.cache.clone(),
+                nodes_synced,
             ))),
             http: Some(Arc::new(HttpAccess::new(reviewer, client.clone(), t))),
             tls,
@@ -127,6 +132,8 @@ pub enum AuthError {
     Rejected(String),
     #[error("TokenReview is unavailable, nobody can be authenticated: {0}")]
     Unavailable(String),
+    #[error("the Node list has not been read yet (the aggregator is starting): retry")]
+    NodesNotSynced,
     #[error("{user:?} is not the agents' service account {expected:?}")]
     WrongAccount { user: String, expected: String },
     #[error("the token of {user:?} is bound to no pod on a node")]
@@ -155,6 +162,7 @@ impl AuthError {
         match self {
             Self::NoToken | Self::Malformed | Self::Rejected(_) => "unauthenticated",
             Self::Unavailable(_) => "review_unavailable",
+            Self::NodesNotSynced => "starting",
             Self::WrongAccount { .. }
             | Self::NoNode { .. }
             | Self::UnknownNode(_)
@@ -170,7 +178,7 @@ impl From<AuthError> for tonic::Status {
         let msg = e.to_string();
         match e.reason() {
             "unauthenticated" => Self::unauthenticated(msg),
-            "review_unavailable" => Self::unavailable(msg),
+            "review_unavailable" | "starting" => Self::unavailable(msg),
             _ => Self::permission_denied(msg),
         }
     }
