@@ -215,11 +215,24 @@ async fn a_token_review_outage_refuses_everyone_and_reviews_are_cached() {
     );
     // The outage was not cached: the same token works once reviews do.
     double.set_reviews_unavailable(false);
-    // Before the Node list is read (a restart), agents are told to retry,
-    // not refused as speaking for an unknown node.
+    // Before the watchers have listed (a restart), an agent of a node not
+    // known yet is told to retry, not refused as speaking for an unknown
+    // node; a known node's agent gets in at once.
+    // (The token first: its agent pod is an API event, which the watchers
+    // take as being in sync.)
+    let ghost = identity::agent_token(&double, "ghost", AUDIENCE).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
     agg.http.ready.set(false);
-    refused(&agg, "node-b", Some(&fresh), Code::Unavailable).await;
+    refused(&agg, "ghost", Some(&ghost), Code::Unavailable).await;
     assert_eq!(refusals(&agg, "starting"), 1);
+    Agent::try_connect(agg.grpc_addr, "node-a", "node-a/early", None)
+        .await
+        .map(drop)
+        .unwrap_err();
+    let early = agent_token(agg.grpc_addr, "node-a").unwrap();
+    Agent::try_connect(agg.grpc_addr, "node-a", "node-a/early", Some(&early))
+        .await
+        .unwrap();
     agg.http.ready.set(true);
     Agent::try_connect(agg.grpc_addr, "node-b", "node-b/test", Some(&fresh))
         .await

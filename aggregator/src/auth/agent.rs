@@ -66,9 +66,9 @@ pub struct AgentAuth {
     /// Token -> node, for tokens whose review named no node (clusters
     /// before 1.30): the bound pod's `spec.nodeName`, read once per TTL.
     pod_nodes: Cache<String>,
-    /// Until the Node list is read, no node is known: agents are asked to
-    /// retry (`UNAVAILABLE`) rather than refused as speaking for an unknown
-    /// node.
+    /// Until the watchers have listed once, a node not known yet may just
+    /// not be read yet: its agent is asked to retry (`UNAVAILABLE`) rather
+    /// than refused as speaking for an unknown node.
     nodes_synced: Readiness,
 }
 
@@ -139,10 +139,11 @@ impl AgentAuth {
             });
         }
         let bound = self.node_of(token, &user).await?;
-        if !self.nodes_synced.get() {
-            return Err(AuthError::NodesNotSynced);
-        }
         if !correlator.knows_node(&bound) {
+            // Before the first list the node may just not be known yet.
+            if !self.nodes_synced.get() {
+                return Err(AuthError::NodesNotSynced);
+            }
             return Err(AuthError::UnknownNode(bound));
         }
         let agent = match claim {
