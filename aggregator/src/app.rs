@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::auth::Guards;
 use crate::config::Settings;
 use crate::correlate::Correlator;
 use crate::http::{self, HttpState};
@@ -35,6 +36,8 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error("restoring the in-flight state from the store")]
     Restore(#[from] StoreError),
+    #[error("setting up authentication")]
+    Auth(#[from] crate::auth::GuardError),
 }
 
 /// A running aggregator.
@@ -62,6 +65,15 @@ pub fn start(
     let http_addr = http_listener.local_addr()?;
     let settings = Arc::new(settings);
     let metrics = Arc::new(Metrics::new());
+    let ready = Readiness::new(kube.is_none());
+    let guards = settings
+        .auth
+        .guards(kube.as_ref(), &metrics, ready.clone())?;
+    if guards.agents.is_none() {
+        tracing::warn!(
+            "authentication is OFF: any client may register as any node and read /v1/deletions"
+        );
+    }
     let correlator = Correlator::new(
         Arc::clone(&settings),
         Arc::clone(&store),
@@ -82,7 +94,8 @@ pub fn start(
         store,
         settings,
         metrics,
-        ready: Readiness::new(kube.is_none()),
+        ready,
+        access: guards.http.clone(),
     };
     let (shutdown, stop) = watch::channel(false);
     let mut tasks = vec![
@@ -90,6 +103,7 @@ pub fn start(
             grpc_listener,
             &correlator,
             &http_state.settings.limits,
+            guards,
             stop.clone(),
         ),
         spawn_http(http_listener, &http_state, stop.clone())?,
@@ -120,12 +134,13 @@ fn spawn_grpc(
     listener: TcpListener,
     correlator: &Arc<Correlator>,
     limits: &Limits,
+    guards: Guards,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let c = Arc::clone(correlator);
     let admission = Arc::new(Admission::new(limits.clone()));
     tokio::spawn(async move {
-        if let Err(e) = grpc::serve(listener, c, admission, stop).await {
+        if let Err(e) = grpc::serve(listener, c, admission, guards, stop).await {
             tracing::error!(error = %e, "gRPC server failed");
         }
     })

@@ -39,6 +39,8 @@ pub struct Settings {
     pub max_clock_offset: Duration,
     /// What agents may make the aggregator hold or do.
     pub limits: Limits,
+    /// Tokens and TLS; none by default.
+    pub auth: crate::auth::AuthSettings,
 }
 
 impl Settings {
@@ -62,6 +64,7 @@ impl Default for Settings {
             clock_tolerance: Duration::from_secs(2),
             max_clock_offset: Duration::from_secs(60),
             limits: Limits::DEFAULT,
+            auth: crate::auth::AuthSettings::default(),
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The agent-facing gRPC service (`prestop.observer.v1.Observer`): converts
-//! and validates protocol messages, then hands them to the [`Correlator`].
+//! The agent-facing gRPC service (`prestop.observer.v1.Observer`): checks
+//! who calls and which node it speaks for ([`AgentAuth`]), converts and
+//! validates protocol messages, then hands them to the [`Correlator`].
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,6 +14,8 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::Guards;
+use crate::auth::agent::{AgentAuth, Claim};
 use crate::correlate::{CorrelateError, Correlator, Registration, WatchChange};
 use crate::limits::{self, Admission, Refused};
 
@@ -28,6 +31,8 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ObserverService {
     correlator: Arc<Correlator>,
     admission: Arc<Admission>,
+    /// `None`: every caller may speak for any node (`--insecure-no-auth`).
+    auth: Option<Arc<AgentAuth>>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -37,12 +42,31 @@ impl ObserverService {
     pub fn new(
         correlator: Arc<Correlator>,
         admission: Arc<Admission>,
+        auth: Option<Arc<AgentAuth>>,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Self {
             correlator,
             admission,
+            auth,
             shutdown,
+        }
+    }
+
+    /// Refuses the call unless its token speaks for what `claim` names;
+    /// nothing of a refused call reaches the correlator.
+    /// Returns the node the token speaks for (`None` without checks).
+    async fn authorize<T>(
+        &self,
+        req: &Request<T>,
+        claim: Claim<'_>,
+    ) -> Result<Option<String>, Status> {
+        match &self.auth {
+            Some(auth) => auth
+                .authorize(req.metadata(), &self.correlator, claim)
+                .await
+                .map(Some),
+            None => Ok(None),
         }
     }
 
@@ -80,12 +104,19 @@ impl Observer for ObserverService {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let r = req.into_inner();
-        require_agent_id(&r.agent_id)?;
-        if r.node_name.is_empty() {
+        require_agent_id(&req.get_ref().agent_id)?;
+        if req.get_ref().node_name.is_empty() {
             return Err(BadRequest::NoNodeName.into());
         }
-        limits::check_registration(&r)?;
+        let claim = Claim::Register {
+            agent_id: &req.get_ref().agent_id,
+            node: &req.get_ref().node_name,
+        };
+        // Sizes before the token (cheap, and a review is not), the rate
+        // after it: an unauthenticated caller cannot use up a node's rate.
+        limits::check_registration(req.get_ref())?;
+        self.authorize(&req, claim).await?;
+        let r = req.into_inner();
         self.admission.registration(&r.node_name)?;
         tracing::info!(
             agent = %r.agent_id, node = %r.node_name, kernel = %r.kernel_release,
@@ -119,8 +150,10 @@ impl Observer for ObserverService {
         &self,
         req: Request<pb::WatchEndpointsRequest>,
     ) -> Result<Response<WatchStream>, Status> {
+        require_agent_id(&req.get_ref().agent_id)?;
+        self.authorize(&req, Claim::Agent(&req.get_ref().agent_id))
+            .await?;
         let agent_id = req.into_inner().agent_id;
-        require_agent_id(&agent_id)?;
         let sub = self
             .correlator
             .subscribe(&agent_id)
@@ -144,8 +177,10 @@ impl Observer for ObserverService {
         &self,
         req: Request<pb::ReportRequest>,
     ) -> Result<Response<pb::ReportResponse>, Status> {
+        require_agent_id(&req.get_ref().agent_id)?;
+        self.authorize(&req, Claim::Agent(&req.get_ref().agent_id))
+            .await?;
         let req = req.into_inner();
-        require_agent_id(&req.agent_id)?;
         self.admission.report(&req.agent_id)?;
         let report = decode_report(req)?;
         let out = self
@@ -164,8 +199,12 @@ impl Observer for ObserverService {
         &self,
         req: Request<tonic::Streaming<pb::ReportRequest>>,
     ) -> Result<Response<ReportStream>, Status> {
+        // The stream's token is checked once, when it opens: the node it
+        // speaks for, then every batch's agent id against that node.
+        let owner = self.authorize(&req, Claim::AnyNode).await?;
         let correlator = Arc::clone(&self.correlator);
         let admission = Arc::clone(&self.admission);
+        let checker = self.auth.clone();
         let mut shutdown = self.shutdown.clone();
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;
@@ -175,9 +214,13 @@ impl Observer for ObserverService {
             .into_inner()
             .then(move |r| {
                 let (correlator, admission) = (Arc::clone(&correlator), Arc::clone(&admission));
+                let (checker, owner) = (checker.clone(), owner.clone());
                 async move {
                     let r = r?;
                     require_agent_id(&r.agent_id)?;
+                    if let (Some(a), Some(node)) = (&checker, &owner) {
+                        a.owns(&correlator, node, &r.agent_id)?;
+                    }
                     admission.report_ready(&r.agent_id).await;
                     let report = decode_report(r)?;
                     let out = correlator
@@ -205,6 +248,7 @@ impl Observer for ObserverService {
     ) -> Result<Response<pb::ClockSyncResponse>, Status> {
         let t2 = UnixNanos::now();
         require_agent_id(&req.get_ref().agent_id)?;
+        self.authorize(&req, Claim::AnyNode).await?;
         Ok(Response::new(pb::ClockSyncResponse {
             t2_unix_nanos: t2.to_wire().unwrap_or_default(),
             t3_unix_nanos: UnixNanos::now().to_wire().unwrap_or_default(),
@@ -267,11 +311,12 @@ pub fn decode_report(r: pb::ReportRequest) -> Result<Report, BadRequest> {
 }
 
 /// Serves the agent protocol and gRPC health on `listener` until `shutdown`
-/// turns true.
+/// turns true, with TLS and token checks as `guards` say.
 pub async fn serve(
     listener: TcpListener,
     correlator: Arc<Correlator>,
     admission: Arc<Admission>,
+    guards: Guards,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -282,7 +327,11 @@ pub async fn serve(
     let stop = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = guards.tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .timeout(CALL_TIMEOUT)
         // Detects vanished agents so their nodes stop being expected.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -291,7 +340,9 @@ pub async fn serve(
         // An agent uses three streams at once; each may buffer a message.
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(health_service)
-        .add_service(ObserverService::new(correlator, admission, shutdown).into_server())
+        .add_service(
+            ObserverService::new(correlator, admission, guards.agents, shutdown).into_server(),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
         .await
 }

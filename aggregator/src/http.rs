@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use observer_proto::UnixNanos;
@@ -15,6 +15,8 @@ use observer_proto::api::{DeletionList, Recommendation};
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::auth::AuthError;
+use crate::auth::access::{self, HttpAccess};
 use crate::config::{Settings, check_probability};
 use crate::metrics::Metrics;
 use crate::openapi;
@@ -30,6 +32,8 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     pub ready: Readiness,
     pub recommender: Arc<Recommender>,
+    /// `None`: every route is open (`--insecure-no-auth`).
+    pub access: Option<Arc<HttpAccess>>,
 }
 
 impl HttpState {
@@ -42,6 +46,7 @@ impl HttpState {
             settings,
             metrics: Arc::new(Metrics::new()),
             ready: Readiness::new(true),
+            access: None,
         }
     }
 }
@@ -114,9 +119,35 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        let code = match e.reason() {
+            "unauthenticated" => StatusCode::UNAUTHORIZED,
+            "review_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::FORBIDDEN,
+        };
+        Self(code, e.to_string())
+    }
+}
+
+impl HttpState {
+    /// Refuses a reader of `resource` whose token does not allow it.
+    async fn authorize(&self, headers: &HeaderMap, resource: &str) -> Result<(), ApiError> {
+        let Some(access) = &self.access else {
+            return Ok(());
+        };
+        let value = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+        Ok(access.authorize(value, resource).await?)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, axum::Json(json!({ "error": self.1 }))).into_response()
+        let body = axum::Json(json!({ "error": self.1 }));
+        if self.0 == StatusCode::UNAUTHORIZED {
+            return (self.0, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response();
+        }
+        (self.0, body).into_response()
     }
 }
 
@@ -177,8 +208,10 @@ fn scope(p: &Params) -> Result<Scope, ApiError> {
 
 async fn recommendations(
     State(state): State<HttpState>,
+    headers: HeaderMap,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<axum::Json<Recommendation>, ApiError> {
+    state.authorize(&headers, access::RECOMMENDATIONS).await?;
     let p = Params::new(
         raw,
         &[
@@ -204,8 +237,10 @@ const MAX_DELETIONS: usize = 1000;
 
 async fn deletions(
     State(state): State<HttpState>,
+    headers: HeaderMap,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
+    state.authorize(&headers, access::DELETIONS).await?;
     let p = Params::new(
         raw,
         &[

@@ -9,6 +9,7 @@
 //! aggregator's clock.
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod correlate;
 pub mod grpc;

@@ -4,6 +4,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aggregator::auth::agent::ServiceAccount;
+use aggregator::auth::review::ReviewSettings;
+use aggregator::auth::tls::TlsFiles;
+use aggregator::auth::{AuthSettings, CacheSettings, TokenSettings};
 use aggregator::config::{Settings, check_probability};
 use aggregator::limits::Limits;
 use aggregator::store::Store;
@@ -74,10 +78,101 @@ struct Args {
     #[arg(long, env = "AGGREGATOR_MAX_CLOCK_OFFSET", default_value = "60s", value_parser = humantime::parse_duration)]
     max_clock_offset: Duration,
     /// Run without Kubernetes (no watchers; useful with a store only).
+    /// Needs --insecure-no-auth: tokens are checked by the API server.
     #[arg(long, env = "AGGREGATOR_NO_KUBE", value_parser = clap::builder::BoolishValueParser::new())]
     no_kube: bool,
     #[command(flatten, next_help_heading = "Limits on agents")]
     limits: Limits,
+    #[command(flatten)]
+    auth: AuthArgs,
+}
+
+/// Who may connect: see docs/deploy.md ("Tokens and certificates").
+#[derive(Debug, clap::Args)]
+struct AuthArgs {
+    /// PEM certificate (chain) of the gRPC server, e.g. a mounted
+    /// kubernetes.io/tls Secret's tls.crt. Required unless --insecure-no-auth.
+    #[arg(long, env = "AGGREGATOR_TLS_CERT_FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --tls-cert-file (the Secret's tls.key).
+    #[arg(long, env = "AGGREGATOR_TLS_KEY_FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
+    /// Audience agents' and readers' tokens must be issued for (the
+    /// projected token volume's `audience`); checked by TokenReview.
+    #[arg(
+        long,
+        env = "AGGREGATOR_TOKEN_AUDIENCE",
+        default_value = "prestop-aggregator"
+    )]
+    token_audience: String,
+    /// The agents' ServiceAccount, NAMESPACE:NAME: only its tokens may
+    /// register, and each only for the node of the pod it is bound to.
+    #[arg(
+        long,
+        env = "AGGREGATOR_AGENT_SERVICE_ACCOUNT",
+        default_value = "prestop-system:prestop-agent"
+    )]
+    agent_service_account: ServiceAccount,
+    /// Namespace of the access checks of HTTP readers: `get` on
+    /// `deletions` (and `recommendations`) of API group
+    /// observer.prestop.dev in this namespace (grant it with a Role).
+    #[arg(long, env = "AGGREGATOR_NAMESPACE", default_value = "prestop-system")]
+    namespace: String,
+    /// Require a token with `get recommendations` for /v1/recommendations
+    /// too (by default it is open to anyone who can reach the port).
+    #[arg(long, env = "AGGREGATOR_PROTECT_RECOMMENDATIONS", value_parser = clap::builder::BoolishValueParser::new())]
+    protect_recommendations: bool,
+    /// A TokenReview or SubjectAccessReview not answered by then refuses
+    /// the caller (Unavailable / 503): an API server outage never lets
+    /// anyone in.
+    #[arg(long, env = "AGGREGATOR_TOKEN_REVIEW_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    token_review_timeout: Duration,
+    /// How long a review's answer is reused (well under the tokens'
+    /// lifetime: a deleted agent pod's token works at most this long).
+    #[arg(long, env = "AGGREGATOR_TOKEN_CACHE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    token_cache_ttl: Duration,
+    /// Accept every caller without a token (and gRPC without TLS when no
+    /// certificate is given): local development only; logged loudly.
+    #[arg(long, env = "AGGREGATOR_INSECURE_NO_AUTH", value_parser = clap::builder::BoolishValueParser::new())]
+    insecure_no_auth: bool,
+}
+
+impl AuthArgs {
+    fn settings(self) -> anyhow::Result<AuthSettings> {
+        let tls = match (self.tls_cert_file, self.tls_key_file) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            _ => None,
+        };
+        if self.insecure_no_auth {
+            tracing::warn!("--insecure-no-auth: agents and readers are NOT authenticated");
+            return Ok(AuthSettings { tokens: None, tls });
+        }
+        anyhow::ensure!(
+            tls.is_some(),
+            "--tls-cert-file and --tls-key-file are required (agents send their tokens only over TLS); --insecure-no-auth for local development"
+        );
+        anyhow::ensure!(
+            !self.token_cache_ttl.is_zero() && self.token_cache_ttl < Duration::from_secs(600),
+            "--token-cache-ttl must be between 0 and 10 minutes (the shortest token lifetime), got {:?}",
+            self.token_cache_ttl
+        );
+        Ok(AuthSettings {
+            tokens: Some(TokenSettings {
+                review: ReviewSettings {
+                    audience: self.token_audience,
+                    timeout: self.token_review_timeout,
+                    cache: CacheSettings {
+                        ttl: self.token_cache_ttl,
+                        ..CacheSettings::default()
+                    },
+                },
+                agents: self.agent_service_account,
+                namespace: self.namespace,
+                protect_recommendations: self.protect_recommendations,
+            }),
+            tls,
+        })
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -144,6 +239,7 @@ async fn run() -> anyhow::Result<()> {
         clock_tolerance: a.clock_tolerance,
         max_clock_offset: a.max_clock_offset,
         limits: a.limits,
+        auth: a.auth.settings()?,
     };
     let running = aggregator::app::start(settings, Arc::new(store), grpc, http, kube)
         .with_context(|| format!("starting with store {}", a.store.display()))?;

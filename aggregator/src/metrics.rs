@@ -101,6 +101,8 @@ pub struct Metrics {
     pub nodes_still_routing: Family<NodeLabel, Counter>,
     pub observations_rejected: Family<ReasonLabel, Counter>,
     pub router_latency: RouterLatency,
+    pub token_reviews: Family<ReasonLabel, Counter>,
+    pub auth_refusals: Family<ReasonLabel, Counter>,
 }
 
 /// Latency per router, labelled by kind and a bounded name.
@@ -177,10 +179,13 @@ impl Metrics {
             nodes_still_routing: Family::default(),
             observations_rejected: Family::default(),
             router_latency: RouterLatency::default(),
+            token_reviews: Family::default(),
+            auth_refusals: Family::default(),
             registry: Registry::default(),
         };
         m.register_deletion_metrics(&mut registry);
         m.register_service_metrics(&mut registry);
+        m.register_auth_metrics(&mut registry);
         Self { registry, ..m }
     }
 
@@ -236,6 +241,20 @@ impl Metrics {
             "prestop_observations_rejected",
             "Observations refused as implausible (reason: future, before_deletion, clock_offset)",
             self.observations_rejected.clone(),
+        );
+    }
+
+    /// Token reviews and refused callers (agents and HTTP readers).
+    fn register_auth_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "prestop_token_reviews",
+            "TokenReviews asked of the API server (reason: authenticated, rejected, unavailable)",
+            self.token_reviews.clone(),
+        );
+        registry.register(
+            "prestop_auth_refusals",
+            "Calls refused (reason: unauthenticated, forbidden, review_unavailable, starting)",
+            self.auth_refusals.clone(),
         );
     }
 

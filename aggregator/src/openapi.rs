@@ -12,16 +12,22 @@ pub fn document() -> Value {
             "description": "Measured endpoint-propagation latency and the preStop delay it calls for."
         },
         "paths": paths(),
-        "components": { "schemas": {
-            "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "string" } } },
-            "Recommendation": recommendation(),
-            "Deletion": deletion(),
-            "NodeMeasurement": node_measurement(),
-            "Coverage": coverage(),
-            "Router": router(),
-            "RouterMeasurement": router_measurement(),
-            "RouterKindSummary": router_kind_summary()
-        }}
+        "components": {
+            "securitySchemes": { "kubernetesToken": {
+                "type": "http", "scheme": "bearer",
+                "description": "A Kubernetes token for the aggregator's audience (--token-audience), checked with TokenReview and a SubjectAccessReview for get on deletions (recommendations) of observer.prestop.dev"
+            } },
+            "schemas": {
+                "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "string" } } },
+                "Recommendation": recommendation(),
+                "Deletion": deletion(),
+                "NodeMeasurement": node_measurement(),
+                "Coverage": coverage(),
+                "Router": router(),
+                "RouterMeasurement": router_measurement(),
+                "RouterKindSummary": router_kind_summary()
+            }
+        }
     })
 }
 
@@ -32,6 +38,7 @@ fn paths() -> Value {
         "content": { "application/json": { "schema": error } }
     });
     let text = |desc: &str| json!({ "description": desc, "content": { "text/plain": { "schema": { "type": "string" } } } });
+    let refused = |desc: &str| json!({ "description": desc, "content": { "application/json": { "schema": error } } });
     let param = |name: &str, ty: &str, desc: &str| json!({ "name": name, "in": "query", "required": false, "schema": { "type": ty }, "description": desc });
     json!({
         "/v1/recommendations": { "get": {
@@ -50,6 +57,7 @@ fn paths() -> Value {
         }},
         "/v1/deletions": { "get": {
             "summary": "Recent finished deletions with per-node detail, newest first",
+            "security": [{ "kubernetesToken": [] }],
             "parameters": [
                 param("namespace", "string", "Only this namespace"),
                 param("service", "string", "Only pods of this service; needs namespace"),
@@ -63,7 +71,10 @@ fn paths() -> Value {
                     "type": "object", "required": ["items"],
                     "properties": { "items": { "type": "array", "items": { "$ref": "#/components/schemas/Deletion" } } }
                 } } } },
-                "400": bad_request
+                "400": bad_request,
+                "401": refused("No token, or one the API server refuses"),
+                "403": refused("RBAC does not allow get deletions.observer.prestop.dev"),
+                "503": refused("TokenReview or SubjectAccessReview unavailable")
             }
         }},
         "/healthz": { "get": { "summary": "Liveness", "responses": { "200": text("Alive") } } },

@@ -16,29 +16,6 @@ use observer_proto::v1 as pb;
 
 const S: u64 = 1_000_000_000;
 
-struct Cluster {
-    double: ApiServerDouble,
-    web1: Pod,
-}
-
-/// Two nodes; pod web-1 (10.244.0.5) on node-a behind service shop/web.
-async fn cluster() -> Cluster {
-    let double = ApiServerDouble::start().await.unwrap();
-    double
-        .create(&node("node-a", "192.168.0.1", "10.244.0.0/24"))
-        .unwrap();
-    double
-        .create(&node("node-b", "192.168.0.2", "10.244.1.0/24"))
-        .unwrap();
-    let web1 = double
-        .create(&pod("shop", "web-1", "10.244.0.5", "node-a"))
-        .unwrap();
-    double
-        .create(&endpoint_slice("shop", "web", &[(&web1, true, false)]))
-        .unwrap();
-    Cluster { double, web1 }
-}
-
 fn settings() -> Settings {
     Settings {
         cluster_name: "lab".into(),

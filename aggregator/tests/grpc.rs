@@ -1,4 +1,5 @@
-//! The agent protocol's edges: validation, unknown agents, health, clock.
+//! The agent protocol's edges (against a secured aggregator): validation,
+//! unknown agents, health, clock.
 
 mod common;
 
@@ -23,10 +24,23 @@ fn checkpoint(agg: &aggregator::app::Running) {
     agg.correlator.checkpoint(UnixNanos::now()).unwrap();
 }
 
+/// A secured aggregator with node-a and node-b in the Node list (the
+/// double must live as long as the test).
+async fn secured_aggregator(dir: &tempfile::TempDir) -> (Cluster, aggregator::app::Running) {
+    let c = cluster().await;
+    let agg = start_aggregator(
+        manual_checkpoints(),
+        &dir.path().join("s.db"),
+        Some(&c.double),
+    )
+    .await;
+    (c, agg)
+}
+
 #[tokio::test]
 async fn malformed_reports_get_invalid_argument() {
     let dir = tempfile::tempdir().unwrap();
-    let agg = start_aggregator(manual_checkpoints(), &dir.path().join("s.db"), None).await;
+    let (_cluster, agg) = secured_aggregator(&dir).await;
     let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
     let base = pb::ReportRequest {
         agent_id: a.id.clone(),
@@ -127,13 +141,9 @@ async fn malformed_reports_get_invalid_argument() {
 #[tokio::test]
 async fn health_clock_and_reregistration() {
     let dir = tempfile::tempdir().unwrap();
-    let agg = start_aggregator(manual_checkpoints(), &dir.path().join("s.db"), None).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", agg.grpc_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let (_cluster, agg) = secured_aggregator(&dir).await;
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(channel(agg.grpc_addr).await);
     let r = health
         .check(tonic_health::pb::HealthCheckRequest {
             service: "prestop.observer.v1.Observer".into(),
@@ -220,7 +230,7 @@ async fn health_clock_and_reregistration() {
 #[tokio::test]
 async fn report_stream_acknowledges_in_order_and_stops_at_a_bad_batch() {
     let dir = tempfile::tempdir().unwrap();
-    let agg = start_aggregator(manual_checkpoints(), &dir.path().join("s.db"), None).await;
+    let (_cluster, agg) = secured_aggregator(&dir).await;
     let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
     let req = |seq: u64, obs: Vec<pb::Observation>| pb::ReportRequest {
         agent_id: a.id.clone(),

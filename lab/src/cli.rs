@@ -254,7 +254,8 @@ fn print_access(lab: &Lab, observer: &Observer) {
         kubeconfig.display()
     );
     println!(
-        "  pods deleted there go the rollouts' way (preStop, SIGTERM, EndpointSlice, every node's proxy) and are measured: ip netns exec {cp} curl -s {}/v1/deletions",
+        "  pods deleted there go the rollouts' way (preStop, SIGTERM, EndpointSlice, every node's proxy) and are measured: ip netns exec {cp} curl -s -H \"Authorization: Bearer $(cat {})\" {}/v1/deletions",
+        observer.security().reader_file.display(),
         observer.aggregator.http_url()
     );
 }

@@ -118,6 +118,8 @@ pub async fn connect_in(netns: &Path, addr: std::net::SocketAddr) -> std::io::Re
 #[derive(Clone, Debug)]
 pub struct HttpClient {
     client: Client<Connector, Empty<Bytes>>,
+    /// Sent as `authorization: Bearer ...` with every request.
+    bearer: Option<String>,
 }
 
 impl Default for HttpClient {
@@ -138,7 +140,14 @@ impl HttpClient {
     fn with(connector: Connector) -> Self {
         HttpClient {
             client: Client::builder(TokioExecutor::new()).build(connector),
+            bearer: None,
         }
+    }
+
+    /// The same client, sending `token` as a bearer token.
+    pub fn with_bearer(mut self, token: &str) -> Self {
+        self.bearer = Some(token.to_owned());
+        self
     }
 
     /// GET `url` (e.g. `http://127.0.0.1:8080/v1/deletions`), whatever the
@@ -149,10 +158,17 @@ impl HttpClient {
             reason,
         };
         let uri: Uri = url.parse().map_err(|e| failed(format!("bad URL: {e}")))?;
+        let mut request = hyper::Request::get(uri);
+        if let Some(token) = &self.bearer {
+            request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request
+            .body(Empty::new())
+            .map_err(|e| failed(format!("bad request: {e}")))?;
         let exchange = async {
             let response = self
                 .client
-                .get(uri)
+                .request(request)
                 .await
                 .map_err(|e| failed(error_chain(&e)))?;
             read(response).await.map_err(|e| failed(error_chain(&e)))

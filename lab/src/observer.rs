@@ -6,6 +6,11 @@
 //! agents reach it from their nodes the way a DaemonSet reaches a Service;
 //! the lab reads its HTTP API from a thread inside the control-plane
 //! namespace. Nothing listens in the host namespace.
+//!
+//! Security is on as deployed: the aggregator serves gRPC with a
+//! certificate of the lab's own CA ([`crate::tls`]), each agent verifies it
+//! and sends a token of its node's agent pod ([`crate::identity`]), and the
+//! lab reads `/v1/deletions` with a reader's token.
 
 use std::{
     fs::File,
@@ -21,6 +26,7 @@ use tokio::process::{Child, Command};
 
 use crate::{
     http_client::{HttpClient, HttpClientError},
+    identity,
     kube::ApiServer,
     netns::NetNs,
     scenario::{DeletionTruth, Lab},
@@ -56,6 +62,30 @@ pub enum ObserverError {
     },
     #[error("{0}")]
     Timeout(String),
+    #[error("credentials: {0}")]
+    Credentials(String),
+}
+
+/// The API group the aggregator's access checks name (its
+/// `observer.prestop.dev`, as deploy/'s reader Role grants it).
+const ACCESS_GROUP: &str = "observer.prestop.dev";
+
+/// Files a cluster would mount: the aggregator's certificate Secret, the
+/// CA agents verify with.
+#[derive(Clone, Debug)]
+pub struct Security {
+    pub tls: crate::tls::TlsFiles,
+    /// A token allowed to read the HTTP API, and the file holding it (for
+    /// curl in `--hold`).
+    pub reader: String,
+    pub reader_file: PathBuf,
+}
+
+/// What an agent presents: its token file and the CA file.
+#[derive(Clone, Debug)]
+pub struct AgentCredentials {
+    pub token_file: PathBuf,
+    pub ca_file: PathBuf,
 }
 
 /// The binaries under test and how the aggregator is run.
@@ -126,13 +156,14 @@ pub struct Aggregator {
     kubeconfig: PathBuf,
     store: PathBuf,
     log: PathBuf,
+    tls: crate::tls::TlsFiles,
     process: Option<Managed>,
 }
 
 impl Aggregator {
     /// The agents' view of the aggregator.
     pub fn grpc_url() -> String {
-        format!("http://{CONTROL_PLANE_IP}:{GRPC_PORT}")
+        format!("https://{CONTROL_PLANE_IP}:{GRPC_PORT}")
     }
 
     /// Its HTTP API (recommendations, deletions), from any lab namespace.
@@ -148,11 +179,13 @@ impl Aggregator {
         kubeconfig: &Path,
         dir: &Path,
         completion_timeout: Duration,
+        security: &Security,
     ) -> Result<Self, ObserverError> {
         let mut aggregator = Aggregator {
             binary: binary.to_owned(),
             completion_timeout,
-            http: HttpClient::in_netns(&control_plane.path()),
+            http: HttpClient::in_netns(&control_plane.path()).with_bearer(&security.reader),
+            tls: security.tls.clone(),
             netns_name: control_plane.name().to_owned(),
             kubeconfig: kubeconfig.to_owned(),
             store: dir.join("aggregator.sqlite"),
@@ -181,6 +214,10 @@ impl Aggregator {
                 "--store",
             ])
             .arg(&self.store)
+            .arg("--tls-cert-file")
+            .arg(&self.tls.cert)
+            .arg("--tls-key-file")
+            .arg(&self.tls.key)
             .env("KUBECONFIG", &self.kubeconfig);
         let mut process = Managed::spawn("aggregator".into(), cmd, self.log.clone())?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -256,13 +293,20 @@ pub struct Agent {
     netns: PathBuf,
     http: HttpClient,
     log: PathBuf,
+    credentials: AgentCredentials,
     process: Option<Managed>,
 }
 
 impl Agent {
     /// Starts `observer-agent run` for `node`, inside its namespace.
-    pub fn start(binary: &Path, node: &Node, dir: &Path) -> Result<Self, ObserverError> {
+    pub fn start(
+        binary: &Path,
+        node: &Node,
+        dir: &Path,
+        credentials: AgentCredentials,
+    ) -> Result<Self, ObserverError> {
         let mut agent = Agent {
+            credentials,
             node: node.name.clone(),
             binary: binary.to_owned(),
             netns: node.ns.path(),
@@ -285,6 +329,10 @@ impl Agent {
             "--health-addr",
             &format!("127.0.0.1:{AGENT_HEALTH_PORT}"),
         ]);
+        cmd.arg("--token-file")
+            .arg(&self.credentials.token_file)
+            .arg("--ca-file")
+            .arg(&self.credentials.ca_file);
         self.process = Some(Managed::spawn(
             format!("agent on {}", self.node),
             cmd,
@@ -359,6 +407,7 @@ pub struct Observer {
     pub aggregator: Aggregator,
     pub agents: Vec<Agent>,
     api: ApiServer,
+    security: Security,
 }
 
 /// How long past its completion timeout the aggregator may take to show a
@@ -400,18 +449,37 @@ impl Observer {
         for file in stale {
             let _ = std::fs::remove_file(file);
         }
+        let reader = identity::reader_token(
+            api.double(),
+            ACCESS_GROUP,
+            &["deletions", "recommendations"],
+        )
+        .map_err(|e| ObserverError::Credentials(e.to_string()))?;
+        let reader_file = dir.join("reader-token");
+        std::fs::write(&reader_file, &reader).map_err(|e| {
+            ObserverError::Credentials(format!("writing {}: {e}", reader_file.display()))
+        })?;
+        let security = Security {
+            tls: crate::tls::LabCa::generate(&[&CONTROL_PLANE_IP.to_string()])
+                .and_then(|ca| ca.write(dir))
+                .map_err(|e| ObserverError::Credentials(e.to_string()))?,
+            reader,
+            reader_file,
+        };
         let aggregator = Aggregator::start(
             &binaries.aggregator,
             &lab.cluster.control_plane,
             api.kubeconfig(),
             dir,
             binaries.completion_timeout,
+            &security,
         )
         .await?;
         Ok(Observer {
             aggregator,
             agents: Vec::new(),
             api,
+            security,
         })
     }
 
@@ -423,7 +491,18 @@ impl Observer {
         dir: &Path,
     ) -> Result<(), ObserverError> {
         for node in &lab.cluster.nodes {
-            self.agents.push(Agent::start(&binaries.agent, node, dir)?);
+            let token = identity::agent_token(self.api.double(), &node.name, identity::AUDIENCE)
+                .map_err(|e| ObserverError::Credentials(e.to_string()))?;
+            let token_file = dir.join(format!("token-{}", node.name));
+            std::fs::write(&token_file, token).map_err(|e| {
+                ObserverError::Credentials(format!("writing {}: {e}", token_file.display()))
+            })?;
+            let credentials = AgentCredentials {
+                token_file,
+                ca_file: self.security.tls.ca.clone(),
+            };
+            self.agents
+                .push(Agent::start(&binaries.agent, node, dir, credentials)?);
         }
         self.wait_connected(lab.cluster.nodes.len()).await
     }
@@ -434,6 +513,11 @@ impl Observer {
             .iter()
             .map(|a| (a.node.clone(), a.cpu_seconds()))
             .collect()
+    }
+
+    /// The certificates and the reader's token of this run.
+    pub fn security(&self) -> &Security {
+        &self.security
     }
 
     /// The Kubernetes API the aggregator watches.

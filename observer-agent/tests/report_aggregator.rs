@@ -1,5 +1,6 @@
 //! observer_agent::report against the real aggregator over real sockets,
-//! with the Kubernetes API double as the cluster.
+//! with the Kubernetes API double as the cluster: TLS verified against the
+//! lab's CA, the agent's token from the double's TokenRequest in a file.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -12,9 +13,14 @@ use aggregator::store::Store;
 use apiserver_double::{ApiServerDouble, objects};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use observer_agent::report::{self, ReporterConfig, Summary, WatchUpdate};
+use lab::identity;
+use observer_agent::report::{self, Credentials, ReporterConfig, Summary, WatchUpdate};
 use observer_proto::{Detector, Observation, RulesChange, UnixNanos};
 use tokio::sync::{mpsc, oneshot};
+
+mod common;
+
+use common::secured::{Files, secured};
 
 fn pod(name: &str, ip: &str) -> Pod {
     objects::pod("shop", name, ip, "node-a")
@@ -28,18 +34,12 @@ fn slice(pods: &[&Pod], terminating: bool) -> EndpointSlice {
     objects::endpoint_slice("shop", "web", &endpoints)
 }
 
-async fn aggregator_on(addr: SocketAddr, store: &Path, double: &ApiServerDouble) -> Running {
-    let store = Arc::new(Store::open(store).unwrap());
+async fn aggregator_on(addr: SocketAddr, files: &Files, double: &ApiServerDouble) -> Running {
+    let store = Arc::new(Store::open(files.store()).unwrap());
     let grpc = tokio::net::TcpListener::bind(addr).await.unwrap();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let running = app::start(
-        Settings::default(),
-        store,
-        grpc,
-        http,
-        Some(double.client().unwrap()),
-    )
-    .unwrap();
+    let settings = secured(Settings::default(), files);
+    let running = app::start(settings, store, grpc, http, Some(double.client().unwrap())).unwrap();
     for _ in 0..250 {
         if running.http.ready.get() {
             return running;
@@ -72,8 +72,12 @@ struct Reporter {
     task: tokio::task::JoinHandle<Result<Summary, report::ReportError>>,
 }
 
-fn start_reporter(addr: SocketAddr) -> Reporter {
-    let mut cfg = ReporterConfig::new(format!("http://{addr}"), "node-a");
+fn start_reporter(addr: SocketAddr, files: &Files) -> Reporter {
+    let mut cfg = ReporterConfig::new(format!("https://localhost:{}", addr.port()), "node-a");
+    cfg.credentials = Credentials {
+        token_file: Some(files.token()),
+        ca_file: Some(files.tls.ca.clone()),
+    };
     cfg.kernel_release = "6.18.0".into();
     cfg.flush_interval = Duration::from_millis(50);
     cfg.backoff_initial = Duration::from_millis(50);
@@ -117,11 +121,12 @@ async fn reports_a_deletion_end_to_end() {
         .unwrap();
     let web1 = double.create(&pod("web-1", "10.244.0.5")).unwrap();
     double.create(&slice(&[&web1], false)).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store.db");
+    let files = Files::new();
+    files.node_a_token(&double).await;
+    let store = files.store();
     let addr = free_addr();
-    let agg = aggregator_on(addr, &store, &double).await;
-    let mut r = start_reporter(addr);
+    let agg = aggregator_on(addr, &files, &double).await;
+    let mut r = start_reporter(addr, &files);
     // Registered and subscribed once the aggregator counts the agent.
     for _ in 0..250 {
         if agg.http.metrics.agents_connected.get() == 1 {
@@ -179,14 +184,15 @@ async fn buffers_while_the_aggregator_restarts_and_reconnects() {
     let web1 = double.create(&pod("web-1", "10.244.0.5")).unwrap();
     let web2 = double.create(&pod("web-2", "10.244.0.6")).unwrap();
     double.create(&slice(&[&web1, &web2], false)).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store.db");
+    let files = Files::new();
+    files.node_a_token(&double).await;
+    let store = files.store();
     let addr = free_addr();
 
     // The agent starts first: nothing listens yet, it keeps retrying.
-    let mut r = start_reporter(addr);
+    let mut r = start_reporter(addr, &files);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let agg = aggregator_on(addr, &store, &double).await;
+    let agg = aggregator_on(addr, &files, &double).await;
     double.delete::<Pod>("shop", "web-1", 30).unwrap();
     double.delete::<Pod>("shop", "web-2", 30).unwrap();
     let mut added = Vec::new();
@@ -212,11 +218,17 @@ async fn buffers_while_the_aggregator_restarts_and_reconnects() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     // web-2 finishes while the aggregator is down.
     double.finish_deletion::<Pod>("shop", "web-2").unwrap();
+    // The agent pod is replaced meanwhile: its old token is void, the
+    // kubelet writes a token of the new pod, which the agent must read.
+    double
+        .finish_deletion::<Pod>(identity::NAMESPACE, &identity::agent_pod_name("node-a"))
+        .unwrap();
+    files.node_a_token(&double).await;
 
     // Back on the same port and store: the relist finds web-1 still
     // terminating; the agent re-registers, must not be told to add web-1
     // again, must be told web-2 is gone, and delivers its buffer.
-    let agg = aggregator_on(addr, &store, &double).await;
+    let agg = aggregator_on(addr, &files, &double).await;
     let WatchUpdate::Remove(gone) = next_update(&mut r).await else {
         panic!("expected remove of web-2")
     };

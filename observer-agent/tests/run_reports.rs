@@ -4,7 +4,8 @@
 //! aggregator's record of the deletion holds this node's rules removal (its
 //! detector and time) and the late connection through the Service. A flow
 //! to another port of the pod's address is dropped by the agent's watched
-//! set and counted on its `/metrics`.
+//! set and counted on its `/metrics`. The agent runs as deployed: TLS to
+//! the aggregator, its pod's token in a file.
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
@@ -21,6 +22,7 @@ use serde_json::Value;
 
 mod common;
 
+use common::secured::{Files, secured};
 use common::{TwoBackendNode, VIP, backend, service, two_backend_node};
 
 const POD_IP: &str = "10.180.0.2";
@@ -98,10 +100,11 @@ async fn run_reports_the_raw_observations_of_watched_endpoints() {
         })
         .unwrap();
     let grpc_addr = grpc.local_addr().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path().join("store.db")).unwrap());
+    let files = Files::new();
+    files.node_a_token(&double).await;
+    let store = Arc::new(Store::open(files.store()).unwrap());
     let agg = app::start(
-        Settings::default(),
+        secured(Settings::default(), &files),
         store.clone(),
         tokio::net::TcpListener::from_std(grpc).unwrap(),
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
@@ -115,12 +118,16 @@ async fn run_reports_the_raw_observations_of_watched_endpoints() {
         .args([
             "run",
             "--aggregator",
-            &format!("http://{grpc_addr}"),
+            &format!("https://{grpc_addr}"),
             "--node-name",
             "node-a",
             "--health-addr",
             &health.to_string(),
         ])
+        .arg("--token-file")
+        .arg(files.token())
+        .arg("--ca-file")
+        .arg(&files.tls.ca)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -8,7 +8,7 @@ use clap::Parser;
 
 use prestop_check::check::{self, HookStyle, LowConfidence, Options, Problem, Severity};
 use prestop_check::exit::{self, Exit};
-use prestop_check::recommendation::{HttpSource, Resolver};
+use prestop_check::recommendation::{Access, HttpSource, Resolver};
 use prestop_check::report::{self, Failure, Format, Report};
 use prestop_check::source::{self, SourceFile, Walk};
 use prestop_check::workload::{self, Inventory};
@@ -35,6 +35,17 @@ struct Cli {
     /// http://prestop-aggregator.prestop-system.svc:8080
     #[arg(long, env = "PRESTOP_AGGREGATOR_URL", value_parser = base_url)]
     aggregator: Option<String>,
+
+    /// File holding a bearer token for the aggregator (a projected
+    /// ServiceAccount token with its audience, `prestop-aggregator`), for an
+    /// aggregator run with --protect-recommendations.
+    #[arg(long, env = "PRESTOP_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+
+    /// PEM CA certificate an https:// --aggregator must chain to (default:
+    /// the public web roots).
+    #[arg(long, env = "PRESTOP_CA_FILE")]
+    ca_file: Option<PathBuf>,
 
     /// Pass with a warning when the aggregator cannot be reached; the local
     /// checks (grace period, unknown hooks) still run.
@@ -337,14 +348,16 @@ fn check_all(
         fail_on_unknown: cli.fail_on_unknown,
         hook_style: cli.hook_style,
     };
-    let http = cli.aggregator.as_deref().map(|url| {
-        HttpSource::new(
+    let http = match cli.aggregator.as_deref() {
+        Some(url) => Some(HttpSource::new(
             url,
             cli.quantile,
             cli.confidence,
             Duration::from_secs_f64(cli.timeout_seconds),
-        )
-    });
+            access(cli)?,
+        )?),
+        None => None,
+    };
     let mut resolver = http.as_ref().map(|h| Resolver::new(h));
     match check::run(inventory, names, resolver.as_mut(), &opts) {
         Ok(outcome) => Ok(Ok(outcome)),
@@ -361,6 +374,31 @@ fn check_all(
         }
         Err(e) => Ok(Err(failure(Severity::Error, None, None, e.to_string()))),
     }
+}
+
+/// The token and CA files' contents.
+fn access(cli: &Cli) -> anyhow::Result<Access> {
+    let token = match &cli.token_file {
+        Some(path) => {
+            let raw = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --token-file {}", path.display()))?;
+            let token = raw.trim().to_owned();
+            anyhow::ensure!(
+                !token.is_empty(),
+                "--token-file {} is empty",
+                path.display()
+            );
+            Some(token)
+        }
+        None => None,
+    };
+    let ca_pem = match &cli.ca_file {
+        Some(path) => Some(
+            std::fs::read(path).with_context(|| format!("reading --ca-file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    Ok(Access { token, ca_pem })
 }
 
 /// `--fix` and `--metrics-file`: output that could not be written is

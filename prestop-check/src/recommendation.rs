@@ -94,8 +94,25 @@ pub struct HttpSource {
     base: String,
     quantile: Option<f64>,
     confidence: Option<f64>,
+    /// Sent as a bearer token (an aggregator with
+    /// --protect-recommendations checks it).
+    token: Option<String>,
     agent: ureq::Agent,
 }
+
+/// How prestop-check shows itself to the aggregator.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// A ServiceAccount token for the aggregator's audience.
+    pub token: Option<String>,
+    /// PEM CA certificates an `https://` aggregator must chain to (default:
+    /// the Mozilla roots).
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("--ca-file: {0}")]
+pub struct CaError(String);
 
 impl HttpSource {
     pub fn new(
@@ -103,18 +120,35 @@ impl HttpSource {
         quantile: Option<f64>,
         confidence: Option<f64>,
         timeout: Duration,
-    ) -> Self {
-        let agent = ureq::Agent::config_builder()
+        access: Access,
+    ) -> Result<Self, CaError> {
+        let mut config = ureq::Agent::config_builder()
             .timeout_global(Some(timeout))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        Self {
+            .http_status_as_error(false);
+        if let Some(pem) = &access.ca_pem {
+            let certs = ureq::tls::parse_pem(pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(CaError(e.to_string()))),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if certs.is_empty() {
+                return Err(CaError("no PEM certificate in it".into()));
+            }
+            config = config.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+                    .build(),
+            );
+        }
+        Ok(Self {
             base: base.trim_end_matches('/').to_string(),
             quantile,
             confidence,
-            agent,
-        }
+            token: access.token,
+            agent: config.build().into(),
+        })
     }
 }
 
@@ -126,6 +160,9 @@ impl Source for HttpSource {
     ) -> Result<Option<Recommendation>, QueryError> {
         let url = format!("{}/v1/recommendations", self.base);
         let mut request = self.agent.get(&url);
+        if let Some(token) = &self.token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
         let params = [
             ("namespace", namespace.map(str::to_string)),
             ("service", service.map(str::to_string)),

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{
     Service, ServiceAccount,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role};
 use k8s_openapi::api::scheduling::v1::PriorityClass;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
@@ -97,6 +97,7 @@ struct Rendered {
     services: Vec<Service>,
     service_accounts: Vec<ServiceAccount>,
     cluster_roles: Vec<ClusterRole>,
+    roles: Vec<Role>,
     bindings: Vec<ClusterRoleBinding>,
     claims: Vec<PersistentVolumeClaim>,
     priority_classes: Vec<PriorityClass>,
@@ -104,6 +105,8 @@ struct Rendered {
     service_monitors: Vec<Value>,
     pod_monitors: Vec<Value>,
     network_policies: Vec<NetworkPolicy>,
+    certificates: Vec<Value>,
+    issuers: Vec<Value>,
 }
 
 fn load(dir: &Path) -> Rendered {
@@ -117,6 +120,7 @@ fn load(dir: &Path) -> Rendered {
             "Service" => r.services.push(typed(&object)),
             "ServiceAccount" => r.service_accounts.push(typed(&object)),
             "ClusterRole" => r.cluster_roles.push(typed(&object)),
+            "Role" => r.roles.push(typed(&object)),
             "ClusterRoleBinding" => r.bindings.push(typed(&object)),
             "PersistentVolumeClaim" => r.claims.push(typed(&object)),
             "PriorityClass" => r.priority_classes.push(typed(&object)),
@@ -124,6 +128,9 @@ fn load(dir: &Path) -> Rendered {
             // CRDs of the Prometheus Operator: not in k8s-openapi.
             "ServiceMonitor" => r.service_monitors.push(object),
             "PodMonitor" => r.pod_monitors.push(object),
+            // cert-manager's.
+            "Certificate" => r.certificates.push(object),
+            "Issuer" => r.issuers.push(object),
             other => panic!("{}: unexpected kind {other}", dir.display()),
         }
     }
@@ -243,9 +250,10 @@ fn check_agent(r: &Rendered, expected_caps: &BTreeSet<String>) {
     assert!(budget(startup) > budget(c.liveness_probe.as_ref().unwrap()));
     let args = c.args.clone().unwrap_or_default().join(" ");
     assert!(
-        args.starts_with("run --aggregator http://prestop-aggregator.$(POD_NAMESPACE).svc:50051"),
+        args.starts_with("run --aggregator https://prestop-aggregator.$(POD_NAMESPACE).svc:50051"),
         "{args}"
     );
+    check_agent_credentials(pod, c);
     assert!(
         args.contains("--node-name $(NODE_NAME)") && args.contains("--health-addr $(POD_IP)"),
         "{args}"
@@ -308,6 +316,69 @@ fn check_agent(r: &Rendered, expected_caps: &BTreeSet<String>) {
     }
 }
 
+/// The agent's projected token: its own audience, short-lived, with the CA
+/// from a ConfigMap (never the aggregator's key Secret), files the flags name.
+fn check_agent_credentials(pod: &PodSpec, c: &Container) {
+    let args = c.args.clone().unwrap_or_default().join(" ");
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "aggregator-credentials")
+        .expect("credentials mount");
+    assert!(
+        args.contains(&format!("--token-file {}/token", mount.mount_path))
+            && args.contains(&format!("--ca-file {}/ca.crt", mount.mount_path)),
+        "{args}"
+    );
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    let sources = volume
+        .projected
+        .as_ref()
+        .unwrap()
+        .sources
+        .as_deref()
+        .unwrap();
+    let token = sources
+        .iter()
+        .find_map(|s| s.service_account_token.as_ref())
+        .expect("projected token");
+    assert_eq!(token.audience.as_deref(), Some("prestop-aggregator"));
+    assert!(token.expiration_seconds.is_some_and(|e| e <= 3600));
+    assert!(
+        sources.iter().all(|s| s.secret.is_none()),
+        "no Secret in the agents' volume"
+    );
+    let ca = sources
+        .iter()
+        .find_map(|s| s.config_map.as_ref())
+        .expect("CA");
+    assert_eq!(ca.name, "prestop-aggregator-ca");
+}
+
+/// cert-manager's Certificate fills the Secret the aggregator mounts, for
+/// the name the agents dial.
+fn check_certificates(r: &Rendered, tls_secret: &str) {
+    let serving = r
+        .certificates
+        .iter()
+        .find(|c| c["spec"]["secretName"] == tls_secret)
+        .expect("a Certificate for the aggregator's Secret");
+    let names = serving["spec"]["dnsNames"].as_array().unwrap();
+    assert!(
+        names
+            .iter()
+            .any(|n| n == "prestop-aggregator.prestop-system.svc")
+    );
+    let issuer = serving["spec"]["issuerRef"]["name"].as_str().unwrap();
+    assert!(r.issuers.iter().any(|i| i["metadata"]["name"] == issuer));
+}
+
 fn check_aggregator(r: &Rendered) {
     let d = only(&r.deployments, "Deployment");
     let spec = d.spec.as_ref().unwrap();
@@ -334,7 +405,26 @@ fn check_aggregator(r: &Rendered) {
     assert_eq!(
         args,
         "--grpc-addr 0.0.0.0:50051 --http-addr 0.0.0.0:8080 --store /var/lib/prestop-aggregator/store.db \
-         --cluster-name $(CLUSTER_NAME)"
+         --cluster-name $(CLUSTER_NAME) --tls-cert-file /etc/prestop-aggregator/tls/tls.crt \
+         --tls-key-file /etc/prestop-aggregator/tls/tls.key"
+    );
+    let tls = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "tls")
+        .and_then(|v| v.secret.as_ref())
+        .and_then(|s| s.secret_name.clone())
+        .expect("TLS Secret volume");
+    if !r.certificates.is_empty() {
+        check_certificates(r, &tls);
+    }
+    let reader = only(&r.roles, "Role");
+    let rule = only(reader.rules.as_deref().unwrap(), "reader rule");
+    assert_eq!(rule.verbs, ["get"]);
+    assert_eq!(
+        rule.api_groups.as_deref(),
+        Some(&["observer.prestop.dev".to_string()][..])
     );
     let store = c
         .volume_mounts
@@ -379,21 +469,24 @@ fn check_aggregator(r: &Rendered) {
     assert_eq!(binding.role_ref.name, role.metadata.name.clone().unwrap());
     let mut grants = BTreeSet::new();
     for rule in role.rules.iter().flatten() {
-        assert_eq!(
-            rule.verbs,
-            ["get", "list", "watch"],
-            "read-only verbs, exactly"
-        );
         assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
         for group in rule.api_groups.iter().flatten() {
             for resource in rule.resources.iter().flatten() {
-                grants.insert(format!("{group}/{resource}"));
+                grants.insert(format!("{group}/{resource}:{}", rule.verbs.join(",")));
             }
         }
     }
+    // Read-only on the cluster; `create` only of reviews, which change
+    // nothing.
     assert_eq!(
         grants,
-        set(&["/nodes", "/pods", "discovery.k8s.io/endpointslices"])
+        set(&[
+            "/nodes:get,list,watch",
+            "/pods:get,list,watch",
+            "discovery.k8s.io/endpointslices:get,list,watch",
+            "authentication.k8s.io/tokenreviews:create",
+            "authorization.k8s.io/subjectaccessreviews:create",
+        ])
     );
 
     let svc = only(&r.services, "Service");
@@ -558,6 +651,7 @@ fn every_rendering_deserialises_and_is_least_privilege() {
         };
         check_agent(&r, &caps);
         check_aggregator(&r);
+        assert_eq!(r.certificates.is_empty(), name != "cert-manager", "{name}");
         let monitored = name == "production";
         assert_eq!(r.service_monitors.len(), usize::from(monitored), "{name}");
         assert_eq!(r.pod_monitors.len(), usize::from(monitored), "{name}");

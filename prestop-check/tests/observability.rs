@@ -48,6 +48,8 @@ fn populate_aggregator(m: &aggregator::metrics::Metrics) {
         observations_rejected,
         agent_observations_dropped,
         router_latency,
+        token_reviews,
+        auth_refusals,
     } = m;
     let (node, namespace) = ("n1".to_string(), "shop".to_string());
     propagation_latency
@@ -81,11 +83,17 @@ fn populate_aggregator(m: &aggregator::metrics::Metrics) {
         .get_or_create(&NodeLabel { node: node.clone() })
         .inc();
     nodes_missing.get_or_create(&NodeLabel { node }).inc();
-    observations_rejected
-        .get_or_create(&ReasonLabel {
-            reason: "future".into(),
-        })
-        .inc();
+    for (family, reason) in [
+        (observations_rejected, "future"),
+        (token_reviews, "authenticated"),
+        (auth_refusals, "forbidden"),
+    ] {
+        family
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .inc();
+    }
     router_latency.observe(
         &observer_proto::api::RouterRef {
             kind: observer_proto::api::RouterKind::Workload,

@@ -52,7 +52,9 @@ const AGENT_PORT_BASE: u16 = 9200;
 ///   report buffer overflowing (a 40 requests/s rollout does not come near);
 /// - nodes missing: a node whose agent never reports a deletion;
 /// - nodes still routing: a node whose proxy never applies a removal;
-/// - observations rejected: an agent reporting implausible times.
+/// - observations rejected: an agent reporting implausible times;
+/// - auth refusals: a caller without a valid token (an attacker, a
+///   misconfigured agent) or a TokenReview outage.
 const NEED_A_FAILING_AGENT: &[&str] = &[
     "prestop_agent_events_lost_total",
     "prestop_agent_observations_dropped_total",
@@ -61,6 +63,7 @@ const NEED_A_FAILING_AGENT: &[&str] = &[
     // observations: neither happens in a healthy lab.
     "prestop_nodes_still_routing_total",
     "prestop_observations_rejected_total",
+    "prestop_auth_refusals_total",
 ];
 
 /// Needs at least 20 per-node samples in the namespace over 6 h (the

@@ -109,6 +109,50 @@ fn a_404_or_any_other_error_status_is_never_no_data() {
 }
 
 #[test]
+fn a_protected_aggregator_answers_with_the_token_file_only() {
+    let records: Vec<_> = (0..300)
+        .map(|i| deletion(i, "shop", "web", 1.0 + i as f64 * 0.01))
+        .collect();
+    let agg = start_protected(&records);
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "m.yaml", &plain_web());
+    let out = run(&["--aggregator", &agg.url, "m.yaml"], dir.path(), None);
+    assert_eq!(code(&out), 4, "{}", stdout(&out));
+    assert!(stdout(&out).contains("answered 401"), "{}", stdout(&out));
+    let token = agg.token_file.as_ref().unwrap().to_str().unwrap();
+    let out = run(
+        &[
+            "--aggregator",
+            &agg.url,
+            "--token-file",
+            token,
+            "--format",
+            "json",
+            "m.yaml",
+        ],
+        dir.path(),
+        None,
+    );
+    let report = json(&out);
+    assert_eq!(checked_seconds(&report).len(), 1, "{report}");
+    let missing = run(
+        &[
+            "--aggregator",
+            &agg.url,
+            "--token-file",
+            "/nonexistent",
+            "m.yaml",
+        ],
+        dir.path(),
+        None,
+    );
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("--token-file /nonexistent"),
+        "{missing:?}"
+    );
+}
+
+#[test]
 fn usage_errors_exit_2_whatever_offline_ok_says() {
     let agg = seeded();
     let dir = tempfile::tempdir().unwrap();

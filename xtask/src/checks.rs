@@ -14,8 +14,9 @@ use crate::{cmd, image};
 /// The Kubernetes version the manifests target (k8s-openapi's feature).
 const KUBERNETES_VERSION: &str = "1.33.0";
 
-/// CRDs kubernetes-validate has no schema for (the Prometheus Operator's).
-const CRD_KINDS: [&str; 2] = ["PodMonitor", "ServiceMonitor"];
+/// CRDs kubernetes-validate has no schema for (the Prometheus Operator's,
+/// cert-manager's).
+const CRD_KINDS: [&str; 4] = ["PodMonitor", "ServiceMonitor", "Certificate", "Issuer"];
 
 fn deploy_dir() -> PathBuf {
     cmd::workspace_root().join("deploy")

@@ -202,6 +202,16 @@ impl Correlator {
             .map(|a| a.registration.clone())
     }
 
+    /// The node `agent_id` registered for.
+    pub fn agent_node(&self, agent_id: &str) -> Option<String> {
+        self.state().agents.get(agent_id).map(|a| a.node.clone())
+    }
+
+    /// Whether `name` is in the Node list.
+    pub fn knows_node(&self, name: &str) -> bool {
+        self.state().nodes.contains(name)
+    }
+
     pub fn set_node(&self, name: String, info: NodeInfo) {
         let mut st = self.state();
         st.nodes.set(name, info);

@@ -1,25 +1,96 @@
 //! A small in-process cluster: the API server double, a real aggregator on
 //! real sockets, and simulated agents speaking gRPC.
+//!
+//! An aggregator started with the double runs as deployed: gRPC over TLS,
+//! agents and readers authenticated by the double's TokenReview. Its
+//! agents' and reader's credentials are kept by its addresses, so
+//! [`Agent::connect`] and `common::get` use them without the tests passing
+//! them around.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use aggregator::app::{self, Running};
+use aggregator::auth::access::{API_GROUP, DELETIONS, RECOMMENDATIONS};
+use aggregator::auth::{AuthSettings, TokenSettings, tls};
 use aggregator::config::Settings;
 use aggregator::store::Store;
 use apiserver_double::ApiServerDouble;
+use apiserver_double::objects::{endpoint_slice, node, pod};
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use lab::identity;
+use lab::tls::LabCa;
 use observer_proto::v1 as pb;
 use observer_proto::v1::observer_client::ObserverClient;
-use tonic::transport::Channel;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
+/// One CA for every aggregator of the test process.
+pub static CA: LazyLock<LabCa> =
+    LazyLock::new(|| LabCa::generate(&["localhost", "127.0.0.1"]).unwrap());
+
+/// What a secured aggregator's clients present.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    /// Agents' tokens, by node (the Node list when the aggregator started).
+    pub agents: HashMap<String, String>,
+    /// A reader allowed to get deletions and recommendations.
+    pub reader: String,
+}
+
+static SECURED: LazyLock<Mutex<HashMap<SocketAddr, Arc<Credentials>>>> =
+    LazyLock::new(Mutex::default);
+
+/// The credentials of the secured aggregator listening on `addr` (gRPC or HTTP).
+pub fn credentials(addr: SocketAddr) -> Option<Arc<Credentials>> {
+    SECURED.lock().unwrap().get(&addr).cloned()
+}
+
+/// `settings` with TLS (the files under `dir`) and token checks, as deploy/
+/// runs the aggregator.
+pub fn secured(settings: Settings, dir: &Path) -> Settings {
+    let files = CA.write(dir).unwrap();
+    let agents = format!(
+        "{}:{}",
+        identity::NAMESPACE,
+        identity::AGENT_SERVICE_ACCOUNT
+    );
+    Settings {
+        auth: AuthSettings {
+            tokens: Some(TokenSettings::new(
+                identity::AUDIENCE,
+                agents.parse().unwrap(),
+                identity::NAMESPACE,
+            )),
+            tls: Some(tls::TlsFiles {
+                cert: files.cert,
+                key: files.key,
+            }),
+        },
+        ..settings
+    }
+}
+
+/// Starts the aggregator; with a double, secured ([`secured`], files next
+/// to the store) unless `settings` already say how.
 pub async fn start_aggregator(
     settings: Settings,
     store: &PathBuf,
     double: Option<&ApiServerDouble>,
 ) -> Running {
+    let settings = match double {
+        Some(_) if settings.auth.tokens.is_none() => {
+            secured(settings, store.parent().expect("store in a directory"))
+        }
+        _ => settings,
+    };
+    let secure = settings.auth.tokens.is_some();
     let store = Arc::new(Store::open(store).unwrap());
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -30,7 +101,82 @@ pub async fn start_aggregator(
         async move { r.get() }
     })
     .await;
+    if let (Some(d), true) = (double, secure) {
+        let creds = Arc::new(mint(d).await);
+        let mut secured = SECURED.lock().unwrap();
+        secured.insert(running.grpc_addr, Arc::clone(&creds));
+        secured.insert(running.http_addr, creds);
+    }
     running
+}
+
+/// Tokens for every node's agent and for a reader.
+async fn mint(double: &ApiServerDouble) -> Credentials {
+    let nodes: kube::Api<Node> = kube::Api::all(double.client().unwrap());
+    let mut agents = HashMap::new();
+    for n in nodes.list(&Default::default()).await.unwrap() {
+        let name = n.metadata.name.unwrap();
+        let token = identity::agent_token_requested(double, &name, identity::AUDIENCE)
+            .await
+            .unwrap();
+        agents.insert(name, token);
+    }
+    let reader = identity::reader_token(double, API_GROUP, &[DELETIONS, RECOMMENDATIONS]).unwrap();
+    Credentials { agents, reader }
+}
+
+/// Sends `authorization: Bearer <token>` with every call (none: no header).
+#[derive(Clone)]
+pub struct Bearer(Option<AsciiMetadataValue>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type Client = ObserverClient<InterceptedService<Channel, Bearer>>;
+
+/// A gRPC client of the aggregator on `grpc`: over TLS (verified against
+/// [`CA`]) when it is secured, with `token` if any.
+pub async fn client(grpc: SocketAddr, token: Option<&str>) -> Client {
+    let bearer = Bearer(token.map(|t| format!("Bearer {t}").parse().unwrap()));
+    ObserverClient::with_interceptor(channel(grpc).await, bearer)
+}
+
+/// A channel to the aggregator on `grpc`, over TLS when it is secured.
+pub async fn channel(grpc: SocketAddr) -> Channel {
+    if credentials(grpc).is_some() {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&CA.ca_pem))
+            .domain_name("localhost");
+        tonic::transport::Endpoint::from_shared(format!("https://localhost:{}", grpc.port()))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    } else {
+        tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+}
+
+/// The token of `node`'s agent for the secured aggregator on `grpc`.
+pub fn agent_token(grpc: SocketAddr, node: &str) -> Option<String> {
+    credentials(grpc).map(|c| {
+        c.agents
+            .get(node)
+            .unwrap_or_else(|| panic!("no agent token for {node}: not in the Node list at start"))
+            .clone()
+    })
 }
 
 /// Polls `cond` every 20 ms for up to 10 s.
@@ -48,9 +194,32 @@ where
     panic!("timed out waiting for {what}");
 }
 
+pub struct Cluster {
+    pub double: ApiServerDouble,
+    pub web1: Pod,
+}
+
+/// Two nodes; pod web-1 (10.244.0.5) on node-a behind service shop/web.
+pub async fn cluster() -> Cluster {
+    let double = ApiServerDouble::start().await.unwrap();
+    double
+        .create(&node("node-a", "192.168.0.1", "10.244.0.0/24"))
+        .unwrap();
+    double
+        .create(&node("node-b", "192.168.0.2", "10.244.1.0/24"))
+        .unwrap();
+    let web1 = double
+        .create(&pod("shop", "web-1", "10.244.0.5", "node-a"))
+        .unwrap();
+    double
+        .create(&endpoint_slice("shop", "web", &[(&web1, true, false)]))
+        .unwrap();
+    Cluster { double, web1 }
+}
+
 pub struct Agent {
     pub id: String,
-    pub client: ObserverClient<Channel>,
+    pub client: Client,
     pub watch: tonic::Streaming<pb::WatchEvent>,
     pub seq: u64,
     /// What `Register` acknowledged (batches up to it need no resend).
@@ -65,40 +234,39 @@ impl Agent {
     /// An agent process of `node` with its own `id` (a restarted agent
     /// registers under a new one).
     pub async fn connect_as(grpc: SocketAddr, node: &str, id: &str) -> Self {
-        let mut client = ObserverClient::connect(format!("http://{grpc}"))
-            .await
-            .unwrap();
-        let id = id.to_owned();
-        let acknowledged = client
-            .register(pb::RegisterRequest {
-                agent_id: id.clone(),
-                node_name: node.into(),
-                kernel_release: "6.18.0".into(),
-                capabilities: vec![pb::Capability {
-                    name: "tracepoint".into(),
-                    available: true,
-                    detail: String::new(),
-                }],
-                agent_version: "test".into(),
-            })
+        let token = agent_token(grpc, node);
+        Self::try_connect(grpc, node, id, token.as_deref())
             .await
             .unwrap()
+    }
+
+    /// Registers as `node` with `token` and subscribes; the refusal if any.
+    pub async fn try_connect(
+        grpc: SocketAddr,
+        node: &str,
+        id: &str,
+        token: Option<&str>,
+    ) -> Result<Self, tonic::Status> {
+        let mut client = client(grpc, token).await;
+        let id = id.to_owned();
+        let acknowledged = client
+            .register(registration(&id, node))
+            .await?
             .into_inner()
             .acknowledged_sequence;
         let watch = client
             .watch_endpoints(pb::WatchEndpointsRequest {
                 agent_id: id.clone(),
             })
-            .await
-            .unwrap()
+            .await?
             .into_inner();
-        Self {
+        Ok(Self {
             id,
             client,
             watch,
             seq: 0,
             acknowledged,
-        }
+        })
     }
 
     /// The next add or remove (skipping the snapshot marker), within 5 s.
@@ -143,6 +311,20 @@ impl Agent {
         };
         let resp = self.client.report(req.clone()).await.unwrap().into_inner();
         (req, resp)
+    }
+}
+
+pub fn registration(id: &str, node: &str) -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        agent_id: id.into(),
+        node_name: node.into(),
+        kernel_release: "6.18.0".into(),
+        capabilities: vec![pb::Capability {
+            name: "tracepoint".into(),
+            available: true,
+            detail: String::new(),
+        }],
+        agent_version: "test".into(),
     }
 }
 

@@ -9,9 +9,14 @@ use ::lab::http_client::HttpClient;
 use observer_proto::api::{Coverage, DeletionRecord, Mode, NodeClass, NodeMeasurement};
 use observer_proto::{Detector, UnixNanos};
 
-/// GET `http://{addr}{path_and_query}` with the lab's HTTP client: (status, body).
+/// GET `http://{addr}{path_and_query}` with the lab's HTTP client: (status,
+/// body). A secured aggregator's API is read with its reader's token.
 pub async fn get(addr: SocketAddr, path_and_query: &str) -> (u16, String) {
-    let r = HttpClient::default()
+    let client = match lab::credentials(addr) {
+        Some(c) => HttpClient::default().with_bearer(&c.reader),
+        None => HttpClient::default(),
+    };
+    let r = client
         .get(&format!("http://{addr}{path_and_query}"))
         .await
         .unwrap_or_else(|e| panic!("{e}"));

@@ -15,10 +15,16 @@
 //! [`PodDeleter`] (the lab's kubelet) when one is set. Errors are `Status`
 //! objects with the API server's reasons and codes.
 //!
+//! Components authenticate and authorize through it as through the real
+//! one ([`auth`]): `TokenRequest` for ServiceAccount tokens bound to a pod,
+//! `TokenReview` and `SubjectAccessReview`. Requests to the double itself
+//! are not authenticated.
+//!
 //! Not implemented: other writes over HTTP (`POST`, `PUT`, `PATCH` answer
 //! 405 MethodNotAllowed), list paging (`limit` is ignored: every list is
 //! one page), set-based label selectors, `sendInitialEvents`, dry runs.
 
+pub mod auth;
 mod deletion;
 pub mod discovery;
 pub mod kubectl;
@@ -53,6 +59,9 @@ pub enum DoubleError {
     NoName,
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+    /// A request the API server would refuse as invalid.
+    #[error("{0}")]
+    Invalid(String),
     #[error("kube config: {0}")]
     Kube(String),
     /// A [`PodDeleter`] could not carry out a deletion.
@@ -138,6 +147,7 @@ pub(crate) struct Shared {
     pub events: broadcast::Sender<Control>,
     pub watches: AtomicU64,
     pub deleter: Mutex<Option<Arc<dyn PodDeleter>>>,
+    pub auth: Mutex<auth::Auth>,
 }
 
 #[derive(Clone, Debug)]
@@ -292,6 +302,7 @@ impl ApiServerDouble {
             events: broadcast::channel(16_384).0,
             watches: AtomicU64::new(0),
             deleter: Mutex::new(None),
+            auth: Mutex::default(),
         });
         let (addr, task) = server::spawn(addr, Arc::clone(&shared)).await?;
         Ok(Self { shared, addr, task })
@@ -471,6 +482,29 @@ impl ApiServerDouble {
     /// balancer timeout would.
     pub fn disconnect_watches(&self) {
         let _ = self.shared.events.send(Control::Disconnect);
+    }
+
+    /// Issues a ServiceAccount token as `TokenRequest` does (the Rust API
+    /// also allows lifetimes under ten minutes, for tests of expiry).
+    pub fn token(&self, grant: &auth::TokenGrant<'_>) -> Result<String, DoubleError> {
+        self.shared.issue(grant).map(|(token, _)| token)
+    }
+
+    /// Replaces the rule table `SubjectAccessReview` decides by (empty:
+    /// everything is denied).
+    pub fn set_access_rules(&self, rules: Vec<auth::AccessRule>) {
+        self.shared.auth().set_rules(rules);
+    }
+
+    /// While `down`, token and access reviews answer 503, as an API server
+    /// whose authenticator webhook or etcd is failing does.
+    pub fn set_reviews_unavailable(&self, down: bool) {
+        self.shared.auth().set_unavailable(down);
+    }
+
+    /// Number of TokenReviews answered so far (to check caching).
+    pub fn token_reviews(&self) -> u64 {
+        self.shared.auth().reviews()
     }
 
     /// Number of watch requests served so far (to check reconnects).

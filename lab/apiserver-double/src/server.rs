@@ -1,5 +1,5 @@
 //! The HTTP side: discovery, GET (get, list, watch; as JSON or as a
-//! Table) and DELETE on `/api/v1/...` and `/apis/<group>/<version>/...`,
+//! Table), the token and access reviews' POSTs ([`auth`]) and DELETE on `/api/v1/...` and `/apis/<group>/<version>/...`,
 //! cluster-wide or per namespace. Every other verb on a served resource is
 //! a 405 MethodNotAllowed `Status`.
 
@@ -23,7 +23,7 @@ use tokio::sync::{broadcast, mpsc};
 use crate::discovery::{self, Resource};
 use crate::selector::Selector;
 use crate::table::{self, Include};
-use crate::{Control, Event, Kind, Shared, deletion, status};
+use crate::{Control, Event, Kind, Shared, auth, deletion, status};
 
 #[derive(Debug, thiserror::Error)]
 #[error("binding the API server double: {0}")]
@@ -146,6 +146,11 @@ async fn handle(
                 None,
             )
         };
+    }
+    if method == Method::POST
+        && let Some(answer) = auth::route(&shared, &segs, &body)
+    {
+        return answer;
     }
     let Some(t) = parse_path(&segs) else {
         return status::no_route();

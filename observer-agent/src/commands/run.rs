@@ -32,9 +32,19 @@ use crate::{
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// gRPC URL of the aggregator.
+    /// gRPC URL of the aggregator; `https://` verifies its certificate
+    /// against --ca-file.
     #[arg(long, env = "OBSERVER_AGGREGATOR")]
     pub aggregator: String,
+    /// Projected ServiceAccount token (audience: the aggregator's
+    /// --token-audience) sent with every call; re-read at each call, as the
+    /// kubelet rotates it. Without it no token is sent (an aggregator with
+    /// --insecure-no-auth only).
+    #[arg(long, env = "OBSERVER_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// PEM CA certificate the aggregator's TLS certificate must chain to.
+    #[arg(long, env = "OBSERVER_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// This node's Kubernetes name (downward API `spec.nodeName`).
     #[arg(long, env = "OBSERVER_NODE_NAME")]
     pub node_name: String,
@@ -157,6 +167,10 @@ struct Reporter {
 fn start_reporter(args: &RunArgs, capabilities: Vec<capabilities::Capability>) -> Reporter {
     let counters = Arc::new(KernelCounters::default());
     let mut cfg = ReporterConfig::new(args.aggregator.clone(), args.node_name.clone());
+    cfg.credentials = report::Credentials {
+        token_file: args.token_file.clone(),
+        ca_file: args.ca_file.clone(),
+    };
     cfg.kernel_release = kernel_release();
     cfg.capabilities = capabilities;
     cfg.buffer_capacity = args.buffer_capacity;

@@ -10,6 +10,9 @@
 //! acknowledged, so a resend after a lost reply is not counted twice.
 
 mod buffer;
+mod credentials;
+
+pub use credentials::{Credentials, CredentialsError};
 
 use crate::clock::ExchangeFilter;
 use std::collections::{HashMap, HashSet};
@@ -23,10 +26,15 @@ use observer_proto::v1 as pb;
 use observer_proto::v1::observer_client::ObserverClient;
 use observer_proto::{AgentCounters, ClockEstimate, Endpoint, Observation, Report, UnixNanos};
 use tokio::sync::mpsc;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{self, Channel};
 
 use crate::kernel::capabilities::Capability;
 use buffer::Buffer;
+use credentials::Bearer;
+
+/// A client of the aggregator that sends the agent's token with every call.
+type Client = ObserverClient<InterceptedService<Channel, Bearer>>;
 
 /// Counters the kernel side keeps and the reporter forwards (cumulative).
 #[derive(Debug, Default)]
@@ -38,8 +46,10 @@ pub struct KernelCounters {
 
 #[derive(Clone, Debug)]
 pub struct ReporterConfig {
-    /// gRPC URL of the aggregator, e.g. `http://prestop-aggregator:50051`.
+    /// gRPC URL of the aggregator, e.g. `https://prestop-aggregator:50051`.
     pub aggregator: String,
+    /// The token sent and the CA verified.
+    pub credentials: Credentials,
     pub node_name: String,
     pub kernel_release: String,
     /// The `observer-agent probe` table.
@@ -69,6 +79,7 @@ impl ReporterConfig {
         let nonce = UnixNanos::now().as_nanos() ^ i64::from(std::process::id()).rotate_left(32);
         Self {
             aggregator: aggregator.into(),
+            credentials: Credentials::default(),
             agent_id: format!("{node_name}/{nonce:016x}"),
             node_name,
             kernel_release: String::new(),
@@ -105,6 +116,10 @@ pub struct Summary {
 pub enum ReportError {
     #[error("invalid aggregator URL {url:?}: {reason}")]
     InvalidUrl { url: String, reason: String },
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+    #[error("TLS for the aggregator {url:?}: {reason}")]
+    Tls { url: String, reason: String },
     #[error("the receiver of watch updates is gone")]
     WatchReceiverClosed,
 }
@@ -145,6 +160,13 @@ pub async fn run(
         .tcp_keepalive(Some(Duration::from_secs(30)))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10));
+    let endpoint = match cfg.credentials.tls(&cfg.aggregator)? {
+        Some(tls) => endpoint.tls_config(tls).map_err(|e| ReportError::Tls {
+            url: cfg.aggregator.clone(),
+            reason: e.to_string(),
+        })?,
+        None => endpoint,
+    };
     let mut r = Reporter {
         buffer: Buffer::new(cfg.batch_max, cfg.buffer_capacity),
         cfg,
@@ -248,7 +270,7 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
             };
         }
         let channel = step!(endpoint.connect(), "connect");
-        let mut client = ObserverClient::new(channel);
+        let mut client = self.client(channel);
         let reg = step!(client.register(self.register_request()), "register").into_inner();
         self.buffer.acknowledge(reg.acknowledged_sequence);
         self.buffer
@@ -286,7 +308,7 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
 
     async fn connected(
         &mut self,
-        client: &mut ObserverClient<Channel>,
+        client: &mut Client,
         stream: &mut tonic::Streaming<pb::WatchEvent>,
         mut reports: Reports,
         clock_interval_seconds: u32,
@@ -414,10 +436,7 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
         }
     }
 
-    async fn sync_clock(
-        &mut self,
-        client: &mut ObserverClient<Channel>,
-    ) -> Result<(), tonic::Status> {
+    async fn sync_clock(&mut self, client: &mut Client) -> Result<(), tonic::Status> {
         let t1 = UnixNanos::now();
         let r = client
             .sync_clock(pb::ClockSyncRequest {
@@ -487,6 +506,10 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
         self.buffer.front().map(|b| self.request(b))
     }
 
+    fn client(&self, channel: Channel) -> Client {
+        ObserverClient::with_interceptor(channel, self.cfg.credentials.bearer())
+    }
+
     /// Last delivery attempt at shutdown, bounded by one call deadline.
     async fn finish(mut self, endpoint: &transport::Endpoint) -> Summary {
         while let Ok(o) = self.rx.try_recv() {
@@ -496,8 +519,7 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
         if !self.buffer.is_empty() {
             let deadline = self.cfg.call_timeout;
             let attempt = async {
-                let mut client =
-                    ObserverClient::new(endpoint.connect().await.map_err(|e| e.to_string())?);
+                let mut client = self.client(endpoint.connect().await.map_err(|e| e.to_string())?);
                 client
                     .register(self.register_request())
                     .await

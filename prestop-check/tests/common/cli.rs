@@ -6,14 +6,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
+use aggregator::auth::TokenSettings;
+use aggregator::auth::access::{API_GROUP, HttpAccess, RECOMMENDATIONS};
+use aggregator::auth::review::TokenReviewer;
 use aggregator::config::Settings;
 use aggregator::http::{self, HttpState};
 use aggregator::store::Store;
+use apiserver_double::ApiServerDouble;
+use lab::identity;
 use observer_proto::api::{Coverage, DeletionRecord, Mode, NodeClass, NodeMeasurement};
 use observer_proto::{Detector, UnixNanos};
 
 pub struct Aggregator {
     pub url: String,
+    /// With [`start_protected`]: a file holding a reader's token.
+    pub token_file: Option<PathBuf>,
+    _double: Option<ApiServerDouble>,
     _runtime: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
 }
@@ -53,6 +61,16 @@ pub fn deletion(i: usize, namespace: &str, service: &str, seconds: f64) -> Delet
 }
 
 pub fn start(records: &[DeletionRecord]) -> Aggregator {
+    serve(records, false)
+}
+
+/// [`start`] with `--protect-recommendations`: readers need a token the
+/// double's TokenReview and SubjectAccessReview accept.
+pub fn start_protected(records: &[DeletionRecord]) -> Aggregator {
+    serve(records, true)
+}
+
+fn serve(records: &[DeletionRecord], protected: bool) -> Aggregator {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path().join("store.db")).unwrap();
     for r in records {
@@ -71,12 +89,34 @@ pub fn start(records: &[DeletionRecord]) -> Aggregator {
         cluster_name: "test".into(),
         ..Settings::default()
     };
-    runtime.spawn(http::serve(
-        listener,
-        HttpState::new(Arc::new(store), settings),
-    ));
+    let mut state = HttpState::new(Arc::new(store), settings);
+    let (double, token_file) = if protected {
+        let double = runtime.block_on(ApiServerDouble::start()).unwrap();
+        let client = runtime.block_on(async { double.client() }).unwrap();
+        let mut tokens = TokenSettings::new(
+            identity::AUDIENCE,
+            "prestop-system:prestop-agent".parse().unwrap(),
+            identity::NAMESPACE,
+        );
+        tokens.protect_recommendations = true;
+        let reviewer = Arc::new(TokenReviewer::new(
+            client.clone(),
+            tokens.review.clone(),
+            Arc::clone(&state.metrics),
+        ));
+        state.access = Some(Arc::new(HttpAccess::new(reviewer, client, &tokens)));
+        let token = identity::reader_token(&double, API_GROUP, &[RECOMMENDATIONS]).unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, token).unwrap();
+        (Some(double), Some(path))
+    } else {
+        (None, None)
+    };
+    runtime.spawn(http::serve(listener, state));
     Aggregator {
         url,
+        token_file,
+        _double: double,
         _runtime: runtime,
         _dir: dir,
     }
