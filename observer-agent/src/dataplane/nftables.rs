@@ -299,7 +299,7 @@ pub fn run(shared: &Shared, sock: Socket, mut mirror: Mirror, mut targets: Targe
                 if !changes.is_empty() {
                     let received = started.unwrap_or(arrival);
                     let (time, precision) =
-                        shared.change_time(COMMIT_NFTABLES, received, NETLINK_PRECISION_NS);
+                        shared.change_time(COMMIT_NFTABLES, received, NETLINK_PRECISION_NS, 0);
                     shared.report(changes, time, precision);
                 }
                 continue;

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use lab_netns::root::REQUIRE_ROOT_ENV;
+use lab_netns::root::{EXPECT_KPROBES_ENV, REQUIRE_ROOT_ENV};
 
 use crate::cmd;
 
@@ -130,6 +130,8 @@ pub fn script(tests: &[GuestTest]) -> String {
         "# Written by cargo xtask test (xtask/src/vm/guest.rs) for one guest run.\n\
          export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
          export HOME=/tmp {REQUIRE_ROOT_ENV}=1\n\
+         # Debian's kernels have kprobes: the commit kprobe tests require them.\n\
+         export {EXPECT_KPROBES_ENV}=1\n\
          echo \"guest kernel $(uname -r), $(nproc) CPUs\"\n\
          failed=0\n"
     );
