@@ -118,7 +118,7 @@ pub fn select(hooks: &CommitHooks, function: &str, module: &str) -> CommitTiming
         ))
     } else if !hooks.functions.contains(function) {
         CommitTiming::Detector(format!(
-            "{function} is not in {KALLSYMS}: module {module} is not loaded"
+            "{function} is not in {KALLSYMS}: module {module} is not loaded (the probe attaches when the agent starts after it is)"
         ))
     } else {
         CommitTiming::Kprobe
