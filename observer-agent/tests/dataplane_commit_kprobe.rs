@@ -81,34 +81,43 @@ fn commit_timing_is_chosen_by_the_kernel() {
     assert_eq!(setup.kprobe.is_some(), kprobes);
 }
 
-/// The attached probe, or None (after saying why) on a kernel without kprobes.
-fn attached_probe(setup: commit_kprobe::CommitKprobeSetup, test: &str) -> Option<CommitKprobe> {
+/// What a commit test needs: the loaded object (it owns the probes), the
+/// attached probe and a namespace of its own; None when not root or (after
+/// saying why) on a kernel without kprobes.
+fn attached_probe(test: &str) -> Option<(Kernel, CommitKprobe, NetNs)> {
+    if !root_or_skip(test) {
+        return None;
+    }
     if !expect_kprobes() {
         eprintln!(
             "{test}: no kprobes on this kernel; commit_timing_is_chosen_by_the_kernel checks the detectors' timing is chosen"
         );
         return None;
     }
-    Some(setup.kprobe.expect("kprobes expected and attached"))
+    let (kernel, setup) = kernel_with_probes();
+    let probe = setup.kprobe.expect("kprobes expected and attached");
+    Some((kernel, probe, NetNs::create("commit").expect("netns")))
 }
 
-/// The kernel time of the commit `write` made: a new one, within the write.
-fn commit_of(
-    probe: &mut CommitKprobe,
-    slot: u32,
-    what: &str,
-    write: impl FnOnce(),
-) -> (UnixNanos, Window) {
+/// Runs `write` in `ns`; returns the kernel time of the commit it made (a
+/// new one, within the write) and the write's window, and prints both.
+fn commit_of(probe: &mut CommitKprobe, slot: u32, ns: &NetNs, write: &str) -> (UnixNanos, Window) {
     let before = probe.latest(slot);
-    let ((), window) = timed(write);
+    let (out, window) = timed(|| ns.sh(write));
+    out.unwrap_or_else(|e| panic!("{write}: {e}"));
     let commit = probe
         .latest(slot)
-        .unwrap_or_else(|| panic!("{what}: no commit recorded"));
+        .unwrap_or_else(|| panic!("{write}: no commit recorded"));
     assert!(
         before.is_none_or(|b| commit > b),
-        "{what}: no new commit (latest {commit}, before the write {before:?})"
+        "{write}: no new commit (latest {commit}, before the write {before:?})"
     );
-    assert_within(what, commit, window);
+    assert_within(write, commit, window);
+    eprintln!(
+        "{write}: commit {:.3} ms into a {:.3} ms write",
+        (commit - window.started) as f64 / 1e6,
+        (window.finished - window.started) as f64 / 1e6
+    );
     (commit, window)
 }
 
@@ -124,15 +133,11 @@ fn assert_within(what: &str, t: UnixNanos, window: Window) {
 
 #[test]
 fn nft_commits_are_timed_by_the_kernel_before_their_notification() {
-    let test = "nft_commits_are_timed_by_the_kernel_before_their_notification";
-    if !root_or_skip(test) {
-        return;
-    }
-    let (_kernel, setup) = kernel_with_probes();
-    let Some(mut probe) = attached_probe(setup, test) else {
+    let Some((_kernel, mut probe, ns)) =
+        attached_probe("nft_commits_are_timed_by_the_kernel_before_their_notification")
+    else {
         return;
     };
-    let ns = NetNs::create("commitnft").expect("netns");
     let witness = CommitClock::start(&ns.path(), Mode::Nftables).expect("commit witness starts");
     for write in [
         "nft add table ip obs",
@@ -141,9 +146,7 @@ fn nft_commits_are_timed_by_the_kernel_before_their_notification() {
         "nft flush chain ip obs out",
         "nft delete table ip obs",
     ] {
-        let (commit, window) = commit_of(&mut probe, COMMIT_NFTABLES, write, || {
-            ns.sh(write).unwrap_or_else(|e| panic!("{write}: {e}"));
-        });
+        let (commit, window) = commit_of(&mut probe, COMMIT_NFTABLES, &ns, write);
         let notified = witness
             .commit_between(window.started, window.finished + NOTIFY_BOUND_NS)
             .unwrap_or_else(|| panic!("{write}: no notification witnessed"))
@@ -158,9 +161,7 @@ fn nft_commits_are_timed_by_the_kernel_before_their_notification() {
             (notified - commit) as f64 / 1e6
         );
         eprintln!(
-            "{write}: commit {:.3} ms into a {:.3} ms write, notified {:.3} ms after it",
-            (commit - window.started) as f64 / 1e6,
-            (window.finished - window.started) as f64 / 1e6,
+            "{write}: notified {:.3} ms after the commit",
             (notified - commit) as f64 / 1e6
         );
     }
@@ -169,29 +170,18 @@ fn nft_commits_are_timed_by_the_kernel_before_their_notification() {
 /// iptables-legacy sends no notification: the write's window is the reference.
 #[test]
 fn xtables_replacements_are_timed_by_the_kernel_within_the_write() {
-    let test = "xtables_replacements_are_timed_by_the_kernel_within_the_write";
-    if !root_or_skip(test) {
-        return;
-    }
-    let (_kernel, setup) = kernel_with_probes();
-    let Some(mut probe) = attached_probe(setup, test) else {
+    let Some((_kernel, mut probe, ns)) =
+        attached_probe("xtables_replacements_are_timed_by_the_kernel_within_the_write")
+    else {
         return;
     };
-    let ns = NetNs::create("commitxt").expect("netns");
     for write in [
         "iptables-legacy -w -t nat -A OUTPUT -d 172.30.0.10/32 -j ACCEPT",
         "iptables-legacy -w -t nat -A OUTPUT -d 172.30.0.11/32 -j ACCEPT",
         "iptables-legacy -w -t nat -D OUTPUT -d 172.30.0.10/32 -j ACCEPT",
         "iptables-legacy -w -t nat -F OUTPUT",
     ] {
-        let (commit, window) = commit_of(&mut probe, COMMIT_XTABLES, write, || {
-            ns.sh(write).unwrap_or_else(|e| panic!("{write}: {e}"));
-        });
-        eprintln!(
-            "{write}: commit {:.3} ms into a {:.3} ms write",
-            (commit - window.started) as f64 / 1e6,
-            (window.finished - window.started) as f64 / 1e6
-        );
+        commit_of(&mut probe, COMMIT_XTABLES, &ns, write);
     }
 }
 
