@@ -8,7 +8,10 @@
 //!   with 10k deletions in the store, the same question again and again (as
 //!   CI asks it; answered from the cache) and every time another one;
 //! - resident memory with 5000 nodes, 10k stored deletions and deletions in
-//!   flight that every node reported on.
+//!   flight that every node reported on;
+//! - the deletion API's answers, size and latency: pages of summaries over
+//!   the 10k stored deletions, and the detail of one deletion that 5000
+//!   nodes reported on, whole and filtered.
 //!
 //! BENCH_SECONDS (default 3) sets each load phase's length.
 
@@ -25,7 +28,7 @@ use aggregator::limits::Limits;
 use aggregator::nodes::NodeInfo;
 use aggregator::store::{Scope, Store};
 use lab::http_client::HttpClient;
-use observer_proto::api::{DeletionRecord, Mode, NodeMeasurement};
+use observer_proto::api::{DeletionList, DeletionRecord, Mode, NodeClass, NodeMeasurement};
 use observer_proto::v1 as pb;
 use observer_proto::v1::observer_client::ObserverClient;
 use observer_proto::{Detector, NewFlow, Observation, Report, RulesChange, UnixNanos};
@@ -209,6 +212,7 @@ async fn run(phase: Duration) {
         "query idle, every query another question: {}",
         summary(&idle)
     );
+    deletion_api(agg.http_addr, &store).await;
 
     let channels: Vec<_> = {
         let mut v = Vec::new();
@@ -416,6 +420,54 @@ async fn stream_reports(
         count.fetch_add(1, Ordering::Relaxed);
     }
     producer.await.unwrap()
+}
+
+/// Answers of the deletion API, idle: one more stored deletion, reported
+/// on by 5000 nodes, then each question asked 50 times on one connection.
+async fn deletion_api(addr: SocketAddr, store: &Store) {
+    let mut wide = stored(10_000, UnixNanos::now());
+    wide.pod_uid = "wide".into();
+    wide.nodes = (0..5000)
+        .map(|n| NodeMeasurement {
+            node: format!("node-{n}"),
+            latency_seconds: Some(0.2 + (n % 1000) as f64 / 1000.0),
+            error_seconds: Some(0.001),
+            class: Some(NodeClass::Measured),
+            mode: Some(Mode::Rules(Detector::Nftables)),
+            ..Default::default()
+        })
+        .collect();
+    store.record_deletion(&wide).unwrap();
+    let client = HttpClient::default();
+    let first = format!("http://{addr}/v1/deletions?limit=100");
+    let page: DeletionList = client.get_json(&first).await.unwrap();
+    let token = page
+        .continue_token
+        .expect("10k deletions: more than a page");
+    for (what, url) in [
+        ("first page, 100 summaries", first.clone()),
+        ("next page (continue)", format!("{first}&continue={token}")),
+        (
+            "detail, 5000 nodes",
+            format!("http://{addr}/v1/deletions/wide"),
+        ),
+        (
+            "detail, slowest=10 of 5000",
+            format!("http://{addr}/v1/deletions/wide?slowest=10"),
+        ),
+    ] {
+        let mut latencies = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..50 {
+            let t = Instant::now();
+            bytes = client.get_ok(&url).await.unwrap().body.len();
+            latencies.push(t.elapsed());
+        }
+        println!(
+            "deletion API, {what}: {bytes} bytes, {}",
+            summary(&latencies)
+        );
+    }
 }
 
 fn proc_status(key: &str) -> String {

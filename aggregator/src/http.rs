@@ -6,18 +6,21 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use observer_proto::UnixNanos;
-use observer_proto::api::{DeletionList, Recommendation};
+use observer_proto::api::{
+    DeletionList, DeletionRecord, DeletionSummary, NodeClass, Recommendation,
+};
 use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::auth::AuthError;
 use crate::auth::access::{self, HttpAccess};
 use crate::config::{Settings, check_probability};
+use crate::deletion_pages::{DetailFilter, continue_token, parse_continue_token};
 use crate::metrics::Metrics;
 use crate::openapi;
 use crate::readiness::Readiness;
@@ -55,6 +58,7 @@ impl HttpState {
 pub const ROUTES: &[&str] = &[
     "/v1/recommendations",
     "/v1/deletions",
+    "/v1/deletions/{podUid}",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -65,6 +69,7 @@ pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/v1/recommendations", get(recommendations))
         .route("/v1/deletions", get(deletions))
+        .route("/v1/deletions/{podUid}", get(deletion))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -250,6 +255,7 @@ async fn deletions(
             "outcome",
             "sinceSeconds",
             "limit",
+            "continue",
         ],
     )?;
     let scope = scope(&p)?;
@@ -272,15 +278,74 @@ async fn deletions(
     let since = p
         .number::<u64>("sinceSeconds")?
         .map(|s| UnixNanos::now() - std::time::Duration::from_secs(s));
-    let items = state.store.deletions(&DeletionFilter {
+    let after = p
+        .text("continue")
+        .map(|t| parse_continue_token(&t))
+        .transpose()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // One more than the page: whether another page follows.
+    let mut found = state.store.deletions(&DeletionFilter {
         namespace: scope.namespace,
         service: scope.service,
         node: p.text("node"),
         outcome,
         since,
-        limit,
+        after,
+        limit: limit + 1,
     })?;
-    Ok(axum::Json(DeletionList { items }).into_response())
+    let more = found.len() > limit;
+    found.truncate(limit);
+    let continue_token = found
+        .last()
+        .filter(|_| more)
+        .map(|last| continue_token(last.position));
+    let items = found
+        .iter()
+        .map(|d| DeletionSummary::from(&d.record))
+        .collect();
+    Ok(axum::Json(DeletionList {
+        items,
+        continue_token,
+    })
+    .into_response())
+}
+
+/// One deletion's detail, filtered (see `DetailFilter`).
+async fn deletion(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    Path(pod_uid): Path<String>,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<axum::Json<DeletionRecord>, ApiError> {
+    state.authorize(&headers, access::DELETIONS).await?;
+    let p = Params::new(raw, &["slowest", "node", "class"])?;
+    let slowest = p.number::<usize>("slowest")?;
+    if slowest == Some(0) {
+        return Err(ApiError::bad_request("slowest must be at least 1"));
+    }
+    let class = p
+        .text("class")
+        .map(|c| {
+            serde_json::from_value::<NodeClass>(c.clone().into()).map_err(|_| {
+                ApiError::bad_request(format!(
+                    "class must be measured, stillRouting or unknown, got {c:?}"
+                ))
+            })
+        })
+        .transpose()?;
+    let mut record = state.store.deletion(&pod_uid)?.ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no finished deletion of pod UID {pod_uid:?}"),
+        )
+    })?;
+    DetailFilter {
+        slowest,
+        node: p.text("node"),
+        class,
+    }
+    .apply(&mut record);
+    Ok(axum::Json(record))
 }
 
 async fn readyz(State(state): State<HttpState>) -> Response {

@@ -12,6 +12,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod correlate;
+pub mod deletion_pages;
 pub mod grpc;
 pub mod http;
 pub mod kube_watch;

@@ -21,6 +21,8 @@ pub fn document() -> Value {
                 "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "string" } } },
                 "Recommendation": recommendation(),
                 "Deletion": deletion(),
+                "DeletionSummary": deletion_summary(),
+                "DeletionList": deletion_list(),
                 "NodeMeasurement": node_measurement(),
                 "Coverage": coverage(),
                 "Router": router(),
@@ -56,7 +58,7 @@ fn paths() -> Value {
             }
         }},
         "/v1/deletions": { "get": {
-            "summary": "Recent finished deletions with per-node detail, newest first",
+            "summary": "Finished deletions, newest first, one summary each; pages with a continue token",
             "security": [{ "kubernetesToken": [] }],
             "parameters": [
                 param("namespace", "string", "Only this namespace"),
@@ -64,14 +66,30 @@ fn paths() -> Value {
                 param("node", "string", "Only deletions this node reported on (or was missing from)"),
                 param("outcome", "string", "complete or incomplete"),
                 param("sinceSeconds", "integer", "Only deletions finished in the last N seconds"),
-                param("limit", "integer", "At most this many (1..1000, default 100)")
+                param("limit", "integer", "At most this many per page (1..1000, default 100)"),
+                param("continue", "string", "The previous page's continue token: the next (older) page, with the same filters. No deletion is skipped or repeated across pages while new ones are stored; new ones are on a new first page")
             ],
             "responses": {
-                "200": { "description": "Deletions", "content": { "application/json": { "schema": {
-                    "type": "object", "required": ["items"],
-                    "properties": { "items": { "type": "array", "items": { "$ref": "#/components/schemas/Deletion" } } }
-                } } } },
+                "200": { "description": "One page", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/DeletionList" } } } },
                 "400": bad_request,
+                "401": refused("No token, or one the API server refuses"),
+                "403": refused("RBAC does not allow get deletions.observer.prestop.dev"),
+                "503": refused("TokenReview or SubjectAccessReview unavailable")
+            }
+        }},
+        "/v1/deletions/{podUid}": { "get": {
+            "summary": "One finished deletion with its per-node and per-router detail, optionally filtered",
+            "security": [{ "kubernetesToken": [] }],
+            "parameters": [
+                { "name": "podUid", "in": "path", "required": true, "schema": { "type": "string" } },
+                param("slowest", "integer", "Only the N slowest nodes and routers (still routing first, then by latency plus error, those without a latency last), slowest first"),
+                param("node", "string", "Only this node (and the routers running on it)"),
+                param("class", "string", "Only nodes and routers of this class: measured, stillRouting or unknown")
+            ],
+            "responses": {
+                "200": { "description": "The deletion", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Deletion" } } } },
+                "400": bad_request,
+                "404": { "description": "No finished deletion of this pod UID", "content": { "application/json": { "schema": error } } },
                 "401": refused("No token, or one the API server refuses"),
                 "403": refused("RBAC does not allow get deletions.observer.prestop.dev"),
                 "503": refused("TokenReview or SubjectAccessReview unavailable")
@@ -159,6 +177,41 @@ fn deletion() -> Value {
                 "description": "Every router that sent the pod new connections after T0, and every expected node" },
             "limitingRouter": { "allOf": [{ "$ref": "#/components/schemas/Router" }], "nullable": true },
             "missingNodes": { "type": "array", "items": { "type": "string" } }
+        }
+    })
+}
+
+/// `observer_proto::api::DeletionList`.
+fn deletion_list() -> Value {
+    json!({
+        "type": "object",
+        "required": ["items"],
+        "properties": {
+            "items": { "type": "array", "items": { "$ref": "#/components/schemas/DeletionSummary" } },
+            "continue": { "type": "string", "description": "Token for the next (older) page; absent on the last page" }
+        }
+    })
+}
+
+/// `observer_proto::api::DeletionSummary`.
+fn deletion_summary() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "podUid": { "type": "string", "description": "GET /v1/deletions/{podUid} has the detail" },
+            "namespace": { "type": "string" },
+            "podName": { "type": "string" },
+            "services": { "type": "array", "items": { "type": "string" } },
+            "hostNode": { "type": "string", "nullable": true },
+            "deletionStartUnixNanos": { "type": "integer", "format": "int64" },
+            "finishedUnixNanos": { "type": "integer", "format": "int64" },
+            "complete": { "type": "boolean" },
+            "censored": { "type": "boolean" },
+            "propagationSeconds": { "type": "number", "nullable": true },
+            "propagationUpperSeconds": { "type": "number", "nullable": true },
+            "limitingNode": { "type": "string", "nullable": true, "description": "The expected node with the largest latency plus error" },
+            "limitingRouter": { "allOf": [{ "$ref": "#/components/schemas/Router" }], "nullable": true },
+            "coverage": { "$ref": "#/components/schemas/Coverage" }
         }
     })
 }
@@ -258,8 +311,8 @@ mod tests {
     use std::collections::BTreeSet;
 
     use observer_proto::api::{
-        Coverage, DeletionRecord, NodeMeasurement, Recommendation, RouterKindSummary,
-        RouterMeasurement, RouterRef,
+        Coverage, DeletionList, DeletionRecord, DeletionSummary, NodeMeasurement, Recommendation,
+        RouterKindSummary, RouterMeasurement, RouterRef,
     };
     use serde::Serialize;
 
@@ -291,6 +344,15 @@ mod tests {
             fields(Recommendation::default())
         );
         assert_eq!(documented(&deletion()), fields(DeletionRecord::default()));
+        assert_eq!(
+            documented(&deletion_summary()),
+            fields(DeletionSummary::default())
+        );
+        let page = DeletionList {
+            items: Vec::new(),
+            continue_token: Some(String::new()),
+        };
+        assert_eq!(documented(&deletion_list()), fields(page));
         assert_eq!(
             documented(&node_measurement()),
             fields(NodeMeasurement::default())

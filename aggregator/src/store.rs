@@ -309,7 +309,27 @@ pub struct DeletionFilter {
     pub node: Option<String>,
     pub outcome: Option<Outcome>,
     pub since: Option<UnixNanos>,
+    /// Only deletions after this one in the order (the previous page's last).
+    pub after: Option<DeletionPosition>,
     pub limit: usize,
+}
+
+/// Where a finished deletion stands in the listing order: newest finish
+/// first, ties by the order they were stored (newest first). Stored
+/// deletions never move, so a listing continued from a position neither
+/// skips nor repeats any, whatever is stored meanwhile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeletionPosition {
+    pub finished: UnixNanos,
+    /// SQLite's rowid of the stored deletion.
+    pub row: i64,
+}
+
+/// A finished deletion and its place in the listing order.
+#[derive(Clone, Debug)]
+pub struct StoredDeletion {
+    pub position: DeletionPosition,
+    pub record: DeletionRecord,
 }
 
 pub struct Store {
@@ -553,8 +573,10 @@ impl Store {
     }
 
     /// Finished deletions matching `filter`, newest first.
-    pub fn deletions(&self, filter: &DeletionFilter) -> Result<Vec<DeletionRecord>, StoreError> {
-        let mut sql = String::from("SELECT d.record FROM deletions d WHERE 1 = 1");
+    pub fn deletions(&self, filter: &DeletionFilter) -> Result<Vec<StoredDeletion>, StoreError> {
+        let mut sql = String::from(
+            "SELECT d.finished_unix_nanos, d.rowid, d.record FROM deletions d WHERE 1 = 1",
+        );
         let mut args: Vec<Value> = Vec::new();
         if let Some(ns) = &filter.namespace {
             sql.push_str(" AND d.namespace = ?");
@@ -580,14 +602,35 @@ impl Store {
             sql.push_str(" AND d.finished_unix_nanos >= ?");
             args.push(since.as_nanos().into());
         }
-        sql.push_str(" ORDER BY d.finished_unix_nanos DESC LIMIT ?");
+        if let Some(after) = filter.after {
+            sql.push_str(
+                " AND (d.finished_unix_nanos < ? OR (d.finished_unix_nanos = ? AND d.rowid < ?))",
+            );
+            args.push(after.finished.as_nanos().into());
+            args.push(after.finished.as_nanos().into());
+            args.push(after.row.into());
+        }
+        sql.push_str(" ORDER BY d.finished_unix_nanos DESC, d.rowid DESC LIMIT ?");
         args.push((filter.limit as i64).into());
         let conn = self.reader();
         let mut stmt = conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map(params_from_iter(args), |r| r.get::<_, String>(0))?;
+        let rows = stmt.query_map(params_from_iter(args), |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
         let mut out = Vec::new();
-        for json in rows {
-            out.push(serde_json::from_str(&json?)?);
+        for row in rows {
+            let (finished, row, json) = row?;
+            out.push(StoredDeletion {
+                position: DeletionPosition {
+                    finished: UnixNanos::from_nanos(finished),
+                    row,
+                },
+                record: serde_json::from_str(&json)?,
+            });
         }
         Ok(out)
     }

@@ -51,8 +51,8 @@ async fn two_agents_see_the_deletion(
     (a, b, ep)
 }
 
-/// The one finished deletion `list` (`/v1/deletions` and a query) shows,
-/// once stored.
+/// The detail (`/v1/deletions/{podUid}`) of the one finished deletion
+/// `list` (`/v1/deletions` and a query) shows, once stored.
 async fn finished(http: std::net::SocketAddr, list: &str) -> serde_json::Value {
     wait_until("deletion stored", || async move {
         get_json(http, list).await.1["items"]
@@ -62,7 +62,10 @@ async fn finished(http: std::net::SocketAddr, list: &str) -> serde_json::Value {
     .await;
     let (_, d) = get_json(http, list).await;
     assert_eq!(d["items"].as_array().unwrap().len(), 1, "{d}");
-    d["items"][0].clone()
+    let uid = d["items"][0]["podUid"].as_str().expect("podUid");
+    let (status, detail) = get_json(http, &format!("/v1/deletions/{uid}")).await;
+    assert_eq!(status, 200, "{detail}");
+    detail
 }
 
 fn node_of<'a>(d: &'a serde_json::Value, node: &str) -> &'a serde_json::Value {

@@ -218,7 +218,7 @@ fn samples_follow_scope_window_and_outcome() {
     };
     let inc = store.deletions(&f).unwrap();
     assert_eq!(inc.len(), 1);
-    assert_eq!(inc[0].missing_nodes, vec!["node-z".to_string()]);
+    assert_eq!(inc[0].record.missing_nodes, vec!["node-z".to_string()]);
     let by_node = DeletionFilter {
         node: Some("node-z".into()),
         limit: 10,
@@ -234,7 +234,7 @@ fn samples_follow_scope_window_and_outcome() {
     assert_eq!(
         newest
             .iter()
-            .map(|d| d.finished_unix_nanos)
+            .map(|d| d.record.finished_unix_nanos)
             .collect::<Vec<_>>(),
         vec![t(500), t(400)]
     );

@@ -271,17 +271,28 @@ impl Aggregator {
         .await
     }
 
+    /// Every finished deletion of the service with its detail: the pages
+    /// of summaries, then each one's `/v1/deletions/{podUid}`.
     pub async fn deletions(
         &self,
         namespace: &str,
         service: &str,
     ) -> Result<Vec<DeletionRecord>, ObserverError> {
-        let list: DeletionList = self
-            .get_json(&format!(
-                "/v1/deletions?namespace={namespace}&service={service}&limit=1000"
-            ))
-            .await?;
-        Ok(list.items)
+        let first = format!("/v1/deletions?namespace={namespace}&service={service}&limit=1000");
+        let mut page: DeletionList = self.get_json(&first).await?;
+        let mut records = Vec::new();
+        loop {
+            for summary in &page.items {
+                records.push(
+                    self.get_json(&format!("/v1/deletions/{}", summary.pod_uid))
+                        .await?,
+                );
+            }
+            let Some(token) = page.continue_token else {
+                return Ok(records);
+            };
+            page = self.get_json(&format!("{first}&continue={token}")).await?;
+        }
     }
 }
 

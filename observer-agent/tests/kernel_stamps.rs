@@ -352,7 +352,7 @@ async fn where_kprobes_exist_the_stamp_follows_the_commit_kprobe_within_its_prec
     for i in 0..CHANGES {
         let (c, _, _) = change(&mut rules, &mut rx, &clock, i % 2 == 0).await;
         let probed = kprobe
-            .commit_time(observer_common::ruleset::COMMIT_NFTABLES, c.time)
+            .commit_time(observer_common::ruleset::COMMIT_NFTABLES, c.time, 0)
             .expect("the kprobe saw the commit");
         let after = c.time - probed;
         eprintln!(

@@ -118,13 +118,6 @@ pub struct RouterMeasurement {
     pub refused_connections: u64,
 }
 
-impl RouterMeasurement {
-    /// The latency plus its error: what the bound uses.
-    pub fn upper_seconds(&self) -> Option<f64> {
-        Some(self.latency_seconds? + self.error_seconds.unwrap_or(0.0))
-    }
-}
-
 /// Measured latencies of one router kind over a recommendation's window.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
@@ -230,11 +223,67 @@ pub struct KeepAlive {
     pub finding: Option<String>,
 }
 
-/// `GET /v1/deletions`.
+/// `GET /v1/deletions`: one page of summaries, newest first.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DeletionList {
-    pub items: Vec<DeletionRecord>,
+    pub items: Vec<DeletionSummary>,
+    /// Opaque token for the next (older) page; absent on the last page.
+    #[serde(rename = "continue", skip_serializing_if = "Option::is_none")]
+    pub continue_token: Option<String>,
+}
+
+/// One deletion in a list: its size does not grow with the cluster's nodes
+/// (`GET /v1/deletions/{podUid}` has the per-node and per-router detail).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DeletionSummary {
+    pub pod_uid: String,
+    pub namespace: String,
+    pub pod_name: String,
+    pub services: Vec<String>,
+    pub host_node: Option<String>,
+    /// T0, as in [`DeletionRecord`].
+    pub deletion_start_unix_nanos: UnixNanos,
+    pub finished_unix_nanos: UnixNanos,
+    pub complete: bool,
+    pub censored: bool,
+    pub propagation_seconds: Option<f64>,
+    pub propagation_upper_seconds: Option<f64>,
+    /// The expected node with the largest latency (upper end), when any
+    /// was measured.
+    pub limiting_node: Option<String>,
+    pub limiting_router: Option<RouterRef>,
+    /// The expected nodes counted by class.
+    pub coverage: Coverage,
+}
+
+impl From<&DeletionRecord> for DeletionSummary {
+    fn from(d: &DeletionRecord) -> Self {
+        let limiting_node = d
+            .nodes
+            .iter()
+            .filter(|n| n.class.is_some())
+            .filter_map(|n| n.upper_seconds().map(|u| (u, n)))
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, n)| n.node.clone());
+        DeletionSummary {
+            pod_uid: d.pod_uid.clone(),
+            namespace: d.namespace.clone(),
+            pod_name: d.pod_name.clone(),
+            services: d.services.clone(),
+            host_node: d.host_node.clone(),
+            deletion_start_unix_nanos: d.deletion_start_unix_nanos,
+            finished_unix_nanos: d.finished_unix_nanos,
+            complete: d.complete,
+            censored: d.censored,
+            propagation_seconds: d.propagation_seconds,
+            propagation_upper_seconds: d.propagation_upper_seconds,
+            limiting_node,
+            limiting_router: d.limiting_router.clone(),
+            coverage: d.coverage,
+        }
+    }
 }
 
 /// One finished (complete or timed-out) pod deletion.
@@ -325,6 +374,25 @@ pub struct NodeMeasurement {
     pub aborted_connections: u64,
 }
 
+/// A latency plus its error on the safe side (no error known: none added).
+fn upper_seconds(latency: Option<f64>, error: Option<f64>) -> Option<f64> {
+    latency.map(|l| l + error.unwrap_or(0.0))
+}
+
+impl NodeMeasurement {
+    /// `latencySeconds + errorSeconds`: what the bound uses.
+    pub fn upper_seconds(&self) -> Option<f64> {
+        upper_seconds(self.latency_seconds, self.error_seconds)
+    }
+}
+
+impl RouterMeasurement {
+    /// `latencySeconds + errorSeconds`: what the bound uses.
+    pub fn upper_seconds(&self) -> Option<f64> {
+        upper_seconds(self.latency_seconds, self.error_seconds)
+    }
+}
+
 /// What a node's latency rests on: the rules removal its detector saw, or
 /// (`traffic`) only the connections it routed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -411,12 +479,51 @@ mod tests {
         assert_eq!(r.pre_stop_seconds, Some(4));
         assert_eq!(r.scope.cluster, "c");
         assert_eq!(r.keep_alive, KeepAlive::default());
-        let d: DeletionList = serde_json::from_str(
-            r#"{"items":[{"podUid":"u","nodes":[{"node":"a","mode":"traffic"}]}]}"#,
-        )
+        let d: DeletionRecord =
+            serde_json::from_str(r#"{"podUid":"u","nodes":[{"node":"a","mode":"traffic"}]}"#)
+                .unwrap();
+        assert_eq!(d.nodes[0].mode, Some(Mode::Traffic));
+        assert_eq!(d.nodes[0].detector_precision_seconds, None);
+        let page: DeletionList = serde_json::from_str(r#"{"items":[{"podUid":"u"}]}"#).unwrap();
+        assert_eq!(page.items[0].pod_uid, "u");
+        assert_eq!(page.continue_token, None);
+    }
+
+    /// The limiting node is the expected node with the largest upper end
+    /// (latency plus error); an unattributed source never is.
+    #[test]
+    fn a_summary_names_the_limiting_node() {
+        let node =
+            |name: &str, latency: f64, error: f64, class: Option<NodeClass>| NodeMeasurement {
+                node: name.into(),
+                latency_seconds: Some(latency),
+                error_seconds: Some(error),
+                class,
+                ..NodeMeasurement::default()
+            };
+        let d = DeletionRecord {
+            pod_uid: "u".into(),
+            nodes: vec![
+                node("a", 2.0, 0.5, Some(NodeClass::Measured)),
+                node("b", 2.2, 0.1, Some(NodeClass::Measured)),
+                node("10.0.0.9", 9.0, 0.0, None),
+                NodeMeasurement {
+                    node: "c".into(),
+                    class: Some(NodeClass::Unknown),
+                    ..NodeMeasurement::default()
+                },
+            ],
+            ..DeletionRecord::default()
+        };
+        let s = DeletionSummary::from(&d);
+        assert_eq!(s.limiting_node.as_deref(), Some("a"));
+        let v = serde_json::to_value(DeletionList {
+            items: vec![s],
+            continue_token: Some("t".into()),
+        })
         .unwrap();
-        assert_eq!(d.items[0].nodes[0].mode, Some(Mode::Traffic));
-        assert_eq!(d.items[0].nodes[0].detector_precision_seconds, None);
+        assert_eq!(v["continue"], "t");
+        assert!(v["items"][0].get("nodes").is_none());
     }
 
     #[test]

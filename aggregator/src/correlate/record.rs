@@ -46,8 +46,7 @@ pub(super) fn record(p: Pending, now: UnixNanos, live: &BTreeSet<String>) -> Del
             .flatten()
     };
     let propagation_seconds = latest(|n| n.latency_seconds);
-    let propagation_upper_seconds =
-        latest(|n| Some(n.latency_seconds? + n.error_seconds.unwrap_or(0.0)));
+    let propagation_upper_seconds = latest(NodeMeasurement::upper_seconds);
     let routers = routers::measurements(&p.routers, &nodes, t0, lag_ns.unwrap_or(0));
     let limiting_router = routers::limiting(&routers, censored);
     let start = p.start;

@@ -97,7 +97,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         health.set_hook(&hook.name, hook.attached);
     }
 
-    let table = capability_table(&kernel);
+    let table = capability_table(&kernel, dataplane.as_ref());
     let complete = log_missing_capabilities(&table);
     let Reporter {
         counters,
@@ -192,9 +192,17 @@ fn start_reporter(args: &RunArgs, capabilities: Vec<capabilities::Capability>) -
 
 /// What `observer-agent probe` would print, with this run's hooks and
 /// delivery: registered with the aggregator.
-fn capability_table(kernel: &Kernel) -> Vec<capabilities::Capability> {
+fn capability_table(
+    kernel: &Kernel,
+    dataplane: Option<&DataplaneWatch>,
+) -> Vec<capabilities::Capability> {
     let mut table = capabilities::probe_kernel();
     table.extend(capabilities::hook_capabilities(kernel.hooks()));
+    if let Some(dataplane) = dataplane {
+        table.extend(capabilities::commit_timing_capabilities(
+            dataplane.commit_timing(),
+        ));
+    }
     table.push(capabilities::resets_without_socket_capability(
         kernel.layout(),
     ));

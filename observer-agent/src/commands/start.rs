@@ -105,18 +105,14 @@ fn start_dataplane(
     tx: &mpsc::Sender<Observation>,
     endpoints: &[SocketAddr],
 ) -> anyhow::Result<DataplaneWatch> {
-    let watch = realtime::spawn_inheriting(timing, "dataplane", || dataplane::spawn(tx.clone()))
-        .context("starting the dataplane detectors")?;
+    let mut watch =
+        realtime::spawn_inheriting(timing, "dataplane", || dataplane::spawn(tx.clone()))
+            .context("starting the dataplane detectors")?;
     for endpoint in endpoints {
         watch.watch(*endpoint);
     }
-    match dataplane::commit_kprobe::load(kernel.ebpf_mut()) {
-        Ok(setup) => {
-            if let Some(kprobe) = setup.kprobe {
-                watch.use_commit_kprobe(kprobe);
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "ruleset commit probes not loaded"),
+    if let Err(e) = watch.time_commits_by_kernel(kernel.ebpf_mut()) {
+        tracing::warn!(error = %e, "ruleset commit probes not loaded");
     }
     let stamps = kernel.take_stamps(StampKind::Nftables);
     watch.use_kernel_stamps(kernel.ebpf_mut(), stamps);

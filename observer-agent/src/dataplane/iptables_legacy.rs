@@ -191,10 +191,15 @@ impl Watcher {
             info!("iptables-legacy nat table present; watching it");
         }
         while !shared.stop.load(Ordering::Relaxed) {
-            let (fallback_precision, received) = match self.wait_lock(&mut opened) {
-                Some(window) => (window.as_nanos() as u64, UnixNanos::now()),
+            // The lock's hold is when the commit happened; a periodic
+            // re-read knows no such window.
+            let (fallback_precision, commit_window, received) = match self.wait_lock(&mut opened) {
+                Some(held) => {
+                    let held = held.as_nanos() as u64;
+                    (held, held, UnixNanos::now())
+                }
                 None if last_read.elapsed() >= PERIOD => {
-                    (PERIOD.as_nanos() as u64, UnixNanos::now())
+                    (PERIOD.as_nanos() as u64, 0, UnixNanos::now())
                 }
                 None => continue,
             };
@@ -214,7 +219,7 @@ impl Watcher {
                 continue;
             }
             let (time, precision) =
-                shared.change_time(COMMIT_XTABLES, received, fallback_precision);
+                shared.change_time(COMMIT_XTABLES, received, fallback_precision, commit_window);
             let changes = self
                 .targets
                 .symmetric_difference(&now)

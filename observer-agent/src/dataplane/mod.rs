@@ -48,7 +48,7 @@ use thiserror::Error;
 use tokio::sync::mpsc::Sender;
 use tracing::{info, warn};
 
-pub use commit_kprobe::{CommitKprobe, CommitKprobeSetup, KprobeStatus};
+pub use commit_kprobe::{CommitKprobe, CommitKprobeSetup, CommitTiming, KprobeStatus};
 pub use mirror::Mirror;
 pub use nft_msg::{NftEvent, RuleSummary, TableId, decode as decode_nft_message};
 pub use nftables::NETLINK_PRECISION_NS;
@@ -186,15 +186,18 @@ impl Shared {
 
     /// The change time and its precision: the commit's kernel time when the
     /// probe saw it, else the time the detector learnt of it.
+    /// `commit_window_ns`: how long before `received` the detector knows
+    /// the commit happened (the xtables lock held; 0 when it does not know).
     fn change_time(
         &self,
         slot: u32,
         received: UnixNanos,
         fallback_precision_ns: u64,
+        commit_window_ns: u64,
     ) -> (UnixNanos, u64) {
         let probed = lock(&self.commit_kprobe, "dataplane commit kprobe")
             .as_mut()
-            .and_then(|p| p.commit_time(slot, received));
+            .and_then(|p| p.commit_time(slot, received, commit_window_ns));
         match probed {
             Some(t) => (t, (received - t).unsigned_abs()),
             None => (received, fallback_precision_ns),
@@ -265,6 +268,8 @@ pub struct DataplaneWatch {
     /// The nf_tables notification socket, for the stamp filter.
     nft_socket: Option<Arc<Socket>>,
     layouts: Layouts,
+    /// How each kind of commit is timed, once [`Self::time_commits_by_kernel`] ran.
+    commit_timing: Vec<KprobeStatus>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -308,9 +313,24 @@ impl DataplaneWatch {
             .remove(&endpoint);
     }
 
-    /// Times changes by the kernel's commit (see [`commit_kprobe::load`]).
-    pub fn use_commit_kprobe(&self, probe: CommitKprobe) {
-        *lock(&self.shared.commit_kprobe, "dataplane commit kprobe") = Some(probe);
+    /// Times changes by the kernel's commit where [`commit_kprobe::load`]
+    /// attaches its probes; returns how each kind of commit is timed. Call
+    /// it after [`spawn`]: the detector's ruleset dump loads nf_tables,
+    /// whose function the probe needs.
+    pub fn time_commits_by_kernel(
+        &mut self,
+        ebpf: &mut aya::Ebpf,
+    ) -> Result<&[KprobeStatus], DataplaneError> {
+        let setup = commit_kprobe::load(ebpf)?;
+        *lock(&self.shared.commit_kprobe, "dataplane commit kprobe") = setup.kprobe;
+        self.commit_timing = setup.statuses;
+        Ok(&self.commit_timing)
+    }
+
+    /// How each kind of commit is timed (empty before
+    /// [`Self::time_commits_by_kernel`]: all by the detectors).
+    pub fn commit_timing(&self) -> &[KprobeStatus] {
+        &self.commit_timing
     }
 
     /// Times nf_tables changes by the kernel stamps of their notifications
@@ -407,6 +427,7 @@ pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> 
         shared,
         nft_socket,
         layouts,
+        commit_timing: Vec::new(),
         threads,
     })
 }
@@ -448,6 +469,7 @@ mod tests {
             shared: Arc::new(Shared::new(tx)),
             nft_socket: None,
             layouts: Layouts::default(),
+            commit_timing: Vec::new(),
             threads: Vec::new(),
         };
         (watch, rx)

@@ -331,7 +331,8 @@ pub fn run(shared: &Shared, sock: Arc<Socket>, mut mirror: Mirror, mut targets: 
                 if !changes.is_empty() {
                     let (first, precision) =
                         started.unwrap_or((arrival.time, NETLINK_PRECISION_NS));
-                    let (time, precision) = shared.change_time(COMMIT_NFTABLES, first, precision);
+                    let (time, precision) =
+                        shared.change_time(COMMIT_NFTABLES, first, precision, 0);
                     shared.report(changes, time, precision);
                 }
                 continue;

@@ -12,6 +12,7 @@ use observer_common::{TcpSendResetAddrs, TracepointLayout};
 use serde::Serialize;
 
 use super::{Delivery, HookStatus, Kernel, LoadOptions, tracefs::Tracefs};
+use crate::dataplane::{CommitTiming, KprobeStatus, commit_kprobe};
 use crate::stamps::{self, StampKind, Timing};
 
 /// One row of the capability table.
@@ -72,7 +73,7 @@ fn cost(name: &str) -> &'static str {
         "program/socket_filter" => {
             "new flows to watched pods are not seen from this node (source side of the last connection)"
         }
-        "program/kprobe" | "pmu/kprobe" => {
+        "program/kprobe" | "pmu/kprobe" | "kprobe/nf_tables_commit" | "kprobe/xt_replace_table" => {
             "ruleset changes are timed by their netlink notification or re-read, not by the kernel's commit: times are up to a few ms late"
         }
         "sysctl/bpf_stats_enabled" => "the run time of the agent's eBPF programs is not reported",
@@ -96,6 +97,15 @@ pub fn probe() -> Vec<Capability> {
             table.push(resets_without_socket_capability(kernel.layout()));
             table.push(delivery_capability(kernel.delivery()));
             table.extend(timing_capabilities(&mut kernel));
+            table.extend(match commit_kprobe::load(kernel.ebpf_mut()) {
+                Ok(setup) => commit_timing_capabilities(&setup.statuses),
+                Err(e) => vec![Capability::new(
+                    "kprobe/ruleset commits",
+                    false,
+                    e.to_string(),
+                    false,
+                )],
+            });
         }
         Err(e) => table.push(Capability::new("ebpf/load", false, e.to_string(), true)),
     }
@@ -120,6 +130,26 @@ pub fn hook_capabilities(hooks: &[HookStatus]) -> Vec<Capability> {
 /// The hooks without which a node's measurements lose their core evidence:
 /// the connections routed to a pod and the resets (refusals) it sent.
 const REQUIRED_HOOKS: [&str; 2] = ["inet_sock_set_state", "tcp_send_reset"];
+
+/// How ruleset commits are timed, one row per commit probe: available when
+/// the kernel's commit time is used.
+pub fn commit_timing_capabilities(statuses: &[KprobeStatus]) -> Vec<Capability> {
+    statuses
+        .iter()
+        .map(|s| {
+            let detail = match &s.timing {
+                CommitTiming::Kprobe => "commits timed by the kernel".to_owned(),
+                CommitTiming::Detector(why) => why.clone(),
+            };
+            Capability::new(
+                format!("kprobe/{}", s.function),
+                s.attached(),
+                detail,
+                false,
+            )
+        })
+        .collect()
+}
 
 /// Whether this kernel's `tcp_send_reset` fires for resets sent without a
 /// socket, i.e. for refused connections. Kernels before 6.10 fire it only
@@ -223,11 +253,9 @@ pub fn probe_kernel() -> Vec<Capability> {
         "kernel BTF: needed for fentry/fexit and to read kernel struct offsets",
         false,
     ));
-    // perf_kprobe PMU: without it kprobes cannot attach even if the program
-    // type loads (the case on this project's reference kernel).
     table.push(path_capability(
         "pmu/kprobe",
-        "/sys/bus/event_source/devices/kprobe",
+        commit_kprobe::KPROBE_PMU,
         "kprobe PMU for kprobe attachment",
         false,
     ));
