@@ -174,7 +174,10 @@ async fn another_nodes_agent_cannot_report_rules_removed_for_it() {
     .await;
     let (_, body) = get(agg.http_addr, "/v1/deletions").await;
     let list: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let nodes = list["items"][0]["nodes"].as_array().unwrap();
+    let uid = list["items"][0]["podUid"].as_str().unwrap();
+    let (_, body) = get(agg.http_addr, &format!("/v1/deletions/{uid}")).await;
+    let detail: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let nodes = detail["nodes"].as_array().unwrap();
     let a_latency = nodes.iter().find(|n| n["node"] == "node-a").unwrap()["latencySeconds"]
         .as_f64()
         .unwrap();

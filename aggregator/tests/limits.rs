@@ -17,9 +17,7 @@ use common::{get, get_json};
 use k8s_openapi::api::core::v1::Pod;
 use observer_proto::UnixNanos;
 use observer_proto::v1 as pb;
-use observer_proto::v1::observer_client::ObserverClient;
 use tonic::Code;
-use tonic::transport::Channel;
 
 const IP: &str = "10.244.0.5";
 const S: u64 = 1_000_000_000;
@@ -49,10 +47,14 @@ async fn start(settings: Settings, double: &ApiServerDouble, dir: &tempfile::Tem
     start_aggregator(settings, &dir.path().join("s.db"), Some(double)).await
 }
 
-async fn client(agg: &Running) -> ObserverClient<Channel> {
-    ObserverClient::connect(format!("http://{}", agg.grpc_addr))
-        .await
-        .unwrap()
+/// A client holding node-a's agent token when the aggregator is secured:
+/// an attacker who took over one node.
+async fn attacker(agg: &Running) -> Client {
+    client(
+        agg.grpc_addr,
+        agent_token(agg.grpc_addr, "node-a").as_deref(),
+    )
+    .await
 }
 
 fn registration(id: &str, node: &str) -> pb::RegisterRequest {
@@ -72,16 +74,18 @@ async fn delete_web1(double: &ApiServerDouble, web1: &Pod, agent: &mut Agent) ->
     agent.next_add().await.deletion_start_unix_nanos
 }
 
-/// The stored deletions, once there are `n`.
-async fn deletions(agg: &Running, n: usize) -> serde_json::Value {
+/// The detail of the only stored deletion, once there is one.
+async fn only_deletion(agg: &Running) -> serde_json::Value {
     let http = agg.http_addr;
-    wait_until("deletions stored", || async move {
+    wait_until("deletion stored", || async move {
         get_json(http, "/v1/deletions").await.1["items"]
             .as_array()
-            .is_some_and(|i| i.len() >= n)
+            .is_some_and(|i| !i.is_empty())
     })
     .await;
-    get_json(http, "/v1/deletions").await.1
+    let list = get_json(http, "/v1/deletions").await.1;
+    let uid = list["items"][0]["podUid"].as_str().expect("podUid");
+    get_json(http, &format!("/v1/deletions/{uid}")).await.1
 }
 
 #[tokio::test]
@@ -89,7 +93,7 @@ async fn oversized_names_and_registrations_are_refused_and_never_reach_metrics()
     let (double, _) = cluster().await;
     let dir = tempfile::tempdir().unwrap();
     let agg = start(Settings::default(), &double, &dir).await;
-    let mut c = client(&agg).await;
+    let mut c = attacker(&agg).await;
 
     let huge_node = "a".repeat(1 << 20);
     let err = c
@@ -140,7 +144,10 @@ async fn oversized_names_and_registrations_are_refused_and_never_reach_metrics()
 async fn a_made_up_node_cannot_report_nor_hold_back_deletions() {
     let (double, web1) = cluster().await;
     let dir = tempfile::tempdir().unwrap();
-    let agg = start(Settings::default(), &double, &dir).await;
+    // Without authentication (with it, a made-up node gets no token at
+    // all: tests/auth.rs): the Node list alone keeps it out.
+    let agg =
+        start_as_configured(Settings::default(), &dir.path().join("s.db"), Some(&double)).await;
     let mut a = Agent::connect(agg.grpc_addr, "node-a").await;
     let mut b = Agent::connect(agg.grpc_addr, "node-b").await;
     // A valid name that is not in the Node list: it may register and
@@ -168,7 +175,7 @@ async fn a_made_up_node_cannot_report_nor_hold_back_deletions() {
     a.report(vec![rules_removed(IP, t0 + S)]).await;
     b.report(vec![rules_removed(IP, t0 + 2 * S)]).await;
     double.finish_deletion::<Pod>("shop", "web-1").unwrap();
-    let d = &deletions(&agg, 1).await["items"][0];
+    let d = &only_deletion(&agg).await;
     assert_eq!(d["complete"], true, "{d}");
     assert_eq!(d["coverage"]["expected"], 2, "{d}");
     assert_eq!(d["propagationSeconds"], 2.0, "{d}");
@@ -289,8 +296,10 @@ async fn registrations_are_rate_limited_and_counted() {
         },
         ..Settings::default()
     };
-    let agg = start(settings, &double, &dir).await;
-    let mut c = client(&agg).await;
+    // Thirty nodes' registrations: without authentication, as one token
+    // speaks for one node only (tests/auth.rs); the limits hold alone.
+    let agg = start_as_configured(settings, &dir.path().join("s.db"), Some(&double)).await;
+    let mut c = attacker(&agg).await;
     let mut refused = Vec::new();
     for i in 0..30 {
         let id = format!("n{i}/1");

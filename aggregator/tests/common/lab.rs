@@ -90,6 +90,16 @@ pub async fn start_aggregator(
         }
         _ => settings,
     };
+    start_as_configured(settings, store, double).await
+}
+
+/// Starts the aggregator with `settings` as they are: without tokens and
+/// TLS unless they say so (`--insecure-no-auth`), also with a double.
+pub async fn start_as_configured(
+    settings: Settings,
+    store: &PathBuf,
+    double: Option<&ApiServerDouble>,
+) -> Running {
     let secure = settings.auth.tokens.is_some();
     let store = Arc::new(Store::open(store).unwrap());
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
