@@ -811,13 +811,15 @@ fn connections_are_attributed_to_node_workload_and_external_routers() {
         ],
     );
     // The pod's node sees the same connections arrive, the ingress's
-    // later ones, a load balancer's refused one and the kubelet's probe.
+    // later ones, a load balancer's refused one (which its conntrack saw
+    // forwarded, untranslated) and the kubelet's probe.
     report(
         &c,
         "a",
         1,
         vec![
             rules_removed(Detector::Nftables, T0 + S / 5),
+            direct_flow(EXTERNAL, T0 + 4 * S),
             accepted(CLIENT, T0 + S),
             accepted(INGRESS, T0 + 3 * S),
             reset_sent("NO_SOCKET", EXTERNAL, T0 + 4 * S),

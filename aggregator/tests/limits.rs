@@ -26,22 +26,6 @@ fn rate(v: u32) -> NonZeroU32 {
     NonZeroU32::new(v).unwrap()
 }
 
-/// node-a and node-b in the Node list; pod web-1 on node-a.
-async fn cluster() -> (ApiServerDouble, Pod) {
-    let double = ApiServerDouble::start().await.unwrap();
-    double
-        .create(&node("node-a", "192.168.0.1", "10.244.0.0/24"))
-        .unwrap();
-    double
-        .create(&node("node-b", "192.168.0.2", "10.244.1.0/24"))
-        .unwrap();
-    let web1 = double.create(&pod("shop", "web-1", IP, "node-a")).unwrap();
-    double
-        .create(&endpoint_slice("shop", "web", &[(&web1, true, false)]))
-        .unwrap();
-    (double, web1)
-}
-
 async fn start(settings: Settings, double: &ApiServerDouble, dir: &tempfile::TempDir) -> Running {
     // Ready once the Node list (among others) was listed.
     start_aggregator(settings, &dir.path().join("s.db"), Some(double)).await
@@ -90,7 +74,7 @@ async fn only_deletion(agg: &Running) -> serde_json::Value {
 
 #[tokio::test]
 async fn oversized_names_and_registrations_are_refused_and_never_reach_metrics() {
-    let (double, _) = cluster().await;
+    let Cluster { double, .. } = cluster().await;
     let dir = tempfile::tempdir().unwrap();
     let agg = start(Settings::default(), &double, &dir).await;
     let mut c = attacker(&agg).await;
@@ -142,7 +126,7 @@ async fn oversized_names_and_registrations_are_refused_and_never_reach_metrics()
 
 #[tokio::test]
 async fn a_made_up_node_cannot_report_nor_hold_back_deletions() {
-    let (double, web1) = cluster().await;
+    let Cluster { double, web1 } = cluster().await;
     let dir = tempfile::tempdir().unwrap();
     // Without authentication (with it, a made-up node gets no token at
     // all: tests/auth.rs): the Node list alone keeps it out.
@@ -193,7 +177,7 @@ async fn a_made_up_node_cannot_report_nor_hold_back_deletions() {
 
 #[tokio::test]
 async fn a_report_storm_is_refused_beyond_the_agent_rate_and_records_nothing() {
-    let (double, _) = cluster().await;
+    let Cluster { double, .. } = cluster().await;
     let dir = tempfile::tempdir().unwrap();
     let settings = Settings {
         checkpoint_interval: Duration::from_secs(3600),
@@ -243,7 +227,7 @@ async fn a_report_storm_is_refused_beyond_the_agent_rate_and_records_nothing() {
 
 #[tokio::test]
 async fn a_report_stream_over_the_agent_rate_is_slowed_not_broken() {
-    let (double, _) = cluster().await;
+    let Cluster { double, .. } = cluster().await;
     let dir = tempfile::tempdir().unwrap();
     let settings = Settings {
         limits: Limits {
@@ -286,7 +270,7 @@ async fn a_report_stream_over_the_agent_rate_is_slowed_not_broken() {
 
 #[tokio::test]
 async fn registrations_are_rate_limited_and_counted() {
-    let (double, _) = cluster().await;
+    let Cluster { double, .. } = cluster().await;
     let dir = tempfile::tempdir().unwrap();
     let settings = Settings {
         limits: Limits {
@@ -326,7 +310,7 @@ async fn registrations_are_rate_limited_and_counted() {
 
 #[tokio::test]
 async fn a_newer_agent_of_a_node_replaces_the_old_one_for_good() {
-    let (double, _) = cluster().await;
+    let Cluster { double, .. } = cluster().await;
     let dir = tempfile::tempdir().unwrap();
     let agg = start(Settings::default(), &double, &dir).await;
     let mut old = Agent::connect_as(agg.grpc_addr, "node-a", "node-a/old").await;

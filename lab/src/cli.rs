@@ -300,6 +300,10 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
         .context("report path has no directory")?
         .to_owned();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // nginx reads the paths of its configuration relative to its prefix,
+    // not to our working directory: a relative --report must not reach it.
+    let dir =
+        std::path::absolute(&dir).with_context(|| format!("making {} absolute", dir.display()))?;
     let (mut lab, observer) = start(args, binaries, &dir, say).await?;
     before_rollouts(args, &lab, &observer, say).await?;
     let idle_ms_per_second = idle_cpu_ms_per_second(&observer).await;

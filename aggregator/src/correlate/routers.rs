@@ -11,9 +11,9 @@
 //! - A connection to the pod IP itself, without DNAT (a new flow whose
 //!   original destination is the pod IP, or a socket connect to it) from
 //!   a pod: that pod's **workload** (`namespace/owner`); the pod is
-//!   remembered as connecting directly. From anything else on node N (the
-//!   node's own address: a host-network client, which cannot be told from
-//!   the node): node N.
+//!   remembered as connecting directly. From a node's address or pod range
+//!   (a host-network client, which cannot be told from the node): node N.
+//!   From anything else: **external** (node N only forwarded it).
 //! - A connection the pod accepted or refused, from source S: a node's own
 //!   address: that node; a pod remembered as connecting directly: its
 //!   workload; another pod, or an address in a node's pod CIDR: that
@@ -81,8 +81,8 @@ pub(super) fn attribute(
         Observation::NewFlow(f) if f.original_dst.ip() != f.dst.ip() => {
             (node_router(node), Evidence::Flow)
         }
-        Observation::NewFlow(f) => (direct(pods, node, f.src.ip()), Evidence::Flow),
-        Observation::Connected(c) => (direct(pods, node, c.src.ip()), Evidence::Connected),
+        Observation::NewFlow(f) => (direct(pods, nodes, node, f.src.ip()), Evidence::Flow),
+        Observation::Connected(c) => (direct(pods, nodes, node, c.src.ip()), Evidence::Connected),
         Observation::Accepted(c) => (arriving(pods, nodes, c.src.ip()), Evidence::Accepted),
         Observation::ResetSent(c) if c.reset_cause() == ResetCause::Refused => {
             (arriving(pods, nodes, c.src.ip()), Evidence::Refused)
@@ -108,10 +108,26 @@ fn workload(pod: &PodSource) -> RouterRef {
     }
 }
 
-/// A connection from `node` to the pod IP itself.
-fn direct(pods: &mut PodIndex, node: &str, src: IpAddr) -> RouterRef {
-    pods.mark_direct(src)
-        .map_or_else(|| node_router(node), workload)
+/// A connection to the pod IP itself, seen by `node`: from a pod, its
+/// workload; from a node's address or pod range, `node`; from anywhere
+/// else, an external router whose packets `node` only forwarded to its pod
+/// (they must not stretch the node's own routing).
+fn direct(pods: &mut PodIndex, nodes: &NodeIndex, node: &str, src: IpAddr) -> RouterRef {
+    if let Some(pod) = pods.mark_direct(src) {
+        return workload(pod);
+    }
+    if nodes.node_with_address(src).is_some() || nodes.node_of(src).is_some() {
+        return node_router(node);
+    }
+    external(src)
+}
+
+fn external(src: IpAddr) -> RouterRef {
+    RouterRef {
+        kind: RouterKind::External,
+        name: src.to_string(),
+        node: None,
+    }
 }
 
 /// A connection as the pod saw it arrive from `src`.
@@ -126,14 +142,7 @@ fn arriving(pods: &PodIndex, nodes: &NodeIndex, src: IpAddr) -> RouterRef {
         .get(src)
         .and_then(|p| p.node.as_deref())
         .or_else(|| nodes.node_of(src));
-    match node {
-        Some(n) => node_router(n),
-        None => RouterRef {
-            kind: RouterKind::External,
-            name: src.to_string(),
-            node: None,
-        },
-    }
+    node.map_or_else(|| external(src), node_router)
 }
 
 /// Folds one attributed connection at `t` into a deletion's routers; one
