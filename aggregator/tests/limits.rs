@@ -11,7 +11,7 @@ use aggregator::app::Running;
 use aggregator::config::Settings;
 use aggregator::limits::Limits;
 use apiserver_double::ApiServerDouble;
-use apiserver_double::objects::{endpoint_slice, node, pod};
+use apiserver_double::objects::endpoint_slice;
 use common::lab::*;
 use common::{get, get_json};
 use k8s_openapi::api::core::v1::Pod;
