@@ -141,15 +141,23 @@ pub fn connection_gap_ms(backends: usize, rate: f64) -> f64 {
 /// later, plus the agents' clock offset.
 pub const LATE_SLACK_MS: f64 = 50.0;
 
+/// How late a router timed by its traffic may still connect after the
+/// drop: a request already bound to the pod when the router let go of it
+/// (nginx's old worker finishing the requests it holds after a reload)
+/// connects after the drop; up to 80 ms was measured (docs/benchmarks.md).
+pub const IN_FLIGHT_MS: f64 = 250.0;
+
 /// The interval `measured - injected` must fall in for a router of this
 /// type. kube-proxy is timed by its rules (5 ms for the netlink-announced
 /// modes; iptables-legacy's transaction window, checked per node by the
 /// lab's end-to-end tests, is within the same 50 ms); the others by their
-/// last connection, at most one connection gap early.
+/// last connection, at most two connection gaps early (a client does not
+/// hold its rate exactly, and may pass a pod over once) and one request in
+/// flight late.
 pub fn bound_ms(choice: Choice, gap_ms: f64) -> (f64, f64) {
     match choice {
         Choice::KubeProxy => (-LATE_SLACK_MS, LATE_SLACK_MS),
-        _ => (-(gap_ms + LATE_SLACK_MS), LATE_SLACK_MS),
+        _ => (-(2.0 * gap_ms + LATE_SLACK_MS), IN_FLIGHT_MS),
     }
 }
 
@@ -367,16 +375,16 @@ mod tests {
     }
 
     #[test]
-    fn traffic_timed_routers_may_be_early_by_one_gap_and_barely_late() {
+    fn traffic_timed_routers_may_be_early_by_two_gaps_and_a_request_late() {
         // 16 backends at 40 requests/s: one connection per pod every 400 ms.
         let gap = connection_gap_ms(16, 40.0);
         assert_eq!(gap, 400.0);
-        assert_eq!(bound_ms(Choice::Ingress, gap), (-450.0, 50.0));
+        assert_eq!(bound_ms(Choice::Ingress, gap), (-850.0, 250.0));
         assert_eq!(bound_ms(Choice::KubeProxy, gap), (-50.0, 50.0));
         let rows = [
-            row(Choice::Ingress, Some(-440.0)),
-            row(Choice::Ingress, Some(-460.0)),
-            row(Choice::Ingress, Some(60.0)),
+            row(Choice::Ingress, Some(-840.0)),
+            row(Choice::Ingress, Some(-860.0)),
+            row(Choice::Ingress, Some(260.0)),
             row(Choice::Ingress, None),
             row(Choice::KubeProxy, Some(-60.0)),
         ];
@@ -384,7 +392,7 @@ mod tests {
         let ingress = acc.iter().find(|a| a.choice == Choice::Ingress).unwrap();
         assert_eq!((ingress.samples, ingress.missing), (3, 1));
         assert_eq!(ingress.outside_bound, 2);
-        assert_eq!(ingress.max_abs_error_ms, Some(460.0));
+        assert_eq!(ingress.max_abs_error_ms, Some(860.0));
         let kube_proxy = acc.iter().find(|a| a.choice == Choice::KubeProxy).unwrap();
         assert_eq!(kube_proxy.outside_bound, 1);
     }
