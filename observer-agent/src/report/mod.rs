@@ -329,8 +329,10 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
                     Err(s) => return Ok(End::Lost(format!("endpoint stream: {s}"))),
                 },
                 _ = clock.tick() => {
-                    if let Err(s) = self.sync_clock(client).await {
-                        return Ok(End::Lost(format!("clock exchange: {s}")));
+                    for _ in 0..ExchangeFilter::BURST {
+                        if let Err(s) = self.sync_clock(client).await {
+                            return Ok(End::Lost(format!("clock exchange: {s}")));
+                        }
                     }
                 }
                 o = self.rx.recv(), if self.rx_open => match o {
