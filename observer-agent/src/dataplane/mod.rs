@@ -387,10 +387,9 @@ pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> 
     let nft_socket = Some(sock.clone());
     let mut mirror = Mirror::new();
     nftables::load(&mut mirror)?;
-    let mut targets = nftables::Targets::default();
     // Every target of the dump comes back as added: already selected at
     // start, which is no change.
-    let mut selected = targets.update(&mirror, None);
+    let mut selected = nftables::changes(&mut mirror);
     let layouts = Layouts {
         nftables: mirror
             .tables()
@@ -413,7 +412,7 @@ pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> 
     threads.push(
         std::thread::Builder::new()
             .name("dataplane-nft".into())
-            .spawn(move || nftables::run(&s, sock, mirror, targets))
+            .spawn(move || nftables::run(&s, sock, mirror))
             .map_err(DataplaneError::Thread)?,
     );
     let s = shared.clone();
