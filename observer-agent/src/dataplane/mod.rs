@@ -37,7 +37,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::Duration,
@@ -50,7 +50,7 @@ use tracing::{info, warn};
 
 pub use commit_kprobe::{CommitKprobe, CommitKprobeSetup, CommitTiming, KprobeStatus};
 pub use mirror::Mirror;
-pub use nft_msg::{NftEvent, RuleSummary, TableId, decode as decode_nft_message};
+pub use nft_msg::{NFNLGRP_NFTABLES, NftEvent, RuleSummary, TableId, decode as decode_nft_message};
 pub use nftables::NETLINK_PRECISION_NS;
 pub use xtables::dnat_destination;
 
@@ -59,6 +59,7 @@ use crate::{
     locks::lock,
     netlink::{NetlinkDecodeError, Socket},
     stamps::{self, StampKind, Stamps, Timing},
+    stop::StopSignal,
 };
 
 #[derive(Debug, Error)]
@@ -71,6 +72,8 @@ pub enum DataplaneError {
     Legacy(std::io::Error),
     #[error("starting a detector thread: {0}")]
     Thread(std::io::Error),
+    #[error("the detectors' stop signal (eventfd): {0}")]
+    StopSignal(std::io::Error),
     #[error(transparent)]
     Missing(#[from] MissingInObject),
     #[error("eBPF program: {0}")]
@@ -161,21 +164,25 @@ pub(crate) struct Shared {
     commit_kprobe: Mutex<Option<CommitKprobe>>,
     /// The kernel stamps of the nf_tables notifications, or why not.
     stamps: Mutex<Stamps>,
-    stop: AtomicBool,
+    /// Times nf_tables notifications overflowed the socket (ENOBUFS) and
+    /// the rulesets were re-read.
+    overflows: AtomicU64,
+    stop: StopSignal,
     tx: Sender<Observation>,
 }
 
 impl Shared {
-    fn new(tx: Sender<Observation>) -> Self {
-        Shared {
+    fn new(tx: Sender<Observation>) -> Result<Self, DataplaneError> {
+        Ok(Shared {
             rules: Mutex::new(RulesState::default()),
             commit_kprobe: Mutex::new(None),
             stamps: Mutex::new(Stamps::Receipt(
                 "no stamps were handed to the detector".into(),
             )),
-            stop: AtomicBool::new(false),
+            overflows: AtomicU64::new(0),
+            stop: StopSignal::new().map_err(DataplaneError::StopSignal)?,
             tx,
-        }
+        })
     }
 
     /// Sends without ever blocking a stop: waits while the channel is full,
@@ -366,11 +373,17 @@ impl DataplaneWatch {
     pub fn layouts(&self) -> Layouts {
         self.layouts
     }
+
+    /// How often nf_tables notifications were lost (the socket's buffer
+    /// overflowed) and the rulesets re-read instead.
+    pub fn overflows(&self) -> u64 {
+        self.shared.overflows.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for DataplaneWatch {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.stop();
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
@@ -381,7 +394,7 @@ impl Drop for DataplaneWatch {
 /// detector always runs (kube-proxy may create its tables later); the
 /// iptables-legacy one runs when legacy tables exist or appear.
 pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> {
-    let shared = Arc::new(Shared::new(tx));
+    let shared = Arc::new(Shared::new(tx)?);
     // Subscribe before the dump so no change between the two is lost.
     let sock = Arc::new(nftables::subscribe()?);
     let nft_socket = Some(sock.clone());
@@ -433,11 +446,11 @@ pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> 
 
 pub(crate) fn send_until_stopped(
     tx: &Sender<Observation>,
-    stop: &AtomicBool,
+    stop: &StopSignal,
     mut obs: Observation,
 ) {
     use tokio::sync::mpsc::error::TrySendError;
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.is_stopped() {
         match tx.try_send(obs) {
             Ok(()) => return,
             Err(TrySendError::Full(back)) => {
@@ -445,7 +458,7 @@ pub(crate) fn send_until_stopped(
                 std::thread::sleep(Duration::from_millis(1));
             }
             Err(TrySendError::Closed(_)) => {
-                stop.store(true, Ordering::Relaxed);
+                stop.stop();
                 return;
             }
         }
@@ -465,7 +478,7 @@ mod tests {
     fn watch() -> (DataplaneWatch, Receiver<Observation>) {
         let (tx, rx) = channel(16);
         let watch = DataplaneWatch {
-            shared: Arc::new(Shared::new(tx)),
+            shared: Arc::new(Shared::new(tx).unwrap()),
             nft_socket: None,
             layouts: Layouts::default(),
             commit_timing: Vec::new(),

@@ -15,7 +15,7 @@ use std::{
     io,
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use observer_common::ruleset::COMMIT_NFTABLES;
@@ -31,12 +31,11 @@ use crate::{
     locks::lock,
     netlink::{self, NETLINK_NETFILTER, NLM_F_DUMP, NLM_F_REQUEST, Request, Socket},
     stamps,
+    stop::Wait,
 };
 
 /// Receive buffer for notifications: a 10k-rule sync is a few MiB of messages.
 const RECV_BUFFER: i32 = 64 << 20;
-/// How often the loop looks at the stop flag while the ruleset is quiet.
-const POLL: Duration = Duration::from_millis(100);
 /// Bound of the delay between a commit and its first notification reaching
 /// this detector's thread (the kernel queues them at commit) while that
 /// thread runs under SCHED_FIFO (`crate::realtime`, the agent's default):
@@ -138,8 +137,6 @@ pub fn subscribe() -> Result<Socket, DataplaneError> {
     if let Err(e) = sock.set_recv_buffer(RECV_BUFFER) {
         warn!(error = %e, "could not grow the nf_tables notification buffer");
     }
-    sock.set_recv_timeout(POLL)
-        .map_err(DataplaneError::Netlink)?;
     Ok(sock)
 }
 
@@ -232,7 +229,17 @@ pub fn run(shared: &Shared, sock: Arc<Socket>, mut mirror: Mirror) {
     let mut buf = vec![0u8; 1 << 20];
     let mut batch = Batch::default();
     let mut last_seen = Instant::now();
-    while !shared.stop.load(Ordering::Relaxed) {
+    loop {
+        // Asleep until notifications or the stop come.
+        match shared.stop.wait(&*sock, None) {
+            Ok(Wait::Ready) => {}
+            Ok(Wait::TimedOut) => continue,
+            Ok(Wait::Stopped) => return,
+            Err(e) => {
+                warn!(error = %e, "waiting for nf_tables notifications failed; detector stops");
+                return;
+            }
+        }
         let n = match sock.recv(&mut buf) {
             Ok(n) => n,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) => {
@@ -242,6 +249,7 @@ pub fn run(shared: &Shared, sock: Arc<Socket>, mut mirror: Mirror) {
                 // Notifications were lost: rebuild from a dump. The change
                 // happened at most since the last message that arrived.
                 warn!("nf_tables notifications overflowed; re-reading the rulesets");
+                shared.overflows.fetch_add(1, Ordering::Relaxed);
                 batch.lost();
                 let now = UnixNanos::now();
                 let precision = last_seen.elapsed().as_nanos() as u64;
