@@ -33,7 +33,7 @@ type Name = Arc<str>;
 /// A DNAT destination in 20 bytes, where a `SocketAddr` takes 32: the
 /// mirror holds one per endpoint, 250 000 in a large cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Target {
+pub(crate) struct Target {
     ip: [u8; 16],
     port: u16,
     v4: bool,
@@ -106,6 +106,9 @@ struct Rule {
 /// is long (iptables-nft's KUBE-SERVICES holds one rule per Service and is
 /// flushed and rewritten by every kube-proxy sync).
 #[derive(Debug)]
+// Boxed: the index is rare, and inline it would make every chain (250 000
+// of them in a large cluster) 24 bytes larger.
+#[allow(clippy::box_collection)]
 enum Rules {
     Few(Vec<Rule>),
     Many(Box<HashMap<u64, Edges>>),
@@ -599,6 +602,14 @@ impl Mirror {
         self.work
     }
 
+    /// Chains of this table (for dumping their rules).
+    pub fn chains(&self, table: &TableId) -> Vec<String> {
+        self.tables
+            .get(table)
+            .map(|t| t.chains.keys().map(|n| n.to_string()).collect())
+            .unwrap_or_default()
+    }
+
     /// Sets of this table (for dumping their elements).
     pub fn sets(&self, table: &TableId) -> Vec<String> {
         self.tables
@@ -1081,7 +1092,7 @@ mod tests {
         m.apply(new_set("service-ips", 1));
         let mut handle = 10;
         let svc_chains: Vec<String> = (0..services).map(|s| format!("svc-{s}")).collect();
-        for s in 0..services {
+        for (s, svc_chain) in svc_chains.iter().enumerate() {
             let eps: Vec<String> = (0..endpoints).map(|e| format!("ep-{s}-{e}")).collect();
             for (e, name) in eps.iter().enumerate() {
                 m.apply(chain(name, false));
@@ -1089,12 +1100,12 @@ mod tests {
                 m.apply(rule(name, handle + 1, dnat(backend(s, e))));
                 handle += 2;
             }
-            m.apply(chain(&svc_chains[s], false));
+            m.apply(chain(svc_chain, false));
             let map = format!("__map{s}");
             m.apply(new_set(&map, handle));
             let names: Vec<&str> = eps.iter().map(String::as_str).collect();
             m.apply(elems(&map, &names));
-            m.apply(rule(&svc_chains[s], handle + 1, vmap(&map)));
+            m.apply(rule(svc_chain, handle + 1, vmap(&map)));
             handle += 2;
         }
         let names: Vec<&str> = svc_chains.iter().map(String::as_str).collect();

@@ -50,6 +50,7 @@ use tracing::{info, warn};
 
 pub use commit_kprobe::{CommitKprobe, CommitKprobeSetup, CommitTiming, KprobeStatus};
 pub use mirror::Mirror;
+use mirror::Target;
 pub use nft_msg::{NFNLGRP_NFTABLES, NftEvent, RuleSummary, TableId, decode as decode_nft_message};
 pub use nftables::NETLINK_PRECISION_NS;
 pub use xtables::dnat_destination;
@@ -104,7 +105,9 @@ struct RulesState {
     recent_removals: HashMap<SocketAddr, RulesChange>,
     /// Endpoints selected now, per (endpoint, seen by the legacy
     /// detector): nf_tables and iptables-legacy select apart.
-    selected: HashMap<(SocketAddr, bool), Detector>,
+    /// Keyed by the mirror's compact address (one entry per endpoint of
+    /// the node's rules: 250 000 in a large cluster).
+    selected: HashMap<(Target, bool), Detector>,
     /// When the detectors first read the dataplane.
     read_at: Option<UnixNanos>,
 }
@@ -125,7 +128,10 @@ impl RulesState {
     }
 
     fn select(&mut self, change: &Change) {
-        let key = (change.endpoint, change.detector == Detector::IptablesLegacy);
+        let key = (
+            Target::from(change.endpoint),
+            change.detector == Detector::IptablesLegacy,
+        );
         if change.added {
             self.selected.insert(key, change.detector);
         } else {
@@ -143,7 +149,10 @@ impl RulesState {
         deletion_start: UnixNanos,
     ) -> Option<RulesChange> {
         let read_at = self.read_at.filter(|r| deletion_start < *r)?;
-        let selected = |legacy| self.selected.contains_key(&(endpoint, legacy));
+        let selected = |legacy| {
+            self.selected
+                .contains_key(&(Target::from(endpoint), legacy))
+        };
         if selected(false) || selected(true) || self.recent_removals.contains_key(&endpoint) {
             return None;
         }
