@@ -36,7 +36,6 @@
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
-    collections::HashSet,
     io,
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
@@ -57,7 +56,7 @@ use lab::{
     witness::{contains_newgen, nftables_listener},
 };
 use observer_agent::{
-    dataplane::{self, DataplaneWatch, Mirror, NftEvent, TableId, decode_nft_message},
+    dataplane::{self, DataplaneWatch, Mirror, NftEvent, decode_nft_message},
     flows,
     kernel::{Kernel, LoadOptions},
     realtime::DEFAULT_TIMING_PRIORITY,
@@ -459,11 +458,9 @@ fn drain_priority() {
 }
 
 /// Replays datagrams into `mirror` the way the nf_tables detector does
-/// (decode, apply; at each commit prune anonymous sets and recompute the
-/// reachable DNAT targets of the touched tables). Returns the messages
-/// replayed, and the reachable targets after the last commit.
+/// (decode, apply; at each commit the changed targets). Returns the
+/// messages replayed, and the targets changed by the last commit.
 fn replay(mirror: &mut Mirror, datagrams: &[Datagram]) -> (usize, usize) {
-    let mut dirty: HashSet<TableId> = HashSet::new();
     let (mut messages, mut targets) = (0, 0);
     for (_, data) in datagrams {
         let mut rest = &data[..];
@@ -474,15 +471,8 @@ fn replay(mirror: &mut Mirror, datagrams: &[Datagram]) -> (usize, usize) {
             let event = decode_nft_message(kind, &rest[16..len]).expect("decodes");
             messages += 1;
             if let NftEvent::NewGen { .. } = event {
-                for table in &dirty {
-                    mirror.prune_anonymous_sets(table);
-                }
-                targets = dirty.iter().map(|t| mirror.reachable_dnat(t).len()).sum();
-                dirty.clear();
+                targets = mirror.commit().len();
             } else {
-                if let Some(t) = event.table() {
-                    dirty.insert(t.clone());
-                }
                 mirror.apply(event);
             }
             rest = &rest[((len + 3) & !3).min(rest.len())..];

@@ -15,4 +15,5 @@ pub mod output;
 pub mod realtime;
 pub mod report;
 pub mod stamps;
+pub mod stop;
 pub mod watched;

@@ -23,13 +23,17 @@ use lab::{
     kubeproxy::{Backend, Mode, Rules, ServicePort},
     netns::NetNs,
     root::{expect_kprobes, root_or_skip},
+    witness::contains_newgen,
 };
 use observer_agent::{
     dataplane::{
-        self, CommitKprobe, CommitTiming, DataplaneWatch, NETLINK_PRECISION_NS, commit_kprobe,
+        self, CommitKprobe, CommitTiming, DataplaneWatch, NETLINK_PRECISION_NS, NFNLGRP_NFTABLES,
+        commit_kprobe,
     },
     kernel::{Kernel, LoadOptions},
+    netlink::{NETLINK_NETFILTER, Socket},
     realtime::DEFAULT_TIMING_PRIORITY,
+    stamps::{self, StampKind},
 };
 use observer_common::ruleset::{COMMIT_NFTABLES, COMMIT_XTABLES};
 use observer_proto::{Observation, RulesChange, UnixNanos};
@@ -163,6 +167,67 @@ fn nft_commits_are_timed_by_the_kernel_before_their_notification() {
         eprintln!(
             "{write}: notified {:.3} ms after the commit",
             (notified - commit) as f64 / 1e6
+        );
+    }
+}
+
+/// The two kernel times of an nf_tables commit, side by side: the commit
+/// kprobe's (at `nf_tables_commit`) and the socket filter's stamp of the
+/// commit's first notification (`observer_agent::stamps`, the method used
+/// where kprobes do not exist). The filter runs when the commit queues its
+/// notifications, so its stamp follows the kprobe's time; the printed gap
+/// is what the filter adds to a change's time on this kernel.
+#[test]
+fn the_notification_stamp_follows_the_commit_kprobe() {
+    let Some((mut kernel, mut probe, ns)) =
+        attached_probe("the_notification_stamp_follows_the_commit_kprobe")
+    else {
+        return;
+    };
+    let mut stamps = kernel.take_stamps(StampKind::Nftables);
+    let sock = ns
+        .run(|| {
+            let sock = Socket::open(NETLINK_NETFILTER)?;
+            sock.join_group(NFNLGRP_NFTABLES)?;
+            sock.set_recv_timeout(Duration::from_secs(5))?;
+            Ok::<_, std::io::Error>(sock)
+        })
+        .expect("enters the namespace")
+        .expect("nf_tables notification socket");
+    stamps::attach_filter(kernel.ebpf_mut(), StampKind::Nftables, &sock)
+        .expect("the stamp filter attaches");
+    let mut buf = vec![0u8; 1 << 20];
+    for write in [
+        "nft add table ip obs",
+        "nft add chain ip obs out '{ type nat hook output priority -100; }'",
+        "nft add rule ip obs out ip daddr 172.30.0.10 tcp dport 80 dnat to 10.180.0.1:8080",
+        "nft delete table ip obs",
+    ] {
+        let (commit, _) = commit_of(&mut probe, COMMIT_NFTABLES, &ns, write);
+        // The commit's datagrams, up to its NEWGEN; the first is stamped.
+        let mut stamped = None;
+        loop {
+            let n = sock
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("{write}: no notification: {e}"));
+            stamped = stamped.or_else(|| stamps.time_of(&buf[..n]));
+            if contains_newgen(&buf[..n]) {
+                break;
+            }
+        }
+        let stamped = stamped.unwrap_or_else(|| panic!("{write}: notification not stamped"));
+        assert!(
+            commit <= stamped + CLOCK_TOLERANCE_NS,
+            "{write}: filter stamp {stamped} before the kprobe's commit time {commit}"
+        );
+        assert!(
+            stamped - commit <= NOTIFY_BOUND_NS,
+            "{write}: filter stamp {} ms after the commit",
+            (stamped - commit) as f64 / 1e6
+        );
+        eprintln!(
+            "{write}: filter stamp {:.3} ms after the kprobe's commit time",
+            (stamped - commit) as f64 / 1e6
         );
     }
 }

@@ -115,10 +115,18 @@ pub struct Sync {
     pub active: HashSet<String>,
 }
 
-/// The restore input of one full sync; `existing` are the KUBE-SVC/KUBE-SEP
+/// The restore input of one sync; `existing` are the KUBE-SVC/KUBE-SEP
 /// chains the last sync used (those no longer used are deleted, as
-/// kube-proxy's iptables mode does, in the same transaction).
-pub fn restore_input(services: &[(ServicePort, Vec<Backend>)], existing: &HashSet<String>) -> Sync {
+/// kube-proxy's iptables mode does, in the same transaction). A partial
+/// sync (`changed`: the Services that changed since the last sync) leaves
+/// out the chains of the other Services, as kube-proxy does since 1.27;
+/// KUBE-SERVICES and the other top-level chains are rewritten in full by
+/// every sync.
+pub fn restore_input(
+    services: &[(ServicePort, Vec<Backend>)],
+    existing: &HashSet<String>,
+    changed: Option<&HashSet<&ServicePort>>,
+) -> Sync {
     let mut filter_rules = String::new();
     let mut nat_chains = String::new();
     let mut nat_rules = String::new();
@@ -161,13 +169,17 @@ pub fn restore_input(services: &[(ServicePort, Vec<Backend>)], existing: &HashSe
             continue;
         }
         let svc_chain = iptables_service_chain(svc);
-        let _ = writeln!(nat_chains, ":{svc_chain} - [0:0]");
         active.insert(svc_chain.clone());
         let _ = writeln!(
             nat_rules,
             "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m tcp -p tcp -d {} --dport {} -j {svc_chain}",
             svc.cluster_ip, svc.port
         );
+        if changed.is_some_and(|c| !c.contains(svc)) {
+            active.extend(backends.iter().map(|b| iptables_endpoint_chain(svc, b)));
+            continue;
+        }
+        let _ = writeln!(nat_chains, ":{svc_chain} - [0:0]");
         let n = backends.len();
         for (i, backend) in backends.iter().enumerate() {
             let ep_chain = iptables_endpoint_chain(svc, backend);

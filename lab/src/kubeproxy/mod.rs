@@ -148,9 +148,30 @@ impl Rules {
         &mut self,
         services: &[(ServicePort, Vec<Backend>)],
     ) -> Result<Applied, KubeProxyError> {
+        self.sync_some(services, None)
+    }
+
+    /// One partial kube-proxy sync (its normal case between full syncs):
+    /// `services` is the full desired state, and only the chains and map
+    /// elements of the `changed` ones are written. A Service whose last
+    /// endpoint goes needs a full [`Self::sync`] here (its map element is
+    /// deleted by the flush of the maps).
+    pub fn partial_sync(
+        &mut self,
+        services: &[(ServicePort, Vec<Backend>)],
+        changed: &HashSet<&ServicePort>,
+    ) -> Result<Applied, KubeProxyError> {
+        self.sync_some(services, Some(changed))
+    }
+
+    fn sync_some(
+        &mut self,
+        services: &[(ServicePort, Vec<Backend>)],
+        changed: Option<&HashSet<&ServicePort>>,
+    ) -> Result<Applied, KubeProxyError> {
         match self.mode {
-            Mode::Nftables => self.sync_nft(services),
-            Mode::IptablesNft | Mode::IptablesLegacy => self.sync_iptables(services),
+            Mode::Nftables => self.sync_nft(services, changed),
+            Mode::IptablesNft | Mode::IptablesLegacy => self.sync_iptables(services, changed),
         }
     }
 
@@ -181,6 +202,7 @@ impl Rules {
     fn sync_nft(
         &mut self,
         services: &[(ServicePort, Vec<Backend>)],
+        changed: Option<&HashSet<&ServicePort>>,
     ) -> Result<Applied, KubeProxyError> {
         // kube-proxy deletes chains that went stale more than a second ago in
         // a transaction of its own, before the sync transaction.
@@ -193,7 +215,7 @@ impl Rules {
             let names: Vec<String> = expired.into_iter().map(|(c, _)| c).collect();
             self.apply("nft", &["-f", "-"], &nft::delete_chains_script(&names))?;
         }
-        let sync = nft::sync_script(services, &self.chains);
+        let sync = nft::sync_script(services, &self.chains, changed);
         let applied = self.apply("nft", &["-f", "-"], &sync.script)?;
         self.stale.retain(|(chain, _)| !sync.active.contains(chain));
         self.stale
@@ -205,8 +227,9 @@ impl Rules {
     fn sync_iptables(
         &mut self,
         services: &[(ServicePort, Vec<Backend>)],
+        changed: Option<&HashSet<&ServicePort>>,
     ) -> Result<Applied, KubeProxyError> {
-        let sync = iptables::restore_input(services, &self.chains);
+        let sync = iptables::restore_input(services, &self.chains, changed);
         let applied = self.apply(&self.restore_bin(), &["-w", "--noflush"], &sync.input)?;
         self.chains = sync.active;
         if !self.jumps_installed {
@@ -351,6 +374,57 @@ mod tests {
                 !text.contains("kube-proxy") && !text.contains("KUBE-"),
                 "{mode}: {text}"
             );
+        }
+    }
+
+    #[test]
+    fn a_partial_sync_rewrites_the_changed_service_and_keeps_the_others() {
+        if !root_or_skip("a_partial_sync_rewrites_the_changed_service_and_keeps_the_others") {
+            return;
+        }
+        for mode in Mode::ALL {
+            let ns = NetNs::create("kpp").unwrap();
+            let mut rules = Rules::new(Some(ns.name().to_owned()), mode);
+            let other = ServicePort {
+                name: "svc2".into(),
+                cluster_ip: Ipv4Addr::new(172, 30, 0, 42),
+                ..service()
+            };
+            let mut services = vec![
+                (service(), vec![backend(1), backend(2)]),
+                (other.clone(), vec![backend(3)]),
+            ];
+            rules.sync(&services).unwrap();
+            services[0].1.retain(|b| *b != backend(1));
+            let changed = HashSet::from([&services[0].0]);
+            rules.partial_sync(&services, &changed).unwrap();
+            let text = dump(&ns, mode);
+            assert!(
+                !text.contains("to 10.180.0.1:80") && !text.contains("destination 10.180.0.1:80"),
+                "{mode}: {text}"
+            );
+            for kept in ["10.180.0.2:80", "10.180.0.3:80"] {
+                assert!(text.contains(kept), "{mode}: {kept} in {text}");
+            }
+            // The other Service's rules were not written again: same handles.
+            if mode == Mode::Nftables {
+                let handles = |ns: &NetNs| {
+                    let out = ns.sh("nft -a list ruleset").unwrap().stdout;
+                    String::from_utf8(out)
+                        .unwrap()
+                        .lines()
+                        .filter(|l| l.contains("10.180.0.3"))
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                };
+                let before = handles(&ns);
+                services[0].1.push(backend(1));
+                let changed = HashSet::from([&services[0].0]);
+                rules.partial_sync(&services, &changed).unwrap();
+                assert_eq!(handles(&ns), before, "{mode}");
+                assert!(dump(&ns, mode).contains("10.180.0.1:80"), "{mode}");
+            }
+            rules.cleanup().unwrap();
         }
     }
 

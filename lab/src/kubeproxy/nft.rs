@@ -140,21 +140,37 @@ fn setup(out: &mut String) {
 }
 
 /// The sync transaction; `existing` are the service/endpoint chains the last
-/// sync used.
-pub fn sync_script(services: &[(ServicePort, Vec<Backend>)], existing: &HashSet<String>) -> Sync {
+/// sync used. A partial sync (`changed`: the Services that changed since
+/// the last sync) rewrites only their chains and map elements, as
+/// kube-proxy does between its full syncs; the maps keep their other
+/// elements.
+pub fn sync_script(
+    services: &[(ServicePort, Vec<Backend>)],
+    existing: &HashSet<String>,
+    changed: Option<&HashSet<&ServicePort>>,
+) -> Sync {
     let mut out = String::new();
     setup(&mut out);
-    for map in [
-        "firewall-ips",
-        "no-endpoint-services",
-        "no-endpoint-nodeports",
-        "service-ips",
-        "service-nodeports",
-    ] {
-        let _ = writeln!(out, "flush map {TABLE} {map}");
+    if changed.is_none() {
+        for map in [
+            "firewall-ips",
+            "no-endpoint-services",
+            "no-endpoint-nodeports",
+            "service-ips",
+            "service-nodeports",
+        ] {
+            let _ = writeln!(out, "flush map {TABLE} {map}");
+        }
     }
     let mut active = HashSet::new();
     for (svc, backends) in services {
+        if changed.is_some_and(|c| !c.contains(svc)) {
+            if !backends.is_empty() {
+                active.insert(nft_service_chain(svc));
+                active.extend(backends.iter().map(|b| nft_endpoint_chain(svc, b)));
+            }
+            continue;
+        }
         let key = format!("{} . tcp . {}", svc.cluster_ip, svc.port);
         if backends.is_empty() {
             let _ = writeln!(

@@ -7,8 +7,11 @@
 //! Precision: a change is timed at the lock's release; it happened while the
 //! writer held the lock, so `precision_ns` is the time from the lock's
 //! opening to its release (typically a few ms for iptables-restore). Changes
-//! found by the periodic re-read carry the period as precision. Where the
-//! `xt_replace_table` kprobe is attached, its kernel time is used instead.
+//! found by the periodic re-read carry the time since the previous read as
+//! precision. Where the `xt_replace_table` kprobe is attached, its kernel
+//! time is used instead. Re-reads are spaced by their cost ([`Pace`]): on
+//! a large table, changes are found later and with a coarser precision
+//! rather than the detector falling behind.
 
 use std::{
     collections::HashSet,
@@ -16,7 +19,6 @@ use std::{
     io,
     net::{SocketAddr, SocketAddrV4},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
@@ -28,6 +30,7 @@ use super::{
     Change, DataplaneError, Shared,
     ipt_entries::{self, NF_INET_NUMHOOKS},
 };
+use crate::stop::{StopSignal, Wait};
 
 const IPT_SO_GET_INFO: i32 = 64;
 const IPT_SO_GET_ENTRIES: i32 = 65;
@@ -36,7 +39,6 @@ const TABLE: &str = "nat";
 const GETINFO_LEN: usize = 84;
 const GET_ENTRIES_HEADER: usize = 40;
 const PERIOD: Duration = Duration::from_secs(1);
-const POLL_MS: i32 = 100;
 
 fn lock_path() -> String {
     std::env::var("XTABLES_LOCKFILE").unwrap_or_else(|_| "/run/xtables.lock".to_owned())
@@ -147,20 +149,19 @@ impl Watcher {
         Ok(())
     }
 
-    /// Waits up to POLL_MS for lock activity; returns the open->close window
-    /// when a writer released the lock.
-    fn wait_lock(&self, opened: &mut Option<Instant>) -> Option<Duration> {
+    /// Waits up to `timeout` for lock activity (or the stop); returns the
+    /// open->close window when a writer released the lock.
+    fn wait_lock(
+        &self,
+        stop: &StopSignal,
+        timeout: Duration,
+        opened: &mut Option<Instant>,
+    ) -> Option<Duration> {
         let Some(inotify) = &self.inotify else {
-            std::thread::sleep(Duration::from_millis(POLL_MS as u64));
+            let _ = stop.sleep(timeout);
             return None;
         };
-        let mut pfd = libc::pollfd {
-            fd: inotify.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut pfd, 1, POLL_MS) } <= 0 {
+        if stop.wait(inotify, Some(timeout)).ok() != Some(Wait::Ready) {
             return None;
         }
         let mut buf = [0u8; 4096];
@@ -185,26 +186,46 @@ impl Watcher {
 
     pub fn run(mut self, shared: &Shared) {
         let mut last_read = Instant::now();
+        let mut pace = Pace::default();
         let mut opened = None;
+        // Lock releases not read yet: when the first writer took the lock,
+        // and when and at what wall-clock time the last one released it.
+        let mut pending: Option<(Instant, Instant, UnixNanos)> = None;
         let mut nat_seen = nat_present();
         if nat_seen {
             info!("iptables-legacy nat table present; watching it");
         }
-        while !shared.stop.load(Ordering::Relaxed) {
-            // The lock's hold is when the commit happened; a periodic
-            // re-read knows no such window.
-            let (fallback_precision, commit_window, received) = match self.wait_lock(&mut opened) {
-                Some(held) => {
-                    let held = held.as_nanos() as u64;
-                    (held, held, UnixNanos::now())
-                }
-                None if last_read.elapsed() >= PERIOD => {
-                    (PERIOD.as_nanos() as u64, 0, UnixNanos::now())
-                }
-                None => continue,
+        while !shared.stop.is_stopped() {
+            let next_read = match pending {
+                Some(_) => pace.gap(),
+                None => pace.period(),
             };
+            let timeout = next_read.saturating_sub(last_read.elapsed());
+            if let Some(held) = self.wait_lock(&shared.stop, timeout, &mut opened) {
+                let released = Instant::now();
+                let first = pending.map_or(
+                    released.checked_sub(held).unwrap_or(released),
+                    |(first, _, _)| first,
+                );
+                pending = Some((first, released, UnixNanos::now()));
+            }
+            // The locks' hold is when the commit happened; a periodic
+            // re-read knows no such window, only the previous read.
+            let (fallback_precision, commit_window, received) = match pending {
+                Some((first, released, at)) if last_read.elapsed() >= pace.gap() => {
+                    let window = (released - first).as_nanos() as u64;
+                    (window, window, at)
+                }
+                None if last_read.elapsed() >= pace.period() => {
+                    (last_read.elapsed().as_nanos() as u64, 0, UnixNanos::now())
+                }
+                _ => continue,
+            };
+            pending = None;
             last_read = Instant::now();
-            let now = match self.read() {
+            let read = self.read();
+            pace.cost = last_read.elapsed();
+            let now = match read {
                 Ok(t) => t,
                 Err(e) => {
                     debug!(error = %e, "reading the legacy nat table failed");
@@ -232,6 +253,31 @@ impl Watcher {
             shared.report(changes, time, precision);
             self.targets = now;
         }
+    }
+}
+
+/// How often the nat table may be re-read. A re-read costs in proportion
+/// to the table (docs/benchmarks.md: tens of milliseconds at 5 000
+/// endpoints, about a second at 250 000), so re-reads are spaced by their
+/// last cost: those a writer's lock release triggers take at most a tenth
+/// of a core, and the periodic one (for writers that skip the lock) at
+/// most a hundredth. A change then waits for its re-read, and its
+/// precision widens to every lock hold since the previous read, rather
+/// than the detector falling behind the writers.
+#[derive(Debug, Default)]
+struct Pace {
+    cost: Duration,
+}
+
+impl Pace {
+    /// Least time from one lock-triggered re-read to the next.
+    fn gap(&self) -> Duration {
+        self.cost * 10
+    }
+
+    /// Time between periodic re-reads.
+    fn period(&self) -> Duration {
+        PERIOD.max(self.cost * 100)
     }
 }
 
@@ -266,4 +312,25 @@ fn watch_lock() -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     Ok(ino)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn re_reads_are_spaced_by_their_cost() {
+        let small = Pace {
+            cost: Duration::from_millis(2),
+        };
+        assert_eq!(small.gap(), Duration::from_millis(20));
+        assert_eq!(small.period(), PERIOD);
+        // A 250 000-endpoint table: at most a tenth of a core when writers
+        // come back to back, a hundredth for the periodic re-read.
+        let large = Pace {
+            cost: Duration::from_millis(800),
+        };
+        assert_eq!(large.gap(), Duration::from_secs(8));
+        assert_eq!(large.period(), Duration::from_secs(80));
+    }
 }

@@ -37,7 +37,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::Duration,
@@ -50,7 +50,8 @@ use tracing::{info, warn};
 
 pub use commit_kprobe::{CommitKprobe, CommitKprobeSetup, CommitTiming, KprobeStatus};
 pub use mirror::Mirror;
-pub use nft_msg::{NftEvent, RuleSummary, TableId, decode as decode_nft_message};
+use mirror::Target;
+pub use nft_msg::{NFNLGRP_NFTABLES, NftEvent, RuleSummary, TableId, decode as decode_nft_message};
 pub use nftables::NETLINK_PRECISION_NS;
 pub use xtables::dnat_destination;
 
@@ -59,6 +60,7 @@ use crate::{
     locks::lock,
     netlink::{NetlinkDecodeError, Socket},
     stamps::{self, StampKind, Stamps, Timing},
+    stop::StopSignal,
 };
 
 #[derive(Debug, Error)]
@@ -71,6 +73,8 @@ pub enum DataplaneError {
     Legacy(std::io::Error),
     #[error("starting a detector thread: {0}")]
     Thread(std::io::Error),
+    #[error("the detectors' stop signal (eventfd): {0}")]
+    StopSignal(std::io::Error),
     #[error(transparent)]
     Missing(#[from] MissingInObject),
     #[error("eBPF program: {0}")]
@@ -101,7 +105,9 @@ struct RulesState {
     recent_removals: HashMap<SocketAddr, RulesChange>,
     /// Endpoints selected now, per (endpoint, seen by the legacy
     /// detector): nf_tables and iptables-legacy select apart.
-    selected: HashMap<(SocketAddr, bool), Detector>,
+    /// Keyed by the mirror's compact address (one entry per endpoint of
+    /// the node's rules: 250 000 in a large cluster).
+    selected: HashMap<(Target, bool), Detector>,
     /// When the detectors first read the dataplane.
     read_at: Option<UnixNanos>,
 }
@@ -122,7 +128,10 @@ impl RulesState {
     }
 
     fn select(&mut self, change: &Change) {
-        let key = (change.endpoint, change.detector == Detector::IptablesLegacy);
+        let key = (
+            Target::from(change.endpoint),
+            change.detector == Detector::IptablesLegacy,
+        );
         if change.added {
             self.selected.insert(key, change.detector);
         } else {
@@ -140,7 +149,10 @@ impl RulesState {
         deletion_start: UnixNanos,
     ) -> Option<RulesChange> {
         let read_at = self.read_at.filter(|r| deletion_start < *r)?;
-        let selected = |legacy| self.selected.contains_key(&(endpoint, legacy));
+        let selected = |legacy| {
+            self.selected
+                .contains_key(&(Target::from(endpoint), legacy))
+        };
         if selected(false) || selected(true) || self.recent_removals.contains_key(&endpoint) {
             return None;
         }
@@ -161,21 +173,25 @@ pub(crate) struct Shared {
     commit_kprobe: Mutex<Option<CommitKprobe>>,
     /// The kernel stamps of the nf_tables notifications, or why not.
     stamps: Mutex<Stamps>,
-    stop: AtomicBool,
+    /// Times nf_tables notifications overflowed the socket (ENOBUFS) and
+    /// the rulesets were re-read.
+    overflows: AtomicU64,
+    stop: StopSignal,
     tx: Sender<Observation>,
 }
 
 impl Shared {
-    fn new(tx: Sender<Observation>) -> Self {
-        Shared {
+    fn new(tx: Sender<Observation>) -> Result<Self, DataplaneError> {
+        Ok(Shared {
             rules: Mutex::new(RulesState::default()),
             commit_kprobe: Mutex::new(None),
             stamps: Mutex::new(Stamps::Receipt(
                 "no stamps were handed to the detector".into(),
             )),
-            stop: AtomicBool::new(false),
+            overflows: AtomicU64::new(0),
+            stop: StopSignal::new().map_err(DataplaneError::StopSignal)?,
             tx,
-        }
+        })
     }
 
     /// Sends without ever blocking a stop: waits while the channel is full,
@@ -366,11 +382,17 @@ impl DataplaneWatch {
     pub fn layouts(&self) -> Layouts {
         self.layouts
     }
+
+    /// How often nf_tables notifications were lost (the socket's buffer
+    /// overflowed) and the rulesets re-read instead.
+    pub fn overflows(&self) -> u64 {
+        self.shared.overflows.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for DataplaneWatch {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.stop();
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
@@ -381,16 +403,15 @@ impl Drop for DataplaneWatch {
 /// detector always runs (kube-proxy may create its tables later); the
 /// iptables-legacy one runs when legacy tables exist or appear.
 pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> {
-    let shared = Arc::new(Shared::new(tx));
+    let shared = Arc::new(Shared::new(tx)?);
     // Subscribe before the dump so no change between the two is lost.
     let sock = Arc::new(nftables::subscribe()?);
     let nft_socket = Some(sock.clone());
     let mut mirror = Mirror::new();
     nftables::load(&mut mirror)?;
-    let mut targets = nftables::Targets::default();
     // Every target of the dump comes back as added: already selected at
     // start, which is no change.
-    let mut selected = targets.update(&mirror, None);
+    let mut selected = nftables::changes(&mut mirror);
     let layouts = Layouts {
         nftables: mirror
             .tables()
@@ -413,7 +434,7 @@ pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> 
     threads.push(
         std::thread::Builder::new()
             .name("dataplane-nft".into())
-            .spawn(move || nftables::run(&s, sock, mirror, targets))
+            .spawn(move || nftables::run(&s, sock, mirror))
             .map_err(DataplaneError::Thread)?,
     );
     let s = shared.clone();
@@ -434,11 +455,11 @@ pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> 
 
 pub(crate) fn send_until_stopped(
     tx: &Sender<Observation>,
-    stop: &AtomicBool,
+    stop: &StopSignal,
     mut obs: Observation,
 ) {
     use tokio::sync::mpsc::error::TrySendError;
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.is_stopped() {
         match tx.try_send(obs) {
             Ok(()) => return,
             Err(TrySendError::Full(back)) => {
@@ -446,7 +467,7 @@ pub(crate) fn send_until_stopped(
                 std::thread::sleep(Duration::from_millis(1));
             }
             Err(TrySendError::Closed(_)) => {
-                stop.store(true, Ordering::Relaxed);
+                stop.stop();
                 return;
             }
         }
@@ -466,7 +487,7 @@ mod tests {
     fn watch() -> (DataplaneWatch, Receiver<Observation>) {
         let (tx, rx) = channel(16);
         let watch = DataplaneWatch {
-            shared: Arc::new(Shared::new(tx)),
+            shared: Arc::new(Shared::new(tx).unwrap()),
             nft_socket: None,
             layouts: Layouts::default(),
             commit_timing: Vec::new(),

@@ -11,11 +11,11 @@
 //! clock when that datagram reached user space.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     io,
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use observer_common::ruleset::COMMIT_NFTABLES;
@@ -31,12 +31,11 @@ use crate::{
     locks::lock,
     netlink::{self, NETLINK_NETFILTER, NLM_F_DUMP, NLM_F_REQUEST, Request, Socket},
     stamps,
+    stop::Wait,
 };
 
 /// Receive buffer for notifications: a 10k-rule sync is a few MiB of messages.
 const RECV_BUFFER: i32 = 64 << 20;
-/// How often the loop looks at the stop flag while the ruleset is quiet.
-const POLL: Duration = Duration::from_millis(100);
 /// Bound of the delay between a commit and its first notification reaching
 /// this detector's thread (the kernel queues them at commit) while that
 /// thread runs under SCHED_FIFO (`crate::realtime`, the agent's default):
@@ -99,7 +98,11 @@ fn dump(
     }
 }
 
-/// Loads the current rulesets of every family into `mirror`.
+/// Loads the current rulesets of every family into `mirror`. Rules are
+/// dumped chain by chain: the kernel resumes a whole-table rule dump by
+/// walking every rule before the resume point again, which at 500 000
+/// rules took minutes (docs/benchmarks.md), while a dump filtered to one
+/// chain finds it by its hash.
 pub fn load(mirror: &mut Mirror) -> Result<(), DataplaneError> {
     let sock = Socket::open(NETLINK_NETFILTER).map_err(DataplaneError::Netlink)?;
     let mut seq = 1;
@@ -108,13 +111,23 @@ pub fn load(mirror: &mut Mirror) -> Result<(), DataplaneError> {
         nft_msg::NFT_MSG_GETTABLE,
         nft_msg::NFT_MSG_GETCHAIN,
         nft_msg::NFT_MSG_GETSET,
-        nft_msg::NFT_MSG_GETRULE,
     ] {
         let req = Request::new(msg_type(msg), NLM_F_REQUEST | NLM_F_DUMP, seq).nfgenmsg(0);
         dump(&sock, &mut seq, req, mirror)?;
     }
     let tables: Vec<TableId> = mirror.tables().cloned().collect();
     for table in tables {
+        for chain in mirror.chains(&table) {
+            let req = Request::new(
+                msg_type(nft_msg::NFT_MSG_GETRULE),
+                NLM_F_REQUEST | NLM_F_DUMP,
+                seq,
+            )
+            .nfgenmsg(table.family)
+            .attr_str(nft_msg::NFTA_RULE_TABLE, &table.name)
+            .attr_str(nft_msg::NFTA_RULE_CHAIN, &chain);
+            dump(&sock, &mut seq, req, mirror)?;
+        }
         for set in mirror.sets(&table) {
             let req = Request::new(
                 msg_type(nft_msg::NFT_MSG_GETSETELEM),
@@ -138,74 +151,43 @@ pub fn subscribe() -> Result<Socket, DataplaneError> {
     if let Err(e) = sock.set_recv_buffer(RECV_BUFFER) {
         warn!(error = %e, "could not grow the nf_tables notification buffer");
     }
-    sock.set_recv_timeout(POLL)
-        .map_err(DataplaneError::Netlink)?;
     Ok(sock)
 }
 
-/// Reachable DNAT targets per table.
-#[derive(Debug, Default)]
-pub struct Targets {
-    per_table: HashMap<TableId, HashSet<SocketAddr>>,
+/// The mirror's changes since its last commit, as the detectors report them.
+pub fn changes(mirror: &mut Mirror) -> Vec<Change> {
+    mirror
+        .commit()
+        .into_iter()
+        .map(|c| Change {
+            endpoint: c.endpoint,
+            added: c.added,
+            detector: detector_for(&c.table),
+        })
+        .collect()
 }
 
-impl Targets {
-    fn holder(&self, endpoint: &SocketAddr) -> Option<&TableId> {
-        self.per_table
-            .iter()
-            .find(|(_, t)| t.contains(endpoint))
-            .map(|(id, _)| id)
-    }
-
-    /// Recomputes `tables` (None = all) and returns every endpoint that
-    /// stopped (false) or started (true) being a target of any table, with
-    /// the detector of the table that changed.
-    pub fn update(&mut self, mirror: &Mirror, tables: Option<&HashSet<TableId>>) -> Vec<Change> {
-        let dirty: HashSet<TableId> = match tables {
-            Some(d) => d.clone(),
-            None => mirror
-                .tables()
-                .chain(self.per_table.keys())
-                .cloned()
-                .collect(),
-        };
-        let mut old_sets = HashMap::new();
-        let mut candidates: HashMap<SocketAddr, TableId> = HashMap::new();
-        for table in dirty {
-            let new = mirror.reachable_dnat(&table);
-            let old = self.per_table.remove(&table).unwrap_or_default();
-            for ep in old.symmetric_difference(&new) {
-                candidates.entry(*ep).or_insert_with(|| table.clone());
-            }
-            if !new.is_empty() {
-                self.per_table.insert(table.clone(), new);
-            }
-            old_sets.insert(table, old);
-        }
-        let mut changes = Vec::new();
-        for (ep, table) in candidates {
-            let was_dirty = old_sets.values().any(|s| s.contains(&ep));
-            let was_clean = self
-                .per_table
-                .iter()
-                .any(|(id, s)| !old_sets.contains_key(id) && s.contains(&ep));
-            let was = was_dirty || was_clean;
-            match (was, self.holder(&ep)) {
-                (true, None) => changes.push(Change {
-                    endpoint: ep,
-                    added: false,
-                    detector: detector_for(&table),
-                }),
-                (false, Some(now)) => changes.push(Change {
-                    endpoint: ep,
-                    added: true,
-                    detector: detector_for(now),
-                }),
-                _ => {}
-            }
-        }
-        changes
-    }
+/// Re-reads the rulesets into `mirror` after lost notifications; returns
+/// what changed against what the mirror selected before.
+fn reload(mirror: &mut Mirror) -> Result<Vec<Change>, DataplaneError> {
+    let before: HashMap<SocketAddr, Detector> = mirror
+        .selected()
+        .map(|(ep, table)| (ep, detector_for(table)))
+        .collect();
+    load(mirror)?;
+    let mut changes: Vec<Change> = changes(mirror)
+        .into_iter()
+        .filter(|c| !before.contains_key(&c.endpoint))
+        .collect();
+    let now = mirror.targets();
+    changes.extend(before.into_iter().filter(|(ep, _)| !now.contains(ep)).map(
+        |(endpoint, detector)| Change {
+            endpoint,
+            added: false,
+            detector,
+        },
+    ));
+    Ok(changes)
 }
 
 /// When a datagram of notifications was queued (its kernel stamp) or else
@@ -216,11 +198,10 @@ struct Arrival {
     kernel: bool,
 }
 
-/// The notifications of the commit being read: the tables they touched,
-/// when the first of them arrived, and how many there were.
+/// The notifications of the commit being read: when the first of them
+/// arrived, and how many there were.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Batch {
-    dirty: HashSet<TableId>,
     started: Option<Arrival>,
     messages: u64,
 }
@@ -230,44 +211,49 @@ impl Batch {
     /// arrived at `arrival`. A commit queues all its notifications at once:
     /// the first one is the closest to the commit, however long the batch
     /// takes to read.
-    fn message(&mut self, table: Option<&TableId>, arrival: Arrival) {
+    fn message(&mut self, arrival: Arrival) {
         self.started.get_or_insert(arrival);
         self.messages += 1;
-        if let Some(table) = table {
-            self.dirty.insert(table.clone());
-        }
     }
 
-    /// NEWGEN: the batch is complete. Hands over the touched tables and the
-    /// batch's time with its precision; the next message starts a new batch.
-    fn commit(&mut self) -> (HashSet<TableId>, Option<(UnixNanos, u64)>) {
+    /// NEWGEN: the batch is complete. Hands over the batch's time with its
+    /// precision; the next message starts a new batch.
+    fn commit(&mut self) -> Option<(UnixNanos, u64)> {
         let messages = std::mem::take(&mut self.messages);
-        let time = self.started.take().map(|a| {
+        self.started.take().map(|a| {
             let precision = if a.kernel {
                 stamps::rules_precision_ns(messages)
             } else {
                 NETLINK_PRECISION_NS
             };
             (a.time, precision)
-        });
-        (std::mem::take(&mut self.dirty), time)
+        })
     }
 
     /// Notifications were lost: the batch being read never completes, and
     /// its time must not be given to the next change.
     fn lost(&mut self) {
-        self.dirty.clear();
         self.started = None;
         self.messages = 0;
     }
 }
 
 /// The detector loop; returns when the watch is dropped or the receiver is gone.
-pub fn run(shared: &Shared, sock: Arc<Socket>, mut mirror: Mirror, mut targets: Targets) {
+pub fn run(shared: &Shared, sock: Arc<Socket>, mut mirror: Mirror) {
     let mut buf = vec![0u8; 1 << 20];
     let mut batch = Batch::default();
     let mut last_seen = Instant::now();
-    while !shared.stop.load(Ordering::Relaxed) {
+    loop {
+        // Asleep until notifications or the stop come.
+        match shared.stop.wait(&*sock, None) {
+            Ok(Wait::Ready) => {}
+            Ok(Wait::TimedOut) => continue,
+            Ok(Wait::Stopped) => return,
+            Err(e) => {
+                warn!(error = %e, "waiting for nf_tables notifications failed; detector stops");
+                return;
+            }
+        }
         let n = match sock.recv(&mut buf) {
             Ok(n) => n,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) => {
@@ -277,14 +263,14 @@ pub fn run(shared: &Shared, sock: Arc<Socket>, mut mirror: Mirror, mut targets: 
                 // Notifications were lost: rebuild from a dump. The change
                 // happened at most since the last message that arrived.
                 warn!("nf_tables notifications overflowed; re-reading the rulesets");
+                shared.overflows.fetch_add(1, Ordering::Relaxed);
                 batch.lost();
                 let now = UnixNanos::now();
                 let precision = last_seen.elapsed().as_nanos() as u64;
-                if let Err(e) = load(&mut mirror) {
-                    warn!(error = %e, "re-reading the rulesets failed");
-                    continue;
+                match reload(&mut mirror) {
+                    Ok(changes) => shared.report(changes, now, precision),
+                    Err(e) => warn!(error = %e, "re-reading the rulesets failed"),
                 }
-                shared.report(targets.update(&mirror, None), now, precision);
                 continue;
             }
             Err(e) => {
@@ -317,17 +303,15 @@ pub fn run(shared: &Shared, sock: Arc<Socket>, mut mirror: Mirror, mut targets: 
                 }
             };
             if let NftEvent::NewGen { id, process } = &event {
-                let (dirty, started) = batch.commit();
+                let messages = batch.messages;
+                let started = batch.commit();
                 debug!(
                     generation = id,
                     process = process.as_deref().unwrap_or("?"),
-                    tables = dirty.len(),
+                    messages,
                     "commit"
                 );
-                for table in &dirty {
-                    mirror.prune_anonymous_sets(table);
-                }
-                let changes = targets.update(&mirror, Some(&dirty));
+                let changes = changes(&mut mirror);
                 if !changes.is_empty() {
                     let (first, precision) =
                         started.unwrap_or((arrival.time, NETLINK_PRECISION_NS));
@@ -337,7 +321,7 @@ pub fn run(shared: &Shared, sock: Arc<Socket>, mut mirror: Mirror, mut targets: 
                 }
                 continue;
             }
-            batch.message(event.table(), arrival);
+            batch.message(arrival);
             mirror.apply(event);
         }
     }
@@ -358,25 +342,16 @@ mod tests {
         }
     }
 
-    fn table(name: &str) -> TableId {
-        TableId {
-            family: 2,
-            name: name.into(),
-        }
-    }
-
     #[test]
     fn a_batch_is_timed_by_its_first_message() {
         let mut batch = Batch::default();
-        batch.message(Some(&table("kube-proxy")), read_at(10));
-        batch.message(None, read_at(12));
-        batch.message(Some(&table("nat")), read_at(15));
-        let (dirty, started) = batch.commit();
-        assert_eq!(started, Some((t(10), NETLINK_PRECISION_NS)));
-        assert_eq!(dirty, HashSet::from([table("kube-proxy"), table("nat")]));
+        batch.message(read_at(10));
+        batch.message(read_at(12));
+        batch.message(read_at(15));
+        assert_eq!(batch.commit(), Some((t(10), NETLINK_PRECISION_NS)));
         assert_eq!(batch, Batch::default());
-        batch.message(Some(&table("nat")), read_at(40));
-        assert_eq!(batch.commit().1, Some((t(40), NETLINK_PRECISION_NS)));
+        batch.message(read_at(40));
+        assert_eq!(batch.commit(), Some((t(40), NETLINK_PRECISION_NS)));
     }
 
     #[test]
@@ -386,27 +361,22 @@ mod tests {
             time: t(7),
             kernel: true,
         };
-        batch.message(Some(&table("kube-proxy")), stamped);
+        batch.message(stamped);
         // Later datagrams of the batch were not stamped (a full ring): the
         // batch keeps the first one's time and method.
-        batch.message(None, read_at(30));
-        batch.message(None, read_at(31));
-        assert_eq!(
-            batch.commit().1,
-            Some((t(7), stamps::rules_precision_ns(3)))
-        );
+        batch.message(read_at(30));
+        batch.message(read_at(31));
+        assert_eq!(batch.commit(), Some((t(7), stamps::rules_precision_ns(3))));
     }
 
     #[test]
     fn lost_notifications_do_not_leave_a_stale_batch_time() {
         let mut batch = Batch::default();
         // A batch starts, then the socket overflows before its NEWGEN.
-        batch.message(Some(&table("kube-proxy")), read_at(10));
+        batch.message(read_at(10));
         batch.lost();
         // The next commit after the re-read is timed by its own messages.
-        batch.message(Some(&table("nat")), read_at(500));
-        let (dirty, started) = batch.commit();
-        assert_eq!(started, Some((t(500), NETLINK_PRECISION_NS)));
-        assert_eq!(dirty, HashSet::from([table("nat")]));
+        batch.message(read_at(500));
+        assert_eq!(batch.commit(), Some((t(500), NETLINK_PRECISION_NS)));
     }
 }

@@ -20,10 +20,9 @@ use std::{
     io,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     thread::JoinHandle,
-    time::Duration,
 };
 
 use aya::{
@@ -42,12 +41,12 @@ use crate::{
     kernel::{self, MissingInObject},
     netlink::{self, NETLINK_NETFILTER, Socket},
     stamps::{Stamps, Timing},
+    stop::{StopSignal, Wait},
 };
 
 /// Name of the socket filter program in the eBPF object.
 pub const PROGRAM: &str = "ct_new_filter";
 const NFNLGRP_CONNTRACK_NEW: u32 = 1;
-const POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Error)]
 pub enum FlowsError {
@@ -59,12 +58,14 @@ pub enum FlowsError {
     Socket(io::Error),
     #[error("starting the flow thread: {0}")]
     Thread(io::Error),
+    #[error("the flow thread's stop signal (eventfd): {0}")]
+    StopSignal(io::Error),
 }
 
 /// The running flow watch; dropping it stops the thread and closes the socket.
 #[derive(Debug)]
 pub struct FlowWatch {
-    stop: Arc<AtomicBool>,
+    stop: Arc<StopSignal>,
     thread: Option<JoinHandle<()>>,
     overflows: Arc<AtomicU64>,
     timing: Timing,
@@ -85,7 +86,7 @@ impl FlowWatch {
 
 impl Drop for FlowWatch {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.stop();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -113,12 +114,11 @@ pub fn spawn(
     if let Err(e) = sock.set_recv_buffer(8 << 20) {
         warn!(error = %e, "could not grow the conntrack event buffer");
     }
-    sock.set_recv_timeout(POLL).map_err(FlowsError::Socket)?;
     let timing = stamps.timing();
     if let Timing::Receipt(why) = &timing {
         warn!(reason = %why, "new flows are timed when this thread reads them, not by the kernel");
     }
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(StopSignal::new().map_err(FlowsError::StopSignal)?);
     let overflows = Arc::new(AtomicU64::new(0));
     let (flag, lost) = (stop.clone(), overflows.clone());
     let thread = std::thread::Builder::new()
@@ -135,13 +135,23 @@ pub fn spawn(
 
 fn run(
     sock: &Socket,
-    stop: &AtomicBool,
+    stop: &StopSignal,
     overflows: &AtomicU64,
     tx: &Sender<Observation>,
     stamps: &mut Stamps,
 ) {
     let mut buf = vec![0u8; 64 << 10];
-    while !stop.load(Ordering::Relaxed) {
+    loop {
+        // Asleep until an event or the stop comes.
+        match stop.wait(sock, None) {
+            Ok(Wait::Ready) => {}
+            Ok(Wait::TimedOut) => continue,
+            Ok(Wait::Stopped) => return,
+            Err(e) => {
+                warn!(error = %e, "waiting for conntrack events failed; flow watch stops");
+                return;
+            }
+        }
         let n = match sock.recv(&mut buf) {
             Ok(n) => n,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) => {

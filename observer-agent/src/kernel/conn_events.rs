@@ -125,21 +125,28 @@ pub async fn forward(
     let mut failed_flushes: u64 = 0;
     // The programs wake this reader only when the unread bytes pass a mark
     // (a wakeup per event would cost more than the event), once per pass:
-    // drain it on a short timer too.
-    let mut drain = tokio::time::interval(DRAIN_INTERVAL);
-    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // drain it on a timer too, every DRAIN_INTERVAL while events come and
+    // backing off to DRAIN_IDLE_INTERVAL while none do (an idle agent then
+    // wakes 5 times a second, not 100).
+    let mut pause = DRAIN_INTERVAL;
     loop {
         tokio::select! {
             ready = fd.readable() => ready?.clear_ready(),
-            _ = drain.tick() => {}
+            () = tokio::time::sleep(pause) => {}
         }
         let ring = fd.get_mut();
-        if let Err(e) = ring.flush_batches() {
-            // The events stay queued for the next flush.
-            failed_flushes += 1;
-            tracing::warn!(error = %e, failed_flushes, "could not flush the per-CPU event batches");
-        }
+        let flushed = match ring.flush_batches() {
+            Ok(cpus) => cpus,
+            Err(e) => {
+                // The events stay queued for the next flush.
+                failed_flushes += 1;
+                tracing::warn!(error = %e, failed_flushes, "could not flush the per-CPU event batches");
+                0
+            }
+        };
+        let mut records = 0;
         while let Some(record) = ring.next_record() {
+            records += 1;
             let events: Vec<_> = match decoder.decode_record(&record) {
                 Ok(events) => events.collect(),
                 Err(e) => vec![Err(e)],
@@ -159,18 +166,46 @@ pub async fn forward(
                 }
             }
         }
+        pause = next_pause(pause, flushed > 0 || records > 0);
     }
 }
 
-/// Longest time an event waits in the ring buffer before the agent reads it.
-/// Event times come from the kernel, so this delays reporting, not accuracy.
+/// Longest time an event waits in the ring buffer before the agent reads it
+/// while events come. Event times come from the kernel, so this delays
+/// reporting, not accuracy.
 pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The same after a quiet spell: the first event after it waits up to this
+/// long, about one report flush (`report::ReportConfig::flush_interval`).
+pub const DRAIN_IDLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The pause before the next drain: short again as soon as one found
+/// something, doubling up to [`DRAIN_IDLE_INTERVAL`] while they find nothing.
+fn next_pause(pause: std::time::Duration, found: bool) -> std::time::Duration {
+    if found {
+        DRAIN_INTERVAL
+    } else {
+        (pause * 2).min(DRAIN_IDLE_INTERVAL)
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use observer_common::WatchKey;
 
     use super::*;
+
+    #[test]
+    fn the_drain_backs_off_while_idle_and_returns_at_the_first_event() {
+        let mut pause = DRAIN_INTERVAL;
+        let mut pauses = vec![];
+        for _ in 0..6 {
+            pause = next_pause(pause, false);
+            pauses.push(pause.as_millis());
+        }
+        assert_eq!(pauses, [20, 40, 80, 160, 200, 200]);
+        assert_eq!(next_pause(pause, true), DRAIN_INTERVAL);
+    }
 
     fn raw(event: &ConnEvent) -> Vec<u8> {
         // SAFETY: ConnEvent is repr(C) plain old data.
