@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use lab::{
     observer::Observer,
-    report,
     scenario::{Lab, LabConfig, RolloutConfig},
     server::ShutdownMode,
 };
@@ -59,13 +58,7 @@ async fn fifty_deletions_at_ten_nodes_are_measured_within_bounds_and_the_recomme
         .wait_complete(&measure.deletions)
         .await
         .expect("measurements");
-    let deletions: Vec<_> = measure
-        .deletions
-        .iter()
-        .map(|t| {
-            report::deletion_report("scale", t, records.iter().find(|r| r.pod_uid == t.uid), &[])
-        })
-        .collect();
+    let deletions = common::joined(&measure.deletions, &records);
     for d in &deletions {
         assert!(
             d.complete,
@@ -83,26 +76,10 @@ async fn fifty_deletions_at_ten_nodes_are_measured_within_bounds_and_the_recomme
     // this uncertainty; a failure below is read against it.
     let clocks = clock_uncertainty_ms(&records);
 
-    let recommendation = observer
-        .aggregator
-        .recommendation(lab::api::NAMESPACE, lab::api::SERVICE)
-        .await
-        .expect("recommendation");
+    let (pre_stop, recommendation) = common::covering_recommendation(&observer, &deletions).await;
     assert_eq!(
         recommendation.samples, DELETIONS as u64,
         "{recommendation:?}"
-    );
-    let pre_stop = recommendation
-        .pre_stop_seconds
-        .expect("a recommended preStop");
-    let worst_ms = deletions
-        .iter()
-        .flat_map(|d| &d.per_node)
-        .map(|n| n.injected_ms)
-        .fold(0.0, f64::max);
-    assert!(
-        pre_stop as f64 * 1000.0 >= worst_ms,
-        "preStop {pre_stop} s does not cover the slowest node ({worst_ms:.0} ms)"
     );
 
     let covered = lab
