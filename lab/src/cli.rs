@@ -200,19 +200,7 @@ pub fn run(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> Result
     if !crate::root::is_root() {
         bail!("the lab creates network namespaces and loads eBPF programs: run it as root");
     }
-    if args.nodes == 0 || args.pods < 2 || args.deletions == 0 {
-        bail!("the lab needs at least 1 node, 2 pods and 1 deletion");
-    }
-    if args.deletions > args.pods {
-        bail!(
-            "--deletions {} exceeds --pods {}: a rolling update replaces each of the Service's pods once; raise --pods",
-            args.deletions,
-            args.pods
-        );
-    }
-    if args.routers.contains(&Choice::ClientSide) && args.client_side_refresh.is_zero() {
-        bail!("--client-side-refresh 0s: the client-side balancer needs an interval above 0");
-    }
+    validate(args)?;
     netns::reap_stale();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -232,6 +220,24 @@ pub fn run(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> Result
             _ = terminate.recv() => Err(Interrupted("SIGTERM").into()),
         }
     })
+}
+
+/// Refuses flags that cannot make a lab, saying which.
+fn validate(args: &LabArgs) -> Result<()> {
+    if args.nodes == 0 || args.pods < 2 || args.deletions == 0 {
+        bail!("the lab needs at least 1 node, 2 pods and 1 deletion");
+    }
+    if args.deletions > args.pods {
+        bail!(
+            "--deletions {} exceeds --pods {}: a rolling update replaces each of the Service's pods once; raise --pods",
+            args.deletions,
+            args.pods
+        );
+    }
+    if args.routers.contains(&Choice::ClientSide) && args.client_side_refresh.is_zero() {
+        bail!("--client-side-refresh 0s: the client-side balancer needs an interval above 0");
+    }
+    Ok(())
 }
 
 /// Prints how to reach the lab's Service from each node, and how to drive
@@ -629,5 +635,41 @@ impl Rollouts {
                 .collect(),
             routers,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        lab: LabArgs,
+    }
+
+    fn args(flags: &[&str]) -> LabArgs {
+        Cli::parse_from(std::iter::once("lab-run").chain(flags.iter().copied())).lab
+    }
+
+    #[test]
+    fn more_deletions_than_pods_is_refused_with_both_numbers() {
+        let e = validate(&args(&["--pods", "20", "--deletions", "100"])).unwrap_err();
+        assert!(
+            e.to_string().contains("--deletions 100 exceeds --pods 20"),
+            "{e}"
+        );
+        validate(&args(&[
+            "--nodes",
+            "10",
+            "--pods",
+            "100",
+            "--deletions",
+            "100",
+        ]))
+        .unwrap();
+        validate(&args(&[])).unwrap();
     }
 }
