@@ -14,6 +14,7 @@ use observer_proto::api::Recommendation;
 
 use crate::{
     api,
+    cost::{self, LabCost},
     delay::{DelayDistribution, parse_duration_arg},
     kubeproxy::Mode,
     netns,
@@ -39,9 +40,10 @@ pub struct LabArgs {
     /// Replicas of the Service `default/web`.
     #[arg(long, default_value_t = 8)]
     pub pods: usize,
-    /// Pod deletions (each with a replacement) per rollout. The first two
-    /// rollouts are the recommendation's samples: with the default delay's
-    /// 15 % outliers, fewer deletions often miss the slow tail entirely.
+    /// Pod deletions (each with a replacement) per rollout, at most --pods
+    /// (a rollout replaces each pod once). The first two rollouts are the
+    /// recommendation's samples: with the default delay's 15 % outliers,
+    /// fewer deletions often miss the slow tail entirely.
     #[arg(long, default_value_t = 8)]
     pub deletions: usize,
     /// Injected per-node programming delay: MIN..MAX[,outliers=P@MIN..MAX].
@@ -198,12 +200,7 @@ pub fn run(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> Result
     if !crate::root::is_root() {
         bail!("the lab creates network namespaces and loads eBPF programs: run it as root");
     }
-    if args.nodes == 0 || args.pods < 2 || args.deletions == 0 {
-        bail!("the lab needs at least 1 node, 2 pods and 1 deletion");
-    }
-    if args.routers.contains(&Choice::ClientSide) && args.client_side_refresh.is_zero() {
-        bail!("--client-side-refresh 0s: the client-side balancer needs an interval above 0");
-    }
+    validate(args)?;
     netns::reap_stale();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -223,6 +220,24 @@ pub fn run(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> Result
             _ = terminate.recv() => Err(Interrupted("SIGTERM").into()),
         }
     })
+}
+
+/// Refuses flags that cannot make a lab, saying which.
+fn validate(args: &LabArgs) -> Result<()> {
+    if args.nodes == 0 || args.pods < 2 || args.deletions == 0 {
+        bail!("the lab needs at least 1 node, 2 pods and 1 deletion");
+    }
+    if args.deletions > args.pods {
+        bail!(
+            "--deletions {} exceeds --pods {}: a rolling update replaces each of the Service's pods once; raise --pods",
+            args.deletions,
+            args.pods
+        );
+    }
+    if args.routers.contains(&Choice::ClientSide) && args.client_side_refresh.is_zero() {
+        bail!("--client-side-refresh 0s: the client-side balancer needs an interval above 0");
+    }
+    Ok(())
 }
 
 /// Prints how to reach the lab's Service from each node, and how to drive
@@ -307,7 +322,7 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
     let (mut lab, observer) = start(args, binaries, &dir, say).await?;
     before_rollouts(args, &lab, &observer, say).await?;
     let idle_ms_per_second = idle_cpu_ms_per_second(&observer).await;
-    let mut rollouts = Rollouts::default();
+    let mut rollouts = Rollouts::new();
 
     let measured = rollouts
         .run(
@@ -504,14 +519,25 @@ async fn recommendation(
     Ok(r)
 }
 
-/// The rollouts run so far, with the agents' CPU over their traffic.
-#[derive(Default)]
+/// The rollouts run so far, with the agents' CPU over their traffic and
+/// what every part of the lab cost meanwhile.
 struct Rollouts {
     runs: Vec<(String, RolloutResult)>,
     traffic_cpu: BTreeMap<String, f64>,
+    sampler: cost::Sampler,
+    cost: LabCost,
 }
 
 impl Rollouts {
+    fn new() -> Self {
+        Rollouts {
+            runs: Vec::new(),
+            traffic_cpu: BTreeMap::new(),
+            sampler: cost::Sampler::start(),
+            cost: LabCost::default(),
+        }
+    }
+
     /// One rolling update with `pre_stop_seconds`. The agents' CPU is
     /// counted while its traffic runs (clients start with it and stop when
     /// it returns), never over their start-up.
@@ -529,10 +555,19 @@ impl Rollouts {
             self.runs.len() + 1
         ));
         let before = observer.agent_cpu();
+        let (parts_before, machine_before) = (self.sampler.totals(), cost::machine_cpu_seconds());
         let result = lab
             .rollout(&rollout_config(args, pre_stop_seconds), &say)
             .await?;
         report::add_cpu_delta(&mut self.traffic_cpu, &before, &observer.agent_cpu());
+        let machine = machine_before
+            .zip(cost::machine_cpu_seconds())
+            .map(|(b, a)| a - b);
+        self.cost.add(
+            &cost::delta(&parts_before, &self.sampler.totals()),
+            result.seconds,
+            machine,
+        );
         self.runs.push((name.to_owned(), result));
         Ok(&self.runs[self.runs.len() - 1].1)
     }
@@ -540,7 +575,7 @@ impl Rollouts {
     /// Waits for every deletion to be measured and joins the aggregator's
     /// records with the lab's truth.
     async fn report(
-        self,
+        mut self,
         lab: &Lab,
         args: &LabArgs,
         observer: &Observer,
@@ -553,11 +588,7 @@ impl Rollouts {
             .iter()
             .flat_map(|(_, r)| r.deletions.iter().cloned())
             .collect();
-        observer.wait_complete(&all).await?;
-        let records = observer
-            .aggregator
-            .deletions(api::NAMESPACE, api::SERVICE)
-            .await?;
+        let records = observer.wait_complete(&all).await?;
         let node_names: Vec<String> = lab.nodes().into_iter().map(|n| n.name).collect();
         let routers = routers::report::infos(&node_names, lab.routers());
         let mut deletions = Vec::new();
@@ -576,7 +607,9 @@ impl Rollouts {
             .map(|(_, r)| r.new_connection.connections + r.keep_alive.connections)
             .sum();
         let traffic_seconds = self.runs.iter().map(|(_, r)| r.seconds).sum();
+        self.cost.aggregator_peak_rss_mib = observer.aggregator.peak_rss_mib();
         Ok(Report {
+            lab_cost: self.cost,
             agent_cost: AgentCost::new(
                 &binaries.profile,
                 self.traffic_cpu,
@@ -602,5 +635,41 @@ impl Rollouts {
                 .collect(),
             routers,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        lab: LabArgs,
+    }
+
+    fn args(flags: &[&str]) -> LabArgs {
+        Cli::parse_from(std::iter::once("lab-run").chain(flags.iter().copied())).lab
+    }
+
+    #[test]
+    fn more_deletions_than_pods_is_refused_with_both_numbers() {
+        let e = validate(&args(&["--pods", "20", "--deletions", "100"])).unwrap_err();
+        assert!(
+            e.to_string().contains("--deletions 100 exceeds --pods 20"),
+            "{e}"
+        );
+        validate(&args(&[
+            "--nodes",
+            "10",
+            "--pods",
+            "100",
+            "--deletions",
+            "100",
+        ]))
+        .unwrap();
+        validate(&args(&[])).unwrap();
     }
 }

@@ -172,15 +172,19 @@ impl Client {
     /// Starts `config` inside the namespace at `netns` (None: the caller's).
     pub fn start(netns: Option<PathBuf>, config: ClientConfig) -> Self {
         let (stop, stop_rx) = watch::channel(false);
-        let thread = std::thread::spawn(move || {
-            if let Some(path) = netns {
-                netns::enter(&path)?;
-            }
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(run(config, stop_rx))
-        });
+        // Named, so the lab's cost counts the clients apart.
+        let thread = std::thread::Builder::new()
+            .name(crate::cost::CLIENT_THREAD.into())
+            .spawn(move || {
+                if let Some(path) = netns {
+                    netns::enter(&path)?;
+                }
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(run(config, stop_rx))
+            })
+            .expect("spawning a client thread");
         Client { stop, thread }
     }
 

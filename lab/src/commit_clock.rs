@@ -4,8 +4,9 @@
 //! after its commit.
 //!
 //! - nf_tables (nftables mode, iptables-nft): the [`CommitWitness`], a
-//!   netlink listener of its own on NFNLGRP_NFTABLES that records when each
-//!   commit's NEWGEN reaches it. Netlink datagrams carry no kernel
+//!   netlink listener of its own on NFNLGRP_NFTABLES that records when the
+//!   first notification of each commit (ended by its NEWGEN) reaches it.
+//!   Netlink datagrams carry no kernel
 //!   timestamp, so that is a receipt time: the witness thread runs under
 //!   SCHED_FIFO, above the threads it times, so it is woken as the kernel
 //!   queues the notification, not when a busy machine gets round to it. The

@@ -10,6 +10,7 @@ pub mod busy;
 pub mod cli;
 pub mod client;
 pub mod commit_clock;
+pub mod cost;
 pub mod delay;
 pub mod http;
 pub mod http_client;

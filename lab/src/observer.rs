@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use observer_proto::api::{DeletionList, DeletionRecord, Recommendation};
+use observer_proto::api::{DeletionList, DeletionRecord, DeletionSummary, Recommendation};
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 use tokio::process::{Child, Command};
@@ -35,6 +35,8 @@ use crate::{
 
 pub const GRPC_PORT: u16 = 50051;
 pub const HTTP_PORT: u16 = 8080;
+/// Summaries per page the lab asks for: the API's largest page.
+const PAGE: usize = 1000;
 /// Agents' health endpoints, on each node's loopback.
 pub const AGENT_HEALTH_PORT: u16 = 9101;
 
@@ -248,6 +250,11 @@ impl Aggregator {
         &self.log
     }
 
+    /// Peak resident memory of the running process, MiB.
+    pub fn peak_rss_mib(&self) -> Option<f64> {
+        crate::cost::peak_rss_mib(self.process.as_ref()?.child.id()?)
+    }
+
     /// GET `path` from the HTTP API; the body of a 2xx answer.
     pub async fn get(&self, path: &str) -> Result<String, ObserverError> {
         let url = format!("{}{path}", self.http_url());
@@ -271,6 +278,30 @@ impl Aggregator {
         .await
     }
 
+    /// Every finished deletion of the service, as summaries: every page of
+    /// `/v1/deletions`, newest first.
+    pub async fn summaries(
+        &self,
+        namespace: &str,
+        service: &str,
+    ) -> Result<Vec<DeletionSummary>, ObserverError> {
+        let first = format!("/v1/deletions?namespace={namespace}&service={service}&limit={PAGE}");
+        let mut page: DeletionList = self.get_json(&first).await?;
+        let mut summaries = Vec::new();
+        loop {
+            summaries.append(&mut page.items);
+            let Some(token) = page.continue_token else {
+                return Ok(summaries);
+            };
+            page = self.get_json(&format!("{first}&continue={token}")).await?;
+        }
+    }
+
+    /// One deletion with its per-node and per-router detail.
+    pub async fn deletion(&self, pod_uid: &str) -> Result<DeletionRecord, ObserverError> {
+        self.get_json(&format!("/v1/deletions/{pod_uid}")).await
+    }
+
     /// Every finished deletion of the service with its detail: the pages
     /// of summaries, then each one's `/v1/deletions/{podUid}`.
     pub async fn deletions(
@@ -278,21 +309,11 @@ impl Aggregator {
         namespace: &str,
         service: &str,
     ) -> Result<Vec<DeletionRecord>, ObserverError> {
-        let first = format!("/v1/deletions?namespace={namespace}&service={service}&limit=1000");
-        let mut page: DeletionList = self.get_json(&first).await?;
         let mut records = Vec::new();
-        loop {
-            for summary in &page.items {
-                records.push(
-                    self.get_json(&format!("/v1/deletions/{}", summary.pod_uid))
-                        .await?,
-                );
-            }
-            let Some(token) = page.continue_token else {
-                return Ok(records);
-            };
-            page = self.get_json(&format!("{first}&continue={token}")).await?;
+        for summary in self.summaries(namespace, service).await? {
+            records.push(self.deletion(&summary.pod_uid).await?);
         }
+        Ok(records)
     }
 }
 
@@ -400,15 +421,7 @@ impl Agent {
     /// CPU time (user + system) the running agent process has used.
     pub fn cpu_seconds(&self) -> Option<f64> {
         let pid = self.process.as_ref()?.child.id()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the parenthesised command name; utime and stime are
-        // fields 14 and 15 of the whole line.
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let ticks: f64 =
-            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-        // SAFETY: sysconf has no preconditions.
-        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        Some(ticks / per_second)
+        crate::cost::ProcStat::read(Path::new(&format!("/proc/{pid}/stat"))).map(|s| s.cpu_seconds)
     }
 }
 
@@ -563,7 +576,11 @@ impl Observer {
     }
 
     /// Waits until the aggregator has finished every one of `deletions`
-    /// (complete, or timed out with missing nodes).
+    /// (complete, or timed out with missing nodes), then reads their
+    /// detail. It polls the pages of summaries, whose size does not grow
+    /// with the nodes, and reads each detail once: at a hundred deletions
+    /// per rollout, re-reading every detail on each poll was the lab's
+    /// largest load on the aggregator.
     pub async fn wait_complete(
         &self,
         deletions: &[DeletionTruth],
@@ -571,26 +588,33 @@ impl Observer {
         let wait = self.aggregator.completion_timeout + COMPLETION_SLACK;
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let records = self
+            let finished: std::collections::HashSet<String> = self
                 .aggregator
-                .deletions(crate::api::NAMESPACE, crate::api::SERVICE)
-                .await?;
-            let found: Vec<DeletionRecord> = deletions
-                .iter()
-                .filter_map(|d| records.iter().find(|r| r.pod_uid == d.uid).cloned())
+                .summaries(crate::api::NAMESPACE, crate::api::SERVICE)
+                .await?
+                .into_iter()
+                .map(|s| s.pod_uid)
                 .collect();
-            if found.len() == deletions.len() {
-                return Ok(found);
+            let found = deletions
+                .iter()
+                .filter(|d| finished.contains(&d.uid))
+                .count();
+            if found == deletions.len() {
+                break;
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(ObserverError::Timeout(format!(
-                    "the aggregator finished {} of {} deletions within {wait:?}",
-                    found.len(),
+                    "the aggregator finished {found} of {} deletions within {wait:?}",
                     deletions.len()
                 )));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+        let mut records = Vec::with_capacity(deletions.len());
+        for d in deletions {
+            records.push(self.aggregator.deletion(&d.uid).await?);
+        }
+        Ok(records)
     }
 
     pub async fn shutdown(mut self) {

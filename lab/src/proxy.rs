@@ -169,6 +169,18 @@ impl Proxy {
         self.changes.lock().expect("changes lock").clone()
     }
 
+    /// The last committed change adding (or removing) `ip`, searched in
+    /// place: a lab of hundreds of deletions looks it up for each.
+    pub fn last_change(&self, ip: Ipv4Addr, removed: bool) -> Option<RuleChange> {
+        self.changes
+            .lock()
+            .expect("changes lock")
+            .iter()
+            .rev()
+            .find(|c| c.ip == ip && c.removed == removed)
+            .cloned()
+    }
+
     /// Stops following and removes the node's rules.
     pub async fn stop(self) -> Result<Vec<RuleChange>, KubeProxyError> {
         let _ = self.stop.send(true);

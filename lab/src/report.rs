@@ -36,6 +36,8 @@ pub struct Report {
     /// Pods per rollout (what a wasted second per pod is multiplied by).
     pub rollout_pods: usize,
     pub agent_cost: AgentCost,
+    /// What each part of the lab cost over the rollouts.
+    pub lab_cost: crate::cost::LabCost,
 }
 
 /// What the agents cost during the lab's traffic.
@@ -288,6 +290,7 @@ impl Report {
         self.write_recommended_against_folklore(&mut out);
         self.write_recommendation(&mut out);
         self.write_agent_cost(&mut out);
+        self.lab_cost.write_text(&mut out);
         self.write_runs(&mut out);
         out
     }

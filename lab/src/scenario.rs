@@ -64,7 +64,8 @@ pub struct LabConfig {
 pub struct RolloutConfig {
     /// Pods deleted (and replaced) in this rollout.
     pub deletions: usize,
-    /// Time between two deletions.
+    /// Time between two deletions (at least the time a replacement pod
+    /// takes to start).
     pub spacing: Duration,
     pub pre_stop: Duration,
     /// terminationGracePeriodSeconds (counts the preStop time too).
@@ -276,12 +277,7 @@ impl Lab {
             let found: Vec<Option<RuleChange>> = self
                 .proxies
                 .iter()
-                .map(|p| {
-                    p.changes()
-                        .into_iter()
-                        .rev()
-                        .find(|c| c.ip == ip && c.removed == removed)
-                })
+                .map(|p| p.last_change(ip, removed))
                 .collect();
             if found.iter().all(Option::is_some) {
                 return Ok(found.into_iter().flatten().collect());
@@ -355,7 +351,10 @@ impl Lab {
             pre_stop: config.pre_stop,
             grace: config.grace,
         };
-        for step in 0..config.deletions.min(self.kubelet.running()) {
+        // A rolling update replaces each running pod at most once.
+        let steps = config.deletions.min(self.kubelet.running());
+        for step in 0..steps {
+            let step_started = tokio::time::Instant::now();
             let replacement = self.start_pod(spec).await?;
             let (name, node) = (
                 replacement.record.name.clone(),
@@ -368,7 +367,7 @@ impl Lab {
             progress(&format!(
                 "step {}/{}: {name} ready on {node}; deleted {} on {}",
                 step + 1,
-                config.deletions,
+                steps,
                 deletion.record.name,
                 deletion.record.node
             ));
@@ -376,8 +375,14 @@ impl Lab {
             // The namespace (and so the pod IP) stays until the rollout
             // ends, as a pod sandbox outlives its exited container.
             deleted.push((deletion.record, deletion.net));
-            tokio::time::sleep(config.spacing).await;
+            // The replacement's start counts: a rollout of many pods keeps
+            // its pace where starting a pod takes most of the spacing.
+            tokio::time::sleep_until(step_started + config.spacing).await;
         }
+        progress(&format!(
+            "{} pods deleted; waiting for them to end and for every node and router to drop them",
+            deleted.len()
+        ));
         let mut endings = Vec::new();
         for t in terminations {
             endings.push(t.await.ok());

@@ -12,6 +12,10 @@
 //! Ignoring SIGTERM (the common bad case): keeps accepting and serving
 //! until SIGKILL, so the kernel cuts every keep-alive connection at kill
 //! time and the requests on them fail.
+//!
+//! Its HTTP is the lab's own minimal code ([`crate::http`]), not a library's,
+//! because what it models is byte by byte: which request on a keep-alive
+//! connection carries `Connection: close`, when the socket closes.
 
 use std::time::Duration;
 

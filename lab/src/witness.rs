@@ -8,7 +8,12 @@
 //!
 //! Netlink sockets carry no kernel receive timestamp (SO_TIMESTAMPNS gives
 //! no control message on them; checked on 6.18), so a commit's time is
-//! when this thread reads its NEWGEN. The thread runs under SCHED_FIFO so
+//! when this thread reads the first datagram of its notifications (the
+//! kernel queues them all at once, after the new generation went live,
+//! and NEWGEN last): a commit of a few hundred rules (iptables-nft at a
+//! hundred endpoints) takes this thread many reads to reach its NEWGEN,
+//! and timing it there made a prompt observer look tens of milliseconds
+//! early. The thread runs under SCHED_FIFO so
 //! that read follows the commit within its wake-up latency even on a
 //! loaded machine; at normal priority it was seen tens of milliseconds
 //! late, which made a prompt observer look early.
@@ -63,15 +68,18 @@ impl Recorder {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let flag = stop.clone();
-        let thread = std::thread::spawn(move || match netns::enter(&netns).and_then(|_| open()) {
-            Ok(source) => {
-                let _ = ready_tx.send(Ok(()));
-                record(source, &flag);
-            }
-            Err(e) => {
-                let _ = ready_tx.send(Err(e));
-            }
-        });
+        // Named, so the lab's cost counts the witnesses apart.
+        let thread = std::thread::Builder::new()
+            .name(crate::cost::WITNESS_THREAD.into())
+            .spawn(move || match netns::enter(&netns).and_then(|_| open()) {
+                Ok(source) => {
+                    let _ = ready_tx.send(Ok(()));
+                    record(source, &flag);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })?;
         ready_rx
             .recv()
             .map_err(|_| io::Error::other(format!("{what} thread ended")))??;
@@ -155,10 +163,20 @@ pub fn nftables_listener(
     }
 }
 
-/// Receives one datagram: the kernel's timestamp where the socket has one
-/// (netlink has none so far: then the time of the read) and whether it
-/// holds a NEWGEN message. None on timeout.
-fn receive(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<(UnixNanos, bool)>> {
+/// What one receive brought.
+enum Received {
+    /// A datagram: the kernel's timestamp where the socket has one (netlink
+    /// has none so far: then the time of the read), and whether it holds a
+    /// NEWGEN message.
+    Datagram(UnixNanos, bool),
+    /// Nothing before the timeout.
+    Nothing,
+    /// The socket overflowed (ENOBUFS): notifications were lost.
+    Lost,
+}
+
+/// Receives one datagram.
+fn receive(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Received> {
     let mut control = [0u64; 16];
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -178,11 +196,11 @@ fn receive(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<(UnixNanos, bool)>
         let e = io::Error::last_os_error();
         return match e.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted => {
-                Ok(None)
+                Ok(Received::Nothing)
             }
             // Events were lost (ENOBUFS): keep listening, a gap is visible
             // in the results as a missing commit.
-            _ if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(None),
+            _ if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(Received::Lost),
             _ => Err(e),
         };
     }
@@ -198,7 +216,10 @@ fn receive(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<(UnixNanos, bool)>
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    Ok(Some((stamp, contains_newgen(&buf[..len as usize]))))
+    Ok(Received::Datagram(
+        stamp,
+        contains_newgen(&buf[..len as usize]),
+    ))
 }
 
 /// SCHED_FIFO priority of the witnesses: above the agents' own timing
@@ -257,15 +278,24 @@ impl CommitWitness {
         };
         let record = move |socket: OwnedFd, stop: &AtomicBool| {
             let mut buf = vec![0u8; 64 * 1024];
+            // The receipt of the first datagram of the commit being read.
+            let mut batch: Option<UnixNanos> = None;
             while !stop.load(Ordering::Relaxed) {
                 match receive(&socket, &mut buf) {
-                    Ok(Some((stamp, true))) => {
-                        let mut commits = recorded.lock().expect("commits lock");
-                        if commits.len() < MAX_COMMITS {
-                            commits.push(stamp);
+                    Ok(Received::Datagram(stamp, newgen)) => {
+                        let first = *batch.get_or_insert(stamp);
+                        if newgen {
+                            batch = None;
+                            let mut commits = recorded.lock().expect("commits lock");
+                            if commits.len() < MAX_COMMITS {
+                                commits.push(first);
+                            }
                         }
                     }
-                    Ok(_) => {}
+                    Ok(Received::Nothing) => {}
+                    // The commit being read lost its NEWGEN or its start:
+                    // no time is given to it.
+                    Ok(Received::Lost) => batch = None,
                     Err(_) => return,
                 }
             }

@@ -8,24 +8,13 @@ use observer_proto::UnixNanos;
 use observer_proto::api::NodeClass;
 use std::time::Duration;
 
-use observer_proto::api::DeletionRecord;
 use tokio::sync::mpsc;
 
 use lab::{
     observer::Observer,
-    report::{self, DeletionReport},
-    scenario::{DeletionTruth, Lab, LabConfig, RolloutResult},
+    scenario::{Lab, LabConfig, RolloutResult},
     server::ShutdownMode,
 };
-
-fn joined(truths: &[DeletionTruth], records: &[DeletionRecord]) -> Vec<DeletionReport> {
-    truths
-        .iter()
-        .map(|t| {
-            report::deletion_report("e2e", t, records.iter().find(|r| r.pod_uid == t.uid), &[])
-        })
-        .collect()
-}
 
 fn log_run(name: &str, run: &RolloutResult) {
     eprintln!(
@@ -77,7 +66,7 @@ async fn measured_propagation_matches_injected_and_the_recommendation_loses_noth
         .wait_complete(&measure.deletions)
         .await
         .expect("measurements");
-    let deletions = joined(&measure.deletions, &records);
+    let deletions = common::joined(&measure.deletions, &records);
     for d in &deletions {
         for n in &d.per_node {
             eprintln!("{}", common::describe(d, n));
@@ -94,23 +83,7 @@ async fn measured_propagation_matches_injected_and_the_recommendation_loses_noth
     }
     let inaccurate = common::inaccurate(&deletions);
 
-    let recommendation = observer
-        .aggregator
-        .recommendation(lab::api::NAMESPACE, lab::api::SERVICE)
-        .await
-        .expect("recommendation");
-    let pre_stop = recommendation
-        .pre_stop_seconds
-        .expect("a recommended preStop");
-    let worst_ms = deletions
-        .iter()
-        .flat_map(|d| &d.per_node)
-        .map(|n| n.injected_ms)
-        .fold(0.0, f64::max);
-    assert!(
-        pre_stop as f64 * 1000.0 >= worst_ms,
-        "preStop {pre_stop} s does not cover the slowest node ({worst_ms:.0} ms)"
-    );
+    let (pre_stop, _) = common::covering_recommendation(&observer, &deletions).await;
 
     let zero = lab
         .rollout(&common::rollout(3, Duration::ZERO), |p| eprintln!("{p}"))
@@ -326,7 +299,7 @@ async fn aggregator_restart_during_a_rollout_loses_no_measurement() {
         outage.killed
     );
     // Every node's measurement arrived, as accurate as without the outage.
-    let deletions = joined(&run.deletions, &records);
+    let deletions = common::joined(&run.deletions, &records);
     for d in &deletions {
         assert!(
             d.complete,

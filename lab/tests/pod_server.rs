@@ -1,4 +1,7 @@
-//! The pod server's shutdown semantics, on loopback (no root needed).
+//! The pod server's shutdown semantics, on loopback (no root needed). The
+//! requests are written by hand on purpose: the assertions are about the
+//! bytes and the moment the server closes (a request answered with
+//! `Connection: close`, a refused connect), which an HTTP library hides.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},

@@ -29,6 +29,8 @@ const APT_PACKAGES: &[(&str, Option<&str>)] = &[
     ("prometheus", Some("promtool")),
     // Third-party load generators usable against the lab.
     ("hey", Some("hey")),
+    // The images' smoke test probes the aggregator's health with it.
+    ("curl", Some("curl")),
     // The lab's ingress router and `--server nginx` pods.
     ("nginx", Some("nginx")),
     // `cargo xtask image` builds daemonless with buildah; the images' smoke

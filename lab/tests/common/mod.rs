@@ -156,3 +156,42 @@ pub async fn assert_only_keep_alive_lost(
         "{recommendation:?}"
     );
 }
+
+/// The lab's truth of each deletion joined with the aggregator's record.
+pub fn joined(
+    truths: &[lab::scenario::DeletionTruth],
+    records: &[observer_proto::api::DeletionRecord],
+) -> Vec<DeletionReport> {
+    truths
+        .iter()
+        .map(|t| {
+            lab::report::deletion_report("e2e", t, records.iter().find(|r| r.pod_uid == t.uid), &[])
+        })
+        .collect()
+}
+
+/// The aggregator's recommended preStop, asserted to cover the slowest
+/// injected node of `deletions`, with the recommendation.
+pub async fn covering_recommendation(
+    observer: &lab::observer::Observer,
+    deletions: &[DeletionReport],
+) -> (u64, observer_proto::api::Recommendation) {
+    let recommendation = observer
+        .aggregator
+        .recommendation(lab::api::NAMESPACE, lab::api::SERVICE)
+        .await
+        .expect("recommendation");
+    let pre_stop = recommendation
+        .pre_stop_seconds
+        .expect("a recommended preStop");
+    let worst_ms = deletions
+        .iter()
+        .flat_map(|d| &d.per_node)
+        .map(|n| n.injected_ms)
+        .fold(0.0, f64::max);
+    assert!(
+        pre_stop as f64 * 1000.0 >= worst_ms,
+        "preStop {pre_stop} s does not cover the slowest node ({worst_ms:.0} ms)"
+    );
+    (pre_stop, recommendation)
+}

@@ -6,8 +6,7 @@
 //! machines. Needs root (chroot, mounts, eBPF).
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -328,11 +327,24 @@ fn wait_for_ok(addr: SocketAddr, path: &str, server: &mut Child) -> u16 {
     last.unwrap_or_else(|| panic!("nothing answered on {addr} within 30 s"))
 }
 
+/// The status curl (a real HTTP client, as an operator's probe would be)
+/// gets for GET `path`; None when nothing answered.
 fn get_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
+    let out = Command::new("curl")
+        .args([
+            "--silent",
+            "--output",
+            "/dev/null",
+            "--write-out",
+            "%{http_code}",
+        ])
+        .args(["--max-time", "5", &format!("http://{addr}{path}")])
+        .output()
+        .unwrap_or_else(|e| panic!("curl (cargo xtask setup installs it): {e}"));
+    // curl writes 000 when no answer came.
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .ok()
+        .filter(|status| *status != 0)
 }
