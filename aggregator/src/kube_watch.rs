@@ -1,5 +1,6 @@
 //! One set of cluster-wide watchers (Pods, EndpointSlices, Nodes) feeding
-//! the correlator: deletions, and the pod and node addresses connections
+//! the correlator: deletions, endpoints turning ready (new pods' startup,
+//! `crate::startup::detect`), and the pod and node addresses connections
 //! are attributed by. Runs as a single task over the merged event streams, so
 //! its indexes need no locking.
 //!
@@ -27,6 +28,7 @@ use crate::correlate::{Correlator, DeletionStart};
 use crate::nodes::NodeInfo;
 use crate::pods;
 use crate::readiness::Readiness;
+use crate::startup::detect::ReadyWatch;
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -110,6 +112,8 @@ struct Watch {
     init_nodes: HashSet<String>,
     /// pods, slices, nodes have listed at least once
     synced: [bool; 3],
+    /// Endpoints ready per slice, and pods' recent Ready conditions.
+    ready: ReadyWatch,
 }
 
 impl Watch {
@@ -127,6 +131,7 @@ impl Watch {
             init_slices: HashSet::new(),
             init_nodes: HashSet::new(),
             synced: [false; 3],
+            ready: ReadyWatch::default(),
         }
     }
 
@@ -135,15 +140,18 @@ impl Watch {
             Event::Init => self.init_pods.clear(),
             Event::InitApply(p) => {
                 self.init_pods.insert(p.uid().unwrap_or_default());
+                self.ready.pod_seen(&p, now);
                 self.index_pod(&p);
                 self.pod_seen(&p, None, now);
             }
             Event::Apply(p) => {
+                self.ready.pod_seen(&p, now);
                 self.index_pod(&p);
                 self.pod_seen(&p, Some(now), now);
             }
             Event::Delete(p) => {
                 let uid = p.uid().unwrap_or_default();
+                self.ready.pod_gone(&uid);
                 if let Some((ips, _)) = pods::source_of(&p) {
                     for ip in ips {
                         self.correlator.remove_pod(ip, &uid);
@@ -274,9 +282,16 @@ impl Watch {
             Event::Init => self.init_slices.clear(),
             Event::InitApply(s) => {
                 self.init_slices.insert(slice_key(&s));
+                self.ready.slice_seen(&s, true);
                 self.slice_seen(&s, now);
             }
-            Event::Apply(s) => self.slice_seen(&s, now),
+            Event::Apply(s) => {
+                for e in self.ready.slice_seen(&s, false) {
+                    let condition = self.ready.ready_condition(&e.pod_uid);
+                    self.correlator.endpoint_ready(e, condition, now);
+                }
+                self.slice_seen(&s, now);
+            }
             Event::Delete(s) => self.slice_gone(&slice_key(&s), now),
             Event::InitDone => {
                 let gone: Vec<String> = self
@@ -370,6 +385,7 @@ impl Watch {
     }
 
     fn slice_gone(&mut self, key: &str, now: UnixNanos) {
+        self.ready.slice_gone(key);
         for uid in self.slice_pods.remove(key).unwrap_or_default() {
             self.mark_terminating(&uid, now);
             self.unindex(&uid, key, now);

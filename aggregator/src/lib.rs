@@ -23,6 +23,7 @@ pub mod nodes;
 pub mod openapi;
 pub mod pods;
 pub mod readiness;
+pub mod startup;
 pub mod recommend;
 pub mod stats;
 pub mod store;
