@@ -36,6 +36,8 @@ pub struct Report {
     /// Pods per rollout (what a wasted second per pod is multiplied by).
     pub rollout_pods: usize,
     pub agent_cost: AgentCost,
+    /// Each new pod's startup window against the truth, and the findings.
+    pub startup: crate::startup::StartupSection,
 }
 
 /// What the agents cost during the lab's traffic.
@@ -288,6 +290,7 @@ impl Report {
         self.write_recommended_against_folklore(&mut out);
         self.write_recommendation(&mut out);
         self.write_agent_cost(&mut out);
+        self.startup.write(&mut out);
         self.write_runs(&mut out);
         out
     }
