@@ -44,6 +44,7 @@ impl Correlator {
             workload,
             host_node,
             ready_condition,
+            identified: pod.is_some(),
         };
         let (namespace, pod_name) = (new.endpoint.namespace.clone(), new.endpoint.pod_name.clone());
         match st.startup.open(new, expected) {
@@ -71,7 +72,17 @@ impl Correlator {
     /// Closes the startup windows that are over: agents stop watching
     /// them, their records go to the log.
     pub(super) fn finish_startups(&self, now: UnixNanos) {
-        let closed = self.state().startup.due(now);
+        let closed = {
+            let mut st = self.state();
+            let st = &mut *st;
+            let mut closed = st.startup.due(now);
+            for w in &mut closed {
+                if let Some(p) = st.pods.get(w.pod.endpoint.ip) {
+                    w.pod.identify(p);
+                }
+            }
+            closed
+        };
         for w in closed {
             let _ = self
                 .changes
@@ -108,6 +119,10 @@ impl State {
         let time = clock.to_aggregator(obs.time());
         if plausible.check(time, clock, now).is_err() {
             return false;
+        }
+        let ip = obs.endpoint().ip();
+        if let Some(p) = self.pods.get(ip) {
+            self.startup.identify(ip, p);
         }
         let peer = peer_node(&self.nodes, obs);
         let peer_host = obs.peer().and_then(|ip| self.nodes.node_with_address(ip));

@@ -31,6 +31,8 @@ use std::time::Duration;
 use observer_proto::api::startup::{StartupRecord, StartupReport};
 use observer_proto::{NewEndpoint, UnixNanos};
 
+use crate::pods::PodSource;
+
 pub use self::findings::Thresholds;
 pub use self::window::{NewPod, Seen, Window};
 
@@ -128,6 +130,16 @@ impl Tracker {
             }
         }
         counted
+    }
+
+    /// Gives the windows of `ip` the workload and node of `pod` (see
+    /// [`NewPod::identify`]).
+    pub fn identify(&mut self, ip: IpAddr, pod: &PodSource) {
+        for uid in self.by_ip.get(&ip).into_iter().flatten() {
+            if let Some(w) = self.windows.get_mut(uid) {
+                w.pod.identify(pod);
+            }
+        }
     }
 
     /// Closes the windows whose end plus the settling time passed.
@@ -266,6 +278,7 @@ mod tests {
             workload: "shop/web".into(),
             host_node: None,
             ready_condition: None,
+            identified: true,
         }
     }
 

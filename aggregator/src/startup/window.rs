@@ -13,16 +13,33 @@ use observer_proto::api::startup::{NodeAddition, RouterStartup, StartupRecord};
 use observer_proto::{NewEndpoint, Observation, ResetCause, UnixNanos};
 
 use crate::correlate::Evidence;
+use crate::pods::PodSource;
 
 /// A new pod as the Kubernetes watcher and the pod index know it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewPod {
     pub endpoint: NewEndpoint,
-    /// `namespace/owner`, as routers name workloads.
+    /// `namespace/owner`, as routers name workloads; the pod's own name
+    /// until the pod index knows it.
     pub workload: String,
     pub host_node: Option<String>,
     /// The pod's Ready condition, when the watcher saw it.
     pub ready_condition: Option<UnixNanos>,
+    /// Workload and host node come from the pod index (the Pod's watch
+    /// event may follow its slice's).
+    pub identified: bool,
+}
+
+impl NewPod {
+    /// Takes the workload and node of `pod` when it is this pod and they
+    /// were not known yet.
+    pub fn identify(&mut self, pod: &PodSource) {
+        if !self.identified && pod.uid == self.endpoint.pod_uid {
+            self.workload = pod.workload.clone();
+            self.host_node = pod.node.clone();
+            self.identified = true;
+        }
+    }
 }
 
 /// One observation as a window sees it.
@@ -243,6 +260,7 @@ mod tests {
             workload: "shop/web".into(),
             host_node: Some("node-b".into()),
             ready_condition: Some(UnixNanos::from_seconds(READY / SECOND)),
+            identified: true,
         };
         let expected = Arc::new(BTreeSet::from(["node-a".to_owned(), "node-b".to_owned()]));
         Window::new(pod, expected, Duration::from_secs(10), Duration::from_secs(2))
@@ -354,6 +372,26 @@ mod tests {
         };
         assert!(w.apply(&routed));
         assert_eq!(w.record().refused_connections, 1);
+    }
+
+    #[test]
+    fn a_pod_known_only_after_its_slice_is_identified_once() {
+        let mut w = window();
+        w.pod.identified = false;
+        w.pod.workload = "shop/web-2".into();
+        w.pod.host_node = None;
+        let pod = |uid: &str, workload: &str| PodSource {
+            uid: uid.into(),
+            workload: workload.into(),
+            node: Some("node-b".into()),
+        };
+        w.pod.identify(&pod("other-uid", "shop/other"));
+        assert_eq!(w.pod.workload, "shop/web-2", "another pod at the address");
+        w.pod.identify(&pod("u1", "shop/web"));
+        assert_eq!(w.pod.workload, "shop/web");
+        assert_eq!(w.pod.host_node.as_deref(), Some("node-b"));
+        w.pod.identify(&pod("u1", "shop/renamed"));
+        assert_eq!(w.record().workload, "shop/web");
     }
 
     #[test]

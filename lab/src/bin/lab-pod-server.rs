@@ -62,7 +62,10 @@ async fn main() -> Result<()> {
             let _ = terminate_tx.send(true);
         }
     });
-    println!("listening {}", listener.local_addr()?);
+    // One line only: the lab reads the first and closes the pipe.
+    if args.listen_after_ms == 0 {
+        println!("listening {}", listener.local_addr()?);
+    }
     let config = ServerConfig {
         name: args.name,
         mode: args.mode,
