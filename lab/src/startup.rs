@@ -8,7 +8,9 @@
 use std::{fmt, str::FromStr, time::Duration};
 
 use observer_proto::UnixNanos;
-use observer_proto::api::startup::{StartupFinding, StartupRecord, StartupReport};
+use observer_proto::api::startup::{
+    RolloutFinding, StartupFinding, StartupRecord, StartupReport,
+};
 use serde::Serialize;
 
 use crate::{
@@ -220,6 +222,7 @@ pub async fn wait_measured(
 pub struct StartupSection {
     pub new_pods: Vec<NewPodReport>,
     pub findings: Vec<StartupFinding>,
+    pub rollout_findings: Vec<RolloutFinding>,
 }
 
 impl StartupSection {
@@ -236,6 +239,7 @@ impl StartupSection {
         Self {
             new_pods,
             findings: measured.findings.clone(),
+            rollout_findings: measured.rollout_findings.clone(),
         }
     }
 
@@ -276,6 +280,9 @@ impl StartupSection {
         }
         for f in &self.findings {
             let _ = writeln!(out, "Startup finding: {}", f.message);
+        }
+        for f in &self.rollout_findings {
+            let _ = writeln!(out, "Rollout finding: {}", f.message);
         }
     }
 }

@@ -131,6 +131,21 @@ async fn a_server_listening_before_ready_yields_no_finding() {
         );
     }
     assert!(measured.findings.is_empty(), "{:?}", measured.findings);
+    // The lab's rollout deletes an old pod as soon as its replacement is
+    // ready, before any node's proxy (100-700 ms) routes to it.
+    let rollout = measured
+        .rollout_findings
+        .iter()
+        .find(|f| f.workload == WORKLOAD)
+        .unwrap_or_else(|| panic!("no rollout finding: {:?}", measured.rollout_findings));
+    assert!(
+        rollout.pods_affected >= 1 && rollout.max_nodes_affected >= 1,
+        "{rollout:?}"
+    );
+    assert!(
+        rollout.max_nodes_affected <= 3,
+        "more nodes than the lab has: {rollout:?}"
+    );
     let off = inaccurate(&pods);
     assert!(off.is_empty(), "additions off the injected truth:\n{}", off.join("\n"));
 }

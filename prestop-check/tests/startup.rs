@@ -7,6 +7,7 @@
 mod common;
 
 use observer_proto::api::startup::StartupRecord;
+use observer_proto::UnixNanos;
 use observer_proto::api::{RouterKind, RouterRef};
 
 use common::cli::*;
@@ -37,6 +38,8 @@ fn startup(i: usize, refused: u64) -> StartupRecord {
         namespace: "shop".into(),
         pod_name: format!("web-{i}"),
         workload: "shop/web".into(),
+        // Within the aggregator's retention: the log keeps it.
+        ready_unix_nanos: UnixNanos::now(),
         services: vec!["web".into()],
         refused_connections: refused,
         last_refusal_seconds: (refused > 0).then_some(1.5),

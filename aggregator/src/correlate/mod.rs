@@ -307,6 +307,12 @@ impl Correlator {
             expected_nodes = expected.len(), "deletion started"
         );
         st.by_ip.entry(d.ip).or_default().push(d.pod_uid.clone());
+        // A rollout's next step: new pods of the workload whose nodes may
+        // not all route to them yet.
+        let st = &mut *st;
+        if let Some(pod) = st.pods.get(d.ip).filter(|p| p.uid == d.pod_uid) {
+            st.startup.old_pod_deleted(&pod.workload, t0, &st.pods);
+        }
         let p = Pending::new(d, t0, now, expected);
         let row = checkpoint::pending_row(&p);
         let endpoint = p.endpoint();

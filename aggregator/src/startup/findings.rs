@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use observer_proto::api::{RouterKind, RouterRef};
 use observer_proto::api::startup::{
-    PropagationSummary, StartupFinding, StartupRecord, WorkloadStartup,
+    PropagationSummary, RolloutFinding, StartupFinding, StartupRecord, WorkloadStartup,
 };
 
 use crate::stats::nearest_rank;
@@ -133,6 +133,41 @@ fn finding(s: WorkloadStartup, w: &Workload<'_>) -> StartupFinding {
         routers: routers.into_values().cloned().collect(),
         message,
     }
+}
+
+/// Per workload whose new pods were followed by an old pod's deletion
+/// while some node was not routing to them yet.
+pub fn rollout_findings(records: &[StartupRecord]) -> Vec<RolloutFinding> {
+    group(records)
+        .into_iter()
+        .filter_map(|((namespace, workload), w)| {
+            let followed: Vec<&&StartupRecord> = w
+                .records
+                .iter()
+                .filter(|r| r.old_pod_deleted_seconds.is_some())
+                .collect();
+            let affected: Vec<u64> = followed
+                .iter()
+                .map(|r| r.nodes_not_routing_at_old_deletion)
+                .filter(|n| *n > 0)
+                .collect();
+            let max_nodes = affected.iter().copied().max()?;
+            Some(RolloutFinding {
+                namespace: namespace.to_owned(),
+                workload: workload.to_owned(),
+                new_pods: followed.len() as u64,
+                pods_affected: affected.len() as u64,
+                max_nodes_affected: max_nodes,
+                message: format!(
+                    "the rollout of workload {workload} deleted old pods while up to {max_nodes} nodes had not \
+                     started routing to their replacements ({} of {} new pods): the addition's propagation \
+                     exceeded the time from ready to the next deletion (raise minReadySeconds)",
+                    affected.len(),
+                    followed.len()
+                ),
+            })
+        })
+        .collect()
 }
 
 /// Addition propagation per node, sorted by node.
@@ -268,6 +303,30 @@ mod tests {
             min_refused_connections: 0,
         };
         assert!(findings(&[record("web-1", "shop/web", 0)], zero).is_empty());
+    }
+
+    #[test]
+    fn a_rollout_deleting_before_every_node_routes_is_reported_with_its_nodes() {
+        let followed = |pod, nodes| StartupRecord {
+            old_pod_deleted_seconds: Some(0.3),
+            nodes_not_routing_at_old_deletion: nodes,
+            ..record(pod, "shop/web", 0)
+        };
+        let records = [
+            followed("web-1", 2),
+            followed("web-2", 0),
+            followed("web-3", 1),
+            record("web-4", "shop/web", 0),
+            StartupRecord {
+                old_pod_deleted_seconds: Some(5.0),
+                ..record("api-1", "shop/api", 0)
+            },
+        ];
+        let f = rollout_findings(&records);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].workload, "shop/web");
+        assert_eq!((f[0].pods_affected, f[0].new_pods, f[0].max_nodes_affected), (2, 3, 2));
+        assert!(f[0].message.contains("up to 2 nodes"), "{}", f[0].message);
     }
 
     #[test]

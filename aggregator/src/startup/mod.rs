@@ -31,7 +31,7 @@ use std::time::Duration;
 use observer_proto::api::startup::{StartupRecord, StartupReport};
 use observer_proto::{NewEndpoint, UnixNanos};
 
-use crate::pods::PodSource;
+use crate::pods::{PodIndex, PodSource};
 
 pub use self::findings::Thresholds;
 pub use self::window::{NewPod, Seen, Window};
@@ -142,6 +142,20 @@ impl Tracker {
         }
     }
 
+    /// A pod of `workload` began its deletion at `t0` (see
+    /// [`Window::old_pod_deleted`]); windows not identified yet are first
+    /// looked up in `pods`.
+    pub fn old_pod_deleted(&mut self, workload: &str, t0: UnixNanos, pods: &PodIndex) {
+        for w in self.windows.values_mut() {
+            if !w.pod.identified
+                && let Some(p) = pods.get(w.pod.endpoint.ip)
+            {
+                w.pod.identify(p);
+            }
+            w.old_pod_deleted(workload, t0);
+        }
+    }
+
     /// Closes the windows whose end plus the settling time passed.
     pub fn due(&mut self, now: UnixNanos) -> Vec<Window> {
         let settle = self.settings.settle;
@@ -249,6 +263,7 @@ impl Log {
             window_seconds: self.settings.window.as_secs_f64(),
             new_pods: records.len() as u64,
             findings: findings::findings(&records, self.settings.thresholds),
+            rollout_findings: findings::rollout_findings(&records),
             workloads: findings::workloads(&records),
             by_node: findings::by_node(&records),
             by_router_kind: findings::by_router_kind(&records),

@@ -64,6 +64,7 @@ fn schemas() -> Vec<(&'static str, Value)> {
             "windowSeconds": { "type": "number", "description": "How long after T_ready refusals count" },
             "newPods": count,
             "findings": list("StartupFinding"),
+            "rolloutFindings": list("RolloutFinding"),
             "workloads": list("WorkloadStartup"),
             "byNode": list("PropagationSummary"),
             "byRouterKind": list("PropagationSummary"),
@@ -74,6 +75,13 @@ fn schemas() -> Vec<(&'static str, Value)> {
             "newPods": count, "podsRefusing": count, "refusedConnections": count,
             "refusingForSeconds": { "type": "number", "description": "The latest refusal after T_ready" },
             "routers": list("Router"),
+            "message": text
+        }))),
+        ("RolloutFinding", schema(json!({
+            "namespace": text, "workload": text,
+            "newPods": { "type": "integer", "description": "New pods followed by an old pod's deletion within their window" },
+            "podsAffected": { "type": "integer", "description": "Of them, those some node was not routing to yet at that deletion" },
+            "maxNodesAffected": count,
             "message": text
         }))),
         ("WorkloadStartup", schema(json!({
@@ -100,7 +108,9 @@ fn schemas() -> Vec<(&'static str, Value)> {
             "refusedConnections": count, "resetConnections": count,
             "firstAcceptedUnixNanos": time,
             "readyToFirstAcceptedSeconds": seconds,
-            "lastRefusalSeconds": seconds
+            "lastRefusalSeconds": seconds,
+            "oldPodDeletedSeconds": { "type": "number", "nullable": true, "description": "The first deletion of an old pod of the workload after T_ready, seconds after it" },
+            "nodesNotRoutingAtOldDeletion": { "type": "integer", "description": "Expected nodes not routing to this pod yet at that deletion" }
         }))),
         ("NodeAddition", schema(json!({
             "node": text,
@@ -118,8 +128,8 @@ mod tests {
     use std::collections::BTreeSet;
 
     use observer_proto::api::startup::{
-        NodeAddition, PropagationSummary, RouterStartup, StartupFinding, StartupRecord,
-        StartupReport, WorkloadStartup,
+        NodeAddition, PropagationSummary, RolloutFinding, RouterStartup, StartupFinding,
+        StartupRecord, StartupReport, WorkloadStartup,
     };
     use serde::Serialize;
 
@@ -143,6 +153,7 @@ mod tests {
             .collect();
         assert_eq!(documented["StartupReport"], fields(StartupReport::default()));
         assert_eq!(documented["StartupFinding"], fields(StartupFinding::default()));
+        assert_eq!(documented["RolloutFinding"], fields(RolloutFinding::default()));
         assert_eq!(documented["WorkloadStartup"], fields(WorkloadStartup::default()));
         assert_eq!(documented["PropagationSummary"], fields(PropagationSummary::default()));
         assert_eq!(documented["StartupRecord"], fields(StartupRecord::default()));

@@ -89,6 +89,9 @@ pub struct Window {
     reset: u64,
     first_accepted: Option<UnixNanos>,
     last_refusal: Option<UnixNanos>,
+    /// The first deletion start (T0) of an old pod of the workload at or
+    /// after T_ready.
+    old_deleted: Option<UnixNanos>,
 }
 
 impl Window {
@@ -109,6 +112,15 @@ impl Window {
             reset: 0,
             first_accepted: None,
             last_refusal: None,
+            old_deleted: None,
+        }
+    }
+
+    /// A pod of `workload` began its deletion at `t0`: the first after
+    /// T_ready is the rollout's next step.
+    pub fn old_pod_deleted(&mut self, workload: &str, t0: UnixNanos) {
+        if self.old_deleted.is_none() && t0 >= self.ready() && self.pod.workload == workload {
+            self.old_deleted = Some(t0);
         }
     }
 
@@ -213,6 +225,14 @@ impl Window {
             })
             .collect();
         routers.sort_by(|a, b| (a.router.kind, &a.router.name).cmp(&(b.router.kind, &b.router.name)));
+        // Nodes that had not added the endpoint when the old pod's deletion
+        // began (never, or later).
+        let not_routing = self.old_deleted.map_or(0, |t0| {
+            self.expected
+                .iter()
+                .filter(|n| self.added.get(*n).is_none_or(|a| a.time > t0))
+                .count() as u64
+        });
         let e = self.pod.endpoint;
         StartupRecord {
             pod_uid: e.pod_uid,
@@ -232,6 +252,8 @@ impl Window {
             first_accepted_unix_nanos: self.first_accepted,
             ready_to_first_accepted_seconds: self.first_accepted.map(since),
             last_refusal_seconds: self.last_refusal.map(since),
+            old_pod_deleted_seconds: self.old_deleted.map(since),
+            nodes_not_routing_at_old_deletion: not_routing,
         }
     }
 }
@@ -372,6 +394,35 @@ mod tests {
         };
         assert!(w.apply(&routed));
         assert_eq!(w.record().refused_connections, 1);
+    }
+
+    #[test]
+    fn an_old_pod_deleted_before_every_node_routes_counts_those_nodes() {
+        let mut w = window();
+        let obs = added();
+        // node-a adds at 300 ms; node-b never: both expected.
+        assert!(w.apply(&Seen {
+            node: "node-a",
+            ..seen(&obs, 300, None)
+        }));
+        w.old_pod_deleted("shop/web", at(-5));
+        w.old_pod_deleted("shop/other", at(100));
+        assert_eq!(w.old_deleted, None, "before ready, or another workload");
+        w.old_pod_deleted("shop/web", at(200));
+        w.old_pod_deleted("shop/web", at(900));
+        let r = w.record();
+        assert_eq!(r.old_pod_deleted_seconds, Some(0.2), "the first after ready");
+        assert_eq!(r.nodes_not_routing_at_old_deletion, 2);
+
+        let mut w = window();
+        for node in ["node-a", "node-b"] {
+            assert!(w.apply(&Seen {
+                node,
+                ..seen(&obs, 300, None)
+            }));
+        }
+        w.old_pod_deleted("shop/web", at(400));
+        assert_eq!(w.record().nodes_not_routing_at_old_deletion, 0);
     }
 
     #[test]

@@ -23,6 +23,9 @@ pub struct StartupReport {
     pub new_pods: u64,
     /// One per workload that meets the thresholds.
     pub findings: Vec<StartupFinding>,
+    /// One per workload whose rollout deleted old pods while nodes had not
+    /// started routing to their replacements.
+    pub rollout_findings: Vec<RolloutFinding>,
     pub workloads: Vec<WorkloadStartup>,
     /// Addition propagation (T_added(n) - T_ready) per node.
     pub by_node: Vec<PropagationSummary>,
@@ -47,6 +50,24 @@ pub struct StartupFinding {
     pub refusing_for_seconds: f64,
     /// The routers that sent the refused connections.
     pub routers: Vec<RouterRef>,
+    pub message: String,
+}
+
+/// A rollout that deleted old pods of a workload before every node routed
+/// to their replacements: for a while fewer pods served than the rollout
+/// assumed (the addition's propagation exceeded the time from the new
+/// pod's ready to the old pod's deletion).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RolloutFinding {
+    pub namespace: String,
+    pub workload: String,
+    /// New pods followed by an old pod's deletion within their window.
+    pub new_pods: u64,
+    /// Of them, those some node was not routing to yet at that deletion.
+    pub pods_affected: u64,
+    /// The most nodes not routing to one replacement at the deletion.
+    pub max_nodes_affected: u64,
     pub message: String,
 }
 
@@ -114,6 +135,11 @@ pub struct StartupRecord {
     pub ready_to_first_accepted_seconds: Option<f64>,
     /// The latest refusal after T_ready, seconds.
     pub last_refusal_seconds: Option<f64>,
+    /// The first deletion of an old pod of the same workload after T_ready
+    /// (a rollout's next step), seconds after T_ready.
+    pub old_pod_deleted_seconds: Option<f64>,
+    /// Expected nodes not routing to this pod yet at that deletion.
+    pub nodes_not_routing_at_old_deletion: u64,
 }
 
 /// When one node started routing to a new pod.
