@@ -309,9 +309,9 @@ impl Correlator {
         st.by_ip.entry(d.ip).or_default().push(d.pod_uid.clone());
         // A rollout's next step: new pods of the workload whose nodes may
         // not all route to them yet.
-        let st = &mut *st;
         if let Some(pod) = st.pods.get(d.ip).filter(|p| p.uid == d.pod_uid) {
-            st.startup.old_pod_deleted(&pod.workload, t0, &st.pods);
+            let workload = pod.workload.clone();
+            st.startup.old_pod_deleted(workload, t0);
         }
         let p = Pending::new(d, t0, now, expected);
         let row = checkpoint::pending_row(&p);

@@ -75,13 +75,7 @@ impl Correlator {
         let closed = {
             let mut st = self.state();
             let st = &mut *st;
-            let mut closed = st.startup.due(now);
-            for w in &mut closed {
-                if let Some(p) = st.pods.get(w.pod.endpoint.ip) {
-                    w.pod.identify(p);
-                }
-            }
-            closed
+            st.startup.due(now, &st.pods)
         };
         for w in closed {
             let _ = self

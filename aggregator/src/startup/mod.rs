@@ -80,7 +80,12 @@ pub struct Tracker {
     settings: StartupSettings,
     windows: HashMap<String, Window>,
     by_ip: HashMap<IpAddr, Vec<String>>,
+    /// Recent deletion starts: (workload, T0), oldest first.
+    deletions: VecDeque<(String, UnixNanos)>,
 }
+
+/// Deletion starts kept at most for the rollout finding.
+const MAX_DELETIONS_KEPT: usize = 100_000;
 
 impl Tracker {
     pub fn new(settings: StartupSettings) -> Self {
@@ -142,22 +147,24 @@ impl Tracker {
         }
     }
 
-    /// A pod of `workload` began its deletion at `t0` (see
-    /// [`Window::old_pod_deleted`]); windows not identified yet are first
-    /// looked up in `pods`.
-    pub fn old_pod_deleted(&mut self, workload: &str, t0: UnixNanos, pods: &PodIndex) {
-        for w in self.windows.values_mut() {
-            if !w.pod.identified
-                && let Some(p) = pods.get(w.pod.endpoint.ip)
-            {
-                w.pod.identify(p);
-            }
-            w.old_pod_deleted(workload, t0);
+    /// A pod of `workload` began its deletion at `t0`: kept until every
+    /// window it may concern has closed (see [`Window::old_pod_deleted`]).
+    pub fn old_pod_deleted(&mut self, workload: String, t0: UnixNanos) {
+        let kept = self.settings.window + self.settings.settle * 2;
+        while self
+            .deletions
+            .front()
+            .is_some_and(|(_, t)| *t + kept < t0 || self.deletions.len() >= MAX_DELETIONS_KEPT)
+        {
+            self.deletions.pop_front();
         }
+        self.deletions.push_back((workload, t0));
     }
 
-    /// Closes the windows whose end plus the settling time passed.
-    pub fn due(&mut self, now: UnixNanos) -> Vec<Window> {
+    /// Closes the windows whose end plus the settling time passed, each
+    /// with its workload from `pods` when its Pod event came late and the
+    /// first deletion of an old pod of that workload in it.
+    pub fn due(&mut self, now: UnixNanos, pods: &PodIndex) -> Vec<Window> {
         let settle = self.settings.settle;
         let due: Vec<String> = self
             .windows
@@ -165,7 +172,16 @@ impl Tracker {
             .filter(|(_, w)| w.end() + settle <= now)
             .map(|(uid, _)| uid.clone())
             .collect();
-        due.iter().filter_map(|uid| self.close(uid)).collect()
+        let mut closed: Vec<Window> = due.iter().filter_map(|uid| self.close(uid)).collect();
+        for w in &mut closed {
+            if let Some(p) = pods.get(w.pod.endpoint.ip) {
+                w.pod.identify(p);
+            }
+            for (workload, t0) in &self.deletions {
+                w.old_pod_deleted(workload, *t0);
+            }
+        }
+        closed
     }
 
     fn close(&mut self, uid: &str) -> Option<Window> {
@@ -313,8 +329,9 @@ mod tests {
         assert_eq!(t.open(pod("u3", "10.0.0.3", "web", 105), none.clone()), Opened::Full);
         assert!(!t.watches("10.0.0.3".parse().unwrap()));
         // Window 10 s + settle 2 s: u1 closes at 112.
-        assert!(t.due(UnixNanos::from_seconds(111)).is_empty());
-        let closed = t.due(UnixNanos::from_seconds(112));
+        let pods = PodIndex::default();
+        assert!(t.due(UnixNanos::from_seconds(111), &pods).is_empty());
+        let closed = t.due(UnixNanos::from_seconds(112), &pods);
         assert_eq!(closed.len(), 1);
         assert_eq!(closed[0].pod.endpoint.pod_uid, "u1");
         assert!(!t.watches("10.0.0.1".parse().unwrap()));

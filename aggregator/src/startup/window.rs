@@ -116,11 +116,13 @@ impl Window {
         }
     }
 
-    /// A pod of `workload` began its deletion at `t0`: the first after
-    /// T_ready is the rollout's next step.
+    /// A pod of `workload` began its deletion at `t0`: the first one from
+    /// T_ready (less the settling allowance: the deletion's and the slice's
+    /// watch events race) to the window's end is the rollout's next step.
     pub fn old_pod_deleted(&mut self, workload: &str, t0: UnixNanos) {
-        if self.old_deleted.is_none() && t0 >= self.ready() && self.pod.workload == workload {
-            self.old_deleted = Some(t0);
+        let within = t0 >= self.ready() - self.early_ns && t0 <= self.end();
+        if within && self.pod.workload == workload {
+            self.old_deleted = self.old_deleted.min(Some(t0)).or(Some(t0));
         }
     }
 
@@ -405,13 +407,14 @@ mod tests {
             node: "node-a",
             ..seen(&obs, 300, None)
         }));
-        w.old_pod_deleted("shop/web", at(-5));
+        w.old_pod_deleted("shop/web", at(-2_001));
+        w.old_pod_deleted("shop/web", at(10_001));
         w.old_pod_deleted("shop/other", at(100));
-        assert_eq!(w.old_deleted, None, "before ready, or another workload");
-        w.old_pod_deleted("shop/web", at(200));
+        assert_eq!(w.old_deleted, None, "outside the window, or another workload");
         w.old_pod_deleted("shop/web", at(900));
+        w.old_pod_deleted("shop/web", at(-5));
         let r = w.record();
-        assert_eq!(r.old_pod_deleted_seconds, Some(0.2), "the first after ready");
+        assert_eq!(r.old_pod_deleted_seconds, Some(-0.005), "the first");
         assert_eq!(r.nodes_not_routing_at_old_deletion, 2);
 
         let mut w = window();
