@@ -25,8 +25,8 @@ use crate::deletion_pages::{DetailFilter, continue_token, parse_continue_token};
 use crate::metrics::Metrics;
 use crate::openapi;
 use crate::readiness::Readiness;
-use crate::startup;
 use crate::recommend::service::Recommender;
+use crate::startup;
 use crate::store::{DeletionFilter, Outcome, Scope, Store, StoreError};
 
 /// Everything the HTTP handlers read.

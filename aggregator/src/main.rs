@@ -109,10 +109,18 @@ struct StartupArgs {
     startup_max_watched: u64,
     /// A workload gets a startup finding when at least this many of its new
     /// pods refused connections after ready...
-    #[arg(long, env = "AGGREGATOR_STARTUP_MIN_REFUSING_PODS", default_value_t = 1)]
+    #[arg(
+        long,
+        env = "AGGREGATOR_STARTUP_MIN_REFUSING_PODS",
+        default_value_t = 1
+    )]
     startup_min_refusing_pods: u64,
     /// ...and they refused at least this many connections in all.
-    #[arg(long, env = "AGGREGATOR_STARTUP_MIN_REFUSED_CONNECTIONS", default_value_t = 1)]
+    #[arg(
+        long,
+        env = "AGGREGATOR_STARTUP_MIN_REFUSED_CONNECTIONS",
+        default_value_t = 1
+    )]
     startup_min_refused_connections: u64,
 }
 

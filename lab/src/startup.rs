@@ -8,9 +8,7 @@
 use std::{fmt, str::FromStr, time::Duration};
 
 use observer_proto::UnixNanos;
-use observer_proto::api::startup::{
-    RolloutFinding, StartupFinding, StartupRecord, StartupReport,
-};
+use observer_proto::api::startup::{RolloutFinding, StartupFinding, StartupRecord, StartupReport};
 use serde::Serialize;
 
 use crate::{
@@ -295,7 +293,10 @@ mod tests {
     fn server_specs_parse_and_print_back() {
         for (s, spec) in [
             ("graceful", ServerSpec::from(ShutdownMode::Graceful)),
-            ("ignore-sigterm", ServerSpec::from(ShutdownMode::IgnoreSigterm)),
+            (
+                "ignore-sigterm",
+                ServerSpec::from(ShutdownMode::IgnoreSigterm),
+            ),
             ("nginx", ServerSpec::from(ShutdownMode::Nginx)),
             (
                 "slow-start=2000ms",

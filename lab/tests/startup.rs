@@ -109,7 +109,11 @@ async fn a_server_listening_after_ready_refuses_and_the_finding_names_its_worklo
         "refusals after the server listened: {finding:?}"
     );
     let off = inaccurate(&pods);
-    assert!(off.is_empty(), "additions off the injected truth:\n{}", off.join("\n"));
+    assert!(
+        off.is_empty(),
+        "additions off the injected truth:\n{}",
+        off.join("\n")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,5 +151,9 @@ async fn a_server_listening_before_ready_yields_no_finding() {
         "more nodes than the lab has: {rollout:?}"
     );
     let off = inaccurate(&pods);
-    assert!(off.is_empty(), "additions off the injected truth:\n{}", off.join("\n"));
+    assert!(
+        off.is_empty(),
+        "additions off the injected truth:\n{}",
+        off.join("\n")
+    );
 }

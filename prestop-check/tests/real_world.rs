@@ -612,7 +612,9 @@ fn a_symlink_loop_is_read_once_and_reported() {
     let report = json(&out);
     assert_eq!(report["checked"].as_array().unwrap().len(), 1, "{report}");
     let findings = report["findings"].as_array().unwrap();
-    let other = findings.iter().filter(|f| f["problem"] != "noReadinessProbe");
+    let other = findings
+        .iter()
+        .filter(|f| f["problem"] != "noReadinessProbe");
     assert_eq!(other.count(), 1, "{report}");
     let failure = &report["failures"][0];
     assert_eq!(failure["severity"], "warning");

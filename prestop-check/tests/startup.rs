@@ -6,8 +6,8 @@
 
 mod common;
 
-use observer_proto::api::startup::StartupRecord;
 use observer_proto::UnixNanos;
+use observer_proto::api::startup::StartupRecord;
 use observer_proto::api::{RouterKind, RouterRef};
 
 use common::cli::*;

@@ -122,7 +122,10 @@ mod tests {
             ),
         ];
         for (wire, message) in cases {
-            assert_eq!(NewEndpoint::try_from(wire).unwrap_err().to_string(), message);
+            assert_eq!(
+                NewEndpoint::try_from(wire).unwrap_err().to_string(),
+                message
+            );
         }
     }
 }

@@ -46,7 +46,10 @@ impl Correlator {
             ready_condition,
             identified: pod.is_some(),
         };
-        let (namespace, pod_name) = (new.endpoint.namespace.clone(), new.endpoint.pod_name.clone());
+        let (namespace, pod_name) = (
+            new.endpoint.namespace.clone(),
+            new.endpoint.pod_name.clone(),
+        );
         match st.startup.open(new, expected) {
             Opened::Watch(e) => {
                 tracing::info!(%namespace, pod = %pod_name, ip = %e.ip, "endpoint ready: startup window opened");

@@ -60,7 +60,10 @@ impl Subscription {
         let guard = self.guard;
         let snapshot = self.snapshot;
         let adds = (0..snapshot.len()).map(move |i| Ok(WatchChange::Add(snapshot[i].clone())));
-        let new = self.new_endpoints.into_iter().map(|e| Ok(WatchChange::AddNew(e)));
+        let new = self
+            .new_endpoints
+            .into_iter()
+            .map(|e| Ok(WatchChange::AddNew(e)));
         let snapshot = futures::stream::iter(
             adds.chain(new)
                 .chain(std::iter::once(Ok(WatchChange::Synced))),

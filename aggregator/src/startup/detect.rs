@@ -56,7 +56,10 @@ impl ReadyWatch {
         let mut now_ready = BTreeSet::new();
         let mut became = Vec::new();
         for ep in &s.endpoints {
-            let Some(target) = ep.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod"))
+            let Some(target) = ep
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
             else {
                 continue;
             };
@@ -201,7 +204,10 @@ mod tests {
     #[test]
     fn an_endpoint_turning_ready_is_new_once() {
         let mut w = ReadyWatch::default();
-        assert!(w.slice_seen(&slice("a", &[("u1", Some(false), false)]), false).is_empty());
+        assert!(
+            w.slice_seen(&slice("a", &[("u1", Some(false), false)]), false)
+                .is_empty()
+        );
         let became = w.slice_seen(&slice("a", &[("u1", Some(true), false)]), false);
         assert_eq!(
             became,
@@ -214,18 +220,33 @@ mod tests {
                 ports: vec![8080],
             }]
         );
-        assert!(w.slice_seen(&slice("a", &[("u1", Some(true), false)]), false).is_empty());
+        assert!(
+            w.slice_seen(&slice("a", &[("u1", Some(true), false)]), false)
+                .is_empty()
+        );
         // Listed ready by a second slice (another address family or a
         // split slice): not new.
-        assert!(w.slice_seen(&slice("b", &[("u1", None, false)]), false).is_empty());
+        assert!(
+            w.slice_seen(&slice("b", &[("u1", None, false)]), false)
+                .is_empty()
+        );
     }
 
     #[test]
     fn a_relist_and_terminating_endpoints_start_nothing() {
         let mut w = ReadyWatch::default();
-        assert!(w.slice_seen(&slice("a", &[("u1", Some(true), false)]), true).is_empty());
-        assert!(w.slice_seen(&slice("a", &[("u1", Some(true), false)]), false).is_empty());
-        assert!(w.slice_seen(&slice("a", &[("u2", Some(true), true)]), false).is_empty());
+        assert!(
+            w.slice_seen(&slice("a", &[("u1", Some(true), false)]), true)
+                .is_empty()
+        );
+        assert!(
+            w.slice_seen(&slice("a", &[("u1", Some(true), false)]), false)
+                .is_empty()
+        );
+        assert!(
+            w.slice_seen(&slice("a", &[("u2", Some(true), true)]), false)
+                .is_empty()
+        );
     }
 
     #[test]

@@ -4,10 +4,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use observer_proto::api::{RouterKind, RouterRef};
 use observer_proto::api::startup::{
     PropagationSummary, RolloutFinding, StartupFinding, StartupRecord, WorkloadStartup,
 };
+use observer_proto::api::{RouterKind, RouterRef};
 
 use crate::stats::nearest_rank;
 
@@ -284,7 +284,10 @@ mod tests {
 
     #[test]
     fn the_thresholds_hold_back_a_finding() {
-        let records = [record("web-1", "shop/web", 7), record("web-2", "shop/web", 3)];
+        let records = [
+            record("web-1", "shop/web", 7),
+            record("web-2", "shop/web", 3),
+        ];
         let pods = |n| Thresholds {
             min_refusing_pods: n,
             ..Thresholds::default()
@@ -325,13 +328,19 @@ mod tests {
         let f = rollout_findings(&records);
         assert_eq!(f.len(), 1, "{f:?}");
         assert_eq!(f[0].workload, "shop/web");
-        assert_eq!((f[0].pods_affected, f[0].new_pods, f[0].max_nodes_affected), (2, 3, 2));
+        assert_eq!(
+            (f[0].pods_affected, f[0].new_pods, f[0].max_nodes_affected),
+            (2, 3, 2)
+        );
         assert!(f[0].message.contains("up to 2 nodes"), "{}", f[0].message);
     }
 
     #[test]
     fn quantiles_per_node_and_router_kind() {
-        let records = [record("web-1", "shop/web", 0), record("web-2", "shop/web", 0)];
+        let records = [
+            record("web-1", "shop/web", 0),
+            record("web-2", "shop/web", 0),
+        ];
         let nodes = by_node(&records);
         assert_eq!(nodes.len(), 2);
         assert_eq!(nodes[0].node.as_deref(), Some("node-a"));

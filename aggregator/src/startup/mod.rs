@@ -198,7 +198,10 @@ impl Tracker {
 
     /// What agents watch for the open windows.
     pub fn endpoints(&self) -> Vec<NewEndpoint> {
-        self.windows.values().map(|w| w.pod.endpoint.clone()).collect()
+        self.windows
+            .values()
+            .map(|w| w.pod.endpoint.clone())
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -324,9 +327,18 @@ mod tests {
     fn the_watched_set_is_capped_and_frees_as_windows_close() {
         let mut t = tracker(2);
         let none = Arc::new(BTreeSet::new());
-        assert!(matches!(t.open(pod("u1", "10.0.0.1", "web", 100), none.clone()), Opened::Watch(_)));
-        assert!(matches!(t.open(pod("u2", "10.0.0.2", "web", 105), none.clone()), Opened::Watch(_)));
-        assert_eq!(t.open(pod("u3", "10.0.0.3", "web", 105), none.clone()), Opened::Full);
+        assert!(matches!(
+            t.open(pod("u1", "10.0.0.1", "web", 100), none.clone()),
+            Opened::Watch(_)
+        ));
+        assert!(matches!(
+            t.open(pod("u2", "10.0.0.2", "web", 105), none.clone()),
+            Opened::Watch(_)
+        ));
+        assert_eq!(
+            t.open(pod("u3", "10.0.0.3", "web", 105), none.clone()),
+            Opened::Full
+        );
         assert!(!t.watches("10.0.0.3".parse().unwrap()));
         // Window 10 s + settle 2 s: u1 closes at 112.
         let pods = PodIndex::default();
@@ -335,7 +347,10 @@ mod tests {
         assert_eq!(closed.len(), 1);
         assert_eq!(closed[0].pod.endpoint.pod_uid, "u1");
         assert!(!t.watches("10.0.0.1".parse().unwrap()));
-        assert!(matches!(t.open(pod("u3", "10.0.0.3", "web", 112), none), Opened::Watch(_)));
+        assert!(matches!(
+            t.open(pod("u3", "10.0.0.3", "web", 112), none),
+            Opened::Watch(_)
+        ));
         assert_eq!(t.len(), 2);
     }
 
@@ -344,7 +359,10 @@ mod tests {
         let mut t = tracker(10);
         let none = Arc::new(BTreeSet::new());
         t.open(pod("u1", "10.0.0.1", "web", 100), none.clone());
-        assert_eq!(t.open(pod("u1", "10.0.0.1", "web-canary", 100), none), Opened::AlreadyOpen);
+        assert_eq!(
+            t.open(pod("u1", "10.0.0.1", "web-canary", 100), none),
+            Opened::AlreadyOpen
+        );
         assert_eq!(t.endpoints()[0].services, ["web", "web-canary"]);
     }
 

@@ -59,67 +59,91 @@ fn schemas() -> Vec<(&'static str, Value)> {
         ("refusedConnections".to_owned(), count.clone()),
     ]));
     vec![
-        ("StartupReport", schema(json!({
-            "cluster": text, "namespace": nullable_text, "service": nullable_text, "workload": nullable_text,
-            "windowSeconds": { "type": "number", "description": "How long after T_ready refusals count" },
-            "newPods": count,
-            "findings": list("StartupFinding"),
-            "rolloutFindings": list("RolloutFinding"),
-            "workloads": list("WorkloadStartup"),
-            "byNode": list("PropagationSummary"),
-            "byRouterKind": list("PropagationSummary"),
-            "pods": list("StartupRecord")
-        }))),
-        ("StartupFinding", schema(json!({
-            "namespace": text, "workload": text, "services": texts,
-            "newPods": count, "podsRefusing": count, "refusedConnections": count,
-            "refusingForSeconds": { "type": "number", "description": "The latest refusal after T_ready" },
-            "routers": list("Router"),
-            "message": text
-        }))),
-        ("RolloutFinding", schema(json!({
-            "namespace": text, "workload": text,
-            "newPods": { "type": "integer", "description": "New pods followed by an old pod's deletion within their window" },
-            "podsAffected": { "type": "integer", "description": "Of them, those some node was not routing to yet at that deletion" },
-            "maxNodesAffected": count,
-            "message": text
-        }))),
-        ("WorkloadStartup", schema(json!({
-            "namespace": text, "workload": text, "services": texts,
-            "newPods": count, "podsRefusing": count, "refusedConnections": count, "resetConnections": count,
-            "additionP50Seconds": seconds, "additionP99Seconds": seconds,
-            "readyToFirstAcceptedP50Seconds": seconds, "readyToFirstAcceptedP99Seconds": seconds
-        }))),
-        ("PropagationSummary", schema(json!({
-            "node": nullable_text,
-            "kind": { "type": "string", "nullable": true, "enum": ["node", "workload", "external", null] },
-            "samples": count,
-            "notAdded": { "type": "integer", "description": "Startups in which the node had not started routing by the window's end" },
-            "p50Seconds": seconds, "p99Seconds": seconds, "maxSeconds": seconds
-        }))),
-        ("StartupRecord", schema(json!({
-            "podUid": text, "namespace": text, "podName": text, "workload": text, "services": texts,
-            "podIp": text, "hostNode": nullable_text,
-            "readyUnixNanos": { "type": "integer", "format": "int64", "description": "T_ready: the aggregator's receipt of the EndpointSlice change that showed the endpoint ready" },
-            "podReadyConditionUnixNanos": time,
-            "windowSeconds": { "type": "number" },
-            "nodes": list("NodeAddition"),
-            "routers": list("RouterStartup"),
-            "refusedConnections": count, "resetConnections": count,
-            "firstAcceptedUnixNanos": time,
-            "readyToFirstAcceptedSeconds": seconds,
-            "lastRefusalSeconds": seconds,
-            "oldPodDeletedSeconds": { "type": "number", "nullable": true, "description": "The first deletion of an old pod of the workload after T_ready, seconds after it" },
-            "nodesNotRoutingAtOldDeletion": { "type": "integer", "description": "Expected nodes not routing to this pod yet at that deletion" }
-        }))),
-        ("NodeAddition", schema(json!({
-            "node": text,
-            "rulesAddedUnixNanos": time,
-            "propagationSeconds": { "type": "number", "nullable": true, "description": "T_added(n) - T_ready; negative when the node's dataplane selected the endpoint before the aggregator saw it ready" },
-            "errorSeconds": seconds,
-            "notAdded": { "type": "boolean" }
-        }))),
-        ("RouterStartup", json!({ "type": "object", "properties": router_startup })),
+        (
+            "StartupReport",
+            schema(json!({
+                "cluster": text, "namespace": nullable_text, "service": nullable_text, "workload": nullable_text,
+                "windowSeconds": { "type": "number", "description": "How long after T_ready refusals count" },
+                "newPods": count,
+                "findings": list("StartupFinding"),
+                "rolloutFindings": list("RolloutFinding"),
+                "workloads": list("WorkloadStartup"),
+                "byNode": list("PropagationSummary"),
+                "byRouterKind": list("PropagationSummary"),
+                "pods": list("StartupRecord")
+            })),
+        ),
+        (
+            "StartupFinding",
+            schema(json!({
+                "namespace": text, "workload": text, "services": texts,
+                "newPods": count, "podsRefusing": count, "refusedConnections": count,
+                "refusingForSeconds": { "type": "number", "description": "The latest refusal after T_ready" },
+                "routers": list("Router"),
+                "message": text
+            })),
+        ),
+        (
+            "RolloutFinding",
+            schema(json!({
+                "namespace": text, "workload": text,
+                "newPods": { "type": "integer", "description": "New pods followed by an old pod's deletion within their window" },
+                "podsAffected": { "type": "integer", "description": "Of them, those some node was not routing to yet at that deletion" },
+                "maxNodesAffected": count,
+                "message": text
+            })),
+        ),
+        (
+            "WorkloadStartup",
+            schema(json!({
+                "namespace": text, "workload": text, "services": texts,
+                "newPods": count, "podsRefusing": count, "refusedConnections": count, "resetConnections": count,
+                "additionP50Seconds": seconds, "additionP99Seconds": seconds,
+                "readyToFirstAcceptedP50Seconds": seconds, "readyToFirstAcceptedP99Seconds": seconds
+            })),
+        ),
+        (
+            "PropagationSummary",
+            schema(json!({
+                "node": nullable_text,
+                "kind": { "type": "string", "nullable": true, "enum": ["node", "workload", "external", null] },
+                "samples": count,
+                "notAdded": { "type": "integer", "description": "Startups in which the node had not started routing by the window's end" },
+                "p50Seconds": seconds, "p99Seconds": seconds, "maxSeconds": seconds
+            })),
+        ),
+        (
+            "StartupRecord",
+            schema(json!({
+                "podUid": text, "namespace": text, "podName": text, "workload": text, "services": texts,
+                "podIp": text, "hostNode": nullable_text,
+                "readyUnixNanos": { "type": "integer", "format": "int64", "description": "T_ready: the aggregator's receipt of the EndpointSlice change that showed the endpoint ready" },
+                "podReadyConditionUnixNanos": time,
+                "windowSeconds": { "type": "number" },
+                "nodes": list("NodeAddition"),
+                "routers": list("RouterStartup"),
+                "refusedConnections": count, "resetConnections": count,
+                "firstAcceptedUnixNanos": time,
+                "readyToFirstAcceptedSeconds": seconds,
+                "lastRefusalSeconds": seconds,
+                "oldPodDeletedSeconds": { "type": "number", "nullable": true, "description": "The first deletion of an old pod of the workload after T_ready, seconds after it" },
+                "nodesNotRoutingAtOldDeletion": { "type": "integer", "description": "Expected nodes not routing to this pod yet at that deletion" }
+            })),
+        ),
+        (
+            "NodeAddition",
+            schema(json!({
+                "node": text,
+                "rulesAddedUnixNanos": time,
+                "propagationSeconds": { "type": "number", "nullable": true, "description": "T_added(n) - T_ready; negative when the node's dataplane selected the endpoint before the aggregator saw it ready" },
+                "errorSeconds": seconds,
+                "notAdded": { "type": "boolean" }
+            })),
+        ),
+        (
+            "RouterStartup",
+            json!({ "type": "object", "properties": router_startup }),
+        ),
     ]
 }
 
@@ -149,16 +173,47 @@ mod tests {
     fn the_schemas_list_every_field_the_answer_has() {
         let documented: std::collections::BTreeMap<&str, BTreeSet<String>> = schemas()
             .into_iter()
-            .map(|(name, s)| (name, s["properties"].as_object().unwrap().keys().cloned().collect()))
+            .map(|(name, s)| {
+                (
+                    name,
+                    s["properties"]
+                        .as_object()
+                        .unwrap()
+                        .keys()
+                        .cloned()
+                        .collect(),
+                )
+            })
             .collect();
-        assert_eq!(documented["StartupReport"], fields(StartupReport::default()));
-        assert_eq!(documented["StartupFinding"], fields(StartupFinding::default()));
-        assert_eq!(documented["RolloutFinding"], fields(RolloutFinding::default()));
-        assert_eq!(documented["WorkloadStartup"], fields(WorkloadStartup::default()));
-        assert_eq!(documented["PropagationSummary"], fields(PropagationSummary::default()));
-        assert_eq!(documented["StartupRecord"], fields(StartupRecord::default()));
+        assert_eq!(
+            documented["StartupReport"],
+            fields(StartupReport::default())
+        );
+        assert_eq!(
+            documented["StartupFinding"],
+            fields(StartupFinding::default())
+        );
+        assert_eq!(
+            documented["RolloutFinding"],
+            fields(RolloutFinding::default())
+        );
+        assert_eq!(
+            documented["WorkloadStartup"],
+            fields(WorkloadStartup::default())
+        );
+        assert_eq!(
+            documented["PropagationSummary"],
+            fields(PropagationSummary::default())
+        );
+        assert_eq!(
+            documented["StartupRecord"],
+            fields(StartupRecord::default())
+        );
         assert_eq!(documented["NodeAddition"], fields(NodeAddition::default()));
-        assert_eq!(documented["RouterStartup"], fields(RouterStartup::default()));
+        assert_eq!(
+            documented["RouterStartup"],
+            fields(RouterStartup::default())
+        );
     }
 
     #[test]

@@ -226,7 +226,8 @@ impl Window {
                 refused_connections: w.refused,
             })
             .collect();
-        routers.sort_by(|a, b| (a.router.kind, &a.router.name).cmp(&(b.router.kind, &b.router.name)));
+        routers
+            .sort_by(|a, b| (a.router.kind, &a.router.name).cmp(&(b.router.kind, &b.router.name)));
         // Nodes that had not added the endpoint when the old pod's deletion
         // began (never, or later).
         let not_routing = self.old_deleted.map_or(0, |t0| {
@@ -287,7 +288,12 @@ mod tests {
             identified: true,
         };
         let expected = Arc::new(BTreeSet::from(["node-a".to_owned(), "node-b".to_owned()]));
-        Window::new(pod, expected, Duration::from_secs(10), Duration::from_secs(2))
+        Window::new(
+            pod,
+            expected,
+            Duration::from_secs(10),
+            Duration::from_secs(2),
+        )
     }
 
     fn at(offset_ms: i64) -> UnixNanos {
@@ -344,7 +350,10 @@ mod tests {
         assert!(!w.apply(&seen(&obs, -1, Some(&router))), "before T_ready");
         assert!(w.apply(&seen(&obs, 0, Some(&router))), "at T_ready");
         assert!(w.apply(&seen(&obs, 2_500, Some(&router))));
-        assert!(w.apply(&seen(&obs, 10_000, Some(&router))), "the window's end");
+        assert!(
+            w.apply(&seen(&obs, 10_000, Some(&router))),
+            "the window's end"
+        );
         assert!(!w.apply(&seen(&obs, 10_001, Some(&router))), "after it");
         let r = w.record();
         assert_eq!(r.refused_connections, 3);
@@ -410,7 +419,10 @@ mod tests {
         w.old_pod_deleted("shop/web", at(-2_001));
         w.old_pod_deleted("shop/web", at(10_001));
         w.old_pod_deleted("shop/other", at(100));
-        assert_eq!(w.old_deleted, None, "outside the window, or another workload");
+        assert_eq!(
+            w.old_deleted, None,
+            "outside the window, or another workload"
+        );
         w.old_pod_deleted("shop/web", at(900));
         w.old_pod_deleted("shop/web", at(-5));
         let r = w.record();

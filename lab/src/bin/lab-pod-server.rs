@@ -47,7 +47,10 @@ async fn main() -> Result<()> {
         bail!("--mode nginx: the lab runs nginx itself for its pods, not lab-pod-server");
     }
     if args.listen_after_ms > 0 {
-        println!("started {}, listening in {} ms", args.listen, args.listen_after_ms);
+        println!(
+            "started {}, listening in {} ms",
+            args.listen, args.listen_after_ms
+        );
         tokio::time::sleep(Duration::from_millis(args.listen_after_ms)).await;
     }
     let listener = TcpListener::bind(args.listen)
@@ -70,9 +73,8 @@ async fn main() -> Result<()> {
         name: args.name,
         mode: args.mode,
         drain_timeout: Duration::from_millis(args.drain_timeout_ms),
-        warm_up_until: (args.warm_up_ms > 0).then(|| {
-            tokio::time::Instant::now() + Duration::from_millis(args.warm_up_ms)
-        }),
+        warm_up_until: (args.warm_up_ms > 0)
+            .then(|| tokio::time::Instant::now() + Duration::from_millis(args.warm_up_ms)),
     };
     serve(listener, config, terminate_rx).await;
     Ok(())

@@ -292,7 +292,11 @@ impl Watched {
                 }
             }
             WatchUpdate::AddNew(ep) => {
-                if self.new_by_pod.insert(ep.pod_uid.clone(), ep.clone()).is_none() {
+                if self
+                    .new_by_pod
+                    .insert(ep.pod_uid.clone(), ep.clone())
+                    .is_none()
+                {
                     self.watch(ep.ip, &ep.ports, kernel, dataplane, |dp, endpoint| {
                         dp.watch_added(endpoint);
                     });

@@ -16,12 +16,12 @@ mod watches;
 pub use credentials::{Credentials, CredentialsError};
 
 use crate::clock::ExchangeFilter;
-use watches::Watches;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use watches::Watches;
 
 use observer_proto::v1 as pb;
 use observer_proto::v1::observer_client::ObserverClient;
