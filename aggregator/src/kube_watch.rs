@@ -30,7 +30,7 @@ use crate::pods;
 use crate::readiness::Readiness;
 use crate::startup::detect::ReadyWatch;
 
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// How long a pod's last slices are kept after it left them all, for its
 /// deletion event to arrive.
@@ -313,20 +313,10 @@ impl Watch {
         let Some(service) = s.labels().get(SERVICE_NAME_LABEL).cloned() else {
             return;
         };
-        let ports: Vec<u16> = s
-            .ports
-            .iter()
-            .flatten()
-            .filter_map(|p| p.port.and_then(|p| u16::try_from(p).ok()))
-            .collect();
+        let ports = slice_ports(s);
         let mut listed = HashSet::new();
         for ep in &s.endpoints {
-            let Some(uid) = ep
-                .target_ref
-                .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .and_then(|r| r.uid.clone())
-            else {
+            let Some(uid) = pod_target(ep).and_then(|r| r.uid.clone()) else {
                 continue;
             };
             let c = ep.conditions.as_ref();
@@ -445,8 +435,26 @@ impl Watch {
     }
 }
 
-fn slice_key(s: &EndpointSlice) -> String {
+pub(crate) fn slice_key(s: &EndpointSlice) -> String {
     format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any())
+}
+
+/// The ports a slice lists.
+pub(crate) fn slice_ports(s: &EndpointSlice) -> Vec<u16> {
+    s.ports
+        .iter()
+        .flatten()
+        .filter_map(|p| p.port.and_then(|p| u16::try_from(p).ok()))
+        .collect()
+}
+
+/// The pod behind an endpoint, when a pod is.
+pub(crate) fn pod_target(
+    ep: &k8s_openapi::api::discovery::v1::Endpoint,
+) -> Option<&k8s_openapi::api::core::v1::ObjectReference> {
+    ep.target_ref
+        .as_ref()
+        .filter(|r| r.kind.as_deref() == Some("Pod"))
 }
 
 #[cfg(test)]

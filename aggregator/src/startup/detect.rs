@@ -14,7 +14,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use observer_proto::UnixNanos;
 
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+use crate::kube_watch::{SERVICE_NAME_LABEL, pod_target, slice_key, slice_ports};
 
 /// Ready conditions are kept this long after they were seen, for the
 /// slice that follows them.
@@ -47,20 +47,11 @@ impl ReadyWatch {
     pub fn slice_seen(&mut self, s: &EndpointSlice, listing: bool) -> Vec<ReadyEndpoint> {
         let key = slice_key(s);
         let service = s.labels().get(SERVICE_NAME_LABEL).cloned();
-        let ports: Vec<u16> = s
-            .ports
-            .iter()
-            .flatten()
-            .filter_map(|p| p.port.and_then(|p| u16::try_from(p).ok()))
-            .collect();
+        let ports = slice_ports(s);
         let mut now_ready = BTreeSet::new();
         let mut became = Vec::new();
         for ep in &s.endpoints {
-            let Some(target) = ep
-                .target_ref
-                .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-            else {
+            let Some(target) = pod_target(ep) else {
                 continue;
             };
             let Some(uid) = target.uid.clone() else {
@@ -148,10 +139,6 @@ impl ReadyWatch {
     pub fn ready_condition(&self, uid: &str) -> Option<UnixNanos> {
         self.conditions.get(uid).map(|(at, _)| *at)
     }
-}
-
-fn slice_key(s: &EndpointSlice) -> String {
-    format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any())
 }
 
 #[cfg(test)]
