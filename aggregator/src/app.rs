@@ -96,6 +96,7 @@ pub fn start(
         metrics,
         ready,
         access: guards.http.clone(),
+        startup: correlator.startup_log(),
     };
     let (shutdown, stop) = watch::channel(false);
     let mut tasks = vec![

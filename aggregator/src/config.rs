@@ -41,6 +41,8 @@ pub struct Settings {
     pub limits: Limits,
     /// Tokens and TLS; none by default.
     pub auth: crate::auth::AuthSettings,
+    /// New pods' startup windows.
+    pub startup: crate::startup::StartupSettings,
 }
 
 impl Settings {
@@ -65,6 +67,7 @@ impl Default for Settings {
             max_clock_offset: Duration::from_secs(60),
             limits: Limits::DEFAULT,
             auth: crate::auth::AuthSettings::default(),
+            startup: crate::startup::StartupSettings::default(),
         }
     }
 }

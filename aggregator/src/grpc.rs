@@ -262,6 +262,8 @@ fn watch_event(change: WatchChange) -> pb::WatchEvent {
         event: Some(match change {
             WatchChange::Add(e) => Event::Add(e.into()),
             WatchChange::Remove(e) => Event::Remove(e.into()),
+            WatchChange::AddNew(e) => Event::AddNew(e.into()),
+            WatchChange::RemoveNew(e) => Event::RemoveNew(e.into()),
             WatchChange::Synced => Event::Synced(pb::Synced {}),
         }),
     }

@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use observer_proto::UnixNanos;
+use observer_proto::api::startup::StartupReport;
 use observer_proto::api::{
     DeletionList, DeletionRecord, DeletionSummary, NodeClass, Recommendation,
 };
@@ -25,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::openapi;
 use crate::readiness::Readiness;
 use crate::recommend::service::Recommender;
+use crate::startup;
 use crate::store::{DeletionFilter, Outcome, Scope, Store, StoreError};
 
 /// Everything the HTTP handlers read.
@@ -37,6 +39,8 @@ pub struct HttpState {
     pub recommender: Arc<Recommender>,
     /// `None`: every route is open (`--insecure-no-auth`).
     pub access: Option<Arc<HttpAccess>>,
+    /// New pods' finished startup windows (`/v1/startup`).
+    pub startup: Arc<startup::Log>,
 }
 
 impl HttpState {
@@ -44,6 +48,10 @@ impl HttpState {
     pub fn new(store: Arc<Store>, settings: Settings) -> Self {
         let settings = Arc::new(settings);
         Self {
+            startup: Arc::new(startup::Log::new(
+                settings.startup.clone(),
+                settings.retention,
+            )),
             recommender: Arc::new(Recommender::new(Arc::clone(&store), Arc::clone(&settings))),
             store,
             settings,
@@ -59,6 +67,7 @@ pub const ROUTES: &[&str] = &[
     "/v1/recommendations",
     "/v1/deletions",
     "/v1/deletions/{podUid}",
+    "/v1/startup",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -70,6 +79,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/recommendations", get(recommendations))
         .route("/v1/deletions", get(deletions))
         .route("/v1/deletions/{podUid}", get(deletion))
+        .route("/v1/startup", get(startup_report))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -346,6 +356,32 @@ async fn deletion(
     }
     .apply(&mut record);
     Ok(axum::Json(record))
+}
+
+/// New pods' startup findings; names pods, so read as deletions are.
+async fn startup_report(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<axum::Json<StartupReport>, ApiError> {
+    state.authorize(&headers, access::DELETIONS).await?;
+    let p = Params::new(raw, &["namespace", "service", "workload", "limit"])?;
+    let scope = scope(&p)?;
+    let limit = p.number::<usize>("limit")?.unwrap_or(20);
+    if limit > MAX_DELETIONS {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 0 and {MAX_DELETIONS}"
+        )));
+    }
+    let query = startup::Query {
+        namespace: scope.namespace,
+        service: scope.service,
+        workload: p.text("workload"),
+        limit,
+    };
+    Ok(axum::Json(
+        state.startup.report(&query, &state.settings.cluster_name),
+    ))
 }
 
 async fn readyz(State(state): State<HttpState>) -> Response {

@@ -1,5 +1,6 @@
 //! One set of cluster-wide watchers (Pods, EndpointSlices, Nodes) feeding
-//! the correlator: deletions, and the pod and node addresses connections
+//! the correlator: deletions, endpoints turning ready (new pods' startup,
+//! `crate::startup::detect`), and the pod and node addresses connections
 //! are attributed by. Runs as a single task over the merged event streams, so
 //! its indexes need no locking.
 //!
@@ -27,8 +28,9 @@ use crate::correlate::{Correlator, DeletionStart};
 use crate::nodes::NodeInfo;
 use crate::pods;
 use crate::readiness::Readiness;
+use crate::startup::detect::ReadyWatch;
 
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// How long a pod's last slices are kept after it left them all, for its
 /// deletion event to arrive.
@@ -110,6 +112,8 @@ struct Watch {
     init_nodes: HashSet<String>,
     /// pods, slices, nodes have listed at least once
     synced: [bool; 3],
+    /// Endpoints ready per slice, and pods' recent Ready conditions.
+    ready: ReadyWatch,
 }
 
 impl Watch {
@@ -127,6 +131,7 @@ impl Watch {
             init_slices: HashSet::new(),
             init_nodes: HashSet::new(),
             synced: [false; 3],
+            ready: ReadyWatch::default(),
         }
     }
 
@@ -135,15 +140,18 @@ impl Watch {
             Event::Init => self.init_pods.clear(),
             Event::InitApply(p) => {
                 self.init_pods.insert(p.uid().unwrap_or_default());
+                self.ready.pod_seen(&p, now);
                 self.index_pod(&p);
                 self.pod_seen(&p, None, now);
             }
             Event::Apply(p) => {
+                self.ready.pod_seen(&p, now);
                 self.index_pod(&p);
                 self.pod_seen(&p, Some(now), now);
             }
             Event::Delete(p) => {
                 let uid = p.uid().unwrap_or_default();
+                self.ready.pod_gone(&uid);
                 if let Some((ips, _)) = pods::source_of(&p) {
                     for ip in ips {
                         self.correlator.remove_pod(ip, &uid);
@@ -274,9 +282,16 @@ impl Watch {
             Event::Init => self.init_slices.clear(),
             Event::InitApply(s) => {
                 self.init_slices.insert(slice_key(&s));
+                self.ready.slice_seen(&s, true);
                 self.slice_seen(&s, now);
             }
-            Event::Apply(s) => self.slice_seen(&s, now),
+            Event::Apply(s) => {
+                for e in self.ready.slice_seen(&s, false) {
+                    let condition = self.ready.ready_condition(&e.pod_uid);
+                    self.correlator.endpoint_ready(e, condition, now);
+                }
+                self.slice_seen(&s, now);
+            }
             Event::Delete(s) => self.slice_gone(&slice_key(&s), now),
             Event::InitDone => {
                 let gone: Vec<String> = self
@@ -298,20 +313,10 @@ impl Watch {
         let Some(service) = s.labels().get(SERVICE_NAME_LABEL).cloned() else {
             return;
         };
-        let ports: Vec<u16> = s
-            .ports
-            .iter()
-            .flatten()
-            .filter_map(|p| p.port.and_then(|p| u16::try_from(p).ok()))
-            .collect();
+        let ports = slice_ports(s);
         let mut listed = HashSet::new();
         for ep in &s.endpoints {
-            let Some(uid) = ep
-                .target_ref
-                .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .and_then(|r| r.uid.clone())
-            else {
+            let Some(uid) = pod_target(ep).and_then(|r| r.uid.clone()) else {
                 continue;
             };
             let c = ep.conditions.as_ref();
@@ -370,6 +375,7 @@ impl Watch {
     }
 
     fn slice_gone(&mut self, key: &str, now: UnixNanos) {
+        self.ready.slice_gone(key);
         for uid in self.slice_pods.remove(key).unwrap_or_default() {
             self.mark_terminating(&uid, now);
             self.unindex(&uid, key, now);
@@ -429,8 +435,26 @@ impl Watch {
     }
 }
 
-fn slice_key(s: &EndpointSlice) -> String {
+pub(crate) fn slice_key(s: &EndpointSlice) -> String {
     format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any())
+}
+
+/// The ports a slice lists.
+pub(crate) fn slice_ports(s: &EndpointSlice) -> Vec<u16> {
+    s.ports
+        .iter()
+        .flatten()
+        .filter_map(|p| p.port.and_then(|p| u16::try_from(p).ok()))
+        .collect()
+}
+
+/// The pod behind an endpoint, when a pod is.
+pub(crate) fn pod_target(
+    ep: &k8s_openapi::api::discovery::v1::Endpoint,
+) -> Option<&k8s_openapi::api::core::v1::ObjectReference> {
+    ep.target_ref
+        .as_ref()
+        .filter(|r| r.kind.as_deref() == Some("Pod"))
 }
 
 #[cfg(test)]

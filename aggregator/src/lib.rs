@@ -24,6 +24,7 @@ pub mod openapi;
 pub mod pods;
 pub mod readiness;
 pub mod recommend;
+pub mod startup;
 pub mod stats;
 pub mod store;
 pub mod store_lock;

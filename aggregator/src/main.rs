@@ -10,6 +10,7 @@ use aggregator::auth::tls::TlsFiles;
 use aggregator::auth::{AuthSettings, CacheSettings, TokenSettings};
 use aggregator::config::{Settings, check_probability};
 use aggregator::limits::Limits;
+use aggregator::startup::{StartupSettings, Thresholds};
 use aggregator::store::Store;
 use anyhow::Context;
 use clap::Parser;
@@ -85,6 +86,61 @@ struct Args {
     limits: Limits,
     #[command(flatten)]
     auth: AuthArgs,
+    #[command(flatten, next_help_heading = "New pods' startup")]
+    startup: StartupArgs,
+}
+
+/// New pods' startup windows: see docs/api.md (`GET /v1/startup`).
+#[derive(Debug, clap::Args)]
+struct StartupArgs {
+    /// How long after an endpoint turns ready (T_ready) its refused
+    /// connections count and nodes' additions are awaited; agents watch it
+    /// that long plus --startup-settle.
+    #[arg(long, env = "AGGREGATOR_STARTUP_WINDOW", default_value = "10s", value_parser = humantime::parse_duration)]
+    startup_window: Duration,
+    /// How long a window stays open past its end for reports in flight, and
+    /// how far before T_ready a node's addition may lie.
+    #[arg(long, env = "AGGREGATOR_STARTUP_SETTLE", default_value = "2s", value_parser = humantime::parse_duration)]
+    startup_settle: Duration,
+    /// Startup windows open at once at most; further new pods are not
+    /// watched (prestop_startup_not_watched_total). Agents' watched-address
+    /// map holds 16384 addresses, shared with terminating pods.
+    #[arg(long, env = "AGGREGATOR_STARTUP_MAX_WATCHED", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(0..=16384))]
+    startup_max_watched: u64,
+    /// A workload gets a startup finding when at least this many of its new
+    /// pods refused connections after ready...
+    #[arg(
+        long,
+        env = "AGGREGATOR_STARTUP_MIN_REFUSING_PODS",
+        default_value_t = 1
+    )]
+    startup_min_refusing_pods: u64,
+    /// ...and they refused at least this many connections in all.
+    #[arg(
+        long,
+        env = "AGGREGATOR_STARTUP_MIN_REFUSED_CONNECTIONS",
+        default_value_t = 1
+    )]
+    startup_min_refused_connections: u64,
+}
+
+impl StartupArgs {
+    fn settings(&self) -> anyhow::Result<StartupSettings> {
+        anyhow::ensure!(
+            !self.startup_window.is_zero(),
+            "--startup-window must be positive"
+        );
+        Ok(StartupSettings {
+            window: self.startup_window,
+            settle: self.startup_settle,
+            max_watched: usize::try_from(self.startup_max_watched)?,
+            thresholds: Thresholds {
+                min_refusing_pods: self.startup_min_refusing_pods,
+                min_refused_connections: self.startup_min_refused_connections,
+            },
+            ..StartupSettings::default()
+        })
+    }
 }
 
 /// Who may connect: see docs/deploy.md ("Tokens and certificates").
@@ -240,6 +296,7 @@ async fn run() -> anyhow::Result<()> {
         max_clock_offset: a.max_clock_offset,
         limits: a.limits,
         auth: a.auth.settings()?,
+        startup: a.startup.settings()?,
     };
     let running = aggregator::app::start(settings, Arc::new(store), grpc, http, kube)
         .with_context(|| format!("starting with store {}", a.store.display()))?;

@@ -103,6 +103,7 @@ pub struct Metrics {
     pub router_latency: RouterLatency,
     pub token_reviews: Family<ReasonLabel, Counter>,
     pub auth_refusals: Family<ReasonLabel, Counter>,
+    pub startup: crate::startup::metrics::StartupMetrics,
 }
 
 /// Latency per router, labelled by kind and a bounded name.
@@ -181,11 +182,13 @@ impl Metrics {
             router_latency: RouterLatency::default(),
             token_reviews: Family::default(),
             auth_refusals: Family::default(),
+            startup: crate::startup::metrics::StartupMetrics::default(),
             registry: Registry::default(),
         };
         m.register_deletion_metrics(&mut registry);
         m.register_service_metrics(&mut registry);
         m.register_auth_metrics(&mut registry);
+        m.startup.register(&mut registry);
         Self { registry, ..m }
     }
 

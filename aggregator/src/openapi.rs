@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 pub fn document() -> Value {
-    json!({
+    let mut doc = json!({
         "openapi": "3.0.3",
         "info": {
             "title": "prestop aggregator",
@@ -30,7 +30,9 @@ pub fn document() -> Value {
                 "RouterKindSummary": router_kind_summary()
             }
         }
-    })
+    });
+    crate::startup::openapi::add_to(&mut doc);
+    doc
 }
 
 fn paths() -> Value {
@@ -266,7 +268,7 @@ fn router() -> Value {
     })
 }
 
-fn router_properties() -> serde_json::Map<String, Value> {
+pub(crate) fn router_properties() -> serde_json::Map<String, Value> {
     let v = json!({
         "kind": { "type": "string", "enum": ["node", "workload", "external"], "description": ROUTER_KIND },
         "name": { "type": "string", "description": "The node; namespace/owner for a workload; the source address for an external router" },

@@ -23,6 +23,7 @@ use crate::{
     routers::{self, Choice, Routers, RoutersConfig},
     scenario::{Lab, LabConfig, RolloutConfig, RolloutResult},
     server::ShutdownMode,
+    startup::{self, ServerSpec, StartupSection},
 };
 
 /// The folklore delay, used as the comparison when the injected delays can
@@ -71,9 +72,13 @@ pub struct LabArgs {
     /// Grace period beyond the preStop delay, seconds.
     #[arg(long, default_value_t = 2)]
     pub grace_extra: u64,
-    /// How the pods' servers shut down.
-    #[arg(long, value_enum, default_value = "graceful")]
-    pub server: ShutdownMode,
+    /// The pods' servers: how they shut down (graceful, ignore-sigterm,
+    /// nginx), or how they start, shutting down gracefully:
+    /// slow-start=DURATION (marked ready at once, listening only after
+    /// DURATION: refused connections after ready), warm-up=DURATION
+    /// (listening at once, answering 300 ms late for DURATION).
+    #[arg(long, default_value = "graceful")]
+    pub server: ServerSpec,
     /// Seed of the injected delays (same seed, same delays).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -378,7 +383,7 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
         .await?;
     if let Some(f) = &last.keep_alive.finding {
         println!("Keep-alive finding after all rollouts: {f}");
-        if args.server == ShutdownMode::Nginx {
+        if args.server.shutdown == ShutdownMode::Nginx {
             println!("{}", nginx_keep_alive_fix(&report, recommended));
         }
     }
@@ -428,7 +433,8 @@ async fn start(
         delay: args.delay,
         seed: args.seed,
         pod_server: binaries.pod_server.clone(),
-        server_mode: args.server,
+        server_mode: args.server.shutdown,
+        start: args.server.start,
         termination: api::PodTermination {
             pre_stop: Duration::from_secs(args.measure_prestop),
             grace: Duration::from_secs(args.measure_prestop + args.grace_extra),
@@ -589,6 +595,16 @@ impl Rollouts {
             .flat_map(|(_, r)| r.deletions.iter().cloned())
             .collect();
         let records = observer.wait_complete(&all).await?;
+        let new_pods: Vec<_> = self
+            .runs
+            .iter()
+            .map(|(name, r)| (name.clone(), r.new_pods.clone()))
+            .collect();
+        let all_new: Vec<_> = new_pods.iter().flat_map(|(_, p)| p.clone()).collect();
+        let startup = StartupSection::new(
+            &new_pods,
+            &startup::wait_measured(observer, &all_new).await?,
+        );
         let node_names: Vec<String> = lab.nodes().into_iter().map(|n| n.name).collect();
         let routers = routers::report::infos(&node_names, lab.routers());
         let mut deletions = Vec::new();
@@ -618,6 +634,7 @@ impl Rollouts {
                 idle_ms_per_second,
             ),
             nodes: lab.nodes(),
+            startup,
             accuracy: report::accuracy(&deletions),
             folklore: routers::report::folklore(&deletions, FOLKLORE_SECONDS),
             folklore_seconds: FOLKLORE_SECONDS,

@@ -90,9 +90,25 @@ pub fn node_object(info: &NodeInfo) -> Node {
     }
 }
 
-/// A scheduled, running, ready pod, with its preStop sleep and grace
-/// period. Its deletion is the API double's business (`deletionTimestamp`,
-/// `deletionGracePeriodSeconds`).
+/// The pod-template-hash of the lab's ReplicaSets: one per workload.
+const TEMPLATE_HASH: &str = "6d4cf56db6";
+
+/// The owner of a pod of the Deployment `deployment`, as its ReplicaSet
+/// `{deployment}-{hash}` names it (the aggregator names the workload by it).
+fn replica_set_owner(deployment: &str, uid: String) -> Option<Vec<OwnerReference>> {
+    Some(vec![OwnerReference {
+        api_version: "apps/v1".into(),
+        kind: "ReplicaSet".into(),
+        name: format!("{deployment}-{TEMPLATE_HASH}"),
+        uid,
+        controller: Some(true),
+        ..Default::default()
+    }])
+}
+
+/// A scheduled, running, ready pod of the Deployment `web`, with its
+/// preStop sleep and grace period. Its deletion is the API double's
+/// business (`deletionTimestamp`, `deletionGracePeriodSeconds`).
 pub fn pod_object(record: &PodRecord, host_ip: &str) -> Pod {
     let pre_stop = record.termination.pre_stop.as_secs();
     Pod {
@@ -100,7 +116,11 @@ pub fn pod_object(record: &PodRecord, host_ip: &str) -> Pod {
             name: Some(record.name.clone()),
             namespace: Some(NAMESPACE.into()),
             uid: Some(record.uid.clone()),
-            labels: labels(&[("app", SERVICE)]),
+            labels: labels(&[("app", SERVICE), ("pod-template-hash", TEMPLATE_HASH)]),
+            owner_references: replica_set_owner(
+                SERVICE,
+                "00000000-0000-4000-a000-000000000000".into(),
+            ),
             ..Default::default()
         },
         spec: Some(PodSpec {
@@ -163,23 +183,16 @@ pub fn workload_pod_object(
     node: &NodeInfo,
     ip: std::net::Ipv4Addr,
 ) -> Pod {
-    // A fixed pod-template-hash: one ReplicaSet per lab.
-    let hash = "6d4cf56db6";
-    let replica_set = format!("{owner}-{hash}");
     Pod {
         metadata: ObjectMeta {
-            name: Some(format!("{replica_set}-lab01")),
+            name: Some(format!("{owner}-{TEMPLATE_HASH}-lab01")),
             namespace: Some(namespace.into()),
             uid: Some(format!("00000000-0000-4000-9000-{:012x}", u32::from(ip))),
-            labels: labels(&[("app", owner), ("pod-template-hash", hash)]),
-            owner_references: Some(vec![OwnerReference {
-                api_version: "apps/v1".into(),
-                kind: "ReplicaSet".into(),
-                name: replica_set,
-                uid: format!("00000000-0000-4000-a000-{:012x}", u32::from(ip)),
-                controller: Some(true),
-                ..Default::default()
-            }]),
+            labels: labels(&[("app", owner), ("pod-template-hash", TEMPLATE_HASH)]),
+            owner_references: replica_set_owner(
+                owner,
+                format!("00000000-0000-4000-a000-{:012x}", u32::from(ip)),
+            ),
             ..Default::default()
         },
         spec: Some(PodSpec {

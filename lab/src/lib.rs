@@ -25,6 +25,7 @@ pub mod report;
 pub mod routers;
 pub mod scenario;
 pub mod server;
+pub mod startup;
 pub mod tls;
 pub mod topology;
 pub mod witness;

@@ -38,6 +38,8 @@ pub struct Report {
     pub agent_cost: AgentCost,
     /// What each part of the lab cost over the rollouts.
     pub lab_cost: crate::cost::LabCost,
+    /// Each new pod's startup window against the truth, and the findings.
+    pub startup: crate::startup::StartupSection,
 }
 
 /// What the agents cost during the lab's traffic.
@@ -291,6 +293,7 @@ impl Report {
         self.write_recommendation(&mut out);
         self.write_agent_cost(&mut out);
         self.lab_cost.write_text(&mut out);
+        self.startup.write(&mut out);
         self.write_runs(&mut out);
         out
     }

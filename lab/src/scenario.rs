@@ -22,6 +22,7 @@ use crate::{
     proxy::{Proxy, ProxyConfig, RuleChange, Services},
     routers::{ByRouter, RouterDrop, RouterError, Routers},
     server::ShutdownMode,
+    startup::{NewPodTruth, StartBehaviour},
     topology::{Cluster, TopologyError},
     workload::{Ending, PodProcess, WorkloadError},
 };
@@ -55,6 +56,8 @@ pub struct LabConfig {
     pub pod_server: PathBuf,
     /// How every pod's server shuts down.
     pub server_mode: ShutdownMode,
+    /// When every pod's server serves, relative to being marked ready.
+    pub start: StartBehaviour,
     /// The pods' preStop delay and grace period, which a deletion through
     /// the API (kubectl) runs.
     pub termination: PodTermination,
@@ -108,6 +111,8 @@ pub struct RolloutResult {
     pub pre_stop_seconds: f64,
     pub server_mode: ShutdownMode,
     pub deletions: Vec<DeletionTruth>,
+    /// The pods the rollout started, and when each node added them.
+    pub new_pods: Vec<NewPodTruth>,
     /// Every client opening a connection per request: kube-proxy's VIP
     /// clients and the other routers' clients.
     pub new_connection: ClientReport,
@@ -246,6 +251,7 @@ impl Lab {
             &name,
             SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, api::POD_PORT),
             self.config.server_mode,
+            self.config.start,
         )
         .await?;
         let record = PodRecord {
@@ -346,6 +352,7 @@ impl Lab {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let mut terminations = Vec::new();
         let mut deleted = Vec::new();
+        let mut replacements = Vec::new();
         // The rollout's pods carry its preStop delay and grace period.
         let spec = PodTermination {
             pre_stop: config.pre_stop,
@@ -360,6 +367,7 @@ impl Lab {
                 replacement.record.name.clone(),
                 replacement.record.node.clone(),
             );
+            replacements.push(replacement.record.clone());
             self.kubelet.add(replacement);
             let Some(deletion) = self.kubelet.delete_oldest(config.pre_stop, config.grace) else {
                 break;
@@ -402,6 +410,15 @@ impl Lab {
                 router_drops,
             });
         }
+        let mut new_pods = Vec::new();
+        for record in replacements {
+            new_pods.push(NewPodTruth {
+                additions: self.wait_for_rule(record.ip, false).await?,
+                pod: record.name,
+                uid: record.uid,
+                host_node: record.node,
+            });
+        }
         // Traffic continues a moment after the last removal, so a late
         // failure would still be counted.
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -421,6 +438,7 @@ impl Lab {
             pre_stop_seconds: config.pre_stop.as_secs_f64(),
             server_mode: self.config.server_mode,
             deletions,
+            new_pods,
             new_connection,
             keep_alive,
             by_router,

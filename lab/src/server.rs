@@ -49,7 +49,13 @@ pub struct ServerConfig {
     pub mode: ShutdownMode,
     /// How long a graceful shutdown waits for an idle connection's next request.
     pub drain_timeout: Duration,
+    /// Until then (a cold start warming up), every answer waits
+    /// [`WARM_UP_ANSWER_DELAY`] first.
+    pub warm_up_until: Option<tokio::time::Instant>,
 }
+
+/// How much slower a warming-up server answers.
+pub const WARM_UP_ANSWER_DELAY: Duration = Duration::from_millis(300);
 
 /// Serves on `listener` until `terminate` reports true (graceful mode) and
 /// every connection is done. In `IgnoreSigterm` mode it never returns.
@@ -113,6 +119,12 @@ async fn connection(mut stream: TcpStream, config: &ServerConfig, mut stop: watc
             .and_then(|ms| ms.parse().ok())
         {
             tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if config
+            .warm_up_until
+            .is_some_and(|until| tokio::time::Instant::now() < until)
+        {
+            tokio::time::sleep(WARM_UP_ANSWER_DELAY).await;
         }
         let close = head.close || *stop.borrow();
         let body = format!("{}\n", config.name);

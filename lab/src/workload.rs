@@ -19,6 +19,7 @@ use crate::{
     netns::NetNs,
     nginx::{self, Nginx, NginxError},
     server::ShutdownMode,
+    startup::StartBehaviour,
 };
 
 /// How long a server may take to print that it listens.
@@ -90,13 +91,15 @@ fn signal(child: &Child, sig: i32) {
 
 impl PodProcess {
     /// Starts `binary` (lab-pod-server) in `ns`, listening on `addr`, and
-    /// waits until it accepts connections.
+    /// waits until it accepts connections, or for a slow start until it
+    /// started (it listens later).
     pub async fn start(
         binary: &Path,
         ns: &NetNs,
         name: &str,
         addr: SocketAddrV4,
         mode: ShutdownMode,
+        start: StartBehaviour,
     ) -> Result<Self, WorkloadError> {
         let mut cmd: Command = ns.command(&binary.to_string_lossy()).into();
         let mode = match mode {
@@ -126,6 +129,15 @@ impl PodProcess {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .kill_on_drop(true);
+        match start {
+            StartBehaviour::Immediate => {}
+            StartBehaviour::SlowStart(d) => {
+                cmd.args(["--listen-after-ms", &d.as_millis().to_string()]);
+            }
+            StartBehaviour::WarmUp(d) => {
+                cmd.args(["--warm-up-ms", &d.as_millis().to_string()]);
+            }
+        }
         let spawn_err = |source| WorkloadError::Spawn {
             binary: binary.display().to_string(),
             source,
@@ -136,7 +148,8 @@ impl PodProcess {
         let mut line = String::new();
         let ready =
             tokio::time::timeout(START_TIMEOUT, BufReader::new(stdout).read_line(&mut line)).await;
-        if !matches!(ready, Ok(Ok(n)) if n > 0 && line.starts_with("listening")) {
+        let started = line.starts_with("listening") || line.starts_with("started");
+        if !matches!(ready, Ok(Ok(n)) if n > 0 && started) {
             return Err(WorkloadError::NotReady(name.to_owned()));
         }
         Ok(PodProcess {

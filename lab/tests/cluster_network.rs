@@ -57,6 +57,7 @@ async fn start_pod(cluster: &Cluster, node: usize, name: &str) -> (PodNet, PodPr
         name,
         SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, POD_PORT),
         ShutdownMode::Graceful,
+        Default::default(),
     )
     .await
     .expect("pod server");

@@ -20,6 +20,7 @@ fn config(delay: &str, server_mode: ShutdownMode) -> LabConfig {
         seed: 42,
         pod_server: PathBuf::from(env!("CARGO_BIN_EXE_lab-pod-server")),
         server_mode,
+        start: Default::default(),
         termination: Default::default(),
     }
 }

@@ -33,6 +33,9 @@ pub struct Options {
     pub low_confidence: LowConfidence,
     pub fail_on_unknown: bool,
     pub hook_style: HookStyle,
+    /// A routed container without a readinessProbe, and new pods measured
+    /// refusing connections after ready, are errors (else warnings).
+    pub fail_on_startup: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -51,6 +54,11 @@ pub enum Problem {
     LowConfidence,
     NoMeasurements,
     KeepAlive,
+    /// A container a Service routes to has no readinessProbe.
+    NoReadinessProbe,
+    /// The aggregator measured the workload's new pods refusing
+    /// connections after being marked ready.
+    RefusedAfterReady,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -157,6 +165,10 @@ pub fn run(
             opts,
         };
         eval.workload_findings(resolver.is_some(), &keep_alive, &mut out.findings);
+        eval.readiness_findings(&containers, &mut out.findings);
+        if let Some(resolver) = resolver.as_deref() {
+            eval.measured_startup_findings(resolver, &mut out.findings)?;
+        }
         let mut change = Change {
             workload: index,
             ..Default::default()
@@ -197,15 +209,15 @@ pub fn run(
     Ok(out)
 }
 
-struct Evaluation<'a> {
-    w: &'a Workload,
+pub(crate) struct Evaluation<'a> {
+    pub(crate) w: &'a Workload,
     file: &'a String,
     rec: Option<&'a Recommendation>,
-    opts: &'a Options,
+    pub(crate) opts: &'a Options,
 }
 
 impl Evaluation<'_> {
-    fn finding(
+    pub(crate) fn finding(
         &self,
         severity: Severity,
         problem: Problem,

@@ -31,7 +31,9 @@ impl Exit {
 pub const HELP: &str = "Exit codes:
   0  no findings (warnings may have been printed)
   1  findings: a preStop delay below the recommendation, or a grace period
-     that cannot hold preStop plus --drain-seconds
+     that cannot hold preStop plus --drain-seconds; with --fail-on-startup,
+     a routed container without readinessProbe or new pods measured
+     refusing connections after ready
   2  usage error (also with --offline-ok)
   3  a manifest could not be read or parsed (file and line are printed)
   4  the aggregator was unreachable or answered an error (--offline-ok: warn, 0)

@@ -9,6 +9,7 @@ pub mod recommendation;
 pub mod report;
 pub mod rollout;
 pub mod source;
+pub mod startup;
 pub mod textfile;
 pub mod workload;
 pub mod yaml;

@@ -88,6 +88,14 @@ struct Cli {
     #[arg(long, env = "PRESTOP_FAIL_ON_UNKNOWN")]
     fail_on_unknown: bool,
 
+    /// Treat the startup findings as errors, not warnings: a container a
+    /// Service routes to without a readinessProbe, and new pods the
+    /// aggregator measured refusing connections after being marked ready
+    /// (GET /v1/startup; needs a --token-file allowed to `get deletions`,
+    /// else only the readinessProbe check runs).
+    #[arg(long, env = "PRESTOP_FAIL_ON_STARTUP")]
+    fail_on_startup: bool,
+
     /// Exit 7 when no container a Service routes to was found (no
     /// workload kind this reads, no Service selecting one, empty input);
     /// without it that is a warning.
@@ -346,6 +354,7 @@ fn check_all(
         drain_seconds: cli.drain_seconds,
         low_confidence: cli.low_confidence,
         fail_on_unknown: cli.fail_on_unknown,
+        fail_on_startup: cli.fail_on_startup,
         hook_style: cli.hook_style,
     };
     let http = match cli.aggregator.as_deref() {

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+pub use observer_proto::api::startup::StartupReport;
 pub use observer_proto::api::{KeepAlive, Recommendation, ScopeView as Scope};
 
 /// What a scope is, in words.
@@ -88,6 +89,16 @@ pub trait Source {
         namespace: Option<&str>,
         service: Option<&str>,
     ) -> Result<Option<Recommendation>, QueryError>;
+
+    /// New pods' startup findings of one workload (`namespace/owner`);
+    /// `Ok(None)` when the source has none to give.
+    fn startup(
+        &self,
+        _namespace: &str,
+        _workload: &str,
+    ) -> Result<Option<StartupReport>, QueryError> {
+        Ok(None)
+    }
 }
 
 pub struct HttpSource {
@@ -152,26 +163,21 @@ impl HttpSource {
     }
 }
 
-impl Source for HttpSource {
-    fn query(
+impl HttpSource {
+    /// GET `path` with the parameters that are set: the status and body.
+    fn get(
         &self,
-        namespace: Option<&str>,
-        service: Option<&str>,
-    ) -> Result<Option<Recommendation>, QueryError> {
-        let url = format!("{}/v1/recommendations", self.base);
+        path: &str,
+        params: &[(&str, Option<String>)],
+    ) -> Result<(String, u16, String), QueryError> {
+        let url = format!("{}{path}", self.base);
         let mut request = self.agent.get(&url);
         if let Some(token) = &self.token {
             request = request.header("authorization", format!("Bearer {token}"));
         }
-        let params = [
-            ("namespace", namespace.map(str::to_string)),
-            ("service", service.map(str::to_string)),
-            ("quantile", self.quantile.map(|q| q.to_string())),
-            ("confidence", self.confidence.map(|c| c.to_string())),
-        ];
         for (k, v) in params {
             if let Some(v) = v {
-                request = request.query(k, v);
+                request = request.query(*k, v);
             }
         }
         let mut response = request.call().map_err(|e| QueryError::Unreachable {
@@ -186,16 +192,60 @@ impl Source for HttpSource {
                 url: url.clone(),
                 message: e.to_string(),
             })?;
+        Ok((url, status, body))
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(url: String, body: &str) -> Result<T, QueryError> {
+    serde_json::from_str(body).map_err(|e| QueryError::Body {
+        url,
+        message: e.to_string(),
+    })
+}
+
+impl Source for HttpSource {
+    fn query(
+        &self,
+        namespace: Option<&str>,
+        service: Option<&str>,
+    ) -> Result<Option<Recommendation>, QueryError> {
+        let (url, status, body) = self.get(
+            "/v1/recommendations",
+            &[
+                ("namespace", namespace.map(str::to_string)),
+                ("service", service.map(str::to_string)),
+                ("quantile", self.quantile.map(|q| q.to_string())),
+                ("confidence", self.confidence.map(|c| c.to_string())),
+            ],
+        )?;
         // The aggregator says "no measurements" with a 200 and a null
         // `preStopSeconds`; any other status (a 404 from a wrong path or a
         // proxy included) is an error, never "no data".
         match status {
-            200 => serde_json::from_str(&body)
-                .map(Some)
-                .map_err(|e| QueryError::Body {
-                    url,
-                    message: e.to_string(),
-                }),
+            200 => decode(url, &body).map(Some),
+            _ => Err(QueryError::Status { url, status, body }),
+        }
+    }
+
+    /// Reading startup findings needs `get deletions` (they name pods): a
+    /// caller without it (401, 403) or an aggregator without the endpoint
+    /// (404) gets none, which `prestop-check` says.
+    fn startup(
+        &self,
+        namespace: &str,
+        workload: &str,
+    ) -> Result<Option<StartupReport>, QueryError> {
+        let (url, status, body) = self.get(
+            "/v1/startup",
+            &[
+                ("namespace", Some(namespace.to_string())),
+                ("workload", Some(workload.to_string())),
+                ("limit", Some("0".to_string())),
+            ],
+        )?;
+        match status {
+            200 => decode(url, &body).map(Some),
+            401 | 403 | 404 => Ok(None),
             _ => Err(QueryError::Status { url, status, body }),
         }
     }
@@ -247,6 +297,16 @@ impl<'s> Resolver<'s> {
             Some(i) => Some(answers.swap_remove(i)),
             None => answers.into_iter().next(),
         })
+    }
+
+    /// New pods' startup findings of `namespace/owner` (see
+    /// [`Source::startup`]).
+    pub fn startup(
+        &self,
+        namespace: &str,
+        workload: &str,
+    ) -> Result<Option<StartupReport>, QueryError> {
+        self.source.startup(namespace, workload)
     }
 
     /// The Service's own answer, whatever its confidence.

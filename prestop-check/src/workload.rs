@@ -399,6 +399,7 @@ fn slim(spec: PodSpec) -> PodSpec {
                 name: c.name,
                 ports: c.ports,
                 lifecycle: c.lifecycle,
+                readiness_probe: c.readiness_probe,
                 ..Default::default()
             })
             .collect(),

@@ -50,6 +50,7 @@ fn populate_aggregator(m: &aggregator::metrics::Metrics) {
         router_latency,
         token_reviews,
         auth_refusals,
+        startup,
     } = m;
     let (node, namespace) = ("n1".to_string(), "shop".to_string());
     propagation_latency
@@ -102,6 +103,24 @@ fn populate_aggregator(m: &aggregator::metrics::Metrics) {
         },
         2.0,
     );
+    startup.finished(&observer_proto::api::startup::StartupRecord {
+        namespace: namespace.clone(),
+        refused_connections: 3,
+        nodes: vec![
+            observer_proto::api::startup::NodeAddition {
+                node: "n1".into(),
+                propagation_seconds: Some(0.5),
+                ..Default::default()
+            },
+            observer_proto::api::startup::NodeAddition {
+                node: "n2".into(),
+                not_added: true,
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    });
+    startup.not_watched();
     report_lag.observe(0.01);
     store_deletions.set(1);
     let scope = NamespaceService {

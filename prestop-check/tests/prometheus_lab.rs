@@ -64,6 +64,12 @@ const NEED_A_FAILING_AGENT: &[&str] = &[
     "prestop_nodes_still_routing_total",
     "prestop_observations_rejected_total",
     "prestop_auth_refusals_total",
+    // New pods refusing after ready and nodes not adding a new pod within
+    // its startup window: the lab's pods listen before they are ready and
+    // its proxies add them in 2.5 s (lab/tests/startup.rs has the case).
+    "prestop_startup_refused_connections_total",
+    "prestop_startup_nodes_not_added_total",
+    "prestop_startup_not_watched_total",
 ];
 
 /// Needs at least 20 per-node samples in the namespace over 6 h (the
@@ -487,6 +493,7 @@ fn prometheus_scrapes_the_aggregator_during_a_lab_rollout() {
             // Keep-alive connections die with SIGKILL: the aborted-connection
             // counters get data too.
             server_mode: ShutdownMode::IgnoreSigterm,
+            start: Default::default(),
             termination: Default::default(),
         })
         .await

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Detector, UnixNanos, UnknownDetector};
 
+pub mod startup;
+
 /// `GET /v1/recommendations`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]

@@ -55,21 +55,9 @@ impl TryFrom<v1::WatchedEndpoint> for Endpoint {
             pod_name: e.pod_name.clone(),
             problem,
         };
-        let ip =
-            e.ip.parse()
-                .map_err(|_| bad(format!("ip {:?} is not an IP address", e.ip)))?;
-        let ports = e
-            .ports
-            .iter()
-            .map(|&p| u16::try_from(p).map_err(|_| bad(format!("port {p} is above 65535"))))
-            .collect::<Result<_, _>>()?;
+        let (ip, ports) = address(&e.ip, &e.ports).map_err(bad)?;
         let deletion_start =
-            UnixNanos::from_wire(e.deletion_start_unix_nanos).ok_or_else(|| {
-                bad(format!(
-                    "deletion_start_unix_nanos {} is beyond the year 2262",
-                    e.deletion_start_unix_nanos
-                ))
-            })?;
+            wire_time("deletion_start_unix_nanos", e.deletion_start_unix_nanos).map_err(bad)?;
         Ok(Endpoint {
             pod_uid: e.pod_uid,
             namespace: e.namespace,
@@ -81,6 +69,24 @@ impl TryFrom<v1::WatchedEndpoint> for Endpoint {
             grace_period_seconds: e.grace_period_seconds,
         })
     }
+}
+
+/// A watched endpoint's address and ports from the wire; the problem
+/// names the field and the value.
+pub(crate) fn address(ip: &str, ports: &[u32]) -> Result<(IpAddr, Vec<u16>), String> {
+    let ip = ip
+        .parse()
+        .map_err(|_| format!("ip {ip:?} is not an IP address"))?;
+    let ports = ports
+        .iter()
+        .map(|&p| u16::try_from(p).map_err(|_| format!("port {p} is above 65535")))
+        .collect::<Result<_, _>>()?;
+    Ok((ip, ports))
+}
+
+/// A time of a watched endpoint from the wire.
+pub(crate) fn wire_time(field: &str, nanos: u64) -> Result<UnixNanos, String> {
+    UnixNanos::from_wire(nanos).ok_or_else(|| format!("{field} {nanos} is beyond the year 2262"))
 }
 
 #[cfg(test)]

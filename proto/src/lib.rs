@@ -8,11 +8,13 @@
 
 pub mod api;
 mod endpoint;
+mod new_endpoint;
 mod observation;
 mod report;
 mod time;
 
 pub use endpoint::{BadEndpoint, Endpoint};
+pub use new_endpoint::NewEndpoint;
 pub use observation::{
     BadObservation, CloseKind, ConnEvent, Detector, NewFlow, Observation, ResetCause, RulesChange,
     UnknownDetector,

@@ -11,6 +11,7 @@ use observer_proto::{ClockEstimate, CloseKind, Observation, ResetCause, UnixNano
 use super::routers;
 use super::state::{Pending, State, mark_pending};
 use crate::model::{NodeAccumulator, RulesRemoval};
+use crate::nodes::NodeIndex;
 
 /// Pseudo node for connections whose source address matches no node.
 pub const UNATTRIBUTED: &str = "unattributed";
@@ -89,16 +90,7 @@ impl State {
         tolerance_ns: i64,
     ) -> Option<Implausible> {
         let uids = self.by_ip.get(&obs.endpoint().ip())?;
-        // Destination-side events are attributed to the peer's node; a
-        // new flow's source tells whether this node routed it or only
-        // forwarded it.
-        let peer_node = match obs {
-            Observation::Accepted(_)
-            | Observation::ResetSent(_)
-            | Observation::Closed(_)
-            | Observation::NewFlow(_) => obs.peer().and_then(|ip| self.nodes.node_of(ip)),
-            _ => None,
-        };
+        let peer_node = peer_node(&self.nodes, obs);
         let peer_host = obs.peer().and_then(|ip| self.nodes.node_with_address(ip));
         let router = routers::attribute(&mut self.pods, &self.nodes, node, peer_node, obs);
         // Refusals prove routing as connections do (the source sent a new
@@ -139,6 +131,19 @@ impl State {
             }
         }
         refused
+    }
+}
+
+/// Where the other side of `obs` lives. Destination-side events are
+/// attributed to the peer's node; a new flow's source tells whether the
+/// reporting node routed it or only forwarded it.
+pub(super) fn peer_node<'a>(nodes: &'a NodeIndex, obs: &Observation) -> Option<&'a str> {
+    match obs {
+        Observation::Accepted(_)
+        | Observation::ResetSent(_)
+        | Observation::Closed(_)
+        | Observation::NewFlow(_) => obs.peer().and_then(|ip| nodes.node_of(ip)),
+        _ => None,
     }
 }
 

@@ -7,7 +7,8 @@
 //! observations into a deletion's node accumulators, `checkpoint` persists
 //! and restores them, `subscriptions` streams the endpoints to watch to the
 //! agents, `record` finishes a deletion, `routers` names and times what
-//! sent the pod connections. This module is the
+//! sent the pod connections, `new_pods` opens, feeds and closes the new
+//! pods' startup windows (`crate::startup`). This module is the
 //! facade the gRPC service and the Kubernetes watcher call, each call with
 //! the aggregator's time `now`.
 //!
@@ -24,6 +25,7 @@
 
 mod checkpoint;
 mod fold;
+mod new_pods;
 mod record;
 mod routers;
 mod state;
@@ -38,7 +40,7 @@ use tokio::sync::broadcast;
 
 pub use self::checkpoint::{CheckpointStats, RestoreStats};
 pub use self::fold::{Implausible, Plausibility, UNATTRIBUTED};
-pub use self::routers::{MAX_TRAFFIC_ROUTERS, OTHER};
+pub use self::routers::{Evidence, MAX_TRAFFIC_ROUTERS, OTHER};
 use self::state::{Agent, Pending, State, mark_agent, mark_pending};
 pub use self::subscriptions::{Subscription, SubscriptionEnded, WatchChange};
 use crate::config::Settings;
@@ -84,6 +86,8 @@ pub struct Correlator {
     metrics: Arc<Metrics>,
     state: Mutex<State>,
     changes: broadcast::Sender<WatchChange>,
+    /// The finished startup windows, for `GET /v1/startup`.
+    startup_log: Arc<crate::startup::Log>,
     /// Serialises checkpoints with deletion starts and finishes, which also
     /// write the store: a checkpoint never sees a deletion that is out of
     /// memory but not yet recorded (it would acknowledge sequences whose
@@ -94,12 +98,21 @@ pub struct Correlator {
 
 impl Correlator {
     pub fn new(settings: Arc<Settings>, store: Arc<Store>, metrics: Arc<Metrics>) -> Arc<Self> {
+        let state = State {
+            startup: crate::startup::Tracker::new(settings.startup.clone()),
+            ..State::default()
+        };
+        let startup_log = Arc::new(crate::startup::Log::new(
+            settings.startup.clone(),
+            settings.retention,
+        ));
         Arc::new(Self {
             settings,
             store,
             metrics,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             changes: broadcast::channel(subscriptions::CHANGE_BUFFER).0,
+            startup_log,
             persist: Mutex::new(()),
         })
     }
@@ -294,6 +307,12 @@ impl Correlator {
             expected_nodes = expected.len(), "deletion started"
         );
         st.by_ip.entry(d.ip).or_default().push(d.pod_uid.clone());
+        // A rollout's next step: new pods of the workload whose nodes may
+        // not all route to them yet.
+        if let Some(pod) = st.pods.get(d.ip).filter(|p| p.uid == d.pod_uid) {
+            let workload = pod.workload.clone();
+            st.startup.old_pod_deleted(workload, t0);
+        }
         let p = Pending::new(d, t0, now, expected);
         let row = checkpoint::pending_row(&p);
         let endpoint = p.endpoint();
@@ -384,6 +403,13 @@ impl Correlator {
         }
         let plausible = self.plausibility();
         for obs in report.observations {
+            // Only a startup window watches the address: nothing to keep
+            // for a deletion that may start later.
+            if st.observe_startup(&node, &obs, clock, now, plausible)
+                && !st.by_ip.contains_key(&obs.endpoint().ip())
+            {
+                continue;
+            }
             let (kind, time) = (obs.kind_name(), obs.time());
             if let Err(why) = st.observe(&node, obs, clock, now, plausible) {
                 self.metrics.rejected(why);
@@ -423,6 +449,7 @@ impl Correlator {
         if !due.is_empty() {
             self.finish(&due, now);
         }
+        self.finish_startups(now);
     }
 
     fn plausibility(&self) -> Plausibility {

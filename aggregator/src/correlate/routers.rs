@@ -48,7 +48,7 @@ pub const OTHER: &str = "other";
 
 /// What a connection event says of its router.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Evidence {
+pub enum Evidence {
     /// A new flow in the source node's conntrack.
     Flow,
     /// A socket on the source node connected.

@@ -165,6 +165,8 @@ pub(super) struct State {
     /// Pending deletions and agents changed since the last checkpoint.
     pub dirty_pending: Vec<String>,
     pub dirty_agents: Vec<String>,
+    /// New pods' startup windows (see `crate::startup`).
+    pub startup: crate::startup::Tracker,
 }
 
 /// Observations for endpoints no known deletion uses yet, kept at most

@@ -1,10 +1,10 @@
-//! Agents' endpoint subscriptions: the deletions in flight as a snapshot,
-//! then every change; an agent with a live subscription is a node the next
+//! Agents' endpoint subscriptions: the deletions in flight and the open
+//! startup windows as a snapshot, then every change; an agent with a live subscription is a node the next
 //! deletion expects a report from.
 
 use std::sync::Arc;
 
-use observer_proto::Endpoint;
+use observer_proto::{Endpoint, NewEndpoint};
 use tokio::sync::{broadcast, watch};
 
 use super::{CorrelateError, Correlator};
@@ -13,6 +13,9 @@ use super::{CorrelateError, Correlator};
 pub enum WatchChange {
     Add(Endpoint),
     Remove(Endpoint),
+    /// A new pod's startup window opened / closed.
+    AddNew(NewEndpoint),
+    RemoveNew(NewEndpoint),
     /// The snapshot of a new subscription is complete.
     Synced,
 }
@@ -26,6 +29,8 @@ pub(super) const CHANGE_BUFFER: usize = 4096;
 pub struct Subscription {
     /// Shared with every subscription since the last change.
     snapshot: Arc<[Endpoint]>,
+    /// The open startup windows when it began.
+    new_endpoints: Vec<NewEndpoint>,
     changes: broadcast::Receiver<WatchChange>,
     /// The agent's subscription generation ([`super::state::Agent`]).
     generation: watch::Receiver<u64>,
@@ -55,7 +60,14 @@ impl Subscription {
         let guard = self.guard;
         let snapshot = self.snapshot;
         let adds = (0..snapshot.len()).map(move |i| Ok(WatchChange::Add(snapshot[i].clone())));
-        let snapshot = futures::stream::iter(adds.chain(std::iter::once(Ok(WatchChange::Synced))));
+        let new = self
+            .new_endpoints
+            .into_iter()
+            .map(|e| Ok(WatchChange::AddNew(e)));
+        let snapshot = futures::stream::iter(
+            adds.chain(new)
+                .chain(std::iter::once(Ok(WatchChange::Synced))),
+        );
         let changes = BroadcastStream::new(self.changes).map(move |r| {
             let _hold = &guard;
             r.map_err(|BroadcastStreamRecvError::Lagged(n)| SubscriptionEnded::Lagged(n))
@@ -111,9 +123,11 @@ impl Correlator {
         // Snapshot and receiver under the same lock: no change falls between.
         let changes = self.changes.subscribe();
         let snapshot = st.snapshot();
+        let new_endpoints = st.startup.endpoints();
         self.metrics.agents_connected.set(st.connected_agents());
         Ok(Subscription {
             snapshot,
+            new_endpoints,
             changes,
             generation,
             guard: SubscriptionGuard {

@@ -1,6 +1,8 @@
 //! A lab pod's application: HTTP/1.1 with keep-alive, answering every
 //! request with its name. `/sleep/<ms>` answers after a delay (an in-flight
-//! request for shutdown tests). Prints `listening <addr>` once ready.
+//! request for shutdown tests). Prints `listening <addr>` once ready; with
+//! `--listen-after-ms` it prints `started` at once and listens later (a
+//! readiness probe that passes before the server listens).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -29,6 +31,13 @@ struct Args {
     /// its last request (answered with `Connection: close`) after SIGTERM.
     #[arg(long, default_value_t = 2000)]
     drain_timeout_ms: u64,
+    /// Start listening only this long after starting (printing `started`
+    /// at once): connections before then are refused.
+    #[arg(long, default_value_t = 0)]
+    listen_after_ms: u64,
+    /// For this long after it listens, answer every request 300 ms late.
+    #[arg(long, default_value_t = 0)]
+    warm_up_ms: u64,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -36,6 +45,13 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     if args.mode == ShutdownMode::Nginx {
         bail!("--mode nginx: the lab runs nginx itself for its pods, not lab-pod-server");
+    }
+    if args.listen_after_ms > 0 {
+        println!(
+            "started {}, listening in {} ms",
+            args.listen, args.listen_after_ms
+        );
+        tokio::time::sleep(Duration::from_millis(args.listen_after_ms)).await;
     }
     let listener = TcpListener::bind(args.listen)
         .await
@@ -49,11 +65,16 @@ async fn main() -> Result<()> {
             let _ = terminate_tx.send(true);
         }
     });
-    println!("listening {}", listener.local_addr()?);
+    // One line only: the lab reads the first and closes the pipe.
+    if args.listen_after_ms == 0 {
+        println!("listening {}", listener.local_addr()?);
+    }
     let config = ServerConfig {
         name: args.name,
         mode: args.mode,
         drain_timeout: Duration::from_millis(args.drain_timeout_ms),
+        warm_up_until: (args.warm_up_ms > 0)
+            .then(|| tokio::time::Instant::now() + Duration::from_millis(args.warm_up_ms)),
     };
     serve(listener, config, terminate_rx).await;
     Ok(())

@@ -43,6 +43,7 @@ pub fn lab_config(delay: &str, server_mode: ShutdownMode, seed: u64) -> LabConfi
         seed,
         pod_server: pod_server(),
         server_mode,
+        start: Default::default(),
         termination: Default::default(),
     }
 }
@@ -82,22 +83,32 @@ pub const NETLINK_BOUND_MS: f64 = 2.5;
 /// inside that window, give or take this much for the clock conversion.
 pub const LEGACY_SLACK_MS: f64 = 2.0;
 
+/// Whether a rules change measured `error_ms` off its truth (`None`:
+/// missing) is outside the bound of `mode`.
+pub fn outside_bound(
+    mode: &str,
+    error_ms: Option<f64>,
+    injected_ms: f64,
+    injected_started_ms: f64,
+) -> bool {
+    match error_ms {
+        None => true,
+        Some(error) if mode == "iptables-legacy" => {
+            let measured = injected_ms + error;
+            measured < injected_started_ms - LEGACY_SLACK_MS
+                || measured > injected_ms + LEGACY_SLACK_MS
+        }
+        Some(error) => error.abs() > NETLINK_BOUND_MS,
+    }
+}
+
 /// Every node of `deletions` whose measurement is missing or outside the
 /// bound of its mode, described.
 pub fn inaccurate(deletions: &[DeletionReport]) -> Vec<String> {
     let mut out = Vec::new();
     for d in deletions {
         for n in &d.per_node {
-            let outside = match n.error_ms {
-                None => true,
-                Some(error) if n.mode == "iptables-legacy" => {
-                    let measured = n.injected_ms + error;
-                    measured < n.injected_started_ms - LEGACY_SLACK_MS
-                        || measured > n.injected_ms + LEGACY_SLACK_MS
-                }
-                Some(error) => error.abs() > NETLINK_BOUND_MS,
-            };
-            if outside {
+            if outside_bound(&n.mode, n.error_ms, n.injected_ms, n.injected_started_ms) {
                 out.push(describe(d, n));
             }
         }

@@ -1,6 +1,7 @@
 //! `observer-agent run`: the DaemonSet mode. Learns from the aggregator
-//! which endpoints are terminating, keeps the kernel map and the dataplane
-//! detectors in sync with that set, and reports every observation.
+//! which endpoints are terminating or new (in their startup window), keeps
+//! the kernel map and the dataplane detectors in sync with that set, and
+//! reports every observation.
 
 use std::{
     collections::HashMap,
@@ -11,8 +12,7 @@ use std::{
 
 use anyhow::Context;
 use clap::Args;
-use observer_proto::Endpoint;
-use observer_proto::Observation;
+use observer_proto::{Endpoint, NewEndpoint, Observation};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{mpsc, oneshot},
@@ -253,19 +253,21 @@ fn read_kernel_counters(
     }
 }
 
-/// The watched endpoints: an address stays in the kernel map while any of
-/// its terminating pods is watched, an endpoint in the dataplane detectors
-/// and the [`WatchedSet`] while any of them names it.
+/// The watched endpoints: an address stays in the kernel map while any
+/// terminating or new pod of it is watched, an endpoint in the dataplane
+/// detectors and the [`WatchedSet`] while any of them names it.
 #[derive(Default)]
 struct Watched {
     by_pod: HashMap<String, Endpoint>,
+    /// New pods in their startup window.
+    new_by_pod: HashMap<String, NewEndpoint>,
     ip_refs: HashMap<IpAddr, usize>,
     endpoints: WatchedSet,
 }
 
 impl Watched {
     fn len(&self) -> usize {
-        self.by_pod.len()
+        self.by_pod.len() + self.new_by_pod.len()
     }
 
     fn apply(
@@ -275,55 +277,92 @@ impl Watched {
         dataplane: Option<&DataplaneWatch>,
     ) {
         match update {
-            WatchUpdate::Add(ep) => self.add(ep, kernel, dataplane),
-            WatchUpdate::Remove(ep) => self.remove(ep, kernel, dataplane),
-        }
-    }
-
-    fn add(&mut self, ep: &Endpoint, kernel: &mut Kernel, dataplane: Option<&DataplaneWatch>) {
-        if self.by_pod.insert(ep.pod_uid.clone(), ep.clone()).is_some() {
-            return;
-        }
-        let refs = self.ip_refs.entry(ep.ip).or_default();
-        *refs += 1;
-        if *refs == 1
-            && let Err(e) = kernel.watch_ip(ep.ip)
-        {
-            tracing::error!(error = %e, pod = %ep.pod_name, "cannot watch endpoint in the kernel");
-        }
-        for port in &ep.ports {
-            let endpoint = SocketAddr::new(ep.ip, *port);
-            if self.endpoints.watch(endpoint)
-                && let Some(dp) = dataplane
-            {
-                dp.watch_deleted(endpoint, ep.deletion_start);
+            WatchUpdate::Add(ep) => {
+                if self.by_pod.insert(ep.pod_uid.clone(), ep.clone()).is_none() {
+                    self.watch(ep.ip, &ep.ports, kernel, dataplane, |dp, endpoint| {
+                        dp.watch_deleted(endpoint, ep.deletion_start);
+                    });
+                    tracing::info!(pod = %ep.pod_name, namespace = %ep.namespace, ip = %ep.ip, "watching terminating endpoint");
+                }
             }
-        }
-        tracing::info!(pod = %ep.pod_name, namespace = %ep.namespace, ip = %ep.ip, "watching terminating endpoint");
-    }
-
-    fn remove(&mut self, ep: &Endpoint, kernel: &mut Kernel, dataplane: Option<&DataplaneWatch>) {
-        let Some(ep) = self.by_pod.remove(&ep.pod_uid) else {
-            return;
-        };
-        if let Some(refs) = self.ip_refs.get_mut(&ep.ip) {
-            *refs -= 1;
-            if *refs == 0 {
-                self.ip_refs.remove(&ep.ip);
-                if let Err(e) = kernel.unwatch_ip(ep.ip) {
-                    tracing::warn!(error = %e, ip = %ep.ip, "cannot unwatch endpoint in the kernel");
+            WatchUpdate::Remove(ep) => {
+                if let Some(ep) = self.by_pod.remove(&ep.pod_uid) {
+                    self.unwatch(ep.ip, &ep.ports, kernel, dataplane);
+                    tracing::info!(pod = %ep.pod_name, namespace = %ep.namespace, ip = %ep.ip, "endpoint no longer watched");
+                }
+            }
+            WatchUpdate::AddNew(ep) => {
+                if self
+                    .new_by_pod
+                    .insert(ep.pod_uid.clone(), ep.clone())
+                    .is_none()
+                {
+                    self.watch(ep.ip, &ep.ports, kernel, dataplane, |dp, endpoint| {
+                        dp.watch_added(endpoint);
+                    });
+                    tracing::info!(pod = %ep.pod_name, namespace = %ep.namespace, ip = %ep.ip, "watching new endpoint's startup");
+                }
+            }
+            WatchUpdate::RemoveNew(ep) => {
+                if let Some(ep) = self.new_by_pod.remove(&ep.pod_uid) {
+                    self.unwatch(ep.ip, &ep.ports, kernel, dataplane);
+                    tracing::info!(pod = %ep.pod_name, namespace = %ep.namespace, ip = %ep.ip, "new endpoint's startup window ended");
                 }
             }
         }
-        for port in &ep.ports {
-            let endpoint = SocketAddr::new(ep.ip, *port);
+    }
+
+    /// One more watch of `ip` and its `ports`; `first` tells the detectors
+    /// of each endpoint no other watch names yet.
+    fn watch(
+        &mut self,
+        ip: IpAddr,
+        ports: &[u16],
+        kernel: &mut Kernel,
+        dataplane: Option<&DataplaneWatch>,
+        first: impl Fn(&DataplaneWatch, SocketAddr),
+    ) {
+        let refs = self.ip_refs.entry(ip).or_default();
+        *refs += 1;
+        if *refs == 1
+            && let Err(e) = kernel.watch_ip(ip)
+        {
+            tracing::error!(error = %e, %ip, "cannot watch endpoint in the kernel");
+        }
+        for port in ports {
+            let endpoint = SocketAddr::new(ip, *port);
+            if self.endpoints.watch(endpoint)
+                && let Some(dp) = dataplane
+            {
+                first(dp, endpoint);
+            }
+        }
+    }
+
+    fn unwatch(
+        &mut self,
+        ip: IpAddr,
+        ports: &[u16],
+        kernel: &mut Kernel,
+        dataplane: Option<&DataplaneWatch>,
+    ) {
+        if let Some(refs) = self.ip_refs.get_mut(&ip) {
+            *refs -= 1;
+            if *refs == 0 {
+                self.ip_refs.remove(&ip);
+                if let Err(e) = kernel.unwatch_ip(ip) {
+                    tracing::warn!(error = %e, %ip, "cannot unwatch endpoint in the kernel");
+                }
+            }
+        }
+        for port in ports {
+            let endpoint = SocketAddr::new(ip, *port);
             if self.endpoints.unwatch(endpoint)
                 && let Some(dp) = dataplane
             {
                 dp.unwatch(endpoint);
             }
         }
-        tracing::info!(pod = %ep.pod_name, namespace = %ep.namespace, ip = %ep.ip, "endpoint no longer watched");
     }
 }
 

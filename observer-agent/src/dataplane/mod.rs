@@ -18,7 +18,10 @@
 //! [`crate::stamps`]), else at their receipt.
 //!
 //! The detectors remember recent removals of endpoints not (yet) watched:
-//! [`DataplaneWatch::watch`] reports such a removal with its original time.
+//! [`DataplaneWatch::watch`] reports such a removal with its original time;
+//! and recent additions, which [`DataplaneWatch::watch_added`] reports for
+//! a new endpoint (the node's kube-proxy may select it before the agent
+//! learns it became ready).
 //! They also know what the dataplane selects since they first read it: an
 //! endpoint whose deletion started before that read and that was no longer
 //! selected then was removed before the agent started
@@ -91,8 +94,9 @@ pub(crate) struct Change {
     detector: Detector,
 }
 
-/// Removals are remembered this long for endpoints not (yet) watched: the
-/// node's kube-proxy may act before the agent learns the pod is terminating.
+/// Removals and additions are remembered this long for endpoints not (yet)
+/// watched: the node's kube-proxy may act before the agent learns the pod
+/// is terminating, or ready.
 const RECENT_REMOVALS_NS: i64 = 15 * 60 * 1_000_000_000;
 
 /// Watched endpoints and the recent removals of every endpoint, under one
@@ -103,6 +107,8 @@ struct RulesState {
     watched: HashSet<SocketAddr>,
     /// Endpoints no longer selected, with their removal.
     recent_removals: HashMap<SocketAddr, RulesChange>,
+    /// Endpoints selected since the detectors started, with their addition.
+    recent_additions: HashMap<SocketAddr, RulesChange>,
     /// Endpoints selected now, per (endpoint, seen by the legacy
     /// detector): nf_tables and iptables-legacy select apart.
     /// Keyed by the mirror's compact address (one entry per endpoint of
@@ -116,14 +122,21 @@ impl RulesState {
     /// Forgets removals before `horizon`.
     fn forget_before(&mut self, horizon: UnixNanos) {
         self.recent_removals.retain(|_, c| c.time >= horizon);
+        self.recent_additions.retain(|_, c| c.time >= horizon);
     }
 
     fn apply(&mut self, change: &Change, rules: &RulesChange) {
         self.select(change);
-        if change.added {
-            self.recent_removals.remove(&change.endpoint);
+        let (recent, gone) = if change.added {
+            (&mut self.recent_additions, &mut self.recent_removals)
         } else {
-            self.recent_removals.insert(change.endpoint, rules.clone());
+            (&mut self.recent_removals, &mut self.recent_additions)
+        };
+        gone.remove(&change.endpoint);
+        // The first addition since the last removal: a later one (another
+        // detector, a resync) does not move when routing began.
+        if !change.added || !recent.contains_key(&change.endpoint) {
+            recent.insert(change.endpoint, rules.clone());
         }
     }
 
@@ -304,6 +317,26 @@ impl DataplaneWatch {
     /// [`Observation::RemovedBeforeStart`]: removed, at an unknown time.
     pub fn watch_deleted(&self, endpoint: SocketAddr, deletion_start: UnixNanos) {
         self.watch_from(endpoint, Some(deletion_start));
+    }
+
+    /// Reports rule changes for a new `endpoint` from now on; if this
+    /// node's rules started selecting it since the detectors started (in
+    /// the last 15 minutes), reports that addition, with its original
+    /// time, right away.
+    pub fn watch_added(&self, endpoint: SocketAddr) {
+        let mut state = lock(&self.shared.rules, "dataplane rules");
+        state.watched.insert(endpoint);
+        let earlier = state.recent_additions.get(&endpoint).cloned();
+        // Sent under the lock, so before any later change of the endpoint.
+        if let Some(change) = earlier
+            && self
+                .shared
+                .tx
+                .try_send(Observation::RulesAdded(change))
+                .is_err()
+        {
+            warn!(%endpoint, "observation channel full: earlier rules addition not reported");
+        }
     }
 
     fn watch_from(&self, endpoint: SocketAddr, deletion_start: Option<UnixNanos>) {
@@ -583,6 +616,39 @@ mod tests {
         watch.shared.read_first(Vec::new(), t(1000));
         watch.watch_deleted(ep(2), t(500));
         assert!(rx.try_recv().is_err(), "no service rules here to read");
+    }
+
+    #[test]
+    fn an_addition_before_a_new_endpoints_watch_is_reported_at_the_watch() {
+        let (watch, mut rx) = watch();
+        watch.shared.read_first(vec![change(3, true)], t(50));
+        watch.shared.report(vec![change(1, true)], t(100), 7);
+        watch.shared.report(vec![change(1, true)], t(120), 7);
+        watch.watch(ep(1));
+        assert!(rx.try_recv().is_err(), "a deletion's watch: no addition");
+        watch.unwatch(ep(1));
+        watch.watch_added(ep(1));
+        match rx.try_recv() {
+            Ok(Observation::RulesAdded(c)) => {
+                assert_eq!((c.endpoint, c.time, c.precision_ns), (ep(1), t(100), 7));
+            }
+            other => panic!("expected the first addition, got {other:?}"),
+        }
+        watch.shared.report(vec![change(2, true)], t(200), 1);
+        watch.shared.report(vec![change(2, false)], t(210), 1);
+        watch.watch_added(ep(2));
+        assert!(rx.try_recv().is_err(), "removed again: nothing selects it");
+        watch.watch_added(ep(3));
+        assert!(
+            rx.try_recv().is_err(),
+            "selected at the first read: when is unknown"
+        );
+        watch.watch_added(ep(4));
+        watch.shared.report(vec![change(4, true)], t(300), 1);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Observation::RulesAdded(c)) if c.endpoint == ep(4) && c.time == t(300)
+        ));
     }
 
     #[test]

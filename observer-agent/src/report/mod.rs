@@ -11,20 +11,23 @@
 
 mod buffer;
 mod credentials;
+mod watches;
 
 pub use credentials::{Credentials, CredentialsError};
 
 use crate::clock::ExchangeFilter;
-use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use watches::Watches;
 
 use observer_proto::v1 as pb;
 use observer_proto::v1::observer_client::ObserverClient;
-use observer_proto::{AgentCounters, ClockEstimate, Endpoint, Observation, Report, UnixNanos};
+use observer_proto::{
+    AgentCounters, ClockEstimate, Endpoint, NewEndpoint, Observation, Report, UnixNanos,
+};
 use tokio::sync::mpsc;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{self, Channel};
@@ -99,6 +102,9 @@ impl ReporterConfig {
 pub enum WatchUpdate {
     Add(Endpoint),
     Remove(Endpoint),
+    /// A new endpoint's startup window opened / ended.
+    AddNew(NewEndpoint),
+    RemoveNew(NewEndpoint),
 }
 
 /// What a reporter did, returned when it stops.
@@ -173,7 +179,8 @@ pub async fn run(
         rx: observations,
         rx_open: true,
         watch_tx,
-        watched: HashMap::new(),
+        watched: Watches::default(),
+        watched_new: Watches::default(),
         clock: None,
         exchanges: ExchangeFilter::default(),
         summary: Summary::default(),
@@ -210,7 +217,8 @@ struct Reporter<S> {
     rx: mpsc::Receiver<Observation>,
     rx_open: bool,
     watch_tx: mpsc::Sender<WatchUpdate>,
-    watched: HashMap<String, Endpoint>,
+    watched: Watches<Endpoint>,
+    watched_new: Watches<NewEndpoint>,
     buffer: Buffer,
     clock: Option<ClockEstimate>,
     exchanges: ExchangeFilter,
@@ -313,8 +321,8 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
         mut reports: Reports,
         clock_interval_seconds: u32,
     ) -> Result<End, ReportError> {
-        // Endpoints in the new subscription's snapshot, until `synced`.
-        let mut snapshot: Option<HashSet<String>> = Some(HashSet::new());
+        self.watched.subscribed();
+        self.watched_new.subscribed();
         let mut flush = tokio::time::interval(self.cfg.flush_interval);
         let mut clock = tokio::time::interval(Duration::from_secs(u64::from(
             clock_interval_seconds.max(1),
@@ -324,7 +332,7 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
                 biased;
                 () = self.shutdown.as_mut() => return Ok(End::Shutdown),
                 ev = stream.message() => match ev {
-                    Ok(Some(ev)) => self.watch_event(ev, &mut snapshot).await?,
+                    Ok(Some(ev)) => self.watch_event(ev).await?,
                     Ok(None) => return Ok(End::Lost("endpoint stream ended".into())),
                     Err(s) => return Ok(End::Lost(format!("endpoint stream: {s}"))),
                 },
@@ -370,45 +378,38 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
         }
     }
 
-    async fn watch_event(
-        &mut self,
-        ev: pb::WatchEvent,
-        snapshot: &mut Option<HashSet<String>>,
-    ) -> Result<(), ReportError> {
+    async fn watch_event(&mut self, ev: pb::WatchEvent) -> Result<(), ReportError> {
         use pb::watch_event::Event;
         let update = match ev.event {
-            Some(Event::Add(e)) => {
-                let Some(e) = endpoint(e) else { return Ok(()) };
-                if let Some(s) = snapshot.as_mut() {
-                    s.insert(e.pod_uid.clone());
-                }
-                if self.watched.contains_key(&e.pod_uid) {
-                    return Ok(());
-                }
-                self.watched.insert(e.pod_uid.clone(), e.clone());
-                vec![WatchUpdate::Add(e)]
-            }
-            Some(Event::Remove(e)) => match self.watched.remove(&e.pod_uid) {
-                Some(e) => vec![WatchUpdate::Remove(e)],
-                None => return Ok(()),
-            },
+            Some(Event::Add(e)) => endpoint(e)
+                .and_then(|e| self.watched.add(&e.pod_uid.clone(), e))
+                .map(WatchUpdate::Add)
+                .into_iter()
+                .collect(),
+            Some(Event::Remove(e)) => self
+                .watched
+                .remove(&e.pod_uid)
+                .map(WatchUpdate::Remove)
+                .into_iter()
+                .collect(),
+            Some(Event::AddNew(e)) => new_endpoint(e)
+                .and_then(|e| self.watched_new.add(&e.pod_uid.clone(), e))
+                .map(WatchUpdate::AddNew)
+                .into_iter()
+                .collect(),
+            Some(Event::RemoveNew(e)) => self
+                .watched_new
+                .remove(&e.pod_uid)
+                .map(WatchUpdate::RemoveNew)
+                .into_iter()
+                .collect(),
+            // Watched before the reconnect, absent now: finished meanwhile.
             Some(Event::Synced(_)) => {
-                // Watched before the reconnect, absent now: finished meanwhile.
-                let Some(current) = snapshot.take() else {
-                    return Ok(());
-                };
-                let gone: Vec<String> = self
-                    .watched
-                    .keys()
-                    .filter(|u| !current.contains(*u))
-                    .cloned()
-                    .collect();
-                gone.iter()
-                    .filter_map(|u| self.watched.remove(u))
-                    .map(WatchUpdate::Remove)
-                    .collect()
+                let gone = self.watched.synced().into_iter().map(WatchUpdate::Remove);
+                let ended = self.watched_new.synced().into_iter();
+                gone.chain(ended.map(WatchUpdate::RemoveNew)).collect()
             }
-            None => return Ok(()),
+            None => Vec::new(),
         };
         for u in update {
             self.watch_tx
@@ -552,5 +553,11 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
 fn endpoint(e: pb::WatchedEndpoint) -> Option<Endpoint> {
     Endpoint::try_from(e)
         .inspect_err(|e| tracing::warn!(error = %e, "aggregator sent an endpoint that does not decode; ignored"))
+        .ok()
+}
+
+fn new_endpoint(e: pb::NewEndpoint) -> Option<NewEndpoint> {
+    NewEndpoint::try_from(e)
+        .inspect_err(|e| tracing::warn!(error = %e, "aggregator sent a new endpoint that does not decode; ignored"))
         .ok()
 }

@@ -14,6 +14,7 @@ use aggregator::http::{self, HttpState};
 use aggregator::store::Store;
 use apiserver_double::ApiServerDouble;
 use lab::identity;
+use observer_proto::api::startup::StartupRecord;
 use observer_proto::api::{Coverage, DeletionRecord, Mode, NodeClass, NodeMeasurement};
 use observer_proto::{Detector, UnixNanos};
 
@@ -61,16 +62,21 @@ pub fn deletion(i: usize, namespace: &str, service: &str, seconds: f64) -> Delet
 }
 
 pub fn start(records: &[DeletionRecord]) -> Aggregator {
-    serve(records, false)
+    serve(records, &[], false)
+}
+
+/// [`start`] whose `/v1/startup` has these new pods' finished windows.
+pub fn start_with_startups(records: &[DeletionRecord], startups: &[StartupRecord]) -> Aggregator {
+    serve(records, startups, false)
 }
 
 /// [`start`] with `--protect-recommendations`: readers need a token the
 /// double's TokenReview and SubjectAccessReview accept.
 pub fn start_protected(records: &[DeletionRecord]) -> Aggregator {
-    serve(records, true)
+    serve(records, &[], true)
 }
 
-fn serve(records: &[DeletionRecord], protected: bool) -> Aggregator {
+fn serve(records: &[DeletionRecord], startups: &[StartupRecord], protected: bool) -> Aggregator {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path().join("store.db")).unwrap();
     for r in records {
@@ -90,6 +96,9 @@ fn serve(records: &[DeletionRecord], protected: bool) -> Aggregator {
         ..Settings::default()
     };
     let mut state = HttpState::new(Arc::new(store), settings);
+    for s in startups {
+        state.startup.push(s.clone(), UnixNanos::now());
+    }
     let (double, token_file) = if protected {
         let double = runtime.block_on(ApiServerDouble::start()).unwrap();
         let client = runtime.block_on(async { double.client() }).unwrap();

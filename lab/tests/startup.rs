@@ -1,0 +1,159 @@
+//! End to end, the startup side: the real agents and aggregator watch the
+//! pods a rollout starts. A server marked ready before it listens refuses
+//! the connections the nodes already route to it: counted, attributed to
+//! the nodes that sent them, and the aggregator's finding names the
+//! workload; a server that listens before it is ready yields none. Each
+//! node's addition of a new pod is measured within the same bounds as
+//! removals.
+
+mod common;
+
+use std::time::Duration;
+
+use lab::{
+    observer::Observer,
+    scenario::{Lab, LabConfig, RolloutResult},
+    server::ShutdownMode,
+    startup::{self, NewPodReport, StartBehaviour},
+};
+use observer_proto::api::startup::StartupReport;
+
+/// The lab's Service pods belong to the Deployment `web`.
+const WORKLOAD: &str = "default/web";
+
+async fn run(test: &str, start: StartBehaviour, seed: u64) -> (RolloutResult, StartupReport) {
+    let dir = common::work_dir(test);
+    let binaries = common::binaries(Duration::from_secs(10));
+    let mut lab = Lab::start(LabConfig {
+        start,
+        ..common::lab_config("100ms..700ms", ShutdownMode::Graceful, seed)
+    })
+    .await
+    .expect("lab");
+    let observer = Observer::start(&lab, &binaries, &dir)
+        .await
+        .expect("observer");
+    let run = lab
+        .rollout(&common::rollout(3, Duration::from_secs(2)), |p| {
+            eprintln!("{p}")
+        })
+        .await
+        .expect("rollout");
+    let measured = startup::wait_measured(&observer, &run.new_pods)
+        .await
+        .expect("startup windows");
+    observer.shutdown().await;
+    lab.shutdown().await.expect("shutdown");
+    (run, measured)
+}
+
+fn reports(run: &RolloutResult, measured: &StartupReport) -> Vec<NewPodReport> {
+    let section = startup::StartupSection::new(&[("e2e".into(), run.new_pods.clone())], measured);
+    let mut text = String::new();
+    section.write(&mut text);
+    eprintln!("{text}");
+    section.new_pods
+}
+
+/// Every node's addition of every new pod outside the bound of its mode.
+fn inaccurate(pods: &[NewPodReport]) -> Vec<String> {
+    pods.iter()
+        .flat_map(|p| p.per_node.iter().map(move |n| (p, n)))
+        .filter(|(_, n)| {
+            common::outside_bound(&n.mode, n.error_ms, n.injected_ms, n.injected_started_ms)
+        })
+        .map(|(p, n)| {
+            format!(
+                "{} on {} ({}): added measured {:?} ms, injected {:.1} ms (transaction began {:.1} ms)",
+                p.pod, n.node, n.mode, n.measured_ms, n.injected_ms, n.injected_started_ms
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_listening_after_ready_refuses_and_the_finding_names_its_workload() {
+    if !lab::root::root_or_skip(
+        "a_server_listening_after_ready_refuses_and_the_finding_names_its_workload",
+    ) {
+        return;
+    }
+    let _serial = common::SERIAL.lock().await;
+    let slow = StartBehaviour::SlowStart(Duration::from_secs(3));
+    let (run, measured) = run("slow-start", slow, 23).await;
+    let pods = reports(&run, &measured);
+    assert_eq!(pods.len(), 3);
+    for p in &pods {
+        assert!(p.measured, "{} has no startup record", p.pod);
+        assert!(
+            p.refused_after_ready > 0,
+            "{} refused nothing though it listened 3 s after ready",
+            p.pod
+        );
+        assert!(
+            !p.refused_by.is_empty() && p.refused_by.iter().all(|r| r.starts_with("node/")),
+            "{}: refusals attributed to {:?}, not to the nodes whose clients sent them",
+            p.pod,
+            p.refused_by
+        );
+    }
+    let finding = measured
+        .findings
+        .iter()
+        .find(|f| f.workload == WORKLOAD)
+        .unwrap_or_else(|| panic!("no finding for {WORKLOAD}: {:?}", measured.findings));
+    assert_eq!((finding.pods_refusing, finding.new_pods), (3, 3));
+    assert!(finding.message.contains(WORKLOAD), "{}", finding.message);
+    assert!(
+        finding.refusing_for_seconds < 3.5,
+        "refusals after the server listened: {finding:?}"
+    );
+    let off = inaccurate(&pods);
+    assert!(
+        off.is_empty(),
+        "additions off the injected truth:\n{}",
+        off.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_listening_before_ready_yields_no_finding() {
+    if !lab::root::root_or_skip("a_server_listening_before_ready_yields_no_finding") {
+        return;
+    }
+    let _serial = common::SERIAL.lock().await;
+    let (run, measured) = run("graceful-start", StartBehaviour::Immediate, 29).await;
+    let pods = reports(&run, &measured);
+    assert_eq!(pods.len(), 3);
+    for p in &pods {
+        assert!(p.measured, "{} has no startup record", p.pod);
+        assert_eq!(p.refused_after_ready, 0, "{} refused connections", p.pod);
+        assert!(
+            p.ready_to_first_accepted_ms.is_some(),
+            "{} accepted nothing in its window",
+            p.pod
+        );
+    }
+    assert!(measured.findings.is_empty(), "{:?}", measured.findings);
+    // The lab's rollout deletes an old pod as soon as its replacement is
+    // ready, before any node's proxy (100-700 ms) routes to it.
+    let rollout = measured
+        .rollout_findings
+        .iter()
+        .find(|f| f.workload == WORKLOAD)
+        .unwrap_or_else(|| panic!("no rollout finding: {:?}", measured.rollout_findings));
+    assert!(
+        rollout.pods_affected >= 1 && rollout.max_nodes_affected >= 1,
+        "{rollout:?}"
+    );
+    assert!(
+        rollout.max_nodes_affected <= 3,
+        "more nodes than the lab has: {rollout:?}"
+    );
+    let off = inaccurate(&pods);
+    assert!(
+        off.is_empty(),
+        "additions off the injected truth:\n{}",
+        off.join("\n")
+    );
+}
