@@ -56,21 +56,23 @@ pub fn deletions(n: usize, namespace: &str, service: &str, seconds: f64) -> Vec<
 
 /// Services of the tests: `shop/web` routes `app: web` on port 8080.
 pub fn services() -> Vec<RoutingService> {
-    [("shop", "web", "web"), ("lab", "web", "web")]
-        .into_iter()
-        .filter_map(|(ns, name, app)| {
-            let svc: Service = serde_json::from_value(json!({
-                "metadata": {"name": name, "namespace": ns},
-                "spec": {"selector": {"app": app}, "ports": [{"port": 80, "targetPort": 8080}]}
-            }))
-            .unwrap();
-            RoutingService::of(svc, ns)
-        })
-        .collect()
+    vec![service("shop", "web", "web"), service("lab", "web", "web")]
+}
+
+/// `namespace/name` selecting `app: <app>`, port 80 to 8080.
+pub fn service(namespace: &str, name: &str, app: &str) -> RoutingService {
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"selector": {"app": app}, "ports": [{"port": 80, "targetPort": 8080}]}
+    }))
+    .unwrap();
+    RoutingService::of(svc, namespace).unwrap()
 }
 
 pub struct Options {
     pub records: Vec<DeletionRecord>,
+    /// The Services the webhook knows.
+    pub services: Vec<RoutingService>,
     /// `false`: the aggregator is down (a closed port).
     pub aggregator_up: bool,
     pub settings: inject::Settings,
@@ -80,6 +82,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             records: deletions(300, "shop", "web", 5.5),
+            services: services(),
             aggregator_up: true,
             settings: inject::Settings {
                 sleep_action: true,
@@ -119,7 +122,7 @@ impl Env {
             let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             format!("http://{}", closed.local_addr().unwrap())
         };
-        let routes = Routes::of(services());
+        let routes = Routes::of(o.services);
         let recommendations = Recommendations::default();
         let source = HttpSource::new(
             &aggregator_url,
