@@ -6,8 +6,12 @@
 //! of shop/web); CONCURRENCY clients on keep-alive connections post
 //! AdmissionReview v1 requests for a routed Deployment whose preStop is
 //! short (so every answer carries findings and the fix) to `/validate`,
-//! then `/mutate`, back to back for BENCH_SECONDS (default 5) each. The
-//! latency is the client's: request written to answer read.
+//! then `/mutate`, for BENCH_SECONDS (default 5) each: first back to back
+//! (saturation: the throughput, and latency that is mostly queueing behind
+//! the other 15 clients), then paced, each client one request every
+//! BENCH_PACE_MS (default 100: 160 requests/s in all, above the admission
+//! rate of a busy cluster's API server). The latency is the client's: request written to
+//! answer read.
 
 #[allow(dead_code)]
 #[path = "../tests/common/mod.rs"]
@@ -27,6 +31,12 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
+    let pace = Duration::from_millis(
+        std::env::var("BENCH_PACE_MS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(100),
+    );
     let mut known = services();
     for ns in 0..NAMESPACES {
         for s in 0..SERVICES_PER_NAMESPACE {
@@ -49,10 +59,15 @@ fn main() {
     );
     let review = request("CREATE", &obj);
     println!(
-        "{} Services known, {CONCURRENCY} concurrent clients over HTTPS, {seconds} s per path",
+        "{} Services known, {CONCURRENCY} concurrent clients over HTTPS, {seconds} s per path, paced every {pace:?}",
         NAMESPACES * SERVICES_PER_NAMESPACE + 2
     );
-    for path in ["/validate", "/mutate"] {
+    for (path, paced) in [
+        ("/validate", false),
+        ("/mutate", false),
+        ("/validate", true),
+        ("/mutate", true),
+    ] {
         // Warm-up: connections and handshakes.
         for _ in 0..CONCURRENCY {
             env.review(path, &review);
@@ -63,7 +78,12 @@ fn main() {
                 .map(|_| {
                     scope.spawn(|| {
                         let mut own = Vec::new();
+                        let mut next = Instant::now();
                         while Instant::now() < until {
+                            if paced {
+                                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                                next += pace;
+                            }
                             let start = Instant::now();
                             let r = env.review(path, &review);
                             own.push(start.elapsed());
@@ -82,7 +102,8 @@ fn main() {
         let at =
             |q: f64| latencies[((latencies.len() as f64 * q).ceil() as usize).saturating_sub(1)];
         println!(
-            "{path}: {} answers, {:.0}/s; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            "{path} {}: {} answers, {:.0}/s; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            if paced { "paced" } else { "saturating" },
             latencies.len(),
             latencies.len() as f64 / seconds as f64,
             at(0.5).as_secs_f64() * 1e3,

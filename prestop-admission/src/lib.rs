@@ -36,12 +36,13 @@ pub mod server;
 pub mod tls;
 pub mod verdict;
 
-/// Labels and annotations this webhook reads or writes.
+/// Labels and annotations this webhook reads or writes (the namespace
+/// labels `observer.prestop.dev/admission` and `observer.prestop.dev/inject`
+/// are read by the webhook configurations' namespace selectors).
 pub mod names {
-    /// Namespace label: `enforce` denies, `off` excludes the namespace.
+    /// Namespace label: `enforce` denies, `off` excludes the namespace; named
+    /// in denials.
     pub const MODE_LABEL: &str = "observer.prestop.dev/admission";
-    /// Namespace label: `true` opts in to injection.
-    pub const INJECT_LABEL: &str = "observer.prestop.dev/inject";
     /// Workload annotation: what the webhook injected.
     pub const INJECTED: &str = "observer.prestop.dev/injected";
     /// Workload annotation: where the injected number comes from.

@@ -5,6 +5,8 @@ use prestop_check::check::{Finding, HookStyle, Severity, WorkloadOutcome};
 use prestop_check::fix;
 use prestop_check::workload::Workload;
 
+use crate::names;
+
 /// Shown once per answer when nothing could be compared.
 pub fn unavailable(reason: &str) -> String {
     format!("prestop-admission: {reason}; preStop delays were not checked")
@@ -62,8 +64,9 @@ pub fn denial(w: &Workload, outcome: &WorkloadOutcome, style: HookStyle) -> Opti
         return None;
     }
     let mut s = format!(
-        "{} would lose requests at shutdown (namespace label observer.prestop.dev/admission=enforce):\n{}",
+        "{} would lose requests at shutdown (namespace label {}=enforce):\n{}",
         w.object(),
+        names::MODE_LABEL,
         errors.join("\n")
     );
     if let Some(fix) = fix_line(w, outcome, style) {
