@@ -19,7 +19,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Env, Options, object, pod_spec, request, service, services};
+use common::{Env, Options, request, routed, service, services};
 use serde_json::json;
 
 const CONCURRENCY: usize = 16;
@@ -51,12 +51,7 @@ fn main() {
         services: known,
         ..Options::default()
     });
-    let obj = object(
-        "Deployment",
-        "shop",
-        json!({"app": "web"}),
-        pod_spec(None, None),
-    );
+    let obj = routed("Deployment", None, None);
     let review = request("CREATE", &obj);
     println!(
         "{} Services known, {CONCURRENCY} concurrent clients over HTTPS, {seconds} s per path, paced every {pace:?}",

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Env, KINDS, Options, deletions, object, pod_spec, request, spec_of};
+use common::{Env, KINDS, Options, deletions, object, pod_spec, request, routed, spec_of};
 use kube::core::admission::AdmissionResponse;
 use prestop_admission::inject;
 use serde_json::{Value, json};
@@ -55,12 +55,7 @@ fn warn_mode_names_every_short_hook_of_every_kind_with_the_number_its_confidence
     let env = Env::start(Options::default());
     for (group, _, kind, _) in KINDS {
         for (form, lifecycle, short) in hook_forms() {
-            let obj = object(
-                kind,
-                "shop",
-                json!({"app": "web"}),
-                pod_spec(lifecycle, None),
-            );
+            let obj = routed(kind, lifecycle, None);
             let r = env.review("/validate", &request("CREATE", &obj));
             assert!(r.allowed, "{kind} {form}: warn mode never denies");
             assert!(
@@ -111,12 +106,7 @@ fn warn_mode_names_every_short_hook_of_every_kind_with_the_number_its_confidence
 #[test]
 fn the_documented_warning_text() {
     let env = Env::start(Options::default());
-    let obj = object(
-        "Deployment",
-        "shop",
-        json!({"app": "web"}),
-        pod_spec(None, Some(5)),
-    );
+    let obj = routed("Deployment", None, Some(5));
     let w = warnings(&env.review("/validate", &request("CREATE", &obj)));
     assert_eq!(
         w,
@@ -133,12 +123,7 @@ fn the_documented_warning_text() {
 fn a_grace_period_shorter_than_the_hook_is_named() {
     let env = Env::start(Options::default());
     let long = json!({"preStop": {"sleep": {"seconds": 10}}});
-    let obj = object(
-        "DaemonSet",
-        "shop",
-        json!({"app": "web"}),
-        pod_spec(Some(long), Some(5)),
-    );
+    let obj = routed("DaemonSet", Some(long), Some(5));
     let w = warnings(&env.review("/validate", &request("CREATE", &obj)));
     assert_eq!(
         w,
@@ -153,12 +138,7 @@ fn a_grace_period_shorter_than_the_hook_is_named() {
 fn hooks_of_unknown_length_are_warned_about_never_taken_as_zero() {
     let env = Env::start(Options::default());
     let http = json!({"preStop": {"httpGet": {"path": "/drain", "port": 8080}}});
-    let obj = object(
-        "Deployment",
-        "shop",
-        json!({"app": "web"}),
-        pod_spec(Some(http), None),
-    );
+    let obj = routed("Deployment", Some(http), None);
     for path in ["/validate", "/validate/enforce"] {
         let r = env.review(path, &request("CREATE", &obj));
         assert!(r.allowed, "{path}: an unknown hook is a warning");
@@ -175,7 +155,7 @@ fn hooks_of_unknown_length_are_warned_about_never_taken_as_zero() {
 fn enforce_denies_with_what_to_fix_and_admits_what_is_enough() {
     let env = Env::start(Options::default());
     for (_, _, kind, _) in KINDS {
-        let short = object(kind, "shop", json!({"app": "web"}), pod_spec(None, None));
+        let short = routed(kind, None, None);
         let r = env.review("/validate/enforce", &request("CREATE", &short));
         assert!(!r.allowed, "{kind}: denied");
         assert_eq!(r.result.code, 403);
@@ -196,11 +176,10 @@ fn enforce_denies_with_what_to_fix_and_admits_what_is_enough() {
             message.ends_with("to be warned instead of denied, remove the namespace label."),
             "{message}"
         );
-        let enough = object(
+        let enough = routed(
             kind,
-            "shop",
-            json!({"app": "web"}),
-            pod_spec(Some(json!({"preStop": {"sleep": {"seconds": 8}}})), None),
+            Some(json!({"preStop": {"sleep": {"seconds": 8}}})),
+            None,
         );
         let r = env.review("/validate/enforce", &request("UPDATE", &enough));
         assert!(r.allowed && r.warnings.is_none(), "{kind}: {r:?}");
@@ -213,12 +192,7 @@ fn low_confidence_recommendations_never_deny() {
         records: deletions(3, "shop", "web", 2.0),
         ..Options::default()
     });
-    let obj = object(
-        "Deployment",
-        "shop",
-        json!({"app": "web"}),
-        pod_spec(None, None),
-    );
+    let obj = routed("Deployment", None, None);
     let r = env.review("/validate/enforce", &request("CREATE", &obj));
     assert!(r.allowed, "{:?}", r.result);
     let w = warnings(&r);
@@ -248,17 +222,12 @@ fn unrouted_workloads_jobs_owned_objects_and_pod_updates_are_left_alone() {
         json!({"app": "web"}),
         pod_spec(None, None),
     );
-    let job = object("Job", "shop", json!({"app": "web"}), pod_spec(None, None));
-    let mut owned = object(
-        "ReplicaSet",
-        "shop",
-        json!({"app": "web"}),
-        pod_spec(None, None),
-    );
+    let job = routed("Job", None, None);
+    let mut owned = routed("ReplicaSet", None, None);
     owned["metadata"]["ownerReferences"] = json!([{
         "apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": "u", "controller": true
     }]);
-    let pod = object("Pod", "shop", json!({"app": "web"}), pod_spec(None, None));
+    let pod = routed("Pod", None, None);
     let cases = [
         ("unrouted", "CREATE", &unrouted),
         ("another namespace", "CREATE", &other_namespace),
@@ -284,12 +253,7 @@ fn aggregator_down_warns_once_and_never_denies_or_injects() {
         aggregator_up: false,
         ..Options::default()
     });
-    let obj = object(
-        "Deployment",
-        "shop",
-        json!({"app": "web"}),
-        pod_spec(None, None),
-    );
+    let obj = routed("Deployment", None, None);
     for path in ["/validate", "/validate/enforce", "/mutate"] {
         let r = env.review(path, &request("CREATE", &obj));
         assert!(r.allowed && r.patch.is_none(), "{path}");
@@ -325,7 +289,7 @@ fn inject_sets_the_sleep_on_routed_containers_without_a_hook_and_raises_the_grac
         ..Options::default()
     });
     for (_, _, kind, _) in KINDS {
-        let obj = object(kind, "shop", json!({"app": "web"}), pod_spec(None, None));
+        let obj = routed(kind, None, None);
         let (out, w) = mutated(&env, &obj);
         let mut expected = obj.clone();
         let spec = if *kind == "Pod" {
@@ -357,14 +321,10 @@ fn inject_keeps_existing_hooks_and_annotations_and_never_lowers_the_grace_period
     let env = Env::start(Options::default());
     // An explicit long grace period stays; other annotations stay; an
     // existing lifecycle keeps its postStart.
-    let mut obj = object(
+    let mut obj = routed(
         "Deployment",
-        "shop",
-        json!({"app": "web"}),
-        pod_spec(
-            Some(json!({"postStart": {"exec": {"command": ["touch", "/ready"]}}})),
-            Some(120),
-        ),
+        Some(json!({"postStart": {"exec": {"command": ["touch", "/ready"]}}})),
+        Some(120),
     );
     obj["metadata"]["annotations"] = json!({"team": "checkout"});
     let (out, _) = mutated(&env, &obj);
@@ -380,11 +340,10 @@ fn inject_keeps_existing_hooks_and_annotations_and_never_lowers_the_grace_period
         "app: preStop sleep 7s"
     );
     // A short hook is the validating webhook's to warn about, not replaced.
-    let short = object(
+    let short = routed(
         "Deployment",
-        "shop",
-        json!({"app": "web"}),
-        pod_spec(Some(json!({"preStop": {"sleep": {"seconds": 2}}})), None),
+        Some(json!({"preStop": {"sleep": {"seconds": 2}}})),
+        None,
     );
     let r = env.review("/mutate", &request("CREATE", &short));
     assert!(
@@ -403,12 +362,7 @@ fn without_the_sleep_action_inject_writes_exec_sleep_only_where_the_image_has_a_
         ..Options::default()
     });
     // Unknown image: nothing injected, and a warning says how to declare it.
-    let plain = object(
-        "StatefulSet",
-        "shop",
-        json!({"app": "web"}),
-        pod_spec(None, None),
-    );
+    let plain = routed("StatefulSet", None, None);
     let r = env.review("/mutate", &request("CREATE", &plain));
     assert!(r.patch.is_none());
     assert_eq!(

@@ -279,6 +279,16 @@ pub fn pod_spec(lifecycle: Option<Value>, grace: Option<i64>) -> Value {
     spec
 }
 
+/// A `kind` in shop whose pods `shop/web` routes to (see [`pod_spec`]).
+pub fn routed(kind: &str, lifecycle: Option<Value>, grace: Option<i64>) -> Value {
+    object(
+        kind,
+        "shop",
+        json!({"app": "web"}),
+        pod_spec(lifecycle, grace),
+    )
+}
+
 /// The pod spec inside `object`.
 pub fn spec_of(object: &Value) -> &Value {
     if object["kind"] == "Pod" {
