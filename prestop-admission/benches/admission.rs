@@ -20,7 +20,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Env, Options, request, routed, service, services};
-use serde_json::json;
 
 const CONCURRENCY: usize = 16;
 const NAMESPACES: usize = 40;
