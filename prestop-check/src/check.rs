@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::hook::{Hook, fmt_secs};
 use crate::recommendation::{self, QueryError, Recommendation, Resolver};
-use crate::workload::{Inventory, Workload};
+use crate::workload::{Inventory, RoutingService, Workload};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LowConfidence {
@@ -125,86 +125,111 @@ pub fn run(
     let mut out = Outcome::default();
     for (index, w) in inventory.workloads.iter().enumerate() {
         let services = inventory.services_for(w);
-        if services.is_empty() {
-            continue;
-        }
-        let mut recs = Vec::new();
-        // Keep-alive advice is about the connections of the scope it was
-        // measured in: only a Service's own answer carries it here.
-        let mut keep_alive = Vec::new();
-        if let Some(resolver) = resolver.as_deref_mut() {
-            for svc in &services {
-                recs.extend(resolver.resolve(&svc.namespace, &svc.name)?);
-                keep_alive.extend(
-                    resolver
-                        .own(&svc.namespace, &svc.name)?
-                        .filter(|r| r.keep_alive.finding.is_some()),
-                );
-            }
-        }
-        // Several Services may route to one workload; the longest
-        // recommendation binds.
-        let binding = recs.iter().max_by_key(|r| r.pre_stop_seconds).cloned();
-        let mut containers: Vec<&Container> = Vec::new();
-        for c in services
-            .iter()
-            .flat_map(|s| s.serving_containers(&w.pod_spec))
-        {
-            if !containers.iter().any(|seen| seen.name == c.name) {
-                containers.push(c);
-            }
-        }
-        let service_names: Vec<String> = services
-            .iter()
-            .map(|s| format!("{}/{}", s.namespace, s.name))
-            .collect();
-        let eval = Evaluation {
-            w,
-            file: &files[w.file],
-            rec: binding.as_ref(),
-            opts,
-        };
-        eval.workload_findings(resolver.is_some(), &keep_alive, &mut out.findings);
-        eval.readiness_findings(&containers, &mut out.findings);
-        if let Some(resolver) = resolver.as_deref() {
-            eval.measured_startup_findings(resolver, &mut out.findings)?;
-        }
-        let mut change = Change {
+        let one = workload(w, &services, &files[w.file], resolver.as_deref_mut(), opts)?;
+        out.findings.extend(one.findings);
+        out.checked.extend(one.checked);
+        out.changes.extend(one.change.map(|change| Change {
             workload: index,
-            ..Default::default()
-        };
-        for c in containers {
-            let name = c.name.as_str();
-            let hook = Hook::of(c);
-            eval.container_findings(name, &hook, &mut out.findings, &mut change);
-            out.checked.push(Checked {
-                file: eval.file.clone(),
-                line: w.container_line(name),
-                namespace: w.namespace.clone(),
-                kind: w.kind.clone(),
-                workload: w.name.clone(),
-                container: name.to_string(),
-                services: service_names.clone(),
-                pre_stop_seconds: hook.seconds(),
-                pre_stop: hook.describe(),
-                termination_grace_period_seconds: w.grace_seconds(),
-                recommendation: binding.clone(),
-            });
+            ..change
+        }));
+    }
+    Ok(out)
+}
+
+/// What checking one workload found.
+#[derive(Debug, Default)]
+pub struct WorkloadOutcome {
+    pub findings: Vec<Finding>,
+    pub checked: Vec<Checked>,
+    /// `None` when nothing needs to change.
+    pub change: Option<Change>,
+}
+
+/// Checks one workload against the Services that route to it (`file`
+/// names where it was read): the one evaluation behind the CLI and the
+/// admission webhook. A workload no Service routes to has nothing to check.
+pub fn workload(
+    w: &Workload,
+    services: &[&RoutingService],
+    file: &String,
+    mut resolver: Option<&mut Resolver<'_>>,
+    opts: &Options,
+) -> Result<WorkloadOutcome, QueryError> {
+    let mut out = WorkloadOutcome::default();
+    if services.is_empty() {
+        return Ok(out);
+    }
+    let mut recs = Vec::new();
+    // Keep-alive advice is about the connections of the scope it was
+    // measured in: only a Service's own answer carries it here.
+    let mut keep_alive = Vec::new();
+    if let Some(resolver) = resolver.as_deref_mut() {
+        for svc in services {
+            recs.extend(resolver.resolve(&svc.namespace, &svc.name)?);
+            keep_alive.extend(
+                resolver
+                    .own(&svc.namespace, &svc.name)?
+                    .filter(|r| r.keep_alive.finding.is_some()),
+            );
         }
-        if !change.pre_stop.is_empty() || change.grace_seconds.is_some() {
-            let patch = crate::fix::patch_text(w, &change, opts.hook_style);
-            for f in out.findings.iter_mut().filter(|f| {
-                f.file_index == w.file
-                    && f.object == w.object()
-                    && matches!(
-                        f.problem,
-                        Problem::PreStopBelowRecommendation | Problem::GracePeriodTooShort
-                    )
-            }) {
-                f.patch = Some(patch.clone());
-            }
-            out.changes.push(change);
+    }
+    // Several Services may route to one workload; the longest
+    // recommendation binds.
+    let binding = recs.iter().max_by_key(|r| r.pre_stop_seconds).cloned();
+    let mut containers: Vec<&Container> = Vec::new();
+    for c in services
+        .iter()
+        .flat_map(|s| s.serving_containers(&w.pod_spec))
+    {
+        if !containers.iter().any(|seen| seen.name == c.name) {
+            containers.push(c);
         }
+    }
+    let service_names: Vec<String> = services
+        .iter()
+        .map(|s| format!("{}/{}", s.namespace, s.name))
+        .collect();
+    let eval = Evaluation {
+        w,
+        file,
+        rec: binding.as_ref(),
+        opts,
+    };
+    eval.workload_findings(resolver.is_some(), &keep_alive, &mut out.findings);
+    eval.readiness_findings(&containers, &mut out.findings);
+    if let Some(resolver) = resolver.as_deref() {
+        eval.measured_startup_findings(resolver, &mut out.findings)?;
+    }
+    let mut change = Change::default();
+    for c in containers {
+        let name = c.name.as_str();
+        let hook = Hook::of(c);
+        eval.container_findings(name, &hook, &mut out.findings, &mut change);
+        out.checked.push(Checked {
+            file: file.clone(),
+            line: w.container_line(name),
+            namespace: w.namespace.clone(),
+            kind: w.kind.clone(),
+            workload: w.name.clone(),
+            container: name.to_string(),
+            services: service_names.clone(),
+            pre_stop_seconds: hook.seconds(),
+            pre_stop: hook.describe(),
+            termination_grace_period_seconds: w.grace_seconds(),
+            recommendation: binding.clone(),
+        });
+    }
+    if !change.pre_stop.is_empty() || change.grace_seconds.is_some() {
+        let patch = crate::fix::patch_text(w, &change, opts.hook_style);
+        for f in out.findings.iter_mut().filter(|f| {
+            matches!(
+                f.problem,
+                Problem::PreStopBelowRecommendation | Problem::GracePeriodTooShort
+            )
+        }) {
+            f.patch = Some(patch.clone());
+        }
+        out.change = Some(change);
     }
     Ok(out)
 }

@@ -47,6 +47,38 @@ pub fn patch_text(w: &Workload, change: &Change, style: HookStyle) -> String {
     out
 }
 
+/// [`patch_text`] as JSON, for `kubectl patch -p` and admission messages.
+pub fn patch_json(w: &Workload, change: &Change, style: HookStyle) -> serde_json::Value {
+    let mut spec = serde_json::Map::new();
+    if let Some(grace) = change.grace_seconds {
+        spec.insert("terminationGracePeriodSeconds".into(), grace.into());
+    }
+    if !change.pre_stop.is_empty() {
+        let containers = change
+            .pre_stop
+            .iter()
+            .map(|(name, seconds)| {
+                serde_json::json!({"name": name, "lifecycle": {"preStop": pre_stop_handler(*seconds, style)}})
+            })
+            .collect();
+        spec.insert("containers".into(), serde_json::Value::Array(containers));
+    }
+    w.pod_spec_path.iter().rev().fold(
+        serde_json::Value::Object(spec),
+        |inner, key| serde_json::json!({ *key: inner }),
+    )
+}
+
+/// The preStop handler that delays SIGTERM by `seconds`.
+pub fn pre_stop_handler(seconds: u64, style: HookStyle) -> serde_json::Value {
+    match style {
+        HookStyle::Sleep => serde_json::json!({"sleep": {"seconds": seconds}}),
+        HookStyle::Exec => {
+            serde_json::json!({"exec": {"command": ["sleep", seconds.to_string()]}})
+        }
+    }
+}
+
 fn lifecycle_block(indent: usize, seconds: u64, style: HookStyle) -> String {
     format!(
         "{:indent$}lifecycle:\n{}",
@@ -351,6 +383,23 @@ mod tests {
         );
         assert!(
             matches!(Hook::of(&workload(&out).0.pod_spec.containers[0]), Hook::ExecSleep { seconds, .. } if seconds == 7.0)
+        );
+    }
+
+    #[test]
+    fn the_json_patch_says_what_the_yaml_patch_says() {
+        let text = "kind: Deployment\napiVersion: apps/v1\nmetadata: {name: d}\nspec:\n  selector: {}\n  template:\n    spec:\n      containers:\n      - name: app\n";
+        let (w, _) = workload(text);
+        let json = patch_json(&w, &change(7, Some(12)), HookStyle::Exec);
+        let yaml: serde_json::Value =
+            crate::yaml::parse_stream(&patch_text(&w, &change(7, Some(12)), HookStyle::Exec))
+                .unwrap()
+                .remove(0)
+                .to_json();
+        assert_eq!(json, yaml);
+        assert_eq!(
+            json["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"],
+            serde_json::json!(["sleep", "7"])
         );
     }
 

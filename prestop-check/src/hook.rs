@@ -106,6 +106,11 @@ const HARMLESS: &[&str] = &[
 /// where they run, whatever sleeps follow.
 const STOPPERS: &[&str] = &["kill", "killall", "pkill", "killall5"];
 
+/// Whether `program` is a shell: an image that runs one has `sleep` too.
+pub fn is_shell(program: &str) -> bool {
+    SHELLS.contains(&basename(program))
+}
+
 fn basename(s: &str) -> &str {
     s.rsplit('/').next().unwrap_or(s)
 }

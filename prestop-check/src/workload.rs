@@ -130,6 +130,49 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// The workload of an object as the API server holds it (JSON), for
+    /// admission: `Ok(None)` for kinds this check does not read and for
+    /// objects without a pod template of their own (a Rollout with a
+    /// workloadRef).
+    pub fn from_json(
+        api_version: &str,
+        kind: &str,
+        object: serde_json::Value,
+        default_ns: &str,
+    ) -> Result<Option<Self>, serde_json::Error> {
+        let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+        let Some(k) = KINDS.iter().find(|k| k.group == group && k.kind == kind) else {
+            return Ok(None);
+        };
+        let (meta, template) = template(k.kind, object)?;
+        Ok(Self::typed(k, meta, template, default_ns))
+    }
+
+    /// Without the lines of a manifest: they are filled in by the caller
+    /// that has one.
+    fn typed(
+        k: &Kind,
+        meta: ObjectMeta,
+        template: PodTemplateSpec,
+        default_ns: &str,
+    ) -> Option<Self> {
+        let pod_spec = template.spec?;
+        let labels = template.metadata.and_then(|m| m.labels).unwrap_or_default();
+        Some(Workload {
+            file: 0,
+            at: 0,
+            line: 0,
+            kind: k.kind.to_string(),
+            namespace: meta.namespace.unwrap_or_else(|| default_ns.to_string()),
+            name: meta.name.unwrap_or_default(),
+            labels: labels.into_iter().collect(),
+            pod_spec: slim(pod_spec),
+            pod_spec_path: k.pod_spec,
+            container_lines: Vec::new(),
+            grace_line: None,
+        })
+    }
+
     pub fn object(&self) -> String {
         format!("{} {}/{}", self.kind, self.namespace, self.name)
     }
@@ -172,6 +215,28 @@ pub struct RoutingService {
 }
 
 impl RoutingService {
+    /// How `svc` routes, `None` without a selector: its endpoints are then
+    /// managed elsewhere and no workload is routed by it.
+    pub fn of(svc: Service, default_ns: &str) -> Option<Self> {
+        let spec = svc.spec?;
+        let selector = spec.selector.filter(|s| !s.is_empty())?;
+        let target_ports = spec
+            .ports
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| p.target_port.unwrap_or(IntOrString::Int(p.port)))
+            .collect();
+        Some(Self {
+            namespace: svc
+                .metadata
+                .namespace
+                .unwrap_or_else(|| default_ns.to_string()),
+            name: svc.metadata.name.unwrap_or_default(),
+            selector: selector.into_iter().collect(),
+            target_ports,
+        })
+    }
+
     pub fn selects(&self, w: &Workload) -> bool {
         w.namespace == self.namespace
             && self
@@ -354,11 +419,11 @@ fn workload(k: &Kind, node: &Node, ns: &str) -> Result<Workload, Problems> {
         problems.dedup();
         return Err(problems);
     }
-    let Some(pod_spec) = template.spec else {
+    let Some(mut w) = Workload::typed(k, meta, template, ns) else {
         return Err(vec![(node.span.line, "no pod spec".into())]);
     };
     let spec_node = node.path(k.pod_spec);
-    let container_lines = spec_node
+    w.container_lines = spec_node
         .and_then(|s| s.get("containers"))
         .map(Node::items)
         .unwrap_or_default()
@@ -368,23 +433,12 @@ fn workload(k: &Kind, node: &Node, ns: &str) -> Result<Workload, Problems> {
             Some((value.as_str()?.to_string(), key.span.line))
         })
         .collect();
-    let grace_line = spec_node
+    w.grace_line = spec_node
         .and_then(|s| s.entry("terminationGracePeriodSeconds"))
         .map(|(key, _)| key.span.line);
-    let labels = template.metadata.and_then(|m| m.labels).unwrap_or_default();
-    Ok(Workload {
-        file: 0,
-        at: node.span.start,
-        line: node.span.line,
-        kind: k.kind.to_string(),
-        namespace: meta.namespace.unwrap_or_else(|| ns.to_string()),
-        name: meta.name.unwrap_or_default(),
-        labels: labels.into_iter().collect(),
-        pod_spec: slim(pod_spec),
-        pod_spec_path: k.pod_spec,
-        container_lines,
-        grace_line,
-    })
+    w.at = node.span.start;
+    w.line = node.span.line;
+    Ok(w)
 }
 
 /// The fields the check reads. Workloads are kept until the report, and
@@ -408,15 +462,36 @@ fn slim(spec: PodSpec) -> PodSpec {
     }
 }
 
+/// Reads an object as a typed value: a YAML node reports problems with
+/// their lines, a JSON value (an admission request's object) serde's error.
+trait Decode {
+    type Error;
+    fn decode<T: DeserializeOwned>(self) -> Result<T, Self::Error>;
+}
+
+impl Decode for &Node {
+    type Error = Problems;
+    fn decode<T: DeserializeOwned>(self) -> Result<T, Problems> {
+        typed(self)
+    }
+}
+
+impl Decode for serde_json::Value {
+    type Error = serde_json::Error;
+    fn decode<T: DeserializeOwned>(self) -> Result<T, serde_json::Error> {
+        serde_json::from_value(self)
+    }
+}
+
 /// Deserialises the whole object into its Kubernetes type, so a malformed
 /// manifest is caught here rather than by the cluster.
-fn template(kind: &str, node: &Node) -> Result<(ObjectMeta, PodTemplateSpec), Problems> {
+fn template<D: Decode>(kind: &str, node: D) -> Result<(ObjectMeta, PodTemplateSpec), D::Error> {
     fn from(meta: ObjectMeta, t: Option<PodTemplateSpec>) -> (ObjectMeta, PodTemplateSpec) {
         (meta, t.unwrap_or_default())
     }
     Ok(match kind {
         "Pod" => {
-            let p: Pod = typed(node)?;
+            let p: Pod = node.decode()?;
             let template = PodTemplateSpec {
                 metadata: Some(p.metadata.clone()),
                 spec: p.spec,
@@ -424,38 +499,38 @@ fn template(kind: &str, node: &Node) -> Result<(ObjectMeta, PodTemplateSpec), Pr
             (p.metadata, template)
         }
         "Deployment" => {
-            let d: Deployment = typed(node)?;
+            let d: Deployment = node.decode()?;
             from(d.metadata, d.spec.map(|s| s.template))
         }
         "StatefulSet" => {
-            let d: StatefulSet = typed(node)?;
+            let d: StatefulSet = node.decode()?;
             from(d.metadata, d.spec.map(|s| s.template))
         }
         "DaemonSet" => {
-            let d: DaemonSet = typed(node)?;
+            let d: DaemonSet = node.decode()?;
             from(d.metadata, d.spec.map(|s| s.template))
         }
         "ReplicaSet" => {
-            let d: ReplicaSet = typed(node)?;
+            let d: ReplicaSet = node.decode()?;
             from(d.metadata, d.spec.and_then(|s| s.template))
         }
         "ReplicationController" => {
-            let d: ReplicationController = typed(node)?;
+            let d: ReplicationController = node.decode()?;
             from(d.metadata, d.spec.and_then(|s| s.template))
         }
         "Job" => {
-            let d: Job = typed(node)?;
+            let d: Job = node.decode()?;
             from(d.metadata, d.spec.map(|s| s.template))
         }
         "CronJob" => {
-            let d: CronJob = typed(node)?;
+            let d: CronJob = node.decode()?;
             from(
                 d.metadata,
                 d.spec.and_then(|s| s.job_template.spec).map(|s| s.template),
             )
         }
         "Rollout" => {
-            let r: Rollout = typed(node)?;
+            let r: Rollout = node.decode()?;
             from(r.metadata, r.spec.template)
         }
         _ => unreachable!("KINDS names only the kinds handled here"),
@@ -472,29 +547,7 @@ fn service(node: &Node, default_ns: &str) -> Result<Option<RoutingService>, Prob
     if !problems.is_empty() {
         return Err(problems);
     }
-    let Some(spec) = svc.spec else {
-        return Ok(None);
-    };
-    // Without a selector the Service's endpoints are managed elsewhere: no
-    // workload in these manifests is routed by it.
-    let Some(selector) = spec.selector.filter(|s| !s.is_empty()) else {
-        return Ok(None);
-    };
-    let target_ports = spec
-        .ports
-        .unwrap_or_default()
-        .into_iter()
-        .map(|p| p.target_port.unwrap_or(IntOrString::Int(p.port)))
-        .collect();
-    Ok(Some(RoutingService {
-        namespace: svc
-            .metadata
-            .namespace
-            .unwrap_or_else(|| default_ns.to_string()),
-        name: svc.metadata.name.unwrap_or_default(),
-        selector: selector.into_iter().collect(),
-        target_ports,
-    }))
+    Ok(RoutingService::of(svc, default_ns))
 }
 
 /// One step into a YAML tree.

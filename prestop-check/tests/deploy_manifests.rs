@@ -107,11 +107,17 @@ struct Rendered {
     network_policies: Vec<NetworkPolicy>,
     certificates: Vec<Value>,
     issuers: Vec<Value>,
+    /// The admission webhook's objects (deploy/components/admission-webhook).
+    admission: Vec<Value>,
 }
 
 fn load(dir: &Path) -> Rendered {
     let mut r = Rendered::default();
     for object in render(dir) {
+        if object["metadata"]["labels"]["app.kubernetes.io/component"] == "admission-webhook" {
+            r.admission.push(object);
+            continue;
+        }
         match object["kind"].as_str().unwrap() {
             "Namespace" => drop(typed::<Namespace>(&object)),
             "ConfigMap" => r.config_maps.push(typed(&object)),
@@ -651,7 +657,12 @@ fn every_rendering_deserialises_and_is_least_privilege() {
         };
         check_agent(&r, &caps);
         check_aggregator(&r);
-        assert_eq!(r.certificates.is_empty(), name != "cert-manager", "{name}");
+        let certified = matches!(name.as_str(), "cert-manager" | "admission");
+        assert_eq!(r.certificates.is_empty(), !certified, "{name}");
+        assert_eq!(r.admission.is_empty(), name != "admission", "{name}");
+        if !r.admission.is_empty() {
+            check_admission(&r);
+        }
         let monitored = name == "production";
         assert_eq!(r.service_monitors.len(), usize::from(monitored), "{name}");
         assert_eq!(r.pod_monitors.len(), usize::from(monitored), "{name}");
@@ -664,6 +675,179 @@ fn every_rendering_deserialises_and_is_least_privilege() {
             check_network_policy(&r);
         }
     }
+}
+
+/// The webhook: configurations that can never block an apply (Ignore, a
+/// short timeout), never see kube-system or the project's namespace, call
+/// the path of their mode over the webhook's Service, with a caBundle from
+/// cert-manager; a hardened Deployment serving a certificate of the CA;
+/// read-only RBAC on Services.
+fn check_admission(r: &Rendered) {
+    use k8s_openapi::api::admissionregistration::v1::{
+        MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+    };
+    let of = |kind: &str| -> Vec<Value> {
+        r.admission
+            .iter()
+            .filter(|o| o["kind"] == kind)
+            .cloned()
+            .collect()
+    };
+    let kinds: BTreeSet<&str> = r
+        .admission
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from([
+            "Certificate",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "MutatingWebhookConfiguration",
+            "Service",
+            "ServiceAccount",
+            "ValidatingWebhookConfiguration",
+        ])
+    );
+    let validating: ValidatingWebhookConfiguration =
+        typed(only(&of("ValidatingWebhookConfiguration"), "validating"));
+    let mutating: MutatingWebhookConfiguration =
+        typed(only(&of("MutatingWebhookConfiguration"), "mutating"));
+    let mut paths = BTreeMap::new();
+    let checks = validating
+        .webhooks
+        .iter()
+        .flatten()
+        .map(|w| {
+            (
+                &w.name,
+                &w.failure_policy,
+                w.timeout_seconds,
+                &w.client_config,
+                &w.namespace_selector,
+                &w.side_effects,
+                &w.rules,
+            )
+        })
+        .chain(mutating.webhooks.iter().flatten().map(|w| {
+            (
+                &w.name,
+                &w.failure_policy,
+                w.timeout_seconds,
+                &w.client_config,
+                &w.namespace_selector,
+                &w.side_effects,
+                &w.rules,
+            )
+        }));
+    for (name, policy, timeout, client, selector, side_effects, rules) in checks {
+        assert_eq!(policy.as_deref(), Some("Ignore"), "{name}");
+        assert!(timeout.is_some_and(|t| t <= 5), "{name}");
+        assert_eq!(side_effects, "None", "{name}");
+        let svc = client.service.as_ref().expect("a Service reference");
+        assert_eq!(
+            (svc.name.as_str(), svc.namespace.as_str()),
+            ("prestop-admission", "prestop-system")
+        );
+        paths.insert(name.clone(), svc.path.clone().unwrap());
+        let excluded = selector
+            .as_ref()
+            .and_then(|s| s.match_expressions.as_ref())
+            .and_then(|e| e.iter().find(|e| e.key == "kubernetes.io/metadata.name"))
+            .expect("a namespace exclusion");
+        assert_eq!(excluded.operator, "NotIn");
+        assert_eq!(
+            excluded.values.as_deref(),
+            Some(&["kube-system".to_string(), "prestop-system".to_string()][..])
+        );
+        let resources: BTreeSet<String> = rules
+            .iter()
+            .flatten()
+            .flat_map(|r| {
+                let group = r.api_groups.clone().unwrap_or_default().join(",");
+                r.resources
+                    .clone()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(move |res| format!("{group}/{res}"))
+            })
+            .collect();
+        assert_eq!(
+            resources,
+            set(&[
+                "/pods",
+                "apps/deployments",
+                "apps/statefulsets",
+                "apps/daemonsets",
+                "apps/replicasets",
+                "argoproj.io/rollouts"
+            ]),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        paths.into_values().collect::<BTreeSet<_>>(),
+        set(&["/validate", "/validate/enforce", "/mutate"])
+    );
+    for config in [&validating.metadata, &mutating.metadata] {
+        assert_eq!(
+            config.annotations.as_ref().unwrap()["cert-manager.io/inject-ca-from"],
+            "prestop-system/prestop-admission"
+        );
+    }
+    let d: Deployment = typed(only(&of("Deployment"), "Deployment"));
+    let pod = pod_spec(d.spec.as_ref().unwrap().template.spec.as_ref());
+    let [c] = &pod.containers[..] else {
+        panic!("one webhook container")
+    };
+    assert!(
+        check_hardened(c).is_empty(),
+        "the webhook needs no capability"
+    );
+    let secret = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find_map(|v| v.secret.as_ref()?.secret_name.clone())
+        .expect("TLS Secret volume");
+    let certs = of("Certificate");
+    let cert = only(&certs, "Certificate");
+    assert_eq!(cert["spec"]["secretName"], secret.as_str());
+    assert!(
+        cert["spec"]["dnsNames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == "prestop-admission.prestop-system.svc"),
+        "the name the API server dials"
+    );
+    assert!(
+        r.issuers
+            .iter()
+            .any(|i| i["metadata"]["name"] == cert["spec"]["issuerRef"]["name"])
+    );
+    let role: ClusterRole = typed(only(&of("ClusterRole"), "ClusterRole"));
+    let [rule] = &role.rules.unwrap()[..] else {
+        panic!("one rule")
+    };
+    assert_eq!(
+        (rule.resources.as_deref(), rule.verbs.as_slice()),
+        (
+            Some(&["services".to_string()][..]),
+            &["list".to_string(), "watch".to_string()][..]
+        )
+    );
+    drop(typed::<Service>(only(&of("Service"), "Service")));
+    drop(typed::<ServiceAccount>(only(
+        &of("ServiceAccount"),
+        "ServiceAccount",
+    )));
+    drop(typed::<ClusterRoleBinding>(only(
+        &of("ClusterRoleBinding"),
+        "ClusterRoleBinding",
+    )));
 }
 
 /// The aggregator's NetworkPolicy selects its pods, in its namespace, and

@@ -59,7 +59,7 @@ impl Image {
     }
 }
 
-pub const IMAGES: [Image; 3] = [
+pub const IMAGES: [Image; 4] = [
     // Loads eBPF programs and joins the node's network namespace: root, as
     // the DaemonSet's securityContext says.
     Image {
@@ -82,6 +82,14 @@ pub const IMAGES: [Image; 3] = [
         name: "prestop-check",
         package: "prestop-check",
         binary: "prestop-check",
+        ca_certificates: true,
+        nonroot: true,
+        store_dir: None,
+    },
+    Image {
+        name: "prestop-admission",
+        package: "prestop-admission",
+        binary: "prestop-admission",
         ca_certificates: true,
         nonroot: true,
         store_dir: None,
