@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod commit_clock;
 pub mod delay;
+pub mod drain;
 pub mod http;
 pub mod http_client;
 pub mod identity;

@@ -17,6 +17,7 @@ use crate::{
     api::{self, ApiMirror, ControlPlane, PodRecord, PodTermination},
     client::{Client, ClientConfig, ClientKind, ClientReport},
     delay::DelayDistribution,
+    drain::{DrainHook, PreStop},
     kubelet::{Kubelet, Pod},
     kubeproxy::{KubeProxyError, Mode},
     proxy::{Proxy, ProxyConfig, RuleChange, Services},
@@ -73,6 +74,9 @@ pub struct RolloutConfig {
     /// connection per request, one keep-alive).
     pub rate: f64,
     pub keep_alive_connections: usize,
+    /// The adaptive drain instead of the fixed `pre_stop` sleep, which is
+    /// then its fallback.
+    pub drain: Option<Arc<DrainHook>>,
 }
 
 /// A node of the lab as reported.
@@ -95,6 +99,8 @@ pub struct DeletionTruth {
     pub host_node: String,
     pub requested_unix_nano: UnixNanos,
     pub ending: Option<Ending>,
+    /// How long its preStop hook ran.
+    pub pre_stop_seconds: Option<f64>,
     /// The rule removal on each node (ground truth), in node order.
     pub removals: Vec<RuleChange>,
     /// When each other router dropped the pod (ground truth).
@@ -104,7 +110,9 @@ pub struct DeletionTruth {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutResult {
+    /// The fixed preStop sleep, or the adaptive drain's fallback.
     pub pre_stop_seconds: f64,
+    pub adaptive_drain: bool,
     pub server_mode: ShutdownMode,
     pub deletions: Vec<DeletionTruth>,
     /// Every client opening a connection per request: kube-proxy's VIP
@@ -355,6 +363,10 @@ impl Lab {
             pre_stop: config.pre_stop,
             grace: config.grace,
         };
+        let pre_stop = match &config.drain {
+            Some(hook) => PreStop::Drain(Arc::clone(hook)),
+            None => PreStop::Sleep(config.pre_stop),
+        };
         for step in 0..config.deletions.min(self.kubelet.running()) {
             let replacement = self.start_pod(spec).await?;
             let (name, node) = (
@@ -362,7 +374,7 @@ impl Lab {
                 replacement.record.node.clone(),
             );
             self.kubelet.add(replacement);
-            let Some(deletion) = self.kubelet.delete_oldest(config.pre_stop, config.grace) else {
+            let Some(deletion) = self.kubelet.delete_oldest(&pre_stop, config.grace) else {
                 break;
             };
             progress(&format!(
@@ -392,7 +404,8 @@ impl Lab {
                 ip: record.ip,
                 host_node: record.node.clone(),
                 requested_unix_nano: record.deletion_requested_unix_nano.unwrap_or_default(),
-                ending,
+                ending: ending.map(|t| t.ending),
+                pre_stop_seconds: ending.map(|t| t.pre_stop.as_secs_f64()),
                 removals,
                 router_drops,
             });
@@ -414,6 +427,7 @@ impl Lab {
         drop(deleted);
         Ok(RolloutResult {
             pre_stop_seconds: config.pre_stop.as_secs_f64(),
+            adaptive_drain: config.drain.is_some(),
             server_mode: self.config.server_mode,
             deletions,
             new_connection,

@@ -529,6 +529,7 @@ fn prometheus_scrapes_the_aggregator_during_a_lab_rollout() {
             grace: Duration::from_secs(1),
             rate: 40.0,
             keep_alive_connections: 4,
+            drain: None,
         };
         phase.store(FIRST_ROLLOUT, Ordering::Relaxed);
         let summary = |r: &lab::scenario::RolloutResult| {

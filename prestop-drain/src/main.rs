@@ -42,11 +42,11 @@ struct Args {
     )]
     aggregator: BaseUrl,
     /// The pod's namespace (downward API: metadata.namespace).
-    #[arg(long, env = "POD_NAMESPACE")]
-    namespace: String,
+    #[arg(long, env = "POD_NAMESPACE", required_unless_present = "copy_to")]
+    namespace: Option<String>,
     /// The pod's name (downward API: metadata.name).
-    #[arg(long, env = "POD_NAME")]
-    pod: String,
+    #[arg(long, env = "POD_NAME", required_unless_present = "copy_to")]
+    pod: Option<String>,
     /// The pod's projected ServiceAccount token for the aggregator's
     /// audience (`prestop-aggregator`).
     #[arg(
@@ -57,8 +57,8 @@ struct Args {
     token_file: PathBuf,
     /// The service's fixed recommendation (e.g. 12s): the least the hook
     /// waits unless the aggregator answers drained.
-    #[arg(long, env = "PRESTOP_DRAIN_FALLBACK", value_parser = humantime::parse_duration)]
-    fallback: Duration,
+    #[arg(long, env = "PRESTOP_DRAIN_FALLBACK", value_parser = humantime::parse_duration, required_unless_present = "copy_to")]
+    fallback: Option<Duration>,
     /// The longest the aggregator may make the hook wait; keep it below
     /// terminationGracePeriodSeconds minus the app's own shutdown time.
     #[arg(long, env = "PRESTOP_DRAIN_MAX", default_value = "60s", value_parser = humantime::parse_duration)]
@@ -66,72 +66,124 @@ struct Args {
     /// How long connecting to the aggregator may take.
     #[arg(long, env = "PRESTOP_DRAIN_CONNECT_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
+    /// Copy this binary to PATH (mode 0755) and exit: the init container
+    /// that puts it into the emptyDir the app container's preStop runs it
+    /// from (the image has no shell or cp).
+    #[arg(long, value_name = "PATH", exclusive = true)]
+    copy_to: Option<PathBuf>,
+}
+
+/// What the hook asks about and how long it waits at least.
+struct Hook<'a> {
+    args: &'a Args,
+    namespace: &'a str,
+    pod: &'a str,
+    fallback: Duration,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     let started = Instant::now();
-    let outcome = ask(&args, started);
-    let code = match &outcome {
-        Ok(a) if a.outcome == DrainOutcome::Drained => {
-            println!(
-                "prestop-drain: drained after {:.2} s: {}",
-                started.elapsed().as_secs_f64(),
-                a.reason
-            );
-            return ExitCode::SUCCESS;
-        }
-        Ok(a) => {
-            println!("prestop-drain: not drained: {}", a.reason);
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("prestop-drain: asking the aggregator failed: {e:#}");
-            ExitCode::FAILURE
-        }
+    if let Some(to) = &args.copy_to {
+        return match copy_self(to) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("prestop-drain: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let (Some(namespace), Some(pod), Some(fallback)) = (&args.namespace, &args.pod, args.fallback)
+    else {
+        unreachable!("clap requires them without --copy-to");
     };
-    let rest = args.fallback.saturating_sub(started.elapsed());
-    println!(
-        "prestop-drain: sleeping the rest of the {:.1} s fallback: {:.2} s",
-        args.fallback.as_secs_f64(),
-        rest.as_secs_f64()
-    );
-    std::thread::sleep(rest);
-    code
+    let hook = Hook {
+        args: &args,
+        namespace,
+        pod,
+        fallback,
+    };
+    hook.run(started)
 }
 
-/// One `GET /v1/drain`: the answer, or why there is none.
-fn ask(args: &Args, started: Instant) -> Result<DrainAnswer> {
-    let token_file = &args.token_file;
-    let token = std::fs::read_to_string(token_file)
-        .with_context(|| format!("reading the token {}", token_file.display()))?;
-    let token = token.trim();
-    if token.is_empty() {
-        bail!("the token file {} is empty", token_file.display());
+/// `--copy-to`: this executable to `to`, executable by everyone.
+fn copy_self(to: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let me = std::env::current_exe().context("finding this executable")?;
+    std::fs::copy(&me, to)
+        .with_context(|| format!("copying {} to {}", me.display(), to.display()))?;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("making {} executable", to.display()))?;
+    println!("prestop-drain: copied to {}", to.display());
+    Ok(())
+}
+
+impl Hook<'_> {
+    /// Asks, then sleeps what is left of the fallback unless drained.
+    fn run(&self, started: Instant) -> ExitCode {
+        let outcome = self.ask(started);
+        let code = match &outcome {
+            Ok(a) if a.outcome == DrainOutcome::Drained => {
+                println!(
+                    "prestop-drain: drained after {:.2} s: {}",
+                    started.elapsed().as_secs_f64(),
+                    a.reason
+                );
+                return ExitCode::SUCCESS;
+            }
+            Ok(a) => {
+                println!("prestop-drain: not drained: {}", a.reason);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("prestop-drain: asking the aggregator failed: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+        let rest = self.fallback.saturating_sub(started.elapsed());
+        println!(
+            "prestop-drain: sleeping the rest of the {:.1} s fallback: {:.2} s",
+            self.fallback.as_secs_f64(),
+            rest.as_secs_f64()
+        );
+        std::thread::sleep(rest);
+        code
     }
-    let query = format!(
-        "/v1/drain?namespace={}&pod={}&max={:.3}",
-        http::encode(&args.namespace),
-        http::encode(&args.pod),
-        args.max.as_secs_f64()
-    );
-    let deadline = started + args.max + ANSWER_SLACK;
-    let r = http::get(
-        &args.aggregator,
-        &query,
-        token,
-        args.connect_timeout,
-        deadline,
-    )
-    .with_context(|| {
-        format!(
-            "GET http://{}:{}{}/v1/drain",
-            args.aggregator.host, args.aggregator.port, args.aggregator.prefix
+
+    /// One `GET /v1/drain`: the answer, or why there is none.
+    fn ask(&self, started: Instant) -> Result<DrainAnswer> {
+        let args = self.args;
+        let token_file = &args.token_file;
+        let token = std::fs::read_to_string(token_file)
+            .with_context(|| format!("reading the token {}", token_file.display()))?;
+        let token = token.trim();
+        if token.is_empty() {
+            bail!("the token file {} is empty", token_file.display());
+        }
+        let query = format!(
+            "/v1/drain?namespace={}&pod={}&max={:.3}",
+            http::encode(self.namespace),
+            http::encode(self.pod),
+            args.max.as_secs_f64()
+        );
+        let deadline = started + args.max + ANSWER_SLACK;
+        let r = http::get(
+            &args.aggregator,
+            &query,
+            token,
+            args.connect_timeout,
+            deadline,
         )
-    })?;
-    let body = String::from_utf8_lossy(&r.body);
-    if r.status != 200 {
-        bail!("the aggregator answered {}: {}", r.status, body.trim());
+        .with_context(|| {
+            format!(
+                "GET http://{}:{}{}/v1/drain",
+                args.aggregator.host, args.aggregator.port, args.aggregator.prefix
+            )
+        })?;
+        let body = String::from_utf8_lossy(&r.body);
+        if r.status != 200 {
+            bail!("the aggregator answered {}: {}", r.status, body.trim());
+        }
+        serde_json::from_str(&body).with_context(|| format!("reading the answer {body:?}"))
     }
-    serde_json::from_str(&body).with_context(|| format!("reading the answer {body:?}"))
 }

@@ -195,3 +195,31 @@ fn bad_flags_exit_2_without_waiting() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--pod"));
 }
+
+#[test]
+fn copy_to_installs_a_runnable_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let to = dir.path().join("prestop-drain");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_prestop-drain"))
+        .arg("--copy-to")
+        .arg(&to)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let copy = std::process::Command::new(&to)
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&copy.stdout).trim(),
+        format!("prestop-drain {}", env!("CARGO_PKG_VERSION"))
+    );
+    // --copy-to does nothing else.
+    let both = std::process::Command::new(env!("CARGO_BIN_EXE_prestop-drain"))
+        .arg("--copy-to")
+        .arg(&to)
+        .args(["--fallback", "1s"])
+        .output()
+        .unwrap();
+    assert_eq!(both.status.code(), Some(2), "{}", text(&both));
+}
