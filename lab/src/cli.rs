@@ -118,6 +118,12 @@ pub struct LabArgs {
     /// --grace-extra): how long a slow node may hold a pod.
     #[arg(long, env = "LAB_DRAIN_MAX", default_value = "60s", value_parser = parse_duration_arg)]
     pub drain_max: Duration,
+    /// Before the rollout with the recommendation, make the first node's
+    /// kube-proxy apply every change this much later (e.g. 8s): a node
+    /// slower than anything measured. The fixed recommendation then loses
+    /// requests through it; the adaptive drain waits for it.
+    #[arg(long, env = "LAB_SLOW_NODE", value_parser = parse_duration_arg)]
+    pub slow_node: Option<Duration>,
     /// Where to write report.json (default: target/lab/report.json).
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -392,6 +398,14 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
             recommendation.reason
         );
     };
+    if let Some(extra) = args.slow_node {
+        say(&format!(
+            "{} turns slow: every change {} s later than drawn",
+            lab.cluster.nodes[0].name,
+            extra.as_secs_f64()
+        ));
+        lab.slow_down(0, extra);
+    }
     rollouts
         .run(&mut lab, &observer, args, "recommended", recommended, say)
         .await?;

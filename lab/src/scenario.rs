@@ -144,6 +144,8 @@ pub struct Lab {
     kubelet: Arc<Kubelet>,
     next_pod: usize,
     routers: Routers,
+    /// The largest extra delay a node was slowed down by.
+    slowed: Duration,
 }
 
 /// How long after its delay ran out a proxy may take to commit a change.
@@ -182,6 +184,7 @@ impl Lab {
             modes,
             next_pod: 0,
             routers: Routers::kube_proxy_only(),
+            slowed: Duration::ZERO,
         };
         for _ in 0..lab.config.pods {
             let pod = lab.start_pod(lab.config.termination).await?;
@@ -222,6 +225,15 @@ impl Lab {
 
     pub fn modes(&self) -> &[Mode] {
         &self.modes
+    }
+
+    /// From now on node `node`'s proxy applies every change `extra` later
+    /// than its drawn delay: a node slower than what was measured.
+    pub fn slow_down(&mut self, node: usize, extra: Duration) {
+        if let Some(p) = self.proxies.get(node) {
+            p.slow_down(extra);
+            self.slowed = self.slowed.max(extra);
+        }
     }
 
     /// The Service's endpoints as the EndpointSlice publishes them, for a
@@ -279,7 +291,7 @@ impl Lab {
         ip: Ipv4Addr,
         removed: bool,
     ) -> Result<Vec<RuleChange>, LabError> {
-        let deadline = Instant::now() + self.config.delay.max() + APPLY_SLACK;
+        let deadline = Instant::now() + self.config.delay.max() + self.slowed + APPLY_SLACK;
         loop {
             let found: Vec<Option<RuleChange>> = self
                 .proxies
