@@ -13,12 +13,11 @@ use aggregator::config::Settings;
 use aggregator::drain::DrainSettings;
 use aggregator::limits::Limits;
 use apiserver_double::ApiServerDouble;
-use apiserver_double::auth::TokenGrant;
 use apiserver_double::objects::endpoint_slice;
 use common::lab::*;
 use k8s_openapi::api::core::v1::Pod;
 use lab::http_client::HttpClient;
-use lab::identity::AUDIENCE;
+use lab::identity;
 use observer_proto::api::{DrainAnswer, DrainOutcome, RouterKind};
 
 const S: u64 = 1_000_000_000;
@@ -39,18 +38,22 @@ fn settings() -> Settings {
     }
 }
 
-/// A token bound to pod `namespace/pod` (running as `default`), for the
-/// aggregator's audience: what the pod's projected volume holds.
+/// The secured aggregator with `limits`, its store in `dir`.
+async fn start_limited(
+    double: &ApiServerDouble,
+    dir: &std::path::Path,
+    limits: Limits,
+) -> aggregator::app::Running {
+    let settings = Settings {
+        limits,
+        ..settings()
+    };
+    start_aggregator(settings, &dir.join("s.db"), Some(double)).await
+}
+
+/// A token bound to pod `namespace/pod`: what its projected volume holds.
 fn pod_token(double: &ApiServerDouble, namespace: &str, pod: &str) -> String {
-    double
-        .token(&TokenGrant {
-            namespace,
-            service_account: "default",
-            pod: Some(pod),
-            audiences: vec![AUDIENCE.into()],
-            valid_for: Duration::from_secs(600),
-        })
-        .unwrap()
+    identity::pod_token(double, namespace, pod).unwrap()
 }
 
 /// `GET /v1/drain` with `token`: (status, body, seconds it took).
@@ -183,15 +186,7 @@ async fn an_unknown_deletion_times_out_and_max_is_clamped() {
         max_drain_seconds: 1,
         ..Limits::DEFAULT
     };
-    let agg = start_aggregator(
-        Settings {
-            limits,
-            ..settings()
-        },
-        &dir.path().join("s.db"),
-        Some(&double),
-    )
-    .await;
+    let agg = start_limited(&double, dir.path(), limits).await;
     let token = pod_token(&double, "shop", "web-1");
     // Nobody deleted web-1: nothing to wait for, and max=100 is cut to 1 s.
     let (answer, took) = drained(agg.http_addr, &token, "namespace=shop&pod=web-1&max=100").await;
@@ -205,14 +200,7 @@ async fn an_unknown_deletion_times_out_and_max_is_clamped() {
 #[tokio::test]
 async fn only_the_pod_itself_may_ask_and_bad_parameters_are_refused() {
     let Cluster { double, .. } = cluster().await;
-    double
-        .create(&apiserver_double::objects::pod(
-            "shop",
-            "web-2",
-            "10.244.1.5",
-            "node-b",
-        ))
-        .unwrap();
+    add_web2(&double);
     let dir = tempfile::tempdir().unwrap();
     let agg = start_aggregator(settings(), &dir.path().join("s.db"), Some(&double)).await;
     let http = agg.http_addr;
@@ -264,15 +252,7 @@ async fn waiting_drains_are_bounded() {
         max_drain_waits: 1,
         ..Limits::DEFAULT
     };
-    let agg = start_aggregator(
-        Settings {
-            limits,
-            ..settings()
-        },
-        &dir.path().join("s.db"),
-        Some(&double),
-    )
-    .await;
+    let agg = start_limited(&double, dir.path(), limits).await;
     let http = agg.http_addr;
     let token = pod_token(&double, "shop", "web-1");
     let first = tokio::spawn({

@@ -341,7 +341,8 @@ fn drain_hook(
         fallback: Duration::from_secs(fallback_seconds),
         max: args.drain_max,
         tokens: Arc::new(move |pod| {
-            let token = identity::pod_token(&double, &pod.name).map_err(|e| e.to_string())?;
+            let token = identity::pod_token(&double, api::NAMESPACE, &pod.name)
+                .map_err(|e| e.to_string())?;
             let file = token_dir.join(format!("drain-token-{}", pod.name));
             std::fs::write(&file, token).map_err(|e| format!("{}: {e}", file.display()))?;
             Ok(file)

@@ -138,12 +138,16 @@ pub fn expired_agent_token(double: &ApiServerDouble, node: &str) -> Result<Strin
     token_of_agent_pod(double, node, AUDIENCE, Duration::ZERO)
 }
 
-/// A token bound to the Service's pod `pod` (running as `default`) for
-/// the aggregator's audience: what its projected volume holds for
+/// A token bound to pod `namespace/pod` (running as `default`) for the
+/// aggregator's audience: what its projected volume holds for
 /// `prestop-drain`.
-pub fn pod_token(double: &ApiServerDouble, pod: &str) -> Result<String, DoubleError> {
+pub fn pod_token(
+    double: &ApiServerDouble,
+    namespace: &str,
+    pod: &str,
+) -> Result<String, DoubleError> {
     double.token(&apiserver_double::auth::TokenGrant {
-        namespace: crate::api::NAMESPACE,
+        namespace,
         service_account: "default",
         pod: Some(pod),
         audiences: vec![AUDIENCE.into()],

@@ -677,7 +677,7 @@ fn lab_run_adaptive_drain_waits_for_a_slow_node_the_recommendation_misses() {
         &[
             "--adaptive-drain",
             "--slow-node",
-            "3s",
+            "5s",
             "--drain-max",
             "20s",
         ],
@@ -699,9 +699,9 @@ fn lab_run_adaptive_drain_waits_for_a_slow_node_the_recommendation_misses() {
         field(adaptive, "adaptiveDrain", "runs[]").as_bool() == Some(true),
         "{adaptive}"
     );
-    // The slow node removes a pod 3.3-3.8 s after its deletion, after the
+    // The slow node removes a pod 5.3-5.8 s after its deletion, after the
     // recommendation (the measured 0.3-0.8 s plus the margin, rounded up).
-    assert!(fixed < 3.3, "recommendation {fixed} s: {report}");
+    assert!(fixed < 5.3, "recommendation {fixed} s: {report}");
     assert!(
         count(recommended, "failed", "runs[]") > 0,
         "the fixed recommendation lost nothing through the slow node: {recommended}"

@@ -8,30 +8,20 @@ mod common;
 
 use std::path::Path;
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use aggregator::config::Settings;
 use apiserver_double::ApiServerDouble;
-use apiserver_double::auth::TokenGrant;
 use apiserver_double::objects::endpoint_slice;
 use common::lab::*;
 use k8s_openapi::api::core::v1::Pod;
-use lab::identity::AUDIENCE;
 
 const IP: &str = "10.244.0.5";
 
 /// A token bound to pod shop/`pod` for the aggregator's audience, in a file
 /// under `dir`, as the pod's projected volume holds it.
 fn token_file(double: &ApiServerDouble, pod: &str, dir: &Path) -> std::path::PathBuf {
-    let token = double
-        .token(&TokenGrant {
-            namespace: "shop",
-            service_account: "default",
-            pod: Some(pod),
-            audiences: vec![AUDIENCE.into()],
-            valid_for: Duration::from_secs(600),
-        })
-        .unwrap();
+    let token = lab::identity::pod_token(double, "shop", pod).unwrap();
     let file = dir.join(format!("token-{pod}"));
     std::fs::write(&file, token).unwrap();
     file
@@ -110,14 +100,7 @@ async fn a_timeout_answer_sleeps_the_rest_of_the_fallback() {
 #[tokio::test]
 async fn a_refused_token_falls_back() {
     let Cluster { double, .. } = cluster().await;
-    double
-        .create(&apiserver_double::objects::pod(
-            "shop",
-            "web-2",
-            "10.244.1.5",
-            "node-b",
-        ))
-        .unwrap();
+    add_web2(&double);
     let dir = tempfile::tempdir().unwrap();
     let agg = start_aggregator(Settings::default(), &dir.path().join("s.db"), Some(&double)).await;
     let url = format!("http://{}", agg.http_addr);
