@@ -80,10 +80,15 @@ pub fn get(
     deadline: Instant,
 ) -> Result<Response> {
     let mut stream = connect_any(base, connect)?;
+    // An IPv6 literal goes back into its brackets.
+    let host = if base.host.contains(':') {
+        format!("[{}]", base.host)
+    } else {
+        base.host.clone()
+    };
     let request = format!(
-        "GET {}{path_and_query} HTTP/1.1\r\nHost: {}:{}\r\nAuthorization: Bearer {token}\r\nAccept: application/json\r\nUser-Agent: prestop-drain/{}\r\nConnection: close\r\n\r\n",
+        "GET {}{path_and_query} HTTP/1.1\r\nHost: {host}:{}\r\nAuthorization: Bearer {token}\r\nAccept: application/json\r\nUser-Agent: prestop-drain/{}\r\nConnection: close\r\n\r\n",
         base.prefix,
-        base.host,
         base.port,
         env!("CARGO_PKG_VERSION")
     );
