@@ -95,7 +95,9 @@ fn main() -> ExitCode {
     }
     let (Some(namespace), Some(pod), Some(fallback)) = (&args.namespace, &args.pod, args.fallback)
     else {
-        unreachable!("clap requires them without --copy-to");
+        // clap requires them without --copy-to; a usage error, as clap's.
+        eprintln!("prestop-drain: --namespace, --pod and --fallback are required");
+        return ExitCode::from(2);
     };
     let hook = Hook {
         args: &args,
