@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use crate::auth::Guards;
 use crate::config::Settings;
 use crate::correlate::Correlator;
+use crate::drain::Drains;
 use crate::http::{self, HttpState};
 use crate::limits::{Admission, Limits};
 use crate::metrics::{Metrics, NamespaceService};
@@ -89,6 +90,11 @@ pub fn start(
         agents = restored.agents,
         "restored the in-flight state"
     );
+    let drains = Arc::new(Drains::new(
+        Arc::clone(&correlator),
+        guards.pods.clone(),
+        settings.limits.max_drain_waits,
+    ));
     let http_state = HttpState {
         recommender: Arc::new(Recommender::new(Arc::clone(&store), Arc::clone(&settings))),
         store,
@@ -97,6 +103,7 @@ pub fn start(
         ready,
         access: guards.http.clone(),
         startup: correlator.startup_log(),
+        drain: Some(drains),
     };
     let (shutdown, stop) = watch::channel(false);
     let mut tasks = vec![

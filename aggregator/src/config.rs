@@ -37,8 +37,10 @@ pub struct Settings {
     pub clock_tolerance: Duration,
     /// An agent whose clock offset exceeds this has its observations refused.
     pub max_clock_offset: Duration,
-    /// What agents may make the aggregator hold or do.
+    /// What agents and drains may make the aggregator hold or do.
     pub limits: Limits,
+    /// How the adaptive drain's quiet period is derived.
+    pub drain: crate::drain::DrainSettings,
     /// Tokens and TLS; none by default.
     pub auth: crate::auth::AuthSettings,
     /// New pods' startup windows.
@@ -66,6 +68,7 @@ impl Default for Settings {
             clock_tolerance: Duration::from_secs(2),
             max_clock_offset: Duration::from_secs(60),
             limits: Limits::DEFAULT,
+            drain: crate::drain::DrainSettings::DEFAULT,
             auth: crate::auth::AuthSettings::default(),
             startup: crate::startup::StartupSettings::default(),
         }

@@ -1,5 +1,6 @@
-//! The HTTP API: recommendations for CI, recent deletions, health, metrics
-//! and the OpenAPI document. See docs/api.md.
+//! The HTTP API: recommendations for CI, recent deletions, the adaptive
+//! drain ([`crate::drain`]), health, metrics and the OpenAPI document. See
+//! docs/api.md.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -41,6 +42,8 @@ pub struct HttpState {
     pub access: Option<Arc<HttpAccess>>,
     /// New pods' finished startup windows (`/v1/startup`).
     pub startup: Arc<startup::Log>,
+    /// `None`: no deletions are tracked here, `/v1/drain` answers 503.
+    pub drain: Option<Arc<crate::drain::Drains>>,
 }
 
 impl HttpState {
@@ -58,6 +61,7 @@ impl HttpState {
             metrics: Arc::new(Metrics::new()),
             ready: Readiness::new(true),
             access: None,
+            drain: None,
         }
     }
 }
@@ -68,6 +72,7 @@ pub const ROUTES: &[&str] = &[
     "/v1/deletions",
     "/v1/deletions/{podUid}",
     "/v1/startup",
+    "/v1/drain",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -80,6 +85,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/deletions", get(deletions))
         .route("/v1/deletions/{podUid}", get(deletion))
         .route("/v1/startup", get(startup_report))
+        .route("/v1/drain", get(crate::drain::drain))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -122,7 +128,11 @@ pub async fn serve_with_shutdown(
 pub struct ApiError(StatusCode, String);
 
 impl ApiError {
-    fn bad_request(msg: impl Into<String>) -> Self {
+    pub(crate) fn new(code: StatusCode, msg: impl Into<String>) -> Self {
+        Self(code, msg.into())
+    }
+
+    pub(crate) fn bad_request(msg: impl Into<String>) -> Self {
         Self(StatusCode::BAD_REQUEST, msg.into())
     }
 }
@@ -168,10 +178,10 @@ impl IntoResponse for ApiError {
 
 /// Query parameters as given; unknown names are rejected so a typo
 /// (`namspace=`) does not silently widen the scope to the whole cluster.
-struct Params(HashMap<String, String>);
+pub(crate) struct Params(HashMap<String, String>);
 
 impl Params {
-    fn new(raw: HashMap<String, String>, allowed: &[&str]) -> Result<Self, ApiError> {
+    pub(crate) fn new(raw: HashMap<String, String>, allowed: &[&str]) -> Result<Self, ApiError> {
         if let Some(k) = raw.keys().find(|k| !allowed.contains(&k.as_str())) {
             return Err(ApiError::bad_request(format!(
                 "unknown parameter {k:?}; allowed: {}",
@@ -182,11 +192,11 @@ impl Params {
     }
 
     /// A non-empty string parameter.
-    fn text(&self, name: &str) -> Option<String> {
+    pub(crate) fn text(&self, name: &str) -> Option<String> {
         self.0.get(name).filter(|v| !v.is_empty()).cloned()
     }
 
-    fn number<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>, ApiError> {
+    pub(crate) fn number<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>, ApiError> {
         self.text(name)
             .map(|v| {
                 v.parse().map_err(|_| {

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod config;
 pub mod correlate;
 pub mod deletion_pages;
+pub mod drain;
 pub mod grpc;
 pub mod http;
 pub mod kube_watch;

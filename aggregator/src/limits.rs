@@ -1,6 +1,6 @@
 //! Bounds on what agents can make the aggregator hold or do: the size of
 //! what they send, how many of them are held, and how fast they may
-//! register and report. Checked by the gRPC service before anything is
+//! register and report; and on the adaptive drain's waiting requests. Checked by the gRPC service before anything is
 //! handed to the correlator, so a refused request costs a decode and a
 //! lookup, never memory that outlives it.
 //!
@@ -54,6 +54,14 @@ pub struct Limits {
     /// beyond are refused with RESOURCE_EXHAUSTED; a report stream waits.
     #[arg(long, env = "AGGREGATOR_AGENT_REPORTS_PER_SECOND", default_value_t = Limits::DEFAULT.agent_reports_per_second)]
     pub agent_reports_per_second: NonZeroU32,
+    /// Most `/v1/drain` requests waiting at once (each a pod's preStop
+    /// hook); beyond, 429 and the hook sleeps its fallback.
+    #[arg(long, env = "AGGREGATOR_MAX_DRAIN_WAITS", default_value_t = Limits::DEFAULT.max_drain_waits)]
+    pub max_drain_waits: usize,
+    /// Longest a `/v1/drain` request waits, seconds: a larger `max` is
+    /// lowered to it.
+    #[arg(long, env = "AGGREGATOR_MAX_DRAIN_SECONDS", default_value_t = Limits::DEFAULT.max_drain_seconds)]
+    pub max_drain_seconds: u64,
 }
 
 const fn nz(v: u32) -> NonZeroU32 {
@@ -71,6 +79,8 @@ impl Limits {
         node_registrations_per_minute: nz(12),
         reports_per_second: nz(30_000),
         agent_reports_per_second: nz(20),
+        max_drain_waits: 2000,
+        max_drain_seconds: 600,
     };
 }
 

@@ -9,6 +9,7 @@ use aggregator::auth::review::ReviewSettings;
 use aggregator::auth::tls::TlsFiles;
 use aggregator::auth::{AuthSettings, CacheSettings, TokenSettings};
 use aggregator::config::{Settings, check_probability};
+use aggregator::drain::DrainSettings;
 use aggregator::limits::Limits;
 use aggregator::startup::{StartupSettings, Thresholds};
 use aggregator::store::Store;
@@ -82,8 +83,10 @@ struct Args {
     /// Needs --insecure-no-auth: tokens are checked by the API server.
     #[arg(long, env = "AGGREGATOR_NO_KUBE", value_parser = clap::builder::BoolishValueParser::new())]
     no_kube: bool,
-    #[command(flatten, next_help_heading = "Limits on agents")]
+    #[command(flatten, next_help_heading = "Limits on agents and drains")]
     limits: Limits,
+    #[command(flatten, next_help_heading = "Adaptive drain (/v1/drain)")]
+    drain: DrainSettings,
     #[command(flatten)]
     auth: AuthArgs,
     #[command(flatten, next_help_heading = "New pods' startup")]
@@ -295,6 +298,7 @@ async fn run() -> anyhow::Result<()> {
         clock_tolerance: a.clock_tolerance,
         max_clock_offset: a.max_clock_offset,
         limits: a.limits,
+        drain: a.drain,
         auth: a.auth.settings()?,
         startup: a.startup.settings()?,
     };

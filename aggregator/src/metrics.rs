@@ -64,6 +64,11 @@ pub struct NamespaceService {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NamespaceOutcome {
     pub namespace: String,
     pub outcome: String,
@@ -104,6 +109,8 @@ pub struct Metrics {
     pub token_reviews: Family<ReasonLabel, Counter>,
     pub auth_refusals: Family<ReasonLabel, Counter>,
     pub startup: crate::startup::metrics::StartupMetrics,
+    pub drains: Family<OutcomeLabel, Counter>,
+    pub drain_wait: HistogramFamily<OutcomeLabel>,
 }
 
 /// Latency per router, labelled by kind and a bounded name.
@@ -183,12 +190,15 @@ impl Metrics {
             token_reviews: Family::default(),
             auth_refusals: Family::default(),
             startup: crate::startup::metrics::StartupMetrics::default(),
+            drains: Family::default(),
+            drain_wait: Family::new_with_constructor(latency_histogram),
             registry: Registry::default(),
         };
         m.register_deletion_metrics(&mut registry);
         m.register_service_metrics(&mut registry);
         m.register_auth_metrics(&mut registry);
         m.startup.register(&mut registry);
+        m.register_drain_metrics(&mut registry);
         Self { registry, ..m }
     }
 
@@ -259,6 +269,32 @@ impl Metrics {
             "Calls refused (reason: unauthenticated, forbidden, review_unavailable, starting)",
             self.auth_refusals.clone(),
         );
+    }
+
+    /// The adaptive drain's answers (`/v1/drain`).
+    fn register_drain_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "prestop_drains",
+            "Drain requests by outcome (drained, timeout; refused: bad token or another pod; busy: --max-drain-waits reached)",
+            self.drains.clone(),
+        );
+        registry.register(
+            "prestop_drain_wait_seconds",
+            "How long drain requests waited, by outcome",
+            self.drain_wait.clone(),
+        );
+    }
+
+    /// One answered drain request. No namespace label: a refused caller
+    /// could name any.
+    pub fn drain_answered(&self, outcome: &str, waited: std::time::Duration) {
+        let labels = OutcomeLabel {
+            outcome: outcome.into(),
+        };
+        self.drains.get_or_create(&labels).inc();
+        self.drain_wait
+            .get_or_create(&labels)
+            .observe(waited.as_secs_f64());
     }
 
     /// The agents, the reports, the store and the recommendations.

@@ -16,6 +16,9 @@ pub fn document() -> Value {
             "securitySchemes": { "kubernetesToken": {
                 "type": "http", "scheme": "bearer",
                 "description": "A Kubernetes token for the aggregator's audience (--token-audience), checked with TokenReview and a SubjectAccessReview for get on deletions (recommendations) of observer.prestop.dev"
+            }, "podToken": {
+                "type": "http", "scheme": "bearer",
+                "description": "The pod's projected ServiceAccount token for the aggregator's audience; TokenReview names the pod it is bound to, which may ask about itself only"
             } },
             "schemas": {
                 "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "string" } } },
@@ -27,7 +30,8 @@ pub fn document() -> Value {
                 "Coverage": coverage(),
                 "Router": router(),
                 "RouterMeasurement": router_measurement(),
-                "RouterKindSummary": router_kind_summary()
+                "RouterKindSummary": router_kind_summary(),
+                "DrainAnswer": drain_answer()
             }
         }
     });
@@ -97,6 +101,7 @@ fn paths() -> Value {
                 "503": refused("TokenReview or SubjectAccessReview unavailable")
             }
         }},
+        "/v1/drain": drain_path(),
         "/healthz": { "get": { "summary": "Liveness", "responses": { "200": text("Alive") } } },
         "/readyz": { "get": { "summary": "Readiness: store reachable, Kubernetes watchers synced",
             "responses": { "200": text("Ready"), "503": text("Not ready, with the reason") } } },
@@ -304,6 +309,55 @@ fn router_kind_summary() -> Value {
             "observedP50Seconds": { "type": "number", "nullable": true },
             "observedP99Seconds": { "type": "number", "nullable": true },
             "observedMaxSeconds": { "type": "number", "nullable": true }
+        }
+    })
+}
+
+/// `GET /v1/drain`: the adaptive drain's long-poll (`crate::drain`).
+fn drain_path() -> Value {
+    let error = json!({ "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } });
+    let with = |desc: &str| {
+        let mut r = error.clone();
+        r["description"] = desc.into();
+        r
+    };
+    let param = |name: &str, ty: &str, desc: &str| json!({ "name": name, "in": "query", "required": true, "schema": { "type": ty }, "description": desc });
+    json!({ "get": {
+        "summary": "Waits until every expected node removed the pod and no router sent it a new connection for its quiet period, or max; for the pod's own preStop hook (prestop-drain)",
+        "security": [{ "podToken": [] }],
+        "parameters": [
+            param("namespace", "string", "The pod's namespace (the token's)"),
+            param("pod", "string", "The pod's name (the token's pod)"),
+            param("max", "number", "Longest wait, seconds (> 0); lowered to --max-drain-seconds")
+        ],
+        "responses": {
+            "200": { "description": "Drained, or max reached (outcome says which)", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/DrainAnswer" } } } },
+            "400": with("Bad or missing parameter"),
+            "401": with("No token, or one the API server refuses"),
+            "403": with("Not a pod's token, or another pod's"),
+            "429": with("--max-drain-waits requests wait already"),
+            "503": with("TokenReview unavailable, or no deletions tracked by this server")
+        }
+    }})
+}
+
+/// `observer_proto::api::DrainAnswer`.
+fn drain_answer() -> Value {
+    json!({
+        "type": "object",
+        "required": ["outcome", "waitedSeconds", "sinceDeletionSeconds", "nodesExpected", "nodesRemoved",
+            "missingNodes", "quietSeconds", "lastConnectionSecondsAgo", "limitingRouter", "reason"],
+        "properties": {
+            "outcome": { "type": "string", "enum": ["drained", "timeout"] },
+            "waitedSeconds": { "type": "number", "description": "How long the request waited" },
+            "sinceDeletionSeconds": { "type": "number", "nullable": true, "description": "From T0 to the answer; null when no deletion of the pod was seen" },
+            "nodesExpected": { "type": "integer" },
+            "nodesRemoved": { "type": "integer" },
+            "missingNodes": { "type": "array", "items": { "type": "string" }, "description": "Expected nodes without a reported removal (at most 20)" },
+            "quietSeconds": { "type": "number", "description": "The longest quiet period a router needed: ln(1/--drain-miss-probability) of its measured connection intervals, within --drain-min-quiet..--drain-max-quiet" },
+            "lastConnectionSecondsAgo": { "type": "number", "nullable": true },
+            "limitingRouter": { "allOf": [{ "$ref": "#/components/schemas/Router" }], "nullable": true, "description": "Drained: the condition met last; timeout: one still unmet" },
+            "reason": { "type": "string" }
         }
     })
 }

@@ -5,6 +5,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -16,6 +17,8 @@ use crate::{
     api,
     cost::{self, LabCost},
     delay::{DelayDistribution, parse_duration_arg},
+    drain::DrainHook,
+    identity,
     kubeproxy::Mode,
     netns,
     observer::{Binaries, Observer},
@@ -112,6 +115,22 @@ pub struct LabArgs {
     /// --delay).
     #[arg(long, env = "LAB_EXTERNAL_DELAY", default_value = "1s..4s")]
     pub external_delay: DelayDistribution,
+    /// After the rollout with the recommended fixed preStop, one more with
+    /// the adaptive drain: each deleted pod's preStop runs the real
+    /// `prestop-drain` against the aggregator, falling back to the
+    /// recommendation. The report compares their preStop time and failures.
+    #[arg(long, env = "LAB_ADAPTIVE_DRAIN")]
+    pub adaptive_drain: bool,
+    /// The adaptive drain's `--max` (its pods' grace period is this plus
+    /// --grace-extra): how long a slow node may hold a pod.
+    #[arg(long, env = "LAB_DRAIN_MAX", default_value = "60s", value_parser = parse_duration_arg)]
+    pub drain_max: Duration,
+    /// Before the rollout with the recommendation, make the first node's
+    /// kube-proxy apply every change this much later (e.g. 8s): a node
+    /// slower than anything measured. The fixed recommendation then loses
+    /// requests through it; the adaptive drain waits for it.
+    #[arg(long, env = "LAB_SLOW_NODE", value_parser = parse_duration_arg)]
+    pub slow_node: Option<Duration>,
     /// Where to write report.json (default: target/lab/report.json).
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -164,6 +183,8 @@ impl LabArgs {
 #[derive(Debug, Clone)]
 pub struct LabBinaries {
     pub pod_server: PathBuf,
+    /// The adaptive drain's preStop hook.
+    pub drain: PathBuf,
     pub observer: Binaries,
     /// The profile they were built with (reported with the agent's CPU).
     pub profile: String,
@@ -175,6 +196,7 @@ impl LabBinaries {
     pub fn in_dir(dir: &Path, profile: &str) -> Self {
         LabBinaries {
             pod_server: dir.join("lab-pod-server"),
+            drain: dir.join("prestop-drain"),
             observer: Binaries {
                 aggregator: dir.join("aggregator"),
                 agent: dir.join("observer-agent"),
@@ -301,15 +323,52 @@ async fn exec_in_node(lab: &Lab, command: &str) -> Result<()> {
     Ok(())
 }
 
-fn rollout_config(args: &LabArgs, pre_stop_seconds: u64) -> RolloutConfig {
+fn rollout_config(
+    args: &LabArgs,
+    pre_stop_seconds: u64,
+    drain: Option<Arc<DrainHook>>,
+) -> RolloutConfig {
+    let longest = match &drain {
+        Some(hook) => hook.max.max(hook.fallback),
+        None => Duration::from_secs(pre_stop_seconds),
+    };
     RolloutConfig {
         deletions: args.deletions,
         spacing: args.duration / args.deletions.max(1) as u32,
         pre_stop: Duration::from_secs(pre_stop_seconds),
-        grace: Duration::from_secs(pre_stop_seconds + args.grace_extra),
+        grace: longest + Duration::from_secs(args.grace_extra),
         rate: args.rate,
         keep_alive_connections: 2,
+        drain,
     }
+}
+
+/// `--adaptive-drain`: the hook every deleted pod runs, falling back to
+/// `fallback_seconds`; tokens bound to each pod are minted by the API
+/// double as the kubelet's TokenRequest would, into `dir`.
+fn drain_hook(
+    args: &LabArgs,
+    binaries: &LabBinaries,
+    observer: &Observer,
+    dir: &Path,
+    fallback_seconds: u64,
+) -> Arc<DrainHook> {
+    let double = observer.api().shared_double();
+    let token_dir = dir.to_owned();
+    Arc::new(DrainHook {
+        binary: binaries.drain.clone(),
+        aggregator: observer.aggregator.http_url(),
+        fallback: Duration::from_secs(fallback_seconds),
+        max: args.drain_max,
+        tokens: Arc::new(move |pod| {
+            let token = identity::pod_token(&double, api::NAMESPACE, &pod.name)
+                .map_err(|e| e.to_string())?;
+            let file = token_dir.join(format!("drain-token-{}", pod.name));
+            std::fs::write(&file, token).map_err(|e| format!("{}: {e}", file.display()))?;
+            Ok(file)
+        }),
+        log: dir.join("drain-hooks.log"),
+    })
 }
 
 async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> Result<Report> {
@@ -360,9 +419,24 @@ async fn execute(args: &LabArgs, binaries: &LabBinaries, report_path: &Path) -> 
             recommendation.reason
         );
     };
+    if let Some(extra) = args.slow_node {
+        say(&format!(
+            "{} turns slow: every change {} s later than drawn",
+            lab.cluster.nodes[0].name,
+            extra.as_secs_f64()
+        ));
+        lab.slow_down(0, extra);
+    }
     rollouts
         .run(&mut lab, &observer, args, "recommended", recommended, say)
         .await?;
+    if args.adaptive_drain {
+        let _ = std::fs::remove_file(dir.join("drain-hooks.log"));
+        let hook = drain_hook(args, binaries, &observer, &dir, recommended);
+        rollouts
+            .run_drained(&mut lab, &observer, args, hook, say)
+            .await?;
+    }
 
     let report = rollouts
         .report(
@@ -560,11 +634,48 @@ impl Rollouts {
             "rollout {} ({name}), preStop {pre_stop_seconds} s",
             self.runs.len() + 1
         ));
+        self.run_config(
+            lab,
+            observer,
+            name,
+            rollout_config(args, pre_stop_seconds, None),
+            say,
+        )
+        .await
+    }
+
+    /// One rolling update whose pods run the adaptive drain `hook`.
+    async fn run_drained(
+        &mut self,
+        lab: &mut Lab,
+        observer: &Observer,
+        args: &LabArgs,
+        hook: Arc<DrainHook>,
+        say: impl Fn(&str),
+    ) -> Result<&RolloutResult> {
+        say(&format!(
+            "rollout {} (adaptive), prestop-drain falling back to {} s, max {} s",
+            self.runs.len() + 1,
+            hook.fallback.as_secs(),
+            hook.max.as_secs_f64()
+        ));
+        let fallback = hook.fallback.as_secs();
+        let config = rollout_config(args, fallback, Some(hook));
+        self.run_config(lab, observer, "adaptive", config, say)
+            .await
+    }
+
+    async fn run_config(
+        &mut self,
+        lab: &mut Lab,
+        observer: &Observer,
+        name: &str,
+        config: RolloutConfig,
+        say: impl Fn(&str),
+    ) -> Result<&RolloutResult> {
         let before = observer.agent_cpu();
         let (parts_before, machine_before) = (self.sampler.totals(), cost::machine_cpu_seconds());
-        let result = lab
-            .rollout(&rollout_config(args, pre_stop_seconds), &say)
-            .await?;
+        let result = lab.rollout(&config, &say).await?;
         report::add_cpu_delta(&mut self.traffic_cpu, &before, &observer.agent_cpu());
         let machine = machine_before
             .zip(cost::machine_cpu_seconds())

@@ -138,6 +138,23 @@ pub fn expired_agent_token(double: &ApiServerDouble, node: &str) -> Result<Strin
     token_of_agent_pod(double, node, AUDIENCE, Duration::ZERO)
 }
 
+/// A token bound to pod `namespace/pod` (running as `default`) for the
+/// aggregator's audience: what its projected volume holds for
+/// `prestop-drain`.
+pub fn pod_token(
+    double: &ApiServerDouble,
+    namespace: &str,
+    pod: &str,
+) -> Result<String, DoubleError> {
+    double.token(&apiserver_double::auth::TokenGrant {
+        namespace,
+        service_account: "default",
+        pod: Some(pod),
+        audiences: vec![AUDIENCE.into()],
+        valid_for: Duration::from_secs(TOKEN_SECONDS.unsigned_abs()),
+    })
+}
+
 /// The ServiceAccount of the lab's and tests' HTTP API reader (CI).
 pub const READER_SERVICE_ACCOUNT: &str = "prestop-reader";
 

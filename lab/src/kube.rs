@@ -356,6 +356,11 @@ impl ApiServer {
         &self.double
     }
 
+    /// The double, for what outlives a borrow (the drain hooks' tokens).
+    pub fn shared_double(&self) -> Arc<ApiServerDouble> {
+        Arc::clone(&self.double)
+    }
+
     /// Hands every pod DELETE this API receives (kubectl's) to `kubelet`,
     /// the path the lab's own rollouts take. The API holds it weakly: the
     /// kubelet's pods go with the lab.

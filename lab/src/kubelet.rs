@@ -2,7 +2,8 @@
 //! whether the lab's rollout asks for it or a `DELETE` through the
 //! Kubernetes API does (kubectl): the API records the deletion, the
 //! EndpointSlice marks the endpoint terminating (the proxies follow after
-//! their delays), the kubelet runs the preStop delay, SIGTERM and, at the
+//! their delays), the kubelet runs the preStop hook (a sleep, or the
+//! adaptive drain: [`crate::drain`]), SIGTERM and, at the
 //! end of the grace period, SIGKILL; then the endpoint and the pod go.
 
 use std::{
@@ -16,8 +17,9 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
     api::{ControlPlane, PodRecord},
+    drain::PreStop,
     topology::PodNet,
-    workload::{Ending, PodProcess},
+    workload::{PodProcess, Termination},
 };
 
 /// A running pod: its record in the API, its network, its process.
@@ -32,8 +34,8 @@ pub struct Pod {
 pub struct Deletion {
     pub record: PodRecord,
     pub net: PodNet,
-    /// The kubelet's termination; its ending once the pod is gone.
-    pub ended: JoinHandle<Ending>,
+    /// The kubelet's termination, once the pod is gone.
+    pub ended: JoinHandle<Termination>,
 }
 
 /// A pod whose termination runs, and how to shorten its grace period.
@@ -90,13 +92,13 @@ impl Kubelet {
     }
 
     /// Deletes the oldest running pod (a rollout's next victim) with the
-    /// rollout's preStop delay and grace period.
-    pub fn delete_oldest(&self, pre_stop: Duration, grace: Duration) -> Option<Deletion> {
+    /// rollout's preStop hook and grace period.
+    pub fn delete_oldest(&self, pre_stop: &PreStop, grace: Duration) -> Option<Deletion> {
         let pod = {
             let mut running = lock(&self.running);
             (!running.is_empty()).then(|| running.remove(0))?
         };
-        Some(self.terminate(pod, pre_stop, grace))
+        Some(self.terminate(pod, pre_stop.clone(), grace))
     }
 
     /// Deletes the pod `name` as the API asked: the pod's own preStop
@@ -115,7 +117,7 @@ impl Kubelet {
                 }
             }
         };
-        let pre_stop = pod.record.termination.pre_stop;
+        let pre_stop = PreStop::Sleep(pod.record.termination.pre_stop);
         let deletion = self.terminate(pod, pre_stop, grace);
         lock(&self.api_deletions).push(deletion);
         true
@@ -135,7 +137,7 @@ impl Kubelet {
         true
     }
 
-    fn terminate(&self, pod: Pod, pre_stop: Duration, grace: Duration) -> Deletion {
+    fn terminate(&self, pod: Pod, pre_stop: PreStop, grace: Duration) -> Deletion {
         let Pod {
             mut record,
             net,
@@ -154,11 +156,12 @@ impl Kubelet {
         let control = self.control.clone();
         let terminating = self.terminating.clone();
         let gone = record.clone();
+        let hook = pre_stop.start(&record, &net.ns);
         let ended = tokio::spawn(async move {
-            let termination = process.terminate_shortened(pre_stop, grace_rx).await;
+            let termination = process.terminate_after(hook, grace_rx).await;
             lock(&terminating).remove(&gone.name);
             lock(&control).pod_removed(&gone);
-            termination.ending
+            termination
         });
         Deletion { record, net, ended }
     }

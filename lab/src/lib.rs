@@ -12,6 +12,7 @@ pub mod client;
 pub mod commit_clock;
 pub mod cost;
 pub mod delay;
+pub mod drain;
 pub mod http;
 pub mod http_client;
 pub mod identity;

@@ -102,6 +102,8 @@ pub struct ProxyConfig {
 /// A running controller; [`Proxy::stop`] removes its rules.
 pub struct Proxy {
     stop: watch::Sender<bool>,
+    /// Added to every delay drawn from now on (a node turned slow).
+    extra: Arc<Mutex<Duration>>,
     task: JoinHandle<Result<(), KubeProxyError>>,
     changes: Arc<Mutex<Vec<RuleChange>>>,
 }
@@ -148,6 +150,7 @@ impl Proxy {
         let (rules, result) = sync(rules, &initial).await;
         result?;
         let changes = Arc::new(Mutex::new(Vec::new()));
+        let extra = Arc::new(Mutex::new(Duration::ZERO));
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(follow(
             config,
@@ -156,12 +159,19 @@ impl Proxy {
             services,
             stop_rx,
             changes.clone(),
+            extra.clone(),
         ));
         Ok(Proxy {
             stop,
+            extra,
             task,
             changes,
         })
+    }
+
+    /// From now on every change waits `extra` longer than its drawn delay.
+    pub fn slow_down(&self, extra: Duration) {
+        *self.extra.lock().expect("extra lock") = extra;
     }
 
     /// Rule changes committed so far.
@@ -256,6 +266,7 @@ async fn follow(
     mut services: watch::Receiver<Services>,
     mut stop: watch::Receiver<bool>,
     changes: Arc<Mutex<Vec<RuleChange>>>,
+    extra: Arc<Mutex<Duration>>,
 ) -> Result<(), KubeProxyError> {
     let witness = match config.mode {
         Mode::Nftables | Mode::IptablesNft => {
@@ -300,7 +311,7 @@ async fn follow(
                     let Some(ip) = endpoint.or(before).map(|e| e.ip).filter(|_| before != endpoint) else {
                         continue;
                     };
-                    let delay = config.delay.sample(&mut rng);
+                    let delay = config.delay.sample(&mut rng) + *extra.lock().expect("extra lock");
                     let due = last_due.get(key).map_or(now + delay, |d| (*d).max(now + delay));
                     last_due.insert(key.clone(), due);
                     pending.push(Pending { due, seen_unix_nano, delay, key: key.clone(), ip, endpoint: endpoint.cloned() });

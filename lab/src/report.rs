@@ -143,7 +143,12 @@ pub struct PerNode {
 #[serde(rename_all = "camelCase")]
 pub struct RunReport {
     pub name: String,
+    /// The fixed preStop sleep, or the adaptive drain's fallback.
     pub pre_stop_seconds: f64,
+    /// Pods ran `prestop-drain` instead of the fixed sleep.
+    pub adaptive_drain: bool,
+    /// How long the deleted pods' preStop hooks actually ran.
+    pub pre_stop_time: PreStopTime,
     pub server_mode: String,
     pub requests: u64,
     pub failed: u64,
@@ -167,11 +172,39 @@ pub struct ModeAccuracy {
     pub max_abs_error_ms: f64,
 }
 
+/// The preStop time a rollout's deleted pods spent, as the kubelet timed
+/// it (hook start to SIGTERM).
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreStopTime {
+    pub total_seconds: f64,
+    pub max_seconds: f64,
+    /// Pod name -> seconds.
+    pub per_pod: BTreeMap<String, f64>,
+}
+
+impl PreStopTime {
+    fn of(run: &RolloutResult) -> Self {
+        let per_pod: BTreeMap<String, f64> = run
+            .deletions
+            .iter()
+            .filter_map(|d| Some((d.pod.clone(), d.pre_stop_seconds?)))
+            .collect();
+        PreStopTime {
+            total_seconds: per_pod.values().sum(),
+            max_seconds: per_pod.values().copied().fold(0.0, f64::max),
+            per_pod,
+        }
+    }
+}
+
 impl RunReport {
     pub fn new(name: &str, run: &RolloutResult, routers: &[RouterInfo]) -> Self {
         RunReport {
             name: name.to_owned(),
             pre_stop_seconds: run.pre_stop_seconds,
+            adaptive_drain: run.adaptive_drain,
+            pre_stop_time: PreStopTime::of(run),
             server_mode: format!("{:?}", run.server_mode),
             requests: run.requests(),
             failed: run.failed(),
@@ -443,11 +476,19 @@ impl Report {
                 .iter()
                 .map(|(t, n)| format!("{t} {n}"))
                 .collect();
+            let hook = if r.adaptive_drain {
+                format!("drain (fallback {:.0} s)", r.pre_stop_seconds)
+            } else {
+                format!("preStop {:>4.1} s", r.pre_stop_seconds)
+            };
+            let t = &r.pre_stop_time;
             let _ = writeln!(
                 out,
-                "  {:<12} preStop {:>4.1} s: {:>6} requests, {:>5} failed {}{}",
+                "  {:<12} {hook}: preStop time {:.1} s total over {} pods (max {:.1} s), {:>6} requests, {:>5} failed {}{}",
                 r.name,
-                r.pre_stop_seconds,
+                t.total_seconds,
+                t.per_pod.len(),
+                t.max_seconds,
                 r.requests,
                 r.failed,
                 if causes.is_empty() {

@@ -17,6 +17,7 @@ use crate::{
     api::{self, ApiMirror, ControlPlane, PodRecord, PodTermination},
     client::{Client, ClientConfig, ClientKind, ClientReport},
     delay::DelayDistribution,
+    drain::{DrainHook, PreStop},
     kubelet::{Kubelet, Pod},
     kubeproxy::{KubeProxyError, Mode},
     proxy::{Proxy, ProxyConfig, RuleChange, Services},
@@ -77,6 +78,9 @@ pub struct RolloutConfig {
     /// connection per request, one keep-alive).
     pub rate: f64,
     pub keep_alive_connections: usize,
+    /// The adaptive drain instead of the fixed `pre_stop` sleep, which is
+    /// then its fallback.
+    pub drain: Option<Arc<DrainHook>>,
 }
 
 /// A node of the lab as reported.
@@ -99,6 +103,8 @@ pub struct DeletionTruth {
     pub host_node: String,
     pub requested_unix_nano: UnixNanos,
     pub ending: Option<Ending>,
+    /// How long its preStop hook ran.
+    pub pre_stop_seconds: Option<f64>,
     /// The rule removal on each node (ground truth), in node order.
     pub removals: Vec<RuleChange>,
     /// When each other router dropped the pod (ground truth).
@@ -108,7 +114,9 @@ pub struct DeletionTruth {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutResult {
+    /// The fixed preStop sleep, or the adaptive drain's fallback.
     pub pre_stop_seconds: f64,
+    pub adaptive_drain: bool,
     pub server_mode: ShutdownMode,
     pub deletions: Vec<DeletionTruth>,
     /// The pods the rollout started, and when each node added them.
@@ -142,6 +150,8 @@ pub struct Lab {
     kubelet: Arc<Kubelet>,
     next_pod: usize,
     routers: Routers,
+    /// The largest extra delay a node was slowed down by.
+    slowed: Duration,
 }
 
 /// How long after its delay ran out a proxy may take to commit a change.
@@ -180,6 +190,7 @@ impl Lab {
             modes,
             next_pod: 0,
             routers: Routers::kube_proxy_only(),
+            slowed: Duration::ZERO,
         };
         for _ in 0..lab.config.pods {
             let pod = lab.start_pod(lab.config.termination).await?;
@@ -220,6 +231,15 @@ impl Lab {
 
     pub fn modes(&self) -> &[Mode] {
         &self.modes
+    }
+
+    /// From now on node `node`'s proxy applies every change `extra` later
+    /// than its drawn delay: a node slower than what was measured.
+    pub fn slow_down(&mut self, node: usize, extra: Duration) {
+        if let Some(p) = self.proxies.get(node) {
+            p.slow_down(extra);
+            self.slowed = self.slowed.max(extra);
+        }
     }
 
     /// The Service's endpoints as the EndpointSlice publishes them, for a
@@ -278,7 +298,7 @@ impl Lab {
         ip: Ipv4Addr,
         removed: bool,
     ) -> Result<Vec<RuleChange>, LabError> {
-        let deadline = Instant::now() + self.config.delay.max() + APPLY_SLACK;
+        let deadline = Instant::now() + self.config.delay.max() + self.slowed + APPLY_SLACK;
         loop {
             let found: Vec<Option<RuleChange>> = self
                 .proxies
@@ -358,6 +378,10 @@ impl Lab {
             pre_stop: config.pre_stop,
             grace: config.grace,
         };
+        let pre_stop = match &config.drain {
+            Some(hook) => PreStop::Drain(Arc::clone(hook)),
+            None => PreStop::Sleep(config.pre_stop),
+        };
         // A rolling update replaces each running pod at most once.
         let steps = config.deletions.min(self.kubelet.running());
         for step in 0..steps {
@@ -369,7 +393,7 @@ impl Lab {
             );
             replacements.push(replacement.record.clone());
             self.kubelet.add(replacement);
-            let Some(deletion) = self.kubelet.delete_oldest(config.pre_stop, config.grace) else {
+            let Some(deletion) = self.kubelet.delete_oldest(&pre_stop, config.grace) else {
                 break;
             };
             progress(&format!(
@@ -405,7 +429,8 @@ impl Lab {
                 ip: record.ip,
                 host_node: record.node.clone(),
                 requested_unix_nano: record.deletion_requested_unix_nano.unwrap_or_default(),
-                ending,
+                ending: ending.map(|t| t.ending),
+                pre_stop_seconds: ending.map(|t| t.pre_stop.as_secs_f64()),
                 removals,
                 router_drops,
             });
@@ -436,6 +461,7 @@ impl Lab {
         drop(deleted);
         Ok(RolloutResult {
             pre_stop_seconds: config.pre_stop.as_secs_f64(),
+            adaptive_drain: config.drain.is_some(),
             server_mode: self.config.server_mode,
             deletions,
             new_pods,

@@ -78,6 +78,9 @@ pub enum Ending {
 #[derive(Debug, Clone, Copy)]
 pub struct Termination {
     pub ending: Ending,
+    /// How long the preStop hook ran (until it returned or the grace
+    /// period ended).
+    pub pre_stop: Duration,
     pub sigterm_at: Instant,
     pub ended_at: Instant,
 }
@@ -172,8 +175,20 @@ impl PodProcess {
     /// shorten while it runs: as the kubelet, the kill then comes at the
     /// earlier of the old deadline and now + the new grace.
     pub async fn terminate_shortened(
-        mut self,
+        self,
         pre_stop: Duration,
+        grace: watch::Receiver<Duration>,
+    ) -> Termination {
+        self.terminate_after(tokio::time::sleep(pre_stop), grace)
+            .await
+    }
+
+    /// [`Self::terminate_shortened`] with any preStop hook: `hook` runs
+    /// until it returns or the grace period ends (then it is dropped, which
+    /// stops it, and the process is killed at once).
+    pub async fn terminate_after(
+        mut self,
+        hook: impl std::future::Future<Output = ()>,
         mut grace: watch::Receiver<Duration>,
     ) -> Termination {
         let start = tokio::time::Instant::now();
@@ -181,12 +196,15 @@ impl PodProcess {
         fn shortened(grace: &mut watch::Receiver<Duration>, deadline: &mut tokio::time::Instant) {
             *deadline = (*deadline).min(tokio::time::Instant::now() + *grace.borrow_and_update());
         }
+        tokio::pin!(hook);
         loop {
             tokio::select! {
-                () = tokio::time::sleep_until((start + pre_stop).min(deadline)) => break,
+                () = &mut hook => break,
+                () = tokio::time::sleep_until(deadline) => break,
                 Ok(()) = grace.changed() => shortened(&mut grace, &mut deadline),
             }
         }
+        let pre_stop = start.elapsed();
         let sigterm_at = Instant::now();
         signal(&self.child, libc::SIGTERM);
         let ending = loop {
@@ -202,6 +220,7 @@ impl PodProcess {
         };
         Termination {
             ending,
+            pre_stop,
             sigterm_at,
             ended_at: Instant::now(),
         }

@@ -658,3 +658,74 @@ fn lab_run_with_every_router_reports_each_and_the_folklore_loses_through_the_slo
 
     assert_nothing_left(run.pid(), &run.tag);
 }
+
+/// Issue 18's lab case: node-0 turns slower than anything measured before
+/// the last two rollouts. The fixed recommendation loses requests through
+/// it; the adaptive drain (the real prestop-drain in each deleted pod,
+/// asking the real aggregator with the pod's own token) waits for it and
+/// loses none.
+#[test]
+fn lab_run_adaptive_drain_waits_for_a_slow_node_the_recommendation_misses() {
+    if !lab::root::root_or_skip(
+        "lab_run_adaptive_drain_waits_for_a_slow_node_the_recommendation_misses",
+    ) {
+        return;
+    }
+    let _serial = common::SERIAL.blocking_lock();
+    let mut run = LabRun::start(
+        "cli-drain",
+        &[
+            "--adaptive-drain",
+            "--slow-node",
+            "5s",
+            "--drain-max",
+            "20s",
+        ],
+    );
+    let status = run.wait(Duration::from_secs(300));
+    assert!(status.success(), "lab-run: {status}\n{}", run.outputs());
+    eprintln!("{}", run.outputs());
+    let report = run.report();
+    let runs = array(&report, "runs", "report");
+    let names: Vec<String> = runs.iter().map(|r| string(r, "name", "runs[]")).collect();
+    assert_eq!(
+        names,
+        ["measure", "baseline", "recommended", "adaptive"],
+        "{report}"
+    );
+    let (recommended, adaptive) = (&runs[2], &runs[3]);
+    let fixed = number(recommended, "preStopSeconds", "runs[]");
+    assert!(
+        field(adaptive, "adaptiveDrain", "runs[]").as_bool() == Some(true),
+        "{adaptive}"
+    );
+    // The slow node removes a pod 5.3-5.8 s after its deletion, after the
+    // recommendation (the measured 0.3-0.8 s plus the margin, rounded up).
+    assert!(fixed < 5.3, "recommendation {fixed} s: {report}");
+    assert!(
+        count(recommended, "failed", "runs[]") > 0,
+        "the fixed recommendation lost nothing through the slow node: {recommended}"
+    );
+    assert_eq!(
+        count(adaptive, "failed", "runs[]"),
+        0,
+        "the adaptive drain lost requests: {adaptive}"
+    );
+    let time = field(adaptive, "preStopTime", "runs[]");
+    let per_pod = field(time, "perPod", "preStopTime")
+        .as_object()
+        .expect("perPod is an object");
+    assert_eq!(per_pod.len(), 2, "{time}");
+    for (pod, seconds) in per_pod {
+        let seconds = seconds.as_f64().unwrap();
+        // Longer than the fixed delay (it waited for the slow node), far
+        // shorter than its max: the aggregator answered drained.
+        assert!(
+            seconds > fixed && seconds < 15.0,
+            "{pod}: preStop {seconds} s against the fixed {fixed} s: {adaptive}"
+        );
+    }
+    let hooks = fs::read_to_string(run.dir.join("drain-hooks.log")).expect("drain-hooks.log");
+    assert_eq!(hooks.matches("drained after").count(), 2, "{hooks}");
+    assert_nothing_left(run.pid(), &run.tag);
+}

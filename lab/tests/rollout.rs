@@ -33,6 +33,7 @@ fn rollout(pre_stop: Duration) -> RolloutConfig {
         grace: pre_stop + Duration::from_secs(2),
         rate: 60.0,
         keep_alive_connections: 3,
+        drain: None,
     }
 }
 

@@ -51,7 +51,10 @@ fn populate_aggregator(m: &aggregator::metrics::Metrics) {
         token_reviews,
         auth_refusals,
         startup,
+        drains: _,
+        drain_wait: _,
     } = m;
+    m.drain_answered("drained", std::time::Duration::from_secs(2));
     let (node, namespace) = ("n1".to_string(), "shop".to_string());
     propagation_latency
         .get_or_create(&NodeNamespaceMode {

@@ -606,3 +606,42 @@ mod tests {
         assert!(v["lifecycle"].is_null());
     }
 }
+
+/// How a `GET /v1/drain` long-poll ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum DrainOutcome {
+    /// Every expected node reported the pod's removal and no router sent
+    /// it a new connection for the quiet period.
+    Drained,
+    /// `max` passed first (or the deletion was finished incomplete).
+    #[default]
+    Timeout,
+}
+
+/// `GET /v1/drain`: what the aggregator knew when it answered a pod's
+/// preStop hook.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DrainAnswer {
+    pub outcome: DrainOutcome,
+    /// How long the request waited.
+    pub waited_seconds: f64,
+    /// From the deletion's start (T0) to the answer; `None` when the
+    /// aggregator never saw the deletion.
+    pub since_deletion_seconds: Option<f64>,
+    /// Nodes expected to report the pod's removal, and how many did.
+    pub nodes_expected: u64,
+    pub nodes_removed: u64,
+    /// Expected nodes whose removal was not reported (at most 20 named).
+    pub missing_nodes: Vec<String>,
+    /// The quiet period the answer required: the longest over the routers
+    /// that sent the pod connections since T0 (see docs/api.md).
+    pub quiet_seconds: f64,
+    /// Since the last new connection any router sent the pod after T0.
+    pub last_connection_seconds_ago: Option<f64>,
+    /// The router whose quiet period or missing removal was the last
+    /// condition to be met (drained) or still unmet (timeout).
+    pub limiting_router: Option<RouterRef>,
+    pub reason: String,
+}

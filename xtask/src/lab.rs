@@ -46,6 +46,8 @@ pub fn run(args: &XtaskLabArgs) -> Result<()> {
         "aggregator",
         "-p",
         "lab",
+        "-p",
+        "prestop-drain",
     ]);
     if args.release {
         build.arg("--release");

@@ -9,7 +9,7 @@ use kube::api::Api;
 use tonic::metadata::MetadataMap;
 
 use super::cache::Cache;
-use super::review::{TokenReviewer, User};
+use super::review::{TokenReviewer, User, extra};
 use super::{AuthError, CacheSettings, bearer};
 use crate::correlate::Correlator;
 use crate::readiness::Readiness;
@@ -168,13 +168,7 @@ impl AgentAuth {
     /// The node of the token's pod binding: the review's node-name extra,
     /// else the bound pod's `spec.nodeName` (same uid as the binding).
     async fn node_of(&self, token: &str, user: &User) -> Result<String, AuthError> {
-        let extra = |k: &str| {
-            user.extra
-                .as_ref()
-                .and_then(|e| e.get(k))
-                .and_then(|v| v.first())
-                .cloned()
-        };
+        let extra = |k: &str| extra(user, k);
         if let Some(node) = extra(EXTRA_NODE_NAME) {
             return Ok(node);
         }

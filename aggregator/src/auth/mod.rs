@@ -1,12 +1,14 @@
 //! Who may talk to the aggregator: agents prove their ServiceAccount and
 //! the node they run on with a projected token ([`agent`]), readers of the
-//! HTTP API their identity and permission ([`access`]); both through the
-//! API server's TokenReview ([`review`]). The server's certificate is in
+//! HTTP API their identity and permission ([`access`]), pods asking about
+//! their own drain the pod their token is bound to ([`pod`]); all through
+//! the API server's TokenReview ([`review`]). The server's certificate is in
 //! [`tls`].
 
 pub mod access;
 pub mod agent;
 mod cache;
+pub mod pod;
 pub mod review;
 pub mod tls;
 
@@ -17,6 +19,7 @@ use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 use access::HttpAccess;
 use agent::{AgentAuth, ServiceAccount};
+use pod::PodAuth;
 use review::{ReviewSettings, TokenReviewer};
 use tls::{TlsError, TlsFiles};
 
@@ -65,6 +68,7 @@ impl TokenSettings {
 pub struct Guards {
     pub agents: Option<Arc<AgentAuth>>,
     pub http: Option<Arc<HttpAccess>>,
+    pub pods: Option<Arc<PodAuth>>,
     pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
@@ -108,6 +112,7 @@ impl AuthSettings {
                 t.review.cache.clone(),
                 nodes_synced,
             ))),
+            pods: Some(Arc::new(PodAuth::new(Arc::clone(&reviewer)))),
             http: Some(Arc::new(HttpAccess::new(reviewer, client.clone(), t))),
             tls,
         })
@@ -148,6 +153,10 @@ pub enum AuthError {
         owner: String,
         bound: String,
     },
+    #[error("{user:?} is no pod's ServiceAccount token: only a pod may ask about its own drain")]
+    NotAPod { user: String },
+    #[error("the token of pod {bound} may only ask about that pod, not {asked}")]
+    OtherPod { bound: String, asked: String },
     #[error("{user:?} may not {verb} {resource}")]
     Forbidden {
         user: String,
@@ -168,6 +177,8 @@ impl AuthError {
             | Self::UnknownNode(_)
             | Self::OtherNode { .. }
             | Self::OtherAgent { .. }
+            | Self::NotAPod { .. }
+            | Self::OtherPod { .. }
             | Self::Forbidden { .. } => "forbidden",
         }
     }

@@ -26,6 +26,16 @@ pub struct ReviewSettings {
 /// A verified user: who the API server says the token belongs to.
 pub type User = Arc<UserInfo>;
 
+/// The first value of `user.extra[key]` (the pod and node a projected
+/// token is bound to).
+pub fn extra(user: &User, key: &str) -> Option<String> {
+    user.extra
+        .as_ref()
+        .and_then(|e| e.get(key))
+        .and_then(|v| v.first())
+        .cloned()
+}
+
 pub struct TokenReviewer {
     reviews: Api<TokenReview>,
     settings: ReviewSettings,

@@ -8,7 +8,8 @@
 //! and restores them, `subscriptions` streams the endpoints to watch to the
 //! agents, `record` finishes a deletion, `routers` names and times what
 //! sent the pod connections, `new_pods` opens, feeds and closes the new
-//! pods' startup windows (`crate::startup`). This module is the
+//! pods' startup windows (`crate::startup`), `drain` tells a pod's preStop
+//! whether it may stop. This module is the
 //! facade the gRPC service and the Kubernetes watcher call, each call with
 //! the aggregator's time `now`.
 //!
@@ -24,6 +25,7 @@
 //! applied once against the restored state ([`Correlator::restore`]).
 
 mod checkpoint;
+mod drain;
 mod fold;
 mod new_pods;
 mod record;
@@ -39,6 +41,7 @@ use observer_proto::{Report, UnixNanos};
 use tokio::sync::broadcast;
 
 pub use self::checkpoint::{CheckpointStats, RestoreStats};
+pub use self::drain::{DrainView, MAX_MISSING_NAMED, PodRef, QuietRule};
 pub use self::fold::{Implausible, Plausibility, UNATTRIBUTED};
 pub use self::routers::{Evidence, MAX_TRAFFIC_ROUTERS, OTHER};
 use self::state::{Agent, Pending, State, mark_agent, mark_pending};
@@ -458,6 +461,12 @@ impl Correlator {
             max_offset_ns: i64::try_from(self.settings.max_clock_offset.as_nanos())
                 .unwrap_or(i64::MAX),
         }
+    }
+
+    /// What `pod`'s adaptive drain waits for at `now` (see `drain`);
+    /// `None` when no deletion of it is in flight.
+    pub fn drain_view(&self, pod: &PodRef, rule: &QuietRule, now: UnixNanos) -> Option<DrainView> {
+        self.state().drain_view(pod, rule, now)
     }
 
     /// Deletions currently tracked.

@@ -227,6 +227,13 @@ pub async fn cluster() -> Cluster {
     Cluster { double, web1 }
 }
 
+/// Pod web-2 (10.244.1.5) on node-b, not behind the Service.
+pub fn add_web2(double: &ApiServerDouble) -> Pod {
+    double
+        .create(&pod("shop", "web-2", "10.244.1.5", "node-b"))
+        .unwrap()
+}
+
 pub struct Agent {
     pub id: String,
     pub client: Client,

@@ -56,6 +56,7 @@ pub fn rollout(deletions: usize, pre_stop: Duration) -> RolloutConfig {
         grace: pre_stop + Duration::from_secs(2),
         rate: 40.0,
         keep_alive_connections: 2,
+        drain: None,
     }
 }
 

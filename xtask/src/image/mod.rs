@@ -1,5 +1,5 @@
-//! `cargo xtask image`: OCI images of the agent, the aggregator and
-//! prestop-check, built daemonless with buildah from the Containerfiles in
+//! `cargo xtask image`: OCI images of the agent, the aggregator,
+//! prestop-check and prestop-drain, built daemonless with buildah from the Containerfiles in
 //! deploy/images/, written as OCI archives with a CycloneDX SBOM each.
 
 mod rootfs;
@@ -40,6 +40,9 @@ pub struct Image {
     /// copies into the parent with `--chown` (a directory copied onto an
     /// existing one keeps that one's owner).
     pub store_dir: Option<&'static str>,
+    /// Linked statically (`crt-static`, see [`build_static`]): the binary
+    /// must also run when copied into another image's container.
+    pub static_binary: bool,
 }
 
 impl Image {
@@ -59,7 +62,7 @@ impl Image {
     }
 }
 
-pub const IMAGES: [Image; 4] = [
+pub const IMAGES: [Image; 5] = [
     // Loads eBPF programs and joins the node's network namespace: root, as
     // the DaemonSet's securityContext says.
     Image {
@@ -69,6 +72,7 @@ pub const IMAGES: [Image; 4] = [
         ca_certificates: false,
         nonroot: false,
         store_dir: None,
+        static_binary: false,
     },
     Image {
         name: "prestop-aggregator",
@@ -77,6 +81,7 @@ pub const IMAGES: [Image; 4] = [
         ca_certificates: true,
         nonroot: true,
         store_dir: Some("/var/lib/prestop-aggregator"),
+        static_binary: false,
     },
     Image {
         name: "prestop-check",
@@ -85,6 +90,19 @@ pub const IMAGES: [Image; 4] = [
         ca_certificates: true,
         nonroot: true,
         store_dir: None,
+        static_binary: false,
+    },
+    // An init container copies it into an emptyDir the app container's
+    // preStop runs it from (README, "Adaptive drain"): whatever the app's
+    // image holds, a static binary runs.
+    Image {
+        name: "prestop-drain",
+        package: "prestop-drain",
+        binary: "prestop-drain",
+        ca_certificates: false,
+        nonroot: true,
+        store_dir: None,
+        static_binary: true,
     },
     Image {
         name: "prestop-admission",
@@ -93,6 +111,7 @@ pub const IMAGES: [Image; 4] = [
         ca_certificates: true,
         nonroot: true,
         store_dir: None,
+        static_binary: false,
     },
 ];
 
@@ -152,7 +171,12 @@ pub fn build(args: &ImageArgs) -> Result<PathBuf> {
     for image in &IMAGES {
         let version = meta.version(image.package)?;
         let context = out.join("context").join(image.name);
-        rootfs::prepare(image, &bin_dir.join(image.binary), &context)?;
+        let binary = if image.static_binary {
+            build_static(image, args.profile, &meta.target_dir)?
+        } else {
+            bin_dir.join(image.binary)
+        };
+        rootfs::prepare(image, &binary, &context)?;
         if !args.context_only {
             Buildah::new(&out).build(image, &version, &provenance, &context)?;
         }
@@ -175,12 +199,65 @@ fn build_binaries(profile: Profile) -> Result<()> {
                 "--locked",
                 "--bins",
             ]);
-            for image in &IMAGES {
+            for image in IMAGES.iter().filter(|i| !i.static_binary) {
                 cargo.args(["--package", image.package]);
             }
             cmd::run(&mut cargo)
         }
     }
+}
+
+/// Builds `image`'s binary linked statically against glibc (`crt-static`
+/// for the host's target, given as `--target` so build scripts stay
+/// dynamic) and returns its path. glibc since 2.34 resolves names from
+/// /etc/hosts and DNS without loading NSS modules, so the static binary
+/// reaches the aggregator's Service name from any image; the musl target
+/// would do too but is not installed with the toolchains.
+fn build_static(image: &Image, profile: Profile, target_dir: &Path) -> Result<PathBuf> {
+    let host = host_target()?;
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo.current_dir(cmd::workspace_root());
+    if profile == Profile::Release {
+        cargo.args(["auditable", "build", "--release"]);
+    } else {
+        cargo.arg("build");
+    }
+    cargo
+        .args([
+            "--locked",
+            "--package",
+            image.package,
+            "--bin",
+            image.binary,
+        ])
+        .args(["--target", &host])
+        .env(
+            format!(
+                "CARGO_TARGET_{}_RUSTFLAGS",
+                host.to_uppercase().replace('-', "_")
+            ),
+            "-C target-feature=+crt-static",
+        );
+    cmd::run(&mut cargo)?;
+    let dir = match profile {
+        Profile::Release => "release",
+        Profile::Debug => "debug",
+    };
+    let binary = target_dir.join(&host).join(dir).join(image.binary);
+    let loads = rootfs::shared_objects(&binary)?;
+    if !loads.is_empty() {
+        anyhow::bail!("{} should be static but loads {loads:?}", binary.display());
+    }
+    Ok(binary)
+}
+
+/// The target triple rustc builds for by default (`rustc -vV`'s host).
+fn host_target() -> Result<String> {
+    let info = cmd::output(Command::new("rustc").arg("-vV"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_owned)
+        .context("`rustc -vV` names no host")
 }
 
 /// What the images record about the checkout they were built from.

@@ -81,11 +81,13 @@ pub fn shared_objects(binary: &Path) -> Result<Vec<PathBuf>> {
         .output()
         .with_context(|| format!("running ldd on {}", binary.display()))?;
     let text = String::from_utf8_lossy(&out.stdout);
+    // glibc's ldd exits 1 for a static binary ("not a dynamic
+    // executable") but 0 for a static PIE ("statically linked", what
+    // crt-static builds).
+    if text.contains("not a dynamic executable") || text.trim() == "statically linked" {
+        return Ok(Vec::new());
+    }
     if !out.status.success() {
-        // glibc's ldd exits 1 for a static binary.
-        if text.contains("not a dynamic executable") || text.contains("statically linked") {
-            return Ok(Vec::new());
-        }
         bail!(
             "ldd {} failed ({}): {}",
             binary.display(),

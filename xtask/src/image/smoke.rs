@@ -269,6 +269,41 @@ fn prestop_check_image_answers_version_as_nonroot() {
     assert!(ca.metadata().unwrap().len() > 0, "{}", ca.display());
 }
 
+/// The drain hook's image: static, so the copy its init container makes
+/// runs in any app image; run as its user, it falls back to its sleep
+/// when the aggregator is unreachable.
+#[test]
+fn prestop_drain_image_is_static_and_falls_back_as_nonroot() {
+    if !root_or_skip("prestop_drain_image_is_static_and_falls_back_as_nonroot") {
+        return;
+    }
+    let bundle = Bundle::unpack("prestop-drain");
+    assert_eq!(bundle.user(), (NONROOT_UID.into(), NONROOT_UID.into()));
+    let binary = bundle.rootfs().join("usr/local/bin/prestop-drain");
+    assert_eq!(
+        super::rootfs::shared_objects(&binary).unwrap(),
+        Vec::<PathBuf>::new()
+    );
+    let token = bundle.rootfs().join("tmp/token");
+    std::fs::write(&token, "t").unwrap();
+    let started = Instant::now();
+    let out = bundle.output(&[
+        "--aggregator",
+        &format!("http://{}", free_port()),
+        "--namespace",
+        "shop",
+        "--pod",
+        "web-1",
+        "--token-file",
+        "/tmp/token",
+        "--fallback",
+        "1s",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Connection refused"));
+}
+
 #[test]
 fn each_image_has_the_sbom_of_its_package() {
     if !root_or_skip("each_image_has_the_sbom_of_its_package") {
