@@ -544,8 +544,8 @@ mod tests {
 
     fn any_ip(family: Family) -> BoxedStrategy<IpAddr> {
         match family {
-            Family::V4 => any::<[u8; 4]>().prop_map(|a| IpAddr::from(a)).boxed(),
-            Family::V6 => any::<[u8; 16]>().prop_map(|a| IpAddr::from(a)).boxed(),
+            Family::V4 => any::<[u8; 4]>().prop_map(IpAddr::from).boxed(),
+            Family::V6 => any::<[u8; 16]>().prop_map(IpAddr::from).boxed(),
         }
     }
 

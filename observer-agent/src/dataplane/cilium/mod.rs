@@ -221,7 +221,7 @@ impl CiliumDetector {
             return;
         };
         let mut writes = Vec::new();
-        while let Some(write) = events.next() {
+        while let Some(write) = events.next_write() {
             writes.push(write);
         }
         for write in writes {

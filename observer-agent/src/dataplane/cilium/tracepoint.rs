@@ -164,7 +164,7 @@ impl WriteEvents {
     }
 
     /// The next write the programs sent, if any.
-    pub fn next(&mut self) -> Option<MasterWrite> {
+    pub fn next_write(&mut self) -> Option<MasterWrite> {
         let item = self.writes.next()?;
         (item.len() >= size_of::<MasterWrite>())
             // SAFETY: the programs write whole MasterWrites; read unaligned.
