@@ -18,8 +18,9 @@ pub struct CiliumArgs {
     /// writes the Cilium detector follows.
     #[arg(long, default_value = "cilium-agent", value_parser = parse_comm, env = "OBSERVER_CILIUM_WRITER_COMM")]
     pub cilium_writer_comm: String,
-    /// Follow only this process id (as this agent's PID namespace sees
-    /// it); default: every process with the name above.
+    /// Follow only this process id, as the host's PID namespace numbers
+    /// it (the kernel's tgid; the DaemonSet has no hostPID, so leave it
+    /// unset there); default: every process with the name above.
     #[arg(long, env = "OBSERVER_CILIUM_WRITER_PID")]
     pub cilium_writer_pid: Option<u32>,
     /// Interval, in milliseconds (10 at least), at which Cilium's watched

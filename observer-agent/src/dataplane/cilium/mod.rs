@@ -196,12 +196,14 @@ impl CiliumDetector {
         for endpoint in &gone {
             self.model.unwatch(endpoint);
         }
-        for endpoint in new {
-            match self.model.watch(&self.maps, endpoint) {
-                Ok(selected) => debug!(%endpoint, selected, "Cilium: following endpoint"),
-                Err(e) => {
-                    warn!(%endpoint, error = %e, "Cilium: reading the endpoint's frontends failed")
+        match self.model.watch_all(&self.maps, &new) {
+            Ok(found) => {
+                for (endpoint, selected) in found {
+                    debug!(%endpoint, selected, "Cilium: following endpoint");
                 }
+            }
+            Err(e) => {
+                warn!(endpoints = new.len(), error = %e, "Cilium: reading the endpoints' frontends failed")
             }
         }
         let masters = self.model.masters();

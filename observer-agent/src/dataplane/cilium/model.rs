@@ -74,33 +74,53 @@ impl Model {
         maps: &impl ServiceMaps,
         endpoint: SocketAddr,
     ) -> Result<bool, ReadError> {
-        let family = Family::of(&endpoint.ip());
-        let backend_ids: HashSet<u32> = maps
-            .backends(family)?
-            .entries
-            .into_iter()
-            .filter(|(_, b)| b.ip == endpoint.ip() && b.port == endpoint.port())
-            .map(|(id, _)| id)
+        Ok(self.watch_all(maps, &[endpoint])?[0].1)
+    }
+
+    /// [`Self::watch`] for many endpoints with one read of each map (a
+    /// rollout makes hundreds terminating at once).
+    pub fn watch_all(
+        &mut self,
+        maps: &impl ServiceMaps,
+        endpoints: &[SocketAddr],
+    ) -> Result<Vec<(SocketAddr, bool)>, ReadError> {
+        let mut found: HashMap<SocketAddr, Watched> = endpoints
+            .iter()
+            .map(|e| (*e, Watched::default()))
             .collect();
-        let mut masters = HashSet::new();
-        if !backend_ids.is_empty() {
+        for family in [Family::V4, Family::V6] {
+            if !endpoints.iter().any(|e| Family::of(&e.ip()) == family) {
+                continue;
+            }
+            let mut owner: HashMap<u32, SocketAddr> = HashMap::new();
+            for (id, b) in maps.backends(family)?.entries {
+                let endpoint = SocketAddr::new(b.ip, b.port);
+                if let Some(w) = found.get_mut(&endpoint) {
+                    w.backend_ids.insert(id);
+                    owner.insert(id, endpoint);
+                }
+            }
+            if owner.is_empty() {
+                continue;
+            }
             for (key, value) in maps.services(family)?.entries {
-                if key.slot != 0 && backend_ids.contains(&value.backend_id) {
-                    masters.insert(ServiceKey::master(key.frontend));
+                if key.slot == 0 {
+                    continue;
+                }
+                if let Some(w) = owner.get(&value.backend_id).and_then(|e| found.get_mut(e)) {
+                    w.frontends.insert(ServiceKey::master(key.frontend), false);
                 }
             }
         }
-        let mut watched = Watched {
-            backend_ids,
-            frontends: HashMap::new(),
-        };
-        for master in masters {
-            let selected = selects(maps, &master, maps.service(&master)?, &watched.backend_ids)?;
-            watched.frontends.insert(master, selected);
+        let mut out = Vec::with_capacity(endpoints.len());
+        for (endpoint, mut watched) in found {
+            for (master, selected) in &mut watched.frontends {
+                *selected = selects(maps, master, maps.service(master)?, &watched.backend_ids)?;
+            }
+            out.push((endpoint, watched.selected()));
+            self.endpoints.insert(endpoint, watched);
         }
-        let selected = watched.selected();
-        self.endpoints.insert(endpoint, watched);
-        Ok(selected)
+        Ok(out)
     }
 
     pub fn unwatch(&mut self, endpoint: &SocketAddr) {
@@ -381,6 +401,24 @@ pub(crate) mod tests {
         assert_eq!(m.refresh(&t).unwrap(), vec![]);
         m.unwatch(&pod(1));
         assert_eq!(m.watched().collect::<Vec<_>>(), vec![&pod(2)]);
+    }
+
+    #[test]
+    fn many_endpoints_are_resolved_with_one_read_of_each_map() {
+        let mut t = Table::default();
+        for id in 1..=4 {
+            t.backend(id, pod(id as u8));
+        }
+        t.frontend(VIP, &[1, 2], &[3]);
+        t.frontend(OTHER_VIP, &[3, 4], &[]);
+        let mut m = Model::default();
+        t.lookups.set(0);
+        let mut found = m.watch_all(&t, &[pod(1), pod(3), pod(9)]).unwrap();
+        found.sort();
+        assert_eq!(found, vec![(pod(1), true), (pod(3), true), (pod(9), false)]);
+        assert_eq!(m.masters().len(), 2);
+        // Per frontend of each endpoint: its master and slots up to the hit.
+        assert!(t.lookups.get() <= 6, "{} lookups", t.lookups.get());
     }
 
     #[test]
