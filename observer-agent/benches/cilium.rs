@@ -153,7 +153,9 @@ fn main() -> anyhow::Result<()> {
         })?;
     done_rx.recv()?;
     let write = |step: Step| -> anyhow::Result<Option<MasterWritten>> {
-        step_tx.send(step)?;
+        step_tx
+            .send(step)
+            .map_err(|_| anyhow::anyhow!("the writer thread is gone"))?;
         Ok(done_rx.recv()?)
     };
 

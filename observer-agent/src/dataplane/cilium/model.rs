@@ -34,6 +34,9 @@ impl Watched {
 #[derive(Debug, Default)]
 pub struct Model {
     endpoints: HashMap<SocketAddr, Watched>,
+    /// The watched endpoints of each master: a write costs its own
+    /// endpoints, not a pass over every watched one.
+    by_master: HashMap<ServiceKey, HashSet<SocketAddr>>,
 }
 
 /// Whether the frontend of `master` selects one of `ids`, given the
@@ -69,6 +72,7 @@ impl Model {
 
     /// Starts watching `endpoint`: finds its backends and their
     /// frontends; returns whether the maps select it now.
+    #[cfg(test)]
     pub fn watch(
         &mut self,
         maps: &impl ServiceMaps,
@@ -118,22 +122,32 @@ impl Model {
                 *selected = selects(maps, master, maps.service(master)?, &watched.backend_ids)?;
             }
             out.push((endpoint, watched.selected()));
+            for master in watched.frontends.keys() {
+                self.by_master.entry(*master).or_default().insert(endpoint);
+            }
             self.endpoints.insert(endpoint, watched);
         }
         Ok(out)
     }
 
     pub fn unwatch(&mut self, endpoint: &SocketAddr) {
-        self.endpoints.remove(endpoint);
+        let Some(watched) = self.endpoints.remove(endpoint) else {
+            return;
+        };
+        for master in watched.frontends.keys() {
+            if let Some(endpoints) = self.by_master.get_mut(master) {
+                endpoints.remove(endpoint);
+                if endpoints.is_empty() {
+                    self.by_master.remove(master);
+                }
+            }
+        }
     }
 
     /// The masters of every watched frontend: the keys the tracepoint
     /// program matches.
     pub fn masters(&self) -> HashSet<ServiceKey> {
-        self.endpoints
-            .values()
-            .flat_map(|w| w.frontends.keys().copied())
-            .collect()
+        self.by_master.keys().copied().collect()
     }
 
     /// After a write of `master` (its new value, `None` for a deletion):
@@ -145,10 +159,13 @@ impl Model {
         value: Option<ServiceValue>,
     ) -> Result<Vec<(SocketAddr, bool)>, ReadError> {
         let mut flips = Vec::new();
-        for (endpoint, watched) in &mut self.endpoints {
-            if !watched.frontends.contains_key(master) {
+        let Some(endpoints) = self.by_master.get(master) else {
+            return Ok(flips);
+        };
+        for endpoint in endpoints {
+            let Some(watched) = self.endpoints.get_mut(endpoint) else {
                 continue;
-            }
+            };
             let before = watched.selected();
             let now = selects(maps, master, value, &watched.backend_ids)?;
             watched.frontends.insert(*master, now);
