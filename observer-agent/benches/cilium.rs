@@ -104,7 +104,11 @@ fn percentile(sorted: &[i64], p: f64) -> f64 {
     sorted[i] as f64 / 1e3
 }
 
-fn wait_for(rx: &mut Receiver<Observation>, ep: SocketAddr, removed: bool) -> Option<(UnixNanos, i64, u64)> {
+fn wait_for(
+    rx: &mut Receiver<Observation>,
+    ep: SocketAddr,
+    removed: bool,
+) -> Option<(UnixNanos, i64, u64)> {
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
         match rx.try_recv() {
@@ -135,22 +139,23 @@ fn main() -> anyhow::Result<()> {
     let (step_tx, step_rx) = mpsc::channel::<Step>();
     let (done_tx, done_rx) = mpsc::channel();
     let dir = fs.path().to_owned();
-    let writer = std::thread::Builder::new()
-        .name(WRITER.into())
-        .spawn(move || -> std::io::Result<()> {
-            let mut w = ServiceMapsWriter::create(&dir, Family::V4)?;
-            let common = frontends as u32 + 1;
-            w.upsert_backend(common, &backend(SocketAddr::from(([10, 201, 0, 1], 8080))))?;
-            for i in 0..frontends {
-                w.upsert_backend(i as u32 + 1, &backend(pod(i)))?;
-                w.write_frontend(vip(i), i as u16 + 1, &[i as u32 + 1, common], &[])?;
-            }
-            let _ = done_tx.send(None);
-            for step in step_rx {
-                let _ = done_tx.send(step(&mut w));
-            }
-            Ok(())
-        })?;
+    let writer =
+        std::thread::Builder::new()
+            .name(WRITER.into())
+            .spawn(move || -> std::io::Result<()> {
+                let mut w = ServiceMapsWriter::create(&dir, Family::V4)?;
+                let common = frontends as u32 + 1;
+                w.upsert_backend(common, &backend(SocketAddr::from(([10, 201, 0, 1], 8080))))?;
+                for i in 0..frontends {
+                    w.upsert_backend(i as u32 + 1, &backend(pod(i)))?;
+                    w.write_frontend(vip(i), i as u16 + 1, &[i as u32 + 1, common], &[])?;
+                }
+                let _ = done_tx.send(None);
+                for step in step_rx {
+                    let _ = done_tx.send(step(&mut w));
+                }
+                Ok(())
+            })?;
     done_rx.recv()?;
     let write = |step: Step| -> anyhow::Result<Option<MasterWritten>> {
         step_tx
@@ -183,14 +188,26 @@ fn main() -> anyhow::Result<()> {
     let last = frontends - 1;
     let common = frontends as u32 + 1;
     let ready = loop {
-        write(Box::new(move |w| w.write_frontend(vip(last), last as u16 + 1, &[common], &[last as u32 + 1]).ok()))?;
+        write(Box::new(move |w| {
+            w.write_frontend(vip(last), last as u16 + 1, &[common], &[last as u32 + 1])
+                .ok()
+        }))?;
         if wait_for(&mut rx, pod(last), true).is_some() {
             break watch_start.elapsed();
         }
-        write(Box::new(move |w| w.write_frontend(vip(last), last as u16 + 1, &[last as u32 + 1, common], &[]).ok()))?;
-        anyhow::ensure!(watch_start.elapsed() < Duration::from_secs(120), "the detector never followed the frontends");
+        write(Box::new(move |w| {
+            w.write_frontend(vip(last), last as u16 + 1, &[last as u32 + 1, common], &[])
+                .ok()
+        }))?;
+        anyhow::ensure!(
+            watch_start.elapsed() < Duration::from_secs(120),
+            "the detector never followed the frontends"
+        );
     };
-    write(Box::new(move |w| w.write_frontend(vip(last), last as u16 + 1, &[last as u32 + 1, common], &[]).ok()))?;
+    write(Box::new(move |w| {
+        w.write_frontend(vip(last), last as u16 + 1, &[last as u32 + 1, common], &[])
+            .ok()
+    }))?;
     let _ = wait_for(&mut rx, pod(last), false);
     let rss_watching = rss_kib();
 
@@ -200,16 +217,19 @@ fn main() -> anyhow::Result<()> {
     let mut precisions = Vec::new();
     for k in 0..writes {
         let j = k % frontends;
-        let removed = (k / frontends) % 2 == 0;
+        let removed = (k / frontends).is_multiple_of(2);
         let (active, inactive) = if removed {
             (vec![common], vec![j as u32 + 1])
         } else {
             (vec![j as u32 + 1, common], vec![])
         };
-        let m = write(Box::new(move |w| w.write_frontend(vip(j), j as u16 + 1, &active, &inactive).ok()))?
-            .ok_or_else(|| anyhow::anyhow!("write failed"))?;
-        let (received, time, precision) =
-            wait_for(&mut rx, pod(j), removed).ok_or_else(|| anyhow::anyhow!("write {k} not reported"))?;
+        let m = write(Box::new(move |w| {
+            w.write_frontend(vip(j), j as u16 + 1, &active, &inactive)
+                .ok()
+        }))?
+        .ok_or_else(|| anyhow::anyhow!("write failed"))?;
+        let (received, time, precision) = wait_for(&mut rx, pod(j), removed)
+            .ok_or_else(|| anyhow::anyhow!("write {k} not reported"))?;
         delays.push(received.as_nanos() - m.after.as_nanos());
         if time >= m.before.as_nanos() - 1_000_000 && time <= m.after.as_nanos() + 1_000_000 {
             inside += 1;
@@ -223,27 +243,43 @@ fn main() -> anyhow::Result<()> {
     let own = create_pinned(
         fs.path(),
         "hammer_map",
-        MapShape { map_type: 1, key_size: 4, value_size: 8 },
+        MapShape {
+            map_type: 1,
+            key_size: 4,
+            value_size: 8,
+        },
     )?;
     let before = run_stats(&kernel)?;
     let started = Instant::now();
-    std::thread::Builder::new().name("hammer".into()).spawn(move || {
-        use std::os::fd::AsFd;
-        for i in 0..hammer as u32 {
-            let _ = update_elem(own.as_fd(), &(i % 1024).to_ne_bytes(), &[0u8; 8]);
-        }
-    })?.join().map_err(|_| anyhow::anyhow!("hammer panicked"))?;
+    std::thread::Builder::new()
+        .name("hammer".into())
+        .spawn(move || {
+            use std::os::fd::AsFd;
+            for i in 0..hammer as u32 {
+                let _ = update_elem(own.as_fd(), &(i % 1024).to_ne_bytes(), &[0u8; 8]);
+            }
+        })?
+        .join()
+        .map_err(|_| anyhow::anyhow!("hammer panicked"))?;
     let hammer_time = started.elapsed();
     let during_hammer = per_call(before, run_stats(&kernel)?);
 
     delays.sort();
     precisions.sort();
-    println!("frontends watched: {frontends}; ready after {ready:?} (watch of every endpoint, one dump)");
+    println!(
+        "frontends watched: {frontends}; ready after {ready:?} (watch of every endpoint, one dump)"
+    );
     println!(
         "RSS: {} KiB before the eBPF object, {} KiB loaded, {} KiB watching ({} KiB for the frontends)",
-        rss_before, rss_loaded, rss_watching, rss_watching.saturating_sub(rss_loaded)
+        rss_before,
+        rss_loaded,
+        rss_watching,
+        rss_watching.saturating_sub(rss_loaded)
     );
-    if let Ok(out) = Command::new("bpftool").args(["map", "show", "name", "CILIUM_MASTERS"]).output() {
+    if let Ok(out) = Command::new("bpftool")
+        .args(["map", "show", "name", "CILIUM_MASTERS"])
+        .output()
+    {
         print!("{}", String::from_utf8_lossy(&out.stdout));
     }
     println!(
@@ -268,6 +304,8 @@ fn main() -> anyhow::Result<()> {
         hammer_time, during_hammer.0, during_hammer.1
     );
     drop(step_tx);
-    writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
     Ok(())
 }

@@ -88,10 +88,8 @@ impl Model {
         maps: &impl ServiceMaps,
         endpoints: &[SocketAddr],
     ) -> Result<Vec<(SocketAddr, bool)>, ReadError> {
-        let mut found: HashMap<SocketAddr, Watched> = endpoints
-            .iter()
-            .map(|e| (*e, Watched::default()))
-            .collect();
+        let mut found: HashMap<SocketAddr, Watched> =
+            endpoints.iter().map(|e| (*e, Watched::default())).collect();
         for family in [Family::V4, Family::V6] {
             if !endpoints.iter().any(|e| Family::of(&e.ip()) == family) {
                 continue;
