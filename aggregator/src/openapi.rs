@@ -232,7 +232,7 @@ fn node_measurement() -> Value {
             "rulesRemovedUnixNanos": { "type": "integer", "format": "int64", "nullable": true },
             "lastConnectionUnixNanos": { "type": "integer", "format": "int64", "nullable": true },
             "latencySeconds": { "type": "number", "nullable": true },
-            "mode": { "type": "string", "nullable": true, "enum": ["nftables", "iptables_nft", "iptables_legacy", "traffic", null],
+            "mode": { "type": "string", "nullable": true, "enum": ["nftables", "iptables_nft", "iptables_legacy", "cilium", "traffic", null],
                 "description": "The detector that saw the rules removal, or traffic when only connections were seen" },
             "detectorPrecisionSeconds": { "type": "number", "nullable": true,
                 "description": "Upper bound of the error of rulesRemovedUnixNanos as the node's detector timed it" },

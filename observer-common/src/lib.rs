@@ -5,6 +5,7 @@
 //! feature in user space to get aya's `Pod` impls for map access.
 #![no_std]
 
+pub mod cilium;
 pub mod conn;
 pub mod layout;
 pub mod ruleset;

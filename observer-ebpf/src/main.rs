@@ -3,6 +3,7 @@
 // Inline assembly for context loads at constant offsets (src/record.rs).
 #![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
+mod cilium;
 mod conn;
 mod delivery;
 mod flows;

@@ -101,6 +101,8 @@ macro_rules! ctx_load {
     }};
 }
 
+pub(crate) use ctx_load;
+
 /// An address at an 8-aligned constant offset.
 macro_rules! ctx_addr {
     ($ctx:expr, $offset:expr) => {

@@ -459,7 +459,13 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["nftables", "iptables_nft", "iptables_legacy", "traffic"]
+            [
+                "nftables",
+                "iptables_nft",
+                "iptables_legacy",
+                "cilium",
+                "traffic"
+            ]
         );
         for m in Detector::ALL
             .map(Mode::Rules)

@@ -108,10 +108,18 @@ pub enum Detector {
     IptablesNft,
     /// Change-triggered re-read of iptables-legacy tables.
     IptablesLegacy,
+    /// Cilium's service maps (kube-proxy replacement), timed by the
+    /// cilium-agent's bpf() syscall or by a read-only poll.
+    Cilium,
 }
 
 impl Detector {
-    pub const ALL: [Detector; 3] = [Self::Nftables, Self::IptablesNft, Self::IptablesLegacy];
+    pub const ALL: [Detector; 4] = [
+        Self::Nftables,
+        Self::IptablesNft,
+        Self::IptablesLegacy,
+        Self::Cilium,
+    ];
 
     /// The name in JSON, metric labels and the store.
     pub const fn as_str(self) -> &'static str {
@@ -119,6 +127,7 @@ impl Detector {
             Self::Nftables => "nftables",
             Self::IptablesNft => "iptables_nft",
             Self::IptablesLegacy => "iptables_legacy",
+            Self::Cilium => "cilium",
         }
     }
 }
@@ -131,7 +140,7 @@ impl fmt::Display for Detector {
 
 /// A name that is not a [`Detector`]'s.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("unknown detector {0:?} (known: nftables, iptables_nft, iptables_legacy)")]
+#[error("unknown detector {0:?} (known: nftables, iptables_nft, iptables_legacy, cilium)")]
 pub struct UnknownDetector(pub String);
 
 impl FromStr for Detector {
@@ -285,6 +294,7 @@ impl From<Detector> for v1::Detector {
             Detector::Nftables => Self::Nftables,
             Detector::IptablesNft => Self::IptablesNft,
             Detector::IptablesLegacy => Self::IptablesLegacy,
+            Detector::Cilium => Self::Cilium,
         }
     }
 }
@@ -343,6 +353,7 @@ impl TryFrom<v1::RulesChange> for RulesChange {
             Ok(v1::Detector::Nftables) => Detector::Nftables,
             Ok(v1::Detector::IptablesNft) => Detector::IptablesNft,
             Ok(v1::Detector::IptablesLegacy) => Detector::IptablesLegacy,
+            Ok(v1::Detector::Cilium) => Detector::Cilium,
             Ok(v1::Detector::Unspecified) | Err(_) => {
                 return Err(BadObservation::Detector(r.detector));
             }
@@ -570,7 +581,7 @@ mod tests {
         }
         assert_eq!(
             "ipvs".parse::<Detector>().unwrap_err().to_string(),
-            r#"unknown detector "ipvs" (known: nftables, iptables_nft, iptables_legacy)"#
+            r#"unknown detector "ipvs" (known: nftables, iptables_nft, iptables_legacy, cilium)"#
         );
     }
 

@@ -12,6 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use observer_proto::{Observation, UnixNanos};
 
+use super::cilium_args::CiliumArgs;
 use super::start::{self, SourceSide, Sources, StartOptions};
 use crate::{
     kernel::{Kernel, Stats},
@@ -58,6 +59,8 @@ pub struct ObserveArgs {
     /// How often to check the kernel's counters for lost events, in seconds.
     #[arg(long, default_value_t = 5, env = "OBSERVER_STATS_INTERVAL")]
     pub stats_interval: u64,
+    #[command(flatten)]
+    pub cilium: CiliumArgs,
 }
 
 pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
@@ -87,6 +90,7 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
         source_side,
         watch_ips: ips.clone(),
         watch_endpoints: args.watch_endpoint.clone(),
+        cilium: args.cilium.options(),
     })?;
 
     let mut printer = Printer::new(args.output, std::io::stdout().lock());

@@ -2,6 +2,7 @@
 
 use clap::Args;
 
+use super::cilium_args::CiliumArgs;
 use crate::{
     kernel::capabilities::{self, Capability},
     output::Format,
@@ -12,12 +13,14 @@ pub struct ProbeArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t, env = "OBSERVER_OUTPUT")]
     pub output: Format,
+    #[command(flatten)]
+    pub cilium: CiliumArgs,
 }
 
 /// Prints the table and, for each missing capability, what it costs;
 /// returns whether every required capability is there (the exit code).
 pub fn run(args: &ProbeArgs) -> anyhow::Result<bool> {
-    let table = capabilities::probe();
+    let table = capabilities::probe(&args.cilium.options());
     match args.output {
         Format::Json => println!("{}", serde_json::to_string_pretty(&table)?),
         Format::Human => print!("{}", human(&table)),

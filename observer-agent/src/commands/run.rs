@@ -19,6 +19,7 @@ use tokio::{
     task::JoinHandle,
 };
 
+use super::cilium_args::CiliumArgs;
 use super::start::{self, CHANNEL_CAPACITY, SourceSide, Sources, StartOptions};
 use crate::{
     dataplane::DataplaneWatch,
@@ -62,6 +63,8 @@ pub struct RunArgs {
     /// How often to read the kernel's counters, in seconds.
     #[arg(long, default_value_t = 5, env = "OBSERVER_STATS_INTERVAL")]
     pub stats_interval: u64,
+    #[command(flatten)]
+    pub cilium: CiliumArgs,
     /// Log every kernel event through aya-log at debug level (slow; for debugging).
     #[arg(long, env = "OBSERVER_LOG_KERNEL_EVENTS")]
     pub log_kernel_events: bool,
@@ -92,6 +95,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         source_side: SourceSide::Degraded,
         watch_ips: Vec::new(),
         watch_endpoints: Vec::new(),
+        cilium: args.cilium.options(),
     })?;
     for hook in kernel.hooks() {
         health.set_hook(&hook.name, hook.attached);

@@ -12,7 +12,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
     clock::WallClock,
-    dataplane::{self, DataplaneWatch},
+    dataplane::{self, DataplaneError, DataplaneWatch, cilium::CiliumOptions},
     flows::{self, FlowWatch},
     kernel::{Kernel, LoadOptions, conn_events},
     realtime::{self, TimingPriority},
@@ -45,6 +45,7 @@ pub struct StartOptions {
     pub watch_ips: Vec<IpAddr>,
     /// Endpoints the dataplane detectors watch from their start.
     pub watch_endpoints: Vec<SocketAddr>,
+    pub cilium: CiliumOptions,
 }
 
 /// The running sources; dropping the watches stops their threads.
@@ -78,7 +79,13 @@ pub fn start(options: StartOptions) -> anyhow::Result<Sources> {
     let (dataplane, flows) = if policy == SourceSide::Off {
         (None, None)
     } else {
-        let dataplane = start_dataplane(&mut kernel, timing, &tx, &options.watch_endpoints);
+        let dataplane = start_dataplane(
+            &mut kernel,
+            timing,
+            &tx,
+            &options.watch_endpoints,
+            &options.cilium,
+        );
         let dataplane = degrade(policy, dataplane, "dataplane rule detection")?;
         let stamps = kernel.take_stamps(StampKind::Conntrack);
         let ebpf = kernel.ebpf_mut();
@@ -104,6 +111,7 @@ fn start_dataplane(
     timing: TimingPriority,
     tx: &mpsc::Sender<Observation>,
     endpoints: &[SocketAddr],
+    cilium: &CiliumOptions,
 ) -> anyhow::Result<DataplaneWatch> {
     let mut watch =
         realtime::spawn_inheriting(timing, "dataplane", || dataplane::spawn(tx.clone()))
@@ -116,6 +124,19 @@ fn start_dataplane(
     }
     let stamps = kernel.take_stamps(StampKind::Nftables);
     watch.use_kernel_stamps(kernel.ebpf_mut(), stamps);
+    // Cilium's maps: absent on most nodes; an unknown layout or a failed
+    // open leaves the other detectors running.
+    match watch.follow_cilium(Some(kernel.ebpf_mut()), cilium) {
+        Ok(status) => {
+            tracing::info!(pin_dir = %status.pin_dir.display(), maps = status.maps.len(), timing = ?status.timing, "Cilium detector running")
+        }
+        Err(DataplaneError::Cilium(dataplane::cilium::OpenError::NotFound(dir))) => {
+            tracing::info!(pin_dir = %dir.display(), "no Cilium service maps: Cilium detector off")
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "Cilium detector unavailable; the other detectors keep running")
+        }
+    }
     Ok(watch)
 }
 

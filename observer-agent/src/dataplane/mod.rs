@@ -27,6 +27,7 @@
 //! selected then was removed before the agent started
 //! ([`DataplaneWatch::watch_deleted`]).
 
+pub mod cilium;
 pub mod commit_kprobe;
 mod ipt_entries;
 mod iptables_legacy;
@@ -84,6 +85,8 @@ pub enum DataplaneError {
     Program(#[from] aya::programs::ProgramError),
     #[error("eBPF map: {0}")]
     Map(#[from] aya::maps::MapError),
+    #[error("Cilium's service maps: {0}")]
+    Cilium(#[from] cilium::OpenError),
 }
 
 /// One endpoint's transition, found by a detector.
@@ -420,6 +423,24 @@ impl DataplaneWatch {
     /// overflowed) and the rulesets re-read instead.
     pub fn overflows(&self) -> u64 {
         self.shared.overflows.load(Ordering::Relaxed)
+    }
+
+    /// Starts the Cilium detector on the maps pinned under
+    /// `options.pin_dir`, timed by the writer's bpf() syscalls where `ebpf`
+    /// is given and the tracepoint attaches, else by a read-only poll.
+    pub fn follow_cilium(
+        &mut self,
+        ebpf: Option<&mut aya::Ebpf>,
+        options: &cilium::CiliumOptions,
+    ) -> Result<cilium::CiliumStatus, DataplaneError> {
+        let (detector, status) = cilium::CiliumDetector::open(ebpf, options)?;
+        let s = self.shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("dataplane-cilium".into())
+            .spawn(move || detector.run(&s))
+            .map_err(DataplaneError::Thread)?;
+        self.threads.push(thread);
+        Ok(status)
     }
 }
 

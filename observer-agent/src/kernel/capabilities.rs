@@ -12,7 +12,11 @@ use observer_common::{TcpSendResetAddrs, TracepointLayout};
 use serde::Serialize;
 
 use super::{Delivery, HookStatus, Kernel, LoadOptions, tracefs::Tracefs};
-use crate::dataplane::{CommitTiming, KprobeStatus, commit_kprobe};
+use crate::dataplane::{
+    CommitTiming, KprobeStatus,
+    cilium::{CiliumDetector, CiliumOptions, CiliumTiming},
+    commit_kprobe,
+};
 use crate::stamps::{self, StampKind, Timing};
 
 /// One row of the capability table.
@@ -76,6 +80,12 @@ fn cost(name: &str) -> &'static str {
         "program/kprobe" | "pmu/kprobe" | "kprobe/nf_tables_commit" | "kprobe/xt_replace_table" => {
             "ruleset changes are timed by their netlink notification or re-read, not by the kernel's commit: times are up to a few ms late"
         }
+        CILIUM_MAPS => {
+            "Cilium's service maps are not read: on a node where Cilium replaces kube-proxy, no backend removal is timed here"
+        }
+        CILIUM_TIMING => {
+            "Cilium's map writes are timed by a read-only poll of the watched frontends: up to the poll interval late"
+        }
         "sysctl/bpf_stats_enabled" => "the run time of the agent's eBPF programs is not reported",
         "timing/nf_tables notifications" => {
             "rule changes are timed when the agent's thread reads their notification, not by the kernel: up to 2 ms late under SCHED_FIFO, tens of ms at normal priority on a busy node"
@@ -87,9 +97,12 @@ fn cost(name: &str) -> &'static str {
     }
 }
 
+pub const CILIUM_MAPS: &str = "cilium/service maps";
+pub const CILIUM_TIMING: &str = "timing/cilium map writes";
+
 /// Probes everything; loads and attaches the real programs to find out
 /// whether the hooks work (then detaches them again).
-pub fn probe() -> Vec<Capability> {
+pub fn probe(cilium: &CiliumOptions) -> Vec<Capability> {
     let mut table = probe_kernel();
     match Kernel::load(LoadOptions::default()) {
         Ok(mut kernel) => {
@@ -106,10 +119,61 @@ pub fn probe() -> Vec<Capability> {
                     false,
                 )],
             });
+            table.extend(cilium_capabilities(Some(kernel.ebpf_mut()), cilium));
         }
         Err(e) => table.push(Capability::new("ebpf/load", false, e.to_string(), true)),
     }
     table
+}
+
+/// The Cilium detector as it would start: the maps found (or why none are
+/// read, an unknown layout named) and how their writes are timed.
+pub fn cilium_capabilities(
+    ebpf: Option<&mut aya::Ebpf>,
+    options: &CiliumOptions,
+) -> Vec<Capability> {
+    match CiliumDetector::open(ebpf, options) {
+        Ok((_, status)) => {
+            let maps: Vec<String> = status
+                .maps
+                .iter()
+                .map(|(name, info)| {
+                    format!(
+                        "{name} (id {}, key {}, value {}, {} entries max)",
+                        info.id, info.shape.key_size, info.shape.value_size, info.max_entries
+                    )
+                })
+                .collect();
+            let timing = match &status.timing {
+                CiliumTiming::Syscall => Capability::new(
+                    CILIUM_TIMING,
+                    true,
+                    "syscalls/sys_enter_bpf and sys_exit_bpf attached: a write is timed by the writer's bpf() syscall",
+                    false,
+                ),
+                CiliumTiming::Polling { interval, why } => Capability::new(
+                    CILIUM_TIMING,
+                    false,
+                    format!("polled every {} ms: {why}", interval.as_millis()),
+                    false,
+                ),
+            };
+            vec![
+                Capability::new(
+                    CILIUM_MAPS,
+                    true,
+                    format!(
+                        "{} under {}: the layout of Cilium after 1.19",
+                        maps.join(", "),
+                        status.pin_dir.display()
+                    ),
+                    false,
+                ),
+                timing,
+            ]
+        }
+        Err(e) => vec![Capability::new(CILIUM_MAPS, false, e.to_string(), false)],
+    }
 }
 
 /// The hooks of a loaded [`Kernel`] as capability rows.

@@ -1,0 +1,190 @@
+//! The `syscalls/sys_{enter,exit}_bpf` programs (observer-ebpf
+//! `cilium.rs`): attached here, told the writer and the watched masters,
+//! and read back as [`MasterWrite`]s, each the writer's bpf() syscall
+//! that wrote a watched master, with its kernel times at entry and exit.
+
+use std::{collections::HashSet, os::fd::AsRawFd, time::Duration};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use observer_common::cilium::{
+    CiliumStat, ENTER_CMD_OFFSET, ENTER_UATTR_OFFSET, EXIT_RET_OFFSET, KEY_MAX, MasterKey,
+    MasterWrite, ServiceKey, WriterFilter,
+};
+use thiserror::Error;
+
+use crate::kernel::{self, MissingInObject, tracefs::Tracefs};
+
+#[derive(Debug, Error)]
+pub enum TracepointError {
+    #[error(transparent)]
+    Missing(#[from] MissingInObject),
+    #[error("tracefs: {0}")]
+    Tracefs(#[from] kernel::tracefs::TracefsError),
+    #[error(
+        "syscalls/{event}: field {field} at offset {found}, the program reads it at {expected}"
+    )]
+    Layout {
+        event: &'static str,
+        field: &'static str,
+        found: usize,
+        expected: usize,
+    },
+    #[error("program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+const PROGRAMS: [(&str, &str); 2] = [
+    ("cilium_bpf_enter", "sys_enter_bpf"),
+    ("cilium_bpf_exit", "sys_exit_bpf"),
+];
+
+/// The padded key the program matches for a master.
+pub fn master_key(master: &ServiceKey) -> MasterKey {
+    let bytes = master.encode();
+    let mut key = [0u8; KEY_MAX];
+    key[..bytes.len].copy_from_slice(bytes.as_slice());
+    key
+}
+
+/// The attached programs' maps.
+pub struct WriteEvents {
+    masters: HashMap<MapData, MasterKey, u8>,
+    writes: RingBuf<MapData>,
+    stats: PerCpuArray<MapData, u64>,
+    installed: HashSet<MasterKey>,
+}
+
+impl std::fmt::Debug for WriteEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteEvents")
+            .field("installed", &self.installed.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_offset(
+    tracefs: &Tracefs,
+    event: &'static str,
+    field: &'static str,
+    expected: usize,
+) -> Result<(), TracepointError> {
+    let found = tracefs.format("syscalls", event)?.field(field)?.offset;
+    if found == expected {
+        Ok(())
+    } else {
+        Err(TracepointError::Layout {
+            event,
+            field,
+            found,
+            expected,
+        })
+    }
+}
+
+fn typed<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, TracepointError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    kernel::take_map(ebpf, name)?
+        .try_into()
+        .map_err(|source| TracepointError::Map { name, source })
+}
+
+impl WriteEvents {
+    /// Checks the tracepoints' record layout, loads and attaches both
+    /// programs and tells them which writer to follow.
+    pub fn attach(ebpf: &mut Ebpf, writer: WriterFilter) -> Result<WriteEvents, TracepointError> {
+        let tracefs = Tracefs::find_or_mount()?;
+        check_offset(&tracefs, "sys_enter_bpf", "cmd", ENTER_CMD_OFFSET)?;
+        check_offset(&tracefs, "sys_enter_bpf", "uattr", ENTER_UATTR_OFFSET)?;
+        check_offset(&tracefs, "sys_exit_bpf", "ret", EXIT_RET_OFFSET)?;
+        let mut filter: Array<MapData, WriterFilter> = typed(ebpf, "CILIUM_WRITER")?;
+        filter
+            .set(0, writer, 0)
+            .map_err(|source| TracepointError::Map {
+                name: "CILIUM_WRITER",
+                source,
+            })?;
+        for (program, event) in PROGRAMS {
+            let prog: &mut TracePoint = kernel::program_mut(ebpf, program)?
+                .try_into()
+                .map_err(|source| TracepointError::Program { program, source })?;
+            prog.load()
+                .and_then(|()| prog.attach("syscalls", event).map(drop))
+                .map_err(|source| TracepointError::Program { program, source })?;
+        }
+        Ok(WriteEvents {
+            masters: typed(ebpf, "CILIUM_MASTERS")?,
+            writes: typed(ebpf, "CILIUM_WRITES")?,
+            stats: typed(ebpf, "CILIUM_STATS")?,
+            installed: HashSet::new(),
+        })
+    }
+
+    /// Makes the program match exactly these masters.
+    pub fn set_masters(&mut self, masters: &HashSet<ServiceKey>) -> Result<(), TracepointError> {
+        let wanted: HashSet<MasterKey> = masters.iter().map(master_key).collect();
+        let map_err = |source| TracepointError::Map {
+            name: "CILIUM_MASTERS",
+            source,
+        };
+        for gone in self.installed.difference(&wanted) {
+            self.masters.remove(gone).map_err(map_err)?;
+        }
+        for new in wanted.difference(&self.installed) {
+            self.masters.insert(new, 1, 0).map_err(map_err)?;
+        }
+        self.installed = wanted;
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for a write to read.
+    pub fn wait(&self, timeout: Duration) {
+        let mut pfd = libc::pollfd {
+            fd: self.writes.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd. An error or a timeout both mean "look again".
+        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+    }
+
+    /// The next write the programs sent, if any.
+    pub fn next_write(&mut self) -> Option<MasterWrite> {
+        let item = self.writes.next()?;
+        (item.len() >= size_of::<MasterWrite>())
+            // SAFETY: the programs write whole MasterWrites; read unaligned.
+            .then(|| unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<MasterWrite>()) })
+    }
+
+    /// The programs' counters, summed over the CPUs.
+    pub fn stats(&self) -> Result<Vec<(CiliumStat, u64)>, TracepointError> {
+        CiliumStat::ALL
+            .into_iter()
+            .map(|stat| {
+                let per_cpu =
+                    self.stats
+                        .get(&(stat as u32), 0)
+                        .map_err(|source| TracepointError::Map {
+                            name: "CILIUM_STATS",
+                            source,
+                        })?;
+                Ok((stat, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+}

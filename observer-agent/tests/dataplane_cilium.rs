@@ -1,0 +1,347 @@
+//! Root-only: the Cilium detector on maps with Cilium's layout, pinned in a
+//! bpffs of the test's own and written by the lab's writer in Cilium's
+//! order from a thread named like a writer the detector follows.
+//!
+//! The claims: a backend moved to the inactive tail is reported removed at
+//! the master's write, inside the writer's syscall (tracepoint) or within
+//! one poll interval after it (polling); moved back, added; a write to an
+//! unrelated frontend, nothing; descriptors the agent opens refuse writes;
+//! an unknown layout is refused by name, in `probe` too, and the other
+//! detectors keep running.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    process::Command,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use lab::{
+    cilium::{Bpffs, ServiceMapsWriter, update_elem, writer::create_pinned},
+    root::root_or_skip,
+};
+use observer_agent::{
+    dataplane::{
+        self, DataplaneWatch,
+        cilium::{CiliumOptions, CiliumTiming, OpenError, maps::CiliumMaps, sys::ReadOnlyMap},
+    },
+    kernel::{Kernel, LoadOptions, capabilities},
+};
+use observer_common::cilium::{
+    self, Backend, BackendState, Family, Frontend, MapShape, Scope, ServiceKey, WriterFilter,
+};
+use observer_proto::{Detector, Observation, RulesChange};
+use tokio::sync::mpsc::{Receiver, channel};
+
+const WRITER: &str = "lab-cilium";
+/// Error of the kernel-to-wall-clock conversion (observer-agent/src/clock.rs).
+const CLOCK_TOLERANCE_NS: i64 = 1_000_000;
+const POLL: Duration = Duration::from_millis(20);
+
+fn frontend(last: u8) -> Frontend {
+    Frontend {
+        ip: IpAddr::from([10, 96, 0, last]),
+        port: 80,
+        proto: 6,
+        scope: Scope::External,
+    }
+}
+
+fn pod(last: u8) -> SocketAddr {
+    SocketAddr::from(([10, 244, 1, last], 8080))
+}
+
+fn backend(ep: SocketAddr) -> Backend {
+    Backend {
+        ip: ep.ip(),
+        port: ep.port(),
+        proto: 6,
+        state: BackendState::Active,
+        cluster_id: 0,
+        zone: 0,
+    }
+}
+
+fn options(dir: &Path, force_polling: bool) -> CiliumOptions {
+    let mut comm = [0u8; 16];
+    comm[..WRITER.len()].copy_from_slice(WRITER.as_bytes());
+    CiliumOptions {
+        pin_dir: dir.to_owned(),
+        poll_interval: POLL,
+        writer: WriterFilter::comm(comm, WRITER.len() as u32),
+        force_polling,
+    }
+}
+
+/// Two frontends: the watched one with pods 1 and 2, another with pod 3.
+fn populated(dir: &Path) -> ServiceMapsWriter {
+    let mut w = ServiceMapsWriter::create(dir, Family::V4).expect("maps created and pinned");
+    for (id, last) in [(1, 1), (2, 2), (3, 3)] {
+        w.upsert_backend(id, &backend(pod(last))).unwrap();
+    }
+    w.write_frontend(frontend(10), 1, &[1, 2], &[]).unwrap();
+    w.write_frontend(frontend(11), 2, &[3], &[]).unwrap();
+    w
+}
+
+/// The writer's steps run on a thread named [`WRITER`], one per request.
+type Step =
+    Box<dyn FnOnce(&mut ServiceMapsWriter) -> Option<lab::cilium::writer::MasterWritten> + Send>;
+
+fn writer_thread(
+    mut w: ServiceMapsWriter,
+) -> (
+    mpsc::Sender<Step>,
+    mpsc::Receiver<Option<lab::cilium::writer::MasterWritten>>,
+    std::thread::JoinHandle<()>,
+) {
+    let (step_tx, step_rx) = mpsc::channel::<Step>();
+    let (done_tx, done_rx) = mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name(WRITER.into())
+        .spawn(move || {
+            for step in step_rx {
+                let _ = done_tx.send(step(&mut w));
+            }
+        })
+        .unwrap();
+    (step_tx, done_rx, handle)
+}
+
+fn next_rules(rx: &mut Receiver<Observation>, within: Duration) -> Option<(bool, RulesChange)> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        match rx.try_recv() {
+            Ok(Observation::RulesRemoved(c)) if c.detector == Detector::Cilium => {
+                return Some((false, c));
+            }
+            Ok(Observation::RulesAdded(c)) if c.detector == Detector::Cilium => {
+                return Some((true, c));
+            }
+            Ok(_) => {}
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+    None
+}
+
+/// Moves pod 1 to the tail and back, writes the other frontend, then moves
+/// pod 1 out and deletes it; checks every report against the master writes.
+fn follow_the_writer(force_polling: bool) {
+    let fs = Bpffs::mount("cilium-detector").expect("a private bpffs mounts");
+    let w = populated(fs.path());
+    let mut kernel = Kernel::load(LoadOptions::default()).expect("eBPF loads");
+    let (tx, mut rx) = channel(64);
+    let mut watch: DataplaneWatch = dataplane::spawn(tx).expect("detectors start");
+    let status = watch
+        .follow_cilium(Some(kernel.ebpf_mut()), &options(fs.path(), force_polling))
+        .expect("the Cilium detector starts");
+    if force_polling {
+        assert!(matches!(status.timing, CiliumTiming::Polling { .. }));
+    } else {
+        assert_eq!(
+            status.timing,
+            CiliumTiming::Syscall,
+            "the tracepoint attaches here"
+        );
+    }
+    assert_eq!(status.maps.len(), 2, "{status:?}");
+    watch.watch(pod(1));
+    // The detector picks the watch up within its wait.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        next_rules(&mut rx, Duration::ZERO).is_none(),
+        "selected at the watch: nothing to report"
+    );
+
+    let (steps, done, handle) = writer_thread(w);
+    let write = |step: Step| {
+        steps.send(step).unwrap();
+        done.recv().unwrap()
+    };
+    let slack = if force_polling {
+        POLL.as_nanos() as i64 * 3
+    } else {
+        0
+    };
+    let check = |change: &RulesChange, m: lab::cilium::writer::MasterWritten| {
+        let t = change.time.as_nanos();
+        assert!(
+            t >= m.before.as_nanos() - CLOCK_TOLERANCE_NS
+                && t <= m.after.as_nanos() + CLOCK_TOLERANCE_NS + slack,
+            "{change:?} outside the master write {m:?} (+{slack} ns)"
+        );
+        let precision = change.precision_ns as i64;
+        if force_polling {
+            assert!(precision >= POLL.as_nanos() as i64 / 2, "{change:?}");
+        } else {
+            assert!(
+                precision <= m.after.as_nanos() - m.before.as_nanos() + CLOCK_TOLERANCE_NS,
+                "precision {precision} ns wider than the syscall {m:?}"
+            );
+        }
+        println!(
+            "{} at {} ns after the master's syscall began, precision {} ns",
+            if force_polling { "poll" } else { "tracepoint" },
+            t - m.before.as_nanos(),
+            change.precision_ns
+        );
+    };
+
+    let m = write(Box::new(|w| {
+        w.write_frontend(frontend(10), 1, &[2], &[1]).ok()
+    }))
+    .unwrap();
+    let (added, change) = next_rules(&mut rx, Duration::from_secs(2)).expect("removal reported");
+    assert!(!added);
+    assert_eq!(change.endpoint, pod(1));
+    check(&change, m);
+
+    let m = write(Box::new(|w| {
+        w.write_frontend(frontend(10), 1, &[1, 2], &[]).ok()
+    }))
+    .unwrap();
+    let (added, change) = next_rules(&mut rx, Duration::from_secs(2)).expect("addition reported");
+    assert!(added);
+    check(&change, m);
+
+    write(Box::new(|w| {
+        w.write_frontend(frontend(11), 2, &[], &[3]).ok()
+    }))
+    .unwrap();
+    assert!(
+        next_rules(&mut rx, Duration::from_millis(300)).is_none(),
+        "a write to an unrelated frontend reports nothing"
+    );
+
+    let m = write(Box::new(|w| {
+        w.write_frontend(frontend(10), 1, &[2], &[1]).ok()
+    }))
+    .unwrap();
+    let (added, change) = next_rules(&mut rx, Duration::from_secs(2)).expect("removal reported");
+    assert!(!added);
+    check(&change, m);
+    // The backend leaves the EndpointSlice: deleted, then its tail slot.
+    write(Box::new(|w| {
+        w.delete_backend(1).unwrap();
+        w.write_frontend(frontend(10), 1, &[2], &[]).ok()
+    }))
+    .unwrap();
+    assert!(
+        next_rules(&mut rx, Duration::from_millis(300)).is_none(),
+        "already removed: nothing more"
+    );
+    drop(steps);
+    handle.join().unwrap();
+}
+
+#[test]
+fn the_master_write_is_the_removal_timed_by_the_writers_syscall() {
+    if !root_or_skip("the_master_write_is_the_removal_timed_by_the_writers_syscall") {
+        return;
+    }
+    follow_the_writer(false);
+}
+
+#[test]
+fn without_the_tracepoint_a_poll_finds_the_same_changes() {
+    if !root_or_skip("without_the_tracepoint_a_poll_finds_the_same_changes") {
+        return;
+    }
+    follow_the_writer(true);
+}
+
+#[test]
+fn the_agents_descriptors_refuse_writes() {
+    if !root_or_skip("the_agents_descriptors_refuse_writes") {
+        return;
+    }
+    let fs = Bpffs::mount("cilium-rdonly").unwrap();
+    let _w = populated(fs.path());
+    let map = ReadOnlyMap::open(&fs.path().join(cilium::SERVICES4.name)).unwrap();
+    let master = ServiceKey::master(frontend(10)).encode();
+    let before = map
+        .lookup(master.as_slice())
+        .unwrap()
+        .expect("the master is there");
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(map.raw_fd()) };
+    let err =
+        update_elem(fd, master.as_slice(), &[0u8; 12]).expect_err("a read-only fd refuses updates");
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+    assert_eq!(map.lookup(master.as_slice()).unwrap(), Some(before));
+    let maps = CiliumMaps::open(fs.path()).unwrap();
+    assert!(maps.v4.is_some() && maps.v6.is_none());
+}
+
+#[test]
+fn an_unknown_layout_is_refused_by_name_and_the_rest_runs() {
+    if !root_or_skip("an_unknown_layout_is_refused_by_name_and_the_rest_runs") {
+        return;
+    }
+    let fs = Bpffs::mount("cilium-layout").unwrap();
+    // A services map whose value lost qcount (8 bytes), next to a right backends map.
+    let odd = MapShape {
+        value_size: 8,
+        ..cilium::SERVICES4.shape
+    };
+    let _s = create_pinned(fs.path(), cilium::SERVICES4.name, odd).unwrap();
+    let _b = create_pinned(fs.path(), cilium::BACKENDS4.name, cilium::BACKENDS4.shape).unwrap();
+    match CiliumMaps::open(fs.path()) {
+        Err(OpenError::Layout { source, .. }) => {
+            assert!(
+                source.to_string().contains("cilium_lb4_services_v2"),
+                "{source}"
+            )
+        }
+        other => panic!("expected a layout error, got {other:?}"),
+    }
+
+    let agent = env!("CARGO_BIN_EXE_observer-agent");
+    let out = Command::new(agent)
+        .args(["probe", "--output", "json", "--cilium-pin-dir"])
+        .arg(fs.path())
+        .output()
+        .unwrap();
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).expect("probe prints JSON");
+    let rows = table.as_array().unwrap();
+    let cilium_row = rows
+        .iter()
+        .find(|r| r["name"] == capabilities::CILIUM_MAPS)
+        .expect("a Cilium row");
+    assert_eq!(cilium_row["available"], false);
+    let detail = cilium_row["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("cilium_lb4_services_v2") && detail.contains("value 8 bytes"),
+        "{detail}"
+    );
+    assert!(
+        rows.iter()
+            .any(|r| r["name"] == "tracepoint/sock/inet_sock_set_state" && r["available"] == true),
+        "the other rows are probed: {table}"
+    );
+
+    // `observe` with the same maps: the Cilium detector is refused, the
+    // other detectors and the connection events run.
+    let out = Command::new(agent)
+        .args([
+            "observe",
+            "--watch-endpoint",
+            "10.244.1.1:8080",
+            "--duration",
+            "1",
+            "--output",
+            "json",
+            "--cilium-pin-dir",
+        ])
+        .arg(fs.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "observe failed: {stderr}");
+    assert!(
+        stderr.contains("Cilium detector unavailable") && stderr.contains("cilium_lb4_services_v2"),
+        "{stderr}"
+    );
+    assert!(!out.stdout.is_empty(), "observe reported its start");
+}
