@@ -207,7 +207,8 @@ fn check_hardened(c: &Container) -> BTreeSet<String> {
     caps.add.clone().unwrap_or_default().into_iter().collect()
 }
 
-fn check_agent(r: &Rendered, expected_caps: &BTreeSet<String>) {
+/// `cilium`: the overlay that mounts Cilium's bpffs (read-only) for its detector.
+fn check_agent(r: &Rendered, expected_caps: &BTreeSet<String>, cilium: bool) {
     let ds = only(&r.daemonsets, "DaemonSet");
     let spec = ds.spec.as_ref().unwrap();
     assert_eq!(
@@ -304,14 +305,15 @@ fn check_agent(r: &Rendered, expected_caps: &BTreeSet<String>) {
                 .map(|h| (v.name.clone(), h.path.clone()))
         })
         .collect();
-    assert_eq!(
-        host_paths,
-        BTreeMap::from([
-            ("btf".to_string(), "/sys/kernel/btf".to_string()),
-            ("tracefs".to_string(), "/sys/kernel/tracing".to_string()),
-            ("xtables-lock".to_string(), "/run/xtables.lock".to_string()),
-        ])
-    );
+    let mut expected_paths = BTreeMap::from([
+        ("btf".to_string(), "/sys/kernel/btf".to_string()),
+        ("tracefs".to_string(), "/sys/kernel/tracing".to_string()),
+        ("xtables-lock".to_string(), "/run/xtables.lock".to_string()),
+    ]);
+    if cilium {
+        expected_paths.insert("bpffs".to_string(), "/sys/fs/bpf".to_string());
+    }
+    assert_eq!(host_paths, expected_paths);
     for m in c.volume_mounts.iter().flatten() {
         assert_eq!(
             m.read_only,
@@ -655,7 +657,7 @@ fn every_rendering_deserialises_and_is_least_privilege() {
             ]),
             _ => set(&["BPF", "PERFMON", "NET_ADMIN", "NET_RAW", "SYS_NICE"]),
         };
-        check_agent(&r, &caps);
+        check_agent(&r, &caps, name == "cilium");
         check_aggregator(&r);
         let certified = matches!(name.as_str(), "cert-manager" | "admission");
         assert_eq!(r.certificates.is_empty(), !certified, "{name}");
@@ -919,6 +921,7 @@ fn a_capability_slipping_in_is_caught() {
         check_agent(
             &r,
             &set(&["BPF", "PERFMON", "NET_ADMIN", "NET_RAW", "SYS_NICE"]),
+            false,
         )
     });
     assert!(result.is_err());

@@ -116,7 +116,16 @@ fn kubernetes_validate_rejects_an_unknown_field() {
 #[test]
 fn deploy_names_each_published_image_once_with_the_version() {
     let version = env!("CARGO_PKG_VERSION");
-    let deployed = ["prestop-agent", "prestop-aggregator"];
+    // Each deployed image and the one kustomization that names it: the
+    // webhook is an optional component.
+    let deployed = [
+        ("prestop-agent", "base/kustomization.yaml"),
+        ("prestop-aggregator", "base/kustomization.yaml"),
+        (
+            "prestop-admission",
+            "components/admission-webhook/kustomization.yaml",
+        ),
+    ];
     let files: Vec<(PathBuf, String)> = walk(&deploy_dir())
         .into_iter()
         .map(|p| {
@@ -124,7 +133,7 @@ fn deploy_names_each_published_image_once_with_the_version() {
             (p, text)
         })
         .collect();
-    for name in deployed {
+    for (name, naming_file) in deployed {
         let published = format!("{}/{name}", image::REGISTRY);
         let naming: Vec<_> = files
             .iter()
@@ -133,7 +142,7 @@ fn deploy_names_each_published_image_once_with_the_version() {
             .collect();
         assert_eq!(
             naming,
-            [&deploy_dir().join("base/kustomization.yaml")],
+            [&deploy_dir().join(naming_file)],
             "{published}"
         );
     }
@@ -145,7 +154,7 @@ fn deploy_names_each_published_image_once_with_the_version() {
             .collect();
         let expected: Vec<String> = deployed
             .iter()
-            .map(|n| format!("{}/{n}:{version}", image::REGISTRY))
+            .map(|(n, _)| format!("{}/{n}:{version}", image::REGISTRY))
             .collect();
         assert!(!images.is_empty(), "{}", dir.display());
         for image in images {

@@ -265,10 +265,11 @@ pub fn request(operation: &str, object: &Value) -> AdmissionReview<DynamicObject
     .unwrap()
 }
 
-/// A pod spec with the serving container `app` (port 8080, `lifecycle`)
-/// and a sidecar no Service routes to.
+/// A pod spec with the serving container `app` (port 8080, `lifecycle`,
+/// an HTTP readiness probe: the findings here are about shutdown) and a
+/// sidecar no Service routes to.
 pub fn pod_spec(lifecycle: Option<Value>, grace: Option<i64>) -> Value {
-    let mut app = json!({"name": "app", "image": "registry.example/web:1", "ports": [{"containerPort": 8080}]});
+    let mut app = json!({"name": "app", "image": "registry.example/web:1", "ports": [{"containerPort": 8080}], "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}}});
     if let Some(l) = lifecycle {
         app["lifecycle"] = l;
     }
