@@ -140,11 +140,7 @@ fn deploy_names_each_published_image_once_with_the_version() {
             .filter(|(_, text)| text.contains(&format!("newName: {published}")))
             .map(|(p, _)| p)
             .collect();
-        assert_eq!(
-            naming,
-            [&deploy_dir().join(naming_file)],
-            "{published}"
-        );
+        assert_eq!(naming, [&deploy_dir().join(naming_file)], "{published}");
     }
     for dir in kustomize_targets() {
         let images: Vec<String> = render(&dir)
