@@ -39,6 +39,16 @@ pub fn document() -> Value {
     doc
 }
 
+/// A JSON error answer (the `Error` schema) described by `desc`.
+pub(crate) fn refused(desc: &str) -> Value {
+    json!({ "description": desc, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } })
+}
+
+/// An optional query parameter.
+pub(crate) fn param(name: &str, ty: &str, desc: &str) -> Value {
+    json!({ "name": name, "in": "query", "required": false, "schema": { "type": ty }, "description": desc })
+}
+
 fn paths() -> Value {
     let error = json!({ "$ref": "#/components/schemas/Error" });
     let bad_request = json!({
@@ -46,8 +56,6 @@ fn paths() -> Value {
         "content": { "application/json": { "schema": error } }
     });
     let text = |desc: &str| json!({ "description": desc, "content": { "text/plain": { "schema": { "type": "string" } } } });
-    let refused = |desc: &str| json!({ "description": desc, "content": { "application/json": { "schema": error } } });
-    let param = |name: &str, ty: &str, desc: &str| json!({ "name": name, "in": "query", "required": false, "schema": { "type": ty }, "description": desc });
     json!({
         "/v1/recommendations": { "get": {
             "summary": "Recommended preStop delay for the cluster, a namespace or a service",

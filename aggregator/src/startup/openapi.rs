@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::openapi::router_properties;
+use crate::openapi::{param, refused, router_properties};
 
 /// Adds the path and its schemas to `doc`.
 pub fn add_to(doc: &mut Value) {
@@ -14,9 +14,6 @@ pub fn add_to(doc: &mut Value) {
 }
 
 fn path() -> Value {
-    let error = json!({ "$ref": "#/components/schemas/Error" });
-    let refused = |desc: &str| json!({ "description": desc, "content": { "application/json": { "schema": error } } });
-    let param = |name: &str, ty: &str, desc: &str| json!({ "name": name, "in": "query", "required": false, "schema": { "type": ty }, "description": desc });
     json!({ "get": {
         "summary": "New pods' startup: refusals after ready per workload (findings), addition propagation per node and router kind, the newest startups",
         "security": [{ "kubernetesToken": [] }],
