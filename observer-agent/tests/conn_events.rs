@@ -312,6 +312,53 @@ fn abortive_close_reports_reset_and_its_reason() {
     });
 }
 
+/// The keep-alive race as a killed or closing server leaves it: the server
+/// closed an idle connection and the client's next request arrives after
+/// the FIN. The reset's reason must read as data after close: it is how
+/// aborted requests are counted.
+#[test]
+fn request_after_the_server_closed_reports_data_after_close() {
+    if !root_or_skip("request_after_the_server_closed_reports_data_after_close") {
+        return;
+    }
+    let p = pair(12);
+    let mut obs = Observer::start(&[p.server_ip]);
+    let listener = p.listen(p.server_ip);
+    let server_addr = listener.local_addr().unwrap();
+    let mut client = p.connect(server_addr).expect("connect");
+    let (server_side, peer) = listener.accept().unwrap();
+    drop(server_side);
+    let mut buf = [0u8; 16];
+    assert_eq!(client.read(&mut buf).expect("client sees the FIN"), 0);
+    client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    // The reset closes the half-closed socket with EPIPE (reads keep
+    // returning the FIN's end of stream): a later write says it arrived.
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    let err = loop {
+        std::thread::sleep(Duration::from_millis(10));
+        match client.write(b"x") {
+            Ok(_) if Instant::now() < deadline => {}
+            other => break other.expect_err("the server resets the request"),
+        }
+    };
+    assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
+
+    let reset = obs.expect("reset_sent", |v| {
+        is(v, "reset_sent") && addr(v, "dst") == server_addr
+    });
+    assert_eq!(addr(&reset, "src"), peer);
+    if send_reset_kernel().reason {
+        let reason = reset["reason"].as_str().expect("a reason on this kernel");
+        assert_eq!(
+            observer_proto::ResetCause::from_kernel_reason(reason),
+            observer_proto::ResetCause::DataAfterClose,
+            "{reset}"
+        );
+    } else {
+        assert_eq!(reset["reason"], Value::Null, "no reason on this kernel");
+    }
+}
+
 #[test]
 fn traffic_to_unwatched_addresses_produces_no_event() {
     if !root_or_skip("traffic_to_unwatched_addresses_produces_no_event") {

@@ -86,11 +86,18 @@ pub enum ResetCause {
 }
 
 impl ResetCause {
-    /// From the kernel's `sk_rst_reason` name.
+    /// From the kernel's `sk_rst_reason` name. A socket that closed first
+    /// and whose FIN was acknowledged waits as a timewait socket (its
+    /// FIN_WAIT2 substate); data arriving there is reset with
+    /// `TCP_TIMEWAIT_SOCKET`, and that is the common case of a request on a
+    /// keep-alive connection the server closed. `TCP_ABORT_ON_DATA` is the
+    /// same request arriving before the FIN was acknowledged.
     pub fn from_kernel_reason(reason: &str) -> Self {
         if reason.eq_ignore_ascii_case("no_socket") {
             Self::Refused
-        } else if reason.eq_ignore_ascii_case("tcp_abort_on_data") {
+        } else if reason.eq_ignore_ascii_case("tcp_abort_on_data")
+            || reason.eq_ignore_ascii_case("tcp_timewait_socket")
+        {
             Self::DataAfterClose
         } else {
             Self::Other
@@ -201,6 +208,16 @@ impl Observation {
             Self::RulesRemoved(r) | Self::RulesAdded(r) | Self::RemovedBeforeStart(r) => r.endpoint,
             Self::NewFlow(f) => f.dst,
         }
+    }
+
+    /// Whether the endpoint's own sockets made it: only the kernel the pod
+    /// runs in sees it, so only the agent of the pod's node reports it
+    /// (unless agents share a kernel, as the lab's do).
+    pub fn at_endpoint(&self) -> bool {
+        matches!(
+            self,
+            Self::Accepted(_) | Self::Closed(_) | Self::ResetSent(_)
+        )
     }
 
     /// The other side of a connection, where there is one.
@@ -566,6 +583,10 @@ mod tests {
         assert_eq!(cause(Some("NO_SOCKET")), ResetCause::Refused);
         assert_eq!(cause(Some("no_socket")), ResetCause::Refused);
         assert_eq!(cause(Some("TCP_ABORT_ON_DATA")), ResetCause::DataAfterClose);
+        assert_eq!(
+            cause(Some("TCP_TIMEWAIT_SOCKET")),
+            ResetCause::DataAfterClose
+        );
         assert_eq!(cause(Some("NOT_SPECIFIED")), ResetCause::Other);
         assert_eq!(cause(None), ResetCause::Other);
     }
