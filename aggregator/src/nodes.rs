@@ -147,6 +147,17 @@ impl NodeIndex {
     }
 }
 
+/// False for an event of the pod's own sockets that an agent of another
+/// node than the pod's reported: it shares the pod's kernel (the lab runs
+/// every node on one), and the pod's node reports the same event.
+pub fn from_pod_kernel(
+    obs: &observer_proto::Observation,
+    node: &str,
+    host_node: Option<&str>,
+) -> bool {
+    !obs.at_endpoint() || host_node.is_none_or(|h| h == node)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

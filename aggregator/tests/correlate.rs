@@ -202,6 +202,9 @@ fn latency_is_max_of_rules_and_last_connection_per_node() {
         vec![
             rules_removed(Detector::IptablesNft, T0 + 2 * S),
             new_flow("10.0.0.9", T0 + 5 * S / 2),
+            // Refused connection from a pod on node b, seen by the
+            // destination (on node a).
+            reset_sent("NO_SOCKET", "10.1.0.3", T0 + 3 * S),
             // Another endpoint: ignored.
             Observation::RulesRemoved(rules("10.0.0.6", Detector::IptablesNft, T0 + 9 * S)),
         ],
@@ -210,11 +213,7 @@ fn latency_is_max_of_rules_and_last_connection_per_node() {
         &c,
         "b",
         1,
-        vec![
-            rules_removed(Detector::Nftables, T0 + S / 2),
-            // Refused connection from a pod on node b, seen by the destination.
-            reset_sent("NO_SOCKET", "10.1.0.3", T0 + 3 * S),
-        ],
+        vec![rules_removed(Detector::Nftables, T0 + S / 2)],
     );
     // All reported, but the pod is not gone yet: still pending.
     c.tick(T0 + 3 * S);
@@ -461,6 +460,39 @@ fn requests_on_connections_the_pod_closed_count_as_aborted() {
     assert_eq!(
         (a.aborted_connections, a.refused_connections),
         (2, 1),
+        "{rec:#?}"
+    );
+}
+
+#[test]
+fn the_pods_own_events_count_once_when_agents_share_its_kernel() {
+    let (c, store) = setup(Duration::from_secs(60));
+    let _subs = subscribed(&c, &["a", "b"]);
+    // The pod runs on node a; b's agent runs on the same kernel (the lab)
+    // and sees the pod's sockets too.
+    c.deletion_started(start("u1", POD), T0);
+    let pods_events = || {
+        vec![
+            accepted(CLIENT, T0 + 2 * S),
+            reset_sent("tcp_timewait_socket", CLIENT, T0 + 3 * S),
+            reset_sent("no_socket", CLIENT, T0 + 4 * S),
+        ]
+    };
+    for (agent, seq) in [("a", 1), ("b", 1)] {
+        let mut obs = pods_events();
+        obs.push(rules_removed(Detector::Nftables, T0 + S));
+        report(&c, agent, seq, obs);
+    }
+    c.pod_gone("u1", T0 + 5 * S);
+    let rec = store.deletion("u1").unwrap().unwrap();
+    let b = rec.nodes.iter().find(|n| n.node == "b").unwrap();
+    assert_eq!(
+        (
+            b.late_connections,
+            b.aborted_connections,
+            b.refused_connections
+        ),
+        (1, 1, 1),
         "{rec:#?}"
     );
 }

@@ -546,7 +546,8 @@ fn prometheus_scrapes_the_aggregator_during_a_lab_rollout() {
         };
         let first = lab.rollout(&rollout, |m| eprintln!("{m}")).await.unwrap();
         summary(&first);
-        observer.wait_complete(&first.deletions).await.unwrap();
+        let records = observer.wait_complete(&first.deletions).await.unwrap();
+        aborted_no_more_than_failed(&first, &records);
         phase.store(BETWEEN, Ordering::Relaxed);
         // The aggregator refreshes its recommendation gauges every 30 s.
         let refreshed = r#"prestop_recommendation_seconds{namespace="default",service="web"}"#;
@@ -558,7 +559,8 @@ fn prometheus_scrapes_the_aggregator_during_a_lab_rollout() {
         phase.store(SECOND_ROLLOUT, Ordering::Relaxed);
         let second = lab.rollout(&rollout, |m| eprintln!("{m}")).await.unwrap();
         summary(&second);
-        observer.wait_complete(&second.deletions).await.unwrap();
+        let records = observer.wait_complete(&second.deletions).await.unwrap();
+        aborted_no_more_than_failed(&second, &records);
         // Until its measurements have been scraped (every second).
         tokio::time::sleep(Duration::from_secs(3)).await;
         phase.store(AFTER, Ordering::Relaxed);
@@ -646,4 +648,25 @@ fn prometheus_scrapes_the_aggregator_during_a_lab_rollout() {
             "counters the rollouts did not produce: {counters_zero:?}"
         );
     });
+}
+
+/// Each reset a pod sends for a request on a connection it closed fails
+/// that request on a keep-alive client, once: more aborted connections
+/// than failed keep-alive requests means the aggregator counted a kernel
+/// event twice (every lab agent shares the pods' kernel).
+fn aborted_no_more_than_failed(
+    rollout: &lab::scenario::RolloutResult,
+    records: &[observer_proto::api::DeletionRecord],
+) {
+    let aborted: u64 = records
+        .iter()
+        .flat_map(|r| &r.nodes)
+        .map(|n| n.aborted_connections)
+        .sum();
+    assert!(
+        aborted <= rollout.keep_alive.failed_total(),
+        "{aborted} aborted connections counted, {} keep-alive requests failed: {:?}",
+        rollout.keep_alive.failed_total(),
+        rollout.keep_alive.failed
+    );
 }

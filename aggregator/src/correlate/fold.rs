@@ -11,7 +11,7 @@ use observer_proto::{ClockEstimate, CloseKind, Observation, ResetCause, UnixNano
 use super::routers;
 use super::state::{Pending, State, mark_pending};
 use crate::model::{NodeAccumulator, RulesRemoval};
-use crate::nodes::NodeIndex;
+use crate::nodes::{NodeIndex, from_pod_kernel};
 
 /// Pseudo node for connections whose source address matches no node.
 pub const UNATTRIBUTED: &str = "unattributed";
@@ -114,6 +114,9 @@ impl State {
             let grace_ns = p.start.grace_period_seconds.unwrap_or(0).max(0) * 1_000_000_000;
             if seen.time < p.t0 - grace_ns - tolerance_ns {
                 refused = Some(Implausible::BeforeDeletion);
+                continue;
+            }
+            if !from_pod_kernel(obs, node, p.start.host_node.as_deref()) {
                 continue;
             }
             // Connections from the pod's own node address are the

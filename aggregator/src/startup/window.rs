@@ -13,6 +13,7 @@ use observer_proto::api::startup::{NodeAddition, RouterStartup, StartupRecord};
 use observer_proto::{NewEndpoint, Observation, ResetCause, UnixNanos};
 
 use crate::correlate::Evidence;
+use crate::nodes::from_pod_kernel;
 use crate::pods::PodSource;
 
 /// A new pod as the Kubernetes watcher and the pod index know it.
@@ -158,7 +159,7 @@ impl Window {
             }
             return true;
         }
-        if s.time < ready {
+        if s.time < ready || !from_pod_kernel(s.obs, s.node, self.pod.host_node.as_deref()) {
             return false;
         }
         // The kubelet's probes come from the pod's own node address: they
