@@ -20,6 +20,7 @@ use tokio::{
 };
 
 use super::cilium_args::CiliumArgs;
+use super::nft_buffer_args::NftBufferArgs;
 use super::start::{self, CHANNEL_CAPACITY, SourceSide, Sources, StartOptions};
 use crate::{
     dataplane::DataplaneWatch,
@@ -65,6 +66,8 @@ pub struct RunArgs {
     pub stats_interval: u64,
     #[command(flatten)]
     pub cilium: CiliumArgs,
+    #[command(flatten)]
+    pub nft_buffer: NftBufferArgs,
     /// Log every kernel event through aya-log at debug level (slow; for debugging).
     #[arg(long, env = "OBSERVER_LOG_KERNEL_EVENTS")]
     pub log_kernel_events: bool,
@@ -96,6 +99,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         watch_ips: Vec::new(),
         watch_endpoints: Vec::new(),
         cilium: args.cilium.options(),
+        nft_buffer: args.nft_buffer.buffer(),
     })?;
     for hook in kernel.hooks() {
         health.set_hook(&hook.name, hook.attached);

@@ -12,7 +12,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
     clock::WallClock,
-    dataplane::{self, DataplaneError, DataplaneWatch, cilium::CiliumOptions},
+    dataplane::{self, DataplaneError, DataplaneWatch, RecvBuffer, cilium::CiliumOptions},
     flows::{self, FlowWatch},
     kernel::{Kernel, LoadOptions, conn_events},
     realtime::{self, TimingPriority},
@@ -46,6 +46,7 @@ pub struct StartOptions {
     /// Endpoints the dataplane detectors watch from their start.
     pub watch_endpoints: Vec<SocketAddr>,
     pub cilium: CiliumOptions,
+    pub nft_buffer: RecvBuffer,
 }
 
 /// The running sources; dropping the watches stops their threads.
@@ -85,6 +86,7 @@ pub fn start(options: StartOptions) -> anyhow::Result<Sources> {
             &tx,
             &options.watch_endpoints,
             &options.cilium,
+            options.nft_buffer,
         );
         let dataplane = degrade(policy, dataplane, "dataplane rule detection")?;
         let stamps = kernel.take_stamps(StampKind::Conntrack);
@@ -112,10 +114,12 @@ fn start_dataplane(
     tx: &mpsc::Sender<Observation>,
     endpoints: &[SocketAddr],
     cilium: &CiliumOptions,
+    nft_buffer: RecvBuffer,
 ) -> anyhow::Result<DataplaneWatch> {
-    let mut watch =
-        realtime::spawn_inheriting(timing, "dataplane", || dataplane::spawn(tx.clone()))
-            .context("starting the dataplane detectors")?;
+    let mut watch = realtime::spawn_inheriting(timing, "dataplane", || {
+        dataplane::spawn_with(tx.clone(), nft_buffer)
+    })
+    .context("starting the dataplane detectors")?;
     for endpoint in endpoints {
         watch.watch(*endpoint);
     }

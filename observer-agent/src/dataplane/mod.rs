@@ -425,6 +425,12 @@ impl DataplaneWatch {
         self.shared.overflows.load(Ordering::Relaxed)
     }
 
+    /// The nf_tables notification socket's receive buffer as the kernel
+    /// accounts it (twice the size set), when the socket is open.
+    pub fn recv_buffer_bytes(&self) -> Option<i32> {
+        self.nft_socket.as_ref()?.recv_buffer().ok()
+    }
+
     /// Starts the Cilium detector on the maps pinned under
     /// `options.pin_dir`, timed by the writer's bpf() syscalls where `ebpf`
     /// is given and the tracepoint attaches, else by a read-only poll.
@@ -453,13 +459,42 @@ impl Drop for DataplaneWatch {
     }
 }
 
+/// The nf_tables notification socket's receive buffer, in bytes as set
+/// (the kernel accounts twice that): its size at start and the limit it
+/// doubles up to after each overflow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecvBuffer {
+    pub initial: i32,
+    pub max: i32,
+}
+
+impl Default for RecvBuffer {
+    /// A 10k-endpoint full sync is a few MiB of messages; a 250k one
+    /// overflowed 64 MiB (docs/benchmarks.md).
+    fn default() -> Self {
+        RecvBuffer {
+            initial: 64 << 20,
+            max: 1 << 30,
+        }
+    }
+}
+
+/// Starts the detectors in the current network namespace with the default
+/// receive buffer ([`spawn_with`]).
+pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> {
+    spawn_with(tx, RecvBuffer::default())
+}
+
 /// Starts the detectors in the current network namespace. The nf_tables
 /// detector always runs (kube-proxy may create its tables later); the
 /// iptables-legacy one runs when legacy tables exist or appear.
-pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> {
+pub fn spawn_with(
+    tx: Sender<Observation>,
+    buffer: RecvBuffer,
+) -> Result<DataplaneWatch, DataplaneError> {
     let shared = Arc::new(Shared::new(tx)?);
     // Subscribe before the dump so no change between the two is lost.
-    let sock = Arc::new(nftables::subscribe()?);
+    let sock = Arc::new(nftables::subscribe(buffer)?);
     let nft_socket = Some(sock.clone());
     let mut mirror = Mirror::new();
     nftables::load(&mut mirror)?;
@@ -488,7 +523,7 @@ pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> 
     threads.push(
         std::thread::Builder::new()
             .name("dataplane-nft".into())
-            .spawn(move || nftables::run(&s, sock, mirror))
+            .spawn(move || nftables::run(&s, sock, mirror, buffer))
             .map_err(DataplaneError::Thread)?,
     );
     let s = shared.clone();

@@ -20,10 +20,10 @@ use std::{
 
 use observer_common::ruleset::COMMIT_NFTABLES;
 use observer_proto::{Detector, UnixNanos};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{
-    Change, DataplaneError, Shared,
+    Change, DataplaneError, RecvBuffer, Shared,
     mirror::Mirror,
     nft_msg::{self, NftEvent, TableId},
 };
@@ -34,8 +34,6 @@ use crate::{
     stop::Wait,
 };
 
-/// Receive buffer for notifications: a 10k-rule sync is a few MiB of messages.
-const RECV_BUFFER: i32 = 64 << 20;
 /// Bound of the delay between a commit and its first notification reaching
 /// this detector's thread (the kernel queues them at commit) while that
 /// thread runs under SCHED_FIFO (`crate::realtime`, the agent's default):
@@ -144,12 +142,12 @@ pub fn load(mirror: &mut Mirror) -> Result<(), DataplaneError> {
 }
 
 /// Subscribes to nf_tables notifications in the current network namespace.
-pub fn subscribe() -> Result<Socket, DataplaneError> {
+pub fn subscribe(buffer: RecvBuffer) -> Result<Socket, DataplaneError> {
     let sock = Socket::open(NETLINK_NETFILTER).map_err(DataplaneError::Netlink)?;
     sock.join_group(nft_msg::NFNLGRP_NFTABLES)
         .map_err(DataplaneError::Netlink)?;
-    if let Err(e) = sock.set_recv_buffer(RECV_BUFFER) {
-        warn!(error = %e, "could not grow the nf_tables notification buffer");
+    if let Err(e) = sock.set_recv_buffer(buffer.initial) {
+        warn!(error = %e, bytes = buffer.initial, "could not grow the nf_tables notification buffer");
     }
     Ok(sock)
 }
@@ -239,7 +237,7 @@ impl Batch {
 }
 
 /// The detector loop; returns when the watch is dropped or the receiver is gone.
-pub fn run(shared: &Shared, sock: Arc<Socket>, mut mirror: Mirror) {
+pub fn run(shared: &Shared, sock: Arc<Socket>, mut mirror: Mirror, buffer: RecvBuffer) {
     let mut buf = vec![0u8; 1 << 20];
     let mut batch = Batch::default();
     let mut last_seen = Instant::now();
@@ -270,6 +268,21 @@ pub fn run(shared: &Shared, sock: Arc<Socket>, mut mirror: Mirror) {
                 match reload(&mut mirror) {
                     Ok(changes) => shared.report(changes, now, precision),
                     Err(e) => warn!(error = %e, "re-reading the rulesets failed"),
+                }
+                // A burst of this size comes again (kube-proxy's full
+                // resync): the next one should fit.
+                match sock.grow_recv_buffer(buffer.max) {
+                    Ok(Some(bytes)) => {
+                        info!(
+                            bytes,
+                            "nf_tables notification buffer doubled after the overflow"
+                        );
+                    }
+                    Ok(None) => warn!(
+                        bytes = buffer.max,
+                        "nf_tables notification buffer at its limit (--nft-recv-buffer-max-mib)"
+                    ),
+                    Err(e) => warn!(error = %e, "could not grow the nf_tables notification buffer"),
                 }
                 continue;
             }

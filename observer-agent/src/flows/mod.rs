@@ -32,7 +32,7 @@ use aya::{
 use observer_proto::{NewFlow, Observation, UnixNanos};
 use thiserror::Error;
 use tokio::sync::mpsc::Sender;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 pub use ct_msg::{CtNew, Tuple, decode as decode_ct_new};
 
@@ -111,7 +111,7 @@ pub fn spawn(
     program.attach(&sock)?;
     sock.join_group(NFNLGRP_CONNTRACK_NEW)
         .map_err(FlowsError::Socket)?;
-    if let Err(e) = sock.set_recv_buffer(8 << 20) {
+    if let Err(e) = sock.set_recv_buffer(RECV_BUFFER) {
         warn!(error = %e, "could not grow the conntrack event buffer");
     }
     let timing = stamps.timing();
@@ -132,6 +132,11 @@ pub fn spawn(
         timing,
     })
 }
+
+/// The conntrack socket's receive buffer at start (only watched addresses'
+/// events reach it), and the limit it doubles up to after each overflow.
+const RECV_BUFFER: i32 = 8 << 20;
+const MAX_RECV_BUFFER: i32 = 256 << 20;
 
 fn run(
     sock: &Socket,
@@ -163,6 +168,12 @@ fn run(
                     overflows = n,
                     "conntrack events were lost (socket buffer overflow): reported as lost events"
                 );
+                // A storm of this size may come again.
+                match sock.grow_recv_buffer(MAX_RECV_BUFFER) {
+                    Ok(Some(bytes)) => info!(bytes, "conntrack event buffer doubled"),
+                    Ok(None) => {}
+                    Err(e) => warn!(error = %e, "could not grow the conntrack event buffer"),
+                }
                 continue;
             }
             Err(e) => {

@@ -301,6 +301,36 @@ impl Socket {
             .or_else(|_| self.setsockopt(libc::SOL_SOCKET, libc::SO_RCVBUF, &bytes))
     }
 
+    /// The receive buffer's size as the kernel accounts it (twice what
+    /// was set: the kernel's share for its bookkeeping included).
+    pub fn recv_buffer(&self) -> io::Result<i32> {
+        let mut value: i32 = 0;
+        let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+        // SAFETY: value and len are live and len is value's size.
+        cvt(unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&raw mut value).cast(),
+                &raw mut len,
+            )
+        })?;
+        Ok(value)
+    }
+
+    /// Doubles the receive buffer, up to `max` bytes (as set, not as
+    /// accounted); the new size, or `None` when it is at `max` already.
+    pub fn grow_recv_buffer(&self, max: i32) -> io::Result<Option<i32>> {
+        let set = self.recv_buffer()? / 2;
+        let next = set.saturating_mul(2).min(max);
+        if next <= set {
+            return Ok(None);
+        }
+        self.set_recv_buffer(next)?;
+        Ok(Some(next))
+    }
+
     pub fn set_recv_timeout(&self, timeout: Duration) -> io::Result<()> {
         let tv = libc::timeval {
             tv_sec: timeout.as_secs() as libc::time_t,
@@ -357,6 +387,17 @@ mod tests {
             .unwrap();
         assert_eq!(attrs[0].kind, 1);
         assert_eq!(attrs[0].str("name").unwrap(), "kube-proxy");
+    }
+
+    #[test]
+    fn the_receive_buffer_doubles_up_to_its_limit() {
+        let sock = Socket::open(libc::NETLINK_NETFILTER).unwrap();
+        sock.set_recv_buffer(64 << 10).unwrap();
+        assert_eq!(sock.recv_buffer().unwrap(), 128 << 10, "accounted twice");
+        assert_eq!(sock.grow_recv_buffer(200 << 10).unwrap(), Some(128 << 10));
+        assert_eq!(sock.grow_recv_buffer(200 << 10).unwrap(), Some(200 << 10));
+        assert_eq!(sock.grow_recv_buffer(200 << 10).unwrap(), None);
+        assert_eq!(sock.recv_buffer().unwrap(), 400 << 10);
     }
 
     #[test]
