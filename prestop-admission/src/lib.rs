@@ -12,7 +12,10 @@
 //!   recommendation;
 //! - `/mutate` (`observer.prestop.dev/inject=true`): sets the recommended
 //!   preStop sleep on routed containers without a preStop hook
-//!   ([`inject`]).
+//!   ([`inject`]);
+//! - `/mutate/adaptive-drain` (`observer.prestop.dev/inject=adaptive-drain`):
+//!   gives them the adaptive drain instead, `prestop-drain` falling back to
+//!   the recommendation ([`inject::Delay::AdaptiveDrain`]).
 //!
 //! The findings are prestop-check's, from its library
 //! ([`prestop_check::check::workload`]): the CI check and the webhook call

@@ -73,7 +73,42 @@ struct Args {
     /// it inject mode writes `exec sleep` where the image has a shell.
     #[arg(long, env = "PRESTOP_SLEEP_ACTION", value_enum, default_value = "auto")]
     sleep_action: SleepAction,
+
+    /// The prestop-drain image whose init container copies the binary into
+    /// pods of namespaces labelled observer.prestop.dev/inject=adaptive-drain
+    /// (path /mutate/adaptive-drain).
+    #[arg(long, env = "PRESTOP_ADAPTIVE_DRAIN_IMAGE", default_value = DRAIN_IMAGE)]
+    adaptive_drain_image: String,
+
+    /// The aggregator's HTTP API as those pods reach it (plain http://, as
+    /// prestop-drain speaks it).
+    #[arg(
+        long,
+        env = "PRESTOP_ADAPTIVE_DRAIN_AGGREGATOR",
+        default_value = "http://prestop-aggregator.prestop-system.svc:8080"
+    )]
+    adaptive_drain_aggregator: String,
+
+    /// Audience of the pods' projected token: the aggregator's
+    /// --token-audience.
+    #[arg(
+        long,
+        env = "PRESTOP_ADAPTIVE_DRAIN_AUDIENCE",
+        default_value = "prestop-aggregator"
+    )]
+    adaptive_drain_audience: String,
+
+    /// prestop-drain --max: the longest the aggregator may hold a pod's
+    /// preStop (whole seconds); grace periods are raised to hold it.
+    #[arg(long, env = "PRESTOP_ADAPTIVE_DRAIN_MAX", default_value = "60s", value_parser = humantime::parse_duration)]
+    adaptive_drain_max: Duration,
 }
+
+/// The prestop-drain image of this release.
+const DRAIN_IMAGE: &str = concat!(
+    "ghcr.io/prestop-observer/prestop-drain:",
+    env!("CARGO_PKG_VERSION")
+);
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum SleepAction {
@@ -106,6 +141,16 @@ async fn run() -> anyhow::Result<()> {
     anyhow::ensure!(
         !a.refresh_interval.is_zero(),
         "--refresh-interval must be positive"
+    );
+    anyhow::ensure!(
+        a.adaptive_drain_max.as_secs() > 0 && a.adaptive_drain_max.subsec_nanos() == 0,
+        "--adaptive-drain-max must be whole seconds, at least 1s, got {:?}",
+        a.adaptive_drain_max
+    );
+    anyhow::ensure!(
+        a.adaptive_drain_aggregator.starts_with("http://"),
+        "--adaptive-drain-aggregator must be an http:// URL (prestop-drain speaks plain HTTP), got {}",
+        a.adaptive_drain_aggregator
     );
     let tls = tls::server_config(&a.tls_cert_file, &a.tls_key_file)?;
     let ca_pem = a
@@ -158,6 +203,12 @@ async fn run() -> anyhow::Result<()> {
         settings: inject::Settings {
             sleep_action,
             drain_seconds: a.drain_seconds,
+            adaptive_drain: inject::AdaptiveDrain {
+                image: a.adaptive_drain_image,
+                aggregator: a.adaptive_drain_aggregator,
+                audience: a.adaptive_drain_audience,
+                max_seconds: a.adaptive_drain_max.as_secs(),
+            },
         },
     };
     server::serve(listener, webhook, shutdown_signal())

@@ -1,5 +1,6 @@
 //! The webhook's HTTPS endpoints: `/validate` (warn), `/validate/enforce`,
-//! `/mutate` (inject), and `/healthz`, `/readyz` for the kubelet.
+//! `/mutate` (inject the fixed sleep), `/mutate/adaptive-drain` (inject
+//! prestop-drain), and `/healthz`, `/readyz` for the kubelet.
 
 use std::future::Future;
 
@@ -35,7 +36,7 @@ pub struct Webhook {
 enum Mode {
     Warn,
     Enforce,
-    Inject,
+    Inject(inject::Delay),
 }
 
 pub fn router(webhook: Webhook) -> Router {
@@ -45,7 +46,14 @@ pub fn router(webhook: Webhook) -> Router {
             "/validate/enforce",
             post(|s, r| answer(s, r, Mode::Enforce)),
         )
-        .route("/mutate", post(|s, r| answer(s, r, Mode::Inject)))
+        .route(
+            "/mutate",
+            post(|s, r| answer(s, r, Mode::Inject(inject::Delay::FixedSleep))),
+        )
+        .route(
+            "/mutate/adaptive-drain",
+            post(|s, r| answer(s, r, Mode::Inject(inject::Delay::AdaptiveDrain))),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -145,8 +153,9 @@ impl Webhook {
                 }
                 None => with_warnings(response, verdict::warnings(&workload, &outcome, style)),
             },
-            Mode::Inject => {
-                let plan = inject::plan(&workload, &object, &outcome.checked, self.settings);
+            Mode::Inject(delay) => {
+                let plan =
+                    inject::plan(&workload, &object, &outcome.checked, &self.settings, delay);
                 let response = with_warnings(response, plan.warnings);
                 if plan.patch.0.is_empty() {
                     return response;

@@ -4,8 +4,9 @@
 
 mod common;
 
-use common::{Env, KINDS, Options, deletions, object, pod_spec, request, routed, spec_of};
-use kube::core::admission::AdmissionResponse;
+use common::{
+    Env, KINDS, Options, deletions, mutated, object, pod_spec, request, routed, spec_of, warnings,
+};
 use prestop_admission::inject;
 use serde_json::{Value, json};
 
@@ -42,10 +43,6 @@ fn hook_forms() -> Vec<(&'static str, Option<Value>, bool)> {
             false,
         ),
     ]
-}
-
-fn warnings(r: &AdmissionResponse) -> Vec<String> {
-    r.warnings.clone().unwrap_or_default()
 }
 
 const WHY: &str = "p99 at 95% confidence over 300 deletions of service shop/web in the last 7d (observed p50 5.50s, p99 5.50s, max 5.50s), margin 1s";
@@ -236,7 +233,12 @@ fn unrouted_workloads_jobs_owned_objects_and_pod_updates_are_left_alone() {
         ("a Pod update", "UPDATE", &pod),
     ];
     for (what, op, obj) in cases {
-        for path in ["/validate", "/validate/enforce", "/mutate"] {
+        for path in [
+            "/validate",
+            "/validate/enforce",
+            "/mutate",
+            "/mutate/adaptive-drain",
+        ] {
             let r = env.review(path, &request(op, obj));
             assert!(r.allowed, "{what} {path}");
             assert!(
@@ -254,7 +256,12 @@ fn aggregator_down_warns_once_and_never_denies_or_injects() {
         ..Options::default()
     });
     let obj = routed("Deployment", None, None);
-    for path in ["/validate", "/validate/enforce", "/mutate"] {
+    for path in [
+        "/validate",
+        "/validate/enforce",
+        "/mutate",
+        "/mutate/adaptive-drain",
+    ] {
         let r = env.review(path, &request("CREATE", &obj));
         assert!(r.allowed && r.patch.is_none(), "{path}");
         let w = warnings(&r);
@@ -267,30 +274,19 @@ fn aggregator_down_warns_once_and_never_denies_or_injects() {
     }
 }
 
-/// The object after the mutating answer's JSONPatch.
-fn mutated(env: &Env, obj: &Value) -> (Value, Vec<String>) {
-    let r = env.review("/mutate", &request("CREATE", obj));
-    assert!(r.allowed);
-    let mut out = obj.clone();
-    if let Some(bytes) = &r.patch {
-        let patch: json_patch::Patch = serde_json::from_slice(bytes).unwrap();
-        json_patch::patch(&mut out, &patch).unwrap();
-    }
-    (out, warnings(&r))
-}
-
 #[test]
 fn inject_sets_the_sleep_on_routed_containers_without_a_hook_and_raises_the_grace_period() {
     let env = Env::start(Options {
         settings: inject::Settings {
             sleep_action: true,
             drain_seconds: 30.0,
+            ..Options::default().settings
         },
         ..Options::default()
     });
     for (_, _, kind, _) in KINDS {
         let obj = routed(kind, None, None);
-        let (out, w) = mutated(&env, &obj);
+        let (out, w) = mutated(&env, "/mutate", "CREATE", &obj);
         let mut expected = obj.clone();
         let spec = if *kind == "Pod" {
             &mut expected["spec"]
@@ -327,7 +323,7 @@ fn inject_keeps_existing_hooks_and_annotations_and_never_lowers_the_grace_period
         Some(120),
     );
     obj["metadata"]["annotations"] = json!({"team": "checkout"});
-    let (out, _) = mutated(&env, &obj);
+    let (out, _) = mutated(&env, "/mutate", "CREATE", &obj);
     let spec = spec_of(&out);
     assert_eq!(spec["terminationGracePeriodSeconds"], 120);
     assert_eq!(
@@ -358,6 +354,7 @@ fn without_the_sleep_action_inject_writes_exec_sleep_only_where_the_image_has_a_
         settings: inject::Settings {
             sleep_action: false,
             drain_seconds: 0.0,
+            ..Options::default().settings
         },
         ..Options::default()
     });
@@ -379,7 +376,7 @@ fn without_the_sleep_action_inject_writes_exec_sleep_only_where_the_image_has_a_
     runs_sh["spec"]["template"]["spec"]["containers"][0]["command"] =
         json!(["/bin/sh", "-c", "exec web"]);
     for obj in [annotated, runs_sh] {
-        let (out, _) = mutated(&env, &obj);
+        let (out, _) = mutated(&env, "/mutate", "CREATE", &obj);
         assert_eq!(
             spec_of(&out)["containers"][0]["lifecycle"],
             json!({"preStop": {"exec": {"command": ["sleep", "7"]}}})

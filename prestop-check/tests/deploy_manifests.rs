@@ -791,7 +791,12 @@ fn check_admission(r: &Rendered) {
     }
     assert_eq!(
         paths.into_values().collect::<BTreeSet<_>>(),
-        set(&["/validate", "/validate/enforce", "/mutate"])
+        set(&[
+            "/validate",
+            "/validate/enforce",
+            "/mutate",
+            "/mutate/adaptive-drain"
+        ])
     );
     for config in [&validating.metadata, &mutating.metadata] {
         assert_eq!(

@@ -15,13 +15,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use observer_proto::api::{DrainAnswer, DrainOutcome};
+use observer_proto::api::{self, DrainAnswer, DrainOutcome};
 
 use http::BaseUrl;
 
-/// How much longer than `--max` an answer may take to arrive (the
-/// aggregator answers at `max`; the network and its poll add a little).
-const ANSWER_SLACK: Duration = Duration::from_secs(5);
+/// How much longer than `--max` an answer may take to arrive.
+const ANSWER_SLACK: Duration = Duration::from_secs(api::DRAIN_ANSWER_SLACK_SECONDS);
 
 /// Waits until the aggregator says this deleted pod is drained (every
 /// node removed it, no router sends it new connections), else sleeps the

@@ -613,6 +613,12 @@ mod tests {
     }
 }
 
+/// How much longer than its `max` a preStop hook (`prestop-drain`) waits
+/// for the `GET /v1/drain` answer: the aggregator answers at `max`, the
+/// network and its poll add a little. A grace period that holds such a hook
+/// holds `max` plus this.
+pub const DRAIN_ANSWER_SLACK_SECONDS: u64 = 5;
+
 /// How a `GET /v1/drain` long-poll ended.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -87,8 +87,19 @@ impl Default for Options {
             settings: inject::Settings {
                 sleep_action: true,
                 drain_seconds: 0.0,
+                adaptive_drain: adaptive_drain(),
             },
         }
+    }
+}
+
+/// The adaptive drain of the tests: max 60 s.
+pub fn adaptive_drain() -> inject::AdaptiveDrain {
+    inject::AdaptiveDrain {
+        image: "registry.example/prestop-drain:1".into(),
+        aggregator: "http://prestop-aggregator.prestop-system.svc:8080".into(),
+        audience: "prestop-aggregator".into(),
+        max_seconds: 60,
     }
 }
 
@@ -297,4 +308,22 @@ pub fn spec_of(object: &Value) -> &Value {
     } else {
         &object["spec"]["template"]["spec"]
     }
+}
+
+/// The warnings of an answer.
+pub fn warnings(r: &AdmissionResponse) -> Vec<String> {
+    r.warnings.clone().unwrap_or_default()
+}
+
+/// The object after the mutating answer of `path` to `operation` on
+/// `object`, its JSONPatch applied, and the answer's warnings.
+pub fn mutated(env: &Env, path: &str, operation: &str, object: &Value) -> (Value, Vec<String>) {
+    let r = env.review(path, &request(operation, object));
+    assert!(r.allowed);
+    let mut out = object.clone();
+    if let Some(bytes) = &r.patch {
+        let patch: json_patch::Patch = serde_json::from_slice(bytes).unwrap();
+        json_patch::patch(&mut out, &patch).unwrap();
+    }
+    (out, warnings(&r))
 }
