@@ -483,7 +483,7 @@ fn raised_grace(w: &Workload, injected: &[Injected], drain: f64) -> Option<i64> 
         .iter()
         .map(|c| match injected.iter().find(|i| i.container == c.name) {
             Some(i) => i.longest,
-            None => Hook::of(c).seconds().unwrap_or(0.0),
+            None => Hook::of(c).longest().unwrap_or(0.0),
         })
         .fold(0.0, f64::max);
     let needed = (longest + drain).ceil() as i64;

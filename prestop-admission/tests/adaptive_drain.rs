@@ -135,6 +135,21 @@ fn every_kind_gets_the_init_container_volumes_mounts_identity_and_exec_hook() {
 }
 
 #[test]
+fn the_validating_webhook_has_nothing_to_say_about_an_injected_object() {
+    let env = env();
+    for (_, _, kind, _) in KINDS {
+        let (injected, _) = mutated(&env, PATH, "CREATE", &routed(kind, None, None));
+        let r = env.review("/validate", &request("CREATE", &injected));
+        assert!(r.allowed, "{kind}");
+        assert_eq!(
+            warnings(&r),
+            Vec::<String>::new(),
+            "{kind}: the drain's fallback is the recommendation and the grace period holds its max"
+        );
+    }
+}
+
+#[test]
 fn a_second_admission_adds_nothing_and_a_removed_hook_comes_back_alone() {
     let env = env();
     for (_, _, kind, _) in KINDS {

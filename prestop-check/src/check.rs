@@ -361,7 +361,10 @@ impl Evaluation<'_> {
         };
         let grace = self.w.grace_seconds();
         let drain = self.opts.drain_seconds;
-        let mut needed_delay = delay;
+        // The grace period holds the hook's longest wait (the adaptive
+        // drain's max), the recommendation its guaranteed one.
+        let longest = hook.longest().unwrap_or(delay);
+        let mut needed_delay = longest;
         if let Some(rec) = self.rec
             && let Some(recommended) = rec.pre_stop_seconds
             && delay < recommended as f64
@@ -388,13 +391,13 @@ impl Evaluation<'_> {
             f.recommended = Some(format!("preStop sleep {recommended}s"));
             f.why = Some(recommendation::why(rec));
             if severity == Severity::Error {
-                needed_delay = recommended as f64;
+                needed_delay = needed_delay.max(recommended as f64);
                 change.pre_stop.push((name.to_string(), recommended));
             }
             out.push(f);
         }
         let needed_grace = (needed_delay + drain).ceil() as i64;
-        if (grace as f64) < delay + drain {
+        if (grace as f64) < longest + drain {
             let mut f = self.finding(
                 Severity::Error,
                 Problem::GracePeriodTooShort,
@@ -402,7 +405,7 @@ impl Evaluation<'_> {
                 format!(
                     "terminationGracePeriodSeconds {grace} cannot hold the {}s preStop plus {}s drain; \
                      the app is killed mid-drain",
-                    fmt_secs(delay),
+                    fmt_secs(longest),
                     fmt_secs(drain)
                 ),
             );

@@ -183,6 +183,9 @@ fn container_edit(
             exec_edit(text, command, seconds)
         }
         Hook::ExecSleep { .. } => Err("the exec hook sleeps more than once".into()),
+        Hook::AdaptiveDrain { .. } => {
+            Err("the adaptive drain's --fallback is below the recommendation: raise it".into())
+        }
         Hook::Unknown(why) => Err(why.clone()),
         Hook::None => {
             if let Some(lifecycle) = node.get("lifecycle") {

@@ -5,6 +5,7 @@
 //! false alarm and one we misread as long would hide a real problem.
 
 use k8s_openapi::api::core::v1::Container;
+use observer_proto::api::DRAIN_ANSWER_SLACK_SECONDS;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Hook {
@@ -19,6 +20,13 @@ pub enum Hook {
         seconds: f64,
         editable: bool,
         until: Option<String>,
+    },
+    /// `prestop-drain` (the adaptive drain): it waits until the aggregator
+    /// answers, at most `max` plus the answer's slack, and sleeps
+    /// `fallback` when it gets no answer.
+    AdaptiveDrain {
+        fallback: f64,
+        max: f64,
     },
     Unknown(String),
 }
@@ -37,6 +45,9 @@ impl Hook {
         }
         if let Some(exec) = &handler.exec {
             let command = exec.command.as_deref().unwrap_or_default();
+            if command.first().is_some_and(|p| basename(p) == DRAIN) {
+                return adaptive_drain(&command[1..]).unwrap_or_else(Hook::Unknown);
+            }
             return match exec_delay(command) {
                 Ok(Delay {
                     seconds,
@@ -56,13 +67,27 @@ impl Hook {
         Hook::Unknown("preStop handler of an unsupported type".into())
     }
 
-    /// Seconds before SIGTERM, when known.
+    /// Seconds before SIGTERM that the hook guarantees, when known (the
+    /// adaptive drain: its fallback, what it waits when the aggregator
+    /// cannot answer).
     pub fn seconds(&self) -> Option<f64> {
         match self {
             Hook::None => Some(0.0),
             Hook::NativeSleep(s) => Some(*s as f64),
             Hook::ExecSleep { seconds, .. } => Some(*seconds),
+            Hook::AdaptiveDrain { fallback, .. } => Some(*fallback),
             Hook::Unknown(_) => None,
+        }
+    }
+
+    /// The longest the hook can delay SIGTERM, when known: what the grace
+    /// period must hold.
+    pub fn longest(&self) -> Option<f64> {
+        match self {
+            Hook::AdaptiveDrain { fallback, max } => {
+                Some((max + DRAIN_ANSWER_SLACK_SECONDS as f64).max(*fallback))
+            }
+            _ => self.seconds(),
         }
     }
 
@@ -82,6 +107,11 @@ impl Hook {
             } => format!(
                 "preStop exec sleep {}s, up to where {why} (later sleeps do not delay it)",
                 fmt_secs(*seconds)
+            ),
+            Hook::AdaptiveDrain { fallback, max } => format!(
+                "preStop adaptive drain (prestop-drain: at most {}s, {}s without an answer)",
+                fmt_secs(*max),
+                fmt_secs(*fallback)
             ),
             Hook::Unknown(why) => format!("preStop of unknown duration ({why})"),
         }
@@ -113,6 +143,49 @@ pub fn is_shell(program: &str) -> bool {
 
 fn basename(s: &str) -> &str {
     s.rsplit('/').next().unwrap_or(s)
+}
+
+/// The adaptive drain's binary.
+const DRAIN: &str = "prestop-drain";
+/// `prestop-drain --max` when the hook does not set it.
+const DRAIN_DEFAULT_MAX: f64 = 60.0;
+
+/// The adaptive drain's bounds from its arguments: `--fallback` must be
+/// there (its environment fallback cannot be read from the hook).
+fn adaptive_drain(args: &[String]) -> Result<Hook, String> {
+    let mut fallback = None;
+    let mut max = DRAIN_DEFAULT_MAX;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) => (f, Some(v)),
+            None => (arg.as_str(), None),
+        };
+        let mut value = |flag: &str| {
+            inline
+                .or_else(|| args.next().map(String::as_str))
+                .ok_or_else(|| format!("{DRAIN} {flag} without a value"))
+                .and_then(|v| {
+                    humantime::parse_duration(v)
+                        .map(|d| d.as_secs_f64())
+                        .map_err(|e| format!("{DRAIN} {flag} {v:?}: {e}"))
+                })
+        };
+        match flag {
+            "--fallback" => fallback = Some(value(flag)?),
+            "--max" => max = value(flag)?,
+            "--copy-to" => {
+                return Err(format!(
+                    "{DRAIN} --copy-to installs the binary, it does not wait"
+                ));
+            }
+            _ => {}
+        }
+    }
+    let fallback = fallback.ok_or_else(|| {
+        format!("{DRAIN} without --fallback: what it sleeps without an answer is not in the hook")
+    })?;
+    Ok(Hook::AdaptiveDrain { fallback, max })
 }
 
 /// How long an exec hook keeps the app accepting.
@@ -342,6 +415,69 @@ mod tests {
             &[],
         ] {
             assert!(exec(cmd).is_err(), "{cmd:?} should be unknown");
+        }
+    }
+
+    fn hook(cmd: &[&str]) -> Hook {
+        let c: Container = serde_json::from_value(serde_json::json!({
+            "name": "app",
+            "lifecycle": {"preStop": {"exec": {"command": cmd}}}
+        }))
+        .unwrap();
+        Hook::of(&c)
+    }
+
+    #[test]
+    fn the_adaptive_drain_guarantees_its_fallback_and_lasts_at_most_max_plus_slack() {
+        let injected = hook(&[
+            "/opt/prestop-drain/prestop-drain",
+            "--aggregator",
+            "http://aggregator:8080",
+            "--token-file",
+            "/var/run/secrets/prestop/token",
+            "--fallback",
+            "9s",
+            "--max",
+            "60s",
+        ]);
+        assert_eq!(
+            injected,
+            Hook::AdaptiveDrain {
+                fallback: 9.0,
+                max: 60.0
+            }
+        );
+        assert_eq!(injected.seconds(), Some(9.0));
+        assert_eq!(
+            injected.longest(),
+            Some(60.0 + DRAIN_ANSWER_SLACK_SECONDS as f64)
+        );
+        // `--flag=value`, the default max, a fallback above max + slack.
+        let long = hook(&["prestop-drain", "--fallback=2m"]);
+        assert_eq!((long.seconds(), long.longest()), (Some(120.0), Some(120.0)));
+        assert_eq!(
+            long.describe(),
+            "preStop adaptive drain (prestop-drain: at most 60s, 120s without an answer)"
+        );
+    }
+
+    #[test]
+    fn an_adaptive_drain_that_cannot_be_read_is_unknown() {
+        for cmd in [
+            &["prestop-drain", "--max", "30s"][..],
+            &["prestop-drain", "--fallback"],
+            &["prestop-drain", "--fallback", "soon"],
+            &[
+                "prestop-drain",
+                "--copy-to",
+                "/opt/prestop-drain/prestop-drain",
+            ],
+        ] {
+            assert!(
+                matches!(hook(cmd), Hook::Unknown(_)),
+                "{cmd:?}: {:?}",
+                hook(cmd)
+            );
         }
     }
 }
