@@ -2,7 +2,8 @@
 //! (ENOBUFS) are not lost in silence. The detector re-reads the rulesets and
 //! reports the change it missed, counts the overflow, and doubles its
 //! receive buffer so that the next burst of that size (kube-proxy's next
-//! full sync) fits.
+//! full sync) fits; started on a ruleset, it sizes the buffer for a full
+//! sync of it.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -14,14 +15,16 @@ use lab::{
     netns::NetNs,
     root::root_or_skip,
 };
-use observer_agent::dataplane::{self, RecvBuffer};
+use observer_agent::dataplane::{self, DataplaneWatch, RecvBuffer};
 use observer_proto::Observation;
-use tokio::sync::mpsc::channel;
+use tokio::sync::mpsc::{Receiver, channel};
 
 /// Full syncs at most until one fits: 16 KiB doubled eleven times is 32 MiB.
 const ROUNDS: usize = 14;
 const SERVICES: u16 = 300;
 const ENDPOINTS: u16 = 10;
+const WATCHED: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(10, 180, 0, 1)), 8080);
 
 fn services(with_watched: bool) -> Vec<(ServicePort, Vec<Backend>)> {
     (0..SERVICES)
@@ -45,53 +48,69 @@ fn services(with_watched: bool) -> Vec<(ServicePort, Vec<Backend>)> {
         .collect()
 }
 
+/// The detector in `ns` with `buffer`, watching the endpoint.
+fn start(ns: &NetNs, buffer: RecvBuffer) -> (DataplaneWatch, Receiver<Observation>) {
+    let (tx, rx) = channel(64);
+    let watch = ns
+        .run(move || dataplane::spawn_with(tx, buffer))
+        .expect("enter netns")
+        .expect("dataplane watch starts");
+    watch.watch(WATCHED);
+    (watch, rx)
+}
+
+/// Runs a full sync in which the watched endpoint is `present` and checks
+/// that its change, and nothing else, is reported; whether it overflowed.
+async fn full_sync(
+    round: usize,
+    rules: &mut Rules,
+    watch: &DataplaneWatch,
+    rx: &mut Receiver<Observation>,
+    present: bool,
+) -> bool {
+    let before = watch.overflows();
+    rules.sync(&services(present)).unwrap();
+    let change = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: the change was not reported"))
+        .expect("channel open");
+    match (&change, present) {
+        (Observation::RulesAdded(c), true) | (Observation::RulesRemoved(c), false) => {
+            assert_eq!(c.endpoint, WATCHED, "round {round}");
+        }
+        _ => panic!(
+            "round {round}: expected the watched endpoint's change (present: {present}), got {change:?}"
+        ),
+    }
+    // A re-read after a second overflow in the same commit repeats
+    // nothing.
+    if let Ok(Some(extra)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+        panic!("round {round}: extra change {extra:?}");
+    }
+    watch.overflows() > before
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overflowing_full_syncs_are_re_read_and_the_buffer_grows_until_one_fits() {
     if !root_or_skip("overflowing_full_syncs_are_re_read_and_the_buffer_grows_until_one_fits") {
         return;
     }
-    let watched = SocketAddr::from((Ipv4Addr::new(10, 180, 0, 1), 8080));
     let ns = NetNs::create("dpovf").unwrap();
     let mut rules = Rules::new(Some(ns.name().to_owned()), Mode::Nftables);
-    rules.sync(&services(true)).unwrap();
-    let (tx, mut rx) = channel(64);
-    let buffer = RecvBuffer {
-        initial: 16 << 10,
-        max: 64 << 20,
-    };
-    let watch = ns
-        .run(move || dataplane::spawn_with(tx, buffer))
-        .expect("enter netns")
-        .expect("dataplane watch starts");
-    watch.watch(watched);
-
+    // Started on an empty ruleset: the buffer stays at 16 KiB.
+    let (watch, mut rx) = start(
+        &ns,
+        RecvBuffer {
+            initial: 16 << 10,
+            max: 64 << 20,
+        },
+    );
     let mut sizes = vec![watch.recv_buffer_bytes().expect("socket open")];
     let mut overflowed = Vec::new();
     for round in 0..ROUNDS {
-        // Each full sync rewrites every chain: thousands of notifications
-        // in one commit. The watched endpoint goes and comes back in turn.
-        let removed = round % 2 == 0;
-        let before = watch.overflows();
-        rules.sync(&services(!removed)).unwrap();
-        let change = tokio::time::timeout(Duration::from_secs(30), rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("round {round}: the change was not reported"))
-            .expect("channel open");
-        match (&change, removed) {
-            (Observation::RulesRemoved(c), true) | (Observation::RulesAdded(c), false) => {
-                assert_eq!(c.endpoint, watched, "round {round}");
-            }
-            _ => panic!(
-                "round {round}: expected the watched endpoint's {} got {change:?}",
-                if removed { "removal" } else { "addition" }
-            ),
-        }
-        // A re-read after a second overflow in the same commit repeats
-        // nothing.
-        if let Ok(Some(extra)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
-            panic!("round {round}: extra change {extra:?}");
-        }
-        overflowed.push(watch.overflows() > before);
+        // Each full sync writes every chain: thousands of notifications in
+        // one commit. The watched endpoint comes and goes in turn.
+        overflowed.push(full_sync(round, &mut rules, &watch, &mut rx, round % 2 == 0).await);
         sizes.push(watch.recv_buffer_bytes().expect("socket open"));
         eprintln!(
             "round {round}: overflowed {}, buffer {} KiB",
@@ -119,4 +138,34 @@ async fn overflowing_full_syncs_are_re_read_and_the_buffer_grows_until_one_fits(
             "round {i}: the buffer grows exactly after an overflow: {sizes:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffer_sized_to_the_ruleset_at_start_holds_the_first_full_sync() {
+    if !root_or_skip("a_buffer_sized_to_the_ruleset_at_start_holds_the_first_full_sync") {
+        return;
+    }
+    let ns = NetNs::create("dpsized").unwrap();
+    let mut rules = Rules::new(Some(ns.name().to_owned()), Mode::Nftables);
+    rules.sync(&services(true)).unwrap();
+    let initial = 16 << 10;
+    let (watch, mut rx) = start(
+        &ns,
+        RecvBuffer {
+            initial,
+            max: 64 << 20,
+        },
+    );
+    let size = watch.recv_buffer_bytes().expect("socket open");
+    assert!(
+        size > 2 * initial,
+        "the buffer was not sized to the ruleset: {size} bytes"
+    );
+    let overflowed = full_sync(0, &mut rules, &watch, &mut rx, false).await;
+    rules.cleanup().unwrap();
+    assert!(
+        !overflowed,
+        "the first full sync overflowed a buffer sized to the ruleset ({} KiB)",
+        size >> 10
+    );
 }

@@ -468,6 +468,22 @@ pub struct RecvBuffer {
     pub max: i32,
 }
 
+impl RecvBuffer {
+    /// Buffer (as set) per object of the ruleset: a full sync deletes and
+    /// re-adds each, two notifications of up to about 1 KiB of kernel
+    /// memory each, and the kernel accounts twice the size set.
+    const PER_OBJECT: i32 = 1 << 10;
+
+    /// What a full sync of a ruleset of `objects` needs while the detector
+    /// lags, within `initial..=max`.
+    pub fn for_ruleset(&self, objects: usize) -> i32 {
+        i32::try_from(objects)
+            .unwrap_or(i32::MAX)
+            .saturating_mul(Self::PER_OBJECT)
+            .clamp(self.initial, self.max.max(self.initial))
+    }
+}
+
 impl Default for RecvBuffer {
     /// A 10k-endpoint full sync is a few MiB of messages; a 250k one
     /// overflowed 64 MiB (docs/benchmarks.md).
@@ -497,7 +513,21 @@ pub fn spawn_with(
     let sock = Arc::new(nftables::subscribe(buffer)?);
     let nft_socket = Some(sock.clone());
     let mut mirror = Mirror::new();
-    nftables::load(&mut mirror)?;
+    let objects = nftables::load(&mut mirror)?;
+    // kube-proxy's next full sync rewrites all of it in one commit.
+    let wanted = buffer.for_ruleset(objects);
+    if wanted > buffer.initial {
+        match sock.set_recv_buffer(wanted) {
+            Ok(()) => info!(
+                objects,
+                bytes = wanted,
+                "nf_tables notification buffer sized to the ruleset"
+            ),
+            Err(e) => {
+                warn!(error = %e, bytes = wanted, "could not size the nf_tables notification buffer to the ruleset")
+            }
+        }
+    }
     // Every target of the dump comes back as added: already selected at
     // start, which is no change.
     let mut selected = nftables::changes(&mut mirror);
@@ -571,6 +601,24 @@ mod tests {
 
     fn ep(last: u8) -> SocketAddr {
         SocketAddr::from(([10, 180, 0, last], 8080))
+    }
+
+    #[test]
+    fn the_buffer_holds_a_full_sync_of_the_ruleset_within_its_bounds() {
+        let b = RecvBuffer::default();
+        assert_eq!(b.for_ruleset(0), b.initial);
+        assert_eq!(
+            b.for_ruleset(40_000),
+            b.initial,
+            "10k endpoints fit at start"
+        );
+        assert_eq!(b.for_ruleset(300_000), 300_000 << 10);
+        assert_eq!(b.for_ruleset(5_000_000), b.max);
+        let odd = RecvBuffer {
+            initial: 8 << 20,
+            max: 1 << 20,
+        };
+        assert_eq!(odd.for_ruleset(1_000_000), 8 << 20, "never below the start");
     }
 
     fn watch() -> (DataplaneWatch, Receiver<Observation>) {

@@ -64,10 +64,11 @@ fn dump(
     seq: &mut u32,
     request: Request,
     mirror: &mut Mirror,
-) -> Result<(), DataplaneError> {
+) -> Result<usize, DataplaneError> {
     sock.send(&request.finish())
         .map_err(DataplaneError::Netlink)?;
     let mut buf = vec![0u8; 1 << 20];
+    let mut objects = 0;
     loop {
         let n = sock.recv(&mut buf).map_err(DataplaneError::Netlink)?;
         for msg in netlink::messages(&buf[..n]) {
@@ -75,7 +76,7 @@ fn dump(
             match msg.kind {
                 netlink::NLMSG_DONE => {
                     *seq += 1;
-                    return Ok(());
+                    return Ok(objects);
                 }
                 netlink::NLMSG_ERROR => {
                     let errno = netlink::error_code(msg.payload)?;
@@ -86,24 +87,34 @@ fn dump(
                     // deleted since it was listed).
                     if errno == libc::ENOENT {
                         *seq += 1;
-                        return Ok(());
+                        return Ok(objects);
                     }
                     return Err(DataplaneError::Netlink(io::Error::from_raw_os_error(errno)));
                 }
-                kind => mirror.apply(nft_msg::decode(kind, msg.payload)?),
+                kind => {
+                    let event = nft_msg::decode(kind, msg.payload)?;
+                    objects += match &event {
+                        NftEvent::NewElems { elems, .. } => elems.len(),
+                        _ => 1,
+                    };
+                    mirror.apply(event);
+                }
             }
         }
     }
 }
 
-/// Loads the current rulesets of every family into `mirror`. Rules are
+/// Loads the current rulesets of every family into `mirror`; returns how
+/// many objects (tables, chains, sets, rules, set elements) they hold,
+/// each one notification when a full sync rewrites it. Rules are
 /// dumped chain by chain: the kernel resumes a whole-table rule dump by
 /// walking every rule before the resume point again, which at 500 000
 /// rules took minutes (docs/benchmarks.md), while a dump filtered to one
 /// chain finds it by its hash.
-pub fn load(mirror: &mut Mirror) -> Result<(), DataplaneError> {
+pub fn load(mirror: &mut Mirror) -> Result<usize, DataplaneError> {
     let sock = Socket::open(NETLINK_NETFILTER).map_err(DataplaneError::Netlink)?;
     let mut seq = 1;
+    let mut objects = 0;
     mirror.clear();
     for msg in [
         nft_msg::NFT_MSG_GETTABLE,
@@ -111,7 +122,7 @@ pub fn load(mirror: &mut Mirror) -> Result<(), DataplaneError> {
         nft_msg::NFT_MSG_GETSET,
     ] {
         let req = Request::new(msg_type(msg), NLM_F_REQUEST | NLM_F_DUMP, seq).nfgenmsg(0);
-        dump(&sock, &mut seq, req, mirror)?;
+        objects += dump(&sock, &mut seq, req, mirror)?;
     }
     let tables: Vec<TableId> = mirror.tables().cloned().collect();
     for table in tables {
@@ -124,7 +135,7 @@ pub fn load(mirror: &mut Mirror) -> Result<(), DataplaneError> {
             .nfgenmsg(table.family)
             .attr_str(nft_msg::NFTA_RULE_TABLE, &table.name)
             .attr_str(nft_msg::NFTA_RULE_CHAIN, &chain);
-            dump(&sock, &mut seq, req, mirror)?;
+            objects += dump(&sock, &mut seq, req, mirror)?;
         }
         for set in mirror.sets(&table) {
             let req = Request::new(
@@ -135,10 +146,10 @@ pub fn load(mirror: &mut Mirror) -> Result<(), DataplaneError> {
             .nfgenmsg(table.family)
             .attr_str(nft_msg::NFTA_SET_ELEM_LIST_TABLE, &table.name)
             .attr_str(nft_msg::NFTA_SET_ELEM_LIST_SET, &set);
-            dump(&sock, &mut seq, req, mirror)?;
+            objects += dump(&sock, &mut seq, req, mirror)?;
         }
     }
-    Ok(())
+    Ok(objects)
 }
 
 /// Subscribes to nf_tables notifications in the current network namespace.
