@@ -83,11 +83,12 @@ pub fn start(
     if kube.is_some() {
         correlator.use_node_list();
     }
-    let restored = correlator.restore()?;
+    let restored = correlator.restore(UnixNanos::now())?;
     tracing::info!(
         deletions = restored.deletions,
         node_accumulators = restored.node_accumulators,
         agents = restored.agents,
+        startup_records = restored.startup_records,
         "restored the in-flight state"
     );
     let drains = Arc::new(Drains::new(
@@ -325,6 +326,11 @@ pub fn housekeeping(st: &HttpState) {
         Ok(0) => {}
         Ok(n) => tracing::info!(deleted = n, "pruned deletions past retention"),
         Err(e) => tracing::error!(error = %e, "pruning the store failed"),
+    }
+    match st.store.prune_startups(since, st.settings.startup.kept) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(deleted = n, "pruned startup records past retention"),
+        Err(e) => tracing::error!(error = %e, "pruning startup records failed"),
     }
     if let Ok(n) = st.store.len() {
         st.metrics.store_deletions.set(n as i64);

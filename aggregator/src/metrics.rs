@@ -32,9 +32,30 @@ pub struct RouterLabel {
     pub router: String,
 }
 
-/// Distinct workload names used as `router` labels; later ones are
+/// Distinct workload names used as labels of one metric; later ones are
 /// counted as `other`.
 pub const MAX_WORKLOAD_LABELS: usize = 50;
+
+/// Workload names in use as the labels of one metric: the first
+/// [`MAX_WORKLOAD_LABELS`] keep their name, later ones are `other`.
+#[derive(Debug, Default)]
+pub struct WorkloadLabels {
+    used: Mutex<HashSet<String>>,
+}
+
+impl WorkloadLabels {
+    /// Whether the workload `name` (`namespace/owner`) has a label of its
+    /// own: it has one already, or fewer than the cap are in use.
+    pub fn admits(&self, name: &str) -> bool {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        if used.contains(name) || used.len() < MAX_WORKLOAD_LABELS {
+            used.insert(name.to_owned());
+            true
+        } else {
+            false
+        }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeNamespace {
@@ -116,8 +137,7 @@ pub struct Metrics {
 /// Latency per router, labelled by kind and a bounded name.
 pub struct RouterLatency {
     family: HistogramFamily<RouterLabel>,
-    /// Workload names in use as labels (at most [`MAX_WORKLOAD_LABELS`]).
-    workloads: Mutex<HashSet<String>>,
+    workloads: WorkloadLabels,
 }
 
 impl RouterLatency {
@@ -134,15 +154,8 @@ impl RouterLatency {
         let router = match r.kind {
             RouterKind::Node => r.name.clone(),
             RouterKind::External => "external".to_owned(),
-            RouterKind::Workload => {
-                let mut used = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
-                if used.contains(&r.name) || used.len() < MAX_WORKLOAD_LABELS {
-                    used.insert(r.name.clone());
-                    r.name.clone()
-                } else {
-                    "other".to_owned()
-                }
-            }
+            RouterKind::Workload if self.workloads.admits(&r.name) => r.name.clone(),
+            RouterKind::Workload => "other".to_owned(),
         };
         RouterLabel {
             kind: r.kind.as_str().to_owned(),
@@ -155,7 +168,7 @@ impl Default for RouterLatency {
     fn default() -> Self {
         Self {
             family: Family::new_with_constructor(latency_histogram),
-            workloads: Mutex::default(),
+            workloads: WorkloadLabels::default(),
         }
     }
 }

@@ -8,6 +8,10 @@
 //! (`pending_deletions`, written when it starts), its per-node accumulators
 //! (`pending_nodes`) and each agent's last applied batch sequence (`agents`),
 //! both written by periodic [`Store::checkpoint`]s.
+//!
+//! Finished startup windows (`startup_records`) are kept the same way as
+//! finished deletions: the whole record as JSON, selected by T_ready for
+//! the retention and the cap on kept records (`StartupSettings::kept`).
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -17,6 +21,7 @@ use rusqlite::{
     Connection, OptionalExtension, TransactionBehavior, params, params_from_iter, types::Value,
 };
 
+use observer_proto::api::startup::StartupRecord;
 use observer_proto::api::{Coverage, DeletionRecord, RouterKind, RouterMeasurement, RouterRef};
 use observer_proto::{ClockEstimate, UnixNanos};
 
@@ -46,8 +51,9 @@ pub enum StoreError {
 
 /// 2 added the in-flight tables, 3 the detector's precision of a rules
 /// removal, 4 what the bound needs, 5 the routers and removals before an
-/// agent's start; older files are upgraded in place.
-const SCHEMA_VERSION: i64 = 5;
+/// agent's start, 6 the finished startup windows; older files are upgraded
+/// in place.
+const SCHEMA_VERSION: i64 = 6;
 
 /// Columns added since version 2 files: (table, column, declaration).
 /// `SCHEMA` creates the tables of older files whole; an upgrade adds what
@@ -178,6 +184,12 @@ CREATE TABLE IF NOT EXISTS agents (
     seen_unix_nanos INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS agents_seen ON agents(seen_unix_nanos);
+CREATE TABLE IF NOT EXISTS startup_records (
+    pod_uid TEXT PRIMARY KEY,
+    ready_unix_nanos INTEGER NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS startup_records_ready ON startup_records(ready_unix_nanos);
 ";
 
 /// A deletion in flight as persisted: what the correlator needs to carry it
@@ -376,7 +388,8 @@ impl Store {
         let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         // 0: new file; 1: finished deletions only (the new tables are
         // added); 2: without rules_precision_ns; 3: without what the bound
-        // needs of a finished deletion.
+        // needs of a finished deletion; 5: without startup records (the
+        // table is created).
         if !(0..=SCHEMA_VERSION).contains(&found) {
             return Err(StoreError::Schema {
                 path: path.display().to_string(),
@@ -822,6 +835,55 @@ impl Store {
         Ok(self.writer().execute(
             "DELETE FROM agents WHERE seen_unix_nanos < ?1",
             [before.as_nanos()],
+        )?)
+    }
+
+    /// Records a finished startup window. Idempotent: recording the same
+    /// pod UID again replaces the earlier record.
+    pub fn record_startup(&self, rec: &StartupRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_string(rec)?;
+        self.conn()
+            .prepare_cached(
+                "INSERT OR REPLACE INTO startup_records (pod_uid, ready_unix_nanos, record)
+                 VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![rec.pod_uid, rec.ready_unix_nanos.as_nanos(), json])?;
+        Ok(())
+    }
+
+    /// The newest `limit` finished startup windows ready at or after
+    /// `since`, oldest first (the order the startup log keeps).
+    pub fn startups(
+        &self,
+        since: UnixNanos,
+        limit: usize,
+    ) -> Result<Vec<StartupRecord>, StoreError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached(
+            "SELECT record FROM (
+                 SELECT rowid, ready_unix_nanos, record FROM startup_records
+                 WHERE ready_unix_nanos >= ?1
+                 ORDER BY ready_unix_nanos DESC, rowid DESC LIMIT ?2)
+             ORDER BY ready_unix_nanos, rowid",
+        )?;
+        let rows = stmt.query_map(params![since.as_nanos(), limit as i64], |r| {
+            r.get::<_, String>(0)
+        })?;
+        let mut out = Vec::new();
+        for json in rows {
+            out.push(serde_json::from_str(&json?)?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes the startup windows ready before `before` and all but the
+    /// newest `kept`; returns how many.
+    pub fn prune_startups(&self, before: UnixNanos, kept: usize) -> Result<usize, StoreError> {
+        Ok(self.conn().execute(
+            "DELETE FROM startup_records WHERE ready_unix_nanos < ?1 OR rowid NOT IN (
+                 SELECT rowid FROM startup_records
+                 ORDER BY ready_unix_nanos DESC, rowid DESC LIMIT ?2)",
+            params![before.as_nanos(), kept as i64],
         )?)
     }
 

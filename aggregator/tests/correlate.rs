@@ -561,7 +561,7 @@ fn checkpoints_persist_later_changes_and_a_restored_correlator_carries_on() {
     // The process dies; a new correlator on the same store carries on.
     drop(subs);
     let c = correlator(&store, Duration::from_secs(60), Duration::ZERO);
-    let restored = c.restore().unwrap();
+    let restored = c.restore(T0 + 2 * S).unwrap();
     assert_eq!(
         (
             restored.deletions,
@@ -608,7 +608,7 @@ fn a_restored_rules_removal_keeps_its_detector_and_precision() {
     // The process dies; a new correlator finishes the deletion from the store.
     drop(subs);
     let c = correlator(&store, Duration::from_secs(60), Duration::ZERO);
-    c.restore().unwrap();
+    c.restore(T0 + 2 * S).unwrap();
     c.pod_gone("u1", T0 + 2 * S);
     let rec = store.deletion("u1").unwrap().expect("finished");
     assert!(rec.complete, "{rec:#?}");

@@ -842,3 +842,37 @@ async fn routers_are_named_and_external_ones_can_be_left_out() {
     }
     agg.shutdown().await;
 }
+
+#[tokio::test]
+async fn finished_startup_windows_are_served_after_a_restart() {
+    let lab = Restartable::new().await;
+    // Windows that close 1.2 s after T_ready.
+    let mut settings = manual_checkpoints();
+    settings.startup.window = Duration::from_secs(1);
+    settings.startup.settle = Duration::from_millis(200);
+    let agg = start_aggregator(settings.clone(), &lab.store, Some(&lab.c.double)).await;
+    let web2 = add_web2(&lab.c.double);
+    lab.c
+        .double
+        .update(&endpoint_slice(
+            "shop",
+            "web",
+            &[(&lab.c.web1, true, false), (&web2, true, false)],
+        ))
+        .unwrap();
+    let path = "/v1/startup?namespace=shop&service=web";
+    wait_until("startup window closed", || async move {
+        get_json(agg.http_addr, path).await.1["newPods"] == 1
+    })
+    .await;
+    let before = get_json(agg.http_addr, path).await.1;
+    assert_eq!(before["pods"][0]["podName"], "web-2", "{before}");
+    agg.shutdown().await;
+
+    let agg = start_aggregator(settings, &lab.store, Some(&lab.c.double)).await;
+    let (status, after) = get_json(agg.http_addr, path).await;
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(after["newPods"], 1, "{after}");
+    assert_eq!(after["pods"], before["pods"]);
+    agg.shutdown().await;
+}

@@ -575,11 +575,11 @@ mod in_flight {
         store.insert_pending(&pending("u1")).unwrap();
         assert_eq!(store.in_flight().unwrap().pending.len(), 1);
         let side = rusqlite::Connection::open(&path).unwrap();
-        side.execute_batch("PRAGMA user_version = 6;").unwrap();
+        side.execute_batch("PRAGMA user_version = 7;").unwrap();
         drop(store);
         assert!(matches!(
             Store::open(&path),
-            Err(StoreError::Schema { found: 6, .. })
+            Err(StoreError::Schema { found: 7, .. })
         ));
     }
 
@@ -632,5 +632,87 @@ mod in_flight {
             .unwrap();
         assert_eq!(store.prune_agents(t(1_000)).unwrap(), 1);
         assert_eq!(store.in_flight().unwrap().agents, [agent("new", 2)]);
+    }
+}
+
+mod startup {
+    use aggregator::store::Store;
+    use observer_proto::api::startup::{NodeAddition, StartupRecord};
+
+    use super::t;
+
+    fn record(uid: &str, ready: i64) -> StartupRecord {
+        StartupRecord {
+            pod_uid: uid.into(),
+            namespace: "shop".into(),
+            pod_name: format!("web-{uid}"),
+            workload: "shop/web".into(),
+            services: vec!["web".into()],
+            pod_ip: "10.0.0.9".into(),
+            ready_unix_nanos: t(ready),
+            nodes: vec![NodeAddition {
+                node: "node-a".into(),
+                rules_added_unix_nanos: Some(t(ready + 300)),
+                propagation_seconds: Some(3e-7),
+                error_seconds: Some(1e-6),
+                clock_uncertainty_seconds: Some(4e-7),
+                not_added: false,
+            }],
+            refused_connections: 2,
+            ..StartupRecord::default()
+        }
+    }
+
+    fn uids(records: &[StartupRecord]) -> Vec<&str> {
+        records.iter().map(|r| r.pod_uid.as_str()).collect()
+    }
+
+    #[test]
+    fn startup_records_survive_reopen_oldest_first_and_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        {
+            let store = Store::open(&path).unwrap();
+            for r in [record("u2", 200), record("u1", 100), record("u2", 200)] {
+                store.record_startup(&r).unwrap();
+            }
+        }
+        let store = Store::open(&path).unwrap();
+        let got = store.startups(t(0), 10).unwrap();
+        assert_eq!(got, [record("u1", 100), record("u2", 200)]);
+        assert_eq!(uids(&store.startups(t(150), 10).unwrap()), ["u2"]);
+        assert_eq!(
+            uids(&store.startups(t(0), 1).unwrap()),
+            ["u2"],
+            "the newest within the limit"
+        );
+    }
+
+    #[test]
+    fn pruning_drops_startup_records_past_the_retention_and_the_cap() {
+        let store = Store::in_memory().unwrap();
+        for (uid, ready) in [("u1", 100), ("u2", 200), ("u3", 300), ("u4", 400)] {
+            store.record_startup(&record(uid, ready)).unwrap();
+        }
+        assert_eq!(store.prune_startups(t(150), 10).unwrap(), 1);
+        assert_eq!(store.prune_startups(t(150), 2).unwrap(), 1);
+        assert_eq!(uids(&store.startups(t(0), 10).unwrap()), ["u3", "u4"]);
+        assert_eq!(store.prune_startups(t(150), 2).unwrap(), 0);
+    }
+
+    #[test]
+    fn version_5_files_gain_the_startup_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        {
+            Store::open(&path).unwrap();
+            rusqlite::Connection::open(&path)
+                .unwrap()
+                .execute_batch("DROP TABLE startup_records; PRAGMA user_version = 5;")
+                .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        store.record_startup(&record("u1", 100)).unwrap();
+        assert_eq!(store.startups(t(0), 10).unwrap(), [record("u1", 100)]);
     }
 }

@@ -137,6 +137,10 @@ pub struct PerNode {
     /// measuredRulesMs - injectedMs: the rules detector's error alone (a
     /// node's latency also counts other routers' connections it forwards).
     pub rules_error_ms: Option<f64>,
+    /// How far the agent's clock offset to the aggregator may be off, as
+    /// the aggregator states it: the lab's truth is on the agent's clock,
+    /// the measurement on the aggregator's.
+    pub clock_uncertainty_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -250,6 +254,9 @@ pub fn deletion_report(
                 drawn_delay_ms: r.injected_delay_ms,
                 error_ms: measured_ms.map(|m| m - injected_ms),
                 rules_error_ms: measured_rules_ms.map(|m| m - injected_ms),
+                clock_uncertainty_ms: node
+                    .and_then(|n| n.clock_uncertainty_seconds)
+                    .map(|s| s * 1000.0),
             }
         })
         .collect();

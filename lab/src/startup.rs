@@ -134,6 +134,9 @@ pub struct AdditionPerNode {
     pub injected_started_ms: f64,
     pub drawn_delay_ms: f64,
     pub error_ms: Option<f64>,
+    /// The clock-uncertainty part of the aggregator's stated error (see
+    /// [`crate::report::PerNode::clock_uncertainty_ms`]).
+    pub clock_uncertainty_ms: Option<f64>,
 }
 
 /// Joins a new pod's truth with the aggregator's record (by pod UID).
@@ -148,10 +151,8 @@ pub fn new_pod_report(
         .additions
         .iter()
         .map(|a| {
-            let measured_ms = measured
-                .and_then(|m| m.nodes.iter().find(|n| n.node == a.node))
-                .and_then(|n| n.rules_added_unix_nanos)
-                .map(since_ready);
+            let node = measured.and_then(|m| m.nodes.iter().find(|n| n.node == a.node));
+            let measured_ms = node.and_then(|n| n.rules_added_unix_nanos).map(since_ready);
             let injected_ms = since_ready(a.truth_unix_nano());
             AdditionPerNode {
                 node: a.node.clone(),
@@ -161,6 +162,9 @@ pub fn new_pod_report(
                 injected_started_ms: since_ready(a.applied_started_unix_nano),
                 drawn_delay_ms: a.injected_delay_ms,
                 error_ms: measured_ms.map(|m| m - injected_ms),
+                clock_uncertainty_ms: node
+                    .and_then(|n| n.clock_uncertainty_seconds)
+                    .map(|s| s * 1000.0),
             }
         })
         .collect();
@@ -266,9 +270,12 @@ impl StartupSection {
                 let measured = n
                     .measured_ms
                     .map_or_else(|| "missing".to_owned(), |v| format!("{v:.1}"));
+                let clock = n
+                    .clock_uncertainty_ms
+                    .map_or_else(|| "?".to_owned(), |v| format!("{v:.1}"));
                 let _ = writeln!(
                     out,
-                    "    {:<8} {:<16} added measured {measured:>8} injected {:>8.1}",
+                    "    {:<8} {:<16} added measured {measured:>8} injected {:>8.1} (clock +-{clock})",
                     n.node, n.mode, n.injected_ms
                 );
             }

@@ -60,12 +60,24 @@ fn inaccurate(pods: &[NewPodReport]) -> Vec<String> {
     pods.iter()
         .flat_map(|p| p.per_node.iter().map(move |n| (p, n)))
         .filter(|(_, n)| {
-            common::outside_bound(&n.mode, n.error_ms, n.injected_ms, n.injected_started_ms)
+            common::outside_bound(
+                &n.mode,
+                n.error_ms,
+                n.clock_uncertainty_ms,
+                n.injected_ms,
+                n.injected_started_ms,
+            )
         })
         .map(|(p, n)| {
             format!(
-                "{} on {} ({}): added measured {:?} ms, injected {:.1} ms (transaction began {:.1} ms)",
-                p.pod, n.node, n.mode, n.measured_ms, n.injected_ms, n.injected_started_ms
+                "{} on {} ({}): added measured {:?} ms, injected {:.1} ms (transaction began {:.1} ms), clock uncertainty {:?} ms",
+                p.pod,
+                n.node,
+                n.mode,
+                n.measured_ms,
+                n.injected_ms,
+                n.injected_started_ms,
+                n.clock_uncertainty_ms
             )
         })
         .collect()
@@ -156,4 +168,46 @@ async fn a_server_listening_before_ready_yields_no_finding() {
         "additions off the injected truth:\n{}",
         off.join("\n")
     );
+}
+
+#[test]
+fn the_bound_widens_by_the_stated_clock_uncertainty_only() {
+    // An iptables-nft node 13.3 ms late: its agent's offset was off by that
+    // much, which its stated uncertainty of 14 ms covers; 0.5 ms does not.
+    assert!(!common::outside_bound(
+        "iptables-nft",
+        Some(13.3),
+        Some(14.0),
+        400.0,
+        395.0
+    ));
+    assert!(common::outside_bound(
+        "iptables-nft",
+        Some(13.3),
+        Some(0.5),
+        400.0,
+        395.0
+    ));
+    // A legacy node measured 9.7 ms past its writer's exit (400 ms).
+    assert!(!common::outside_bound(
+        "iptables-legacy",
+        Some(9.7),
+        Some(8.0),
+        400.0,
+        395.0
+    ));
+    assert!(common::outside_bound(
+        "iptables-legacy",
+        Some(9.7),
+        None,
+        400.0,
+        395.0
+    ));
+    assert!(common::outside_bound(
+        "nftables",
+        None,
+        Some(1.0),
+        400.0,
+        395.0
+    ));
 }

@@ -110,6 +110,8 @@ impl Default for WallClock {
 #[derive(Debug, Default)]
 pub struct ExchangeFilter {
     recent: VecDeque<(UnixNanos, ClockEstimate)>,
+    /// The wait before the next quick burst while the estimate is coarse.
+    retry: Duration,
 }
 
 impl ExchangeFilter {
@@ -122,6 +124,26 @@ impl ExchangeFilter {
     const KEPT: usize = 8 * Self::BURST;
     /// Drift allowed between two computer clocks, parts per million.
     const DRIFT_PPM: u64 = 100;
+    /// An estimate coarser than this is refined by another burst soon.
+    const NARROW_NS: u64 = 1_000_000;
+    /// The first quick burst's wait; each further one waits twice as long.
+    const FIRST_RETRY: Duration = Duration::from_secs(1);
+
+    /// How long until the next burst, `best` being the estimate after the
+    /// last one: `interval` when it is narrow. While it is not, sooner:
+    /// the first bursts meet a machine busy starting every agent, and their
+    /// coarse offset would otherwise shift every time reported for a whole
+    /// interval (within its stated uncertainty, but by milliseconds). The
+    /// wait starts at a second and doubles up to `interval`.
+    pub fn next_burst(&mut self, best: ClockEstimate, interval: Duration) -> Duration {
+        if best.uncertainty_ns <= Self::NARROW_NS {
+            self.retry = Self::FIRST_RETRY;
+            return interval;
+        }
+        let wait = self.retry.max(Self::FIRST_RETRY).min(interval);
+        self.retry = wait * 2;
+        wait
+    }
 
     /// Adds the exchange finished at `at` (agent clock); returns the best
     /// estimate now.
@@ -191,6 +213,23 @@ mod tests {
         // off by 300 ms. The narrow one stands, widened by 30 s of drift.
         let best = f.add(t + 30_000_000_000, estimate(300_000_000, 300_000_000));
         assert_eq!(best, estimate(10_000, 50_000 + 3_000_000));
+    }
+
+    #[test]
+    fn a_coarse_estimate_is_refined_sooner_backing_off_to_the_interval() {
+        let mut f = ExchangeFilter::default();
+        let interval = Duration::from_secs(30);
+        let coarse = estimate(13_000_000, 14_000_000);
+        let waits: Vec<u64> = (0..7)
+            .map(|_| f.next_burst(coarse, interval).as_secs())
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(f.next_burst(estimate(0, 400_000), interval), interval);
+        assert_eq!(
+            f.next_burst(coarse, interval),
+            Duration::from_secs(1),
+            "coarse again: quick again"
+        );
     }
 
     #[test]

@@ -30,16 +30,28 @@ pub struct RestoreStats {
     pub deletions: usize,
     pub node_accumulators: usize,
     pub agents: usize,
+    /// Finished startup windows back in the startup log.
+    pub startup_records: usize,
 }
 
 impl Correlator {
     /// Loads the in-flight state of the last run (pending deletions with
-    /// their node accumulators, agents' sequences) from the store. Call once,
+    /// their node accumulators, agents' sequences) and the finished startup
+    /// windows within the retention at `now` from the store. Call once,
     /// before serving agents and before the Kubernetes watchers start.
-    pub fn restore(&self) -> Result<RestoreStats, StoreError> {
+    pub fn restore(&self, now: UnixNanos) -> Result<RestoreStats, StoreError> {
         let _persist = self.persist();
         let saved = self.store.in_flight()?;
-        let mut stats = RestoreStats::default();
+        let startups = self
+            .store
+            .startups(now - self.settings.retention, self.settings.startup.kept)?;
+        let mut stats = RestoreStats {
+            startup_records: startups.len(),
+            ..RestoreStats::default()
+        };
+        for r in startups {
+            self.startup_log.push(r, now);
+        }
         let mut st = self.state();
         for (row, accs) in saved.pending {
             let uid = row.start.pod_uid.clone();

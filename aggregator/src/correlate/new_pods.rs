@@ -73,7 +73,7 @@ impl Correlator {
     }
 
     /// Closes the startup windows that are over: agents stop watching
-    /// them, their records go to the log.
+    /// them, their records go to the store and the log.
     pub(super) fn finish_startups(&self, now: UnixNanos) {
         let closed = {
             let mut st = self.state();
@@ -92,6 +92,9 @@ impl Correlator {
                     workload = %record.workload, refused = record.refused_connections,
                     "new pod refused connections after it was marked ready"
                 );
+            }
+            if let Err(e) = self.store.record_startup(&record) {
+                tracing::error!(error = %e, pod = %record.pod_name, "storing a finished startup window failed");
             }
             self.startup_log.push(record, now);
         }

@@ -1,6 +1,7 @@
 //! What finished startup windows count, for the dashboard's startup row and
 //! the alert on new pods refusing connections after ready. Labels stay
-//! bounded: namespace and node only (the API names workloads and pods).
+//! bounded: namespace, node and workload (its owner's name, for at most
+//! [`MAX_WORKLOAD_LABELS`] workloads, then `other`); the API names pods.
 
 use observer_proto::api::startup::StartupRecord;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -9,16 +10,22 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+#[cfg(doc)]
+use crate::metrics::MAX_WORKLOAD_LABELS;
+use crate::metrics::WorkloadLabels;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct NamespaceRefused {
+pub struct WorkloadRefused {
     pub namespace: String,
+    pub workload: String,
     /// `true` when the new pod refused connections after ready.
     pub refused: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Namespace {
+pub struct Workload {
     pub namespace: String,
+    pub workload: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -34,8 +41,9 @@ fn addition_histogram() -> Histogram {
 }
 
 pub struct StartupMetrics {
-    pods: Family<NamespaceRefused, Counter>,
-    refused: Family<Namespace, Counter>,
+    pods: Family<WorkloadRefused, Counter>,
+    refused: Family<Workload, Counter>,
+    workloads: WorkloadLabels,
     addition: Histograms<Node>,
     not_added: Family<Node, Counter>,
     not_watched: Counter,
@@ -46,6 +54,7 @@ impl Default for StartupMetrics {
         Self {
             pods: Family::default(),
             refused: Family::default(),
+            workloads: WorkloadLabels::default(),
             addition: Family::new_with_constructor(addition_histogram),
             not_added: Family::default(),
             not_watched: Counter::default(),
@@ -58,12 +67,12 @@ impl StartupMetrics {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "prestop_startup_pods",
-            "New pods whose startup window ended (refused: whether they refused connections after being marked ready)",
+            "New pods whose startup window ended, per namespace and workload (refused: whether they refused connections after being marked ready)",
             self.pods.clone(),
         );
         registry.register(
             "prestop_startup_refused_connections",
-            "Connections new pods refused (no socket listened) within the startup window after being marked ready",
+            "Connections new pods refused (no socket listened) within the startup window after being marked ready, per namespace and workload",
             self.refused.clone(),
         );
         registry.register(
@@ -89,17 +98,28 @@ impl StartupMetrics {
 
     pub fn finished(&self, r: &StartupRecord) {
         let refused = r.refused_connections > 0;
+        // The record names it `namespace/owner`; the namespace has its label.
+        let owner = if self.workloads.admits(&r.workload) {
+            r.workload
+                .strip_prefix(&format!("{}/", r.namespace))
+                .unwrap_or(&r.workload)
+        } else {
+            "other"
+        };
+        let workload = Workload {
+            namespace: r.namespace.clone(),
+            workload: owner.to_owned(),
+        };
         self.pods
-            .get_or_create(&NamespaceRefused {
-                namespace: r.namespace.clone(),
+            .get_or_create(&WorkloadRefused {
+                namespace: workload.namespace.clone(),
+                workload: workload.workload.clone(),
                 refused: refused.to_string(),
             })
             .inc();
         if refused {
             self.refused
-                .get_or_create(&Namespace {
-                    namespace: r.namespace.clone(),
-                })
+                .get_or_create(&workload)
                 .inc_by(r.refused_connections);
         }
         for n in &r.nodes {
@@ -112,5 +132,46 @@ impl StartupMetrics {
                 self.not_added.get_or_create(&node).inc();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::metrics::{MAX_WORKLOAD_LABELS, Metrics};
+
+    use super::*;
+
+    fn record(namespace: &str, owner: &str, refused: u64) -> StartupRecord {
+        StartupRecord {
+            namespace: namespace.into(),
+            workload: format!("{namespace}/{owner}"),
+            refused_connections: refused,
+            ..StartupRecord::default()
+        }
+    }
+
+    #[test]
+    fn pods_and_refusals_are_counted_per_workload_up_to_the_cap() {
+        let metrics = Metrics::new();
+        let m = &metrics.startup;
+        m.finished(&record("shop", "web", 3));
+        m.finished(&record("shop", "web", 0));
+        for i in 1..MAX_WORKLOAD_LABELS {
+            m.finished(&record("batch", &format!("job-{i}"), 0));
+        }
+        // Past the cap: counted, under `other`.
+        m.finished(&record("shop", "late", 2));
+        m.finished(&record("shop", "web", 1));
+        let text = metrics.encode();
+        for series in [
+            r#"prestop_startup_pods_total{namespace="shop",workload="web",refused="true"} 2"#,
+            r#"prestop_startup_pods_total{namespace="shop",workload="web",refused="false"} 1"#,
+            r#"prestop_startup_refused_connections_total{namespace="shop",workload="web"} 4"#,
+            r#"prestop_startup_refused_connections_total{namespace="shop",workload="other"} 2"#,
+            r#"prestop_startup_pods_total{namespace="batch",workload="job-1",refused="false"} 1"#,
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
+        assert!(!text.contains("late"), "{text}");
     }
 }

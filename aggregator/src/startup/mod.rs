@@ -7,9 +7,9 @@
 //! report when their node's dataplane started selecting it (rules added),
 //! every new connection to it, and the connections it refused (no socket
 //! listened) or reset. The correlator feeds them in, attributed to routers
-//! as for deletions; the finished windows go to the [`Log`], which sums
-//! them up per workload, node and router kind ([`findings`]) for
-//! `GET /v1/startup`.
+//! as for deletions; the finished windows go to the store (restored at
+//! start) and to the [`Log`], which sums them up per workload, node and
+//! router kind ([`findings`]) for `GET /v1/startup`.
 //!
 //! The watched set stays bounded: a window lasts `window + settle`, and at
 //! most `--startup-max-watched` are open at once (further new pods are not

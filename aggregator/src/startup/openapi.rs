@@ -134,6 +134,7 @@ fn schemas() -> Vec<(&'static str, Value)> {
                 "rulesAddedUnixNanos": time,
                 "propagationSeconds": { "type": "number", "nullable": true, "description": "T_added(n) - T_ready; negative when the node's dataplane selected the endpoint before the aggregator saw it ready" },
                 "errorSeconds": seconds,
+                "clockUncertaintySeconds": { "type": "number", "nullable": true, "description": "The clock-uncertainty part of errorSeconds" },
                 "notAdded": { "type": "boolean" }
             })),
         ),

@@ -63,6 +63,8 @@ pub struct Seen<'a> {
 struct Added {
     time: UnixNanos,
     error_ns: u64,
+    /// The reporting agent's clock uncertainty, a part of `error_ns`.
+    clock_ns: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -146,16 +148,14 @@ impl Window {
             if s.time < ready - self.early_ns {
                 return false;
             }
-            let error_ns = s.uncertainty_ns.saturating_add(r.precision_ns);
-            let first = self.added.entry(s.node.to_owned()).or_insert(Added {
+            let added = Added {
                 time: s.time,
-                error_ns,
-            });
+                error_ns: s.uncertainty_ns.saturating_add(r.precision_ns),
+                clock_ns: s.uncertainty_ns,
+            };
+            let first = self.added.entry(s.node.to_owned()).or_insert(added);
             if s.time < first.time {
-                *first = Added {
-                    time: s.time,
-                    error_ns,
-                };
+                *first = added;
             }
             return true;
         }
@@ -210,6 +210,7 @@ impl Window {
                     rules_added_unix_nanos: added.map(|a| a.time),
                     propagation_seconds: added.map(|a| since(a.time)),
                     error_seconds: added.map(|a| a.error_ns as f64 / 1e9),
+                    clock_uncertainty_seconds: added.map(|a| a.clock_ns as f64 / 1e9),
                     not_added: added.is_none() && self.expected.contains(node),
                 }
             })
@@ -385,6 +386,11 @@ mod tests {
         let a = r.nodes.iter().find(|n| n.node == "node-a").unwrap();
         assert_eq!(a.propagation_seconds, Some(-1.5));
         assert_eq!(a.error_seconds, Some(1_500e-9));
+        assert_eq!(
+            a.clock_uncertainty_seconds,
+            Some(500e-9),
+            "the clock's part"
+        );
         assert!(!a.not_added);
         let b = r.nodes.iter().find(|n| n.node == "node-b").unwrap();
         assert!(b.not_added, "expected, never added: {b:?}");

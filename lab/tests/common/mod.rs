@@ -69,8 +69,9 @@ pub fn work_dir(test: &str) -> PathBuf {
 }
 
 /// |measured - injected| allowed for nodes whose rules change through
-/// nftables netlink notifications (nftables and iptables-nft modes). The
-/// agent times them by the kernel stamps of the notifications
+/// nftables netlink notifications (nftables and iptables-nft modes), past
+/// the agent's stated clock uncertainty (see [`outside_bound`]). The agent
+/// times them by the kernel stamps of the notifications
 /// (`observer_agent::stamps`): docs/benchmarks.md measured them within
 /// 0.13-0.86 ms of the commit at p99 and 1.65 ms at most, with the machine
 /// busy; this leaves half as much again for the witness's own wake-up. An
@@ -81,25 +82,33 @@ pub const NETLINK_BOUND_MS: f64 = 2.5;
 /// the writer's transaction (iptables-restore from start to exit), and the
 /// table is swapped somewhere inside it; on a loaded machine the writer
 /// exits tens of milliseconds after the swap. The measurement must fall
-/// inside that window, give or take this much for the clock conversion.
+/// inside that window, give or take this much for the clock conversion
+/// (monotonic to wall clock in the agent) and the stated clock uncertainty.
 pub const LEGACY_SLACK_MS: f64 = 2.0;
 
 /// Whether a rules change measured `error_ms` off its truth (`None`:
-/// missing) is outside the bound of `mode`.
+/// missing) is outside the bound of `mode`. The truth is on the agents'
+/// clock (the lab's), the measurement on the aggregator's: converted with
+/// the agent's estimated offset, which may be off by up to the stated
+/// `clock_uncertainty_ms` (half the round trip of the agent's best clock
+/// exchange; a missing one counts as none). That much is added to the
+/// detector's bound on both sides.
 pub fn outside_bound(
     mode: &str,
     error_ms: Option<f64>,
+    clock_uncertainty_ms: Option<f64>,
     injected_ms: f64,
     injected_started_ms: f64,
 ) -> bool {
+    let clock = clock_uncertainty_ms.unwrap_or(0.0);
     match error_ms {
         None => true,
         Some(error) if mode == "iptables-legacy" => {
             let measured = injected_ms + error;
-            measured < injected_started_ms - LEGACY_SLACK_MS
-                || measured > injected_ms + LEGACY_SLACK_MS
+            let slack = LEGACY_SLACK_MS + clock;
+            measured < injected_started_ms - slack || measured > injected_ms + slack
         }
-        Some(error) => error.abs() > NETLINK_BOUND_MS,
+        Some(error) => error.abs() > NETLINK_BOUND_MS + clock,
     }
 }
 
@@ -109,7 +118,13 @@ pub fn inaccurate(deletions: &[DeletionReport]) -> Vec<String> {
     let mut out = Vec::new();
     for d in deletions {
         for n in &d.per_node {
-            if outside_bound(&n.mode, n.error_ms, n.injected_ms, n.injected_started_ms) {
+            if outside_bound(
+                &n.mode,
+                n.error_ms,
+                n.clock_uncertainty_ms,
+                n.injected_ms,
+                n.injected_started_ms,
+            ) {
                 out.push(describe(d, n));
             }
         }
@@ -120,14 +135,15 @@ pub fn inaccurate(deletions: &[DeletionReport]) -> Vec<String> {
 /// One node's measurement of one deletion against the injected truth.
 pub fn describe(d: &DeletionReport, n: &PerNode) -> String {
     format!(
-        "{} on {} ({}): measured {:?} ms (T_rules {:?}), injected {:.1} ms (transaction began {:.1} ms)",
+        "{} on {} ({}): measured {:?} ms (T_rules {:?}), injected {:.1} ms (transaction began {:.1} ms), clock uncertainty {:?} ms",
         d.pod,
         n.node,
         n.mode,
         n.measured_ms,
         n.measured_rules_ms,
         n.injected_ms,
-        n.injected_started_ms
+        n.injected_started_ms,
+        n.clock_uncertainty_ms
     )
 }
 

@@ -324,9 +324,9 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
         self.watched.subscribed();
         self.watched_new.subscribed();
         let mut flush = tokio::time::interval(self.cfg.flush_interval);
-        let mut clock = tokio::time::interval(Duration::from_secs(u64::from(
-            clock_interval_seconds.max(1),
-        )));
+        let interval = Duration::from_secs(u64::from(clock_interval_seconds.max(1)));
+        let clock = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(clock);
         loop {
             tokio::select! {
                 biased;
@@ -336,12 +336,16 @@ impl<S: Future<Output = ()> + Send> Reporter<S> {
                     Ok(None) => return Ok(End::Lost("endpoint stream ended".into())),
                     Err(s) => return Ok(End::Lost(format!("endpoint stream: {s}"))),
                 },
-                _ = clock.tick() => {
+                () = &mut clock => {
                     for _ in 0..ExchangeFilter::BURST {
                         if let Err(s) = self.sync_clock(client).await {
                             return Ok(End::Lost(format!("clock exchange: {s}")));
                         }
                     }
+                    let wait = self
+                        .clock
+                        .map_or(interval, |best| self.exchanges.next_burst(best, interval));
+                    clock.as_mut().reset(tokio::time::Instant::now() + wait);
                 }
                 o = self.rx.recv(), if self.rx_open => match o {
                     Some(o) => self.push(o),

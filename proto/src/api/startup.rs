@@ -156,6 +156,9 @@ pub struct NodeAddition {
     /// The error of the propagation on either side: clock uncertainty and
     /// detector precision.
     pub error_seconds: Option<f64>,
+    /// The clock-uncertainty part of `error_seconds`: how far the reporting
+    /// agent's clock offset to the aggregator may be off.
+    pub clock_uncertainty_seconds: Option<f64>,
     /// A live agent reported nothing for the node within the window: its
     /// dataplane had not started routing (or it has none for the service).
     pub not_added: bool,
