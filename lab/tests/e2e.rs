@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use lab::{
+    kubeproxy::Mode,
     observer::Observer,
     scenario::{Lab, LabConfig, RolloutResult},
     server::ShutdownMode,
@@ -106,6 +107,64 @@ async fn measured_propagation_matches_injected_and_the_recommendation_loses_noth
         "measurements off the injected truth:\n{}",
         inaccurate.join("\n")
     );
+    observer.shutdown().await;
+    lab.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cilium_node_is_measured_at_its_master_write() {
+    if !lab::root::root_or_skip("a_cilium_node_is_measured_at_its_master_write") {
+        return;
+    }
+    let _serial = common::SERIAL.lock().await;
+    let dir = common::work_dir("cilium");
+    let binaries = common::binaries(Duration::from_secs(10));
+    let mut lab = Lab::start(LabConfig {
+        nodes: 2,
+        modes: vec![Mode::Nftables, Mode::Cilium],
+        ..common::lab_config("100ms..700ms", ShutdownMode::Graceful, 19)
+    })
+    .await
+    .expect("lab");
+    let observer = Observer::start(&lab, &binaries, &dir)
+        .await
+        .expect("observer");
+    let run = lab
+        .rollout(&common::rollout(4, Duration::from_secs(2)), |p| {
+            eprintln!("{p}")
+        })
+        .await
+        .expect("rollout");
+    log_run("cilium", &run);
+    let records = observer
+        .wait_complete(&run.deletions)
+        .await
+        .expect("measurements");
+    let deletions = common::joined(&run.deletions, &records);
+    let mut cilium_nodes = 0;
+    for d in &deletions {
+        assert!(
+            d.complete,
+            "{} incomplete, missing {:?}",
+            d.pod, d.missing_nodes
+        );
+        for n in &d.per_node {
+            eprintln!("{}", common::describe(d, n));
+            cilium_nodes += usize::from(n.mode == "cilium");
+        }
+    }
+    assert_eq!(
+        cilium_nodes,
+        deletions.len(),
+        "one cilium node per deletion"
+    );
+    let inaccurate = common::inaccurate(&deletions);
+    assert!(
+        inaccurate.is_empty(),
+        "measurements off the injected truth:\n{}",
+        inaccurate.join("\n")
+    );
+    assert_eq!(run.failed(), 0, "the preStop covered both nodes");
     observer.shutdown().await;
     lab.shutdown().await.expect("shutdown");
 }
