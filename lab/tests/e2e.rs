@@ -112,8 +112,8 @@ async fn measured_propagation_matches_injected_and_the_recommendation_loses_noth
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cilium_node_is_measured_at_its_master_write() {
-    if !lab::root::root_or_skip("a_cilium_node_is_measured_at_its_master_write") {
+async fn a_cilium_node_is_measured_inside_its_master_write() {
+    if !lab::root::root_or_skip("a_cilium_node_is_measured_inside_its_master_write") {
         return;
     }
     let _serial = common::SERIAL.lock().await;
