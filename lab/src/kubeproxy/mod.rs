@@ -218,7 +218,9 @@ impl Rules {
         match self.mode {
             Mode::Nftables => self.sync_nft(services, changed),
             Mode::IptablesNft | Mode::IptablesLegacy => self.sync_iptables(services, changed),
-            // Only changed frontends are written anyway.
+            // Only changed frontends are written anyway; with no
+            // terminating endpoints named, a frontend keeps no tail (the
+            // lab's controller calls `sync_keeping_terminating`).
             Mode::Cilium => self.sync_cilium(services, &[]),
         }
     }
