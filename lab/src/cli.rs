@@ -39,7 +39,7 @@ const MEASURE_SECONDS: u64 = 10;
 #[derive(Args, Debug, Clone)]
 pub struct LabArgs {
     /// Nodes (network namespaces with their own dataplane and agent).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 3)]
     pub nodes: usize,
     /// Replicas of the Service `default/web`.
     #[arg(long, default_value_t = 8)]
@@ -59,7 +59,7 @@ pub struct LabArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "nftables,iptables-nft,iptables-legacy,cilium"
+        default_value = "nftables,iptables-nft,iptables-legacy"
     )]
     pub modes: Vec<Mode>,
     /// Requests per second of each client; every node runs one client that

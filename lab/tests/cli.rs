@@ -27,6 +27,8 @@ const TAG_ENV: &str = "LAB_CLI_TEST_TAG";
 const SMALL: &[&str] = &[
     "--nodes",
     "4",
+    "--modes",
+    "nftables,iptables-nft,iptables-legacy,cilium",
     "--pods",
     "3",
     "--deletions",
@@ -321,7 +323,7 @@ fn lab_run_reports_the_three_rollouts_and_leaves_nothing_behind() {
         node_names.push(string(n, "name", "nodes[]"));
         modes.push(string(n, "mode", "nodes[]"));
     }
-    // The default modes, one node each.
+    // Every mode, one node each.
     assert_eq!(
         modes,
         ["nftables", "iptables-nft", "iptables-legacy", "cilium"],

@@ -120,9 +120,12 @@ async fn a_cilium_node_is_measured_inside_its_master_write() {
     let dir = common::work_dir("cilium");
     let binaries = common::binaries(Duration::from_secs(10));
     let mut lab = Lab::start(LabConfig {
+        // Two cilium nodes: each agent follows its own node's writer.
         nodes: 2,
-        modes: vec![Mode::Nftables, Mode::Cilium],
-        ..common::lab_config("100ms..700ms", ShutdownMode::Graceful, 19)
+        modes: vec![Mode::Cilium, Mode::Cilium],
+        // Delays above the agent's lag in learning of a deletion: a
+        // cutover before it is not measured (README).
+        ..common::lab_config("300ms..900ms", ShutdownMode::Graceful, 19)
     })
     .await
     .expect("lab");
@@ -155,13 +158,32 @@ async fn a_cilium_node_is_measured_inside_its_master_write() {
     }
     assert_eq!(
         cilium_nodes,
-        deletions.len(),
-        "one cilium node per deletion"
+        2 * deletions.len(),
+        "two cilium nodes per deletion"
     );
-    let inaccurate = common::inaccurate(&deletions);
+    // T_rules alone, the Cilium detector's stamp: a node's propagation
+    // also counts connections it sent later, e.g. one that picked a slot
+    // while the writer was rewriting them under the old master (Cilium's
+    // order leaves that window).
+    let inaccurate: Vec<String> = deletions
+        .iter()
+        .flat_map(|d| {
+            d.per_node
+                .iter()
+                .filter(|n| {
+                    common::outside_bound(
+                        &n.mode,
+                        n.rules_error_ms,
+                        n.injected_ms,
+                        n.injected_started_ms,
+                    )
+                })
+                .map(move |n| common::describe(d, n))
+        })
+        .collect();
     assert!(
         inaccurate.is_empty(),
-        "measurements off the injected truth:\n{}",
+        "T_rules off the master write:\n{}",
         inaccurate.join("\n")
     );
     assert_eq!(run.failed(), 0, "the preStop covered both nodes");

@@ -38,7 +38,11 @@ pub fn lab_config(delay: &str, server_mode: ShutdownMode, seed: u64) -> LabConfi
     LabConfig {
         nodes: 3,
         pods: 3,
-        modes: Mode::ALL.to_vec(),
+        // Not cilium: its agent-side detector misses a cutover that
+        // precedes the agent's following the endpoint (README, "The lab's
+        // cilium mode"), which a loaded 10-node lab hits; its own e2e test
+        // keeps delays above the agent's lag.
+        modes: Mode::KUBE_PROXY.to_vec(),
         delay: delay.parse().expect("delay spec"),
         seed,
         pod_server: pod_server(),
