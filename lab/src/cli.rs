@@ -38,7 +38,7 @@ const MEASURE_SECONDS: u64 = 10;
 
 #[derive(Args, Debug, Clone)]
 pub struct LabArgs {
-    /// Nodes (network namespaces with their own kube-proxy rules and agent).
+    /// Nodes (network namespaces with their own dataplane and agent).
     #[arg(long, default_value_t = 3)]
     pub nodes: usize,
     /// Replicas of the Service `default/web`.
@@ -53,7 +53,9 @@ pub struct LabArgs {
     /// Injected per-node programming delay: MIN..MAX[,outliers=P@MIN..MAX].
     #[arg(long, default_value_t = DelayDistribution::default())]
     pub delay: DelayDistribution,
-    /// Dataplane modes, given to the nodes in turn.
+    /// Dataplane modes, given to the nodes in turn: kube-proxy's
+    /// `nftables`, `iptables-nft`, `iptables-legacy`, or `cilium` (Cilium's
+    /// kube-proxy replacement imitated: its service maps and socket-LB).
     #[arg(
         long,
         value_delimiter = ',',

@@ -157,6 +157,10 @@ impl CommitClock {
             Mode::IptablesLegacy => {
                 spawn_realtime(|| LegacyWitness::start(&path)).map(CommitClock::Legacy)
             }
+            Mode::Cilium => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the cilium mode commits no netfilter rules; its cutover is the master's write",
+            )),
         }
     }
 

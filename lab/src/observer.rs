@@ -28,6 +28,7 @@ use crate::{
     http_client::{HttpClient, HttpClientError},
     identity,
     kube::ApiServer,
+    kubeproxy::CiliumNode,
     netns::NetNs,
     scenario::{DeletionTruth, Lab},
     topology::{CONTROL_PLANE_IP, Node},
@@ -326,6 +327,8 @@ pub struct Agent {
     http: HttpClient,
     log: PathBuf,
     credentials: AgentCredentials,
+    /// cilium nodes: the maps and writer the Cilium detector follows.
+    cilium: Option<CiliumNode>,
     process: Option<Managed>,
 }
 
@@ -336,9 +339,11 @@ impl Agent {
         node: &Node,
         dir: &Path,
         credentials: AgentCredentials,
+        cilium: Option<CiliumNode>,
     ) -> Result<Self, ObserverError> {
         let mut agent = Agent {
             credentials,
+            cilium,
             node: node.name.clone(),
             binary: binary.to_owned(),
             netns: node.ns.path(),
@@ -365,6 +370,12 @@ impl Agent {
             .arg(&self.credentials.token_file)
             .arg("--ca-file")
             .arg(&self.credentials.ca_file);
+        if let Some(cilium) = &self.cilium {
+            cmd.arg("--cilium-pin-dir")
+                .arg(&cilium.pin_dir)
+                .args(["--cilium-writer-comm", &cilium.writer_comm])
+                .args(["--cilium-writer-pid", &cilium.writer_pid.to_string()]);
+        }
         self.process = Some(Managed::spawn(
             format!("agent on {}", self.node),
             cmd,
@@ -514,7 +525,7 @@ impl Observer {
         binaries: &Binaries,
         dir: &Path,
     ) -> Result<(), ObserverError> {
-        for node in &lab.cluster.nodes {
+        for (index, node) in lab.cluster.nodes.iter().enumerate() {
             let token = identity::agent_token(self.api.double(), &node.name, identity::AUDIENCE)
                 .map_err(|e| ObserverError::Credentials(e.to_string()))?;
             let token_file = dir.join(format!("token-{}", node.name));
@@ -525,8 +536,13 @@ impl Observer {
                 token_file,
                 ca_file: self.security.tls.ca.clone(),
             };
-            self.agents
-                .push(Agent::start(&binaries.agent, node, dir, credentials)?);
+            self.agents.push(Agent::start(
+                &binaries.agent,
+                node,
+                dir,
+                credentials,
+                lab.cilium_node(index).cloned(),
+            )?);
         }
         self.wait_connected(lab.cluster.nodes.len()).await
     }

@@ -17,7 +17,7 @@ use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
 use crate::{
     delay::{DelayDistribution, Rng},
-    kubeproxy::{Applied, Backend, KubeProxyError, Mode, Rules, ServicePort},
+    kubeproxy::{Applied, Backend, CiliumNode, KubeProxyError, Mode, Rules, ServicePort},
     witness::CommitWitness,
 };
 
@@ -76,7 +76,8 @@ pub struct RuleChange {
     pub applied_started_unix_nano: UnixNanos,
     pub applied_finished_unix_nano: UnixNanos,
     /// The kernel's commit of the change, for modes that announce commits
-    /// (nftables, iptables-nft); see [`crate::witness`].
+    /// (nftables, iptables-nft); see [`crate::witness`]. In cilium mode the
+    /// applied window is the master's bpf() syscall (the cutover).
     pub committed_unix_nano: Option<UnixNanos>,
 }
 
@@ -106,6 +107,7 @@ pub struct Proxy {
     extra: Arc<Mutex<Duration>>,
     task: JoinHandle<Result<(), KubeProxyError>>,
     changes: Arc<Mutex<Vec<RuleChange>>>,
+    cilium: Option<CiliumNode>,
 }
 
 type Selected = HashSet<(ServicePort, Backend)>;
@@ -121,6 +123,24 @@ fn desired(services: &Services) -> Vec<(ServicePort, Vec<Backend>)> {
     services
         .iter()
         .map(|(svc, eps)| (svc.clone(), select(eps)))
+        .collect()
+}
+
+/// Per Service, its terminating endpoints (Cilium's frontend tail).
+fn terminating(services: &Services) -> Vec<(ServicePort, Vec<Backend>)> {
+    services
+        .iter()
+        .map(|(svc, eps)| {
+            let tail = eps
+                .iter()
+                .filter(|e| e.terminating)
+                .map(|e| Backend {
+                    ip: e.ip,
+                    port: e.port,
+                })
+                .collect();
+            (svc.clone(), tail)
+        })
         .collect()
 }
 
@@ -149,6 +169,7 @@ impl Proxy {
         let rules = Rules::new(Some(config.netns.clone()), config.mode);
         let (rules, result) = sync(rules, &initial).await;
         result?;
+        let cilium = rules.cilium_node();
         let changes = Arc::new(Mutex::new(Vec::new()));
         let extra = Arc::new(Mutex::new(Duration::ZERO));
         let (stop, stop_rx) = watch::channel(false);
@@ -166,7 +187,13 @@ impl Proxy {
             extra,
             task,
             changes,
+            cilium,
         })
+    }
+
+    /// cilium mode: where the node's maps and their writer are.
+    pub fn cilium(&self) -> Option<&CiliumNode> {
+        self.cilium.as_ref()
     }
 
     /// From now on every change waits `extra` longer than its drawn delay.
@@ -200,9 +227,9 @@ impl Proxy {
 }
 
 async fn sync(mut rules: Rules, view: &Services) -> (Rules, Result<Applied, KubeProxyError>) {
-    let desired = desired(view);
+    let (desired, terminating) = (desired(view), terminating(view));
     tokio::task::spawn_blocking(move || {
-        let result = rules.sync(&desired);
+        let result = rules.sync_keeping_terminating(&desired, &terminating);
         (rules, result)
     })
     .await
@@ -278,7 +305,7 @@ async fn follow(
                 })?,
             )
         }
-        Mode::IptablesLegacy => None,
+        Mode::IptablesLegacy | Mode::Cilium => None,
     };
     let mut rng = Rng::new(config.seed);
     let mut seen = by_key(&initial);

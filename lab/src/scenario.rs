@@ -19,7 +19,7 @@ use crate::{
     delay::DelayDistribution,
     drain::{DrainHook, PreStop},
     kubelet::{Kubelet, Pod},
-    kubeproxy::{KubeProxyError, Mode},
+    kubeproxy::{CiliumNode, KubeProxyError, Mode},
     proxy::{Proxy, ProxyConfig, RuleChange, Services},
     routers::{ByRouter, RouterDrop, RouterError, Routers},
     server::ShutdownMode,
@@ -231,6 +231,11 @@ impl Lab {
 
     pub fn modes(&self) -> &[Mode] {
         &self.modes
+    }
+
+    /// Node `node`'s Cilium maps and writer, when it runs the cilium mode.
+    pub fn cilium_node(&self, node: usize) -> Option<&CiliumNode> {
+        self.proxies.get(node).and_then(Proxy::cilium)
     }
 
     /// From now on node `node`'s proxy applies every change `extra` later

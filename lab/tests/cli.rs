@@ -20,12 +20,15 @@ use serde_json::Value;
 /// leftovers can be found whatever their parent has become.
 const TAG_ENV: &str = "LAB_CLI_TEST_TAG";
 
-/// Small enough for a few tens of seconds per run; kube-proxy alone, with
+/// Small enough for a few tens of seconds per run; one node per dataplane
+/// mode; kube-proxy alone, with
 /// delays under the folklore 5 s, so the baseline rollout runs with
 /// preStop 0.
 const SMALL: &[&str] = &[
     "--nodes",
-    "3",
+    "4",
+    "--modes",
+    "nftables,iptables-nft,iptables-legacy,cilium",
     "--pods",
     "3",
     "--deletions",
@@ -226,6 +229,15 @@ fn assert_nothing_left(pid: i32, tag: &str) {
         "lab rules in the host namespace: {rules:?}"
     );
 
+    // A cilium node's bpffs is mounted in the host's mount namespace,
+    // under a directory named after the node's namespace.
+    let mounts = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let bpffs: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.contains(&format!("lab-bpffs-obslab-{pid}-")))
+        .collect();
+    assert!(bpffs.is_empty(), "bpffs mounts left: {bpffs:?}");
+
     // Veth pairs are created in the host namespace under these temporary
     // names before they move (see lab::topology and lab::netns::link).
     let short = pid % 100_000;
@@ -305,16 +317,18 @@ fn lab_run_reports_the_three_rollouts_and_leaves_nothing_behind() {
 
     let report = run.report();
     let nodes = array(&report, "nodes", "report");
-    assert_eq!(nodes.len(), 3, "{report}");
     let mut node_names = Vec::new();
+    let mut modes = Vec::new();
     for n in nodes {
         node_names.push(string(n, "name", "nodes[]"));
-        let mode = string(n, "mode", "nodes[]");
-        assert!(
-            ["nftables", "iptables-nft", "iptables-legacy"].contains(&mode.as_str()),
-            "{mode}"
-        );
+        modes.push(string(n, "mode", "nodes[]"));
     }
+    // Every mode, one node each.
+    assert_eq!(
+        modes,
+        ["nftables", "iptables-nft", "iptables-legacy", "cilium"],
+        "{report}"
+    );
 
     let deletions = array(&report, "deletions", "report");
     assert_eq!(
@@ -402,7 +416,7 @@ fn lab_run_interrupted_mid_rollout_tears_everything_down() {
         tagged.len() > 3 + 3,
         "agents, aggregator and pods should run: {tagged:?}"
     );
-    // Switch, control plane, 3 nodes, pods.
+    // Switch, control plane, 4 nodes, pods.
     let namespaces = lab_namespaces(run.pid());
     assert!(namespaces.len() > 5, "{namespaces:?}");
     // SIGINT to lab-run alone (as `kill -INT`): everything else must be

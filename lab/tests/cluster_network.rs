@@ -134,7 +134,8 @@ async fn vip_follows_endpoint_changes_after_the_injected_delay_in_every_mode() {
     ) {
         return;
     }
-    let cluster = Cluster::create(3).expect("cluster");
+    // One node per mode, the Cilium one included.
+    let cluster = Cluster::create(Mode::ALL.len()).expect("cluster");
     let mut pods = Vec::new();
     for (i, name) in ["web-0", "web-1", "web-2"].into_iter().enumerate() {
         pods.push((name, start_pod(&cluster, i, name).await));
@@ -161,7 +162,7 @@ async fn vip_follows_endpoint_changes_after_the_injected_delay_in_every_mode() {
         proxies.push(Proxy::start(config, rx.clone()).await.expect("proxy"));
     }
     let target = SocketAddrV4::new(VIP, 80);
-    for node in 0..3 {
+    for node in 0..cluster.nodes.len() {
         let report = client(&cluster, node, target, ClientKind::NewConnection, 1)
             .wait()
             .unwrap();
@@ -190,7 +191,7 @@ async fn vip_follows_endpoint_changes_after_the_injected_delay_in_every_mode() {
             change.injected_delay_ms
         );
     }
-    for node in 0..3 {
+    for node in 0..cluster.nodes.len() {
         let report = client(&cluster, node, target, ClientKind::KeepAlive, 1)
             .wait()
             .unwrap();

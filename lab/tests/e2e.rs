@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use lab::{
+    kubeproxy::Mode,
     observer::Observer,
     scenario::{Lab, LabConfig, RolloutResult},
     server::ShutdownMode,
@@ -106,6 +107,86 @@ async fn measured_propagation_matches_injected_and_the_recommendation_loses_noth
         "measurements off the injected truth:\n{}",
         inaccurate.join("\n")
     );
+    observer.shutdown().await;
+    lab.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cilium_node_is_measured_inside_its_master_write() {
+    if !lab::root::root_or_skip("a_cilium_node_is_measured_inside_its_master_write") {
+        return;
+    }
+    let _serial = common::SERIAL.lock().await;
+    let dir = common::work_dir("cilium");
+    let binaries = common::binaries(Duration::from_secs(10));
+    let mut lab = Lab::start(LabConfig {
+        // Two cilium nodes: each agent follows its own node's writer.
+        nodes: 2,
+        modes: vec![Mode::Cilium, Mode::Cilium],
+        // Delays above the agent's lag in learning of a deletion: a
+        // cutover before it is not measured (README).
+        ..common::lab_config("300ms..900ms", ShutdownMode::Graceful, 19)
+    })
+    .await
+    .expect("lab");
+    let observer = Observer::start(&lab, &binaries, &dir)
+        .await
+        .expect("observer");
+    let run = lab
+        .rollout(&common::rollout(4, Duration::from_secs(2)), |p| {
+            eprintln!("{p}")
+        })
+        .await
+        .expect("rollout");
+    log_run("cilium", &run);
+    let records = observer
+        .wait_complete(&run.deletions)
+        .await
+        .expect("measurements");
+    let deletions = common::joined(&run.deletions, &records);
+    let mut cilium_nodes = 0;
+    for d in &deletions {
+        assert!(
+            d.complete,
+            "{} incomplete, missing {:?}",
+            d.pod, d.missing_nodes
+        );
+        for n in &d.per_node {
+            eprintln!("{}", common::describe(d, n));
+            cilium_nodes += usize::from(n.mode == "cilium");
+        }
+    }
+    assert_eq!(
+        cilium_nodes,
+        2 * deletions.len(),
+        "two cilium nodes per deletion"
+    );
+    // T_rules alone, the Cilium detector's stamp: a node's propagation
+    // also counts connections it sent later, e.g. one that picked a slot
+    // while the writer was rewriting them under the old master (Cilium's
+    // order leaves that window).
+    let inaccurate: Vec<String> = deletions
+        .iter()
+        .flat_map(|d| {
+            d.per_node
+                .iter()
+                .filter(|n| {
+                    common::outside_bound(
+                        &n.mode,
+                        n.rules_error_ms,
+                        n.injected_ms,
+                        n.injected_started_ms,
+                    )
+                })
+                .map(move |n| common::describe(d, n))
+        })
+        .collect();
+    assert!(
+        inaccurate.is_empty(),
+        "T_rules off the master write:\n{}",
+        inaccurate.join("\n")
+    );
+    assert_eq!(run.failed(), 0, "the preStop covered both nodes");
     observer.shutdown().await;
     lab.shutdown().await.expect("shutdown");
 }

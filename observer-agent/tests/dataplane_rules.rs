@@ -50,6 +50,7 @@ fn detector(mode: Mode) -> Detector {
         Mode::Nftables => Detector::Nftables,
         Mode::IptablesNft => Detector::IptablesNft,
         Mode::IptablesLegacy => Detector::IptablesLegacy,
+        Mode::Cilium => Detector::Cilium,
     }
 }
 

@@ -23,6 +23,8 @@ pub fn run(args: &BuildArgs) -> Result<()> {
         "--workspace",
         "--exclude",
         "observer-ebpf",
+        "--exclude",
+        "lab-sock-lb-ebpf",
         "--bins",
     ]);
     if args.release {

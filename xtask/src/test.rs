@@ -102,6 +102,8 @@ fn run_host(args: &TestArgs) -> Result<()> {
                 "--workspace",
                 "--exclude",
                 "observer-ebpf",
+                "--exclude",
+                "lab-sock-lb-ebpf",
                 "--bins",
             ]),
     )?;
@@ -113,6 +115,8 @@ fn run_host(args: &TestArgs) -> Result<()> {
             "--workspace",
             "--exclude",
             "observer-ebpf",
+            "--exclude",
+            "lab-sock-lb-ebpf",
             "--no-fail-fast",
         ])
         .args(&args.cargo_args);

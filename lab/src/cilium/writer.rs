@@ -223,3 +223,71 @@ impl ServiceMapsWriter {
         Ok(())
     }
 }
+
+type Job = Box<dyn FnOnce(&mut ServiceMapsWriter) + Send>;
+
+/// A thread of its own, with its own name, that owns a
+/// [`ServiceMapsWriter`]: the agent follows the bpf() writes of one thread
+/// name (`comm`), as it follows the cilium-agent's, so a lab with several
+/// Cilium nodes names each node's writer differently.
+#[derive(Debug)]
+pub struct WriterThread {
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    comm: String,
+}
+
+impl WriterThread {
+    /// Starts the thread named `comm` (at most 15 bytes: the kernel's
+    /// `comm`, which the agent matches whole).
+    pub fn spawn(comm: &str, mut writer: ServiceMapsWriter) -> io::Result<WriterThread> {
+        if comm.is_empty() || comm.len() > 15 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{comm:?}: a thread name has 1 to 15 bytes"),
+            ));
+        }
+        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name(comm.to_owned())
+            .spawn(move || {
+                for job in rx {
+                    job(&mut writer);
+                }
+            })?;
+        Ok(WriterThread {
+            jobs: Some(jobs),
+            thread: Some(thread),
+            comm: comm.to_owned(),
+        })
+    }
+
+    pub fn comm(&self) -> &str {
+        &self.comm
+    }
+
+    /// Runs `f` on the writer thread and waits for its result.
+    pub fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut ServiceMapsWriter) -> R + Send + 'static,
+    ) -> R {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.jobs
+            .as_ref()
+            .expect("jobs are open until drop")
+            .send(Box::new(move |writer| {
+                let _ = tx.send(f(writer));
+            }))
+            .expect("the writer thread runs until drop");
+        rx.recv().expect("the writer thread answers every job")
+    }
+}
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

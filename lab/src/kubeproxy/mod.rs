@@ -7,7 +7,11 @@
 //! Layouts follow kubernetes pkg/proxy/nftables/proxier.go and
 //! pkg/proxy/iptables/proxier.go (ClusterIP services, cluster traffic policy,
 //! no session affinity, no local-traffic detector).
+//!
+//! The `cilium` mode has no rules: Cilium's kube-proxy replacement,
+//! imitated with its service maps and socket-LB ([`cilium`]).
 
+mod cilium;
 mod iptables;
 mod names;
 mod nft;
@@ -25,6 +29,7 @@ use std::{
 
 use thiserror::Error;
 
+pub use cilium::CiliumNode;
 pub use names::{
     iptables_endpoint_chain, iptables_service_chain, nft_endpoint_chain, nft_service_chain,
 };
@@ -34,16 +39,26 @@ pub enum Mode {
     Nftables,
     IptablesNft,
     IptablesLegacy,
+    /// Cilium's kube-proxy replacement: service maps and socket-LB.
+    Cilium,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 3] = [Mode::Nftables, Mode::IptablesNft, Mode::IptablesLegacy];
+    pub const ALL: [Mode; 4] = [
+        Mode::Nftables,
+        Mode::IptablesNft,
+        Mode::IptablesLegacy,
+        Mode::Cilium,
+    ];
+    /// The modes of kube-proxy itself, which write netfilter rules.
+    pub const KUBE_PROXY: [Mode; 3] = [Mode::Nftables, Mode::IptablesNft, Mode::IptablesLegacy];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Nftables => "nftables",
             Mode::IptablesNft => "iptables-nft",
             Mode::IptablesLegacy => "iptables-legacy",
+            Mode::Cilium => "cilium",
         }
     }
 }
@@ -98,8 +113,16 @@ pub struct Applied {
 
 #[derive(Debug, Error)]
 pub enum KubeProxyError {
-    #[error("unknown kube-proxy mode {0:?} (expected nftables, iptables-nft or iptables-legacy)")]
+    #[error(
+        "unknown dataplane mode {0:?} (expected nftables, iptables-nft, iptables-legacy or cilium)"
+    )]
     UnknownMode(String),
+    #[error("cilium mode: {what}: {source}")]
+    Cilium {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("failed to start `{command}`: {source}")]
     Spawn {
         command: String,
@@ -126,6 +149,9 @@ pub struct Rules {
     stale: Vec<(String, Instant)>,
     /// iptables modes: the jumps from the built-in chains exist.
     jumps_installed: bool,
+    /// cilium mode: the maps, their writer and the datapath, from the
+    /// first sync to the cleanup.
+    cilium: Option<cilium::Dataplane>,
 }
 
 impl Rules {
@@ -136,11 +162,31 @@ impl Rules {
             chains: HashSet::new(),
             stale: Vec::new(),
             jumps_installed: false,
+            cilium: None,
         }
     }
 
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// cilium mode, once synced: where the node's maps and writer are.
+    pub fn cilium_node(&self) -> Option<CiliumNode> {
+        self.cilium.as_ref().map(cilium::Dataplane::node)
+    }
+
+    /// A full sync that also names, per Service, the terminating
+    /// endpoints not selected: netfilter rules drop them, Cilium keeps them
+    /// in its frontend's tail until they leave the EndpointSlice.
+    pub fn sync_keeping_terminating(
+        &mut self,
+        services: &[(ServicePort, Vec<Backend>)],
+        terminating: &[(ServicePort, Vec<Backend>)],
+    ) -> Result<Applied, KubeProxyError> {
+        match self.mode {
+            Mode::Cilium => self.sync_cilium(services, terminating),
+            _ => self.sync_some(services, None),
+        }
     }
 
     /// One kube-proxy sync: the full desired state for these services, in one transaction.
@@ -172,12 +218,41 @@ impl Rules {
         match self.mode {
             Mode::Nftables => self.sync_nft(services, changed),
             Mode::IptablesNft | Mode::IptablesLegacy => self.sync_iptables(services, changed),
+            // Only changed frontends are written anyway; with no
+            // terminating endpoints named, a frontend keeps no tail (the
+            // lab's controller calls `sync_keeping_terminating`).
+            Mode::Cilium => self.sync_cilium(services, &[]),
         }
+    }
+
+    fn sync_cilium(
+        &mut self,
+        services: &[(ServicePort, Vec<Backend>)],
+        terminating: &[(ServicePort, Vec<Backend>)],
+    ) -> Result<Applied, KubeProxyError> {
+        let dataplane = match &mut self.cilium {
+            Some(d) => d,
+            None => {
+                static WRITERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let netns = self
+                    .netns
+                    .as_deref()
+                    .ok_or_else(|| KubeProxyError::Cilium {
+                        what: "the datapath needs the node's namespace".into(),
+                        source: std::io::ErrorKind::InvalidInput.into(),
+                    })?;
+                self.cilium
+                    .insert(cilium::Dataplane::create(netns, &format!("cilium-w{n}"))?)
+            }
+        };
+        dataplane.sync(services, terminating)
     }
 
     /// Removes every table/chain this Rules created.
     pub fn cleanup(&mut self) -> Result<(), KubeProxyError> {
         match self.mode {
+            Mode::Cilium => self.cilium = None,
             Mode::Nftables => {
                 self.apply("nft", &["-f", "-"], &nft::cleanup_script())?;
             }
@@ -336,6 +411,7 @@ mod tests {
             Mode::Nftables => "nft list ruleset",
             Mode::IptablesNft => "iptables-nft-save",
             Mode::IptablesLegacy => "iptables-legacy-save",
+            Mode::Cilium => unreachable!("the cilium mode writes no rules"),
         };
         String::from_utf8(ns.sh(script).unwrap().stdout).unwrap()
     }
@@ -345,7 +421,7 @@ mod tests {
         if !root_or_skip("sync_writes_and_removes_kube_proxy_rules_in_every_mode") {
             return;
         }
-        for mode in Mode::ALL {
+        for mode in Mode::KUBE_PROXY {
             let ns = NetNs::create("kp").unwrap();
             let mut rules = Rules::new(Some(ns.name().to_owned()), mode);
             let svc = service();
@@ -382,7 +458,7 @@ mod tests {
         if !root_or_skip("a_partial_sync_rewrites_the_changed_service_and_keeps_the_others") {
             return;
         }
-        for mode in Mode::ALL {
+        for mode in Mode::KUBE_PROXY {
             let ns = NetNs::create("kpp").unwrap();
             let mut rules = Rules::new(Some(ns.name().to_owned()), mode);
             let other = ServicePort {

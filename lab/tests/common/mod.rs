@@ -38,7 +38,11 @@ pub fn lab_config(delay: &str, server_mode: ShutdownMode, seed: u64) -> LabConfi
     LabConfig {
         nodes: 3,
         pods: 3,
-        modes: Mode::ALL.to_vec(),
+        // Not cilium: its agent-side detector misses a cutover that
+        // precedes the agent's following the endpoint (README, "The lab's
+        // cilium mode"), which a loaded 10-node lab hits; its own e2e test
+        // keeps delays above the agent's lag.
+        modes: Mode::KUBE_PROXY.to_vec(),
         delay: delay.parse().expect("delay spec"),
         seed,
         pod_server: pod_server(),
@@ -85,6 +89,14 @@ pub const NETLINK_BOUND_MS: f64 = 2.5;
 /// inside that window, give or take this much for the clock conversion
 /// (monotonic to wall clock in the agent) and the stated clock uncertainty.
 pub const LEGACY_SLACK_MS: f64 = 2.0;
+/// The cilium mode's truth is the writer's bpf() syscall that rewrote the
+/// master, timed from user space just before and just after it (the
+/// writer thread can be preempted in between, widening the window to
+/// milliseconds); the agent stamps the same syscall's exit in the kernel
+/// (`sys_exit_bpf`). The measurement must fall inside that window, give or
+/// take this much for the clock conversion (0.13-0.18 ms measured,
+/// docs/benchmarks.md).
+pub const CILIUM_SLACK_MS: f64 = 1.0;
 
 /// Whether a rules change measured `error_ms` off its truth (`None`:
 /// missing) is outside the bound of `mode`. The truth is on the agents'
@@ -103,9 +115,14 @@ pub fn outside_bound(
     let clock = clock_uncertainty_ms.unwrap_or(0.0);
     match error_ms {
         None => true,
-        Some(error) if mode == "iptables-legacy" => {
+        Some(error) if mode == "iptables-legacy" || mode == "cilium" => {
+            let slack = clock
+                + if mode == "cilium" {
+                    CILIUM_SLACK_MS
+                } else {
+                    LEGACY_SLACK_MS
+                };
             let measured = injected_ms + error;
-            let slack = LEGACY_SLACK_MS + clock;
             measured < injected_started_ms - slack || measured > injected_ms + slack
         }
         Some(error) => error.abs() > NETLINK_BOUND_MS + clock,
