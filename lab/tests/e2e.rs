@@ -174,6 +174,7 @@ async fn a_cilium_node_is_measured_inside_its_master_write() {
                     common::outside_bound(
                         &n.mode,
                         n.rules_error_ms,
+                        n.clock_uncertainty_ms,
                         n.injected_ms,
                         n.injected_started_ms,
                     )

@@ -68,11 +68,11 @@ unsafe fn connect4(ctx: SockAddrContext) -> i32 {
     key[8] = protocol as u8;
     // A frontend for this protocol, else one for any protocol (0), as
     // Cilium's lb4_lookup_service falls back.
-    let master = match unsafe { SERVICES.get(&key) } {
+    let master = match unsafe { SERVICES.get(key) } {
         Some(master) => master,
         None => {
             key[8] = 0;
-            match unsafe { SERVICES.get(&key) } {
+            match unsafe { SERVICES.get(key) } {
                 Some(master) => master,
                 None => return ALLOW,
             }
@@ -86,11 +86,11 @@ unsafe fn connect4(ctx: SockAddrContext) -> i32 {
     }
     let slot = (unsafe { bpf_get_prandom_u32() } % count as u32) as u16 + 1;
     key[6..8].copy_from_slice(&slot.to_ne_bytes());
-    let Some(entry) = (unsafe { SERVICES.get(&key) }) else {
+    let Some(entry) = (unsafe { SERVICES.get(key) }) else {
         return REFUSE;
     };
     let backend_id = u32::from_ne_bytes([entry[0], entry[1], entry[2], entry[3]]);
-    let Some(backend) = (unsafe { BACKENDS.get(&backend_id) }) else {
+    let Some(backend) = (unsafe { BACKENDS.get(backend_id) }) else {
         return REFUSE;
     };
     unsafe {
