@@ -11,15 +11,20 @@ use std::{
 };
 
 use lab::{
+    commit_clock,
     kubeproxy::{Backend, Mode, Rules, ServicePort},
     netns::NetNs,
     root::root_or_skip,
 };
-use observer_agent::dataplane::{self, DataplaneWatch, RecvBuffer};
+use observer_agent::{
+    dataplane::{self, DataplaneWatch, RecvBuffer},
+    realtime::DEFAULT_TIMING_PRIORITY,
+};
 use observer_proto::Observation;
 use tokio::sync::mpsc::{Receiver, channel};
 
-/// Full syncs at most until one fits: 16 KiB doubled eleven times is 32 MiB.
+/// Full syncs at most until one fits: 16 KiB doubled twelve times is
+/// 64 MiB.
 const ROUNDS: usize = 14;
 const SERVICES: u16 = 300;
 const ENDPOINTS: u16 = 10;
@@ -48,8 +53,10 @@ fn services(with_watched: bool) -> Vec<(ServicePort, Vec<Backend>)> {
         .collect()
 }
 
-/// The detector in `ns` with `buffer`, watching the endpoint.
+/// The detector in `ns` with `buffer`, watching the endpoint, on CPU 0,
+/// where [`write`] runs the rule writers ahead of it.
 fn start(ns: &NetNs, buffer: RecvBuffer) -> (DataplaneWatch, Receiver<Observation>) {
+    commit_clock::pin(Some(0)).expect("pin to CPU 0");
     let (tx, rx) = channel(64);
     let watch = ns
         .run(move || dataplane::spawn_with(tx, buffer))
@@ -57,6 +64,23 @@ fn start(ns: &NetNs, buffer: RecvBuffer) -> (DataplaneWatch, Receiver<Observatio
         .expect("dataplane watch starts");
     watch.watch(WATCHED);
     (watch, rx)
+}
+
+/// A full sync by a writer under SCHED_FIFO on the detector's CPU: the
+/// detector reads nothing of the commit's notifications before the writer
+/// is done, so the buffer alone must hold the burst, however fast the
+/// detector would otherwise keep up on an idle machine.
+fn write(rules: &mut Rules, present: bool) {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                commit_clock::pin(Some(0)).expect("pin to CPU 0");
+                commit_clock::realtime(DEFAULT_TIMING_PRIORITY).expect("SCHED_FIFO (root)");
+                rules.sync(&services(present)).unwrap();
+            })
+            .join()
+            .expect("writer thread")
+    });
 }
 
 /// Runs a full sync in which the watched endpoint is `present` and checks
@@ -69,7 +93,7 @@ async fn full_sync(
     present: bool,
 ) -> bool {
     let before = watch.overflows();
-    rules.sync(&services(present)).unwrap();
+    write(rules, present);
     let change = tokio::time::timeout(Duration::from_secs(30), rx.recv())
         .await
         .unwrap_or_else(|_| panic!("round {round}: the change was not reported"))
