@@ -171,7 +171,7 @@ async fn a_server_listening_before_ready_yields_no_finding() {
 }
 
 #[test]
-fn the_bound_widens_by_the_stated_clock_uncertainty_only() {
+fn the_bound_widens_by_the_stated_clock_uncertainty_and_the_witness_lag_only() {
     // An iptables-nft node 13.3 ms late: its agent's offset was off by that
     // much, which its stated uncertainty of 14 ms covers; 0.5 ms does not.
     assert!(!common::outside_bound(
@@ -187,6 +187,30 @@ fn the_bound_widens_by_the_stated_clock_uncertainty_only() {
         Some(0.5),
         400.0,
         395.0
+    ));
+    // An nftables node 3.3 ms before the witness read the commit (the
+    // witness woke late), inside the transaction: in; before the
+    // transaction began, or 3.5 ms after the witness: out.
+    assert!(!common::outside_bound(
+        "nftables",
+        Some(-3.3),
+        Some(0.58),
+        778.5,
+        669.2
+    ));
+    assert!(common::outside_bound(
+        "nftables",
+        Some(-115.0),
+        Some(0.58),
+        778.5,
+        669.2
+    ));
+    assert!(common::outside_bound(
+        "nftables",
+        Some(3.5),
+        Some(0.58),
+        778.5,
+        669.2
     ));
     // A legacy node measured 9.7 ms past its writer's exit (400 ms).
     assert!(!common::outside_bound(
