@@ -6,13 +6,11 @@
 
 mod common;
 
-use common::{Env, KINDS, Options, mutated, request, routed, spec_of, warnings};
+use common::{Env, KINDS, Options, WHY, mutated, request, routed, spec_of, warnings};
 use prestop_admission::inject;
 use serde_json::{Value, json};
 
 const PATH: &str = "/mutate/adaptive-drain";
-
-const WHY: &str = "p99 at 95% confidence over 300 deletions of service shop/web in the last 7d (observed p50 5.50s, p99 5.50s, max 5.50s), margin 1s";
 
 /// What the webhook of [`env`] adds to a pod spec.
 fn init_container() -> Value {

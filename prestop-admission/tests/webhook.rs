@@ -5,7 +5,8 @@
 mod common;
 
 use common::{
-    Env, KINDS, Options, deletions, mutated, object, pod_spec, request, routed, spec_of, warnings,
+    Env, KINDS, Options, WHY, deletions, mutated, object, pod_spec, request, routed, spec_of,
+    warnings,
 };
 use prestop_admission::inject;
 use serde_json::{Value, json};
@@ -44,8 +45,6 @@ fn hook_forms() -> Vec<(&'static str, Option<Value>, bool)> {
         ),
     ]
 }
-
-const WHY: &str = "p99 at 95% confidence over 300 deletions of service shop/web in the last 7d (observed p50 5.50s, p99 5.50s, max 5.50s), margin 1s";
 
 #[test]
 fn warn_mode_names_every_short_hook_of_every_kind_with_the_number_its_confidence_and_the_patch() {

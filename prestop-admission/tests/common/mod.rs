@@ -30,6 +30,10 @@ pub struct Env {
     _dir: tempfile::TempDir,
 }
 
+/// Why the recommendation of [`deletions`]' 300 deletions of shop/web is
+/// what it is, as the webhook words it.
+pub const WHY: &str = "p99 at 95% confidence over 300 deletions of service shop/web in the last 7d (observed p50 5.50s, p99 5.50s, max 5.50s), margin 1s";
+
 /// Deletions of `namespace/service` whose propagation took `seconds` each.
 pub fn deletions(n: usize, namespace: &str, service: &str, seconds: f64) -> Vec<DeletionRecord> {
     let now = UnixNanos::now();
