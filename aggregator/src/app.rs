@@ -39,6 +39,10 @@ pub enum StartError {
     Restore(#[from] StoreError),
     #[error("setting up authentication")]
     Auth(#[from] crate::auth::GuardError),
+    #[error("the Kubernetes client")]
+    Kube(#[source] kube::Error),
+    #[error("starting the Kubernetes watchers")]
+    Watch(#[from] kube_watch::WatchStartError),
 }
 
 /// A running aggregator.
@@ -51,7 +55,7 @@ pub struct Running {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// Starts every part on the given listeners. Without a Kubernetes client
+/// Starts every part on the given listeners. Without a Kubernetes config
 /// (tests that feed the correlator directly) the service is ready at once.
 /// The in-flight state of the previous run is restored from the store
 /// before anything is served.
@@ -60,16 +64,21 @@ pub fn start(
     store: Arc<Store>,
     grpc_listener: TcpListener,
     http_listener: TcpListener,
-    kube: Option<kube::Client>,
+    kube: Option<kube::Config>,
 ) -> Result<Running, StartError> {
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
     let settings = Arc::new(settings);
     let metrics = Arc::new(Metrics::new());
     let ready = Readiness::new(kube.is_none());
+    let client = kube
+        .clone()
+        .map(kube::Client::try_from)
+        .transpose()
+        .map_err(StartError::Kube)?;
     let guards = settings
         .auth
-        .guards(kube.as_ref(), &metrics, ready.clone())?;
+        .guards(client.as_ref(), &metrics, ready.clone())?;
     if guards.agents.is_none() {
         tracing::warn!(
             "authentication is OFF: any client may register as any node and read /v1/deletions"
@@ -119,14 +128,13 @@ pub fn start(
         spawn_checkpoints(&correlator, &http_state.settings, stop.clone()),
         spawn_ticks(&correlator, &http_state, stop.clone()),
     ];
-    if let Some(client) = kube {
-        let (c, ready, mut s) = (Arc::clone(&correlator), http_state.ready.clone(), stop);
-        tasks.push(tokio::spawn(async move {
-            tokio::select! {
-                () = kube_watch::run(client, c, ready) => {}
-                _ = s.wait_for(|v| *v) => {}
-            }
-        }));
+    if let Some(config) = kube {
+        tasks.push(kube_watch::spawn(
+            config,
+            Arc::clone(&correlator),
+            http_state.ready.clone(),
+            stop,
+        )?);
     }
 
     Ok(Running {
@@ -249,8 +257,10 @@ impl Running {
     }
 }
 
-/// The runtime for everything but the HTTP API: its threads run under
-/// `SCHED_IDLE`, below the HTTP API's own thread (see [`start`]). A nice
+/// The runtime for everything but the HTTP API and the reading of the
+/// Kubernetes watches: its threads run under `SCHED_IDLE`, below the HTTP
+/// API's own thread (see [`start`]) and the watches' reader, whose receipt
+/// times are the deletions' T0 (`kube_watch::spawn`). A nice
 /// value is not enough: the kernel lets a running thread finish its slice
 /// (milliseconds) before a woken thread of a higher weight runs, but always
 /// preempts a `SCHED_IDLE` thread at once, so a CI query is served as soon

@@ -280,9 +280,9 @@ async fn run() -> anyhow::Result<()> {
         None
     } else {
         Some(
-            kube::Client::try_default()
+            kube::Config::infer()
                 .await
-                .context("Kubernetes client (in-cluster config or KUBECONFIG)")?,
+                .context("Kubernetes configuration (in-cluster or KUBECONFIG)")?,
         )
     };
     let settings = Settings {

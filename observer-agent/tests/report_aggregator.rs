@@ -39,7 +39,7 @@ async fn aggregator_on(addr: SocketAddr, files: &Files, double: &ApiServerDouble
     let grpc = tokio::net::TcpListener::bind(addr).await.unwrap();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let settings = secured(Settings::default(), files);
-    let running = app::start(settings, store, grpc, http, Some(double.client().unwrap())).unwrap();
+    let running = app::start(settings, store, grpc, http, Some(double.kube_config())).unwrap();
     for _ in 0..250 {
         if running.http.ready.get() {
             return running;

@@ -108,7 +108,7 @@ async fn run_reports_the_raw_observations_of_watched_endpoints() {
         store.clone(),
         tokio::net::TcpListener::from_std(grpc).unwrap(),
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        Some(double.client().unwrap()),
+        Some(double.kube_config()),
     )
     .unwrap();
 

@@ -104,7 +104,7 @@ pub async fn start_as_configured(
     let store = Arc::new(Store::open(store).unwrap());
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let kube = double.map(|d| d.client().unwrap());
+    let kube = double.map(ApiServerDouble::kube_config);
     let running = app::start(settings, store, grpc, http, kube).unwrap();
     wait_until("aggregator ready", || {
         let r = running.http.ready.clone();
