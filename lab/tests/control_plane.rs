@@ -66,6 +66,5 @@ async fn aggregator_sees_lab_deletions_through_the_api_double() {
             truth.pod
         );
     }
-    observer.shutdown().await;
-    lab.shutdown().await.expect("shutdown");
+    common::stop(observer, lab).await;
 }

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use lab::{
     kubeproxy::Mode,
     observer::Observer,
-    scenario::{Lab, LabConfig, RolloutResult},
+    scenario::{LabConfig, RolloutResult},
     server::ShutdownMode,
 };
 
@@ -36,25 +36,23 @@ async fn measured_propagation_matches_injected_and_the_recommendation_loses_noth
         return;
     }
     let _serial = common::SERIAL.lock().await;
-    let dir = common::work_dir("accuracy");
-    let binaries = common::binaries(Duration::from_secs(10));
     // The recommendation covers the slow tail only if the measured
     // deletions drew an outlier: 6 deletions x 3 nodes miss a 25 % outlier
     // with probability 0.75^18 (0.6 %), 3 deletions with 7.5 %. (Delays are
     // drawn in event order, so the seed alone does not fix them.)
-    let mut lab = Lab::start(LabConfig {
-        pods: 6,
-        ..common::lab_config(
-            "100ms..700ms,outliers=0.25@1500ms..2500ms",
-            ShutdownMode::Graceful,
-            11,
-        )
-    })
-    .await
-    .expect("lab");
-    let observer = Observer::start(&lab, &binaries, &dir)
-        .await
-        .expect("observer");
+    let (mut lab, observer) = common::start(
+        "accuracy",
+        LabConfig {
+            pods: 6,
+            ..common::lab_config(
+                "100ms..700ms,outliers=0.25@1500ms..2500ms",
+                ShutdownMode::Graceful,
+                11,
+            )
+        },
+        Duration::from_secs(10),
+    )
+    .await;
 
     let measure = lab
         .rollout(&common::rollout(6, Duration::from_secs(3)), |p| {
@@ -107,8 +105,7 @@ async fn measured_propagation_matches_injected_and_the_recommendation_loses_noth
         "measurements off the injected truth:\n{}",
         inaccurate.join("\n")
     );
-    observer.shutdown().await;
-    lab.shutdown().await.expect("shutdown");
+    common::stop(observer, lab).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,21 +114,19 @@ async fn a_cilium_node_is_measured_inside_its_master_write() {
         return;
     }
     let _serial = common::SERIAL.lock().await;
-    let dir = common::work_dir("cilium");
-    let binaries = common::binaries(Duration::from_secs(10));
-    let mut lab = Lab::start(LabConfig {
-        // Two cilium nodes: each agent follows its own node's writer.
-        nodes: 2,
-        modes: vec![Mode::Cilium, Mode::Cilium],
-        // Delays above the agent's lag in learning of a deletion: a
-        // cutover before it is not measured (README).
-        ..common::lab_config("300ms..900ms", ShutdownMode::Graceful, 19)
-    })
-    .await
-    .expect("lab");
-    let observer = Observer::start(&lab, &binaries, &dir)
-        .await
-        .expect("observer");
+    let (mut lab, observer) = common::start(
+        "cilium",
+        LabConfig {
+            // Two cilium nodes: each agent follows its own node's writer.
+            nodes: 2,
+            modes: vec![Mode::Cilium, Mode::Cilium],
+            // Delays above the agent's lag in learning of a deletion: a
+            // cutover before it is not measured (README).
+            ..common::lab_config("300ms..900ms", ShutdownMode::Graceful, 19)
+        },
+        Duration::from_secs(10),
+    )
+    .await;
     let run = lab
         .rollout(&common::rollout(4, Duration::from_secs(2)), |p| {
             eprintln!("{p}")
@@ -188,8 +183,7 @@ async fn a_cilium_node_is_measured_inside_its_master_write() {
         inaccurate.join("\n")
     );
     assert_eq!(run.failed(), 0, "the preStop covered both nodes");
-    observer.shutdown().await;
-    lab.shutdown().await.expect("shutdown");
+    common::stop(observer, lab).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,18 +194,12 @@ async fn keep_alive_server_without_graceful_close_loses_requests_and_is_reported
         return;
     }
     let _serial = common::SERIAL.lock().await;
-    let dir = common::work_dir("keep-alive");
-    let binaries = common::binaries(Duration::from_secs(10));
-    let mut lab = Lab::start(common::lab_config(
-        "100ms..600ms",
-        ShutdownMode::IgnoreSigterm,
-        12,
-    ))
-    .await
-    .expect("lab");
-    let observer = Observer::start(&lab, &binaries, &dir)
-        .await
-        .expect("observer");
+    let (mut lab, observer) = common::start(
+        "keep-alive",
+        common::lab_config("100ms..600ms", ShutdownMode::IgnoreSigterm, 12),
+        Duration::from_secs(10),
+    )
+    .await;
     let first = lab
         .rollout(&common::rollout(2, Duration::from_secs(2)), |p| {
             eprintln!("{p}")
@@ -238,8 +226,7 @@ async fn keep_alive_server_without_graceful_close_loses_requests_and_is_reported
         .expect("rollout with the recommendation");
     log_run("bad server, recommended preStop", &run);
     common::assert_only_keep_alive_lost(&observer, &run).await;
-    observer.shutdown().await;
-    lab.shutdown().await.expect("shutdown");
+    common::stop(observer, lab).await;
 }
 
 /// A progress callback that also signals each deletion as it is made.
@@ -305,16 +292,14 @@ async fn aggregator_restart_during_a_rollout_loses_no_measurement() {
         return;
     }
     let _serial = common::SERIAL.lock().await;
-    let dir = common::work_dir("aggregator-restart");
-    let binaries = common::binaries(Duration::from_secs(10));
     // Every node's rules change a second or more after the deletion: well
     // after the agents were told to watch it and the aggregator was killed.
-    let mut lab = Lab::start(common::lab_config("1s..1500ms", ShutdownMode::Graceful, 13))
-        .await
-        .expect("lab");
-    let mut observer = Observer::start(&lab, &binaries, &dir)
-        .await
-        .expect("observer");
+    let (mut lab, mut observer) = common::start(
+        "aggregator-restart",
+        common::lab_config("1s..1500ms", ShutdownMode::Graceful, 13),
+        Duration::from_secs(10),
+    )
+    .await;
     let watched_before = agents_metric(&observer, WATCHED).await;
     let removed_before = agents_metric(&observer, RULES_REMOVED).await;
     // A preStop long enough that the pod is still in the API when the
@@ -426,8 +411,7 @@ async fn aggregator_restart_during_a_rollout_loses_no_measurement() {
             agent.node
         );
     }
-    observer.shutdown().await;
-    lab.shutdown().await.expect("shutdown");
+    common::stop(observer, lab).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -436,14 +420,12 @@ async fn a_node_whose_agent_was_down_is_unknown_not_zero() {
         return;
     }
     let _serial = common::SERIAL.lock().await;
-    let dir = common::work_dir("agent-restart");
-    let binaries = common::binaries(Duration::from_secs(5));
-    let mut lab = Lab::start(common::lab_config("1s..1500ms", ShutdownMode::Graceful, 14))
-        .await
-        .expect("lab");
-    let mut observer = Observer::start(&lab, &binaries, &dir)
-        .await
-        .expect("observer");
+    let (mut lab, mut observer) = common::start(
+        "agent-restart",
+        common::lab_config("1s..1500ms", ShutdownMode::Graceful, 14),
+        Duration::from_secs(5),
+    )
+    .await;
     let down = observer.agents[1].node.clone();
     let (progress, mut deleting) = deletion_signal();
     let settings = common::rollout(1, Duration::from_secs(1));
@@ -499,6 +481,5 @@ async fn a_node_whose_agent_was_down_is_unknown_not_zero() {
         .await
         .expect("deletion finished");
     assert!(records[0].complete, "{:?}", records[0]);
-    observer.shutdown().await;
-    lab.shutdown().await.expect("shutdown");
+    common::stop(observer, lab).await;
 }

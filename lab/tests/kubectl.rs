@@ -12,8 +12,7 @@ use serde_json::Value;
 
 use lab::{
     api::{NAMESPACE, PodTermination, SERVICE},
-    observer::Observer,
-    scenario::{Lab, LabConfig},
+    scenario::LabConfig,
     server::ShutdownMode,
 };
 
@@ -33,21 +32,20 @@ async fn kubectl_deletes_a_lab_pod_and_the_aggregator_measures_it() {
     let _serial = common::SERIAL.lock().await;
     let dir = common::work_dir("kubectl");
     let completion = Duration::from_secs(5);
-    let binaries = common::binaries(completion);
     // A preStop long enough that a forced deletion visibly cuts it short.
     let termination = PodTermination {
         pre_stop: Duration::from_secs(3),
         grace: Duration::from_secs(5),
     };
-    let lab = Lab::start(LabConfig {
-        termination,
-        ..common::lab_config("100ms..400ms", ShutdownMode::Graceful, 5)
-    })
-    .await
-    .expect("lab");
-    let observer = Observer::start(&lab, &binaries, &dir)
-        .await
-        .expect("observer");
+    let (lab, observer) = common::start_in(
+        &dir,
+        LabConfig {
+            termination,
+            ..common::lab_config("100ms..400ms", ShutdownMode::Graceful, 5)
+        },
+        completion,
+    )
+    .await;
     // Where the API listens: inside the control-plane namespace.
     let kubectl = Kubectl::new(
         observer.api().kubeconfig().to_owned(),
@@ -253,6 +251,5 @@ async fn kubectl_deletes_a_lab_pod_and_the_aggregator_measures_it() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    observer.shutdown().await;
-    lab.shutdown().await.expect("shutdown");
+    common::stop(observer, lab).await;
 }

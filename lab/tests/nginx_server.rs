@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use lab::{observer::Observer, scenario::Lab, server::ShutdownMode};
+use lab::server::ShutdownMode;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_pods_cut_keep_alive_connections_at_sigterm_and_the_finding_says_so() {
@@ -18,13 +18,12 @@ async fn nginx_pods_cut_keep_alive_connections_at_sigterm_and_the_finding_says_s
         return;
     }
     let _serial = common::SERIAL.lock().await;
-    let dir = common::work_dir("nginx-server");
-    let mut lab = Lab::start(common::lab_config("100ms..400ms", ShutdownMode::Nginx, 31))
-        .await
-        .expect("lab");
-    let observer = Observer::start(&lab, &common::binaries(Duration::from_secs(10)), &dir)
-        .await
-        .expect("observer");
+    let (mut lab, observer) = common::start(
+        "nginx-server",
+        common::lab_config("100ms..400ms", ShutdownMode::Nginx, 31),
+        Duration::from_secs(10),
+    )
+    .await;
     let run = lab
         .rollout(&common::rollout(3, Duration::from_secs(2)), |p| {
             eprintln!("{p}")
@@ -46,6 +45,5 @@ async fn nginx_pods_cut_keep_alive_connections_at_sigterm_and_the_finding_says_s
     // A 2 s preStop covers every node's 400 ms; nginx's fast shutdown
     // cuts its keep-alive connections.
     common::assert_only_keep_alive_lost(&observer, &run).await;
-    observer.shutdown().await;
-    lab.shutdown().await.expect("shutdown");
+    common::stop(observer, lab).await;
 }

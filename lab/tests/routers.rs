@@ -33,15 +33,15 @@ async fn lab_with(
     seed: u64,
 ) -> (Lab, Observer, std::path::PathBuf) {
     let dir = common::work_dir(test);
-    let mut lab = Lab::start(LabConfig {
-        pods: PODS,
-        ..common::lab_config("50ms..200ms", ShutdownMode::Graceful, seed)
-    })
-    .await
-    .expect("lab");
-    let observer = Observer::start(&lab, &common::binaries(Duration::from_secs(10)), &dir)
-        .await
-        .expect("observer");
+    let (mut lab, observer) = common::start_in(
+        &dir,
+        LabConfig {
+            pods: PODS,
+            ..common::lab_config("50ms..200ms", ShutdownMode::Graceful, seed)
+        },
+        Duration::from_secs(10),
+    )
+    .await;
     let routers = Routers::start(&lab, observer.api(), &config, false, &dir)
         .await
         .expect("routers");
@@ -209,8 +209,7 @@ async fn router_story(
         failed, 0,
         "the recommended preStop {pre_stop} s lost requests"
     );
-    observer.shutdown().await;
-    lab.shutdown().await.expect("shutdown");
+    common::stop(observer, lab).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,8 +10,7 @@ mod common;
 use std::time::Duration;
 
 use lab::{
-    observer::Observer,
-    scenario::{Lab, LabConfig, RolloutConfig},
+    scenario::{LabConfig, RolloutConfig},
     server::ShutdownMode,
 };
 
@@ -32,22 +31,20 @@ async fn fifty_deletions_at_ten_nodes_are_measured_within_bounds_and_the_recomme
         return;
     }
     let _serial = common::SERIAL.lock().await;
-    let dir = common::work_dir("scale");
-    let binaries = common::binaries(Duration::from_secs(10));
-    let mut lab = Lab::start(LabConfig {
-        nodes: NODES,
-        pods: DELETIONS,
-        ..common::lab_config(
-            "100ms..700ms,outliers=0.25@1500ms..2500ms",
-            ShutdownMode::Graceful,
-            21,
-        )
-    })
-    .await
-    .expect("lab");
-    let observer = Observer::start(&lab, &binaries, &dir)
-        .await
-        .expect("observer");
+    let (mut lab, observer) = common::start(
+        "scale",
+        LabConfig {
+            nodes: NODES,
+            pods: DELETIONS,
+            ..common::lab_config(
+                "100ms..700ms,outliers=0.25@1500ms..2500ms",
+                ShutdownMode::Graceful,
+                21,
+            )
+        },
+        Duration::from_secs(10),
+    )
+    .await;
 
     let measure = lab
         .rollout(&rollout(Duration::from_secs(3)), |p| eprintln!("{p}"))
@@ -108,8 +105,7 @@ async fn fifty_deletions_at_ten_nodes_are_measured_within_bounds_and_the_recomme
         NODES * DELETIONS,
         inaccurate.join("\n")
     );
-    observer.shutdown().await;
-    lab.shutdown().await.expect("shutdown");
+    common::stop(observer, lab).await;
 }
 
 /// The largest clock uncertainty the aggregator applied to each node.

@@ -11,8 +11,7 @@ mod common;
 use std::time::Duration;
 
 use lab::{
-    observer::Observer,
-    scenario::{Lab, LabConfig, RolloutResult},
+    scenario::{LabConfig, RolloutResult},
     server::ShutdownMode,
     startup::{self, NewPodReport, StartBehaviour},
 };
@@ -22,17 +21,15 @@ use observer_proto::api::startup::StartupReport;
 const WORKLOAD: &str = "default/web";
 
 async fn run(test: &str, start: StartBehaviour, seed: u64) -> (RolloutResult, StartupReport) {
-    let dir = common::work_dir(test);
-    let binaries = common::binaries(Duration::from_secs(10));
-    let mut lab = Lab::start(LabConfig {
-        start,
-        ..common::lab_config("100ms..700ms", ShutdownMode::Graceful, seed)
-    })
-    .await
-    .expect("lab");
-    let observer = Observer::start(&lab, &binaries, &dir)
-        .await
-        .expect("observer");
+    let (mut lab, observer) = common::start(
+        test,
+        LabConfig {
+            start,
+            ..common::lab_config("100ms..700ms", ShutdownMode::Graceful, seed)
+        },
+        Duration::from_secs(10),
+    )
+    .await;
     let run = lab
         .rollout(&common::rollout(3, Duration::from_secs(2)), |p| {
             eprintln!("{p}")
@@ -42,8 +39,7 @@ async fn run(test: &str, start: StartBehaviour, seed: u64) -> (RolloutResult, St
     let measured = startup::wait_measured(&observer, &run.new_pods)
         .await
         .expect("startup windows");
-    observer.shutdown().await;
-    lab.shutdown().await.expect("shutdown");
+    common::stop(observer, lab).await;
     (run, measured)
 }
 

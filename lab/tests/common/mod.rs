@@ -2,13 +2,16 @@
 //! and the accuracy bounds. Each test crate uses a part of it.
 #![allow(dead_code)]
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use lab::{
     kubeproxy::Mode,
-    observer::Binaries,
+    observer::{Binaries, Observer},
     report::{DeletionReport, PerNode},
-    scenario::{LabConfig, RolloutConfig},
+    scenario::{Lab, LabConfig, RolloutConfig},
     server::ShutdownMode,
 };
 
@@ -62,6 +65,32 @@ pub fn rollout(deletions: usize, pre_stop: Duration) -> RolloutConfig {
         keep_alive_connections: 2,
         drain: None,
     }
+}
+
+/// Starts `config`'s cluster, then its agents and aggregator (deletions
+/// finished after `completion_timeout` at the latest), with logs in a fresh
+/// work directory for `test`.
+pub async fn start(test: &str, config: LabConfig, completion_timeout: Duration) -> (Lab, Observer) {
+    start_in(&work_dir(test), config, completion_timeout).await
+}
+
+/// [`start`] with logs in `dir`.
+pub async fn start_in(
+    dir: &Path,
+    config: LabConfig,
+    completion_timeout: Duration,
+) -> (Lab, Observer) {
+    let lab = Lab::start(config).await.expect("lab");
+    let observer = Observer::start(&lab, &binaries(completion_timeout), dir)
+        .await
+        .expect("observer");
+    (lab, observer)
+}
+
+/// Stops the agents and the aggregator, then tears the cluster down.
+pub async fn stop(observer: Observer, lab: Lab) {
+    observer.shutdown().await;
+    lab.shutdown().await.expect("shutdown");
 }
 
 /// A fresh directory for one test's logs, store and kubeconfig.
