@@ -17,13 +17,15 @@ use crate::auth::Guards;
 use crate::config::Settings;
 use crate::correlate::Correlator;
 use crate::drain::Drains;
+use crate::grpc;
 use crate::http::{self, HttpState};
+use crate::kube_thread::{KubeThread, KubeThreadError};
+use crate::kube_watch;
 use crate::limits::{Admission, Limits};
 use crate::metrics::{Metrics, NamespaceService};
 use crate::readiness::Readiness;
 use crate::recommend::service::Recommender;
 use crate::store::{Scope, Store, StoreError};
-use crate::{grpc, kube_watch};
 
 /// How often pending deletions are checked for completion or timeout.
 pub const TICK: Duration = Duration::from_millis(200);
@@ -39,10 +41,8 @@ pub enum StartError {
     Restore(#[from] StoreError),
     #[error("setting up authentication")]
     Auth(#[from] crate::auth::GuardError),
-    #[error("the Kubernetes client")]
-    Kube(#[source] kube::Error),
-    #[error("starting the Kubernetes watchers")]
-    Watch(#[from] kube_watch::WatchStartError),
+    #[error("starting the Kubernetes client's thread")]
+    Kube(#[from] KubeThreadError),
 }
 
 /// A running aggregator.
@@ -71,11 +71,11 @@ pub fn start(
     let settings = Arc::new(settings);
     let metrics = Arc::new(Metrics::new());
     let ready = Readiness::new(kube.is_none());
-    let client = kube
-        .clone()
-        .map(kube::Client::try_from)
-        .transpose()
-        .map_err(StartError::Kube)?;
+    let (shutdown, stop) = watch::channel(false);
+    let kube = kube
+        .map(|config| KubeThread::start(config, stop.clone()))
+        .transpose()?;
+    let client = kube.as_ref().map(|k| k.client.clone());
     let guards = settings
         .auth
         .guards(client.as_ref(), &metrics, ready.clone())?;
@@ -115,7 +115,6 @@ pub fn start(
         startup: correlator.startup_log(),
         drain: Some(drains),
     };
-    let (shutdown, stop) = watch::channel(false);
     let mut tasks = vec![
         spawn_grpc(
             grpc_listener,
@@ -128,13 +127,13 @@ pub fn start(
         spawn_checkpoints(&correlator, &http_state.settings, stop.clone()),
         spawn_ticks(&correlator, &http_state, stop.clone()),
     ];
-    if let Some(config) = kube {
+    if let Some(kube) = kube {
         tasks.push(kube_watch::spawn(
-            config,
+            &kube,
             Arc::clone(&correlator),
             http_state.ready.clone(),
             stop,
-        )?);
+        ));
     }
 
     Ok(Running {
@@ -258,9 +257,9 @@ impl Running {
 }
 
 /// The runtime for everything but the HTTP API and the reading of the
-/// Kubernetes watches: its threads run under `SCHED_IDLE`, below the HTTP
-/// API's own thread (see [`start`]) and the watches' reader, whose receipt
-/// times are the deletions' T0 (`kube_watch::spawn`). A nice
+/// Kubernetes client: its threads run under `SCHED_IDLE`, below the HTTP
+/// API's own thread (see [`start`]) and the client's thread, whose watch
+/// receipts are the deletions' T0 (`kube_thread`). A nice
 /// value is not enough: the kernel lets a running thread finish its slice
 /// (milliseconds) before a woken thread of a higher weight runs, but always
 /// preempts a `SCHED_IDLE` thread at once, so a CI query is served as soon

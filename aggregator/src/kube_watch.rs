@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, watch};
 use observer_proto::UnixNanos;
 
 use crate::correlate::{Correlator, DeletionStart};
+use crate::kube_thread::KubeThread;
 use crate::nodes::NodeInfo;
 use crate::pods;
 use crate::readiness::Readiness;
@@ -47,97 +48,50 @@ enum Ev {
 /// Events waiting between the reading thread and the task applying them.
 const EVENT_QUEUE: usize = 4096;
 
-/// Why the watchers could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum WatchStartError {
-    #[error("starting the kube-watch thread")]
-    Thread(#[source] std::io::Error),
-    #[error("the kube-watch thread's runtime")]
-    Runtime(#[source] std::io::Error),
-    #[error("the kube-watch thread's Kubernetes client")]
-    Client(#[source] kube::Error),
-    #[error("the kube-watch thread ended while starting")]
-    Ended,
-}
-
-/// Starts the watchers: a thread of its own reads the watch streams and
-/// stamps each event with its receipt, and a task on the caller's runtime
-/// applies them, until `stop`. Receipt times are the deletions' T0 and the
-/// endpoints' T_ready, so the reader runs at the priority of the thread
-/// calling this (the binary's main thread), not under the main runtime's
-/// `SCHED_IDLE` (`crate::app::runtime`), where a busy node starves it for
-/// seconds. Its client is its own: a client's connections are driven by
-/// the runtime that made it. Sets `ready` once all three watchers listed.
+/// Starts the watchers: their streams read on the kube thread, each event
+/// stamped as it is read (`crate::kube_thread`: receipt times are the
+/// deletions' T0 and the endpoints' T_ready), and applied in order by a
+/// task on the caller's runtime, until `stop`. Sets `ready` once all three
+/// watchers listed.
 pub fn spawn(
-    config: kube::Config,
+    kube: &KubeThread,
     correlator: Arc<Correlator>,
     ready: Readiness,
     stop: watch::Receiver<bool>,
-) -> Result<tokio::task::JoinHandle<()>, WatchStartError> {
+) -> tokio::task::JoinHandle<()> {
     let (tx, rx) = mpsc::channel(EVENT_QUEUE);
-    let (started, start) = std::sync::mpsc::sync_channel(1);
-    let reader_stop = stop.clone();
-    std::thread::Builder::new()
-        .name("kube-watch".into())
-        .spawn(move || read(config, tx, started, reader_stop))
-        .map_err(WatchStartError::Thread)?;
-    start.recv().map_err(|_| WatchStartError::Ended)??;
-    Ok(tokio::spawn(apply(rx, correlator, ready, stop)))
+    kube.handle
+        .spawn(read(kube.client.clone(), tx, stop.clone()));
+    tokio::spawn(apply(rx, correlator, ready, stop))
 }
 
-/// The reading thread: its own runtime and client, every event stamped as
-/// it is read.
-fn read(
-    config: kube::Config,
-    tx: mpsc::Sender<(Ev, UnixNanos)>,
-    started: std::sync::mpsc::SyncSender<Result<(), WatchStartError>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = started.send(Err(WatchStartError::Runtime(e)));
+/// Reads the streams, every event stamped as it is read.
+async fn read(client: Client, tx: mpsc::Sender<(Ev, UnixNanos)>, mut stop: watch::Receiver<bool>) {
+    let mut events = std::pin::pin!(streams(client));
+    let mut queue_full_logged = false;
+    loop {
+        let ev = tokio::select! {
+            ev = events.next() => ev,
+            _ = stop.wait_for(|v| *v) => return,
+        };
+        let Some(ev) = ev else { return };
+        let item = (ev, UnixNanos::now());
+        let item = match tx.try_send(item) {
+            Ok(()) => continue,
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(mpsc::error::TrySendError::Full(item)) => item,
+        };
+        if !queue_full_logged {
+            queue_full_logged = true;
+            tracing::warn!(
+                queued = EVENT_QUEUE,
+                "Kubernetes events arrive faster than they are applied: the watch is read only as they are, so later receipt times (T0, T_ready) may be late"
+            );
+        }
+        if tx.send(item).await.is_err() {
             return;
         }
-    };
-    runtime.block_on(async move {
-        let client = match Client::try_from(config) {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = started.send(Err(WatchStartError::Client(e)));
-                return;
-            }
-        };
-        let _ = started.send(Ok(()));
-        let mut events = std::pin::pin!(streams(client));
-        let mut queue_full_logged = false;
-        loop {
-            let ev = tokio::select! {
-                ev = events.next() => ev,
-                _ = stop.wait_for(|v| *v) => return,
-            };
-            let Some(ev) = ev else { return };
-            let item = (ev, UnixNanos::now());
-            let item = match tx.try_send(item) {
-                Ok(()) => continue,
-                Err(mpsc::error::TrySendError::Closed(_)) => return,
-                Err(mpsc::error::TrySendError::Full(item)) => item,
-            };
-            if !queue_full_logged {
-                queue_full_logged = true;
-                tracing::warn!(
-                    queued = EVENT_QUEUE,
-                    "Kubernetes events arrive faster than they are applied: the watch is read only as they are, so later receipt times (T0, T_ready) may be late"
-                );
-            }
-            if tx.send(item).await.is_err() {
-                return;
-            }
-        }
-    });
+    }
 }
 
 /// Pods, EndpointSlices and Nodes, merged (each retries with backoff, so:

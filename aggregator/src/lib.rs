@@ -16,6 +16,7 @@ pub mod deletion_pages;
 pub mod drain;
 pub mod grpc;
 pub mod http;
+pub mod kube_thread;
 pub mod kube_watch;
 pub mod limits;
 pub mod metrics;
