@@ -376,15 +376,19 @@ async fn follow(
         .expect("cleanup thread panicked")
 }
 
-/// The kernel commit inside the transaction `applied`, once the witness
-/// has received it (it may lag the writer by a moment).
+/// The last kernel commit inside the transaction `applied` (iptables-nft
+/// commits each table apart, the `nat` table's DNAT rules last), once the
+/// witness has read every notification the writer queued before it
+/// returned: taken earlier, a lagging witness gave a write's first commit,
+/// milliseconds before its last.
 async fn commit_of(witness: &CommitWitness, applied: Applied) -> Option<UnixNanos> {
     let deadline = Instant::now() + Duration::from_millis(200);
+    let mut settled = 0;
     loop {
-        let commit =
-            witness.last_commit_between(applied.started_unix_nano, applied.finished_unix_nano);
-        if commit.is_some() || Instant::now() > deadline {
-            return commit;
+        settled = if witness.settled() { settled + 1 } else { 0 };
+        if settled == 2 || Instant::now() > deadline {
+            return witness
+                .last_commit_between(applied.started_unix_nano, applied.finished_unix_nano);
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }

@@ -25,7 +25,7 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::Path,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
@@ -43,6 +43,10 @@ const MAX_COMMITS: usize = 100_000;
 /// Records the time of every nf_tables commit in one network namespace.
 pub struct CommitWitness {
     commits: Arc<Mutex<Vec<UnixNanos>>>,
+    /// The listening socket (a duplicate), to see whether anything is unread.
+    socket: Arc<OnceLock<OwnedFd>>,
+    /// A datagram was read and its commit's NEWGEN is not recorded yet.
+    reading: Arc<AtomicBool>,
     _recorder: Recorder,
 }
 
@@ -267,6 +271,10 @@ impl CommitWitness {
     pub fn start(netns: &Path) -> io::Result<Self> {
         let commits = Arc::new(Mutex::new(Vec::new()));
         let recorded = commits.clone();
+        let socket = Arc::new(OnceLock::new());
+        let shared_socket = Arc::clone(&socket);
+        let reading = Arc::new(AtomicBool::new(false));
+        let is_reading = Arc::clone(&reading);
         let open = || {
             if let Err(e) = set_fifo(WITNESS_PRIORITY) {
                 eprintln!(
@@ -277,12 +285,16 @@ impl CommitWitness {
             nftables_listener(None, std::time::Duration::from_millis(200))
         };
         let record = move |socket: OwnedFd, stop: &AtomicBool| {
+            if let Ok(dup) = socket.try_clone() {
+                let _ = shared_socket.set(dup);
+            }
             let mut buf = vec![0u8; 64 * 1024];
             // The receipt of the first datagram of the commit being read.
             let mut batch: Option<UnixNanos> = None;
             while !stop.load(Ordering::Relaxed) {
                 match receive(&socket, &mut buf) {
                     Ok(Received::Datagram(stamp, newgen)) => {
+                        is_reading.store(true, Ordering::SeqCst);
                         let first = *batch.get_or_insert(stamp);
                         if newgen {
                             batch = None;
@@ -290,20 +302,61 @@ impl CommitWitness {
                             if commits.len() < MAX_COMMITS {
                                 commits.push(first);
                             }
+                            is_reading.store(false, Ordering::SeqCst);
                         }
                     }
                     Ok(Received::Nothing) => {}
                     // The commit being read lost its NEWGEN or its start:
                     // no time is given to it.
-                    Ok(Received::Lost) => batch = None,
+                    Ok(Received::Lost) => {
+                        batch = None;
+                        is_reading.store(false, Ordering::SeqCst);
+                    }
                     Err(_) => return,
                 }
             }
         };
         Ok(CommitWitness {
             commits,
+            socket,
+            reading,
             _recorder: Recorder::start(netns, "commit witness", open, record)?,
         })
+    }
+
+    /// Whether every notification queued so far was read and its commit
+    /// recorded: nothing unread on the socket, no commit half-read. (A
+    /// datagram just taken off the socket and not yet marked is caught by
+    /// asking twice, a moment apart.)
+    pub fn settled(&self) -> bool {
+        if self.reading.load(Ordering::SeqCst) {
+            return false;
+        }
+        let Some(fd) = self.socket.get() else {
+            return false;
+        };
+        let mut byte = 0u8;
+        // SAFETY: a one-byte peek into a live buffer; nothing is consumed.
+        let peeked = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        peeked < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+    }
+
+    /// The commits seen between `from` and `to` (Unix ns), oldest first.
+    pub fn commits_between(&self, from: UnixNanos, to: UnixNanos) -> Vec<UnixNanos> {
+        self.commits
+            .lock()
+            .expect("commits lock")
+            .iter()
+            .filter(|t| (from..=to).contains(*t))
+            .copied()
+            .collect()
     }
 
     /// The last commit seen between `from` and `to` (Unix ns).

@@ -308,3 +308,34 @@ fn commit_witness_sees_nftables_and_iptables_nft_commits_but_not_legacy() {
         assert_eq!(seen, announced, "{script}");
     }
 }
+
+#[test]
+fn once_settled_the_witness_holds_every_commit_of_a_write() {
+    if !lab::root::root_or_skip("once_settled_the_witness_holds_every_commit_of_a_write") {
+        return;
+    }
+    let ns = lab::netns::NetNs::create("witness-settled").unwrap();
+    let witness = lab::witness::CommitWitness::start(&ns.path()).unwrap();
+    // iptables-nft-restore commits each table apart: two commits per write.
+    for round in 0..20 {
+        let before = UnixNanos::now();
+        ns.sh(&format!(
+            "printf '*filter\\n:F{round} - [0:0]\\nCOMMIT\\n*nat\\n:N{round} - [0:0]\\nCOMMIT\\n' | iptables-nft-restore --noflush"
+        ))
+        .unwrap();
+        let after = UnixNanos::now();
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while !(witness.settled() && witness.settled()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: never settled"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            witness.commits_between(before, after).len(),
+            2,
+            "round {round}: settled before both commits were recorded"
+        );
+    }
+}
