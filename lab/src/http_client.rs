@@ -119,7 +119,27 @@ pub async fn connect_in(netns: &Path, addr: std::net::SocketAddr) -> std::io::Re
 pub struct HttpClient {
     client: Client<Connector, Empty<Bytes>>,
     /// Sent as `authorization: Bearer ...` with every request.
-    bearer: Option<String>,
+    bearer: Option<Bearer>,
+}
+
+/// A bearer token that may be replaced while clients send it, as the
+/// kubelet renews a projected ServiceAccount token before it expires.
+#[derive(Clone, Debug, Default)]
+pub struct Bearer(Arc<std::sync::RwLock<String>>);
+
+impl Bearer {
+    pub fn new(token: &str) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(token.to_owned())))
+    }
+
+    /// Every client holding this bearer sends `token` from now on.
+    pub fn set(&self, token: &str) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = token.to_owned();
+    }
+
+    pub fn get(&self) -> String {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 impl Default for HttpClient {
@@ -145,8 +165,13 @@ impl HttpClient {
     }
 
     /// The same client, sending `token` as a bearer token.
-    pub fn with_bearer(mut self, token: &str) -> Self {
-        self.bearer = Some(token.to_owned());
+    pub fn with_bearer(self, token: &str) -> Self {
+        self.with_shared_bearer(&Bearer::new(token))
+    }
+
+    /// The same client, sending whatever token `bearer` holds at each request.
+    pub fn with_shared_bearer(mut self, bearer: &Bearer) -> Self {
+        self.bearer = Some(bearer.clone());
         self
     }
 
@@ -159,8 +184,11 @@ impl HttpClient {
         };
         let uri: Uri = url.parse().map_err(|e| failed(format!("bad URL: {e}")))?;
         let mut request = hyper::Request::get(uri);
-        if let Some(token) = &self.bearer {
-            request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        if let Some(bearer) = &self.bearer {
+            request = request.header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", bearer.get()),
+            );
         }
         let request = request
             .body(Empty::new())

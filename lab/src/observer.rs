@@ -16,8 +16,11 @@ use std::{
     fs::File,
     path::{Path, PathBuf},
     process::Stdio,
+    sync::Arc,
     time::Duration,
 };
+
+use apiserver_double::ApiServerDouble;
 
 use observer_proto::api::{DeletionList, DeletionRecord, DeletionSummary, Recommendation};
 use serde::de::DeserializeOwned;
@@ -25,7 +28,7 @@ use thiserror::Error;
 use tokio::process::{Child, Command};
 
 use crate::{
-    http_client::{HttpClient, HttpClientError},
+    http_client::{Bearer, HttpClient, HttpClientError},
     identity,
     kube::ApiServer,
     kubeproxy::CiliumNode,
@@ -78,9 +81,9 @@ const ACCESS_GROUP: &str = "observer.prestop.dev";
 #[derive(Clone, Debug)]
 pub struct Security {
     pub tls: crate::tls::TlsFiles,
-    /// A token allowed to read the HTTP API, and the file holding it (for
-    /// curl in `--hold`).
-    pub reader: String,
+    /// A token allowed to read the HTTP API (renewed while the lab runs),
+    /// and the file holding it (for curl in `--hold`).
+    pub reader: Bearer,
     pub reader_file: PathBuf,
 }
 
@@ -187,7 +190,7 @@ impl Aggregator {
         let mut aggregator = Aggregator {
             binary: binary.to_owned(),
             completion_timeout,
-            http: HttpClient::in_netns(&control_plane.path()).with_bearer(&security.reader),
+            http: HttpClient::in_netns(&control_plane.path()).with_shared_bearer(&security.reader),
             tls: security.tls.clone(),
             netns_name: control_plane.name().to_owned(),
             kubeconfig: kubeconfig.to_owned(),
@@ -443,6 +446,68 @@ pub struct Observer {
     pub agents: Vec<Agent>,
     api: ApiServer,
     security: Security,
+    renewal: Option<TokenRenewal>,
+}
+
+/// Resources of the aggregator's API group the lab's reader may `get`.
+const READER_RESOURCES: &[&str] = &["deletions", "recommendations"];
+
+/// The kubelet renews a projected token at 80 % of its lifetime.
+const TOKEN_RENEWAL: Duration =
+    Duration::from_secs(identity::TOKEN_SECONDS.unsigned_abs() * 8 / 10);
+
+/// Renews the agents' token files and the reader's token as the kubelet
+/// renews projected tokens (runs longer than a token's 10 minutes were
+/// refused), until dropped.
+struct TokenRenewal(tokio::task::JoinHandle<()>);
+
+impl Drop for TokenRenewal {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl TokenRenewal {
+    fn start(
+        double: Arc<ApiServerDouble>,
+        agents: Vec<(String, PathBuf)>,
+        reader: Bearer,
+        reader_file: PathBuf,
+    ) -> Self {
+        Self(tokio::spawn(async move {
+            let start = tokio::time::Instant::now() + TOKEN_RENEWAL;
+            let mut every = tokio::time::interval_at(start, TOKEN_RENEWAL);
+            loop {
+                every.tick().await;
+                for (node, file) in &agents {
+                    let renewed = identity::agent_token(&double, node, identity::AUDIENCE)
+                        .map_err(|e| e.to_string())
+                        .and_then(|t| replace_file(file, &t));
+                    if let Err(e) = renewed {
+                        eprintln!("lab: renewing the token of node {node}'s agent: {e}");
+                    }
+                }
+                match identity::reader_token(&double, ACCESS_GROUP, READER_RESOURCES) {
+                    Ok(t) => {
+                        reader.set(&t);
+                        if let Err(e) = replace_file(&reader_file, &t) {
+                            eprintln!("lab: {e}");
+                        }
+                    }
+                    Err(e) => eprintln!("lab: renewing the reader's token: {e}"),
+                }
+            }
+        }))
+    }
+}
+
+/// Writes `contents` to `path` at once (a reader never sees half a token),
+/// as the kubelet swaps a projected volume's files.
+fn replace_file(path: &Path, contents: &str) -> Result<(), String> {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, contents)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 /// How long past its completion timeout the aggregator may take to show a
@@ -484,12 +549,8 @@ impl Observer {
         for file in stale {
             let _ = std::fs::remove_file(file);
         }
-        let reader = identity::reader_token(
-            api.double(),
-            ACCESS_GROUP,
-            &["deletions", "recommendations"],
-        )
-        .map_err(|e| ObserverError::Credentials(e.to_string()))?;
+        let reader = identity::reader_token(api.double(), ACCESS_GROUP, READER_RESOURCES)
+            .map_err(|e| ObserverError::Credentials(e.to_string()))?;
         let reader_file = dir.join("reader-token");
         std::fs::write(&reader_file, &reader).map_err(|e| {
             ObserverError::Credentials(format!("writing {}: {e}", reader_file.display()))
@@ -498,7 +559,7 @@ impl Observer {
             tls: crate::tls::LabCa::generate(&[&CONTROL_PLANE_IP.to_string()])
                 .and_then(|ca| ca.write(dir))
                 .map_err(|e| ObserverError::Credentials(e.to_string()))?,
-            reader,
+            reader: Bearer::new(&reader),
             reader_file,
         };
         let aggregator = Aggregator::start(
@@ -515,6 +576,7 @@ impl Observer {
             agents: Vec::new(),
             api,
             security,
+            renewal: None,
         })
     }
 
@@ -529,9 +591,7 @@ impl Observer {
             let token = identity::agent_token(self.api.double(), &node.name, identity::AUDIENCE)
                 .map_err(|e| ObserverError::Credentials(e.to_string()))?;
             let token_file = dir.join(format!("token-{}", node.name));
-            std::fs::write(&token_file, token).map_err(|e| {
-                ObserverError::Credentials(format!("writing {}: {e}", token_file.display()))
-            })?;
+            replace_file(&token_file, &token).map_err(ObserverError::Credentials)?;
             let credentials = AgentCredentials {
                 token_file,
                 ca_file: self.security.tls.ca.clone(),
@@ -544,6 +604,15 @@ impl Observer {
                 lab.cilium_node(index).cloned(),
             )?);
         }
+        self.renewal = Some(TokenRenewal::start(
+            self.api.shared_double(),
+            self.agents
+                .iter()
+                .map(|a| (a.node.clone(), a.credentials.token_file.clone()))
+                .collect(),
+            self.security.reader.clone(),
+            self.security.reader_file.clone(),
+        ));
         self.wait_connected(lab.cluster.nodes.len()).await
     }
 
