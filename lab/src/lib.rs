@@ -7,6 +7,7 @@ pub use lab_netns::{netns, root};
 
 pub mod api;
 pub mod busy;
+pub mod cgroup;
 pub mod cilium;
 pub mod cli;
 pub mod client;

@@ -28,6 +28,7 @@ use thiserror::Error;
 use tokio::process::{Child, Command};
 
 use crate::{
+    cgroup::CpuGroup,
     http_client::{Bearer, HttpClient, HttpClientError},
     identity,
     kube::ApiServer,
@@ -164,6 +165,9 @@ pub struct Aggregator {
     log: PathBuf,
     tls: crate::tls::TlsFiles,
     process: Option<Managed>,
+    /// Its own CPU share, as its pod's cgroup gives it (`crate::cgroup`);
+    /// after the process, which is dropped (killed) first.
+    cgroup: Option<CpuGroup>,
 }
 
 impl Aggregator {
@@ -196,6 +200,13 @@ impl Aggregator {
             kubeconfig: kubeconfig.to_owned(),
             store: dir.join("aggregator.sqlite"),
             log: dir.join("aggregator.log"),
+            cgroup: CpuGroup::create(&format!("lab-{}-aggregator", std::process::id()))
+                .map_err(|e| {
+                    eprintln!(
+                        "lab: the aggregator shares the lab's cgroup ({e}): on a saturated machine its SCHED_IDLE threads may starve"
+                    )
+                })
+                .ok(),
             process: None,
         };
         aggregator.restart().await?;
@@ -226,6 +237,12 @@ impl Aggregator {
             .arg(&self.tls.key)
             .env("KUBECONFIG", &self.kubeconfig);
         let mut process = Managed::spawn("aggregator".into(), cmd, self.log.clone())?;
+        // `ip netns exec` execs the aggregator: the same process.
+        if let (Some(group), Some(pid)) = (&self.cgroup, process.child.id())
+            && let Err(e) = group.add(pid)
+        {
+            eprintln!("lab: the aggregator stays in the lab's cgroup: {e}");
+        }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             process.check()?;
