@@ -1,6 +1,7 @@
 //! A kernel-time reference for nf_tables commits without kprobes: the entry
 //! and exit of each `sendmsg` by the ruleset writers (lab-commit-clock-ebpf,
-//! tracepoints `syscalls/sys_enter_sendmsg` and `sys_exit_sendmsg`).
+//! tracepoints `syscalls/sys_enter_sendmsg` and `sys_exit_sendmsg`, and
+//! `sched/sched_switch` for the time the writer waited inside the call).
 //!
 //! `nft -f` and `iptables-nft-restore` send their batch with one sendmsg
 //! and the kernel commits it inside that call, then queues the commit's
@@ -37,16 +38,17 @@ pub const CONVERSION_SLACK_NS: i64 = 10_000;
 /// and tests' queries look at the write that just returned.
 const KEEP_NS: i64 = 120_000_000_000;
 
-const PROGRAMS: [(&str, &str); 2] = [
-    ("writer_sendmsg_enter", "sys_enter_sendmsg"),
-    ("writer_sendmsg_exit", "sys_exit_sendmsg"),
+const PROGRAMS: [(&str, &str, &str); 3] = [
+    ("writer_sendmsg_enter", "syscalls", "sys_enter_sendmsg"),
+    ("writer_sendmsg_exit", "syscalls", "sys_exit_sendmsg"),
+    ("writer_sched_switch", "sched", "sched_switch"),
 ];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyscallClockError {
     #[error("loading the writers' sendmsg programs: {0}")]
     Load(#[source] Box<aya::EbpfError>),
-    #[error("{program} on syscalls/{tracepoint}: {source}")]
+    #[error("{program} on tracepoint {tracepoint}: {source}")]
     Attach {
         program: &'static str,
         tracepoint: &'static str,
@@ -75,6 +77,9 @@ pub struct WriterSend {
     /// Bytes sent, or -errno.
     pub ret: i64,
     pub tgid: u32,
+    /// Time the writer's thread spent off its CPU inside the call (waiting
+    /// for a core, or blocked).
+    pub off_cpu_ns: u64,
 }
 
 /// Records the writers' sendmsg calls from [`SyscallClock::start`] until
@@ -116,10 +121,10 @@ impl SyscallClock {
                     source: Box::new(e),
                 })?;
         }
-        for (program, tracepoint) in PROGRAMS {
+        for (program, category, name) in PROGRAMS {
             let failed = |e| SyscallClockError::Attach {
                 program,
-                tracepoint,
+                tracepoint: name,
                 source: Box::new(e),
             };
             let prog: &mut TracePoint = ebpf
@@ -128,7 +133,7 @@ impl SyscallClock {
                 .try_into()
                 .map_err(failed)?;
             prog.load().map_err(failed)?;
-            prog.attach("syscalls", tracepoint).map_err(failed)?;
+            prog.attach(category, name).map_err(failed)?;
         }
         let ring = ebpf
             .take_map("SENDS")
@@ -163,7 +168,7 @@ impl SyscallClock {
 
     fn read(&mut self) {
         while let Some(item) = self.ring.next() {
-            let Some(words) = item.get(..32) else {
+            let Some(words) = item.get(..40) else {
                 continue;
             };
             let word =
@@ -173,6 +178,7 @@ impl SyscallClock {
                 exited: (self.to_wall)(word(1)),
                 ret: word(2) as i64,
                 tgid: (word(3) >> 32) as u32,
+                off_cpu_ns: word(4),
             });
         }
         if let Some(newest) = self.sends.last().map(|s| s.exited) {
