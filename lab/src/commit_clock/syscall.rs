@@ -157,13 +157,7 @@ impl SyscallClock {
     /// Call it after the write returned: a send is recorded at its exit.
     pub fn send_around(&mut self, at: UnixNanos) -> Option<WriterSend> {
         self.read();
-        self.sends
-            .iter()
-            .filter(|s| {
-                s.entered - CONVERSION_SLACK_NS <= at && at <= s.exited + CONVERSION_SLACK_NS
-            })
-            .min_by_key(|s| s.entered)
-            .copied()
+        around(&self.sends, at)
     }
 
     fn read(&mut self) {
@@ -184,5 +178,46 @@ impl SyscallClock {
         if let Some(newest) = self.sends.last().map(|s| s.exited) {
             self.sends.retain(|s| newest - s.exited <= KEEP_NS);
         }
+    }
+}
+
+/// Of `sends`, the one whose call holds `at` (with the conversion slack),
+/// entered first.
+fn around(sends: &[WriterSend], at: UnixNanos) -> Option<WriterSend> {
+    sends
+        .iter()
+        .filter(|s| s.entered - CONVERSION_SLACK_NS <= at && at <= s.exited + CONVERSION_SLACK_NS)
+        .min_by_key(|s| s.entered)
+        .copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send(entered: i64, exited: i64) -> WriterSend {
+        WriterSend {
+            entered: UnixNanos::from_nanos(entered),
+            exited: UnixNanos::from_nanos(exited),
+            ret: 100,
+            tgid: 1,
+            off_cpu_ns: 0,
+        }
+    }
+
+    #[test]
+    fn a_time_is_around_the_call_that_holds_it_within_the_slack_and_the_loosest_wins() {
+        let at = |ns| UnixNanos::from_nanos(ns);
+        let sends = [send(1_000_000, 2_000_000), send(1_500_000, 1_600_000)];
+        assert_eq!(around(&sends, at(1_200_000)), Some(sends[0]));
+        // Held by both: the one entered first, the larger bound.
+        assert_eq!(around(&sends, at(1_550_000)), Some(sends[0]));
+        assert_eq!(
+            around(&sends, at(2_000_000 + CONVERSION_SLACK_NS)),
+            Some(sends[0])
+        );
+        assert_eq!(around(&sends, at(2_000_001 + CONVERSION_SLACK_NS)), None);
+        assert_eq!(around(&sends, at(999_999 - CONVERSION_SLACK_NS)), None);
+        assert_eq!(around(&[], at(1_200_000)), None);
     }
 }
