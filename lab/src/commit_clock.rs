@@ -19,7 +19,17 @@
 //!   old table and the end of the first read that saw the new one (about
 //!   0.3 ms wide).
 //!
+//! - nf_tables in kernel time: the [`SyscallClock`] (`syscall`), the entry
+//!   and exit of the writer's sendmsg of its batch, inside which the kernel
+//!   commits; it bounds a kernel stamp's error without a thread's wake-up.
+//!
 //! Used by observer-agent's dataplane tests and its `dataplane` bench.
+
+mod syscall;
+
+pub use syscall::{
+    CONVERSION_SLACK_NS, RULESET_WRITERS, SyscallClock, SyscallClockError, WriterSend,
+};
 
 use std::{
     io,

@@ -27,7 +27,10 @@
 //!
 //! Parts 1 and 2 run each nf_tables mode with the detector timing changes
 //! at receipt and by the kernel stamps of their notifications
-//! (`observer_agent::stamps`).
+//! (`observer_agent::stamps`), and check each event time against a second,
+//! kernel-time reference (`lab::commit_clock::SyscallClock`): the writer's
+//! sendmsg of its batch, inside which the kernel commits. An event time
+//! inside that call bounds its error by `event time - syscall entry`.
 //!
 //! Prints Markdown for docs/benchmarks.md. Environment: CHANGES (default
 //! 200; 0 skips part 1), RESYNCS (default 6; 0 skips part 2), FLOWS
@@ -49,13 +52,14 @@ use std::{
 
 use lab::{
     busy::BusyCores,
-    commit_clock::{self, CommitClock, Window},
+    commit_clock::{self, CommitClock, RULESET_WRITERS, SyscallClock, Window},
     kubeproxy::{Backend, Mode, Rules, ServicePort},
     netns::{self, NetNs},
     root::is_root,
     witness::{contains_newgen, nftables_listener},
 };
 use observer_agent::{
+    clock::WallClock,
     dataplane::{self, DataplaneWatch, Mirror, NftEvent, decode_nft_message},
     flows,
     kernel::{Kernel, LoadOptions},
@@ -284,6 +288,51 @@ impl Detector {
     }
 }
 
+/// Event times against the writer's batch syscall: how many lay inside
+/// the sendmsg in which the kernel committed, and for those, event time -
+/// the call's entry (a bound of the time's error: the commit is in
+/// between).
+#[derive(Default)]
+struct InsideSend {
+    bounds: Vec<f64>,
+    /// The writer's time off its CPU inside that syscall.
+    off_cpu: Vec<f64>,
+    inside: usize,
+    total: usize,
+}
+
+impl InsideSend {
+    /// Checks the time `at` of a change written from `started` on.
+    fn record(&mut self, sends: &mut Option<SyscallClock>, at: UnixNanos, started: UnixNanos) {
+        let Some(sends) = sends else {
+            return;
+        };
+        self.total += 1;
+        if let Some(send) = sends.send_around(at).filter(|s| s.entered >= started) {
+            self.inside += 1;
+            self.bounds.push(nanos(at - send.entered));
+            self.off_cpu.push(send.off_cpu_ns as f64);
+        }
+    }
+
+    /// "bound | off CPU | inside/total" cells (p50 / p99 / max).
+    fn cells(&mut self) -> String {
+        if self.total == 0 {
+            return "- | - | -".into();
+        }
+        if self.bounds.is_empty() {
+            return format!("- | - | 0/{}", self.total);
+        }
+        format!(
+            "{} | {} | {}/{}",
+            summary(&mut self.bounds),
+            summary(&mut self.off_cpu),
+            self.inside,
+            self.total
+        )
+    }
+}
+
 /// The commit behind a change reported at `reported` for a write that
 /// started at `from`: the nearest witnessed commit (nf_tables: the
 /// witness's receipt; legacy: the latest the replacement can have been,
@@ -295,7 +344,13 @@ fn commit_of(clock: &CommitClock, from: UnixNanos, reported: UnixNanos) -> (Unix
     (c.latest, c.latest - c.earliest)
 }
 
-fn delay(mode: Mode, priority: Priority, stamping: Stamping, changes: usize) -> String {
+fn delay(
+    mode: Mode,
+    priority: Priority,
+    stamping: Stamping,
+    changes: usize,
+    sends: &mut Option<SyscallClock>,
+) -> String {
     let ns = NetNs::create("bench").unwrap();
     let clock = CommitClock::start(&ns.path(), mode).expect("commit witness");
     let mut rules = Rules::new(Some(ns.name().to_owned()), mode);
@@ -307,11 +362,15 @@ fn delay(mode: Mode, priority: Priority, stamping: Stamping, changes: usize) -> 
     let (mut to_consumer, mut stamp_error, mut writer, mut width, mut precision) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut within_5ms = 0;
+    let mut inside = InsideSend::default();
     for i in 0..changes {
         let backends = if i % 2 == 0 { vec![b1] } else { vec![b1, b2] };
         let window: Window = rules.sync(&[(svc.clone(), backends)]).unwrap().into();
         let (change, arrived) = detector.next(Duration::from_secs(5));
         let (commit, w) = commit_of(&clock, window.started, change.time);
+        if mode != Mode::IptablesLegacy {
+            inside.record(sends, change.time, window.started);
+        }
         to_consumer.push(nanos(arrived - commit));
         let error = change.time - commit;
         if error.abs() <= commit_clock::NFT_BOUND_NS {
@@ -327,7 +386,7 @@ fn delay(mode: Mode, priority: Priority, stamping: Stamping, changes: usize) -> 
     width.sort_by(f64::total_cmp);
     precision.sort_by(f64::total_cmp);
     format!(
-        "| {mode} | {} | {} | {changes} | {} | {} | {} | {} | {within_5ms}/{changes} | {} | {} |",
+        "| {mode} | {} | {} | {changes} | {} | {} | {} | {} | {within_5ms}/{changes} | {} | {} | {} |",
         priority.label(),
         stamping.label(),
         summary(&mut to_consumer),
@@ -339,6 +398,7 @@ fn delay(mode: Mode, priority: Priority, stamping: Stamping, changes: usize) -> 
             Mode::IptablesLegacy => ms(percentile(&width, 0.5)),
             _ => "-".into(),
         },
+        inside.cells(),
     )
 }
 
@@ -513,7 +573,7 @@ struct Resync {
     writer: f64,
 }
 
-fn scale(mode: Mode, resyncs: usize) -> (String, Vec<String>) {
+fn scale(mode: Mode, resyncs: usize, sends: &mut Option<SyscallClock>) -> (String, Vec<String>) {
     let ns = NetNs::create("benchbig").unwrap();
     let nft = mode != Mode::IptablesLegacy;
     let capture = nft.then(|| Capture::start(&ns));
@@ -582,6 +642,7 @@ fn scale(mode: Mode, resyncs: usize) -> (String, Vec<String>) {
         }
         detector.watch.watch(addr(target));
         let mut results = vec![];
+        let mut inside = InsideSend::default();
         for i in 0..resyncs {
             if i % 2 == 0 {
                 services[500].1.retain(|b| *b != target);
@@ -595,6 +656,9 @@ fn scale(mode: Mode, resyncs: usize) -> (String, Vec<String>) {
             let window: Window = rules.sync(&services).unwrap().into();
             let (change, arrived) = detector.next(Duration::from_secs(60));
             assert_eq!(change.endpoint, addr(target));
+            if nft {
+                inside.record(sends, change.time, window.started);
+            }
             let (commit, width, replay_ns, messages, bytes) = match (&capture, &mut mirror) {
                 (Some(c), Some(mirror)) => {
                     c.settle();
@@ -643,7 +707,7 @@ fn scale(mode: Mode, resyncs: usize) -> (String, Vec<String>) {
             format!("{} / {}", ms(percentile(&v, 0.5)), ms(*v.last().unwrap()))
         };
         rows.push(format!(
-            "| {mode} | {} | {} | {resyncs} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {mode} | {} | {} | {resyncs} | {} | {} | {} | {} | {} | {} | {} | {} |",
             priority.label(),
             stamping.label(),
             col(&|r| r.writer),
@@ -665,6 +729,7 @@ fn scale(mode: Mode, resyncs: usize) -> (String, Vec<String>) {
             col(&|r| r.stamp),
             col(&|r| r.to_consumer),
             if nft { "-".into() } else { col(&|r| r.width) },
+            inside.cells(),
         ));
     }
     (start_row, rows)
@@ -796,6 +861,12 @@ fn main() {
         commit_clock::pin(Some(0)).unwrap();
         commit_clock::pin_witnesses(cpus - 1);
     }
+    // The kernel-time reference of nf_tables commits, converted to the
+    // wall clock as the agent converts its stamps.
+    let mut wall = WallClock::new();
+    let mut sends = SyscallClock::start(&RULESET_WRITERS, move |k| wall.to_unix_nanos(k))
+        .inspect_err(|e| println!("No syscall reference ({e}): its columns stay empty.\n"))
+        .ok();
     if flows > 0 {
         println!(
             "New flows, {flows} connections 2 ms apart to a one-endpoint Service (nftables mode), flow thread at normal priority (us, p50 / p99 / max):\n"
@@ -813,16 +884,16 @@ fn main() {
         "Detection delay, {changes} alternating removals/additions of one endpoint of a 2-endpoint Service (ms, p50 / p99 / max; commit = independent witness):\n"
     );
     println!(
-        "| mode | detector threads | timing | changes | commit -> event received by consumer | event timestamp - commit | abs(event timestamp - commit) | claimed precision (p50) | timestamps within 5 ms | writer process duration | witness interval (legacy, p50) |"
+        "| mode | detector threads | timing | changes | commit -> event received by consumer | event timestamp - commit | abs(event timestamp - commit) | claimed precision (p50) | timestamps within 5 ms | writer process duration | witness interval (legacy, p50) | event timestamp - writer's syscall entry (bound) | writer off CPU inside that syscall | event timestamp inside the writer's syscall |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for mode in Mode::KUBE_PROXY {
         if changes == 0 {
             break;
         }
         for priority in [Priority::Normal, Priority::Fifo] {
             for stamping in Stamping::of(mode) {
-                println!("{}", delay(mode, priority, *stamping, changes));
+                println!("{}", delay(mode, priority, *stamping, changes, &mut sends));
             }
         }
     }
@@ -832,7 +903,7 @@ fn main() {
     let mut start_rows = vec![];
     let mut resync_rows = vec![];
     for mode in Mode::KUBE_PROXY {
-        let (start, rows) = scale(mode, resyncs);
+        let (start, rows) = scale(mode, resyncs, &mut sends);
         start_rows.push(start);
         resync_rows.extend(rows);
     }
@@ -848,9 +919,9 @@ fn main() {
         "\nScale: one full kube-proxy resync removing or re-adding one endpoint, {resyncs} per mode and priority (ms, p50 / max)\n"
     );
     println!(
-        "| mode | detector threads | timing | resyncs | writer process duration | notifications per resync | replay CPU time: decode + mirror + reachability | detector: event timestamp -> consumer | event timestamp - commit | commit -> consumer | witness interval (legacy) |"
+        "| mode | detector threads | timing | resyncs | writer process duration | notifications per resync | replay CPU time: decode + mirror + reachability | detector: event timestamp -> consumer | event timestamp - commit | commit -> consumer | witness interval (legacy) | event timestamp - writer's syscall entry (bound; p50 / p99 / max) | writer off CPU inside that syscall (p50 / p99 / max) | event timestamp inside the writer's syscall |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for row in resync_rows {
         println!("{row}");
     }

@@ -6,7 +6,9 @@
 //!   SCHED_FIFO witness's receipt of the commit (which comes after every
 //!   notification of the commit was sent), within the 1 ms of it;
 //! - a new flow is timed between the client's connect() call and its
-//!   return (the SYN is confirmed by conntrack inside it).
+//!   return (the SYN is confirmed by conntrack inside it);
+//! - in kernel time, a rule change's stamp lies inside the writer's sendmsg
+//!   of its batch, where the kernel commits (`lab::commit_clock::SyscallClock`).
 //!
 //! And the fallback, where the stamps are off or the filter cannot attach:
 //! timing at receipt, said so, with the receipt method's precision.
@@ -19,12 +21,13 @@ use std::{
 
 use lab::{
     busy::BusyCores,
-    commit_clock::{self, CommitClock, NFT_BOUND_NS},
+    commit_clock::{self, CommitClock, NFT_BOUND_NS, RULESET_WRITERS, SyscallClock},
     kubeproxy::{Mode, Rules},
     netns::NetNs,
-    root::root_or_skip,
+    root::{root_or_skip, skip},
 };
 use observer_agent::{
+    clock::WallClock,
     dataplane::{self, DataplaneWatch, NETLINK_PRECISION_NS},
     flows::{self, FlowWatch},
     kernel::{Kernel, LoadOptions},
@@ -186,6 +189,72 @@ async fn iptables_nft_changes_are_stamped_by_the_kernel_with_every_core_busy() {
         return;
     }
     rule_changes_stamped_with_every_core_busy(Mode::IptablesNft, Detector::IptablesNft).await;
+}
+
+/// With every core busy, each change's kernel stamp lies inside the
+/// writer's sendmsg of its batch ([entry, exit], both in kernel time): the
+/// commit happens in that call, so `stamp - entry` bounds the stamp's error
+/// without any thread's wake-up in the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_rule_change_is_stamped_inside_the_writers_batch_syscall_with_every_core_busy() {
+    const TEST: &str =
+        "each_rule_change_is_stamped_inside_the_writers_batch_syscall_with_every_core_busy";
+    if !root_or_skip(TEST) {
+        return;
+    }
+    let mut wall = WallClock::new();
+    let mut sends = match SyscallClock::start(&RULESET_WRITERS, move |k| wall.to_unix_nanos(k)) {
+        Ok(clock) => clock,
+        Err(e) => {
+            let _ = skip(TEST, &format!("the writers' syscall tracepoints: {e:#}"));
+            return;
+        }
+    };
+    for (mode, detector) in [
+        (Mode::Nftables, Detector::Nftables),
+        (Mode::IptablesNft, Detector::IptablesNft),
+    ] {
+        let ns = NetNs::create("stampsys").unwrap();
+        let clock = CommitClock::start(&ns.path(), mode).expect("commit witness starts");
+        let mut rules = Rules::new(Some(ns.name().to_owned()), mode);
+        rules
+            .sync(&[(service(), vec![backend(1), backend(2)])])
+            .unwrap();
+        let mut kernel = Kernel::load(LoadOptions::default()).expect("eBPF loads");
+        let (watch, mut rx, timing) = start_dataplane(&ns, &mut kernel, false);
+        assert_eq!(timing, Timing::KernelStamp, "{mode}");
+        let b2 = SocketAddr::from((backend(2).ip, backend(2).port));
+        watch.watch(b2);
+
+        let busy = BusyCores::start(2, BUSY_MAX);
+        let (mut bounds, mut off_cpu) = (Vec::with_capacity(CHANGES), 0);
+        for i in 0..CHANGES {
+            let (c, started, _) = change(&mut rules, &mut rx, &clock, i % 2 == 0).await;
+            assert_eq!((c.endpoint, c.detector), (b2, detector), "{mode}");
+            let send = sends.send_around(c.time).unwrap_or_else(|| {
+                panic!(
+                    "{mode} change {i}: stamp {} outside every sendmsg of the writers",
+                    c.time
+                )
+            });
+            assert!(
+                send.entered >= started && send.ret > 0,
+                "{mode} change {i}: the sendmsg around the stamp ({send:?}) is not this write's batch"
+            );
+            bounds.push(c.time - send.entered);
+            off_cpu = off_cpu.max(send.off_cpu_ns);
+        }
+        drop(busy);
+        bounds.sort_unstable();
+        eprintln!(
+            "{mode}: {CHANGES} changes with every core busy, each stamped inside the writer's sendmsg; stamp - entry p50 {:.3} ms, max {:.3} ms (the writer off CPU in its call: at most {:.3} ms)",
+            ms(bounds[CHANGES / 2]),
+            ms(bounds[CHANGES - 1]),
+            off_cpu as f64 / 1e6
+        );
+        drop(watch);
+        rules.cleanup().unwrap();
+    }
 }
 
 /// A client connection to the VIP: connect() called, returned, and the

@@ -16,7 +16,7 @@
 //!
 //! Needs root and the binaries of the workspace next to this test's
 //! executable (`cargo test --workspace` builds them; or
-//! `cargo build --workspace --exclude observer-ebpf --exclude lab-sock-lb-ebpf --bins`).
+//! `cargo build --workspace --exclude observer-ebpf --exclude lab-sock-lb-ebpf --exclude lab-commit-clock-ebpf --bins`).
 
 mod common;
 

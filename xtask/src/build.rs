@@ -25,6 +25,8 @@ pub fn run(args: &BuildArgs) -> Result<()> {
         "observer-ebpf",
         "--exclude",
         "lab-sock-lb-ebpf",
+        "--exclude",
+        "lab-commit-clock-ebpf",
         "--bins",
     ]);
     if args.release {

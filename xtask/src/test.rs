@@ -104,6 +104,8 @@ fn run_host(args: &TestArgs) -> Result<()> {
                 "observer-ebpf",
                 "--exclude",
                 "lab-sock-lb-ebpf",
+                "--exclude",
+                "lab-commit-clock-ebpf",
                 "--bins",
             ]),
     )?;
@@ -117,6 +119,8 @@ fn run_host(args: &TestArgs) -> Result<()> {
             "observer-ebpf",
             "--exclude",
             "lab-sock-lb-ebpf",
+            "--exclude",
+            "lab-commit-clock-ebpf",
             "--no-fail-fast",
         ])
         .args(&args.cargo_args);

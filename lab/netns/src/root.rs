@@ -23,13 +23,23 @@ fn nix_free_geteuid() -> u32 {
 /// return early (skipped). Panics when root is required but missing.
 #[must_use]
 pub fn root_or_skip(test: &str) -> bool {
-    if is_root() {
-        return true;
-    }
+    is_root()
+        || skip(
+            test,
+            "needs root (eBPF, network namespaces); run `sudo cargo xtask test`",
+        )
+}
+
+/// For a test that cannot run here, for `why` (a hook this kernel lacks):
+/// prints the reason and returns false (the test returns early, skipped),
+/// or panics where the root tests are required, so that a missing hook
+/// can never pass silently there.
+#[must_use]
+pub fn skip(test: &str, why: &str) -> bool {
     if std::env::var_os(REQUIRE_ROOT_ENV).is_some() {
-        panic!("{test} needs root (eBPF, network namespaces) and {REQUIRE_ROOT_ENV} is set");
+        panic!("{test}: {why}, and {REQUIRE_ROOT_ENV} is set");
     }
-    eprintln!("skipped {test}: needs root; run `sudo cargo xtask test`");
+    eprintln!("skipped {test}: {why}");
     false
 }
 
