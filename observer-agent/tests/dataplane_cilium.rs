@@ -20,8 +20,8 @@ use std::{
 
 use lab::{
     cilium::{
-        Bpffs, ServiceMapsWriter, update_elem,
-        writer::{MasterWritten, create_pinned},
+        Bpffs, ServiceMapsWriter,
+        writer::{MasterWritten, create_pinned, io_error, typed},
     },
     root::root_or_skip,
 };
@@ -336,9 +336,18 @@ fn the_agents_descriptors_refuse_writes() {
         .lookup(master.as_slice())
         .unwrap()
         .expect("the master is there");
+    // SAFETY: the map's descriptor, open for this whole block.
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(map.raw_fd()) };
-    let err =
-        update_elem(fd, master.as_slice(), &[0u8; 12]).expect_err("a read-only fd refuses updates");
+    let mut through_it = typed::<[u8; 12], [u8; 12]>(
+        aya::maps::MapData::from_fd(fd.try_clone_to_owned().unwrap()).unwrap(),
+    )
+    .unwrap();
+    let key: [u8; 12] = master.as_slice().try_into().unwrap();
+    let err = io_error(
+        through_it
+            .insert(key, [0u8; 12], 0)
+            .expect_err("a read-only fd refuses updates"),
+    );
     assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
     assert_eq!(map.lookup(master.as_slice()).unwrap(), Some(before));
     let maps = CiliumMaps::open(fs.path()).unwrap();
