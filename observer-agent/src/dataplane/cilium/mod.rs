@@ -256,6 +256,11 @@ impl CiliumDetector {
             }
         };
         match learnt {
+            Learnt::Known(FdKind::Other) => {
+                // The kernel's LRU entry was evicted: mark it again.
+                self.tell_kernel(write, FdKind::Other);
+                Some(FdKind::Other)
+            }
             Learnt::Known(kind) => Some(kind),
             Learnt::Unknown => None,
             Learnt::New { kind, missed_since } => {
@@ -265,17 +270,21 @@ impl CiliumDetector {
                     ?kind,
                     "Cilium: writer's map descriptor classified"
                 );
-                let followed = kind != FdKind::Other;
-                if let Some(events) = &mut self.events
-                    && let Err(e) = events.classify(write.tgid, write.map_fd, followed)
-                {
-                    warn!(error = %e, "Cilium: the tracepoint does not know the descriptor's kind");
-                }
+                self.tell_kernel(write, kind);
                 if let Some(first) = missed_since {
                     self.stale(first);
                 }
                 Some(kind)
             }
+        }
+    }
+
+    /// Tells the programs the kind of the descriptor `write` went to.
+    fn tell_kernel(&mut self, write: &MapWrite, kind: FdKind) {
+        if let Some(events) = &mut self.events
+            && let Err(e) = events.classify(write.tgid, write.map_fd, kind != FdKind::Other)
+        {
+            warn!(error = %e, "Cilium: the tracepoint does not know the descriptor's kind");
         }
     }
 
