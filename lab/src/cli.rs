@@ -38,8 +38,9 @@ const MEASURE_SECONDS: u64 = 10;
 
 #[derive(Args, Debug, Clone)]
 pub struct LabArgs {
-    /// Nodes (network namespaces with their own dataplane and agent).
-    #[arg(long, default_value_t = 3)]
+    /// Nodes (network namespaces with their own dataplane and agent); the
+    /// default gives each default mode one.
+    #[arg(long, default_value_t = 4)]
     pub nodes: usize,
     /// Replicas of the Service `default/web`.
     #[arg(long, default_value_t = 8)]
@@ -59,7 +60,7 @@ pub struct LabArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "nftables,iptables-nft,iptables-legacy"
+        default_value = "nftables,iptables-nft,iptables-legacy,cilium"
     )]
     pub modes: Vec<Mode>,
     /// Requests per second of each client; every node runs one client that

@@ -20,13 +20,12 @@ use serde_json::Value;
 /// leftovers can be found whatever their parent has become.
 const TAG_ENV: &str = "LAB_CLI_TEST_TAG";
 
-/// Small enough for a few tens of seconds per run; one node per kube-proxy
-/// mode (the default run's); kube-proxy alone, with
-/// delays under the folklore 5 s, so the baseline rollout runs with
-/// preStop 0.
+/// Small enough for a few tens of seconds per run; one node per mode (the
+/// default run's), with delays under the folklore 5 s, so the baseline
+/// rollout runs with preStop 0.
 const SMALL: &[&str] = &[
     "--nodes",
-    "3",
+    "4",
     "--pods",
     "3",
     "--deletions",
@@ -324,7 +323,7 @@ fn lab_run_reports_the_three_rollouts_and_leaves_nothing_behind() {
     // The default modes, one node each.
     assert_eq!(
         modes,
-        ["nftables", "iptables-nft", "iptables-legacy"],
+        ["nftables", "iptables-nft", "iptables-legacy", "cilium"],
         "{report}"
     );
 
@@ -489,7 +488,12 @@ fn lab_run_hold_prints_hey_commands_that_work_against_the_lab() {
     let mut run = LabRun::start("cli-hold", &["--hold", "120s"]);
     run.wait_for("stderr", "holding the lab", Duration::from_secs(120));
     let lines = hey_lines(&run.output("stdout"));
-    assert_eq!(lines.len(), 3, "one per node\n{}", run.outputs());
+    assert_eq!(
+        lines.len(),
+        4,
+        "one per node (the default)\n{}",
+        run.outputs()
+    );
     // Exactly the printed commands, from every node at once.
     let heys: Vec<_> = lines
         .iter()

@@ -37,8 +37,8 @@ async fn measured_propagation_matches_injected_and_the_recommendation_loses_noth
     }
     let _serial = common::SERIAL.lock().await;
     // The recommendation covers the slow tail only if the measured
-    // deletions drew an outlier: 6 deletions x 3 nodes miss a 25 % outlier
-    // with probability 0.75^18 (0.6 %), 3 deletions with 7.5 %. (Delays are
+    // deletions drew an outlier: 6 deletions x 4 nodes miss a 25 % outlier
+    // with probability 0.75^24 (0.1 %), 3 deletions with 3.2 %. (Delays are
     // drawn in event order, so the seed alone does not fix them.)
     let (mut lab, observer) = common::start(
         "accuracy",
@@ -120,9 +120,9 @@ async fn a_cilium_node_is_measured_inside_its_master_write() {
             // Two cilium nodes: each agent follows its own node's writer.
             nodes: 2,
             modes: vec![Mode::Cilium, Mode::Cilium],
-            // Delays above the agent's lag in learning of a deletion: a
-            // cutover before it is not measured (README).
-            ..common::lab_config("300ms..900ms", ShutdownMode::Graceful, 19)
+            // Delays from 20 ms: a cutover before the agent learns of the
+            // deletion is reported when its watch starts, with its own time.
+            ..common::lab_config("20ms..700ms", ShutdownMode::Graceful, 19)
         },
         Duration::from_secs(10),
     )

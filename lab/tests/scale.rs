@@ -3,7 +3,9 @@
 //! default end-to-end test, and a second rollout with the recommended
 //! preStop that loses nothing. It guards what breaks first as the lab
 //! grows: the aggregator's answers (pages of summaries, per-deletion
-//! detail), the lab's own bookkeeping, and the agents at ten nodes.
+//! detail), the lab's own bookkeeping, and the agents at ten nodes. The
+//! nodes cycle through the four dataplane modes (node-3 and node-7 are
+//! cilium).
 
 mod common;
 

@@ -11,6 +11,7 @@ mod common;
 use std::time::Duration;
 
 use lab::{
+    kubeproxy::Mode,
     scenario::{LabConfig, RolloutResult},
     server::ShutdownMode,
     startup::{self, NewPodReport, StartBehaviour},
@@ -155,7 +156,7 @@ async fn a_server_listening_before_ready_yields_no_finding() {
         "{rollout:?}"
     );
     assert!(
-        rollout.max_nodes_affected <= 3,
+        rollout.max_nodes_affected <= Mode::ALL.len() as u64,
         "more nodes than the lab has: {rollout:?}"
     );
     let off = inaccurate(&pods);

@@ -5,7 +5,8 @@
 //! The claims: a backend moved to the inactive tail is reported removed at
 //! the master's write, inside the writer's syscall (tracepoint) or within
 //! one poll interval after it (polling); moved back, added; a write to an
-//! unrelated frontend, nothing; descriptors the agent opens refuse writes;
+//! unrelated frontend, nothing; a removal or an addition before the watch
+//! starts, at the watch with the master write's time; descriptors the agent opens refuse writes;
 //! an unknown layout is refused by name, in `probe` too, and the other
 //! detectors keep running.
 
@@ -18,7 +19,10 @@ use std::{
 };
 
 use lab::{
-    cilium::{Bpffs, ServiceMapsWriter, update_elem, writer::create_pinned},
+    cilium::{
+        Bpffs, ServiceMapsWriter,
+        writer::{MasterWritten, create_pinned, io_error, typed},
+    },
     root::root_or_skip,
 };
 use observer_agent::{
@@ -86,14 +90,13 @@ fn populated(dir: &Path) -> ServiceMapsWriter {
 }
 
 /// The writer's steps run on a thread named [`WRITER`], one per request.
-type Step =
-    Box<dyn FnOnce(&mut ServiceMapsWriter) -> Option<lab::cilium::writer::MasterWritten> + Send>;
+type Step = Box<dyn FnOnce(&mut ServiceMapsWriter) -> Option<MasterWritten> + Send>;
 
 fn writer_thread(
     mut w: ServiceMapsWriter,
 ) -> (
     mpsc::Sender<Step>,
-    mpsc::Receiver<Option<lab::cilium::writer::MasterWritten>>,
+    mpsc::Receiver<Option<MasterWritten>>,
     std::thread::JoinHandle<()>,
 ) {
     let (step_tx, step_rx) = mpsc::channel::<Step>();
@@ -126,16 +129,45 @@ fn next_rules(rx: &mut Receiver<Observation>, within: Duration) -> Option<(bool,
     None
 }
 
-/// Moves pod 1 to the tail and back, writes the other frontend, then moves
-/// pod 1 out and deletes it; checks every report against the master writes.
-fn follow_the_writer(force_polling: bool) {
-    let fs = Bpffs::mount("cilium-detector").expect("a private bpffs mounts");
-    let w = populated(fs.path());
+/// Whether `change` is timed by the master write `m`: inside its syscall
+/// (tracepoint) or within a few poll intervals after it (polling).
+fn check(change: &RulesChange, m: MasterWritten, force_polling: bool) {
+    let slack = if force_polling {
+        POLL.as_nanos() as i64 * 3
+    } else {
+        0
+    };
+    let t = change.time.as_nanos();
+    assert!(
+        t >= m.before.as_nanos() - CLOCK_TOLERANCE_NS
+            && t <= m.after.as_nanos() + CLOCK_TOLERANCE_NS + slack,
+        "{change:?} outside the master write {m:?} (+{slack} ns)"
+    );
+    let precision = change.precision_ns as i64;
+    if force_polling {
+        assert!(precision >= POLL.as_nanos() as i64 / 2, "{change:?}");
+    } else {
+        assert!(
+            precision <= m.after.as_nanos() - m.before.as_nanos() + CLOCK_TOLERANCE_NS,
+            "precision {precision} ns wider than the syscall {m:?}"
+        );
+    }
+    println!(
+        "{} at {} ns after the master's syscall began, precision {} ns",
+        if force_polling { "poll" } else { "tracepoint" },
+        t - m.before.as_nanos(),
+        change.precision_ns
+    );
+}
+
+/// Loads the eBPF object and starts the dataplane detectors with the
+/// Cilium one on the maps under `dir`.
+fn start(dir: &Path, force_polling: bool) -> (Kernel, DataplaneWatch, Receiver<Observation>) {
     let mut kernel = Kernel::load(LoadOptions::default()).expect("eBPF loads");
-    let (tx, mut rx) = channel(64);
+    let (tx, rx) = channel(64);
     let mut watch: DataplaneWatch = dataplane::spawn(tx).expect("detectors start");
     let status = watch
-        .follow_cilium(Some(kernel.ebpf_mut()), &options(fs.path(), force_polling))
+        .follow_cilium(Some(kernel.ebpf_mut()), &options(dir, force_polling))
         .expect("the Cilium detector starts");
     if force_polling {
         assert!(matches!(status.timing, CiliumTiming::Polling { .. }));
@@ -147,6 +179,15 @@ fn follow_the_writer(force_polling: bool) {
         );
     }
     assert_eq!(status.maps.len(), 2, "{status:?}");
+    (kernel, watch, rx)
+}
+
+/// Moves pod 1 to the tail and back, writes the other frontend, then moves
+/// pod 1 out and deletes it; checks every report against the master writes.
+fn follow_the_writer(force_polling: bool) {
+    let fs = Bpffs::mount("cilium-detector").expect("a private bpffs mounts");
+    let w = populated(fs.path());
+    let (_kernel, watch, mut rx) = start(fs.path(), force_polling);
     watch.watch(pod(1));
     // The detector picks the watch up within its wait.
     std::thread::sleep(Duration::from_millis(200));
@@ -160,34 +201,7 @@ fn follow_the_writer(force_polling: bool) {
         steps.send(step).unwrap();
         done.recv().unwrap()
     };
-    let slack = if force_polling {
-        POLL.as_nanos() as i64 * 3
-    } else {
-        0
-    };
-    let check = |change: &RulesChange, m: lab::cilium::writer::MasterWritten| {
-        let t = change.time.as_nanos();
-        assert!(
-            t >= m.before.as_nanos() - CLOCK_TOLERANCE_NS
-                && t <= m.after.as_nanos() + CLOCK_TOLERANCE_NS + slack,
-            "{change:?} outside the master write {m:?} (+{slack} ns)"
-        );
-        let precision = change.precision_ns as i64;
-        if force_polling {
-            assert!(precision >= POLL.as_nanos() as i64 / 2, "{change:?}");
-        } else {
-            assert!(
-                precision <= m.after.as_nanos() - m.before.as_nanos() + CLOCK_TOLERANCE_NS,
-                "precision {precision} ns wider than the syscall {m:?}"
-            );
-        }
-        println!(
-            "{} at {} ns after the master's syscall began, precision {} ns",
-            if force_polling { "poll" } else { "tracepoint" },
-            t - m.before.as_nanos(),
-            change.precision_ns
-        );
-    };
+    let check = |change: &RulesChange, m: MasterWritten| check(change, m, force_polling);
 
     let m = write(Box::new(|w| {
         w.write_frontend(frontend(10), 1, &[2], &[1]).ok()
@@ -252,6 +266,63 @@ fn without_the_tracepoint_a_poll_finds_the_same_changes() {
     follow_the_writer(true);
 }
 
+/// The cutover happens before the agent learns the pod is terminating, and
+/// a new backend is routed to before the agent learns it is ready: the
+/// watches that start later get both with the master writes' kernel times.
+#[test]
+fn changes_before_the_watch_are_reported_at_the_watch_with_their_time() {
+    if !root_or_skip("changes_before_the_watch_are_reported_at_the_watch_with_their_time") {
+        return;
+    }
+    let fs = Bpffs::mount("cilium-earlier").expect("a private bpffs mounts");
+    let w = populated(fs.path());
+    let (_kernel, watch, mut rx) = start(fs.path(), false);
+    // The detector's first read of the maps.
+    std::thread::sleep(Duration::from_millis(200));
+    let (steps, done, handle) = writer_thread(w);
+    let write = |step: Step| {
+        steps.send(step).unwrap();
+        done.recv().unwrap()
+    };
+
+    let removed = write(Box::new(|w| {
+        w.write_frontend(frontend(10), 1, &[2], &[1]).ok()
+    }))
+    .unwrap();
+    let added = write(Box::new(|w| {
+        w.upsert_backend(4, &backend(pod(4))).unwrap();
+        w.write_frontend(frontend(10), 1, &[2, 4], &[1]).ok()
+    }))
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        next_rules(&mut rx, Duration::ZERO).is_none(),
+        "nothing watched: nothing reported"
+    );
+
+    watch.watch(pod(1));
+    let (was_added, change) =
+        next_rules(&mut rx, Duration::from_secs(1)).expect("the earlier removal reported");
+    assert!(!was_added);
+    assert_eq!(change.endpoint, pod(1));
+    check(&change, removed, false);
+
+    watch.watch_added(pod(4));
+    let (was_added, change) =
+        next_rules(&mut rx, Duration::from_secs(1)).expect("the earlier addition reported");
+    assert!(was_added);
+    assert_eq!(change.endpoint, pod(4));
+    check(&change, added, false);
+
+    watch.watch(pod(2));
+    assert!(
+        next_rules(&mut rx, Duration::from_millis(100)).is_none(),
+        "selected all along: nothing to report"
+    );
+    drop(steps);
+    handle.join().unwrap();
+}
+
 #[test]
 fn the_agents_descriptors_refuse_writes() {
     if !root_or_skip("the_agents_descriptors_refuse_writes") {
@@ -265,9 +336,18 @@ fn the_agents_descriptors_refuse_writes() {
         .lookup(master.as_slice())
         .unwrap()
         .expect("the master is there");
+    // SAFETY: the map's descriptor, open for this whole block.
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(map.raw_fd()) };
-    let err =
-        update_elem(fd, master.as_slice(), &[0u8; 12]).expect_err("a read-only fd refuses updates");
+    let mut through_it = typed::<[u8; 12], [u8; 12]>(
+        aya::maps::MapData::from_fd(fd.try_clone_to_owned().unwrap()).unwrap(),
+    )
+    .unwrap();
+    let key: [u8; 12] = master.as_slice().try_into().unwrap();
+    let err = io_error(
+        through_it
+            .insert(key, [0u8; 12], 0)
+            .expect_err("a read-only fd refuses updates"),
+    );
     assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
     assert_eq!(map.lookup(master.as_slice()).unwrap(), Some(before));
     let maps = CiliumMaps::open(fs.path()).unwrap();

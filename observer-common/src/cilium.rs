@@ -413,45 +413,73 @@ pub const EXIT_RET_OFFSET: usize = 16;
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CiliumStat {
-    /// Element writes by the writer that the program read.
+    /// Element writes by the writer that the program looked at.
     WriterWrites = 0,
-    /// Writes whose key matched a watched master.
-    Matched = 1,
-    /// Writer's writes whose attr or key could not be read from user
-    /// memory (not resident): such a write is missed, the poll catches it.
+    /// Writes sent to the agent (to a service or backends map, or to a
+    /// map not classified yet).
+    Sent = 1,
+    /// Writer's writes whose attr, key or value could not be read from
+    /// user memory (not resident): such a write is missed, the agent
+    /// re-reads the maps.
     Unreadable = 2,
-    /// Matched writes lost: the ring was full or the pending table was.
+    /// Writes lost: the ring was full or the pending table was.
     Lost = 3,
-    /// Batch writes by the writer: their keys are not matched, the poll
-    /// re-reads the watched masters instead.
+    /// Batch writes by the writer: their keys are not read, the agent
+    /// re-reads the maps instead.
     Batches = 4,
+    /// Writer's writes to a map the agent classified as none of its own:
+    /// dropped after one lookup, before any user memory is read.
+    OtherMaps = 5,
 }
 
 impl CiliumStat {
-    pub const ALL: [CiliumStat; 5] = [
+    pub const ALL: [CiliumStat; 6] = [
         CiliumStat::WriterWrites,
-        CiliumStat::Matched,
+        CiliumStat::Sent,
         CiliumStat::Unreadable,
         CiliumStat::Lost,
         CiliumStat::Batches,
+        CiliumStat::OtherMaps,
     ];
+
+    /// Counters that mean a write of a followed map may have been missed.
+    pub const fn is_loss(self) -> bool {
+        matches!(
+            self,
+            CiliumStat::Unreadable | CiliumStat::Lost | CiliumStat::Batches
+        )
+    }
 }
 
-pub const CILIUM_STATS_LEN: u32 = 5;
+pub const CILIUM_STATS_LEN: u32 = 6;
 
 /// Offsets in the user's `union bpf_attr` of the element commands.
 pub const ATTR_MAP_FD: usize = 0;
 pub const ATTR_KEY: usize = 8;
 pub const ATTR_VALUE: usize = 16;
 
-/// Watched master keys the program holds (the map's capacity).
-pub const MAX_WATCHED_MASTERS: u32 = 8192;
+/// The longest value read from a write ([`BACKEND_MAX`]; a service value
+/// is [`SERVICE_VALUE_LEN`]).
+pub const VALUE_MAX: usize = BACKEND_MAX;
 
-/// Key of the watched-masters map: a master key in its map bytes, IPv4
-/// ones zero-padded to [`KEY_MAX`].
-pub type MasterKey = [u8; KEY_MAX];
+/// Key of the map of the writer's descriptors (`CILIUM_FDS`): its process
+/// in the high half, the descriptor in the low.
+pub const fn fd_key(tgid: u32, fd: u32) -> u64 {
+    ((tgid as u64) << 32) | fd as u64
+}
 
-/// Threads with a matching write in flight the program can follow at once.
+/// What a descriptor of the writer is, as the agent classified it; a
+/// descriptor not in the map is not classified yet, and its writes are
+/// sent for the agent to classify.
+pub const FD_FOLLOWED: u8 = 1;
+/// Not one of the service maps: its writes are dropped in the kernel.
+pub const FD_OTHER: u8 = 2;
+
+/// Descriptors the map of the writer's descriptors holds (LRU: a
+/// restarted writer's old ones age out).
+pub const MAX_WRITER_FDS: u32 = 4096;
+
+/// Threads with a write in flight the program can follow at once.
 pub const MAX_PENDING_WRITES: u32 = 1024;
 
 /// The writer to follow: threads whose `comm` starts with `comm` (its
@@ -496,11 +524,11 @@ impl WriterFilter {
     }
 }
 
-/// One write by the writer to a watched master, seen at the syscall's
-/// entry and exit on one thread.
+/// One element write by the writer to a map not known to be another's,
+/// seen at the syscall's entry and exit on one thread.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MasterWrite {
+pub struct MapWrite {
     /// bpf_ktime_get_ns (CLOCK_MONOTONIC) at sys_enter_bpf.
     pub enter_ns: u64,
     /// bpf_ktime_get_ns at sys_exit_bpf: the new value is visible to
@@ -512,25 +540,27 @@ pub struct MasterWrite {
     pub tid: u32,
     /// [`BPF_MAP_UPDATE_ELEM`] or [`BPF_MAP_DELETE_ELEM`].
     pub cmd: u32,
-    /// The writer's map fd (in the writer's table: informative only).
+    /// The writer's map descriptor (in the writer's table).
     pub map_fd: u32,
-    /// The master key written ([`MasterKey`]).
-    pub key: MasterKey,
-    /// For an update, the value's `count` and `qcount`.
-    pub count: u16,
-    pub qcount: u16,
-    pub _pad: u32,
+    /// The key's first bytes: [`KEY_MAX`], or as many of 12 and 4 as
+    /// could be read (`key_len`).
+    pub key: [u8; KEY_MAX],
+    /// For an update, the value's first bytes (`value_len` of them).
+    pub value: [u8; VALUE_MAX],
+    pub key_len: u8,
+    pub value_len: u8,
+    pub _pad: [u8; 6],
 }
 
-/// Ring buffer of [`MasterWrite`]s: thousands of master writes in flight
-/// during a full resync of a large cluster.
-pub const MASTER_WRITES_BYTES: u32 = 256 * 1024;
+/// Ring buffer of [`MapWrite`]s: a full resync of a large cluster writes
+/// tens of thousands of entries; a lost write makes the agent re-read.
+pub const MAP_WRITES_BYTES: u32 = 1 << 20;
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for WriterFilter {}
 
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for MasterWrite {}
+unsafe impl aya::Pod for MapWrite {}
 
 #[cfg(test)]
 mod tests {

@@ -1,13 +1,15 @@
-//! `syscalls/sys_enter_bpf` and `sys_exit_bpf`: Cilium's writes of the
-//! masters of watched frontends (observer-common `cilium.rs`), stamped with
-//! the kernel time at the syscall's entry and exit.
+//! `syscalls/sys_enter_bpf` and `sys_exit_bpf`: the writer's element
+//! writes to Cilium's service and backends maps (observer-common
+//! `cilium.rs`), stamped with the kernel time at the syscall's entry and
+//! exit, for the agent's mirror of those maps.
 //!
 //! Every bpf() syscall on the machine runs these programs, so the cheap
 //! checks come first: the command (a context load), then the writer's
-//! identity (its `comm`, and process when set); only the writer's element
-//! writes get their attr and key read from user memory, and only a key
-//! that is a watched master (one hash lookup) is kept until the exit, per
-//! thread, and then sent with the syscall's result.
+//! identity (its `comm`, and process when set), then the written map's
+//! descriptor (one read of user memory and one hash lookup): the agent
+//! marks the descriptors of the writer's other maps, whose writes stop
+//! here. Only the rest get their key and value read, kept per thread until
+//! the exit, and sent with the syscall's result.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -16,15 +18,14 @@ use aya_ebpf::{
         bpf_probe_read_user_buf,
     },
     macros::{map, tracepoint},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use observer_common::cilium::{
     ATTR_KEY, ATTR_MAP_FD, ATTR_VALUE, BPF_MAP_DELETE_BATCH, BPF_MAP_DELETE_ELEM,
     BPF_MAP_UPDATE_BATCH, BPF_MAP_UPDATE_ELEM, CILIUM_STATS_LEN, CiliumStat, ENTER_CMD_OFFSET,
-    ENTER_UATTR_OFFSET, EXIT_RET_OFFSET, KEY_MAX, MASTER_WRITES_BYTES, MAX_PENDING_WRITES,
-    MAX_WATCHED_MASTERS, MasterKey, MasterWrite, SERVICE_COUNT_OFFSET, SERVICE_QCOUNT_OFFSET,
-    SERVICE_VALUE_LEN, WriterFilter,
+    ENTER_UATTR_OFFSET, EXIT_RET_OFFSET, FD_OTHER, KEY_MAX, MAP_WRITES_BYTES, MAX_PENDING_WRITES,
+    MAX_WRITER_FDS, MapWrite, SERVICE_VALUE_LEN, VALUE_MAX, WriterFilter, fd_key,
 };
 
 use crate::record::ctx_load;
@@ -33,18 +34,18 @@ use crate::record::ctx_load;
 #[map]
 pub static CILIUM_WRITER: Array<WriterFilter> = Array::with_max_entries(1, 0);
 
-/// Masters of the watched frontends, kept by the agent.
+/// The writer's descriptors the agent classified ([`fd_key`] ->
+/// `FD_FOLLOWED` / `FD_OTHER`).
 #[map]
-pub static CILIUM_MASTERS: HashMap<MasterKey, u8> =
-    HashMap::with_max_entries(MAX_WATCHED_MASTERS, 0);
+pub static CILIUM_FDS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(MAX_WRITER_FDS, 0);
 
-/// Matching writes between their entry and exit, by thread id.
+/// Writes between their entry and exit, by thread id.
 #[map]
-pub static CILIUM_PENDING: HashMap<u32, MasterWrite> =
+pub static CILIUM_PENDING: HashMap<u32, MapWrite> =
     HashMap::with_max_entries(MAX_PENDING_WRITES, 0);
 
 #[map]
-pub static CILIUM_WRITES: RingBuf = RingBuf::with_byte_size(MASTER_WRITES_BYTES, 0);
+pub static CILIUM_WRITES: RingBuf = RingBuf::with_byte_size(MAP_WRITES_BYTES, 0);
 
 #[map]
 pub static CILIUM_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CILIUM_STATS_LEN, 0);
@@ -87,66 +88,66 @@ pub fn cilium_bpf_enter(ctx: TracePointContext) -> u32 {
     }
     count(CiliumStat::WriterWrites);
     let uattr = ctx_load!(ctx.as_ptr(), u64, ENTER_UATTR_OFFSET);
-    let _ = enter(uattr, cmd, pid_tgid);
+    if enter(uattr, cmd, pid_tgid).is_err() {
+        count(CiliumStat::Unreadable);
+    }
     0
 }
 
-/// Reads the write's attr and key; keeps it when the key is a watched master.
+/// Reads `out.len()` bytes at `ptr`, else the first `short` of them (a
+/// shorter key or value at the end of a page); returns how many were read.
 #[inline(always)]
-fn enter(uattr: u64, cmd: u32, pid_tgid: u64) -> Result<(), i32> {
-    let unreadable = |e| {
-        count(CiliumStat::Unreadable);
-        e
-    };
+fn read_prefix(ptr: u64, out: &mut [u8], short: usize) -> Result<u8, i64> {
     // SAFETY: user memory read with the helper, which checks the address.
-    let (map_fd, key_ptr) = unsafe {
-        (
-            bpf_probe_read_user((uattr + ATTR_MAP_FD as u64) as *const u32).map_err(unreadable)?,
-            bpf_probe_read_user((uattr + ATTR_KEY as u64) as *const u64).map_err(unreadable)?,
-        )
-    };
-    let mut key: MasterKey = [0; KEY_MAX];
-    // An IPv4 key is the first 12 bytes (zero-padded in the map of
-    // masters); an IPv6 key all 24. The 12 bytes come first so that a
-    // 12-byte key at the end of a page is still read.
-    unsafe { bpf_probe_read_user_buf(key_ptr as *const u8, &mut key[..12]).map_err(unreadable)? };
-    if unsafe { CILIUM_MASTERS.get(key) }.is_none() {
-        unsafe {
-            bpf_probe_read_user_buf(key_ptr as *const u8, &mut key).map_err(unreadable)?;
+    unsafe {
+        if bpf_probe_read_user_buf(ptr as *const u8, out).is_ok() {
+            return Ok(out.len() as u8);
         }
-        if unsafe { CILIUM_MASTERS.get(key) }.is_none() {
-            return Ok(());
-        }
+        bpf_probe_read_user_buf(ptr as *const u8, &mut out[..short])?;
     }
-    count(CiliumStat::Matched);
-    let mut write = MasterWrite {
-        enter_ns: unsafe { bpf_ktime_get_ns() },
+    Ok(short as u8)
+}
+
+/// Reads the write's attr, and its key and value unless the map is one the
+/// agent does not follow; keeps it until the exit.
+#[inline(always)]
+fn enter(uattr: u64, cmd: u32, pid_tgid: u64) -> Result<(), i64> {
+    let tgid = (pid_tgid >> 32) as u32;
+    // SAFETY: user memory read with the helper, which checks the address.
+    let map_fd = unsafe { bpf_probe_read_user((uattr + ATTR_MAP_FD as u64) as *const u32)? };
+    if unsafe { CILIUM_FDS.get(&fd_key(tgid, map_fd)) } == Some(&FD_OTHER) {
+        count(CiliumStat::OtherMaps);
+        return Ok(());
+    }
+    let mut write = MapWrite {
+        enter_ns: 0,
         exit_ns: 0,
         ret: 0,
-        tgid: (pid_tgid >> 32) as u32,
+        tgid,
         tid: pid_tgid as u32,
         cmd,
         map_fd,
-        key,
-        count: 0,
-        qcount: 0,
-        _pad: 0,
+        key: [0; KEY_MAX],
+        value: [0; VALUE_MAX],
+        key_len: 0,
+        value_len: 0,
+        _pad: [0; 6],
     };
+    let key_ptr: u64 = unsafe { bpf_probe_read_user((uattr + ATTR_KEY as u64) as *const u64)? };
+    // An IPv6 service key has 24 bytes, an IPv4 one 12, a backend id 4:
+    // the longest that reads, then the IPv4 length; a backend id at the
+    // end of a page is missed (counted unreadable: the agent re-reads).
+    write.key_len = read_prefix(key_ptr, &mut write.key, 12)?;
     if cmd == BPF_MAP_UPDATE_ELEM {
-        let mut value = [0u8; SERVICE_VALUE_LEN];
-        unsafe {
-            let value_ptr: u64 = bpf_probe_read_user((uattr + ATTR_VALUE as u64) as *const u64)
-                .map_err(unreadable)?;
-            bpf_probe_read_user_buf(value_ptr as *const u8, &mut value).map_err(unreadable)?;
-        }
-        let c = SERVICE_COUNT_OFFSET;
-        let q = SERVICE_QCOUNT_OFFSET;
-        write.count = u16::from_ne_bytes([value[c], value[c + 1]]);
-        write.qcount = u16::from_ne_bytes([value[q], value[q + 1]]);
+        let value_ptr: u64 =
+            unsafe { bpf_probe_read_user((uattr + ATTR_VALUE as u64) as *const u64)? };
+        write.value_len = read_prefix(value_ptr, &mut write.value, SERVICE_VALUE_LEN)?;
     }
-    CILIUM_PENDING
-        .insert(write.tid, write, 0)
-        .inspect_err(|_| count(CiliumStat::Lost))
+    write.enter_ns = unsafe { bpf_ktime_get_ns() };
+    if CILIUM_PENDING.insert(&write.tid, &write, 0).is_err() {
+        count(CiliumStat::Lost);
+    }
+    Ok(())
 }
 
 #[tracepoint]
@@ -155,15 +156,17 @@ pub fn cilium_bpf_exit(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let tid = pid_tgid as u32;
-    let Some(pending) = CILIUM_PENDING.get_ptr_mut(tid) else {
+    let Some(pending) = CILIUM_PENDING.get_ptr_mut(&tid) else {
         return 0;
     };
     // SAFETY: this thread's entry; only this thread writes or removes it.
     let mut write = unsafe { *pending };
     write.exit_ns = unsafe { bpf_ktime_get_ns() };
     write.ret = ctx_load!(ctx.as_ptr(), u64, EXIT_RET_OFFSET) as i64;
-    let _ = CILIUM_PENDING.remove(tid);
-    if CILIUM_WRITES.output::<MasterWrite>(&write, 0).is_err() {
+    let _ = CILIUM_PENDING.remove(&tid);
+    if CILIUM_WRITES.output::<MapWrite>(&write, 0).is_ok() {
+        count(CiliumStat::Sent);
+    } else {
         count(CiliumStat::Lost);
     }
     0

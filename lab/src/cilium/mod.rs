@@ -12,4 +12,4 @@ pub mod writer;
 
 pub use bpffs::Bpffs;
 pub use sock_lb::{SockLb, SockLbError};
-pub use writer::{ServiceMapsWriter, WriterThread, update_elem};
+pub use writer::{ServiceMapsWriter, WriterThread};

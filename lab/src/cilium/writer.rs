@@ -4,125 +4,125 @@
 //! past the new total deleted; a backend that leaves the EndpointSlice is
 //! deleted from the backends map before its frontend is rewritten.
 
-use std::{
-    collections::HashMap,
-    ffi::CString,
-    io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
-    path::Path,
-};
+use std::{collections::HashMap, io, path::Path};
 
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
 use observer_common::cilium::{
-    self, Backend, Family, Frontend, MapShape, ServiceKey, ServiceValue,
+    self, Backend, Family, Frontend, MapShape, SERVICE_VALUE_LEN, ServiceKey, ServiceValue,
 };
 use observer_proto::UnixNanos;
 
-const BPF_MAP_CREATE: u32 = 0;
-const BPF_MAP_UPDATE_ELEM: u32 = 2;
-const BPF_MAP_DELETE_ELEM: u32 = 3;
-const BPF_OBJ_PIN: u32 = 6;
 /// Cilium's CONDITIONAL_PREALLOC on kernels without map preallocation.
 const BPF_F_NO_PREALLOC: u32 = 1;
 /// Cilium's default CILIUM_LB_MAP_MAX_ENTRIES.
 pub const MAX_ENTRIES: u32 = 65_536;
 
-#[repr(C)]
-#[derive(Default)]
-struct CreateAttr {
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    map_flags: u32,
-    inner_map_fd: u32,
-    numa_node: u32,
-    map_name: [u8; 16],
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct PinAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-}
-
-fn bpf<T>(cmd: u32, attr: &mut T) -> io::Result<i64> {
-    // SAFETY: `attr` is a live UAPI attr of its size.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T as *mut libc::c_void,
-            size_of::<T>() as libc::c_uint,
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
+/// The syscall's error where there is one: callers test its errno.
+pub fn io_error(e: MapError) -> io::Error {
+    match e {
+        MapError::SyscallError(s) => s.io_error,
+        other => io::Error::other(other),
     }
 }
 
-/// Creates a map of `shape` and pins it as `dir/name`.
-pub fn create_pinned(dir: &Path, name: &str, shape: MapShape) -> io::Result<OwnedFd> {
-    let mut map_name = [0u8; 16];
-    let short = &name.as_bytes()[..name.len().min(15)];
-    map_name[..short.len()].copy_from_slice(short);
-    let mut attr = CreateAttr {
-        map_type: shape.map_type,
-        key_size: shape.key_size,
-        value_size: shape.value_size,
-        max_entries: MAX_ENTRIES,
-        map_flags: BPF_F_NO_PREALLOC,
-        map_name,
-        ..Default::default()
-    };
-    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
-    // SAFETY: a new descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let path = CString::new(dir.join(name).into_os_string().into_encoded_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
-    let mut pin = PinAttr {
-        pathname: path.as_ptr() as u64,
-        bpf_fd: fd.as_raw_fd() as u32,
-        file_flags: 0,
-    };
-    bpf(BPF_OBJ_PIN, &mut pin)?;
-    Ok(fd)
+/// Creates a map of `shape` and pins it as `dir/name` (the kernel keeps the
+/// name's first 15 bytes).
+pub fn create_pinned(dir: &Path, name: &str, shape: MapShape) -> io::Result<MapData> {
+    let obj = aya_obj::Map::new_from_params(
+        shape.map_type,
+        shape.key_size,
+        shape.value_size,
+        MAX_ENTRIES,
+        BPF_F_NO_PREALLOC,
+    );
+    let map = MapData::create(obj, name, None).map_err(io_error)?;
+    map.pin(dir.join(name)).map_err(io::Error::other)?;
+    Ok(map)
 }
 
-/// One `BPF_MAP_UPDATE_ELEM` on `fd`.
-pub fn update_elem(fd: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
-    let mut attr = ElemAttr {
-        map_fd: fd.as_raw_fd() as u32,
-        key: key.as_ptr() as u64,
-        value: value.as_ptr() as u64,
-        ..Default::default()
-    };
-    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+/// A pinned hash map, typed by its key and value sizes.
+pub fn typed<K: aya::Pod, V: aya::Pod>(map: MapData) -> io::Result<BpfHashMap<MapData, K, V>> {
+    BpfHashMap::try_from(Map::HashMap(map)).map_err(io_error)
 }
 
-fn delete_elem(fd: BorrowedFd<'_>, key: &[u8]) -> io::Result<()> {
-    let mut attr = ElemAttr {
-        map_fd: fd.as_raw_fd() as u32,
-        key: key.as_ptr() as u64,
-        ..Default::default()
-    };
-    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+/// One `BPF_MAP_DELETE_ELEM`; a key already gone is no error.
+fn delete<K: aya::Pod, V: aya::Pod>(
+    map: &mut BpfHashMap<MapData, K, V>,
+    key: &K,
+) -> io::Result<()> {
+    match map.remove(key).map_err(io_error) {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        other => other.map(drop),
+        other => other,
     }
+}
+
+fn sized<const N: usize>(what: &str, bytes: &[u8]) -> io::Result<[u8; N]> {
+    bytes.try_into().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} of {} bytes where the map has {N}", bytes.len()),
+        )
+    })
+}
+
+/// One family's maps: the key and value sizes differ by family.
+#[derive(Debug)]
+struct FamilyMaps<const KEY: usize, const BACKEND: usize> {
+    services: BpfHashMap<MapData, [u8; KEY], [u8; SERVICE_VALUE_LEN]>,
+    backends: BpfHashMap<MapData, u32, [u8; BACKEND]>,
+}
+
+impl<const KEY: usize, const BACKEND: usize> FamilyMaps<KEY, BACKEND> {
+    fn create(dir: &Path, family: Family) -> io::Result<Self> {
+        let (services, backends) = match family {
+            Family::V4 => (cilium::SERVICES4, cilium::BACKENDS4),
+            Family::V6 => (cilium::SERVICES6, cilium::BACKENDS6),
+        };
+        Ok(FamilyMaps {
+            services: typed(create_pinned(dir, services.name, services.shape)?)?,
+            backends: typed(create_pinned(dir, backends.name, backends.shape)?)?,
+        })
+    }
+
+    fn update_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> io::Result<()> {
+        let key = sized("service key", key.encode().as_slice())?;
+        self.services
+            .insert(key, value.encode(), 0)
+            .map_err(io_error)
+    }
+
+    fn delete_service(&mut self, key: &ServiceKey) -> io::Result<()> {
+        delete(
+            &mut self.services,
+            &sized("service key", key.encode().as_slice())?,
+        )
+    }
+
+    fn upsert_backend(&mut self, id: u32, backend: &Backend) -> io::Result<()> {
+        let (value, len) = backend.encode();
+        let value = sized("backend", &value[..len])?;
+        self.backends.insert(id, value, 0).map_err(io_error)
+    }
+
+    fn delete_backend(&mut self, id: u32) -> io::Result<()> {
+        delete(&mut self.backends, &id)
+    }
+}
+
+#[derive(Debug)]
+enum Maps {
+    V4(FamilyMaps<12, 12>),
+    V6(FamilyMaps<24, 24>),
+}
+
+/// Calls `$f` on the family's maps, whichever it is.
+macro_rules! either {
+    ($maps:expr, $m:ident => $f:expr) => {
+        match $maps {
+            Maps::V4($m) => $f,
+            Maps::V6($m) => $f,
+        }
+    };
 }
 
 /// When the master's syscall ran, by the wall clock: the cutover is
@@ -133,11 +133,12 @@ pub struct MasterWritten {
     pub after: UnixNanos,
 }
 
-/// One family's services and backends maps, pinned under a directory.
+/// One family's services and backends maps, pinned under a directory;
+/// each write is one `BPF_MAP_UPDATE_ELEM` or `BPF_MAP_DELETE_ELEM` (aya's
+/// hash map API), as Cilium writes them.
 #[derive(Debug)]
 pub struct ServiceMapsWriter {
-    services: OwnedFd,
-    backends: OwnedFd,
+    maps: Maps,
     /// Slots each frontend has now, for the tail deletion.
     totals: HashMap<Frontend, u16>,
 }
@@ -146,24 +147,30 @@ impl ServiceMapsWriter {
     /// Creates and pins `cilium_lb{4,6}_services_v2` and
     /// `cilium_lb{4,6}_backends_v3` under `dir`.
     pub fn create(dir: &Path, family: Family) -> io::Result<ServiceMapsWriter> {
-        let (services, backends) = match family {
-            Family::V4 => (cilium::SERVICES4, cilium::BACKENDS4),
-            Family::V6 => (cilium::SERVICES6, cilium::BACKENDS6),
+        let maps = match family {
+            Family::V4 => Maps::V4(FamilyMaps::create(dir, family)?),
+            Family::V6 => Maps::V6(FamilyMaps::create(dir, family)?),
         };
         Ok(ServiceMapsWriter {
-            services: create_pinned(dir, services.name, services.shape)?,
-            backends: create_pinned(dir, backends.name, backends.shape)?,
+            maps,
             totals: HashMap::new(),
         })
     }
 
-    pub fn upsert_backend(&self, id: u32, backend: &Backend) -> io::Result<()> {
-        let (value, len) = backend.encode();
-        update_elem(self.backends.as_fd(), &id.to_ne_bytes(), &value[..len])
+    pub fn upsert_backend(&mut self, id: u32, backend: &Backend) -> io::Result<()> {
+        either!(&mut self.maps, m => m.upsert_backend(id, backend))
     }
 
-    pub fn delete_backend(&self, id: u32) -> io::Result<()> {
-        delete_elem(self.backends.as_fd(), &id.to_ne_bytes())
+    pub fn delete_backend(&mut self, id: u32) -> io::Result<()> {
+        either!(&mut self.maps, m => m.delete_backend(id))
+    }
+
+    fn update_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> io::Result<()> {
+        either!(&mut self.maps, m => m.update_service(key, value))
+    }
+
+    fn delete_service(&mut self, key: &ServiceKey) -> io::Result<()> {
+        either!(&mut self.maps, m => m.delete_service(key))
     }
 
     /// Rewrites `frontend` with `active` backends then the inactive tail:
@@ -175,7 +182,6 @@ impl ServiceMapsWriter {
         active: &[u32],
         inactive: &[u32],
     ) -> io::Result<MasterWritten> {
-        let fd = self.services.as_fd();
         for (i, id) in active.iter().chain(inactive).enumerate() {
             let key = ServiceKey {
                 frontend,
@@ -186,7 +192,7 @@ impl ServiceMapsWriter {
                 rev_nat_index,
                 ..Default::default()
             };
-            update_elem(fd, key.encode().as_slice(), &value.encode())?;
+            self.update_service(&key, &value)?;
         }
         let master = ServiceValue {
             count: active.len() as u16,
@@ -195,11 +201,7 @@ impl ServiceMapsWriter {
             ..Default::default()
         };
         let before = UnixNanos::now();
-        update_elem(
-            fd,
-            ServiceKey::master(frontend).encode().as_slice(),
-            &master.encode(),
-        )?;
+        self.update_service(&ServiceKey::master(frontend), &master)?;
         let written = MasterWritten {
             before,
             after: UnixNanos::now(),
@@ -207,7 +209,7 @@ impl ServiceMapsWriter {
         let total = (active.len() + inactive.len()) as u16;
         let previous = self.totals.insert(frontend, total).unwrap_or(0);
         for slot in total + 1..=previous {
-            delete_elem(fd, ServiceKey { frontend, slot }.encode().as_slice())?;
+            self.delete_service(&ServiceKey { frontend, slot })?;
         }
         Ok(written)
     }
@@ -215,10 +217,9 @@ impl ServiceMapsWriter {
     /// Deletes the frontend: its master first (no new connection picks a
     /// slot), then its slots.
     pub fn delete_frontend(&mut self, frontend: Frontend) -> io::Result<()> {
-        let fd = self.services.as_fd();
-        delete_elem(fd, ServiceKey::master(frontend).encode().as_slice())?;
+        self.delete_service(&ServiceKey::master(frontend))?;
         for slot in 1..=self.totals.remove(&frontend).unwrap_or(0) {
-            delete_elem(fd, ServiceKey { frontend, slot }.encode().as_slice())?;
+            self.delete_service(&ServiceKey { frontend, slot })?;
         }
         Ok(())
     }

@@ -39,13 +39,10 @@ pub fn binaries(completion_timeout: Duration) -> Binaries {
 
 pub fn lab_config(delay: &str, server_mode: ShutdownMode, seed: u64) -> LabConfig {
     LabConfig {
-        nodes: 3,
+        // One node per mode.
+        nodes: Mode::ALL.len(),
         pods: 3,
-        // Not cilium: its agent-side detector misses a cutover that
-        // precedes the agent's following the endpoint (README, "The lab's
-        // cilium mode"), which a loaded 10-node lab hits; its own e2e test
-        // keeps delays above the agent's lag.
-        modes: Mode::KUBE_PROXY.to_vec(),
+        modes: Mode::ALL.to_vec(),
         delay: delay.parse().expect("delay spec"),
         seed,
         pod_server: pod_server(),

@@ -236,14 +236,15 @@ impl Shared {
         }
     }
 
-    /// What the detectors found selected at their first read (`at`): the
-    /// state the dataplane started in, no change to report.
+    /// What a detector found selected at its first read (`at`): the state
+    /// the dataplane started in, no change to report. The earliest read of
+    /// all detectors is kept.
     fn read_first(&self, selected: Vec<Change>, at: UnixNanos) {
         let mut state = lock(&self.rules, "dataplane rules");
         for change in &selected {
             state.select(change);
         }
-        state.read_at = Some(at);
+        state.read_at.get_or_insert(at);
     }
 
     /// Records every change and reports those of watched endpoints.

@@ -26,6 +26,8 @@ pub enum OpenError {
     Layout { path: PathBuf, source: LayoutError },
     #[error("{present} is pinned but {missing} is not")]
     Half { present: PathBuf, missing: PathBuf },
+    #[error("first read of the maps: {0}")]
+    Read(#[from] ReadError),
 }
 
 /// One family's services and backends maps.
@@ -129,6 +131,8 @@ pub trait ServiceMaps {
     fn services(&self, family: Family) -> Result<Entries<ServiceKey, ServiceValue>, ReadError>;
     /// One services entry.
     fn service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>, ReadError>;
+    /// One backend.
+    fn backend(&self, family: Family, id: u32) -> Result<Option<Backend>, ReadError>;
 }
 
 /// Decoded entries, and how many did not decode (the first error kept):
@@ -231,6 +235,21 @@ impl ServiceMaps for CiliumMaps {
             .map_err(|source| ReadError::Io { map, source })?;
         value
             .map(|v| ServiceValue::decode(&v))
+            .transpose()
+            .map_err(|source| ReadError::Decode { map, source })
+    }
+
+    fn backend(&self, family: Family, id: u32) -> Result<Option<Backend>, ReadError> {
+        let Some(maps) = self.family(family) else {
+            return Ok(None);
+        };
+        let map = specs(family).1.name;
+        let value = maps
+            .backends
+            .lookup(&id.to_ne_bytes())
+            .map_err(|source| ReadError::Io { map, source })?;
+        value
+            .map(|v| Backend::decode(family, &v))
             .transpose()
             .map_err(|source| ReadError::Decode { map, source })
     }

@@ -7,48 +7,53 @@
 //!
 //! - The maps are opened read-only ([`sys`]) and checked against the layout
 //!   observer-common knows ([`maps`]); an unknown layout is refused by name.
-//! - [`model`] finds each watched endpoint's backend ids and the frontends
-//!   whose slots hold them, and re-reads only those after a write.
-//! - [`tracepoint`]: the writer's bpf() syscalls that write a watched
-//!   master, matched in the kernel, timed at the syscall's exit with its
-//!   duration as precision.
-//! - Where the tracepoint cannot attach, the watched masters are polled
-//!   (at most every [`MIN_POLL`]); with the tracepoint, a slow poll
-//!   ([`SAFETY_POLL`]) still catches writes the programs could not read.
+//! - [`mirror`]: a copy of both maps, read whole at the start and kept by
+//!   the writer's writes, and the endpoints they select. Every endpoint is
+//!   followed, watched or not, into the dataplane's recent changes: a
+//!   cutover before the agent learns of the deletion is reported with its
+//!   own time when the watch starts.
+//! - [`tracepoint`]: the writer's element writes, with the kernel times of
+//!   the syscall's entry and exit (its duration is the precision);
+//!   [`descriptors`] tells which of the writer's maps they go to.
+//! - Writes the programs could not send (ring full, key unreadable, batch
+//!   commands; checked every [`SAFETY_POLL`]) make the mirror re-read.
+//!   Where the tracepoint cannot attach, the mirror is re-read every poll
+//!   interval (at least [`MIN_POLL`]).
 //!
 //! Maglev frontends (whose cutover is the outer map's update) and batch
-//! writes are timed by that poll only.
+//! writes are timed by those re-reads only.
 
+mod descriptors;
 pub mod maps;
-mod model;
+mod mirror;
 pub mod sys;
 pub mod tracepoint;
 
 use std::{
-    collections::{HashMap, HashSet},
+    net::SocketAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
-use observer_common::cilium::{
-    BPF_MAP_DELETE_ELEM, BPF_MAP_UPDATE_ELEM, MasterKey, MasterWrite, ServiceKey, ServiceValue,
-    WriterFilter,
-};
+use observer_common::cilium::{CiliumStat, MapWrite, WriterFilter};
 use observer_proto::{Detector, UnixNanos};
 use tracing::{debug, info, warn};
 
 pub use maps::{CiliumMaps, OpenError};
 pub use tracepoint::{TracepointError, WriteEvents};
 
-use self::{maps::ReadError, model::Model};
+use self::{
+    descriptors::{Descriptors, FdKind, Learnt, Op},
+    mirror::Mirror,
+};
 use super::{Change, Shared};
-use crate::{clock::WallClock, locks::lock};
+use crate::clock::WallClock;
 
-/// The shortest poll interval accepted: the poll re-reads every watched
-/// master and its slots, a few syscalls each.
+/// The shortest poll interval accepted: a poll re-reads both maps whole,
+/// two syscalls per entry.
 pub const MIN_POLL: Duration = Duration::from_millis(10);
-/// With the tracepoint attached: how often the watched masters are still
-/// re-read, for writes the programs could not follow.
+/// With the tracepoint attached: how often the programs' loss counters are
+/// checked (a loss makes the mirror re-read).
 pub const SAFETY_POLL: Duration = Duration::from_secs(1);
 /// How long the loop waits for a write before it looks at the watched set.
 const WAIT: Duration = Duration::from_millis(20);
@@ -98,15 +103,19 @@ pub struct CiliumStatus {
 pub struct CiliumDetector {
     maps: CiliumMaps,
     events: Option<WriteEvents>,
-    model: Model,
+    mirror: Mirror,
+    descriptors: Descriptors,
     clock: WallClock,
     poll: Duration,
-    /// Masters the programs match, by their key bytes.
-    by_key: HashMap<MasterKey, ServiceKey>,
+    /// The programs' loss counters at the last check.
+    losses: u64,
+    /// Since when the mirror may have missed writes: a re-read is due.
+    stale_since: Option<UnixNanos>,
 }
 
 impl CiliumDetector {
-    /// Opens the maps and, unless told to poll, attaches the tracepoint.
+    /// Opens the maps, unless told to poll attaches the tracepoint, then
+    /// reads the maps (after the attach: no write falls in between).
     pub fn open(
         ebpf: Option<&mut aya::Ebpf>,
         options: &CiliumOptions,
@@ -125,6 +134,7 @@ impl CiliumDetector {
                 Err(e) => (None, polling(e.to_string())),
             },
         };
+        let mirror = Mirror::read(&maps)?;
         let status = CiliumStatus {
             pin_dir: maps.dir.clone(),
             maps: maps.found.clone(),
@@ -133,20 +143,24 @@ impl CiliumDetector {
         let detector = CiliumDetector {
             maps,
             events,
-            model: Model::default(),
+            mirror,
+            descriptors: Descriptors::default(),
             clock: WallClock::new(),
             poll,
-            by_key: HashMap::new(),
+            losses: 0,
+            stale_since: None,
         };
         Ok((detector, status))
     }
 
-    /// Follows the watched endpoints until the watch stops.
+    /// Follows the writer until the detectors stop.
     pub(crate) fn run(mut self, shared: &Shared) {
-        let mut last_refresh = Instant::now();
+        let selected = self.mirror.selected().map(|e| change(*e, true)).collect();
+        shared.read_first(selected, UnixNanos::now());
+        let mut last_check = Instant::now();
+        let mut last_check_at = UnixNanos::now();
         while !shared.stop.is_stopped() {
-            self.sync_watched(shared);
-            let refresh_every = match &self.events {
+            let check_every = match &self.events {
                 Some(events) => {
                     events.wait(WAIT);
                     self.drain(shared);
@@ -158,15 +172,15 @@ impl CiliumDetector {
                     self.poll
                 }
             };
-            if last_refresh.elapsed() >= refresh_every {
-                let precision = last_refresh.elapsed();
-                last_refresh = Instant::now();
-                match self.model.refresh(&self.maps) {
-                    Ok(flips) => {
-                        report(shared, flips, UnixNanos::now(), precision.as_nanos() as u64)
-                    }
-                    Err(e) => warn!(error = %e, "re-reading Cilium's watched frontends failed"),
+            if last_check.elapsed() >= check_every {
+                if self.events.is_none() || self.lost_writes() {
+                    self.stale_since.get_or_insert(last_check_at);
                 }
+                last_check = Instant::now();
+                last_check_at = UnixNanos::now();
+            }
+            if let Some(since) = self.stale_since.take() {
+                self.resync(shared, since);
             }
         }
         if let Some(events) = &self.events
@@ -176,45 +190,39 @@ impl CiliumDetector {
         }
     }
 
-    /// Starts and stops following endpoints as the watch set changes.
-    fn sync_watched(&mut self, shared: &Shared) {
-        let watched: HashSet<_> = lock(&shared.rules, "dataplane rules").watched.clone();
-        let gone: Vec<_> = self
-            .model
-            .watched()
-            .filter(|e| !watched.contains(e))
-            .copied()
-            .collect();
-        let new: Vec<_> = watched
-            .iter()
-            .filter(|e| !self.model.is_watched(e))
-            .copied()
-            .collect();
-        if gone.is_empty() && new.is_empty() {
-            return;
-        }
-        for endpoint in &gone {
-            self.model.unwatch(endpoint);
-        }
-        match self.model.watch_all(&self.maps, &new) {
-            Ok(found) => {
-                for (endpoint, selected) in found {
-                    debug!(%endpoint, selected, "Cilium: following endpoint");
-                }
+    /// Whether the programs lost writes since the last check.
+    fn lost_writes(&mut self) -> bool {
+        let Some(events) = &self.events else {
+            return false;
+        };
+        match events.stats() {
+            Ok(stats) => {
+                let losses = stats
+                    .iter()
+                    .filter(|(stat, _)| CiliumStat::is_loss(*stat))
+                    .map(|(_, n)| n)
+                    .sum();
+                let lost = losses != self.losses;
+                self.losses = losses;
+                lost
             }
             Err(e) => {
-                warn!(endpoints = new.len(), error = %e, "Cilium: reading the endpoints' frontends failed")
+                warn!(error = %e, "Cilium: the tracepoint's counters cannot be read; re-reading the maps");
+                true
             }
         }
-        let masters = self.model.masters();
-        self.by_key = masters
-            .iter()
-            .map(|m| (tracepoint::master_key(m), *m))
-            .collect();
-        if let Some(events) = &mut self.events
-            && let Err(e) = events.set_masters(&masters)
-        {
-            warn!(error = %e, "Cilium: the tracepoint's watched masters are not up to date; the poll covers them");
+    }
+
+    /// Re-reads the maps: what changed since `since` is reported now, with
+    /// the time since as precision.
+    fn resync(&mut self, shared: &Shared, since: UnixNanos) {
+        let now = UnixNanos::now();
+        match self.mirror.resync(&self.maps) {
+            Ok(flips) => report(shared, flips, now, (now - since).unsigned_abs()),
+            Err(e) => {
+                warn!(error = %e, "re-reading Cilium's service maps failed");
+                self.stale_since = Some(since);
+            }
         }
     }
 
@@ -227,34 +235,88 @@ impl CiliumDetector {
             writes.push(write);
         }
         for write in writes {
-            if let Err(e) = self.on_write(shared, &write) {
-                warn!(error = %e, "Cilium: re-reading a written frontend failed");
+            self.on_write(shared, &write);
+        }
+    }
+
+    /// The mirror may have missed writes since kernel time `kernel_ns`.
+    fn stale(&mut self, kernel_ns: u64) {
+        let at = self.clock.to_unix_nanos(kernel_ns);
+        self.stale_since = Some(self.stale_since.map_or(at, |s| s.min(at)));
+    }
+
+    /// The kind of map `write` went to, classifying its descriptor.
+    fn kind(&mut self, write: &MapWrite) -> Option<FdKind> {
+        let learnt = match self.descriptors.learn(&self.maps, write) {
+            Ok(learnt) => learnt,
+            Err(e) => {
+                warn!(error = %e, "Cilium: looking up a written entry failed");
+                self.stale(write.enter_ns);
+                return None;
+            }
+        };
+        match learnt {
+            Learnt::Known(FdKind::Other) => {
+                // The kernel's LRU entry was evicted: mark it again.
+                self.tell_kernel(write, FdKind::Other);
+                Some(FdKind::Other)
+            }
+            Learnt::Known(kind) => Some(kind),
+            Learnt::Unknown => None,
+            Learnt::New { kind, missed_since } => {
+                info!(
+                    tgid = write.tgid,
+                    fd = write.map_fd,
+                    ?kind,
+                    "Cilium: writer's map descriptor classified"
+                );
+                self.tell_kernel(write, kind);
+                if let Some(first) = missed_since {
+                    self.stale(first);
+                }
+                Some(kind)
             }
         }
     }
 
-    fn on_write(&mut self, shared: &Shared, write: &MasterWrite) -> Result<(), ReadError> {
-        if write.ret != 0 {
-            debug!(
-                ret = write.ret,
-                "Cilium: a failed master write changes nothing"
-            );
-            return Ok(());
+    /// Tells the programs the kind of the descriptor `write` went to.
+    fn tell_kernel(&mut self, write: &MapWrite, kind: FdKind) {
+        if let Some(events) = &mut self.events
+            && let Err(e) = events.classify(write.tgid, write.map_fd, kind != FdKind::Other)
+        {
+            warn!(error = %e, "Cilium: the tracepoint does not know the descriptor's kind");
         }
-        let Some(master) = self.by_key.get(&write.key).copied() else {
-            return Ok(());
+    }
+
+    fn on_write(&mut self, shared: &Shared, write: &MapWrite) {
+        let Some(kind) = self.kind(write) else {
+            return;
         };
-        let value = match write.cmd {
-            BPF_MAP_UPDATE_ELEM => Some(ServiceValue {
-                count: write.count,
-                qcount: write.qcount,
-                ..ServiceValue::default()
-            }),
-            BPF_MAP_DELETE_ELEM => None,
-            _ => return Ok(()),
+        if kind == FdKind::Other || write.ret != 0 {
+            return;
+        }
+        let op = match kind.decode(write) {
+            Ok(op) => op,
+            Err(e) => {
+                warn!(error = %e, ?kind, "Cilium: a written entry does not decode; re-reading the maps");
+                self.stale(write.enter_ns);
+                return;
+            }
         };
-        let flips = self.model.on_master(&self.maps, &master, value)?;
-        // The new master is visible to lookups from some instant inside the
+        debug!(?op, "Cilium: map write");
+        let flips = match op {
+            Op::UpdateService(key, value) => self.mirror.update_service(key, value),
+            Op::DeleteService(key) => self.mirror.delete_service(key),
+            Op::UpdateBackend(family, id, backend) => {
+                self.mirror.update_backend(family, id, backend);
+                Vec::new()
+            }
+            Op::DeleteBackend(family, id) => {
+                self.mirror.delete_backend(family, id);
+                Vec::new()
+            }
+        };
+        // The new entry is visible to lookups from some instant inside the
         // syscall: its exit is the latest, its duration the error.
         let time = self.clock.to_unix_nanos(write.exit_ns);
         report(
@@ -263,23 +325,21 @@ impl CiliumDetector {
             time,
             write.exit_ns.saturating_sub(write.enter_ns),
         );
-        Ok(())
     }
 }
 
-fn report(
-    shared: &Shared,
-    flips: Vec<(std::net::SocketAddr, bool)>,
-    time: UnixNanos,
-    precision_ns: u64,
-) {
+fn change(endpoint: SocketAddr, added: bool) -> Change {
+    Change {
+        endpoint,
+        added,
+        detector: Detector::Cilium,
+    }
+}
+
+fn report(shared: &Shared, flips: Vec<mirror::Flip>, time: UnixNanos, precision_ns: u64) {
     let changes = flips
         .into_iter()
-        .map(|(endpoint, added)| Change {
-            endpoint,
-            added,
-            detector: Detector::Cilium,
-        })
+        .map(|(endpoint, added)| change(endpoint, added))
         .collect();
     shared.report(changes, time, precision_ns);
 }

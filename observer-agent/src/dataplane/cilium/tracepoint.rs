@@ -3,7 +3,7 @@
 //! and read back as [`MasterWrite`]s, each the writer's bpf() syscall
 //! that wrote a watched master, with its kernel times at entry and exit.
 
-use std::{collections::HashSet, os::fd::AsRawFd, time::Duration};
+use std::{os::fd::AsRawFd, time::Duration};
 
 use aya::{
     Ebpf,
@@ -11,8 +11,8 @@ use aya::{
     programs::TracePoint,
 };
 use observer_common::cilium::{
-    CiliumStat, ENTER_CMD_OFFSET, ENTER_UATTR_OFFSET, EXIT_RET_OFFSET, KEY_MAX, MasterKey,
-    MasterWrite, ServiceKey, WriterFilter,
+    CiliumStat, ENTER_CMD_OFFSET, ENTER_UATTR_OFFSET, EXIT_RET_OFFSET, FD_FOLLOWED, FD_OTHER,
+    MapWrite, WriterFilter, fd_key,
 };
 use thiserror::Error;
 
@@ -52,27 +52,16 @@ const PROGRAMS: [(&str, &str); 2] = [
     ("cilium_bpf_exit", "sys_exit_bpf"),
 ];
 
-/// The padded key the program matches for a master.
-pub fn master_key(master: &ServiceKey) -> MasterKey {
-    let bytes = master.encode();
-    let mut key = [0u8; KEY_MAX];
-    key[..bytes.len].copy_from_slice(bytes.as_slice());
-    key
-}
-
 /// The attached programs' maps.
 pub struct WriteEvents {
-    masters: HashMap<MapData, MasterKey, u8>,
+    fds: HashMap<MapData, u64, u8>,
     writes: RingBuf<MapData>,
     stats: PerCpuArray<MapData, u64>,
-    installed: HashSet<MasterKey>,
 }
 
 impl std::fmt::Debug for WriteEvents {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WriteEvents")
-            .field("installed", &self.installed.len())
-            .finish_non_exhaustive()
+        f.debug_struct("WriteEvents").finish_non_exhaustive()
     }
 }
 
@@ -128,28 +117,23 @@ impl WriteEvents {
                 .map_err(|source| TracepointError::Program { program, source })?;
         }
         Ok(WriteEvents {
-            masters: typed(ebpf, "CILIUM_MASTERS")?,
+            fds: typed(ebpf, "CILIUM_FDS")?,
             writes: typed(ebpf, "CILIUM_WRITES")?,
             stats: typed(ebpf, "CILIUM_STATS")?,
-            installed: HashSet::new(),
         })
     }
 
-    /// Makes the program match exactly these masters.
-    pub fn set_masters(&mut self, masters: &HashSet<ServiceKey>) -> Result<(), TracepointError> {
-        let wanted: HashSet<MasterKey> = masters.iter().map(master_key).collect();
-        let map_err = |source| TracepointError::Map {
-            name: "CILIUM_MASTERS",
-            source,
-        };
-        for gone in self.installed.difference(&wanted) {
-            self.masters.remove(gone).map_err(map_err)?;
-        }
-        for new in wanted.difference(&self.installed) {
-            self.masters.insert(new, 1, 0).map_err(map_err)?;
-        }
-        self.installed = wanted;
-        Ok(())
+    /// Tells the programs what descriptor `fd` of process `tgid` is: a
+    /// service map (`followed`), whose writes they send, or another,
+    /// whose writes they drop.
+    pub fn classify(&mut self, tgid: u32, fd: u32, followed: bool) -> Result<(), TracepointError> {
+        let kind = if followed { FD_FOLLOWED } else { FD_OTHER };
+        self.fds
+            .insert(fd_key(tgid, fd), kind, 0)
+            .map_err(|source| TracepointError::Map {
+                name: "CILIUM_FDS",
+                source,
+            })
     }
 
     /// Waits up to `timeout` for a write to read.
@@ -164,11 +148,11 @@ impl WriteEvents {
     }
 
     /// The next write the programs sent, if any.
-    pub fn next_write(&mut self) -> Option<MasterWrite> {
+    pub fn next_write(&mut self) -> Option<MapWrite> {
         let item = self.writes.next()?;
-        (item.len() >= size_of::<MasterWrite>())
-            // SAFETY: the programs write whole MasterWrites; read unaligned.
-            .then(|| unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<MasterWrite>()) })
+        (item.len() >= size_of::<MapWrite>())
+            // SAFETY: the programs write whole MapWrites; read unaligned.
+            .then(|| unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<MapWrite>()) })
     }
 
     /// The programs' counters, summed over the CPUs.

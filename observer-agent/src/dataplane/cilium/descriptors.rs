@@ -1,0 +1,298 @@
+//! Which of the writer's map descriptors are Cilium's service and backends
+//! maps. The tracepoint sees a descriptor number, not a map, and the agent
+//! cannot read the writer's descriptor table (another PID namespace, and
+//! ptrace rights it does not have), so it recognises a map by what is
+//! written to it: an update whose key holds that value in one of the maps
+//! the agent has open read-only names the map. A descriptor with
+//! [`MISSES`] updates found in none of them is another map, whose writes
+//! the kernel drops from then on.
+
+use std::collections::HashMap;
+
+use observer_common::cilium::{
+    BPF_MAP_DELETE_ELEM, BPF_MAP_UPDATE_ELEM, Backend, DecodeError, Family, MapWrite,
+    SERVICE_VALUE_LEN, ServiceKey, ServiceValue, backend_value_len, service_key_len,
+};
+
+use super::maps::{ReadError, ServiceMaps};
+
+/// Updates matching none of the maps before a descriptor is another map's:
+/// more than one, as the entry may have changed again before the agent
+/// looked.
+pub const MISSES: u32 = 8;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FdKind {
+    Services(Family),
+    Backends(Family),
+    Other,
+}
+
+/// One element write of a followed map, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    UpdateService(ServiceKey, ServiceValue),
+    DeleteService(ServiceKey),
+    UpdateBackend(Family, u32, Backend),
+    DeleteBackend(Family, u32),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OpError {
+    #[error("{what} of {len} bytes read, the layout has {need}")]
+    Short {
+        what: &'static str,
+        len: usize,
+        need: usize,
+    },
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("command {0} is not an element write")]
+    Command(u32),
+}
+
+fn prefix<'a>(what: &'static str, bytes: &'a [u8], need: usize) -> Result<&'a [u8], OpError> {
+    bytes.get(..need).ok_or(OpError::Short {
+        what,
+        len: bytes.len(),
+        need,
+    })
+}
+
+impl FdKind {
+    /// The write as an operation on a map of this kind (not `Other`).
+    pub fn decode(self, write: &MapWrite) -> Result<Op, OpError> {
+        let key = &write.key[..write.key_len as usize];
+        let value = &write.value[..write.value_len as usize];
+        let update = match write.cmd {
+            BPF_MAP_UPDATE_ELEM => true,
+            BPF_MAP_DELETE_ELEM => false,
+            other => return Err(OpError::Command(other)),
+        };
+        match self {
+            FdKind::Services(family) => {
+                let k = ServiceKey::decode(family, prefix("key", key, service_key_len(family))?)?;
+                Ok(if update {
+                    let v = ServiceValue::decode(prefix("value", value, SERVICE_VALUE_LEN)?)?;
+                    Op::UpdateService(k, v)
+                } else {
+                    Op::DeleteService(k)
+                })
+            }
+            FdKind::Backends(family) => {
+                let id = backend_id(prefix("key", key, 4)?);
+                Ok(if update {
+                    let b = prefix("value", value, backend_value_len(family))?;
+                    Op::UpdateBackend(family, id, Backend::decode(family, b)?)
+                } else {
+                    Op::DeleteBackend(family, id)
+                })
+            }
+            FdKind::Other => Err(OpError::Command(write.cmd)),
+        }
+    }
+}
+
+fn backend_id(key: &[u8]) -> u32 {
+    u32::from_ne_bytes([key[0], key[1], key[2], key[3]])
+}
+
+/// Which followed map holds the written update now, if any.
+fn identify(maps: &impl ServiceMaps, write: &MapWrite) -> Result<Option<FdKind>, ReadError> {
+    for family in [Family::V4, Family::V6] {
+        if let Ok(Op::UpdateService(k, v)) = FdKind::Services(family).decode(write)
+            && maps.service(&k)? == Some(v)
+        {
+            return Ok(Some(FdKind::Services(family)));
+        }
+        if let Ok(Op::UpdateBackend(family, id, b)) = FdKind::Backends(family).decode(write)
+            && maps.backend(family, id)? == Some(b)
+        {
+            return Ok(Some(FdKind::Backends(family)));
+        }
+    }
+    Ok(None)
+}
+
+/// What a write says of its descriptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Learnt {
+    /// Classified before.
+    Known(FdKind),
+    /// Classified by this write; `missed_since`: the kernel time of the
+    /// first earlier write of the descriptor that could not be classified
+    /// (lost for the mirror).
+    New {
+        kind: FdKind,
+        missed_since: Option<u64>,
+    },
+    /// Not yet.
+    Unknown,
+}
+
+#[derive(Debug)]
+struct Pending {
+    misses: u32,
+    first_ns: u64,
+}
+
+/// The writer's descriptors, by (process, descriptor).
+#[derive(Debug, Default)]
+pub struct Descriptors {
+    known: HashMap<(u32, u32), FdKind>,
+    pending: HashMap<(u32, u32), Pending>,
+}
+
+impl Descriptors {
+    pub fn learn(
+        &mut self,
+        maps: &impl ServiceMaps,
+        write: &MapWrite,
+    ) -> Result<Learnt, ReadError> {
+        let fd = (write.tgid, write.map_fd);
+        if let Some(kind) = self.known.get(&fd) {
+            return Ok(Learnt::Known(*kind));
+        }
+        // Writes of the descriptor seen before this one, not applied.
+        let earlier = self.pending.get(&fd).map(|p| p.first_ns);
+        let pending = self.pending.entry(fd).or_insert(Pending {
+            misses: 0,
+            first_ns: write.enter_ns,
+        });
+        if write.ret != 0 || write.cmd != BPF_MAP_UPDATE_ELEM {
+            return Ok(Learnt::Unknown);
+        }
+        let found = identify(maps, write)?;
+        let kind = match found {
+            Some(kind) => kind,
+            None => {
+                pending.misses += 1;
+                if pending.misses < MISSES {
+                    return Ok(Learnt::Unknown);
+                }
+                FdKind::Other
+            }
+        };
+        self.pending.remove(&fd);
+        self.known.insert(fd, kind);
+        Ok(Learnt::New {
+            kind,
+            missed_since: earlier.filter(|_| kind != FdKind::Other),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use observer_common::cilium::KEY_MAX;
+
+    use super::super::mirror::tests::{Table, VIP, backend_of, pod};
+    use super::*;
+
+    fn write(fd: u32, cmd: u32, key: &[u8], value: &[u8], at: u64) -> MapWrite {
+        let mut w = MapWrite {
+            enter_ns: at,
+            exit_ns: at + 1,
+            ret: 0,
+            tgid: 7,
+            tid: 7,
+            cmd,
+            map_fd: fd,
+            key: [0xaa; KEY_MAX],
+            value: [0xbb; 24],
+            key_len: 24,
+            value_len: 24,
+            _pad: [0; 6],
+        };
+        // The program reads past a short key or value: what follows is garbage.
+        w.key[..key.len()].copy_from_slice(key);
+        w.value[..value.len()].copy_from_slice(value);
+        w
+    }
+
+    #[test]
+    fn a_descriptor_is_named_by_the_entry_it_wrote() {
+        let mut t = Table::default();
+        t.add_backend(1, pod(1), None);
+        let (master, _) = t.frontend(VIP, &[1], &[], None);
+        let mut d = Descriptors::default();
+        let slot = ServiceKey { slot: 1, ..master };
+        let slot_value = ServiceValue {
+            backend_id: 1,
+            ..Default::default()
+        };
+        let w = write(
+            3,
+            BPF_MAP_UPDATE_ELEM,
+            slot.encode().as_slice(),
+            &slot_value.encode(),
+            10,
+        );
+        let kind = FdKind::Services(Family::V4);
+        assert_eq!(
+            d.learn(&t, &w).unwrap(),
+            Learnt::New {
+                kind,
+                missed_since: None
+            }
+        );
+        assert_eq!(
+            kind.decode(&w).unwrap(),
+            Op::UpdateService(slot, slot_value)
+        );
+        assert_eq!(d.learn(&t, &w).unwrap(), Learnt::Known(kind));
+
+        let (b, len) = backend_of(pod(1)).encode();
+        let del = write(4, BPF_MAP_DELETE_ELEM, &1u32.to_ne_bytes(), &[], 20);
+        assert_eq!(
+            d.learn(&t, &del).unwrap(),
+            Learnt::Unknown,
+            "a delete names nothing"
+        );
+        let w = write(4, BPF_MAP_UPDATE_ELEM, &1u32.to_ne_bytes(), &b[..len], 30);
+        let kind = FdKind::Backends(Family::V4);
+        assert_eq!(
+            d.learn(&t, &w).unwrap(),
+            Learnt::New {
+                kind,
+                missed_since: Some(20)
+            }
+        );
+        assert_eq!(
+            kind.decode(&w).unwrap(),
+            Op::UpdateBackend(Family::V4, 1, backend_of(pod(1)))
+        );
+        assert_eq!(kind.decode(&del).unwrap(), Op::DeleteBackend(Family::V4, 1));
+    }
+
+    #[test]
+    fn another_maps_descriptor_is_other_after_its_misses() {
+        let t = Table::default();
+        let mut d = Descriptors::default();
+        let w = write(5, BPF_MAP_UPDATE_ELEM, &[1, 2, 3, 4], &[9; 8], 1);
+        for _ in 1..MISSES {
+            assert_eq!(d.learn(&t, &w).unwrap(), Learnt::Unknown);
+        }
+        assert_eq!(
+            d.learn(&t, &w).unwrap(),
+            Learnt::New {
+                kind: FdKind::Other,
+                missed_since: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_short_read_is_named() {
+        let mut w = write(3, BPF_MAP_UPDATE_ELEM, &[0; 12], &[0; 12], 1);
+        w.value_len = 4;
+        assert_eq!(
+            FdKind::Services(Family::V4).decode(&w),
+            Err(OpError::Short {
+                what: "value",
+                len: 4,
+                need: 12
+            })
+        );
+    }
+}
