@@ -158,6 +158,20 @@ pub fn from_pod_kernel(
     !obs.at_endpoint() || host_node.is_none_or(|h| h == node)
 }
 
+/// False for an event of a socket on the other side of the endpoint
+/// (`Connected`, `ResetReceived`) whose address belongs to another node
+/// than the reporting agent's: that agent shares the socket's kernel (the
+/// lab runs every node on one), and the socket's own node reports it. In a
+/// cluster a socket's address is its own node's, or known to no node (pod
+/// addresses outside every pod CIDR), and the event is kept.
+pub fn from_own_socket(obs: &observer_proto::Observation, node: &str, nodes: &NodeIndex) -> bool {
+    use observer_proto::Observation::{Connected, ResetReceived};
+    match obs {
+        Connected(c) | ResetReceived(c) => nodes.node_of(c.src.ip()).is_none_or(|n| n == node),
+        _ => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,5 +226,43 @@ mod tests {
                 .unwrap()
                 .contains("1.2.3.4".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn a_socket_event_belongs_to_the_node_of_its_address_or_to_whoever_reports_it() {
+        use observer_proto::{ConnEvent, Observation, UnixNanos};
+        let mut idx = NodeIndex::default();
+        for (name, cidr) in [("a", "10.0.0.0/24"), ("b", "10.1.0.0/24")] {
+            idx.set(
+                name.into(),
+                NodeInfo {
+                    addresses: vec![],
+                    pod_cidrs: vec![cidr.parse().unwrap()],
+                },
+            );
+        }
+        let from = |src: &str| ConnEvent {
+            src: format!("{src}:40000").parse().unwrap(),
+            dst: "10.0.0.5:8080".parse().unwrap(),
+            time: UnixNanos::from_nanos(1),
+            close: None,
+            reason: None,
+        };
+        let connected = |src| Observation::Connected(from(src));
+        assert!(from_own_socket(&connected("10.1.0.9"), "b", &idx));
+        assert!(!from_own_socket(&connected("10.1.0.9"), "a", &idx));
+        assert!(
+            from_own_socket(&connected("172.16.0.9"), "a", &idx),
+            "an address no node claims"
+        );
+        assert!(
+            from_own_socket(&Observation::Accepted(from("10.1.0.9")), "a", &idx),
+            "the pod's side"
+        );
+        assert!(!from_own_socket(
+            &Observation::ResetReceived(from("10.1.0.9")),
+            "a",
+            &idx
+        ));
     }
 }

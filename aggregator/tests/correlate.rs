@@ -498,6 +498,40 @@ fn the_pods_own_events_count_once_when_agents_share_its_kernel() {
 }
 
 #[test]
+fn a_direct_connection_counts_for_its_sockets_node_when_agents_share_a_kernel() {
+    let (c, store) = setup(Duration::from_secs(60));
+    let _subs = subscribed(&c, &["a", "b"]);
+    c.deletion_started(start("u1", POD), T0);
+    // A socket of node b (CLIENT is in b's pod CIDR) connects straight to
+    // the pod at +3 s (socket-level load balancing): both agents run on
+    // one kernel (the lab) and both see it.
+    for agent in ["a", "b"] {
+        report(
+            &c,
+            agent,
+            1,
+            vec![
+                rules_removed(Detector::Nftables, T0 + S),
+                connected(CLIENT, T0 + 3 * S),
+            ],
+        );
+    }
+    c.pod_gone("u1", T0 + 5 * S);
+    let rec = store.deletion("u1").unwrap().unwrap();
+    let latency = |node: &str| {
+        rec.nodes
+            .iter()
+            .find(|n| n.node == node)
+            .and_then(|n| n.latency_seconds)
+    };
+    assert_eq!(
+        (latency("a"), latency("b")),
+        (Some(1.0), Some(3.0)),
+        "{rec:#?}"
+    );
+}
+
+#[test]
 fn a_deletion_stays_open_after_the_pod_is_gone_to_catch_shutdown_losses() {
     let (c, store) = setup_with_linger(Duration::from_secs(60), Duration::from_secs(3));
     let _subs = subscribed(&c, &["a"]);

@@ -11,7 +11,7 @@ use observer_proto::{ClockEstimate, CloseKind, Observation, ResetCause, UnixNano
 use super::routers;
 use super::state::{Pending, State, mark_pending};
 use crate::model::{NodeAccumulator, RulesRemoval};
-use crate::nodes::{NodeIndex, from_pod_kernel};
+use crate::nodes::{NodeIndex, from_own_socket, from_pod_kernel};
 
 /// Pseudo node for connections whose source address matches no node.
 pub const UNATTRIBUTED: &str = "unattributed";
@@ -90,6 +90,7 @@ impl State {
         tolerance_ns: i64,
     ) -> Option<Implausible> {
         let uids = self.by_ip.get(&obs.endpoint().ip())?;
+        let own_socket = from_own_socket(obs, node, &self.nodes);
         let peer_node = peer_node(&self.nodes, obs);
         let peer_host = obs.peer().and_then(|ip| self.nodes.node_with_address(ip));
         let router = routers::attribute(&mut self.pods, &self.nodes, node, peer_node, obs);
@@ -116,7 +117,7 @@ impl State {
                 refused = Some(Implausible::BeforeDeletion);
                 continue;
             }
-            if !from_pod_kernel(obs, node, p.start.host_node.as_deref()) {
+            if !own_socket || !from_pod_kernel(obs, node, p.start.host_node.as_deref()) {
                 continue;
             }
             // Connections from the pod's own node address are the

@@ -11,6 +11,7 @@ use super::fold::{Plausibility, peer_node};
 use super::routers;
 use super::state::State;
 use super::{Correlator, WatchChange};
+use crate::nodes::from_own_socket;
 use crate::startup::detect::ReadyEndpoint;
 use crate::startup::{Log, NewPod, Opened, Seen};
 
@@ -113,7 +114,7 @@ impl State {
         now: UnixNanos,
         plausible: Plausibility,
     ) -> bool {
-        if !self.startup.watches(obs.endpoint().ip()) {
+        if !self.startup.watches(obs.endpoint().ip()) || !from_own_socket(obs, node, &self.nodes) {
             return false;
         }
         let time = clock.to_aggregator(obs.time());
