@@ -56,14 +56,7 @@ fn pod(i: usize) -> SocketAddr {
 }
 
 fn backend(ep: SocketAddr) -> Backend {
-    Backend {
-        ip: ep.ip(),
-        port: ep.port(),
-        proto: 6,
-        state: BackendState::Active,
-        cluster_id: 0,
-        zone: 0,
-    }
+    Backend::tcp(ep, BackendState::Active)
 }
 
 fn rss_kib() -> u64 {

@@ -57,14 +57,7 @@ fn pod(last: u8) -> SocketAddr {
 }
 
 fn backend(ep: SocketAddr) -> Backend {
-    Backend {
-        ip: ep.ip(),
-        port: ep.port(),
-        proto: 6,
-        state: BackendState::Active,
-        cluster_id: 0,
-        zone: 0,
-    }
+    Backend::tcp(ep, BackendState::Active)
 }
 
 fn options(dir: &Path, force_polling: bool) -> CiliumOptions {

@@ -119,19 +119,53 @@ async fn change(
     (change, applied.started_unix_nano, commit.latest)
 }
 
-async fn rule_changes_stamped_with_every_core_busy(mode: Mode, detector: Detector) {
-    let ns = NetNs::create("stamp").unwrap();
+/// A node in `mode` with one Service of two backends, its detector
+/// watching the second one, timed by kernel stamps.
+struct Stamped {
+    clock: CommitClock,
+    rules: Rules,
+    watch: DataplaneWatch,
+    rx: Receiver<Observation>,
+    watched: SocketAddr,
+    /// Kept until the test ends: the programs and the namespace.
+    _kernel: Kernel,
+    _ns: NetNs,
+}
+
+fn stamped(name: &str, mode: Mode) -> Stamped {
+    let ns = NetNs::create(name).unwrap();
     let clock = CommitClock::start(&ns.path(), mode).expect("commit witness starts");
     let mut rules = Rules::new(Some(ns.name().to_owned()), mode);
     rules
         .sync(&[(service(), vec![backend(1), backend(2)])])
         .unwrap();
     let mut kernel = Kernel::load(LoadOptions::default()).expect("eBPF loads");
-    let (watch, mut rx, timing) = start_dataplane(&ns, &mut kernel, false);
+    let (watch, rx, timing) = start_dataplane(&ns, &mut kernel, false);
     assert_eq!(timing, Timing::KernelStamp, "{mode}");
+    let watched = SocketAddr::from((backend(2).ip, backend(2).port));
+    watch.watch(watched);
+    Stamped {
+        clock,
+        rules,
+        watch,
+        rx,
+        watched,
+        _kernel: kernel,
+        _ns: ns,
+    }
+}
+
+async fn rule_changes_stamped_with_every_core_busy(mode: Mode, detector: Detector) {
+    let Stamped {
+        clock,
+        mut rules,
+        watch,
+        mut rx,
+        watched: b2,
+        _kernel,
+        _ns,
+    } = stamped("stamp", mode);
     assert_eq!(watch.timing(), Timing::KernelStamp);
-    let b2 = SocketAddr::from((backend(2).ip, backend(2).port));
-    watch.watch(b2);
 
     let busy = BusyCores::start(2, BUSY_MAX);
     let mut worst = 0i64;
@@ -214,17 +248,15 @@ async fn each_rule_change_is_stamped_inside_the_writers_batch_syscall_with_every
         (Mode::Nftables, Detector::Nftables),
         (Mode::IptablesNft, Detector::IptablesNft),
     ] {
-        let ns = NetNs::create("stampsys").unwrap();
-        let clock = CommitClock::start(&ns.path(), mode).expect("commit witness starts");
-        let mut rules = Rules::new(Some(ns.name().to_owned()), mode);
-        rules
-            .sync(&[(service(), vec![backend(1), backend(2)])])
-            .unwrap();
-        let mut kernel = Kernel::load(LoadOptions::default()).expect("eBPF loads");
-        let (watch, mut rx, timing) = start_dataplane(&ns, &mut kernel, false);
-        assert_eq!(timing, Timing::KernelStamp, "{mode}");
-        let b2 = SocketAddr::from((backend(2).ip, backend(2).port));
-        watch.watch(b2);
+        let Stamped {
+            clock,
+            mut rules,
+            watch,
+            mut rx,
+            watched: b2,
+            _kernel,
+            _ns,
+        } = stamped("stampsys", mode);
 
         let busy = BusyCores::start(2, BUSY_MAX);
         let (mut bounds, mut off_cpu) = (Vec::with_capacity(CHANGES), 0);

@@ -352,6 +352,19 @@ pub struct Backend {
 pub const BACKEND_MAX: usize = 24;
 
 impl Backend {
+    /// A TCP backend at `addr` in `state`, in the local cluster and no zone
+    /// (what kube-proxy replacement writes for a Service's endpoint).
+    pub fn tcp(addr: core::net::SocketAddr, state: BackendState) -> Self {
+        Backend {
+            ip: addr.ip(),
+            port: addr.port(),
+            proto: 6,
+            state,
+            cluster_id: 0,
+            zone: 0,
+        }
+    }
+
     pub fn decode(family: Family, bytes: &[u8]) -> Result<Backend, DecodeError> {
         let len = backend_value_len(family);
         if bytes.len() != len {

@@ -12,7 +12,7 @@
 use std::{
     collections::{HashMap, HashSet},
     io,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -157,15 +157,8 @@ impl Dataplane {
             .filter(|(id, state)| self.states.get(id) != Some(state))
             .map(|(id, state)| {
                 let b = by_id[id];
-                let backend = cilium::Backend {
-                    ip: IpAddr::V4(b.ip),
-                    port: b.port,
-                    proto: libc::IPPROTO_TCP as u8,
-                    state: *state,
-                    cluster_id: 0,
-                    zone: 0,
-                };
-                (*id, backend)
+                let addr = SocketAddr::from((b.ip, b.port));
+                (*id, cilium::Backend::tcp(addr, *state))
             })
             .collect();
         let writes: Vec<(Frontend, u16, Written)> = desired

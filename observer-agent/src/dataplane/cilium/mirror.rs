@@ -231,14 +231,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn backend_of(ep: SocketAddr) -> Backend {
-        Backend {
-            ip: ep.ip(),
-            port: ep.port(),
-            proto: 6,
-            state: BackendState::Active,
-            cluster_id: 0,
-            zone: 0,
-        }
+        Backend::tcp(ep, BackendState::Active)
     }
 
     impl Table {
