@@ -607,17 +607,17 @@ fn lab_run_with_every_router_reports_each_and_the_folklore_loses_through_the_slo
             )
         })
         .collect();
-    let expected: Vec<(String, String)> = [
-        ("kube-proxy", "node"),
-        ("kube-proxy", "node"),
-        ("kube-proxy", "node"),
-        ("ingress", "workload"),
-        ("client-side", "workload"),
-        ("external", "external"),
-    ]
-    .iter()
-    .map(|(t, k)| (t.to_string(), k.to_string()))
-    .collect();
+    // Every node's proxy (cilium's included), then the other routers.
+    let nodes = array(&report, "nodes", "report").len();
+    assert_eq!(nodes, 4, "the default lab: one node per mode");
+    let expected: Vec<(String, String)> = std::iter::repeat_n(("kube-proxy", "node"), nodes)
+        .chain([
+            ("ingress", "workload"),
+            ("client-side", "workload"),
+            ("external", "external"),
+        ])
+        .map(|(t, k)| (t.to_string(), k.to_string()))
+        .collect();
     assert_eq!(described, expected, "{report}");
     let names: Vec<String> = routers
         .iter()
