@@ -59,6 +59,20 @@ fn with_path(e: io::Error, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
+/// This process's cgroup v2 directory: the cgroup2 mount (the unified
+/// hierarchy, `/sys/fs/cgroup` or `/sys/fs/cgroup/unified` on hybrid
+/// hosts) joined with the `0::` line of `/proc/self/cgroup`.
+pub fn own_v2() -> io::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup")?;
+    v2(&mounts, &cgroups).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "no cgroup2 mount or no cgroup v2 line in /proc/self/cgroup",
+        )
+    })
+}
+
 /// This process's cgroup in a hierarchy where a child can get its own CPU
 /// share: cgroup v1's `cpu` controller, else cgroup v2 with `cpu` enabled
 /// below this process's cgroup.

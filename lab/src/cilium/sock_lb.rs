@@ -53,8 +53,8 @@ impl SockLb {
             netns: netns.to_owned(),
             source,
         })?;
-        let cgroup =
-            File::open(own_cgroup().map_err(SockLbError::Cgroup)?).map_err(SockLbError::Cgroup)?;
+        let cgroup = File::open(crate::cgroup::own_v2().map_err(SockLbError::Cgroup)?)
+            .map_err(SockLbError::Cgroup)?;
         let services = pin_dir.join(SERVICES4.name);
         let backends = pin_dir.join(BACKENDS4.name);
         // aya would create and pin a missing map: the maps must be the lab's.
@@ -117,30 +117,4 @@ pub fn netns_cookie(netns: &Path) -> io::Result<u64> {
     })
     .join()
     .expect("the cookie thread does not panic")
-}
-
-/// This process's cgroup v2 directory: the cgroup2 mount (the unified
-/// hierarchy, `/sys/fs/cgroup` or `/sys/fs/cgroup/unified` on hybrid
-/// hosts) joined with the `0::` line of `/proc/self/cgroup`.
-fn own_cgroup() -> io::Result<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    // Fields: id parent major:minor root mount-point options... - fstype ...
-    let mount = mountinfo
-        .lines()
-        .find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            (right.split(' ').next()? == "cgroup2").then(|| left.split(' ').nth(4))?
-        })
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 mount"))?;
-    let cgroups = std::fs::read_to_string("/proc/self/cgroup")?;
-    let own = cgroups
-        .lines()
-        .find_map(|line| line.strip_prefix("0::"))
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                "no cgroup v2 line in /proc/self/cgroup",
-            )
-        })?;
-    Ok(Path::new(mount).join(own.trim_start_matches('/')))
 }
