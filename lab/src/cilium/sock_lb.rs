@@ -1,7 +1,9 @@
 //! The `cilium` node's datapath: the connect4 program of lab-sock-lb-ebpf
 //! (Cilium's socket-LB, imitated) loaded on the lab's pinned service maps
-//! and attached to the lab process's cgroup v2, filtered to the node's
-//! network namespace by its cookie. The attachment is a bpf link held by a
+//! and attached to the lab process's cgroup v2 (its clients, pods and
+//! routers are its children: Cilium too attaches once, at its cgroup v2
+//! root), filtered to the node's network namespace by its cookie (the
+//! lab's nodes share one kernel). The attachment is a bpf link held by a
 //! descriptor: it goes with [`SockLb`], or with the process if the lab
 //! dies, so nothing outlives the lab.
 
