@@ -50,7 +50,7 @@ use super::{Change, Shared};
 use crate::clock::WallClock;
 
 /// The shortest poll interval accepted: a poll re-reads both maps whole,
-/// two syscalls per entry.
+/// one syscall per 1024 entries (`sys::ReadOnlyMap::entries`).
 pub const MIN_POLL: Duration = Duration::from_millis(10);
 /// With the tracepoint attached: how often the programs' loss counters are
 /// checked (a loss makes the mirror re-read).

@@ -16,6 +16,13 @@ const BPF_MAP_LOOKUP_ELEM: u32 = 1;
 const BPF_MAP_GET_NEXT_KEY: u32 = 4;
 const BPF_OBJ_GET: u32 = 7;
 const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
+const BPF_MAP_LOOKUP_BATCH: u32 = 24;
+/// Entries asked for per `BPF_MAP_LOOKUP_BATCH` (doubled while the kernel
+/// says a hash bucket holds more: ENOSPC).
+const BATCH: u32 = 1024;
+/// The kernel's own "not supported" (not in the UAPI errno set): a map type
+/// without batch operations.
+const ENOTSUPP: i32 = 524;
 /// `file_flags` of `BPF_OBJ_GET`: a descriptor for lookups only.
 const BPF_F_RDONLY: u32 = 1 << 3;
 
@@ -27,6 +34,20 @@ struct ElemAttr {
     _pad: u32,
     key: u64,
     value_or_next_key: u64,
+    flags: u64,
+}
+
+/// `union bpf_attr` for the batch commands.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
     flags: u64,
 }
 
@@ -158,10 +179,69 @@ impl ReadOnlyMap {
         }
     }
 
-    /// Every key, then its value, in the map's order. A hash map's walk
-    /// restarts from its first key when the key it continues from was
-    /// deleted meanwhile, so an entry may come twice: callers keep the last.
+    /// Every entry, in the map's order: by `BPF_MAP_LOOKUP_BATCH` (Linux
+    /// 5.6), a syscall per [`BATCH`] entries, else key by key.
     pub fn entries(&self) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        match self.entries_batched() {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
+                ) =>
+            {
+                self.entries_by_key()
+            }
+            other => other,
+        }
+    }
+
+    /// The whole map in batches. The batch token is opaque (a hash map's
+    /// bucket index); the last batch ends with ENOENT.
+    fn entries_batched(&self) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let token_len = self.key_size.max(8);
+        let (mut token_in, mut token_out) = (vec![0u8; token_len], vec![0u8; token_len]);
+        let mut first = true;
+        let mut count = BATCH;
+        loop {
+            let mut keys = vec![0u8; self.key_size * count as usize];
+            let mut values = vec![0u8; self.value_size * count as usize];
+            let mut attr = BatchAttr {
+                in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
+                out_batch: token_out.as_mut_ptr() as u64,
+                keys: keys.as_mut_ptr() as u64,
+                values: values.as_mut_ptr() as u64,
+                count,
+                map_fd: self.fd.as_raw_fd() as u32,
+                ..Default::default()
+            };
+            let done = match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+                Ok(_) => false,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && count < BATCH << 6 => {
+                    count *= 2;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            for i in 0..attr.count as usize {
+                out.push((
+                    keys[i * self.key_size..(i + 1) * self.key_size].to_vec(),
+                    values[i * self.value_size..(i + 1) * self.value_size].to_vec(),
+                ));
+            }
+            if done {
+                return Ok(out);
+            }
+            std::mem::swap(&mut token_in, &mut token_out);
+            first = false;
+        }
+    }
+
+    /// Every key, then its value. A hash map's walk restarts from its first
+    /// key when the key it continues from was deleted meanwhile, so an
+    /// entry may come twice: callers keep the last.
+    fn entries_by_key(&self) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
         let mut key: Option<Vec<u8>> = None;
         loop {
