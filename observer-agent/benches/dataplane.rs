@@ -35,7 +35,8 @@
 //! Prints Markdown for docs/benchmarks.md. Environment: CHANGES (default
 //! 200; 0 skips part 1), RESYNCS (default 6; 0 skips part 2), FLOWS
 //! (default 1000; 0 skips part 3), BUSY (spinning threads per CPU for the
-//! whole run, default 0).
+//! whole run, default 0), MODES (kube-proxy modes of parts 1 and 2,
+//! comma-separated, default all three).
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
@@ -852,6 +853,15 @@ fn main() {
     let changes = env("CHANGES", 200);
     let resyncs = env("RESYNCS", 6);
     let flows = env("FLOWS", 1000);
+    // MODES: the kube-proxy modes to run (default all), comma-separated.
+    let modes: Vec<Mode> = std::env::var("MODES").map_or(Mode::KUBE_PROXY.to_vec(), |m| {
+        m.split(',')
+            .map(|m| {
+                m.parse()
+                    .expect("MODES: nftables, iptables-nft, iptables-legacy")
+            })
+            .collect()
+    });
     // BUSY=n: n spinning threads per CPU for the whole run.
     let busy = match env("BUSY", 0) {
         0 => None,
@@ -896,7 +906,7 @@ fn main() {
         "| mode | detector threads | timing | changes timed / made (untimed: no witnessed commit) | commit -> event received by consumer | event timestamp - commit | abs(event timestamp - commit) | claimed precision (p50) | timestamps within 5 ms | writer process duration | witness interval (legacy, p50) | event timestamp - writer's syscall entry (bound) | writer off CPU inside that syscall | event timestamp inside the writer's syscall |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for mode in Mode::KUBE_PROXY {
+    for &mode in &modes {
         if changes == 0 {
             break;
         }
@@ -911,7 +921,7 @@ fn main() {
     }
     let mut start_rows = vec![];
     let mut resync_rows = vec![];
-    for mode in Mode::KUBE_PROXY {
+    for &mode in &modes {
         let (start, rows) = scale(mode, resyncs, &mut sends);
         start_rows.push(start);
         resync_rows.extend(rows);
