@@ -44,7 +44,7 @@ use common::{VIP, backend, service, two_backend_node};
 /// Rule changes per mode (alternating removal and re-addition).
 const CHANGES: usize = 10;
 /// Rule changes per mode against the commit kprobe (where kprobes exist).
-const KPROBE_CHANGES: usize = 40;
+const KPROBE_CHANGES: usize = 20;
 /// Client connections in the flow test.
 const CONNECTIONS: usize = 40;
 /// The bound on |event time - commit| (its max target).
