@@ -161,27 +161,15 @@ impl Watcher {
             let _ = stop.sleep(timeout);
             return None;
         };
+        let waited_from = Instant::now();
         if stop.wait(inotify, Some(timeout)).ok() != Some(Wait::Ready) {
             return None;
         }
         let mut buf = [0u8; 4096];
         // SAFETY: buf is valid for its length.
         let n = unsafe { libc::read(inotify.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        let mut released = None;
-        let mut at = 0usize;
-        while n > 0 && at + 16 <= n as usize {
-            let mask = u32::from_ne_bytes(buf[at + 4..at + 8].try_into().unwrap_or_default());
-            let name_len =
-                u32::from_ne_bytes(buf[at + 12..at + 16].try_into().unwrap_or_default()) as usize;
-            if mask & libc::IN_OPEN != 0 {
-                opened.get_or_insert_with(Instant::now);
-            }
-            if mask & (libc::IN_CLOSE_WRITE | libc::IN_CLOSE_NOWRITE) != 0 {
-                released = Some(opened.take().map_or(Duration::ZERO, |t| t.elapsed()));
-            }
-            at += 16 + name_len;
-        }
-        released
+        let read = usize::try_from(n).map_or(&buf[..0], |n| &buf[..n]);
+        lock_hold(read, opened, waited_from, Instant::now())
     }
 
     pub fn run(mut self, shared: &Shared) {
@@ -256,6 +244,45 @@ impl Watcher {
     }
 }
 
+/// The lock hold that the inotify records in `read` (read at `now`) end,
+/// if a writer released the lock. inotify records carry no time: an open
+/// read in an earlier pass is taken as opened then; an open read together
+/// with its release (the reader ran late: a busy node, normal priority)
+/// happened at some point since the reader began waiting (`waited_from`),
+/// so the hold is that long, not the zero between the two reads
+/// (docs/benchmarks.md: a claimed precision of 0 at normal priority with
+/// every core busy).
+fn lock_hold(
+    read: &[u8],
+    opened: &mut Option<Instant>,
+    waited_from: Instant,
+    now: Instant,
+) -> Option<Duration> {
+    let mut released = None;
+    let mut opened_in_read = false;
+    let mut at = 0usize;
+    while at + 16 <= read.len() {
+        let word =
+            |i: usize| u32::from_ne_bytes(read[at + i..at + i + 4].try_into().unwrap_or_default());
+        let (mask, name_len) = (word(4), word(12) as usize);
+        if mask & libc::IN_OPEN != 0 && opened.is_none() {
+            *opened = Some(now);
+            opened_in_read = true;
+        }
+        if mask & (libc::IN_CLOSE_WRITE | libc::IN_CLOSE_NOWRITE) != 0 {
+            // An open never seen (before the watch began) is as unknown.
+            let from = match opened.take() {
+                Some(t) if !opened_in_read => t,
+                _ => waited_from,
+            };
+            released = Some(now.saturating_duration_since(from));
+            opened_in_read = false;
+        }
+        at += 16 + name_len;
+    }
+    released
+}
+
 /// How often the nat table may be re-read. A re-read costs in proportion
 /// to the table (docs/benchmarks.md: tens of milliseconds at 5 000
 /// endpoints, about a second at 250 000), so re-reads are spaced by their
@@ -317,6 +344,41 @@ fn watch_lock() -> io::Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One inotify record (no name) with `mask`.
+    fn record(mask: u32) -> Vec<u8> {
+        let mut r = vec![0u8; 16];
+        r[4..8].copy_from_slice(&mask.to_ne_bytes());
+        r
+    }
+
+    #[test]
+    fn a_hold_read_in_one_pass_spans_the_whole_wait() {
+        let now = Instant::now();
+        let waited_from = now - Duration::from_millis(40);
+        let read = [record(libc::IN_OPEN), record(libc::IN_CLOSE_NOWRITE)].concat();
+        let mut opened = None;
+        assert_eq!(
+            lock_hold(&read, &mut opened, waited_from, now),
+            Some(Duration::from_millis(40))
+        );
+        assert_eq!(opened, None);
+    }
+
+    #[test]
+    fn a_hold_seen_opening_runs_from_that_pass() {
+        let start = Instant::now();
+        let mut opened = None;
+        let open = record(libc::IN_OPEN);
+        assert_eq!(lock_hold(&open, &mut opened, start, start), None);
+        assert_eq!(opened, Some(start));
+        let later = start + Duration::from_millis(7);
+        let close = record(libc::IN_CLOSE_WRITE);
+        assert_eq!(
+            lock_hold(&close, &mut opened, later - Duration::from_millis(3), later),
+            Some(Duration::from_millis(7))
+        );
+    }
 
     #[test]
     fn re_reads_are_spaced_by_their_cost() {
