@@ -38,7 +38,14 @@ use observer_common::cilium::{
 use observer_proto::{Detector, Observation, RulesChange};
 use tokio::sync::mpsc::{Receiver, channel};
 
-const WRITER: &str = "lab-cilium";
+/// Each test's writer thread has a name of its own (at most 15 bytes):
+/// the tests share one process, and a detector that followed another
+/// test's writer would take its writes (the same keys and values) for
+/// writes to its own maps.
+const WRITER_MASTER: &str = "lab-cil-master";
+const WRITER_POLL: &str = "lab-cil-poll";
+const WRITER_EARLIER: &str = "lab-cil-earlier";
+const WRITER_BATCH: &str = "lab-cil-batch";
 /// Error of the kernel-to-wall-clock conversion (observer-agent/src/clock.rs).
 const CLOCK_TOLERANCE_NS: i64 = 1_000_000;
 const POLL: Duration = Duration::from_millis(20);
@@ -60,13 +67,13 @@ fn backend(ep: SocketAddr) -> Backend {
     Backend::tcp(ep, BackendState::Active)
 }
 
-fn options(dir: &Path, force_polling: bool) -> CiliumOptions {
+fn options(dir: &Path, writer: &str, force_polling: bool) -> CiliumOptions {
     let mut comm = [0u8; 16];
-    comm[..WRITER.len()].copy_from_slice(WRITER.as_bytes());
+    comm[..writer.len()].copy_from_slice(writer.as_bytes());
     CiliumOptions {
         pin_dir: dir.to_owned(),
         poll_interval: POLL,
-        writer: WriterFilter::comm(comm, WRITER.len() as u32),
+        writer: WriterFilter::comm(comm, writer.len() as u32),
         force_polling,
     }
 }
@@ -82,11 +89,12 @@ fn populated(dir: &Path) -> ServiceMapsWriter {
     w
 }
 
-/// The writer's steps run on a thread named [`WRITER`], one per request.
+/// The writer's steps run on a thread named `name`, one per request.
 type Step = Box<dyn FnOnce(&mut ServiceMapsWriter) -> Option<MasterWritten> + Send>;
 
 fn writer_thread(
     mut w: ServiceMapsWriter,
+    name: &str,
 ) -> (
     mpsc::Sender<Step>,
     mpsc::Receiver<Option<MasterWritten>>,
@@ -95,7 +103,7 @@ fn writer_thread(
     let (step_tx, step_rx) = mpsc::channel::<Step>();
     let (done_tx, done_rx) = mpsc::channel();
     let handle = std::thread::Builder::new()
-        .name(WRITER.into())
+        .name(name.into())
         .spawn(move || {
             for step in step_rx {
                 let _ = done_tx.send(step(&mut w));
@@ -155,12 +163,19 @@ fn check(change: &RulesChange, m: MasterWritten, force_polling: bool) {
 
 /// Loads the eBPF object and starts the dataplane detectors with the
 /// Cilium one on the maps under `dir`.
-fn start(dir: &Path, force_polling: bool) -> (Kernel, DataplaneWatch, Receiver<Observation>) {
+fn start(
+    dir: &Path,
+    writer: &str,
+    force_polling: bool,
+) -> (Kernel, DataplaneWatch, Receiver<Observation>) {
     let mut kernel = Kernel::load(LoadOptions::default()).expect("eBPF loads");
     let (tx, rx) = channel(64);
     let mut watch: DataplaneWatch = dataplane::spawn(tx).expect("detectors start");
     let status = watch
-        .follow_cilium(Some(kernel.ebpf_mut()), &options(dir, force_polling))
+        .follow_cilium(
+            Some(kernel.ebpf_mut()),
+            &options(dir, writer, force_polling),
+        )
         .expect("the Cilium detector starts");
     if force_polling {
         assert!(matches!(status.timing, CiliumTiming::Polling { .. }));
@@ -177,10 +192,10 @@ fn start(dir: &Path, force_polling: bool) -> (Kernel, DataplaneWatch, Receiver<O
 
 /// Moves pod 1 to the tail and back, writes the other frontend, then moves
 /// pod 1 out and deletes it; checks every report against the master writes.
-fn follow_the_writer(force_polling: bool) {
+fn follow_the_writer(writer: &str, force_polling: bool) {
     let fs = Bpffs::mount("cilium-detector").expect("a private bpffs mounts");
     let w = populated(fs.path());
-    let (_kernel, watch, mut rx) = start(fs.path(), force_polling);
+    let (_kernel, watch, mut rx) = start(fs.path(), writer, force_polling);
     watch.watch(pod(1));
     // The detector picks the watch up within its wait.
     std::thread::sleep(Duration::from_millis(200));
@@ -189,7 +204,7 @@ fn follow_the_writer(force_polling: bool) {
         "selected at the watch: nothing to report"
     );
 
-    let (steps, done, handle) = writer_thread(w);
+    let (steps, done, handle) = writer_thread(w, writer);
     let write = |step: Step| {
         steps.send(step).unwrap();
         done.recv().unwrap()
@@ -248,7 +263,7 @@ fn the_master_write_is_the_removal_timed_by_the_writers_syscall() {
     if !root_or_skip("the_master_write_is_the_removal_timed_by_the_writers_syscall") {
         return;
     }
-    follow_the_writer(false);
+    follow_the_writer(WRITER_MASTER, false);
 }
 
 #[test]
@@ -256,7 +271,7 @@ fn without_the_tracepoint_a_poll_finds_the_same_changes() {
     if !root_or_skip("without_the_tracepoint_a_poll_finds_the_same_changes") {
         return;
     }
-    follow_the_writer(true);
+    follow_the_writer(WRITER_POLL, true);
 }
 
 /// The cutover happens before the agent learns the pod is terminating, and
@@ -269,10 +284,10 @@ fn changes_before_the_watch_are_reported_at_the_watch_with_their_time() {
     }
     let fs = Bpffs::mount("cilium-earlier").expect("a private bpffs mounts");
     let w = populated(fs.path());
-    let (_kernel, watch, mut rx) = start(fs.path(), false);
+    let (_kernel, watch, mut rx) = start(fs.path(), WRITER_EARLIER, false);
     // The detector's first read of the maps.
     std::thread::sleep(Duration::from_millis(200));
-    let (steps, done, handle) = writer_thread(w);
+    let (steps, done, handle) = writer_thread(w, WRITER_EARLIER);
     let write = |step: Step| {
         steps.send(step).unwrap();
         done.recv().unwrap()
@@ -417,4 +432,80 @@ fn an_unknown_layout_is_refused_by_name_and_the_rest_runs() {
         "{stderr}"
     );
     assert!(!out.stdout.is_empty(), "observe reported its start");
+}
+
+/// A frontend rewritten in batches (`BPF_MAP_UPDATE_BATCH` of the slots
+/// and the master, `BPF_MAP_DELETE_BATCH` of the tail). To a descriptor
+/// the agent has not classified yet the batch is counted and found by a
+/// re-read, after the syscall; once an element write has classified the
+/// services map, each batch's removal or addition is stamped inside its
+/// syscall.
+#[test]
+fn a_batch_write_is_timed_by_its_syscall_once_the_map_is_known() {
+    if !root_or_skip("a_batch_write_is_timed_by_its_syscall_once_the_map_is_known") {
+        return;
+    }
+    let fs = Bpffs::mount("cilium-batch").expect("a private bpffs mounts");
+    let w = populated(fs.path());
+    let (_kernel, watch, mut rx) = start(fs.path(), WRITER_BATCH, false);
+    watch.watch(pod(1));
+    std::thread::sleep(Duration::from_millis(200));
+    let (steps, done, handle) = writer_thread(w, WRITER_BATCH);
+    let write = |step: Step| {
+        steps.send(step).unwrap();
+        done.recv().unwrap()
+    };
+
+    let m = write(Box::new(|w| {
+        Some(w.write_frontend_batch(frontend(10), 1, &[2], &[1]).unwrap())
+    }))
+    .unwrap();
+    let (added, change) =
+        next_rules(&mut rx, Duration::from_secs(3)).expect("removal found by a re-read");
+    assert!(!added);
+    assert_eq!(change.endpoint, pod(1));
+    assert!(
+        change.time.as_nanos() > m.after.as_nanos() + CLOCK_TOLERANCE_NS,
+        "an unclassified map's batch is not stamped by its syscall: {change:?} {m:?}"
+    );
+
+    // An element write names the services map, as Cilium's writes do.
+    write(Box::new(|w| {
+        w.write_frontend(frontend(11), 2, &[3], &[]).ok()
+    }))
+    .unwrap();
+    assert!(next_rules(&mut rx, Duration::from_millis(300)).is_none());
+
+    let m = write(Box::new(|w| {
+        Some(
+            w.write_frontend_batch(frontend(10), 1, &[1, 2], &[])
+                .unwrap(),
+        )
+    }))
+    .unwrap();
+    let (added, change) = next_rules(&mut rx, Duration::from_secs(2)).expect("addition reported");
+    assert!(added);
+    check(&change, m, false);
+
+    let m = write(Box::new(|w| {
+        Some(w.write_frontend_batch(frontend(10), 1, &[2], &[1]).unwrap())
+    }))
+    .unwrap();
+    let (added, change) = next_rules(&mut rx, Duration::from_secs(2)).expect("removal reported");
+    assert!(!added);
+    assert_eq!(change.endpoint, pod(1));
+    check(&change, m, false);
+
+    // The backend leaves: deleted, and its tail slot by a batch delete.
+    write(Box::new(|w| {
+        w.delete_backend(1).unwrap();
+        Some(w.write_frontend_batch(frontend(10), 1, &[2], &[]).unwrap())
+    }))
+    .unwrap();
+    assert!(
+        next_rules(&mut rx, Duration::from_millis(300)).is_none(),
+        "already removed: nothing more"
+    );
+    drop(steps);
+    handle.join().unwrap();
 }

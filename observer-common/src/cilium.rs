@@ -409,7 +409,7 @@ impl Backend {
 
 /// bpf() commands the tracepoint looks at: the single-element writes
 /// Cilium's reconciler makes (one per entry, no batches today) and the
-/// batch ones, whose keys it cannot match cheaply and reports as such.
+/// batch ones, whose elements it sends one by one.
 pub const BPF_MAP_UPDATE_ELEM: u32 = 2;
 pub const BPF_MAP_DELETE_ELEM: u32 = 3;
 pub const BPF_MAP_UPDATE_BATCH: u32 = 26;
@@ -437,39 +437,57 @@ pub enum CiliumStat {
     Unreadable = 2,
     /// Writes lost: the ring was full or the pending table was.
     Lost = 3,
-    /// Batch writes by the writer: their keys are not read, the agent
-    /// re-reads the maps instead.
+    /// Batch writes by the writer that the program looked at.
     Batches = 4,
     /// Writer's writes to a map the agent classified as none of its own:
     /// dropped after one lookup, before any user memory is read.
     OtherMaps = 5,
+    /// Batch writes whose elements were not all sent: to a descriptor not
+    /// classified yet (the element sizes are unknown), or of more than
+    /// [`MAX_BATCH_ELEMENTS`]; the agent re-reads the maps.
+    BatchesUnsent = 6,
 }
 
 impl CiliumStat {
-    pub const ALL: [CiliumStat; 6] = [
+    pub const ALL: [CiliumStat; 7] = [
         CiliumStat::WriterWrites,
         CiliumStat::Sent,
         CiliumStat::Unreadable,
         CiliumStat::Lost,
         CiliumStat::Batches,
         CiliumStat::OtherMaps,
+        CiliumStat::BatchesUnsent,
     ];
 
     /// Counters that mean a write of a followed map may have been missed.
     pub const fn is_loss(self) -> bool {
         matches!(
             self,
-            CiliumStat::Unreadable | CiliumStat::Lost | CiliumStat::Batches
+            CiliumStat::Unreadable | CiliumStat::Lost | CiliumStat::BatchesUnsent
         )
     }
 }
 
-pub const CILIUM_STATS_LEN: u32 = 6;
+pub const CILIUM_STATS_LEN: u32 = 7;
 
 /// Offsets in the user's `union bpf_attr` of the element commands.
 pub const ATTR_MAP_FD: usize = 0;
 pub const ATTR_KEY: usize = 8;
 pub const ATTR_VALUE: usize = 16;
+
+/// Offsets in the user's `union bpf_attr` of the batch commands
+/// (`attr.batch`: in_batch, out_batch, keys, values, count, map_fd, ...).
+/// `keys` and `values` point to arrays of whole keys and values; the
+/// kernel applies them in order and writes back in `count` how many it
+/// processed, also when it stops at an error.
+pub const ATTR_BATCH_KEYS: usize = 16;
+pub const ATTR_BATCH_VALUES: usize = 24;
+pub const ATTR_BATCH_COUNT: usize = 32;
+pub const ATTR_BATCH_MAP_FD: usize = 36;
+
+/// Elements of one batch the program sends, each as a [`MapWrite`]; the
+/// rest of a longer batch is counted ([`CiliumStat::BatchesUnsent`]).
+pub const MAX_BATCH_ELEMENTS: u32 = 64;
 
 /// The longest value read from a write ([`BACKEND_MAX`]; a service value
 /// is [`SERVICE_VALUE_LEN`]).
@@ -482,11 +500,27 @@ pub const fn fd_key(tgid: u32, fd: u32) -> u64 {
 }
 
 /// What a descriptor of the writer is, as the agent classified it; a
-/// descriptor not in the map is not classified yet, and its writes are
-/// sent for the agent to classify.
-pub const FD_FOLLOWED: u8 = 1;
+/// descriptor not in the map is not classified yet, and its element
+/// writes are sent for the agent to classify. A followed map's kind gives
+/// the program its key and value sizes, for the elements of a batch.
+///
 /// Not one of the service maps: its writes are dropped in the kernel.
 pub const FD_OTHER: u8 = 2;
+/// The followed maps, by family and kind ([`fd_kind`]).
+pub const FD_SERVICES4: u8 = 3;
+pub const FD_SERVICES6: u8 = 4;
+pub const FD_BACKENDS4: u8 = 5;
+pub const FD_BACKENDS6: u8 = 6;
+
+/// The `CILIUM_FDS` value of a followed map.
+pub const fn fd_kind(family: Family, kind: MapKind) -> u8 {
+    match (family, kind) {
+        (Family::V4, MapKind::Services) => FD_SERVICES4,
+        (Family::V6, MapKind::Services) => FD_SERVICES6,
+        (Family::V4, MapKind::Backends) => FD_BACKENDS4,
+        (Family::V6, MapKind::Backends) => FD_BACKENDS6,
+    }
+}
 
 /// Descriptors the map of the writer's descriptors holds (LRU: a
 /// restarted writer's old ones age out).
@@ -551,7 +585,10 @@ pub struct MapWrite {
     pub ret: i64,
     pub tgid: u32,
     pub tid: u32,
-    /// [`BPF_MAP_UPDATE_ELEM`] or [`BPF_MAP_DELETE_ELEM`].
+    /// [`BPF_MAP_UPDATE_ELEM`] or [`BPF_MAP_DELETE_ELEM`]; for an element
+    /// of a batch, the element command of the batch's, `ret` 0 (the kernel
+    /// applied it: it is within the batch's written-back `count`) and the
+    /// batch syscall's times.
     pub cmd: u32,
     /// The writer's map descriptor (in the writer's table).
     pub map_fd: u32,

@@ -3,12 +3,24 @@
 //! its slots first, the master (slot 0, the cutover) next, then the slots
 //! past the new total deleted; a backend that leaves the EndpointSlice is
 //! deleted from the backends map before its frontend is rewritten.
+//!
+//! Cilium makes no batch writes today; the writer can write a frontend in
+//! two batches (`BPF_MAP_UPDATE_BATCH` of the slots then the master,
+//! `BPF_MAP_DELETE_BATCH` of the tail), which aya has no call for, so the
+//! agent's handling of batches is tested too.
 
-use std::{collections::HashMap, io, path::Path};
+use std::{
+    collections::HashMap,
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    path::Path,
+};
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
+use aya::maps::{HashMap as BpfHashMap, IterableMap, Map, MapData, MapError};
 use observer_common::cilium::{
-    self, Backend, Family, Frontend, MapShape, SERVICE_VALUE_LEN, ServiceKey, ServiceValue,
+    self, ATTR_BATCH_COUNT, ATTR_BATCH_KEYS, ATTR_BATCH_MAP_FD, ATTR_BATCH_VALUES,
+    BPF_MAP_DELETE_BATCH, BPF_MAP_UPDATE_BATCH, Backend, Family, Frontend, MapShape,
+    SERVICE_VALUE_LEN, ServiceKey, ServiceValue,
 };
 use observer_proto::UnixNanos;
 
@@ -65,6 +77,67 @@ fn sized<const N: usize>(what: &str, bytes: &[u8]) -> io::Result<[u8; N]> {
     })
 }
 
+/// `union bpf_attr` of the batch commands (UAPI `attr.batch`).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+// The offsets the agent's tracepoint reads.
+const _: () = {
+    assert!(std::mem::offset_of!(BatchAttr, keys) == ATTR_BATCH_KEYS);
+    assert!(std::mem::offset_of!(BatchAttr, values) == ATTR_BATCH_VALUES);
+    assert!(std::mem::offset_of!(BatchAttr, count) == ATTR_BATCH_COUNT);
+    assert!(std::mem::offset_of!(BatchAttr, map_fd) == ATTR_BATCH_MAP_FD);
+};
+
+/// One `BPF_MAP_UPDATE_BATCH` of `keys` and `values` (whole keys and
+/// values, back to back), or `BPF_MAP_DELETE_BATCH` of `keys` when
+/// `values` is `None`; `count` elements.
+fn batch(map: BorrowedFd<'_>, keys: &[u8], values: Option<&[u8]>, count: usize) -> io::Result<()> {
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.map_or(0, |v| v.as_ptr() as u64),
+        count: count as u32,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    let cmd = if values.is_some() {
+        BPF_MAP_UPDATE_BATCH
+    } else {
+        BPF_MAP_DELETE_BATCH
+    };
+    // SAFETY: the attr and the arrays it points to live through the call;
+    // the kernel reads `count` keys and values of the map's sizes, which
+    // the callers' arrays hold, and writes back `count`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &mut attr as *mut BatchAttr,
+            size_of::<BatchAttr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if attr.count as usize != count {
+        return Err(io::Error::other(format!(
+            "batch of {count} elements: the kernel applied {}",
+            attr.count
+        )));
+    }
+    Ok(())
+}
+
 /// One family's maps: the key and value sizes differ by family.
 #[derive(Debug)]
 struct FamilyMaps<const KEY: usize, const BACKEND: usize> {
@@ -96,6 +169,25 @@ impl<const KEY: usize, const BACKEND: usize> FamilyMaps<KEY, BACKEND> {
             &mut self.services,
             &sized("service key", key.encode().as_slice())?,
         )
+    }
+
+    fn update_services_batch(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> io::Result<()> {
+        let mut keys = Vec::with_capacity(entries.len() * KEY);
+        let mut values = Vec::with_capacity(entries.len() * SERVICE_VALUE_LEN);
+        for (key, value) in entries {
+            keys.extend(sized::<KEY>("service key", key.encode().as_slice())?);
+            values.extend(value.encode());
+        }
+        let map = self.services.map().fd().as_fd();
+        batch(map, &keys, Some(&values), entries.len())
+    }
+
+    fn delete_services_batch(&mut self, entries: &[ServiceKey]) -> io::Result<()> {
+        let mut keys = Vec::with_capacity(entries.len() * KEY);
+        for key in entries {
+            keys.extend(sized::<KEY>("service key", key.encode().as_slice())?);
+        }
+        batch(self.services.map().fd().as_fd(), &keys, None, entries.len())
     }
 
     fn upsert_backend(&mut self, id: u32, backend: &Backend) -> io::Result<()> {
@@ -182,36 +274,56 @@ impl ServiceMapsWriter {
         active: &[u32],
         inactive: &[u32],
     ) -> io::Result<MasterWritten> {
-        for (i, id) in active.iter().chain(inactive).enumerate() {
-            let key = ServiceKey {
-                frontend,
-                slot: i as u16 + 1,
-            };
-            let value = ServiceValue {
-                backend_id: *id,
-                rev_nat_index,
-                ..Default::default()
-            };
-            self.update_service(&key, &value)?;
+        let (slots, master) = frontend_entries(frontend, rev_nat_index, active, inactive);
+        for (key, value) in &slots {
+            self.update_service(key, value)?;
         }
-        let master = ServiceValue {
-            count: active.len() as u16,
-            qcount: inactive.len() as u16,
-            rev_nat_index,
-            ..Default::default()
-        };
         let before = UnixNanos::now();
-        self.update_service(&ServiceKey::master(frontend), &master)?;
+        self.update_service(&master.0, &master.1)?;
         let written = MasterWritten {
             before,
             after: UnixNanos::now(),
         };
-        let total = (active.len() + inactive.len()) as u16;
-        let previous = self.totals.insert(frontend, total).unwrap_or(0);
-        for slot in total + 1..=previous {
-            self.delete_service(&ServiceKey { frontend, slot })?;
+        for key in self.tail(frontend, slots.len()) {
+            self.delete_service(&key)?;
         }
         Ok(written)
+    }
+
+    /// [`Self::write_frontend`] in batches: one `BPF_MAP_UPDATE_BATCH` of
+    /// the slots and then the master, one `BPF_MAP_DELETE_BATCH` of the
+    /// tail; the batch update's syscall is the master's write.
+    pub fn write_frontend_batch(
+        &mut self,
+        frontend: Frontend,
+        rev_nat_index: u16,
+        active: &[u32],
+        inactive: &[u32],
+    ) -> io::Result<MasterWritten> {
+        let (mut entries, master) = frontend_entries(frontend, rev_nat_index, active, inactive);
+        let slots = entries.len();
+        entries.push(master);
+        let before = UnixNanos::now();
+        either!(&mut self.maps, m => m.update_services_batch(&entries))?;
+        let written = MasterWritten {
+            before,
+            after: UnixNanos::now(),
+        };
+        let tail = self.tail(frontend, slots);
+        if !tail.is_empty() {
+            either!(&mut self.maps, m => m.delete_services_batch(&tail))?;
+        }
+        Ok(written)
+    }
+
+    /// Records that `frontend` has `total` slots now; the keys of the slots
+    /// it had past that.
+    fn tail(&mut self, frontend: Frontend, total: usize) -> Vec<ServiceKey> {
+        let total = total as u16;
+        let previous = self.totals.insert(frontend, total).unwrap_or(0);
+        (total + 1..=previous)
+            .map(|slot| ServiceKey { frontend, slot })
+            .collect()
     }
 
     /// Deletes the frontend: its master first (no new connection picks a
@@ -223,6 +335,41 @@ impl ServiceMapsWriter {
         }
         Ok(())
     }
+}
+
+/// A frontend's slots (active backends first) and its master.
+type Entry = (ServiceKey, ServiceValue);
+
+fn frontend_entries(
+    frontend: Frontend,
+    rev_nat_index: u16,
+    active: &[u32],
+    inactive: &[u32],
+) -> (Vec<Entry>, Entry) {
+    let slots = active
+        .iter()
+        .chain(inactive)
+        .enumerate()
+        .map(|(i, id)| {
+            let key = ServiceKey {
+                frontend,
+                slot: i as u16 + 1,
+            };
+            let value = ServiceValue {
+                backend_id: *id,
+                rev_nat_index,
+                ..Default::default()
+            };
+            (key, value)
+        })
+        .collect();
+    let master = ServiceValue {
+        count: active.len() as u16,
+        qcount: inactive.len() as u16,
+        rev_nat_index,
+        ..Default::default()
+    };
+    (slots, (ServiceKey::master(frontend), master))
 }
 
 type Job = Box<dyn FnOnce(&mut ServiceMapsWriter) + Send>;

@@ -10,8 +10,9 @@
 use std::collections::HashMap;
 
 use observer_common::cilium::{
-    BPF_MAP_DELETE_ELEM, BPF_MAP_UPDATE_ELEM, Backend, DecodeError, Family, MapWrite,
-    SERVICE_VALUE_LEN, ServiceKey, ServiceValue, backend_value_len, service_key_len,
+    BPF_MAP_DELETE_ELEM, BPF_MAP_UPDATE_ELEM, Backend, DecodeError, FD_OTHER, Family, MapKind,
+    MapWrite, SERVICE_VALUE_LEN, ServiceKey, ServiceValue, backend_value_len, fd_kind,
+    service_key_len,
 };
 
 use super::maps::{ReadError, ServiceMaps};
@@ -60,6 +61,15 @@ fn prefix<'a>(what: &'static str, bytes: &'a [u8], need: usize) -> Result<&'a [u
 }
 
 impl FdKind {
+    /// The kind as the tracepoint's descriptor map holds it (`FD_*`).
+    pub const fn code(self) -> u8 {
+        match self {
+            FdKind::Services(family) => fd_kind(family, MapKind::Services),
+            FdKind::Backends(family) => fd_kind(family, MapKind::Backends),
+            FdKind::Other => FD_OTHER,
+        }
+    }
+
     /// The write as an operation on a map of this kind (not `Other`).
     pub fn decode(self, write: &MapWrite) -> Result<Op, OpError> {
         let key = &write.key[..write.key_len as usize];

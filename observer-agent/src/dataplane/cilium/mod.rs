@@ -15,13 +15,17 @@
 //! - [`tracepoint`]: the writer's element writes, with the kernel times of
 //!   the syscall's entry and exit (its duration is the precision);
 //!   [`descriptors`] tells which of the writer's maps they go to.
-//! - Writes the programs could not send (ring full, key unreadable, batch
-//!   commands; checked every [`SAFETY_POLL`]) make the mirror re-read.
+//! - Batch writes to a classified map are sent element by element with
+//!   the batch syscall's times.
+//! - Writes the programs could not send (ring full, key unreadable, a
+//!   batch to a map not classified yet or longer than
+//!   `MAX_BATCH_ELEMENTS`; checked every [`SAFETY_POLL`]) make the mirror
+//!   re-read.
 //!   Where the tracepoint cannot attach, the mirror is re-read every poll
 //!   interval (at least [`MIN_POLL`]).
 //!
-//! Maglev frontends (whose cutover is the outer map's update) and batch
-//! writes are timed by those re-reads only.
+//! Maglev frontends (whose cutover is the outer map's update) are timed
+//! by those re-reads only.
 
 mod descriptors;
 pub mod maps;
@@ -282,7 +286,7 @@ impl CiliumDetector {
     /// Tells the programs the kind of the descriptor `write` went to.
     fn tell_kernel(&mut self, write: &MapWrite, kind: FdKind) {
         if let Some(events) = &mut self.events
-            && let Err(e) = events.classify(write.tgid, write.map_fd, kind != FdKind::Other)
+            && let Err(e) = events.classify(write.tgid, write.map_fd, kind.code())
         {
             warn!(error = %e, "Cilium: the tracepoint does not know the descriptor's kind");
         }

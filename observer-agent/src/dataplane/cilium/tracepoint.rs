@@ -11,8 +11,8 @@ use aya::{
     programs::TracePoint,
 };
 use observer_common::cilium::{
-    CiliumStat, ENTER_CMD_OFFSET, ENTER_UATTR_OFFSET, EXIT_RET_OFFSET, FD_FOLLOWED, FD_OTHER,
-    MapWrite, WriterFilter, fd_key,
+    CiliumStat, ENTER_CMD_OFFSET, ENTER_UATTR_OFFSET, EXIT_RET_OFFSET, MapWrite, WriterFilter,
+    fd_key,
 };
 use thiserror::Error;
 
@@ -123,11 +123,10 @@ impl WriteEvents {
         })
     }
 
-    /// Tells the programs what descriptor `fd` of process `tgid` is: a
-    /// service map (`followed`), whose writes they send, or another,
-    /// whose writes they drop.
-    pub fn classify(&mut self, tgid: u32, fd: u32, followed: bool) -> Result<(), TracepointError> {
-        let kind = if followed { FD_FOLLOWED } else { FD_OTHER };
+    /// Tells the programs what descriptor `fd` of process `tgid` is
+    /// (`FD_*`): a followed map, whose writes they send (a batch's
+    /// elements with the kind's sizes), or another, whose writes they drop.
+    pub fn classify(&mut self, tgid: u32, fd: u32, kind: u8) -> Result<(), TracepointError> {
         self.fds
             .insert(fd_key(tgid, fd), kind, 0)
             .map_err(|source| TracepointError::Map {
