@@ -33,7 +33,8 @@ use observer_agent::{
     kernel::{Kernel, LoadOptions, capabilities},
 };
 use observer_common::cilium::{
-    self, Backend, BackendState, Family, Frontend, MapShape, Scope, ServiceKey, WriterFilter,
+    self, Backend, BackendState, Family, Frontend, MapShape, Scope, ServiceKey, ServiceValue,
+    WriterFilter,
 };
 use observer_proto::{Detector, Observation, RulesChange};
 use tokio::sync::mpsc::{Receiver, channel};
@@ -46,6 +47,7 @@ const WRITER_MASTER: &str = "lab-cil-master";
 const WRITER_POLL: &str = "lab-cil-poll";
 const WRITER_EARLIER: &str = "lab-cil-earlier";
 const WRITER_BATCH: &str = "lab-cil-batch";
+const WRITER_REUSE: &str = "lab-cil-reuse";
 /// Error of the kernel-to-wall-clock conversion (observer-agent/src/clock.rs).
 const CLOCK_TOLERANCE_NS: i64 = 1_000_000;
 const POLL: Duration = Duration::from_millis(20);
@@ -508,4 +510,82 @@ fn a_batch_write_is_timed_by_its_syscall_once_the_map_is_known() {
     );
     drop(steps);
     handle.join().unwrap();
+}
+
+/// Cilium creates and closes Maglev inner maps all the time, so the number
+/// of a descriptor it closed comes back for the next map it opens. A
+/// writer writes a watched frontend's master through its own descriptor of
+/// the services map (classified by that write), closes it, and opens
+/// another map of the same shape at the same number: the master key
+/// written there is not the services map's, and reports nothing.
+#[test]
+fn a_closed_services_descriptor_reused_for_another_map_is_not_decoded_as_services() {
+    if !root_or_skip(
+        "a_closed_services_descriptor_reused_for_another_map_is_not_decoded_as_services",
+    ) {
+        return;
+    }
+    let fs = Bpffs::mount("cilium-reuse").expect("a private bpffs mounts");
+    let _w = populated(fs.path());
+    let (_kernel, watch, mut rx) = start(fs.path(), WRITER_REUSE, false);
+    watch.watch(pod(2));
+    std::thread::sleep(Duration::from_millis(200));
+
+    let dir = fs.path().to_owned();
+    let key: [u8; 12] = ServiceKey::master(frontend(10))
+        .encode()
+        .as_slice()
+        .try_into()
+        .unwrap();
+    let master = |count| {
+        ServiceValue {
+            count,
+            rev_nat_index: 1,
+            ..Default::default()
+        }
+        .encode()
+    };
+    let (written_tx, written_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name(WRITER_REUSE.into())
+        .spawn(move || {
+            use aya::maps::IterableMap as _;
+            use std::os::fd::{AsFd as _, AsRawFd as _};
+            let services = aya::maps::MapData::from_pin(dir.join(cilium::SERVICES4.name)).unwrap();
+            let mut services = typed::<[u8; 12], [u8; 12]>(services).unwrap();
+            let fd = services.map().fd().as_fd().as_raw_fd();
+            let before = observer_proto::UnixNanos::now();
+            // Pod 2 (slot 2) out of the count.
+            services.insert(key, master(1), 0).unwrap();
+            let after = observer_proto::UnixNanos::now();
+            written_tx.send(MasterWritten { before, after }).unwrap();
+            go_rx.recv().unwrap();
+            drop(services);
+            let other = create_pinned(&dir, "lab_other", cilium::SERVICES4.shape).unwrap();
+            let mut other = typed::<[u8; 12], [u8; 12]>(other).unwrap();
+            let reused = other.map().fd().as_fd().as_raw_fd();
+            // As if pod 2 were counted again, in the other map.
+            for _ in 0..3 {
+                other.insert(key, master(2), 0).unwrap();
+            }
+            (fd, reused)
+        })
+        .unwrap();
+    let m = written_rx.recv().unwrap();
+    let (added, change) = next_rules(&mut rx, Duration::from_secs(2)).expect("removal reported");
+    assert!(!added);
+    assert_eq!(change.endpoint, pod(2));
+    check(&change, m, false);
+    go_tx.send(()).unwrap();
+    let (fd, reused) = thread.join().unwrap();
+    assert_eq!(
+        fd, reused,
+        "the other map got the closed descriptor's number (the lowest free one)"
+    );
+    let got = next_rules(&mut rx, Duration::from_millis(500));
+    assert!(
+        got.is_none(),
+        "a write to another map at a reused descriptor was taken for the services map: {got:?}"
+    );
 }

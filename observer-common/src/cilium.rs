@@ -421,6 +421,18 @@ pub const BPF_MAP_DELETE_BATCH: u32 = 27;
 pub const ENTER_CMD_OFFSET: usize = 16;
 pub const ENTER_UATTR_OFFSET: usize = 24;
 pub const EXIT_RET_OFFSET: usize = 16;
+/// `fd` in the `syscalls/sys_enter_close` record.
+pub const CLOSE_FD_OFFSET: usize = 16;
+
+/// Not bpf() commands: what happened to the writer's descriptors, sent as
+/// [`MapWrite::cmd`] on the ring of its writes so that it comes in order
+/// with them. The writer closed `map_fd` (close(2)), a descriptor the
+/// programs had seen written: a later descriptor of that number is
+/// another map.
+pub const WRITER_CLOSED: u32 = 0x8000_0001;
+/// The writer's process `tgid` exited (its main thread's
+/// `sched/sched_process_exit`): every descriptor of it is gone.
+pub const WRITER_EXITED: u32 = 0x8000_0002;
 
 /// Per-CPU counters of the tracepoint programs (`CILIUM_STATS`).
 #[repr(u32)]
@@ -500,10 +512,15 @@ pub const fn fd_key(tgid: u32, fd: u32) -> u64 {
 }
 
 /// What a descriptor of the writer is, as the agent classified it; a
-/// descriptor not in the map is not classified yet, and its element
-/// writes are sent for the agent to classify. A followed map's kind gives
+/// descriptor not in the map, or [`FD_PENDING`], is not classified yet,
+/// and its element writes are sent for the agent to classify. A followed map's kind gives
 /// the program its key and value sizes, for the elements of a batch.
 ///
+/// Seen written, not classified yet: put by the programs themselves at
+/// the first write, so that the descriptor's close is reported even
+/// before the agent classifies it (the agent's classification only
+/// replaces an entry that is still there).
+pub const FD_PENDING: u8 = 1;
 /// Not one of the service maps: its writes are dropped in the kernel.
 pub const FD_OTHER: u8 = 2;
 /// The followed maps, by family and kind ([`fd_kind`]).

@@ -31,10 +31,11 @@ use aya_ebpf::{
 use observer_common::cilium::{
     ATTR_BATCH_COUNT, ATTR_BATCH_KEYS, ATTR_BATCH_MAP_FD, ATTR_BATCH_VALUES, ATTR_KEY, ATTR_MAP_FD,
     ATTR_VALUE, BACKEND_KEY_LEN, BPF_MAP_DELETE_BATCH, BPF_MAP_DELETE_ELEM, BPF_MAP_UPDATE_BATCH,
-    BPF_MAP_UPDATE_ELEM, CILIUM_STATS_LEN, CiliumStat, ENTER_CMD_OFFSET, ENTER_UATTR_OFFSET,
-    EXIT_RET_OFFSET, FD_BACKENDS4, FD_BACKENDS6, FD_OTHER, FD_SERVICES4, FD_SERVICES6, Family,
-    KEY_MAX, MAP_WRITES_BYTES, MAX_BATCH_ELEMENTS, MAX_PENDING_WRITES, MAX_WRITER_FDS, MapWrite,
-    SERVICE_VALUE_LEN, VALUE_MAX, WriterFilter, backend_value_len, fd_key, service_key_len,
+    BPF_MAP_UPDATE_ELEM, CILIUM_STATS_LEN, CLOSE_FD_OFFSET, CiliumStat, ENTER_CMD_OFFSET,
+    ENTER_UATTR_OFFSET, EXIT_RET_OFFSET, FD_BACKENDS4, FD_BACKENDS6, FD_OTHER, FD_PENDING,
+    FD_SERVICES4, FD_SERVICES6, Family, KEY_MAX, MAP_WRITES_BYTES, MAX_BATCH_ELEMENTS,
+    MAX_PENDING_WRITES, MAX_WRITER_FDS, MapWrite, SERVICE_VALUE_LEN, VALUE_MAX, WRITER_CLOSED,
+    WRITER_EXITED, WriterFilter, backend_value_len, fd_key, service_key_len,
 };
 
 use crate::record::ctx_load;
@@ -126,16 +127,16 @@ fn enter_batch(uattr: u64, cmd: u32, pid_tgid: u64) -> Result<(), i64> {
     let tgid = (pid_tgid >> 32) as u32;
     // SAFETY: user memory read with the helper, which checks the address.
     let map_fd = unsafe { bpf_probe_read_user((uattr + ATTR_BATCH_MAP_FD as u64) as *const u32)? };
-    let kind = match unsafe { CILIUM_FDS.get(&fd_key(tgid, map_fd)) } {
-        Some(&FD_OTHER) => {
+    let kind = match descriptor(tgid, map_fd) {
+        FD_OTHER => {
             count(CiliumStat::OtherMaps);
             return Ok(());
         }
-        Some(kind) => *kind,
-        None => {
+        FD_PENDING => {
             count(CiliumStat::BatchesUnsent);
             return Ok(());
         }
+        kind => kind,
     };
     let batch = PendingBatch {
         uattr,
@@ -151,6 +152,39 @@ fn enter_batch(uattr: u64, cmd: u32, pid_tgid: u64) -> Result<(), i64> {
         count(CiliumStat::Lost);
     }
     Ok(())
+}
+
+/// The descriptor's `FD_*` kind; one seen for the first time is marked
+/// [`FD_PENDING`], so that its close is reported.
+#[inline(always)]
+fn descriptor(tgid: u32, fd: u32) -> u8 {
+    let key = fd_key(tgid, fd);
+    // SAFETY: a copy of the value is taken at once.
+    if let Some(kind) = unsafe { CILIUM_FDS.get(&key) } {
+        return *kind;
+    }
+    // BPF_NOEXIST: the agent's classification, if it came meanwhile, stays.
+    let _ = CILIUM_FDS.insert(&key, &FD_PENDING, 1);
+    FD_PENDING
+}
+
+/// A write of the current thread with no key or value yet.
+#[inline(always)]
+fn blank(pid_tgid: u64, cmd: u32, map_fd: u32) -> MapWrite {
+    MapWrite {
+        enter_ns: 0,
+        exit_ns: 0,
+        ret: 0,
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        cmd,
+        map_fd,
+        key: [0; KEY_MAX],
+        value: [0; VALUE_MAX],
+        key_len: 0,
+        value_len: 0,
+        _pad: [0; 6],
+    }
 }
 
 /// Reads `out.len()` bytes at `ptr`, else the first `short` of them (a
@@ -174,24 +208,11 @@ fn enter(uattr: u64, cmd: u32, pid_tgid: u64) -> Result<(), i64> {
     let tgid = (pid_tgid >> 32) as u32;
     // SAFETY: user memory read with the helper, which checks the address.
     let map_fd = unsafe { bpf_probe_read_user((uattr + ATTR_MAP_FD as u64) as *const u32)? };
-    if unsafe { CILIUM_FDS.get(&fd_key(tgid, map_fd)) } == Some(&FD_OTHER) {
+    if descriptor(tgid, map_fd) == FD_OTHER {
         count(CiliumStat::OtherMaps);
         return Ok(());
     }
-    let mut write = MapWrite {
-        enter_ns: 0,
-        exit_ns: 0,
-        ret: 0,
-        tgid,
-        tid: pid_tgid as u32,
-        cmd,
-        map_fd,
-        key: [0; KEY_MAX],
-        value: [0; VALUE_MAX],
-        key_len: 0,
-        value_len: 0,
-        _pad: [0; 6],
-    };
+    let mut write = blank(pid_tgid, cmd, map_fd);
     let key_ptr: u64 = unsafe { bpf_probe_read_user((uattr + ATTR_KEY as u64) as *const u64)? };
     // An IPv6 service key has 24 bytes, an IPv4 one 12, a backend id 4:
     // the longest that reads, then the IPv4 length; a backend id at the
@@ -259,26 +280,16 @@ fn exit_batch(batch: &PendingBatch, pid_tgid: u64) -> Result<(), i64> {
         )
     };
     let update = batch.cmd == BPF_MAP_UPDATE_BATCH;
-    let mut write = MapWrite {
-        enter_ns: batch.enter_ns,
-        exit_ns,
-        // The first `applied` elements are in the map, whatever the
-        // syscall's result says of the rest.
-        ret: 0,
-        tgid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
-        cmd: if update {
-            BPF_MAP_UPDATE_ELEM
-        } else {
-            BPF_MAP_DELETE_ELEM
-        },
-        map_fd: batch.map_fd,
-        key: [0; KEY_MAX],
-        value: [0; VALUE_MAX],
-        key_len: 0,
-        value_len: 0,
-        _pad: [0; 6],
+    let element = if update {
+        BPF_MAP_UPDATE_ELEM
+    } else {
+        BPF_MAP_DELETE_ELEM
     };
+    // `ret` stays 0: the first `applied` elements are in the map, whatever
+    // the syscall's result says of the rest.
+    let mut write = blank(pid_tgid, element, batch.map_fd);
+    write.enter_ns = batch.enter_ns;
+    write.exit_ns = exit_ns;
     let elements = Elements {
         applied,
         keys,
@@ -338,4 +349,40 @@ impl Elements {
         }
         Ok(())
     }
+}
+
+/// `syscalls/sys_enter_close`: the writer closes a descriptor the programs
+/// have an entry for; forgotten here and told to the agent, as the number
+/// may come back for another map (Cilium creates and closes Maglev inner
+/// maps all the time). `dup2` onto a descriptor closes it unseen.
+#[tracepoint]
+pub fn cilium_close(ctx: TracePointContext) -> u32 {
+    let Some(pid_tgid) = writer() else {
+        return 0;
+    };
+    let fd = ctx_load!(ctx.as_ptr(), u64, CLOSE_FD_OFFSET) as u32;
+    let key = fd_key((pid_tgid >> 32) as u32, fd);
+    if CILIUM_FDS.remove(&key).is_ok() {
+        let mut event = blank(pid_tgid, WRITER_CLOSED, fd);
+        event.enter_ns = unsafe { bpf_ktime_get_ns() };
+        event.exit_ns = event.enter_ns;
+        send(&event);
+    }
+    0
+}
+
+/// `sched/sched_process_exit` of the writer's main thread: its process is
+/// gone, and with it every descriptor (closed without close(2)).
+#[tracepoint]
+pub fn cilium_exit(_ctx: TracePointContext) -> u32 {
+    let Some(pid_tgid) = writer() else {
+        return 0;
+    };
+    if pid_tgid as u32 == (pid_tgid >> 32) as u32 {
+        let mut event = blank(pid_tgid, WRITER_EXITED, 0);
+        event.enter_ns = unsafe { bpf_ktime_get_ns() };
+        event.exit_ns = event.enter_ns;
+        send(&event);
+    }
+    0
 }

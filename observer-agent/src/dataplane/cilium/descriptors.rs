@@ -6,6 +6,11 @@
 //! the agent has open read-only names the map. A descriptor with
 //! [`MISSES`] updates found in none of them is another map, whose writes
 //! the kernel drops from then on.
+//!
+//! A descriptor is forgotten when the writer closes it, and all of a
+//! process's when it exits (the programs report both in order with the
+//! writes): the number of a closed descriptor comes back for the next map
+//! the writer opens, and a restarted writer is a new process.
 
 use std::collections::HashMap;
 
@@ -154,6 +159,26 @@ pub struct Descriptors {
 }
 
 impl Descriptors {
+    /// The writer closed `fd`: the number may come back for another map.
+    pub fn forget(&mut self, tgid: u32, fd: u32) {
+        self.known.remove(&(tgid, fd));
+        self.pending.remove(&(tgid, fd));
+    }
+
+    /// The writer's process `tgid` exited; returns the descriptors it had
+    /// classified.
+    pub fn forget_process(&mut self, tgid: u32) -> Vec<u32> {
+        self.pending.retain(|(t, _), _| *t != tgid);
+        let fds = self
+            .known
+            .keys()
+            .filter(|(t, _)| *t == tgid)
+            .map(|(_, fd)| *fd)
+            .collect();
+        self.known.retain(|(t, _), _| *t != tgid);
+        fds
+    }
+
     pub fn learn(
         &mut self,
         maps: &impl ServiceMaps,
@@ -290,6 +315,35 @@ mod tests {
                 missed_since: None
             }
         );
+    }
+
+    #[test]
+    fn a_closed_descriptor_and_an_exited_writers_are_forgotten() {
+        let mut t = Table::default();
+        t.add_backend(1, pod(1), None);
+        let (master, _) = t.frontend(VIP, &[1], &[], None);
+        let value = t.service(&master).unwrap().unwrap();
+        let w = write(
+            3,
+            BPF_MAP_UPDATE_ELEM,
+            master.encode().as_slice(),
+            &value.encode(),
+            1,
+        );
+        let mut d = Descriptors::default();
+        assert!(matches!(d.learn(&t, &w).unwrap(), Learnt::New { .. }));
+        d.forget(7, 3);
+        // The number again, for a map holding something else.
+        let mut other = w;
+        other.value[4] ^= 1;
+        assert_eq!(d.learn(&t, &other).unwrap(), Learnt::Unknown);
+
+        let mut w4 = w;
+        w4.map_fd = 4;
+        assert!(matches!(d.learn(&t, &w4).unwrap(), Learnt::New { .. }));
+        assert_eq!(d.forget_process(7), vec![4]);
+        assert_eq!(d.learn(&t, &other).unwrap(), Learnt::Unknown);
+        assert!(d.known.is_empty());
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //!   own time when the watch starts.
 //! - [`tracepoint`]: the writer's element writes, with the kernel times of
 //!   the syscall's entry and exit (its duration is the precision);
-//!   [`descriptors`] tells which of the writer's maps they go to.
+//!   [`descriptors`] tells which of the writer's maps they go to, and
+//!   forgets a descriptor the writer closes, and a writer's that exits.
 //! - Batch writes to a classified map are sent element by element with
 //!   the batch syscall's times.
 //! - Writes the programs could not send (ring full, key unreadable, a
@@ -39,7 +40,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use observer_common::cilium::{CiliumStat, MapWrite, WriterFilter};
+use observer_common::cilium::{CiliumStat, MapWrite, WRITER_CLOSED, WRITER_EXITED, WriterFilter};
 use observer_proto::{Detector, UnixNanos};
 use tracing::{debug, info, warn};
 
@@ -292,7 +293,31 @@ impl CiliumDetector {
         }
     }
 
+    /// The writer closed a descriptor or exited.
+    fn on_gone(&mut self, write: &MapWrite) {
+        let fds = if write.cmd == WRITER_CLOSED {
+            self.descriptors.forget(write.tgid, write.map_fd);
+            vec![write.map_fd]
+        } else {
+            self.descriptors.forget_process(write.tgid)
+        };
+        debug!(tgid = write.tgid, ?fds, "Cilium: writer's descriptors gone");
+        // The programs dropped a closed descriptor's entry already; this
+        // also drops one the agent marked again since (see `classify`).
+        if let Some(events) = &mut self.events {
+            for fd in fds {
+                if let Err(e) = events.forget(write.tgid, fd) {
+                    warn!(error = %e, "Cilium: the tracepoint keeps a closed descriptor's kind");
+                }
+            }
+        }
+    }
+
     fn on_write(&mut self, shared: &Shared, write: &MapWrite) {
+        if write.cmd == WRITER_CLOSED || write.cmd == WRITER_EXITED {
+            self.on_gone(write);
+            return;
+        }
         let Some(kind) = self.kind(write) else {
             return;
         };
