@@ -19,8 +19,10 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// Where the cilium-agent pins its maps.
 pub const PIN_DIR: &str = "/sys/fs/bpf/tc/globals";
 
-/// `BPF_MAP_TYPE_HASH`, the type of the four maps.
+/// `BPF_MAP_TYPE_HASH`, the type of the services and backends maps.
 pub const MAP_TYPE_HASH: u32 = 1;
+/// `BPF_MAP_TYPE_HASH_OF_MAPS`, the type of the Maglev outer maps.
+pub const MAP_TYPE_HASH_OF_MAPS: u32 = 13;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Family {
@@ -50,6 +52,11 @@ pub enum MapKind {
     Services,
     /// `u32` backend id -> `lb{4,6}_backend`.
     Backends,
+    /// Maglev's outer map: [`MaglevKey`] (a frontend's `rev_nat_index`)
+    /// -> inner map (an array of one element, the lookup table of backend
+    /// ids). Written as the inner map's descriptor in the writer's table;
+    /// a lookup returns the inner map's id.
+    Maglev,
 }
 
 /// What the kernel says of a map (`bpf_map_info`).
@@ -85,18 +92,23 @@ pub const fn backend_value_len(family: Family) -> usize {
     family.addr_len() + 8
 }
 pub const BACKEND_KEY_LEN: usize = 4;
+/// The Maglev outer map's key (`__u16` rev_nat_index) and value (`__u32`
+/// inner map descriptor or id).
+pub const MAGLEV_KEY_LEN: usize = 2;
+pub const MAGLEV_VALUE_LEN: usize = 4;
 
 const fn spec(name: &'static str, family: Family, kind: MapKind) -> MapSpec {
-    let (key_size, value_size) = match kind {
-        MapKind::Services => (service_key_len(family), SERVICE_VALUE_LEN),
-        MapKind::Backends => (BACKEND_KEY_LEN, backend_value_len(family)),
+    let (map_type, key_size, value_size) = match kind {
+        MapKind::Services => (MAP_TYPE_HASH, service_key_len(family), SERVICE_VALUE_LEN),
+        MapKind::Backends => (MAP_TYPE_HASH, BACKEND_KEY_LEN, backend_value_len(family)),
+        MapKind::Maglev => (MAP_TYPE_HASH_OF_MAPS, MAGLEV_KEY_LEN, MAGLEV_VALUE_LEN),
     };
     MapSpec {
         name,
         family,
         kind,
         shape: MapShape {
-            map_type: MAP_TYPE_HASH,
+            map_type,
             key_size: key_size as u32,
             value_size: value_size as u32,
         },
@@ -108,6 +120,10 @@ pub const BACKENDS4: MapSpec = spec("cilium_lb4_backends_v3", Family::V4, MapKin
 pub const SERVICES6: MapSpec = spec("cilium_lb6_services_v2", Family::V6, MapKind::Services);
 pub const BACKENDS6: MapSpec = spec("cilium_lb6_backends_v3", Family::V6, MapKind::Backends);
 pub const MAPS: [MapSpec; 4] = [SERVICES4, BACKENDS4, SERVICES6, BACKENDS6];
+/// Pinned only where Cilium runs Maglev (`bpf-lb-algorithm=maglev`, or
+/// the per-service annotation allowed).
+pub const MAGLEV4: MapSpec = spec("cilium_lb4_maglev", Family::V4, MapKind::Maglev);
+pub const MAGLEV6: MapSpec = spec("cilium_lb6_maglev", Family::V6, MapKind::Maglev);
 
 /// Pinned names of earlier layouts (before the services map's v2 and the
 /// backends map's v3): a node that has them and not [`MAPS`] runs a Cilium this agent
@@ -126,7 +142,7 @@ pub const RETIRED: [&str; 6] = [
 pub enum LayoutError {
     #[error(
         "map {name}: type {found_type}, key {found_key} bytes, value {found_value} bytes; \
-         the layout of Cilium after 1.19 is type {want_type} (hash), key {want_key}, value {want_value}"
+         the layout of Cilium after 1.19 is type {want_type}, key {want_key}, value {want_value}"
     , found_type = found.map_type, found_key = found.key_size, found_value = found.value_size,
       want_type = expected.map_type, want_key = expected.key_size, want_value = expected.value_size)]
     Shape {
@@ -325,6 +341,28 @@ impl ServiceValue {
         b[9] = self.flags2;
         b[10..12].copy_from_slice(&self.qcount.to_ne_bytes());
         b
+    }
+}
+
+/// The Maglev outer map's key: the frontend's `rev_nat_index`, in network
+/// order as in the services map's value (the datapath looks the outer map
+/// up with the master's field as it is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MaglevKey {
+    /// Host order here.
+    pub rev_nat_index: u16,
+}
+
+impl MaglevKey {
+    pub fn decode(bytes: &[u8]) -> Result<MaglevKey, DecodeError> {
+        let b: [u8; MAGLEV_KEY_LEN] = exact("maglev key", bytes)?;
+        Ok(MaglevKey {
+            rev_nat_index: u16::from_be_bytes(b),
+        })
+    }
+
+    pub fn encode(&self) -> [u8; MAGLEV_KEY_LEN] {
+        self.rev_nat_index.to_be_bytes()
     }
 }
 
@@ -528,6 +566,8 @@ pub const FD_SERVICES4: u8 = 3;
 pub const FD_SERVICES6: u8 = 4;
 pub const FD_BACKENDS4: u8 = 5;
 pub const FD_BACKENDS6: u8 = 6;
+pub const FD_MAGLEV4: u8 = 7;
+pub const FD_MAGLEV6: u8 = 8;
 
 /// The `CILIUM_FDS` value of a followed map.
 pub const fn fd_kind(family: Family, kind: MapKind) -> u8 {
@@ -536,6 +576,8 @@ pub const fn fd_kind(family: Family, kind: MapKind) -> u8 {
         (Family::V6, MapKind::Services) => FD_SERVICES6,
         (Family::V4, MapKind::Backends) => FD_BACKENDS4,
         (Family::V6, MapKind::Backends) => FD_BACKENDS6,
+        (Family::V4, MapKind::Maglev) => FD_MAGLEV4,
+        (Family::V6, MapKind::Maglev) => FD_MAGLEV6,
     }
 }
 
@@ -767,6 +809,29 @@ mod tests {
         }
 
         #[test]
+        fn maglev_keys_round_trip_and_are_the_masters_rev_nat_bytes(
+            key in any::<u16>(), value in any::<[u8; SERVICE_VALUE_LEN]>()
+        ) {
+            let k = MaglevKey { rev_nat_index: key };
+            prop_assert_eq!(MaglevKey::decode(&k.encode()), Ok(k));
+            // The datapath looks the outer map up with the master's field.
+            let master = ServiceValue::decode(&value).unwrap();
+            let from_master = MaglevKey { rev_nat_index: master.rev_nat_index };
+            prop_assert_eq!(&from_master.encode()[..], &value[6..8]);
+        }
+
+        #[test]
+        fn maglev_keys_of_another_length_are_refused(
+            bytes in proptest::collection::vec(any::<u8>(), 0..8)
+        ) {
+            prop_assume!(bytes.len() != MAGLEV_KEY_LEN);
+            prop_assert_eq!(
+                MaglevKey::decode(&bytes),
+                Err(DecodeError::Length { what: "maglev key", expected: 2, got: bytes.len() })
+            );
+        }
+
+        #[test]
         fn backends_round_trip(backend in any_backend()) {
             let (bytes, len) = backend.encode();
             let family = Family::of(&backend.ip);
@@ -817,6 +882,16 @@ mod tests {
             (BACKENDS6.shape.key_size, BACKENDS6.shape.value_size),
             (4, 24)
         );
+        for maglev in [MAGLEV4, MAGLEV6] {
+            assert_eq!(
+                maglev.shape,
+                MapShape {
+                    map_type: 13,
+                    key_size: 2,
+                    value_size: 4
+                }
+            );
+        }
     }
 
     #[test]
@@ -830,7 +905,7 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "map cilium_lb4_services_v2: type 1, key 12 bytes, value 8 bytes; the layout of \
-             Cilium after 1.19 is type 1 (hash), key 12, value 12"
+             Cilium after 1.19 is type 1, key 12, value 12"
         );
         assert_eq!(SERVICES4.check(SERVICES4.shape), Ok(()));
         assert!(format!("{}", LayoutError::Retired(RETIRED[2])).contains("cilium_lb4_backends_v2"));

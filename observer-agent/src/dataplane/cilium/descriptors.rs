@@ -15,9 +15,9 @@
 use std::collections::HashMap;
 
 use observer_common::cilium::{
-    BPF_MAP_DELETE_ELEM, BPF_MAP_UPDATE_ELEM, Backend, DecodeError, FD_OTHER, Family, MapKind,
-    MapWrite, SERVICE_VALUE_LEN, ServiceKey, ServiceValue, backend_value_len, fd_kind,
-    service_key_len,
+    BPF_MAP_DELETE_ELEM, BPF_MAP_UPDATE_ELEM, Backend, DecodeError, FD_OTHER, Family,
+    MAGLEV_KEY_LEN, MaglevKey, MapKind, MapWrite, SERVICE_VALUE_LEN, ServiceKey, ServiceValue,
+    backend_value_len, fd_kind, service_key_len,
 };
 
 use super::maps::{ReadError, ServiceMaps};
@@ -31,6 +31,8 @@ pub const MISSES: u32 = 8;
 pub enum FdKind {
     Services(Family),
     Backends(Family),
+    /// Maglev's outer map.
+    Maglev(Family),
     Other,
 }
 
@@ -41,6 +43,10 @@ pub enum Op {
     DeleteService(ServiceKey),
     UpdateBackend(Family, u32, Backend),
     DeleteBackend(Family, u32),
+    /// A frontend's Maglev lookup table replaced (the inner map written
+    /// as the writer's descriptor, which says nothing here).
+    UpdateMaglev(Family, MaglevKey),
+    DeleteMaglev(Family, MaglevKey),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -71,6 +77,7 @@ impl FdKind {
         match self {
             FdKind::Services(family) => fd_kind(family, MapKind::Services),
             FdKind::Backends(family) => fd_kind(family, MapKind::Backends),
+            FdKind::Maglev(family) => fd_kind(family, MapKind::Maglev),
             FdKind::Other => FD_OTHER,
         }
     }
@@ -103,6 +110,14 @@ impl FdKind {
                     Op::DeleteBackend(family, id)
                 })
             }
+            FdKind::Maglev(family) => {
+                let k = MaglevKey::decode(prefix("key", key, MAGLEV_KEY_LEN)?)?;
+                Ok(if update {
+                    Op::UpdateMaglev(family, k)
+                } else {
+                    Op::DeleteMaglev(family, k)
+                })
+            }
             FdKind::Other => Err(OpError::Command(write.cmd)),
         }
     }
@@ -112,8 +127,17 @@ fn backend_id(key: &[u8]) -> u32 {
     u32::from_ne_bytes([key[0], key[1], key[2], key[3]])
 }
 
-/// Which followed map holds the written update now, if any.
-fn identify(maps: &impl ServiceMaps, write: &MapWrite) -> Result<Option<FdKind>, ReadError> {
+/// Which followed map holds the written update now, if any. `inner`: the
+/// descriptor the writing thread wrote just before with a zero key, if
+/// any: Cilium fills a new Maglev lookup table (an array of one element,
+/// key 0) and then writes its descriptor into the outer map under the
+/// frontend's rev_nat index, so an outer-map write is an update whose
+/// value is that descriptor and whose key the outer map holds.
+fn identify(
+    maps: &impl ServiceMaps,
+    write: &MapWrite,
+    inner: Option<u32>,
+) -> Result<Option<FdKind>, ReadError> {
     for family in [Family::V4, Family::V6] {
         if let Ok(Op::UpdateService(k, v)) = FdKind::Services(family).decode(write)
             && maps.service(&k)? == Some(v)
@@ -126,7 +150,23 @@ fn identify(maps: &impl ServiceMaps, write: &MapWrite) -> Result<Option<FdKind>,
             return Ok(Some(FdKind::Backends(family)));
         }
     }
-    Ok(None)
+    let value = &write.value[..write.value_len as usize];
+    if inner.is_none_or(|fd| value.get(..4) != Some(&fd.to_ne_bytes()[..])) {
+        return Ok(None);
+    }
+    let mut holders = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        if let Ok(Op::UpdateMaglev(family, key)) = FdKind::Maglev(family).decode(write)
+            && maps.maglev(family, key)?.is_some()
+        {
+            holders.push(family);
+        }
+    }
+    // In both families' outer maps: which one is not known.
+    Ok(match holders[..] {
+        [family] => Some(FdKind::Maglev(family)),
+        _ => None,
+    })
 }
 
 /// What a write says of its descriptor.
@@ -156,6 +196,9 @@ struct Pending {
 pub struct Descriptors {
     known: HashMap<(u32, u32), FdKind>,
     pending: HashMap<(u32, u32), Pending>,
+    /// By thread: the descriptor of its last update if that had a zero
+    /// key (a Maglev lookup table being filled).
+    zero_key: HashMap<u32, u32>,
 }
 
 impl Descriptors {
@@ -185,6 +228,11 @@ impl Descriptors {
         write: &MapWrite,
     ) -> Result<Learnt, ReadError> {
         let fd = (write.tgid, write.map_fd);
+        let inner = self.zero_key.remove(&write.tid);
+        let key = &write.key[..write.key_len.min(4) as usize];
+        if write.cmd == BPF_MAP_UPDATE_ELEM && key.len() == 4 && key.iter().all(|b| *b == 0) {
+            self.zero_key.insert(write.tid, write.map_fd);
+        }
         if let Some(kind) = self.known.get(&fd) {
             return Ok(Learnt::Known(*kind));
         }
@@ -197,7 +245,7 @@ impl Descriptors {
         if write.ret != 0 || write.cmd != BPF_MAP_UPDATE_ELEM {
             return Ok(Learnt::Unknown);
         }
-        let found = identify(maps, write)?;
+        let found = identify(maps, write, inner)?;
         let kind = match found {
             Some(kind) => kind,
             None => {
@@ -344,6 +392,50 @@ mod tests {
         assert_eq!(d.forget_process(7), vec![4]);
         assert_eq!(d.learn(&t, &other).unwrap(), Learnt::Unknown);
         assert!(d.known.is_empty());
+    }
+
+    #[test]
+    fn the_maglev_outer_map_is_named_by_the_table_written_just_before() {
+        let mut t = Table::default();
+        t.maglev.insert(5, 100);
+        let key = MaglevKey { rev_nat_index: 5 };
+        let mut d = Descriptors::default();
+        // Not after a table's fill: unknown.
+        let outer = write(
+            6,
+            BPF_MAP_UPDATE_ELEM,
+            &key.encode(),
+            &9u32.to_ne_bytes(),
+            1,
+        );
+        assert_eq!(d.learn(&t, &outer).unwrap(), Learnt::Unknown);
+        // A new table (descriptor 9) filled at key 0, then its descriptor
+        // written under the frontend's rev_nat index.
+        let fill = write(9, BPF_MAP_UPDATE_ELEM, &[0; 4], &[7; 24], 2);
+        assert_eq!(d.learn(&t, &fill).unwrap(), Learnt::Unknown);
+        let kind = FdKind::Maglev(Family::V4);
+        assert_eq!(
+            d.learn(&t, &outer).unwrap(),
+            Learnt::New {
+                kind,
+                missed_since: Some(1)
+            }
+        );
+        assert_eq!(
+            kind.decode(&outer).unwrap(),
+            Op::UpdateMaglev(Family::V4, key)
+        );
+        // Another table's descriptor: not the outer map's write.
+        let mut d = Descriptors::default();
+        d.learn(&t, &fill).unwrap();
+        let other = write(
+            6,
+            BPF_MAP_UPDATE_ELEM,
+            &key.encode(),
+            &8u32.to_ne_bytes(),
+            3,
+        );
+        assert_eq!(d.learn(&t, &other).unwrap(), Learnt::Unknown);
     }
 
     #[test]

@@ -25,8 +25,13 @@
 //!   Where the tracepoint cannot attach, the mirror is re-read every poll
 //!   interval (at least [`MIN_POLL`]).
 //!
-//! Maglev frontends (whose cutover is the outer map's update) are timed
-//! by those re-reads only.
+//! Maglev frontends: where Cilium runs Maglev its outer maps
+//! (`cilium_lb{4,6}_maglev`) are opened read-only too, their writes
+//! recognised ([`descriptors`]) and a Maglev frontend's change decided at
+//! the later of its outer-map and master writes ([`mirror`]), as
+//! socket-LB cuts over at the master and the TC/XDP path at the outer
+//! map. The lookup table itself is not read (CAP_SYS_ADMIN): the agent
+//! infers it holds the active backends, as Cilium builds it.
 
 mod descriptors;
 pub mod maps;
@@ -344,6 +349,8 @@ impl CiliumDetector {
                 self.mirror.delete_backend(family, id);
                 Vec::new()
             }
+            Op::UpdateMaglev(family, key) => self.mirror.write_maglev(family, key, true),
+            Op::DeleteMaglev(family, key) => self.mirror.write_maglev(family, key, false),
         };
         // The new entry is visible to lookups from some instant inside the
         // syscall: its exit is the latest, its duration the error.
