@@ -48,6 +48,7 @@ const WRITER_POLL: &str = "lab-cil-poll";
 const WRITER_EARLIER: &str = "lab-cil-earlier";
 const WRITER_BATCH: &str = "lab-cil-batch";
 const WRITER_REUSE: &str = "lab-cil-reuse";
+const WRITER_MAGLEV: &str = "lab-cil-maglev";
 /// Error of the kernel-to-wall-clock conversion (observer-agent/src/clock.rs).
 const CLOCK_TOLERANCE_NS: i64 = 1_000_000;
 const POLL: Duration = Duration::from_millis(20);
@@ -188,7 +189,11 @@ fn start(
             "the tracepoint attaches here"
         );
     }
-    assert_eq!(status.maps.len(), 2, "{status:?}");
+    let names: Vec<&str> = status.maps.iter().map(|(name, _)| *name).collect();
+    assert!(
+        names.contains(&cilium::SERVICES4.name) && names.contains(&cilium::BACKENDS4.name),
+        "{status:?}"
+    );
     (kernel, watch, rx)
 }
 
@@ -588,4 +593,87 @@ fn a_closed_services_descriptor_reused_for_another_map_is_not_decoded_as_service
         got.is_none(),
         "a write to another map at a reused descriptor was taken for the services map: {got:?}"
     );
+}
+
+/// A Maglev frontend: socket-LB cuts over at the master's write, the TC
+/// path at the outer map's (its lookup table). Written in Cilium's order
+/// (slots, table, master), the removal and the addition are the master's
+/// write, the later; a master written without a new table waits for the
+/// table's write, and is timed by that syscall.
+#[test]
+fn a_maglev_frontend_changes_at_the_later_of_its_table_and_master_writes() {
+    if !root_or_skip("a_maglev_frontend_changes_at_the_later_of_its_table_and_master_writes") {
+        return;
+    }
+    let fs = Bpffs::mount("cilium-maglev").expect("a private bpffs mounts");
+    let mut w = populated(fs.path());
+    w.add_maglev(fs.path())
+        .expect("the Maglev outer map is created");
+    w.write_maglev_table(1, &[1, 2]).unwrap();
+    let found: Vec<&str> = CiliumMaps::open(fs.path())
+        .unwrap()
+        .found
+        .iter()
+        .map(|(name, _)| *name)
+        .collect();
+    assert!(found.contains(&cilium::MAGLEV4.name), "{found:?}");
+    let (_kernel, watch, mut rx) = start(fs.path(), WRITER_MAGLEV, false);
+    watch.watch(pod(1));
+    std::thread::sleep(Duration::from_millis(200));
+    let (steps, done, handle) = writer_thread(w, WRITER_MAGLEV);
+    type Both = Box<dyn FnOnce(&mut ServiceMapsWriter) -> (MasterWritten, MasterWritten) + Send>;
+    let (both_tx, both_rx) = mpsc::channel::<(MasterWritten, MasterWritten)>();
+    let both = |step: Both| {
+        let tx = both_tx.clone();
+        steps
+            .send(Box::new(move |w| {
+                tx.send(step(w)).unwrap();
+                None
+            }))
+            .unwrap();
+        done.recv().unwrap();
+        both_rx.recv().unwrap()
+    };
+
+    let (table, master) = both(Box::new(|w| {
+        w.write_frontend_maglev(frontend(10), 1, &[2], &[1])
+            .unwrap()
+    }));
+    let (added, change) = next_rules(&mut rx, Duration::from_secs(2)).expect("removal reported");
+    assert!(!added);
+    assert_eq!(change.endpoint, pod(1));
+    assert!(table.after.as_nanos() <= master.before.as_nanos());
+    check(&change, master, false);
+
+    let (_, master) = both(Box::new(|w| {
+        w.write_frontend_maglev(frontend(10), 1, &[1, 2], &[])
+            .unwrap()
+    }));
+    let (added, change) = next_rules(&mut rx, Duration::from_secs(2)).expect("addition reported");
+    assert!(added);
+    check(&change, master, false);
+
+    // The master alone: socket-LB no longer picks pod 1, the TC path's
+    // table still holds it.
+    steps
+        .send(Box::new(|w| {
+            w.write_frontend(frontend(10), 1, &[2], &[1]).ok()
+        }))
+        .unwrap();
+    done.recv().unwrap();
+    assert!(
+        next_rules(&mut rx, Duration::from_millis(300)).is_none(),
+        "the old table still selects pod 1"
+    );
+    let (table, _) = both(Box::new(|w| {
+        let t = w.write_maglev_table(1, &[2]).unwrap();
+        (t, t)
+    }));
+    let (added, change) =
+        next_rules(&mut rx, Duration::from_secs(2)).expect("removal at the table's write");
+    assert!(!added);
+    assert_eq!(change.endpoint, pod(1));
+    check(&change, table, false);
+    drop(steps);
+    handle.join().unwrap();
 }

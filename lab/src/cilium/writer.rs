@@ -8,19 +8,28 @@
 //! two batches (`BPF_MAP_UPDATE_BATCH` of the slots then the master,
 //! `BPF_MAP_DELETE_BATCH` of the tail), which aya has no call for, so the
 //! agent's handling of batches is tested too.
+//!
+//! With Maglev maps ([`ServiceMapsWriter::add_maglev`]) a frontend written
+//! with [`ServiceMapsWriter::write_frontend_maglev`] also gets its lookup
+//! table as Cilium writes it (`UpdateMaglev` in
+//! `pkg/loadbalancer/maps/lbmaps.go`, between the slots and the master): a
+//! new inner array map (one element), filled, its descriptor written into
+//! the outer map under the frontend's rev_nat index, then closed. The
+//! table repeats the active backend ids in turn rather than Maglev's
+//! permutations: the agent cannot read it, only when it is written.
 
 use std::{
     collections::HashMap,
     io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd},
     path::Path,
 };
 
-use aya::maps::{HashMap as BpfHashMap, IterableMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap as BpfHashMap, HashOfMaps, IterableMap, Map, MapData, MapError};
 use observer_common::cilium::{
     self, ATTR_BATCH_COUNT, ATTR_BATCH_KEYS, ATTR_BATCH_MAP_FD, ATTR_BATCH_VALUES,
-    BPF_MAP_DELETE_BATCH, BPF_MAP_UPDATE_BATCH, Backend, Family, Frontend, MapShape,
-    SERVICE_VALUE_LEN, ServiceKey, ServiceValue,
+    BPF_MAP_DELETE_BATCH, BPF_MAP_UPDATE_BATCH, Backend, Family, Frontend, MAP_TYPE_HASH_OF_MAPS,
+    MaglevKey, MapShape, SERVICE_VALUE_LEN, ServiceKey, ServiceValue,
 };
 use observer_proto::UnixNanos;
 
@@ -138,6 +147,75 @@ fn batch(map: BorrowedFd<'_>, keys: &[u8], values: Option<&[u8]>, count: usize) 
     Ok(())
 }
 
+/// Entries of a lab Maglev lookup table: the smallest size Cilium allows
+/// (`bpf-lb-maglev-table-size`, a prime).
+pub const MAGLEV_TABLE_SIZE: usize = 251;
+const MAP_TYPE_ARRAY: u32 = 2;
+/// Cilium's `CILIUM_LB_MAGLEV_MAP_MAX_ENTRIES` default.
+const MAGLEV_MAX_ENTRIES: u32 = 65_536;
+
+type MaglevTable = [u32; MAGLEV_TABLE_SIZE];
+
+/// A new lookup table: Cilium's inner map spec (array, u32 key, one element).
+fn maglev_inner() -> io::Result<Array<MapData, MaglevTable>> {
+    let obj =
+        aya_obj::Map::new_from_params(MAP_TYPE_ARRAY, 4, size_of::<MaglevTable>() as u32, 1, 0);
+    let map = MapData::create(obj, "cilium_maglev_i", None).map_err(io_error)?;
+    Array::try_from(Map::Array(map)).map_err(io_error)
+}
+
+/// `union bpf_attr` of `BPF_MAP_CREATE`, as far as a map of maps needs.
+#[repr(C)]
+#[derive(Default)]
+struct CreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+    numa_node: u32,
+    map_name: [u8; 16],
+}
+
+/// Creates Cilium's Maglev outer map for `family` and pins it under `dir`
+/// (aya creates maps of maps only from an object file's definitions).
+fn create_maglev_outer(dir: &Path, family: Family) -> io::Result<HashOfMaps<MapData, [u8; 2]>> {
+    let spec = match family {
+        Family::V4 => cilium::MAGLEV4,
+        Family::V6 => cilium::MAGLEV6,
+    };
+    let template = maglev_inner()?;
+    let mut attr = CreateAttr {
+        map_type: MAP_TYPE_HASH_OF_MAPS,
+        key_size: spec.shape.key_size,
+        value_size: spec.shape.value_size,
+        max_entries: MAGLEV_MAX_ENTRIES,
+        map_flags: BPF_F_NO_PREALLOC,
+        inner_map_fd: template.map().fd().as_fd().as_raw_fd() as u32,
+        ..Default::default()
+    };
+    let name = &spec.name.as_bytes()[..spec.name.len().min(15)];
+    attr.map_name[..name.len()].copy_from_slice(name);
+    // SAFETY: a live attr of its size; the kernel returns a new descriptor.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0, // BPF_MAP_CREATE
+            &mut attr as *mut CreateAttr,
+            size_of::<CreateAttr>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: BPF_MAP_CREATE returned a new descriptor that nothing else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let map = MapData::from_fd(fd).map_err(io_error)?;
+    map.pin(dir.join(spec.name)).map_err(io::Error::other)?;
+    HashOfMaps::try_from(Map::HashOfMaps(map)).map_err(io_error)
+}
+
 /// One family's maps: the key and value sizes differ by family.
 #[derive(Debug)]
 struct FamilyMaps<const KEY: usize, const BACKEND: usize> {
@@ -233,6 +311,9 @@ pub struct ServiceMapsWriter {
     maps: Maps,
     /// Slots each frontend has now, for the tail deletion.
     totals: HashMap<Frontend, u16>,
+    family: Family,
+    /// Maglev's outer map, once added.
+    maglev: Option<HashOfMaps<MapData, [u8; 2]>>,
 }
 
 impl ServiceMapsWriter {
@@ -246,7 +327,46 @@ impl ServiceMapsWriter {
         Ok(ServiceMapsWriter {
             maps,
             totals: HashMap::new(),
+            family,
+            maglev: None,
         })
+    }
+
+    /// Creates and pins Maglev's outer map (`cilium_lb{4,6}_maglev`) under
+    /// `dir`, as Cilium does where it runs Maglev.
+    pub fn add_maglev(&mut self, dir: &Path) -> io::Result<()> {
+        self.maglev = Some(create_maglev_outer(dir, self.family)?);
+        Ok(())
+    }
+
+    /// Replaces the frontend's lookup table (by its `rev_nat_index`) with
+    /// one of the `active` backend ids, as Cilium's `UpdateMaglev`; returns
+    /// when the outer map's write ran.
+    pub fn write_maglev_table(
+        &mut self,
+        rev_nat_index: u16,
+        active: &[u32],
+    ) -> io::Result<MasterWritten> {
+        let outer = self.maglev.as_mut().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "no Maglev maps: add_maglev first")
+        })?;
+        let mut inner = maglev_inner()?;
+        let mut table: MaglevTable = [0; MAGLEV_TABLE_SIZE];
+        for (i, entry) in table.iter_mut().enumerate() {
+            *entry = active.get(i % active.len().max(1)).copied().unwrap_or(0);
+        }
+        inner.set(0, table, 0).map_err(io_error)?;
+        let key = MaglevKey { rev_nat_index }.encode();
+        let before = UnixNanos::now();
+        outer.insert(key, inner.map(), 0).map_err(io_error)?;
+        let written = MasterWritten {
+            before,
+            after: UnixNanos::now(),
+        };
+        // The inner map lives on in the outer map; the writer's descriptor
+        // is closed, as Cilium's is.
+        drop(inner);
+        Ok(written)
     }
 
     pub fn upsert_backend(&mut self, id: u32, backend: &Backend) -> io::Result<()> {
@@ -274,10 +394,42 @@ impl ServiceMapsWriter {
         active: &[u32],
         inactive: &[u32],
     ) -> io::Result<MasterWritten> {
+        self.write_frontend_with(frontend, rev_nat_index, active, inactive, false)
+            .map(|(_, master)| master)
+    }
+
+    /// [`Self::write_frontend`] of a Maglev frontend, in Cilium's order:
+    /// slots, lookup table (outer map), master, tail. Returns when the
+    /// outer map's and the master's writes ran.
+    pub fn write_frontend_maglev(
+        &mut self,
+        frontend: Frontend,
+        rev_nat_index: u16,
+        active: &[u32],
+        inactive: &[u32],
+    ) -> io::Result<(MasterWritten, MasterWritten)> {
+        let (table, master) =
+            self.write_frontend_with(frontend, rev_nat_index, active, inactive, true)?;
+        Ok((table.expect("written with its table"), master))
+    }
+
+    fn write_frontend_with(
+        &mut self,
+        frontend: Frontend,
+        rev_nat_index: u16,
+        active: &[u32],
+        inactive: &[u32],
+        maglev: bool,
+    ) -> io::Result<(Option<MasterWritten>, MasterWritten)> {
         let (slots, master) = frontend_entries(frontend, rev_nat_index, active, inactive);
         for (key, value) in &slots {
             self.update_service(key, value)?;
         }
+        let table = if maglev {
+            Some(self.write_maglev_table(rev_nat_index, active)?)
+        } else {
+            None
+        };
         let before = UnixNanos::now();
         self.update_service(&master.0, &master.1)?;
         let written = MasterWritten {
@@ -287,7 +439,7 @@ impl ServiceMapsWriter {
         for key in self.tail(frontend, slots.len()) {
             self.delete_service(&key)?;
         }
-        Ok(written)
+        Ok((table, written))
     }
 
     /// [`Self::write_frontend`] in batches: one `BPF_MAP_UPDATE_BATCH` of

@@ -91,7 +91,9 @@ impl Mirror {
     /// Replaces the mirror by a fresh read of `maps`; returns what changed
     /// (writes that were not seen).
     pub fn resync(&mut self, maps: &impl ServiceMaps) -> Result<Vec<Flip>, ReadError> {
-        let fresh = Mirror::read(maps)?;
+        let mut fresh = Mirror::read(maps)?;
+        // Tables written before their master: the maps do not say.
+        fresh.table_written = std::mem::take(&mut self.table_written);
         let before: HashSet<SocketAddr> = self.selected.keys().copied().collect();
         let now: HashSet<SocketAddr> = fresh.selected.keys().copied().collect();
         let mut flips: Vec<Flip> = before.difference(&now).map(|e| (*e, false)).collect();
