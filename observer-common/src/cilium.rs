@@ -4,7 +4,8 @@
 //!
 //! Layouts follow Cilium's main branch after 1.19 (`bpf/lib/lb.h`,
 //! `pkg/loadbalancer/maps/types.go`): `cilium_lb{4,6}_services_v2` and
-//! `cilium_lb{4,6}_backends_v3`. A frontend has a master entry at slot 0
+//! `cilium_lb{4,6}_backends_v3`, and where Cilium runs Maglev
+//! `cilium_lb{4,6}_maglev` (`lbmaps.go`). A frontend has a master entry at slot 0
 //! (`count` active backends, `qcount` inactive tail) and slots
 //! 1..count+qcount holding backend ids, active first. Multi-byte fields are
 //! host order except the address, the ports and `rev_nat_index`, which are
