@@ -479,8 +479,9 @@ pub const WRITER_EXITED: u32 = 0x8000_0002;
 pub enum CiliumStat {
     /// Element writes by the writer that the program looked at.
     WriterWrites = 0,
-    /// Writes sent to the agent (to a service or backends map, or to a
-    /// map not classified yet).
+    /// Records sent to the agent: writes to a followed map or to one not
+    /// classified yet (a batch's elements one each), and the writer's
+    /// closes and exits.
     Sent = 1,
     /// Writer's writes whose attr, key or value could not be read from
     /// user memory (not resident): such a write is missed, the agent

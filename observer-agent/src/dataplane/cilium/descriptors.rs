@@ -5,7 +5,10 @@
 //! written to it: an update whose key holds that value in one of the maps
 //! the agent has open read-only names the map. A descriptor with
 //! [`MISSES`] updates found in none of them is another map, whose writes
-//! the kernel drops from then on.
+//! the kernel drops from then on. Maglev's outer map holds inner maps,
+//! whose written value (the writer's descriptor of a new lookup table)
+//! cannot be compared: its write is named by the table filled just before
+//! on the same thread (see `identify`).
 //!
 //! A descriptor is forgotten when the writer closes it, and all of a
 //! process's when it exits (the programs report both in order with the
