@@ -49,6 +49,7 @@ const WRITER_EARLIER: &str = "lab-cil-earlier";
 const WRITER_BATCH: &str = "lab-cil-batch";
 const WRITER_REUSE: &str = "lab-cil-reuse";
 const WRITER_MAGLEV: &str = "lab-cil-maglev";
+const WRITER_LONG: &str = "lab-cil-long";
 /// Error of the kernel-to-wall-clock conversion (observer-agent/src/clock.rs).
 const CLOCK_TOLERANCE_NS: i64 = 1_000_000;
 const POLL: Duration = Duration::from_millis(20);
@@ -674,6 +675,61 @@ fn a_maglev_frontend_changes_at_the_later_of_its_table_and_master_writes() {
     assert!(!added);
     assert_eq!(change.endpoint, pod(1));
     check(&change, table, false);
+    drop(steps);
+    handle.join().unwrap();
+}
+
+/// A batch of more elements than the program sends (64) to a classified
+/// map: the first are sent, the loss is counted, and the master at the
+/// batch's end is found by the re-read that follows, after the syscall.
+#[test]
+fn a_batch_longer_than_the_program_sends_is_found_by_a_re_read() {
+    if !root_or_skip("a_batch_longer_than_the_program_sends_is_found_by_a_re_read") {
+        return;
+    }
+    let fs = Bpffs::mount("cilium-long").expect("a private bpffs mounts");
+    let mut w = populated(fs.path());
+    // 70 more backends, ids 100.., for a frontend of 71 slots.
+    let many: Vec<u32> = (100..170).collect();
+    for id in &many {
+        w.upsert_backend(
+            *id,
+            &backend(SocketAddr::from(([10, 244, 2, (*id - 100) as u8], 8080))),
+        )
+        .unwrap();
+    }
+    let (_kernel, watch, mut rx) = start(fs.path(), WRITER_LONG, false);
+    watch.watch(pod(1));
+    std::thread::sleep(Duration::from_millis(200));
+    let (steps, done, handle) = writer_thread(w, WRITER_LONG);
+    // An element write names the services map.
+    steps
+        .send(Box::new(|w| {
+            w.write_frontend(frontend(11), 2, &[3], &[]).ok()
+        }))
+        .unwrap();
+    done.recv().unwrap();
+    assert!(next_rules(&mut rx, Duration::from_millis(300)).is_none());
+
+    steps
+        .send(Box::new(move |w| {
+            let mut active = vec![2];
+            active.extend(&many);
+            Some(
+                w.write_frontend_batch(frontend(10), 1, &active, &[1])
+                    .unwrap(),
+            )
+        }))
+        .unwrap();
+    let m = done.recv().unwrap().unwrap();
+    let (added, change) =
+        next_rules(&mut rx, Duration::from_secs(3)).expect("removal found by a re-read");
+    assert!(!added);
+    assert_eq!(change.endpoint, pod(1));
+    assert!(
+        change.time.as_nanos() > m.after.as_nanos() + CLOCK_TOLERANCE_NS,
+        "the master is past the elements sent: {change:?} {m:?}"
+    );
     drop(steps);
     handle.join().unwrap();
 }
