@@ -34,6 +34,8 @@ use tokio::sync::mpsc::{Receiver, channel};
 
 const WRITER: &str = "lab-cilium";
 const PROGRAMS: [&str; 2] = ["cilium_bpf_enter", "cilium_bpf_exit"];
+/// The program on every close(2) of the machine.
+const CLOSE: [&str; 1] = ["cilium_close"];
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -70,10 +72,15 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// (run time, run count) of both programs together.
+/// (run time, run count) of the bpf() programs together.
 fn run_stats(kernel: &Kernel) -> anyhow::Result<(Duration, u64)> {
+    programs_stats(kernel, &PROGRAMS)
+}
+
+/// (run time, run count) of `programs` together.
+fn programs_stats(kernel: &Kernel, programs: &[&str]) -> anyhow::Result<(Duration, u64)> {
     let mut total = (Duration::ZERO, 0);
-    for name in PROGRAMS {
+    for &name in programs {
         let info = kernel
             .ebpf()
             .program(name)
@@ -284,6 +291,29 @@ fn main() -> anyhow::Result<()> {
     let hammer_time = started.elapsed();
     let during_hammer = per_call(before, run_stats(&kernel)?);
 
+    // close(2) runs `cilium_close` everywhere: an unrelated thread, and the
+    // writer closing descriptors the programs never saw written.
+    let closes = |name: &str| -> anyhow::Result<(Duration, (f64, u64))> {
+        let before = programs_stats(&kernel, &CLOSE)?;
+        let started = Instant::now();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                for _ in 0..hammer {
+                    // SAFETY: a descriptor of our own, closed at once.
+                    unsafe { libc::close(libc::dup(0)) };
+                }
+            })?
+            .join()
+            .map_err(|_| anyhow::anyhow!("close hammer panicked"))?;
+        Ok((
+            started.elapsed(),
+            per_call(before, programs_stats(&kernel, &CLOSE)?),
+        ))
+    };
+    let (unrelated_close_time, unrelated_close) = closes("hammer")?;
+    let (writer_close_time, writer_close) = closes(WRITER)?;
+
     delays.sort();
     precisions.sort();
     println!("frontends: {frontends}, every endpoint watched; ready after {ready:?}");
@@ -324,6 +354,14 @@ fn main() -> anyhow::Result<()> {
     println!(
         "cost per program run while an unrelated thread does {hammer} updates ({:?}): {:.0} ns over {} runs",
         hammer_time, during_hammer.0, during_hammer.1
+    );
+    println!(
+        "cost per close(2) run of cilium_close, an unrelated thread, {hammer} closes ({:?}): {:.0} ns over {} runs",
+        unrelated_close_time, unrelated_close.0, unrelated_close.1
+    );
+    println!(
+        "cost per close(2) run of cilium_close, the writer closing descriptors never written, {hammer} closes ({:?}): {:.0} ns over {} runs",
+        writer_close_time, writer_close.0, writer_close.1
     );
     drop(step_tx);
     writer

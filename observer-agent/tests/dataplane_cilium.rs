@@ -33,12 +33,23 @@ use observer_agent::{
     kernel::{Kernel, LoadOptions, capabilities},
 };
 use observer_common::cilium::{
-    self, Backend, BackendState, Family, Frontend, MapShape, Scope, ServiceKey, WriterFilter,
+    self, Backend, BackendState, Family, Frontend, MapShape, Scope, ServiceKey, ServiceValue,
+    WriterFilter,
 };
 use observer_proto::{Detector, Observation, RulesChange};
 use tokio::sync::mpsc::{Receiver, channel};
 
-const WRITER: &str = "lab-cilium";
+/// Each test's writer thread has a name of its own (at most 15 bytes):
+/// the tests share one process, and a detector that followed another
+/// test's writer would take its writes (the same keys and values) for
+/// writes to its own maps.
+const WRITER_MASTER: &str = "lab-cil-master";
+const WRITER_POLL: &str = "lab-cil-poll";
+const WRITER_EARLIER: &str = "lab-cil-earlier";
+const WRITER_BATCH: &str = "lab-cil-batch";
+const WRITER_REUSE: &str = "lab-cil-reuse";
+const WRITER_MAGLEV: &str = "lab-cil-maglev";
+const WRITER_LONG: &str = "lab-cil-long";
 /// Error of the kernel-to-wall-clock conversion (observer-agent/src/clock.rs).
 const CLOCK_TOLERANCE_NS: i64 = 1_000_000;
 const POLL: Duration = Duration::from_millis(20);
@@ -60,13 +71,13 @@ fn backend(ep: SocketAddr) -> Backend {
     Backend::tcp(ep, BackendState::Active)
 }
 
-fn options(dir: &Path, force_polling: bool) -> CiliumOptions {
+fn options(dir: &Path, writer: &str, force_polling: bool) -> CiliumOptions {
     let mut comm = [0u8; 16];
-    comm[..WRITER.len()].copy_from_slice(WRITER.as_bytes());
+    comm[..writer.len()].copy_from_slice(writer.as_bytes());
     CiliumOptions {
         pin_dir: dir.to_owned(),
         poll_interval: POLL,
-        writer: WriterFilter::comm(comm, WRITER.len() as u32),
+        writer: WriterFilter::comm(comm, writer.len() as u32),
         force_polling,
     }
 }
@@ -82,11 +93,12 @@ fn populated(dir: &Path) -> ServiceMapsWriter {
     w
 }
 
-/// The writer's steps run on a thread named [`WRITER`], one per request.
+/// The writer's steps run on a thread named `name`, one per request.
 type Step = Box<dyn FnOnce(&mut ServiceMapsWriter) -> Option<MasterWritten> + Send>;
 
 fn writer_thread(
     mut w: ServiceMapsWriter,
+    name: &str,
 ) -> (
     mpsc::Sender<Step>,
     mpsc::Receiver<Option<MasterWritten>>,
@@ -95,7 +107,7 @@ fn writer_thread(
     let (step_tx, step_rx) = mpsc::channel::<Step>();
     let (done_tx, done_rx) = mpsc::channel();
     let handle = std::thread::Builder::new()
-        .name(WRITER.into())
+        .name(name.into())
         .spawn(move || {
             for step in step_rx {
                 let _ = done_tx.send(step(&mut w));
@@ -155,12 +167,19 @@ fn check(change: &RulesChange, m: MasterWritten, force_polling: bool) {
 
 /// Loads the eBPF object and starts the dataplane detectors with the
 /// Cilium one on the maps under `dir`.
-fn start(dir: &Path, force_polling: bool) -> (Kernel, DataplaneWatch, Receiver<Observation>) {
+fn start(
+    dir: &Path,
+    writer: &str,
+    force_polling: bool,
+) -> (Kernel, DataplaneWatch, Receiver<Observation>) {
     let mut kernel = Kernel::load(LoadOptions::default()).expect("eBPF loads");
     let (tx, rx) = channel(64);
     let mut watch: DataplaneWatch = dataplane::spawn(tx).expect("detectors start");
     let status = watch
-        .follow_cilium(Some(kernel.ebpf_mut()), &options(dir, force_polling))
+        .follow_cilium(
+            Some(kernel.ebpf_mut()),
+            &options(dir, writer, force_polling),
+        )
         .expect("the Cilium detector starts");
     if force_polling {
         assert!(matches!(status.timing, CiliumTiming::Polling { .. }));
@@ -171,16 +190,20 @@ fn start(dir: &Path, force_polling: bool) -> (Kernel, DataplaneWatch, Receiver<O
             "the tracepoint attaches here"
         );
     }
-    assert_eq!(status.maps.len(), 2, "{status:?}");
+    let names: Vec<&str> = status.maps.iter().map(|(name, _)| *name).collect();
+    assert!(
+        names.contains(&cilium::SERVICES4.name) && names.contains(&cilium::BACKENDS4.name),
+        "{status:?}"
+    );
     (kernel, watch, rx)
 }
 
 /// Moves pod 1 to the tail and back, writes the other frontend, then moves
 /// pod 1 out and deletes it; checks every report against the master writes.
-fn follow_the_writer(force_polling: bool) {
+fn follow_the_writer(writer: &str, force_polling: bool) {
     let fs = Bpffs::mount("cilium-detector").expect("a private bpffs mounts");
     let w = populated(fs.path());
-    let (_kernel, watch, mut rx) = start(fs.path(), force_polling);
+    let (_kernel, watch, mut rx) = start(fs.path(), writer, force_polling);
     watch.watch(pod(1));
     // The detector picks the watch up within its wait.
     std::thread::sleep(Duration::from_millis(200));
@@ -189,7 +212,7 @@ fn follow_the_writer(force_polling: bool) {
         "selected at the watch: nothing to report"
     );
 
-    let (steps, done, handle) = writer_thread(w);
+    let (steps, done, handle) = writer_thread(w, writer);
     let write = |step: Step| {
         steps.send(step).unwrap();
         done.recv().unwrap()
@@ -248,7 +271,7 @@ fn the_master_write_is_the_removal_timed_by_the_writers_syscall() {
     if !root_or_skip("the_master_write_is_the_removal_timed_by_the_writers_syscall") {
         return;
     }
-    follow_the_writer(false);
+    follow_the_writer(WRITER_MASTER, false);
 }
 
 #[test]
@@ -256,7 +279,7 @@ fn without_the_tracepoint_a_poll_finds_the_same_changes() {
     if !root_or_skip("without_the_tracepoint_a_poll_finds_the_same_changes") {
         return;
     }
-    follow_the_writer(true);
+    follow_the_writer(WRITER_POLL, true);
 }
 
 /// The cutover happens before the agent learns the pod is terminating, and
@@ -269,10 +292,10 @@ fn changes_before_the_watch_are_reported_at_the_watch_with_their_time() {
     }
     let fs = Bpffs::mount("cilium-earlier").expect("a private bpffs mounts");
     let w = populated(fs.path());
-    let (_kernel, watch, mut rx) = start(fs.path(), false);
+    let (_kernel, watch, mut rx) = start(fs.path(), WRITER_EARLIER, false);
     // The detector's first read of the maps.
     std::thread::sleep(Duration::from_millis(200));
-    let (steps, done, handle) = writer_thread(w);
+    let (steps, done, handle) = writer_thread(w, WRITER_EARLIER);
     let write = |step: Step| {
         steps.send(step).unwrap();
         done.recv().unwrap()
@@ -417,4 +440,296 @@ fn an_unknown_layout_is_refused_by_name_and_the_rest_runs() {
         "{stderr}"
     );
     assert!(!out.stdout.is_empty(), "observe reported its start");
+}
+
+/// A frontend rewritten in batches (`BPF_MAP_UPDATE_BATCH` of the slots
+/// and the master, `BPF_MAP_DELETE_BATCH` of the tail). To a descriptor
+/// the agent has not classified yet the batch is counted and found by a
+/// re-read, after the syscall; once an element write has classified the
+/// services map, each batch's removal or addition is stamped inside its
+/// syscall.
+#[test]
+fn a_batch_write_is_timed_by_its_syscall_once_the_map_is_known() {
+    if !root_or_skip("a_batch_write_is_timed_by_its_syscall_once_the_map_is_known") {
+        return;
+    }
+    let fs = Bpffs::mount("cilium-batch").expect("a private bpffs mounts");
+    let w = populated(fs.path());
+    let (_kernel, watch, mut rx) = start(fs.path(), WRITER_BATCH, false);
+    watch.watch(pod(1));
+    std::thread::sleep(Duration::from_millis(200));
+    let (steps, done, handle) = writer_thread(w, WRITER_BATCH);
+    let write = |step: Step| {
+        steps.send(step).unwrap();
+        done.recv().unwrap()
+    };
+
+    let m = write(Box::new(|w| {
+        Some(w.write_frontend_batch(frontend(10), 1, &[2], &[1]).unwrap())
+    }))
+    .unwrap();
+    let (added, change) =
+        next_rules(&mut rx, Duration::from_secs(3)).expect("removal found by a re-read");
+    assert!(!added);
+    assert_eq!(change.endpoint, pod(1));
+    assert!(
+        change.time.as_nanos() > m.after.as_nanos() + CLOCK_TOLERANCE_NS,
+        "an unclassified map's batch is not stamped by its syscall: {change:?} {m:?}"
+    );
+
+    // An element write names the services map, as Cilium's writes do.
+    write(Box::new(|w| {
+        w.write_frontend(frontend(11), 2, &[3], &[]).ok()
+    }))
+    .unwrap();
+    assert!(next_rules(&mut rx, Duration::from_millis(300)).is_none());
+
+    let m = write(Box::new(|w| {
+        Some(
+            w.write_frontend_batch(frontend(10), 1, &[1, 2], &[])
+                .unwrap(),
+        )
+    }))
+    .unwrap();
+    let (added, change) = next_rules(&mut rx, Duration::from_secs(2)).expect("addition reported");
+    assert!(added);
+    check(&change, m, false);
+
+    let m = write(Box::new(|w| {
+        Some(w.write_frontend_batch(frontend(10), 1, &[2], &[1]).unwrap())
+    }))
+    .unwrap();
+    let (added, change) = next_rules(&mut rx, Duration::from_secs(2)).expect("removal reported");
+    assert!(!added);
+    assert_eq!(change.endpoint, pod(1));
+    check(&change, m, false);
+
+    // The backend leaves: deleted, and its tail slot by a batch delete.
+    write(Box::new(|w| {
+        w.delete_backend(1).unwrap();
+        Some(w.write_frontend_batch(frontend(10), 1, &[2], &[]).unwrap())
+    }))
+    .unwrap();
+    assert!(
+        next_rules(&mut rx, Duration::from_millis(300)).is_none(),
+        "already removed: nothing more"
+    );
+    drop(steps);
+    handle.join().unwrap();
+}
+
+/// Cilium creates and closes Maglev inner maps all the time, so the number
+/// of a descriptor it closed comes back for the next map it opens. A
+/// writer writes a watched frontend's master through its own descriptor of
+/// the services map (classified by that write), closes it, and opens
+/// another map of the same shape at the same number: the master key
+/// written there is not the services map's, and reports nothing.
+#[test]
+fn a_closed_services_descriptor_reused_for_another_map_is_not_decoded_as_services() {
+    if !root_or_skip(
+        "a_closed_services_descriptor_reused_for_another_map_is_not_decoded_as_services",
+    ) {
+        return;
+    }
+    let fs = Bpffs::mount("cilium-reuse").expect("a private bpffs mounts");
+    let _w = populated(fs.path());
+    let (_kernel, watch, mut rx) = start(fs.path(), WRITER_REUSE, false);
+    watch.watch(pod(2));
+    std::thread::sleep(Duration::from_millis(200));
+
+    let dir = fs.path().to_owned();
+    let key: [u8; 12] = ServiceKey::master(frontend(10))
+        .encode()
+        .as_slice()
+        .try_into()
+        .unwrap();
+    let master = |count| {
+        ServiceValue {
+            count,
+            rev_nat_index: 1,
+            ..Default::default()
+        }
+        .encode()
+    };
+    let (written_tx, written_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name(WRITER_REUSE.into())
+        .spawn(move || {
+            use aya::maps::IterableMap as _;
+            use std::os::fd::{AsFd as _, AsRawFd as _};
+            let services = aya::maps::MapData::from_pin(dir.join(cilium::SERVICES4.name)).unwrap();
+            let mut services = typed::<[u8; 12], [u8; 12]>(services).unwrap();
+            let fd = services.map().fd().as_fd().as_raw_fd();
+            let before = observer_proto::UnixNanos::now();
+            // Pod 2 (slot 2) out of the count.
+            services.insert(key, master(1), 0).unwrap();
+            let after = observer_proto::UnixNanos::now();
+            written_tx.send(MasterWritten { before, after }).unwrap();
+            go_rx.recv().unwrap();
+            drop(services);
+            let other = create_pinned(&dir, "lab_other", cilium::SERVICES4.shape).unwrap();
+            let mut other = typed::<[u8; 12], [u8; 12]>(other).unwrap();
+            let reused = other.map().fd().as_fd().as_raw_fd();
+            // As if pod 2 were counted again, in the other map.
+            for _ in 0..3 {
+                other.insert(key, master(2), 0).unwrap();
+            }
+            (fd, reused)
+        })
+        .unwrap();
+    let m = written_rx.recv().unwrap();
+    let (added, change) = next_rules(&mut rx, Duration::from_secs(2)).expect("removal reported");
+    assert!(!added);
+    assert_eq!(change.endpoint, pod(2));
+    check(&change, m, false);
+    go_tx.send(()).unwrap();
+    let (fd, reused) = thread.join().unwrap();
+    assert_eq!(
+        fd, reused,
+        "the other map got the closed descriptor's number (the lowest free one)"
+    );
+    let got = next_rules(&mut rx, Duration::from_millis(500));
+    assert!(
+        got.is_none(),
+        "a write to another map at a reused descriptor was taken for the services map: {got:?}"
+    );
+}
+
+/// A Maglev frontend: socket-LB cuts over at the master's write, the TC
+/// path at the outer map's (its lookup table). Written in Cilium's order
+/// (slots, table, master), the removal and the addition are the master's
+/// write, the later; a master written without a new table waits for the
+/// table's write, and is timed by that syscall.
+#[test]
+fn a_maglev_frontend_changes_at_the_later_of_its_table_and_master_writes() {
+    if !root_or_skip("a_maglev_frontend_changes_at_the_later_of_its_table_and_master_writes") {
+        return;
+    }
+    let fs = Bpffs::mount("cilium-maglev").expect("a private bpffs mounts");
+    let mut w = populated(fs.path());
+    w.add_maglev(fs.path())
+        .expect("the Maglev outer map is created");
+    w.write_maglev_table(1, &[1, 2]).unwrap();
+    let found: Vec<&str> = CiliumMaps::open(fs.path())
+        .unwrap()
+        .found
+        .iter()
+        .map(|(name, _)| *name)
+        .collect();
+    assert!(found.contains(&cilium::MAGLEV4.name), "{found:?}");
+    let (_kernel, watch, mut rx) = start(fs.path(), WRITER_MAGLEV, false);
+    watch.watch(pod(1));
+    std::thread::sleep(Duration::from_millis(200));
+    let (steps, done, handle) = writer_thread(w, WRITER_MAGLEV);
+    type Both = Box<dyn FnOnce(&mut ServiceMapsWriter) -> (MasterWritten, MasterWritten) + Send>;
+    let (both_tx, both_rx) = mpsc::channel::<(MasterWritten, MasterWritten)>();
+    let both = |step: Both| {
+        let tx = both_tx.clone();
+        steps
+            .send(Box::new(move |w| {
+                tx.send(step(w)).unwrap();
+                None
+            }))
+            .unwrap();
+        done.recv().unwrap();
+        both_rx.recv().unwrap()
+    };
+
+    let (table, master) = both(Box::new(|w| {
+        w.write_frontend_maglev(frontend(10), 1, &[2], &[1])
+            .unwrap()
+    }));
+    let (added, change) = next_rules(&mut rx, Duration::from_secs(2)).expect("removal reported");
+    assert!(!added);
+    assert_eq!(change.endpoint, pod(1));
+    assert!(table.after.as_nanos() <= master.before.as_nanos());
+    check(&change, master, false);
+
+    let (_, master) = both(Box::new(|w| {
+        w.write_frontend_maglev(frontend(10), 1, &[1, 2], &[])
+            .unwrap()
+    }));
+    let (added, change) = next_rules(&mut rx, Duration::from_secs(2)).expect("addition reported");
+    assert!(added);
+    check(&change, master, false);
+
+    // The master alone: socket-LB no longer picks pod 1, the TC path's
+    // table still holds it.
+    steps
+        .send(Box::new(|w| {
+            w.write_frontend(frontend(10), 1, &[2], &[1]).ok()
+        }))
+        .unwrap();
+    done.recv().unwrap();
+    assert!(
+        next_rules(&mut rx, Duration::from_millis(300)).is_none(),
+        "the old table still selects pod 1"
+    );
+    let (table, _) = both(Box::new(|w| {
+        let t = w.write_maglev_table(1, &[2]).unwrap();
+        (t, t)
+    }));
+    let (added, change) =
+        next_rules(&mut rx, Duration::from_secs(2)).expect("removal at the table's write");
+    assert!(!added);
+    assert_eq!(change.endpoint, pod(1));
+    check(&change, table, false);
+    drop(steps);
+    handle.join().unwrap();
+}
+
+/// A batch of more elements than the program sends (64) to a classified
+/// map: the first are sent, the loss is counted, and the master at the
+/// batch's end is found by the re-read that follows, after the syscall.
+#[test]
+fn a_batch_longer_than_the_program_sends_is_found_by_a_re_read() {
+    if !root_or_skip("a_batch_longer_than_the_program_sends_is_found_by_a_re_read") {
+        return;
+    }
+    let fs = Bpffs::mount("cilium-long").expect("a private bpffs mounts");
+    let mut w = populated(fs.path());
+    // 70 more backends, ids 100.., for a frontend of 71 slots.
+    let many: Vec<u32> = (100..170).collect();
+    for id in &many {
+        w.upsert_backend(
+            *id,
+            &backend(SocketAddr::from(([10, 244, 2, (*id - 100) as u8], 8080))),
+        )
+        .unwrap();
+    }
+    let (_kernel, watch, mut rx) = start(fs.path(), WRITER_LONG, false);
+    watch.watch(pod(1));
+    std::thread::sleep(Duration::from_millis(200));
+    let (steps, done, handle) = writer_thread(w, WRITER_LONG);
+    // An element write names the services map.
+    steps
+        .send(Box::new(|w| {
+            w.write_frontend(frontend(11), 2, &[3], &[]).ok()
+        }))
+        .unwrap();
+    done.recv().unwrap();
+    assert!(next_rules(&mut rx, Duration::from_millis(300)).is_none());
+
+    steps
+        .send(Box::new(move |w| {
+            let mut active = vec![2];
+            active.extend(&many);
+            Some(
+                w.write_frontend_batch(frontend(10), 1, &active, &[1])
+                    .unwrap(),
+            )
+        }))
+        .unwrap();
+    let m = done.recv().unwrap().unwrap();
+    let (added, change) =
+        next_rules(&mut rx, Duration::from_secs(3)).expect("removal found by a re-read");
+    assert!(!added);
+    assert_eq!(change.endpoint, pod(1));
+    assert!(
+        change.time.as_nanos() > m.after.as_nanos() + CLOCK_TOLERANCE_NS,
+        "the master is past the elements sent: {change:?} {m:?}"
+    );
+    drop(steps);
+    handle.join().unwrap();
 }

@@ -4,7 +4,8 @@
 //!
 //! Layouts follow Cilium's main branch after 1.19 (`bpf/lib/lb.h`,
 //! `pkg/loadbalancer/maps/types.go`): `cilium_lb{4,6}_services_v2` and
-//! `cilium_lb{4,6}_backends_v3`. A frontend has a master entry at slot 0
+//! `cilium_lb{4,6}_backends_v3`, and where Cilium runs Maglev
+//! `cilium_lb{4,6}_maglev` (`lbmaps.go`). A frontend has a master entry at slot 0
 //! (`count` active backends, `qcount` inactive tail) and slots
 //! 1..count+qcount holding backend ids, active first. Multi-byte fields are
 //! host order except the address, the ports and `rev_nat_index`, which are
@@ -19,8 +20,10 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// Where the cilium-agent pins its maps.
 pub const PIN_DIR: &str = "/sys/fs/bpf/tc/globals";
 
-/// `BPF_MAP_TYPE_HASH`, the type of the four maps.
+/// `BPF_MAP_TYPE_HASH`, the type of the services and backends maps.
 pub const MAP_TYPE_HASH: u32 = 1;
+/// `BPF_MAP_TYPE_HASH_OF_MAPS`, the type of the Maglev outer maps.
+pub const MAP_TYPE_HASH_OF_MAPS: u32 = 13;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Family {
@@ -50,6 +53,11 @@ pub enum MapKind {
     Services,
     /// `u32` backend id -> `lb{4,6}_backend`.
     Backends,
+    /// Maglev's outer map: [`MaglevKey`] (a frontend's `rev_nat_index`)
+    /// -> inner map (an array of one element, the lookup table of backend
+    /// ids). Written as the inner map's descriptor in the writer's table;
+    /// a lookup returns the inner map's id.
+    Maglev,
 }
 
 /// What the kernel says of a map (`bpf_map_info`).
@@ -85,18 +93,23 @@ pub const fn backend_value_len(family: Family) -> usize {
     family.addr_len() + 8
 }
 pub const BACKEND_KEY_LEN: usize = 4;
+/// The Maglev outer map's key (`__u16` rev_nat_index) and value (`__u32`
+/// inner map descriptor or id).
+pub const MAGLEV_KEY_LEN: usize = 2;
+pub const MAGLEV_VALUE_LEN: usize = 4;
 
 const fn spec(name: &'static str, family: Family, kind: MapKind) -> MapSpec {
-    let (key_size, value_size) = match kind {
-        MapKind::Services => (service_key_len(family), SERVICE_VALUE_LEN),
-        MapKind::Backends => (BACKEND_KEY_LEN, backend_value_len(family)),
+    let (map_type, key_size, value_size) = match kind {
+        MapKind::Services => (MAP_TYPE_HASH, service_key_len(family), SERVICE_VALUE_LEN),
+        MapKind::Backends => (MAP_TYPE_HASH, BACKEND_KEY_LEN, backend_value_len(family)),
+        MapKind::Maglev => (MAP_TYPE_HASH_OF_MAPS, MAGLEV_KEY_LEN, MAGLEV_VALUE_LEN),
     };
     MapSpec {
         name,
         family,
         kind,
         shape: MapShape {
-            map_type: MAP_TYPE_HASH,
+            map_type,
             key_size: key_size as u32,
             value_size: value_size as u32,
         },
@@ -108,6 +121,10 @@ pub const BACKENDS4: MapSpec = spec("cilium_lb4_backends_v3", Family::V4, MapKin
 pub const SERVICES6: MapSpec = spec("cilium_lb6_services_v2", Family::V6, MapKind::Services);
 pub const BACKENDS6: MapSpec = spec("cilium_lb6_backends_v3", Family::V6, MapKind::Backends);
 pub const MAPS: [MapSpec; 4] = [SERVICES4, BACKENDS4, SERVICES6, BACKENDS6];
+/// Pinned only where Cilium runs Maglev (`bpf-lb-algorithm=maglev`, or
+/// the per-service annotation allowed).
+pub const MAGLEV4: MapSpec = spec("cilium_lb4_maglev", Family::V4, MapKind::Maglev);
+pub const MAGLEV6: MapSpec = spec("cilium_lb6_maglev", Family::V6, MapKind::Maglev);
 
 /// Pinned names of earlier layouts (before the services map's v2 and the
 /// backends map's v3): a node that has them and not [`MAPS`] runs a Cilium this agent
@@ -126,7 +143,7 @@ pub const RETIRED: [&str; 6] = [
 pub enum LayoutError {
     #[error(
         "map {name}: type {found_type}, key {found_key} bytes, value {found_value} bytes; \
-         the layout of Cilium after 1.19 is type {want_type} (hash), key {want_key}, value {want_value}"
+         the layout of Cilium after 1.19 is type {want_type}, key {want_key}, value {want_value}"
     , found_type = found.map_type, found_key = found.key_size, found_value = found.value_size,
       want_type = expected.map_type, want_key = expected.key_size, want_value = expected.value_size)]
     Shape {
@@ -328,6 +345,28 @@ impl ServiceValue {
     }
 }
 
+/// The Maglev outer map's key: the frontend's `rev_nat_index`, in network
+/// order as in the services map's value (the datapath looks the outer map
+/// up with the master's field as it is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MaglevKey {
+    /// Host order here.
+    pub rev_nat_index: u16,
+}
+
+impl MaglevKey {
+    pub fn decode(bytes: &[u8]) -> Result<MaglevKey, DecodeError> {
+        let b: [u8; MAGLEV_KEY_LEN] = exact("maglev key", bytes)?;
+        Ok(MaglevKey {
+            rev_nat_index: u16::from_be_bytes(b),
+        })
+    }
+
+    pub fn encode(&self) -> [u8; MAGLEV_KEY_LEN] {
+        self.rev_nat_index.to_be_bytes()
+    }
+}
+
 /// A backend's state, in its flags byte (`loadbalancer.BackendState`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BackendState {
@@ -409,7 +448,7 @@ impl Backend {
 
 /// bpf() commands the tracepoint looks at: the single-element writes
 /// Cilium's reconciler makes (one per entry, no batches today) and the
-/// batch ones, whose keys it cannot match cheaply and reports as such.
+/// batch ones, whose elements it sends one by one.
 pub const BPF_MAP_UPDATE_ELEM: u32 = 2;
 pub const BPF_MAP_DELETE_ELEM: u32 = 3;
 pub const BPF_MAP_UPDATE_BATCH: u32 = 26;
@@ -421,6 +460,18 @@ pub const BPF_MAP_DELETE_BATCH: u32 = 27;
 pub const ENTER_CMD_OFFSET: usize = 16;
 pub const ENTER_UATTR_OFFSET: usize = 24;
 pub const EXIT_RET_OFFSET: usize = 16;
+/// `fd` in the `syscalls/sys_enter_close` record.
+pub const CLOSE_FD_OFFSET: usize = 16;
+
+/// Not bpf() commands: what happened to the writer's descriptors, sent as
+/// [`MapWrite::cmd`] on the ring of its writes so that it comes in order
+/// with them. The writer closed `map_fd` (close(2)), a descriptor the
+/// programs had seen written: a later descriptor of that number is
+/// another map.
+pub const WRITER_CLOSED: u32 = 0x8000_0001;
+/// The writer's process `tgid` exited (its main thread's
+/// `sched/sched_process_exit`): every descriptor of it is gone.
+pub const WRITER_EXITED: u32 = 0x8000_0002;
 
 /// Per-CPU counters of the tracepoint programs (`CILIUM_STATS`).
 #[repr(u32)]
@@ -428,8 +479,9 @@ pub const EXIT_RET_OFFSET: usize = 16;
 pub enum CiliumStat {
     /// Element writes by the writer that the program looked at.
     WriterWrites = 0,
-    /// Writes sent to the agent (to a service or backends map, or to a
-    /// map not classified yet).
+    /// Records sent to the agent: writes to a followed map or to one not
+    /// classified yet (a batch's elements one each), and the writer's
+    /// closes and exits.
     Sent = 1,
     /// Writer's writes whose attr, key or value could not be read from
     /// user memory (not resident): such a write is missed, the agent
@@ -437,39 +489,57 @@ pub enum CiliumStat {
     Unreadable = 2,
     /// Writes lost: the ring was full or the pending table was.
     Lost = 3,
-    /// Batch writes by the writer: their keys are not read, the agent
-    /// re-reads the maps instead.
+    /// Batch writes by the writer that the program looked at.
     Batches = 4,
     /// Writer's writes to a map the agent classified as none of its own:
     /// dropped after one lookup, before any user memory is read.
     OtherMaps = 5,
+    /// Batch writes whose elements were not all sent: to a descriptor not
+    /// classified yet (the element sizes are unknown), or of more than
+    /// [`MAX_BATCH_ELEMENTS`]; the agent re-reads the maps.
+    BatchesUnsent = 6,
 }
 
 impl CiliumStat {
-    pub const ALL: [CiliumStat; 6] = [
+    pub const ALL: [CiliumStat; 7] = [
         CiliumStat::WriterWrites,
         CiliumStat::Sent,
         CiliumStat::Unreadable,
         CiliumStat::Lost,
         CiliumStat::Batches,
         CiliumStat::OtherMaps,
+        CiliumStat::BatchesUnsent,
     ];
 
     /// Counters that mean a write of a followed map may have been missed.
     pub const fn is_loss(self) -> bool {
         matches!(
             self,
-            CiliumStat::Unreadable | CiliumStat::Lost | CiliumStat::Batches
+            CiliumStat::Unreadable | CiliumStat::Lost | CiliumStat::BatchesUnsent
         )
     }
 }
 
-pub const CILIUM_STATS_LEN: u32 = 6;
+pub const CILIUM_STATS_LEN: u32 = 7;
 
 /// Offsets in the user's `union bpf_attr` of the element commands.
 pub const ATTR_MAP_FD: usize = 0;
 pub const ATTR_KEY: usize = 8;
 pub const ATTR_VALUE: usize = 16;
+
+/// Offsets in the user's `union bpf_attr` of the batch commands
+/// (`attr.batch`: in_batch, out_batch, keys, values, count, map_fd, ...).
+/// `keys` and `values` point to arrays of whole keys and values; the
+/// kernel applies them in order and writes back in `count` how many it
+/// processed, also when it stops at an error.
+pub const ATTR_BATCH_KEYS: usize = 16;
+pub const ATTR_BATCH_VALUES: usize = 24;
+pub const ATTR_BATCH_COUNT: usize = 32;
+pub const ATTR_BATCH_MAP_FD: usize = 36;
+
+/// Elements of one batch the program sends, each as a [`MapWrite`]; the
+/// rest of a longer batch is counted ([`CiliumStat::BatchesUnsent`]).
+pub const MAX_BATCH_ELEMENTS: u32 = 64;
 
 /// The longest value read from a write ([`BACKEND_MAX`]; a service value
 /// is [`SERVICE_VALUE_LEN`]).
@@ -482,11 +552,36 @@ pub const fn fd_key(tgid: u32, fd: u32) -> u64 {
 }
 
 /// What a descriptor of the writer is, as the agent classified it; a
-/// descriptor not in the map is not classified yet, and its writes are
-/// sent for the agent to classify.
-pub const FD_FOLLOWED: u8 = 1;
+/// descriptor not in the map, or [`FD_PENDING`], is not classified yet,
+/// and its element writes are sent for the agent to classify. A followed map's kind gives
+/// the program its key and value sizes, for the elements of a batch.
+///
+/// Seen written, not classified yet: put by the programs themselves at
+/// the first write, so that the descriptor's close is reported even
+/// before the agent classifies it (the agent's classification only
+/// replaces an entry that is still there).
+pub const FD_PENDING: u8 = 1;
 /// Not one of the service maps: its writes are dropped in the kernel.
 pub const FD_OTHER: u8 = 2;
+/// The followed maps, by family and kind ([`fd_kind`]).
+pub const FD_SERVICES4: u8 = 3;
+pub const FD_SERVICES6: u8 = 4;
+pub const FD_BACKENDS4: u8 = 5;
+pub const FD_BACKENDS6: u8 = 6;
+pub const FD_MAGLEV4: u8 = 7;
+pub const FD_MAGLEV6: u8 = 8;
+
+/// The `CILIUM_FDS` value of a followed map.
+pub const fn fd_kind(family: Family, kind: MapKind) -> u8 {
+    match (family, kind) {
+        (Family::V4, MapKind::Services) => FD_SERVICES4,
+        (Family::V6, MapKind::Services) => FD_SERVICES6,
+        (Family::V4, MapKind::Backends) => FD_BACKENDS4,
+        (Family::V6, MapKind::Backends) => FD_BACKENDS6,
+        (Family::V4, MapKind::Maglev) => FD_MAGLEV4,
+        (Family::V6, MapKind::Maglev) => FD_MAGLEV6,
+    }
+}
 
 /// Descriptors the map of the writer's descriptors holds (LRU: a
 /// restarted writer's old ones age out).
@@ -551,7 +646,10 @@ pub struct MapWrite {
     pub ret: i64,
     pub tgid: u32,
     pub tid: u32,
-    /// [`BPF_MAP_UPDATE_ELEM`] or [`BPF_MAP_DELETE_ELEM`].
+    /// [`BPF_MAP_UPDATE_ELEM`] or [`BPF_MAP_DELETE_ELEM`]; for an element
+    /// of a batch, the element command of the batch's, `ret` 0 (the kernel
+    /// applied it: it is within the batch's written-back `count`) and the
+    /// batch syscall's times.
     pub cmd: u32,
     /// The writer's map descriptor (in the writer's table).
     pub map_fd: u32,
@@ -713,6 +811,29 @@ mod tests {
         }
 
         #[test]
+        fn maglev_keys_round_trip_and_are_the_masters_rev_nat_bytes(
+            key in any::<u16>(), value in any::<[u8; SERVICE_VALUE_LEN]>()
+        ) {
+            let k = MaglevKey { rev_nat_index: key };
+            prop_assert_eq!(MaglevKey::decode(&k.encode()), Ok(k));
+            // The datapath looks the outer map up with the master's field.
+            let master = ServiceValue::decode(&value).unwrap();
+            let from_master = MaglevKey { rev_nat_index: master.rev_nat_index };
+            prop_assert_eq!(&from_master.encode()[..], &value[6..8]);
+        }
+
+        #[test]
+        fn maglev_keys_of_another_length_are_refused(
+            bytes in proptest::collection::vec(any::<u8>(), 0..8)
+        ) {
+            prop_assume!(bytes.len() != MAGLEV_KEY_LEN);
+            prop_assert_eq!(
+                MaglevKey::decode(&bytes),
+                Err(DecodeError::Length { what: "maglev key", expected: 2, got: bytes.len() })
+            );
+        }
+
+        #[test]
         fn backends_round_trip(backend in any_backend()) {
             let (bytes, len) = backend.encode();
             let family = Family::of(&backend.ip);
@@ -763,6 +884,16 @@ mod tests {
             (BACKENDS6.shape.key_size, BACKENDS6.shape.value_size),
             (4, 24)
         );
+        for maglev in [MAGLEV4, MAGLEV6] {
+            assert_eq!(
+                maglev.shape,
+                MapShape {
+                    map_type: 13,
+                    key_size: 2,
+                    value_size: 4
+                }
+            );
+        }
     }
 
     #[test]
@@ -776,7 +907,7 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "map cilium_lb4_services_v2: type 1, key 12 bytes, value 8 bytes; the layout of \
-             Cilium after 1.19 is type 1 (hash), key 12, value 12"
+             Cilium after 1.19 is type 1, key 12, value 12"
         );
         assert_eq!(SERVICES4.check(SERVICES4.shape), Ok(()));
         assert!(format!("{}", LayoutError::Retired(RETIRED[2])).contains("cilium_lb4_backends_v2"));

@@ -5,13 +5,22 @@
 //! written to it: an update whose key holds that value in one of the maps
 //! the agent has open read-only names the map. A descriptor with
 //! [`MISSES`] updates found in none of them is another map, whose writes
-//! the kernel drops from then on.
+//! the kernel drops from then on. Maglev's outer map holds inner maps,
+//! whose written value (the writer's descriptor of a new lookup table)
+//! cannot be compared: its write is named by the table filled just before
+//! on the same thread (see `identify`).
+//!
+//! A descriptor is forgotten when the writer closes it, and all of a
+//! process's when it exits (the programs report both in order with the
+//! writes): the number of a closed descriptor comes back for the next map
+//! the writer opens, and a restarted writer is a new process.
 
 use std::collections::HashMap;
 
 use observer_common::cilium::{
-    BPF_MAP_DELETE_ELEM, BPF_MAP_UPDATE_ELEM, Backend, DecodeError, Family, MapWrite,
-    SERVICE_VALUE_LEN, ServiceKey, ServiceValue, backend_value_len, service_key_len,
+    BPF_MAP_DELETE_ELEM, BPF_MAP_UPDATE_ELEM, Backend, DecodeError, FD_OTHER, Family,
+    MAGLEV_KEY_LEN, MaglevKey, MapKind, MapWrite, SERVICE_VALUE_LEN, ServiceKey, ServiceValue,
+    backend_value_len, fd_kind, service_key_len,
 };
 
 use super::maps::{ReadError, ServiceMaps};
@@ -25,6 +34,8 @@ pub const MISSES: u32 = 8;
 pub enum FdKind {
     Services(Family),
     Backends(Family),
+    /// Maglev's outer map.
+    Maglev(Family),
     Other,
 }
 
@@ -35,6 +46,10 @@ pub enum Op {
     DeleteService(ServiceKey),
     UpdateBackend(Family, u32, Backend),
     DeleteBackend(Family, u32),
+    /// A frontend's Maglev lookup table replaced (the inner map written
+    /// as the writer's descriptor, which says nothing here).
+    UpdateMaglev(Family, MaglevKey),
+    DeleteMaglev(Family, MaglevKey),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -60,6 +75,16 @@ fn prefix<'a>(what: &'static str, bytes: &'a [u8], need: usize) -> Result<&'a [u
 }
 
 impl FdKind {
+    /// The kind as the tracepoint's descriptor map holds it (`FD_*`).
+    pub const fn code(self) -> u8 {
+        match self {
+            FdKind::Services(family) => fd_kind(family, MapKind::Services),
+            FdKind::Backends(family) => fd_kind(family, MapKind::Backends),
+            FdKind::Maglev(family) => fd_kind(family, MapKind::Maglev),
+            FdKind::Other => FD_OTHER,
+        }
+    }
+
     /// The write as an operation on a map of this kind (not `Other`).
     pub fn decode(self, write: &MapWrite) -> Result<Op, OpError> {
         let key = &write.key[..write.key_len as usize];
@@ -88,6 +113,14 @@ impl FdKind {
                     Op::DeleteBackend(family, id)
                 })
             }
+            FdKind::Maglev(family) => {
+                let k = MaglevKey::decode(prefix("key", key, MAGLEV_KEY_LEN)?)?;
+                Ok(if update {
+                    Op::UpdateMaglev(family, k)
+                } else {
+                    Op::DeleteMaglev(family, k)
+                })
+            }
             FdKind::Other => Err(OpError::Command(write.cmd)),
         }
     }
@@ -97,8 +130,17 @@ fn backend_id(key: &[u8]) -> u32 {
     u32::from_ne_bytes([key[0], key[1], key[2], key[3]])
 }
 
-/// Which followed map holds the written update now, if any.
-fn identify(maps: &impl ServiceMaps, write: &MapWrite) -> Result<Option<FdKind>, ReadError> {
+/// Which followed map holds the written update now, if any. `inner`: the
+/// descriptor the writing thread wrote just before with a zero key, if
+/// any: Cilium fills a new Maglev lookup table (an array of one element,
+/// key 0) and then writes its descriptor into the outer map under the
+/// frontend's rev_nat index, so an outer-map write is an update whose
+/// value is that descriptor and whose key the outer map holds.
+fn identify(
+    maps: &impl ServiceMaps,
+    write: &MapWrite,
+    inner: Option<u32>,
+) -> Result<Option<FdKind>, ReadError> {
     for family in [Family::V4, Family::V6] {
         if let Ok(Op::UpdateService(k, v)) = FdKind::Services(family).decode(write)
             && maps.service(&k)? == Some(v)
@@ -111,7 +153,23 @@ fn identify(maps: &impl ServiceMaps, write: &MapWrite) -> Result<Option<FdKind>,
             return Ok(Some(FdKind::Backends(family)));
         }
     }
-    Ok(None)
+    let value = &write.value[..write.value_len as usize];
+    if inner.is_none_or(|fd| value.get(..4) != Some(&fd.to_ne_bytes()[..])) {
+        return Ok(None);
+    }
+    let mut holders = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        if let Ok(Op::UpdateMaglev(family, key)) = FdKind::Maglev(family).decode(write)
+            && maps.maglev(family, key)?.is_some()
+        {
+            holders.push(family);
+        }
+    }
+    // In both families' outer maps: which one is not known.
+    Ok(match holders[..] {
+        [family] => Some(FdKind::Maglev(family)),
+        _ => None,
+    })
 }
 
 /// What a write says of its descriptor.
@@ -141,15 +199,43 @@ struct Pending {
 pub struct Descriptors {
     known: HashMap<(u32, u32), FdKind>,
     pending: HashMap<(u32, u32), Pending>,
+    /// By thread: the descriptor of its last update if that had a zero
+    /// key (a Maglev lookup table being filled).
+    zero_key: HashMap<u32, u32>,
 }
 
 impl Descriptors {
+    /// The writer closed `fd`: the number may come back for another map.
+    pub fn forget(&mut self, tgid: u32, fd: u32) {
+        self.known.remove(&(tgid, fd));
+        self.pending.remove(&(tgid, fd));
+    }
+
+    /// The writer's process `tgid` exited; returns the descriptors it had
+    /// classified.
+    pub fn forget_process(&mut self, tgid: u32) -> Vec<u32> {
+        self.pending.retain(|(t, _), _| *t != tgid);
+        let fds = self
+            .known
+            .keys()
+            .filter(|(t, _)| *t == tgid)
+            .map(|(_, fd)| *fd)
+            .collect();
+        self.known.retain(|(t, _), _| *t != tgid);
+        fds
+    }
+
     pub fn learn(
         &mut self,
         maps: &impl ServiceMaps,
         write: &MapWrite,
     ) -> Result<Learnt, ReadError> {
         let fd = (write.tgid, write.map_fd);
+        let inner = self.zero_key.remove(&write.tid);
+        let key = &write.key[..write.key_len.min(4) as usize];
+        if write.cmd == BPF_MAP_UPDATE_ELEM && key.len() == 4 && key.iter().all(|b| *b == 0) {
+            self.zero_key.insert(write.tid, write.map_fd);
+        }
         if let Some(kind) = self.known.get(&fd) {
             return Ok(Learnt::Known(*kind));
         }
@@ -162,7 +248,7 @@ impl Descriptors {
         if write.ret != 0 || write.cmd != BPF_MAP_UPDATE_ELEM {
             return Ok(Learnt::Unknown);
         }
-        let found = identify(maps, write)?;
+        let found = identify(maps, write, inner)?;
         let kind = match found {
             Some(kind) => kind,
             None => {
@@ -280,6 +366,79 @@ mod tests {
                 missed_since: None
             }
         );
+    }
+
+    #[test]
+    fn a_closed_descriptor_and_an_exited_writers_are_forgotten() {
+        let mut t = Table::default();
+        t.add_backend(1, pod(1), None);
+        let (master, _) = t.frontend(VIP, &[1], &[], None);
+        let value = t.service(&master).unwrap().unwrap();
+        let w = write(
+            3,
+            BPF_MAP_UPDATE_ELEM,
+            master.encode().as_slice(),
+            &value.encode(),
+            1,
+        );
+        let mut d = Descriptors::default();
+        assert!(matches!(d.learn(&t, &w).unwrap(), Learnt::New { .. }));
+        d.forget(7, 3);
+        // The number again, for a map holding something else.
+        let mut other = w;
+        other.value[4] ^= 1;
+        assert_eq!(d.learn(&t, &other).unwrap(), Learnt::Unknown);
+
+        let mut w4 = w;
+        w4.map_fd = 4;
+        assert!(matches!(d.learn(&t, &w4).unwrap(), Learnt::New { .. }));
+        assert_eq!(d.forget_process(7), vec![4]);
+        assert_eq!(d.learn(&t, &other).unwrap(), Learnt::Unknown);
+        assert!(d.known.is_empty());
+    }
+
+    #[test]
+    fn the_maglev_outer_map_is_named_by_the_table_written_just_before() {
+        let mut t = Table::default();
+        t.maglev.insert(5, 100);
+        let key = MaglevKey { rev_nat_index: 5 };
+        let mut d = Descriptors::default();
+        // Not after a table's fill: unknown.
+        let outer = write(
+            6,
+            BPF_MAP_UPDATE_ELEM,
+            &key.encode(),
+            &9u32.to_ne_bytes(),
+            1,
+        );
+        assert_eq!(d.learn(&t, &outer).unwrap(), Learnt::Unknown);
+        // A new table (descriptor 9) filled at key 0, then its descriptor
+        // written under the frontend's rev_nat index.
+        let fill = write(9, BPF_MAP_UPDATE_ELEM, &[0; 4], &[7; 24], 2);
+        assert_eq!(d.learn(&t, &fill).unwrap(), Learnt::Unknown);
+        let kind = FdKind::Maglev(Family::V4);
+        assert_eq!(
+            d.learn(&t, &outer).unwrap(),
+            Learnt::New {
+                kind,
+                missed_since: Some(1)
+            }
+        );
+        assert_eq!(
+            kind.decode(&outer).unwrap(),
+            Op::UpdateMaglev(Family::V4, key)
+        );
+        // Another table's descriptor: not the outer map's write.
+        let mut d = Descriptors::default();
+        d.learn(&t, &fill).unwrap();
+        let other = write(
+            6,
+            BPF_MAP_UPDATE_ELEM,
+            &key.encode(),
+            &8u32.to_ne_bytes(),
+            3,
+        );
+        assert_eq!(d.learn(&t, &other).unwrap(), Learnt::Unknown);
     }
 
     #[test]

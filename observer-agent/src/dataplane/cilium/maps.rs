@@ -7,7 +7,7 @@ use std::{
 };
 
 use observer_common::cilium::{
-    self, Backend, DecodeError, Family, LayoutError, MapSpec, ServiceKey, ServiceValue,
+    self, Backend, DecodeError, Family, LayoutError, MaglevKey, MapSpec, ServiceKey, ServiceValue,
 };
 use thiserror::Error;
 
@@ -45,6 +45,11 @@ pub struct CiliumMaps {
     pub dir: PathBuf,
     pub v4: Option<FamilyMaps>,
     pub v6: Option<FamilyMaps>,
+    /// Maglev's outer maps, pinned where Cilium runs Maglev. Its inner
+    /// maps (the lookup tables) are not readable here: opening one by id
+    /// needs CAP_SYS_ADMIN, which the agent does not have.
+    pub maglev4: Option<ReadOnlyMap>,
+    pub maglev6: Option<ReadOnlyMap>,
     /// What the kernel said of each map opened, with its spec's name.
     pub found: Vec<(&'static str, MapInfo)>,
 }
@@ -97,6 +102,14 @@ impl CiliumMaps {
         };
         let v4 = family(&cilium::SERVICES4, &cilium::BACKENDS4)?;
         let v6 = family(&cilium::SERVICES6, &cilium::BACKENDS6)?;
+        let mut maglev = |spec: &MapSpec| -> Result<Option<ReadOnlyMap>, OpenError> {
+            Ok(open_checked(dir, spec)?.map(|(map, info)| {
+                found.push((spec.name, info));
+                map
+            }))
+        };
+        let maglev4 = maglev(&cilium::MAGLEV4)?;
+        let maglev6 = maglev(&cilium::MAGLEV6)?;
         if v4.is_none() && v6.is_none() {
             if let Some(retired) = cilium::RETIRED.iter().find(|n| dir.join(n).exists()) {
                 return Err(OpenError::Layout {
@@ -110,6 +123,8 @@ impl CiliumMaps {
             dir: dir.to_owned(),
             v4,
             v6,
+            maglev4,
+            maglev6,
             found,
         })
     }
@@ -133,6 +148,10 @@ pub trait ServiceMaps {
     fn service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>, ReadError>;
     /// One backend.
     fn backend(&self, family: Family, id: u32) -> Result<Option<Backend>, ReadError>;
+    /// The frontends (by rev_nat index) with a Maglev lookup table.
+    fn maglev_keys(&self, family: Family) -> Result<Vec<MaglevKey>, ReadError>;
+    /// The id of a frontend's Maglev lookup table (inner map), if it has one.
+    fn maglev(&self, family: Family, key: MaglevKey) -> Result<Option<u32>, ReadError>;
 }
 
 /// Decoded entries, and how many did not decode (the first error kept):
@@ -187,7 +206,38 @@ fn specs(family: Family) -> (&'static MapSpec, &'static MapSpec) {
     }
 }
 
+impl CiliumMaps {
+    fn maglev_map(&self, family: Family) -> Option<(&ReadOnlyMap, &'static str)> {
+        match family {
+            Family::V4 => self.maglev4.as_ref().map(|m| (m, cilium::MAGLEV4.name)),
+            Family::V6 => self.maglev6.as_ref().map(|m| (m, cilium::MAGLEV6.name)),
+        }
+    }
+}
+
 impl ServiceMaps for CiliumMaps {
+    fn maglev_keys(&self, family: Family) -> Result<Vec<MaglevKey>, ReadError> {
+        let Some((outer, map)) = self.maglev_map(family) else {
+            return Ok(Vec::new());
+        };
+        let raw = outer
+            .entries()
+            .map_err(|source| ReadError::Io { map, source })?;
+        raw.iter()
+            .map(|(k, _)| MaglevKey::decode(k).map_err(|source| ReadError::Decode { map, source }))
+            .collect()
+    }
+
+    fn maglev(&self, family: Family, key: MaglevKey) -> Result<Option<u32>, ReadError> {
+        let Some((outer, map)) = self.maglev_map(family) else {
+            return Ok(None);
+        };
+        let value = outer
+            .lookup(&key.encode())
+            .map_err(|source| ReadError::Io { map, source })?;
+        Ok(value.map(|v| u32::from_ne_bytes([v[0], v[1], v[2], v[3]])))
+    }
+
     fn backends(&self, family: Family) -> Result<Entries<u32, Backend>, ReadError> {
         let mut out = Entries::default();
         let Some(maps) = self.family(family) else {

@@ -13,13 +13,27 @@
 //! between (a backend moved from slot 1 to the tail while another takes
 //! its place) are one change at the master, the cutover, not a flicker of
 //! removals and additions. A master write costs O(count).
+//!
+//! A Maglev frontend (its rev_nat index has an entry in Maglev's outer
+//! map) is selected by two paths: socket-LB picks a slot at connect()
+//! (the master's write is its cutover), the TC/XDP path looks its
+//! backend up in the lookup table the outer map points to (the outer
+//! map's write is its cutover). Cilium builds that table from the active
+//! backends, the same ones it counts in the master, and writes the outer
+//! map before the master in the same reconciliation. The agent cannot
+//! read the table (its inner map opens by id only with CAP_SYS_ADMIN), so
+//! it takes the table to hold the slots 1..count of the master written
+//! with it, and decides a Maglev frontend's selection at the later of the
+//! two writes: at the master when the outer map was written since the
+//! frontend's previous master write (Cilium's order), else at the next
+//! outer-map write.
 
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
 };
 
-use observer_common::cilium::{Backend, Family, ServiceKey, ServiceValue};
+use observer_common::cilium::{Backend, Family, MaglevKey, ServiceKey, ServiceValue};
 
 use super::maps::{ReadError, ServiceMaps};
 
@@ -35,6 +49,13 @@ pub struct Mirror {
     counted: HashMap<ServiceKey, Vec<SocketAddr>>,
     /// How many selected slots hold each endpoint.
     selected: HashMap<SocketAddr, u32>,
+    /// Frontends with a Maglev lookup table, by family and rev_nat index.
+    maglev: HashSet<(Family, u16)>,
+    /// Maglev tables written since their frontend's last master write.
+    table_written: HashSet<(Family, u16)>,
+    /// Maglev frontends' masters written since their table: counted at the
+    /// table's next write.
+    deferred: HashMap<(Family, u16), ServiceKey>,
 }
 
 impl Mirror {
@@ -46,6 +67,9 @@ impl Mirror {
                 mirror.backends.insert((family, id), b);
             }
             mirror.services.extend(maps.services(family)?.entries);
+            for key in maps.maglev_keys(family)? {
+                mirror.maglev.insert((family, key.rev_nat_index));
+            }
         }
         let masters: Vec<ServiceKey> = mirror
             .services
@@ -67,7 +91,9 @@ impl Mirror {
     /// Replaces the mirror by a fresh read of `maps`; returns what changed
     /// (writes that were not seen).
     pub fn resync(&mut self, maps: &impl ServiceMaps) -> Result<Vec<Flip>, ReadError> {
-        let fresh = Mirror::read(maps)?;
+        let mut fresh = Mirror::read(maps)?;
+        // Tables written before their master: the maps do not say.
+        fresh.table_written = std::mem::take(&mut self.table_written);
         let before: HashSet<SocketAddr> = self.selected.keys().copied().collect();
         let now: HashSet<SocketAddr> = fresh.selected.keys().copied().collect();
         let mut flips: Vec<Flip> = before.difference(&now).map(|e| (*e, false)).collect();
@@ -79,20 +105,44 @@ impl Mirror {
     /// The writer updated a services entry.
     pub fn update_service(&mut self, key: ServiceKey, value: ServiceValue) -> Vec<Flip> {
         self.services.insert(key, value);
+        if key.slot != 0 {
+            return Vec::new();
+        }
+        let table = (Family::of(&key.frontend.ip), value.rev_nat_index);
+        if self.maglev.contains(&table) && !self.table_written.remove(&table) {
+            self.deferred.insert(table, key);
+            return Vec::new();
+        }
+        self.recount(key)
+    }
+
+    /// The writer deleted a services entry: a master deleted is gone for
+    /// both paths at once.
+    pub fn delete_service(&mut self, key: ServiceKey) -> Vec<Flip> {
+        self.services.remove(&key);
         if key.slot == 0 {
+            self.deferred.retain(|_, master| *master != key);
             self.recount(key)
         } else {
             Vec::new()
         }
     }
 
-    /// The writer deleted a services entry.
-    pub fn delete_service(&mut self, key: ServiceKey) -> Vec<Flip> {
-        self.services.remove(&key);
-        if key.slot == 0 {
-            self.recount(key)
+    /// The writer replaced (or, `present` false, deleted) a frontend's
+    /// Maglev lookup table.
+    pub fn write_maglev(&mut self, family: Family, key: MaglevKey, present: bool) -> Vec<Flip> {
+        let table = (family, key.rev_nat_index);
+        if present {
+            self.maglev.insert(table);
         } else {
-            Vec::new()
+            self.maglev.remove(&table);
+        }
+        match self.deferred.remove(&table) {
+            Some(master) => self.recount(master),
+            None => {
+                self.table_written.insert(table);
+                Vec::new()
+            }
         }
     }
 
@@ -162,6 +212,8 @@ pub(crate) mod tests {
     pub(crate) struct Table {
         pub backends: BTreeMap<u32, Backend>,
         pub services: BTreeMap<(IpAddr, u16, u16), ServiceValue>,
+        /// Maglev outer map: rev_nat index -> inner map id (IPv4).
+        pub maglev: BTreeMap<u16, u32>,
     }
 
     fn key_of(k: &ServiceKey) -> (IpAddr, u16, u16) {
@@ -211,6 +263,24 @@ pub(crate) mod tests {
                 .get(&id)
                 .filter(|b| Family::of(&b.ip) == family)
                 .copied())
+        }
+
+        fn maglev_keys(&self, family: Family) -> Result<Vec<MaglevKey>, ReadError> {
+            Ok(match family {
+                Family::V4 => self
+                    .maglev
+                    .keys()
+                    .map(|r| MaglevKey { rev_nat_index: *r })
+                    .collect(),
+                Family::V6 => Vec::new(),
+            })
+        }
+
+        fn maglev(&self, family: Family, key: MaglevKey) -> Result<Option<u32>, ReadError> {
+            Ok(match family {
+                Family::V4 => self.maglev.get(&key.rev_nat_index).copied(),
+                Family::V6 => None,
+            })
         }
     }
 
@@ -400,6 +470,52 @@ pub(crate) mod tests {
         let mut flips = m.resync(&t).unwrap();
         flips.sort();
         assert_eq!(flips, vec![(pod(2), false), (pod(3), true)]);
+    }
+
+    /// A Maglev frontend (rev_nat 0 in the test table's masters) written
+    /// in Cilium's order: slots, table, master.
+    #[test]
+    fn a_maglev_frontend_is_cut_over_at_the_master_written_after_its_table() {
+        let mut t = Table::default();
+        t.add_backend(1, pod(1), None);
+        t.add_backend(2, pod(2), None);
+        t.maglev.insert(0, 100);
+        t.frontend(VIP, &[1, 2], &[], None);
+        let mut m = Mirror::read(&t).unwrap();
+        let table = MaglevKey { rev_nat_index: 0 };
+        assert!(m.write_maglev(Family::V4, table, true).is_empty());
+        let (_, flips) = t.frontend(VIP, &[2], &[1], Some(&mut m));
+        assert_eq!(only_master_flips(&flips, 2), &vec![(pod(1), false)]);
+    }
+
+    /// The master written with no table since: the TC path still uses the
+    /// old table, so the cutover is the table's next write.
+    #[test]
+    fn a_maglev_master_without_a_new_table_waits_for_the_tables_write() {
+        let mut t = Table::default();
+        t.add_backend(1, pod(1), None);
+        t.add_backend(2, pod(2), None);
+        t.maglev.insert(0, 100);
+        t.frontend(VIP, &[1, 2], &[], None);
+        let mut m = Mirror::read(&t).unwrap();
+        let (_, flips) = t.frontend(VIP, &[2], &[1], Some(&mut m));
+        assert!(flips.iter().all(Vec::is_empty), "{flips:?}");
+        let table = MaglevKey { rev_nat_index: 0 };
+        assert_eq!(
+            m.write_maglev(Family::V4, table, true),
+            vec![(pod(1), false)]
+        );
+        // An addition likewise.
+        let (_, flips) = t.frontend(VIP, &[1, 2], &[], Some(&mut m));
+        assert!(flips.iter().all(Vec::is_empty), "{flips:?}");
+        assert_eq!(
+            m.write_maglev(Family::V4, table, true),
+            vec![(pod(1), true)]
+        );
+        // A frontend without a table is not held.
+        assert!(m.write_maglev(Family::V4, table, false).is_empty());
+        let (_, flips) = t.frontend(VIP, &[2], &[1], Some(&mut m));
+        assert_eq!(only_master_flips(&flips, 2), &vec![(pod(1), false)]);
     }
 
     #[test]

@@ -14,14 +14,24 @@
 //!   own time when the watch starts.
 //! - [`tracepoint`]: the writer's element writes, with the kernel times of
 //!   the syscall's entry and exit (its duration is the precision);
-//!   [`descriptors`] tells which of the writer's maps they go to.
-//! - Writes the programs could not send (ring full, key unreadable, batch
-//!   commands; checked every [`SAFETY_POLL`]) make the mirror re-read.
+//!   [`descriptors`] tells which of the writer's maps they go to, and
+//!   forgets a descriptor the writer closes, and a writer's that exits.
+//! - Batch writes to a classified map are sent element by element with
+//!   the batch syscall's times.
+//! - Writes the programs could not send (ring full, key unreadable, a
+//!   batch to a map not classified yet or longer than
+//!   `MAX_BATCH_ELEMENTS`; checked every [`SAFETY_POLL`]) make the mirror
+//!   re-read.
 //!   Where the tracepoint cannot attach, the mirror is re-read every poll
 //!   interval (at least [`MIN_POLL`]).
 //!
-//! Maglev frontends (whose cutover is the outer map's update) and batch
-//! writes are timed by those re-reads only.
+//! Maglev frontends: where Cilium runs Maglev its outer maps
+//! (`cilium_lb{4,6}_maglev`) are opened read-only too, their writes
+//! recognised ([`descriptors`]) and a Maglev frontend's change decided at
+//! the later of its outer-map and master writes ([`mirror`]), as
+//! socket-LB cuts over at the master and the TC/XDP path at the outer
+//! map. The lookup table itself is not read (CAP_SYS_ADMIN): the agent
+//! infers it holds the active backends, as Cilium builds it.
 
 mod descriptors;
 pub mod maps;
@@ -35,7 +45,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use observer_common::cilium::{CiliumStat, MapWrite, WriterFilter};
+use observer_common::cilium::{CiliumStat, MapWrite, WRITER_CLOSED, WRITER_EXITED, WriterFilter};
 use observer_proto::{Detector, UnixNanos};
 use tracing::{debug, info, warn};
 
@@ -282,13 +292,37 @@ impl CiliumDetector {
     /// Tells the programs the kind of the descriptor `write` went to.
     fn tell_kernel(&mut self, write: &MapWrite, kind: FdKind) {
         if let Some(events) = &mut self.events
-            && let Err(e) = events.classify(write.tgid, write.map_fd, kind != FdKind::Other)
+            && let Err(e) = events.classify(write.tgid, write.map_fd, kind.code())
         {
             warn!(error = %e, "Cilium: the tracepoint does not know the descriptor's kind");
         }
     }
 
+    /// The writer closed a descriptor or exited.
+    fn on_gone(&mut self, write: &MapWrite) {
+        let fds = if write.cmd == WRITER_CLOSED {
+            self.descriptors.forget(write.tgid, write.map_fd);
+            vec![write.map_fd]
+        } else {
+            self.descriptors.forget_process(write.tgid)
+        };
+        debug!(tgid = write.tgid, ?fds, "Cilium: writer's descriptors gone");
+        // The programs dropped a closed descriptor's entry already; this
+        // also drops one the agent marked again since (see `classify`).
+        if let Some(events) = &mut self.events {
+            for fd in fds {
+                if let Err(e) = events.forget(write.tgid, fd) {
+                    warn!(error = %e, "Cilium: the tracepoint keeps a closed descriptor's kind");
+                }
+            }
+        }
+    }
+
     fn on_write(&mut self, shared: &Shared, write: &MapWrite) {
+        if write.cmd == WRITER_CLOSED || write.cmd == WRITER_EXITED {
+            self.on_gone(write);
+            return;
+        }
         let Some(kind) = self.kind(write) else {
             return;
         };
@@ -315,6 +349,8 @@ impl CiliumDetector {
                 self.mirror.delete_backend(family, id);
                 Vec::new()
             }
+            Op::UpdateMaglev(family, key) => self.mirror.write_maglev(family, key, true),
+            Op::DeleteMaglev(family, key) => self.mirror.write_maglev(family, key, false),
         };
         // The new entry is visible to lookups from some instant inside the
         // syscall: its exit is the latest, its duration the error.

@@ -1,7 +1,9 @@
 //! The `syscalls/sys_{enter,exit}_bpf` programs (observer-ebpf
-//! `cilium.rs`): attached here, told the writer and the watched masters,
-//! and read back as [`MasterWrite`]s, each the writer's bpf() syscall
-//! that wrote a watched master, with its kernel times at entry and exit.
+//! `cilium.rs`), and those that see the writer close a descriptor or
+//! exit: attached here, told the writer and its descriptors' kinds, and
+//! read back as [`MapWrite`]s, each the writer's bpf() syscall that wrote
+//! a followed (or not yet classified) map, with its kernel times at entry
+//! and exit, or a close or exit.
 
 use std::{os::fd::AsRawFd, time::Duration};
 
@@ -11,8 +13,8 @@ use aya::{
     programs::TracePoint,
 };
 use observer_common::cilium::{
-    CiliumStat, ENTER_CMD_OFFSET, ENTER_UATTR_OFFSET, EXIT_RET_OFFSET, FD_FOLLOWED, FD_OTHER,
-    MapWrite, WriterFilter, fd_key,
+    CLOSE_FD_OFFSET, CiliumStat, ENTER_CMD_OFFSET, ENTER_UATTR_OFFSET, EXIT_RET_OFFSET, MapWrite,
+    WriterFilter, fd_key,
 };
 use thiserror::Error;
 
@@ -47,10 +49,16 @@ pub enum TracepointError {
     },
 }
 
-const PROGRAMS: [(&str, &str); 2] = [
-    ("cilium_bpf_enter", "sys_enter_bpf"),
-    ("cilium_bpf_exit", "sys_exit_bpf"),
+/// (program, category, event).
+const PROGRAMS: [(&str, &str, &str); 4] = [
+    ("cilium_bpf_enter", "syscalls", "sys_enter_bpf"),
+    ("cilium_bpf_exit", "syscalls", "sys_exit_bpf"),
+    ("cilium_close", "syscalls", "sys_enter_close"),
+    ("cilium_exit", "sched", "sched_process_exit"),
 ];
+
+/// `BPF_EXIST`: update an entry only if it is there.
+const BPF_EXIST: u64 = 2;
 
 /// The attached programs' maps.
 pub struct WriteEvents {
@@ -101,6 +109,7 @@ impl WriteEvents {
         check_offset(&tracefs, "sys_enter_bpf", "cmd", ENTER_CMD_OFFSET)?;
         check_offset(&tracefs, "sys_enter_bpf", "uattr", ENTER_UATTR_OFFSET)?;
         check_offset(&tracefs, "sys_exit_bpf", "ret", EXIT_RET_OFFSET)?;
+        check_offset(&tracefs, "sys_enter_close", "fd", CLOSE_FD_OFFSET)?;
         let mut filter: Array<MapData, WriterFilter> = typed(ebpf, "CILIUM_WRITER")?;
         filter
             .set(0, writer, 0)
@@ -108,12 +117,12 @@ impl WriteEvents {
                 name: "CILIUM_WRITER",
                 source,
             })?;
-        for (program, event) in PROGRAMS {
+        for (program, category, event) in PROGRAMS {
             let prog: &mut TracePoint = kernel::program_mut(ebpf, program)?
                 .try_into()
                 .map_err(|source| TracepointError::Program { program, source })?;
             prog.load()
-                .and_then(|()| prog.attach("syscalls", event).map(drop))
+                .and_then(|()| prog.attach(category, event).map(drop))
                 .map_err(|source| TracepointError::Program { program, source })?;
         }
         Ok(WriteEvents {
@@ -123,17 +132,39 @@ impl WriteEvents {
         })
     }
 
-    /// Tells the programs what descriptor `fd` of process `tgid` is: a
-    /// service map (`followed`), whose writes they send, or another,
-    /// whose writes they drop.
-    pub fn classify(&mut self, tgid: u32, fd: u32, followed: bool) -> Result<(), TracepointError> {
-        let kind = if followed { FD_FOLLOWED } else { FD_OTHER };
-        self.fds
-            .insert(fd_key(tgid, fd), kind, 0)
-            .map_err(|source| TracepointError::Map {
+    /// Tells the programs what descriptor `fd` of process `tgid` is
+    /// (`FD_*`): a followed map, whose writes they send (a batch's
+    /// elements with the kind's sizes), or another, whose writes they drop.
+    /// Only while their entry for it is there: a descriptor closed since
+    /// the write that named it is not marked again (its number may be
+    /// another map's by now).
+    pub fn classify(&mut self, tgid: u32, fd: u32, kind: u8) -> Result<(), TracepointError> {
+        match self.fds.insert(fd_key(tgid, fd), kind, BPF_EXIST) {
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            other => other.map_err(|source| TracepointError::Map {
                 name: "CILIUM_FDS",
                 source,
-            })
+            }),
+        }
+    }
+
+    /// Drops the programs' entry for descriptor `fd` of process `tgid`.
+    pub fn forget(&mut self, tgid: u32, fd: u32) -> Result<(), TracepointError> {
+        match self.fds.remove(&fd_key(tgid, fd)) {
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            other => other.map_err(|source| TracepointError::Map {
+                name: "CILIUM_FDS",
+                source,
+            }),
+        }
     }
 
     /// Waits up to `timeout` for a write to read.
