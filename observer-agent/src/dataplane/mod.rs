@@ -247,6 +247,11 @@ impl Shared {
         state.read_at.get_or_insert(at);
     }
 
+    /// The endpoints watched now.
+    fn watched(&self) -> HashSet<SocketAddr> {
+        lock(&self.rules, "dataplane rules").watched.clone()
+    }
+
     /// Records every change and reports those of watched endpoints.
     fn report(&self, changes: Vec<Change>, time: UnixNanos, precision_ns: u64) {
         if changes.is_empty() {

@@ -37,6 +37,10 @@ use observer_common::cilium::{Backend, Family, MaglevKey, ServiceKey, ServiceVal
 
 use super::maps::{ReadError, ServiceMaps};
 
+/// Reads of a master while its slots are read, before a poll takes what
+/// it has.
+pub const REFRESH_TRIES: usize = 3;
+
 /// An endpoint whose selection changed, and whether it is selected now.
 pub type Flip = (SocketAddr, bool);
 
@@ -156,6 +160,69 @@ impl Mirror {
         self.backends.remove(&(family, id));
     }
 
+    /// The masters whose slots (counted or in the inactive tail) hold one
+    /// of `endpoints`: what a poll re-reads for them.
+    pub fn frontends_holding(&self, endpoints: &HashSet<SocketAddr>) -> HashSet<ServiceKey> {
+        let ids: HashSet<(Family, u32)> = self
+            .backends
+            .iter()
+            .filter(|(_, b)| endpoints.contains(&SocketAddr::new(b.ip, b.port)))
+            .map(|(id, _)| *id)
+            .collect();
+        self.services
+            .iter()
+            .filter(|(k, v)| {
+                k.slot != 0 && ids.contains(&(Family::of(&k.frontend.ip), v.backend_id))
+            })
+            .map(|(k, _)| ServiceKey { slot: 0, ..*k })
+            .collect()
+    }
+
+    /// Re-reads `master` and its slots (those it had and those it has now)
+    /// and counts them: a poll's view of one frontend, no writes seen.
+    /// Read master, slots, master again (Cilium writes slots, then the
+    /// master): a master that changed meanwhile is read again, at most
+    /// [`REFRESH_TRIES`] times.
+    pub fn refresh(
+        &mut self,
+        maps: &impl ServiceMaps,
+        master: ServiceKey,
+    ) -> Result<Vec<Flip>, ReadError> {
+        let family = Family::of(&master.frontend.ip);
+        let total = |v: Option<&ServiceValue>| v.map_or(0, |v| v.count.saturating_add(v.qcount));
+        let had = total(self.services.get(&master));
+        let mut value = maps.service(&master)?;
+        for _ in 0..REFRESH_TRIES {
+            for slot in 1..=had.max(total(value.as_ref())) {
+                let key = ServiceKey { slot, ..master };
+                match maps.service(&key)? {
+                    Some(v) => {
+                        if !self.backends.contains_key(&(family, v.backend_id))
+                            && let Some(b) = maps.backend(family, v.backend_id)?
+                        {
+                            self.backends.insert((family, v.backend_id), b);
+                        }
+                        self.services.insert(key, v);
+                    }
+                    None => {
+                        self.services.remove(&key);
+                    }
+                }
+            }
+            let again = maps.service(&master)?;
+            let settled = again == value;
+            value = again;
+            if settled {
+                break;
+            }
+        }
+        match value {
+            Some(v) => self.services.insert(master, v),
+            None => self.services.remove(&master),
+        };
+        Ok(self.recount(master))
+    }
+
     /// Counts the slots of `master` as they are now, in place of what they
     /// held at its last write.
     fn recount(&mut self, master: ServiceKey) -> Vec<Flip> {
@@ -214,6 +281,8 @@ pub(crate) mod tests {
         pub services: BTreeMap<(IpAddr, u16, u16), ServiceValue>,
         /// Maglev outer map: rev_nat index -> inner map id (IPv4).
         pub maglev: BTreeMap<u16, u32>,
+        /// Single-entry lookups of services entries made (a poll's cost).
+        pub lookups: std::cell::Cell<usize>,
     }
 
     fn key_of(k: &ServiceKey) -> (IpAddr, u16, u16) {
@@ -254,6 +323,7 @@ pub(crate) mod tests {
         }
 
         fn service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>, ReadError> {
+            self.lookups.set(self.lookups.get() + 1);
             Ok(self.services.get(&key_of(key)).copied())
         }
 
@@ -395,6 +465,63 @@ pub(crate) mod tests {
 
         let (_, flips) = t.frontend(VIP, &[1, 2], &[], Some(&mut m));
         assert_eq!(only_master_flips(&flips, 2), &vec![(pod(1), true)]);
+    }
+
+    #[test]
+    fn a_poll_re_reads_only_the_frontends_holding_a_watched_endpoint() {
+        let mut t = Table::default();
+        t.add_backend(1, pod(1), None);
+        t.add_backend(2, pod(2), None);
+        t.frontend(VIP, &[1, 2], &[], None);
+        // 50 frontends that hold no watched endpoint.
+        for n in 0..50u8 {
+            t.add_backend(100 + u32::from(n), pod(100 + n), None);
+            t.frontend([10, 97, 0, n], &[100 + u32::from(n)], &[], None);
+        }
+        let mut m = Mirror::read(&t).unwrap();
+        let watched = HashSet::from([pod(1)]);
+        let frontends = m.frontends_holding(&watched);
+        assert_eq!(
+            frontends,
+            HashSet::from([ServiceKey::master(fe(IpAddr::from(VIP), 80))])
+        );
+
+        // Cilium moves pod 1 to the tail and empties another frontend; the
+        // poll sees no write.
+        t.frontend(VIP, &[2], &[1], None);
+        t.frontend([10, 97, 0, 7], &[], &[], None);
+        t.lookups.set(0);
+        let flips: Vec<Flip> = frontends
+            .iter()
+            .flat_map(|f| m.refresh(&t, *f).unwrap())
+            .collect();
+        assert_eq!(flips, vec![(pod(1), false)]);
+        // The master, its two slots, the master again: not the 50 others.
+        assert_eq!(t.lookups.get(), 4);
+        // The pod is in the tail: still held, still polled.
+        assert_eq!(m.frontends_holding(&watched), frontends);
+        // The rest waits for the whole re-read.
+        assert_eq!(m.resync(&t).unwrap(), vec![(pod(107), false)]);
+    }
+
+    #[test]
+    fn a_poll_of_a_frontend_that_lost_slots_forgets_them() {
+        let mut t = Table::default();
+        for id in 1..=3 {
+            t.add_backend(id, pod(id as u8), None);
+        }
+        let (master, _) = t.frontend(VIP, &[1, 2, 3], &[], None);
+        let mut m = Mirror::read(&t).unwrap();
+        t.frontend(VIP, &[1], &[], None);
+        let mut flips = m.refresh(&t, master).unwrap();
+        flips.sort();
+        assert_eq!(flips, vec![(pod(2), false), (pod(3), false)]);
+        // A second poll of the same state: nothing.
+        assert!(m.refresh(&t, master).unwrap().is_empty());
+        assert!(
+            m.resync(&t).unwrap().is_empty(),
+            "the poll left the mirror as the maps"
+        );
     }
 
     #[test]

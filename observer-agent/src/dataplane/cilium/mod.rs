@@ -22,8 +22,12 @@
 //!   batch to a map not classified yet or longer than
 //!   `MAX_BATCH_ELEMENTS`; checked every [`SAFETY_POLL`]) make the mirror
 //!   re-read.
-//!   Where the tracepoint cannot attach, the mirror is re-read every poll
-//!   interval (at least [`MIN_POLL`]).
+//!   Where the tracepoint cannot attach, every poll interval (at least
+//!   [`MIN_POLL`]) re-reads the masters and slots of the frontends that
+//!   hold a watched endpoint (a lookup per entry), and the whole mirror is
+//!   re-read at a pace set by its cost ([`full_read_every`]): a watched
+//!   endpoint's cutover is found within a poll, the rest (other endpoints,
+//!   a watched endpoint in a new frontend) within a full read.
 //!
 //! Maglev frontends: where Cilium runs Maglev its outer maps
 //! (`cilium_lb{4,6}_maglev`) are opened read-only too, their writes
@@ -40,12 +44,15 @@ pub mod sys;
 pub mod tracepoint;
 
 use std::{
+    collections::HashSet,
     net::SocketAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
-use observer_common::cilium::{CiliumStat, MapWrite, WRITER_CLOSED, WRITER_EXITED, WriterFilter};
+use observer_common::cilium::{
+    CiliumStat, MapWrite, ServiceKey, WRITER_CLOSED, WRITER_EXITED, WriterFilter,
+};
 use observer_proto::{Detector, UnixNanos};
 use tracing::{debug, info, warn};
 
@@ -59,9 +66,19 @@ use self::{
 use super::{Change, Shared};
 use crate::clock::WallClock;
 
-/// The shortest poll interval accepted: a poll re-reads both maps whole,
-/// one syscall per 1024 entries (`sys::ReadOnlyMap::entries`).
+/// The shortest poll interval accepted: a poll looks up the entries of the
+/// frontends holding a watched endpoint, one syscall each.
 pub const MIN_POLL: Duration = Duration::from_millis(10);
+/// Polling: the whole maps are re-read at most this often...
+const FULL_READ_MIN: Duration = Duration::from_secs(1);
+/// ...and at most this share of a core (one syscall per 1024 entries,
+/// `sys::ReadOnlyMap::entries`, then a rebuilt mirror).
+const FULL_READ_SHARE: u32 = 20;
+
+/// How long after a full re-read that took `cost` the next one is due.
+fn full_read_every(poll: Duration, cost: Duration) -> Duration {
+    (poll * 10).max(FULL_READ_MIN).max(cost * FULL_READ_SHARE)
+}
 /// With the tracepoint attached: how often the programs' loss counters are
 /// checked (a loss makes the mirror re-read).
 pub const SAFETY_POLL: Duration = Duration::from_secs(1);
@@ -121,6 +138,12 @@ pub struct CiliumDetector {
     losses: u64,
     /// Since when the mirror may have missed writes: a re-read is due.
     stale_since: Option<UnixNanos>,
+    /// Polling: the last full re-read, when it began and what it cost.
+    full_read: (Instant, UnixNanos, Duration),
+    /// Polling: the watched endpoints at the last poll, and the frontends
+    /// holding them (None: to find again).
+    watched: HashSet<SocketAddr>,
+    watched_frontends: Option<HashSet<ServiceKey>>,
 }
 
 impl CiliumDetector {
@@ -159,6 +182,9 @@ impl CiliumDetector {
             poll,
             losses: 0,
             stale_since: None,
+            full_read: (Instant::now(), UnixNanos::now(), Duration::ZERO),
+            watched: HashSet::new(),
+            watched_frontends: None,
         };
         Ok((detector, status))
     }
@@ -183,8 +209,17 @@ impl CiliumDetector {
                 }
             };
             if last_check.elapsed() >= check_every {
-                if self.events.is_none() || self.lost_writes() {
-                    self.stale_since.get_or_insert(last_check_at);
+                if self.events.is_some() {
+                    if self.lost_writes() {
+                        self.stale_since.get_or_insert(last_check_at);
+                    }
+                } else {
+                    let (at, began, cost) = self.full_read;
+                    if at.elapsed() >= full_read_every(self.poll, cost) {
+                        self.stale_since.get_or_insert(began);
+                    } else {
+                        self.poll_watched(shared, last_check_at);
+                    }
                 }
                 last_check = Instant::now();
                 last_check_at = UnixNanos::now();
@@ -227,13 +262,46 @@ impl CiliumDetector {
     /// the time since as precision.
     fn resync(&mut self, shared: &Shared, since: UnixNanos) {
         let now = UnixNanos::now();
+        let began = Instant::now();
         match self.mirror.resync(&self.maps) {
-            Ok(flips) => report(shared, flips, now, (now - since).unsigned_abs()),
+            Ok(flips) => {
+                self.full_read = (began, now, began.elapsed());
+                self.watched_frontends = None;
+                report(shared, flips, now, (now - since).unsigned_abs());
+            }
             Err(e) => {
                 warn!(error = %e, "re-reading Cilium's service maps failed");
                 self.stale_since = Some(since);
             }
         }
+    }
+
+    /// Polling: re-reads the frontends holding a watched endpoint; what
+    /// changed since `since` (the last poll) is reported now.
+    fn poll_watched(&mut self, shared: &Shared, since: UnixNanos) {
+        let watched = shared.watched();
+        if watched != self.watched {
+            self.watched = watched;
+            self.watched_frontends = None;
+        }
+        let frontends = match self.watched_frontends.take() {
+            Some(f) => f,
+            None => self.mirror.frontends_holding(&self.watched),
+        };
+        let now = UnixNanos::now();
+        let mut flips = Vec::new();
+        for master in &frontends {
+            match self.mirror.refresh(&self.maps, *master) {
+                Ok(f) => flips.extend(f),
+                Err(e) => {
+                    warn!(error = %e, "re-reading a watched Cilium frontend failed; re-reading the maps");
+                    self.stale_since.get_or_insert(since);
+                    return;
+                }
+            }
+        }
+        self.watched_frontends = Some(frontends);
+        report(shared, flips, now, (now - since).unsigned_abs());
     }
 
     fn drain(&mut self, shared: &Shared) {
