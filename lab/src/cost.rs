@@ -276,6 +276,36 @@ fn descends_from(pid: u32, ancestor: u32, all: &HashMap<u32, ProcStat>) -> bool 
     false
 }
 
+/// CPU time (ns) the thread `tid` of this process has run: the first field
+/// of its schedstat.
+pub fn thread_cpu_ns(tid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .expect("thread schedstat")
+}
+
+/// The thread of this process with that name, as the kernel keeps it (its
+/// first 15 bytes; a new thread names itself once it runs: waits up to
+/// 2 s for it).
+pub fn thread_named(name: &str) -> u32 {
+    let name = name.get(..15).unwrap_or(name);
+    for _ in 0..200 {
+        let found = std::fs::read_dir("/proc/self/task")
+            .expect("/proc/self/task")
+            .filter_map(|e| e.ok())
+            .find_map(|e| {
+                let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+                (comm.trim() == name).then(|| e.file_name().to_str()?.parse().ok())?
+            });
+        if let Some(tid) = found {
+            return tid;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("no thread {name}");
+}
+
 /// CPU seconds the whole machine has spent (every process, the lab's and
 /// any other), from /proc/stat.
 pub fn machine_cpu_seconds() -> Option<f64> {

@@ -4,8 +4,9 @@
 //! bpf() syscall (`kernel.bpf_stats_enabled`) while the writer rewrites
 //! frontends, while the writer writes a map of its own that is not a
 //! service map, and while an unrelated thread hammers bpf(); the
-//! detection delay of each master write, and the memory of the detector's
-//! mirror of FRONTENDS frontends. Needs root.
+//! detection delay of each master write, the memory of the detector's
+//! mirror of FRONTENDS frontends, and the CPU of the polling fallback on
+//! the same maps. Needs root.
 //!
 //!     cargo bench -p observer-agent --bench cilium
 //!     FRONTENDS=5000 WRITES=400 HAMMER=200000 cargo bench -p observer-agent --bench cilium
@@ -18,12 +19,21 @@ use std::{
 };
 
 use aya::sys::{Stats, enable_stats};
-use lab::cilium::{
-    Bpffs, ServiceMapsWriter,
-    writer::{MasterWritten, create_pinned, typed},
+use lab::{
+    cilium::{
+        Bpffs, ServiceMapsWriter,
+        writer::{MasterWritten, create_pinned, typed},
+    },
+    cost::{thread_cpu_ns, thread_named},
 };
 use observer_agent::{
-    dataplane::{self, cilium::CiliumOptions},
+    dataplane::{
+        self,
+        cilium::{
+            CiliumOptions,
+            maps::{CiliumMaps, ServiceMaps},
+        },
+    },
     kernel::{Kernel, LoadOptions},
 };
 use observer_common::cilium::{
@@ -36,6 +46,12 @@ const WRITER: &str = "lab-cilium";
 const PROGRAMS: [&str; 2] = ["cilium_bpf_enter", "cilium_bpf_exit"];
 /// The program on every close(2) of the machine.
 const CLOSE: [&str; 1] = ["cilium_close"];
+/// The polling fallback's phase: endpoints watched, and how long its CPU
+/// is counted.
+const POLLED_WATCHED: usize = 10;
+const POLLED_FOR: Duration = Duration::from_secs(10);
+/// Whole reads of the maps timed.
+const FULL_READS: u32 = 10;
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -363,6 +379,45 @@ fn main() -> anyhow::Result<()> {
         "cost per close(2) run of cilium_close, the writer closing descriptors never written, {hammer} closes ({:?}): {:.0} ns over {} runs",
         writer_close_time, writer_close.0, writer_close.1
     );
+    // A whole read of both maps (what every poll did before polls looked
+    // up only the watched frontends; now one full read a second at most).
+    let maps = CiliumMaps::open(fs.path())?;
+    let started = Instant::now();
+    for _ in 0..FULL_READS {
+        maps.services(Family::V4)?;
+        maps.backends(Family::V4)?;
+    }
+    let full_read = started.elapsed() / FULL_READS;
+    println!("a whole read of both maps ({frontends} frontends): {full_read:?}");
+
+    // The polling fallback (no tracepoint) on the same maps, a few
+    // endpoints watched: its thread's CPU over a quiet stretch.
+    drop(watch);
+    let (tx, _rx) = channel(4096);
+    let mut polling = dataplane::spawn(tx)?;
+    let poll = CiliumOptions::default().poll_interval;
+    polling.follow_cilium(
+        None,
+        &CiliumOptions {
+            pin_dir: fs.path().to_owned(),
+            force_polling: true,
+            ..CiliumOptions::default()
+        },
+    )?;
+    for i in 0..POLLED_WATCHED.min(frontends) {
+        polling.watch(pod(i));
+    }
+    let tid = thread_named("dataplane-cilium");
+    std::thread::sleep(Duration::from_secs(2));
+    let (cpu_before, started) = (thread_cpu_ns(tid), Instant::now());
+    std::thread::sleep(POLLED_FOR);
+    let per_second = (thread_cpu_ns(tid) - cpu_before) as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "polling fallback ({poll:?} interval), {frontends} frontends, {} watched: detector thread CPU {:.2} ms per second over {POLLED_FOR:?}",
+        POLLED_WATCHED.min(frontends),
+        per_second / 1e6
+    );
+    drop(polling);
     drop(step_tx);
     writer
         .join()

@@ -32,6 +32,7 @@ use std::{
 };
 
 use lab::{
+    cost::{thread_cpu_ns, thread_named},
     kubeproxy::{Backend, Mode, Rules, ServicePort},
     netns::NetNs,
     root::is_root,
@@ -111,34 +112,6 @@ fn backend(i: usize, j: usize, per_service: usize) -> Backend {
 
 fn addr(b: Backend) -> SocketAddr {
     SocketAddr::from((b.ip, b.port))
-}
-
-/// CPU time (ns) the thread `tid` of this process has run: the first field
-/// of its schedstat, in nanoseconds.
-fn thread_cpu_ns(tid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .expect("thread schedstat")
-}
-
-/// The thread of this process with that name (a new thread names itself
-/// once it runs: give it a moment).
-fn thread_named(name: &str) -> u32 {
-    for _ in 0..200 {
-        let found = std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .find_map(|e| {
-                let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-                (comm.trim() == name).then(|| e.file_name().to_str()?.parse().ok())?
-            });
-        if let Some(tid) = found {
-            return tid;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("no thread {name}");
 }
 
 /// Waits until thread `tid` has not run for 300 ms (it finished what the

@@ -537,6 +537,29 @@ pub const ATTR_BATCH_VALUES: usize = 24;
 pub const ATTR_BATCH_COUNT: usize = 32;
 pub const ATTR_BATCH_MAP_FD: usize = 36;
 
+/// `union bpf_attr` of the batch commands (UAPI `attr.batch`), for the
+/// user-space callers (the agent's reads, the lab's writes); the program
+/// reads it at the offsets above.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BatchAttr {
+    pub in_batch: u64,
+    pub out_batch: u64,
+    pub keys: u64,
+    pub values: u64,
+    pub count: u32,
+    pub map_fd: u32,
+    pub elem_flags: u64,
+    pub flags: u64,
+}
+
+const _: () = {
+    assert!(core::mem::offset_of!(BatchAttr, keys) == ATTR_BATCH_KEYS);
+    assert!(core::mem::offset_of!(BatchAttr, values) == ATTR_BATCH_VALUES);
+    assert!(core::mem::offset_of!(BatchAttr, count) == ATTR_BATCH_COUNT);
+    assert!(core::mem::offset_of!(BatchAttr, map_fd) == ATTR_BATCH_MAP_FD);
+};
+
 /// Elements of one batch the program sends, each as a [`MapWrite`]; the
 /// rest of a longer batch is counted ([`CiliumStat::BatchesUnsent`]).
 pub const MAX_BATCH_ELEMENTS: u32 = 64;

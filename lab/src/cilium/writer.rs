@@ -27,9 +27,8 @@ use std::{
 
 use aya::maps::{Array, HashMap as BpfHashMap, HashOfMaps, IterableMap, Map, MapData, MapError};
 use observer_common::cilium::{
-    self, ATTR_BATCH_COUNT, ATTR_BATCH_KEYS, ATTR_BATCH_MAP_FD, ATTR_BATCH_VALUES,
-    BPF_MAP_DELETE_BATCH, BPF_MAP_UPDATE_BATCH, Backend, Family, Frontend, MAP_TYPE_HASH_OF_MAPS,
-    MaglevKey, MapShape, SERVICE_VALUE_LEN, ServiceKey, ServiceValue,
+    self, BPF_MAP_DELETE_BATCH, BPF_MAP_UPDATE_BATCH, Backend, BatchAttr, Family, Frontend,
+    MAP_TYPE_HASH_OF_MAPS, MaglevKey, MapShape, SERVICE_VALUE_LEN, ServiceKey, ServiceValue,
 };
 use observer_proto::UnixNanos;
 
@@ -85,28 +84,6 @@ fn sized<const N: usize>(what: &str, bytes: &[u8]) -> io::Result<[u8; N]> {
         )
     })
 }
-
-/// `union bpf_attr` of the batch commands (UAPI `attr.batch`).
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-// The offsets the agent's tracepoint reads.
-const _: () = {
-    assert!(std::mem::offset_of!(BatchAttr, keys) == ATTR_BATCH_KEYS);
-    assert!(std::mem::offset_of!(BatchAttr, values) == ATTR_BATCH_VALUES);
-    assert!(std::mem::offset_of!(BatchAttr, count) == ATTR_BATCH_COUNT);
-    assert!(std::mem::offset_of!(BatchAttr, map_fd) == ATTR_BATCH_MAP_FD);
-};
 
 /// One `BPF_MAP_UPDATE_BATCH` of `keys` and `values` (whole keys and
 /// values, back to back), or `BPF_MAP_DELETE_BATCH` of `keys` when

@@ -10,7 +10,7 @@ use std::{
     path::Path,
 };
 
-use observer_common::cilium::MapShape;
+use observer_common::cilium::{BatchAttr, MapShape};
 
 const BPF_MAP_LOOKUP_ELEM: u32 = 1;
 const BPF_MAP_GET_NEXT_KEY: u32 = 4;
@@ -34,20 +34,6 @@ struct ElemAttr {
     _pad: u32,
     key: u64,
     value_or_next_key: u64,
-    flags: u64,
-}
-
-/// `union bpf_attr` for the batch commands.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
     flags: u64,
 }
 
