@@ -101,6 +101,22 @@ where
         .map_err(|source| TracepointError::Map { name, source })
 }
 
+/// A `CILIUM_FDS` call that found no entry (ENOENT: the descriptor was
+/// closed, or never marked) is no error.
+fn gone_is_fine(result: Result<(), aya::maps::MapError>) -> Result<(), TracepointError> {
+    match result {
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other.map_err(|source| TracepointError::Map {
+            name: "CILIUM_FDS",
+            source,
+        }),
+    }
+}
+
 impl WriteEvents {
     /// Checks the tracepoints' record layout, loads and attaches both
     /// programs and tells them which writer to follow.
@@ -139,32 +155,12 @@ impl WriteEvents {
     /// the write that named it is not marked again (its number may be
     /// another map's by now).
     pub fn classify(&mut self, tgid: u32, fd: u32, kind: u8) -> Result<(), TracepointError> {
-        match self.fds.insert(fd_key(tgid, fd), kind, BPF_EXIST) {
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
-            other => other.map_err(|source| TracepointError::Map {
-                name: "CILIUM_FDS",
-                source,
-            }),
-        }
+        gone_is_fine(self.fds.insert(fd_key(tgid, fd), kind, BPF_EXIST))
     }
 
     /// Drops the programs' entry for descriptor `fd` of process `tgid`.
     pub fn forget(&mut self, tgid: u32, fd: u32) -> Result<(), TracepointError> {
-        match self.fds.remove(&fd_key(tgid, fd)) {
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
-            other => other.map_err(|source| TracepointError::Map {
-                name: "CILIUM_FDS",
-                source,
-            }),
-        }
+        gone_is_fine(self.fds.remove(&fd_key(tgid, fd)))
     }
 
     /// Waits up to `timeout` for a write to read.
