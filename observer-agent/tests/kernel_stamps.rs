@@ -96,6 +96,28 @@ fn start_flows(ns: &NetNs, kernel: &mut Kernel) -> (FlowWatch, Receiver<Observat
     (watch, rx)
 }
 
+/// One removal or re-addition of backend 2, reported within `limit`: the
+/// change and when the write started.
+async fn reported_change(
+    rules: &mut Rules,
+    rx: &mut Receiver<Observation>,
+    remove: bool,
+    limit: Duration,
+) -> (RulesChange, UnixNanos) {
+    let backends = if remove {
+        vec![backend(1)]
+    } else {
+        vec![backend(1), backend(2)]
+    };
+    let applied = rules.sync(&[(service(), backends)]).unwrap();
+    let change = match next(rx, limit).await {
+        Some(Observation::RulesRemoved(c)) if remove => c,
+        Some(Observation::RulesAdded(c)) if !remove => c,
+        other => panic!("expected the change of backend 2 (remove: {remove}), got {other:?}"),
+    };
+    (change, applied.started_unix_nano)
+}
+
 /// One removal or re-addition of backend 2, its reported change and the
 /// witnessed commit (the witness's receipt of the NEWGEN).
 async fn change(
@@ -104,21 +126,11 @@ async fn change(
     clock: &CommitClock,
     remove: bool,
 ) -> (RulesChange, UnixNanos, UnixNanos) {
-    let backends = if remove {
-        vec![backend(1)]
-    } else {
-        vec![backend(1), backend(2)]
-    };
-    let applied = rules.sync(&[(service(), backends)]).unwrap();
-    let change = match next(rx, Duration::from_secs(5)).await {
-        Some(Observation::RulesRemoved(c)) if remove => c,
-        Some(Observation::RulesAdded(c)) if !remove => c,
-        other => panic!("expected the change of backend 2 (remove: {remove}), got {other:?}"),
-    };
+    let (change, started) = reported_change(rules, rx, remove, Duration::from_secs(5)).await;
     let commit = clock
-        .commit_between(applied.started_unix_nano, change.time + NFT_BOUND_NS)
+        .commit_between(started, change.time + NFT_BOUND_NS)
         .expect("the witness saw the commit");
-    (change, applied.started_unix_nano, commit.latest)
+    (change, started, commit.latest)
 }
 
 /// A node in `mode` with one Service of two backends, its detector
@@ -468,27 +480,16 @@ async fn where_kprobes_exist_each_stamp_follows_its_commit_kprobe_idle_and_with_
             let spinning = busy.then(|| BusyCores::start(2, BUSY_MAX));
             let (mut after_us, mut within) = (Vec::with_capacity(KPROBE_CHANGES), 0);
             for i in 0..KPROBE_CHANGES {
-                let remove = i % 2 == 0;
-                let backends = if remove {
-                    vec![backend(1)]
-                } else {
-                    vec![backend(1), backend(2)]
-                };
-                let applied = rules.sync(&[(service(), backends)]).unwrap();
-                let c = match next(&mut rx, Duration::from_secs(30)).await {
-                    Some(Observation::RulesRemoved(c)) if remove => c,
-                    Some(Observation::RulesAdded(c)) if !remove => c,
-                    other => {
-                        panic!("{mode} change {i}: expected backend 2's change, got {other:?}")
-                    }
-                };
+                // Emulated CPUs: a write takes seconds.
+                let (c, started) =
+                    reported_change(&mut rules, &mut rx, i % 2 == 0, Duration::from_secs(30)).await;
                 let probed = kprobe
                     .commit_time(observer_common::ruleset::COMMIT_NFTABLES, c.time, 0)
                     .unwrap_or_else(|| {
                         panic!("{mode} change {i}: no commit kprobe before the stamp")
                     });
                 assert!(
-                    probed >= applied.started_unix_nano,
+                    probed >= started,
                     "{mode} change {i}: the latest commit kprobe precedes the write"
                 );
                 let after = c.time - probed;
