@@ -13,6 +13,7 @@ pub mod locks;
 pub mod netlink;
 pub mod output;
 pub mod realtime;
+pub mod receipt;
 pub mod report;
 pub mod stamps;
 pub mod stop;

@@ -105,8 +105,8 @@ pub fn work_dir(test: &str) -> PathBuf {
 /// notifications (`observer_agent::stamps`): docs/benchmarks.md measured
 /// them within 0.13-0.86 ms of the commit at p99 and 1.65 ms at most, with
 /// the machine busy; this leaves half as much again. An agent that fell
-/// back to timing at receipt (the filter did not attach) can fail it: its
-/// claimed precision is 2 ms plus the scheduler's delay. Earlier than the
+/// back to timing at receipt (the filter did not attach) can fail it: it is
+/// late by its thread's wait for a core, which it claims as its precision. Earlier than the
 /// truth is bounded by the writer's transaction instead: the truth is the
 /// witness thread's read of the commit's first notification, which on a
 /// loaded machine wakes milliseconds after the kernel queued it (3.3 ms

@@ -56,7 +56,6 @@ pub use commit_kprobe::{CommitKprobe, CommitKprobeSetup, CommitTiming, KprobeSta
 pub use mirror::Mirror;
 use mirror::Target;
 pub use nft_msg::{NFNLGRP_NFTABLES, NftEvent, RuleSummary, TableId, decode as decode_nft_message};
-pub use nftables::NETLINK_PRECISION_NS;
 pub use xtables::dnat_destination;
 
 use crate::{
@@ -516,6 +515,7 @@ pub fn spawn_with(
 ) -> Result<DataplaneWatch, DataplaneError> {
     let shared = Arc::new(Shared::new(tx)?);
     // Subscribe before the dump so no change between the two is lost.
+    let subscribed = UnixNanos::now();
     let sock = Arc::new(nftables::subscribe(buffer)?);
     let nft_socket = Some(sock.clone());
     let mut mirror = Mirror::new();
@@ -559,7 +559,7 @@ pub fn spawn_with(
     threads.push(
         std::thread::Builder::new()
             .name("dataplane-nft".into())
-            .spawn(move || nftables::run(&s, sock, mirror, buffer))
+            .spawn(move || nftables::run(&s, sock, mirror, buffer, subscribed))
             .map_err(DataplaneError::Thread)?,
     );
     let s = shared.clone();

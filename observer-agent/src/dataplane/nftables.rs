@@ -30,18 +30,9 @@ use super::{
 use crate::{
     locks::lock,
     netlink::{self, NETLINK_NETFILTER, NLM_F_DUMP, NLM_F_REQUEST, Request, Socket},
+    receipt::{Next, TimedReader},
     stamps,
-    stop::Wait,
 };
-
-/// Bound of the delay between a commit and its first notification reaching
-/// this detector's thread (the kernel queues them at commit) while that
-/// thread runs under SCHED_FIFO (`crate::realtime`, the agent's default):
-/// docs/benchmarks.md measured at most 1.6 ms with every core busy, and a
-/// full test run on a fresh clone 1.23 ms (a bound of 1 ms was claimed
-/// before, and broken). At normal priority on a busy node the scheduler
-/// adds tens of milliseconds, which this does not cover.
-pub const NETLINK_PRECISION_NS: u64 = 2_000_000;
 
 /// Tables iptables-nft creates; everything else is native nftables.
 fn detector_for(table: &TableId) -> Detector {
@@ -199,12 +190,23 @@ fn reload(mirror: &mut Mirror) -> Result<Vec<Change>, DataplaneError> {
     Ok(changes)
 }
 
-/// When a datagram of notifications was queued (its kernel stamp) or else
-/// reached this thread.
+/// When a datagram of notifications was queued: its kernel stamp, or its
+/// receipt with the reader's measured bound (`crate::receipt`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Arrival {
-    time: UnixNanos,
-    kernel: bool,
+enum Arrival {
+    Stamped(UnixNanos),
+    Received { time: UnixNanos, precision_ns: u64 },
+}
+
+impl Arrival {
+    /// The time of a commit whose first of `messages` notifications
+    /// arrived so, with its precision.
+    fn claim(self, messages: u64) -> (UnixNanos, u64) {
+        match self {
+            Arrival::Stamped(time) => (time, stamps::rules_precision_ns(messages)),
+            Arrival::Received { time, precision_ns } => (time, precision_ns),
+        }
+    }
 }
 
 /// The notifications of the commit being read: when the first of them
@@ -229,14 +231,7 @@ impl Batch {
     /// precision; the next message starts a new batch.
     fn commit(&mut self) -> Option<(UnixNanos, u64)> {
         let messages = std::mem::take(&mut self.messages);
-        self.started.take().map(|a| {
-            let precision = if a.kernel {
-                stamps::rules_precision_ns(messages)
-            } else {
-                NETLINK_PRECISION_NS
-            };
-            (a.time, precision)
-        })
+        self.started.take().map(|a| a.claim(messages))
     }
 
     /// Notifications were lost: the batch being read never completes, and
@@ -247,27 +242,23 @@ impl Batch {
     }
 }
 
-/// The detector loop; returns when the watch is dropped or the receiver is gone.
-pub fn run(shared: &Shared, sock: Arc<Socket>, mut mirror: Mirror, buffer: RecvBuffer) {
+/// The detector loop; returns when the watch is dropped or the receiver is
+/// gone. `subscribed`: before the socket joined its group.
+pub fn run(
+    shared: &Shared,
+    sock: Arc<Socket>,
+    mut mirror: Mirror,
+    buffer: RecvBuffer,
+    subscribed: UnixNanos,
+) {
     let mut buf = vec![0u8; 1 << 20];
     let mut batch = Batch::default();
     let mut last_seen = Instant::now();
+    let mut reader = TimedReader::new(subscribed);
     loop {
-        // Asleep until notifications or the stop come.
-        match shared.stop.wait(&*sock, None) {
-            Ok(Wait::Ready) => {}
-            Ok(Wait::TimedOut) => continue,
-            Ok(Wait::Stopped) => return,
-            Err(e) => {
-                warn!(error = %e, "waiting for nf_tables notifications failed; detector stops");
-                return;
-            }
-        }
-        let n = match sock.recv(&mut buf) {
-            Ok(n) => n,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) => {
-                continue;
-            }
+        let received = match reader.next(&sock, &shared.stop, &mut buf) {
+            Ok(Next::Datagram(received)) => received,
+            Ok(Next::Stopped) => return,
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                 // Notifications were lost: rebuild from a dump. The change
                 // happened at most since the last message that arrived.
@@ -302,16 +293,16 @@ pub fn run(shared: &Shared, sock: Arc<Socket>, mut mirror: Mirror, buffer: RecvB
                 return;
             }
         };
-        let received = UnixNanos::now();
         last_seen = Instant::now();
-        let arrival = match lock(&shared.stamps, "nf_tables stamps").time_of(&buf[..n]) {
-            Some(time) => Arrival { time, kernel: true },
-            None => Arrival {
-                time: received,
-                kernel: false,
+        let datagram = &buf[..received.len];
+        let arrival = match lock(&shared.stamps, "nf_tables stamps").time_of(datagram) {
+            Some(time) => Arrival::Stamped(time),
+            None => Arrival::Received {
+                time: received.time,
+                precision_ns: received.precision_ns,
             },
         };
-        for msg in netlink::messages(&buf[..n]) {
+        for msg in netlink::messages(datagram) {
             let msg = match msg {
                 Ok(m) => m,
                 Err(e) => {
@@ -337,8 +328,7 @@ pub fn run(shared: &Shared, sock: Arc<Socket>, mut mirror: Mirror, buffer: RecvB
                 );
                 let changes = changes(&mut mirror);
                 if !changes.is_empty() {
-                    let (first, precision) =
-                        started.unwrap_or((arrival.time, NETLINK_PRECISION_NS));
+                    let (first, precision) = started.unwrap_or_else(|| arrival.claim(0));
                     let (time, precision) =
                         shared.change_time(COMMIT_NFTABLES, first, precision, 0);
                     shared.report(changes, time, precision);
@@ -359,10 +349,11 @@ mod tests {
         UnixNanos::from_nanos(nanos)
     }
 
+    /// Read at `nanos`, queued at most `nanos` ns before.
     fn read_at(nanos: i64) -> Arrival {
-        Arrival {
+        Arrival::Received {
             time: t(nanos),
-            kernel: false,
+            precision_ns: nanos as u64,
         }
     }
 
@@ -372,20 +363,16 @@ mod tests {
         batch.message(read_at(10));
         batch.message(read_at(12));
         batch.message(read_at(15));
-        assert_eq!(batch.commit(), Some((t(10), NETLINK_PRECISION_NS)));
+        assert_eq!(batch.commit(), Some((t(10), 10)));
         assert_eq!(batch, Batch::default());
         batch.message(read_at(40));
-        assert_eq!(batch.commit(), Some((t(40), NETLINK_PRECISION_NS)));
+        assert_eq!(batch.commit(), Some((t(40), 40)));
     }
 
     #[test]
     fn a_kernel_stamped_batch_has_the_stamps_precision_for_its_size() {
         let mut batch = Batch::default();
-        let stamped = Arrival {
-            time: t(7),
-            kernel: true,
-        };
-        batch.message(stamped);
+        batch.message(Arrival::Stamped(t(7)));
         // Later datagrams of the batch were not stamped (a full ring): the
         // batch keeps the first one's time and method.
         batch.message(read_at(30));
@@ -401,6 +388,6 @@ mod tests {
         batch.lost();
         // The next commit after the re-read is timed by its own messages.
         batch.message(read_at(500));
-        assert_eq!(batch.commit(), Some((t(500), NETLINK_PRECISION_NS)));
+        assert_eq!(batch.commit(), Some((t(500), 500)));
     }
 }

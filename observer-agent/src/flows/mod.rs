@@ -40,8 +40,9 @@ use crate::{
     dataplane::send_until_stopped,
     kernel::{self, MissingInObject},
     netlink::{self, NETLINK_NETFILTER, Socket},
+    receipt::{Next, TimedReader},
     stamps::{Stamps, Timing},
-    stop::{StopSignal, Wait},
+    stop::StopSignal,
 };
 
 /// Name of the socket filter program in the eBPF object.
@@ -109,6 +110,7 @@ pub fn spawn(
     let sock = Socket::open(NETLINK_NETFILTER).map_err(FlowsError::Socket)?;
     // Filter first, then subscribe: no unfiltered event is ever queued.
     program.attach(&sock)?;
+    let subscribed = UnixNanos::now();
     sock.join_group(NFNLGRP_CONNTRACK_NEW)
         .map_err(FlowsError::Socket)?;
     if let Err(e) = sock.set_recv_buffer(RECV_BUFFER) {
@@ -123,7 +125,7 @@ pub fn spawn(
     let (flag, lost) = (stop.clone(), overflows.clone());
     let thread = std::thread::Builder::new()
         .name("flows".into())
-        .spawn(move || run(&sock, &flag, &lost, &tx, &mut stamps))
+        .spawn(move || run(&sock, &flag, &lost, &tx, &mut stamps, subscribed))
         .map_err(FlowsError::Thread)?;
     Ok(FlowWatch {
         stop,
@@ -144,24 +146,14 @@ fn run(
     overflows: &AtomicU64,
     tx: &Sender<Observation>,
     stamps: &mut Stamps,
+    subscribed: UnixNanos,
 ) {
     let mut buf = vec![0u8; 64 << 10];
+    let mut reader = TimedReader::new(subscribed);
     loop {
-        // Asleep until an event or the stop comes.
-        match stop.wait(sock, None) {
-            Ok(Wait::Ready) => {}
-            Ok(Wait::TimedOut) => continue,
-            Ok(Wait::Stopped) => return,
-            Err(e) => {
-                warn!(error = %e, "waiting for conntrack events failed; flow watch stops");
-                return;
-            }
-        }
-        let n = match sock.recv(&mut buf) {
-            Ok(n) => n,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) => {
-                continue;
-            }
+        let received = match reader.next(sock, stop, &mut buf) {
+            Ok(Next::Datagram(received)) => received,
+            Ok(Next::Stopped) => return,
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                 let n = overflows.fetch_add(1, Ordering::Relaxed) + 1;
                 warn!(
@@ -181,7 +173,7 @@ fn run(
                 return;
             }
         };
-        let received = UnixNanos::now();
+        let n = received.len;
         // One event per datagram (ctnetlink_conntrack_event).
         let queued = stamps.time_of(&buf[..n]);
         for msg in netlink::messages(&buf[..n]) {
@@ -200,7 +192,7 @@ fn run(
                 src: ct.original.src,
                 dst: ct.reply.src,
                 original_dst: ct.original.dst,
-                time: ct.start.or(queued).unwrap_or(received),
+                time: ct.start.or(queued).unwrap_or(received.time),
             };
             send_until_stopped(tx, stop, Observation::NewFlow(flow));
         }

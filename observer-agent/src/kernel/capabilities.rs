@@ -17,6 +17,7 @@ use crate::dataplane::{
     cilium::{CiliumDetector, CiliumOptions, CiliumTiming},
     commit_kprobe,
 };
+use crate::receipt::SchedStat;
 use crate::stamps::{self, StampKind, Timing};
 
 /// One row of the capability table.
@@ -87,8 +88,11 @@ fn cost(name: &str) -> &'static str {
             "Cilium's map writes are timed by a read-only poll of the watched frontends: up to the poll interval late"
         }
         "sysctl/bpf_stats_enabled" => "the run time of the agent's eBPF programs is not reported",
+        SCHED_STATS => {
+            "a datagram timed at its receipt claims everything since its socket was last empty as its precision, not its reader's measured wake-up"
+        }
         "timing/nf_tables notifications" => {
-            "rule changes are timed when the agent's thread reads their notification, not by the kernel: up to 2 ms late under SCHED_FIFO, tens of ms at normal priority on a busy node"
+            "rule changes are timed when the agent's thread reads their notification, not by the kernel: late by that thread's wait for a core (claimed as the precision), tens of ms at normal priority on a busy node"
         }
         "timing/conntrack new flows" => {
             "new flows are timed when the agent's thread reads their event, not when the kernel confirmed them: milliseconds late on a busy node"
@@ -98,6 +102,7 @@ fn cost(name: &str) -> &'static str {
 }
 
 pub const CILIUM_MAPS: &str = "cilium/service maps";
+pub const SCHED_STATS: &str = "sched/run delay";
 pub const CILIUM_TIMING: &str = "timing/cilium map writes";
 
 /// Probes everything; loads and attaches the real programs to find out
@@ -329,6 +334,15 @@ pub fn probe_kernel() -> Vec<Capability> {
         "per-program run time statistics",
         false,
     ));
+    table.push(match SchedStat::open() {
+        Ok(_) => Capability::new(
+            SCHED_STATS,
+            true,
+            "the reader threads' waits for a core are measured",
+            false,
+        ),
+        Err(e) => Capability::new(SCHED_STATS, false, e.to_string(), false),
+    });
     table.push(match Tracefs::find_or_mount() {
         Ok(_) => Capability::new("tracefs", true, "mounted", true),
         Err(e) => Capability::new("tracefs", false, e.to_string(), true),

@@ -359,8 +359,24 @@ impl Socket {
 
     /// Receives one datagram into `buf`, returning its length.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.recv_with(buf, 0)
+    }
+
+    /// [`Socket::recv`] without waiting: EAGAIN when nothing is queued.
+    pub fn recv_nowait(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.recv_with(buf, libc::MSG_DONTWAIT)
+    }
+
+    fn recv_with(&self, buf: &mut [u8], flags: i32) -> io::Result<usize> {
         // SAFETY: buf is valid for writes of buf.len() bytes.
-        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                flags,
+            )
+        };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
