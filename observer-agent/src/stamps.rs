@@ -53,7 +53,11 @@ pub const STAMP_BASE_PRECISION_NS: u64 = 50_000;
 /// Upper bound of the kernel's work per notification between the
 /// generation switch and the first datagram's queueing (nf_tables builds
 /// every notification of the commit first, then sends them).
-/// docs/benchmarks.md measures the sending side of it.
+/// docs/benchmarks.md measures the sending side of it. Work, not time: a
+/// writer switched out in between (a busy node; its allocations may
+/// sleep) stamps later by that time, which no user-space reading can see.
+/// The stamp is then later than the commit, never earlier, so the times
+/// stay upper bounds; only the claimed precision is too narrow.
 pub const STAMP_PER_NOTIFICATION_NS: u64 = 2_000;
 
 /// Precision of a rules change timed by the kernel stamp of a commit of
