@@ -4,8 +4,9 @@
 //! SERVICES Services (default 5000) of ENDPOINTS endpoints each (default
 //! 50: 250 000 endpoints), written by the lab's kube-proxy
 //! (`lab::kubeproxy`) in each nf_tables layout (MODES, default
-//! `nftables,iptables-nft`), then watched by the real detector
-//! (`dataplane::spawn`) in that namespace:
+//! `nftables,iptables-nft`; also `iptables-legacy`, whose detector
+//! re-reads the whole table and gets no notifications), then watched by
+//! the real detector (`dataplane::spawn`) in that namespace:
 //! - memory: the live heap the detector holds once started on that ruleset
 //!   (dump, mirror and what it selects; a counting global allocator), and
 //!   the peak while it starts;
@@ -235,7 +236,10 @@ fn run(mode: Mode, services_n: usize, per_service: usize, partials: usize, fulls
     let spawn_time = spawn_started.elapsed();
     let held = LIVE.load(Ordering::Relaxed) - before;
     let peak = PEAK.load(Ordering::Relaxed) - before;
-    let tid = thread_named("dataplane-nft");
+    let tid = thread_named(match mode {
+        Mode::IptablesLegacy => "dataplane-legacy",
+        _ => "dataplane-nft",
+    });
     let mut w = Watch { watch, rx, tid };
     let start = format!(
         "| {mode} | {services_n} x {per_service} = {endpoints} | {:.1} | {:.1} | {} | {} | {:.0} |",
@@ -345,7 +349,10 @@ fn main() {
     let modes: Vec<Mode> = std::env::var("MODES")
         .unwrap_or_else(|_| "nftables,iptables-nft".into())
         .split(',')
-        .map(|m| m.parse().expect("MODES: nftables and/or iptables-nft"))
+        .map(|m| {
+            m.parse()
+                .expect("MODES: nftables, iptables-nft and/or iptables-legacy")
+        })
         .collect();
     let rows: Vec<Rows> = modes
         .iter()
