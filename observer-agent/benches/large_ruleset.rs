@@ -39,7 +39,7 @@ use lab::{
     root::is_root,
     witness::nftables_listener,
 };
-use observer_agent::dataplane::{self, DataplaneWatch};
+use observer_agent::dataplane::{self, DataplaneWatch, Limits};
 use observer_proto::{Observation, RulesChange, UnixNanos};
 
 /// Live heap bytes of the process, and their peak.
@@ -230,7 +230,16 @@ fn run(mode: Mode, services_n: usize, per_service: usize, partials: usize, fulls
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let spawn_started = Instant::now();
     let watch = ns
-        .run(move || dataplane::spawn(tx))
+        // Measures the legacy re-read at any size: no copy limit.
+        .run(move || {
+            dataplane::spawn_with(
+                tx,
+                Limits {
+                    legacy_table_max_bytes: usize::MAX,
+                    ..Limits::default()
+                },
+            )
+        })
         .unwrap()
         .expect("dataplane watch starts");
     let spawn_time = spawn_started.elapsed();

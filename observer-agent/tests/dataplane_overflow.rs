@@ -17,7 +17,7 @@ use lab::{
     root::root_or_skip,
 };
 use observer_agent::{
-    dataplane::{self, DataplaneWatch, RecvBuffer},
+    dataplane::{self, DataplaneWatch, Limits, RecvBuffer},
     realtime::DEFAULT_TIMING_PRIORITY,
 };
 use observer_proto::Observation;
@@ -59,7 +59,15 @@ fn start(ns: &NetNs, buffer: RecvBuffer) -> (DataplaneWatch, Receiver<Observatio
     commit_clock::pin(Some(0)).expect("pin to CPU 0");
     let (tx, rx) = channel(64);
     let watch = ns
-        .run(move || dataplane::spawn_with(tx, buffer))
+        .run(move || {
+            dataplane::spawn_with(
+                tx,
+                Limits {
+                    nft_buffer: buffer,
+                    ..Limits::default()
+                },
+            )
+        })
         .expect("enter netns")
         .expect("dataplane watch starts");
     watch.watch(WATCHED);

@@ -18,7 +18,7 @@ use lab::{
     root::root_or_skip,
 };
 use observer_agent::{
-    dataplane::{self, DataplaneWatch},
+    dataplane::{self, DataplaneWatch, Limits},
     realtime::DEFAULT_TIMING_PRIORITY,
 };
 use observer_proto::{Detector, Observation, RulesChange, UnixNanos};
@@ -240,6 +240,40 @@ async fn nft_flush_ruleset_is_a_removal() {
         assert_eq!(change.detector, detector(mode));
         assert_timely(&clock, &format!("{mode} flush ruleset"), &change, window);
     }
+}
+
+/// A legacy nat table larger than the detector may copy is not read (the
+/// agent would outgrow its memory limit): its changes are not reported, and
+/// the refused reads are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_table_over_the_copy_limit_is_not_read() {
+    if !root_or_skip("a_legacy_table_over_the_copy_limit_is_not_read") {
+        return;
+    }
+    let ns = NetNs::create("dpbig").unwrap();
+    let mut rules = Rules::new(Some(ns.name().to_owned()), Mode::IptablesLegacy);
+    let svc = service("web", 40);
+    rules
+        .sync(&[(svc.clone(), vec![backend(1), backend(2)])])
+        .unwrap();
+    let (tx, mut rx) = channel(64);
+    let limits = Limits {
+        legacy_table_max_bytes: 1024,
+        ..Limits::default()
+    };
+    let watch = ns
+        .run(move || dataplane::spawn_with(tx, limits))
+        .expect("enter netns")
+        .expect("dataplane watch starts");
+    watch.watch(addr(backend(2)));
+    rules.sync(&[(svc, vec![backend(1)])]).unwrap();
+    // Past the lock's release and a periodic re-read (1 s).
+    let seen = drain(&mut rx, Duration::from_millis(1500)).await;
+    assert!(seen.is_empty(), "a table over the limit was read: {seen:?}");
+    assert!(
+        watch.legacy_failed_reads() > 0,
+        "the refused reads are not counted"
+    );
 }
 
 /// kube-proxy may act before the agent learns that the pod terminates: the

@@ -2,7 +2,7 @@
 //! share.
 
 pub mod cilium_args;
-pub mod nft_buffer_args;
+pub mod dataplane_args;
 pub mod observe;
 pub mod probe;
 pub mod run;

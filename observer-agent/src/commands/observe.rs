@@ -13,7 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use observer_proto::{Observation, UnixNanos};
 
 use super::cilium_args::CiliumArgs;
-use super::nft_buffer_args::NftBufferArgs;
+use super::dataplane_args::DataplaneArgs;
 use super::start::{self, SourceSide, Sources, StartOptions};
 use crate::{
     kernel::{Kernel, Stats},
@@ -63,7 +63,7 @@ pub struct ObserveArgs {
     #[command(flatten)]
     pub cilium: CiliumArgs,
     #[command(flatten)]
-    pub nft_buffer: NftBufferArgs,
+    pub dataplane: DataplaneArgs,
 }
 
 pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
@@ -94,7 +94,7 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
         watch_ips: ips.clone(),
         watch_endpoints: args.watch_endpoint.clone(),
         cilium: args.cilium.options(),
-        nft_buffer: args.nft_buffer.buffer(),
+        dataplane: args.dataplane.limits(),
     })?;
 
     let mut printer = Printer::new(args.output, std::io::stdout().lock());

@@ -20,7 +20,7 @@ use tokio::{
 };
 
 use super::cilium_args::CiliumArgs;
-use super::nft_buffer_args::NftBufferArgs;
+use super::dataplane_args::DataplaneArgs;
 use super::start::{self, CHANNEL_CAPACITY, SourceSide, Sources, StartOptions};
 use crate::{
     dataplane::DataplaneWatch,
@@ -67,7 +67,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub cilium: CiliumArgs,
     #[command(flatten)]
-    pub nft_buffer: NftBufferArgs,
+    pub dataplane: DataplaneArgs,
     /// Log every kernel event through aya-log at debug level (slow; for debugging).
     #[arg(long, env = "OBSERVER_LOG_KERNEL_EVENTS")]
     pub log_kernel_events: bool,
@@ -99,7 +99,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         watch_ips: Vec::new(),
         watch_endpoints: Vec::new(),
         cilium: args.cilium.options(),
-        nft_buffer: args.nft_buffer.buffer(),
+        dataplane: args.dataplane.limits(),
     })?;
     for hook in kernel.hooks() {
         health.set_hook(&hook.name, hook.attached);

@@ -12,7 +12,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
     clock::WallClock,
-    dataplane::{self, DataplaneError, DataplaneWatch, RecvBuffer, cilium::CiliumOptions},
+    dataplane::{self, DataplaneError, DataplaneWatch, Limits, cilium::CiliumOptions},
     flows::{self, FlowWatch},
     kernel::{Kernel, LoadOptions, conn_events},
     realtime::{self, TimingPriority},
@@ -46,7 +46,7 @@ pub struct StartOptions {
     /// Endpoints the dataplane detectors watch from their start.
     pub watch_endpoints: Vec<SocketAddr>,
     pub cilium: CiliumOptions,
-    pub nft_buffer: RecvBuffer,
+    pub dataplane: Limits,
 }
 
 /// The running sources; dropping the watches stops their threads.
@@ -86,7 +86,7 @@ pub fn start(options: StartOptions) -> anyhow::Result<Sources> {
             &tx,
             &options.watch_endpoints,
             &options.cilium,
-            options.nft_buffer,
+            options.dataplane,
         );
         let dataplane = degrade(policy, dataplane, "dataplane rule detection")?;
         let stamps = kernel.take_stamps(StampKind::Conntrack);
@@ -114,10 +114,10 @@ fn start_dataplane(
     tx: &mpsc::Sender<Observation>,
     endpoints: &[SocketAddr],
     cilium: &CiliumOptions,
-    nft_buffer: RecvBuffer,
+    limits: Limits,
 ) -> anyhow::Result<DataplaneWatch> {
     let mut watch = realtime::spawn_inheriting(timing, "dataplane", || {
-        dataplane::spawn_with(tx.clone(), nft_buffer)
+        dataplane::spawn_with(tx.clone(), limits)
     })
     .context("starting the dataplane detectors")?;
     for endpoint in endpoints {

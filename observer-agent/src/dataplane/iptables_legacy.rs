@@ -19,12 +19,13 @@ use std::{
     io,
     net::{SocketAddr, SocketAddrV4},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
 use observer_common::ruleset::COMMIT_XTABLES;
 use observer_proto::{Detector, UnixNanos};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::{
     Change, DataplaneError, Shared,
@@ -61,11 +62,14 @@ pub struct Watcher {
     sock: OwnedFd,
     inotify: Option<OwnedFd>,
     targets: HashSet<SocketAddrV4>,
+    /// Largest table copied for a read (`Limits::legacy_table_max_bytes`).
+    max_table: usize,
 }
 
 impl Watcher {
-    /// Opens the socket (in the current network namespace) and the lock watch.
-    pub fn open() -> Result<Self, DataplaneError> {
+    /// Opens the socket (in the current network namespace) and the lock
+    /// watch; tables over `max_table` bytes are not read.
+    pub fn open(max_table: usize) -> Result<Self, DataplaneError> {
         // SAFETY: plain socket(2); ownership taken right away.
         let fd = unsafe {
             libc::socket(
@@ -90,8 +94,15 @@ impl Watcher {
             sock,
             inotify,
             targets: HashSet::new(),
+            max_table,
         };
-        watcher.targets = watcher.read().unwrap_or_default();
+        watcher.targets = match watcher.read() {
+            Ok(targets) => targets,
+            Err(e) => {
+                warn!(error = %e, "the legacy nat table was not read at start");
+                HashSet::new()
+            }
+        };
         Ok(watcher)
     }
 
@@ -119,6 +130,12 @@ impl Watcher {
         let hook_entry: [u32; NF_INET_NUMHOOKS] = std::array::from_fn(|h| word(1 + h));
         let underflow: [u32; NF_INET_NUMHOOKS] = std::array::from_fn(|h| word(6 + h));
         let size = word(12) as usize;
+        if size > self.max_table {
+            return Err(DataplaneError::LegacyTableTooLarge {
+                bytes: size,
+                max: self.max_table,
+            });
+        }
         let mut entries = vec![0u8; GET_ENTRIES_HEADER + size];
         entries[..TABLE.len()].copy_from_slice(TABLE.as_bytes());
         entries[32..36].copy_from_slice(&(size as u32).to_ne_bytes());
@@ -180,6 +197,8 @@ impl Watcher {
         // and when and at what wall-clock time the last one released it.
         let mut pending: Option<(Instant, Instant, UnixNanos)> = None;
         let mut nat_seen = nat_present();
+        // The last read's failure, said once until it changes.
+        let mut failing: Option<String> = None;
         if nat_seen {
             info!("iptables-legacy nat table present; watching it");
         }
@@ -216,10 +235,18 @@ impl Watcher {
             let now = match read {
                 Ok(t) => t,
                 Err(e) => {
-                    debug!(error = %e, "reading the legacy nat table failed");
+                    let why = e.to_string();
+                    if failing.as_ref() != Some(&why) {
+                        warn!(error = %why, "reading the legacy nat table failed; its changes are not timed until a read succeeds");
+                    }
+                    failing = Some(why);
+                    shared.legacy_failed_reads.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
             };
+            if failing.take().is_some() {
+                info!("the legacy nat table is read again");
+            }
             if !nat_seen && nat_present() {
                 nat_seen = true;
                 info!("iptables-legacy nat table appeared; watching it");

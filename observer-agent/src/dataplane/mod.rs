@@ -74,6 +74,10 @@ pub enum DataplaneError {
     Decode(#[from] NetlinkDecodeError),
     #[error("iptables-legacy: {0}")]
     Legacy(std::io::Error),
+    #[error(
+        "iptables-legacy: the nat table is {bytes} bytes, above the {max} bytes the detector may copy (--legacy-table-max-mib): its changes are not timed"
+    )]
+    LegacyTableTooLarge { bytes: usize, max: usize },
     #[error("starting a detector thread: {0}")]
     Thread(std::io::Error),
     #[error("the detectors' stop signal (eventfd): {0}")]
@@ -191,6 +195,8 @@ pub(crate) struct Shared {
     /// Times nf_tables notifications overflowed the socket (ENOBUFS) and
     /// the rulesets were re-read.
     overflows: AtomicU64,
+    /// Re-reads of the legacy nat table that failed or were refused.
+    legacy_failed_reads: AtomicU64,
     stop: StopSignal,
     tx: Sender<Observation>,
 }
@@ -204,6 +210,7 @@ impl Shared {
                 "no stamps were handed to the detector".into(),
             )),
             overflows: AtomicU64::new(0),
+            legacy_failed_reads: AtomicU64::new(0),
             stop: StopSignal::new().map_err(DataplaneError::StopSignal)?,
             tx,
         })
@@ -430,6 +437,12 @@ impl DataplaneWatch {
         self.shared.overflows.load(Ordering::Relaxed)
     }
 
+    /// Re-reads of the legacy nat table that failed or were refused (a
+    /// table over `Limits::legacy_table_max_bytes`).
+    pub fn legacy_failed_reads(&self) -> u64 {
+        self.shared.legacy_failed_reads.load(Ordering::Relaxed)
+    }
+
     /// The nf_tables notification socket's receive buffer as the kernel
     /// accounts it (twice the size set), when the socket is open.
     pub fn recv_buffer_bytes(&self) -> Option<i32> {
@@ -503,7 +516,30 @@ impl Default for RecvBuffer {
 /// Starts the detectors in the current network namespace with the default
 /// receive buffer ([`spawn_with`]).
 pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> {
-    spawn_with(tx, RecvBuffer::default())
+    spawn_with(tx, Limits::default())
+}
+
+/// What the detectors may hold of the kernel's memory and their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub nft_buffer: RecvBuffer,
+    /// Largest legacy `nat` table the detector copies to re-read it (the
+    /// copy is the table's whole size: 1.9 KiB per endpoint, about 470 MiB
+    /// at 250 000, docs/benchmarks.md). A larger one is not read, and its
+    /// changes are not timed, rather than the agent outgrowing its memory
+    /// limit.
+    pub legacy_table_max_bytes: usize,
+}
+
+impl Default for Limits {
+    /// 128 MiB of legacy table: about 65 000 endpoints, within the
+    /// DaemonSet's 256 MiB memory limit.
+    fn default() -> Self {
+        Limits {
+            nft_buffer: RecvBuffer::default(),
+            legacy_table_max_bytes: 128 << 20,
+        }
+    }
 }
 
 /// Starts the detectors in the current network namespace. The nf_tables
@@ -511,8 +547,9 @@ pub fn spawn(tx: Sender<Observation>) -> Result<DataplaneWatch, DataplaneError> 
 /// iptables-legacy one runs when legacy tables exist or appear.
 pub fn spawn_with(
     tx: Sender<Observation>,
-    buffer: RecvBuffer,
+    limits: Limits,
 ) -> Result<DataplaneWatch, DataplaneError> {
+    let buffer = limits.nft_buffer;
     let shared = Arc::new(Shared::new(tx)?);
     // Subscribe before the dump so no change between the two is lost.
     let subscribed = UnixNanos::now();
@@ -544,7 +581,7 @@ pub fn spawn_with(
         iptables_nft: mirror.tables().any(|t| t.family == 2 && t.name == "nat"),
         iptables_legacy: iptables_legacy::tables_present(),
     };
-    let legacy = iptables_legacy::Watcher::open()?;
+    let legacy = iptables_legacy::Watcher::open(limits.legacy_table_max_bytes)?;
     selected.extend(legacy.selected());
     shared.read_first(selected, UnixNanos::now());
     info!(
