@@ -161,7 +161,9 @@ impl TimedReader {
             let delay_before = self.run_delay();
             // Read once more so that what poll finds came after the run
             // delay above was read, and its waits are all counted below.
-            if let Some(len) = recv_nowait(sock, buf)? {
+            if delay_before.is_some()
+                && let Some(len) = recv_nowait(sock, buf)?
+            {
                 return Ok(Next::Datagram(self.received(len)));
             }
             match stop.wait(sock, None)? {
