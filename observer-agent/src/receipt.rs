@@ -140,11 +140,6 @@ impl TimedReader {
         }
     }
 
-    /// Whether the wake-ups are measured ([`SchedStat`] is readable).
-    pub fn measures_wakeups(&self) -> bool {
-        self.sched.is_some()
-    }
-
     /// The next datagram, or the stop. Errors of the socket (ENOBUFS among
     /// them) are the caller's; the next call reads on.
     pub fn next(&mut self, sock: &Socket, stop: &StopSignal, buf: &mut [u8]) -> io::Result<Next> {
