@@ -197,8 +197,9 @@ impl Watcher {
         // and when and at what wall-clock time the last one released it.
         let mut pending: Option<(Instant, Instant, UnixNanos)> = None;
         let mut nat_seen = nat_present();
-        // The last read's failure, said once until it changes.
-        let mut failing: Option<String> = None;
+        // The kind of the last read's failure, said once until it changes
+        // (a refused table's size changes with every sync).
+        let mut failing = None;
         if nat_seen {
             info!("iptables-legacy nat table present; watching it");
         }
@@ -235,11 +236,11 @@ impl Watcher {
             let now = match read {
                 Ok(t) => t,
                 Err(e) => {
-                    let why = e.to_string();
-                    if failing.as_ref() != Some(&why) {
-                        warn!(error = %why, "reading the legacy nat table failed; its changes are not timed until a read succeeds");
+                    let kind = std::mem::discriminant(&e);
+                    if failing != Some(kind) {
+                        warn!(error = %e, "reading the legacy nat table failed; its changes are not timed until a read succeeds");
                     }
-                    failing = Some(why);
+                    failing = Some(kind);
                     shared.legacy_failed_reads.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
