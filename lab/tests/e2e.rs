@@ -40,7 +40,7 @@ async fn measured_propagation_matches_injected_and_the_recommendation_loses_noth
     // deletions drew an outlier: 6 deletions x 4 nodes miss a 25 % outlier
     // with probability 0.75^24 (0.1 %), 3 deletions with 3.2 %. (Delays are
     // drawn in event order, so the seed alone does not fix them.)
-    let (mut lab, observer) = common::start(
+    let (mut lab, mut observer) = common::start(
         "accuracy",
         LabConfig {
             pods: 6,
@@ -73,13 +73,7 @@ async fn measured_propagation_matches_injected_and_the_recommendation_loses_noth
     }
     // Collected, not asserted at once, so one run shows every deviation and
     // the rollouts below still run.
-    for d in &deletions {
-        assert!(
-            d.complete,
-            "{} incomplete, missing {:?}",
-            d.pod, d.missing_nodes
-        );
-    }
+    common::assert_complete(&mut observer, &deletions, &records);
     let inaccurate = common::inaccurate(&deletions);
 
     let (pre_stop, _) = common::covering_recommendation(&observer, &deletions).await;
@@ -114,7 +108,7 @@ async fn a_cilium_node_is_measured_inside_its_master_write() {
         return;
     }
     let _serial = common::SERIAL.lock().await;
-    let (mut lab, observer) = common::start(
+    let (mut lab, mut observer) = common::start(
         "cilium",
         LabConfig {
             // Two cilium nodes: each agent follows its own node's writer.
@@ -140,12 +134,8 @@ async fn a_cilium_node_is_measured_inside_its_master_write() {
         .expect("measurements");
     let deletions = common::joined(&run.deletions, &records);
     let mut cilium_nodes = 0;
+    common::assert_complete(&mut observer, &deletions, &records);
     for d in &deletions {
-        assert!(
-            d.complete,
-            "{} incomplete, missing {:?}",
-            d.pod, d.missing_nodes
-        );
         for n in &d.per_node {
             eprintln!("{}", common::describe(d, n));
             cilium_nodes += usize::from(n.mode == "cilium");

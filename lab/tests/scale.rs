@@ -33,7 +33,7 @@ async fn fifty_deletions_at_ten_nodes_are_measured_within_bounds_and_the_recomme
         return;
     }
     let _serial = common::SERIAL.lock().await;
-    let (mut lab, observer) = common::start(
+    let (mut lab, mut observer) = common::start(
         "scale",
         LabConfig {
             nodes: NODES,
@@ -58,12 +58,8 @@ async fn fifty_deletions_at_ten_nodes_are_measured_within_bounds_and_the_recomme
         .await
         .expect("measurements");
     let deletions = common::joined(&measure.deletions, &records);
+    common::assert_complete(&mut observer, &deletions, &records);
     for d in &deletions {
-        assert!(
-            d.complete,
-            "{} incomplete, missing {:?}",
-            d.pod, d.missing_nodes
-        );
         assert_eq!(d.per_node.len(), NODES, "{}", d.pod);
     }
     let inaccurate = common::inaccurate(&deletions);

@@ -276,3 +276,65 @@ pub async fn covering_recommendation(
     );
     (pre_stop, recommendation)
 }
+
+/// Asserts every deletion complete. An incomplete one's message shows what
+/// the aggregator made of each missing node, and what that node's agent
+/// and the aggregator logged about the pod's address or as warnings: a
+/// loaded CI machine keeps no files, only this message.
+pub fn assert_complete(
+    observer: &mut lab::observer::Observer,
+    deletions: &[DeletionReport],
+    records: &[observer_proto::api::DeletionRecord],
+) {
+    let Some(d) = deletions.iter().find(|d| !d.complete) else {
+        return;
+    };
+    let record = records.iter().find(|r| r.pod_name == d.pod);
+    let ip = record.map(|r| r.pod_ip.clone()).unwrap_or_default();
+    let mut why = Vec::new();
+    for node in &d.missing_nodes {
+        let measured = record.and_then(|r| r.nodes.iter().find(|n| &n.node == node));
+        why.push(format!("{node} in the record: {measured:?}"));
+        if let Some(agent) = observer.agents.iter_mut().find(|a| &a.node == node) {
+            if let Err(e) = agent.check() {
+                why.push(format!("{node}'s agent: {e}"));
+            }
+            why.push(log_excerpt(
+                &agent.log_text(),
+                &ip,
+                &format!("{node}'s agent"),
+            ));
+        }
+    }
+    let aggregator = std::fs::read_to_string(observer.aggregator.log()).unwrap_or_default();
+    why.push(log_excerpt(&aggregator, &ip, "aggregator"));
+    panic!(
+        "{} incomplete, missing {:?}\n{}",
+        d.pod,
+        d.missing_nodes,
+        why.join("\n")
+    );
+}
+
+/// The last lines of `log` naming `ip` (as an address, not a prefix of
+/// another) or warning.
+fn log_excerpt(log: &str, ip: &str, whose: &str) -> String {
+    const LINES: usize = 30;
+    let names_ip = |l: &str| {
+        l.match_indices(ip)
+            .any(|(at, _)| !l[at + ip.len()..].starts_with(|c: char| c.is_ascii_digit()))
+    };
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            (!ip.is_empty() && names_ip(l)) || l.contains(" WARN ") || l.contains(" ERROR ")
+        })
+        .collect();
+    let tail = &lines[lines.len().saturating_sub(LINES)..];
+    format!(
+        "{whose}, {} of {} such lines:\n  {}",
+        tail.len(),
+        lines.len(),
+        tail.join("\n  ")
+    )
+}
