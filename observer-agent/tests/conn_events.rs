@@ -327,9 +327,59 @@ fn request_after_the_server_closed_reports_data_after_close() {
     let server_addr = listener.local_addr().unwrap();
     let mut client = p.connect(server_addr).expect("connect");
     let (server_side, peer) = listener.accept().unwrap();
+    // In FIN_WAIT2 for longer than time-wait lasts, the closed socket stays
+    // a full socket once the client's ACK is in. With the default it may
+    // become a time-wait socket at once, depending on timing: the next
+    // test's case.
+    set_linger2(&server_side, 120);
     drop(server_side);
     let mut buf = [0u8; 16];
     assert_eq!(client.read(&mut buf).expect("client sees the FIN"), 0);
+    send_request_until_reset(client);
+    let sent = reset_sent(&mut obs, server_addr);
+    assert_eq!(addr(&sent, "src"), peer);
+    reason_is_data_after_close(&sent);
+}
+
+/// The same race where the server had shut its side down and the client
+/// acknowledged the FIN before the server closed: the closed socket is a
+/// time-wait socket, which resets the request. Since 6.10 `tcp_send_reset`
+/// reports it with its reason; before, it fires for full sockets only, and
+/// the reset is seen where it arrives (the client's node) alone.
+#[test]
+fn request_after_a_half_close_is_reset_by_a_time_wait_socket_and_reported() {
+    if !root_or_skip("request_after_a_half_close_is_reset_by_a_time_wait_socket_and_reported") {
+        return;
+    }
+    let p = pair(13);
+    let mut obs = Observer::start(&[p.server_ip]);
+    let listener = p.listen(p.server_ip);
+    let server_addr = listener.local_addr().unwrap();
+    let mut client = p.connect(server_addr).expect("connect");
+    let (server_side, peer) = listener.accept().unwrap();
+    server_side.shutdown(Shutdown::Write).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(client.read(&mut buf).expect("client sees the FIN"), 0);
+    // Closed in FIN_WAIT2 (the client's ACK is in), the socket becomes a
+    // time-wait socket at once.
+    wait_for_tcp_state(&server_side, TCP_FIN_WAIT2);
+    drop(server_side);
+    send_request_until_reset(client);
+    if send_reset_kernel().without_socket {
+        let sent = reset_sent(&mut obs, server_addr);
+        assert_eq!(addr(&sent, "src"), peer);
+        reason_is_data_after_close(&sent);
+    } else {
+        let received = obs.expect("reset_received", |v| {
+            is(v, "reset_received") && addr(v, "dst") == server_addr
+        });
+        assert_eq!(addr(&received, "src"), peer);
+    }
+}
+
+/// Sends a request on `client`, whose server side is closed, until the
+/// server's reset arrives.
+fn send_request_until_reset(mut client: TcpStream) {
     client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     // The reset closes the half-closed socket with EPIPE (reads keep
     // returning the FIN's end of stream): a later write says it arrived.
@@ -342,11 +392,17 @@ fn request_after_the_server_closed_reports_data_after_close() {
         }
     };
     assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
+}
 
-    let reset = obs.expect("reset_sent", |v| {
+/// The reset the server at `server_addr` sent, as reported.
+fn reset_sent(obs: &mut Observer, server_addr: SocketAddr) -> Value {
+    obs.expect("reset_sent", |v| {
         is(v, "reset_sent") && addr(v, "dst") == server_addr
-    });
-    assert_eq!(addr(&reset, "src"), peer);
+    })
+}
+
+/// Where the kernel gives reasons, the reset's reads as data after close.
+fn reason_is_data_after_close(reset: &Value) {
     if send_reset_kernel().reason {
         let reason = reset["reason"].as_str().expect("a reason on this kernel");
         assert_eq!(
@@ -356,6 +412,52 @@ fn request_after_the_server_closed_reports_data_after_close() {
         );
     } else {
         assert_eq!(reset["reason"], Value::Null, "no reason on this kernel");
+    }
+}
+
+/// Sets TCP_LINGER2 (how long an orphaned socket stays in FIN_WAIT2).
+fn set_linger2(socket: &TcpStream, seconds: i32) {
+    // SAFETY: a valid socket and an int option.
+    let ret = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_LINGER2,
+            (&raw const seconds).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(ret, 0, "TCP_LINGER2: {}", std::io::Error::last_os_error());
+}
+
+const TCP_FIN_WAIT2: u8 = 5;
+
+/// Waits (2 s at most) until `socket`'s TCP state is `state`.
+fn wait_for_tcp_state(socket: &TcpStream, state: u8) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        // SAFETY: tcp_info is plain data; the kernel writes at most `len` bytes.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let ret = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(ret, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        if info.tcpi_state == state {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "socket in TCP state {}, not {state}, after 2 s",
+            info.tcpi_state
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
