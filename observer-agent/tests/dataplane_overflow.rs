@@ -3,7 +3,8 @@
 //! reports the change it missed, counts the overflow, and doubles its
 //! receive buffer so that the next burst of that size (kube-proxy's next
 //! full sync) fits; started on a ruleset, it sizes the buffer for a full
-//! sync of it.
+//! sync of it. A removal read just before its own commit's notifications
+//! overflow is not lost with the part of the commit read.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -20,7 +21,7 @@ use observer_agent::{
     dataplane::{self, DataplaneWatch, Limits, RecvBuffer},
     realtime::DEFAULT_TIMING_PRIORITY,
 };
-use observer_proto::Observation;
+use observer_proto::{Observation, UnixNanos};
 use tokio::sync::mpsc::{Receiver, channel};
 
 /// Full syncs at most until one fits: 16 KiB doubled twelve times is
@@ -200,4 +201,106 @@ async fn a_buffer_sized_to_the_ruleset_at_start_holds_the_first_full_sync() {
         "the first full sync overflowed a buffer sized to the ruleset ({} KiB)",
         size >> 10
     );
+}
+
+/// Elements of the flood that follows the removal in one commit: far more
+/// notifications than the buffer below holds.
+const FLOOD: u32 = 100_000;
+
+/// Notifications lost in the middle of a commit the detector was already
+/// reading: the commit first removes the watched endpoint's DNAT rule,
+/// which the detector reads, then floods the socket until it overflows.
+/// The re-read compares the rulesets with the last commit, not with the
+/// part of this one read before the loss, so the removal is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_read_just_before_its_commit_overflows_is_reported() {
+    if !root_or_skip("a_removal_read_just_before_its_commit_overflows_is_reported") {
+        return;
+    }
+    let ns = NetNs::create("dpovfmid").unwrap();
+    let mut rules = Rules::new(Some(ns.name().to_owned()), Mode::Nftables);
+    let all = services(true);
+    rules.sync(&all).unwrap();
+    // The detector on CPU 1, reading as the writer on CPU 0 queues: it
+    // wakes at the commit's first datagram, long before the flood fills
+    // the buffer.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        let _ = lab::root::skip(
+            "a_removal_read_just_before_its_commit_overflows_is_reported",
+            "needs two CPUs (the detector reads while the writer writes)",
+        );
+        return;
+    }
+    commit_clock::pin(Some(1)).expect("pin to CPU 1");
+    let (tx, mut rx) = channel(64);
+    let buffer = 1 << 20;
+    let watch = ns
+        .run(move || {
+            dataplane::spawn_with(
+                tx,
+                Limits {
+                    nft_buffer: RecvBuffer {
+                        initial: buffer,
+                        max: buffer,
+                    },
+                    ..Limits::default()
+                },
+            )
+        })
+        .expect("enter netns")
+        .expect("dataplane watch starts");
+    watch.watch(WATCHED);
+
+    let (svc, first) = &all[0];
+    let chain = lab::kubeproxy::nft_endpoint_chain(svc, &first[0]);
+    let flood: Vec<String> = (0..FLOOD)
+        .map(|i| Ipv4Addr::from(0x0b00_0000 + i).to_string())
+        .collect();
+    let script = format!(
+        "flush chain ip kube-proxy {chain}\nadd set ip kube-proxy flood {{ type ipv4_addr; }}\nadd element ip kube-proxy flood {{ {} }}\n",
+        flood.join(", ")
+    );
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), script).unwrap();
+    let before = watch.overflows();
+    let path = file.path().to_owned();
+    let started = UnixNanos::now();
+    let status = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                commit_clock::pin(Some(0)).expect("pin to CPU 0");
+                commit_clock::realtime(DEFAULT_TIMING_PRIORITY).expect("SCHED_FIFO (root)");
+                ns.command("nft")
+                    .arg("-f")
+                    .arg(&path)
+                    .status()
+                    .expect("nft runs")
+            })
+            .join()
+            .expect("writer thread")
+    });
+    let finished = UnixNanos::now();
+    assert!(status.success(), "nft -f: {status}");
+    let change = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await;
+    let overflowed = watch.overflows() > before;
+    rules.cleanup().unwrap();
+    assert!(
+        overflowed,
+        "{FLOOD} elements fit a {} KiB buffer: the test proves nothing",
+        buffer >> 10
+    );
+    match change {
+        Ok(Some(Observation::RulesRemoved(c))) => {
+            assert_eq!(c.endpoint, WATCHED);
+            // The claimed interval can hold the commit, inside the write.
+            let earliest = c.time - i64::try_from(c.precision_ns).unwrap();
+            assert!(
+                c.time >= started && earliest <= finished,
+                "claimed [{earliest:?}, {:?}] outside the write [{started:?}, {finished:?}]",
+                c.time
+            );
+        }
+        other => panic!("expected the watched endpoint's removal, got {other:?}"),
+    }
 }

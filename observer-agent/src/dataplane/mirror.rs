@@ -763,15 +763,28 @@ impl Mirror {
         changes
     }
 
-    /// Every selected endpoint with a table that selects it.
+    /// Every endpoint selected as of the last commit, with a table that
+    /// selected it. Inside a transaction read in part (notifications lost
+    /// in its middle) the targets hold the part applied so far; what a
+    /// touched endpoint was before it is in `touched`.
     pub fn selected(&self) -> impl Iterator<Item = (SocketAddr, &TableId)> {
-        self.tables
-            .iter()
-            .flat_map(|(id, t)| t.targets.keys().map(move |ep| ((*ep).into(), id)))
+        self.tables.iter().flat_map(|(id, t)| {
+            let kept = t
+                .targets
+                .keys()
+                .filter(|ep| t.touched.get(ep) != Some(&false));
+            let dropped = t
+                .touched
+                .iter()
+                .filter(|(ep, was)| **was && !t.targets.contains_key(ep))
+                .map(|(ep, _)| ep);
+            kept.chain(dropped).map(move |ep| ((*ep).into(), id))
+        })
     }
 
-    /// Every endpoint a reachable DNAT of any table selects, as of the last
-    /// commit.
+    /// Every endpoint a reachable DNAT of any table selects: the committed
+    /// rulesets after a commit, with the part applied so far inside a
+    /// transaction.
     pub fn targets(&self) -> HashSet<SocketAddr> {
         self.tables
             .values()
@@ -970,6 +983,22 @@ mod tests {
         m.apply(rule("ep1", 9, dnat(ep(1))));
         assert_eq!(changes(&mut m), vec![]);
         assert_eq!(m.reachable_dnat(&table()), HashSet::from([ep(1), ep(2)]));
+    }
+
+    #[test]
+    fn the_selection_is_the_last_commits_while_a_transaction_is_read_in_part() {
+        let mut m = kube_proxy_like();
+        // A transaction's first notifications: ep1's rule goes, ep3 joins;
+        // then the socket overflows before its NEWGEN.
+        m.apply(del_rule("ep1", 4));
+        m.apply(rule("ep2", 10, dnat(ep(3))));
+        assert_eq!(m.targets(), HashSet::from([ep(2), ep(3)]), "the part read");
+        let selected: HashSet<SocketAddr> = m.selected().map(|(ep, _)| ep).collect();
+        assert_eq!(selected, HashSet::from([ep(1), ep(2)]));
+        // Once committed, the transaction is the selection.
+        assert_eq!(changes(&mut m), vec![(ep(1), false), (ep(3), true)]);
+        let selected: HashSet<SocketAddr> = m.selected().map(|(ep, _)| ep).collect();
+        assert_eq!(selected, HashSet::from([ep(2), ep(3)]));
     }
 
     #[test]

@@ -15,7 +15,6 @@ use std::{
     io,
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
-    time::Instant,
 };
 
 use observer_common::ruleset::COMMIT_NFTABLES;
@@ -168,7 +167,9 @@ pub fn changes(mirror: &mut Mirror) -> Vec<Change> {
 }
 
 /// Re-reads the rulesets into `mirror` after lost notifications; returns
-/// what changed against what the mirror selected before.
+/// what changed against what the mirror selected at its last commit (not
+/// against the part of a transaction read before the loss: a removal in
+/// that part would be lost).
 fn reload(mirror: &mut Mirror) -> Result<Vec<Change>, DataplaneError> {
     let before: HashMap<SocketAddr, Detector> = mirror
         .selected()
@@ -253,7 +254,10 @@ pub fn run(
 ) {
     let mut buf = vec![0u8; 1 << 20];
     let mut batch = Batch::default();
-    let mut last_seen = Instant::now();
+    // The earliest the last commit read in full can have happened: commits
+    // queue their notifications in commit order, so every commit whose
+    // notifications are lost came after it.
+    let mut last_commit = subscribed;
     let mut reader = TimedReader::new(subscribed);
     loop {
         let received = match reader.next(&sock, &shared.stop, &mut buf) {
@@ -261,12 +265,12 @@ pub fn run(
             Ok(Next::Stopped) => return,
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                 // Notifications were lost: rebuild from a dump. The change
-                // happened at most since the last message that arrived.
+                // happened after the last commit read in full.
                 warn!("nf_tables notifications overflowed; re-reading the rulesets");
                 shared.overflows.fetch_add(1, Ordering::Relaxed);
                 batch.lost();
                 let now = UnixNanos::now();
-                let precision = last_seen.elapsed().as_nanos() as u64;
+                let precision = u64::try_from(now - last_commit).unwrap_or(0);
                 match reload(&mut mirror) {
                     Ok(changes) => shared.report(changes, now, precision),
                     Err(e) => warn!(error = %e, "re-reading the rulesets failed"),
@@ -293,7 +297,6 @@ pub fn run(
                 return;
             }
         };
-        last_seen = Instant::now();
         let datagram = &buf[..received.len];
         let arrival = match lock(&shared.stamps, "nf_tables stamps").time_of(datagram) {
             Some(time) => Arrival::Stamped(time),
@@ -319,7 +322,8 @@ pub fn run(
             };
             if let NftEvent::NewGen { id, process } = &event {
                 let messages = batch.messages;
-                let started = batch.commit();
+                let (first, precision) = batch.commit().unwrap_or_else(|| arrival.claim(0));
+                last_commit = first - i64::try_from(precision).unwrap_or(i64::MAX);
                 debug!(
                     generation = id,
                     process = process.as_deref().unwrap_or("?"),
@@ -328,7 +332,6 @@ pub fn run(
                 );
                 let changes = changes(&mut mirror);
                 if !changes.is_empty() {
-                    let (first, precision) = started.unwrap_or_else(|| arrival.claim(0));
                     let (time, precision) =
                         shared.change_time(COMMIT_NFTABLES, first, precision, 0);
                     shared.report(changes, time, precision);
