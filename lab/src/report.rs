@@ -141,6 +141,9 @@ pub struct PerNode {
     /// the aggregator states it: the lab's truth is on the agent's clock,
     /// the measurement on the aggregator's.
     pub clock_uncertainty_ms: Option<f64>,
+    /// The detector's stated precision of the removal's time: it happened
+    /// at most this long before the measured time.
+    pub detector_precision_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -256,6 +259,9 @@ pub fn deletion_report(
                 rules_error_ms: measured_rules_ms.map(|m| m - injected_ms),
                 clock_uncertainty_ms: node
                     .and_then(|n| n.clock_uncertainty_seconds)
+                    .map(|s| s * 1000.0),
+                detector_precision_ms: node
+                    .and_then(|n| n.detector_precision_seconds)
                     .map(|s| s * 1000.0),
             }
         })

@@ -162,6 +162,7 @@ async fn a_cilium_node_is_measured_inside_its_master_write() {
                         n.clock_uncertainty_ms,
                         n.injected_ms,
                         n.injected_started_ms,
+                        n.detector_precision_ms,
                     )
                 })
                 .map(move |n| common::describe(d, n))

@@ -63,6 +63,7 @@ fn inaccurate(pods: &[NewPodReport]) -> Vec<String> {
                 n.clock_uncertainty_ms,
                 n.injected_ms,
                 n.injected_started_ms,
+                None,
             )
         })
         .map(|(p, n)| {
@@ -168,7 +169,7 @@ async fn a_server_listening_before_ready_yields_no_finding() {
 }
 
 #[test]
-fn the_bound_widens_by_the_stated_clock_uncertainty_and_the_witness_lag_only() {
+fn the_bound_widens_by_the_stated_clock_uncertainty_the_witness_lag_and_a_legacy_precision_only() {
     // An iptables-nft node 13.3 ms late: its agent's offset was off by that
     // much, which its stated uncertainty of 14 ms covers; 0.5 ms does not.
     assert!(!common::outside_bound(
@@ -176,14 +177,16 @@ fn the_bound_widens_by_the_stated_clock_uncertainty_and_the_witness_lag_only() {
         Some(13.3),
         Some(14.0),
         400.0,
-        395.0
+        395.0,
+        None
     ));
     assert!(common::outside_bound(
         "iptables-nft",
         Some(13.3),
         Some(0.5),
         400.0,
-        395.0
+        395.0,
+        None
     ));
     // An nftables node 3.3 ms before the witness read the commit (the
     // witness woke late), inside the transaction: in; before the
@@ -193,21 +196,24 @@ fn the_bound_widens_by_the_stated_clock_uncertainty_and_the_witness_lag_only() {
         Some(-3.3),
         Some(0.58),
         778.5,
-        669.2
+        669.2,
+        None
     ));
     assert!(common::outside_bound(
         "nftables",
         Some(-115.0),
         Some(0.58),
         778.5,
-        669.2
+        669.2,
+        None
     ));
     assert!(common::outside_bound(
         "nftables",
         Some(3.5),
         Some(0.58),
         778.5,
-        669.2
+        669.2,
+        None
     ));
     // A legacy node measured 9.7 ms past its writer's exit (400 ms).
     assert!(!common::outside_bound(
@@ -215,20 +221,50 @@ fn the_bound_widens_by_the_stated_clock_uncertainty_and_the_witness_lag_only() {
         Some(9.7),
         Some(8.0),
         400.0,
-        395.0
+        395.0,
+        None
     ));
     assert!(common::outside_bound(
         "iptables-legacy",
         Some(9.7),
         None,
         400.0,
-        395.0
+        395.0,
+        None
+    ));
+    // 21.5 ms past the exit (a late reader) with a stated precision of
+    // 26.4 ms: the claimed interval meets the write; 10 ms does not, and
+    // no precision excuses a time before the write began.
+    assert!(!common::outside_bound(
+        "iptables-legacy",
+        Some(21.5),
+        Some(0.5),
+        392.1,
+        376.9,
+        Some(26.4)
+    ));
+    assert!(common::outside_bound(
+        "iptables-legacy",
+        Some(21.5),
+        Some(0.5),
+        392.1,
+        376.9,
+        Some(10.0)
+    ));
+    assert!(common::outside_bound(
+        "iptables-legacy",
+        Some(-20.0),
+        Some(0.5),
+        392.1,
+        376.9,
+        Some(26.4)
     ));
     assert!(common::outside_bound(
         "nftables",
         None,
         Some(1.0),
         400.0,
-        395.0
+        395.0,
+        None
     ));
 }

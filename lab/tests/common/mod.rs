@@ -117,9 +117,13 @@ pub const NETLINK_BOUND_MS: f64 = 2.5;
 /// iptables-legacy announces nothing: the truth known outside the kernel is
 /// the writer's transaction (iptables-restore from start to exit), and the
 /// table is swapped somewhere inside it; on a loaded machine the writer
-/// exits tens of milliseconds after the swap. The measurement must fall
-/// inside that window, give or take this much for the clock conversion
-/// (monotonic to wall clock in the agent) and the stated clock uncertainty.
+/// exits tens of milliseconds after the swap. The agent times the change
+/// when it reads the lock's release, late by its own wait for a core when
+/// ten agents share two (26 ms seen), and states the lock's hold since it
+/// last read it as the precision. The measurement, reaching back by that
+/// precision, must meet that window, give or take this much for the clock
+/// conversion (monotonic to wall clock in the agent) and the stated clock
+/// uncertainty.
 pub const LEGACY_SLACK_MS: f64 = 2.0;
 /// The cilium mode's truth is the writer's bpf() syscall that rewrote the
 /// master, timed from user space just before and just after it (the
@@ -131,7 +135,8 @@ pub const LEGACY_SLACK_MS: f64 = 2.0;
 pub const CILIUM_SLACK_MS: f64 = 1.0;
 
 /// Whether a rules change measured `error_ms` off its truth (`None`:
-/// missing) is outside the bound of `mode`. The truth is on the agents'
+/// missing), with the detector's stated `precision_ms`, is outside the
+/// bound of `mode`. The truth is on the agents'
 /// clock (the lab's), the measurement on the aggregator's: converted with
 /// the agent's estimated offset, which may be off by up to the stated
 /// `clock_uncertainty_ms` (half the round trip of the agent's best clock
@@ -143,17 +148,19 @@ pub fn outside_bound(
     clock_uncertainty_ms: Option<f64>,
     injected_ms: f64,
     injected_started_ms: f64,
+    precision_ms: Option<f64>,
 ) -> bool {
     let clock = clock_uncertainty_ms.unwrap_or(0.0);
     match error_ms {
         None => true,
-        Some(error) if mode == "iptables-legacy" || mode == "cilium" => {
-            let slack = clock
-                + if mode == "cilium" {
-                    CILIUM_SLACK_MS
-                } else {
-                    LEGACY_SLACK_MS
-                };
+        Some(error) if mode == "iptables-legacy" => {
+            let slack = clock + LEGACY_SLACK_MS;
+            let measured = injected_ms + error;
+            let earliest = measured - precision_ms.unwrap_or(0.0);
+            measured < injected_started_ms - slack || earliest > injected_ms + slack
+        }
+        Some(error) if mode == "cilium" => {
+            let slack = clock + CILIUM_SLACK_MS;
             let measured = injected_ms + error;
             measured < injected_started_ms - slack || measured > injected_ms + slack
         }
@@ -177,6 +184,7 @@ pub fn inaccurate(deletions: &[DeletionReport]) -> Vec<String> {
                 n.clock_uncertainty_ms,
                 n.injected_ms,
                 n.injected_started_ms,
+                n.detector_precision_ms,
             ) {
                 out.push(describe(d, n));
             }
@@ -188,12 +196,13 @@ pub fn inaccurate(deletions: &[DeletionReport]) -> Vec<String> {
 /// One node's measurement of one deletion against the injected truth.
 pub fn describe(d: &DeletionReport, n: &PerNode) -> String {
     format!(
-        "{} on {} ({}): measured {:?} ms (T_rules {:?}), injected {:.1} ms (transaction began {:.1} ms), clock uncertainty {:?} ms",
+        "{} on {} ({}): measured {:?} ms (T_rules {:?}, stated precision {:?} ms), injected {:.1} ms (transaction began {:.1} ms), clock uncertainty {:?} ms",
         d.pod,
         n.node,
         n.mode,
         n.measured_ms,
         n.measured_rules_ms,
+        n.detector_precision_ms,
         n.injected_ms,
         n.injected_started_ms,
         n.clock_uncertainty_ms
