@@ -167,6 +167,37 @@ fn pair(subnet: u8) -> Pair {
     }
 }
 
+/// An agent watching the server of a [`pair`], and one connection to it.
+struct Connection {
+    obs: Observer,
+    server_addr: SocketAddr,
+    client: TcpStream,
+    /// The server's end of the connection.
+    server_side: TcpStream,
+    /// The client's address as the server sees it.
+    peer: SocketAddr,
+    /// The namespaces, kept until the test ends.
+    _pair: Pair,
+}
+
+/// [`Connection`] in `pair(subnet)`.
+fn watched_connection(subnet: u8) -> Connection {
+    let p = pair(subnet);
+    let obs = Observer::start(&[p.server_ip]);
+    let listener = p.listen(p.server_ip);
+    let server_addr = listener.local_addr().unwrap();
+    let client = p.connect(server_addr).expect("connect");
+    let (server_side, peer) = listener.accept().unwrap();
+    Connection {
+        obs,
+        server_addr,
+        client,
+        server_side,
+        peer,
+        _pair: p,
+    }
+}
+
 impl Pair {
     fn listen(&self, ip: IpAddr) -> TcpListener {
         self.server
@@ -232,23 +263,18 @@ fn established_connection_reports_accepted_and_connected() {
     if !root_or_skip("established_connection_reports_accepted_and_connected") {
         return;
     }
-    let p = pair(2);
-    let mut obs = Observer::start(&[p.server_ip]);
-    let listener = p.listen(p.server_ip);
-    let server_addr = listener.local_addr().unwrap();
-    let client = p.connect(server_addr).expect("connect");
-    let (_accepted, peer) = listener.accept().unwrap();
-    assert_eq!(peer, client.local_addr().unwrap());
+    let mut c = watched_connection(2);
+    assert_eq!(c.peer, c.client.local_addr().unwrap());
 
-    let accepted = obs.expect("accepted", |v| {
-        is(v, "accepted") && addr(v, "dst") == server_addr
+    let accepted = c.obs.expect("accepted", |v| {
+        is(v, "accepted") && addr(v, "dst") == c.server_addr
     });
-    assert_eq!(addr(&accepted, "src"), peer);
+    assert_eq!(addr(&accepted, "src"), c.peer);
     assert!(accepted.get("close").is_none(), "{accepted}");
-    let connected = obs.expect("connected", |v| {
-        is(v, "connected") && addr(v, "dst") == server_addr
+    let connected = c.obs.expect("connected", |v| {
+        is(v, "connected") && addr(v, "dst") == c.server_addr
     });
-    assert_eq!(addr(&connected, "src"), peer);
+    assert_eq!(addr(&connected, "src"), c.peer);
 }
 
 #[test]
@@ -256,21 +282,18 @@ fn graceful_close_by_the_endpoint_reports_endpoint_fin() {
     if !root_or_skip("graceful_close_by_the_endpoint_reports_endpoint_fin") {
         return;
     }
-    let p = pair(3);
-    let mut obs = Observer::start(&[p.server_ip]);
-    let listener = p.listen(p.server_ip);
-    let server_addr = listener.local_addr().unwrap();
-    let mut client = p.connect(server_addr).expect("connect");
-    let (server_side, peer) = listener.accept().unwrap();
-    server_side.shutdown(Shutdown::Write).unwrap();
+    let mut c = watched_connection(3);
+    c.server_side.shutdown(Shutdown::Write).unwrap();
     let mut buf = Vec::new();
-    client.read_to_end(&mut buf).expect("client sees FIN");
+    c.client.read_to_end(&mut buf).expect("client sees FIN");
 
     // The pod's socket closes first, then the client's socket sees the FIN:
     // two closes, both the endpoint's FIN.
-    let closes = obs.expect_all("closed (server and client sockets)", 2, |v| {
-        is(v, "closed") && addr(v, "src") == peer && addr(v, "dst") == server_addr
-    });
+    let closes = c
+        .obs
+        .expect_all("closed (server and client sockets)", 2, |v| {
+            is(v, "closed") && addr(v, "src") == c.peer && addr(v, "dst") == c.server_addr
+        });
     for closed in &closes {
         assert_eq!(closed["close"], "endpoint_fin", "{closed}");
     }
@@ -281,34 +304,27 @@ fn abortive_close_reports_reset_and_its_reason() {
     if !root_or_skip("abortive_close_reports_reset_and_its_reason") {
         return;
     }
-    let p = pair(4);
-    let mut obs = Observer::start(&[p.server_ip]);
-    let listener = p.listen(p.server_ip);
-    let server_addr = listener.local_addr().unwrap();
-    let mut client = p.connect(server_addr).expect("connect");
-    let (server_side, peer) = listener.accept().unwrap();
+    let mut c = watched_connection(4);
     // Closing with unread data aborts the connection with a RST (RFC 2525).
-    client.write_all(b"unread request").unwrap();
+    c.client.write_all(b"unread request").unwrap();
     std::thread::sleep(Duration::from_millis(100));
-    drop(server_side);
+    drop(c.server_side);
     let mut buf = [0u8; 16];
-    let err = client.read(&mut buf).expect_err("client sees the reset");
+    let err = c.client.read(&mut buf).expect_err("client sees the reset");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
 
-    let reset = obs.expect("reset_sent", |v| {
-        is(v, "reset_sent") && addr(v, "dst") == server_addr
-    });
-    assert_eq!(addr(&reset, "src"), peer);
+    let reset = reset_sent(&mut c.obs, c.server_addr);
+    assert_eq!(addr(&reset, "src"), c.peer);
     if send_reset_kernel().reason {
         assert_eq!(reset["reason"], "tcp_abort_on_close");
     } else {
         assert_eq!(reset["reason"], Value::Null, "no reason on this kernel");
     }
-    obs.expect("closed by the reset", |v| {
-        is(v, "closed") && addr(v, "dst") == server_addr && v["close"] == "reset"
+    c.obs.expect("closed by the reset", |v| {
+        is(v, "closed") && addr(v, "dst") == c.server_addr && v["close"] == "reset"
     });
-    obs.expect("reset_received", |v| {
-        is(v, "reset_received") && addr(v, "dst") == server_addr
+    c.obs.expect("reset_received", |v| {
+        is(v, "reset_received") && addr(v, "dst") == c.server_addr
     });
 }
 
@@ -321,23 +337,18 @@ fn request_after_the_server_closed_reports_data_after_close() {
     if !root_or_skip("request_after_the_server_closed_reports_data_after_close") {
         return;
     }
-    let p = pair(12);
-    let mut obs = Observer::start(&[p.server_ip]);
-    let listener = p.listen(p.server_ip);
-    let server_addr = listener.local_addr().unwrap();
-    let mut client = p.connect(server_addr).expect("connect");
-    let (server_side, peer) = listener.accept().unwrap();
+    let mut c = watched_connection(12);
     // In FIN_WAIT2 for longer than time-wait lasts, the closed socket stays
     // a full socket once the client's ACK is in. With the default it may
     // become a time-wait socket at once, depending on timing: the next
     // test's case.
-    set_linger2(&server_side, 120);
-    drop(server_side);
+    set_linger2(&c.server_side, 120);
+    drop(c.server_side);
     let mut buf = [0u8; 16];
-    assert_eq!(client.read(&mut buf).expect("client sees the FIN"), 0);
-    send_request_until_reset(client);
-    let sent = reset_sent(&mut obs, server_addr);
-    assert_eq!(addr(&sent, "src"), peer);
+    assert_eq!(c.client.read(&mut buf).expect("client sees the FIN"), 0);
+    send_request_until_reset(c.client);
+    let sent = reset_sent(&mut c.obs, c.server_addr);
+    assert_eq!(addr(&sent, "src"), c.peer);
     reason_is_data_after_close(&sent);
 }
 
@@ -351,29 +362,24 @@ fn request_after_a_half_close_is_reset_by_a_time_wait_socket_and_reported() {
     if !root_or_skip("request_after_a_half_close_is_reset_by_a_time_wait_socket_and_reported") {
         return;
     }
-    let p = pair(13);
-    let mut obs = Observer::start(&[p.server_ip]);
-    let listener = p.listen(p.server_ip);
-    let server_addr = listener.local_addr().unwrap();
-    let mut client = p.connect(server_addr).expect("connect");
-    let (server_side, peer) = listener.accept().unwrap();
-    server_side.shutdown(Shutdown::Write).unwrap();
+    let mut c = watched_connection(13);
+    c.server_side.shutdown(Shutdown::Write).unwrap();
     let mut buf = [0u8; 16];
-    assert_eq!(client.read(&mut buf).expect("client sees the FIN"), 0);
+    assert_eq!(c.client.read(&mut buf).expect("client sees the FIN"), 0);
     // Closed in FIN_WAIT2 (the client's ACK is in), the socket becomes a
     // time-wait socket at once.
-    wait_for_tcp_state(&server_side, TCP_FIN_WAIT2);
-    drop(server_side);
-    send_request_until_reset(client);
+    wait_for_tcp_state(&c.server_side, TCP_FIN_WAIT2);
+    drop(c.server_side);
+    send_request_until_reset(c.client);
     if send_reset_kernel().without_socket {
-        let sent = reset_sent(&mut obs, server_addr);
-        assert_eq!(addr(&sent, "src"), peer);
+        let sent = reset_sent(&mut c.obs, c.server_addr);
+        assert_eq!(addr(&sent, "src"), c.peer);
         reason_is_data_after_close(&sent);
     } else {
-        let received = obs.expect("reset_received", |v| {
-            is(v, "reset_received") && addr(v, "dst") == server_addr
+        let received = c.obs.expect("reset_received", |v| {
+            is(v, "reset_received") && addr(v, "dst") == c.server_addr
         });
-        assert_eq!(addr(&received, "src"), peer);
+        assert_eq!(addr(&received, "src"), c.peer);
     }
 }
 

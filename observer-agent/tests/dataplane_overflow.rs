@@ -54,10 +54,10 @@ fn services(with_watched: bool) -> Vec<(ServicePort, Vec<Backend>)> {
         .collect()
 }
 
-/// The detector in `ns` with `buffer`, watching the endpoint, on CPU 0,
-/// where [`write`] runs the rule writers ahead of it.
-fn start(ns: &NetNs, buffer: RecvBuffer) -> (DataplaneWatch, Receiver<Observation>) {
-    commit_clock::pin(Some(0)).expect("pin to CPU 0");
+/// The detector in `ns` with `buffer`, watching the endpoint, on `cpu`
+/// (CPU 0: where [`write`] runs the rule writers ahead of it).
+fn start(ns: &NetNs, buffer: RecvBuffer, cpu: usize) -> (DataplaneWatch, Receiver<Observation>) {
+    commit_clock::pin(Some(cpu)).expect("pin the detector");
     let (tx, rx) = channel(64);
     let watch = ns
         .run(move || {
@@ -137,6 +137,7 @@ async fn overflowing_full_syncs_are_re_read_and_the_buffer_grows_until_one_fits(
             initial: 16 << 10,
             max: 64 << 20,
         },
+        0,
     );
     let mut sizes = vec![watch.recv_buffer_bytes().expect("socket open")];
     let mut overflowed = Vec::new();
@@ -188,6 +189,7 @@ async fn a_buffer_sized_to_the_ruleset_at_start_holds_the_first_full_sync() {
             initial,
             max: 64 << 20,
         },
+        0,
     );
     let size = watch.recv_buffer_bytes().expect("socket open");
     assert!(
@@ -232,25 +234,15 @@ async fn a_removal_read_just_before_its_commit_overflows_is_reported() {
         );
         return;
     }
-    commit_clock::pin(Some(1)).expect("pin to CPU 1");
-    let (tx, mut rx) = channel(64);
     let buffer = 1 << 20;
-    let watch = ns
-        .run(move || {
-            dataplane::spawn_with(
-                tx,
-                Limits {
-                    nft_buffer: RecvBuffer {
-                        initial: buffer,
-                        max: buffer,
-                    },
-                    ..Limits::default()
-                },
-            )
-        })
-        .expect("enter netns")
-        .expect("dataplane watch starts");
-    watch.watch(WATCHED);
+    let (watch, mut rx) = start(
+        &ns,
+        RecvBuffer {
+            initial: buffer,
+            max: buffer,
+        },
+        1,
+    );
 
     let (svc, first) = &all[0];
     let chain = lab::kubeproxy::nft_endpoint_chain(svc, &first[0]);
