@@ -15,7 +15,7 @@
 //! bound is the moment the socket was last found empty: honest, but as wide
 //! as the reader's sleep before it.
 
-use std::{fs::File, io, os::unix::fs::FileExt};
+use std::{fs::File, io, os::unix::fs::FileExt, time::Duration};
 
 use observer_proto::UnixNanos;
 use thiserror::Error;
@@ -171,9 +171,7 @@ impl TimedReader {
             let woke = UnixNanos::now();
             if let (Some(a), Some(b)) = (delay_before, self.run_delay()) {
                 let waited = b.saturating_sub(a).saturating_add(WAKE_SLACK_NS);
-                self.earliest = self
-                    .earliest
-                    .max(woke - i64::try_from(waited).unwrap_or(i64::MAX));
+                self.earliest = self.earliest.max(woke - Duration::from_nanos(waited));
             }
         }
     }
@@ -206,7 +204,7 @@ fn recv_nowait(sock: &Socket, buf: &mut [u8]) -> io::Result<Option<usize>> {
 
 #[cfg(test)]
 mod tests {
-    use std::{sync::Arc, time::Duration, time::Instant};
+    use std::{sync::Arc, time::Instant};
 
     use lab::{busy::BusyCores, commit_clock::pin};
 

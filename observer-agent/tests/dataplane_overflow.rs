@@ -286,7 +286,7 @@ async fn a_removal_read_just_before_its_commit_overflows_is_reported() {
         Ok(Some(Observation::RulesRemoved(c))) => {
             assert_eq!(c.endpoint, WATCHED);
             // The claimed interval can hold the commit, inside the write.
-            let earliest = c.time - i64::try_from(c.precision_ns).unwrap();
+            let earliest = c.time - Duration::from_nanos(c.precision_ns);
             assert!(
                 c.time >= started && earliest <= finished,
                 "claimed [{earliest:?}, {:?}] outside the write [{started:?}, {finished:?}]",

@@ -15,6 +15,7 @@ use std::{
     io,
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
 use observer_common::ruleset::COMMIT_NFTABLES;
@@ -323,7 +324,7 @@ pub fn run(
             if let NftEvent::NewGen { id, process } = &event {
                 let messages = batch.messages;
                 let (first, precision) = batch.commit().unwrap_or_else(|| arrival.claim(0));
-                last_commit = first - i64::try_from(precision).unwrap_or(i64::MAX);
+                last_commit = first - Duration::from_nanos(precision);
                 debug!(
                     generation = id,
                     process = process.as_deref().unwrap_or("?"),
